@@ -1,0 +1,174 @@
+/*
+ * backend.h — the backend op table. Every architecture's forward pass is written once
+ * against these operations and never touches weight or activation memory itself, so
+ * the same forward file runs on the CPU backend (always built, the exact oracle) and on
+ * GPU backends (CUDA, Metal) that enqueue work and synchronise only in `download`.
+ *
+ * Memory model
+ *   "device pointer": memory owned by the backend (alloc) or weight memory it mapped
+ *   (map_weights). Forward code does byte-offset arithmetic on device pointers (for
+ *   slices) but never dereferences them. For the CPU backend device pointers are host
+ *   pointers. Host pointers appear only where named `_host`.
+ *
+ * Execution model
+ *   A backend (struct mf_backend) is made once per model and owns what is shared
+ *   (mapped weights). Each mf_ctx makes its own exec (struct mf_exec: a thread pool on
+ *   the CPU, a stream on a GPU), so contexts run concurrently. All ops take the exec.
+ *
+ * Shapes in comments are row-major, outermost first, f32 unless said otherwise.
+ */
+#ifndef MF_BACKEND_H
+#define MF_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/common.h"
+
+#define MF_BACKEND_API_VERSION 1
+
+// A weight matrix [n_out, n_in] (or a vector when n_out == 1 and used by norms), either
+// float (dtype F32/F16/BF16) or MLX affine-quantized (dtype U32: codes
+// [n_out, n_in*bits/32], scales/biases [n_out, n_in/group_size] of sdtype).
+struct mf_weight {
+    const void *w;          // device pointer
+    const void *scales;     // device pointer, NULL when float
+    const void *biases;     // device pointer, NULL when float
+    enum mf_dtype dtype;    // MF_DTYPE_U32 when quantized
+    enum mf_dtype sdtype;   // dtype of scales and biases
+    int bits;               // 2, 3, 4, 5, 6, 8 when quantized
+    int group_size;         // 32, 64, 128 when quantized
+    int64_t n_out;
+    int64_t n_in;
+};
+
+// Bytes of one [n_out, n_in] slice of each part (for stacked [E, out, in] tensors).
+int64_t mf_weight_w_bytes(const struct mf_weight *w);
+int64_t mf_weight_s_bytes(const struct mf_weight *w);
+// Slice i of a stacked weight whose leading dimension was folded away: returns a view
+// whose pointers are advanced by i slices.
+struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i);
+
+struct mf_backend;
+struct mf_exec;
+
+struct mf_backend_ops {
+    int api_version;         // MF_BACKEND_API_VERSION
+    const char *name;        // "cpu", "cuda", "metal"
+
+    // ---- lifecycle
+    void (*free)(struct mf_backend *be);
+    // Make a device view of host weight memory (the mmap of model_weights.bin).
+    // CPU: returns host_ptr itself. Returns NULL on failure (message in err).
+    const void *(*map_weights)(struct mf_backend *be, const void *host_ptr,
+                               uint64_t bytes, char *err, size_t errlen);
+    int (*exec_new)(struct mf_backend *be, int n_threads, struct mf_exec **out,
+                    char *err, size_t errlen);
+    void (*exec_free)(struct mf_exec *ex);
+
+    // ---- memory (zero-filled allocations; NULL on OOM)
+    void *(*alloc)(struct mf_exec *ex, size_t bytes);
+    void (*dealloc)(struct mf_exec *ex, void *p);
+    void (*upload)(struct mf_exec *ex, void *dst, size_t dst_off, const void *src_host,
+                   size_t bytes);
+    // Synchronises: when it returns, dst_host holds the bytes.
+    void (*download)(struct mf_exec *ex, void *dst_host, const void *src, size_t src_off,
+                     size_t bytes);
+    void (*copy)(struct mf_exec *ex, void *dst, size_t dst_off, const void *src,
+                 size_t src_off, size_t bytes);
+    void (*zero)(struct mf_exec *ex, void *dst, size_t dst_off, size_t bytes);
+    // Host-visible memory that expert reads land in directly. CPU: alloc. GPU: pinned
+    // staging. (optional: NULL means alloc is host-visible)
+    void *(*alloc_host)(struct mf_exec *ex, size_t bytes);
+
+    // ---- linear algebra
+    // y[n_tok, n_out] = x[n_tok, n_in] @ W^T. W float or quantized.
+    void (*matmul)(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                   const float *x, int n_tok);
+    // y[n_tok, n_in] = rows tokens_host[i] of W (dequantized).
+    void (*embed)(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                  const int32_t *tokens_host, int n_tok);
+
+    // ---- normalisation
+    // Per row of n: y = x / sqrt(mean(x^2) + eps) * (g ? g : 1) * scale. g is a float
+    // weight of n elements. y may alias x.
+    void (*rmsnorm)(struct mf_exec *ex, float *y, const float *x,
+                    const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+    // Per row of n: y = rmsnorm(x) * g * silu(z). y may alias x.
+    void (*rmsnorm_gated)(struct mf_exec *ex, float *y, const float *x, const float *z,
+                          const struct mf_weight *g, int n_rows, int n, float eps);
+
+    // ---- rotary embedding, in place on x[n_tok, n_heads, row_stride] (head h of token t
+    // at x + t*tok_stride + h*head_stride). Rotates the first n_rot dims of each head at
+    // position pos0 + t with inv_freq[n_rot/2] (device). traditional = 1 pairs (2j,
+    // 2j+1) (mlx traditional=True); 0 pairs (j, j+n_rot/2). Rotated values are multiplied
+    // by mscale.
+    void (*rope)(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
+                 int head_stride, int n_rot, const float *inv_freq, int pos0,
+                 int traditional, float mscale);
+
+    // ---- attention for n_tok queries at positions pos0 .. pos0+n_tok-1 over a cache
+    // holding positions 0 .. pos0+n_tok-1. q[n_tok, n_head, dk] (dense), out[n_tok,
+    // n_head, dv] (dense). Key of position p for kv head g at k + p*k_stride + g*dk;
+    // value at v + p*v_stride + g*dv. Query head h uses kv head h / (n_head/n_kv_head).
+    // Scores scaled by `scale`, causal, softmax in f32.
+    void (*attention)(struct mf_exec *ex, float *out, const float *q, const float *k,
+                      const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                      int dv, int k_stride, int v_stride, int pos0, float scale);
+
+    // ---- GatedDeltaNet pieces
+    // Depthwise causal conv over channels C with kernel K and SiLU:
+    // y[t, c] = silu(sum_j w[c, j] * u[t-(K-1)+j, c]), history from state[K-1, C]
+    // (oldest first, pre-conv inputs), which is then advanced by n_tok inputs.
+    // w is a float weight [C, K] (checkpoint [C, K, 1]).
+    void (*conv1d_silu)(struct mf_exec *ex, float *y, float *state, const float *u,
+                        const struct mf_weight *w, int n_tok, int C, int K);
+    // Gates per token and v-head: beta = sigmoid(b), g = exp(-exp(A_log) *
+    // softplus(a + dt_bias)). a, b at stride ab_stride per token; out [n_tok, nv].
+    void (*gdn_gates)(struct mf_exec *ex, float *g, float *beta, const float *a,
+                      const float *b, int ab_stride, const struct mf_weight *A_log,
+                      const struct mf_weight *dt_bias, int n_tok, int nv);
+    // The delta-rule recurrence over n_tok tokens, state S[nv, dv, dk] updated in
+    // place: S = g S; m = S k; S += beta (v - m) k^T; o = S q. q, k[t] at
+    // qk + t*qkv_stride (+ key_dim for k), v at v + t*qkv_stride; q and k normalised
+    // by the caller; kv head of v head h is h / (nv/nk). o[n_tok, nv, dv].
+    void (*gdn_recurrence)(struct mf_exec *ex, float *o, float *S, const float *q,
+                           const float *k, const float *v, int qkv_stride,
+                           const float *g, const float *beta, int n_tok, int nk,
+                           int nv, int dk, int dv);
+
+    // ---- elementwise
+    // y[i] = silu(gate[i]) * up[i] for i < n; the rows of gate/up are at strides
+    // (gate and up may be halves of one buffer): n_rows rows of n_cols.
+    void (*swiglu)(struct mf_exec *ex, float *y, const float *gate, const float *up,
+                   int n_rows, int n_cols, int in_stride);
+    // y[r, c] *= sigmoid(g[r * g_stride + (g_cols == 1 ? 0 : c)]), n_rows x n_cols.
+    void (*mul_sigmoid)(struct mf_exec *ex, float *y, const float *g, int n_rows,
+                        int n_cols, int g_stride, int g_cols);
+    // y[i] += alpha * x[i].
+    void (*axpy)(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+    // Rows: dst[idx_host[i]] += w_host[i] * src[i] (row length n); w_host NULL = 1.
+    void (*scatter_add_rows)(struct mf_exec *ex, float *dst, const float *src,
+                             const int32_t *idx_host, const float *w_host, int n_rows,
+                             int n);
+    // Rows: dst[i] = src[idx_host[i]] (row length n).
+    void (*gather_rows)(struct mf_exec *ex, float *dst, const float *src,
+                        const int32_t *idx_host, int n_rows, int n);
+
+    // ---- parallel host work on the exec's threads (CPU: the pool; GPU: host threads)
+    // Runs fn(arg, i) for i in [0, n_tasks) and returns when all are done.
+    void (*parallel_for)(struct mf_exec *ex, void (*fn)(void *arg, int i), void *arg,
+                         int n_tasks);
+};
+
+struct mf_backend {
+    const struct mf_backend_ops *ops;
+    void *impl;
+};
+
+// Constructors per backend. CPU always exists.
+int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen);
+// Choose by name ("cpu"; "cuda"/"metal" where built). MF_ERR_BACKEND if unknown.
+int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t errlen);
+
+#endif /* MF_BACKEND_H */

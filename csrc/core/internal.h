@@ -1,0 +1,117 @@
+/*
+ * internal.h — the definitions behind the opaque mf_model and mf_ctx, and the
+ * architecture table through which core/ reaches the forward files in models/.
+ *
+ * Ownership: an mf_model owns its config, manifest, weight mapping, backend and expert
+ * store, plus the architecture's bound weights (arch_weights). An mf_ctx owns its exec
+ * (thread pool / stream), its architecture state (KV caches, linear-attention state,
+ * scratch: arch_state) and its error message. Nothing here is global.
+ */
+#ifndef MF_INTERNAL_H
+#define MF_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backends/backend.h"
+#include "core/config.h"
+#include "core/manifest.h"
+#include "io/expert_store.h"
+#include "moeflux.h"
+
+#define MF_ERRMSG_LEN 1024
+
+// One architecture family: how to bind its weights, size its state and run it.
+struct mf_arch {
+    const char *model_type;     // config.json model_type
+    enum mf_arch_id id;
+    // Resolve and validate every tensor the forward needs into m->arch_weights.
+    // Messages name the tensor, expected and actual shape/dtype.
+    int (*bind)(mf_model *m, char *err, size_t errlen);
+    void (*unbind)(mf_model *m);
+    // Allocate ctx->arch_state (caches sized for ctx->n_ctx, scratch for the largest
+    // batch) through ctx->be / ctx->ex. The forward pass allocates nothing.
+    int (*state_new)(mf_ctx *ctx, char *err, size_t errlen);
+    void (*state_free)(mf_ctx *ctx);
+    // Zero every piece of sequence state (KV, conv, recurrence, checkpoints).
+    void (*state_reset)(mf_ctx *ctx);
+    // Evaluate tokens at positions ctx->n_past .. +n_tok-1. Must leave the committed
+    // state untouched unless it returns MF_OK (see ctx state double-buffering in the
+    // arch file). Does not advance n_past; the caller does on MF_OK.
+    int (*forward)(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
+                   int all_logits);
+    // Snapshot hooks (issue: state snapshots). NULL until implemented.
+    size_t (*state_bytes)(const mf_ctx *ctx);
+    int64_t (*state_write)(const mf_ctx *ctx, uint8_t *dst, size_t cap);
+    int (*state_check)(const mf_ctx *ctx, const uint8_t *src, size_t size, int n_past,
+                       char *err, size_t errlen);
+    void (*state_read)(mf_ctx *ctx, const uint8_t *src, size_t size, int n_past);
+};
+
+// Find an architecture by config model_type; NULL if unsupported.
+const struct mf_arch *mf_arch_find(enum mf_arch_id id);
+
+struct mf_model {
+    char *dir;                        // owned copy of the model directory path
+    struct mf_model_params params;    // log callback etc. (backend name not kept)
+    struct mf_config cfg;
+    struct mf_manifest manifest;
+    int weights_fd;                   // -1 when not open
+    void *weights_map;                // mmap of model_weights.bin, NULL when none
+    uint64_t weights_bytes;
+    struct mf_backend *be;            // owned
+    const void *weights_dev;          // be->ops->map_weights view of weights_map
+    mf_expert_store *experts;         // owned; NULL for models without routed experts
+    const struct mf_arch *arch;
+    void *arch_weights;               // owned by the arch (unbind frees)
+    int64_t expert_bytes_per_token;
+};
+
+struct mf_ctx {
+    const mf_model *model;            // borrowed
+    struct mf_ctx_params params;
+    struct mf_backend *be;            // borrowed from model
+    struct mf_exec *ex;               // owned
+    int n_ctx;
+    int n_past;
+    atomic_int abort_flag;            // set by mf_ctx_abort from any thread
+    void *arch_state;                 // owned by the arch (state_free frees)
+    struct mf_ctx_stats stats;
+    char errmsg[MF_ERRMSG_LEN];
+};
+
+// Bind helpers used by every arch file (core/weights.c).
+// A linear/embedding module `path` (no suffix) of logical shape [n_out, n_in]: float
+// when `path.weight` has no `path.scales`, else quantized with bits/group size from the
+// manifest or inferred from shapes and cross-checked. When n_stack > 0 the tensors
+// carry a leading [n_stack] dimension (MultiLinear / stacked). Returns MF_ERR_SHAPE /
+// MF_ERR_FORMAT with a message naming the tensor, expected and actual.
+int mf_bind_linear(const mf_model *m, struct mf_weight *out, const char *path,
+                   int64_t n_stack, int64_t n_out, int64_t n_in, char *err,
+                   size_t errlen);
+// A float tensor `name` (full name, with suffix) of n elements (any shape with that
+// element count). F32/F16/BF16 accepted.
+int mf_bind_vector(const mf_model *m, struct mf_weight *out, const char *name,
+                   int64_t n, char *err, size_t errlen);
+// 1 if the manifest has `name`.
+int mf_has_tensor(const mf_model *m, const char *name);
+
+// Logging through the model's callback (no-op without one).
+void mf_log(const mf_model *m, int level, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+// Set ctx->errmsg and return status.
+int mf_ctx_fail(mf_ctx *ctx, int status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+// Poll abort flag and abort callback; 1 if the eval must stop.
+int mf_ctx_should_abort(mf_ctx *ctx);
+
+#endif /* MF_INTERNAL_H */

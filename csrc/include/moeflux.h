@@ -1,0 +1,248 @@
+/*
+ * moeflux.h — the public C API of moeflux.
+ *
+ * moeflux runs Mixture-of-Experts language models whose weights are far larger than
+ * RAM by keeping the dense part resident (memory-mapped from model_weights.bin) and
+ * reading only the experts the router picks, per layer and per token, from the
+ * per-layer files in packed_experts/. The model is described at run time by the
+ * model directory's config.json; nothing about a model is compiled in.
+ *
+ * This header is the specification: what is not declared here is not API.
+ *
+ * Objects
+ *   mf_model  the loaded, read-only part: config, tensor manifest, weight mapping,
+ *             expert files. Immutable after mf_model_load; any number of mf_ctx on any
+ *             number of threads may share one.
+ *   mf_ctx    one sequence: KV caches, linear-attention state, scratch, a thread pool.
+ *             Used by one thread at a time. The one exception is mf_ctx_abort, which
+ *             may be called from any thread.
+ *
+ * Status codes
+ *   Every fallible function returns an int: 0 (MF_OK) on success, a negative MF_ERR_*
+ *   on failure, or a positive code for "done, but act" (MF_ABORTED). Constructors
+ *   write their message into a caller buffer (err, errlen); methods of mf_ctx leave it
+ *   in mf_ctx_errmsg(ctx).
+ *
+ * Ownership words used below
+ *   borrowed          the caller keeps it; it must stay valid for the duration stated.
+ *   owned by X        valid until the next call on X or until X is freed.
+ *   caller frees      with the named _free function.
+ */
+#ifndef MOEFLUX_H
+#define MOEFLUX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+//
+// Export macro and version
+//
+
+#if defined(MF_BUILDING_LIB) && defined(__GNUC__)
+#define MF_API __attribute__((visibility("default")))
+#else
+#define MF_API
+#endif
+
+#define MF_VERSION_MAJOR 0
+#define MF_VERSION_MINOR 1
+#define MF_VERSION_PATCH 0
+
+// The library version as "MAJOR.MINOR.PATCH". Static storage.
+MF_API const char *mf_version(void);
+
+//
+// Status codes
+//
+
+enum mf_status {
+    MF_OK = 0,                 // success
+    MF_ERR_NOMEM = -1,         // an allocation failed
+    MF_ERR_IO = -2,            // a file could not be opened, read, mapped or written
+    MF_ERR_FORMAT = -3,        // a file's content is malformed or of an unsupported kind
+    MF_ERR_SHAPE = -4,         // a tensor's shape or dtype disagrees with config.json
+    MF_ERR_ARG = -5,           // a bad argument (NULL, out-of-range token, too long)
+    MF_ERR_BACKEND = -6,       // the compute backend failed or is not available
+    MF_ERR_STATE = -7,         // the request does not fit the ctx's state (snapshot
+                               // of another model, truncation that cannot be exact)
+    MF_ERR_UNSUPPORTED = -8,   // valid input this build does not support
+    MF_ABORTED = 1,            // mf_ctx_abort or the abort callback stopped a call;
+                               // the ctx is as it was before the call
+};
+
+// A short static description of a status code ("out of memory", ...). Never NULL.
+MF_API const char *mf_strerror(int status);
+
+//
+// Opaque handles
+//
+
+typedef struct mf_model mf_model;
+typedef struct mf_ctx mf_ctx;
+
+//
+// Parameters
+//
+
+// Abort callback: polled between layers during evaluation. Return non-zero to stop.
+// It runs on the thread that called mf_ctx_eval.
+typedef int (*mf_abort_fn)(void *user);
+
+// Log callback: receives one line at a time (no trailing newline). NULL = silent.
+typedef void (*mf_log_fn)(void *user, int level, const char *line);
+
+enum mf_log_level {
+    MF_LOG_DEBUG = 0,  // diagnostic detail
+    MF_LOG_INFO = 1,   // one-off facts (chosen SIMD path, I/O mode)
+    MF_LOG_WARN = 2,   // something odd that does not stop the work
+};
+
+struct mf_model_params {
+    const char *backend;   // "cpu" (default). "cuda" and "metal" where built. borrowed
+                           // for the duration of mf_model_load.
+    mf_log_fn log_fn;      // log callback, NULL = none (default)
+    void *log_user;        // passed to log_fn
+    int use_2bit;          // read packed_experts_2bit/ instead of packed_experts/;
+                           // 0 = no (default), 1 = yes, -1 = only if 4-bit is absent
+};
+
+struct mf_ctx_params {
+    int n_ctx;             // maximum tokens in the sequence; 0 = min(4096,
+                           // max_position_embeddings) (default)
+    int n_threads;         // compute threads; 0 = all online cores (default)
+    mf_abort_fn abort_fn;  // polled between layers; NULL = none (default)
+    void *abort_user;      // passed to abort_fn
+};
+
+// Defaults for each params struct. Copy, change fields, pass by pointer.
+MF_API struct mf_model_params mf_model_default_params(void);
+MF_API struct mf_ctx_params mf_ctx_default_params(void);
+
+//
+// Lifecycle
+//
+
+// Load the model directory `dir` (config.json, model_weights.{bin,json},
+// packed_experts/). Constructor of mf_model.
+//   out     receives the model, or NULL on failure.
+//   dir     borrowed for the duration of the call.
+//   params  borrowed; NULL = mf_model_default_params().
+//   err     caller buffer of errlen bytes for the message on failure (may be NULL).
+// Returns MF_OK, MF_ERR_IO (missing/short file), MF_ERR_FORMAT (malformed JSON,
+// unknown model_type, non-affine quantization), MF_ERR_SHAPE (a tensor that does not
+// fit config.json: the message names the tensor, expected and actual), MF_ERR_NOMEM,
+// MF_ERR_BACKEND. On failure nothing is leaked. Thread-safe.
+MF_API int mf_model_load(mf_model **out, const char *dir,
+                         const struct mf_model_params *params,
+                         char *err, size_t errlen);
+
+// Destructor of mf_model. NULL is a no-op. Every mf_ctx made from it must be freed
+// first.
+MF_API void mf_model_free(mf_model *model);
+
+// Create a context for `model`. Constructor of mf_ctx.
+//   model   borrowed; must outlive the ctx.
+//   params  borrowed; NULL = mf_ctx_default_params().
+// Starts the ctx's thread pool (joined in mf_ctx_free). Returns MF_OK, MF_ERR_NOMEM,
+// MF_ERR_ARG (n_ctx < 1 or above the model's maximum), MF_ERR_BACKEND. Thread-safe
+// with respect to other ctxs of the same model.
+MF_API int mf_ctx_new(mf_ctx **out, const mf_model *model,
+                      const struct mf_ctx_params *params,
+                      char *err, size_t errlen);
+
+// Destructor of mf_ctx. NULL is a no-op.
+MF_API void mf_ctx_free(mf_ctx *ctx);
+
+//
+// Evaluation
+//
+
+// Evaluate n_tokens tokens, continuing from the current position. Method of mf_ctx.
+//   tokens      borrowed, n_tokens ids in [0, n_vocab).
+//   logits      caller buffer: n_vocab floats (all_logits = 0: the last position) or
+//               n_tokens * n_vocab floats (all_logits = 1: every position, row-major
+//               [n_tokens, n_vocab]). May be NULL to compute no logits.
+// Returns MF_OK; MF_ERR_ARG (bad id, n_tokens < 1, the sequence would exceed n_ctx);
+// MF_ERR_IO (an expert read failed); MF_ABORTED. On any non-OK return the ctx is
+// unchanged: its position and state are those before the call.
+MF_API int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens,
+                       float *logits, int all_logits);
+
+// Ask a running mf_ctx_eval on `ctx` to stop at the next layer boundary. Callable
+// from any thread; the flag is cleared when the next mf_ctx_eval starts.
+MF_API void mf_ctx_abort(mf_ctx *ctx);
+
+//
+// Sequence state
+//
+
+// Forget the sequence: position 0, KV and linear-attention state zeroed, automatic
+// checkpoints dropped. Equal in every observable way to a fresh ctx. Never fails.
+MF_API void mf_ctx_reset(mf_ctx *ctx);
+
+// Shorten the sequence to its first n tokens (0 <= n <= n_past). Exact for
+// attention-only models; for models with linear attention exact only when a state
+// checkpoint at n is held, otherwise MF_ERR_STATE with the ctx unchanged.
+MF_API int mf_ctx_truncate(mf_ctx *ctx, int n);
+
+// Snapshot size in bytes for the current sequence (changes as tokens are added).
+MF_API size_t mf_ctx_state_size(const mf_ctx *ctx);
+
+// Write a snapshot (format "MFLX", versioned) into dst (capacity `cap` bytes).
+// Returns the bytes written (> 0) or a negative MF_ERR_* (MF_ERR_ARG if cap is short).
+MF_API int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap);
+
+// Restore a snapshot. The whole buffer is validated before the ctx is touched: a
+// snapshot of another model (MF_ERR_STATE), truncated or corrupted (MF_ERR_FORMAT),
+// or of a newer format version (MF_ERR_UNSUPPORTED) is refused, and on any error the
+// ctx is unchanged. After MF_OK, evaluation continues bit-for-bit as if the
+// snapshotted tokens had just been evaluated.
+MF_API int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size);
+
+//
+// Getters
+//
+
+MF_API int mf_model_n_vocab(const mf_model *model);
+MF_API int mf_model_n_layer(const mf_model *model);
+MF_API int mf_model_n_embd(const mf_model *model);
+MF_API int mf_model_n_ctx_train(const mf_model *model);     // max_position_embeddings
+MF_API const char *mf_model_arch(const mf_model *model);    // config model_type; static
+MF_API int mf_model_bos(const mf_model *model);             // -1 if unknown
+MF_API int mf_model_eos(const mf_model *model);             // -1 if unknown
+// Bytes of routed-expert data read per token when nothing is cached.
+MF_API int64_t mf_model_expert_bytes_per_token(const mf_model *model);
+// config.json as text (owned by model).
+MF_API const char *mf_model_config_json(const mf_model *model);
+
+MF_API int mf_ctx_n_past(const mf_ctx *ctx);
+MF_API int mf_ctx_n_ctx(const mf_ctx *ctx);
+MF_API const mf_model *mf_ctx_model(const mf_ctx *ctx);
+
+// The message of the last failed call on ctx (owned by ctx; "" if none).
+MF_API const char *mf_ctx_errmsg(const mf_ctx *ctx);
+
+//
+// Statistics
+//
+
+struct mf_ctx_stats {
+    int64_t n_tokens_evaluated;   // tokens evaluated since creation or reset_stats
+    int64_t expert_reads;         // expert blobs read from disk
+    int64_t expert_bytes_read;    // bytes of those reads
+    double expert_read_s;         // wall seconds spent waiting for expert reads
+    double compute_s;             // wall seconds in mf_ctx_eval (reads included)
+};
+
+MF_API void mf_ctx_stats_get(const mf_ctx *ctx, struct mf_ctx_stats *out);
+MF_API void mf_ctx_stats_reset(mf_ctx *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOEFLUX_H */

@@ -1,0 +1,58 @@
+/*
+ * expert_store.h — routed experts on disk: packed_experts/layer_NN.bin files and their
+ * layout.json (reference-system format, spec §2.2). The io layer knows nothing of
+ * models: it serves byte ranges "expert e of layer l" into caller buffers.
+ *
+ * File of a MoE layer = num_experts blobs back to back, expert e at e * expert_size.
+ * Blob = [gate W|S|B, up W|S|B, down W|S|B]; layout.json names each component's
+ * offset, size, dtype and per-expert shape. Files are opened once at open and read with
+ * pread (thread-safe; the store is shared by every ctx of a model).
+ */
+#ifndef MF_EXPERT_STORE_H
+#define MF_EXPERT_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/common.h"
+
+// One of the 9 components of an expert blob ("gate_proj.weight", ...).
+struct mf_expert_component {
+    char name[32];          // "gate_proj.weight", "gate_proj.scales", ...
+    uint64_t offset;        // bytes inside the blob
+    uint64_t size;          // bytes
+    enum mf_dtype dtype;
+    int ndim;
+    int64_t shape[2];       // per expert, e.g. [I, hid*bits/32]
+};
+
+struct mf_expert_layout {
+    uint64_t expert_size;   // bytes per expert blob
+    int num_experts;
+    int num_layers;         // model layers (not only MoE ones)
+    int n_components;
+    struct mf_expert_component components[9];
+    int bits;               // of the W components (4, or 2 for packed_experts_2bit)
+    int group_size;
+};
+
+typedef struct mf_expert_store mf_expert_store;
+
+// Open `dir`/layout.json and the layer files of every layer where is_moe[l] is set
+// (n_layers entries). MF_ERR_IO names a missing or short file (size must be
+// num_experts * expert_size); MF_ERR_FORMAT a malformed layout.
+int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
+                         const uint8_t *is_moe, char *err, size_t errlen);
+void mf_expert_store_close(mf_expert_store *st);
+const struct mf_expert_layout *mf_expert_store_layout(const mf_expert_store *st);
+// Component by name, NULL if absent.
+const struct mf_expert_component *mf_expert_store_component(const mf_expert_store *st,
+                                                            const char *name);
+
+// Read expert `ie` of layer `il` (expert_size bytes) into dst. Thread-safe.
+// MF_ERR_ARG for a layer without a file or ie out of range; MF_ERR_IO on a failed or
+// short read (message names the file and offset).
+int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
+                         size_t dst_bytes, char *err, size_t errlen);
+
+#endif /* MF_EXPERT_STORE_H */
