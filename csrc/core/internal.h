@@ -22,6 +22,27 @@
 
 #define MF_ERRMSG_LEN 1024
 
+// One piece of sequence state. Position-indexed state (KV caches, MLA latent cache)
+// has row_bytes > 0: rows [0, n_past) of row_bytes each are live. Fixed-size state
+// (conv history, delta-rule recurrence) has row_bytes == 0 and fixed_bytes > 0; it
+// cannot be rewound by position, which is why truncation of hybrid models needs
+// checkpoints of it.
+struct mf_state_seg {
+    void *buf;                 // device pointer (owned by the arch state)
+    uint64_t row_bytes;        // bytes per position, 0 for fixed state
+    uint64_t fixed_bytes;      // bytes of fixed state, 0 for positional state
+    int layer;                 // model layer index
+    int kind;                  // MF_SEG_* below
+};
+
+enum mf_seg_kind {
+    MF_SEG_KEY = 1,            // attention keys [n_ctx, n_kv_head, head_dim] f32
+    MF_SEG_VALUE = 2,          // attention values
+    MF_SEG_MLA_LATENT = 3,     // MLA cache [n_ctx, kv_lora_rank + qk_rope_head_dim] f32
+    MF_SEG_CONV = 4,           // GatedDeltaNet conv history [K-1, conv_dim] f32
+    MF_SEG_RECURRENT = 5,      // GatedDeltaNet state [nv, dv, dk] f32
+};
+
 // One architecture family: how to bind its weights, size its state and run it.
 struct mf_arch {
     const char *model_type;     // config.json model_type
@@ -41,12 +62,10 @@ struct mf_arch {
     // arch file). Does not advance n_past; the caller does on MF_OK.
     int (*forward)(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                    int all_logits);
-    // Snapshot hooks (issue: state snapshots). NULL until implemented.
-    size_t (*state_bytes)(const mf_ctx *ctx);
-    int64_t (*state_write)(const mf_ctx *ctx, uint8_t *dst, size_t cap);
-    int (*state_check)(const mf_ctx *ctx, const uint8_t *src, size_t size, int n_past,
-                       char *err, size_t errlen);
-    void (*state_read)(mf_ctx *ctx, const uint8_t *src, size_t size, int n_past);
+    // The sequence state as a list of segments (device buffers), so core/state.c can
+    // snapshot, restore and checkpoint any architecture generically. Fills up to cap
+    // entries and returns the total count. Buffers must be the COMMITTED state.
+    int (*state_segments)(const mf_ctx *ctx, struct mf_state_seg *segs, int cap);
 };
 
 // Find an architecture by config model_type; NULL if unsupported.
@@ -78,6 +97,7 @@ struct mf_ctx {
     atomic_int abort_flag;            // set by mf_ctx_abort from any thread
     void *arch_state;                 // owned by the arch (state_free frees)
     struct mf_ctx_stats stats;
+    void *checkpoints;                // owned by core/state.c (automatic checkpoints)
     char errmsg[MF_ERRMSG_LEN];
 };
 
@@ -110,6 +130,12 @@ int mf_ctx_fail(mf_ctx *ctx, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+
+// Called by mf_ctx_eval after a successful forward (core/state.c): lets the state
+// module take automatic checkpoints of fixed-size state for exact truncation.
+void mf_state_after_eval(mf_ctx *ctx);
+// Called by mf_ctx_reset (core/state.c): drops checkpoints.
+void mf_state_on_reset(mf_ctx *ctx);
 
 // Poll abort flag and abort callback; 1 if the eval must stop.
 int mf_ctx_should_abort(mf_ctx *ctx);
