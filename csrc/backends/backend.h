@@ -85,6 +85,10 @@ struct mf_backend_ops {
     // y[n_tok, n_out] = x[n_tok, n_in] @ W^T. W float or quantized.
     void (*matmul)(struct mf_exec *ex, float *y, const struct mf_weight *w,
                    const float *x, int n_tok);
+    // y[n_tok, n_in] = x[n_tok, n_out] @ W: W [n_out, n_in] used transposed (MLA
+    // absorption with an old-form kv_b_proj: q~ = W_UK^T q_nope). Float or quantized.
+    void (*matmul_t)(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                     const float *x, int n_tok);
     // y[n_tok, n_in] = rows tokens_host[i] of W (dequantized).
     void (*embed)(struct mf_exec *ex, float *y, const struct mf_weight *w,
                   const int32_t *tokens_host, int n_tok);
