@@ -1,0 +1,656 @@
+/*
+ * deepseek_v3.c — the DeepSeek-V3 family (DeepSeek-V3/R1, Cogito-V2, Kimi-K2 remaps):
+ * config checks, weight binding, the compressed MLA cache and the forward pass
+ * (model-math §3), written once against the backend op table.
+ *
+ * Decoder layer:  h = x + MLA(RMSNorm_in(x));  out = h + FFN(RMSNorm_post(h)), where
+ * FFN is the dense SwiGLU for layers before first_k_dense_replace (or off the
+ * moe_layer_freq grid) and the noaux_tc-routed MoE with shared experts otherwise.
+ *
+ * MLA is computed in the absorbed form for every query, prefill and decode alike, so
+ * the cache holds per position only the normalised latent c (kv_lora_rank floats) and
+ * the roped shared key k_pe (qk_rope_head_dim floats), never expanded K/V:
+ *   q~^h  = W_UK^h^T q_nope^h                    [kv_lora_rank]
+ *   score = scale * (q~^h . c_u + q_pe^h . k_pe_u)
+ *   out^h = W_UV^h (sum_u softmax_u c_u)         [v_head_dim]
+ * The backend attention op runs it as one kv head with dk = kv_lora + rope and
+ * dv = kv_lora whose K and V rows are the same cache rows.
+ *
+ * Not here: the MoE block, router and dense FFN (models/moe.c), expert I/O (io/),
+ * snapshots and truncation (core/state.c, through the state segments below).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "models/moe.h"
+
+// Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
+// chunks so memory does not grow with the prompt.
+#define DS_MAX_CHUNK 64
+
+// q_a_layernorm and kv_a_layernorm use a fixed eps in mlx-lm (deepseek_v3.py), not
+// rms_norm_eps.
+#define DS_LORA_NORM_EPS 1e-6f
+
+/* ==== Config ==== */
+
+// Sizes taken from config.json once at bind (names are the config keys), plus the
+// derived constants of the attention.
+struct ds_hparams {
+    int hidden_size;
+    int num_hidden_layers;
+    int num_attention_heads;
+    int vocab_size;
+    int intermediate_size;      // dense layers
+    int q_lora_rank;            // 0: q_proj instead of q_a_proj/q_b_proj
+    int kv_lora_rank;
+    int qk_nope_head_dim;
+    int qk_rope_head_dim;
+    int v_head_dim;
+    float rms_norm_eps;
+    int q_head_dim;             // nope + rope
+    int kv_row;                 // kv_lora + rope: floats per cached position
+    float softmax_scale;        // q_head_dim^-1/2 * m^2 (model-math §3.3 step 6)
+    float rope_mscale;          // YaRN factor on the rotated dims (§3.4), else 1
+    float *inv_freq;            // [qk_rope_head_dim/2] host, owned
+    struct mf_moe_config moe;
+};
+
+/* ==== Weights ==== */
+
+// Product with one head's absorption matrix W_UK^h: q~[n_tok, kv_lora] from
+// q_nope[n_tok, nope]. The op (matmul on embed_q[h] [kv_lora, nope], or matmul_t on
+// the kv_b_proj rows [nope, kv_lora]) is chosen at load from the checkpoint's form.
+typedef void (*ds_absorb_fn)(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                             const float *x, int n_tok);
+
+struct ds_layer {
+    struct mf_weight input_layernorm;          // [hidden]
+    struct mf_weight post_attention_layernorm; // [hidden]
+    struct mf_weight q_a_proj;                 // [q_lora, hidden] (w NULL without q_lora)
+    struct mf_weight q_a_layernorm;            // [q_lora]
+    struct mf_weight q_b_proj;                 // [H*q_head_dim, q_lora] or q_proj
+                                               // [H*q_head_dim, hidden]
+    struct mf_weight kv_a_proj_with_mqa;       // [kv_lora + rope, hidden]
+    struct mf_weight kv_a_layernorm;           // [kv_lora]
+    struct mf_weight *w_uk;                    // [H] views, see ds_absorb_fn; owned array
+    struct mf_weight *w_uv;                    // [H] views [v, kv_lora]; owned array
+    ds_absorb_fn absorb;
+    struct mf_weight o_proj;                   // [hidden, H*v]
+    int is_moe;
+    struct mf_ffn_layer ffn;                   // dense layers
+    struct mf_moe_layer moe;                   // MoE layers
+};
+
+struct ds_model {
+    struct ds_hparams hp;
+    struct mf_weight embed_tokens;   // [vocab, hidden]
+    struct mf_weight norm;           // [hidden]
+    struct mf_weight lm_head;        // [vocab, hidden]
+    struct ds_layer *layers;         // [num_hidden_layers], owned
+};
+
+/* ==== State ==== */
+
+// Per ctx: the compressed cache of every layer and the scratch of one chunk. All
+// float buffers are device memory; idx is host memory for the row gather/scatter ops.
+struct ds_state {
+    int max_tok;
+    float **latent;     // [n_layer] -> [n_ctx, kv_lora + rope]: c (normalised) | k_pe
+    float *inv_freq;    // [rope/2]
+    float *x;           // [T, hidden] residual stream
+    float *xn;          // [T, hidden] normed input of a block
+    float *y;           // [T, hidden] block output
+    float *qa;          // [T, q_lora]
+    float *q;           // [T, H, q_head_dim]: q_nope | q_pe per head
+    float *ckv;         // [T, kv_lora + rope]
+    float *hin;         // [T, max(nope, kv_lora)] one head's rows, dense
+    float *hout;        // [T, max(kv_lora, v)]
+    float *qfull;       // [T, H, kv_lora + rope]: q~ | q_pe per head
+    float *lat_out;     // [T, H, kv_lora] attention output in latent space
+    float *o_in;        // [T, H*v] o_proj input
+    float *ffn_tmp;     // [T, 2*intermediate]
+    float *logits;      // [T, vocab]
+    int32_t *idx;       // [T] host
+    struct mf_moe_scratch *moe;
+};
+
+/* ==== Load: config checks and YaRN ==== */
+
+// mlx-lm YarnRoPE / HF _compute_yarn_parameters (model-math §3.4).
+static float yarn_get_mscale(double scale, double mscale) {
+    return scale <= 1.0 ? 1.0f : (float)(0.1 * mscale * log(scale) + 1.0);
+}
+
+static double yarn_correction_dim(double n_rot, int d, double base, double l0) {
+    return d * log(l0 / (n_rot * 2.0 * M_PI)) / (2.0 * log(base));
+}
+
+// inv_freq[d/2]: plain base^(-2j/d), or with YaRN the blend of extrapolated and
+// interpolated frequencies along the linear ramp between the correction dims.
+static void rope_inv_freq(float *inv_freq, const struct mf_config *c, int d) {
+    double low = 0, high = 0;
+    if (c->has_yarn) {
+        double l0 = c->yarn_original_max_position_embeddings;
+        low = floor(yarn_correction_dim(c->yarn_beta_fast, d, c->rope_theta, l0));
+        high = ceil(yarn_correction_dim(c->yarn_beta_slow, d, c->rope_theta, l0));
+        low = low < 0 ? 0 : low;
+        high = high > d - 1 ? d - 1 : high;
+        if (low == high) high += 0.001;  // as mlx-lm: avoids a zero-width ramp
+    }
+    for (int j = 0; j < d / 2; j++) {
+        double extra = pow(c->rope_theta, -2.0 * j / d);
+        if (!c->has_yarn) {
+            inv_freq[j] = (float)extra;
+            continue;
+        }
+        double ramp = (j - low) / (high - low);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        inv_freq[j] = (float)(extra / c->yarn_factor * ramp + extra * (1.0 - ramp));
+    }
+}
+
+static int check_config(const struct mf_config *c, char *err, size_t errlen) {
+    if (c->kv_lora_rank < 1 || c->qk_nope_head_dim < 1 || c->v_head_dim < 1 ||
+        c->qk_rope_head_dim < 2 || c->qk_rope_head_dim % 2 != 0)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "config.json: deepseek_v3 needs kv_lora_rank, qk_nope_head_dim, "
+                      "v_head_dim >= 1 and an even qk_rope_head_dim >= 2 (got %d, %d, "
+                      "%d, %d)", c->kv_lora_rank, c->qk_nope_head_dim, c->v_head_dim,
+                      c->qk_rope_head_dim);
+    if (c->hidden_size < 1 || c->num_attention_heads < 1 || c->vocab_size < 1 ||
+        c->num_hidden_layers < 1)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "config.json: hidden_size %d, num_attention_heads %d, vocab_size "
+                      "%d, num_hidden_layers %d must all be >= 1", c->hidden_size,
+                      c->num_attention_heads, c->vocab_size, c->num_hidden_layers);
+    if (c->has_yarn && (c->yarn_factor <= 0 || c->yarn_original_max_position_embeddings < 1))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "config.json: rope_scaling yarn needs factor > 0 and "
+                      "original_max_position_embeddings >= 1 (got %g, %d)",
+                      c->yarn_factor, c->yarn_original_max_position_embeddings);
+    if (c->n_moe_layers > 0) {
+        int n_group = c->n_group > 0 ? c->n_group : 1;
+        if (c->num_experts % n_group != 0 || c->topk_group < 1 || c->topk_group > n_group ||
+            c->num_experts_per_tok < 1 ||
+            c->num_experts_per_tok > c->topk_group * (c->num_experts / n_group))
+            return mf_err(err, errlen, MF_ERR_FORMAT,
+                          "config.json: n_routed_experts %d, n_group %d, topk_group %d, "
+                          "num_experts_per_tok %d do not form a valid noaux_tc router",
+                          c->num_experts, c->n_group, c->topk_group,
+                          c->num_experts_per_tok);
+    }
+    return MF_OK;
+}
+
+static void fill_hparams(struct ds_hparams *hp, const struct mf_config *c) {
+    hp->hidden_size = c->hidden_size;
+    hp->num_hidden_layers = c->num_hidden_layers;
+    hp->num_attention_heads = c->num_attention_heads;
+    hp->vocab_size = c->vocab_size;
+    hp->intermediate_size = c->intermediate_size;
+    hp->q_lora_rank = c->q_lora_rank;
+    hp->kv_lora_rank = c->kv_lora_rank;
+    hp->qk_nope_head_dim = c->qk_nope_head_dim;
+    hp->qk_rope_head_dim = c->qk_rope_head_dim;
+    hp->v_head_dim = c->v_head_dim;
+    hp->rms_norm_eps = c->rms_norm_eps;
+    hp->q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    hp->kv_row = c->kv_lora_rank + c->qk_rope_head_dim;
+    // Softmax scale carries m^2 when mscale_all_dim is set (mlx-lm and HF alike);
+    // the rotated dims carry mscale / mscale_all_dim's ratio (YarnRoPE.mscale).
+    double scale = 1.0 / sqrt((double)hp->q_head_dim);
+    hp->rope_mscale = 1.0f;
+    if (c->has_yarn) {
+        if (c->yarn_mscale_all_dim != 0 && c->yarn_factor > 1) {
+            double m = 0.1 * c->yarn_mscale_all_dim * log(c->yarn_factor) + 1.0;
+            scale *= m * m;
+        }
+        hp->rope_mscale = yarn_get_mscale(c->yarn_factor, c->yarn_mscale) /
+                          yarn_get_mscale(c->yarn_factor, c->yarn_mscale_all_dim);
+    }
+    hp->softmax_scale = (float)scale;
+
+    struct mf_moe_config *mc = &hp->moe;
+    mc->router = MF_ROUTER_NOAUX_TC;
+    mc->n_embd = c->hidden_size;
+    mc->n_expert = c->num_experts;
+    mc->n_expert_used = c->num_experts_per_tok;
+    mc->n_ff_exp = c->moe_intermediate_size;
+    mc->n_ff_shexp = c->moe_intermediate_size * c->n_shared_experts;
+    mc->norm_topk_prob = c->norm_topk_prob;
+    mc->n_group = c->n_group > 0 ? c->n_group : 1;
+    mc->topk_group = c->topk_group > 0 ? c->topk_group : 1;
+    mc->routed_scaling_factor = (float)c->routed_scaling_factor;
+}
+
+/* ==== Load: weight binding ==== */
+
+// Rows [row0, row0 + n_rows) of a [n_out, n_in] weight, as a view (no copy).
+static struct mf_weight rows_view(const struct mf_weight *w, int64_t row0, int64_t n_rows) {
+    struct mf_weight row = *w;
+    row.n_out = 1;
+    struct mf_weight v = mf_weight_slice(&row, row0);
+    v.n_out = n_rows;
+    return v;
+}
+
+static int bind_lin(const mf_model *m, struct mf_weight *out, int64_t n_stack,
+                    int64_t n_out, int64_t n_in, char *err, size_t errlen,
+                    const char *fmt, int il) {
+    char path[256];
+    snprintf(path, sizeof path, fmt, il);
+    return mf_bind_linear(m, out, path, n_stack, n_out, n_in, err, errlen);
+}
+
+static int bind_vec(const mf_model *m, struct mf_weight *out, int64_t n, char *err,
+                    size_t errlen, const char *fmt, int il) {
+    char name[256];
+    snprintf(name, sizeof name, fmt, il);
+    return mf_bind_vector(m, out, name, n, err, errlen);
+}
+
+// W_UK^h / W_UV^h views per head from either checkpoint form (model-math §3.3):
+// new files store embed_q [H, kv_lora, nope] (= W_UK^h^T, a plain matmul) and
+// unembed_out [H, v, kv_lora]; old files store kv_b_proj [H*(nope+v), kv_lora] whose
+// head h holds W_UK^h in rows [h*(nope+v), +nope) (used transposed: matmul_t) and
+// W_UV^h in the next v rows. mlx-lm re-quantizes the old form at load; we use the
+// stored weights as they are.
+static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
+                           int il, char *err, size_t errlen) {
+    int H = hp->num_attention_heads, nope = hp->qk_nope_head_dim, vd = hp->v_head_dim;
+    int kvl = hp->kv_lora_rank;
+    L->w_uk = calloc((size_t)H, sizeof *L->w_uk);
+    L->w_uv = calloc((size_t)H, sizeof *L->w_uv);
+    if (!L->w_uk || !L->w_uv)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
+    char name[256];
+    snprintf(name, sizeof name, "model.layers.%d.self_attn.kv_b_proj.weight", il);
+    if (mf_has_tensor(m, name)) {
+        struct mf_weight kvb;
+        int rc = bind_lin(m, &kvb, 0, (int64_t)H * (nope + vd), kvl, err, errlen,
+                          "model.layers.%d.self_attn.kv_b_proj", il);
+        if (rc) return rc;
+        for (int h = 0; h < H; h++) {
+            L->w_uk[h] = rows_view(&kvb, (int64_t)h * (nope + vd), nope);
+            L->w_uv[h] = rows_view(&kvb, (int64_t)h * (nope + vd) + nope, vd);
+        }
+        L->absorb = m->be->ops->matmul_t;
+        return MF_OK;
+    }
+    struct mf_weight eq, uo;
+    int rc = bind_lin(m, &eq, H, kvl, nope, err, errlen,
+                      "model.layers.%d.self_attn.embed_q", il);
+    if (!rc) rc = bind_lin(m, &uo, H, vd, kvl, err, errlen,
+                           "model.layers.%d.self_attn.unembed_out", il);
+    if (rc) return rc;
+    for (int h = 0; h < H; h++) {
+        L->w_uk[h] = mf_weight_slice(&eq, h);
+        L->w_uv[h] = mf_weight_slice(&uo, h);
+    }
+    L->absorb = m->be->ops->matmul;
+    return MF_OK;
+}
+
+static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
+                          int il, char *err, size_t errlen) {
+    int64_t H = hp->num_attention_heads, hid = hp->hidden_size;
+    int rc;
+    if (hp->q_lora_rank > 0) {
+        rc = bind_lin(m, &L->q_a_proj, 0, hp->q_lora_rank, hid, err, errlen,
+                      "model.layers.%d.self_attn.q_a_proj", il);
+        if (!rc) rc = bind_vec(m, &L->q_a_layernorm, hp->q_lora_rank, err, errlen,
+                               "model.layers.%d.self_attn.q_a_layernorm.weight", il);
+        if (!rc) rc = bind_lin(m, &L->q_b_proj, 0, H * hp->q_head_dim, hp->q_lora_rank,
+                               err, errlen, "model.layers.%d.self_attn.q_b_proj", il);
+    } else {
+        rc = bind_lin(m, &L->q_b_proj, 0, H * hp->q_head_dim, hid, err, errlen,
+                      "model.layers.%d.self_attn.q_proj", il);
+    }
+    if (!rc) rc = bind_lin(m, &L->kv_a_proj_with_mqa, 0, hp->kv_row, hid, err, errlen,
+                           "model.layers.%d.self_attn.kv_a_proj_with_mqa", il);
+    if (!rc) rc = bind_vec(m, &L->kv_a_layernorm, hp->kv_lora_rank, err, errlen,
+                           "model.layers.%d.self_attn.kv_a_layernorm.weight", il);
+    if (!rc) rc = bind_lin(m, &L->o_proj, 0, hid, H * hp->v_head_dim, err, errlen,
+                           "model.layers.%d.self_attn.o_proj", il);
+    if (!rc) rc = bind_absorption(m, L, hp, il, err, errlen);
+    return rc;
+}
+
+static int bind_ffn(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
+                    int il, char *err, size_t errlen) {
+    char prefix[256];
+    int hid = hp->hidden_size;
+    if (!L->is_moe) {
+        snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", il);
+        return mf_ffn_bind(m, &L->ffn, prefix, hid, hp->intermediate_size, err, errlen);
+    }
+    struct mf_moe_layer *w = &L->moe;
+    w->il = il;
+    int rc = bind_lin(m, &w->router, 0, hp->moe.n_expert, hid, err, errlen,
+                      "model.layers.%d.mlp.gate", il);
+    if (!rc) rc = bind_vec(m, &w->router_bias, hp->moe.n_expert, err, errlen,
+                           "model.layers.%d.mlp.gate.e_score_correction_bias", il);
+    if (rc || hp->moe.n_ff_shexp == 0) return rc;
+    struct mf_ffn_layer sh;
+    snprintf(prefix, sizeof prefix, "model.layers.%d.mlp.shared_experts", il);
+    rc = mf_ffn_bind(m, &sh, prefix, hid, hp->moe.n_ff_shexp, err, errlen);
+    if (rc) return rc;
+    w->has_shared = 1;  // DeepSeek's shared experts are added without a gate
+    w->shared_gate = sh.gate;
+    w->shared_up = sh.up;
+    w->shared_down = sh.down;
+    return MF_OK;
+}
+
+static void ds_unbind(mf_model *m) {
+    struct ds_model *M = m->arch_weights;
+    if (!M) return;
+    if (M->layers) {
+        for (int il = 0; il < M->hp.num_hidden_layers; il++) {
+            free(M->layers[il].w_uk);
+            free(M->layers[il].w_uv);
+        }
+    }
+    free(M->layers);
+    free(M->hp.inv_freq);
+    free(M);
+    m->arch_weights = NULL;
+}
+
+static int ds_bind(mf_model *m, char *err, size_t errlen) {
+    const struct mf_config *c = &m->cfg;
+    int rc = check_config(c, err, errlen);
+    if (rc) return rc;
+    struct ds_model *M = calloc(1, sizeof *M);
+    if (!M) return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
+    m->arch_weights = M;
+    struct ds_hparams *hp = &M->hp;
+    fill_hparams(hp, c);
+    hp->inv_freq = calloc((size_t)hp->qk_rope_head_dim / 2, sizeof(float));
+    M->layers = calloc((size_t)hp->num_hidden_layers, sizeof *M->layers);
+    if (!hp->inv_freq || !M->layers) {
+        ds_unbind(m);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
+    }
+    rope_inv_freq(hp->inv_freq, c, hp->qk_rope_head_dim);
+
+    rc = mf_bind_linear(m, &M->embed_tokens, "model.embed_tokens", 0, hp->vocab_size,
+                        hp->hidden_size, err, errlen);
+    if (!rc) rc = mf_bind_vector(m, &M->norm, "model.norm.weight", hp->hidden_size,
+                                 err, errlen);
+    // mlx-lm never ties the DeepSeek head (deepseek_v3.Model has its own lm_head).
+    if (!rc) rc = mf_bind_linear(m, &M->lm_head, "lm_head", 0, hp->vocab_size,
+                                 hp->hidden_size, err, errlen);
+    for (int il = 0; !rc && il < hp->num_hidden_layers; il++) {
+        struct ds_layer *L = &M->layers[il];
+        L->is_moe = c->layer_is_moe[il];
+        rc = bind_vec(m, &L->input_layernorm, hp->hidden_size, err, errlen,
+                      "model.layers.%d.input_layernorm.weight", il);
+        if (!rc) rc = bind_vec(m, &L->post_attention_layernorm, hp->hidden_size, err,
+                               errlen, "model.layers.%d.post_attention_layernorm.weight", il);
+        if (!rc) rc = bind_attention(m, L, hp, il, err, errlen);
+        if (!rc) rc = bind_ffn(m, L, hp, il, err, errlen);
+    }
+    if (rc) ds_unbind(m);
+    return rc;
+}
+
+/* ==== State: compressed cache and scratch ==== */
+
+static void ds_state_free(mf_ctx *ctx) {
+    struct ds_state *s = ctx->arch_state;
+    if (!s) return;
+    const struct ds_model *M = ctx->model->arch_weights;
+    const struct mf_backend_ops *op = ctx->be->ops;
+    if (s->latent)
+        for (int il = 0; il < M->hp.num_hidden_layers; il++)
+            if (s->latent[il]) op->dealloc(ctx->ex, s->latent[il]);
+    float *bufs[] = {s->inv_freq, s->x, s->xn, s->y, s->qa, s->q, s->ckv, s->hin,
+                     s->hout, s->qfull, s->lat_out, s->o_in, s->ffn_tmp, s->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
+    if (s->moe) mf_moe_scratch_free(ctx, s->moe);
+    free(s->latent);
+    free(s->idx);
+    free(s);
+    ctx->arch_state = NULL;
+}
+
+static float *dev_floats(mf_ctx *ctx, size_t n, int *fail) {
+    float *p = ctx->be->ops->alloc(ctx->ex, (n ? n : 1) * sizeof(float));
+    if (!p) *fail = 1;
+    return p;
+}
+
+static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
+    const struct ds_model *M = ctx->model->arch_weights;
+    const struct ds_hparams *hp = &M->hp;
+    struct ds_state *s = calloc(1, sizeof *s);
+    if (!s) return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
+    ctx->arch_state = s;
+    size_t T = (size_t)(ctx->n_ctx < DS_MAX_CHUNK ? ctx->n_ctx : DS_MAX_CHUNK);
+    size_t H = (size_t)hp->num_attention_heads, kvl = (size_t)hp->kv_lora_rank;
+    size_t hid = (size_t)hp->hidden_size;
+    size_t hmax = kvl > (size_t)hp->qk_nope_head_dim ? kvl : (size_t)hp->qk_nope_head_dim;
+    size_t omax = kvl > (size_t)hp->v_head_dim ? kvl : (size_t)hp->v_head_dim;
+    int fail = 0;
+    s->max_tok = (int)T;
+    s->latent = calloc((size_t)hp->num_hidden_layers, sizeof *s->latent);
+    s->idx = calloc(T, sizeof *s->idx);
+    if (!s->latent || !s->idx) fail = 1;
+    for (int il = 0; !fail && il < hp->num_hidden_layers; il++)
+        s->latent[il] = dev_floats(ctx, (size_t)ctx->n_ctx * (size_t)hp->kv_row, &fail);
+    s->inv_freq = dev_floats(ctx, (size_t)hp->qk_rope_head_dim / 2, &fail);
+    s->x = dev_floats(ctx, T * hid, &fail);
+    s->xn = dev_floats(ctx, T * hid, &fail);
+    s->y = dev_floats(ctx, T * hid, &fail);
+    s->qa = dev_floats(ctx, T * (size_t)hp->q_lora_rank, &fail);
+    s->q = dev_floats(ctx, T * H * (size_t)hp->q_head_dim, &fail);
+    s->ckv = dev_floats(ctx, T * (size_t)hp->kv_row, &fail);
+    s->hin = dev_floats(ctx, T * hmax, &fail);
+    s->hout = dev_floats(ctx, T * omax, &fail);
+    s->qfull = dev_floats(ctx, T * H * (size_t)hp->kv_row, &fail);
+    s->lat_out = dev_floats(ctx, T * H * kvl, &fail);
+    s->o_in = dev_floats(ctx, T * H * (size_t)hp->v_head_dim, &fail);
+    s->ffn_tmp = dev_floats(ctx, T * 2 * (size_t)hp->intermediate_size, &fail);
+    s->logits = dev_floats(ctx, T * (size_t)hp->vocab_size, &fail);
+    if (fail) {
+        ds_state_free(ctx);
+        return mf_err(err, errlen, MF_ERR_NOMEM,
+                      "deepseek_v3: out of memory for the MLA cache of %d positions "
+                      "and scratch of %zu tokens", ctx->n_ctx, T);
+    }
+    ctx->be->ops->upload(ctx->ex, s->inv_freq, 0, hp->inv_freq,
+                         (size_t)hp->qk_rope_head_dim / 2 * sizeof(float));
+    if (ctx->model->cfg.n_moe_layers > 0) {
+        int rc = mf_moe_scratch_new(ctx, &hp->moe, (int)T, &s->moe, err, errlen);
+        if (rc) {
+            ds_state_free(ctx);
+            return rc;
+        }
+    }
+    return MF_OK;
+}
+
+static void ds_state_reset(mf_ctx *ctx) {
+    struct ds_state *s = ctx->arch_state;
+    const struct ds_model *M = ctx->model->arch_weights;
+    size_t bytes = (size_t)ctx->n_ctx * (size_t)M->hp.kv_row * sizeof(float);
+    for (int il = 0; il < M->hp.num_hidden_layers; il++)
+        ctx->be->ops->zero(ctx->ex, s->latent[il], 0, bytes);
+}
+
+// One MF_SEG_MLA_LATENT per layer: (kv_lora + rope) f32 per position, nothing fixed,
+// so truncation is exact by construction.
+static int ds_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int cap) {
+    const struct ds_state *s = ctx->arch_state;
+    const struct ds_model *M = ctx->model->arch_weights;
+    int n = M->hp.num_hidden_layers;
+    for (int il = 0; il < n && il < cap; il++) {
+        segs[il] = (struct mf_state_seg){
+            .buf = s->latent[il],
+            .row_bytes = (uint64_t)M->hp.kv_row * sizeof(float),
+            .fixed_bytes = 0,
+            .layer = il,
+            .kind = MF_SEG_MLA_LATENT,
+        };
+    }
+    return n;
+}
+
+/* ==== Blocks: multi-head latent attention ==== */
+
+// n_rows rows of n floats from src (row stride src_stride floats) to dst (row stride
+// dst_stride floats). Used to move one head's slices between token-major and dense
+// layouts, which the matmul and attention ops need.
+static void copy_rows(mf_ctx *ctx, float *dst, size_t dst_stride, const float *src,
+                      size_t src_stride, int n_rows, size_t n) {
+    for (int r = 0; r < n_rows; r++)
+        ctx->be->ops->copy(ctx->ex, dst, (size_t)r * dst_stride * sizeof(float), src,
+                           (size_t)r * src_stride * sizeof(float), n * sizeof(float));
+}
+
+// y[n, hidden] = MLA(xn[n, hidden]) for tokens at positions pos0 .. pos0+n-1; writes
+// their cache rows of layer il.
+static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams *hp,
+                        const struct ds_layer *L, int il, int n, int pos0) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    struct mf_exec *ex = ctx->ex;
+    const int H = hp->num_attention_heads, nope = hp->qk_nope_head_dim;
+    const int rope = hp->qk_rope_head_dim, kvl = hp->kv_lora_rank, vd = hp->v_head_dim;
+    const int qhd = hp->q_head_dim, kvr = hp->kv_row;
+
+    // Queries: [n, hidden] -> [n, H*qhd] -> [n, H, nope | rope]
+    if (hp->q_lora_rank > 0) {
+        op->matmul(ex, s->qa, &L->q_a_proj, s->xn, n);
+        op->rmsnorm(ex, s->qa, s->qa, &L->q_a_layernorm, n, hp->q_lora_rank,
+                    DS_LORA_NORM_EPS, 1.0f);
+        op->matmul(ex, s->q, &L->q_b_proj, s->qa, n);
+    } else {
+        op->matmul(ex, s->q, &L->q_b_proj, s->xn, n);
+    }
+
+    // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
+    // shared rope key roped, and both rows go to the cache as they are.
+    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->xn, n);
+    for (int t = 0; t < n; t++) {
+        float *row = s->ckv + (size_t)t * kvr;
+        op->rmsnorm(ex, row, row, &L->kv_a_layernorm, 1, kvl, DS_LORA_NORM_EPS, 1.0f);
+    }
+    // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike.
+    op->rope(ex, s->q + nope, n, H, H * qhd, qhd, rope, s->inv_freq, pos0, 1,
+             hp->rope_mscale);
+    op->rope(ex, s->ckv + kvl, n, 1, kvr, kvr, rope, s->inv_freq, pos0, 1, hp->rope_mscale);
+    float *cache = s->latent[il];
+    op->copy(ex, cache, (size_t)pos0 * kvr * sizeof(float), s->ckv, 0,
+             (size_t)n * kvr * sizeof(float));
+
+    // Absorbed queries qfull[n, H, kv_lora | rope] = [W_UK^h^T q_nope^h | q_pe^h].
+    for (int h = 0; h < H; h++) {
+        copy_rows(ctx, s->hin, nope, s->q + (size_t)h * qhd, (size_t)H * qhd, n, nope);
+        L->absorb(ex, s->hout, &L->w_uk[h], s->hin, n);
+        copy_rows(ctx, s->qfull + (size_t)h * kvr, (size_t)H * kvr, s->hout, kvl, n, kvl);
+        copy_rows(ctx, s->qfull + (size_t)h * kvr + kvl, (size_t)H * kvr,
+                  s->q + (size_t)h * qhd + nope, (size_t)H * qhd, n, rope);
+    }
+
+    // One kv head: K rows are the whole cache rows (c | k_pe), V rows their first
+    // kv_lora floats (c). lat_out[n, H, kv_lora].
+    op->attention(ex, s->lat_out, s->qfull, cache, cache, n, H, 1, kvr, kvl, kvr, kvr,
+                  pos0, hp->softmax_scale);
+
+    // Back from latent space per head: o_in[n, H, v] with o_in[t, h] = W_UV^h lat_out[t, h].
+    op->zero(ex, s->o_in, 0, (size_t)n * H * vd * sizeof(float));
+    for (int h = 0; h < H; h++) {
+        for (int t = 0; t < n; t++) s->idx[t] = t * H + h;
+        op->gather_rows(ex, s->hin, s->lat_out, s->idx, n, kvl);
+        op->matmul(ex, s->hout, &L->w_uv[h], s->hin, n);
+        op->scatter_add_rows(ex, s->o_in, s->hout, s->idx, NULL, n, vd);
+    }
+    op->matmul(ex, s->y, &L->o_proj, s->o_in, n);
+}
+
+/* ==== Forward ==== */
+
+// One decoder layer on the chunk in s->x (updated in place).
+static int layer_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model *M, int il,
+                         int n, int pos0) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    const struct ds_hparams *hp = &M->hp;
+    const struct ds_layer *L = &M->layers[il];
+    const int hid = hp->hidden_size;
+
+    op->rmsnorm(ctx->ex, s->xn, s->x, &L->input_layernorm, n, hid, hp->rms_norm_eps, 1.0f);
+    mla_forward(ctx, s, hp, L, il, n, pos0);
+    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
+
+    op->rmsnorm(ctx->ex, s->xn, s->x, &L->post_attention_layernorm, n, hid,
+                hp->rms_norm_eps, 1.0f);
+    if (L->is_moe) {
+        int rc = mf_moe_forward(ctx, s->moe, &hp->moe, &L->moe, s->y, s->xn, n);
+        if (rc) return rc;
+    } else {
+        mf_ffn_forward(ctx, s->y, s->ffn_tmp, &L->ffn, s->xn, n, hp->intermediate_size);
+    }
+    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
+    return MF_OK;
+}
+
+// Final norm and head on rows [row0, row0 + n_rows) of the chunk; downloads the
+// logits into dst [n_rows, vocab] (host).
+static void head_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model *M,
+                         int row0, int n_rows, float *dst) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    const int hid = M->hp.hidden_size, V = M->hp.vocab_size;
+    op->rmsnorm(ctx->ex, s->xn, s->x + (size_t)row0 * hid, &M->norm, n_rows, hid,
+                M->hp.rms_norm_eps, 1.0f);
+    op->matmul(ctx->ex, s->logits, &M->lm_head, s->xn, n_rows);
+    op->download(ctx->ex, dst, s->logits, 0, (size_t)n_rows * V * sizeof(float));
+}
+
+static int ds_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
+                      int all_logits) {
+    struct ds_state *s = ctx->arch_state;
+    const struct ds_model *M = ctx->model->arch_weights;
+    const int V = M->hp.vocab_size;
+    if (n_tok < 1 || ctx->n_past + n_tok > ctx->n_ctx)
+        return mf_ctx_fail(ctx, MF_ERR_ARG, "deepseek_v3: %d tokens at position %d "
+                           "exceed n_ctx %d", n_tok, ctx->n_past, ctx->n_ctx);
+    for (int t0 = 0; t0 < n_tok; t0 += s->max_tok) {
+        int n = n_tok - t0 < s->max_tok ? n_tok - t0 : s->max_tok;
+        int pos0 = ctx->n_past + t0;
+        ctx->be->ops->embed(ctx->ex, s->x, &M->embed_tokens, tokens + t0, n);
+        for (int il = 0; il < M->hp.num_hidden_layers; il++) {
+            // Cache rows at positions >= n_past are dead until the caller commits,
+            // so stopping here leaves the ctx as it was.
+            if (mf_ctx_should_abort(ctx))
+                return mf_ctx_fail(ctx, MF_ABORTED, "evaluation aborted");
+            int rc = layer_forward(ctx, s, M, il, n, pos0);
+            if (rc) return rc;
+        }
+        if (!logits) continue;
+        if (all_logits)
+            head_forward(ctx, s, M, 0, n, logits + (size_t)t0 * V);
+        else if (t0 + n == n_tok)
+            head_forward(ctx, s, M, n - 1, 1, logits);
+    }
+    return MF_OK;
+}
+
+/* ==== Registration ==== */
+
+const struct mf_arch mf_arch_deepseek_v3 = {
+    .model_type = "deepseek_v3",
+    .id = MF_ARCH_DEEPSEEK_V3,
+    .bind = ds_bind,
+    .unbind = ds_unbind,
+    .state_new = ds_state_new,
+    .state_free = ds_state_free,
+    .state_reset = ds_state_reset,
+    .forward = ds_forward,
+    .state_segments = ds_state_segments,
+};
