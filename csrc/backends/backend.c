@@ -1,0 +1,40 @@
+/*
+ * backend.c — what every backend shares: sizes and slices of weight views, and the
+ * choice of backend by name. The backends themselves live in backends/<name>/.
+ */
+#include "backends/backend.h"
+
+#include <string.h>
+
+int64_t mf_weight_w_bytes(const struct mf_weight *w) {
+    if (w->dtype == MF_DTYPE_U32)
+        return w->n_out * (w->n_in * w->bits / 32) * 4;
+    return w->n_out * w->n_in * (int64_t)mf_dtype_size(w->dtype);
+}
+
+int64_t mf_weight_s_bytes(const struct mf_weight *w) {
+    if (w->dtype != MF_DTYPE_U32)
+        return 0;
+    return w->n_out * (w->n_in / w->group_size) * (int64_t)mf_dtype_size(w->sdtype);
+}
+
+struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i) {
+    struct mf_weight s = *w;
+    s.w = (const char *)w->w + i * mf_weight_w_bytes(w);
+    if (w->scales)
+        s.scales = (const char *)w->scales + i * mf_weight_s_bytes(w);
+    if (w->biases)
+        s.biases = (const char *)w->biases + i * mf_weight_s_bytes(w);
+    return s;
+}
+
+int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t errlen) {
+    *out = NULL;
+    if (!name || strcmp(name, "cpu") == 0)
+        return mf_backend_cpu_new(out, err, errlen);
+    if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0)
+        return mf_err(err, errlen, MF_ERR_BACKEND,
+                      "backend '%s' is not built into this moeflux", name);
+    return mf_err(err, errlen, MF_ERR_BACKEND,
+                  "unknown backend '%s' (expected cpu, cuda or metal)", name);
+}

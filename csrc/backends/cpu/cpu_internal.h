@@ -1,0 +1,113 @@
+/*
+ * cpu_internal.h — what the CPU backend's files share: the exec (pool + per-thread
+ * scratch), the kernel table chosen at run time by ISA, and the op entry points that
+ * cpu_backend.c puts in the op table. Not seen outside csrc/backends/cpu/ (and the C
+ * unit tests, which drive kernels of one ISA directly).
+ */
+#ifndef MF_CPU_INTERNAL_H
+#define MF_CPU_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backends/backend.h"
+#include "backends/cpu/threadpool.h"
+
+// Per-thread scratch, in floats. Sized for the largest block any op dequantizes: a
+// [MF_CPU_ROW_BLOCK, MF_CPU_COL_CHUNK] tile for prefill matmul, a query plus a chunk of
+// attention scores. Ops split their work so that nothing larger is ever needed.
+#define MF_CPU_ROW_BLOCK 16
+#define MF_CPU_COL_CHUNK 1024
+#define MF_CPU_SCRATCH_FLOATS (MF_CPU_ROW_BLOCK * MF_CPU_COL_CHUNK + 1024)
+// Keys scored per chunk of the online softmax.
+#define MF_CPU_ATTN_CHUNK 512
+// Largest dk the attention op accepts (q scaled into scratch).
+#define MF_CPU_ATTN_MAX_DK (MF_CPU_SCRATCH_FLOATS - MF_CPU_ATTN_CHUNK)
+
+// Kernels for one instruction set. Every entry gives the same result as the scalar one
+// up to summation order.
+struct mf_cpu_kernels {
+    const char *name;   // "scalar", "avx2", "avx512", "neon"
+    // sum_i a[i] * b[i]
+    float (*dot)(const float *a, const float *b, int64_t n);
+    // y[i] += alpha * x[i]
+    void (*axpy)(float *y, float alpha, const float *x, int64_t n);
+    // Dot of x[n_in] with row r of a quantized weight whose bits are 2, 4 or 8:
+    // sum over groups g of sum_c x[c] * (s_g * q[c] + b_g).
+    float (*qdot_pow2)(const float *x, const struct mf_weight *w, int64_t r);
+    // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight with bits 2/4/8;
+    // c0 and n are multiples of the group size.
+    void (*dequant_pow2)(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                         int64_t n);
+};
+
+extern const struct mf_cpu_kernels mf_cpu_kernels_scalar;
+#if defined(__x86_64__)
+extern const struct mf_cpu_kernels mf_cpu_kernels_avx2;
+extern const struct mf_cpu_kernels mf_cpu_kernels_avx512;
+#endif
+
+// The best kernel set this CPU runs ("scalar" everywhere else), or the one named
+// (NULL if unknown or not supported by this CPU).
+const struct mf_cpu_kernels *mf_cpu_kernels_best(void);
+const struct mf_cpu_kernels *mf_cpu_kernels_find(const char *name);
+
+struct mf_exec {
+    struct mf_pool *pool;
+    int n_threads;
+    float **scratch;                    // [n_threads][MF_CPU_SCRATCH_FLOATS]
+    const struct mf_cpu_kernels *k;     // chosen at exec_new
+};
+
+// Force a kernel set on an exec (tests, benchmarks). MF_ERR_ARG if the name is unknown
+// or the CPU lacks the instructions.
+int mf_cpu_exec_set_kernels(struct mf_exec *ex, const char *name, char *err,
+                            size_t errlen);
+
+// Generic dequantization of row r, columns [c0, c0 + n) of any quantized weight (bits
+// 2..8, bit-stream order), scalar. c0, n multiples of the group size.
+void mf_cpu_dequant_generic(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                            int64_t n);
+// Row r, columns [c0, c0 + n) of a float or quantized weight as f32, using ex's kernels.
+void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
+                       int64_t r, int64_t c0, int64_t n);
+
+// ---- ops (cpu_matmul.c)
+void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                   const float *x, int n_tok);
+void mf_cpu_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                     const float *x, int n_tok);
+void mf_cpu_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                  const int32_t *tokens_host, int n_tok);
+
+// ---- ops (cpu_ops.c)
+void mf_cpu_rmsnorm(struct mf_exec *ex, float *y, const float *x,
+                    const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+void mf_cpu_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const float *z,
+                          const struct mf_weight *g, int n_rows, int n, float eps);
+void mf_cpu_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
+                 int head_stride, int n_rot, const float *inv_freq, int pos0,
+                 int traditional, float mscale);
+void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                      const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                      int dv, int k_stride, int v_stride, int pos0, float scale);
+void mf_cpu_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
+                        const struct mf_weight *w, int n_tok, int C, int K);
+void mf_cpu_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
+                      const float *b, int ab_stride, const struct mf_weight *A_log,
+                      const struct mf_weight *dt_bias, int n_tok, int nv);
+void mf_cpu_gdn_recurrence(struct mf_exec *ex, float *o, float *S, const float *q,
+                           const float *k, const float *v, int qkv_stride, const float *g,
+                           const float *beta, int n_tok, int nk, int nv, int dk, int dv);
+void mf_cpu_swiglu(struct mf_exec *ex, float *y, const float *gate, const float *up,
+                   int n_rows, int n_cols, int in_stride);
+void mf_cpu_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
+                        int n_cols, int g_stride, int g_cols);
+void mf_cpu_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+void mf_cpu_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
+                             const int32_t *idx_host, const float *w_host, int n_rows,
+                             int n);
+void mf_cpu_gather_rows(struct mf_exec *ex, float *dst, const float *src,
+                        const int32_t *idx_host, int n_rows, int n);
+
+#endif /* MF_CPU_INTERNAL_H */

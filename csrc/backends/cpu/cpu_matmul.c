@@ -1,0 +1,321 @@
+/*
+ * cpu_matmul.c — the CPU backend's linear algebra: matmul (x @ W^T), matmul_t (x @ W),
+ * embed, the scalar kernel set and the run-time choice of kernel set by ISA.
+ *
+ * Weights are float (F32/BF16/F16) or MLX affine-quantized (model-math §1: w = s*q + b
+ * per group of gs columns, codes packed LSB-first, bit-stream order for 3/5/6 bits).
+ * Every term is x * (s*q + b) in f32 as in mlx's float32 reference; only the summation
+ * order differs. Each output element is computed by exactly one task in a fixed order,
+ * so results do not depend on the thread count. The SIMD kernel sets live in
+ * cpu_kernels_*.c; this file holds what is shared and the scalar reference set.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/cpu/cpu_internal.h"
+
+/* ==== Scalar kernels ====
+ * The portable reference: every other kernel set is tested against these. */
+
+static float scalar_dot(const float *a, const float *b, int64_t n) {
+    // Four partial sums: keeps the scalar path from being latency-bound.
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++)
+        s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static void scalar_axpy(float *y, float alpha, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        y[i] += alpha * x[i];
+}
+
+static inline const uint32_t *qrow(const struct mf_weight *w, int64_t r) {
+    return (const uint32_t *)w->w + r * (w->n_in * w->bits / 32);
+}
+
+static inline int64_t srow(const struct mf_weight *w, int64_t r) {
+    return r * (w->n_in / w->group_size);
+}
+
+static float scalar_qdot_pow2(const float *x, const struct mf_weight *w, int64_t r) {
+    const uint32_t *q = qrow(w, r);
+    const int bits = w->bits, gs = w->group_size, epw = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t n_group = w->n_in / gs, s0 = srow(w, r);
+    float total = 0.0f;
+    for (int64_t g = 0; g < n_group; g++) {
+        float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
+        float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
+        float acc = 0.0f;
+        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
+            uint32_t code = (q[c / epw] >> (bits * (c % epw))) & mask;
+            acc += x[c] * (s * (float)code + b);
+        }
+        total += acc;
+    }
+    return total;
+}
+
+static void scalar_dequant_pow2(float *dst, const struct mf_weight *w, int64_t r,
+                                int64_t c0, int64_t n) {
+    const uint32_t *q = qrow(w, r);
+    const int bits = w->bits, gs = w->group_size, epw = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t s0 = srow(w, r);
+    for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
+        float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
+        float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
+        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
+            uint32_t code = (q[c / epw] >> (bits * (c % epw))) & mask;
+            dst[c - c0] = s * (float)code + b;
+        }
+    }
+}
+
+const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
+    .name = "scalar",
+    .dot = scalar_dot,
+    .axpy = scalar_axpy,
+    .qdot_pow2 = scalar_qdot_pow2,
+    .dequant_pow2 = scalar_dequant_pow2,
+};
+
+/* ==== Kernel choice ====
+ * By CPU features at run time, so one build serves every x86-64 (setup.py compiles
+ * without -march). */
+
+static int kernels_supported(const struct mf_cpu_kernels *k) {
+    if (k == &mf_cpu_kernels_scalar)
+        return 1;
+#if defined(__x86_64__) && defined(MF_HAVE_X86_KERNELS)
+    __builtin_cpu_init();
+    if (k == &mf_cpu_kernels_avx2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    if (k == &mf_cpu_kernels_avx512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
+    return 0;
+}
+
+// Best first.
+static const struct mf_cpu_kernels *const all_kernels[] = {
+#if defined(__x86_64__) && defined(MF_HAVE_X86_KERNELS)
+    &mf_cpu_kernels_avx512,
+    &mf_cpu_kernels_avx2,
+#endif
+    &mf_cpu_kernels_scalar,
+};
+
+const struct mf_cpu_kernels *mf_cpu_kernels_best(void) {
+    for (size_t i = 0; i < sizeof all_kernels / sizeof all_kernels[0]; i++)
+        if (kernels_supported(all_kernels[i]))
+            return all_kernels[i];
+    return &mf_cpu_kernels_scalar;
+}
+
+const struct mf_cpu_kernels *mf_cpu_kernels_find(const char *name) {
+    for (size_t i = 0; i < sizeof all_kernels / sizeof all_kernels[0]; i++)
+        if (strcmp(all_kernels[i]->name, name) == 0)
+            return kernels_supported(all_kernels[i]) ? all_kernels[i] : NULL;
+    return NULL;
+}
+
+/* ==== Rows of a weight as f32 ==== */
+
+void mf_cpu_dequant_generic(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                            int64_t n) {
+    // Bit-stream order (model-math §1.2): value c occupies stream bits [c*bits,
+    // (c+1)*bits) of the row, LSB first; it spans at most two bytes for bits <= 8.
+    const int bits = w->bits, gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t s0 = srow(w, r);
+    for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
+        float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
+        float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
+        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
+            int64_t bit = c * bits;
+            int sh = (int)(bit & 7);
+            uint32_t v = row[bit >> 3];
+            if (sh + bits > 8)
+                v |= (uint32_t)row[(bit >> 3) + 1] << 8;
+            dst[c - c0] = s * (float)((v >> sh) & mask) + b;
+        }
+    }
+}
+
+static inline int is_pow2_bits(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+
+void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
+                       int64_t r, int64_t c0, int64_t n) {
+    if (w->dtype == MF_DTYPE_U32) {
+        if (is_pow2_bits(w->bits))
+            ex->k->dequant_pow2(dst, w, r, c0, n);
+        else
+            mf_cpu_dequant_generic(dst, w, r, c0, n);
+        return;
+    }
+    size_t base = (size_t)(r * w->n_in + c0);
+    if (w->dtype == MF_DTYPE_F32) {
+        memcpy(dst, (const float *)w->w + base, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = mf_load_f32(w->w, w->dtype, base + (size_t)i);
+}
+
+// Columns converted per step for float-but-not-F32 and non-power-of-two rows: a
+// multiple of every group size, small enough for the stack.
+#define ROW_STEP 256
+
+// sum_c x[c] * W[r, c] for one row.
+static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_t r,
+                     const float *x) {
+    if (w->dtype == MF_DTYPE_U32 && is_pow2_bits(w->bits))
+        return ex->k->qdot_pow2(x, w, r);
+    if (w->dtype == MF_DTYPE_F32)
+        return ex->k->dot(x, (const float *)w->w + r * w->n_in, w->n_in);
+    float tmp[ROW_STEP];
+    float total = 0.0f;
+    for (int64_t c0 = 0; c0 < w->n_in; c0 += ROW_STEP) {
+        int64_t n = w->n_in - c0 < ROW_STEP ? w->n_in - c0 : ROW_STEP;
+        mf_cpu_weight_row(ex, tmp, w, r, c0, n);
+        total += ex->k->dot(x + c0, tmp, n);
+    }
+    return total;
+}
+
+/* ==== matmul: y[n_tok, n_out] = x[n_tok, n_in] @ W^T ====
+ * One token: each task owns a block of output rows and dots them straight from the
+ * packed codes. Several tokens: each task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of
+ * its rows once into its scratch and applies it to every token, so the weight is
+ * decoded once per call instead of once per token. */
+
+struct matmul_job {
+    struct mf_exec *ex;
+    float *y;
+    const struct mf_weight *w;
+    const float *x;
+    int n_tok;
+    int64_t rows_per_task;
+};
+
+static void matvec_task(void *arg, int task, int tid) {
+    (void)tid;
+    const struct matmul_job *j = arg;
+    int64_t r0 = task * j->rows_per_task;
+    int64_t r1 = r0 + j->rows_per_task < j->w->n_out ? r0 + j->rows_per_task : j->w->n_out;
+    for (int64_t r = r0; r < r1; r++)
+        j->y[r] = row_dot(j->ex, j->w, r, j->x);
+}
+
+static void matmat_task(void *arg, int task, int tid) {
+    const struct matmul_job *j = arg;
+    const struct mf_weight *w = j->w;
+    float *tile = j->ex->scratch[tid];   // [ROW_BLOCK, COL_CHUNK]
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    int64_t r0 = task * (int64_t)MF_CPU_ROW_BLOCK;
+    int64_t r1 = r0 + MF_CPU_ROW_BLOCK < n_out ? r0 + MF_CPU_ROW_BLOCK : n_out;
+    for (int t = 0; t < j->n_tok; t++)
+        memset(j->y + t * n_out + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+    for (int64_t c0 = 0; c0 < n_in; c0 += MF_CPU_COL_CHUNK) {
+        int64_t nc = n_in - c0 < MF_CPU_COL_CHUNK ? n_in - c0 : MF_CPU_COL_CHUNK;
+        for (int64_t r = r0; r < r1; r++)
+            mf_cpu_weight_row(j->ex, tile + (r - r0) * nc, w, r, c0, nc);
+        for (int t = 0; t < j->n_tok; t++) {
+            const float *xt = j->x + t * n_in + c0;
+            float *yt = j->y + t * n_out;
+            for (int64_t r = r0; r < r1; r++)
+                yt[r] += j->ex->k->dot(xt, tile + (r - r0) * nc, nc);
+        }
+    }
+}
+
+void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                   const float *x, int n_tok) {
+    if (n_tok <= 0 || w->n_out <= 0)
+        return;
+    struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
+    if (n_tok == 1) {
+        // Enough tasks to balance the threads, few enough to keep the hand-out cheap.
+        j.rows_per_task = 32;
+        int64_t n_task = (w->n_out + j.rows_per_task - 1) / j.rows_per_task;
+        mf_pool_run(ex->pool, matvec_task, &j, (int)n_task);
+        return;
+    }
+    int64_t n_task = (w->n_out + MF_CPU_ROW_BLOCK - 1) / MF_CPU_ROW_BLOCK;
+    mf_pool_run(ex->pool, matmat_task, &j, (int)n_task);
+}
+
+/* ==== matmul_t: y[n_tok, n_in] = x[n_tok, n_out] @ W ====
+ * Each task owns a block of columns of W (= of y) and walks all rows of W in order,
+ * accumulating x[t, o] * W[o, cols] into its slice of y. */
+
+// Columns per task: a multiple of every group size.
+#define T_COLS 256
+
+static void matmul_t_task(void *arg, int task, int tid) {
+    const struct matmul_job *j = arg;
+    const struct mf_weight *w = j->w;
+    float *tmp = j->ex->scratch[tid];   // [T_COLS]
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    int64_t c0 = (int64_t)task * T_COLS;
+    int64_t nc = n_in - c0 < T_COLS ? n_in - c0 : T_COLS;
+    for (int t = 0; t < j->n_tok; t++)
+        memset(j->y + t * n_in + c0, 0, (size_t)nc * sizeof(float));
+    for (int64_t o = 0; o < n_out; o++) {
+        const float *row = tmp;
+        if (w->dtype == MF_DTYPE_F32)
+            row = (const float *)w->w + o * n_in + c0;
+        else
+            mf_cpu_weight_row(j->ex, tmp, w, o, c0, nc);
+        for (int t = 0; t < j->n_tok; t++)
+            j->ex->k->axpy(j->y + t * n_in + c0, j->x[t * n_out + o], row, nc);
+    }
+}
+
+void mf_cpu_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                     const float *x, int n_tok) {
+    if (n_tok <= 0 || w->n_in <= 0)
+        return;
+    struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
+    int64_t n_task = (w->n_in + T_COLS - 1) / T_COLS;
+    mf_pool_run(ex->pool, matmul_t_task, &j, (int)n_task);
+}
+
+/* ==== embed: rows of W, dequantized ==== */
+
+struct embed_job {
+    struct mf_exec *ex;
+    float *y;
+    const struct mf_weight *w;
+    const int32_t *tokens;
+};
+
+static void embed_task(void *arg, int t, int tid) {
+    (void)tid;
+    const struct embed_job *j = arg;
+    float *yt = j->y + (int64_t)t * j->w->n_in;
+    int32_t tok = j->tokens[t];
+    // The core validates tokens; an out-of-range id still must not read outside W.
+    if (tok < 0 || tok >= j->w->n_out) {
+        memset(yt, 0, (size_t)j->w->n_in * sizeof(float));
+        return;
+    }
+    mf_cpu_weight_row(j->ex, yt, j->w, tok, 0, j->w->n_in);
+}
+
+void mf_cpu_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                  const int32_t *tokens_host, int n_tok) {
+    struct embed_job j = {.ex = ex, .y = y, .w = w, .tokens = tokens_host};
+    mf_pool_run(ex->pool, embed_task, &j, n_tok);
+}

@@ -1,0 +1,326 @@
+/*
+ * test_cpu_matmul.c — C-level checks of the CPU backend that Python cannot reach
+ * easily: every kernel set (scalar, AVX2, AVX-512 where the CPU has them) against the
+ * scalar one on the same inputs, the power-of-two code paths against the independent
+ * bit-stream decoder, matvec against the tiled prefill path, odd sizes, thread-count
+ * independence (bitwise), and the thread pool started and stopped many times.
+ * The numerical oracle (mlx) is in tests/test_kernels.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/backend.h"
+#include "backends/cpu/cpu_internal.h"
+
+static int n_fail = 0;
+
+#define CHECK(cond, ...)                                                    \
+    do {                                                                    \
+        if (!(cond)) {                                                      \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);            \
+            fprintf(stderr, __VA_ARGS__);                                   \
+            fprintf(stderr, "\n");                                          \
+            n_fail++;                                                       \
+        }                                                                   \
+    } while (0)
+
+// xorshift: deterministic inputs without global state.
+static uint32_t rnd(uint32_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+    return *s;
+}
+static float rndf(uint32_t *s) { return (float)(rnd(s) >> 8) / 16777216.0f * 2.0f - 1.0f; }
+
+static uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);   // truncation is fine: values are what they are
+}
+
+// A random quantized weight: codes, bf16 or f32 scales/biases.
+struct qw {
+    struct mf_weight w;
+    uint32_t *codes;
+    void *scales, *biases;
+};
+
+static void qw_make(struct qw *q, int64_t n_out, int64_t n_in, int bits, int gs,
+                    enum mf_dtype sdt, uint32_t seed) {
+    uint32_t s = seed;
+    int64_t n_words = n_out * n_in * bits / 32, n_groups = n_out * n_in / gs;
+    q->codes = malloc((size_t)n_words * 4);
+    size_t es = sdt == MF_DTYPE_F32 ? 4 : 2;
+    q->scales = malloc((size_t)n_groups * es);
+    q->biases = malloc((size_t)n_groups * es);
+    for (int64_t i = 0; i < n_words; i++)
+        q->codes[i] = rnd(&s);
+    for (int64_t i = 0; i < n_groups; i++) {
+        float sc = 0.01f + 0.05f * (rndf(&s) + 1.0f), bi = 0.3f * rndf(&s);
+        if (sdt == MF_DTYPE_F32) {
+            ((float *)q->scales)[i] = sc;
+            ((float *)q->biases)[i] = bi;
+        } else {
+            ((uint16_t *)q->scales)[i] = f32_to_bf16(sc);
+            ((uint16_t *)q->biases)[i] = f32_to_bf16(bi);
+        }
+    }
+    q->w = (struct mf_weight){.w = q->codes, .scales = q->scales, .biases = q->biases,
+                              .dtype = MF_DTYPE_U32, .sdtype = sdt, .bits = bits,
+                              .group_size = gs, .n_out = n_out, .n_in = n_in};
+}
+
+static void qw_free(struct qw *q) {
+    free(q->codes);
+    free(q->scales);
+    free(q->biases);
+}
+
+static double max_abs(const float *a, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++)
+        m = fabs(a[i]) > m ? fabs(a[i]) : m;
+    return m;
+}
+
+static double max_diff(const float *a, const float *b, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++)
+        m = fabs((double)a[i] - b[i]) > m ? fabs((double)a[i] - b[i]) : m;
+    return m;
+}
+
+// Reference y = x @ W^T in double from the generic (bit-stream) decoder.
+static void ref_matmul(float *y, const struct mf_weight *w, const float *x, int n_tok) {
+    float *row = malloc((size_t)w->n_in * sizeof(float));
+    for (int64_t r = 0; r < w->n_out; r++) {
+        mf_cpu_dequant_generic(row, w, r, 0, w->n_in);
+        for (int t = 0; t < n_tok; t++) {
+            double acc = 0;
+            for (int64_t c = 0; c < w->n_in; c++)
+                acc += (double)x[t * w->n_in + c] * row[c];
+            y[t * w->n_out + r] = (float)acc;
+        }
+    }
+    free(row);
+}
+
+static const char *const kernel_names[] = {"scalar", "avx2", "avx512"};
+
+static void test_matmul_paths(struct mf_backend *be) {
+    static const int bits_list[] = {2, 3, 4, 5, 6, 8};
+    static const int gs_list[] = {32, 64, 128};
+    static const int n_tok_list[] = {1, 3, 17};
+    char err[256];
+    for (int nt = 1; nt <= 3; nt += 2) {
+        struct mf_exec *ex;
+        int rc = be->ops->exec_new(be, nt, &ex, err, sizeof err);
+        CHECK(rc == MF_OK, "exec_new: %s", err);
+        if (rc)
+            return;
+        for (size_t bi = 0; bi < 6; bi++)
+            for (size_t gi = 0; gi < 3; gi++) {
+                int bits = bits_list[bi], gs = gs_list[gi];
+                // Odd row count, n_in not a multiple of the column chunk.
+                int64_t n_out = 37, n_in = gs * 19;
+                struct qw q;
+                qw_make(&q, n_out, n_in, bits, gs, gi == 1 ? MF_DTYPE_F32 : MF_DTYPE_BF16,
+                        (uint32_t)(1 + bits * 7 + gs));
+                for (size_t ti = 0; ti < 3; ti++) {
+                    int n_tok = n_tok_list[ti];
+                    uint32_t s = 99;
+                    float *x = malloc((size_t)(n_tok * n_in) * sizeof(float));
+                    float *yr = malloc((size_t)(n_tok * n_out) * sizeof(float));
+                    float *y = malloc((size_t)(n_tok * n_out) * sizeof(float));
+                    for (int64_t i = 0; i < n_tok * n_in; i++)
+                        x[i] = rndf(&s);
+                    ref_matmul(yr, &q.w, x, n_tok);
+                    double scale = max_abs(yr, n_tok * n_out);
+                    for (size_t ki = 0; ki < 3; ki++) {
+                        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+                            continue;   // CPU lacks it
+                        be->ops->matmul(ex, y, &q.w, x, n_tok);
+                        double d = max_diff(y, yr, n_tok * n_out);
+                        CHECK(d <= 2e-6 * scale, "matmul %s bits %d gs %d n_tok %d threads "
+                              "%d: max diff %g (scale %g)", kernel_names[ki], bits, gs,
+                              n_tok, nt, d, scale);
+                    }
+                    free(x);
+                    free(yr);
+                    free(y);
+                }
+                qw_free(&q);
+            }
+        be->ops->exec_free(ex);
+    }
+}
+
+// Power-of-two dequant of every kernel set against the bit-stream decoder: bitwise.
+static void test_dequant_bitwise(struct mf_backend *be) {
+    char err[256];
+    struct mf_exec *ex;
+    if (be->ops->exec_new(be, 1, &ex, err, sizeof err)) {
+        CHECK(0, "exec_new: %s", err);
+        return;
+    }
+    static const int bits_list[] = {2, 4, 8};
+    for (int bi = 0; bi < 3; bi++)
+        for (int gs = 32; gs <= 128; gs *= 2) {
+            struct qw q;
+            int64_t n_in = gs * 5;
+            qw_make(&q, 3, n_in, bits_list[bi], gs, MF_DTYPE_BF16, (uint32_t)(7 + gs));
+            float *a = malloc((size_t)n_in * sizeof(float));
+            float *b = malloc((size_t)n_in * sizeof(float));
+            for (size_t ki = 0; ki < 3; ki++) {
+                if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+                    continue;
+                for (int64_t r = 0; r < 3; r++) {
+                    mf_cpu_dequant_generic(a, &q.w, r, gs, n_in - gs);
+                    ex->k->dequant_pow2(b, &q.w, r, gs, n_in - gs);
+                    CHECK(memcmp(a, b, (size_t)(n_in - gs) * sizeof(float)) == 0,
+                          "dequant %s bits %d gs %d row %lld differs", kernel_names[ki],
+                          bits_list[bi], gs, (long long)r);
+                }
+            }
+            free(a);
+            free(b);
+            qw_free(&q);
+        }
+    be->ops->exec_free(ex);
+}
+
+// Kernel-level dot/axpy at odd lengths, all sets against scalar.
+static void test_dot_axpy(void) {
+    uint32_t s = 5;
+    float a[301], b[301], y0[301], y1[301];
+    for (int i = 0; i < 301; i++) {
+        a[i] = rndf(&s);
+        b[i] = rndf(&s);
+    }
+    for (size_t ki = 1; ki < 3; ki++) {
+        const struct mf_cpu_kernels *k = mf_cpu_kernels_find(kernel_names[ki]);
+        if (!k)
+            continue;
+        for (int n = 0; n <= 301; n += 7) {
+            float d0 = mf_cpu_kernels_scalar.dot(a, b, n), d1 = k->dot(a, b, n);
+            CHECK(fabsf(d0 - d1) <= 1e-5f * (1.0f + fabsf(d0)), "dot %s n %d: %g vs %g",
+                  k->name, n, d0, d1);
+            memcpy(y0, b, sizeof y0);
+            memcpy(y1, b, sizeof y1);
+            mf_cpu_kernels_scalar.axpy(y0, 0.7f, a, n);
+            k->axpy(y1, 0.7f, a, n);
+            CHECK(max_diff(y0, y1, 301) <= 1e-6, "axpy %s n %d", k->name, n);
+        }
+    }
+}
+
+// Bitwise equality of results across thread counts, for every op that threads.
+static void test_thread_independence(struct mf_backend *be) {
+    char err[256];
+    struct qw q;
+    const int n_tok = 5;
+    qw_make(&q, 301, 1024, 4, 64, MF_DTYPE_BF16, 3);
+    uint32_t s = 11;
+    float *x = malloc((size_t)n_tok * 1024 * sizeof(float));
+    for (int i = 0; i < n_tok * 1024; i++)
+        x[i] = rndf(&s);
+    // A KV cache of 606 positions x [k(64) | v(64)] for 2 kv heads interleaved.
+    float *cache = malloc((size_t)606 * 256 * sizeof(float));
+    for (int i = 0; i < 606 * 256; i++)
+        cache[i] = rndf(&s);
+    float *y[2], *yt[2], *att[2];
+    for (int v = 0; v < 2; v++) {
+        int nt = v == 0 ? 1 : 4;
+        struct mf_exec *ex;
+        if (be->ops->exec_new(be, nt, &ex, err, sizeof err)) {
+            CHECK(0, "exec_new: %s", err);
+            return;
+        }
+        y[v] = malloc((size_t)n_tok * 301 * sizeof(float));
+        yt[v] = malloc((size_t)n_tok * 1024 * sizeof(float));
+        att[v] = malloc((size_t)n_tok * 8 * 64 * sizeof(float));
+        be->ops->matmul(ex, y[v], &q.w, x, n_tok);
+        // matmul_t with x [n_tok, 301]: reuse x's first values.
+        be->ops->matmul_t(ex, yt[v], &q.w, x, n_tok);
+        // attention: 8 heads over 2 kv heads, dk = dv = 64, over 601..605 keys (more
+        // than one online-softmax chunk).
+        be->ops->attention(ex, att[v], x, cache, cache + 128, n_tok, 8, 2, 64, 64, 256,
+                           256, 600, 0.125f);
+        be->ops->exec_free(ex);
+    }
+    CHECK(memcmp(y[0], y[1], (size_t)n_tok * 301 * sizeof(float)) == 0,
+          "matmul differs between 1 and 4 threads");
+    CHECK(memcmp(yt[0], yt[1], (size_t)n_tok * 1024 * sizeof(float)) == 0,
+          "matmul_t differs between 1 and 4 threads");
+    CHECK(memcmp(att[0], att[1], (size_t)n_tok * 8 * 64 * sizeof(float)) == 0,
+          "attention differs between 1 and 4 threads");
+    for (int v = 0; v < 2; v++) {
+        free(y[v]);
+        free(yt[v]);
+        free(att[v]);
+    }
+    free(cache);
+    free(x);
+    qw_free(&q);
+}
+
+struct count_arg {
+    int *hits;
+};
+
+static void count_fn(void *arg, int i) {
+    struct count_arg *a = arg;
+    a->hits[i]++;   // each index is run by exactly one thread
+}
+
+static void test_pool_lifecycle(struct mf_backend *be) {
+    char err[256];
+    int hits[1000];
+    for (int round = 0; round < 200; round++) {
+        struct mf_exec *ex;
+        int nt = 1 + round % 5;
+        if (be->ops->exec_new(be, nt, &ex, err, sizeof err)) {
+            CHECK(0, "exec_new round %d: %s", round, err);
+            return;
+        }
+        memset(hits, 0, sizeof hits);
+        struct count_arg a = {.hits = hits};
+        int n = 1 + (round * 37) % 1000;
+        for (int rep = 0; rep < 3; rep++)
+            be->ops->parallel_for(ex, count_fn, &a, n);
+        int ok = 1;
+        for (int i = 0; i < 1000; i++)
+            ok &= hits[i] == (i < n ? 3 : 0);
+        CHECK(ok, "parallel_for round %d (threads %d, tasks %d) ran tasks wrong", round, nt,
+              n);
+        be->ops->exec_free(ex);
+    }
+}
+
+int main(void) {
+    char err[256];
+    struct mf_backend *be;
+    if (mf_backend_new(&be, "cpu", err, sizeof err) != MF_OK) {
+        fprintf(stderr, "FAIL backend: %s\n", err);
+        return 1;
+    }
+    CHECK(mf_backend_new(&(struct mf_backend *){NULL}, "cuda", err, sizeof err) ==
+              MF_ERR_BACKEND, "cuda should be MF_ERR_BACKEND");
+    printf("best kernels: %s\n", mf_cpu_kernels_best()->name);
+    test_dot_axpy();
+    test_dequant_bitwise(be);
+    test_matmul_paths(be);
+    test_thread_independence(be);
+    test_pool_lifecycle(be);
+    be->ops->free(be);
+    if (n_fail) {
+        fprintf(stderr, "%d failures\n", n_fail);
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
