@@ -1,0 +1,872 @@
+"""Synthetic checkpoints in the exact layout of mlx-community MLX uploads.
+
+Tests and demos need models of every supported architecture without downloading
+weights. This module writes them: sharded ``model*.safetensors`` files with
+``__metadata__ {"format": "mlx"}``, ``model.safetensors.index.json``, ``config.json``
+with the ``quantization`` block (and its ``quantization_config`` copy) exactly as
+mlx-lm's ``quantize_model`` + ``save_config`` write them, and a small working byte-level
+BPE ``tokenizer.json`` + ``tokenizer_config.json``.
+
+Tensor names, shapes and dtypes follow what mlx-lm's own model classes produce after
+``quantize_model`` (tests/test_synth.py proves equality, architecture by architecture):
+quantized modules are ``weight`` U32 + ``scales``/``biases`` BF16, stacked experts get a
+leading ``[E]``, MLA per-head matrices a leading ``[H]``; norms, conv1d, dt_bias and the
+DeepSeek router are BF16; ``A_log`` (qwen3_5_moe) and ``e_score_correction_bias``
+(deepseek_v3) stay F32 because mlx-lm's ``cast_predicate`` keeps them so.
+
+Weights are generated directly in quantized form: random code words (uniform codes for
+any bit width, since every bit pattern is a valid packing) and per-group scales/biases
+chosen so the dequantized matrix has zero mean and standard deviation
+``gain / sqrt(n_in)``. Every tensor is produced piece by piece (an expert slice or a
+block of rows) from a generator seeded by (seed, tensor name, piece index), so output is
+deterministic and memory stays bounded whatever the checkpoint size.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from moeflux.errors import MoefluxError
+from moeflux.prep.safetensors_io import DTYPE_SIZES, SafetensorsWriter, f32_to_bf16
+
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
+VALID_BITS = (2, 3, 4, 5, 6, 8)
+VALID_GROUP_SIZES = (32, 64, 128)
+# Generation works on pieces of about this many bytes: large enough for numpy to be
+# efficient, small enough that peak memory is a few tens of MB whatever the model.
+PIECE_BYTES = 8 << 20
+# Special tokens sit right after the 256 byte tokens so their ids never depend on how
+# many merges fit into vocab_size.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BOS_ID, EOS_ID = 256, 258
+SYNTH_KEY = "_synth"  # private options carried in a tiny_config dict, never written
+
+# Standard deviation multipliers (std = gain / sqrt(n_in)). Routers get a larger gain
+# so the k-th and (k+1)-th expert are usually well apart: a near-tie would let rounding
+# noise flip the choice between two implementations and make comparisons flaky.
+GAIN_DEFAULT = 1.0
+GAIN_ROUTER = 2.0
+GAIN_LM_HEAD = 2.0
+
+
+class SynthError(MoefluxError, ValueError):
+    """A synthetic-checkpoint request is inconsistent (bad arch, dims or option)."""
+
+
+# ==== Configs ====
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Per-layer shapes of Qwen3.6-35B-A3B (model-math §2.1, reference-system §3.1):
+    # 40 layers make the real model's ~20 GB; --layers picks fewer or more.
+    "qwen36-35b-a3b-shapes": ("qwen3_5_moe", {
+        "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "head_dim": 256, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "num_experts": 256, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+        "vocab_size": 248320, "max_position_embeddings": 262144,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                            "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    }),
+}
+
+
+def _base_text_qwen35() -> dict[str, Any]:
+    return {
+        "model_type": "qwen3_5_moe_text", "hidden_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "rms_norm_eps": 1e-6, "vocab_size": 512, "max_position_embeddings": 4096,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+        "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64, "attn_output_gate": True,
+        "attention_bias": False, "tie_word_embeddings": False,
+        "mtp_num_hidden_layers": 0, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        # rotary dims = 64 * 0.25 = 16 -> mrope sections sum to 8 (unused for text).
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                            "partial_rotary_factor": 0.25, "mrope_section": [3, 3, 2],
+                            "mrope_interleaved": True},
+    }
+
+
+def _base_qwen3_next() -> dict[str, Any]:
+    return {
+        "model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"],
+        "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+        "linear_conv_kernel_dim": 4, "num_experts": 8, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1, "shared_expert_intermediate_size": 64,
+        "mlp_only_layers": [], "moe_intermediate_size": 64, "rms_norm_eps": 1e-6,
+        "vocab_size": 512, "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+        "max_position_embeddings": 4096, "norm_topk_prob": True,
+        "tie_word_embeddings": False, "attention_bias": False, "rope_scaling": None,
+        "full_attention_interval": 4, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    }
+
+
+def _base_deepseek_v3() -> dict[str, Any]:
+    return {
+        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+        "vocab_size": 512, "hidden_size": 256, "intermediate_size": 128,
+        "moe_intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 8,
+        "routed_scaling_factor": 2.5, "kv_lora_rank": 64, "q_lora_rank": 64,
+        "qk_rope_head_dim": 32, "v_head_dim": 64, "qk_nope_head_dim": 64,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+        "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2, "moe_layer_freq": 1,
+        "first_k_dense_replace": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        # YaRN as in DeepSeek-V3; max_position_embeddings = factor * original (HF parity).
+        "max_position_embeddings": 163840,
+        "rope_scaling": {"type": "yarn", "factor": 40.0,
+                         "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "attention_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    }
+
+
+def _base_qwen3_moe() -> dict[str, Any]:
+    return {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "moe_intermediate_size": 64, "rms_norm_eps": 1e-6,
+        "vocab_size": 512, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "max_position_embeddings": 4096, "norm_topk_prob": True,
+        "attention_bias": False, "rope_scaling": None,
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    }
+
+
+def tiny_config(arch: str, **overrides: Any) -> dict:
+    """A complete config.json dict (quantization block included) for a tiny ``arch``.
+
+    ``overrides`` sets any config key (for qwen3_5_moe inside ``text_config``) plus the
+    pseudo-keys ``bits`` (4), ``group_size`` (64), ``gate_bits`` (bits of the router /
+    shared_expert_gate override entries; 8 for the Qwen families, None = no entries),
+    ``gate_group_size`` (64, as mlx-lm's predicates) and ``mla_form`` ("embed_q" or
+    "kv_b_proj", deepseek_v3 only). Derived keys (``layer_types``, the quantization
+    block) are recomputed after the overrides.
+    """
+    if arch not in ARCHITECTURES:
+        raise SynthError(f"unknown architecture {arch!r}; expected one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    ov = dict(overrides)
+    bits = int(ov.pop("bits", 4))
+    group_size = int(ov.pop("group_size", 64))
+    gate_bits = ov.pop("gate_bits", None if arch == "deepseek_v3" else 8)
+    gate_group_size = int(ov.pop("gate_group_size", 64))
+    mla_form = ov.pop("mla_form", "embed_q")
+    if bits not in VALID_BITS:
+        raise SynthError(f"bits={bits}: MLX affine quantization allows {VALID_BITS}")
+    if group_size not in VALID_GROUP_SIZES:
+        raise SynthError(f"group_size={group_size}: allowed {VALID_GROUP_SIZES}")
+    if gate_bits is not None:
+        if arch == "deepseek_v3":
+            raise SynthError("gate_bits: the deepseek_v3 router is a float tensor, "
+                             "never quantized; pass gate_bits=None")
+        if int(gate_bits) not in VALID_BITS:
+            raise SynthError(f"gate_bits={gate_bits}: allowed {VALID_BITS}")
+        gate_bits = int(gate_bits)
+    if mla_form not in ("embed_q", "kv_b_proj"):
+        raise SynthError(f"mla_form={mla_form!r}: expected 'embed_q' or 'kv_b_proj'")
+    if arch != "deepseek_v3" and "mla_form" in overrides:
+        raise SynthError("mla_form applies to deepseek_v3 only")
+
+    if arch == "qwen3_5_moe":
+        text = _base_text_qwen35()
+        explicit_types = "layer_types" in ov
+        text.update(copy.deepcopy(ov))
+        if not explicit_types:
+            text["layer_types"] = _layer_types(text)
+        cfg: dict[str, Any] = {
+            "model_type": "qwen3_5_moe",
+            "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+            "tie_word_embeddings": text["tie_word_embeddings"],
+            "bos_token_id": text.get("bos_token_id", BOS_ID),
+            "eos_token_id": text.get("eos_token_id", EOS_ID),
+            "text_config": text,
+        }
+    else:
+        cfg = {"qwen3_next": _base_qwen3_next, "deepseek_v3": _base_deepseek_v3,
+               "qwen3_moe": _base_qwen3_moe}[arch]()
+        explicit_types = "layer_types" in ov
+        cfg.update(copy.deepcopy(ov))
+        if arch == "qwen3_next" and not explicit_types:
+            cfg["layer_types"] = _layer_types(cfg)
+        if arch == "deepseek_v3":
+            cfg[SYNTH_KEY] = {"mla_form": mla_form}
+
+    quant: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    if gate_bits is not None:
+        for mod in _modules(cfg):
+            if isinstance(mod, _Linear) and mod.is_gate and mod.n_in % group_size == 0:
+                # mlx-lm's quant_predicate returns exactly these two keys (no "mode").
+                quant[mod.path] = {"group_size": gate_group_size, "bits": gate_bits}
+    cfg["quantization"] = quant
+    cfg["quantization_config"] = copy.deepcopy(quant)
+    return cfg
+
+
+def _layer_types(text: dict[str, Any]) -> list[str]:
+    """HF's layer_types list, consistent with mlx-lm's full_attention_interval rule."""
+    interval = int(text.get("full_attention_interval", 4))
+    return ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(int(text["num_hidden_layers"]))]
+
+
+# ==== Module plan ====
+
+@dataclass(frozen=True)
+class _Linear:
+    """A Linear/Embedding/SwitchLinear/MultiLinear: float [lead, out, in], maybe
+    quantized. ``lead`` is the stacked-expert or per-head count (0 = none)."""
+
+    path: str
+    n_out: int
+    n_in: int
+    lead: int = 0
+    gain: float = GAIN_DEFAULT
+    is_gate: bool = False  # target of the 8-bit router override predicates
+
+
+@dataclass(frozen=True)
+class _Float:
+    """A plain float parameter and how to fill it."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "norm" | "normal" | "a_log" | "dt_bias" | "corr_bias"
+    dtype: str = "BF16"
+    std: float = 1.0
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg["text_config"] if "text_config" in cfg else cfg
+
+
+def _modules(cfg: dict[str, Any]) -> list[_Linear | _Float]:
+    """Every parameter-bearing module of the model, in mlx-lm's module-tree order."""
+    arch = cfg["model_type"]
+    if arch not in ARCHITECTURES:
+        raise SynthError(f"config model_type {arch!r} is not one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    t = _text_config(cfg)
+    if t.get("attention_bias"):
+        raise SynthError("attention_bias=true is not supported by synth")
+    prefix = "language_model." if arch == "qwen3_5_moe" else ""
+    hid, vocab = int(t["hidden_size"]), int(t["vocab_size"])
+    mods: list[_Linear | _Float] = [_Linear(f"{prefix}model.embed_tokens", vocab, hid)]
+    for il in range(int(t["num_hidden_layers"])):
+        lp = f"{prefix}model.layers.{il}"
+        if arch in ("qwen3_5_moe", "qwen3_next"):
+            mods += _qwen_hybrid_layer(arch, t, il, lp)
+        elif arch == "qwen3_moe":
+            mods += _qwen_attention(t, lp, gated=False)
+            mods += _norms(lp, hid)
+            mods += _qwen_moe_mlp(arch, t, il, lp)
+        else:
+            mods += _mla_attention(cfg, lp)
+            mods += _norms(lp, hid)
+            mods += _deepseek_mlp(t, il, lp)
+    mods.append(_Float(f"{prefix}model.norm.weight", (hid,), "norm"))
+    if arch == "deepseek_v3" or not t.get("tie_word_embeddings", False):
+        mods.append(_Linear(f"{prefix}lm_head", vocab, hid, gain=GAIN_LM_HEAD))
+    return mods
+
+
+def _norms(lp: str, hid: int) -> list[_Linear | _Float]:
+    return [_Float(f"{lp}.input_layernorm.weight", (hid,), "norm"),
+            _Float(f"{lp}.post_attention_layernorm.weight", (hid,), "norm")]
+
+
+def _qwen_hybrid_layer(arch: str, t: dict, il: int, lp: str) -> list[_Linear | _Float]:
+    hid = int(t["hidden_size"])
+    interval = int(t.get("full_attention_interval", 4))
+    mods: list[_Linear | _Float] = []
+    if (il + 1) % interval != 0:
+        nk, nv = int(t["linear_num_key_heads"]), int(t["linear_num_value_heads"])
+        dk, dv = int(t["linear_key_head_dim"]), int(t["linear_value_head_dim"])
+        ksz = int(t["linear_conv_kernel_dim"])
+        conv_dim = 2 * nk * dk + nv * dv
+        la = f"{lp}.linear_attn"
+        # Each conv output sums ksz taps: std 1/sqrt(ksz) keeps it at unit scale.
+        mods.append(_Float(f"{la}.conv1d.weight", (conv_dim, ksz, 1), "normal",
+                           std=1.0 / math.sqrt(ksz)))
+        if arch == "qwen3_5_moe":
+            mods += [_Linear(f"{la}.in_proj_qkv", conv_dim, hid),
+                     _Linear(f"{la}.in_proj_z", nv * dv, hid),
+                     _Linear(f"{la}.in_proj_b", nv, hid),
+                     _Linear(f"{la}.in_proj_a", nv, hid)]
+        else:
+            mods += [_Linear(f"{la}.in_proj_qkvz", 2 * nk * dk + 2 * nv * dv, hid),
+                     _Linear(f"{la}.in_proj_ba", 2 * nv, hid)]
+        # mlx-lm's qwen3_5 cast_predicate keeps A_log in f32; qwen3_next has none.
+        mods += [_Float(f"{la}.dt_bias", (nv,), "dt_bias"),
+                 _Float(f"{la}.A_log", (nv,), "a_log",
+                        dtype="F32" if arch == "qwen3_5_moe" else "BF16"),
+                 _Float(f"{la}.norm.weight", (dv,), "norm"),
+                 _Linear(f"{la}.out_proj", hid, nv * dv)]
+    else:
+        mods += _qwen_attention(t, lp, gated=True)
+    mods += _norms(lp, hid)
+    mods += _qwen_moe_mlp(arch, t, il, lp)
+    return mods
+
+
+def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
+    hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
+                                         "num_key_value_heads"))
+    hd = int(t.get("head_dim") or hid // nh)
+    sa = f"{lp}.self_attn"
+    # Gated attention: q_proj holds query and output gate per head ([h][q | gate]).
+    return [_Linear(f"{sa}.q_proj", nh * hd * (2 if gated else 1), hid),
+            _Linear(f"{sa}.k_proj", nkv * hd, hid),
+            _Linear(f"{sa}.v_proj", nkv * hd, hid),
+            _Linear(f"{sa}.o_proj", hid, nh * hd),
+            _Float(f"{sa}.q_norm.weight", (hd,), "norm"),
+            _Float(f"{sa}.k_norm.weight", (hd,), "norm")]
+
+
+def _dense_mlp(path: str, hid: int, inter: int) -> list[_Linear | _Float]:
+    return [_Linear(f"{path}.gate_proj", inter, hid),
+            _Linear(f"{path}.up_proj", inter, hid),
+            _Linear(f"{path}.down_proj", hid, inter)]
+
+
+def _switch_mlp(path: str, hid: int, inter: int, n_exp: int) -> list[_Linear | _Float]:
+    return [_Linear(f"{path}.gate_proj", inter, hid, lead=n_exp),
+            _Linear(f"{path}.up_proj", inter, hid, lead=n_exp),
+            _Linear(f"{path}.down_proj", hid, inter, lead=n_exp)]
+
+
+def _qwen_moe_mlp(arch: str, t: dict, il: int, lp: str) -> list[_Linear | _Float]:
+    hid, n_exp = int(t["hidden_size"]), int(t.get("num_experts", 0))
+    shared = arch != "qwen3_moe"  # the hybrids add a gated shared expert
+    if arch == "qwen3_5_moe":
+        is_moe = n_exp > 0  # qwen3_5: every layer, no mlp_only_layers/sparse step
+    else:
+        step = int(t.get("decoder_sparse_step", 1))
+        is_moe = (il not in t.get("mlp_only_layers", []) and n_exp > 0
+                  and (il + 1) % step == 0)
+    mp = f"{lp}.mlp"
+    if not is_moe:
+        return _dense_mlp(mp, hid, int(t["intermediate_size"]))
+    mods: list[_Linear | _Float] = [
+        _Linear(f"{mp}.gate", n_exp, hid, gain=GAIN_ROUTER, is_gate=True)]
+    mods += _switch_mlp(f"{mp}.switch_mlp", hid, int(t["moe_intermediate_size"]), n_exp)
+    if shared:
+        mods += _dense_mlp(f"{mp}.shared_expert", hid,
+                           int(t["shared_expert_intermediate_size"]))
+        mods.append(_Linear(f"{mp}.shared_expert_gate", 1, hid, is_gate=True))
+    return mods
+
+
+def _mla_attention(cfg: dict, lp: str) -> list[_Linear | _Float]:
+    hid, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    nope, rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
+    vd, kv_lora = int(cfg["v_head_dim"]), int(cfg["kv_lora_rank"])
+    q_lora = cfg.get("q_lora_rank")
+    form = cfg.get(SYNTH_KEY, {}).get("mla_form", "embed_q")
+    sa = f"{lp}.self_attn"
+    mods: list[_Linear | _Float] = []
+    if q_lora is None:
+        mods.append(_Linear(f"{sa}.q_proj", nh * (nope + rope), hid))
+    else:
+        mods += [_Linear(f"{sa}.q_a_proj", int(q_lora), hid),
+                 _Float(f"{sa}.q_a_layernorm.weight", (int(q_lora),), "norm"),
+                 _Linear(f"{sa}.q_b_proj", nh * (nope + rope), int(q_lora))]
+    mods += [_Linear(f"{sa}.kv_a_proj_with_mqa", kv_lora + rope, hid),
+             _Float(f"{sa}.kv_a_layernorm.weight", (kv_lora,), "norm")]
+    if form == "kv_b_proj":
+        # Older mlx-lm conversions: rows [h][k_nope(nope) | v(vd)] over the latent.
+        mods.append(_Linear(f"{sa}.kv_b_proj", nh * (nope + vd), kv_lora))
+    else:
+        # mlx-lm >= 0.30.6: the same matrix split per head, K part transposed.
+        mods += [_Linear(f"{sa}.embed_q", kv_lora, nope, lead=nh),
+                 _Linear(f"{sa}.unembed_out", vd, kv_lora, lead=nh)]
+    mods.append(_Linear(f"{sa}.o_proj", hid, nh * vd))
+    return mods
+
+
+def _deepseek_mlp(t: dict, il: int, lp: str) -> list[_Linear | _Float]:
+    hid, n_exp = int(t["hidden_size"]), t.get("n_routed_experts")
+    mp = f"{lp}.mlp"
+    if not (n_exp is not None and il >= int(t.get("first_k_dense_replace", 0))
+            and il % int(t.get("moe_layer_freq", 1)) == 0):
+        return _dense_mlp(mp, hid, int(t["intermediate_size"]))
+    inter = int(t["moe_intermediate_size"])
+    mods = _switch_mlp(f"{mp}.switch_mlp", hid, inter, int(n_exp))
+    # Router: plain float module (not quantizable); correction bias kept f32 by
+    # mlx-lm's deepseek cast_predicate.
+    mods += [_Float(f"{mp}.gate.weight", (int(n_exp), hid), "normal",
+                    std=GAIN_ROUTER / math.sqrt(hid)),
+             _Float(f"{mp}.gate.e_score_correction_bias", (int(n_exp),), "corr_bias",
+                    dtype="F32")]
+    if t.get("n_shared_experts") is not None:
+        mods += _dense_mlp(f"{mp}.shared_experts", hid,
+                           inter * int(t["n_shared_experts"]))
+    return mods
+
+
+# ==== Tensor plan ====
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: name, dtype, shape, and a factory of its byte pieces."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: Callable[[], Iterator[bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _quant_params(quant: dict | None, mod: _Linear) -> tuple[int, int] | None:
+    """(bits, group_size) of a module, or None for float: the same rule as mlx-lm's
+    quantize_model (default params only when n_in divides by the default group size)
+    followed by its per-path overrides."""
+    if quant is None:
+        return None
+    entry = quant.get(mod.path)
+    if entry is False:
+        return None
+    if mod.n_in % int(quant["group_size"]) != 0:
+        return None
+    if isinstance(entry, dict):
+        bits, gs = int(entry["bits"]), int(entry["group_size"])
+        mode = entry.get("mode", "affine")
+    else:
+        bits, gs = int(quant["bits"]), int(quant["group_size"])
+        mode = quant.get("mode", "affine")
+    if mode != "affine":
+        raise SynthError(f"{mod.path}: quantization mode {mode!r}; synth writes "
+                         "affine only")
+    if bits not in VALID_BITS or gs not in VALID_GROUP_SIZES:
+        raise SynthError(f"{mod.path}: bits {bits} / group_size {gs} not allowed")
+    if mod.n_in % gs != 0:
+        raise SynthError(f"{mod.path}: in_features {mod.n_in} is not a multiple of "
+                         f"its group_size {gs}")
+    return bits, gs
+
+
+def _tensor_plan(cfg: dict, seed: int) -> list[_Tensor]:
+    quant = cfg.get("quantization")
+    out: list[_Tensor] = []
+    for mod in _modules(cfg):
+        if isinstance(mod, _Float):
+            out.append(_Tensor(mod.name, mod.dtype, mod.shape,
+                               _float_pieces(mod, seed)))
+            continue
+        lead = (mod.lead,) if mod.lead else ()
+        qp = _quant_params(quant, mod)
+        if qp is None:
+            out.append(_Tensor(f"{mod.path}.weight", "BF16",
+                               lead + (mod.n_out, mod.n_in),
+                               _float_linear_pieces(mod, seed)))
+            continue
+        bits, gs = qp
+        out.append(_Tensor(f"{mod.path}.weight", "U32",
+                           lead + (mod.n_out, mod.n_in * bits // 32),
+                           _code_pieces(mod, bits, seed)))
+        for part in ("scales", "biases"):
+            out.append(_Tensor(f"{mod.path}.{part}", "BF16",
+                               lead + (mod.n_out, mod.n_in // gs),
+                               _affine_pieces(mod, bits, gs, seed, part)))
+    return out
+
+
+def _rng(seed: int, name: str, *idx: int) -> np.random.Generator:
+    """Generator for one piece of one tensor: independent of write order."""
+    return np.random.default_rng(
+        np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(name.encode())] +
+                               [int(i) for i in idx]))
+
+
+def _row_blocks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """(block index, first row, row count): fixed by the shape alone, so the random
+    stream of each block does not depend on anything but the tensor."""
+    per = max(1, PIECE_BYTES // max(1, row_bytes))
+    for ib, r0 in enumerate(range(0, n_rows, per)):
+        yield ib, r0, min(per, n_rows - r0)
+
+
+def _code_pieces(mod: _Linear, bits: int, seed: int) -> Callable[[], Iterator[bytes]]:
+    words = mod.n_in * bits // 32
+
+    def gen() -> Iterator[bytes]:
+        for il in range(max(1, mod.lead)):
+            for ib, _, n in _row_blocks(mod.n_out, words * 4):
+                # Random bits are a valid packing for every bit width (2..8, stream
+                # or word packed), and give codes uniform over [0, 2^bits).
+                yield _rng(seed, mod.path + ".weight", il, ib).bytes(n * words * 4)
+    return gen
+
+
+def _affine_pieces(mod: _Linear, bits: int, gs: int, seed: int,
+                   part: str) -> Callable[[], Iterator[bytes]]:
+    groups = mod.n_in // gs
+    n_levels = (1 << bits) - 1
+    # Codes uniform on {0..n}: variance ((n+1)^2 - 1) / 12. Pick |scale| so the
+    # dequantized value s*q + b has std gain/sqrt(n_in) and b = -s*n/2 centres it.
+    code_std = math.sqrt(((n_levels + 1) ** 2 - 1) / 12.0)
+    target = mod.gain / math.sqrt(mod.n_in)
+    base = target / code_std
+
+    def gen() -> Iterator[bytes]:
+        for il in range(max(1, mod.lead)):
+            for ib, _, n in _row_blocks(mod.n_out, groups * 4):
+                # scales and biases come from the same stream, drawn twice, so each
+                # is written alone yet the pair stays consistent.
+                r = _rng(seed, mod.path + ".affine", il, ib)
+                mag = base * r.uniform(0.75, 1.25, size=(n, groups))
+                sign = np.where(r.random(size=(n, groups)) < 0.5, -1.0, 1.0)
+                jitter = r.normal(0.0, 0.05 * target, size=(n, groups))
+                scales = (mag * sign).astype(np.float32)
+                if part == "scales":
+                    yield f32_to_bf16(scales).tobytes()
+                else:
+                    biases = (-scales * (n_levels / 2.0) + jitter).astype(np.float32)
+                    yield f32_to_bf16(biases).tobytes()
+    return gen
+
+
+def _float_linear_pieces(mod: _Linear, seed: int) -> Callable[[], Iterator[bytes]]:
+    std = mod.gain / math.sqrt(mod.n_in)
+
+    def gen() -> Iterator[bytes]:
+        for il in range(max(1, mod.lead)):
+            for ib, _, n in _row_blocks(mod.n_out, mod.n_in * 4):
+                r = _rng(seed, mod.path + ".weight", il, ib)
+                w = r.normal(0.0, std, size=(n, mod.n_in)).astype(np.float32)
+                yield f32_to_bf16(w).tobytes()
+    return gen
+
+
+def _float_pieces(mod: _Float, seed: int) -> Callable[[], Iterator[bytes]]:
+    rows = mod.shape[0]
+    cols = int(np.prod(mod.shape[1:])) if len(mod.shape) > 1 else 1
+
+    def gen() -> Iterator[bytes]:
+        for ib, _, n in _row_blocks(rows, cols * 4):
+            r = _rng(seed, mod.name, ib)
+            size = (n, cols) if len(mod.shape) > 1 else (n,)
+            if mod.init == "norm":
+                # Never all ones: a missing or extra "+1" must change the output.
+                x = r.uniform(0.5, 1.5, size=size)
+            elif mod.init == "normal":
+                x = r.normal(0.0, mod.std, size=size)
+            elif mod.init == "a_log":
+                x = np.log(r.uniform(1.0, 16.0, size=size))  # as HF's A init
+            elif mod.init == "dt_bias":
+                # softplus(a + dt_bias) mostly in 0.05..1: decays exp(-A*dt) spread
+                # over (0, 1), so the recurrent state matters for several tokens.
+                x = r.uniform(-3.0, 0.0, size=size)
+            elif mod.init == "corr_bias":
+                mag = r.uniform(0.02, 0.2, size=size)
+                x = mag * np.where(r.random(size=size) < 0.5, -1.0, 1.0)
+            else:
+                raise AssertionError(mod.init)
+            x = x.astype(np.float32)
+            yield (x.tobytes() if mod.dtype == "F32" else f32_to_bf16(x).tobytes())
+    return gen
+
+
+def _total_parameters(cfg: dict) -> int:
+    """mlx-lm's get_total_parameters: quantized modules count their unpacked weight,
+    scales and biases not included; float modules count every element."""
+    n = 0
+    for mod in _modules(cfg):
+        if isinstance(mod, _Float):
+            n += int(np.prod(mod.shape))
+        else:
+            n += max(1, mod.lead) * mod.n_out * mod.n_in
+    return n
+
+
+# ==== Writing ====
+
+def write_checkpoint(out_dir: str | os.PathLike, config: dict, *, seed: int = 0,
+                     max_shard_bytes: int = 5 * 10**9,
+                     progress: bool = False) -> Path:
+    """Write the checkpoint for ``config`` into ``out_dir`` and return its path.
+
+    ``config`` is a tiny_config() dict or any consistent config of a supported
+    architecture (no ``quantization`` block = unquantized BF16 model). Deterministic
+    by ``seed``. Shards at ``max_shard_bytes`` the way mlx-lm's save_model does (a
+    tensor larger than the limit gets a shard of its own). Streams tensor by tensor,
+    piece by piece. Existing files of the same names are replaced.
+    """
+    out = Path(out_dir)
+    cfg = copy.deepcopy(config)
+    cfg.pop(SYNTH_KEY, None)
+    plan = _tensor_plan(config, seed)
+    if "quantization" in cfg:
+        cfg["quantization_config"] = copy.deepcopy(cfg["quantization"])
+    vocab = int(_text_config(cfg)["vocab_size"])
+    tokenizer = build_tokenizer_json(vocab)  # fails early on a too-small vocab
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("model*.safetensors"):
+        old.unlink()  # a previous, differently sharded write must not be globbed
+
+    shards: list[list[_Tensor]] = []
+    size = 0
+    for t in plan:
+        if not shards or size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    total = sum(t.nbytes for t in plan)
+    bar = _progress_bar(total) if progress else None
+    weight_map: dict[str, str] = {}
+    try:
+        for i, shard in enumerate(shards):
+            fname = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                     if len(shards) > 1 else "model.safetensors")
+            _write_shard(out / fname, shard, bar)
+            weight_map.update({t.name: fname for t in shard})
+    finally:
+        if bar is not None:
+            bar.close()
+    index = {"metadata": {"total_size": total,
+                          "total_parameters": _total_parameters(config)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=4))
+    _write_text(out / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
+    _write_text(out / "tokenizer_config.json",
+                json.dumps(_tokenizer_config(cfg), indent=2))
+    # config.json last: its presence marks a complete checkpoint.
+    _write_text(out / "config.json", json.dumps(dict(sorted(cfg.items())), indent=4))
+    return out
+
+
+def _write_shard(path: Path, tensors: list[_Tensor], bar: Any) -> None:
+    writer = SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in tensors],
+                               metadata={"format": "mlx"})
+    try:
+        for t in tensors:
+            for piece in t.pieces():
+                writer.write(t.name, piece)
+                if bar is not None:
+                    bar.update(len(piece))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _progress_bar(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar, same output
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="synth")
+
+
+# ==== Tokenizer ====
+
+# Training text for the merges: plain English and a little code, so common words
+# become single tokens and prompts tokenize to a realistic number of ids.
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A mixture of experts model routes each
+token to a few experts out of many, and only those experts are read from the disk.
+The router picks the top experts for every token in every layer. Hello, world! This is
+a small test of the tokenizer: it splits text into bytes and merges frequent pairs.
+def forward(self, x): return self.down(silu(self.gate(x)) * self.up(x))
+The model reads the weights of the dense part once and keeps them in memory, while the
+experts stream in with each token. What is the capital of France? The capital of
+France is Paris. One, two, three, four, five, six, seven, eight, nine, ten. 0123456789
+user assistant system <think> </think> the the the and and of of to to in in is is
+"""
+
+
+def _byte_alphabet() -> list[str]:
+    """Printable stand-in character for each byte (the byte-level BPE convention):
+    printable Latin-1 bytes map to themselves, the rest to code points from 256 up."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) +
+            list(range(0xAE, 0x100)))
+    chars: list[str] = []
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE training on _CORPUS; ties broken by the pair itself (deterministic)."""
+    alphabet = _byte_alphabet()
+    counts: dict[tuple[str, ...], int] = {}
+    for word in re.findall(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+", _CORPUS):
+        key = tuple(alphabet[b] for b in word.encode("utf-8"))
+        counts[key] = counts.get(key, 0) + 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for word, c in counts.items():
+            for a, b in zip(word, word[1:]):
+                pairs[(a, b)] = pairs.get((a, b), 0) + c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        joined = best[0] + best[1]
+        new_counts: dict[tuple[str, ...], int] = {}
+        for word, c in counts.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_counts[tuple(out)] = new_counts.get(tuple(out), 0) + c
+        counts = new_counts
+    return merges
+
+
+def build_tokenizer_json(vocab_size: int, max_merges: int = 256) -> dict:
+    """A byte-level BPE tokenizer.json (HF ``tokenizers`` format) whose ids all fit
+    ``vocab_size``: ids 0..255 bytes, 256..258 special tokens, then merges."""
+    n_fixed = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < n_fixed:
+        raise SynthError(f"vocab_size {vocab_size} is too small for a byte-level "
+                         f"tokenizer: it needs at least {n_fixed} ids")
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {ch: i for i, ch in enumerate(alphabet)}
+    added = []
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        vocab[tok] = 256 + i
+        added.append({"id": 256 + i, "content": tok, "single_word": False,
+                      "lstrip": False, "rstrip": False, "normalized": False,
+                      "special": True})
+    merges = _learn_merges(min(max_merges, vocab_size - n_fixed))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False,
+                  "trim_offsets": False, "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": byte_level, "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                    "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[a, b] for a, b in merges]},
+    }
+
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tokenizer_config(cfg: dict) -> dict:
+    t = _text_config(cfg)
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[2],
+        "pad_token": SPECIAL_TOKENS[0], "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(t.get("max_position_embeddings", 4096)),
+        "chat_template": _CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(256 + i): {"content": tok, "lstrip": False, "normalized": False,
+                           "rstrip": False, "single_word": False, "special": True}
+            for i, tok in enumerate(SPECIAL_TOKENS)},
+    }
+
+
+# ==== Command line ====
+
+def _parse_value(text: str) -> Any:
+    """--set values: JSON when they parse (numbers, true, null, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``synth`` command to moeflux.prep's CLI."""
+    p = subparsers.add_parser(
+        "synth", help="write a synthetic MLX-layout checkpoint",
+        description="Write a synthetic checkpoint (mlx-community layout) of a "
+                    "supported architecture with random quantized weights.")
+    p.add_argument("--arch", choices=ARCHITECTURES,
+                   help="architecture (implied by --preset)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override or pseudo-key (bits, group_size, gate_bits, "
+                        "gate_group_size, mla_form); repeatable")
+    p.add_argument("--layers", type=int, help="num_hidden_layers")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    arch = args.arch
+    if args.preset:
+        parch, pov = PRESETS[args.preset]
+        if arch is not None and arch != parch:
+            raise SynthError(f"--preset {args.preset} is {parch}, not --arch {arch}")
+        arch = parch
+        overrides.update(copy.deepcopy(pov))
+    if arch is None:
+        raise SynthError("give --arch or --preset")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SynthError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = _parse_value(value)
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    cfg = tiny_config(arch, **overrides)
+    path = write_checkpoint(args.out, cfg, seed=args.seed,
+                            max_shard_bytes=args.max_shard_bytes,
+                            progress=not args.no_progress)
+    print(path)
+    return 0
