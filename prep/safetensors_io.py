@@ -118,6 +118,10 @@ class SafetensorsFile:
                              f"{info.nbytes} bytes")
         return pread_exact(self._fd, length, info.begin + start, self.path)
 
+    def fileno(self) -> int:
+        """The open descriptor, for callers that scatter-read (os.preadv) themselves."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

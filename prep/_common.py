@@ -1,0 +1,526 @@
+"""Shared pieces of the prep commands: reading the source checkpoint's facts
+(architecture, quantization, MoE layers), atomic hashed output files, the resume
+journal, disk-space checks and progress bars.
+
+Everything that decides *what* a model directory contains lives in the command
+modules; this file only knows how to read a source safely and how to write a file so
+that a crash never leaves something that looks finished.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from moeflux.errors import FormatError, MoefluxError, ShapeError
+from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
+
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+JOURNAL_NAME = ".moeflux-prep-journal.json"
+JOURNAL_VERSION = 1
+# The 9 parts of an expert blob, in blob order (reference-system §2.2).
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PARTS = ("weight", "scales", "biases")
+COMPONENTS = tuple(f"{p}.{q}" for p in PROJECTIONS for q in PARTS)
+# Reads and writes move in pieces of this size: big enough that syscalls cost nothing,
+# small enough that RAM use stays flat whatever the checkpoint.
+CHUNK_BYTES = 16 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "vocab.json",
+                   "merges.txt")
+
+_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\.switch_mlp\."
+                        r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
+_HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_proj|"
+                           r"down_proj|gate_proj|up_proj)\b")
+
+
+class PrepIOError(MoefluxError, OSError):
+    """The destination cannot take the output (no space, unwritable)."""
+
+
+# ==== names ====
+
+def strip_name(name: str) -> str:
+    """Manifest name of a checkpoint tensor: without the VLM ``language_model.`` prefix."""
+    return name[len("language_model."):] if name.startswith("language_model.") else name
+
+
+def expert_key(name: str) -> tuple[int, str, str] | None:
+    """(layer, projection, part) of a routed-expert tensor name, else None."""
+    m = _EXPERT_RE.match(name)
+    return (int(m.group(1)), m.group(2), m.group(3)) if m else None
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_file_name(il: int) -> str:
+    return f"layer_{il:02d}.bin"
+
+
+# ==== the source checkpoint ====
+
+@dataclass(frozen=True)
+class Quant:
+    """Affine quantization of one module: ``bits`` per code, ``group_size`` codes per
+    (scale, bias) pair."""
+
+    bits: int
+    group_size: int
+
+
+class ModelConfig:
+    """The facts of a checkpoint's config.json prep relies on: architecture (one of
+    ARCHITECTURES, else FormatError), LM keys (``text``: text_config when nested, as
+    mlx-lm reads it), the quantization block (affine only) and which layers are MoE."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        cfg_path = self.dir / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise FormatError(f"{cfg_path}: missing; an MLX checkpoint directory has "
+                              "config.json beside its safetensors files") from None
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{cfg_path}: not JSON ({exc})") from None
+        self.arch = self._detect_arch()
+        # qwen3_5_moe nests the LM keys in text_config (mlx-lm reads it the same way).
+        self.text: dict[str, Any] = self.config.get("text_config") or self.config
+        self.qblock: dict[str, Any] = (self.config.get("quantization")
+                                       or self.config.get("quantization_config") or {})
+        self._check_quant_mode()
+
+    def _detect_arch(self) -> str:
+        mt = self.config.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise FormatError(f"{self.dir / 'config.json'}: model_type {mt!r} is not "
+                              f"supported; expected one of {', '.join(ARCHITECTURES)}")
+        return mt
+
+    def _check_quant_mode(self) -> None:
+        mode = self.qblock.get("mode", "affine")
+        if mode != "affine":
+            raise FormatError(f"{self.dir / 'config.json'}: quantization mode {mode!r}; "
+                              "only 'affine' (scales + biases) is supported")
+        for key, val in self.qblock.items():
+            if isinstance(val, dict) and val.get("mode", "affine") != "affine":
+                raise FormatError(f"{self.dir / 'config.json'}: quantization of {key!r} "
+                                  f"uses mode {val['mode']!r}; only 'affine' is supported")
+
+    def cfg_int(self, *keys: str, default: int | None = None) -> int:
+        for k in keys:
+            v = self.text.get(k)
+            if v is not None:
+                return int(v)
+        if default is not None:
+            return default
+        raise FormatError(f"{self.dir / 'config.json'}: missing {' / '.join(keys)}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg_int("num_hidden_layers")
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg_int("num_experts", "n_routed_experts", default=0)
+
+    def moe_layers_expected(self) -> list[int]:
+        """Layers the config says are MoE (mlx-lm's rule per architecture)."""
+        n, ne = self.num_layers, self.num_experts
+        if ne <= 0:
+            return []
+        if self.arch == "deepseek_v3":
+            first = self.cfg_int("first_k_dense_replace", default=0)
+            freq = self.cfg_int("moe_layer_freq", default=1)
+            return [i for i in range(n) if i >= first and i % freq == 0]
+        step = self.cfg_int("decoder_sparse_step", default=1)
+        dense = set(self.text.get("mlp_only_layers") or [])
+        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+
+
+class Source(ModelConfig):
+    """A source MLX checkpoint: its tensors (bounded reads) and config facts, checked
+    for the things that would make a conversion silently wrong (raw HF layouts,
+    non-affine modes, unknown model types)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        super().__init__(directory)
+        try:
+            self.ckpt = Checkpoint(self.dir)
+        except FileNotFoundError as exc:
+            raise FormatError(str(exc)) from None
+        except ValueError as exc:  # SafetensorsError
+            raise FormatError(str(exc)) from None
+        try:
+            self._refuse_raw_hf()
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refuse_raw_hf(self) -> None:
+        """A raw HF checkpoint has per-expert or fused expert tensors and [C,1,K] conv
+        weights; copying it would give the engine a layout it does not read."""
+        for name, info in self.ckpt.tensors.items():
+            if _HF_EXPERT_RE.search(name):
+                raise FormatError(
+                    f"{name}: raw Hugging Face expert tensor; expected stacked "
+                    "'...mlp.switch_mlp.{gate,up,down}_proj.*' tensors of an MLX "
+                    "checkpoint (convert it with mlx_lm.convert first)")
+            if name.endswith("conv1d.weight") and len(info.shape) == 3 and \
+                    info.shape[-1] != 1:
+                raise FormatError(
+                    f"{name}: shape {list(info.shape)} is the raw Hugging Face "
+                    "[C, 1, K] conv layout; expected MLX [C, K, 1] (convert it with "
+                    "mlx_lm.convert first)")
+
+    # ---- quantization ----
+
+    def quant_of(self, module: str) -> Quant | None:
+        """Quantization of module path ``module`` (original name, no suffix), resolved
+        as mlx-lm's loader does (model-math §1.5): explicit entry, else default when
+        ``module.scales`` exists, else float. Shapes are checked against it."""
+        wname = f"{module}.weight"
+        entry = self.qblock.get(module)
+        has_scales = f"{module}.scales" in self.ckpt
+        if entry is False or (entry is None and not has_scales):
+            if wname in self.ckpt and self.ckpt.info(wname).dtype == "U32":
+                raise FormatError(f"{wname}: U32 packed weight but config.json "
+                                  "quantization marks module as float (no entry and no "
+                                  ".scales)")
+            return None
+        if isinstance(entry, dict):
+            bits, gs = entry.get("bits"), entry.get("group_size")
+        else:
+            bits, gs = self.qblock.get("bits"), self.qblock.get("group_size")
+        if bits is None or gs is None:
+            raise FormatError(f"{module}: quantized (has .scales) but config.json has no "
+                              f"quantization bits/group_size for it (block: "
+                              f"{ {k: v for k, v in self.qblock.items() if not isinstance(v, dict)} })")
+        q = Quant(int(bits), int(gs))
+        self._check_quant_shapes(module, q)
+        return q
+
+    def _check_quant_shapes(self, module: str, q: Quant) -> None:
+        names = {p: f"{module}.{p}" for p in PARTS}
+        for p in PARTS:
+            if names[p] not in self.ckpt:
+                what = ("only affine quantization (scales + biases) is supported"
+                        if p == "biases" else "a quantized module has weight, scales "
+                        "and biases")
+                raise FormatError(f"{names[p]}: missing; {what}")
+        w, s, b = (self.ckpt.info(names[p]) for p in PARTS)
+        if w.dtype != "U32":
+            raise FormatError(f"{w.name}: dtype {w.dtype}, expected U32 packed codes "
+                              f"({q.bits}-bit)")
+        if s.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{s.name}: dtype {s.dtype}; affine scales are float "
+                              f"({'/'.join(FLOAT_DTYPES)}); non-affine modes are not "
+                              "supported")
+        if b.dtype != s.dtype or b.shape != s.shape:
+            raise ShapeError(f"{b.name}: {b.dtype}{list(b.shape)} differs from "
+                             f"{s.name}: {s.dtype}{list(s.shape)}")
+        if len(w.shape) < 2 or w.shape[:-1] != s.shape[:-1]:
+            raise ShapeError(f"{w.name}: shape {list(w.shape)} does not match "
+                             f"{s.name} shape {list(s.shape)} (leading dims differ)")
+        if q.bits not in (2, 3, 4, 5, 6, 8) or q.group_size <= 0:
+            raise FormatError(f"{module}: quantization bits={q.bits} group_size="
+                              f"{q.group_size} not supported (bits 2,3,4,5,6,8)")
+        packed = w.shape[-1] * 32
+        if packed % q.bits:
+            raise ShapeError(f"{w.name}: {w.shape[-1]} packed words * 32 is not a "
+                             f"multiple of bits={q.bits}")
+        n_in = packed // q.bits
+        if s.shape[-1] * q.group_size != n_in:
+            raise ShapeError(f"{s.name}: {s.shape[-1]} groups * group_size "
+                             f"{q.group_size} != {n_in} inputs implied by {w.name} "
+                             f"{list(w.shape)} at {q.bits} bits")
+
+
+# ==== output files ====
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable (the directory entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def preadv_exact(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Scatter-read consecutive file bytes at ``offset`` into ``views`` (one syscall
+    for the common case), looping over short reads."""
+    iov_max = 512
+    i = 0
+    while i < len(views):
+        batch = views[i:i + iov_max]
+        want = sum(len(v) for v in batch)
+        got = os.preadv(fd, batch, offset)
+        if got == want:
+            offset += got
+            i += len(batch)
+            continue
+        if got <= 0:
+            raise OSError(errno.EIO, f"{path}: short read at offset {offset}")
+        offset += got
+        # drop what was filled and retry with the remainder of a partial view
+        while got >= len(views[i]):
+            got -= len(views[i])
+            i += 1
+        views = views[:i] + [views[i][got:]] + views[i + 1:]
+
+
+class BufferPool:
+    """A few reusable byte buffers: the reader fills one while the writer thread
+    drains another, so RAM use is n * size whatever the file."""
+
+    def __init__(self, n: int, size: int):
+        self.size = size
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(n):
+            self._free.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        return self._free.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+class HashedFile:
+    """An output file written under ``name.tmp`` by a background thread that also
+    computes its sha256, so hashing and writing overlap the caller's reads. ``finish``
+    fsyncs; ``commit`` renames to the final name. ``abort`` removes the temporary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="moeflux-prep-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            data, done = item
+            try:
+                if self._error is None:
+                    view = memoryview(data)
+                    while len(view):
+                        n = os.write(self.fd, view)
+                        view = view[n:]
+                    self.hasher.update(data)
+                    self.size += len(data)
+            except BaseException as exc:  # surfaced by finish()
+                self._error = exc
+            finally:
+                if done is not None:
+                    done()
+
+    def write(self, data: bytes | memoryview, done: Callable[[], None] | None = None
+              ) -> None:
+        """Queue ``data`` (not to be modified until ``done`` is called)."""
+        if self._error is not None:
+            raise self._error
+        self._q.put((data, done))
+
+    def finish(self) -> str:
+        """Wait for all writes, fsync, close; return the hex sha256."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise PrepIOError(errno.ENOSPC, f"{self.tmp}: no space left on device")
+            raise err
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return self.hasher.hexdigest()
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._q.put(None)
+            self._thread.join()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def write_small_file(path: Path, data: bytes) -> str:
+    """Write ``data`` atomically (tmp, fsync, rename); return its sha256."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
+# ==== resume journal ====
+
+class Journal:
+    """Which output files are finished: {relpath: {size, sha256, mtime_ns, key, ...}}.
+
+    Written atomically after each finished file. A file is taken as done on a rerun
+    only when it was made from the same source (``key``: every shard's name, size and
+    mtime) and its size and mtime are unchanged since; its sha256 was computed while
+    it was written. Entries of other sources stay in the file but count for nothing.
+    """
+
+    def __init__(self, dst: Path, key: dict[str, Any]):
+        self.path = dst / JOURNAL_NAME
+        self.dst = dst
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.files: dict[str, dict[str, Any]] = {}
+        try:
+            old = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if old.get("version") == JOURNAL_VERSION and isinstance(old.get("files"), dict):
+            self.files = old["files"]
+
+    def done(self, rel: str) -> dict[str, Any] | None:
+        """The entry of ``rel`` if that file is finished and untouched since."""
+        ent = self.files.get(rel)
+        if ent is None or ent.get("key") != self.key:
+            return None
+        try:
+            st = (self.dst / rel).stat()
+        except FileNotFoundError:
+            return None
+        if st.st_size != ent["size"] or st.st_mtime_ns != ent["mtime_ns"]:
+            return None
+        return ent
+
+    def record(self, rel: str, sha256: str, **extra: Any) -> None:
+        st = (self.dst / rel).stat()
+        self.files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                           "sha256": sha256, "key": self.key, **extra}
+        write_small_file(self.path, json_bytes({"version": JOURNAL_VERSION,
+                                                "files": self.files}))
+
+
+def source_key(src: Source) -> dict[str, Any]:
+    """What identifies a source: every file's name, size and mtime. A changed source
+    invalidates all outputs made from it."""
+    files = sorted(list(src.ckpt.files) + [src.dir / "config.json"])
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append([p.name, st.st_size, st.st_mtime_ns])
+    return {"source": str(src.dir.resolve()), "files": out}
+
+
+# ==== disk space and progress ====
+
+def check_disk(dst: Path, need_bytes: int) -> None:
+    """Refuse before writing anything when the destination cannot hold the output."""
+    free = shutil.disk_usage(dst).free
+    margin = 16 << 20
+    if need_bytes + margin > free:
+        raise PrepIOError(errno.ENOSPC,
+                          f"{dst}: {need_bytes / 1e9:.3f} GB to write but only "
+                          f"{free / 1e9:.3f} GB free")
+
+
+class Progress:
+    """A tqdm bar in bytes (rate in B/s) when wanted and tqdm is importable; else
+    silent. tqdm is an optional dependency, so it is imported only here."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                             unit_divisor=1024, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def chunks(length: int, size: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    start = 0
+    while start < length:
+        n = min(size, length - start)
+        yield start, n
+        start += n
+
+
+def tensor_fd(src: Source, info: TensorInfo) -> int:
+    return src.ckpt.files[info.path].fileno()
+
+
+def prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def nbytes_of(dtype: str, shape: Iterable[int]) -> int:
+    return DTYPE_SIZES[dtype] * prod(shape)
+
+
+@dataclass
+class StepResult:
+    """Files a step wrote (relative path -> sha256) and numbers worth reporting."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
