@@ -1,0 +1,155 @@
+/*
+ * common.c — the small helpers of common.h: dtype names and sizes, f16 widening,
+ * error-message formatting, whole-file reads and path joins. Nothing here keeps state;
+ * everything a caller gets back is either static or malloc'd for the caller to free.
+ */
+#include "core/common.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ==== Dtypes ==== */
+
+// Indexed by enum mf_dtype; names are the safetensors spellings.
+static const struct {
+    const char *name;
+    size_t size;
+} dtype_table[] = {
+    [MF_DTYPE_F32] = {"F32", 4},  [MF_DTYPE_F16] = {"F16", 2},
+    [MF_DTYPE_BF16] = {"BF16", 2}, [MF_DTYPE_U32] = {"U32", 4},
+    [MF_DTYPE_U8] = {"U8", 1},    [MF_DTYPE_I32] = {"I32", 4},
+};
+
+#define N_DTYPES ((int)(sizeof dtype_table / sizeof dtype_table[0]))
+
+const char *mf_dtype_name(enum mf_dtype dt) {
+    if ((int)dt < 0 || (int)dt >= N_DTYPES)
+        return "?";
+    return dtype_table[dt].name;
+}
+
+int mf_dtype_parse(const char *s, enum mf_dtype *out) {
+    if (!s)
+        return -1;
+    for (int i = 0; i < N_DTYPES; i++) {
+        if (strcmp(s, dtype_table[i].name) == 0) {
+            *out = (enum mf_dtype)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+size_t mf_dtype_size(enum mf_dtype dt) {
+    if ((int)dt < 0 || (int)dt >= N_DTYPES)
+        return 0;
+    return dtype_table[dt].size;
+}
+
+/* ==== f16 widening ====
+ * IEEE binary16 -> binary32 by hand (no _Float16 dependency): every f16 value,
+ * subnormals, infinities and NaN payloads included, is exactly representable in f32. */
+
+float mf_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);   // inf / NaN (payload kept)
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);   // rebias 15 -> 127
+    } else if (man == 0) {
+        u = sign;                                // +-0
+    } else {
+        // Subnormal: value = man * 2^-24. Normalise the mantissa.
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while ((man & 0x400) == 0);
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ==== Errors ==== */
+
+int mf_err(char *err, size_t errlen, int status, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+/* ==== Files and paths ==== */
+
+int mf_read_file(const char *path, char **out, size_t *len, char *err, size_t errlen) {
+    *out = NULL;
+    if (len)
+        *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: not a regular file", path);
+    }
+    size_t size = (size_t)st.st_size;
+    char *buf = malloc(size + 1);
+    if (!buf) {
+        close(fd);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "%s: out of memory reading %zu bytes",
+                      path, size);
+    }
+    size_t got = 0;
+    while (got < size) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            int e = errno;
+            free(buf);
+            close(fd);
+            return mf_err(err, errlen, MF_ERR_IO, "%s: read failed: %s", path,
+                          strerror(e));
+        }
+        if (r == 0)
+            break;   // file shrank under us: use what is there
+        got += (size_t)r;
+    }
+    close(fd);
+    buf[got] = '\0';
+    *out = buf;
+    if (len)
+        *len = got;
+    return MF_OK;
+}
+
+char *mf_path_join(const char *dir, const char *name) {
+    size_t a = strlen(dir), b = strlen(name);
+    int slash = a > 0 && dir[a - 1] != '/';
+    char *p = malloc(a + (size_t)slash + b + 1);
+    if (!p)
+        return NULL;
+    memcpy(p, dir, a);
+    if (slash)
+        p[a] = '/';
+    memcpy(p + a + slash, name, b + 1);
+    return p;
+}
