@@ -1,13 +1,604 @@
 /*
- * state.c — sequence-state snapshots and automatic checkpoints (owned by the snapshot
- * work; placeholder until snapshots land).
+ * state.c — sequence-state snapshots, truncation and automatic checkpoints, written
+ * once for every architecture over the segment list each arch exposes
+ * (mf_arch.state_segments).
+ *
+ * It owns the snapshot byte format ("MFLX", version 1, below), the validation of a
+ * snapshot before anything in the ctx changes, and the host-RAM ring of checkpoints of
+ * fixed-size state (GatedDeltaNet conv history and recurrence) that makes truncation of
+ * hybrid models exact. It does not know what a segment holds: it moves bytes between
+ * device buffers and host memory through the backend's upload/download only, never by
+ * dereferencing a device pointer, so it works unchanged on GPU backends.
+ *
+ * Snapshot format, version 1 (all integers little-endian):
+ *   header    "MFLX" | u32 version | u32 n_ident | n_ident x i64 identity fields
+ *             (architecture id, shape constants, expert bytes per token, manifest hash,
+ *             weights fingerprint) | u32 n_past | u32 n_seg
+ *   table     n_seg x { u32 kind | i32 layer | u64 row_bytes | u64 fixed_bytes |
+ *             u64 data_bytes }
+ *   data      each segment's bytes in table order: rows [0, n_past) of positional
+ *             segments (row_bytes * n_past), or the whole fixed segment
+ *   trailer   u64 FNV-1a 64 of every byte before it
+ * n_ctx is deliberately not part of the identity: a snapshot of n_past tokens loads
+ * into any ctx of the same model whose n_ctx >= n_past.
  */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "core/internal.h"
 
+#define SNAP_MAGIC "MFLX"
+#define SNAP_VERSION 1u
+
+// Checkpoints kept for exact truncation of models with fixed-size state. Each holds a
+// copy of every fixed segment (for Qwen3.5-397B: 45 GatedDeltaNet layers x ~4.1 MiB =
+// ~190 MiB), so the ring is bounded both by count and by bytes: at most
+// MAX_CHECKPOINTS, and no more than fit in CHECKPOINT_BUDGET_BYTES (but at least one).
+#define MAX_CHECKPOINTS 8
+#define CHECKPOINT_BUDGET_BYTES ((uint64_t)1 << 30)
+
+/* ==== Identity ====
+ * The fields that must agree between the model that wrote a snapshot and the one
+ * reading it. Names are config.json keys so a refusal message can be grepped straight
+ * into the config. The manifest hash tells apart models with equal shapes but other
+ * tensors; the weights fingerprint tells apart equal layouts with other weights (two
+ * synthetic checkpoints of different seeds, or a re-quantised upload). */
+
+enum {
+    ID_ARCH,
+    ID_HIDDEN,
+    ID_LAYERS,
+    ID_HEADS,
+    ID_KV_HEADS,
+    ID_HEAD_DIM,
+    ID_VOCAB,
+    ID_EXPERTS,
+    ID_EXPERTS_PER_TOK,
+    ID_MOE_FF,
+    ID_SHARED_FF,
+    ID_FF,
+    ID_FULL_ATTN_INTERVAL,
+    ID_LIN_K_HEADS,
+    ID_LIN_V_HEADS,
+    ID_LIN_K_DIM,
+    ID_LIN_V_DIM,
+    ID_CONV_K,
+    ID_Q_LORA,
+    ID_KV_LORA,
+    ID_QK_NOPE,
+    ID_QK_ROPE,
+    ID_V_HEAD_DIM,
+    ID_FIRST_DENSE,
+    ID_EXPERT_BYTES,
+    ID_MANIFEST_HASH,
+    ID_WEIGHTS_FP,
+    N_IDENT
+};
+
+static const char *const ident_names[N_IDENT] = {
+    [ID_ARCH] = "architecture",
+    [ID_HIDDEN] = "hidden_size",
+    [ID_LAYERS] = "num_hidden_layers",
+    [ID_HEADS] = "num_attention_heads",
+    [ID_KV_HEADS] = "num_key_value_heads",
+    [ID_HEAD_DIM] = "head_dim",
+    [ID_VOCAB] = "vocab_size",
+    [ID_EXPERTS] = "num_experts",
+    [ID_EXPERTS_PER_TOK] = "num_experts_per_tok",
+    [ID_MOE_FF] = "moe_intermediate_size",
+    [ID_SHARED_FF] = "shared_expert_intermediate_size",
+    [ID_FF] = "intermediate_size",
+    [ID_FULL_ATTN_INTERVAL] = "full_attention_interval",
+    [ID_LIN_K_HEADS] = "linear_num_key_heads",
+    [ID_LIN_V_HEADS] = "linear_num_value_heads",
+    [ID_LIN_K_DIM] = "linear_key_head_dim",
+    [ID_LIN_V_DIM] = "linear_value_head_dim",
+    [ID_CONV_K] = "linear_conv_kernel_dim",
+    [ID_Q_LORA] = "q_lora_rank",
+    [ID_KV_LORA] = "kv_lora_rank",
+    [ID_QK_NOPE] = "qk_nope_head_dim",
+    [ID_QK_ROPE] = "qk_rope_head_dim",
+    [ID_V_HEAD_DIM] = "v_head_dim",
+    [ID_FIRST_DENSE] = "first_k_dense_replace",
+    [ID_EXPERT_BYTES] = "expert bytes per token",
+    [ID_MANIFEST_HASH] = "manifest hash",
+    [ID_WEIGHTS_FP] = "weights fingerprint",
+};
+
+static uint64_t fnv1a(uint64_t h, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+
+// FNV-1a over 16 windows of 4 KiB spread evenly over model_weights.bin (64 KiB read,
+// whatever the file's size), plus its length. Cheap enough for every save and load,
+// and it differs between files of equal layout but other weights.
+static uint64_t weights_fingerprint(const mf_model *m) {
+    uint64_t h = FNV_OFFSET;
+    uint64_t n = m->weights_bytes;
+    h = fnv1a(h, (const uint8_t *)&n, sizeof n);
+    if (!m->weights_map || n == 0) return h;
+    const uint64_t win = 4096, n_win = 16;
+    for (uint64_t i = 0; i < n_win; i++) {
+        uint64_t off = n > win ? (n - win) / (n_win - 1) * i : 0;
+        uint64_t len = n - off < win ? n - off : win;
+        h = fnv1a(h, (const uint8_t *)m->weights_map + off, (size_t)len);
+    }
+    return h;
+}
+
+static const char *arch_name(int64_t id) {
+    switch (id) {
+    case MF_ARCH_QWEN3_5_MOE: return "qwen3_5_moe";
+    case MF_ARCH_QWEN3_NEXT: return "qwen3_next";
+    case MF_ARCH_DEEPSEEK_V3: return "deepseek_v3";
+    case MF_ARCH_QWEN3_MOE: return "qwen3_moe";
+    default: return "unknown";
+    }
+}
+
+static void ident_fill(const mf_model *m, int64_t id[N_IDENT]) {
+    const struct mf_config *c = &m->cfg;
+    id[ID_ARCH] = c->arch;
+    id[ID_HIDDEN] = c->hidden_size;
+    id[ID_LAYERS] = c->num_hidden_layers;
+    id[ID_HEADS] = c->num_attention_heads;
+    id[ID_KV_HEADS] = c->num_key_value_heads;
+    id[ID_HEAD_DIM] = c->head_dim;
+    id[ID_VOCAB] = c->vocab_size;
+    id[ID_EXPERTS] = c->num_experts;
+    id[ID_EXPERTS_PER_TOK] = c->num_experts_per_tok;
+    id[ID_MOE_FF] = c->moe_intermediate_size;
+    id[ID_SHARED_FF] = c->shared_expert_intermediate_size;
+    id[ID_FF] = c->intermediate_size;
+    id[ID_FULL_ATTN_INTERVAL] = c->full_attention_interval;
+    id[ID_LIN_K_HEADS] = c->linear_num_key_heads;
+    id[ID_LIN_V_HEADS] = c->linear_num_value_heads;
+    id[ID_LIN_K_DIM] = c->linear_key_head_dim;
+    id[ID_LIN_V_DIM] = c->linear_value_head_dim;
+    id[ID_CONV_K] = c->linear_conv_kernel_dim;
+    id[ID_Q_LORA] = c->q_lora_rank;
+    id[ID_KV_LORA] = c->kv_lora_rank;
+    id[ID_QK_NOPE] = c->qk_nope_head_dim;
+    id[ID_QK_ROPE] = c->qk_rope_head_dim;
+    id[ID_V_HEAD_DIM] = c->v_head_dim;
+    id[ID_FIRST_DENSE] = c->first_k_dense_replace;
+    id[ID_EXPERT_BYTES] = m->expert_bytes_per_token;
+    id[ID_MANIFEST_HASH] = (int64_t)m->manifest.hash;
+    id[ID_WEIGHTS_FP] = (int64_t)weights_fingerprint(m);
+}
+
+/* ==== Segments ====
+ * The arch's list of state buffers, fetched fresh for every operation because an arch
+ * may swap its committed and scratch buffers between evals (double buffering). */
+
+struct segs {
+    struct mf_state_seg *v;   // [n] malloc'd
+    int n;
+    uint64_t fixed_bytes;     // sum of fixed_bytes over fixed segments
+};
+
+static int segs_get(const mf_ctx *ctx, struct segs *s) {
+    s->v = NULL;
+    s->n = 0;
+    s->fixed_bytes = 0;
+    const struct mf_arch *a = ctx->model->arch;
+    if (!a || !a->state_segments) return MF_OK;
+    int n = a->state_segments(ctx, NULL, 0);
+    if (n <= 0) return MF_OK;
+    s->v = calloc((size_t)n, sizeof *s->v);
+    if (!s->v) return MF_ERR_NOMEM;
+    s->n = a->state_segments(ctx, s->v, n);
+    if (s->n > n) s->n = n;
+    for (int i = 0; i < s->n; i++)
+        if (s->v[i].row_bytes == 0) s->fixed_bytes += s->v[i].fixed_bytes;
+    return MF_OK;
+}
+
+static uint64_t seg_data_bytes(const struct mf_state_seg *sg, int n_past) {
+    return sg->row_bytes ? sg->row_bytes * (uint64_t)n_past : sg->fixed_bytes;
+}
+
+/* ==== Byte writer and reader ====
+ * Little-endian fixed-width fields; the reader checks every length against what is
+ * left so a truncated buffer is reported, never read past. */
+
+static uint8_t *put_u32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+    return p + 4;
+}
+
+static uint8_t *put_u64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+    return p + 8;
+}
+
+static uint64_t get_le(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+struct reader {
+    const uint8_t *p;
+    size_t left;
+};
+
+static int rd_u32(struct reader *r, uint32_t *v) {
+    if (r->left < 4) return 0;
+    *v = (uint32_t)get_le(r->p, 4);
+    r->p += 4;
+    r->left -= 4;
+    return 1;
+}
+
+static int rd_u64(struct reader *r, uint64_t *v) {
+    if (r->left < 8) return 0;
+    *v = get_le(r->p, 8);
+    r->p += 8;
+    r->left -= 8;
+    return 1;
+}
+
+#define SEG_TABLE_BYTES (4 + 4 + 8 + 8 + 8)
+
+static uint64_t header_bytes(int n_seg) {
+    return 4 + 4 + 4 + 8ull * N_IDENT + 4 + 4 + (uint64_t)SEG_TABLE_BYTES * n_seg;
+}
+
+/* ==== Save ==== */
+
+size_t mf_ctx_state_size(const mf_ctx *ctx) {
+    if (!ctx) return 0;
+    struct segs s;
+    if (segs_get(ctx, &s) != MF_OK) return 0;
+    uint64_t n = header_bytes(s.n) + 8;
+    for (int i = 0; i < s.n; i++) n += seg_data_bytes(&s.v[i], ctx->n_past);
+    free(s.v);
+    return (size_t)n;
+}
+
+int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
+    if (!ctx) return MF_ERR_ARG;
+    ctx->errmsg[0] = '\0';
+    if (!dst) return mf_ctx_fail(ctx, MF_ERR_ARG, "state_save: dst is NULL");
+    struct segs s;
+    if (segs_get(ctx, &s) != MF_OK)
+        return mf_ctx_fail(ctx, MF_ERR_NOMEM, "state_save: out of memory");
+    uint64_t need = header_bytes(s.n) + 8;
+    for (int i = 0; i < s.n; i++) need += seg_data_bytes(&s.v[i], ctx->n_past);
+    if (cap < need) {
+        free(s.v);
+        return mf_ctx_fail(ctx, MF_ERR_ARG,
+                           "state_save: buffer of %zu bytes is too small, the snapshot "
+                           "needs %" PRIu64 " (ask mf_ctx_state_size first)",
+                           cap, need);
+    }
+    int64_t id[N_IDENT];
+    ident_fill(ctx->model, id);
+    uint8_t *p = dst;
+    memcpy(p, SNAP_MAGIC, 4);
+    p = put_u32(p + 4, SNAP_VERSION);
+    p = put_u32(p, N_IDENT);
+    for (int i = 0; i < N_IDENT; i++) p = put_u64(p, (uint64_t)id[i]);
+    p = put_u32(p, (uint32_t)ctx->n_past);
+    p = put_u32(p, (uint32_t)s.n);
+    for (int i = 0; i < s.n; i++) {
+        const struct mf_state_seg *sg = &s.v[i];
+        p = put_u32(p, (uint32_t)sg->kind);
+        p = put_u32(p, (uint32_t)sg->layer);
+        p = put_u64(p, sg->row_bytes);
+        p = put_u64(p, sg->fixed_bytes);
+        p = put_u64(p, seg_data_bytes(sg, ctx->n_past));
+    }
+    for (int i = 0; i < s.n; i++) {
+        uint64_t nb = seg_data_bytes(&s.v[i], ctx->n_past);
+        if (nb) ctx->be->ops->download(ctx->ex, p, s.v[i].buf, 0, (size_t)nb);
+        p += nb;
+    }
+    uint64_t body = (uint64_t)(p - (uint8_t *)dst);
+    p = put_u64(p, fnv1a(FNV_OFFSET, dst, (size_t)body));
+    free(s.v);
+    return (int64_t)need;
+}
+
+/* ==== Checkpoints ====
+ * A ring of copies of the fixed segments, keyed by the position they hold the state
+ * after. Taken after every successful eval (so decode and prefill positions are all
+ * candidates) and on load; dropped by reset and, beyond the target, by truncation.
+ * Slots are allocated once and reused, so a long generation does not malloc per
+ * token. */
+
+struct ckpt {
+    int n_past;          // -1 when empty
+    uint8_t *data;       // [fixed_bytes] host copy of every fixed segment, in order
+};
+
+struct ckpt_set {
+    int n_slots;
+    uint64_t fixed_bytes;
+    struct ckpt slot[MAX_CHECKPOINTS];
+};
+
+static struct ckpt_set *ckpts_get(mf_ctx *ctx, uint64_t fixed_bytes) {
+    struct ckpt_set *cs = ctx->checkpoints;
+    if (cs && cs->fixed_bytes != fixed_bytes) {
+        mf_state_on_reset(ctx);   // segment sizes changed: none of them fits
+        cs = NULL;
+    }
+    if (cs) return cs;
+    cs = calloc(1, sizeof *cs);
+    if (!cs) return NULL;
+    uint64_t fit = CHECKPOINT_BUDGET_BYTES / (fixed_bytes ? fixed_bytes : 1);
+    cs->n_slots = fit < 1 ? 1 : fit > MAX_CHECKPOINTS ? MAX_CHECKPOINTS : (int)fit;
+    cs->fixed_bytes = fixed_bytes;
+    for (int i = 0; i < MAX_CHECKPOINTS; i++) cs->slot[i].n_past = -1;
+    ctx->checkpoints = cs;
+    return cs;
+}
+
+static void ckpt_take(mf_ctx *ctx, const struct segs *s) {
+    if (s->fixed_bytes == 0) return;
+    struct ckpt_set *cs = ckpts_get(ctx, s->fixed_bytes);
+    if (!cs) return;   // out of memory: truncation will refuse instead
+    // Reuse the slot already at this position, else an empty one, else the oldest
+    // position (the most recent positions are the likeliest truncation targets).
+    struct ckpt *use = NULL;
+    for (int i = 0; i < cs->n_slots && !use; i++)
+        if (cs->slot[i].n_past == ctx->n_past) use = &cs->slot[i];
+    for (int i = 0; i < cs->n_slots && !use; i++)
+        if (cs->slot[i].n_past < 0) use = &cs->slot[i];
+    for (int i = 0; i < cs->n_slots && !use; i++)
+        if (cs->slot[i].n_past >= 0) use = &cs->slot[i];
+    for (int i = 0; i < cs->n_slots; i++)
+        if (cs->slot[i].n_past < use->n_past) use = &cs->slot[i];
+    if (!use->data) use->data = malloc((size_t)s->fixed_bytes);
+    if (!use->data) {
+        use->n_past = -1;
+        return;
+    }
+    uint8_t *p = use->data;
+    for (int i = 0; i < s->n; i++) {
+        if (s->v[i].row_bytes) continue;
+        ctx->be->ops->download(ctx->ex, p, s->v[i].buf, 0, (size_t)s->v[i].fixed_bytes);
+        p += s->v[i].fixed_bytes;
+    }
+    use->n_past = ctx->n_past;
+}
+
+static void ckpt_drop_after(mf_ctx *ctx, int n) {
+    struct ckpt_set *cs = ctx->checkpoints;
+    if (!cs) return;
+    for (int i = 0; i < cs->n_slots; i++)
+        if (cs->slot[i].n_past > n) cs->slot[i].n_past = -1;
+}
+
 void mf_state_after_eval(mf_ctx *ctx) {
-    (void)ctx;
+    struct segs s;
+    if (segs_get(ctx, &s) != MF_OK) return;
+    ckpt_take(ctx, &s);
+    free(s.v);
 }
 
 void mf_state_on_reset(mf_ctx *ctx) {
-    (void)ctx;
+    struct ckpt_set *cs = ctx->checkpoints;
+    if (!cs) return;
+    for (int i = 0; i < MAX_CHECKPOINTS; i++) free(cs->slot[i].data);
+    free(cs);
+    ctx->checkpoints = NULL;
+}
+
+/* ==== Load ====
+ * Everything is checked first: format (magic, version, checksum, table against the
+ * data), then identity against this model, then fit in this ctx. Only then are bytes
+ * uploaded, so a refused snapshot leaves the ctx exactly as it was. */
+
+static int check_format(mf_ctx *ctx, const uint8_t *src, size_t size) {
+    if (size < 12)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot truncated: %zu bytes, shorter than its header", size);
+    if (memcmp(src, SNAP_MAGIC, 4) != 0)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "not a moeflux snapshot: magic is not \"MFLX\"");
+    uint32_t version = (uint32_t)get_le(src + 4, 4);
+    if (version > SNAP_VERSION)
+        return mf_ctx_fail(ctx, MF_ERR_UNSUPPORTED,
+                           "snapshot format version %u is newer than this build reads "
+                           "(%u): upgrade moeflux",
+                           version, SNAP_VERSION);
+    if (version == 0)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot format version 0 is invalid");
+    if (size < header_bytes(0) + 8)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot truncated: %zu bytes, shorter than its header", size);
+    uint64_t want = get_le(src + size - 8, 8);
+    uint64_t got = fnv1a(FNV_OFFSET, src, size - 8);
+    if (want != got)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot corrupted or truncated: checksum %016" PRIx64
+                           " does not match its content (%016" PRIx64 ")",
+                           want, got);
+    return MF_OK;
+}
+
+static int check_identity(mf_ctx *ctx, struct reader *r) {
+    uint32_t n_ident;
+    if (!rd_u32(r, &n_ident) || n_ident != N_IDENT)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot header holds %u identity fields, format version 1 "
+                           "has %d",
+                           n_ident, N_IDENT);
+    int64_t mine[N_IDENT], theirs[N_IDENT];
+    ident_fill(ctx->model, mine);
+    for (int i = 0; i < N_IDENT; i++) {
+        uint64_t v;
+        if (!rd_u64(r, &v))
+            return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
+        theirs[i] = (int64_t)v;
+    }
+    if (theirs[ID_ARCH] != mine[ID_ARCH])
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "snapshot is of model %s (architecture id %" PRId64
+                           "), this ctx runs %s",
+                           arch_name(theirs[ID_ARCH]), theirs[ID_ARCH],
+                           arch_name(mine[ID_ARCH]));
+    for (int i = 0; i < N_IDENT; i++) {
+        if (theirs[i] == mine[i]) continue;
+        if (i >= ID_MANIFEST_HASH)
+            return mf_ctx_fail(ctx, MF_ERR_STATE,
+                               "snapshot is of another %s model (%s differs: expected "
+                               "%016" PRIx64 ", got %016" PRIx64 ")",
+                               arch_name(mine[ID_ARCH]), ident_names[i],
+                               (uint64_t)mine[i], (uint64_t)theirs[i]);
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "snapshot is of another %s model: shape field %s differs: "
+                           "expected %" PRId64 ", got %" PRId64,
+                           arch_name(mine[ID_ARCH]), ident_names[i], mine[i], theirs[i]);
+    }
+    return MF_OK;
+}
+
+// Check the segment table against this ctx's segments and the buffer's length.
+static int check_segments(mf_ctx *ctx, struct reader *r, const struct segs *s,
+                          uint32_t n_past) {
+    uint32_t n_seg;
+    if (!rd_u32(r, &n_seg))
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
+    if (n_seg != (uint32_t)s->n)
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "snapshot holds %u state segments, this ctx has %d", n_seg,
+                           s->n);
+    uint64_t total = 0;
+    for (int i = 0; i < s->n; i++) {
+        uint32_t kind, layer;
+        uint64_t row, fixed, data;
+        if (!rd_u32(r, &kind) || !rd_u32(r, &layer) || !rd_u64(r, &row) ||
+            !rd_u64(r, &fixed) || !rd_u64(r, &data))
+            return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its table");
+        const struct mf_state_seg *sg = &s->v[i];
+        if ((int)kind != sg->kind || (int32_t)layer != sg->layer || row != sg->row_bytes ||
+            fixed != sg->fixed_bytes)
+            return mf_ctx_fail(ctx, MF_ERR_STATE,
+                               "snapshot segment %d (kind %u, layer %d, %" PRIu64
+                               " bytes/row, %" PRIu64 " fixed bytes) differs from this "
+                               "ctx's (kind %d, layer %d, %" PRIu64 ", %" PRIu64 ")",
+                               i, kind, (int32_t)layer, row, fixed, sg->kind, sg->layer,
+                               sg->row_bytes, sg->fixed_bytes);
+        if (data != seg_data_bytes(sg, (int)n_past))
+            return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                               "snapshot segment %d holds %" PRIu64 " bytes, %u "
+                               "positions need %" PRIu64,
+                               i, data, n_past, seg_data_bytes(sg, (int)n_past));
+        total += data;
+    }
+    if (r->left != total)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot data is %zu bytes, its table says %" PRIu64, r->left,
+                           total);
+    return MF_OK;
+}
+
+int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size) {
+    if (!ctx) return MF_ERR_ARG;
+    ctx->errmsg[0] = '\0';
+    if (!src) return mf_ctx_fail(ctx, MF_ERR_ARG, "state_load: src is NULL");
+    int rc = check_format(ctx, src, size);
+    if (rc != MF_OK) return rc;
+    // The reader sees what lies between the magic+version and the checksum trailer.
+    struct reader r = {(const uint8_t *)src + 8, size - 16};
+    rc = check_identity(ctx, &r);
+    if (rc != MF_OK) return rc;
+    uint32_t n_past;
+    if (!rd_u32(&r, &n_past))
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
+    if (n_past > (uint32_t)ctx->n_ctx)
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "snapshot holds %u tokens, more than this ctx's n_ctx %d",
+                           n_past, ctx->n_ctx);
+    struct segs s;
+    if (segs_get(ctx, &s) != MF_OK)
+        return mf_ctx_fail(ctx, MF_ERR_NOMEM, "state_load: out of memory");
+    rc = check_segments(ctx, &r, &s, n_past);
+    if (rc != MF_OK) {
+        free(s.v);
+        return rc;
+    }
+    // Valid: from here on nothing can fail.
+    for (int i = 0; i < s.n; i++) {
+        uint64_t nb = seg_data_bytes(&s.v[i], (int)n_past);
+        if (nb) ctx->be->ops->upload(ctx->ex, s.v[i].buf, 0, r.p, (size_t)nb);
+        r.p += nb;
+    }
+    ctx->n_past = (int)n_past;
+    // Old checkpoints belong to another sequence; the loaded state is the first of
+    // this one, so truncating back to the snapshot point stays exact.
+    mf_state_on_reset(ctx);
+    ckpt_take(ctx, &s);
+    free(s.v);
+    return MF_OK;
+}
+
+/* ==== Truncation ==== */
+
+int mf_ctx_truncate(mf_ctx *ctx, int n) {
+    if (!ctx) return MF_ERR_ARG;
+    ctx->errmsg[0] = '\0';
+    if (n < 0 || n > ctx->n_past)
+        return mf_ctx_fail(ctx, MF_ERR_ARG,
+                           "truncate(%d): the sequence holds %d tokens (0 <= n <= %d)", n,
+                           ctx->n_past, ctx->n_past);
+    if (n == ctx->n_past) return MF_OK;
+    if (n == 0) {
+        mf_ctx_reset(ctx);
+        return MF_OK;
+    }
+    struct segs s;
+    if (segs_get(ctx, &s) != MF_OK)
+        return mf_ctx_fail(ctx, MF_ERR_NOMEM, "truncate: out of memory");
+    if (s.fixed_bytes == 0) {
+        // Attention-only: rows at n and beyond become dead; nothing else moves.
+        free(s.v);
+        ctx->n_past = n;
+        ckpt_drop_after(ctx, n);
+        return MF_OK;
+    }
+    struct ckpt_set *cs = ctx->checkpoints;
+    const struct ckpt *hit = NULL;
+    if (cs && cs->fixed_bytes == s.fixed_bytes)
+        for (int i = 0; i < cs->n_slots; i++)
+            if (cs->slot[i].n_past == n) hit = &cs->slot[i];
+    if (!hit) {
+        char held[256] = "";
+        size_t len = 0;
+        for (int i = 0; cs && i < cs->n_slots; i++) {
+            if (cs->slot[i].n_past < 0 || len >= sizeof held) continue;
+            int w = snprintf(held + len, sizeof held - len, "%s%d", len ? ", " : "",
+                             cs->slot[i].n_past);
+            if (w > 0) len += (size_t)w;
+        }
+        free(s.v);
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "truncate(%d) cannot be exact: this model has linear-attention "
+                           "state and no checkpoint at position %d is held (held: %s; "
+                           "0 is always possible). Re-evaluate the prefix, or load a "
+                           "snapshot saved at %d",
+                           n, n, len ? held : "none", n);
+    }
+    const uint8_t *p = hit->data;
+    for (int i = 0; i < s.n; i++) {
+        if (s.v[i].row_bytes) continue;
+        ctx->be->ops->upload(ctx->ex, s.v[i].buf, 0, p, (size_t)s.v[i].fixed_bytes);
+        p += s.v[i].fixed_bytes;
+    }
+    free(s.v);
+    ctx->n_past = n;
+    ckpt_drop_after(ctx, n);
+    return MF_OK;
 }
