@@ -595,11 +595,14 @@ def _float_pieces(mod: _Float, seed: int) -> Callable[[], Iterator[bytes]]:
 
 def _total_parameters(cfg: dict) -> int:
     """mlx-lm's get_total_parameters: quantized modules count their unpacked weight,
-    scales and biases not included; float modules count every element."""
+    scales and biases not included; float modules count every element. It sums over
+    LEAF modules only, so A_log and dt_bias (held directly by the GatedDeltaNet, which
+    has children) are not counted."""
     n = 0
     for mod in _modules(cfg):
         if isinstance(mod, _Float):
-            n += int(np.prod(mod.shape))
+            if mod.init not in ("a_log", "dt_bias"):
+                n += int(np.prod(mod.shape))
         else:
             n += max(1, mod.lead) * mod.n_out * mod.n_in
     return n
