@@ -1,0 +1,651 @@
+"""Model prep (moeflux.prep convert / extract-weights / repack-experts / verify).
+
+Every conversion is checked byte for byte against the source checkpoint read here
+independently (plain file reads of the safetensors container, not prep's reader), and
+the 2-bit requantization against mlx's own ``mx.dequantize`` plus a requantization
+written in this file. Checkpoints come from moeflux.prep.synth (mlx-community layout)
+and, for two architectures, from mlx-lm's own quantize_model + save_model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moeflux.errors import FormatError, MoefluxError, ShapeError
+from moeflux.prep import repack_experts as repack_mod
+from moeflux.prep.convert import convert
+from moeflux.prep.verify import verify
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parent.parent
+EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\.switch_mlp\."
+                       r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+COMPONENTS = [f"{p}.{q}" for p in ("gate_proj", "up_proj", "down_proj")
+              for q in ("weight", "scales", "biases")]
+SIZES = {"U32": 4, "F32": 4, "BF16": 2, "F16": 2, "U8": 1, "I32": 4}
+
+
+# ==== independent safetensors access (plain file reads) ====
+
+def read_tensors(src: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name -> (dtype, shape, raw bytes) of every tensor in src/model*.safetensors."""
+    out = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        for name, ent in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = ent["data_offsets"]
+            out[name] = (ent["dtype"], tuple(ent["shape"]), raw[8 + n + b:8 + n + e])
+    return out
+
+
+def write_tensors(dst: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]
+                  ) -> None:
+    """One model.safetensors holding ``tensors`` (test-side writer)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    off = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(dst / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def clone_checkpoint(src: Path, dst: Path, edit_tensors=None, edit_config=None) -> Path:
+    """Copy of ``src`` as one shard, with tensors and/or config.json edited."""
+    dst.mkdir(parents=True)
+    tensors = read_tensors(src)
+    if edit_tensors:
+        tensors = edit_tensors(tensors) or tensors
+    write_tensors(dst, tensors)
+    cfg = json.loads((src / "config.json").read_text())
+    if edit_config:
+        cfg = edit_config(cfg) or cfg
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+# ==== the independent check of a converted directory ====
+
+def module_quant(cfg: dict[str, Any], module: str) -> tuple[int, int]:
+    q = cfg["quantization"]
+    ent = q.get(module)
+    if isinstance(ent, dict):
+        return ent["bits"], ent["group_size"]
+    return q["bits"], q["group_size"]
+
+
+def skipped(name: str) -> bool:
+    short = name.removeprefix("language_model.")
+    return short.startswith(("mtp.", "vision_tower", "model.visual")) or \
+        name.startswith(("vision_tower", "model.visual"))
+
+
+def check_conversion(src: Path, dst: Path) -> None:
+    """Every byte of dst against src, plus manifest fields and checksums."""
+    tensors = read_tensors(src)
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    man = json.loads((dst / "model_weights.json").read_text())
+    binary = (dst / "model_weights.bin").read_bytes()
+
+    # -- model_weights: names, order, alignment, padding, bytes, bits --
+    plain = sorted(n for n in tensors if not EXPERT_RE.match(n) and not skipped(n))
+    assert man["num_tensors"] == len(plain)
+    assert set(man["tensors"]) == {n.removeprefix("language_model.") for n in plain}
+    pos = 0
+    for name in plain:
+        dtype, shape, data = tensors[name]
+        ent = man["tensors"][name.removeprefix("language_model.")]
+        want_off = (pos + 63) // 64 * 64
+        assert ent["offset"] == want_off, name
+        assert binary[pos:want_off] == bytes(want_off - pos), f"padding before {name}"
+        if name.endswith("linear_attn.A_log") and dtype != "F32":
+            src_f = np.frombuffer(data, "<u2" if dtype == "BF16" else "<f2")
+            if dtype == "BF16":
+                data = (src_f.astype("<u4") << 16).tobytes()
+            else:
+                data = src_f.astype("<f4").tobytes()
+            dtype = "F32"
+        assert (ent["dtype"], tuple(ent["shape"]), ent["size"]) == (dtype, shape,
+                                                                    len(data)), name
+        assert binary[want_off:want_off + len(data)] == data, name
+        module, _, part = name.rpartition(".")
+        if dtype == "U32" or f"{module}.scales" in tensors and part in ("scales",
+                                                                        "biases"):
+            bits, gs = module_quant(cfg, module)
+            assert (ent["bits"], ent["group_size"]) == (bits, gs), name
+        else:
+            assert "bits" not in ent, name
+        pos = want_off + len(data)
+    assert len(binary) == pos
+
+    # -- experts: layout and every byte of every layer file --
+    layout = json.loads((dst / "packed_experts" / "layout.json").read_text())
+    layers = sorted({int(EXPERT_RE.match(n).group(1)) for n in tensors
+                     if EXPERT_RE.match(n)})
+    n_exp = text.get("num_experts") or text.get("n_routed_experts")
+    prefix = "language_model." if cfg["model_type"] == "qwen3_5_moe" else ""
+    assert layout["format"] == "moeflux-experts" and layout["version"] == 1
+    assert layout["moe_layers"] == layers
+    assert layout["num_layers"] == text["num_hidden_layers"]
+    assert layout["num_experts"] == n_exp
+    assert [c["name"] for c in layout["components"]] == COMPONENTS
+    off = 0
+    per_expert = {}
+    for c in layout["components"]:
+        dtype, shape, data = tensors[f"{prefix}model.layers.{layers[0]}.mlp.switch_mlp."
+                                     f"{c['name']}"]
+        size = len(data) // n_exp
+        assert (c["offset"], c["size"], c["dtype"], tuple(c["shape"])) == (
+            off, size, dtype, shape[1:])
+        per_expert[c["name"]] = size
+        off += size
+    es = layout["expert_size"]
+    assert es == off
+    bits, gs = module_quant(cfg, f"{prefix}model.layers.{layers[0]}.mlp.switch_mlp."
+                                 "gate_proj")
+    assert (layout["bits"], layout["group_size"]) == (bits, gs)
+    files = sorted(p.name for p in (dst / "packed_experts").glob("layer_*.bin"))
+    assert files == [f"layer_{il:02d}.bin" for il in layers]
+    for il in layers:
+        blob = (dst / "packed_experts" / f"layer_{il:02d}.bin").read_bytes()
+        assert len(blob) == n_exp * es
+        for e in range(n_exp):
+            expect = b"".join(
+                tensors[f"{prefix}model.layers.{il}.mlp.switch_mlp.{c}"][2]
+                [e * per_expert[c]:(e + 1) * per_expert[c]] for c in COMPONENTS)
+            assert blob[e * es:(e + 1) * es] == expect, (il, e)
+
+    # -- copied files, provenance, checksums, no leftovers --
+    assert (dst / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            assert (dst / name).read_bytes() == (src / name).read_bytes()
+    info = json.loads((dst / "moeflux.json").read_text())
+    assert info["format_version"] == 1 and info["architecture"] == cfg["model_type"]
+    assert info["source"]["path"] == str(src.resolve())
+    assert sorted(f["name"] for f in info["source"]["files"]) == sorted(
+        p.name for p in src.glob("model*.safetensors"))
+    outputs = sorted(str(p.relative_to(dst)) for p in dst.rglob("*")
+                     if p.is_file() and p.name not in ("moeflux.json",)
+                     and not p.name.startswith("."))
+    assert sorted(info["checksums"]) == outputs
+    for rel, digest in info["checksums"].items():
+        assert digest == "sha256:" + hashlib.sha256((dst / rel).read_bytes()).hexdigest()
+    assert not list(dst.rglob("*.tmp"))
+
+
+# ==== checkpoints ====
+
+def mlx_checkpoint(arch: str, out: Path, gs: int = 64) -> Path:
+    """A tiny checkpoint written by mlx-lm itself (model-math §6.2)."""
+    import importlib
+
+    import mlx.core as mx
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from moeflux.prep.synth import tiny_config
+    cfg = tiny_config(arch)
+    cfg.pop("quantization", None)
+    cfg.pop("quantization_config", None)
+    mx.random.seed(0)
+    mod = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    model.set_dtype(mx.bfloat16)
+    model, qcfg = quantize_model(model, cfg, gs, 4)
+    out.mkdir(parents=True)
+    save_model(out, model)
+    save_config(qcfg, out / "config.json")
+    return out
+
+
+CASES = [
+    ("qwen3_5_moe", {}),
+    ("qwen3_5_moe", {"group_size": 32}),
+    ("qwen3_next", {"group_size": 128, "moe_intermediate_size": 128,
+                    "gate_group_size": 32}),
+    ("qwen3_next", {"mlp_only_layers": [1]}),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"mla_form": "kv_b_proj", "group_size": 32}),
+    ("qwen3_moe", {}),
+    ("qwen3_moe", {"bits": 8, "gate_bits": 4}),
+    ("qwen3_moe", {"bits": 3, "gate_bits": None, "group_size": 128,
+                   "moe_intermediate_size": 128}),
+]
+
+
+@pytest.mark.parametrize("arch,overrides", CASES,
+                         ids=[f"{a}-{'-'.join(f'{k}{v}' for k, v in o.items()) or 'default'}"
+                              for a, o in CASES])
+def test_convert_synth_every_byte(synth_checkpoint, tmp_path, arch, overrides):
+    src = synth_checkpoint(arch, **overrides)
+    dst = convert(src, tmp_path / "model", progress=False)
+    check_conversion(src, dst)
+    assert verify(dst, src, full=True).ok
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3"])
+def test_convert_mlx_lm_checkpoint(tmp_path, arch):
+    src = mlx_checkpoint(arch, tmp_path / "src")
+    dst = convert(src, tmp_path / "model", progress=False)
+    check_conversion(src, dst)
+
+
+def test_convert_sharded_and_extra_tensors(tmp_path):
+    """Several shards; MTP and vision tensors skipped; BF16/F16 A_log widened; F16
+    scales and F32 norms copied as they are."""
+    from moeflux.prep.synth import tiny_config, write_checkpoint
+    base = write_checkpoint(tmp_path / "base", tiny_config("qwen3_5_moe"), seed=3,
+                            max_shard_bytes=300_000)
+    assert len(list(base.glob("model-*.safetensors"))) > 2
+
+    def edit(t):
+        name0 = "language_model.model.layers.0.linear_attn.A_log"
+        dt, shape, data = t[name0]
+        f32 = np.frombuffer(data, "<f4")
+        t[name0] = ("BF16", shape, (f32.view("<u4") >> 16).astype("<u2").tobytes())
+        name1 = "language_model.model.layers.1.linear_attn.A_log"
+        t[name1] = ("F16", shape, np.frombuffer(t[name1][2], "<f4").astype("<f2")
+                    .tobytes())
+        t["language_model.mtp.fc.weight"] = ("BF16", (4, 4), bytes(32))
+        t["mtp.layers.0.norm.weight"] = ("BF16", (4,), bytes(8))
+        t["vision_tower.blocks.0.attn.qkv.weight"] = ("BF16", (4, 4), bytes(32))
+        t["model.visual.patch_embed.weight"] = ("F32", (2,), bytes(8))
+        norm = "language_model.model.norm.weight"
+        t[norm] = ("F32", t[norm][1], (np.frombuffer(t[norm][2], "<u2").astype("<u4")
+                                       << 16).tobytes())
+        qp = "language_model.model.layers.0.self_attn.q_proj" \
+            if "language_model.model.layers.0.self_attn.q_proj.scales" in t else \
+            "language_model.model.layers.3.self_attn.q_proj"
+        for part in ("scales", "biases"):
+            dt, shape, data = t[f"{qp}.{part}"]
+            f = (np.frombuffer(data, "<u2").astype("<u4") << 16).view("<f4")
+            t[f"{qp}.{part}"] = ("F16", shape, f.astype("<f2").tobytes())
+        return t
+    # re-shard the edited tensors: clone writes one file, then split it again
+    src = clone_checkpoint(base, tmp_path / "src", edit_tensors=edit)
+    dst = convert(src, tmp_path / "model", progress=False)
+    check_conversion(src, dst)
+    man = json.loads((dst / "model_weights.json").read_text())
+    assert not any("mtp" in n or "visual" in n or "vision" in n for n in man["tensors"])
+    assert man["tensors"]["model.layers.1.linear_attn.A_log"]["dtype"] == "F32"
+    dst2 = convert(base, tmp_path / "model_sharded", progress=False)
+    check_conversion(base, dst2)
+
+
+# ==== resume ====
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def test_interrupted_after_layer_then_resumed(synth_checkpoint, tmp_path, monkeypatch):
+    src = synth_checkpoint("qwen3_5_moe")
+    ref = convert(src, tmp_path / "ref", progress=False)
+    dst = tmp_path / "model"
+
+    def boom(il: int) -> None:
+        if il == 1:
+            raise KeyboardInterrupt("injected after layer 1")
+    monkeypatch.setattr(repack_mod, "_after_layer", boom)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst, progress=False)
+    monkeypatch.undo()
+    exp = dst / "packed_experts"
+    assert sorted(p.name for p in exp.iterdir()) == ["layer_00.bin", "layer_01.bin"]
+    assert not (dst / "moeflux.json").exists()
+    # a hard kill leaves a temporary behind: it must not count and must go away
+    (exp / "layer_02.bin.tmp").write_bytes(b"garbage")
+    kept = {p: (dst / p).stat().st_mtime_ns for p in
+            ("model_weights.bin", "packed_experts/layer_00.bin",
+             "packed_experts/layer_01.bin")}
+    convert(src, dst, progress=False)
+    for p, mtime in kept.items():
+        assert (dst / p).stat().st_mtime_ns == mtime, f"{p} was rewritten"
+    assert _snapshot(dst) == _snapshot(ref)
+    assert not list(dst.rglob("*.tmp"))
+    check_conversion(src, dst)
+
+
+def test_interrupted_inside_layer_leaves_nothing_finished(synth_checkpoint, tmp_path,
+                                                          monkeypatch):
+    src = synth_checkpoint("deepseek_v3")
+    dst = tmp_path / "model"
+    real = repack_mod.fill_verbatim
+
+    def fail_on_layer2(src_, plan, il, e0, e1, view):
+        if il == 2:
+            real(src_, plan, il, e0, e1, view)
+            raise RuntimeError("injected mid-layer")
+        return real(src_, plan, il, e0, e1, view)
+    monkeypatch.setattr(repack_mod, "fill_verbatim", fail_on_layer2)
+    with pytest.raises(RuntimeError, match="injected"):
+        convert(src, dst, progress=False)
+    monkeypatch.undo()
+    assert not (dst / "packed_experts" / "layer_02.bin").exists()
+    assert not list(dst.rglob("*.tmp"))
+    assert (dst / "packed_experts" / "layer_01.bin").exists()
+    assert not (dst / "moeflux.json").exists()
+    convert(src, dst, progress=False)
+    check_conversion(src, dst)
+
+
+def test_changed_output_file_is_redone(synth_checkpoint, tmp_path):
+    src = synth_checkpoint("qwen3_moe")
+    dst = convert(src, tmp_path / "model", progress=False)
+    p = dst / "packed_experts" / "layer_01.bin"
+    with open(p, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    convert(src, dst, progress=False)
+    check_conversion(src, dst)
+
+
+# ==== refusals ====
+
+def _assert_nothing_written(dst: Path) -> None:
+    assert not dst.exists() or not [p for p in dst.rglob("*") if p.is_file()]
+
+
+def test_refuses_unknown_model_type(synth_checkpoint, tmp_path):
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_config=lambda c: {**c, "model_type": "llama"})
+    with pytest.raises(FormatError, match="model_type 'llama'"):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+def test_refuses_hf_per_expert_tensors(synth_checkpoint, tmp_path):
+    def edit(t):
+        w = t.pop("model.layers.0.mlp.switch_mlp.up_proj.weight")
+        t["model.layers.0.mlp.experts.0.up_proj.weight"] = ("BF16", (64, 256),
+                                                            bytes(64 * 256 * 2))
+        return t
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_tensors=edit)
+    with pytest.raises(FormatError, match=r"mlp\.experts\.0\.up_proj\.weight"):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+def test_refuses_hf_fused_experts(synth_checkpoint, tmp_path):
+    def edit(t):
+        t["language_model.model.layers.0.mlp.experts.gate_up_proj"] = (
+            "BF16", (8, 128, 256), bytes(8 * 128 * 256 * 2))
+        return t
+    src = clone_checkpoint(synth_checkpoint("qwen3_5_moe"), tmp_path / "src",
+                           edit_tensors=edit)
+    with pytest.raises(FormatError, match=r"experts\.gate_up_proj"):
+        convert(src, tmp_path / "model", progress=False)
+
+
+def test_refuses_hf_conv_layout(synth_checkpoint, tmp_path):
+    name = "language_model.model.layers.0.linear_attn.conv1d.weight"
+
+    def edit(t):
+        dt, (c, k, one), data = t[name]
+        t[name] = (dt, (c, one, k), data)
+        return t
+    src = clone_checkpoint(synth_checkpoint("qwen3_5_moe"), tmp_path / "src",
+                           edit_tensors=edit)
+    with pytest.raises(FormatError, match=re.escape(name) + r".*\[C, 1, K\]"):
+        convert(src, tmp_path / "model", progress=False)
+
+
+def test_refuses_non_affine_mode(synth_checkpoint, tmp_path):
+    def edit_cfg(c):
+        c["quantization"]["mode"] = "mxfp4"
+        return c
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_config=edit_cfg)
+    with pytest.raises(FormatError, match="mxfp4"):
+        convert(src, tmp_path / "model", progress=False)
+
+
+def test_refuses_missing_biases(synth_checkpoint, tmp_path):
+    def edit(t):
+        del t["model.layers.1.self_attn.o_proj.biases"]
+        return t
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_tensors=edit)
+    with pytest.raises(FormatError, match=r"o_proj\.biases.*affine"):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("num_experts", 16, r"switch_mlp\.gate_proj\.weight: shape \[8, 64, 32\], "
+                        r"expected \[16, 64, 32\]"),
+    ("moe_intermediate_size", 128, r"switch_mlp\.gate_proj\.weight: shape "
+                                   r"\[8, 64, 32\], expected \[8, 128, 32\]"),
+    ("hidden_size", 512, r"switch_mlp\.gate_proj\.weight: shape \[8, 64, 32\], "
+                         r"expected \[8, 64, 64\]"),
+])
+def test_refuses_expert_shapes_vs_config(synth_checkpoint, tmp_path, key, value,
+                                         pattern):
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_config=lambda c: {**c, key: value})
+    with pytest.raises(ShapeError, match=pattern):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+def test_refuses_packed_cols_vs_bits(synth_checkpoint, tmp_path):
+    def edit_cfg(c):
+        c["quantization"]["bits"] = 8
+        return c
+    src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
+                           edit_config=edit_cfg)
+    with pytest.raises(ShapeError, match=r"groups \* group_size 64 != \d+ inputs"):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+def test_refuses_missing_moe_layer(synth_checkpoint, tmp_path):
+    src = clone_checkpoint(
+        synth_checkpoint("qwen3_next"), tmp_path / "src",
+        edit_tensors=lambda t: {k: v for k, v in t.items()
+                                if not k.startswith("model.layers.2.mlp.switch_mlp")})
+    with pytest.raises(FormatError, match=r"missing in \[2\]"):
+        convert(src, tmp_path / "model", progress=False)
+
+
+def test_refuses_when_disk_too_small(synth_checkpoint, tmp_path, monkeypatch):
+    from moeflux.prep import _common
+    src = synth_checkpoint("qwen3_moe")
+    real = shutil.disk_usage
+    monkeypatch.setattr(_common.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=1000))
+    with pytest.raises(_common.PrepIOError, match="free") as exc:
+        convert(src, tmp_path / "model", progress=False)
+    assert isinstance(exc.value, MoefluxError)
+    _assert_nothing_written(tmp_path / "model")
+
+
+# ==== verify ====
+
+def test_verify_reports_corruption(synth_checkpoint, tmp_path):
+    src = synth_checkpoint("qwen3_5_moe")
+    dst = convert(src, tmp_path / "model", progress=False)
+    assert verify(dst, src).ok and verify(dst).ok
+
+    man = json.loads((dst / "model_weights.json").read_text())
+    t = man["tensors"]["model.layers.2.linear_attn.out_proj.scales"]
+    flip_at = t["offset"] + 5
+    with open(dst / "model_weights.bin", "r+b") as f:
+        f.seek(flip_at)
+        b = f.read(1)
+        f.seek(flip_at)
+        f.write(bytes([b[0] ^ 0x10]))
+    rep = verify(dst)
+    assert not rep.ok and any("model_weights.bin: sha256" in p for p in rep.problems)
+    rep = verify(dst, src)
+    assert any(f"tensor model.layers.2.linear_attn.out_proj.scales differs from the "
+               f"source at file offset {flip_at}" in p for p in rep.problems), rep
+
+    lay = json.loads((dst / "packed_experts" / "layout.json").read_text())
+    es = lay["expert_size"]
+    comp = next(c for c in lay["components"] if c["name"] == "up_proj.scales")
+    at = 3 * es + comp["offset"] + 7
+    p = dst / "packed_experts" / "layer_01.bin"
+    with open(p, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+    rep = verify(dst, src, full=True)
+    assert any("packed_experts/layer_01.bin: sha256" in x for x in rep.problems)
+    assert any(f"layer_01.bin: layer 1 expert 3 differs from the source at file offset "
+               f"{at} (component up_proj.scales byte 7)" in x for x in rep.problems), rep
+
+    p2 = dst / "packed_experts" / "layer_02.bin"
+    with open(p2, "r+b") as f:
+        f.truncate(p2.stat().st_size - 100)
+    rep = verify(dst)
+    assert any(f"layer_02.bin: {8 * es - 100} bytes, expected 8 experts" in x
+               for x in rep.problems), rep
+    out = subprocess.run([PY, "-m", "moeflux.prep", "verify", str(dst), "--src",
+                          str(src)], capture_output=True, text=True)
+    assert out.returncode == 1 and "layer 1 expert 3" in out.stdout
+
+
+def test_verify_cli_ok(synth_checkpoint, tmp_path):
+    src = synth_checkpoint("qwen3_moe")
+    dst = convert(src, tmp_path / "model", progress=False)
+    out = subprocess.run([PY, "-m", "moeflux.prep", "verify", str(dst), "--src",
+                          str(src), "--full"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (dst / "packed_experts" / "layout.json").write_text("{}")
+    out = subprocess.run([PY, "-m", "moeflux.prep", "verify", str(dst)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "layout.json" in out.stdout
+
+
+# ==== command lines ====
+
+def test_command_lines(synth_checkpoint, tmp_path):
+    src = synth_checkpoint("qwen3_moe")
+    a = tmp_path / "a"
+    r = subprocess.run([PY, "-m", "moeflux.prep", "convert", str(src), str(a),
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    check_conversion(src, a)
+    b = tmp_path / "b"
+    r = subprocess.run([PY, str(REPO / "prep" / "extract_weights.py"), str(src), str(b),
+                        "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([PY, "-m", "moeflux.prep.repack_experts", str(src), str(b),
+                        "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rel in ("model_weights.bin", "model_weights.json", "packed_experts/layer_00.bin",
+                "packed_experts/layer_01.bin", "packed_experts/layout.json"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    r = subprocess.run([PY, "-m", "moeflux.prep", "convert", str(tmp_path / "nope"),
+                        str(tmp_path / "c")], capture_output=True, text=True)
+    assert r.returncode != 0 and "config.json" in r.stderr
+
+
+# ==== 2-bit ====
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """f32 -> nearest bf16 (ties to even) as f32, done by mlx."""
+    import mlx.core as mx
+    return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
+
+
+def _unpack2(words: np.ndarray) -> np.ndarray:
+    out = np.empty(words.shape[:-1] + (words.shape[-1] * 16,), np.float32)
+    for k in range(16):
+        out[..., k::16] = (words >> (2 * k)) & 3
+    return out
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen3_5_moe", {}),
+                                            ("qwen3_moe", {"group_size": 32})])
+def test_two_bit_requantization(synth_checkpoint, tmp_path, arch, overrides):
+    import mlx.core as mx
+    src = synth_checkpoint(arch, **overrides)
+    dst = convert(src, tmp_path / "model", expert_bits=2, progress=False)
+    tensors = read_tensors(src)
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    gs = cfg["quantization"]["group_size"]
+    lay = json.loads((dst / "packed_experts_2bit" / "layout.json").read_text())
+    assert (lay["bits"], lay["group_size"]) == (2, gs)
+    assert not (dst / "packed_experts").exists()
+    comps = {c["name"]: c for c in lay["components"]}
+    hid, inter, n_exp = text["hidden_size"], text["moe_intermediate_size"], \
+        text["num_experts"]
+    rows_in = {"gate_proj": (inter, hid), "up_proj": (inter, hid),
+               "down_proj": (hid, inter)}
+    sq = {p: [0.0, 0] for p in rows_in}
+    prefix = "language_model." if arch == "qwen3_5_moe" else ""
+    es = lay["expert_size"]
+    for il in lay["moe_layers"]:
+        blob = np.frombuffer((dst / "packed_experts_2bit" / f"layer_{il:02d}.bin")
+                             .read_bytes(), np.uint8).reshape(n_exp, es)
+        for proj, (rows, n_in) in rows_in.items():
+            base = f"{prefix}model.layers.{il}.mlp.switch_mlp.{proj}"
+            w = np.frombuffer(tensors[f"{base}.weight"][2], "<u4").reshape(
+                n_exp, rows, -1)
+            s, b = (mx.array(np.frombuffer(tensors[f"{base}.{k}"][2], "<u2")
+                             .astype("<u4") << 16).view(mx.float32)
+                    .reshape(n_exp, rows, -1) for k in ("scales", "biases"))
+            x = np.array(mx.dequantize(mx.array(w), s, b, group_size=gs, bits=4))
+            # independent requantization of mlx's dequantized values
+            g = x.reshape(n_exp, rows, n_in // gs, gs)
+            lo, hi = g.min(-1), g.max(-1)
+            s2 = _bf16_round((hi - lo) / np.float32(3))
+            b2 = _bf16_round(lo)
+            div = np.where(s2 == 0, np.float32(1), s2)
+            q = np.clip(np.rint((g - b2[..., None]) / div[..., None]), 0, 3)
+            ref = (q * s2[..., None] + b2[..., None]).reshape(x.shape)
+            # what the file holds, decoded here
+            cw, cs, cb = (comps[f"{proj}.{k}"] for k in ("weight", "scales", "biases"))
+            assert (cw["dtype"], cs["dtype"]) == ("U32", "BF16")
+            words = blob[:, cw["offset"]:cw["offset"] + cw["size"]].copy().view(
+                "<u4").reshape(n_exp, rows, n_in // 16)
+            fs, fb = ((blob[:, c["offset"]:c["offset"] + c["size"]].copy().view("<u2")
+                       .astype("<u4") << 16).view("<f4").reshape(n_exp, rows, -1)
+                      for c in (cs, cb))
+            np.testing.assert_array_equal(fs, s2)
+            np.testing.assert_array_equal(fb, b2)
+            got = (_unpack2(words).reshape(g.shape) * fs[..., None] + fb[..., None]
+                   ).reshape(x.shape)
+            np.testing.assert_array_equal(got, ref)
+            sq[proj][0] += float(np.square(ref - x, dtype=np.float64).sum())
+            sq[proj][1] += x.size
+    info = json.loads((dst / "moeflux.json").read_text())
+    assert info["expert_bits"] == 2 and info["expert_dir"] == "packed_experts_2bit"
+    for proj, (s, n) in sq.items():
+        assert info["requant_rmse"][proj] == pytest.approx((s / n) ** 0.5, rel=1e-6)
+        assert info["requant_rmse"][proj] > 0
+    assert verify(dst, src, full=True).ok
+    r = subprocess.run([PY, "-m", "moeflux.prep", "repack-experts", str(src),
+                        str(tmp_path / "cli"), "--expert-bits", "2", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "gate_proj" in r.stdout and "RMSE" in r.stdout
