@@ -10,8 +10,13 @@
  */
 #include "core/internal.h"
 
+extern const struct mf_arch mf_arch_qwen3_5_moe;
+extern const struct mf_arch mf_arch_qwen3_next;
+
 // NULL-terminated so the table may be empty before any arch lands.
 static const struct mf_arch *const arch_table[] = {
+    &mf_arch_qwen3_5_moe,
+    &mf_arch_qwen3_next,
     NULL,
 };
 
