@@ -1,0 +1,675 @@
+/*
+ * diag.c — test-only functions of moeflux._core (names start with `_diag_`): each runs
+ * one CPU backend op on numpy buffers through a temporary backend and exec, so
+ * tests/test_kernels.py can compare the ops one by one against mlx, and
+ * bench/bench_matmul.py can time them. Not API: nothing here is documented for users.
+ *
+ * Every function takes its output buffer(s) as arguments (numpy arrays allocated by the
+ * caller) and checks each buffer's size against the shapes it is given before touching
+ * memory. Float weights are passed as raw buffers plus a dtype name ("F32", "BF16",
+ * "F16"; bf16 as uint16 arrays) because numpy has no bfloat16.
+ * The table mf_py_diag_methods is added to the module's methods by the binding.
+ */
+#include "python/binding.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include "backends/backend.h"
+#include "backends/cpu/cpu_internal.h"
+
+/* ==== Buffers and the temporary exec ==== */
+
+#define MAX_BUFS 12
+
+struct bufset {
+    Py_buffer b[MAX_BUFS];
+    int n;
+};
+
+static void bufs_release(struct bufset *s) {
+    for (int i = 0; i < s->n; i++)
+        PyBuffer_Release(&s->b[i]);
+    s->n = 0;
+}
+
+// Pins o as a C-contiguous buffer of at least need_bytes; NULL (no buffer) if o is None
+// and allow_none. Returns the data pointer, or NULL with an exception set (check
+// PyErr_Occurred when None is allowed).
+static void *bufs_get(struct bufset *s, PyObject *o, Py_ssize_t need_bytes, int writable,
+                      int allow_none, const char *what) {
+    if (o == NULL || o == Py_None) {
+        if (!allow_none)
+            PyErr_Format(PyExc_ValueError, "%s: a buffer is required", what);
+        return NULL;
+    }
+    if (s->n >= MAX_BUFS) {
+        PyErr_SetString(PyExc_RuntimeError, "diag: too many buffers");
+        return NULL;
+    }
+    Py_buffer *b = &s->b[s->n];
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return NULL;
+    s->n++;
+    if (b->len < need_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need at least %zd", what, b->len,
+                     need_bytes);
+        return NULL;
+    }
+    return b->buf;
+}
+
+static int parse_dtype(const char *s, enum mf_dtype *dt) {
+    if (mf_dtype_parse(s, dt) != 0) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype '%s'", s);
+        return -1;
+    }
+    return 0;
+}
+
+struct env {
+    struct mf_backend *be;
+    struct mf_exec *ex;
+};
+
+static int env_open(struct env *e, int n_threads, const char *kernels) {
+    char err[256] = "";
+    e->be = NULL;
+    e->ex = NULL;
+    if (mf_backend_cpu_new(&e->be, err, sizeof err) != MF_OK ||
+        e->be->ops->exec_new(e->be, n_threads, &e->ex, err, sizeof err) != MF_OK ||
+        (kernels && mf_cpu_exec_set_kernels(e->ex, kernels, err, sizeof err) != MF_OK)) {
+        PyErr_Format(PyExc_RuntimeError, "diag: %s", err);
+        if (e->ex)
+            e->be->ops->exec_free(e->ex);
+        if (e->be)
+            e->be->ops->free(e->be);
+        e->be = NULL;
+        e->ex = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static void env_close(struct env *e) {
+    if (e->ex)
+        e->be->ops->exec_free(e->ex);
+    if (e->be)
+        e->be->ops->free(e->be);
+}
+
+// A float vector weight (norm gains, conv weights, A_log, dt_bias) from a buffer.
+static int float_weight(struct bufset *s, PyObject *o, const char *dtype, int64_t n,
+                        int allow_none, const char *what, struct mf_weight *w) {
+    memset(w, 0, sizeof *w);
+    if ((o == NULL || o == Py_None) && allow_none)
+        return 1;   // absent
+    if (parse_dtype(dtype, &w->dtype) < 0)
+        return -1;
+    w->w = bufs_get(s, o, (Py_ssize_t)(n * (int64_t)mf_dtype_size(w->dtype)), 0, 0, what);
+    if (!w->w)
+        return -1;
+    w->n_out = 1;
+    w->n_in = n;
+    return 0;
+}
+
+/* ==== Linear algebra ==== */
+
+PyDoc_STRVAR(diag_matmul_doc,
+"_diag_matmul(op, out, w, x, n_out, n_in, n_tok, wdtype='U32', scales=None, "
+"biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None, n_rep=1)\n--\n\n"
+"Run op 'matmul' (out[n_tok,n_out] = x @ W^T), 'matmul_t' (out[n_tok,n_in] = x @ W) "
+"or 'embed' (out[n_tok,n_in] = rows x (int32 tokens) of W) n_rep times.");
+
+static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"op", "out", "w", "x", "n_out", "n_in", "n_tok", "wdtype",
+                             "scales", "biases", "sdtype", "bits", "group_size",
+                             "n_threads", "kernels", "n_rep", NULL};
+    const char *op, *wdtype = "U32", *sdtype = "F32", *kernels = NULL;
+    PyObject *o_out, *o_w, *o_x, *o_s = Py_None, *o_b = Py_None;
+    long long n_out, n_in;
+    int n_tok, bits = 0, gs = 0, n_threads = 1, n_rep = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOOLLi|sOOsiiizi", kwlist, &op, &o_out,
+                                     &o_w, &o_x, &n_out, &n_in, &n_tok, &wdtype, &o_s,
+                                     &o_b, &sdtype, &bits, &gs, &n_threads, &kernels,
+                                     &n_rep))
+        return NULL;
+    int which = strcmp(op, "matmul") == 0 ? 0 : strcmp(op, "matmul_t") == 0 ? 1
+                : strcmp(op, "embed") == 0 ? 2 : -1;
+    if (which < 0)
+        return PyErr_Format(PyExc_ValueError, "unknown op '%s'", op);
+    if (n_out < 1 || n_in < 1 || n_tok < 1 || n_threads < 1 || n_rep < 1)
+        return PyErr_Format(PyExc_ValueError, "sizes must be positive");
+    struct mf_weight w = {.n_out = n_out, .n_in = n_in};
+    if (parse_dtype(wdtype, &w.dtype) < 0 || parse_dtype(sdtype, &w.sdtype) < 0)
+        return NULL;
+    if (w.dtype == MF_DTYPE_U32) {
+        if (bits < 2 || bits > 8 || bits == 7 || (gs != 32 && gs != 64 && gs != 128) ||
+            n_in % gs != 0)
+            return PyErr_Format(PyExc_ValueError, "bad bits %d / group_size %d for n_in %lld",
+                                bits, gs, n_in);
+        w.bits = bits;
+        w.group_size = gs;
+    } else if (w.dtype != MF_DTYPE_F32 && w.dtype != MF_DTYPE_BF16 &&
+               w.dtype != MF_DTYPE_F16) {
+        return PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
+    }
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    Py_ssize_t x_bytes = which == 0 ? (Py_ssize_t)(n_tok * n_in * 4)
+                         : which == 1 ? (Py_ssize_t)(n_tok * n_out * 4)
+                                      : (Py_ssize_t)(n_tok * 4);
+    Py_ssize_t y_bytes = (Py_ssize_t)(n_tok * (which == 0 ? n_out : n_in) * 4);
+    float *y = bufs_get(&s, o_out, y_bytes, 1, 0, "out");
+    const void *x = y ? bufs_get(&s, o_x, x_bytes, 0, 0, "x") : NULL;
+    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)mf_weight_w_bytes(&w), 0, 0, "w") : NULL;
+    if (w.w && w.dtype == MF_DTYPE_U32) {
+        w.scales = bufs_get(&s, o_s, (Py_ssize_t)mf_weight_s_bytes(&w), 0, 0, "scales");
+        w.biases = w.scales ? bufs_get(&s, o_b, (Py_ssize_t)mf_weight_s_bytes(&w), 0, 0,
+                                       "biases") : NULL;
+        if (!w.biases)
+            goto done;
+    }
+    if (!w.w)
+        goto done;
+    if (which == 2)
+        for (int t = 0; t < n_tok; t++)
+            if (((const int32_t *)x)[t] < 0 || ((const int32_t *)x)[t] >= n_out) {
+                PyErr_Format(PyExc_ValueError, "token %d out of range", ((const int32_t *)x)[t]);
+                goto done;
+            }
+    struct env e;
+    if (env_open(&e, n_threads, kernels) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (int r = 0; r < n_rep; r++) {
+        if (which == 0)
+            e.be->ops->matmul(e.ex, y, &w, x, n_tok);
+        else if (which == 1)
+            e.be->ops->matmul_t(e.ex, y, &w, x, n_tok);
+        else
+            e.be->ops->embed(e.ex, y, &w, x, n_tok);
+    }
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+/* ==== Norms and rope ==== */
+
+PyDoc_STRVAR(diag_rmsnorm_doc,
+"_diag_rmsnorm(out, x, n_rows, n, eps, g=None, gdtype='F32', scale=1.0, z=None, "
+"n_threads=1)\n--\n\n"
+"out[n_rows,n] = rmsnorm(x) * g * scale, or rmsnorm(x) * g * silu(z) when z is given.");
+
+static PyObject *diag_rmsnorm(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"out", "x", "n_rows", "n", "eps", "g", "gdtype", "scale", "z",
+                             "n_threads", NULL};
+    PyObject *o_out, *o_x, *o_g = Py_None, *o_z = Py_None;
+    int n_rows, n, n_threads = 1;
+    float eps, scale = 1.0f;
+    const char *gdtype = "F32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiif|OsfOi", kwlist, &o_out, &o_x, &n_rows,
+                                     &n, &eps, &o_g, &gdtype, &scale, &o_z, &n_threads))
+        return NULL;
+    if (n_rows < 1 || n < 1 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "sizes must be positive");
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    Py_ssize_t bytes = (Py_ssize_t)n_rows * n * 4;
+    struct mf_weight g;
+    float *y = bufs_get(&s, o_out, bytes, 1, 0, "out");
+    const float *x = y ? bufs_get(&s, o_x, bytes, 0, 0, "x") : NULL;
+    int grc = x ? float_weight(&s, o_g, gdtype, n, 1, "g", &g) : -1;
+    const float *z = grc >= 0 ? bufs_get(&s, o_z, bytes, 0, 1, "z") : NULL;
+    if (grc < 0 || PyErr_Occurred())
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, NULL) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (z)
+        e.be->ops->rmsnorm_gated(e.ex, y, x, z, grc == 1 ? NULL : &g, n_rows, n, eps);
+    else
+        e.be->ops->rmsnorm(e.ex, y, x, grc == 1 ? NULL : &g, n_rows, n, eps, scale);
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+PyDoc_STRVAR(diag_rope_doc,
+"_diag_rope(x, n_tok, n_heads, tok_stride, head_stride, n_rot, inv_freq, pos0, "
+"traditional, mscale=1.0, n_threads=1)\n--\n\n"
+"Rotary embedding in place on the float32 buffer x.");
+
+static PyObject *diag_rope(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"x", "n_tok", "n_heads", "tok_stride", "head_stride", "n_rot",
+                             "inv_freq", "pos0", "traditional", "mscale", "n_threads", NULL};
+    PyObject *o_x, *o_f;
+    int n_tok, n_heads, tok_stride, head_stride, n_rot, pos0, traditional, n_threads = 1;
+    float mscale = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiiiiiOip|fi", kwlist, &o_x, &n_tok,
+                                     &n_heads, &tok_stride, &head_stride, &n_rot, &o_f,
+                                     &pos0, &traditional, &mscale, &n_threads))
+        return NULL;
+    if (n_tok < 1 || n_heads < 1 || n_rot < 2 || n_rot % 2 || pos0 < 0 || n_threads < 1 ||
+        head_stride < n_rot || tok_stride < 1)
+        return PyErr_Format(PyExc_ValueError, "bad rope sizes");
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    Py_ssize_t need = ((Py_ssize_t)(n_tok - 1) * tok_stride +
+                       (Py_ssize_t)(n_heads - 1) * head_stride + n_rot) * 4;
+    float *x = bufs_get(&s, o_x, need, 1, 0, "x");
+    const float *f = x ? bufs_get(&s, o_f, (Py_ssize_t)(n_rot / 2) * 4, 0, 0, "inv_freq")
+                       : NULL;
+    if (!f)
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, NULL) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->rope(e.ex, x, n_tok, n_heads, tok_stride, head_stride, n_rot, f, pos0,
+                    traditional, mscale);
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+/* ==== Attention ==== */
+
+PyDoc_STRVAR(diag_attention_doc,
+"_diag_attention(out, q, kv, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, "
+"pos0, scale, k_off=0, v=None, v_off=0, n_threads=1)\n--\n\n"
+"Causal attention; keys at kv + k_off (elements), values at (v or kv) + v_off.");
+
+static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"out", "q", "kv", "n_tok", "n_head", "n_kv_head", "dk", "dv",
+                             "k_stride", "v_stride", "pos0", "scale", "k_off", "v",
+                             "v_off", "n_threads", NULL};
+    PyObject *o_out, *o_q, *o_k, *o_v = Py_None;
+    int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, k_off = 0, v_off = 0,
+        n_threads = 1;
+    float scale;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiiiiif|iOii", kwlist, &o_out, &o_q,
+                                     &o_k, &n_tok, &n_head, &n_kv_head, &dk, &dv, &k_stride,
+                                     &v_stride, &pos0, &scale, &k_off, &o_v, &v_off,
+                                     &n_threads))
+        return NULL;
+    if (n_tok < 1 || n_head < 1 || n_kv_head < 1 || n_head % n_kv_head || dk < 1 || dv < 1 ||
+        pos0 < 0 || k_off < 0 || v_off < 0 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "bad attention sizes");
+    int n_pos = pos0 + n_tok;
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    float *out = bufs_get(&s, o_out, (Py_ssize_t)n_tok * n_head * dv * 4, 1, 0, "out");
+    const float *q = out ? bufs_get(&s, o_q, (Py_ssize_t)n_tok * n_head * dk * 4, 0, 0, "q")
+                         : NULL;
+    Py_ssize_t k_need = ((Py_ssize_t)(n_pos - 1) * k_stride + (Py_ssize_t)n_kv_head * dk +
+                         k_off) * 4;
+    Py_ssize_t v_need = ((Py_ssize_t)(n_pos - 1) * v_stride + (Py_ssize_t)n_kv_head * dv +
+                         v_off) * 4;
+    const float *k = q ? bufs_get(&s, o_k, o_v == Py_None ? (k_need > v_need ? k_need : v_need)
+                                                         : k_need, 0, 0, "kv") : NULL;
+    const float *v = k;
+    if (k && o_v != Py_None)
+        v = bufs_get(&s, o_v, v_need, 0, 0, "v");
+    if (!k || !v)
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, NULL) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->attention(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head, n_kv_head, dk,
+                         dv, k_stride, v_stride, pos0, scale);
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+/* ==== GatedDeltaNet pieces ==== */
+
+PyDoc_STRVAR(diag_conv1d_silu_doc,
+"_diag_conv1d_silu(y, state, u, w, n_tok, C, K, wdtype='F32', n_threads=1)\n--\n\n"
+"y[n_tok,C] = silu(causal depthwise conv); state[K-1,C] is read and advanced.");
+
+static PyObject *diag_conv1d_silu(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"y", "state", "u", "w", "n_tok", "C", "K", "wdtype",
+                             "n_threads", NULL};
+    PyObject *o_y, *o_st, *o_u, *o_w;
+    int n_tok, C, K, n_threads = 1;
+    const char *wdtype = "F32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiii|si", kwlist, &o_y, &o_st, &o_u, &o_w,
+                                     &n_tok, &C, &K, &wdtype, &n_threads))
+        return NULL;
+    if (n_tok < 1 || C < 1 || K < 2 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "bad conv sizes");
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    struct mf_weight w;
+    float *y = bufs_get(&s, o_y, (Py_ssize_t)n_tok * C * 4, 1, 0, "y");
+    float *st = y ? bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state") : NULL;
+    const float *u = st ? bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u") : NULL;
+    if (!u || float_weight(&s, o_w, wdtype, (int64_t)C * K, 0, "w", &w) < 0)
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, NULL) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->conv1d_silu(e.ex, y, st, u, &w, n_tok, C, K);
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+PyDoc_STRVAR(diag_gdn_gates_doc,
+"_diag_gdn_gates(g, beta, a, b, ab_stride, A_log, dt_bias, n_tok, nv, A_dtype='F32', "
+"dt_dtype='F32')\n--\n\n"
+"beta = sigmoid(b), g = exp(-exp(A_log) * softplus(a + dt_bias)), each [n_tok, nv].");
+
+static PyObject *diag_gdn_gates(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"g", "beta", "a", "b", "ab_stride", "A_log", "dt_bias",
+                             "n_tok", "nv", "A_dtype", "dt_dtype", NULL};
+    PyObject *o_g, *o_beta, *o_a, *o_b, *o_A, *o_dt;
+    int ab_stride, n_tok, nv;
+    const char *A_dtype = "F32", *dt_dtype = "F32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiOOii|ss", kwlist, &o_g, &o_beta, &o_a,
+                                     &o_b, &ab_stride, &o_A, &o_dt, &n_tok, &nv, &A_dtype,
+                                     &dt_dtype))
+        return NULL;
+    if (n_tok < 1 || nv < 1 || ab_stride < nv)
+        return PyErr_Format(PyExc_ValueError, "bad gate sizes");
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    struct mf_weight A, dt;
+    Py_ssize_t out_bytes = (Py_ssize_t)n_tok * nv * 4;
+    Py_ssize_t ab_bytes = ((Py_ssize_t)(n_tok - 1) * ab_stride + nv) * 4;
+    float *g = bufs_get(&s, o_g, out_bytes, 1, 0, "g");
+    float *beta = g ? bufs_get(&s, o_beta, out_bytes, 1, 0, "beta") : NULL;
+    const float *a = beta ? bufs_get(&s, o_a, ab_bytes, 0, 0, "a") : NULL;
+    const float *b = a ? bufs_get(&s, o_b, ab_bytes, 0, 0, "b") : NULL;
+    if (!b || float_weight(&s, o_A, A_dtype, nv, 0, "A_log", &A) < 0 ||
+        float_weight(&s, o_dt, dt_dtype, nv, 0, "dt_bias", &dt) < 0)
+        goto done;
+    struct env e;
+    if (env_open(&e, 1, NULL) < 0)
+        goto done;
+    e.be->ops->gdn_gates(e.ex, g, beta, a, b, ab_stride, &A, &dt, n_tok, nv);
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+PyDoc_STRVAR(diag_gdn_recurrence_doc,
+"_diag_gdn_recurrence(o, S, qkv, qkv_stride, q_off, k_off, v_off, g, beta, n_tok, nk, nv, "
+"dk, dv, n_threads=1)\n--\n\n"
+"Delta-rule recurrence; q/k/v of token t at qkv + t*qkv_stride + *_off; S updated.");
+
+static PyObject *diag_gdn_recurrence(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"o", "S", "qkv", "qkv_stride", "q_off", "k_off", "v_off", "g",
+                             "beta", "n_tok", "nk", "nv", "dk", "dv", "n_threads", NULL};
+    PyObject *o_o, *o_S, *o_qkv, *o_g, *o_beta;
+    int qkv_stride, q_off, k_off, v_off, n_tok, nk, nv, dk, dv, n_threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiOOiiiii|i", kwlist, &o_o, &o_S,
+                                     &o_qkv, &qkv_stride, &q_off, &k_off, &v_off, &o_g,
+                                     &o_beta, &n_tok, &nk, &nv, &dk, &dv, &n_threads))
+        return NULL;
+    if (n_tok < 1 || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 || q_off < 0 ||
+        k_off < 0 || v_off < 0 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "bad recurrence sizes");
+    int end = q_off + nk * dk;
+    end = k_off + nk * dk > end ? k_off + nk * dk : end;
+    end = v_off + nv * dv > end ? v_off + nv * dv : end;
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    float *o = bufs_get(&s, o_o, (Py_ssize_t)n_tok * nv * dv * 4, 1, 0, "o");
+    float *S = o ? bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S") : NULL;
+    const float *qkv = S ? bufs_get(&s, o_qkv,
+                                    ((Py_ssize_t)(n_tok - 1) * qkv_stride + end) * 4, 0, 0,
+                                    "qkv") : NULL;
+    const float *g = qkv ? bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g") : NULL;
+    const float *beta = g ? bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta")
+                          : NULL;
+    if (!beta)
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, NULL) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->gdn_recurrence(e.ex, o, S, qkv + q_off, qkv + k_off, qkv + v_off, qkv_stride,
+                              g, beta, n_tok, nk, nv, dk, dv);
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+/* ==== Elementwise and rows ==== */
+
+PyDoc_STRVAR(diag_elementwise_doc,
+"_diag_elementwise(op, y, a, n_rows, n_cols, stride, b_off=0, g_cols=0, alpha=1.0)\n--\n\n"
+"op 'swiglu': y[r,c] = silu(a[r*stride+c]) * a[r*stride+b_off+c]; 'mul_sigmoid': "
+"y[r,c] *= sigmoid(a[r*stride + (g_cols==1 ? 0 : c)]); 'axpy': y += alpha*a (n_cols).");
+
+static PyObject *diag_elementwise(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"op", "y", "a", "n_rows", "n_cols", "stride", "b_off",
+                             "g_cols", "alpha", NULL};
+    const char *op;
+    PyObject *o_y, *o_a;
+    int n_rows, n_cols, stride, b_off = 0, g_cols = 0;
+    float alpha = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOiii|iif", kwlist, &op, &o_y, &o_a,
+                                     &n_rows, &n_cols, &stride, &b_off, &g_cols, &alpha))
+        return NULL;
+    int which = strcmp(op, "swiglu") == 0 ? 0 : strcmp(op, "mul_sigmoid") == 0 ? 1
+                : strcmp(op, "axpy") == 0 ? 2 : -1;
+    if (which < 0 || n_rows < 1 || n_cols < 1 || stride < 0 || b_off < 0)
+        return PyErr_Format(PyExc_ValueError, "bad op or sizes");
+    Py_ssize_t a_need = which == 0 ? (Py_ssize_t)(n_rows - 1) * stride + b_off + n_cols
+                        : which == 1 ? (Py_ssize_t)(n_rows - 1) * stride + (g_cols == 1 ? 1 : n_cols)
+                                     : (Py_ssize_t)n_cols;
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    float *y = bufs_get(&s, o_y, (Py_ssize_t)(which == 2 ? 1 : n_rows) * n_cols * 4, 1, 0, "y");
+    const float *a = y ? bufs_get(&s, o_a, a_need * 4, 0, 0, "a") : NULL;
+    if (!a)
+        goto done;
+    struct env e;
+    if (env_open(&e, 1, NULL) < 0)
+        goto done;
+    if (which == 0)
+        e.be->ops->swiglu(e.ex, y, a, a + b_off, n_rows, n_cols, stride);
+    else if (which == 1)
+        e.be->ops->mul_sigmoid(e.ex, y, a, n_rows, n_cols, stride, g_cols);
+    else
+        e.be->ops->axpy(e.ex, y, alpha, a, n_cols);
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+PyDoc_STRVAR(diag_rows_doc,
+"_diag_rows(op, dst, src, idx, n_rows, n, n_dst_rows, n_src_rows, w=None)\n--\n\n"
+"op 'scatter_add': dst[idx[i]] += w[i] * src[i]; 'gather': dst[i] = src[idx[i]].");
+
+static PyObject *diag_rows(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"op", "dst", "src", "idx", "n_rows", "n", "n_dst_rows",
+                             "n_src_rows", "w", NULL};
+    const char *op;
+    PyObject *o_d, *o_s, *o_i, *o_w = Py_None;
+    int n_rows, n, n_dst, n_src;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOOiiii|O", kwlist, &op, &o_d, &o_s, &o_i,
+                                     &n_rows, &n, &n_dst, &n_src, &o_w))
+        return NULL;
+    int scatter = strcmp(op, "scatter_add") == 0;
+    if ((!scatter && strcmp(op, "gather") != 0) || n_rows < 1 || n < 1)
+        return PyErr_Format(PyExc_ValueError, "bad op or sizes");
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    float *dst = bufs_get(&s, o_d, (Py_ssize_t)n_dst * n * 4, 1, 0, "dst");
+    const float *src = dst ? bufs_get(&s, o_s, (Py_ssize_t)n_src * n * 4, 0, 0, "src") : NULL;
+    const int32_t *idx = src ? bufs_get(&s, o_i, (Py_ssize_t)n_rows * 4, 0, 0, "idx") : NULL;
+    const float *w = idx ? bufs_get(&s, o_w, (Py_ssize_t)n_rows * 4, 0, 1, "w") : NULL;
+    if (!idx || PyErr_Occurred())
+        goto done;
+    int bound = scatter ? n_dst : n_src;
+    if ((scatter ? n_src : n_dst) < n_rows) {
+        PyErr_SetString(PyExc_ValueError, "fewer rows than n_rows");
+        goto done;
+    }
+    for (int i = 0; i < n_rows; i++)
+        if (idx[i] < 0 || idx[i] >= bound) {
+            PyErr_Format(PyExc_ValueError, "index %d out of range", idx[i]);
+            goto done;
+        }
+    struct env e;
+    if (env_open(&e, 2, NULL) < 0)
+        goto done;
+    if (scatter)
+        e.be->ops->scatter_add_rows(e.ex, dst, src, idx, w, n_rows, n);
+    else
+        e.be->ops->gather_rows(e.ex, dst, src, idx, n_rows, n);
+    env_close(&e);
+    ret = Py_NewRef(Py_None);
+done:
+    bufs_release(&s);
+    return ret;
+}
+
+/* ==== Benchmark helpers ==== */
+
+struct read_job {
+    const float *buf;
+    int64_t n;
+    int64_t per_task;
+    float *partial;   // [n_task]
+};
+
+static void read_task(void *arg, int task, int tid) {
+    (void)tid;
+    const struct read_job *j = arg;
+    int64_t i0 = task * j->per_task, i1 = i0 + j->per_task < j->n ? i0 + j->per_task : j->n;
+    // Eight independent sums so the loop is bound by loads, not by add latency.
+    float s[8] = {0};
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int k = 0; k < 8; k++)
+            s[k] += j->buf[i + k];
+    for (; i < i1; i++)
+        s[0] += j->buf[i];
+    j->partial[task] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+PyDoc_STRVAR(diag_read_bw_doc,
+"_diag_read_bw(buf, n_threads, n_rep) -> float\n--\n\n"
+"Sum a float32 buffer n_rep times on the CPU backend's pool (a plain memory-read "
+"baseline for benchmarks); returns the last sum.");
+
+static PyObject *diag_read_bw(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    int n_threads, n_rep;
+    if (!PyArg_ParseTuple(args, "Oii", &o, &n_threads, &n_rep))
+        return NULL;
+    if (n_threads < 1 || n_rep < 1)
+        return PyErr_Format(PyExc_ValueError, "n_threads and n_rep must be positive");
+    struct bufset s = {.n = 0};
+    const float *buf = bufs_get(&s, o, 4, 0, 0, "buf");
+    if (!buf) {
+        bufs_release(&s);
+        return NULL;
+    }
+    struct read_job j = {.buf = buf, .n = s.b[0].len / 4};
+    j.per_task = 1 << 16;
+    int n_task = (int)((j.n + j.per_task - 1) / j.per_task);
+    j.partial = calloc((size_t)n_task, sizeof(float));
+    struct env e;
+    if (!j.partial || env_open(&e, n_threads, NULL) < 0) {
+        free(j.partial);
+        bufs_release(&s);
+        return j.partial ? NULL : PyErr_NoMemory();
+    }
+    double total = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int r = 0; r < n_rep; r++)
+        mf_pool_run(e.ex->pool, read_task, &j, n_task);
+    for (int t = 0; t < n_task; t++)
+        total += j.partial[t];
+    Py_END_ALLOW_THREADS
+    env_close(&e);
+    free(j.partial);
+    bufs_release(&s);
+    return PyFloat_FromDouble(total);
+}
+
+PyDoc_STRVAR(diag_kernels_doc,
+"_diag_kernels() -> list[str]\n--\n\n"
+"Kernel sets this CPU supports, best first.");
+
+static PyObject *diag_kernels(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    static const char *const names[] = {"avx512", "avx2", "neon", "scalar"};
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (!mf_cpu_kernels_find(names[i]))
+            continue;
+        PyObject *str = PyUnicode_FromString(names[i]);
+        if (!str || PyList_Append(list, str) < 0) {
+            Py_XDECREF(str);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(str);
+    }
+    return list;
+}
+
+#define KW(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
+
+PyMethodDef mf_py_diag_methods[] = {
+    {"_diag_matmul", KW(diag_matmul), diag_matmul_doc},
+    {"_diag_rmsnorm", KW(diag_rmsnorm), diag_rmsnorm_doc},
+    {"_diag_rope", KW(diag_rope), diag_rope_doc},
+    {"_diag_attention", KW(diag_attention), diag_attention_doc},
+    {"_diag_conv1d_silu", KW(diag_conv1d_silu), diag_conv1d_silu_doc},
+    {"_diag_gdn_gates", KW(diag_gdn_gates), diag_gdn_gates_doc},
+    {"_diag_gdn_recurrence", KW(diag_gdn_recurrence), diag_gdn_recurrence_doc},
+    {"_diag_elementwise", KW(diag_elementwise), diag_elementwise_doc},
+    {"_diag_rows", KW(diag_rows), diag_rows_doc},
+    {"_diag_read_bw", diag_read_bw, METH_VARARGS, diag_read_bw_doc},
+    {"_diag_kernels", diag_kernels, METH_NOARGS, diag_kernels_doc},
+    {NULL, NULL, 0, NULL},
+};
