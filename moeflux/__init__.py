@@ -1,2 +1,18 @@
-"""moeflux: a streaming-experts Mixture-of-Experts inference engine."""
+"""moeflux: a streaming-experts Mixture-of-Experts inference engine.
+
+``moeflux.Model(path)`` loads a model directory prepared by ``python -m moeflux.prep
+convert`` and evaluates tokens into numpy logits, reading only the experts the router
+picks from disk.
+"""
+from .errors import (AbortedError, ArgumentError, BackendError, FormatError,
+                     MoefluxError, MoefluxIOError, MoefluxMemoryError, ShapeError,
+                     StateError, UnsupportedError)
+from .model import Model
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Model", "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError",
+    "ArgumentError", "MoefluxMemoryError", "StateError", "UnsupportedError",
+    "BackendError", "AbortedError", "__version__",
+]
