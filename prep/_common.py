@@ -18,9 +18,9 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-from moeflux.errors import FormatError, MoefluxError, ShapeError
+from moeflux.errors import FormatError, MoefluxIOError, ShapeError
 from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
@@ -45,8 +45,8 @@ _HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_p
                            r"down_proj|gate_proj|up_proj)\b")
 
 
-class PrepIOError(MoefluxError, OSError):
-    """The destination cannot take the output (no space, unwritable)."""
+class PrepIOError(MoefluxIOError):
+    """The destination cannot take the output (no space left)."""
 
 
 # ==== names ====
@@ -93,8 +93,9 @@ class ModelConfig:
         try:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text())
         except FileNotFoundError:
-            raise FormatError(f"{cfg_path}: missing; an MLX checkpoint directory has "
-                              "config.json beside its safetensors files") from None
+            raise MoefluxIOError(errno.ENOENT, f"{cfg_path}: missing; an MLX checkpoint "
+                                 "directory has config.json beside its safetensors "
+                                 "files") from None
         except json.JSONDecodeError as exc:
             raise FormatError(f"{cfg_path}: not JSON ({exc})") from None
         self.arch = self._detect_arch()
@@ -162,7 +163,7 @@ class Source(ModelConfig):
         try:
             self.ckpt = Checkpoint(self.dir)
         except FileNotFoundError as exc:
-            raise FormatError(str(exc)) from None
+            raise MoefluxIOError(errno.ENOENT, str(exc)) from None
         except ValueError as exc:  # SafetensorsError
             raise FormatError(str(exc)) from None
         try:
@@ -492,14 +493,6 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def chunks(length: int, size: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
-    start = 0
-    while start < length:
-        n = min(size, length - start)
-        yield start, n
-        start += n
 
 
 def tensor_fd(src: Source, info: TensorInfo) -> int:

@@ -29,19 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from moeflux.errors import FormatError, ShapeError
+from moeflux.errors import ArgumentError, FormatError, ShapeError
 from moeflux.prep import requant
 from moeflux.prep._common import (COMPONENTS, PARTS, PROJECTIONS, BufferPool,
                                   HashedFile, Journal, Progress, Quant, Source,
                                   StepResult, check_disk, expert_key, json_bytes,
                                   layer_file_name, nbytes_of, preadv_exact,
                                   source_key, tensor_fd, write_small_file)
-from moeflux.prep.safetensors_io import DTYPE_SIZES, NUMPY_VIEWS, TensorInfo
+from moeflux.prep.safetensors_io import NUMPY_VIEWS, TensorInfo
 
 LAYOUT_FORMAT = "moeflux-experts"
 LAYOUT_VERSION = 1
 # Output buffers hold this many bytes of whole experts (at least one expert).
 BATCH_BYTES = 32 << 20
+# 2-bit requantization works on f32 copies of this many bytes per projection at most.
+REQUANT_F32_BYTES = 32 << 20
 
 
 def expert_dir_name(expert_bits: int) -> str:
@@ -114,7 +116,7 @@ def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
     """Find and check every routed-expert tensor against config.json; raises
     FormatError / ShapeError naming the tensor and what was expected."""
     if expert_bits not in (2, 4):
-        raise FormatError(f"expert_bits={expert_bits}: 4 (copy the source's experts "
+        raise ArgumentError(f"expert_bits={expert_bits}: 4 (copy the source's experts "
                           "as they are) or 2 (requantize to 2-bit) are supported")
     found: dict[int, dict[str, str]] = {}
     for name in src.ckpt.tensors:
@@ -265,6 +267,11 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
                  ) -> tuple[str, dict[str, tuple[float, int]]]:
     es, E = plan.expert_size, plan.num_experts
     per = max(1, min(E, BATCH_BYTES // es, 256))
+    if plan.out_bits != plan.quant.bits:
+        # requantization holds a few f32 copies of each projection: bound those
+        rows, cols = plan.src_components[0].shape
+        n_in = cols * 32 // plan.quant.bits
+        per = max(1, min(per, REQUANT_F32_BYTES // (4 * rows * n_in)))
     pool = BufferPool(3, per * es)
     out = HashedFile(path)
     err: dict[str, list[float]] = {p: [0.0, 0] for p in PROJECTIONS}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import struct
@@ -381,7 +380,7 @@ def test_refuses_unknown_model_type(synth_checkpoint, tmp_path):
 
 def test_refuses_hf_per_expert_tensors(synth_checkpoint, tmp_path):
     def edit(t):
-        w = t.pop("model.layers.0.mlp.switch_mlp.up_proj.weight")
+        del t["model.layers.0.mlp.switch_mlp.up_proj.weight"]
         t["model.layers.0.mlp.experts.0.up_proj.weight"] = ("BF16", (64, 256),
                                                             bytes(64 * 256 * 2))
         return t
