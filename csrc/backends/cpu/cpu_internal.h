@@ -41,8 +41,13 @@ struct mf_cpu_kernels {
                          int64_t n);
 };
 
+// x86-64 SIMD sets are built with target attributes (GCC and clang).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MF_HAVE_X86_KERNELS 1
+#endif
+
 extern const struct mf_cpu_kernels mf_cpu_kernels_scalar;
-#if defined(__x86_64__)
+#if defined(MF_HAVE_X86_KERNELS)
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx2;
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx512;
 #endif

@@ -95,7 +95,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
 static int kernels_supported(const struct mf_cpu_kernels *k) {
     if (k == &mf_cpu_kernels_scalar)
         return 1;
-#if defined(__x86_64__) && defined(MF_HAVE_X86_KERNELS)
+#if defined(MF_HAVE_X86_KERNELS)
     __builtin_cpu_init();
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -108,7 +108,7 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
 
 // Best first.
 static const struct mf_cpu_kernels *const all_kernels[] = {
-#if defined(__x86_64__) && defined(MF_HAVE_X86_KERNELS)
+#if defined(MF_HAVE_X86_KERNELS)
     &mf_cpu_kernels_avx512,
     &mf_cpu_kernels_avx2,
 #endif
