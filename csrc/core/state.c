@@ -429,7 +429,7 @@ static int check_format(mf_ctx *ctx, const uint8_t *src, size_t size) {
 }
 
 static int check_identity(mf_ctx *ctx, struct reader *r) {
-    uint32_t n_ident;
+    uint32_t n_ident = 0;
     if (!rd_u32(r, &n_ident) || n_ident != N_IDENT)
         return mf_ctx_fail(ctx, MF_ERR_FORMAT,
                            "snapshot header holds %u identity fields, format version 1 "
@@ -438,7 +438,7 @@ static int check_identity(mf_ctx *ctx, struct reader *r) {
     int64_t mine[N_IDENT], theirs[N_IDENT];
     ident_fill(ctx->model, mine);
     for (int i = 0; i < N_IDENT; i++) {
-        uint64_t v;
+        uint64_t v = 0;
         if (!rd_u64(r, &v))
             return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
         theirs[i] = (int64_t)v;
@@ -468,7 +468,7 @@ static int check_identity(mf_ctx *ctx, struct reader *r) {
 // Check the segment table against this ctx's segments and the buffer's length.
 static int check_segments(mf_ctx *ctx, struct reader *r, const struct segs *s,
                           uint32_t n_past) {
-    uint32_t n_seg;
+    uint32_t n_seg = 0;
     if (!rd_u32(r, &n_seg))
         return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
     if (n_seg != (uint32_t)s->n)
@@ -477,8 +477,8 @@ static int check_segments(mf_ctx *ctx, struct reader *r, const struct segs *s,
                            s->n);
     uint64_t total = 0;
     for (int i = 0; i < s->n; i++) {
-        uint32_t kind, layer;
-        uint64_t row, fixed, data;
+        uint32_t kind = 0, layer = 0;
+        uint64_t row = 0, fixed = 0, data = 0;
         if (!rd_u32(r, &kind) || !rd_u32(r, &layer) || !rd_u64(r, &row) ||
             !rd_u64(r, &fixed) || !rd_u64(r, &data))
             return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its table");
@@ -515,7 +515,7 @@ int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size) {
     struct reader r = {(const uint8_t *)src + 8, size - 16};
     rc = check_identity(ctx, &r);
     if (rc != MF_OK) return rc;
-    uint32_t n_past;
+    uint32_t n_past = 0;
     if (!rd_u32(&r, &n_past))
         return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
     if (n_past > (uint32_t)ctx->n_ctx)
