@@ -28,7 +28,9 @@ import copy
 import json
 import math
 import os
+import queue
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,14 @@ SYNTH_KEY = "_synth"  # private options carried in a tiny_config dict, never wri
 GAIN_DEFAULT = 1.0
 GAIN_ROUTER = 2.0
 GAIN_LM_HEAD = 2.0
+# Embedding rows of norm ~4: token identity must dominate the residual stream over
+# attention outputs (which average over positions and so are alike across tokens),
+# or every token's router input looks the same and one expert wins everywhere. Tied
+# heads then give logits of std ~4, still a realistic spread.
+GAIN_EMBED = 4.0
+# Attention/GDN output projections: half gain, for the same reason (their outputs
+# are averages over positions, so they add a component common to all tokens).
+GAIN_MIXER_OUT = 0.5
 
 
 class SynthError(MoefluxError, ValueError):
@@ -271,7 +281,8 @@ def _modules(cfg: dict[str, Any]) -> list[_Linear | _Float]:
         raise SynthError("attention_bias=true is not supported by synth")
     prefix = "language_model." if arch == "qwen3_5_moe" else ""
     hid, vocab = int(t["hidden_size"]), int(t["vocab_size"])
-    mods: list[_Linear | _Float] = [_Linear(f"{prefix}model.embed_tokens", vocab, hid)]
+    mods: list[_Linear | _Float] = [
+        _Linear(f"{prefix}model.embed_tokens", vocab, hid, gain=GAIN_EMBED)]
     for il in range(int(t["num_hidden_layers"])):
         lp = f"{prefix}model.layers.{il}"
         if arch in ("qwen3_5_moe", "qwen3_next"):
@@ -321,7 +332,7 @@ def _qwen_hybrid_layer(arch: str, t: dict, il: int, lp: str) -> list[_Linear | _
                  _Float(f"{la}.A_log", (nv,), "a_log",
                         dtype="F32" if arch == "qwen3_5_moe" else "BF16"),
                  _Float(f"{la}.norm.weight", (dv,), "norm"),
-                 _Linear(f"{la}.out_proj", hid, nv * dv)]
+                 _Linear(f"{la}.out_proj", hid, nv * dv, gain=GAIN_MIXER_OUT)]
     else:
         mods += _qwen_attention(t, lp, gated=True)
     mods += _norms(lp, hid)
@@ -338,7 +349,7 @@ def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
     return [_Linear(f"{sa}.q_proj", nh * hd * (2 if gated else 1), hid),
             _Linear(f"{sa}.k_proj", nkv * hd, hid),
             _Linear(f"{sa}.v_proj", nkv * hd, hid),
-            _Linear(f"{sa}.o_proj", hid, nh * hd),
+            _Linear(f"{sa}.o_proj", hid, nh * hd, gain=GAIN_MIXER_OUT),
             _Float(f"{sa}.q_norm.weight", (hd,), "norm"),
             _Float(f"{sa}.k_norm.weight", (hd,), "norm")]
 
@@ -400,7 +411,7 @@ def _mla_attention(cfg: dict, lp: str) -> list[_Linear | _Float]:
         # mlx-lm >= 0.30.6: the same matrix split per head, K part transposed.
         mods += [_Linear(f"{sa}.embed_q", kv_lora, nope, lead=nh),
                  _Linear(f"{sa}.unembed_out", vd, kv_lora, lead=nh)]
-    mods.append(_Linear(f"{sa}.o_proj", hid, nh * vd))
+    mods.append(_Linear(f"{sa}.o_proj", hid, nh * vd, gain=GAIN_MIXER_OUT))
     return mods
 
 
@@ -499,9 +510,11 @@ def _tensor_plan(cfg: dict, seed: int) -> list[_Tensor]:
 
 def _rng(seed: int, name: str, *idx: int) -> np.random.Generator:
     """Generator for one piece of one tensor: independent of write order."""
-    return np.random.default_rng(
+    # SFC64: the fastest numpy bit generator for raw words (~3 GB/s here), which
+    # is what code words need; statistical quality is ample for test weights.
+    return np.random.Generator(np.random.SFC64(
         np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(name.encode())] +
-                               [int(i) for i in idx]))
+                               [int(i) for i in idx])))
 
 
 def _row_blocks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int, int]]:
@@ -512,7 +525,7 @@ def _row_blocks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int, int]]:
         yield ib, r0, min(per, n_rows - r0)
 
 
-def _code_pieces(mod: _Linear, bits: int, seed: int) -> Callable[[], Iterator[bytes]]:
+def _code_pieces(mod: _Linear, bits: int, seed: int) -> Callable[[], Iterator[Any]]:
     words = mod.n_in * bits // 32
 
     def gen() -> Iterator[bytes]:
@@ -520,7 +533,10 @@ def _code_pieces(mod: _Linear, bits: int, seed: int) -> Callable[[], Iterator[by
             for ib, _, n in _row_blocks(mod.n_out, words * 4):
                 # Random bits are a valid packing for every bit width (2..8, stream
                 # or word packed), and give codes uniform over [0, 2^bits).
-                yield _rng(seed, mod.path + ".weight", il, ib).bytes(n * words * 4)
+                nbytes = n * words * 4
+                raw = _rng(seed, mod.path + ".weight", il, ib).bit_generator.random_raw(
+                    (nbytes + 7) // 8)
+                yield memoryview(raw.view(np.uint8)[:nbytes])
     return gen
 
 
@@ -540,13 +556,16 @@ def _affine_pieces(mod: _Linear, bits: int, gs: int, seed: int,
                 # scales and biases come from the same stream, drawn twice, so each
                 # is written alone yet the pair stays consistent.
                 r = _rng(seed, mod.path + ".affine", il, ib)
-                mag = base * r.uniform(0.75, 1.25, size=(n, groups))
-                sign = np.where(r.random(size=(n, groups)) < 0.5, -1.0, 1.0)
-                jitter = r.normal(0.0, 0.05 * target, size=(n, groups))
-                scales = (mag * sign).astype(np.float32)
+                # u[0] in [-1, 1): its sign is the scale's sign (mlx scales take both
+                # signs), |u| spreads |scale| over base*[0.75, 1.25). u[1] shifts each
+                # group's mean by a little (std 0.05*target) so groups differ.
+                u = r.random(size=(2, n, groups), dtype=np.float32) * 2.0 - 1.0
+                scales = np.where(u[0] < 0, -base, base) * (0.75 + 0.5 * np.abs(u[0]))
+                scales = scales.astype(np.float32)
                 if part == "scales":
                     yield f32_to_bf16(scales).tobytes()
                 else:
+                    jitter = u[1] * (0.05 * math.sqrt(3.0) * target)
                     biases = (-scales * (n_levels / 2.0) + jitter).astype(np.float32)
                     yield f32_to_bf16(biases).tobytes()
     return gen
@@ -666,14 +685,42 @@ def write_checkpoint(out_dir: str | os.PathLike, config: dict, *, seed: int = 0,
 
 
 def _write_shard(path: Path, tensors: list[_Tensor], bar: Any) -> None:
+    """Generate pieces on this thread while a second thread writes them: file writes
+    release the GIL, so disk time overlaps generation. The bounded queue keeps at most
+    a few pieces (tens of MB) in flight."""
     writer = SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in tensors],
                                metadata={"format": "mlx"})
+    pending: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if failure:
+                continue  # keep draining so the producer never blocks forever
+            try:
+                writer.write(item[0], item[1])
+            except BaseException as exc:  # handed to the producer below
+                failure.append(exc)
+
+    thread = threading.Thread(target=drain, name="synth-writer", daemon=True)
+    thread.start()
     try:
-        for t in tensors:
-            for piece in t.pieces():
-                writer.write(t.name, piece)
-                if bar is not None:
-                    bar.update(len(piece))
+        try:
+            for t in tensors:
+                for piece in t.pieces():
+                    if failure:
+                        raise failure[0]
+                    pending.put((t.name, piece))
+                    if bar is not None:
+                        bar.update(len(piece))
+        finally:
+            pending.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
         writer.close()
     except BaseException:
         writer.abort()

@@ -345,7 +345,10 @@ def test_dequantized_statistics(tmp_path: Path, bits: int, gs: int) -> None:
             w = np.array(w)
             target = gain / np.sqrt(n_in)
             assert abs(w.std() / target - 1.0) < 0.15, (base, w.std(), target)
-            assert abs(w.mean()) < 0.05 * target, base
+            # Zero mean up to sampling noise: 4 standard errors of the codes' mean
+            # plus of the per-group mean jitter (std 0.05 * target per group).
+            tol = 4 * target * (1 / np.sqrt(w.size) + 0.05 / np.sqrt(s.size))
+            assert abs(w.mean()) < tol, (base, w.mean(), tol)
             assert (s < 0).any() and (s > 0).any()
         norm = bf16_to_f32(ck.array("model.layers.0.input_layernorm.weight"))
         assert 0.5 <= norm.min() < norm.max() <= 1.5 and norm.std() > 0.1
