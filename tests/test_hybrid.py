@@ -1,0 +1,203 @@
+"""The hybrid forward pass (qwen3_5_moe and qwen3_next) against mlx-lm in float32.
+
+Each case is a synthetic mlx-community checkpoint (conftest ``synth_checkpoint``)
+converted by ``moeflux.prep.convert`` and opened with ``moeflux.Model``. The oracle is
+``tests/reference.py`` (mlx-lm's own forward). Acceptance, per position: max |ours -
+ref| <= 1e-3 * max |ref| and the same argmax.
+
+The cases cover what changes the code path: 8-bit vs 4-bit routers and shared-expert
+gates, group sizes 32/64/128, other code widths, k = 1 and k = num_experts, tied
+embeddings, several full_attention_interval values, and qwen3_next dense layers via
+mlp_only_layers and decoder_sparse_step.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import moeflux
+from moeflux.prep.convert import convert
+from reference import reference_decode, reference_logits
+
+REL_TOL = 1e-3
+PROMPT = [1, 5, 77, 300, 12, 9, 411, 42, 8, 100, 250, 3]
+N_DECODE = 32
+
+# (id, arch, tiny_config overrides)
+CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("q35-base", "qwen3_5_moe", {}),
+    ("q35-gs32-4bit-router", "qwen3_5_moe", {"group_size": 32, "gate_bits": None}),
+    ("q35-gs128-k1-tied", "qwen3_5_moe",
+     {"group_size": 128, "num_experts_per_tok": 1, "tie_word_embeddings": True,
+      "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128}),
+    ("q35-kall-interval2-8bit", "qwen3_5_moe",
+     {"num_experts_per_tok": 8, "full_attention_interval": 2, "bits": 8}),
+    ("q35-interval3-5layers", "qwen3_5_moe",
+     {"num_hidden_layers": 5, "full_attention_interval": 3, "num_experts": 16,
+      "num_experts_per_tok": 4}),
+    ("next-base", "qwen3_next", {}),
+    ("next-mlp-only", "qwen3_next", {"mlp_only_layers": [1, 3]}),
+    ("next-sparse-step2-interval2", "qwen3_next",
+     {"decoder_sparse_step": 2, "full_attention_interval": 2}),
+    ("next-gs32-tied-k1", "qwen3_next",
+     {"group_size": 32, "tie_word_embeddings": True, "num_experts_per_tok": 1,
+      "linear_num_value_heads": 8}),
+]
+
+
+@pytest.fixture(scope="session")
+def converted(synth_checkpoint: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """Factory: (arch, overrides) -> (checkpoint dir, converted model dir), once each."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def make(arch: str, **overrides: Any) -> tuple[Path, Path]:
+        ckpt = synth_checkpoint(arch, **overrides)
+        if ckpt.name not in done:
+            dst = tmp_path_factory.mktemp("model") / ckpt.name
+            convert(ckpt, dst, progress=False)
+            done[ckpt.name] = (ckpt, dst)
+        return done[ckpt.name]
+
+    return make
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """The acceptance rule, row by row (one row per position)."""
+    ours = np.atleast_2d(ours)
+    ref = np.atleast_2d(ref)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
+    assert np.isfinite(ours).all(), f"{what}: non-finite logits"
+    err = np.abs(ours - ref).max(axis=-1)
+    scale = np.abs(ref).max(axis=-1)
+    bad = np.nonzero(err > REL_TOL * scale)[0]
+    assert bad.size == 0, (f"{what}: positions {bad.tolist()} off by "
+                           f"{(err / scale)[bad].tolist()} (relative)")
+    am_ours, am_ref = ours.argmax(-1), ref.argmax(-1)
+    diff = np.nonzero(am_ours != am_ref)[0]
+    assert diff.size == 0, (f"{what}: argmax differs at positions {diff.tolist()}: "
+                            f"{am_ours[diff].tolist()} vs {am_ref[diff].tolist()}")
+
+
+def continuation(n_vocab: int, n: int, seed: int = 7) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, n)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_prefill_and_decode(case: tuple[str, str, dict[str, Any]],
+                            converted: Callable[..., tuple[Path, Path]]) -> None:
+    """All-position prefill logits, then 32 single-token decode steps."""
+    _, arch, overrides = case
+    ckpt, model_dir = converted(arch, **overrides)
+    with moeflux.Model(model_dir, threads=2) as m:
+        assert m.arch == arch
+        ours = m.eval(PROMPT, all_logits=True)
+        assert_close(ours, reference_logits(ckpt, PROMPT), "prefill")
+        cont = continuation(m.n_vocab, N_DECODE)
+        ref = reference_decode(ckpt, PROMPT, cont)
+        assert_close(ours[-1], ref[0], "prefill last row vs cached reference")
+        rows = [m.eval([t]) for t in cont]
+        assert_close(np.stack(rows), ref[1:], "decode")
+        assert m.n_past == len(PROMPT) + N_DECODE
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("cuts", [[1], [3, 7], [5, 6, 11]], ids=str)
+def test_chunked_prompt_equals_one_shot(arch: str, cuts: list[int],
+                                        converted: Callable[..., tuple[Path, Path]]
+                                        ) -> None:
+    """The prompt fed in pieces gives every position's logits of the one-shot run
+    (and of the reference): conv history, delta-rule state and KV carry over."""
+    ckpt, model_dir = converted(arch)
+    ref = reference_logits(ckpt, PROMPT)
+    with moeflux.Model(model_dir, threads=2) as m:
+        whole = m.eval(PROMPT, all_logits=True)
+        m.reset()
+        bounds = [0, *cuts, len(PROMPT)]
+        parts = [m.eval(PROMPT[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])]
+    pieces = np.concatenate(parts)
+    assert_close(pieces, ref, f"chunked at {cuts}")
+    np.testing.assert_allclose(pieces, whole, rtol=0, atol=REL_TOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_long_prompt_crosses_internal_chunks(arch: str,
+                                             converted: Callable[..., tuple[Path, Path]]
+                                             ) -> None:
+    """A prompt longer than the forward's 64-token scratch runs in internal chunks;
+    every position must still match, and so must decoding after it."""
+    ckpt, model_dir = converted(arch)
+    prompt = continuation(512, 150, seed=3)
+    with moeflux.Model(model_dir, threads=2) as m:
+        ours = m.eval(prompt, all_logits=True)
+        assert_close(ours, reference_logits(ckpt, prompt), "150-token prefill")
+        cont = continuation(512, 4, seed=4)
+        rows = [m.eval([t]) for t in cont]
+    ref = reference_decode(ckpt, prompt, cont)
+    assert_close(np.stack(rows), ref[1:], "decode after 150 tokens")
+
+
+def test_reset_equals_fresh(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """After reset the sequence behaves as a fresh one (all state zeroed)."""
+    ckpt, model_dir = converted("qwen3_5_moe")
+    with moeflux.Model(model_dir, threads=2) as m:
+        m.eval(continuation(512, 20, seed=9))
+        m.reset()
+        assert m.n_past == 0
+        ours = m.eval(PROMPT, all_logits=True)
+    assert_close(ours, reference_logits(ckpt, PROMPT), "after reset")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_failed_eval_leaves_state_unchanged(arch: str, tmp_path: Path,
+                                            converted: Callable[..., tuple[Path, Path]]
+                                            ) -> None:
+    """An expert read failing mid-eval (file truncated after open) raises, leaves the
+    position and the linear-attention state as they were, and decoding continues
+    exactly once the file is whole again."""
+    ckpt, src_dir = converted(arch)
+    model_dir = tmp_path / "model"
+    shutil.copytree(src_dir, model_dir)
+    cont = continuation(512, 3, seed=11)
+    ref = reference_decode(ckpt, PROMPT, cont)
+    # The last layer is MoE in both default configs: its read fails only after every
+    # linear layer before it has run, so their state was written before the error.
+    n_layer = json.loads((model_dir / "config.json").read_text()).get(
+        "text_config", {}).get("num_hidden_layers", 4)
+    victim = model_dir / "packed_experts" / f"layer_{n_layer - 1:02d}.bin"
+    blob = victim.read_bytes()
+    with moeflux.Model(model_dir, threads=2) as m:
+        m.eval(PROMPT)
+        with open(victim, "r+b") as f:   # same inode: the open descriptor sees it
+            f.truncate(0)
+        for tok in cont[:2]:             # twice: a second failure must not compound
+            with pytest.raises(OSError):
+                m.eval([tok, cont[1]])
+            assert m.n_past == len(PROMPT)
+        with open(victim, "r+b") as f:
+            f.write(blob)
+        rows = [m.eval([t]) for t in cont]
+    assert_close(np.stack(rows), ref[1:], "decode after failed evals")
+
+
+def test_raw_hf_conv_layout_refused(tmp_path: Path,
+                                    converted: Callable[..., tuple[Path, Path]]) -> None:
+    """A conv1d weight in raw HF layout [C, 1, K] means the checkpoint skipped mlx-lm's
+    sanitize (norms without +1): loading must refuse it with a clear message."""
+    _, src_dir = converted("qwen3_5_moe")
+    model_dir = tmp_path / "model"
+    shutil.copytree(src_dir, model_dir)
+    man_path = model_dir / "model_weights.json"
+    man = json.loads(man_path.read_text())
+    name = "model.layers.0.linear_attn.conv1d.weight"
+    c, k, one = man["tensors"][name]["shape"]
+    assert one == 1
+    man["tensors"][name]["shape"] = [c, 1, k]
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(moeflux.FormatError, match="Hugging Face"):
+        moeflux.Model(model_dir, threads=1)
