@@ -1,10 +1,140 @@
 /*
- * state_binding.c — Context methods for sequence state (save_state, load_state,
- * truncate), appended to _core.Context at type creation. Filled by the snapshot work;
- * empty until then.
+ * state_binding.c — Context methods for sequence state: state_size, save_state,
+ * load_state, truncate. Appended to _core.Context's methods at type creation.
+ *
+ * Each method holds the Context's lock for the whole call (so an eval in another
+ * thread cannot change the state mid-snapshot) and releases the GIL around the core
+ * call, which may move gigabytes for a large model. Snapshots go straight into a new
+ * bytes object: it is allocated with the GIL held and filled without it, which is safe
+ * because no other thread can see the object before it is returned.
  */
 #include "python/binding.h"
 
+static mf_py_state *state_of(PyObject *obj) {
+    return mf_py_state_of_type(Py_TYPE(obj));
+}
+
+PyDoc_STRVAR(state_size_doc,
+"state_size($self, /)\n--\n\n"
+"Bytes a snapshot of the current sequence takes (grows with n_past).");
+
+static PyObject *context_state_size(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    mf_py_context *self = (mf_py_context *)obj;
+    if (mf_py_ctx_lock(self) < 0)
+        return NULL;
+    size_t n = mf_ctx_state_size(self->ctx);
+    mf_py_ctx_unlock(self);
+    return PyLong_FromSize_t(n);
+}
+
+PyDoc_STRVAR(save_state_doc,
+"save_state($self, /)\n--\n\n"
+"Snapshot the sequence (KV caches, linear-attention state, position) as bytes in\n"
+"the versioned MFLX format. load_state restores it into any Context of the same\n"
+"model whose n_ctx holds the sequence.");
+
+static PyObject *context_save_state(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    mf_py_context *self = (mf_py_context *)obj;
+    mf_py_state *st = state_of(obj);
+    if (!st || mf_py_ctx_lock(self) < 0)
+        return NULL;
+    size_t n = mf_ctx_state_size(self->ctx);
+    if (n == 0 || n > (size_t)PY_SSIZE_T_MAX) {
+        mf_py_ctx_unlock(self);
+        return mf_py_raise(st, MF_ERR_NOMEM, "save_state: cannot size the snapshot");
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (!out) {
+        mf_py_ctx_unlock(self);
+        return NULL;
+    }
+    char *dst = PyBytes_AS_STRING(out);
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_ctx_state_save(self->ctx, dst, n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        mf_py_raise(st, (int)rc, mf_ctx_errmsg(self->ctx));
+        mf_py_ctx_unlock(self);
+        Py_DECREF(out);
+        return NULL;
+    }
+    mf_py_ctx_unlock(self);
+    if ((size_t)rc != n && _PyBytes_Resize(&out, (Py_ssize_t)rc) < 0)
+        return NULL;
+    return out;
+}
+
+PyDoc_STRVAR(load_state_doc,
+"load_state($self, buffer, /)\n--\n\n"
+"Restore a snapshot from any contiguous bytes-like object. The whole snapshot is\n"
+"validated first; on error (StateError: another model or too long for n_ctx;\n"
+"FormatError: truncated or corrupted; UnsupportedError: newer format) the sequence\n"
+"is unchanged.");
+
+static PyObject *context_load_state(PyObject *obj, PyObject *arg) {
+    mf_py_context *self = (mf_py_context *)obj;
+    mf_py_state *st = state_of(obj);
+    if (!st)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (mf_py_ctx_lock(self) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_ctx_state_load(self->ctx, view.buf, (size_t)view.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (rc != MF_OK) {
+        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
+        mf_py_ctx_unlock(self);
+        return NULL;
+    }
+    mf_py_ctx_unlock(self);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(truncate_doc,
+"truncate($self, n, /)\n--\n\n"
+"Shorten the sequence to its first n tokens. Exact for attention-only models; with\n"
+"linear attention only when a checkpoint at n is held (the last evaluation end\n"
+"points are kept), else StateError and the sequence is unchanged. 0 always works.");
+
+static PyObject *context_truncate(PyObject *obj, PyObject *arg) {
+    mf_py_context *self = (mf_py_context *)obj;
+    mf_py_state *st = state_of(obj);
+    if (!st)
+        return NULL;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > INT32_MAX)
+        return mf_py_raise(st, MF_ERR_ARG, "truncate: n must be in [0, n_past]");
+    if (mf_py_ctx_lock(self) < 0)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_ctx_truncate(self->ctx, (int)n);
+    Py_END_ALLOW_THREADS
+    if (rc != MF_OK) {
+        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
+        mf_py_ctx_unlock(self);
+        return NULL;
+    }
+    mf_py_ctx_unlock(self);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef mf_py_state_methods[] = {
+    {"state_size", context_state_size, METH_NOARGS, state_size_doc},
+    {"save_state", context_save_state, METH_NOARGS, save_state_doc},
+    {"load_state", context_load_state, METH_O, load_state_doc},
+    {"truncate", context_truncate, METH_O, truncate_doc},
     {NULL, NULL, 0, NULL},
 };
