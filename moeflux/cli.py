@@ -1,0 +1,316 @@
+"""The ``generate``, ``info`` and ``chat`` commands of ``python -m moeflux``.
+
+Text goes to stdout as it is produced; speeds and diagnostics go to stderr, so the
+output of ``generate`` can be piped as is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from .errors import MoefluxError
+
+
+def _open_model(args: argparse.Namespace) -> Any:
+    from .model import Model
+    kwargs: dict = {}
+    if getattr(args, "threads", None):
+        kwargs["threads"] = args.threads
+    if getattr(args, "n_ctx", None):
+        kwargs["n_ctx"] = args.n_ctx
+    return Model(args.model, **kwargs)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="model directory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="context length (default: min(4096, model maximum))")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+                   help=f"most tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable)")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop)
+
+
+def _fail(msg: str) -> int:
+    print(f"moeflux: error: {msg}", file=sys.stderr)
+    return 1
+
+
+# ---- generate
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a completion of --prompt to stdout; speeds to stderr."""
+    try:
+        with _open_model(args) as model:
+            prompt: Any = args.prompt
+            add_special = True
+            if args.prompt_ids:
+                prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+            elif args.chat_template:
+                prompt = model.apply_chat_template(
+                    [{"role": "user", "content": args.prompt}])
+                add_special = False
+            if prompt is None:
+                return _fail("give --prompt TEXT or --prompt-ids IDS")
+            last = None
+            for step in model.generate(prompt, add_special_tokens=add_special,
+                                       **_sampling_kwargs(args)):
+                if args.ids:
+                    sys.stdout.write(f"{step.token} ")
+                else:
+                    sys.stdout.write(step.text)
+                sys.stdout.flush()
+                last = step
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if last is not None:
+                print(f"prompt: {last.n_prompt} tokens, {last.prompt_tps:.2f} tokens/s; "
+                      f"generation: {last.n_generated} tokens, "
+                      f"{last.generation_tps:.2f} tokens/s ({last.finish_reason})",
+                      file=sys.stderr)
+            else:
+                print("generation: 0 tokens", file=sys.stderr)
+    except MoefluxError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+# ---- info
+
+def _dir_bytes(path: Path) -> tuple[int, int]:
+    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _verify(path: Path) -> tuple[Optional[bool], str]:
+    """Run moeflux.prep.verify when this build has it: (ok or None, summary)."""
+    try:
+        from moeflux.prep.verify import verify
+    except ImportError:
+        return None, "skipped (moeflux.prep.verify is not available)"
+    try:
+        report = verify(path)
+    except MoefluxError as exc:
+        return False, str(exc)
+    ok = getattr(report, "ok", None)
+    if ok is None:
+        ok = not getattr(report, "errors", None)
+    return bool(ok), str(report).strip() or ("ok" if ok else "failed")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print what a model directory holds and check its on-disk layout."""
+    path = Path(args.dir)
+    try:
+        from .model import Model
+        with Model(path) as model:
+            cfg = model.config
+            text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) \
+                else {}
+
+            def key(name: str, default: Any = None) -> Any:
+                return text.get(name, cfg.get(name, default))
+
+            facts = {
+                "path": str(path.resolve()),
+                "architecture": model.architecture,
+                "num_hidden_layers": key("num_hidden_layers"),
+                "hidden_size": key("hidden_size"),
+                "vocab_size": model.vocab_size,
+                "num_experts": key("num_experts", key("n_routed_experts")),
+                "num_experts_per_tok": key("num_experts_per_tok"),
+                "max_position_embeddings": key("max_position_embeddings"),
+                "n_ctx": model.n_ctx,
+                "bos_token_id": model.bos_token_id,
+                "eos_token_id": model.eos_token_id,
+                "expert_bytes_per_token": model.expert_bytes_per_token,
+                "quantization": cfg.get("quantization", {}).get("bits")
+                if isinstance(cfg.get("quantization"), dict) else None,
+            }
+    except MoefluxError as exc:
+        return _fail(str(exc))
+    wbin = path / "model_weights.bin"
+    facts["model_weights_bytes"] = wbin.stat().st_size if wbin.is_file() else 0
+    n_files, n_bytes = _dir_bytes(path / "packed_experts")
+    facts["expert_files"], facts["expert_bytes"] = n_files, n_bytes
+    n2, b2 = _dir_bytes(path / "packed_experts_2bit")
+    if n2:
+        facts["expert_files_2bit"], facts["expert_bytes_2bit"] = n2, b2
+    ok, summary = (None, "skipped (--no-verify)") if args.no_verify else _verify(path)
+    facts["layout_ok"], facts["layout_check"] = ok, summary
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        rows = [
+            ("model", facts["path"]),
+            ("architecture", facts["architecture"]),
+            ("layers", facts["num_hidden_layers"]),
+            ("hidden size", facts["hidden_size"]),
+            ("vocabulary", facts["vocab_size"]),
+            ("experts", f"{facts['num_experts']} per MoE layer, "
+                        f"{facts['num_experts_per_tok']} active per token"),
+            ("expert bytes/token", f"{facts['expert_bytes_per_token']} "
+                                   f"({_mib(facts['expert_bytes_per_token'])})"),
+            ("dense weights", f"model_weights.bin, {_mib(facts['model_weights_bytes'])}"),
+            ("expert files", f"packed_experts/: {n_files} files, {_mib(n_bytes)}"),
+            ("context", f"n_ctx {facts['n_ctx']} "
+                        f"(model maximum {facts['max_position_embeddings']})"),
+            ("layout check", summary.splitlines()[0] if summary else summary),
+        ]
+        if n2:
+            rows.insert(8, ("2-bit experts", f"packed_experts_2bit/: {n2} files, "
+                                             f"{_mib(b2)}"))
+        for name, value in rows:
+            print(f"{name:<20} {value}")
+    return 0 if ok is not False else 1
+
+
+# ---- chat
+
+class ChatSession:
+    """A multi-turn conversation over one Model that evaluates only new tokens.
+
+    After each reply the sequence holds prompt + reply; the next turn's rendered
+    conversation normally starts with exactly those tokens, so only the new ones are
+    evaluated. When re-tokenizing the reply differs, the snapshot taken at the end of
+    the previous prompt is loaded instead and evaluation resumes from there; only when
+    neither is a prefix does the turn start from an empty sequence.
+    """
+
+    def __init__(self, model: Any, system: Optional[str] = None) -> None:
+        self.model = model
+        self.messages: list[dict] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self.held: list[int] = []             # tokens the sequence holds now
+        self.snapshot: Optional[bytes] = None  # state after snapshot_ids
+        self.snapshot_ids: list[int] = []
+
+    def _resume(self, ids: list[int]) -> int:
+        """Bring the sequence to the longest reusable prefix of ids; its length."""
+        m = self.model
+        if self.held and ids[:len(self.held)] == self.held and len(ids) > len(self.held):
+            return len(self.held)
+        n = len(self.snapshot_ids)
+        if self.snapshot is not None and ids[:n] == self.snapshot_ids and len(ids) > n:
+            m.load_state(self.snapshot)
+            return n
+        m.reset()
+        return 0
+
+    def turn(self, user: str, out: TextIO, **sampling: Any) -> tuple[str, dict]:
+        """Answer `user`, streaming the reply to `out`. Returns (reply, counts)."""
+        m = self.model
+        self.messages.append({"role": "user", "content": user})
+        ids = m.apply_chat_template(self.messages, add_generation_prompt=True,
+                                    tokenize=True)
+        reused = self._resume(ids)
+        new = ids[reused:]
+        # Everything but the last prompt token is evaluated here so the snapshot ends
+        # at the prompt; generate() evaluates the last one and samples from it.
+        if len(new) > 1:
+            m.eval(new[:-1])
+        self.snapshot, self.snapshot_ids = m.save_state(), list(ids[:-1])
+        reply, gen = [], []
+        for step in m.generate(new[-1:], reset=False, **sampling):
+            out.write(step.text)
+            out.flush()
+            reply.append(step.text)
+            gen.append(step.token)
+        # Feed the last token too, so the sequence holds prompt + reply and the next
+        # turn starts right after it.
+        self.held = []
+        if gen and m.n_past < m.n_ctx:
+            m.eval(gen[-1:])
+            self.held = list(ids) + gen
+        text = "".join(reply)
+        self.messages.append({"role": "assistant", "content": text})
+        return text, {"prompt_tokens": len(ids), "evaluated": len(new),
+                      "reused": reused, "generated": len(gen)}
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat: one user message per stdin line; "/reset" starts over."""
+    try:
+        with _open_model(args) as model:
+            session = ChatSession(model, args.system)
+            interactive = sys.stdin.isatty()
+            while True:
+                if interactive:
+                    print("> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.strip() == "/reset":
+                    session = ChatSession(model, args.system)
+                    model.reset()
+                    continue
+                t0 = time.perf_counter()
+                _, counts = session.turn(line, sys.stdout, **_sampling_kwargs(args))
+                dt = time.perf_counter() - t0
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                print(f"[turn: {counts['prompt_tokens']} prompt tokens, "
+                      f"{counts['evaluated']} evaluated, {counts['reused']} reused; "
+                      f"{counts['generated']} generated in {dt:.2f} s]",
+                      file=sys.stderr, flush=True)
+    except MoefluxError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the generate, info and chat commands to `python -m moeflux`."""
+    p = subparsers.add_parser("generate", help="generate text from a prompt")
+    _add_model_options(p)
+    p.add_argument("--prompt", "-p", default=None, help="prompt text")
+    p.add_argument("--prompt-ids", default=None,
+                   help="prompt as token ids (space or comma separated)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt as a user turn of the model's chat template")
+    p.add_argument("--ids", action="store_true", help="print token ids, not text")
+    _add_sampling_options(p, 256)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("info", help="describe a model directory")
+    p.add_argument("dir", help="model directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the on-disk layout check")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("chat", help="multi-turn chat from stdin lines")
+    _add_model_options(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_options(p, 512)
+    p.set_defaults(func=cmd_chat)

@@ -1,0 +1,371 @@
+"""Sequence-state snapshots and truncation (csrc/core/state.c, state_binding.c,
+moeflux/features.py).
+
+What must hold, on every architecture:
+- save -> evaluate more -> load -> evaluate again gives bit-identical logits, in the
+  same context and in another one (with another n_ctx); and those logits agree with
+  mlx-lm's for the whole token sequence;
+- every damaged snapshot (each header field, truncation at many points, random bit
+  flips, another model's snapshot) is refused with the right exception, and the
+  context is exactly as before (its own snapshot is byte-identical) and still
+  evaluates as mlx-lm does;
+- truncate(n) is exact (equal to a fresh evaluation of the prefix with the same call
+  boundaries, and to mlx-lm) or refused with the context unchanged.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _ux_helpers import ARCHS, CONT, HYBRID, PROMPT, assert_close, model_dir, open_model
+from moeflux.errors import ArgumentError, FormatError, StateError, UnsupportedError
+from reference import reference_logits
+
+__all__ = ["model_dir"]  # the fixture is used by name
+
+# The snapshot format, version 1 (state.c): "MFLX" | u32 version | u32 n_ident |
+# n_ident x i64 | u32 n_past | u32 n_seg | n_seg x (u32 kind, u32 layer, u64 row_bytes,
+# u64 fixed_bytes, u64 data_bytes) | data | u64 FNV-1a 64 of all before.
+IDENT = ["architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
+         "num_experts_per_tok", "moe_intermediate_size",
+         "shared_expert_intermediate_size", "intermediate_size",
+         "full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
+         "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+         "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+         "v_head_dim", "first_k_dense_replace", "expert bytes per token",
+         "manifest hash", "weights fingerprint"]
+OFF_IDENT = 12
+OFF_N_PAST = OFF_IDENT + 8 * len(IDENT)
+OFF_N_SEG = OFF_N_PAST + 4
+OFF_TABLE = OFF_N_SEG + 4
+SEG_ROW = 32
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a 64 written from its definition (offset basis, prime), for resealing."""
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def reseal(body: bytes) -> bytes:
+    """A snapshot whose checksum matches `body` (everything but the trailer)."""
+    return body + struct.pack("<Q", fnv1a64(body))
+
+
+def n_seg_of(snap: bytes) -> int:
+    return struct.unpack_from("<I", snap, OFF_N_SEG)[0]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request, model_dir):
+    """(arch, checkpoint dir, Model) per architecture."""
+    src, dst = model_dir(request.param)
+    m = open_model(dst)
+    yield request.param, src, m
+    m.close()
+
+
+# ---- round trips
+
+def test_roundtrip_bit_exact(arch_model, tmp_path: Path) -> None:
+    arch, src, m = arch_model
+    m.reset()
+    m.eval(PROMPT)
+    snap = m.save_state()
+    assert isinstance(snap, bytes) and len(snap) == m.state_size
+    first = m.eval(CONT, all_logits=True)
+    m.load_state(snap)
+    assert m.n_past == len(PROMPT)
+    again = m.eval(CONT, all_logits=True)
+    assert np.array_equal(first, again), f"{arch}: logits after load differ"
+    ref = reference_logits(src, PROMPT + CONT)[len(PROMPT):]
+    assert_close(first, ref, f"{arch} continuation after a snapshot")
+
+    # Pickled, and through a file written atomically.
+    m.load_state(pickle.loads(pickle.dumps(snap)))
+    assert np.array_equal(m.eval(CONT, all_logits=True), first)
+    path = tmp_path / "state.mflx"
+    assert m.save_state(path) == m.save_state()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.mflx"]  # no temp left
+    m.load_state(snap)
+    m.eval(CONT[:2])
+    m.load_state(path)
+    assert m.n_past == len(PROMPT) + len(CONT)
+    m.load_state(bytearray(snap))
+    m.load_state(np.frombuffer(snap, dtype=np.uint8))
+    assert np.array_equal(m.eval(CONT, all_logits=True), first)
+
+
+def test_load_into_other_context(arch_model, model_dir) -> None:
+    """A snapshot moves to another Model of the same directory that has evaluated
+    something else and has a smaller n_ctx, and continues bit for bit; a ctx too short
+    for it refuses it."""
+    arch, src, m = arch_model
+    m.reset()
+    m.eval(PROMPT)
+    snap = m.save_state()
+    want = m.eval(CONT, all_logits=True)
+    other = open_model(m.path, n_ctx=len(PROMPT) + len(CONT))
+    try:
+        other.eval(list(reversed(PROMPT)) + CONT[:3])   # stale, longer state
+        other.load_state(snap)
+        assert other.n_past == len(PROMPT)
+        assert np.array_equal(other.eval(CONT, all_logits=True), want)
+    finally:
+        other.close()
+    short = open_model(m.path, n_ctx=len(PROMPT) - 1)
+    try:
+        with pytest.raises(StateError, match="n_ctx"):
+            short.load_state(snap)
+        assert short.n_past == 0
+    finally:
+        short.close()
+
+
+def test_empty_sequence_snapshot(arch_model) -> None:
+    arch, src, m = arch_model
+    m.reset()
+    empty = m.save_state()
+    m.eval(PROMPT)
+    m.load_state(empty)
+    assert m.n_past == 0
+    assert_close(m.eval(PROMPT, all_logits=True), reference_logits(src, PROMPT),
+                 f"{arch} after loading an empty snapshot")
+
+
+# ---- refusals
+
+def _expect_refused(m, blob: bytes, exc: type, before: bytes, what: str,
+                    match: str | None = None) -> None:
+    with pytest.raises(exc, match=match):
+        m.load_state(blob)
+    assert m.save_state() == before, f"{what}: the context changed"
+
+
+def test_header_fields_refused(arch_model) -> None:
+    """Each header field changed: unsealed -> FormatError (checksum); resealed -> the
+    refusal that field deserves."""
+    arch, src, m = arch_model
+    m.reset()
+    m.eval(PROMPT)
+    snap = m.save_state()
+    body = snap[:-8]
+    n_seg = n_seg_of(snap)
+
+    def patched(off: int, fmt: str, value: int) -> bytes:
+        b = bytearray(body)
+        struct.pack_into(fmt, b, off, value)
+        return bytes(b)
+
+    # Magic and version.
+    bad = b"MFLY" + body[4:]
+    _expect_refused(m, bad + snap[-8:], FormatError, snap, "magic")
+    _expect_refused(m, reseal(bad), FormatError, snap, "magic resealed", "magic")
+    _expect_refused(m, reseal(patched(4, "<I", 2)), UnsupportedError, snap, "version 2",
+                    "newer")
+    _expect_refused(m, reseal(patched(4, "<I", 0)), FormatError, snap, "version 0")
+    _expect_refused(m, reseal(patched(8, "<I", len(IDENT) + 1)), FormatError, snap,
+                    "n_ident")
+    # Every identity field: another model.
+    for i, name in enumerate(IDENT):
+        off = OFF_IDENT + 8 * i
+        (value,) = struct.unpack_from("<q", body, off)
+        changed = patched(off, "<q", value ^ 0x10)
+        _expect_refused(m, changed + snap[-8:], FormatError, snap, f"{name} unsealed",
+                        "checksum")
+        _expect_refused(m, reseal(changed), StateError, snap, f"{name} resealed",
+                        "model" if i == 0 else name)
+    # n_past: one more than the data holds; more than n_ctx.
+    _expect_refused(m, reseal(patched(OFF_N_PAST, "<I", len(PROMPT) + 1)), FormatError,
+                    snap, "n_past + 1")
+    _expect_refused(m, reseal(patched(OFF_N_PAST, "<I", m.n_ctx + 1)), StateError, snap,
+                    "n_past > n_ctx", "n_ctx")
+    _expect_refused(m, reseal(patched(OFF_N_SEG, "<I", n_seg + 1)), StateError, snap,
+                    "n_seg")
+    # Every field of every segment-table row.
+    for s in range(n_seg):
+        row = OFF_TABLE + SEG_ROW * s
+        kind, layer, row_b, fixed_b, data_b = struct.unpack_from("<IIQQQ", body, row)
+        for off, fmt, value, exc in [(row, "<I", kind + 1, StateError),
+                                     (row + 4, "<I", layer + 1, StateError),
+                                     (row + 8, "<Q", row_b + 4, StateError),
+                                     (row + 16, "<Q", fixed_b + 4, StateError),
+                                     (row + 24, "<Q", data_b + 4, FormatError)]:
+            changed = patched(off, fmt, value)
+            _expect_refused(m, changed + snap[-8:], FormatError, snap,
+                            f"segment {s} @{off - row} unsealed")
+            _expect_refused(m, reseal(changed), exc, snap, f"segment {s} @{off - row}")
+    # Data bytes appended or removed, resealed: the table no longer adds up.
+    _expect_refused(m, reseal(body + b"\0" * 4), FormatError, snap, "4 bytes more")
+    _expect_refused(m, reseal(body[:-4]), FormatError, snap, "4 bytes fewer")
+    got = m.eval(CONT, all_logits=True)
+    assert_close(got, reference_logits(src, PROMPT + CONT)[len(PROMPT):],
+                 f"{arch} after refusals")
+
+
+def test_truncated_and_flipped_refused(arch_model) -> None:
+    arch, src, m = arch_model
+    m.reset()
+    m.eval(PROMPT)
+    snap = m.save_state()
+    n_seg = n_seg_of(snap)
+    cuts = {0, 1, 3, 4, 8, 11, 12, OFF_N_PAST, OFF_TABLE, OFF_TABLE + SEG_ROW * n_seg,
+            len(snap) - 9, len(snap) - 8, len(snap) - 1}
+    cuts.update(range(0, len(snap), max(1, len(snap) // 40)))
+    for cut in sorted(c for c in cuts if 0 <= c < len(snap)):
+        _expect_refused(m, snap[:cut], FormatError, snap, f"cut at {cut}")
+    rng = np.random.default_rng(7)
+    for pos in rng.integers(0, len(snap), size=150):
+        bit = int(rng.integers(0, 8))
+        b = bytearray(snap)
+        b[pos] ^= 1 << bit
+        version = struct.unpack_from("<I", b, 4)[0]
+        exc = UnsupportedError if 4 <= pos < 8 and version > 1 else FormatError
+        _expect_refused(m, bytes(b), exc, snap, f"bit {bit} of byte {pos}")
+    assert_close(m.eval(CONT, all_logits=True),
+                 reference_logits(src, PROMPT + CONT)[len(PROMPT):],
+                 f"{arch} after refusals")
+
+
+def _foreign_snapshot(path: Path) -> bytes:
+    o = open_model(path)
+    try:
+        o.eval(PROMPT[:4])
+        return o.save_state()
+    finally:
+        o.close()
+
+
+def _refuse_foreign(model_dir, foreign: bytes, why: str) -> None:
+    src, dst = model_dir("qwen3_5_moe")
+    m = open_model(dst)
+    try:
+        m.eval(PROMPT)
+        before = m.save_state()
+        _expect_refused(m, foreign, StateError, before, why, why)
+        assert_close(m.eval(CONT, all_logits=True),
+                     reference_logits(src, PROMPT + CONT)[len(PROMPT):],
+                     "after a foreign snapshot")
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("what", ["seed", "shape"])
+def test_same_arch_other_model_refused(model_dir, what: str) -> None:
+    """Other weights of the same layout (another seed), or another shape."""
+    if what == "seed":
+        path, why = model_dir("qwen3_5_moe", seed=1)[1], "weights fingerprint"
+    else:
+        path, why = model_dir("qwen3_5_moe", moe_intermediate_size=128)[1], \
+            "moe_intermediate_size"
+    _refuse_foreign(model_dir, _foreign_snapshot(path), why)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "qwen3_5_moe"])
+def test_other_arch_refused(model_dir, arch: str) -> None:
+    """A snapshot of another architecture, loaded into qwen3_5_moe."""
+    foreign = _foreign_snapshot(model_dir(arch)[1])
+    _refuse_foreign(model_dir, foreign, f"snapshot is of model {arch}")
+
+
+# ---- truncation
+
+def test_truncate(arch_model) -> None:
+    """Evaluate in three calls; truncating to each call boundary (and, attention-only,
+    to any position) equals a fresh evaluation of that prefix with the same call
+    boundaries, and mlx-lm. Hybrid truncation elsewhere is refused, unchanged."""
+    arch, src, m = arch_model
+    cuts = [5, 8, len(PROMPT)]
+
+    def fresh(n: int) -> np.ndarray:
+        m.reset()
+        start = 0
+        for c in [c for c in cuts if c < n] + [n]:
+            m.eval(PROMPT[start:c])
+            start = c
+        return m.eval(CONT, all_logits=True)
+
+    def prefix_then(n: int) -> None:
+        m.reset()
+        start = 0
+        for c in cuts:
+            m.eval(PROMPT[start:c])
+            start = c
+        m.truncate(n)
+        assert m.n_past == n
+
+    for n in [8, 5]:
+        want = fresh(n)
+        prefix_then(n)
+        got = m.eval(CONT, all_logits=True)
+        assert np.array_equal(got, want), f"{arch}: truncate({n}) is not exact"
+        assert_close(got, reference_logits(src, PROMPT[:n] + CONT)[n:],
+                     f"{arch} truncate({n})")
+    # Two truncations in a row: to 8, then to 5 (checkpoint 5 is still held).
+    prefix_then(8)
+    m.truncate(5)
+    assert np.array_equal(m.eval(CONT, all_logits=True), fresh(5))
+    for n in [1, 6, 10]:
+        prefix_then(len(PROMPT))
+        if arch in HYBRID:
+            before = m.save_state()
+            with pytest.raises(StateError, match="checkpoint") as info:
+                m.truncate(n)
+            held = re.search(r"held: ([0-9, ]+)", str(info.value))
+            assert held and {int(x) for x in held.group(1).split(",")} == set(cuts)
+            assert m.save_state() == before
+        else:
+            m.truncate(n)
+            got = m.eval(CONT, all_logits=True)
+            assert_close(got, reference_logits(src, PROMPT[:n] + CONT)[n:],
+                         f"{arch} truncate({n})")
+    # 0 is a reset, always exact; beyond n_past is an argument error.
+    prefix_then(0)
+    after_truncate = m.eval(CONT, all_logits=True)
+    m.reset()
+    assert np.array_equal(after_truncate, m.eval(CONT, all_logits=True))
+    with pytest.raises(ArgumentError):
+        m.truncate(m.n_past + 1)
+    with pytest.raises(ArgumentError):
+        m.truncate(-1)
+
+
+def test_truncate_after_load_and_ring(model_dir) -> None:
+    """A loaded snapshot point is a truncation target; the most recent evaluation end
+    points are kept (up to the ring size), older ones are refused."""
+    src, dst = model_dir("qwen3_5_moe")
+    m = open_model(dst)
+    try:
+        m.eval(PROMPT)
+        snap = m.save_state()
+        want = m.eval(CONT, all_logits=True)
+        m.reset()
+        m.load_state(snap)
+        m.eval(CONT)
+        m.truncate(len(PROMPT))
+        assert np.array_equal(m.eval(CONT, all_logits=True), want)
+        # One token per call: every position is an end point, the recent ones kept.
+        m.reset()
+        for t in PROMPT:
+            m.eval([t])
+        held = []
+        for n in range(len(PROMPT) - 1, 0, -1):
+            try:
+                m.truncate(n)
+            except StateError:
+                break
+            held.append(n)
+        assert len(held) >= 4, f"too few checkpoints kept: {held}"
+        n = held[-1]
+        assert_close(m.eval(CONT, all_logits=True),
+                     reference_logits(src, PROMPT[:n] + CONT)[n:], f"truncate({n})")
+    finally:
+        m.close()
