@@ -318,14 +318,14 @@ static int tokens_get(struct tokens *t, PyObject *obj, mf_py_state *st) {
         }
         int ndim = t->view.ndim;
         PyBuffer_Release(&t->view);
-        if (ndim != 1) {
+        if (ndim > 1) {
             PyErr_Format(st->err_arg, "tokens must be one-dimensional, got %d dimensions",
                          ndim);
             return -1;
         }
     }
     PyErr_Clear();
-    if (PyIndex_Check(obj)) {
+    if (PyIndex_Check(obj) && !PySequence_Check(obj)) {
         t->owned = malloc(sizeof *t->owned);
         if (!t->owned) {
             PyErr_NoMemory();

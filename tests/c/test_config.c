@@ -1,0 +1,384 @@
+/*
+ * test_config.c — config.json parsing for the four families: real-looking configs
+ * (shapes of the released models, written as the checkpoints write them) must give the
+ * documented fields and layer kinds (model-math §2.1-2.2, §3.1-3.2, §4); malformed ones
+ * must fail with MF_ERR_FORMAT and a message naming the key. A mutation fuzzer over
+ * the configs checks the parser never crashes or leaks (run under `make asan`).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/common.h"
+#include "core/config.h"
+
+static int n_fail;
+
+#define CHECK(cond, ...)                                                   \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            n_fail++;                                                      \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
+            fprintf(stderr, __VA_ARGS__);                                  \
+            fprintf(stderr, "\n");                                         \
+        }                                                                  \
+    } while (0)
+
+// Qwen3.6-35B-A3B-4bit style: text_config nesting, rope_parameters, 8-bit routers.
+static const char *const QWEN35 =
+    "{\"architectures\": [\"Qwen3_5MoeForConditionalGeneration\"],"
+    " \"model_type\": \"qwen3_5_moe\", \"tie_word_embeddings\": false,"
+    " \"image_token_id\": 248056,"
+    " \"quantization\": {\"group_size\": 64, \"bits\": 4, \"mode\": \"affine\","
+    "   \"language_model.model.layers.0.mlp.gate\": {\"group_size\": 64, \"bits\": 8},"
+    "   \"language_model.model.layers.0.mlp.shared_expert_gate\": {\"group_size\": 64, \"bits\": 8}},"
+    " \"text_config\": {\"model_type\": \"qwen3_5_moe_text\", \"hidden_size\": 2048,"
+    "   \"num_hidden_layers\": 40, \"num_attention_heads\": 16, \"num_key_value_heads\": 2,"
+    "   \"head_dim\": 256, \"rms_norm_eps\": 1e-06, \"vocab_size\": 248320,"
+    "   \"max_position_embeddings\": 262144, \"linear_num_key_heads\": 16,"
+    "   \"linear_num_value_heads\": 32, \"linear_key_head_dim\": 128,"
+    "   \"linear_value_head_dim\": 128, \"linear_conv_kernel_dim\": 4,"
+    "   \"full_attention_interval\": 4, \"num_experts\": 256, \"num_experts_per_tok\": 8,"
+    "   \"moe_intermediate_size\": 512, \"shared_expert_intermediate_size\": 512,"
+    "   \"attn_output_gate\": true, \"eos_token_id\": 248044,"
+    "   \"layer_types\": [\"linear_attention\", \"full_attention\"],"
+    "   \"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": 10000000,"
+    "     \"partial_rotary_factor\": 0.25, \"mrope_section\": [11, 11, 10],"
+    "     \"mrope_interleaved\": true}},"
+    " \"vision_config\": {\"depth\": 27, \"hidden_size\": 1152}}";
+
+// Qwen3-Next-80B-A3B style: flat, top-level rope keys, an mlp_only layer for the test.
+static const char *const QWEN3_NEXT =
+    "{\"architectures\": [\"Qwen3NextForCausalLM\"], \"model_type\": \"qwen3_next\","
+    " \"hidden_size\": 2048, \"num_hidden_layers\": 48, \"num_attention_heads\": 16,"
+    " \"num_key_value_heads\": 2, \"head_dim\": 256, \"intermediate_size\": 5120,"
+    " \"vocab_size\": 151936, \"max_position_embeddings\": 262144, \"rms_norm_eps\": 1e-06,"
+    " \"rope_theta\": 10000000, \"partial_rotary_factor\": 0.25,"
+    " \"linear_num_key_heads\": 16, \"linear_num_value_heads\": 32,"
+    " \"linear_key_head_dim\": 128, \"linear_value_head_dim\": 128,"
+    " \"linear_conv_kernel_dim\": 4, \"full_attention_interval\": 4,"
+    " \"num_experts\": 512, \"num_experts_per_tok\": 10, \"moe_intermediate_size\": 512,"
+    " \"shared_expert_intermediate_size\": 512, \"decoder_sparse_step\": 1,"
+    " \"mlp_only_layers\": [5], \"norm_topk_prob\": true, \"tie_word_embeddings\": false,"
+    " \"bos_token_id\": 151643, \"eos_token_id\": 151645, \"rope_scaling\": null,"
+    " \"quantization\": {\"group_size\": 64, \"bits\": 4,"
+    "   \"model.layers.0.mlp.gate\": {\"group_size\": 64, \"bits\": 8}, \"lm_head\": false}}";
+
+// Cogito-V2 / DeepSeek-V3 style: MLA keys, noaux_tc, yarn with "type".
+static const char *const DEEPSEEK =
+    "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\","
+    " \"vocab_size\": 128815, \"hidden_size\": 7168, \"intermediate_size\": 18432,"
+    " \"moe_intermediate_size\": 2048, \"num_hidden_layers\": 61,"
+    " \"num_attention_heads\": 128, \"num_key_value_heads\": 128, \"q_lora_rank\": 1536,"
+    " \"kv_lora_rank\": 512, \"qk_nope_head_dim\": 128, \"qk_rope_head_dim\": 64,"
+    " \"v_head_dim\": 128, \"n_routed_experts\": 256, \"num_experts_per_tok\": 8,"
+    " \"n_shared_experts\": 1, \"n_group\": 8, \"topk_group\": 4,"
+    " \"topk_method\": \"noaux_tc\", \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true,"
+    " \"routed_scaling_factor\": 2.5, \"first_k_dense_replace\": 3, \"moe_layer_freq\": 1,"
+    " \"rms_norm_eps\": 1e-06, \"rope_theta\": 10000, \"max_position_embeddings\": 163840,"
+    " \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"original_max_position_embeddings\": 4096,"
+    "   \"beta_fast\": 32, \"beta_slow\": 1, \"mscale\": 1.0, \"mscale_all_dim\": 1.0},"
+    " \"bos_token_id\": 0, \"eos_token_id\": [1, 128009], \"tie_word_embeddings\": false,"
+    " \"quantization\": {\"group_size\": 64, \"bits\": 4}}";
+
+// Qwen3-30B-A3B style.
+static const char *const QWEN3_MOE =
+    "{\"architectures\": [\"Qwen3MoeForCausalLM\"], \"model_type\": \"qwen3_moe\","
+    " \"hidden_size\": 2048, \"num_hidden_layers\": 48, \"num_attention_heads\": 32,"
+    " \"num_key_value_heads\": 4, \"head_dim\": 128, \"intermediate_size\": 6144,"
+    " \"vocab_size\": 151936, \"max_position_embeddings\": 40960, \"rms_norm_eps\": 1e-06,"
+    " \"rope_theta\": 1000000.0, \"num_experts\": 128, \"num_experts_per_tok\": 8,"
+    " \"moe_intermediate_size\": 768, \"decoder_sparse_step\": 1, \"mlp_only_layers\": [],"
+    " \"norm_topk_prob\": true, \"tie_word_embeddings\": false, \"bos_token_id\": 151643,"
+    " \"eos_token_id\": 151645,"
+    " \"quantization\": {\"group_size\": 64, \"bits\": 4, \"mode\": \"affine\"}}";
+
+static int parse(struct mf_config *c, const char *text, char *err, size_t errlen) {
+    return mf_config_parse(c, text, strlen(text), "cfg.json", err, errlen);
+}
+
+static void test_qwen35(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, QWEN35, err, sizeof err);
+    CHECK(rc == MF_OK, "qwen3_5_moe: %s", err);
+    if (rc)
+        return;
+    CHECK(c.arch == MF_ARCH_QWEN3_5_MOE && strcmp(c.model_type, "qwen3_5_moe") == 0,
+          "top-level model_type wins over text_config's");
+    CHECK(c.hidden_size == 2048 && c.num_hidden_layers == 40 && c.head_dim == 256 &&
+              c.num_key_value_heads == 2 && c.vocab_size == 248320,
+          "text_config keys read");
+    CHECK(c.rope_theta == 1e7 && c.partial_rotary_factor == 0.25,
+          "rope_parameters read: %g %g", c.rope_theta, c.partial_rotary_factor);
+    CHECK(c.norm_topk_prob == 1, "qwen3_5 default norm_topk_prob is true");
+    CHECK(c.linear_num_value_heads == 32 && c.linear_num_key_heads == 16 &&
+              c.linear_conv_kernel_dim == 4,
+          "linear attention keys");
+    CHECK(c.eos_token_id == 248044 && c.bos_token_id == -1, "eos from text_config, no bos");
+    CHECK(c.n_moe_layers == 40, "every layer MoE (%d)", c.n_moe_layers);
+    int ok = 1;
+    for (int i = 0; i < 40; i++)
+        ok &= c.layer_is_linear[i] == ((i + 1) % 4 != 0) && c.layer_is_moe[i] == 1;
+    CHECK(ok, "layers 3, 7, ... full attention, others linear");
+    int bits, gs;
+    CHECK(mf_config_quant_for(&c, "model.layers.0.mlp.gate", &bits, &gs) == 1 && bits == 8 &&
+              gs == 64,
+          "override matched through the language_model. prefix");
+    CHECK(mf_config_quant_for(&c, "language_model.model.layers.0.mlp.gate", &bits, &gs) == 1 &&
+              bits == 8,
+          "override matched with the full key");
+    CHECK(mf_config_quant_for(&c, "model.layers.10.mlp.gate", &bits, &gs) == 1 && bits == 4,
+          "layer 10 router not overridden (no prefix confusion of 0 vs 10)");
+    CHECK(mf_config_quant_for(&c, "layers.0.mlp.gate", &bits, &gs) == 1 && bits == 8,
+          "dotted suffix match");
+    CHECK(mf_config_quant_for(&c, "ers.0.mlp.gate", &bits, &gs) == 1 && bits == 4,
+          "suffix must start at a dot");
+    CHECK(c.json_text && strcmp(c.json_text, QWEN35) == 0, "text kept");
+    mf_config_free(&c);
+}
+
+static void test_qwen3_next(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, QWEN3_NEXT, err, sizeof err);
+    CHECK(rc == MF_OK, "qwen3_next: %s", err);
+    if (rc)
+        return;
+    CHECK(c.arch == MF_ARCH_QWEN3_NEXT && c.rope_theta == 1e7 &&
+              c.partial_rotary_factor == 0.25 && c.intermediate_size == 5120,
+          "flat keys");
+    CHECK(c.n_moe_layers == 47 && c.layer_is_moe[5] == 0 && c.layer_is_moe[4] == 1,
+          "mlp_only_layers [5] is dense");
+    CHECK(c.layer_is_linear[3] == 0 && c.layer_is_linear[0] == 1, "hybrid pattern");
+    CHECK(c.bos_token_id == 151643 && c.eos_token_id == 151645, "token ids");
+    int bits, gs;
+    CHECK(mf_config_quant_for(&c, "lm_head", &bits, &gs) == 0, "lm_head: false is float");
+    CHECK(mf_config_quant_for(&c, "model.layers.0.mlp.gate", &bits, &gs) == 1 && bits == 8,
+          "8-bit router");
+    mf_config_free(&c);
+
+    // decoder_sparse_step 2: only odd layers (i+1 even) are MoE.
+    char *t = strdup(QWEN3_NEXT);
+    char *p = strstr(t, "\"decoder_sparse_step\": 1");
+    p[strlen("\"decoder_sparse_step\": ")] = '2';
+    rc = parse(&c, t, err, sizeof err);
+    CHECK(rc == MF_OK && c.layer_is_moe[0] == 0 && c.layer_is_moe[1] == 1 &&
+              c.layer_is_moe[5] == 0 && c.layer_is_moe[7] == 1 && c.n_moe_layers == 23,
+          "decoder_sparse_step 2 (%d MoE)", c.n_moe_layers);
+    mf_config_free(&c);
+    free(t);
+}
+
+static void test_deepseek(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, DEEPSEEK, err, sizeof err);
+    CHECK(rc == MF_OK, "deepseek_v3: %s", err);
+    if (rc)
+        return;
+    CHECK(c.arch == MF_ARCH_DEEPSEEK_V3 && c.num_experts == 256 && c.q_lora_rank == 1536 &&
+              c.kv_lora_rank == 512 && c.qk_rope_head_dim == 64 && c.v_head_dim == 128,
+          "MLA keys");
+    CHECK(c.n_group == 8 && c.topk_group == 4 && c.routed_scaling_factor == 2.5 &&
+              c.n_shared_experts == 1 && c.norm_topk_prob == 1,
+          "router keys");
+    CHECK(c.has_yarn && c.yarn_factor == 40 && c.yarn_original_max_position_embeddings == 4096 &&
+              c.yarn_beta_fast == 32 && c.yarn_beta_slow == 1 && c.yarn_mscale == 1 &&
+              c.yarn_mscale_all_dim == 1,
+          "yarn block");
+    CHECK(c.eos_token_id == 1 && c.bos_token_id == 0, "eos list -> first id");
+    CHECK(c.n_moe_layers == 58 && !c.layer_is_moe[2] && c.layer_is_moe[3] && c.layer_is_moe[60],
+          "first 3 layers dense");
+    CHECK(c.layer_is_linear[10] == 0, "no linear attention");
+    mf_config_free(&c);
+
+    // q_lora_rank null -> 0, rope_type spelling, moe_layer_freq 2.
+    {
+        char t[4096];
+        const char *a = strstr(DEEPSEEK, "\"q_lora_rank\": 1536");
+        const char *b = strstr(DEEPSEEK, "\"type\": \"yarn\"");
+        const char *f = strstr(DEEPSEEK, "\"moe_layer_freq\": 1");
+        snprintf(t, sizeof t, "%.*s\"q_lora_rank\": null%.*s\"moe_layer_freq\": 2%.*s"
+                 "\"rope_type\": \"yarn\"%s",
+                 (int)(a - DEEPSEEK), DEEPSEEK, (int)(f - (a + 19)), a + 19,
+                 (int)(b - (f + 19)), f + 19, b + 14);
+        rc = parse(&c, t, err, sizeof err);
+        CHECK(rc == MF_OK, "deepseek variant: %s", err);
+        if (!rc) {
+            CHECK(c.q_lora_rank == 0, "q_lora_rank null -> 0");
+            CHECK(c.has_yarn, "rope_type spelling accepted");
+            CHECK(c.layer_is_moe[3] == 0 && c.layer_is_moe[4] == 1 && c.layer_is_moe[5] == 0,
+                  "moe_layer_freq 2: even layers from 3 on");
+            mf_config_free(&c);
+        }
+    }
+}
+
+static void test_qwen3_moe(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, QWEN3_MOE, err, sizeof err);
+    CHECK(rc == MF_OK, "qwen3_moe: %s", err);
+    if (rc)
+        return;
+    CHECK(c.arch == MF_ARCH_QWEN3_MOE && c.head_dim == 128 && c.rope_theta == 1e6 &&
+              c.partial_rotary_factor == 1.0 && c.n_moe_layers == 48 && c.norm_topk_prob,
+          "qwen3_moe keys");
+    CHECK(c.layer_is_linear[3] == 0, "no linear attention");
+    int bits, gs;
+    CHECK(mf_config_quant_for(&c, "model.layers.0.mlp.gate", &bits, &gs) == 1 && bits == 4 &&
+              gs == 64,
+          "no override: defaults");
+    mf_config_free(&c);
+}
+
+// text with the first occurrence of `from` replaced by `to`.
+static char *edit(const char *text, const char *from, const char *to) {
+    const char *p = strstr(text, from);
+    if (!p)
+        return NULL;
+    size_t n = strlen(text) - strlen(from) + strlen(to) + 1;
+    char *out = malloc(n);
+    if (!out)
+        return NULL;
+    snprintf(out, n, "%.*s%s%s", (int)(p - text), text, to, p + strlen(from));
+    return out;
+}
+
+static void expect_error(const char *base, const char *from, const char *to, int status,
+                         const char *needle) {
+    char *t = edit(base, from, to);
+    CHECK(t != NULL, "edit target '%s' not found", from);
+    if (!t)
+        return;
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, t, err, sizeof err);
+    CHECK(rc == status, "%s -> %s: status %d, expected %d (%s)", from, to, rc, status, err);
+    CHECK(strstr(err, needle) != NULL, "%s -> %s: message '%s' lacks '%s'", from, to, err,
+          needle);
+    CHECK(strstr(err, "cfg.json") != NULL, "message names the file: %s", err);
+    if (rc == MF_OK)
+        mf_config_free(&c);
+    free(t);
+}
+
+static void test_errors(void) {
+    expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "llama");
+    expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "qwen3_next");
+    expect_error(QWEN3_MOE, "\"model_type\": \"qwen3_moe\",", "", MF_ERR_FORMAT, "model_type");
+    expect_error(QWEN3_MOE, "\"mode\": \"affine\"", "\"mode\": \"mxfp4\"", MF_ERR_FORMAT,
+                 "mxfp4");
+    expect_error(QWEN35, "{\"group_size\": 64, \"bits\": 8}", "{\"bits\": 4, \"mode\": \"nvfp4\"}",
+                 MF_ERR_FORMAT, "nvfp4");
+    expect_error(QWEN3_MOE, "\"bits\": 4", "\"bits\": 7", MF_ERR_FORMAT, "bits 7");
+    expect_error(QWEN3_MOE, "\"group_size\": 64", "\"group_size\": 16", MF_ERR_FORMAT,
+                 "group_size 16");
+    expect_error(QWEN3_MOE, "\"hidden_size\": 2048,", "", MF_ERR_FORMAT, "hidden_size");
+    expect_error(QWEN3_MOE, "\"hidden_size\": 2048", "\"hidden_size\": 0", MF_ERR_FORMAT,
+                 "hidden_size");
+    expect_error(QWEN3_MOE, "\"hidden_size\": 2048", "\"hidden_size\": \"2048\"",
+                 MF_ERR_FORMAT, "hidden_size");
+    expect_error(QWEN3_MOE, "\"hidden_size\": 2048", "\"hidden_size\": 2048.5",
+                 MF_ERR_FORMAT, "hidden_size");
+    expect_error(QWEN3_MOE, "\"num_key_value_heads\": 4", "\"num_key_value_heads\": 5",
+                 MF_ERR_FORMAT, "num_key_value_heads");
+    expect_error(QWEN3_MOE, "\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 129",
+                 MF_ERR_FORMAT, "num_experts_per_tok");
+    expect_error(QWEN3_MOE, "\"vocab_size\": 151936,", "", MF_ERR_FORMAT, "vocab_size");
+    expect_error(QWEN3_MOE, "\"rms_norm_eps\": 1e-06", "\"rms_norm_eps\": -1",
+                 MF_ERR_FORMAT, "rms_norm_eps");
+    expect_error(QWEN3_MOE, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [48]",
+                 MF_ERR_FORMAT, "mlp_only_layers");
+    expect_error(QWEN3_MOE, "\"eos_token_id\": 151645", "\"eos_token_id\": \"x\"",
+                 MF_ERR_FORMAT, "eos_token_id");
+    expect_error(QWEN3_NEXT, "\"linear_num_value_heads\": 32", "\"linear_num_value_heads\": 24",
+                 MF_ERR_FORMAT, "linear_num_value_heads");
+    expect_error(QWEN3_NEXT, "\"linear_key_head_dim\": 128,", "", MF_ERR_FORMAT,
+                 "linear_key_head_dim");
+    expect_error(QWEN3_NEXT, "\"intermediate_size\": 5120,", "", MF_ERR_FORMAT,
+                 "intermediate_size");
+    expect_error(QWEN3_NEXT, "\"partial_rotary_factor\": 0.25", "\"partial_rotary_factor\": 2",
+                 MF_ERR_FORMAT, "partial_rotary_factor");
+    expect_error(QWEN35, "\"text_config\": {", "\"text_config\": 3, \"x\": {", MF_ERR_FORMAT,
+                 "text_config");
+    expect_error(DEEPSEEK, "\"kv_lora_rank\": 512,", "", MF_ERR_FORMAT, "kv_lora_rank");
+    expect_error(DEEPSEEK, "\"n_group\": 8", "\"n_group\": 7", MF_ERR_FORMAT, "n_group");
+    expect_error(DEEPSEEK, "\"original_max_position_embeddings\": 4096,", "", MF_ERR_FORMAT,
+                 "original_max_position_embeddings");
+    expect_error(DEEPSEEK, "\"qk_rope_head_dim\": 64", "\"qk_rope_head_dim\": 63",
+                 MF_ERR_FORMAT, "qk_rope_head_dim");
+    expect_error(QWEN3_MOE, "\"rope_theta\": 1000000.0,", "\"rope_theta\": 1,\"rope_theta\": 2,",
+                 MF_ERR_FORMAT, "duplicate key");
+    expect_error(QWEN3_MOE, "}}", "}", MF_ERR_FORMAT, "byte");
+
+    struct mf_config c;
+    char err[256];
+    CHECK(mf_config_parse(&c, "[1]", 3, "cfg.json", err, sizeof err) == MF_ERR_FORMAT,
+          "top level must be an object");
+    CHECK(mf_config_load(&c, "/nonexistent/config.json", err, sizeof err) == MF_ERR_IO &&
+              strstr(err, "/nonexistent/config.json"),
+          "missing file: MF_ERR_IO naming it (%s)", err);
+}
+
+/* ==== Fuzzer: mutated configs never crash or leak ==== */
+
+static uint64_t rng_state = 0x243f6a8885a308d3ull;
+
+static uint64_t rnd(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545f4914f6cdd1dull;
+}
+
+static void test_fuzz(void) {
+    const char *const seeds[] = {QWEN35, QWEN3_NEXT, DEEPSEEK, QWEN3_MOE};
+    static const char digits[] = "0123456789-.e[]{}\",:ntf";
+    int n_ok = 0;
+    for (int it = 0; it < 6000; it++) {
+        const char *seed = seeds[rnd() % 4];
+        size_t len = strlen(seed);
+        char *t = malloc(len + 1);
+        if (!t)
+            continue;
+        memcpy(t, seed, len + 1);
+        int n_mut = 1 + (int)(rnd() % 3);
+        for (int k = 0; k < n_mut && len > 0; k++) {
+            size_t pos = rnd() % len;
+            if (rnd() % 4 == 0)
+                len = pos;   // truncate
+            else
+                t[pos] = digits[rnd() % (sizeof digits - 1)];
+        }
+        struct mf_config c;
+        char err[256];
+        int rc = mf_config_parse(&c, t, len, "fuzz.json", err, sizeof err);
+        CHECK(rc == MF_OK || rc == MF_ERR_FORMAT, "fuzz: status %d", rc);
+        if (rc == MF_OK) {
+            n_ok++;
+            CHECK(c.num_hidden_layers > 0 && c.layer_is_moe && c.layer_is_linear,
+                  "accepted config has layer tables");
+            mf_config_free(&c);
+        }
+        free(t);
+    }
+    CHECK(n_ok > 10, "fuzzer produced some valid configs (%d)", n_ok);
+}
+
+int main(void) {
+    test_qwen35();
+    test_qwen3_next();
+    test_deepseek();
+    test_qwen3_moe();
+    test_errors();
+    test_fuzz();
+    if (n_fail) {
+        fprintf(stderr, "test_config: %d failure(s)\n", n_fail);
+        return 1;
+    }
+    printf("test_config: ok\n");
+    return 0;
+}
