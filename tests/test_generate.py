@@ -1,0 +1,217 @@
+"""Generation, sampling and tokenizer glue (moeflux/generate.py, sampling.py,
+tokenizer.py, features.py).
+
+The oracle for numbers is mlx-lm: greedy generation must equal argmax decoding of
+mlx-lm's incremental logits. Sampling filters and penalties are checked against
+distributions computed here from their definitions; text handling against the HF
+`tokenizers` library's own decode of the whole sequence.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from _ux_helpers import ARCHS, CONT, PROMPT, model_dir, open_model
+from moeflux.generate import GenerationError
+from moeflux.sampling import (Sampler, SamplerSettings, SamplingError,
+                              apply_repetition_penalty, filter_probs)
+from reference import reference_decode
+
+__all__ = ["model_dir"]
+
+TEXTS = ["Hello, world!", "The capital of France is Paris.", "  two  spaces\nnew line",
+         "héllo wörld — ünïcode", "日本語のテキスト", "emoji 🙂🚀 and math ∑∫",
+         "def forward(self, x): return x"]
+
+
+@pytest.fixture(scope="module")
+def hybrid(model_dir):
+    src, dst = model_dir("qwen3_5_moe")
+    m = open_model(dst)
+    yield src, m
+    m.close()
+
+
+def forcing(ids_after_prompt: Sequence[int], n_prompt: int):
+    """A logits processor that forces token ids_after_prompt[i] at generated step i."""
+    def proc(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        i = len(ids) - n_prompt
+        out = np.full_like(logits, -1e9)
+        out[ids_after_prompt[min(i, len(ids_after_prompt) - 1)]] = 0.0
+        return out
+    return proc
+
+
+# ---- against mlx-lm
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_mlx_argmax(model_dir, arch: str) -> None:
+    src, dst = model_dir(arch)
+    m = open_model(dst)
+    try:
+        steps = list(m.generate(PROMPT, max_tokens=12, temperature=0.0))
+    finally:
+        m.close()
+    gen = [s.token for s in steps]
+    assert steps[-1].finish_reason in ("length", "stop")
+    assert all(s.finish_reason is None for s in steps[:-1])
+    ref = reference_decode(src, PROMPT, gen[:-1])
+    assert list(ref.argmax(-1)) == gen, f"{arch}: greedy tokens differ from mlx-lm"
+
+
+def test_continue_after_load_state(hybrid) -> None:
+    """generate(reset=False) after load_state continues the snapshotted sequence:
+    the same tokens as generating from the whole prompt."""
+    src, m = hybrid
+    whole = [s.token for s in m.generate(PROMPT + CONT, max_tokens=6)]
+    m.reset()
+    m.eval(PROMPT)
+    snap = m.save_state()
+    m.eval(CONT)            # move away, then come back
+    m.load_state(snap)
+    cont = [s.token for s in m.generate(CONT, max_tokens=6, reset=False)]
+    assert cont == whole
+
+
+# ---- stop conditions
+
+def test_max_tokens_and_eos(hybrid) -> None:
+    src, m = hybrid
+    steps = list(m.generate(PROMPT, max_tokens=5))
+    assert len(steps) == 5 and steps[-1].finish_reason == "length"
+    assert [s.n_generated for s in steps] == [1, 2, 3, 4, 5]
+    assert list(m.generate(PROMPT, max_tokens=0)) == []
+    eos = m.eos_token_id
+    assert eos is not None and eos in m.eos_token_ids
+    forced = [300, 301, eos, 302]
+    steps = list(m.generate(PROMPT, max_tokens=10,
+                            logits_processors=[forcing(forced, len(PROMPT))]))
+    assert [s.token for s in steps] == forced[:3]
+    assert steps[-1].finish_reason == "stop"
+    assert m.n_past == len(PROMPT) + 2   # the EOS is not evaluated
+
+
+def test_stop_strings_and_text(hybrid) -> None:
+    src, m = hybrid
+    text = " Hello, world! The end."
+    ids = m.tokenize(text, add_special_tokens=False)
+    proc = forcing(ids, len(PROMPT))
+    n = len(ids)
+    pieces = [s.text for s in m.generate(PROMPT, max_tokens=n, logits_processors=[proc])]
+    assert "".join(pieces) == text
+    for stop, want in [("world", " Hello, "), ("The end", " Hello, world! "),
+                       (["xyz", "!"], " Hello, world"), ("not there", text)]:
+        steps = list(m.generate(PROMPT, max_tokens=n, logits_processors=[proc], stop=stop))
+        assert "".join(s.text for s in steps) == want, stop
+        assert steps[-1].finish_reason == ("length" if stop == "not there" else "stop")
+
+
+def test_streamed_text_whole_characters(hybrid) -> None:
+    """Multi-byte characters split over tokens never come out as U+FFFD halves."""
+    src, m = hybrid
+    for text in TEXTS:
+        ids = m.tokenize(text, add_special_tokens=False)
+        pieces = [s.text for s in m.generate(PROMPT, max_tokens=len(ids),
+                                             logits_processors=[forcing(ids, len(PROMPT))])]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces), pieces
+
+
+def test_bad_requests(hybrid) -> None:
+    src, m = hybrid
+    with pytest.raises(GenerationError):
+        list(m.generate([], max_tokens=3))
+    with pytest.raises(GenerationError, match="context"):
+        list(m.generate([1] * (m.n_ctx + 1), max_tokens=3))
+    with pytest.raises(SamplingError):
+        list(m.generate(PROMPT, temperature=-1.0))
+    with pytest.raises(SamplingError):
+        list(m.generate(PROMPT, top_p=0.0))
+
+
+# ---- sampling
+
+def test_seeded_sampling(hybrid) -> None:
+    src, m = hybrid
+    kw = dict(max_tokens=10, temperature=1.5, top_p=0.95)
+    a = [s.token for s in m.generate(PROMPT, seed=3, **kw)]
+    b = [s.token for s in m.generate(PROMPT, seed=3, **kw)]
+    c = [s.token for s in m.generate(PROMPT, seed=4, **kw)]
+    assert a == b and a != c
+    greedy = [s.token for s in m.generate(PROMPT, max_tokens=10)]
+    top1 = [s.token for s in m.generate(PROMPT, max_tokens=10, temperature=2.0, top_k=1,
+                                        seed=5)]
+    assert top1 == greedy
+
+
+def test_sampler_distribution() -> None:
+    """Draws follow softmax(logits / T) restricted by the filters."""
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], dtype=np.float32))
+    n = 40000
+
+    def freq(**kw) -> np.ndarray:
+        s = Sampler(SamplerSettings(seed=11, **kw))
+        draws = [s(logits, []) for _ in range(n)]
+        return np.bincount(draws, minlength=5) / n
+
+    p = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+    assert np.allclose(freq(temperature=1.0), p, atol=0.01)
+    t2 = p ** 0.5 / (p ** 0.5).sum()
+    assert np.allclose(freq(temperature=2.0), t2, atol=0.01)
+    top2 = np.array([0, 0.4, 0, 0.3, 0]) / 0.7
+    assert np.allclose(freq(temperature=1.0, top_k=2), top2, atol=0.01)
+    # top_p 0.75: 0.4 + 0.3 = 0.7 < 0.75, so 0.15 joins.
+    topp = np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85
+    assert np.allclose(freq(temperature=1.0, top_p=0.75), topp, atol=0.01)
+    # min_p 0.3: keep p >= 0.12.
+    minp = np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85
+    assert np.allclose(freq(temperature=1.0, min_p=0.3), minp, atol=0.01)
+
+
+def test_filters_and_penalty_by_hand() -> None:
+    p = np.array([0.1, 0.5, 0.25, 0.15])
+    assert np.allclose(filter_probs(p, 1, 1.0, 0.0), [0, 1, 0, 0])
+    assert np.allclose(filter_probs(p, 0, 0.5, 0.0), [0, 1, 0, 0])
+    assert np.allclose(filter_probs(p, 0, 0.6, 0.0), [0, 0.5 / 0.75, 0.25 / 0.75, 0])
+    assert np.allclose(filter_probs(p, 0, 1.0, 0.5), [0, 0.5 / 0.75, 0.25 / 0.75, 0])
+    row = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    apply_repetition_penalty(row, np.array([0, 1, 1]), 2.0)
+    assert np.allclose(row, [1.0, -4.0, 1.0, 0.5])
+    # A processor sees prompt + generated ids.
+    seen = []
+    s = Sampler(SamplerSettings(processors=[lambda ids, lg: seen.append(list(ids)) or lg]))
+    assert s(np.array([0.0, 1.0, 0.5], dtype=np.float32), [7, 8]) == 1
+    assert seen == [[7, 8]]
+
+
+# ---- tokenizer
+
+def test_tokenizer_round_trip(hybrid) -> None:
+    src, m = hybrid
+    from tokenizers import Tokenizer as HF
+    hf = HF.from_file(str(m.path / "tokenizer.json"))
+    for text in TEXTS:
+        ids = m.tokenize(text)
+        assert ids == hf.encode(text).ids
+        assert m.detokenize(ids) == text
+        assert m.detokenize(np.array(ids, dtype=np.int32)) == text
+        d = m.streaming_detokenizer()
+        pieces = [d.add(i) for i in ids] + [d.flush()]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_chat_template(hybrid) -> None:
+    src, m = hybrid
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"}]
+    want = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    assert m.apply_chat_template(msgs) == want
+    assert m.apply_chat_template(msgs, add_generation_prompt=False) == \
+        want[:-len("<|im_start|>assistant\n")]
+    ids = m.apply_chat_template(msgs, tokenize=True)
+    assert m.detokenize(ids) == want
+    assert ids.count(m.tokenizer.token_to_id("<|im_start|>")) == 3
