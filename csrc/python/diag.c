@@ -118,29 +118,32 @@ static int float_weight(struct bufset *s, PyObject *o, const char *dtype, int64_
 
 PyDoc_STRVAR(diag_matmul_doc,
 "_diag_matmul(op, out, w, x, n_out, n_in, n_tok, wdtype='U32', scales=None, "
-"biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None, n_rep=1)\n--\n\n"
+"biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None, n_rep=1, "
+"n_stack=1)\n--\n\n"
 "Run op 'matmul' (out[n_tok,n_out] = x @ W^T), 'matmul_t' (out[n_tok,n_in] = x @ W) "
-"or 'embed' (out[n_tok,n_in] = rows x (int32 tokens) of W) n_rep times.");
+"or 'embed' (out[n_tok,n_in] = rows x (int32 tokens) of W) n_rep times. With n_stack > 1 "
+"the buffers hold that many stacked matrices and repetition r uses matrix r % n_stack "
+"(benchmarks that must not run from cache).");
 
 static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"op", "out", "w", "x", "n_out", "n_in", "n_tok", "wdtype",
                              "scales", "biases", "sdtype", "bits", "group_size",
-                             "n_threads", "kernels", "n_rep", NULL};
+                             "n_threads", "kernels", "n_rep", "n_stack", NULL};
     const char *op, *wdtype = "U32", *sdtype = "F32", *kernels = NULL;
     PyObject *o_out, *o_w, *o_x, *o_s = Py_None, *o_b = Py_None;
     long long n_out, n_in;
-    int n_tok, bits = 0, gs = 0, n_threads = 1, n_rep = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOOLLi|sOOsiiizi", kwlist, &op, &o_out,
+    int n_tok, bits = 0, gs = 0, n_threads = 1, n_rep = 1, n_stack = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOOLLi|sOOsiiizii", kwlist, &op, &o_out,
                                      &o_w, &o_x, &n_out, &n_in, &n_tok, &wdtype, &o_s,
                                      &o_b, &sdtype, &bits, &gs, &n_threads, &kernels,
-                                     &n_rep))
+                                     &n_rep, &n_stack))
         return NULL;
     int which = strcmp(op, "matmul") == 0 ? 0 : strcmp(op, "matmul_t") == 0 ? 1
                 : strcmp(op, "embed") == 0 ? 2 : -1;
     if (which < 0)
         return PyErr_Format(PyExc_ValueError, "unknown op '%s'", op);
-    if (n_out < 1 || n_in < 1 || n_tok < 1 || n_threads < 1 || n_rep < 1)
+    if (n_out < 1 || n_in < 1 || n_tok < 1 || n_threads < 1 || n_rep < 1 || n_stack < 1)
         return PyErr_Format(PyExc_ValueError, "sizes must be positive");
     struct mf_weight w = {.n_out = n_out, .n_in = n_in};
     if (parse_dtype(wdtype, &w.dtype) < 0 || parse_dtype(sdtype, &w.sdtype) < 0)
@@ -164,11 +167,12 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
     Py_ssize_t y_bytes = (Py_ssize_t)(n_tok * (which == 0 ? n_out : n_in) * 4);
     float *y = bufs_get(&s, o_out, y_bytes, 1, 0, "out");
     const void *x = y ? bufs_get(&s, o_x, x_bytes, 0, 0, "x") : NULL;
-    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)mf_weight_w_bytes(&w), 0, 0, "w") : NULL;
+    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&w) * n_stack), 0, 0, "w")
+            : NULL;
     if (w.w && w.dtype == MF_DTYPE_U32) {
-        w.scales = bufs_get(&s, o_s, (Py_ssize_t)mf_weight_s_bytes(&w), 0, 0, "scales");
-        w.biases = w.scales ? bufs_get(&s, o_b, (Py_ssize_t)mf_weight_s_bytes(&w), 0, 0,
-                                       "biases") : NULL;
+        Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&w) * n_stack);
+        w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
+        w.biases = w.scales ? bufs_get(&s, o_b, sb, 0, 0, "biases") : NULL;
         if (!w.biases)
             goto done;
     }
@@ -185,12 +189,13 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
         goto done;
     Py_BEGIN_ALLOW_THREADS
     for (int r = 0; r < n_rep; r++) {
+        struct mf_weight ws = mf_weight_slice(&w, r % n_stack);
         if (which == 0)
-            e.be->ops->matmul(e.ex, y, &w, x, n_tok);
+            e.be->ops->matmul(e.ex, y, &ws, x, n_tok);
         else if (which == 1)
-            e.be->ops->matmul_t(e.ex, y, &w, x, n_tok);
+            e.be->ops->matmul_t(e.ex, y, &ws, x, n_tok);
         else
-            e.be->ops->embed(e.ex, y, &w, x, n_tok);
+            e.be->ops->embed(e.ex, y, &ws, x, n_tok);
     }
     Py_END_ALLOW_THREADS
     env_close(&e);

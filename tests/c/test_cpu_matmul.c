@@ -1,8 +1,8 @@
 /*
  * test_cpu_matmul.c — C-level checks of the CPU backend that Python cannot reach
- * easily: every kernel set (scalar, AVX2, AVX-512 where the CPU has them) against the
- * scalar one on the same inputs, the power-of-two code paths against the independent
- * bit-stream decoder, matvec against the tiled prefill path, odd sizes, thread-count
+ * easily: every kernel set (scalar, AVX2, AVX-512 where the CPU has them) against a
+ * double-precision reference on the same inputs, every set's decoder against the
+ * independent value-by-value bit-stream decoder (bitwise), matvec against the tiled prefill path, odd sizes, thread-count
  * independence (bitwise), and the thread pool started and stopped many times.
  * The numerical oracle (mlx) is in tests/test_kernels.py.
  */
@@ -98,7 +98,7 @@ static double max_diff(const float *a, const float *b, int64_t n) {
 static void ref_matmul(float *y, const struct mf_weight *w, const float *x, int n_tok) {
     float *row = malloc((size_t)w->n_in * sizeof(float));
     for (int64_t r = 0; r < w->n_out; r++) {
-        mf_cpu_dequant_generic(row, w, r, 0, w->n_in);
+        mf_cpu_dequant_ref(row, w, r, 0, w->n_in);
         for (int t = 0; t < n_tok; t++) {
             double acc = 0;
             for (int64_t c = 0; c < w->n_in; c++)
@@ -159,7 +159,7 @@ static void test_matmul_paths(struct mf_backend *be) {
     }
 }
 
-// Power-of-two dequant of every kernel set against the bit-stream decoder: bitwise.
+// Dequant of every kernel set against the value-by-value reference decoder: bitwise.
 static void test_dequant_bitwise(struct mf_backend *be) {
     char err[256];
     struct mf_exec *ex;
@@ -167,8 +167,8 @@ static void test_dequant_bitwise(struct mf_backend *be) {
         CHECK(0, "exec_new: %s", err);
         return;
     }
-    static const int bits_list[] = {2, 4, 8};
-    for (int bi = 0; bi < 3; bi++)
+    static const int bits_list[] = {2, 3, 4, 5, 6, 8};
+    for (int bi = 0; bi < 6; bi++)
         for (int gs = 32; gs <= 128; gs *= 2) {
             struct qw q;
             int64_t n_in = gs * 5;
@@ -179,8 +179,8 @@ static void test_dequant_bitwise(struct mf_backend *be) {
                 if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
                     continue;
                 for (int64_t r = 0; r < 3; r++) {
-                    mf_cpu_dequant_generic(a, &q.w, r, gs, n_in - gs);
-                    ex->k->dequant_pow2(b, &q.w, r, gs, n_in - gs);
+                    mf_cpu_dequant_ref(a, &q.w, r, gs, n_in - gs);
+                    ex->k->dequant(b, &q.w, r, gs, n_in - gs);
                     CHECK(memcmp(a, b, (size_t)(n_in - gs) * sizeof(float)) == 0,
                           "dequant %s bits %d gs %d row %lld differs", kernel_names[ki],
                           bits_list[bi], gs, (long long)r);

@@ -32,13 +32,14 @@ struct mf_cpu_kernels {
     float (*dot)(const float *a, const float *b, int64_t n);
     // y[i] += alpha * x[i]
     void (*axpy)(float *y, float alpha, const float *x, int64_t n);
-    // Dot of x[n_in] with row r of a quantized weight whose bits are 2, 4 or 8:
+    // Dot of x[n_in] with row r of a quantized weight (bits 2, 3, 4, 5, 6, 8):
     // sum over groups g of sum_c x[c] * (s_g * q[c] + b_g).
-    float (*qdot_pow2)(const float *x, const struct mf_weight *w, int64_t r);
-    // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight with bits 2/4/8;
+    float (*qdot)(const float *x, const struct mf_weight *w, int64_t r);
+    // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight, each value
+    // s*q + b with the product rounded before the sum (bitwise equal across sets);
     // c0 and n are multiples of the group size.
-    void (*dequant_pow2)(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
-                         int64_t n);
+    void (*dequant)(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                    int64_t n);
 };
 
 // x86-64 SIMD sets are built with target attributes (GCC and clang).
@@ -69,10 +70,11 @@ struct mf_exec {
 int mf_cpu_exec_set_kernels(struct mf_exec *ex, const char *name, char *err,
                             size_t errlen);
 
-// Generic dequantization of row r, columns [c0, c0 + n) of any quantized weight (bits
-// 2..8, bit-stream order), scalar. c0, n multiples of the group size.
-void mf_cpu_dequant_generic(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
-                            int64_t n);
+// Reference dequantization of row r, columns [c0, c0 + n) of a quantized weight, value
+// by value from the bit-stream definition: slow, independent of every kernel set (the
+// C tests compare them with it).
+void mf_cpu_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                        int64_t n);
 // Row r, columns [c0, c0 + n) of a float or quantized weight as f32, using ex's kernels.
 void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
                        int64_t r, int64_t c0, int64_t n);

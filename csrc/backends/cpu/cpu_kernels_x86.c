@@ -3,11 +3,14 @@
  * Compiled for every x86-64 build with per-function target attributes and chosen at run
  * time by CPU feature (cpu_matmul.c), so the extension needs no -march flag.
  *
- * Codes of 2/4/8 bits are widened to one f32 lane per value in natural column order
- * (broadcast the packed word, shift each lane by its own amount, mask), so x is read as
+ * Codes are widened to one f32 lane per value in natural column order, so x is read as
  * stored and each term is x * (s*q + b) exactly as in the scalar set; only summation
- * order differs. dequant_pow2 rounds s*q and then +b separately (no FMA) so it is bitwise
- * equal to the scalar and bit-stream decoders, which the C tests check.
+ * order differs. 2/4/8 bits: broadcast the packed word, shift each lane by its own
+ * amount, mask. 3/5/6 bits: eight values fill `bits` bytes; a byte shuffle puts the two
+ * bytes holding value k into lane k, then shift and mask. dequant rounds s*q and then
+ * adds b (no FMA) so it is bitwise equal to the scalar and reference decoders, which the
+ * C tests check. Functions taking `const int bits` are always inlined into a switch, so
+ * every width gets its own constant-folded loop.
  * On other ISAs this file compiles to nothing; an ARM NEON set would sit beside it as
  * cpu_kernels_neon.c with the same four entries.
  */
@@ -16,10 +19,12 @@
 #if defined(MF_HAVE_X86_KERNELS)
 
 #include <immintrin.h>
+#include <string.h>
 
 /* ==== AVX2 + FMA ==== */
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
 static inline AVX2 float hsum8(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -55,54 +60,120 @@ static AVX2 void avx2_axpy(float *y, float alpha, const float *x, int64_t n) {
         y[i] += alpha * x[i];
 }
 
-// Eight codes starting at column c (a multiple of 8) as f32, for 2/4/8 bits.
-static inline AVX2 __m256 avx2_codes8(const uint32_t *q, int bits, int64_t c) {
+// n little-endian bytes at p (n <= 12) as two integers, loaded in registers: building
+// them through a small buffer on the stack stalls on store forwarding.
+static inline __attribute__((always_inline)) void load_le(const uint8_t *p, const int n,
+                                                         uint64_t *lo, uint64_t *hi) {
+    uint64_t q = 0;
+    uint32_t d = 0;
+    uint16_t h = 0;
+    *hi = 0;
+    switch (n) {
+    case 3: memcpy(&h, p, 2); *lo = h | (uint64_t)p[2] << 16; break;
+    case 5: memcpy(&d, p, 4); *lo = d | (uint64_t)p[4] << 32; break;
+    case 6: memcpy(&d, p, 4); memcpy(&h, p + 4, 2); *lo = d | (uint64_t)h << 32; break;
+    case 10: memcpy(&q, p, 8); memcpy(&h, p + 8, 2); *lo = q; *hi = h; break;
+    default: memcpy(&q, p, 8); memcpy(&d, p + 8, 4); *lo = q; *hi = d; break;   // 12
+    }
+}
+
+// Byte index of the first byte holding value k of a run, and its bit offset there.
+#define B0(k, bits) (((k) * (bits)) >> 3)
+#define SH(k, bits) (((k) * (bits)) & 7)
+// Shuffle control of one 32-bit lane: bytes B0, B0+1 of the run, then zeros.
+#define SHUF(k, bits) ((int)(0x80800000u | (uint32_t)B0(k, bits) | ((uint32_t)(B0(k, bits) + 1) << 8)))
+
+// Eight codes starting at column c (a multiple of 8) as f32.
+INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
     if (bits == 4) {
+        uint32_t word;
+        memcpy(&word, row + c / 2, 4);
         const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)q[c >> 3]), sh);
+        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh);
         return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
     }
     if (bits == 8) {
-        __m128i b8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)q + c));
+        __m128i b8 = _mm_loadl_epi64((const __m128i *)(row + c));
         return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8));
     }
-    // 2 bits: 16 codes per word; these 8 are its low or high half.
-    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    __m256i v = _mm256_set1_epi32((int)(q[c >> 4] >> (c & 8 ? 16 : 0)));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, sh),
-                                               _mm256_set1_epi32(3)));
+    if (bits == 2) {
+        uint16_t half;
+        memcpy(&half, row + c / 4, 2);
+        const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(half), sh);
+        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(3)));
+    }
+    // 3, 5, 6 bits: the run's `bits` bytes in both 128-bit halves, two bytes per lane.
+    uint64_t u, unused;
+    load_le(row + c / 8 * bits, bits, &u, &unused);
+    const __m256i shuf = _mm256_setr_epi32(SHUF(0, bits), SHUF(1, bits), SHUF(2, bits),
+                                           SHUF(3, bits), SHUF(4, bits), SHUF(5, bits),
+                                           SHUF(6, bits), SHUF(7, bits));
+    const __m256i sh = _mm256_setr_epi32(SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits),
+                                         SH(4, bits), SH(5, bits), SH(6, bits), SH(7, bits));
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), shuf);
+    v = _mm256_srlv_epi32(v, sh);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)));
 }
 
-static AVX2 float avx2_qdot_pow2(const float *x, const struct mf_weight *w, int64_t r) {
-    const int bits = w->bits, gs = w->group_size;
-    const uint32_t *q = (const uint32_t *)w->w + r * (w->n_in * bits / 32);
+INLINE_AVX2 float avx2_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
+                                 const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
     const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0;
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0, tot2 = tot0, tot3 = tot0;
     for (int64_t g = 0; g < n_group; g++) {
         const __m256 s = _mm256_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
         const __m256 b = _mm256_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        // Two independent chains: gs >= 32 is a multiple of 16.
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
-            __m256 w0 = _mm256_fmadd_ps(avx2_codes8(q, bits, c), s, b);
-            __m256 w1 = _mm256_fmadd_ps(avx2_codes8(q, bits, c + 8), s, b);
+        // Four independent chains (gs >= 32): one chain would wait on FMA latency.
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
+            __m256 w0 = _mm256_fmadd_ps(avx2_codes8(row, c, bits), s, b);
+            __m256 w1 = _mm256_fmadd_ps(avx2_codes8(row, c + 8, bits), s, b);
+            __m256 w2 = _mm256_fmadd_ps(avx2_codes8(row, c + 16, bits), s, b);
+            __m256 w3 = _mm256_fmadd_ps(avx2_codes8(row, c + 24, bits), s, b);
             tot0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), w0, tot0);
             tot1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 8), w1, tot1);
+            tot2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 16), w2, tot2);
+            tot3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 24), w3, tot3);
         }
     }
-    return hsum8(_mm256_add_ps(tot0, tot1));
+    return hsum8(_mm256_add_ps(_mm256_add_ps(tot0, tot1), _mm256_add_ps(tot2, tot3)));
 }
 
-static AVX2 void avx2_dequant_pow2(float *dst, const struct mf_weight *w, int64_t r,
-                                   int64_t c0, int64_t n) {
-    const int bits = w->bits, gs = w->group_size;
-    const uint32_t *q = (const uint32_t *)w->w + r * (w->n_in * bits / 32);
+static AVX2 float avx2_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+    switch (w->bits) {
+    case 2: return avx2_qdot_bits(x, w, r, 2);
+    case 3: return avx2_qdot_bits(x, w, r, 3);
+    case 4: return avx2_qdot_bits(x, w, r, 4);
+    case 5: return avx2_qdot_bits(x, w, r, 5);
+    case 6: return avx2_qdot_bits(x, w, r, 6);
+    default: return avx2_qdot_bits(x, w, r, 8);
+    }
+}
+
+INLINE_AVX2 void avx2_dequant_bits(float *dst, const struct mf_weight *w, int64_t r,
+                                   int64_t c0, int64_t n, const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
     const int64_t s0 = r * (w->n_in / gs);
     for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
         const __m256 s = _mm256_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
         const __m256 b = _mm256_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 8)
             _mm256_storeu_ps(dst + (c - c0),
-                             _mm256_add_ps(_mm256_mul_ps(avx2_codes8(q, bits, c), s), b));
+                             _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, c, bits), s), b));
+    }
+}
+
+static AVX2 void avx2_dequant(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                              int64_t n) {
+    switch (w->bits) {
+    case 2: avx2_dequant_bits(dst, w, r, c0, n, 2); break;
+    case 3: avx2_dequant_bits(dst, w, r, c0, n, 3); break;
+    case 4: avx2_dequant_bits(dst, w, r, c0, n, 4); break;
+    case 5: avx2_dequant_bits(dst, w, r, c0, n, 5); break;
+    case 6: avx2_dequant_bits(dst, w, r, c0, n, 6); break;
+    default: avx2_dequant_bits(dst, w, r, c0, n, 8); break;
     }
 }
 
@@ -110,13 +181,15 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .name = "avx2",
     .dot = avx2_dot,
     .axpy = avx2_axpy,
-    .qdot_pow2 = avx2_qdot_pow2,
-    .dequant_pow2 = avx2_dequant_pow2,
+    .qdot = avx2_qdot,
+    .dequant = avx2_dequant,
 };
 
 /* ==== AVX-512 (F + BW) ==== */
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+#define INLINE_AVX512 \
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c")))
 
 static AVX512 float avx512_dot(const float *a, const float *b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -150,39 +223,59 @@ static AVX512 void avx512_axpy(float *y, float alpha, const float *x, int64_t n)
     }
 }
 
-// Sixteen codes starting at column c (a multiple of 16) as f32, for 2/4/8 bits.
-static inline AVX512 __m512 avx512_codes16(const uint32_t *q, int bits, int64_t c) {
+// Sixteen codes starting at column c (a multiple of 16) as f32.
+INLINE_AVX512 __m512 avx512_codes16(const uint8_t *row, int64_t c, const int bits) {
     if (bits == 4) {
-        // Words c/8 and c/8+1 each spread over eight lanes, then shifted per lane.
+        // Two words, each spread over eight lanes, then shifted per lane.
         const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16,
                                              20, 24, 28);
-        __m512i v = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(q + (c >> 3))));
+        __m512i v = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(row + c / 2)));
         v = _mm512_srlv_epi32(_mm512_permutexvar_epi32(idx, v), sh);
         return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
     }
     if (bits == 8) {
-        __m128i b16 = _mm_loadu_si128((const __m128i *)((const uint8_t *)q + c));
+        __m128i b16 = _mm_loadu_si128((const __m128i *)(row + c));
         return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b16));
     }
-    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                         28, 30);
-    __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32((int)q[c >> 4]), sh);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(3)));
+    if (bits == 2) {
+        uint32_t word;
+        memcpy(&word, row + c / 4, 4);
+        const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                             26, 28, 30);
+        __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh);
+        return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(3)));
+    }
+    // 3, 5, 6 bits: two runs (2*bits <= 12 bytes) in every 128-bit lane, two bytes per
+    // 32-bit lane.
+    uint64_t lo, hi;
+    load_le(row + c / 8 * bits, 2 * bits, &lo, &hi);
+    const __m512i shuf = _mm512_setr_epi32(
+        SHUF(0, bits), SHUF(1, bits), SHUF(2, bits), SHUF(3, bits), SHUF(4, bits),
+        SHUF(5, bits), SHUF(6, bits), SHUF(7, bits), SHUF(8, bits), SHUF(9, bits),
+        SHUF(10, bits), SHUF(11, bits), SHUF(12, bits), SHUF(13, bits), SHUF(14, bits),
+        SHUF(15, bits));
+    const __m512i sh = _mm512_setr_epi32(
+        SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits), SH(4, bits), SH(5, bits),
+        SH(6, bits), SH(7, bits), SH(8, bits), SH(9, bits), SH(10, bits), SH(11, bits),
+        SH(12, bits), SH(13, bits), SH(14, bits), SH(15, bits));
+    __m512i v = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)hi, (long long)lo));
+    v = _mm512_srlv_epi32(_mm512_shuffle_epi8(v, shuf), sh);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << bits) - 1)));
 }
 
-static AVX512 float avx512_qdot_pow2(const float *x, const struct mf_weight *w,
-                                     int64_t r) {
-    const int bits = w->bits, gs = w->group_size;
-    const uint32_t *q = (const uint32_t *)w->w + r * (w->n_in * bits / 32);
+INLINE_AVX512 float avx512_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
+                                     const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
     const int64_t n_group = w->n_in / gs, s0 = r * n_group;
     __m512 tot0 = _mm512_setzero_ps(), tot1 = tot0;
     for (int64_t g = 0; g < n_group; g++) {
         const __m512 s = _mm512_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
         const __m512 b = _mm512_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            __m512 w0 = _mm512_fmadd_ps(avx512_codes16(q, bits, c), s, b);
-            __m512 w1 = _mm512_fmadd_ps(avx512_codes16(q, bits, c + 16), s, b);
+            __m512 w0 = _mm512_fmadd_ps(avx512_codes16(row, c, bits), s, b);
+            __m512 w1 = _mm512_fmadd_ps(avx512_codes16(row, c + 16, bits), s, b);
             tot0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), w0, tot0);
             tot1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), w1, tot1);
         }
@@ -190,17 +283,40 @@ static AVX512 float avx512_qdot_pow2(const float *x, const struct mf_weight *w,
     return _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1));
 }
 
-static AVX512 void avx512_dequant_pow2(float *dst, const struct mf_weight *w, int64_t r,
-                                       int64_t c0, int64_t n) {
-    const int bits = w->bits, gs = w->group_size;
-    const uint32_t *q = (const uint32_t *)w->w + r * (w->n_in * bits / 32);
+static AVX512 float avx512_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+    switch (w->bits) {
+    case 2: return avx512_qdot_bits(x, w, r, 2);
+    case 3: return avx512_qdot_bits(x, w, r, 3);
+    case 4: return avx512_qdot_bits(x, w, r, 4);
+    case 5: return avx512_qdot_bits(x, w, r, 5);
+    case 6: return avx512_qdot_bits(x, w, r, 6);
+    default: return avx512_qdot_bits(x, w, r, 8);
+    }
+}
+
+INLINE_AVX512 void avx512_dequant_bits(float *dst, const struct mf_weight *w, int64_t r,
+                                       int64_t c0, int64_t n, const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
     const int64_t s0 = r * (w->n_in / gs);
     for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
         const __m512 s = _mm512_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
         const __m512 b = _mm512_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 16)
             _mm512_storeu_ps(dst + (c - c0), _mm512_add_ps(
-                                 _mm512_mul_ps(avx512_codes16(q, bits, c), s), b));
+                                 _mm512_mul_ps(avx512_codes16(row, c, bits), s), b));
+    }
+}
+
+static AVX512 void avx512_dequant(float *dst, const struct mf_weight *w, int64_t r,
+                                  int64_t c0, int64_t n) {
+    switch (w->bits) {
+    case 2: avx512_dequant_bits(dst, w, r, c0, n, 2); break;
+    case 3: avx512_dequant_bits(dst, w, r, c0, n, 3); break;
+    case 4: avx512_dequant_bits(dst, w, r, c0, n, 4); break;
+    case 5: avx512_dequant_bits(dst, w, r, c0, n, 5); break;
+    case 6: avx512_dequant_bits(dst, w, r, c0, n, 6); break;
+    default: avx512_dequant_bits(dst, w, r, c0, n, 8); break;
     }
 }
 
@@ -208,8 +324,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .name = "avx512",
     .dot = avx512_dot,
     .axpy = avx512_axpy,
-    .qdot_pow2 = avx512_qdot_pow2,
-    .dequant_pow2 = avx512_dequant_pow2,
+    .qdot = avx512_qdot,
+    .dequant = avx512_dequant,
 };
 
 #endif /* MF_HAVE_X86_KERNELS */

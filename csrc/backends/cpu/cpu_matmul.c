@@ -37,46 +37,84 @@ static void scalar_axpy(float *y, float alpha, const float *x, int64_t n) {
         y[i] += alpha * x[i];
 }
 
-static inline const uint32_t *qrow(const struct mf_weight *w, int64_t r) {
-    return (const uint32_t *)w->w + r * (w->n_in * w->bits / 32);
-}
-
 static inline int64_t srow(const struct mf_weight *w, int64_t r) {
     return r * (w->n_in / w->group_size);
 }
 
-static float scalar_qdot_pow2(const float *x, const struct mf_weight *w, int64_t r) {
-    const uint32_t *q = qrow(w, r);
-    const int bits = w->bits, gs = w->group_size, epw = 32 / bits;
-    const uint32_t mask = (1u << bits) - 1u;
+// Eight codes from `bits` bytes of the row's bit stream: eight values of any width fill
+// exactly `bits` bytes (model-math §1.2), so groups (multiples of 8 values) never split
+// a run. Built byte by byte: no read past the run, any host byte order. For 2/4/8 bits
+// this is the same as the LSB-first packing within uint32 words.
+static inline __attribute__((always_inline)) uint64_t
+run8(const uint8_t *row, int64_t c, const int bits) {
+    const uint8_t *p = row + c / 8 * bits;
+    uint64_t u = 0;
+    for (int i = 0; i < bits; i++)
+        u |= (uint64_t)p[i] << (8 * i);
+    return u;
+}
+
+// Written once with `bits` a compile-time constant at each call site (always inlined),
+// so the shifts and masks are constants.
+static inline __attribute__((always_inline)) float
+qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) {
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
+    const int gs = w->group_size;
+    const uint64_t mask = (1u << bits) - 1u;
     const int64_t n_group = w->n_in / gs, s0 = srow(w, r);
     float total = 0.0f;
     for (int64_t g = 0; g < n_group; g++) {
         float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
         float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
         float acc = 0.0f;
-        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
-            uint32_t code = (q[c / epw] >> (bits * (c % epw))) & mask;
-            acc += x[c] * (s * (float)code + b);
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
+            const uint64_t u = run8(row, c, bits);
+            for (int k = 0; k < 8; k++)
+                acc += x[c + k] * (s * (float)((u >> (bits * k)) & mask) + b);
         }
         total += acc;
     }
     return total;
 }
 
-static void scalar_dequant_pow2(float *dst, const struct mf_weight *w, int64_t r,
-                                int64_t c0, int64_t n) {
-    const uint32_t *q = qrow(w, r);
-    const int bits = w->bits, gs = w->group_size, epw = 32 / bits;
-    const uint32_t mask = (1u << bits) - 1u;
+static float scalar_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+    switch (w->bits) {
+    case 2: return qdot_bits(x, w, r, 2);
+    case 3: return qdot_bits(x, w, r, 3);
+    case 4: return qdot_bits(x, w, r, 4);
+    case 5: return qdot_bits(x, w, r, 5);
+    case 6: return qdot_bits(x, w, r, 6);
+    default: return qdot_bits(x, w, r, 8);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+dequant_bits(float *dst, const struct mf_weight *w, int64_t r, int64_t c0, int64_t n,
+             const int bits) {
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
+    const int gs = w->group_size;
+    const uint64_t mask = (1u << bits) - 1u;
     const int64_t s0 = srow(w, r);
     for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
         float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
         float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
-        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
-            uint32_t code = (q[c / epw] >> (bits * (c % epw))) & mask;
-            dst[c - c0] = s * (float)code + b;
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
+            const uint64_t u = run8(row, c, bits);
+            for (int k = 0; k < 8; k++)
+                dst[c - c0 + k] = s * (float)((u >> (bits * k)) & mask) + b;
         }
+    }
+}
+
+static void scalar_dequant(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                           int64_t n) {
+    switch (w->bits) {
+    case 2: dequant_bits(dst, w, r, c0, n, 2); break;
+    case 3: dequant_bits(dst, w, r, c0, n, 3); break;
+    case 4: dequant_bits(dst, w, r, c0, n, 4); break;
+    case 5: dequant_bits(dst, w, r, c0, n, 5); break;
+    case 6: dequant_bits(dst, w, r, c0, n, 6); break;
+    default: dequant_bits(dst, w, r, c0, n, 8); break;
     }
 }
 
@@ -84,8 +122,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
     .axpy = scalar_axpy,
-    .qdot_pow2 = scalar_qdot_pow2,
-    .dequant_pow2 = scalar_dequant_pow2,
+    .qdot = scalar_qdot,
+    .dequant = scalar_dequant,
 };
 
 /* ==== Kernel choice ====
@@ -131,37 +169,30 @@ const struct mf_cpu_kernels *mf_cpu_kernels_find(const char *name) {
 
 /* ==== Rows of a weight as f32 ==== */
 
-void mf_cpu_dequant_generic(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
-                            int64_t n) {
-    // Bit-stream order (model-math §1.2): value c occupies stream bits [c*bits,
-    // (c+1)*bits) of the row, LSB first; it spans at most two bytes for bits <= 8.
+void mf_cpu_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                        int64_t n) {
+    // Value by value, straight from the definition (model-math §1.2): value c occupies
+    // stream bits [c*bits, (c+1)*bits) of the row, LSB first, within two bytes.
     const int bits = w->bits, gs = w->group_size;
     const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
     const uint32_t mask = (1u << bits) - 1u;
     const int64_t s0 = srow(w, r);
-    for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
-        float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g));
-        float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g));
-        for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
-            int64_t bit = c * bits;
-            int sh = (int)(bit & 7);
-            uint32_t v = row[bit >> 3];
-            if (sh + bits > 8)
-                v |= (uint32_t)row[(bit >> 3) + 1] << 8;
-            dst[c - c0] = s * (float)((v >> sh) & mask) + b;
-        }
+    for (int64_t c = c0; c < c0 + n; c++) {
+        float s = mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + c / gs));
+        float b = mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + c / gs));
+        int64_t bit = c * bits;
+        int sh = (int)(bit & 7);
+        uint32_t v = row[bit >> 3];
+        if (sh + bits > 8)
+            v |= (uint32_t)row[(bit >> 3) + 1] << 8;
+        dst[c - c0] = s * (float)((v >> sh) & mask) + b;
     }
 }
-
-static inline int is_pow2_bits(int bits) { return bits == 2 || bits == 4 || bits == 8; }
 
 void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
                        int64_t r, int64_t c0, int64_t n) {
     if (w->dtype == MF_DTYPE_U32) {
-        if (is_pow2_bits(w->bits))
-            ex->k->dequant_pow2(dst, w, r, c0, n);
-        else
-            mf_cpu_dequant_generic(dst, w, r, c0, n);
+        ex->k->dequant(dst, w, r, c0, n);
         return;
     }
     size_t base = (size_t)(r * w->n_in + c0);
@@ -173,15 +204,14 @@ void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_wei
         dst[i] = mf_load_f32(w->w, w->dtype, base + (size_t)i);
 }
 
-// Columns converted per step for float-but-not-F32 and non-power-of-two rows: a
-// multiple of every group size, small enough for the stack.
+// Columns converted per step for F16/BF16 rows: small enough for the stack.
 #define ROW_STEP 256
 
 // sum_c x[c] * W[r, c] for one row.
 static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_t r,
                      const float *x) {
-    if (w->dtype == MF_DTYPE_U32 && is_pow2_bits(w->bits))
-        return ex->k->qdot_pow2(x, w, r);
+    if (w->dtype == MF_DTYPE_U32)
+        return ex->k->qdot(x, w, r);
     if (w->dtype == MF_DTYPE_F32)
         return ex->k->dot(x, (const float *)w->w + r * w->n_in, w->n_in);
     float tmp[ROW_STEP];

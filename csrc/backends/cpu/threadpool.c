@@ -29,8 +29,10 @@
 #define cpu_relax() ((void)0)
 #endif
 
-// Spin iterations before a worker blocks on the condvar (each a pause, ~tens of ns).
-#define SPIN_ITERS 20000
+// Spin iterations before a worker blocks on the condvar (each a pause, ~10-70 ns):
+// tens of microseconds, enough to bridge consecutive ops of a decode step without
+// burning a core through longer waits (expert reads, the caller's Python code).
+#define SPIN_ITERS 2000
 
 struct worker {
     struct mf_pool *pool;
