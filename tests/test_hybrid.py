@@ -185,6 +185,28 @@ def test_failed_eval_leaves_state_unchanged(arch: str, tmp_path: Path,
     assert_close(np.stack(rows), ref[1:], "decode after failed evals")
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_snapshot_load_continues_exactly(arch: str,
+                                         converted: Callable[..., tuple[Path, Path]]
+                                         ) -> None:
+    """The state segments hold everything the forward reads from the past: a
+    snapshot taken after the prompt, loaded into a ctx that has since run other
+    tokens, continues bit for bit, and matches the reference."""
+    ckpt, model_dir = converted(arch)
+    cont = continuation(512, 4, seed=13)
+    with moeflux.Model(model_dir, threads=2) as m:
+        m.eval(PROMPT)
+        snap = m.save_state()
+        first = np.stack([m.eval([t]) for t in cont])
+        m.reset()
+        m.eval(continuation(512, 9, seed=14))
+        m.load_state(snap)
+        assert m.n_past == len(PROMPT)
+        again = np.stack([m.eval([t]) for t in cont])
+    np.testing.assert_array_equal(again, first)
+    assert_close(again, reference_decode(ckpt, PROMPT, cont)[1:], "after load_state")
+
+
 def test_raw_hf_conv_layout_refused(tmp_path: Path,
                                     converted: Callable[..., tuple[Path, Path]]) -> None:
     """A conv1d weight in raw HF layout [C, 1, K] means the checkpoint skipped mlx-lm's
