@@ -139,10 +139,11 @@ int mf_manifest_parse(struct mf_manifest *m, const char *text, size_t len,
     }
     int64_t declared = 0;
     if (mf_json_get_int(root, "num_tensors", &declared) == 1 && declared != (int64_t)ts->n) {
+        size_t n = ts->n;
         mf_json_free(doc);
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: num_tensors is %lld but \"tensors\" has %zu entries", name,
-                      (long long)declared, ts->n);
+                      (long long)declared, n);
     }
     if (ts->n) {
         m->tensors = calloc(ts->n, sizeof *m->tensors);
