@@ -12,11 +12,15 @@
 
 extern const struct mf_arch mf_arch_qwen3_5_moe;
 extern const struct mf_arch mf_arch_qwen3_next;
+extern const struct mf_arch mf_arch_deepseek_v3;
+extern const struct mf_arch mf_arch_qwen3_moe;
 
 // NULL-terminated so the table may be empty before any arch lands.
 static const struct mf_arch *const arch_table[] = {
     &mf_arch_qwen3_5_moe,
     &mf_arch_qwen3_next,
+    &mf_arch_deepseek_v3,
+    &mf_arch_qwen3_moe,
     NULL,
 };
 
