@@ -20,6 +20,11 @@ chosen so the dequantized matrix has zero mean and standard deviation
 ``gain / sqrt(n_in)``. Every tensor is produced piece by piece (an expert slice or a
 block of rows) from a generator seeded by (seed, tensor name, piece index), so output is
 deterministic and memory stays bounded whatever the checkpoint size.
+
+Command line::
+
+    python -m moeflux.prep synth --arch qwen3_next --out DIR [--seed N]
+        [--set key=value ...] [--layers N] [--preset qwen36-35b-a3b-shapes]
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -897,6 +903,16 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    try:
+        path = _run(args)
+    except SynthError as exc:  # a bad request: one line, not a traceback
+        print(f"synth: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> Path:
     overrides: dict[str, Any] = {}
     arch = args.arch
     if args.preset:
@@ -915,8 +931,6 @@ def _main(args: argparse.Namespace) -> int:
     if args.layers is not None:
         overrides["num_hidden_layers"] = args.layers
     cfg = tiny_config(arch, **overrides)
-    path = write_checkpoint(args.out, cfg, seed=args.seed,
+    return write_checkpoint(args.out, cfg, seed=args.seed,
                             max_shard_bytes=args.max_shard_bytes,
                             progress=not args.no_progress)
-    print(path)
-    return 0

@@ -484,7 +484,11 @@ def test_cli_and_preset(tmp_path: Path) -> None:
 
     bad = subprocess.run([sys.executable, "-m", "moeflux.prep", "synth", "--out",
                           str(tmp_path / "x")], capture_output=True, timeout=120)
-    assert bad.returncode != 0
+    assert bad.returncode == 2 and b"give --arch or --preset" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "moeflux.prep", "synth", "--arch",
+                          "qwen3_moe", "--set", "bits=7", "--out", str(tmp_path / "x")],
+                         capture_output=True, timeout=120)
+    assert bad.returncode == 2 and b"bits=7" in bad.stderr
 
 
 # ==== the oracle harness ====
@@ -502,3 +506,32 @@ def test_reference_decode_agrees_with_prefill(synth_checkpoint, arch: str) -> No
     dec = reference_decode(path, prompt, cont)
     assert dec.shape == (len(cont) + 1, full.shape[1])
     np.testing.assert_allclose(dec, full[len(prompt) - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_unquantized_config_loads(tmp_path: Path) -> None:
+    """No quantization block: every Linear/Embedding is a BF16 float weight, as an
+    unquantized mlx-lm save would be, and it loads strictly."""
+    cfg = synth.tiny_config("qwen3_moe")
+    for key in ("quantization", "quantization_config"):
+        cfg.pop(key)
+    path = synth.write_checkpoint(tmp_path / "f", cfg)
+    hdr = _header(path)
+    assert not any(n.endswith(".scales") for n in hdr)
+    assert hdr["model.embed_tokens.weight"] == ("BF16", (512, 256))
+    assert "quantization" not in json.loads((path / "config.json").read_text())
+    model, _ = load_model(path, strict=True)
+    model.set_dtype(mx.float32)
+    assert np.isfinite(np.array(model(mx.array([TOKENS])))).all()
+
+
+def test_mlx_lm_load_with_tokenizer_and_chat_template(synth_checkpoint) -> None:
+    """mlx_lm.load (model + tokenizer through transformers) accepts the checkpoint,
+    and the chat template and special ids come out as configured."""
+    from mlx_lm import load
+
+    model, tok = load(str(synth_checkpoint("qwen3_5_moe")))
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                  add_generation_prompt=True)
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token_id == synth.EOS_ID and tok.bos_token_id == synth.BOS_ID
+    assert ids[0] == 257
