@@ -311,10 +311,25 @@ class BufferPool:
         self._free.put(buf)
 
 
+class _Countdown:
+    """Calls ``done`` once ``n`` workers have released a shared buffer."""
+
+    def __init__(self, n: int, done: Callable[[], None] | None):
+        self._n, self._done, self._lock = n, done, threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._n -= 1
+            last = self._n == 0
+        if last and self._done is not None:
+            self._done()
+
+
 class HashedFile:
-    """An output file written under ``name.tmp`` by a background thread that also
-    computes its sha256, so hashing and writing overlap the caller's reads. ``finish``
-    fsyncs; ``commit`` renames to the final name. ``abort`` removes the temporary."""
+    """An output file written under ``name.tmp``. Two background threads take each
+    buffer: one writes it, one adds it to the file's sha256, so writing, hashing and
+    the caller's next reads all overlap. ``finish`` fsyncs; ``commit`` renames to the
+    final name; ``abort`` removes the temporary."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -322,43 +337,58 @@ class HashedFile:
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.hasher = hashlib.sha256()
         self.size = 0
-        self._q: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="moeflux-prep-writer",
-                                        daemon=True)
-        self._thread.start()
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=2), queue.Queue(maxsize=2)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(q, job), daemon=True,
+                             name=f"moeflux-prep-{job.__name__}")
+            for q, job in zip(self._queues, (self._write_all, self._hash))]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _write_all(self, data: memoryview) -> None:
+        view = data
+        while len(view):
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def _hash(self, data: memoryview) -> None:
+        self.hasher.update(data)
+
+    def _run(self, q: queue.Queue, job: Callable[[memoryview], None]) -> None:
         while True:
-            item = self._q.get()
+            item = q.get()
             if item is None:
                 return
-            data, done = item
+            data, countdown = item
             try:
                 if self._error is None:
-                    view = memoryview(data)
-                    while len(view):
-                        n = os.write(self.fd, view)
-                        view = view[n:]
-                    self.hasher.update(data)
-                    self.size += len(data)
+                    job(data)
             except BaseException as exc:  # surfaced by finish()
                 self._error = exc
             finally:
-                if done is not None:
-                    done()
+                countdown.release()
 
     def write(self, data: bytes | memoryview, done: Callable[[], None] | None = None
               ) -> None:
         """Queue ``data`` (not to be modified until ``done`` is called)."""
         if self._error is not None:
             raise self._error
-        self._q.put((data, done))
+        countdown = _Countdown(len(self._queues), done)
+        view = memoryview(data)
+        for q in self._queues:
+            q.put((view, countdown))
+
+    def _stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
 
     def finish(self) -> str:
         """Wait for all writes, fsync, close; return the hex sha256."""
-        self._q.put(None)
-        self._thread.join()
+        self._stop()
         if self._error is not None:
             err = self._error
             self.abort()
@@ -375,10 +405,9 @@ class HashedFile:
         fsync_dir(self.path.parent)
 
     def abort(self) -> None:
-        if self._thread.is_alive():
+        if any(t.is_alive() for t in self._threads):
             self._error = self._error or RuntimeError("aborted")
-            self._q.put(None)
-            self._thread.join()
+            self._stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

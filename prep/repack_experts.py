@@ -263,16 +263,21 @@ def _after_layer(il: int) -> None:
     """Called once layer ``il`` is committed and journaled (tests inject failures)."""
 
 
-def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progress
-                 ) -> tuple[str, dict[str, tuple[float, int]]]:
-    es, E = plan.expert_size, plan.num_experts
-    per = max(1, min(E, BATCH_BYTES // es, 256))
+def _batch_experts(plan: ExpertPlan) -> int:
+    """Experts per output buffer: ~BATCH_BYTES, and bounded f32 work when
+    requantizing (a few f32 copies of each projection are alive at once)."""
+    per = max(1, min(plan.num_experts, BATCH_BYTES // plan.expert_size, 256))
     if plan.out_bits != plan.quant.bits:
-        # requantization holds a few f32 copies of each projection: bound those
         rows, cols = plan.src_components[0].shape
         n_in = cols * 32 // plan.quant.bits
         per = max(1, min(per, REQUANT_F32_BYTES // (4 * rows * n_in)))
-    pool = BufferPool(3, per * es)
+    return per
+
+
+def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progress,
+                 pool: BufferPool) -> tuple[str, dict[str, tuple[float, int]]]:
+    es, E = plan.expert_size, plan.num_experts
+    per = pool.size // es
     out = HashedFile(path)
     err: dict[str, list[float]] = {p: [0.0, 0] for p in PROJECTIONS}
     try:
@@ -324,13 +329,15 @@ def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4
     if check_space:
         check_disk(dst, len(todo) * plan.file_bytes)
     bar = Progress(len(todo) * plan.file_bytes, sub, progress)
+    # three buffers: one being filled, one being written and hashed, one spare
+    pool = BufferPool(3, _batch_experts(plan) * plan.expert_size) if todo else None
     try:
         for il in plan.moe_layers:
             rel = f"{sub}/{layer_file_name(il)}"
             if il not in todo:
                 res.skipped.append(rel)
                 continue
-            digest, err = _write_layer(src, plan, il, dst / rel, bar)
+            digest, err = _write_layer(src, plan, il, dst / rel, bar, pool)
             journal.record(rel, digest, sq_err={p: list(v) for p, v in err.items()})
             _after_layer(il)
     finally:
