@@ -107,6 +107,14 @@ def test_loads_strictly_and_routes(synth_checkpoint, arch: str,
     path = synth_checkpoint(arch, **overrides)
     model, config = load_model(path, strict=True)
     model.set_dtype(mx.float32)
+    # The config keys mlx-lm silently defaults when misnamed (model-math §6.2).
+    if arch == "deepseek_v3":
+        assert type(model.model.layers[0].self_attn.rope).__name__ == "YarnRoPE"
+    elif arch == "qwen3_5_moe":
+        args = model.language_model.args
+        assert (args.rope_theta, args.partial_rotary_factor) == (1e7, 0.25)
+    elif arch == "qwen3_next":
+        assert (model.args.rope_theta, model.args.partial_rotary_factor) == (1e7, 0.25)
     blocks = _moe_blocks(model)
     assert blocks, "config has no MoE layer"
     recorders = []
