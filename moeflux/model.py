@@ -43,8 +43,9 @@ class Model(ModelFeatures):
     path: Path
     config: dict
 
-    def __init__(self, path: Union[PathLike, "_core.ModelHandle"], threads: Optional[int] = None,
-                 backend: str = "cpu", n_ctx: Optional[int] = None) -> None:
+    def __init__(self, path: Union[PathLike, "_core.ModelHandle"],
+                 threads: Optional[int] = None, backend: str = "cpu",
+                 n_ctx: Optional[int] = None, *, use_2bit: int = 0) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -53,12 +54,15 @@ class Model(ModelFeatures):
             threads: compute threads; None = all online cores.
             backend: "cpu" (default); "cuda"/"metal" where built.
             n_ctx: maximum sequence length; None = min(4096, max_position_embeddings).
+            use_2bit: 0 reads packed_experts/, 1 packed_experts_2bit/, -1 the 2-bit
+                experts only when the 4-bit ones are absent.
 
         Raises:
             MoefluxIOError: a missing or short file (the message names it).
             FormatError: malformed JSON, unknown model_type, unsupported quantization.
             ShapeError: a tensor that does not fit config.json.
             UnsupportedError: an architecture this build does not implement.
+            BackendError: an unknown or unavailable backend.
             ArgumentError: bad threads / n_ctx.
         """
         self._ctx: Optional[_core.Context] = None
@@ -69,17 +73,11 @@ class Model(ModelFeatures):
         if isinstance(path, _core.ModelHandle):
             handle = path
         else:
-            handle = _core.ModelHandle(os.fspath(path), backend=backend)
+            handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=use_2bit)
         self._handle = handle
-        self._ctx = _core.Context(handle, n_threads=threads or 0, n_ctx=n_ctx or 0,
-                                  backend=backend)
+        self._ctx = _core.Context(handle, n_threads=threads or 0, n_ctx=n_ctx or 0)
         self.config = json.loads(handle.config_json)
-        self.path = Path(self._dir_of(path))
-
-    @staticmethod
-    def _dir_of(path: Any) -> str:
-        return getattr(path, "_moeflux_path", None) or (
-            os.fspath(path) if not isinstance(path, _core.ModelHandle) else "")
+        self.path = Path(handle.path)
 
     @classmethod
     def share(cls, other: "Model", threads: Optional[int] = None,

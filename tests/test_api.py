@@ -316,24 +316,26 @@ def test_shared_model(model_dir: Path) -> None:
 
 # ---- interruption
 
-def _long_eval(m: moeflux.Model, act: Callable[[], None]) -> BaseException:
-    """Run a ~1 s prefill while `act` fires from another thread; return what it raised."""
-    tokens = (np.arange(2000) % m.n_vocab).astype(np.int32)
+def _long_eval(m: moeflux.Model, act: Callable[[], None], delay_s: float) -> BaseException:
+    """Run a long prefill (4000 tokens: about a second, attention being quadratic)
+    while `act` fires from another thread every millisecond, starting `delay_s` after
+    the eval is about to begin; return what the eval raised."""
+    tokens = (np.arange(4000) % m.n_vocab).astype(np.int32)
     started = threading.Event()
     done = threading.Event()
 
     def fire() -> None:
         started.wait()
-        time.sleep(0.1)
+        time.sleep(delay_s)
         while not done.is_set():
             act()
-            time.sleep(0.01)
+            time.sleep(0.001)
 
     t = threading.Thread(target=fire)
     t.start()
     try:
-        started.set()
         with pytest.raises(BaseException) as info:
+            started.set()
             m.eval(tokens)
     finally:
         done.set()
@@ -342,16 +344,17 @@ def _long_eval(m: moeflux.Model, act: Callable[[], None]) -> BaseException:
 
 
 def test_abort_from_thread(model_dir: Path) -> None:
-    with moeflux.Model(model_dir, threads=1, n_ctx=2048) as m:
+    with moeflux.Model(model_dir, threads=1) as m:
         m.eval([1, 2])
-        err = _long_eval(m, m.abort)
+        # Aborts that land before the eval starts are cleared by it; later ones stop it.
+        err = _long_eval(m, m.abort, 0.0)
         assert isinstance(err, AbortedError)
         assert m.n_past == 2, "an aborted eval leaves the sequence unchanged"
         assert m.eval([3]).shape == (m.n_vocab,) and m.n_past == 3
 
 
 def test_ctrl_c(model_dir: Path) -> None:
-    with moeflux.Model(model_dir, threads=1, n_ctx=2048) as m:
+    with moeflux.Model(model_dir, threads=1) as m:
         fired = []
 
         def interrupt() -> None:
@@ -359,7 +362,51 @@ def test_ctrl_c(model_dir: Path) -> None:
                 fired.append(1)
                 _thread.interrupt_main()
 
-        err = _long_eval(m, interrupt)
+        err = _long_eval(m, interrupt, 0.05)
         assert isinstance(err, KeyboardInterrupt)
         assert m.n_past == 0
         assert m.eval([3]).shape == (m.n_vocab,) and m.n_past == 1
+
+
+# ---- expert variants and threads
+
+def test_use_2bit_selection(copy_dir: Path) -> None:
+    _raises(MoefluxIOError, copy_dir, "packed_experts_2bit", use_2bit=1)
+    _raises(ArgumentError, copy_dir, "use_2bit", use_2bit=5)
+    with moeflux.Model(copy_dir, threads=1, use_2bit=-1) as m:  # 4-bit present: used
+        assert m.eval([1]).shape == (m.n_vocab,)
+    (copy_dir / "packed_experts").rename(copy_dir / "packed_experts_2bit")
+    _raises(MoefluxIOError, copy_dir, "packed_experts", use_2bit=0)
+
+
+def test_concurrent_contexts(model_dir: Path) -> None:
+    """Two threads driving two sequences over one loaded model get what each gets
+    alone (contexts share only the immutable model)."""
+    seqs = [[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]]
+    with moeflux.Model(model_dir, threads=1) as base:
+        alone = []
+        for s in seqs:
+            base.reset()
+            alone.append([base.eval([t]) for t in s])
+        models = [moeflux.Model.share(base, threads=1) for _ in seqs]
+        results: list[list[np.ndarray]] = [[], []]
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                for _ in range(3):
+                    models[i].reset()
+                    results[i] = [models[i].eval([t]) for t in seqs[i]]
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for i in range(2):
+            for a, b in zip(alone[i], results[i]):
+                np.testing.assert_array_equal(a, b)
+            models[i].close()

@@ -40,6 +40,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     mf_model *model;               // owned; NULL only while constructing
+    PyObject *path;                // the model directory as given (str)
 } mf_py_handle;
 
 // _core.Context: one mf_ctx. `lock` serialises every call that touches ctx; `ctx` is

@@ -92,6 +92,13 @@ static PyObject *handle_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
         return NULL;
     }
     self->model = NULL;
+    self->path = PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(path_bytes),
+                                                  PyBytes_GET_SIZE(path_bytes));
+    if (!self->path) {
+        Py_DECREF(self);
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
     struct mf_model_params p = mf_model_default_params();
     p.backend = backend;
     p.use_2bit = use_2bit;
@@ -120,6 +127,7 @@ static void handle_dealloc(PyObject *obj) {
     PyObject_GC_UnTrack(obj);
     mf_model_free(self->model);
     self->model = NULL;
+    Py_CLEAR(self->path);
     tp->tp_free(obj);
     Py_DECREF(tp);
 }
@@ -136,6 +144,7 @@ static PyObject *handle_get_int(PyObject *obj, void *which) {
     case 6: return PyLong_FromLong(mf_model_n_ctx_train(m));
     case 7: return PyUnicode_FromString(mf_model_arch(m));
     case 8: return PyUnicode_FromString(mf_model_config_json(m));
+    case 9: return Py_NewRef(((mf_py_handle *)obj)->path);
     default: Py_RETURN_NONE;
     }
 }
@@ -152,6 +161,7 @@ static PyGetSetDef handle_getset[] = {
     GET("n_ctx_train", 6, "max_position_embeddings."),
     GET("arch", 7, "config.json model_type."),
     GET("config_json", 8, "config.json as text."),
+    GET("path", 9, "The model directory as given to the constructor."),
     {NULL, NULL, NULL, NULL, NULL},
 };
 
