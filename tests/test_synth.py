@@ -181,18 +181,19 @@ def _mlx_lm_checkpoint(out: Path, arch: str, overrides: dict) -> Path:
         model.parameters()))
     gs = overrides.get("group_size", 64)
     bits = overrides.get("bits", 4)
-    default_gate = arch != "deepseek_v3" and "gate_bits" not in overrides
-    predicate = None
-    if not default_gate:
-        gate_bits = overrides.get("gate_bits")
+    gate_bits = overrides.get("gate_bits")
 
-        def predicate(path: str, _: nn.Module) -> Any:
-            if gate_bits is not None and (path.endswith("mlp.gate") or
-                                          path.endswith("shared_expert_gate")):
-                return {"group_size": 64, "bits": gate_bits}
-            return True
-    if arch == "deepseek_v3":
-        predicate = None  # deepseek_v3 has no quant_predicate: quantize everything
+    def custom_gates(path: str, _: nn.Module) -> Any:
+        if gate_bits is not None and (path.endswith("mlp.gate") or
+                                      path.endswith("shared_expert_gate")):
+            return {"group_size": 64, "bits": gate_bits}
+        return True
+
+    # Default gate bits: mlx-lm's own model.quant_predicate (None -> the model's);
+    # deepseek_v3 has none, so everything quantizable is quantized.
+    predicate = None
+    if arch != "deepseek_v3" and "gate_bits" in overrides:
+        predicate = custom_gates
     model, qcfg = quantize_model(model, plain, gs, bits, quant_predicate=predicate)
     save_model(out, model)
     save_config(qcfg, out / "config.json")
