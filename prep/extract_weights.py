@@ -129,7 +129,7 @@ def manifest(src: Source, entries: list[WeightEntry]) -> dict[str, Any]:
     cfg["model_type"] = src.arch
     cfg["default_bits"] = src.qblock.get("bits")
     cfg["default_group_size"] = src.qblock.get("group_size")
-    return {"model": str(src.dir), "num_tensors": len(entries), "tensors": tensors,
+    return {"model": str(src.dir.resolve()), "num_tensors": len(entries), "tensors": tensors,
             "config": cfg}
 
 
