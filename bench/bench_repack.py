@@ -51,7 +51,8 @@ def plain_copy(src: Path, dst: Path) -> int:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     for p in sorted(src.glob("model*.safetensors")):
-        with open(p, "rb", buffering=0) as fi, open(dst / p.name, "wb", buffering=0) as fo:
+        with open(p, "rb", buffering=0) as fi, \
+                open(dst / p.name, "wb", buffering=0) as fo:
             while True:
                 n = fi.readinto(buf)
                 if not n:

@@ -52,7 +52,7 @@ class PrepIOError(MoefluxIOError):
 # ==== names ====
 
 def strip_name(name: str) -> str:
-    """Manifest name of a checkpoint tensor: without the VLM ``language_model.`` prefix."""
+    """Manifest name of a checkpoint tensor: the VLM ``language_model.`` prefix cut."""
     return name[len("language_model."):] if name.startswith("language_model.") else name
 
 
@@ -119,8 +119,9 @@ class ModelConfig:
                               "only 'affine' (scales + biases) is supported")
         for key, val in self.qblock.items():
             if isinstance(val, dict) and val.get("mode", "affine") != "affine":
-                raise FormatError(f"{self.dir / 'config.json'}: quantization of {key!r} "
-                                  f"uses mode {val['mode']!r}; only 'affine' is supported")
+                raise FormatError(f"{self.dir / 'config.json'}: quantization of "
+                                  f"{key!r} uses mode {val['mode']!r}; only 'affine' "
+                                  "is supported")
 
     def cfg_int(self, *keys: str, default: int | None = None) -> int:
         for k in keys:
@@ -217,9 +218,9 @@ class Source(ModelConfig):
         else:
             bits, gs = self.qblock.get("bits"), self.qblock.get("group_size")
         if bits is None or gs is None:
+            defaults = {k: v for k, v in self.qblock.items() if not isinstance(v, dict)}
             raise FormatError(f"{module}: quantized (has .scales) but config.json has no "
-                              f"quantization bits/group_size for it (block: "
-                              f"{ {k: v for k, v in self.qblock.items() if not isinstance(v, dict)} })")
+                              f"quantization bits/group_size for it (block: {defaults})")
         q = Quant(int(bits), int(gs))
         self._check_quant_shapes(module, q)
         return q

@@ -129,8 +129,8 @@ def manifest(src: Source, entries: list[WeightEntry]) -> dict[str, Any]:
     cfg["model_type"] = src.arch
     cfg["default_bits"] = src.qblock.get("bits")
     cfg["default_group_size"] = src.qblock.get("group_size")
-    return {"model": str(src.dir.resolve()), "num_tensors": len(entries), "tensors": tensors,
-            "config": cfg}
+    return {"model": str(src.dir.resolve()), "num_tensors": len(entries),
+            "tensors": tensors, "config": cfg}
 
 
 class _Sink:

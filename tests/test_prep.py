@@ -236,9 +236,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,overrides", CASES,
-                         ids=[f"{a}-{'-'.join(f'{k}{v}' for k, v in o.items()) or 'default'}"
-                              for a, o in CASES])
+CASE_IDS = [f"{a}-{'-'.join(f'{k}{v}' for k, v in o.items()) or 'default'}"
+            for a, o in CASES]
+
+
+@pytest.mark.parametrize("arch,overrides", CASES, ids=CASE_IDS)
 def test_convert_synth_every_byte(synth_checkpoint, tmp_path, arch, overrides):
     src = synth_checkpoint(arch, **overrides)
     dst = convert(src, tmp_path / "model", progress=False)
