@@ -9,6 +9,7 @@ that a crash never leaves something that looks finished.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 JOURNAL_NAME = ".moeflux-prep-journal.json"
+LOCK_NAME = ".moeflux-prep.lock"
 JOURNAL_VERSION = 1
 # The 9 parts of an expert blob, in blob order (reference-system §2.2).
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -416,6 +418,38 @@ class HashedFile:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+class DirLock:
+    """Exclusive lock on an output directory for the length of a prep command: two
+    conversions writing the same files would corrupt each other's temporaries.
+    Holding it also makes leftover ``*.tmp`` files (from a killed run) safe to
+    delete, which ``__enter__`` does."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+        self.fd = -1
+
+    def __enter__(self) -> "DirLock":
+        self.dst.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.dst / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise MoefluxIOError(errno.EBUSY, f"{self.dst}: another moeflux.prep "
+                                 "command is writing this directory") from None
+        for sub in [self.dst, *self.dst.glob("packed_experts*")]:
+            if sub.is_dir():
+                for tmp in sub.glob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the flock
+            self.fd = -1
 
 
 def write_small_file(path: Path, data: bytes) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import moeflux
-from moeflux.prep._common import (TOKENIZER_FILES, Journal, Source, check_disk,
+from moeflux.prep._common import (TOKENIZER_FILES, DirLock, Journal, Source, check_disk,
                                   json_bytes, layer_file_name, source_key,
                                   write_small_file)
 from moeflux.prep.extract_weights import BIN_NAME, plan_weights, run_extract
@@ -85,35 +85,45 @@ def convert(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
         PrepIOError: not enough free space at ``dst``. Nothing is written.
     """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     with Source(src) as source:
-        journal = Journal(dst, source_key(source))
-        check_disk(dst, _space_needed(source, journal, expert_bits))
-        # The manifest marks a finished directory: drop an old one before touching
-        # anything, so an interrupted rerun never looks finished.
-        (dst / MANIFEST_NAME).unlink(missing_ok=True)
-        weights = run_extract(source, dst, journal, progress=progress,
-                              check_space=False)
-        experts = run_repack(source, dst, journal, expert_bits=expert_bits,
-                             progress=progress, check_space=False)
-        small = _copy_small(source, dst, journal)
-        files = {**weights.files, **experts.files, **small}
-        man: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "architecture": source.arch,
-            "created_by": f"moeflux.prep {moeflux.__version__}",
-            "source": _source_info(source),
-            "expert_bits": expert_bits if expert_bits == 2 else plan_experts(
-                source, expert_bits).quant.bits,
-            "expert_dir": expert_dir_name(expert_bits),
-            "checksums": {k: f"sha256:{v}" for k, v in sorted(files.items())},
-        }
-        if "rmse" in experts.stats:
-            man["requant_rmse"] = experts.stats["rmse"]
-        write_small_file(dst / MANIFEST_NAME, json_bytes(man))
-        if "rmse" in experts.stats and progress:
-            print_rmse(experts.stats["rmse"])
+        # Every refusal (shapes, quantization, layout) happens here, before dst is
+        # touched at all.
+        plan_weights(source)
+        plan_experts(source, expert_bits)
+        with DirLock(dst):
+            _convert_locked(source, dst, expert_bits, progress)
     return dst
+
+
+def _convert_locked(source: Source, dst: Path, expert_bits: int, progress: bool
+                    ) -> None:
+    """The writing half of convert(), with dst locked."""
+    journal = Journal(dst, source_key(source))
+    check_disk(dst, _space_needed(source, journal, expert_bits))
+    # The manifest marks a finished directory: drop an old one before touching
+    # anything, so an interrupted rerun never looks finished.
+    (dst / MANIFEST_NAME).unlink(missing_ok=True)
+    weights = run_extract(source, dst, journal, progress=progress,
+                          check_space=False)
+    experts = run_repack(source, dst, journal, expert_bits=expert_bits,
+                         progress=progress, check_space=False)
+    small = _copy_small(source, dst, journal)
+    files = {**weights.files, **experts.files, **small}
+    man: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "architecture": source.arch,
+        "created_by": f"moeflux.prep {moeflux.__version__}",
+        "source": _source_info(source),
+        "expert_bits": expert_bits if expert_bits == 2 else plan_experts(
+            source, expert_bits).quant.bits,
+        "expert_dir": expert_dir_name(expert_bits),
+        "checksums": {k: f"sha256:{v}" for k, v in sorted(files.items())},
+    }
+    if "rmse" in experts.stats:
+        man["requant_rmse"] = experts.stats["rmse"]
+    write_small_file(dst / MANIFEST_NAME, json_bytes(man))
+    if "rmse" in experts.stats and progress:
+        print_rmse(experts.stats["rmse"])
 
 
 def _cli(args: argparse.Namespace) -> int:

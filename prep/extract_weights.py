@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from moeflux.errors import FormatError, ShapeError
-from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, HashedFile, Journal,
+from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, DirLock, HashedFile, Journal,
                                   Progress, Quant, Source, StepResult, check_disk,
                                   expert_key, json_bytes, layer_of, nbytes_of,
                                   preadv_exact, source_key, strip_name, tensor_fd,
@@ -262,10 +262,11 @@ def extract_weights(src: str | Path, dst: str | Path, *, progress: bool = True) 
         PrepIOError: not enough free space at ``dst``.
     """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     with Source(src) as source:
-        journal = Journal(dst, source_key(source))
-        run_extract(source, dst, journal, progress=progress)
+        plan_weights(source)  # refusals before dst is touched
+        with DirLock(dst):
+            journal = Journal(dst, source_key(source))
+            run_extract(source, dst, journal, progress=progress)
     return dst
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from moeflux.errors import ArgumentError, FormatError, ShapeError
 from moeflux.prep import requant
-from moeflux.prep._common import (COMPONENTS, PARTS, PROJECTIONS, BufferPool,
+from moeflux.prep._common import (COMPONENTS, PARTS, PROJECTIONS, BufferPool, DirLock,
                                   HashedFile, Journal, Progress, Quant, Source,
                                   StepResult, check_disk, expert_key, json_bytes,
                                   layer_file_name, nbytes_of, preadv_exact,
@@ -375,11 +375,12 @@ def repack_experts(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
         PrepIOError: not enough free space at ``dst``.
     """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     with Source(src) as source:
-        journal = Journal(dst, source_key(source))
-        return run_repack(source, dst, journal, expert_bits=expert_bits,
-                          progress=progress)
+        plan_experts(source, expert_bits)  # refusals before dst is touched
+        with DirLock(dst):
+            journal = Journal(dst, source_key(source))
+            return run_repack(source, dst, journal, expert_bits=expert_bits,
+                              progress=progress)
 
 
 def print_rmse(rmse: dict[str, float]) -> None:

@@ -369,7 +369,9 @@ def test_changed_output_file_is_redone(synth_checkpoint, tmp_path):
 # ==== refusals ====
 
 def _assert_nothing_written(dst: Path) -> None:
-    assert not dst.exists() or not [p for p in dst.rglob("*") if p.is_file()]
+    """No output at all (the empty lock file of a prep command aside)."""
+    assert not dst.exists() or not [p for p in dst.rglob("*") if p.is_file()
+                                    and p.name != ".moeflux-prep.lock"]
 
 
 def test_refuses_unknown_model_type(synth_checkpoint, tmp_path):
@@ -695,3 +697,44 @@ def test_two_bit_model_runs_like_mlx(synth_checkpoint, tmp_path):
     # and the 2-bit experts really differ from the 4-bit ones (not a vacuous check)
     ref4 = reference_logits(src, prompt)
     assert np.abs(ref4 - ref).max() > 10 * np.abs(ours - ref).max()
+
+
+def test_other_source_into_same_dir_redoes_everything(synth_checkpoint, tmp_path):
+    a = synth_checkpoint("qwen3_moe")
+    b = synth_checkpoint("qwen3_moe", seed=1)
+    dst = convert(a, tmp_path / "model", progress=False)
+    convert(b, dst, progress=False)
+    check_conversion(b, dst)
+
+
+def test_directory_lock(synth_checkpoint, tmp_path):
+    from moeflux.prep._common import DirLock
+    from moeflux.errors import MoefluxIOError
+    src = synth_checkpoint("qwen3_moe")
+    dst = tmp_path / "model"
+    with DirLock(dst):
+        with pytest.raises(MoefluxIOError, match="another moeflux.prep command"):
+            convert(src, dst, progress=False)
+    convert(src, dst, progress=False)
+    check_conversion(src, dst)
+
+
+def test_extra_layers_past_num_hidden_layers(synth_checkpoint, tmp_path):
+    """DeepSeek MTP layers (numbered num_hidden_layers and up) are dropped, as
+    mlx-lm does; elsewhere such a layer means config and tensors disagree."""
+    def add_layer(n):
+        def edit(t):
+            t[f"model.layers.{n}.input_layernorm.weight"] = ("BF16", (256,), bytes(512))
+            return t
+        return edit
+    ds = clone_checkpoint(synth_checkpoint("deepseek_v3"), tmp_path / "ds",
+                          edit_tensors=add_layer(3))
+    dst = convert(ds, tmp_path / "ds_model", progress=False)
+    man = json.loads((dst / "model_weights.json").read_text())
+    assert "model.layers.3.input_layernorm.weight" not in man["tensors"]
+    assert "model.layers.2.input_layernorm.weight" in man["tensors"]
+    qm = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "qm",
+                          edit_tensors=add_layer(2))
+    with pytest.raises(ShapeError, match=r"model\.layers\.2\.input_layernorm\.weight: "
+                                         r"layer 2 but config.json num_hidden_layers is 2"):
+        convert(qm, tmp_path / "qm_model", progress=False)
