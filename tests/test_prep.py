@@ -738,3 +738,34 @@ def test_extra_layers_past_num_hidden_layers(synth_checkpoint, tmp_path):
     with pytest.raises(ShapeError, match=r"model\.layers\.2\.input_layernorm\.weight: "
                                          r"layer 2 but config.json num_hidden_layers is 2"):
         convert(qm, tmp_path / "qm_model", progress=False)
+
+
+def test_hard_kill_then_resume(synth_checkpoint, tmp_path):
+    """SIGKILL (no cleanup runs) in the middle of layer 2: what is on disk must not
+    look finished, and a rerun completes it, reusing layers 0 and 1."""
+    src = synth_checkpoint("qwen3_5_moe")
+    dst = tmp_path / "model"
+    script = f"""
+import os, signal
+from moeflux.prep import repack_experts as r
+from moeflux.prep.convert import convert
+real = r.fill_verbatim
+def fill(src, plan, il, e0, e1, view):
+    real(src, plan, il, e0, e1, view)
+    if il == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+r.fill_verbatim = fill
+r.BATCH_BYTES = 1  # one expert per batch, so the kill lands mid-file
+convert({str(src)!r}, {str(dst)!r}, progress=False)
+"""
+    r = subprocess.run([PY, "-c", script], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    exp = dst / "packed_experts"
+    assert (exp / "layer_02.bin.tmp").exists()
+    assert sorted(p.name for p in exp.glob("*.bin")) == ["layer_00.bin", "layer_01.bin"]
+    assert not (dst / "moeflux.json").exists()
+    assert not (exp / "layout.json").exists()
+    kept = {p: (exp / p).stat().st_mtime_ns for p in ("layer_00.bin", "layer_01.bin")}
+    convert(src, dst, progress=False)
+    assert {p: (exp / p).stat().st_mtime_ns for p in kept} == kept
+    check_conversion(src, dst)
