@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -183,6 +184,47 @@ def test_failed_eval_leaves_state_unchanged(arch: str, tmp_path: Path,
             f.write(blob)
         rows = [m.eval([t]) for t in cont]
     assert_close(np.stack(rows), ref[1:], "decode after failed evals")
+
+
+class _Interrupt(Exception):
+    """Raised by the test's SIGALRM handler inside a running eval."""
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_aborted_eval_leaves_state_unchanged(arch: str,
+                                             converted: Callable[..., tuple[Path, Path]]
+                                             ) -> None:
+    """A signal during a long, internally chunked eval stops it between layers (the
+    abort callback runs Python's handlers); the sequence is as before the call and
+    decoding continues exactly."""
+    ckpt, model_dir = converted(arch)
+    cont = continuation(512, 3, seed=15)
+    ref = reference_decode(ckpt, PROMPT, cont)
+
+    def handler(signum: int, frame: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise _Interrupt()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with moeflux.Model(model_dir, threads=2) as m:
+            m.eval(PROMPT)
+            for _ in range(5):   # until the signal lands inside the C eval
+                spent = m.stats()["compute_s"]
+                signal.setitimer(signal.ITIMER_REAL, 0.003, 0.001)
+                with pytest.raises(_Interrupt):
+                    m.eval(continuation(512, 256, seed=16))
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                assert m.n_past == len(PROMPT)
+                if m.stats()["compute_s"] > spent:
+                    break
+            else:
+                pytest.fail("the signal never arrived during an eval")
+            rows = [m.eval([t]) for t in cont]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert_close(np.stack(rows), ref[1:], "decode after an aborted eval")
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
