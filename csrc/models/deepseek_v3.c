@@ -27,6 +27,12 @@
 #include "core/internal.h"
 #include "models/moe.h"
 
+// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
+// compile to nothing unless a debugging build defines MF_TAP.
+#ifndef MF_TAP
+#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
+#endif
+
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
 // chunks so memory does not grow with the prompt.
 #define DS_MAX_CHUNK 64
@@ -533,6 +539,7 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     } else {
         op->matmul(ex, s->q, &L->q_b_proj, s->xn, n);
     }
+    MF_TAP(ctx, "model.layers.%d.self_attn.q_b_proj", il, s->q, n * H * qhd);
 
     // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
     // shared rope key roped, and both rows go to the cache as they are.
@@ -545,6 +552,7 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     op->rope(ex, s->q + nope, n, H, H * qhd, qhd, rope, s->inv_freq, pos0, 1,
              hp->rope_mscale);
     op->rope(ex, s->ckv + kvl, n, 1, kvr, kvr, rope, s->inv_freq, pos0, 1, hp->rope_mscale);
+    MF_TAP(ctx, "model.layers.%d.self_attn.kv_latent", il, s->ckv, n * kvr);
     float *cache = s->latent[il];
     op->copy(ex, cache, (size_t)pos0 * kvr * sizeof(float), s->ckv, 0,
              (size_t)n * kvr * sizeof(float));
@@ -562,6 +570,7 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     // kv_lora floats (c). lat_out[n, H, kv_lora].
     op->attention(ex, s->lat_out, s->qfull, cache, cache, n, H, 1, kvr, kvl, kvr, kvr,
                   pos0, hp->softmax_scale);
+    MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->lat_out, n * H * kvl);
 
     // Back from latent space per head: o_in[n, H, v] with o_in[t, h] = W_UV^h lat_out[t, h].
     op->zero(ex, s->o_in, 0, (size_t)n * H * vd * sizeof(float));
@@ -571,6 +580,7 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
         op->matmul(ex, s->hout, &L->w_uv[h], s->hin, n);
         op->scatter_add_rows(ex, s->o_in, s->hout, s->idx, NULL, n, vd);
     }
+    MF_TAP(ctx, "model.layers.%d.self_attn.unembed_out", il, s->o_in, n * H * vd);
     op->matmul(ex, s->y, &L->o_proj, s->o_in, n);
 }
 
@@ -586,6 +596,7 @@ static int layer_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model 
 
     op->rmsnorm(ctx->ex, s->xn, s->x, &L->input_layernorm, n, hid, hp->rms_norm_eps, 1.0f);
     mla_forward(ctx, s, hp, L, il, n, pos0);
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->y, n * hid);
     op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
 
     op->rmsnorm(ctx->ex, s->xn, s->x, &L->post_attention_layernorm, n, hid,
@@ -596,7 +607,9 @@ static int layer_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model 
     } else {
         mf_ffn_forward(ctx, s->y, s->ffn_tmp, &L->ffn, s->xn, n, hp->intermediate_size);
     }
+    MF_TAP(ctx, "model.layers.%d.mlp", il, s->y, n * hid);
     op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
+    MF_TAP(ctx, "model.layers.%d", il, s->x, n * hid);
     return MF_OK;
 }
 

@@ -21,6 +21,12 @@
 #include "core/internal.h"
 #include "models/moe.h"
 
+// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
+// compile to nothing unless a debugging build defines MF_TAP.
+#ifndef MF_TAP
+#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
+#endif
+
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
 // chunks so memory does not grow with the prompt.
 #define Q3_MAX_CHUNK 64
@@ -350,6 +356,7 @@ static void attn_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_hparam
     op->rope(ex, k, n, Hkv, kv_row, D, D, s->inv_freq, pos0, 0, 1.0f);
     op->attention(ex, s->attn, s->q, s->k_cache[il], s->v_cache[il], n, H, Hkv, D, D,
                   kv_row, kv_row, pos0, hp->attn_scale);
+    MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);
     op->matmul(ex, s->y, &L->o_proj, s->attn, n);
 }
 
@@ -365,6 +372,7 @@ static int layer_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_model 
 
     op->rmsnorm(ctx->ex, s->xn, s->x, &L->input_layernorm, n, hid, hp->rms_norm_eps, 1.0f);
     attn_forward(ctx, s, hp, L, il, n, pos0);
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->y, n * hid);
     op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
 
     op->rmsnorm(ctx->ex, s->xn, s->x, &L->post_attention_layernorm, n, hid,
@@ -375,7 +383,9 @@ static int layer_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_model 
     } else {
         mf_ffn_forward(ctx, s->y, s->ffn_tmp, &L->ffn, s->xn, n, hp->intermediate_size);
     }
+    MF_TAP(ctx, "model.layers.%d.mlp", il, s->y, n * hid);
     op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
+    MF_TAP(ctx, "model.layers.%d", il, s->x, n * hid);
     return MF_OK;
 }
 
