@@ -143,6 +143,29 @@ def test_long_prompt_crosses_internal_chunks(arch: str,
     assert_close(np.stack(rows), ref[1:], "decode after 150 tokens")
 
 
+def test_expert_reads_once_per_chunk(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """Prefill groups tokens by expert: each (layer, expert) is read at most once per
+    64-token chunk, not once per token; decode reads exactly k experts per layer."""
+    _, model_dir = converted("qwen3_5_moe", num_experts=16, num_experts_per_tok=4)
+    cfg = json.loads((model_dir / "config.json").read_text())["text_config"]
+    n_layer, E, k = cfg["num_hidden_layers"], cfg["num_experts"], \
+        cfg["num_experts_per_tok"]
+    layout = json.loads((model_dir / "packed_experts" / "layout.json").read_text())
+    with moeflux.Model(model_dir, threads=2) as m:
+        m.eval(continuation(512, 64, seed=17))
+        st = m.stats()
+        # 64 tokens x 4 experts x 4 layers = 1024 token-expert pairs, 64 blobs at most
+        assert n_layer * k <= st["expert_reads"] <= n_layer * E, st
+        assert st["expert_bytes_read"] == st["expert_reads"] * layout["expert_size"]
+        m.stats_reset()
+        m.eval(continuation(512, 150, seed=18))   # chunks of 64, 64, 22
+        assert m.stats()["expert_reads"] <= 3 * n_layer * E
+        m.stats_reset()
+        for t in continuation(512, 5, seed=19):
+            m.eval([t])
+        assert m.stats()["expert_reads"] == 5 * n_layer * k
+
+
 def test_reset_equals_fresh(converted: Callable[..., tuple[Path, Path]]) -> None:
     """After reset the sequence behaves as a fresh one (all state zeroed)."""
     ckpt, model_dir = converted("qwen3_5_moe")
