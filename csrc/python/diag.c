@@ -596,27 +596,32 @@ static void read_task(void *arg, int task, int tid) {
 }
 
 PyDoc_STRVAR(diag_read_bw_doc,
-"_diag_read_bw(buf, n_threads, n_rep) -> float\n--\n\n"
-"Sum a float32 buffer n_rep times on the CPU backend's pool (a plain memory-read "
-"baseline for benchmarks); returns the last sum.");
+"_diag_read_bw(buf, n_threads, n_rep, n_stack=1) -> float\n--\n\n"
+"Sum a float32 buffer on the CPU backend's pool, n_rep times (a plain memory-read "
+"baseline for benchmarks). With n_stack > 1 the buffer is n_stack equal chunks and "
+"repetition r sums chunk r % n_stack, one pool run per chunk as matmul does. Returns "
+"the last sum.");
 
 static PyObject *diag_read_bw(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o;
-    int n_threads, n_rep;
-    if (!PyArg_ParseTuple(args, "Oii", &o, &n_threads, &n_rep))
+    int n_threads, n_rep, n_stack = 1;
+    if (!PyArg_ParseTuple(args, "Oii|i", &o, &n_threads, &n_rep, &n_stack))
         return NULL;
-    if (n_threads < 1 || n_rep < 1)
-        return PyErr_Format(PyExc_ValueError, "n_threads and n_rep must be positive");
+    if (n_threads < 1 || n_rep < 1 || n_stack < 1)
+        return PyErr_Format(PyExc_ValueError, "n_threads, n_rep, n_stack must be positive");
     struct bufset s = {.n = 0};
-    const float *buf = bufs_get(&s, o, 4, 0, 0, "buf");
+    const float *buf = bufs_get(&s, o, 4 * (Py_ssize_t)n_stack, 0, 0, "buf");
     if (!buf) {
         bufs_release(&s);
         return NULL;
     }
-    struct read_job j = {.buf = buf, .n = s.b[0].len / 4};
-    j.per_task = 1 << 16;
-    int n_task = (int)((j.n + j.per_task - 1) / j.per_task);
+    const int64_t chunk = s.b[0].len / 4 / n_stack;
+    struct read_job j = {.buf = buf, .n = chunk};
+    // Enough tasks to spread any chunk over the threads, at least 16 KiB each.
+    j.per_task = (chunk + 4 * n_threads - 1) / (4 * n_threads);
+    j.per_task = j.per_task < 4096 ? 4096 : j.per_task;
+    int n_task = (int)((chunk + j.per_task - 1) / j.per_task);
     j.partial = calloc((size_t)n_task, sizeof(float));
     struct env e;
     if (!j.partial || env_open(&e, n_threads, NULL) < 0) {
@@ -626,8 +631,10 @@ static PyObject *diag_read_bw(PyObject *self, PyObject *args) {
     }
     double total = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (int r = 0; r < n_rep; r++)
+    for (int r = 0; r < n_rep; r++) {
+        j.buf = buf + (r % n_stack) * chunk;
         mf_pool_run(e.ex->pool, read_task, &j, n_task);
+    }
     for (int t = 0; t < n_task; t++)
         total += j.partial[t];
     Py_END_ALLOW_THREADS

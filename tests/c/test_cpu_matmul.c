@@ -159,6 +159,52 @@ static void test_matmul_paths(struct mf_backend *be) {
     }
 }
 
+// Float (F32) weights at sizes that are not multiples of any vector width: every kernel
+// set, one and several tokens (the register-blocked prefill path and its tails).
+static void test_matmul_float(struct mf_backend *be) {
+    char err[256];
+    struct mf_exec *ex;
+    if (be->ops->exec_new(be, 2, &ex, err, sizeof err)) {
+        CHECK(0, "exec_new: %s", err);
+        return;
+    }
+    const int64_t n_out = 13, n_in = 301;
+    const int n_tok = 7;
+    uint32_t s = 21;
+    float *w = malloc((size_t)(n_out * n_in) * sizeof(float));
+    float *x = malloc((size_t)(n_tok * n_in) * sizeof(float));
+    float *y = malloc((size_t)(n_tok * n_out) * sizeof(float));
+    float *yr = malloc((size_t)(n_tok * n_out) * sizeof(float));
+    for (int64_t i = 0; i < n_out * n_in; i++)
+        w[i] = rndf(&s);
+    for (int64_t i = 0; i < n_tok * n_in; i++)
+        x[i] = rndf(&s);
+    for (int t = 0; t < n_tok; t++)
+        for (int64_t r = 0; r < n_out; r++) {
+            double acc = 0;
+            for (int64_t c = 0; c < n_in; c++)
+                acc += (double)x[t * n_in + c] * w[r * n_in + c];
+            yr[t * n_out + r] = (float)acc;
+        }
+    struct mf_weight wt = {.w = w, .dtype = MF_DTYPE_F32, .n_out = n_out, .n_in = n_in};
+    double scale = max_abs(yr, n_tok * n_out);
+    for (size_t ki = 0; ki < 3; ki++) {
+        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+            continue;
+        for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
+            be->ops->matmul(ex, y, &wt, x, nt);
+            double d = max_diff(y, yr, nt * n_out);
+            CHECK(d <= 2e-6 * scale, "float matmul %s n_tok %d: max diff %g (scale %g)",
+                  kernel_names[ki], nt, d, scale);
+        }
+    }
+    free(w);
+    free(x);
+    free(y);
+    free(yr);
+    be->ops->exec_free(ex);
+}
+
 // Dequant of every kernel set against the value-by-value reference decoder: bitwise.
 static void test_dequant_bitwise(struct mf_backend *be) {
     char err[256];
@@ -314,6 +360,7 @@ int main(void) {
     test_dot_axpy();
     test_dequant_bitwise(be);
     test_matmul_paths(be);
+    test_matmul_float(be);
     test_thread_independence(be);
     test_pool_lifecycle(be);
     be->ops->free(be);

@@ -40,6 +40,11 @@ struct mf_cpu_kernels {
     // c0 and n are multiples of the group size.
     void (*dequant)(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
                     int64_t n);
+    // y[t * y_stride + r] += sum_i x[t * x_stride + i] * w[r * w_stride + i] for t < n_tok,
+    // r < n_row, i < n: the small matrix-matrix block of prefill, register-blocked so
+    // each loaded x and w value feeds several FMAs.
+    void (*gemm_tile)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                      int n_tok, const float *w, int64_t w_stride, int n_row, int64_t n);
 };
 
 // x86-64 SIMD sets are built with target attributes (GCC and clang).

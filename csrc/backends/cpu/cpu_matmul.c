@@ -118,12 +118,21 @@ static void scalar_dequant(float *dst, const struct mf_weight *w, int64_t r, int
     }
 }
 
+static void scalar_gemm_tile(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                             int n_tok, const float *w, int64_t w_stride, int n_row,
+                             int64_t n) {
+    for (int t = 0; t < n_tok; t++)
+        for (int r = 0; r < n_row; r++)
+            y[t * y_stride + r] += scalar_dot(x + t * x_stride, w + r * w_stride, n);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
     .axpy = scalar_axpy,
     .qdot = scalar_qdot,
     .dequant = scalar_dequant,
+    .gemm_tile = scalar_gemm_tile,
 };
 
 /* ==== Kernel choice ====
@@ -261,12 +270,8 @@ static void matmat_task(void *arg, int task, int tid) {
         int64_t nc = n_in - c0 < MF_CPU_COL_CHUNK ? n_in - c0 : MF_CPU_COL_CHUNK;
         for (int64_t r = r0; r < r1; r++)
             mf_cpu_weight_row(j->ex, tile + (r - r0) * nc, w, r, c0, nc);
-        for (int t = 0; t < j->n_tok; t++) {
-            const float *xt = j->x + t * n_in + c0;
-            float *yt = j->y + t * n_out;
-            for (int64_t r = r0; r < r1; r++)
-                yt[r] += j->ex->k->dot(xt, tile + (r - r0) * nc, nc);
-        }
+        j->ex->k->gemm_tile(j->y + r0, n_out, j->x + c0, n_in, j->n_tok, tile, nc,
+                            (int)(r1 - r0), nc);
     }
 }
 

@@ -2,12 +2,14 @@
  * threadpool.c — the CPU exec's persistent pool (see threadpool.h). Owns the worker
  * threads and the hand-off of one job at a time; knows nothing about ops.
  *
- * A job is published under the mutex with a new generation number; workers wake, take
- * task indices from an atomic counter until none are left, and check out. The caller
- * takes tasks too and then waits until every worker has checked out, so the job's
- * arguments (on the caller's stack) are never touched after mf_pool_run returns.
- * Workers spin briefly on the generation before sleeping, because decode runs many
- * short ops back to back and a condvar wake-up per op costs more than the op.
+ * A job is published by writing its fields and then bumping an atomic generation;
+ * workers spin on the generation for a while (decode runs many short ops back to back,
+ * and a futex wake-up per op costs more than the op) and only then sleep on a condvar.
+ * Each worker takes task indices from an atomic counter, then decrements an atomic
+ * count of workers still inside the job; the caller, after taking tasks itself, spins
+ * on that count and only sleeps if the job runs long. So the job's arguments (on the
+ * caller's stack) are never touched after mf_pool_run returns, and the common path
+ * takes no lock at all.
  */
 #include "backends/cpu/threadpool.h"
 
@@ -17,6 +19,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/common.h"
 
@@ -29,10 +32,12 @@
 #define cpu_relax() ((void)0)
 #endif
 
-// Spin iterations before a worker blocks on the condvar (each a pause, ~10-70 ns):
-// tens of microseconds, enough to bridge consecutive ops of a decode step without
-// burning a core through longer waits (expert reads, the caller's Python code).
-#define SPIN_ITERS 2000
+// How long a worker spins for the next job before sleeping, and how long the caller
+// spins for the workers to finish before sleeping: long enough to bridge consecutive
+// ops of a decode step, short enough not to burn a core through longer waits (expert
+// reads, the caller's own Python code).
+#define WORKER_SPIN_NS 100000
+#define CALLER_SPIN_NS 200000
 
 struct worker {
     struct mf_pool *pool;
@@ -45,19 +50,26 @@ struct mf_pool {
     pthread_t *threads;         // [n_threads]; [0] is unused (the caller)
     struct worker *workers;     // [n_threads]
     pthread_mutex_t mu;
-    pthread_cond_t cv_work;
-    pthread_cond_t cv_done;
+    pthread_cond_t cv_work;     // sleeping workers wait here for a new generation
+    pthread_cond_t cv_done;     // a sleeping caller waits here for n_active == 0
     int sync_ok;                // mutex and condvars initialised
     atomic_uint_fast64_t generation;
     atomic_int stop;
-    // The current job (written under mu before generation is bumped).
+    atomic_int n_sleeping;      // workers blocked (or about to block) on cv_work
+    // The current job (written before generation is bumped, read after).
     mf_pool_fn fn;
     void *arg;
     int n_tasks;
     atomic_int next_task;
-    int n_active;               // workers still inside the job (under mu)
+    atomic_int n_active;        // workers not yet done with the current job
     atomic_int busy;            // a job is running: nested runs go inline
 };
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void run_tasks(struct mf_pool *p, int tid) {
     for (;;) {
@@ -68,34 +80,49 @@ static void run_tasks(struct mf_pool *p, int tid) {
     }
 }
 
+// Wait until generation != seen (or stop); returns the new generation.
+static uint64_t wait_job(struct mf_pool *p, uint64_t seen) {
+    uint64_t t0 = 0;
+    for (unsigned spin = 0;; spin++) {
+        uint64_t g = atomic_load(&p->generation);
+        if (g != seen || atomic_load(&p->stop))
+            return g;
+        cpu_relax();
+        if ((spin & 255) == 255) {
+            uint64_t t = now_ns();
+            if (t0 == 0)
+                t0 = t;
+            else if (t - t0 > WORKER_SPIN_NS)
+                break;
+        }
+    }
+    // Sleep. n_sleeping is raised before re-checking the generation, and the caller
+    // bumps the generation before reading n_sleeping (both seq_cst), so a wake-up is
+    // never lost: either we see the new job here or the caller sees us and broadcasts.
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->n_sleeping, 1);
+    while (!atomic_load(&p->stop) && atomic_load(&p->generation) == seen)
+        pthread_cond_wait(&p->cv_work, &p->mu);
+    atomic_fetch_sub(&p->n_sleeping, 1);
+    pthread_mutex_unlock(&p->mu);
+    return atomic_load(&p->generation);
+}
+
 static void *worker_main(void *vw) {
     struct worker *w = vw;
     struct mf_pool *p = w->pool;
     uint64_t seen = 0;
     for (;;) {
-        // Spin a little first: the next op usually follows within microseconds.
-        for (int s = 0; s < SPIN_ITERS; s++) {
-            if (atomic_load_explicit(&p->generation, memory_order_acquire) != seen ||
-                atomic_load_explicit(&p->stop, memory_order_acquire))
-                break;
-            cpu_relax();
-        }
-        pthread_mutex_lock(&p->mu);
-        while (!atomic_load(&p->stop) && atomic_load(&p->generation) == seen)
-            pthread_cond_wait(&p->cv_work, &p->mu);
-        if (atomic_load(&p->stop)) {
-            pthread_mutex_unlock(&p->mu);
+        seen = wait_job(p, seen);
+        if (atomic_load(&p->stop))
             break;
-        }
-        seen = atomic_load(&p->generation);
-        pthread_mutex_unlock(&p->mu);
-
         run_tasks(p, w->tid);
-
-        pthread_mutex_lock(&p->mu);
-        if (--p->n_active == 0)
+        if (atomic_fetch_sub(&p->n_active, 1) == 1) {
+            // Last one out: wake the caller in case it went to sleep.
+            pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->cv_done);
-        pthread_mutex_unlock(&p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
     return NULL;
 }
@@ -135,6 +162,8 @@ int mf_pool_new(struct mf_pool **out, int n_threads, char *err, size_t errlen) {
     atomic_init(&p->stop, 0);
     atomic_init(&p->next_task, 0);
     atomic_init(&p->busy, 0);
+    atomic_init(&p->n_sleeping, 0);
+    atomic_init(&p->n_active, 0);
     for (int t = 1; t < n_threads; t++) {
         p->workers[t].pool = p;
         p->workers[t].tid = t;
@@ -193,21 +222,35 @@ void mf_pool_run(struct mf_pool *p, mf_pool_fn fn, void *arg, int n_tasks) {
         return;
     }
     atomic_store(&p->busy, 1);
-    pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->arg = arg;
     p->n_tasks = n_tasks;
-    atomic_store_explicit(&p->next_task, 0, memory_order_relaxed);
-    p->n_active = p->n_started;
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&p->cv_work);
-    pthread_mutex_unlock(&p->mu);
+    atomic_store(&p->next_task, 0);
+    atomic_store(&p->n_active, p->n_started);
+    atomic_fetch_add(&p->generation, 1);   // publishes the fields above
+    if (atomic_load(&p->n_sleeping) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cv_work);
+        pthread_mutex_unlock(&p->mu);
+    }
 
     run_tasks(p, 0);
 
-    pthread_mutex_lock(&p->mu);
-    while (p->n_active > 0)
-        pthread_cond_wait(&p->cv_done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    uint64_t t0 = 0;
+    for (unsigned spin = 0; atomic_load(&p->n_active) > 0; spin++) {
+        cpu_relax();
+        if ((spin & 255) != 255)
+            continue;
+        uint64_t t = now_ns();
+        if (t0 == 0) {
+            t0 = t;
+        } else if (t - t0 > CALLER_SPIN_NS) {
+            pthread_mutex_lock(&p->mu);
+            while (atomic_load(&p->n_active) > 0)
+                pthread_cond_wait(&p->cv_done, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+    }
     atomic_store(&p->busy, 0);
 }
