@@ -324,3 +324,22 @@ def test_failed_eval_leaves_state_unchanged(tmp_path: Path,
             f.write(blob)
         rows = [m.eval([t]) for t in cont]
     assert_close(np.stack(rows), ref[1:], "decode after failed evals")
+
+
+def test_attention_bias_refused(tmp_path: Path,
+                                converted: Callable[..., tuple[Path, Path]]) -> None:
+    """A file with attention biases (attention_bias = true) is refused at load, naming
+    the tensor, instead of being run without them."""
+    _, src_dir = converted()
+    model_dir = tmp_path / "model"
+    shutil.copytree(src_dir, model_dir)
+    man_path = model_dir / "model_weights.json"
+    man = json.loads(man_path.read_text())
+    tensors = man["tensors"]
+    # Any float tensor of hidden_size elements serves as the bias bytes.
+    tensors["model.layers.1.self_attn.o_proj.bias"] = dict(
+        tensors["model.layers.1.input_layernorm.weight"])
+    man["num_tensors"] = len(tensors)
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(moeflux.UnsupportedError, match=r"layers\.1\.self_attn\.o_proj\.bias"):
+        moeflux.Model(model_dir, threads=1)

@@ -301,10 +301,28 @@ static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct d
     return MF_OK;
 }
 
+// attention_bias = true gives q_a_proj, kv_a_proj_with_mqa and o_proj a bias in
+// mlx-lm; no released DeepSeek-V3 checkpoint has one and the forward adds none, so
+// such a file is refused rather than run without its biases.
+static int refuse_biases(const mf_model *m, int il, char *err, size_t errlen) {
+    static const char *const mods[] = {"q_a_proj", "q_proj", "kv_a_proj_with_mqa",
+                                       "o_proj"};
+    char name[256];
+    for (size_t i = 0; i < sizeof mods / sizeof mods[0]; i++) {
+        snprintf(name, sizeof name, "model.layers.%d.self_attn.%s.bias", il, mods[i]);
+        if (mf_has_tensor(m, name))
+            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                          "deepseek_v3: %s: attention biases (attention_bias = true) "
+                          "are not supported", name);
+    }
+    return MF_OK;
+}
+
 static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
                           int il, char *err, size_t errlen) {
     int64_t H = hp->num_attention_heads, hid = hp->hidden_size;
-    int rc;
+    int rc = refuse_biases(m, il, err, errlen);
+    if (rc) return rc;
     if (hp->q_lora_rank > 0) {
         rc = bind_lin(m, &L->q_a_proj, 0, hp->q_lora_rank, hid, err, errlen,
                       "model.layers.%d.self_attn.q_a_proj", il);
