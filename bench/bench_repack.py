@@ -63,14 +63,16 @@ def plain_copy(src: Path, dst: Path) -> int:
     return total
 
 
-def timed(fn: Callable[[], int], out: Path) -> tuple[float, int, bool]:
+def timed(fn: Callable[[], int], out: Path) -> tuple[float, int, bool, float]:
     """Time ``fn`` writing into ``out`` (removed first, outside the timing) from a
-    cold page cache where possible."""
+    cold page cache where possible: (wall s, bytes, cache dropped, CPU s of this
+    process, all threads)."""
     shutil.rmtree(out, ignore_errors=True)
     dropped = drop_caches()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     nbytes = fn()
-    return time.perf_counter() - t0, nbytes, dropped
+    return time.perf_counter() - t0, nbytes, dropped, time.process_time() - c0
 
 
 def repack_only(src: Path, dst: Path) -> int:
@@ -127,7 +129,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(f"source: {PRESET}, {args.layers} layers, {src_bytes / 1e9:.2f} GB in "
           f"{len(list(src.glob('model*.safetensors')))} shards")
-    results: dict[str, list[tuple[float, int, bool]]] = {"copy": [], "repack": [],
+    results: dict[str, list[tuple[float, int, bool, float]]] = {"copy": [], "repack": [],
                                                          "convert": []}
     for _ in range(args.repeat):
         results["copy"].append(timed(lambda: plain_copy(src, work / "copy"),
@@ -137,18 +139,22 @@ def main() -> int:
         results["convert"].append(timed(lambda: convert_all(src, work / "conv"),
                                         work / "conv"))
     cold = all(r[2] for rs in results.values() for r in rs)
-    best = {k: max(n / t for t, n, _ in v) / 1e6 for k, v in results.items()}
-    med = {k: statistics.median(n / t for t, n, _ in v) / 1e6
+    best = {k: max(r[1] / r[0] for r in v) / 1e6 for k, v in results.items()}
+    med = {k: statistics.median(r[1] / r[0] for r in v) / 1e6
+           for k, v in results.items()}
+    cpu = {k: statistics.median(r[3] / (r[1] / 1e9) for r in v)
            for k, v in results.items()}
     print(f"page cache dropped before each run: {cold}")
     for k, v in results.items():
-        runs = ", ".join(f"{n / t / 1e6:.0f}" for t, n, _ in v)
+        runs = ", ".join(f"{r[1] / r[0] / 1e6:.0f}" for r in v)
         print(f"{k:8s} best {best[k]:5.0f} MB/s  median {med[k]:5.0f} MB/s  "
-              f"runs: {runs}  ({v[0][1] / 1e9:.2f} GB)")
+              f"runs: {runs}  ({v[0][1] / 1e9:.2f} GB; CPU {cpu[k]:.2f} s/GB)")
     for k in ("repack", "convert"):
         print(f"{k} / copy: best {best[k] / best['copy']:.0%}, median "
               f"{med[k] / med['copy']:.0%}")
-    print(json.dumps({"best_MBps": best, "median_MBps": med, "cold": cold}))
+    print(f"load average after: {os.getloadavg()}")
+    print(json.dumps({"best_MBps": best, "median_MBps": med, "cpu_s_per_GB": cpu,
+                      "cold": cold}))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

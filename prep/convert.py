@@ -12,6 +12,7 @@ stopped (finished files are recorded in a journal).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,11 @@ def _convert_locked(source: Source, dst: Path, expert_bits: int, progress: bool
 
 
 def _cli(args: argparse.Namespace) -> int:
-    convert(args.src, args.dst, expert_bits=args.expert_bits,
-            progress=not args.no_progress)
+    dst = convert(args.src, args.dst, expert_bits=args.expert_bits,
+                  progress=not args.no_progress)
+    rmse = json.loads((dst / MANIFEST_NAME).read_text()).get("requant_rmse")
+    if rmse and args.no_progress:  # convert() printed it already otherwise
+        print_rmse(rmse)
     return 0
 
 

@@ -149,7 +149,11 @@ def _check_layout(dst: Path, sub: str, cfg: ModelConfig | None, rep: VerifyRepor
     if cfg is not None:
         _check_layout_vs_config(sub, lay, cfg, rep)
     es, ne = lay.get("expert_size", 0), lay.get("num_experts", 0)
-    for il in lay.get("moe_layers", []):
+    # the reference system's layouts have no moe_layers: config.json decides
+    layers = lay.get("moe_layers")
+    if layers is None:
+        layers = cfg.moe_layers_expected() if cfg is not None else []
+    for il in layers:
         p = dst / sub / layer_file_name(il)
         if not p.is_file():
             rep.add(f"{sub}/{p.name}: missing (layer {il} is MoE)")

@@ -769,3 +769,20 @@ convert({str(src)!r}, {str(dst)!r}, progress=False)
     convert(src, dst, progress=False)
     assert {p: (exp / p).stat().st_mtime_ns for p in kept} == kept
     check_conversion(src, dst)
+
+
+def test_verify_reference_layout_without_moe_layers(synth_checkpoint, tmp_path):
+    """A layout.json in the reference system's form (no format/version/moe_layers):
+    the layer files to check come from config.json."""
+    src = synth_checkpoint("deepseek_v3")
+    dst = convert(src, tmp_path / "model", progress=False)
+    p = dst / "packed_experts" / "layout.json"
+    lay = json.loads(p.read_text())
+    for k in ("format", "version", "moe_layers"):
+        del lay[k]
+    p.write_text(json.dumps(lay))
+    (dst / "moeflux.json").unlink()
+    assert verify(dst, src).problems == ["moeflux.json: missing"]
+    (dst / "packed_experts" / "layer_02.bin").unlink()
+    rep = verify(dst)
+    assert "packed_experts/layer_02.bin: missing (layer 2 is MoE)" in rep.problems
