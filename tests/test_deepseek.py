@@ -343,3 +343,19 @@ def test_attention_bias_refused(tmp_path: Path,
     man_path.write_text(json.dumps(man))
     with pytest.raises(moeflux.UnsupportedError, match=r"layers\.1\.self_attn\.o_proj\.bias"):
         moeflux.Model(model_dir, threads=1)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "deepseek_yarn"])
+def test_other_rope_scaling_refused(rope_type: str, tmp_path: Path,
+                                    converted: Callable[..., tuple[Path, Path]]) -> None:
+    """rope_scaling kinds the forward does not implement are refused at load, not run
+    with plain rotary frequencies."""
+    _, src_dir = converted()
+    model_dir = tmp_path / "model"
+    shutil.copytree(src_dir, model_dir)
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rope_scaling"] = {**cfg["rope_scaling"], "type": rope_type}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(moeflux.UnsupportedError, match=rope_type):
+        moeflux.Model(model_dir, threads=1)

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/json.h"
 #include "models/moe.h"
 
 // Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
@@ -190,6 +191,28 @@ static int check_config(const struct mf_config *c, char *err, size_t errlen) {
                           c->num_experts_per_tok);
     }
     return MF_OK;
+}
+
+// core/config.c reads a "yarn" rope_scaling block and ignores other types. mlx-lm
+// also knows "linear", "dynamic", "llama3", "longrope" and "deepseek_yarn" scaling;
+// no DeepSeek-V3 family checkpoint uses them, so they are refused here rather than
+// run with plain frequencies.
+static int check_rope_type(const mf_model *m, char *err, size_t errlen) {
+    const char *text = m->cfg.json_text;
+    if (!text) return MF_OK;
+    mf_json_doc *doc = NULL;
+    int rc = mf_json_parse(&doc, text, strlen(text), "config.json", err, errlen);
+    if (rc) return rc;
+    const mf_json *rs = mf_json_get(mf_json_root(doc), "rope_scaling");
+    const char *type = NULL;
+    if (rs && rs->type == MF_JSON_OBJECT && mf_json_get_str(rs, "type", &type) != 1)
+        mf_json_get_str(rs, "rope_type", &type);
+    if (type && strcmp(type, "yarn") != 0 && strcmp(type, "default") != 0)
+        rc = mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                    "config.json: deepseek_v3 rope_scaling type \"%s\" is not supported "
+                    "(expected \"yarn\" or no rope_scaling)", type);
+    mf_json_free(doc);
+    return rc;
 }
 
 static void fill_hparams(struct ds_hparams *hp, const struct mf_config *c) {
@@ -388,6 +411,7 @@ static void ds_unbind(mf_model *m) {
 static int ds_bind(mf_model *m, char *err, size_t errlen) {
     const struct mf_config *c = &m->cfg;
     int rc = check_config(c, err, errlen);
+    if (!rc) rc = check_rope_type(m, err, errlen);
     if (rc) return rc;
     struct ds_model *M = calloc(1, sizeof *M);
     if (!M) return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
