@@ -85,6 +85,15 @@ class ModelFeatures:
         """
         self._core().truncate(int(n))
 
+    def set_checkpoints(self, n: int) -> None:
+        """How many automatic checkpoints of linear-attention state are kept so that
+        truncate stays exact (hybrid models only; each is a host copy of that state,
+        taken after every eval): 0 = default (the 8 most recent evaluation end
+        points, at most 1 GiB together), -1 = none (no copy per eval), else n <= 64.
+        Drops the checkpoints held so far.
+        """
+        self._core().set_checkpoints(int(n))
+
     @property
     def state_size(self) -> int:
         """Bytes a snapshot of the current sequence takes."""

@@ -367,5 +367,20 @@ def test_truncate_after_load_and_ring(model_dir) -> None:
         n = held[-1]
         assert_close(m.eval(CONT, all_logits=True),
                      reference_logits(src, PROMPT[:n] + CONT)[n:], f"truncate({n})")
+        # Fewer checkpoints, or none.
+        m.set_checkpoints(2)
+        m.reset()
+        for t in PROMPT:
+            m.eval([t])
+        m.truncate(len(PROMPT) - 1)
+        with pytest.raises(StateError):
+            m.truncate(len(PROMPT) - 3)
+        m.set_checkpoints(-1)
+        m.eval(CONT[:1])
+        with pytest.raises(StateError, match="off"):
+            m.truncate(len(PROMPT) - 1)
+        with pytest.raises(ArgumentError):
+            m.set_checkpoints(65)
+        m.set_checkpoints(0)
     finally:
         m.close()

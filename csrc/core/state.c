@@ -34,9 +34,13 @@
 
 // Checkpoints kept for exact truncation of models with fixed-size state. Each holds a
 // copy of every fixed segment (for Qwen3.5-397B: 45 GatedDeltaNet layers x ~4.1 MiB =
-// ~190 MiB), so the ring is bounded both by count and by bytes: at most
-// MAX_CHECKPOINTS, and no more than fit in CHECKPOINT_BUDGET_BYTES (but at least one).
-#define MAX_CHECKPOINTS 8
+// ~190 MiB), so by default the ring is bounded both by count and by bytes: at most
+// DEFAULT_CHECKPOINTS, and no more than fit in CHECKPOINT_BUDGET_BYTES (but at least
+// one). mf_ctx_params.n_checkpoints overrides the count (no byte cap then: the caller
+// chose), up to MAX_CHECKPOINTS; -1 turns them off. Taking one costs a device-to-host
+// copy of the fixed state after every eval (~190 MiB per token at 397B scale).
+#define DEFAULT_CHECKPOINTS 8
+#define MAX_CHECKPOINTS 64
 #define CHECKPOINT_BUDGET_BYTES ((uint64_t)1 << 30)
 
 /* ==== Identity ====
@@ -327,6 +331,15 @@ struct ckpt_set {
     struct ckpt slot[MAX_CHECKPOINTS];
 };
 
+// How many checkpoints this ctx keeps for fixed state of fixed_bytes (0 = none).
+static int n_slots_for(const mf_ctx *ctx, uint64_t fixed_bytes) {
+    int n = ctx->params.n_checkpoints;
+    if (n < 0) return 0;
+    if (n > 0) return n > MAX_CHECKPOINTS ? MAX_CHECKPOINTS : n;
+    uint64_t fit = CHECKPOINT_BUDGET_BYTES / (fixed_bytes ? fixed_bytes : 1);
+    return fit < 1 ? 1 : fit > DEFAULT_CHECKPOINTS ? DEFAULT_CHECKPOINTS : (int)fit;
+}
+
 static struct ckpt_set *ckpts_get(mf_ctx *ctx, uint64_t fixed_bytes) {
     struct ckpt_set *cs = ctx->checkpoints;
     if (cs && cs->fixed_bytes != fixed_bytes) {
@@ -336,8 +349,7 @@ static struct ckpt_set *ckpts_get(mf_ctx *ctx, uint64_t fixed_bytes) {
     if (cs) return cs;
     cs = calloc(1, sizeof *cs);
     if (!cs) return NULL;
-    uint64_t fit = CHECKPOINT_BUDGET_BYTES / (fixed_bytes ? fixed_bytes : 1);
-    cs->n_slots = fit < 1 ? 1 : fit > MAX_CHECKPOINTS ? MAX_CHECKPOINTS : (int)fit;
+    cs->n_slots = n_slots_for(ctx, fixed_bytes);
     cs->fixed_bytes = fixed_bytes;
     for (int i = 0; i < MAX_CHECKPOINTS; i++) cs->slot[i].n_past = -1;
     ctx->checkpoints = cs;
@@ -345,7 +357,7 @@ static struct ckpt_set *ckpts_get(mf_ctx *ctx, uint64_t fixed_bytes) {
 }
 
 static void ckpt_take(mf_ctx *ctx, const struct segs *s) {
-    if (s->fixed_bytes == 0) return;
+    if (s->fixed_bytes == 0 || n_slots_for(ctx, s->fixed_bytes) == 0) return;
     struct ckpt_set *cs = ckpts_get(ctx, s->fixed_bytes);
     if (!cs) return;   // out of memory: truncation will refuse instead
     // Reuse the slot already at this position, else an empty one, else the oldest
@@ -385,6 +397,18 @@ void mf_state_after_eval(mf_ctx *ctx) {
     if (segs_get(ctx, &s) != MF_OK) return;
     ckpt_take(ctx, &s);
     free(s.v);
+}
+
+int mf_ctx_checkpoints_set(mf_ctx *ctx, int n) {
+    if (!ctx) return MF_ERR_ARG;
+    ctx->errmsg[0] = '\0';
+    if (n < -1 || n > MAX_CHECKPOINTS)
+        return mf_ctx_fail(ctx, MF_ERR_ARG,
+                           "checkpoints: %d is not -1 (none), 0 (default) or 1..%d", n,
+                           MAX_CHECKPOINTS);
+    mf_state_on_reset(ctx);
+    ctx->params.n_checkpoints = n;
+    return MF_OK;
 }
 
 void mf_state_on_reset(mf_ctx *ctx) {
@@ -586,10 +610,13 @@ int mf_ctx_truncate(mf_ctx *ctx, int n) {
         free(s.v);
         return mf_ctx_fail(ctx, MF_ERR_STATE,
                            "truncate(%d) cannot be exact: this model has linear-attention "
-                           "state and no checkpoint at position %d is held (held: %s; "
+                           "state and no checkpoint at position %d is held (held: %s%s; "
                            "0 is always possible). Re-evaluate the prefix, or load a "
                            "snapshot saved at %d",
-                           n, n, len ? held : "none", n);
+                           n, n, len ? held : "none",
+                           n_slots_for(ctx, s.fixed_bytes) ? ""
+                                                            : ", checkpoints are off",
+                           n);
     }
     const uint8_t *p = hit->data;
     for (int i = 0; i < s.n; i++) {

@@ -114,6 +114,10 @@ struct mf_ctx_params {
     int n_ctx;             // maximum tokens in the sequence; 0 = min(4096,
                            // max_position_embeddings) (default)
     int n_threads;         // compute threads; 0 = all online cores (default)
+    int n_checkpoints;     // automatic checkpoints of fixed-size (linear-attention)
+                           // state kept for exact mf_ctx_truncate; 0 = default (the 8
+                           // most recent evaluation end points, at most 1 GiB of host
+                           // RAM together), -1 = none, else that many (<= 64)
     mf_abort_fn abort_fn;  // polled between layers; NULL = none (default)
     void *abort_user;      // passed to abort_fn
 };
@@ -188,6 +192,11 @@ MF_API void mf_ctx_reset(mf_ctx *ctx);
 // attention-only models; for models with linear attention exact only when a state
 // checkpoint at n is held, otherwise MF_ERR_STATE with the ctx unchanged.
 MF_API int mf_ctx_truncate(mf_ctx *ctx, int n);
+
+// Change how many automatic checkpoints are kept (values as mf_ctx_params.n_checkpoints).
+// Method of mf_ctx. Drops the checkpoints held so far. Returns MF_OK, or MF_ERR_ARG
+// (n < -1 or n > 64) with the ctx unchanged.
+MF_API int mf_ctx_checkpoints_set(mf_ctx *ctx, int n);
 
 // Snapshot size in bytes for the current sequence (changes as tokens are added).
 MF_API size_t mf_ctx_state_size(const mf_ctx *ctx);

@@ -1,6 +1,6 @@
 /*
  * state_binding.c — Context methods for sequence state: state_size, save_state,
- * load_state, truncate. Appended to _core.Context's methods at type creation.
+ * load_state, truncate, set_checkpoints. Appended to _core.Context's methods at type creation.
  *
  * Each method holds the Context's lock for the whole call (so an eval in another
  * thread cannot change the state mid-snapshot) and releases the GIL around the core
@@ -131,7 +131,36 @@ static PyObject *context_truncate(PyObject *obj, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(set_checkpoints_doc,
+"set_checkpoints($self, n, /)\n--\n\n"
+"How many automatic checkpoints of linear-attention state are kept for exact\n"
+"truncate: 0 = default (8 most recent evaluation end points, at most 1 GiB), -1 =\n"
+"none, else n (<= 64). Drops the checkpoints held so far.");
+
+static PyObject *context_set_checkpoints(PyObject *obj, PyObject *arg) {
+    mf_py_context *self = (mf_py_context *)obj;
+    mf_py_state *st = state_of(obj);
+    if (!st)
+        return NULL;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < -1 || n > 64)
+        return mf_py_raise(st, MF_ERR_ARG, "set_checkpoints: n must be -1, 0 or 1..64");
+    if (mf_py_ctx_lock(self) < 0)
+        return NULL;
+    int rc = mf_ctx_checkpoints_set(self->ctx, (int)n);
+    if (rc != MF_OK) {
+        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
+        mf_py_ctx_unlock(self);
+        return NULL;
+    }
+    mf_py_ctx_unlock(self);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef mf_py_state_methods[] = {
+    {"set_checkpoints", context_set_checkpoints, METH_O, set_checkpoints_doc},
     {"state_size", context_state_size, METH_NOARGS, state_size_doc},
     {"save_state", context_save_state, METH_NOARGS, save_state_doc},
     {"load_state", context_load_state, METH_O, load_state_doc},

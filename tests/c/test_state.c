@@ -261,6 +261,21 @@ static void test_truncate(struct fixture *f) {
     mf_ctx_reset(ref);
     CHECK(same_state(a, ref), "truncate(0) is not a reset");
     CHECK(a->checkpoints == NULL, "reset kept checkpoints");
+    // The count is configurable: 2 keeps the two most recent end points, -1 none.
+    CHECK(mf_ctx_checkpoints_set(a, 65) == MF_ERR_ARG, "65 checkpoints accepted");
+    CHECK(mf_ctx_checkpoints_set(a, -2) == MF_ERR_ARG, "-2 checkpoints accepted");
+    CHECK(mf_ctx_checkpoints_set(a, 2) == MF_OK, "2 checkpoints refused");
+    for (int t = 0; t < 6; t++)
+        fake_eval(a, toks[t]);
+    CHECK(mf_ctx_truncate(a, 4) == MF_ERR_STATE, "truncate(4) with 2 checkpoints");
+    CHECK(mf_ctx_truncate(a, 5) == MF_OK, "truncate(5) with 2 checkpoints: %s",
+          mf_ctx_errmsg(a));
+    CHECK(mf_ctx_checkpoints_set(a, -1) == MF_OK, "-1 checkpoints refused");
+    fake_eval(a, 9);
+    CHECK(mf_ctx_truncate(a, 5) == MF_ERR_STATE, "truncate with checkpoints off");
+    CHECK(strstr(mf_ctx_errmsg(a), "off") != NULL, "message: %s", mf_ctx_errmsg(a));
+    CHECK(a->checkpoints == NULL, "checkpoints allocated while off");
+    CHECK(mf_ctx_checkpoints_set(a, 0) == MF_OK, "default refused");
     ctx_free(a);
     ctx_free(ref);
 }
