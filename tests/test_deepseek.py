@@ -61,6 +61,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     # gs 128: every module with 64 inputs stays float (q_b_proj, embed_q,
     # unembed_out), which mlx-lm decides per module (experts widened to stay 4-bit).
     ("gs128-float-mla", {"group_size": 128, "moe_intermediate_size": 128}),
+    # 3-bit codes (a bit stream across words) in every quantized module.
+    ("3bit-gs32", {"bits": 3, "group_size": 32}),
     # Old attention form (kv_b_proj), quantized: matmul_t on its W_UK rows.
     ("kvb", {"mla_form": "kv_b_proj"}),
     ("kvb-q-proj-gs32-8bit", {"mla_form": "kv_b_proj", "q_lora_rank": None,

@@ -8,7 +8,7 @@ for a prefill followed by 32 single-token decode steps.
 
 The cases cover what changes the code path: the 8-bit router override (mlx-lm's
 qwen3_moe quant predicate) and a 4-bit router (conversions made before it), group
-sizes 32/64/128 and 8-bit weights, dense layers from mlp_only_layers and the
+sizes 32/64/128, 3/4/6/8-bit weights, dense layers from mlp_only_layers and the
 decoder_sparse_step grid, norm_topk_prob off, GQA ratios 1, 2 and 4, tied embeddings.
 """
 from __future__ import annotations
@@ -43,6 +43,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
                                      "num_key_value_heads": 1}),
     ("tied-k3-e16", {"tie_word_embeddings": True, "num_experts": 16,
                      "num_experts_per_tok": 3}),
+    # Bit-stream code widths: 6-bit weights with a 4-bit router, 3-bit everywhere.
+    ("6bit-router4", {"bits": 6, "gate_bits": 4}),
+    ("3bit-gs128", {"bits": 3, "gate_bits": None, "group_size": 128,
+                    "moe_intermediate_size": 128}),
 ]
 
 
