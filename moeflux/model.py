@@ -82,12 +82,16 @@ class Model(ModelFeatures):
     @classmethod
     def share(cls, other: "Model", threads: Optional[int] = None,
               n_ctx: Optional[int] = None) -> "Model":
-        """A new, empty sequence over the model already loaded by `other`."""
+        """A new, empty sequence over the model already loaded by `other` (no second
+        load: the weights mapping and expert files are shared; `other` may be closed
+        later without affecting it)."""
+        if threads is not None and threads < 1:
+            raise ArgumentError(f"threads must be >= 1 or None, got {threads}")
         m = cls.__new__(cls)
         m._ctx = None
         m._handle = other._handle
         m._ctx = _core.Context(other._handle, n_threads=threads or 0, n_ctx=n_ctx or 0)
-        m.config = other.config
+        m.config = json.loads(other._handle.config_json)   # its own copy to edit
         m.path = other.path
         return m
 

@@ -311,7 +311,10 @@ def test_shared_model(model_dir: Path) -> None:
         a.reset()
         np.testing.assert_array_equal(a.eval([3, 4, 5]), ref)
         assert b.n_past == 2
-        b.close()
+        assert b.config == a.config and b.config is not a.config
+    # The first Model closed: the shared model stays loaded for the second.
+    assert b.eval([1]).shape == (b.n_vocab,) and b.n_past == 3
+    b.close()
 
 
 # ---- interruption
