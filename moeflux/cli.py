@@ -63,6 +63,8 @@ def _fail(msg: str) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a completion of --prompt to stdout; speeds to stderr."""
+    if args.prompt is None and args.prompt_ids is None:
+        return _fail("give --prompt TEXT or --prompt-ids IDS")
     try:
         with _open_model(args) as model:
             prompt: Any = args.prompt
@@ -73,8 +75,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 prompt = model.apply_chat_template(
                     [{"role": "user", "content": args.prompt}])
                 add_special = False
-            if prompt is None:
-                return _fail("give --prompt TEXT or --prompt-ids IDS")
             last = None
             for step in model.generate(prompt, add_special_tokens=add_special,
                                        **_sampling_kwargs(args)):
