@@ -51,10 +51,12 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     # YaRN ramp over other dims (L0 64) with mscale but no mscale_all_dim: the rotated
     # dims carry the 1 + 0.1 ln 40 factor and the softmax scale carries none.
     ("yarn-mscale-only", {"rope_scaling": YARN_SMALL_L0, "max_position_embeddings": 2560}),
-    # Routing: 2 groups keeping 1; one group (no group step) with k 3; more dense layers.
+    # Routing: 2 groups keeping 1 with more dense layers; one group (no group step)
+    # with k 3 and the top-k weights left unnormalised.
     ("groups2-keep1-dense2", {"n_group": 2, "topk_group": 1, "first_k_dense_replace": 2,
                               "num_hidden_layers": 4}),
-    ("one-group-k3", {"n_group": 1, "topk_group": 1, "num_experts_per_tok": 3}),
+    ("one-group-k3-no-renorm", {"n_group": 1, "topk_group": 1, "num_experts_per_tok": 3,
+                                "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
     # MoE only on the moe_layer_freq grid (layers 2 of 0..3); no shared experts.
     ("layer-freq2-no-shared", {"moe_layer_freq": 2, "num_hidden_layers": 4,
                                "n_shared_experts": None}),
