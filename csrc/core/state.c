@@ -367,10 +367,11 @@ static void ckpt_take(mf_ctx *ctx, const struct segs *s) {
         if (cs->slot[i].n_past == ctx->n_past) use = &cs->slot[i];
     for (int i = 0; i < cs->n_slots && !use; i++)
         if (cs->slot[i].n_past < 0) use = &cs->slot[i];
-    for (int i = 0; i < cs->n_slots && !use; i++)
-        if (cs->slot[i].n_past >= 0) use = &cs->slot[i];
-    for (int i = 0; i < cs->n_slots; i++)
-        if (cs->slot[i].n_past < use->n_past) use = &cs->slot[i];
+    if (!use) {
+        use = &cs->slot[0];
+        for (int i = 1; i < cs->n_slots; i++)
+            if (cs->slot[i].n_past < use->n_past) use = &cs->slot[i];
+    }
     if (!use->data) use->data = malloc((size_t)s->fixed_bytes);
     if (!use->data) {
         use->n_past = -1;
