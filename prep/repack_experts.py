@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,10 @@ LAYOUT_FORMAT = "moeflux-experts"
 LAYOUT_VERSION = 1
 # Output buffers hold this many bytes of whole experts (at least one expert).
 BATCH_BYTES = 32 << 20
-# 2-bit requantization works on f32 copies of this many bytes per projection at most.
+# 2-bit requantization works on f32 copies of this many bytes per projection and
+# thread at most, on this many threads.
 REQUANT_F32_BYTES = 32 << 20
+REQUANT_THREADS = max(1, min(os.cpu_count() or 1, 16))
 
 
 def expert_dir_name(expert_bits: int) -> str:
@@ -224,22 +228,38 @@ def requant_experts(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int
         b = read_stacked(src, plan, il, srcc[f"{proj}.biases"], e0, e1)
         sd = srcc[f"{proj}.scales"].dtype
         x = requant.dequantize(w, requant.to_f32(s, sd), requant.to_f32(b, sd), bits, gs)
-        w2, s2, b2 = requant.quantize_2bit(x, gs)
-        d = requant.dequantize_2bit(w2, s2, b2, gs) - x
-        err[proj] = (float(np.square(d, dtype=np.float64).sum()), int(d.size))
+        w2, s2, b2, x2 = requant.quantize_2bit(x, gs)
+        x2 -= x
+        np.square(x2, out=x2)
+        err[proj] = (float(x2.sum(dtype=np.float64)), int(x2.size))
         out[f"{proj}.weight"], out[f"{proj}.scales"], out[f"{proj}.biases"] = w2, s2, b2
     return out, err
 
 
 def fill_requant(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int,
-                 view: memoryview) -> dict[str, tuple[float, int]]:
-    parts, err = requant_experts(src, plan, il, e0, e1)
+                 view: memoryview, workers: ThreadPoolExecutor | None = None
+                 ) -> dict[str, tuple[float, int]]:
+    """2-bit blobs of experts [e0, e1) into ``view``; returns per projection (sum of
+    squared error, count). Sub-ranges run on ``workers`` (numpy releases the GIL)."""
     es = plan.expert_size
     arr = np.frombuffer(view, dtype=np.uint8).reshape(e1 - e0, es)
-    for c in plan.out_components:
-        data = np.ascontiguousarray(parts[c.name]).view(np.uint8).reshape(e1 - e0, -1)
-        arr[:, c.offset:c.offset + c.size] = data
-    return err
+
+    def one(a: int, b: int) -> dict[str, tuple[float, int]]:
+        parts, err = requant_experts(src, plan, il, a, b)
+        for c in plan.out_components:
+            data = np.ascontiguousarray(parts[c.name]).view(np.uint8).reshape(b - a, -1)
+            arr[a - e0:b - e0, c.offset:c.offset + c.size] = data
+        return err
+
+    n = REQUANT_THREADS if workers is not None else 1
+    step = -(-(e1 - e0) // n)
+    ranges = [(a, min(e1, a + step)) for a in range(e0, e1, step)]
+    if workers is None or len(ranges) == 1:
+        errs = [one(a, b) for a, b in ranges]
+    else:
+        errs = list(workers.map(lambda r: one(*r), ranges))
+    return {p: (sum(e[p][0] for e in errs), sum(e[p][1] for e in errs))
+            for p in PROJECTIONS}
 
 
 def expected_blob(src: Source, plan: ExpertPlan, il: int, ie: int) -> bytes:
@@ -270,12 +290,14 @@ def _batch_experts(plan: ExpertPlan) -> int:
     if plan.out_bits != plan.quant.bits:
         rows, cols = plan.src_components[0].shape
         n_in = cols * 32 // plan.quant.bits
-        per = max(1, min(per, REQUANT_F32_BYTES // (4 * rows * n_in)))
+        per_thread = max(1, REQUANT_F32_BYTES // (4 * rows * n_in))
+        per = max(1, min(plan.num_experts, per_thread * REQUANT_THREADS))
     return per
 
 
 def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progress,
-                 pool: BufferPool) -> tuple[str, dict[str, tuple[float, int]]]:
+                 pool: BufferPool, workers: ThreadPoolExecutor | None
+                 ) -> tuple[str, dict[str, tuple[float, int]]]:
     es, E = plan.expert_size, plan.num_experts
     per = pool.size // es
     out = HashedFile(path)
@@ -288,7 +310,8 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
             if plan.out_bits == plan.quant.bits:
                 fill_verbatim(src, plan, il, e0, e1, view)
             else:
-                for p, (s, n) in fill_requant(src, plan, il, e0, e1, view).items():
+                for p, (s, n) in fill_requant(src, plan, il, e0, e1, view,
+                                              workers).items():
                     err[p][0] += s
                     err[p][1] += n
             out.write(view, done=lambda b=buf: pool.put(b))
@@ -331,17 +354,21 @@ def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4
     bar = Progress(len(todo) * plan.file_bytes, sub, progress)
     # three buffers: one being filled, one being written and hashed, one spare
     pool = BufferPool(3, _batch_experts(plan) * plan.expert_size) if todo else None
+    requantize = plan.out_bits != plan.quant.bits and REQUANT_THREADS > 1
+    workers = ThreadPoolExecutor(REQUANT_THREADS) if requantize else None
     try:
         for il in plan.moe_layers:
             rel = f"{sub}/{layer_file_name(il)}"
             if il not in todo:
                 res.skipped.append(rel)
                 continue
-            digest, err = _write_layer(src, plan, il, dst / rel, bar, pool)
+            digest, err = _write_layer(src, plan, il, dst / rel, bar, pool, workers)
             journal.record(rel, digest, sq_err={p: list(v) for p, v in err.items()})
             _after_layer(il)
     finally:
         bar.close()
+        if workers is not None:
+            workers.shutdown()
     lay = json_bytes(plan.layout())
     rel = f"{sub}/layout.json"
     journal.record(rel, write_small_file(dst / rel, lay))

@@ -28,14 +28,22 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def unpack_codes(words: np.ndarray, bits: int, n_in: int) -> np.ndarray:
     """U32 words [..., n_in*bits/32] -> codes uint8 [..., n_in] (mlx bit order: a
-    little-endian bit stream per row, which for 2/4/8 bits is LSB-first per word)."""
+    little-endian bit stream per row, which for 2/4/8 bits is LSB-first per word).
+    Works on the bytes: for 4 and 8 bits that is one or two cheap uint8 passes."""
     lead = words.shape[:-1]
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = np.arange(per, dtype=np.uint32) * bits
-        codes = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-        return codes.reshape(*lead, n_in).astype(np.uint8)
-    raw = np.ascontiguousarray(words.astype("<u4")).view(np.uint8)
+    raw = np.ascontiguousarray(words, dtype="<u4").view(np.uint8)
+    if bits == 8:
+        return raw.reshape(*lead, n_in)
+    if bits == 4:
+        out = np.empty((*lead, raw.shape[-1], 2), np.uint8)
+        np.bitwise_and(raw, 0x0F, out=out[..., 0])
+        np.right_shift(raw, 4, out=out[..., 1])
+        return out.reshape(*lead, n_in)
+    if bits == 2:
+        out = np.empty((*lead, raw.shape[-1], 4), np.uint8)
+        for k in range(4):
+            np.bitwise_and(np.right_shift(raw, 2 * k), 3, out=out[..., k])
+        return out.reshape(*lead, n_in)
     stream = np.unpackbits(raw, axis=-1, bitorder="little")
     stream = stream[..., :n_in * bits].reshape(*lead, n_in, bits)
     weights = (1 << np.arange(bits)).astype(np.uint16)
@@ -44,19 +52,21 @@ def unpack_codes(words: np.ndarray, bits: int, n_in: int) -> np.ndarray:
 
 def dequantize(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
                group_size: int) -> np.ndarray:
-    """Affine dequantization: ``w[r, c] = s[r, c/gs] * q[r, c] + b[r, c/gs]`` in f32.
-    scales/biases are f32 here. Returns [..., n_in] f32."""
+    """Affine dequantization: ``w[r, c] = s[r, c/gs] * q[r, c] + b[r, c/gs]`` in f32
+    (a product then a sum, each rounded, as mlx computes it). scales/biases are f32
+    here. Returns [..., n_in] f32."""
     n_in = scales.shape[-1] * group_size
-    q = unpack_codes(words, bits, n_in).astype(np.float32)
-    qg = q.reshape(*q.shape[:-1], scales.shape[-1], group_size)
-    x = qg * scales[..., None] + biases[..., None]
-    return x.reshape(q.shape)
+    x = unpack_codes(words, bits, n_in).astype(np.float32)
+    xg = x.reshape(*x.shape[:-1], scales.shape[-1], group_size)
+    xg *= scales[..., None]
+    xg += biases[..., None]
+    return x
 
 
 def quantize_2bit(x: np.ndarray, group_size: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """f32 [..., n_in] -> (U32 words [..., n_in/16], BF16 scales, BF16 biases as raw
-    uint16 [..., n_in/gs])."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """f32 [..., n_in] -> (U32 words [..., n_in/16], BF16 scales and biases as raw
+    uint16 [..., n_in/gs], the dequantized 2-bit values f32 [..., n_in])."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     if n_in % group_size or n_in % 16:
         raise FormatError(f"2-bit requantization: {n_in} inputs is not a multiple of "
@@ -66,13 +76,22 @@ def quantize_2bit(x: np.ndarray, group_size: int
     hi = g.max(-1)
     s_bf = f32_to_bf16((hi - lo) / np.float32(3.0))
     b_bf = f32_to_bf16(lo)
-    s = bf16_to_f32(s_bf)
-    b = bf16_to_f32(b_bf)
+    s = bf16_to_f32(s_bf)[..., None]
+    b = bf16_to_f32(b_bf)[..., None]
     div = np.where(s == 0, np.float32(1.0), s)
-    q = np.rint((g - b[..., None]) / div[..., None])
-    q = np.clip(q, 0, 3).astype(np.uint32).reshape(*lead, n_in // 16, 16)
-    words = (q << (np.arange(16, dtype=np.uint32) * 2)).sum(-1, dtype=np.uint32)
-    return words, s_bf, b_bf
+    q = g - b
+    q /= div
+    np.rint(q, out=q)
+    np.clip(q, 0, 3, out=q)
+    codes = q.astype(np.uint8).reshape(*lead, n_in // 4, 4)
+    # 4 codes per byte, code k of a byte at bits 2k; 4 bytes per little-endian U32
+    # word, so element 16w+n lands at bits 2n of word w (mlx's order)
+    packed = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | \
+        (codes[..., 3] << 6)
+    words = np.ascontiguousarray(packed).view("<u4").astype(np.uint32, copy=False)
+    q *= s
+    q += b
+    return words, s_bf, b_bf, q.reshape(x.shape)
 
 
 def dequantize_2bit(words: np.ndarray, s_bf: np.ndarray, b_bf: np.ndarray,
