@@ -323,6 +323,43 @@ static void count_fn(void *arg, int i) {
     a->hits[i]++;   // each index is run by exactly one thread
 }
 
+// A task that itself calls parallel_for (as a forward pass running experts in parallel
+// and calling ops inside might): the inner run goes inline on the task's thread.
+struct nest_arg {
+    struct mf_backend *be;
+    struct mf_exec *ex;
+    int *hits;   // [8][50]
+};
+
+static void nest_inner(void *arg, int i) {
+    int *row = arg;
+    row[i]++;
+}
+
+static void nest_outer(void *arg, int i) {
+    struct nest_arg *a = arg;
+    a->be->ops->parallel_for(a->ex, nest_inner, a->hits + i * 50, 50);
+}
+
+static void test_pool_nested(struct mf_backend *be) {
+    char err[256];
+    struct mf_exec *ex;
+    if (be->ops->exec_new(be, 3, &ex, err, sizeof err)) {
+        CHECK(0, "exec_new: %s", err);
+        return;
+    }
+    int hits[8 * 50];
+    memset(hits, 0, sizeof hits);
+    struct nest_arg a = {.be = be, .ex = ex, .hits = hits};
+    for (int rep = 0; rep < 20; rep++)
+        be->ops->parallel_for(ex, nest_outer, &a, 8);
+    int ok = 1;
+    for (int i = 0; i < 8 * 50; i++)
+        ok &= hits[i] == 20;
+    CHECK(ok, "nested parallel_for ran tasks wrong");
+    be->ops->exec_free(ex);
+}
+
 static void test_pool_lifecycle(struct mf_backend *be) {
     char err[256];
     int hits[1000];
@@ -363,6 +400,7 @@ int main(void) {
     test_matmul_float(be);
     test_thread_independence(be);
     test_pool_lifecycle(be);
+    test_pool_nested(be);
     be->ops->free(be);
     if (n_fail) {
         fprintf(stderr, "%d failures\n", n_fail);

@@ -2,14 +2,16 @@
  * threadpool.c — the CPU exec's persistent pool (see threadpool.h). Owns the worker
  * threads and the hand-off of one job at a time; knows nothing about ops.
  *
- * A job is published by writing its fields and then bumping an atomic generation;
- * workers spin on the generation for a while (decode runs many short ops back to back,
- * and a futex wake-up per op costs more than the op) and only then sleep on a condvar.
- * Each worker takes task indices from an atomic counter, then decrements an atomic
- * count of workers still inside the job; the caller, after taking tasks itself, spins
- * on that count and only sleeps if the job runs long. So the job's arguments (on the
- * caller's stack) are never touched after mf_pool_run returns, and the common path
- * takes no lock at all.
+ * A job is published by writing its fields, opening a join window tagged with the job's
+ * generation, and bumping an atomic generation that workers spin on for a while (decode
+ * runs many short ops back to back, and a futex wake-up per op costs more than the op)
+ * before sleeping on a condvar. A worker that sees the new generation joins the job with
+ * one CAS on the window, takes task indices from an atomic counter, and leaves. The
+ * caller takes tasks too; once every task is handed out it closes the window and waits
+ * only for the workers that joined. A worker that was descheduled (other processes on
+ * the cores, expert-read threads) never delays an op: it finds the window closed and goes
+ * back to waiting. No worker touches the job's arguments (on the caller's stack) after
+ * mf_pool_run returns, and the common path takes no lock.
  */
 #include "backends/cpu/threadpool.h"
 
@@ -33,11 +35,16 @@
 #endif
 
 // How long a worker spins for the next job before sleeping, and how long the caller
-// spins for the workers to finish before sleeping: long enough to bridge consecutive
+// spins for joined workers to finish before sleeping: long enough to bridge consecutive
 // ops of a decode step, short enough not to burn a core through longer waits (expert
 // reads, the caller's own Python code).
 #define WORKER_SPIN_NS 100000
 #define CALLER_SPIN_NS 200000
+
+// The join window: generation (low 32 bits) in the high half, then a closed flag and the
+// number of workers that joined.
+#define WIN_CLOSED (UINT64_C(1) << 31)
+#define WIN_COUNT UINT64_C(0x7FFFFFFF)
 
 struct worker {
     struct mf_pool *pool;
@@ -51,17 +58,19 @@ struct mf_pool {
     struct worker *workers;     // [n_threads]
     pthread_mutex_t mu;
     pthread_cond_t cv_work;     // sleeping workers wait here for a new generation
-    pthread_cond_t cv_done;     // a sleeping caller waits here for n_active == 0
+    pthread_cond_t cv_done;     // a sleeping caller waits here for joined workers
     int sync_ok;                // mutex and condvars initialised
     atomic_uint_fast64_t generation;
     atomic_int stop;
     atomic_int n_sleeping;      // workers blocked (or about to block) on cv_work
-    // The current job (written before generation is bumped, read after).
+    atomic_int caller_sleeping; // the caller is blocked (or about to block) on cv_done
+    atomic_uint_fast64_t window;// join window of the current job (see WIN_*)
+    atomic_int n_left;          // joined workers that have finished the current job
+    // The current job: read only by workers that joined it, while the caller waits.
     mf_pool_fn fn;
     void *arg;
     int n_tasks;
     atomic_int next_task;
-    atomic_int n_active;        // workers not yet done with the current job
     atomic_int busy;            // a job is running: nested runs go inline
 };
 
@@ -108,6 +117,17 @@ static uint64_t wait_job(struct mf_pool *p, uint64_t seen) {
     return atomic_load(&p->generation);
 }
 
+// Join job `gen` if its window is still open; 1 if joined.
+static int join_job(struct mf_pool *p, uint64_t gen) {
+    uint64_t w = atomic_load(&p->window);
+    for (;;) {
+        if ((w >> 32) != (gen & 0xFFFFFFFFu) || (w & WIN_CLOSED))
+            return 0;
+        if (atomic_compare_exchange_weak(&p->window, &w, w + 1))
+            return 1;
+    }
+}
+
 static void *worker_main(void *vw) {
     struct worker *w = vw;
     struct mf_pool *p = w->pool;
@@ -116,9 +136,11 @@ static void *worker_main(void *vw) {
         seen = wait_job(p, seen);
         if (atomic_load(&p->stop))
             break;
+        if (!join_job(p, seen))
+            continue;   // too late: the caller already did the work
         run_tasks(p, w->tid);
-        if (atomic_fetch_sub(&p->n_active, 1) == 1) {
-            // Last one out: wake the caller in case it went to sleep.
+        atomic_fetch_add(&p->n_left, 1);
+        if (atomic_load(&p->caller_sleeping)) {
             pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->cv_done);
             pthread_mutex_unlock(&p->mu);
@@ -163,7 +185,9 @@ int mf_pool_new(struct mf_pool **out, int n_threads, char *err, size_t errlen) {
     atomic_init(&p->next_task, 0);
     atomic_init(&p->busy, 0);
     atomic_init(&p->n_sleeping, 0);
-    atomic_init(&p->n_active, 0);
+    atomic_init(&p->caller_sleeping, 0);
+    atomic_init(&p->window, WIN_CLOSED);
+    atomic_init(&p->n_left, 0);
     for (int t = 1; t < n_threads; t++) {
         p->workers[t].pool = p;
         p->workers[t].tid = t;
@@ -222,12 +246,16 @@ void mf_pool_run(struct mf_pool *p, mf_pool_fn fn, void *arg, int n_tasks) {
         return;
     }
     atomic_store(&p->busy, 1);
+    // No worker is inside a job here (the last run waited for every one that joined),
+    // so the job fields can be written plainly.
     p->fn = fn;
     p->arg = arg;
     p->n_tasks = n_tasks;
     atomic_store(&p->next_task, 0);
-    atomic_store(&p->n_active, p->n_started);
-    atomic_fetch_add(&p->generation, 1);   // publishes the fields above
+    atomic_store(&p->n_left, 0);
+    uint64_t gen = atomic_load(&p->generation) + 1;
+    atomic_store(&p->window, (gen & 0xFFFFFFFFu) << 32);   // open, nobody joined
+    atomic_store(&p->generation, gen);                     // publishes all of the above
     if (atomic_load(&p->n_sleeping) > 0) {
         pthread_mutex_lock(&p->mu);
         pthread_cond_broadcast(&p->cv_work);
@@ -236,8 +264,10 @@ void mf_pool_run(struct mf_pool *p, mf_pool_fn fn, void *arg, int n_tasks) {
 
     run_tasks(p, 0);
 
+    // Every task is handed out: close the window and wait for those who joined.
+    int n_joined = (int)(atomic_fetch_or(&p->window, WIN_CLOSED) & WIN_COUNT);
     uint64_t t0 = 0;
-    for (unsigned spin = 0; atomic_load(&p->n_active) > 0; spin++) {
+    for (unsigned spin = 0; atomic_load(&p->n_left) < n_joined; spin++) {
         cpu_relax();
         if ((spin & 255) != 255)
             continue;
@@ -245,9 +275,13 @@ void mf_pool_run(struct mf_pool *p, mf_pool_fn fn, void *arg, int n_tasks) {
         if (t0 == 0) {
             t0 = t;
         } else if (t - t0 > CALLER_SPIN_NS) {
+            // caller_sleeping is raised before n_left is re-checked, and a worker bumps
+            // n_left before reading caller_sleeping (seq_cst): no lost wake-up.
             pthread_mutex_lock(&p->mu);
-            while (atomic_load(&p->n_active) > 0)
+            atomic_store(&p->caller_sleeping, 1);
+            while (atomic_load(&p->n_left) < n_joined)
                 pthread_cond_wait(&p->cv_done, &p->mu);
+            atomic_store(&p->caller_sleeping, 0);
             pthread_mutex_unlock(&p->mu);
             break;
         }
