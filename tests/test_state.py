@@ -38,8 +38,10 @@ IDENT = ["architecture", "hidden_size", "num_hidden_layers", "num_attention_head
          "full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
          "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
          "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-         "v_head_dim", "first_k_dense_replace", "expert bytes per token",
-         "manifest hash", "weights fingerprint"]
+         "v_head_dim", "first_k_dense_replace", "number of MoE layers",
+         "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
+         "tie_word_embeddings", "expert bytes per token", "manifest hash",
+         "rope/norm/scaling constants", "weights fingerprint"]
 OFF_IDENT = 12
 OFF_N_PAST = OFF_IDENT + 8 * len(IDENT)
 OFF_N_SEG = OFF_N_PAST + 4

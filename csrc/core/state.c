@@ -12,8 +12,9 @@
  *
  * Snapshot format, version 1 (all integers little-endian):
  *   header    "MFLX" | u32 version | u32 n_ident | n_ident x i64 identity fields
- *             (architecture id, shape constants, expert bytes per token, manifest hash,
- *             weights fingerprint) | u32 n_past | u32 n_seg
+ *             (architecture id, shape and routing constants, expert bytes per token,
+ *             manifest hash, hash of the real-valued constants, weights fingerprint)
+ *             | u32 n_past | u32 n_seg
  *   table     n_seg x { u32 kind | i32 layer | u64 row_bytes | u64 fixed_bytes |
  *             u64 data_bytes }
  *   data      each segment's bytes in table order: rows [0, n_past) of positional
@@ -75,8 +76,15 @@ enum {
     ID_QK_ROPE,
     ID_V_HEAD_DIM,
     ID_FIRST_DENSE,
+    ID_MOE_LAYERS,
+    ID_SHARED_EXPERTS,
+    ID_N_GROUP,
+    ID_TOPK_GROUP,
+    ID_NORM_TOPK,
+    ID_TIED,
     ID_EXPERT_BYTES,
-    ID_MANIFEST_HASH,
+    ID_MANIFEST_HASH,     // this and the fields below are hashes, printed in hex
+    ID_FLOAT_CONSTS,
     ID_WEIGHTS_FP,
     N_IDENT
 };
@@ -106,8 +114,15 @@ static const char *const ident_names[N_IDENT] = {
     [ID_QK_ROPE] = "qk_rope_head_dim",
     [ID_V_HEAD_DIM] = "v_head_dim",
     [ID_FIRST_DENSE] = "first_k_dense_replace",
+    [ID_MOE_LAYERS] = "number of MoE layers",
+    [ID_SHARED_EXPERTS] = "n_shared_experts",
+    [ID_N_GROUP] = "n_group",
+    [ID_TOPK_GROUP] = "topk_group",
+    [ID_NORM_TOPK] = "norm_topk_prob",
+    [ID_TIED] = "tie_word_embeddings",
     [ID_EXPERT_BYTES] = "expert bytes per token",
     [ID_MANIFEST_HASH] = "manifest hash",
+    [ID_FLOAT_CONSTS] = "rope/norm/scaling constants",
     [ID_WEIGHTS_FP] = "weights fingerprint",
 };
 
@@ -136,6 +151,17 @@ static uint64_t weights_fingerprint(const mf_model *m) {
         h = fnv1a(h, (const uint8_t *)m->weights_map + off, (size_t)len);
     }
     return h;
+}
+
+// The real-valued config constants that change the state a token leaves (keys are
+// stored after RoPE; norms and scaling shape every activation), hashed by their bits.
+static uint64_t float_consts_hash(const struct mf_config *c) {
+    const double v[] = {c->rope_theta, c->partial_rotary_factor, (double)c->rms_norm_eps,
+                        c->routed_scaling_factor, c->yarn_factor, c->yarn_beta_fast,
+                        c->yarn_beta_slow, c->yarn_mscale, c->yarn_mscale_all_dim,
+                        (double)c->yarn_original_max_position_embeddings,
+                        (double)c->has_yarn};
+    return fnv1a(FNV_OFFSET, (const uint8_t *)v, sizeof v);
 }
 
 static const char *arch_name(int64_t id) {
@@ -174,8 +200,15 @@ static void ident_fill(const mf_model *m, int64_t id[N_IDENT]) {
     id[ID_QK_ROPE] = c->qk_rope_head_dim;
     id[ID_V_HEAD_DIM] = c->v_head_dim;
     id[ID_FIRST_DENSE] = c->first_k_dense_replace;
+    id[ID_MOE_LAYERS] = c->n_moe_layers;
+    id[ID_SHARED_EXPERTS] = c->n_shared_experts;
+    id[ID_N_GROUP] = c->n_group;
+    id[ID_TOPK_GROUP] = c->topk_group;
+    id[ID_NORM_TOPK] = c->norm_topk_prob;
+    id[ID_TIED] = c->tie_word_embeddings;
     id[ID_EXPERT_BYTES] = m->expert_bytes_per_token;
     id[ID_MANIFEST_HASH] = (int64_t)m->manifest.hash;
+    id[ID_FLOAT_CONSTS] = (int64_t)float_consts_hash(c);
     id[ID_WEIGHTS_FP] = (int64_t)weights_fingerprint(m);
 }
 

@@ -33,6 +33,8 @@ static int n_fail;
 #define REC_BYTES 256
 #define ROW_BYTES 32
 #define N_CTX 40
+// Identity fields in a version-1 snapshot header (state.c).
+#define N_IDENT 34
 
 struct fake_state {
     uint8_t *conv;   // [CONV_BYTES] device (CPU) buffer
@@ -299,8 +301,8 @@ static void test_refusals(struct fixture *f) {
     uint8_t *snap = snapshot(a, &n);
     uint8_t *buf = malloc(n + 16);
     fake_eval(a, 50);   // so a refused load would be visible
-    // Identity fields (12 + 8 i, 27 of them), resealed: another model.
-    for (int i = 0; i < 27; i++) {
+    // Identity fields (12 + 8 i, N_IDENT of them), resealed: another model.
+    for (int i = 0; i < N_IDENT; i++) {
         memcpy(buf, snap, n);
         buf[12 + 8 * i] ^= 0x40;
         expect_refused(a, buf, n, MF_ERR_FORMAT, "identity unsealed");
@@ -359,7 +361,7 @@ static void test_fuzz(struct fixture *f) {
             len = pos;
         } else if (mode == 2) {
             // A header or table field, resealed.
-            size_t hdr = 12 + 8 * 27 + 8 + 4 * 32;
+            size_t hdr = 12 + 8 * N_IDENT + 8 + 4 * 32;
             buf[pos % hdr] = (uint8_t)(rng >> 32);
             reseal(buf, len);
         } else {
