@@ -272,6 +272,57 @@ def test_snapshot_load_continues_exactly(arch: str,
     assert_close(again, reference_decode(ckpt, PROMPT, cont)[1:], "after load_state")
 
 
+def _expert_arrays(path: Path, layout: dict) -> dict[str, np.ndarray]:
+    """The components of every expert of one packed layer file, stacked [E, ...]
+    (BF16 widened to float32)."""
+    raw = np.fromfile(path, np.uint8).reshape(layout["num_experts"], layout["expert_size"])
+    out = {}
+    for c in layout["components"]:
+        part = np.ascontiguousarray(raw[:, c["offset"]:c["offset"] + c["size"]])
+        if c["dtype"] == "U32":
+            arr = part.view(np.uint32)
+        else:
+            assert c["dtype"] == "BF16", c
+            arr = (part.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        out[c["name"]] = arr.reshape(layout["num_experts"], *c["shape"])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_2bit_experts_match_mlx_with_the_same_codes(arch: str, tmp_path: Path,
+                                                    synth_checkpoint: Callable[..., Path]
+                                                    ) -> None:
+    """packed_experts_2bit (prep's requantization): the oracle is mlx-lm with its
+    switch_mlp replaced by 2-bit QuantizedSwitchLinear weights holding exactly the
+    codes/scales/biases of the 2-bit files, so bits inferred from the expert layout
+    and the 2-bit matmul path are checked end to end."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    ckpt = synth_checkpoint(arch)
+    model_dir = convert(ckpt, tmp_path / "model2", expert_bits=2, progress=False)
+    layout = json.loads((model_dir / "packed_experts_2bit" / "layout.json").read_text())
+    assert layout["bits"] == 2
+    ref_model, _ = load_model(ckpt, strict=True)
+    ref_model.set_dtype(mx.float32)
+    layers = ref_model.layers
+    for il in layout["moe_layers"]:
+        arrays = _expert_arrays(model_dir / "packed_experts_2bit" / f"layer_{il:02d}.bin",
+                                layout)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layers[il].mlp.switch_mlp, proj)
+            lin.weight = mx.array(arrays[f"{proj}.weight"])
+            lin.scales = mx.array(arrays[f"{proj}.scales"])
+            lin.biases = mx.array(arrays[f"{proj}.biases"])
+            lin.bits = 2
+            lin.group_size = layout["group_size"]
+    ref = np.array(ref_model(mx.array([PROMPT], dtype=mx.int32))[0])
+    handle = moeflux._core.ModelHandle(str(model_dir), use_2bit=1)
+    with moeflux.Model(handle, threads=2) as m:
+        ours = m.eval(PROMPT, all_logits=True)
+    assert_close(ours, ref, "2-bit experts")
+
+
 def test_raw_hf_conv_layout_refused(tmp_path: Path,
                                     converted: Callable[..., tuple[Path, Path]]) -> None:
     """A conv1d weight in raw HF layout [C, 1, K] means the checkpoint skipped mlx-lm's
