@@ -109,6 +109,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+# info runs the layout check (which checksums every file) by itself up to this size.
+VERIFY_AUTO_BYTES = 8 << 30
+
+
 def _verify(path: Path) -> tuple[Optional[bool], str]:
     """Run moeflux.prep.verify when this build has it: (ok or None, summary)."""
     try:
@@ -163,7 +167,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     n2, b2 = _dir_bytes(path / "packed_experts_2bit")
     if n2:
         facts["expert_files_2bit"], facts["expert_bytes_2bit"] = n2, b2
-    ok, summary = (None, "skipped (--no-verify)") if args.no_verify else _verify(path)
+    total = facts["model_weights_bytes"] + n_bytes + (b2 if n2 else 0)
+    if args.no_verify:
+        ok, summary = None, "skipped (--no-verify)"
+    elif not args.verify and total > VERIFY_AUTO_BYTES:
+        # verify checksums every file: minutes for a large model, so only on request.
+        ok, summary = None, (f"skipped for {_mib(total)} of files (--verify checks "
+                             "layout and checksums)")
+    else:
+        ok, summary = _verify(path)
     facts["layout_ok"], facts["layout_check"] = ok, summary
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -305,6 +317,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="describe a model directory")
     p.add_argument("dir", help="model directory")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="check layout and checksums even for a large model")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the on-disk layout check")
     p.set_defaults(func=cmd_info)

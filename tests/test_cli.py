@@ -144,3 +144,19 @@ def test_chat_reuses_and_matches_fresh(dirs) -> None:
     finally:
         m.close()
         fresh.close()
+
+
+def test_info_large_model_verify_on_request(dirs, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """Past the size threshold the checksum pass runs only with --verify."""
+    import moeflux.cli
+    from moeflux.__main__ import main
+
+    src, dst = dirs
+    monkeypatch.setattr(moeflux.cli, "VERIFY_AUTO_BYTES", 0)
+    assert main(["info", str(dst), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["layout_ok"] is None and "--verify" in facts["layout_check"]
+    assert main(["info", str(dst), "--json", "--verify"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["layout_ok"] is True and "checksums" in facts["layout_check"]
