@@ -215,3 +215,29 @@ def test_chat_template(hybrid) -> None:
     ids = m.apply_chat_template(msgs, tokenize=True)
     assert m.detokenize(ids) == want
     assert ids.count(m.tokenizer.token_to_id("<|im_start|>")) == 3
+
+
+def test_without_tokenizer(hybrid, tmp_path) -> None:
+    """A model directory without tokenizer files still generates from ids (empty text
+    pieces); text in or out raises TokenizerError naming the missing file."""
+    from moeflux.tokenizer import TokenizerError
+
+    src, m = hybrid
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for p in m.path.iterdir():
+        if not p.name.startswith("tokenizer"):
+            (bare / p.name).symlink_to(p.resolve())
+    b = open_model(bare)
+    try:
+        want = [s.token for s in m.generate(PROMPT, max_tokens=4)]
+        steps = list(b.generate(PROMPT, max_tokens=4))
+        assert [s.token for s in steps] == want and all(s.text == "" for s in steps)
+        with pytest.raises(TokenizerError, match="tokenizer.json"):
+            b.tokenize("hello")
+        with pytest.raises(TokenizerError):
+            list(b.generate("hello", max_tokens=2))
+        with pytest.raises(TokenizerError):
+            list(b.generate(PROMPT, max_tokens=2, stop="x"))
+    finally:
+        b.close()
