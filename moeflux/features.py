@@ -28,6 +28,11 @@ class ModelFeatures:
 
     __slots__ = ()
 
+    # Provided by moeflux.model.Model (declared here for readers and type checkers).
+    path: Path
+    config: dict
+    _ctx: Any
+
     # ---- per-instance cache (the tokenizer is loaded once, on first use)
 
     def _feature_cache(self) -> dict:
