@@ -339,3 +339,22 @@ def test_raw_hf_conv_layout_refused(tmp_path: Path,
     man_path.write_text(json.dumps(man))
     with pytest.raises(moeflux.FormatError, match="Hugging Face"):
         moeflux.Model(model_dir, threads=1)
+
+
+@pytest.mark.parametrize("arch,key", [("qwen3_5_moe", "rope_parameters"),
+                                      ("qwen3_next", "rope_scaling")])
+def test_rope_scaling_refused(arch: str, key: str, tmp_path: Path,
+                              converted: Callable[..., tuple[Path, Path]]) -> None:
+    """mlx-lm would apply a non-default rope scaling; the engine implements plain
+    rope only and must refuse such a config instead of computing something else."""
+    _, src_dir = converted(arch)
+    model_dir = tmp_path / "model"
+    shutil.copytree(src_dir, model_dir)
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    lm = cfg.get("text_config", cfg)
+    lm[key] = {**(lm.get(key) or {}), "rope_type": "linear", "factor": 2.0}
+    lm[key].pop("type", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(moeflux.UnsupportedError, match="linear"):
+        moeflux.Model(model_dir, threads=1)

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/json.h"
 #include "models/moe.h"
 
 // Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
@@ -194,6 +195,38 @@ static int dims_from_config(struct hy_dims *d, const struct mf_config *c, char *
                       "config.json: dense FFN layers need intermediate_size (got %d)",
                       d->n_ff_dense);
     return MF_OK;
+}
+
+// Only plain rope is implemented. mlx-lm would apply any other scaling it finds
+// (qwen3_5: rope_parameters doubles as rope_scaling; qwen3_next: rope_scaling), so a
+// config asking for one is refused rather than silently computed differently. No
+// released Qwen3.5/3.6/Next config uses one.
+static int check_rope_type(const mf_model *m, char *err, size_t errlen) {
+    const char *text = m->cfg.json_text;
+    if (!text)
+        return MF_OK;
+    mf_json_doc *doc = NULL;
+    int rc = mf_json_parse(&doc, text, strlen(text), "config.json", err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    const mf_json *root = mf_json_root(doc), *lm = mf_json_get(root, "text_config");
+    if (!lm || lm->type != MF_JSON_OBJECT)
+        lm = root;
+    static const char *const keys[2] = {"rope_parameters", "rope_scaling"};
+    for (int i = 0; i < 2 && rc == MF_OK; i++) {
+        const mf_json *rs = mf_json_get(lm, keys[i]);
+        const char *type = NULL;
+        if (!rs || rs->type != MF_JSON_OBJECT)
+            continue;
+        if (mf_json_get_str(rs, "type", &type) <= 0)
+            mf_json_get_str(rs, "rope_type", &type);
+        if (type && strcmp(type, "default") != 0)
+            rc = mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                        "config.json: %s type \"%s\" is not supported for %s (only "
+                        "\"default\" rope)", keys[i], type, m->cfg.model_type);
+    }
+    mf_json_free(doc);
+    return rc;
 }
 
 struct binder {
@@ -405,6 +438,8 @@ static int hy_bind(mf_model *m, char *err, size_t errlen) {
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     m->arch_weights = hm;
     int rc = dims_from_config(&hm->d, c, err, errlen);
+    if (rc == MF_OK)
+        rc = check_rope_type(m, err, errlen);
     if (rc != MF_OK)
         goto fail;
     hm->moe_cfg = (struct mf_moe_config){
