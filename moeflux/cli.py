@@ -249,6 +249,7 @@ class ChatSession:
         # at the prompt; generate() evaluates the last one and samples from it.
         if len(new) > 1:
             m.eval(new[:-1])
+        self.snapshot = None   # free the old one first: snapshots can be large
         self.snapshot, self.snapshot_ids = m.save_state(), list(ids[:-1])
         reply, gen = [], []
         for step in m.generate(new[-1:], reset=False, **sampling):

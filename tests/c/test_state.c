@@ -395,6 +395,6 @@ int main(void) {
         fprintf(stderr, "%d failures\n", n_fail);
         return 1;
     }
-    printf("ok\n");
+    printf("test_state: ok\n");
     return 0;
 }
