@@ -29,10 +29,12 @@ static const struct {
     {"qwen3_next", MF_ARCH_QWEN3_NEXT},
     {"deepseek_v3", MF_ARCH_DEEPSEEK_V3},
     {"qwen3_moe", MF_ARCH_QWEN3_MOE},
+    // mlx-lm MODEL_REMAPPING runs Kimi-K2 checkpoints as deepseek_v3.
+    {"kimi_k2", MF_ARCH_DEEPSEEK_V3},
 };
 
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
-#define SUPPORTED "qwen3_5_moe, qwen3_next, deepseek_v3, qwen3_moe"
+#define SUPPORTED "qwen3_5_moe, qwen3_next, deepseek_v3 (and kimi_k2), qwen3_moe"
 
 /* ==== Key readers ====
  * `lm` is the language-model object (text_config or the root), `root` the document

@@ -216,6 +216,20 @@ static void test_deepseek(void) {
     }
 }
 
+static void test_kimi_alias(void) {
+    char t[4096];
+    const char *p = strstr(DEEPSEEK, "\"deepseek_v3\"");
+    snprintf(t, sizeof t, "%.*s\"kimi_k2\"%s", (int)(p - DEEPSEEK), DEEPSEEK,
+             p + strlen("\"deepseek_v3\""));
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, t, err, sizeof err);
+    CHECK(rc == MF_OK && c.arch == MF_ARCH_DEEPSEEK_V3 && strcmp(c.model_type, "kimi_k2") == 0,
+          "kimi_k2 runs as deepseek_v3 (mlx-lm remapping): %s", err);
+    if (!rc)
+        mf_config_free(&c);
+}
+
 static void test_qwen3_moe(void) {
     struct mf_config c;
     char err[512] = "";
@@ -372,6 +386,7 @@ int main(void) {
     test_qwen35();
     test_qwen3_next();
     test_deepseek();
+    test_kimi_alias();
     test_qwen3_moe();
     test_errors();
     test_fuzz();
