@@ -270,6 +270,13 @@ static int has_layer_tensor(struct binder *b, int il, const char *what) {
 static int bind_attention(struct binder *b, const struct hy_dims *d, struct hy_layer *L,
                           int il) {
     int64_t hd = d->head_dim, E = d->n_embd;
+    // attention_bias is false in every released config; biases would be ignored
+    // silently by the matmuls, so refuse them.
+    if (has_layer_tensor(b, il, "self_attn.q_proj.bias") ||
+        has_layer_tensor(b, il, "self_attn.o_proj.bias"))
+        return mf_err(b->err, b->errlen, MF_ERR_UNSUPPORTED,
+                      "%smodel.layers.%d.self_attn: projection biases "
+                      "(attention_bias = true) are not supported", b->pfx, il);
     int rc = bind_lin(b, &L->wq, il, "self_attn.q_proj", 2 * d->n_head * hd, E);
     if (rc == MF_OK)
         rc = bind_lin(b, &L->wk, il, "self_attn.k_proj", d->n_head_kv * hd, E);
