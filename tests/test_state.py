@@ -386,3 +386,30 @@ def test_truncate_after_load_and_ring(model_dir) -> None:
         m.set_checkpoints(0)
     finally:
         m.close()
+
+
+def test_snapshot_file_in_another_process(model_dir, tmp_path: Path) -> None:
+    """A snapshot file written here continues bit for bit in a fresh process (nothing
+    process-specific, such as addresses, leaks into it)."""
+    import subprocess
+    import sys
+
+    src, dst = model_dir("qwen3_5_moe")
+    m = open_model(dst)
+    try:
+        m.eval(PROMPT)
+        m.save_state(tmp_path / "s.mflx")
+        want = m.eval(CONT, all_logits=True)
+    finally:
+        m.close()
+    code = ("import sys, numpy as np, moeflux\n"
+            "m = moeflux.Model(sys.argv[1])\n"
+            "m.load_state(sys.argv[2])\n"
+            "np.save(sys.argv[3], m.eval([int(t) for t in sys.argv[4].split(',')],"
+            " all_logits=True))\n")
+    out = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(dst), str(tmp_path / "s.mflx"),
+                        str(out), ",".join(map(str, CONT))], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(out), want)
