@@ -8,6 +8,7 @@ when a tokenizer is first needed, so evaluating token ids works without them.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -114,9 +115,14 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template
                      if isinstance(t, Mapping)}
             template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = self.path.parent / "chat_template.jinja"
+        if not isinstance(template, str) and jinja_file.is_file():
+            # Newer HF checkpoints keep the template in its own file.
+            template = jinja_file.read_text(encoding="utf-8")
         if not isinstance(template, str):
             raise TokenizerError(
-                f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
+                f"{self.path.parent}: no chat_template in tokenizer_config.json and no "
+                "chat_template.jinja")
         try:
             import jinja2
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -133,6 +139,7 @@ class Tokenizer:
         env.filters["tojson"] = lambda v, indent=None: json.dumps(
             v, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             return env.from_string(template).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,

@@ -241,3 +241,26 @@ def test_without_tokenizer(hybrid, tmp_path) -> None:
             list(b.generate(PROMPT, max_tokens=2, stop="x"))
     finally:
         b.close()
+
+
+def test_chat_template_file(hybrid, tmp_path) -> None:
+    """A template kept in chat_template.jinja (newer HF layout) is used when
+    tokenizer_config.json has none; with neither, TokenizerError."""
+    import json as _json
+
+    from moeflux.tokenizer import Tokenizer, TokenizerError
+
+    src, m = hybrid
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").symlink_to((m.path / "tokenizer.json").resolve())
+    cfg = _json.loads((m.path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (d / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="chat_template"):
+        Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    out = Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
+    assert out == "[user] x\n[assistant] "
