@@ -7,8 +7,8 @@ ref| <= 1e-3 * max |ref| and the same argmax.
 
 The cases cover what changes the code path: 8-bit vs 4-bit routers and shared-expert
 gates, group sizes 32/64/128, other code widths, k = 1 and k = num_experts, tied
-embeddings, several full_attention_interval values, and qwen3_next dense layers via
-mlp_only_layers and decoder_sparse_step.
+embeddings, several full_attention_interval values, qwen3_next dense layers via
+mlp_only_layers and decoder_sparse_step, and top-k weights without renormalisation.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
      {"num_hidden_layers": 5, "full_attention_interval": 3, "num_experts": 16,
       "num_experts_per_tok": 4}),
     ("next-base", "qwen3_next", {}),
-    ("next-mlp-only", "qwen3_next", {"mlp_only_layers": [1, 3]}),
+    ("next-mlp-only-no-renorm", "qwen3_next",
+     {"mlp_only_layers": [1, 3], "norm_topk_prob": False}),
     ("next-sparse-step2-interval2", "qwen3_next",
      {"decoder_sparse_step": 2, "full_attention_interval": 2}),
     ("next-gs32-tied-k1", "qwen3_next",
