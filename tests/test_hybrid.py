@@ -167,6 +167,31 @@ def test_expert_reads_once_per_chunk(converted: Callable[..., tuple[Path, Path]]
         assert m.stats()["expert_reads"] == 5 * n_layer * k
 
 
+def test_two_sequences_share_one_model(converted: Callable[..., tuple[Path, Path]]
+                                       ) -> None:
+    """Two contexts over one loaded model, decoding different sequences on two
+    threads at once: each matches its own reference (no shared mutable state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt, model_dir = converted("qwen3_next")
+    prompts = [PROMPT, continuation(512, 10, seed=20)]
+    conts = [continuation(512, 8, seed=21), continuation(512, 8, seed=22)]
+    with moeflux.Model(model_dir, threads=1) as a:
+        b = moeflux.Model.share(a, threads=1)
+
+        def run(i: int) -> np.ndarray:
+            m = (a, b)[i]
+            m.eval(prompts[i])
+            return np.stack([m.eval([t]) for t in conts[i]])
+
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(run, [0, 1]))
+        b.close()
+    for i in range(2):
+        ref = reference_decode(ckpt, prompts[i], conts[i])
+        assert_close(outs[i], ref[1:], f"sequence {i}")
+
+
 def test_reset_equals_fresh(converted: Callable[..., tuple[Path, Path]]) -> None:
     """After reset the sequence behaves as a fresh one (all state zeroed)."""
     ckpt, model_dir = converted("qwen3_5_moe")
