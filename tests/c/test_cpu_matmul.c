@@ -109,7 +109,7 @@ static void ref_matmul(float *y, const struct mf_weight *w, const float *x, int 
     free(row);
 }
 
-static const char *const kernel_names[] = {"scalar", "avx2", "avx512"};
+static const char *const kernel_names[] = {"scalar", "avx2", "avx512", "neon"};
 
 static void test_matmul_paths(struct mf_backend *be) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
@@ -140,7 +140,7 @@ static void test_matmul_paths(struct mf_backend *be) {
                         x[i] = rndf(&s);
                     ref_matmul(yr, &q.w, x, n_tok);
                     double scale = max_abs(yr, n_tok * n_out);
-                    for (size_t ki = 0; ki < 3; ki++) {
+                    for (size_t ki = 0; ki < 4; ki++) {
                         if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
                             continue;   // CPU lacks it
                         be->ops->matmul(ex, y, &q.w, x, n_tok);
@@ -188,7 +188,7 @@ static void test_matmul_float(struct mf_backend *be) {
         }
     struct mf_weight wt = {.w = w, .dtype = MF_DTYPE_F32, .n_out = n_out, .n_in = n_in};
     double scale = max_abs(yr, n_tok * n_out);
-    for (size_t ki = 0; ki < 3; ki++) {
+    for (size_t ki = 0; ki < 4; ki++) {
         if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
             continue;
         for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
@@ -221,7 +221,7 @@ static void test_dequant_bitwise(struct mf_backend *be) {
             qw_make(&q, 3, n_in, bits_list[bi], gs, MF_DTYPE_BF16, (uint32_t)(7 + gs));
             float *a = malloc((size_t)n_in * sizeof(float));
             float *b = malloc((size_t)n_in * sizeof(float));
-            for (size_t ki = 0; ki < 3; ki++) {
+            for (size_t ki = 0; ki < 4; ki++) {
                 if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
                     continue;
                 for (int64_t r = 0; r < 3; r++) {
@@ -247,7 +247,7 @@ static void test_dot_axpy(void) {
         a[i] = rndf(&s);
         b[i] = rndf(&s);
     }
-    for (size_t ki = 1; ki < 3; ki++) {
+    for (size_t ki = 1; ki < 4; ki++) {
         const struct mf_cpu_kernels *k = mf_cpu_kernels_find(kernel_names[ki]);
         if (!k)
             continue;

@@ -52,7 +52,15 @@ struct mf_cpu_kernels {
 #define MF_HAVE_X86_KERNELS 1
 #endif
 
+// aarch64 always has Advanced SIMD.
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define MF_HAVE_NEON_KERNELS 1
+#endif
+
 extern const struct mf_cpu_kernels mf_cpu_kernels_scalar;
+#if defined(MF_HAVE_NEON_KERNELS)
+extern const struct mf_cpu_kernels mf_cpu_kernels_neon;
+#endif
 #if defined(MF_HAVE_X86_KERNELS)
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx2;
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx512;

@@ -12,8 +12,7 @@
  * C tests check. AVX-512 looks values of up to 4 bits up in a per-group table instead
  * (see avx512_values16), which gives the same s*q + b values with fewer instructions. Functions taking `const int bits` are always inlined into a switch, so
  * every width gets its own constant-folded loop.
- * On other ISAs this file compiles to nothing; an ARM NEON set would sit beside it as
- * cpu_kernels_neon.c with the same four entries.
+ * On other ISAs this file compiles to nothing (aarch64 uses cpu_kernels_neon.c).
  */
 #include "backends/cpu/cpu_internal.h"
 
@@ -24,8 +23,8 @@
 
 /* ==== AVX2 + FMA ==== */
 
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
 
 static inline AVX2 float hsum8(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -241,9 +240,9 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
 
 /* ==== AVX-512 (F + BW) ==== */
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
 #define INLINE_AVX512 \
-    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c")))
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
 
 static AVX512 float avx512_dot(const float *a, const float *b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;

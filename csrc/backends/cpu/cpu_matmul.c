@@ -142,11 +142,14 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
 static int kernels_supported(const struct mf_cpu_kernels *k) {
     if (k == &mf_cpu_kernels_scalar)
         return 1;
+#if defined(MF_HAVE_NEON_KERNELS)
+    if (k == &mf_cpu_kernels_neon)
+        return 1;
+#endif
 #if defined(MF_HAVE_X86_KERNELS)
     __builtin_cpu_init();
     if (k == &mf_cpu_kernels_avx2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (k == &mf_cpu_kernels_avx512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #endif
@@ -155,6 +158,9 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
 
 // Best first.
 static const struct mf_cpu_kernels *const all_kernels[] = {
+#if defined(MF_HAVE_NEON_KERNELS)
+    &mf_cpu_kernels_neon,
+#endif
 #if defined(MF_HAVE_X86_KERNELS)
     &mf_cpu_kernels_avx512,
     &mf_cpu_kernels_avx2,

@@ -1,0 +1,210 @@
+/*
+ * cpu_kernels_neon.c — the ARM NEON kernel set (aarch64, where Advanced SIMD is always
+ * present, so no run-time check). Same four-plus-one entries and the same arithmetic as
+ * the x86 sets (cpu_kernels_x86.c): codes widened to one f32 lane per value in natural
+ * column order, each term x * (s*q + b) in f32, dequant as s*q then + b (bitwise equal
+ * to the scalar and reference decoders). 2/4-bit codes come from a duplicated word
+ * shifted per lane; 3/5/6-bit from a byte table lookup (TBL) of the run's bytes, the
+ * NEON twin of the x86 byte shuffle; 8-bit by widening bytes.
+ * On other ISAs this file compiles to nothing.
+ */
+#include "backends/cpu/cpu_internal.h"
+
+#if defined(MF_HAVE_NEON_KERNELS)
+
+#include <arm_neon.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+static float neon_dot(const float *a, const float *b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    for (; i + 4 <= n; i += 4)
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static void neon_axpy(float *y, float alpha, const float *x, int64_t n) {
+    const float32x4_t va = vdupq_n_f32(alpha);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, vld1q_f32(x + i)));
+    for (; i < n; i++)
+        y[i] += alpha * x[i];
+}
+
+// Byte index of the first byte of value k of a run, its bit offset, and the table-lookup
+// indices of one 32-bit lane (the two bytes holding value k; 0xFF reads as zero).
+#define B0(k, bits) (((k) * (bits)) >> 3)
+#define SH(k, bits) (((k) * (bits)) & 7)
+#define LANE(k, bits) (uint8_t)B0(k, bits), (uint8_t)(B0(k, bits) + 1), 0xFF, 0xFF
+
+// The `bits` bytes of the run starting at column c (a multiple of 8), little-endian.
+INLINE uint64_t run_bytes(const uint8_t *row, int64_t c, const int bits) {
+    const uint8_t *p = row + c / 8 * bits;
+    uint64_t u = 0;
+    for (int i = 0; i < bits; i++)
+        u |= (uint64_t)p[i] << (8 * i);
+    return u;
+}
+
+// Eight codes starting at column c (a multiple of 8), as two vectors of four.
+INLINE void neon_codes8(const uint8_t *row, int64_t c, const int bits, uint32x4_t *lo,
+                        uint32x4_t *hi) {
+    const uint32x4_t mask = vdupq_n_u32((1u << bits) - 1u);
+    if (bits == 8) {
+        uint16x8_t h = vmovl_u8(vld1_u8(row + c));
+        *lo = vmovl_u16(vget_low_u16(h));
+        *hi = vmovl_u16(vget_high_u16(h));
+    } else if (bits == 4 || bits == 2) {
+        uint32x4_t v = vdupq_n_u32((uint32_t)run_bytes(row, c, bits));
+        const int32x4_t s0 = {0, -bits, -2 * bits, -3 * bits};
+        const int32x4_t s1 = {-4 * bits, -5 * bits, -6 * bits, -7 * bits};
+        *lo = vandq_u32(vshlq_u32(v, s0), mask);
+        *hi = vandq_u32(vshlq_u32(v, s1), mask);
+    } else {
+        uint8x16_t bytes = vreinterpretq_u8_u64(vdupq_n_u64(run_bytes(row, c, bits)));
+        const uint8x16_t i0 = {LANE(0, bits), LANE(1, bits), LANE(2, bits), LANE(3, bits)};
+        const uint8x16_t i1 = {LANE(4, bits), LANE(5, bits), LANE(6, bits), LANE(7, bits)};
+        const int32x4_t s0 = {-SH(0, bits), -SH(1, bits), -SH(2, bits), -SH(3, bits)};
+        const int32x4_t s1 = {-SH(4, bits), -SH(5, bits), -SH(6, bits), -SH(7, bits)};
+        *lo = vandq_u32(vshlq_u32(vreinterpretq_u32_u8(vqtbl1q_u8(bytes, i0)), s0), mask);
+        *hi = vandq_u32(vshlq_u32(vreinterpretq_u32_u8(vqtbl1q_u8(bytes, i1)), s1), mask);
+    }
+}
+
+INLINE float neon_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
+                            const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
+    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
+    float32x4_t t0 = vdupq_n_f32(0.0f), t1 = t0, t2 = t0, t3 = t0;
+    for (int64_t g = 0; g < n_group; g++) {
+        const float32x4_t s = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
+        const float32x4_t b = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
+        // Four independent chains over 16 values (gs >= 32).
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
+            uint32x4_t q0, q1, q2, q3;
+            neon_codes8(row, c, bits, &q0, &q1);
+            neon_codes8(row, c + 8, bits, &q2, &q3);
+            t0 = vfmaq_f32(t0, vld1q_f32(x + c), vfmaq_f32(b, vcvtq_f32_u32(q0), s));
+            t1 = vfmaq_f32(t1, vld1q_f32(x + c + 4), vfmaq_f32(b, vcvtq_f32_u32(q1), s));
+            t2 = vfmaq_f32(t2, vld1q_f32(x + c + 8), vfmaq_f32(b, vcvtq_f32_u32(q2), s));
+            t3 = vfmaq_f32(t3, vld1q_f32(x + c + 12), vfmaq_f32(b, vcvtq_f32_u32(q3), s));
+        }
+    }
+    return vaddvq_f32(vaddq_f32(vaddq_f32(t0, t1), vaddq_f32(t2, t3)));
+}
+
+static float neon_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+    switch (w->bits) {
+    case 2: return neon_qdot_bits(x, w, r, 2);
+    case 3: return neon_qdot_bits(x, w, r, 3);
+    case 4: return neon_qdot_bits(x, w, r, 4);
+    case 5: return neon_qdot_bits(x, w, r, 5);
+    case 6: return neon_qdot_bits(x, w, r, 6);
+    default: return neon_qdot_bits(x, w, r, 8);
+    }
+}
+
+INLINE void neon_dequant_bits(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                              int64_t n, const int bits) {
+    const int gs = w->group_size;
+    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
+    const int64_t s0 = r * (w->n_in / gs);
+    for (int64_t g = c0 / gs; g < (c0 + n) / gs; g++) {
+        const float32x4_t s = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
+        const float32x4_t b = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
+            uint32x4_t q0, q1;
+            neon_codes8(row, c, bits, &q0, &q1);
+            vst1q_f32(dst + (c - c0), vaddq_f32(vmulq_f32(vcvtq_f32_u32(q0), s), b));
+            vst1q_f32(dst + (c - c0) + 4, vaddq_f32(vmulq_f32(vcvtq_f32_u32(q1), s), b));
+        }
+    }
+}
+
+static void neon_dequant(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                         int64_t n) {
+    switch (w->bits) {
+    case 2: neon_dequant_bits(dst, w, r, c0, n, 2); break;
+    case 3: neon_dequant_bits(dst, w, r, c0, n, 3); break;
+    case 4: neon_dequant_bits(dst, w, r, c0, n, 4); break;
+    case 5: neon_dequant_bits(dst, w, r, c0, n, 5); break;
+    case 6: neon_dequant_bits(dst, w, r, c0, n, 6); break;
+    default: neon_dequant_bits(dst, w, r, c0, n, 8); break;
+    }
+}
+
+// 4 rows x 2 tokens per block (8 accumulators); leftover rows and tokens go through
+// neon_dot.
+static void neon_gemm_tile(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                           int n_tok, const float *w, int64_t w_stride, int n_row,
+                           int64_t n) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2) {
+        const float *x0 = x + t * x_stride, *x1 = x0 + x_stride;
+        int r = 0;
+        for (; r + 4 <= n_row; r += 4) {
+            const float *w0 = w + r * w_stride, *w1 = w0 + w_stride, *w2 = w1 + w_stride,
+                        *w3 = w2 + w_stride;
+            float32x4_t a00 = vdupq_n_f32(0.0f), a01 = a00, a02 = a00, a03 = a00;
+            float32x4_t a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                float32x4_t u0 = vld1q_f32(x0 + i), u1 = vld1q_f32(x1 + i);
+                float32x4_t v = vld1q_f32(w0 + i);
+                a00 = vfmaq_f32(a00, u0, v);
+                a10 = vfmaq_f32(a10, u1, v);
+                v = vld1q_f32(w1 + i);
+                a01 = vfmaq_f32(a01, u0, v);
+                a11 = vfmaq_f32(a11, u1, v);
+                v = vld1q_f32(w2 + i);
+                a02 = vfmaq_f32(a02, u0, v);
+                a12 = vfmaq_f32(a12, u1, v);
+                v = vld1q_f32(w3 + i);
+                a03 = vfmaq_f32(a03, u0, v);
+                a13 = vfmaq_f32(a13, u1, v);
+            }
+            float s[2][4] = {{vaddvq_f32(a00), vaddvq_f32(a01), vaddvq_f32(a02), vaddvq_f32(a03)},
+                             {vaddvq_f32(a10), vaddvq_f32(a11), vaddvq_f32(a12), vaddvq_f32(a13)}};
+            for (; i < n; i++)
+                for (int k = 0; k < 4; k++) {
+                    s[0][k] += x0[i] * w[(r + k) * w_stride + i];
+                    s[1][k] += x1[i] * w[(r + k) * w_stride + i];
+                }
+            for (int k = 0; k < 4; k++) {
+                y[t * y_stride + r + k] += s[0][k];
+                y[(t + 1) * y_stride + r + k] += s[1][k];
+            }
+        }
+        for (; r < n_row; r++) {
+            y[t * y_stride + r] += neon_dot(x0, w + r * w_stride, n);
+            y[(t + 1) * y_stride + r] += neon_dot(x1, w + r * w_stride, n);
+        }
+    }
+    for (; t < n_tok; t++)
+        for (int r = 0; r < n_row; r++)
+            y[t * y_stride + r] += neon_dot(x + t * x_stride, w + r * w_stride, n);
+}
+
+const struct mf_cpu_kernels mf_cpu_kernels_neon = {
+    .name = "neon",
+    .dot = neon_dot,
+    .axpy = neon_axpy,
+    .qdot = neon_qdot,
+    .dequant = neon_dequant,
+    .gemm_tile = neon_gemm_tile,
+};
+
+#endif /* MF_HAVE_NEON_KERNELS */
