@@ -288,7 +288,8 @@ def preadv_exact(fd: int, views: list[memoryview], offset: int, path: Path) -> N
             i += len(batch)
             continue
         if got <= 0:
-            raise OSError(errno.EIO, f"{path}: short read at offset {offset}")
+            raise MoefluxIOError(errno.EIO, f"{path}: short read at offset {offset} "
+                                 "(file truncated while being read?)")
         offset += got
         # drop what was filled and retry with the remainder of a partial view
         while got >= len(views[i]):

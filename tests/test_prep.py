@@ -786,3 +786,12 @@ def test_verify_reference_layout_without_moe_layers(synth_checkpoint, tmp_path):
     (dst / "packed_experts" / "layer_02.bin").unlink()
     rep = verify(dst)
     assert "packed_experts/layer_02.bin: missing (layer 2 is MoE)" in rep.problems
+
+
+@pytest.mark.parametrize("module", ["convert", "extract_weights", "repack_experts",
+                                    "verify"])
+def test_each_module_runs_as_script_and_module(module):
+    for cmd in ([PY, str(REPO / "prep" / f"{module}.py"), "--help"],
+                [PY, "-m", f"moeflux.prep.{module}", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+        assert r.returncode == 0 and "usage:" in r.stdout, (cmd, r.stderr)
