@@ -30,7 +30,7 @@ __all__ = ["model_dir"]  # the fixture is used by name
 
 # The snapshot format, version 1 (state.c): "MFLX" | u32 version | u32 n_ident |
 # n_ident x i64 | u32 n_past | u32 n_seg | n_seg x (u32 kind, u32 layer, u64 row_bytes,
-# u64 fixed_bytes, u64 data_bytes) | data | u64 FNV-1a 64 of all before.
+# u64 fixed_bytes, u64 data_bytes) | data | u64 checksum of all before.
 IDENT = ["architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
          "num_experts_per_tok", "moe_intermediate_size",
@@ -49,17 +49,35 @@ OFF_TABLE = OFF_N_SEG + 4
 SEG_ROW = 32
 
 
-def fnv1a64(data: bytes) -> int:
-    """FNV-1a 64 written from its definition (offset basis, prime), for resealing."""
-    h = 0xcbf29ce484222325
+FNV_OFFSET = 0xcbf29ce484222325
+FNV_PRIME = 0x100000001b3
+M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def fnv1a64(data: bytes, h: int = FNV_OFFSET) -> int:
+    """Byte FNV-1a 64 from its definition (offset basis, prime)."""
     for b in data:
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ b) * FNV_PRIME) & M64
     return h
+
+
+def checksum(body: bytes) -> int:
+    """The snapshot checksum as state.c documents it: four lanes of FNV-1a-style
+    steps over little-endian u64 words (word i to lane i % 4, lane l seeded with the
+    offset basis ^ l), then byte FNV-1a over the lanes, the tail bytes and the length."""
+    n_words = len(body) // 8
+    words = struct.unpack_from(f"<{n_words}Q", body)
+    lanes = [FNV_OFFSET ^ l for l in range(4)]
+    for i, w in enumerate(words):
+        lanes[i % 4] = ((lanes[i % 4] ^ w) * FNV_PRIME) & M64
+    h = fnv1a64(struct.pack("<4Q", *lanes))
+    h = fnv1a64(body[8 * n_words:], h)
+    return fnv1a64(struct.pack("<Q", len(body)), h)
 
 
 def reseal(body: bytes) -> bytes:
     """A snapshot whose checksum matches `body` (everything but the trailer)."""
-    return body + struct.pack("<Q", fnv1a64(body))
+    return body + struct.pack("<Q", checksum(body))
 
 
 def n_seg_of(snap: bytes) -> int:

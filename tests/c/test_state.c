@@ -182,13 +182,36 @@ static uint8_t *snapshot(mf_ctx *ctx, size_t *n) {
     return buf;
 }
 
-// FNV-1a 64 from its definition, to reseal a modified snapshot.
-static void reseal(uint8_t *buf, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i + 8 < n; i++) {
-        h ^= buf[i];
+// The snapshot checksum as documented in state.c (four FNV-1a-style lanes over
+// little-endian u64 words, folded with byte FNV-1a with the tail and the length),
+// written again here to reseal a modified snapshot.
+static uint64_t fnv_bytes(uint64_t h, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
         h *= 0x100000001b3ULL;
     }
+    return h;
+}
+
+static void reseal(uint8_t *buf, size_t n) {
+    const uint64_t basis = 0xcbf29ce484222325ULL;
+    size_t body = n - 8, n_words = body / 8;
+    uint64_t lane[4] = {basis, basis ^ 1, basis ^ 2, basis ^ 3};
+    for (size_t i = 0; i < n_words; i++) {
+        uint64_t w = 0;
+        for (int b = 0; b < 8; b++)
+            w |= (uint64_t)buf[8 * i + (size_t)b] << (8 * b);
+        lane[i % 4] = (lane[i % 4] ^ w) * 0x100000001b3ULL;
+    }
+    uint8_t le[40];
+    for (int l = 0; l < 5; l++) {
+        uint64_t v = l < 4 ? lane[l] : (uint64_t)body;
+        for (int b = 0; b < 8; b++)
+            le[8 * l + b] = (uint8_t)(v >> (8 * b));
+    }
+    uint64_t h = fnv_bytes(basis, le, 32);
+    h = fnv_bytes(h, buf + 8 * n_words, body % 8);
+    h = fnv_bytes(h, le + 32, 8);
     for (int i = 0; i < 8; i++)
         buf[n - 8 + i] = (uint8_t)(h >> (8 * i));
 }
