@@ -159,7 +159,7 @@ static void test_matmul_paths(struct mf_backend *be) {
     }
 }
 
-// Float (F32) weights at sizes that are not multiples of any vector width: every kernel
+// Float (F32 and BF16) weights at sizes that are not multiples of any vector width: every kernel
 // set, one and several tokens (the register-blocked prefill path and its tails).
 static void test_matmul_float(struct mf_backend *be) {
     char err[256];
@@ -198,6 +198,37 @@ static void test_matmul_float(struct mf_backend *be) {
                   kernel_names[ki], nt, d, scale);
         }
     }
+    // The same weights stored as BF16 (values rounded by truncation; the reference uses
+    // exactly those values).
+    uint16_t *wb = malloc((size_t)(n_out * n_in) * sizeof(uint16_t));
+    for (int64_t i = 0; i < n_out * n_in; i++) {
+        wb[i] = f32_to_bf16(w[i]);
+        w[i] = mf_bf16_to_f32(wb[i]);
+    }
+    for (int t = 0; t < n_tok; t++)
+        for (int64_t r = 0; r < n_out; r++) {
+            double acc = 0;
+            for (int64_t c = 0; c < n_in; c++)
+                acc += (double)x[t * n_in + c] * w[r * n_in + c];
+            yr[t * n_out + r] = (float)acc;
+        }
+    struct mf_weight wt16 = {.w = wb, .dtype = MF_DTYPE_BF16, .n_out = n_out, .n_in = n_in};
+    scale = max_abs(yr, n_tok * n_out);
+    for (size_t ki = 0; ki < 4; ki++) {
+        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+            continue;
+        for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
+            be->ops->matmul(ex, y, &wt16, x, nt);
+            double d = max_diff(y, yr, nt * n_out);
+            CHECK(d <= 2e-6 * scale, "bf16 matmul %s n_tok %d: max diff %g (scale %g)",
+                  kernel_names[ki], nt, d, scale);
+        }
+        float conv[301];
+        ex->k->bf16_to_f32(conv, wb, n_in);
+        CHECK(memcmp(conv, w, (size_t)n_in * sizeof(float)) == 0, "bf16_to_f32 %s inexact",
+              kernel_names[ki]);
+    }
+    free(wb);
     free(w);
     free(x);
     free(y);

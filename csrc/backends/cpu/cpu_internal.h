@@ -45,6 +45,8 @@ struct mf_cpu_kernels {
     // each loaded x and w value feeds several FMAs.
     void (*gemm_tile)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                       int n_tok, const float *w, int64_t w_stride, int n_row, int64_t n);
+    // dst[i] = bf16 src[i] widened to f32 (exact), for float weights stored as BF16.
+    void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
 };
 
 // x86-64 SIMD sets are built with target attributes (GCC and clang).

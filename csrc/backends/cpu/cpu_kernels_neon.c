@@ -198,6 +198,14 @@ static void neon_gemm_tile(float *y, int64_t y_stride, const float *x, int64_t x
             y[t * y_stride + r] += neon_dot(x + t * x_stride, w + r * w_stride, n);
 }
 
+static void neon_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(dst + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(src + i), 16)));
+    for (; i < n; i++)
+        dst[i] = mf_bf16_to_f32(src[i]);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .name = "neon",
     .dot = neon_dot,
@@ -205,6 +213,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .qdot = neon_qdot,
     .dequant = neon_dequant,
     .gemm_tile = neon_gemm_tile,
+    .bf16_to_f32 = neon_bf16_to_f32,
 };
 
 #endif /* MF_HAVE_NEON_KERNELS */

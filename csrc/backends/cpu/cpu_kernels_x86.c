@@ -229,6 +229,16 @@ static AVX2 void avx2_gemm_tile(float *y, int64_t y_stride, const float *x, int6
             y[t * y_stride + r] += avx2_dot(x + t * x_stride, w + r * w_stride, n);
 }
 
+static AVX2 void avx2_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++)
+        dst[i] = mf_bf16_to_f32(src[i]);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .name = "avx2",
     .dot = avx2_dot,
@@ -236,6 +246,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .qdot = avx2_qdot,
     .dequant = avx2_dequant,
     .gemm_tile = avx2_gemm_tile,
+    .bf16_to_f32 = avx2_bf16_to_f32,
 };
 
 /* ==== AVX-512 (F + BW) ==== */
@@ -458,6 +469,16 @@ static AVX512 void avx512_gemm_tile(float *y, int64_t y_stride, const float *x,
             y[t * y_stride + r] += avx512_dot(x + t * x_stride, w + r * w_stride, n);
 }
 
+static AVX512 void avx512_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++)
+        dst[i] = mf_bf16_to_f32(src[i]);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .name = "avx512",
     .dot = avx512_dot,
@@ -465,6 +486,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .qdot = avx512_qdot,
     .dequant = avx512_dequant,
     .gemm_tile = avx512_gemm_tile,
+    .bf16_to_f32 = avx512_bf16_to_f32,
 };
 
 #endif /* MF_HAVE_X86_KERNELS */

@@ -126,6 +126,11 @@ static void scalar_gemm_tile(float *y, int64_t y_stride, const float *x, int64_t
             y[t * y_stride + r] += scalar_dot(x + t * x_stride, w + r * w_stride, n);
 }
 
+static void scalar_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = mf_bf16_to_f32(src[i]);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
@@ -133,6 +138,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .qdot = scalar_qdot,
     .dequant = scalar_dequant,
     .gemm_tile = scalar_gemm_tile,
+    .bf16_to_f32 = scalar_bf16_to_f32,
 };
 
 /* ==== Kernel choice ====
@@ -215,12 +221,16 @@ void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_wei
         memcpy(dst, (const float *)w->w + base, (size_t)n * sizeof(float));
         return;
     }
+    if (w->dtype == MF_DTYPE_BF16) {
+        ex->k->bf16_to_f32(dst, (const uint16_t *)w->w + base, n);
+        return;
+    }
     for (int64_t i = 0; i < n; i++)
         dst[i] = mf_load_f32(w->w, w->dtype, base + (size_t)i);
 }
 
 // Columns converted per step for F16/BF16 rows: small enough for the stack.
-#define ROW_STEP 256
+#define ROW_STEP 512
 
 // sum_c x[c] * W[r, c] for one row.
 static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_t r,
