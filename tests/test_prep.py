@@ -199,7 +199,8 @@ def check_conversion(src: Path, dst: Path) -> None:
 
 # ==== checkpoints ====
 
-def mlx_checkpoint(arch: str, out: Path, gs: int = 64) -> Path:
+def mlx_checkpoint(arch: str, out: Path, gs: int = 64, dtype: str = "bfloat16"
+                   ) -> Path:
     """A tiny checkpoint written by mlx-lm itself (model-math §6.2)."""
     import importlib
 
@@ -213,7 +214,7 @@ def mlx_checkpoint(arch: str, out: Path, gs: int = 64) -> Path:
     mx.random.seed(0)
     mod = importlib.import_module(f"mlx_lm.models.{arch}")
     model = mod.Model(mod.ModelArgs.from_dict(cfg))
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(getattr(mx, dtype))
     model, qcfg = quantize_model(model, cfg, gs, 4)
     out.mkdir(parents=True)
     save_model(out, model)
@@ -248,11 +249,21 @@ def test_convert_synth_every_byte(synth_checkpoint, tmp_path, arch, overrides):
     assert verify(dst, src, full=True).ok
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3"])
-def test_convert_mlx_lm_checkpoint(tmp_path, arch):
-    src = mlx_checkpoint(arch, tmp_path / "src")
+MLX_CASES = [("qwen3_5_moe", 64, "bfloat16"), ("qwen3_next", 64, "bfloat16"),
+             ("deepseek_v3", 64, "bfloat16"), ("qwen3_moe", 32, "float16"),
+             ("qwen3_moe", 64, "float32")]
+
+
+@pytest.mark.parametrize("arch,gs,dtype", MLX_CASES,
+                         ids=[f"{a}-gs{g}-{d}" for a, g, d in MLX_CASES])
+def test_convert_mlx_lm_checkpoint(tmp_path, arch, gs, dtype):
+    src = mlx_checkpoint(arch, tmp_path / "src", gs, dtype)
     dst = convert(src, tmp_path / "model", progress=False)
     check_conversion(src, dst)
+    man = json.loads((dst / "model_weights.json").read_text())
+    want = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    assert man["tensors"]["model.norm.weight"]["dtype"] == want
+    assert verify(dst, src, full=True).ok
 
 
 def test_convert_sharded_and_extra_tensors(tmp_path):
