@@ -199,9 +199,10 @@ def check_conversion(src: Path, dst: Path) -> None:
 
 # ==== checkpoints ====
 
-def mlx_checkpoint(arch: str, out: Path, gs: int = 64, dtype: str = "bfloat16"
-                   ) -> Path:
-    """A tiny checkpoint written by mlx-lm itself (model-math §6.2)."""
+def mlx_checkpoint(arch: str, out: Path, gs: int | None = 64, dtype: str = "bfloat16",
+                   **quant_kw: Any) -> Path:
+    """A tiny checkpoint written by mlx-lm itself (model-math §6.2); ``quant_kw`` go
+    to quantize_model (mode, quant_predicate)."""
     import importlib
 
     import mlx.core as mx
@@ -215,7 +216,8 @@ def mlx_checkpoint(arch: str, out: Path, gs: int = 64, dtype: str = "bfloat16"
     mod = importlib.import_module(f"mlx_lm.models.{arch}")
     model = mod.Model(mod.ModelArgs.from_dict(cfg))
     model.set_dtype(getattr(mx, dtype))
-    model, qcfg = quantize_model(model, cfg, gs, 4)
+    model, qcfg = quantize_model(model, cfg, gs, None if gs is None else 4,
+                                 **quant_kw)
     out.mkdir(parents=True)
     save_model(out, model)
     save_config(qcfg, out / "config.json")
@@ -806,3 +808,29 @@ def test_each_module_runs_as_script_and_module(module):
                 [PY, "-m", f"moeflux.prep.{module}", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         assert r.returncode == 0 and "usage:" in r.stdout, (cmd, r.stderr)
+
+
+def test_refuses_real_mxfp4_checkpoint(tmp_path):
+    """mlx-lm's own non-affine (mxfp4) output: uint8 scales and no biases."""
+    src = mlx_checkpoint("qwen3_moe", tmp_path / "src", None, mode="mxfp4")
+    with pytest.raises(FormatError, match="mxfp4"):
+        convert(src, tmp_path / "model", progress=False)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["quantization"]["mode"], cfg["quantization_config"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"scales: dtype U8|biases: missing"):
+        convert(src, tmp_path / "model", progress=False)
+    _assert_nothing_written(tmp_path / "model")
+
+
+def test_refuses_mixed_expert_bits(tmp_path):
+    """A mixed recipe (one layer's down_proj experts at 8 bits) cannot be described
+    by one layout.json; the error says which module and why."""
+    def pred(path, module):
+        if path.endswith("layers.1.mlp.switch_mlp.down_proj"):
+            return {"group_size": 64, "bits": 8}
+        return True
+    src = mlx_checkpoint("qwen3_moe", tmp_path / "src", quant_predicate=pred)
+    with pytest.raises(FormatError, match=r"layers\.1\.mlp\.switch_mlp\.down_proj: "
+                                          r"experts quantized 8-bit gs64"):
+        convert(src, tmp_path / "model", progress=False)
