@@ -748,8 +748,9 @@ def test_extra_layers_past_num_hidden_layers(synth_checkpoint, tmp_path):
     assert "model.layers.2.input_layernorm.weight" in man["tensors"]
     qm = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "qm",
                           edit_tensors=add_layer(2))
-    with pytest.raises(ShapeError, match=r"model\.layers\.2\.input_layernorm\.weight: "
-                                         r"layer 2 but config.json num_hidden_layers is 2"):
+    pattern = (r"model\.layers\.2\.input_layernorm\.weight: layer 2 but config.json "
+               r"num_hidden_layers is 2")
+    with pytest.raises(ShapeError, match=pattern):
         convert(qm, tmp_path / "qm_model", progress=False)
 
 
