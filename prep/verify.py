@@ -239,6 +239,24 @@ def _first_diff(a: bytes, b: bytes) -> int:
     return n
 
 
+def _diff_tensor(f: Any, offset: int, src: Source, e: Any) -> int | None:
+    """First differing byte of tensor ``e`` at ``offset`` of the open bin vs the
+    source, compared in chunks (a tensor can be GBs); None when equal."""
+    if e.widen:  # small: widened whole
+        want = widen_to_f32(src.ckpt.read(e.src_name), e.info.dtype)
+        f.seek(offset)
+        got = f.read(len(want))
+        return None if got == want else _first_diff(got, want)
+    f.seek(offset)
+    for start in range(0, e.info.nbytes, CHUNK_BYTES):
+        n = min(CHUNK_BYTES, e.info.nbytes - start)
+        want = src.ckpt.read(e.src_name, start, n)
+        got = f.read(n)
+        if got != want:
+            return start + _first_diff(got, want)
+    return None
+
+
 def _compare_weights(dst: Path, man: dict[str, Any], src: Source, rep: VerifyReport
                      ) -> None:
     entries, _ = plan_weights(src)
@@ -261,13 +279,8 @@ def _compare_weights(dst: Path, man: dict[str, Any], src: Source, rep: VerifyRep
                 rep.add(f"{JSON_NAME}: tensor {e.name} bits/group_size "
                         f"{t.get('bits')}/{t.get('group_size')}, config.json gives "
                         f"{e.quant.bits}/{e.quant.group_size}")
-            want = src.ckpt.read(e.src_name)
-            if e.widen:
-                want = widen_to_f32(want, e.info.dtype)
-            f.seek(t["offset"])
-            got = f.read(len(want))
-            if got != want:
-                i = _first_diff(got, want)
+            i = _diff_tensor(f, t["offset"], src, e)
+            if i is not None:
                 rep.add(f"{BIN_NAME}: tensor {e.name} differs from the source at file "
                         f"offset {t['offset'] + i} (byte {i} of the tensor)")
             rep.count("tensors compared")

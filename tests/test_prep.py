@@ -835,3 +835,21 @@ def test_refuses_mixed_expert_bits(tmp_path):
     with pytest.raises(FormatError, match=r"layers\.1\.mlp\.switch_mlp\.down_proj: "
                                           r"experts quantized 8-bit gs64"):
         convert(src, tmp_path / "model", progress=False)
+
+
+def test_verify_compares_large_tensors_in_chunks(synth_checkpoint, tmp_path,
+                                                 monkeypatch):
+    from moeflux.prep import verify as verify_mod
+    monkeypatch.setattr(verify_mod, "CHUNK_BYTES", 64)
+    src = synth_checkpoint("qwen3_moe")
+    dst = convert(src, tmp_path / "model", progress=False)
+    assert verify(dst, src).ok
+    t = json.loads((dst / "model_weights.json").read_text())["tensors"][
+        "model.embed_tokens.weight"]
+    with open(dst / "model_weights.bin", "r+b") as f:
+        f.seek(t["offset"] + 1000)
+        f.write(b"\x5a")
+    rep = verify(dst, src)
+    assert any(f"tensor model.embed_tokens.weight differs from the source at file "
+               f"offset {t['offset'] + 1000} (byte 1000 of the tensor)" in p
+               for p in rep.problems), rep
