@@ -848,7 +848,9 @@ def test_verify_compares_large_tensors_in_chunks(synth_checkpoint, tmp_path,
         "model.embed_tokens.weight"]
     with open(dst / "model_weights.bin", "r+b") as f:
         f.seek(t["offset"] + 1000)
-        f.write(b"\x5a")
+        b = f.read(1)
+        f.seek(t["offset"] + 1000)
+        f.write(bytes([b[0] ^ 0x5A]))
     rep = verify(dst, src)
     assert any(f"tensor model.embed_tokens.weight differs from the source at file "
                f"offset {t['offset'] + 1000} (byte 1000 of the tensor)" in p
