@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from moeflux.errors import FormatError, ShapeError
+from moeflux.errors import FormatError, MoefluxIOError, ShapeError
 from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, DirLock, HashedFile, Journal,
                                   Progress, Quant, Source, StepResult, check_disk,
                                   expert_key, json_bytes, layer_of, nbytes_of,
@@ -229,7 +229,7 @@ def _check_written(src: Source, entries: list[WeightEntry], tmp: Path, size: int
     bytes read back equal to the source (catches a misplaced or dropped write)."""
     actual = tmp.stat().st_size
     if actual != size:
-        raise OSError(f"{tmp}: {actual} bytes written, expected {size}")
+        raise MoefluxIOError(f"{tmp}: {actual} bytes written, expected {size}")
     with open(tmp, "rb") as f:
         for e in entries:
             n = min(e.info.nbytes, 4096)
@@ -238,8 +238,8 @@ def _check_written(src: Source, entries: list[WeightEntry], tmp: Path, size: int
                 want = widen_to_f32(want, e.info.dtype)
             f.seek(e.offset)
             if f.read(len(want)) != want:
-                raise OSError(f"{tmp}: tensor {e.name} at offset {e.offset} reads back "
-                              "different from the source")
+                raise MoefluxIOError(f"{tmp}: tensor {e.name} at offset {e.offset} "
+                                     "reads back different from the source")
 
 
 def run_extract(src: Source, dst: Path, journal: Journal, *, progress: bool = True,

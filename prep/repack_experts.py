@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from moeflux.errors import ArgumentError, FormatError, ShapeError
+from moeflux.errors import ArgumentError, FormatError, MoefluxIOError, ShapeError
 from moeflux.prep import requant
 from moeflux.prep._common import (COMPONENTS, PARTS, PROJECTIONS, BufferPool, DirLock,
                                   HashedFile, Journal, Progress, Quant, Source,
@@ -330,13 +330,14 @@ def _check_layer(src: Source, plan: ExpertPlan, il: int, tmp: Path) -> None:
     source (catches misplaced offsets or a lost write)."""
     want_size = plan.file_bytes
     if tmp.stat().st_size != want_size:
-        raise OSError(f"{tmp}: {tmp.stat().st_size} bytes, expected {want_size}")
+        raise MoefluxIOError(f"{tmp}: {tmp.stat().st_size} bytes, expected "
+                             f"{want_size}")
     with open(tmp, "rb") as f:
         for ie in sample_experts(plan.num_experts):
             f.seek(ie * plan.expert_size)
             if f.read(plan.expert_size) != expected_blob(src, plan, il, ie):
-                raise OSError(f"{tmp}: layer {il} expert {ie} reads back different "
-                              "from the source")
+                raise MoefluxIOError(f"{tmp}: layer {il} expert {ie} reads back "
+                                     "different from the source")
 
 
 def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4,

@@ -855,3 +855,24 @@ def test_verify_compares_large_tensors_in_chunks(synth_checkpoint, tmp_path,
     assert any(f"tensor model.embed_tokens.weight differs from the source at file "
                f"offset {t['offset'] + 1000} (byte 1000 of the tensor)" in p
                for p in rep.problems), rep
+
+
+def test_read_back_check_blocks_publishing_a_bad_layer(synth_checkpoint, tmp_path,
+                                                       monkeypatch):
+    """A layer whose bytes change between writing and the rename (disk, bug) is
+    caught by the read-back of experts {0, 1, mid, last} and never published."""
+    from moeflux.errors import MoefluxIOError
+    real = repack_mod._check_layer
+
+    def corrupt_then_check(src_, plan, il, tmp):
+        with open(tmp, "r+b") as f:
+            f.seek(plan.expert_size + 3)
+            b = f.read(1)
+            f.seek(plan.expert_size + 3)
+            f.write(bytes([b[0] ^ 1]))
+        return real(src_, plan, il, tmp)
+    monkeypatch.setattr(repack_mod, "_check_layer", corrupt_then_check)
+    dst = tmp_path / "model"
+    with pytest.raises(MoefluxIOError, match="layer 0 expert 1 reads back different"):
+        convert(synth_checkpoint("qwen3_moe"), dst, progress=False)
+    assert list((dst / "packed_experts").iterdir()) == []
