@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import moeflux
+from moeflux.errors import ArgumentError
 from moeflux.prep._common import (TOKENIZER_FILES, DirLock, Journal, Source, check_disk,
                                   json_bytes, layer_file_name, source_key,
                                   write_small_file)
@@ -86,6 +87,9 @@ def convert(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
         PrepIOError: not enough free space at ``dst``. Nothing is written.
     """
     dst = Path(dst)
+    if dst.resolve() == Path(src).resolve():
+        raise ArgumentError(f"{dst}: the output directory must not be the source "
+                            "checkpoint's directory")
     with Source(src) as source:
         # Every refusal (shapes, quantization, layout) happens here, before dst is
         # touched at all.

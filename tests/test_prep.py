@@ -876,3 +876,11 @@ def test_read_back_check_blocks_publishing_a_bad_layer(synth_checkpoint, tmp_pat
     with pytest.raises(MoefluxIOError, match="layer 0 expert 1 reads back different"):
         convert(synth_checkpoint("qwen3_moe"), dst, progress=False)
     assert list((dst / "packed_experts").iterdir()) == []
+
+
+def test_refuses_output_into_source(synth_checkpoint):
+    from moeflux.errors import ArgumentError
+    src = synth_checkpoint("qwen3_moe")
+    with pytest.raises(ArgumentError, match="must not be the source"):
+        convert(src, src, progress=False)
+    assert not (src / "model_weights.bin").exists()
