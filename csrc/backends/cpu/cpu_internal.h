@@ -13,16 +13,15 @@
 #include "backends/backend.h"
 #include "backends/cpu/threadpool.h"
 
-// Per-thread scratch, in floats. Sized for the largest block any op dequantizes: a
-// [MF_CPU_ROW_BLOCK, MF_CPU_COL_CHUNK] tile for prefill matmul, a query plus a chunk of
-// attention scores. Ops split their work so that nothing larger is ever needed.
+// Per-thread scratch, in floats. Sized for the largest block any op uses: a
+// [MF_CPU_ROW_BLOCK, MF_CPU_COL_CHUNK] tile for prefill matmul, a chunk of attention
+// scores, a column block of matmul_t. Ops split their work so that nothing larger is
+// ever needed, whatever the model's sizes.
 #define MF_CPU_ROW_BLOCK 16
 #define MF_CPU_COL_CHUNK 1024
 #define MF_CPU_SCRATCH_FLOATS (MF_CPU_ROW_BLOCK * MF_CPU_COL_CHUNK + 1024)
 // Keys scored per chunk of the online softmax.
 #define MF_CPU_ATTN_CHUNK 512
-// Largest dk the attention op accepts (q scaled into scratch).
-#define MF_CPU_ATTN_MAX_DK (MF_CPU_SCRATCH_FLOATS - MF_CPU_ATTN_CHUNK)
 
 // Kernels for one instruction set. Every entry gives the same result as the scalar one
 // up to summation order.
