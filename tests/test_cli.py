@@ -66,6 +66,17 @@ def test_generate_text(dirs) -> None:
     assert "prompt: " in r.stderr and "generation: " in r.stderr
     r = run("generate", "--model", str(dst / "missing"), "--prompt", "x")
     assert r.returncode != 0 and "missing" in r.stderr
+    # --chat-template wraps the prompt as a user turn.
+    r = run("generate", "--model", str(dst), "--prompt", "Hi", "--chat-template",
+            "--max-tokens", "4", "--ids")
+    assert r.returncode == 0, r.stderr
+    m = open_model(dst)
+    try:
+        ids = m.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+        want = [s.token for s in m.generate(ids, max_tokens=4)]
+    finally:
+        m.close()
+    assert [int(t) for t in r.stdout.split()] == want
 
 
 def test_info(dirs, tmp_path: Path) -> None:
