@@ -131,6 +131,8 @@ def stream_generate(model: "Model", prompt: Prompt, *, max_tokens: int = 256,
         if stops:
             raise
         detok = None   # ids in, ids out: pieces are ""
+    if detok is not None:
+        detok.prime(ids)
     if reset:
         model.reset()
     if model.n_past + len(ids) > model.n_ctx:

@@ -167,6 +167,14 @@ class StreamingDetokenizer:
         self._prefix = 0   # first id of the decode window (context, already emitted)
         self._read = 0     # ids before this are emitted
 
+    def prime(self, ids: Sequence[int]) -> None:
+        """Take the last of `ids` (e.g. the prompt) as already-emitted context, so the
+        first new token decodes as it would after them (decoders that drop a leading
+        space at the start of a text would otherwise drop it from the reply)."""
+        self._ids = [int(i) for i in list(ids)[-1:]]
+        self._prefix = 0
+        self._read = len(self._ids)
+
     def add(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is partial)."""
         self._ids.append(int(token_id))

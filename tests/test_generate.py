@@ -264,3 +264,29 @@ def test_chat_template_file(hybrid, tmp_path) -> None:
         "{% if add_generation_prompt %}[assistant] {% endif %}")
     out = Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
     assert out == "[user] x\n[assistant] "
+
+
+def test_streaming_with_leading_space_decoder(tmp_path) -> None:
+    """With a SentencePiece-style (Metaspace) decoder, which drops the leading space of
+    a decoded text, pieces still join into the whole decode, and a stream primed with
+    the prompt keeps the reply's leading space."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+
+    from moeflux.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "\u2581!": 3,
+             "\u2581again": 4}
+    hf = HF(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    ids = tok.encode("Hello world ! again")
+    assert ids == [1, 2, 3, 4]
+    assert tok.decode([2]) == "world"          # the decoder's leading-space rule
+    d = tok.streaming()
+    pieces = [d.add(i) for i in ids] + [d.flush()]
+    assert "".join(pieces) == tok.decode(ids) == "Hello world ! again"
+    d = tok.streaming()
+    d.prime([1])                                # the prompt ended with "Hello"
+    assert d.add(2) + d.add(3) + d.flush() == " world !"
