@@ -291,6 +291,24 @@ static void test_dot_axpy(void) {
             mf_cpu_kernels_scalar.axpy(y0, 0.7f, a, n);
             k->axpy(y1, 0.7f, a, n);
             CHECK(max_diff(y0, y1, 301) <= 1e-6, "axpy %s n %d", k->name, n);
+            // The fused delta-rule passes: same row updates (bitwise, elementwise ops in
+            // the same order) and dots within rounding.
+            float c[301];
+            memcpy(y0, b, sizeof y0);
+            memcpy(y1, b, sizeof y1);
+            for (int i = 0; i < 301; i++)
+                c[i] = rndf(&s);
+            float m0 = mf_cpu_kernels_scalar.scale_dot(y0, 0.9f, a, n);
+            float m1 = k->scale_dot(y1, 0.9f, a, n);
+            CHECK(memcmp(y0, y1, sizeof y0) == 0, "scale_dot %s n %d: rows differ", k->name,
+                  n);
+            CHECK(fabsf(m0 - m1) <= 1e-5f * (1.0f + fabsf(m0)), "scale_dot %s n %d: %g vs %g",
+                  k->name, n, m0, m1);
+            m0 = mf_cpu_kernels_scalar.axpy_dot(y0, -0.3f, a, c, n);
+            m1 = k->axpy_dot(y1, -0.3f, a, c, n);
+            CHECK(max_diff(y0, y1, 301) <= 1e-6, "axpy_dot %s n %d: rows differ", k->name, n);
+            CHECK(fabsf(m0 - m1) <= 1e-5f * (1.0f + fabsf(m0)), "axpy_dot %s n %d: %g vs %g",
+                  k->name, n, m0, m1);
         }
     }
 }

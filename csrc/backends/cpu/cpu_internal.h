@@ -46,6 +46,11 @@ struct mf_cpu_kernels {
                       int n_tok, const float *w, int64_t w_stride, int n_row, int64_t n);
     // dst[i] = bf16 src[i] widened to f32 (exact), for float weights stored as BF16.
     void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
+    // The delta-rule row update in two passes over S_i (gdn_recurrence):
+    // scale_dot: row[i] *= g, then returns sum_i row[i] * k[i];
+    // axpy_dot: row[i] += d * k[i], then returns sum_i row[i] * q[i].
+    float (*scale_dot)(float *row, float g, const float *k, int64_t n);
+    float (*axpy_dot)(float *row, float d, const float *k, const float *q, int64_t n);
 };
 
 // x86-64 SIMD sets are built with target attributes (GCC and clang).

@@ -206,6 +206,46 @@ static void neon_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
         dst[i] = mf_bf16_to_f32(src[i]);
 }
 
+static float neon_scale_dot(float *row, float g, const float *k, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float32x4_t r0 = vmulq_n_f32(vld1q_f32(row + i), g);
+        float32x4_t r1 = vmulq_n_f32(vld1q_f32(row + i + 4), g);
+        vst1q_f32(row + i, r0);
+        vst1q_f32(row + i + 4, r1);
+        s0 = vfmaq_f32(s0, r0, vld1q_f32(k + i));
+        s1 = vfmaq_f32(s1, r1, vld1q_f32(k + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; i++) {
+        row[i] *= g;
+        s += row[i] * k[i];
+    }
+    return s;
+}
+
+static float neon_axpy_dot(float *row, float d, const float *k, const float *q,
+                           int64_t n) {
+    const float32x4_t vd = vdupq_n_f32(d);
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float32x4_t r0 = vfmaq_f32(vld1q_f32(row + i), vd, vld1q_f32(k + i));
+        float32x4_t r1 = vfmaq_f32(vld1q_f32(row + i + 4), vd, vld1q_f32(k + i + 4));
+        vst1q_f32(row + i, r0);
+        vst1q_f32(row + i + 4, r1);
+        s0 = vfmaq_f32(s0, r0, vld1q_f32(q + i));
+        s1 = vfmaq_f32(s1, r1, vld1q_f32(q + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; i++) {
+        row[i] += d * k[i];
+        s += row[i] * q[i];
+    }
+    return s;
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .name = "neon",
     .dot = neon_dot,
@@ -214,6 +254,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .dequant = neon_dequant,
     .gemm_tile = neon_gemm_tile,
     .bf16_to_f32 = neon_bf16_to_f32,
+    .scale_dot = neon_scale_dot,
+    .axpy_dot = neon_axpy_dot,
 };
 
 #endif /* MF_HAVE_NEON_KERNELS */

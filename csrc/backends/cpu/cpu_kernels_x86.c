@@ -239,6 +239,48 @@ static AVX2 void avx2_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
         dst[i] = mf_bf16_to_f32(src[i]);
 }
 
+static AVX2 float avx2_scale_dot(float *row, float g, const float *k, int64_t n) {
+    const __m256 vg = _mm256_set1_ps(g);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 r0 = _mm256_mul_ps(_mm256_loadu_ps(row + i), vg);
+        __m256 r1 = _mm256_mul_ps(_mm256_loadu_ps(row + i + 8), vg);
+        _mm256_storeu_ps(row + i, r0);
+        _mm256_storeu_ps(row + i + 8, r1);
+        s0 = _mm256_fmadd_ps(r0, _mm256_loadu_ps(k + i), s0);
+        s1 = _mm256_fmadd_ps(r1, _mm256_loadu_ps(k + i + 8), s1);
+    }
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) {
+        row[i] *= g;
+        s += row[i] * k[i];
+    }
+    return s;
+}
+
+static AVX2 float avx2_axpy_dot(float *row, float d, const float *k, const float *q,
+                                int64_t n) {
+    const __m256 vd = _mm256_set1_ps(d);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 r0 = _mm256_fmadd_ps(vd, _mm256_loadu_ps(k + i), _mm256_loadu_ps(row + i));
+        __m256 r1 = _mm256_fmadd_ps(vd, _mm256_loadu_ps(k + i + 8),
+                                    _mm256_loadu_ps(row + i + 8));
+        _mm256_storeu_ps(row + i, r0);
+        _mm256_storeu_ps(row + i + 8, r1);
+        s0 = _mm256_fmadd_ps(r0, _mm256_loadu_ps(q + i), s0);
+        s1 = _mm256_fmadd_ps(r1, _mm256_loadu_ps(q + i + 8), s1);
+    }
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) {
+        row[i] += d * k[i];
+        s += row[i] * q[i];
+    }
+    return s;
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .name = "avx2",
     .dot = avx2_dot,
@@ -247,6 +289,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .dequant = avx2_dequant,
     .gemm_tile = avx2_gemm_tile,
     .bf16_to_f32 = avx2_bf16_to_f32,
+    .scale_dot = avx2_scale_dot,
+    .axpy_dot = avx2_axpy_dot,
 };
 
 /* ==== AVX-512 (F + BW) ==== */
@@ -479,6 +523,32 @@ static AVX512 void avx512_bf16_to_f32(float *dst, const uint16_t *src, int64_t n
         dst[i] = mf_bf16_to_f32(src[i]);
 }
 
+static AVX512 float avx512_scale_dot(float *row, float g, const float *k, int64_t n) {
+    const __m512 vg = _mm512_set1_ps(g);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vg);
+        _mm512_mask_storeu_ps(row + i, m, r);
+        s0 = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, k + i), s0);
+    }
+    return _mm512_reduce_add_ps(s0);
+}
+
+static AVX512 float avx512_axpy_dot(float *row, float d, const float *k, const float *q,
+                                    int64_t n) {
+    const __m512 vd = _mm512_set1_ps(d);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 r = _mm512_fmadd_ps(vd, _mm512_maskz_loadu_ps(m, k + i),
+                                   _mm512_maskz_loadu_ps(m, row + i));
+        _mm512_mask_storeu_ps(row + i, m, r);
+        s0 = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, q + i), s0);
+    }
+    return _mm512_reduce_add_ps(s0);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .name = "avx512",
     .dot = avx512_dot,
@@ -487,6 +557,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .dequant = avx512_dequant,
     .gemm_tile = avx512_gemm_tile,
     .bf16_to_f32 = avx512_bf16_to_f32,
+    .scale_dot = avx512_scale_dot,
+    .axpy_dot = avx512_axpy_dot,
 };
 
 #endif /* MF_HAVE_X86_KERNELS */

@@ -131,6 +131,18 @@ static void scalar_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
         dst[i] = mf_bf16_to_f32(src[i]);
 }
 
+static float scalar_scale_dot(float *row, float g, const float *k, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        row[i] *= g;
+    return scalar_dot(row, k, n);
+}
+
+static float scalar_axpy_dot(float *row, float d, const float *k, const float *q,
+                             int64_t n) {
+    scalar_axpy(row, d, k, n);
+    return scalar_dot(row, q, n);
+}
+
 const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
@@ -139,6 +151,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .dequant = scalar_dequant,
     .gemm_tile = scalar_gemm_tile,
     .bf16_to_f32 = scalar_bf16_to_f32,
+    .scale_dot = scalar_scale_dot,
+    .axpy_dot = scalar_axpy_dot,
 };
 
 /* ==== Kernel choice ====

@@ -263,7 +263,7 @@ void mf_cpu_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
 /* ==== GatedDeltaNet: delta-rule recurrence ====
  * One task per v-head, tokens in order. Each row i of S_h [dv, dk] evolves on its own
  * (decay, read m_i = S_i.k, write S_i += beta (v_i - m_i) k, read o_i = S_i.q), so the
- * five steps of model-math §2.5 run row by row in one pass over the state. */
+ * five steps of model-math §2.5 run row by row, in two fused passes over each row. */
 
 struct gdn_job {
     struct mf_exec *ex;
@@ -286,11 +286,8 @@ static void gdn_task(void *arg, int h, int tid) {
         float *ot = j->o + ((int64_t)t * j->nv + h) * dv;
         for (int i = 0; i < dv; i++) {
             float *row = S + (int64_t)i * dk;
-            for (int c = 0; c < dk; c++)
-                row[c] *= gt;
-            float m = kern->dot(row, kt, dk);
-            kern->axpy(row, (vt[i] - m) * bt, kt, dk);
-            ot[i] = kern->dot(row, qt, dk);
+            float m = kern->scale_dot(row, gt, kt, dk);            // decay, read with k
+            ot[i] = kern->axpy_dot(row, (vt[i] - m) * bt, kt, qt, dk);   // write, read q
         }
     }
 }
