@@ -167,7 +167,8 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
         return 1;
 #endif
 #if defined(MF_HAVE_X86_KERNELS)
-    __builtin_cpu_init();
+    // No __builtin_cpu_init: the runtime's constructor has run by the time any exec is
+    // made, and calling it here would write shared state from concurrent exec_new calls.
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (k == &mf_cpu_kernels_avx512)
