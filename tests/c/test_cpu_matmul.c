@@ -7,6 +7,7 @@
  * The numerical oracle (mlx) is in tests/test_kernels.py.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -363,6 +364,59 @@ static void test_thread_independence(struct mf_backend *be) {
     qw_free(&q);
 }
 
+// Two execs used from two threads at once (two contexts in one process): each must get
+// exactly the single-threaded result, i.e. nothing is shared between execs.
+struct conc_arg {
+    struct mf_backend *be;
+    const struct mf_weight *w;
+    const float *x;
+    const float *expect;   // [4, n_out]
+    int ok;
+};
+
+static void *conc_main(void *vp) {
+    struct conc_arg *a = vp;
+    char err[256];
+    struct mf_exec *ex;
+    if (a->be->ops->exec_new(a->be, 2, &ex, err, sizeof err))
+        return NULL;
+    float *y = malloc((size_t)(4 * a->w->n_out) * sizeof(float));
+    a->ok = y != NULL;
+    for (int rep = 0; y && rep < 30; rep++) {
+        a->be->ops->matmul(ex, y, a->w, a->x, 4);
+        a->ok &= memcmp(y, a->expect, (size_t)(4 * a->w->n_out) * sizeof(float)) == 0;
+    }
+    free(y);
+    a->be->ops->exec_free(ex);
+    return NULL;
+}
+
+static void test_concurrent_execs(struct mf_backend *be) {
+    char err[256];
+    struct qw q;
+    qw_make(&q, 200, 512, 4, 64, MF_DTYPE_BF16, 17);
+    uint32_t s = 3;
+    float x[4 * 512], expect[4 * 200];
+    for (int i = 0; i < 4 * 512; i++)
+        x[i] = rndf(&s);
+    struct mf_exec *ex;
+    if (be->ops->exec_new(be, 1, &ex, err, sizeof err)) {
+        CHECK(0, "exec_new: %s", err);
+        qw_free(&q);
+        return;
+    }
+    be->ops->matmul(ex, expect, &q.w, x, 4);
+    be->ops->exec_free(ex);
+    struct conc_arg args[2] = {{be, &q.w, x, expect, 0}, {be, &q.w, x, expect, 0}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[i], NULL, conc_main, &args[i]) == 0, "pthread_create");
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    CHECK(args[0].ok && args[1].ok, "concurrent execs gave different results");
+    qw_free(&q);
+}
+
 struct count_arg {
     int *hits;
 };
@@ -450,6 +504,7 @@ int main(void) {
     test_thread_independence(be);
     test_pool_lifecycle(be);
     test_pool_nested(be);
+    test_concurrent_execs(be);
     be->ops->free(be);
     if (n_fail) {
         fprintf(stderr, "%d failures\n", n_fail);
