@@ -273,16 +273,27 @@ static uint64_t get_le(const uint8_t *p, int n) {
 // byte FNV-1a folds the four lanes (as little-endian u64), the n % 8 tail bytes and n
 // (as little-endian u64). Every single-bit change alters its lane's result (xor, then
 // multiplication by an odd constant, is a bijection) and the length is folded in.
+// A little-endian u64 at p: one load on little-endian hosts (GCC does not merge
+// get_le's byte loop into a load, which held the checksum at ~2 GB/s instead of ~8).
+static uint64_t load_le64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
 static uint64_t snap_checksum(const uint8_t *p, size_t n) {
     uint64_t lane[4] = {FNV_OFFSET, FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3};
     size_t n_words = n / 8, i = 0;
     for (; i + 4 <= n_words; i += 4)
         for (int l = 0; l < 4; l++) {
-            lane[l] ^= get_le(p + 8 * (i + (size_t)l), 8);
+            lane[l] ^= load_le64(p + 8 * (i + (size_t)l));
             lane[l] *= FNV_PRIME;
         }
     for (; i < n_words; i++) {
-        lane[i % 4] ^= get_le(p + 8 * i, 8);
+        lane[i % 4] ^= load_le64(p + 8 * i);
         lane[i % 4] *= FNV_PRIME;
     }
     uint8_t tail[8 * 4 + 8];
@@ -371,7 +382,7 @@ int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
         p += nb;
     }
     uint64_t body = (uint64_t)(p - (uint8_t *)dst);
-    p = put_u64(p, snap_checksum(dst, (size_t)body));
+    put_u64(p, snap_checksum(dst, (size_t)body));
     free(s.v);
     return (int64_t)need;
 }
