@@ -188,9 +188,13 @@ MF_API void mf_ctx_abort(mf_ctx *ctx);
 // checkpoints dropped. Equal in every observable way to a fresh ctx. Never fails.
 MF_API void mf_ctx_reset(mf_ctx *ctx);
 
-// Shorten the sequence to its first n tokens (0 <= n <= n_past). Exact for
-// attention-only models; for models with linear attention exact only when a state
-// checkpoint at n is held, otherwise MF_ERR_STATE with the ctx unchanged.
+// Shorten the sequence to its first n tokens (0 <= n <= n_past). Method of mf_ctx.
+// Exact for attention-only models; for models with linear attention exact only when a
+// state checkpoint at n is held (one is taken automatically at the end of each
+// successful mf_ctx_eval and at mf_ctx_state_load; the most recent are kept, see
+// mf_ctx_params.n_checkpoints), otherwise MF_ERR_STATE, whose message lists the
+// positions held, with the ctx unchanged. n = 0 is mf_ctx_reset and always works.
+// Checkpoints beyond n are dropped. MF_ERR_ARG if n is out of range.
 MF_API int mf_ctx_truncate(mf_ctx *ctx, int n);
 
 // Change how many automatic checkpoints are kept (values as mf_ctx_params.n_checkpoints).
