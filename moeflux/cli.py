@@ -237,6 +237,14 @@ class ChatSession:
         m.reset()
         return 0
 
+    def interrupted(self) -> None:
+        """Forget a turn stopped by Ctrl-C: its user message and the held tokens (the
+        sequence may end anywhere in the reply), so the next turn resumes from the
+        prompt snapshot."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        self.held = []
+
     def turn(self, user: str, out: TextIO, **sampling: Any) -> tuple[str, dict]:
         """Answer `user`, streaming the reply to `out`. Returns (reply, counts)."""
         m = self.model
@@ -269,6 +277,17 @@ class ChatSession:
                       "reused": reused, "generated": len(gen)}
 
 
+def _interruptible(run: Any) -> int:
+    """Ctrl-C ends a command with status 130 and no traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("moeflux: interrupted", file=sys.stderr)
+        return 130
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat: one user message per stdin line; "/reset" starts over."""
     try:
@@ -289,7 +308,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     model.reset()
                     continue
                 t0 = time.perf_counter()
-                _, counts = session.turn(line, sys.stdout, **_sampling_kwargs(args))
+                try:
+                    _, counts = session.turn(line, sys.stdout, **_sampling_kwargs(args))
+                except KeyboardInterrupt:
+                    # Ctrl-C stops this reply only; the engine left the sequence as it
+                    # was before the interrupted eval, and the next turn resumes from
+                    # the prompt snapshot.
+                    session.interrupted()
+                    print("\n[interrupted]", file=sys.stderr, flush=True)
+                    continue
                 dt = time.perf_counter() - t0
                 sys.stdout.write("\n")
                 sys.stdout.flush()
@@ -313,7 +340,7 @@ def register(subparsers: Any) -> None:
                    help="wrap the prompt as a user turn of the model's chat template")
     p.add_argument("--ids", action="store_true", help="print token ids, not text")
     _add_sampling_options(p, 256)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=lambda a: _interruptible(lambda: cmd_generate(a)))
 
     p = subparsers.add_parser("info", help="describe a model directory")
     p.add_argument("dir", help="model directory")
@@ -328,4 +355,4 @@ def register(subparsers: Any) -> None:
     _add_model_options(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_options(p, 512)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=lambda a: _interruptible(lambda: cmd_chat(a)))

@@ -171,3 +171,32 @@ def test_info_large_model_verify_on_request(dirs, monkeypatch: pytest.MonkeyPatc
     assert main(["info", str(dst), "--json", "--verify"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["layout_ok"] is True and "checksums" in facts["layout_check"]
+
+
+def test_chat_turn_interrupted(dirs) -> None:
+    """A turn stopped by Ctrl-C (here raised from a logits processor mid-reply) is
+    forgotten; the next turn answers as a fresh generation over the conversation."""
+    src, dst = dirs
+    m = open_model(dst)
+    fresh = open_model(dst)
+    try:
+        s = ChatSession(m)
+        s.turn("Hello", io.StringIO(), max_tokens=4)
+
+        def interrupt(seen: np.ndarray, logits: np.ndarray) -> np.ndarray:
+            if len(seen) > 2:
+                raise KeyboardInterrupt
+            return logits
+
+        with pytest.raises(KeyboardInterrupt):
+            s.turn("Tell me more", io.StringIO(), max_tokens=8,
+                   logits_processors=[interrupt])
+        s.interrupted()
+        assert [msg["role"] for msg in s.messages] == ["user", "assistant"]
+        reply, counts = s.turn("Capital of France?", io.StringIO(), max_tokens=6)
+        ids = fresh.apply_chat_template(s.messages[:-1], tokenize=True)
+        assert fresh.generate_text(ids, max_tokens=6) == reply
+        assert counts["evaluated"] < counts["prompt_tokens"] or counts["reused"] == 0
+    finally:
+        m.close()
+        fresh.close()
