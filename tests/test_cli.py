@@ -196,7 +196,7 @@ def test_chat_turn_interrupted(dirs) -> None:
         reply, counts = s.turn("Capital of France?", io.StringIO(), max_tokens=6)
         ids = fresh.apply_chat_template(s.messages[:-1], tokenize=True)
         assert fresh.generate_text(ids, max_tokens=6) == reply
-        assert counts["evaluated"] < counts["prompt_tokens"] or counts["reused"] == 0
+        assert counts["prompt_tokens"] == len(ids)
     finally:
         m.close()
         fresh.close()
