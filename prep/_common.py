@@ -12,10 +12,12 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import queue
 import re
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,6 +421,133 @@ class HashedFile:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+class SourceMaps:
+    """Read-only mappings of source files, opened on first use: CopyFile hashes the
+    bytes it copies from them without bringing them through a read buffer."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, tuple[mmap.mmap, memoryview]] = {}
+
+    def view(self, path: Path, fd: int) -> memoryview:
+        ent = self._maps.get(path)
+        if ent is None:
+            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            ent = self._maps[path] = (mm, memoryview(mm))
+        return ent[1]
+
+    def close(self) -> None:
+        for mm, mv in self._maps.values():
+            mv.release()
+            mm.close()
+        self._maps.clear()
+
+
+class CopyFile:
+    """An output file assembled in order from source byte ranges and literal bytes,
+    written under ``name.tmp``.
+
+    Source ranges are copied inside the kernel (``os.sendfile`` file to file: no
+    copy through user space, which on a small machine is what limits a Python
+    copy); a second thread computes the sha256 of the same bytes, in the same order,
+    from read-only mappings of the sources (memory the copy just brought into the
+    page cache, not a second read of the output). ``finish`` fsyncs and returns the
+    digest; ``commit`` renames; ``abort`` removes the temporary.
+    """
+
+    def __init__(self, path: Path, maps: SourceMaps):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.maps = maps
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.size = 0
+        self.hasher = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash_run, daemon=True,
+                                        name="moeflux-prep-hash")
+        self._thread.start()
+
+    def _hash_run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self.hasher.update(item)
+            except BaseException as exc:  # surfaced by finish()
+                self._error = exc
+
+    def copy(self, path: Path, fd: int, offset: int, length: int) -> None:
+        """Append bytes [offset, offset+length) of the source file ``fd``."""
+        if self._error is not None:
+            raise self._error
+        pos, end = offset, offset + length
+        while pos < end:
+            n = os.sendfile(self.fd, fd, pos, min(end - pos, 1 << 30))
+            if n <= 0:
+                raise MoefluxIOError(errno.EIO, f"{path}: short read at offset {pos} "
+                                     "(file truncated while being read?)")
+            pos += n
+        self._q.put(self.maps.view(path, fd)[offset:end])
+        self.size += length
+
+    def write(self, data: bytes) -> None:
+        """Append literal bytes (padding, converted tensors)."""
+        view = memoryview(data)
+        while len(view):
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self._q.put(data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            raise err
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return self.hasher.hexdigest()
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._q.put(None)
+            self._thread.join()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def kernel_copy_works(out_dir: Path, src_fd: int) -> bool:
+    """Whether os.sendfile can copy from a source file into ``out_dir`` (Linux: any
+    two files; elsewhere only to sockets). Tried once on one byte."""
+    if not hasattr(os, "sendfile") or not sys.platform.startswith("linux"):
+        return False
+    probe = out_dir / ".moeflux-prep-probe.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            return os.sendfile(fd, src_fd, 0, 1) == 1
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError:
+        return False
 
 
 class DirLock:

@@ -345,18 +345,39 @@ def test_interrupted_after_layer_then_resumed(synth_checkpoint, tmp_path, monkey
     check_conversion(src, dst)
 
 
+def _inject_mid_layer(monkeypatch, path: str, action) -> None:
+    """Make ``action()`` run in the middle of layer 2's file (after 3 experts) on the
+    kernel-copy path or the buffered path."""
+    monkeypatch.setattr(repack_mod, "BATCH_BYTES", 1)  # one expert per batch
+    if path == "buffered":
+        monkeypatch.setattr(repack_mod, "USE_KERNEL_COPY", False)
+        real_fill = repack_mod.fill_verbatim
+
+        def fill(src_, plan, il, e0, e1, view):
+            real_fill(src_, plan, il, e0, e1, view)
+            if il == 2 and e0 == 3:
+                action()
+        monkeypatch.setattr(repack_mod, "fill_verbatim", fill)
+    else:
+        real_pf = repack_mod._prefetch
+
+        def prefetch(src_, plan, il, e0, e1):
+            if il == 2 and e0 == 4:  # experts 0..3 of layer 2 copied by now
+                action()
+            real_pf(src_, plan, il, e0, e1)
+        monkeypatch.setattr(repack_mod, "_prefetch", prefetch)
+
+
+@pytest.mark.parametrize("path", ["kernel", "buffered"])
 def test_interrupted_inside_layer_leaves_nothing_finished(synth_checkpoint, tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, path):
     src = synth_checkpoint("deepseek_v3")
     dst = tmp_path / "model"
-    real = repack_mod.fill_verbatim
 
-    def fail_on_layer2(src_, plan, il, e0, e1, view):
-        if il == 2:
-            real(src_, plan, il, e0, e1, view)
-            raise RuntimeError("injected mid-layer")
-        return real(src_, plan, il, e0, e1, view)
-    monkeypatch.setattr(repack_mod, "fill_verbatim", fail_on_layer2)
+    def fail() -> None:
+        assert (dst / "packed_experts" / "layer_02.bin.tmp").stat().st_size > 0
+        raise RuntimeError("injected mid-layer")
+    _inject_mid_layer(monkeypatch, path, fail)
     with pytest.raises(RuntimeError, match="injected"):
         convert(src, dst, progress=False)
     monkeypatch.undo()
@@ -754,28 +775,26 @@ def test_extra_layers_past_num_hidden_layers(synth_checkpoint, tmp_path):
         convert(qm, tmp_path / "qm_model", progress=False)
 
 
-def test_hard_kill_then_resume(synth_checkpoint, tmp_path):
+@pytest.mark.parametrize("path", ["kernel", "buffered"])
+def test_hard_kill_then_resume(synth_checkpoint, tmp_path, path):
     """SIGKILL (no cleanup runs) in the middle of layer 2: what is on disk must not
     look finished, and a rerun completes it, reusing layers 0 and 1."""
     src = synth_checkpoint("qwen3_5_moe")
     dst = tmp_path / "model"
     script = f"""
-import os, signal
-from moeflux.prep import repack_experts as r
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import pytest
+from test_prep import _inject_mid_layer
 from moeflux.prep.convert import convert
-real = r.fill_verbatim
-def fill(src, plan, il, e0, e1, view):
-    real(src, plan, il, e0, e1, view)
-    if il == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-r.fill_verbatim = fill
-r.BATCH_BYTES = 1  # one expert per batch, so the kill lands mid-file
+mp = pytest.MonkeyPatch()
+_inject_mid_layer(mp, {path!r}, lambda: os.kill(os.getpid(), signal.SIGKILL))
 convert({str(src)!r}, {str(dst)!r}, progress=False)
 """
     r = subprocess.run([PY, "-c", script], capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
     exp = dst / "packed_experts"
-    assert (exp / "layer_02.bin.tmp").exists()
+    assert (exp / "layer_02.bin.tmp").stat().st_size > 0
     assert sorted(p.name for p in exp.glob("*.bin")) == ["layer_00.bin", "layer_01.bin"]
     assert not (dst / "moeflux.json").exists()
     assert not (exp / "layout.json").exists()
@@ -884,3 +903,26 @@ def test_refuses_output_into_source(synth_checkpoint):
     with pytest.raises(ArgumentError, match="must not be the source"):
         convert(src, src, progress=False)
     assert not (src / "model_weights.bin").exists()
+
+
+@pytest.mark.parametrize("arch,overrides", [CASES[0], CASES[5], CASES[8]],
+                         ids=[CASE_IDS[0], CASE_IDS[5], CASE_IDS[8]])
+def test_buffered_copy_path_every_byte(synth_checkpoint, tmp_path, monkeypatch, arch,
+                                       overrides):
+    """The portable path (no in-kernel copy: other platforms, or a destination
+    sendfile cannot write) gives the same bytes."""
+    monkeypatch.setattr(repack_mod, "USE_KERNEL_COPY", False)
+    src = synth_checkpoint(arch, **overrides)
+    dst = convert(src, tmp_path / "model", progress=False)
+    check_conversion(src, dst)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sendfile to a file "
+                    "is Linux-only; elsewhere the buffered path is the only one")
+def test_kernel_copy_path_is_the_one_used_on_linux(synth_checkpoint, tmp_path,
+                                                   monkeypatch):
+    def no(*a, **k):
+        raise AssertionError("buffered path used")
+    monkeypatch.setattr(repack_mod, "_write_layer", no)
+    src = synth_checkpoint("qwen3_moe")
+    check_conversion(src, convert(src, tmp_path / "model", progress=False))
