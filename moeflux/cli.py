@@ -101,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- info
 
 def _dir_bytes(path: Path) -> tuple[int, int]:
-    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    """Number and total size of the per-layer expert files in `path`."""
+    files = sorted(path.glob("layer_*.bin")) if path.is_dir() else []
     return len(files), sum(p.stat().st_size for p in files)
 
 
@@ -191,13 +192,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("expert bytes/token", f"{facts['expert_bytes_per_token']} "
                                    f"({_mib(facts['expert_bytes_per_token'])})"),
             ("dense weights", f"model_weights.bin, {_mib(facts['model_weights_bytes'])}"),
-            ("expert files", f"packed_experts/: {n_files} files, {_mib(n_bytes)}"),
+            ("expert files", f"packed_experts/: {n_files} layer files, {_mib(n_bytes)}"),
             ("context", f"n_ctx {facts['n_ctx']} "
                         f"(model maximum {facts['max_position_embeddings']})"),
             ("layout check", summary.splitlines()[0] if summary else summary),
         ]
         if n2:
-            rows.insert(8, ("2-bit experts", f"packed_experts_2bit/: {n2} files, "
+            rows.insert(8, ("2-bit experts", f"packed_experts_2bit/: {n2} layer files, "
                                              f"{_mib(b2)}"))
         for name, value in rows:
             print(f"{name:<20} {value}")

@@ -94,6 +94,7 @@ def test_info(dirs, tmp_path: Path) -> None:
     assert facts["expert_bytes_per_token"] == \
         n_moe * cfg["num_experts_per_tok"] * layout["expert_size"]
     assert facts["layout_ok"] is True
+    assert facts["expert_files"] == n_moe
     r = run("info", str(dst))
     assert r.returncode == 0 and "expert bytes/token" in r.stdout
     # A damaged copy: an expert file with one byte flipped is reported, exit 1.
