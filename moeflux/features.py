@@ -151,10 +151,11 @@ class ModelFeatures:
                     pass   # a broken optional file only loses extra stop ids
             try:
                 tok = self.tokenizer
-                if tok.eos_token is not None and tok.token_to_id(tok.eos_token) is not None:
-                    ids.add(int(tok.token_to_id(tok.eos_token)))
+                eos_id = tok.token_to_id(tok.eos_token) if tok.eos_token else None
+                if eos_id is not None:
+                    ids.add(int(eos_id))
             except MoefluxError:
-                pass
+                pass   # no tokenizer: the config's ids are all there is
             cache["eos"] = frozenset(ids)
         return cache["eos"]
 

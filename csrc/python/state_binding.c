@@ -1,6 +1,7 @@
 /*
  * state_binding.c — Context methods for sequence state: state_size, save_state,
- * load_state, truncate, set_checkpoints. Appended to _core.Context's methods at type creation.
+ * load_state, truncate, set_checkpoints. Appended to _core.Context's methods at type
+ * creation.
  *
  * Each method holds the Context's lock for the whole call (so an eval in another
  * thread cannot change the state mid-snapshot) and releases the GIL around the core
