@@ -8,6 +8,7 @@ The methods use what the core Model provides: ``self._ctx`` (the ``_core.Context
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -73,7 +74,16 @@ class ModelFeatures:
             or corrupted), UnsupportedError (newer format), OSError (path).
         """
         if isinstance(state, (str, os.PathLike)):
-            state = Path(state).read_bytes()
+            # Mapped, not read: a snapshot of a long sequence can be gigabytes, and
+            # the engine only reads it once (to check, then to upload).
+            with open(state, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    self._core().load_state(b"")   # refused with a FormatError
+                    return
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    self._core().load_state(mm)
+            return
         self._core().load_state(state)
 
     def reset(self) -> None:

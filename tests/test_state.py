@@ -431,3 +431,26 @@ def test_snapshot_file_in_another_process(model_dir, tmp_path: Path) -> None:
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.load(out), want)
+
+
+def test_load_state_file_errors(model_dir, tmp_path: Path) -> None:
+    """Files: an empty or truncated snapshot file is refused (FormatError), a missing
+    one raises OSError; the sequence stays as it was."""
+    src, dst = model_dir("qwen3_5_moe")
+    m = open_model(dst)
+    try:
+        m.eval(PROMPT)
+        snap = m.save_state(tmp_path / "ok.mflx")
+        (tmp_path / "empty.mflx").write_bytes(b"")
+        (tmp_path / "short.mflx").write_bytes(snap[:-100])
+        for name in ["empty.mflx", "short.mflx"]:
+            with pytest.raises(FormatError):
+                m.load_state(tmp_path / name)
+            assert m.save_state() == snap
+        with pytest.raises(OSError):
+            m.load_state(str(tmp_path / "missing.mflx"))
+        m.reset()
+        m.load_state(str(tmp_path / "ok.mflx"))
+        assert m.save_state() == snap
+    finally:
+        m.close()
