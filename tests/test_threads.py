@@ -27,7 +27,7 @@ from reference import reference_logits
 
 __all__ = ["model_dir"]
 
-N_LONG = 4000
+MAX_POS = 32768
 
 
 def work(m: "moeflux.Model", seed: int, spans: list | None = None) -> list[np.ndarray]:
@@ -83,9 +83,18 @@ def test_contexts_in_threads(model_dir) -> None:
 
 @pytest.fixture(scope="module")
 def long_model(model_dir):
-    src, dst = model_dir("qwen3_5_moe")
-    m = open_model(dst, n_ctx=N_LONG + len(PROMPT))  # <= 4096, the max
-    long_prompt = np.random.default_rng(3).integers(0, m.n_vocab, N_LONG).astype(np.int32)
+    """A Model whose long prompt takes ~2 s to evaluate on this machine (sized from a
+    timed 512-token prompt, within a 32k context), so an interruption at 10 % of it
+    is clearly early whatever the machine's speed."""
+    src, dst = model_dir("qwen3_5_moe", max_position_embeddings=MAX_POS)
+    m = open_model(dst, threads=1, n_ctx=MAX_POS)
+    rng = np.random.default_rng(3)
+    t0 = time.perf_counter()
+    m.eval(rng.integers(0, m.n_vocab, 512).astype(np.int32))
+    per_512 = time.perf_counter() - t0
+    n_long = int(min(MAX_POS - 64, max(1024, 512 * 2.0 / per_512)))
+    long_prompt = rng.integers(0, m.n_vocab, n_long).astype(np.int32)
+    m.reset()
     t0 = time.perf_counter()
     m.eval(long_prompt)
     full_s = time.perf_counter() - t0
