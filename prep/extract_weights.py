@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from moeflux.errors import FormatError, MoefluxIOError, ShapeError
-from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, DirLock, HashedFile, Journal,
+from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, CopyFile, DirLock,
+                                  HashedFile, Journal, SourceMaps, kernel_copy_works,
                                   Progress, Quant, Source, StepResult, check_disk,
                                   expert_key, json_bytes, layer_of, nbytes_of,
                                   preadv_exact, source_key, strip_name, tensor_fd,
@@ -32,6 +33,9 @@ from moeflux.prep.safetensors_io import TensorInfo
 ALIGN = 64
 # Tensors up to this size are prefetched in file order before the bin is written.
 PREFETCH_MAX_BYTES = 4 << 20
+# Copy tensors inside the kernel (os.sendfile) where the platform can; the buffered
+# path is the portable fallback.
+USE_KERNEL_COPY = True
 BIN_NAME = "model_weights.bin"
 JSON_NAME = "model_weights.json"
 
@@ -198,8 +202,49 @@ def _prefetch_small(src: Source, entries: list[WeightEntry]) -> None:
 def _write_bin(src: Source, entries: list[WeightEntry], path: Path, size: int,
                progress: bool) -> str:
     _prefetch_small(src, entries)
-    out = HashedFile(path)
     bar = Progress(size, "model_weights.bin", progress)
+    try:
+        if USE_KERNEL_COPY and kernel_copy_works(path.parent,
+                                                 tensor_fd(src, entries[0].info)):
+            return _write_bin_kernel(src, entries, path, size, bar)
+        return _write_bin_buffered(src, entries, path, size, bar)
+    finally:
+        bar.close()
+
+
+def _write_bin_kernel(src: Source, entries: list[WeightEntry], path: Path, size: int,
+                      bar: Progress) -> str:
+    """Tensors copied inside the kernel (os.sendfile), padding and widened tensors
+    written from here; sha256 alongside (CopyFile)."""
+    maps = SourceMaps()
+    out = CopyFile(path, maps)
+    try:
+        pos = 0
+        for e in entries:
+            if e.offset > pos:
+                out.write(bytes(e.offset - pos))
+            if e.widen:
+                out.write(widen_to_f32(src.ckpt.read(e.src_name), e.info.dtype))
+            else:
+                out.copy(e.info.path, tensor_fd(src, e.info), e.info.begin,
+                         e.info.nbytes)
+            bar.update(e.offset + e.size - pos)
+            pos = e.offset + e.size
+        digest = out.finish()
+        _check_written(src, entries, out.tmp, size)
+        out.commit()
+        return digest
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        maps.close()
+
+
+def _write_bin_buffered(src: Source, entries: list[WeightEntry], path: Path,
+                        size: int, bar: Progress) -> str:
+    """Portable path: reads into pool buffers, a thread writes and hashes them."""
+    out = HashedFile(path)
     try:
         sink = _Sink(out, BufferPool(3, CHUNK_BYTES), bar)
         pos = 0
@@ -219,8 +264,6 @@ def _write_bin(src: Source, entries: list[WeightEntry], path: Path, size: int,
     except BaseException:
         out.abort()
         raise
-    finally:
-        bar.close()
 
 
 def _check_written(src: Source, entries: list[WeightEntry], tmp: Path, size: int

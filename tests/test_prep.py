@@ -911,7 +911,9 @@ def test_buffered_copy_path_every_byte(synth_checkpoint, tmp_path, monkeypatch, 
                                        overrides):
     """The portable path (no in-kernel copy: other platforms, or a destination
     sendfile cannot write) gives the same bytes."""
+    from moeflux.prep import extract_weights as extract_mod
     monkeypatch.setattr(repack_mod, "USE_KERNEL_COPY", False)
+    monkeypatch.setattr(extract_mod, "USE_KERNEL_COPY", False)
     src = synth_checkpoint(arch, **overrides)
     dst = convert(src, tmp_path / "model", progress=False)
     check_conversion(src, dst)
@@ -923,6 +925,8 @@ def test_kernel_copy_path_is_the_one_used_on_linux(synth_checkpoint, tmp_path,
                                                    monkeypatch):
     def no(*a, **k):
         raise AssertionError("buffered path used")
+    from moeflux.prep import extract_weights as extract_mod
     monkeypatch.setattr(repack_mod, "_write_layer", no)
+    monkeypatch.setattr(extract_mod, "_write_bin_buffered", no)
     src = synth_checkpoint("qwen3_moe")
     check_conversion(src, convert(src, tmp_path / "model", progress=False))
