@@ -16,11 +16,12 @@ CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 all: install
 
+# Dependencies come from pyproject.toml's extras (one list, not two): install the
+# package once with them, then `install` rebuilds only the extension.
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q numpy "tqdm>=4.60" "safetensors>=0.4" "tokenizers>=0.15" "pytest>=7" \
-		"mlx[cpu]>=0.32" "mlx-lm>=0.32"
+	MOEFLUX_WERROR=1 $(PIP) install -q -e '.[test,prep,tokenizer]'
 	touch $@
 
 venv: $(VENV)/.deps
