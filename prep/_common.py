@@ -535,8 +535,13 @@ class CopyFile:
 
 def kernel_copy_works(out_dir: Path, src_fd: int) -> bool:
     """Whether os.sendfile can copy from a source file into ``out_dir`` (Linux: any
-    two files; elsewhere only to sockets). Tried once on one byte."""
+    two files; elsewhere only to sockets) and the source can be mapped for hashing
+    (not on every FUSE filesystem). Tried once, on one byte."""
     if not hasattr(os, "sendfile") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mmap.mmap(src_fd, 0, prot=mmap.PROT_READ).close()
+    except (OSError, ValueError):
         return False
     probe = out_dir / ".moeflux-prep-probe.tmp"
     try:
