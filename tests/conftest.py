@@ -61,3 +61,20 @@ def synth_checkpoint(synth_cache_dir: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def sigint_raises_keyboardinterrupt():
+    """Make SIGINT raise KeyboardInterrupt for the duration of a test.
+
+    Python installs that handler only when SIGINT is not ignored at start-up, and a
+    process launched in the background by a non-interactive shell (as a CI runner may
+    do) inherits SIGINT ignored. Ctrl-C tests would then test nothing, so they set the
+    interactive behaviour explicitly."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -356,7 +356,7 @@ def test_abort_from_thread(model_dir: Path) -> None:
         assert m.eval([3]).shape == (m.n_vocab,) and m.n_past == 3
 
 
-def test_ctrl_c(model_dir: Path) -> None:
+def test_ctrl_c(model_dir: Path, sigint_raises_keyboardinterrupt) -> None:
     with moeflux.Model(model_dir, threads=1) as m:
         fired = []
 

@@ -124,7 +124,7 @@ def _interrupted_eval_leaves_model_usable(src, m, long_prompt, full_s, fire, exc
     assert_close(got, reference_logits(src, PROMPT)[3:], "after an interrupted eval")
 
 
-def test_ctrl_c_during_prompt_eval(long_model) -> None:
+def test_ctrl_c_during_prompt_eval(long_model, sigint_raises_keyboardinterrupt) -> None:
     src, m, long_prompt, full_s = long_model
     assert full_s > 0.5, f"the long prompt takes only {full_s:.2f} s: not a test"
     pid = os.getpid()
