@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import moeflux
+from _helpers import run_in_threads
 from moeflux import (AbortedError, ArgumentError, BackendError, FormatError,
                      MoefluxError, MoefluxIOError, ShapeError)
 from moeflux.prep.convert import convert
@@ -393,22 +394,13 @@ def test_concurrent_contexts(model_dir: Path) -> None:
             alone.append([base.eval([t]) for t in s])
         models = [moeflux.Model.share(base, threads=1) for _ in seqs]
         results: list[list[np.ndarray]] = [[], []]
-        errors: list[BaseException] = []
 
         def run(i: int) -> None:
-            try:
-                for _ in range(3):
-                    models[i].reset()
-                    results[i] = [models[i].eval([t]) for t in seqs[i]]
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+            for _ in range(3):
+                models[i].reset()
+                results[i] = [models[i].eval([t]) for t in seqs[i]]
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        run_in_threads(run, 2)
         for i in range(2):
             for a, b in zip(alone[i], results[i]):
                 np.testing.assert_array_equal(a, b)

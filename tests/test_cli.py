@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _ux_helpers import PROMPT, model_dir, open_model
+from _helpers import PROMPT, converted, open_model
 from moeflux.cli import ChatSession
 from reference import reference_decode
 
-__all__ = ["model_dir"]
+__all__ = ["converted"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +36,8 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def dirs(model_dir):
-    return model_dir("qwen3_5_moe")
+def dirs(converted):
+    return converted("qwen3_5_moe")
 
 
 def test_generate_ids_equal_mlx_greedy(dirs) -> None:

@@ -30,12 +30,16 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.utils import load_model
 
 import moeflux
-from moeflux.prep.convert import convert
+from _helpers import FWD_PROMPT as PROMPT
+from _helpers import RTOL as REL_TOL
+from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
+                      check_prefill_and_decode, check_reset_equals_fresh,
+                      check_truncate_and_snapshot, converted, eval_in_pieces)
 from reference import reference_decode, reference_logits
 
-REL_TOL = 1e-3
-PROMPT = [1, 5, 77, 300, 12, 9, 411, 42, 8, 100, 250, 3]
-N_DECODE = 32
+__all__ = ["converted"]  # the fixture is used by name
+
+ARCH = "deepseek_v3"
 
 YARN_SMALL_L0 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0}
@@ -73,44 +77,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("kvb-gs128-float", {"mla_form": "kv_b_proj", "group_size": 128,
                          "moe_intermediate_size": 128}),
 ]
-
-
-@pytest.fixture(scope="session")
-def converted(synth_checkpoint: Callable[..., Path],
-              tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
-    """Factory: overrides -> (checkpoint dir, converted model dir), once each."""
-    done: dict[str, tuple[Path, Path]] = {}
-
-    def make(**overrides: Any) -> tuple[Path, Path]:
-        ckpt = synth_checkpoint("deepseek_v3", **overrides)
-        if ckpt.name not in done:
-            dst = tmp_path_factory.mktemp("model") / ckpt.name
-            convert(ckpt, dst, progress=False)
-            done[ckpt.name] = (ckpt, dst)
-        return done[ckpt.name]
-
-    return make
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    """The acceptance rule, row by row (one row per position)."""
-    ours = np.atleast_2d(ours)
-    ref = np.atleast_2d(ref)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    assert np.isfinite(ours).all(), f"{what}: non-finite logits"
-    err = np.abs(ours - ref).max(axis=-1)
-    scale = np.abs(ref).max(axis=-1)
-    bad = np.nonzero(err > REL_TOL * scale)[0]
-    assert bad.size == 0, (f"{what}: positions {bad.tolist()} off by "
-                           f"{(err / scale)[bad].tolist()} (relative)")
-    am_ours, am_ref = ours.argmax(-1), ref.argmax(-1)
-    diff = np.nonzero(am_ours != am_ref)[0]
-    assert diff.size == 0, (f"{what}: argmax differs at positions {diff.tolist()}: "
-                            f"{am_ours[diff].tolist()} vs {am_ref[diff].tolist()}")
-
-
-def continuation(n_vocab: int, n: int, seed: int = 7) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, n)]
 
 
 # ==== The oracle for old-form (kv_b_proj) files ====
@@ -200,24 +166,16 @@ def test_prefill_and_decode(case: tuple[str, dict[str, Any]],
                             converted: Callable[..., tuple[Path, Path]]) -> None:
     """All-position prefill logits, then 32 single-token decode steps."""
     _, overrides = case
-    ckpt, model_dir = converted(**overrides)
-    with moeflux.Model(model_dir, threads=2) as m:
-        assert m.arch == "deepseek_v3"
-        ours = m.eval(PROMPT, all_logits=True)
-        assert_close(ours, oracle_logits(ckpt, PROMPT), "prefill")
-        cont = continuation(m.n_vocab, N_DECODE)
-        ref = oracle_decode(ckpt, PROMPT, cont)
-        assert_close(ours[-1], ref[0], "prefill last row vs cached reference")
-        rows = [m.eval([t]) for t in cont]
-        assert_close(np.stack(rows), ref[1:], "decode")
-        assert m.n_past == len(PROMPT) + N_DECODE
+    ckpt, model_dir = converted(ARCH, **overrides)
+    check_prefill_and_decode(model_dir, ARCH, lambda t: oracle_logits(ckpt, t),
+                             lambda p, c: oracle_decode(ckpt, p, c))
 
 
 def test_old_form_oracle_is_needed(converted: Callable[..., tuple[Path, Path]]) -> None:
     """mlx-lm's own logits on an old-form file move by far more than the tolerance
     (its second quantization of kv_b_proj), while ours match the stored weights: so
     old-form files cannot be judged against plain reference_logits."""
-    ckpt, model_dir = converted(mla_form="kv_b_proj")
+    ckpt, model_dir = converted(ARCH, mla_form="kv_b_proj")
     faithful = _mlx_logits(faithful_kvb_model(ckpt), PROMPT)
     requantized = reference_logits(ckpt, PROMPT)
     scale = np.abs(faithful).max()
@@ -232,33 +190,24 @@ def test_prompt_in_pieces_equals_one_shot(cuts: list[int],
                                           ) -> None:
     """The prompt fed in pieces gives every position's logits (prefill of a piece
     attends to cache rows written by earlier calls)."""
-    ckpt, model_dir = converted()
+    ckpt, model_dir = converted(ARCH)
     ref = reference_logits(ckpt, PROMPT)
     with moeflux.Model(model_dir, threads=2) as m:
-        bounds = [0, *cuts, len(PROMPT)]
-        parts = [m.eval(PROMPT[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])]
-    assert_close(np.concatenate(parts), ref, f"pieces at {cuts}")
+        pieces = eval_in_pieces(m, PROMPT, cuts)
+    assert_close(pieces, ref, f"pieces at {cuts}")
 
 
 def test_long_prompt_crosses_internal_chunks(converted: Callable[..., tuple[Path, Path]]
                                              ) -> None:
     """A prompt longer than the forward's 64-token scratch runs in internal chunks;
     every position must still match, and so must decoding after it."""
-    ckpt, model_dir = converted()
-    prompt = continuation(512, 150, seed=3)
-    with moeflux.Model(model_dir, threads=2) as m:
-        ours = m.eval(prompt, all_logits=True)
-        assert_close(ours, reference_logits(ckpt, prompt), "150-token prefill")
-        cont = continuation(512, 4, seed=4)
-        rows = [m.eval([t]) for t in cont]
-    ref = reference_decode(ckpt, prompt, cont)
-    assert_close(np.stack(rows), ref[1:], "decode after 150 tokens")
+    check_long_prompt(*converted(ARCH))
 
 
 def test_mla_cache_is_compressed(converted: Callable[..., tuple[Path, Path]]) -> None:
     """The sequence state grows by (kv_lora_rank + qk_rope_head_dim) f32 per layer per
     token: the normalised latent and the shared roped key, never per-head K/V."""
-    ckpt, model_dir = converted()
+    ckpt, model_dir = converted(ARCH)
     cfg = json.loads((ckpt / "config.json").read_text())
     per_tok = cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
     expanded = cfg["num_hidden_layers"] * cfg["num_attention_heads"] * (
@@ -276,30 +225,12 @@ def test_truncate_and_snapshot_are_exact(converted: Callable[..., tuple[Path, Pa
                                          ) -> None:
     """Attention-only state: truncating to n and continuing equals a sequence that
     only ever had n tokens; a snapshot restores bit for bit."""
-    ckpt, model_dir = converted()
-    cont = continuation(512, 6, seed=5)
-    ref = reference_decode(ckpt, PROMPT[:5], cont)
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(PROMPT)
-        m.truncate(5)
-        assert m.n_past == 5
-        snap = m.save_state()
-        rows = [m.eval([t]) for t in cont]
-        assert_close(np.stack(rows), ref[1:], "decode after truncate")
-        m.load_state(snap)
-        again = [m.eval([t]) for t in cont]
-    np.testing.assert_array_equal(np.stack(again), np.stack(rows))
+    check_truncate_and_snapshot(*converted(ARCH))
 
 
 def test_reset_equals_fresh(converted: Callable[..., tuple[Path, Path]]) -> None:
     """After reset the sequence behaves as a fresh one."""
-    ckpt, model_dir = converted()
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(continuation(512, 20, seed=9))
-        m.reset()
-        assert m.n_past == 0
-        ours = m.eval(PROMPT, all_logits=True)
-    assert_close(ours, reference_logits(ckpt, PROMPT), "after reset")
+    check_reset_equals_fresh(*converted(ARCH))
 
 
 def test_failed_eval_leaves_state_unchanged(tmp_path: Path,
@@ -308,33 +239,14 @@ def test_failed_eval_leaves_state_unchanged(tmp_path: Path,
     """An expert read failing in the last layer (file truncated after open) raises
     after every earlier layer wrote its cache rows; the position stays, and decoding
     continues exactly once the file is whole again."""
-    ckpt, src_dir = converted()
-    model_dir = tmp_path / "model"
-    shutil.copytree(src_dir, model_dir)
-    cont = continuation(512, 3, seed=11)
-    ref = reference_decode(ckpt, PROMPT, cont)
-    n_layer = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    victim = model_dir / "packed_experts" / f"layer_{n_layer - 1:02d}.bin"
-    blob = victim.read_bytes()
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(PROMPT)
-        with open(victim, "r+b") as f:   # same inode: the open descriptor sees it
-            f.truncate(0)
-        for tok in cont[:2]:
-            with pytest.raises(OSError):
-                m.eval([tok, cont[1]])
-            assert m.n_past == len(PROMPT)
-        with open(victim, "r+b") as f:
-            f.write(blob)
-        rows = [m.eval([t]) for t in cont]
-    assert_close(np.stack(rows), ref[1:], "decode after failed evals")
+    check_failed_eval_recovers(*converted(ARCH), tmp_path)
 
 
 def test_attention_bias_refused(tmp_path: Path,
                                 converted: Callable[..., tuple[Path, Path]]) -> None:
     """A file with attention biases (attention_bias = true) is refused at load, naming
     the tensor, instead of being run without them."""
-    _, src_dir = converted()
+    _, src_dir = converted(ARCH)
     model_dir = tmp_path / "model"
     shutil.copytree(src_dir, model_dir)
     man_path = model_dir / "model_weights.json"
@@ -354,7 +266,7 @@ def test_other_rope_scaling_refused(rope_type: str, tmp_path: Path,
                                     converted: Callable[..., tuple[Path, Path]]) -> None:
     """rope_scaling kinds the forward does not implement are refused at load, not run
     with plain rotary frequencies."""
-    _, src_dir = converted()
+    _, src_dir = converted(ARCH)
     model_dir = tmp_path / "model"
     shutil.copytree(src_dir, model_dir)
     cfg_path = model_dir / "config.json"

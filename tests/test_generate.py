@@ -13,13 +13,13 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from _ux_helpers import ARCHS, CONT, PROMPT, model_dir, open_model
+from _helpers import ARCHS, CONT, PROMPT, converted, open_model
 from moeflux.generate import GenerationError
 from moeflux.sampling import (Sampler, SamplerSettings, SamplingError,
                               apply_repetition_penalty, filter_probs)
 from reference import reference_decode
 
-__all__ = ["model_dir"]
+__all__ = ["converted"]
 
 TEXTS = ["Hello, world!", "The capital of France is Paris.", "  two  spaces\nnew line",
          "héllo wörld — ünïcode", "日本語のテキスト", "emoji 🙂🚀 and math ∑∫",
@@ -27,8 +27,8 @@ TEXTS = ["Hello, world!", "The capital of France is Paris.", "  two  spaces\nnew
 
 
 @pytest.fixture(scope="module")
-def hybrid(model_dir):
-    src, dst = model_dir("qwen3_5_moe")
+def hybrid(converted):
+    src, dst = converted("qwen3_5_moe")
     m = open_model(dst)
     yield src, m
     m.close()
@@ -47,8 +47,8 @@ def forcing(ids_after_prompt: Sequence[int], n_prompt: int):
 # ---- against mlx-lm
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_equals_mlx_argmax(model_dir, arch: str) -> None:
-    src, dst = model_dir(arch)
+def test_greedy_equals_mlx_argmax(converted, arch: str) -> None:
+    src, dst = converted(arch)
     m = open_model(dst)
     try:
         steps = list(m.generate(PROMPT, max_tokens=12, temperature=0.0))

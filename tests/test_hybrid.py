@@ -23,11 +23,14 @@ import pytest
 
 import moeflux
 from moeflux.prep.convert import convert
+from _helpers import FWD_PROMPT as PROMPT
+from _helpers import RTOL as REL_TOL
+from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
+                      check_prefill_and_decode, check_reset_equals_fresh, continuation,
+                      converted, eval_in_pieces)
 from reference import reference_decode, reference_logits
 
-REL_TOL = 1e-3
-PROMPT = [1, 5, 77, 300, 12, 9, 411, 42, 8, 100, 250, 3]
-N_DECODE = 32
+__all__ = ["converted"]  # the fixture is used by name
 
 # (id, arch, tiny_config overrides)
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -52,60 +55,14 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-@pytest.fixture(scope="session")
-def converted(synth_checkpoint: Callable[..., Path],
-              tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
-    """Factory: (arch, overrides) -> (checkpoint dir, converted model dir), once each."""
-    done: dict[str, tuple[Path, Path]] = {}
-
-    def make(arch: str, **overrides: Any) -> tuple[Path, Path]:
-        ckpt = synth_checkpoint(arch, **overrides)
-        if ckpt.name not in done:
-            dst = tmp_path_factory.mktemp("model") / ckpt.name
-            convert(ckpt, dst, progress=False)
-            done[ckpt.name] = (ckpt, dst)
-        return done[ckpt.name]
-
-    return make
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    """The acceptance rule, row by row (one row per position)."""
-    ours = np.atleast_2d(ours)
-    ref = np.atleast_2d(ref)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    assert np.isfinite(ours).all(), f"{what}: non-finite logits"
-    err = np.abs(ours - ref).max(axis=-1)
-    scale = np.abs(ref).max(axis=-1)
-    bad = np.nonzero(err > REL_TOL * scale)[0]
-    assert bad.size == 0, (f"{what}: positions {bad.tolist()} off by "
-                           f"{(err / scale)[bad].tolist()} (relative)")
-    am_ours, am_ref = ours.argmax(-1), ref.argmax(-1)
-    diff = np.nonzero(am_ours != am_ref)[0]
-    assert diff.size == 0, (f"{what}: argmax differs at positions {diff.tolist()}: "
-                            f"{am_ours[diff].tolist()} vs {am_ref[diff].tolist()}")
-
-
-def continuation(n_vocab: int, n: int, seed: int = 7) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, n)]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_prefill_and_decode(case: tuple[str, str, dict[str, Any]],
                             converted: Callable[..., tuple[Path, Path]]) -> None:
     """All-position prefill logits, then 32 single-token decode steps."""
     _, arch, overrides = case
     ckpt, model_dir = converted(arch, **overrides)
-    with moeflux.Model(model_dir, threads=2) as m:
-        assert m.arch == arch
-        ours = m.eval(PROMPT, all_logits=True)
-        assert_close(ours, reference_logits(ckpt, PROMPT), "prefill")
-        cont = continuation(m.n_vocab, N_DECODE)
-        ref = reference_decode(ckpt, PROMPT, cont)
-        assert_close(ours[-1], ref[0], "prefill last row vs cached reference")
-        rows = [m.eval([t]) for t in cont]
-        assert_close(np.stack(rows), ref[1:], "decode")
-        assert m.n_past == len(PROMPT) + N_DECODE
+    check_prefill_and_decode(model_dir, arch, lambda t: reference_logits(ckpt, t),
+                             lambda p, c: reference_decode(ckpt, p, c))
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
@@ -120,9 +77,7 @@ def test_chunked_prompt_equals_one_shot(arch: str, cuts: list[int],
     with moeflux.Model(model_dir, threads=2) as m:
         whole = m.eval(PROMPT, all_logits=True)
         m.reset()
-        bounds = [0, *cuts, len(PROMPT)]
-        parts = [m.eval(PROMPT[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])]
-    pieces = np.concatenate(parts)
+        pieces = eval_in_pieces(m, PROMPT, cuts)
     assert_close(pieces, ref, f"chunked at {cuts}")
     np.testing.assert_allclose(pieces, whole, rtol=0, atol=REL_TOL * np.abs(ref).max())
 
@@ -133,15 +88,7 @@ def test_long_prompt_crosses_internal_chunks(arch: str,
                                              ) -> None:
     """A prompt longer than the forward's 64-token scratch runs in internal chunks;
     every position must still match, and so must decoding after it."""
-    ckpt, model_dir = converted(arch)
-    prompt = continuation(512, 150, seed=3)
-    with moeflux.Model(model_dir, threads=2) as m:
-        ours = m.eval(prompt, all_logits=True)
-        assert_close(ours, reference_logits(ckpt, prompt), "150-token prefill")
-        cont = continuation(512, 4, seed=4)
-        rows = [m.eval([t]) for t in cont]
-    ref = reference_decode(ckpt, prompt, cont)
-    assert_close(np.stack(rows), ref[1:], "decode after 150 tokens")
+    check_long_prompt(*converted(arch))
 
 
 def test_expert_reads_once_per_chunk(converted: Callable[..., tuple[Path, Path]]) -> None:
@@ -194,13 +141,7 @@ def test_two_sequences_share_one_model(converted: Callable[..., tuple[Path, Path
 
 def test_reset_equals_fresh(converted: Callable[..., tuple[Path, Path]]) -> None:
     """After reset the sequence behaves as a fresh one (all state zeroed)."""
-    ckpt, model_dir = converted("qwen3_5_moe")
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(continuation(512, 20, seed=9))
-        m.reset()
-        assert m.n_past == 0
-        ours = m.eval(PROMPT, all_logits=True)
-    assert_close(ours, reference_logits(ckpt, PROMPT), "after reset")
+    check_reset_equals_fresh(*converted("qwen3_5_moe"))
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
@@ -210,29 +151,7 @@ def test_failed_eval_leaves_state_unchanged(arch: str, tmp_path: Path,
     """An expert read failing mid-eval (file truncated after open) raises, leaves the
     position and the linear-attention state as they were, and decoding continues
     exactly once the file is whole again."""
-    ckpt, src_dir = converted(arch)
-    model_dir = tmp_path / "model"
-    shutil.copytree(src_dir, model_dir)
-    cont = continuation(512, 3, seed=11)
-    ref = reference_decode(ckpt, PROMPT, cont)
-    # The last layer is MoE in both default configs: its read fails only after every
-    # linear layer before it has run, so their state was written before the error.
-    n_layer = json.loads((model_dir / "config.json").read_text()).get(
-        "text_config", {}).get("num_hidden_layers", 4)
-    victim = model_dir / "packed_experts" / f"layer_{n_layer - 1:02d}.bin"
-    blob = victim.read_bytes()
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(PROMPT)
-        with open(victim, "r+b") as f:   # same inode: the open descriptor sees it
-            f.truncate(0)
-        for tok in cont[:2]:             # twice: a second failure must not compound
-            with pytest.raises(OSError):
-                m.eval([tok, cont[1]])
-            assert m.n_past == len(PROMPT)
-        with open(victim, "r+b") as f:
-            f.write(blob)
-        rows = [m.eval([t]) for t in cont]
-    assert_close(np.stack(rows), ref[1:], "decode after failed evals")
+    check_failed_eval_recovers(*converted(arch), tmp_path)
 
 
 class _Interrupt(Exception):

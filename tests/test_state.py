@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _ux_helpers import ARCHS, CONT, HYBRID, PROMPT, assert_close, model_dir, open_model
+from _helpers import ARCHS, CONT, HYBRID, PROMPT, assert_close, converted, open_model
 from moeflux.errors import ArgumentError, FormatError, StateError, UnsupportedError
 from reference import reference_logits
 
-__all__ = ["model_dir"]  # the fixture is used by name
+__all__ = ["converted"]  # the fixture is used by name
 
 # The snapshot format, version 1 (state.c): "MFLX" | u32 version | u32 n_ident |
 # n_ident x i64 | u32 n_past | u32 n_seg | n_seg x (u32 kind, u32 layer, u64 row_bytes,
@@ -85,9 +85,9 @@ def n_seg_of(snap: bytes) -> int:
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def arch_model(request, model_dir):
+def arch_model(request, converted):
     """(arch, checkpoint dir, Model) per architecture."""
-    src, dst = model_dir(request.param)
+    src, dst = converted(request.param)
     m = open_model(dst)
     yield request.param, src, m
     m.close()
@@ -124,7 +124,7 @@ def test_roundtrip_bit_exact(arch_model, tmp_path: Path) -> None:
     assert np.array_equal(m.eval(CONT, all_logits=True), first)
 
 
-def test_load_into_other_context(arch_model, model_dir) -> None:
+def test_load_into_other_context(arch_model, converted) -> None:
     """A snapshot moves to another Model of the same directory that has evaluated
     something else and has a smaller n_ctx, and continues bit for bit; a ctx too short
     for it refuses it."""
@@ -264,8 +264,8 @@ def _foreign_snapshot(path: Path) -> bytes:
         o.close()
 
 
-def _refuse_foreign(model_dir, foreign: bytes, why: str) -> None:
-    src, dst = model_dir("qwen3_5_moe")
+def _refuse_foreign(converted, foreign: bytes, why: str) -> None:
+    src, dst = converted("qwen3_5_moe")
     m = open_model(dst)
     try:
         m.eval(PROMPT)
@@ -279,21 +279,21 @@ def _refuse_foreign(model_dir, foreign: bytes, why: str) -> None:
 
 
 @pytest.mark.parametrize("what", ["seed", "shape"])
-def test_same_arch_other_model_refused(model_dir, what: str) -> None:
+def test_same_arch_other_model_refused(converted, what: str) -> None:
     """Other weights of the same layout (another seed), or another shape."""
     if what == "seed":
-        path, why = model_dir("qwen3_5_moe", seed=1)[1], "weights fingerprint"
+        path, why = converted("qwen3_5_moe", seed=1)[1], "weights fingerprint"
     else:
-        path, why = model_dir("qwen3_5_moe", moe_intermediate_size=128)[1], \
+        path, why = converted("qwen3_5_moe", moe_intermediate_size=128)[1], \
             "moe_intermediate_size"
-    _refuse_foreign(model_dir, _foreign_snapshot(path), why)
+    _refuse_foreign(converted, _foreign_snapshot(path), why)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "qwen3_5_moe"])
-def test_other_arch_refused(model_dir, arch: str) -> None:
+def test_other_arch_refused(converted, arch: str) -> None:
     """A snapshot of another architecture, loaded into qwen3_5_moe."""
-    foreign = _foreign_snapshot(model_dir(arch)[1])
-    _refuse_foreign(model_dir, foreign, f"snapshot is of model {arch}")
+    foreign = _foreign_snapshot(converted(arch)[1])
+    _refuse_foreign(converted, foreign, f"snapshot is of model {arch}")
 
 
 # ---- truncation
@@ -358,10 +358,10 @@ def test_truncate(arch_model) -> None:
         m.truncate(-1)
 
 
-def test_truncate_after_load_and_ring(model_dir) -> None:
+def test_truncate_after_load_and_ring(converted) -> None:
     """A loaded snapshot point is a truncation target; the most recent evaluation end
     points are kept (up to the ring size), older ones are refused."""
-    src, dst = model_dir("qwen3_5_moe")
+    src, dst = converted("qwen3_5_moe")
     m = open_model(dst)
     try:
         m.eval(PROMPT)
@@ -406,13 +406,13 @@ def test_truncate_after_load_and_ring(model_dir) -> None:
         m.close()
 
 
-def test_snapshot_file_in_another_process(model_dir, tmp_path: Path) -> None:
+def test_snapshot_file_in_another_process(converted, tmp_path: Path) -> None:
     """A snapshot file written here continues bit for bit in a fresh process (nothing
     process-specific, such as addresses, leaks into it)."""
     import subprocess
     import sys
 
-    src, dst = model_dir("qwen3_5_moe")
+    src, dst = converted("qwen3_5_moe")
     m = open_model(dst)
     try:
         m.eval(PROMPT)
@@ -433,10 +433,10 @@ def test_snapshot_file_in_another_process(model_dir, tmp_path: Path) -> None:
     assert np.array_equal(np.load(out), want)
 
 
-def test_load_state_file_errors(model_dir, tmp_path: Path) -> None:
+def test_load_state_file_errors(converted, tmp_path: Path) -> None:
     """Files: an empty or truncated snapshot file is refused (FormatError), a missing
     one raises OSError; the sequence stays as it was."""
-    src, dst = model_dir("qwen3_5_moe")
+    src, dst = converted("qwen3_5_moe")
     m = open_model(dst)
     try:
         m.eval(PROMPT)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 import moeflux
-from _ux_helpers import PROMPT, assert_close, model_dir, open_model
+from _helpers import PROMPT, assert_close, converted, open_model, run_in_threads
 from moeflux.errors import AbortedError
 from reference import reference_logits
 
-__all__ = ["model_dir"]
+__all__ = ["converted"]
 
 MAX_POS = 32768
 
@@ -45,8 +45,8 @@ def work(m: "moeflux.Model", seed: int, spans: list | None = None) -> list[np.nd
     return out
 
 
-def test_contexts_in_threads(model_dir) -> None:
-    src, dst = model_dir("qwen3_5_moe")
+def test_contexts_in_threads(converted) -> None:
+    src, dst = converted("qwen3_5_moe")
     models = [open_model(dst, threads=1), open_model(dst, threads=1)]
     models.append(moeflux.Model.share(models[0], threads=1))
     try:
@@ -54,20 +54,11 @@ def test_contexts_in_threads(model_dir) -> None:
         for _ in range(2):
             got: list = [None] * 3
             spans: list = [[] for _ in range(3)]
-            errors: list = []
 
             def run(i: int) -> None:
-                try:
-                    got[i] = work(models[i], i, spans[i])
-                except BaseException as exc:  # reported below, in the test thread
-                    errors.append(exc)
+                got[i] = work(models[i], i, spans[i])
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert not errors, errors
+            run_in_threads(run, 3)
             for i in range(3):
                 for a, b in zip(got[i], want[i]):
                     assert np.array_equal(a, b), f"context {i} differs from sequential"
@@ -82,11 +73,11 @@ def test_contexts_in_threads(model_dir) -> None:
 
 
 @pytest.fixture(scope="module")
-def long_model(model_dir):
+def long_model(converted):
     """A Model whose long prompt takes ~2 s to evaluate on this machine (sized from a
     timed 512-token prompt, within a 32k context), so an interruption at 10 % of it
     is clearly early whatever the machine's speed."""
-    src, dst = model_dir("qwen3_5_moe", max_position_embeddings=MAX_POS)
+    src, dst = converted("qwen3_5_moe", max_position_embeddings=MAX_POS)
     m = open_model(dst, threads=1, n_ctx=MAX_POS)
     rng = np.random.default_rng(3)
     t0 = time.perf_counter()
