@@ -10,20 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "core/common.h"
 #include "core/config.h"
-
-static int n_fail;
-
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            n_fail++;                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
 
 // Qwen3.6-35B-A3B-4bit style: text_config nesting, rope_parameters, 8-bit routers.
 static const char *const QWEN35 =
@@ -390,10 +379,5 @@ int main(void) {
     test_qwen3_moe();
     test_errors();
     test_fuzz();
-    if (n_fail) {
-        fprintf(stderr, "test_config: %d failure(s)\n", n_fail);
-        return 1;
-    }
-    printf("test_config: ok\n");
-    return 0;
+    return check_finish("test_config");
 }

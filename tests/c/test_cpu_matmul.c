@@ -13,20 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "backends/backend.h"
 #include "backends/cpu/cpu_internal.h"
-
-static int n_fail = 0;
-
-#define CHECK(cond, ...)                                                    \
-    do {                                                                    \
-        if (!(cond)) {                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);            \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fprintf(stderr, "\n");                                          \
-            n_fail++;                                                       \
-        }                                                                   \
-    } while (0)
 
 // xorshift: deterministic inputs without global state.
 static uint32_t rnd(uint32_t *s) {
@@ -506,10 +495,5 @@ int main(void) {
     test_pool_nested(be);
     test_concurrent_execs(be);
     be->ops->free(be);
-    if (n_fail) {
-        fprintf(stderr, "%d failures\n", n_fail);
-        return 1;
-    }
-    printf("ok\n");
-    return 0;
+    return check_finish("test_cpu_matmul");
 }

@@ -9,20 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "core/common.h"
 #include "core/json.h"
-
-static int n_fail;
-
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            n_fail++;                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
 
 static mf_json_doc *parse_ok(const char *text, size_t len) {
     mf_json_doc *doc = NULL;
@@ -285,10 +274,5 @@ int main(void) {
     test_depth();
     test_large_object();
     test_fuzz();
-    if (n_fail) {
-        fprintf(stderr, "test_json: %d failure(s)\n", n_fail);
-        return 1;
-    }
-    printf("test_json: ok\n");
-    return 0;
+    return check_finish("test_json");
 }

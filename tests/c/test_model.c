@@ -13,19 +13,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "moeflux.h"
-
-static int n_fail;
-
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            n_fail++;                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
 
 static char dir[256], exp_dir[300];
 
@@ -205,20 +194,11 @@ static void cleanup(void) {
 }
 
 int main(void) {
-    const char *base = getenv("TMPDIR");
-    snprintf(dir, sizeof dir, "%s/mf_model_XXXXXX", base && *base ? base : "/tmp");
-    if (!mkdtemp(dir)) {
-        fprintf(stderr, "mkdtemp: %s\n", strerror(errno));
+    if (check_make_tmpdir(dir, sizeof dir, "mf_model") != 0)
         return 1;
-    }
     snprintf(exp_dir, sizeof exp_dir, "%s/packed_experts", dir);
     test_static_api();
     test_load_failures();
     cleanup();
-    if (n_fail) {
-        fprintf(stderr, "test_model: %d failure(s)\n", n_fail);
-        return 1;
-    }
-    printf("test_model: ok\n");
-    return 0;
+    return check_finish("test_model");
 }

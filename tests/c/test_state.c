@@ -13,19 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "core/internal.h"
-
-static int n_fail;
-
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            n_fail++;                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
 
 /* ==== A fake architecture ==== */
 
@@ -414,10 +403,5 @@ int main(void) {
     test_refusals(&f);
     test_fuzz(&f);
     f.be->ops->free(f.be);
-    if (n_fail) {
-        fprintf(stderr, "%d failures\n", n_fail);
-        return 1;
-    }
-    printf("test_state: ok\n");
-    return 0;
+    return check_finish("test_state");
 }

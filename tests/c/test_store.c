@@ -12,21 +12,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "core/common.h"
 #include "core/internal.h"
 #include "core/weights.h"
-
-static int n_fail;
-
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            n_fail++;                                                      \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
 
 static char tmpdir[256];
 
@@ -479,20 +468,11 @@ static void cleanup(void) {
 }
 
 int main(void) {
-    const char *base = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof tmpdir, "%s/mf_store_XXXXXX", base && *base ? base : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        fprintf(stderr, "mkdtemp: %s\n", strerror(errno));
+    if (check_make_tmpdir(tmpdir, sizeof tmpdir, "mf_store") != 0)
         return 1;
-    }
     test_manifest();
     test_bind();
     test_store();
     cleanup();
-    if (n_fail) {
-        fprintf(stderr, "test_store: %d failure(s)\n", n_fail);
-        return 1;
-    }
-    printf("test_store: ok\n");
-    return 0;
+    return check_finish("test_store");
 }
