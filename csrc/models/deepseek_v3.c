@@ -26,13 +26,8 @@
 
 #include "core/internal.h"
 #include "core/json.h"
+#include "models/decoder.h"
 #include "models/moe.h"
-
-// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
-// compile to nothing unless a debugging build defines MF_TAP.
-#ifndef MF_TAP
-#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
-#endif
 
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
 // chunks so memory does not grow with the prompt.
@@ -102,15 +97,13 @@ struct ds_model {
 
 /* ==== State ==== */
 
-// Per ctx: the compressed cache of every layer and the scratch of one chunk. All
-// float buffers are device memory; idx is host memory for the row gather/scatter ops.
+// Per ctx: the compressed cache of every layer and the scratch of one chunk (residual
+// stream, block output and logits in dec, models/decoder.h). All float buffers are
+// device memory; idx is host memory for the row gather/scatter ops.
 struct ds_state {
-    int max_tok;
+    struct mf_decoder dec;
     float **latent;     // [n_layer] -> [n_ctx, kv_lora + rope]: c (normalised) | k_pe
     float *inv_freq;    // [rope/2]
-    float *x;           // [T, hidden] residual stream
-    float *xn;          // [T, hidden] normed input of a block
-    float *y;           // [T, hidden] block output
     float *qa;          // [T, q_lora]
     float *q;           // [T, H, q_head_dim]: q_nope | q_pe per head
     float *ckv;         // [T, kv_lora + rope]
@@ -119,10 +112,7 @@ struct ds_state {
     float *qfull;       // [T, H, kv_lora + rope]: q~ | q_pe per head
     float *lat_out;     // [T, H, kv_lora] attention output in latent space
     float *o_in;        // [T, H*v] o_proj input
-    float *ffn_tmp;     // [T, 2*intermediate]
-    float *logits;      // [T, vocab]
     int32_t *idx;       // [T] host
-    struct mf_moe_scratch *moe;
 };
 
 /* ==== Load: config checks and YaRN ==== */
@@ -457,22 +447,18 @@ static void ds_state_free(mf_ctx *ctx) {
     if (s->latent)
         for (int il = 0; il < M->hp.num_hidden_layers; il++)
             if (s->latent[il]) op->dealloc(ctx->ex, s->latent[il]);
-    float *bufs[] = {s->inv_freq, s->x, s->xn, s->y, s->qa, s->q, s->ckv, s->hin,
-                     s->hout, s->qfull, s->lat_out, s->o_in, s->ffn_tmp, s->logits};
+    float *bufs[] = {s->inv_freq, s->qa, s->q, s->ckv, s->hin, s->hout, s->qfull,
+                     s->lat_out, s->o_in};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
-    if (s->moe) mf_moe_scratch_free(ctx, s->moe);
+    mf_decoder_free(ctx, &s->dec);
     free(s->latent);
     free(s->idx);
     free(s);
     ctx->arch_state = NULL;
 }
 
-static float *dev_floats(mf_ctx *ctx, size_t n, int *fail) {
-    float *p = ctx->be->ops->alloc(ctx->ex, (n ? n : 1) * sizeof(float));
-    if (!p) *fail = 1;
-    return p;
-}
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
 
 static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     const struct ds_model *M = ctx->model->arch_weights;
@@ -482,30 +468,23 @@ static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     ctx->arch_state = s;
     size_t T = (size_t)(ctx->n_ctx < DS_MAX_CHUNK ? ctx->n_ctx : DS_MAX_CHUNK);
     size_t H = (size_t)hp->num_attention_heads, kvl = (size_t)hp->kv_lora_rank;
-    size_t hid = (size_t)hp->hidden_size;
     size_t hmax = kvl > (size_t)hp->qk_nope_head_dim ? kvl : (size_t)hp->qk_nope_head_dim;
     size_t omax = kvl > (size_t)hp->v_head_dim ? kvl : (size_t)hp->v_head_dim;
     int fail = 0;
-    s->max_tok = (int)T;
     s->latent = calloc((size_t)hp->num_hidden_layers, sizeof *s->latent);
     s->idx = calloc(T, sizeof *s->idx);
     if (!s->latent || !s->idx) fail = 1;
     for (int il = 0; !fail && il < hp->num_hidden_layers; il++)
-        s->latent[il] = dev_floats(ctx, (size_t)ctx->n_ctx * (size_t)hp->kv_row, &fail);
-    s->inv_freq = dev_floats(ctx, (size_t)hp->qk_rope_head_dim / 2, &fail);
-    s->x = dev_floats(ctx, T * hid, &fail);
-    s->xn = dev_floats(ctx, T * hid, &fail);
-    s->y = dev_floats(ctx, T * hid, &fail);
-    s->qa = dev_floats(ctx, T * (size_t)hp->q_lora_rank, &fail);
-    s->q = dev_floats(ctx, T * H * (size_t)hp->q_head_dim, &fail);
-    s->ckv = dev_floats(ctx, T * (size_t)hp->kv_row, &fail);
-    s->hin = dev_floats(ctx, T * hmax, &fail);
-    s->hout = dev_floats(ctx, T * omax, &fail);
-    s->qfull = dev_floats(ctx, T * H * (size_t)hp->kv_row, &fail);
-    s->lat_out = dev_floats(ctx, T * H * kvl, &fail);
-    s->o_in = dev_floats(ctx, T * H * (size_t)hp->v_head_dim, &fail);
-    s->ffn_tmp = dev_floats(ctx, T * 2 * (size_t)hp->intermediate_size, &fail);
-    s->logits = dev_floats(ctx, T * (size_t)hp->vocab_size, &fail);
+        s->latent[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * (size_t)hp->kv_row, &fail);
+    s->inv_freq = mf_dev_floats(ctx, (size_t)hp->qk_rope_head_dim / 2, &fail);
+    s->qa = mf_dev_floats(ctx, T * (size_t)hp->q_lora_rank, &fail);
+    s->q = mf_dev_floats(ctx, T * H * (size_t)hp->q_head_dim, &fail);
+    s->ckv = mf_dev_floats(ctx, T * (size_t)hp->kv_row, &fail);
+    s->hin = mf_dev_floats(ctx, T * hmax, &fail);
+    s->hout = mf_dev_floats(ctx, T * omax, &fail);
+    s->qfull = mf_dev_floats(ctx, T * H * (size_t)hp->kv_row, &fail);
+    s->lat_out = mf_dev_floats(ctx, T * H * kvl, &fail);
+    s->o_in = mf_dev_floats(ctx, T * H * (size_t)hp->v_head_dim, &fail);
     if (fail) {
         ds_state_free(ctx);
         return mf_err(err, errlen, MF_ERR_NOMEM,
@@ -514,14 +493,17 @@ static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     }
     ctx->be->ops->upload(ctx->ex, s->inv_freq, 0, hp->inv_freq,
                          (size_t)hp->qk_rope_head_dim / 2 * sizeof(float));
-    if (ctx->model->cfg.n_moe_layers > 0) {
-        int rc = mf_moe_scratch_new(ctx, &hp->moe, (int)T, &s->moe, err, errlen);
-        if (rc) {
-            ds_state_free(ctx);
-            return rc;
-        }
-    }
-    return MF_OK;
+    s->dec = (struct mf_decoder){
+        .n_layer = hp->num_hidden_layers, .n_embd = hp->hidden_size,
+        .n_vocab = hp->vocab_size, .max_tok = (int)T,
+        .n_ff_dense = hp->intermediate_size, .norm_eps = hp->rms_norm_eps,
+        .embed = &M->embed_tokens, .norm = &M->norm, .head = &M->lm_head,
+        .moe_cfg = ctx->model->cfg.n_moe_layers > 0 ? &hp->moe : NULL,
+        .layer = layer_forward,
+    };
+    int rc = mf_decoder_alloc(ctx, &s->dec, "deepseek_v3", err, errlen);
+    if (rc) ds_state_free(ctx);
+    return rc;
 }
 
 static void ds_state_reset(mf_ctx *ctx) {
@@ -571,21 +553,22 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     const int H = hp->num_attention_heads, nope = hp->qk_nope_head_dim;
     const int rope = hp->qk_rope_head_dim, kvl = hp->kv_lora_rank, vd = hp->v_head_dim;
     const int qhd = hp->q_head_dim, kvr = hp->kv_row;
+    const float *xn = s->dec.xn;
 
     // Queries: [n, hidden] -> [n, H*qhd] -> [n, H, nope | rope]
     if (hp->q_lora_rank > 0) {
-        op->matmul(ex, s->qa, &L->q_a_proj, s->xn, n);
+        op->matmul(ex, s->qa, &L->q_a_proj, xn, n);
         op->rmsnorm(ex, s->qa, s->qa, &L->q_a_layernorm, n, hp->q_lora_rank,
                     DS_LORA_NORM_EPS, 1.0f);
         op->matmul(ex, s->q, &L->q_b_proj, s->qa, n);
     } else {
-        op->matmul(ex, s->q, &L->q_b_proj, s->xn, n);
+        op->matmul(ex, s->q, &L->q_b_proj, xn, n);
     }
     MF_TAP(ctx, "model.layers.%d.self_attn.q_b_proj", il, s->q, n * H * qhd);
 
     // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
     // shared rope key roped, and both rows go to the cache as they are.
-    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->xn, n);
+    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, xn, n);
     for (int t = 0; t < n; t++) {
         float *row = s->ckv + (size_t)t * kvr;
         op->rmsnorm(ex, row, row, &L->kv_a_layernorm, 1, kvl, DS_LORA_NORM_EPS, 1.0f);
@@ -623,77 +606,34 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
         op->scatter_add_rows(ex, s->o_in, s->hout, s->idx, NULL, n, vd);
     }
     MF_TAP(ctx, "model.layers.%d.self_attn.unembed_out", il, s->o_in, n * H * vd);
-    op->matmul(ex, s->y, &L->o_proj, s->o_in, n);
+    op->matmul(ex, s->dec.y, &L->o_proj, s->o_in, n);
 }
 
 /* ==== Forward ==== */
 
-// One decoder layer on the chunk in s->x (updated in place).
-static int layer_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model *M, int il,
-                         int n, int pos0) {
-    const struct mf_backend_ops *op = ctx->be->ops;
+// One decoder layer on the chunk in dec.x (updated in place): the MLA half, then the
+// shared FFN half (models/decoder.c).
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) {
+    struct ds_state *s = ctx->arch_state;
+    const struct ds_model *M = ctx->model->arch_weights;
     const struct ds_hparams *hp = &M->hp;
     const struct ds_layer *L = &M->layers[il];
     const int hid = hp->hidden_size;
+    (void)first_chunk;  // no recurrent state: every chunk starts alike
 
-    op->rmsnorm(ctx->ex, s->xn, s->x, &L->input_layernorm, n, hid, hp->rms_norm_eps, 1.0f);
+    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
+                          hp->rms_norm_eps, 1.0f);
     mla_forward(ctx, s, hp, L, il, n, pos0);
-    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->y, n * hid);
-    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
-
-    op->rmsnorm(ctx->ex, s->xn, s->x, &L->post_attention_layernorm, n, hid,
-                hp->rms_norm_eps, 1.0f);
-    if (L->is_moe) {
-        int rc = mf_moe_forward(ctx, s->moe, &hp->moe, &L->moe, s->y, s->xn, n);
-        if (rc) return rc;
-    } else {
-        mf_ffn_forward(ctx, s->y, s->ffn_tmp, &L->ffn, s->xn, n, hp->intermediate_size);
-    }
-    MF_TAP(ctx, "model.layers.%d.mlp", il, s->y, n * hid);
-    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
-    MF_TAP(ctx, "model.layers.%d", il, s->x, n * hid);
-    return MF_OK;
-}
-
-// Final norm and head on rows [row0, row0 + n_rows) of the chunk; downloads the
-// logits into dst [n_rows, vocab] (host).
-static void head_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_model *M,
-                         int row0, int n_rows, float *dst) {
-    const struct mf_backend_ops *op = ctx->be->ops;
-    const int hid = M->hp.hidden_size, V = M->hp.vocab_size;
-    op->rmsnorm(ctx->ex, s->xn, s->x + (size_t)row0 * hid, &M->norm, n_rows, hid,
-                M->hp.rms_norm_eps, 1.0f);
-    op->matmul(ctx->ex, s->logits, &M->lm_head, s->xn, n_rows);
-    op->download(ctx->ex, dst, s->logits, 0, (size_t)n_rows * V * sizeof(float));
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
+    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
+    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
+                          &L->ffn, il, n);
 }
 
 static int ds_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                       int all_logits) {
     struct ds_state *s = ctx->arch_state;
-    const struct ds_model *M = ctx->model->arch_weights;
-    const int V = M->hp.vocab_size;
-    if (n_tok < 1 || ctx->n_past + n_tok > ctx->n_ctx)
-        return mf_ctx_fail(ctx, MF_ERR_ARG, "deepseek_v3: %d tokens at position %d "
-                           "exceed n_ctx %d", n_tok, ctx->n_past, ctx->n_ctx);
-    for (int t0 = 0; t0 < n_tok; t0 += s->max_tok) {
-        int n = n_tok - t0 < s->max_tok ? n_tok - t0 : s->max_tok;
-        int pos0 = ctx->n_past + t0;
-        ctx->be->ops->embed(ctx->ex, s->x, &M->embed_tokens, tokens + t0, n);
-        for (int il = 0; il < M->hp.num_hidden_layers; il++) {
-            // Cache rows at positions >= n_past are dead until the caller commits,
-            // so stopping here leaves the ctx as it was.
-            if (mf_ctx_should_abort(ctx))
-                return mf_ctx_fail(ctx, MF_ABORTED, "evaluation aborted");
-            int rc = layer_forward(ctx, s, M, il, n, pos0);
-            if (rc) return rc;
-        }
-        if (!logits) continue;
-        if (all_logits)
-            head_forward(ctx, s, M, 0, n, logits + (size_t)t0 * V);
-        else if (t0 + n == n_tok)
-            head_forward(ctx, s, M, n - 1, 1, logits);
-    }
-    return MF_OK;
+    return mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
 }
 
 /* ==== Registration ==== */

@@ -19,13 +19,8 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "models/decoder.h"
 #include "models/moe.h"
-
-// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
-// compile to nothing unless a debugging build defines MF_TAP.
-#ifndef MF_TAP
-#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
-#endif
 
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
 // chunks so memory does not grow with the prompt.
@@ -73,20 +68,15 @@ struct q3_model {
 
 /* ==== State ==== */
 
-// Per ctx: the KV cache of every layer and the scratch of one chunk (device memory).
+// Per ctx: the KV cache of every layer and the scratch of one chunk (device memory);
+// residual stream, block output and logits live in dec (models/decoder.h).
 struct q3_state {
-    int max_tok;
+    struct mf_decoder dec;
     float **k_cache;    // [n_layer] -> [n_ctx, Hkv, D] roped, normed keys
     float **v_cache;    // [n_layer] -> [n_ctx, Hkv, D]
     float *inv_freq;    // [D/2]
-    float *x;           // [T, hidden] residual stream
-    float *xn;          // [T, hidden] normed input of a block
-    float *y;           // [T, hidden] block output
     float *q;           // [T, H, D]
     float *attn;        // [T, H, D] attention output
-    float *ffn_tmp;     // [T, 2*intermediate]
-    float *logits;      // [T, vocab]
-    struct mf_moe_scratch *moe;
 };
 
 /* ==== Load ==== */
@@ -238,21 +228,17 @@ static void q3_state_free(mf_ctx *ctx) {
         if (s->k_cache && s->k_cache[il]) op->dealloc(ctx->ex, s->k_cache[il]);
         if (s->v_cache && s->v_cache[il]) op->dealloc(ctx->ex, s->v_cache[il]);
     }
-    float *bufs[] = {s->inv_freq, s->x, s->xn, s->y, s->q, s->attn, s->ffn_tmp, s->logits};
+    float *bufs[] = {s->inv_freq, s->q, s->attn};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
-    if (s->moe) mf_moe_scratch_free(ctx, s->moe);
+    mf_decoder_free(ctx, &s->dec);
     free(s->k_cache);
     free(s->v_cache);
     free(s);
     ctx->arch_state = NULL;
 }
 
-static float *dev_floats(mf_ctx *ctx, size_t n, int *fail) {
-    float *p = ctx->be->ops->alloc(ctx->ex, (n ? n : 1) * sizeof(float));
-    if (!p) *fail = 1;
-    return p;
-}
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
 
 static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     const struct q3_model *M = ctx->model->arch_weights;
@@ -261,26 +247,19 @@ static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     if (!s) return mf_err(err, errlen, MF_ERR_NOMEM, "qwen3_moe: out of memory");
     ctx->arch_state = s;
     size_t T = (size_t)(ctx->n_ctx < Q3_MAX_CHUNK ? ctx->n_ctx : Q3_MAX_CHUNK);
-    size_t hid = (size_t)hp->hidden_size;
     size_t qd = (size_t)hp->num_attention_heads * hp->head_dim;
     size_t kv_row = (size_t)hp->num_key_value_heads * hp->head_dim;
     int fail = 0;
-    s->max_tok = (int)T;
     s->k_cache = calloc((size_t)hp->num_hidden_layers, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)hp->num_hidden_layers, sizeof *s->v_cache);
     if (!s->k_cache || !s->v_cache) fail = 1;
     for (int il = 0; !fail && il < hp->num_hidden_layers; il++) {
-        s->k_cache[il] = dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
-        s->v_cache[il] = dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
+        s->k_cache[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
+        s->v_cache[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
     }
-    s->inv_freq = dev_floats(ctx, (size_t)hp->head_dim / 2, &fail);
-    s->x = dev_floats(ctx, T * hid, &fail);
-    s->xn = dev_floats(ctx, T * hid, &fail);
-    s->y = dev_floats(ctx, T * hid, &fail);
-    s->q = dev_floats(ctx, T * qd, &fail);
-    s->attn = dev_floats(ctx, T * qd, &fail);
-    s->ffn_tmp = dev_floats(ctx, T * 2 * (size_t)hp->intermediate_size, &fail);
-    s->logits = dev_floats(ctx, T * (size_t)hp->vocab_size, &fail);
+    s->inv_freq = mf_dev_floats(ctx, (size_t)hp->head_dim / 2, &fail);
+    s->q = mf_dev_floats(ctx, T * qd, &fail);
+    s->attn = mf_dev_floats(ctx, T * qd, &fail);
     if (fail) {
         q3_state_free(ctx);
         return mf_err(err, errlen, MF_ERR_NOMEM,
@@ -289,14 +268,17 @@ static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     }
     ctx->be->ops->upload(ctx->ex, s->inv_freq, 0, hp->inv_freq,
                          (size_t)hp->head_dim / 2 * sizeof(float));
-    if (ctx->model->cfg.n_moe_layers > 0) {
-        int rc = mf_moe_scratch_new(ctx, &hp->moe, (int)T, &s->moe, err, errlen);
-        if (rc) {
-            q3_state_free(ctx);
-            return rc;
-        }
-    }
-    return MF_OK;
+    s->dec = (struct mf_decoder){
+        .n_layer = hp->num_hidden_layers, .n_embd = hp->hidden_size,
+        .n_vocab = hp->vocab_size, .max_tok = (int)T,
+        .n_ff_dense = hp->intermediate_size, .norm_eps = hp->rms_norm_eps,
+        .embed = &M->embed_tokens, .norm = &M->norm, .head = &M->lm_head,
+        .moe_cfg = ctx->model->cfg.n_moe_layers > 0 ? &hp->moe : NULL,
+        .layer = layer_forward,
+    };
+    int rc = mf_decoder_alloc(ctx, &s->dec, "qwen3_moe", err, errlen);
+    if (rc) q3_state_free(ctx);
+    return rc;
 }
 
 static void q3_state_reset(mf_ctx *ctx) {
@@ -340,14 +322,15 @@ static void attn_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_hparam
     struct mf_exec *ex = ctx->ex;
     const int H = hp->num_attention_heads, Hkv = hp->num_key_value_heads, D = hp->head_dim;
     const int kv_row = Hkv * D;
+    const float *xn = s->dec.xn;
     // K and V are projected straight into their cache rows: [n, Hkv*D] is exactly
     // rows pos0 .. pos0+n-1 of the [n_ctx, Hkv, D] cache.
     float *k = s->k_cache[il] + (size_t)pos0 * kv_row;
     float *v = s->v_cache[il] + (size_t)pos0 * kv_row;
 
-    op->matmul(ex, s->q, &L->q_proj, s->xn, n);   // [n, H, D]
-    op->matmul(ex, k, &L->k_proj, s->xn, n);      // [n, Hkv, D]
-    op->matmul(ex, v, &L->v_proj, s->xn, n);      // [n, Hkv, D]
+    op->matmul(ex, s->q, &L->q_proj, xn, n);   // [n, H, D]
+    op->matmul(ex, k, &L->k_proj, xn, n);      // [n, Hkv, D]
+    op->matmul(ex, v, &L->v_proj, xn, n);      // [n, Hkv, D]
     // Per-head norms over D, before rotary (qwen3_moe.py Attention).
     op->rmsnorm(ex, s->q, s->q, &L->q_norm, n * H, D, hp->rms_norm_eps, 1.0f);
     op->rmsnorm(ex, k, k, &L->k_norm, n * Hkv, D, hp->rms_norm_eps, 1.0f);
@@ -357,77 +340,34 @@ static void attn_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_hparam
     op->attention(ex, s->attn, s->q, s->k_cache[il], s->v_cache[il], n, H, Hkv, D, D,
                   kv_row, kv_row, pos0, hp->attn_scale);
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);
-    op->matmul(ex, s->y, &L->o_proj, s->attn, n);
+    op->matmul(ex, s->dec.y, &L->o_proj, s->attn, n);
 }
 
 /* ==== Forward ==== */
 
-// One decoder layer on the chunk in s->x (updated in place).
-static int layer_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_model *M, int il,
-                         int n, int pos0) {
-    const struct mf_backend_ops *op = ctx->be->ops;
+// One decoder layer on the chunk in dec.x (updated in place): the attention half,
+// then the shared FFN half (models/decoder.c).
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) {
+    struct q3_state *s = ctx->arch_state;
+    const struct q3_model *M = ctx->model->arch_weights;
     const struct q3_hparams *hp = &M->hp;
     const struct q3_layer *L = &M->layers[il];
     const int hid = hp->hidden_size;
+    (void)first_chunk;  // no recurrent state: every chunk starts alike
 
-    op->rmsnorm(ctx->ex, s->xn, s->x, &L->input_layernorm, n, hid, hp->rms_norm_eps, 1.0f);
+    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
+                          hp->rms_norm_eps, 1.0f);
     attn_forward(ctx, s, hp, L, il, n, pos0);
-    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->y, n * hid);
-    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
-
-    op->rmsnorm(ctx->ex, s->xn, s->x, &L->post_attention_layernorm, n, hid,
-                hp->rms_norm_eps, 1.0f);
-    if (L->is_moe) {
-        int rc = mf_moe_forward(ctx, s->moe, &hp->moe, &L->moe, s->y, s->xn, n);
-        if (rc) return rc;
-    } else {
-        mf_ffn_forward(ctx, s->y, s->ffn_tmp, &L->ffn, s->xn, n, hp->intermediate_size);
-    }
-    MF_TAP(ctx, "model.layers.%d.mlp", il, s->y, n * hid);
-    op->axpy(ctx->ex, s->x, 1.0f, s->y, n * hid);
-    MF_TAP(ctx, "model.layers.%d", il, s->x, n * hid);
-    return MF_OK;
-}
-
-// Final norm and head on rows [row0, row0 + n_rows) of the chunk; downloads the
-// logits into dst [n_rows, vocab] (host).
-static void head_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_model *M,
-                         int row0, int n_rows, float *dst) {
-    const struct mf_backend_ops *op = ctx->be->ops;
-    const int hid = M->hp.hidden_size, V = M->hp.vocab_size;
-    op->rmsnorm(ctx->ex, s->xn, s->x + (size_t)row0 * hid, &M->norm, n_rows, hid,
-                M->hp.rms_norm_eps, 1.0f);
-    op->matmul(ctx->ex, s->logits, &M->lm_head, s->xn, n_rows);
-    op->download(ctx->ex, dst, s->logits, 0, (size_t)n_rows * V * sizeof(float));
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
+    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
+    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
+                          &L->ffn, il, n);
 }
 
 static int q3_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                       int all_logits) {
     struct q3_state *s = ctx->arch_state;
-    const struct q3_model *M = ctx->model->arch_weights;
-    const int V = M->hp.vocab_size;
-    if (n_tok < 1 || ctx->n_past + n_tok > ctx->n_ctx)
-        return mf_ctx_fail(ctx, MF_ERR_ARG, "qwen3_moe: %d tokens at position %d exceed "
-                           "n_ctx %d", n_tok, ctx->n_past, ctx->n_ctx);
-    for (int t0 = 0; t0 < n_tok; t0 += s->max_tok) {
-        int n = n_tok - t0 < s->max_tok ? n_tok - t0 : s->max_tok;
-        int pos0 = ctx->n_past + t0;
-        ctx->be->ops->embed(ctx->ex, s->x, &M->embed_tokens, tokens + t0, n);
-        for (int il = 0; il < M->hp.num_hidden_layers; il++) {
-            // Cache rows at positions >= n_past are dead until the caller commits,
-            // so stopping here leaves the ctx as it was.
-            if (mf_ctx_should_abort(ctx))
-                return mf_ctx_fail(ctx, MF_ABORTED, "evaluation aborted");
-            int rc = layer_forward(ctx, s, M, il, n, pos0);
-            if (rc) return rc;
-        }
-        if (!logits) continue;
-        if (all_logits)
-            head_forward(ctx, s, M, 0, n, logits + (size_t)t0 * V);
-        else if (t0 + n == n_tok)
-            head_forward(ctx, s, M, n - 1, 1, logits);
-    }
-    return MF_OK;
+    return mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
 }
 
 /* ==== Registration ==== */

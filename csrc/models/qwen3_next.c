@@ -26,13 +26,8 @@
 
 #include "core/internal.h"
 #include "core/json.h"
+#include "models/decoder.h"
 #include "models/moe.h"
-
-// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
-// compile to nothing unless a debugging build defines MF_TAP.
-#ifndef MF_TAP
-#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
-#endif
 
 // Tokens per forward chunk: scratch is sized for this; longer evals run in chunks.
 // 64 keeps prefill scratch small while each chunk still reads every needed expert
@@ -112,14 +107,13 @@ struct hy_model {
  * are never read (the next eval overwrites them). */
 
 struct hy_state {
-    int max_tok;
+    struct mf_decoder dec;        // residual stream, block output, logits, chunk loop
     int cur;                      // index of the committed linear-state buffers
     float **kc, **vc;             // [n_layer], NULL for linear layers
     float **conv[2], **rec[2];    // [n_layer], NULL for attention layers
     float *inv_freq;              // [n_rot / 2] rope frequencies
     int32_t *q_rows;              // host [max_tok * n_head]: row 2i of q_proj output
     // scratch [max_tok, ...]
-    float *x, *xn, *mix, *ffn;    // [n_embd] residual, normed, mixer out, ffn out
     float *qg;                    // [n_head, 2, head_dim]
     float *q;                     // [n_head, head_dim]
     float *att;                   // [n_head, head_dim]
@@ -128,9 +122,6 @@ struct hy_state {
     float *conv_out;              // [conv_dim]
     float *g, *beta;              // [nv]
     float *o;                     // [nv, dv]
-    float *ffn_tmp;               // [2 * n_ff_dense]
-    float *logits;                // [n_vocab]
-    struct mf_moe_scratch *moe;
 };
 
 static size_t conv_bytes(const struct hy_dims *d) {
@@ -511,14 +502,13 @@ static void hy_state_free(mf_ctx *ctx) {
                 op->dealloc(ctx->ex, per_layer[a][il]);
         free(per_layer[a]);
     }
-    float *bufs[] = {st->inv_freq, st->x, st->xn, st->mix, st->ffn, st->qg, st->q,
-                     st->att, st->buf[0], st->buf[1], st->buf[2], st->buf[3], st->raw,
-                     st->conv_out, st->g, st->beta, st->o, st->ffn_tmp, st->logits};
+    float *bufs[] = {st->inv_freq, st->qg, st->q, st->att, st->buf[0], st->buf[1],
+                     st->buf[2], st->buf[3], st->raw, st->conv_out, st->g, st->beta, st->o};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i])
             op->dealloc(ctx->ex, bufs[i]);
     free(st->q_rows);
-    mf_moe_scratch_free(ctx, st->moe);
+    mf_decoder_free(ctx, &st->dec);
     free(st);
     ctx->arch_state = NULL;
 }
@@ -551,13 +541,9 @@ static int alloc_layer_state(mf_ctx *ctx, struct hy_state *st, const struct hy_m
 
 static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm) {
     const struct hy_dims *d = &hm->d;
-    size_t T = (size_t)st->max_tok, F = sizeof(float);
-    size_t H = (size_t)d->n_embd, HD = (size_t)d->n_head * d->head_dim;
+    size_t T = (size_t)st->dec.max_tok, F = sizeof(float);
+    size_t HD = (size_t)d->n_head * d->head_dim;
     int ok = 1;
-    st->x = st_alloc(ctx, T * H * F, &ok);
-    st->xn = st_alloc(ctx, T * H * F, &ok);
-    st->mix = st_alloc(ctx, T * H * F, &ok);
-    st->ffn = st_alloc(ctx, T * H * F, &ok);
     st->qg = st_alloc(ctx, T * 2 * HD * F, &ok);
     st->q = st_alloc(ctx, T * HD * F, &ok);
     st->att = st_alloc(ctx, T * HD * F, &ok);
@@ -572,9 +558,6 @@ static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model
         st->beta = st_alloc(ctx, T * (size_t)d->nv * F, &ok);
         st->o = st_alloc(ctx, T * (size_t)d->value_dim * F, &ok);
     }
-    if (d->has_dense)
-        st->ffn_tmp = st_alloc(ctx, T * 2 * (size_t)d->n_ff_dense * F, &ok);
-    st->logits = st_alloc(ctx, T * (size_t)d->n_vocab * F, &ok);
     st->inv_freq = st_alloc(ctx, (size_t)(d->n_rot / 2) * F, &ok);
     st->q_rows = calloc(T * (size_t)d->n_head, sizeof(int32_t));
     if (!ok || !st->q_rows)
@@ -591,6 +574,8 @@ static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model
     return 1;
 }
 
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
+
 static int hy_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     const struct hy_model *hm = ctx->model->arch_weights;
     if (hm->d.n_rot / 2 > 512)
@@ -600,20 +585,23 @@ static int hy_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     if (!st)
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     ctx->arch_state = st;
-    st->max_tok = HY_MAX_TOK;
+    const struct hy_dims *d = &hm->d;
+    st->dec = (struct mf_decoder){
+        .n_layer = d->n_layer, .n_embd = d->n_embd, .n_vocab = d->n_vocab,
+        .max_tok = HY_MAX_TOK, .n_ff_dense = d->has_dense ? d->n_ff_dense : 0,
+        .norm_eps = d->eps, .embed = &hm->embed, .norm = &hm->norm, .head = &hm->head,
+        .moe_cfg = ctx->model->cfg.n_moe_layers > 0 ? &hm->moe_cfg : NULL,
+        .layer = layer_forward,
+    };
     if (!alloc_layer_state(ctx, st, hm) || !alloc_scratch(ctx, st, hm)) {
         hy_state_free(ctx);
         return mf_err(err, errlen, MF_ERR_NOMEM,
                       "out of memory for the sequence state (n_ctx %d)", ctx->n_ctx);
     }
-    if (ctx->model->cfg.n_moe_layers > 0) {
-        int rc = mf_moe_scratch_new(ctx, &hm->moe_cfg, st->max_tok, &st->moe, err, errlen);
-        if (rc != MF_OK) {
-            hy_state_free(ctx);
-            return rc;
-        }
-    }
-    return MF_OK;
+    int rc = mf_decoder_alloc(ctx, &st->dec, ctx->model->cfg.model_type, err, errlen);
+    if (rc != MF_OK)
+        hy_state_free(ctx);
+    return rc;
 }
 
 // Zeroes KV caches, both conv and recurrent buffers, and the commit index: equal to a
@@ -758,67 +746,32 @@ static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *h
 }
 
 /* ==== Forward ====
- * h = x + Mixer(norm_in(x)); x = h + FFN(norm_post(h)); logits = head(norm(x)). */
+ * h = x + Mixer(norm_in(x)); x = h + FFN(norm_post(h)); logits = head(norm(x)). The
+ * chunk loop, FFN half and head are models/decoder.c's. */
 
-static int forward_chunk(mf_ctx *ctx, const int32_t *tokens, int n, int pos0,
-                         int first_chunk, float *logits, int all_logits) {
+static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) {
     struct hy_state *st = ctx->arch_state;
     const struct hy_model *hm = ctx->model->arch_weights;
-    const struct hy_dims *d = &hm->d;
+    const struct hy_layer *L = &hm->layers[il];
     const struct mf_backend_ops *op = ctx->be->ops;
-    struct mf_exec *ex = ctx->ex;
-    int H = d->n_embd;
-    op->embed(ex, st->x, &hm->embed, tokens, n);
-    for (int il = 0; il < d->n_layer; il++) {
-        if (mf_ctx_should_abort(ctx))
-            return mf_ctx_fail(ctx, MF_ABORTED, "aborted at layer %d", il);
-        const struct hy_layer *L = &hm->layers[il];
-        op->rmsnorm(ex, st->xn, st->x, &L->attn_norm, n, H, d->eps, 1.0f);
-        if (L->is_linear)
-            gdn_block(ctx, st, hm, L, il, st->mix, st->xn, n, first_chunk);
-        else
-            attn_block(ctx, st, d, L, il, st->mix, st->xn, n, pos0);
-        op->axpy(ex, st->x, 1.0f, st->mix, n * H);
-        op->rmsnorm(ex, st->xn, st->x, &L->ffn_norm, n, H, d->eps, 1.0f);
-        if (L->is_moe) {
-            int rc = mf_moe_forward(ctx, st->moe, &hm->moe_cfg, &L->moe, st->ffn, st->xn, n);
-            if (rc != MF_OK)
-                return rc;
-        } else {
-            mf_ffn_forward(ctx, st->ffn, st->ffn_tmp, &L->ffn, st->xn, n, d->n_ff_dense);
-        }
-        op->axpy(ex, st->x, 1.0f, st->ffn, n * H);
-        MF_TAP(ctx, "model.layers.%d", il, st->x, n * H);
-    }
-    if (!logits)
-        return MF_OK;
-    // all_logits: every row; else only the last row of the chunk
-    int first = all_logits ? 0 : n - 1, rows = n - first;
-    op->rmsnorm(ex, st->xn, st->x + (size_t)first * H, &hm->norm, rows, H, d->eps, 1.0f);
-    op->matmul(ex, st->logits, &hm->head, st->xn, rows);
-    op->download(ex, logits, st->logits, 0, (size_t)rows * d->n_vocab * sizeof(float));
-    return MF_OK;
+    struct mf_decoder *dec = &st->dec;
+    int H = hm->d.n_embd;
+    op->rmsnorm(ctx->ex, dec->xn, dec->x, &L->attn_norm, n, H, hm->d.eps, 1.0f);
+    if (L->is_linear)
+        gdn_block(ctx, st, hm, L, il, dec->y, dec->xn, n, first_chunk);
+    else
+        attn_block(ctx, st, &hm->d, L, il, dec->y, dec->xn, n, pos0);
+    op->axpy(ctx->ex, dec->x, 1.0f, dec->y, n * H);
+    return mf_decoder_ffn(ctx, dec, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il, n);
 }
 
 static int hy_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                       int all_logits) {
     struct hy_state *st = ctx->arch_state;
-    int V = ((const struct hy_model *)ctx->model->arch_weights)->d.n_vocab;
-    for (int t0 = 0; t0 < n_tok; t0 += st->max_tok) {
-        int n = n_tok - t0 < st->max_tok ? n_tok - t0 : st->max_tok;
-        int last = t0 + n == n_tok;
-        float *out = NULL;
-        if (logits && all_logits)
-            out = logits + (size_t)t0 * V;
-        else if (logits && last)
-            out = logits;
-        int rc = forward_chunk(ctx, tokens + t0, n, ctx->n_past + t0, t0 == 0, out,
-                               all_logits);
-        if (rc != MF_OK)
-            return rc;
-    }
-    st->cur = !st->cur;   // commit the linear-attention state written this call
-    return MF_OK;
+    int rc = mf_decoder_run(ctx, &st->dec, tokens, n_tok, logits, all_logits);
+    if (rc == MF_OK)
+        st->cur = !st->cur;   // commit the linear-attention state written this call
+    return rc;
 }
 
 /* ==== Registration ====

@@ -1,0 +1,76 @@
+/*
+ * decoder.h — the plumbing every decoder-only architecture shares: the scratch of one
+ * forward chunk (residual stream, normed input, block output, FFN scratch, logits),
+ * the chunked token loop (embed, layers with abort polls, final norm and head), and
+ * the FFN half of a decoder layer (post-attention norm, routed MoE or dense SwiGLU,
+ * residual add). An arch file fills a struct mf_decoder once per ctx and keeps its
+ * own recipe for what differs: the attention / linear-attention block of a layer.
+ *
+ * Not here: anything that depends on the mixer (caches, recurrent state and its
+ * commit), binding, config checks.
+ */
+#ifndef MF_DECODER_H
+#define MF_DECODER_H
+
+#include "models/moe.h"
+
+// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
+// compile to nothing unless a debugging build defines MF_TAP.
+#ifndef MF_TAP
+#define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
+#endif
+
+// One decoder layer on the chunk in dec->x (updated in place): tokens at positions
+// pos0 .. pos0+n-1; first_chunk is 1 for the first chunk of an eval call.
+typedef int (*mf_layer_fn)(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
+
+// Filled by the arch's state_new: sizes and borrowed weights first, then
+// mf_decoder_alloc makes the scratch. Lives inside the arch state.
+struct mf_decoder {
+    int n_layer;
+    int n_embd;                        // hidden_size
+    int n_vocab;
+    int max_tok;                       // tokens per chunk: the scratch's row count
+    int n_ff_dense;                    // intermediate_size of dense layers (0 = none)
+    float norm_eps;                    // rms_norm_eps of the layer and final norms
+    const struct mf_weight *embed;     // [n_vocab, n_embd], borrowed from the model
+    const struct mf_weight *norm;      // final norm [n_embd], borrowed
+    const struct mf_weight *head;      // [n_vocab, n_embd], borrowed (embed when tied)
+    const struct mf_moe_config *moe_cfg;  // borrowed; NULL when no layer is MoE
+    mf_layer_fn layer;
+    // scratch, device memory owned by the decoder (mf_decoder_alloc / _free)
+    float *x;          // [max_tok, n_embd] residual stream
+    float *xn;         // [max_tok, n_embd] normed input of a block
+    float *y;          // [max_tok, n_embd] block output
+    float *ffn_tmp;    // [max_tok, 2*n_ff_dense] (NULL when n_ff_dense == 0)
+    float *logits;     // [max_tok, n_vocab]
+    struct mf_moe_scratch *moe;
+};
+
+// A zero-filled device buffer of n floats (at least one); sets *fail on OOM and
+// returns NULL, so a constructor can make many and check once.
+float *mf_dev_floats(mf_ctx *ctx, size_t n, int *fail);
+
+// Allocate dec's scratch (sizes already filled in). On error dec holds only what
+// mf_decoder_free releases, and the message names the arch.
+int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char *err,
+                     size_t errlen);
+// Release dec's scratch; safe on a half-made or zeroed decoder.
+void mf_decoder_free(mf_ctx *ctx, struct mf_decoder *dec);
+
+// The FFN half of layer il on n rows: x += FFN(rmsnorm(x) * norm), FFN the routed MoE
+// block (is_moe) or the dense SwiGLU. Uses dec->xn and dec->y. Returns MF_OK or the
+// MoE block's error (ctx->errmsg set).
+int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_weight *norm,
+                   int is_moe, const struct mf_moe_layer *moe,
+                   const struct mf_ffn_layer *ffn, int il, int n);
+
+// The forward of an eval call: chunks of at most max_tok tokens, each embedded, run
+// through dec->layer for every layer (polling abort before each), then, when logits
+// is not NULL, the final norm and head on every row (all_logits) or on the last row of
+// the call, downloaded to logits [n_tok or 1, n_vocab] (host). Returns MF_OK,
+// MF_ABORTED, or a layer's error; committing state is left to the caller.
+int mf_decoder_run(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *tokens,
+                   int n_tok, float *logits, int all_logits);
+
+#endif /* MF_DECODER_H */
