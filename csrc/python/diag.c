@@ -35,9 +35,12 @@ static void bufs_release(struct bufset *s) {
 
 // Pins o as a C-contiguous buffer of at least need_bytes; NULL (no buffer) if o is None
 // and allow_none. Returns the data pointer, or NULL with an exception set (check
-// PyErr_Occurred when None is allowed).
+// PyErr_Occurred when None is allowed). Once an exception is set, later calls do nothing
+// and return NULL, so an op pins all its buffers in a row and checks once at the end.
 static void *bufs_get(struct bufset *s, PyObject *o, Py_ssize_t need_bytes, int writable,
                       int allow_none, const char *what) {
+    if (PyErr_Occurred())
+        return NULL;
     if (o == NULL || o == Py_None) {
         if (!allow_none)
             PyErr_Format(PyExc_ValueError, "%s: a buffer is required", what);
@@ -98,10 +101,35 @@ static void env_close(struct env *e) {
         e->be->ops->free(e->be);
 }
 
+// An op's exit after an exception was set: releases the pinned buffers, returns NULL.
+static PyObject *bufs_fail(struct bufset *s) {
+    bufs_release(s);
+    return NULL;
+}
+
+// Opens the temporary backend and exec for an op that has pinned its buffers in s; on
+// failure releases them and returns -1 with an exception set.
+static int env_begin(struct env *e, struct bufset *s, int n_threads, const char *kernels) {
+    if (env_open(e, n_threads, kernels) < 0) {
+        bufs_release(s);
+        return -1;
+    }
+    return 0;
+}
+
+// An op's exit after it ran: closes the exec and backend, releases the buffers.
+static PyObject *env_end(struct env *e, struct bufset *s) {
+    env_close(e);
+    bufs_release(s);
+    return Py_NewRef(Py_None);
+}
+
 // A float vector weight (norm gains, conv weights, A_log, dt_bias) from a buffer.
 static int float_weight(struct bufset *s, PyObject *o, const char *dtype, int64_t n,
                         int allow_none, const char *what, struct mf_weight *w) {
     memset(w, 0, sizeof *w);
+    if (PyErr_Occurred())
+        return -1;   // an earlier buffer failed (see bufs_get)
     if ((o == NULL || o == Py_None) && allow_none)
         return 1;   // absent
     if (parse_dtype(dtype, &w->dtype) < 0)
@@ -160,33 +188,29 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
         return PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
     }
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     Py_ssize_t x_bytes = which == 0 ? (Py_ssize_t)(n_tok * n_in * 4)
                          : which == 1 ? (Py_ssize_t)(n_tok * n_out * 4)
                                       : (Py_ssize_t)(n_tok * 4);
     Py_ssize_t y_bytes = (Py_ssize_t)(n_tok * (which == 0 ? n_out : n_in) * 4);
     float *y = bufs_get(&s, o_out, y_bytes, 1, 0, "out");
-    const void *x = y ? bufs_get(&s, o_x, x_bytes, 0, 0, "x") : NULL;
-    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&w) * n_stack), 0, 0, "w")
-            : NULL;
-    if (w.w && w.dtype == MF_DTYPE_U32) {
+    const void *x = bufs_get(&s, o_x, x_bytes, 0, 0, "x");
+    w.w = bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&w) * n_stack), 0, 0, "w");
+    if (w.dtype == MF_DTYPE_U32) {
         Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&w) * n_stack);
         w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
-        w.biases = w.scales ? bufs_get(&s, o_b, sb, 0, 0, "biases") : NULL;
-        if (!w.biases)
-            goto done;
+        w.biases = bufs_get(&s, o_b, sb, 0, 0, "biases");
     }
-    if (!w.w)
-        goto done;
+    if (PyErr_Occurred())
+        return bufs_fail(&s);
     if (which == 2)
         for (int t = 0; t < n_tok; t++)
             if (((const int32_t *)x)[t] < 0 || ((const int32_t *)x)[t] >= n_out) {
                 PyErr_Format(PyExc_ValueError, "token %d out of range", ((const int32_t *)x)[t]);
-                goto done;
+                return bufs_fail(&s);
             }
     struct env e;
-    if (env_open(&e, n_threads, kernels) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, kernels) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (int r = 0; r < n_rep; r++) {
         struct mf_weight ws = mf_weight_slice(&w, r % n_stack);
@@ -197,6 +221,86 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
         else
             e.be->ops->embed(e.ex, y, &ws, x, n_tok);
     }
+    Py_END_ALLOW_THREADS
+    return env_end(&e, &s);
+}
+
+PyDoc_STRVAR(diag_matmul_heads_doc,
+"_diag_matmul_heads(out, w, x, n_out, n_in, n_tok, n_head, w_head_rows, transposed, "
+"y_tok_stride, y_head_stride, x_tok_stride, x_head_stride, wdtype='U32', scales=None, "
+"biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None)\n--\n\n"
+"Run op 'matmul_heads': per head h, y_h = x_h @ W_h^T (or x_h @ W_h when transposed), "
+"W_h the [n_out, n_in] rows starting at row h*w_head_rows of w; strides in floats.");
+
+// Highest float index + 1 touched by [n_tok, n_head, width] rows at the given strides.
+static int64_t strided_extent(int n_tok, int64_t tok_stride, int n_head,
+                              int64_t head_stride, int64_t width) {
+    return (n_tok - 1) * tok_stride + (n_head - 1) * head_stride + width;
+}
+
+static PyObject *diag_matmul_heads(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"out", "w", "x", "n_out", "n_in", "n_tok", "n_head",
+                             "w_head_rows", "transposed", "y_tok_stride", "y_head_stride",
+                             "x_tok_stride", "x_head_stride", "wdtype", "scales", "biases",
+                             "sdtype", "bits", "group_size", "n_threads", "kernels", NULL};
+    const char *wdtype = "U32", *sdtype = "F32", *kernels = NULL;
+    PyObject *o_out, *o_w, *o_x, *o_s = Py_None, *o_b = Py_None;
+    long long n_out, n_in, head_rows;
+    int n_tok, n_head, trans, yts, yhs, xts, xhs, bits = 0, gs = 0, n_threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLLiiLpiiii|sOOsiiiz", kwlist, &o_out,
+                                     &o_w, &o_x, &n_out, &n_in, &n_tok, &n_head, &head_rows,
+                                     &trans, &yts, &yhs, &xts, &xhs, &wdtype, &o_s, &o_b,
+                                     &sdtype, &bits, &gs, &n_threads, &kernels))
+        return NULL;
+    if (n_out < 1 || n_in < 1 || n_tok < 1 || n_head < 1 || n_threads < 1 ||
+        head_rows < 0 || yts < 0 || yhs < 0 || xts < 0 || xhs < 0)
+        return PyErr_Format(PyExc_ValueError, "sizes must be positive, strides >= 0");
+    struct mf_weight w = {.n_out = n_out, .n_in = n_in};
+    if (parse_dtype(wdtype, &w.dtype) < 0 || parse_dtype(sdtype, &w.sdtype) < 0)
+        return NULL;
+    if (w.dtype == MF_DTYPE_U32) {
+        if (bits < 2 || bits > 8 || bits == 7 || (gs != 32 && gs != 64 && gs != 128) ||
+            n_in % gs != 0)
+            return PyErr_Format(PyExc_ValueError, "bad bits %d / group_size %d for n_in %lld",
+                                bits, gs, n_in);
+        w.bits = bits;
+        w.group_size = gs;
+    } else if (w.dtype != MF_DTYPE_F32 && w.dtype != MF_DTYPE_BF16 &&
+               w.dtype != MF_DTYPE_F16) {
+        return PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
+    }
+    // Rows the last head reaches, as a multiple of one row's bytes.
+    struct mf_weight one_row = w;
+    one_row.n_out = 1;
+    int64_t n_rows = (int64_t)(n_head - 1) * head_rows + n_out;
+    int64_t in_w = trans ? n_out : n_in, out_w = trans ? n_in : n_out;
+    struct bufset s = {.n = 0};
+    PyObject *ret = NULL;
+    float *y = bufs_get(&s, o_out, (Py_ssize_t)(strided_extent(n_tok, yts, n_head, yhs,
+                                                                out_w) * 4), 1, 0, "out");
+    const float *x = y ? bufs_get(&s, o_x, (Py_ssize_t)(strided_extent(n_tok, xts, n_head,
+                                                                       xhs, in_w) * 4),
+                                  0, 0, "x")
+                       : NULL;
+    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&one_row) * n_rows), 0, 0,
+                       "w")
+            : NULL;
+    if (w.w && w.dtype == MF_DTYPE_U32) {
+        Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&one_row) * n_rows);
+        w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
+        w.biases = w.scales ? bufs_get(&s, o_b, sb, 0, 0, "biases") : NULL;
+        if (!w.biases)
+            goto done;
+    }
+    if (!w.w)
+        goto done;
+    struct env e;
+    if (env_open(&e, n_threads, kernels) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->matmul_heads(e.ex, y, yts, yhs, &w, head_rows, trans, x, xts, xhs, n_tok,
+                            n_head);
     Py_END_ALLOW_THREADS
     env_close(&e);
     ret = Py_NewRef(Py_None);
@@ -226,29 +330,24 @@ static PyObject *diag_rmsnorm(PyObject *self, PyObject *args, PyObject *kw) {
     if (n_rows < 1 || n < 1 || n_threads < 1)
         return PyErr_Format(PyExc_ValueError, "sizes must be positive");
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     Py_ssize_t bytes = (Py_ssize_t)n_rows * n * 4;
     struct mf_weight g;
     float *y = bufs_get(&s, o_out, bytes, 1, 0, "out");
-    const float *x = y ? bufs_get(&s, o_x, bytes, 0, 0, "x") : NULL;
-    int grc = x ? float_weight(&s, o_g, gdtype, n, 1, "g", &g) : -1;
-    const float *z = grc >= 0 ? bufs_get(&s, o_z, bytes, 0, 1, "z") : NULL;
+    const float *x = bufs_get(&s, o_x, bytes, 0, 0, "x");
+    int grc = float_weight(&s, o_g, gdtype, n, 1, "g", &g);
+    const float *z = bufs_get(&s, o_z, bytes, 0, 1, "z");
     if (grc < 0 || PyErr_Occurred())
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (z)
         e.be->ops->rmsnorm_gated(e.ex, y, x, z, grc == 1 ? NULL : &g, n_rows, n, eps);
     else
         e.be->ops->rmsnorm(e.ex, y, x, grc == 1 ? NULL : &g, n_rows, n, eps, scale);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 PyDoc_STRVAR(diag_rope_doc,
@@ -271,26 +370,20 @@ static PyObject *diag_rope(PyObject *self, PyObject *args, PyObject *kw) {
         head_stride < n_rot || tok_stride < 1)
         return PyErr_Format(PyExc_ValueError, "bad rope sizes");
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     Py_ssize_t need = ((Py_ssize_t)(n_tok - 1) * tok_stride +
                        (Py_ssize_t)(n_heads - 1) * head_stride + n_rot) * 4;
     float *x = bufs_get(&s, o_x, need, 1, 0, "x");
-    const float *f = x ? bufs_get(&s, o_f, (Py_ssize_t)(n_rot / 2) * 4, 0, 0, "inv_freq")
-                       : NULL;
+    const float *f = bufs_get(&s, o_f, (Py_ssize_t)(n_rot / 2) * 4, 0, 0, "inv_freq");
     if (!f)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->rope(e.ex, x, n_tok, n_heads, tok_stride, head_stride, n_rot, f, pos0,
                     traditional, mscale);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 /* ==== Attention ==== */
@@ -319,33 +412,26 @@ static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
         return PyErr_Format(PyExc_ValueError, "bad attention sizes");
     int n_pos = pos0 + n_tok;
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     float *out = bufs_get(&s, o_out, (Py_ssize_t)n_tok * n_head * dv * 4, 1, 0, "out");
-    const float *q = out ? bufs_get(&s, o_q, (Py_ssize_t)n_tok * n_head * dk * 4, 0, 0, "q")
-                         : NULL;
+    const float *q = bufs_get(&s, o_q, (Py_ssize_t)n_tok * n_head * dk * 4, 0, 0, "q");
     Py_ssize_t k_need = ((Py_ssize_t)(n_pos - 1) * k_stride + (Py_ssize_t)n_kv_head * dk +
                          k_off) * 4;
     Py_ssize_t v_need = ((Py_ssize_t)(n_pos - 1) * v_stride + (Py_ssize_t)n_kv_head * dv +
                          v_off) * 4;
-    const float *k = q ? bufs_get(&s, o_k, o_v == Py_None ? (k_need > v_need ? k_need : v_need)
-                                                         : k_need, 0, 0, "kv") : NULL;
-    const float *v = k;
-    if (k && o_v != Py_None)
-        v = bufs_get(&s, o_v, v_need, 0, 0, "v");
+    // Keys and values in one buffer unless v is given: then kv must hold both ranges.
+    Py_ssize_t kv_need = o_v == Py_None && v_need > k_need ? v_need : k_need;
+    const float *k = bufs_get(&s, o_k, kv_need, 0, 0, "kv");
+    const float *v = o_v == Py_None ? k : bufs_get(&s, o_v, v_need, 0, 0, "v");
     if (!k || !v)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->attention(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head, n_kv_head, dk,
                          dv, k_stride, v_stride, pos0, scale);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 /* ==== GatedDeltaNet pieces ==== */
@@ -367,24 +453,19 @@ static PyObject *diag_conv1d_silu(PyObject *self, PyObject *args, PyObject *kw) 
     if (n_tok < 1 || C < 1 || K < 2 || n_threads < 1)
         return PyErr_Format(PyExc_ValueError, "bad conv sizes");
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     struct mf_weight w;
     float *y = bufs_get(&s, o_y, (Py_ssize_t)n_tok * C * 4, 1, 0, "y");
-    float *st = y ? bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state") : NULL;
-    const float *u = st ? bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u") : NULL;
+    float *st = bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state");
+    const float *u = bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u");
     if (!u || float_weight(&s, o_w, wdtype, (int64_t)C * K, 0, "w", &w) < 0)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->conv1d_silu(e.ex, y, st, u, &w, n_tok, C, K);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 PyDoc_STRVAR(diag_gdn_gates_doc,
@@ -406,26 +487,21 @@ static PyObject *diag_gdn_gates(PyObject *self, PyObject *args, PyObject *kw) {
     if (n_tok < 1 || nv < 1 || ab_stride < nv)
         return PyErr_Format(PyExc_ValueError, "bad gate sizes");
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     struct mf_weight A, dt;
     Py_ssize_t out_bytes = (Py_ssize_t)n_tok * nv * 4;
     Py_ssize_t ab_bytes = ((Py_ssize_t)(n_tok - 1) * ab_stride + nv) * 4;
     float *g = bufs_get(&s, o_g, out_bytes, 1, 0, "g");
-    float *beta = g ? bufs_get(&s, o_beta, out_bytes, 1, 0, "beta") : NULL;
-    const float *a = beta ? bufs_get(&s, o_a, ab_bytes, 0, 0, "a") : NULL;
-    const float *b = a ? bufs_get(&s, o_b, ab_bytes, 0, 0, "b") : NULL;
+    float *beta = bufs_get(&s, o_beta, out_bytes, 1, 0, "beta");
+    const float *a = bufs_get(&s, o_a, ab_bytes, 0, 0, "a");
+    const float *b = bufs_get(&s, o_b, ab_bytes, 0, 0, "b");
     if (!b || float_weight(&s, o_A, A_dtype, nv, 0, "A_log", &A) < 0 ||
         float_weight(&s, o_dt, dt_dtype, nv, 0, "dt_bias", &dt) < 0)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, 1, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, 1, NULL) < 0)
+        return NULL;
     e.be->ops->gdn_gates(e.ex, g, beta, a, b, ab_stride, &A, &dt, n_tok, nv);
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 PyDoc_STRVAR(diag_gdn_recurrence_doc,
@@ -450,29 +526,22 @@ static PyObject *diag_gdn_recurrence(PyObject *self, PyObject *args, PyObject *k
     end = k_off + nk * dk > end ? k_off + nk * dk : end;
     end = v_off + nv * dv > end ? v_off + nv * dv : end;
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     float *o = bufs_get(&s, o_o, (Py_ssize_t)n_tok * nv * dv * 4, 1, 0, "o");
-    float *S = o ? bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S") : NULL;
-    const float *qkv = S ? bufs_get(&s, o_qkv,
-                                    ((Py_ssize_t)(n_tok - 1) * qkv_stride + end) * 4, 0, 0,
-                                    "qkv") : NULL;
-    const float *g = qkv ? bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g") : NULL;
-    const float *beta = g ? bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta")
-                          : NULL;
+    float *S = bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S");
+    const float *qkv = bufs_get(&s, o_qkv, ((Py_ssize_t)(n_tok - 1) * qkv_stride + end) * 4,
+                                0, 0, "qkv");
+    const float *g = bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g");
+    const float *beta = bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta");
     if (!beta)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->gdn_recurrence(e.ex, o, S, qkv + q_off, qkv + k_off, qkv + v_off, qkv_stride,
                               g, beta, n_tok, nk, nv, dk, dv);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 /* ==== Elementwise and rows ==== */
@@ -501,25 +570,20 @@ static PyObject *diag_elementwise(PyObject *self, PyObject *args, PyObject *kw) 
                         : which == 1 ? (Py_ssize_t)(n_rows - 1) * stride + (g_cols == 1 ? 1 : n_cols)
                                      : (Py_ssize_t)n_cols;
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     float *y = bufs_get(&s, o_y, (Py_ssize_t)(which == 2 ? 1 : n_rows) * n_cols * 4, 1, 0, "y");
-    const float *a = y ? bufs_get(&s, o_a, a_need * 4, 0, 0, "a") : NULL;
+    const float *a = bufs_get(&s, o_a, a_need * 4, 0, 0, "a");
     if (!a)
-        goto done;
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, 1, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, 1, NULL) < 0)
+        return NULL;
     if (which == 0)
         e.be->ops->swiglu(e.ex, y, a, a + b_off, n_rows, n_cols, stride);
     else if (which == 1)
         e.be->ops->mul_sigmoid(e.ex, y, a, n_rows, n_cols, stride, g_cols);
     else
         e.be->ops->axpy(e.ex, y, alpha, a, n_cols);
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 PyDoc_STRVAR(diag_rows_doc,
@@ -540,35 +604,30 @@ static PyObject *diag_rows(PyObject *self, PyObject *args, PyObject *kw) {
     if ((!scatter && strcmp(op, "gather") != 0) || n_rows < 1 || n < 1)
         return PyErr_Format(PyExc_ValueError, "bad op or sizes");
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     float *dst = bufs_get(&s, o_d, (Py_ssize_t)n_dst * n * 4, 1, 0, "dst");
-    const float *src = dst ? bufs_get(&s, o_s, (Py_ssize_t)n_src * n * 4, 0, 0, "src") : NULL;
-    const int32_t *idx = src ? bufs_get(&s, o_i, (Py_ssize_t)n_rows * 4, 0, 0, "idx") : NULL;
-    const float *w = idx ? bufs_get(&s, o_w, (Py_ssize_t)n_rows * 4, 0, 1, "w") : NULL;
+    const float *src = bufs_get(&s, o_s, (Py_ssize_t)n_src * n * 4, 0, 0, "src");
+    const int32_t *idx = bufs_get(&s, o_i, (Py_ssize_t)n_rows * 4, 0, 0, "idx");
+    const float *w = bufs_get(&s, o_w, (Py_ssize_t)n_rows * 4, 0, 1, "w");
     if (!idx || PyErr_Occurred())
-        goto done;
+        return bufs_fail(&s);
     int bound = scatter ? n_dst : n_src;
     if ((scatter ? n_src : n_dst) < n_rows) {
         PyErr_SetString(PyExc_ValueError, "fewer rows than n_rows");
-        goto done;
+        return bufs_fail(&s);
     }
     for (int i = 0; i < n_rows; i++)
         if (idx[i] < 0 || idx[i] >= bound) {
             PyErr_Format(PyExc_ValueError, "index %d out of range", idx[i]);
-            goto done;
+            return bufs_fail(&s);
         }
     struct env e;
-    if (env_open(&e, 2, NULL) < 0)
-        goto done;
+    if (env_begin(&e, &s, 2, NULL) < 0)
+        return NULL;
     if (scatter)
         e.be->ops->scatter_add_rows(e.ex, dst, src, idx, w, n_rows, n);
     else
         e.be->ops->gather_rows(e.ex, dst, src, idx, n_rows, n);
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 /* ==== Benchmark helpers ==== */
@@ -612,10 +671,8 @@ static PyObject *diag_read_bw(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "n_threads, n_rep, n_stack must be positive");
     struct bufset s = {.n = 0};
     const float *buf = bufs_get(&s, o, 4 * (Py_ssize_t)n_stack, 0, 0, "buf");
-    if (!buf) {
-        bufs_release(&s);
-        return NULL;
-    }
+    if (!buf)
+        return bufs_fail(&s);
     const int64_t chunk = s.b[0].len / 4 / n_stack;
     struct read_job j = {.buf = buf, .n = chunk};
     // Enough tasks to spread any chunk over the threads, at least 16 KiB each.
@@ -673,6 +730,7 @@ static PyObject *diag_kernels(PyObject *self, PyObject *unused) {
 
 PyMethodDef mf_py_diag_methods[] = {
     {"_diag_matmul", KW(diag_matmul), diag_matmul_doc},
+    {"_diag_matmul_heads", KW(diag_matmul_heads), diag_matmul_heads_doc},
     {"_diag_rmsnorm", KW(diag_rmsnorm), diag_rmsnorm_doc},
     {"_diag_rope", KW(diag_rope), diag_rope_doc},
     {"_diag_attention", KW(diag_attention), diag_attention_doc},
