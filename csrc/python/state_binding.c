@@ -15,6 +15,31 @@ static mf_py_state *state_of(PyObject *obj) {
     return mf_py_state_of_type(Py_TYPE(obj));
 }
 
+// The end of a method that holds the lock around one core call returning a status:
+// raises the context's error (read while still locked: another thread could replace
+// the message once unlocked) unless rc is MF_OK, unlocks, and returns None or NULL.
+static PyObject *unlock_with_status(mf_py_context *self, mf_py_state *st, int rc) {
+    if (rc != MF_OK)
+        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
+    mf_py_ctx_unlock(self);
+    return rc == MF_OK ? Py_NewRef(Py_None) : NULL;
+}
+
+// A method's int argument in [lo, hi] into *out; -1 with an exception set (TypeError
+// from Python, or ArgumentError with range_msg).
+static int int_arg(mf_py_state *st, PyObject *arg, long lo, long hi, const char *range_msg,
+                   int *out) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n < lo || n > hi) {
+        mf_py_raise(st, MF_ERR_ARG, range_msg);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
 PyDoc_STRVAR(state_size_doc,
 "state_size($self, /)\n--\n\n"
 "Bytes a snapshot of the current sequence takes (grows with n_past).");
@@ -92,13 +117,7 @@ static PyObject *context_load_state(PyObject *obj, PyObject *arg) {
     rc = mf_ctx_state_load(self->ctx, view.buf, (size_t)view.len);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (rc != MF_OK) {
-        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
-        mf_py_ctx_unlock(self);
-        return NULL;
-    }
-    mf_py_ctx_unlock(self);
-    Py_RETURN_NONE;
+    return unlock_with_status(self, st, rc);
 }
 
 PyDoc_STRVAR(truncate_doc,
@@ -110,26 +129,16 @@ PyDoc_STRVAR(truncate_doc,
 static PyObject *context_truncate(PyObject *obj, PyObject *arg) {
     mf_py_context *self = (mf_py_context *)obj;
     mf_py_state *st = state_of(obj);
-    if (!st)
-        return NULL;
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    if (n < 0 || n > INT32_MAX)
-        return mf_py_raise(st, MF_ERR_ARG, "truncate: n must be in [0, n_past]");
-    if (mf_py_ctx_lock(self) < 0)
+    int n;
+    if (!st ||
+        int_arg(st, arg, 0, INT32_MAX, "truncate: n must be in [0, n_past]", &n) < 0 ||
+        mf_py_ctx_lock(self) < 0)
         return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = mf_ctx_truncate(self->ctx, (int)n);
+    rc = mf_ctx_truncate(self->ctx, n);
     Py_END_ALLOW_THREADS
-    if (rc != MF_OK) {
-        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
-        mf_py_ctx_unlock(self);
-        return NULL;
-    }
-    mf_py_ctx_unlock(self);
-    Py_RETURN_NONE;
+    return unlock_with_status(self, st, rc);
 }
 
 PyDoc_STRVAR(set_checkpoints_doc,
@@ -141,23 +150,12 @@ PyDoc_STRVAR(set_checkpoints_doc,
 static PyObject *context_set_checkpoints(PyObject *obj, PyObject *arg) {
     mf_py_context *self = (mf_py_context *)obj;
     mf_py_state *st = state_of(obj);
-    if (!st)
+    int n;
+    if (!st ||
+        int_arg(st, arg, -1, 64, "set_checkpoints: n must be -1, 0 or 1..64", &n) < 0 ||
+        mf_py_ctx_lock(self) < 0)
         return NULL;
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    if (n < -1 || n > 64)
-        return mf_py_raise(st, MF_ERR_ARG, "set_checkpoints: n must be -1, 0 or 1..64");
-    if (mf_py_ctx_lock(self) < 0)
-        return NULL;
-    int rc = mf_ctx_checkpoints_set(self->ctx, (int)n);
-    if (rc != MF_OK) {
-        mf_py_raise(st, rc, mf_ctx_errmsg(self->ctx));
-        mf_py_ctx_unlock(self);
-        return NULL;
-    }
-    mf_py_ctx_unlock(self);
-    Py_RETURN_NONE;
+    return unlock_with_status(self, st, mf_ctx_checkpoints_set(self->ctx, n));
 }
 
 PyMethodDef mf_py_state_methods[] = {
