@@ -166,6 +166,68 @@ def test_matmul_thread_independence() -> None:
         np.testing.assert_array_equal(outs[1], outs[0])
 
 
+def run_matmul_heads(q: dict[str, Any], x_flat: np.ndarray, out_len: int, n_out: int,
+                     n_in: int, n_tok: int, n_head: int, head_rows: int, transposed: bool,
+                     y_strides: tuple[int, int], x_strides: tuple[int, int],
+                     n_threads: int = 2, kernels: str | None = None) -> np.ndarray:
+    """Run matmul_heads through _diag_matmul_heads on a NaN-filled flat output."""
+    out = np.full(out_len, np.nan, np.float32)
+    _core._diag_matmul_heads(out, x=x_flat, n_out=n_out, n_in=n_in, n_tok=n_tok,
+                             n_head=n_head, w_head_rows=head_rows, transposed=transposed,
+                             y_tok_stride=y_strides[0], y_head_stride=y_strides[1],
+                             x_tok_stride=x_strides[0], x_head_stride=x_strides[1],
+                             n_threads=n_threads, kernels=kernels, **q["args"])
+    return out
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128)])
+def test_matmul_heads(transposed: bool, bits: int, gs: int) -> None:
+    # Heads inside one matrix at a row stride larger than a head (kv_b_proj's W_UK^h
+    # blocks), strided slices of x read (q_nope of q[t, h, nope | rope]) and a strided
+    # layout written (qfull[t, h, kv_lora | rope]) with its gaps untouched.
+    H, n_out, n_in, head_rows = 5, 64, 256, 80
+    q = quantized((H - 1) * head_rows + n_out, n_in, bits, gs, mx.bfloat16, 7 * bits)
+    in_w, out_w = (n_out, n_in) if transposed else (n_in, n_out)
+    xh, yh = in_w + 24, out_w + 8          # per-head row widths, wider than used
+    for n_tok in (1, 3):
+        x3 = rng(n_tok + bits).standard_normal((n_tok, H, xh)).astype(np.float32)
+        off = 8                            # x starts inside the head row (q_pe after)
+        x_flat = x3.reshape(-1)[off:].copy()
+        ref = np.empty((n_tok, H, out_w), np.float32)
+        for h in range(H):
+            w_h = q["deq"][h * head_rows:h * head_rows + n_out]
+            x_h = mx.array(x3[:, h, off:off + in_w])
+            ref[:, h] = to_np(x_h @ w_h if transposed else x_h @ w_h.T)
+        outs = []
+        for kernels in _core._diag_kernels():
+            for n_threads in (1, 3):
+                got = run_matmul_heads(q, x_flat, n_tok * H * yh, n_out, n_in, n_tok, H,
+                                       head_rows, transposed, (H * yh, yh), (H * xh, xh),
+                                       n_threads, kernels)
+                got3 = got.reshape(n_tok, H, yh)
+                assert_close(got3[:, :, :out_w], ref)
+                assert np.isnan(got3[:, :, out_w:]).all(), "wrote outside the head rows"
+                outs.append(got)
+            # Bitwise the same for any thread count.
+            np.testing.assert_array_equal(outs[-1], outs[-2])
+
+
+def test_matmul_heads_shared_input_float() -> None:
+    # x_head_stride 0: every head reads the same row (a per-head projection of one
+    # input); a bf16 weight stacked [H, n_out, n_in] (w_head_rows = n_out).
+    H, n_out, n_in, n_tok = 4, 24, 40, 2
+    w = mx.array(rng(3).standard_normal((H * n_out, n_in)).astype(np.float32))
+    w = w.astype(mx.bfloat16)
+    w_np, wdt = raw(w)
+    x = rng(4).standard_normal((n_tok, n_in)).astype(np.float32)
+    out = np.empty((n_tok, H, n_out), np.float32)
+    _core._diag_matmul_heads(out, w_np, x.reshape(-1), n_out, n_in, n_tok, H, n_out, False,
+                             H * n_out, n_out, n_in, 0, wdtype=wdt, n_threads=2)
+    ref = to_np(mx.array(x) @ w.astype(mx.float32).T).reshape(n_tok, H, n_out)
+    assert_close(out, ref)
+
+
 def test_matmul_rejects_short_buffers() -> None:
     q = quantized(16, 128, 4, 64, mx.float32, 1)
     x = np.zeros((1, 64), np.float32)   # n_in is 128

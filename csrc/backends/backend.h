@@ -89,6 +89,20 @@ struct mf_backend_ops {
     // absorption with an old-form kv_b_proj: q~ = W_UK^T q_nope). Float or quantized.
     void (*matmul_t)(struct mf_exec *ex, float *y, const struct mf_weight *w,
                      const float *x, int n_tok);
+    // Per-head products for n_head heads in one call (MLA absorption, per-head
+    // projections), head h of token t reading x + t*x_tok_stride + h*x_head_stride and
+    // writing y + t*y_tok_stride + h*y_head_stride (floats; x_head_stride 0 = every head
+    // reads the same row). W_h is the [n_out, n_in] view w advanced by h*w_head_rows
+    // rows (a stacked [H, n_out, n_in] tensor has w_head_rows = n_out; heads inside
+    // one 2-D matrix, such as kv_b_proj, the stride of their row blocks).
+    //   transposed = 0: y[t, h, n_out] = x[t, h, n_in] @ W_h^T
+    //   transposed = 1: y[t, h, n_in] = x[t, h, n_out] @ W_h
+    // Float or quantized; y must not overlap x. Results do not depend on the thread
+    // count.
+    void (*matmul_heads)(struct mf_exec *ex, float *y, int y_tok_stride, int y_head_stride,
+                         const struct mf_weight *w, int64_t w_head_rows, int transposed,
+                         const float *x, int x_tok_stride, int x_head_stride, int n_tok,
+                         int n_head);
     // y[n_tok, n_in] = rows tokens_host[i] of W (dequantized).
     void (*embed)(struct mf_exec *ex, float *y, const struct mf_weight *w,
                   const int32_t *tokens_host, int n_tok);

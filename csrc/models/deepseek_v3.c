@@ -14,7 +14,8 @@
  *   score = scale * (q~^h . c_u + q_pe^h . k_pe_u)
  *   out^h = W_UV^h (sum_u softmax_u c_u)         [v_head_dim]
  * The backend attention op runs it as one kv head with dk = kv_lora + rope and
- * dv = kv_lora whose K and V rows are the same cache rows.
+ * dv = kv_lora whose K and V rows are the same cache rows; the per-head products
+ * around it are one matmul_heads call each, over all heads.
  *
  * Not here: the MoE block, router and dense FFN (models/moe.c), expert I/O (io/),
  * snapshots and truncation (core/state.c, through the state segments below).
@@ -63,24 +64,28 @@ struct ds_hparams {
 
 /* ==== Weights ==== */
 
-// Product with one head's absorption matrix W_UK^h: q~[n_tok, kv_lora] from
-// q_nope[n_tok, nope]. The op (matmul on embed_q[h] [kv_lora, nope], or matmul_t on
-// the kv_b_proj rows [nope, kv_lora]) is chosen at load from the checkpoint's form.
-typedef void (*ds_absorb_fn)(struct mf_exec *ex, float *y, const struct mf_weight *w,
-                             const float *x, int n_tok);
+// A weight holding one matrix per attention head, run for all heads by one
+// matmul_heads call: head h is `w` advanced by h*head_rows rows, used transposed
+// (x @ W_h) when transposed is set.
+struct ds_heads {
+    struct mf_weight w;      // head 0's [n_out, n_in] view
+    int64_t head_rows;
+    int transposed;
+};
 
 struct ds_layer {
     struct mf_weight input_layernorm;          // [hidden]
     struct mf_weight post_attention_layernorm; // [hidden]
     struct mf_weight q_a_proj;                 // [q_lora, hidden] (w NULL without q_lora)
     struct mf_weight q_a_layernorm;            // [q_lora]
-    struct mf_weight q_b_proj;                 // [H*q_head_dim, q_lora] or q_proj
-                                               // [H*q_head_dim, hidden]
+    struct ds_heads q_nope;                    // q_b_proj rows [h*qhd, +nope)
+    struct ds_heads q_pe;                      // q_b_proj rows [h*qhd + nope, +rope)
+                                               // (q_b_proj [H*q_head_dim, q_lora], or
+                                               // q_proj [H*q_head_dim, hidden])
     struct mf_weight kv_a_proj_with_mqa;       // [kv_lora + rope, hidden]
     struct mf_weight kv_a_layernorm;           // [kv_lora]
-    struct mf_weight *w_uk;                    // [H] views, see ds_absorb_fn; owned array
-    struct mf_weight *w_uv;                    // [H] views [v, kv_lora]; owned array
-    ds_absorb_fn absorb;
+    struct ds_heads w_uk;                      // q~^h[kv_lora] = W_UK^h^T q_nope^h
+    struct ds_heads w_uv;                      // out^h[v] = W_UV^h latent^h [kv_lora]
     struct mf_weight o_proj;                   // [hidden, H*v]
     int is_moe;
     struct mf_ffn_layer ffn;                   // dense layers
@@ -98,21 +103,18 @@ struct ds_model {
 /* ==== State ==== */
 
 // Per ctx: the compressed cache of every layer and the scratch of one chunk (residual
-// stream, block output and logits in dec, models/decoder.h). All float buffers are
-// device memory; idx is host memory for the row gather/scatter ops.
+// stream, block output and logits in dec, models/decoder.h). All buffers are device
+// memory.
 struct ds_state {
     struct mf_decoder dec;
     float **latent;     // [n_layer] -> [n_ctx, kv_lora + rope]: c (normalised) | k_pe
     float *inv_freq;    // [rope/2]
     float *qa;          // [T, q_lora]
-    float *q;           // [T, H, q_head_dim]: q_nope | q_pe per head
+    float *q_nope;      // [T, H, nope]
     float *ckv;         // [T, kv_lora + rope]
-    float *hin;         // [T, max(nope, kv_lora)] one head's rows, dense
-    float *hout;        // [T, max(kv_lora, v)]
     float *qfull;       // [T, H, kv_lora + rope]: q~ | q_pe per head
     float *lat_out;     // [T, H, kv_lora] attention output in latent space
     float *o_in;        // [T, H*v] o_proj input
-    int32_t *idx;       // [T] host
 };
 
 /* ==== Load: config checks and YaRN ==== */
@@ -272,20 +274,15 @@ static int bind_vec(const mf_model *m, struct mf_weight *out, int64_t n, char *e
     return mf_bind_vector(m, out, name, n, err, errlen);
 }
 
-// W_UK^h / W_UV^h views per head from either checkpoint form (model-math §3.3):
-// new files store embed_q [H, kv_lora, nope] (= W_UK^h^T, a plain matmul) and
-// unembed_out [H, v, kv_lora]; old files store kv_b_proj [H*(nope+v), kv_lora] whose
-// head h holds W_UK^h in rows [h*(nope+v), +nope) (used transposed: matmul_t) and
-// W_UV^h in the next v rows. mlx-lm re-quantizes the old form at load; we use the
-// stored weights as they are.
+// W_UK^h / W_UV^h per head from either checkpoint form (model-math §3.3): new files
+// store embed_q [H, kv_lora, nope] (= W_UK^h^T, a plain product) and unembed_out
+// [H, v, kv_lora]; old files store kv_b_proj [H*(nope+v), kv_lora] whose head h holds
+// W_UK^h in rows [h*(nope+v), +nope) (used transposed) and W_UV^h in the next v rows.
+// mlx-lm re-quantizes the old form at load; we use the stored weights as they are.
 static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
                            int il, char *err, size_t errlen) {
     int H = hp->num_attention_heads, nope = hp->qk_nope_head_dim, vd = hp->v_head_dim;
     int kvl = hp->kv_lora_rank;
-    L->w_uk = calloc((size_t)H, sizeof *L->w_uk);
-    L->w_uv = calloc((size_t)H, sizeof *L->w_uv);
-    if (!L->w_uk || !L->w_uv)
-        return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
     char name[256];
     snprintf(name, sizeof name, "model.layers.%d.self_attn.kv_b_proj.weight", il);
     if (mf_has_tensor(m, name)) {
@@ -293,11 +290,8 @@ static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct d
         int rc = bind_lin(m, &kvb, 0, (int64_t)H * (nope + vd), kvl, err, errlen,
                           "model.layers.%d.self_attn.kv_b_proj", il);
         if (rc) return rc;
-        for (int h = 0; h < H; h++) {
-            L->w_uk[h] = rows_view(&kvb, (int64_t)h * (nope + vd), nope);
-            L->w_uv[h] = rows_view(&kvb, (int64_t)h * (nope + vd) + nope, vd);
-        }
-        L->absorb = m->be->ops->matmul_t;
+        L->w_uk = (struct ds_heads){rows_view(&kvb, 0, nope), nope + vd, 1};
+        L->w_uv = (struct ds_heads){rows_view(&kvb, nope, vd), nope + vd, 0};
         return MF_OK;
     }
     struct mf_weight eq, uo;
@@ -306,11 +300,8 @@ static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct d
     if (!rc) rc = bind_lin(m, &uo, H, vd, kvl, err, errlen,
                            "model.layers.%d.self_attn.unembed_out", il);
     if (rc) return rc;
-    for (int h = 0; h < H; h++) {
-        L->w_uk[h] = mf_weight_slice(&eq, h);
-        L->w_uv[h] = mf_weight_slice(&uo, h);
-    }
-    L->absorb = m->be->ops->matmul;
+    L->w_uk = (struct ds_heads){eq, kvl, 0};
+    L->w_uv = (struct ds_heads){uo, vd, 0};
     return MF_OK;
 }
 
@@ -334,6 +325,7 @@ static int refuse_biases(const mf_model *m, int il, char *err, size_t errlen) {
 static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
                           int il, char *err, size_t errlen) {
     int64_t H = hp->num_attention_heads, hid = hp->hidden_size;
+    struct mf_weight q_b;
     int rc = refuse_biases(m, il, err, errlen);
     if (rc) return rc;
     if (hp->q_lora_rank > 0) {
@@ -341,12 +333,19 @@ static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds
                       "model.layers.%d.self_attn.q_a_proj", il);
         if (!rc) rc = bind_vec(m, &L->q_a_layernorm, hp->q_lora_rank, err, errlen,
                                "model.layers.%d.self_attn.q_a_layernorm.weight", il);
-        if (!rc) rc = bind_lin(m, &L->q_b_proj, 0, H * hp->q_head_dim, hp->q_lora_rank,
+        if (!rc) rc = bind_lin(m, &q_b, 0, H * hp->q_head_dim, hp->q_lora_rank,
                                err, errlen, "model.layers.%d.self_attn.q_b_proj", il);
     } else {
-        rc = bind_lin(m, &L->q_b_proj, 0, H * hp->q_head_dim, hid, err, errlen,
+        rc = bind_lin(m, &q_b, 0, H * hp->q_head_dim, hid, err, errlen,
                       "model.layers.%d.self_attn.q_proj", il);
     }
+    if (rc) return rc;
+    // Per head [nope | rope] rows: two per-head products put q_nope in its own buffer
+    // and q_pe straight into its place in qfull (see mla_forward).
+    L->q_nope = (struct ds_heads){rows_view(&q_b, 0, hp->qk_nope_head_dim),
+                                  hp->q_head_dim, 0};
+    L->q_pe = (struct ds_heads){rows_view(&q_b, hp->qk_nope_head_dim,
+                                          hp->qk_rope_head_dim), hp->q_head_dim, 0};
     if (!rc) rc = bind_lin(m, &L->kv_a_proj_with_mqa, 0, hp->kv_row, hid, err, errlen,
                            "model.layers.%d.self_attn.kv_a_proj_with_mqa", il);
     if (!rc) rc = bind_vec(m, &L->kv_a_layernorm, hp->kv_lora_rank, err, errlen,
@@ -386,12 +385,6 @@ static int bind_ffn(const mf_model *m, struct ds_layer *L, const struct ds_hpara
 static void ds_unbind(mf_model *m) {
     struct ds_model *M = m->arch_weights;
     if (!M) return;
-    if (M->layers) {
-        for (int il = 0; il < M->hp.num_hidden_layers; il++) {
-            free(M->layers[il].w_uk);
-            free(M->layers[il].w_uv);
-        }
-    }
     free(M->layers);
     free(M->hp.inv_freq);
     free(M);
@@ -447,13 +440,12 @@ static void ds_state_free(mf_ctx *ctx) {
     if (s->latent)
         for (int il = 0; il < M->hp.num_hidden_layers; il++)
             if (s->latent[il]) op->dealloc(ctx->ex, s->latent[il]);
-    float *bufs[] = {s->inv_freq, s->qa, s->q, s->ckv, s->hin, s->hout, s->qfull,
-                     s->lat_out, s->o_in};
+    float *bufs[] = {s->inv_freq, s->qa, s->q_nope, s->ckv, s->qfull, s->lat_out,
+                     s->o_in};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
     mf_decoder_free(ctx, &s->dec);
     free(s->latent);
-    free(s->idx);
     free(s);
     ctx->arch_state = NULL;
 }
@@ -468,20 +460,15 @@ static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     ctx->arch_state = s;
     size_t T = (size_t)(ctx->n_ctx < DS_MAX_CHUNK ? ctx->n_ctx : DS_MAX_CHUNK);
     size_t H = (size_t)hp->num_attention_heads, kvl = (size_t)hp->kv_lora_rank;
-    size_t hmax = kvl > (size_t)hp->qk_nope_head_dim ? kvl : (size_t)hp->qk_nope_head_dim;
-    size_t omax = kvl > (size_t)hp->v_head_dim ? kvl : (size_t)hp->v_head_dim;
     int fail = 0;
     s->latent = calloc((size_t)hp->num_hidden_layers, sizeof *s->latent);
-    s->idx = calloc(T, sizeof *s->idx);
-    if (!s->latent || !s->idx) fail = 1;
+    if (!s->latent) fail = 1;
     for (int il = 0; !fail && il < hp->num_hidden_layers; il++)
         s->latent[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * (size_t)hp->kv_row, &fail);
     s->inv_freq = mf_dev_floats(ctx, (size_t)hp->qk_rope_head_dim / 2, &fail);
     s->qa = mf_dev_floats(ctx, T * (size_t)hp->q_lora_rank, &fail);
-    s->q = mf_dev_floats(ctx, T * H * (size_t)hp->q_head_dim, &fail);
+    s->q_nope = mf_dev_floats(ctx, T * H * (size_t)hp->qk_nope_head_dim, &fail);
     s->ckv = mf_dev_floats(ctx, T * (size_t)hp->kv_row, &fail);
-    s->hin = mf_dev_floats(ctx, T * hmax, &fail);
-    s->hout = mf_dev_floats(ctx, T * omax, &fail);
     s->qfull = mf_dev_floats(ctx, T * H * (size_t)hp->kv_row, &fail);
     s->lat_out = mf_dev_floats(ctx, T * H * kvl, &fail);
     s->o_in = mf_dev_floats(ctx, T * H * (size_t)hp->v_head_dim, &fail);
@@ -534,47 +521,50 @@ static int ds_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int c
 
 /* ==== Blocks: multi-head latent attention ==== */
 
-// n_rows rows of n floats from src (row stride src_stride floats) to dst (row stride
-// dst_stride floats). Used to move one head's slices between token-major and dense
-// layouts, which the matmul and attention ops need.
-static void copy_rows(mf_ctx *ctx, float *dst, size_t dst_stride, const float *src,
-                      size_t src_stride, int n_rows, size_t n) {
-    for (int r = 0; r < n_rows; r++)
-        ctx->be->ops->copy(ctx->ex, dst, (size_t)r * dst_stride * sizeof(float), src,
-                           (size_t)r * src_stride * sizeof(float), n * sizeof(float));
+// y[t, h] = W_h x[t, h] for every head in one backend call; strides in floats.
+static void heads_mul(mf_ctx *ctx, float *y, int y_tok_stride, int y_head_stride,
+                      const struct ds_heads *w, const float *x, int x_tok_stride,
+                      int x_head_stride, int n, int H) {
+    ctx->be->ops->matmul_heads(ctx->ex, y, y_tok_stride, y_head_stride, &w->w,
+                               w->head_rows, w->transposed, x, x_tok_stride,
+                               x_head_stride, n, H);
 }
 
 // y[n, hidden] = MLA(xn[n, hidden]) for tokens at positions pos0 .. pos0+n-1; writes
-// their cache rows of layer il.
+// their cache rows of layer il. Each per-head step is one matmul_heads call over all
+// heads (a per-head loop of small ops costs a pool hand-off each: ~50k per token at
+// 128 heads x 61 layers).
 static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams *hp,
                         const struct ds_layer *L, int il, int n, int pos0) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_exec *ex = ctx->ex;
     const int H = hp->num_attention_heads, nope = hp->qk_nope_head_dim;
     const int rope = hp->qk_rope_head_dim, kvl = hp->kv_lora_rank, vd = hp->v_head_dim;
-    const int qhd = hp->q_head_dim, kvr = hp->kv_row;
-    const float *xn = s->dec.xn;
+    const int kvr = hp->kv_row;
+    const float *xq = s->dec.xn;   // input of the per-head query projections
+    int xq_width = hp->hidden_size;
 
-    // Queries: [n, hidden] -> [n, H*qhd] -> [n, H, nope | rope]
+    // Queries: [n, hidden] (-> [n, q_lora]) -> q_nope [n, H, nope] and q_pe, which is
+    // written straight into its place in qfull [n, H, kv_lora | rope].
     if (hp->q_lora_rank > 0) {
-        op->matmul(ex, s->qa, &L->q_a_proj, xn, n);
+        op->matmul(ex, s->qa, &L->q_a_proj, xq, n);
         op->rmsnorm(ex, s->qa, s->qa, &L->q_a_layernorm, n, hp->q_lora_rank,
                     DS_LORA_NORM_EPS, 1.0f);
-        op->matmul(ex, s->q, &L->q_b_proj, s->qa, n);
-    } else {
-        op->matmul(ex, s->q, &L->q_b_proj, xn, n);
+        xq = s->qa;
+        xq_width = hp->q_lora_rank;
     }
-    MF_TAP(ctx, "model.layers.%d.self_attn.q_b_proj", il, s->q, n * H * qhd);
+    heads_mul(ctx, s->q_nope, H * nope, nope, &L->q_nope, xq, xq_width, 0, n, H);
+    heads_mul(ctx, s->qfull + kvl, H * kvr, kvr, &L->q_pe, xq, xq_width, 0, n, H);
 
     // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
     // shared rope key roped, and both rows go to the cache as they are.
-    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, xn, n);
+    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->dec.xn, n);
     for (int t = 0; t < n; t++) {
         float *row = s->ckv + (size_t)t * kvr;
         op->rmsnorm(ex, row, row, &L->kv_a_layernorm, 1, kvl, DS_LORA_NORM_EPS, 1.0f);
     }
     // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike.
-    op->rope(ex, s->q + nope, n, H, H * qhd, qhd, rope, s->inv_freq, pos0, 1,
+    op->rope(ex, s->qfull + kvl, n, H, H * kvr, kvr, rope, s->inv_freq, pos0, 1,
              hp->rope_mscale);
     op->rope(ex, s->ckv + kvl, n, 1, kvr, kvr, rope, s->inv_freq, pos0, 1, hp->rope_mscale);
     MF_TAP(ctx, "model.layers.%d.self_attn.kv_latent", il, s->ckv, n * kvr);
@@ -582,14 +572,8 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     op->copy(ex, cache, (size_t)pos0 * kvr * sizeof(float), s->ckv, 0,
              (size_t)n * kvr * sizeof(float));
 
-    // Absorbed queries qfull[n, H, kv_lora | rope] = [W_UK^h^T q_nope^h | q_pe^h].
-    for (int h = 0; h < H; h++) {
-        copy_rows(ctx, s->hin, nope, s->q + (size_t)h * qhd, (size_t)H * qhd, n, nope);
-        L->absorb(ex, s->hout, &L->w_uk[h], s->hin, n);
-        copy_rows(ctx, s->qfull + (size_t)h * kvr, (size_t)H * kvr, s->hout, kvl, n, kvl);
-        copy_rows(ctx, s->qfull + (size_t)h * kvr + kvl, (size_t)H * kvr,
-                  s->q + (size_t)h * qhd + nope, (size_t)H * qhd, n, rope);
-    }
+    // Absorbed queries: qfull[t, h, :kv_lora] = W_UK^h^T q_nope[t, h].
+    heads_mul(ctx, s->qfull, H * kvr, kvr, &L->w_uk, s->q_nope, H * nope, nope, n, H);
 
     // One kv head: K rows are the whole cache rows (c | k_pe), V rows their first
     // kv_lora floats (c). lat_out[n, H, kv_lora].
@@ -597,14 +581,8 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
                   pos0, hp->softmax_scale);
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->lat_out, n * H * kvl);
 
-    // Back from latent space per head: o_in[n, H, v] with o_in[t, h] = W_UV^h lat_out[t, h].
-    op->zero(ex, s->o_in, 0, (size_t)n * H * vd * sizeof(float));
-    for (int h = 0; h < H; h++) {
-        for (int t = 0; t < n; t++) s->idx[t] = t * H + h;
-        op->gather_rows(ex, s->hin, s->lat_out, s->idx, n, kvl);
-        op->matmul(ex, s->hout, &L->w_uv[h], s->hin, n);
-        op->scatter_add_rows(ex, s->o_in, s->hout, s->idx, NULL, n, vd);
-    }
+    // Back from latent space: o_in[t, h] = W_UV^h lat_out[t, h], [n, H, v].
+    heads_mul(ctx, s->o_in, H * vd, vd, &L->w_uv, s->lat_out, H * kvl, kvl, n, H);
     MF_TAP(ctx, "model.layers.%d.self_attn.unembed_out", il, s->o_in, n * H * vd);
     op->matmul(ex, s->dec.y, &L->o_proj, s->o_in, n);
 }

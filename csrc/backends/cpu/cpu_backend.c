@@ -160,6 +160,7 @@ static const struct mf_backend_ops cpu_ops = {
     .alloc_host = NULL,
     .matmul = mf_cpu_matmul,
     .matmul_t = mf_cpu_matmul_t,
+    .matmul_heads = mf_cpu_matmul_heads,
     .embed = mf_cpu_embed,
     .rmsnorm = mf_cpu_rmsnorm,
     .rmsnorm_gated = mf_cpu_rmsnorm_gated,

@@ -103,6 +103,10 @@ void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
                    const float *x, int n_tok);
 void mf_cpu_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                      const float *x, int n_tok);
+void mf_cpu_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
+                         int y_head_stride, const struct mf_weight *w, int64_t w_head_rows,
+                         int transposed, const float *x, int x_tok_stride,
+                         int x_head_stride, int n_tok, int n_head);
 void mf_cpu_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
                   const int32_t *tokens_host, int n_tok);
 

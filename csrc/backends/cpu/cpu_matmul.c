@@ -358,6 +358,104 @@ void mf_cpu_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
     mf_pool_run(ex->pool, matmul_t_task, &j, (int)n_task);
 }
 
+/* ==== matmul_heads: one product per head in one call ====
+ * The work is split over heads x row blocks (x @ W_h^T) or heads x column blocks
+ * (x @ W_h), one task per pair, so a call with 128 small heads is one hand-off to the
+ * pool instead of 128 (MLA issues this per layer). Each output element is computed by
+ * one task in the same order as matmul / matmul_t compute it, whatever the threads. */
+
+struct heads_job {
+    struct mf_exec *ex;
+    float *y;
+    const struct mf_weight *w;   // head 0's [n_out, n_in] view
+    const float *x;
+    int64_t w_head_rows;
+    int y_tok_stride, y_head_stride, x_tok_stride, x_head_stride;
+    int n_tok;
+    int64_t n_block;             // row or column blocks per head
+};
+
+// Rows [r0, r0 + n) of the weight w starts at (same columns), as a view.
+static struct mf_weight head_view(const struct mf_weight *w, int64_t r0) {
+    struct mf_weight row = *w;
+    row.n_out = 1;
+    struct mf_weight v = mf_weight_slice(&row, r0);
+    v.n_out = w->n_out;
+    return v;
+}
+
+// y_h[t, r] for the rows of one block: packed-code dots for one token, dequantized
+// tiles applied to every token otherwise (matvec_task / matmat_task per head).
+static void heads_task(void *arg, int task, int tid) {
+    const struct heads_job *j = arg;
+    int64_t h = task / j->n_block, blk = task % j->n_block;
+    struct mf_weight w = head_view(j->w, h * j->w_head_rows);
+    const float *x = j->x + h * j->x_head_stride;
+    float *y = j->y + h * j->y_head_stride;
+    const int64_t n_in = w.n_in, rows = j->n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    int64_t r0 = blk * rows, r1 = r0 + rows < w.n_out ? r0 + rows : w.n_out;
+    if (j->n_tok == 1) {
+        for (int64_t r = r0; r < r1; r++)
+            y[r] = row_dot(j->ex, &w, r, x);
+        return;
+    }
+    float *tile = j->ex->scratch[tid];   // [ROW_BLOCK, COL_CHUNK]
+    for (int t = 0; t < j->n_tok; t++)
+        memset(y + (int64_t)t * j->y_tok_stride + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+    for (int64_t c0 = 0; c0 < n_in; c0 += MF_CPU_COL_CHUNK) {
+        int64_t nc = n_in - c0 < MF_CPU_COL_CHUNK ? n_in - c0 : MF_CPU_COL_CHUNK;
+        for (int64_t r = r0; r < r1; r++)
+            mf_cpu_weight_row(j->ex, tile + (r - r0) * nc, &w, r, c0, nc);
+        j->ex->k->gemm_tile(y + r0, j->y_tok_stride, x + c0, j->x_tok_stride, j->n_tok,
+                            tile, nc, (int)(r1 - r0), nc);
+    }
+}
+
+// y_h[t, cols] for one column block of W_h, walking its rows in order (matmul_t_task
+// per head).
+static void heads_t_task(void *arg, int task, int tid) {
+    const struct heads_job *j = arg;
+    int64_t h = task / j->n_block, blk = task % j->n_block;
+    struct mf_weight w = head_view(j->w, h * j->w_head_rows);
+    const float *x = j->x + h * j->x_head_stride;
+    float *y = j->y + h * j->y_head_stride;
+    float *tmp = j->ex->scratch[tid];   // [T_COLS]
+    const int64_t n_in = w.n_in;
+    int64_t c0 = blk * T_COLS, nc = n_in - c0 < T_COLS ? n_in - c0 : T_COLS;
+    for (int t = 0; t < j->n_tok; t++)
+        memset(y + (int64_t)t * j->y_tok_stride + c0, 0, (size_t)nc * sizeof(float));
+    for (int64_t o = 0; o < w.n_out; o++) {
+        const float *row = tmp;
+        if (w.dtype == MF_DTYPE_F32)
+            row = (const float *)w.w + o * n_in + c0;
+        else
+            mf_cpu_weight_row(j->ex, tmp, &w, o, c0, nc);
+        for (int t = 0; t < j->n_tok; t++)
+            j->ex->k->axpy(y + (int64_t)t * j->y_tok_stride + c0,
+                           x[(int64_t)t * j->x_tok_stride + o], row, nc);
+    }
+}
+
+void mf_cpu_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
+                         int y_head_stride, const struct mf_weight *w, int64_t w_head_rows,
+                         int transposed, const float *x, int x_tok_stride,
+                         int x_head_stride, int n_tok, int n_head) {
+    if (n_tok <= 0 || n_head <= 0 || w->n_out <= 0 || w->n_in <= 0)
+        return;
+    struct heads_job j = {.ex = ex, .y = y, .w = w, .x = x, .w_head_rows = w_head_rows,
+                          .y_tok_stride = y_tok_stride, .y_head_stride = y_head_stride,
+                          .x_tok_stride = x_tok_stride, .x_head_stride = x_head_stride,
+                          .n_tok = n_tok};
+    if (transposed) {
+        j.n_block = (w->n_in + T_COLS - 1) / T_COLS;
+        mf_pool_run(ex->pool, heads_t_task, &j, (int)(j.n_block * n_head));
+        return;
+    }
+    int64_t rows = n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    j.n_block = (w->n_out + rows - 1) / rows;
+    mf_pool_run(ex->pool, heads_task, &j, (int)(j.n_block * n_head));
+}
+
 /* ==== embed: rows of W, dequantized ==== */
 
 struct embed_job {
