@@ -93,24 +93,37 @@ int mf_err(char *err, size_t errlen, int status, const char *fmt, ...) {
 
 /* ==== Files and paths ==== */
 
+int mf_open_regular(const char *path, int *fd, uint64_t *size, char *err, size_t errlen) {
+    *fd = -1;
+    *size = 0;
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0)
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(f, &st) != 0) {
+        int e = errno;
+        close(f);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(f);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: not a regular file", path);
+    }
+    *fd = f;
+    *size = (uint64_t)st.st_size;
+    return MF_OK;
+}
+
 int mf_read_file(const char *path, char **out, size_t *len, char *err, size_t errlen) {
     *out = NULL;
     if (len)
         *len = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return mf_err(err, errlen, MF_ERR_IO, "%s: not a regular file", path);
-    }
-    size_t size = (size_t)st.st_size;
+    int fd;
+    uint64_t bytes;
+    int rc = mf_open_regular(path, &fd, &bytes, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    size_t size = (size_t)bytes;
     char *buf = malloc(size + 1);
     if (!buf) {
         close(fd);

@@ -57,6 +57,10 @@ int mf_err(char *err, size_t errlen, int status, const char *fmt, ...)
 #endif
     ;
 
+// Open path read-only (close-on-exec) into *fd and its size into *size; it must be a
+// regular file. MF_ERR_IO names the path and errno text; nothing is left open then.
+int mf_open_regular(const char *path, int *fd, uint64_t *size, char *err, size_t errlen);
+
 // Read a whole (small) file into a NUL-terminated malloc'd buffer. MF_ERR_IO names
 // the path and errno text.
 int mf_read_file(const char *path, char **out, size_t *len, char *err, size_t errlen);

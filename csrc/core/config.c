@@ -138,6 +138,12 @@ static int positive(const struct reader *r, const char *key, long long v) {
     return 0;
 }
 
+// rd_int, then the value (read, or the default already in *out) must be positive.
+static int rd_pos_int(const struct reader *r, const char *key, int required, int *out) {
+    int rc = rd_int(r, key, required, out);
+    return rc ? rc : positive(r, key, *out);
+}
+
 /* ==== Quantization block ==== */
 
 static int valid_bits(int b) {
@@ -316,19 +322,12 @@ static int read_hybrid(struct mf_config *cfg, const struct reader *r) {
     cfg->full_attention_interval = 4;
     cfg->linear_conv_kernel_dim = 4;
     int rc;
-    if ((rc = rd_int(r, "full_attention_interval", 0, &cfg->full_attention_interval)) ||
-        (rc = rd_int(r, "linear_num_key_heads", 1, &cfg->linear_num_key_heads)) ||
-        (rc = rd_int(r, "linear_num_value_heads", 1, &cfg->linear_num_value_heads)) ||
-        (rc = rd_int(r, "linear_key_head_dim", 1, &cfg->linear_key_head_dim)) ||
-        (rc = rd_int(r, "linear_value_head_dim", 1, &cfg->linear_value_head_dim)) ||
-        (rc = rd_int(r, "linear_conv_kernel_dim", 0, &cfg->linear_conv_kernel_dim)))
-        return rc;
-    if ((rc = positive(r, "full_attention_interval", cfg->full_attention_interval)) ||
-        (rc = positive(r, "linear_num_key_heads", cfg->linear_num_key_heads)) ||
-        (rc = positive(r, "linear_num_value_heads", cfg->linear_num_value_heads)) ||
-        (rc = positive(r, "linear_key_head_dim", cfg->linear_key_head_dim)) ||
-        (rc = positive(r, "linear_value_head_dim", cfg->linear_value_head_dim)) ||
-        (rc = positive(r, "linear_conv_kernel_dim", cfg->linear_conv_kernel_dim)))
+    if ((rc = rd_pos_int(r, "full_attention_interval", 0, &cfg->full_attention_interval)) ||
+        (rc = rd_pos_int(r, "linear_num_key_heads", 1, &cfg->linear_num_key_heads)) ||
+        (rc = rd_pos_int(r, "linear_num_value_heads", 1, &cfg->linear_num_value_heads)) ||
+        (rc = rd_pos_int(r, "linear_key_head_dim", 1, &cfg->linear_key_head_dim)) ||
+        (rc = rd_pos_int(r, "linear_value_head_dim", 1, &cfg->linear_value_head_dim)) ||
+        (rc = rd_pos_int(r, "linear_conv_kernel_dim", 0, &cfg->linear_conv_kernel_dim)))
         return rc;
     if (cfg->linear_num_value_heads % cfg->linear_num_key_heads != 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -387,23 +386,16 @@ static int read_deepseek(struct mf_config *cfg, const struct reader *r) {
     int rc;
     if ((rc = rd_int(r, "n_routed_experts", 0, &cfg->num_experts)) ||
         (rc = rd_int(r, "q_lora_rank", 0, &cfg->q_lora_rank)) ||
-        (rc = rd_int(r, "kv_lora_rank", 1, &cfg->kv_lora_rank)) ||
+        (rc = rd_pos_int(r, "kv_lora_rank", 1, &cfg->kv_lora_rank)) ||
         (rc = rd_int(r, "qk_nope_head_dim", 1, &cfg->qk_nope_head_dim)) ||
-        (rc = rd_int(r, "qk_rope_head_dim", 1, &cfg->qk_rope_head_dim)) ||
-        (rc = rd_int(r, "v_head_dim", 1, &cfg->v_head_dim)) ||
+        (rc = rd_pos_int(r, "qk_rope_head_dim", 1, &cfg->qk_rope_head_dim)) ||
+        (rc = rd_pos_int(r, "v_head_dim", 1, &cfg->v_head_dim)) ||
         (rc = rd_int(r, "n_shared_experts", 0, &cfg->n_shared_experts)) ||
-        (rc = rd_int(r, "n_group", 0, &cfg->n_group)) ||
-        (rc = rd_int(r, "topk_group", 0, &cfg->topk_group)) ||
+        (rc = rd_pos_int(r, "n_group", 0, &cfg->n_group)) ||
+        (rc = rd_pos_int(r, "topk_group", 0, &cfg->topk_group)) ||
         (rc = rd_num(r, "routed_scaling_factor", 0, &cfg->routed_scaling_factor)) ||
         (rc = rd_int(r, "first_k_dense_replace", 0, &cfg->first_k_dense_replace)) ||
-        (rc = rd_int(r, "moe_layer_freq", 0, &cfg->moe_layer_freq)))
-        return rc;
-    if ((rc = positive(r, "kv_lora_rank", cfg->kv_lora_rank)) ||
-        (rc = positive(r, "qk_rope_head_dim", cfg->qk_rope_head_dim)) ||
-        (rc = positive(r, "v_head_dim", cfg->v_head_dim)) ||
-        (rc = positive(r, "n_group", cfg->n_group)) ||
-        (rc = positive(r, "topk_group", cfg->topk_group)) ||
-        (rc = positive(r, "moe_layer_freq", cfg->moe_layer_freq)))
+        (rc = rd_pos_int(r, "moe_layer_freq", 0, &cfg->moe_layer_freq)))
         return rc;
     if (cfg->q_lora_rank < 0 || cfg->qk_nope_head_dim < 0 || cfg->n_shared_experts < 0 ||
         cfg->first_k_dense_replace < 0 || cfg->num_experts < 0)
@@ -513,23 +505,17 @@ static int parse_root(struct mf_config *cfg, const mf_json *root, const char *na
     double eps = 0;
     int ds = cfg->arch == MF_ARCH_DEEPSEEK_V3;
     int hybrid = cfg->arch == MF_ARCH_QWEN3_5_MOE || cfg->arch == MF_ARCH_QWEN3_NEXT;
-    if ((rc = rd_int(&r, "hidden_size", 1, &cfg->hidden_size)) ||
-        (rc = rd_int(&r, "num_hidden_layers", 1, &cfg->num_hidden_layers)) ||
-        (rc = rd_int(&r, "num_attention_heads", 1, &cfg->num_attention_heads)) ||
+    if ((rc = rd_pos_int(&r, "hidden_size", 1, &cfg->hidden_size)) ||
+        (rc = rd_pos_int(&r, "num_hidden_layers", 1, &cfg->num_hidden_layers)) ||
+        (rc = rd_pos_int(&r, "num_attention_heads", 1, &cfg->num_attention_heads)) ||
         (rc = rd_int(&r, "num_key_value_heads", !ds, &cfg->num_key_value_heads)) ||
         (rc = rd_int(&r, "head_dim", 0, &cfg->head_dim)) ||
-        (rc = rd_int(&r, "vocab_size", 1, &cfg->vocab_size)) ||
-        (rc = rd_int(&r, "max_position_embeddings", 1, &cfg->max_position_embeddings)) ||
+        (rc = rd_pos_int(&r, "vocab_size", 1, &cfg->vocab_size)) ||
+        (rc = rd_pos_int(&r, "max_position_embeddings", 1, &cfg->max_position_embeddings)) ||
         (rc = rd_num(&r, "rms_norm_eps", 1, &eps)) ||
         (rc = rd_bool(&r, "tie_word_embeddings", &cfg->tie_word_embeddings)) ||
         (rc = rd_token(&r, "bos_token_id", &cfg->bos_token_id)) ||
         (rc = rd_token(&r, "eos_token_id", &cfg->eos_token_id)))
-        return rc;
-    if ((rc = positive(&r, "hidden_size", cfg->hidden_size)) ||
-        (rc = positive(&r, "num_hidden_layers", cfg->num_hidden_layers)) ||
-        (rc = positive(&r, "num_attention_heads", cfg->num_attention_heads)) ||
-        (rc = positive(&r, "vocab_size", cfg->vocab_size)) ||
-        (rc = positive(&r, "max_position_embeddings", cfg->max_position_embeddings)))
         return rc;
     if (!(eps > 0 && eps < 1))
         return mf_err(err, errlen, MF_ERR_FORMAT,
@@ -567,9 +553,7 @@ static int parse_root(struct mf_config *cfg, const mf_json *root, const char *na
                      &cfg->shared_expert_intermediate_size)) ||
         (rc = rd_int(&r, "intermediate_size", 0, &cfg->intermediate_size)) ||
         (rc = rd_bool(&r, "norm_topk_prob", &cfg->norm_topk_prob)) ||
-        (rc = rd_int(&r, "decoder_sparse_step", 0, &cfg->decoder_sparse_step)))
-        return rc;
-    if ((rc = positive(&r, "decoder_sparse_step", cfg->decoder_sparse_step)))
+        (rc = rd_pos_int(&r, "decoder_sparse_step", 0, &cfg->decoder_sparse_step)))
         return rc;
     if (cfg->shared_expert_intermediate_size < 0 || cfg->intermediate_size < 0)
         return mf_err(err, errlen, MF_ERR_FORMAT,

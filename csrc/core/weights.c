@@ -12,12 +12,10 @@
 #include "core/weights.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/common.h"
@@ -28,20 +26,11 @@ int mf_weights_map(mf_model *m, const char *path, char *err, size_t errlen) {
     m->weights_fd = -1;
     m->weights_map = NULL;
     m->weights_bytes = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return mf_err(err, errlen, MF_ERR_IO, "%s: not a regular file", path);
-    }
-    uint64_t bytes = (uint64_t)st.st_size;
+    int fd;
+    uint64_t bytes;
+    int rc = mf_open_regular(path, &fd, &bytes, err, errlen);
+    if (rc != MF_OK)
+        return rc;
     void *map = NULL;
     // mmap of length 0 is invalid; an empty bin (a model with no dense tensors cannot
     // exist, but the manifest check reports it better) maps nothing.
