@@ -1,6 +1,7 @@
 """Shared pieces of the prep commands: reading the source checkpoint's facts
 (architecture, quantization, MoE layers), atomic hashed output files, the resume
-journal, disk-space checks and progress bars.
+journal, disk-space checks, progress bars, and the command-line plumbing the commands
+share.
 
 Everything that decides *what* a model directory contains lives in the command
 modules; this file only knows how to read a source safely and how to write a file so
@@ -8,6 +9,7 @@ that a crash never leaves something that looks finished.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import hashlib
@@ -331,11 +333,12 @@ class _Countdown:
             self._done()
 
 
-class HashedFile:
-    """An output file written under ``name.tmp``. Two background threads take each
-    buffer: one writes it, one adds it to the file's sha256, so writing, hashing and
-    the caller's next reads all overlap. ``finish`` fsyncs; ``commit`` renames to the
-    final name; ``abort`` removes the temporary."""
+class _TmpOutput:
+    """An output file written under ``name.tmp`` by the caller and background threads
+    (each fed by its own queue, stopped by a None item; subclasses start them).
+    ``finish`` waits for them, fsyncs and returns the sha256; ``commit`` renames to
+    the final name; ``abort`` stops the threads and removes the temporary, which a
+    ``with`` block does on any exception."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -343,8 +346,71 @@ class HashedFile:
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.hasher = hashlib.sha256()
         self.size = 0
-        self._error: BaseException | None = None
-        self._queues: list[queue.Queue] = [queue.Queue(maxsize=2), queue.Queue(maxsize=2)]
+        self._error: BaseException | None = None   # first failure of a thread
+        self._queues: list[queue.Queue] = []
+        self._threads: list[threading.Thread] = []
+
+    def _stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+
+    def finish(self) -> str:
+        """Wait for all writes, fsync, close; return the hex sha256."""
+        self._stop()
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise PrepIOError(errno.ENOSPC, f"{self.tmp}: no space left on device")
+            raise err
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return self.hasher.hexdigest()
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def seal(self, check: Callable[[Path], None]) -> str:
+        """``finish``, then ``check(tmp)`` (read-back checks before the rename), then
+        ``commit``; returns the file's hex sha256."""
+        digest = self.finish()
+        check(self.tmp)
+        self.commit()
+        return digest
+
+    def __enter__(self) -> "_TmpOutput":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:   # any failure, Ctrl-C included: no stray .tmp
+            self.abort()
+
+    def abort(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            self._error = self._error or RuntimeError("aborted")
+            self._stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class HashedFile(_TmpOutput):
+    """An output file written under ``name.tmp``. Two background threads take each
+    buffer: one writes it, one adds it to the file's sha256, so writing, hashing and
+    the caller's next reads all overlap. ``finish`` fsyncs; ``commit`` renames to the
+    final name; ``abort`` removes the temporary."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._queues = [queue.Queue(maxsize=2), queue.Queue(maxsize=2)]
         self._threads = [
             threading.Thread(target=self._run, args=(q, job), daemon=True,
                              name=f"moeflux-prep-{job.__name__}")
@@ -386,42 +452,6 @@ class HashedFile:
         for q in self._queues:
             q.put((view, countdown))
 
-    def _stop(self) -> None:
-        for q in self._queues:
-            q.put(None)
-        for t in self._threads:
-            t.join()
-
-    def finish(self) -> str:
-        """Wait for all writes, fsync, close; return the hex sha256."""
-        self._stop()
-        if self._error is not None:
-            err = self._error
-            self.abort()
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise PrepIOError(errno.ENOSPC, f"{self.tmp}: no space left on device")
-            raise err
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        return self.hasher.hexdigest()
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-
-    def abort(self) -> None:
-        if any(t.is_alive() for t in self._threads):
-            self._error = self._error or RuntimeError("aborted")
-            self._stop()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
-
 
 class SourceMaps:
     """Read-only mappings of source files, opened on first use: CopyFile hashes the
@@ -444,7 +474,7 @@ class SourceMaps:
         self._maps.clear()
 
 
-class CopyFile:
+class CopyFile(_TmpOutput):
     """An output file assembled in order from source byte ranges and literal bytes,
     written under ``name.tmp``.
 
@@ -457,17 +487,13 @@ class CopyFile:
     """
 
     def __init__(self, path: Path, maps: SourceMaps):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        super().__init__(path)
         self.maps = maps
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.size = 0
-        self.hasher = hashlib.sha256()
         self._q: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hash_run, daemon=True,
-                                        name="moeflux-prep-hash")
-        self._thread.start()
+        self._queues = [self._q]
+        self._threads = [threading.Thread(target=self._hash_run, daemon=True,
+                                          name="moeflux-prep-hash")]
+        self._threads[0].start()
 
     def _hash_run(self) -> None:
         while True:
@@ -502,35 +528,6 @@ class CopyFile:
             view = view[n:]
         self._q.put(data)
         self.size += len(data)
-
-    def finish(self) -> str:
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            err = self._error
-            self.abort()
-            raise err
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        return self.hasher.hexdigest()
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-
-    def abort(self) -> None:
-        if self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._q.put(None)
-            self._thread.join()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 def kernel_copy_works(out_dir: Path, src_fd: int) -> bool:
@@ -716,3 +713,47 @@ class StepResult:
     files: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ==== Command line ====
+
+def add_src_dst_arguments(p: argparse.ArgumentParser, expert_bits: bool = False) -> None:
+    """SRC, DST, --no-progress and (expert_bits) --expert-bits {4,2} of the commands
+    that write a model directory from a checkpoint."""
+    p.add_argument("src", help="MLX checkpoint directory (config.json + safetensors)")
+    p.add_argument("dst", help="model directory to write")
+    if expert_bits:
+        p.add_argument("--expert-bits", type=int, choices=(4, 2), default=4,
+                       help="4: copy the experts as they are (default); 2: requantize "
+                       "them to 2-bit into packed_experts_2bit/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One prep command: a subcommand of ``python -m moeflux.prep`` (``register``) and
+    the same command run as its own module (``main``, prog = the module name)."""
+
+    name: str                                   # as typed: "repack-experts"
+    help: str                                   # one line for the command list
+    doc: str                                    # the module docstring: the description
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]    # exit status
+
+    def _setup(self, p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        self.add_arguments(p)
+        p.set_defaults(func=self.run)
+        return p
+
+    def register(self, subparsers: Any) -> None:
+        """Add the command to moeflux.prep's CLI."""
+        self._setup(subparsers.add_parser(
+            self.name, help=self.help, description=self.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Parse ``argv`` (default sys.argv[1:]) and run; the exit status."""
+        p = self._setup(argparse.ArgumentParser(
+            prog=self.name.replace("-", "_"), description=self.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
+        return self.run(p.parse_args(argv))

@@ -19,9 +19,9 @@ from typing import Any
 
 import moeflux
 from moeflux.errors import ArgumentError
-from moeflux.prep._common import (TOKENIZER_FILES, DirLock, Journal, Source, check_disk,
-                                  json_bytes, layer_file_name, source_key,
-                                  write_small_file)
+from moeflux.prep._common import (Command, add_src_dst_arguments, TOKENIZER_FILES,
+                                  DirLock, Journal, Source, check_disk, json_bytes,
+                                  layer_file_name, source_key, write_small_file)
 from moeflux.prep.extract_weights import BIN_NAME, plan_weights, run_extract
 from moeflux.prep.repack_experts import (expert_dir_name, plan_experts, print_rmse,
                                          run_repack)
@@ -140,28 +140,10 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="MLX checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", help="model directory to write")
-    p.add_argument("--expert-bits", type=int, choices=(4, 2), default=4,
-                   help="4: copy the experts as they are (default); 2: requantize "
-                   "them to 2-bit into packed_experts_2bit/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("convert", help="MLX checkpoint -> moeflux model "
-                              "directory", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return _cli(p.parse_args(argv))
+COMMAND = Command("convert", "MLX checkpoint -> moeflux model directory", __doc__ or "",
+                  lambda p: add_src_dst_arguments(p, expert_bits=True), _cli)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from moeflux.errors import FormatError, MoefluxIOError, ShapeError
-from moeflux.prep._common import (FLOAT_DTYPES, BufferPool, CopyFile, DirLock,
-                                  HashedFile, Journal, SourceMaps, kernel_copy_works,
-                                  Progress, Quant, Source, StepResult, check_disk,
-                                  expert_key, json_bytes, layer_of, nbytes_of,
-                                  preadv_exact, source_key, strip_name, tensor_fd,
-                                  write_small_file, CHUNK_BYTES)
+from moeflux.prep._common import (Command, add_src_dst_arguments, FLOAT_DTYPES,
+                                  BufferPool, CopyFile, DirLock, HashedFile, Journal,
+                                  SourceMaps, kernel_copy_works, Progress, Quant,
+                                  Source, StepResult, check_disk, expert_key,
+                                  json_bytes, layer_of, nbytes_of, preadv_exact,
+                                  source_key, strip_name, tensor_fd, write_small_file,
+                                  CHUNK_BYTES)
 from moeflux.prep.safetensors_io import TensorInfo
 
 ALIGN = 64
@@ -217,26 +218,20 @@ def _write_bin_kernel(src: Source, entries: list[WeightEntry], path: Path, size:
     """Tensors copied inside the kernel (os.sendfile), padding and widened tensors
     written from here; sha256 alongside (CopyFile)."""
     maps = SourceMaps()
-    out = CopyFile(path, maps)
     try:
-        pos = 0
-        for e in entries:
-            if e.offset > pos:
-                out.write(bytes(e.offset - pos))
-            if e.widen:
-                out.write(widen_to_f32(src.ckpt.read(e.src_name), e.info.dtype))
-            else:
-                out.copy(e.info.path, tensor_fd(src, e.info), e.info.begin,
-                         e.info.nbytes)
-            bar.update(e.offset + e.size - pos)
-            pos = e.offset + e.size
-        digest = out.finish()
-        _check_written(src, entries, out.tmp, size)
-        out.commit()
-        return digest
-    except BaseException:
-        out.abort()
-        raise
+        with CopyFile(path, maps) as out:
+            pos = 0
+            for e in entries:
+                if e.offset > pos:
+                    out.write(bytes(e.offset - pos))
+                if e.widen:
+                    out.write(widen_to_f32(src.ckpt.read(e.src_name), e.info.dtype))
+                else:
+                    out.copy(e.info.path, tensor_fd(src, e.info), e.info.begin,
+                             e.info.nbytes)
+                bar.update(e.offset + e.size - pos)
+                pos = e.offset + e.size
+            return out.seal(lambda tmp: _check_written(src, entries, tmp, size))
     finally:
         maps.close()
 
@@ -244,8 +239,7 @@ def _write_bin_kernel(src: Source, entries: list[WeightEntry], path: Path, size:
 def _write_bin_buffered(src: Source, entries: list[WeightEntry], path: Path,
                         size: int, bar: Progress) -> str:
     """Portable path: reads into pool buffers, a thread writes and hashes them."""
-    out = HashedFile(path)
-    try:
+    with HashedFile(path) as out:
         sink = _Sink(out, BufferPool(3, CHUNK_BYTES), bar)
         pos = 0
         for e in entries:
@@ -257,13 +251,7 @@ def _write_bin_buffered(src: Source, entries: list[WeightEntry], path: Path,
                           e.info.path)
             pos = e.offset + e.size
         sink.close()
-        digest = out.finish()
-        _check_written(src, entries, out.tmp, size)
-        out.commit()
-        return digest
-    except BaseException:
-        out.abort()
-        raise
+        return out.seal(lambda tmp: _check_written(src, entries, tmp, size))
 
 
 def _check_written(src: Source, entries: list[WeightEntry], tmp: Path, size: int
@@ -336,26 +324,11 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="MLX checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", help="model directory to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("extract-weights", help="non-expert tensors -> "
-                              "model_weights.bin + model_weights.json",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="extract_weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return _cli(p.parse_args(argv))
+COMMAND = Command("extract-weights",
+                  "non-expert tensors -> model_weights.bin + model_weights.json",
+                  __doc__ or "", add_src_dst_arguments, _cli)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ import numpy as np
 
 from moeflux.errors import ArgumentError, FormatError, MoefluxIOError, ShapeError
 from moeflux.prep import requant
-from moeflux.prep._common import (COMPONENTS, PARTS, PROJECTIONS, BufferPool,
-                                  CopyFile, DirLock, HashedFile, SourceMaps,
-                                  kernel_copy_works, Journal, Progress, Quant, Source,
-                                  StepResult, check_disk, expert_key, json_bytes,
-                                  layer_file_name, nbytes_of, preadv_exact,
-                                  source_key, tensor_fd, write_small_file)
+from moeflux.prep._common import (Command, add_src_dst_arguments, COMPONENTS, PARTS,
+                                  PROJECTIONS, BufferPool, CopyFile, DirLock,
+                                  HashedFile, SourceMaps, kernel_copy_works, Journal,
+                                  Progress, Quant, Source, StepResult, check_disk,
+                                  expert_key, json_bytes, layer_file_name, nbytes_of,
+                                  preadv_exact, source_key, tensor_fd, write_small_file)
 from moeflux.prep.safetensors_io import NUMPY_VIEWS, TensorInfo
 
 LAYOUT_FORMAT = "moeflux-experts"
@@ -304,9 +304,8 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
                  ) -> tuple[str, dict[str, tuple[float, int]]]:
     es, E = plan.expert_size, plan.num_experts
     per = pool.size // es
-    out = HashedFile(path)
     err: dict[str, list[float]] = {p: [0.0, 0] for p in PROJECTIONS}
-    try:
+    with HashedFile(path) as out:
         for e0 in range(0, E, per):
             e1 = min(E, e0 + per)
             buf = pool.get()
@@ -320,13 +319,8 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
                     err[p][1] += n
             out.write(view, done=lambda b=buf: pool.put(b))
             bar.update(len(view))
-        digest = out.finish()
-        _check_layer(src, plan, il, out.tmp)
-        out.commit()
-        return digest, {p: (v[0], int(v[1])) for p, v in err.items()}
-    except BaseException:
-        out.abort()
-        raise
+        digest = out.seal(lambda tmp: _check_layer(src, plan, il, tmp))
+    return digest, {p: (v[0], int(v[1])) for p, v in err.items()}
 
 
 def _prefetch(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int) -> None:
@@ -346,8 +340,7 @@ def _write_layer_kernel(src: Source, plan: ExpertPlan, il: int, path: Path,
     es, E = plan.expert_size, plan.num_experts
     per = max(1, min(E, BATCH_BYTES // es))
     comps = [(plan.tensors[(il, c.name)], c.size) for c in plan.src_components]
-    out = CopyFile(path, maps)
-    try:
+    with CopyFile(path, maps) as out:
         _prefetch(src, plan, il, 0, min(E, per))
         for e0 in range(0, E, per):
             e1 = min(E, e0 + per)
@@ -358,13 +351,7 @@ def _write_layer_kernel(src: Source, plan: ExpertPlan, il: int, path: Path,
                     out.copy(info.path, tensor_fd(src, info), info.begin + ie * size,
                              size)
             bar.update((e1 - e0) * es)
-        digest = out.finish()
-        _check_layer(src, plan, il, out.tmp)
-        out.commit()
-        return digest
-    except BaseException:
-        out.abort()
-        raise
+        return out.seal(lambda tmp: _check_layer(src, plan, il, tmp))
 
 
 def _check_layer(src: Source, plan: ExpertPlan, il: int, tmp: Path) -> None:
@@ -480,29 +467,11 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="MLX checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", help="model directory to write")
-    p.add_argument("--expert-bits", type=int, choices=(4, 2), default=4,
-                   help="4: copy the experts as they are (default); 2: requantize "
-                   "them to 2-bit into packed_experts_2bit/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("repack-experts", help="routed experts -> "
-                              "packed_experts/layer_NN.bin + layout.json",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="repack_experts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return _cli(p.parse_args(argv))
+COMMAND = Command("repack-experts",
+                  "routed experts -> packed_experts/layer_NN.bin + layout.json",
+                  __doc__ or "", lambda p: add_src_dst_arguments(p, expert_bits=True), _cli)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from moeflux.errors import MoefluxError
-from moeflux.prep._common import (COMPONENTS, ModelConfig, Source, layer_file_name,
-                                  nbytes_of, CHUNK_BYTES)
+from moeflux.prep._common import (Command, COMPONENTS, ModelConfig, Source,
+                                  layer_file_name, nbytes_of, CHUNK_BYTES)
 from moeflux.prep.extract_weights import (ALIGN, BIN_NAME, JSON_NAME, plan_weights,
                                           widen_to_f32)
 from moeflux.prep.repack_experts import expected_blob, plan_experts, sample_experts
@@ -364,19 +364,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare every expert (default: a sample per layer)")
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("verify", help="check a model directory (and against "
-                              "its source)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="verify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return _cli(p.parse_args(argv))
+COMMAND = Command("verify", "check a model directory (and against its source)",
+                  __doc__ or "", add_arguments, _cli)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":
