@@ -408,12 +408,17 @@ def _assert_nothing_written(dst: Path) -> None:
                                     and p.name != ".moeflux-prep.lock"]
 
 
+def _assert_refused(src: Path, dst: Path, exc: type[BaseException], pattern: str) -> None:
+    """convert(src, dst) raises ``exc`` matching ``pattern`` before writing anything."""
+    with pytest.raises(exc, match=pattern):
+        convert(src, dst, progress=False)
+    _assert_nothing_written(dst)
+
+
 def test_refuses_unknown_model_type(synth_checkpoint, tmp_path):
     src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
                            edit_config=lambda c: {**c, "model_type": "llama"})
-    with pytest.raises(FormatError, match="model_type 'llama'"):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model", FormatError, "model_type 'llama'")
 
 
 def test_refuses_hf_per_expert_tensors(synth_checkpoint, tmp_path):
@@ -424,9 +429,8 @@ def test_refuses_hf_per_expert_tensors(synth_checkpoint, tmp_path):
         return t
     src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
                            edit_tensors=edit)
-    with pytest.raises(FormatError, match=r"mlp\.experts\.0\.up_proj\.weight"):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model",
+                    FormatError, r"mlp\.experts\.0\.up_proj\.weight")
 
 
 def test_refuses_hf_fused_experts(synth_checkpoint, tmp_path):
@@ -469,9 +473,7 @@ def test_refuses_missing_biases(synth_checkpoint, tmp_path):
         return t
     src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
                            edit_tensors=edit)
-    with pytest.raises(FormatError, match=r"o_proj\.biases.*affine"):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model", FormatError, r"o_proj\.biases.*affine")
 
 
 @pytest.mark.parametrize("key,value,pattern", [
@@ -486,9 +488,7 @@ def test_refuses_expert_shapes_vs_config(synth_checkpoint, tmp_path, key, value,
                                          pattern):
     src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
                            edit_config=lambda c: {**c, key: value})
-    with pytest.raises(ShapeError, match=pattern):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model", ShapeError, pattern)
 
 
 def test_refuses_packed_cols_vs_bits(synth_checkpoint, tmp_path):
@@ -497,9 +497,8 @@ def test_refuses_packed_cols_vs_bits(synth_checkpoint, tmp_path):
         return c
     src = clone_checkpoint(synth_checkpoint("qwen3_moe"), tmp_path / "src",
                            edit_config=edit_cfg)
-    with pytest.raises(ShapeError, match=r"groups \* group_size 64 != \d+ inputs"):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model",
+                    ShapeError, r"groups \* group_size 64 != \d+ inputs")
 
 
 def test_refuses_missing_moe_layer(synth_checkpoint, tmp_path):
@@ -838,9 +837,8 @@ def test_refuses_real_mxfp4_checkpoint(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     del cfg["quantization"]["mode"], cfg["quantization_config"]
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match=r"scales: dtype U8|biases: missing"):
-        convert(src, tmp_path / "model", progress=False)
-    _assert_nothing_written(tmp_path / "model")
+    _assert_refused(src, tmp_path / "model",
+                    FormatError, r"scales: dtype U8|biases: missing")
 
 
 def test_refuses_mixed_expert_bits(tmp_path):
