@@ -141,6 +141,28 @@ def eval_in_pieces(m: Any, tokens: list[int], cuts: list[int]) -> np.ndarray:
                            for a, b in zip(bounds, bounds[1:])])
 
 
+def check_prompt_in_pieces(ckpt: Path, model_dir: Path, cuts: list[int]) -> None:
+    """FWD_PROMPT fed in pieces split at ``cuts`` gives every position's reference
+    logits (a piece attends to the cache rows written by earlier calls)."""
+    import moeflux
+
+    ref = reference_logits(ckpt, FWD_PROMPT)
+    with moeflux.Model(model_dir, threads=2) as m:
+        pieces = eval_in_pieces(m, FWD_PROMPT, cuts)
+    assert_close(pieces, ref, f"pieces at {cuts}")
+
+
+def state_growth_of_7_tokens(model_dir: Path) -> int:
+    """Bytes the sequence state grows by from position 4 to 11 of FWD_PROMPT."""
+    import moeflux
+
+    with moeflux.Model(model_dir, threads=2) as m:
+        m.eval(FWD_PROMPT[:4])
+        s4 = m.state_size
+        m.eval(FWD_PROMPT[4:11])
+        return m.state_size - s4
+
+
 def check_long_prompt(ckpt: Path, model_dir: Path) -> None:
     """A 150-token prompt (longer than the forward's 64-token scratch, so it runs in
     internal chunks) matches at every position, and so does decoding after it."""

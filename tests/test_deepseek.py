@@ -33,8 +33,9 @@ import moeflux
 from _helpers import FWD_PROMPT as PROMPT
 from _helpers import RTOL as REL_TOL
 from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
-                      check_prefill_and_decode, check_reset_equals_fresh,
-                      check_truncate_and_snapshot, converted, eval_in_pieces)
+                      check_prefill_and_decode, check_prompt_in_pieces,
+                      check_reset_equals_fresh, check_truncate_and_snapshot, converted,
+                      state_growth_of_7_tokens)
 from reference import reference_decode, reference_logits
 
 __all__ = ["converted"]  # the fixture is used by name
@@ -190,11 +191,7 @@ def test_prompt_in_pieces_equals_one_shot(cuts: list[int],
                                           ) -> None:
     """The prompt fed in pieces gives every position's logits (prefill of a piece
     attends to cache rows written by earlier calls)."""
-    ckpt, model_dir = converted(ARCH)
-    ref = reference_logits(ckpt, PROMPT)
-    with moeflux.Model(model_dir, threads=2) as m:
-        pieces = eval_in_pieces(m, PROMPT, cuts)
-    assert_close(pieces, ref, f"pieces at {cuts}")
+    check_prompt_in_pieces(*converted(ARCH), cuts)
 
 
 def test_long_prompt_crosses_internal_chunks(converted: Callable[..., tuple[Path, Path]]
@@ -213,12 +210,7 @@ def test_mla_cache_is_compressed(converted: Callable[..., tuple[Path, Path]]) ->
     expanded = cfg["num_hidden_layers"] * cfg["num_attention_heads"] * (
         cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
     assert per_tok < expanded   # the check below could not pass with expanded K/V
-    with moeflux.Model(model_dir, threads=2) as m:
-        m.eval(PROMPT[:4])
-        s4 = m.state_size
-        m.eval(PROMPT[4:11])
-        s11 = m.state_size
-    assert s11 - s4 == 7 * per_tok
+    assert state_growth_of_7_tokens(model_dir) == 7 * per_tok
 
 
 def test_truncate_and_snapshot_are_exact(converted: Callable[..., tuple[Path, Path]]
