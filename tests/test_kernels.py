@@ -397,6 +397,27 @@ def test_conv1d_silu(n_tok: int, wdtype: Any) -> None:
     np.testing.assert_array_equal(st, full[-(K - 1):])
 
 
+def test_conv1d_silu_from() -> None:
+    # Out of place: history read from state_in (left as it was), advanced one written
+    # to state, which starts as garbage.
+    C, K, n_tok = 96, 4, 2
+    r = rng(5)
+    u = r.standard_normal((n_tok, C)).astype(np.float32)
+    state_in = r.standard_normal((K - 1, C)).astype(np.float32)
+    w = mx.array(r.standard_normal((C, K, 1)).astype(np.float32))
+    w_np, wdt = raw(w)
+    full = np.concatenate([state_in, u], axis=0)
+    ref = nn_silu(mx.conv1d(mx.array(full[None]), w, groups=C))[0]
+    y = np.empty((n_tok, C), np.float32)
+    st = np.full((K - 1, C), np.nan, np.float32)
+    keep = state_in.copy()
+    _core._diag_conv1d_silu_from(y, st, state_in, u, w_np, n_tok, C, K, wdtype=wdt,
+                                 n_threads=2)
+    assert_close(y, to_np(ref))
+    np.testing.assert_array_equal(st, full[-(K - 1):])
+    np.testing.assert_array_equal(state_in, keep)
+
+
 def nn_silu(x: mx.array) -> mx.array:
     """mlx.nn.silu."""
     import mlx.nn as nn
@@ -460,6 +481,56 @@ def test_gdn_recurrence(n_tok: int, nk: int, nv: int) -> None:
         outs.append((o, S))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("n_tok", [1, 4])
+def test_gdn_recurrence_from(n_tok: int) -> None:
+    # Out of place: S_in read (left as it was), S (garbage before) written; matches
+    # mlx-lm and, bitwise, the in-place op on a copy.
+    nk, nv, dk, dv = 2, 4, 32, 16
+    r = rng(n_tok + 77)
+    key_dim = nk * dk
+    stride = 2 * key_dim + nv * dv
+    qkv = r.standard_normal((n_tok, stride)).astype(np.float32)
+    q = mx.array(qkv[:, :key_dim].reshape(1, n_tok, nk, dk))
+    k = mx.array(qkv[:, key_dim:2 * key_dim].reshape(1, n_tok, nk, dk))
+    qn, kn = gd.normalize_qk(q, k, inv_scale=dk ** -0.5, eps=1e-6)
+    qkv[:, :key_dim] = to_np(qn).reshape(n_tok, key_dim)
+    qkv[:, key_dim:2 * key_dim] = to_np(kn).reshape(n_tok, key_dim)
+    v = qkv[:, 2 * key_dim:]
+    g = r.uniform(0.5, 1.0, (n_tok, nv)).astype(np.float32)
+    beta = r.uniform(0.0, 1.0, (n_tok, nv)).astype(np.float32)
+    S0 = r.standard_normal((nv, dv, dk)).astype(np.float32) * 0.1
+    y_ref, S_ref = gd.gated_delta_ops(
+        mx.array(qkv[:, :key_dim].reshape(1, n_tok, nk, dk)),
+        mx.array(qkv[:, key_dim:2 * key_dim].reshape(1, n_tok, nk, dk)),
+        mx.array(v.reshape(1, n_tok, nv, dv)), mx.array(g[None]), mx.array(beta[None]),
+        mx.array(S0[None]))
+    S_in = S0.copy()
+    S = np.full_like(S0, np.nan)
+    o = np.empty((n_tok, nv, dv), np.float32)
+    _core._diag_gdn_recurrence_from(o, S, S_in, qkv, stride, 0, key_dim, 2 * key_dim, g,
+                                    beta, n_tok, nk, nv, dk, dv, n_threads=3)
+    assert_close(o, to_np(y_ref)[0])
+    assert_close(S, to_np(S_ref)[0])
+    np.testing.assert_array_equal(S_in, S0)
+    o2, S2 = np.empty_like(o), S0.copy()
+    _core._diag_gdn_recurrence(o2, S2, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
+                               n_tok, nk, nv, dk, dv, n_threads=1)
+    np.testing.assert_array_equal(o, o2)
+    np.testing.assert_array_equal(S, S2)
+
+
+def test_gdn_recurrence_from_no_tokens() -> None:
+    # Zero tokens: the state is carried over unchanged.
+    nk, nv, dk, dv = 1, 2, 16, 8
+    S_in = rng(3).standard_normal((nv, dv, dk)).astype(np.float32)
+    S = np.full_like(S_in, np.nan)
+    empty = np.empty((0, nv), np.float32)
+    _core._diag_gdn_recurrence_from(np.empty(1, np.float32), S, S_in,
+                                    np.empty(1, np.float32), 2 * nk * dk + nv * dv, 0,
+                                    nk * dk, 2 * nk * dk, empty, empty, 0, nk, nv, dk, dv)
+    np.testing.assert_array_equal(S, S_in)
 
 
 # ---------------------------------------------------------------------------

@@ -155,6 +155,19 @@ struct mf_backend_ops {
                            const float *g, const float *beta, int n_tok, int nk,
                            int nv, int dk, int dv);
 
+    // Out-of-place forms of the two ops above, so an eval can read committed state
+    // buffer A and write working buffer B without first copying A into B (~60 MB per
+    // token at Qwen3-Next size): history / state are read from state_in / S_in and the
+    // advanced ones written to state / S. state_in == state (S_in == S) is the in-place
+    // op; otherwise the _in buffers are not written and must not overlap the outputs.
+    void (*conv1d_silu_from)(struct mf_exec *ex, float *y, float *state,
+                             const float *state_in, const float *u,
+                             const struct mf_weight *w, int n_tok, int C, int K);
+    void (*gdn_recurrence_from)(struct mf_exec *ex, float *o, float *S, const float *S_in,
+                                const float *q, const float *k, const float *v,
+                                int qkv_stride, const float *g, const float *beta,
+                                int n_tok, int nk, int nv, int dk, int dv);
+
     // ---- elementwise
     // y[i] = silu(gate[i]) * up[i] for i < n; the rows of gate/up are at strides
     // (gate and up may be halves of one buffer): n_rows rows of n_cols.

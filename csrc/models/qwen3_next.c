@@ -102,8 +102,8 @@ struct hy_model {
 /* ==== Sequence state and scratch ====
  * Committed state: kc/vc [n_ctx, n_head_kv, head_dim] f32 per attention layer;
  * conv[cur] [K-1, conv_dim] and rec[cur] [nv, dv, dk] f32 per linear layer. An eval
- * copies conv[cur]/rec[cur] into the other buffer on its first chunk, works there,
- * and flips cur only when it succeeds. KV rows written past n_past by a failed eval
+ * reads conv[cur]/rec[cur] on its first chunk and writes the other buffer (out of
+ * place, no copy), works there, and flips cur only when it succeeds. KV rows written past n_past by a failed eval
  * are never read (the next eval overwrites them). */
 
 struct hy_state {
@@ -720,14 +720,14 @@ static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *h
     struct mf_exec *ex = ctx->ex;
     int C = d->conv_dim, dk = d->dk;
     gdn_project(ctx, st, hm, L, x, n);
-    // working copy of the committed state (see "Sequence state" above)
+    // The first chunk reads the committed state and writes the working buffers (the
+    // out-of-place ops: no copy of the committed state); later chunks of the same call
+    // go on in place in the working buffers (see "Sequence state" above).
     float *conv = st->conv[!st->cur][il], *S = st->rec[!st->cur][il];
-    if (first_chunk) {
-        op->copy(ex, conv, 0, st->conv[st->cur][il], 0, conv_bytes(d));
-        op->copy(ex, S, 0, st->rec[st->cur][il], 0, rec_bytes(d));
-    }
-    op->conv1d_silu(ex, st->conv_out, conv, st->buf[DST_QKV], &L->conv1d, n, C,
-                    d->conv_K);
+    const float *conv_in = first_chunk ? st->conv[st->cur][il] : conv;
+    const float *S_in = first_chunk ? st->rec[st->cur][il] : S;
+    op->conv1d_silu_from(ex, st->conv_out, conv, conv_in, st->buf[DST_QKV], &L->conv1d, n,
+                         C, d->conv_K);
     float eps_qk = 1e-6f / (float)dk;
     for (int t = 0; t < n; t++) {
         float *q = st->conv_out + (size_t)t * C, *k = q + d->key_dim;
@@ -736,9 +736,9 @@ static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *h
     }
     op->gdn_gates(ex, st->g, st->beta, st->buf[DST_A], st->buf[DST_B], d->nv, &L->A_log,
                   &L->dt_bias, n, d->nv);
-    op->gdn_recurrence(ex, st->o, S, st->conv_out, st->conv_out + d->key_dim,
-                       st->conv_out + 2 * d->key_dim, C, st->g, st->beta, n, d->nk, d->nv,
-                       dk, d->dv);
+    op->gdn_recurrence_from(ex, st->o, S, S_in, st->conv_out, st->conv_out + d->key_dim,
+                            st->conv_out + 2 * d->key_dim, C, st->g, st->beta, n, d->nk,
+                            d->nv, dk, d->dv);
     MF_TAP(ctx, "model.layers.%d.linear_attn.gated_delta", il, st->o, n * d->value_dim);
     op->rmsnorm_gated(ex, st->o, st->o, st->buf[DST_Z], &L->gdn_norm, n * d->nv, d->dv,
                       d->eps);

@@ -468,6 +468,41 @@ static PyObject *diag_conv1d_silu(PyObject *self, PyObject *args, PyObject *kw) 
     return env_end(&e, &s);
 }
 
+PyDoc_STRVAR(diag_conv1d_silu_from_doc,
+"_diag_conv1d_silu_from(y, state, state_in, u, w, n_tok, C, K, wdtype='F32', "
+"n_threads=1)\n--\n\n"
+"As _diag_conv1d_silu, out of place: history read from state_in[K-1,C] (not written), "
+"the advanced history written to state[K-1,C].");
+
+static PyObject *diag_conv1d_silu_from(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"y", "state", "state_in", "u", "w", "n_tok", "C", "K",
+                             "wdtype", "n_threads", NULL};
+    PyObject *o_y, *o_st, *o_in, *o_u, *o_w;
+    int n_tok, C, K, n_threads = 1;
+    const char *wdtype = "F32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOiii|si", kwlist, &o_y, &o_st, &o_in,
+                                     &o_u, &o_w, &n_tok, &C, &K, &wdtype, &n_threads))
+        return NULL;
+    if (n_tok < 1 || C < 1 || K < 2 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "bad conv sizes");
+    struct bufset s = {.n = 0};
+    struct mf_weight w;
+    float *y = bufs_get(&s, o_y, (Py_ssize_t)n_tok * C * 4, 1, 0, "y");
+    float *st = bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state");
+    const float *st_in = bufs_get(&s, o_in, (Py_ssize_t)(K - 1) * C * 4, 0, 0, "state_in");
+    const float *u = bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u");
+    if (!u || float_weight(&s, o_w, wdtype, (int64_t)C * K, 0, "w", &w) < 0)
+        return bufs_fail(&s);
+    struct env e;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->conv1d_silu_from(e.ex, y, st, st_in, u, &w, n_tok, C, K);
+    Py_END_ALLOW_THREADS
+    return env_end(&e, &s);
+}
+
 PyDoc_STRVAR(diag_gdn_gates_doc,
 "_diag_gdn_gates(g, beta, a, b, ab_stride, A_log, dt_bias, n_tok, nv, A_dtype='F32', "
 "dt_dtype='F32')\n--\n\n"
@@ -540,6 +575,49 @@ static PyObject *diag_gdn_recurrence(PyObject *self, PyObject *args, PyObject *k
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->gdn_recurrence(e.ex, o, S, qkv + q_off, qkv + k_off, qkv + v_off, qkv_stride,
                               g, beta, n_tok, nk, nv, dk, dv);
+    Py_END_ALLOW_THREADS
+    return env_end(&e, &s);
+}
+
+PyDoc_STRVAR(diag_gdn_recurrence_from_doc,
+"_diag_gdn_recurrence_from(o, S, S_in, qkv, qkv_stride, q_off, k_off, v_off, g, beta, "
+"n_tok, nk, nv, dk, dv, n_threads=1)\n--\n\n"
+"As _diag_gdn_recurrence, out of place: state read from S_in (not written), the "
+"advanced state written to S; n_tok may be 0 (S = S_in).");
+
+static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"o", "S", "S_in", "qkv", "qkv_stride", "q_off", "k_off",
+                             "v_off", "g", "beta", "n_tok", "nk", "nv", "dk", "dv",
+                             "n_threads", NULL};
+    PyObject *o_o, *o_S, *o_Sin, *o_qkv, *o_g, *o_beta;
+    int qkv_stride, q_off, k_off, v_off, n_tok, nk, nv, dk, dv, n_threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiiiiOOiiiii|i", kwlist, &o_o, &o_S,
+                                     &o_Sin, &o_qkv, &qkv_stride, &q_off, &k_off, &v_off,
+                                     &o_g, &o_beta, &n_tok, &nk, &nv, &dk, &dv, &n_threads))
+        return NULL;
+    if (n_tok < 0 || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 || q_off < 0 ||
+        k_off < 0 || v_off < 0 || n_threads < 1)
+        return PyErr_Format(PyExc_ValueError, "bad recurrence sizes");
+    int end = q_off + nk * dk;
+    end = k_off + nk * dk > end ? k_off + nk * dk : end;
+    end = v_off + nv * dv > end ? v_off + nv * dv : end;
+    Py_ssize_t qkv_floats = n_tok ? (Py_ssize_t)(n_tok - 1) * qkv_stride + end : 0;
+    struct bufset s = {.n = 0};
+    float *o = bufs_get(&s, o_o, (Py_ssize_t)n_tok * nv * dv * 4, 1, 0, "o");
+    float *S = bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S");
+    const float *S_in = bufs_get(&s, o_Sin, (Py_ssize_t)nv * dv * dk * 4, 0, 0, "S_in");
+    const float *qkv = bufs_get(&s, o_qkv, qkv_floats * 4, 0, 0, "qkv");
+    const float *g = bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g");
+    const float *beta = bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta");
+    if (!beta)
+        return bufs_fail(&s);
+    struct env e;
+    if (env_begin(&e, &s, n_threads, NULL) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    e.be->ops->gdn_recurrence_from(e.ex, o, S, S_in, qkv + q_off, qkv + k_off, qkv + v_off,
+                                   qkv_stride, g, beta, n_tok, nk, nv, dk, dv);
     Py_END_ALLOW_THREADS
     return env_end(&e, &s);
 }
@@ -735,8 +813,11 @@ PyMethodDef mf_py_diag_methods[] = {
     {"_diag_rope", KW(diag_rope), diag_rope_doc},
     {"_diag_attention", KW(diag_attention), diag_attention_doc},
     {"_diag_conv1d_silu", KW(diag_conv1d_silu), diag_conv1d_silu_doc},
+    {"_diag_conv1d_silu_from", KW(diag_conv1d_silu_from), diag_conv1d_silu_from_doc},
     {"_diag_gdn_gates", KW(diag_gdn_gates), diag_gdn_gates_doc},
     {"_diag_gdn_recurrence", KW(diag_gdn_recurrence), diag_gdn_recurrence_doc},
+    {"_diag_gdn_recurrence_from", KW(diag_gdn_recurrence_from),
+     diag_gdn_recurrence_from_doc},
     {"_diag_elementwise", KW(diag_elementwise), diag_elementwise_doc},
     {"_diag_rows", KW(diag_rows), diag_rows_doc},
     {"_diag_read_bw", diag_read_bw, METH_VARARGS, diag_read_bw_doc},

@@ -123,12 +123,19 @@ void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const floa
                       int dv, int k_stride, int v_stride, int pos0, float scale);
 void mf_cpu_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
                         const struct mf_weight *w, int n_tok, int C, int K);
+void mf_cpu_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
+                             const float *state_in, const float *u,
+                             const struct mf_weight *w, int n_tok, int C, int K);
 void mf_cpu_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
                       const float *b, int ab_stride, const struct mf_weight *A_log,
                       const struct mf_weight *dt_bias, int n_tok, int nv);
 void mf_cpu_gdn_recurrence(struct mf_exec *ex, float *o, float *S, const float *q,
                            const float *k, const float *v, int qkv_stride, const float *g,
                            const float *beta, int n_tok, int nk, int nv, int dk, int dv);
+void mf_cpu_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S, const float *S_in,
+                                const float *q, const float *k, const float *v,
+                                int qkv_stride, const float *g, const float *beta,
+                                int n_tok, int nk, int nv, int dk, int dv);
 void mf_cpu_swiglu(struct mf_exec *ex, float *y, const float *gate, const float *up,
                    int n_rows, int n_cols, int in_stride);
 void mf_cpu_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,

@@ -193,13 +193,15 @@ void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const floa
 }
 
 /* ==== GatedDeltaNet: causal depthwise conv + SiLU ====
- * Tasks own blocks of channels; history row i of state is time i - (K-1). */
+ * Tasks own blocks of channels; history row i of state is time i - (K-1). The history
+ * is read from state_in and the advanced one written to state (the same buffer for
+ * the in-place op). */
 
 #define CONV_CH_PER_TASK 256
 
 struct conv_job {
     float *y, *state;
-    const float *u;
+    const float *state_in, *u;
     const struct mf_weight *w;
     int n_tok, C, K;
 };
@@ -214,27 +216,34 @@ static void conv_task(void *arg, int task, int tid) {
             float acc = 0.0f;
             for (int i = 0; i < K; i++) {
                 int tau = t - (K - 1) + i;   // input time; < 0 comes from the history
-                float u = tau < 0 ? j->state[(int64_t)(K - 1 + tau) * C + c]
+                float u = tau < 0 ? j->state_in[(int64_t)(K - 1 + tau) * C + c]
                                   : j->u[(int64_t)tau * C + c];
                 acc += mf_load_f32(j->w->w, j->w->dtype, (size_t)c * K + i) * u;
             }
             j->y[(int64_t)t * C + c] = siluf(acc);
         }
         // Keep the last K-1 inputs. Row i reads row i + n_tok (or u), never one already
-        // overwritten, since rows are rewritten in increasing order.
+        // overwritten when in place, since rows are rewritten in increasing order.
         for (int i = 0; i < K - 1; i++) {
             int tau = j->n_tok - (K - 1) + i;
-            j->state[(int64_t)i * C + c] = tau < 0 ? j->state[(int64_t)(K - 1 + tau) * C + c]
-                                                   : j->u[(int64_t)tau * C + c];
+            j->state[(int64_t)i * C + c] = tau < 0
+                                               ? j->state_in[(int64_t)(K - 1 + tau) * C + c]
+                                               : j->u[(int64_t)tau * C + c];
         }
     }
 }
 
+void mf_cpu_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
+                             const float *state_in, const float *u,
+                             const struct mf_weight *w, int n_tok, int C, int K) {
+    struct conv_job j = {.y = y, .state = state, .state_in = state_in, .u = u, .w = w,
+                         .n_tok = n_tok, .C = C, .K = K};
+    mf_pool_run(ex->pool, conv_task, &j, (C + CONV_CH_PER_TASK - 1) / CONV_CH_PER_TASK);
+}
+
 void mf_cpu_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
                         const struct mf_weight *w, int n_tok, int C, int K) {
-    struct conv_job j = {.y = y, .state = state, .u = u, .w = w, .n_tok = n_tok, .C = C,
-                         .K = K};
-    mf_pool_run(ex->pool, conv_task, &j, (C + CONV_CH_PER_TASK - 1) / CONV_CH_PER_TASK);
+    mf_cpu_conv1d_silu_from(ex, y, state, state, u, w, n_tok, C, K);
 }
 
 /* ==== GatedDeltaNet: gates ==== */
@@ -263,12 +272,14 @@ void mf_cpu_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
 /* ==== GatedDeltaNet: delta-rule recurrence ====
  * One task per v-head, tokens in order. Each row i of S_h [dv, dk] evolves on its own
  * (decay, read m_i = S_i.k, write S_i += beta (v_i - m_i) k, read o_i = S_i.q), so the
- * five steps of model-math §2.5 run row by row, in two fused passes over each row. */
+ * five steps of model-math §2.5 run row by row, in two fused passes over each row.
+ * Out of place, each row is copied from S_in just before its first token's passes,
+ * while it is in cache, instead of in a separate pass over the whole state. */
 
 struct gdn_job {
     struct mf_exec *ex;
     float *o, *S;
-    const float *q, *k, *v, *g, *beta;
+    const float *S_in, *q, *k, *v, *g, *beta;
     int qkv_stride, n_tok, nv, ratio, dk, dv;
 };
 
@@ -278,6 +289,7 @@ static void gdn_task(void *arg, int h, int tid) {
     const struct mf_cpu_kernels *kern = j->ex->k;
     const int kh = h / j->ratio, dk = j->dk, dv = j->dv;
     float *S = j->S + (int64_t)h * dv * dk;
+    const float *S_in = j->S_in + (int64_t)h * dv * dk;
     for (int t = 0; t < j->n_tok; t++) {
         const float *qt = j->q + (int64_t)t * j->qkv_stride + (int64_t)kh * dk;
         const float *kt = j->k + (int64_t)t * j->qkv_stride + (int64_t)kh * dk;
@@ -286,6 +298,8 @@ static void gdn_task(void *arg, int h, int tid) {
         float *ot = j->o + ((int64_t)t * j->nv + h) * dv;
         for (int i = 0; i < dv; i++) {
             float *row = S + (int64_t)i * dk;
+            if (t == 0 && S_in != S)
+                memcpy(row, S_in + (int64_t)i * dk, (size_t)dk * sizeof(float));
             float m = kern->scale_dot(row, gt, kt, dk);            // decay, read with k
             ot[i] = kern->axpy_dot(row, (vt[i] - m) * bt, kt, qt, dk);   // write, read q
         }
@@ -295,9 +309,23 @@ static void gdn_task(void *arg, int h, int tid) {
 void mf_cpu_gdn_recurrence(struct mf_exec *ex, float *o, float *S, const float *q,
                            const float *k, const float *v, int qkv_stride, const float *g,
                            const float *beta, int n_tok, int nk, int nv, int dk, int dv) {
+    mf_cpu_gdn_recurrence_from(ex, o, S, S, q, k, v, qkv_stride, g, beta, n_tok, nk, nv,
+                               dk, dv);
+}
+
+void mf_cpu_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S, const float *S_in,
+                                const float *q, const float *k, const float *v,
+                                int qkv_stride, const float *g, const float *beta,
+                                int n_tok, int nk, int nv, int dk, int dv) {
     if (nk <= 0 || nv <= 0)
         return;
-    struct gdn_job j = {.ex = ex, .o = o, .S = S, .q = q, .k = k, .v = v, .g = g,
+    if (n_tok <= 0) {   // no token: the state is carried over unchanged
+        if (S != S_in)
+            memcpy(S, S_in, (size_t)nv * dv * dk * sizeof(float));
+        return;
+    }
+    struct gdn_job j = {.ex = ex, .o = o, .S = S, .S_in = S_in, .q = q, .k = k, .v = v,
+                        .g = g,
                         .beta = beta, .qkv_stride = qkv_stride, .n_tok = n_tok, .nv = nv,
                         .ratio = nv / nk > 0 ? nv / nk : 1, .dk = dk, .dv = dv};
     mf_pool_run(ex->pool, gdn_task, &j, nv);
