@@ -276,37 +276,26 @@ static PyObject *diag_matmul_heads(PyObject *self, PyObject *args, PyObject *kw)
     int64_t n_rows = (int64_t)(n_head - 1) * head_rows + n_out;
     int64_t in_w = trans ? n_out : n_in, out_w = trans ? n_in : n_out;
     struct bufset s = {.n = 0};
-    PyObject *ret = NULL;
     float *y = bufs_get(&s, o_out, (Py_ssize_t)(strided_extent(n_tok, yts, n_head, yhs,
                                                                 out_w) * 4), 1, 0, "out");
-    const float *x = y ? bufs_get(&s, o_x, (Py_ssize_t)(strided_extent(n_tok, xts, n_head,
-                                                                       xhs, in_w) * 4),
-                                  0, 0, "x")
-                       : NULL;
-    w.w = x ? bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&one_row) * n_rows), 0, 0,
-                       "w")
-            : NULL;
-    if (w.w && w.dtype == MF_DTYPE_U32) {
+    const float *x = bufs_get(&s, o_x, (Py_ssize_t)(strided_extent(n_tok, xts, n_head, xhs,
+                                                                   in_w) * 4), 0, 0, "x");
+    w.w = bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&one_row) * n_rows), 0, 0, "w");
+    if (w.dtype == MF_DTYPE_U32) {
         Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&one_row) * n_rows);
         w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
-        w.biases = w.scales ? bufs_get(&s, o_b, sb, 0, 0, "biases") : NULL;
-        if (!w.biases)
-            goto done;
+        w.biases = bufs_get(&s, o_b, sb, 0, 0, "biases");
     }
-    if (!w.w)
-        goto done;
+    if (PyErr_Occurred())
+        return bufs_fail(&s);
     struct env e;
-    if (env_open(&e, n_threads, kernels) < 0)
-        goto done;
+    if (env_begin(&e, &s, n_threads, kernels) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->matmul_heads(e.ex, y, yts, yhs, &w, head_rows, trans, x, xts, xhs, n_tok,
                             n_head);
     Py_END_ALLOW_THREADS
-    env_close(&e);
-    ret = Py_NewRef(Py_None);
-done:
-    bufs_release(&s);
-    return ret;
+    return env_end(&e, &s);
 }
 
 /* ==== Norms and rope ==== */
