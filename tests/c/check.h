@@ -8,6 +8,7 @@
 #define MF_TESTS_CHECK_H
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,15 @@ static inline int check_finish(const char *name) {
     }
     printf("%s: ok\n", name);
     return 0;
+}
+
+/* xorshift64*: reproducible pseudo-random numbers for the fuzzers, from a caller-owned
+ * nonzero state. */
+static inline uint64_t check_rand(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return *state * 0x2545f4914f6cdd1dull;
 }
 
 /* Create a fresh directory $TMPDIR/<stem>_XXXXXX (/tmp without TMPDIR) and write its

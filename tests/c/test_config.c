@@ -328,33 +328,25 @@ static void test_errors(void) {
 
 /* ==== Fuzzer: mutated configs never crash or leak ==== */
 
-static uint64_t rng_state = 0x243f6a8885a308d3ull;
-
-static uint64_t rnd(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545f4914f6cdd1dull;
-}
-
 static void test_fuzz(void) {
+    uint64_t rng = 0x243f6a8885a308d3ull;
     const char *const seeds[] = {QWEN35, QWEN3_NEXT, DEEPSEEK, QWEN3_MOE};
     static const char digits[] = "0123456789-.e[]{}\",:ntf";
     int n_ok = 0;
     for (int it = 0; it < 6000; it++) {
-        const char *seed = seeds[rnd() % 4];
+        const char *seed = seeds[check_rand(&rng) % 4];
         size_t len = strlen(seed);
         char *t = malloc(len + 1);
         if (!t)
             continue;
         memcpy(t, seed, len + 1);
-        int n_mut = 1 + (int)(rnd() % 3);
+        int n_mut = 1 + (int)(check_rand(&rng) % 3);
         for (int k = 0; k < n_mut && len > 0; k++) {
-            size_t pos = rnd() % len;
-            if (rnd() % 4 == 0)
+            size_t pos = check_rand(&rng) % len;
+            if (check_rand(&rng) % 4 == 0)
                 len = pos;   // truncate
             else
-                t[pos] = digits[rnd() % (sizeof digits - 1)];
+                t[pos] = digits[check_rand(&rng) % (sizeof digits - 1)];
         }
         struct mf_config c;
         char err[256];

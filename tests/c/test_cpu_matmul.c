@@ -101,16 +101,23 @@ static void ref_matmul(float *y, const struct mf_weight *w, const float *x, int 
 
 static const char *const kernel_names[] = {"scalar", "avx2", "avx512", "neon"};
 
+// A new exec of n_threads, or NULL after a failed CHECK naming the error.
+static struct mf_exec *exec_or_fail(struct mf_backend *be, int n_threads) {
+    char err[256] = "";
+    struct mf_exec *ex = NULL;
+    int rc = be->ops->exec_new(be, n_threads, &ex, err, sizeof err);
+    CHECK(rc == MF_OK, "exec_new (%d threads): %s", n_threads, err);
+    return rc == MF_OK ? ex : NULL;
+}
+
 static void test_matmul_paths(struct mf_backend *be) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
     static const int gs_list[] = {32, 64, 128};
     static const int n_tok_list[] = {1, 3, 17};
     char err[256];
     for (int nt = 1; nt <= 3; nt += 2) {
-        struct mf_exec *ex;
-        int rc = be->ops->exec_new(be, nt, &ex, err, sizeof err);
-        CHECK(rc == MF_OK, "exec_new: %s", err);
-        if (rc)
+        struct mf_exec *ex = exec_or_fail(be, nt);
+        if (!ex)
             return;
         for (size_t bi = 0; bi < 6; bi++)
             for (size_t gi = 0; gi < 3; gi++) {
@@ -153,11 +160,9 @@ static void test_matmul_paths(struct mf_backend *be) {
 // set, one and several tokens (the register-blocked prefill path and its tails).
 static void test_matmul_float(struct mf_backend *be) {
     char err[256];
-    struct mf_exec *ex;
-    if (be->ops->exec_new(be, 2, &ex, err, sizeof err)) {
-        CHECK(0, "exec_new: %s", err);
+    struct mf_exec *ex = exec_or_fail(be, 2);
+    if (!ex)
         return;
-    }
     const int64_t n_out = 13, n_in = 301;
     const int n_tok = 7;
     uint32_t s = 21;
@@ -229,11 +234,9 @@ static void test_matmul_float(struct mf_backend *be) {
 // Dequant of every kernel set against the value-by-value reference decoder: bitwise.
 static void test_dequant_bitwise(struct mf_backend *be) {
     char err[256];
-    struct mf_exec *ex;
-    if (be->ops->exec_new(be, 1, &ex, err, sizeof err)) {
-        CHECK(0, "exec_new: %s", err);
+    struct mf_exec *ex = exec_or_fail(be, 1);
+    if (!ex)
         return;
-    }
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
     for (int bi = 0; bi < 6; bi++)
         for (int gs = 32; gs <= 128; gs *= 2) {
@@ -305,7 +308,6 @@ static void test_dot_axpy(void) {
 
 // Bitwise equality of results across thread counts, for every op that threads.
 static void test_thread_independence(struct mf_backend *be) {
-    char err[256];
     struct qw q;
     const int n_tok = 5;
     qw_make(&q, 301, 1024, 4, 64, MF_DTYPE_BF16, 3);
@@ -320,11 +322,9 @@ static void test_thread_independence(struct mf_backend *be) {
     float *y[2], *yt[2], *att[2];
     for (int v = 0; v < 2; v++) {
         int nt = v == 0 ? 1 : 4;
-        struct mf_exec *ex;
-        if (be->ops->exec_new(be, nt, &ex, err, sizeof err)) {
-            CHECK(0, "exec_new: %s", err);
+        struct mf_exec *ex = exec_or_fail(be, nt);
+        if (!ex)
             return;
-        }
         y[v] = malloc((size_t)n_tok * 301 * sizeof(float));
         yt[v] = malloc((size_t)n_tok * 1024 * sizeof(float));
         att[v] = malloc((size_t)n_tok * 8 * 64 * sizeof(float));
@@ -381,16 +381,14 @@ static void *conc_main(void *vp) {
 }
 
 static void test_concurrent_execs(struct mf_backend *be) {
-    char err[256];
     struct qw q;
     qw_make(&q, 200, 512, 4, 64, MF_DTYPE_BF16, 17);
     uint32_t s = 3;
     float x[4 * 512], expect[4 * 200];
     for (int i = 0; i < 4 * 512; i++)
         x[i] = rndf(&s);
-    struct mf_exec *ex;
-    if (be->ops->exec_new(be, 1, &ex, err, sizeof err)) {
-        CHECK(0, "exec_new: %s", err);
+    struct mf_exec *ex = exec_or_fail(be, 1);
+    if (!ex) {
         qw_free(&q);
         return;
     }
@@ -434,12 +432,9 @@ static void nest_outer(void *arg, int i) {
 }
 
 static void test_pool_nested(struct mf_backend *be) {
-    char err[256];
-    struct mf_exec *ex;
-    if (be->ops->exec_new(be, 3, &ex, err, sizeof err)) {
-        CHECK(0, "exec_new: %s", err);
+    struct mf_exec *ex = exec_or_fail(be, 3);
+    if (!ex)
         return;
-    }
     int hits[8 * 50];
     memset(hits, 0, sizeof hits);
     struct nest_arg a = {.be = be, .ex = ex, .hits = hits};
@@ -453,15 +448,12 @@ static void test_pool_nested(struct mf_backend *be) {
 }
 
 static void test_pool_lifecycle(struct mf_backend *be) {
-    char err[256];
     int hits[1000];
     for (int round = 0; round < 200; round++) {
-        struct mf_exec *ex;
         int nt = 1 + round % 5;
-        if (be->ops->exec_new(be, nt, &ex, err, sizeof err)) {
-            CHECK(0, "exec_new round %d: %s", round, err);
+        struct mf_exec *ex = exec_or_fail(be, nt);
+        if (!ex)
             return;
-        }
         memset(hits, 0, sizeof hits);
         struct count_arg a = {.hits = hits};
         int n = 1 + (round * 37) % 1000;

@@ -177,16 +177,8 @@ static void test_large_object(void) {
  * xorshift64* so runs are reproducible; every mutant is parsed into an exactly sized
  * heap copy so ASan sees any read past the end. */
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-
-static uint64_t rnd(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545f4914f6cdd1dull;
-}
-
 static void test_fuzz(void) {
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
     static const char *const seeds[] = {
         "{\"model_type\": \"qwen3_next\", \"hidden_size\": 2048, \"rope_scaling\": "
         "{\"type\": \"yarn\", \"factor\": 40.0}, \"eos_token_id\": [1, 2], \"x\": null,"
@@ -200,29 +192,29 @@ static void test_fuzz(void) {
     static const char alphabet[] = "{}[]\":,.-+eE0123456789tfnul\\ \n\x80\xc3\xed\xf0\xff\0";
     int n_ok = 0, n_bad = 0;
     for (int it = 0; it < 60000; it++) {
-        const char *seed = seeds[rnd() % (sizeof seeds / sizeof seeds[0])];
+        const char *seed = seeds[check_rand(&rng) % (sizeof seeds / sizeof seeds[0])];
         size_t len = strlen(seed);
         char work[1024];
         memcpy(work, seed, len);
-        int n_mut = 1 + (int)(rnd() % 4);
+        int n_mut = 1 + (int)(check_rand(&rng) % 4);
         for (int k = 0; k < n_mut; k++) {
-            size_t pos = len ? rnd() % len : 0;
-            switch (rnd() % 5) {
+            size_t pos = len ? check_rand(&rng) % len : 0;
+            switch (check_rand(&rng) % 5) {
             case 0:   // truncate
                 len = pos;
                 break;
             case 1:   // replace a byte
                 if (len)
-                    work[pos] = alphabet[rnd() % (sizeof alphabet - 1)];
+                    work[pos] = alphabet[check_rand(&rng) % (sizeof alphabet - 1)];
                 break;
             case 2:   // flip a bit
                 if (len)
-                    work[pos] ^= (char)(1u << (rnd() % 8));
+                    work[pos] ^= (char)(1u << (check_rand(&rng) % 8));
                 break;
             case 3:   // insert a byte
                 if (len + 1 < sizeof work) {
                     memmove(work + pos + 1, work + pos, len - pos);
-                    work[pos] = alphabet[rnd() % (sizeof alphabet - 1)];
+                    work[pos] = alphabet[check_rand(&rng) % (sizeof alphabet - 1)];
                     len++;
                 }
                 break;
