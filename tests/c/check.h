@@ -38,6 +38,19 @@ static inline int check_finish(const char *name) {
     return 0;
 }
 
+/* Write n bytes to dir/name (created or truncated); a failure is a failed CHECK. */
+static inline void check_write_file(const char *dir, const char *name, const void *data,
+                                    size_t n) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL, "cannot create %s", path);
+    if (!f)
+        return;
+    CHECK(fwrite(data, 1, n, f) == n, "short write %s", path);
+    CHECK(fclose(f) == 0, "close %s", path);
+}
+
 /* xorshift64*: reproducible pseudo-random numbers for the fuzzers, from a caller-owned
  * nonzero state. */
 static inline uint64_t check_rand(uint64_t *state) {

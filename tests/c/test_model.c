@@ -18,19 +18,8 @@
 
 static char dir[256], exp_dir[300];
 
-static void put(const char *d, const char *name, const void *data, size_t n) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", d, name);
-    FILE *f = fopen(path, "wb");
-    CHECK(f != NULL, "create %s", path);
-    if (!f)
-        return;
-    CHECK(fwrite(data, 1, n, f) == n, "write %s", path);
-    fclose(f);
-}
-
 static void put_text(const char *d, const char *name, const char *text) {
-    put(d, name, text, strlen(text));
+    check_write_file(d, name, text, strlen(text));
 }
 
 // qwen3_next, 2 layers, hid 128, 4 experts of I 64 (4-bit gs 64).
@@ -79,7 +68,7 @@ static void put_experts(int l, size_t bytes) {
     char name[32];
     snprintf(name, sizeof name, "layer_%02d.bin", l);
     if (data)
-        put(exp_dir, name, data, bytes);
+        check_write_file(exp_dir, name, data, bytes);
     free(data);
 }
 
@@ -113,7 +102,7 @@ static void test_load_failures(void) {
     put_text(dir, "config.json", CONFIG);
     expect(MF_ERR_IO, "model_weights.bin", NULL);
     static const unsigned char bin[64];
-    put(dir, "model_weights.bin", bin, sizeof bin);
+    check_write_file(dir, "model_weights.bin", bin, sizeof bin);
     expect(MF_ERR_IO, "model_weights.json", NULL);
     put_text(dir, "model_weights.json",
              "{\"tensors\": {\"model.norm.weight\": {\"offset\": 0, \"size\": 256, "

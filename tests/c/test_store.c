@@ -19,17 +19,6 @@
 
 static char tmpdir[256];
 
-static void write_file(const char *dir, const char *name, const void *data, size_t n) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    CHECK(f != NULL, "cannot create %s", path);
-    if (!f)
-        return;
-    CHECK(fwrite(data, 1, n, f) == n, "short write %s", path);
-    fclose(f);
-}
-
 /* ==== Manifest ==== */
 
 static const char *const MANIFEST =
@@ -322,14 +311,14 @@ static void make_layer(const char *dir, int l, int n_experts, size_t trim) {
         data[i] = (unsigned char)((i * 7 + (size_t)l * 131 + i / EXPERT_BYTES) & 0xff);
     char name[32];
     snprintf(name, sizeof name, "layer_%02d.bin", l);
-    write_file(dir, name, data, n);
+    check_write_file(dir, name, data, n);
     free(data);
 }
 
 static const uint8_t IS_MOE[3] = {0, 1, 1};
 
 static int open_with(const char *layout, mf_expert_store **st, char *err, size_t errlen) {
-    write_file(tmpdir, "layout.json", layout, strlen(layout));
+    check_write_file(tmpdir, "layout.json", layout, strlen(layout));
     return mf_expert_store_open(st, tmpdir, 3, IS_MOE, err, errlen);
 }
 
