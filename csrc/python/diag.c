@@ -144,6 +144,41 @@ static int float_weight(struct bufset *s, PyObject *o, const char *dtype, int64_
 
 /* ==== Linear algebra ==== */
 
+// The format of a w->n_out x w->n_in weight from the Python arguments: dtype names, and
+// bits / group size when the codes are packed (U32). -1 with an exception set.
+static int weight_format(struct mf_weight *w, const char *wdtype, const char *sdtype,
+                         int bits, int gs) {
+    if (parse_dtype(wdtype, &w->dtype) < 0 || parse_dtype(sdtype, &w->sdtype) < 0)
+        return -1;
+    if (w->dtype == MF_DTYPE_U32) {
+        if (bits < 2 || bits > 8 || bits == 7 || (gs != 32 && gs != 64 && gs != 128) ||
+            w->n_in % gs != 0) {
+            PyErr_Format(PyExc_ValueError, "bad bits %d / group_size %d for n_in %lld",
+                         bits, gs, (long long)w->n_in);
+            return -1;
+        }
+        w->bits = bits;
+        w->group_size = gs;
+    } else if (w->dtype != MF_DTYPE_F32 && w->dtype != MF_DTYPE_BF16 &&
+               w->dtype != MF_DTYPE_F16) {
+        PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
+        return -1;
+    }
+    return 0;
+}
+
+// Pins w's codes (and scales, biases when packed) sized for `count` times the layout
+// `unit` (stacked matrices, or single rows); errors as bufs_get.
+static void weight_pin(struct bufset *s, struct mf_weight *w, const struct mf_weight *unit,
+                       int64_t count, PyObject *o_w, PyObject *o_s, PyObject *o_b) {
+    w->w = bufs_get(s, o_w, (Py_ssize_t)(mf_weight_w_bytes(unit) * count), 0, 0, "w");
+    if (w->dtype == MF_DTYPE_U32) {
+        Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(unit) * count);
+        w->scales = bufs_get(s, o_s, sb, 0, 0, "scales");
+        w->biases = bufs_get(s, o_b, sb, 0, 0, "biases");
+    }
+}
+
 PyDoc_STRVAR(diag_matmul_doc,
 "_diag_matmul(op, out, w, x, n_out, n_in, n_tok, wdtype='U32', scales=None, "
 "biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None, n_rep=1, "
@@ -174,19 +209,8 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
     if (n_out < 1 || n_in < 1 || n_tok < 1 || n_threads < 1 || n_rep < 1 || n_stack < 1)
         return PyErr_Format(PyExc_ValueError, "sizes must be positive");
     struct mf_weight w = {.n_out = n_out, .n_in = n_in};
-    if (parse_dtype(wdtype, &w.dtype) < 0 || parse_dtype(sdtype, &w.sdtype) < 0)
+    if (weight_format(&w, wdtype, sdtype, bits, gs) < 0)
         return NULL;
-    if (w.dtype == MF_DTYPE_U32) {
-        if (bits < 2 || bits > 8 || bits == 7 || (gs != 32 && gs != 64 && gs != 128) ||
-            n_in % gs != 0)
-            return PyErr_Format(PyExc_ValueError, "bad bits %d / group_size %d for n_in %lld",
-                                bits, gs, n_in);
-        w.bits = bits;
-        w.group_size = gs;
-    } else if (w.dtype != MF_DTYPE_F32 && w.dtype != MF_DTYPE_BF16 &&
-               w.dtype != MF_DTYPE_F16) {
-        return PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
-    }
     struct bufset s = {.n = 0};
     Py_ssize_t x_bytes = which == 0 ? (Py_ssize_t)(n_tok * n_in * 4)
                          : which == 1 ? (Py_ssize_t)(n_tok * n_out * 4)
@@ -194,12 +218,7 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
     Py_ssize_t y_bytes = (Py_ssize_t)(n_tok * (which == 0 ? n_out : n_in) * 4);
     float *y = bufs_get(&s, o_out, y_bytes, 1, 0, "out");
     const void *x = bufs_get(&s, o_x, x_bytes, 0, 0, "x");
-    w.w = bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&w) * n_stack), 0, 0, "w");
-    if (w.dtype == MF_DTYPE_U32) {
-        Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&w) * n_stack);
-        w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
-        w.biases = bufs_get(&s, o_b, sb, 0, 0, "biases");
-    }
+    weight_pin(&s, &w, &w, n_stack, o_w, o_s, o_b);
     if (PyErr_Occurred())
         return bufs_fail(&s);
     if (which == 2)
@@ -257,19 +276,8 @@ static PyObject *diag_matmul_heads(PyObject *self, PyObject *args, PyObject *kw)
         head_rows < 0 || yts < 0 || yhs < 0 || xts < 0 || xhs < 0)
         return PyErr_Format(PyExc_ValueError, "sizes must be positive, strides >= 0");
     struct mf_weight w = {.n_out = n_out, .n_in = n_in};
-    if (parse_dtype(wdtype, &w.dtype) < 0 || parse_dtype(sdtype, &w.sdtype) < 0)
+    if (weight_format(&w, wdtype, sdtype, bits, gs) < 0)
         return NULL;
-    if (w.dtype == MF_DTYPE_U32) {
-        if (bits < 2 || bits > 8 || bits == 7 || (gs != 32 && gs != 64 && gs != 128) ||
-            n_in % gs != 0)
-            return PyErr_Format(PyExc_ValueError, "bad bits %d / group_size %d for n_in %lld",
-                                bits, gs, n_in);
-        w.bits = bits;
-        w.group_size = gs;
-    } else if (w.dtype != MF_DTYPE_F32 && w.dtype != MF_DTYPE_BF16 &&
-               w.dtype != MF_DTYPE_F16) {
-        return PyErr_Format(PyExc_ValueError, "weight dtype %s is not a float", wdtype);
-    }
     // Rows the last head reaches, as a multiple of one row's bytes.
     struct mf_weight one_row = w;
     one_row.n_out = 1;
@@ -280,12 +288,7 @@ static PyObject *diag_matmul_heads(PyObject *self, PyObject *args, PyObject *kw)
                                                                 out_w) * 4), 1, 0, "out");
     const float *x = bufs_get(&s, o_x, (Py_ssize_t)(strided_extent(n_tok, xts, n_head, xhs,
                                                                    in_w) * 4), 0, 0, "x");
-    w.w = bufs_get(&s, o_w, (Py_ssize_t)(mf_weight_w_bytes(&one_row) * n_rows), 0, 0, "w");
-    if (w.dtype == MF_DTYPE_U32) {
-        Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(&one_row) * n_rows);
-        w.scales = bufs_get(&s, o_s, sb, 0, 0, "scales");
-        w.biases = bufs_get(&s, o_b, sb, 0, 0, "biases");
-    }
+    weight_pin(&s, &w, &one_row, n_rows, o_w, o_s, o_b);
     if (PyErr_Occurred())
         return bufs_fail(&s);
     struct env e;
