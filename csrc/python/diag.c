@@ -432,57 +432,37 @@ PyDoc_STRVAR(diag_conv1d_silu_doc,
 "_diag_conv1d_silu(y, state, u, w, n_tok, C, K, wdtype='F32', n_threads=1)\n--\n\n"
 "y[n_tok,C] = silu(causal depthwise conv); state[K-1,C] is read and advanced.");
 
-static PyObject *diag_conv1d_silu(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kwlist[] = {"y", "state", "u", "w", "n_tok", "C", "K", "wdtype",
-                             "n_threads", NULL};
-    PyObject *o_y, *o_st, *o_u, *o_w;
-    int n_tok, C, K, n_threads = 1;
-    const char *wdtype = "F32";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiii|si", kwlist, &o_y, &o_st, &o_u, &o_w,
-                                     &n_tok, &C, &K, &wdtype, &n_threads))
-        return NULL;
-    if (n_tok < 1 || C < 1 || K < 2 || n_threads < 1)
-        return PyErr_Format(PyExc_ValueError, "bad conv sizes");
-    struct bufset s = {.n = 0};
-    struct mf_weight w;
-    float *y = bufs_get(&s, o_y, (Py_ssize_t)n_tok * C * 4, 1, 0, "y");
-    float *st = bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state");
-    const float *u = bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u");
-    if (!u || float_weight(&s, o_w, wdtype, (int64_t)C * K, 0, "w", &w) < 0)
-        return bufs_fail(&s);
-    struct env e;
-    if (env_begin(&e, &s, n_threads, NULL) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    e.be->ops->conv1d_silu(e.ex, y, st, u, &w, n_tok, C, K);
-    Py_END_ALLOW_THREADS
-    return env_end(&e, &s);
-}
-
 PyDoc_STRVAR(diag_conv1d_silu_from_doc,
 "_diag_conv1d_silu_from(y, state, state_in, u, w, n_tok, C, K, wdtype='F32', "
 "n_threads=1)\n--\n\n"
 "As _diag_conv1d_silu, out of place: history read from state_in[K-1,C] (not written), "
 "the advanced history written to state[K-1,C].");
 
-static PyObject *diag_conv1d_silu_from(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kwlist[] = {"y", "state", "state_in", "u", "w", "n_tok", "C", "K",
-                             "wdtype", "n_threads", NULL};
-    PyObject *o_y, *o_st, *o_in, *o_u, *o_w;
+// Both conv ops: in place (from = 0), or out of place with state_in after state.
+static PyObject *conv1d_silu_run(PyObject *args, PyObject *kw, int from) {
+    static char *kw_in[] = {"y", "state", "u", "w", "n_tok", "C", "K", "wdtype",
+                            "n_threads", NULL};
+    static char *kw_from[] = {"y", "state", "state_in", "u", "w", "n_tok", "C", "K",
+                              "wdtype", "n_threads", NULL};
+    PyObject *o_y, *o_st, *o_in = NULL, *o_u, *o_w;
     int n_tok, C, K, n_threads = 1;
     const char *wdtype = "F32";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOiii|si", kwlist, &o_y, &o_st, &o_in,
-                                     &o_u, &o_w, &n_tok, &C, &K, &wdtype, &n_threads))
+    int parsed =
+        from ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOOiii|si", kw_from, &o_y, &o_st,
+                                           &o_in, &o_u, &o_w, &n_tok, &C, &K, &wdtype,
+                                           &n_threads)
+             : PyArg_ParseTupleAndKeywords(args, kw, "OOOOiii|si", kw_in, &o_y, &o_st, &o_u,
+                                           &o_w, &n_tok, &C, &K, &wdtype, &n_threads);
+    if (!parsed)
         return NULL;
     if (n_tok < 1 || C < 1 || K < 2 || n_threads < 1)
         return PyErr_Format(PyExc_ValueError, "bad conv sizes");
     struct bufset s = {.n = 0};
     struct mf_weight w;
+    Py_ssize_t state_bytes = (Py_ssize_t)(K - 1) * C * 4;
     float *y = bufs_get(&s, o_y, (Py_ssize_t)n_tok * C * 4, 1, 0, "y");
-    float *st = bufs_get(&s, o_st, (Py_ssize_t)(K - 1) * C * 4, 1, 0, "state");
-    const float *st_in = bufs_get(&s, o_in, (Py_ssize_t)(K - 1) * C * 4, 0, 0, "state_in");
+    float *st = bufs_get(&s, o_st, state_bytes, 1, 0, "state");
+    const float *st_in = from ? bufs_get(&s, o_in, state_bytes, 0, 0, "state_in") : NULL;
     const float *u = bufs_get(&s, o_u, (Py_ssize_t)n_tok * C * 4, 0, 0, "u");
     if (!u || float_weight(&s, o_w, wdtype, (int64_t)C * K, 0, "w", &w) < 0)
         return bufs_fail(&s);
@@ -490,9 +470,22 @@ static PyObject *diag_conv1d_silu_from(PyObject *self, PyObject *args, PyObject 
     if (env_begin(&e, &s, n_threads, NULL) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    e.be->ops->conv1d_silu_from(e.ex, y, st, st_in, u, &w, n_tok, C, K);
+    if (from)
+        e.be->ops->conv1d_silu_from(e.ex, y, st, st_in, u, &w, n_tok, C, K);
+    else
+        e.be->ops->conv1d_silu(e.ex, y, st, u, &w, n_tok, C, K);
     Py_END_ALLOW_THREADS
     return env_end(&e, &s);
+}
+
+static PyObject *diag_conv1d_silu(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return conv1d_silu_run(args, kw, 0);
+}
+
+static PyObject *diag_conv1d_silu_from(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return conv1d_silu_run(args, kw, 1);
 }
 
 PyDoc_STRVAR(diag_gdn_gates_doc,
@@ -536,69 +529,45 @@ PyDoc_STRVAR(diag_gdn_recurrence_doc,
 "dk, dv, n_threads=1)\n--\n\n"
 "Delta-rule recurrence; q/k/v of token t at qkv + t*qkv_stride + *_off; S updated.");
 
-static PyObject *diag_gdn_recurrence(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kwlist[] = {"o", "S", "qkv", "qkv_stride", "q_off", "k_off", "v_off", "g",
-                             "beta", "n_tok", "nk", "nv", "dk", "dv", "n_threads", NULL};
-    PyObject *o_o, *o_S, *o_qkv, *o_g, *o_beta;
-    int qkv_stride, q_off, k_off, v_off, n_tok, nk, nv, dk, dv, n_threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiOOiiiii|i", kwlist, &o_o, &o_S,
-                                     &o_qkv, &qkv_stride, &q_off, &k_off, &v_off, &o_g,
-                                     &o_beta, &n_tok, &nk, &nv, &dk, &dv, &n_threads))
-        return NULL;
-    if (n_tok < 1 || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 || q_off < 0 ||
-        k_off < 0 || v_off < 0 || n_threads < 1)
-        return PyErr_Format(PyExc_ValueError, "bad recurrence sizes");
-    int end = q_off + nk * dk;
-    end = k_off + nk * dk > end ? k_off + nk * dk : end;
-    end = v_off + nv * dv > end ? v_off + nv * dv : end;
-    struct bufset s = {.n = 0};
-    float *o = bufs_get(&s, o_o, (Py_ssize_t)n_tok * nv * dv * 4, 1, 0, "o");
-    float *S = bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S");
-    const float *qkv = bufs_get(&s, o_qkv, ((Py_ssize_t)(n_tok - 1) * qkv_stride + end) * 4,
-                                0, 0, "qkv");
-    const float *g = bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g");
-    const float *beta = bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta");
-    if (!beta)
-        return bufs_fail(&s);
-    struct env e;
-    if (env_begin(&e, &s, n_threads, NULL) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    e.be->ops->gdn_recurrence(e.ex, o, S, qkv + q_off, qkv + k_off, qkv + v_off, qkv_stride,
-                              g, beta, n_tok, nk, nv, dk, dv);
-    Py_END_ALLOW_THREADS
-    return env_end(&e, &s);
-}
-
 PyDoc_STRVAR(diag_gdn_recurrence_from_doc,
 "_diag_gdn_recurrence_from(o, S, S_in, qkv, qkv_stride, q_off, k_off, v_off, g, beta, "
 "n_tok, nk, nv, dk, dv, n_threads=1)\n--\n\n"
 "As _diag_gdn_recurrence, out of place: state read from S_in (not written), the "
 "advanced state written to S; n_tok may be 0 (S = S_in).");
 
-static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kwlist[] = {"o", "S", "S_in", "qkv", "qkv_stride", "q_off", "k_off",
-                             "v_off", "g", "beta", "n_tok", "nk", "nv", "dk", "dv",
-                             "n_threads", NULL};
-    PyObject *o_o, *o_S, *o_Sin, *o_qkv, *o_g, *o_beta;
+// Both recurrence ops: in place (from = 0), or out of place with S_in after S (and
+// n_tok 0 allowed).
+static PyObject *gdn_recurrence_run(PyObject *args, PyObject *kw, int from) {
+    static char *kw_in[] = {"o", "S", "qkv", "qkv_stride", "q_off", "k_off", "v_off", "g",
+                            "beta", "n_tok", "nk", "nv", "dk", "dv", "n_threads", NULL};
+    static char *kw_from[] = {"o", "S", "S_in", "qkv", "qkv_stride", "q_off", "k_off",
+                              "v_off", "g", "beta", "n_tok", "nk", "nv", "dk", "dv",
+                              "n_threads", NULL};
+    PyObject *o_o, *o_S, *o_Sin = NULL, *o_qkv, *o_g, *o_beta;
     int qkv_stride, q_off, k_off, v_off, n_tok, nk, nv, dk, dv, n_threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiiiiOOiiiii|i", kwlist, &o_o, &o_S,
-                                     &o_Sin, &o_qkv, &qkv_stride, &q_off, &k_off, &v_off,
-                                     &o_g, &o_beta, &n_tok, &nk, &nv, &dk, &dv, &n_threads))
+    int parsed =
+        from ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOiiiiOOiiiii|i", kw_from, &o_o,
+                                           &o_S, &o_Sin, &o_qkv, &qkv_stride, &q_off,
+                                           &k_off, &v_off, &o_g, &o_beta, &n_tok, &nk, &nv,
+                                           &dk, &dv, &n_threads)
+             : PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiOOiiiii|i", kw_in, &o_o, &o_S,
+                                           &o_qkv, &qkv_stride, &q_off, &k_off, &v_off,
+                                           &o_g, &o_beta, &n_tok, &nk, &nv, &dk, &dv,
+                                           &n_threads);
+    if (!parsed)
         return NULL;
-    if (n_tok < 0 || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 || q_off < 0 ||
-        k_off < 0 || v_off < 0 || n_threads < 1)
+    if (n_tok < (from ? 0 : 1) || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 ||
+        q_off < 0 || k_off < 0 || v_off < 0 || n_threads < 1)
         return PyErr_Format(PyExc_ValueError, "bad recurrence sizes");
     int end = q_off + nk * dk;
     end = k_off + nk * dk > end ? k_off + nk * dk : end;
     end = v_off + nv * dv > end ? v_off + nv * dv : end;
     Py_ssize_t qkv_floats = n_tok ? (Py_ssize_t)(n_tok - 1) * qkv_stride + end : 0;
+    Py_ssize_t state_bytes = (Py_ssize_t)nv * dv * dk * 4;
     struct bufset s = {.n = 0};
     float *o = bufs_get(&s, o_o, (Py_ssize_t)n_tok * nv * dv * 4, 1, 0, "o");
-    float *S = bufs_get(&s, o_S, (Py_ssize_t)nv * dv * dk * 4, 1, 0, "S");
-    const float *S_in = bufs_get(&s, o_Sin, (Py_ssize_t)nv * dv * dk * 4, 0, 0, "S_in");
+    float *S = bufs_get(&s, o_S, state_bytes, 1, 0, "S");
+    const float *S_in = from ? bufs_get(&s, o_Sin, state_bytes, 0, 0, "S_in") : NULL;
     const float *qkv = bufs_get(&s, o_qkv, qkv_floats * 4, 0, 0, "qkv");
     const float *g = bufs_get(&s, o_g, (Py_ssize_t)n_tok * nv * 4, 0, 0, "g");
     const float *beta = bufs_get(&s, o_beta, (Py_ssize_t)n_tok * nv * 4, 0, 0, "beta");
@@ -608,10 +577,25 @@ static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObje
     if (env_begin(&e, &s, n_threads, NULL) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    e.be->ops->gdn_recurrence_from(e.ex, o, S, S_in, qkv + q_off, qkv + k_off, qkv + v_off,
-                                   qkv_stride, g, beta, n_tok, nk, nv, dk, dv);
+    if (from)
+        e.be->ops->gdn_recurrence_from(e.ex, o, S, S_in, qkv + q_off, qkv + k_off,
+                                       qkv + v_off, qkv_stride, g, beta, n_tok, nk, nv, dk,
+                                       dv);
+    else
+        e.be->ops->gdn_recurrence(e.ex, o, S, qkv + q_off, qkv + k_off, qkv + v_off,
+                                  qkv_stride, g, beta, n_tok, nk, nv, dk, dv);
     Py_END_ALLOW_THREADS
     return env_end(&e, &s);
+}
+
+static PyObject *diag_gdn_recurrence(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return gdn_recurrence_run(args, kw, 0);
+}
+
+static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return gdn_recurrence_run(args, kw, 1);
 }
 
 /* ==== Elementwise and rows ==== */
