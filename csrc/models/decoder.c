@@ -26,6 +26,12 @@ void mf_decoder_free(mf_ctx *ctx, struct mf_decoder *dec) {
 
 int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char *err,
                      size_t errlen) {
+    const struct mf_config *c = &ctx->model->cfg;
+    dec->n_layer = c->num_hidden_layers;
+    dec->n_embd = c->hidden_size;
+    dec->n_vocab = c->vocab_size;
+    dec->n_ff_dense = c->n_moe_layers < c->num_hidden_layers ? c->intermediate_size : 0;
+    dec->norm_eps = c->rms_norm_eps;
     size_t T = (size_t)dec->max_tok, hid = (size_t)dec->n_embd;
     int fail = 0;
     dec->x = mf_dev_floats(ctx, T * hid, &fail);
@@ -39,7 +45,7 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
         return mf_err(err, errlen, MF_ERR_NOMEM,
                       "%s: out of memory for the scratch of %zu tokens", arch, T);
     }
-    if (!dec->moe_cfg) return MF_OK;
+    if (c->n_moe_layers == 0) return MF_OK;
     int rc = mf_moe_scratch_new(ctx, dec->moe_cfg, dec->max_tok, &dec->moe, err, errlen);
     if (rc) mf_decoder_free(ctx, dec);
     return rc;

@@ -24,19 +24,20 @@
 // pos0 .. pos0+n-1; first_chunk is 1 for the first chunk of an eval call.
 typedef int (*mf_layer_fn)(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
 
-// Filled by the arch's state_new: sizes and borrowed weights first, then
-// mf_decoder_alloc makes the scratch. Lives inside the arch state.
+// Lives inside the arch state. The arch's state_new sets max_tok, the borrowed
+// weights, moe_cfg and layer; mf_decoder_alloc fills the sizes from config.json and
+// makes the scratch.
 struct mf_decoder {
-    int n_layer;
-    int n_embd;                        // hidden_size
-    int n_vocab;
     int max_tok;                       // tokens per chunk: the scratch's row count
-    int n_ff_dense;                    // intermediate_size of dense layers (0 = none)
+    int n_layer;                       // num_hidden_layers
+    int n_embd;                        // hidden_size
+    int n_vocab;                       // vocab_size
+    int n_ff_dense;                    // intermediate_size; 0 when no layer is dense
     float norm_eps;                    // rms_norm_eps of the layer and final norms
     const struct mf_weight *embed;     // [n_vocab, n_embd], borrowed from the model
     const struct mf_weight *norm;      // final norm [n_embd], borrowed
     const struct mf_weight *head;      // [n_vocab, n_embd], borrowed (embed when tied)
-    const struct mf_moe_config *moe_cfg;  // borrowed; NULL when no layer is MoE
+    const struct mf_moe_config *moe_cfg;  // borrowed; used by MoE layers only
     mf_layer_fn layer;
     // scratch, device memory owned by the decoder (mf_decoder_alloc / _free)
     float *x;          // [max_tok, n_embd] residual stream
@@ -51,8 +52,9 @@ struct mf_decoder {
 // returns NULL, so a constructor can make many and check once.
 float *mf_dev_floats(mf_ctx *ctx, size_t n, int *fail);
 
-// Allocate dec's scratch (sizes already filled in). On error dec holds only what
-// mf_decoder_free releases, and the message names the arch.
+// Fill dec's sizes from the model's config and allocate its scratch (MoE scratch only
+// when some layer is MoE). On error dec holds only what mf_decoder_free releases, and
+// the message names the arch.
 int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char *err,
                      size_t errlen);
 // Release dec's scratch; safe on a half-made or zeroed decoder.

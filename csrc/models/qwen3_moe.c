@@ -269,12 +269,8 @@ static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     ctx->be->ops->upload(ctx->ex, s->inv_freq, 0, hp->inv_freq,
                          (size_t)hp->head_dim / 2 * sizeof(float));
     s->dec = (struct mf_decoder){
-        .n_layer = hp->num_hidden_layers, .n_embd = hp->hidden_size,
-        .n_vocab = hp->vocab_size, .max_tok = (int)T,
-        .n_ff_dense = hp->intermediate_size, .norm_eps = hp->rms_norm_eps,
-        .embed = &M->embed_tokens, .norm = &M->norm, .head = &M->lm_head,
-        .moe_cfg = ctx->model->cfg.n_moe_layers > 0 ? &hp->moe : NULL,
-        .layer = layer_forward,
+        .max_tok = (int)T, .embed = &M->embed_tokens, .norm = &M->norm,
+        .head = &M->lm_head, .moe_cfg = &hp->moe, .layer = layer_forward,
     };
     int rc = mf_decoder_alloc(ctx, &s->dec, "qwen3_moe", err, errlen);
     if (rc) q3_state_free(ctx);

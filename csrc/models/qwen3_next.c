@@ -585,13 +585,9 @@ static int hy_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     if (!st)
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     ctx->arch_state = st;
-    const struct hy_dims *d = &hm->d;
     st->dec = (struct mf_decoder){
-        .n_layer = d->n_layer, .n_embd = d->n_embd, .n_vocab = d->n_vocab,
-        .max_tok = HY_MAX_TOK, .n_ff_dense = d->has_dense ? d->n_ff_dense : 0,
-        .norm_eps = d->eps, .embed = &hm->embed, .norm = &hm->norm, .head = &hm->head,
-        .moe_cfg = ctx->model->cfg.n_moe_layers > 0 ? &hm->moe_cfg : NULL,
-        .layer = layer_forward,
+        .max_tok = HY_MAX_TOK, .embed = &hm->embed, .norm = &hm->norm, .head = &hm->head,
+        .moe_cfg = &hm->moe_cfg, .layer = layer_forward,
     };
     if (!alloc_layer_state(ctx, st, hm) || !alloc_scratch(ctx, st, hm)) {
         hy_state_free(ctx);
