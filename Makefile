@@ -12,7 +12,7 @@ CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -
 CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan clean
+.PHONY: all venv install demo test ctest pytest asan asan-pytest clean
 
 all: install
 
@@ -50,6 +50,44 @@ test: ctest pytest
 # The C unit tests under AddressSanitizer and UBSan.
 asan:
 	$(MAKE) -B ctest CTEST_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+
+# The whole pytest suite against a moeflux package whose extension is built with
+# ASan + UBSan into build/asan-site (objects in build/asan-tmp: the editable install
+# others use is left alone). Its Python files are links to the live sources, so the
+# tests and the scripts they start never see two versions. PYTHONPATH puts it ahead
+# of the editable finder; PYTHONSAFEPATH stops `python -m` and script runs (the CLI
+# tests run with the repo as cwd) from putting the repo's own moeflux/ first.
+# libasan must be the first library loaded, hence LD_PRELOAD (python itself is not
+# instrumented). -fno-wrapv undoes the -fwrapv that Python's CFLAGS give extensions,
+# which would hide signed overflow. Leak checks are off: CPython does not free
+# everything at exit (`make asan` checks leaks of the core). allocator_may_return_null
+# keeps libc's answer to an impossible size (NULL, which the code must handle).
+# Every ASan report, from pytest or any subprocess a test starts (whose stderr a test
+# may swallow), goes to build/asan-logs/ and fails the target. UBSan (gcc 12) ignores
+# log_path: its reports go to stderr and end the process with status 1.
+# PYTEST_ARGS narrows the run (default: tests).
+ASAN_SITE   := $(CURDIR)/build/asan-site
+ASAN_LOGS   := $(CURDIR)/build/asan-logs
+PYTEST_ARGS ?= tests
+ASAN_CFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+ASAN_ENV = PYTHONPATH=$(ASAN_SITE) PYTHONSAFEPATH=1 \
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:log_path=$(ASAN_LOGS)/asan \
+	UBSAN_OPTIONS=print_stacktrace=1
+
+asan-pytest: venv
+	rm -rf build/asan-site build/asan-tmp build/asan-logs
+	mkdir -p build/asan-logs
+	CC="$(CC)" MOEFLUX_CFLAGS="$(ASAN_CFLAGS) -fno-wrapv -g -O1" MOEFLUX_LDFLAGS="$(ASAN_CFLAGS)" \
+		$(PY) setup.py -q build_ext -b $(ASAN_SITE) -t build/asan-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(ASAN_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(ASAN_SITE)/moeflux/prep
+	env $(ASAN_ENV) $(PY) -c 'import moeflux._core as c, sys; print("sanitized core:", c.__file__); \
+		sys.exit(0 if c.__file__.startswith("$(ASAN_SITE)/") and b"__asan_init" in open(c.__file__, "rb").read() else "not the sanitized build")'
+	env $(ASAN_ENV) $(VENV)/bin/pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if ls build/asan-logs/* >/dev/null 2>&1; then \
+		cat build/asan-logs/*; echo "sanitizer reports above (build/asan-logs/)"; exit 1; fi; \
+	exit $$rc
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info
