@@ -35,7 +35,7 @@ demo: install
 
 # C unit tests: each tests/c/test_*.c is its own program linked with the core (no
 # Python), built with -Werror and run.
-tests/c/build/%: tests/c/%.c $(CORE_SRC) $(shell find csrc -name '*.h')
+tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm
 
