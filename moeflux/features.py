@@ -86,10 +86,6 @@ class ModelFeatures:
             return
         self._core().load_state(state)
 
-    def reset(self) -> None:
-        """Forget the sequence (position 0); equal to a fresh context."""
-        self._core().reset()
-
     def truncate(self, n: int) -> None:
         """Shorten the sequence to its first `n` tokens.
 
