@@ -113,6 +113,11 @@ struct hy_state {
     float **conv[2], **rec[2];    // [n_layer], NULL for attention layers
     float *inv_freq;              // [n_rot / 2] rope frequencies
     int32_t *q_rows;              // host [max_tok * n_head]: row 2i of q_proj output
+    // Grouped layout: per destination buffer, the source row (of seg_unit floats) in
+    // raw of each of its rows of seg_unit floats, for max_tok tokens; NULL when no
+    // segment writes that buffer. One gather_rows per buffer then moves a whole chunk.
+    int32_t *seg_rows[N_DST];     // host [max_tok * width / seg_unit]
+    int seg_unit[N_DST];
     // scratch [max_tok, ...]
     float *qg;                    // [n_head, 2, head_dim]
     float *q;                     // [n_head, head_dim]
@@ -508,6 +513,8 @@ static void hy_state_free(mf_ctx *ctx) {
         if (bufs[i])
             op->dealloc(ctx->ex, bufs[i]);
     free(st->q_rows);
+    for (int k = 0; k < N_DST; k++)
+        free(st->seg_rows[k]);
     mf_decoder_free(ctx, &st->dec);
     free(st);
     ctx->arch_state = NULL;
@@ -539,6 +546,75 @@ static int alloc_layer_state(mf_ctx *ctx, struct hy_state *st, const struct hy_m
     return ok;
 }
 
+static int gcd_int(int a, int b) {
+    while (b) {
+        int t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+// Widths [floats per token] of the four GatedDeltaNet projection buffers (enum hy_dst).
+static void dst_widths(const struct hy_dims *d, int width[N_DST]) {
+    width[DST_QKV] = d->conv_dim;
+    width[DST_Z] = d->value_dim;
+    width[DST_B] = d->nv;
+    width[DST_A] = d->nv;
+}
+
+// The gather tables of the grouped layout (hy_state.seg_rows). A segmented projection
+// p writes its [n, n_out_p] output at raw + max_tok * (sum of n_out of the segmented
+// projections before it), so a source row does not depend on the chunk length. The
+// row unit of a buffer is the gcd of every offset and length that touches it. Returns
+// 0 when out of memory or when the segments do not cover a buffer exactly.
+static int make_seg_rows(struct hy_state *st, const struct hy_model *hm) {
+    const struct hy_layer *L = NULL;
+    for (int il = 0; !L && il < hm->d.n_layer; il++)
+        if (hm->layers[il].is_linear && hm->segs)
+            for (int p = 0; p < hm->layers[il].n_proj; p++)
+                if (hm->layers[il].proj[p].dst < 0) L = &hm->layers[il];
+    if (!L) return 1;
+    int width[N_DST], covered[N_DST] = {0};
+    dst_widths(&hm->d, width);
+    size_t T = (size_t)st->dec.max_tok;
+    for (int k = 0; k < N_DST; k++) st->seg_unit[k] = width[k];
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;   // floats, max_tok-based (see above)
+        for (int p = 0; p < L->n_proj; p++) {
+            const struct gdn_proj *P = &L->proj[p];
+            if (P->dst >= 0) continue;
+            int n_out = (int)P->w.n_out;
+            for (int q = 0; q < P->n_seg; q++) {
+                const struct gdn_seg *s = &hm->segs[P->seg0 + q];
+                int *u = &st->seg_unit[s->dst];
+                if (pass == 0) {
+                    *u = gcd_int(gcd_int(gcd_int(*u, s->len), s->src_col), s->dst_col);
+                    *u = gcd_int(gcd_int(*u, n_out), (int)(off % (size_t)*u));
+                    covered[s->dst] += s->len;
+                    continue;
+                }
+                size_t wu = (size_t)(width[s->dst] / *u);
+                for (size_t t = 0; t < T; t++)
+                    for (int j = 0; j < s->len / *u; j++)
+                        st->seg_rows[s->dst][t * wu + (size_t)(s->dst_col / *u + j)] =
+                            (int32_t)((off + t * (size_t)n_out + (size_t)s->src_col) /
+                                          (size_t)*u + (size_t)j);
+            }
+            off += T * (size_t)n_out;
+        }
+        if (pass == 1) break;
+        for (int k = 0; k < N_DST; k++) {
+            if (!covered[k]) continue;
+            if (covered[k] != width[k]) return 0;
+            st->seg_rows[k] = calloc(T * (size_t)(width[k] / st->seg_unit[k]),
+                                     sizeof(int32_t));
+            if (!st->seg_rows[k]) return 0;
+        }
+    }
+    return 1;
+}
+
 static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm) {
     const struct hy_dims *d = &hm->d;
     size_t T = (size_t)st->dec.max_tok, F = sizeof(float);
@@ -564,6 +640,8 @@ static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model
         return 0;
     for (size_t i = 0; i < T * (size_t)d->n_head; i++)
         st->q_rows[i] = (int32_t)(2 * i);
+    if (!make_seg_rows(st, hm))
+        return 0;
     // mlx nn.RoPE: inv_freq_j = base^(-2j / n_rot) = base^(-j / (n_rot/2))
     float inv[512];
     int half = d->n_rot / 2;
@@ -685,27 +763,26 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
 static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm,
                         const struct hy_layer *L, const float *x, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
-    const struct hy_dims *d = &hm->d;
-    int width[N_DST] = {d->conv_dim, d->value_dim, d->nv, d->nv};
-    size_t raw_off = 0, F = sizeof(float);
+    int width[N_DST], direct[N_DST] = {0}, segmented = 0;
+    dst_widths(&hm->d, width);
+    size_t raw_off = 0, T = (size_t)st->dec.max_tok;
     for (int p = 0; p < L->n_proj; p++) {
         const struct gdn_proj *P = &L->proj[p];
         if (P->dst >= 0) {
             op->matmul(ctx->ex, st->buf[P->dst], &P->w, x, n);
+            direct[P->dst] = 1;
             continue;
         }
-        float *raw = st->raw + raw_off;                  // [n, n_out]
-        int n_out = (int)P->w.n_out;
-        raw_off += (size_t)n * n_out;
-        op->matmul(ctx->ex, raw, &P->w, x, n);
-        for (int t = 0; t < n; t++)
-            for (int k = 0; k < P->n_seg; k++) {
-                const struct gdn_seg *s = &hm->segs[P->seg0 + k];
-                op->copy(ctx->ex, st->buf[s->dst],
-                         ((size_t)t * width[s->dst] + s->dst_col) * F, raw,
-                         ((size_t)t * n_out + s->src_col) * F, (size_t)s->len * F);
-            }
+        // [n, n_out] at a max_tok-based offset: the rows in seg_rows do not depend on n
+        op->matmul(ctx->ex, st->raw + raw_off, &P->w, x, n);
+        raw_off += T * (size_t)P->w.n_out;
+        segmented = 1;
     }
+    // The segments of the whole chunk, one gather per buffer (make_seg_rows).
+    for (int k = 0; segmented && k < N_DST; k++)
+        if (st->seg_rows[k] && !direct[k])
+            op->gather_rows(ctx->ex, st->buf[k], st->raw, st->seg_rows[k],
+                            n * (width[k] / st->seg_unit[k]), st->seg_unit[k]);
 }
 
 static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm,
