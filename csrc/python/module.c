@@ -298,12 +298,11 @@ static void context_dealloc(PyObject *obj) {
 
 /* ==== Context: eval ==== */
 
-// Tokens from a C-contiguous 1-D int32 buffer (pinned, no copy) or, failing that, any
-// iterable of integers (or one int), copied into *owned. Returns 0 or -1 with an
+// Tokens from a C-contiguous 1-D int32 buffer or, failing that, any iterable of
+// integers (or one int), always copied into *owned (see tokens_get). Returns 0 or -1 with an
 // exception set.
 struct tokens {
-    Py_buffer view;
-    int has_view;
+    Py_buffer view;     // only while tokens_get reads a buffer
     int32_t *owned;
     const int32_t *ids;
     Py_ssize_t n;
@@ -321,9 +320,20 @@ static int tokens_get(struct tokens *t, PyObject *obj, mf_py_state *st) {
     if (PyObject_CheckBuffer(obj) &&
         PyObject_GetBuffer(obj, &t->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
         if (t->view.ndim == 1 && is_int32_format(&t->view)) {
-            t->has_view = 1;
-            t->ids = t->view.buf;
+            // Copied, not borrowed: eval checks the ids and then runs with the GIL
+            // released, so another thread writing the caller's array in between could
+            // send an unchecked id into the embedding lookup (a read past the table).
             t->n = t->view.shape ? t->view.shape[0] : t->view.len / 4;
+            t->owned = malloc((size_t)(t->n > 0 ? t->n : 1) * sizeof *t->owned);
+            if (!t->owned) {
+                PyBuffer_Release(&t->view);
+                PyErr_NoMemory();
+                return -1;
+            }
+            if (t->n > 0)
+                memcpy(t->owned, t->view.buf, (size_t)t->n * sizeof *t->owned);
+            PyBuffer_Release(&t->view);
+            t->ids = t->owned;
             return 0;
         }
         int ndim = t->view.ndim;
@@ -386,8 +396,6 @@ static int tokens_get(struct tokens *t, PyObject *obj, mf_py_state *st) {
 }
 
 static void tokens_release(struct tokens *t) {
-    if (t->has_view)
-        PyBuffer_Release(&t->view);
     free(t->owned);
     memset(t, 0, sizeof *t);
 }
@@ -413,7 +421,7 @@ PyDoc_STRVAR(context_eval_doc,
 "eval($self, /, tokens, all_logits=False)\n--\n\n"
 "Evaluate tokens after the current position and return float32 logits: [n_vocab]\n"
 "for the last token, or [n_tokens, n_vocab] when all_logits. tokens: an int32\n"
-"buffer (no copy), a sequence of ints, or one int. On error the sequence is\n"
+"buffer, a sequence of ints, or one int. On error the sequence is\n"
 "unchanged. Ctrl-C stops it at the next layer (KeyboardInterrupt).");
 
 static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
