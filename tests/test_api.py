@@ -251,6 +251,12 @@ def test_eval_past_n_ctx(model: moeflux.Model) -> None:
     assert model.n_past == 16
     with pytest.raises(ArgumentError):
         model.eval([1])
+    # Too long with all_logits: refused for n_ctx before any n_tokens x n_vocab output
+    # is allocated (2**26 x vocab floats would be a MemoryError instead).
+    model.reset()
+    with pytest.raises(ArgumentError, match="n_ctx"):
+        model.eval(np.zeros(1 << 26, dtype=np.int32), all_logits=True)
+    assert model.n_past == 0
 
 
 def test_token_inputs_and_shapes(model: moeflux.Model) -> None:

@@ -447,6 +447,17 @@ static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
         tokens_release(&t);
         return NULL;
     }
+    // Refuse a too-long request before allocating n_tokens x n_vocab logits for it, so
+    // it reports the n_ctx limit rather than a MemoryError.
+    int n_past = mf_ctx_n_past(self->ctx), n_ctx = mf_ctx_n_ctx(self->ctx);
+    if (t.n > (Py_ssize_t)(n_ctx - n_past)) {
+        mf_py_ctx_unlock(self);
+        tokens_release(&t);
+        char msg[160];
+        snprintf(msg, sizeof msg, "eval: %lld tokens at position %d exceed n_ctx %d",
+                 (long long)t.n, n_past, n_ctx);
+        return mf_py_raise(st, MF_ERR_ARG, msg);
+    }
     int n_vocab = mf_model_n_vocab(mf_ctx_model(self->ctx));
     Py_buffer out;
     PyObject *arr = new_f32_array(st, all_logits ? t.n : -1, n_vocab, &out);
