@@ -15,6 +15,17 @@
  *   (mapped weights). Each mf_ctx makes its own exec (struct mf_exec: a thread pool on
  *   the CPU, a stream on a GPU), so contexts run concurrently. All ops take the exec.
  *
+ * Host arguments (API v2)
+ *   Every pointer argument named `_host` is read (or, for outputs, written) before the
+ *   op returns: the caller may reuse or free it at once. An enqueuing backend copies such
+ *   arguments into memory of its own. Only download, sync, fence_wait and moe_route with
+ *   host outputs make the host wait for queued work.
+ *
+ * Errors
+ *   Ops return nothing; a backend that can fail while running queued work (a GPU launch,
+ *   a copy) keeps the first error on the exec, and `status` reports it. Forward code
+ *   checks `status` at its synchronisation points (after download, at the end of eval).
+ *
  * Shapes in comments are row-major, outermost first, f32 unless said otherwise.
  */
 #ifndef MF_BACKEND_H
@@ -25,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 1
+#define MF_BACKEND_API_VERSION 2
 
 // A weight matrix [n_out, n_in] (or a vector when n_out == 1 and used by norms), either
 // float (dtype F32/F16/BF16) or MLX affine-quantized (dtype U32: codes
@@ -51,6 +62,42 @@ struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i);
 
 struct mf_backend;
 struct mf_exec;
+struct mf_fence;
+
+// Routers of the MoE layers (moe_route). Top-k is a repeated arg-max with strict '>',
+// so ties go to the lower expert index, on every backend.
+enum mf_route_kind {
+    MF_ROUTE_SOFTMAX = 0,     // p = softmax(logits); k largest; renormalised if
+                              // norm_topk_prob
+    MF_ROUTE_NOAUX_TC = 1,    // sigmoid scores; bias steers the choice only; group top-2
+                              // sums; experts of all but topk_group groups masked to 0.0;
+                              // unbiased weights renormalised (norm_topk_prob, k > 1)
+                              // times routed_scaling_factor
+};
+
+struct mf_route_params {
+    enum mf_route_kind kind;
+    int n_expert;                // E
+    int n_used;                  // K
+    int norm_topk_prob;
+    int n_group;                 // noaux_tc (1 = no grouping)
+    int topk_group;              // noaux_tc
+    float routed_scaling_factor; // noaux_tc (1 for softmax)
+};
+
+// A group of routed experts for moe_experts. Expert i's blob (gate W|S|B, up W|S|B,
+// down W|S|B) starts at device address blob_host[i]; the component views gate/up/down
+// hold byte offsets inside a blob (their pointers are offsets from address 0). Expert i
+// owns rows row0_host[i] .. row0_host[i] + n_rows_host[i] - 1 of xg / gu / eo.
+struct mf_moe_batch {
+    int n;
+    const void *const *blob_host;    // [n]
+    const int32_t *row0_host;        // [n]
+    const int32_t *n_rows_host;      // [n]
+    const struct mf_weight *gate;    // [n_ff, n_embd]
+    const struct mf_weight *up;      // [n_ff, n_embd]
+    const struct mf_weight *down;    // [n_embd, n_ff]
+};
 
 struct mf_backend_ops {
     int api_version;         // MF_BACKEND_API_VERSION
@@ -65,6 +112,19 @@ struct mf_backend_ops {
     int (*exec_new)(struct mf_backend *be, int n_threads, struct mf_exec **out,
                     char *err, size_t errlen);
     void (*exec_free)(struct mf_exec *ex);
+    // Release a map_weights view (device copies are freed; CPU: nothing).
+    void (*unmap_weights)(struct mf_backend *be, const void *dev, uint64_t bytes);
+    // Free and total bytes of the memory device allocations come from (CPU: physical
+    // RAM available / installed). MF_OK or an error code with err set.
+    int (*mem_info)(struct mf_backend *be, uint64_t *free_bytes, uint64_t *total_bytes,
+                    char *err, size_t errlen);
+    // The first error of queued work since the exec was made (sticky), MF_OK if none;
+    // err gets its message. CPU: always MF_OK.
+    int (*status)(struct mf_exec *ex, char *err, size_t errlen);
+    // 1 if host memory from alloc_host (and memory the host mapped, such as the expert
+    // files) can be passed to ops as device memory (CPU, Apple unified memory); 0 if it
+    // must be copied to device memory first (upload / upload_async).
+    int host_is_device;
 
     // ---- memory (zero-filled allocations; NULL on OOM)
     void *(*alloc)(struct mf_exec *ex, size_t bytes);
@@ -77,9 +137,27 @@ struct mf_backend_ops {
     void (*copy)(struct mf_exec *ex, void *dst, size_t dst_off, const void *src,
                  size_t src_off, size_t bytes);
     void (*zero)(struct mf_exec *ex, void *dst, size_t dst_off, size_t bytes);
-    // Host-visible memory that expert reads land in directly. CPU: alloc. GPU: pinned
-    // staging. (optional: NULL means alloc is host-visible)
+    // Host memory that expert reads land in and async uploads read from: CPU aligned
+    // host memory, CUDA pinned staging. Zero-filled, at least 4096-byte aligned; NULL on
+    // failure. Freed only by dealloc_host.
     void *(*alloc_host)(struct mf_exec *ex, size_t bytes);
+    void (*dealloc_host)(struct mf_exec *ex, void *p);
+    // Copy from alloc_host memory to device memory in the exec's order. src_host must
+    // stay unchanged until `done` is reached (done may be NULL: then the caller syncs
+    // before reusing src_host). The one exception to the host-argument rule.
+    void (*upload_async)(struct mf_exec *ex, void *dst, size_t dst_off,
+                         const void *src_host, size_t bytes, struct mf_fence *done);
+
+    // ---- synchronisation
+    // Wait until all work queued on ex has finished.
+    void (*sync)(struct mf_exec *ex);
+    // A fence marks a point in the exec's queue: record places it after the work queued
+    // so far; wait blocks the host until that work is done (a fence never recorded is
+    // reached at once). CPU: work is done when an op returns, so both are no-ops.
+    struct mf_fence *(*fence_new)(struct mf_exec *ex);
+    void (*fence_record)(struct mf_exec *ex, struct mf_fence *f);
+    void (*fence_wait)(struct mf_exec *ex, struct mf_fence *f);
+    void (*fence_free)(struct mf_exec *ex, struct mf_fence *f);
 
     // ---- linear algebra
     // y[n_tok, n_out] = x[n_tok, n_in] @ W^T. W float or quantized.
@@ -112,6 +190,12 @@ struct mf_backend_ops {
     // weight of n elements. y may alias x.
     void (*rmsnorm)(struct mf_exec *ex, float *y, const float *x,
                     const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+    // rmsnorm over heads inside tokens: row (t, h) of n values at x + t*tok_stride +
+    // h*head_stride (the same offsets in y) for t < n_tok, h < n_head. y may alias x.
+    // (GatedDeltaNet q/k heads inside conv rows, the MLA latent inside [latent | rope].)
+    void (*rmsnorm_heads)(struct mf_exec *ex, float *y, const float *x,
+                          const struct mf_weight *g, int n_tok, int tok_stride,
+                          int n_head, int head_stride, int n, float eps, float scale);
     // Per row of n: y = rmsnorm(x) * g * silu(z). y may alias x.
     void (*rmsnorm_gated)(struct mf_exec *ex, float *y, const float *x, const float *z,
                           const struct mf_weight *g, int n_rows, int n, float eps);
@@ -185,8 +269,29 @@ struct mf_backend_ops {
     // Rows: dst[i] = src[idx_host[i]] (row length n).
     void (*gather_rows)(struct mf_exec *ex, float *dst, const float *src,
                         const int32_t *idx_host, int n_rows, int n);
+    // The same with the index table in device memory (tables made once per context).
+    void (*gather_rows_dev)(struct mf_exec *ex, float *dst, const float *src,
+                            const int32_t *idx, int n_rows, int n);
 
-    // ---- parallel host work on the exec's threads (CPU: the pool; GPU: host threads)
+    // ---- mixture of experts
+    // Routing of n_tok tokens: logits [n_tok, E] (device, overwritten with the scores),
+    // bias [E] f32 device (noaux_tc correction; NULL = none). Writes the K chosen
+    // experts and their weights per token to idx [n_tok, K] / w [n_tok, K] (device; either
+    // may be NULL) and, when idx_host / w_host are not NULL, to the host too (then it
+    // synchronises). Same selection and weights on every backend (tie rule above).
+    void (*moe_route)(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                      const float *bias, const struct mf_route_params *p, int n_tok,
+                      int32_t *idx_host, float *w_host);
+    // SwiGLU experts on gathered rows: for each expert i of b and each of its rows r,
+    // eo[r] = down(silu(gate xg[r]) * up xg[r]), gu [rows, 2 * n_ff] scratch. A row's
+    // result does not depend on which other experts share the call, so experts may be
+    // run as their bytes arrive, in any grouping, with bitwise the same eo.
+    void (*moe_experts)(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                        const struct mf_moe_batch *b);
+
+    // ---- parallel host work on the exec's threads (CPU: the pool). Optional: NULL
+    // means the caller runs the tasks itself. Leaves the table once the expert store
+    // owns its I/O threads.
     // Runs fn(arg, i) for i in [0, n_tasks) and returns when all are done.
     void (*parallel_for)(struct mf_exec *ex, void (*fn)(void *arg, int i), void *arg,
                          int n_tasks);
