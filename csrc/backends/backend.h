@@ -59,6 +59,9 @@ int64_t mf_weight_s_bytes(const struct mf_weight *w);
 // Slice i of a stacked weight whose leading dimension was folded away: returns a view
 // whose pointers are advanced by i slices.
 struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i);
+// A view whose pointers are byte offsets (expert components inside a blob) placed at
+// device address base.
+struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base);
 
 struct mf_backend;
 struct mf_exec;

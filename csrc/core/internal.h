@@ -81,6 +81,7 @@ struct mf_model {
     uint64_t weights_bytes;
     struct mf_backend *be;            // owned
     const void *weights_dev;          // be->ops->map_weights view of weights_map
+    struct mf_derived *derived;       // f32 copies made at bind (mf_bind_vector_f32)
     mf_expert_store *experts;         // owned; NULL for models without routed experts
     const struct mf_arch *arch;
     void *arch_weights;               // owned by the arch (unbind frees)
@@ -114,6 +115,13 @@ int mf_bind_linear(const mf_model *m, struct mf_weight *out, const char *path,
 // element count). F32/F16/BF16 accepted.
 int mf_bind_vector(const mf_model *m, struct mf_weight *out, const char *name,
                    int64_t n, char *err, size_t errlen);
+// mf_bind_vector, converted to F32 once at bind when stored as F16/BF16 (a copy owned
+// by the model and mapped through the backend; an F32 tensor is viewed in place), for
+// vectors an op reads as f32 (the noaux_tc router bias).
+int mf_bind_vector_f32(mf_model *m, struct mf_weight *out, const char *name, int64_t n,
+                       char *err, size_t errlen);
+// Release what mf_bind_vector_f32 made (mf_model_free, before the backend).
+void mf_derived_free(mf_model *m);
 // 1 if the manifest has `name`.
 int mf_has_tensor(const mf_model *m, const char *name);
 

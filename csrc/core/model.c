@@ -85,8 +85,12 @@ void mf_model_free(mf_model *m) {
     if (m->arch && m->arch_weights && m->arch->unbind)
         m->arch->unbind(m);
     mf_expert_store_close(m->experts);
-    if (m->be && m->be->ops && m->be->ops->free)
+    if (m->be) {
+        mf_derived_free(m);
+        if (m->weights_dev && m->be->ops->unmap_weights)
+            m->be->ops->unmap_weights(m->be, m->weights_dev, m->weights_bytes);
         m->be->ops->free(m->be);
+    }
     mf_weights_unmap(m);
     mf_manifest_free(&m->manifest);
     mf_config_free(&m->cfg);

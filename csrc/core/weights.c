@@ -248,6 +248,56 @@ int mf_bind_vector(const mf_model *m, struct mf_weight *out, const char *name, i
     return MF_OK;
 }
 
+struct mf_derived {
+    float *host;
+    const void *dev;
+    uint64_t bytes;
+    struct mf_derived *next;
+};
+
+int mf_bind_vector_f32(mf_model *m, struct mf_weight *out, const char *name, int64_t n,
+                       char *err, size_t errlen) {
+    int rc = mf_bind_vector(m, out, name, n, err, errlen);
+    if (rc != MF_OK || out->dtype == MF_DTYPE_F32)
+        return rc;
+    const struct mf_tensor_info *t = mf_manifest_find(&m->manifest, name);
+    struct mf_derived *d = calloc(1, sizeof *d);
+    if (d)
+        d->host = malloc((size_t)n * sizeof(float));
+    if (!d || !d->host) {
+        if (d)
+            free(d);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "tensor %s: out of memory for f32 copy",
+                      name);
+    }
+    const uint8_t *src = (const uint8_t *)m->weights_map + t->offset;
+    for (int64_t i = 0; i < n; i++)
+        d->host[i] = mf_load_f32(src, t->dtype, (size_t)i);
+    d->bytes = (uint64_t)n * sizeof(float);
+    d->dev = m->be->ops->map_weights(m->be, d->host, d->bytes, err, errlen);
+    if (!d->dev) {
+        free(d->host);
+        free(d);
+        return MF_ERR_BACKEND;
+    }
+    d->next = m->derived;
+    m->derived = d;
+    out->w = d->dev;
+    out->dtype = out->sdtype = MF_DTYPE_F32;
+    return MF_OK;
+}
+
+void mf_derived_free(mf_model *m) {
+    while (m->derived) {
+        struct mf_derived *d = m->derived;
+        m->derived = d->next;
+        if (m->be->ops->unmap_weights)
+            m->be->ops->unmap_weights(m->be, d->dev, d->bytes);
+        free(d->host);
+        free(d);
+    }
+}
+
 int mf_has_tensor(const mf_model *m, const char *name) {
     return mf_manifest_find(&m->manifest, name) != NULL;
 }
