@@ -356,6 +356,13 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
     atomic_store(&ctx->abort_flag, 0);
     double t0 = now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);
+    if (rc == MF_OK) {
+        // queued work that failed on the device (a GPU launch or copy) surfaces here
+        char msg[512];
+        int st = ctx->be->ops->status(ctx->ex, msg, sizeof msg);
+        if (st != MF_OK)
+            rc = mf_ctx_fail(ctx, st, "eval: backend %s: %s", ctx->be->ops->name, msg);
+    }
     ctx->stats.compute_s += now_s() - t0;
     if (rc == MF_OK) {
         ctx->n_past += n_tokens;

@@ -29,7 +29,7 @@ static void cpu_unmap_weights(struct mf_backend *be, const void *dev, uint64_t b
     (void)bytes;   // the view is the caller's mapping itself
 }
 
-// Physical RAM: installed, and what the kernel counts as available.
+// Physical RAM: installed, and free (page cache not counted as free).
 static int cpu_mem_info(struct mf_backend *be, uint64_t *free_bytes, uint64_t *total_bytes,
                         char *err, size_t errlen) {
     (void)be;
