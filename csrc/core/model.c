@@ -71,12 +71,6 @@ void mf_log(const mf_model *m, int level, const char *fmt, ...) {
     m->params.log_fn(m->params.log_user, level, line);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ==== Model ==== */
 
 void mf_model_free(mf_model *m) {
@@ -354,7 +348,7 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
                                "eval: token %d at index %d is outside the vocabulary [0, %d)",
                                tokens[i], i, n_vocab);
     atomic_store(&ctx->abort_flag, 0);
-    double t0 = now_s();
+    double t0 = mf_now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);
     if (rc == MF_OK) {
         // queued work that failed on the device (a GPU launch or copy) surfaces here
@@ -363,7 +357,7 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
         if (st != MF_OK)
             rc = mf_ctx_fail(ctx, st, "eval: backend %s: %s", ctx->be->ops->name, msg);
     }
-    ctx->stats.compute_s += now_s() - t0;
+    ctx->stats.compute_s += mf_now_s() - t0;
     if (rc == MF_OK) {
         ctx->n_past += n_tokens;
         ctx->stats.n_tokens_evaluated += n_tokens;

@@ -58,12 +58,15 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_we
                    const struct mf_ffn_layer *ffn, int il, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const int hid = dec->n_embd;
+    double t0 = mf_now_s();
     op->rmsnorm(ctx->ex, dec->xn, dec->x, norm, n, hid, dec->norm_eps, 1.0f);
     if (is_moe) {
+        ctx->stats.routing_s += mf_now_s() - t0;   // the router's input norm
         int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, moe, dec->y, dec->xn, n);
-        if (rc) return rc;
+        if (rc) return rc;   // its phases are counted inside
     } else {
         mf_ffn_forward(ctx, dec->y, dec->ffn_tmp, ffn, dec->xn, n, dec->n_ff_dense);
+        ctx->stats.shared_s += mf_now_s() - t0;
     }
     MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
     op->axpy(ctx->ex, dec->x, 1.0f, dec->y, n * hid);
@@ -72,6 +75,11 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_we
 }
 
 /* ==== Forward ==== */
+
+// Seconds counted so far in the phases of FFN halves.
+static double ffn_seconds(const struct mf_ctx_stats *s) {
+    return s->routing_s + s->io_wait_s + s->experts_s + s->shared_s;
+}
 
 // Final norm and head on rows [row0, row0 + n_rows) of the chunk; downloads the
 // logits into dst [n_rows, n_vocab] (host).
@@ -94,21 +102,28 @@ int mf_decoder_run(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *tok
     for (int t0 = 0; t0 < n_tok; t0 += dec->max_tok) {
         int n = n_tok - t0 < dec->max_tok ? n_tok - t0 : dec->max_tok;
         int pos0 = ctx->n_past + t0;
+        double te = mf_now_s();
         ctx->be->ops->embed(ctx->ex, dec->x, dec->embed, tokens + t0, n);
+        ctx->stats.head_s += mf_now_s() - te;
         for (int il = 0; il < dec->n_layer; il++) {
             // Cache rows at positions >= n_past and the working recurrent buffers are
             // dead until the caller commits, so stopping here leaves the ctx as it was.
             if (mf_ctx_should_abort(ctx))
                 return mf_ctx_fail(ctx, MF_ABORTED, "evaluation aborted at layer %d", il);
+            double tl = mf_now_s(), ffn0 = ffn_seconds(&ctx->stats);
             int rc = dec->layer(ctx, il, n, pos0, t0 == 0);
+            // the mixer is what the layer spent outside its FFN half
+            ctx->stats.attention_s += (mf_now_s() - tl) - (ffn_seconds(&ctx->stats) - ffn0);
             if (rc) return rc;
             MF_TAP(ctx, "model.layers.%d", il, dec->x, n * dec->n_embd);
         }
         if (!logits) continue;
+        double th = mf_now_s();
         if (all_logits)
             head_forward(ctx, dec, 0, n, logits + (size_t)t0 * dec->n_vocab);
         else if (t0 + n == n_tok)
             head_forward(ctx, dec, n - 1, 1, logits);
+        ctx->stats.head_s += mf_now_s() - th;
     }
     return MF_OK;
 }

@@ -64,6 +64,7 @@ struct mf_moe_scratch {
     // expert weight views relative to a blob at address 0 (pointers are offsets)
     struct mf_weight ex_gate, ex_up, ex_down;
     int has_store;
+    double io_wait_call;     // seconds waited for reads in the current call
 };
 
 static void *dev_alloc(mf_ctx *ctx, size_t bytes) {
@@ -333,21 +334,18 @@ static void read_one(void *arg, int i) {
                              j->s->slot_err + (size_t)i * SLOT_ERR_LEN, SLOT_ERR_LEN);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int read_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
     struct read_job job = {ctx->model->experts, s, il};
-    double t0 = now_s();
+    double t0 = mf_now_s();
     if (ctx->be->ops->parallel_for)
         ctx->be->ops->parallel_for(ctx->ex, read_one, &job, n);
     else
         for (int i = 0; i < n; i++)
             read_one(&job, i);
-    ctx->stats.expert_read_s += now_s() - t0;
+    double dt = mf_now_s() - t0;
+    ctx->stats.expert_read_s += dt;
+    ctx->stats.io_wait_s += dt;
+    s->io_wait_call += dt;
     for (int i = 0; i < n; i++)
         if (s->slot_status[i] != MF_OK)
             return mf_ctx_fail(ctx, s->slot_status[i], "layer %d expert %d: %s", il,
@@ -407,7 +405,12 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
     if (!s->has_store)
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
+    struct mf_ctx_stats *st = &ctx->stats;
+    s->io_wait_call = 0.0;
+    double t0 = mf_now_s();
     int n_used = route(ctx, s, w, c, x, n_tok);
+    double t1 = mf_now_s();
+    st->routing_s += t1 - t0;
     int n_rows = n_tok * c->n_expert_used;
     op->gather_rows(ctx->ex, s->xg, x, s->tok_of, n_rows, c->n_embd);
     for (int b0 = 0; b0 < n_used; b0 += s->n_slot) {
@@ -421,8 +424,11 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
     }
     op->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
     op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
+    double t2 = mf_now_s();
+    st->experts_s += (t2 - t1) - s->io_wait_call;
     if (w->has_shared && c->n_ff_shexp > 0)
         shared_apply(ctx, s, c, w, y, x, n_tok);
+    st->shared_s += mf_now_s() - t2;
     return MF_OK;
 }
 

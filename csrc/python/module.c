@@ -542,7 +542,13 @@ static PyObject *context_stats(PyObject *obj, PyObject *unused) {
         dict_set(d, "expert_reads", PyLong_FromLongLong(s.expert_reads)) ||
         dict_set(d, "expert_bytes_read", PyLong_FromLongLong(s.expert_bytes_read)) ||
         dict_set(d, "expert_read_s", PyFloat_FromDouble(s.expert_read_s)) ||
-        dict_set(d, "compute_s", PyFloat_FromDouble(s.compute_s))) {
+        dict_set(d, "compute_s", PyFloat_FromDouble(s.compute_s)) ||
+        dict_set(d, "attention_s", PyFloat_FromDouble(s.attention_s)) ||
+        dict_set(d, "routing_s", PyFloat_FromDouble(s.routing_s)) ||
+        dict_set(d, "io_wait_s", PyFloat_FromDouble(s.io_wait_s)) ||
+        dict_set(d, "experts_s", PyFloat_FromDouble(s.experts_s)) ||
+        dict_set(d, "shared_s", PyFloat_FromDouble(s.shared_s)) ||
+        dict_set(d, "head_s", PyFloat_FromDouble(s.head_s))) {
         Py_XDECREF(d);
         return NULL;
     }
