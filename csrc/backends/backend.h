@@ -276,6 +276,11 @@ struct mf_backend_ops {
     void (*gather_rows_dev)(struct mf_exec *ex, float *dst, const float *src,
                             const int32_t *idx, int n_rows, int n);
 
+    // flag[0] = 1 if any of x[0 .. n) is NaN or infinite; otherwise flag is left as it
+    // is (flag: one int32 of device memory). Cheap guard for damaged weights: the
+    // forward checks each layer's output and reads the flags once per eval.
+    void (*flag_nonfinite)(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
+
     // ---- mixture of experts
     // Routing of n_tok tokens: logits [n_tok, E] (device, overwritten with the scores),
     // bias [E] f32 device (noaux_tc correction; NULL = none). Writes the K chosen

@@ -43,6 +43,7 @@ const char *mf_strerror(int status) {
     case MF_ERR_BACKEND: return "compute backend failure";
     case MF_ERR_STATE: return "request does not fit the context's state";
     case MF_ERR_UNSUPPORTED: return "not supported by this build";
+    case MF_ERR_NUMERIC: return "NaN or infinity in the computation";
     case MF_ABORTED: return "aborted";
     default: return "unknown status";
     }
@@ -347,6 +348,8 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
             return mf_ctx_fail(ctx, MF_ERR_ARG,
                                "eval: token %d at index %d is outside the vocabulary [0, %d)",
                                tokens[i], i, n_vocab);
+    if (mf_weights_check(ctx->model, ctx->errmsg, sizeof ctx->errmsg) != MF_OK)
+        return MF_ERR_IO;
     atomic_store(&ctx->abort_flag, 0);
     double t0 = mf_now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);

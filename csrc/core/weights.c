@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/common.h"
@@ -47,9 +48,36 @@ int mf_weights_map(mf_model *m, const char *path, char *err, size_t errlen) {
         // Dense weights are touched on every token; ask the kernel to read ahead.
         (void)madvise(map, (size_t)bytes, MADV_WILLNEED);
     }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        if (map)
+            munmap(map, (size_t)bytes);
+        close(fd);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+    }
     m->weights_fd = fd;
     m->weights_map = map;
     m->weights_bytes = bytes;
+    m->weights_mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    return MF_OK;
+}
+
+int mf_weights_check(const mf_model *m, char *err, size_t errlen) {
+    if (m->weights_fd < 0)
+        return MF_OK;
+    struct stat st;
+    if (fstat(m->weights_fd, &st) != 0)
+        return mf_err(err, errlen, MF_ERR_IO, "%s/model_weights.bin: cannot stat: %s",
+                      m->dir, strerror(errno));
+    int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    if ((uint64_t)st.st_size != m->weights_bytes || mtime != m->weights_mtime_ns)
+        return mf_err(err, errlen, MF_ERR_IO,
+                      "%s/model_weights.bin was changed on disk after the model was opened "
+                      "(%llu bytes then, %llu now%s); its mapping can no longer be trusted: "
+                      "open the model again", m->dir,
+                      (unsigned long long)m->weights_bytes, (unsigned long long)st.st_size,
+                      mtime != m->weights_mtime_ns ? ", modified" : "");
     return MF_OK;
 }
 

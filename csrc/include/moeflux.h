@@ -70,6 +70,8 @@ enum mf_status {
     MF_ERR_STATE = -7,         // the request does not fit the ctx's state (snapshot
                                // of another model, truncation that cannot be exact)
     MF_ERR_UNSUPPORTED = -8,   // valid input this build does not support
+    MF_ERR_NUMERIC = -9,       // NaN or infinity appeared in the computation (damaged
+                               // weights or experts); the message names the layer
     MF_ABORTED = 1,            // mf_ctx_abort or the abort callback stopped a call;
                                // the ctx is as it was before the call
 };

@@ -261,6 +261,7 @@ static const struct mf_backend_ops cpu_ops = {
     .scatter_add_rows = mf_cpu_scatter_add_rows,
     .gather_rows = mf_cpu_gather_rows,
     .gather_rows_dev = mf_cpu_gather_rows,
+    .flag_nonfinite = mf_cpu_flag_nonfinite,
     .moe_route = mf_cpu_moe_route,
     .moe_experts = mf_cpu_moe_experts,
     .parallel_for = cpu_parallel_for,

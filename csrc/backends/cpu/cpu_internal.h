@@ -149,6 +149,7 @@ void mf_cpu_gather_rows(struct mf_exec *ex, float *dst, const float *src,
 void mf_cpu_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
                           const struct mf_weight *g, int n_tok, int tok_stride, int n_head,
                           int head_stride, int n, float eps, float scale);
+void mf_cpu_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
 
 // ---- ops (cpu_moe.c)
 // Routing scratch is ex->scratch[0]: E floats and E bytes (E <= MF_CPU_MAX_EXPERTS).

@@ -451,3 +451,18 @@ void mf_cpu_gather_rows(struct mf_exec *ex, float *dst, const float *src,
         memcpy(dst + (int64_t)i * n, src + (int64_t)idx_host[i] * n,
                (size_t)n * sizeof(float));
 }
+
+/* ==== Finite check ====
+ * Exponent bits all ones = NaN or infinity; an integer test the compiler vectorises. */
+
+void mf_cpu_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n) {
+    (void)ex;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad)
+        *flag = 1;
+}
