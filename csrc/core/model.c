@@ -351,6 +351,7 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
     if (mf_weights_check(ctx->model, ctx->errmsg, sizeof ctx->errmsg) != MF_OK)
         return MF_ERR_IO;
     atomic_store(&ctx->abort_flag, 0);
+    ctx->n_evals++;
     double t0 = mf_now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);
     if (rc == MF_OK) {
