@@ -61,6 +61,7 @@ struct mf_expert_reader {
     uint64_t expert_bytes;
     size_t slot_bytes;
     int n_slots, n_tickets, n_workers, n_started;
+    int keep_released;               // cache on: released slots keep their expert
     struct slot *slots;
     struct ticket *tickets;
     char *errs;                      // [(n_slots + n_tickets) * ERR_LEN]
@@ -410,6 +411,7 @@ int mf_expert_reader_new(mf_expert_reader **out, mf_expert_store *st,
     r->expert_bytes = es;
     r->slot_bytes = (size_t)sb;
     r->n_slots = p->n_slots + (int)(p->cache_bytes / sb);
+    r->keep_released = r->n_slots > p->n_slots;
     r->n_tickets = 2 * r->n_slots;   // the same expert may be held twice
     r->n_workers = p->n_workers;
     r->alloc_fn = p->alloc_fn ? p->alloc_fn : default_alloc;
@@ -635,9 +637,20 @@ static void release_locked(mf_expert_reader *r, int t) {
     if (tk->state == T_FREE)
         return;
     if (tk->slot >= 0) {
-        r->slots[tk->slot].n_tickets--;
+        struct slot *sl = &r->slots[tk->slot];
+        sl->n_tickets--;
         mf_expert_cache_unpin(r->cache, tk->slot);
         forget_if_failed(r, tk->slot);
+        // Cache off: an idle slot is emptied, and empty slots are reused lowest index
+        // first, so reads cycle through as few slots as they need, which stay in the
+        // CPU's last-level cache. Measured (bench/bench_reader.c, 1.7 MB experts, 32 MiB
+        // L3): with idle slots kept and recycled oldest-first, 16 slots pulled 0.6x
+        // the bytes/s of plain pread threads, 8 slots 1.0x.
+        if (!r->keep_released && sl->state == S_READY &&
+            mf_expert_cache_pins(r->cache, tk->slot) == 0) {
+            mf_expert_cache_remove(r->cache, tk->slot);
+            sl->state = S_EMPTY;
+        }
     }
     tk->state = T_FREE;
     tk->slot = -1;

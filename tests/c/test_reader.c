@@ -274,6 +274,51 @@ static void test_recycling(mf_expert_store *st) {
     mf_expert_reader_free(r);
 }
 
+/* ==== RAM cache on / off ==== */
+
+static const void *read_once(mf_expert_reader *r, int il, int ie) {
+    char err[512];
+    int t;
+    const void *data = NULL;
+    CHECK(mf_expert_reader_submit(r, il, ie, &t, err, sizeof err) == MF_OK &&
+              mf_expert_reader_wait(r, t, &data, err, sizeof err) == MF_OK &&
+              blob_ok(data, il, ie, ES), "read %d/%d: %s", il, ie, err);
+    mf_expert_reader_release(r, t);
+    return data;
+}
+
+static void test_cache_on_off(mf_expert_store *st) {
+    // Off: a released slot is emptied (the same expert again is read again) and the
+    // next read reuses that slot (the fewest slots, kept warm in the CPU cache).
+    mf_expert_reader *r = make_reader(st, MF_IO_PREAD, 2, 4, 0);
+    struct mf_expert_reader_stats s;
+    if (r) {
+        const void *a = read_once(r, 1, 3), *b = read_once(r, 1, 3), *c = read_once(r, 2, 7);
+        mf_expert_reader_stats(r, &s);
+        CHECK(s.reads == 3 && s.hits == 0 && a == b && b == c, "cache off: %lld reads",
+              (long long)s.reads);
+        mf_expert_reader_free(r);
+    }
+    // On: 2 working slots + 3 cache slots; released experts stay until LFRU evicts.
+    r = make_reader(st, MF_IO_PREAD, 2, 2, 3 * ES);
+    if (r) {
+        for (int i = 0; i < 3; i++)
+            read_once(r, 1, 3);   // clock 1-3: count 3, last 3: score 33
+        for (int e = 8; e < 12; e++)
+            read_once(r, 2, e);   // clock 4-7: scores 14..17; all five slots full
+        read_once(r, 2, 12);      // evicts 2/8 (14); LRU would evict 1/3 instead
+        read_once(r, 1, 3);
+        mf_expert_reader_stats(r, &s);
+        CHECK(s.reads == 6 && s.hits == 3 && s.bytes_cache == 3LL * ES &&
+                  s.bytes_disk == 6LL * ES, "cache on: %lld reads %lld hits", (long long)s.reads,
+              (long long)s.hits);
+        read_once(r, 2, 8);
+        mf_expert_reader_stats(r, &s);
+        CHECK(s.reads == 7, "LFRU evicted 2/8: %lld reads", (long long)s.reads);
+        mf_expert_reader_free(r);
+    }
+}
+
 /* ==== Errors ==== */
 
 static int wait_err(mf_expert_reader *r, int il, int ie, char *err, size_t errlen) {
@@ -678,6 +723,7 @@ int main(void) {
     if (st) {
         test_modes(st);
         test_recycling(st);
+        test_cache_on_off(st);
         test_auto_env(st);
         test_prefetch(st);
         test_free_in_flight(st);
