@@ -62,6 +62,7 @@ struct mf_expert_reader {
     size_t slot_bytes;
     int n_slots, n_tickets, n_workers, n_started;
     int keep_released;               // cache on: released slots keep their expert
+    int ticket_hi;                   // tickets in use all lie below this (scans stop)
     struct slot *slots;
     struct ticket *tickets;
     char *errs;                      // [(n_slots + n_tickets) * ERR_LEN]
@@ -129,6 +130,19 @@ static int queue_pop(struct queue *q) {
     return s;
 }
 
+// Take slot s out of q if queued there; 1 if it was.
+static int queue_remove(struct queue *q, int s) {
+    int found = 0, n = q->n;
+    for (int i = 0; i < n; i++) {
+        int x = queue_pop(q);
+        if (x == s && !found)
+            found = 1;
+        else
+            queue_push(q, x);
+    }
+    return found;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -170,7 +184,6 @@ static void finish(mf_expert_reader *r, int s, int rc, const void *data, const c
     sl->state = rc == MF_OK ? S_READY : S_FAILED;
     if (rc != MF_OK) {
         snprintf(sl->err, ERR_LEN, "%s", err);
-        r->stats.errors++;
     } else if (r->mode != MF_IO_MMAP) {
         r->stats.reads++;
         r->stats.bytes_disk += (int64_t)r->expert_bytes;
@@ -484,6 +497,9 @@ static int claim_slot(mf_expert_reader *r, int il, int ie) {
             r->stats.hits++;
             r->stats.prefetch_hits += r->slots[s].prefetched;
             r->slots[s].prefetched = 0;
+            // Wanted now: a prefetch not yet started moves ahead of other prefetches.
+            if (r->slots[s].state == S_QUEUED && queue_remove(&r->prefetch, s))
+                queue_push(&r->demand, s);
             if (r->mode != MF_IO_MMAP)
                 r->stats.bytes_cache += (int64_t)r->expert_bytes;
             return s;
@@ -512,10 +528,14 @@ static int claim_slot(mf_expert_reader *r, int il, int ie) {
     }
 }
 
-static int free_ticket(const mf_expert_reader *r) {
+// The lowest free ticket (so live ones stay below ticket_hi, and scans stay short
+// even when a large cache makes n_tickets large); -1 if none.
+static int free_ticket(mf_expert_reader *r) {
     for (int t = 0; t < r->n_tickets; t++)
-        if (r->tickets[t].state == T_FREE)
+        if (r->tickets[t].state == T_FREE) {
+            r->ticket_hi = t + 1 > r->ticket_hi ? t + 1 : r->ticket_hi;
             return t;
+        }
     return -1;
 }
 
@@ -529,6 +549,10 @@ int mf_expert_reader_submit(mf_expert_reader *r, int il, int ie, int *ticket, ch
     struct ticket *tk = t >= 0 ? &r->tickets[t] : NULL;
     if (tk) {
         tk->status = mf_expert_store_check(r->st, il, ie, tk->err, ERR_LEN);
+        // mmap: a hit hands out the mapping without a worker's pre-fault (which checks
+        // too), so the file's size is checked here on every submit.
+        if (tk->status == MF_OK && r->mode == MF_IO_MMAP)
+            tk->status = mf_expert_store_check_size(r->st, il, ie, tk->err, ERR_LEN);
         tk->slot = tk->status == MF_OK ? claim_slot(r, il, ie) : -1;
         if (tk->status == MF_OK && tk->slot < 0)
             tk = NULL;
@@ -575,8 +599,10 @@ static int take(mf_expert_reader *r, int t, const void **data, char *err, size_t
             snprintf(tk->err, ERR_LEN, "%s", sl->err);
         *data = sl->status == MF_OK ? sl->data : NULL;
     }
-    if (tk->status != MF_OK)
+    if (tk->status != MF_OK) {
         mf_err(err, errlen, tk->status, "%s", tk->err);
+        r->stats.errors++;
+    }
     return tk->status;
 }
 
@@ -603,7 +629,7 @@ int mf_expert_reader_wait(mf_expert_reader *r, int ticket, const void **data, ch
 static int first_done(const mf_expert_reader *r, int *pending) {
     int best = -1;
     *pending = 0;
-    for (int t = 0; t < r->n_tickets; t++) {
+    for (int t = 0; t < r->ticket_hi; t++) {
         const struct ticket *tk = &r->tickets[t];
         if (tk->state != T_PENDING)
             continue;
@@ -668,8 +694,9 @@ void mf_expert_reader_release_all(mf_expert_reader *r) {
     if (!r)
         return;
     pthread_mutex_lock(&r->mu);
-    for (int t = 0; t < r->n_tickets; t++)
+    for (int t = 0; t < r->ticket_hi; t++)
         release_locked(r, t);
+    r->ticket_hi = 0;
     pthread_mutex_unlock(&r->mu);
 }
 

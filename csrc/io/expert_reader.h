@@ -120,7 +120,7 @@ struct mf_expert_reader_stats {
     int64_t prefetch_issued;   // experts a prefetch started loading into a slot
     int64_t prefetch_hits;     // submits served by a slot a prefetch loaded
     int64_t prefetch_hints;    // experts a prefetch could only fadvise (no free slot)
-    int64_t errors;            // failed loads
+    int64_t errors;            // waits that returned an error (bad ids, failed reads)
     double wait_s;             // time the consumer blocked in wait / wait_any / submit
     enum mf_io_mode mode;      // the mode in effect (never AUTO)
     int n_slots, n_workers;    // in effect

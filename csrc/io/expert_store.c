@@ -576,15 +576,8 @@ int mf_expert_store_map(mf_expert_store *st, char *err, size_t errlen) {
     return ok ? MF_OK : MF_ERR_IO;
 }
 
-int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
-                             const void **data, char *err, size_t errlen) {
-    *data = NULL;
-    int rc = mf_expert_store_check(st, il, ie, err, errlen);
-    if (rc != MF_OK)
-        return rc;
-    if (st->mapped != 1)
-        return mf_err(err, errlen, MF_ERR_ARG,
-                      "expert read: mmap read without mf_expert_store_map");
+int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *err,
+                               size_t errlen) {
     uint64_t off = (uint64_t)ie * st->layout.expert_size, n = st->layout.expert_size;
     // A page of a mapping past the end of its file raises SIGBUS when touched: check
     // the size now (a truncation after this check still can).
@@ -598,6 +591,22 @@ int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
                       "now %lld bytes, the expert ends at %llu (truncated after open?)",
                       st->dir, il, il, ie, (unsigned long long)off,
                       (long long)(sb.st_size), (unsigned long long)(off + n));
+    return MF_OK;
+}
+
+int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
+                             const void **data, char *err, size_t errlen) {
+    *data = NULL;
+    int rc = mf_expert_store_check(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    if (st->mapped != 1)
+        return mf_err(err, errlen, MF_ERR_ARG,
+                      "expert read: mmap read without mf_expert_store_map");
+    rc = mf_expert_store_check_size(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    uint64_t off = (uint64_t)ie * st->layout.expert_size, n = st->layout.expert_size;
     const uint8_t *p = st->maps[il] + off;
     uintptr_t a0 = (uintptr_t)p & ~(uintptr_t)(st->page - 1);
 #if defined(MADV_WILLNEED)

@@ -85,6 +85,11 @@ int mf_expert_store_read_direct(const mf_expert_store *st, int il, int ie, void 
 // Map every layer file read-only (MAP_SHARED), once per store; later calls return the
 // first call's answer (MF_ERR_IO naming the file). Thread-safe.
 int mf_expert_store_map(mf_expert_store *st, char *err, size_t errlen);
+// MF_OK when layer il's file (fstat now) still holds expert ie whole, else MF_ERR_IO
+// naming the file, layer, expert, offset and the file's size. ids must be valid
+// (mf_expert_store_check). Thread-safe.
+int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *err,
+                               size_t errlen);
 // After mf_expert_store_map: *data = expert ie of layer il inside the mapping (valid
 // until the store is closed), its pages faulted in (madvise WILLNEED, then one byte
 // read per page). The file's size is checked first, so a file truncated after open is

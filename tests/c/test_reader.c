@@ -380,7 +380,7 @@ static void test_errors(const char *dir) {
         mf_expert_reader_release(r, t);
         struct mf_expert_reader_stats s;
         mf_expert_reader_stats(r, &s);
-        CHECK(s.errors == 2, "%s: %lld errors counted", mn, (long long)s.errors);
+        CHECK(s.errors == 5, "%s: %lld errors counted", mn, (long long)s.errors);
         CHECK(mf_expert_reader_wait(r, 99, &data, err, sizeof err) == MF_ERR_ARG &&
                   mf_expert_reader_wait(r, 0, &data, err, sizeof err) == MF_ERR_ARG,
               "bad tickets");
@@ -388,6 +388,20 @@ static void test_errors(const char *dir) {
         mf_expert_reader_free(r);
         mf_expert_store_close(st);
     }
+    // mmap with the cache on: a truncated file is caught at submit even when the
+    // expert is still in a slot (no worker pre-fault would run to notice).
+    write_model(dir, ES);
+    mf_expert_store *st = open_store(dir);
+    mf_expert_reader *r = st ? make_reader(st, MF_IO_MMAP, 2, 2, 4 * ES) : NULL;
+    if (r) {
+        CHECK(wait_err(r, 2, 5, err, sizeof err) == MF_OK, "mmap read: %s", err);
+        truncate_layer(dir, 2, 4 * ES);
+        int rc = wait_err(r, 2, 5, err, sizeof err);
+        CHECK(rc == MF_ERR_IO && strstr(err, "expert 5") && strstr(err, "truncated"),
+              "mmap cached slot after truncation: %d %s", rc, err);
+    }
+    mf_expert_reader_free(r);
+    mf_expert_store_close(st);
 }
 
 /* ==== Direct fallback, allocator ==== */
