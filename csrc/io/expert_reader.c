@@ -539,44 +539,47 @@ static int free_ticket(mf_expert_reader *r) {
     return -1;
 }
 
+// Bind free ticket t to (il, ie): bad ids (and, in mmap mode, a file now too short)
+// make a ticket that carries its error; otherwise it pins the expert's slot. Returns
+// -1, leaving the ticket free, when no slot can be had.
+static int bind_ticket(mf_expert_reader *r, int t, int il, int ie) {
+    struct ticket *tk = &r->tickets[t];
+    tk->status = mf_expert_store_check(r->st, il, ie, tk->err, ERR_LEN);
+    // mmap: a hit hands out the mapping without a worker's pre-fault (which checks
+    // too), so the file's size is checked here on every submit.
+    if (tk->status == MF_OK && r->mode == MF_IO_MMAP)
+        tk->status = mf_expert_store_check_size(r->st, il, ie, tk->err, ERR_LEN);
+    tk->slot = tk->status == MF_OK ? claim_slot(r, il, ie) : -1;
+    if (tk->status == MF_OK && tk->slot < 0)
+        return -1;
+    tk->state = T_PENDING;
+    tk->il = il;
+    tk->ie = ie;
+    tk->seq = r->seq++;
+    if (tk->slot >= 0) {
+        r->slots[tk->slot].n_tickets++;
+        mf_expert_cache_pin(r->cache, tk->slot);
+    }
+    if (r->mode == MF_IO_MMAP && tk->status == MF_OK)
+        r->stats.bytes_mmap += (int64_t)r->expert_bytes;
+    return 0;
+}
+
 int mf_expert_reader_submit(mf_expert_reader *r, int il, int ie, int *ticket, char *err,
                             size_t errlen) {
     if (!r || !ticket)
         return mf_err(err, errlen, MF_ERR_ARG, "expert reader: NULL reader or ticket");
-    *ticket = -1;
     pthread_mutex_lock(&r->mu);
-    int t = free_ticket(r), rc = MF_OK;
-    struct ticket *tk = t >= 0 ? &r->tickets[t] : NULL;
-    if (tk) {
-        tk->status = mf_expert_store_check(r->st, il, ie, tk->err, ERR_LEN);
-        // mmap: a hit hands out the mapping without a worker's pre-fault (which checks
-        // too), so the file's size is checked here on every submit.
-        if (tk->status == MF_OK && r->mode == MF_IO_MMAP)
-            tk->status = mf_expert_store_check_size(r->st, il, ie, tk->err, ERR_LEN);
-        tk->slot = tk->status == MF_OK ? claim_slot(r, il, ie) : -1;
-        if (tk->status == MF_OK && tk->slot < 0)
-            tk = NULL;
-    }
-    if (!tk) {
-        rc = mf_err(err, errlen, MF_EXPERT_READER_FULL,
-                    "expert reader: all %d slots (or tickets) are held by unreleased "
-                    "tickets",
-                    r->n_slots);
-    } else {
-        tk->state = T_PENDING;
-        tk->il = il;
-        tk->ie = ie;
-        tk->seq = r->seq++;
-        if (tk->slot >= 0) {
-            r->slots[tk->slot].n_tickets++;
-            mf_expert_cache_pin(r->cache, tk->slot);
-        }
-        if (r->mode == MF_IO_MMAP && tk->status == MF_OK)
-            r->stats.bytes_mmap += (int64_t)r->expert_bytes;
-        *ticket = t;
-    }
+    int t = free_ticket(r);
+    if (t >= 0 && bind_ticket(r, t, il, ie) != 0)
+        t = -1;
+    *ticket = t;
     pthread_mutex_unlock(&r->mu);
-    return rc;
+    if (t < 0)
+        return mf_err(err, errlen, MF_EXPERT_READER_FULL,
+                      "expert reader: all %d slots (or %d tickets) are held by unreleased "
+                      "tickets", r->n_slots, r->n_tickets);
+    return MF_OK;
 }
 
 /* ==== Wait and release ==== */

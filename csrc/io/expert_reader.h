@@ -21,7 +21,8 @@
  *
  * Slots and tickets. The reader owns n_slots + cache_bytes / slot_bytes slots
  * (slot_bytes = expert_size rounded up to 4096; 2 MiB-aligned when at least 2 MiB,
- * which made page-cached reads 3.6x faster on the reference system and 1.2x here).
+ * which made page-cached reads 3.6x faster on the reference system and ~1.2x in
+ * bench/bench_reader.c here (pread, 8 workers, 1.7 MB experts)).
  * Their keys (layer, expert) are kept by the LFRU policy of expert_cache.h. submit()
  * takes a ticket that pins the expert's slot (loading it if needed; asking for an
  * expert already in a slot costs no I/O: a "hit"); wait() gives the bytes; release()
@@ -33,23 +34,25 @@
  *
  * How moe.c is meant to use it, per MoE layer, once routing is known:
  *
- *   // decode: submit the layer's K experts at once (reads start now), compute the
- *   // shared expert while they are in flight, then each routed expert as it lands
+ *   // submit the layer's experts at once (reads start now)
  *   for (j = 0; j < n_used; j++) {
  *       while ((rc = mf_expert_reader_submit(r, il, used[j], &tk, err, n)) ==
  *              MF_EXPERT_READER_FULL)          // prefill: more experts than slots
- *           compute_one_ready();               // wait_any + compute + release
- *       ...rc < 0: mf_expert_reader_release_all(r), fail
+ *           compute_one_ready();
+ *       ...rc < 0 (NULL argument only): mf_expert_reader_release_all(r), fail
  *   }
- *   shared_expert();
- *   while (outstanding) compute_one_ready();
- *   mf_expert_reader_prefetch(r, il + 1, prev_token_experts_of_il_plus_1, k);
+ *   // the next MoE layer's likely experts (the previous token's): read after this
+ *   // layer's submits, into free slots, while this layer computes
+ *   mf_expert_reader_prefetch(r, il_next, prev_token_experts_of_il_next, k);
+ *   shared_expert();                           // overlaps the reads in flight
+ *   while (outstanding) compute_one_ready();   // each routed expert as it lands
  *
  *   compute_one_ready():
  *       rc = mf_expert_reader_wait_any(r, &tk, &blob, err, n);
  *       ie = mf_expert_reader_ticket_expert(r, tk, NULL, NULL);
- *       if (rc == MF_OK) expert_apply(..., blob, ..., ie);
+ *       if (rc == MF_OK) expert_apply(..., blob, ..., ie);   // blob valid until release
  *       mf_expert_reader_release(r, tk);       // after EVERY wait, failed or not
+ *       ...rc != MF_OK: mf_expert_reader_release_all(r), fail with err
  *
  * Errors (a short read, EIO, a file truncated after open, a bad layer or expert id)
  * are never returned by submit: they come back from wait / wait_any as the status and

@@ -406,7 +406,8 @@ int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
 uint64_t mf_expert_store_total_bytes(const mf_expert_store *st) {
     uint64_t n = 0;
     for (int l = 0; l < st->n_layers; l++)
-        n += st->fds[l] >= 0 ? (uint64_t)layer_bytes(st) : 0;
+        n += st->fds[l] >= 0 ? (uint64_t)st->layout.num_experts * st->layout.expert_size
+                             : 0;
     return n;
 }
 
