@@ -395,9 +395,9 @@ static int start_workers(mf_expert_reader *r, char *err, size_t errlen) {
 static int check_params(const struct mf_expert_reader_params *p, uint64_t slot_bytes,
                         char *err, size_t errlen) {
     if (p->n_workers < 1 || p->n_workers > MAX_WORKERS || p->n_slots < 1 ||
-        !p->alloc_fn != !p->free_fn)
+        p->n_slots > (1 << 20) || !p->alloc_fn != !p->free_fn)
         return mf_err(err, errlen, MF_ERR_ARG,
-                      "expert reader: n_workers %d (1..%d), n_slots %d (>= 1), alloc_fn "
+                      "expert reader: n_workers %d (1..%d), n_slots %d (1..2^20), alloc_fn "
                       "and free_fn both or neither", p->n_workers, MAX_WORKERS, p->n_slots);
     if (p->cache_bytes / slot_bytes > (uint64_t)(1 << 20))
         return mf_err(err, errlen, MF_ERR_ARG,

@@ -21,7 +21,7 @@
  *
  * Slots and tickets. The reader owns n_slots + cache_bytes / slot_bytes slots
  * (slot_bytes = expert_size rounded up to 4096; 2 MiB-aligned when at least 2 MiB,
- * which made page-cached reads 3.6x faster on the reference system and ~1.2x in
+ * which made page-cached reads 3.6x faster on the reference system and 1.1-1.2x in
  * bench/bench_reader.c here (pread, 8 workers, 1.7 MB experts)).
  * Their keys (layer, expert) are kept by the LFRU policy of expert_cache.h. submit()
  * takes a ticket that pins the expert's slot (loading it if needed; asking for an

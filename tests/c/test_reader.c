@@ -507,6 +507,11 @@ static void test_direct_tmpfs(void) {
 
 /* ==== Auto rule and MOEFLUX_IO ==== */
 
+static void *c_alloc_any(void *user, size_t bytes) {
+    (void)user;
+    return malloc(bytes);
+}
+
 static void test_auto_env(mf_expert_store *st) {
     CHECK(mf_io_auto_mode(75, 100) == MF_IO_MMAP && mf_io_auto_mode(76, 100) == MF_IO_PREAD,
           "0.75 x RAM boundary");
@@ -555,6 +560,14 @@ static void test_auto_env(mf_expert_store *st) {
     unsetenv("MOEFLUX_IO");
     p.n_workers = 0;
     CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_ERR_ARG, "0 workers");
+    p = mf_expert_reader_default_params();
+    p.n_slots = 1 << 30;
+    CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_ERR_ARG &&
+              strstr(err, "n_slots"), "absurd slot count: %s", err);
+    p = mf_expert_reader_default_params();
+    p.alloc_fn = c_alloc_any;
+    CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_ERR_ARG,
+          "alloc_fn without free_fn");
     p = mf_expert_reader_default_params();
     p.mode = (enum mf_io_mode)9;
     CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_ERR_ARG, "bad mode");
