@@ -803,6 +803,13 @@ def table_rows(res: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
                    _fmt(f["bound_tokens_per_s"]), _fmt(f["ratio"], digits=3))
 
 
+def hold_text(h: dict[str, Any]) -> str:
+    if not h["held_bytes"]:
+        return "none"
+    how = "mlocked" if h["mlocked"] else f"touched, not mlocked: {h['mlock_error']}"
+    return f"{h['held_bytes'] / GiB:.2f} GiB ({how})"
+
+
 def print_report(res: dict[str, Any], out: Any = sys.stdout) -> None:
     m, mod, st = res["machine"], res["model"], res["settings"]
     print(f"machine  {m['cpu']}, {m['cores']} cores, "
@@ -814,15 +821,21 @@ def print_report(res: dict[str, Any], out: Any = sys.stdout) -> None:
           f"{mod['num_experts']} experts x {mod['expert_size']} B (K {mod['experts_per_tok']}), "
           f"experts {mod['expert_files_bytes'] / GiB:.2f} GiB, resident touched "
           f"{mod['weights_touched_per_token'] / MiB:.1f} MiB/token", file=out)
+    fit = "fit" if mod["experts_fit_in_ram"] else "do not fit"
+    print(f"         experts {fit} in available RAM; cold = evicted before every token",
+          file=out)
     if "experts_note" in mod:
         print(f"note     {mod['experts_note']}", file=out)
     print(f"settings threads {st['threads']}, I/O workers {st['io_threads']}, disk "
           f"{st['disk_mode']}, cold = {st['cold_mode']}, repeats {st['repeats']}, "
-          f"hold RAM {res['hold_ram']['held_bytes'] / GiB:.1f} GiB", file=out)
+          f"hold RAM {hold_text(res['hold_ram'])}", file=out)
     rows = [("figure", "median (min-max)", "bound", "ratio")] + list(table_rows(res))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+    print("ratio = engine tokens/s / bound tokens/s of the same repeat (1 = at the "
+          "limit); bounds: cold = disk bytes / disk read at the I/O workers + RAM bytes "
+          "/ memory read, warm = all bytes / memory read", file=out)
     for label, eng in res["engine"].items():
         print_engine_notes(label, eng, out)
 

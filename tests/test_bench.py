@@ -183,3 +183,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
                         "--cache", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "experts per token" in r.stderr
+
+
+def test_397b_shapes_and_io_mode_all(tmp_path: Path) -> None:
+    # Qwen3.5-397B-A17B per layer: experts of 3 projections of 1024 x 4096 at 4 bits
+    # plus a bf16 scale and bias per 64 weights = 4.5 bits, 10 per token.
+    r, res = run_bench(tmp_path, "--shape", "397b", "--experts", "12", "--repeats", "1",
+                       "--prompts", "2", "--io-mode", "all")
+    mod = res["model"]
+    assert mod["expert_size"] == 3 * 1024 * 4096 * 9 // 16 == 7_077_888
+    assert mod["experts_per_tok"] == 10 and mod["num_experts"] == 12
+    assert "does not depend on the count" in mod["experts_note"]
+    assert "does not depend on the count" in r.stdout
+    params = inspect.signature(moeflux.Model).parameters
+    want = set(bench.IO_MODES) if "io_mode" in params else {"default"}
+    assert set(res["engine"]) == want
+    assert ("io_mode" in res["settings"]["unsupported_options"]) == \
+        ("io_mode" not in params)
