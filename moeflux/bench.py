@@ -855,8 +855,9 @@ def print_engine_notes(label: str, eng: dict[str, Any], out: Any) -> None:
     left = eng["decode_cold"].get("resident_after_evict")
     if left and left["max"] > 0.01:
         print(f"{label}: WARNING: {left['max']:.0%} of the expert pages stayed in the "
-              "page cache after eviction (mapped by the engine?): cold decode was not "
-              "fully cold", file=out)
+              "page cache after eviction: cold decode was not fully cold. Pages the "
+              "engine has mapped (io_mode mmap, or auto choosing it) cannot be evicted "
+              "from outside; --hold-ram makes the page cache too small instead", file=out)
     warm = eng["decode_warm"].get("resident_before")
     if warm and warm["min"] < 0.99:
         print(f"{label}: note: only {warm['min']:.0%} of the expert pages were in the "
