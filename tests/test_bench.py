@@ -18,6 +18,11 @@ import pytest
 import moeflux
 from moeflux import bench
 
+# Cold runs evict files with posix_fadvise(DONTNEED) and read /proc: Linux only.
+pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise") or
+                                not os.path.exists("/proc/meminfo"),
+                                reason="the bench's cold runs need Linux")
+
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = {"median", "min", "max", "runs"}
 
