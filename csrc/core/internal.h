@@ -17,6 +17,7 @@
 #include "backends/backend.h"
 #include "core/config.h"
 #include "core/manifest.h"
+#include "io/expert_reader.h"
 #include "io/expert_store.h"
 #include "moeflux.h"
 
@@ -99,6 +100,9 @@ struct mf_ctx {
     atomic_int abort_flag;            // set by mf_ctx_abort from any thread
     void *arch_state;                 // owned by the arch (state_free frees)
     struct mf_ctx_stats stats;
+    enum mf_io_mode io_mode;          // asked for (params.io_mode parsed)
+    char io_mode_in_effect[16];       // set by the expert reader (models/moe.c)
+    char io_note[320];
     int64_t n_evals;                  // eval calls made (debug tap index)
     int tap_failed;                   // debug tap: a write failed, stop tapping
     void *checkpoints;                // owned by core/state.c (automatic checkpoints)
