@@ -260,7 +260,9 @@ static int open_layer(mf_expert_store *st, int l, char *err, size_t errlen) {
     if (!path)
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     int rc = MF_OK;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO in the file's place is refused below instead of blocking
+    // open() until a writer appears (cleared for the regular file).
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat sb;
     uint64_t need = (uint64_t)st->layout.num_experts * st->layout.expert_size;
     if (fd < 0) {
@@ -268,7 +270,12 @@ static int open_layer(mf_expert_store *st, int l, char *err, size_t errlen) {
                     path, l, strerror(errno));
     } else if (fstat(fd, &sb) != 0) {
         rc = mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-    } else if (!S_ISREG(sb.st_mode) || (uint64_t)sb.st_size < need) {
+    } else if (!S_ISREG(sb.st_mode)) {
+        rc = mf_err(err, errlen, MF_ERR_IO, "%s: expert file of MoE layer %d is not a "
+                    "regular file", path, l);
+    } else if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+        rc = mf_err(err, errlen, MF_ERR_IO, "%s: fcntl: %s", path, strerror(errno));
+    } else if ((uint64_t)sb.st_size < need) {
         rc = mf_err(err, errlen, MF_ERR_IO,
                     "%s: expert file is %lld bytes, expected at least %llu (%d experts x "
                     "%llu bytes; truncated?)", path, (long long)sb.st_size,
