@@ -204,7 +204,12 @@ def test_bad_context_args(model_dir: Path) -> None:
     with pytest.raises(ArgumentError, match="n_ctx"):
         moeflux.Model(model_dir, n_ctx=10**9)
     with pytest.raises(ArgumentError):
-        moeflux.Model(model_dir, threads=0)
+        moeflux.Model(model_dir, threads=-1)
+    with pytest.raises(ArgumentError, match="threads"):
+        moeflux.Model(model_dir, threads=2.5)
+    # threads=0 means all cores, as None does and as the CLI's --threads 0 does.
+    with moeflux.Model(model_dir, threads=0, n_ctx=8) as m:
+        assert m.n_ctx == 8
 
 
 # ---- evaluation

@@ -66,9 +66,13 @@ static const mf_json *rd_holder(const struct reader *r, const char *key) {
 static int rd_int(const struct reader *r, const char *key, int required, int *out) {
     int64_t v;
     int rc = mf_json_get_int(rd_holder(r, key), key, &v);
-    if (rc < 0 || (rc == 1 && (v < INT32_MIN || v > INT32_MAX)))
+    if (rc < 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: key \"%s\" must be an integer", r->name, key);
+    if (rc == 1 && (v < INT32_MIN || v > INT32_MAX))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: key \"%s\" is %lld, out of the supported range [%d, %d]",
+                      r->name, key, (long long)v, INT32_MIN, INT32_MAX);
     if (rc == 0) {
         if (required)
             return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -141,6 +145,10 @@ static int positive(const struct reader *r, const char *key, long long v) {
 // rd_int, then the value (read, or the default already in *out) must be positive.
 static int rd_pos_int(const struct reader *r, const char *key, int required, int *out) {
     int rc = rd_int(r, key, required, out);
+    const mf_json *node = rd_node(r, key);
+    if (!rc && *out <= 0 && (!node || node->type == MF_JSON_NULL))   // no usable default
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: required key \"%s\" is missing", r->name, key);
     return rc ? rc : positive(r, key, *out);
 }
 

@@ -174,8 +174,19 @@ static PyObject *no_pickle(PyObject *self, PyObject *unused) {
     return NULL;
 }
 
+// In a fork() child: forget the model without freeing it. Its memory is a copy of the
+// parent's and the expert store's state (and any lock a vanished thread held) cannot
+// be trusted, so the child leaks it rather than run teardown code on it.
+static PyObject *handle_disown(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    ((mf_py_handle *)obj)->model = NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef handle_methods[] = {
     {"__reduce__", no_pickle, METH_NOARGS, "Pickling is refused."},
+    {"_disown", handle_disown, METH_NOARGS,
+     "_disown($self, /)\n--\n\nFork child only: drop the model unfreed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -515,6 +526,14 @@ static PyObject *context_close(PyObject *obj, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+// In a fork() child: drop the ctx unfreed, without its lock (which a thread that does
+// not exist in the child may hold) and without joining worker threads that are gone.
+static PyObject *context_disown(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    ((mf_py_context *)obj)->ctx = NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *context_abort(PyObject *obj, PyObject *unused) {
     (void)unused;
     // No lock: this is the one call meant for another thread while eval runs.
@@ -581,6 +600,8 @@ static PyMethodDef context_methods[] = {
     {"stats_reset", context_stats_reset, METH_NOARGS,
      "stats_reset($self, /)\n--\n\nZero the counters."},
     {"__reduce__", no_pickle, METH_NOARGS, "Pickling is refused."},
+    {"_disown", context_disown, METH_NOARGS,
+     "_disown($self, /)\n--\n\nFork child only: drop the ctx unfreed."},
     {NULL, NULL, 0, NULL},
 };
 
