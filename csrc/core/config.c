@@ -135,7 +135,13 @@ static int rd_token(const struct reader *r, const char *key, int *out) {
     return 0;
 }
 
+// v must be positive; when it is not because the key is absent (and no default
+// applies), the message says the key is missing rather than "got 0".
 static int positive(const struct reader *r, const char *key, long long v) {
+    const mf_json *node = rd_node(r, key);
+    if (v <= 0 && (!node || node->type == MF_JSON_NULL))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: required key \"%s\" is missing", r->name, key);
     if (v <= 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: key \"%s\" must be positive, got %lld", r->name, key, v);
@@ -145,10 +151,6 @@ static int positive(const struct reader *r, const char *key, long long v) {
 // rd_int, then the value (read, or the default already in *out) must be positive.
 static int rd_pos_int(const struct reader *r, const char *key, int required, int *out) {
     int rc = rd_int(r, key, required, out);
-    const mf_json *node = rd_node(r, key);
-    if (!rc && *out <= 0 && (!node || node->type == MF_JSON_NULL))   // no usable default
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: required key \"%s\" is missing", r->name, key);
     return rc ? rc : positive(r, key, *out);
 }
 

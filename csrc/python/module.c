@@ -464,10 +464,10 @@ static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
     int n_past = mf_ctx_n_past(self->ctx), n_ctx = mf_ctx_n_ctx(self->ctx);
     if (t.n > (Py_ssize_t)(n_ctx - n_past)) {
         mf_py_ctx_unlock(self);
-        tokens_release(&t);
-        char msg[160];
+        char msg[160];   // written before tokens_release zeroes t.n
         snprintf(msg, sizeof msg, "eval: %lld tokens at position %d exceed n_ctx %d",
                  (long long)t.n, n_past, n_ctx);
+        tokens_release(&t);
         return mf_py_raise(st, MF_ERR_ARG, msg);
     }
     int n_vocab = mf_model_n_vocab(mf_ctx_model(self->ctx));
