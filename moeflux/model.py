@@ -6,6 +6,7 @@ snapshot methods come from :class:`moeflux.features.ModelFeatures`.
 """
 from __future__ import annotations
 
+import array
 import errno
 import json
 import operator
@@ -13,7 +14,7 @@ import os
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Optional, Sequence, Type, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Type, Union
 
 import numpy as np
 
@@ -135,15 +136,21 @@ class Model(ModelFeatures):
             KeyboardInterrupt: Ctrl-C; the sequence is unchanged.
         """
         ctx = self._live()
+        if isinstance(tokens, Iterator):
+            tokens = list(tokens)   # read once, for the core and for self.tokens
         ids = _token_list(tokens)
-        if all_logits and ids is not None:
-            _check_logits_fit(len(ids), ctx.n_vocab, ctx.n_past, ctx.n_ctx)
-        if progress is not None and ids is not None and len(ids) > PROGRESS_CHUNK:
-            return self._eval_chunked(ids, all_logits, progress)
-        out = ctx.eval(tokens if ids is None else ids, all_logits)
-        self._record(ids if ids is not None else _token_list_any(tokens))
+        if ids is None:   # not plain ints: the core's checks and messages decide
+            out = ctx.eval(tokens, all_logits)
+            ids = _token_list_any(tokens)
+        else:
+            if all_logits:
+                _check_logits_fit(len(ids), ctx.n_vocab, ctx.n_past, ctx.n_ctx)
+            if progress is not None and len(ids) > PROGRESS_CHUNK:
+                return self._eval_chunked(ids, all_logits, progress)
+            out = ctx.eval(ids, all_logits)
+        self._record(ids)
         if progress is not None:
-            progress(_count(tokens), _count(tokens))
+            progress(len(ids), len(ids))
         return out
 
     def _eval_chunked(self, ids: list[int], all_logits: bool,
@@ -358,6 +365,9 @@ def _token_list(tokens: Any) -> Optional[list[int]]:
         return None
     if isinstance(tokens, (list, tuple)) and all(_is_int(t) for t in tokens):
         return [int(t) for t in tokens]
+    if isinstance(tokens, range) or (isinstance(tokens, array.array) and
+                                     tokens.typecode in "bBhHiIlLqQ"):
+        return [int(t) for t in tokens]
     return None
 
 
@@ -366,10 +376,6 @@ def _token_list_any(tokens: Any) -> list[int]:
     if hasattr(tokens, "__index__"):
         return [operator.index(tokens)]
     return [operator.index(t) for t in tokens]
-
-
-def _count(tokens: Any) -> int:
-    return 1 if hasattr(tokens, "__index__") else len(tokens)
 
 
 def _mem_available() -> Optional[int]:

@@ -449,7 +449,9 @@ def repack_experts(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
     """
     dst = Path(dst)
     with Source(src) as source:
-        plan_experts(source, expert_bits)  # refusals before dst is touched
+        plan = plan_experts(source, expert_bits)  # refusals before dst is touched
+        if not dst.exists():   # nothing to resume: the whole size, checked first
+            check_disk(dst, len(plan.moe_layers) * plan.file_bytes)
         with DirLock(dst):
             journal = Journal(dst, source_key(source))
             return run_repack(source, dst, journal, expert_bits=expert_bits,

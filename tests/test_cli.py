@@ -398,3 +398,10 @@ def test_prep_leaves_a_clean_directory(synth_checkpoint, tmp_path: Path,
         convert(synth_checkpoint("qwen3_moe", num_hidden_layers=2), tmp_path / "new" / "x",
                 progress=False)
     assert not (tmp_path / "new").exists()
+    from moeflux.prep.extract_weights import extract_weights
+    from moeflux.prep.repack_experts import repack_experts
+    for step in (extract_weights, repack_experts):
+        with pytest.raises(common.PrepIOError, match="free"):
+            step(synth_checkpoint("qwen3_moe", num_hidden_layers=2), tmp_path / "new2",
+                 progress=False)
+        assert not (tmp_path / "new2").exists()
