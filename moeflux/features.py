@@ -235,7 +235,7 @@ class ModelFeatures:
                  logits_processors: Sequence[LogitsProcessor] = (),
                  reset: bool = True, add_special_tokens: bool = True,
                  logprobs: bool = False, top_logprobs: int = 0,
-                 progress: Optional[Callable[[int, int], None]] = None
+                 progress: Union[None, bool, Callable[[int, int], None]] = None
                  ) -> Iterator[_generate.GenerationStep]:
         """Generate tokens, yielding a GenerationStep (token id, text piece,
         finish_reason, speeds) as each comes.
@@ -259,7 +259,8 @@ class ModelFeatures:
                 under the raw logits).
             top_logprobs: fill each step's ``top_logprobs`` with that many
                 (id, logprob) pairs.
-            progress: ``progress(done, total)`` during the prompt evaluation.
+            progress: ``progress(done, total)`` during the prompt evaluation, or
+                True for a ``tqdm.auto`` bar (see Model.eval).
 
         Arguments are checked at the call (GenerationError, SamplingError). A later
         generate() on this Model invalidates an unfinished earlier generator: it

@@ -156,7 +156,7 @@ def stream_generate(model: "Model", prompt: Prompt, *, max_tokens: int = 256,
                     reset: bool = True,
                     add_special_tokens: bool = True, logprobs: bool = False,
                     top_logprobs: int = 0,
-                    progress: Optional[Callable[[int, int], None]] = None
+                    progress: Union[None, bool, Callable[[int, int], None]] = None
                     ) -> Iterator[GenerationStep]:
     """Generate from `model`, yielding one GenerationStep per token.
 
@@ -226,7 +226,8 @@ def stream_generate(model: "Model", prompt: Prompt, *, max_tokens: int = 256,
 
 def _run(model: "Model", ids: list[int], sampler: Sampler, stops: list[str],
          detok: Optional[StreamingDetokenizer], max_tokens: int, reset: bool,
-         want_lp: bool, top_n: int, progress: Optional[Callable[[int, int], None]]
+         want_lp: bool, top_n: int,
+         progress: Union[None, bool, Callable[[int, int], None]]
          ) -> Iterator[GenerationStep]:
     """The generation loop of stream_generate (its arguments already checked)."""
     model._gen_epoch += 1

@@ -113,7 +113,8 @@ class Model(ModelFeatures):
     # ---- evaluation
 
     def eval(self, tokens: TokensLike, all_logits: bool = False, *,
-             progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+             progress: Union[None, bool, Callable[[int, int], None]] = None
+             ) -> np.ndarray:
         """Evaluate `tokens` after the current position.
 
         Args:
@@ -124,6 +125,7 @@ class Model(ModelFeatures):
                 long prompt is evaluated: the tokens then go in chunks of
                 ``PROGRESS_CHUNK`` (a multiple of the engine's own 64-token chunk,
                 so the result is the same as in one call), and once more at the end.
+                True draws a ``tqdm.auto`` bar (a widget in Jupyter) instead.
 
         Returns:
             float32 array [n_vocab], or [n_tokens, n_vocab] when all_logits.
@@ -135,6 +137,15 @@ class Model(ModelFeatures):
                 memory available now (refused before anything is allocated).
             KeyboardInterrupt: Ctrl-C; the sequence is unchanged.
         """
+        if progress is True:
+            from .clitools import eval_progress
+            bar, close = eval_progress("prompt")
+            try:
+                return self.eval(tokens, all_logits, progress=bar)
+            finally:
+                close()
+        if progress is False:
+            progress = None
         ctx = self._live()
         if isinstance(tokens, Iterator):
             tokens = list(tokens)   # read once, for the core and for self.tokens

@@ -443,6 +443,20 @@ def test_eval_progress_and_rollback(hybrid, sigint_raises_keyboardinterrupt) -> 
     assert calls[0] == (0, n) and calls[-1] == (n, n)
 
 
+def test_eval_progress_bar(hybrid, capsys) -> None:
+    """progress=True: a tqdm.auto bar on stderr (a widget in Jupyter), same logits."""
+    src, m = hybrid
+    from moeflux.model import PROGRESS_CHUNK
+    toks = [i % m.n_vocab for i in range(PROGRESS_CHUNK + 10)]
+    m.reset()
+    a = m.eval(toks, progress=True)
+    err = capsys.readouterr().err
+    assert "prompt" in err and str(len(toks)) in err
+    m.reset()
+    b = m.eval(toks)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
 def test_synthetic_tokenizer_names_every_id(hybrid) -> None:
     """The demo's text is readable: every id a synthetic model can produce decodes
     to some text (before, ids past the ~350 learned ones decoded to "")."""
