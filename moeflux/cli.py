@@ -28,9 +28,6 @@ def open_model(args: argparse.Namespace) -> Any:
                  use_2bit=use_2bit_of(args.expert_bits))
 
 
-_open_model = open_model
-
-
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --threads, --n-ctx, --expert-bits."""
     p.add_argument("--model", "-m", required=True, help="model directory")
@@ -41,9 +38,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-bits", type=int, choices=(4, 2), default=None,
                    help="expert set to read: 4 = packed_experts/, 2 = "
                         "packed_experts_2bit/ (default: 4-bit when present, else 2-bit)")
-
-
-_add_model_options = add_model_options
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -428,7 +422,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt",
                               description="Generate a completion of --prompt: text to "
                               "stdout, progress and speeds to stderr.")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--prompt", "-p", default=None, help="prompt text")
     p.add_argument("--prompt-ids", default=None,
                    help="prompt as token ids (space or comma separated)")
@@ -455,7 +449,7 @@ def register(subparsers: Any) -> None:
         "chat", help="multi-turn chat from stdin lines",
         description="Multi-turn chat: one message per line of stdin.\n\n" + CHAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_options(p, 512)
     p.set_defaults(func=cmd_chat)

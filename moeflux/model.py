@@ -122,9 +122,10 @@ class Model(ModelFeatures):
                 (always copied before use, so the caller may change it meanwhile).
             all_logits: return the logits of every position instead of the last.
             progress: called as ``progress(done, total)`` (token counts) while a
-                long prompt is evaluated: the tokens then go in chunks of
+                long prompt is evaluated: the tokens then go in pieces of
                 ``PROGRESS_CHUNK`` (a multiple of the engine's own 64-token chunk,
-                so the result is the same as in one call), and once more at the end.
+                so the result is the same as in one call; at most 4 larger pieces
+                when the sequence is not empty), and once more at the end.
                 True draws a ``tqdm.auto`` bar (a widget in Jupyter) instead.
 
         Returns:
@@ -166,16 +167,19 @@ class Model(ModelFeatures):
 
     def _eval_chunked(self, ids: list[int], all_logits: bool,
                       progress: Callable[[int, int], None]) -> np.ndarray:
-        """eval in PROGRESS_CHUNK pieces; on any error the sequence goes back to
-        where it was (truncate to the start, an eval end point, so exact for hybrid
-        models too while their checkpoints are on)."""
+        """eval in pieces (see _piece_size); on any error the sequence goes back to
+        where it was by truncating to the start: position 0 always works, and a later
+        start is an eval end point whose checkpoint a hybrid model still holds (the
+        engine keeps the most recent ones; unless set_checkpoints(-1) turned them
+        off, when the rollback raises StateError chained to the error)."""
         ctx = self._live()
         start = ctx.n_past
+        step = _piece_size(len(ids), start)
         rows: list[np.ndarray] = []
         progress(0, len(ids))
         try:
-            for i in range(0, len(ids), PROGRESS_CHUNK):
-                piece = ids[i:i + PROGRESS_CHUNK]
+            for i in range(0, len(ids), step):
+                piece = ids[i:i + step]
                 out = ctx.eval(piece, all_logits)
                 self._record(piece)
                 rows.append(out)
@@ -299,6 +303,21 @@ _ENDS_KEPT = 8         # eval end points remembered (the engine's default checkp
 
 # Every Model alive in this process, so that a fork() child can disown them (below).
 _LIVE: "weakref.WeakSet[Model]" = weakref.WeakSet()
+
+
+# Pieces after a start > 0, so that the start's checkpoint is still among those a
+# hybrid model keeps (8 by default, fewer when 1 GiB of them is reached first).
+_MAX_PIECES_AFTER_START = 4
+
+
+def _piece_size(n: int, start: int) -> int:
+    """Tokens per piece of a chunked eval: PROGRESS_CHUNK, or after a start > 0 as
+    many as keep the piece count at _MAX_PIECES_AFTER_START (multiples of 64, the
+    engine's own chunk, so the logits are the same as in one call)."""
+    if start == 0:
+        return PROGRESS_CHUNK
+    per = -(-n // _MAX_PIECES_AFTER_START)
+    return max(PROGRESS_CHUNK, -(-per // 64) * 64)
 
 
 def _after_fork_in_child() -> None:
