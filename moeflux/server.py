@@ -509,18 +509,26 @@ async def _serve(s: Server, request: Any, body: dict, chat: bool,
                     seed=kwargs["seed"]).check()
     job = Job(ids, kwargs, top, want_lp, asyncio.get_running_loop())
     reply = Reply(s, chat, len(ids))
-    stream = bool(_field(body, "stream", (bool,), False))
-    if not stream:
-        steps = s.steps(job, request.is_disconnected)
-        try:
-            async for step in steps:
-                reply.add(step, want_lp)
-        finally:
-            await steps.aclose()
-        if job.reason == "cancelled":
-            return None
-        return reply.full(want_lp)
+    if not _field(body, "stream", (bool,), False):
+        return await _complete(s, request, job, reply)
     usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return await _stream(s, request, job, reply, usage, streaming_response)
+
+
+async def _complete(s: Server, request: Any, job: Job, reply: Reply) -> Any:
+    """The whole response at once (None when the client left meanwhile)."""
+    steps = s.steps(job, request.is_disconnected)
+    try:
+        async for step in steps:
+            reply.add(step, job.want_lp)
+    finally:
+        await steps.aclose()
+    return None if job.reason == "cancelled" else reply.full(job.want_lp)
+
+
+async def _stream(s: Server, request: Any, job: Job, reply: Reply, usage: bool,
+                  streaming_response: Any) -> Any:
+    """Server-sent events, one per step, then the usage (when asked) and [DONE]."""
     # Until the response starts, the request's disconnect is polled here; after
     # that the response watches it itself (and cancels the stream), so polling
     # too would race it for the same message.
@@ -535,6 +543,7 @@ async def _serve(s: Server, request: Any, body: dict, chat: bool,
     if job.reason == "cancelled":
         return None
     watch["fn"] = _never_disconnected
+    want_lp, chat = job.want_lp, reply.chat
 
     async def events() -> AsyncIterator[str]:
         try:
