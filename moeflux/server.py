@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import sys
 import threading
 import time
@@ -585,7 +586,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MoefluxError("the server needs FastAPI and uvicorn: "
                            "pip install 'moeflux[server]'") from None
     from .cli import use_2bit_of
-    app = create_app(args.model, contexts=args.contexts, threads=args.threads,
+    threads = args.threads
+    if not threads and args.contexts > 1:
+        # Contexts run at once: share the cores rather than oversubscribe them.
+        threads = max(1, (os.cpu_count() or 1) // args.contexts)
+    app = create_app(args.model, contexts=args.contexts, threads=threads,
                      n_ctx=args.n_ctx, use_2bit=use_2bit_of(args.expert_bits),
                      name=args.name)
     print(f"moeflux: serving {args.model} on http://{args.host}:{args.port}/v1 "
@@ -608,7 +613,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--contexts", type=int, default=1,
                    help="requests run at once, each on its own context over the "
-                        "shared weights; more wait in line (default 1)")
+                        "shared weights; more wait in line (default 1). Without "
+                        "--threads, each context gets cores / contexts threads")
     p.add_argument("--name", default=None,
                    help="model id in /v1/models (default: the directory's name)")
     p.add_argument("--log-level", default="warning",
