@@ -54,6 +54,6 @@ core = Extension(
 setup(
     packages=["moeflux", "moeflux.prep"],
     package_dir={"moeflux": "moeflux", "moeflux.prep": "prep"},
-    package_data={"moeflux": ["py.typed"]},
+    package_data={"moeflux": ["py.typed", "_core.pyi"]},
     ext_modules=[core],
 )

@@ -86,10 +86,19 @@ try:
 except moeflux.errors.StateError as exc:
     print("cannot rewind there exactly:", str(exc).split(".")[0])
 
-# ---- 7. Counters: tokens evaluated, expert reads and bytes.
+# ---- 7. Log-probabilities per generated token, and prompt reuse: generate keeps
+# the longest prefix the sequence already shares with the new prompt (here the
+# whole first prompt), so only the new tokens are evaluated.
+steps = list(model.generate("The capital of France is", max_tokens=3, logprobs=True,
+                            top_logprobs=2))
+print("logprobs:", [(s.token, round(s.logprob, 3), s.top_logprobs) for s in steps])
+again = list(model.generate(model.tokens + [steps[-1].token], max_tokens=2))
+print(f"reused {again[0].n_reused} of {again[0].n_prompt} prompt tokens")
+
+# ---- 8. Counters: tokens evaluated, expert reads and bytes.
 print({k: round(v, 4) if isinstance(v, float) else v for k, v in model.stats().items()})
 
-# ---- 8. Several sequences at once: each Model is one sequence; Model.share reuses
+# ---- 9. Several sequences at once: each Model is one sequence; Model.share reuses
 # the loaded weights, and evaluations in different threads run in parallel.
 other = moeflux.Model.share(model)
 results: dict = {}

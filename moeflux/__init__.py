@@ -5,8 +5,9 @@ convert`` and evaluates tokens into numpy logits, reading only the experts the r
 picks from disk.
 """
 from .errors import (AbortedError, ArgumentError, BackendError, FormatError,
-                     MoefluxError, MoefluxIOError, MoefluxMemoryError, NumericError,
-                     ShapeError, StateError, UnsupportedError)
+                     GenerationError, MoefluxError, MoefluxIOError, MoefluxMemoryError,
+                     NumericError, SamplingError, ShapeError, StateError, SynthError,
+                     TokenizerError, UnsupportedError)
 from .model import Model
 
 __version__ = "0.1.0"
@@ -14,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Model", "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError",
     "ArgumentError", "MoefluxMemoryError", "StateError", "UnsupportedError",
-    "BackendError", "AbortedError", "NumericError", "__version__",
+    "BackendError", "AbortedError", "NumericError", "TokenizerError", "GenerationError",
+    "SamplingError", "SynthError", "__version__",
 ]

@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": "moeflux.cli",
     "info": "moeflux.cli",
     "chat": "moeflux.cli",
+    "serve": "moeflux.server",
 }
 
 
@@ -36,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: expected failures end as one line on stderr and status 1,
+    Ctrl-C as status 130, a closed stdout pipe quietly (moeflux.clitools)."""
+    from .clitools import run_cli
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_cli(lambda: args.func(args), "moeflux")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,14 @@ def demo_overrides(n_layers: int, vocab: int) -> tuple[str, dict[str, Any]]:
     return arch, ov
 
 
-def ensure_model(cache: Path, n_layers: int, vocab: int) -> Path:
+def ensure_model(cache: Path, n_layers: int, vocab: int, progress: bool = True) -> Path:
     """The converted model directory, made on first use (checkpoint removed after
     conversion to halve the disk footprint)."""
     from moeflux.prep.convert import convert
     from moeflux.prep.synth import tiny_config, write_checkpoint
 
-    root = cache / f"qwen36-shapes-L{n_layers}-V{vocab}"
+    # "w": the tokenizer names every id (a model cached before that decoded to "").
+    root = cache / f"qwen36-shapes-L{n_layers}-V{vocab}w"
     model_dir = root / "model"
     if (model_dir / "moeflux.json").exists():
         return model_dir
@@ -56,9 +57,9 @@ def ensure_model(cache: Path, n_layers: int, vocab: int) -> Path:
     if not (ckpt / "config.json").exists():
         print(f"[demo] writing a synthetic {arch} checkpoint ({n_layers} layers at "
               f"Qwen3.6-35B-A3B shapes) to {ckpt}", file=sys.stderr)
-        write_checkpoint(ckpt, tiny_config(arch, **ov), progress=True)
+        write_checkpoint(ckpt, tiny_config(arch, **ov), progress=progress)
     print(f"[demo] converting into {model_dir}", file=sys.stderr)
-    convert(ckpt, model_dir, progress=True)
+    convert(ckpt, model_dir, progress=progress)
     shutil.rmtree(ckpt, ignore_errors=True)
     return model_dir
 
@@ -75,7 +76,17 @@ def prompt_tokens(model_dir: Path, n_vocab: int) -> list[int]:
     return ids or [1, 2, 3, 4, 5, 6, 7, 8]
 
 
-def run(model_dir: Path, n_tokens: int, threads: int | None) -> dict[str, float]:
+def decode(model_dir: Path, ids: list[int]) -> str:
+    """The generated ids as text ("" when no tokenizer is usable)."""
+    try:
+        from moeflux.tokenizer import Tokenizer
+
+        return Tokenizer(model_dir).decode(ids)
+    except Exception:  # tokenizer optional for the demo
+        return ""
+
+
+def run(model_dir: Path, n_tokens: int, threads: int | None) -> dict[str, Any]:
     """Prefill the prompt, generate n_tokens greedily, return the measurements."""
     import moeflux
 
@@ -110,7 +121,7 @@ def _main(args: argparse.Namespace) -> int:
         print("moeflux demo: --layers and --tokens must be >= 1", file=sys.stderr)
         return 2
     cache = Path(args.cache) if args.cache else default_cache()
-    model_dir = ensure_model(cache, args.layers, args.vocab)
+    model_dir = ensure_model(cache, args.layers, args.vocab, not args.no_progress)
     r = run(model_dir, args.tokens, args.threads)
     MiB = 1 << 20
     print(f"model      {model_dir}  ({args.layers} layers at Qwen3.6-35B-A3B shapes, "
@@ -122,6 +133,9 @@ def _main(args: argparse.Namespace) -> int:
     print(f"experts    {r['expert_bytes_per_token'] / MiB:.2f} MiB read per token "
           f"({r['expert_read_s_per_token'] * 1e3:.1f} ms/token waiting for reads)")
     print(f"tokens     {r['generated']}")
+    text = decode(model_dir, r["generated"])
+    if text:
+        print(f"text       {text!r} (random weights: made-up words)")
     return 0
 
 
@@ -139,4 +153,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
                    help=f"vocabulary size (default {DEFAULT_VOCAB})")
     p.add_argument("--threads", type=int, default=None, help="compute threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)

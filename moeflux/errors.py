@@ -54,8 +54,26 @@ class AbortedError(MoefluxError):
     it was before the call."""
 
 
+class TokenizerError(MoefluxError):
+    """The tokenizer or chat template is missing, unreadable or fails."""
+
+
+class GenerationError(MoefluxError, ValueError):
+    """A generation request that cannot be served (empty prompt, prompt too long, a
+    generator superseded by a later generate() on the same Model)."""
+
+
+class SamplingError(MoefluxError, ValueError):
+    """A sampling parameter is out of range or of the wrong type, or a logits
+    processor returned an unusable row."""
+
+
+class SynthError(MoefluxError, ValueError):
+    """A synthetic checkpoint request that cannot be met."""
+
+
 __all__ = [
     "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError", "ArgumentError",
     "MoefluxMemoryError", "StateError", "UnsupportedError", "BackendError", "AbortedError",
-    "NumericError",
+    "NumericError", "TokenizerError", "GenerationError", "SamplingError", "SynthError",
 ]

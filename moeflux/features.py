@@ -12,12 +12,12 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import generate as _generate
-from .errors import MoefluxError
+from .errors import ArgumentError, MoefluxError
 from .sampling import LogitsProcessor
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -83,8 +83,11 @@ class ModelFeatures:
                     return
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     self._core().load_state(mm)
-            return
-        self._core().load_state(state)
+        else:
+            self._core().load_state(state)
+        # A snapshot holds the state, not the ids: those positions are unknown.
+        self.__dict__["_tokens"] = [-1] * int(self._core().n_past)
+        self.__dict__["_ends"] = []
 
     def truncate(self, n: int) -> None:
         """Shorten the sequence to its first `n` tokens.
@@ -93,8 +96,17 @@ class ModelFeatures:
         exact when a checkpoint at `n` is held (the last few evaluation end points
         are kept automatically; 0 always works); otherwise StateError is raised and
         the sequence is unchanged: re-evaluate, or load a snapshot saved at `n`.
+
+        Raises:
+            ArgumentError: `n` is not an int or outside [0, n_past].
         """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)):
+            raise ArgumentError(f"truncate: n must be an int, got {n!r}")
         self._core().truncate(int(n))
+        toks = self.__dict__.get("_tokens")
+        if toks is not None:
+            self.__dict__["_tokens"] = toks[:int(n)]
+            self.__dict__["_ends"] = [e for e in self.__dict__.get("_ends", []) if e <= n]
 
     def set_checkpoints(self, n: int) -> None:
         """How many automatic checkpoints of linear-attention state are kept so that
@@ -221,7 +233,9 @@ class ModelFeatures:
                  repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop: Union[None, str, Sequence[str]] = None,
                  logits_processors: Sequence[LogitsProcessor] = (),
-                 reset: bool = True, add_special_tokens: bool = True
+                 reset: bool = True, add_special_tokens: bool = True,
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 progress: Union[None, bool, Callable[[int, int], None]] = None
                  ) -> Iterator[_generate.GenerationStep]:
         """Generate tokens, yielding a GenerationStep (token id, text piece,
         finish_reason, speeds) as each comes.
@@ -234,10 +248,23 @@ class ModelFeatures:
             repetition_penalty: > 1 discourages recent tokens (1 = off).
             seed: random seed for sampling (None = from the OS).
             stop: string(s) that end generation (excluded from the text).
-            logits_processors: callables (ids, logits) -> logits before sampling.
-            reset: start a new sequence (default); False appends the prompt to the
-                current one (e.g. after load_state).
+            logits_processors: callables (ids, logits) -> logits before sampling;
+                each must return a float row of n_vocab (-inf masks a token).
+            reset: the prompt is the whole sequence (default): the longest prefix
+                the sequence already shares with it is kept and only the rest is
+                evaluated. False appends the prompt to the current sequence (e.g.
+                after load_state).
             add_special_tokens: tokenizer flag for a text prompt.
+            logprobs: fill each step's ``logprob`` (log-probability of the token
+                under the raw logits).
+            top_logprobs: fill each step's ``top_logprobs`` with that many
+                (id, logprob) pairs.
+            progress: ``progress(done, total)`` during the prompt evaluation, or
+                True for a ``tqdm.auto`` bar (see Model.eval).
+
+        Arguments are checked at the call (GenerationError, SamplingError). A later
+        generate() on this Model invalidates an unfinished earlier generator: it
+        raises GenerationError when resumed.
 
         Example:
             >>> for step in model.generate("Hello", max_tokens=8):
@@ -247,7 +274,8 @@ class ModelFeatures:
             self, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
             stop=stop, logits_processors=logits_processors, reset=reset,
-            add_special_tokens=add_special_tokens)
+            add_special_tokens=add_special_tokens, logprobs=logprobs,
+            top_logprobs=top_logprobs, progress=progress)
 
     def generate_text(self, prompt: Union[str, Sequence[int], np.ndarray],
                       **kwargs: Any) -> str:

@@ -6,16 +6,21 @@ snapshot methods come from :class:`moeflux.features.ModelFeatures`.
 """
 from __future__ import annotations
 
+import array
+import errno
 import json
+import operator
 import os
+import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Optional, Sequence, Type, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Type, Union
 
 import numpy as np
 
 from . import _core
-from .errors import ArgumentError
+from .errors import (ArgumentError, MoefluxError, MoefluxIOError,
+                     MoefluxMemoryError)
 from .features import ModelFeatures
 
 TokensLike = Union[int, Sequence[int], np.ndarray]
@@ -61,7 +66,8 @@ class Model(ModelFeatures):
 
     def __init__(self, path: Union[PathLike, "_core.ModelHandle"],
                  threads: Optional[int] = None, backend: str = "cpu",
-                 n_ctx: Optional[int] = None, *, use_2bit: int = 0,
+                 n_ctx: Optional[int] = None, *,
+                 use_2bit: Union[None, bool, int] = None,
                  io_mode: Optional[str] = None, io_threads: Optional[int] = None,
                  expert_cache_bytes: int = 0, prefetch: Optional[bool] = None) -> None:
         """Load `path` and create a sequence over it.
@@ -69,11 +75,13 @@ class Model(ModelFeatures):
         Args:
             path: model directory (config.json, model_weights.{bin,json},
                 packed_experts/), or a ``_core.ModelHandle`` to share a loaded model.
-            threads: compute threads; None = all online cores.
+            threads: compute threads; None or 0 = all online cores (the CLI's
+                ``--threads 0`` means the same).
             backend: "cpu" (default); "cuda"/"metal" where built.
             n_ctx: maximum sequence length; None = min(4096, max_position_embeddings).
-            use_2bit: 0 reads packed_experts/, 1 packed_experts_2bit/, -1 the 2-bit
-                experts only when the 4-bit ones are absent.
+            use_2bit: which expert set to read. None (default) chooses: the 4-bit
+                packed_experts/ when present, else packed_experts_2bit/. True reads
+                packed_experts_2bit/, False packed_experts/ (-1 is the same as None).
             io_mode: how experts are read: None = "auto" (mmap when the experts fit
                 in 3/4 of RAM, else pread) unless $MOEFLUX_IO says otherwise;
                 "pread", "mmap" or "direct" (O_DIRECT; pread where refused). Every
@@ -90,23 +98,30 @@ class Model(ModelFeatures):
             ShapeError: a tensor that does not fit config.json.
             UnsupportedError: an architecture this build does not implement.
             BackendError: an unknown or unavailable backend.
-            ArgumentError: bad threads / n_ctx.
+            ArgumentError: bad threads / n_ctx / use_2bit.
         """
         self._ctx: Optional[_core.Context] = None
-        if threads is not None and threads < 1:
-            raise ArgumentError(f"threads must be >= 1 or None, got {threads}")
-        if n_ctx is not None and n_ctx < 1:
-            raise ArgumentError(f"n_ctx must be >= 1 or None, got {n_ctx}")
+        self._handle: Any = None
+        self._pid = os.getpid()
+        n_threads, n_ctx_c = _threads_arg(threads), _n_ctx_arg(n_ctx)
         if isinstance(path, _core.ModelHandle):
             handle = path
         else:
-            handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=use_2bit)
+            handle = _core.ModelHandle(os.fspath(path), backend=backend,
+                                       use_2bit=_expert_choice(path, use_2bit))
         self._handle = handle
-        self._ctx = _core.Context(handle, n_threads=threads or 0, n_ctx=n_ctx or 0,
+        self._ctx = _core.Context(handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                   **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
                                                prefetch))
-        self.config = json.loads(handle.config_json)
-        self.path = Path(handle.path)
+        self._init_common(json.loads(handle.config_json), Path(handle.path))
+
+    def _init_common(self, config: dict, path: Path) -> None:
+        self.config = config
+        self.path = path
+        self._tokens: list[int] = []      # ids in the sequence (-1: unknown, e.g. loaded)
+        self._ends: list[int] = []        # positions where an eval ended (checkpoints)
+        self._gen_epoch = 0               # bumped by each generate(): see generate.py
+        _LIVE.add(self)
 
     @classmethod
     def share(cls, other: "Model", threads: Optional[int] = None,
@@ -117,27 +132,35 @@ class Model(ModelFeatures):
         load: the weights mapping and expert files are shared; `other` may be closed
         later without affecting it). The expert I/O options are as for ``Model()``
         and belong to the new sequence alone."""
-        if threads is not None and threads < 1:
-            raise ArgumentError(f"threads must be >= 1 or None, got {threads}")
+        other._live()
+        n_threads, n_ctx_c = _threads_arg(threads), _n_ctx_arg(n_ctx)
         m = cls.__new__(cls)
         m._ctx = None
+        m._pid = os.getpid()
         m._handle = other._handle
-        m._ctx = _core.Context(other._handle, n_threads=threads or 0, n_ctx=n_ctx or 0,
+        m._ctx = _core.Context(other._handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
                                             prefetch))
-        m.config = json.loads(other._handle.config_json)   # its own copy to edit
-        m.path = other.path
+        m._init_common(json.loads(other._handle.config_json), other.path)
         return m
 
     # ---- evaluation
 
-    def eval(self, tokens: TokensLike, all_logits: bool = False) -> np.ndarray:
+    def eval(self, tokens: TokensLike, all_logits: bool = False, *,
+             progress: Union[None, bool, Callable[[int, int], None]] = None
+             ) -> np.ndarray:
         """Evaluate `tokens` after the current position.
 
         Args:
             tokens: token ids: an int, a sequence of ints, or an integer numpy array
-                (int32 arrays are used without a copy).
+                (always copied before use, so the caller may change it meanwhile).
             all_logits: return the logits of every position instead of the last.
+            progress: called as ``progress(done, total)`` (token counts) while a
+                long prompt is evaluated: the tokens then go in pieces of
+                ``PROGRESS_CHUNK`` (a multiple of the engine's own 64-token chunk,
+                so the result is the same as in one call; at most 4 larger pieces
+                when the sequence is not empty), and once more at the end.
+                True draws a ``tqdm.auto`` bar (a widget in Jupyter) instead.
 
         Returns:
             float32 array [n_vocab], or [n_tokens, n_vocab] when all_logits.
@@ -145,13 +168,77 @@ class Model(ModelFeatures):
         Raises:
             ArgumentError: an id outside [0, n_vocab), no tokens, or the sequence
                 would pass n_ctx. The sequence is unchanged on any error.
+            MoefluxMemoryError: all_logits asked for a result larger than the
+                memory available now (refused before anything is allocated).
             KeyboardInterrupt: Ctrl-C; the sequence is unchanged.
         """
-        return self._live().eval(tokens, all_logits)
+        if progress is True:
+            from .clitools import eval_progress
+            bar, close = eval_progress("prompt")
+            try:
+                return self.eval(tokens, all_logits, progress=bar)
+            finally:
+                close()
+        if progress is False:
+            progress = None
+        ctx = self._live()
+        if isinstance(tokens, Iterator):
+            tokens = list(tokens)   # read once, for the core and for self.tokens
+        ids = _token_list(tokens)
+        if ids is None:   # not plain ints: the core's checks and messages decide
+            out = ctx.eval(tokens, all_logits)
+            ids = _token_list_any(tokens)
+        else:
+            if all_logits:
+                _check_logits_fit(len(ids), ctx.n_vocab, ctx.n_past, ctx.n_ctx)
+            if progress is not None and len(ids) > PROGRESS_CHUNK:
+                return self._eval_chunked(ids, all_logits, progress)
+            out = ctx.eval(ids, all_logits)
+        self._record(ids)
+        if progress is not None:
+            progress(len(ids), len(ids))
+        return out
+
+    def _eval_chunked(self, ids: list[int], all_logits: bool,
+                      progress: Callable[[int, int], None]) -> np.ndarray:
+        """eval in pieces (see _piece_size); on any error the sequence goes back to
+        where it was by truncating to the start: position 0 always works, and a later
+        start is an eval end point whose checkpoint a hybrid model still holds (the
+        engine keeps the most recent ones; unless set_checkpoints(-1) turned them
+        off, when the rollback raises StateError chained to the error)."""
+        ctx = self._live()
+        start = ctx.n_past
+        step = _piece_size(len(ids), start)
+        rows: list[np.ndarray] = []
+        progress(0, len(ids))
+        try:
+            for i in range(0, len(ids), step):
+                piece = ids[i:i + step]
+                out = ctx.eval(piece, all_logits)
+                self._record(piece)
+                rows.append(out)
+                progress(i + len(piece), len(ids))
+        except BaseException:
+            if ctx.n_past != start:
+                self.truncate(start)
+            raise
+        return np.concatenate(rows, axis=0) if all_logits else rows[-1]
+
+    def _record(self, ids: list[int]) -> None:
+        self._tokens.extend(ids)
+        self._ends = (self._ends + [len(self._tokens)])[-_ENDS_KEPT:]
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids of the sequence so far (a copy; len == n_past). Positions
+        restored by load_state hold -1: a snapshot keeps the state, not the ids."""
+        self._live()
+        return list(self._tokens)
 
     def reset(self) -> None:
         """Forget the sequence: position 0, state equal to a fresh Model's."""
         self._live().reset()
+        self._tokens, self._ends = [], []
 
     def stats(self) -> dict:
         """Counters since creation or ``stats_reset()``.
@@ -207,9 +294,12 @@ class Model(ModelFeatures):
     # ---- lifetime
 
     def close(self) -> None:
-        """Free the sequence now. Idempotent; later use raises ValueError."""
+        """Free the sequence now, and the loaded model (weights mapping, expert
+        files) too unless another Model shares it. Idempotent; later use raises
+        ValueError."""
         ctx, self._ctx = self._ctx, None
-        if ctx is not None:
+        self._handle = None
+        if ctx is not None and not getattr(self, "_forked", False):
             ctx.close()
 
     @property
@@ -235,6 +325,147 @@ class Model(ModelFeatures):
         raise TypeError("cannot pickle moeflux.Model (save_state() gives picklable bytes)")
 
     def _live(self) -> "_core.Context":
+        if getattr(self, "_forked", False) or getattr(self, "_pid", None) != os.getpid():
+            raise MoefluxError(
+                f"{self.path}: this Model was opened before fork() in the parent "
+                "process; open it again in the child")
         if self._ctx is None:
             raise ValueError("Model is closed")
         return self._ctx
+
+
+# ---- argument checks and helpers
+
+PROGRESS_CHUNK = 256   # tokens per eval when a progress callback is given
+_ENDS_KEPT = 8         # eval end points remembered (the engine's default checkpoints)
+
+# Every Model alive in this process, so that a fork() child can disown them (below).
+_LIVE: "weakref.WeakSet[Model]" = weakref.WeakSet()
+
+
+# Pieces after a start > 0, so that the start's checkpoint is still among those a
+# hybrid model keeps (8 by default, fewer when 1 GiB of them is reached first).
+_MAX_PIECES_AFTER_START = 4
+
+
+def _piece_size(n: int, start: int) -> int:
+    """Tokens per piece of a chunked eval: PROGRESS_CHUNK, or after a start > 0 as
+    many as keep the piece count at _MAX_PIECES_AFTER_START (multiples of 64, the
+    engine's own chunk, so the logits are the same as in one call)."""
+    if start == 0:
+        return PROGRESS_CHUNK
+    per = -(-n // _MAX_PIECES_AFTER_START)
+    return max(PROGRESS_CHUNK, -(-per // 64) * 64)
+
+
+def _after_fork_in_child() -> None:
+    """In a fork() child the engine's worker threads are gone and a lock may be held
+    by a thread that no longer exists: touching a Model opened in the parent could
+    hang. Each one is marked unusable (every use raises MoefluxError) and its C
+    objects are disowned, never freed here (they are the parent's memory)."""
+    for m in list(_LIVE):
+        m._forked = True
+        for obj in (m._ctx, m._handle):
+            if obj is not None:
+                obj._disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _threads_arg(threads: Any) -> int:
+    """threads for the core: None and 0 both mean all online cores."""
+    if threads is None:
+        return 0
+    if not _is_int(threads) or threads < 0:
+        raise ArgumentError(f"threads must be an int >= 0 or None (0 and None: all "
+                            f"cores), got {threads!r}")
+    return int(threads)
+
+
+def _n_ctx_arg(n_ctx: Any) -> int:
+    if n_ctx is None:
+        return 0
+    if not _is_int(n_ctx) or n_ctx < 1:
+        raise ArgumentError(f"n_ctx must be an int >= 1 or None, got {n_ctx!r}")
+    return int(n_ctx)
+
+
+def _expert_choice(path: Any, use_2bit: Any) -> int:
+    """use_2bit for the core, after checking the chosen expert directory: 0 reads
+    packed_experts/, 1 packed_experts_2bit/."""
+    if use_2bit is None or (_is_int(use_2bit) and use_2bit == -1):
+        want = None
+    elif isinstance(use_2bit, (bool, np.bool_)) or (_is_int(use_2bit) and use_2bit in (0, 1)):
+        want = bool(use_2bit)
+    else:
+        raise ArgumentError(f"use_2bit must be None, True or False, got {use_2bit!r}")
+    base = Path(os.fspath(path))
+    d4, d2 = base / "packed_experts", base / "packed_experts_2bit"
+    for d in (d4, d2):
+        if d.exists() and not d.is_dir():
+            raise MoefluxIOError(errno.ENOTDIR, f"{d}: is not a directory (expected "
+                                 "the per-layer expert files and layout.json)")
+    if want is None:
+        return 1 if (d2.is_dir() and not d4.is_dir()) else 0
+    chosen, other = (d2, d4) if want else (d4, d2)
+    if not chosen.is_dir() and other.is_dir():
+        flag = "use_2bit=False / --expert-bits 4" if want else \
+            "use_2bit=True / --expert-bits 2"
+        raise MoefluxIOError(errno.ENOENT, f"{chosen}: missing; this model directory "
+                             f"has {other.name}/ instead ({flag})")
+    return int(want)
+
+
+def _token_list(tokens: Any) -> Optional[list[int]]:
+    """The ids of `tokens` as a list when they are ints (validated by the core);
+    None for anything else, which the core refuses with its own message."""
+    if _is_int(tokens):
+        return [int(tokens)]
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer):
+            return [int(t) for t in tokens]
+        return None
+    if isinstance(tokens, (list, tuple)) and all(_is_int(t) for t in tokens):
+        return [int(t) for t in tokens]
+    if isinstance(tokens, range) or (isinstance(tokens, array.array) and
+                                     tokens.typecode in "bBhHiIlLqQ"):
+        return [int(t) for t in tokens]
+    return None
+
+
+def _token_list_any(tokens: Any) -> list[int]:
+    """After the core accepted `tokens`: their ids (any sequence of index-likes)."""
+    if hasattr(tokens, "__index__"):
+        return [operator.index(tokens)]
+    return [operator.index(t) for t in tokens]
+
+
+def _mem_available() -> Optional[int]:
+    """Bytes of memory available now (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_logits_fit(n: int, n_vocab: int, n_past: int, n_ctx: int) -> None:
+    """Refuse an all_logits result that cannot fit in memory, before allocating."""
+    if n == 0 or n_past + n > n_ctx:
+        return   # the core refuses these with its own message
+    need = n * n_vocab * 4
+    avail = _mem_available()
+    if avail is not None and need > avail:
+        raise MoefluxMemoryError(
+            f"eval(all_logits=True): {n} tokens x {n_vocab} logits need "
+            f"{need / 2**30:.2f} GiB, but only {avail / 2**30:.2f} GiB of memory is "
+            "available (evaluate in pieces, or without all_logits)")

@@ -13,15 +13,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import MoefluxError
+from .errors import SamplingError
 
 # A logits processor sees the token ids so far (prompt + generated) and the logits row
-# of the next position, and returns the row to use (it may modify it in place).
+# of the next position, and returns the row to use (it may modify it in place, but
+# must return it). -inf masks a token; NaN, +inf, None or another shape are refused.
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-class SamplingError(MoefluxError, ValueError):
-    """A sampling parameter is out of range."""
 
 
 @dataclass
@@ -48,21 +45,66 @@ class SamplerSettings:
     processors: Sequence[LogitsProcessor] = field(default_factory=tuple)
 
     def check(self) -> None:
-        """Raise SamplingError when a field is out of range."""
-        if not np.isfinite(self.temperature) or self.temperature < 0:
+        """Raise SamplingError when a field is out of range or of the wrong type."""
+        temperature = _real("temperature", self.temperature)
+        if not np.isfinite(temperature) or temperature < 0:
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
+        if _integer("top_k", self.top_k) < 0:
             raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < _real("top_p", self.top_p) <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
+        if not 0.0 <= _real("min_p", self.min_p) < 1.0:
             raise SamplingError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        penalty = _real("repetition_penalty", self.repetition_penalty)
+        if not np.isfinite(penalty) or penalty <= 0:
             raise SamplingError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.repetition_context < 1:
+                f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if _integer("repetition_context", self.repetition_context) < 1:
             raise SamplingError(
                 f"repetition_context must be >= 1, got {self.repetition_context}")
+        if self.seed is not None and _integer("seed", self.seed) < 0:
+            raise SamplingError(f"seed must be >= 0 or None, got {self.seed}")
+        for proc in self.processors:
+            if not callable(proc):
+                raise SamplingError(f"logits processors must be callables "
+                                    f"(ids, logits) -> logits, got {proc!r}")
+
+
+def _real(name: str, value: object) -> float:
+    """A float parameter: any real number but a bool (a string is refused, not parsed)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise SamplingError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    """An int parameter: 2.5 is refused, not rounded."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise SamplingError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def check_processor_row(proc: object, out: object, n_vocab: int) -> np.ndarray:
+    """The row a logits processor returned, as float32 [n_vocab], or SamplingError:
+    None (return the row, even when modified in place), another shape, NaN or +inf
+    anywhere, or no finite entry left (-inf alone is allowed: it masks a token)."""
+    if out is None:
+        raise SamplingError(f"logits processor {proc!r} returned None; it must return "
+                            "the logits row (modified in place or new)")
+    try:
+        row = np.asarray(out, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise SamplingError(f"logits processor {proc!r} returned {type(out).__name__}, "
+                            f"not a float row: {exc}") from None
+    if row.shape != (n_vocab,):
+        raise SamplingError(f"logits processor {proc!r} returned shape {row.shape}, "
+                            f"expected ({n_vocab},)")
+    if np.isnan(row).any() or np.isposinf(row).any():
+        raise SamplingError(f"logits processor {proc!r} returned NaN or +inf")
+    if not np.isfinite(row).any():
+        raise SamplingError(f"logits processor {proc!r} masked every token (-inf)")
+    return row
 
 
 def apply_repetition_penalty(logits: np.ndarray, context: np.ndarray,
@@ -121,7 +163,8 @@ class Sampler:
     def __init__(self, settings: SamplerSettings) -> None:
         settings.check()
         self.settings = settings
-        self.rng = np.random.default_rng(settings.seed)
+        self.rng = np.random.default_rng(None if settings.seed is None
+                                         else int(settings.seed))
 
     def __call__(self, logits: np.ndarray, tokens: Sequence[int]) -> int:
         """Choose the next token.
@@ -140,8 +183,7 @@ class Sampler:
             apply_repetition_penalty(row, ids[-s.repetition_context:],
                                      s.repetition_penalty)
         for proc in s.processors:
-            out = proc(ids, row)
-            row = np.asarray(out if out is not None else row, dtype=np.float32)
+            row = check_processor_row(proc, proc(ids, row), logits.shape[-1])
         if s.temperature == 0.0:
             return int(np.argmax(row))
         p = softmax(row / np.float32(s.temperature))

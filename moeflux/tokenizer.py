@@ -12,11 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import MoefluxError
+from .errors import TokenizerError
 
-
-class TokenizerError(MoefluxError):
-    """The tokenizer or chat template is missing, unreadable or fails."""
+__all__ = ["Tokenizer", "StreamingDetokenizer", "TokenizerError"]
 
 
 def _token_text(value: Any) -> Optional[str]:

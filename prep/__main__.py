@@ -34,10 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that resume an interrupted run when started again with the same arguments.
+RESUMABLE = {"convert", "extract-weights", "repack-experts"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: a refusal or I/O failure ends as one line on stderr with
+    status 1, Ctrl-C with status 130 (and a resume hint where a rerun resumes)."""
+    from moeflux.clitools import run_cli
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_cli(lambda: args.func(args), "moeflux.prep",
+                   resumable=args.command in RESUMABLE)
 
 
 if __name__ == "__main__":

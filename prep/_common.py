@@ -578,6 +578,11 @@ class DirLock:
                     tmp.unlink(missing_ok=True)
         return self
 
+    def remove_file(self) -> None:
+        """Delete the lock file while the lock is held (at the end of a finished
+        run, so the directory keeps no prep leftovers)."""
+        (self.dst / LOCK_NAME).unlink(missing_ok=True)
+
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # releases the flock
@@ -657,9 +662,27 @@ def source_key(src: Source) -> dict[str, Any]:
 
 # ==== disk space and progress ====
 
+def remove_stale_layers(expert_dir: Path, keep: set[str]) -> None:
+    """Delete layer files a previous, larger model left in ``expert_dir`` (the
+    engine and ``info`` would otherwise see layers this model does not have)."""
+    for f in expert_dir.glob("layer_*.bin"):
+        if f.name not in keep:
+            f.unlink(missing_ok=True)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (for a free-space check made
+    before the destination is created)."""
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_disk(dst: Path, need_bytes: int) -> None:
-    """Refuse before writing anything when the destination cannot hold the output."""
-    free = shutil.disk_usage(dst).free
+    """Refuse before writing anything when the destination cannot hold the output.
+    ``dst`` need not exist yet: its nearest existing ancestor's file system counts."""
+    free = shutil.disk_usage(existing_ancestor(dst)).free
     margin = 16 << 20
     if need_bytes + margin > free:
         raise PrepIOError(errno.ENOSPC,
@@ -675,7 +698,7 @@ class Progress:
         self._bar = None
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm.auto import tqdm
             except ImportError:
                 return
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
@@ -753,7 +776,13 @@ class Command:
 
     def main(self, argv: list[str] | None = None) -> int:
         """Parse ``argv`` (default sys.argv[1:]) and run; the exit status."""
+        from moeflux.clitools import run_cli
+
+        prog = self.name.replace("-", "_")
         p = self._setup(argparse.ArgumentParser(
-            prog=self.name.replace("-", "_"), description=self.doc,
+            prog=prog, description=self.doc,
             formatter_class=argparse.RawDescriptionHelpFormatter))
-        return self.run(p.parse_args(argv))
+        args = p.parse_args(argv)
+        return run_cli(lambda: self.run(args), prog,
+                       resumable=self.name in ("convert", "extract-weights",
+                                               "repack-experts"))

@@ -20,7 +20,8 @@ from typing import Any
 import moeflux
 from moeflux.errors import ArgumentError
 from moeflux.prep._common import (Command, add_src_dst_arguments, TOKENIZER_FILES,
-                                  DirLock, Journal, Source, check_disk, json_bytes,
+                                  JOURNAL_NAME, DirLock, Journal, Source, check_disk,
+                                  json_bytes,
                                   layer_file_name, source_key, write_small_file)
 from moeflux.prep.extract_weights import BIN_NAME, plan_weights, run_extract
 from moeflux.prep.repack_experts import (expert_dir_name, plan_experts, print_rmse,
@@ -95,8 +96,15 @@ def convert(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
         # touched at all.
         plan_weights(source)
         plan_experts(source, expert_bits)
-        with DirLock(dst):
+        # The space check too, before dst is created: a refusal leaves nothing.
+        check_disk(dst, _space_needed(source, Journal(dst, source_key(source)),
+                                      expert_bits))
+        with DirLock(dst) as lock:
             _convert_locked(source, dst, expert_bits, progress)
+            # A finished directory holds the model only: the resume journal has
+            # served its purpose, and the lock file goes while still held.
+            (dst / JOURNAL_NAME).unlink(missing_ok=True)
+            lock.remove_file()
     return dst
 
 

@@ -312,7 +312,9 @@ def extract_weights(src: str | Path, dst: str | Path, *, progress: bool = True) 
     """
     dst = Path(dst)
     with Source(src) as source:
-        plan_weights(source)  # refusals before dst is touched
+        _, size = plan_weights(source)  # refusals before dst is touched
+        if not dst.exists():   # nothing to resume: the whole size, checked first
+            check_disk(dst, size)
         with DirLock(dst):
             journal = Journal(dst, source_key(source))
             run_extract(source, dst, journal, progress=progress)

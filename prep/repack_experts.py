@@ -37,6 +37,7 @@ from moeflux.prep._common import (Command, add_src_dst_arguments, COMPONENTS, PA
                                   PROJECTIONS, BufferPool, CopyFile, DirLock,
                                   HashedFile, SourceMaps, kernel_copy_works, Journal,
                                   Progress, Quant, Source, StepResult, check_disk,
+                                  remove_stale_layers,
                                   expert_key, json_bytes, layer_file_name, nbytes_of,
                                   preadv_exact, source_key, tensor_fd, write_small_file)
 from moeflux.prep.safetensors_io import NUMPY_VIEWS, TensorInfo
@@ -416,6 +417,7 @@ def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4
     lay = json_bytes(plan.layout())
     rel = f"{sub}/layout.json"
     journal.record(rel, write_small_file(dst / rel, lay))
+    remove_stale_layers(dst / sub, {layer_file_name(il) for il in plan.moe_layers})
     for il in plan.moe_layers:
         r = f"{sub}/{layer_file_name(il)}"
         res.files[r] = journal.files[r]["sha256"]
@@ -447,7 +449,9 @@ def repack_experts(src: str | Path, dst: str | Path, *, expert_bits: int = 4,
     """
     dst = Path(dst)
     with Source(src) as source:
-        plan_experts(source, expert_bits)  # refusals before dst is touched
+        plan = plan_experts(source, expert_bits)  # refusals before dst is touched
+        if not dst.exists():   # nothing to resume: the whole size, checked first
+            check_disk(dst, len(plan.moe_layers) * plan.file_bytes)
         with DirLock(dst):
             journal = Journal(dst, source_key(source))
             return run_repack(source, dst, journal, expert_bits=expert_bits,

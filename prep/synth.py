@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from moeflux.errors import MoefluxError
+from moeflux.errors import SynthError
 from moeflux.prep.safetensors_io import DTYPE_SIZES, SafetensorsWriter, f32_to_bf16
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
@@ -73,10 +73,6 @@ GAIN_EMBED = 4.0
 # Attention/GDN output projections: half gain, for the same reason (their outputs
 # are averages over positions, so they add a component common to all tokens).
 GAIN_MIXER_OUT = 0.5
-
-
-class SynthError(MoefluxError, ValueError):
-    """A synthetic-checkpoint request is inconsistent (bad arch, dims or option)."""
 
 
 # ==== Configs ====
@@ -741,7 +737,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _progress_bar(total: int) -> Any:
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar, same output
         return None
     return tqdm(total=total, unit="B", unit_scale=True, desc="synth")
@@ -816,9 +812,35 @@ def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def _pseudo_words() -> Iterator[str]:
+    """Pronounceable made-up words, one syllable (consonant + vowel) first, then
+    two, then three...: endless and deterministic."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words = [""]
+    while True:
+        words = [w + s for w in words for s in syllables]
+        yield from words
+
+
+def _fill_with_words(vocab: dict[str, int], vocab_size: int, space: str) -> None:
+    """Give every id left below vocab_size a token: a space and a made-up word.
+    Encoding never produces them (no merge leads there), but a model samples any id,
+    and each must decode to readable text rather than nothing."""
+    words = _pseudo_words()
+    while len(vocab) < vocab_size:
+        token = space + next(words)
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+
 def build_tokenizer_json(vocab_size: int, max_merges: int = 256) -> dict:
-    """A byte-level BPE tokenizer.json (HF ``tokenizers`` format) whose ids all fit
-    ``vocab_size``: ids 0..255 bytes, 256..258 special tokens, then merges."""
+    """A byte-level BPE tokenizer.json (HF ``tokenizers`` format) covering exactly
+    ``vocab_size`` ids: 0..255 bytes, 256..258 special tokens, then merges, then
+    made-up words (so that every id a model can produce decodes to text)."""
     n_fixed = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_fixed:
         raise SynthError(f"vocab_size {vocab_size} is too small for a byte-level "
@@ -834,6 +856,7 @@ def build_tokenizer_json(vocab_size: int, max_merges: int = 256) -> dict:
     merges = _learn_merges(min(max_merges, vocab_size - n_fixed))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
+    _fill_with_words(vocab, vocab_size, alphabet[ord(" ")])
     byte_level = {"type": "ByteLevel", "add_prefix_space": False,
                   "trim_offsets": False, "use_regex": True}
     return {

@@ -204,7 +204,12 @@ def test_bad_context_args(model_dir: Path) -> None:
     with pytest.raises(ArgumentError, match="n_ctx"):
         moeflux.Model(model_dir, n_ctx=10**9)
     with pytest.raises(ArgumentError):
-        moeflux.Model(model_dir, threads=0)
+        moeflux.Model(model_dir, threads=-1)
+    with pytest.raises(ArgumentError, match="threads"):
+        moeflux.Model(model_dir, threads=2.5)
+    # threads=0 means all cores, as None does and as the CLI's --threads 0 does.
+    with moeflux.Model(model_dir, threads=0, n_ctx=8) as m:
+        assert m.n_ctx == 8
 
 
 # ---- evaluation
@@ -420,3 +425,159 @@ def test_concurrent_contexts(model_dir: Path) -> None:
             for a, b in zip(alone[i], results[i]):
                 np.testing.assert_array_equal(a, b)
             models[i].close()
+
+
+# ---- issue 12/13 (Python side): messages, arguments, memory, expert choice
+
+def test_error_classes_exported() -> None:
+    for name in ("TokenizerError", "GenerationError", "SamplingError", "SynthError"):
+        cls = getattr(moeflux, name)
+        assert issubclass(cls, MoefluxError) and name in moeflux.__all__
+    from moeflux.generate import GenerationError
+    from moeflux.prep.synth import SynthError
+    from moeflux.sampling import SamplingError
+    from moeflux.tokenizer import TokenizerError
+    assert (GenerationError, SamplingError, TokenizerError, SynthError) == (
+        moeflux.GenerationError, moeflux.SamplingError, moeflux.TokenizerError,
+        moeflux.SynthError)
+
+
+def test_type_stub_matches_extension() -> None:
+    """moeflux/_core.pyi names every public attribute of the extension's types."""
+    import ast
+    # The source tree's stub (the sanitized test build links only the .py files).
+    stub = Path(__file__).resolve().parent.parent / "moeflux" / "_core.pyi"
+    tree = ast.parse(stub.read_text())
+    classes = {n.name: {m.name for m in n.body if isinstance(m, ast.FunctionDef)}
+               for n in tree.body if isinstance(n, ast.ClassDef)}
+    for cls_name in ("ModelHandle", "Context"):
+        cls = getattr(moeflux._core, cls_name)
+        public = {a for a in dir(cls) if not a.startswith("_")}
+        assert public <= classes[cls_name], public - classes[cls_name]
+
+
+def test_eval_past_n_ctx_says_the_real_count(model: moeflux.Model) -> None:
+    model.reset()
+    model.eval(list(range(10)))
+    with pytest.raises(ArgumentError, match=r"7 tokens at position 10 exceed n_ctx 16"):
+        model.eval(list(range(7)))
+    assert model.n_past == 10
+
+
+def test_config_messages(copy_dir: Path) -> None:
+    """A huge value is out of range (not "must be an integer"); a missing key is
+    missing (not "must be positive, got 0")."""
+    orig = (copy_dir / "config.json").read_text()
+
+    def set_key(key: str, value: Any) -> None:
+        cfg = json.loads(orig)
+        for d in (cfg, cfg.get("text_config") or {}):
+            d.pop(key, None)
+        if value is not None:
+            cfg[key] = value
+        (copy_dir / "config.json").write_text(json.dumps(cfg))
+
+    set_key("hidden_size", 2**40)
+    e = _raises(FormatError, copy_dir, "hidden_size", str(2**40), "range")
+    assert "must be an integer" not in str(e)
+    for key in ("moe_intermediate_size", "num_attention_heads"):
+        set_key(key, None)
+        e = _raises(FormatError, copy_dir, key, "missing")
+        assert "got 0" not in str(e)
+
+
+def test_packed_experts_as_a_file(copy_dir: Path) -> None:
+    shutil.rmtree(copy_dir / "packed_experts")
+    (copy_dir / "packed_experts").write_bytes(b"not a directory")
+    e = _raises(MoefluxIOError, copy_dir, "packed_experts", "not a directory")
+    assert "missing" not in str(e)
+
+
+def test_two_bit_only_chosen_automatically(synth_checkpoint, tmp_path: Path) -> None:
+    """convert --expert-bits 2 leaves only packed_experts_2bit/: Model() opens it
+    without being told; asking for the 4-bit set says what to pass instead."""
+    dst = convert(synth_checkpoint("qwen3_next"), tmp_path / "m2", expert_bits=2,
+                  progress=False)
+    assert not (dst / "packed_experts").exists()
+    with moeflux.Model(dst, threads=1) as m:
+        assert np.isfinite(m.eval([1, 2, 3])).all()
+    with moeflux.Model(dst, threads=1, use_2bit=True) as m:
+        assert m.n_vocab > 0
+    _raises(MoefluxIOError, dst, "packed_experts", "use_2bit=True", use_2bit=False)
+
+
+def test_truncate_refuses_non_int(model: moeflux.Model) -> None:
+    model.reset()
+    model.eval([1, 2])
+    model.eval([3, 4, 5])   # qwen3_next: a checkpoint at 2 for the exact truncate
+    for bad in (3.7, "3", None, True):
+        with pytest.raises(ArgumentError):
+            model.truncate(bad)
+        with pytest.raises(ArgumentError):
+            model._ctx.truncate(bad)   # the binding refuses too
+    assert model.n_past == 5 and model.tokens == [1, 2, 3, 4, 5]
+    model.truncate(np.int64(2))
+    assert model.tokens == [1, 2]
+
+
+def test_tokens_follow_the_sequence(model: moeflux.Model) -> None:
+    model.reset()
+    model.eval([4, 5, 6])
+    model.eval(np.array([7], dtype=np.int64))
+    model.eval(8)
+    assert model.tokens == [4, 5, 6, 7, 8] and model.n_past == 5
+    snap = model.save_state()
+    with pytest.raises(ArgumentError):
+        model.eval([model.n_vocab])
+    assert model.tokens == [4, 5, 6, 7, 8]
+    model.reset()
+    assert model.tokens == []
+    model.load_state(snap)
+    assert model.tokens == [-1] * 5   # a snapshot holds the state, not the ids
+
+
+def test_all_logits_refused_when_it_cannot_fit(model_dir: Path, monkeypatch) -> None:
+    """Refused up front against the memory available now (here made small), with
+    the sequence unchanged; a result that fits is unaffected."""
+    import moeflux.model as mm
+    with moeflux.Model(model_dir, threads=1, n_ctx=64) as m:
+        need = 40 * m.n_vocab * 4
+        monkeypatch.setattr(mm, "_mem_available", lambda: need - 1)
+        with pytest.raises(moeflux.MoefluxMemoryError, match="GiB"):
+            m.eval(list(range(40)), all_logits=True)
+        assert m.n_past == 0
+        assert m.eval(list(range(39)), all_logits=True).shape == (39, m.n_vocab)
+    assert mm._mem_available() is None or mm._mem_available() > 0
+
+
+def _fds_and_maps(directory: Path) -> tuple[int, int]:
+    import os
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory)):
+                fds += 1
+        except OSError:
+            pass
+    maps = sum(str(directory) in line for line in open("/proc/self/maps"))
+    return fds, maps
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_close_releases_files_at_once(copy_dir: Path) -> None:
+    """close() unmaps model_weights.bin and closes the expert files right away
+    when no other Model shares them; with a sharer, only once both are closed
+    (a private copy of the model: no other test's Model holds its files)."""
+    assert _fds_and_maps(copy_dir) == (0, 0)
+    m = moeflux.Model(copy_dir, threads=1)
+    m.eval([1, 2])
+    fds, maps = _fds_and_maps(copy_dir)
+    assert fds > 0 and maps > 0
+    other = moeflux.Model.share(m)
+    m.close()
+    assert _fds_and_maps(copy_dir) == (fds, maps)   # still in use by `other`
+    other.close()
+    assert _fds_and_maps(copy_dir) == (0, 0)
+    with moeflux.Model(copy_dir, threads=1) as m:
+        assert _fds_and_maps(copy_dir)[1] > 0
+    assert _fds_and_maps(copy_dir) == (0, 0)

@@ -290,3 +290,200 @@ def test_streaming_with_leading_space_decoder(tmp_path) -> None:
     d = tok.streaming()
     d.prime([1])                                # the prompt ended with "Hello"
     assert d.add(2) + d.add(3) + d.flush() == " world !"
+
+
+# ---- logprobs, prefix reuse, progress, argument and processor checks
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    z = row.astype(np.float64) - row.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def test_logprobs_equal_log_softmax_of_eval(hybrid) -> None:
+    src, m = hybrid
+    steps = list(m.generate(PROMPT, max_tokens=4, temperature=0.8, seed=3,
+                            logprobs=True, top_logprobs=3))
+    m.reset()
+    row = m.eval(PROMPT)   # the same evaluation path: prompt, then one token a step
+    for s in steps:
+        ref = log_softmax(row)
+        row = m.eval([s.token])
+        assert abs(s.logprob - ref[s.token]) < 1e-9
+        assert [t for t, _ in s.top_logprobs] == list(np.argsort(-ref, kind="stable")[:3])
+        assert np.allclose([v for _, v in s.top_logprobs], np.sort(ref)[::-1][:3],
+                           atol=1e-9)
+    assert list(m.generate(PROMPT, max_tokens=1))[0].logprob is None
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_moe"])
+def test_prefix_reuse_is_exact(converted, arch: str) -> None:
+    """generate keeps the longest prefix the sequence shares with the new prompt
+    and evaluates only the rest; the tokens equal a fresh Model's. A hybrid model
+    falls back to re-evaluating when no checkpoint is held at that prefix."""
+    src, dst = converted(arch)
+    m, fresh = open_model(dst), open_model(dst)
+    try:
+        first = [s.token for s in m.generate(PROMPT, max_tokens=4)]
+        cases = [PROMPT + first[:3] + CONT,        # everything held is reused
+                 PROMPT + CONT,                    # back to the end of the prompt
+                 PROMPT[:-2] + CONT]               # mid-prompt: hybrids re-evaluate
+        for i, prompt in enumerate(cases):
+            held = m.tokens
+            m.stats_reset()
+            steps = list(m.generate(prompt, max_tokens=4))
+            fresh.reset()
+            assert [s.token for s in steps] == [s.token for s in
+                                                fresh.generate(prompt, max_tokens=4)]
+            n = 0
+            while n < min(len(held), len(prompt) - 1) and held[n] == prompt[n]:
+                n += 1
+            reused = steps[0].n_reused
+            if arch == "qwen3_moe" or i < 2:
+                assert reused == n, (i, reused, n)
+            else:
+                assert reused == 0
+            assert m.stats()["n_tokens_evaluated"] == len(prompt) - reused + 3
+            assert m.tokens == prompt + [s.token for s in steps[:-1]]
+    finally:
+        m.close()
+        fresh.close()
+
+
+def test_later_generate_invalidates_earlier(hybrid) -> None:
+    src, m = hybrid
+    g1 = m.generate(PROMPT, max_tokens=5)
+    next(g1)
+    assert len(list(m.generate(CONT, max_tokens=2))) == 2
+    with pytest.raises(GenerationError, match="changed"):
+        next(g1)
+    g2 = m.generate(PROMPT, max_tokens=5)
+    next(g2)
+    m.eval([1])
+    with pytest.raises(GenerationError, match="changed"):
+        next(g2)
+
+
+def test_arguments_refused_at_the_call(hybrid) -> None:
+    """Wrong types are moeflux errors, raised by generate() itself, before the
+    sequence is touched."""
+    src, m = hybrid
+    m.reset()
+    m.eval(PROMPT)
+    for kwargs, cls in [({"prompt": None}, GenerationError),
+                        ({"prompt": [1.5, 2]}, GenerationError),
+                        ({"top_k": 2.5}, SamplingError),
+                        ({"temperature": "1"}, SamplingError),
+                        ({"stop": 5}, GenerationError),
+                        ({"max_tokens": 1.5}, GenerationError),
+                        ({"seed": "x"}, SamplingError),
+                        ({"repetition_penalty": float("nan")}, SamplingError),
+                        ({"repetition_penalty": float("inf")}, SamplingError),
+                        ({"logits_processors": [5]}, SamplingError)]:
+        args = {"prompt": PROMPT, **kwargs}
+        with pytest.raises(cls):
+            m.generate(args.pop("prompt"), **args)
+    assert m.tokens == PROMPT
+
+
+@pytest.mark.parametrize("bad", ["none", "shape", "nan", "posinf", "all_masked"])
+def test_processor_results_refused(hybrid, bad: str) -> None:
+    src, m = hybrid
+
+    def proc(ids: np.ndarray, row: np.ndarray):
+        if bad == "none":
+            row[0] = 0.0
+            return None
+        if bad == "shape":
+            return row[:-1]
+        row[3] = {"nan": np.nan, "posinf": np.inf, "all_masked": -np.inf}[bad]
+        if bad == "all_masked":
+            row[:] = -np.inf
+        return row
+
+    with pytest.raises(SamplingError, match="processor"):
+        list(m.generate(PROMPT, max_tokens=2, logits_processors=[proc]))
+
+    def mask(ids: np.ndarray, row: np.ndarray) -> np.ndarray:
+        row[:5] = -np.inf       # masking some tokens is fine
+        return row
+
+    assert all(s.token >= 5 for s in m.generate(PROMPT, max_tokens=3,
+                                                 logits_processors=[mask]))
+
+
+def test_eval_progress_and_rollback(hybrid, sigint_raises_keyboardinterrupt) -> None:
+    """With a progress callback a long prompt goes in pieces: the callback sees
+    them, the logits equal one call's, and an error between pieces puts the
+    sequence back where it was."""
+    src, m = hybrid
+    from moeflux.model import PROGRESS_CHUNK
+    n = 2 * PROGRESS_CHUNK + 37
+    toks = [int(t) for t in np.random.default_rng(0).integers(0, m.n_vocab, n)]
+    m.reset()
+    whole = m.eval(toks, all_logits=True)
+    m.reset()
+    seen: list = []
+    pieces = m.eval(toks, all_logits=True, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, n), (PROGRESS_CHUNK, n), (2 * PROGRESS_CHUNK, n), (n, n)]
+    scale = np.abs(whole).max()
+    assert np.abs(pieces - whole).max() <= 1e-4 * scale
+    m.reset()
+    m.eval(PROMPT)
+
+    def stop(done: int, total: int) -> None:
+        if done >= PROGRESS_CHUNK:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        m.eval(toks, progress=stop)
+    assert m.tokens == PROMPT and m.n_past == len(PROMPT)
+    # Long, after a start > 0, stopped in its last piece: this hybrid model still
+    # holds the start's checkpoint (few pieces), so the rollback is exact.
+    long = [int(t) for t in np.random.default_rng(1).integers(0, m.n_vocab, 2300)]
+    seen.clear()
+
+    def stop_late(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= total - 600:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        m.eval(long, progress=stop_late)
+    assert len(seen) <= 5
+    assert m.tokens == PROMPT and m.n_past == len(PROMPT)
+    after = m.eval(CONT)
+    fresh_row = None
+    m.reset()
+    fresh_row = m.eval(PROMPT + CONT)
+    assert np.abs(after - fresh_row).max() <= 1e-4 * np.abs(fresh_row).max()
+    m.reset()
+    calls: list = []
+    list(m.generate(toks, max_tokens=1, progress=lambda d, t: calls.append((d, t))))
+    assert calls[0] == (0, n) and calls[-1] == (n, n)
+
+
+def test_eval_progress_bar(hybrid, capsys) -> None:
+    """progress=True: a tqdm.auto bar on stderr (a widget in Jupyter), same logits."""
+    src, m = hybrid
+    from moeflux.model import PROGRESS_CHUNK
+    toks = [i % m.n_vocab for i in range(PROGRESS_CHUNK + 10)]
+    m.reset()
+    a = m.eval(toks, progress=True)
+    err = capsys.readouterr().err
+    assert "prompt" in err and str(len(toks)) in err
+    m.reset()
+    b = m.eval(toks)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_synthetic_tokenizer_names_every_id(hybrid) -> None:
+    """The demo's text is readable: every id a synthetic model can produce decodes
+    to some text (before, ids past the ~350 learned ones decoded to "")."""
+    src, m = hybrid
+    tok = m.tokenizer
+    assert tok.vocab_size == m.n_vocab
+    assert all(tok.decode([i]) for i in range(m.n_vocab))
+    from moeflux.prep.synth import build_tokenizer_json
+    spec = build_tokenizer_json(32768)
+    vocab = spec["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(32768))

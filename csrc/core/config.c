@@ -66,9 +66,13 @@ static const mf_json *rd_holder(const struct reader *r, const char *key) {
 static int rd_int(const struct reader *r, const char *key, int required, int *out) {
     int64_t v;
     int rc = mf_json_get_int(rd_holder(r, key), key, &v);
-    if (rc < 0 || (rc == 1 && (v < INT32_MIN || v > INT32_MAX)))
+    if (rc < 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: key \"%s\" must be an integer", r->name, key);
+    if (rc == 1 && (v < INT32_MIN || v > INT32_MAX))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: key \"%s\" is %lld, out of the supported range [%d, %d]",
+                      r->name, key, (long long)v, INT32_MIN, INT32_MAX);
     if (rc == 0) {
         if (required)
             return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -131,7 +135,13 @@ static int rd_token(const struct reader *r, const char *key, int *out) {
     return 0;
 }
 
+// v must be positive; when it is not because the key is absent (and no default
+// applies), the message says the key is missing rather than "got 0".
 static int positive(const struct reader *r, const char *key, long long v) {
+    const mf_json *node = rd_node(r, key);
+    if (v <= 0 && (!node || node->type == MF_JSON_NULL))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: required key \"%s\" is missing", r->name, key);
     if (v <= 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: key \"%s\" must be positive, got %lld", r->name, key, v);

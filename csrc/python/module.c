@@ -174,8 +174,19 @@ static PyObject *no_pickle(PyObject *self, PyObject *unused) {
     return NULL;
 }
 
+// In a fork() child: forget the model without freeing it. Its memory is a copy of the
+// parent's and the expert store's state (and any lock a vanished thread held) cannot
+// be trusted, so the child leaks it rather than run teardown code on it.
+static PyObject *handle_disown(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    ((mf_py_handle *)obj)->model = NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef handle_methods[] = {
     {"__reduce__", no_pickle, METH_NOARGS, "Pickling is refused."},
+    {"_disown", handle_disown, METH_NOARGS,
+     "_disown($self, /)\n--\n\nFork child only: drop the model unfreed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -463,10 +474,10 @@ static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
     int n_past = mf_ctx_n_past(self->ctx), n_ctx = mf_ctx_n_ctx(self->ctx);
     if (t.n > (Py_ssize_t)(n_ctx - n_past)) {
         mf_py_ctx_unlock(self);
-        tokens_release(&t);
-        char msg[160];
+        char msg[160];   // written before tokens_release zeroes t.n
         snprintf(msg, sizeof msg, "eval: %lld tokens at position %d exceed n_ctx %d",
                  (long long)t.n, n_past, n_ctx);
+        tokens_release(&t);
         return mf_py_raise(st, MF_ERR_ARG, msg);
     }
     int n_vocab = mf_model_n_vocab(mf_ctx_model(self->ctx));
@@ -522,6 +533,14 @@ static PyObject *context_close(PyObject *obj, PyObject *unused) {
     mf_ctx_free(ctx);   // joins the thread pool
     Py_END_ALLOW_THREADS
     mf_py_ctx_unlock(self);
+    Py_RETURN_NONE;
+}
+
+// In a fork() child: drop the ctx unfreed, without its lock (which a thread that does
+// not exist in the child may hold) and without joining worker threads that are gone.
+static PyObject *context_disown(PyObject *obj, PyObject *unused) {
+    (void)unused;
+    ((mf_py_context *)obj)->ctx = NULL;
     Py_RETURN_NONE;
 }
 
@@ -600,6 +619,8 @@ static PyMethodDef context_methods[] = {
     {"stats_reset", context_stats_reset, METH_NOARGS,
      "stats_reset($self, /)\n--\n\nZero the counters."},
     {"__reduce__", no_pickle, METH_NOARGS, "Pickling is refused."},
+    {"_disown", context_disown, METH_NOARGS,
+     "_disown($self, /)\n--\n\nFork child only: drop the ctx unfreed."},
     {NULL, NULL, 0, NULL},
 };
 

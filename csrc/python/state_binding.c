@@ -25,13 +25,20 @@ static PyObject *unlock_with_status(mf_py_context *self, mf_py_state *st, int rc
     return rc == MF_OK ? Py_NewRef(Py_None) : NULL;
 }
 
-// A method's int argument in [lo, hi] into *out; -1 with an exception set (TypeError
-// from Python, or ArgumentError with range_msg).
+// A method's int argument in [lo, hi] into *out; -1 with an ArgumentError set (a
+// float such as 3.7 is refused, not rounded: range_msg says what is expected).
 static int int_arg(mf_py_state *st, PyObject *arg, long lo, long hi, const char *range_msg,
                    int *out) {
-    long n = PyLong_AsLong(arg);
+    if (!PyIndex_Check(arg) || PyBool_Check(arg)) {
+        PyErr_Format(st->err_arg, "%s; got a %.100s", range_msg, Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long n = PyLong_AsLongAndOverflow(arg, &overflow);
     if (n == -1 && PyErr_Occurred())
         return -1;
+    if (overflow)
+        n = overflow < 0 ? LONG_MIN : LONG_MAX;
     if (n < lo || n > hi) {
         mf_py_raise(st, MF_ERR_ARG, range_msg);
         return -1;
