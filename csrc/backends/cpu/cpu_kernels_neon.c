@@ -83,37 +83,90 @@ INLINE void neon_codes8(const uint8_t *row, int64_t c, const int bits, uint32x4_
     }
 }
 
-INLINE float neon_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                            const int bits) {
-    const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    float32x4_t t0 = vdupq_n_f32(0.0f), t1 = t0, t2 = t0, t3 = t0;
-    for (int64_t g = 0; g < n_group; g++) {
-        const float32x4_t s = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const float32x4_t b = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        // Four independent chains over 16 values (gs >= 32).
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
-            uint32x4_t q0, q1, q2, q3;
-            neon_codes8(row, c, bits, &q0, &q1);
-            neon_codes8(row, c + 8, bits, &q2, &q3);
-            t0 = vfmaq_f32(t0, vld1q_f32(x + c), vfmaq_f32(b, vcvtq_f32_u32(q0), s));
-            t1 = vfmaq_f32(t1, vld1q_f32(x + c + 4), vfmaq_f32(b, vcvtq_f32_u32(q1), s));
-            t2 = vfmaq_f32(t2, vld1q_f32(x + c + 8), vfmaq_f32(b, vcvtq_f32_u32(q2), s));
-            t3 = vfmaq_f32(t3, vld1q_f32(x + c + 12), vfmaq_f32(b, vcvtq_f32_u32(q3), s));
-        }
-    }
-    return vaddvq_f32(vaddq_f32(vaddq_f32(t0, t1), vaddq_f32(t2, t3)));
+/* ---- Decode matvec, QROWS rows per pass ----
+ * Each x vector loaded feeds every row of the pass, two accumulator chains per row;
+ * each weight is s*q + b with one FMA (rounded once). */
+
+#define QROWS 4
+
+// Prefetch of [p, p + n) (n a constant) and of the scales and biases of rows
+// [r0, r0 + nr): a pass streams only a few KiB per row set, too short for the hardware
+// prefetcher to pick the streams up before they end. A prefetch never faults, so
+// addresses past the end of the weight are harmless.
+INLINE void rows_prefetch(const char *p, const int n) {
+    for (int o = 0; o < n; o += 64)
+        __builtin_prefetch(p + o);
 }
 
-static float neon_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+INLINE void rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
+    const int64_t n_group = w->n_in / w->group_size;
+    const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
+    const char *s = (const char *)w->scales + (size_t)(r0 * n_group) * es;
+    const char *b = (const char *)w->biases + (size_t)(r0 * n_group) * es;
+    for (size_t o = 0; o < n; o += 64) {
+        __builtin_prefetch(s + o);
+        __builtin_prefetch(b + o);
+    }
+}
+
+// y[i] = row r0 + i . x for i < nr (nr <= QROWS), bits a constant.
+INLINE void neon_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
+                      const int nr, const int bits) {
+    const int gs = w->group_size;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS];
+    float32x4_t a0[QROWS], a1[QROWS];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = vdupq_n_f32(0.0f);
+    }
+    const char *next = (const char *)(row[0] + nr * rbytes);   // the next pass's rows
+    rows_prefetch_sb(w, r0 + nr, nr);
+    for (int64_t g = 0; g < n_group; g++) {
+        float32x4_t s[QROWS], b[QROWS];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            size_t k = (size_t)((r0 + i) * n_group + g);
+            s[i] = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, k));
+            b[i] = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, k));
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
+            if (c % 32 == 0)
+                rows_prefetch(next + c / 8 * bits * nr, bits * 4 * nr);
+            const float32x4_t x0 = vld1q_f32(x + c), x1 = vld1q_f32(x + c + 4);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                uint32x4_t q0, q1;
+                neon_codes8(row[i], c, bits, &q0, &q1);
+                a0[i] = vfmaq_f32(a0[i], x0, vfmaq_f32(b[i], vcvtq_f32_u32(q0), s[i]));
+                a1[i] = vfmaq_f32(a1[i], x1, vfmaq_f32(b[i], vcvtq_f32_u32(q1), s[i]));
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++)
+        y[i] = vaddvq_f32(vaddq_f32(a0[i], a1[i]));
+}
+
+INLINE void neon_qdot_rows_bits(float *y, const float *x, const struct mf_weight *w,
+                                int64_t r0, int n_row, const int bits) {
+    int i = 0;
+    for (; i + QROWS <= n_row; i += QROWS)
+        neon_rows(y + i, x, w, r0 + i, QROWS, bits);
+    for (; i < n_row; i++)
+        neon_rows(y + i, x, w, r0 + i, 1, bits);
+}
+
+static void neon_qdot_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
+                           int n_row) {
     switch (w->bits) {
-    case 2: return neon_qdot_bits(x, w, r, 2);
-    case 3: return neon_qdot_bits(x, w, r, 3);
-    case 4: return neon_qdot_bits(x, w, r, 4);
-    case 5: return neon_qdot_bits(x, w, r, 5);
-    case 6: return neon_qdot_bits(x, w, r, 6);
-    default: return neon_qdot_bits(x, w, r, 8);
+    case 2: neon_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
+    case 3: neon_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
+    case 4: neon_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
+    case 5: neon_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
+    case 6: neon_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
+    default: neon_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
     }
 }
 
@@ -250,7 +303,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .name = "neon",
     .dot = neon_dot,
     .axpy = neon_axpy,
-    .qdot = neon_qdot,
+    .qdot_rows = neon_qdot_rows,
     .dequant = neon_dequant,
     .gemm_tile = neon_gemm_tile,
     .bf16_to_f32 = neon_bf16_to_f32,

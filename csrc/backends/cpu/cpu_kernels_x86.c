@@ -83,71 +83,195 @@ static inline __attribute__((always_inline)) void load_le(const uint8_t *p, cons
 // Shuffle control of one 32-bit lane: bytes B0, B0+1 of the run, then zeros.
 #define SHUF(k, bits) ((int)(0x80800000u | (uint32_t)B0(k, bits) | ((uint32_t)(B0(k, bits) + 1) << 8)))
 
-// Eight codes starting at column c (a multiple of 8) as f32.
-INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
+// Eight codes starting at column c (a multiple of 8), one per 32-bit lane in column
+// order, with other bits of the stream above them unless `masked`.
+INLINE_AVX2 __m256i avx2_raw8(const uint8_t *row, int64_t c, const int bits,
+                              const int masked) {
+    __m256i v;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + c)));
     if (bits == 4) {
         uint32_t word;
         memcpy(&word, row + c / 2, 4);
         const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-    }
-    if (bits == 8) {
-        __m128i b8 = _mm_loadl_epi64((const __m128i *)(row + c));
-        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8));
-    }
-    if (bits == 2) {
+        v = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh);
+    } else if (bits == 2) {
         uint16_t half;
         memcpy(&half, row + c / 4, 2);
         const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(half), sh);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(3)));
+        v = _mm256_srlv_epi32(_mm256_set1_epi32(half), sh);
+    } else {
+        // 3, 5, 6 bits: the run's `bits` bytes in both 128-bit halves, two bytes per
+        // lane.
+        uint64_t u, unused;
+        load_le(row + c / 8 * bits, bits, &u, &unused);
+        const __m256i shuf = _mm256_setr_epi32(SHUF(0, bits), SHUF(1, bits), SHUF(2, bits),
+                                               SHUF(3, bits), SHUF(4, bits), SHUF(5, bits),
+                                               SHUF(6, bits), SHUF(7, bits));
+        const __m256i sh = _mm256_setr_epi32(SH(0, bits), SH(1, bits), SH(2, bits),
+                                             SH(3, bits), SH(4, bits), SH(5, bits),
+                                             SH(6, bits), SH(7, bits));
+        v = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), shuf);
+        v = _mm256_srlv_epi32(v, sh);
     }
-    // 3, 5, 6 bits: the run's `bits` bytes in both 128-bit halves, two bytes per lane.
-    uint64_t u, unused;
-    load_le(row + c / 8 * bits, bits, &u, &unused);
-    const __m256i shuf = _mm256_setr_epi32(SHUF(0, bits), SHUF(1, bits), SHUF(2, bits),
-                                           SHUF(3, bits), SHUF(4, bits), SHUF(5, bits),
-                                           SHUF(6, bits), SHUF(7, bits));
-    const __m256i sh = _mm256_setr_epi32(SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits),
-                                         SH(4, bits), SH(5, bits), SH(6, bits), SH(7, bits));
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), shuf);
-    v = _mm256_srlv_epi32(v, sh);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)));
+    return masked ? _mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)) : v;
 }
 
-INLINE_AVX2 float avx2_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                                 const int bits) {
+// Eight codes starting at column c (a multiple of 8) as f32.
+INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
+    return _mm256_cvtepi32_ps(avx2_raw8(row, c, bits, 1));
+}
+
+// Prefetch of the bytes [p, p + n) (n a constant): a pass over a few rows streams only
+// a few KiB per row set, too short for the hardware prefetcher to pick the streams up
+// before they end, so without this a matvec over weights not in cache runs at a
+// fraction of the memory bandwidth.
+static inline __attribute__((always_inline)) void rows_prefetch(const char *p, const int n) {
+    for (int o = 0; o < n; o += 64)
+        _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+// Prefetch of the scales and biases of rows [r0, r0 + nr) (past the end is harmless: a
+// prefetch never faults).
+static inline __attribute__((always_inline)) void
+rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
+    const int64_t n_group = w->n_in / w->group_size;
+    const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
+    const char *s = (const char *)w->scales + (size_t)(r0 * n_group) * es;
+    const char *b = (const char *)w->biases + (size_t)(r0 * n_group) * es;
+    for (size_t o = 0; o < n; o += 64) {
+        _mm_prefetch(s + o, _MM_HINT_T0);
+        _mm_prefetch(b + o, _MM_HINT_T0);
+    }
+}
+
+// Groups whose scales and biases are converted to f32 at a time, ahead of the loop
+// over them: keeps the dtype switch and the conversions out of the group loop.
+#define SB_CHUNK 64
+
+// dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
+static AVX2 void avx2_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+                             int n) {
+    int i = 0;
+    if (dt == MF_DTYPE_BF16)
+        for (; i + 8 <= n; i += 8) {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + k + i));
+            __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(v));
+        }
+    for (; i < n; i++)
+        dst[i] = mf_load_f32(src, dt, k + (size_t)i);
+}
+
+/* ---- Decode matvec, QROWS_AVX2 rows per pass ----
+ * Each x vector loaded feeds every row of the pass, and every row keeps two
+ * accumulator chains (one would leave the loop waiting on FMA latency). Widths up to 3 bits take each weight from the group's
+ * table of the eight s*q + b (vpermps reads the low three bits of a lane, so stray
+ * stream bits above a 2-bit code select an equal entry); wider ones compute s*q + b
+ * with one FMA (rounded once). */
+
+#define QROWS_AVX2 4
+
+// The eight weights at column c of one row, bits a constant.
+INLINE_AVX2 __m256 avx2_w8(const uint8_t *row, int64_t c, const int bits, __m256 s,
+                           __m256 b, __m256 lut) {
+    if (bits <= 3)
+        return _mm256_permutevar8x32_ps(lut, avx2_raw8(row, c, bits, 0));
+    return _mm256_fmadd_ps(avx2_codes8(row, c, bits), s, b);
+}
+
+// The sixteen weights at column c (a multiple of 16) of one row as two vectors: 2-bit
+// codes come from one 32-bit load shifted two ways (a 16-bit load per eight codes costs
+// more in moves than the lookup itself).
+INLINE_AVX2 void avx2_w16(const uint8_t *row, int64_t c, const int bits, __m256 s,
+                          __m256 b, __m256 lut, __m256 *w0, __m256 *w1) {
+    if (bits == 2) {
+        uint32_t word;
+        memcpy(&word, row + c / 4, 4);
+        const __m256i v = _mm256_set1_epi32((int)word);
+        const __m256i lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m256i hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+        *w0 = _mm256_permutevar8x32_ps(lut, _mm256_srlv_epi32(v, lo));
+        *w1 = _mm256_permutevar8x32_ps(lut, _mm256_srlv_epi32(v, hi));
+        return;
+    }
+    *w0 = avx2_w8(row, c, bits, s, b, lut);
+    *w1 = avx2_w8(row, c + 8, bits, s, b, lut);
+}
+
+// s * (i mod 2^bits) + b for i < 8 (product rounded, then the sum: as dequant).
+INLINE_AVX2 __m256 avx2_lut(__m256 s, __m256 b, const int bits) {
+    const __m256i i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i q = _mm256_and_si256(i, _mm256_set1_epi32(bits < 3 ? (1 << bits) - 1 : 7));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b);
+}
+
+// y[i] = row r0 + i . x for i < nr (nr <= QROWS_AVX2), bits a constant.
+INLINE_AVX2 void avx2_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
+                           const int nr, const int bits) {
     const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0, tot2 = tot0, tot3 = tot0;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS_AVX2];
+    __m256 a0[QROWS_AVX2], a1[QROWS_AVX2];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = _mm256_setzero_ps();
+    }
+    float sf[QROWS_AVX2][SB_CHUNK], bf[QROWS_AVX2][SB_CHUNK];
+    const char *next = (const char *)(row[0] + nr * rbytes);   // the next pass's rows
+    rows_prefetch_sb(w, r0 + nr, nr);
     for (int64_t g = 0; g < n_group; g++) {
-        const __m256 s = _mm256_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const __m256 b = _mm256_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        // Four independent chains (gs >= 32): one chain would wait on FMA latency.
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            __m256 w0 = _mm256_fmadd_ps(avx2_codes8(row, c, bits), s, b);
-            __m256 w1 = _mm256_fmadd_ps(avx2_codes8(row, c + 8, bits), s, b);
-            __m256 w2 = _mm256_fmadd_ps(avx2_codes8(row, c + 16, bits), s, b);
-            __m256 w3 = _mm256_fmadd_ps(avx2_codes8(row, c + 24, bits), s, b);
-            tot0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), w0, tot0);
-            tot1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 8), w1, tot1);
-            tot2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 16), w2, tot2);
-            tot3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 24), w3, tot3);
+        const int gi = (int)(g % SB_CHUNK);
+        if (gi == 0) {
+            int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+            for (int i = 0; i < nr; i++) {
+                avx2_sb_f32(sf[i], w->scales, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+                avx2_sb_f32(bf[i], w->biases, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+            }
+        }
+        __m256 s[QROWS_AVX2], b[QROWS_AVX2], lut[QROWS_AVX2];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            s[i] = _mm256_set1_ps(sf[i][gi]);
+            b[i] = _mm256_set1_ps(bf[i][gi]);
+            lut[i] = bits <= 3 ? avx2_lut(s[i], b[i], bits) : s[i];
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
+            rows_prefetch(next + c / 8 * bits * nr, bits * 2 * nr);
+            const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                __m256 w0, w1;
+                avx2_w16(row[i], c, bits, s[i], b[i], lut[i], &w0, &w1);
+                a0[i] = _mm256_fmadd_ps(x0, w0, a0[i]);
+                a1[i] = _mm256_fmadd_ps(x1, w1, a1[i]);
+            }
         }
     }
-    return hsum8(_mm256_add_ps(_mm256_add_ps(tot0, tot1), _mm256_add_ps(tot2, tot3)));
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++)
+        y[i] = hsum8(_mm256_add_ps(a0[i], a1[i]));
 }
 
-static AVX2 float avx2_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+INLINE_AVX2 void avx2_qdot_rows_bits(float *y, const float *x, const struct mf_weight *w,
+                                     int64_t r0, int n_row, const int bits) {
+    int i = 0;
+    for (; i + QROWS_AVX2 <= n_row; i += QROWS_AVX2)
+        avx2_rows(y + i, x, w, r0 + i, QROWS_AVX2, bits);
+    for (; i < n_row; i++)
+        avx2_rows(y + i, x, w, r0 + i, 1, bits);
+}
+
+static AVX2 void avx2_qdot_rows(float *y, const float *x, const struct mf_weight *w,
+                                int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: return avx2_qdot_bits(x, w, r, 2);
-    case 3: return avx2_qdot_bits(x, w, r, 3);
-    case 4: return avx2_qdot_bits(x, w, r, 4);
-    case 5: return avx2_qdot_bits(x, w, r, 5);
-    case 6: return avx2_qdot_bits(x, w, r, 6);
-    default: return avx2_qdot_bits(x, w, r, 8);
+    case 2: avx2_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
+    case 3: avx2_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
+    case 4: avx2_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
+    case 5: avx2_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
+    case 6: avx2_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
+    default: avx2_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
     }
 }
 
@@ -285,7 +409,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .name = "avx2",
     .dot = avx2_dot,
     .axpy = avx2_axpy,
-    .qdot = avx2_qdot,
+    .qdot_rows = avx2_qdot_rows,
     .dequant = avx2_dequant,
     .gemm_tile = avx2_gemm_tile,
     .bf16_to_f32 = avx2_bf16_to_f32,
@@ -295,9 +419,9 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
 
 /* ==== AVX-512 (F + BW) ==== */
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define INLINE_AVX512 \
-    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
 static AVX512 float avx512_dot(const float *a, const float *b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -353,9 +477,10 @@ INLINE_AVX512 __m512i avx512_raw16(const uint8_t *row, int64_t c, const int bits
         v = _mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh);
     } else {
         // 3, 5, 6 bits: two runs (2*bits <= 12 bytes) in every 128-bit lane, two bytes
-        // per 32-bit lane.
-        uint64_t lo, hi;
-        load_le(row + c / 8 * bits, 2 * bits, &lo, &hi);
+        // per 32-bit lane. The masked load reads exactly the runs' bytes (nothing past
+        // the end of the weight) without assembling them in scalar registers.
+        const __m128i runs = _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1u),
+                                                  row + c / 8 * bits);
         const __m512i shuf = _mm512_setr_epi32(
             SHUF(0, bits), SHUF(1, bits), SHUF(2, bits), SHUF(3, bits), SHUF(4, bits),
             SHUF(5, bits), SHUF(6, bits), SHUF(7, bits), SHUF(8, bits), SHUF(9, bits),
@@ -365,8 +490,7 @@ INLINE_AVX512 __m512i avx512_raw16(const uint8_t *row, int64_t c, const int bits
             SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits), SH(4, bits), SH(5, bits),
             SH(6, bits), SH(7, bits), SH(8, bits), SH(9, bits), SH(10, bits), SH(11, bits),
             SH(12, bits), SH(13, bits), SH(14, bits), SH(15, bits));
-        v = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)hi, (long long)lo));
-        v = _mm512_srlv_epi32(_mm512_shuffle_epi8(v, shuf), sh);
+        v = _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(runs), shuf), sh);
     }
     return masked ? _mm512_and_si512(v, _mm512_set1_epi32((1 << bits) - 1)) : v;
 }
@@ -391,34 +515,140 @@ INLINE_AVX512 __m512 avx512_lut(__m512 s, __m512 b, const int bits) {
     return _mm512_add_ps(_mm512_mul_ps(q, s), b);
 }
 
-INLINE_AVX512 float avx512_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                                     const int bits) {
-    const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    __m512 tot0 = _mm512_setzero_ps(), tot1 = tot0;
-    for (int64_t g = 0; g < n_group; g++) {
-        const __m512 s = _mm512_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const __m512 b = _mm512_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        const __m512 lut = avx512_lut(s, b, bits);
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            __m512 w0 = avx512_values16(row, c, bits, s, b, lut);
-            __m512 w1 = avx512_values16(row, c + 16, bits, s, b, lut);
-            tot0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), w0, tot0);
-            tot1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), w1, tot1);
-        }
+/* ---- Decode matvec, QROWS rows per pass ----
+ * Each x vector loaded feeds QROWS rows, and every row keeps two accumulator chains, so
+ * the loop is bound by decoding the codes, not by FMA latency or x loads. Widths up to
+ * 4 bits take each weight from the group's table (exactly s*q + b, as dequant); wider
+ * ones compute it with one FMA, s*q + b rounded once. 4-bit codes are unpacked into a
+ * fixed lane order (rows_codes16) and x is permuted to match once per pass, for all
+ * rows: cheaper than putting codes in column order row by row. */
+
+#define QROWS 4
+
+// Codes of one row at column c (a multiple of 16), one per lane in the order
+// rows_x16 gives x, with stray stream bits above them for widths up to 4 (the table
+// lookup reads only the low four bits) and masked for wider ones.
+INLINE_AVX512 __m512i rows_codes16(const uint8_t *row, int64_t c, const int bits) {
+    if (bits == 2) {
+        uint32_t word;
+        memcpy(&word, row + c / 4, 4);
+        const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                             26, 28, 30);
+        return _mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1));
+    if (bits == 4) {
+        // The 64-bit word in every qword lane, qword j shifted by 4j: its low dword
+        // starts at code j, its high dword at code j + 8.
+        uint64_t word;
+        memcpy(&word, row + c / 2, 8);
+        const __m512i sh = _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm512_srlv_epi64(_mm512_set1_epi64((long long)word), sh);
+    }
+    return avx512_raw16(row, c, bits, bits > 4);
 }
 
-static AVX512 float avx512_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+// x[c, c + 16) in the lane order of rows_codes16.
+INLINE_AVX512 __m512 rows_x16(const float *x, const int bits) {
+    if (bits != 4)
+        return _mm512_loadu_ps(x);
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7,
+                                          15);
+    return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x));
+}
+
+// The weights of codes q: table lookup up to 4 bits, s*q + b (one rounding) above.
+INLINE_AVX512 __m512 rows_w16(__m512i q, const int bits, __m512 s, __m512 b, __m512 lut) {
+    if (bits <= 4)
+        return _mm512_permutexvar_ps(q, lut);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b);
+}
+
+// dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
+static AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+                                 int n) {
+    if (dt != MF_DTYPE_BF16) {
+        for (int i = 0; i < n; i++)
+            dst[i] = mf_load_f32(src, dt, k + (size_t)i);
+        return;
+    }
+    const uint16_t *p = (const uint16_t *)src + k;
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + i));
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+}
+
+// y[i] = row r0 + i . x for i < nr (nr <= QROWS), bits a constant.
+INLINE_AVX512 void avx512_rows(float *y, const float *x, const struct mf_weight *w,
+                               int64_t r0, const int nr, const int bits) {
+    const int gs = w->group_size;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS];
+    __m512 a0[QROWS], a1[QROWS];
+    float sf[QROWS][SB_CHUNK], bf[QROWS][SB_CHUNK];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = _mm512_setzero_ps();
+    }
+    // The next pass's rows follow these in memory: they are prefetched as these are
+    // read, at the same pace (see rows_prefetch).
+    const char *next = (const char *)(row[0] + nr * rbytes);
+    rows_prefetch_sb(w, r0 + nr, nr);
+    for (int64_t g = 0; g < n_group; g++) {
+        const int gi = (int)(g % SB_CHUNK);
+        if (gi == 0) {
+            int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+            for (int i = 0; i < nr; i++) {
+                avx512_sb_f32(sf[i], w->scales, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+                avx512_sb_f32(bf[i], w->biases, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+            }
+        }
+        __m512 s[QROWS], b[QROWS], lut[QROWS];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            s[i] = _mm512_set1_ps(sf[i][gi]);
+            b[i] = _mm512_set1_ps(bf[i][gi]);
+            lut[i] = bits <= 4 ? avx512_lut(s[i], b[i], bits) : s[i];
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
+            rows_prefetch(next + c / 8 * bits * nr, bits * 4 * nr);
+            const __m512 x0 = rows_x16(x + c, bits), x1 = rows_x16(x + c + 16, bits);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                __m512 w0 = rows_w16(rows_codes16(row[i], c, bits), bits, s[i], b[i], lut[i]);
+                __m512 w1 = rows_w16(rows_codes16(row[i], c + 16, bits), bits, s[i], b[i],
+                                     lut[i]);
+                a0[i] = _mm512_fmadd_ps(x0, w0, a0[i]);
+                a1[i] = _mm512_fmadd_ps(x1, w1, a1[i]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++)
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+INLINE_AVX512 void avx512_qdot_rows_bits(float *y, const float *x,
+                                         const struct mf_weight *w, int64_t r0, int n_row,
+                                         const int bits) {
+    int i = 0;
+    for (; i + QROWS <= n_row; i += QROWS)
+        avx512_rows(y + i, x, w, r0 + i, QROWS, bits);
+    for (; i < n_row; i++)
+        avx512_rows(y + i, x, w, r0 + i, 1, bits);
+}
+
+static AVX512 void avx512_qdot_rows(float *y, const float *x, const struct mf_weight *w,
+                                    int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: return avx512_qdot_bits(x, w, r, 2);
-    case 3: return avx512_qdot_bits(x, w, r, 3);
-    case 4: return avx512_qdot_bits(x, w, r, 4);
-    case 5: return avx512_qdot_bits(x, w, r, 5);
-    case 6: return avx512_qdot_bits(x, w, r, 6);
-    default: return avx512_qdot_bits(x, w, r, 8);
+    case 2: avx512_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
+    case 3: avx512_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
+    case 4: avx512_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
+    case 5: avx512_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
+    case 6: avx512_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
+    default: avx512_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
     }
 }
 
@@ -553,7 +783,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .name = "avx512",
     .dot = avx512_dot,
     .axpy = avx512_axpy,
-    .qdot = avx512_qdot,
+    .qdot_rows = avx512_qdot_rows,
     .dequant = avx512_dequant,
     .gemm_tile = avx512_gemm_tile,
     .bf16_to_f32 = avx512_bf16_to_f32,

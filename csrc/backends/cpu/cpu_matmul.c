@@ -77,14 +77,22 @@ qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) 
     return total;
 }
 
-static float scalar_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+static inline __attribute__((always_inline)) void
+qdot_rows_bits(float *y, const float *x, const struct mf_weight *w, int64_t r0, int n_row,
+               const int bits) {
+    for (int i = 0; i < n_row; i++)
+        y[i] = qdot_bits(x, w, r0 + i, bits);
+}
+
+static void scalar_qdot_rows(float *y, const float *x, const struct mf_weight *w,
+                             int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: return qdot_bits(x, w, r, 2);
-    case 3: return qdot_bits(x, w, r, 3);
-    case 4: return qdot_bits(x, w, r, 4);
-    case 5: return qdot_bits(x, w, r, 5);
-    case 6: return qdot_bits(x, w, r, 6);
-    default: return qdot_bits(x, w, r, 8);
+    case 2: qdot_rows_bits(y, x, w, r0, n_row, 2); break;
+    case 3: qdot_rows_bits(y, x, w, r0, n_row, 3); break;
+    case 4: qdot_rows_bits(y, x, w, r0, n_row, 4); break;
+    case 5: qdot_rows_bits(y, x, w, r0, n_row, 5); break;
+    case 6: qdot_rows_bits(y, x, w, r0, n_row, 6); break;
+    default: qdot_rows_bits(y, x, w, r0, n_row, 8); break;
     }
 }
 
@@ -147,7 +155,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
     .axpy = scalar_axpy,
-    .qdot = scalar_qdot,
+    .qdot_rows = scalar_qdot_rows,
     .dequant = scalar_dequant,
     .gemm_tile = scalar_gemm_tile,
     .bf16_to_f32 = scalar_bf16_to_f32,
@@ -172,7 +180,8 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (k == &mf_cpu_kernels_avx512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
 #endif
     return 0;
 }
@@ -247,11 +256,9 @@ void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_wei
 // Columns converted per step for F16/BF16 rows: small enough for the stack.
 #define ROW_STEP 512
 
-// sum_c x[c] * W[r, c] for one row.
+// sum_c x[c] * W[r, c] for one row of a float weight.
 static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_t r,
                      const float *x) {
-    if (w->dtype == MF_DTYPE_U32)
-        return ex->k->qdot(x, w, r);
     if (w->dtype == MF_DTYPE_F32)
         return ex->k->dot(x, (const float *)w->w + r * w->n_in, w->n_in);
     float tmp[ROW_STEP];
@@ -262,6 +269,17 @@ static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_
         total += ex->k->dot(x + c0, tmp, n);
     }
     return total;
+}
+
+// y[r - r0] = sum_c x[c] * W[r, c] for rows [r0, r1): quantized rows several at a time.
+static void rows_dot(const struct mf_exec *ex, float *y, const struct mf_weight *w,
+                     int64_t r0, int64_t r1, const float *x) {
+    if (w->dtype == MF_DTYPE_U32) {
+        ex->k->qdot_rows(y, x, w, r0, (int)(r1 - r0));
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++)
+        y[r - r0] = row_dot(ex, w, r, x);
 }
 
 /* ==== matmul: y[n_tok, n_out] = x[n_tok, n_in] @ W^T ====
@@ -284,8 +302,7 @@ static void matvec_task(void *arg, int task, int tid) {
     const struct matmul_job *j = arg;
     int64_t r0 = task * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->w->n_out ? r0 + j->rows_per_task : j->w->n_out;
-    for (int64_t r = r0; r < r1; r++)
-        j->y[r] = row_dot(j->ex, j->w, r, j->x);
+    rows_dot(j->ex, j->y + r0, j->w, r0, r1, j->x);
 }
 
 static void matmat_task(void *arg, int task, int tid) {
@@ -395,8 +412,7 @@ static void heads_task(void *arg, int task, int tid) {
     const int64_t n_in = w.n_in, rows = j->n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
     int64_t r0 = blk * rows, r1 = r0 + rows < w.n_out ? r0 + rows : w.n_out;
     if (j->n_tok == 1) {
-        for (int64_t r = r0; r < r1; r++)
-            y[r] = row_dot(j->ex, &w, r, x);
+        rows_dot(j->ex, y + r0, &w, r0, r1, x);
         return;
     }
     float *tile = j->ex->scratch[tid];   // [ROW_BLOCK, COL_CHUNK]
