@@ -151,7 +151,9 @@ static struct mf_exec *exec_or_fail(struct mf_backend *be, int n_threads) {
 static void test_matmul_paths(struct mf_backend *be) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
     static const int gs_list[] = {32, 64, 128};
-    static const int n_tok_list[] = {1, 3, 17};
+    // 1 to 3 tokens: qdot_rows (two tokens per pass, then one); 5 and 17: dequantized
+    // tiles and gemm.
+    static const int n_tok_list[] = {1, 2, 3, 5, 17};
     char err[256];
     double worst_ratio = 0, worst_rel = 0;
     for (int nt = 1; nt <= 3; nt += 2) {
@@ -166,7 +168,7 @@ static void test_matmul_paths(struct mf_backend *be) {
                 struct qw q;
                 qw_make(&q, n_out, n_in, bits, gs, gi == 1 ? MF_DTYPE_F32 : MF_DTYPE_BF16,
                         (uint32_t)(1 + bits * 7 + gs));
-                for (size_t ti = 0; ti < 3; ti++) {
+                for (size_t ti = 0; ti < 5; ti++) {
                     int n_tok = n_tok_list[ti];
                     uint32_t s = 99;
                     float *x = malloc((size_t)(n_tok * n_in) * sizeof(float));
@@ -208,31 +210,33 @@ static void test_matmul_paths(struct mf_backend *be) {
            worst_ratio, worst_rel);
 }
 
-// qdot_rows directly: rows in one call equal rows one at a time (bitwise: a row's sum
-// does not depend on the pass it falls in), and a row longer than one chunk of
-// converted scales (70 groups) is within the bound, for every set and width.
+// qdot_rows directly, three tokens (a pass of two, then one): rows in one call equal
+// rows one at a time (bitwise: a row's sum does not depend on the pass it falls in),
+// and rows longer than one chunk of converted scales (70 groups) are within the bound,
+// for every set and width.
 static void test_qdot_rows(void) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
-    const int64_t n_out = 11, n_in = 32 * 70;
+    enum { N_OUT = 11, N_IN = 32 * 70, N_TOK = 3 };
     for (int bi = 0; bi < 6; bi++) {
         struct qw q;
-        qw_make(&q, n_out, n_in, bits_list[bi], 32, MF_DTYPE_BF16, (uint32_t)(3 + bi));
+        qw_make(&q, N_OUT, N_IN, bits_list[bi], 32, MF_DTYPE_BF16, (uint32_t)(3 + bi));
         uint32_t s = 77;
-        float x[32 * 70], yr[11], y[11], y1[11];
-        double mag[11];
-        for (int64_t i = 0; i < n_in; i++)
+        static float x[N_TOK * N_IN];
+        float yr[N_TOK * N_OUT], y[N_TOK * N_OUT], y1[N_TOK * N_OUT];
+        double mag[N_TOK * N_OUT];
+        for (int64_t i = 0; i < N_TOK * N_IN; i++)
             x[i] = rndf(&s);
-        ref_matmul(yr, mag, &q.w, x, 1);
+        ref_matmul(yr, mag, &q.w, x, N_TOK);
         for (size_t ki = 0; ki < 4; ki++) {
             const struct mf_cpu_kernels *k = mf_cpu_kernels_find(kernel_names[ki]);
             if (!k)
                 continue;
-            k->qdot_rows(y, x, &q.w, 0, (int)n_out);
-            for (int64_t r = 0; r < n_out; r++)
-                k->qdot_rows(y1 + r, x, &q.w, r, 1);
+            k->qdot_rows(y, N_OUT, x, N_IN, N_TOK, &q.w, 0, N_OUT);
+            for (int64_t r = 0; r < N_OUT; r++)
+                k->qdot_rows(y1 + r, N_OUT, x, N_IN, N_TOK, &q.w, r, 1);
             CHECK(memcmp(y, y1, sizeof y) == 0, "qdot_rows %s bits %d: rows differ when "
                   "done one by one", k->name, bits_list[bi]);
-            double v = worst_vs_bound(y, yr, mag, n_in, n_out);
+            double v = worst_vs_bound(y, yr, mag, N_IN, N_TOK * N_OUT);
             CHECK(v <= 1.0, "qdot_rows %s bits %d: error %g x the bound", k->name,
                   bits_list[bi], v);
         }

@@ -31,13 +31,15 @@ struct mf_cpu_kernels {
     float (*dot)(const float *a, const float *b, int64_t n);
     // y[i] += alpha * x[i]
     void (*axpy)(float *y, float alpha, const float *x, int64_t n);
-    // y[i] = dot of x[n_in] with row r0 + i of a quantized weight (bits 2, 3, 4, 5, 6,
-    // 8), for i < n_row: sum over groups g of sum_c x[c] * w_c, w_c = s_g * q[c] + b_g
-    // with the product rounded (as dequant) or fused (one rounding), in any summation
-    // order fixed by the set (results do not depend on how rows are split). Several
-    // rows per pass, so each loaded x value feeds all of them: the decode matvec.
-    void (*qdot_rows)(float *y, const float *x, const struct mf_weight *w, int64_t r0,
-                      int n_row);
+    // y[t * y_stride + i] = dot of x[t * x_stride, + n_in) with row r0 + i of a
+    // quantized weight (bits 2, 3, 4, 5, 6, 8), for i < n_row, t < n_tok: sum over
+    // groups g of sum_c x[c] * w_c, w_c = s_g * q[c] + b_g with the product rounded (as
+    // dequant) or fused (one rounding), in a summation order fixed by the set (results
+    // do not depend on how rows are split). Several rows per pass, so each loaded x
+    // value feeds all of them, and each decoded weight feeds two tokens: the decode and
+    // small-batch matvec.
+    void (*qdot_rows)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                      int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
     // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight, each value
     // s*q + b with the product rounded before the sum (bitwise equal across sets);
     // c0 and n are multiples of the group size.

@@ -109,9 +109,12 @@ INLINE void rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr
     }
 }
 
-// y[i] = row r0 + i . x for i < nr (nr <= QROWS), bits a constant.
-INLINE void neon_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
-                      const int nr, const int bits) {
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
+// 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
+// share each decoded weight vector and keep one chain per row and token.
+INLINE void neon_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                      const struct mf_weight *w, int64_t r0, const int nr, const int nt,
+                      const int bits) {
     const int gs = w->group_size;
     const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
     const uint8_t *row[QROWS];
@@ -139,34 +142,61 @@ INLINE void neon_rows(float *y, const float *x, const struct mf_weight *w, int64
             for (int i = 0; i < nr; i++) {
                 uint32x4_t q0, q1;
                 neon_codes8(row[i], c, bits, &q0, &q1);
-                a0[i] = vfmaq_f32(a0[i], x0, vfmaq_f32(b[i], vcvtq_f32_u32(q0), s[i]));
-                a1[i] = vfmaq_f32(a1[i], x1, vfmaq_f32(b[i], vcvtq_f32_u32(q1), s[i]));
+                float32x4_t w0 = vfmaq_f32(b[i], vcvtq_f32_u32(q0), s[i]);
+                float32x4_t w1 = vfmaq_f32(b[i], vcvtq_f32_u32(q1), s[i]);
+                if (nt == 1) {
+                    a0[i] = vfmaq_f32(a0[i], x0, w0);
+                    a1[i] = vfmaq_f32(a1[i], x1, w1);
+                } else {
+                    a0[i] = vfmaq_f32(vfmaq_f32(a0[i], x0, w0), x1, w1);
+                    a1[i] = vfmaq_f32(vfmaq_f32(a1[i], vld1q_f32(x + xs + c), w0),
+                                      vld1q_f32(x + xs + c + 4), w1);
+                }
             }
         }
     }
 #pragma GCC unroll 4
-    for (int i = 0; i < nr; i++)
-        y[i] = vaddvq_f32(vaddq_f32(a0[i], a1[i]));
+    for (int i = 0; i < nr; i++) {
+        if (nt == 1) {
+            y[i] = vaddvq_f32(vaddq_f32(a0[i], a1[i]));
+        } else {
+            y[i] = vaddvq_f32(a0[i]);
+            y[ys + i] = vaddvq_f32(a1[i]);
+        }
+    }
 }
 
-INLINE void neon_qdot_rows_bits(float *y, const float *x, const struct mf_weight *w,
-                                int64_t r0, int n_row, const int bits) {
+// Rows [i, i + nr) for every token, two tokens per pass while two are left: the
+// row set's codes stay in L1 from one pass to the next.
+INLINE void neon_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                             const struct mf_weight *w, int64_t r0, const int nr,
+                             const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        neon_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        neon_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE void neon_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                int n_tok, const struct mf_weight *w, int64_t r0, int n_row,
+                                const int bits) {
     int i = 0;
     for (; i + QROWS <= n_row; i += QROWS)
-        neon_rows(y + i, x, w, r0 + i, QROWS, bits);
+        neon_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS, bits);
     for (; i < n_row; i++)
-        neon_rows(y + i, x, w, r0 + i, 1, bits);
+        neon_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
 }
 
-static void neon_qdot_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
-                           int n_row) {
+static void neon_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                           const struct mf_weight *w, int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: neon_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
-    case 3: neon_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
-    case 4: neon_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
-    case 5: neon_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
-    case 6: neon_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
-    default: neon_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
+    case 2: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 

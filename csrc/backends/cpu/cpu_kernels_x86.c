@@ -206,9 +206,11 @@ INLINE_AVX2 __m256 avx2_lut(__m256 s, __m256 b, const int bits) {
     return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b);
 }
 
-// y[i] = row r0 + i . x for i < nr (nr <= QROWS_AVX2), bits a constant.
-INLINE_AVX2 void avx2_rows(float *y, const float *x, const struct mf_weight *w, int64_t r0,
-                           const int nr, const int bits) {
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS_AVX2) and t < nt,
+// nt 1 or 2, bits a constant (as avx512_rows).
+INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                           const struct mf_weight *w, int64_t r0, const int nr, const int nt,
+                           const int bits) {
     const int gs = w->group_size;
     const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
     const uint8_t *row[QROWS_AVX2];
@@ -244,34 +246,60 @@ INLINE_AVX2 void avx2_rows(float *y, const float *x, const struct mf_weight *w, 
             for (int i = 0; i < nr; i++) {
                 __m256 w0, w1;
                 avx2_w16(row[i], c, bits, s[i], b[i], lut[i], &w0, &w1);
-                a0[i] = _mm256_fmadd_ps(x0, w0, a0[i]);
-                a1[i] = _mm256_fmadd_ps(x1, w1, a1[i]);
+                if (nt == 1) {
+                    a0[i] = _mm256_fmadd_ps(x0, w0, a0[i]);
+                    a1[i] = _mm256_fmadd_ps(x1, w1, a1[i]);
+                } else {
+                    a0[i] = _mm256_fmadd_ps(x1, w1, _mm256_fmadd_ps(x0, w0, a0[i]));
+                    a1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + xs + c + 8), w1,
+                                            _mm256_fmadd_ps(_mm256_loadu_ps(x + xs + c), w0,
+                                                            a1[i]));
+                }
             }
         }
     }
 #pragma GCC unroll 4
-    for (int i = 0; i < nr; i++)
-        y[i] = hsum8(_mm256_add_ps(a0[i], a1[i]));
+    for (int i = 0; i < nr; i++) {
+        if (nt == 1) {
+            y[i] = hsum8(_mm256_add_ps(a0[i], a1[i]));
+        } else {
+            y[i] = hsum8(a0[i]);
+            y[ys + i] = hsum8(a1[i]);
+        }
+    }
 }
 
-INLINE_AVX2 void avx2_qdot_rows_bits(float *y, const float *x, const struct mf_weight *w,
-                                     int64_t r0, int n_row, const int bits) {
+// Rows [i, i + nr) for every token, two tokens per pass (as avx512_rows_tokens).
+INLINE_AVX2 void avx2_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs,
+                                  int n_tok, const struct mf_weight *w, int64_t r0,
+                                  const int nr, const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        avx2_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        avx2_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE_AVX2 void avx2_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                     int n_tok, const struct mf_weight *w, int64_t r0,
+                                     int n_row, const int bits) {
     int i = 0;
     for (; i + QROWS_AVX2 <= n_row; i += QROWS_AVX2)
-        avx2_rows(y + i, x, w, r0 + i, QROWS_AVX2, bits);
+        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS_AVX2, bits);
     for (; i < n_row; i++)
-        avx2_rows(y + i, x, w, r0 + i, 1, bits);
+        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
 }
 
-static AVX2 void avx2_qdot_rows(float *y, const float *x, const struct mf_weight *w,
-                                int64_t r0, int n_row) {
+static AVX2 void avx2_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                                int n_tok, const struct mf_weight *w, int64_t r0,
+                                int n_row) {
     switch (w->bits) {
-    case 2: avx2_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
-    case 3: avx2_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
-    case 4: avx2_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
-    case 5: avx2_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
-    case 6: avx2_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
-    default: avx2_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
+    case 2: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -579,9 +607,12 @@ static AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, 
     }
 }
 
-// y[i] = row r0 + i . x for i < nr (nr <= QROWS), bits a constant.
-INLINE_AVX512 void avx512_rows(float *y, const float *x, const struct mf_weight *w,
-                               int64_t r0, const int nr, const int bits) {
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
+// 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
+// share each decoded weight vector and keep one chain per row and token.
+INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                               const struct mf_weight *w, int64_t r0, const int nr,
+                               const int nt, const int bits) {
     const int gs = w->group_size;
     const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
     const uint8_t *row[QROWS];
@@ -615,40 +646,69 @@ INLINE_AVX512 void avx512_rows(float *y, const float *x, const struct mf_weight 
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
             rows_prefetch(next + c / 8 * bits * nr, bits * 4 * nr);
             const __m512 x0 = rows_x16(x + c, bits), x1 = rows_x16(x + c + 16, bits);
+            __m512 u0 = x0, u1 = x1;   // token 1's, when there is one
+            if (nt == 2) {
+                u0 = rows_x16(x + xs + c, bits);
+                u1 = rows_x16(x + xs + c + 16, bits);
+            }
 #pragma GCC unroll 4
             for (int i = 0; i < nr; i++) {
                 __m512 w0 = rows_w16(rows_codes16(row[i], c, bits), bits, s[i], b[i], lut[i]);
                 __m512 w1 = rows_w16(rows_codes16(row[i], c + 16, bits), bits, s[i], b[i],
                                      lut[i]);
-                a0[i] = _mm512_fmadd_ps(x0, w0, a0[i]);
-                a1[i] = _mm512_fmadd_ps(x1, w1, a1[i]);
+                if (nt == 1) {
+                    a0[i] = _mm512_fmadd_ps(x0, w0, a0[i]);
+                    a1[i] = _mm512_fmadd_ps(x1, w1, a1[i]);
+                } else {
+                    a0[i] = _mm512_fmadd_ps(x1, w1, _mm512_fmadd_ps(x0, w0, a0[i]));
+                    a1[i] = _mm512_fmadd_ps(u1, w1, _mm512_fmadd_ps(u0, w0, a1[i]));
+                }
             }
         }
     }
 #pragma GCC unroll 4
-    for (int i = 0; i < nr; i++)
-        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+    for (int i = 0; i < nr; i++) {
+        if (nt == 1) {
+            y[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+        } else {
+            y[i] = _mm512_reduce_add_ps(a0[i]);
+            y[ys + i] = _mm512_reduce_add_ps(a1[i]);
+        }
+    }
 }
 
-INLINE_AVX512 void avx512_qdot_rows_bits(float *y, const float *x,
-                                         const struct mf_weight *w, int64_t r0, int n_row,
-                                         const int bits) {
+// Rows [i, i + nr) for every token, two tokens per pass while two are left: the
+// row set's codes stay in L1 from one pass to the next.
+INLINE_AVX512 void avx512_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs,
+                                      int n_tok, const struct mf_weight *w, int64_t r0,
+                                      const int nr, const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        avx512_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        avx512_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE_AVX512 void avx512_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                         int n_tok, const struct mf_weight *w, int64_t r0,
+                                         int n_row, const int bits) {
     int i = 0;
     for (; i + QROWS <= n_row; i += QROWS)
-        avx512_rows(y + i, x, w, r0 + i, QROWS, bits);
+        avx512_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS, bits);
     for (; i < n_row; i++)
-        avx512_rows(y + i, x, w, r0 + i, 1, bits);
+        avx512_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
 }
 
-static AVX512 void avx512_qdot_rows(float *y, const float *x, const struct mf_weight *w,
-                                    int64_t r0, int n_row) {
+static AVX512 void avx512_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                                    int n_tok, const struct mf_weight *w, int64_t r0,
+                                    int n_row) {
     switch (w->bits) {
-    case 2: avx512_qdot_rows_bits(y, x, w, r0, n_row, 2); break;
-    case 3: avx512_qdot_rows_bits(y, x, w, r0, n_row, 3); break;
-    case 4: avx512_qdot_rows_bits(y, x, w, r0, n_row, 4); break;
-    case 5: avx512_qdot_rows_bits(y, x, w, r0, n_row, 5); break;
-    case 6: avx512_qdot_rows_bits(y, x, w, r0, n_row, 6); break;
-    default: avx512_qdot_rows_bits(y, x, w, r0, n_row, 8); break;
+    case 2: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 

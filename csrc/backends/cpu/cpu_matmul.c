@@ -78,21 +78,22 @@ qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) 
 }
 
 static inline __attribute__((always_inline)) void
-qdot_rows_bits(float *y, const float *x, const struct mf_weight *w, int64_t r0, int n_row,
-               const int bits) {
+qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+               const struct mf_weight *w, int64_t r0, int n_row, const int bits) {
     for (int i = 0; i < n_row; i++)
-        y[i] = qdot_bits(x, w, r0 + i, bits);
+        for (int t = 0; t < n_tok; t++)
+            y[t * ys + i] = qdot_bits(x + t * xs, w, r0 + i, bits);
 }
 
-static void scalar_qdot_rows(float *y, const float *x, const struct mf_weight *w,
-                             int64_t r0, int n_row) {
+static void scalar_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                             const struct mf_weight *w, int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: qdot_rows_bits(y, x, w, r0, n_row, 2); break;
-    case 3: qdot_rows_bits(y, x, w, r0, n_row, 3); break;
-    case 4: qdot_rows_bits(y, x, w, r0, n_row, 4); break;
-    case 5: qdot_rows_bits(y, x, w, r0, n_row, 5); break;
-    case 6: qdot_rows_bits(y, x, w, r0, n_row, 6); break;
-    default: qdot_rows_bits(y, x, w, r0, n_row, 8); break;
+    case 2: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -271,11 +272,24 @@ static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_
     return total;
 }
 
-// y[r - r0] = sum_c x[c] * W[r, c] for rows [r0, r1): quantized rows several at a time.
-static void rows_dot(const struct mf_exec *ex, float *y, const struct mf_weight *w,
-                     int64_t r0, int64_t r1, const float *x) {
+// Up to this many tokens, a quantized matmul runs as matvecs straight from the packed
+// codes (qdot_rows: codes decoded once per two tokens, every x value read per row set)
+// rather than dequantizing tiles for the gemm; measured on AVX-512 (bench_matmul), the
+// matvec path is faster up to 4 tokens.
+#define QDOT_MAX_TOK 4
+
+// Whether matmul of n_tok tokens over w goes through rows_dot.
+static int use_rows_dot(const struct mf_weight *w, int n_tok) {
+    return n_tok == 1 || (w->dtype == MF_DTYPE_U32 && n_tok <= QDOT_MAX_TOK);
+}
+
+// y[t * ys + r - r0] = sum_c x[t * xs + c] * W[r, c] for rows [r0, r1) and t < n_tok
+// (n_tok 1 unless W is quantized, see use_rows_dot).
+static void rows_dot(const struct mf_exec *ex, float *y, int64_t ys,
+                     const struct mf_weight *w, int64_t r0, int64_t r1, const float *x,
+                     int64_t xs, int n_tok) {
     if (w->dtype == MF_DTYPE_U32) {
-        ex->k->qdot_rows(y, x, w, r0, (int)(r1 - r0));
+        ex->k->qdot_rows(y, ys, x, xs, n_tok, w, r0, (int)(r1 - r0));
         return;
     }
     for (int64_t r = r0; r < r1; r++)
@@ -283,10 +297,11 @@ static void rows_dot(const struct mf_exec *ex, float *y, const struct mf_weight 
 }
 
 /* ==== matmul: y[n_tok, n_out] = x[n_tok, n_in] @ W^T ====
- * One token: each task owns a block of output rows and dots them straight from the
- * packed codes. Several tokens: each task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of
- * its rows once into its scratch and applies it to every token, so the weight is
- * decoded once per call instead of once per token. */
+ * One token (and up to QDOT_MAX_TOK tokens over quantized weights): each task owns a
+ * block of output rows and dots them straight from the packed codes. More tokens: each
+ * task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of its rows once into its scratch and
+ * applies it to every token, so the weight is decoded once per call instead of once
+ * per token. */
 
 struct matmul_job {
     struct mf_exec *ex;
@@ -302,7 +317,7 @@ static void matvec_task(void *arg, int task, int tid) {
     const struct matmul_job *j = arg;
     int64_t r0 = task * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->w->n_out ? r0 + j->rows_per_task : j->w->n_out;
-    rows_dot(j->ex, j->y + r0, j->w, r0, r1, j->x);
+    rows_dot(j->ex, j->y + r0, j->w->n_out, j->w, r0, r1, j->x, j->w->n_in, j->n_tok);
 }
 
 static void matmat_task(void *arg, int task, int tid) {
@@ -328,7 +343,7 @@ void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
     if (n_tok <= 0 || w->n_out <= 0)
         return;
     struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
-    if (n_tok == 1) {
+    if (use_rows_dot(w, n_tok)) {
         // Enough tasks to balance the threads, few enough to keep the hand-out cheap.
         j.rows_per_task = 32;
         int64_t n_task = (w->n_out + j.rows_per_task - 1) / j.rows_per_task;
@@ -409,10 +424,11 @@ static void heads_task(void *arg, int task, int tid) {
     struct mf_weight w = head_view(j->w, h * j->w_head_rows);
     const float *x = j->x + h * j->x_head_stride;
     float *y = j->y + h * j->y_head_stride;
-    const int64_t n_in = w.n_in, rows = j->n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    const int direct = use_rows_dot(&w, j->n_tok);
+    const int64_t n_in = w.n_in, rows = direct ? 32 : MF_CPU_ROW_BLOCK;
     int64_t r0 = blk * rows, r1 = r0 + rows < w.n_out ? r0 + rows : w.n_out;
-    if (j->n_tok == 1) {
-        rows_dot(j->ex, y + r0, &w, r0, r1, x);
+    if (direct) {
+        rows_dot(j->ex, y + r0, j->y_tok_stride, &w, r0, r1, x, j->x_tok_stride, j->n_tok);
         return;
     }
     float *tile = j->ex->scratch[tid];   // [ROW_BLOCK, COL_CHUNK]
@@ -467,7 +483,7 @@ void mf_cpu_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         mf_pool_run(ex->pool, heads_t_task, &j, (int)(j.n_block * n_head));
         return;
     }
-    int64_t rows = n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    int64_t rows = use_rows_dot(w, n_tok) ? 32 : MF_CPU_ROW_BLOCK;
     j.n_block = (w->n_out + rows - 1) / rows;
     mf_pool_run(ex->pool, heads_task, &j, (int)(j.n_block * n_head));
 }
