@@ -40,6 +40,9 @@ struct mf_cpu_kernels {
     // small-batch matvec.
     void (*qdot_rows)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                       int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
+    // Up to this many tokens a quantized matmul is faster through qdot_rows than
+    // through dequant + gemm_tile with this set (measured, bench_matmul).
+    int qdot_max_tok;
     // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight, each value
     // s*q + b with the product rounded before the sum (bitwise equal across sets);
     // c0 and n are multiples of the group size.

@@ -334,6 +334,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .dot = neon_dot,
     .axpy = neon_axpy,
     .qdot_rows = neon_qdot_rows,
+    .qdot_max_tok = 4,
     .dequant = neon_dequant,
     .gemm_tile = neon_gemm_tile,
     .bf16_to_f32 = neon_bf16_to_f32,

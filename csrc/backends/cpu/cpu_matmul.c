@@ -54,8 +54,10 @@ run8(const uint8_t *row, int64_t c, const int bits) {
     return u;
 }
 
-// Written once with `bits` a compile-time constant at each call site (always inlined),
-// so the shifts and masks are constants.
+// Functions taking `const int bits` are always inlined at call sites where it is a
+// compile-time constant, so the shifts and masks are constants.
+// Row r . x, summed per group and then over groups, each term x * (s*q + b) with s*q
+// rounded (as dequant). Written straight so the compiler vectorizes the run of eight.
 static inline __attribute__((always_inline)) float
 qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) {
     const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
@@ -77,6 +79,8 @@ qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) 
     return total;
 }
 
+// One token at a time: the scalar set gains nothing from sharing a decode between
+// tokens (the shared form does not vectorize), so it keeps qdot_max_tok = 1.
 static inline __attribute__((always_inline)) void
 qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
                const struct mf_weight *w, int64_t r0, int n_row, const int bits) {
@@ -157,6 +161,7 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .dot = scalar_dot,
     .axpy = scalar_axpy,
     .qdot_rows = scalar_qdot_rows,
+    .qdot_max_tok = 1,
     .dequant = scalar_dequant,
     .gemm_tile = scalar_gemm_tile,
     .bf16_to_f32 = scalar_bf16_to_f32,
@@ -272,15 +277,11 @@ static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_
     return total;
 }
 
-// Up to this many tokens, a quantized matmul runs as matvecs straight from the packed
-// codes (qdot_rows: codes decoded once per two tokens, every x value read per row set)
-// rather than dequantizing tiles for the gemm; measured on AVX-512 (bench_matmul), the
-// matvec path is faster up to 4 tokens.
-#define QDOT_MAX_TOK 4
-
-// Whether matmul of n_tok tokens over w goes through rows_dot.
-static int use_rows_dot(const struct mf_weight *w, int n_tok) {
-    return n_tok == 1 || (w->dtype == MF_DTYPE_U32 && n_tok <= QDOT_MAX_TOK);
+// Whether matmul of n_tok tokens over w goes through rows_dot: one token always; up to
+// the kernel set's qdot_max_tok tokens over quantized weights (rather than
+// dequantizing tiles for the gemm).
+static int use_rows_dot(const struct mf_exec *ex, const struct mf_weight *w, int n_tok) {
+    return n_tok == 1 || (w->dtype == MF_DTYPE_U32 && n_tok <= ex->k->qdot_max_tok);
 }
 
 // y[t * ys + r - r0] = sum_c x[t * xs + c] * W[r, c] for rows [r0, r1) and t < n_tok
@@ -297,7 +298,7 @@ static void rows_dot(const struct mf_exec *ex, float *y, int64_t ys,
 }
 
 /* ==== matmul: y[n_tok, n_out] = x[n_tok, n_in] @ W^T ====
- * One token (and up to QDOT_MAX_TOK tokens over quantized weights): each task owns a
+ * One token (and up to qdot_max_tok tokens over quantized weights): each task owns a
  * block of output rows and dots them straight from the packed codes. More tokens: each
  * task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of its rows once into its scratch and
  * applies it to every token, so the weight is decoded once per call instead of once
@@ -343,7 +344,7 @@ void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
     if (n_tok <= 0 || w->n_out <= 0)
         return;
     struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
-    if (use_rows_dot(w, n_tok)) {
+    if (use_rows_dot(ex, w, n_tok)) {
         // Enough tasks to balance the threads, few enough to keep the hand-out cheap.
         j.rows_per_task = 32;
         int64_t n_task = (w->n_out + j.rows_per_task - 1) / j.rows_per_task;
@@ -424,7 +425,7 @@ static void heads_task(void *arg, int task, int tid) {
     struct mf_weight w = head_view(j->w, h * j->w_head_rows);
     const float *x = j->x + h * j->x_head_stride;
     float *y = j->y + h * j->y_head_stride;
-    const int direct = use_rows_dot(&w, j->n_tok);
+    const int direct = use_rows_dot(j->ex, &w, j->n_tok);
     const int64_t n_in = w.n_in, rows = direct ? 32 : MF_CPU_ROW_BLOCK;
     int64_t r0 = blk * rows, r1 = r0 + rows < w.n_out ? r0 + rows : w.n_out;
     if (direct) {
@@ -483,7 +484,7 @@ void mf_cpu_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         mf_pool_run(ex->pool, heads_t_task, &j, (int)(j.n_block * n_head));
         return;
     }
-    int64_t rows = use_rows_dot(w, n_tok) ? 32 : MF_CPU_ROW_BLOCK;
+    int64_t rows = use_rows_dot(ex, w, n_tok) ? 32 : MF_CPU_ROW_BLOCK;
     j.n_block = (w->n_out + rows - 1) / rows;
     mf_pool_run(ex->pool, heads_task, &j, (int)(j.n_block * n_head));
 }
