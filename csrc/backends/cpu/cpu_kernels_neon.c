@@ -1,9 +1,9 @@
 /*
  * cpu_kernels_neon.c — the ARM NEON kernel set (aarch64, where Advanced SIMD is always
- * present, so no run-time check). Same four-plus-one entries and the same arithmetic as
- * the x86 sets (cpu_kernels_x86.c): codes widened to one f32 lane per value in natural
- * column order, each term x * (s*q + b) in f32, dequant as s*q then + b (bitwise equal
- * to the scalar and reference decoders). 2/4-bit codes come from a duplicated word
+ * present, so no run-time check). Same entries and arithmetic as the x86 sets
+ * (cpu_kernels_x86.c): codes widened to one f32 lane per value in natural column
+ * order, dequant as s*q then + b (bitwise equal to the scalar and reference decoders),
+ * qdot_rows with s*q + b fused (one rounding) and several rows per pass. 2/4-bit codes come from a duplicated word
  * shifted per lane; 3/5/6-bit from a byte table lookup (TBL) of the run's bytes, the
  * NEON twin of the x86 byte shuffle; 8-bit by widening bytes.
  * On other ISAs this file compiles to nothing.

@@ -3,15 +3,20 @@
  * Compiled for every x86-64 build with per-function target attributes and chosen at run
  * time by CPU feature (cpu_matmul.c), so the extension needs no -march flag.
  *
- * Codes are widened to one f32 lane per value in natural column order, so x is read as
- * stored and each term is x * (s*q + b) exactly as in the scalar set; only summation
- * order differs. 2/4/8 bits: broadcast the packed word, shift each lane by its own
- * amount, mask. 3/5/6 bits: eight values fill `bits` bytes; a byte shuffle puts the two
- * bytes holding value k into lane k, then shift and mask. dequant rounds s*q and then
- * adds b (no FMA) so it is bitwise equal to the scalar and reference decoders, which the
- * C tests check. AVX-512 looks values of up to 4 bits up in a per-group table instead
- * (see avx512_values16), which gives the same s*q + b values with fewer instructions. Functions taking `const int bits` are always inlined into a switch, so
- * every width gets its own constant-folded loop.
+ * Codes are widened to one f32 lane per value. 2/4/8 bits: broadcast the packed word,
+ * shift each lane by its own amount, mask. 3/5/6 bits: eight values fill `bits` bytes;
+ * a byte shuffle puts the two bytes holding value k into lane k, then shift and mask.
+ * dequant rounds s*q and then adds b (no FMA) so it is bitwise equal to the scalar and
+ * reference decoders, which the C tests check; AVX-512 looks values of up to 4 bits up
+ * in a per-group table of those s*q + b (see avx512_values16), which gives the same
+ * values with fewer instructions.
+ * qdot_rows (the decode matvec) does several rows per pass and shares each x load
+ * between them; its weights are the table's (exactly dequant's) up to 4 bits on
+ * AVX-512 and 3 on AVX2, and s*q + b with one FMA (one rounding) above; 4-bit codes
+ * there come in a fixed non-column lane order with x permuted to match. Each term is
+ * x times such a weight; only the summation order differs from the scalar set.
+ * Functions taking `const int bits` are always inlined into a switch, so every width
+ * gets its own constant-folded loop.
  * On other ISAs this file compiles to nothing (aarch64 uses cpu_kernels_neon.c).
  */
 #include "backends/cpu/cpu_internal.h"
@@ -150,7 +155,7 @@ rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
 #define SB_CHUNK 64
 
 // dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
-static AVX2 void avx2_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+INLINE_AVX2 void avx2_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
                              int n) {
     int i = 0;
     if (dt == MF_DTYPE_BF16)
@@ -206,6 +211,30 @@ INLINE_AVX2 __m256 avx2_lut(__m256 s, __m256 b, const int bits) {
     return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b);
 }
 
+// The sums of the lanes of v0..v3, in lanes 0..3, by one shared tree; a row's sum
+// depends only on its own vector (as avx512_sum4).
+INLINE_AVX2 __m128 avx2_sum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[k * ys + i] = sum of v[i] (k = 0) or u[i] (k = 1, when nt is 2) for i < nr.
+INLINE_AVX2 void avx2_store_sums(float *y, int64_t ys, const __m256 *v, const __m256 *u,
+                                 const int nr, const int nt) {
+    float tmp[4];
+    for (int k = 0; k < nt; k++) {
+        const __m256 *p = k == 0 ? v : u;
+        if (nr == 4)
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[1], p[2], p[3]));
+        else if (nr == 2)
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[1], p[0], p[1]));
+        else
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[0], p[0], p[0]));
+        for (int i = 0; i < nr; i++)
+            y[k * ys + i] = tmp[i];
+    }
+}
+
 // y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS_AVX2) and t < nt,
 // nt 1 or 2, bits a constant (as avx512_rows).
 INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
@@ -220,23 +249,31 @@ INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
         row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
         a0[i] = a1[i] = _mm256_setzero_ps();
     }
-    float sf[QROWS_AVX2][SB_CHUNK], bf[QROWS_AVX2][SB_CHUNK];
+    // Row i's converted scales at sf[i * sb_stride] (as avx512_rows).
+    float sf[QROWS_AVX2 * SB_CHUNK], bf[QROWS_AVX2 * SB_CHUNK];
+    const int whole = n_group <= SB_CHUNK;
+    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
     const char *next = (const char *)(row[0] + nr * rbytes);   // the next pass's rows
     rows_prefetch_sb(w, r0 + nr, nr);
+    if (whole) {
+        avx2_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx2_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+    }
     for (int64_t g = 0; g < n_group; g++) {
-        const int gi = (int)(g % SB_CHUNK);
-        if (gi == 0) {
+        const int64_t gi = g % SB_CHUNK;
+        if (!whole && gi == 0) {
             int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
             for (int i = 0; i < nr; i++) {
-                avx2_sb_f32(sf[i], w->scales, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
-                avx2_sb_f32(bf[i], w->biases, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+                size_t k = (size_t)((r0 + i) * n_group + g);
+                avx2_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+                avx2_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
             }
         }
         __m256 s[QROWS_AVX2], b[QROWS_AVX2], lut[QROWS_AVX2];
 #pragma GCC unroll 4
         for (int i = 0; i < nr; i++) {
-            s[i] = _mm256_set1_ps(sf[i][gi]);
-            b[i] = _mm256_set1_ps(bf[i][gi]);
+            s[i] = _mm256_set1_ps(sf[i * sb_stride + gi]);
+            b[i] = _mm256_set1_ps(bf[i * sb_stride + gi]);
             lut[i] = bits <= 3 ? avx2_lut(s[i], b[i], bits) : s[i];
         }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
@@ -258,15 +295,12 @@ INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
             }
         }
     }
+    if (nt == 1) {
 #pragma GCC unroll 4
-    for (int i = 0; i < nr; i++) {
-        if (nt == 1) {
-            y[i] = hsum8(_mm256_add_ps(a0[i], a1[i]));
-        } else {
-            y[i] = hsum8(a0[i]);
-            y[ys + i] = hsum8(a1[i]);
-        }
+        for (int i = 0; i < nr; i++)
+            a0[i] = _mm256_add_ps(a0[i], a1[i]);
     }
+    avx2_store_sums(y, ys, a0, a1, nr, nt);
 }
 
 // Rows [i, i + nr) for every token, two tokens per pass (as avx512_rows_tokens).
@@ -283,9 +317,13 @@ INLINE_AVX2 void avx2_rows_tokens(float *y, int64_t ys, const float *x, int64_t 
 INLINE_AVX2 void avx2_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
                                      int n_tok, const struct mf_weight *w, int64_t r0,
                                      int n_row, const int bits) {
+    // Widths above 3 bits keep s and b per row in registers besides the accumulators:
+    // four rows of them overflow the sixteen ymm registers (accumulators spilled in the
+    // inner loop, 40% slower), two do not.
+    const int nr = bits <= 3 ? QROWS_AVX2 : 2;
     int i = 0;
-    for (; i + QROWS_AVX2 <= n_row; i += QROWS_AVX2)
-        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS_AVX2, bits);
+    for (; i + nr <= n_row; i += nr)
+        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, nr, bits);
     for (; i < n_row; i++)
         avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
 }
@@ -593,7 +631,7 @@ INLINE_AVX512 __m512 rows_w16(__m512i q, const int bits, __m512 s, __m512 b, __m
 }
 
 // dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
-static AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+INLINE_AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
                                  int n) {
     if (dt != MF_DTYPE_BF16) {
         for (int i = 0; i < n; i++)
@@ -608,6 +646,35 @@ static AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, 
     }
 }
 
+// The sums of the lanes of v0..v3, in lanes 0..3: one shared tree (fewer shuffles
+// than four separate reductions, which matter for short rows). A row's sum depends
+// only on its own vector, so a row gives the same result whatever the others are.
+INLINE_AVX512 __m128 avx512_sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 h01 = _mm256_hadd_ps(HALVES(v0), HALVES(v1));
+    __m256 h23 = _mm256_hadd_ps(HALVES(v2), HALVES(v3));
+#undef HALVES
+    __m256 h = _mm256_hadd_ps(h01, h23);
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[k * ys + i] = sum of v[i] (k = 0) or u[i] (k = 1, when nt is 2) for i < nr.
+INLINE_AVX512 void avx512_store_sums(float *y, int64_t ys, const __m512 *v,
+                                     const __m512 *u, const int nr, const int nt) {
+    float tmp[4];
+    for (int k = 0; k < nt; k++) {
+        const __m512 *p = k == 0 ? v : u;
+        if (nr == QROWS) {
+            _mm_storeu_ps(tmp, avx512_sum4(p[0], p[1], p[2], p[3]));
+        } else {
+            _mm_storeu_ps(tmp, avx512_sum4(p[0], p[0], p[0], p[0]));
+        }
+        for (int i = 0; i < nr; i++)
+            y[k * ys + i] = tmp[i];
+    }
+}
+
 // y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
 // 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
 // share each decoded weight vector and keep one chain per row and token.
@@ -618,7 +685,11 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
     const uint8_t *row[QROWS];
     __m512 a0[QROWS], a1[QROWS];
-    float sf[QROWS][SB_CHUNK], bf[QROWS][SB_CHUNK];
+    // Row i's converted scales at sf[i * sb_stride]: the whole pass's in one conversion
+    // when they fit (rows are contiguous in the scale array), else SB_CHUNK per row.
+    float sf[QROWS * SB_CHUNK], bf[QROWS * SB_CHUNK];
+    const int whole = n_group <= SB_CHUNK;
+    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
 #pragma GCC unroll 4
     for (int i = 0; i < nr; i++) {
         row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
@@ -628,20 +699,25 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     // read, at the same pace (see rows_prefetch).
     const char *next = (const char *)(row[0] + nr * rbytes);
     rows_prefetch_sb(w, r0 + nr, nr);
+    if (whole) {
+        avx512_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx512_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+    }
     for (int64_t g = 0; g < n_group; g++) {
-        const int gi = (int)(g % SB_CHUNK);
-        if (gi == 0) {
+        const int64_t gi = g % SB_CHUNK;
+        if (!whole && gi == 0) {
             int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
             for (int i = 0; i < nr; i++) {
-                avx512_sb_f32(sf[i], w->scales, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
-                avx512_sb_f32(bf[i], w->biases, w->sdtype, (size_t)((r0 + i) * n_group + g), n);
+                size_t k = (size_t)((r0 + i) * n_group + g);
+                avx512_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+                avx512_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
             }
         }
         __m512 s[QROWS], b[QROWS], lut[QROWS];
 #pragma GCC unroll 4
         for (int i = 0; i < nr; i++) {
-            s[i] = _mm512_set1_ps(sf[i][gi]);
-            b[i] = _mm512_set1_ps(bf[i][gi]);
+            s[i] = _mm512_set1_ps(sf[i * sb_stride + gi]);
+            b[i] = _mm512_set1_ps(bf[i * sb_stride + gi]);
             lut[i] = bits <= 4 ? avx512_lut(s[i], b[i], bits) : s[i];
         }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
@@ -667,15 +743,12 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
             }
         }
     }
+    if (nt == 1) {
 #pragma GCC unroll 4
-    for (int i = 0; i < nr; i++) {
-        if (nt == 1) {
-            y[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
-        } else {
-            y[i] = _mm512_reduce_add_ps(a0[i]);
-            y[ys + i] = _mm512_reduce_add_ps(a1[i]);
-        }
+        for (int i = 0; i < nr; i++)
+            a0[i] = _mm512_add_ps(a0[i], a1[i]);
     }
+    avx512_store_sums(y, ys, a0, a1, nr, nt);
 }
 
 // Rows [i, i + nr) for every token, two tokens per pass while two are left: the

@@ -4,7 +4,8 @@
  *
  * Weights are float (F32/BF16/F16) or MLX affine-quantized (model-math §1: w = s*q + b
  * per group of gs columns, codes packed LSB-first, bit-stream order for 3/5/6 bits).
- * Every term is x * (s*q + b) in f32 as in mlx's float32 reference; only the summation
+ * Every term is x * (s*q + b) in f32 as in mlx's float32 reference, with s*q + b
+ * rounded once or twice (SIMD qdot_rows fuse it for wider codes); only the summation
  * order differs. Each output element is computed by exactly one task in a fixed order,
  * so results do not depend on the thread count. The SIMD kernel sets live in
  * cpu_kernels_*.c; this file holds what is shared and the scalar reference set.
