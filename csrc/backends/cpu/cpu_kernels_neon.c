@@ -89,23 +89,24 @@ INLINE void neon_codes8(const uint8_t *row, int64_t c, const int bits, uint32x4_
 
 #define QROWS 4
 
-// Prefetch of [p, p + n) (n a constant) and of the scales and biases of rows
+// Prefetch of [a, a + n) (n a constant) and of the scales and biases of rows
 // [r0, r0 + nr): a pass streams only a few KiB per row set, too short for the hardware
 // prefetcher to pick the streams up before they end. A prefetch never faults, so
-// addresses past the end of the weight are harmless.
-INLINE void rows_prefetch(const char *p, const int n) {
+// addresses past the end of the weight are harmless; they are integers, as forming
+// such a pointer would be undefined behaviour.
+INLINE void rows_prefetch(uintptr_t a, const int n) {
     for (int o = 0; o < n; o += 64)
-        __builtin_prefetch(p + o);
+        __builtin_prefetch((const void *)(a + o));
 }
 
 INLINE void rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
     const int64_t n_group = w->n_in / w->group_size;
     const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
-    const char *s = (const char *)w->scales + (size_t)(r0 * n_group) * es;
-    const char *b = (const char *)w->biases + (size_t)(r0 * n_group) * es;
+    const uintptr_t s = (uintptr_t)w->scales + (uintptr_t)(r0 * n_group) * es;
+    const uintptr_t b = (uintptr_t)w->biases + (uintptr_t)(r0 * n_group) * es;
     for (size_t o = 0; o < n; o += 64) {
-        __builtin_prefetch(s + o);
-        __builtin_prefetch(b + o);
+        __builtin_prefetch((const void *)(s + o));
+        __builtin_prefetch((const void *)(b + o));
     }
 }
 
@@ -124,7 +125,7 @@ INLINE void neon_rows(float *y, int64_t ys, const float *x, int64_t xs,
         row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
         a0[i] = a1[i] = vdupq_n_f32(0.0f);
     }
-    const char *next = (const char *)(row[0] + nr * rbytes);   // the next pass's rows
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);   // the next pass's rows
     rows_prefetch_sb(w, r0 + nr, nr);
     for (int64_t g = 0; g < n_group; g++) {
         float32x4_t s[QROWS], b[QROWS];
@@ -136,7 +137,7 @@ INLINE void neon_rows(float *y, int64_t ys, const float *x, int64_t xs,
         }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
             if (c % 32 == 0)
-                rows_prefetch(next + c / 8 * bits * nr, bits * 4 * nr);
+                rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 4 * nr);
             const float32x4_t x0 = vld1q_f32(x + c), x1 = vld1q_f32(x + c + 4);
 #pragma GCC unroll 4
             for (int i = 0; i < nr; i++) {

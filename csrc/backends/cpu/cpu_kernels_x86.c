@@ -127,13 +127,15 @@ INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
     return _mm256_cvtepi32_ps(avx2_raw8(row, c, bits, 1));
 }
 
-// Prefetch of the bytes [p, p + n) (n a constant): a pass over a few rows streams only
+// Prefetch of the bytes [a, a + n) (n a constant): a pass over a few rows streams only
 // a few KiB per row set, too short for the hardware prefetcher to pick the streams up
 // before they end, so without this a matvec over weights not in cache runs at a
-// fraction of the memory bandwidth.
-static inline __attribute__((always_inline)) void rows_prefetch(const char *p, const int n) {
+// fraction of the memory bandwidth. Addresses are integers: the next pass's rows may
+// lie past the end of the weight (a prefetch never faults, but forming such a pointer
+// would be undefined behaviour).
+static inline __attribute__((always_inline)) void rows_prefetch(uintptr_t a, const int n) {
     for (int o = 0; o < n; o += 64)
-        _mm_prefetch(p + o, _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + o), _MM_HINT_T0);
 }
 
 // Prefetch of the scales and biases of rows [r0, r0 + nr) (past the end is harmless: a
@@ -142,11 +144,11 @@ static inline __attribute__((always_inline)) void
 rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
     const int64_t n_group = w->n_in / w->group_size;
     const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
-    const char *s = (const char *)w->scales + (size_t)(r0 * n_group) * es;
-    const char *b = (const char *)w->biases + (size_t)(r0 * n_group) * es;
+    const uintptr_t s = (uintptr_t)w->scales + (uintptr_t)(r0 * n_group) * es;
+    const uintptr_t b = (uintptr_t)w->biases + (uintptr_t)(r0 * n_group) * es;
     for (size_t o = 0; o < n; o += 64) {
-        _mm_prefetch(s + o, _MM_HINT_T0);
-        _mm_prefetch(b + o, _MM_HINT_T0);
+        _mm_prefetch((const char *)(s + o), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + o), _MM_HINT_T0);
     }
 }
 
@@ -253,7 +255,7 @@ INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
     float sf[QROWS_AVX2 * SB_CHUNK], bf[QROWS_AVX2 * SB_CHUNK];
     const int whole = n_group <= SB_CHUNK;
     const int64_t sb_stride = whole ? n_group : SB_CHUNK;
-    const char *next = (const char *)(row[0] + nr * rbytes);   // the next pass's rows
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);   // the next pass's rows
     rows_prefetch_sb(w, r0 + nr, nr);
     if (whole) {
         avx2_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
@@ -277,7 +279,7 @@ INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
             lut[i] = bits <= 3 ? avx2_lut(s[i], b[i], bits) : s[i];
         }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
-            rows_prefetch(next + c / 8 * bits * nr, bits * 2 * nr);
+            rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 2 * nr);
             const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
 #pragma GCC unroll 4
             for (int i = 0; i < nr; i++) {
@@ -697,7 +699,7 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     }
     // The next pass's rows follow these in memory: they are prefetched as these are
     // read, at the same pace (see rows_prefetch).
-    const char *next = (const char *)(row[0] + nr * rbytes);
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);
     rows_prefetch_sb(w, r0 + nr, nr);
     if (whole) {
         avx512_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
@@ -721,7 +723,7 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
             lut[i] = bits <= 4 ? avx512_lut(s[i], b[i], bits) : s[i];
         }
         for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            rows_prefetch(next + c / 8 * bits * nr, bits * 4 * nr);
+            rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 4 * nr);
             const __m512 x0 = rows_x16(x + c, bits), x1 = rows_x16(x + c + 16, bits);
             __m512 u0 = x0, u1 = x1;   // token 1's, when there is one
             if (nt == 2) {
