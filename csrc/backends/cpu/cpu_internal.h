@@ -24,7 +24,7 @@
 #define MF_CPU_ATTN_CHUNK 512
 
 // Kernels for one instruction set. Every entry gives the same result as the scalar one
-// up to summation order.
+// up to summation order (and, in qdot_rows, the one rounding of a fused s*q + b).
 struct mf_cpu_kernels {
     const char *name;   // "scalar", "avx2", "avx512", "neon"
     // sum_i a[i] * b[i]
@@ -40,8 +40,9 @@ struct mf_cpu_kernels {
     // small-batch matvec.
     void (*qdot_rows)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                       int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
-    // Up to this many tokens a quantized matmul is faster through qdot_rows than
-    // through dequant + gemm_tile with this set (measured, bench_matmul).
+    // Up to this many tokens a quantized matmul goes through qdot_rows rather than
+    // dequant + gemm_tile with this set (measured on AVX-512: faster up to 3 tokens, a
+    // tie at 4; the NEON set takes the x86 value, unmeasured).
     int qdot_max_tok;
     // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight, each value
     // s*q + b with the product rounded before the sum (bitwise equal across sets);

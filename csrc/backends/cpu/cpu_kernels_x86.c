@@ -237,6 +237,25 @@ INLINE_AVX2 void avx2_store_sums(float *y, int64_t ys, const __m256 *v, const __
     }
 }
 
+// The scales and biases of the pass's rows from group g on, as f32: row i's at
+// sf[i * n_group] for all groups when `whole` (rows are contiguous in the scale array,
+// one conversion), else the next SB_CHUNK groups at sf[i * SB_CHUNK].
+INLINE_AVX2 void avx2_pass_sb(float *sf, float *bf, const struct mf_weight *w, int64_t r0,
+                              const int nr, int64_t g, int whole) {
+    const int64_t n_group = w->n_in / w->group_size;
+    if (whole) {
+        avx2_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx2_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        return;
+    }
+    int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+    for (int i = 0; i < nr; i++) {
+        size_t k = (size_t)((r0 + i) * n_group + g);
+        avx2_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+        avx2_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
+    }
+}
+
 // y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS_AVX2) and t < nt,
 // nt 1 or 2, bits a constant (as avx512_rows).
 INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
@@ -251,26 +270,16 @@ INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
         row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
         a0[i] = a1[i] = _mm256_setzero_ps();
     }
-    // Row i's converted scales at sf[i * sb_stride] (as avx512_rows).
+    // Row i's converted scales at sf[i * sb_stride] (see avx2_pass_sb).
     float sf[QROWS_AVX2 * SB_CHUNK], bf[QROWS_AVX2 * SB_CHUNK];
     const int whole = n_group <= SB_CHUNK;
     const int64_t sb_stride = whole ? n_group : SB_CHUNK;
     const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);   // the next pass's rows
     rows_prefetch_sb(w, r0 + nr, nr);
-    if (whole) {
-        avx2_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
-        avx2_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
-    }
     for (int64_t g = 0; g < n_group; g++) {
         const int64_t gi = g % SB_CHUNK;
-        if (!whole && gi == 0) {
-            int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
-            for (int i = 0; i < nr; i++) {
-                size_t k = (size_t)((r0 + i) * n_group + g);
-                avx2_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
-                avx2_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
-            }
-        }
+        if (gi == 0 && (g == 0 || !whole))
+            avx2_pass_sb(sf, bf, w, r0, nr, g, whole);
         __m256 s[QROWS_AVX2], b[QROWS_AVX2], lut[QROWS_AVX2];
 #pragma GCC unroll 4
         for (int i = 0; i < nr; i++) {
@@ -677,6 +686,25 @@ INLINE_AVX512 void avx512_store_sums(float *y, int64_t ys, const __m512 *v,
     }
 }
 
+// The scales and biases of the pass's rows from group g on, as f32: row i's at
+// sf[i * n_group] for all groups when `whole` (rows are contiguous in the scale array,
+// one conversion), else the next SB_CHUNK groups at sf[i * SB_CHUNK].
+INLINE_AVX512 void avx512_pass_sb(float *sf, float *bf, const struct mf_weight *w, int64_t r0,
+                              const int nr, int64_t g, int whole) {
+    const int64_t n_group = w->n_in / w->group_size;
+    if (whole) {
+        avx512_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx512_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        return;
+    }
+    int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+    for (int i = 0; i < nr; i++) {
+        size_t k = (size_t)((r0 + i) * n_group + g);
+        avx512_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+        avx512_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
+    }
+}
+
 // y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
 // 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
 // share each decoded weight vector and keep one chain per row and token.
@@ -687,8 +715,7 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
     const uint8_t *row[QROWS];
     __m512 a0[QROWS], a1[QROWS];
-    // Row i's converted scales at sf[i * sb_stride]: the whole pass's in one conversion
-    // when they fit (rows are contiguous in the scale array), else SB_CHUNK per row.
+    // Row i's converted scales at sf[i * sb_stride] (see avx512_pass_sb).
     float sf[QROWS * SB_CHUNK], bf[QROWS * SB_CHUNK];
     const int whole = n_group <= SB_CHUNK;
     const int64_t sb_stride = whole ? n_group : SB_CHUNK;
@@ -701,20 +728,10 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     // read, at the same pace (see rows_prefetch).
     const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);
     rows_prefetch_sb(w, r0 + nr, nr);
-    if (whole) {
-        avx512_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
-        avx512_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
-    }
     for (int64_t g = 0; g < n_group; g++) {
         const int64_t gi = g % SB_CHUNK;
-        if (!whole && gi == 0) {
-            int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
-            for (int i = 0; i < nr; i++) {
-                size_t k = (size_t)((r0 + i) * n_group + g);
-                avx512_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
-                avx512_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
-            }
-        }
+        if (gi == 0 && (g == 0 || !whole))
+            avx512_pass_sb(sf, bf, w, r0, nr, g, whole);
         __m512 s[QROWS], b[QROWS], lut[QROWS];
 #pragma GCC unroll 4
         for (int i = 0; i < nr; i++) {
