@@ -1,9 +1,13 @@
 """CPU matmul throughput as a ratio to the memory-read bandwidth measured in the same run.
 
-For each shape, the 4-bit (gs 64, bf16 scales) matvec of the CPU backend is timed
-through `moeflux._core._diag_matmul` and reported as GB/s of weight bytes (codes + scales
-+ biases) streamed, next to a plain read of a buffer of the same size on the same
-threads (`_core._diag_read_bw`, a summing loop) and numpy's single-threaded `sum`.
+For each shape and width (default 2, 4 and 8 bits; gs 64, bf16 scales), the quantized
+matmul of the CPU backend is timed through `moeflux._core._diag_matmul` and reported
+as GB/s of weight bytes (codes + scales + biases) streamed, next to a plain read of a
+buffer of the same size on the same threads (`_core._diag_read_bw`, a summing loop).
+Each case is measured --repeat times, matmul and read interleaved (matmul, read,
+matmul, read, ...) so both see the same machine state; the ratio is taken per repeat
+and reported as median [min - max]. numpy's single-threaded `sum` of the same bytes is
+given once per case for reference.
 
 Two regimes per shape:
   hot   the same matrix every call (it stays in cache when it fits, as for a model whose
@@ -14,9 +18,10 @@ The baseline reads the same number of bytes in the same regime, one pool run per
 matrix-sized chunk (so it pays the same per-op hand-off to the threads).
 
 Shapes (Qwen3.6-35B-A3B): expert gate/up [512, 2048], expert down [2048, 512],
-lm_head [248320, 2048]; plus prefill (n_tok 16) on the expert shape.
+lm_head [248320, 2048] (4-bit only); plus prefill (n_tok 16) on the expert shape.
 
 Usage: .venv/bin/python bench/bench_matmul.py [--threads N] [--kernels avx2] [--quick]
+       [--bits 2,4,8] [--repeat 5]
 """
 from __future__ import annotations
 
@@ -84,13 +89,16 @@ def timed(fn, min_s: float) -> float:
         n = max(n * 2, int(n * min_s / max(dt, 1e-6) * 1.2))
 
 
-def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, threads: int,
-                 kernels: str | None, min_s: float, rng: np.random.Generator) -> dict:
-    """GB/s of one shape, and the read baseline over the same bytes."""
-    probe = make_weight(1, n_out, n_in, 4, 64, rng)
+def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, bits: int, threads: int,
+                 kernels: str | None, min_s: float, repeat: int,
+                 rng: np.random.Generator) -> dict:
+    """GB/s of one shape and width, and the read baseline over the same bytes, measured
+    `repeat` times interleaved."""
+    gs = 64
+    probe = make_weight(1, n_out, n_in, bits, gs, rng)
     mat_bytes = weight_bytes(probe)
     n_stack = max(1, (4 * LLC_BYTES) // mat_bytes) if cold else 1
-    wt = probe if n_stack == 1 else make_weight(n_stack, n_out, n_in, 4, 64, rng)
+    wt = probe if n_stack == 1 else make_weight(n_stack, n_out, n_in, bits, gs, rng)
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
     out = np.empty((n_tok, n_out), np.float32)
 
@@ -99,20 +107,27 @@ def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, threads: int,
                            n_threads=threads, kernels=kernels, n_rep=n, n_stack=n_stack,
                            **wt)
 
-    run(n_stack)   # warm up (page in)
-    t_mat = timed(run, min_s)
     # The baseline: the same bytes per call (one pool run per matrix), same regime,
     # same threads.
     buf = np.ones(mat_bytes * n_stack // 4, np.float32)
-    t_read = timed(lambda n: _core._diag_read_bw(buf, threads, n, n_stack), min_s)
+    run(n_stack)   # warm up (page in)
+    _core._diag_read_bw(buf, threads, n_stack, n_stack)
+    t_mat, t_read = [], []
+    for _ in range(repeat):
+        t_mat.append(timed(run, min_s))
+        t_read.append(timed(lambda n: _core._diag_read_bw(buf, threads, n, n_stack), min_s))
     chunk = mat_bytes // 4
     t_np = timed(lambda n: [buf[(i % n_stack) * chunk:(i % n_stack + 1) * chunk].sum()
                             for i in range(n)], min_s)
-    gbs = mat_bytes / t_mat / 1e9
-    return dict(shape=f"{n_out}x{n_in}", n_tok=n_tok, regime="cold" if cold else "hot",
-                mb=mat_bytes / 2**20, us=t_mat * 1e6, gbs=gbs,
-                read_gbs=mat_bytes / t_read / 1e9, np_gbs=mat_bytes / t_np / 1e9,
-                gflops=2 * n_out * n_in * n_tok / t_mat / 1e9)
+    ratios = sorted(tr / tm for tm, tr in zip(t_mat, t_read))
+    t_med = float(np.median(t_mat))
+    return dict(shape=f"{n_out}x{n_in}", n_tok=n_tok, bits=bits,
+                regime="cold" if cold else "hot", mb=mat_bytes / 2**20, us=t_med * 1e6,
+                gbs=mat_bytes / t_med / 1e9,
+                read_gbs=mat_bytes / float(np.median(t_read)) / 1e9,
+                np_gbs=mat_bytes / t_np / 1e9, ratio=float(np.median(ratios)),
+                ratio_lo=ratios[0], ratio_hi=ratios[-1],
+                gflops=2 * n_out * n_in * n_tok / t_med / 1e9)
 
 
 def machine() -> str:
@@ -132,25 +147,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--kernels", default=None, help="force a kernel set (default: best)")
     ap.add_argument("--quick", action="store_true", help="shorter timings, no lm_head")
+    ap.add_argument("--bits", default="2,4,8", help="widths, comma-separated")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved measurements")
+    ap.add_argument("--cases", default="all",
+                    help="'all', or 'decode' (n_tok 1 expert shapes only)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    min_s = 0.2 if args.quick else 0.5
+    min_s = 0.1 if args.quick else 0.3
     kernels = args.kernels or _core._diag_kernels()[0]
     print(machine())
-    print(f"threads {args.threads}, kernels {kernels}\n")
+    print(f"threads {args.threads}, kernels {kernels}, repeat {args.repeat}\n")
     cases = [(512, 2048, 1, False), (512, 2048, 1, True), (2048, 512, 1, False),
-             (2048, 512, 1, True), (512, 2048, 16, False)]
-    if not args.quick:
-        cases.append((248320, 2048, 1, True))   # lm_head: never fits in cache
-    print("| shape [out x in] | n_tok | regime | MiB | us/call | GB/s | read GB/s | ratio |"
-          " numpy sum GB/s | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n_out, n_in, n_tok, cold in cases:
-        r = bench_matvec(n_out, n_in, n_tok, cold, args.threads, kernels, min_s, rng)
-        print(f"| {r['shape']} | {r['n_tok']} | {r['regime']} | {r['mb']:.2f} | "
-              f"{r['us']:.1f} | {r['gbs']:.2f} | {r['read_gbs']:.2f} | "
-              f"{r['gbs'] / r['read_gbs']:.2f} | {r['np_gbs']:.2f} | {r['gflops']:.1f} |",
-              flush=True)
+             (2048, 512, 1, True)]
+    if args.cases == "all":
+        cases.append((512, 2048, 16, False))
+    print("| shape [out x in] | bits | n_tok | regime | MiB | us/call | GB/s | read GB/s |"
+          " ratio median [min - max] | numpy sum GB/s | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [(c, int(b)) for c in cases for b in args.bits.split(",")]
+    if not args.quick and args.cases == "all":
+        rows.append(((248320, 2048, 1, True), 4))   # lm_head: never fits in cache
+    for (n_out, n_in, n_tok, cold), bits in rows:
+        r = bench_matvec(n_out, n_in, n_tok, cold, bits, args.threads, kernels, min_s,
+                         args.repeat, rng)
+        print(f"| {r['shape']} | {r['bits']} | {r['n_tok']} | {r['regime']} | "
+              f"{r['mb']:.2f} | {r['us']:.1f} | {r['gbs']:.2f} | {r['read_gbs']:.2f} | "
+              f"{r['ratio']:.2f} [{r['ratio_lo']:.2f} - {r['ratio_hi']:.2f}] | "
+              f"{r['np_gbs']:.2f} | {r['gflops']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

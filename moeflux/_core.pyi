@@ -1,7 +1,7 @@
 # Type stub of the C extension moeflux._core (csrc/python/module.c, state_binding.c).
 # Errors raised are the classes of moeflux.errors. The test-only _diag_* functions
 # are not part of the interface and are not listed.
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 from typing_extensions import Buffer

@@ -6,6 +6,7 @@ failed evaluations).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -23,8 +24,12 @@ ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"]
 HYBRID = {"qwen3_5_moe", "qwen3_next"}
 
 # Logits agreement with mlx-lm: max |ours - ref| <= RTOL * max |ref| (the forward-pass
-# tests use the same bound).
+# tests use the same bound). RTOL is the acceptance bar of every backend; the CPU backend
+# (f32 throughout, as the float32 reference) is held to the tighter regression tier
+# RTOL_CPU: it agrees to ~1e-6..1e-5 of the largest logit, so a kernel change that costs
+# more accuracy than float32 rounding shows up here long before it could move RTOL.
 RTOL = 1e-3
+RTOL_CPU = 5e-5
 
 PROMPT = [17, 301, 5, 88, 450, 2, 199, 76, 333, 12, 401]
 CONT = [64, 9, 270, 3, 140]
@@ -65,18 +70,34 @@ def open_model(path: Path, **kwargs: Any) -> Any:
         pytest.xfail(f"this build cannot open {path.name}: {exc}")
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+def _log_rel_err(what: str, rel: np.ndarray) -> None:
+    """Appends the worst relative error of one comparison to $MOEFLUX_ERR_LOG when set
+    (measuring the CPU tier's margin across a whole test run; off by default)."""
+    path = os.environ.get("MOEFLUX_ERR_LOG")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(f"{float(rel.max()):.3e}\t{test}\t{what}\n")
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, what: str,
+                 backend: str = "cpu") -> None:
     """The acceptance rule, row by row (one row per position): max |ours - ref| <=
-    RTOL * max |ref| of that row, and the same argmax."""
+    tol * max |ref| of that row, and the same argmax; tol is RTOL_CPU for the CPU
+    backend (its regression tier), RTOL for any other."""
     ours = np.atleast_2d(ours)
     ref = np.atleast_2d(ref)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
     assert np.isfinite(ours).all(), f"{what}: non-finite logits"
-    err = np.abs(ours - ref).max(axis=-1)
-    scale = np.abs(ref).max(axis=-1)
-    bad = np.nonzero(err > RTOL * scale)[0]
-    assert bad.size == 0, (f"{what}: positions {bad.tolist()} off by "
-                           f"{(err / scale)[bad].tolist()} (relative)")
+    tol = RTOL_CPU if backend == "cpu" else RTOL
+    scale = np.abs(ref).max(axis=-1, keepdims=True).astype(np.float64)
+    rel = (np.abs(ours.astype(np.float64) - ref) / np.where(scale > 0, scale, 1.0)
+           ).max(axis=-1)
+    _log_rel_err(what, rel)
+    bad = np.nonzero(rel > tol)[0]
+    assert bad.size == 0, (f"{what} ({backend} tier {tol:g}): positions {bad.tolist()} "
+                           f"off by {rel[bad].tolist()} (relative); worst over all "
+                           f"positions {float(rel.max()):.3e}")
     am_ours, am_ref = ours.argmax(-1), ref.argmax(-1)
     diff = np.nonzero(am_ours != am_ref)[0]
     assert diff.size == 0, (f"{what}: argmax differs at positions {diff.tolist()}: "

@@ -24,16 +24,26 @@
 #define MF_CPU_ATTN_CHUNK 512
 
 // Kernels for one instruction set. Every entry gives the same result as the scalar one
-// up to summation order.
+// up to summation order (and, in qdot_rows, the one rounding of a fused s*q + b).
 struct mf_cpu_kernels {
     const char *name;   // "scalar", "avx2", "avx512", "neon"
     // sum_i a[i] * b[i]
     float (*dot)(const float *a, const float *b, int64_t n);
     // y[i] += alpha * x[i]
     void (*axpy)(float *y, float alpha, const float *x, int64_t n);
-    // Dot of x[n_in] with row r of a quantized weight (bits 2, 3, 4, 5, 6, 8):
-    // sum over groups g of sum_c x[c] * (s_g * q[c] + b_g).
-    float (*qdot)(const float *x, const struct mf_weight *w, int64_t r);
+    // y[t * y_stride + i] = dot of x[t * x_stride, + n_in) with row r0 + i of a
+    // quantized weight (bits 2, 3, 4, 5, 6, 8), for i < n_row, t < n_tok: sum over
+    // groups g of sum_c x[c] * w_c, w_c = s_g * q[c] + b_g with the product rounded (as
+    // dequant) or fused (one rounding), in a summation order fixed by the set (results
+    // do not depend on how rows are split). Several rows per pass, so each loaded x
+    // value feeds all of them, and each decoded weight feeds two tokens: the decode and
+    // small-batch matvec.
+    void (*qdot_rows)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                      int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
+    // Up to this many tokens a quantized matmul goes through qdot_rows rather than
+    // dequant + gemm_tile with this set (measured on AVX-512: faster up to 3 tokens, a
+    // tie at 4; the NEON set takes the x86 value, unmeasured).
+    int qdot_max_tok;
     // dst[0, n) = row r, columns [c0, c0 + n) of a quantized weight, each value
     // s*q + b with the product rounded before the sum (bitwise equal across sets);
     // c0 and n are multiples of the group size.

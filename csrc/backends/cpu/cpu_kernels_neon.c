@@ -1,9 +1,9 @@
 /*
  * cpu_kernels_neon.c — the ARM NEON kernel set (aarch64, where Advanced SIMD is always
- * present, so no run-time check). Same four-plus-one entries and the same arithmetic as
- * the x86 sets (cpu_kernels_x86.c): codes widened to one f32 lane per value in natural
- * column order, each term x * (s*q + b) in f32, dequant as s*q then + b (bitwise equal
- * to the scalar and reference decoders). 2/4-bit codes come from a duplicated word
+ * present, so no run-time check). Same entries and arithmetic as the x86 sets
+ * (cpu_kernels_x86.c): codes widened to one f32 lane per value in natural column
+ * order, dequant as s*q then + b (bitwise equal to the scalar and reference decoders),
+ * qdot_rows with s*q + b fused (one rounding) and several rows per pass. 2/4-bit codes come from a duplicated word
  * shifted per lane; 3/5/6-bit from a byte table lookup (TBL) of the run's bytes, the
  * NEON twin of the x86 byte shuffle; 8-bit by widening bytes.
  * On other ISAs this file compiles to nothing.
@@ -83,37 +83,121 @@ INLINE void neon_codes8(const uint8_t *row, int64_t c, const int bits, uint32x4_
     }
 }
 
-INLINE float neon_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                            const int bits) {
-    const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    float32x4_t t0 = vdupq_n_f32(0.0f), t1 = t0, t2 = t0, t3 = t0;
-    for (int64_t g = 0; g < n_group; g++) {
-        const float32x4_t s = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const float32x4_t b = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        // Four independent chains over 16 values (gs >= 32).
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
-            uint32x4_t q0, q1, q2, q3;
-            neon_codes8(row, c, bits, &q0, &q1);
-            neon_codes8(row, c + 8, bits, &q2, &q3);
-            t0 = vfmaq_f32(t0, vld1q_f32(x + c), vfmaq_f32(b, vcvtq_f32_u32(q0), s));
-            t1 = vfmaq_f32(t1, vld1q_f32(x + c + 4), vfmaq_f32(b, vcvtq_f32_u32(q1), s));
-            t2 = vfmaq_f32(t2, vld1q_f32(x + c + 8), vfmaq_f32(b, vcvtq_f32_u32(q2), s));
-            t3 = vfmaq_f32(t3, vld1q_f32(x + c + 12), vfmaq_f32(b, vcvtq_f32_u32(q3), s));
-        }
-    }
-    return vaddvq_f32(vaddq_f32(vaddq_f32(t0, t1), vaddq_f32(t2, t3)));
+/* ---- Decode matvec, QROWS rows per pass ----
+ * Each x vector loaded feeds every row of the pass, two accumulator chains per row;
+ * each weight is s*q + b with one FMA (rounded once). */
+
+#define QROWS 4
+
+// Prefetch of [a, a + n) (n a constant) and of the scales and biases of rows
+// [r0, r0 + nr): a pass streams only a few KiB per row set, too short for the hardware
+// prefetcher to pick the streams up before they end. A prefetch never faults, so
+// addresses past the end of the weight are harmless; they are integers, as forming
+// such a pointer would be undefined behaviour.
+INLINE void rows_prefetch(uintptr_t a, const int n) {
+    for (int o = 0; o < n; o += 64)
+        __builtin_prefetch((const void *)(a + o));
 }
 
-static float neon_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+INLINE void rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
+    const int64_t n_group = w->n_in / w->group_size;
+    const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
+    const uintptr_t s = (uintptr_t)w->scales + (uintptr_t)(r0 * n_group) * es;
+    const uintptr_t b = (uintptr_t)w->biases + (uintptr_t)(r0 * n_group) * es;
+    for (size_t o = 0; o < n; o += 64) {
+        __builtin_prefetch((const void *)(s + o));
+        __builtin_prefetch((const void *)(b + o));
+    }
+}
+
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
+// 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
+// share each decoded weight vector and keep one chain per row and token.
+INLINE void neon_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                      const struct mf_weight *w, int64_t r0, const int nr, const int nt,
+                      const int bits) {
+    const int gs = w->group_size;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS];
+    float32x4_t a0[QROWS], a1[QROWS];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = vdupq_n_f32(0.0f);
+    }
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);   // the next pass's rows
+    rows_prefetch_sb(w, r0 + nr, nr);
+    for (int64_t g = 0; g < n_group; g++) {
+        float32x4_t s[QROWS], b[QROWS];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            size_t k = (size_t)((r0 + i) * n_group + g);
+            s[i] = vdupq_n_f32(mf_load_f32(w->scales, w->sdtype, k));
+            b[i] = vdupq_n_f32(mf_load_f32(w->biases, w->sdtype, k));
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 8) {
+            if (c % 32 == 0)
+                rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 4 * nr);
+            const float32x4_t x0 = vld1q_f32(x + c), x1 = vld1q_f32(x + c + 4);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                uint32x4_t q0, q1;
+                neon_codes8(row[i], c, bits, &q0, &q1);
+                float32x4_t w0 = vfmaq_f32(b[i], vcvtq_f32_u32(q0), s[i]);
+                float32x4_t w1 = vfmaq_f32(b[i], vcvtq_f32_u32(q1), s[i]);
+                if (nt == 1) {
+                    a0[i] = vfmaq_f32(a0[i], x0, w0);
+                    a1[i] = vfmaq_f32(a1[i], x1, w1);
+                } else {
+                    a0[i] = vfmaq_f32(vfmaq_f32(a0[i], x0, w0), x1, w1);
+                    a1[i] = vfmaq_f32(vfmaq_f32(a1[i], vld1q_f32(x + xs + c), w0),
+                                      vld1q_f32(x + xs + c + 4), w1);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        if (nt == 1) {
+            y[i] = vaddvq_f32(vaddq_f32(a0[i], a1[i]));
+        } else {
+            y[i] = vaddvq_f32(a0[i]);
+            y[ys + i] = vaddvq_f32(a1[i]);
+        }
+    }
+}
+
+// Rows [i, i + nr) for every token, two tokens per pass while two are left: the
+// row set's codes stay in L1 from one pass to the next.
+INLINE void neon_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                             const struct mf_weight *w, int64_t r0, const int nr,
+                             const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        neon_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        neon_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE void neon_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                int n_tok, const struct mf_weight *w, int64_t r0, int n_row,
+                                const int bits) {
+    int i = 0;
+    for (; i + QROWS <= n_row; i += QROWS)
+        neon_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS, bits);
+    for (; i < n_row; i++)
+        neon_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
+}
+
+static void neon_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                           const struct mf_weight *w, int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: return neon_qdot_bits(x, w, r, 2);
-    case 3: return neon_qdot_bits(x, w, r, 3);
-    case 4: return neon_qdot_bits(x, w, r, 4);
-    case 5: return neon_qdot_bits(x, w, r, 5);
-    case 6: return neon_qdot_bits(x, w, r, 6);
-    default: return neon_qdot_bits(x, w, r, 8);
+    case 2: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: neon_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -250,7 +334,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_neon = {
     .name = "neon",
     .dot = neon_dot,
     .axpy = neon_axpy,
-    .qdot = neon_qdot,
+    .qdot_rows = neon_qdot_rows,
+    .qdot_max_tok = 4,
     .dequant = neon_dequant,
     .gemm_tile = neon_gemm_tile,
     .bf16_to_f32 = neon_bf16_to_f32,

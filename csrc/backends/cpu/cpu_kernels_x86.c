@@ -3,15 +3,20 @@
  * Compiled for every x86-64 build with per-function target attributes and chosen at run
  * time by CPU feature (cpu_matmul.c), so the extension needs no -march flag.
  *
- * Codes are widened to one f32 lane per value in natural column order, so x is read as
- * stored and each term is x * (s*q + b) exactly as in the scalar set; only summation
- * order differs. 2/4/8 bits: broadcast the packed word, shift each lane by its own
- * amount, mask. 3/5/6 bits: eight values fill `bits` bytes; a byte shuffle puts the two
- * bytes holding value k into lane k, then shift and mask. dequant rounds s*q and then
- * adds b (no FMA) so it is bitwise equal to the scalar and reference decoders, which the
- * C tests check. AVX-512 looks values of up to 4 bits up in a per-group table instead
- * (see avx512_values16), which gives the same s*q + b values with fewer instructions. Functions taking `const int bits` are always inlined into a switch, so
- * every width gets its own constant-folded loop.
+ * Codes are widened to one f32 lane per value. 2/4/8 bits: broadcast the packed word,
+ * shift each lane by its own amount, mask. 3/5/6 bits: eight values fill `bits` bytes;
+ * a byte shuffle puts the two bytes holding value k into lane k, then shift and mask.
+ * dequant rounds s*q and then adds b (no FMA) so it is bitwise equal to the scalar and
+ * reference decoders, which the C tests check; AVX-512 looks values of up to 4 bits up
+ * in a per-group table of those s*q + b (see avx512_values16), which gives the same
+ * values with fewer instructions.
+ * qdot_rows (the decode matvec) does several rows per pass and shares each x load
+ * between them; its weights are the table's (exactly dequant's) up to 4 bits on
+ * AVX-512 and 3 on AVX2, and s*q + b with one FMA (one rounding) above; 4-bit codes
+ * there come in a fixed non-column lane order with x permuted to match. Each term is
+ * x times such a weight; only the summation order differs from the scalar set.
+ * Functions taking `const int bits` are always inlined into a switch, so every width
+ * gets its own constant-folded loop.
  * On other ISAs this file compiles to nothing (aarch64 uses cpu_kernels_neon.c).
  */
 #include "backends/cpu/cpu_internal.h"
@@ -83,71 +88,267 @@ static inline __attribute__((always_inline)) void load_le(const uint8_t *p, cons
 // Shuffle control of one 32-bit lane: bytes B0, B0+1 of the run, then zeros.
 #define SHUF(k, bits) ((int)(0x80800000u | (uint32_t)B0(k, bits) | ((uint32_t)(B0(k, bits) + 1) << 8)))
 
-// Eight codes starting at column c (a multiple of 8) as f32.
-INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
+// Eight codes starting at column c (a multiple of 8), one per 32-bit lane in column
+// order, with other bits of the stream above them unless `masked`.
+INLINE_AVX2 __m256i avx2_raw8(const uint8_t *row, int64_t c, const int bits,
+                              const int masked) {
+    __m256i v;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + c)));
     if (bits == 4) {
         uint32_t word;
         memcpy(&word, row + c / 2, 4);
         const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-    }
-    if (bits == 8) {
-        __m128i b8 = _mm_loadl_epi64((const __m128i *)(row + c));
-        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8));
-    }
-    if (bits == 2) {
+        v = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh);
+    } else if (bits == 2) {
         uint16_t half;
         memcpy(&half, row + c / 4, 2);
         const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(half), sh);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(3)));
+        v = _mm256_srlv_epi32(_mm256_set1_epi32(half), sh);
+    } else {
+        // 3, 5, 6 bits: the run's `bits` bytes in both 128-bit halves, two bytes per
+        // lane.
+        uint64_t u, unused;
+        load_le(row + c / 8 * bits, bits, &u, &unused);
+        const __m256i shuf = _mm256_setr_epi32(SHUF(0, bits), SHUF(1, bits), SHUF(2, bits),
+                                               SHUF(3, bits), SHUF(4, bits), SHUF(5, bits),
+                                               SHUF(6, bits), SHUF(7, bits));
+        const __m256i sh = _mm256_setr_epi32(SH(0, bits), SH(1, bits), SH(2, bits),
+                                             SH(3, bits), SH(4, bits), SH(5, bits),
+                                             SH(6, bits), SH(7, bits));
+        v = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), shuf);
+        v = _mm256_srlv_epi32(v, sh);
     }
-    // 3, 5, 6 bits: the run's `bits` bytes in both 128-bit halves, two bytes per lane.
-    uint64_t u, unused;
-    load_le(row + c / 8 * bits, bits, &u, &unused);
-    const __m256i shuf = _mm256_setr_epi32(SHUF(0, bits), SHUF(1, bits), SHUF(2, bits),
-                                           SHUF(3, bits), SHUF(4, bits), SHUF(5, bits),
-                                           SHUF(6, bits), SHUF(7, bits));
-    const __m256i sh = _mm256_setr_epi32(SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits),
-                                         SH(4, bits), SH(5, bits), SH(6, bits), SH(7, bits));
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), shuf);
-    v = _mm256_srlv_epi32(v, sh);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)));
+    return masked ? _mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)) : v;
 }
 
-INLINE_AVX2 float avx2_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                                 const int bits) {
+// Eight codes starting at column c (a multiple of 8) as f32.
+INLINE_AVX2 __m256 avx2_codes8(const uint8_t *row, int64_t c, const int bits) {
+    return _mm256_cvtepi32_ps(avx2_raw8(row, c, bits, 1));
+}
+
+// Prefetch of the bytes [a, a + n) (n a constant): a pass over a few rows streams only
+// a few KiB per row set, too short for the hardware prefetcher to pick the streams up
+// before they end, so without this a matvec over weights not in cache runs at a
+// fraction of the memory bandwidth. Addresses are integers: the next pass's rows may
+// lie past the end of the weight (a prefetch never faults, but forming such a pointer
+// would be undefined behaviour).
+static inline __attribute__((always_inline)) void rows_prefetch(uintptr_t a, const int n) {
+    for (int o = 0; o < n; o += 64)
+        _mm_prefetch((const char *)(a + o), _MM_HINT_T0);
+}
+
+// Prefetch of the scales and biases of rows [r0, r0 + nr) (past the end is harmless: a
+// prefetch never faults).
+static inline __attribute__((always_inline)) void
+rows_prefetch_sb(const struct mf_weight *w, int64_t r0, const int nr) {
+    const int64_t n_group = w->n_in / w->group_size;
+    const size_t es = mf_dtype_size(w->sdtype), n = (size_t)(nr * n_group) * es;
+    const uintptr_t s = (uintptr_t)w->scales + (uintptr_t)(r0 * n_group) * es;
+    const uintptr_t b = (uintptr_t)w->biases + (uintptr_t)(r0 * n_group) * es;
+    for (size_t o = 0; o < n; o += 64) {
+        _mm_prefetch((const char *)(s + o), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + o), _MM_HINT_T0);
+    }
+}
+
+// Groups whose scales and biases are converted to f32 at a time, ahead of the loop
+// over them: keeps the dtype switch and the conversions out of the group loop.
+#define SB_CHUNK 64
+
+// dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
+INLINE_AVX2 void avx2_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+                             int n) {
+    int i = 0;
+    if (dt == MF_DTYPE_BF16)
+        for (; i + 8 <= n; i += 8) {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + k + i));
+            __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(v));
+        }
+    for (; i < n; i++)
+        dst[i] = mf_load_f32(src, dt, k + (size_t)i);
+}
+
+/* ---- Decode matvec, QROWS_AVX2 rows per pass ----
+ * Each x vector loaded feeds every row of the pass, and every row keeps two
+ * accumulator chains (one would leave the loop waiting on FMA latency). Widths up to 3 bits take each weight from the group's
+ * table of the eight s*q + b (vpermps reads the low three bits of a lane, so stray
+ * stream bits above a 2-bit code select an equal entry); wider ones compute s*q + b
+ * with one FMA (rounded once). */
+
+#define QROWS_AVX2 4
+
+// The eight weights at column c of one row, bits a constant.
+INLINE_AVX2 __m256 avx2_w8(const uint8_t *row, int64_t c, const int bits, __m256 s,
+                           __m256 b, __m256 lut) {
+    if (bits <= 3)
+        return _mm256_permutevar8x32_ps(lut, avx2_raw8(row, c, bits, 0));
+    return _mm256_fmadd_ps(avx2_codes8(row, c, bits), s, b);
+}
+
+// The sixteen weights at column c (a multiple of 16) of one row as two vectors: 2-bit
+// codes come from one 32-bit load shifted two ways (a 16-bit load per eight codes costs
+// more in moves than the lookup itself).
+INLINE_AVX2 void avx2_w16(const uint8_t *row, int64_t c, const int bits, __m256 s,
+                          __m256 b, __m256 lut, __m256 *w0, __m256 *w1) {
+    if (bits == 2) {
+        uint32_t word;
+        memcpy(&word, row + c / 4, 4);
+        const __m256i v = _mm256_set1_epi32((int)word);
+        const __m256i lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m256i hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+        *w0 = _mm256_permutevar8x32_ps(lut, _mm256_srlv_epi32(v, lo));
+        *w1 = _mm256_permutevar8x32_ps(lut, _mm256_srlv_epi32(v, hi));
+        return;
+    }
+    *w0 = avx2_w8(row, c, bits, s, b, lut);
+    *w1 = avx2_w8(row, c + 8, bits, s, b, lut);
+}
+
+// s * (i mod 2^bits) + b for i < 8 (product rounded, then the sum: as dequant).
+INLINE_AVX2 __m256 avx2_lut(__m256 s, __m256 b, const int bits) {
+    const __m256i i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i q = _mm256_and_si256(i, _mm256_set1_epi32(bits < 3 ? (1 << bits) - 1 : 7));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b);
+}
+
+// The sums of the lanes of v0..v3, in lanes 0..3, by one shared tree; a row's sum
+// depends only on its own vector (as avx512_sum4).
+INLINE_AVX2 __m128 avx2_sum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[k * ys + i] = sum of v[i] (k = 0) or u[i] (k = 1, when nt is 2) for i < nr.
+INLINE_AVX2 void avx2_store_sums(float *y, int64_t ys, const __m256 *v, const __m256 *u,
+                                 const int nr, const int nt) {
+    float tmp[4];
+    for (int k = 0; k < nt; k++) {
+        const __m256 *p = k == 0 ? v : u;
+        if (nr == 4)
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[1], p[2], p[3]));
+        else if (nr == 2)
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[1], p[0], p[1]));
+        else
+            _mm_storeu_ps(tmp, avx2_sum4(p[0], p[0], p[0], p[0]));
+        for (int i = 0; i < nr; i++)
+            y[k * ys + i] = tmp[i];
+    }
+}
+
+// The scales and biases of the pass's rows from group g on, as f32: row i's at
+// sf[i * n_group] for all groups when `whole` (rows are contiguous in the scale array,
+// one conversion), else the next SB_CHUNK groups at sf[i * SB_CHUNK].
+INLINE_AVX2 void avx2_pass_sb(float *sf, float *bf, const struct mf_weight *w, int64_t r0,
+                              const int nr, int64_t g, int whole) {
+    const int64_t n_group = w->n_in / w->group_size;
+    if (whole) {
+        avx2_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx2_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        return;
+    }
+    int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+    for (int i = 0; i < nr; i++) {
+        size_t k = (size_t)((r0 + i) * n_group + g);
+        avx2_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+        avx2_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
+    }
+}
+
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS_AVX2) and t < nt,
+// nt 1 or 2, bits a constant (as avx512_rows).
+INLINE_AVX2 void avx2_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                           const struct mf_weight *w, int64_t r0, const int nr, const int nt,
+                           const int bits) {
     const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0, tot2 = tot0, tot3 = tot0;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS_AVX2];
+    __m256 a0[QROWS_AVX2], a1[QROWS_AVX2];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = _mm256_setzero_ps();
+    }
+    // Row i's converted scales at sf[i * sb_stride] (see avx2_pass_sb).
+    float sf[QROWS_AVX2 * SB_CHUNK], bf[QROWS_AVX2 * SB_CHUNK];
+    const int whole = n_group <= SB_CHUNK;
+    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);   // the next pass's rows
+    rows_prefetch_sb(w, r0 + nr, nr);
     for (int64_t g = 0; g < n_group; g++) {
-        const __m256 s = _mm256_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const __m256 b = _mm256_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        // Four independent chains (gs >= 32): one chain would wait on FMA latency.
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            __m256 w0 = _mm256_fmadd_ps(avx2_codes8(row, c, bits), s, b);
-            __m256 w1 = _mm256_fmadd_ps(avx2_codes8(row, c + 8, bits), s, b);
-            __m256 w2 = _mm256_fmadd_ps(avx2_codes8(row, c + 16, bits), s, b);
-            __m256 w3 = _mm256_fmadd_ps(avx2_codes8(row, c + 24, bits), s, b);
-            tot0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), w0, tot0);
-            tot1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 8), w1, tot1);
-            tot2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 16), w2, tot2);
-            tot3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 24), w3, tot3);
+        const int64_t gi = g % SB_CHUNK;
+        if (gi == 0 && (g == 0 || !whole))
+            avx2_pass_sb(sf, bf, w, r0, nr, g, whole);
+        __m256 s[QROWS_AVX2], b[QROWS_AVX2], lut[QROWS_AVX2];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            s[i] = _mm256_set1_ps(sf[i * sb_stride + gi]);
+            b[i] = _mm256_set1_ps(bf[i * sb_stride + gi]);
+            lut[i] = bits <= 3 ? avx2_lut(s[i], b[i], bits) : s[i];
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
+            rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 2 * nr);
+            const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                __m256 w0, w1;
+                avx2_w16(row[i], c, bits, s[i], b[i], lut[i], &w0, &w1);
+                if (nt == 1) {
+                    a0[i] = _mm256_fmadd_ps(x0, w0, a0[i]);
+                    a1[i] = _mm256_fmadd_ps(x1, w1, a1[i]);
+                } else {
+                    a0[i] = _mm256_fmadd_ps(x1, w1, _mm256_fmadd_ps(x0, w0, a0[i]));
+                    a1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + xs + c + 8), w1,
+                                            _mm256_fmadd_ps(_mm256_loadu_ps(x + xs + c), w0,
+                                                            a1[i]));
+                }
+            }
         }
     }
-    return hsum8(_mm256_add_ps(_mm256_add_ps(tot0, tot1), _mm256_add_ps(tot2, tot3)));
+    if (nt == 1) {
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++)
+            a0[i] = _mm256_add_ps(a0[i], a1[i]);
+    }
+    avx2_store_sums(y, ys, a0, a1, nr, nt);
 }
 
-static AVX2 float avx2_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+// Rows [i, i + nr) for every token, two tokens per pass (as avx512_rows_tokens).
+INLINE_AVX2 void avx2_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs,
+                                  int n_tok, const struct mf_weight *w, int64_t r0,
+                                  const int nr, const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        avx2_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        avx2_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE_AVX2 void avx2_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                     int n_tok, const struct mf_weight *w, int64_t r0,
+                                     int n_row, const int bits) {
+    // Widths above 3 bits keep s and b per row in registers besides the accumulators:
+    // four rows of them overflow the sixteen ymm registers (accumulators spilled in the
+    // inner loop, 40% slower), two do not.
+    const int nr = bits <= 3 ? QROWS_AVX2 : 2;
+    int i = 0;
+    for (; i + nr <= n_row; i += nr)
+        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, nr, bits);
+    for (; i < n_row; i++)
+        avx2_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
+}
+
+static AVX2 void avx2_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                                int n_tok, const struct mf_weight *w, int64_t r0,
+                                int n_row) {
     switch (w->bits) {
-    case 2: return avx2_qdot_bits(x, w, r, 2);
-    case 3: return avx2_qdot_bits(x, w, r, 3);
-    case 4: return avx2_qdot_bits(x, w, r, 4);
-    case 5: return avx2_qdot_bits(x, w, r, 5);
-    case 6: return avx2_qdot_bits(x, w, r, 6);
-    default: return avx2_qdot_bits(x, w, r, 8);
+    case 2: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: avx2_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -285,7 +486,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
     .name = "avx2",
     .dot = avx2_dot,
     .axpy = avx2_axpy,
-    .qdot = avx2_qdot,
+    .qdot_rows = avx2_qdot_rows,
+    .qdot_max_tok = 4,
     .dequant = avx2_dequant,
     .gemm_tile = avx2_gemm_tile,
     .bf16_to_f32 = avx2_bf16_to_f32,
@@ -295,9 +497,9 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx2 = {
 
 /* ==== AVX-512 (F + BW) ==== */
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define INLINE_AVX512 \
-    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
 static AVX512 float avx512_dot(const float *a, const float *b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -353,9 +555,10 @@ INLINE_AVX512 __m512i avx512_raw16(const uint8_t *row, int64_t c, const int bits
         v = _mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh);
     } else {
         // 3, 5, 6 bits: two runs (2*bits <= 12 bytes) in every 128-bit lane, two bytes
-        // per 32-bit lane.
-        uint64_t lo, hi;
-        load_le(row + c / 8 * bits, 2 * bits, &lo, &hi);
+        // per 32-bit lane. The masked load reads exactly the runs' bytes (nothing past
+        // the end of the weight) without assembling them in scalar registers.
+        const __m128i runs = _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1u),
+                                                  row + c / 8 * bits);
         const __m512i shuf = _mm512_setr_epi32(
             SHUF(0, bits), SHUF(1, bits), SHUF(2, bits), SHUF(3, bits), SHUF(4, bits),
             SHUF(5, bits), SHUF(6, bits), SHUF(7, bits), SHUF(8, bits), SHUF(9, bits),
@@ -365,8 +568,7 @@ INLINE_AVX512 __m512i avx512_raw16(const uint8_t *row, int64_t c, const int bits
             SH(0, bits), SH(1, bits), SH(2, bits), SH(3, bits), SH(4, bits), SH(5, bits),
             SH(6, bits), SH(7, bits), SH(8, bits), SH(9, bits), SH(10, bits), SH(11, bits),
             SH(12, bits), SH(13, bits), SH(14, bits), SH(15, bits));
-        v = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)hi, (long long)lo));
-        v = _mm512_srlv_epi32(_mm512_shuffle_epi8(v, shuf), sh);
+        v = _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(runs), shuf), sh);
     }
     return masked ? _mm512_and_si512(v, _mm512_set1_epi32((1 << bits) - 1)) : v;
 }
@@ -391,34 +593,215 @@ INLINE_AVX512 __m512 avx512_lut(__m512 s, __m512 b, const int bits) {
     return _mm512_add_ps(_mm512_mul_ps(q, s), b);
 }
 
-INLINE_AVX512 float avx512_qdot_bits(const float *x, const struct mf_weight *w, int64_t r,
-                                     const int bits) {
-    const int gs = w->group_size;
-    const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
-    const int64_t n_group = w->n_in / gs, s0 = r * n_group;
-    __m512 tot0 = _mm512_setzero_ps(), tot1 = tot0;
-    for (int64_t g = 0; g < n_group; g++) {
-        const __m512 s = _mm512_set1_ps(mf_load_f32(w->scales, w->sdtype, (size_t)(s0 + g)));
-        const __m512 b = _mm512_set1_ps(mf_load_f32(w->biases, w->sdtype, (size_t)(s0 + g)));
-        const __m512 lut = avx512_lut(s, b, bits);
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
-            __m512 w0 = avx512_values16(row, c, bits, s, b, lut);
-            __m512 w1 = avx512_values16(row, c + 16, bits, s, b, lut);
-            tot0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), w0, tot0);
-            tot1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), w1, tot1);
-        }
+/* ---- Decode matvec, QROWS rows per pass ----
+ * Each x vector loaded feeds QROWS rows, and every row keeps two accumulator chains, so
+ * the loop is bound by decoding the codes, not by FMA latency or x loads. Widths up to
+ * 4 bits take each weight from the group's table (exactly s*q + b, as dequant); wider
+ * ones compute it with one FMA, s*q + b rounded once. 4-bit codes are unpacked into a
+ * fixed lane order (rows_codes16) and x is permuted to match once per pass, for all
+ * rows: cheaper than putting codes in column order row by row. */
+
+#define QROWS 4
+
+// Codes of one row at column c (a multiple of 16), one per lane in the order
+// rows_x16 gives x, with stray stream bits above them for widths up to 4 (the table
+// lookup reads only the low four bits) and masked for wider ones.
+INLINE_AVX512 __m512i rows_codes16(const uint8_t *row, int64_t c, const int bits) {
+    if (bits == 2) {
+        uint32_t word;
+        memcpy(&word, row + c / 4, 4);
+        const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                             26, 28, 30);
+        return _mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1));
+    if (bits == 4) {
+        // The 64-bit word in every qword lane, qword j shifted by 4j: its low dword
+        // starts at code j, its high dword at code j + 8.
+        uint64_t word;
+        memcpy(&word, row + c / 2, 8);
+        const __m512i sh = _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm512_srlv_epi64(_mm512_set1_epi64((long long)word), sh);
+    }
+    return avx512_raw16(row, c, bits, bits > 4);
 }
 
-static AVX512 float avx512_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+// x[c, c + 16) in the lane order of rows_codes16.
+INLINE_AVX512 __m512 rows_x16(const float *x, const int bits) {
+    if (bits != 4)
+        return _mm512_loadu_ps(x);
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7,
+                                          15);
+    return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x));
+}
+
+// The weights of codes q: table lookup up to 4 bits, s*q + b (one rounding) above.
+INLINE_AVX512 __m512 rows_w16(__m512i q, const int bits, __m512 s, __m512 b, __m512 lut) {
+    if (bits <= 4)
+        return _mm512_permutexvar_ps(q, lut);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b);
+}
+
+// dst[0, n) = elements [k, k + n) of a scale or bias array as f32 (exact).
+INLINE_AVX512 void avx512_sb_f32(float *dst, const void *src, enum mf_dtype dt, size_t k,
+                                 int n) {
+    if (dt != MF_DTYPE_BF16) {
+        for (int i = 0; i < n; i++)
+            dst[i] = mf_load_f32(src, dt, k + (size_t)i);
+        return;
+    }
+    const uint16_t *p = (const uint16_t *)src + k;
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + i));
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+}
+
+// The sums of the lanes of v0..v3, in lanes 0..3: one shared tree (fewer shuffles
+// than four separate reductions, which matter for short rows). A row's sum depends
+// only on its own vector, so a row gives the same result whatever the others are.
+INLINE_AVX512 __m128 avx512_sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 h01 = _mm256_hadd_ps(HALVES(v0), HALVES(v1));
+    __m256 h23 = _mm256_hadd_ps(HALVES(v2), HALVES(v3));
+#undef HALVES
+    __m256 h = _mm256_hadd_ps(h01, h23);
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[k * ys + i] = sum of v[i] (k = 0) or u[i] (k = 1, when nt is 2) for i < nr.
+INLINE_AVX512 void avx512_store_sums(float *y, int64_t ys, const __m512 *v,
+                                     const __m512 *u, const int nr, const int nt) {
+    float tmp[4];
+    for (int k = 0; k < nt; k++) {
+        const __m512 *p = k == 0 ? v : u;
+        if (nr == QROWS) {
+            _mm_storeu_ps(tmp, avx512_sum4(p[0], p[1], p[2], p[3]));
+        } else {
+            _mm_storeu_ps(tmp, avx512_sum4(p[0], p[0], p[0], p[0]));
+        }
+        for (int i = 0; i < nr; i++)
+            y[k * ys + i] = tmp[i];
+    }
+}
+
+// The scales and biases of the pass's rows from group g on, as f32: row i's at
+// sf[i * n_group] for all groups when `whole` (rows are contiguous in the scale array,
+// one conversion), else the next SB_CHUNK groups at sf[i * SB_CHUNK].
+INLINE_AVX512 void avx512_pass_sb(float *sf, float *bf, const struct mf_weight *w, int64_t r0,
+                              const int nr, int64_t g, int whole) {
+    const int64_t n_group = w->n_in / w->group_size;
+    if (whole) {
+        avx512_sb_f32(sf, w->scales, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        avx512_sb_f32(bf, w->biases, w->sdtype, (size_t)(r0 * n_group), (int)(nr * n_group));
+        return;
+    }
+    int n = n_group - g < SB_CHUNK ? (int)(n_group - g) : SB_CHUNK;
+    for (int i = 0; i < nr; i++) {
+        size_t k = (size_t)((r0 + i) * n_group + g);
+        avx512_sb_f32(sf + i * SB_CHUNK, w->scales, w->sdtype, k, n);
+        avx512_sb_f32(bf + i * SB_CHUNK, w->biases, w->sdtype, k, n);
+    }
+}
+
+// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr (nr <= QROWS) and t < nt, nt
+// 1 or 2, bits a constant. One token keeps two accumulator chains per row; two tokens
+// share each decoded weight vector and keep one chain per row and token.
+INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                               const struct mf_weight *w, int64_t r0, const int nr,
+                               const int nt, const int bits) {
+    const int gs = w->group_size;
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in * bits / 8;
+    const uint8_t *row[QROWS];
+    __m512 a0[QROWS], a1[QROWS];
+    // Row i's converted scales at sf[i * sb_stride] (see avx512_pass_sb).
+    float sf[QROWS * SB_CHUNK], bf[QROWS * SB_CHUNK];
+    const int whole = n_group <= SB_CHUNK;
+    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        a0[i] = a1[i] = _mm512_setzero_ps();
+    }
+    // The next pass's rows follow these in memory: they are prefetched as these are
+    // read, at the same pace (see rows_prefetch).
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);
+    rows_prefetch_sb(w, r0 + nr, nr);
+    for (int64_t g = 0; g < n_group; g++) {
+        const int64_t gi = g % SB_CHUNK;
+        if (gi == 0 && (g == 0 || !whole))
+            avx512_pass_sb(sf, bf, w, r0, nr, g, whole);
+        __m512 s[QROWS], b[QROWS], lut[QROWS];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            s[i] = _mm512_set1_ps(sf[i * sb_stride + gi]);
+            b[i] = _mm512_set1_ps(bf[i * sb_stride + gi]);
+            lut[i] = bits <= 4 ? avx512_lut(s[i], b[i], bits) : s[i];
+        }
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 32) {
+            rows_prefetch(next + (uintptr_t)(c / 8 * bits * nr), bits * 4 * nr);
+            const __m512 x0 = rows_x16(x + c, bits), x1 = rows_x16(x + c + 16, bits);
+            __m512 u0 = x0, u1 = x1;   // token 1's, when there is one
+            if (nt == 2) {
+                u0 = rows_x16(x + xs + c, bits);
+                u1 = rows_x16(x + xs + c + 16, bits);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; i++) {
+                __m512 w0 = rows_w16(rows_codes16(row[i], c, bits), bits, s[i], b[i], lut[i]);
+                __m512 w1 = rows_w16(rows_codes16(row[i], c + 16, bits), bits, s[i], b[i],
+                                     lut[i]);
+                if (nt == 1) {
+                    a0[i] = _mm512_fmadd_ps(x0, w0, a0[i]);
+                    a1[i] = _mm512_fmadd_ps(x1, w1, a1[i]);
+                } else {
+                    a0[i] = _mm512_fmadd_ps(x1, w1, _mm512_fmadd_ps(x0, w0, a0[i]));
+                    a1[i] = _mm512_fmadd_ps(u1, w1, _mm512_fmadd_ps(u0, w0, a1[i]));
+                }
+            }
+        }
+    }
+    if (nt == 1) {
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++)
+            a0[i] = _mm512_add_ps(a0[i], a1[i]);
+    }
+    avx512_store_sums(y, ys, a0, a1, nr, nt);
+}
+
+// Rows [i, i + nr) for every token, two tokens per pass while two are left: the
+// row set's codes stay in L1 from one pass to the next.
+INLINE_AVX512 void avx512_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs,
+                                      int n_tok, const struct mf_weight *w, int64_t r0,
+                                      const int nr, const int bits) {
+    int t = 0;
+    for (; t + 2 <= n_tok; t += 2)
+        avx512_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 2, bits);
+    if (t < n_tok)
+        avx512_rows(y + t * ys, ys, x + t * xs, xs, w, r0, nr, 1, bits);
+}
+
+INLINE_AVX512 void avx512_qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs,
+                                         int n_tok, const struct mf_weight *w, int64_t r0,
+                                         int n_row, const int bits) {
+    int i = 0;
+    for (; i + QROWS <= n_row; i += QROWS)
+        avx512_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, QROWS, bits);
+    for (; i < n_row; i++)
+        avx512_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
+}
+
+static AVX512 void avx512_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs,
+                                    int n_tok, const struct mf_weight *w, int64_t r0,
+                                    int n_row) {
     switch (w->bits) {
-    case 2: return avx512_qdot_bits(x, w, r, 2);
-    case 3: return avx512_qdot_bits(x, w, r, 3);
-    case 4: return avx512_qdot_bits(x, w, r, 4);
-    case 5: return avx512_qdot_bits(x, w, r, 5);
-    case 6: return avx512_qdot_bits(x, w, r, 6);
-    default: return avx512_qdot_bits(x, w, r, 8);
+    case 2: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -553,7 +936,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
     .name = "avx512",
     .dot = avx512_dot,
     .axpy = avx512_axpy,
-    .qdot = avx512_qdot,
+    .qdot_rows = avx512_qdot_rows,
+    .qdot_max_tok = 4,
     .dequant = avx512_dequant,
     .gemm_tile = avx512_gemm_tile,
     .bf16_to_f32 = avx512_bf16_to_f32,

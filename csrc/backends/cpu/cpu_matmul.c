@@ -4,7 +4,8 @@
  *
  * Weights are float (F32/BF16/F16) or MLX affine-quantized (model-math §1: w = s*q + b
  * per group of gs columns, codes packed LSB-first, bit-stream order for 3/5/6 bits).
- * Every term is x * (s*q + b) in f32 as in mlx's float32 reference; only the summation
+ * Every term is x * (s*q + b) in f32 as in mlx's float32 reference, with s*q + b
+ * rounded once or twice (SIMD qdot_rows fuse it for wider codes); only the summation
  * order differs. Each output element is computed by exactly one task in a fixed order,
  * so results do not depend on the thread count. The SIMD kernel sets live in
  * cpu_kernels_*.c; this file holds what is shared and the scalar reference set.
@@ -54,8 +55,10 @@ run8(const uint8_t *row, int64_t c, const int bits) {
     return u;
 }
 
-// Written once with `bits` a compile-time constant at each call site (always inlined),
-// so the shifts and masks are constants.
+// Functions taking `const int bits` are always inlined at call sites where it is a
+// compile-time constant, so the shifts and masks are constants.
+// Row r . x, summed per group and then over groups, each term x * (s*q + b) with s*q
+// rounded (as dequant). Written straight so the compiler vectorizes the run of eight.
 static inline __attribute__((always_inline)) float
 qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) {
     const uint8_t *row = (const uint8_t *)w->w + r * (w->n_in * bits / 8);
@@ -77,14 +80,25 @@ qdot_bits(const float *x, const struct mf_weight *w, int64_t r, const int bits) 
     return total;
 }
 
-static float scalar_qdot(const float *x, const struct mf_weight *w, int64_t r) {
+// One token at a time: the scalar set gains nothing from sharing a decode between
+// tokens (the shared form does not vectorize), so it keeps qdot_max_tok = 1.
+static inline __attribute__((always_inline)) void
+qdot_rows_bits(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+               const struct mf_weight *w, int64_t r0, int n_row, const int bits) {
+    for (int i = 0; i < n_row; i++)
+        for (int t = 0; t < n_tok; t++)
+            y[t * ys + i] = qdot_bits(x + t * xs, w, r0 + i, bits);
+}
+
+static void scalar_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
+                             const struct mf_weight *w, int64_t r0, int n_row) {
     switch (w->bits) {
-    case 2: return qdot_bits(x, w, r, 2);
-    case 3: return qdot_bits(x, w, r, 3);
-    case 4: return qdot_bits(x, w, r, 4);
-    case 5: return qdot_bits(x, w, r, 5);
-    case 6: return qdot_bits(x, w, r, 6);
-    default: return qdot_bits(x, w, r, 8);
+    case 2: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 2); break;
+    case 3: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 3); break;
+    case 4: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
+    case 5: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
+    case 6: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
+    default: qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
@@ -147,7 +161,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .name = "scalar",
     .dot = scalar_dot,
     .axpy = scalar_axpy,
-    .qdot = scalar_qdot,
+    .qdot_rows = scalar_qdot_rows,
+    .qdot_max_tok = 1,
     .dequant = scalar_dequant,
     .gemm_tile = scalar_gemm_tile,
     .bf16_to_f32 = scalar_bf16_to_f32,
@@ -172,7 +187,8 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (k == &mf_cpu_kernels_avx512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
 #endif
     return 0;
 }
@@ -247,11 +263,9 @@ void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_wei
 // Columns converted per step for F16/BF16 rows: small enough for the stack.
 #define ROW_STEP 512
 
-// sum_c x[c] * W[r, c] for one row.
+// sum_c x[c] * W[r, c] for one row of a float weight.
 static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_t r,
                      const float *x) {
-    if (w->dtype == MF_DTYPE_U32)
-        return ex->k->qdot(x, w, r);
     if (w->dtype == MF_DTYPE_F32)
         return ex->k->dot(x, (const float *)w->w + r * w->n_in, w->n_in);
     float tmp[ROW_STEP];
@@ -264,11 +278,32 @@ static float row_dot(const struct mf_exec *ex, const struct mf_weight *w, int64_
     return total;
 }
 
+// Whether matmul of n_tok tokens over w goes through rows_dot: one token always; up to
+// the kernel set's qdot_max_tok tokens over quantized weights (rather than
+// dequantizing tiles for the gemm).
+static int use_rows_dot(const struct mf_exec *ex, const struct mf_weight *w, int n_tok) {
+    return n_tok == 1 || (w->dtype == MF_DTYPE_U32 && n_tok <= ex->k->qdot_max_tok);
+}
+
+// y[t * ys + r - r0] = sum_c x[t * xs + c] * W[r, c] for rows [r0, r1) and t < n_tok
+// (n_tok 1 unless W is quantized, see use_rows_dot).
+static void rows_dot(const struct mf_exec *ex, float *y, int64_t ys,
+                     const struct mf_weight *w, int64_t r0, int64_t r1, const float *x,
+                     int64_t xs, int n_tok) {
+    if (w->dtype == MF_DTYPE_U32) {
+        ex->k->qdot_rows(y, ys, x, xs, n_tok, w, r0, (int)(r1 - r0));
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++)
+        y[r - r0] = row_dot(ex, w, r, x);
+}
+
 /* ==== matmul: y[n_tok, n_out] = x[n_tok, n_in] @ W^T ====
- * One token: each task owns a block of output rows and dots them straight from the
- * packed codes. Several tokens: each task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of
- * its rows once into its scratch and applies it to every token, so the weight is
- * decoded once per call instead of once per token. */
+ * One token (and up to qdot_max_tok tokens over quantized weights): each task owns a
+ * block of output rows and dots them straight from the packed codes. More tokens: each
+ * task dequantizes a [ROW_BLOCK, COL_CHUNK] tile of its rows once into its scratch and
+ * applies it to every token, so the weight is decoded once per call instead of once
+ * per token. */
 
 struct matmul_job {
     struct mf_exec *ex;
@@ -284,8 +319,7 @@ static void matvec_task(void *arg, int task, int tid) {
     const struct matmul_job *j = arg;
     int64_t r0 = task * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->w->n_out ? r0 + j->rows_per_task : j->w->n_out;
-    for (int64_t r = r0; r < r1; r++)
-        j->y[r] = row_dot(j->ex, j->w, r, j->x);
+    rows_dot(j->ex, j->y + r0, j->w->n_out, j->w, r0, r1, j->x, j->w->n_in, j->n_tok);
 }
 
 static void matmat_task(void *arg, int task, int tid) {
@@ -311,7 +345,7 @@ void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
     if (n_tok <= 0 || w->n_out <= 0)
         return;
     struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
-    if (n_tok == 1) {
+    if (use_rows_dot(ex, w, n_tok)) {
         // Enough tasks to balance the threads, few enough to keep the hand-out cheap.
         j.rows_per_task = 32;
         int64_t n_task = (w->n_out + j.rows_per_task - 1) / j.rows_per_task;
@@ -392,11 +426,11 @@ static void heads_task(void *arg, int task, int tid) {
     struct mf_weight w = head_view(j->w, h * j->w_head_rows);
     const float *x = j->x + h * j->x_head_stride;
     float *y = j->y + h * j->y_head_stride;
-    const int64_t n_in = w.n_in, rows = j->n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    const int direct = use_rows_dot(j->ex, &w, j->n_tok);
+    const int64_t n_in = w.n_in, rows = direct ? 32 : MF_CPU_ROW_BLOCK;
     int64_t r0 = blk * rows, r1 = r0 + rows < w.n_out ? r0 + rows : w.n_out;
-    if (j->n_tok == 1) {
-        for (int64_t r = r0; r < r1; r++)
-            y[r] = row_dot(j->ex, &w, r, x);
+    if (direct) {
+        rows_dot(j->ex, y + r0, j->y_tok_stride, &w, r0, r1, x, j->x_tok_stride, j->n_tok);
         return;
     }
     float *tile = j->ex->scratch[tid];   // [ROW_BLOCK, COL_CHUNK]
@@ -451,7 +485,7 @@ void mf_cpu_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         mf_pool_run(ex->pool, heads_t_task, &j, (int)(j.n_block * n_head));
         return;
     }
-    int64_t rows = n_tok == 1 ? 32 : MF_CPU_ROW_BLOCK;
+    int64_t rows = use_rows_dot(ex, w, n_tok) ? 32 : MF_CPU_ROW_BLOCK;
     j.n_block = (w->n_out + rows - 1) / rows;
     mf_pool_run(ex->pool, heads_task, &j, (int)(j.n_block * n_head));
 }
