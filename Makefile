@@ -9,10 +9,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 CC     ?= cc
 CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc
-CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort)
+# The kernel sources of shaders/ reach the CUDA backend as string literals in a
+# generated C file (shaders/embed.py; the same step setup.py runs).
+SHADERS_C := build/gen/mf_shaders.c
+CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest clean
+.PHONY: all venv install demo test ctest pytest asan asan-pytest clean test-cuda
 
 all: install
 
@@ -35,9 +38,12 @@ demo: install
 
 # C unit tests: each tests/c/test_*.c is its own program linked with the core (no
 # Python), built with -Werror and run.
+$(SHADERS_C): shaders/embed.py $(wildcard shaders/*.h shaders/*.def)
+	$(PYTHON) shaders/embed.py $@
+
 tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
-	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
 
 ctest: $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done
