@@ -5,8 +5,8 @@ convert`` and evaluates tokens into numpy logits, reading only the experts the r
 picks from disk.
 """
 from .errors import (AbortedError, ArgumentError, BackendError, FormatError,
-                     MoefluxError, MoefluxIOError, MoefluxMemoryError, ShapeError,
-                     StateError, UnsupportedError)
+                     MoefluxError, MoefluxIOError, MoefluxMemoryError, NumericError,
+                     ShapeError, StateError, UnsupportedError)
 from .model import Model
 
 __version__ = "0.1.0"
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Model", "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError",
     "ArgumentError", "MoefluxMemoryError", "StateError", "UnsupportedError",
-    "BackendError", "AbortedError", "__version__",
+    "BackendError", "AbortedError", "NumericError", "__version__",
 ]

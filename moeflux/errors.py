@@ -43,6 +43,12 @@ class BackendError(MoefluxError):
     """The compute backend failed or is not available."""
 
 
+class NumericError(MoefluxError, ArithmeticError):
+    """NaN or infinity appeared in the computation, which means damaged weights or
+    experts (the message names the first layer whose output held them); the sequence
+    is as it was before the call. ``python -m moeflux.prep verify`` finds the damage."""
+
+
 class AbortedError(MoefluxError):
     """An evaluation was stopped by ``abort()`` from another thread; the sequence is as
     it was before the call."""
@@ -51,4 +57,5 @@ class AbortedError(MoefluxError):
 __all__ = [
     "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError", "ArgumentError",
     "MoefluxMemoryError", "StateError", "UnsupportedError", "BackendError", "AbortedError",
+    "NumericError",
 ]

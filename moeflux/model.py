@@ -120,8 +120,14 @@ class Model(ModelFeatures):
         self._live().reset()
 
     def stats(self) -> dict:
-        """Counters since creation or ``stats_reset()``: tokens evaluated, expert reads
-        and bytes, seconds waiting for reads, seconds computing."""
+        """Counters since creation or ``stats_reset()``.
+
+        ``n_tokens_evaluated``; ``expert_reads`` and ``expert_bytes_read`` (blobs and
+        bytes read from the expert files); ``compute_s`` (wall seconds in eval) and its
+        phases ``attention_s`` (token mixers), ``routing_s``, ``io_wait_s`` (waiting for
+        expert bytes; ``expert_read_s`` is the same), ``experts_s`` (routed experts),
+        ``shared_s`` (shared experts, dense FFN layers) and ``head_s`` (embedding, final
+        norm, head)."""
         return self._live().stats()
 
     def stats_reset(self) -> None:

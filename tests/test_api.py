@@ -283,6 +283,15 @@ def test_stats(model: moeflux.Model) -> None:
     s = model.stats()
     assert s["n_tokens_evaluated"] == 3
     assert s["expert_reads"] > 0 and s["expert_bytes_read"] > 0 and s["compute_s"] > 0
+    # Phases of the eval: each was entered (every layer of this model has a mixer and
+    # a MoE FFN with a shared expert), and together they are the eval's time, less
+    # the few steps outside any phase (checks, the call itself).
+    phases = ["attention_s", "routing_s", "io_wait_s", "experts_s", "shared_s", "head_s"]
+    assert all(s[k] > 0 for k in phases), {k: s[k] for k in phases}
+    assert s["io_wait_s"] == s["expert_read_s"]
+    total = sum(s[k] for k in phases)
+    assert total <= s["compute_s"] * (1 + 1e-9), (total, s["compute_s"])
+    assert total >= 0.5 * s["compute_s"], (total, s["compute_s"])
 
 
 def test_closed_model(model_dir: Path) -> None:

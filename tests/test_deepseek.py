@@ -244,9 +244,14 @@ def test_attention_bias_refused(tmp_path: Path,
     man_path = model_dir / "model_weights.json"
     man = json.loads(man_path.read_text())
     tensors = man["tensors"]
-    # Any float tensor of hidden_size elements serves as the bias bytes.
-    tensors["model.layers.1.self_attn.o_proj.bias"] = dict(
-        tensors["model.layers.1.input_layernorm.weight"])
+    # A float tensor of hidden_size elements, its bytes appended to the bin (tensors
+    # may not share bytes).
+    bias = dict(tensors["model.layers.1.input_layernorm.weight"])
+    bin_path = model_dir / "model_weights.bin"
+    bias["offset"] = (bin_path.stat().st_size + 63) // 64 * 64
+    with open(bin_path, "r+b") as f:
+        f.truncate(bias["offset"] + bias["size"])
+    tensors["model.layers.1.self_attn.o_proj.bias"] = bias
     man["num_tensors"] = len(tensors)
     man_path.write_text(json.dumps(man))
     with pytest.raises(moeflux.UnsupportedError, match=r"layers\.1\.self_attn\.o_proj\.bias"):

@@ -29,6 +29,17 @@ struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i) {
     return s;
 }
 
+struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base) {
+    struct mf_weight w = *v;
+    const char *b = base;
+    w.w = b + (uintptr_t)v->w;
+    if (v->scales) {
+        w.scales = b + (uintptr_t)v->scales;
+        w.biases = b + (uintptr_t)v->biases;
+    }
+    return w;
+}
+
 int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t errlen) {
     *out = NULL;
     if (!name || strcmp(name, "cpu") == 0)

@@ -59,6 +59,9 @@ int64_t mf_weight_s_bytes(const struct mf_weight *w);
 // Slice i of a stacked weight whose leading dimension was folded away: returns a view
 // whose pointers are advanced by i slices.
 struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i);
+// A view whose pointers are byte offsets (expert components inside a blob) placed at
+// device address base.
+struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base);
 
 struct mf_backend;
 struct mf_exec;
@@ -272,6 +275,11 @@ struct mf_backend_ops {
     // The same with the index table in device memory (tables made once per context).
     void (*gather_rows_dev)(struct mf_exec *ex, float *dst, const float *src,
                             const int32_t *idx, int n_rows, int n);
+
+    // flag[0] = 1 if any of x[0 .. n) is NaN or infinite; otherwise flag is left as it
+    // is (flag: one int32 of device memory). Cheap guard for damaged weights: the
+    // forward checks each layer's output and reads the flags once per eval.
+    void (*flag_nonfinite)(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
 
     // ---- mixture of experts
     // Routing of n_tok tokens: logits [n_tok, E] (device, overwritten with the scores),

@@ -10,7 +10,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+double mf_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 /* ==== Dtypes ==== */
 
@@ -96,7 +103,10 @@ int mf_err(char *err, size_t errlen, int status, const char *fmt, ...) {
 int mf_open_regular(const char *path, int *fd, uint64_t *size, char *err, size_t errlen) {
     *fd = -1;
     *size = 0;
-    int f = open(path, O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO (or device) in the file's place must be refused below, not
+    // block open() until a writer appears. It means nothing for a regular file's reads,
+    // but is cleared all the same.
+    int f = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f < 0)
         return mf_err(err, errlen, MF_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
@@ -108,6 +118,12 @@ int mf_open_regular(const char *path, int *fd, uint64_t *size, char *err, size_t
     if (!S_ISREG(st.st_mode)) {
         close(f);
         return mf_err(err, errlen, MF_ERR_IO, "%s: not a regular file", path);
+    }
+    int fl = fcntl(f, F_GETFL);
+    if (fl < 0 || fcntl(f, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+        int e = errno;
+        close(f);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: fcntl: %s", path, strerror(e));
     }
     *fd = f;
     *size = (uint64_t)st.st_size;

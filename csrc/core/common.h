@@ -65,6 +65,9 @@ int mf_open_regular(const char *path, int *fd, uint64_t *size, char *err, size_t
 // the path and errno text.
 int mf_read_file(const char *path, char **out, size_t *len, char *err, size_t errlen);
 
+// Monotonic wall clock in seconds (timings in stats).
+double mf_now_s(void);
+
 // Join dir and name with '/', into a malloc'd string (NULL on OOM).
 char *mf_path_join(const char *dir, const char *name);
 

@@ -79,8 +79,10 @@ struct mf_model {
     int weights_fd;                   // -1 when not open
     void *weights_map;                // mmap of model_weights.bin, NULL when none
     uint64_t weights_bytes;
+    int64_t weights_mtime_ns;         // of model_weights.bin at open (mf_weights_check)
     struct mf_backend *be;            // owned
     const void *weights_dev;          // be->ops->map_weights view of weights_map
+    struct mf_derived *derived;       // f32 copies made at bind (mf_bind_vector_f32)
     mf_expert_store *experts;         // owned; NULL for models without routed experts
     const struct mf_arch *arch;
     void *arch_weights;               // owned by the arch (unbind frees)
@@ -114,8 +116,20 @@ int mf_bind_linear(const mf_model *m, struct mf_weight *out, const char *path,
 // element count). F32/F16/BF16 accepted.
 int mf_bind_vector(const mf_model *m, struct mf_weight *out, const char *name,
                    int64_t n, char *err, size_t errlen);
+// mf_bind_vector, converted to F32 once at bind when stored as F16/BF16 (a copy owned
+// by the model and mapped through the backend; an F32 tensor is viewed in place), for
+// vectors an op reads as f32 (the noaux_tc router bias).
+int mf_bind_vector_f32(mf_model *m, struct mf_weight *out, const char *name, int64_t n,
+                       char *err, size_t errlen);
+// Release what mf_bind_vector_f32 made (mf_model_free, before the backend).
+void mf_derived_free(mf_model *m);
 // 1 if the manifest has `name`.
 int mf_has_tensor(const mf_model *m, const char *name);
+
+// MF_ERR_IO if model_weights.bin was truncated or rewritten since it was mapped (its
+// size or mtime changed): reading the mapping then could raise SIGBUS or see other
+// bytes. Checked before every eval; a change during an eval is not caught.
+int mf_weights_check(const mf_model *m, char *err, size_t errlen);
 
 // Logging through the model's callback (no-op without one).
 void mf_log(const mf_model *m, int level, const char *fmt, ...)

@@ -87,6 +87,41 @@ static int parse_entry(struct mf_tensor_info *t, const mf_json *e, const char *n
     return 0;
 }
 
+static int cmp_offset(const void *a, const void *b) {
+    const struct mf_tensor_info *x = *(const struct mf_tensor_info *const *)a;
+    const struct mf_tensor_info *y = *(const struct mf_tensor_info *const *)b;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+// No two tensors may share a byte of the bin (a damaged or hand-edited manifest would
+// otherwise bind one tensor's bytes as another's).
+static int check_disjoint(const struct mf_manifest *m, const char *name, char *err,
+                          size_t errlen) {
+    if (m->n_tensors < 2)
+        return 0;
+    const struct mf_tensor_info **by_off = malloc((size_t)m->n_tensors * sizeof *by_off);
+    if (!by_off)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "%s: out of memory", name);
+    int n = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].size)
+            by_off[n++] = &m->tensors[i];
+    qsort(by_off, (size_t)n, sizeof *by_off, cmp_offset);
+    int rc = 0;
+    for (int i = 0; i + 1 < n && !rc; i++) {
+        const struct mf_tensor_info *a = by_off[i], *b = by_off[i + 1];
+        if (a->offset + a->size > b->offset)
+            rc = mf_err(err, errlen, MF_ERR_FORMAT,
+                        "%s: tensors \"%s\" [%llu, %llu) and \"%s\" [%llu, %llu) overlap",
+                        name, a->name, (unsigned long long)a->offset,
+                        (unsigned long long)(a->offset + a->size), b->name,
+                        (unsigned long long)b->offset,
+                        (unsigned long long)(b->offset + b->size));
+    }
+    free(by_off);
+    return rc;
+}
+
 static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
     const unsigned char *b = p;
     for (size_t i = 0; i < n; i++) {
@@ -167,6 +202,8 @@ int mf_manifest_parse(struct mf_manifest *m, const char *text, size_t len,
         rc = parse_entry(t, ts->items[i], name, bin_size, err, errlen);
     }
     mf_json_free(doc);
+    if (!rc)
+        rc = check_disjoint(m, name, err, errlen);
     if (rc) {
         mf_manifest_free(m);
         return rc;

@@ -43,6 +43,7 @@ const char *mf_strerror(int status) {
     case MF_ERR_BACKEND: return "compute backend failure";
     case MF_ERR_STATE: return "request does not fit the context's state";
     case MF_ERR_UNSUPPORTED: return "not supported by this build";
+    case MF_ERR_NUMERIC: return "NaN or infinity in the computation";
     case MF_ABORTED: return "aborted";
     default: return "unknown status";
     }
@@ -71,12 +72,6 @@ void mf_log(const mf_model *m, int level, const char *fmt, ...) {
     m->params.log_fn(m->params.log_user, level, line);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ==== Model ==== */
 
 void mf_model_free(mf_model *m) {
@@ -85,8 +80,12 @@ void mf_model_free(mf_model *m) {
     if (m->arch && m->arch_weights && m->arch->unbind)
         m->arch->unbind(m);
     mf_expert_store_close(m->experts);
-    if (m->be && m->be->ops && m->be->ops->free)
+    if (m->be) {
+        mf_derived_free(m);
+        if (m->weights_dev && m->be->ops->unmap_weights)
+            m->be->ops->unmap_weights(m->be, m->weights_dev, m->weights_bytes);
         m->be->ops->free(m->be);
+    }
     mf_weights_unmap(m);
     mf_manifest_free(&m->manifest);
     mf_config_free(&m->cfg);
@@ -349,10 +348,19 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
             return mf_ctx_fail(ctx, MF_ERR_ARG,
                                "eval: token %d at index %d is outside the vocabulary [0, %d)",
                                tokens[i], i, n_vocab);
+    if (mf_weights_check(ctx->model, ctx->errmsg, sizeof ctx->errmsg) != MF_OK)
+        return MF_ERR_IO;
     atomic_store(&ctx->abort_flag, 0);
-    double t0 = now_s();
+    double t0 = mf_now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);
-    ctx->stats.compute_s += now_s() - t0;
+    if (rc == MF_OK) {
+        // queued work that failed on the device (a GPU launch or copy) surfaces here
+        char msg[512];
+        int st = ctx->be->ops->status(ctx->ex, msg, sizeof msg);
+        if (st != MF_OK)
+            rc = mf_ctx_fail(ctx, st, "eval: backend %s: %s", ctx->be->ops->name, msg);
+    }
+    ctx->stats.compute_s += mf_now_s() - t0;
     if (rc == MF_OK) {
         ctx->n_past += n_tokens;
         ctx->stats.n_tokens_evaluated += n_tokens;

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/common.h"
@@ -47,9 +48,36 @@ int mf_weights_map(mf_model *m, const char *path, char *err, size_t errlen) {
         // Dense weights are touched on every token; ask the kernel to read ahead.
         (void)madvise(map, (size_t)bytes, MADV_WILLNEED);
     }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        if (map)
+            munmap(map, (size_t)bytes);
+        close(fd);
+        return mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+    }
     m->weights_fd = fd;
     m->weights_map = map;
     m->weights_bytes = bytes;
+    m->weights_mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    return MF_OK;
+}
+
+int mf_weights_check(const mf_model *m, char *err, size_t errlen) {
+    if (m->weights_fd < 0)
+        return MF_OK;
+    struct stat st;
+    if (fstat(m->weights_fd, &st) != 0)
+        return mf_err(err, errlen, MF_ERR_IO, "%s/model_weights.bin: cannot stat: %s",
+                      m->dir, strerror(errno));
+    int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    if ((uint64_t)st.st_size != m->weights_bytes || mtime != m->weights_mtime_ns)
+        return mf_err(err, errlen, MF_ERR_IO,
+                      "%s/model_weights.bin was changed on disk after the model was opened "
+                      "(%llu bytes then, %llu now%s); its mapping can no longer be trusted: "
+                      "open the model again", m->dir,
+                      (unsigned long long)m->weights_bytes, (unsigned long long)st.st_size,
+                      mtime != m->weights_mtime_ns ? ", modified" : "");
     return MF_OK;
 }
 
@@ -246,6 +274,56 @@ int mf_bind_vector(const mf_model *m, struct mf_weight *out, const char *name, i
     out->n_out = 1;
     out->n_in = n;
     return MF_OK;
+}
+
+struct mf_derived {
+    float *host;
+    const void *dev;
+    uint64_t bytes;
+    struct mf_derived *next;
+};
+
+int mf_bind_vector_f32(mf_model *m, struct mf_weight *out, const char *name, int64_t n,
+                       char *err, size_t errlen) {
+    int rc = mf_bind_vector(m, out, name, n, err, errlen);
+    if (rc != MF_OK || out->dtype == MF_DTYPE_F32)
+        return rc;
+    const struct mf_tensor_info *t = mf_manifest_find(&m->manifest, name);
+    struct mf_derived *d = calloc(1, sizeof *d);
+    if (d)
+        d->host = malloc((size_t)n * sizeof(float));
+    if (!d || !d->host) {
+        if (d)
+            free(d);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "tensor %s: out of memory for f32 copy",
+                      name);
+    }
+    const uint8_t *src = (const uint8_t *)m->weights_map + t->offset;
+    for (int64_t i = 0; i < n; i++)
+        d->host[i] = mf_load_f32(src, t->dtype, (size_t)i);
+    d->bytes = (uint64_t)n * sizeof(float);
+    d->dev = m->be->ops->map_weights(m->be, d->host, d->bytes, err, errlen);
+    if (!d->dev) {
+        free(d->host);
+        free(d);
+        return MF_ERR_BACKEND;
+    }
+    d->next = m->derived;
+    m->derived = d;
+    out->w = d->dev;
+    out->dtype = out->sdtype = MF_DTYPE_F32;
+    return MF_OK;
+}
+
+void mf_derived_free(mf_model *m) {
+    while (m->derived) {
+        struct mf_derived *d = m->derived;
+        m->derived = d->next;
+        if (m->be->ops->unmap_weights)
+            m->be->ops->unmap_weights(m->be, d->dev, d->bytes);
+        free(d->host);
+        free(d);
+    }
 }
 
 int mf_has_tensor(const mf_model *m, const char *name) {

@@ -70,6 +70,8 @@ enum mf_status {
     MF_ERR_STATE = -7,         // the request does not fit the ctx's state (snapshot
                                // of another model, truncation that cannot be exact)
     MF_ERR_UNSUPPORTED = -8,   // valid input this build does not support
+    MF_ERR_NUMERIC = -9,       // NaN or infinity appeared in the computation (damaged
+                               // weights or experts); the message names the layer
     MF_ABORTED = 1,            // mf_ctx_abort or the abort callback stopped a call;
                                // the ctx is as it was before the call
 };
@@ -249,6 +251,15 @@ struct mf_ctx_stats {
     int64_t expert_bytes_read;    // bytes of those reads
     double expert_read_s;         // wall seconds spent waiting for expert reads
     double compute_s;             // wall seconds in mf_ctx_eval (reads included)
+    // Wall seconds per phase of mf_ctx_eval (they add up to about compute_s). On a
+    // backend that queues work (GPU) a phase counts until its work is queued, except
+    // where the host waits for results (routing, expert reads, logits).
+    double attention_s;           // token mixers: attention, MLA, GatedDeltaNet, norms
+    double routing_s;             // router matmul, top-k, grouping by expert
+    double io_wait_s;             // waiting for expert bytes (= expert_read_s)
+    double experts_s;             // routed experts: gather, SwiGLU experts, combine
+    double shared_s;              // shared experts and dense FFN layers
+    double head_s;                // embedding, final norm, head, logits download
 };
 
 MF_API void mf_ctx_stats_get(const mf_ctx *ctx, struct mf_ctx_stats *out);

@@ -45,6 +45,8 @@ struct mf_decoder {
     float *y;          // [max_tok, n_embd] block output
     float *ffn_tmp;    // [max_tok, 2*n_ff_dense] (NULL when n_ff_dense == 0)
     float *logits;     // [max_tok, n_vocab]
+    int32_t *nonfinite;       // [n_layer] device flags: layer output had NaN/inf
+    int32_t *nonfinite_host;  // [n_layer] host copy, read once per eval
     struct mf_moe_scratch *moe;
 };
 
@@ -71,7 +73,9 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_we
 // through dec->layer for every layer (polling abort before each), then, when logits
 // is not NULL, the final norm and head on every row (all_logits) or on the last row of
 // the call, downloaded to logits [n_tok or 1, n_vocab] (host). Returns MF_OK,
-// MF_ABORTED, or a layer's error; committing state is left to the caller.
+// MF_ABORTED, or a layer's error; MF_ERR_NUMERIC naming the first layer whose output
+// held NaN or infinity (or the head, for non-finite logits); committing state is left
+// to the caller.
 int mf_decoder_run(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *tokens,
                    int n_tok, float *logits, int all_logits);
 

@@ -356,7 +356,7 @@ static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds
     return rc;
 }
 
-static int bind_ffn(const mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
+static int bind_ffn(mf_model *m, struct ds_layer *L, const struct ds_hparams *hp,
                     int il, char *err, size_t errlen) {
     char prefix[256];
     int hid = hp->hidden_size;
@@ -368,8 +368,12 @@ static int bind_ffn(const mf_model *m, struct ds_layer *L, const struct ds_hpara
     w->il = il;
     int rc = bind_lin(m, &w->router, 0, hp->moe.n_expert, hid, err, errlen,
                       "model.layers.%d.mlp.gate", il);
-    if (!rc) rc = bind_vec(m, &w->router_bias, hp->moe.n_expert, err, errlen,
-                           "model.layers.%d.mlp.gate.e_score_correction_bias", il);
+    if (!rc) {
+        // read by moe_route as f32: converted once here if stored as F16/BF16
+        char name[256];
+        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.e_score_correction_bias", il);
+        rc = mf_bind_vector_f32(m, &w->router_bias, name, hp->moe.n_expert, err, errlen);
+    }
     if (rc || hp->moe.n_ff_shexp == 0) return rc;
     struct mf_ffn_layer sh;
     snprintf(prefix, sizeof prefix, "model.layers.%d.mlp.shared_experts", il);
@@ -555,10 +559,8 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
     // shared rope key roped, and both rows go to the cache as they are.
     op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->dec.xn, n);
-    for (int t = 0; t < n; t++) {
-        float *row = s->ckv + (size_t)t * kvr;
-        op->rmsnorm(ex, row, row, &L->kv_a_layernorm, 1, kvl, DS_LORA_NORM_EPS, 1.0f);
-    }
+    op->rmsnorm_heads(ex, s->ckv, s->ckv, &L->kv_a_layernorm, n, kvr, 1, kvl, kvl,
+                      DS_LORA_NORM_EPS, 1.0f);
     // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike.
     op->rope(ex, s->qfull + kvl, n, H, H * kvr, kvr, rope, s->inv_freq, pos0, 1,
              hp->rope_mscale);

@@ -23,10 +23,12 @@
 
 /* ==== Scratch ====
  * Everything a call needs, sized once for max_tok tokens. Host arrays hold the
- * routing (the router logits must come to the host anyway: top-k picks which files to
- * read). Device arrays hold activations. Expert blobs land in n_slot host-visible
- * buffers; a call with more distinct experts than slots processes them in batches of
- * n_slot, still reading each expert once. */
+ * routing (the chosen experts must come to the host anyway: they say which files to
+ * read). Device arrays hold activations, row r of xg / gu / eo being the r-th (token,
+ * expert) pair in expert-grouped order. Expert blobs land in n_slot host buffers
+ * (alloc_host); a backend whose device cannot read host memory gets them uploaded into
+ * n_slot device buffers. A call with more distinct experts than slots processes them
+ * in batches of n_slot, still reading each expert once. */
 
 #define SLOT_ERR_LEN 256
 
@@ -34,10 +36,8 @@ struct mf_moe_scratch {
     int max_tok;
     int n_slot;
     uint64_t expert_bytes;
+    struct mf_route_params route;
     // host
-    float *logits_host;      // [max_tok, n_expert] f32
-    uint8_t *bias_raw;       // [n_expert] raw bytes of the correction bias (noaux_tc)
-    float *bias_host;        // [n_expert] f32
     int32_t *sel_idx;        // [max_tok, k] chosen experts
     float *sel_w;            // [max_tok, k] their weights
     int32_t *count;          // [n_expert] tokens routed to each expert
@@ -45,23 +45,26 @@ struct mf_moe_scratch {
     int32_t *tok_of;         // [max_tok * k] token index, grouped by expert
     float *w_of;             // [max_tok * k] weight, grouped like tok_of
     int32_t *used;           // [n_expert] distinct experts in this call, ascending
-    uint8_t *taken;          // [n_expert] selection mask
-    float *biased;           // [n_expert] noaux_tc biased scores
     int *slot_status;        // [n_slot]
     int *slot_expert;        // [n_slot]
     char *slot_err;          // [n_slot, SLOT_ERR_LEN]
+    const void **blob;       // [n_slot] device addresses of the batch's blobs
+    int32_t *row0;           // [n_slot] first row of each batch expert
+    int32_t *n_rows;         // [n_slot] its row count
+    void **slot;             // [n_slot] expert blobs (alloc_host)
     // device
     float *logits_dev;       // [max_tok, n_expert]
-    float *xg;               // [max_tok, n_embd] gathered rows of one expert
-    float *gu;               // [max_tok, 2 * n_ff_exp] gate | up halves
-    float *eo;               // [max_tok, n_embd] one expert's output
+    float *xg;               // [max_tok * k, n_embd] gathered rows
+    float *gu;               // [max_tok * k, 2 * n_ff_exp] gate | up halves per expert
+    float *eo;               // [max_tok * k, n_embd] expert outputs
     float *sh_tmp;           // [max_tok, 2 * n_ff_shexp]
     float *sh_out;           // [max_tok, n_embd]
     float *sh_gate;          // [max_tok, 1]
-    void **slot;             // [n_slot] expert blobs (host-visible device memory)
+    void **slot_dev;         // [n_slot] device copies of the slots (!host_is_device)
     // expert weight views relative to a blob at address 0 (pointers are offsets)
     struct mf_weight ex_gate, ex_up, ex_down;
     int has_store;
+    double io_wait_call;     // seconds waited for reads in the current call
 };
 
 static void *dev_alloc(mf_ctx *ctx, size_t bytes) {
@@ -131,25 +134,14 @@ static int expert_view(const mf_expert_store *st, struct mf_weight *out, const c
     return MF_OK;
 }
 
-static struct mf_weight view_at(const struct mf_weight *v, const void *base) {
-    struct mf_weight w = *v;
-    const char *b = base;
-    w.w = b + (uintptr_t)v->w;
-    if (v->scales) {
-        w.scales = b + (uintptr_t)v->scales;
-        w.biases = b + (uintptr_t)v->biases;
-    }
-    return w;
-}
-
-int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
-                       struct mf_moe_scratch **out, char *err, size_t errlen) {
-    *out = NULL;
-    if (c->n_expert < 1 || c->n_expert_used < 1 || c->n_expert_used > c->n_expert ||
-        max_tok < 1)
+static int check_config(const struct mf_moe_config *c, int max_tok, char *err,
+                        size_t errlen) {
+    if (c->n_expert < 1 || c->n_expert > MF_MOE_MAX_EXPERTS || c->n_expert_used < 1 ||
+        c->n_expert_used > c->n_expert || max_tok < 1)
         return mf_err(err, errlen, MF_ERR_ARG,
-                      "moe: bad sizes (num_experts %d, num_experts_per_tok %d, "
-                      "max_tok %d)", c->n_expert, c->n_expert_used, max_tok);
+                      "moe: bad sizes (num_experts %d (at most %d), num_experts_per_tok "
+                      "%d, max_tok %d)", c->n_expert, MF_MOE_MAX_EXPERTS, c->n_expert_used,
+                      max_tok);
     if (c->router == MF_ROUTER_NOAUX_TC &&
         (c->n_group < 1 || c->n_group > 256 || c->n_expert % c->n_group ||
          c->topk_group < 1 ||
@@ -160,203 +152,132 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
                       "of >= 2 and topk_group in [1, n_group] holding >= %d experts "
                       "(n_group %d, topk_group %d)", c->n_expert, c->n_expert_used,
                       c->n_group, c->topk_group);
+    return MF_OK;
+}
+
+static int bind_views(struct mf_moe_scratch *s, const mf_expert_store *st,
+                      const struct mf_moe_config *c, char *err, size_t errlen) {
+    s->has_store = 1;
+    s->expert_bytes = mf_expert_store_layout(st)->expert_size;
+    int rc = expert_view(st, &s->ex_gate, "gate_proj", c->n_ff_exp, c->n_embd, err, errlen);
+    if (rc == MF_OK)
+        rc = expert_view(st, &s->ex_up, "up_proj", c->n_ff_exp, c->n_embd, err, errlen);
+    if (rc == MF_OK)
+        rc = expert_view(st, &s->ex_down, "down_proj", c->n_embd, c->n_ff_exp, err, errlen);
+    return rc;
+}
+
+static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_config *c) {
+    size_t E = (size_t)c->n_expert, TK = (size_t)s->max_tok * (size_t)c->n_expert_used;
+    size_t S = (size_t)s->n_slot;
+    s->sel_idx = calloc(TK, sizeof(int32_t));
+    s->sel_w = calloc(TK, sizeof(float));
+    s->count = calloc(E, sizeof(int32_t));
+    s->start = calloc(E + 1, sizeof(int32_t));
+    s->tok_of = calloc(TK, sizeof(int32_t));
+    s->w_of = calloc(TK, sizeof(float));
+    s->used = calloc(E, sizeof(int32_t));
+    s->slot_status = calloc(S, sizeof(int));
+    s->slot_expert = calloc(S, sizeof(int));
+    s->slot_err = calloc(S, SLOT_ERR_LEN);
+    s->blob = calloc(S, sizeof(void *));
+    s->row0 = calloc(S, sizeof(int32_t));
+    s->n_rows = calloc(S, sizeof(int32_t));
+    s->slot = calloc(S, sizeof(void *));
+    s->slot_dev = calloc(S, sizeof(void *));
+    return s->sel_idx && s->sel_w && s->count && s->start && s->tok_of && s->w_of &&
+           s->used && s->slot_status && s->slot_expert && s->slot_err && s->blob &&
+           s->row0 && s->n_rows && s->slot && s->slot_dev;
+}
+
+static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
+                        const struct mf_moe_config *c) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    size_t F = sizeof(float), H = (size_t)c->n_embd, T = (size_t)s->max_tok;
+    size_t TK = T * (size_t)c->n_expert_used;
+    s->logits_dev = dev_alloc(ctx, T * (size_t)c->n_expert * F);
+    s->xg = dev_alloc(ctx, TK * H * F);
+    s->gu = dev_alloc(ctx, TK * 2 * (size_t)c->n_ff_exp * F);
+    s->eo = dev_alloc(ctx, TK * H * F);
+    int ok = s->logits_dev && s->xg && s->gu && s->eo;
+    if (c->n_ff_shexp > 0) {
+        s->sh_tmp = dev_alloc(ctx, T * 2 * (size_t)c->n_ff_shexp * F);
+        s->sh_out = dev_alloc(ctx, T * H * F);
+        s->sh_gate = dev_alloc(ctx, T * F);
+        ok = ok && s->sh_tmp && s->sh_out && s->sh_gate;
+    }
+    for (int i = 0; ok && s->has_store && i < s->n_slot; i++) {
+        s->slot[i] = op->alloc_host(ctx->ex, (size_t)s->expert_bytes);
+        if (!op->host_is_device && s->slot[i])
+            s->slot_dev[i] = dev_alloc(ctx, (size_t)s->expert_bytes);
+        ok = s->slot[i] && (op->host_is_device || s->slot_dev[i]);
+    }
+    return ok;
+}
+
+int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
+                       struct mf_moe_scratch **out, char *err, size_t errlen) {
+    *out = NULL;
+    int rc = check_config(c, max_tok, err, errlen);
+    if (rc != MF_OK)
+        return rc;
     struct mf_moe_scratch *s = calloc(1, sizeof *s);
     if (!s)
         return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory");
     const mf_expert_store *st = ctx->model->experts;
-    size_t E = (size_t)c->n_expert, T = (size_t)max_tok, K = (size_t)c->n_expert_used;
     s->max_tok = max_tok;
+    s->route = (struct mf_route_params){
+        .kind = c->router == MF_ROUTER_NOAUX_TC ? MF_ROUTE_NOAUX_TC : MF_ROUTE_SOFTMAX,
+        .n_expert = c->n_expert, .n_used = c->n_expert_used,
+        .norm_topk_prob = c->norm_topk_prob, .n_group = c->n_group,
+        .topk_group = c->topk_group, .routed_scaling_factor = c->routed_scaling_factor};
     // Enough slots to read all of one token's experts at once (decode), at least 8 so
     // prefill batches keep the read pool busy, never more than there are experts.
     s->n_slot = c->n_expert_used > 8 ? c->n_expert_used : 8;
     if (s->n_slot > c->n_expert)
         s->n_slot = c->n_expert;
-    int rc = MF_OK;
-    if (st) {
-        s->has_store = 1;
-        s->expert_bytes = mf_expert_store_layout(st)->expert_size;
-        rc = expert_view(st, &s->ex_gate, "gate_proj", c->n_ff_exp, c->n_embd, err,
-                         errlen);
-        if (rc == MF_OK)
-            rc = expert_view(st, &s->ex_up, "up_proj", c->n_ff_exp, c->n_embd, err,
-                             errlen);
-        if (rc == MF_OK)
-            rc = expert_view(st, &s->ex_down, "down_proj", c->n_embd, c->n_ff_exp, err,
-                             errlen);
-        if (rc != MF_OK) {
-            mf_moe_scratch_free(ctx, s);
-            return rc;
-        }
+    if (st && (rc = bind_views(s, st, c, err, errlen)) != MF_OK) {
+        mf_moe_scratch_free(ctx, s);
+        return rc;
     }
-    s->logits_host = calloc(T * E, sizeof(float));
-    s->bias_raw = calloc(E, 4);
-    s->bias_host = calloc(E, sizeof(float));
-    s->sel_idx = calloc(T * K, sizeof(int32_t));
-    s->sel_w = calloc(T * K, sizeof(float));
-    s->count = calloc(E, sizeof(int32_t));
-    s->start = calloc(E + 1, sizeof(int32_t));
-    s->tok_of = calloc(T * K, sizeof(int32_t));
-    s->w_of = calloc(T * K, sizeof(float));
-    s->used = calloc(E, sizeof(int32_t));
-    s->taken = calloc(E, 1);
-    s->biased = calloc(E, sizeof(float));
-    s->slot_status = calloc((size_t)s->n_slot, sizeof(int));
-    s->slot_expert = calloc((size_t)s->n_slot, sizeof(int));
-    s->slot_err = calloc((size_t)s->n_slot, SLOT_ERR_LEN);
-    s->slot = calloc((size_t)s->n_slot, sizeof(void *));
-    size_t F = sizeof(float), H = (size_t)c->n_embd;
-    s->logits_dev = dev_alloc(ctx, T * E * F);
-    s->xg = dev_alloc(ctx, T * H * F);
-    s->gu = dev_alloc(ctx, T * 2 * (size_t)c->n_ff_exp * F);
-    s->eo = dev_alloc(ctx, T * H * F);
-    if (c->n_ff_shexp > 0) {
-        s->sh_tmp = dev_alloc(ctx, T * 2 * (size_t)c->n_ff_shexp * F);
-        s->sh_out = dev_alloc(ctx, T * H * F);
-        s->sh_gate = dev_alloc(ctx, T * F);
-    }
-    int ok = s->logits_host && s->bias_raw && s->bias_host && s->sel_idx && s->sel_w &&
-             s->count && s->start && s->tok_of && s->w_of && s->used && s->taken &&
-             s->biased && s->slot_status &&
-             s->slot_expert && s->slot_err && s->slot && s->logits_dev && s->xg &&
-             s->gu && s->eo &&
-             (c->n_ff_shexp <= 0 || (s->sh_tmp && s->sh_out && s->sh_gate));
-    for (int i = 0; ok && s->has_store && i < s->n_slot; i++) {
-        void *(*ah)(struct mf_exec *, size_t) =
-            ctx->be->ops->alloc_host ? ctx->be->ops->alloc_host : ctx->be->ops->alloc;
-        s->slot[i] = ah(ctx->ex, (size_t)s->expert_bytes);
-        ok = s->slot[i] != NULL;
-    }
-    if (!ok) {
+    if (!alloc_host_arrays(s, c) || !alloc_device(ctx, s, c)) {
         mf_moe_scratch_free(ctx, s);
         return mf_err(err, errlen, MF_ERR_NOMEM,
                       "moe: out of memory for scratch (%d tokens, %d experts of %llu "
                       "bytes in %d slots)", max_tok, c->n_expert,
-                      (unsigned long long)s->expert_bytes,
-                      s->n_slot);
+                      (unsigned long long)s->expert_bytes, s->n_slot);
     }
     *out = s;
     return MF_OK;
 }
 
+static void free_slots(mf_ctx *ctx, struct mf_moe_scratch *s) {
+    for (int i = 0; s->slot && i < s->n_slot; i++)
+        if (s->slot[i])
+            ctx->be->ops->dealloc_host(ctx->ex, s->slot[i]);
+    for (int i = 0; s->slot_dev && i < s->n_slot; i++)
+        dev_free(ctx, s->slot_dev[i]);
+}
+
 void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     if (!s)
         return;
-    free(s->logits_host);
-    free(s->bias_raw);
-    free(s->bias_host);
-    free(s->sel_idx);
-    free(s->sel_w);
-    free(s->count);
-    free(s->start);
-    free(s->tok_of);
-    free(s->w_of);
-    free(s->used);
-    free(s->taken);
-    free(s->biased);
-    free(s->slot_status);
-    free(s->slot_expert);
-    free(s->slot_err);
-    dev_free(ctx, s->logits_dev);
-    dev_free(ctx, s->xg);
-    dev_free(ctx, s->gu);
-    dev_free(ctx, s->eo);
-    dev_free(ctx, s->sh_tmp);
-    dev_free(ctx, s->sh_out);
-    dev_free(ctx, s->sh_gate);
-    if (s->slot)
-        for (int i = 0; i < s->n_slot; i++)
-            dev_free(ctx, s->slot[i]);
-    free(s->slot);
+    free_slots(ctx, s);
+    void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
+                    s->slot_status, s->slot_expert, s->slot_err, s->blob, s->row0,
+                    s->n_rows, s->slot, s->slot_dev};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
+        free(host[i]);
+    float *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        dev_free(ctx, dev[i]);
     free(s);
 }
 
-/* ==== Routing (host, f32) ====
- * Top-k is a repeated arg-max with strict '>' so ties go to the lower expert index;
- * this makes routing deterministic whatever the backend. k <= E is small (<= 16 in
- * every target model), so O(k*E) per token is nothing next to the router matmul. */
-
-static void topk_desc(int32_t *idx, const float *v, const uint8_t *excluded, int n, int k,
-                      uint8_t *taken) {
-    memset(taken, 0, (size_t)n);
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int e = 0; e < n; e++) {
-            if (taken[e] || (excluded && excluded[e]))
-                continue;
-            if (best < 0 || v[e] > v[best])
-                best = e;
-        }
-        idx[j] = best;
-        taken[best] = 1;
-    }
-}
-
-// Softmax router (model-math §2.6): p = softmax(logits) in f32, k largest,
-// renormalised when norm_topk_prob.
-static void route_softmax(const struct mf_moe_config *c, float *logit, int32_t *idx,
-                          float *w, uint8_t *taken) {
-    int E = c->n_expert, K = c->n_expert_used;
-    float mx = logit[0];
-    for (int e = 1; e < E; e++)
-        mx = logit[e] > mx ? logit[e] : mx;
-    float sum = 0.0f;
-    for (int e = 0; e < E; e++) {
-        logit[e] = expf(logit[e] - mx);
-        sum += logit[e];
-    }
-    for (int e = 0; e < E; e++)
-        logit[e] /= sum;
-    topk_desc(idx, logit, NULL, E, K, taken);
-    float wsum = 0.0f;
-    for (int j = 0; j < K; j++) {
-        w[j] = logit[idx[j]];
-        wsum += w[j];
-    }
-    if (c->norm_topk_prob)
-        for (int j = 0; j < K; j++)
-            w[j] /= wsum;
-}
-
-// noaux_tc router (model-math §3.5): sigmoid scores; the correction bias only
-// steers the choice; groups scored by the sum of their two best biased scores; the
-// experts of all but the topk_group best groups are masked to 0.0 (not -inf, as
-// mlx-lm and HF do, so a negative biased score in a kept group can lose to a masked
-// one); weights are the unbiased sigmoids, renormalised, times routed_scaling_factor.
-static void route_noaux_tc(const struct mf_moe_config *c, float *logit, const float *bias,
-                           int32_t *idx, float *w, uint8_t *taken, float *biased) {
-    int E = c->n_expert, K = c->n_expert_used, G = c->n_group, per = E / G;
-    for (int e = 0; e < E; e++) {
-        logit[e] = 1.0f / (1.0f + expf(-logit[e]));
-        biased[e] = logit[e] + (bias ? bias[e] : 0.0f);
-    }
-    if (G > 1) {
-        float gscore[256];
-        int32_t gidx[256];
-        for (int g = 0; g < G; g++) {
-            int32_t top2[2];
-            topk_desc(top2, biased + g * per, NULL, per, 2, taken);
-            gscore[g] = biased[g * per + top2[0]] + biased[g * per + top2[1]];
-        }
-        topk_desc(gidx, gscore, NULL, G, c->topk_group, taken);
-        uint8_t keep[256] = {0};
-        for (int j = 0; j < c->topk_group; j++)
-            keep[gidx[j]] = 1;
-        for (int e = 0; e < E; e++)
-            if (!keep[e / per])
-                biased[e] = 0.0f;
-    }
-    topk_desc(idx, biased, NULL, E, K, taken);
-    float wsum = 0.0f;
-    for (int j = 0; j < K; j++) {
-        w[j] = logit[idx[j]];
-        wsum += w[j];
-    }
-    for (int j = 0; j < K; j++) {
-        if (K > 1 && c->norm_topk_prob)
-            w[j] /= wsum;
-        w[j] *= c->routed_scaling_factor;
-    }
-}
+/* ==== Routing ====
+ * The router matmul and moe_route (softmax top-k or noaux_tc, the backend's op: the
+ * same tie rule everywhere) give each token's experts and weights on the host; the
+ * (token, expert) pairs are then grouped by expert. */
 
 // Group the call's (token, expert) pairs by expert: tok_of/w_of hold, for expert e,
 // entries start[e] .. start[e+1]-1 in token order; used lists distinct experts.
@@ -384,31 +305,13 @@ static int group_by_expert(struct mf_moe_scratch *s, const struct mf_moe_config 
     return n_used;
 }
 
-static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                 const struct mf_moe_layer *w, const float *x, int n_tok) {
+static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_layer *w,
+                 const struct mf_moe_config *c, const float *x, int n_tok) {
     const struct mf_backend_ops *op = ctx->be->ops;
-    int E = c->n_expert, K = c->n_expert_used;
     op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
-    op->download(ctx->ex, s->logits_host, s->logits_dev, 0,
-                 (size_t)n_tok * E * sizeof(float));
-    const float *bias = NULL;
-    if (c->router == MF_ROUTER_NOAUX_TC && w->router_bias.w) {
-        op->download(ctx->ex, s->bias_raw, w->router_bias.w, 0,
-                     (size_t)E * mf_dtype_size(w->router_bias.dtype));
-        for (int e = 0; e < E; e++)
-            s->bias_host[e] = mf_load_f32(s->bias_raw, w->router_bias.dtype, (size_t)e);
-        bias = s->bias_host;
-    }
-    uint8_t *taken = s->taken;
-    float *biased = s->biased;
-    for (int t = 0; t < n_tok; t++) {
-        float *lg = s->logits_host + (size_t)t * E;
-        if (c->router == MF_ROUTER_NOAUX_TC)
-            route_noaux_tc(c, lg, bias, s->sel_idx + t * K, s->sel_w + t * K, taken,
-                           biased);
-        else
-            route_softmax(c, lg, s->sel_idx + t * K, s->sel_w + t * K, taken);
-    }
+    const float *bias = c->router == MF_ROUTER_NOAUX_TC ? w->router_bias.w : NULL;
+    op->moe_route(ctx->ex, NULL, NULL, s->logits_dev, bias, &s->route, n_tok, s->sel_idx,
+                  s->sel_w);
     return group_by_expert(s, c, n_tok);
 }
 
@@ -431,17 +334,18 @@ static void read_one(void *arg, int i) {
                              j->s->slot_err + (size_t)i * SLOT_ERR_LEN, SLOT_ERR_LEN);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int read_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
     struct read_job job = {ctx->model->experts, s, il};
-    double t0 = now_s();
-    ctx->be->ops->parallel_for(ctx->ex, read_one, &job, n);
-    ctx->stats.expert_read_s += now_s() - t0;
+    double t0 = mf_now_s();
+    if (ctx->be->ops->parallel_for)
+        ctx->be->ops->parallel_for(ctx->ex, read_one, &job, n);
+    else
+        for (int i = 0; i < n; i++)
+            read_one(&job, i);
+    double dt = mf_now_s() - t0;
+    ctx->stats.expert_read_s += dt;
+    ctx->stats.io_wait_s += dt;
+    s->io_wait_call += dt;
     for (int i = 0; i < n; i++)
         if (s->slot_status[i] != MF_OK)
             return mf_ctx_fail(ctx, s->slot_status[i], "layer %d expert %d: %s", il,
@@ -452,26 +356,30 @@ static int read_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
 }
 
 /* ==== Expert compute ====
- * For expert e with m routed rows: xg[m] = x[tok_of], gu = [gate xg | up xg],
- * a = silu(gate) * up (written over the up half), eo = down a, y[tok_of] += w * eo. */
+ * Rows of all routed pairs are gathered once (xg); each batch of experts runs as one
+ * moe_experts call into its rows of eo; the weighted scatter-add into y then runs once
+ * over all rows in expert order, so y sums the experts in the same order whatever the
+ * batching or the order in which expert bytes arrived. */
 
-static void expert_apply(mf_ctx *ctx, struct mf_moe_scratch *s,
-                         const struct mf_moe_config *c, const void *blob, float *y,
-                         const float *x, int e) {
+static void run_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
-    int m = s->start[e + 1] - s->start[e];
-    const int32_t *toks = s->tok_of + s->start[e];
-    int I = c->n_ff_exp;
-    struct mf_weight wg = view_at(&s->ex_gate, blob);
-    struct mf_weight wu = view_at(&s->ex_up, blob);
-    struct mf_weight wd = view_at(&s->ex_down, blob);
-    op->gather_rows(ctx->ex, s->xg, x, toks, m, c->n_embd);
-    float *g = s->gu, *u = s->gu + (size_t)m * I;       // [m, I] each
-    op->matmul(ctx->ex, g, &wg, s->xg, m);
-    op->matmul(ctx->ex, u, &wu, s->xg, m);
-    op->swiglu(ctx->ex, u, g, u, m, I, I);
-    op->matmul(ctx->ex, s->eo, &wd, u, m);
-    op->scatter_add_rows(ctx->ex, y, s->eo, toks, s->w_of + s->start[e], m, c->n_embd);
+    for (int i = 0; i < n; i++) {
+        int e = s->slot_expert[i];
+        s->row0[i] = s->start[e];
+        s->n_rows[i] = s->start[e + 1] - s->start[e];
+        s->blob[i] = s->slot[i];
+        if (!op->host_is_device) {
+            op->upload_async(ctx->ex, s->slot_dev[i], 0, s->slot[i],
+                             (size_t)s->expert_bytes, NULL);
+            s->blob[i] = s->slot_dev[i];
+        }
+    }
+    struct mf_moe_batch b = {.n = n, .blob_host = s->blob, .row0_host = s->row0,
+                             .n_rows_host = s->n_rows, .gate = &s->ex_gate,
+                             .up = &s->ex_up, .down = &s->ex_down};
+    op->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+    if (!op->host_is_device)
+        op->sync(ctx->ex);   // the slots are refilled by the next batch's reads
 }
 
 static void shared_apply(mf_ctx *ctx, struct mf_moe_scratch *s,
@@ -490,14 +398,21 @@ static void shared_apply(mf_ctx *ctx, struct mf_moe_scratch *s,
 
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
                    const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+    const struct mf_backend_ops *op = ctx->be->ops;
     if (n_tok > s->max_tok)
         return mf_ctx_fail(ctx, MF_ERR_ARG, "moe: %d tokens exceed the scratch size %d",
                            n_tok, s->max_tok);
     if (!s->has_store)
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
-    ctx->be->ops->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
-    int n_used = route(ctx, s, c, w, x, n_tok);
+    struct mf_ctx_stats *st = &ctx->stats;
+    s->io_wait_call = 0.0;
+    double t0 = mf_now_s();
+    int n_used = route(ctx, s, w, c, x, n_tok);
+    double t1 = mf_now_s();
+    st->routing_s += t1 - t0;
+    int n_rows = n_tok * c->n_expert_used;
+    op->gather_rows(ctx->ex, s->xg, x, s->tok_of, n_rows, c->n_embd);
     for (int b0 = 0; b0 < n_used; b0 += s->n_slot) {
         int n = n_used - b0 < s->n_slot ? n_used - b0 : s->n_slot;
         for (int i = 0; i < n; i++)
@@ -505,11 +420,15 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
         int rc = read_batch(ctx, s, w->il, n);
         if (rc != MF_OK)
             return rc;
-        for (int i = 0; i < n; i++)
-            expert_apply(ctx, s, c, s->slot[i], y, x, s->slot_expert[i]);
+        run_batch(ctx, s, n);
     }
+    op->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
+    op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
+    double t2 = mf_now_s();
+    st->experts_s += (t2 - t1) - s->io_wait_call;
     if (w->has_shared && c->n_ff_shexp > 0)
         shared_apply(ctx, s, c, w, y, x, n_tok);
+    st->shared_s += mf_now_s() - t2;
     return MF_OK;
 }
 

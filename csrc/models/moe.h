@@ -23,6 +23,9 @@ enum mf_router_kind {
                               // (model-math §3.5)
 };
 
+// Experts per MoE layer this build handles (the CPU router's scratch).
+#define MF_MOE_MAX_EXPERTS 4096
+
 struct mf_moe_config {
     enum mf_router_kind router;
     int n_embd;               // hidden_size

@@ -117,6 +117,8 @@ struct hy_state {
     // raw of each of its rows of seg_unit floats, for max_tok tokens; NULL when no
     // segment writes that buffer. One gather_rows per buffer then moves a whole chunk.
     int32_t *seg_rows[N_DST];     // host [max_tok * width / seg_unit]
+    int32_t *q_rows_dev;          // device copies of the tables, for gather_rows_dev
+    int32_t *seg_rows_dev[N_DST];
     int seg_unit[N_DST];
     // scratch [max_tok, ...]
     float *qg;                    // [n_head, 2, head_dim]
@@ -513,8 +515,13 @@ static void hy_state_free(mf_ctx *ctx) {
         if (bufs[i])
             op->dealloc(ctx->ex, bufs[i]);
     free(st->q_rows);
-    for (int k = 0; k < N_DST; k++)
+    if (st->q_rows_dev)
+        op->dealloc(ctx->ex, st->q_rows_dev);
+    for (int k = 0; k < N_DST; k++) {
         free(st->seg_rows[k]);
+        if (st->seg_rows_dev[k])
+            op->dealloc(ctx->ex, st->seg_rows_dev[k]);
+    }
     mf_decoder_free(ctx, &st->dec);
     free(st);
     ctx->arch_state = NULL;
@@ -615,6 +622,14 @@ static int make_seg_rows(struct hy_state *st, const struct hy_model *hm) {
     return 1;
 }
 
+// A device copy of a host index table of n entries (tables are made once per context).
+static int32_t *table_to_device(mf_ctx *ctx, const int32_t *host, size_t n, int *ok) {
+    int32_t *dev = st_alloc(ctx, n * sizeof(int32_t), ok);
+    if (dev)
+        ctx->be->ops->upload(ctx->ex, dev, 0, host, n * sizeof(int32_t));
+    return dev;
+}
+
 static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm) {
     const struct hy_dims *d = &hm->d;
     size_t T = (size_t)st->dec.max_tok, F = sizeof(float);
@@ -641,6 +656,15 @@ static int alloc_scratch(mf_ctx *ctx, struct hy_state *st, const struct hy_model
     for (size_t i = 0; i < T * (size_t)d->n_head; i++)
         st->q_rows[i] = (int32_t)(2 * i);
     if (!make_seg_rows(st, hm))
+        return 0;
+    int width[N_DST];
+    dst_widths(d, width);
+    st->q_rows_dev = table_to_device(ctx, st->q_rows, T * (size_t)d->n_head, &ok);
+    for (int k = 0; k < N_DST; k++)
+        if (st->seg_rows[k])
+            st->seg_rows_dev[k] = table_to_device(
+                ctx, st->seg_rows[k], T * (size_t)(width[k] / st->seg_unit[k]), &ok);
+    if (!ok)
         return 0;
     // mlx nn.RoPE: inv_freq_j = base^(-2j / n_rot) = base^(-j / (n_rot/2))
     float inv[512];
@@ -739,7 +763,7 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
     float *kc = st->kc[il] + (size_t)pos0 * row;   // [n, Hkv, D] rows of this call
     float *vc = st->vc[il] + (size_t)pos0 * row;
     op->matmul(ex, st->qg, &L->wq, x, n);                 // [n, H, 2, D]
-    op->gather_rows(ex, st->q, st->qg, st->q_rows, n * H, D);   // -> [n, H, D]
+    op->gather_rows_dev(ex, st->q, st->qg, st->q_rows_dev, n * H, D);   // -> [n, H, D]
     op->matmul(ex, kc, &L->wk, x, n);
     op->matmul(ex, vc, &L->wv, x, n);
     op->rmsnorm(ex, st->q, st->q, &L->q_norm, n * H, D, d->eps, 1.0f);
@@ -781,7 +805,7 @@ static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model 
     // The segments of the whole chunk, one gather per buffer (make_seg_rows).
     for (int k = 0; segmented && k < N_DST; k++)
         if (st->seg_rows[k] && !direct[k])
-            op->gather_rows(ctx->ex, st->buf[k], st->raw, st->seg_rows[k],
+            op->gather_rows_dev(ctx->ex, st->buf[k], st->raw, st->seg_rows_dev[k],
                             n * (width[k] / st->seg_unit[k]), st->seg_unit[k]);
 }
 
@@ -802,11 +826,9 @@ static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *h
     op->conv1d_silu_from(ex, st->conv_out, conv, conv_in, st->buf[DST_QKV], &L->conv1d, n,
                          C, d->conv_K);
     float eps_qk = 1e-6f / (float)dk;
-    for (int t = 0; t < n; t++) {
-        float *q = st->conv_out + (size_t)t * C, *k = q + d->key_dim;
-        op->rmsnorm(ex, q, q, NULL, d->nk, dk, eps_qk, 1.0f / (float)dk);
-        op->rmsnorm(ex, k, k, NULL, d->nk, dk, eps_qk, 1.0f / sqrtf((float)dk));
-    }
+    float *q = st->conv_out, *k = q + d->key_dim;   // nk heads of dk in each conv row
+    op->rmsnorm_heads(ex, q, q, NULL, n, C, d->nk, dk, dk, eps_qk, 1.0f / (float)dk);
+    op->rmsnorm_heads(ex, k, k, NULL, n, C, d->nk, dk, dk, eps_qk, 1.0f / sqrtf((float)dk));
     op->gdn_gates(ex, st->g, st->beta, st->buf[DST_A], st->buf[DST_B], d->nv, &L->A_log,
                   &L->dt_bias, n, d->nv);
     op->gdn_recurrence_from(ex, st->o, S, S_in, st->conv_out, st->conv_out + d->key_dim,

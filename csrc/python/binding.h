@@ -32,6 +32,7 @@ typedef struct {
     PyObject *err_unsupported;     // UnsupportedError
     PyObject *err_backend;         // BackendError
     PyObject *err_aborted;         // AbortedError (mf_ctx_abort from another thread)
+    PyObject *err_numeric;         // NumericError (NaN or infinity, damaged weights)
     PyObject *np_empty;            // numpy.empty, for result arrays
 } mf_py_state;
 

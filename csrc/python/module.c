@@ -38,6 +38,7 @@ PyObject *mf_py_raise(mf_py_state *st, int status, const char *msg) {
     case MF_ERR_STATE: cls = st->err_state; break;
     case MF_ERR_UNSUPPORTED: cls = st->err_unsupported; break;
     case MF_ERR_BACKEND: cls = st->err_backend; break;
+    case MF_ERR_NUMERIC: cls = st->err_numeric; break;
     case MF_ABORTED: cls = st->err_aborted; break;
     default:
         PyErr_Format(st->err_base, "moeflux status %d: %s", status, msg);
@@ -542,7 +543,13 @@ static PyObject *context_stats(PyObject *obj, PyObject *unused) {
         dict_set(d, "expert_reads", PyLong_FromLongLong(s.expert_reads)) ||
         dict_set(d, "expert_bytes_read", PyLong_FromLongLong(s.expert_bytes_read)) ||
         dict_set(d, "expert_read_s", PyFloat_FromDouble(s.expert_read_s)) ||
-        dict_set(d, "compute_s", PyFloat_FromDouble(s.compute_s))) {
+        dict_set(d, "compute_s", PyFloat_FromDouble(s.compute_s)) ||
+        dict_set(d, "attention_s", PyFloat_FromDouble(s.attention_s)) ||
+        dict_set(d, "routing_s", PyFloat_FromDouble(s.routing_s)) ||
+        dict_set(d, "io_wait_s", PyFloat_FromDouble(s.io_wait_s)) ||
+        dict_set(d, "experts_s", PyFloat_FromDouble(s.experts_s)) ||
+        dict_set(d, "shared_s", PyFloat_FromDouble(s.shared_s)) ||
+        dict_set(d, "head_s", PyFloat_FromDouble(s.head_s))) {
         Py_XDECREF(d);
         return NULL;
     }
@@ -675,6 +682,7 @@ static int core_exec(PyObject *mod) {
         {&st->err_arg, "ArgumentError"},       {&st->err_nomem, "MoefluxMemoryError"},
         {&st->err_state, "StateError"},        {&st->err_unsupported, "UnsupportedError"},
         {&st->err_backend, "BackendError"},    {&st->err_aborted, "AbortedError"},
+        {&st->err_numeric, "NumericError"},
     };
     for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++) {
         *classes[i].slot = PyObject_GetAttrString(errors, classes[i].name);
@@ -713,6 +721,7 @@ static int core_traverse(PyObject *mod, visitproc visit, void *arg) {
     Py_VISIT(st->err_unsupported);
     Py_VISIT(st->err_backend);
     Py_VISIT(st->err_aborted);
+    Py_VISIT(st->err_numeric);
     Py_VISIT(st->np_empty);
     return 0;
 }
@@ -733,6 +742,7 @@ static int core_clear(PyObject *mod) {
     Py_CLEAR(st->err_unsupported);
     Py_CLEAR(st->err_backend);
     Py_CLEAR(st->err_aborted);
+    Py_CLEAR(st->err_numeric);
     Py_CLEAR(st->np_empty);
     return 0;
 }

@@ -6,6 +6,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backends/cpu/cpu_internal.h"
 
@@ -20,6 +21,36 @@ static const void *cpu_map_weights(struct mf_backend *be, const void *host_ptr,
     if (!host_ptr)
         mf_err(err, errlen, MF_ERR_ARG, "cpu backend: map_weights of a NULL pointer");
     return host_ptr;
+}
+
+static void cpu_unmap_weights(struct mf_backend *be, const void *dev, uint64_t bytes) {
+    (void)be;
+    (void)dev;
+    (void)bytes;   // the view is the caller's mapping itself
+}
+
+// Physical RAM: installed, and free (page cache not counted as free).
+static int cpu_mem_info(struct mf_backend *be, uint64_t *free_bytes, uint64_t *total_bytes,
+                        char *err, size_t errlen) {
+    (void)be;
+    long page = sysconf(_SC_PAGESIZE), total = sysconf(_SC_PHYS_PAGES);
+#if defined(_SC_AVPHYS_PAGES)
+    long avail = sysconf(_SC_AVPHYS_PAGES);
+#else
+    long avail = total;
+#endif
+    if (page <= 0 || total <= 0 || avail < 0)
+        return mf_err(err, errlen, MF_ERR_BACKEND, "cpu backend: sysconf cannot tell RAM");
+    *total_bytes = (uint64_t)total * (uint64_t)page;
+    *free_bytes = (uint64_t)avail * (uint64_t)page;
+    return MF_OK;
+}
+
+static int cpu_status(struct mf_exec *ex, char *err, size_t errlen) {
+    (void)ex;
+    if (err && errlen)
+        err[0] = '\0';
+    return MF_OK;   // every op has finished, successfully, when it returns
 }
 
 static void cpu_exec_free(struct mf_exec *ex) {
@@ -96,6 +127,16 @@ static void cpu_dealloc(struct mf_exec *ex, void *p) {
     free(p);
 }
 
+// Host memory for expert reads: 4096-byte aligned (O_DIRECT), zero-filled.
+static void *cpu_alloc_host(struct mf_exec *ex, size_t bytes) {
+    (void)ex;
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, bytes ? bytes : 1) != 0)
+        return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
 static void cpu_upload(struct mf_exec *ex, void *dst, size_t dst_off, const void *src_host,
                        size_t bytes) {
     (void)ex;
@@ -115,6 +156,37 @@ static void cpu_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void *
     (void)ex;
     if (bytes)
         memmove((char *)dst + dst_off, (const char *)src + src_off, bytes);
+}
+
+static void cpu_upload_async(struct mf_exec *ex, void *dst, size_t dst_off,
+                             const void *src_host, size_t bytes, struct mf_fence *done) {
+    (void)done;
+    cpu_upload(ex, dst, dst_off, src_host, bytes);
+}
+
+/* ==== Synchronisation ====
+ * Ops have finished when they return: there is nothing to wait for. A fence is a
+ * distinct object only so that callers can pair new/free as on other backends. */
+
+struct mf_fence {
+    int unused;
+};
+
+static void cpu_sync(struct mf_exec *ex) { (void)ex; }
+
+static struct mf_fence *cpu_fence_new(struct mf_exec *ex) {
+    (void)ex;
+    return calloc(1, sizeof(struct mf_fence));
+}
+
+static void cpu_fence_nop(struct mf_exec *ex, struct mf_fence *f) {
+    (void)ex;
+    (void)f;
+}
+
+static void cpu_fence_free(struct mf_exec *ex, struct mf_fence *f) {
+    (void)ex;
+    free(f);
 }
 
 static void cpu_zero(struct mf_exec *ex, void *dst, size_t dst_off, size_t bytes) {
@@ -151,18 +223,30 @@ static const struct mf_backend_ops cpu_ops = {
     .map_weights = cpu_map_weights,
     .exec_new = cpu_exec_new,
     .exec_free = cpu_exec_free,
+    .unmap_weights = cpu_unmap_weights,
+    .mem_info = cpu_mem_info,
+    .status = cpu_status,
+    .host_is_device = 1,
     .alloc = cpu_alloc,
     .dealloc = cpu_dealloc,
     .upload = cpu_upload,
     .download = cpu_download,
     .copy = cpu_copy,
     .zero = cpu_zero,
-    .alloc_host = NULL,
+    .alloc_host = cpu_alloc_host,
+    .dealloc_host = cpu_dealloc,
+    .upload_async = cpu_upload_async,
+    .sync = cpu_sync,
+    .fence_new = cpu_fence_new,
+    .fence_record = cpu_fence_nop,
+    .fence_wait = cpu_fence_nop,
+    .fence_free = cpu_fence_free,
     .matmul = mf_cpu_matmul,
     .matmul_t = mf_cpu_matmul_t,
     .matmul_heads = mf_cpu_matmul_heads,
     .embed = mf_cpu_embed,
     .rmsnorm = mf_cpu_rmsnorm,
+    .rmsnorm_heads = mf_cpu_rmsnorm_heads,
     .rmsnorm_gated = mf_cpu_rmsnorm_gated,
     .rope = mf_cpu_rope,
     .attention = mf_cpu_attention,
@@ -176,6 +260,10 @@ static const struct mf_backend_ops cpu_ops = {
     .axpy = mf_cpu_axpy,
     .scatter_add_rows = mf_cpu_scatter_add_rows,
     .gather_rows = mf_cpu_gather_rows,
+    .gather_rows_dev = mf_cpu_gather_rows,
+    .flag_nonfinite = mf_cpu_flag_nonfinite,
+    .moe_route = mf_cpu_moe_route,
+    .moe_experts = mf_cpu_moe_experts,
     .parallel_for = cpu_parallel_for,
 };
 

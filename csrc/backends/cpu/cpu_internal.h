@@ -146,5 +146,18 @@ void mf_cpu_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
                              int n);
 void mf_cpu_gather_rows(struct mf_exec *ex, float *dst, const float *src,
                         const int32_t *idx_host, int n_rows, int n);
+void mf_cpu_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
+                          const struct mf_weight *g, int n_tok, int tok_stride, int n_head,
+                          int head_stride, int n, float eps, float scale);
+void mf_cpu_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
+
+// ---- ops (cpu_moe.c)
+// Routing scratch is ex->scratch[0]: E floats and E bytes (E <= MF_CPU_MAX_EXPERTS).
+#define MF_CPU_MAX_EXPERTS 4096
+void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                      const float *bias, const struct mf_route_params *p, int n_tok,
+                      int32_t *idx_host, float *w_host);
+void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                        const struct mf_moe_batch *b);
 
 #endif /* MF_CPU_INTERNAL_H */

@@ -25,13 +25,20 @@ static int n_tasks_for(int64_t n_elems) {
 
 /* ==== RMSNorm (plain and gated) ==== */
 
+// Row r is head r % n_head of token r / n_head, at offset t*tok_stride + h*head_stride
+// in x, y and z alike (plain rows: n_head 1, tok_stride n).
 struct norm_job {
     float *y;
     const float *x, *z;
     const struct mf_weight *g;
     int n_rows, n, rows_per_task;
+    int n_head, tok_stride, head_stride;
     float eps, scale;
 };
+
+static int64_t norm_row_off(const struct norm_job *j, int r) {
+    return (int64_t)(r / j->n_head) * j->tok_stride + (int64_t)(r % j->n_head) * j->head_stride;
+}
 
 // 1 / sqrt(mean(x^2) + eps) with the sum of squares in f32.
 static float rms_inv(const float *x, int n, float eps) {
@@ -47,15 +54,16 @@ static void rmsnorm_task(void *arg, int task, int tid) {
     int r1 = (task + 1) * j->rows_per_task < j->n_rows ? (task + 1) * j->rows_per_task
                                                         : j->n_rows;
     for (int r = task * j->rows_per_task; r < r1; r++) {
-        const float *x = j->x + (int64_t)r * j->n;
-        float *y = j->y + (int64_t)r * j->n;
+        int64_t off = norm_row_off(j, r);
+        const float *x = j->x + off;
+        float *y = j->y + off;
         float inv = rms_inv(x, j->n, j->eps);
         for (int i = 0; i < j->n; i++) {
             float gi = j->g ? mf_load_f32(j->g->w, j->g->dtype, (size_t)i) : 1.0f;
             float v = x[i] * inv * gi * j->scale;
             if (j->z) {
                 // mlx-lm Qwen3NextRMSNormGated: silu(z) * rms_norm(x) * w, in f32.
-                v = siluf(j->z[(int64_t)r * j->n + i]) * v;
+                v = siluf(j->z[off + i]) * v;
             }
             y[i] = v;
         }
@@ -73,14 +81,26 @@ static void run_norm(struct mf_exec *ex, struct norm_job *j) {
 void mf_cpu_rmsnorm(struct mf_exec *ex, float *y, const float *x,
                     const struct mf_weight *g, int n_rows, int n, float eps, float scale) {
     struct norm_job j = {.y = y, .x = x, .g = g, .n_rows = n_rows, .n = n, .eps = eps,
-                         .scale = scale};
+                         .scale = scale, .n_head = 1, .tok_stride = n, .head_stride = n};
+    run_norm(ex, &j);
+}
+
+void mf_cpu_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
+                          const struct mf_weight *g, int n_tok, int tok_stride, int n_head,
+                          int head_stride, int n, float eps, float scale) {
+    if (n_tok < 1 || n_head < 1)
+        return;
+    struct norm_job j = {.y = y, .x = x, .g = g, .n_rows = n_tok * n_head, .n = n,
+                         .eps = eps, .scale = scale, .n_head = n_head,
+                         .tok_stride = tok_stride, .head_stride = head_stride};
     run_norm(ex, &j);
 }
 
 void mf_cpu_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const float *z,
                           const struct mf_weight *g, int n_rows, int n, float eps) {
     struct norm_job j = {.y = y, .x = x, .z = z, .g = g, .n_rows = n_rows, .n = n,
-                         .eps = eps, .scale = 1.0f};
+                         .eps = eps, .scale = 1.0f, .n_head = 1, .tok_stride = n,
+                         .head_stride = n};
     run_norm(ex, &j);
 }
 
@@ -430,4 +450,19 @@ void mf_cpu_gather_rows(struct mf_exec *ex, float *dst, const float *src,
     for (int i = 0; i < n_rows; i++)
         memcpy(dst + (int64_t)i * n, src + (int64_t)idx_host[i] * n,
                (size_t)n * sizeof(float));
+}
+
+/* ==== Finite check ====
+ * Exponent bits all ones = NaN or infinity; an integer test the compiler vectorises. */
+
+void mf_cpu_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n) {
+    (void)ex;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad)
+        *flag = 1;
 }

@@ -1,0 +1,138 @@
+/*
+ * cpu_moe.c — the CPU backend's MoE ops: routing (moe_route) and the grouped SwiGLU
+ * experts (moe_experts). Routing is f32 on one thread (k <= 16 rounds of arg-max over
+ * E <= a few hundred scores per token is nothing next to the router matmul) and follows
+ * model-math §2.6 (softmax) and §3.5 (noaux_tc); the GPU backends reproduce its tie rule.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "backends/cpu/cpu_internal.h"
+
+/* ==== Routing ====
+ * Top-k is a repeated arg-max with strict '>' so ties go to the lower index. `taken`
+ * marks chosen entries (n bytes of scratch). */
+
+static void topk_desc(int32_t *idx, const float *v, int n, int k, uint8_t *taken) {
+    memset(taken, 0, (size_t)n);
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++)
+            if (!taken[e] && (best < 0 || v[e] > v[best]))
+                best = e;
+        idx[j] = best;
+        taken[best] = 1;
+    }
+}
+
+// Weights of the chosen experts from p, renormalised to sum 1 when asked.
+static void pick_weights(float *w, const int32_t *idx, const float *p, int K, int renorm,
+                         float scale) {
+    float wsum = 0.0f;
+    for (int j = 0; j < K; j++) {
+        w[j] = p[idx[j]];
+        wsum += w[j];
+    }
+    for (int j = 0; j < K; j++) {
+        if (renorm)
+            w[j] /= wsum;
+        w[j] *= scale;
+    }
+}
+
+static void route_softmax(const struct mf_route_params *p, float *logit, int32_t *idx,
+                          float *w, uint8_t *taken) {
+    int E = p->n_expert;
+    float mx = logit[0];
+    for (int e = 1; e < E; e++)
+        mx = logit[e] > mx ? logit[e] : mx;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        logit[e] = expf(logit[e] - mx);
+        sum += logit[e];
+    }
+    for (int e = 0; e < E; e++)
+        logit[e] /= sum;
+    topk_desc(idx, logit, E, p->n_used, taken);
+    pick_weights(w, idx, logit, p->n_used, p->norm_topk_prob, 1.0f);
+}
+
+// Masks to 0.0 (not -inf, as mlx-lm and HF do: a negative biased score in a kept group
+// can lose to a masked one) every expert outside the topk_group groups whose two best
+// biased scores sum highest.
+static void mask_groups(const struct mf_route_params *p, float *biased, uint8_t *taken) {
+    int G = p->n_group, per = p->n_expert / G;
+    float gscore[256];
+    int32_t gidx[256];
+    uint8_t keep[256] = {0};
+    for (int g = 0; g < G; g++) {
+        int32_t top2[2];
+        topk_desc(top2, biased + g * per, per, 2, taken);
+        gscore[g] = biased[g * per + top2[0]] + biased[g * per + top2[1]];
+    }
+    topk_desc(gidx, gscore, G, p->topk_group, taken);
+    for (int j = 0; j < p->topk_group; j++)
+        keep[gidx[j]] = 1;
+    for (int e = 0; e < p->n_expert; e++)
+        if (!keep[e / per])
+            biased[e] = 0.0f;
+}
+
+static void route_noaux_tc(const struct mf_route_params *p, float *logit, const float *bias,
+                           int32_t *idx, float *w, uint8_t *taken, float *biased) {
+    int E = p->n_expert, K = p->n_used;
+    for (int e = 0; e < E; e++) {
+        logit[e] = 1.0f / (1.0f + expf(-logit[e]));
+        biased[e] = logit[e] + (bias ? bias[e] : 0.0f);
+    }
+    if (p->n_group > 1)
+        mask_groups(p, biased, taken);
+    topk_desc(idx, biased, E, K, taken);
+    pick_weights(w, idx, logit, K, K > 1 && p->norm_topk_prob, p->routed_scaling_factor);
+}
+
+void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                      const float *bias, const struct mf_route_params *p, int n_tok,
+                      int32_t *idx_host, float *w_host) {
+    // scratch: biased scores [E] f32, then the taken mask [E] bytes
+    float *biased = ex->scratch[0];
+    uint8_t *taken = (uint8_t *)(biased + p->n_expert);
+    int K = p->n_used;
+    for (int t = 0; t < n_tok; t++) {
+        float *lg = logits + (size_t)t * p->n_expert;
+        int32_t *it = idx_host ? idx_host + t * K : idx + t * K;
+        float *wt = w_host ? w_host + t * K : w + t * K;
+        if (p->kind == MF_ROUTE_NOAUX_TC)
+            route_noaux_tc(p, lg, bias, it, wt, taken, biased);
+        else
+            route_softmax(p, lg, it, wt, taken);
+        if (idx && idx_host)
+            memcpy(idx + t * K, it, (size_t)K * sizeof *it);
+        if (w && w_host)
+            memcpy(w + t * K, wt, (size_t)K * sizeof *wt);
+    }
+}
+
+/* ==== Grouped experts ====
+ * Each expert's rows run as today's per-expert ops (the matmul of m rows, SwiGLU over
+ * the up half, down): a row's result depends only on its expert and row count. */
+
+void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                        const struct mf_moe_batch *b) {
+    int64_t H = b->gate->n_in, I = b->gate->n_out;
+    for (int i = 0; i < b->n; i++) {
+        int m = b->n_rows_host[i];
+        int64_t r0 = b->row0_host[i];
+        if (m < 1)
+            continue;
+        struct mf_weight wg = mf_weight_at(b->gate, b->blob_host[i]);
+        struct mf_weight wu = mf_weight_at(b->up, b->blob_host[i]);
+        struct mf_weight wd = mf_weight_at(b->down, b->blob_host[i]);
+        float *g = gu + r0 * 2 * I, *u = g + (int64_t)m * I;   // [m, I] each
+        const float *x = xg + r0 * H;
+        mf_cpu_matmul(ex, g, &wg, x, m);
+        mf_cpu_matmul(ex, u, &wu, x, m);
+        mf_cpu_swiglu(ex, u, g, u, m, (int)I, (int)I);
+        mf_cpu_matmul(ex, eo + r0 * H, &wd, u, m);
+    }
+}
