@@ -3,6 +3,7 @@
 #   make test   build with -Werror, run the C unit tests and the whole pytest suite
 # Both start from a clean clone: they create .venv and install what they need.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -97,3 +98,29 @@ asan-pytest: venv
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info
+
+# On a machine with an NVIDIA GPU (the CUDA test machine: no network, its own Python
+# with numpy and pytest): build the GPU tests and the extension, run the C op tests
+# (every op against the CPU backend), the NVRTC compile test and tests/test_cuda.py
+# (whole models on CUDA against the CPU), then print one line per step. The
+# extension goes to build/cuda-site as asan-pytest does, so no pip or venv is needed.
+CUDA_PY   ?= python3
+CUDA_SITE := $(CURDIR)/build/cuda-site
+
+test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
+	rm -rf build/cuda-site build/cuda-tmp
+	MOEFLUX_WERROR=1 $(CUDA_PY) setup.py -q build_ext -b $(CUDA_SITE) -t build/cuda-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(CUDA_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(CUDA_SITE)/moeflux/prep
+	@status=""; fail=0; \
+	for t in test_cuda_nvrtc test_backend_ops; do \
+		echo "== $$t"; ./tests/c/build/$$t 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
+		[ $$rc -eq 0 ] || fail=1; \
+		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
+	done; \
+	echo "== pytest tests/test_cuda.py"; \
+	PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 $(CUDA_PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_cuda.py 2>&1 | tee build/pytest-cuda.log; rc=$${PIPESTATUS[0]}; \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""pytest tests/test_cuda.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
+	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail

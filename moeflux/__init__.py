@@ -8,6 +8,7 @@ from .errors import (AbortedError, ArgumentError, BackendError, FormatError,
                      MoefluxError, MoefluxIOError, MoefluxMemoryError, NumericError,
                      ShapeError, StateError, UnsupportedError)
 from .model import Model
+from ._core import backends
 
 __version__ = "0.1.0"
 

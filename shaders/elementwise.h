@@ -1,6 +1,6 @@
 /*
  * elementwise.h — swiglu, mul_sigmoid, axpy, row gathers (index table in device
- * memory) and row scatter-adds (a thread per column walks the rows in order, so a
+ * memory), the non-finite flag, and row scatter-adds (a thread per column walks the rows in order, so a
  * repeated index accumulates in a fixed order, with no atomics).
  */
 #ifndef MF_ELEMENTWISE_H
@@ -62,6 +62,21 @@ MF_PARAMS(4, struct mf_p_rows, p) {
         return;
     for (int i = 0; i < p.n_rows; i++)
         dst[(mf_i64)idx[i] * p.n + c] += (p.has_w ? w[i] : 1.0f) * src[(mf_i64)i * p.n + c];
+}
+
+// flag[0] = 1 when any x[i] is NaN or infinite (all-ones exponent); every writer
+// stores the same value, so the result does not depend on scheduling.
+MF_KERNEL(mf_flag_nonfinite)
+MF_BUF(0, int, flag)
+MF_BUF(1, const mf_u32, x)
+MF_PARAMS(2, struct mf_p_flag, p) {
+    const mf_i64 n = (mf_i64)p.n_hi * 4294967296 + (mf_i64)(mf_u32)p.n_lo;
+    const mf_i64 step = (mf_i64)MF_NT * 4096;
+    int bad = 0;
+    for (mf_i64 i = (mf_i64)MF_TG_X * MF_NT + MF_LT; i < n; i += step)
+        bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    if (bad)
+        flag[0] = 1;
 }
 
 #endif /* MF_ELEMENTWISE_H */

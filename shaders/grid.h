@@ -100,6 +100,13 @@ static inline void mf_grid_scatter(const struct mf_p_rows *p, unsigned g[3],
     mf_grid_set(g, b, mf_cdiv(p->n, MF_THREADS), 1, 1, MF_THREADS);
 }
 
+// Grid-stride: at most 4096 threadgroups.
+static inline void mf_grid_flag(const struct mf_p_flag *p, unsigned g[3], unsigned b[3]) {
+    long long n = (long long)p->n_hi * 4294967296LL + (long long)(unsigned)p->n_lo;
+    unsigned gx = mf_cdiv(n, MF_THREADS);
+    mf_grid_set(g, b, gx < 4096 ? gx : 4096, 1, 1, MF_THREADS);
+}
+
 // A warp per token.
 static inline void mf_grid_route(const struct mf_p_route *p, unsigned g[3],
                                  unsigned b[3]) {

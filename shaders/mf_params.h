@@ -92,6 +92,11 @@ struct mf_p_rows {
     int n_rows, n, has_w;
 };
 
+// Non-finite check over n = n_hi * 2^32 + n_lo floats (grid-stride).
+struct mf_p_flag {
+    int n_lo, n_hi;
+};
+
 struct mf_p_route {
     int n_tok, n_expert, n_used, kind, norm_topk_prob, n_group, topk_group, has_bias;
     float scaling;

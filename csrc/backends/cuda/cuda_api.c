@@ -50,7 +50,9 @@ static void note_try(char *tried, size_t n, const char *name) {
 }
 
 static void *try_open(const char *name, char *tried, size_t n) {
-    void *lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    // RTLD_NODELETE: the libraries stay mapped after dlclose, as their C++ runtimes
+    // expect (unloading libnvrtc orphans libstdc++'s allocations).
+    void *lib = dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
     if (!lib)
         note_try(tried, n, name);
     return lib;

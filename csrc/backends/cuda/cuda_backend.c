@@ -640,6 +640,7 @@ static const struct mf_backend_ops cuda_ops = {
     .scatter_add_rows = mf_cuda_scatter_add_rows,
     .gather_rows = mf_cuda_gather_rows,
     .gather_rows_dev = mf_cuda_gather_rows_dev,
+    .flag_nonfinite = mf_cuda_flag_nonfinite,
     .moe_route = mf_cuda_moe_route,
     .moe_experts = mf_cuda_moe_experts,
     .parallel_for = NULL,

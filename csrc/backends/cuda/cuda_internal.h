@@ -169,6 +169,7 @@ void mf_cuda_gather_rows(struct mf_exec *ex, float *dst, const float *src,
                          const int32_t *idx_host, int n_rows, int n);
 void mf_cuda_gather_rows_dev(struct mf_exec *ex, float *dst, const float *src,
                              const int32_t *idx, int n_rows, int n);
+void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
 void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                        const float *bias, const struct mf_route_params *p, int n_tok,
                        int32_t *idx_host, float *w_host);

@@ -312,6 +312,16 @@ void mf_cuda_gather_rows(struct mf_exec *ex, float *dst, const float *src,
         mf_cuda_gather_rows_dev(ex, dst, src, (const int32_t *)(uintptr_t)idx, n_rows, n);
 }
 
+void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n) {
+    if (n <= 0)
+        return;
+    mf_cuda_enter(ex);
+    struct mf_p_flag p = {.n_lo = (int)(uint32_t)((uint64_t)n & 0xffffffffu),
+                          .n_hi = (int)((uint64_t)n >> 32)};
+    const CUdeviceptr b[2] = {mf_dp(flag), mf_dp(x)};
+    launch_mf_flag_nonfinite(ex, &p, b, "flag_nonfinite");
+}
+
 /* ==== Mixture of experts ==== */
 
 static int route_ok(struct mf_exec *ex, const struct mf_route_params *r) {
