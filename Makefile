@@ -16,7 +16,7 @@ SHADERS_C := build/gen/mf_shaders.c
 CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest clean test-cuda
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
 
 all: install
 
@@ -95,6 +95,15 @@ asan-pytest: venv
 	if ls build/asan-logs/* >/dev/null 2>&1; then \
 		cat build/asan-logs/*; echo "sanitizer reports above (build/asan-logs/)"; exit 1; fi; \
 	exit $$rc
+
+# The debug-tap build of the extension (MF_TAP sites write to $$MOEFLUX_TAP_DIR) in
+# build/tap-site, beside the normal editable install; tools/tap_diff.py uses it.
+TAP_SITE := $(CURDIR)/build/tap-site
+tap: venv
+	rm -rf $(TAP_SITE) build/tap-tmp
+	MOEFLUX_TAP=1 $(PY) setup.py -q build_ext -b $(TAP_SITE) -t build/tap-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(TAP_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(TAP_SITE)/moeflux/prep
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info

@@ -39,6 +39,8 @@ def compile_args():
         args.append("-D_DARWIN_C_SOURCE")
     if os.environ.get("MOEFLUX_WERROR") == "1":
         args.append("-Werror")
+    if os.environ.get("MOEFLUX_TAP") == "1":
+        args.append("-DMF_TAP_ENABLED")   # debug tap build (make tap)
     extra = os.environ.get("MOEFLUX_CFLAGS")
     if extra:
         args.extend(extra.split())

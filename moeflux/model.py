@@ -22,6 +22,22 @@ TokensLike = Union[int, Sequence[int], np.ndarray]
 PathLike = Union[str, os.PathLike]
 
 
+def _io_kwargs(io_mode: Optional[str], io_threads: Optional[int],
+               expert_cache_bytes: int, prefetch: Optional[bool]) -> dict:
+    """The expert I/O options as _core.Context keywords, checked."""
+    if io_mode is not None and io_mode not in ("auto", "pread", "mmap", "direct"):
+        raise ArgumentError(f"io_mode must be auto, pread, mmap, direct or None, got "
+                            f"{io_mode!r}")
+    if io_threads is not None and (not isinstance(io_threads, int) or io_threads < 1):
+        raise ArgumentError(f"io_threads must be an int >= 1 or None, got {io_threads!r}")
+    if not isinstance(expert_cache_bytes, int) or expert_cache_bytes < 0:
+        raise ArgumentError(f"expert_cache_bytes must be an int >= 0, got "
+                            f"{expert_cache_bytes!r}")
+    return {"io_mode": io_mode, "io_threads": io_threads or 0,
+            "expert_cache_bytes": expert_cache_bytes,
+            "prefetch": -1 if prefetch is None else int(bool(prefetch))}
+
+
 class Model(ModelFeatures):
     """A loaded model directory and one sequence (context) over it.
 
@@ -45,7 +61,9 @@ class Model(ModelFeatures):
 
     def __init__(self, path: Union[PathLike, "_core.ModelHandle"],
                  threads: Optional[int] = None, backend: str = "cpu",
-                 n_ctx: Optional[int] = None, *, use_2bit: int = 0) -> None:
+                 n_ctx: Optional[int] = None, *, use_2bit: int = 0,
+                 io_mode: Optional[str] = None, io_threads: Optional[int] = None,
+                 expert_cache_bytes: int = 0, prefetch: Optional[bool] = None) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -56,6 +74,15 @@ class Model(ModelFeatures):
             n_ctx: maximum sequence length; None = min(4096, max_position_embeddings).
             use_2bit: 0 reads packed_experts/, 1 packed_experts_2bit/, -1 the 2-bit
                 experts only when the 4-bit ones are absent.
+            io_mode: how experts are read: None = "auto" (mmap when the experts fit
+                in 3/4 of RAM, else pread) unless $MOEFLUX_IO says otherwise;
+                "pread", "mmap" or "direct" (O_DIRECT; pread where refused). Every
+                mode gives bitwise the same logits; ``stats()`` names the mode in
+                effect ("io_mode") and why ("io_fallback").
+            io_threads: expert I/O threads of this sequence; None = 8.
+            expert_cache_bytes: in-process RAM cache of experts (LFRU); 0 = none.
+            prefetch: during decode, read each layer's previous-token experts ahead;
+                None = default (off).
 
         Raises:
             MoefluxIOError: a missing or short file (the message names it).
@@ -75,22 +102,29 @@ class Model(ModelFeatures):
         else:
             handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=use_2bit)
         self._handle = handle
-        self._ctx = _core.Context(handle, n_threads=threads or 0, n_ctx=n_ctx or 0)
+        self._ctx = _core.Context(handle, n_threads=threads or 0, n_ctx=n_ctx or 0,
+                                  **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
+                                               prefetch))
         self.config = json.loads(handle.config_json)
         self.path = Path(handle.path)
 
     @classmethod
     def share(cls, other: "Model", threads: Optional[int] = None,
-              n_ctx: Optional[int] = None) -> "Model":
+              n_ctx: Optional[int] = None, *, io_mode: Optional[str] = None,
+              io_threads: Optional[int] = None, expert_cache_bytes: int = 0,
+              prefetch: Optional[bool] = None) -> "Model":
         """A new, empty sequence over the model already loaded by `other` (no second
         load: the weights mapping and expert files are shared; `other` may be closed
-        later without affecting it)."""
+        later without affecting it). The expert I/O options are as for ``Model()``
+        and belong to the new sequence alone."""
         if threads is not None and threads < 1:
             raise ArgumentError(f"threads must be >= 1 or None, got {threads}")
         m = cls.__new__(cls)
         m._ctx = None
         m._handle = other._handle
-        m._ctx = _core.Context(other._handle, n_threads=threads or 0, n_ctx=n_ctx or 0)
+        m._ctx = _core.Context(other._handle, n_threads=threads or 0, n_ctx=n_ctx or 0,
+                               **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
+                                            prefetch))
         m.config = json.loads(other._handle.config_json)   # its own copy to edit
         m.path = other.path
         return m
@@ -127,7 +161,11 @@ class Model(ModelFeatures):
         phases ``attention_s`` (token mixers), ``routing_s``, ``io_wait_s`` (waiting for
         expert bytes; ``expert_read_s`` is the same), ``experts_s`` (routed experts),
         ``shared_s`` (shared experts, dense FFN layers) and ``head_s`` (embedding, final
-        norm, head)."""
+        norm, head). Where the expert bytes came from: ``expert_bytes_disk`` (pread /
+        O_DIRECT), ``expert_bytes_mapped`` (mmap mode), ``expert_bytes_cache`` (a slot
+        that already held them: RAM cache or prefetch), ``cache_hits``,
+        ``cache_misses``, ``prefetch_issued``, ``prefetch_hits``; ``io_mode`` (the mode
+        in effect) and ``io_fallback`` (how it was chosen, any fallback and why)."""
         return self._live().stats()
 
     def stats_reset(self) -> None:

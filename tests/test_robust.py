@@ -105,6 +105,22 @@ def test_fifo_in_place_of_weights(copy_dir: Path) -> None:
     assert "ERR" in r.stdout and "not a regular file" in r.stdout, r.stdout
 
 
+def test_fifo_in_place_of_expert_file(copy_dir: Path) -> None:
+    layer = copy_dir / "packed_experts" / "layer_01.bin"
+    layer.unlink()
+    os.mkfifo(layer)
+    r = _child(f"""
+        import moeflux
+        try:
+            moeflux.Model({str(copy_dir)!r}, threads=1)
+        except moeflux.MoefluxIOError as e:
+            print("ERR", e)
+        """, timeout=30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERR" in r.stdout and "layer_01.bin" in r.stdout and \
+        "not a regular file" in r.stdout, r.stdout
+
+
 def test_overlapping_manifest_offsets(copy_dir: Path) -> None:
     path = copy_dir / "model_weights.json"
     data = json.loads(path.read_text())

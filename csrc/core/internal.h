@@ -17,6 +17,7 @@
 #include "backends/backend.h"
 #include "core/config.h"
 #include "core/manifest.h"
+#include "io/expert_reader.h"
 #include "io/expert_store.h"
 #include "moeflux.h"
 
@@ -99,6 +100,11 @@ struct mf_ctx {
     atomic_int abort_flag;            // set by mf_ctx_abort from any thread
     void *arch_state;                 // owned by the arch (state_free frees)
     struct mf_ctx_stats stats;
+    enum mf_io_mode io_mode;          // asked for (params.io_mode parsed)
+    char io_mode_in_effect[16];       // set by the expert reader (models/moe.c)
+    char io_note[320];
+    int64_t n_evals;                  // eval calls made (debug tap index)
+    int tap_failed;                   // debug tap: a write failed, stop tapping
     void *checkpoints;                // owned by core/state.c (automatic checkpoints)
     char errmsg[MF_ERRMSG_LEN];
 };
@@ -150,6 +156,10 @@ int mf_ctx_fail(mf_ctx *ctx, int status, const char *fmt, ...)
 void mf_state_after_eval(mf_ctx *ctx);
 // Called by mf_ctx_reset (core/state.c): drops checkpoints.
 void mf_state_on_reset(mf_ctx *ctx);
+
+// Debug tap (core/tap.c): append n floats of device buffer buf, named fmt % il, to
+// $MOEFLUX_TAP_DIR. Reached only through MF_TAP in a -DMF_TAP_ENABLED build.
+void mf_tap(mf_ctx *ctx, const char *fmt, int il, const float *buf, int64_t n);
 
 // Poll abort flag and abort callback; 1 if the eval must stop.
 int mf_ctx_should_abort(mf_ctx *ctx);

@@ -57,7 +57,8 @@ struct mf_model_params mf_model_default_params(void) {
 
 struct mf_ctx_params mf_ctx_default_params(void) {
     struct mf_ctx_params p = {.n_ctx = 0, .n_threads = 0, .abort_fn = NULL,
-                              .abort_user = NULL};
+                              .abort_user = NULL, .io_mode = NULL, .io_threads = 0,
+                              .expert_cache_bytes = 0, .prefetch = -1};
     return p;
 }
 
@@ -264,6 +265,19 @@ void mf_ctx_free(mf_ctx *ctx) {
     free(ctx);
 }
 
+static int check_io_params(const struct mf_ctx_params *p, char *err, size_t errlen) {
+    if (p->io_threads < 0 || p->io_threads > 256)
+        return mf_err(err, errlen, MF_ERR_ARG, "io_threads %d out of range [0, 256]",
+                      p->io_threads);
+    if (p->expert_cache_bytes < 0)
+        return mf_err(err, errlen, MF_ERR_ARG, "expert_cache_bytes %lld is negative",
+                      (long long)p->expert_cache_bytes);
+    if (p->prefetch < -1 || p->prefetch > 1)
+        return mf_err(err, errlen, MF_ERR_ARG, "prefetch %d: expected -1, 0 or 1",
+                      p->prefetch);
+    return MF_OK;
+}
+
 int mf_ctx_new(mf_ctx **out, const mf_model *model, const struct mf_ctx_params *params,
                char *err, size_t errlen) {
     if (err && errlen)
@@ -275,6 +289,11 @@ int mf_ctx_new(mf_ctx **out, const mf_model *model, const struct mf_ctx_params *
         return mf_err(err, errlen, MF_ERR_ARG, "mf_ctx_new: model is NULL");
     struct mf_ctx_params p = params ? *params : mf_ctx_default_params();
     int max_ctx = model->cfg.max_position_embeddings;
+    enum mf_io_mode io_mode = MF_IO_AUTO;
+    if (p.io_mode && mf_io_mode_parse(p.io_mode, &io_mode) != 0)
+        return mf_err(err, errlen, MF_ERR_ARG,
+                      "io_mode '%.32s' unknown (expected auto, pread, mmap or direct)",
+                      p.io_mode);
     if (p.n_ctx == 0)
         p.n_ctx = max_ctx < 4096 ? max_ctx : 4096;
     if (p.n_ctx < 1 || p.n_ctx > max_ctx)
@@ -283,6 +302,9 @@ int mf_ctx_new(mf_ctx **out, const mf_model *model, const struct mf_ctx_params *
                       max_ctx);
     if (p.n_threads < 0)
         return mf_err(err, errlen, MF_ERR_ARG, "n_threads %d is negative", p.n_threads);
+    int rc = check_io_params(&p, err, errlen);
+    if (rc)
+        return rc;
     if (p.n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         p.n_threads = n < 1 ? 1 : n > 1024 ? 1024 : (int)n;
@@ -292,10 +314,12 @@ int mf_ctx_new(mf_ctx **out, const mf_model *model, const struct mf_ctx_params *
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     ctx->model = model;
     ctx->params = p;
+    ctx->params.io_mode = NULL;   // borrowed for this call only: parsed into io_mode
+    ctx->io_mode = io_mode;
     ctx->be = model->be;
     ctx->n_ctx = p.n_ctx;
     atomic_init(&ctx->abort_flag, 0);
-    int rc = ctx->be->ops->exec_new(ctx->be, p.n_threads, &ctx->ex, err, errlen);
+    rc = ctx->be->ops->exec_new(ctx->be, p.n_threads, &ctx->ex, err, errlen);
     if (!rc)
         rc = model->arch->state_new(ctx, err, errlen);
     if (rc) {
@@ -351,6 +375,7 @@ int mf_ctx_eval(mf_ctx *ctx, const int32_t *tokens, int n_tokens, float *logits,
     if (mf_weights_check(ctx->model, ctx->errmsg, sizeof ctx->errmsg) != MF_OK)
         return MF_ERR_IO;
     atomic_store(&ctx->abort_flag, 0);
+    ctx->n_evals++;
     double t0 = mf_now_s();
     int rc = ctx->model->arch->forward(ctx, tokens, n_tokens, logits, all_logits ? 1 : 0);
     if (rc == MF_OK) {
@@ -402,6 +427,8 @@ const char *mf_ctx_errmsg(const mf_ctx *ctx) { return ctx ? ctx->errmsg : ""; }
 
 void mf_ctx_stats_get(const mf_ctx *ctx, struct mf_ctx_stats *out) {
     *out = ctx->stats;
+    snprintf(out->io_mode, sizeof out->io_mode, "%s", ctx->io_mode_in_effect);
+    snprintf(out->io_note, sizeof out->io_note, "%s", ctx->io_note);
 }
 
 void mf_ctx_stats_reset(mf_ctx *ctx) {

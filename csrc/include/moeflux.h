@@ -122,6 +122,18 @@ struct mf_ctx_params {
                            // RAM together), -1 = none, else that many (<= 64)
     mf_abort_fn abort_fn;  // polled between layers; NULL = none (default)
     void *abort_user;      // passed to abort_fn
+    // Expert I/O (every mode gives bitwise the same results):
+    const char *io_mode;   // "auto" (NULL, default): mmap when the experts fit in 3/4
+                           // of RAM, else pread; "pread" (buffered reads into aligned
+                           // slots), "mmap" (compute on the page-cache pages where they
+                           // lie), "direct" (O_DIRECT / F_NOCACHE; pread if refused).
+                           // The environment variable MOEFLUX_IO overrides it. Borrowed
+                           // for the mf_ctx_new call only.
+    int io_threads;        // expert I/O threads of this ctx; 0 = default (8)
+    int64_t expert_cache_bytes;  // in-process RAM cache of experts (LFRU); 0 = off
+                                 // (default)
+    int prefetch;          // read each layer's previous-token experts ahead during
+                           // decode: -1 = default (off), 0 = off, 1 = on
 };
 
 // Defaults for each params struct. Copy, change fields, pass by pointer.
@@ -260,6 +272,18 @@ struct mf_ctx_stats {
     double experts_s;             // routed experts: gather, SwiGLU experts, combine
     double shared_s;              // shared experts and dense FFN layers
     double head_s;                // embedding, final norm, head, logits download
+    // Where expert bytes came from. expert_reads / expert_bytes_read count the experts
+    // fetched from the expert files (by pread, O_DIRECT or faults of the mapping);
+    // bytes a slot already held (RAM cache, prefetch) are not among them.
+    int64_t expert_bytes_disk;    // moved by pread / O_DIRECT
+    int64_t expert_bytes_mapped;  // handed out as pointers into the mapping (mmap)
+    int64_t expert_bytes_cache;   // served from a slot with no I/O (cache or prefetch)
+    int64_t cache_hits;           // expert requests a slot already held
+    int64_t cache_misses;         // expert requests that needed the files
+    int64_t prefetch_issued;      // experts a prefetch loaded ahead
+    int64_t prefetch_hits;        // requests served by a prefetched slot
+    char io_mode[16];             // the expert I/O mode in effect ("" without experts)
+    char io_note[320];            // how it was chosen, and any fallback with its reason
 };
 
 MF_API void mf_ctx_stats_get(const mf_ctx *ctx, struct mf_ctx_stats *out);

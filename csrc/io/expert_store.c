@@ -13,9 +13,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,6 +30,17 @@ struct mf_expert_store {
     int n_layers;
     int *fds;            // [n_layers], -1 for layers without a file
     char *dir;           // for messages
+    // What the reader's modes add, made on first use by whichever ctx asks first and
+    // shared by all of them (one mapping and one O_DIRECT fd per file per model).
+    pthread_mutex_t lock;        // guards the fields below while they are made
+    int lock_ok;                 // lock initialised (close is safe on a half-built store)
+    int mapped;                  // 1 = maps[] made, -1 = mapping failed (msg in map_err)
+    uint8_t **maps;              // [n_layers] PROT_READ mappings, NULL without a file
+    char map_err[256];
+    int direct;                  // 0 untried, 1 dfds[] open, -1 refused (why in direct_why)
+    int *dfds;                   // [n_layers] O_DIRECT / F_NOCACHE fds, -1 without a file
+    char direct_why[256];
+    size_t page;                 // sysconf(_SC_PAGESIZE)
 };
 
 static const char *const component_names[9] = {
@@ -213,6 +226,11 @@ static int parse_layout(struct mf_expert_layout *L, const mf_json *root, int n_l
 
 /* ==== Open / close ==== */
 
+// Bytes of one layer file that hold experts (the file may be longer).
+static size_t layer_bytes(const mf_expert_store *st) {
+    return (size_t)((uint64_t)st->layout.num_experts * st->layout.expert_size);
+}
+
 void mf_expert_store_close(mf_expert_store *st) {
     if (!st)
         return;
@@ -221,6 +239,16 @@ void mf_expert_store_close(mf_expert_store *st) {
             if (st->fds[l] >= 0)
                 close(st->fds[l]);
     free(st->fds);
+    for (int l = 0; st->maps && l < st->n_layers; l++)
+        if (st->maps[l])
+            munmap(st->maps[l], layer_bytes(st));
+    free(st->maps);
+    for (int l = 0; st->dfds && l < st->n_layers; l++)
+        if (st->dfds[l] >= 0)
+            close(st->dfds[l]);
+    free(st->dfds);
+    if (st->lock_ok)
+        pthread_mutex_destroy(&st->lock);
     free(st->dir);
     free(st);
 }
@@ -232,7 +260,9 @@ static int open_layer(mf_expert_store *st, int l, char *err, size_t errlen) {
     if (!path)
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     int rc = MF_OK;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO in the file's place is refused below instead of blocking
+    // open() until a writer appears (cleared for the regular file).
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat sb;
     uint64_t need = (uint64_t)st->layout.num_experts * st->layout.expert_size;
     if (fd < 0) {
@@ -240,7 +270,12 @@ static int open_layer(mf_expert_store *st, int l, char *err, size_t errlen) {
                     path, l, strerror(errno));
     } else if (fstat(fd, &sb) != 0) {
         rc = mf_err(err, errlen, MF_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-    } else if (!S_ISREG(sb.st_mode) || (uint64_t)sb.st_size < need) {
+    } else if (!S_ISREG(sb.st_mode)) {
+        rc = mf_err(err, errlen, MF_ERR_IO, "%s: expert file of MoE layer %d is not a "
+                    "regular file", path, l);
+    } else if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+        rc = mf_err(err, errlen, MF_ERR_IO, "%s: fcntl: %s", path, strerror(errno));
+    } else if ((uint64_t)sb.st_size < need) {
         rc = mf_err(err, errlen, MF_ERR_IO,
                     "%s: expert file is %lld bytes, expected at least %llu (%d experts x "
                     "%llu bytes; truncated?)", path, (long long)sb.st_size,
@@ -274,12 +309,21 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
     st->n_layers = n_layers;
     st->dir = strdup(dir);
     st->fds = malloc((size_t)n_layers * sizeof *st->fds);
-    if (!st->dir || !st->fds) {
+    st->dfds = malloc((size_t)n_layers * sizeof *st->dfds);
+    st->maps = calloc((size_t)n_layers, sizeof *st->maps);
+    long page = sysconf(_SC_PAGESIZE);
+    st->page = page > 0 ? (size_t)page : 4096;
+    if (!st->dir || !st->fds || !st->dfds || !st->maps) {
         mf_expert_store_close(st);
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     }
     for (int l = 0; l < n_layers; l++)
-        st->fds[l] = -1;
+        st->fds[l] = st->dfds[l] = -1;
+    if (pthread_mutex_init(&st->lock, NULL) != 0) {
+        mf_expert_store_close(st);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: cannot create a mutex");
+    }
+    st->lock_ok = 1;
     char *lpath = mf_path_join(dir, "layout.json");
     char *text = NULL;
     size_t len = 0;
@@ -320,8 +364,8 @@ const struct mf_expert_component *mf_expert_store_component(const mf_expert_stor
 
 /* ==== Reads ==== */
 
-int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
-                         size_t dst_bytes, char *err, size_t errlen) {
+int mf_expert_store_check(const mf_expert_store *st, int il, int ie, char *err,
+                          size_t errlen) {
     if (il < 0 || il >= st->n_layers || st->fds[il] < 0)
         return mf_err(err, errlen, MF_ERR_ARG, "expert read: layer %d has no expert file",
                       il);
@@ -329,23 +373,257 @@ int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
         return mf_err(err, errlen, MF_ERR_ARG,
                       "expert read: expert %d out of range [0, %d) in layer %d", ie,
                       st->layout.num_experts, il);
+    return MF_OK;
+}
+
+// One expert blob from fd into dst, looping over short reads and EINTR. 64-bit
+// offsets: one layer file of a large model passes 4 GiB.
+static int read_blob(const mf_expert_store *st, int fd, int il, int ie, void *dst,
+                     const char *how, char *err, size_t errlen) {
     size_t n = (size_t)st->layout.expert_size;
-    if (dst_bytes < n)
-        return mf_err(err, errlen, MF_ERR_ARG,
-                      "expert read: buffer of %zu bytes, an expert needs %zu", dst_bytes, n);
-    // 64-bit offsets: one layer file of a large model passes 4 GiB.
     uint64_t off = (uint64_t)ie * st->layout.expert_size;
     size_t got = 0;
     while (got < n) {
-        ssize_t r = pread(st->fds[il], (char *)dst + got, n - got, (off_t)(off + got));
+        ssize_t r = pread(fd, (char *)dst + got, n - got, (off_t)(off + got));
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
             return mf_err(err, errlen, MF_ERR_IO,
-                          "%s/layer_%02d.bin: read of expert %d at offset %llu failed: %s",
-                          st->dir, il, ie, (unsigned long long)(off + got),
+                          "%s/layer_%02d.bin: %sread of layer %d expert %d at offset %llu "
+                          "failed: %s", st->dir, il, how, il, ie,
+                          (unsigned long long)(off + got),
                           r < 0 ? strerror(errno) : "unexpected end of file");
         got += (size_t)r;
     }
+    return MF_OK;
+}
+
+int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
+                         size_t dst_bytes, char *err, size_t errlen) {
+    int rc = mf_expert_store_check(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    size_t n = (size_t)st->layout.expert_size;
+    if (dst_bytes < n)
+        return mf_err(err, errlen, MF_ERR_ARG,
+                      "expert read: buffer of %zu bytes, an expert needs %zu", dst_bytes, n);
+    return read_blob(st, st->fds[il], il, ie, dst, "", err, errlen);
+}
+
+uint64_t mf_expert_store_total_bytes(const mf_expert_store *st) {
+    uint64_t n = 0;
+    for (int l = 0; l < st->n_layers; l++)
+        n += st->fds[l] >= 0 ? (uint64_t)st->layout.num_experts * st->layout.expert_size
+                             : 0;
+    return n;
+}
+
+void mf_expert_store_hint(const mf_expert_store *st, int il, int ie) {
+    if (mf_expert_store_check(st, il, ie, NULL, 0) != MF_OK)
+        return;
+#if defined(POSIX_FADV_WILLNEED)
+    // Asynchronous: the kernel queues the reads and returns.
+    (void)posix_fadvise(st->fds[il], (off_t)((uint64_t)ie * st->layout.expert_size),
+                        (off_t)st->layout.expert_size, POSIX_FADV_WILLNEED);
+#endif
+}
+
+/* ==== O_DIRECT ====
+ * A second fd per file, opened uncached, shared by every reader in direct mode.
+ * O_DIRECT wants file offsets, lengths and buffers aligned to the device's logical
+ * block; 4096 covers every current device, so expert_size (hence every offset) must be
+ * a multiple of it. A file system may refuse O_DIRECT at open or only at the first
+ * read (EINVAL), so one aligned probe read decides. */
+
+#define DIRECT_ALIGN 4096
+
+static int open_uncached(const char *path, int *fd, char *why, size_t whylen) {
+#if defined(O_DIRECT)
+    *fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    if (*fd < 0)
+        return mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s: O_DIRECT refused: %s", path,
+                      strerror(errno));
+#elif defined(__APPLE__)
+    *fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (*fd < 0)
+        return mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s: cannot open: %s", path,
+                      strerror(errno));
+    if (fcntl(*fd, F_NOCACHE, 1) == -1) {
+        int e = errno;
+        close(*fd);
+        *fd = -1;
+        return mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s: F_NOCACHE refused: %s", path,
+                      strerror(e));
+    }
+#else
+    *fd = -1;
+    return mf_err(why, whylen, MF_ERR_UNSUPPORTED,
+                  "%s: this system has neither O_DIRECT nor F_NOCACHE", path);
+#endif
+    return MF_OK;
+}
+
+// One aligned block read through the new fd: refusals that open does not report.
+static int probe_direct(int fd, const char *path, char *why, size_t whylen) {
+    void *buf = NULL;
+    if (posix_memalign(&buf, DIRECT_ALIGN, DIRECT_ALIGN) != 0)
+        return mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s: no memory for the O_DIRECT probe",
+                      path);
+    ssize_t r;
+    do
+        r = pread(fd, buf, DIRECT_ALIGN, 0);
+    while (r < 0 && errno == EINTR);
+    int e = errno;
+    free(buf);
+    if (r < 0)
+        return mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s: O_DIRECT read refused: %s",
+                      path, strerror(e));
+    return MF_OK;
+}
+
+static int open_direct_all(mf_expert_store *st) {
+    if (st->layout.expert_size % DIRECT_ALIGN != 0)
+        return mf_err(st->direct_why, sizeof st->direct_why, MF_ERR_UNSUPPORTED,
+                      "expert_size %llu is not a multiple of %d, so expert offsets are "
+                      "not aligned for O_DIRECT",
+                      (unsigned long long)st->layout.expert_size, DIRECT_ALIGN);
+    for (int l = 0; l < st->n_layers; l++) {
+        if (st->fds[l] < 0)
+            continue;
+        char fname[32];
+        snprintf(fname, sizeof fname, "layer_%02d.bin", l);
+        char *path = mf_path_join(st->dir, fname);
+        if (!path)
+            return mf_err(st->direct_why, sizeof st->direct_why, MF_ERR_NOMEM,
+                          "expert store: out of memory");
+        int rc = open_uncached(path, &st->dfds[l], st->direct_why, sizeof st->direct_why);
+        if (rc == MF_OK)
+            rc = probe_direct(st->dfds[l], path, st->direct_why, sizeof st->direct_why);
+        free(path);
+        if (rc != MF_OK)
+            return rc;
+    }
+    return MF_OK;
+}
+
+int mf_expert_store_open_direct(mf_expert_store *st, char *why, size_t whylen) {
+    pthread_mutex_lock(&st->lock);
+    if (st->direct == 0) {
+        int rc = open_direct_all(st);
+        st->direct = rc == MF_OK ? 1 : -1;
+        for (int l = 0; rc != MF_OK && l < st->n_layers; l++) {
+            if (st->dfds[l] >= 0)
+                close(st->dfds[l]);
+            st->dfds[l] = -1;
+        }
+    }
+    int ok = st->direct == 1;
+    if (!ok)
+        mf_err(why, whylen, MF_ERR_UNSUPPORTED, "%s", st->direct_why);
+    pthread_mutex_unlock(&st->lock);
+    return ok ? MF_OK : MF_ERR_UNSUPPORTED;
+}
+
+int mf_expert_store_read_direct(const mf_expert_store *st, int il, int ie, void *dst,
+                                char *err, size_t errlen) {
+    int rc = mf_expert_store_check(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    if (st->direct != 1 || ((uintptr_t)dst % DIRECT_ALIGN) != 0)
+        return mf_err(err, errlen, MF_ERR_ARG,
+                      "expert read: direct read without mf_expert_store_open_direct or "
+                      "into a buffer not %d-byte aligned", DIRECT_ALIGN);
+    return read_blob(st, st->dfds[il], il, ie, dst, "O_DIRECT ", err, errlen);
+}
+
+/* ==== mmap ====
+ * Every layer file mapped once, read-only and shared, on the first request of any
+ * reader; unmapped at close. Pre-faulting touches one byte per page so the kernel
+ * reads the pages in the worker's time, not in the compute thread's. */
+
+static int map_all(mf_expert_store *st) {
+    size_t n = layer_bytes(st);
+    if ((uint64_t)n != (uint64_t)st->layout.num_experts * st->layout.expert_size)
+        return mf_err(st->map_err, sizeof st->map_err, MF_ERR_UNSUPPORTED,
+                      "%s: a layer file of %llu bytes does not fit this address space",
+                      st->dir, (unsigned long long)st->layout.num_experts *
+                                   st->layout.expert_size);
+    for (int l = 0; l < st->n_layers; l++) {
+        if (st->fds[l] < 0)
+            continue;
+        void *p = mmap(NULL, n, PROT_READ, MAP_SHARED, st->fds[l], 0);
+        if (p == MAP_FAILED)
+            return mf_err(st->map_err, sizeof st->map_err, MF_ERR_IO,
+                          "%s/layer_%02d.bin: cannot map %zu bytes: %s", st->dir, l, n,
+                          strerror(errno));
+        st->maps[l] = p;
+#if defined(MADV_RANDOM)
+        // Experts are touched whole at router-chosen offsets (the pre-fault asks for
+        // each one's pages explicitly): no readahead around them.
+        (void)madvise(p, n, MADV_RANDOM);
+#endif
+    }
+    return MF_OK;
+}
+
+int mf_expert_store_map(mf_expert_store *st, char *err, size_t errlen) {
+    pthread_mutex_lock(&st->lock);
+    if (st->mapped == 0) {
+        int rc = map_all(st);
+        st->mapped = rc == MF_OK ? 1 : -1;
+        for (int l = 0; rc != MF_OK && l < st->n_layers; l++) {
+            if (st->maps[l])
+                munmap(st->maps[l], layer_bytes(st));
+            st->maps[l] = NULL;
+        }
+    }
+    int ok = st->mapped == 1;
+    if (!ok)
+        mf_err(err, errlen, MF_ERR_IO, "%s", st->map_err);
+    pthread_mutex_unlock(&st->lock);
+    return ok ? MF_OK : MF_ERR_IO;
+}
+
+int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *err,
+                               size_t errlen) {
+    uint64_t off = (uint64_t)ie * st->layout.expert_size, n = st->layout.expert_size;
+    // A page of a mapping past the end of its file raises SIGBUS when touched: check
+    // the size now (a truncation after this check still can).
+    struct stat sb;
+    if (fstat(st->fds[il], &sb) != 0)
+        return mf_err(err, errlen, MF_ERR_IO, "%s/layer_%02d.bin: cannot stat: %s",
+                      st->dir, il, strerror(errno));
+    if ((uint64_t)sb.st_size < off + n)
+        return mf_err(err, errlen, MF_ERR_IO,
+                      "%s/layer_%02d.bin: layer %d expert %d at offset %llu: the file is "
+                      "now %lld bytes, the expert ends at %llu (truncated after open?)",
+                      st->dir, il, il, ie, (unsigned long long)off,
+                      (long long)(sb.st_size), (unsigned long long)(off + n));
+    return MF_OK;
+}
+
+int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
+                             const void **data, char *err, size_t errlen) {
+    *data = NULL;
+    int rc = mf_expert_store_check(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    if (st->mapped != 1)
+        return mf_err(err, errlen, MF_ERR_ARG,
+                      "expert read: mmap read without mf_expert_store_map");
+    rc = mf_expert_store_check_size(st, il, ie, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    uint64_t off = (uint64_t)ie * st->layout.expert_size, n = st->layout.expert_size;
+    const uint8_t *p = st->maps[il] + off;
+    uintptr_t a0 = (uintptr_t)p & ~(uintptr_t)(st->page - 1);
+#if defined(MADV_WILLNEED)
+    (void)madvise((void *)a0, (size_t)((uintptr_t)p + n - a0), MADV_WILLNEED);
+#endif
+    unsigned sum = 0;
+    for (uintptr_t a = a0; a < (uintptr_t)p + n; a += st->page)
+        sum += *(const volatile uint8_t *)(a < (uintptr_t)p ? (uintptr_t)p : a);
+    (void)sum;
+    *data = p;
     return MF_OK;
 }

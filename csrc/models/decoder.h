@@ -14,9 +14,13 @@
 
 #include "models/moe.h"
 
-// Intermediates keep their mlx-lm module path as tap name (STYLE rule 27); the taps
-// compile to nothing unless a debugging build defines MF_TAP.
-#ifndef MF_TAP
+// Intermediates keep their mlx-lm module path as tap name; the taps compile to nothing
+// unless the build defines MF_TAP_ENABLED (MOEFLUX_TAP=1 at build time, `make tap`):
+// then core/tap.c writes them to $MOEFLUX_TAP_DIR (tools/tap_diff.py compares them with
+// the same points of mlx-lm).
+#if defined(MF_TAP_ENABLED)
+#define MF_TAP(ctx, fmt, il, buf, n) mf_tap((ctx), (fmt), (il), (buf), (int64_t)(n))
+#else
 #define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
 #endif
 

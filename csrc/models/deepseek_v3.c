@@ -581,7 +581,9 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
 
     // Back from latent space: o_in[t, h] = W_UV^h lat_out[t, h], [n, H, v].
     heads_mul(ctx, s->o_in, H * vd, vd, &L->w_uv, s->lat_out, H * kvl, kvl, n, H);
-    MF_TAP(ctx, "model.layers.%d.self_attn.unembed_out", il, s->o_in, n * H * vd);
+    // (named for what it is, not mlx-lm's unembed_out module, whose output is this only
+    // on its absorbed L == 1 path: prefill applies it to the latent keys' values)
+    MF_TAP(ctx, "model.layers.%d.self_attn.o_proj_input", il, s->o_in, n * H * vd);
     op->matmul(ex, s->dec.y, &L->o_proj, s->o_in, n);
 }
 

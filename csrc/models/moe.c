@@ -2,12 +2,13 @@
  * moe.c — the routed-expert MoE FFN and the dense SwiGLU FFN shared by every
  * architecture (moe.h).
  *
- * Owns: routing on the host (softmax top-k for the Qwen families, noaux_tc for
- * deepseek_v3), grouping a call's tokens by expert so that each routed expert is read
- * from the expert store ONCE per call (prefill reads each needed expert once per
- * chunk, not once per token), parallel reads of a batch of experts into per-slot
- * buffers, the per-expert SwiGLU on the gathered rows and the weighted scatter-add
- * back, and the optional (gated) shared expert.
+ * Owns: routing through the backend's moe_route (softmax top-k for the Qwen families,
+ * noaux_tc for deepseek_v3), grouping a call's tokens by expert so that each routed
+ * expert is read ONCE per call (prefill reads each needed expert once per chunk, not
+ * once per token), the ctx's expert reader (its own I/O threads; reads overlap the
+ * shared expert and the other experts' compute), the grouped SwiGLU experts on the
+ * gathered rows and the weighted scatter-add back, the optional (gated) shared expert,
+ * decode prefetch of the next layer's previous-token experts, and the I/O counters.
  *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
@@ -25,18 +26,20 @@
  * Everything a call needs, sized once for max_tok tokens. Host arrays hold the
  * routing (the chosen experts must come to the host anyway: they say which files to
  * read). Device arrays hold activations, row r of xg / gu / eo being the r-th (token,
- * expert) pair in expert-grouped order. Expert blobs land in n_slot host buffers
- * (alloc_host); a backend whose device cannot read host memory gets them uploaded into
- * n_slot device buffers. A call with more distinct experts than slots processes them
- * in batches of n_slot, still reading each expert once. */
+ * expert) pair in expert-grouped order. Expert bytes come from the ctx's expert reader
+ * (io/expert_reader.h: its own I/O threads, slots from alloc_host, or pointers into
+ * the mapping in mmap mode); a backend whose device cannot read host memory gets each
+ * blob uploaded into dev_blob first. */
 
-#define SLOT_ERR_LEN 256
+#define ERR_LEN 512
 
 struct mf_moe_scratch {
     int max_tok;
-    int n_slot;
     uint64_t expert_bytes;
     struct mf_route_params route;
+    mf_expert_reader *reader;
+    struct mf_expert_reader_stats seen;   // reader counters already added to ctx stats
+    char err[ERR_LEN];
     // host
     int32_t *sel_idx;        // [max_tok, k] chosen experts
     float *sel_w;            // [max_tok, k] their weights
@@ -45,13 +48,12 @@ struct mf_moe_scratch {
     int32_t *tok_of;         // [max_tok * k] token index, grouped by expert
     float *w_of;             // [max_tok * k] weight, grouped like tok_of
     int32_t *used;           // [n_expert] distinct experts in this call, ascending
-    int *slot_status;        // [n_slot]
-    int *slot_expert;        // [n_slot]
-    char *slot_err;          // [n_slot, SLOT_ERR_LEN]
-    const void **blob;       // [n_slot] device addresses of the batch's blobs
-    int32_t *row0;           // [n_slot] first row of each batch expert
-    int32_t *n_rows;         // [n_slot] its row count
-    void **slot;             // [n_slot] expert blobs (alloc_host)
+    // decode prefetch: each MoE layer's experts of the previous token
+    int prefetch;
+    int n_layer;
+    const uint8_t *is_moe;   // [n_layer], the model's
+    int32_t *prev;           // [n_layer, k]
+    uint8_t *prev_ok;        // [n_layer]
     // device
     float *logits_dev;       // [max_tok, n_expert]
     float *xg;               // [max_tok * k, n_embd] gathered rows
@@ -60,11 +62,10 @@ struct mf_moe_scratch {
     float *sh_tmp;           // [max_tok, 2 * n_ff_shexp]
     float *sh_out;           // [max_tok, n_embd]
     float *sh_gate;          // [max_tok, 1]
-    void **slot_dev;         // [n_slot] device copies of the slots (!host_is_device)
+    void *dev_blob;          // [expert_bytes] (!host_is_device)
     // expert weight views relative to a blob at address 0 (pointers are offsets)
     struct mf_weight ex_gate, ex_up, ex_down;
     int has_store;
-    double io_wait_call;     // seconds waited for reads in the current call
 };
 
 static void *dev_alloc(mf_ctx *ctx, size_t bytes) {
@@ -167,9 +168,10 @@ static int bind_views(struct mf_moe_scratch *s, const mf_expert_store *st,
     return rc;
 }
 
-static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_config *c) {
-    size_t E = (size_t)c->n_expert, TK = (size_t)s->max_tok * (size_t)c->n_expert_used;
-    size_t S = (size_t)s->n_slot;
+static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_config *c,
+                             int n_layer) {
+    size_t E = (size_t)c->n_expert, K = (size_t)c->n_expert_used;
+    size_t TK = (size_t)s->max_tok * K;
     s->sel_idx = calloc(TK, sizeof(int32_t));
     s->sel_w = calloc(TK, sizeof(float));
     s->count = calloc(E, sizeof(int32_t));
@@ -177,22 +179,14 @@ static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_confi
     s->tok_of = calloc(TK, sizeof(int32_t));
     s->w_of = calloc(TK, sizeof(float));
     s->used = calloc(E, sizeof(int32_t));
-    s->slot_status = calloc(S, sizeof(int));
-    s->slot_expert = calloc(S, sizeof(int));
-    s->slot_err = calloc(S, SLOT_ERR_LEN);
-    s->blob = calloc(S, sizeof(void *));
-    s->row0 = calloc(S, sizeof(int32_t));
-    s->n_rows = calloc(S, sizeof(int32_t));
-    s->slot = calloc(S, sizeof(void *));
-    s->slot_dev = calloc(S, sizeof(void *));
+    s->prev = calloc((size_t)n_layer * K, sizeof(int32_t));
+    s->prev_ok = calloc((size_t)n_layer, 1);
     return s->sel_idx && s->sel_w && s->count && s->start && s->tok_of && s->w_of &&
-           s->used && s->slot_status && s->slot_expert && s->slot_err && s->blob &&
-           s->row0 && s->n_rows && s->slot && s->slot_dev;
+           s->used && s->prev && s->prev_ok;
 }
 
 static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
                         const struct mf_moe_config *c) {
-    const struct mf_backend_ops *op = ctx->be->ops;
     size_t F = sizeof(float), H = (size_t)c->n_embd, T = (size_t)s->max_tok;
     size_t TK = T * (size_t)c->n_expert_used;
     s->logits_dev = dev_alloc(ctx, T * (size_t)c->n_expert * F);
@@ -206,13 +200,47 @@ static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
         s->sh_gate = dev_alloc(ctx, T * F);
         ok = ok && s->sh_tmp && s->sh_out && s->sh_gate;
     }
-    for (int i = 0; ok && s->has_store && i < s->n_slot; i++) {
-        s->slot[i] = op->alloc_host(ctx->ex, (size_t)s->expert_bytes);
-        if (!op->host_is_device && s->slot[i])
-            s->slot_dev[i] = dev_alloc(ctx, (size_t)s->expert_bytes);
-        ok = s->slot[i] && (op->host_is_device || s->slot_dev[i]);
+    if (ok && s->has_store && !ctx->be->ops->host_is_device) {
+        s->dev_blob = dev_alloc(ctx, (size_t)s->expert_bytes);
+        ok = s->dev_blob != NULL;
     }
     return ok;
+}
+
+// Reader slots come from the backend's host memory (pinned staging on a GPU).
+static void *slot_alloc(void *user, size_t bytes) {
+    mf_ctx *ctx = user;
+    return ctx->be->ops->alloc_host(ctx->ex, bytes);
+}
+
+static void slot_free(void *user, void *p) {
+    mf_ctx *ctx = user;
+    ctx->be->ops->dealloc_host(ctx->ex, p);
+}
+
+static int reader_new(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
+                      char *err, size_t errlen) {
+    struct mf_expert_reader_params p = mf_expert_reader_default_params();
+    p.mode = ctx->io_mode;
+    if (ctx->params.io_threads > 0)
+        p.n_workers = ctx->params.io_threads;
+    // a layer's K reads and the next layer's prefetch in flight together
+    if (p.n_slots < 2 * c->n_expert_used)
+        p.n_slots = 2 * c->n_expert_used;
+    p.cache_bytes = (uint64_t)ctx->params.expert_cache_bytes;
+    p.alloc_fn = slot_alloc;
+    p.free_fn = slot_free;
+    p.alloc_user = ctx;
+    int rc = mf_expert_reader_new(&s->reader, ctx->model->experts, &p, err, errlen);
+    if (rc != MF_OK)
+        return rc;
+    mf_expert_reader_stats(s->reader, &s->seen);
+    snprintf(ctx->io_mode_in_effect, sizeof ctx->io_mode_in_effect, "%s",
+             mf_io_mode_name(s->seen.mode));
+    snprintf(ctx->io_note, sizeof ctx->io_note, "%s", s->seen.mode_note);
+    mf_log(ctx->model, MF_LOG_INFO, "expert I/O: %s (%s), %d threads, %d slots",
+           ctx->io_mode_in_effect, ctx->io_note, s->seen.n_workers, s->seen.n_slots);
+    return MF_OK;
 }
 
 int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
@@ -231,44 +259,37 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
         .n_expert = c->n_expert, .n_used = c->n_expert_used,
         .norm_topk_prob = c->norm_topk_prob, .n_group = c->n_group,
         .topk_group = c->topk_group, .routed_scaling_factor = c->routed_scaling_factor};
-    // Enough slots to read all of one token's experts at once (decode), at least 8 so
-    // prefill batches keep the read pool busy, never more than there are experts.
-    s->n_slot = c->n_expert_used > 8 ? c->n_expert_used : 8;
-    if (s->n_slot > c->n_expert)
-        s->n_slot = c->n_expert;
+    s->n_layer = ctx->model->cfg.num_hidden_layers;
+    s->is_moe = ctx->model->cfg.layer_is_moe;
+    s->prefetch = ctx->params.prefetch == 1;   // default (-1): off until it measures better
     if (st && (rc = bind_views(s, st, c, err, errlen)) != MF_OK) {
         mf_moe_scratch_free(ctx, s);
         return rc;
     }
-    if (!alloc_host_arrays(s, c) || !alloc_device(ctx, s, c)) {
+    if (!alloc_host_arrays(s, c, s->n_layer) || !alloc_device(ctx, s, c)) {
         mf_moe_scratch_free(ctx, s);
         return mf_err(err, errlen, MF_ERR_NOMEM,
                       "moe: out of memory for scratch (%d tokens, %d experts of %llu "
-                      "bytes in %d slots)", max_tok, c->n_expert,
-                      (unsigned long long)s->expert_bytes, s->n_slot);
+                      "bytes)", max_tok, c->n_expert, (unsigned long long)s->expert_bytes);
+    }
+    if (st && (rc = reader_new(ctx, s, c, err, errlen)) != MF_OK) {
+        mf_moe_scratch_free(ctx, s);
+        return rc;
     }
     *out = s;
     return MF_OK;
 }
 
-static void free_slots(mf_ctx *ctx, struct mf_moe_scratch *s) {
-    for (int i = 0; s->slot && i < s->n_slot; i++)
-        if (s->slot[i])
-            ctx->be->ops->dealloc_host(ctx->ex, s->slot[i]);
-    for (int i = 0; s->slot_dev && i < s->n_slot; i++)
-        dev_free(ctx, s->slot_dev[i]);
-}
-
 void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     if (!s)
         return;
-    free_slots(ctx, s);
+    mf_expert_reader_free(s->reader);   // before the slots' backend goes
     void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
-                    s->slot_status, s->slot_expert, s->slot_err, s->blob, s->row0,
-                    s->n_rows, s->slot, s->slot_dev};
+                    s->prev, s->prev_ok};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         free(host[i]);
-    float *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate};
+    void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate,
+                   s->dev_blob};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dev_free(ctx, dev[i]);
     free(s);
@@ -315,76 +336,102 @@ static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_laye
     return group_by_expert(s, c, n_tok);
 }
 
-/* ==== Expert reads ====
- * A batch of up to n_slot experts is read in parallel on the exec's threads (pread
- * is thread-safe on the shared store). Errors are kept per slot and reported after
- * the batch so the message names the first failed expert. */
+/* ==== Expert reads and compute ====
+ * The layer's distinct experts are submitted to the reader the moment routing is
+ * known (its I/O threads start at once); the shared expert computes while they are in
+ * flight; then each routed expert runs as its bytes land (moe_experts on its rows of
+ * xg, into its rows of eo). The weighted scatter-add into y runs once over all rows in
+ * expert order afterwards, so y sums the experts in the same order whatever the I/O
+ * mode, cache, prefetch or arrival order: results are bitwise the same. Prefill
+ * chunks with more experts than slots compute arrived experts to free slots. */
 
-struct read_job {
-    const mf_expert_store *st;
-    struct mf_moe_scratch *s;
-    int il;
-};
-
-static void read_one(void *arg, int i) {
-    struct read_job *j = arg;
-    j->s->slot_status[i] =
-        mf_expert_store_read(j->st, j->il, j->s->slot_expert[i], j->s->slot[i],
-                             (size_t)j->s->expert_bytes,
-                             j->s->slot_err + (size_t)i * SLOT_ERR_LEN, SLOT_ERR_LEN);
+static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int ie, const void *data) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    const void *blob = data;
+    if (!op->host_is_device) {
+        op->upload(ctx->ex, s->dev_blob, 0, data, (size_t)s->expert_bytes);
+        blob = s->dev_blob;
+    }
+    int32_t row0 = s->start[ie], n_rows = s->start[ie + 1] - s->start[ie];
+    struct mf_moe_batch b = {.n = 1, .blob_host = &blob, .row0_host = &row0,
+                             .n_rows_host = &n_rows, .gate = &s->ex_gate,
+                             .up = &s->ex_up, .down = &s->ex_down};
+    op->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
 }
 
-static int read_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
-    struct read_job job = {ctx->model->experts, s, il};
-    double t0 = mf_now_s();
-    if (ctx->be->ops->parallel_for)
-        ctx->be->ops->parallel_for(ctx->ex, read_one, &job, n);
-    else
-        for (int i = 0; i < n; i++)
-            read_one(&job, i);
-    double dt = mf_now_s() - t0;
-    ctx->stats.expert_read_s += dt;
-    ctx->stats.io_wait_s += dt;
-    s->io_wait_call += dt;
-    for (int i = 0; i < n; i++)
-        if (s->slot_status[i] != MF_OK)
-            return mf_ctx_fail(ctx, s->slot_status[i], "layer %d expert %d: %s", il,
-                               s->slot_expert[i], s->slot_err + (size_t)i * SLOT_ERR_LEN);
-    ctx->stats.expert_reads += n;
-    ctx->stats.expert_bytes_read += (int64_t)n * (int64_t)s->expert_bytes;
+// Wait for whichever submitted expert lands first, run it, release its slot.
+static int run_one_ready(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding) {
+    const void *data = NULL;
+    int tk = -1, il = -1, ie = -1;
+    int rc = mf_expert_reader_wait_any(s->reader, &tk, &data, s->err, sizeof s->err);
+    mf_expert_reader_ticket_expert(s->reader, tk, &il, &ie);
+    if (rc == MF_OK)
+        run_expert(ctx, s, ie, data);
+    mf_expert_reader_release(s->reader, tk);
+    (*outstanding)--;
+    if (rc != MF_OK)
+        return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
     return MF_OK;
 }
 
-/* ==== Expert compute ====
- * Rows of all routed pairs are gathered once (xg); each batch of experts runs as one
- * moe_experts call into its rows of eo; the weighted scatter-add into y then runs once
- * over all rows in expert order, so y sums the experts in the same order whatever the
- * batching or the order in which expert bytes arrived. */
-
-static void run_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int n) {
-    const struct mf_backend_ops *op = ctx->be->ops;
-    for (int i = 0; i < n; i++) {
-        int e = s->slot_expert[i];
-        s->row0[i] = s->start[e];
-        s->n_rows[i] = s->start[e + 1] - s->start[e];
-        s->blob[i] = s->slot[i];
-        if (!op->host_is_device) {
-            op->upload_async(ctx->ex, s->slot_dev[i], 0, s->slot[i],
-                             (size_t)s->expert_bytes, NULL);
-            s->blob[i] = s->slot_dev[i];
+// Submit every expert of the call (running landed ones while all slots are held).
+static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
+                      int *outstanding) {
+    for (int j = 0; j < n_used;) {
+        int tk;
+        int rc = mf_expert_reader_submit(s->reader, il, s->used[j], &tk, s->err,
+                                         sizeof s->err);
+        if (rc == MF_OK) {
+            (*outstanding)++;
+            j++;
+        } else if (rc == MF_EXPERT_READER_FULL && *outstanding > 0) {
+            if ((rc = run_one_ready(ctx, s, outstanding)) != MF_OK)
+                return rc;
+        } else {
+            return mf_ctx_fail(ctx, rc < 0 ? rc : MF_ERR_STATE,
+                               "layer %d: expert reader refused expert %d: %s", il,
+                               s->used[j], s->err);
         }
     }
-    struct mf_moe_batch b = {.n = n, .blob_host = s->blob, .row0_host = s->row0,
-                             .n_rows_host = s->n_rows, .gate = &s->ex_gate,
-                             .up = &s->ex_up, .down = &s->ex_down};
-    op->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
-    if (!op->host_is_device)
-        op->sync(ctx->ex);   // the slots are refilled by the next batch's reads
+    return MF_OK;
 }
 
-static void shared_apply(mf_ctx *ctx, struct mf_moe_scratch *s,
-                         const struct mf_moe_config *c, const struct mf_moe_layer *w,
-                         float *y, const float *x, int n_tok) {
+// Decode: start reading the next MoE layer's previous-token experts, and remember
+// this layer's for the next token.
+static void prefetch_next(struct mf_moe_scratch *s, int il, int K) {
+    int next = il + 1;
+    while (next < s->n_layer && !s->is_moe[next])
+        next++;
+    if (next < s->n_layer && s->prev_ok[next])
+        mf_expert_reader_prefetch(s->reader, next, s->prev + (size_t)next * K, K);
+    memcpy(s->prev + (size_t)il * K, s->sel_idx, (size_t)K * sizeof(int32_t));
+    s->prev_ok[il] = 1;
+}
+
+// Add what the reader did since the last call to the ctx's counters.
+static void take_reader_stats(mf_ctx *ctx, struct mf_moe_scratch *s) {
+    struct mf_expert_reader_stats now, *was = &s->seen;
+    mf_expert_reader_stats(s->reader, &now);
+    struct mf_ctx_stats *st = &ctx->stats;
+    int64_t misses = now.misses - was->misses;
+    double wait = now.wait_s - was->wait_s;
+    st->expert_reads += misses;
+    st->expert_bytes_read += misses * (int64_t)s->expert_bytes;
+    st->expert_read_s += wait;
+    st->io_wait_s += wait;
+    st->expert_bytes_disk += now.bytes_disk - was->bytes_disk;
+    st->expert_bytes_mapped += now.bytes_mmap - was->bytes_mmap;
+    st->expert_bytes_cache += now.bytes_cache - was->bytes_cache;
+    st->cache_hits += now.hits - was->hits;
+    st->cache_misses += misses;
+    st->prefetch_issued += now.prefetch_issued - was->prefetch_issued;
+    st->prefetch_hits += now.prefetch_hits - was->prefetch_hits;
+    *was = now;
+}
+
+static void shared_compute(mf_ctx *ctx, struct mf_moe_scratch *s,
+                           const struct mf_moe_config *c, const struct mf_moe_layer *w,
+                           const float *x, int n_tok) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_ffn_layer f = {w->shared_gate, w->shared_up, w->shared_down};
     mf_ffn_forward(ctx, s->sh_out, s->sh_tmp, &f, x, n_tok, c->n_ff_shexp);
@@ -393,7 +440,25 @@ static void shared_apply(mf_ctx *ctx, struct mf_moe_scratch *s,
         op->matmul(ctx->ex, s->sh_gate, &w->shared_expert_gate, x, n_tok);
         op->mul_sigmoid(ctx->ex, s->sh_out, s->sh_gate, n_tok, c->n_embd, 1, 1);
     }
-    op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
+}
+
+static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
+                           const struct mf_moe_config *c, const struct mf_moe_layer *w,
+                           const float *x, int n_tok, int n_used, double *shared_s) {
+    int outstanding = 0, has_shared = w->has_shared && c->n_ff_shexp > 0;
+    int rc = submit_all(ctx, s, w->il, n_used, &outstanding);
+    if (rc == MF_OK && s->prefetch && n_tok == 1)
+        prefetch_next(s, w->il, c->n_expert_used);
+    double t = mf_now_s();
+    if (rc == MF_OK && has_shared)
+        shared_compute(ctx, s, c, w, x, n_tok);   // while the reads are in flight
+    *shared_s = mf_now_s() - t;
+    while (rc == MF_OK && outstanding > 0)
+        rc = run_one_ready(ctx, s, &outstanding);
+    if (rc != MF_OK)
+        mf_expert_reader_release_all(s->reader);
+    take_reader_stats(ctx, s);
+    return rc;
 }
 
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
@@ -406,30 +471,22 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
     struct mf_ctx_stats *st = &ctx->stats;
-    s->io_wait_call = 0.0;
-    double t0 = mf_now_s();
+    double t0 = mf_now_s(), wait0 = st->io_wait_s, shared_s = 0.0;
     int n_used = route(ctx, s, w, c, x, n_tok);
     double t1 = mf_now_s();
     st->routing_s += t1 - t0;
     int n_rows = n_tok * c->n_expert_used;
     op->gather_rows(ctx->ex, s->xg, x, s->tok_of, n_rows, c->n_embd);
-    for (int b0 = 0; b0 < n_used; b0 += s->n_slot) {
-        int n = n_used - b0 < s->n_slot ? n_used - b0 : s->n_slot;
-        for (int i = 0; i < n; i++)
-            s->slot_expert[i] = s->used[b0 + i];
-        int rc = read_batch(ctx, s, w->il, n);
-        if (rc != MF_OK)
-            return rc;
-        run_batch(ctx, s, n);
+    int rc = experts_forward(ctx, s, c, w, x, n_tok, n_used, &shared_s);
+    if (rc == MF_OK) {
+        op->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
+        op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
+        if (w->has_shared && c->n_ff_shexp > 0)
+            op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
     }
-    op->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
-    op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
-    double t2 = mf_now_s();
-    st->experts_s += (t2 - t1) - s->io_wait_call;
-    if (w->has_shared && c->n_ff_shexp > 0)
-        shared_apply(ctx, s, c, w, y, x, n_tok);
-    st->shared_s += mf_now_s() - t2;
-    return MF_OK;
+    st->shared_s += shared_s;
+    st->experts_s += (mf_now_s() - t1) - shared_s - (st->io_wait_s - wait0);
+    return rc;
 }
 
 /* ==== Dense SwiGLU FFN ==== */

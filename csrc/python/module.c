@@ -215,18 +215,24 @@ static int ctx_abort_cb(void *user) {
 }
 
 PyDoc_STRVAR(context_doc,
-"Context(model, n_threads=0, n_ctx=0, backend='cpu')\n--\n\n"
+"Context(model, n_threads=0, n_ctx=0, backend='cpu', io_mode=None, io_threads=0,\n"
+"        expert_cache_bytes=0, prefetch=-1)\n--\n\n"
 "One sequence over a model. `model` is a model directory (str or path) or a\n"
 "ModelHandle to share one loaded model between Contexts. n_threads 0 = all online\n"
-"cores; n_ctx 0 = min(4096, max_position_embeddings).");
+"cores; n_ctx 0 = min(4096, max_position_embeddings); io_mode None = auto (or\n"
+"$MOEFLUX_IO), else 'pread', 'mmap', 'direct'; io_threads 0 = default (8);\n"
+"expert_cache_bytes 0 = no RAM expert cache; prefetch -1 = default (off), 0, 1.");
 
 static PyObject *context_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"model", "n_threads", "n_ctx", "backend", NULL};
+    static char *kwlist[] = {"model", "n_threads", "n_ctx", "backend", "io_mode",
+                             "io_threads", "expert_cache_bytes", "prefetch", NULL};
     PyObject *model_arg;
-    int n_threads = 0, n_ctx = 0;
-    const char *backend = "cpu";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iis:Context", kwlist, &model_arg,
-                                     &n_threads, &n_ctx, &backend))
+    int n_threads = 0, n_ctx = 0, io_threads = 0, prefetch = -1;
+    long long cache_bytes = 0;
+    const char *backend = "cpu", *io_mode = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iisziLi:Context", kwlist, &model_arg,
+                                     &n_threads, &n_ctx, &backend, &io_mode, &io_threads,
+                                     &cache_bytes, &prefetch))
         return NULL;
     mf_py_state *st = mf_py_state_of_type(tp);
     if (!st)
@@ -256,6 +262,10 @@ static PyObject *context_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     struct mf_ctx_params p = mf_ctx_default_params();
     p.n_threads = n_threads;
     p.n_ctx = n_ctx;
+    p.io_mode = io_mode;   // borrowed for the mf_ctx_new call, as the C API allows
+    p.io_threads = io_threads;
+    p.expert_cache_bytes = cache_bytes;
+    p.prefetch = prefetch;
     p.abort_fn = ctx_abort_cb;
     p.abort_user = self;   // borrowed: the ctx never outlives this object
     const mf_model *model = ((mf_py_handle *)handle)->model;
@@ -550,7 +560,16 @@ static PyObject *context_stats(PyObject *obj, PyObject *unused) {
         dict_set(d, "io_wait_s", PyFloat_FromDouble(s.io_wait_s)) ||
         dict_set(d, "experts_s", PyFloat_FromDouble(s.experts_s)) ||
         dict_set(d, "shared_s", PyFloat_FromDouble(s.shared_s)) ||
-        dict_set(d, "head_s", PyFloat_FromDouble(s.head_s))) {
+        dict_set(d, "head_s", PyFloat_FromDouble(s.head_s)) ||
+        dict_set(d, "expert_bytes_disk", PyLong_FromLongLong(s.expert_bytes_disk)) ||
+        dict_set(d, "expert_bytes_mapped", PyLong_FromLongLong(s.expert_bytes_mapped)) ||
+        dict_set(d, "expert_bytes_cache", PyLong_FromLongLong(s.expert_bytes_cache)) ||
+        dict_set(d, "cache_hits", PyLong_FromLongLong(s.cache_hits)) ||
+        dict_set(d, "cache_misses", PyLong_FromLongLong(s.cache_misses)) ||
+        dict_set(d, "prefetch_issued", PyLong_FromLongLong(s.prefetch_issued)) ||
+        dict_set(d, "prefetch_hits", PyLong_FromLongLong(s.prefetch_hits)) ||
+        dict_set(d, "io_mode", PyUnicode_FromString(s.io_mode)) ||
+        dict_set(d, "io_fallback", PyUnicode_FromString(s.io_note))) {
         Py_XDECREF(d);
         return NULL;
     }

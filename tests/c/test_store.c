@@ -4,7 +4,9 @@
  * .scales, bits and group size derived from shapes and cross-checked with the
  * manifest and config.json), and the expert store (layout validation in both the
  * moeflux and the reference-system form, per-layer files, byte-exact reads, every
- * refusal). Files are written into a fresh temporary directory.
+ * refusal, and the calls the asynchronous reader builds on: id and size checks, the
+ * O_DIRECT refusal for unaligned experts, mapping and pre-faulting). Files are written
+ * into a fresh temporary directory.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -332,6 +334,41 @@ static void store_expect(const char *layout, int status, const char *needle) {
     mf_expert_store_close(rc ? NULL : st);
 }
 
+// The calls the asynchronous reader uses (test_reader.c covers them end to end).
+static void test_store_modes(mf_expert_store *st) {
+    char err[512] = "";
+    CHECK(mf_expert_store_total_bytes(st) == 2ull * 4 * EXPERT_BYTES, "total bytes");
+    CHECK(mf_expert_store_check(st, 2, 3, err, sizeof err) == MF_OK &&
+              mf_expert_store_check(st, 0, 0, err, sizeof err) == MF_ERR_ARG &&
+              mf_expert_store_check(st, 1, 4, err, sizeof err) == MF_ERR_ARG, "check ids");
+    mf_expert_store_hint(st, 1, 2);
+    mf_expert_store_hint(st, 9, 2);   // bad ids: no-op
+    // 13824-byte experts cannot be read with O_DIRECT; the answer is kept.
+    unsigned char *buf = NULL;
+    CHECK(posix_memalign((void **)&buf, 4096, 16384) == 0, "alloc");
+    for (int i = 0; i < 2; i++)
+        CHECK(mf_expert_store_open_direct(st, err, sizeof err) == MF_ERR_UNSUPPORTED &&
+                  strstr(err, "not a multiple of 4096"), "direct refused: %s", err);
+    CHECK(buf && mf_expert_store_read_direct(st, 1, 0, buf, err, sizeof err) == MF_ERR_ARG,
+          "direct read without direct fds");
+    free(buf);
+    const void *p = (const void *)1;
+    CHECK(mf_expert_store_prefault(st, 1, 0, &p, err, sizeof err) == MF_ERR_ARG && !p,
+          "prefault before map");
+    CHECK(mf_expert_store_map(st, err, sizeof err) == MF_OK &&
+              mf_expert_store_map(st, err, sizeof err) == MF_OK, "map: %s", err);
+    CHECK(mf_expert_store_prefault(st, 2, 3, &p, err, sizeof err) == MF_OK && p,
+          "prefault: %s", err);
+    const unsigned char *b = p;
+    int same = b != NULL;
+    for (size_t i = 0; same && i < EXPERT_BYTES; i++) {
+        size_t fi = 3 * (size_t)EXPERT_BYTES + i;
+        same = b[i] == (unsigned char)((fi * 7 + 2 * 131 + fi / EXPERT_BYTES) & 0xff);
+    }
+    CHECK(same, "mapped bytes of layer 2 expert 3");
+    CHECK(mf_expert_store_check_size(st, 2, 3, err, sizeof err) == MF_OK, "size ok");
+}
+
 static void test_store(void) {
     char layout[8192];
     make_layer(tmpdir, 1, 4, 0);
@@ -381,6 +418,7 @@ static void test_store(void) {
                       MF_ERR_ARG, "small buffer");
         }
         free(buf);
+        test_store_modes(st);
         mf_expert_store_close(st);
     }
 
