@@ -1,8 +1,8 @@
 /*
  * matmul.h — the linear-algebra kernels: matvec and small-batch matmul (a warp per
- * output row, MF_MV_TT tokens in registers), the tiled SIMT GEMM for many tokens, the
- * transposed product (a thread per input column, rows walked in order as the CPU
- * does) and the embedding lookup. All take per-head strides (matmul_heads); plain
+ * output row, MF_MV_TT tokens in registers, x staged in threadgroup memory), the tiled
+ * SIMT GEMM for many tokens, the transposed product (a thread per input column, rows
+ * walked in order as the CPU does) and the embedding lookup. All take per-head strides (matmul_heads); plain
  * matmul is one head.
  */
 #ifndef MF_MATMUL_H
@@ -17,17 +17,19 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
-    const int row = MF_TG_X * MF_MV_ROWS + MF_WARP;
-    if (row >= p.n_out)
-        return;
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int row = MF_TG_X * MF_MV_ROWS + MF_WARP, active = row < p.n_out;
     const int t0 = MF_TG_Y * MF_MV_TT, h = MF_TG_Z, lane = MF_LANE;
     const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
     float acc[MF_MV_TT];
     for (int t = 0; t < MF_MV_TT; t++)
         acc[t] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
-    mf_dot_tile(acc, w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
-                (mf_i64)h * p.w_head_rows + row, xt, p.x_tok_stride, nt, lane);
+    mf_dot_block(acc, xs, w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
+                 (mf_i64)h * p.w_head_rows + row, active, xt, p.x_tok_stride, nt, MF_LT,
+                 MF_NT, lane);
+    if (!active)
+        return;
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row;
 #pragma unroll
     for (int t = 0; t < MF_MV_TT; t++) {

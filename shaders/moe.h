@@ -143,9 +143,10 @@ MF_BUF(1, const float, xg)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
     const int e = MF_TG_Y, j = MF_TG_X * MF_MV_ROWS + MF_WARP, lane = MF_LANE;
-    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
-    if (j >= p.n_ff || tile >= n_rows)
+    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3], active = j < p.n_ff;
+    if (tile >= n_rows)   // the same for the whole threadgroup
         return;
     const int r0 = tab[4 * e + 2] + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
@@ -155,12 +156,14 @@ MF_PARAMS(4, struct mf_p_moe, p) {
         au[t] = 0.0f;
     }
     MF_G const float *xr = xg + (mf_i64)r0 * p.n_embd;
-    mf_dot_tile(ag, mf_blob_at(base, tab, e, p.gate_w), mf_blob_at(base, tab, e, p.gate_s),
-                mf_blob_at(base, tab, e, p.gate_b), p.dtype, p.sdtype, p.bits,
-                p.group_size, p.n_embd, j, xr, p.n_embd, nt, lane);
-    mf_dot_tile(au, mf_blob_at(base, tab, e, p.up_w), mf_blob_at(base, tab, e, p.up_s),
-                mf_blob_at(base, tab, e, p.up_b), p.dtype, p.sdtype, p.bits,
-                p.group_size, p.n_embd, j, xr, p.n_embd, nt, lane);
+    mf_dot_block(ag, xs, mf_blob_at(base, tab, e, p.gate_w), mf_blob_at(base, tab, e, p.gate_s),
+                 mf_blob_at(base, tab, e, p.gate_b), p.dtype, p.sdtype, p.bits,
+                 p.group_size, p.n_embd, j, active, xr, p.n_embd, nt, MF_LT, MF_NT, lane);
+    mf_dot_block(au, xs, mf_blob_at(base, tab, e, p.up_w), mf_blob_at(base, tab, e, p.up_s),
+                 mf_blob_at(base, tab, e, p.up_b), p.dtype, p.sdtype, p.bits,
+                 p.group_size, p.n_embd, j, active, xr, p.n_embd, nt, MF_LT, MF_NT, lane);
+    if (!active)
+        return;
 #pragma unroll
     for (int t = 0; t < MF_MV_TT; t++) {
         const float gv = mf_warp_sum(ag[t]), uv = mf_warp_sum(au[t]);
@@ -175,19 +178,22 @@ MF_BUF(1, const float, gu)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
     const int e = MF_TG_Y, j = MF_TG_X * MF_MV_ROWS + MF_WARP, lane = MF_LANE;
-    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
-    if (j >= p.n_embd || tile >= n_rows)
+    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3], active = j < p.n_embd;
+    if (tile >= n_rows)   // the same for the whole threadgroup
         return;
     const int r0 = tab[4 * e + 2] + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     float acc[MF_MV_TT];
     for (int t = 0; t < MF_MV_TT; t++)
         acc[t] = 0.0f;
-    mf_dot_tile(acc, mf_blob_at(base, tab, e, p.down_w), mf_blob_at(base, tab, e, p.down_s),
-                mf_blob_at(base, tab, e, p.down_b), p.dtype, p.sdtype, p.bits,
-                p.group_size, p.n_ff, j, gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt,
-                lane);
+    mf_dot_block(acc, xs, mf_blob_at(base, tab, e, p.down_w),
+                 mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
+                 p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff, j, active,
+                 gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, MF_LT, MF_NT, lane);
+    if (!active)
+        return;
 #pragma unroll
     for (int t = 0; t < MF_MV_TT; t++) {
         const float v = mf_warp_sum(acc[t]);

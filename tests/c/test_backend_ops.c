@@ -1187,6 +1187,7 @@ static void test_cache(void) {
     }
     CHECK(size2 == size, "the corrupt entry was rewritten (%ld vs %ld bytes)", size2, size);
     double t_again = make_backend("rewritten cache entry");
+    printf("cache entry %s, %ld bytes\n", file, size);
     printf("backend start: cold cache %.2f s, warm %.2f s, corrupt entry %.2f s, after %.2f s\n",
            t_cold, t_warm, t_fix, t_again);
     CHECK(t_warm < t_cold, "a cache hit is faster than compiling");
@@ -1201,7 +1202,7 @@ static void test_cache(void) {
  * A 4-bit matvec streams its weight once; its bytes per second are compared with a
  * device-to-device copy (read + write) measured in the same run, rounds interleaved. */
 
-static void bench(void) {
+static void bench(const char *label) {
     const int64_t R = 16384, N = 8192;
     const int reps = 20;
     struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = 4,
@@ -1241,9 +1242,9 @@ static void bench(void) {
         E.go->sync(E.gx);
         double t4 = now_s();
         double mv = (double)bytes * reps / (t1 - t0), cp = 2.0 * (double)bytes * reps / (t2 - t1);
-        printf("bench round %d: 4-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
+        printf("bench %s round %d: 4-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
                "%.0f GB/s; ratio %.2f; n_tok 8: %.0f GB/s of weights; n_tok 256 GEMM: %.0f "
-               "GFLOP/s\n", round, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
+               "GFLOP/s\n", label, round, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
                (double)bytes * 3 / (t3 - t2) / 1e9, 2.0 * (double)R * N * 256 * 3 / (t4 - t3) / 1e9);
     }
     gfree((void *)w.w), gfree((void *)w.scales), gfree((void *)w.biases), gfree(gxb), gfree(gy);
@@ -1313,7 +1314,7 @@ int main(void) {
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
                now_s() - t0);
         if (!against_cpu)
-            bench();
+            bench("matvec");
     }
     if (E.gx)
         E.go->exec_free(E.gx);
