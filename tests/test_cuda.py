@@ -1,6 +1,6 @@
 """The CUDA backend from Python, and the checks of its kernel source that need no GPU.
 
-Everywhere: ``moeflux.backends()``; opening a model with backend="cuda" where no CUDA
+Everywhere: ``moeflux.backends()``; nvcc compiles the kernels to PTX without warnings; opening a model with backend="cuda" where no CUDA
 driver exists raises BackendError naming what is missing; the kernel manifest agrees
 with the params structs, the kernel files and the grid functions; each kernel file
 passes a Metal syntax check (clang++ against shaders/metal_stub: macro and typing
@@ -109,6 +109,23 @@ def test_metal_syntax(name: str) -> None:
            str(SHADERS / name)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_nvcc_ptx_no_warnings(tmp_path: Path) -> None:
+    """The kernel source through nvcc as well as NVRTC (tests/c/test_cuda_nvrtc.c):
+    PTX for sm_90 with every warning an error, the math mode the driver uses."""
+    nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
+    if not nvcc:
+        pytest.skip("nvcc not installed")
+    src = tmp_path / "kernels.cu"
+    src.write_text('#include "mf_kernels.h"\n')
+    cmd = [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "--fmad=false", f"-I{SHADERS}",
+           "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "k.ptx")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    for name, _, _, _ in manifest():
+        assert f".entry {name}(" in ptx, name
 
 
 def test_embed_is_deterministic(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
  * test_cuda_nvrtc.c — checks of the CUDA backend that need no GPU: the embedded kernel
  * source compiles with NVRTC for sm_80, sm_90 and sm_100 with no error and no warning
  * (skipped where libnvrtc is absent), the embedded sources are those of shaders/
- * (byte for byte), and without a CUDA driver mf_backend_new("cuda") fails with
+ * (byte for byte), MOEFLUX_SHADERS_DIR replaces them, and without a CUDA driver mf_backend_new("cuda") fails with
  * MF_ERR_BACKEND naming the libraries it tried.
  */
 #include <dlfcn.h>
@@ -17,6 +17,46 @@
 
 int mf_cuda_compile(const struct mf_nvrtc_api *nv, const char *arch, void **image,
                     size_t *size, char **log, char *err, size_t errlen);
+
+// MOEFLUX_SHADERS_DIR: the files of that folder replace the embedded sources (a
+// planted #error must surface in the message with NVRTC's log; a missing file is named).
+static void test_shaders_dir(const struct mf_nvrtc_api *nv) {
+    char dir[200], err[8192] = "";
+    if (check_make_tmpdir(dir, sizeof dir, "mf_shaders") != 0)
+        return;
+    for (int i = 0; i < mf_shader_count; i++) {
+        int broken = strcmp(mf_shader_names[i], "rope.h") == 0;
+        char *text = malloc(strlen(mf_shader_sources[i]) + 64);
+        CHECK(text != NULL, "out of memory");
+        if (!text)
+            return;
+        sprintf(text, "%s%s", mf_shader_sources[i],
+                broken ? "#error moeflux-test-broken-kernel\n" : "");
+        check_write_file(dir, mf_shader_names[i], text, strlen(text));
+        free(text);
+    }
+    setenv("MOEFLUX_SHADERS_DIR", dir, 1);
+    void *image = NULL;
+    size_t size = 0;
+    char *log = NULL;
+    int rc = mf_cuda_compile(nv, "sm_90", &image, &size, &log, err, sizeof err);
+    CHECK(rc == MF_ERR_BACKEND && strstr(err, "moeflux-test-broken-kernel"),
+          "a broken kernel file from MOEFLUX_SHADERS_DIR: %d %.300s", rc, err);
+    free(image), free(log);
+    char path[600];
+    snprintf(path, sizeof path, "%s/rope.h", dir);
+    remove(path);
+    rc = mf_cuda_compile(nv, "sm_90", &image, &size, &log, err, sizeof err);
+    CHECK(rc != MF_OK && strstr(err, "rope.h"), "a missing kernel file is named: %d %s", rc,
+          err);
+    free(image), free(log);
+    unsetenv("MOEFLUX_SHADERS_DIR");
+    for (int i = 0; i < mf_shader_count; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, mf_shader_names[i]);
+        remove(path);
+    }
+    remove(dir);
+}
 
 static void test_compile(void) {
     struct mf_nvrtc_api nv;
@@ -45,6 +85,7 @@ static void test_compile(void) {
         free(image);
         free(log);
     }
+    test_shaders_dir(&nv);
     mf_nvrtc_api_unload(&nv);
 }
 

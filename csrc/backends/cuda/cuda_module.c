@@ -4,7 +4,8 @@
  * architecture, and the image is kept in a cubin cache on disk keyed by a hash of the
  * sources, options, NVRTC and driver versions and the architecture. Cache writes go to
  * a temporary file renamed into place; an entry whose header or checksum is wrong is
- * compiled again and replaced.
+ * compiled again and replaced. MOEFLUX_SHADERS_DIR replaces the embedded sources by
+ * the files of a folder.
  */
 #include "backends/cuda/cuda_internal.h"
 
@@ -30,6 +31,47 @@ static uint64_t fnv(uint64_t h, const void *data, size_t n) {
 }
 
 static uint64_t fnv_str(uint64_t h, const char *s) { return fnv(h, s, strlen(s) + 1); }
+
+/* ==== Sources ====
+ * The embedded strings, or with MOEFLUX_SHADERS_DIR=<repo>/shaders the files of that
+ * folder under the same names (kernel work without a rebuild; they key the cache too). */
+
+struct sources {
+    const char *const *text;
+    char **owned;                // the texts read from MOEFLUX_SHADERS_DIR, else NULL
+};
+
+static void sources_free(struct sources *s) {
+    if (s->owned)
+        for (int i = 0; i < mf_shader_count; i++)
+            free(s->owned[i]);
+    free(s->owned);
+    s->owned = NULL;
+}
+
+static int sources_load(struct sources *s, char *err, size_t errlen) {
+    const char *dir = getenv("MOEFLUX_SHADERS_DIR");
+    s->text = mf_shader_sources;
+    s->owned = NULL;
+    if (!dir || !*dir)
+        return MF_OK;
+    s->owned = calloc((size_t)mf_shader_count, sizeof *s->owned);
+    if (!s->owned)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "cuda backend: out of memory");
+    for (int i = 0; i < mf_shader_count; i++) {
+        char *path = mf_path_join(dir, mf_shader_names[i]);
+        size_t len = 0;
+        int rc = path ? mf_read_file(path, &s->owned[i], &len, err, errlen)
+                      : mf_err(err, errlen, MF_ERR_NOMEM, "cuda backend: out of memory");
+        free(path);
+        if (rc) {
+            sources_free(s);
+            return rc;
+        }
+    }
+    s->text = (const char *const *)s->owned;
+    return MF_OK;
+}
 
 /* ==== Compile ==== */
 
@@ -81,14 +123,15 @@ static int take_image(const struct mf_nvrtc_api *nv, nvrtcProgram prog, const ch
     return MF_OK;
 }
 
-int mf_cuda_compile(const struct mf_nvrtc_api *nv, const char *arch, void **image,
-                    size_t *size, char **log, char *err, size_t errlen) {
+static int compile_sources(const struct mf_nvrtc_api *nv, const struct sources *src,
+                           const char *arch, void **image, size_t *size, char **log,
+                           char *err, size_t errlen) {
     *image = NULL;
     *size = 0;
     *log = NULL;
     nvrtcProgram prog = NULL;
     nvrtcResult r = nv->CreateProgram(&prog, "#include \"mf_kernels.h\"\n", "moeflux.cu",
-                                      mf_shader_count, mf_shader_sources, mf_shader_names);
+                                      mf_shader_count, src->text, mf_shader_names);
     if (r != 0)
         return nv_fail(nv, r, "nvrtcCreateProgram", arch, err, errlen);
     char archopt[64];
@@ -104,6 +147,19 @@ int mf_cuda_compile(const struct mf_nvrtc_api *nv, const char *arch, void **imag
                              arch, nv->GetErrorString(r), *log ? *log : "(no log)")
                     : take_image(nv, prog, arch, image, size, err, errlen);
     nv->DestroyProgram(&prog);
+    return rc;
+}
+
+int mf_cuda_compile(const struct mf_nvrtc_api *nv, const char *arch, void **image,
+                    size_t *size, char **log, char *err, size_t errlen) {
+    struct sources src;
+    *image = NULL;
+    *size = 0;
+    *log = NULL;
+    int rc = sources_load(&src, err, errlen);
+    if (!rc)
+        rc = compile_sources(nv, &src, arch, image, size, log, err, errlen);
+    sources_free(&src);
     return rc;
 }
 
@@ -161,7 +217,8 @@ static int cache_dir(char *out, size_t n) {
 }
 
 static void cache_path(char *out, size_t n, const char *dir, const char *arch,
-                       int driver_version, const struct mf_nvrtc_api *nv) {
+                       int driver_version, const struct mf_nvrtc_api *nv,
+                       const struct sources *src) {
     uint64_t h[2] = {0xcbf29ce484222325ull, 0x84222325cbf29ce4ull};
     char ver[96];
     snprintf(ver, sizeof ver, "%s|nvrtc %d.%d|driver %d", arch, nv->major, nv->minor,
@@ -173,7 +230,7 @@ static void cache_path(char *out, size_t n, const char *dir, const char *arch,
             h[k] = fnv_str(h[k], base_opts[i]);
         for (int i = 0; i < mf_shader_count; i++) {
             h[k] = fnv_str(h[k], mf_shader_names[i]);
-            h[k] = fnv_str(h[k], mf_shader_sources[i]);
+            h[k] = fnv_str(h[k], src->text[i]);
         }
     }
     snprintf(out, n, "%s/%016llx%016llx-%s.bin", dir, (unsigned long long)h[0],
@@ -251,16 +308,14 @@ static int load_image(const struct mf_cu_api *cu, const void *image, CUmodule *m
     return mf_err(err, errlen, MF_ERR_BACKEND, "cuda backend: cuModuleLoadData: %s", text);
 }
 
-int mf_cuda_module_load(const struct mf_cu_api *cu, const struct mf_nvrtc_api *nv, int cc,
-                        int driver_version, CUmodule *mod, char *err, size_t errlen) {
-    char arch[32], dir[1024], path[1200] = "";
-    int rc = pick_arch(nv, cc, arch, sizeof arch, err, errlen);
-    if (!rc)
-        rc = check_skew(nv, driver_version, arch[0] == 'c', err, errlen);
-    if (rc)
-        return rc;
+// The module from the cache entry of these sources, or compiled (and stored).
+static int load_or_compile(const struct mf_cu_api *cu, const struct mf_nvrtc_api *nv,
+                           const struct sources *src, const char *arch, int driver_version,
+                           CUmodule *mod, char *err, size_t errlen) {
+    char dir[1024], path[1200] = "";
+    int rc;
     if (cache_dir(dir, sizeof dir))
-        cache_path(path, sizeof path, dir, arch, driver_version, nv);
+        cache_path(path, sizeof path, dir, arch, driver_version, nv, src);
     size_t size = 0;
     void *image = path[0] ? cache_read(path, &size) : NULL;
     if (image && load_image(cu, image, mod, err, errlen) == MF_OK) {
@@ -269,7 +324,7 @@ int mf_cuda_module_load(const struct mf_cu_api *cu, const struct mf_nvrtc_api *n
     }
     free(image);   // missing, corrupt or refused: compile again
     char *log = NULL;
-    rc = mf_cuda_compile(nv, arch, &image, &size, &log, err, errlen);
+    rc = compile_sources(nv, src, arch, &image, &size, &log, err, errlen);
     free(log);
     if (rc)
         return rc;
@@ -277,5 +332,21 @@ int mf_cuda_module_load(const struct mf_cu_api *cu, const struct mf_nvrtc_api *n
     if (!rc && path[0])
         cache_write(path, image, size);
     free(image);
+    return rc;
+}
+
+int mf_cuda_module_load(const struct mf_cu_api *cu, const struct mf_nvrtc_api *nv, int cc,
+                        int driver_version, CUmodule *mod, char *err, size_t errlen) {
+    char arch[32];
+    struct sources src;
+    int rc = pick_arch(nv, cc, arch, sizeof arch, err, errlen);
+    if (!rc)
+        rc = check_skew(nv, driver_version, arch[0] == 'c', err, errlen);
+    if (!rc)
+        rc = sources_load(&src, err, errlen);
+    if (rc)
+        return rc;
+    rc = load_or_compile(cu, nv, &src, arch, driver_version, mod, err, errlen);
+    sources_free(&src);
     return rc;
 }
