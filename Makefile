@@ -3,16 +3,20 @@
 #   make test   build with -Werror, run the C unit tests and the whole pytest suite
 # Both start from a clean clone: they create .venv and install what they need.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 CC     ?= cc
 CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc
-CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort)
+# The kernel sources of shaders/ reach the CUDA backend as string literals in a
+# generated C file (shaders/embed.py; the same step setup.py runs).
+SHADERS_C := build/gen/mf_shaders.c
+CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
 
 all: install
 
@@ -35,9 +39,12 @@ demo: install
 
 # C unit tests: each tests/c/test_*.c is its own program linked with the core (no
 # Python), built with -Werror and run.
+$(SHADERS_C): shaders/embed.py $(wildcard shaders/*.h shaders/*.def)
+	$(PYTHON) shaders/embed.py $@
+
 tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
-	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
 
 ctest: $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done
@@ -100,3 +107,29 @@ tap: venv
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info
+
+# On a machine with an NVIDIA GPU (the CUDA test machine: no network, its own Python
+# with numpy and pytest): build the GPU tests and the extension, run the C op tests
+# (every op against the CPU backend), the NVRTC compile test and tests/test_cuda.py
+# (whole models on CUDA against the CPU), then print one line per step. The
+# extension goes to build/cuda-site as asan-pytest does, so no pip or venv is needed.
+CUDA_PY   ?= python3
+CUDA_SITE := $(CURDIR)/build/cuda-site
+
+test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
+	rm -rf build/cuda-site build/cuda-tmp
+	MOEFLUX_WERROR=1 $(CUDA_PY) setup.py -q build_ext -b $(CUDA_SITE) -t build/cuda-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(CUDA_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(CUDA_SITE)/moeflux/prep
+	@status=""; fail=0; \
+	for t in test_cuda_nvrtc test_backend_ops; do \
+		echo "== $$t"; ./tests/c/build/$$t 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
+		[ $$rc -eq 0 ] || fail=1; \
+		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
+	done; \
+	echo "== pytest tests/test_cuda.py"; \
+	PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 $(CUDA_PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_cuda.py 2>&1 | tee build/pytest-cuda.log; rc=$${PIPESTATUS[0]}; \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""pytest tests/test_cuda.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
+	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail

@@ -12,11 +12,23 @@ import sys
 from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The GPU kernel sources (shaders/) as C string literals for the CUDA backend, which
+# compiles them at run time with NVRTC: written before the build, standard library only.
+SHADERS_C = os.path.join("build", "gen", "mf_shaders.c")
+
+
+def embed_shaders():
+    sys.path.insert(0, os.path.join(HERE, "shaders"))
+    try:
+        import embed
+    finally:
+        sys.path.pop(0)
+    embed.write(os.path.join(HERE, SHADERS_C))
 
 
 def c_sources():
     files = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
-    return [f for f in files if os.sep + "tests" + os.sep not in f]
+    return [f for f in files if os.sep + "tests" + os.sep not in f] + [SHADERS_C]
 
 
 def compile_args():
@@ -37,12 +49,15 @@ def compile_args():
 
 def link_args():
     args = ["-lpthread", "-lm"]
+    if sys.platform.startswith("linux"):
+        args.append("-ldl")   # dlopen of libcuda / libnvrtc (in libc from glibc 2.34)
     extra = os.environ.get("MOEFLUX_LDFLAGS")
     if extra:
         args.extend(extra.split())
     return args
 
 
+embed_shaders()
 core = Extension(
     "moeflux._core",
     sources=c_sources(),

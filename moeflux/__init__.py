@@ -9,6 +9,7 @@ from .errors import (AbortedError, ArgumentError, BackendError, FormatError,
                      NumericError, SamplingError, ShapeError, StateError, SynthError,
                      TokenizerError, UnsupportedError)
 from .model import Model
+from ._core import backends
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
  * choice of backend by name. The backends themselves live in backends/<name>/.
  */
 #include "backends/backend.h"
+#include "backends/cuda/cuda_backend.h"
 
 #include <string.h>
 
@@ -43,7 +44,9 @@ int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t 
     *out = NULL;
     if (!name || strcmp(name, "cpu") == 0)
         return mf_backend_cpu_new(out, err, errlen);
-    if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0)
+    if (strcmp(name, "cuda") == 0)
+        return mf_backend_cuda_new(out, err, errlen);
+    if (strcmp(name, "metal") == 0)
         return mf_err(err, errlen, MF_ERR_BACKEND,
                       "backend '%s' is not built into this moeflux", name);
     return mf_err(err, errlen, MF_ERR_BACKEND,

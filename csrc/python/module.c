@@ -13,6 +13,7 @@
  * build needs no numpy headers) and filled through the buffer protocol.
  */
 #include "python/binding.h"
+#include "backends/cuda/cuda_backend.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -701,6 +702,29 @@ static int add_state_methods(PyTypeObject *tp) {
     return 0;
 }
 
+/* ==== backends(): the compute backends usable in this process ==== */
+
+PyDoc_STRVAR(backends_doc,
+"backends()\n--\n\n"
+"Names of the backends a model can be opened with here: always 'cpu', and 'cuda'\n"
+"when a CUDA driver, a device and NVRTC are found (nothing is compiled).");
+
+static PyObject *py_backends(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    char err[1024];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_backend_cuda_probe(err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return rc == MF_OK ? Py_BuildValue("[ss]", "cpu", "cuda") : Py_BuildValue("[s]", "cpu");
+}
+
+static PyMethodDef backend_methods[] = {
+    {"backends", py_backends, METH_NOARGS, backends_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static int core_exec(PyObject *mod) {
     mf_py_state *st = PyModule_GetState(mod);
     st->handle_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &handle_spec, NULL);
@@ -740,6 +764,7 @@ static int core_exec(PyObject *mod) {
     if (!st->np_empty)
         return -1;
     if (PyModule_AddFunctions(mod, mf_py_diag_methods) < 0 ||
+        PyModule_AddFunctions(mod, backend_methods) < 0 ||
         PyModule_AddStringConstant(mod, "version", mf_version()) < 0)
         return -1;
     return 0;

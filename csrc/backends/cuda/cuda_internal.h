@@ -1,0 +1,179 @@
+/*
+ * cuda_internal.h — what the CUDA backend's files share: the backend (driver and NVRTC
+ * tables, device, primary context, the kernel module), the exec (a stream, the pinned
+ * argument ring, the allocation pool, scratch, the sticky first error), the kernel
+ * manifest as an enum and typed launchers, and the op entry points.
+ */
+#ifndef MF_CUDA_INTERNAL_H
+#define MF_CUDA_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backends/backend.h"
+#include "backends/cuda/cuda_api.h"
+#include "backends/cuda/cuda_backend.h"
+#include "../../../shaders/mf_params.h"
+#include "../../../shaders/grid.h"
+
+// The kernel sources, generated from shaders/ by shaders/embed.py (mf_shaders.c).
+extern const int mf_shader_count;
+extern const char *const mf_shader_names[];
+extern const char *const mf_shader_sources[];
+
+// Kernel ids, in manifest order.
+enum mf_cuda_kernel {
+#define K(name, params, n_buf, grid) MF_KID_##name,
+#include "../../../shaders/kernels.def"
+#undef K
+    MF_KID_COUNT
+};
+
+struct mf_cuda_be {
+    struct mf_cu_api cu;
+    struct mf_nvrtc_api nv;
+    CUdevice dev;
+    CUcontext ctx;               // the device's primary context, retained
+    int cc;                      // compute capability, 10 * major + minor
+    int driver_version;
+    char name[128];
+    CUmodule mod;
+    CUfunction fn[MF_KID_COUNT];
+    CUstream wstream;            // map_weights copies
+};
+
+// Argument ring: host arguments of ops are copied into pinned memory and from there to
+// device memory in stream order; a segment is reused once the event recorded when the
+// exec last left it has been reached (its copies and the kernels that read them done).
+#define MF_RING_SEGS 4
+#define MF_RING_SEG_BYTES ((size_t)1 << 20)
+
+struct mf_cuda_block {
+    CUdeviceptr p;
+    size_t bytes;
+};
+
+struct mf_exec {
+    struct mf_cuda_be *cb;
+    CUstream st;
+    int status;                  // first error (MF_OK while none)
+    char err[1024];
+    unsigned char *ring_host;
+    CUdeviceptr ring_dev;
+    CUevent ring_ev[MF_RING_SEGS];
+    int ring_recorded[MF_RING_SEGS];
+    int ring_seg;
+    size_t ring_off;
+    struct mf_cuda_block *live, *pool;   // allocations in use / freed for reuse
+    int n_live, cap_live, n_pool, cap_pool;
+    CUdeviceptr ws;              // scratch of ops (attention partials)
+    size_t ws_bytes;
+    CUdeviceptr route_ws;        // moe_route outputs when the caller gives none
+    size_t route_bytes;
+};
+
+struct mf_fence {
+    CUevent ev;
+    int recorded;
+};
+
+static inline CUdeviceptr mf_dp(const void *p) { return (CUdeviceptr)(uintptr_t)p; }
+
+// ---- cuda_backend.c
+// Records the first error of the exec: "op: call: CUDA_ERROR_... (text)". Returns 1
+// when r is success.
+int mf_cuda_ck(struct mf_exec *ex, CUresult r, const char *op, const char *call);
+// Records a first error with its own message and status.
+void mf_cuda_fail(struct mf_exec *ex, int status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+// Makes the backend's context current on the calling thread.
+void mf_cuda_enter(struct mf_exec *ex);
+// Copies n host bytes into the argument ring; returns their device address (0 after
+// an error, which is recorded).
+CUdeviceptr mf_cuda_ring_put(struct mf_exec *ex, const void *src, size_t n, const char *op);
+// Scratch of at least n bytes (grown after a stream sync); 0 after an error.
+CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, size_t n,
+                            const char *op);
+void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                    const void *params, const CUdeviceptr *bufs, int n_buf,
+                    const char *op);
+
+// Typed launchers: launch_<kernel>(ex, &params, bufs, op), geometry from grid.h.
+#define K(name, params, n_buf, grid)                                                   \
+    static inline void launch_##name(struct mf_exec *ex, const struct params *p,       \
+                                     const CUdeviceptr bufs[n_buf], const char *op) {  \
+        unsigned g[3], b[3];                                                           \
+        grid(p, g, b);                                                                 \
+        mf_cuda_launch(ex, MF_KID_##name, g, b, p, bufs, n_buf, op);                   \
+    }
+#include "../../../shaders/kernels.def"
+#undef K
+
+// ---- cuda_module.c
+int mf_cuda_module_load(const struct mf_cu_api *cu, const struct mf_nvrtc_api *nv, int cc,
+                        int driver_version, CUmodule *mod, char *err, size_t errlen);
+
+// ---- cuda_ops.c: the compute ops of the table
+void mf_cuda_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                    const float *x, int n_tok);
+void mf_cuda_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                      const float *x, int n_tok);
+void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
+                          int y_head_stride, const struct mf_weight *w,
+                          int64_t w_head_rows, int transposed, const float *x,
+                          int x_tok_stride, int x_head_stride, int n_tok, int n_head);
+void mf_cuda_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                   const int32_t *tokens_host, int n_tok);
+void mf_cuda_rmsnorm(struct mf_exec *ex, float *y, const float *x,
+                     const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+void mf_cuda_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
+                           const struct mf_weight *g, int n_tok, int tok_stride,
+                           int n_head, int head_stride, int n, float eps, float scale);
+void mf_cuda_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const float *z,
+                           const struct mf_weight *g, int n_rows, int n, float eps);
+void mf_cuda_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
+                  int head_stride, int n_rot, const float *inv_freq, int pos0,
+                  int traditional, float mscale);
+void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                       const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                       int dv, int k_stride, int v_stride, int pos0, float scale);
+void mf_cuda_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
+                         const struct mf_weight *w, int n_tok, int C, int K);
+void mf_cuda_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
+                              const float *state_in, const float *u,
+                              const struct mf_weight *w, int n_tok, int C, int K);
+void mf_cuda_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
+                       const float *b, int ab_stride, const struct mf_weight *A_log,
+                       const struct mf_weight *dt_bias, int n_tok, int nv);
+void mf_cuda_gdn_recurrence(struct mf_exec *ex, float *o, float *S, const float *q,
+                            const float *k, const float *v, int qkv_stride,
+                            const float *g, const float *beta, int n_tok, int nk, int nv,
+                            int dk, int dv);
+void mf_cuda_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S,
+                                 const float *S_in, const float *q, const float *k,
+                                 const float *v, int qkv_stride, const float *g,
+                                 const float *beta, int n_tok, int nk, int nv, int dk,
+                                 int dv);
+void mf_cuda_swiglu(struct mf_exec *ex, float *y, const float *gate, const float *up,
+                    int n_rows, int n_cols, int in_stride);
+void mf_cuda_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
+                         int n_cols, int g_stride, int g_cols);
+void mf_cuda_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+void mf_cuda_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
+                              const int32_t *idx_host, const float *w_host, int n_rows,
+                              int n);
+void mf_cuda_gather_rows(struct mf_exec *ex, float *dst, const float *src,
+                         const int32_t *idx_host, int n_rows, int n);
+void mf_cuda_gather_rows_dev(struct mf_exec *ex, float *dst, const float *src,
+                             const int32_t *idx, int n_rows, int n);
+void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
+void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                       const float *bias, const struct mf_route_params *p, int n_tok,
+                       int32_t *idx_host, float *w_host);
+void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                         const struct mf_moe_batch *b);
+
+#endif /* MF_CUDA_INTERNAL_H */

@@ -1,0 +1,128 @@
+/*
+ * grid.h — launch geometry of every kernel as plain C, shared by the drivers so that
+ * CUDA and Metal cannot launch a kernel differently. g = threadgroups per grid
+ * (x, y, z), b = threads per threadgroup. Not part of the kernel source.
+ */
+#ifndef MF_GRID_H
+#define MF_GRID_H
+
+#include "mf_params.h"
+
+static inline unsigned mf_cdiv(long long n, long long d) {
+    return n <= 0 ? 1u : (unsigned)((n + d - 1) / d);
+}
+
+static inline void mf_grid_set(unsigned g[3], unsigned b[3], unsigned gx, unsigned gy,
+                               unsigned gz, unsigned bx) {
+    g[0] = gx;
+    g[1] = gy;
+    g[2] = gz;
+    b[0] = bx;
+    b[1] = 1;
+    b[2] = 1;
+}
+
+// A warp per output row, MF_MV_TT tokens per threadgroup row, heads on z.
+static inline void mf_grid_mv(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_MV_ROWS), mf_cdiv(p->n_tok, MF_MV_TT),
+                (unsigned)p->n_head, 32 * MF_MV_ROWS);
+}
+
+static inline void mf_grid_gemm(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_GEMM_TILE), mf_cdiv(p->n_tok, MF_GEMM_TILE),
+                (unsigned)p->n_head, 256);
+}
+
+// A thread per input column, MF_MV_TT tokens each.
+static inline void mf_grid_mt(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_in, MF_THREADS), mf_cdiv(p->n_tok, MF_MV_TT),
+                (unsigned)p->n_head, MF_THREADS);
+}
+
+static inline void mf_grid_embed(const struct mf_p_embed *p, unsigned g[3],
+                                 unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_in, MF_THREADS), (unsigned)p->n_tok, 1, MF_THREADS);
+}
+
+// A threadgroup per row.
+static inline void mf_grid_norm(const struct mf_p_norm *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)(p->n_tok * p->n_head), 1, 1, MF_THREADS);
+}
+
+static inline void mf_grid_rope(const struct mf_p_rope *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv((long long)p->n_tok * p->n_heads * (p->n_rot / 2), MF_THREADS),
+                1, 1, MF_THREADS);
+}
+
+static inline void mf_grid_attn_part(const struct mf_p_attn *p, unsigned g[3],
+                                     unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->n_split, (unsigned)p->n_head, (unsigned)p->n_tok,
+                MF_THREADS);
+}
+
+static inline void mf_grid_attn_comb(const struct mf_p_attn *p, unsigned g[3],
+                                     unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->n_head, (unsigned)p->n_tok, 1, MF_THREADS);
+}
+
+static inline void mf_grid_conv(const struct mf_p_conv *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->C, MF_THREADS), 1, 1, MF_THREADS);
+}
+
+static inline void mf_grid_gates(const struct mf_p_gates *p, unsigned g[3],
+                                 unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv((long long)p->n_tok * p->nv, MF_THREADS), 1, 1, MF_THREADS);
+}
+
+// A warp per state row, rows of one v-head per grid column.
+static inline void mf_grid_gdn(const struct mf_p_gdn *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->dv, MF_GDN_ROWS), (unsigned)p->nv, 1, 32 * MF_GDN_ROWS);
+}
+
+static inline void mf_grid_ew(const struct mf_p_ew *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv((long long)p->n_rows * p->n_cols, MF_THREADS), 1, 1,
+                MF_THREADS);
+}
+
+static inline void mf_grid_axpy(const struct mf_p_ew *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n, MF_THREADS), 1, 1, MF_THREADS);
+}
+
+// A row per grid column x, column blocks on y.
+static inline void mf_grid_gather(const struct mf_p_rows *p, unsigned g[3],
+                                  unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->n_rows, mf_cdiv(p->n, MF_THREADS), 1, MF_THREADS);
+}
+
+// A thread per column walks every row in order (indices may repeat).
+static inline void mf_grid_scatter(const struct mf_p_rows *p, unsigned g[3],
+                                   unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n, MF_THREADS), 1, 1, MF_THREADS);
+}
+
+// Grid-stride: at most 4096 threadgroups.
+static inline void mf_grid_flag(const struct mf_p_flag *p, unsigned g[3], unsigned b[3]) {
+    long long n = (long long)p->n_hi * 4294967296LL + (long long)(unsigned)p->n_lo;
+    unsigned gx = mf_cdiv(n, MF_THREADS);
+    mf_grid_set(g, b, gx < 4096 ? gx : 4096, 1, 1, MF_THREADS);
+}
+
+// A warp per token.
+static inline void mf_grid_route(const struct mf_p_route *p, unsigned g[3],
+                                 unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->n_tok, 1, 1, 32);
+}
+
+// Warps over output rows, experts on y, MF_MV_TT-row tiles of each expert on z.
+static inline void mf_grid_moe_gu(const struct mf_p_moe *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_ff, MF_MV_ROWS), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
+}
+
+static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
+                                    unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
+}
+
+#endif /* MF_GRID_H */

@@ -1,0 +1,147 @@
+/*
+ * matmul.h — the linear-algebra kernels: matvec and small-batch matmul (a warp per
+ * output row, MF_MV_TT tokens in registers, x staged in threadgroup memory), the tiled
+ * SIMT GEMM for many tokens, the transposed product (a thread per input column, rows
+ * walked in order as the CPU does) and the embedding lookup. All take per-head strides (matmul_heads); plain
+ * matmul is one head.
+ */
+#ifndef MF_MATMUL_H
+#define MF_MATMUL_H
+
+#include "quant.h"
+
+MF_KERNEL(mf_mv)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, x)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, sc)
+MF_BUF(4, const mf_u32, bi)
+MF_PARAMS(5, struct mf_p_mv, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int row = MF_TG_X * MF_MV_ROWS + MF_WARP, active = row < p.n_out;
+    const int t0 = MF_TG_Y * MF_MV_TT, h = MF_TG_Z, lane = MF_LANE;
+    const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
+    float acc[MF_MV_TT];
+    for (int t = 0; t < MF_MV_TT; t++)
+        acc[t] = 0.0f;
+    MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
+    mf_dot_block(acc, xs, w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
+                 (mf_i64)h * p.w_head_rows + row, active, xt, p.x_tok_stride, nt, MF_LT,
+                 MF_NT, lane);
+    if (!active)
+        return;
+    MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row;
+#pragma unroll
+    for (int t = 0; t < MF_MV_TT; t++) {
+        const float v = mf_warp_sum(acc[t]);
+        if (lane == 0 && t < nt)
+            yt[(mf_i64)t * p.y_tok_stride] = v;
+    }
+}
+
+// A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs
+// (rows ty + 16i, tokens tx + 16j). W is dequantized into threadgroup memory once per
+// 32-column step and shared by the 64 tokens. Sums run over k in order.
+MF_KERNEL(mf_gemm)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, x)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, sc)
+MF_BUF(4, const mf_u32, bi)
+MF_PARAMS(5, struct mf_p_mv, p) {
+    MF_SHARED float ws[MF_GEMM_TILE][MF_GEMM_K + 1];
+    MF_SHARED float xs[MF_GEMM_TILE][MF_GEMM_K + 1];
+    const int lt = MF_LT, tx = lt & 15, ty = lt >> 4;
+    const int r0 = MF_TG_X * MF_GEMM_TILE, t0 = MF_TG_Y * MF_GEMM_TILE, h = MF_TG_Z;
+    const int lr = lt >> 2, lc = (lt & 3) * 8;   // loader: row / token lr, 8 columns
+    MF_G const float *xh = x + (mf_i64)h * p.x_head_stride;
+    const mf_i64 wrow0 = (mf_i64)h * p.w_head_rows;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < p.n_in; k0 += MF_GEMM_K) {
+        for (int i = 0; i < 8; i++) {
+            const int c = k0 + lc + i, r = r0 + lr, t = t0 + lr;
+            ws[lr][lc + i] = (r < p.n_out && c < p.n_in)
+                                 ? mf_w_at(w, sc, bi, p.dtype, p.sdtype, p.bits,
+                                           p.group_size, p.n_in, wrow0 + r, c)
+                                 : 0.0f;
+            xs[lr][lc + i] = (t < p.n_tok && c < p.n_in)
+                                 ? xh[(mf_i64)t * p.x_tok_stride + c]
+                                 : 0.0f;
+        }
+        MF_BARRIER();
+        for (int k = 0; k < MF_GEMM_K; k++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                a[i] = ws[ty + 16 * i][k];
+                b[i] = xs[tx + 16 * i][k];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    acc[i][j] += b[j] * a[i];
+        }
+        MF_BARRIER();
+    }
+    MF_G float *yh = y + (mf_i64)h * p.y_head_stride;
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            const int r = r0 + ty + 16 * i, t = t0 + tx + 16 * j;
+            if (r < p.n_out && t < p.n_tok)
+                yh[(mf_i64)t * p.y_tok_stride + r] = acc[i][j];
+        }
+}
+
+// y[t, h, c] = sum_o x[t, h, o] * W_h[o, c]: a thread per column c, rows in order.
+MF_KERNEL(mf_mt)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, x)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, sc)
+MF_BUF(4, const mf_u32, bi)
+MF_PARAMS(5, struct mf_p_mv, p) {
+    const int c = MF_TG_X * MF_NT + MF_LT;
+    if (c >= p.n_in)
+        return;
+    const int t0 = MF_TG_Y * MF_MV_TT, h = MF_TG_Z;
+    const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
+    MF_G const float *xh = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
+    float acc[MF_MV_TT];
+    for (int t = 0; t < MF_MV_TT; t++)
+        acc[t] = 0.0f;
+    for (int o = 0; o < p.n_out; o++) {
+        const float wv = mf_w_at(w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size,
+                                 p.n_in, (mf_i64)h * p.w_head_rows + o, c);
+#pragma unroll
+        for (int t = 0; t < MF_MV_TT; t++)
+            if (t < nt)
+                acc[t] += xh[(mf_i64)t * p.x_tok_stride + o] * wv;
+    }
+    MF_G float *yh = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + c;
+    for (int t = 0; t < nt; t++)
+        yh[(mf_i64)t * p.y_tok_stride] = acc[t];
+}
+
+// y[t, c] = W[tokens[t], c]; an id outside the table gives a zero row.
+MF_KERNEL(mf_embed)
+MF_BUF(0, float, y)
+MF_BUF(1, const int, tokens)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, sc)
+MF_BUF(4, const mf_u32, bi)
+MF_PARAMS(5, struct mf_p_embed, p) {
+    const int c = MF_TG_X * MF_NT + MF_LT, t = MF_TG_Y;
+    if (c >= p.n_in)
+        return;
+    const int r = tokens[t];
+    y[(mf_i64)t * p.n_in + c] =
+        (r < 0 || r >= p.n_out)
+            ? 0.0f
+            : mf_w_at(w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, r, c);
+}
+
+#endif /* MF_MATMUL_H */

@@ -1,0 +1,113 @@
+/*
+ * mf_params.h — one plain-old-data params struct per kernel (kernels.def names which),
+ * shared by the kernels and the C drivers, and the launch constants both sides must
+ * agree on. Only 32-bit ints and floats, no pointers: the layout is then the same in
+ * C, CUDA C++ and MSL (`constant T &`). Buffers are passed separately, in the order
+ * of the kernel's MF_BUF list.
+ */
+#ifndef MF_PARAMS_H
+#define MF_PARAMS_H
+
+// Element types of weights, the values of enum mf_dtype (core/common.h; the CUDA
+// driver checks they agree at compile time).
+#define MF_SH_F32 0
+#define MF_SH_F16 1
+#define MF_SH_BF16 2
+#define MF_SH_U32 3
+
+// Matvec: warps (= output rows) per threadgroup, tokens per register tile.
+#define MF_MV_ROWS 8
+#define MF_MV_TT 4
+// Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
+#define MF_GEMM_TILE 64
+#define MF_GEMM_K 32
+// Threads of the one-dimensional and row kernels.
+#define MF_THREADS 256
+// Attention: keys per split (one threadgroup), the longest head dimension.
+#define MF_ATTN_CHUNK 256
+#define MF_ATTN_DK_MAX 1024
+// GatedDeltaNet recurrence: state rows (warps) per threadgroup, the longest dk.
+#define MF_GDN_ROWS 4
+#define MF_GDN_DK_MAX 256
+// Router: the most experts and groups one threadgroup holds.
+#define MF_ROUTE_E_MAX 1024
+#define MF_ROUTE_G_MAX 64
+#define MF_ROUTE_K_MAX 64
+
+// A weight matrix W [n_out, n_in] (per head: rows h*w_head_rows ..), float or MLX
+// affine-quantized; shared by matvec, GEMM, transposed matvec and embed.
+// y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head.
+struct mf_p_mv {
+    int n_in, n_out, n_tok, n_head;
+    int w_head_rows;
+    int x_tok_stride, x_head_stride, y_tok_stride, y_head_stride;
+    int dtype, sdtype, bits, group_size;
+};
+
+struct mf_p_embed {
+    int n_in, n_out, n_tok;
+    int dtype, sdtype, bits, group_size;
+};
+
+// RMSNorm over rows (t, h) of n values at t*tok_stride + h*head_stride; gated by z
+// ([n_tok*n_head, n] dense) when has_z.
+struct mf_p_norm {
+    int n_tok, tok_stride, n_head, head_stride, n;
+    int has_g, g_dtype, has_z;
+    float eps, scale;
+};
+
+struct mf_p_rope {
+    int n_tok, n_heads, tok_stride, head_stride, n_rot, pos0, traditional;
+    float mscale;
+};
+
+// Split attention: n_split partials of MF_ATTN_CHUNK keys per (token, head), then a
+// combine in split order.
+struct mf_p_attn {
+    int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, n_split;
+    float scale;
+};
+
+struct mf_p_conv {
+    int n_tok, C, K, w_dtype;
+};
+
+struct mf_p_gates {
+    int n_tok, nv, ab_stride, a_dtype, dt_dtype;
+};
+
+struct mf_p_gdn {
+    int n_tok, nk, nv, dk, dv, qkv_stride;
+};
+
+// Elementwise: swiglu / mul_sigmoid over n_rows x n_cols, axpy over n.
+struct mf_p_ew {
+    int n_rows, n_cols, stride, g_cols, n;
+    float alpha;
+};
+
+// Row gathers and scatter-adds: n_rows rows of n floats.
+struct mf_p_rows {
+    int n_rows, n, has_w;
+};
+
+// Non-finite check over n = n_hi * 2^32 + n_lo floats (grid-stride).
+struct mf_p_flag {
+    int n_lo, n_hi;
+};
+
+struct mf_p_route {
+    int n_tok, n_expert, n_used, kind, norm_topk_prob, n_group, topk_group, has_bias;
+    float scaling;
+};
+
+// Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
+// base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
+struct mf_p_moe {
+    int n_exp, n_embd, n_ff, max_rows;
+    int dtype, sdtype, bits, group_size;
+    int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
+};
+
+#endif /* MF_PARAMS_H */

@@ -1,0 +1,144 @@
+/*
+ * mf_prelude.h — the dialect prelude every kernel file includes first. It maps one
+ * kernel source to CUDA C++ (NVRTC, or nvcc) and to the Metal Shading Language
+ * (__METAL_VERSION__): pointer address spaces, kernel signatures, thread indices,
+ * barriers, warp shuffles, integer types and the math functions kernels may use.
+ * No CUDA or Metal header beyond <metal_stdlib> is needed, so NVRTC compiles it with
+ * no include path. Pointer qualifiers (MF_G device memory, MF_C constant, MF_TG
+ * threadgroup, MF_TH thread) go on every helper's pointer parameters; MF_SHARED
+ * declares threadgroup arrays (CUDA's __shared__ is a declaration word, not a pointer
+ * qualifier, hence two macros). Same math mode on both: no fast math (the driver passes
+ * --fmad=false to NVRTC so every product and sum rounds as the CPU's f32 code does).
+ */
+#ifndef MF_PRELUDE_H
+#define MF_PRELUDE_H
+
+#if defined(__METAL_VERSION__)
+/* ---- Metal Shading Language ---- */
+#include <metal_stdlib>
+using namespace metal;
+
+#define MF_METAL 1
+#define MF_G device
+#define MF_C constant
+#define MF_TG threadgroup
+#define MF_TH thread
+#define MF_SHARED threadgroup
+#define MF_FN static inline
+#define MF_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MF_KERNEL(name) kernel void name(
+#define MF_BUF(i, T, n) device T *n [[buffer(i)]],
+// Closes the parameter list: the params struct, then the thread-position attributes.
+#define MF_PARAMS(i, T, p)                                                             \
+    constant T &p [[buffer(i)]], uint3 mf_tg3 [[threadgroup_position_in_grid]],       \
+        uint3 mf_lt3 [[thread_position_in_threadgroup]],                              \
+        uint3 mf_nt3 [[threads_per_threadgroup]],                                     \
+        uint mf_lane_id [[thread_index_in_simdgroup]],                                \
+        uint mf_warp_id [[simdgroup_index_in_threadgroup]])
+#define MF_TG_X ((int)mf_tg3.x)
+#define MF_TG_Y ((int)mf_tg3.y)
+#define MF_TG_Z ((int)mf_tg3.z)
+#define MF_LT ((int)mf_lt3.x)
+#define MF_NT ((int)mf_nt3.x)
+#define MF_LANE ((int)mf_lane_id)
+#define MF_WARP ((int)mf_warp_id)
+
+typedef uint mf_u32;
+typedef ushort mf_u16;
+typedef uchar mf_u8;
+typedef ulong mf_u64;
+typedef long mf_i64;
+
+MF_FN float mf_as_float(mf_u32 u) { return as_type<float>(u); }
+MF_FN float mf_shfl_xor(float v, int o) { return simd_shuffle_xor(v, (ushort)o); }
+MF_FN int mf_shfl_xor_i(int v, int o) { return simd_shuffle_xor(v, (ushort)o); }
+MF_FN float mf_exp(float x) { return precise::exp(x); }
+MF_FN float mf_log(float x) { return precise::log(x); }
+MF_FN float mf_sqrt(float x) { return precise::sqrt(x); }
+MF_FN float mf_cos(float x) { return precise::cos(x); }
+MF_FN float mf_sin(float x) { return precise::sin(x); }
+MF_FN float mf_fabs(float x) { return precise::fabs(x); }
+// MSL has no log1p: log(u) * x / (u - 1) with u = 1 + x corrects u's rounding.
+MF_FN float mf_log1p(float x) {
+    float u = 1.0f + x;
+    return u == 1.0f ? x : mf_log(u) * (x / (u - 1.0f));
+}
+#define MF_INF INFINITY
+
+#else
+/* ---- CUDA C++ (NVRTC or nvcc) ---- */
+#define MF_CUDA 1
+#define MF_G
+#define MF_C
+#define MF_TG
+#define MF_TH
+#define MF_SHARED __shared__
+#define MF_FN static __device__ __forceinline__
+#define MF_BARRIER() __syncthreads()
+#define MF_KERNEL(name) extern "C" __global__ void name(
+#define MF_BUF(i, T, n) T *n,
+#define MF_PARAMS(i, T, p) const T p)
+#define MF_TG_X ((int)blockIdx.x)
+#define MF_TG_Y ((int)blockIdx.y)
+#define MF_TG_Z ((int)blockIdx.z)
+#define MF_LT ((int)threadIdx.x)
+#define MF_NT ((int)blockDim.x)
+#define MF_LANE ((int)(threadIdx.x & 31u))
+#define MF_WARP ((int)(threadIdx.x >> 5))
+
+typedef unsigned int mf_u32;
+typedef unsigned short mf_u16;
+typedef unsigned char mf_u8;
+typedef unsigned long long mf_u64;
+typedef long long mf_i64;
+
+MF_FN float mf_as_float(mf_u32 u) { return __uint_as_float(u); }
+MF_FN float mf_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+MF_FN int mf_shfl_xor_i(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+MF_FN float mf_exp(float x) { return expf(x); }
+MF_FN float mf_log(float x) { return logf(x); }
+MF_FN float mf_sqrt(float x) { return sqrtf(x); }
+MF_FN float mf_cos(float x) { return cosf(x); }
+MF_FN float mf_sin(float x) { return sinf(x); }
+MF_FN float mf_fabs(float x) { return fabsf(x); }
+MF_FN float mf_log1p(float x) { return log1pf(x); }
+#define MF_INF __int_as_float(0x7f800000)
+#endif
+
+/* ---- shared by both dialects ---- */
+
+// Sum over the 32 lanes of a warp (simdgroup) by a butterfly: every lane gets the sum,
+// and the order of additions is the same on both APIs.
+MF_FN float mf_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1)
+        v += mf_shfl_xor(v, o);
+    return v;
+}
+
+MF_FN float mf_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = mf_shfl_xor(v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+// 1 / (1 + e^-x) and x * sigmoid(x), written as the CPU backend writes them.
+MF_FN float mf_sigmoid(float x) { return 1.0f / (1.0f + mf_exp(-x)); }
+MF_FN float mf_silu(float x) { return x * mf_sigmoid(x); }
+
+// IEEE half to float by bits (no half type needed): normal, subnormal, inf and NaN.
+MF_FN float mf_f16_to_f32(mf_u32 h) {
+    mf_u32 sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1fu)
+        return mf_as_float(sign | 0x7f800000u | (man << 13));
+    if (exp != 0)
+        return mf_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+    // Subnormal: man * 2^-24, exact in f32.
+    float f = (float)man * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+}
+
+MF_FN float mf_bf16_to_f32(mf_u32 h) { return mf_as_float(h << 16); }
+
+#endif /* MF_PRELUDE_H */

@@ -1,0 +1,205 @@
+/*
+ * moe.h — mixture-of-experts kernels. mf_route: a warp per token, top-k as repeated
+ * arg-max where ties go to the lower expert index (csrc/models/moe.c's rule), softmax
+ * or noaux_tc (sigmoid scores, bias steering only the choice, group top-2 sums, the
+ * experts of non-kept groups masked to 0.0 as moe.c does). mf_moe_gu / mf_moe_down:
+ * grouped SwiGLU experts, grid.y = expert; gate and up rows of one output index are
+ * dotted by the same warp, which writes silu(gate) * up into the first half of gu's
+ * row, and down reads it back. Each row's result depends only on its own data.
+ */
+#ifndef MF_MOE_H
+#define MF_MOE_H
+
+#include "quant.h"
+
+// Index of the largest v[e] not taken, e < n; the lowest index among equals.
+MF_FN int mf_warp_argmax(MF_TG const float *v, MF_TG const int *taken, int n, int lane) {
+    float bv = 0.0f;
+    int bi = -1;
+    for (int e = lane; e < n; e += 32)
+        if (!taken[e] && (bi < 0 || v[e] > bv)) {
+            bv = v[e];
+            bi = e;
+        }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = mf_shfl_xor(bv, o);
+        const int oi = mf_shfl_xor_i(bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    return bi;
+}
+
+// noaux_tc groups: score each group by its two best biased scores (serial per lane,
+// moe.c's order), keep the topk_group best, mask the rest to 0.0.
+MF_FN void mf_route_groups(MF_TG float *bs, MF_TG float *gsc, MF_TG int *gtaken,
+                           int E, int G, int topk_group, int lane) {
+    const int per = E / G;
+    for (int gi = lane; gi < G; gi += 32) {
+        int b1 = -1, b2 = -1;
+        for (int e = gi * per; e < (gi + 1) * per; e++)
+            if (b1 < 0 || bs[e] > bs[b1])
+                b1 = e;
+        for (int e = gi * per; e < (gi + 1) * per; e++)
+            if (e != b1 && (b2 < 0 || bs[e] > bs[b2]))
+                b2 = e;
+        gsc[gi] = bs[b1] + (b2 >= 0 ? bs[b2] : 0.0f);
+        gtaken[gi] = 0;
+    }
+    MF_BARRIER();
+    for (int j = 0; j < topk_group; j++) {
+        const int b = mf_warp_argmax(gsc, gtaken, G, lane);
+        if (lane == 0)
+            gtaken[b] = 1;
+        MF_BARRIER();
+    }
+    for (int e = lane; e < E; e += 32)
+        if (!gtaken[e / per])
+            bs[e] = 0.0f;
+    MF_BARRIER();
+}
+
+MF_KERNEL(mf_route)
+MF_BUF(0, int, idx)
+MF_BUF(1, float, wout)
+MF_BUF(2, float, logits)
+MF_BUF(3, const float, bias)
+MF_PARAMS(4, struct mf_p_route, p) {
+    MF_SHARED float sc[MF_ROUTE_E_MAX];
+    MF_SHARED float bs[MF_ROUTE_E_MAX];
+    MF_SHARED float gsc[MF_ROUTE_G_MAX];
+    MF_SHARED int taken[MF_ROUTE_E_MAX];
+    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
+    MF_SHARED int sel[MF_ROUTE_K_MAX];
+    const int t = MF_TG_X, lane = MF_LANE, E = p.n_expert, K = p.n_used;
+    MF_G float *lg = logits + (mf_i64)t * E;
+    if (p.kind == 0) {
+        float mx = -MF_INF;
+        for (int e = lane; e < E; e += 32)
+            mx = lg[e] > mx ? lg[e] : mx;
+        mx = mf_warp_max(mx);
+        float sum = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            sc[e] = mf_exp(lg[e] - mx);
+            sum += sc[e];
+        }
+        sum = mf_warp_sum(sum);
+        for (int e = lane; e < E; e += 32) {
+            const float pr = sc[e] / sum;
+            sc[e] = pr;
+            bs[e] = pr;
+            lg[e] = pr;
+            taken[e] = 0;
+        }
+    } else {
+        for (int e = lane; e < E; e += 32) {
+            const float s = mf_sigmoid(lg[e]);
+            sc[e] = s;
+            lg[e] = s;
+            bs[e] = s + (p.has_bias ? bias[e] : 0.0f);
+            taken[e] = 0;
+        }
+    }
+    MF_BARRIER();
+    if (p.kind == 1 && p.n_group > 1)
+        mf_route_groups(bs, gsc, gtaken, E, p.n_group, p.topk_group, lane);
+    for (int j = 0; j < K; j++) {
+        const int b = mf_warp_argmax(bs, taken, E, lane);
+        if (lane == 0) {
+            sel[j] = b;
+            taken[b] = 1;
+        }
+        MF_BARRIER();
+    }
+    if (lane != 0)
+        return;
+    float wsum = 0.0f;
+    for (int j = 0; j < K; j++)
+        wsum += sc[sel[j]];
+    for (int j = 0; j < K; j++) {
+        float w = sc[sel[j]];
+        if (p.norm_topk_prob && (p.kind == 0 || K > 1))
+            w /= wsum;
+        if (p.kind == 1)
+            w *= p.scaling;
+        idx[(mf_i64)t * K + j] = sel[j];
+        wout[(mf_i64)t * K + j] = w;
+    }
+}
+
+// Expert e's component at byte offset off of its blob; tab[4e], tab[4e+1] hold the
+// blob's byte offset from base (low, high word).
+MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, MF_G const int *tab, int e,
+                                    int off) {
+    const mf_i64 boff = (mf_i64)tab[4 * e + 1] * 4294967296 + (mf_i64)(mf_u32)tab[4 * e];
+    return (MF_G const mf_u32 *)((MF_G const mf_u8 *)base + boff + off);
+}
+
+MF_KERNEL(mf_moe_gu)
+MF_BUF(0, float, gu)
+MF_BUF(1, const float, xg)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, tab)
+MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int e = MF_TG_Y, j = MF_TG_X * MF_MV_ROWS + MF_WARP, lane = MF_LANE;
+    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3], active = j < p.n_ff;
+    if (tile >= n_rows)   // the same for the whole threadgroup
+        return;
+    const int r0 = tab[4 * e + 2] + tile;
+    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
+    float ag[MF_MV_TT], au[MF_MV_TT];
+    for (int t = 0; t < MF_MV_TT; t++) {
+        ag[t] = 0.0f;
+        au[t] = 0.0f;
+    }
+    MF_G const float *xr = xg + (mf_i64)r0 * p.n_embd;
+    mf_dot_block(ag, xs, mf_blob_at(base, tab, e, p.gate_w), mf_blob_at(base, tab, e, p.gate_s),
+                 mf_blob_at(base, tab, e, p.gate_b), p.dtype, p.sdtype, p.bits,
+                 p.group_size, p.n_embd, j, active, xr, p.n_embd, nt, MF_LT, MF_NT, lane);
+    mf_dot_block(au, xs, mf_blob_at(base, tab, e, p.up_w), mf_blob_at(base, tab, e, p.up_s),
+                 mf_blob_at(base, tab, e, p.up_b), p.dtype, p.sdtype, p.bits,
+                 p.group_size, p.n_embd, j, active, xr, p.n_embd, nt, MF_LT, MF_NT, lane);
+    if (!active)
+        return;
+#pragma unroll
+    for (int t = 0; t < MF_MV_TT; t++) {
+        const float gv = mf_warp_sum(ag[t]), uv = mf_warp_sum(au[t]);
+        if (lane == 0 && t < nt)
+            gu[(mf_i64)(r0 + t) * 2 * p.n_ff + j] = mf_silu(gv) * uv;
+    }
+}
+
+MF_KERNEL(mf_moe_down)
+MF_BUF(0, float, eo)
+MF_BUF(1, const float, gu)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, tab)
+MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int e = MF_TG_Y, j = MF_TG_X * MF_MV_ROWS + MF_WARP, lane = MF_LANE;
+    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3], active = j < p.n_embd;
+    if (tile >= n_rows)   // the same for the whole threadgroup
+        return;
+    const int r0 = tab[4 * e + 2] + tile;
+    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
+    float acc[MF_MV_TT];
+    for (int t = 0; t < MF_MV_TT; t++)
+        acc[t] = 0.0f;
+    mf_dot_block(acc, xs, mf_blob_at(base, tab, e, p.down_w),
+                 mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
+                 p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff, j, active,
+                 gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, MF_LT, MF_NT, lane);
+    if (!active)
+        return;
+#pragma unroll
+    for (int t = 0; t < MF_MV_TT; t++) {
+        const float v = mf_warp_sum(acc[t]);
+        if (lane == 0 && t < nt)
+            eo[(mf_i64)(r0 + t) * p.n_embd + j] = v;
+    }
+}
+
+#endif /* MF_MOE_H */

@@ -1,0 +1,1332 @@
+/*
+ * test_backend_ops.c — every op of the CUDA backend against the CPU backend (the
+ * oracle), on fresh random inputs each run: non-tile-multiple shapes, in_dim > 4096,
+ * every bits x group x scale dtype for the quantized products, GQA attention with
+ * pos0 > 0 and long contexts, noaux_tc routing with groups; plus memory, copies,
+ * fences, weight mapping, the sticky status and the cubin cache. Outputs are poisoned
+ * (NaN) before each run. Bounds, per op (gpu-design §7.2):
+ *   float ops            max|d| <= 1e-5 * max|ref|
+ *   attention, GDN       3e-5: long loops of exp/rescale or of state updates in another
+ *                        summation order (split-K softmax, warp-reduced dots) add a few
+ *                        roundings per step on top of the float tier
+ *   quantized / float    per output, |d| <= c * eps * sum_i |w_i x_i|, eps = 2^-23,
+ *   products             c = 4 log2(reduction length): pure reordering error
+ *   routing              ids equal, weights within 1e-6; a near-tie (K-th vs next
+ *                        margin < 1e-5 relative) is reported as skipped
+ * Without a CUDA driver it prints "SKIP: no CUDA driver" and exits 0. With
+ * MOEFLUX_OPS_AGAINST=cpu it runs every case with the CPU backend in the GPU's place
+ * (a check of the harness itself on machines without a GPU).
+ */
+#include <dlfcn.h>
+#include <glob.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backends/backend.h"
+#include "backends/cpu/cpu_internal.h"
+#include "backends/cuda/cuda_backend.h"
+#include "check.h"
+
+#define EPS (1.0 / 8388608.0)   // 2^-23
+#define RTOL 1e-5
+#define RTOL_LONG 3e-5
+
+struct env {
+    struct mf_backend *cb, *gb;
+    struct mf_exec *cx, *gx;
+    const struct mf_backend_ops *co, *go;
+    uint64_t rng;
+    int n_case, n_skip;
+};
+
+static struct env E;
+
+/* ==== Random data and host helpers ==== */
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static float urand(float lo, float hi) {
+    return lo + (hi - lo) * (float)((check_rand(&E.rng) >> 40) * (1.0 / 16777216.0));
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+static float *frand(size_t n, float lo, float hi) {
+    float *p = xmalloc(n * sizeof *p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = urand(lo, hi);
+    return p;
+}
+
+static float *fpoison(size_t n) {
+    float *p = xmalloc(n * sizeof *p);
+    memset(p, 0xff, n * sizeof *p);   // NaN
+    return p;
+}
+
+// f32 -> f16 bits for |values| below 65504 (truncating the mantissa; tiny ones to 0).
+static uint16_t f16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, ex = (u >> 23) & 0xffu;
+    if (ex < 113)   // below the smallest normal f16: zero
+        return (uint16_t)sign;
+    return (uint16_t)(sign | ((ex - 112u) << 10) | ((u >> 13) & 0x3ffu));
+}
+
+// n values of dtype dt whose f32 values are urand(lo, hi) rounded into dt.
+static void *encode(enum mf_dtype dt, size_t n, float lo, float hi) {
+    void *p = xmalloc(n * mf_dtype_size(dt));
+    for (size_t i = 0; i < n; i++) {
+        float f = urand(lo, hi);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (dt == MF_DTYPE_F32)
+            ((float *)p)[i] = f;
+        else if (dt == MF_DTYPE_BF16)
+            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        else
+            ((uint16_t *)p)[i] = f16_bits(f);
+    }
+    return p;
+}
+
+/* ==== Device helpers (the backend under test) ==== */
+
+static void *gput(const void *host, size_t bytes) {
+    void *p = E.go->alloc(E.gx, bytes);
+    CHECK(p != NULL, "alloc of %zu bytes", bytes);
+    if (p && bytes)
+        E.go->upload(E.gx, p, 0, host, bytes);
+    return p;
+}
+
+// A device buffer filled with NaN.
+static void *gpoison(size_t bytes) {
+    void *h = xmalloc(bytes);
+    memset(h, 0xff, bytes);
+    void *p = gput(h, bytes);
+    free(h);
+    return p;
+}
+
+static float *gget(const void *dev, size_t n_floats) {
+    float *h = xmalloc(n_floats * sizeof *h);
+    E.go->download(E.gx, h, dev, 0, n_floats * sizeof *h);
+    return h;
+}
+
+static void gfree(void *p) { E.go->dealloc(E.gx, p); }
+
+static void status_ok(const char *what) {
+    char err[1024] = "";
+    int rc = E.go->status ? E.go->status(E.gx, err, sizeof err) : MF_OK;
+    CHECK(rc == MF_OK, "%s: backend status %d: %s", what, rc, err);
+}
+
+/* ==== Comparisons ==== */
+
+// max|got - ref| <= rel * max|ref|; NaN in got fails.
+static void cmp_rel(const char *what, const float *ref, const float *got, size_t n,
+                    double rel) {
+    double mx = 0, md = 0;
+    size_t at = 0, bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]);
+        if (isnan(got[i]) && !isnan(ref[i]))
+            bad++;
+        mx = fabs(ref[i]) > mx ? fabs(ref[i]) : mx;
+        if (d > md) {
+            md = d;
+            at = i;
+        }
+    }
+    E.n_case++;
+    CHECK(bad == 0 && md <= rel * mx,
+          "%s: %zu NaN, max|d| %.3g at %zu (ref %.9g got %.9g) > %.1e * max|ref| %.4g", what,
+          bad, md, at, n ? ref[at] : 0.0f, n ? got[at] : 0.0f, rel, mx);
+}
+
+// Per output i: |got - ref| <= 4 log2(len) eps absdot[i] (+ extra[i] when given).
+static void cmp_dot(const char *what, const float *ref, const float *got,
+                    const double *absdot, const double *extra, size_t n, int64_t len) {
+    const double c = 4.0 * log2((double)(len > 2 ? len : 2));
+    size_t worst = 0, bad = 0;
+    double wr = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]);
+        double bound = c * EPS * absdot[i] + (extra ? extra[i] : 0.0);
+        if (!(d <= bound))
+            bad++;
+        double r = bound > 0 ? d / bound : (d > 0 ? INFINITY : 0);
+        if (r > wr || isnan(got[i])) {
+            wr = isnan(got[i]) ? INFINITY : r;
+            worst = i;
+        }
+    }
+    E.n_case++;
+    CHECK(bad == 0, "%s: %zu of %zu outputs beyond c*eps*sum|w x| (worst %zu: ref %.9g got "
+          "%.9g bound %.3g)", what, bad, n, worst, ref[worst], got[worst],
+          c * EPS * absdot[worst] + (extra ? extra[worst] : 0.0));
+}
+
+/* ==== Weights on both backends ==== */
+
+struct tw {
+    struct mf_weight c, g;   // host view (CPU), device view (under test)
+    void *hw, *hs, *hb;      // host bytes
+    float *deq;              // [n_out, n_in] as f32, from the reference dequantizer
+};
+
+static void tw_make(struct tw *t, enum mf_dtype dt, enum mf_dtype sdt, int bits, int gs,
+                    int64_t n_out, int64_t n_in) {
+    memset(t, 0, sizeof *t);
+    struct mf_weight w = {.dtype = dt, .sdtype = sdt, .bits = bits, .group_size = gs,
+                          .n_out = n_out, .n_in = n_in};
+    size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
+    if (dt == MF_DTYPE_U32) {
+        t->hw = xmalloc(wb);
+        for (size_t i = 0; i < wb; i++)
+            ((uint8_t *)t->hw)[i] = (uint8_t)(check_rand(&E.rng) >> 56);
+        float half = (float)(1 << (bits - 1));
+        t->hs = encode(sdt, sb / mf_dtype_size(sdt), 0.004f, 0.012f);
+        t->hb = encode(sdt, sb / mf_dtype_size(sdt), -0.012f * half, -0.004f * half);
+    } else {
+        t->hw = encode(dt, (size_t)(n_out * n_in), -0.1f, 0.1f);
+    }
+    w.w = t->hw;
+    w.scales = t->hs;
+    w.biases = t->hb;
+    t->c = w;
+    t->deq = xmalloc((size_t)(n_out * n_in) * sizeof(float));
+    for (int64_t r = 0; r < n_out; r++) {
+        if (dt == MF_DTYPE_U32)
+            mf_cpu_dequant_ref(t->deq + r * n_in, &w, r, 0, n_in);
+        else
+            for (int64_t c = 0; c < n_in; c++)
+                t->deq[r * n_in + c] = mf_load_f32(t->hw, dt, (size_t)(r * n_in + c));
+    }
+    t->g = w;
+    t->g.w = gput(t->hw, wb);
+    t->g.scales = t->hs ? gput(t->hs, sb) : NULL;
+    t->g.biases = t->hb ? gput(t->hb, sb) : NULL;
+}
+
+static void tw_free(struct tw *t) {
+    gfree((void *)t->g.w);
+    if (t->g.scales) {
+        gfree((void *)t->g.scales);
+        gfree((void *)t->g.biases);
+    }
+    free(t->hw);
+    free(t->hs);
+    free(t->hb);
+    free(t->deq);
+}
+
+static const char *wname(const struct tw *t, char *buf, size_t n) {
+    if (t->c.dtype == MF_DTYPE_U32)
+        snprintf(buf, n, "q%d g%d %s [%lld,%lld]", t->c.bits, t->c.group_size,
+                 mf_dtype_name(t->c.sdtype), (long long)t->c.n_out, (long long)t->c.n_in);
+    else
+        snprintf(buf, n, "%s [%lld,%lld]", mf_dtype_name(t->c.dtype), (long long)t->c.n_out,
+                 (long long)t->c.n_in);
+    return buf;
+}
+
+/* ==== Products ==== */
+
+static void test_matmul(const struct tw *t, int nt) {
+    const int64_t N = t->c.n_in, R = t->c.n_out;
+    float *x = frand((size_t)(nt * N), -1, 1), *yc = fpoison((size_t)(nt * R));
+    E.co->matmul(E.cx, yc, &t->c, x, nt);
+    float *gxb = gput(x, (size_t)(nt * N) * 4), *gy = gpoison((size_t)(nt * R) * 4);
+    E.go->matmul(E.gx, gy, &t->g, gxb, nt);
+    float *yg = gget(gy, (size_t)(nt * R));
+    double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
+    for (int tt = 0; tt < nt; tt++)
+        for (int64_t r = 0; r < R; r++) {
+            double s = 0;
+            for (int64_t c = 0; c < N; c++)
+                s += fabs((double)x[tt * N + c] * t->deq[r * N + c]);
+            ad[tt * R + r] = s;
+        }
+    char nm[128], what[200];
+    snprintf(what, sizeof what, "matmul %s n_tok %d", wname(t, nm, sizeof nm), nt);
+    cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
+    free(x), free(yc), free(yg), free(ad), gfree(gxb), gfree(gy);
+}
+
+static void test_matmul_t(const struct tw *t, int nt) {
+    const int64_t N = t->c.n_in, R = t->c.n_out;
+    float *x = frand((size_t)(nt * R), -1, 1), *yc = fpoison((size_t)(nt * N));
+    E.co->matmul_t(E.cx, yc, &t->c, x, nt);
+    float *gxb = gput(x, (size_t)(nt * R) * 4), *gy = gpoison((size_t)(nt * N) * 4);
+    E.go->matmul_t(E.gx, gy, &t->g, gxb, nt);
+    float *yg = gget(gy, (size_t)(nt * N));
+    double *ad = xmalloc((size_t)(nt * N) * sizeof *ad);
+    for (int tt = 0; tt < nt; tt++)
+        for (int64_t c = 0; c < N; c++) {
+            double s = 0;
+            for (int64_t o = 0; o < R; o++)
+                s += fabs((double)x[tt * R + o] * t->deq[o * N + c]);
+            ad[tt * N + c] = s;
+        }
+    char nm[128], what[200];
+    snprintf(what, sizeof what, "matmul_t %s n_tok %d", wname(t, nm, sizeof nm), nt);
+    cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * N), R);
+    free(x), free(yc), free(yg), free(ad), gfree(gxb), gfree(gy);
+}
+
+// Three heads of 25 rows each inside the weight, strided x and y (x_head_stride 0:
+// every head reads the same row).
+static void test_heads(const struct tw *t, int transposed, int shared_x, int nt) {
+    const int H = 3, RH = 25;
+    const int N = (int)t->c.n_in;
+    const int in = transposed ? RH : N, out = transposed ? N : RH;
+    const int xts = H * in + 5, xhs = shared_x ? 0 : in, yts = H * out + 3, yhs = out + 1;
+    struct mf_weight wc = t->c, wg = t->g;
+    wc.n_out = wg.n_out = RH;
+    float *x = frand((size_t)nt * xts, -1, 1), *yc = fpoison((size_t)nt * yts);
+    E.co->matmul_heads(E.cx, yc, yts, yhs, &wc, RH, transposed, x, xts, xhs, nt, H);
+    float *gxb = gput(x, (size_t)nt * xts * 4), *gy = gpoison((size_t)nt * yts * 4);
+    E.go->matmul_heads(E.gx, gy, yts, yhs, &wg, RH, transposed, gxb, xts, xhs, nt, H);
+    float *yg = gget(gy, (size_t)nt * yts);
+    size_t n = (size_t)nt * H * out, k = 0;
+    float *rc = xmalloc(n * 4), *rg = xmalloc(n * 4);
+    double *ad = xmalloc(n * sizeof *ad);
+    for (int tt = 0; tt < nt; tt++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < out; i++, k++) {
+                rc[k] = yc[tt * yts + h * yhs + i];
+                rg[k] = yg[tt * yts + h * yhs + i];
+                const float *xr = x + tt * xts + h * xhs;
+                double s = 0;
+                for (int j = 0; j < in; j++)
+                    s += fabs((double)xr[j] * (transposed ? t->deq[(size_t)(h * RH + j) * N + i]
+                                                          : t->deq[(size_t)(h * RH + i) * N + j]));
+                ad[k] = s;
+            }
+    char nm[128], what[200];
+    snprintf(what, sizeof what, "matmul_heads%s%s %s n_tok %d", transposed ? " transposed" : "",
+             shared_x ? " shared x" : "", wname(t, nm, sizeof nm), nt);
+    cmp_dot(what, rc, rg, ad, NULL, n, in);
+    free(x), free(yc), free(yg), free(rc), free(rg), free(ad), gfree(gxb), gfree(gy);
+}
+
+static void test_embed(const struct tw *t) {
+    const int64_t N = t->c.n_in, R = t->c.n_out;
+    int32_t tok[6] = {5, 0, (int32_t)R - 1, -3, (int32_t)R + 7, 42 % (int32_t)R};
+    float *yc = fpoison((size_t)(6 * N));
+    E.co->embed(E.cx, yc, &t->c, tok, 6);
+    float *gy = gpoison((size_t)(6 * N) * 4);
+    E.go->embed(E.gx, gy, &t->g, tok, 6);
+    memset(tok, 0x7f, sizeof tok);   // host arguments are consumed before return
+    float *yg = gget(gy, (size_t)(6 * N));
+    char nm[128], what[200];
+    snprintf(what, sizeof what, "embed %s", wname(t, nm, sizeof nm));
+    cmp_rel(what, yc, yg, (size_t)(6 * N), RTOL);
+    free(yc), free(yg), gfree(gy);
+}
+
+static void test_weight_ops(const struct tw *t) {
+    const int nts[] = {1, 3, 8, 37};
+    for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
+        test_matmul(t, nts[i]);
+    test_matmul_t(t, 1);
+    test_matmul_t(t, 6);
+    test_heads(t, 0, 0, 1);
+    test_heads(t, 0, 1, 11);
+    test_heads(t, 1, 0, 1);
+    test_heads(t, 1, 1, 6);
+    test_embed(t);
+    status_ok("products");
+}
+
+static void test_products(void) {
+    const enum mf_dtype sdts[] = {MF_DTYPE_BF16, MF_DTYPE_F16, MF_DTYPE_F32};
+    const int bitsv[] = {2, 3, 4, 5, 6, 8}, gss[] = {32, 64, 128};
+    for (size_t b = 0; b < 6; b++)
+        for (size_t g = 0; g < 3; g++)
+            for (size_t s = 0; s < 3; s++) {
+                struct tw t;
+                // 4224 = 33 * 128: a multiple of every group size, above 4096.
+                tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, 4224);
+                test_weight_ops(&t);
+                tw_free(&t);
+            }
+    const enum mf_dtype fdts[] = {MF_DTYPE_F32, MF_DTYPE_F16, MF_DTYPE_BF16};
+    for (size_t d = 0; d < 3; d++) {
+        struct tw t;
+        tw_make(&t, fdts[d], MF_DTYPE_F32, 0, 0, 77, 4100);
+        test_weight_ops(&t);
+        tw_free(&t);
+    }
+    printf("products: %d cases\n", E.n_case);
+}
+
+/* ==== Norms, rope ==== */
+
+// A float weight vector of n values on both backends (g.w device, c.w host).
+struct vw {
+    struct mf_weight c, g;
+};
+
+static struct vw vw_make(enum mf_dtype dt, int n, float lo, float hi) {
+    struct vw v;
+    struct mf_weight w = {.dtype = dt, .sdtype = MF_DTYPE_F32, .n_out = 1, .n_in = n};
+    w.w = encode(dt, (size_t)n, lo, hi);
+    v.c = w;
+    v.g = w;
+    v.g.w = gput(w.w, (size_t)n * mf_dtype_size(dt));
+    return v;
+}
+
+static void vw_free(struct vw *v) {
+    free((void *)v->c.w);
+    gfree((void *)v->g.w);
+}
+
+// Runs an in-place op on a copy of buf on both backends and compares whole buffers.
+typedef void (*inplace_fn)(const struct mf_backend_ops *op, struct mf_exec *ex, float *buf,
+                           const void *arg, int cpu);
+
+static void run_inplace(const char *what, const float *init, size_t n, inplace_fn fn,
+                        const void *arg, double rel) {
+    float *c = xmalloc(n * 4);
+    memcpy(c, init, n * 4);
+    fn(E.co, E.cx, c, arg, 1);
+    float *g = gput(init, n * 4);
+    fn(E.go, E.gx, g, arg, 0);
+    float *gh = gget(g, n);
+    cmp_rel(what, c, gh, n, rel);
+    free(c), free(gh), gfree(g);
+}
+
+struct heads_arg {
+    const struct vw *g;
+    int n_tok, ts, nh, hs, n;
+};
+
+static void heads_fn(const struct mf_backend_ops *op, struct mf_exec *ex, float *buf,
+                     const void *arg, int cpu) {
+    const struct heads_arg *a = arg;
+    op->rmsnorm_heads(ex, buf, buf, a->g ? (cpu ? &a->g->c : &a->g->g) : NULL, a->n_tok,
+                      a->ts, a->nh, a->hs, a->n, 1e-6f, 1.0f);
+}
+
+static void test_norms(void) {
+    const int rows = 7, n = 4133;
+    const enum mf_dtype dts[] = {MF_DTYPE_F32, MF_DTYPE_BF16, MF_DTYPE_F16};
+    float *x = frand((size_t)rows * n, -3, 3), *z = frand((size_t)rows * n, -4, 4);
+    float *gx = gput(x, (size_t)rows * n * 4), *gz = gput(z, (size_t)rows * n * 4);
+    for (int d = 0; d < 4; d++) {
+        struct vw g = vw_make(dts[d < 3 ? d : 0], n, 0.5f, 1.5f);
+        const struct mf_weight *gc = d < 3 ? &g.c : NULL, *gg = d < 3 ? &g.g : NULL;
+        float *yc = fpoison((size_t)rows * n), *gy = gpoison((size_t)rows * n * 4);
+        E.co->rmsnorm(E.cx, yc, x, gc, rows, n, 1e-5f, 1.7f);
+        E.go->rmsnorm(E.gx, gy, gx, gg, rows, n, 1e-5f, 1.7f);
+        float *yg = gget(gy, (size_t)rows * n);
+        char what[96];
+        snprintf(what, sizeof what, "rmsnorm g %s", d < 3 ? mf_dtype_name(dts[d]) : "none");
+        cmp_rel(what, yc, yg, (size_t)rows * n, RTOL);
+        free(yg);
+        // gated; then y aliasing x (on a copy)
+        E.co->rmsnorm_gated(E.cx, yc, x, z, gc, rows, n, 1e-6f);
+        E.go->rmsnorm_gated(E.gx, gy, gx, gz, gg, rows, n, 1e-6f);
+        yg = gget(gy, (size_t)rows * n);
+        snprintf(what, sizeof what, "rmsnorm_gated g %s", d < 3 ? mf_dtype_name(dts[d]) : "none");
+        cmp_rel(what, yc, yg, (size_t)rows * n, RTOL);
+        free(yg);
+        E.co->rmsnorm(E.cx, yc, x, gc, rows, n, 1e-5f, 1.0f);
+        E.go->copy(E.gx, gy, 0, gx, 0, (size_t)rows * n * 4);
+        E.go->rmsnorm(E.gx, gy, gy, gg, rows, n, 1e-5f, 1.0f);
+        yg = gget(gy, (size_t)rows * n);
+        cmp_rel("rmsnorm y aliasing x", yc, yg, (size_t)rows * n, RTOL);
+        free(yg), free(yc), gfree(gy), vw_free(&g);
+    }
+    // Heads inside tokens: 4 heads of 128 at stride 130 in rows of 590, in place.
+    struct vw g = vw_make(MF_DTYPE_BF16, 128, 0.5f, 1.5f);
+    const int ts = 4 * 130 + 70;
+    float *buf = frand((size_t)5 * ts, -2, 2);
+    struct heads_arg a = {&g, 5, ts, 4, 130, 128};
+    run_inplace("rmsnorm_heads", buf, (size_t)5 * ts, heads_fn, &a, RTOL);
+    a.g = NULL;
+    run_inplace("rmsnorm_heads no g", buf, (size_t)5 * ts, heads_fn, &a, RTOL);
+    free(buf), vw_free(&g), free(x), free(z), gfree(gx), gfree(gz);
+    status_ok("norms");
+}
+
+struct rope_arg {
+    const float *inv_c, *inv_g;
+    int n_tok, nh, ts, hs, n_rot, pos0, trad;
+    float mscale;
+};
+
+static void rope_fn(const struct mf_backend_ops *op, struct mf_exec *ex, float *buf,
+                    const void *arg, int cpu) {
+    const struct rope_arg *a = arg;
+    op->rope(ex, buf, a->n_tok, a->nh, a->ts, a->hs, a->n_rot, cpu ? a->inv_c : a->inv_g,
+             a->pos0, a->trad, a->mscale);
+}
+
+static void test_rope(void) {
+    const int n_rot = 48, nh = 6, hs = 70, ts = nh * hs + 9, n_tok = 5;
+    float inv[24];
+    for (int i = 0; i < 24; i++)
+        inv[i] = powf(10000.0f, -2.0f * (float)i / (float)n_rot);
+    float *ginv = gput(inv, sizeof inv), *buf = frand((size_t)n_tok * ts, -2, 2);
+    for (int v = 0; v < 4; v++) {
+        struct rope_arg a = {inv, ginv, n_tok, nh, ts, hs, n_rot, v & 1 ? 1000 : 0, v >> 1,
+                             v & 1 ? 1.3f : 1.0f};
+        char what[64];
+        snprintf(what, sizeof what, "rope traditional %d pos0 %d", a.trad, a.pos0);
+        run_inplace(what, buf, (size_t)n_tok * ts, rope_fn, &a, RTOL);
+    }
+    free(buf), gfree(ginv);
+    status_ok("rope");
+}
+
+/* ==== Attention ==== */
+
+static void test_attention_case(int nt, int nh, int nkv, int dk, int dv, int pos0) {
+    const int P = pos0 + nt, ks = nkv * dk + 16, vs = nkv * dv + 8;
+    float *q = frand((size_t)nt * nh * dk, -1, 1), *k = frand((size_t)P * ks, -1, 1);
+    float *v = frand((size_t)P * vs, -1, 1), *oc = fpoison((size_t)nt * nh * dv);
+    const float scale = 1.0f / sqrtf((float)dk);
+    E.co->attention(E.cx, oc, q, k, v, nt, nh, nkv, dk, dv, ks, vs, pos0, scale);
+    float *gq = gput(q, (size_t)nt * nh * dk * 4), *gk = gput(k, (size_t)P * ks * 4);
+    float *gv = gput(v, (size_t)P * vs * 4), *go = gpoison((size_t)nt * nh * dv * 4);
+    E.go->attention(E.gx, go, gq, gk, gv, nt, nh, nkv, dk, dv, ks, vs, pos0, scale);
+    float *og = gget(go, (size_t)nt * nh * dv);
+    char what[128];
+    snprintf(what, sizeof what, "attention n_tok %d heads %d/%d dk %d dv %d pos0 %d", nt, nh,
+             nkv, dk, dv, pos0);
+    cmp_rel(what, oc, og, (size_t)nt * nh * dv, RTOL_LONG);
+    free(q), free(k), free(v), free(oc), free(og);
+    gfree(gq), gfree(gk), gfree(gv), gfree(go);
+}
+
+static void test_attention(void) {
+    test_attention_case(1, 8, 2, 128, 128, 3000);
+    test_attention_case(19, 8, 2, 64, 96, 300);
+    test_attention_case(70, 4, 4, 128, 128, 0);
+    test_attention_case(2, 16, 1, 576, 512, 700);   // MLA latent shape
+    test_attention_case(1, 6, 3, 80, 80, 40000);    // long context: 157 splits
+    status_ok("attention");
+}
+
+/* ==== GatedDeltaNet ==== */
+
+static void test_conv(int nt, enum mf_dtype wdt, int from) {
+    const int C = 1000, K = 4;
+    float *u = frand((size_t)nt * C, -2, 2), *st = frand((size_t)(K - 1) * C, -2, 2);
+    struct vw w = vw_make(wdt, C * K, -0.5f, 0.5f);
+    w.c.n_out = w.g.n_out = C;
+    w.c.n_in = w.g.n_in = K;
+    float *yc = fpoison((size_t)nt * C), *sc = xmalloc((size_t)(K - 1) * C * 4);
+    float *sc_out = from ? fpoison((size_t)(K - 1) * C) : sc;
+    memcpy(sc, st, (size_t)(K - 1) * C * 4);
+    E.co->conv1d_silu_from(E.cx, yc, sc_out, sc, u, &w.c, nt, C, K);
+    float *gu = gput(u, (size_t)nt * C * 4), *gs = gput(st, (size_t)(K - 1) * C * 4);
+    float *gso = from ? gpoison((size_t)(K - 1) * C * 4) : gs, *gy = gpoison((size_t)nt * C * 4);
+    if (from)
+        E.go->conv1d_silu_from(E.gx, gy, gso, gs, gu, &w.g, nt, C, K);
+    else
+        E.go->conv1d_silu(E.gx, gy, gs, gu, &w.g, nt, C, K);
+    float *yg = gget(gy, (size_t)nt * C), *sg = gget(gso, (size_t)(K - 1) * C);
+    char what[96];
+    snprintf(what, sizeof what, "conv1d_silu%s n_tok %d w %s", from ? "_from" : "", nt,
+             mf_dtype_name(wdt));
+    cmp_rel(what, yc, yg, (size_t)nt * C, RTOL);
+    cmp_rel("conv1d_silu state", sc_out, sg, (size_t)(K - 1) * C, 0.0);
+    if (from) {
+        float *sin_g = gget(gs, (size_t)(K - 1) * C);
+        cmp_rel("conv1d_silu_from state_in untouched", st, sin_g, (size_t)(K - 1) * C, 0.0);
+        free(sin_g), free(sc_out), gfree(gso);
+    }
+    free(u), free(st), free(yc), free(sc), free(yg), free(sg);
+    gfree(gu), gfree(gs), gfree(gy), vw_free(&w);
+}
+
+static void test_gates(void) {
+    const int nt = 5, nv = 32, abs_ = 70;
+    float *a = frand((size_t)nt * abs_, -4, 4), *b = frand((size_t)nt * abs_, -4, 4);
+    struct vw al = vw_make(MF_DTYPE_F32, nv, -1, 1), dt = vw_make(MF_DTYPE_BF16, nv, -1, 1);
+    float *gc = fpoison((size_t)nt * nv), *bc = fpoison((size_t)nt * nv);
+    E.co->gdn_gates(E.cx, gc, bc, a, b, abs_, &al.c, &dt.c, nt, nv);
+    float *ga = gput(a, (size_t)nt * abs_ * 4), *gb = gput(b, (size_t)nt * abs_ * 4);
+    float *gg = gpoison((size_t)nt * nv * 4), *gbeta = gpoison((size_t)nt * nv * 4);
+    E.go->gdn_gates(E.gx, gg, gbeta, ga, gb, abs_, &al.g, &dt.g, nt, nv);
+    float *g1 = gget(gg, (size_t)nt * nv), *b1 = gget(gbeta, (size_t)nt * nv);
+    cmp_rel("gdn_gates g", gc, g1, (size_t)nt * nv, RTOL);
+    cmp_rel("gdn_gates beta", bc, b1, (size_t)nt * nv, RTOL);
+    free(a), free(b), free(gc), free(bc), free(g1), free(b1);
+    gfree(ga), gfree(gb), gfree(gg), gfree(gbeta), vw_free(&al), vw_free(&dt);
+}
+
+// q and k heads of unit length (the caller normalises them), q scaled by 1/sqrt(dk).
+static float *gdn_qkv(int nt, int nk, int nv, int dk, int dv, int stride) {
+    float *x = frand((size_t)nt * stride, -1, 1);
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2 * nk; h++) {
+            float *p = x + (size_t)t * stride + (size_t)h * dk, ss = 0;
+            for (int i = 0; i < dk; i++)
+                ss += p[i] * p[i];
+            float f = 1.0f / sqrtf(ss) * (h < nk ? 1.0f / sqrtf((float)dk) : 1.0f);
+            for (int i = 0; i < dk; i++)
+                p[i] *= f;
+        }
+    (void)nv, (void)dv;
+    return x;
+}
+
+static void test_gdn_case(int nt, int from) {
+    const int nk = 4, nv = 8, dk = 128, dv = 96, stride = 2 * nk * dk + nv * dv + 13;
+    const size_t ns = (size_t)nv * dv * dk, no = (size_t)(nt > 0 ? nt : 1) * nv * dv;
+    float *qkv = gdn_qkv(nt > 0 ? nt : 1, nk, nv, dk, dv, stride);
+    float *g = frand((size_t)(nt > 0 ? nt : 1) * nv, 0.5f, 1.0f);
+    float *beta = frand((size_t)(nt > 0 ? nt : 1) * nv, 0.0f, 1.0f);
+    float *S0 = frand(ns, -0.5f, 0.5f), *Sc = xmalloc(ns * 4), *oc = fpoison(no);
+    float *Sc_out = from ? fpoison(ns) : Sc;
+    memcpy(Sc, S0, ns * 4);
+    const float *q = qkv, *k = qkv + nk * dk, *v = qkv + 2 * nk * dk;
+    E.co->gdn_recurrence_from(E.cx, oc, Sc_out, Sc, q, k, v, stride, g, beta, nt, nk, nv, dk,
+                              dv);
+    size_t nq = (size_t)(nt > 0 ? nt : 1) * stride;
+    float *gq = gput(qkv, nq * 4), *gS = gput(S0, ns * 4);
+    float *gSo = from ? gpoison(ns * 4) : gS, *go = gpoison(no * 4);
+    float *gg = gput(g, (size_t)(nt > 0 ? nt : 1) * nv * 4);
+    float *gb = gput(beta, (size_t)(nt > 0 ? nt : 1) * nv * 4);
+    if (from)
+        E.go->gdn_recurrence_from(E.gx, go, gSo, gS, gq, gq + nk * dk, gq + 2 * nk * dk, stride,
+                                  gg, gb, nt, nk, nv, dk, dv);
+    else
+        E.go->gdn_recurrence(E.gx, go, gS, gq, gq + nk * dk, gq + 2 * nk * dk, stride, gg, gb,
+                             nt, nk, nv, dk, dv);
+    float *Sg = gget(gSo, ns);
+    char what[96];
+    snprintf(what, sizeof what, "gdn_recurrence%s n_tok %d state", from ? "_from" : "", nt);
+    cmp_rel(what, Sc_out, Sg, ns, RTOL_LONG);
+    if (nt > 0) {
+        float *og = gget(go, no);
+        snprintf(what, sizeof what, "gdn_recurrence%s n_tok %d output", from ? "_from" : "", nt);
+        cmp_rel(what, oc, og, no, RTOL_LONG);
+        free(og);
+    }
+    if (from)
+        free(Sc_out), gfree(gSo);
+    free(qkv), free(g), free(beta), free(S0), free(Sc), free(oc), free(Sg);
+    gfree(gq), gfree(gS), gfree(go), gfree(gg), gfree(gb);
+}
+
+static void test_gdn(void) {
+    for (int i = 0; i < 3; i++) {
+        const int nts[] = {1, 2, 9};
+        test_conv(nts[i], i == 1 ? MF_DTYPE_BF16 : MF_DTYPE_F32, 0);
+        test_conv(nts[i], MF_DTYPE_F32, 1);
+    }
+    test_gates();
+    test_gdn_case(1, 0);
+    test_gdn_case(40, 0);
+    test_gdn_case(40, 1);
+    test_gdn_case(0, 1);
+    status_ok("gdn");
+}
+
+/* ==== Elementwise and rows ==== */
+
+static void test_elementwise(void) {
+    const int R = 7, C = 1000;
+    float *gu = frand((size_t)R * 2 * C, -4, 4), *yc = fpoison((size_t)R * C);
+    E.co->swiglu(E.cx, yc, gu, gu + C, R, C, 2 * C);
+    float *ggu = gput(gu, (size_t)R * 2 * C * 4), *gy = gpoison((size_t)R * C * 4);
+    E.go->swiglu(E.gx, gy, ggu, ggu + C, R, C, 2 * C);
+    float *yg = gget(gy, (size_t)R * C);
+    cmp_rel("swiglu strided", yc, yg, (size_t)R * C, RTOL);
+    free(yg);
+    for (int v = 0; v < 2; v++) {   // one gate per row, then one per element
+        int gcols = v ? C : 1, gstride = v ? C + 5 : 3;
+        float *y0 = frand((size_t)R * C, -2, 2), *g = frand((size_t)R * (C + 5), -4, 4);
+        float *gg = gput(g, (size_t)R * (C + 5) * 4), *gy0 = gput(y0, (size_t)R * C * 4);
+        E.co->mul_sigmoid(E.cx, y0, g, R, C, gstride, gcols);
+        E.go->mul_sigmoid(E.gx, gy0, gg, R, C, gstride, gcols);
+        float *r = gget(gy0, (size_t)R * C);
+        cmp_rel(v ? "mul_sigmoid per element" : "mul_sigmoid per row", y0, r, (size_t)R * C, RTOL);
+        free(y0), free(g), free(r), gfree(gg), gfree(gy0);
+    }
+    const int n = 100003;
+    float *ay = frand(n, -1, 1), *ax = frand(n, -1, 1);
+    float *gay = gput(ay, (size_t)n * 4), *gax = gput(ax, (size_t)n * 4);
+    E.co->axpy(E.cx, ay, -0.7f, ax, n);
+    E.go->axpy(E.gx, gay, -0.7f, gax, n);
+    float *r = gget(gay, n);
+    cmp_rel("axpy", ay, r, n, RTOL);
+    free(ay), free(ax), free(r), gfree(gay), gfree(gax), free(gu), free(yc), gfree(ggu), gfree(gy);
+    status_ok("elementwise");
+}
+
+static void test_rows(void) {
+    const int nd = 10, ns = 23, n = 777;
+    int32_t idx[23];
+    for (int i = 0; i < ns; i++)
+        idx[i] = (int32_t)(check_rand(&E.rng) % nd);   // repeats
+    float w[23];
+    for (int i = 0; i < ns; i++)
+        w[i] = urand(-1, 1);
+    float *src = frand((size_t)ns * n, -1, 1), *gsrc = gput(src, (size_t)ns * n * 4);
+    for (int v = 0; v < 2; v++) {
+        float *dst = frand((size_t)nd * n, -1, 1), *gdst = gput(dst, (size_t)nd * n * 4);
+        E.co->scatter_add_rows(E.cx, dst, src, idx, v ? w : NULL, ns, n);
+        E.go->scatter_add_rows(E.gx, gdst, gsrc, idx, v ? w : NULL, ns, n);
+        float *r = gget(gdst, (size_t)nd * n);
+        cmp_rel(v ? "scatter_add_rows weighted" : "scatter_add_rows", dst, r, (size_t)nd * n, RTOL);
+        free(dst), free(r), gfree(gdst);
+    }
+    float *dc = fpoison((size_t)ns * n), *gd = gpoison((size_t)ns * n * 4);
+    int32_t gidx[23];
+    for (int i = 0; i < ns; i++)
+        gidx[i] = (int32_t)(check_rand(&E.rng) % ns);
+    E.co->gather_rows(E.cx, dc, src, gidx, ns, n);
+    E.go->gather_rows(E.gx, gd, gsrc, gidx, ns, n);
+    float *r = gget(gd, (size_t)ns * n);
+    cmp_rel("gather_rows", dc, r, (size_t)ns * n, 0.0);
+    free(r);
+    int32_t *didx = gput(gidx, sizeof gidx);
+    float *gd2 = gpoison((size_t)ns * n * 4);
+    E.go->gather_rows_dev(E.gx, gd2, gsrc, didx, ns, n);
+    r = gget(gd2, (size_t)ns * n);
+    cmp_rel("gather_rows_dev", dc, r, (size_t)ns * n, 0.0);
+    free(r), free(dc), free(src), gfree(gd), gfree(gd2), gfree(didx), gfree(gsrc);
+    status_ok("rows");
+}
+
+static void test_flag(void) {
+    const int64_t n = 1000003;
+    float *x = frand((size_t)n, -1, 1);
+    float *gxp = gput(x, (size_t)n * 4);
+    int32_t init = 0, five = 5, got = -1;
+    int32_t *flag = gput(&init, 4);
+    E.go->flag_nonfinite(E.gx, flag, gxp, n);
+    E.go->download(E.gx, &got, flag, 0, 4);
+    CHECK(got == 0, "flag_nonfinite on finite data: %d", got);
+    E.go->upload(E.gx, flag, 0, &five, 4);
+    E.go->flag_nonfinite(E.gx, flag, gxp, n);
+    E.go->download(E.gx, &got, flag, 0, 4);
+    CHECK(got == 5, "flag_nonfinite leaves the flag alone: %d", got);
+    const float bad[2] = {INFINITY, NAN};
+    for (int i = 0; i < 2; i++) {
+        E.go->upload(E.gx, flag, 0, &init, 4);
+        E.go->upload(E.gx, gxp, 0, x, (size_t)n * 4);
+        E.go->upload(E.gx, gxp, (size_t)(n - 1 - i * 500000) * 4, &bad[i], 4);
+        E.go->flag_nonfinite(E.gx, flag, gxp, n);
+        E.go->download(E.gx, &got, flag, 0, 4);
+        CHECK(got == 1, "flag_nonfinite finds %s: %d", i ? "NaN" : "inf", got);
+    }
+    free(x), gfree(gxp), gfree(flag);
+    status_ok("flag_nonfinite");
+}
+
+/* ==== Routing ==== */
+
+// Selection values the CPU's choice was made on (its scores, plus bias and the group
+// mask for noaux_tc, recomputed in its f32 order): is the choice of token t a near-tie
+// (a chosen value within 1e-5 relative of the next one, or of the best unchosen; for
+// groups, the kept groups' last score within 1e-5 of the next)?
+static int near_tie(const struct mf_route_params *p, const float *score, const float *bias,
+                    const int32_t *idx) {
+    const int E_ = p->n_expert, K = p->n_used;
+    float *v = xmalloc((size_t)E_ * 4), mx = 0;
+    int tie = 0;
+    for (int e = 0; e < E_; e++)
+        v[e] = score[e] + (p->kind == MF_ROUTE_NOAUX_TC && bias ? bias[e] : 0.0f);
+    if (p->kind == MF_ROUTE_NOAUX_TC && p->n_group > 1) {
+        int G = p->n_group, per = E_ / G;
+        float gs[256];
+        for (int g = 0; g < G; g++) {
+            float a = -INFINITY, b = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; e++) {
+                if (v[e] > a) {
+                    b = a;
+                    a = v[e];
+                } else if (v[e] > b) {
+                    b = v[e];
+                }
+            }
+            gs[g] = a + b;
+        }
+        // the topk_group-th best and the next
+        float kth = INFINITY, next = -INFINITY;
+        for (int g = 0; g < G; g++) {
+            int above = 0;
+            for (int h = 0; h < G; h++)
+                above += gs[h] > gs[g] || (gs[h] == gs[g] && h < g);
+            if (above < p->topk_group)
+                kth = gs[g] < kth ? gs[g] : kth;
+            else
+                next = gs[g] > next ? gs[g] : next;
+        }
+        tie |= kth - next < 1e-5f * fabsf(kth);
+        for (int g = 0; g < G; g++) {
+            int above = 0;
+            for (int h = 0; h < G; h++)
+                above += gs[h] > gs[g] || (gs[h] == gs[g] && h < g);
+            if (above >= p->topk_group)
+                for (int e = g * per; e < (g + 1) * per; e++)
+                    v[e] = 0.0f;
+        }
+    }
+    for (int e = 0; e < E_; e++)
+        mx = fabsf(v[e]) > mx ? fabsf(v[e]) : mx;
+    float best_out = -INFINITY;
+    for (int e = 0; e < E_; e++) {
+        int chosen = 0;
+        for (int j = 0; j < K; j++)
+            chosen |= idx[j] == e;
+        if (!chosen)
+            best_out = v[e] > best_out ? v[e] : best_out;
+    }
+    for (int j = 0; j < K; j++) {
+        float nxt = j + 1 < K ? v[idx[j + 1]] : best_out;
+        tie |= v[idx[j]] - nxt < 1e-5f * mx;
+    }
+    free(v);
+    return tie;
+}
+
+static void test_route_case(struct mf_route_params p, int with_bias, int nt) {
+    const int E_ = p.n_expert, K = p.n_used;
+    float *lg = frand((size_t)nt * E_, -4, 4), *bias = frand((size_t)E_, -0.05f, 0.05f);
+    float *lc = xmalloc((size_t)nt * E_ * 4);
+    memcpy(lc, lg, (size_t)nt * E_ * 4);
+    int32_t *ic = xmalloc((size_t)nt * K * 4), *ig = xmalloc((size_t)nt * K * 4);
+    float *wc = fpoison((size_t)nt * K), *wg = fpoison((size_t)nt * K);
+    E.co->moe_route(E.cx, ic, wc, lc, with_bias ? bias : NULL, &p, nt, NULL, NULL);
+    float *glg = gput(lg, (size_t)nt * E_ * 4), *gbias = gput(bias, (size_t)E_ * 4);
+    int32_t *gidx = gpoison((size_t)nt * K * 4);
+    float *gw = gpoison((size_t)nt * K * 4);
+    for (int mode = 0; mode < 3; mode++) {
+        // 0: device and host outputs; 1: host only; 2: device only, downloaded after
+        memset(ig, 0xff, (size_t)nt * K * 4);
+        E.go->upload(E.gx, glg, 0, lg, (size_t)nt * E_ * 4);
+        E.go->moe_route(E.gx, mode == 1 ? NULL : gidx, mode == 1 ? NULL : gw, glg,
+                        with_bias ? gbias : NULL, &p, nt, mode == 2 ? NULL : ig,
+                        mode == 2 ? NULL : wg);
+        if (mode == 2) {
+            E.go->download(E.gx, ig, gidx, 0, (size_t)nt * K * 4);
+            E.go->download(E.gx, wg, gw, 0, (size_t)nt * K * 4);
+        }
+        int skipped = 0;
+        for (int t = 0; t < nt; t++) {
+            if (near_tie(&p, lc + (size_t)t * E_, with_bias ? bias : NULL, ic + t * K)) {
+                if (getenv("MF_TIE_DEBUG"))
+                    fprintf(stderr, "tie token %d\n", t);
+                skipped++;
+                continue;
+            }
+            for (int j = 0; j < K; j++) {
+                int i = t * K + j;
+                CHECK(ic[i] == ig[i], "moe_route kind %d mode %d token %d slot %d: id cpu %d "
+                      "cuda %d", p.kind, mode, t, j, ic[i], ig[i]);
+                CHECK(fabsf(wc[i] - wg[i]) <= 1e-6f * fmaxf(1.0f, fabsf(wc[i])),
+                      "moe_route kind %d mode %d token %d slot %d: weight cpu %.9g cuda %.9g",
+                      p.kind, mode, t, j, wc[i], wg[i]);
+            }
+        }
+        E.n_case++;
+        E.n_skip += skipped;
+        if (skipped)
+            printf("moe_route kind %d: %d of %d tokens near-ties, skipped\n", p.kind, skipped,
+                   nt);
+        float *sg = gget(glg, (size_t)nt * E_);
+        cmp_rel("moe_route scores", lc, sg, (size_t)nt * E_, 1e-6);
+        free(sg);
+    }
+    free(lg), free(bias), free(lc), free(ic), free(ig), free(wc), free(wg);
+    gfree(glg), gfree(gbias), gfree(gidx), gfree(gw);
+}
+
+static void test_route(void) {
+    struct mf_route_params sm = {.kind = MF_ROUTE_SOFTMAX, .n_expert = 128, .n_used = 8,
+                                 .norm_topk_prob = 0, .n_group = 1, .topk_group = 1,
+                                 .routed_scaling_factor = 1.0f};
+    test_route_case(sm, 0, 9);
+    sm.norm_topk_prob = 1;
+    sm.n_expert = 512;
+    sm.n_used = 10;
+    test_route_case(sm, 0, 33);
+    struct mf_route_params nt = {.kind = MF_ROUTE_NOAUX_TC, .n_expert = 256, .n_used = 8,
+                                 .norm_topk_prob = 1, .n_group = 8, .topk_group = 4,
+                                 .routed_scaling_factor = 2.5f};
+    test_route_case(nt, 1, 9);
+    nt.n_group = 1;
+    nt.n_expert = 64;
+    nt.n_used = 6;
+    test_route_case(nt, 0, 7);
+    nt.n_used = 1;   // K = 1: no renormalisation
+    test_route_case(nt, 1, 5);
+    status_ok("moe_route");
+}
+
+/* ==== Grouped experts ==== */
+
+// Component views inside a blob (pointers are byte offsets) and the blob size.
+struct blob_layout {
+    struct mf_weight gate, up, down;
+    size_t bytes;
+};
+
+static struct blob_layout layout(int H, int I, int bits, int gs, enum mf_dtype sdt) {
+    struct blob_layout L;
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = sdt, .bits = bits,
+                          .group_size = gs};
+    struct mf_weight *v[3] = {&L.gate, &L.up, &L.down};
+    size_t off = 0;
+    for (int i = 0; i < 3; i++) {
+        *v[i] = w;
+        v[i]->n_out = i < 2 ? I : H;
+        v[i]->n_in = i < 2 ? H : I;
+        size_t wb = (size_t)mf_weight_w_bytes(v[i]), sb = (size_t)mf_weight_s_bytes(v[i]);
+        v[i]->w = (const void *)(uintptr_t)off;
+        v[i]->scales = (const void *)(uintptr_t)(off + wb);
+        v[i]->biases = (const void *)(uintptr_t)(off + wb + sb);
+        off += wb + 2 * sb;
+    }
+    L.bytes = (off + 255) & ~(size_t)255;
+    return L;
+}
+
+static void fill_blob(uint8_t *blob, const struct blob_layout *L) {
+    const struct mf_weight *v[3] = {&L->gate, &L->up, &L->down};
+    for (int i = 0; i < 3; i++) {
+        size_t wb = (size_t)mf_weight_w_bytes(v[i]), sb = (size_t)mf_weight_s_bytes(v[i]);
+        size_t ns = sb / mf_dtype_size(v[i]->sdtype);
+        uint8_t *w = blob + (uintptr_t)v[i]->w;
+        for (size_t j = 0; j < wb; j++)
+            w[j] = (uint8_t)(check_rand(&E.rng) >> 56);
+        float half = (float)(1 << (v[i]->bits - 1));
+        void *s = encode(v[i]->sdtype, ns, 0.004f, 0.012f);
+        void *b = encode(v[i]->sdtype, ns, -0.012f * half, -0.004f * half);
+        memcpy(blob + (uintptr_t)v[i]->scales, s, sb);
+        memcpy(blob + (uintptr_t)v[i]->biases, b, sb);
+        free(s), free(b);
+    }
+}
+
+// y[r] = W x as double, and sum |w x|, for one row of a weight at a host blob.
+static void ref_row(const struct mf_weight *v, const uint8_t *blob, int64_t r, const float *x,
+                    float *tmp, double *y, double *ad) {
+    struct mf_weight w = mf_weight_at(v, blob);
+    mf_cpu_dequant_ref(tmp, &w, r, 0, w.n_in);
+    *y = 0;
+    *ad = 0;
+    for (int64_t c = 0; c < w.n_in; c++) {
+        *y += (double)tmp[c] * x[c];
+        *ad += fabs((double)tmp[c] * x[c]);
+    }
+}
+
+// Bounds for eo of one row: the down product's reordering bound plus what the error
+// of each activation (gate/up bounds through silu(g)*u, |silu'| <= 1.1, and a few
+// roundings of the activation itself) can move it.
+static void expert_bounds(const struct blob_layout *L, const uint8_t *blob, const float *x,
+                          int H, int I, double *absd, double *extra) {
+    float *tmp = xmalloc((size_t)(H > I ? H : I) * 4), *act = xmalloc((size_t)I * 4);
+    double *da = xmalloc((size_t)I * sizeof *da);
+    const double cg = 4.0 * log2((double)H) * EPS;
+    for (int j = 0; j < I; j++) {
+        double g, ag, u, au;
+        ref_row(&L->gate, blob, j, x, tmp, &g, &ag);
+        ref_row(&L->up, blob, j, x, tmp, &u, &au);
+        double s = 1.0 / (1.0 + exp(-g)), silu = g * s;
+        act[j] = (float)(silu * u);
+        da[j] = 1.1 * cg * ag * fabs(u) + fabs(silu) * cg * au + 8 * EPS * fabs(silu * u);
+    }
+    for (int r = 0; r < H; r++) {
+        double y;
+        ref_row(&L->down, blob, r, act, tmp, &y, &absd[r]);
+        struct mf_weight w = mf_weight_at(&L->down, blob);
+        mf_cpu_dequant_ref(tmp, &w, r, 0, I);
+        double e = 0;
+        for (int j = 0; j < I; j++)
+            e += fabs((double)tmp[j]) * da[j];
+        extra[r] = e;
+    }
+    free(tmp), free(act), free(da);
+}
+
+static void test_experts_case(int bits, int gs, enum mf_dtype sdt) {
+    enum { NE = 5, H = 256, I = 192 };
+    const int rows[NE] = {1, 3, 0, 6, 2}, slot[NE] = {2, 0, 1, 3, 4};
+    int32_t row0[NE], nrows[NE];
+    int total = 0;
+    for (int i = 0; i < NE; i++) {
+        row0[i] = total;
+        nrows[i] = rows[i];
+        total += rows[i];
+    }
+    struct blob_layout L = layout(H, I, bits, gs, sdt);
+    uint8_t *host = xmalloc(NE * L.bytes);
+    for (int i = 0; i < NE; i++)
+        fill_blob(host + i * L.bytes, &L);
+    // Device: slots 0-2 in one allocation, 3-4 in another; expert i in slot[i].
+    uint8_t *devA = E.go->alloc(E.gx, 3 * L.bytes), *devB = E.go->alloc(E.gx, 2 * L.bytes);
+    const void *bc[NE], *bg[NE];
+    for (int i = 0; i < NE; i++) {
+        bc[i] = host + i * L.bytes;
+        bg[i] = slot[i] < 3 ? devA + slot[i] * L.bytes : devB + (slot[i] - 3) * L.bytes;
+        E.go->upload(E.gx, (void *)bg[i], 0, bc[i], L.bytes);
+    }
+    float *xg = frand((size_t)total * H, -1, 1), *eoc = fpoison((size_t)total * H);
+    float *guc = fpoison((size_t)total * 2 * I);
+    struct mf_moe_batch b = {NE, bc, row0, nrows, &L.gate, &L.up, &L.down};
+    E.co->moe_experts(E.cx, eoc, guc, xg, &b);
+    float *gxg = gput(xg, (size_t)total * H * 4), *geo = gpoison((size_t)total * H * 4);
+    float *ggu = gpoison((size_t)total * 2 * I * 4), *geo2 = gpoison((size_t)total * H * 4);
+    b.blob_host = bg;
+    E.go->moe_experts(E.gx, geo, ggu, gxg, &b);
+    // The same experts in two calls: bitwise the same rows.
+    struct mf_moe_batch b1 = b, b2 = b;
+    b1.n = 2;
+    b2.n = NE - 2;
+    b2.blob_host = bg + 2;
+    b2.row0_host = row0 + 2;
+    b2.n_rows_host = nrows + 2;
+    E.go->moe_experts(E.gx, geo2, ggu, gxg, &b1);
+    E.go->moe_experts(E.gx, geo2, ggu, gxg, &b2);
+    float *eog = gget(geo, (size_t)total * H), *eog2 = gget(geo2, (size_t)total * H);
+    double *absd = xmalloc((size_t)total * H * sizeof *absd);
+    double *extra = xmalloc((size_t)total * H * sizeof *extra);
+    for (int i = 0; i < NE; i++)
+        for (int r = 0; r < nrows[i]; r++)
+            expert_bounds(&L, host + i * L.bytes, xg + (size_t)(row0[i] + r) * H, H, I,
+                          absd + (size_t)(row0[i] + r) * H, extra + (size_t)(row0[i] + r) * H);
+    char what[96];
+    snprintf(what, sizeof what, "moe_experts q%d g%d %s", bits, gs, mf_dtype_name(sdt));
+    cmp_dot(what, eoc, eog, absd, extra, (size_t)total * H, I);
+    CHECK(memcmp(eog, eog2, (size_t)total * H * 4) == 0,
+          "%s: experts split over two calls differ from one call", what);
+    free(host), free(xg), free(eoc), free(guc), free(eog), free(eog2), free(absd), free(extra);
+    gfree(devA), gfree(devB), gfree(gxg), gfree(geo), gfree(ggu), gfree(geo2);
+    status_ok("moe_experts");
+}
+
+static void test_experts(void) {
+    test_experts_case(4, 64, MF_DTYPE_BF16);
+    test_experts_case(3, 32, MF_DTYPE_F16);
+    test_experts_case(6, 64, MF_DTYPE_F32);
+}
+
+/* ==== Memory, copies, fences, weights, status ==== */
+
+static void test_memory(void) {
+    const size_t n = (size_t)7 << 19;   // 3.5 MiB: more than one argument-ring segment
+    uint8_t *h = xmalloc(n), *back = xmalloc(n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = (uint8_t)(check_rand(&E.rng) >> 56);
+    uint8_t *d = E.go->alloc(E.gx, n);
+    CHECK(d != NULL, "alloc %zu", n);
+    E.go->download(E.gx, back, d, 0, n);
+    size_t nz = 0;
+    for (size_t i = 0; i < n; i++)
+        nz += back[i] != 0;
+    CHECK(nz == 0, "alloc is zero-filled: %zu nonzero bytes", nz);
+    uint8_t keep[1000];
+    memcpy(keep, h + 100, sizeof keep);
+    E.go->upload(E.gx, d, 0, h, n);
+    memset(h + 100, 0x5a, sizeof keep);   // consumed before return: must not reach the device
+    memcpy(h + 100, keep, sizeof keep);
+    memset(keep, 0x5a, sizeof keep);
+    E.go->download(E.gx, back, d, 0, n);
+    CHECK(memcmp(back, h, n) == 0, "upload/download round trip");
+    // copy and zero at offsets, against the same edits on the host
+    memcpy(h, back, n);
+    E.go->copy(E.gx, d, 1000003, d, 17, 500000);
+    memmove(h + 1000003, h + 17, 500000);
+    E.go->zero(E.gx, d, 3, 77777);
+    memset(h + 3, 0, 77777);
+    E.go->download(E.gx, back, d, 0, n);
+    CHECK(memcmp(back, h, n) == 0, "copy / zero at offsets");
+    E.go->dealloc(E.gx, d);
+    d = E.go->alloc(E.gx, n - 4096);   // reuses the pooled block, zero-filled again
+    E.go->download(E.gx, back, d, 0, n - 4096);
+    nz = 0;
+    for (size_t i = 0; i < n - 4096; i++)
+        nz += back[i] != 0;
+    CHECK(nz == 0, "a reused allocation is zero-filled: %zu nonzero bytes", nz);
+    // pinned host memory, async upload, fences
+    uint8_t *pin = E.go->alloc_host(E.gx, n);
+    CHECK(pin != NULL && ((uintptr_t)pin & 4095) == 0, "alloc_host aligned");
+    struct mf_fence *f = E.go->fence_new(E.gx), *never = E.go->fence_new(E.gx);
+    if (pin && f && never) {
+        memcpy(pin, h, n);
+        E.go->upload_async(E.gx, d, 0, pin, n - 4096, f);
+        E.go->fence_wait(E.gx, f);
+        E.go->fence_wait(E.gx, never);   // never recorded: returns at once
+        memset(pin, 0, n);
+        E.go->fence_record(E.gx, f);
+        E.go->fence_wait(E.gx, f);
+        E.go->download(E.gx, back, d, 0, n - 4096);
+        CHECK(memcmp(back, h, n - 4096) == 0, "upload_async with a fence");
+    }
+    E.go->fence_free(E.gx, f);
+    E.go->fence_free(E.gx, never);
+    E.go->dealloc_host(E.gx, pin);
+    E.go->sync(E.gx);
+    E.go->dealloc(E.gx, d);
+    free(h), free(back);
+    status_ok("memory");
+}
+
+static void test_weights_map(void) {
+    const size_t n = (size_t)41 << 20;   // crosses the 16 MiB staging chunks
+    uint8_t *h = xmalloc(n), *back = xmalloc(n);
+    for (size_t i = 0; i < n; i += 8) {
+        uint64_t r = check_rand(&E.rng);
+        memcpy(h + i, &r, 8);
+    }
+    char err[512] = "";
+    const void *dev = E.gb->ops->map_weights(E.gb, h, n, err, sizeof err);
+    CHECK(dev != NULL, "map_weights: %s", err);
+    if (dev) {
+        E.go->download(E.gx, back, dev, 0, n);
+        CHECK(memcmp(back, h, n) == 0, "mapped weights equal the host bytes");
+        E.gb->ops->unmap_weights(E.gb, dev, n);
+    }
+    uint64_t fr = 0, tot = 0;
+    int rc = E.gb->ops->mem_info(E.gb, &fr, &tot, err, sizeof err);
+    CHECK(rc == MF_OK && fr <= tot && tot > ((uint64_t)1 << 30), "mem_info: %d free %llu "
+          "total %llu %s", rc, (unsigned long long)fr, (unsigned long long)tot, err);
+    printf("mem_info: %.1f GiB free of %.1f GiB\n", (double)fr / (1 << 30),
+           (double)tot / (1 << 30));
+    free(h), free(back);
+}
+
+// A bad request leaves a sticky error naming the op on its exec (a fresh one).
+static void test_status(void) {
+    struct mf_exec *ex = NULL;
+    char err[1024] = "";
+    int rc = E.gb->ops->exec_new(E.gb, 1, &ex, err, sizeof err);
+    CHECK(rc == MF_OK, "exec_new: %s", err);
+    if (rc)
+        return;
+    struct mf_route_params p = {.kind = MF_ROUTE_SOFTMAX, .n_expert = 5000, .n_used = 4,
+                                .n_group = 1, .topk_group = 1, .routed_scaling_factor = 1};
+    E.go->moe_route(ex, NULL, NULL, NULL, NULL, &p, 1, NULL, NULL);
+    rc = E.go->status(ex, err, sizeof err);
+    CHECK(rc != MF_OK && strstr(err, "moe_route"), "sticky status names the op: %d %s", rc,
+          err);
+    E.go->exec_free(ex);
+}
+
+/* ==== The cubin cache ==== */
+
+static int cache_files(const char *dir, char *first, size_t n) {
+    char pat[600];
+    snprintf(pat, sizeof pat, "%s/cuda/*.bin", dir);
+    glob_t g;
+    if (glob(pat, 0, NULL, &g) != 0)
+        return 0;
+    int count = (int)g.gl_pathc;
+    snprintf(first, n, "%s", g.gl_pathv[0]);
+    globfree(&g);
+    return count;
+}
+
+static double make_backend(const char *what) {
+    struct mf_backend *be = NULL;
+    char err[4096] = "";
+    double t0 = now_s();
+    int rc = mf_backend_new(&be, "cuda", err, sizeof err);
+    double dt = now_s() - t0;
+    CHECK(rc == MF_OK, "%s: %s", what, err);
+    if (be)
+        be->ops->free(be);
+    return dt;
+}
+
+static void test_cache(void) {
+    char dir[512], file[700] = "";
+    if (check_make_tmpdir(dir, sizeof dir, "mf_cubin") != 0)
+        return;
+    setenv("MOEFLUX_CACHE_DIR", dir, 1);
+    // NVRTC 13 keeps a cache of its own in the driver's compute cache when a driver is
+    // loaded: without this, "cold" would time NVRTC's cache, not a compile.
+    setenv("CUDA_CACHE_DISABLE", "1", 1);
+    double t_cold = make_backend("cold cache");
+    CHECK(cache_files(dir, file, sizeof file) == 1, "one cache entry in %s", dir);
+    double t_warm = make_backend("warm cache");
+    FILE *f = fopen(file, "r+b");
+    CHECK(f != NULL, "open %s", file);
+    long size = 0;
+    if (f) {   // corrupt the middle of the image
+        fseek(f, 0, SEEK_END);
+        size = ftell(f);
+        fseek(f, size / 2, SEEK_SET);
+        fwrite("corrupt!", 1, 8, f);
+        fclose(f);
+    }
+    double t_fix = make_backend("corrupt cache entry");
+    f = fopen(file, "rb");
+    long size2 = -1;
+    if (f) {
+        fseek(f, 0, SEEK_END);
+        size2 = ftell(f);
+        fclose(f);
+    }
+    CHECK(size2 == size, "the corrupt entry was rewritten (%ld vs %ld bytes)", size2, size);
+    double t_again = make_backend("rewritten cache entry");
+    printf("cache entry %s, %ld bytes\n", file, size);
+    printf("backend start: cold cache %.2f s, warm %.2f s, corrupt entry %.2f s, after %.2f s\n",
+           t_cold, t_warm, t_fix, t_again);
+    CHECK(t_warm < t_cold, "a cache hit is faster than compiling");
+    unsetenv("CUDA_CACHE_DISABLE");
+    remove(file);
+    char sub[600];
+    snprintf(sub, sizeof sub, "%s/cuda", dir);
+    remove(sub);
+    remove(dir);
+}
+
+/* ==== A small bandwidth check (printed, never asserted) ====
+ * A 4-bit matvec streams its weight once; its bytes per second are compared with a
+ * device-to-device copy (read + write) measured in the same run, rounds interleaved. */
+
+static void bench(const char *label) {
+    const int64_t R = 16384, N = 8192;
+    const int reps = 20;
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = 4,
+                          .group_size = 64, .n_out = R, .n_in = N};
+    size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
+    uint8_t *hw = xmalloc(wb);
+    for (size_t i = 0; i < wb; i += 8) {
+        uint64_t r = check_rand(&E.rng);
+        memcpy(hw + i, &r, 8);
+    }
+    void *hs = encode(MF_DTYPE_BF16, sb / 2, 0.004f, 0.012f), *hb = encode(MF_DTYPE_BF16, sb / 2, -0.1f, -0.03f);
+    w.w = gput(hw, wb);
+    w.scales = gput(hs, sb);
+    w.biases = gput(hb, sb);
+    const size_t bytes = wb + 2 * sb;
+    float *x = frand((size_t)(256 * N), -1, 1), *gxb = gput(x, (size_t)(256 * N) * 4);
+    float *gy = E.go->alloc(E.gx, (size_t)(256 * R) * 4);
+    void *c1 = E.go->alloc(E.gx, bytes), *c2 = E.go->alloc(E.gx, bytes);
+    for (int round = 0; round < 3; round++) {
+        E.go->matmul(E.gx, gy, &w, gxb, 1);
+        E.go->sync(E.gx);
+        double t0 = now_s();
+        for (int i = 0; i < reps; i++)
+            E.go->matmul(E.gx, gy, &w, gxb, 1);
+        E.go->sync(E.gx);
+        double t1 = now_s();
+        for (int i = 0; i < reps; i++)
+            E.go->copy(E.gx, c1, 0, c2, 0, bytes);
+        E.go->sync(E.gx);
+        double t2 = now_s();
+        for (int i = 0; i < 3; i++)
+            E.go->matmul(E.gx, gy, &w, gxb, 8);
+        E.go->sync(E.gx);
+        double t3 = now_s();
+        for (int i = 0; i < 3; i++)
+            E.go->matmul(E.gx, gy, &w, gxb, 256);
+        E.go->sync(E.gx);
+        double t4 = now_s();
+        double mv = (double)bytes * reps / (t1 - t0), cp = 2.0 * (double)bytes * reps / (t2 - t1);
+        printf("bench %s round %d: 4-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
+               "%.0f GB/s; ratio %.2f; n_tok 8: %.0f GB/s of weights; n_tok 256 GEMM: %.0f "
+               "GFLOP/s\n", label, round, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
+               (double)bytes * 3 / (t3 - t2) / 1e9, 2.0 * (double)R * N * 256 * 3 / (t4 - t3) / 1e9);
+    }
+    gfree((void *)w.w), gfree((void *)w.scales), gfree((void *)w.biases), gfree(gxb), gfree(gy);
+    gfree(c1), gfree(c2), free(hw), free(hs), free(hb), free(x);
+    status_ok("bench");
+}
+
+/* ==== main ==== */
+
+static int open_backends(int against_cpu) {
+    char err[4096] = "";
+    int rc = mf_backend_cpu_new(&E.cb, err, sizeof err);
+    if (!rc)
+        rc = against_cpu ? mf_backend_cpu_new(&E.gb, err, sizeof err)
+                         : mf_backend_new(&E.gb, "cuda", err, sizeof err);
+    if (!rc)
+        rc = E.cb->ops->exec_new(E.cb, 2, &E.cx, err, sizeof err);
+    if (!rc)
+        rc = E.gb->ops->exec_new(E.gb, 2, &E.gx, err, sizeof err);
+    CHECK(rc == MF_OK, "backends: %s", err);
+    if (rc)
+        return rc;
+    E.co = E.cb->ops;
+    E.go = E.gb->ops;
+    return MF_OK;
+}
+
+int main(void) {
+    const char *against = getenv("MOEFLUX_OPS_AGAINST");
+    const int against_cpu = against && strcmp(against, "cpu") == 0;
+    if (!against_cpu) {
+        char err[2048] = "";
+        if (mf_backend_cuda_probe(err, sizeof err) != MF_OK) {
+            void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+            if (!lib) {
+                printf("SKIP: no CUDA driver (%s)\n", err);
+                return 0;
+            }
+            dlclose(lib);
+            CHECK(0, "a CUDA driver is installed but the backend is not usable: %s", err);
+            return check_finish("test_backend_ops");
+        }
+    }
+    E.rng = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() ^ 0x5bd1e995u;
+    if (!E.rng)
+        E.rng = 1;
+    printf("seed %llu, device backend %s\n", (unsigned long long)E.rng,
+           against_cpu ? "cpu (harness check)" : "cuda");
+    if (!against_cpu)
+        test_cache();
+    if (open_backends(against_cpu) == MF_OK) {
+        double t0 = now_s();
+        test_memory();
+        test_weights_map();
+        if (!against_cpu)
+            test_status();
+        test_norms();
+        test_rope();
+        test_elementwise();
+        test_rows();
+        test_flag();
+        test_route();
+        test_experts();
+        test_gdn();
+        test_attention();
+        test_products();
+        printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
+               now_s() - t0);
+        if (!against_cpu)
+            bench("matvec");
+    }
+    if (E.gx)
+        E.go->exec_free(E.gx);
+    if (E.cx)
+        E.co->exec_free(E.cx);
+    if (E.gb)
+        E.gb->ops->free(E.gb);
+    if (E.cb)
+        E.cb->ops->free(E.cb);
+    return check_finish("test_backend_ops");
+}

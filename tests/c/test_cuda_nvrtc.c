@@ -1,0 +1,145 @@
+/*
+ * test_cuda_nvrtc.c — checks of the CUDA backend that need no GPU: the embedded kernel
+ * source compiles with NVRTC for sm_80, sm_90 and sm_100 with no error and no warning
+ * (skipped where libnvrtc is absent), the embedded sources are those of shaders/
+ * (byte for byte), MOEFLUX_SHADERS_DIR replaces them, and without a CUDA driver mf_backend_new("cuda") fails with
+ * MF_ERR_BACKEND naming the libraries it tried.
+ */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backends/backend.h"
+#include "backends/cuda/cuda_internal.h"
+#include "check.h"
+
+int mf_cuda_compile(const struct mf_nvrtc_api *nv, const char *arch, void **image,
+                    size_t *size, char **log, char *err, size_t errlen);
+
+// MOEFLUX_SHADERS_DIR: the files of that folder replace the embedded sources (a
+// planted #error must surface in the message with NVRTC's log; a missing file is named).
+static void test_shaders_dir(const struct mf_nvrtc_api *nv) {
+    char dir[200], err[8192] = "";
+    if (check_make_tmpdir(dir, sizeof dir, "mf_shaders") != 0)
+        return;
+    for (int i = 0; i < mf_shader_count; i++) {
+        int broken = strcmp(mf_shader_names[i], "rope.h") == 0;
+        char *text = malloc(strlen(mf_shader_sources[i]) + 64);
+        CHECK(text != NULL, "out of memory");
+        if (!text)
+            return;
+        sprintf(text, "%s%s", mf_shader_sources[i],
+                broken ? "#error moeflux-test-broken-kernel\n" : "");
+        check_write_file(dir, mf_shader_names[i], text, strlen(text));
+        free(text);
+    }
+    setenv("MOEFLUX_SHADERS_DIR", dir, 1);
+    void *image = NULL;
+    size_t size = 0;
+    char *log = NULL;
+    int rc = mf_cuda_compile(nv, "sm_90", &image, &size, &log, err, sizeof err);
+    CHECK(rc == MF_ERR_BACKEND && strstr(err, "moeflux-test-broken-kernel"),
+          "a broken kernel file from MOEFLUX_SHADERS_DIR: %d %.300s", rc, err);
+    free(image), free(log);
+    char path[600];
+    snprintf(path, sizeof path, "%s/rope.h", dir);
+    remove(path);
+    rc = mf_cuda_compile(nv, "sm_90", &image, &size, &log, err, sizeof err);
+    CHECK(rc != MF_OK && strstr(err, "rope.h"), "a missing kernel file is named: %d %s", rc,
+          err);
+    free(image), free(log);
+    unsetenv("MOEFLUX_SHADERS_DIR");
+    for (int i = 0; i < mf_shader_count; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, mf_shader_names[i]);
+        remove(path);
+    }
+    remove(dir);
+}
+
+static void test_compile(void) {
+    struct mf_nvrtc_api nv;
+    char err[4096];
+    if (mf_nvrtc_api_load(&nv, err, sizeof err) != MF_OK) {
+        printf("SKIP: no NVRTC (%s)\n", err);
+        return;
+    }
+    printf("NVRTC %d.%d from %s\n", nv.major, nv.minor, nv.path);
+    const char *archs[] = {"sm_80", "sm_90", "sm_100"};
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
+        void *image = NULL;
+        size_t size = 0;
+        char *log = NULL;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int rc = mf_cuda_compile(&nv, archs[i], &image, &size, &log, err, sizeof err);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        CHECK(rc == MF_OK, "compile for %s: %s", archs[i], err);
+        CHECK(rc != MF_OK || size > 1000, "%s: a %zu-byte cubin", archs[i], size);
+        // NVRTC's log is empty on a clean compile; any text (a warning) fails.
+        CHECK(!log || strlen(log) == 0 || strspn(log, " \n") == strlen(log),
+              "NVRTC log for %s is not empty:\n%s", archs[i], log);
+        printf("compiled for %s: %zu bytes in %.2f s\n", archs[i], size,
+               (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+        free(image);
+        free(log);
+    }
+    test_shaders_dir(&nv);
+    mf_nvrtc_api_unload(&nv);
+}
+
+// Every embedded source equals the file of the same name in shaders/ (run from the
+// repository root, as `make ctest` does): the generated file is current.
+static void test_embedded_current(void) {
+    CHECK(mf_shader_count >= 10, "%d embedded kernel files", mf_shader_count);
+    for (int i = 0; i < mf_shader_count; i++) {
+        char path[256];
+        snprintf(path, sizeof path, "shaders/%s", mf_shader_names[i]);
+        FILE *f = fopen(path, "rb");
+        if (!f) {
+            printf("SKIP: %s not found (not run from the repository root)\n", path);
+            return;
+        }
+        size_t n = strlen(mf_shader_sources[i]);
+        char *buf = malloc(n + 2);
+        CHECK(buf != NULL, "out of memory");
+        size_t got = buf ? fread(buf, 1, n + 1, f) : 0;
+        fclose(f);
+        CHECK(buf && got == n && memcmp(buf, mf_shader_sources[i], n) == 0,
+              "embedded %s differs from the file: rebuild (shaders/embed.py)", path);
+        free(buf);
+    }
+}
+
+static void test_no_driver(void) {
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib) {
+        dlclose(lib);
+        printf("SKIP: a CUDA driver is present; its absence is not testable here\n");
+        return;
+    }
+    struct mf_backend *be = (struct mf_backend *)1;
+    char err[2048] = "";
+    int rc = mf_backend_new(&be, "cuda", err, sizeof err);
+    CHECK(rc == MF_ERR_BACKEND, "mf_backend_new(cuda) without a driver: %d", rc);
+    CHECK(be == NULL, "no backend returned on failure");
+    CHECK(strstr(err, "libcuda.so.1") != NULL, "message names libcuda.so.1: %s", err);
+    CHECK(strstr(err, "MOEFLUX_LIBCUDA") != NULL, "message names MOEFLUX_LIBCUDA: %s", err);
+    CHECK(mf_backend_cuda_probe(err, sizeof err) == MF_ERR_BACKEND, "probe fails: %s", err);
+    // An override that does not exist is named too.
+    setenv("MOEFLUX_LIBCUDA", "/nonexistent/libcuda-moeflux-test.so", 1);
+    rc = mf_backend_new(&be, "cuda", err, sizeof err);
+    unsetenv("MOEFLUX_LIBCUDA");
+    CHECK(rc == MF_ERR_BACKEND && strstr(err, "/nonexistent/libcuda-moeflux-test.so") &&
+              strstr(err, "libcuda.so.1"),
+          "override and default both named: %s", err);
+    printf("no driver: %s\n", err);
+}
+
+int main(void) {
+    test_embedded_current();
+    test_no_driver();
+    test_compile();
+    return check_finish("test_cuda_nvrtc");
+}

@@ -1,0 +1,180 @@
+"""The CUDA backend from Python, and the checks of its kernel source that need no GPU.
+
+Everywhere: ``moeflux.backends()``; nvcc compiles the kernels to PTX without warnings; opening a model with backend="cuda" where no CUDA
+driver exists raises BackendError naming what is missing; the kernel manifest agrees
+with the params structs, the kernel files and the grid functions; each kernel file
+passes a Metal syntax check (clang++ against shaders/metal_stub: macro and typing
+mistakes of the Metal branch, not Metal semantics); the embedded-source generator is
+deterministic. On a machine with a CUDA GPU: whole models on CUDA against the CPU
+backend, logits of a prompt and of decode steps.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import moeflux
+
+ROOT = Path(__file__).resolve().parent.parent
+SHADERS = ROOT / "shaders"
+HAVE_CUDA = "cuda" in moeflux.backends()
+KERNEL_FILES = ["quant.h", "matmul.h", "norm.h", "rope.h", "attn.h", "gdn.h",
+                "elementwise.h", "moe.h", "mf_kernels.h"]
+
+
+def manifest() -> list[tuple[str, str, int, str]]:
+    rows = re.findall(r"^K\((\w+),\s*(\w+),\s*(\d+),\s*(\w+)\)\s*$",
+                      (SHADERS / "kernels.def").read_text(), re.M)
+    return [(n, p, int(b), g) for n, p, b, g in rows]
+
+
+def param_structs() -> dict[str, list[str]]:
+    """struct name -> field declarations, from mf_params.h."""
+    text = (SHADERS / "mf_params.h").read_text()
+    out = {}
+    for name, body in re.findall(r"struct (\w+) \{(.*?)\};", text, re.S):
+        out[name] = [d.strip() for d in body.split(";") if d.strip()]
+    return out
+
+
+# ---- everywhere
+
+def test_backends_lists_cpu_first() -> None:
+    names = moeflux.backends()
+    assert names[0] == "cpu" and set(names) <= {"cpu", "cuda"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(synth_checkpoint: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from moeflux.prep.convert import convert
+    return convert(synth_checkpoint("qwen3_next"), tmp_path_factory.mktemp("cuda") / "m",
+                   progress=False)
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="a CUDA device is present")
+def test_cuda_unavailable_is_a_clear_backend_error(model_dir: Path) -> None:
+    with pytest.raises(moeflux.BackendError) as info:
+        moeflux.Model(model_dir, backend="cuda")
+    assert isinstance(info.value, moeflux.MoefluxError)
+    assert "libcuda.so.1" in str(info.value)
+
+
+def test_manifest_matches_params_kernels_and_grids() -> None:
+    rows = manifest()
+    structs = param_structs()
+    grid = (SHADERS / "grid.h").read_text()
+    sources = {f: (SHADERS / f).read_text() for f in KERNEL_FILES}
+    umbrella = sources["mf_kernels.h"]
+    assert len(rows) >= 19 and len({r[0] for r in rows}) == len(rows)
+    for name, params, n_buf, grid_fn in rows:
+        fields = structs.get(params)
+        assert fields, f"{name}: params struct {params} not in mf_params.h"
+        for decl in fields:   # 32-bit ints and floats only, no pointers
+            assert re.fullmatch(r"(int|float) \w+(, \w+)*", decl), f"{params}: {decl!r}"
+        assert re.search(rf"void {grid_fn}\(const struct {params} \*p,", grid), grid_fn
+        defs = [f for f, s in sources.items() if f"MF_KERNEL({name})" in s]
+        assert len(defs) == 1, f"{name} defined in {defs}"
+        body = sources[defs[0]].split(f"MF_KERNEL({name})", 1)[1]
+        sig = body.split("{", 1)[0]
+        bufs = [int(i) for i in re.findall(r"MF_BUF\((\d+),", sig)]
+        assert bufs == list(range(n_buf)), f"{name}: buffers {bufs}, manifest says {n_buf}"
+        assert re.search(rf"MF_PARAMS\({n_buf}, struct {params}, p\)", sig), name
+        assert f'#include "{defs[0]}"' in umbrella or defs[0] == "mf_kernels.h"
+
+
+def test_every_kernel_in_the_manifest() -> None:
+    named = {r[0] for r in manifest()}
+    defined = set()
+    for f in KERNEL_FILES:
+        defined |= set(re.findall(r"MF_KERNEL\((\w+)\)", (SHADERS / f).read_text()))
+    assert defined == named
+
+
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_metal_syntax(name: str) -> None:
+    clang = shutil.which("clang++")
+    if not clang:
+        pytest.skip("clang++ not installed")
+    cmd = [clang, "-x", "c++", "-std=c++17", "-fsyntax-only", "-D__METAL_VERSION__=310",
+           f"-I{SHADERS / 'metal_stub'}", f"-I{SHADERS}", "-Wall", "-Wextra", "-Werror",
+           "-Wno-unknown-attributes", "-Wno-unused-parameter", "-Wno-unused-function",
+           str(SHADERS / name)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_nvcc_ptx_no_warnings(tmp_path: Path) -> None:
+    """The kernel source through nvcc as well as NVRTC (tests/c/test_cuda_nvrtc.c):
+    PTX for sm_90 with every warning an error, the math mode the driver uses."""
+    nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
+    if not nvcc:
+        pytest.skip("nvcc not installed")
+    src = tmp_path / "kernels.cu"
+    src.write_text('#include "mf_kernels.h"\n')
+    cmd = [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "--fmad=false", f"-I{SHADERS}",
+           "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "k.ptx")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    for name, _, _, _ in manifest():
+        assert f".entry {name}(" in ptx, name
+
+
+def test_embed_is_deterministic(tmp_path: Path) -> None:
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.c"
+        subprocess.run([sys.executable, str(SHADERS / "embed.py"), str(out)], check=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    for f in KERNEL_FILES + ["mf_prelude.h", "mf_params.h", "kernels.def"]:
+        assert f'"{f}",'.encode() in outs[0]
+    assert b'"grid.h"' not in outs[0]
+
+
+# ---- on a CUDA machine: whole models against the CPU backend
+
+ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"]
+PROMPT = [17, 301, 5, 88, 450, 2, 199, 76, 333, 12, 401]
+CONT = [64, 9, 270, 3, 140]
+
+
+def _close(gpu: np.ndarray, cpu: np.ndarray, what: str, rel: float = 5e-5) -> float:
+    gpu, cpu = np.atleast_2d(gpu), np.atleast_2d(cpu)
+    assert np.isfinite(gpu).all(), f"{what}: non-finite logits"
+    err = float((np.abs(gpu - cpu).max(axis=-1) / np.abs(cpu).max(axis=-1)).max())
+    assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).all(), f"{what}: argmax differs"
+    return err
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_model_matches_cpu(arch: str, synth_checkpoint: Callable[..., Path],
+                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    from moeflux.prep.convert import convert
+    dst = convert(synth_checkpoint(arch), tmp_path_factory.mktemp("cuda") / arch,
+                  progress=False)
+    opened: list[Any] = []
+    try:
+        cpu = moeflux.Model(dst, backend="cpu")
+        opened.append(cpu)
+        gpu = moeflux.Model(dst, backend="cuda")
+        opened.append(gpu)
+    except moeflux.UnsupportedError as exc:
+        pytest.xfail(f"{arch}: {exc}")
+    errs = [_close(gpu.eval(PROMPT, all_logits=True), cpu.eval(PROMPT, all_logits=True),
+                   f"{arch} prompt")]
+    for i, tok in enumerate(CONT):
+        errs.append(_close(gpu.eval(tok), cpu.eval(tok), f"{arch} decode step {i}"))
+    print(f"{arch}: CUDA vs CPU max relative logit error {max(errs):.3g}")
+    for m in opened:
+        m.close()
