@@ -80,3 +80,7 @@ class Context:
     def config_json(self) -> str: ...
 
 def __getattr__(name: str) -> Any: ...  # test-only diagnostics
+
+def backends() -> list[str]:
+    """The backends usable in this process ("cpu" always; "cuda" where a driver answers)."""
+    ...
