@@ -3,7 +3,6 @@
  * that qwen3_moe, deepseek_v3 and the qwen3_next hybrid share (see decoder.h). Written
  * against the backend op table; owns no weights and no sequence state.
  */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -44,8 +43,8 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
     if (dec->n_ff_dense > 0)
         dec->ffn_tmp = mf_dev_floats(ctx, T * 2 * (size_t)dec->n_ff_dense, &fail);
     dec->logits = mf_dev_floats(ctx, T * (size_t)dec->n_vocab, &fail);
-    dec->nonfinite = (int32_t *)mf_dev_floats(ctx, (size_t)dec->n_layer, &fail);
-    dec->nonfinite_host = calloc((size_t)dec->n_layer, sizeof(int32_t));
+    dec->nonfinite = (int32_t *)mf_dev_floats(ctx, (size_t)dec->n_layer + 1, &fail);
+    dec->nonfinite_host = calloc((size_t)dec->n_layer + 1, sizeof(int32_t));
     if (fail || !dec->nonfinite_host) {
         mf_decoder_free(ctx, dec);
         return mf_err(err, errlen, MF_ERR_NOMEM,
@@ -96,27 +95,27 @@ static void head_forward(mf_ctx *ctx, const struct mf_decoder *dec, int row0, in
     op->rmsnorm(ctx->ex, dec->xn, dec->x + (size_t)row0 * hid, dec->norm, n_rows, hid,
                 dec->norm_eps, 1.0f);
     op->matmul(ctx->ex, dec->logits, dec->head, dec->xn, n_rows);
+    op->flag_nonfinite(ctx->ex, dec->nonfinite + dec->n_layer, dec->logits,
+                       (int64_t)n_rows * dec->n_vocab);
     op->download(ctx->ex, dst, dec->logits, 0,
                  (size_t)n_rows * dec->n_vocab * sizeof(float));
 }
 
-// NaN/inf guard: the first layer whose output was flagged, or the head when only the
-// logits are non-finite. One download of the flags per eval.
-static int check_finite(mf_ctx *ctx, const struct mf_decoder *dec, const float *logits,
-                        size_t n_logits) {
+// NaN/inf guard: the first layer whose output was flagged, or the head (flag n_layer)
+// when only the logits are non-finite. One download of the flags per eval.
+static int check_finite(mf_ctx *ctx, const struct mf_decoder *dec) {
     ctx->be->ops->download(ctx->ex, dec->nonfinite_host, dec->nonfinite, 0,
-                           (size_t)dec->n_layer * sizeof(int32_t));
+                           (size_t)(dec->n_layer + 1) * sizeof(int32_t));
     for (int il = 0; il < dec->n_layer; il++)
         if (dec->nonfinite_host[il])
             return mf_ctx_fail(ctx, MF_ERR_NUMERIC,
                                "NaN or infinity first appeared in the output of layer %d of "
                                "%d: damaged weights or experts? (python -m moeflux.prep "
                                "verify finds them)", il, dec->n_layer);
-    for (size_t i = 0; logits && i < n_logits; i++)
-        if (!isfinite(logits[i]))
-            return mf_ctx_fail(ctx, MF_ERR_NUMERIC,
-                               "NaN or infinity in the logits (final norm or head), not in "
-                               "any layer: damaged head weights?");
+    if (dec->nonfinite_host[dec->n_layer])
+        return mf_ctx_fail(ctx, MF_ERR_NUMERIC,
+                           "NaN or infinity in the logits (final norm or head), not in any "
+                           "layer: damaged head weights?");
     return MF_OK;
 }
 
@@ -125,7 +124,8 @@ int mf_decoder_run(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *tok
     if (n_tok < 1 || ctx->n_past + n_tok > ctx->n_ctx)
         return mf_ctx_fail(ctx, MF_ERR_ARG, "%d tokens at position %d exceed n_ctx %d",
                            n_tok, ctx->n_past, ctx->n_ctx);
-    ctx->be->ops->zero(ctx->ex, dec->nonfinite, 0, (size_t)dec->n_layer * sizeof(int32_t));
+    ctx->be->ops->zero(ctx->ex, dec->nonfinite, 0,
+                       (size_t)(dec->n_layer + 1) * sizeof(int32_t));
     for (int t0 = 0; t0 < n_tok; t0 += dec->max_tok) {
         int n = n_tok - t0 < dec->max_tok ? n_tok - t0 : dec->max_tok;
         int pos0 = ctx->n_past + t0;
@@ -154,6 +154,5 @@ int mf_decoder_run(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *tok
             head_forward(ctx, dec, n - 1, 1, logits);
         ctx->stats.head_s += mf_now_s() - th;
     }
-    size_t n_logits = !logits ? 0 : (size_t)(all_logits ? n_tok : 1) * dec->n_vocab;
-    return check_finite(ctx, dec, logits, n_logits);
+    return check_finite(ctx, dec);
 }

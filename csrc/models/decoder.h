@@ -49,8 +49,9 @@ struct mf_decoder {
     float *y;          // [max_tok, n_embd] block output
     float *ffn_tmp;    // [max_tok, 2*n_ff_dense] (NULL when n_ff_dense == 0)
     float *logits;     // [max_tok, n_vocab]
-    int32_t *nonfinite;       // [n_layer] device flags: layer output had NaN/inf
-    int32_t *nonfinite_host;  // [n_layer] host copy, read once per eval
+    int32_t *nonfinite;       // [n_layer + 1] device flags: layer output (or, last,
+                              // the logits) had NaN/inf
+    int32_t *nonfinite_host;  // [n_layer + 1] host copy, read once per eval
     struct mf_moe_scratch *moe;
 };
 
