@@ -14,6 +14,9 @@ CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -
 # generated C file (shaders/embed.py; the same step setup.py runs).
 SHADERS_C := build/gen/mf_shaders.c
 CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
+# Every build made here also builds moeflux._diag, the test-only module of single
+# backend ops (tests/test_kernels.py, bench/); a plain `pip install` leaves it out.
+DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
@@ -25,14 +28,14 @@ all: install
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	MOEFLUX_WERROR=1 $(PIP) install -q -e '.[test,prep,tokenizer]'
+	MOEFLUX_WERROR=1 $(DIAG) $(PIP) install -q -e '.[test,prep,tokenizer]'
 	touch $@
 
 venv: $(VENV)/.deps
 
 # Editable install: rebuilds moeflux._core from csrc/ every time (fast, a few files).
 install: venv
-	flock $(VENV)/.lock env MOEFLUX_WERROR=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	flock $(VENV)/.lock env MOEFLUX_WERROR=1 $(DIAG) $(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: install
 	$(PY) -m moeflux demo
@@ -85,7 +88,7 @@ ASAN_ENV = PYTHONPATH=$(ASAN_SITE) PYTHONSAFEPATH=1 \
 asan-pytest: venv
 	rm -rf build/asan-site build/asan-tmp build/asan-logs
 	mkdir -p build/asan-logs
-	CC="$(CC)" MOEFLUX_CFLAGS="$(ASAN_CFLAGS) -fno-wrapv -g -O1" MOEFLUX_LDFLAGS="$(ASAN_CFLAGS)" \
+	$(DIAG) CC="$(CC)" MOEFLUX_CFLAGS="$(ASAN_CFLAGS) -fno-wrapv -g -O1" MOEFLUX_LDFLAGS="$(ASAN_CFLAGS)" \
 		$(PY) setup.py -q build_ext -b $(ASAN_SITE) -t build/asan-tmp
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(ASAN_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(ASAN_SITE)/moeflux/prep

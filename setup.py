@@ -1,6 +1,9 @@
 """Build of moeflux._core from csrc/.
 
-Every C file under csrc/ (except C unit-test mains) is compiled into one extension.
+Every C file under csrc/ (except C unit-test mains and csrc/python/diag.c) is compiled
+into one extension. MOEFLUX_BUILD_DIAG=1 (set by the Makefile's installs, for the tests
+and bench/) also builds moeflux._diag, the test-only module of single backend ops:
+diag.c with the backends and core/common.c, so the public _core carries none of it.
 C11, optimised, warnings on; MOEFLUX_WERROR=1 (set by CI and `make test`) adds -Werror.
 SIMD paths are chosen at run time inside the code (target attributes), so the same
 build runs on any x86-64 and the portable fallback serves everything else.
@@ -26,9 +29,21 @@ def embed_shaders():
     embed.write(os.path.join(HERE, SHADERS_C))
 
 
+DIAG_C = os.path.join("csrc", "python", "diag.c")
+
+
 def c_sources():
     files = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
-    return [f for f in files if os.sep + "tests" + os.sep not in f] + [SHADERS_C]
+    return [f for f in files if os.sep + "tests" + os.sep not in f and f != DIAG_C] + \
+        [SHADERS_C]
+
+
+def diag_sources():
+    """diag.c and what its ops need: the backends (CPU and the registry, which names
+    CUDA) and core/common.c; no models, no _core binding."""
+    backends = sorted(glob.glob(os.path.join("csrc", "backends", "**", "*.c"),
+                                recursive=True))
+    return [DIAG_C, os.path.join("csrc", "core", "common.c")] + backends + [SHADERS_C]
 
 
 def compile_args():
@@ -66,9 +81,19 @@ core = Extension(
     extra_link_args=link_args(),
 )
 
+extensions = [core]
+if os.environ.get("MOEFLUX_BUILD_DIAG") == "1":
+    extensions.append(Extension(
+        "moeflux._diag",
+        sources=diag_sources(),
+        include_dirs=["csrc/include", "csrc"],
+        extra_compile_args=compile_args(),
+        extra_link_args=link_args(),
+    ))
+
 setup(
     packages=["moeflux", "moeflux.prep"],
     package_dir={"moeflux": "moeflux", "moeflux.prep": "prep"},
     package_data={"moeflux": ["py.typed", "_core.pyi"]},
-    ext_modules=[core],
+    ext_modules=extensions,
 )

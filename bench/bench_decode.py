@@ -15,7 +15,7 @@ The baseline does exactly that much plain work with the same number of threads:
   - pread of the same number of expert blobs (k random experts per MoE layer) from
     the same files into a buffer, then a summing pass over that buffer, and
   - a summing pass over the non-expert weight bytes of the model_weights.bin mapping
-    (``_core._diag_read_bw``, a plain loop on the CPU backend's thread pool).
+    (``_diag.read_bw``, a plain loop on the CPU backend's thread pool).
 Reported: ms/token for decode and for the baseline, and decode / baseline.
 
 Usage: .venv/bin/python bench/bench_decode.py [--layers 4] [--tokens 32] [--threads N]
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import moeflux
-from moeflux import _core
+from moeflux import _diag
 from moeflux.demo import DEFAULT_VOCAB, default_cache, ensure_model
 
 
@@ -96,7 +96,7 @@ def stream_time(model_dir: Path, expert_bytes_per_token: float, threads: int,
                                                        int(jb[1]) * size),
                                   enumerate(picks)))
                     for b in bufs:
-                        _core._diag_read_bw(b.view(np.float32), threads, 1)
+                        _diag.read_bw(b.view(np.float32), threads, 1)
             t_exp = (time.perf_counter() - t0) / n_tokens
     finally:
         for fd in fds.values():
@@ -107,9 +107,9 @@ def stream_time(model_dir: Path, expert_bytes_per_token: float, threads: int,
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             view = np.frombuffer(mm, np.float32, nbytes // 4, off)
-            _core._diag_read_bw(view, threads, 1)         # fault the pages in
+            _diag.read_bw(view, threads, 1)         # fault the pages in
             t0 = time.perf_counter()
-            _core._diag_read_bw(view, threads, n_tokens)
+            _diag.read_bw(view, threads, n_tokens)
             t_dense = (time.perf_counter() - t0) / n_tokens
             del view
         finally:

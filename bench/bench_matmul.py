@@ -1,9 +1,9 @@
 """CPU matmul throughput as a ratio to the memory-read bandwidth measured in the same run.
 
 For each shape and width (default 2, 4 and 8 bits; gs 64, bf16 scales), the quantized
-matmul of the CPU backend is timed through `moeflux._core._diag_matmul` and reported
+matmul of the CPU backend is timed through `moeflux._diag.matmul` and reported
 as GB/s of weight bytes (codes + scales + biases) streamed, next to a plain read of a
-buffer of the same size on the same threads (`_core._diag_read_bw`, a summing loop).
+buffer of the same size on the same threads (`_diag.read_bw`, a summing loop).
 Each case is measured --repeat times, matmul and read interleaved (matmul, read,
 matmul, read, ...) so both see the same machine state; the ratio is taken per repeat
 and reported as median [min - max]. numpy's single-threaded `sum` of the same bytes is
@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moeflux import _core
+from moeflux import _diag
 
 
 
@@ -103,7 +103,7 @@ def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, bits: int, threa
     out = np.empty((n_tok, n_out), np.float32)
 
     def run(n: int) -> None:
-        _core._diag_matmul("matmul", out, x=x, n_out=n_out, n_in=n_in, n_tok=n_tok,
+        _diag.matmul("matmul", out, x=x, n_out=n_out, n_in=n_in, n_tok=n_tok,
                            n_threads=threads, kernels=kernels, n_rep=n, n_stack=n_stack,
                            **wt)
 
@@ -111,11 +111,11 @@ def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, bits: int, threa
     # same threads.
     buf = np.ones(mat_bytes * n_stack // 4, np.float32)
     run(n_stack)   # warm up (page in)
-    _core._diag_read_bw(buf, threads, n_stack, n_stack)
+    _diag.read_bw(buf, threads, n_stack, n_stack)
     t_mat, t_read = [], []
     for _ in range(repeat):
         t_mat.append(timed(run, min_s))
-        t_read.append(timed(lambda n: _core._diag_read_bw(buf, threads, n, n_stack), min_s))
+        t_read.append(timed(lambda n: _diag.read_bw(buf, threads, n, n_stack), min_s))
     chunk = mat_bytes // 4
     t_np = timed(lambda n: [buf[(i % n_stack) * chunk:(i % n_stack + 1) * chunk].sum()
                             for i in range(n)], min_s)
@@ -154,7 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     min_s = 0.1 if args.quick else 0.3
-    kernels = args.kernels or _core._diag_kernels()[0]
+    kernels = args.kernels or _diag.kernels()[0]
     print(machine())
     print(f"threads {args.threads}, kernels {kernels}, repeat {args.repeat}\n")
     cases = [(512, 2048, 1, False), (512, 2048, 1, True), (2048, 512, 1, False),

@@ -1,6 +1,6 @@
 # Type stub of the C extension moeflux._core (csrc/python/module.c, state_binding.c).
-# Errors raised are the classes of moeflux.errors. The test-only _diag_* functions
-# are not part of the interface and are not listed.
+# Errors raised are the classes of moeflux.errors. The test-only single-op functions
+# live in a separate module, moeflux._diag (built only with MOEFLUX_BUILD_DIAG=1).
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np

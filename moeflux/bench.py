@@ -6,7 +6,9 @@ It measures, on the machine it runs on and over the model's own files:
     with O_DIRECT where the file system takes it, else buffered reads of files just
     evicted from the page cache;
   - the memory read bandwidth at the engine's compute thread count (a summing read of
-    a buffer several times the last-level cache, ``_core._diag_read_bw``);
+    a buffer several times the last-level cache: ``moeflux._diag.read_bw`` on the CPU
+    backend's pool where the test-only module is built (MOEFLUX_BUILD_DIAG=1, as
+    ``make install`` does), else numpy sums on as many Python threads);
   - the engine: decode tokens/s cold (expert files evicted from the page cache before
     every token) and warm (every expert in the page cache), prefill tokens/s of
     random prompts of several lengths (cold), bytes read per token;
@@ -496,20 +498,39 @@ def disk_read_bw(facts: dict[str, Any], threads: int, n_reads: int, direct: bool
     return got / dt
 
 
-def memory_read_bw(threads: int, nbytes: int) -> float:
-    """Bytes/s of a summing read over `nbytes` (well beyond the caches) on the CPU
-    backend's pool with `threads` threads; at least ~0.3 s of reading."""
-    from moeflux import _core
+def _numpy_read(pool: ThreadPoolExecutor, threads: int) -> Callable[[np.ndarray, int], None]:
+    """A summing read of buf, reps times, as numpy sums of `threads` slices on `pool`
+    (numpy drops the GIL while it sums)."""
+    def read(buf: np.ndarray, reps: int) -> None:
+        parts = np.array_split(buf, threads)
+        for _ in range(reps):
+            list(pool.map(np.sum, parts))
+    return read
 
-    buf = np.ones(nbytes // 4, np.float32)
-    _core._diag_read_bw(buf, threads, 1)                # fault in, warm the pool
-    t0 = time.perf_counter()
-    _core._diag_read_bw(buf, threads, 1)
-    one = time.perf_counter() - t0
-    reps = max(1, min(50, math.ceil(0.3 / max(one, 1e-6))))
-    t0 = time.perf_counter()
-    _core._diag_read_bw(buf, threads, reps)
-    return buf.nbytes * reps / (time.perf_counter() - t0)
+
+def memory_read_bw(threads: int, nbytes: int) -> tuple[float, str]:
+    """(bytes/s, method) of a summing read over `nbytes` (well beyond the caches) at
+    `threads` threads, at least ~0.3 s of reading: on the CPU backend's pool through
+    moeflux._diag where that test-only module is built, else with numpy."""
+    with ThreadPoolExecutor(threads) as pool:
+        try:
+            from moeflux import _diag
+
+            def read(buf: np.ndarray, reps: int) -> None:
+                _diag.read_bw(buf, threads, reps)
+            method = f"moeflux._diag.read_bw, CPU pool of {threads} threads"
+        except ImportError:
+            read = _numpy_read(pool, threads)
+            method = f"numpy sums on {threads} threads (moeflux._diag not built)"
+        buf = np.ones(nbytes // 4, np.float32)
+        read(buf, 1)                                      # fault in, warm the pool
+        t0 = time.perf_counter()
+        read(buf, 1)
+        one = time.perf_counter() - t0
+        reps = max(1, min(50, math.ceil(0.3 / max(one, 1e-6))))
+        t0 = time.perf_counter()
+        read(buf, reps)
+        return buf.nbytes * reps / (time.perf_counter() - t0), method
 
 
 # ---- the engine --------------------------------------------------------------------
@@ -648,8 +669,9 @@ def measure_disk(rec: Recorder, facts: dict[str, Any], args: argparse.Namespace,
 
 
 def measure_memory(rec: Recorder, args: argparse.Namespace) -> float:
-    bw = memory_read_bw(args.threads, args.mem_bytes)
+    bw, method = memory_read_bw(args.threads, args.mem_bytes)
     rec.add(("limits", "memory_read_Bps"), bw)
+    rec.fact(("limits", "memory_method"), method)
     log(f"  memory read ({args.threads} threads, {args.mem_bytes / MiB:.0f} MiB): "
         f"{bw / GB:.2f} GB/s")
     return bw

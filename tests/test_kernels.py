@@ -1,6 +1,6 @@
 """CPU backend ops against MLX itself (float32, CPU), one op at a time.
 
-Each test builds inputs with numpy/mlx, runs the op through a `moeflux._core._diag_*`
+Each test builds inputs with numpy/mlx, runs the op through a `moeflux._diag.*`
 function (a temporary CPU exec) and compares with the mlx computation the models use:
 `mx.quantize`/`mx.dequantize`/`mx.quantized_matmul` for matmul, `mx.fast.rms_norm`,
 `mx.fast.rope`, `mx.fast.scaled_dot_product_attention`, `mx.conv1d` and mlx-lm's
@@ -19,7 +19,7 @@ from mlx_lm.models import gated_delta as gd
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 from mlx_lm.models.qwen3_next import Qwen3NextRMSNormGated
 
-from moeflux import _core
+from moeflux import _diag
 
 mx.set_default_device(mx.cpu)
 
@@ -78,10 +78,10 @@ def quantized(n_out: int, n_in: int, bits: int, gs: int, sdtype: Any,
 
 def run_matmul(op: str, q: dict[str, Any], x: np.ndarray, n_out: int, n_in: int,
                n_threads: int = 2, kernels: str | None = None) -> np.ndarray:
-    """Run one matmul-family op through _diag_matmul and return its output."""
+    """Run one matmul-family op through _diag.matmul and return its output."""
     n_tok = x.shape[0]
     out = np.empty((n_tok, n_out if op == "matmul" else n_in), np.float32)
-    _core._diag_matmul(op, out, x=np.ascontiguousarray(x), n_out=n_out, n_in=n_in,
+    _diag.matmul(op, out, x=np.ascontiguousarray(x), n_out=n_out, n_in=n_in,
                        n_tok=n_tok, n_threads=n_threads, kernels=kernels, **q["args"])
     return out
 
@@ -96,7 +96,7 @@ def test_matmul_quantized(bits: int, gs: int) -> None:
         ref = mx.array(x) @ q["deq"].T
         qmm = mx.quantized_matmul(mx.array(x), q["wq"], q["s"], q["b"], transpose=True,
                                   group_size=gs, bits=bits)
-        for kernels in _core._diag_kernels():
+        for kernels in _diag.kernels():
             got = run_matmul("matmul", q, x, n_out, n_in, kernels=kernels)
             assert_close(got, to_np(ref))
             assert_close(got, to_np(qmm))
@@ -119,7 +119,7 @@ def test_matmul_float_weights(wdtype: Any) -> None:
     for n_tok in (1, 4):
         x = rng(n_tok).standard_normal((n_tok, n_in)).astype(np.float32)
         out = np.empty((n_tok, n_out), np.float32)
-        _core._diag_matmul("matmul", out, w_np, x, n_out, n_in, n_tok, wdtype=wdt,
+        _diag.matmul("matmul", out, w_np, x, n_out, n_in, n_tok, wdtype=wdt,
                            n_threads=2)
         assert_close(out, to_np(mx.array(x) @ w.astype(mx.float32).T))
 
@@ -137,7 +137,7 @@ def test_matmul_t(bits: int, gs: int) -> None:
     w_np, wdt = raw(w)
     x = rng(9).standard_normal((2, n_out)).astype(np.float32)
     out = np.empty((2, 200), np.float32)
-    _core._diag_matmul("matmul_t", out, w_np, x, n_out, 200, 2, wdtype=wdt, n_threads=2)
+    _diag.matmul("matmul_t", out, w_np, x, n_out, 200, 2, wdtype=wdt, n_threads=2)
     assert_close(out, to_np(mx.array(x) @ w.astype(mx.float32)))
 
 
@@ -147,7 +147,7 @@ def test_embed(bits: int) -> None:
     q = quantized(n_vocab, hid, bits, 64, mx.bfloat16, bits)
     tokens = np.array([0, 49, 7, 7, 23], np.int32)
     out = np.empty((len(tokens), hid), np.float32)
-    _core._diag_matmul("embed", out, x=tokens, n_out=n_vocab, n_in=hid, n_tok=len(tokens),
+    _diag.matmul("embed", out, x=tokens, n_out=n_vocab, n_in=hid, n_tok=len(tokens),
                        n_threads=2, **q["args"])
     # Exact: dequantization is one s*q+b per element in f32 on both sides.
     np.testing.assert_array_equal(out, to_np(q["deq"][mx.array(tokens)]))
@@ -170,9 +170,9 @@ def run_matmul_heads(q: dict[str, Any], x_flat: np.ndarray, out_len: int, n_out:
                      n_in: int, n_tok: int, n_head: int, head_rows: int, transposed: bool,
                      y_strides: tuple[int, int], x_strides: tuple[int, int],
                      n_threads: int = 2, kernels: str | None = None) -> np.ndarray:
-    """Run matmul_heads through _diag_matmul_heads on a NaN-filled flat output."""
+    """Run matmul_heads through _diag.matmul_heads on a NaN-filled flat output."""
     out = np.full(out_len, np.nan, np.float32)
-    _core._diag_matmul_heads(out, x=x_flat, n_out=n_out, n_in=n_in, n_tok=n_tok,
+    _diag.matmul_heads(out, x=x_flat, n_out=n_out, n_in=n_in, n_tok=n_tok,
                              n_head=n_head, w_head_rows=head_rows, transposed=transposed,
                              y_tok_stride=y_strides[0], y_head_stride=y_strides[1],
                              x_tok_stride=x_strides[0], x_head_stride=x_strides[1],
@@ -200,7 +200,7 @@ def test_matmul_heads(transposed: bool, bits: int, gs: int) -> None:
             x_h = mx.array(x3[:, h, off:off + in_w])
             ref[:, h] = to_np(x_h @ w_h if transposed else x_h @ w_h.T)
         outs = []
-        for kernels in _core._diag_kernels():
+        for kernels in _diag.kernels():
             for n_threads in (1, 3):
                 got = run_matmul_heads(q, x_flat, n_tok * H * yh, n_out, n_in, n_tok, H,
                                        head_rows, transposed, (H * yh, yh), (H * xh, xh),
@@ -222,7 +222,7 @@ def test_matmul_heads_shared_input_float() -> None:
     w_np, wdt = raw(w)
     x = rng(4).standard_normal((n_tok, n_in)).astype(np.float32)
     out = np.empty((n_tok, H, n_out), np.float32)
-    _core._diag_matmul_heads(out, w_np, x.reshape(-1), n_out, n_in, n_tok, H, n_out, False,
+    _diag.matmul_heads(out, w_np, x.reshape(-1), n_out, n_in, n_tok, H, n_out, False,
                              H * n_out, n_out, n_in, 0, wdtype=wdt, n_threads=2)
     ref = to_np(mx.array(x) @ w.astype(mx.float32).T).reshape(n_tok, H, n_out)
     assert_close(out, ref)
@@ -247,16 +247,16 @@ def test_rmsnorm(gdtype: Any) -> None:
     g_np, gdt = raw(g)
     ref = to_np(mx.fast.rms_norm(mx.array(x), g.astype(mx.float32), 1e-6))
     out = np.empty_like(x)
-    _core._diag_rmsnorm(out, x, n_rows, n, 1e-6, g=g_np, gdtype=gdt, n_threads=2)
+    _diag.rmsnorm(out, x, n_rows, n, 1e-6, g=g_np, gdtype=gdt, n_threads=2)
     assert_close(out, ref)
     # scale (DeepSeek-style q/k scaling folded in) and no weight (GDN q/k norm).
-    _core._diag_rmsnorm(out, x, n_rows, n, 1e-6, g=g_np, gdtype=gdt, scale=0.25)
+    _diag.rmsnorm(out, x, n_rows, n, 1e-6, g=g_np, gdtype=gdt, scale=0.25)
     assert_close(out, ref * 0.25)
-    _core._diag_rmsnorm(out, x, n_rows, n, 1e-6)
+    _diag.rmsnorm(out, x, n_rows, n, 1e-6)
     assert_close(out, to_np(mx.fast.rms_norm(mx.array(x), None, 1e-6)))
     # in place (y aliases x)
     y = x.copy()
-    _core._diag_rmsnorm(y, y, n_rows, n, 1e-6, g=g_np, gdtype=gdt)
+    _diag.rmsnorm(y, y, n_rows, n, 1e-6, g=g_np, gdtype=gdt)
     assert_close(y, ref)
 
 
@@ -269,7 +269,7 @@ def test_rmsnorm_gated() -> None:
     mod.weight = mx.array(w)
     ref = to_np(mod(mx.array(x), mx.array(z)))
     out = np.empty_like(x)
-    _core._diag_rmsnorm(out, x, n_rows, n, 1e-6, g=w, z=z, n_threads=2)
+    _diag.rmsnorm(out, x, n_rows, n, 1e-6, g=w, z=z, n_threads=2)
     assert_close(out, ref)
 
 
@@ -283,7 +283,7 @@ def rope_case(x: np.ndarray, n_rot: int, traditional: bool, pos0: int,
     n_tok, n_heads, d = x.shape
     inv_freq = (np.float32(1.0) / freqs).astype(np.float32)
     got = x.copy()
-    _core._diag_rope(got, n_tok, n_heads, n_heads * d, d, n_rot, inv_freq, pos0,
+    _diag.rope(got, n_tok, n_heads, n_heads * d, d, n_rot, inv_freq, pos0,
                      traditional, mscale=mscale, n_threads=2)
     xm = mx.array(x.transpose(1, 0, 2)[None])   # [1, H, T, D]: positions on axis -2
     if mscale != 1.0:
@@ -348,13 +348,13 @@ def test_attention_gqa(n_tok: int, pos0: int, n_head: int, n_kv_head: int) -> No
     stride = n_kv_head * (dk + dv)
     scale = dk ** -0.5
     out = np.empty((n_tok, n_head, dv), np.float32)
-    _core._diag_attention(out, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride, stride,
+    _diag.attention(out, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride, stride,
                           pos0, scale, k_off=0, v_off=n_kv_head * dk, n_threads=2)
     assert_close(out, attention_ref(q, k, v, pos0, scale))
     outs = []
     for nt in (1, 3):
         o = np.empty_like(out)
-        _core._diag_attention(o, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride,
+        _diag.attention(o, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride,
                               stride, pos0, scale, v_off=n_kv_head * dk, n_threads=nt)
         outs.append(o)
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -369,7 +369,7 @@ def test_attention_mla_latent() -> None:
     cache = r.standard_normal((n_pos, kv_lora + rope_d)).astype(np.float32)
     scale = 0.135
     out = np.empty((n_tok, n_head, kv_lora), np.float32)
-    _core._diag_attention(out, q, cache, n_tok, n_head, 1, kv_lora + rope_d, kv_lora,
+    _diag.attention(out, q, cache, n_tok, n_head, 1, kv_lora + rope_d, kv_lora,
                           kv_lora + rope_d, kv_lora + rope_d, pos0, scale, n_threads=2)
     ref = attention_ref(q, cache[:, None, :], cache[:, None, :kv_lora].copy(), pos0, scale)
     assert_close(out, ref)
@@ -392,7 +392,7 @@ def test_conv1d_silu(n_tok: int, wdtype: Any) -> None:
     ref = nn_silu(mx.conv1d(mx.array(full[None]), w.astype(mx.float32), groups=C))[0]
     y = np.empty((n_tok, C), np.float32)
     st = state.copy()
-    _core._diag_conv1d_silu(y, st, u, w_np, n_tok, C, K, wdtype=wdt, n_threads=2)
+    _diag.conv1d_silu(y, st, u, w_np, n_tok, C, K, wdtype=wdt, n_threads=2)
     assert_close(y, to_np(ref))
     np.testing.assert_array_equal(st, full[-(K - 1):])
 
@@ -411,7 +411,7 @@ def test_conv1d_silu_from() -> None:
     y = np.empty((n_tok, C), np.float32)
     st = np.full((K - 1, C), np.nan, np.float32)
     keep = state_in.copy()
-    _core._diag_conv1d_silu_from(y, st, state_in, u, w_np, n_tok, C, K, wdtype=wdt,
+    _diag.conv1d_silu_from(y, st, state_in, u, w_np, n_tok, C, K, wdtype=wdt,
                                  n_threads=2)
     assert_close(y, to_np(ref))
     np.testing.assert_array_equal(st, full[-(K - 1):])
@@ -440,7 +440,7 @@ def test_gdn_gates(adtype: Any) -> None:
     g = np.empty((n_tok, nv), np.float32)
     beta = np.empty((n_tok, nv), np.float32)
     # b is the second half of each row of ab: a flat view starting at column `stride`.
-    _core._diag_gdn_gates(g, beta, ab, ab.reshape(-1)[stride:], 2 * stride, A_np, dt_np,
+    _diag.gdn_gates(g, beta, ab, ab.reshape(-1)[stride:], 2 * stride, A_np, dt_np,
                           n_tok, nv, A_dtype=Adt, dt_dtype=dtdt)
     g_ref = gd.compute_g(A_log.astype(mx.float32), mx.array(a[:, :nv]),
                          dt.astype(mx.float32))
@@ -474,7 +474,7 @@ def test_gdn_recurrence(n_tok: int, nk: int, nv: int) -> None:
     for nt in (1, 3):
         o = np.empty((n_tok, nv, dv), np.float32)
         S = S0.copy()
-        _core._diag_gdn_recurrence(o, S, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
+        _diag.gdn_recurrence(o, S, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
                                    n_tok, nk, nv, dk, dv, n_threads=nt)
         assert_close(o, to_np(y_ref)[0])
         assert_close(S, to_np(S_ref)[0])
@@ -509,13 +509,13 @@ def test_gdn_recurrence_from(n_tok: int) -> None:
     S_in = S0.copy()
     S = np.full_like(S0, np.nan)
     o = np.empty((n_tok, nv, dv), np.float32)
-    _core._diag_gdn_recurrence_from(o, S, S_in, qkv, stride, 0, key_dim, 2 * key_dim, g,
+    _diag.gdn_recurrence_from(o, S, S_in, qkv, stride, 0, key_dim, 2 * key_dim, g,
                                     beta, n_tok, nk, nv, dk, dv, n_threads=3)
     assert_close(o, to_np(y_ref)[0])
     assert_close(S, to_np(S_ref)[0])
     np.testing.assert_array_equal(S_in, S0)
     o2, S2 = np.empty_like(o), S0.copy()
-    _core._diag_gdn_recurrence(o2, S2, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
+    _diag.gdn_recurrence(o2, S2, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
                                n_tok, nk, nv, dk, dv, n_threads=1)
     np.testing.assert_array_equal(o, o2)
     np.testing.assert_array_equal(S, S2)
@@ -527,7 +527,7 @@ def test_gdn_recurrence_from_no_tokens() -> None:
     S_in = rng(3).standard_normal((nv, dv, dk)).astype(np.float32)
     S = np.full_like(S_in, np.nan)
     empty = np.empty((0, nv), np.float32)
-    _core._diag_gdn_recurrence_from(np.empty(1, np.float32), S, S_in,
+    _diag.gdn_recurrence_from(np.empty(1, np.float32), S, S_in,
                                     np.empty(1, np.float32), 2 * nk * dk + nv * dv, 0,
                                     nk * dk, 2 * nk * dk, empty, empty, 0, nk, nv, dk, dv)
     np.testing.assert_array_equal(S, S_in)
@@ -541,21 +541,21 @@ def test_swiglu_and_mul_sigmoid() -> None:
     n_rows, n_cols = 5, 48
     gu = rng(1).standard_normal((n_rows, 2 * n_cols)).astype(np.float32) * 5
     y = np.empty((n_rows, n_cols), np.float32)
-    _core._diag_elementwise("swiglu", y, gu, n_rows, n_cols, 2 * n_cols, b_off=n_cols)
+    _diag.elementwise("swiglu", y, gu, n_rows, n_cols, 2 * n_cols, b_off=n_cols)
     ref = mlx_swiglu(mx.array(gu[:, :n_cols]), mx.array(gu[:, n_cols:]))
     assert_close(y, to_np(ref))
 
     x = rng(2).standard_normal((n_rows, n_cols)).astype(np.float32)
     g = rng(3).standard_normal((n_rows, 3 * n_cols)).astype(np.float32) * 5
     y = x.copy()
-    _core._diag_elementwise("mul_sigmoid", y, g, n_rows, n_cols, 3 * n_cols)
+    _diag.elementwise("mul_sigmoid", y, g, n_rows, n_cols, 3 * n_cols)
     assert_close(y, to_np(mx.array(x) * mx.sigmoid(mx.array(g[:, :n_cols]))))
     y = x.copy()   # one gate per row (shared_expert_gate)
-    _core._diag_elementwise("mul_sigmoid", y, g, n_rows, n_cols, 3 * n_cols, g_cols=1)
+    _diag.elementwise("mul_sigmoid", y, g, n_rows, n_cols, 3 * n_cols, g_cols=1)
     assert_close(y, to_np(mx.array(x) * mx.sigmoid(mx.array(g[:, :1]))))
 
     y = x[0].copy()
-    _core._diag_elementwise("axpy", y, x[1].copy(), 1, n_cols, 0, alpha=-0.3)
+    _diag.elementwise("axpy", y, x[1].copy(), 1, n_cols, 0, alpha=-0.3)
     assert_close(y, to_np(mx.array(x[0]) + (-0.3) * mx.array(x[1])))
 
 
@@ -567,14 +567,22 @@ def test_scatter_gather_rows() -> None:
     w = r.standard_normal(5).astype(np.float32)
     dst0 = r.standard_normal((n_dst, n)).astype(np.float32)
     dst = dst0.copy()
-    _core._diag_rows("scatter_add", dst, src, idx, 5, n, n_dst, 5, w=w)
+    _diag.rows("scatter_add", dst, src, idx, 5, n, n_dst, 5, w=w)
     ref = mx.array(dst0).at[mx.array(idx)].add(mx.array(w)[:, None] * mx.array(src))
     assert_close(dst, to_np(ref))
     dst = dst0.copy()
-    _core._diag_rows("scatter_add", dst, src, idx, 5, n, n_dst, 5)
+    _diag.rows("scatter_add", dst, src, idx, 5, n, n_dst, 5)
     assert_close(dst, to_np(mx.array(dst0).at[mx.array(idx)].add(mx.array(src))))
 
     out = np.empty((4, n), np.float32)
     gidx = np.array([4, 0, 4, 2], np.int32)
-    _core._diag_rows("gather", out, src, gidx, 4, n, 4, 5)
+    _diag.rows("gather", out, src, gidx, 4, n, 4, 5)
     np.testing.assert_array_equal(out, to_np(mx.array(src)[mx.array(gidx)]))
+
+
+def test_public_core_has_no_diag_functions() -> None:
+    """The single-op functions live only in the test-only moeflux._diag."""
+    from moeflux import _core
+
+    ops = {n for n in dir(_diag) if not n.startswith("__")}
+    assert ops and not [n for n in dir(_core) if "diag" in n or n in ops]

@@ -3,9 +3,10 @@
  * Context object, its lock, and the one function that maps status codes to exceptions.
  *
  * module.c owns the module and the ModelHandle / Context types; state_binding.c adds
- * the snapshot methods to Context (its table is appended to Context at type creation);
- * diag.c provides test-only module functions. Nothing here is global: the state lives
- * in the module object, reached from a Context through its (heap) type.
+ * the snapshot methods to Context (its table is appended to Context at type creation).
+ * diag.c is a separate, test-only module (moeflux._diag) that uses only Python.h from
+ * here. Nothing here is global: the state lives in the module object, reached from a
+ * Context through its (heap) type.
  */
 #ifndef MF_PY_BINDING_H
 #define MF_PY_BINDING_H
@@ -34,6 +35,8 @@ typedef struct {
     PyObject *err_aborted;         // AbortedError (mf_ctx_abort from another thread)
     PyObject *err_numeric;         // NumericError (NaN or infinity, damaged weights)
     PyObject *np_empty;            // numpy.empty, for result arrays
+    unsigned long main_thread;     // threading.main_thread().ident: only it runs
+                                   // Python's signal handlers
 } mf_py_state;
 
 // _core.ModelHandle: owns one loaded mf_model, shared by any number of Contexts (each
@@ -52,6 +55,11 @@ typedef struct {
     mf_ctx *ctx;                   // owned; NULL when closed
     PyThread_type_lock lock;
     atomic_int abort_requested;    // set by Context.abort() from any thread
+    // Signal polling of the eval in progress (written by context_eval before the GIL
+    // is released, then only by the evaluating thread in the abort callback):
+    int poll_signals;              // the eval runs on the main thread
+    double last_poll_s;            // monotonic time of the last poll (or eval start)
+    long long signal_polls;        // GIL acquisitions for a poll, all evals (tests)
 } mf_py_context;
 
 // Module state of the module that defined `tp` (a type of this module).
@@ -68,9 +76,8 @@ PyObject *mf_py_raise(mf_py_state *st, int status, const char *msg);
 int mf_py_ctx_lock(mf_py_context *self);
 void mf_py_ctx_unlock(mf_py_context *self);
 
-// Methods appended to Context (state_binding.c) and module functions (diag.c),
-// each table terminated by an entry with ml_name NULL.
+// Methods appended to Context (state_binding.c), terminated by an entry with ml_name
+// NULL.
 extern PyMethodDef mf_py_state_methods[];
-extern PyMethodDef mf_py_diag_methods[];
 
 #endif /* MF_PY_BINDING_H */

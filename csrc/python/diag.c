@@ -1,5 +1,7 @@
 /*
- * diag.c — test-only functions of moeflux._core (names start with `_diag_`): each runs
+ * diag.c — moeflux._diag, the test-only extension module (built only when
+ * MOEFLUX_BUILD_DIAG=1, which the Makefile's installs set; never imported by the
+ * package, so the public moeflux._core carries none of it): each function runs
  * one CPU backend op on numpy buffers through a temporary backend and exec, so
  * tests/test_kernels.py can compare the ops one by one against mlx, and
  * bench/bench_matmul.py can time them. Not API: nothing here is documented for users.
@@ -8,7 +10,8 @@
  * caller) and checks each buffer's size against the shapes it is given before touching
  * memory. Float weights are passed as raw buffers plus a dtype name ("F32", "BF16",
  * "F16"; bf16 as uint16 arrays) because numpy has no bfloat16.
- * The table mf_py_diag_methods is added to the module's methods by the binding.
+ * Linked with the backends and core/common.c only (setup.py, diag_sources), not the
+ * models or the binding of _core.
  */
 #include "python/binding.h"
 
@@ -180,7 +183,7 @@ static void weight_pin(struct bufset *s, struct mf_weight *w, const struct mf_we
 }
 
 PyDoc_STRVAR(diag_matmul_doc,
-"_diag_matmul(op, out, w, x, n_out, n_in, n_tok, wdtype='U32', scales=None, "
+"matmul(op, out, w, x, n_out, n_in, n_tok, wdtype='U32', scales=None, "
 "biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None, n_rep=1, "
 "n_stack=1)\n--\n\n"
 "Run op 'matmul' (out[n_tok,n_out] = x @ W^T), 'matmul_t' (out[n_tok,n_in] = x @ W) "
@@ -245,7 +248,7 @@ static PyObject *diag_matmul(PyObject *self, PyObject *args, PyObject *kw) {
 }
 
 PyDoc_STRVAR(diag_matmul_heads_doc,
-"_diag_matmul_heads(out, w, x, n_out, n_in, n_tok, n_head, w_head_rows, transposed, "
+"matmul_heads(out, w, x, n_out, n_in, n_tok, n_head, w_head_rows, transposed, "
 "y_tok_stride, y_head_stride, x_tok_stride, x_head_stride, wdtype='U32', scales=None, "
 "biases=None, sdtype='F32', bits=0, group_size=0, n_threads=1, kernels=None)\n--\n\n"
 "Run op 'matmul_heads': per head h, y_h = x_h @ W_h^T (or x_h @ W_h when transposed), "
@@ -304,7 +307,7 @@ static PyObject *diag_matmul_heads(PyObject *self, PyObject *args, PyObject *kw)
 /* ==== Norms and rope ==== */
 
 PyDoc_STRVAR(diag_rmsnorm_doc,
-"_diag_rmsnorm(out, x, n_rows, n, eps, g=None, gdtype='F32', scale=1.0, z=None, "
+"rmsnorm(out, x, n_rows, n, eps, g=None, gdtype='F32', scale=1.0, z=None, "
 "n_threads=1)\n--\n\n"
 "out[n_rows,n] = rmsnorm(x) * g * scale, or rmsnorm(x) * g * silu(z) when z is given.");
 
@@ -343,7 +346,7 @@ static PyObject *diag_rmsnorm(PyObject *self, PyObject *args, PyObject *kw) {
 }
 
 PyDoc_STRVAR(diag_rope_doc,
-"_diag_rope(x, n_tok, n_heads, tok_stride, head_stride, n_rot, inv_freq, pos0, "
+"rope(x, n_tok, n_heads, tok_stride, head_stride, n_rot, inv_freq, pos0, "
 "traditional, mscale=1.0, n_threads=1)\n--\n\n"
 "Rotary embedding in place on the float32 buffer x.");
 
@@ -381,7 +384,7 @@ static PyObject *diag_rope(PyObject *self, PyObject *args, PyObject *kw) {
 /* ==== Attention ==== */
 
 PyDoc_STRVAR(diag_attention_doc,
-"_diag_attention(out, q, kv, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, "
+"attention(out, q, kv, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, "
 "pos0, scale, k_off=0, v=None, v_off=0, n_threads=1)\n--\n\n"
 "Causal attention; keys at kv + k_off (elements), values at (v or kv) + v_off.");
 
@@ -429,13 +432,13 @@ static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
 /* ==== GatedDeltaNet pieces ==== */
 
 PyDoc_STRVAR(diag_conv1d_silu_doc,
-"_diag_conv1d_silu(y, state, u, w, n_tok, C, K, wdtype='F32', n_threads=1)\n--\n\n"
+"conv1d_silu(y, state, u, w, n_tok, C, K, wdtype='F32', n_threads=1)\n--\n\n"
 "y[n_tok,C] = silu(causal depthwise conv); state[K-1,C] is read and advanced.");
 
 PyDoc_STRVAR(diag_conv1d_silu_from_doc,
-"_diag_conv1d_silu_from(y, state, state_in, u, w, n_tok, C, K, wdtype='F32', "
+"conv1d_silu_from(y, state, state_in, u, w, n_tok, C, K, wdtype='F32', "
 "n_threads=1)\n--\n\n"
-"As _diag_conv1d_silu, out of place: history read from state_in[K-1,C] (not written), "
+"As conv1d_silu, out of place: history read from state_in[K-1,C] (not written), "
 "the advanced history written to state[K-1,C].");
 
 // Both conv ops: in place (from = 0), or out of place with state_in after state.
@@ -489,7 +492,7 @@ static PyObject *diag_conv1d_silu_from(PyObject *self, PyObject *args, PyObject 
 }
 
 PyDoc_STRVAR(diag_gdn_gates_doc,
-"_diag_gdn_gates(g, beta, a, b, ab_stride, A_log, dt_bias, n_tok, nv, A_dtype='F32', "
+"gdn_gates(g, beta, a, b, ab_stride, A_log, dt_bias, n_tok, nv, A_dtype='F32', "
 "dt_dtype='F32')\n--\n\n"
 "beta = sigmoid(b), g = exp(-exp(A_log) * softplus(a + dt_bias)), each [n_tok, nv].");
 
@@ -525,14 +528,14 @@ static PyObject *diag_gdn_gates(PyObject *self, PyObject *args, PyObject *kw) {
 }
 
 PyDoc_STRVAR(diag_gdn_recurrence_doc,
-"_diag_gdn_recurrence(o, S, qkv, qkv_stride, q_off, k_off, v_off, g, beta, n_tok, nk, nv, "
+"gdn_recurrence(o, S, qkv, qkv_stride, q_off, k_off, v_off, g, beta, n_tok, nk, nv, "
 "dk, dv, n_threads=1)\n--\n\n"
 "Delta-rule recurrence; q/k/v of token t at qkv + t*qkv_stride + *_off; S updated.");
 
 PyDoc_STRVAR(diag_gdn_recurrence_from_doc,
-"_diag_gdn_recurrence_from(o, S, S_in, qkv, qkv_stride, q_off, k_off, v_off, g, beta, "
+"gdn_recurrence_from(o, S, S_in, qkv, qkv_stride, q_off, k_off, v_off, g, beta, "
 "n_tok, nk, nv, dk, dv, n_threads=1)\n--\n\n"
-"As _diag_gdn_recurrence, out of place: state read from S_in (not written), the "
+"As gdn_recurrence, out of place: state read from S_in (not written), the "
 "advanced state written to S; n_tok may be 0 (S = S_in).");
 
 // Both recurrence ops: in place (from = 0), or out of place with S_in after S (and
@@ -601,7 +604,7 @@ static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObje
 /* ==== Elementwise and rows ==== */
 
 PyDoc_STRVAR(diag_elementwise_doc,
-"_diag_elementwise(op, y, a, n_rows, n_cols, stride, b_off=0, g_cols=0, alpha=1.0)\n--\n\n"
+"elementwise(op, y, a, n_rows, n_cols, stride, b_off=0, g_cols=0, alpha=1.0)\n--\n\n"
 "op 'swiglu': y[r,c] = silu(a[r*stride+c]) * a[r*stride+b_off+c]; 'mul_sigmoid': "
 "y[r,c] *= sigmoid(a[r*stride + (g_cols==1 ? 0 : c)]); 'axpy': y += alpha*a (n_cols).");
 
@@ -641,7 +644,7 @@ static PyObject *diag_elementwise(PyObject *self, PyObject *args, PyObject *kw) 
 }
 
 PyDoc_STRVAR(diag_rows_doc,
-"_diag_rows(op, dst, src, idx, n_rows, n, n_dst_rows, n_src_rows, w=None)\n--\n\n"
+"rows(op, dst, src, idx, n_rows, n, n_dst_rows, n_src_rows, w=None)\n--\n\n"
 "op 'scatter_add': dst[idx[i]] += w[i] * src[i]; 'gather': dst[i] = src[idx[i]].");
 
 static PyObject *diag_rows(PyObject *self, PyObject *args, PyObject *kw) {
@@ -709,7 +712,7 @@ static void read_task(void *arg, int task, int tid) {
 }
 
 PyDoc_STRVAR(diag_read_bw_doc,
-"_diag_read_bw(buf, n_threads, n_rep, n_stack=1) -> float\n--\n\n"
+"read_bw(buf, n_threads, n_rep, n_stack=1) -> float\n--\n\n"
 "Sum a float32 buffer on the CPU backend's pool, n_rep times (a plain memory-read "
 "baseline for benchmarks). With n_stack > 1 the buffer is n_stack equal chunks and "
 "repetition r sums chunk r % n_stack, one pool run per chunk as matmul does. Returns "
@@ -756,7 +759,7 @@ static PyObject *diag_read_bw(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(diag_kernels_doc,
-"_diag_kernels() -> list[str]\n--\n\n"
+"kernels() -> list[str]\n--\n\n"
 "Kernel sets this CPU supports, best first.");
 
 static PyObject *diag_kernels(PyObject *self, PyObject *unused) {
@@ -782,21 +785,42 @@ static PyObject *diag_kernels(PyObject *self, PyObject *unused) {
 
 #define KW(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
 
-PyMethodDef mf_py_diag_methods[] = {
-    {"_diag_matmul", KW(diag_matmul), diag_matmul_doc},
-    {"_diag_matmul_heads", KW(diag_matmul_heads), diag_matmul_heads_doc},
-    {"_diag_rmsnorm", KW(diag_rmsnorm), diag_rmsnorm_doc},
-    {"_diag_rope", KW(diag_rope), diag_rope_doc},
-    {"_diag_attention", KW(diag_attention), diag_attention_doc},
-    {"_diag_conv1d_silu", KW(diag_conv1d_silu), diag_conv1d_silu_doc},
-    {"_diag_conv1d_silu_from", KW(diag_conv1d_silu_from), diag_conv1d_silu_from_doc},
-    {"_diag_gdn_gates", KW(diag_gdn_gates), diag_gdn_gates_doc},
-    {"_diag_gdn_recurrence", KW(diag_gdn_recurrence), diag_gdn_recurrence_doc},
-    {"_diag_gdn_recurrence_from", KW(diag_gdn_recurrence_from),
+static PyMethodDef diag_methods[] = {
+    {"matmul", KW(diag_matmul), diag_matmul_doc},
+    {"matmul_heads", KW(diag_matmul_heads), diag_matmul_heads_doc},
+    {"rmsnorm", KW(diag_rmsnorm), diag_rmsnorm_doc},
+    {"rope", KW(diag_rope), diag_rope_doc},
+    {"attention", KW(diag_attention), diag_attention_doc},
+    {"conv1d_silu", KW(diag_conv1d_silu), diag_conv1d_silu_doc},
+    {"conv1d_silu_from", KW(diag_conv1d_silu_from), diag_conv1d_silu_from_doc},
+    {"gdn_gates", KW(diag_gdn_gates), diag_gdn_gates_doc},
+    {"gdn_recurrence", KW(diag_gdn_recurrence), diag_gdn_recurrence_doc},
+    {"gdn_recurrence_from", KW(diag_gdn_recurrence_from),
      diag_gdn_recurrence_from_doc},
-    {"_diag_elementwise", KW(diag_elementwise), diag_elementwise_doc},
-    {"_diag_rows", KW(diag_rows), diag_rows_doc},
-    {"_diag_read_bw", diag_read_bw, METH_VARARGS, diag_read_bw_doc},
-    {"_diag_kernels", diag_kernels, METH_NOARGS, diag_kernels_doc},
+    {"elementwise", KW(diag_elementwise), diag_elementwise_doc},
+    {"rows", KW(diag_rows), diag_rows_doc},
+    {"read_bw", diag_read_bw, METH_VARARGS, diag_read_bw_doc},
+    {"kernels", diag_kernels, METH_NOARGS, diag_kernels_doc},
     {NULL, NULL, 0, NULL},
 };
+
+static PyModuleDef_Slot diag_slots[] = {
+#ifdef Py_mod_gil
+    // No module state: every function works on its own temporary backend and exec.
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef diag_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "moeflux._diag",
+    .m_doc = "Test-only: single backend ops on numpy buffers (not part of the API).",
+    .m_size = 0,
+    .m_methods = diag_methods,
+    .m_slots = diag_slots,
+};
+
+PyMODINIT_FUNC PyInit__diag(void) {
+    return PyModuleDef_Init(&diag_module);
+}
