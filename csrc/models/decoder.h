@@ -24,6 +24,26 @@
 #define MF_TAP(ctx, fmt, il, buf, n) ((void)0)
 #endif
 
+// Prefill groups. An eval of more than max_tok tokens runs in groups of up to this
+// many tokens (a multiple of max_tok), layer-major: each layer's mixer runs chunk by
+// chunk (max_tok rows, in order, so caches and recurrent state see the same sequence
+// as a chunk-major run), then its MoE runs once over the whole group, so each routed
+// expert is read once per group instead of once per 64-token chunk (a 512-token
+// prompt read 6.8x its distinct expert bytes before). 512: the group of a 512-token
+// prompt is the whole prompt; its scratch (MoE rows x K, residual streams) is 95 MiB
+// at Qwen3.6-35B-A3B shapes, 230 MiB at 397B's, allocated on the first long prompt.
+#define MF_PREFILL_GROUP_TOK 512
+
+// The residual stream of a prefill group and the deferred MoE of the layer in
+// progress (decoder.c). Owned by the decoder; buffers grow on first use.
+struct mf_prefill_group {
+    int cap_tok;                     // rows the buffers hold (0: none yet)
+    float *x, *xn, *y;               // [cap_tok, n_embd]: residual, MoE input, output
+    int active;                      // a grouped layer is running: defer the MoE
+    int row0;                        // group row of the chunk in dec->x
+    const struct mf_moe_layer *moe;  // the deferred MoE layer (NULL: none yet)
+};
+
 // One decoder layer on the chunk in dec->x (updated in place): tokens at positions
 // pos0 .. pos0+n-1; first_chunk is 1 for the first chunk of an eval call.
 typedef int (*mf_layer_fn)(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
@@ -53,6 +73,7 @@ struct mf_decoder {
                               // the logits) had NaN/inf
     int32_t *nonfinite_host;  // [n_layer + 1] host copy, read once per eval
     struct mf_moe_scratch *moe;
+    struct mf_prefill_group *group;    // NULL when no layer is MoE
 };
 
 // A zero-filled device buffer of n floats (at least one); sets *fail on OOM and
@@ -68,14 +89,18 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
 void mf_decoder_free(mf_ctx *ctx, struct mf_decoder *dec);
 
 // The FFN half of layer il on n rows: x += FFN(rmsnorm(x) * norm), FFN the routed MoE
-// block (is_moe) or the dense SwiGLU. Uses dec->xn and dec->y. Returns MF_OK or the
+// block (is_moe) or the dense SwiGLU. Uses dec->xn and dec->y. Inside a prefill group
+// a MoE layer only writes the normed rows into the group (the decoder runs the MoE
+// over the whole group after the layer's last chunk); it must be the layer's last
+// step, as it is in every arch. Returns MF_OK or the
 // MoE block's error (ctx->errmsg set).
 int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_weight *norm,
                    int is_moe, const struct mf_moe_layer *moe,
                    const struct mf_ffn_layer *ffn, int il, int n);
 
 // The forward of an eval call: chunks of at most max_tok tokens, each embedded, run
-// through dec->layer for every layer (polling abort before each), then, when logits
+// through dec->layer for every layer (polling abort before each; more than max_tok
+// tokens on a model with MoE layers: in prefill groups, see above), then, when logits
 // is not NULL, the final norm and head on every row (all_logits) or on the last row of
 // the call, downloaded to logits [n_tok or 1, n_vocab] (host). Returns MF_OK,
 // MF_ABORTED, or a layer's error; MF_ERR_NUMERIC naming the first layer whose output

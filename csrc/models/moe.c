@@ -295,6 +295,48 @@ void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     free(s);
 }
 
+/* ==== Larger token counts (prefill groups) ====
+ * decoder.c runs the MoE of a long prompt over a group of chunks at once, so each
+ * expert is read once per group instead of once per chunk; the token-sized arrays
+ * grow to the group on its first use (a ctx that never sees a long prompt never pays
+ * for them). The reader, its slots and the decode prefetch history stay. */
+
+static void free_token_arrays(mf_ctx *ctx, struct mf_moe_scratch *s) {
+    void *host[] = {s->sel_idx, s->sel_w, s->tok_of, s->w_of};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
+        free(host[i]);
+    void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        dev_free(ctx, dev[i]);
+}
+
+int mf_moe_scratch_reserve(mf_ctx *ctx, struct mf_moe_scratch *s,
+                           const struct mf_moe_config *c, int max_tok, char *err,
+                           size_t errlen) {
+    if (max_tok <= s->max_tok)
+        return MF_OK;
+    struct mf_moe_scratch g = {.max_tok = max_tok};   // has_store 0: no dev_blob
+    size_t TK = (size_t)max_tok * (size_t)c->n_expert_used;
+    g.sel_idx = calloc(TK, sizeof(int32_t));
+    g.sel_w = calloc(TK, sizeof(float));
+    g.tok_of = calloc(TK, sizeof(int32_t));
+    g.w_of = calloc(TK, sizeof(float));
+    int ok = g.sel_idx && g.sel_w && g.tok_of && g.w_of;
+    if (!ok || !alloc_device(ctx, &g, c)) {
+        free_token_arrays(ctx, &g);
+        return mf_err(err, errlen, MF_ERR_NOMEM,
+                      "moe: out of memory for the scratch of a %d-token prefill group "
+                      "(%d experts per token, hidden %d)", max_tok, c->n_expert_used,
+                      c->n_embd);
+    }
+    free_token_arrays(ctx, s);
+    s->max_tok = max_tok;
+    s->sel_idx = g.sel_idx, s->sel_w = g.sel_w, s->tok_of = g.tok_of, s->w_of = g.w_of;
+    s->logits_dev = g.logits_dev, s->xg = g.xg, s->gu = g.gu, s->eo = g.eo;
+    s->sh_tmp = g.sh_tmp, s->sh_out = g.sh_out, s->sh_gate = g.sh_gate;
+    return MF_OK;
+}
+
 /* ==== Routing ====
  * The router matmul and moe_route (softmax top-k or noaux_tc, the backend's op: the
  * same tie rule everywhere) give each token's experts and weights on the host; the

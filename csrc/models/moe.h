@@ -65,6 +65,11 @@ struct mf_moe_scratch;
 int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
                        struct mf_moe_scratch **out, char *err, size_t errlen);
 void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s);
+// Make the scratch hold max_tok tokens per call (a prefill group; no-op when it
+// already does). MF_ERR_NOMEM leaves it as it was.
+int mf_moe_scratch_reserve(mf_ctx *ctx, struct mf_moe_scratch *s,
+                           const struct mf_moe_config *c, int max_tok, char *err,
+                           size_t errlen);
 
 // y[n_tok, n_embd] = MoE(x[n_tok, n_embd]) (y is overwritten, must not alias x).
 // Returns MF_OK, or MF_ERR_IO with ctx->errmsg set when an expert read fails.
