@@ -27,7 +27,9 @@ The model is synthetic (random weights, ``moeflux.prep.synth``) with real per-la
 shapes: Qwen3.6-35B-A3B (default, the demo's model) or Qwen3.5-397B-A17B (--shape
 397b), with fewer layers (--layers) and optionally fewer experts per layer
 (--experts), made once and cached. Engine options (--io-mode, --io-threads,
---expert-cache-bytes, --prefetch) are passed to moeflux.Model when it takes them.
+--expert-cache-bytes, --prefetch) are passed to moeflux.Model when it takes them;
+--io-mode all and lists of cache sizes and prefetch settings run every combination,
+interleaved within each repeat.
 """
 from __future__ import annotations
 
@@ -706,18 +708,41 @@ def run_engine(rec: Recorder, facts: dict[str, Any], args: argparse.Namespace,
         eng.close()
 
 
+def _size_label(n: int) -> str:
+    for unit, scale in (("G", GiB), ("M", MiB), ("K", 1024)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def config_label(mode: Optional[str], cache: Optional[int], prefetch: Optional[int]
+                 ) -> str:
+    """'pread', 'direct+cache512M', 'mmap+prefetch', ... ('default': no mode)."""
+    label = mode or "default"
+    if cache:
+        label += f"+cache{_size_label(cache)}"
+    if prefetch == 1:
+        label += "+prefetch"
+    return label
+
+
 def engine_configs(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(label, Model kwargs) per engine configuration, and options not supported."""
-    base = {"io_threads": args.io_threads, "expert_cache_bytes": args.expert_cache_bytes,
-            "prefetch": args.prefetch}
+    """(label, Model kwargs) per engine configuration (every io mode x cache size x
+    prefetch asked for), and the options this moeflux.Model does not take."""
     modes = list(IO_MODES) if args.io_mode == "all" else [args.io_mode]
     configs, unsupported = [], []
     for mode in modes:
-        kwargs, missing = engine_options(dict(base, io_mode=mode))
-        unsupported += [m for m in missing if m not in unsupported]
-        label = mode if "io_mode" in kwargs else "default"
-        if label not in [c[0] for c in configs]:
-            configs.append((label, kwargs))
+        for cache in args.expert_cache_bytes:
+            for prefetch in args.prefetch:
+                kwargs, missing = engine_options(
+                    {"io_mode": mode, "io_threads": args.io_threads,
+                     "expert_cache_bytes": cache, "prefetch": prefetch})
+                unsupported += [m for m in missing if m not in unsupported]
+                label = config_label(kwargs.get("io_mode"),
+                                     kwargs.get("expert_cache_bytes"),
+                                     kwargs.get("prefetch"))
+                if label not in [c[0] for c in configs]:
+                    configs.append((label, kwargs))
     return configs, unsupported
 
 
@@ -823,6 +848,9 @@ def table_rows(res: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         for n, f in eng.get("prefill", {}).items():
             yield (f"{label}: prefill {n} (tokens/s)", _fmt(f["tokens_per_s"]),
                    _fmt(f["bound_tokens_per_s"]), _fmt(f["ratio"], digits=3))
+            yield (f"{label}: prefill {n} expert GiB read (distinct)",
+                   f"{_fmt(f['expert_bytes_read'], GiB)} "
+                   f"({f['distinct_expert_bytes']['median'] / GiB:.2f})", "", "")
 
 
 def hold_text(h: dict[str, Any]) -> str:
@@ -919,10 +947,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cold = /proc/sys/vm/drop_caches (root) instead of fadvise")
     p.add_argument("--io-mode", choices=IO_MODES + ("all",), default=None)
     p.add_argument("--io-threads", type=int, default=None)
-    p.add_argument("--expert-cache-bytes", type=int, default=None)
-    p.add_argument("--prefetch", type=int, choices=(0, 1), default=None)
+    p.add_argument("--expert-cache-bytes", default=None, metavar="SIZES",
+                   help="engine RAM cache sizes to run, e.g. 0,512M,2G (default: the "
+                        "engine's)")
+    p.add_argument("--prefetch", default=None, metavar="0,1",
+                   help="decode prefetch settings to run: 0, 1 or 0,1 (default: the "
+                        "engine's)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
+
+
+def parse_size(text: str) -> int:
+    """'512M' / '2G' / '4096' -> bytes."""
+    scale = {"K": 1024, "M": MiB, "G": GiB}.get(text[-1:].upper(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def parse_list(text: Optional[str], conv: Callable[[str], Any], name: str) -> list:
+    """A comma list of values ([None] when not given: the engine's default)."""
+    if text is None:
+        return [None]
+    try:
+        values = [conv(x) for x in str(text).replace(",", " ").split()]
+    except ValueError as exc:
+        raise BenchError(f"{name} {text!r}: {exc}") from exc
+    if not values or any(v < 0 for v in values):
+        raise BenchError(f"{name} {text!r}: expected non-negative values")
+    return values
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -937,6 +988,11 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, "
                              f"got {getattr(args, name)}")
+    args.expert_cache_bytes = parse_list(args.expert_cache_bytes, parse_size,
+                                         "--expert-cache-bytes")
+    args.prefetch = parse_list(args.prefetch, int, "--prefetch")
+    if any(v not in (None, 0, 1) for v in args.prefetch):
+        raise BenchError(f"--prefetch: 0 or 1, got {args.prefetch}")
     if any(n < 1 for n in args.prompts):
         raise BenchError(f"--prompts: lengths must be >= 1, got {args.prompts}")
     args.threads = args.threads or os.cpu_count() or 1
