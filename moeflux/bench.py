@@ -649,7 +649,11 @@ def record_prefill(rec: Recorder, key: tuple, run: dict[str, Any], n: int,
     rec.add(key + ("bound_tokens_per_s",), n / bound)
     rec.add(key + ("ratio",), bound / run["seconds"])
     rec.add(key + ("expert_bytes_read",), st["expert_bytes_read"])
+    rec.add(key + ("expert_bytes_disk",), disk)
     rec.add(key + ("distinct_expert_bytes",), distinct)
+    for k in PHASE_KEYS:
+        if k in st:
+            rec.add(key + ("ms_total", k[:-2]), st[k] * 1e3)
     rec.fact(key + ("distinct_source",), source)
 
 
@@ -848,8 +852,8 @@ def table_rows(res: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         for n, f in eng.get("prefill", {}).items():
             yield (f"{label}: prefill {n} (tokens/s)", _fmt(f["tokens_per_s"]),
                    _fmt(f["bound_tokens_per_s"]), _fmt(f["ratio"], digits=3))
-            yield (f"{label}: prefill {n} expert GiB read (distinct)",
-                   f"{_fmt(f['expert_bytes_read'], GiB)} "
+            yield (f"{label}: prefill {n} expert GiB from disk (distinct)",
+                   f"{_fmt(f['expert_bytes_disk'], GiB)} "
                    f"({f['distinct_expert_bytes']['median'] / GiB:.2f})", "", "")
 
 
@@ -902,6 +906,12 @@ def print_engine_notes(label: str, eng: dict[str, Any], out: Any) -> None:
         if "io_mode" in f:
             print(f"{label}: {kind.replace('_', ' ')} engine io_mode {f['io_mode']}, "
                   f"fallback {f.get('io_fallback') or 'none'}", file=out)
+    for n, f in eng.get("prefill", {}).items():
+        phases = f.get("ms_total")
+        if phases:
+            print(f"{label}: prefill {n} ms by phase (median): " +
+                  ", ".join(f"{k} {v['median']:.1f}" for k, v in phases.items()),
+                  file=out)
     left = eng["decode_cold"].get("resident_after_evict")
     if left and left["max"] > 0.01:
         print(f"{label}: WARNING: {left['max']:.0%} of the expert pages stayed in the "
