@@ -228,6 +228,10 @@ static int reader_new(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe
     // a layer's K reads and the next layer's prefetch in flight together
     if (p.n_slots < 2 * c->n_expert_used)
         p.n_slots = 2 * c->n_expert_used;
+    // RAM cache, default 0 (off). Measured: over pread and mmap it only duplicates the
+    // page cache (cold decode 9.5 -> 8.3 and 10.5 -> 8.5 tokens/s with 256 MiB); over
+    // direct, which bypasses the page cache, it is the only cache and pays (12.7 ->
+    // 17.4 tokens/s cold): give direct mode a cache (bench/RESULTS.md).
     p.cache_bytes = (uint64_t)ctx->params.expert_cache_bytes;
     p.alloc_fn = slot_alloc;
     p.free_fn = slot_free;
@@ -262,7 +266,12 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
         .topk_group = c->topk_group, .routed_scaling_factor = c->routed_scaling_factor};
     s->n_layer = ctx->model->cfg.num_hidden_layers;
     s->is_moe = ctx->model->cfg.layer_is_moe;
-    s->prefetch = ctx->params.prefetch == 1;   // default (-1): off until it measures better
+    // Decode prefetch, default (-1) off: measured (bench/RESULTS.md, streaming section)
+    // the previous token's experts served 2% of the next token's (54.0 -> 52.9
+    // MiB/token read), and the extra reads cost more than they saved (cold decode
+    // pread 9.5 -> 6.4 tokens/s, direct 12.7 -> 10.0). Routing of a trained model
+    // repeats more than the bench's random weights; turn it on where that is measured.
+    s->prefetch = ctx->params.prefetch == 1;
     if (st && (rc = bind_views(s, st, c, err, errlen)) != MF_OK) {
         mf_moe_scratch_free(ctx, s);
         return rc;
