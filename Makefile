@@ -78,7 +78,7 @@ QEMU_AARCH64    ?= qemu-aarch64
 NEON_TESTS      := test_cpu_matmul test_state test_config test_json test_model test_reader \
                    test_store test_cache
 NEON_OBJS       := $(patsubst %.c,build/aarch64/obj/%.o,$(CORE_SRC))
-NEON_RUN         = QEMU_LD_PREFIX=$(AARCH64_SYSROOT) $(QEMU_AARCH64)
+NEON_RUN         = $(QEMU_AARCH64) -L $(AARCH64_SYSROOT)
 .SECONDARY: $(NEON_OBJS)
 
 build/aarch64/obj/%.o: %.c $(shell find csrc -name '*.h')
@@ -92,11 +92,18 @@ neon-deps:
 	@AARCH64_CC=$(AARCH64_CC) QEMU_AARCH64=$(QEMU_AARCH64) AARCH64_SYSROOT=$(AARCH64_SYSROOT) \
 		tools/ensure_ci_deps.sh
 
-test-neon: neon-deps
-	@$(MAKE) --no-print-directory $(addprefix build/aarch64/,$(NEON_TESTS))
+# Then whole models of the four families under NEON against mlx-lm: pytest (on the
+# host) runs tests/c/run_logits.c for aarch64 under qemu (tests/test_kernels.py
+# test_forward_emulated), and fails unless the neon set was exercised.
+test-neon: neon-deps install
+	@$(MAKE) --no-print-directory $(addprefix build/aarch64/,$(NEON_TESTS) run_logits)
 	@set -e; export MOEFLUX_REQUIRE_KERNELS=scalar,neon; \
 	for t in $(NEON_TESTS); do echo "== qemu-aarch64 $$t"; \
 		$(NEON_RUN) build/aarch64/$$t; done
+	@echo "== qemu-aarch64 run_logits: whole models under neon against mlx-lm"
+	MOEFLUX_RUN_LOGITS="$(NEON_RUN) build/aarch64/run_logits" MOEFLUX_RUN_LOGITS_SET=neon \
+		MOEFLUX_REQUIRE_KERNELS=neon $(VENV)/bin/pytest -q -p no:cacheprovider \
+		tests/test_kernels.py -k test_forward_emulated
 
 # The C unit tests under AddressSanitizer and UBSan.
 asan:

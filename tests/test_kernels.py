@@ -15,6 +15,9 @@ it exercised and fails when one named in MOEFLUX_REQUIRE_KERNELS was not.
 from __future__ import annotations
 
 import math
+import os
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -657,3 +660,34 @@ def test_forward_kernel_set_errors(converted: Callable[..., tuple[Path, Path]]) 
     for bad in ["sse9", "", *[k for k in _kernsets.KNOWN if k not in have]]:
         with pytest.raises(BackendError, match=f"'{bad}'.*{have[-1]}"):
             moeflux.Model(model_dir, threads=1, backend=f"cpu:{bad}")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"])
+def test_forward_emulated(arch: str, converted: Callable[..., tuple[Path, Path]],
+                          tmp_path: Path) -> None:
+    """A whole model through the C API in another process: $MOEFLUX_RUN_LOGITS is the
+    command that runs tests/c/run_logits.c (make test-neon: built for aarch64, under
+    qemu-aarch64) and $MOEFLUX_RUN_LOGITS_SET the kernel set it forces. The prompt's
+    logits at every position and 7 decode steps against mlx-lm, in both tiers.
+    Without the variables (every run but make test-neon's) it is skipped; make
+    test-neon requires the neon set exercised, so a skip there fails."""
+    runner, kset = (os.environ.get("MOEFLUX_RUN_LOGITS"),
+                    os.environ.get("MOEFLUX_RUN_LOGITS_SET"))
+    if not runner or not kset:
+        pytest.skip("make test-neon runs this (MOEFLUX_RUN_LOGITS / _SET unset)")
+    ckpt, model_dir = converted(arch)
+    cont = continuation(512, 8, seed=21)
+    tokens = FWD_PROMPT + cont[:-1]
+    out = tmp_path / "logits.f32"
+    cmd = [*shlex.split(runner), str(model_dir), f"cpu:{kset}", str(len(FWD_PROMPT)),
+           str(out), *map(str, tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rows = np.fromfile(out, np.float32).reshape(len(tokens), -1)
+    n = len(FWD_PROMPT)
+    ref_prompt = reference_logits(ckpt, FWD_PROMPT)
+    ref_decode = reference_decode(ckpt, FWD_PROMPT, cont[:-1])[1:]
+    for tier in ("acceptance", "cpu"):   # RTOL, then RTOL_CPU
+        assert_logits_close(rows[:n], ref_prompt, f"{kset} prefill", backend=tier)
+        assert_logits_close(rows[n:], ref_decode, f"{kset} decode", backend=tier)
+    _kernsets.note(kset)
