@@ -27,12 +27,15 @@ mlx-lm's own classes + quantize_model produce) and converted by moeflux.prep.con
 Each case: a 12-token prompt (every position's logits) and 16 decode steps, in both
 tiers (the acceptance bar RTOL and the CPU backend's regression tier RTOL_CPU).
 
-The built checkpoints and converted models are cached under .cache/real_shapes/ (git
-ignored; $MOEFLUX_REAL_SHAPES_CACHE elsewhere), keyed by a hash of the configuration
-and of the generator's and converter's sources, so a change to either rebuilds them;
-older builds of a case are deleted when it is rebuilt. Disk: about twice the experts
-of each case (about 27 GB together); memory: mlx-lm holds one case at a time (at most
-~8.5 GB, the 397B case), released before moeflux runs.
+The converted models and mlx-lm's logits are cached under .cache/real_shapes/ (git
+ignored; $MOEFLUX_REAL_SHAPES_CACHE elsewhere), keyed by a hash of the configuration,
+of the generator's and converter's sources and of mlx / mlx-lm's versions, so a change
+to any of them rebuilds what depends on it (the checkpoint is generated again only
+then, and deleted once both exist); older builds of a case are deleted when it is
+rebuilt. Disk: the converted models, 14 GB together, plus one checkpoint while a case
+is built (at most 7 GB); memory: mlx-lm holds one case at a time (at most ~8.5 GB, the
+397B case), released before moeflux runs. First run about 10 minutes on 2 cores, later
+runs under a minute.
 """
 from __future__ import annotations
 
@@ -123,8 +126,34 @@ def _build(dest: Path, make: Any) -> Path:
     return dest
 
 
-def real_model(name: str) -> tuple[Path, Path]:
-    """(checkpoint dir, converted moeflux model dir) of case ``name``, built once."""
+def _oracle(ckpt: Path, cont: list[int]) -> dict[str, np.ndarray]:
+    """mlx-lm's prompt logits and decode rows, with its model released afterwards
+    (the largest case holds ~8.5 GB)."""
+    import mlx.core as mx
+
+    try:
+        return {"prompt": reference_logits(ckpt, PROMPT),
+                "decode": reference_decode(ckpt, PROMPT, cont)[1:]}
+    finally:
+        forget_reference(ckpt)
+        gc.collect()
+        mx.clear_cache()
+
+
+def _save_npz(dest: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = dest.with_name(dest.name + ".partial.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, dest)
+
+
+def real_case(name: str, cont: list[int]) -> tuple[Path, dict[str, np.ndarray]]:
+    """(converted moeflux model dir, mlx-lm's logits {"prompt", "decode"}) of case
+    ``name``, built once. The checkpoint is generated (deterministically) only when
+    one of the two is missing, and deleted once both exist: the cache then holds the
+    converted model and mlx-lm's logits (keyed by mlx and mlx-lm's versions too)."""
+    import mlx.core as mx
+    import mlx_lm
+
     from moeflux.prep.convert import convert
     from moeflux.prep.synth import tiny_config, write_checkpoint
 
@@ -134,26 +163,23 @@ def real_model(name: str) -> tuple[Path, Path]:
     gen = _sources_hash([prep / "synth.py", prep / "safetensors_io.py"])
     key = hashlib.sha256(json.dumps([cfg, gen], sort_keys=True).encode()).hexdigest()[:16]
     conv = _sources_hash(list(prep.glob("*.py")))[:16]
+    ref = hashlib.sha256(json.dumps([mx.__version__, mlx_lm.__version__, PROMPT, cont])
+                         .encode()).hexdigest()[:16]
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = _build(root / f"{name}-ckpt-{key}",
-                  lambda d: write_checkpoint(d, cfg, seed=0))
-    model = _build(root / f"{name}-model-{key}{conv}",
-                   lambda d: convert(ckpt, d, progress=False))
-    return ckpt, model
-
-
-def _oracle(ckpt: Path, cont: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """mlx-lm's prompt logits and decode rows, with its model released afterwards
-    (the largest case holds ~7 GB)."""
-    try:
-        return reference_logits(ckpt, PROMPT), reference_decode(ckpt, PROMPT, cont)[1:]
-    finally:
-        forget_reference(ckpt)
-        gc.collect()
-        import mlx.core as mx
-
-        mx.clear_cache()
+    model = root / f"{name}-model-{key}{conv}"
+    oracle = root / f"{name}-oracle-{key}{ref}.npz"
+    ckpt = root / f"{name}-ckpt-{key}"
+    if not (model.exists() and oracle.exists()):
+        _build(ckpt, lambda d: write_checkpoint(d, cfg, seed=0))
+        _build(model, lambda d: convert(ckpt, d, progress=False))
+        if not oracle.exists():
+            for old in root.glob(f"{name}-oracle-*"):
+                old.unlink()
+            _save_npz(oracle, _oracle(ckpt, cont))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    with np.load(oracle) as z:
+        return model, {k: z[k] for k in z.files}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -162,13 +188,12 @@ def test_real_shapes(name: str) -> None:
     family, against mlx-lm, in both tiers."""
     import moeflux
 
-    ckpt, model_dir = real_model(name)
     cont = continuation(VOCAB, N_DECODE, seed=17)
-    ref_prompt, ref_decode = _oracle(ckpt, cont)
+    model_dir, ref = real_case(name, cont)
     with moeflux.Model(model_dir, threads=2) as m:
         assert m.arch == CASES[name][0]
         ours = m.eval(PROMPT, all_logits=True)
         rows = np.stack([m.eval([t]) for t in cont])
     for tier in ("acceptance", "cpu"):   # RTOL, then RTOL_CPU
-        assert_close(ours, ref_prompt, f"{name} prefill", backend=tier)
-        assert_close(rows, ref_decode, f"{name} decode", backend=tier)
+        assert_close(ours, ref["prompt"], f"{name} prefill", backend=tier)
+        assert_close(rows, ref["decode"], f"{name} decode", backend=tier)
