@@ -19,7 +19,8 @@ CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(S
 DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
+	test-neon neon-deps
 
 all: install
 
@@ -45,17 +46,67 @@ demo: install
 $(SHADERS_C): shaders/embed.py $(wildcard shaders/*.h shaders/*.def)
 	$(PYTHON) shaders/embed.py $@
 
-tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name '*.h')
+tests/c/build/%: tests/c/%.c tests/c/check.h tests/c/kernsets.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
 
-ctest: $(CTESTS)
-	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done
+# The CPU kernel sets this build contains and this CPU runs ("scalar,avx2,avx512"),
+# from a probe built apart from the core (tools/kernel_sets.c). ctest and pytest pass
+# it as MOEFLUX_REQUIRE_KERNELS (unless already set), so a run that skipped one of
+# them fails instead of passing silently.
+build/kernel_sets: tools/kernel_sets.c
+	@mkdir -p build
+	$(CC) -std=c11 -O1 -Wall -Wextra -Werror -o $@ $<
+REQUIRE_KERNELS_ENV = MOEFLUX_REQUIRE_KERNELS="$${MOEFLUX_REQUIRE_KERNELS-$$(./build/kernel_sets)}"
 
-pytest: install
-	$(VENV)/bin/pytest -q tests
+ctest: $(CTESTS) build/kernel_sets
+	@set -e; export $(REQUIRE_KERNELS_ENV); echo "kernel sets required: $$MOEFLUX_REQUIRE_KERNELS"; \
+	for t in $(CTESTS); do echo "== $$t"; ./$$t; done
 
-test: ctest pytest
+pytest: install build/kernel_sets
+	export $(REQUIRE_KERNELS_ENV); $(VENV)/bin/pytest -q tests
+
+test: ctest test-neon pytest
+
+# The C kernel tests for aarch64 (the NEON set), cross-compiled and run under
+# qemu-user: CI machines are x86-64, and NEON must not go untested there. The core is
+# compiled once into build/aarch64/obj; qemu finds the aarch64 C library under
+# AARCH64_SYSROOT (Debian's libc6-arm64-cross). tools/ensure_ci_deps.sh installs the
+# cross tools (as root with apt-get) or fails saying what is missing: never a silent
+# skip. NEON_TESTS: the kernel tests and the core's host-independent ones (seconds
+# each under emulation; all but the CUDA ones).
+AARCH64_CC      ?= aarch64-linux-gnu-gcc
+AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
+QEMU_AARCH64    ?= qemu-aarch64
+NEON_TESTS      := test_cpu_matmul test_state test_config test_json test_model test_reader \
+                   test_store test_cache
+NEON_OBJS       := $(patsubst %.c,build/aarch64/obj/%.o,$(CORE_SRC))
+NEON_RUN         = $(QEMU_AARCH64) -L $(AARCH64_SYSROOT)
+.SECONDARY: $(NEON_OBJS)
+
+build/aarch64/obj/%.o: %.c $(shell find csrc -name '*.h')
+	@mkdir -p $(dir $@)
+	$(AARCH64_CC) $(CFLAGS_C) -c -o $@ $<
+
+build/aarch64/%: tests/c/%.c tests/c/check.h tests/c/kernsets.h $(NEON_OBJS)
+	$(AARCH64_CC) $(CFLAGS_C) -o $@ $< $(NEON_OBJS) -lpthread -lm -ldl
+
+neon-deps:
+	@AARCH64_CC=$(AARCH64_CC) QEMU_AARCH64=$(QEMU_AARCH64) AARCH64_SYSROOT=$(AARCH64_SYSROOT) \
+		tools/ensure_ci_deps.sh
+
+# Then whole models of the four families under NEON against mlx-lm: pytest (on the
+# host) runs tests/c/run_logits.c for aarch64 under qemu (tests/test_kernels.py
+# test_forward_emulated), and fails unless the neon set was exercised.
+test-neon: neon-deps install
+	@$(MAKE) --no-print-directory $(addprefix build/aarch64/,$(NEON_TESTS) run_logits)
+	@set -e; export MOEFLUX_REQUIRE_KERNELS=scalar,neon; \
+	for t in $(NEON_TESTS); do echo "== qemu-aarch64 $$t"; \
+		$(NEON_RUN) build/aarch64/$$t; done
+	@echo "== qemu-aarch64 run_logits: whole models under neon against mlx-lm"
+	MOEFLUX_RUN_LOGITS="$(NEON_RUN) build/aarch64/run_logits" MOEFLUX_RUN_LOGITS_SET=neon \
+		MOEFLUX_REQUIRE_KERNELS=neon $(VENV)/bin/pytest -q -p no:cacheprovider \
+		tests/test_kernels.py -k test_forward_emulated
 
 # The C unit tests under AddressSanitizer and UBSan.
 asan:

@@ -78,3 +78,25 @@ def sigint_raises_keyboardinterrupt():
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+# ==== Kernel-set accounting (tests/_kernsets.py) ====
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run when a kernel set named in $MOEFLUX_REQUIRE_KERNELS was not run."""
+    import _kernsets
+
+    _, problems = _kernsets.summary()
+    if problems and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints the kernel sets this run exercised (and any requirement not met)."""
+    import _kernsets
+
+    line, problems = _kernsets.summary()
+    terminalreporter.write_line(line)
+    for p in problems:
+        terminalreporter.write_line(f"FAILED: {p}", red=True)

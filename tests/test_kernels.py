@@ -6,11 +6,20 @@ function (a temporary CPU exec) and compares with the mlx computation the models
 `mx.fast.rope`, `mx.fast.scaled_dot_product_attention`, `mx.conv1d` and mlx-lm's
 gated-delta functions. Tolerances are at the float32 rounding level, relative to the
 output's scale. Thread-count independence is checked bitwise.
+
+Every op that goes through a CPU kernel set (the matmul family, attention, the
+GatedDeltaNet recurrence) runs under each set this build and CPU have, forced per call
+(``kernels=``), and each set is counted (tests/_kernsets.py): the run prints the sets
+it exercised and fails when one named in MOEFLUX_REQUIRE_KERNELS was not.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +28,13 @@ from mlx_lm.models import gated_delta as gd
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 from mlx_lm.models.qwen3_next import Qwen3NextRMSNormGated
 
+import _kernsets
+from _helpers import FWD_PROMPT, continuation, converted
+from _helpers import assert_close as assert_logits_close
 from moeflux import _diag
+from reference import reference_decode, reference_logits
+
+__all__ = ["converted"]  # the fixture is used by name
 
 mx.set_default_device(mx.cpu)
 
@@ -55,6 +70,17 @@ def assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = RTOL) -> None:
 def rng(seed: int) -> np.random.Generator:
     """A numpy generator per test (deterministic)."""
     return np.random.default_rng(seed)
+
+
+def kernel_sets() -> Iterator[str]:
+    """Every kernel set this build and CPU run, best first; each is counted as
+    exercised once the loop body that used it has completed (an assertion failing in
+    the body leaves it uncounted)."""
+    sets = _kernsets.available()
+    assert "scalar" in sets, sets
+    for name in sets:
+        yield name
+        _kernsets.note(name)
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +122,7 @@ def test_matmul_quantized(bits: int, gs: int) -> None:
         ref = mx.array(x) @ q["deq"].T
         qmm = mx.quantized_matmul(mx.array(x), q["wq"], q["s"], q["b"], transpose=True,
                                   group_size=gs, bits=bits)
-        for kernels in _diag.kernels():
+        for kernels in kernel_sets():
             got = run_matmul("matmul", q, x, n_out, n_in, kernels=kernels)
             assert_close(got, to_np(ref))
             assert_close(got, to_np(qmm))
@@ -107,8 +133,9 @@ def test_matmul_scale_dtypes(sdtype: Any) -> None:
     n_out, n_in = 40, 512
     q = quantized(n_out, n_in, 4, 64, sdtype, 7)
     x = rng(1).standard_normal((3, n_in)).astype(np.float32)
-    got = run_matmul("matmul", q, x, n_out, n_in)
-    assert_close(got, to_np(mx.array(x) @ q["deq"].T))
+    for kernels in kernel_sets():
+        got = run_matmul("matmul", q, x, n_out, n_in, kernels=kernels)
+        assert_close(got, to_np(mx.array(x) @ q["deq"].T))
 
 
 @pytest.mark.parametrize("wdtype", [mx.float32, mx.bfloat16, mx.float16])
@@ -118,10 +145,11 @@ def test_matmul_float_weights(wdtype: Any) -> None:
     w_np, wdt = raw(w)
     for n_tok in (1, 4):
         x = rng(n_tok).standard_normal((n_tok, n_in)).astype(np.float32)
-        out = np.empty((n_tok, n_out), np.float32)
-        _diag.matmul("matmul", out, w_np, x, n_out, n_in, n_tok, wdtype=wdt,
-                           n_threads=2)
-        assert_close(out, to_np(mx.array(x) @ w.astype(mx.float32).T))
+        for kernels in kernel_sets():
+            out = np.empty((n_tok, n_out), np.float32)
+            _diag.matmul("matmul", out, w_np, x, n_out, n_in, n_tok, wdtype=wdt,
+                               n_threads=2, kernels=kernels)
+            assert_close(out, to_np(mx.array(x) @ w.astype(mx.float32).T))
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128), (6, 64)])
@@ -129,16 +157,18 @@ def test_matmul_t(bits: int, gs: int) -> None:
     # MLA absorption with an old-form kv_b_proj: q~ = q_nope @ W_UK, W [n_out, n_in].
     n_out, n_in = 64, 640
     q = quantized(n_out, n_in, bits, gs, mx.bfloat16, 11 * bits)
-    for n_tok in (1, 3):
-        x = rng(n_tok).standard_normal((n_tok, n_out)).astype(np.float32)
-        got = run_matmul("matmul_t", q, x, n_out, n_in)
-        assert_close(got, to_np(mx.array(x) @ q["deq"]))
     w = mx.array(rng(5).standard_normal((n_out, 200)).astype(np.float32)).astype(mx.bfloat16)
     w_np, wdt = raw(w)
-    x = rng(9).standard_normal((2, n_out)).astype(np.float32)
-    out = np.empty((2, 200), np.float32)
-    _diag.matmul("matmul_t", out, w_np, x, n_out, 200, 2, wdtype=wdt, n_threads=2)
-    assert_close(out, to_np(mx.array(x) @ w.astype(mx.float32)))
+    xw = rng(9).standard_normal((2, n_out)).astype(np.float32)
+    for kernels in kernel_sets():
+        for n_tok in (1, 3):
+            x = rng(n_tok).standard_normal((n_tok, n_out)).astype(np.float32)
+            got = run_matmul("matmul_t", q, x, n_out, n_in, kernels=kernels)
+            assert_close(got, to_np(mx.array(x) @ q["deq"]))
+        out = np.empty((2, 200), np.float32)
+        _diag.matmul("matmul_t", out, w_np, xw, n_out, 200, 2, wdtype=wdt,
+                           n_threads=2, kernels=kernels)
+        assert_close(out, to_np(mx.array(xw) @ w.astype(mx.float32)))
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
@@ -146,24 +176,28 @@ def test_embed(bits: int) -> None:
     n_vocab, hid = 50, 256
     q = quantized(n_vocab, hid, bits, 64, mx.bfloat16, bits)
     tokens = np.array([0, 49, 7, 7, 23], np.int32)
-    out = np.empty((len(tokens), hid), np.float32)
-    _diag.matmul("embed", out, x=tokens, n_out=n_vocab, n_in=hid, n_tok=len(tokens),
-                       n_threads=2, **q["args"])
-    # Exact: dequantization is one s*q+b per element in f32 on both sides.
-    np.testing.assert_array_equal(out, to_np(q["deq"][mx.array(tokens)]))
+    for kernels in kernel_sets():
+        out = np.empty((len(tokens), hid), np.float32)
+        _diag.matmul("embed", out, x=tokens, n_out=n_vocab, n_in=hid,
+                           n_tok=len(tokens), n_threads=2, kernels=kernels, **q["args"])
+        # Exact: dequantization is one s*q+b per element in f32 on both sides.
+        np.testing.assert_array_equal(out, to_np(q["deq"][mx.array(tokens)]))
 
 
 def test_matmul_thread_independence() -> None:
     n_out, n_in = 301, 1024
     q = quantized(n_out, n_in, 4, 64, mx.bfloat16, 1)
-    for n_tok in (1, 6):
-        x = rng(2).standard_normal((n_tok, n_in)).astype(np.float32)
-        outs = [run_matmul("matmul", q, x, n_out, n_in, n_threads=t) for t in (1, 2, 3, 5)]
-        for o in outs[1:]:
-            np.testing.assert_array_equal(o, outs[0])
-        xt = x[:, :n_out].copy()
-        outs = [run_matmul("matmul_t", q, xt, n_out, n_in, n_threads=t) for t in (1, 3)]
-        np.testing.assert_array_equal(outs[1], outs[0])
+    for kernels in kernel_sets():
+        for n_tok in (1, 6):
+            x = rng(2).standard_normal((n_tok, n_in)).astype(np.float32)
+            outs = [run_matmul("matmul", q, x, n_out, n_in, n_threads=t, kernels=kernels)
+                    for t in (1, 2, 3, 5)]
+            for o in outs[1:]:
+                np.testing.assert_array_equal(o, outs[0])
+            xt = x[:, :n_out].copy()
+            outs = [run_matmul("matmul_t", q, xt, n_out, n_in, n_threads=t, kernels=kernels)
+                    for t in (1, 3)]
+            np.testing.assert_array_equal(outs[1], outs[0])
 
 
 def run_matmul_heads(q: dict[str, Any], x_flat: np.ndarray, out_len: int, n_out: int,
@@ -200,7 +234,7 @@ def test_matmul_heads(transposed: bool, bits: int, gs: int) -> None:
             x_h = mx.array(x3[:, h, off:off + in_w])
             ref[:, h] = to_np(x_h @ w_h if transposed else x_h @ w_h.T)
         outs = []
-        for kernels in _diag.kernels():
+        for kernels in kernel_sets():
             for n_threads in (1, 3):
                 got = run_matmul_heads(q, x_flat, n_tok * H * yh, n_out, n_in, n_tok, H,
                                        head_rows, transposed, (H * yh, yh), (H * xh, xh),
@@ -347,17 +381,21 @@ def test_attention_gqa(n_tok: int, pos0: int, n_head: int, n_kv_head: int) -> No
     v = cache[:, n_kv_head * dk:].reshape(n_pos, n_kv_head, dv)
     stride = n_kv_head * (dk + dv)
     scale = dk ** -0.5
-    out = np.empty((n_tok, n_head, dv), np.float32)
-    _diag.attention(out, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride, stride,
-                          pos0, scale, k_off=0, v_off=n_kv_head * dk, n_threads=2)
-    assert_close(out, attention_ref(q, k, v, pos0, scale))
-    outs = []
-    for nt in (1, 3):
-        o = np.empty_like(out)
-        _diag.attention(o, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride,
-                              stride, pos0, scale, v_off=n_kv_head * dk, n_threads=nt)
-        outs.append(o)
-    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = attention_ref(q, k, v, pos0, scale)
+    for kernels in kernel_sets():
+        out = np.empty((n_tok, n_head, dv), np.float32)
+        _diag.attention(out, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride,
+                              stride, pos0, scale, k_off=0, v_off=n_kv_head * dk,
+                              n_threads=2, kernels=kernels)
+        assert_close(out, ref)
+        outs = []
+        for nt in (1, 3):
+            o = np.empty_like(out)
+            _diag.attention(o, q, cache, n_tok, n_head, n_kv_head, dk, dv, stride,
+                                  stride, pos0, scale, v_off=n_kv_head * dk, n_threads=nt,
+                                  kernels=kernels)
+            outs.append(o)
+        np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_attention_mla_latent() -> None:
@@ -368,11 +406,13 @@ def test_attention_mla_latent() -> None:
     q = r.standard_normal((n_tok, n_head, kv_lora + rope_d)).astype(np.float32)
     cache = r.standard_normal((n_pos, kv_lora + rope_d)).astype(np.float32)
     scale = 0.135
-    out = np.empty((n_tok, n_head, kv_lora), np.float32)
-    _diag.attention(out, q, cache, n_tok, n_head, 1, kv_lora + rope_d, kv_lora,
-                          kv_lora + rope_d, kv_lora + rope_d, pos0, scale, n_threads=2)
     ref = attention_ref(q, cache[:, None, :], cache[:, None, :kv_lora].copy(), pos0, scale)
-    assert_close(out, ref)
+    for kernels in kernel_sets():
+        out = np.empty((n_tok, n_head, kv_lora), np.float32)
+        _diag.attention(out, q, cache, n_tok, n_head, 1, kv_lora + rope_d, kv_lora,
+                              kv_lora + rope_d, kv_lora + rope_d, pos0, scale, n_threads=2,
+                              kernels=kernels)
+        assert_close(out, ref)
 
 
 # ---------------------------------------------------------------------------
@@ -470,17 +510,18 @@ def test_gdn_recurrence(n_tok: int, nk: int, nv: int) -> None:
         mx.array(qkv[:, key_dim:2 * key_dim].reshape(1, n_tok, nk, dk)),
         mx.array(v.reshape(1, n_tok, nv, dv)), mx.array(g[None]), mx.array(beta[None]),
         mx.array(S0[None]))
-    outs = []
-    for nt in (1, 3):
-        o = np.empty((n_tok, nv, dv), np.float32)
-        S = S0.copy()
-        _diag.gdn_recurrence(o, S, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
-                                   n_tok, nk, nv, dk, dv, n_threads=nt)
-        assert_close(o, to_np(y_ref)[0])
-        assert_close(S, to_np(S_ref)[0])
-        outs.append((o, S))
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    for kernels in kernel_sets():
+        outs = []
+        for nt in (1, 3):
+            o = np.empty((n_tok, nv, dv), np.float32)
+            S = S0.copy()
+            _diag.gdn_recurrence(o, S, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
+                                       n_tok, nk, nv, dk, dv, n_threads=nt, kernels=kernels)
+            assert_close(o, to_np(y_ref)[0])
+            assert_close(S, to_np(S_ref)[0])
+            outs.append((o, S))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("n_tok", [1, 4])
@@ -506,19 +547,21 @@ def test_gdn_recurrence_from(n_tok: int) -> None:
         mx.array(qkv[:, key_dim:2 * key_dim].reshape(1, n_tok, nk, dk)),
         mx.array(v.reshape(1, n_tok, nv, dv)), mx.array(g[None]), mx.array(beta[None]),
         mx.array(S0[None]))
-    S_in = S0.copy()
-    S = np.full_like(S0, np.nan)
-    o = np.empty((n_tok, nv, dv), np.float32)
-    _diag.gdn_recurrence_from(o, S, S_in, qkv, stride, 0, key_dim, 2 * key_dim, g,
-                                    beta, n_tok, nk, nv, dk, dv, n_threads=3)
-    assert_close(o, to_np(y_ref)[0])
-    assert_close(S, to_np(S_ref)[0])
-    np.testing.assert_array_equal(S_in, S0)
-    o2, S2 = np.empty_like(o), S0.copy()
-    _diag.gdn_recurrence(o2, S2, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
-                               n_tok, nk, nv, dk, dv, n_threads=1)
-    np.testing.assert_array_equal(o, o2)
-    np.testing.assert_array_equal(S, S2)
+    for kernels in kernel_sets():
+        S_in = S0.copy()
+        S = np.full_like(S0, np.nan)
+        o = np.empty((n_tok, nv, dv), np.float32)
+        _diag.gdn_recurrence_from(o, S, S_in, qkv, stride, 0, key_dim, 2 * key_dim,
+                                        g, beta, n_tok, nk, nv, dk, dv, n_threads=3,
+                                        kernels=kernels)
+        assert_close(o, to_np(y_ref)[0])
+        assert_close(S, to_np(S_ref)[0])
+        np.testing.assert_array_equal(S_in, S0)
+        o2, S2 = np.empty_like(o), S0.copy()
+        _diag.gdn_recurrence(o2, S2, qkv, stride, 0, key_dim, 2 * key_dim, g, beta,
+                                   n_tok, nk, nv, dk, dv, n_threads=1, kernels=kernels)
+        np.testing.assert_array_equal(o, o2)
+        np.testing.assert_array_equal(S, S2)
 
 
 def test_gdn_recurrence_from_no_tokens() -> None:
@@ -586,3 +629,73 @@ def test_public_core_has_no_diag_functions() -> None:
 
     ops = {n for n in dir(_diag) if not n.startswith("__")}
     assert ops and not [n for n in dir(_core) if "diag" in n or n in ops]
+
+
+# ---------------------------------------------------------------------------
+# Whole models under each kernel set
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"])
+def test_forward_each_kernel_set(arch: str,
+                                 converted: Callable[..., tuple[Path, Path]]) -> None:
+    """A whole model (synth default of each family) opened with backend "cpu:<set>"
+    for every set this build and CPU run: the prompt's logits at every position
+    (prefill: the dequantized-tile gemm) and 8 decode steps (qdot_rows) against mlx-lm,
+    in both tiers (the acceptance bar and the CPU regression tier)."""
+    import moeflux
+
+    ckpt, model_dir = converted(arch)
+    cont = continuation(512, 8, seed=21)
+    ref_prompt = reference_logits(ckpt, FWD_PROMPT)
+    ref_decode = reference_decode(ckpt, FWD_PROMPT, cont)[1:]
+    for kernels in kernel_sets():
+        with moeflux.Model(model_dir, threads=2, backend=f"cpu:{kernels}") as m:
+            ours = m.eval(FWD_PROMPT, all_logits=True)
+            rows = np.stack([m.eval([t]) for t in cont])
+        for tier in ("acceptance", "cpu"):   # RTOL, then RTOL_CPU
+            assert_logits_close(ours, ref_prompt, f"{kernels} prefill", backend=tier)
+            assert_logits_close(rows, ref_decode, f"{kernels} decode", backend=tier)
+
+
+def test_forward_kernel_set_errors(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """An unknown kernel set, or one this CPU does not run, is a BackendError naming
+    it and the sets that would do."""
+    import moeflux
+    from moeflux.errors import BackendError
+
+    _, model_dir = converted("qwen3_moe")
+    have = _kernsets.available()
+    for bad in ["sse9", "", *[k for k in _kernsets.KNOWN if k not in have]]:
+        with pytest.raises(BackendError, match=f"'{bad}'.*{have[-1]}"):
+            moeflux.Model(model_dir, threads=1, backend=f"cpu:{bad}")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"])
+def test_forward_emulated(arch: str, converted: Callable[..., tuple[Path, Path]],
+                          tmp_path: Path) -> None:
+    """A whole model through the C API in another process: $MOEFLUX_RUN_LOGITS is the
+    command that runs tests/c/run_logits.c (make test-neon: built for aarch64, under
+    qemu-aarch64) and $MOEFLUX_RUN_LOGITS_SET the kernel set it forces. The prompt's
+    logits at every position and 7 decode steps against mlx-lm, in both tiers.
+    Without the variables (every run but make test-neon's) it is skipped; make
+    test-neon requires the neon set exercised, so a skip there fails."""
+    runner, kset = (os.environ.get("MOEFLUX_RUN_LOGITS"),
+                    os.environ.get("MOEFLUX_RUN_LOGITS_SET"))
+    if not runner or not kset:
+        pytest.skip("make test-neon runs this (MOEFLUX_RUN_LOGITS / _SET unset)")
+    ckpt, model_dir = converted(arch)
+    cont = continuation(512, 8, seed=21)
+    tokens = FWD_PROMPT + cont[:-1]
+    out = tmp_path / "logits.f32"
+    cmd = [*shlex.split(runner), str(model_dir), f"cpu:{kset}", str(len(FWD_PROMPT)),
+           str(out), *map(str, tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rows = np.fromfile(out, np.float32).reshape(len(tokens), -1)
+    n = len(FWD_PROMPT)
+    ref_prompt = reference_logits(ckpt, FWD_PROMPT)
+    ref_decode = reference_decode(ckpt, FWD_PROMPT, cont[:-1])[1:]
+    for tier in ("acceptance", "cpu"):   # RTOL, then RTOL_CPU
+        assert_logits_close(rows[:n], ref_prompt, f"{kset} prefill", backend=tier)
+        assert_logits_close(rows[n:], ref_decode, f"{kset} decode", backend=tier)
+    _kernsets.note(kset)

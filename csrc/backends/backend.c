@@ -44,6 +44,8 @@ int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t 
     *out = NULL;
     if (!name || strcmp(name, "cpu") == 0)
         return mf_backend_cpu_new(out, err, errlen);
+    if (strncmp(name, "cpu:", 4) == 0)
+        return mf_backend_cpu_new_kernels(out, name + 4, err, errlen);
     if (strcmp(name, "cuda") == 0)
         return mf_backend_cuda_new(out, err, errlen);
     if (strcmp(name, "metal") == 0)

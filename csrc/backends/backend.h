@@ -312,7 +312,13 @@ struct mf_backend {
 
 // Constructors per backend. CPU always exists.
 int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen);
-// Choose by name ("cpu"; "cuda"/"metal" where built). MF_ERR_BACKEND if unknown.
+// The CPU backend with every exec on one kernel set ("scalar", "avx2", "avx512",
+// "neon"; NULL: the best this CPU runs), for tests. MF_ERR_BACKEND if the set is
+// unknown or this CPU lacks it.
+int mf_backend_cpu_new_kernels(struct mf_backend **out, const char *kernels, char *err,
+                               size_t errlen);
+// Choose by name ("cpu"; "cuda"/"metal" where built; "cpu:<set>" forces a CPU kernel
+// set, see above). MF_ERR_BACKEND if unknown.
 int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t errlen);
 
 #endif /* MF_BACKEND_H */

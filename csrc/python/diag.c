@@ -385,22 +385,23 @@ static PyObject *diag_rope(PyObject *self, PyObject *args, PyObject *kw) {
 
 PyDoc_STRVAR(diag_attention_doc,
 "attention(out, q, kv, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, "
-"pos0, scale, k_off=0, v=None, v_off=0, n_threads=1)\n--\n\n"
+"pos0, scale, k_off=0, v=None, v_off=0, n_threads=1, kernels=None)\n--\n\n"
 "Causal attention; keys at kv + k_off (elements), values at (v or kv) + v_off.");
 
 static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"out", "q", "kv", "n_tok", "n_head", "n_kv_head", "dk", "dv",
                              "k_stride", "v_stride", "pos0", "scale", "k_off", "v",
-                             "v_off", "n_threads", NULL};
+                             "v_off", "n_threads", "kernels", NULL};
+    const char *kernels = NULL;
     PyObject *o_out, *o_q, *o_k, *o_v = Py_None;
     int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, k_off = 0, v_off = 0,
         n_threads = 1;
     float scale;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiiiiif|iOii", kwlist, &o_out, &o_q,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiiiiif|iOiiz", kwlist, &o_out, &o_q,
                                      &o_k, &n_tok, &n_head, &n_kv_head, &dk, &dv, &k_stride,
                                      &v_stride, &pos0, &scale, &k_off, &o_v, &v_off,
-                                     &n_threads))
+                                     &n_threads, &kernels))
         return NULL;
     if (n_tok < 1 || n_head < 1 || n_kv_head < 1 || n_head % n_kv_head || dk < 1 || dv < 1 ||
         pos0 < 0 || k_off < 0 || v_off < 0 || n_threads < 1)
@@ -420,7 +421,7 @@ static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
     if (!k || !v)
         return bufs_fail(&s);
     struct env e;
-    if (env_begin(&e, &s, n_threads, NULL) < 0)
+    if (env_begin(&e, &s, n_threads, kernels) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     e.be->ops->attention(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head, n_kv_head, dk,
@@ -529,12 +530,12 @@ static PyObject *diag_gdn_gates(PyObject *self, PyObject *args, PyObject *kw) {
 
 PyDoc_STRVAR(diag_gdn_recurrence_doc,
 "gdn_recurrence(o, S, qkv, qkv_stride, q_off, k_off, v_off, g, beta, n_tok, nk, nv, "
-"dk, dv, n_threads=1)\n--\n\n"
+"dk, dv, n_threads=1, kernels=None)\n--\n\n"
 "Delta-rule recurrence; q/k/v of token t at qkv + t*qkv_stride + *_off; S updated.");
 
 PyDoc_STRVAR(diag_gdn_recurrence_from_doc,
 "gdn_recurrence_from(o, S, S_in, qkv, qkv_stride, q_off, k_off, v_off, g, beta, "
-"n_tok, nk, nv, dk, dv, n_threads=1)\n--\n\n"
+"n_tok, nk, nv, dk, dv, n_threads=1, kernels=None)\n--\n\n"
 "As gdn_recurrence, out of place: state read from S_in (not written), the "
 "advanced state written to S; n_tok may be 0 (S = S_in).");
 
@@ -542,21 +543,23 @@ PyDoc_STRVAR(diag_gdn_recurrence_from_doc,
 // n_tok 0 allowed).
 static PyObject *gdn_recurrence_run(PyObject *args, PyObject *kw, int from) {
     static char *kw_in[] = {"o", "S", "qkv", "qkv_stride", "q_off", "k_off", "v_off", "g",
-                            "beta", "n_tok", "nk", "nv", "dk", "dv", "n_threads", NULL};
+                            "beta", "n_tok", "nk", "nv", "dk", "dv", "n_threads", "kernels",
+                            NULL};
     static char *kw_from[] = {"o", "S", "S_in", "qkv", "qkv_stride", "q_off", "k_off",
                               "v_off", "g", "beta", "n_tok", "nk", "nv", "dk", "dv",
-                              "n_threads", NULL};
+                              "n_threads", "kernels", NULL};
+    const char *kernels = NULL;
     PyObject *o_o, *o_S, *o_Sin = NULL, *o_qkv, *o_g, *o_beta;
     int qkv_stride, q_off, k_off, v_off, n_tok, nk, nv, dk, dv, n_threads = 1;
     int parsed =
-        from ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOiiiiOOiiiii|i", kw_from, &o_o,
+        from ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOiiiiOOiiiii|iz", kw_from, &o_o,
                                            &o_S, &o_Sin, &o_qkv, &qkv_stride, &q_off,
                                            &k_off, &v_off, &o_g, &o_beta, &n_tok, &nk, &nv,
-                                           &dk, &dv, &n_threads)
-             : PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiOOiiiii|i", kw_in, &o_o, &o_S,
+                                           &dk, &dv, &n_threads, &kernels)
+             : PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiOOiiiii|iz", kw_in, &o_o, &o_S,
                                            &o_qkv, &qkv_stride, &q_off, &k_off, &v_off,
                                            &o_g, &o_beta, &n_tok, &nk, &nv, &dk, &dv,
-                                           &n_threads);
+                                           &n_threads, &kernels);
     if (!parsed)
         return NULL;
     if (n_tok < (from ? 0 : 1) || nk < 1 || nv < 1 || nv % nk || dk < 1 || dv < 1 ||
@@ -577,7 +580,7 @@ static PyObject *gdn_recurrence_run(PyObject *args, PyObject *kw, int from) {
     if (!beta)
         return bufs_fail(&s);
     struct env e;
-    if (env_begin(&e, &s, n_threads, NULL) < 0)
+    if (env_begin(&e, &s, n_threads, kernels) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (from)

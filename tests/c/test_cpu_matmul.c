@@ -3,7 +3,10 @@
  * easily: every kernel set (scalar, AVX2, AVX-512 where the CPU has them) against a
  * double-precision reference on the same inputs, every set's decoder against the
  * independent value-by-value bit-stream decoder (bitwise), matvec against the tiled prefill path, odd sizes, thread-count
- * independence (bitwise), and the thread pool started and stopped many times.
+ * independence (bitwise, per set), sets forced through the backend name "cpu:<set>",
+ * and the thread pool started and stopped many times. It prints the kernel sets it
+ * exercised and fails when one listed in $MOEFLUX_REQUIRE_KERNELS did not run
+ * (kernsets.h).
  * The numerical oracle (mlx) is in tests/test_kernels.py.
  */
 #include <math.h>
@@ -16,6 +19,7 @@
 #include "check.h"
 #include "backends/backend.h"
 #include "backends/cpu/cpu_internal.h"
+#include "kernsets.h"
 
 // xorshift: deterministic inputs without global state.
 static uint32_t rnd(uint32_t *s) {
@@ -137,8 +141,6 @@ static double worst_vs_bound(const float *y, const float *ref, const double *mag
     return worst;
 }
 
-static const char *const kernel_names[] = {"scalar", "avx2", "avx512", "neon"};
-
 // A new exec of n_threads, or NULL after a failed CHECK naming the error.
 static struct mf_exec *exec_or_fail(struct mf_backend *be, int n_threads) {
     char err[256] = "";
@@ -148,13 +150,12 @@ static struct mf_exec *exec_or_fail(struct mf_backend *be, int n_threads) {
     return rc == MF_OK ? ex : NULL;
 }
 
-static void test_matmul_paths(struct mf_backend *be) {
+static void test_matmul_paths(struct mf_backend *be, struct kernsets *ks) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
     static const int gs_list[] = {32, 64, 128};
     // 1 to 3 tokens: qdot_rows (two tokens per pass, then one); 5 and 17: dequantized
     // tiles and gemm.
     static const int n_tok_list[] = {1, 2, 3, 5, 17};
-    char err[256];
     double worst_ratio = 0, worst_rel = 0;
     for (int nt = 1; nt <= 3; nt += 2) {
         struct mf_exec *ex = exec_or_fail(be, nt);
@@ -180,7 +181,7 @@ static void test_matmul_paths(struct mf_backend *be) {
                     ref_matmul(yr, mag, &q.w, x, n_tok);
                     double scale = max_abs(yr, n_tok * n_out);
                     for (size_t ki = 0; ki < 4; ki++) {
-                        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+                        if (!ks_force(ks, ex, ki))
                             continue;   // CPU lacks it
                         be->ops->matmul(ex, y, &q.w, x, n_tok);
                         double v = worst_vs_bound(y, yr, mag, n_in, n_tok * n_out);
@@ -214,7 +215,7 @@ static void test_matmul_paths(struct mf_backend *be) {
 // rows one at a time (bitwise: a row's sum does not depend on the pass it falls in),
 // and rows longer than one chunk of converted scales (70 groups) are within the bound,
 // for every set and width.
-static void test_qdot_rows(void) {
+static void test_qdot_rows(struct kernsets *ks) {
     static const int bits_list[] = {2, 3, 4, 5, 6, 8};
     enum { N_OUT = 11, N_IN = 32 * 70, N_TOK = 3 };
     for (int bi = 0; bi < 6; bi++) {
@@ -228,7 +229,7 @@ static void test_qdot_rows(void) {
             x[i] = rndf(&s);
         ref_matmul(yr, mag, &q.w, x, N_TOK);
         for (size_t ki = 0; ki < 4; ki++) {
-            const struct mf_cpu_kernels *k = mf_cpu_kernels_find(kernel_names[ki]);
+            const struct mf_cpu_kernels *k = ks_find(ks, ki);
             if (!k)
                 continue;
             k->qdot_rows(y, N_OUT, x, N_IN, N_TOK, &q.w, 0, N_OUT);
@@ -246,8 +247,7 @@ static void test_qdot_rows(void) {
 
 // Float (F32 and BF16) weights at sizes that are not multiples of any vector width: every kernel
 // set, one and several tokens (the register-blocked prefill path and its tails).
-static void test_matmul_float(struct mf_backend *be) {
-    char err[256];
+static void test_matmul_float(struct mf_backend *be, struct kernsets *ks) {
     struct mf_exec *ex = exec_or_fail(be, 2);
     if (!ex)
         return;
@@ -272,7 +272,7 @@ static void test_matmul_float(struct mf_backend *be) {
     struct mf_weight wt = {.w = w, .dtype = MF_DTYPE_F32, .n_out = n_out, .n_in = n_in};
     double scale = max_abs(yr, n_tok * n_out);
     for (size_t ki = 0; ki < 4; ki++) {
-        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+        if (!ks_force(ks, ex, ki))
             continue;
         for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
             be->ops->matmul(ex, y, &wt, x, nt);
@@ -298,7 +298,7 @@ static void test_matmul_float(struct mf_backend *be) {
     struct mf_weight wt16 = {.w = wb, .dtype = MF_DTYPE_BF16, .n_out = n_out, .n_in = n_in};
     scale = max_abs(yr, n_tok * n_out);
     for (size_t ki = 0; ki < 4; ki++) {
-        if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+        if (!ks_force(ks, ex, ki))
             continue;
         for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
             be->ops->matmul(ex, y, &wt16, x, nt);
@@ -320,8 +320,7 @@ static void test_matmul_float(struct mf_backend *be) {
 }
 
 // Dequant of every kernel set against the value-by-value reference decoder: bitwise.
-static void test_dequant_bitwise(struct mf_backend *be) {
-    char err[256];
+static void test_dequant_bitwise(struct mf_backend *be, struct kernsets *ks) {
     struct mf_exec *ex = exec_or_fail(be, 1);
     if (!ex)
         return;
@@ -334,7 +333,7 @@ static void test_dequant_bitwise(struct mf_backend *be) {
             float *a = malloc((size_t)n_in * sizeof(float));
             float *b = malloc((size_t)n_in * sizeof(float));
             for (size_t ki = 0; ki < 4; ki++) {
-                if (mf_cpu_exec_set_kernels(ex, kernel_names[ki], err, sizeof err))
+                if (!ks_force(ks, ex, ki))
                     continue;
                 for (int64_t r = 0; r < 3; r++) {
                     mf_cpu_dequant_ref(a, &q.w, r, gs, n_in - gs);
@@ -352,7 +351,7 @@ static void test_dequant_bitwise(struct mf_backend *be) {
 }
 
 // Kernel-level dot/axpy at odd lengths, all sets against scalar.
-static void test_dot_axpy(void) {
+static void test_dot_axpy(struct kernsets *ks) {
     uint32_t s = 5;
     float a[301], b[301], y0[301], y1[301];
     for (int i = 0; i < 301; i++) {
@@ -360,7 +359,7 @@ static void test_dot_axpy(void) {
         b[i] = rndf(&s);
     }
     for (size_t ki = 1; ki < 4; ki++) {
-        const struct mf_cpu_kernels *k = mf_cpu_kernels_find(kernel_names[ki]);
+        const struct mf_cpu_kernels *k = ks_find(ks, ki);
         if (!k)
             continue;
         for (int n = 0; n <= 301; n += 7) {
@@ -394,8 +393,11 @@ static void test_dot_axpy(void) {
     }
 }
 
-// Bitwise equality of results across thread counts, for every op that threads.
-static void test_thread_independence(struct mf_backend *be) {
+// Bitwise equality of results across thread counts, for every op that threads, with
+// kernel set ki (skipped if the CPU lacks it).
+static void thread_independence_set(struct mf_backend *be, struct kernsets *ks, size_t ki) {
+    if (!mf_cpu_kernels_find(kernel_names[ki]))
+        return;
     struct qw q;
     const int n_tok = 5;
     qw_make(&q, 301, 1024, 4, 64, MF_DTYPE_BF16, 3);
@@ -413,6 +415,7 @@ static void test_thread_independence(struct mf_backend *be) {
         struct mf_exec *ex = exec_or_fail(be, nt);
         if (!ex)
             return;
+        ks_force(ks, ex, ki);
         y[v] = malloc((size_t)n_tok * 301 * sizeof(float));
         yt[v] = malloc((size_t)n_tok * 1024 * sizeof(float));
         att[v] = malloc((size_t)n_tok * 8 * 64 * sizeof(float));
@@ -426,11 +429,11 @@ static void test_thread_independence(struct mf_backend *be) {
         be->ops->exec_free(ex);
     }
     CHECK(memcmp(y[0], y[1], (size_t)n_tok * 301 * sizeof(float)) == 0,
-          "matmul differs between 1 and 4 threads");
+          "matmul differs between 1 and 4 threads (%s)", kernel_names[ki]);
     CHECK(memcmp(yt[0], yt[1], (size_t)n_tok * 1024 * sizeof(float)) == 0,
-          "matmul_t differs between 1 and 4 threads");
+          "matmul_t differs between 1 and 4 threads (%s)", kernel_names[ki]);
     CHECK(memcmp(att[0], att[1], (size_t)n_tok * 8 * 64 * sizeof(float)) == 0,
-          "attention differs between 1 and 4 threads");
+          "attention differs between 1 and 4 threads (%s)", kernel_names[ki]);
     for (int v = 0; v < 2; v++) {
         free(y[v]);
         free(yt[v]);
@@ -439,6 +442,11 @@ static void test_thread_independence(struct mf_backend *be) {
     free(cache);
     free(x);
     qw_free(&q);
+}
+
+static void test_thread_independence(struct mf_backend *be, struct kernsets *ks) {
+    for (size_t ki = 0; ki < KS_N_SETS; ki++)
+        thread_independence_set(be, ks, ki);
 }
 
 // Two execs used from two threads at once (two contexts in one process): each must get
@@ -556,8 +564,63 @@ static void test_pool_lifecycle(struct mf_backend *be) {
     }
 }
 
+// The backend name "cpu:<set>" puts every exec of that backend on the set (bitwise the
+// matmul of an exec forced to it directly); an unknown set, or one this CPU lacks, is
+// MF_ERR_BACKEND with a message naming it.
+static void backend_forced_set(struct kernsets *ks, size_t ki, const struct qw *q,
+                               const float *x) {
+    char err[256] = "", name[32];
+    snprintf(name, sizeof name, "cpu:%s", kernel_names[ki]);
+    struct mf_backend *fb = NULL;
+    int rc = mf_backend_new(&fb, name, err, sizeof err);
+    if (!mf_cpu_kernels_find(kernel_names[ki])) {
+        CHECK(rc == MF_ERR_BACKEND && fb == NULL && strstr(err, kernel_names[ki]),
+              "%s on a CPU without it: rc %d, '%s'", name, rc, err);
+        return;
+    }
+    CHECK(rc == MF_OK, "%s: %s", name, err);
+    if (rc != MF_OK)
+        return;
+    struct mf_exec *a = exec_or_fail(fb, 2), *b = exec_or_fail(fb, 1);
+    if (a && b) {
+        CHECK(strcmp(a->k->name, kernel_names[ki]) == 0, "%s gave an exec on '%s'", name,
+              a->k->name);
+        ks_note(ks, a->k);
+        float ya[3 * 67], yb[3 * 67];
+        fb->ops->matmul(a, ya, &q->w, x, 3);
+        mf_cpu_exec_set_kernels(b, kernel_names[ki], err, sizeof err);
+        fb->ops->matmul(b, yb, &q->w, x, 3);
+        CHECK(memcmp(ya, yb, sizeof ya) == 0, "%s: matmul differs from a forced exec", name);
+    }
+    if (a)
+        fb->ops->exec_free(a);
+    if (b)
+        fb->ops->exec_free(b);
+    fb->ops->free(fb);
+}
+
+static void test_backend_forced(struct kernsets *ks) {
+    struct qw q;
+    qw_make(&q, 67, 256, 4, 64, MF_DTYPE_BF16, 17);
+    uint32_t s = 3;
+    float x[3 * 256];
+    for (int i = 0; i < 3 * 256; i++)
+        x[i] = rndf(&s);
+    for (size_t ki = 0; ki < KS_N_SETS; ki++)
+        backend_forced_set(ks, ki, &q, x);
+    qw_free(&q);
+    char err[256] = "";
+    struct mf_backend *fb = NULL;
+    CHECK(mf_backend_new(&fb, "cpu:sse9", err, sizeof err) == MF_ERR_BACKEND && !fb &&
+              strstr(err, "'sse9'") && strstr(err, "scalar"),
+          "cpu:sse9 should be MF_ERR_BACKEND naming the set and the choices: '%s'", err);
+    CHECK(mf_backend_new(&fb, "cpu:", err, sizeof err) == MF_ERR_BACKEND && !fb,
+          "cpu: (empty set) should be MF_ERR_BACKEND");
+}
+
 int main(void) {
     char err[256];
+    struct kernsets ks = {{0}};
     struct mf_backend *be;
     if (mf_backend_new(&be, "cpu", err, sizeof err) != MF_OK) {
         fprintf(stderr, "FAIL backend: %s\n", err);
@@ -566,15 +629,17 @@ int main(void) {
     CHECK(mf_backend_new(&(struct mf_backend *){NULL}, "cuda", err, sizeof err) ==
               MF_ERR_BACKEND, "cuda should be MF_ERR_BACKEND");
     printf("best kernels: %s\n", mf_cpu_kernels_best()->name);
-    test_dot_axpy();
-    test_dequant_bitwise(be);
-    test_matmul_paths(be);
-    test_qdot_rows();
-    test_matmul_float(be);
-    test_thread_independence(be);
+    test_dot_axpy(&ks);
+    test_dequant_bitwise(be, &ks);
+    test_matmul_paths(be, &ks);
+    test_qdot_rows(&ks);
+    test_matmul_float(be, &ks);
+    test_thread_independence(be, &ks);
     test_pool_lifecycle(be);
     test_pool_nested(be);
     test_concurrent_execs(be);
+    test_backend_forced(&ks);
     be->ops->free(be);
+    ks_finish(&ks, "test_cpu_matmul");
     return check_finish("test_cpu_matmul");
 }

@@ -12,7 +12,19 @@
 
 /* ==== Lifecycle ==== */
 
-static void cpu_free(struct mf_backend *be) { free(be); }
+// The backend's own state: the kernel set every exec of it starts with, forced by the
+// backend name "cpu:<set>" (tests run a whole model under each set); NULL: the best
+// set this CPU runs.
+struct cpu_impl {
+    const struct mf_cpu_kernels *forced;
+};
+
+static void cpu_free(struct mf_backend *be) {
+    if (!be)
+        return;
+    free(be->impl);
+    free(be);
+}
 
 static const void *cpu_map_weights(struct mf_backend *be, const void *host_ptr,
                                    uint64_t bytes, char *err, size_t errlen) {
@@ -66,7 +78,7 @@ static void cpu_exec_free(struct mf_exec *ex) {
 
 static int cpu_exec_new(struct mf_backend *be, int n_threads, struct mf_exec **out,
                         char *err, size_t errlen) {
-    (void)be;
+    const struct cpu_impl *impl = be->impl;
     *out = NULL;
     if (n_threads < 1)
         return mf_err(err, errlen, MF_ERR_ARG, "cpu backend: n_threads %d < 1", n_threads);
@@ -74,7 +86,7 @@ static int cpu_exec_new(struct mf_backend *be, int n_threads, struct mf_exec **o
     if (!ex)
         return mf_err(err, errlen, MF_ERR_NOMEM, "cpu backend: out of memory");
     ex->n_threads = n_threads;
-    ex->k = mf_cpu_kernels_best();
+    ex->k = impl && impl->forced ? impl->forced : mf_cpu_kernels_best();
     ex->scratch = calloc((size_t)n_threads, sizeof *ex->scratch);
     if (!ex->scratch) {
         cpu_exec_free(ex);
@@ -268,12 +280,30 @@ static const struct mf_backend_ops cpu_ops = {
 };
 
 int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen) {
+    return mf_backend_cpu_new_kernels(out, NULL, err, errlen);
+}
+
+int mf_backend_cpu_new_kernels(struct mf_backend **out, const char *kernels, char *err,
+                               size_t errlen) {
     *out = NULL;
+    const struct mf_cpu_kernels *k = kernels ? mf_cpu_kernels_find(kernels) : NULL;
+    if (kernels && !k) {
+        char sets[64];
+        mf_cpu_kernels_list(sets, sizeof sets);
+        return mf_err(err, errlen, MF_ERR_BACKEND,
+                      "cpu backend: kernel set '%s' unknown or not supported by this CPU "
+                      "(this build and CPU run: %s)", kernels, sets);
+    }
     struct mf_backend *be = calloc(1, sizeof *be);
-    if (!be)
+    struct cpu_impl *impl = calloc(1, sizeof *impl);
+    if (!be || !impl) {
+        free(be);
+        free(impl);
         return mf_err(err, errlen, MF_ERR_NOMEM, "cpu backend: out of memory");
+    }
+    impl->forced = k;
     be->ops = &cpu_ops;
-    be->impl = NULL;
+    be->impl = impl;
     *out = be;
     return MF_OK;
 }

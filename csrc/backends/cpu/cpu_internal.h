@@ -86,6 +86,9 @@ extern const struct mf_cpu_kernels mf_cpu_kernels_avx512;
 // (NULL if unknown or not supported by this CPU).
 const struct mf_cpu_kernels *mf_cpu_kernels_best(void);
 const struct mf_cpu_kernels *mf_cpu_kernels_find(const char *name);
+// Writes the names of the sets this build contains and this CPU runs into buf[cap],
+// best first, comma-separated ("avx512,avx2,scalar"; truncated to fit).
+void mf_cpu_kernels_list(char *buf, size_t cap);
 
 struct mf_exec {
     struct mf_pool *pool;

@@ -10,6 +10,7 @@
  * so results do not depend on the thread count. The SIMD kernel sets live in
  * cpu_kernels_*.c; this file holds what is shared and the scalar reference set.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -217,6 +218,19 @@ const struct mf_cpu_kernels *mf_cpu_kernels_find(const char *name) {
         if (strcmp(all_kernels[i]->name, name) == 0)
             return kernels_supported(all_kernels[i]) ? all_kernels[i] : NULL;
     return NULL;
+}
+
+void mf_cpu_kernels_list(char *buf, size_t cap) {
+    size_t used = 0;
+    if (cap)
+        buf[0] = '\0';
+    for (size_t i = 0; i < sizeof all_kernels / sizeof all_kernels[0]; i++) {
+        if (!kernels_supported(all_kernels[i]) || used >= cap)
+            continue;
+        int n = snprintf(buf + used, cap - used, "%s%s", used ? "," : "",
+                         all_kernels[i]->name);
+        used = n < 0 ? cap : used + (size_t)n;
+    }
 }
 
 /* ==== Rows of a weight as f32 ==== */
