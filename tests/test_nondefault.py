@@ -45,9 +45,10 @@ def _q(bits: int, gs: int) -> dict[str, int]:
     return {"group_size": gs, "bits": bits}
 
 
-# (arch, tiny_config overrides, per-module quantization entries by path). Layer
-# plans are in the comments; each n_in of a quantized module divides its group size.
-FIXTURES: dict[str, tuple[dict[str, Any], dict[str, dict[str, int]]]] = {
+# (arch, tiny_config overrides, per-module quantization entries by path: a dict of
+# bits / group size, or false = left in float). Layer plans are in the comments; each
+# n_in of a quantized module divides its group size.
+FIXTURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # 4 layers, layer 2 dense (mlp_only_layers); 12 experts k 3 unnormalised;
     # head_dim 48 over hidden 256 / 4 heads, GQA 2; tied head; 3-bit gs 32 default.
     # partial_rotary_factor is read by config.c but ignored by qwen3_moe (as mlx-lm).
@@ -65,6 +66,7 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, dict[str, int]]]] = {
         "model.layers.1.self_attn.v_proj": _q(5, 32),
         "model.layers.1.self_attn.o_proj": _q(6, 64),
         "model.layers.2.mlp.down_proj": _q(8, 64),
+        "model.layers.3.self_attn.k_proj": False,
     }),
     # 6 layers, attention at 2 and 5 (interval 3); MoE at 1 and 5 (sparse step 2,
     # layer 3 in mlp_only_layers), dense elsewhere; GQA 4, head_dim 48, rotary 24;
@@ -88,6 +90,7 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, dict[str, int]]]] = {
         "model.layers.0.mlp.down_proj": _q(3, 64),
         "model.layers.2.self_attn.q_proj": _q(2, 64),
         "model.layers.5.mlp.shared_expert.up_proj": _q(6, 64),
+        "model.layers.4.linear_attn.in_proj_qkvz": False,
     }),
     # 4 layers, attention at 1 and 3 (interval 2); 16 experts k 4 unnormalised;
     # head_dim 80, rotary 40; GDN 2 / 4 heads of 48 / 32, conv width 5; tied head;
@@ -111,6 +114,7 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, dict[str, int]]]] = {
         "language_model.model.layers.1.self_attn.q_proj": _q(2, 32),
         "language_model.model.layers.3.self_attn.k_proj": _q(8, 64),
         "language_model.model.layers.0.mlp.shared_expert.down_proj": _q(8, 64),
+        "language_model.model.layers.2.linear_attn.out_proj": False,
     }),
     # 5 layers, MoE at 2 and 4 (first_k_dense_replace 1, moe_layer_freq 2); 16
     # experts in 4 groups keeping 3, k 3 unnormalised, scaled 1.7, 2 shared; 6 heads,
@@ -137,6 +141,7 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, dict[str, int]]]] = {
         "model.layers.1.self_attn.o_proj": _q(3, 32),
         "model.layers.0.mlp.down_proj": _q(3, 128),
         "model.layers.2.mlp.shared_experts.gate_proj": _q(5, 32),
+        "model.layers.3.self_attn.q_b_proj": False,
     }),
 }
 
@@ -168,6 +173,29 @@ def _scale_rows(ckpt: Path, arch: str, rows: dict[int, float]) -> None:
         mx.save_safetensors(str(f), tensors, metadata={"format": "mlx"})
 
 
+def _scale_conv_qk(ckpt: Path, arch: str, factor: float) -> None:
+    """Multiplies layer 0's conv1d taps of the first q head and the first k head by
+    ``factor``: that head's q and k then reach the GatedDeltaNet's q/k RMS norm with a
+    mean square of ~1e-5, where its eps (1e-6 / head_dim, from mlx-lm's eps 1e-6 on
+    the L2 sum) matters; at unit scale no eps is visible."""
+    import mlx.core as mx
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    dk, key_dim = text["linear_key_head_dim"], (text["linear_key_head_dim"] *
+                                                text["linear_num_key_heads"])
+    name = f"{_embed_key(arch).rsplit('.', 1)[0]}.layers.0.linear_attn.conv1d.weight"
+    col = np.ones((2 * key_dim + text["linear_num_value_heads"] *
+                   text["linear_value_head_dim"], 1, 1), np.float32)
+    col[:dk] = col[key_dim:key_dim + dk] = factor
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        tensors = mx.load(str(f))
+        if name in tensors:
+            t = tensors[name]
+            tensors[name] = (t.astype(mx.float32) * mx.array(col)).astype(t.dtype)
+            mx.save_safetensors(str(f), tensors, metadata={"format": "mlx"})
+
+
 def build_fixture(arch: str, root: Path) -> tuple[Path, Path]:
     """(checkpoint, converted model dir) of FIXTURES[arch] under ``root``."""
     from moeflux.prep.convert import convert
@@ -180,6 +208,8 @@ def build_fixture(arch: str, root: Path) -> tuple[Path, Path]:
     ckpt = write_checkpoint(root / "ckpt", cfg, seed=5)
     tied = json.loads((ckpt / "config.json").read_text()).get("tie_word_embeddings")
     _scale_rows(ckpt, arch, SCALED_TIED if tied else SCALED_UNTIED)
+    if arch in ("qwen3_next", "qwen3_5_moe"):
+        _scale_conv_qk(ckpt, arch, 0.01)
     return ckpt, convert(ckpt, root / "model", progress=False)
 
 
@@ -220,6 +250,9 @@ def test_fixtures_are_what_they_claim(nondefault) -> None:
             tensors.update(mx.load(str(f)))
         for path, q in FIXTURES[arch][1].items():
             w = tensors[f"{path}.weight"]
+            if q is False:   # left in float by a false entry
+                assert f"{path}.scales" not in tensors and w.dtype == mx.bfloat16, path
+                continue
             s = tensors[f"{path}.scales"]
             n_in = w.shape[-1] * 32 // q["bits"]
             assert n_in // s.shape[-1] == q["group_size"], path
