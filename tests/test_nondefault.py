@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,8 +117,8 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "language_model.model.layers.0.mlp.shared_expert.down_proj": _q(8, 64),
         "language_model.model.layers.2.linear_attn.out_proj": False,
     }),
-    # 5 layers, MoE at 2 and 4 (first_k_dense_replace 1, moe_layer_freq 2); 16
-    # experts in 4 groups keeping 3, k 3 unnormalised, scaled 1.7, 2 shared; 6 heads,
+    # 5 layers, MoE at 2 and 4 (first_k_dense_replace 2, moe_layer_freq 2); 16
+    # experts in 8 groups keeping 3, k 3 unnormalised, scaled 1.7, 2 shared; 6 heads,
     # q/kv ranks 192/128, nope 48, rope 16, v 32; YaRN factor 8 over 256 positions,
     # beta 16/2, mscale 0.8 vs mscale_all_dim 0.6 (both the rotated dims and the
     # softmax scale carry a factor); 2-bit gs 64 default (embed_q, 48 inputs, float).
@@ -129,9 +130,9 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "rope_scaling": {"type": "yarn", "factor": 8.0,
                          "original_max_position_embeddings": 256, "beta_fast": 16,
                          "beta_slow": 2, "mscale": 0.8, "mscale_all_dim": 0.6},
-        "n_routed_experts": 16, "n_group": 4, "topk_group": 3, "num_experts_per_tok": 3,
+        "n_routed_experts": 16, "n_group": 8, "topk_group": 3, "num_experts_per_tok": 3,
         "routed_scaling_factor": 1.7, "norm_topk_prob": False, "n_shared_experts": 2,
-        "first_k_dense_replace": 1, "moe_layer_freq": 2, "intermediate_size": 384,
+        "first_k_dense_replace": 2, "moe_layer_freq": 2, "intermediate_size": 384,
         "moe_intermediate_size": 128, "bits": 2, "group_size": 64,
     }, {
         "model.embed_tokens": _q(8, 64),
@@ -259,6 +260,75 @@ def test_fixtures_are_what_they_claim(nondefault) -> None:
         emb = _embed_key(arch)
         norm = np.abs(np.array(tensors[f"{emb}.scales"].astype(mx.float32))).mean(-1)
         assert norm[77] < 0.1 * np.median(norm) and norm[300] > 2.5 * np.median(norm)
+
+
+# Keys config.c reads that the coverage check below does not ask to be non-default:
+# sizes (varied by the other forward tests), token ids, and the structure around
+# values (checked by name or by test_fixtures_are_what_they_claim).
+NOT_MATH = {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+            "bos_token_id", "eos_token_id", "model_type", "text_config", "quantization",
+            "quantization_config", "rope_parameters", "rope_scaling", "type", "rope_type",
+            "bits", "group_size", "mode"}
+# Values that count as default: mlx-lm's default and synth's base value of each key.
+DEFAULTS: dict[str, list[Any]] = {
+    "rms_norm_eps": [1e-6, 1e-5], "rope_theta": [1e4, 1e5, 1e6, 1e7],
+    "partial_rotary_factor": [1.0, 0.25], "max_position_embeddings": [4096, 163840],
+    "intermediate_size": [128], "moe_intermediate_size": [64],
+    "shared_expert_intermediate_size": [64], "num_experts": [8], "n_routed_experts": [8],
+    "num_experts_per_tok": [2], "decoder_sparse_step": [1], "mlp_only_layers": [[]],
+    "full_attention_interval": [4], "linear_conv_kernel_dim": [4],
+    "linear_num_key_heads": [16], "linear_num_value_heads": [4, 64],
+    "linear_key_head_dim": [64, 192], "linear_value_head_dim": [64, 128],
+    "n_group": [1, 4], "topk_group": [1, 2], "routed_scaling_factor": [1.0, 2.5],
+    "first_k_dense_replace": [0, 1], "moe_layer_freq": [1], "q_lora_rank": [1536, 64],
+    "kv_lora_rank": [512, 64], "qk_nope_head_dim": [128, 64], "qk_rope_head_dim": [64, 32],
+    "v_head_dim": [128, 64], "n_shared_experts": [None, 1], "factor": [40.0],
+    "beta_fast": [32], "beta_slow": [1], "mscale": [1.0], "mscale_all_dim": [0.0, 1.0],
+    "original_max_position_embeddings": [4096],
+}
+BOTH_WAYS = ("tie_word_embeddings", "norm_topk_prob")
+
+
+def _values(key: str) -> list[Any]:
+    """The value of ``key`` in each fixture's config (text_config, rope blocks)."""
+    from moeflux.prep.synth import tiny_config
+
+    out = []
+    for arch, (overrides, _) in FIXTURES.items():
+        cfg = tiny_config(arch, **copy.deepcopy(overrides))
+        text = cfg.get("text_config", cfg)
+        for block in (text, text.get("rope_parameters") or {}, text.get("rope_scaling") or {}):
+            if key in block:
+                out.append(block[key])
+    return out
+
+
+def test_every_key_config_c_reads_is_non_default_somewhere() -> None:
+    """Every key csrc/core/config.c reads takes a non-default value in at least one
+    fixture (head_dim != hidden / heads, GQA, both values of the booleans). Parsed
+    from the C source, so a key added there without a fixture fails here."""
+    src = (Path(__file__).resolve().parent.parent / "csrc/core/config.c").read_text()
+    keys = set(re.findall(r'"([a-z][a-z0-9_]*)"', src)) - NOT_MATH
+    keys -= {"affine", "yarn", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
+             "deepseek_v3", "qwen3_moe", "kimi_k2"}   # values, not keys
+    missing = []
+    for key in sorted(keys):
+        vals = _values(key)
+        if key in BOTH_WAYS:
+            ok = {True, False} <= set(vals)
+        elif key == "head_dim":
+            ok = any(FIXTURES[a][0].get("head_dim", 0) * FIXTURES[a][0].get(
+                "num_attention_heads", 4) != 256 for a in FIXTURES)
+        elif key == "num_key_value_heads":
+            ok = any(0 < FIXTURES[a][0].get("num_key_value_heads", 0) < 4
+                     for a in FIXTURES)
+        elif key in DEFAULTS:
+            ok = any(v not in DEFAULTS[key] for v in vals)
+        else:
+            ok = False   # a key this test does not know yet: add it to DEFAULTS
+        if not ok:
+            missing.append(f"{key} {vals}")
+    assert not missing, f"keys without a non-default value in any fixture: {missing}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
