@@ -9,7 +9,7 @@ tier message) and how many only through an argmax flip. A mutation the suite doe
 catch through a tolerance check on every architecture it touches is a gap in the
 fixtures. The sources are rebuilt clean at the end.
 
-    .venv/bin/python tools/mutation_check.py [--only NAME ...] [--list]
+    .venv/bin/python tools/mutation_check.py [--only NAME ...] [--list] [--show]
         [--tests 'pytest args']
 
 Slow (one build and one test run per mutation); never part of `make test`.
@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="mutation names (default: all)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--tests", default=DEFAULT_TESTS, help="pytest arguments")
+    ap.add_argument("--show", action="store_true",
+                    help="also list each failing test and how it failed")
     a = ap.parse_args()
     chosen = [m for m in MUTATIONS if not a.only or m.name in a.only]
     if a.list or not chosen:
@@ -184,6 +186,8 @@ def main() -> int:
             n, failed = run_tests(a.tests)
             row, caught = report(m, n, failed)
             print(row, flush=True)
+            for node, kind in sorted(failed.items()) if a.show else ():
+                print(f"    {kind:9s} {node}", flush=True)
             rows.append(row)
             if not caught:
                 missed.append(m.name)
