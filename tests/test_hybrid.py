@@ -24,7 +24,7 @@ import pytest
 import moeflux
 from moeflux.prep.convert import convert
 from _helpers import FWD_PROMPT as PROMPT
-from _helpers import RTOL as REL_TOL
+from _helpers import RTOL_CPU
 from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
                       check_prefill_and_decode, check_reset_equals_fresh, continuation,
                       converted, eval_in_pieces)
@@ -79,7 +79,10 @@ def test_chunked_prompt_equals_one_shot(arch: str, cuts: list[int],
         m.reset()
         pieces = eval_in_pieces(m, PROMPT, cuts)
     assert_close(pieces, ref, f"chunked at {cuts}")
-    np.testing.assert_allclose(pieces, whole, rtol=0, atol=REL_TOL * np.abs(ref).max())
+    # Not bitwise: these cuts change the token counts the matmuls see, and with them
+    # the kernel and the order of the sums (test_determinism.py has the cuts that are).
+    np.testing.assert_allclose(pieces, whole, rtol=0,
+                               atol=RTOL_CPU * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
