@@ -13,7 +13,21 @@ CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -
 # The kernel sources of shaders/ reach the CUDA backend as string literals in a
 # generated C file (shaders/embed.py; the same step setup.py runs).
 SHADERS_C := build/gen/mf_shaders.c
-CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
+# The Metal backend (csrc/backends/metal/) is built on macOS only, with its
+# Objective-C glue and the frameworks; elsewhere backend.c refuses "metal" with the reason.
+UNAME_S := $(shell uname -s)
+ifeq ($(UNAME_S),Darwin)
+CORE_SRC := $(shell find csrc \( -name '*.c' -o -name '*.m' \) -not -path 'csrc/python/*' | sort) $(SHADERS_C)
+CFLAGS_C := $(filter-out -D_GNU_SOURCE,$(CFLAGS_C)) -D_DARWIN_C_SOURCE
+LDLIBS_OS := -framework Metal -framework Foundation
+METAL_HOST_SRC :=
+else
+CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' -not -path 'csrc/backends/metal/*' | sort) $(SHADERS_C)
+LDLIBS_OS := -ldl
+# tests/c/test_metal_host.c links the Metal backend's plain C with its own stand-in
+# for the Objective-C glue.
+METAL_HOST_SRC := csrc/backends/metal/metal_ops.c csrc/backends/metal/metal_source.c
+endif
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
@@ -44,7 +58,10 @@ $(SHADERS_C): shaders/embed.py $(wildcard shaders/*.h shaders/*.def)
 
 tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
-	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) $(EXTRA_SRC) -lpthread -lm $(LDLIBS_OS)
+
+tests/c/build/test_metal_host: EXTRA_SRC = $(METAL_HOST_SRC)
+tests/c/build/test_metal_host: $(METAL_HOST_SRC)
 
 ctest: $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done

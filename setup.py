@@ -26,9 +26,19 @@ def embed_shaders():
     embed.write(os.path.join(HERE, SHADERS_C))
 
 
+# The Metal backend (csrc/backends/metal/: Objective-C glue and the plain C it calls)
+# is built on macOS only; elsewhere backend.c answers "metal" with the reason.
+METAL_DIR = os.path.join("csrc", "backends", "metal") + os.sep
+
+
 def c_sources():
     files = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
-    return [f for f in files if os.sep + "tests" + os.sep not in f] + [SHADERS_C]
+    files = [f for f in files if os.sep + "tests" + os.sep not in f]
+    if sys.platform == "darwin":
+        files += sorted(glob.glob(METAL_DIR + "*.m"))
+    else:
+        files = [f for f in files if not f.startswith(METAL_DIR)]
+    return files + [SHADERS_C]
 
 
 def compile_args():
@@ -51,6 +61,8 @@ def link_args():
     args = ["-lpthread", "-lm"]
     if sys.platform.startswith("linux"):
         args.append("-ldl")   # dlopen of libcuda / libnvrtc (in libc from glibc 2.34)
+    if sys.platform == "darwin":
+        args += ["-framework", "Metal", "-framework", "Foundation"]
     extra = os.environ.get("MOEFLUX_LDFLAGS")
     if extra:
         args.extend(extra.split())
