@@ -30,7 +30,7 @@ METAL_HOST_SRC := csrc/backends/metal/metal_ops.c csrc/backends/metal/metal_sour
 endif
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda test-metal
 
 all: install
 
@@ -150,3 +150,26 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	[ $$rc -eq 0 ] || fail=1; \
 	status="$$status""pytest tests/test_cuda.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
 	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail
+
+# On a Mac with Apple Silicon (macOS 13 or later, Xcode command line tools): the
+# Metal host test, then the extension built with -Werror into build/metal-site (as
+# test-cuda does) and tests/test_metal.py: the syntax checks, then whole models on
+# Metal against the CPU backend in the pread and mmap expert modes; one line per step
+# at the end. Elsewhere the whole-model tests skip ("no Metal device").
+METAL_SITE := $(CURDIR)/build/metal-site
+
+test-metal: venv tests/c/build/test_metal_host
+	rm -rf build/metal-site build/metal-tmp
+	MOEFLUX_WERROR=1 $(PY) setup.py -q build_ext -b $(METAL_SITE) -t build/metal-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(METAL_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(METAL_SITE)/moeflux/prep
+	@status=""; fail=0; \
+	echo "== test_metal_host"; ./tests/c/build/test_metal_host 2>&1 | tee build/test_metal_host.log; \
+	rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || fail=1; \
+	status="test_metal_host: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/test_metal_host.log)\n"; \
+	echo "== pytest tests/test_metal.py"; \
+	PYTHONPATH=$(METAL_SITE) PYTHONSAFEPATH=1 $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_metal.py 2>&1 | tee build/pytest-metal.log; rc=$${PIPESTATUS[0]}; \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""pytest tests/test_metal.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-metal.log)\n"; \
+	echo "== test-metal summary"; printf '%b' "$$status"; exit $$fail
