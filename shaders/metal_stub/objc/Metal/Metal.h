@@ -127,6 +127,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
                                                              error:(NSError **)error;
 @end
 
-id<MTLDevice> MTLCreateSystemDefaultDevice(void);
+id<MTLDevice> MTLCreateSystemDefaultDevice(void) __attribute__((ns_returns_retained));
 
 #endif
