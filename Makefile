@@ -63,6 +63,15 @@ tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name
 tests/c/build/test_metal_host: EXTRA_SRC = $(METAL_HOST_SRC)
 tests/c/build/test_metal_host: $(METAL_HOST_SRC)
 
+# The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
+# in place of their launch layers, so only these sources are linked.
+TWIN_SRC := csrc/backends/cuda/cuda_ops.c csrc/backends/metal/metal_ops.c \
+	csrc/backends/backend.c csrc/core/common.c
+tests/c/build/test_metal_twin: tests/c/test_metal_twin.c tests/c/check.h $(TWIN_SRC) \
+		$(shell find csrc shaders -name '*.h' -o -name '*.def')
+	@mkdir -p tests/c/build
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(TWIN_SRC) -lm
+
 ctest: $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done
 
@@ -152,21 +161,23 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail
 
 # On a Mac with Apple Silicon (macOS 13 or later, Xcode command line tools): the
-# Metal host test, then the extension built with -Werror into build/metal-site (as
+# Metal host and twin tests, then the extension built with -Werror into build/metal-site (as
 # test-cuda does) and tests/test_metal.py: the syntax checks, then whole models on
 # Metal against the CPU backend in the pread and mmap expert modes; one line per step
 # at the end. Elsewhere the whole-model tests skip ("no Metal device").
 METAL_SITE := $(CURDIR)/build/metal-site
 
-test-metal: venv tests/c/build/test_metal_host
+test-metal: venv tests/c/build/test_metal_host tests/c/build/test_metal_twin
 	rm -rf build/metal-site build/metal-tmp
 	MOEFLUX_WERROR=1 $(PY) setup.py -q build_ext -b $(METAL_SITE) -t build/metal-tmp
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(METAL_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(METAL_SITE)/moeflux/prep
 	@status=""; fail=0; \
-	echo "== test_metal_host"; ./tests/c/build/test_metal_host 2>&1 | tee build/test_metal_host.log; \
-	rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || fail=1; \
-	status="test_metal_host: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/test_metal_host.log)\n"; \
+	for t in test_metal_host test_metal_twin; do \
+		echo "== $$t"; ./tests/c/build/$$t 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
+		[ $$rc -eq 0 ] || fail=1; \
+		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
+	done; \
 	echo "== pytest tests/test_metal.py"; \
 	PYTHONPATH=$(METAL_SITE) PYTHONSAFEPATH=1 $(PY) -m pytest -q -s -p no:cacheprovider \
 		tests/test_metal.py 2>&1 | tee build/pytest-metal.log; rc=$${PIPESTATUS[0]}; \

@@ -2,8 +2,9 @@
  * metal_internal.h — what the Metal backend's files share, in plain C so that the
  * Objective-C glue (metal_backend.m) stays small and the rest compiles and is tested
  * on every system: the kernel manifest as an enum and a name table (the pipeline
- * table is made from these, one X-macro, no second list), typed launchers with the
- * geometry of shaders/grid.h, the glue's entry points the ops call, and the ops.
+ * table is made from these, one X-macro, no second list), the glue's entry points the
+ * ops call, and the ops. Nothing here clashes with cuda_internal.h, so a test can
+ * hold both drivers' ops side by side.
  *
  * Device pointers are CPU addresses inside shared-storage MTLBuffers (unified memory):
  * alloc returns a buffer's contents, map_weights wraps the weights mapping without a
@@ -77,17 +78,6 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...)
     ;
 // 1 once an error is recorded: ops then encode nothing.
 int mf_metal_failed(const struct mf_exec *ex);
-
-// Typed launchers: launch_<kernel>(ex, &params, bufs, op), geometry from grid.h.
-#define K(name, params, n_buf, grid)                                                   \
-    static inline void launch_##name(struct mf_exec *ex, const struct params *p,       \
-                                     const void *const bufs[n_buf], const char *op) {  \
-        unsigned g[3], b[3];                                                           \
-        grid(p, g, b);                                                                 \
-        mf_metal_launch(ex, MF_MKID_##name, g, b, p, sizeof *p, bufs, n_buf, op);      \
-    }
-#include "../../../shaders/kernels.def"
-#undef K
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,

@@ -29,6 +29,17 @@ const int mf_metal_kernel_n_buf[MF_MKID_COUNT] = {
 #undef K
 };
 
+// Typed launchers: launch_<kernel>(ex, &params, bufs, op), geometry from grid.h.
+#define K(name, params, n_buf, grid)                                                   \
+    static inline void launch_##name(struct mf_exec *ex, const struct params *p,       \
+                                     const void *const bufs[n_buf], const char *op) {  \
+        unsigned g[3], b[3];                                                           \
+        grid(p, g, b);                                                                 \
+        mf_metal_launch(ex, MF_MKID_##name, g, b, p, sizeof *p, bufs, n_buf, op);      \
+    }
+#include "../../../shaders/kernels.def"
+#undef K
+
 /* ==== Weights ==== */
 
 static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const char *op) {
