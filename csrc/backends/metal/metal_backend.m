@@ -67,7 +67,9 @@ struct mf_exec {
     id<MTLComputeCommandEncoder> enc;       // open on cb, or nil
     id<MTLBlitCommandEncoder> blit;         // open on cb, or nil
     id<MTLCommandBuffer> pending[MAX_PENDING];   // committed, status not yet read
+    uint64_t pending_seq[MAX_PENDING];           // their commit numbers
     int n_pending;
+    uint64_t n_committed;
     struct regions mem;                     // allocations, host slots, temporaries
     id<MTLBuffer> zero;                     // bound where an op passes NULL
     void *scratch[2];
@@ -78,6 +80,7 @@ struct mf_exec {
 
 struct mf_fence {
     id<MTLCommandBuffer> cb;                // the last one committed at record, or nil
+    uint64_t seq;                           // its commit number
 };
 
 // The region holding p: the last one whose base is <= p and that contains p. Regions
@@ -225,6 +228,7 @@ static void wait_pending(struct mf_exec *ex, int keep, const char *op) {
         [ex->pending[i] release];
     }
     memmove(ex->pending, ex->pending + n, (size_t)keep * sizeof ex->pending[0]);
+    memmove(ex->pending_seq, ex->pending_seq + n, (size_t)keep * sizeof ex->pending_seq[0]);
     ex->n_pending = keep;
 }
 
@@ -247,6 +251,7 @@ static id<MTLCommandBuffer> commit(struct mf_exec *ex, const char *op) {
     if (ex->n_pending == MAX_PENDING)
         wait_pending(ex, MAX_PENDING / 2, op);
     [cb commit];
+    ex->pending_seq[ex->n_pending] = ++ex->n_committed;
     ex->pending[ex->n_pending++] = cb;
     return cb;
 }
@@ -499,12 +504,23 @@ void mf_metal_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void *sr
 }
 
 // Host bytes are copied into a shared buffer now (the host-argument rule), then blitted
-// in queue order.
+// in queue order; where a blit cannot be used, written by the CPU after the queued work.
 static void metal_upload(struct mf_exec *ex, void *dst, size_t dst_off, const void *src_host,
                          size_t bytes) {
     if (ex->status != MF_OK || !bytes)
         return;
     @autoreleasepool {
+        NSUInteger off = 0;
+        if (!resolve(ex, (char *)dst + dst_off, &off)) {
+            mf_metal_fail(ex, MF_ERR_ARG, "metal backend: upload: %p is not memory of "
+                          "this backend", dst);
+            return;
+        }
+        if (!blit_ok(off, 0, bytes)) {
+            mf_metal_wait(ex, "upload");
+            memcpy((char *)dst + dst_off, src_host, bytes);
+            return;
+        }
         const void *tmp = mf_metal_host_arg(ex, src_host, bytes, "upload");
         if (tmp)
             metal_copy_impl(ex, dst, dst_off, tmp, 0, bytes, "upload");
@@ -554,13 +570,20 @@ static void metal_fence_record(struct mf_exec *ex, struct mf_fence *f) {
         id<MTLCommandBuffer> cb = commit(ex, "fence_record");
         [f->cb release];
         f->cb = [cb retain];
+        f->seq = ex->n_committed;
     }
 }
 
+// Command buffers of one queue may overlap when they share no resource, so the work
+// before the fence is done only when every one committed up to it is.
 static void metal_fence_wait(struct mf_exec *ex, struct mf_fence *f) {
     if (!f->cb)
         return;
     @autoreleasepool {
+        for (int i = 0; i < ex->n_pending && ex->pending_seq[i] < f->seq; i++) {
+            [ex->pending[i] waitUntilCompleted];
+            check_done(ex, ex->pending[i], "fence_wait");
+        }
         [f->cb waitUntilCompleted];
         check_done(ex, f->cb, "fence_wait");
     }
