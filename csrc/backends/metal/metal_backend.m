@@ -22,6 +22,12 @@
 
 #include "backends/metal/metal_internal.h"
 
+// A universal (arm64 + x86_64) Python builds extensions for macOS 10.9 and up, older
+// than some Metal calls here (maxBufferLength 10.14, hasUnifiedMemory 10.15). Every
+// path runs only after has_unified() answered yes, which needs macOS 10.15 (in
+// practice 11: Apple Silicon), so the compile-time availability warning is off.
+#pragma clang diagnostic ignored "-Wunguarded-availability-new"
+
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -821,11 +827,18 @@ static int make_pipeline(struct mf_metal_be *mb, int i, char *err, size_t errlen
     return MF_OK;
 }
 
+// Unified memory, asked only where the OS has the question (macOS 10.15).
+static int has_unified(id<MTLDevice> dev) {
+    if (@available(macOS 10.15, *))
+        return dev && [dev hasUnifiedMemory];
+    return 0;
+}
+
 static int open_device(struct mf_metal_be *mb, char *err, size_t errlen) {
     mb->dev = MTLCreateSystemDefaultDevice();
     if (!mb->dev)
         return mf_err(err, errlen, MF_ERR_BACKEND, "metal backend: no Metal device");
-    if (![mb->dev hasUnifiedMemory])
+    if (!has_unified(mb->dev))
         return mf_err(err, errlen, MF_ERR_BACKEND, "metal backend: device %s has no unified "
                       "memory (the backend needs Apple Silicon)", [[mb->dev name] UTF8String]);
     long page = sysconf(_SC_PAGESIZE);
@@ -839,7 +852,7 @@ int mf_backend_metal_probe(char *err, size_t errlen) {
     @autoreleasepool {
         id<MTLDevice> dev = MTLCreateSystemDefaultDevice();
         rc = !dev ? mf_err(err, errlen, MF_ERR_BACKEND, "metal backend: no Metal device")
-             : ![dev hasUnifiedMemory]
+             : !has_unified(dev)
                  ? mf_err(err, errlen, MF_ERR_BACKEND, "metal backend: the Metal device has "
                           "no unified memory (the backend needs Apple Silicon)")
                  : MF_OK;
