@@ -1,6 +1,7 @@
 /*
  * test_metal_host.c — the parts of the Metal backend that run without a Mac: the
- * kernel program text handed to newLibraryWithSource (metal_source.c), the pipeline
+ * kernel program text handed to newLibraryWithSource (metal_source.c; also from
+ * MOEFLUX_SHADERS_DIR), the pipeline
  * table against the manifest text, and (off macOS, with a recording stand-in for the
  * Objective-C glue) how the ops group routed experts by buffer and when they wait.
  *
@@ -64,7 +65,7 @@ static void test_table(void) {
 
 static void test_program(const char *out_path) {
     char err[512] = "", *src = NULL;
-    int rc = mf_metal_program_source(&src, err, sizeof err);
+    int rc = mf_metal_program_source(NULL, &src, err, sizeof err);
     CHECK(rc == MF_OK && src, "program source: %s", err);
     if (rc != MF_OK)
         return;
@@ -91,6 +92,49 @@ static void test_program(const char *out_path) {
     }
     printf("program: %zu bytes\n", strlen(src));
     free(src);
+}
+
+/* ==== MOEFLUX_SHADERS_DIR: the same files read from a directory ==== */
+
+static void test_shaders_dir(void) {
+    char dir[512];
+    if (check_make_tmpdir(dir, sizeof dir, "mf_metal_src") != 0) {
+        CHECK(0, "no temporary directory");
+        return;
+    }
+    const char *marker = "// planted by test_metal_host\n";
+    for (int i = 0; i < mf_shader_count; i++) {
+        const char *t = mf_shader_sources[i];
+        if (strcmp(mf_shader_names[i], "quant.h") == 0) {
+            size_t n = strlen(marker) + strlen(t) + 1;
+            char *m = malloc(n);
+            CHECK(m != NULL, "out of memory");
+            if (!m)
+                return;
+            snprintf(m, n, "%s%s", marker, t);
+            check_write_file(dir, mf_shader_names[i], m, strlen(m));
+            free(m);
+        } else {
+            check_write_file(dir, mf_shader_names[i], t, strlen(t));
+        }
+    }
+    char err[512] = "", *src = NULL, path[600];
+    int rc = mf_metal_program_source(dir, &src, err, sizeof err);
+    CHECK(rc == MF_OK && src && strstr(src, "#line 1 \"quant.h\"\n// planted by"),
+          "the directory's quant.h is not the one compiled: %s", err);
+    free(src);
+    snprintf(path, sizeof path, "%s/moe.h", dir);
+    CHECK(remove(path) == 0, "remove %s", path);
+    src = NULL;
+    rc = mf_metal_program_source(dir, &src, err, sizeof err);
+    CHECK(rc == MF_ERR_IO && !src && strstr(err, "MOEFLUX_SHADERS_DIR") &&
+              strstr(err, "moe.h"),
+          "a missing moe.h: status %d, message '%s'", rc, err);
+    for (int i = 0; i < mf_shader_count; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, mf_shader_names[i]);
+        (void)remove(path);
+    }
+    CHECK(remove(dir) == 0, "remove %s", dir);
 }
 
 #if !defined(__APPLE__)
@@ -267,6 +311,7 @@ static void test_dispatch(void) {
 int main(int argc, char **argv) {
     test_table();
     test_program(argc > 1 ? argv[1] : NULL);
+    test_shaders_dir();
 #if !defined(__APPLE__)
     test_experts_by_region();
     test_dispatch();

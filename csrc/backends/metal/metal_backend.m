@@ -790,9 +790,11 @@ static MTLCompileOptions *compile_options(void) {
     return o;
 }
 
+// The embedded kernel sources, or with MOEFLUX_SHADERS_DIR=<repo>/shaders the files
+// there (kernel work without a rebuild, as on CUDA).
 static int make_library(struct mf_metal_be *mb, char *err, size_t errlen) {
     char *src = NULL;
-    int rc = mf_metal_program_source(&src, err, errlen);
+    int rc = mf_metal_program_source(getenv("MOEFLUX_SHADERS_DIR"), &src, err, errlen);
     if (rc != MF_OK)
         return rc;
     NSString *text = [[NSString alloc] initWithUTF8String:src];

@@ -40,8 +40,9 @@ extern const int mf_metal_kernel_n_buf[MF_MKID_COUNT];
 
 // ---- metal_source.c
 // The kernel program as one text (mf_kernels.h with the embedded includes expanded
-// once each, #line-marked). *out is malloc'd. MF_ERR_FORMAT / MF_ERR_NOMEM.
-int mf_metal_program_source(char **out, char *err, size_t errlen);
+// once each, #line-marked); dir (MOEFLUX_SHADERS_DIR) not NULL or empty: the same
+// files read from there. *out is malloc'd. MF_ERR_FORMAT / MF_ERR_IO / MF_ERR_NOMEM.
+int mf_metal_program_source(const char *dir, char **out, char *err, size_t errlen);
 
 // ---- the glue (metal_backend.m), called by the ops
 // Encodes kernel kid on the exec's open command buffer: buffer i is the MTLBuffer

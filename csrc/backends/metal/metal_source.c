@@ -7,6 +7,8 @@
  * replaced by that file's text, the first time only (every file has include guards,
  * so later copies would be empty anyway), with #line directives so the compiler's
  * messages still name the original file and line. <metal_stdlib> stays an include.
+ * With a directory (MOEFLUX_SHADERS_DIR, as the CUDA driver reads it) the same file
+ * names are read from there instead, so kernels can be fixed without a rebuild.
  * Plain C: built on macOS with the driver, and on every system by the test that
  * syntax-checks this exact text against shaders/metal_stub.
  */
@@ -83,9 +85,29 @@ static int quoted_include(const char *line, const char *end, const char **name,
 struct expand {
     struct text out;
     unsigned char *done;   // [mf_shader_count] already expanded
+    const char *dir;       // read the files here; NULL: the embedded texts
     char *err;
     size_t errlen;
 };
+
+// The text of file idx: embedded, or read from x->dir into *owned (freed by the caller).
+static int file_text(struct expand *x, int idx, const char **text, char **owned) {
+    *owned = NULL;
+    *text = mf_shader_sources[idx];
+    if (!x->dir)
+        return MF_OK;
+    char *path = mf_path_join(x->dir, mf_shader_names[idx]);
+    if (!path)
+        return MF_ERR_NOMEM;
+    size_t len = 0;
+    char why[400];
+    int rc = mf_read_file(path, owned, &len, why, sizeof why);
+    free(path);
+    if (rc != MF_OK)
+        return mf_err(x->err, x->errlen, rc, "metal backend: MOEFLUX_SHADERS_DIR: %s", why);
+    *text = *owned;
+    return MF_OK;
+}
 
 static int expand_file(struct expand *x, int idx, int depth);
 
@@ -105,12 +127,7 @@ static int expand_include(struct expand *x, const char *from, int ln, const char
     return rc;
 }
 
-static int expand_file(struct expand *x, int idx, int depth) {
-    const char *name = mf_shader_names[idx], *s = mf_shader_sources[idx];
-    if (depth > MAX_DEPTH)
-        return mf_err(x->err, x->errlen, MF_ERR_FORMAT,
-                      "metal backend: includes nested deeper than %d at %s", MAX_DEPTH, name);
-    x->done[idx] = 1;
+static int expand_text(struct expand *x, const char *name, const char *s, int depth) {
     if (!put_line_mark(&x->out, 1, name))
         return MF_ERR_NOMEM;
     for (int ln = 1; *s; ln++) {
@@ -130,14 +147,28 @@ static int expand_file(struct expand *x, int idx, int depth) {
     return MF_OK;
 }
 
-int mf_metal_program_source(char **out, char *err, size_t errlen) {
+static int expand_file(struct expand *x, int idx, int depth) {
+    const char *name = mf_shader_names[idx], *text;
+    if (depth > MAX_DEPTH)
+        return mf_err(x->err, x->errlen, MF_ERR_FORMAT,
+                      "metal backend: includes nested deeper than %d at %s", MAX_DEPTH, name);
+    x->done[idx] = 1;
+    char *owned;
+    int rc = file_text(x, idx, &text, &owned);
+    if (rc == MF_OK)
+        rc = expand_text(x, name, text, depth);
+    free(owned);
+    return rc;
+}
+
+int mf_metal_program_source(const char *dir, char **out, char *err, size_t errlen) {
     *out = NULL;
     int root = find_source(ROOT, strlen(ROOT));
     if (root < 0)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "metal backend: the embedded kernel sources lack %s", ROOT);
-    struct expand x = {.done = calloc((size_t)mf_shader_count, 1), .err = err,
-                       .errlen = errlen};
+    struct expand x = {.done = calloc((size_t)mf_shader_count, 1),
+                       .dir = dir && *dir ? dir : NULL, .err = err, .errlen = errlen};
     int rc = x.done ? expand_file(&x, root, 0) : MF_ERR_NOMEM;
     free(x.done);
     if (rc == MF_ERR_NOMEM)
