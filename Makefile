@@ -13,14 +13,28 @@ CFLAGS_C := -std=c11 -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -
 # The kernel sources of shaders/ reach the CUDA backend as string literals in a
 # generated C file (shaders/embed.py; the same step setup.py runs).
 SHADERS_C := build/gen/mf_shaders.c
-CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
+# The Metal backend (csrc/backends/metal/) is built on macOS only, with its
+# Objective-C glue and the frameworks; elsewhere backend.c refuses "metal" with the reason.
+UNAME_S := $(shell uname -s)
+ifeq ($(UNAME_S),Darwin)
+CORE_SRC := $(shell find csrc \( -name '*.c' -o -name '*.m' \) -not -path 'csrc/python/*' | sort) $(SHADERS_C)
+CFLAGS_C := $(filter-out -D_GNU_SOURCE,$(CFLAGS_C)) -D_DARWIN_C_SOURCE
+LDLIBS_OS := -framework Metal -framework Foundation
+METAL_HOST_SRC :=
+else
+CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' -not -path 'csrc/backends/metal/*' | sort) $(SHADERS_C)
+LDLIBS_OS := -ldl
+# tests/c/test_metal_host.c links the Metal backend's plain C with its own stand-in
+# for the Objective-C glue.
+METAL_HOST_SRC := csrc/backends/metal/metal_ops.c csrc/backends/metal/metal_source.c
+endif
 # Every build made here also builds moeflux._diag, the test-only module of single
 # backend ops (tests/test_kernels.py, bench/); a plain `pip install` leaves it out.
 DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
-	test-neon neon-deps
+	test-neon neon-deps test-metal
 
 all: install
 
@@ -48,7 +62,19 @@ $(SHADERS_C): shaders/embed.py $(wildcard shaders/*.h shaders/*.def)
 
 tests/c/build/%: tests/c/%.c tests/c/check.h tests/c/kernsets.h $(CORE_SRC) $(shell find csrc -name '*.h')
 	@mkdir -p tests/c/build
-	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) $(EXTRA_SRC) -lpthread -lm $(LDLIBS_OS)
+
+tests/c/build/test_metal_host: EXTRA_SRC = $(METAL_HOST_SRC)
+tests/c/build/test_metal_host: $(METAL_HOST_SRC)
+
+# The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
+# in place of their launch layers, so only these sources are linked.
+TWIN_SRC := csrc/backends/cuda/cuda_ops.c csrc/backends/metal/metal_ops.c \
+	csrc/backends/backend.c csrc/core/common.c
+tests/c/build/test_metal_twin: tests/c/test_metal_twin.c tests/c/check.h $(TWIN_SRC) \
+		$(shell find csrc shaders -name '*.h' -o -name '*.def')
+	@mkdir -p tests/c/build
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(TWIN_SRC) -lm
 
 # The CPU kernel sets this build contains and this CPU runs ("scalar,avx2,avx512"),
 # from a probe built apart from the core (tools/kernel_sets.c). ctest and pytest pass
@@ -187,3 +213,28 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	[ $$rc -eq 0 ] || fail=1; \
 	status="$$status""pytest tests/test_cuda.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
 	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail
+
+# On a Mac with Apple Silicon (macOS 13 or later, Xcode command line tools): the
+# Metal host and twin tests, then the extension built with -Werror into build/metal-site (as
+# test-cuda does) and tests/test_metal.py: the syntax checks, then whole models on
+# Metal against the CPU backend in the pread and mmap expert modes; one line per step
+# at the end. Elsewhere the whole-model tests skip ("no Metal device").
+METAL_SITE := $(CURDIR)/build/metal-site
+
+test-metal: venv tests/c/build/test_metal_host tests/c/build/test_metal_twin
+	rm -rf build/metal-site build/metal-tmp
+	MOEFLUX_WERROR=1 $(PY) setup.py -q build_ext -b $(METAL_SITE) -t build/metal-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(METAL_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(METAL_SITE)/moeflux/prep
+	@status=""; fail=0; \
+	for t in test_metal_host test_metal_twin; do \
+		echo "== $$t"; ./tests/c/build/$$t 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
+		[ $$rc -eq 0 ] || fail=1; \
+		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
+	done; \
+	echo "== pytest tests/test_metal.py"; \
+	PYTHONPATH=$(METAL_SITE) PYTHONSAFEPATH=1 $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_metal.py 2>&1 | tee build/pytest-metal.log; rc=$${PIPESTATUS[0]}; \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""pytest tests/test_metal.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-metal.log)\n"; \
+	echo "== test-metal summary"; printf '%b' "$$status"; exit $$fail

@@ -30,20 +30,31 @@ def embed_shaders():
 
 
 DIAG_C = os.path.join("csrc", "python", "diag.c")
+# The Metal backend (csrc/backends/metal/: Objective-C glue and the plain C it calls)
+# is built on macOS only; elsewhere backend.c answers "metal" with the reason.
+METAL_DIR = os.path.join("csrc", "backends", "metal") + os.sep
 
 
 def c_sources():
     files = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
-    return [f for f in files if os.sep + "tests" + os.sep not in f and f != DIAG_C] + \
-        [SHADERS_C]
+    files = [f for f in files if os.sep + "tests" + os.sep not in f and f != DIAG_C]
+    return for_platform(files) + [SHADERS_C]
+
+
+def for_platform(files):
+    """The Metal sources (plus its .m glue) on macOS; no Metal file elsewhere."""
+    if sys.platform == "darwin":
+        return files + sorted(glob.glob(METAL_DIR + "*.m"))
+    return [f for f in files if not f.startswith(METAL_DIR)]
 
 
 def diag_sources():
     """diag.c and what its ops need: the backends (CPU and the registry, which names
-    CUDA) and core/common.c; no models, no _core binding."""
+    CUDA and Metal) and core/common.c; no models, no _core binding."""
     backends = sorted(glob.glob(os.path.join("csrc", "backends", "**", "*.c"),
                                 recursive=True))
-    return [DIAG_C, os.path.join("csrc", "core", "common.c")] + backends + [SHADERS_C]
+    return [DIAG_C, os.path.join("csrc", "core", "common.c")] + \
+        for_platform(backends) + [SHADERS_C]
 
 
 def compile_args():
@@ -66,6 +77,8 @@ def link_args():
     args = ["-lpthread", "-lm"]
     if sys.platform.startswith("linux"):
         args.append("-ldl")   # dlopen of libcuda / libnvrtc (in libc from glibc 2.34)
+    if sys.platform == "darwin":
+        args += ["-framework", "Metal", "-framework", "Foundation"]
     extra = os.environ.get("MOEFLUX_LDFLAGS")
     if extra:
         args.extend(extra.split())

@@ -35,6 +35,8 @@ class ModelHandle:
     def config_json(self) -> str: ...
     @property
     def path(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
     def _disown(self) -> None: ...
 
 class Context:
@@ -82,5 +84,6 @@ class Context:
 def __getattr__(name: str) -> Any: ...  # test-only diagnostics
 
 def backends() -> list[str]:
-    """The backends usable in this process ("cpu" always; "cuda" where a driver answers)."""
+    """The backends usable in this process ("cpu" always; "cuda" where a driver answers;
+    "metal" on macOS with a unified-memory Metal device)."""
     ...

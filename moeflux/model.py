@@ -77,7 +77,10 @@ class Model(ModelFeatures):
                 packed_experts/), or a ``_core.ModelHandle`` to share a loaded model.
             threads: compute threads; None or 0 = all online cores (the CLI's
                 ``--threads 0`` means the same).
-            backend: "cpu" (default); "cuda"/"metal" where built.
+            backend: "cpu" (default), "cuda", "metal" (macOS on Apple Silicon) or
+                "auto": Metal where usable, else CUDA where a device answers, else
+                the CPU (``moeflux.backends()`` lists what is usable; ``backend``
+                says what was chosen).
             n_ctx: maximum sequence length; None = min(4096, max_position_embeddings).
             use_2bit: which expert set to read. None (default) chooses: the 4-bit
                 packed_experts/ when present, else packed_experts_2bit/. True reads
@@ -290,6 +293,12 @@ class Model(ModelFeatures):
     def arch(self) -> str:
         """config.json model_type."""
         return self._live().arch
+
+    @property
+    def backend(self) -> str:
+        """The compute backend in use: "cpu", "cuda" or "metal" (what "auto" chose)."""
+        self._live()
+        return self._handle.backend
 
     # ---- lifetime
 

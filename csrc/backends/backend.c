@@ -1,9 +1,11 @@
 /*
  * backend.c — what every backend shares: sizes and slices of weight views, and the
- * choice of backend by name. The backends themselves live in backends/<name>/.
+ * choice of backend by name ("auto": Metal on Apple Silicon, CUDA where a device
+ * answers, else the CPU). The backends themselves live in backends/<name>/.
  */
 #include "backends/backend.h"
 #include "backends/cuda/cuda_backend.h"
+#include "backends/metal/metal_backend.h"
 
 #include <string.h>
 
@@ -40,6 +42,38 @@ struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base) {
     return w;
 }
 
+// Metal exists only in macOS builds (its driver is Objective-C); elsewhere the name
+// is known but refused with the reason.
+static int metal_new(struct mf_backend **out, char *err, size_t errlen) {
+#if defined(__APPLE__)
+    return mf_backend_metal_new(out, err, errlen);
+#else
+    (void)out;
+    return mf_err(err, errlen, MF_ERR_BACKEND,
+                  "backend 'metal' needs macOS on Apple Silicon; this build is for "
+                  "another system (use 'cpu', 'cuda' or 'auto')");
+#endif
+}
+
+int mf_backend_metal_usable(char *err, size_t errlen) {
+#if defined(__APPLE__)
+    return mf_backend_metal_probe(err, errlen);
+#else
+    return metal_new(NULL, err, errlen);
+#endif
+}
+
+// The first usable of Metal and CUDA, else the CPU. A GPU that answers the probe but
+// then fails to open is an error, not a silent fall back to the CPU.
+static int auto_new(struct mf_backend **out, char *err, size_t errlen) {
+    char why[512];
+    if (mf_backend_metal_usable(why, sizeof why) == MF_OK)
+        return metal_new(out, err, errlen);
+    if (mf_backend_cuda_probe(why, sizeof why) == MF_OK)
+        return mf_backend_cuda_new(out, err, errlen);
+    return mf_backend_cpu_new(out, err, errlen);
+}
+
 int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t errlen) {
     *out = NULL;
     if (!name || strcmp(name, "cpu") == 0)
@@ -49,8 +83,9 @@ int mf_backend_new(struct mf_backend **out, const char *name, char *err, size_t 
     if (strcmp(name, "cuda") == 0)
         return mf_backend_cuda_new(out, err, errlen);
     if (strcmp(name, "metal") == 0)
-        return mf_err(err, errlen, MF_ERR_BACKEND,
-                      "backend '%s' is not built into this moeflux", name);
+        return metal_new(out, err, errlen);
+    if (strcmp(name, "auto") == 0)
+        return auto_new(out, err, errlen);
     return mf_err(err, errlen, MF_ERR_BACKEND,
-                  "unknown backend '%s' (expected cpu, cuda or metal)", name);
+                  "unknown backend '%s' (expected auto, cpu, cuda or metal)", name);
 }

@@ -413,6 +413,7 @@ int mf_model_n_layer(const mf_model *m) { return m->cfg.num_hidden_layers; }
 int mf_model_n_embd(const mf_model *m) { return m->cfg.hidden_size; }
 int mf_model_n_ctx_train(const mf_model *m) { return m->cfg.max_position_embeddings; }
 const char *mf_model_arch(const mf_model *m) { return m->cfg.model_type; }
+const char *mf_model_backend(const mf_model *m) { return m->be->ops->name; }
 int mf_model_bos(const mf_model *m) { return m->cfg.bos_token_id; }
 int mf_model_eos(const mf_model *m) { return m->cfg.eos_token_id; }
 int64_t mf_model_expert_bytes_per_token(const mf_model *m) {

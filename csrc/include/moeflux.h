@@ -104,8 +104,8 @@ enum mf_log_level {
 };
 
 struct mf_model_params {
-    const char *backend;   // "cpu" (default). "cuda" and "metal" where built. borrowed
-                           // for the duration of mf_model_load.
+    const char *backend;   // "cpu" (default), "cuda", "metal" (macOS), "auto" (Metal,
+                           // else CUDA, else CPU). borrowed for mf_model_load only.
     mf_log_fn log_fn;      // log callback, NULL = none (default)
     void *log_user;        // passed to log_fn
     int use_2bit;          // read packed_experts_2bit/ instead of packed_experts/;
@@ -239,6 +239,7 @@ MF_API int mf_model_n_layer(const mf_model *model);
 MF_API int mf_model_n_embd(const mf_model *model);
 MF_API int mf_model_n_ctx_train(const mf_model *model);     // max_position_embeddings
 MF_API const char *mf_model_arch(const mf_model *model);    // config model_type; static
+MF_API const char *mf_model_backend(const mf_model *model); // "cpu"/"cuda"/"metal"; static
 MF_API int mf_model_bos(const mf_model *model);             // -1 if unknown
 MF_API int mf_model_eos(const mf_model *model);             // -1 if unknown
 // Bytes of routed-expert data read per token when nothing is cached.

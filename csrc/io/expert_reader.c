@@ -25,6 +25,13 @@
 #define ERR_LEN 320
 #define DIRECT_ALIGN 4096
 #define HUGE_ALIGN ((size_t)2 << 20)
+#if defined(__APPLE__)
+// Apple Silicon pages are 16 KiB: slots on page boundaries can be wrapped as Metal
+// buffers without a copy (newBufferWithBytesNoCopy wants page-aligned memory).
+#define SLOT_ALIGN 16384
+#else
+#define SLOT_ALIGN DIRECT_ALIGN
+#endif
 #define MAX_WORKERS 256
 
 enum slot_state { S_EMPTY, S_QUEUED, S_LOADING, S_READY, S_FAILED };
@@ -231,7 +238,7 @@ static void *worker_main(void *arg) {
 static void *default_alloc(void *user, size_t bytes) {
     (void)user;
     void *p = NULL;
-    size_t align = bytes >= HUGE_ALIGN ? HUGE_ALIGN : DIRECT_ALIGN;
+    size_t align = bytes >= HUGE_ALIGN ? HUGE_ALIGN : SLOT_ALIGN;
     return posix_memalign(&p, align, bytes) == 0 ? p : NULL;
 }
 

@@ -15,6 +15,7 @@
  */
 #include "python/binding.h"
 #include "backends/cuda/cuda_backend.h"
+#include "backends/metal/metal_backend.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -149,6 +150,7 @@ static PyObject *handle_get_int(PyObject *obj, void *which) {
     case 7: return PyUnicode_FromString(mf_model_arch(m));
     case 8: return PyUnicode_FromString(mf_model_config_json(m));
     case 9: return Py_NewRef(((mf_py_handle *)obj)->path);
+    case 10: return PyUnicode_FromString(mf_model_backend(m));
     default: Py_RETURN_NONE;
     }
 }
@@ -166,6 +168,7 @@ static PyGetSetDef handle_getset[] = {
     GET("arch", 7, "config.json model_type."),
     GET("config_json", 8, "config.json as text."),
     GET("path", 9, "The model directory as given to the constructor."),
+    GET("backend", 10, "The compute backend in use (what 'auto' chose)."),
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -740,18 +743,33 @@ static int add_state_methods(PyTypeObject *tp) {
 
 PyDoc_STRVAR(backends_doc,
 "backends()\n--\n\n"
-"Names of the backends a model can be opened with here: always 'cpu', and 'cuda'\n"
-"when a CUDA driver, a device and NVRTC are found (nothing is compiled).");
+"Names of the backends a model can be opened with here: always 'cpu', then 'cuda'\n"
+"when a CUDA driver, a device and NVRTC are found, and 'metal' on macOS with a\n"
+"unified-memory Metal device (nothing is compiled). backend='auto' takes the last.");
+
+// Appends name to list when on; 0 on failure (the exception is set).
+static int append_if(PyObject *list, int on, const char *name) {
+    if (!on)
+        return 1;
+    PyObject *s = PyUnicode_FromString(name);
+    int ok = s && PyList_Append(list, s) == 0;
+    Py_XDECREF(s);
+    return ok;
+}
 
 static PyObject *py_backends(PyObject *mod, PyObject *noargs) {
     (void)mod;
     (void)noargs;
     char err[1024];
-    int rc;
+    int cuda, metal;
     Py_BEGIN_ALLOW_THREADS
-    rc = mf_backend_cuda_probe(err, sizeof err);
+    cuda = mf_backend_cuda_probe(err, sizeof err) == MF_OK;
+    metal = mf_backend_metal_usable(err, sizeof err) == MF_OK;
     Py_END_ALLOW_THREADS
-    return rc == MF_OK ? Py_BuildValue("[ss]", "cpu", "cuda") : Py_BuildValue("[s]", "cpu");
+    PyObject *names = Py_BuildValue("[s]", "cpu");
+    if (names && (!append_if(names, cuda, "cuda") || !append_if(names, metal, "metal")))
+        Py_CLEAR(names);
+    return names;
 }
 
 static PyMethodDef backend_methods[] = {

@@ -1,0 +1,506 @@
+/*
+ * metal_ops.c — the compute ops of the Metal op table: the twins of the CUDA ops
+ * (cuda_ops.c), filling the same params structs for the same kernels, so the only
+ * Metal-specific code is the glue they call (metal_backend.m). Each op checks what
+ * its kernels cannot, copies host arguments into shared buffers and encodes kernels
+ * on the exec's command buffer. Plain C; nothing waits for the GPU except moe_route
+ * with host outputs and moe_experts on reader slots (see there).
+ */
+#include "backends/metal/metal_internal.h"
+
+#include <stdlib.h>
+
+_Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
+                   MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
+               "shaders/mf_params.h dtype codes must equal enum mf_dtype");
+
+// Tokens above which matmul uses the tiled GEMM (the CUDA driver's choice).
+#define MV_MAX_TOK 8
+
+const char *const mf_metal_kernel_names[MF_MKID_COUNT] = {
+#define K(name, params, n_buf, grid) #name,
+#include "../../../shaders/kernels.def"
+#undef K
+};
+
+const int mf_metal_kernel_n_buf[MF_MKID_COUNT] = {
+#define K(name, params, n_buf, grid) n_buf,
+#include "../../../shaders/kernels.def"
+#undef K
+};
+
+// Typed launchers: launch_<kernel>(ex, &params, bufs, op), geometry from grid.h.
+#define K(name, params, n_buf, grid)                                                   \
+    static inline void launch_##name(struct mf_exec *ex, const struct params *p,       \
+                                     const void *const bufs[n_buf], const char *op) {  \
+        unsigned g[3], b[3];                                                           \
+        grid(p, g, b);                                                                 \
+        mf_metal_launch(ex, MF_MKID_##name, g, b, p, sizeof *p, bufs, n_buf, op);      \
+    }
+#include "../../../shaders/kernels.def"
+#undef K
+
+/* ==== Weights ==== */
+
+static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const char *op) {
+    if (w->dtype == MF_DTYPE_F32 || w->dtype == MF_DTYPE_F16 || w->dtype == MF_DTYPE_BF16)
+        return 1;
+    int bits_ok = w->bits >= 2 && w->bits <= 8 && w->bits != 7;
+    int gs_ok = w->group_size == 32 || w->group_size == 64 || w->group_size == 128;
+    if (w->dtype == MF_DTYPE_U32 && bits_ok && gs_ok && w->n_in % w->group_size == 0 &&
+        w->scales && w->biases)
+        return 1;
+    mf_metal_fail(ex, MF_ERR_ARG,
+                  "metal backend: %s: weight [%lld, %lld] dtype %s bits %d group %d: "
+                  "expected F32/F16/BF16 or U32 codes with bits 2-6/8, group 32/64/128 "
+                  "dividing n_in, scales and biases",
+                  op, (long long)w->n_out, (long long)w->n_in, mf_dtype_name(w->dtype),
+                  w->bits, w->group_size);
+    return 0;
+}
+
+static struct mf_p_mv mv_params(const struct mf_weight *w) {
+    struct mf_p_mv p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_head = 1,
+                        .dtype = (int)w->dtype, .sdtype = (int)w->sdtype, .bits = w->bits,
+                        .group_size = w->group_size > 0 ? w->group_size : 32};
+    return p;
+}
+
+/* ==== Linear algebra ==== */
+
+void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
+                           int y_head_stride, const struct mf_weight *w,
+                           int64_t w_head_rows, int transposed, const float *x,
+                           int x_tok_stride, int x_head_stride, int n_tok, int n_head) {
+    if (n_tok <= 0 || n_head <= 0 || w->n_out <= 0 || w->n_in <= 0 ||
+        mf_metal_failed(ex) || !check_weight(ex, w, "matmul"))
+        return;
+    struct mf_p_mv p = mv_params(w);
+    p.n_tok = n_tok;
+    p.n_head = n_head;
+    p.w_head_rows = (int)w_head_rows;
+    p.x_tok_stride = x_tok_stride;
+    p.x_head_stride = x_head_stride;
+    p.y_tok_stride = y_tok_stride;
+    p.y_head_stride = y_head_stride;
+    const void *const b[5] = {y, x, w->w, w->scales, w->biases};
+    if (transposed)
+        launch_mf_mt(ex, &p, b, "matmul_t");
+    else if (n_tok <= MV_MAX_TOK)
+        launch_mf_mv(ex, &p, b, "matmul");
+    else
+        launch_mf_gemm(ex, &p, b, "matmul");
+}
+
+void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                     const float *x, int n_tok) {
+    mf_metal_matmul_heads(ex, y, (int)w->n_out, 0, w, 0, 0, x, (int)w->n_in, 0, n_tok, 1);
+}
+
+void mf_metal_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                       const float *x, int n_tok) {
+    mf_metal_matmul_heads(ex, y, (int)w->n_in, 0, w, 0, 1, x, (int)w->n_out, 0, n_tok, 1);
+}
+
+void mf_metal_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                    const int32_t *tokens_host, int n_tok) {
+    if (n_tok <= 0 || mf_metal_failed(ex) || !check_weight(ex, w, "embed"))
+        return;
+    const void *tok = mf_metal_host_arg(ex, tokens_host, (size_t)n_tok * 4, "embed");
+    if (!tok)
+        return;
+    struct mf_p_embed p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_tok = n_tok,
+                           .dtype = (int)w->dtype, .sdtype = (int)w->sdtype,
+                           .bits = w->bits,
+                           .group_size = w->group_size > 0 ? w->group_size : 32};
+    const void *const b[5] = {y, tok, w->w, w->scales, w->biases};
+    launch_mf_embed(ex, &p, b, "embed");
+}
+
+/* ==== Norms and rope ==== */
+
+static void norm(struct mf_exec *ex, float *y, const float *x, const float *z,
+                 const struct mf_weight *g, struct mf_p_norm p, const char *op) {
+    if (p.n_tok <= 0 || p.n_head <= 0 || p.n <= 0 || mf_metal_failed(ex))
+        return;
+    if (g && g->dtype == MF_DTYPE_U32) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: %s: a quantized norm weight", op);
+        return;
+    }
+    p.has_g = g != NULL;
+    p.g_dtype = g ? (int)g->dtype : 0;
+    p.has_z = z != NULL;
+    const void *const b[4] = {y, x, z, g ? g->w : NULL};
+    launch_mf_rmsnorm(ex, &p, b, op);
+}
+
+void mf_metal_rmsnorm(struct mf_exec *ex, float *y, const float *x,
+                      const struct mf_weight *g, int n_rows, int n, float eps, float scale) {
+    struct mf_p_norm p = {.n_tok = n_rows, .tok_stride = n, .n_head = 1, .n = n,
+                          .eps = eps, .scale = scale};
+    norm(ex, y, x, NULL, g, p, "rmsnorm");
+}
+
+void mf_metal_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
+                            const struct mf_weight *g, int n_tok, int tok_stride,
+                            int n_head, int head_stride, int n, float eps, float scale) {
+    struct mf_p_norm p = {.n_tok = n_tok, .tok_stride = tok_stride, .n_head = n_head,
+                          .head_stride = head_stride, .n = n, .eps = eps, .scale = scale};
+    norm(ex, y, x, NULL, g, p, "rmsnorm_heads");
+}
+
+void mf_metal_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const float *z,
+                            const struct mf_weight *g, int n_rows, int n, float eps) {
+    struct mf_p_norm p = {.n_tok = n_rows, .tok_stride = n, .n_head = 1, .n = n,
+                          .eps = eps, .scale = 1.0f};
+    norm(ex, y, x, z, g, p, "rmsnorm_gated");
+}
+
+void mf_metal_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
+                   int head_stride, int n_rot, const float *inv_freq, int pos0,
+                   int traditional, float mscale) {
+    if (n_tok <= 0 || n_heads <= 0 || n_rot < 2 || mf_metal_failed(ex))
+        return;
+    struct mf_p_rope p = {.n_tok = n_tok, .n_heads = n_heads, .tok_stride = tok_stride,
+                          .head_stride = head_stride, .n_rot = n_rot, .pos0 = pos0,
+                          .traditional = traditional, .mscale = mscale};
+    const void *const b[2] = {x, inv_freq};
+    launch_mf_rope(ex, &p, b, "rope");
+}
+
+/* ==== Attention ==== */
+
+void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                        const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                        int dv, int k_stride, int v_stride, int pos0, float scale) {
+    if (n_tok <= 0 || n_head <= 0 || n_kv_head <= 0 || mf_metal_failed(ex))
+        return;
+    if (dk > MF_ATTN_DK_MAX || n_tok > 65535 || n_head > 65535) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: attention: dk %d (at most %d), "
+                      "n_tok %d, n_head %d (at most 65535)", dk, MF_ATTN_DK_MAX, n_tok,
+                      n_head);
+        return;
+    }
+    struct mf_p_attn p = {.n_tok = n_tok, .n_head = n_head, .n_kv_head = n_kv_head,
+                          .dk = dk, .dv = dv, .k_stride = k_stride, .v_stride = v_stride,
+                          .pos0 = pos0, .scale = scale,
+                          .n_split = (pos0 + n_tok + MF_ATTN_CHUNK - 1) / MF_ATTN_CHUNK};
+    size_t bytes = (size_t)n_tok * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
+    void *ws = mf_metal_scratch(ex, 0, bytes, "attention");
+    if (!ws)
+        return;
+    const void *const b1[4] = {ws, q, k, v};
+    launch_mf_attn_part(ex, &p, b1, "attention");
+    const void *const b2[2] = {out, ws};
+    launch_mf_attn_comb(ex, &p, b2, "attention");
+}
+
+/* ==== GatedDeltaNet ==== */
+
+void mf_metal_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
+                               const float *state_in, const float *u,
+                               const struct mf_weight *w, int n_tok, int C, int K) {
+    if (C <= 0 || K <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_conv p = {.n_tok = n_tok > 0 ? n_tok : 0, .C = C, .K = K,
+                          .w_dtype = (int)w->dtype};
+    const void *const b[5] = {y, state, state_in, u, w->w};
+    launch_mf_conv1d(ex, &p, b, "conv1d_silu");
+}
+
+void mf_metal_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
+                          const struct mf_weight *w, int n_tok, int C, int K) {
+    mf_metal_conv1d_silu_from(ex, y, state, state, u, w, n_tok, C, K);
+}
+
+void mf_metal_gdn_gates(struct mf_exec *ex, float *g, float *beta, const float *a,
+                        const float *b, int ab_stride, const struct mf_weight *A_log,
+                        const struct mf_weight *dt_bias, int n_tok, int nv) {
+    if (n_tok <= 0 || nv <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_gates p = {.n_tok = n_tok, .nv = nv, .ab_stride = ab_stride,
+                           .a_dtype = (int)A_log->dtype, .dt_dtype = (int)dt_bias->dtype};
+    const void *const bufs[6] = {g, beta, a, b, A_log->w, dt_bias->w};
+    launch_mf_gdn_gates(ex, &p, bufs, "gdn_gates");
+}
+
+void mf_metal_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S,
+                                  const float *S_in, const float *q, const float *k,
+                                  const float *v, int qkv_stride, const float *g,
+                                  const float *beta, int n_tok, int nk, int nv, int dk,
+                                  int dv) {
+    if (nk <= 0 || nv <= 0 || dk <= 0 || dv <= 0 || mf_metal_failed(ex))
+        return;
+    if (n_tok <= 0) {   // no token: the state is carried over unchanged
+        if (S != S_in)
+            mf_metal_copy(ex, S, 0, S_in, 0, (size_t)nv * dv * dk * sizeof(float));
+        return;
+    }
+    if (dk > MF_GDN_DK_MAX) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: gdn_recurrence: dk %d, at most %d",
+                      dk, MF_GDN_DK_MAX);
+        return;
+    }
+    struct mf_p_gdn p = {.n_tok = n_tok, .nk = nk, .nv = nv, .dk = dk, .dv = dv,
+                         .qkv_stride = qkv_stride};
+    const void *const b[8] = {o, S, S_in, q, k, v, g, beta};
+    launch_mf_gdn_rec(ex, &p, b, "gdn_recurrence");
+}
+
+void mf_metal_gdn_recurrence(struct mf_exec *ex, float *o, float *S, const float *q,
+                             const float *k, const float *v, int qkv_stride,
+                             const float *g, const float *beta, int n_tok, int nk, int nv,
+                             int dk, int dv) {
+    mf_metal_gdn_recurrence_from(ex, o, S, S, q, k, v, qkv_stride, g, beta, n_tok, nk, nv,
+                                 dk, dv);
+}
+
+/* ==== Elementwise and rows ==== */
+
+void mf_metal_swiglu(struct mf_exec *ex, float *y, const float *gate, const float *up,
+                     int n_rows, int n_cols, int in_stride) {
+    if (n_rows <= 0 || n_cols <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_ew p = {.n_rows = n_rows, .n_cols = n_cols, .stride = in_stride};
+    const void *const b[3] = {y, gate, up};
+    launch_mf_swiglu(ex, &p, b, "swiglu");
+}
+
+void mf_metal_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
+                          int n_cols, int g_stride, int g_cols) {
+    if (n_rows <= 0 || n_cols <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_ew p = {.n_rows = n_rows, .n_cols = n_cols, .stride = g_stride,
+                        .g_cols = g_cols};
+    const void *const b[2] = {y, g};
+    launch_mf_mul_sigmoid(ex, &p, b, "mul_sigmoid");
+}
+
+void mf_metal_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n) {
+    if (n <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_ew p = {.n = n, .alpha = alpha};
+    const void *const b[2] = {y, x};
+    launch_mf_axpy(ex, &p, b, "axpy");
+}
+
+void mf_metal_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
+                               const int32_t *idx_host, const float *w_host, int n_rows,
+                               int n) {
+    if (n_rows <= 0 || n <= 0 || mf_metal_failed(ex))
+        return;
+    const void *idx = mf_metal_host_arg(ex, idx_host, (size_t)n_rows * 4, "scatter_add_rows");
+    const void *w = w_host ? mf_metal_host_arg(ex, w_host, (size_t)n_rows * 4,
+                                               "scatter_add_rows")
+                           : NULL;
+    if (!idx || (w_host && !w))
+        return;
+    struct mf_p_rows p = {.n_rows = n_rows, .n = n, .has_w = w_host != NULL};
+    const void *const b[4] = {dst, src, idx, w};
+    launch_mf_scatter_add(ex, &p, b, "scatter_add_rows");
+}
+
+void mf_metal_gather_rows_dev(struct mf_exec *ex, float *dst, const float *src,
+                              const int32_t *idx, int n_rows, int n) {
+    if (n_rows <= 0 || n <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_rows p = {.n_rows = n_rows, .n = n};
+    const void *const b[3] = {dst, src, idx};
+    launch_mf_gather(ex, &p, b, "gather_rows");
+}
+
+void mf_metal_gather_rows(struct mf_exec *ex, float *dst, const float *src,
+                          const int32_t *idx_host, int n_rows, int n) {
+    if (n_rows <= 0 || n <= 0 || mf_metal_failed(ex))
+        return;
+    const void *idx = mf_metal_host_arg(ex, idx_host, (size_t)n_rows * 4, "gather_rows");
+    if (idx)
+        mf_metal_gather_rows_dev(ex, dst, src, idx, n_rows, n);
+}
+
+void mf_metal_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n) {
+    if (n <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_flag p = {.n_lo = (int)(uint32_t)((uint64_t)n & 0xffffffffu),
+                          .n_hi = (int)((uint64_t)n >> 32)};
+    const void *const b[2] = {flag, x};
+    launch_mf_flag_nonfinite(ex, &p, b, "flag_nonfinite");
+}
+
+/* ==== Mixture of experts ==== */
+
+static int route_ok(struct mf_exec *ex, const struct mf_route_params *r) {
+    int G = r->kind == MF_ROUTE_NOAUX_TC && r->n_group > 1 ? r->n_group : 1;
+    if (r->n_expert >= 1 && r->n_expert <= MF_ROUTE_E_MAX && r->n_used >= 1 &&
+        r->n_used <= r->n_expert && r->n_used <= MF_ROUTE_K_MAX && G <= MF_ROUTE_G_MAX &&
+        r->n_expert % G == 0 && (G == 1 || (r->topk_group >= 1 && r->topk_group <= G)))
+        return 1;
+    mf_metal_fail(ex, MF_ERR_ARG,
+                  "metal backend: moe_route: %d experts, %d used, %d groups (top %d): "
+                  "expected at most %d experts, %d used, %d groups dividing the experts",
+                  r->n_expert, r->n_used, r->n_group, r->topk_group, MF_ROUTE_E_MAX,
+                  MF_ROUTE_K_MAX, MF_ROUTE_G_MAX);
+    return 0;
+}
+
+void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                        const float *bias, const struct mf_route_params *r, int n_tok,
+                        int32_t *idx_host, float *w_host) {
+    if (n_tok <= 0 || mf_metal_failed(ex) || !route_ok(ex, r))
+        return;
+    const size_t n = (size_t)n_tok * r->n_used * 4;
+    void *d_idx = idx, *d_w = w;
+    if (!idx || !w) {   // outputs the caller did not give live in scratch
+        char *s = mf_metal_scratch(ex, 1, 2 * n, "moe_route");
+        if (!s)
+            return;
+        d_idx = idx ? d_idx : s;
+        d_w = w ? d_w : s + n;
+    }
+    struct mf_p_route p = {.n_tok = n_tok, .n_expert = r->n_expert, .n_used = r->n_used,
+                           .kind = (int)r->kind, .norm_topk_prob = r->norm_topk_prob,
+                           .n_group = r->n_group, .topk_group = r->topk_group,
+                           .has_bias = bias != NULL, .scaling = r->routed_scaling_factor};
+    const void *const b[4] = {d_idx, d_w, logits, bias};
+    launch_mf_route(ex, &p, b, "moe_route");
+    if (idx_host)
+        mf_metal_download(ex, idx_host, d_idx, 0, n);
+    if (w_host)
+        mf_metal_download(ex, w_host, d_w, 0, n);
+}
+
+// Quantization of the three projections must agree: the kernels take one set.
+static int experts_ok(struct mf_exec *ex, const struct mf_moe_batch *b) {
+    const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
+    if (!check_weight(ex, g, "moe_experts") || !check_weight(ex, d, "moe_experts"))
+        return 0;
+    if (u->dtype == g->dtype && d->dtype == g->dtype && u->sdtype == g->sdtype &&
+        d->sdtype == g->sdtype && u->bits == g->bits && d->bits == g->bits &&
+        u->group_size == g->group_size && d->group_size == g->group_size &&
+        u->n_in == g->n_in && u->n_out == g->n_out && d->n_in == g->n_out &&
+        d->n_out == g->n_in)
+        return 1;
+    mf_metal_fail(ex, MF_ERR_ARG, "metal backend: moe_experts: gate/up/down differ in "
+                  "dtype, bits, group size or shape (gate [%lld, %lld], down [%lld, %lld])",
+                  (long long)g->n_out, (long long)g->n_in, (long long)d->n_out,
+                  (long long)d->n_in);
+    return 0;
+}
+
+static int32_t off32(const void *p) { return (int32_t)(uintptr_t)p; }
+
+// Bytes of a blob the kernels read: the end of its last component.
+static size_t blob_extent(const struct mf_moe_batch *b) {
+    const struct mf_weight *v[3] = {b->gate, b->up, b->down};
+    uint64_t end = 0;
+    for (int i = 0; i < 3; i++) {
+        uint64_t e = (uint64_t)(uintptr_t)v[i]->w + (uint64_t)mf_weight_w_bytes(v[i]);
+        end = e > end ? e : end;
+        if (v[i]->scales) {
+            uint64_t s = (uint64_t)mf_weight_s_bytes(v[i]);
+            e = (uint64_t)(uintptr_t)v[i]->scales + s;
+            end = e > end ? e : end;
+            e = (uint64_t)(uintptr_t)v[i]->biases + s;
+            end = e > end ? e : end;
+        }
+    }
+    return (size_t)end;
+}
+
+static struct mf_p_moe moe_params(const struct mf_moe_batch *b, int n) {
+    const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
+    struct mf_p_moe p = {
+        .n_exp = n, .n_embd = (int)g->n_in, .n_ff = (int)g->n_out, .max_rows = 0,
+        .dtype = (int)g->dtype, .sdtype = (int)g->sdtype, .bits = g->bits,
+        .group_size = g->group_size > 0 ? g->group_size : 32,
+        .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
+        .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
+        .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases)};
+    return p;
+}
+
+// Experts at[0 .. m) of b, whose blobs lie in the buffer region starting at base:
+// launched with that region as the base buffer and the blobs as offsets into it (the
+// CUDA driver's table, which there spans all of device memory).
+static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                         const struct mf_moe_batch *b, const int *at, int m,
+                         uintptr_t base) {
+    int32_t tab[4 * 256];
+    for (int i0 = 0; i0 < m && !mf_metal_failed(ex); i0 += 256) {
+        int n = m - i0 < 256 ? m - i0 : 256;
+        struct mf_p_moe p = moe_params(b, n);
+        for (int i = 0; i < n; i++) {
+            int e = at[i0 + i];
+            uint64_t off = (uint64_t)((uintptr_t)b->blob_host[e] - base);
+            tab[4 * i] = (int32_t)(uint32_t)off;
+            tab[4 * i + 1] = (int32_t)(uint32_t)(off >> 32);
+            tab[4 * i + 2] = b->row0_host[e];
+            tab[4 * i + 3] = b->n_rows_host[e];
+            p.max_rows = b->n_rows_host[e] > p.max_rows ? b->n_rows_host[e] : p.max_rows;
+        }
+        if (p.max_rows <= 0)
+            continue;
+        const void *t = mf_metal_host_arg(ex, tab, (size_t)n * 16, "moe_experts");
+        if (!t)
+            return;
+        const void *const b1[4] = {gu, xg, (const void *)base, t};
+        launch_mf_moe_gu(ex, &p, b1, "moe_experts");
+        const void *const b2[4] = {eo, gu, (const void *)base, t};
+        launch_mf_moe_down(ex, &p, b2, "moe_experts");
+    }
+}
+
+// Groups b's experts by the buffer region their blobs lie in (each run of kernels
+// binds one buffer); *on_slot = 1 when any blob is in a reader slot.
+static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                             const struct mf_moe_batch *b, const void **region, int *at,
+                             int *on_slot) {
+    const size_t need = blob_extent(b);
+    for (int i = 0; i < b->n; i++) {
+        int slot = 0;
+        region[i] = mf_metal_region(ex, b->blob_host[i], need, &slot, "moe_experts");
+        if (!region[i])
+            return;
+        *on_slot |= slot;
+    }
+    for (int i = 0; i < b->n; i++) {
+        if (!region[i])
+            continue;
+        int m = 0;
+        const void *r = region[i];
+        for (int j = i; j < b->n; j++)
+            if (region[j] == r) {
+                at[m++] = j;
+                region[j] = NULL;
+            }
+        launch_group(ex, eo, gu, xg, b, at, m, (uintptr_t)r);
+    }
+}
+
+// Reader slots (alloc_host memory) are released to the expert reader, which may
+// refill them at once, as soon as this returns (models/moe.c): the kernels reading a
+// slot must be done by then, so this op waits for its command buffer in that case.
+// Deferring the expert compute into the next layer's command buffer needs a fence
+// between compute and slot release in moe.c (see the README's Metal section).
+void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
+                          const struct mf_moe_batch *b) {
+    if (b->n <= 0 || mf_metal_failed(ex) || !experts_ok(ex, b))
+        return;
+    if (b->n > 65535) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: moe_experts: %d experts in one "
+                      "call, at most 65535", b->n);
+        return;
+    }
+    const void **region = malloc((size_t)b->n * sizeof *region);
+    int *at = malloc((size_t)b->n * sizeof *at);
+    int on_slot = 0;
+    if (region && at)
+        launch_by_region(ex, eo, gu, xg, b, region, at, &on_slot);
+    else
+        mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: moe_experts: out of memory for "
+                      "%d experts", b->n);
+    free(region);
+    free(at);
+    if (on_slot)
+        mf_metal_wait(ex, "moe_experts");
+}

@@ -1,0 +1,448 @@
+/*
+ * test_metal_twin.c — every compute op of the Metal backend against its CUDA twin.
+ *
+ * The CUDA ops (cuda_ops.c) run and pass on an NVIDIA GPU (make test-cuda). The Metal
+ * ops (metal_ops.c) must hand the same kernels the same work: here both run with
+ * their launch layers replaced by recorders (the CUDA launch/argument ring/scratch and
+ * the Metal glue), on the same arguments, and the recorded launches must agree in
+ * kernel, grid, threadgroup, params bytes and buffers (host arguments by content),
+ * as must copies and errors. Expert batches are given one buffer region starting at
+ * the lowest blob, where the Metal driver's per-region offsets equal CUDA's. What
+ * this cannot see: the glue itself (buffer lookup, encoding, waits), checked only on a
+ * Mac by make test-metal.
+ *
+ * Linked with cuda_ops.c, metal_ops.c, backend.c and common.c only (Makefile), so the
+ * recorders below stand in for cuda_backend.c and metal_backend.m.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/cuda/cuda_internal.h"
+#include "backends/metal/metal_internal.h"
+#include "check.h"
+
+/* ==== Recorders ==== */
+
+#define MAX_REC 16
+#define MAX_ARG 8
+#define ARG_BYTES 4096
+#define SCRATCH0 0x50000000ull   // attention partials on both sides
+#define SCRATCH1 0x60000000ull   // routing outputs
+#define ARG_BASE(side) ((side) ? 0xB0000000ull : 0xA0000000ull)
+
+static const size_t params_size[] = {
+#define K(name, params, n_buf, grid) sizeof(struct params),
+#include "../../shaders/kernels.def"
+#undef K
+};
+
+struct rec {
+    int kid, n_buf;
+    unsigned g[3], b[3];
+    unsigned char params[128];
+    uint64_t bufs[16];
+};
+
+struct side {
+    struct rec r[MAX_REC];
+    int n;
+    unsigned char args[MAX_ARG][ARG_BYTES];
+    size_t arg_n[MAX_ARG];
+    int n_arg;
+    uint64_t copy[3];      // dst, src, bytes of the last device copy
+    int n_copy;
+};
+
+// Recording state of the two sides (0 CUDA, 1 Metal): this program's own.
+static struct side S[2];
+
+static void record(int side, int kid, const unsigned g[3], const unsigned b[3],
+                   const void *params, const uint64_t *bufs, int n_buf) {
+    struct side *s = &S[side];
+    if (s->n == MAX_REC || g[0] == 0 || g[1] == 0 || g[2] == 0)
+        return;
+    struct rec *r = &s->r[s->n++];
+    r->kid = kid;
+    r->n_buf = n_buf;
+    memcpy(r->g, g, sizeof r->g);
+    memcpy(r->b, b, sizeof r->b);
+    memcpy(r->params, params, params_size[kid]);
+    for (int i = 0; i < n_buf && i < 16; i++)
+        r->bufs[i] = bufs[i];
+}
+
+static uint64_t put_arg(int side, const void *src, size_t n) {
+    struct side *s = &S[side];
+    if (s->n_arg == MAX_ARG || n > ARG_BYTES)
+        return 0;
+    memcpy(s->args[s->n_arg], src, n);
+    s->arg_n[s->n_arg] = n;
+    return ARG_BASE(side) + 0x10000ull * (uint64_t)s->n_arg++;
+}
+
+static void fail_first(struct mf_exec *ex, int status) {
+    if (ex->status == MF_OK)
+        ex->status = status;
+}
+
+/* ---- the CUDA side (what cuda_backend.c provides to cuda_ops.c) */
+
+void mf_cuda_enter(struct mf_exec *ex) { (void)ex; }
+
+void mf_cuda_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
+    (void)fmt;
+    fail_first(ex, status);
+}
+
+int mf_cuda_ck(struct mf_exec *ex, CUresult r, const char *op, const char *call) {
+    (void)op, (void)call;
+    if (r != MF_CUDA_SUCCESS)
+        fail_first(ex, MF_ERR_BACKEND);
+    return r == MF_CUDA_SUCCESS;
+}
+
+void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                    const void *params, const CUdeviceptr *bufs, int n_buf,
+                    const char *op) {
+    (void)ex, (void)op;
+    uint64_t u[16] = {0};
+    for (int i = 0; i < n_buf && i < 16; i++)
+        u[i] = (uint64_t)bufs[i];
+    record(0, kid, g, b, params, u, n_buf);
+}
+
+CUdeviceptr mf_cuda_ring_put(struct mf_exec *ex, const void *src, size_t n, const char *op) {
+    (void)ex, (void)op;
+    return put_arg(0, src, n);
+}
+
+CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, size_t n,
+                            const char *op) {
+    (void)have, (void)n, (void)op;
+    return buf == &ex->ws ? SCRATCH0 : SCRATCH1;
+}
+
+static CUresult fake_dtod(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream st) {
+    (void)st;
+    S[0].copy[0] = dst, S[0].copy[1] = src, S[0].copy[2] = n;
+    S[0].n_copy++;
+    return MF_CUDA_SUCCESS;
+}
+
+static CUresult fake_dtoh(void *dst, CUdeviceptr src, size_t n, CUstream st) {
+    (void)dst, (void)src, (void)n, (void)st;
+    return MF_CUDA_SUCCESS;
+}
+
+static CUresult fake_sync(CUstream st) {
+    (void)st;
+    return MF_CUDA_SUCCESS;
+}
+
+/* ---- the Metal side (what metal_backend.m provides to metal_ops.c); the exec is
+ * opaque to metal_ops.c, so an exec of the CUDA layout serves here */
+
+// Start of the one region the expert blobs of a batch lie in (set per case).
+static uintptr_t region_base;
+
+void mf_metal_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                     const void *params, size_t params_bytes, const void *const *bufs,
+                     int n_buf, const char *op) {
+    (void)ex, (void)op;
+    CHECK(params_bytes == params_size[kid], "%s: %zu params bytes, manifest struct %zu",
+          mf_metal_kernel_names[kid], params_bytes, params_size[kid]);
+    uint64_t u[16] = {0};
+    for (int i = 0; i < n_buf && i < 16; i++)
+        u[i] = (uint64_t)(uintptr_t)bufs[i];
+    record(1, kid, g, b, params, u, n_buf);
+}
+
+const void *mf_metal_host_arg(struct mf_exec *ex, const void *src, size_t n, const char *op) {
+    (void)ex, (void)op;
+    return (const void *)(uintptr_t)put_arg(1, src, n);
+}
+
+void *mf_metal_scratch(struct mf_exec *ex, int slot, size_t n, const char *op) {
+    (void)ex, (void)n, (void)op;
+    return (void *)(uintptr_t)(slot ? SCRATCH1 : SCRATCH0);
+}
+
+const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, int *is_slot,
+                            const char *op) {
+    (void)ex, (void)p, (void)need, (void)op;
+    *is_slot = 0;
+    return (const void *)region_base;
+}
+
+void mf_metal_wait(struct mf_exec *ex, const char *op) { (void)ex, (void)op; }
+
+void mf_metal_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void *src,
+                   size_t src_off, size_t bytes) {
+    (void)ex;
+    S[1].copy[0] = (uint64_t)(uintptr_t)dst + dst_off;
+    S[1].copy[1] = (uint64_t)(uintptr_t)src + src_off;
+    S[1].copy[2] = bytes;
+    S[1].n_copy++;
+}
+
+void mf_metal_download(struct mf_exec *ex, void *dst_host, const void *src, size_t src_off,
+                       size_t bytes) {
+    (void)ex, (void)dst_host, (void)src, (void)src_off, (void)bytes;
+}
+
+void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
+    (void)fmt;
+    fail_first(ex, status);
+}
+
+int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
+
+/* ---- what backend.c refers to, not linked here */
+
+int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen) {
+    (void)out;
+    return mf_err(err, errlen, MF_ERR_BACKEND, "not in this test");
+}
+
+int mf_backend_cpu_new_kernels(struct mf_backend **out, const char *kernels, char *err,
+                               size_t errlen) {
+    (void)kernels;
+    return mf_backend_cpu_new(out, err, errlen);
+}
+
+int mf_backend_cuda_new(struct mf_backend **out, char *err, size_t errlen) {
+    return mf_backend_cpu_new(out, err, errlen);
+}
+
+int mf_backend_cuda_probe(char *err, size_t errlen) {
+    return mf_backend_cpu_new(NULL, err, errlen);
+}
+
+#if defined(__APPLE__)
+int mf_backend_metal_new(struct mf_backend **out, char *err, size_t errlen) {
+    return mf_backend_cpu_new(out, err, errlen);
+}
+
+int mf_backend_metal_probe(char *err, size_t errlen) {
+    return mf_backend_cpu_new(NULL, err, errlen);
+}
+#endif
+
+/* ==== Comparison ==== */
+
+static struct mf_cuda_be fake_be;
+static struct mf_exec E[2];   // [0] for the CUDA ops, [1] for the Metal ops
+static int n_cases, n_launches;
+
+static void reset(void) {
+    memset(S, 0, sizeof S);
+    for (int i = 0; i < 2; i++) {
+        memset(&E[i], 0, sizeof E[i]);
+        E[i].cb = &fake_be;
+    }
+}
+
+static int arg_index(int side, uint64_t a) {
+    uint64_t d = a - ARG_BASE(side);
+    return a >= ARG_BASE(side) && d % 0x10000ull == 0 && d / 0x10000ull < MAX_ARG
+               ? (int)(d / 0x10000ull)
+               : -1;
+}
+
+static void compare_buf(const char *what, int i, int j, uint64_t c, uint64_t m) {
+    int ac = arg_index(0, c), am = arg_index(1, m);
+    if (ac < 0 && am < 0) {
+        CHECK(c == m, "%s: launch %d buffer %d: cuda %#llx, metal %#llx", what, i, j,
+              (unsigned long long)c, (unsigned long long)m);
+        return;
+    }
+    CHECK(ac >= 0 && am >= 0 && S[0].arg_n[ac] == S[1].arg_n[am] &&
+              memcmp(S[0].args[ac], S[1].args[am], S[0].arg_n[ac]) == 0,
+          "%s: launch %d buffer %d: host arguments differ", what, i, j);
+}
+
+static void compare(const char *what) {
+    n_cases++;
+    n_launches += S[1].n;
+    CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
+          S[0].n, S[1].n);
+    CHECK(E[0].status == E[1].status, "%s: status cuda %d, metal %d", what, E[0].status,
+          E[1].status);
+    CHECK(S[0].n_copy == S[1].n_copy && memcmp(S[0].copy, S[1].copy, sizeof S[0].copy) == 0,
+          "%s: device copies differ", what);
+    for (int i = 0; i < S[0].n && i < S[1].n; i++) {
+        const struct rec *c = &S[0].r[i], *m = &S[1].r[i];
+        CHECK(c->kid == m->kid && c->n_buf == m->n_buf, "%s: launch %d: kernel %d/%d vs "
+              "%d/%d", what, i, c->kid, c->n_buf, m->kid, m->n_buf);
+        if (c->kid != m->kid)
+            continue;
+        CHECK(memcmp(c->g, m->g, sizeof c->g) == 0 && memcmp(c->b, m->b, sizeof c->b) == 0,
+              "%s: launch %d (%s): geometry differs", what, i, mf_metal_kernel_names[c->kid]);
+        CHECK(memcmp(c->params, m->params, params_size[c->kid]) == 0,
+              "%s: launch %d (%s): params differ", what, i, mf_metal_kernel_names[c->kid]);
+        for (int j = 0; j < c->n_buf; j++)
+            compare_buf(what, i, j, c->bufs[j], m->bufs[j]);
+    }
+}
+
+// Runs op on both sides with the same arguments, then compares the recordings.
+#define BOTH(op, ...)                                 \
+    do {                                              \
+        reset();                                      \
+        mf_cuda_##op(&E[0], __VA_ARGS__);             \
+        mf_metal_##op(&E[1], __VA_ARGS__);            \
+        compare(#op);                                 \
+    } while (0)
+
+#define P(a) ((void *)(uintptr_t)(a))
+
+/* ==== Cases ==== */
+
+static struct mf_weight quant(int bits, int gs, enum mf_dtype sdt, int64_t n_out,
+                              int64_t n_in) {
+    struct mf_weight w = {.w = P(0x30000000), .scales = P(0x31000000),
+                          .biases = P(0x32000000), .dtype = MF_DTYPE_U32, .sdtype = sdt,
+                          .bits = bits, .group_size = gs, .n_out = n_out, .n_in = n_in};
+    return w;
+}
+
+static struct mf_weight flt(enum mf_dtype dt, int64_t n_out, int64_t n_in) {
+    struct mf_weight w = {.w = P(0x33000000), .dtype = dt, .n_out = n_out, .n_in = n_in};
+    return w;
+}
+
+static void test_products(void) {
+    float *y = P(0x10000000), *x = P(0x11000000);
+    const int toks[] = {1, 4, 8, 9, 70};
+    const int bits[] = {2, 3, 4, 5, 6, 8};
+    for (size_t t = 0; t < sizeof toks / sizeof toks[0]; t++)
+        for (size_t b = 0; b < sizeof bits / sizeof bits[0]; b++) {
+            struct mf_weight w = quant(bits[b], b % 2 ? 64 : 128, MF_DTYPE_BF16, 300, 1024);
+            BOTH(matmul, y, &w, x, toks[t]);
+            BOTH(matmul_t, y, &w, x, toks[t]);
+            BOTH(matmul_heads, y, 96, 32, &w, 40, (int)(b % 2), x, 700, 64, toks[t], 3);
+        }
+    struct mf_weight f = flt(MF_DTYPE_F16, 17, 33);
+    BOTH(matmul, y, &f, x, 2);
+    struct mf_weight bad = quant(7, 64, MF_DTYPE_F16, 8, 128);
+    BOTH(matmul, y, &bad, x, 1);
+    const int32_t tok[5] = {3, 1, 4, 1, 5};
+    struct mf_weight e = quant(4, 64, MF_DTYPE_F32, 1000, 256);
+    BOTH(embed, y, &e, tok, 5);
+}
+
+static void test_norms_rope_attention(void) {
+    float *y = P(0x10000000), *x = P(0x11000000), *z = P(0x12000000);
+    struct mf_weight g = flt(MF_DTYPE_BF16, 1, 128);
+    BOTH(rmsnorm, y, x, &g, 7, 128, 1e-6f, 1.0f);
+    BOTH(rmsnorm, y, x, NULL, 7, 128, 1e-6f, 0.5f);
+    BOTH(rmsnorm_heads, y, x, &g, 5, 1000, 4, 130, 128, 1e-5f, 1.0f);
+    BOTH(rmsnorm_gated, y, x, z, &g, 3, 128, 1e-6f);
+    struct mf_weight qg = quant(4, 64, MF_DTYPE_F16, 1, 128);
+    BOTH(rmsnorm, y, x, &qg, 1, 128, 1e-6f, 1.0f);
+    BOTH(rope, x, 6, 8, 1024, 128, 64, P(0x13000000), 17, 0, 1.0f);
+    BOTH(rope, x, 1, 2, 576, 64, 64, P(0x13000000), 300, 1, 0.7f);
+    BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
+    BOTH(attention, y, x, z, P(0x14000000), 1, 16, 1, 576, 512, 576, 576, 3, 0.1f);
+    BOTH(attention, y, x, z, P(0x14000000), 1, 4, 1, 2048, 512, 2048, 2048, 0, 0.1f);
+}
+
+static void test_gdn_and_elementwise(void) {
+    float *y = P(0x10000000), *s = P(0x11000000), *si = P(0x12000000), *u = P(0x13000000);
+    struct mf_weight w = flt(MF_DTYPE_BF16, 8192, 4);
+    BOTH(conv1d_silu, y, s, u, &w, 3, 8192, 4);
+    BOTH(conv1d_silu_from, y, s, si, u, &w, 0, 8192, 4);
+    struct mf_weight al = flt(MF_DTYPE_F32, 1, 32), dt = flt(MF_DTYPE_BF16, 1, 32);
+    BOTH(gdn_gates, y, s, u, si, 64, &al, &dt, 5, 32);
+    BOTH(gdn_recurrence, y, s, u, si, P(0x14000000), 8192, P(0x15000000), P(0x16000000), 4,
+         16, 32, 128, 128);
+    BOTH(gdn_recurrence_from, y, s, si, u, si, P(0x14000000), 8192, P(0x15000000),
+         P(0x16000000), 0, 16, 32, 128, 128);
+    BOTH(gdn_recurrence_from, y, s, si, u, si, P(0x14000000), 8192, P(0x15000000),
+         P(0x16000000), 2, 16, 32, 512, 128);
+    BOTH(swiglu, y, s, u, 3, 512, 1024);
+    BOTH(mul_sigmoid, y, s, 4, 2048, 1, 1);
+    BOTH(mul_sigmoid, y, s, 4, 64, 4096, 64);
+    BOTH(axpy, y, 0.5f, s, 5000);
+    const int32_t idx[6] = {2, 0, 5, 5, 1, 3};
+    const float wt[6] = {0.5f, 0.25f, 1.0f, -2.0f, 0.125f, 3.0f};
+    BOTH(scatter_add_rows, y, s, idx, wt, 6, 2048);
+    BOTH(scatter_add_rows, y, s, idx, NULL, 6, 2048);
+    BOTH(gather_rows, y, s, idx, 6, 300);
+    BOTH(gather_rows_dev, y, s, P(0x17000000), 6, 300);
+    BOTH(flag_nonfinite, P(0x18000000), s, (int64_t)5 << 32 | 7);
+}
+
+static void test_route(void) {
+    float *logits = P(0x10000000);
+    int32_t idx_host[64];
+    float w_host[64];
+    struct mf_route_params sm = {.kind = MF_ROUTE_SOFTMAX, .n_expert = 256, .n_used = 8,
+                                 .norm_topk_prob = 1, .n_group = 1, .topk_group = 1,
+                                 .routed_scaling_factor = 1.0f};
+    BOTH(moe_route, NULL, NULL, logits, NULL, &sm, 3, idx_host, w_host);
+    BOTH(moe_route, P(0x19000000), P(0x1a000000), logits, NULL, &sm, 5, NULL, NULL);
+    struct mf_route_params tc = {.kind = MF_ROUTE_NOAUX_TC, .n_expert = 256, .n_used = 8,
+                                 .norm_topk_prob = 1, .n_group = 8, .topk_group = 4,
+                                 .routed_scaling_factor = 2.5f};
+    BOTH(moe_route, P(0x19000000), NULL, logits, P(0x1b000000), &tc, 2, idx_host, NULL);
+    tc.topk_group = 9;   // refused on both
+    BOTH(moe_route, NULL, NULL, logits, NULL, &tc, 1, idx_host, w_host);
+}
+
+// Expert views of a quantized blob [gate W S B, up W S B, down W S B] at offsets.
+static void expert_views(struct mf_weight v[3], int n_ff, int n_embd, int bits) {
+    uint64_t off = 0;
+    for (int i = 0; i < 3; i++) {
+        v[i] = quant(bits, 64, MF_DTYPE_BF16, i < 2 ? n_ff : n_embd, i < 2 ? n_embd : n_ff);
+        int64_t wb = mf_weight_w_bytes(&v[i]), sb = mf_weight_s_bytes(&v[i]);
+        v[i].w = P(off);
+        v[i].scales = P(off + (uint64_t)wb);
+        v[i].biases = P(off + (uint64_t)(wb + sb));
+        off += (uint64_t)(wb + 2 * sb);
+    }
+}
+
+static void test_experts(void) {
+    struct mf_weight v[3];
+    expert_views(v, 512, 2048, 4);
+    const uint64_t S_e = 1769472, base = 0x40000000;
+    const void *blobs[300];
+    int32_t row0[300], rows[300];
+    for (int i = 0; i < 300; i++) {   // scattered order; more than one table part
+        blobs[i] = P(base + S_e * (uint64_t)((i * 37) % 300));
+        row0[i] = i;
+        rows[i] = 1 + i % 3;
+    }
+    region_base = (uintptr_t)base;
+    struct mf_moe_batch b = {.n = 8, .blob_host = blobs, .row0_host = row0,
+                             .n_rows_host = rows, .gate = &v[0], .up = &v[1], .down = &v[2]};
+    float *eo = P(0x10000000), *gu = P(0x11000000), *xg = P(0x12000000);
+    blobs[0] = P(base);   // the lowest blob is the region start
+    BOTH(moe_experts, eo, gu, xg, &b);
+    b.n = 300;
+    BOTH(moe_experts, eo, gu, xg, &b);
+    struct mf_weight bad = v[2];
+    bad.bits = 8;
+    b.down = &bad;
+    BOTH(moe_experts, eo, gu, xg, &b);
+}
+
+int main(void) {
+    fake_be.cu.MemcpyDtoDAsync = fake_dtod;
+    fake_be.cu.MemcpyDtoHAsync = fake_dtoh;
+    fake_be.cu.StreamSynchronize = fake_sync;
+    test_products();
+    test_norms_rope_attention();
+    test_gdn_and_elementwise();
+    test_route();
+    test_experts();
+    // Most cases launch kernels (a few are refused or do nothing on both sides): a
+    // recorder that lost launches would pass the comparisons vacuously.
+    CHECK(n_launches >= 100, "only %d launches in %d cases", n_launches, n_cases);
+    printf("%d cases, %d launches: the Metal ops launch what the CUDA ops launch\n",
+           n_cases, n_launches);
+    return check_finish("test_metal_twin");
+}
