@@ -46,6 +46,27 @@ tests/c/build/%: tests/c/%.c tests/c/check.h $(CORE_SRC) $(shell find csrc -name
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -o $@ $< $(CORE_SRC) -lpthread -lm -ldl
 
+# tests/c/test_faults.c runs against a core built with -DMF_FAULT_INJECTION, whose
+# common.h renames every allocation and expert pread to counting hooks. Its objects are
+# compiled one by one and each is checked for a direct call to an allocator or pread:
+# a file that bypasses common.h would escape the allocation-failure loop unseen.
+FAULT_OBJ := tests/c/build/fault-obj
+FAULT_FNS := malloc calloc realloc strdup strndup posix_memalign aligned_alloc pread
+$(FAULT_OBJ)/.built: $(CORE_SRC) $(shell find csrc -name '*.h')
+	@rm -rf $(FAULT_OBJ) && mkdir -p $(FAULT_OBJ)
+	@set -e; for s in $(CORE_SRC); do \
+		o=$(FAULT_OBJ)/$$(echo $$s | tr / _).o; \
+		echo "$(CC) ... -DMF_FAULT_INJECTION -c $$s"; \
+		$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -DMF_FAULT_INJECTION -c -o $$o $$s; \
+		[ "$$s" = csrc/core/common.c ] && continue; \
+		bad=$$(nm -u $$o | awk '{print $$2}' | grep -xE '$(subst $() ,|,$(FAULT_FNS))' || true); \
+		if [ -n "$$bad" ]; then echo "$$s calls $$bad directly (not through core/common.h)"; exit 1; fi; \
+	done
+	@touch $@
+
+tests/c/build/test_faults: tests/c/test_faults.c tests/c/check.h $(FAULT_OBJ)/.built
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -DMF_FAULT_INJECTION -o $@ $< $(FAULT_OBJ)/*.o -lpthread -lm -ldl
+
 ctest: $(CTESTS)
 	@set -e; for t in $(CTESTS); do echo "== $$t"; ./$$t; done
 
