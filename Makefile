@@ -16,7 +16,7 @@ SHADERS_C := build/gen/mf_shaders.c
 CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda fault-site
 
 all: install
 
@@ -125,6 +125,20 @@ tap: venv
 	MOEFLUX_TAP=1 $(PY) setup.py -q build_ext -b $(TAP_SITE) -t build/tap-tmp
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(TAP_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(TAP_SITE)/moeflux/prep
+
+# The extension built with -DMF_FAULT_INJECTION in build/fault-site (Python files
+# linked to the live sources, as for asan-pytest): tests/test_faults.py runs scripts
+# against it that arm the hooks of core/common.h through ctypes. Rebuilt only when a
+# C file changes; the test makes it itself when missing.
+FAULT_SITE := $(CURDIR)/build/fault-site
+fault-site: $(FAULT_SITE)/.built
+$(FAULT_SITE)/.built: $(CORE_SRC) $(shell find csrc -name '*.[ch]') setup.py
+	rm -rf $(FAULT_SITE) build/fault-tmp
+	MOEFLUX_WERROR=1 MOEFLUX_CFLAGS=-DMF_FAULT_INJECTION $(PY) setup.py -q build_ext \
+		-b $(FAULT_SITE) -t build/fault-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(FAULT_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(FAULT_SITE)/moeflux/prep
+	touch $@
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info

@@ -4,12 +4,13 @@
  * counting hooks; the Makefile builds this program alone that way).
  *
  *   allocations  allocation N fails, for N = 1, 2, ... until model open + ctx creation
- *                (then an evaluation) succeeds: each failure must return an error
- *                status with a message and a NULL handle, or else work correctly;
+ *                (then an evaluation, a snapshot save and a snapshot load) succeeds:
+ *                each failure must return an error status with a message and a NULL
+ *                handle (the ctx unchanged), or else be tolerated and work correctly;
  *                `make asan` runs this under LeakSanitizer, so any half-built object
  *                not freed on an error path fails the run.
  *   expert reads every pread short (the read must be completed), failing with EIO or
- *                ending early (EOF), after 0, 1, 2, ... good reads, in pread and direct
+ *                ending early (EOF), after 0, 1 and 3 good reads, in pread and direct
  *                modes: a refused eval names the layer file and offset, leaves n_past
  *                and the state unchanged, and the next eval gives the logits of a
  *                fault-free context bit for bit.
@@ -234,7 +235,7 @@ static struct mf_ctx_params ctx_params(const char *io_mode) {
     struct mf_ctx_params p = mf_ctx_default_params();
     p.n_ctx = 64;
     p.n_threads = 1;
-    p.io_threads = 2;
+    p.io_threads = 4;
     p.io_mode = io_mode;
     return p;
 }
@@ -354,6 +355,71 @@ static void test_alloc_eval(mf_model *m) {
     mf_ctx_free(c);
 }
 
+// Allocation n of mf_ctx_state_save, then of mf_ctx_state_load into a fresh ctx,
+// fails: refused with a message and the ctx untouched; the snapshot finally loaded
+// continues exactly as the reference.
+static long save_with_failure(mf_ctx *c, uint8_t *buf, size_t cap, int64_t *written) {
+    long n = 1, used;
+    for (;; n++) {
+        mf_fault_alloc_arm(n);
+        *written = mf_ctx_state_save(c, buf, cap);
+        used = mf_fault_alloc_count();
+        mf_fault_alloc_arm(0);
+        CHECK(*written > 0 || (used >= n && mf_ctx_errmsg(c)[0] &&
+                               mf_ctx_n_past(c) == N_PROMPT),
+              "state_save, allocation %ld failing: %lld '%s'", n, (long long)*written,
+              mf_ctx_errmsg(c));
+        if (used < n)
+            return used;
+    }
+}
+
+static long load_with_failure(mf_ctx *c, const uint8_t *buf, int64_t size) {
+    long n = 1, used;
+    for (;; n++) {
+        mf_fault_alloc_arm(n);
+        int rc = mf_ctx_state_load(c, buf, (size_t)size);
+        used = mf_fault_alloc_count();
+        mf_fault_alloc_arm(0);
+        CHECK(rc == MF_OK || (rc < 0 && used >= n && mf_ctx_errmsg(c)[0] &&
+                              mf_ctx_n_past(c) == 0),
+              "state_load, allocation %ld failing: %d '%s'", n, rc, mf_ctx_errmsg(c));
+        if (used < n)
+            return used;
+        if (rc == MF_OK)
+            mf_ctx_reset(c);
+    }
+}
+
+static void test_alloc_state(mf_model *m) {
+    mf_ctx *a = NULL, *b = NULL;
+    char err[512] = "";
+    struct mf_ctx_params p = ctx_params("pread");
+    CHECK(mf_ctx_new(&a, m, &p, err, sizeof err) == MF_OK &&
+              mf_ctx_new(&b, m, &p, err, sizeof err) == MF_OK, "ctx: %s", err);
+    float out[VOCAB];
+    size_t cap = 0;
+    uint8_t *buf = NULL;
+    if (a && b && mf_ctx_eval(a, PROMPT, N_PROMPT, out, 0) == MF_OK) {
+        cap = mf_ctx_state_size(a);
+        buf = (malloc)(cap ? cap : 1);
+    }
+    CHECK(buf != NULL && cap > 0, "no snapshot buffer (%zu bytes)", cap);
+    if (buf) {
+        int64_t written = 0;
+        long saves = save_with_failure(a, buf, cap, &written);
+        long loads = load_with_failure(b, buf, written);
+        CHECK(mf_ctx_n_past(b) == N_PROMPT, "loaded n_past %d", mf_ctx_n_past(b));
+        CHECK(mf_ctx_eval(b, DECODE, 1, out, 0) == MF_OK && same_as_ref(out, 1, 1),
+              "after the snapshot loaded: logits differ (%s)", mf_ctx_errmsg(b));
+        printf("state: save %ld, load %ld allocations; each failure refused cleanly\n",
+               saves, loads);
+    }
+    free(buf);
+    mf_ctx_free(a);
+    mf_ctx_free(b);
+}
+
 /* ==== Expert read faults ==== */
 
 // A context in `mode`; says which mode it got (direct may fall back to pread).
@@ -444,6 +510,7 @@ int main(void) {
     if (rc == MF_OK && reference(m) == MF_OK) {
         test_alloc_open();
         test_alloc_eval(m);
+        test_alloc_state(m);
         test_read_faults(m, "pread");
         test_read_faults(m, "direct");
     }
