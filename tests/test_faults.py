@@ -128,8 +128,13 @@ print(json.dumps(out))
 @pytest.fixture(scope="session")
 def fault_site() -> Path:
     """build/fault-site, (re)built by make when missing or older than a C file."""
+    # Built with a plain environment: under `make asan-pytest` the compiler would
+    # otherwise run with the sanitizer runtime preloaded.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONPATH",
+                        "PYTHONSAFEPATH", "MOEFLUX_CFLAGS", "MOEFLUX_LDFLAGS")}
     r = subprocess.run(["make", "-s", "-C", str(REPO), "fault-site", f"PY={sys.executable}"],
-                       capture_output=True, text=True, timeout=1200)
+                       capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     return SITE
 
