@@ -9,6 +9,9 @@ model; short reads are completed; allocation N of Model() failing, for every N, 
 a MoefluxError (never a crash) on every architecture. The leak checks of the same
 failures are in tests/c/test_faults.c (LeakSanitizer under ``make asan``).
 
+The C fault test (tests/c/test_faults.c) also runs here on a converted model of every
+architecture (it writes only a qwen3_moe model itself).
+
 Snapshot files: ENOSPC and EIO while writing (injected into the os calls of the
 writer) give an OSError naming the file; the old file is left whole, no temporary
 file stays behind and the sequence is unchanged.
@@ -125,23 +128,48 @@ print(json.dumps(out))
 """
 
 
+def _plain_env() -> dict[str, str]:
+    """The environment without what `make asan-pytest` adds (a compiler or the C test
+    would otherwise run with the sanitizer runtime preloaded)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONPATH",
+                         "PYTHONSAFEPATH", "MOEFLUX_CFLAGS", "MOEFLUX_LDFLAGS",
+                         "MOEFLUX_IO")}
+
+
+def _make(target: str) -> None:
+    r = subprocess.run(["make", "-s", "-C", str(REPO), target, f"PY={sys.executable}"],
+                       capture_output=True, text=True, timeout=1200, env=_plain_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.fixture(scope="session")
 def fault_site() -> Path:
     """build/fault-site, (re)built by make when missing or older than a C file."""
-    # Built with a plain environment: under `make asan-pytest` the compiler would
-    # otherwise run with the sanitizer runtime preloaded.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONPATH",
-                        "PYTHONSAFEPATH", "MOEFLUX_CFLAGS", "MOEFLUX_LDFLAGS")}
-    r = subprocess.run(["make", "-s", "-C", str(REPO), "fault-site", f"PY={sys.executable}"],
-                       capture_output=True, text=True, timeout=1200, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    _make("fault-site")
     return SITE
+
+
+def test_c_fault_test_every_arch(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """tests/c/test_faults.c (every allocation of open, ctx creation, eval, snapshot
+    save and load failing in turn; short, EIO and EOF expert reads) on a converted
+    model of every architecture, which the C test cannot make itself. Built by make
+    when missing; after `make asan` the binary is the sanitized one, and this runs it
+    under LeakSanitizer."""
+    _make("tests/c/build/test_faults")
+    paths = {arch: str(converted(arch)[1]) for arch in ARCHS}
+    env = dict(_plain_env(), MOEFLUX_FAULT_MODELS=":".join(paths.values()))
+    r = subprocess.run([str(REPO / "tests" / "c" / "build" / "test_faults")], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for arch, path in paths.items():
+        assert f"== {path} ({arch})" in r.stdout, f"{arch} was not tested"
 
 
 def _run_job(site: Path, job: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONSAFEPATH="1")
-    env.pop("MOEFLUX_IO", None)
+    env.pop("MOEFLUX_IO", None)   # each job sets its io_mode
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(job)], env=env,
                        capture_output=True, text=True, timeout=900, cwd=str(site))
     assert r.returncode == 0, f"status {r.returncode}\n{r.stdout}\n{r.stderr}"

@@ -47,7 +47,10 @@
 #define PROJ_BYTES(rows, in) ((rows) * (in) / 2 + 2 * (rows) * ((in) / GS) * 2)
 #define EXPERT_BYTES (2 * PROJ_BYTES(FF, HID) + PROJ_BYTES(HID, FF))
 
-static char dir[256];
+static char dir[256];          // the model written here
+static const char *model_dir;  // the model under test: dir, or one of $MOEFLUX_FAULT_MODELS
+static int n_vocab;            // its vocabulary
+#define MAX_VOCAB 4096
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 static const char *const CONFIG =
@@ -240,15 +243,15 @@ static struct mf_ctx_params ctx_params(const char *io_mode) {
     return p;
 }
 
-// The prompt's last logits, then each decode step's: N_ROWS rows of VOCAB.
+// The prompt's last logits, then each decode step's: N_ROWS rows of n_vocab.
 static int run(mf_ctx *c, float *out) {
     int rc = mf_ctx_eval(c, PROMPT, N_PROMPT, out, 0);
     for (int i = 0; rc == MF_OK && i < N_DECODE; i++)
-        rc = mf_ctx_eval(c, &DECODE[i], 1, out + (size_t)(i + 1) * VOCAB, 0);
+        rc = mf_ctx_eval(c, &DECODE[i], 1, out + (size_t)(i + 1) * n_vocab, 0);
     return rc;
 }
 
-static float ref[N_ROWS * VOCAB];   // from a fault-free context
+static float ref[N_ROWS * MAX_VOCAB];   // from a fault-free context
 
 static int reference(mf_model *m) {
     mf_ctx *c = NULL;
@@ -261,7 +264,7 @@ static int reference(mf_model *m) {
     rc = run(c, ref);
     CHECK(rc == MF_OK, "reference eval: %s", mf_ctx_errmsg(c));
     int finite = 1;
-    for (int i = 0; i < N_ROWS * VOCAB; i++)
+    for (int i = 0; i < N_ROWS * n_vocab; i++)
         finite &= ref[i] == ref[i] && ref[i] - ref[i] == 0;
     CHECK(finite, "reference logits are not finite");
     mf_ctx_free(c);
@@ -270,8 +273,8 @@ static int reference(mf_model *m) {
 
 // got[0 .. rows) equal, bit for bit, to the reference's rows from `first` on.
 static int same_as_ref(const float *got, int first, int rows) {
-    return memcmp(got, ref + (size_t)first * VOCAB, (size_t)rows * VOCAB * sizeof(float)) ==
-           0;
+    return memcmp(got, ref + (size_t)first * n_vocab,
+                  (size_t)rows * (size_t)n_vocab * sizeof(float)) == 0;
 }
 
 /* ==== Allocation failures ==== */
@@ -284,7 +287,7 @@ static long open_with_failure(long n, int *n_refused) {
     char err[512] = "";
     struct mf_ctx_params p = ctx_params("pread");
     mf_fault_alloc_arm(n);
-    int rc = mf_model_load(&m, dir, NULL, err, sizeof err);
+    int rc = mf_model_load(&m, model_dir, NULL, err, sizeof err);
     if (rc == MF_OK)
         rc = mf_ctx_new(&c, m, &p, err, sizeof err);
     long used = mf_fault_alloc_count();
@@ -302,7 +305,7 @@ static long open_with_failure(long n, int *n_refused) {
         return used;
     }
     // Success despite a failed allocation (a tolerated one) must still compute right.
-    float out[N_ROWS * VOCAB];
+    float out[N_ROWS * MAX_VOCAB];
     CHECK(run(c, out) == MF_OK && same_as_ref(out, 0, N_ROWS),
           "allocation %ld failed, open succeeded, but the logits differ: %s", n,
           mf_ctx_errmsg(c));
@@ -330,7 +333,7 @@ static void test_alloc_eval(mf_model *m) {
     CHECK(mf_ctx_new(&c, m, &p, err, sizeof err) == MF_OK, "ctx: %s", err);
     if (!c)
         return;
-    float out[N_ROWS * VOCAB];
+    float out[N_ROWS * MAX_VOCAB];
     long n = 1, used = 0;
     int refused = 0;
     for (;; n++) {
@@ -397,7 +400,7 @@ static void test_alloc_state(mf_model *m) {
     struct mf_ctx_params p = ctx_params("pread");
     CHECK(mf_ctx_new(&a, m, &p, err, sizeof err) == MF_OK &&
               mf_ctx_new(&b, m, &p, err, sizeof err) == MF_OK, "ctx: %s", err);
-    float out[VOCAB];
+    float out[MAX_VOCAB];
     size_t cap = 0;
     uint8_t *buf = NULL;
     if (a && b && mf_ctx_eval(a, PROMPT, N_PROMPT, out, 0) == MF_OK) {
@@ -432,8 +435,6 @@ static mf_ctx *io_ctx(mf_model *m, const char *mode, char *got, size_t cap) {
         struct mf_ctx_stats st;
         mf_ctx_stats_get(c, &st);
         snprintf(got, cap, "%s", st.io_mode);
-        if (strcmp(st.io_mode, mode) != 0)
-            printf("note: io_mode %s gave %s: %s\n", mode, st.io_mode, st.io_note);
     }
     return c;
 }
@@ -443,7 +444,12 @@ static void test_short_reads(mf_model *m, const char *mode) {
     mf_ctx *c = io_ctx(m, mode, got, sizeof got);
     if (!c)
         return;
-    float out[N_ROWS * VOCAB];
+    float out[N_ROWS * MAX_VOCAB];
+    if (strcmp(got, mode) != 0) {
+        struct mf_ctx_stats st;
+        mf_ctx_stats_get(c, &st);
+        printf("note: io_mode %s gave %s: %s\n", mode, got, st.io_note);
+    }
     mf_fault_io_arm(MF_FAULT_IO_SHORT, 0);
     int rc = run(c, out);
     long preads = mf_fault_io_count();
@@ -471,7 +477,7 @@ static void read_fault(mf_model *m, const char *mode, int kind, long after, int 
         return;
     snprintf(what, sizeof what, "%s, %s after %ld reads, at %s", got,
              kind == MF_FAULT_IO_EIO ? "EIO" : "EOF", after, at_decode ? "decode" : "prompt");
-    float out[N_ROWS * VOCAB];
+    float out[N_ROWS * MAX_VOCAB];
     int rc = at_decode ? mf_ctx_eval(c, PROMPT, N_PROMPT, out, 0) : MF_OK;
     const int32_t *toks = at_decode ? DECODE : PROMPT;
     int n = at_decode ? 1 : N_PROMPT, past = mf_ctx_n_past(c);
@@ -499,15 +505,18 @@ static void test_read_faults(mf_model *m, const char *mode) {
                 read_fault(m, mode, kind, afters[i], at_decode);
 }
 
-int main(void) {
-    if (check_make_tmpdir(dir, sizeof dir, "mf_faults") != 0)
-        return 1;
-    write_model();
+// Every test on the model at path (a model dir made elsewhere, e.g. by prep convert,
+// may be of any architecture).
+static void test_model(const char *path) {
+    model_dir = path;
     mf_model *m = NULL;
     char err[512] = "";
-    int rc = mf_model_load(&m, dir, NULL, err, sizeof err);
-    CHECK(rc == MF_OK, "the test model does not load: %s", err);
-    if (rc == MF_OK && reference(m) == MF_OK) {
+    int rc = mf_model_load(&m, path, NULL, err, sizeof err);
+    CHECK(rc == MF_OK, "%s does not load: %s", path, err);
+    n_vocab = m ? mf_model_n_vocab(m) : 0;
+    CHECK(n_vocab <= MAX_VOCAB, "%s: n_vocab %d above %d", path, n_vocab, MAX_VOCAB);
+    printf("== %s (%s)\n", path, m ? mf_model_arch(m) : "?");
+    if (rc == MF_OK && n_vocab <= MAX_VOCAB && reference(m) == MF_OK) {
         test_alloc_open();
         test_alloc_eval(m);
         test_alloc_state(m);
@@ -515,6 +524,30 @@ int main(void) {
         test_read_faults(m, "direct");
     }
     mf_model_free(m);
+}
+
+// $MOEFLUX_FAULT_MODELS: more model directories to test, separated by ':'
+// (tests/test_faults.py passes converted models of every architecture).
+static void test_env_models(void) {
+    const char *env = getenv("MOEFLUX_FAULT_MODELS");
+    char path[1024];
+    while (env && *env) {
+        size_t n = strcspn(env, ":");
+        if (n > 0 && n < sizeof path) {
+            memcpy(path, env, n);
+            path[n] = '\0';
+            test_model(path);
+        }
+        env += n + (env[n] == ':');
+    }
+}
+
+int main(void) {
+    if (check_make_tmpdir(dir, sizeof dir, "mf_faults") != 0)
+        return 1;
+    write_model();
+    test_model(dir);
     remove_model();
+    test_env_models();
     return check_finish("test_faults");
 }
