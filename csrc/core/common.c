@@ -213,8 +213,12 @@ static int alloc_fails(void) {
     return 1;
 }
 
+// Zero-filled, as fresh pages from the system are: a descriptor array an error path
+// closes before filling then closes fd 0, which the fault test's descriptor check
+// sees every time (with leftover heap contents it would close someone else's file
+// only now and then).
 void *mf_fault_malloc(size_t n) {
-    return alloc_fails() ? NULL : (malloc)(n);
+    return alloc_fails() ? NULL : (calloc)(1, n ? n : 1);
 }
 
 void *mf_fault_calloc(size_t n, size_t size) {

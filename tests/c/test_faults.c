@@ -19,6 +19,7 @@
  * and 4-bit experts whose size is a multiple of 4096 (so direct mode can run).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -279,6 +280,24 @@ static int same_as_ref(const float *got, int first, int rows) {
 
 /* ==== Allocation failures ==== */
 
+#define MAX_FD 256
+
+// Which descriptors below MAX_FD are open.
+static void open_fds(uint8_t is_open[MAX_FD]) {
+    for (int fd = 0; fd < MAX_FD; fd++)
+        is_open[fd] = fcntl(fd, F_GETFD) != -1;
+}
+
+// A failed open must close exactly what it opened: no descriptor left behind, and
+// none of anyone else's closed (e.g. fd 0, or the long-lived model's files).
+static void check_fds(const uint8_t before[MAX_FD], long n) {
+    uint8_t after[MAX_FD];
+    open_fds(after);
+    for (int fd = 0; fd < MAX_FD; fd++)
+        CHECK(before[fd] == after[fd], "allocation %ld failing: fd %d %s", n, fd,
+              before[fd] ? "was closed by someone else's error path" : "was leaked");
+}
+
 // Allocation n of model open + ctx creation fails. Returns the allocations the two
 // made (below n: the armed failure was never reached, so both had to succeed).
 static long open_with_failure(long n, int *n_refused) {
@@ -286,6 +305,8 @@ static long open_with_failure(long n, int *n_refused) {
     mf_ctx *c = (mf_ctx *)1;
     char err[512] = "";
     struct mf_ctx_params p = ctx_params("pread");
+    uint8_t fds[MAX_FD];
+    open_fds(fds);
     mf_fault_alloc_arm(n);
     int rc = mf_model_load(&m, model_dir, NULL, err, sizeof err);
     if (rc == MF_OK)
@@ -302,6 +323,7 @@ static long open_with_failure(long n, int *n_refused) {
         else
             CHECK(m == NULL, "allocation %ld: model handle not NULL", n);
         (*n_refused)++;
+        check_fds(fds, n);
         return used;
     }
     // Success despite a failed allocation (a tolerated one) must still compute right.
