@@ -34,7 +34,7 @@ DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
-	test-neon neon-deps test-metal
+	test-neon neon-deps test-metal fault-site
 
 all: install
 
@@ -66,6 +66,27 @@ tests/c/build/%: tests/c/%.c tests/c/check.h tests/c/kernsets.h $(CORE_SRC) $(sh
 
 tests/c/build/test_metal_host: EXTRA_SRC = $(METAL_HOST_SRC)
 tests/c/build/test_metal_host: $(METAL_HOST_SRC)
+
+# tests/c/test_faults.c runs against a core built with -DMF_FAULT_INJECTION, whose
+# common.h renames every allocation and expert pread to counting hooks. Its objects are
+# compiled one by one and each is checked for a direct call to an allocator or pread:
+# a file that bypasses common.h would escape the allocation-failure loop unseen.
+FAULT_OBJ := tests/c/build/fault-obj
+FAULT_FNS := malloc calloc realloc strdup strndup posix_memalign aligned_alloc pread
+$(FAULT_OBJ)/.built: $(CORE_SRC) $(shell find csrc -name '*.h')
+	@rm -rf $(FAULT_OBJ) && mkdir -p $(FAULT_OBJ)
+	@set -e; for s in $(CORE_SRC); do \
+		o=$(FAULT_OBJ)/$$(echo $$s | tr / _).o; \
+		echo "$(CC) ... -DMF_FAULT_INJECTION -c $$s"; \
+		$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -DMF_FAULT_INJECTION -c -o $$o $$s; \
+		[ "$$s" = csrc/core/common.c ] && continue; \
+		bad=$$(nm -u $$o | awk '{print $$2}' | grep -xE '$(subst $() ,|,$(FAULT_FNS))' || true); \
+		if [ -n "$$bad" ]; then echo "$$s calls $$bad directly (not through core/common.h)"; exit 1; fi; \
+	done
+	@touch $@
+
+tests/c/build/test_faults: tests/c/test_faults.c tests/c/check.h $(FAULT_OBJ)/.built
+	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -DMF_FAULT_INJECTION -o $@ $< $(FAULT_OBJ)/*.o -lpthread -lm -ldl
 
 # The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
 # in place of their launch layers, so only these sources are linked.
@@ -184,6 +205,20 @@ tap: venv
 	MOEFLUX_TAP=1 $(PY) setup.py -q build_ext -b $(TAP_SITE) -t build/tap-tmp
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(TAP_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(TAP_SITE)/moeflux/prep
+
+# The extension built with -DMF_FAULT_INJECTION in build/fault-site (Python files
+# linked to the live sources, as for asan-pytest): tests/test_faults.py runs scripts
+# against it that arm the hooks of core/common.h through ctypes. Rebuilt only when a
+# C file changes; the test makes it itself when missing.
+FAULT_SITE := $(CURDIR)/build/fault-site
+fault-site: $(FAULT_SITE)/.built
+$(FAULT_SITE)/.built: $(CORE_SRC) $(shell find csrc -name '*.[ch]') setup.py
+	rm -rf $(FAULT_SITE) build/fault-tmp
+	MOEFLUX_WERROR=1 MOEFLUX_CFLAGS=-DMF_FAULT_INJECTION $(PY) setup.py -q build_ext \
+		-b $(FAULT_SITE) -t build/fault-tmp
+	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(FAULT_SITE)/moeflux/
+	ln -s $(CURDIR)/prep $(FAULT_SITE)/moeflux/prep
+	touch $@
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info

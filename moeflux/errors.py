@@ -22,6 +22,18 @@ class ShapeError(FormatError):
     """A tensor's shape or dtype disagrees with config.json."""
 
 
+class ChecksumError(FormatError):
+    """``Model(path, verify=True)`` found a file whose sha256 differs from the one
+    moeflux.json records (damaged, or changed since conversion). ``file`` is its path,
+    ``expected`` and ``actual`` the two sums ("sha256:<hex>"; ``actual`` "missing"
+    for a listed file that is not there). Nothing was opened."""
+
+    def __init__(self, message: str, file: str = "", expected: str = "",
+                 actual: str = "") -> None:
+        super().__init__(message)
+        self.file, self.expected, self.actual = file, expected, actual
+
+
 class ArgumentError(MoefluxError, ValueError):
     """A bad argument: a token outside the vocabulary, a sequence longer than n_ctx."""
 
@@ -73,7 +85,8 @@ class SynthError(MoefluxError, ValueError):
 
 
 __all__ = [
-    "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError", "ArgumentError",
+    "MoefluxError", "MoefluxIOError", "FormatError", "ShapeError", "ChecksumError",
+    "ArgumentError",
     "MoefluxMemoryError", "StateError", "UnsupportedError", "BackendError", "AbortedError",
     "NumericError", "TokenizerError", "GenerationError", "SamplingError", "SynthError",
 ]

@@ -7,6 +7,7 @@ The methods use what the core Model provides: ``self._ctx`` (the ``_core.Context
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import generate as _generate
-from .errors import ArgumentError, MoefluxError
+from .errors import ArgumentError, MoefluxError, MoefluxIOError
 from .sampling import LogitsProcessor
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -312,11 +313,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, MoefluxIOError):
+            # ENOSPC / EIO from write or fsync name no file: say which one failed.
+            raise MoefluxIOError(exc.errno or errno.EIO, f"{path}: cannot write the "
+                                 f"snapshot ({exc.strerror or exc}); the file is as it "
+                                 "was") from exc
         raise
     # The rename itself is durable only once the directory entry is on disk.
     try:

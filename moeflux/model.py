@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Type, Union
 import numpy as np
 
 from . import _core
-from .errors import (ArgumentError, MoefluxError, MoefluxIOError,
-                     MoefluxMemoryError)
+from .errors import (ArgumentError, ChecksumError, FormatError, MoefluxError,
+                     MoefluxIOError, MoefluxMemoryError)
 from .features import ModelFeatures
 
 TokensLike = Union[int, Sequence[int], np.ndarray]
@@ -69,7 +69,8 @@ class Model(ModelFeatures):
                  n_ctx: Optional[int] = None, *,
                  use_2bit: Union[None, bool, int] = None,
                  io_mode: Optional[str] = None, io_threads: Optional[int] = None,
-                 expert_cache_bytes: int = 0, prefetch: Optional[bool] = None) -> None:
+                 expert_cache_bytes: int = 0, prefetch: Optional[bool] = None,
+                 verify: Union[bool, Callable[[int, int], None]] = False) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -94,8 +95,15 @@ class Model(ModelFeatures):
             expert_cache_bytes: in-process RAM cache of experts (LFRU); 0 = none.
             prefetch: during decode, read each layer's previous-token experts ahead;
                 None = default (off).
+            verify: before opening anything, check every file moeflux.json lists
+                (the expert set not in use aside) against its recorded sha256; this
+                reads the whole model once. True draws a ``tqdm.auto`` bar in bytes;
+                a callable is called as ``verify(done_bytes, total_bytes)`` instead.
+                False (default) checks nothing and costs nothing.
 
         Raises:
+            ChecksumError: verify found a file that differs from its recorded sum
+                (the message names the file, expected and actual sums).
             MoefluxIOError: a missing or short file (the message names it).
             FormatError: malformed JSON, unknown model_type, unsupported quantization.
             ShapeError: a tensor that does not fit config.json.
@@ -107,11 +115,16 @@ class Model(ModelFeatures):
         self._handle: Any = None
         self._pid = os.getpid()
         n_threads, n_ctx_c = _threads_arg(threads), _n_ctx_arg(n_ctx)
+        if not (verify is True or verify is False or verify is None or callable(verify)):
+            raise ArgumentError(f"verify must be True, False or a callable, got "
+                                f"{verify!r}")
         if isinstance(path, _core.ModelHandle):
             handle = path
         else:
-            handle = _core.ModelHandle(os.fspath(path), backend=backend,
-                                       use_2bit=_expert_choice(path, use_2bit))
+            which = _expert_choice(path, use_2bit)
+            if verify is not False and verify is not None:
+                _verify_checksums(Path(os.fspath(path)), which, verify)
+            handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=which)
         self._handle = handle
         self._ctx = _core.Context(handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                   **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
@@ -403,6 +416,63 @@ def _n_ctx_arg(n_ctx: Any) -> int:
     if not _is_int(n_ctx) or n_ctx < 1:
         raise ArgumentError(f"n_ctx must be an int >= 1 or None, got {n_ctx!r}")
     return int(n_ctx)
+
+
+def _verify_progress(verify: Any, total: int
+                     ) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(tick(n bytes), close) for Model(verify=...): a tqdm.auto bar for True, the
+    caller's verify(done, total) for a callable."""
+    if callable(verify):
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            verify(done[0], total)
+        return tick, lambda: None
+    from .clitools import progress_bar
+    bar = progress_bar(total, "verify", unit="B", unit_scale=True, unit_divisor=1024,
+                       leave=False)
+    if bar is None:
+        return lambda n: None, lambda: None
+    return bar.update, bar.close
+
+
+def _verify_checksums(path: Path, use_2bit: int, verify: Any) -> None:
+    """Model(verify=...): every file moeflux.json lists, except the expert set not in
+    use, hashed and compared with its recorded sum before the model is opened."""
+    from moeflux.prep import checksums
+    man = path / checksums.MANIFEST_NAME
+    try:
+        info = checksums.load_manifest(path)
+    except OSError as exc:
+        raise MoefluxIOError(exc.errno or errno.EIO, f"{man}: cannot read ("
+                             f"{exc.strerror or exc}); verify=True checks the sums "
+                             "that prep convert records there") from None
+    except ValueError as exc:
+        raise FormatError(f"{man}: not JSON ({exc})") from None
+    expert_dir = checksums.EXPERT_DIRS[use_2bit]
+    entries = checksums.skip_other_experts(checksums.listed(info), expert_dir)
+    if not entries:
+        raise FormatError(f"{man}: no \"checksums\" recorded, so verify=True has "
+                          "nothing to check against")
+    tick, close = _verify_progress(verify, checksums.total_bytes(path, entries))
+    try:
+        for rel, want, got in checksums.check(path, entries, tick):
+            _raise_checksum(path / rel, want, got)
+    finally:
+        close()
+
+
+def _raise_checksum(file: Path, want: str, got: str) -> None:
+    if got == "missing":
+        raise MoefluxIOError(errno.ENOENT, f"{file}: missing (listed in moeflux.json "
+                             f"with {want})")
+    if got == "unknown algorithm":
+        raise FormatError(f"{file}: moeflux.json records {want!r}, an unknown checksum "
+                          "algorithm (expected sha256:<hex>)")
+    raise ChecksumError(f"{file}: checksum mismatch: moeflux.json records {want}, the "
+                        f"file has {got} (damaged or changed since conversion; nothing "
+                        "was opened)", str(file), want, got)
 
 
 def _expert_choice(path: Any, use_2bit: Any) -> int:

@@ -16,7 +16,6 @@ Checks, each reporting exactly what differs:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moeflux.errors import MoefluxError
+from moeflux.prep import checksums
 from moeflux.prep._common import (Command, COMPONENTS, ModelConfig, Source,
                                   layer_file_name, nbytes_of, CHUNK_BYTES)
 from moeflux.prep.extract_weights import (ALIGN, BIN_NAME, JSON_NAME, plan_weights,
@@ -32,7 +32,7 @@ from moeflux.prep.extract_weights import (ALIGN, BIN_NAME, JSON_NAME, plan_weigh
 from moeflux.prep.repack_experts import expected_blob, plan_experts, sample_experts
 from moeflux.prep.safetensors_io import DTYPE_SIZES
 
-MANIFEST_NAME = "moeflux.json"
+MANIFEST_NAME = checksums.MANIFEST_NAME
 EXTRA_SAMPLES = 4
 
 
@@ -195,34 +195,18 @@ def _check_layout_vs_config(sub: str, lay: dict[str, Any], cfg: ModelConfig,
                 f"{cfg.moe_layers_expected()} MoE")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK_BYTES)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _check_checksums(dst: Path, info: dict[str, Any], rep: VerifyReport) -> None:
-    for rel, want in sorted(info.get("checksums", {}).items()):
-        p = dst / rel
-        if not p.is_file():
+    entries = checksums.listed(info)
+    for rel, want, got in checksums.check(dst, entries):
+        if got == "missing":
             rep.add(f"{rel}: missing (listed in {MANIFEST_NAME})")
-            continue
-        algo, _, hexd = str(want).partition(":")
-        if algo != "sha256":
-            rep.add(f"{rel}: checksum algorithm {algo!r} unknown")
-            continue
-        got = _sha256_file(p)
-        if got != hexd:
-            rep.add(f"{rel}: sha256 {got[:16]}... differs from {MANIFEST_NAME}'s "
-                    f"{hexd[:16]}... (file changed or corrupt)")
-        rep.count("checksums")
+        elif got == "unknown algorithm":
+            rep.add(f"{rel}: checksum algorithm {want.partition(':')[0]!r} unknown")
+        else:
+            rep.add(f"{rel}: sha256 {got[7:23]}... differs from {MANIFEST_NAME}'s "
+                    f"{want[7:23]}... (file changed or corrupt)")
+    rep.count("checksums", sum(1 for rel, want in entries
+                               if want.startswith("sha256:") and (dst / rel).is_file()))
 
 
 def _first_diff(a: bytes, b: bytes) -> int:

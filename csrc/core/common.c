@@ -182,3 +182,98 @@ char *mf_path_join(const char *dir, const char *name) {
     memcpy(p + a + slash, name, b + 1);
     return p;
 }
+
+/* ==== Fault injection (test builds only; see common.h) ====
+ * The real functions are called as (malloc)(n): a function-like macro is not expanded
+ * when its name is not followed by '('. */
+#ifdef MF_FAULT_INJECTION
+#include <stdatomic.h>
+
+static _Atomic long fault_alloc_at;     // the allocation that fails, 0 = none
+static _Atomic long fault_alloc_seen;   // allocations since the last arm
+static _Atomic int fault_io_kind;       // enum mf_fault_io
+static _Atomic long fault_io_after;     // preads left alone before faulting
+static _Atomic long fault_io_seen;      // preads since the last arm
+
+void mf_fault_alloc_arm(long n) {
+    atomic_store(&fault_alloc_seen, 0);
+    atomic_store(&fault_alloc_at, n);
+}
+
+long mf_fault_alloc_count(void) {
+    return atomic_load(&fault_alloc_seen);
+}
+
+// 1 when this allocation is the armed one (errno ENOMEM set, as libc would).
+static int alloc_fails(void) {
+    long k = atomic_fetch_add(&fault_alloc_seen, 1) + 1;
+    if (k != atomic_load(&fault_alloc_at))
+        return 0;
+    errno = ENOMEM;
+    return 1;
+}
+
+// Zero-filled, as fresh pages from the system are: a descriptor array an error path
+// closes before filling then closes fd 0, which the fault test's descriptor check
+// sees every time (with leftover heap contents it would close someone else's file
+// only now and then).
+void *mf_fault_malloc(size_t n) {
+    return alloc_fails() ? NULL : (calloc)(1, n ? n : 1);
+}
+
+void *mf_fault_calloc(size_t n, size_t size) {
+    return alloc_fails() ? NULL : (calloc)(n, size);
+}
+
+void *mf_fault_realloc(void *p, size_t n) {
+    return alloc_fails() ? NULL : (realloc)(p, n);
+}
+
+char *mf_fault_strdup(const char *s) {
+    return alloc_fails() ? NULL : (strdup)(s);
+}
+
+char *mf_fault_strndup(const char *s, size_t n) {
+    return alloc_fails() ? NULL : (strndup)(s, n);
+}
+
+int mf_fault_posix_memalign(void **p, size_t align, size_t n) {
+    return alloc_fails() ? ENOMEM : (posix_memalign)(p, align, n);
+}
+
+void *mf_fault_aligned_alloc(size_t align, size_t n) {
+    return alloc_fails() ? NULL : (aligned_alloc)(align, n);
+}
+
+void mf_fault_io_arm(int kind, long after) {
+    atomic_store(&fault_io_kind, MF_FAULT_IO_OFF);
+    atomic_store(&fault_io_seen, 0);
+    atomic_store(&fault_io_after, after);
+    atomic_store(&fault_io_kind, kind);
+}
+
+long mf_fault_io_count(void) {
+    return atomic_load(&fault_io_seen);
+}
+
+// A short read's length: half the request, kept a multiple of 4096 when the request
+// is one (an O_DIRECT fd refuses anything else), never 0.
+static size_t short_len(size_t n) {
+    if (n % 4096 == 0)
+        return n > 4096 ? (n / 2) & ~(size_t)4095 : n;
+    return n > 1 ? n / 2 : n;
+}
+
+ssize_t mf_fault_pread(int fd, void *buf, size_t n, off_t off) {
+    long k = atomic_fetch_add(&fault_io_seen, 1) + 1;
+    int kind = atomic_load(&fault_io_kind);
+    if (kind == MF_FAULT_IO_OFF || k <= atomic_load(&fault_io_after))
+        return (pread)(fd, buf, n, off);
+    switch (kind) {
+    case MF_FAULT_IO_SHORT: return (pread)(fd, buf, short_len(n), off);
+    case MF_FAULT_IO_EIO: errno = EIO; return -1;
+    case MF_FAULT_IO_EOF: return 0;
+    default: return (pread)(fd, buf, n, off);
+    }
+}
+#endif /* MF_FAULT_INJECTION */

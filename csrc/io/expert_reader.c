@@ -708,6 +708,27 @@ void mf_expert_reader_release(mf_expert_reader *r, int ticket) {
     pthread_mutex_unlock(&r->mu);
 }
 
+// 1 while a load is queued or running (lock held).
+static int loads_pending(const mf_expert_reader *r) {
+    if (r->demand.n || r->prefetch.n)
+        return 1;
+    for (int s = 0; s < r->n_slots; s++)
+        if (r->slots[s].state == S_LOADING)
+            return 1;
+    return 0;
+}
+
+// An error path's cleanup waits for every load already queued or running (lock
+// held). Otherwise the next eval's submit could find such a load still in flight,
+// join it and inherit its failure: a transient read error would then fail the retry
+// as well, with an error from a read made before the retry began. Loads nobody holds
+// a ticket for end up forgotten when they fail (forget_if_failed) or kept like a
+// prefetch when they succeed.
+static void drain_locked(mf_expert_reader *r) {
+    while (!r->stop && loads_pending(r))
+        pthread_cond_wait(&r->done_cv, &r->mu);
+}
+
 void mf_expert_reader_release_all(mf_expert_reader *r) {
     if (!r)
         return;
@@ -715,6 +736,7 @@ void mf_expert_reader_release_all(mf_expert_reader *r) {
     for (int t = 0; t < r->ticket_hi; t++)
         release_locked(r, t);
     r->ticket_hi = 0;
+    drain_locked(r);
     pthread_mutex_unlock(&r->mu);
 }
 

@@ -159,8 +159,9 @@ int mf_expert_reader_wait_any(mf_expert_reader *r, int *ticket, const void **dat
                               char *err, size_t errlen);
 // Unpin the ticket's slot and free the ticket (waited or not). Bad ids: no-op.
 void mf_expert_reader_release(mf_expert_reader *r, int ticket);
-// Release every ticket (an error path's cleanup). Reads in flight finish in the
-// background.
+// Release every ticket (an error path's cleanup), then wait for the loads already
+// queued or running, so no read begun before the error outlives the call (the next
+// submit cannot inherit its failure).
 void mf_expert_reader_release_all(mf_expert_reader *r);
 // The layer and expert a live ticket was submitted for (il/ie may be NULL); returns ie,
 // or -1 for a free or bad ticket.

@@ -318,6 +318,16 @@ static int open_layer(mf_expert_store *st, int l, char *err, size_t errlen) {
     return MF_OK;
 }
 
+// n descriptors, all -1, so that closing a store whose construction failed part way
+// closes only what it opened (an array left as malloc gave it could hold the numbers
+// of another model's open files); NULL when out of memory.
+static int *fd_array(int n) {
+    int *a = malloc((size_t)n * sizeof *a);
+    for (int i = 0; a && i < n; i++)
+        a[i] = -1;
+    return a;
+}
+
 int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
                          const uint8_t *is_moe, char *err, size_t errlen) {
     *out = NULL;
@@ -328,8 +338,8 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     st->n_layers = n_layers;
     st->dir = strdup(dir);
-    st->fds = malloc((size_t)n_layers * sizeof *st->fds);
-    st->dfds = malloc((size_t)n_layers * sizeof *st->dfds);
+    st->fds = fd_array(n_layers);
+    st->dfds = fd_array(n_layers);
     st->maps = calloc((size_t)n_layers, sizeof *st->maps);
     long page = sysconf(_SC_PAGESIZE);
     st->page = page > 0 ? (size_t)page : 4096;
@@ -337,8 +347,6 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
         mf_expert_store_close(st);
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     }
-    for (int l = 0; l < n_layers; l++)
-        st->fds[l] = st->dfds[l] = -1;
     if (pthread_mutex_init(&st->lock, NULL) != 0) {
         mf_expert_store_close(st);
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: cannot create a mutex");

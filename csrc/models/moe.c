@@ -277,10 +277,12 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
         return rc;
     }
     if (!alloc_host_arrays(s, c, s->n_layer) || !alloc_device(ctx, s, c)) {
+        // The message first: it reads s, which the free releases.
+        rc = mf_err(err, errlen, MF_ERR_NOMEM,
+                    "moe: out of memory for scratch (%d tokens, %d experts of %llu bytes)",
+                    max_tok, c->n_expert, (unsigned long long)s->expert_bytes);
         mf_moe_scratch_free(ctx, s);
-        return mf_err(err, errlen, MF_ERR_NOMEM,
-                      "moe: out of memory for scratch (%d tokens, %d experts of %llu "
-                      "bytes)", max_tok, c->n_expert, (unsigned long long)s->expert_bytes);
+        return rc;
     }
     if (st && (rc = reader_new(ctx, s, c, err, errlen)) != MF_OK) {
         mf_moe_scratch_free(ctx, s);
