@@ -770,124 +770,6 @@ INLINE_AVX512 void avx512_rows(float *y, int64_t ys, const float *x, int64_t xs,
     avx512_store_sums(y, ys, a0, a1, nr, nt);
 }
 
-/* ---- 8-bit codes: the factored form ----
- * Per group g of a row: s * sum_c(q_c * x_c) + b * X_g, X_g = sum_c x_c over the group
- * (once per call and token, shared by every row). The codes are widened and converted
- * to f32 exactly and meet x in one FMA; s scales the group's vector once; b * X_g is a
- * scalar. That is three 512-bit ops per 16 weights (widen, convert, FMA) where forming
- * s*q + b first takes four. Each term is x * q rounded once into its sum: the same
- * error budget as x * (s*q + b) (see the bound in tests/c/test_cpu_matmul.c). Narrower
- * codes keep the table path: their s*q + b costs one lookup, which a factored form
- * would not save. */
-
-// Groups whose sums of x a call keeps on the stack, per token (more: unfactored path).
-#define XG_MAX 512
-// Tokens the factored path takes in one call (the matvec's qdot_max_tok).
-#define XG_TOK 4
-// Below this group size the factored form is slower (measured on Zen 4, gs 32: the
-// per-group scaling costs more than the op it saves per 16 weights).
-#define XG_MIN_GS 64
-
-// xg[g] = sum of x over group g (16 lanes, then the lanes), g < n_group.
-INLINE_AVX512 void avx512_group_sums(float *xg, const float *x, int64_t n_group, int gs) {
-    for (int64_t g = 0; g < n_group; g++) {
-        const float *p = x + g * gs;
-        __m512 s = _mm512_loadu_ps(p);
-        for (int c = 16; c < gs; c += 16)
-            s = _mm512_add_ps(s, _mm512_loadu_ps(p + c));
-        xg[g] = _mm512_reduce_add_ps(s);
-    }
-}
-
-// y[t * ys + i] = row r0 + i . x[t * xs, ...) for i < nr, t < nt (1 or 2), 8-bit codes,
-// xg[t * n_group + g] the group sums of token t. One chain per row and token; a row's
-// result does not depend on the rows beside it.
-INLINE_AVX512 void avx512_rows8(float *y, int64_t ys, const float *x, int64_t xs,
-                                const float *xg, const struct mf_weight *w, int64_t r0,
-                                const int nr, const int nt) {
-    const int gs = w->group_size;
-    const int64_t n_group = w->n_in / gs, rbytes = w->n_in;
-    const uint8_t *row[QROWS];
-    __m512 tot[2][QROWS];
-    float bsum[2][QROWS];
-    float sf[QROWS * SB_CHUNK], bf[QROWS * SB_CHUNK];
-    const int whole = n_group <= SB_CHUNK;
-    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
-#pragma GCC unroll 4
-    for (int i = 0; i < nr; i++) {
-        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
-        tot[0][i] = tot[1][i] = _mm512_setzero_ps();
-        bsum[0][i] = bsum[1][i] = 0.0f;
-    }
-    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);
-    rows_prefetch_sb(w, r0 + nr, nr);
-    for (int64_t g = 0; g < n_group; g++) {
-        const int64_t gi = g % SB_CHUNK;
-        if (gi == 0 && (g == 0 || !whole))
-            avx512_pass_sb(sf, bf, w, r0, nr, g, whole);
-        __m512 acc[2][QROWS];
-#pragma GCC unroll 4
-        for (int i = 0; i < nr; i++)
-            acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-        for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
-            rows_prefetch(next + (uintptr_t)(c * nr), 16 * nr);
-            const __m512 x0 = _mm512_loadu_ps(x + c);
-            const __m512 u0 = nt == 2 ? _mm512_loadu_ps(x + xs + c) : x0;
-#pragma GCC unroll 4
-            for (int i = 0; i < nr; i++) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(row[i] + c));
-                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-                acc[0][i] = _mm512_fmadd_ps(q, x0, acc[0][i]);
-                if (nt == 2)
-                    acc[1][i] = _mm512_fmadd_ps(q, u0, acc[1][i]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < nr; i++)
-            for (int t = 0; t < nt; t++) {
-                const __m512 sv = _mm512_set1_ps(sf[i * sb_stride + gi]);
-                tot[t][i] = _mm512_fmadd_ps(sv, acc[t][i], tot[t][i]);
-                bsum[t][i] += bf[i * sb_stride + gi] * xg[t * n_group + g];
-            }
-    }
-    avx512_store_sums(y, ys, tot[0], tot[1], nr, nt);
-    for (int t = 0; t < nt; t++)
-        for (int i = 0; i < nr; i++)
-            y[t * ys + i] += bsum[t][i];
-}
-
-// Rows [i, i + nr) of 8-bit codes for every token, two per pass (as avx512_rows_tokens).
-INLINE_AVX512 void avx512_rows8_tokens(float *y, int64_t ys, const float *x, int64_t xs,
-                                       const float *xg, int n_tok,
-                                       const struct mf_weight *w, int64_t r0, const int nr) {
-    const int64_t n_group = w->n_in / w->group_size;
-    int t = 0;
-    for (; t + 2 <= n_tok; t += 2)
-        avx512_rows8(y + t * ys, ys, x + t * xs, xs, xg + t * n_group, w, r0, nr, 2);
-    if (t < n_tok)
-        avx512_rows8(y + t * ys, ys, x + t * xs, xs, xg + t * n_group, w, r0, nr, 1);
-}
-
-// The 8-bit matvec in the factored form; 0 if the call is outside its limits (too many
-// tokens or groups for the sums on the stack, groups too small). Not inlined (see
-// avx512_qdot_rows_8s).
-static AVX512 __attribute__((noinline)) int avx512_qdot_rows8(float *y, int64_t ys, const float *x, int64_t xs,
-                                    int n_tok, const struct mf_weight *w, int64_t r0,
-                                    int n_row) {
-    const int64_t n_group = w->n_in / w->group_size;
-    if (n_tok > XG_TOK || n_group > XG_MAX || w->group_size < XG_MIN_GS)
-        return 0;
-    float xg[XG_TOK * XG_MAX];
-    for (int t = 0; t < n_tok; t++)
-        avx512_group_sums(xg + t * n_group, x + t * xs, n_group, w->group_size);
-    int i = 0;
-    for (; i + QROWS <= n_row; i += QROWS)
-        avx512_rows8_tokens(y + i, ys, x, xs, xg, n_tok, w, r0 + i, QROWS);
-    for (; i < n_row; i++)
-        avx512_rows8_tokens(y + i, ys, x, xs, xg, n_tok, w, r0 + i, 1);
-    return 1;
-}
-
 // Rows [i, i + nr) for every token, two tokens per pass while two are left: the
 // row set's codes stay in L1 from one pass to the next.
 INLINE_AVX512 void avx512_rows_tokens(float *y, int64_t ys, const float *x, int64_t xs,
@@ -910,15 +792,6 @@ INLINE_AVX512 void avx512_qdot_rows_bits(float *y, int64_t ys, const float *x, i
         avx512_rows_tokens(y + i, ys, x, xs, n_tok, w, r0 + i, 1, bits);
 }
 
-// 8-bit codes as s*q + b (groups too small for the factored form), in a function of
-// its own, as avx512_qdot_rows8 is: with both inlined into avx512_qdot_rows this loop
-// ran 25% slower (gs 32, Zen 4; same instructions, other code layout and registers).
-static AVX512 __attribute__((noinline)) void
-avx512_qdot_rows_8s(float *y, int64_t ys, const float *x, int64_t xs, int n_tok,
-                    const struct mf_weight *w, int64_t r0, int n_row) {
-    avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8);
-}
-
 static AVX512 void avx512_qdot_rows(float *y, int64_t ys, const float *x, int64_t xs,
                                     int n_tok, const struct mf_weight *w, int64_t r0,
                                     int n_row) {
@@ -928,10 +801,7 @@ static AVX512 void avx512_qdot_rows(float *y, int64_t ys, const float *x, int64_
     case 4: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 4); break;
     case 5: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 5); break;
     case 6: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 6); break;
-    default:
-        if (!avx512_qdot_rows8(y, ys, x, xs, n_tok, w, r0, n_row))
-            avx512_qdot_rows_8s(y, ys, x, xs, n_tok, w, r0, n_row);
-        break;
+    default: avx512_qdot_rows_bits(y, ys, x, xs, n_tok, w, r0, n_row, 8); break;
     }
 }
 
