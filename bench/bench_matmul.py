@@ -20,8 +20,15 @@ matrix-sized chunk (so it pays the same per-op hand-off to the threads).
 Shapes (Qwen3.6-35B-A3B): expert gate/up [512, 2048], expert down [2048, 512],
 lm_head [248320, 2048] (4-bit only); plus prefill (n_tok 16) on the expert shape.
 
+--cpu-time: one thread, each call timed in CPU time of the calling thread
+(time.thread_time, CLOCK_THREAD_CPUTIME_ID on Linux; with one thread the pool runs every
+task on the caller), matmul and read interleaved as above. On a machine shared with
+other jobs this is robust to load (time the thread is descheduled is not counted), where
+wall-clock ratios on several threads measure the scheduler as much as the code. The load
+average is printed before and after every run.
+
 Usage: .venv/bin/python bench/bench_matmul.py [--threads N] [--kernels avx2] [--quick]
-       [--bits 2,4,8] [--repeat 5]
+       [--bits 2,4,8] [--gs 64] [--repeat 5] [--cases decode] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -77,13 +84,14 @@ def weight_bytes(wt: dict) -> int:
     return (wt["w"].nbytes + wt["scales"].nbytes + wt["biases"].nbytes) // n_stack
 
 
-def timed(fn, min_s: float) -> float:
-    """Seconds per call of fn(n) -> None run with n calls, n grown until >= min_s."""
+def timed(fn, min_s: float, clock=time.perf_counter) -> float:
+    """Seconds per call of fn(n) -> None run with n calls, n grown until >= min_s (on
+    `clock`)."""
     n = 1
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(n)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         if dt >= min_s:
             return dt / n
         n = max(n * 2, int(n * min_s / max(dt, 1e-6) * 1.2))
@@ -91,10 +99,11 @@ def timed(fn, min_s: float) -> float:
 
 def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, bits: int, threads: int,
                  kernels: str | None, min_s: float, repeat: int,
-                 rng: np.random.Generator) -> dict:
+                 rng: np.random.Generator, gs: int = 64, cpu_time: bool = False) -> dict:
     """GB/s of one shape and width, and the read baseline over the same bytes, measured
-    `repeat` times interleaved."""
-    gs = 64
+    `repeat` times interleaved (in the calling thread's CPU time with cpu_time, which
+    needs threads == 1)."""
+    clock = time.thread_time if cpu_time else time.perf_counter
     probe = make_weight(1, n_out, n_in, bits, gs, rng)
     mat_bytes = weight_bytes(probe)
     n_stack = max(1, (4 * LLC_BYTES) // mat_bytes) if cold else 1
@@ -114,14 +123,15 @@ def bench_matvec(n_out: int, n_in: int, n_tok: int, cold: bool, bits: int, threa
     _diag.read_bw(buf, threads, n_stack, n_stack)
     t_mat, t_read = [], []
     for _ in range(repeat):
-        t_mat.append(timed(run, min_s))
-        t_read.append(timed(lambda n: _diag.read_bw(buf, threads, n, n_stack), min_s))
+        t_mat.append(timed(run, min_s, clock))
+        t_read.append(timed(lambda n: _diag.read_bw(buf, threads, n, n_stack), min_s,
+                            clock))
     chunk = mat_bytes // 4
     t_np = timed(lambda n: [buf[(i % n_stack) * chunk:(i % n_stack + 1) * chunk].sum()
                             for i in range(n)], min_s)
     ratios = sorted(tr / tm for tm, tr in zip(t_mat, t_read))
     t_med = float(np.median(t_mat))
-    return dict(shape=f"{n_out}x{n_in}", n_tok=n_tok, bits=bits,
+    return dict(shape=f"{n_out}x{n_in}", n_tok=n_tok, bits=bits, gs=gs,
                 regime="cold" if cold else "hot", mb=mat_bytes / 2**20, us=t_med * 1e6,
                 gbs=mat_bytes / t_med / 1e9,
                 read_gbs=mat_bytes / float(np.median(t_read)) / 1e9,
@@ -142,12 +152,24 @@ def machine() -> str:
     return "\n".join(keep + [f"nproc: {os.cpu_count()}"])
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (Linux), or '?'."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--kernels", default=None, help="force a kernel set (default: best)")
     ap.add_argument("--quick", action="store_true", help="shorter timings, no lm_head")
     ap.add_argument("--bits", default="2,4,8", help="widths, comma-separated")
+    ap.add_argument("--gs", default="64", help="group sizes, comma-separated")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, timed in the thread's CPU time (robust to load)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved measurements")
     ap.add_argument("--cases", default="all",
                     help="'all', or 'decode' (n_tok 1 expert shapes only)")
@@ -155,25 +177,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     min_s = 0.1 if args.quick else 0.3
     kernels = args.kernels or _diag.kernels()[0]
+    if args.cpu_time:
+        args.threads = 1
     print(machine())
-    print(f"threads {args.threads}, kernels {kernels}, repeat {args.repeat}\n")
+    print(f"threads {args.threads}, kernels {kernels}, repeat {args.repeat}, "
+          f"clock {'thread CPU time' if args.cpu_time else 'wall'}, load average {loadavg()}\n")
     cases = [(512, 2048, 1, False), (512, 2048, 1, True), (2048, 512, 1, False),
              (2048, 512, 1, True)]
     if args.cases == "all":
         cases.append((512, 2048, 16, False))
-    print("| shape [out x in] | bits | n_tok | regime | MiB | us/call | GB/s | read GB/s |"
+    print("| shape [out x in] | bits | gs | n_tok | regime | MiB | us/call | GB/s | read GB/s |"
           " ratio median [min - max] | numpy sum GB/s | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [(c, int(b)) for c in cases for b in args.bits.split(",")]
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [(c, int(b), int(g)) for c in cases for b in args.bits.split(",")
+            for g in args.gs.split(",")]
     if not args.quick and args.cases == "all":
-        rows.append(((248320, 2048, 1, True), 4))   # lm_head: never fits in cache
-    for (n_out, n_in, n_tok, cold), bits in rows:
+        rows.append(((248320, 2048, 1, True), 4, 64))   # lm_head: never fits in cache
+    for (n_out, n_in, n_tok, cold), bits, gs in rows:
         r = bench_matvec(n_out, n_in, n_tok, cold, bits, args.threads, kernels, min_s,
-                         args.repeat, rng)
-        print(f"| {r['shape']} | {r['bits']} | {r['n_tok']} | {r['regime']} | "
+                         args.repeat, rng, gs, args.cpu_time)
+        print(f"| {r['shape']} | {r['bits']} | {r['gs']} | {r['n_tok']} | {r['regime']} | "
               f"{r['mb']:.2f} | {r['us']:.1f} | {r['gbs']:.2f} | {r['read_gbs']:.2f} | "
               f"{r['ratio']:.2f} [{r['ratio_lo']:.2f} - {r['ratio_hi']:.2f}] | "
               f"{r['np_gbs']:.2f} | {r['gflops']:.1f} |", flush=True)
+    print(f"\nload average after: {loadavg()}")
 
 
 if __name__ == "__main__":
