@@ -15,8 +15,11 @@
 #define MF_SH_BF16 2
 #define MF_SH_U32 3
 
-// Matvec: warps (= output rows) per threadgroup, tokens per register tile.
+// Matvec: warps per threadgroup, output rows per warp (each staged x value serves
+// them all from a register), tokens per register tile. The grouped experts' gate/up
+// kernel gives a warp MF_MV_RPW / 2 rows of gate and the same rows of up.
 #define MF_MV_ROWS 8
+#define MF_MV_RPW 4
 #define MF_MV_TT 4
 // Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
 #define MF_GEMM_TILE 64
@@ -42,6 +45,7 @@ struct mf_p_mv {
     int w_head_rows;
     int x_tok_stride, x_head_stride, y_tok_stride, y_head_stride;
     int dtype, sdtype, bits, group_size;
+    int vec;   // the codes are 16-byte aligned (wide loads)
 };
 
 struct mf_p_embed {
@@ -108,6 +112,13 @@ struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
     int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
+    int vec;   // every blob and code offset is 16-byte aligned (wide loads)
+};
+
+// Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes
+// apart (stride_hi * 2^32 + stride_lo).
+struct mf_p_moe_dev {
+    int n_tok, k, n_embd, stride_lo, stride_hi;
 };
 
 #endif /* MF_PARAMS_H */

@@ -136,3 +136,55 @@ void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *x
         mf_cpu_matmul(ex, eo + r0 * H, &wd, u, m);
     }
 }
+
+/* ==== Device-routed experts (resident mode) ====
+ * The CPU's device memory is host memory, so the "device" routing is read directly.
+ * Each (token, expert) pair runs as an expert of one row, as the host-routed path runs
+ * a decode token's experts, and the weighted sum goes through scatter_add_rows in
+ * ascending expert order per token: both paths give the same bits. */
+
+#define DEV_CHUNK 64
+
+// Rows r0 .. r0 + n - 1 (n <= DEV_CHUNK) of the pairs through moe_experts.
+static void dev_rows(struct mf_exec *ex, const struct mf_moe_dev *d, int r0, int n) {
+    const void *blob[DEV_CHUNK];
+    int32_t row0[DEV_CHUNK], one[DEV_CHUNK];
+    for (int i = 0; i < n; i++) {
+        blob[i] = (const uint8_t *)d->base + (int64_t)d->idx[r0 + i] * d->stride;
+        row0[i] = r0 + i;
+        one[i] = 1;
+    }
+    struct mf_moe_batch b = {.n = n, .blob_host = blob, .row0_host = row0,
+                             .n_rows_host = one, .gate = d->gate, .up = d->up,
+                             .down = d->down};
+    mf_cpu_moe_experts(ex, d->eo, d->gu, d->xg, &b);
+}
+
+// y[t] = 0 + the token's weighted rows, smallest expert id first.
+static void dev_combine(struct mf_exec *ex, float *y, const struct mf_moe_dev *d, int t,
+                        int H) {
+    const int32_t *id = d->idx + (int64_t)t * d->k;
+    memset(y + (int64_t)t * H, 0, (size_t)H * sizeof(float));
+    for (int last = -1;;) {
+        int j = -1;
+        for (int i = 0; i < d->k; i++)
+            if (id[i] > last && (j < 0 || id[i] < id[j]))
+                j = i;
+        if (j < 0)
+            return;
+        last = id[j];
+        int64_t r = (int64_t)t * d->k + j;
+        mf_cpu_scatter_add_rows(ex, y, d->eo + r * H, &(int32_t){t}, d->w + r, 1, H);
+    }
+}
+
+void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
+                            const struct mf_moe_dev *d) {
+    const int H = (int)d->gate->n_in, n = d->n_tok * d->k;
+    for (int r = 0; r < n; r++)
+        memcpy(d->xg + (int64_t)r * H, x + (int64_t)(r / d->k) * H, (size_t)H * sizeof(float));
+    for (int r0 = 0; r0 < n; r0 += DEV_CHUNK)
+        dev_rows(ex, d, r0, n - r0 < DEV_CHUNK ? n - r0 : DEV_CHUNK);
+    for (int t = 0; t < d->n_tok; t++)
+        dev_combine(ex, y, d, t, H);
+}
