@@ -69,7 +69,8 @@ class Model(ModelFeatures):
                  n_ctx: Optional[int] = None, *,
                  use_2bit: Union[None, bool, int] = None,
                  io_mode: Optional[str] = None, io_threads: Optional[int] = None,
-                 expert_cache_bytes: int = 0, prefetch: Optional[bool] = None) -> None:
+                 expert_cache_bytes: int = 0, prefetch: Optional[bool] = None,
+                 gpu_experts: Optional[str] = None) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -91,6 +92,11 @@ class Model(ModelFeatures):
             expert_cache_bytes: in-process RAM cache of experts (LFRU); 0 = none.
             prefetch: during decode, read each layer's previous-token experts ahead;
                 None = default (off).
+            gpu_experts: where routed experts live: None = "auto" (on a backend with
+                its own memory, all of them in it when they fit, else streamed),
+                "resident" (copied into backend memory at load; decode routes on the
+                device) or "stream" (read per token). ``stats()["io_fallback"]`` says
+                "experts resident in ... memory" when they are.
 
         Raises:
             MoefluxIOError: a missing or short file (the message names it).
@@ -107,8 +113,12 @@ class Model(ModelFeatures):
         if isinstance(path, _core.ModelHandle):
             handle = path
         else:
+            if gpu_experts not in (None, "auto", "resident", "stream"):
+                raise ArgumentError(f"gpu_experts must be auto, resident, stream or None, "
+                                    f"got {gpu_experts!r}")
             handle = _core.ModelHandle(os.fspath(path), backend=backend,
-                                       use_2bit=_expert_choice(path, use_2bit))
+                                       use_2bit=_expert_choice(path, use_2bit),
+                                       gpu_experts=gpu_experts)
         self._handle = handle
         self._ctx = _core.Context(handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                   **_io_kwargs(io_mode, io_threads, expert_cache_bytes,

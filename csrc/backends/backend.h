@@ -318,8 +318,9 @@ struct mf_backend_ops {
                         const struct mf_moe_batch *b);
     // The same experts without the host seeing the routing (struct mf_moe_dev): y[t] =
     // sum over token t's experts, in ascending expert order, of w * expert(x[t]),
-    // summed from 0 as zero + scatter_add_rows over expert-grouped moe_experts rows
-    // sums them, so both paths give the same y. Nothing here waits for the device.
+    // summed from 0. Bitwise what the host-routed path gives: the pairs grouped by
+    // expert (ascending, tokens in order) through moe_experts, then zero +
+    // scatter_add_rows in that order. Nothing here waits for the device.
     // Optional (API v2 addition): NULL = the backend has no device-routed path and
     // callers route on the host.
     void (*moe_experts_dev)(struct mf_exec *ex, float *y, const float *x,
