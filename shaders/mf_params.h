@@ -38,14 +38,15 @@
 #define MF_ROUTE_K_MAX 64
 
 // A weight matrix W [n_out, n_in] (per head: rows h*w_head_rows ..), float or MLX
-// affine-quantized; shared by matvec, GEMM, transposed matvec and embed.
+// affine-quantized; shared by matvec, GEMM, transposed matvec and embed. vec: the codes
+// are 16-byte aligned (the row dots then use wide loads).
 // y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head.
 struct mf_p_mv {
     int n_in, n_out, n_tok, n_head;
     int w_head_rows;
     int x_tok_stride, x_head_stride, y_tok_stride, y_head_stride;
     int dtype, sdtype, bits, group_size;
-    int vec;   // the codes are 16-byte aligned (wide loads)
+    int vec;
 };
 
 struct mf_p_embed {
@@ -108,11 +109,12 @@ struct mf_p_route {
 
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
 // base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
+// vec: every blob and code offset is 16-byte aligned (wide loads).
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
     int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
-    int vec;   // every blob and code offset is 16-byte aligned (wide loads)
+    int vec;
 };
 
 // Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes

@@ -1328,10 +1328,10 @@ static void test_cache(void) {
  * A 4-bit matvec streams its weight once; its bytes per second are compared with a
  * device-to-device copy (read + write) measured in the same run, rounds interleaved. */
 
-static void bench(const char *label) {
+static void bench(const char *label, int bits) {
     const int64_t R = 16384, N = 8192;
     const int reps = 20;
-    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = 4,
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = bits,
                           .group_size = 64, .n_out = R, .n_in = N};
     size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
     uint8_t *hw = xmalloc(wb);
@@ -1368,9 +1368,9 @@ static void bench(const char *label) {
         E.go->sync(E.gx);
         double t4 = now_s();
         double mv = (double)bytes * reps / (t1 - t0), cp = 2.0 * (double)bytes * reps / (t2 - t1);
-        printf("bench %s round %d: 4-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
+        printf("bench %s round %d: %d-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
                "%.0f GB/s; ratio %.2f; n_tok 8: %.0f GB/s of weights; n_tok 256 GEMM: %.0f "
-               "GFLOP/s\n", label, round, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
+               "GFLOP/s\n", label, round, bits, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
                (double)bytes * 3 / (t3 - t2) / 1e9, 2.0 * (double)R * N * 256 * 3 / (t4 - t3) / 1e9);
     }
     gfree((void *)w.w), gfree((void *)w.scales), gfree((void *)w.biases), gfree(gxb), gfree(gy);
@@ -1441,7 +1441,8 @@ int main(void) {
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
                now_s() - t0);
         if (!against_cpu)
-            bench("matvec");
+            for (int b = 0; b < 3; b++)
+                bench("matvec", (int[]){4, 8, 2}[b]);
     }
     if (E.gx)
         E.go->exec_free(E.gx);
