@@ -157,6 +157,15 @@ def main() -> None:
         f.stat().st_size for f in (model_dir / "packed_experts").glob("layer_*.bin"))
     decode_tps(m, 8)   # warm-up: kernels, scratch, caches
     prefill_tps(m, 64)
+    m.stats_reset()
+    decode_tps(m, args.tokens)
+    d = m.stats()
+    n = d["n_tokens_evaluated"]
+    print("decode phases, host ms per token (a GPU phase counts until its work is "
+          "queued; head includes waiting for the logits): " + ", ".join(
+              f"{k[:-2]} {d[k] * 1e3 / n:.3f}" for k in
+              ("attention_s", "routing_s", "experts_s", "shared_s", "head_s",
+               "compute_s")), flush=True)
     bw, dec, pre = [], [], []
     for _ in range(args.repeat):
         bw.append(cuda.copy_bw())

@@ -24,10 +24,12 @@ MF_PARAMS(5, struct mf_p_mv, p) {
     struct mf_rows rw;
     rw.n = p.n_out - row0 < 0 ? 0 : p.n_out - row0 < MF_MV_RPW ? p.n_out - row0 : MF_MV_RPW;
     rw.vec = p.vec;
+#pragma unroll
     for (int r = 0; r < MF_MV_RPW; r++)
         mf_rows_set(&rw, r, w, sc, bi, p.dtype, p.bits, p.group_size, p.n_in,
                     (mf_i64)h * p.w_head_rows + row0 + (r < rw.n ? r : 0));
     float acc[MF_MV_RPW * MF_MV_TT];
+#pragma unroll
     for (int i = 0; i < MF_MV_RPW * MF_MV_TT; i++)
         acc[i] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;

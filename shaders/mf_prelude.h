@@ -89,7 +89,10 @@ MF_FN float mf_log1p(float x) {
 #define MF_SHARED __shared__
 #define MF_FN static __device__ __forceinline__
 #define MF_BARRIER() __syncthreads()
-#define MF_KERNEL(name) extern "C" __global__ void name(
+// At most MF_THREADS threads per threadgroup, and registers for two threadgroups per
+// multiprocessor (<= 128 per thread): the row-dot kernels' widest paths would take
+// ~170 and halve the warps in flight that hide memory latency.
+#define MF_KERNEL(name) extern "C" __global__ void __launch_bounds__(256, 2) name(
 #define MF_BUF(i, T, n) T *n,
 #define MF_PARAMS(i, T, p) const T p)
 #define MF_TG_X ((int)blockIdx.x)

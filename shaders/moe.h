@@ -158,6 +158,7 @@ MF_PARAMS(4, struct mf_p_moe, p) {
     struct mf_rows rw;
     rw.n = 2 * nj;
     rw.vec = p.vec;
+#pragma unroll
     for (int i = 0; i < half; i++) {
         const mf_i64 j = j0 + (i < nj ? i : 0);
         mf_rows_set(&rw, 2 * i, mf_blob_at(base, tab, e, p.gate_w),
@@ -168,6 +169,7 @@ MF_PARAMS(4, struct mf_p_moe, p) {
                     p.dtype, p.bits, p.group_size, p.n_embd, j);
     }
     float acc[MF_MV_RPW * MF_MV_TT];
+#pragma unroll
     for (int i = 0; i < MF_MV_RPW * MF_MV_TT; i++)
         acc[i] = 0.0f;
     mf_dot_rows<MF_MV_RPW>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
@@ -200,11 +202,13 @@ MF_PARAMS(4, struct mf_p_moe, p) {
     struct mf_rows rw;
     rw.n = p.n_embd - j0 < 0 ? 0 : p.n_embd - j0 < MF_MV_RPW ? p.n_embd - j0 : MF_MV_RPW;
     rw.vec = p.vec;
+#pragma unroll
     for (int r = 0; r < MF_MV_RPW; r++)
         mf_rows_set(&rw, r, mf_blob_at(base, tab, e, p.down_w),
                     mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
                     p.dtype, p.bits, p.group_size, p.n_ff, j0 + (r < rw.n ? r : 0));
     float acc[MF_MV_RPW * MF_MV_TT];
+#pragma unroll
     for (int i = 0; i < MF_MV_RPW * MF_MV_TT; i++)
         acc[i] = 0.0f;
     mf_dot_rows<MF_MV_RPW>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,

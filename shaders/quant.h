@@ -102,75 +102,116 @@ MF_FN float mf_code_f(MF_TH const mf_u32 *wd, int k) {
     return mf_as_float(0x4b000000u | (v & ((1u << BITS) - 1u))) - 8388608.0f;
 }
 
+// A lane's codes and group parameters for chunk c of every row (zeros where c or the
+// row is past the end).
+template <int BITS, int R>
+MF_FN void mf_load_rows(MF_TH mf_u32 (*wd)[BITS], MF_TH float *s, MF_TH float *b,
+                        MF_TH const struct mf_rows *rw, int sdtype, int gs, int c,
+                        int n_chunk) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int on = c < n_chunk && r < rw->n;
+        if (on) {
+            mf_load_chunk<BITS>(wd[r], rw->w[r] + (mf_i64)c * BITS, rw->vec);
+        } else {
+#pragma unroll
+            for (int i = 0; i < BITS; i++)
+                wd[r][i] = 0u;
+        }
+        const mf_i64 g = rw->s0[r] + (on ? (c << 5) / gs : 0);
+        s[r] = on ? mf_load(rw->sc[r], sdtype, g) : 0.0f;
+        b[r] = on ? mf_load(rw->bi[r], sdtype, g) : 0.0f;
+    }
+}
+
+// acc[r * MF_MV_TT + t] += s * sum(x q) + b * sum(x) over one 32-column chunk: codes
+// wd, x of token t at xt[t * tok_stride + k] (threadgroup memory).
+template <int BITS, int NT, int R>
+MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
+                        MF_TH const float *s, MF_TH const float *b, MF_TG const float *xt,
+                        int tok_stride, int nt) {
+    float dq[R * NT], sx[NT];
+#pragma unroll
+    for (int i = 0; i < R * NT; i++)
+        dq[i] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+        sx[t] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 32; k++) {
+        float xv[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            xv[t] = t < nt ? xt[t * tok_stride + k] : 0.0f;
+            sx[t] += xv[t];
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float q = mf_code_f<BITS>(wd[r], k);
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                dq[r * NT + t] = mf_fma(xv[t], q, dq[r * NT + t]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            acc[r * MF_MV_TT + t] += s[r] * dq[r * NT + t] + b[r] * sx[t];
+}
+
 // Quantized dots of R rows with NT tokens of x (NT = 1, or the register tile
 // MF_MV_TT with nt <= NT live): acc[r * MF_MV_TT + t] += W[r] . x[t] over this lane's
 // chunks. A lane takes 32-column chunks (BITS whole words, never split across groups
-// since groups are multiples of 32); x is staged through threadgroup memory one
-// MF_XS_COLS-column step at a time (coalesced loads; each lane then reads its 32
-// values without bank conflicts) and each x value serves all R rows from a register.
-// Per chunk the lane sums x * q over its 32 codes and once per row adds
-// s * sum(x q) + b * sum(x): the group parameters are read once per chunk and the
-// per-code work is an extract, a subtraction and a fused multiply-add. Every thread
-// of the threadgroup calls it (barriers); a warp without rows passes rw->n = 0.
+// since groups are multiples of 32); each x value serves all R rows from a register.
+// x is staged through threadgroup memory (coalesced loads; each lane then reads its 32
+// values without bank conflicts), MF_MV_TT / NT sub-steps of MF_XS_COLS columns per
+// staging (one token fills the tile with 4096 columns), and in decode a lane's codes
+// for its next chunk are loaded while it computes the current one, so code loads stay
+// in flight, across the barriers too. Per chunk the lane sums x * q over its 32 codes
+// and once per row adds s * sum(x q) + b * sum(x): the group parameters are read once
+// per chunk and the per-code work is an extract, a subtraction and a fused
+// multiply-add. Every thread of the threadgroup calls it (barriers); a warp without
+// rows passes rw->n = 0.
 template <int BITS, int NT, int R>
 MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                         int sdtype, int gs, int n_in, MF_G const float *x, int x_stride,
                         int nt, int lt, int nthreads, int lane) {
-    const int n_chunk = n_in >> 5;
-    for (int c0 = 0; c0 < n_in; c0 += MF_XS_COLS) {
-        // This step's codes and group parameters are loaded first, so their latency
-        // overlaps the staging of x and the barrier.
-        const int c = (c0 >> 5) + lane, live = c < n_chunk;
-        mf_u32 wd[R][BITS];
-        float s[R], b[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int on = live && r < rw->n;
-            if (on) {
-                mf_load_chunk<BITS>(wd[r], rw->w[r] + (mf_i64)c * BITS, rw->vec);
-            } else {
-                for (int i = 0; i < BITS; i++)
-                    wd[r][i] = 0u;
-            }
-            const mf_i64 g = rw->s0[r] + (on ? (c << 5) / gs : 0);
-            s[r] = on ? mf_load(rw->sc[r], sdtype, g) : 0.0f;
-            b[r] = on ? mf_load(rw->bi[r], sdtype, g) : 0.0f;
-        }
-        for (int i = lt; i < nt * MF_XS_COLS; i += nthreads) {
-            const int t = i / MF_XS_COLS, k = i % MF_XS_COLS;
-            xs[t * MF_XS_TOK + (k >> 5) * 33 + (k & 31)] =
+    const int SUB = MF_MV_TT / NT, step = MF_XS_COLS * SUB, tok_stride = SUB * MF_XS_TOK;
+    // Loading ahead doubles the code registers: done where they stay few (decode at
+    // up to 4 bits); wider paths load each chunk as it comes.
+    const int PF = NT == 1 && BITS * R <= 16;
+    const int n_chunk = n_in >> 5, on = rw->n > 0;
+    mf_u32 wd[R][BITS], cw[R][BITS];
+    float s[R], b[R], cs[R], cb[R];
+    if (on && PF)
+        mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, lane, n_chunk);
+    for (int c0 = 0; c0 < n_in; c0 += step) {
+        for (int i = lt; i < nt * step; i += nthreads) {
+            const int t = i / step, k = i % step;
+            xs[t * tok_stride + (k >> 5) * 33 + (k & 31)] =
                 c0 + k < n_in ? x[(mf_i64)t * x_stride + c0 + k] : 0.0f;
         }
         MF_BARRIER();
-        if (live && rw->n > 0) {
-            float dq[R * NT], sx[NT];
-#pragma unroll
-            for (int i = 0; i < R * NT; i++)
-                dq[i] = 0.0f;
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-                sx[t] = 0.0f;
-#pragma unroll
-            for (int k = 0; k < 32; k++) {
-                float xv[NT];
-#pragma unroll
-                for (int t = 0; t < NT; t++) {
-                    xv[t] = t < nt ? xs[t * MF_XS_TOK + lane * 33 + k] : 0.0f;
-                    sx[t] += xv[t];
-                }
+        for (int sub = 0; sub < SUB && on; sub++) {
+            const int c = (c0 >> 5) + sub * 32 + lane;
+            if (PF) {
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    const float q = mf_code_f<BITS>(wd[r], k);
 #pragma unroll
-                    for (int t = 0; t < NT; t++)
-                        dq[r * NT + t] = mf_fma(xv[t], q, dq[r * NT + t]);
+                    for (int i = 0; i < BITS; i++)
+                        cw[r][i] = wd[r][i];
+                    cs[r] = s[r];
+                    cb[r] = b[r];
                 }
+                if (c + 32 < n_chunk)   // the next chunk's codes, while this one computes
+                    mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, c + 32, n_chunk);
+            } else {
+                mf_load_rows<BITS, R>(cw, cs, cb, rw, sdtype, gs, c, n_chunk);
             }
-#pragma unroll
-            for (int r = 0; r < R; r++)
-#pragma unroll
-                for (int t = 0; t < NT; t++)
-                    acc[r * MF_MV_TT + t] += s[r] * dq[r * NT + t] + b[r] * sx[t];
+            if (c < n_chunk)
+                mf_chunk_dot<BITS, NT, R>(acc, cw, cs, cb, xs + (sub * 32 + lane) * 33,
+                                          tok_stride, nt);
         }
         MF_BARRIER();
     }
@@ -186,6 +227,7 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
                        MF_G const float *x, int x_stride, int nt, int lt, int nthreads,
                        int lane) {
     if (dtype != MF_SH_U32) {
+#pragma unroll
         for (int r = 0; r < R; r++)
             if (r < rw->n)
                 mf_fdot_tile(acc + r * MF_MV_TT, rw->w[r], dtype, n_in, rw->s0[r], x,

@@ -1149,7 +1149,7 @@ static void test_experts_dev(void) {
     test_experts_dev_case(4, 64, MF_DTYPE_BF16, 1);
     test_experts_dev_case(4, 64, MF_DTYPE_BF16, 3);
     test_experts_dev_case(3, 32, MF_DTYPE_F16, 1);
-    test_experts_dev_case(8, 128, MF_DTYPE_F32, 2);
+    test_experts_dev_case(8, 64, MF_DTYPE_F32, 2);
     test_experts_dev_case(2, 64, MF_DTYPE_BF16, 1);
 }
 
