@@ -139,20 +139,14 @@ MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, MF_G const int *tab
     return (MF_G const mf_u32 *)((MF_G const mf_u8 *)base + boff + off);
 }
 
-MF_KERNEL(mf_moe_gu)
-MF_BUF(0, float, gu)
-MF_BUF(1, const float, xg)
-MF_BUF(2, const mf_u32, base)
-MF_BUF(3, const int, tab)
-MF_PARAMS(4, struct mf_p_moe, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, lane = MF_LANE, half = MF_MV_RPW / 2;
-    const int j0 = (MF_TG_X * MF_MV_ROWS + MF_WARP) * half;
-    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
-    if (tile >= n_rows)   // the same for the whole threadgroup
-        return;
-    const int r0 = tab[4 * e + 2] + tile;
-    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
+// gate/up rows of expert e for rows r0 .. r0 + nt - 1 of xg: R slots per warp (R / 2
+// output indices, gate and up each), R = 4 or 2 (the driver picks by p.rpw as for
+// mf_mv: 2 when every expert has one row, i.e. decode).
+template <int R>
+MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *base,
+                      MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
+                      int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
+    const int half = R / 2, j0 = (tg_x * MF_MV_ROWS + warp) * half;
     const int nj = p.n_ff - j0 < 0 ? 0 : p.n_ff - j0 < half ? p.n_ff - j0 : half;
     // slots: gate j0, up j0, gate j0 + 1, up j0 + 1, ...: live slots are a prefix
     struct mf_rows rw;
@@ -168,12 +162,12 @@ MF_PARAMS(4, struct mf_p_moe, p) {
                     mf_blob_at(base, tab, e, p.up_s), mf_blob_at(base, tab, e, p.up_b),
                     p.dtype, p.bits, p.group_size, p.n_embd, j);
     }
-    float acc[MF_MV_RPW * MF_MV_TT];
+    float acc[R * MF_MV_TT];
 #pragma unroll
-    for (int i = 0; i < MF_MV_RPW * MF_MV_TT; i++)
+    for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
-    mf_dot_rows<MF_MV_RPW>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
-                           xg + (mf_i64)r0 * p.n_embd, p.n_embd, nt, MF_LT, MF_NT, lane);
+    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
+                   xg + (mf_i64)r0 * p.n_embd, p.n_embd, nt, lt, nthreads, lane);
 #pragma unroll
     for (int i = 0; i < half; i++)
 #pragma unroll
@@ -185,6 +179,56 @@ MF_PARAMS(4, struct mf_p_moe, p) {
         }
 }
 
+MF_KERNEL(mf_moe_gu)
+MF_BUF(0, float, gu)
+MF_BUF(1, const float, xg)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, tab)
+MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
+    if (tile >= n_rows)   // the same for the whole threadgroup
+        return;
+    const int r0 = tab[4 * e + 2] + tile;
+    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
+    if (p.rpw == 1)
+        mf_gu_rows<2>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT,
+                      MF_NT);
+    else
+        mf_gu_rows<MF_MV_RPW>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
+                              MF_LANE, MF_LT, MF_NT);
+}
+
+// down rows of expert e: R = 4 or 1 rows per warp (p.rpw).
+template <int R>
+MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 *base,
+                        MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
+                        int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
+    const int j0 = (tg_x * MF_MV_ROWS + warp) * R;
+    struct mf_rows rw;
+    rw.n = p.n_embd - j0 < 0 ? 0 : p.n_embd - j0 < R ? p.n_embd - j0 : R;
+    rw.vec = p.vec;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        mf_rows_set(&rw, r, mf_blob_at(base, tab, e, p.down_w),
+                    mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
+                    p.dtype, p.bits, p.group_size, p.n_ff, j0 + (r < rw.n ? r : 0));
+    float acc[R * MF_MV_TT];
+#pragma unroll
+    for (int i = 0; i < R * MF_MV_TT; i++)
+        acc[i] = 0.0f;
+    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,
+                   gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, lt, nthreads, lane);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < MF_MV_TT; t++) {
+            const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
+            if (lane == 0 && r < rw.n && t < nt)
+                eo[(mf_i64)(r0 + t) * p.n_embd + j0 + r] = v;
+        }
+}
+
 MF_KERNEL(mf_moe_down)
 MF_BUF(0, float, eo)
 MF_BUF(1, const float, gu)
@@ -192,36 +236,17 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, lane = MF_LANE;
-    const int j0 = (MF_TG_X * MF_MV_ROWS + MF_WARP) * MF_MV_RPW;
-    const int tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
+    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
     if (tile >= n_rows)   // the same for the whole threadgroup
         return;
     const int r0 = tab[4 * e + 2] + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
-    struct mf_rows rw;
-    rw.n = p.n_embd - j0 < 0 ? 0 : p.n_embd - j0 < MF_MV_RPW ? p.n_embd - j0 : MF_MV_RPW;
-    rw.vec = p.vec;
-#pragma unroll
-    for (int r = 0; r < MF_MV_RPW; r++)
-        mf_rows_set(&rw, r, mf_blob_at(base, tab, e, p.down_w),
-                    mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
-                    p.dtype, p.bits, p.group_size, p.n_ff, j0 + (r < rw.n ? r : 0));
-    float acc[MF_MV_RPW * MF_MV_TT];
-#pragma unroll
-    for (int i = 0; i < MF_MV_RPW * MF_MV_TT; i++)
-        acc[i] = 0.0f;
-    mf_dot_rows<MF_MV_RPW>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,
-                           gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, MF_LT, MF_NT,
-                           lane);
-#pragma unroll
-    for (int r = 0; r < MF_MV_RPW; r++)
-#pragma unroll
-        for (int t = 0; t < MF_MV_TT; t++) {
-            const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
-            if (lane == 0 && r < rw.n && t < nt)
-                eo[(mf_i64)(r0 + t) * p.n_embd + j0 + r] = v;
-        }
+    if (p.rpw == 1)
+        mf_down_rows<1>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT,
+                        MF_NT);
+    else
+        mf_down_rows<MF_MV_RPW>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
+                                MF_LANE, MF_LT, MF_NT);
 }
 
 // Resident experts with the routing on the device (moe_experts_dev): entry r = t * K + j

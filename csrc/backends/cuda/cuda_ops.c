@@ -12,6 +12,8 @@ _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
 
 // Tokens above which matmul uses the tiled GEMM instead of the register-tiled matvec.
 #define MV_MAX_TOK 8
+// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp.
+#define MV_FEW_BLOCKS 512
 
 /* ==== Weights ==== */
 
@@ -62,6 +64,12 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
+    // One row per warp for a decode product that 4-row warps would spread over fewer
+    // than MV_FEW_BLOCKS threadgroups (the H200's 132 multiprocessors hold two each).
+    p.rpw = n_tok == 1 && (int64_t)w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS *
+                                                             MF_MV_RPW
+                ? 1
+                : MF_MV_RPW;
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MV_MAX_TOK)
@@ -457,6 +465,7 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
         p.vec &= vec;
         for (int i = 0; i < n; i++)
             p.max_rows = tab[4 * i + 3] > p.max_rows ? tab[4 * i + 3] : p.max_rows;
+        p.rpw = p.max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
         if (p.max_rows <= 0)
             continue;
         const CUdeviceptr b1[4] = {mf_dp(gu), mf_dp(xg), (CUdeviceptr)base, t};
@@ -489,6 +498,7 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     struct mf_p_moe p = moe_params(d->gate, d->up, d->down);
     p.n_exp = n;
     p.max_rows = 1;
+    p.rpw = 1;
     p.vec &= aligned16((uintptr_t)d->base) && aligned16((uintptr_t)stride);
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(d->xg), mf_dp(d->base), tab};
     launch_mf_moe_gu(ex, &p, b1, "moe_experts_dev");
