@@ -118,7 +118,8 @@ CUDA_SITE := $(CURDIR)/build/cuda-site
 # The mlx-lm goldens (tests/test_cuda_golden.py) must have been made where mlx-lm is:
 # `.venv/bin/python tests/make_cuda_goldens.py` writes .cache/cuda-goldens/, which the
 # device call carries; here their absence fails instead of skipping.
-CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py
+CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py \
+                tests/test_cuda_state.py
 
 test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	rm -rf build/cuda-site build/cuda-tmp
