@@ -113,9 +113,8 @@ static inline void mf_grid_route(const struct mf_p_route *p, unsigned g[3],
     mf_grid_set(g, b, (unsigned)p->n_tok, 1, 1, 32);
 }
 
-// Warps over output rows (p->rpw == 1: one gate and up row, one down row each; else
-// MF_MV_RPW / 2 gate and up rows, MF_MV_RPW down rows), experts on y, MF_MV_TT-row
-// tiles of each expert on z.
+// Warps over output rows (gate/up: one row of each when p->rpw == 1, else MF_MV_RPW /
+// 2; down: MF_MV_RPW rows), experts on y, MF_MV_TT-row tiles of each expert on z.
 static inline void mf_grid_moe_gu(const struct mf_p_moe *p, unsigned g[3], unsigned b[3]) {
     const int per = p->rpw == 1 ? 1 : MF_MV_RPW / 2;
     mf_grid_set(g, b, mf_cdiv(p->n_ff, MF_MV_ROWS * per), (unsigned)p->n_exp,
@@ -124,8 +123,7 @@ static inline void mf_grid_moe_gu(const struct mf_p_moe *p, unsigned g[3], unsig
 
 static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
                                     unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * (p->rpw == 1 ? 1 : MF_MV_RPW)),
-                (unsigned)p->n_exp,
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * MF_MV_RPW), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
 }
 

@@ -112,7 +112,7 @@ struct mf_p_route {
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
 // base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
 // vec: every blob and code offset is 16-byte aligned (wide loads); rpw: 1 (gate/up
-// 1 + 1, down 1 row per warp) or MF_MV_RPW.
+// one row of each per warp; down keeps MF_MV_RPW) or MF_MV_RPW.
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
