@@ -34,7 +34,7 @@ DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
-	test-neon neon-deps test-metal fault-site
+	test-neon neon-deps test-metal fault-site bench-cuda
 
 all: install
 
@@ -230,6 +230,11 @@ clean:
 # extension goes to build/cuda-site as asan-pytest does, so no pip or venv is needed.
 CUDA_PY   ?= python3
 CUDA_SITE := $(CURDIR)/build/cuda-site
+# The mlx-lm goldens (tests/test_cuda_golden.py) must have been made where mlx-lm is:
+# `.venv/bin/python tests/make_cuda_goldens.py` writes .cache/cuda-goldens/, which the
+# device call carries; here their absence fails instead of skipping.
+CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py \
+                tests/test_cuda_state.py
 
 test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	rm -rf build/cuda-site build/cuda-tmp
@@ -242,11 +247,12 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 		[ $$rc -eq 0 ] || fail=1; \
 		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
 	done; \
-	echo "== pytest tests/test_cuda.py"; \
-	PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 $(CUDA_PY) -m pytest -q -s -p no:cacheprovider \
-		tests/test_cuda.py 2>&1 | tee build/pytest-cuda.log; rc=$${PIPESTATUS[0]}; \
+	echo "== pytest $(CUDA_PYTESTS)"; \
+	PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 MOEFLUX_CUDA_GOLDENS_REQUIRED=1 \
+		$(CUDA_PY) -m pytest -q -s -p no:cacheprovider \
+		$(CUDA_PYTESTS) 2>&1 | tee build/pytest-cuda.log; rc=$${PIPESTATUS[0]}; \
 	[ $$rc -eq 0 ] || fail=1; \
-	status="$$status""pytest tests/test_cuda.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
+	status="$$status""pytest $(CUDA_PYTESTS): $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
 	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail
 
 # On a Mac with Apple Silicon (macOS 13 or later, Xcode command line tools): the
@@ -273,3 +279,14 @@ test-metal: venv tests/c/build/test_metal_host tests/c/build/test_metal_twin
 	[ $$rc -eq 0 ] || fail=1; \
 	status="$$status""pytest tests/test_metal.py: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-metal.log)\n"; \
 	echo "== test-metal summary"; printf '%b' "$$status"; exit $$fail
+
+# Resident decode / prefill on the GPU against the copy bandwidth of the same run
+# (bench/bench_cuda.py; BENCH_CUDA_ARGS e.g. "--layers 12 --repeat 5"). Builds the
+# extension as test-cuda does (incrementally, after test-cuda).
+BENCH_CUDA_ARGS ?=
+bench-cuda:
+	$(CUDA_PY) setup.py -q build_ext -b $(CUDA_SITE) -t build/cuda-tmp
+	ln -sf $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(CUDA_SITE)/moeflux/
+	ln -sfn $(CURDIR)/prep $(CUDA_SITE)/moeflux/prep
+	PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 $(CUDA_PY) \
+		bench/bench_cuda.py $(BENCH_CUDA_ARGS)

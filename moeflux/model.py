@@ -70,7 +70,8 @@ class Model(ModelFeatures):
                  use_2bit: Union[None, bool, int] = None,
                  io_mode: Optional[str] = None, io_threads: Optional[int] = None,
                  expert_cache_bytes: int = 0, prefetch: Optional[bool] = None,
-                 verify: Union[bool, Callable[[int, int], None]] = False) -> None:
+                 verify: Union[bool, Callable[[int, int], None]] = False,
+                 gpu_experts: Optional[str] = None) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -100,6 +101,11 @@ class Model(ModelFeatures):
                 reads the whole model once. True draws a ``tqdm.auto`` bar in bytes;
                 a callable is called as ``verify(done_bytes, total_bytes)`` instead.
                 False (default) checks nothing and costs nothing.
+            gpu_experts: where routed experts live: None = "auto" (on a backend with
+                its own memory, all of them in it when they fit, else streamed),
+                "resident" (copied into backend memory at load; decode routes on the
+                device) or "stream" (read per token). ``stats()["io_fallback"]`` says
+                "experts resident in ... memory" when they are.
 
         Raises:
             ChecksumError: verify found a file that differs from its recorded sum
@@ -121,10 +127,14 @@ class Model(ModelFeatures):
         if isinstance(path, _core.ModelHandle):
             handle = path
         else:
+            if gpu_experts not in (None, "auto", "resident", "stream"):
+                raise ArgumentError(f"gpu_experts must be auto, resident, stream or None, "
+                                    f"got {gpu_experts!r}")
             which = _expert_choice(path, use_2bit)
             if verify is not False and verify is not None:
                 _verify_checksums(Path(os.fspath(path)), which, verify)
-            handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=which)
+            handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=which,
+                                       gpu_experts=gpu_experts)
         self._handle = handle
         self._ctx = _core.Context(handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                   **_io_kwargs(io_mode, io_threads, expert_cache_bytes,

@@ -22,9 +22,9 @@ static inline void mf_grid_set(unsigned g[3], unsigned b[3], unsigned gx, unsign
     b[2] = 1;
 }
 
-// A warp per output row, MF_MV_TT tokens per threadgroup row, heads on z.
+// p->rpw output rows per warp, MF_MV_TT tokens per threadgroup row, heads on z.
 static inline void mf_grid_mv(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_MV_ROWS), mf_cdiv(p->n_tok, MF_MV_TT),
+    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_MV_ROWS * p->rpw), mf_cdiv(p->n_tok, MF_MV_TT),
                 (unsigned)p->n_head, 32 * MF_MV_ROWS);
 }
 
@@ -113,16 +113,30 @@ static inline void mf_grid_route(const struct mf_p_route *p, unsigned g[3],
     mf_grid_set(g, b, (unsigned)p->n_tok, 1, 1, 32);
 }
 
-// Warps over output rows, experts on y, MF_MV_TT-row tiles of each expert on z.
+// Warps over output rows (gate/up: one row of each when p->rpw == 1, else MF_MV_RPW /
+// 2; down: MF_MV_RPW rows), experts on y, MF_MV_TT-row tiles of each expert on z.
 static inline void mf_grid_moe_gu(const struct mf_p_moe *p, unsigned g[3], unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n_ff, MF_MV_ROWS), (unsigned)p->n_exp,
+    const int per = p->rpw == 1 ? 1 : MF_MV_RPW / 2;
+    mf_grid_set(g, b, mf_cdiv(p->n_ff, MF_MV_ROWS * per), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
 }
 
 static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
                                     unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS), (unsigned)p->n_exp,
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * MF_MV_RPW), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
+}
+
+// A threadgroup per (token, expert) entry.
+static inline void mf_grid_moe_prep(const struct mf_p_moe_dev *p, unsigned g[3],
+                                    unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)(p->n_tok * p->k), 1, 1, MF_THREADS);
+}
+
+// A thread per column, tokens on y.
+static inline void mf_grid_moe_combine(const struct mf_p_moe_dev *p, unsigned g[3],
+                                       unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_THREADS), (unsigned)p->n_tok, 1, MF_THREADS);
 }
 
 #endif /* MF_GRID_H */

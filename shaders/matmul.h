@@ -1,6 +1,6 @@
 /*
- * matmul.h — the linear-algebra kernels: matvec and small-batch matmul (a warp per
- * output row, MF_MV_TT tokens in registers, x staged in threadgroup memory), the tiled
+ * matmul.h — the linear-algebra kernels: matvec and small-batch matmul (MF_MV_RPW
+ * output rows per warp, MF_MV_TT tokens in registers, x staged in threadgroup memory), the tiled
  * SIMT GEMM for many tokens, the transposed product (a thread per input column, rows
  * walked in order as the CPU does) and the embedding lookup. All take per-head strides (matmul_heads); plain
  * matmul is one head.
@@ -10,6 +10,41 @@
 
 #include "quant.h"
 
+// R rows per warp: 4 (each staged x value serves four rows), or 1 for a small
+// decode matvec, whose few threadgroups of 4-row warps would leave most of the GPU idle
+// (the driver picks: p.rpw).
+template <int R>
+MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
+                      MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
+                      MF_TG float *xs, int tg_x, int tg_y, int h, int warp, int lane, int lt,
+                      int nthreads) {
+    const int row0 = (tg_x * MF_MV_ROWS + warp) * R, t0 = tg_y * MF_MV_TT;
+    const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
+    struct mf_rows rw;
+    rw.n = p.n_out - row0 < 0 ? 0 : p.n_out - row0 < R ? p.n_out - row0 : R;
+    rw.vec = p.vec;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        mf_rows_set(&rw, r, w, sc, bi, p.dtype, p.bits, p.group_size, p.n_in,
+                    (mf_i64)h * p.w_head_rows + row0 + (r < rw.n ? r : 0));
+    float acc[R * MF_MV_TT];
+#pragma unroll
+    for (int i = 0; i < R * MF_MV_TT; i++)
+        acc[i] = 0.0f;
+    MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
+    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
+                   p.x_tok_stride, nt, lt, nthreads, lane);
+    MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < MF_MV_TT; t++) {
+            const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
+            if (lane == 0 && r < rw.n && t < nt)
+                yt[(mf_i64)t * p.y_tok_stride + r] = v;
+        }
+}
+
 MF_KERNEL(mf_mv)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
@@ -18,25 +53,12 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int row = MF_TG_X * MF_MV_ROWS + MF_WARP, active = row < p.n_out;
-    const int t0 = MF_TG_Y * MF_MV_TT, h = MF_TG_Z, lane = MF_LANE;
-    const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
-    float acc[MF_MV_TT];
-    for (int t = 0; t < MF_MV_TT; t++)
-        acc[t] = 0.0f;
-    MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
-    mf_dot_block(acc, xs, w, sc, bi, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
-                 (mf_i64)h * p.w_head_rows + row, active, xt, p.x_tok_stride, nt, MF_LT,
-                 MF_NT, lane);
-    if (!active)
-        return;
-    MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row;
-#pragma unroll
-    for (int t = 0; t < MF_MV_TT; t++) {
-        const float v = mf_warp_sum(acc[t]);
-        if (lane == 0 && t < nt)
-            yt[(mf_i64)t * p.y_tok_stride] = v;
-    }
+    if (p.rpw == 1)
+        mf_mv_rows<1>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP, MF_LANE,
+                      MF_LT, MF_NT);
+    else
+        mf_mv_rows<MF_MV_RPW>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
+                              MF_LANE, MF_LT, MF_NT);
 }
 
 // A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs

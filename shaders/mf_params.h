@@ -15,8 +15,12 @@
 #define MF_SH_BF16 2
 #define MF_SH_U32 3
 
-// Matvec: warps (= output rows) per threadgroup, tokens per register tile.
+// Matvec: warps per threadgroup, output rows per warp (each staged x value serves
+// them all from a register; small decode products use 1 for more warps), tokens per
+// register tile. The grouped experts' gate/up kernel gives a warp MF_MV_RPW / 2 rows of
+// gate and the same rows of up (1 and 1 with one row per warp).
 #define MF_MV_ROWS 8
+#define MF_MV_RPW 4
 #define MF_MV_TT 4
 // Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
 #define MF_GEMM_TILE 64
@@ -35,13 +39,16 @@
 #define MF_ROUTE_K_MAX 64
 
 // A weight matrix W [n_out, n_in] (per head: rows h*w_head_rows ..), float or MLX
-// affine-quantized; shared by matvec, GEMM, transposed matvec and embed.
+// affine-quantized; shared by matvec, GEMM, transposed matvec and embed. vec: the codes
+// are 16-byte aligned (the row dots then use wide loads); rpw: matvec rows per warp, 1
+// or MF_MV_RPW (grid.h and the kernel agree through it).
 // y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head.
 struct mf_p_mv {
     int n_in, n_out, n_tok, n_head;
     int w_head_rows;
     int x_tok_stride, x_head_stride, y_tok_stride, y_head_stride;
     int dtype, sdtype, bits, group_size;
+    int vec, rpw;
 };
 
 struct mf_p_embed {
@@ -104,10 +111,19 @@ struct mf_p_route {
 
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
 // base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
+// vec: every blob and code offset is 16-byte aligned (wide loads); rpw: 1 (gate/up
+// one row of each per warp; down keeps MF_MV_RPW) or MF_MV_RPW.
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
     int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
+    int vec, rpw;
+};
+
+// Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes
+// apart (stride_hi * 2^32 + stride_lo).
+struct mf_p_moe_dev {
+    int n_tok, k, n_embd, stride_lo, stride_hi;
 };
 
 #endif /* MF_PARAMS_H */

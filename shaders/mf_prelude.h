@@ -58,6 +58,20 @@ MF_FN float mf_sqrt(float x) { return precise::sqrt(x); }
 MF_FN float mf_cos(float x) { return precise::cos(x); }
 MF_FN float mf_sin(float x) { return precise::sin(x); }
 MF_FN float mf_fabs(float x) { return precise::fabs(x); }
+MF_FN float mf_fma(float a, float b, float c) { return fma(a, b, c); }
+// Four / two consecutive words (the caller guarantees 16 / 8-byte alignment).
+MF_FN void mf_ld4(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
+    const uint4 v = *((MF_G const uint4 *)p);
+    d[0] = v.x;
+    d[1] = v.y;
+    d[2] = v.z;
+    d[3] = v.w;
+}
+MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
+    const uint2 v = *((MF_G const uint2 *)p);
+    d[0] = v.x;
+    d[1] = v.y;
+}
 // MSL has no log1p: log(u) * x / (u - 1) with u = 1 + x corrects u's rounding.
 MF_FN float mf_log1p(float x) {
     float u = 1.0f + x;
@@ -75,7 +89,10 @@ MF_FN float mf_log1p(float x) {
 #define MF_SHARED __shared__
 #define MF_FN static __device__ __forceinline__
 #define MF_BARRIER() __syncthreads()
-#define MF_KERNEL(name) extern "C" __global__ void name(
+// At most MF_THREADS threads per threadgroup, and registers for two threadgroups per
+// multiprocessor (<= 128 per thread): the row-dot kernels' widest paths would take
+// ~170 and halve the warps in flight that hide memory latency.
+#define MF_KERNEL(name) extern "C" __global__ void __launch_bounds__(256, 2) name(
 #define MF_BUF(i, T, n) T *n,
 #define MF_PARAMS(i, T, p) const T p)
 #define MF_TG_X ((int)blockIdx.x)
@@ -102,6 +119,23 @@ MF_FN float mf_cos(float x) { return cosf(x); }
 MF_FN float mf_sin(float x) { return sinf(x); }
 MF_FN float mf_fabs(float x) { return fabsf(x); }
 MF_FN float mf_log1p(float x) { return log1pf(x); }
+// An explicit fused multiply-add: one rounding, also under --fmad=false (which only
+// stops the compiler from contracting a * b + c written out).
+MF_FN float mf_fma(float a, float b, float c) { return fmaf(a, b, c); }
+// Four / two consecutive words in one 128 / 64-bit load (the caller guarantees 16 /
+// 8-byte alignment).
+MF_FN void mf_ld4(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
+    const uint4 v = *reinterpret_cast<const uint4 *>(p);
+    d[0] = v.x;
+    d[1] = v.y;
+    d[2] = v.z;
+    d[3] = v.w;
+}
+MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
+    const uint2 v = *reinterpret_cast<const uint2 *>(p);
+    d[0] = v.x;
+    d[1] = v.y;
+}
 #define MF_INF __int_as_float(0x7f800000)
 #endif
 

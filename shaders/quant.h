@@ -2,8 +2,10 @@
  * quant.h — reading weights: float tensors of any dtype, MLX affine-quantized codes
  * (model-math §1: w = s*q + b per group of group_size columns, codes packed LSB-first
  * as one bit stream per row), and the per-warp row dots that matvec-shaped kernels
- * share. Every term is x * (s*q + b) in f32, as the CPU backend computes it; only the
- * summation order differs.
+ * share. Float weights: every term is x * w in f32, as the CPU backend computes it; only
+ * the summation order differs. Quantized rows in the row dots: per 32-column chunk,
+ * s * sum(x q) + b * sum(x) (exact codes, fused multiply-adds), the same value in
+ * exact arithmetic, within the reordering bound of the op tests.
  */
 #ifndef MF_QUANT_H
 #define MF_QUANT_H
@@ -61,90 +63,206 @@ MF_FN void mf_fdot_tile(MF_TH float *acc, MF_G const mf_u32 *w, int dtype, int n
 #define MF_XS_TOK (32 * 33)
 #define MF_XS_FLOATS (MF_MV_TT * MF_XS_TOK)
 
-// Quantized row dot: a lane takes 32-column chunks (BITS whole words, never split
-// across groups since groups are multiples of 32), unpacked with constant shifts, x
-// staged through threadgroup memory one MF_XS_COLS-column step at a time: loading x
-// is coalesced and each lane reads its 32 values without bank conflicts (read from
-// device memory, a lane's 32 consecutive floats touch 32 cache lines per warp load:
-// 5x slower on an H200). Every thread of the threadgroup calls it (barriers); a warp
-// without a row passes active = 0.
+// The R weight rows one warp dots with the staged x: codes of row r start at word
+// w[r] (its chunk c at w[r] + c * BITS), its scales / biases at element s0[r] of sc /
+// bi; a float row is row s0[r] of the tensor at w[r]. vec: every w[r] is 16-byte aligned (then a lane's BITS words load in one or two
+// wide loads when BITS is 2, 4 or 8).
+struct mf_rows {
+    MF_G const mf_u32 *w[MF_MV_RPW];
+    MF_G const mf_u32 *sc[MF_MV_RPW];
+    MF_G const mf_u32 *bi[MF_MV_RPW];
+    mf_i64 s0[MF_MV_RPW];
+    int n;      // live rows, 0..R
+    int vec;
+};
+
+// Lane chunk c of a row: BITS words, in wide loads where the alignment allows.
 template <int BITS>
-MF_FN void mf_qdot_staged(MF_TH float *acc, MF_TG float *xs, MF_G const mf_u32 *w,
-                          MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, int sdtype, int gs,
-                          int n_in, mf_i64 row, int active, MF_G const float *x,
-                          int x_stride, int nt, int lt, int nthreads, int lane) {
-    const int n_chunk = n_in >> 5;
-    MF_G const mf_u32 *wr = w + row * n_chunk * BITS;
-    const mf_i64 s0 = row * (n_in / gs);
-    for (int c0 = 0; c0 < n_in; c0 += MF_XS_COLS) {
-        // This step's codes and group parameters are loaded first, so their latency
-        // overlaps the staging of x and the barrier.
-        const int c = (c0 >> 5) + lane, live = active && c < n_chunk;
-        mf_u32 wd[BITS];
+MF_FN void mf_load_chunk(MF_TH mf_u32 *wd, MF_G const mf_u32 *p, int vec) {
+    if (vec && (BITS == 4 || BITS == 8)) {
+        for (int i = 0; i < BITS; i += 4)
+            mf_ld4(wd + i, p + i);
+    } else if (vec && BITS == 2) {
+        mf_ld2(wd, p);
+    } else {
         for (int i = 0; i < BITS; i++)
-            wd[i] = live ? wr[c * BITS + i] : 0u;
-        const mf_i64 g = s0 + (live ? (c << 5) / gs : 0);
-        const float s = live ? mf_load(sc, sdtype, g) : 0.0f;
-        const float b = live ? mf_load(bi, sdtype, g) : 0.0f;
-        for (int i = lt; i < nt * MF_XS_COLS; i += nthreads) {
-            const int t = i / MF_XS_COLS, k = i % MF_XS_COLS;
-            xs[t * MF_XS_TOK + (k >> 5) * 33 + (k & 31)] =
+            wd[i] = p[i];
+    }
+}
+
+// Code k (0..31) of a lane's chunk as an exact f32: the code goes into the mantissa of
+// 2^23 and 2^23 is taken off again (integer-to-float conversion runs at a quarter of
+// the rate of these two operations on current NVIDIA GPUs).
+template <int BITS>
+MF_FN float mf_code_f(MF_TH const mf_u32 *wd, int k) {
+    const int bit = k * BITS, wi = bit >> 5, sh = bit & 31;
+    mf_u32 v = wd[wi] >> sh;
+    if (sh + BITS > 32)
+        v |= wd[wi + 1] << (32 - sh);
+    return mf_as_float(0x4b000000u | (v & ((1u << BITS) - 1u))) - 8388608.0f;
+}
+
+// A lane's codes and group parameters for chunk c of every row (zeros where c or the
+// row is past the end).
+template <int BITS, int R>
+MF_FN void mf_load_rows(MF_TH mf_u32 (*wd)[BITS], MF_TH float *s, MF_TH float *b,
+                        MF_TH const struct mf_rows *rw, int sdtype, int gs, int c,
+                        int n_chunk) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int on = c < n_chunk && r < rw->n;
+        if (on) {
+            mf_load_chunk<BITS>(wd[r], rw->w[r] + (mf_i64)c * BITS, rw->vec);
+        } else {
+#pragma unroll
+            for (int i = 0; i < BITS; i++)
+                wd[r][i] = 0u;
+        }
+        const mf_i64 g = rw->s0[r] + (on ? (c << 5) / gs : 0);
+        s[r] = on ? mf_load(rw->sc[r], sdtype, g) : 0.0f;
+        b[r] = on ? mf_load(rw->bi[r], sdtype, g) : 0.0f;
+    }
+}
+
+// acc[r * MF_MV_TT + t] += s * sum(x q) + b * sum(x) over one 32-column chunk: codes
+// wd, x of token t at xt[t * tok_stride + k] (threadgroup memory).
+template <int BITS, int NT, int R>
+MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
+                        MF_TH const float *s, MF_TH const float *b, MF_TG const float *xt,
+                        int tok_stride, int nt) {
+    float dq[R * NT], sx[NT];
+#pragma unroll
+    for (int i = 0; i < R * NT; i++)
+        dq[i] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+        sx[t] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 32; k++) {
+        float xv[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            xv[t] = t < nt ? xt[t * tok_stride + k] : 0.0f;
+            sx[t] += xv[t];
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float q = mf_code_f<BITS>(wd[r], k);
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                dq[r * NT + t] = mf_fma(xv[t], q, dq[r * NT + t]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            acc[r * MF_MV_TT + t] += s[r] * dq[r * NT + t] + b[r] * sx[t];
+}
+
+// Quantized dots of R rows with NT tokens of x (NT = 1, or the register tile
+// MF_MV_TT with nt <= NT live): acc[r * MF_MV_TT + t] += W[r] . x[t] over this lane's
+// chunks. A lane takes 32-column chunks (BITS whole words, never split across groups
+// since groups are multiples of 32); each x value serves all R rows from a register.
+// x is staged through threadgroup memory (coalesced loads; each lane then reads its 32
+// values without bank conflicts), MF_MV_TT / NT sub-steps of MF_XS_COLS columns per
+// staging (one token fills the tile with 4096 columns), and in decode a lane's codes
+// for its next chunk are loaded while it computes the current one, so code loads stay
+// in flight, across the barriers too. Per chunk the lane sums x * q over its 32 codes
+// and once per row adds s * sum(x q) + b * sum(x): the group parameters are read once
+// per chunk and the per-code work is an extract, a subtraction and a fused
+// multiply-add. Every thread of the threadgroup calls it (barriers); a warp without
+// rows passes rw->n = 0.
+template <int BITS, int NT, int R>
+MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
+                        int sdtype, int gs, int n_in, MF_G const float *x, int x_stride,
+                        int nt, int lt, int nthreads, int lane) {
+    const int SUB = MF_MV_TT / NT, step = MF_XS_COLS * SUB, tok_stride = SUB * MF_XS_TOK;
+    // Loading ahead doubles the code registers: done where they stay few (decode at
+    // up to 4 bits); wider paths load each chunk as it comes.
+    const int PF = NT == 1 && BITS * R <= 16;
+    const int n_chunk = n_in >> 5, on = rw->n > 0;
+    mf_u32 wd[R][BITS], cw[R][BITS];
+    float s[R], b[R], cs[R], cb[R];
+    if (on && PF)
+        mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, lane, n_chunk);
+    for (int c0 = 0; c0 < n_in; c0 += step) {
+        for (int i = lt; i < nt * step; i += nthreads) {
+            const int t = i / step, k = i % step;
+            xs[t * tok_stride + (k >> 5) * 33 + (k & 31)] =
                 c0 + k < n_in ? x[(mf_i64)t * x_stride + c0 + k] : 0.0f;
         }
         MF_BARRIER();
-        if (live) {
-            float wv[32];
+        for (int sub = 0; sub < SUB && on; sub++) {
+            const int c = (c0 >> 5) + sub * 32 + lane;
+            if (PF) {
 #pragma unroll
-            for (int k = 0; k < 32; k++) {
-                const int bit = k * BITS, wi = bit >> 5, sh = bit & 31;
-                mf_u32 v = wd[wi] >> sh;
-                if (sh + BITS > 32)
-                    v |= wd[wi + 1] << (32 - sh);
-                wv[k] = s * (float)(v & ((1u << BITS) - 1u)) + b;
-            }
+                for (int r = 0; r < R; r++) {
 #pragma unroll
-            for (int t = 0; t < MF_MV_TT; t++) {
-                if (t < nt) {
-                    MF_TG const float *xt = xs + t * MF_XS_TOK + lane * 33;
-                    float a = acc[t];
-#pragma unroll
-                    for (int k = 0; k < 32; k++)
-                        a += xt[k] * wv[k];
-                    acc[t] = a;
+                    for (int i = 0; i < BITS; i++)
+                        cw[r][i] = wd[r][i];
+                    cs[r] = s[r];
+                    cb[r] = b[r];
                 }
+                if (c + 32 < n_chunk)   // the next chunk's codes, while this one computes
+                    mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, c + 32, n_chunk);
+            } else {
+                mf_load_rows<BITS, R>(cw, cs, cb, rw, sdtype, gs, c, n_chunk);
             }
+            if (c < n_chunk)
+                mf_chunk_dot<BITS, NT, R>(acc, cw, cs, cb, xs + (sub * 32 + lane) * 33,
+                                          tok_stride, nt);
         }
         MF_BARRIER();
     }
 }
 
-// Row dot for a threadgroup of warps (one row each): quantized through the staged
-// tile, float straight from device memory (lanes stride over columns, coalesced).
-// (A word-per-lane form without threadgroup memory measured 0.69x as fast on an H200
-// for 4-bit codes, 492 vs 717 GB/s.)
-// The dtype is the same for the whole threadgroup, so the barriers are uniform.
-MF_FN void mf_dot_block(MF_TH float *acc, MF_TG float *xs, MF_G const mf_u32 *w,
-                        MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, int dtype, int sdtype,
-                        int bits, int gs, int n_in, mf_i64 row, int active,
-                        MF_G const float *x, int x_stride, int nt, int lt, int nthreads,
-                        int lane) {
+// Row dots of a warp's R rows for nt tokens: quantized through the staged tile
+// (templated on the width, and on one token or a tile), float straight from device
+// memory (lanes stride over columns, coalesced). The dtype is the same for the whole
+// threadgroup, so the barriers are uniform.
+template <int R>
+MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
+                       int dtype, int sdtype, int bits, int gs, int n_in,
+                       MF_G const float *x, int x_stride, int nt, int lt, int nthreads,
+                       int lane) {
     if (dtype != MF_SH_U32) {
-        if (active)
-            mf_fdot_tile(acc, w, dtype, n_in, row, x, x_stride, nt, lane);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (r < rw->n)
+                mf_fdot_tile(acc + r * MF_MV_TT, rw->w[r], dtype, n_in, rw->s0[r], x,
+                             x_stride, nt, lane);
         return;
     }
-#define MF_QSTAGED(B)                                                                  \
-    mf_qdot_staged<B>(acc, xs, w, sc, bi, sdtype, gs, n_in, row, active, x, x_stride, nt, \
-                      lt, nthreads, lane)
+#define MF_QROWS(B, T)                                                                 \
+    mf_qdot_rows<B, T, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, nthreads, \
+                          lane)
+#define MF_QBITS(B)                                                                    \
+    if (nt == 1)                                                                       \
+        MF_QROWS(B, 1);                                                                \
+    else                                                                               \
+        MF_QROWS(B, MF_MV_TT);
     switch (bits) {
-    case 2: MF_QSTAGED(2); break;
-    case 3: MF_QSTAGED(3); break;
-    case 4: MF_QSTAGED(4); break;
-    case 5: MF_QSTAGED(5); break;
-    case 6: MF_QSTAGED(6); break;
-    default: MF_QSTAGED(8); break;
+    case 2: MF_QBITS(2); break;
+    case 3: MF_QBITS(3); break;
+    case 4: MF_QBITS(4); break;
+    case 5: MF_QBITS(5); break;
+    case 6: MF_QBITS(6); break;
+    default: MF_QBITS(8); break;
     }
-#undef MF_QSTAGED
+#undef MF_QBITS
+#undef MF_QROWS
+}
+
+// Row r of a weight [n_out, n_in] (quantized or float) into slot i of rw.
+MF_FN void mf_rows_set(MF_TH struct mf_rows *rw, int i, MF_G const mf_u32 *w,
+                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, int dtype, int bits,
+                       int gs, int n_in, mf_i64 row) {
+    const int q = dtype == MF_SH_U32;
+    rw->w[i] = q ? w + row * (n_in / 32) * bits : w;
+    rw->sc[i] = sc;
+    rw->bi[i] = bi;
+    rw->s0[i] = q ? row * (n_in / gs) : row;   // float rows: the row itself
 }
 
 // Sum / max over a threadgroup of MF_THREADS threads: warp butterflies, then the

@@ -102,6 +102,26 @@ struct mf_moe_batch {
     const struct mf_weight *down;    // [n_embd, n_ff]
 };
 
+// Routed experts whose blobs all lie in device memory (resident mode), with the routing
+// left on the device by moe_route: token t's experts idx[t * k + j] (device, [n_tok, k])
+// with weights w[t * k + j] (device); expert e's blob at base + e * stride (device
+// address); gate/up/down are views relative to a blob as in mf_moe_batch. xg
+// [n_tok * k, n_embd], gu [n_tok * k, 2 * n_ff] and eo [n_tok * k, n_embd] are scratch.
+struct mf_moe_dev {
+    int n_tok;
+    int k;
+    const int32_t *idx;
+    const float *w;
+    const void *base;
+    int64_t stride;
+    const struct mf_weight *gate;
+    const struct mf_weight *up;
+    const struct mf_weight *down;
+    float *xg;
+    float *gu;
+    float *eo;
+};
+
 struct mf_backend_ops {
     int api_version;         // MF_BACKEND_API_VERSION
     const char *name;        // "cpu", "cuda", "metal"
@@ -296,6 +316,15 @@ struct mf_backend_ops {
     // run as their bytes arrive, in any grouping, with bitwise the same eo.
     void (*moe_experts)(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                         const struct mf_moe_batch *b);
+    // The same experts without the host seeing the routing (struct mf_moe_dev): y[t] =
+    // sum over token t's experts, in ascending expert order, of w * expert(x[t]),
+    // summed from 0. Bitwise what the host-routed path gives: the pairs grouped by
+    // expert (ascending, tokens in order) through moe_experts, then zero +
+    // scatter_add_rows in that order. Nothing here waits for the device.
+    // Optional (API v2 addition): NULL = the backend has no device-routed path and
+    // callers route on the host.
+    void (*moe_experts_dev)(struct mf_exec *ex, float *y, const float *x,
+                            const struct mf_moe_dev *d);
 
     // ---- parallel host work on the exec's threads (CPU: the pool). Optional: NULL
     // means the caller runs the tasks itself. Leaves the table once the expert store

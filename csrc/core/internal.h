@@ -88,6 +88,11 @@ struct mf_model {
     const struct mf_arch *arch;
     void *arch_weights;               // owned by the arch (unbind frees)
     int64_t expert_bytes_per_token;
+    // Resident experts (mf_model_params.gpu_experts): per layer, the device view of
+    // its expert file (map_weights of the file's mapping), NULL for non-MoE layers;
+    // the array itself NULL when the experts stream. Shared by the model's contexts.
+    const void **experts_dev;
+    uint64_t experts_dev_layer_bytes;
 };
 
 struct mf_ctx {

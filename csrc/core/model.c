@@ -51,7 +51,7 @@ const char *mf_strerror(int status) {
 
 struct mf_model_params mf_model_default_params(void) {
     struct mf_model_params p = {.backend = "cpu", .log_fn = NULL, .log_user = NULL,
-                                .use_2bit = 0};
+                                .use_2bit = 0, .gpu_experts = NULL};
     return p;
 }
 
@@ -75,11 +75,22 @@ void mf_log(const mf_model *m, int level, const char *fmt, ...) {
 
 /* ==== Model ==== */
 
+static void experts_dev_free(mf_model *m) {
+    if (!m->experts_dev)
+        return;
+    for (int il = 0; il < m->cfg.num_hidden_layers; il++)
+        if (m->experts_dev[il] && m->be->ops->unmap_weights)
+            m->be->ops->unmap_weights(m->be, m->experts_dev[il], m->experts_dev_layer_bytes);
+    free((void *)m->experts_dev);
+    m->experts_dev = NULL;
+}
+
 void mf_model_free(mf_model *m) {
     if (!m)
         return;
     if (m->arch && m->arch_weights && m->arch->unbind)
         m->arch->unbind(m);
+    experts_dev_free(m);
     mf_expert_store_close(m->experts);
     if (m->be) {
         mf_derived_free(m);
@@ -164,9 +175,71 @@ static int open_experts(mf_model *m, char *err, size_t errlen) {
     return rc;
 }
 
+/* ==== Resident experts ====
+ * gpu_experts (moeflux.h): every MoE layer's expert file, mapped read-only, becomes a
+ * device view through map_weights (CUDA: copied into device memory through pinned
+ * staging; CPU: the mapping itself). */
+
+// 1 = resident, 0 = stream, for mode (NULL = auto); MF_ERR_ARG for an unknown mode.
+static int residency_choice(mf_model *m, const char *mode, int *resident, char *err,
+                            size_t errlen) {
+    if (mode && strcmp(mode, "auto") != 0) {
+        if (strcmp(mode, "resident") != 0 && strcmp(mode, "stream") != 0)
+            return mf_err(err, errlen, MF_ERR_ARG, "gpu_experts '%.32s' unknown "
+                          "(expected auto, resident or stream)", mode);
+        *resident = strcmp(mode, "resident") == 0;
+        return MF_OK;
+    }
+    *resident = 0;
+    uint64_t free_b = 0, total_b = 0, need = mf_expert_store_total_bytes(m->experts);
+    const uint64_t reserve = (uint64_t)2 << 30;   // KV caches, state, scratch of contexts
+    if (m->be->ops->host_is_device || !m->be->ops->mem_info ||
+        m->be->ops->mem_info(m->be, &free_b, &total_b, err, errlen) != MF_OK)
+        return MF_OK;
+    *resident = (double)need + (double)reserve <= 0.85 * (double)free_b;
+    mf_log(m, MF_LOG_INFO, "gpu_experts auto: %.2f GB of experts, %.2f GB free: %s",
+           (double)need / 1e9, (double)free_b / 1e9, *resident ? "resident" : "stream");
+    return MF_OK;
+}
+
+static int experts_dev_load(mf_model *m, char *err, size_t errlen) {
+    const struct mf_expert_layout *L = mf_expert_store_layout(m->experts);
+    const int n = m->cfg.num_hidden_layers;
+    m->experts_dev_layer_bytes = (uint64_t)L->num_experts * L->expert_size;
+    m->experts_dev = calloc((size_t)n, sizeof *m->experts_dev);
+    if (!m->experts_dev)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
+    int rc = mf_expert_store_map(m->experts, err, errlen);
+    double t0 = mf_now_s();
+    for (int il = 0; il < n && rc == MF_OK; il++) {
+        const void *data = NULL;
+        if (!m->cfg.layer_is_moe[il])
+            continue;
+        rc = mf_expert_store_prefault(m->experts, il, 0, &data, err, errlen);
+        if (rc == MF_OK) {
+            m->experts_dev[il] = m->be->ops->map_weights(m->be, data,
+                                                         m->experts_dev_layer_bytes, err,
+                                                         errlen);
+            rc = m->experts_dev[il] ? MF_OK : MF_ERR_BACKEND;
+        }
+    }
+    if (rc == MF_OK)
+        mf_log(m, MF_LOG_INFO, "experts resident: %.2f GB in %.1f s",
+               (double)mf_expert_store_total_bytes(m->experts) / 1e9, mf_now_s() - t0);
+    return rc;
+}
+
+static int experts_residency(mf_model *m, const char *mode, char *err, size_t errlen) {
+    int resident = 0;
+    int rc = residency_choice(m, mode, &resident, err, errlen);
+    if (rc == MF_OK && resident)
+        rc = experts_dev_load(m, err, errlen);
+    return rc;
+}
+
 // Everything after the struct is allocated; on failure the caller frees m.
-static int model_open(mf_model *m, const char *dir, const char *backend, char *err,
-                      size_t errlen) {
+static int model_open(mf_model *m, const char *dir, const char *backend,
+                      const char *gpu_experts, char *err, size_t errlen) {
     if (!is_dir(dir))
         return mf_err(err, errlen, MF_ERR_IO, "%s: not a model directory: %s", dir,
                       errno ? strerror(errno) : "not a directory");
@@ -196,6 +269,8 @@ static int model_open(mf_model *m, const char *dir, const char *backend, char *e
             return MF_ERR_BACKEND;
     }
     if (m->cfg.n_moe_layers > 0 && (rc = open_experts(m, err, errlen)))
+        return rc;
+    if (m->experts && (rc = experts_residency(m, gpu_experts, err, errlen)))
         return rc;
     // Checked last so every file-level problem is reported even in a build that
     // lacks the family's forward pass.
@@ -233,11 +308,12 @@ int mf_model_load(mf_model **out, const char *dir, const struct mf_model_params 
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     m->weights_fd = -1;
     m->dir = strdup(dir);
-    const char *backend = p.backend ? p.backend : "cpu";
+    const char *backend = p.backend ? p.backend : "cpu", *gpu_experts = p.gpu_experts;
     p.backend = NULL;   // borrowed for this call only: never kept
+    p.gpu_experts = NULL;
     m->params = p;
     errno = 0;
-    int rc = m->dir ? model_open(m, dir, backend, err, errlen)
+    int rc = m->dir ? model_open(m, dir, backend, gpu_experts, err, errlen)
                     : mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     if (rc) {
         if (err && errlen && !err[0])

@@ -110,6 +110,13 @@ struct mf_model_params {
     void *log_user;        // passed to log_fn
     int use_2bit;          // read packed_experts_2bit/ instead of packed_experts/;
                            // 0 = no (default), 1 = yes, -1 = only if 4-bit is absent
+    const char *gpu_experts;  // where routed experts live: "stream" (read per token
+                           // from the expert files), "resident" (every expert copied
+                           // into device memory at load, routing stays on the device
+                           // during decode), "auto" / NULL (default): resident on a
+                           // backend with its own memory (CUDA) when the experts fit in
+                           // 85% of its free memory less 2 GiB, else stream. Borrowed for
+                           // the mf_model_load call only. mf_ctx_stats.io_note says which.
 };
 
 struct mf_ctx_params {

@@ -8,7 +8,9 @@
  * once per token), the ctx's expert reader (its own I/O threads; reads overlap the
  * shared expert and the other experts' compute), the grouped SwiGLU experts on the
  * gathered rows and the weighted scatter-add back, the optional (gated) shared expert,
- * decode prefetch of the next layer's previous-token experts, and the I/O counters.
+ * decode prefetch of the next layer's previous-token experts, the I/O counters, and the
+ * resident-expert paths (all experts in device memory: routing left on the device for
+ * a few tokens, one grouped call per layer for a prefill chunk).
  *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
@@ -49,6 +51,9 @@ struct mf_moe_scratch {
     int32_t *tok_of;         // [max_tok * k] token index, grouped by expert
     float *w_of;             // [max_tok * k] weight, grouped like tok_of
     int32_t *used;           // [n_expert] distinct experts in this call, ascending
+    const void **res_blob;   // [n_expert] resident: blob, first row and rows of each
+    int32_t *res_row0;       //   used expert (one moe_experts call per layer)
+    int32_t *res_rows;
     // decode prefetch: each MoE layer's experts of the previous token
     int prefetch;
     int n_layer;
@@ -64,6 +69,9 @@ struct mf_moe_scratch {
     float *sh_out;           // [max_tok, n_embd]
     float *sh_gate;          // [max_tok, 1]
     void *dev_blob;          // [expert_bytes] (!host_is_device)
+    int32_t *idx_dev;        // [max_tok, k] routing left on the device (resident)
+    float *w_dev;            // [max_tok, k]
+    const void *const *resident;   // the model's experts_dev (NULL: streaming)
     // expert weight views relative to a blob at address 0 (pointers are offsets)
     struct mf_weight ex_gate, ex_up, ex_down;
     int has_store;
@@ -182,8 +190,11 @@ static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_confi
     s->used = calloc(E, sizeof(int32_t));
     s->prev = calloc((size_t)n_layer * K, sizeof(int32_t));
     s->prev_ok = calloc((size_t)n_layer, 1);
+    s->res_blob = calloc(E, sizeof(void *));
+    s->res_row0 = calloc(E, sizeof(int32_t));
+    s->res_rows = calloc(E, sizeof(int32_t));
     return s->sel_idx && s->sel_w && s->count && s->start && s->tok_of && s->w_of &&
-           s->used && s->prev && s->prev_ok;
+           s->used && s->prev && s->prev_ok && s->res_blob && s->res_row0 && s->res_rows;
 }
 
 static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
@@ -201,9 +212,14 @@ static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
         s->sh_gate = dev_alloc(ctx, T * F);
         ok = ok && s->sh_tmp && s->sh_out && s->sh_gate;
     }
-    if (ok && s->has_store && !ctx->be->ops->host_is_device) {
+    if (ok && s->has_store && !s->resident && !ctx->be->ops->host_is_device) {
         s->dev_blob = dev_alloc(ctx, (size_t)s->expert_bytes);
         ok = s->dev_blob != NULL;
+    }
+    if (ok && s->resident) {
+        s->idx_dev = dev_alloc(ctx, TK * sizeof(int32_t));
+        s->w_dev = dev_alloc(ctx, TK * F);
+        ok = s->idx_dev && s->w_dev;
     }
     return ok;
 }
@@ -272,6 +288,7 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
     // pread 9.5 -> 6.4 tokens/s, direct 12.7 -> 10.0). Routing of a trained model
     // repeats more than the bench's random weights; turn it on where that is measured.
     s->prefetch = ctx->params.prefetch == 1;
+    s->resident = ctx->model->experts_dev;
     if (st && (rc = bind_views(s, st, c, err, errlen)) != MF_OK) {
         mf_moe_scratch_free(ctx, s);
         return rc;
@@ -284,7 +301,12 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
         mf_moe_scratch_free(ctx, s);
         return rc;
     }
-    if (st && (rc = reader_new(ctx, s, c, err, errlen)) != MF_OK) {
+    if (s->resident) {
+        snprintf(ctx->io_mode_in_effect, sizeof ctx->io_mode_in_effect, "resident");
+        snprintf(ctx->io_note, sizeof ctx->io_note, "experts resident in %s memory",
+                 ctx->be->ops->name);
+    }
+    else if (st && (rc = reader_new(ctx, s, c, err, errlen)) != MF_OK) {
         mf_moe_scratch_free(ctx, s);
         return rc;
     }
@@ -297,11 +319,11 @@ void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
         return;
     mf_expert_reader_free(s->reader);   // before the slots' backend goes
     void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
-                    s->prev, s->prev_ok};
+                    s->prev, s->prev_ok, (void *)s->res_blob, s->res_row0, s->res_rows};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         free(host[i]);
     void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate,
-                   s->dev_blob};
+                   s->dev_blob, s->idx_dev, s->w_dev};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dev_free(ctx, dev[i]);
     free(s);
@@ -541,6 +563,80 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
     return rc;
 }
 
+/* ==== Resident experts ====
+ * Every expert of the model lies in device memory (the model's experts_dev, one region
+ * per MoE layer, expert e at e * expert_bytes). A few tokens route on the device and
+ * run through moe_experts_dev: no host synchronisation in the layer. A prefill chunk
+ * routes on the host as in streaming, so each needed expert is read once per chunk,
+ * and runs every expert in one moe_experts call. Both give the bits of the streaming
+ * path (moe_experts_dev's contract, and the same per-expert rows and combine order). */
+
+// Tokens up to which a resident layer routes on the device.
+#define MOE_DEV_MAX_TOK 4
+
+static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
+                         const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    struct mf_ctx_stats *st = &ctx->stats;
+    double t0 = mf_now_s();
+    op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
+    const float *bias = c->router == MF_ROUTER_NOAUX_TC ? w->router_bias.w : NULL;
+    op->moe_route(ctx->ex, s->idx_dev, s->w_dev, s->logits_dev, bias, &s->route, n_tok,
+                  NULL, NULL);
+    double t1 = mf_now_s();
+    if (w->has_shared && c->n_ff_shexp > 0)
+        shared_compute(ctx, s, c, w, x, n_tok);
+    double t2 = mf_now_s();
+    struct mf_moe_dev d = {.n_tok = n_tok, .k = c->n_expert_used, .idx = s->idx_dev,
+                           .w = s->w_dev, .base = s->resident[w->il],
+                           .stride = (int64_t)s->expert_bytes, .gate = &s->ex_gate,
+                           .up = &s->ex_up, .down = &s->ex_down, .xg = s->xg, .gu = s->gu,
+                           .eo = s->eo};
+    op->moe_experts_dev(ctx->ex, y, x, &d);
+    if (w->has_shared && c->n_ff_shexp > 0)
+        op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
+    st->routing_s += t1 - t0;
+    st->shared_s += t2 - t1;
+    st->experts_s += mf_now_s() - t2;
+}
+
+// The call's experts (used[], ascending) in one moe_experts call on their resident blobs.
+static void run_resident_experts(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used) {
+    const uint8_t *base = s->resident[il];
+    for (int i = 0; i < n_used; i++) {
+        int e = s->used[i];
+        s->res_blob[i] = base + (uint64_t)e * s->expert_bytes;
+        s->res_row0[i] = s->start[e];
+        s->res_rows[i] = s->start[e + 1] - s->start[e];
+    }
+    struct mf_moe_batch b = {.n = n_used, .blob_host = s->res_blob, .row0_host = s->res_row0,
+                             .n_rows_host = s->res_rows, .gate = &s->ex_gate,
+                             .up = &s->ex_up, .down = &s->ex_down};
+    ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+}
+
+static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
+                          const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    struct mf_ctx_stats *st = &ctx->stats;
+    double t0 = mf_now_s();
+    int n_used = route(ctx, s, w, c, x, n_tok), n_rows = n_tok * c->n_expert_used;
+    double t1 = mf_now_s();
+    op->gather_rows(ctx->ex, s->xg, x, s->tok_of, n_rows, c->n_embd);
+    double t2 = mf_now_s();
+    if (w->has_shared && c->n_ff_shexp > 0)
+        shared_compute(ctx, s, c, w, x, n_tok);
+    double t3 = mf_now_s();
+    run_resident_experts(ctx, s, w->il, n_used);
+    op->zero(ctx->ex, y, 0, (size_t)n_tok * c->n_embd * sizeof(float));
+    op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
+    if (w->has_shared && c->n_ff_shexp > 0)
+        op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
+    st->routing_s += t1 - t0;
+    st->shared_s += t3 - t2;
+    st->experts_s += (t2 - t1) + (mf_now_s() - t3);
+}
+
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
                    const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
     const struct mf_backend_ops *op = ctx->be->ops;
@@ -550,6 +646,13 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
     if (!s->has_store)
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
+    if (s->resident && s->resident[w->il]) {
+        if (op->moe_experts_dev && n_tok <= MOE_DEV_MAX_TOK)
+            resident_dev(ctx, s, c, w, y, x, n_tok);
+        else
+            resident_host(ctx, s, c, w, y, x, n_tok);
+        return MF_OK;
+    }
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s(), wait0 = st->io_wait_s, shared_s = 0.0;
     int n_used = route(ctx, s, w, c, x, n_tok);

@@ -75,19 +75,20 @@ void mf_py_ctx_unlock(mf_py_context *self) {
 /* ==== ModelHandle ==== */
 
 PyDoc_STRVAR(handle_doc,
-"ModelHandle(path, backend='cpu', use_2bit=0)\n--\n\n"
+"ModelHandle(path, backend='cpu', use_2bit=0, gpu_experts=None)\n--\n\n"
 "A loaded model directory, shareable by several Contexts.\n\n"
 "use_2bit: 0 reads packed_experts/, 1 packed_experts_2bit/, -1 the 2-bit files only\n"
-"when the 4-bit ones are absent. Raises moeflux errors naming the bad file.");
+"when the 4-bit ones are absent. gpu_experts: None/'auto', 'resident' or 'stream'\n"
+"(moeflux.h). Raises moeflux errors naming the bad file.");
 
 static PyObject *handle_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"path", "backend", "use_2bit", NULL};
+    static char *kwlist[] = {"path", "backend", "use_2bit", "gpu_experts", NULL};
     PyObject *path_bytes = NULL;
-    const char *backend = "cpu";
+    const char *backend = "cpu", *gpu_experts = NULL;
     int use_2bit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|si:ModelHandle", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|siz:ModelHandle", kwlist,
                                      PyUnicode_FSConverter, &path_bytes, &backend,
-                                     &use_2bit))
+                                     &use_2bit, &gpu_experts))
         return NULL;
     mf_py_state *st = mf_py_state_of_type(tp);
     mf_py_handle *self = (mf_py_handle *)tp->tp_alloc(tp, 0);
@@ -107,6 +108,7 @@ static PyObject *handle_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     struct mf_model_params p = mf_model_default_params();
     p.backend = backend;
     p.use_2bit = use_2bit;
+    p.gpu_experts = gpu_experts;
     char err[1024] = "";
     const char *path = PyBytes_AS_STRING(path_bytes);
     int rc;

@@ -1031,6 +1031,128 @@ static void test_experts(void) {
     test_experts_case(6, 64, MF_DTYPE_F32);
 }
 
+/* ==== Device-routed resident experts ====
+ * NE experts back to back (stride = blob size) on both backends; n_tok tokens with K
+ * distinct random experts and random weights each; idx / w in device memory. The bound
+ * per output: the weighted sum of the experts' bounds plus K roundings of the sum. With
+ * one token the result must equal, bit for bit, the host-routed path (moe_experts on
+ * the token's rows, zero, scatter_add_rows in ascending expert order). */
+
+static void pick_experts(int32_t *idx, float *w, int n_tok, int K, int NE) {
+    for (int t = 0; t < n_tok; t++)
+        for (int j = 0; j < K; j++) {
+            int e, dup;
+            do {
+                e = (int)(check_rand(&E.rng) % (uint64_t)NE);
+                dup = 0;
+                for (int i = 0; i < j; i++)
+                    dup |= idx[t * K + i] == e;
+            } while (dup);
+            idx[t * K + j] = e;
+            w[t * K + j] = 0.05f + (float)(check_rand(&E.rng) % 1000) / 1000.0f;
+        }
+}
+
+// The host-routed path on the device backend for one token: y = 0 + rows in ascending
+// expert order.
+static void host_routed_one(float *gy, const float *gx, const int32_t *idx, const float *w,
+                            int K, const uint8_t *gbase, const struct blob_layout *L,
+                            int H) {
+    int32_t order[16], row0[16], one[16], tok[16];
+    const void *blob[16];
+    float wo[16];
+    for (int j = 0; j < K; j++)
+        order[j] = j;
+    for (int a = 1; a < K; a++)   // insertion sort of the slots by expert id
+        for (int b = a; b > 0 && idx[order[b]] < idx[order[b - 1]]; b--) {
+            int32_t t = order[b];
+            order[b] = order[b - 1];
+            order[b - 1] = t;
+        }
+    for (int j = 0; j < K; j++) {
+        blob[j] = gbase + (size_t)idx[order[j]] * L->bytes;
+        row0[j] = j;
+        one[j] = 1;
+        tok[j] = 0;
+        wo[j] = w[order[j]];
+    }
+    float *xg = gpoison((size_t)K * H * 4), *gu = gpoison((size_t)K * 2 * L->gate.n_out * 4);
+    float *eo = gpoison((size_t)K * H * 4);
+    E.go->gather_rows(E.gx, xg, gx, tok, K, H);
+    struct mf_moe_batch b = {K, blob, row0, one, &L->gate, &L->up, &L->down};
+    E.go->moe_experts(E.gx, eo, gu, xg, &b);
+    E.go->zero(E.gx, gy, 0, (size_t)H * 4);
+    E.go->scatter_add_rows(E.gx, gy, eo, tok, wo, K, H);
+    gfree(xg), gfree(gu), gfree(eo);
+}
+
+static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok) {
+    enum { NE = 12, K = 4, H = 256, I = 192 };
+    struct blob_layout L = layout(H, I, bits, gs, sdt);
+    uint8_t *host = xmalloc(NE * L.bytes);
+    for (int i = 0; i < NE; i++)
+        fill_blob(host + i * L.bytes, &L);
+    uint8_t *gbase = gput(host, NE * L.bytes);
+    int32_t idx[8 * K];
+    float w[8 * K];
+    pick_experts(idx, w, n_tok, K, NE);
+    const size_t nr = (size_t)n_tok * K;
+    float *x = frand((size_t)n_tok * H, -1, 1), *yc = fpoison((size_t)n_tok * H);
+    float *xg = fpoison(nr * H), *gu = fpoison(nr * 2 * I), *eo = fpoison(nr * H);
+    struct mf_moe_dev d = {n_tok, K, idx, w, host, (int64_t)L.bytes, &L.gate, &L.up, &L.down,
+                           xg, gu, eo};
+    E.co->moe_experts_dev(E.cx, yc, x, &d);
+    float *gxx = gput(x, (size_t)n_tok * H * 4), *gy = gpoison((size_t)n_tok * H * 4);
+    d.idx = gput(idx, nr * 4);
+    d.w = gput(w, nr * 4);
+    d.base = gbase;
+    d.xg = gpoison(nr * H * 4);
+    d.gu = gpoison(nr * 2 * I * 4);
+    d.eo = gpoison(nr * H * 4);
+    E.go->moe_experts_dev(E.gx, gy, gxx, &d);
+    float *yg = gget(gy, (size_t)n_tok * H);
+    double *absd = xmalloc((size_t)H * sizeof *absd), *extra = xmalloc((size_t)H * sizeof *extra);
+    double *ab = xmalloc((size_t)n_tok * H * sizeof *ab), *ex = xmalloc((size_t)n_tok * H * sizeof *ex);
+    for (size_t i = 0; i < (size_t)n_tok * H; i++)
+        ab[i] = ex[i] = 0;
+    for (int t = 0; t < n_tok; t++)
+        for (int j = 0; j < K; j++) {
+            const uint8_t *blob = host + (size_t)idx[t * K + j] * L.bytes;
+            expert_bounds(&L, blob, x + (size_t)t * H, H, I, absd, extra);
+            const double aw = fabs(w[t * K + j]);
+            for (int r = 0; r < H; r++) {   // the sum's own roundings: K of |w eo|
+                const float *e = eo + ((size_t)t * K + j) * H;
+                ab[(size_t)t * H + r] += aw * absd[r];
+                ex[(size_t)t * H + r] += aw * extra[r] + 2.0 * K * EPS * aw * fabs((double)e[r]);
+            }
+        }
+    char what[112];
+    snprintf(what, sizeof what, "moe_experts_dev q%d g%d %s n_tok %d", bits, gs,
+             mf_dtype_name(sdt), n_tok);
+    cmp_dot(what, yc, yg, ab, ex, (size_t)n_tok * H, I);
+    if (n_tok == 1) {
+        float *gy2 = gpoison((size_t)H * 4);
+        host_routed_one(gy2, gxx, idx, w, K, gbase, &L, H);
+        float *y2 = gget(gy2, H);
+        CHECK(memcmp(yg, y2, (size_t)H * 4) == 0,
+              "%s: device-routed and host-routed experts differ", what);
+        free(y2), gfree(gy2);
+    }
+    gfree((void *)d.idx), gfree((void *)d.w), gfree(d.xg), gfree(d.gu), gfree(d.eo);
+    gfree(gbase), gfree(gxx), gfree(gy);
+    free(host), free(x), free(yc), free(xg), free(gu), free(eo), free(yg), free(absd);
+    free(extra), free(ab), free(ex);
+    status_ok("moe_experts_dev");
+}
+
+static void test_experts_dev(void) {
+    test_experts_dev_case(4, 64, MF_DTYPE_BF16, 1);
+    test_experts_dev_case(4, 64, MF_DTYPE_BF16, 3);
+    test_experts_dev_case(3, 32, MF_DTYPE_F16, 1);
+    test_experts_dev_case(8, 64, MF_DTYPE_F32, 2);
+    test_experts_dev_case(2, 64, MF_DTYPE_BF16, 1);
+}
+
 /* ==== Memory, copies, fences, weights, status ==== */
 
 static void test_memory(void) {
@@ -1206,10 +1328,10 @@ static void test_cache(void) {
  * A 4-bit matvec streams its weight once; its bytes per second are compared with a
  * device-to-device copy (read + write) measured in the same run, rounds interleaved. */
 
-static void bench(const char *label) {
+static void bench(const char *label, int bits) {
     const int64_t R = 16384, N = 8192;
     const int reps = 20;
-    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = 4,
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = bits,
                           .group_size = 64, .n_out = R, .n_in = N};
     size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
     uint8_t *hw = xmalloc(wb);
@@ -1246,9 +1368,9 @@ static void bench(const char *label) {
         E.go->sync(E.gx);
         double t4 = now_s();
         double mv = (double)bytes * reps / (t1 - t0), cp = 2.0 * (double)bytes * reps / (t2 - t1);
-        printf("bench %s round %d: 4-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
+        printf("bench %s round %d: %d-bit matvec [%lld x %lld] %.0f GB/s; D2D copy (read+write) "
                "%.0f GB/s; ratio %.2f; n_tok 8: %.0f GB/s of weights; n_tok 256 GEMM: %.0f "
-               "GFLOP/s\n", label, round, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
+               "GFLOP/s\n", label, round, bits, (long long)R, (long long)N, mv / 1e9, cp / 1e9, mv / cp,
                (double)bytes * 3 / (t3 - t2) / 1e9, 2.0 * (double)R * N * 256 * 3 / (t4 - t3) / 1e9);
     }
     gfree((void *)w.w), gfree((void *)w.scales), gfree((void *)w.biases), gfree(gxb), gfree(gy);
@@ -1312,13 +1434,15 @@ int main(void) {
         test_flag();
         test_route();
         test_experts();
+        test_experts_dev();
         test_gdn();
         test_attention();
         test_products();
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
                now_s() - t0);
         if (!against_cpu)
-            bench("matvec");
+            for (int b = 0; b < 3; b++)
+                bench("matvec", (int[]){4, 8, 2}[b]);
     }
     if (E.gx)
         E.go->exec_free(E.gx);

@@ -276,6 +276,7 @@ static const struct mf_backend_ops cpu_ops = {
     .flag_nonfinite = mf_cpu_flag_nonfinite,
     .moe_route = mf_cpu_moe_route,
     .moe_experts = mf_cpu_moe_experts,
+    .moe_experts_dev = mf_cpu_moe_experts_dev,
     .parallel_for = cpu_parallel_for,
 };
 

@@ -172,5 +172,7 @@ void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                       int32_t *idx_host, float *w_host);
 void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                         const struct mf_moe_batch *b);
+void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
+                            const struct mf_moe_dev *d);
 
 #endif /* MF_CPU_INTERNAL_H */

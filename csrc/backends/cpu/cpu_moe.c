@@ -136,3 +136,61 @@ void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *x
         mf_cpu_matmul(ex, eo + r0 * H, &wd, u, m);
     }
 }
+
+/* ==== Device-routed experts (resident mode) ====
+ * The CPU's device memory is host memory, so the "device" routing is read directly,
+ * and the op is the host-routed path itself: the (token, expert) pairs grouped by
+ * expert in ascending order (tokens in order within an expert), each expert's rows in
+ * one moe_experts entry (a row's bits depend on its expert's row count here), then
+ * zero + scatter_add_rows in the same grouped order. The pairs are found by scanning
+ * idx once per distinct expert (n_tok * k is small when routing stays on the device). */
+
+#define DEV_CHUNK 64
+
+// The smallest expert id in idx[0 .. n) above last, or -1.
+static int next_expert(const int32_t *idx, int n, int last) {
+    int best = -1;
+    for (int i = 0; i < n; i++)
+        if (idx[i] > last && (best < 0 || idx[i] < best))
+            best = idx[i];
+    return best;
+}
+
+// Gathers expert e's rows into xg at row *cursor and adds its batch entry.
+static void dev_group(const struct mf_moe_dev *d, const float *x, int e, int H, int *cursor,
+                      const void **blob, int32_t *row0, int32_t *rows) {
+    const int n = d->n_tok * d->k;
+    *blob = (const uint8_t *)d->base + (int64_t)e * d->stride;
+    *row0 = *cursor;
+    for (int i = 0; i < n; i++)
+        if (d->idx[i] == e)
+            memcpy(d->xg + (int64_t)(*cursor)++ * H, x + (int64_t)(i / d->k) * H,
+                   (size_t)H * sizeof(float));
+    *rows = *cursor - *row0;
+}
+
+void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
+                            const struct mf_moe_dev *d) {
+    const int H = (int)d->gate->n_in, n = d->n_tok * d->k;
+    const void *blob[DEV_CHUNK];
+    int32_t row0[DEV_CHUNK], rows[DEV_CHUNK];
+    int cursor = 0, nb = 0;
+    for (int e = next_expert(d->idx, n, -1); e >= 0; e = next_expert(d->idx, n, e)) {
+        dev_group(d, x, e, H, &cursor, &blob[nb], &row0[nb], &rows[nb]);
+        if (++nb == DEV_CHUNK || next_expert(d->idx, n, e) < 0) {
+            struct mf_moe_batch b = {.n = nb, .blob_host = blob, .row0_host = row0,
+                                     .n_rows_host = rows, .gate = d->gate, .up = d->up,
+                                     .down = d->down};
+            mf_cpu_moe_experts(ex, d->eo, d->gu, d->xg, &b);
+            nb = 0;
+        }
+    }
+    memset(y, 0, (size_t)d->n_tok * H * sizeof(float));
+    int r = 0;
+    for (int e = next_expert(d->idx, n, -1); e >= 0; e = next_expert(d->idx, n, e))
+        for (int i = 0; i < n; i++)
+            if (d->idx[i] == e) {
+                int32_t t = i / d->k;
+                mf_cpu_scatter_add_rows(ex, y, d->eo + (int64_t)r++ * H, &t, d->w + i, 1, H);
+            }
+}

@@ -287,6 +287,8 @@ static void cuda_exec_free(struct mf_exec *ex) {
         cu->MemFree(ex->ws);
     if (ex->route_ws)
         cu->MemFree(ex->route_ws);
+    if (ex->dev_tab)
+        cu->MemFree(ex->dev_tab);
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (ex->ring_ev[i])
             cu->EventDestroy(ex->ring_ev[i]);
@@ -643,5 +645,6 @@ static const struct mf_backend_ops cuda_ops = {
     .flag_nonfinite = mf_cuda_flag_nonfinite,
     .moe_route = mf_cuda_moe_route,
     .moe_experts = mf_cuda_moe_experts,
+    .moe_experts_dev = mf_cuda_moe_experts_dev,
     .parallel_for = NULL,
 };

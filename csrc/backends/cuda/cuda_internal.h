@@ -70,6 +70,8 @@ struct mf_exec {
     size_t ws_bytes;
     CUdeviceptr route_ws;        // moe_route outputs when the caller gives none
     size_t route_bytes;
+    CUdeviceptr dev_tab;         // moe_experts_dev's entry table
+    size_t dev_tab_bytes;
 };
 
 struct mf_fence {
@@ -175,5 +177,7 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
                        int32_t *idx_host, float *w_host);
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                          const struct mf_moe_batch *b);
+void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
+                             const struct mf_moe_dev *d);
 
 #endif /* MF_CUDA_INTERNAL_H */

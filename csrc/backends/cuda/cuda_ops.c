@@ -12,6 +12,8 @@ _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
 
 // Tokens above which matmul uses the tiled GEMM instead of the register-tiled matvec.
 #define MV_MAX_TOK 8
+// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp.
+#define MV_FEW_BLOCKS 512
 
 /* ==== Weights ==== */
 
@@ -32,10 +34,13 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
     return 0;
 }
 
+static int aligned16(uintptr_t a) { return (a & 15u) == 0; }
+
 static struct mf_p_mv mv_params(const struct mf_weight *w) {
     struct mf_p_mv p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_head = 1,
                         .dtype = (int)w->dtype, .sdtype = (int)w->sdtype, .bits = w->bits,
-                        .group_size = w->group_size > 0 ? w->group_size : 32};
+                        .group_size = w->group_size > 0 ? w->group_size : 32,
+                        .vec = aligned16((uintptr_t)w->w)};
     return p;
 }
 
@@ -59,6 +64,12 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
+    // One row per warp for a decode product that 4-row warps would spread over fewer
+    // than MV_FEW_BLOCKS threadgroups (the H200's 132 multiprocessors hold two each).
+    p.rpw = n_tok == 1 && (int64_t)w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS *
+                                                             MF_MV_RPW
+                ? 1
+                : MF_MV_RPW;
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MV_MAX_TOK)
@@ -389,7 +400,35 @@ static int experts_ok(struct mf_exec *ex, const struct mf_moe_batch *b) {
     return 0;
 }
 
+static int experts_ok_dev(struct mf_exec *ex, const struct mf_moe_dev *d) {
+    struct mf_moe_batch b = {.gate = d->gate, .up = d->up, .down = d->down};
+    if (!experts_ok(ex, &b))
+        return 0;
+    if (d->n_tok <= 65535 / d->k && d->stride > 0)
+        return 1;
+    mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: moe_experts_dev: %d tokens x %d experts "
+                 "(at most 65535 entries), blob stride %lld", d->n_tok, d->k,
+                 (long long)d->stride);
+    return 0;
+}
+
 static int32_t off32(const void *p) { return (int32_t)(uintptr_t)p; }
+
+// The kernels' params for one set of expert views (byte offsets inside a blob); vec
+// when every code offset is 16-byte aligned (blob alignment is checked by the caller).
+static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_weight *u,
+                                  const struct mf_weight *d) {
+    struct mf_p_moe p = {
+        .n_embd = (int)g->n_in, .n_ff = (int)g->n_out,
+        .dtype = (int)g->dtype, .sdtype = (int)g->sdtype, .bits = g->bits,
+        .group_size = g->group_size > 0 ? g->group_size : 32,
+        .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
+        .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
+        .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases),
+        .vec = aligned16((uintptr_t)g->w) && aligned16((uintptr_t)u->w) &&
+               aligned16((uintptr_t)d->w)};
+    return p;
+}
 
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                          const struct mf_moe_batch *b) {
@@ -406,6 +445,9 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
     for (int i = 1; i < b->n; i++)
         base = (uintptr_t)b->blob_host[i] < base ? (uintptr_t)b->blob_host[i] : base;
     int32_t tab[4 * 256];
+    int vec = 1;
+    for (int i = 0; i < b->n; i++)
+        vec &= aligned16((uintptr_t)b->blob_host[i]);
     for (int i0 = 0; i0 < b->n; i0 += 256) {   // the table goes through the ring in parts
         int n = b->n - i0 < 256 ? b->n - i0 : 256;
         for (int i = 0; i < n; i++) {
@@ -418,16 +460,12 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
         CUdeviceptr t = mf_cuda_ring_put(ex, tab, (size_t)n * 16, "moe_experts");
         if (!t)
             return;
-        const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
-        struct mf_p_moe p = {
-            .n_exp = n, .n_embd = (int)g->n_in, .n_ff = (int)g->n_out, .max_rows = 0,
-            .dtype = (int)g->dtype, .sdtype = (int)g->sdtype, .bits = g->bits,
-            .group_size = g->group_size > 0 ? g->group_size : 32,
-            .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
-            .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
-            .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases)};
+        struct mf_p_moe p = moe_params(b->gate, b->up, b->down);
+        p.n_exp = n;
+        p.vec &= vec;
         for (int i = 0; i < n; i++)
             p.max_rows = tab[4 * i + 3] > p.max_rows ? tab[4 * i + 3] : p.max_rows;
+        p.rpw = p.max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
         if (p.max_rows <= 0)
             continue;
         const CUdeviceptr b1[4] = {mf_dp(gu), mf_dp(xg), (CUdeviceptr)base, t};
@@ -435,4 +473,37 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
         const CUdeviceptr b2[4] = {mf_dp(eo), mf_dp(gu), (CUdeviceptr)base, t};
         launch_mf_moe_down(ex, &p, b2, "moe_experts");
     }
+}
+
+// Resident experts routed on the device: a table of (token, expert) entries and the
+// gathered inputs built by one kernel from idx, the grouped kernels over it, and the
+// weighted sum in ascending expert order (the host-routed path's order). The table
+// lives in scratch of the exec (16 bytes per entry).
+void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
+                             const struct mf_moe_dev *d) {
+    const int n = d->n_tok * d->k;
+    if (d->n_tok <= 0 || d->k <= 0 || !experts_ok_dev(ex, d))
+        return;
+    mf_cuda_enter(ex);
+    CUdeviceptr tab = mf_cuda_scratch(ex, &ex->dev_tab, &ex->dev_tab_bytes, (size_t)n * 16,
+                                      "moe_experts_dev");
+    if (!tab)
+        return;
+    const uint64_t stride = (uint64_t)d->stride;
+    struct mf_p_moe_dev pd = {.n_tok = d->n_tok, .k = d->k, .n_embd = (int)d->gate->n_in,
+                              .stride_lo = (int)(uint32_t)stride,
+                              .stride_hi = (int)(uint32_t)(stride >> 32)};
+    const CUdeviceptr b0[4] = {tab, mf_dp(d->xg), mf_dp(x), mf_dp(d->idx)};
+    launch_mf_moe_prep(ex, &pd, b0, "moe_experts_dev");
+    struct mf_p_moe p = moe_params(d->gate, d->up, d->down);
+    p.n_exp = n;
+    p.max_rows = 1;
+    p.rpw = 1;
+    p.vec &= aligned16((uintptr_t)d->base) && aligned16((uintptr_t)stride);
+    const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(d->xg), mf_dp(d->base), tab};
+    launch_mf_moe_gu(ex, &p, b1, "moe_experts_dev");
+    const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), tab};
+    launch_mf_moe_down(ex, &p, b2, "moe_experts_dev");
+    const CUdeviceptr b3[4] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w)};
+    launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
 }

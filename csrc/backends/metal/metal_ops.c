@@ -16,6 +16,9 @@ _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
 
 // Tokens above which matmul uses the tiled GEMM (the CUDA driver's choice).
 #define MV_MAX_TOK 8
+// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp
+// (the CUDA driver's rule, kept identical so both ask the kernels for the same work).
+#define MV_FEW_BLOCKS 512
 
 const char *const mf_metal_kernel_names[MF_MKID_COUNT] = {
 #define K(name, params, n_buf, grid) #name,
@@ -59,10 +62,14 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
     return 0;
 }
 
+static int aligned16(uintptr_t a) { return (a & 15u) == 0; }
+
+// vec: the codes may be read 16 bytes at a time (shared storage keeps CPU alignment).
 static struct mf_p_mv mv_params(const struct mf_weight *w) {
     struct mf_p_mv p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_head = 1,
                         .dtype = (int)w->dtype, .sdtype = (int)w->sdtype, .bits = w->bits,
-                        .group_size = w->group_size > 0 ? w->group_size : 32};
+                        .group_size = w->group_size > 0 ? w->group_size : 32,
+                        .vec = aligned16((uintptr_t)w->w)};
     return p;
 }
 
@@ -84,6 +91,10 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_tok_stride = y_tok_stride;
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
+    p.rpw = n_tok == 1 && (int64_t)w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS *
+                                                             MF_MV_RPW
+                ? 1
+                : MF_MV_RPW;
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MV_MAX_TOK)
@@ -415,7 +426,11 @@ static struct mf_p_moe moe_params(const struct mf_moe_batch *b, int n) {
         .group_size = g->group_size > 0 ? g->group_size : 32,
         .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
         .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
-        .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases)};
+        .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases),
+        .vec = aligned16((uintptr_t)g->w) && aligned16((uintptr_t)u->w) &&
+               aligned16((uintptr_t)d->w)};
+    for (int i = 0; i < b->n; i++)   // over the whole batch, as the CUDA driver
+        p.vec &= aligned16((uintptr_t)b->blob_host[i]);
     return p;
 }
 
@@ -438,6 +453,7 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
             tab[4 * i + 3] = b->n_rows_host[e];
             p.max_rows = b->n_rows_host[e] > p.max_rows ? b->n_rows_host[e] : p.max_rows;
         }
+        p.rpw = p.max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
         if (p.max_rows <= 0)
             continue;
         const void *t = mf_metal_host_arg(ex, tab, (size_t)n * 16, "moe_experts");

@@ -1,0 +1,202 @@
+"""Resident-mode decode and prefill on the CUDA backend as ratios to the HBM bound
+measured in the same run.
+
+Model: a synthetic qwen3_moe with the Qwen3-30B-A3B shapes (hidden 2048, 32 query /
+4 KV heads of 128, 128 experts, 8 active, moe_intermediate 768, vocabulary 151936,
+4-bit group 64: the bytes of the llama.cpp peer's Q4_0), ``--layers`` layers (48 in
+the real model; fewer keep the build short on the test machine, and the per-token
+time is then scaled honestly: see below), built with moeflux.prep synth + convert in
+``--dir``.
+
+Bound: bytes a decode step must read (the K routed experts of every MoE layer plus
+every non-expert weight but the embedding table) over the device-to-device copy
+bandwidth (bytes read + written / time, cuMemcpyDtoD through ctypes) measured in the
+same run, interleaved with the model runs. Prefill of a 512-token prompt: the bound
+is reading every weight once per 512 tokens (all experts are touched), which a
+compute-bound prefill is far from; the ratio is reported all the same.
+Each figure: median of --repeat interleaved rounds and its min..max.
+
+With fewer layers than 48, "scaled to 48 layers" is the measured tokens/s times
+layers / 48: the per-token time times 48 / layers, which counts the head (final norm,
+lm_head, logits download) 48 / layers times, so it is a lower bound for 48 layers.
+
+Usage: python3 bench/bench_cuda.py [--layers 12] [--dir /tmp/mfb] [--repeat 5]
+       [--tokens 64] [--mode resident]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import moeflux
+
+A3B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
+       "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+       "moe_intermediate_size": 768, "intermediate_size": 6144, "vocab_size": 151936,
+       "max_position_embeddings": 40960}
+
+
+def build(dirpath: Path, layers: int) -> Path:
+    """The converted model (made once per --dir and layer count)."""
+    from moeflux.prep.convert import convert
+    from moeflux.prep.synth import tiny_config, write_checkpoint
+
+    out = dirpath / f"a3b-{layers}"
+    if (out / "moeflux.json").exists():
+        return out
+    ckpt = dirpath / f"a3b-{layers}-ckpt"
+    t0 = time.time()
+    write_checkpoint(ckpt, tiny_config("qwen3_moe", num_hidden_layers=layers, **A3B),
+                     seed=0)
+    t1 = time.time()
+    convert(ckpt, out, progress=False)
+    print(f"built {out}: synth {t1 - t0:.0f} s, convert {time.time() - t1:.0f} s",
+          flush=True)
+    return out
+
+
+class Cuda:
+    """Just enough of the driver API for a device-to-device copy bandwidth."""
+
+    def __init__(self) -> None:
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self._ck(self.cu.cuInit(0))
+        dev = ctypes.c_int()
+        self._ck(self.cu.cuDeviceGet(ctypes.byref(dev), 0))
+        self.ctx = ctypes.c_void_p()
+        self._ck(self.cu.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev))
+        self._ck(self.cu.cuCtxSetCurrent(self.ctx))
+        name = ctypes.create_string_buffer(128)
+        self._ck(self.cu.cuDeviceGetName(name, 128, dev))
+        self.name = name.value.decode()
+        v = ctypes.c_int()
+        self._ck(self.cu.cuDriverGetVersion(ctypes.byref(v)))
+        self.driver = v.value
+
+    def _ck(self, r: int) -> None:
+        if r != 0:
+            raise RuntimeError(f"CUDA driver error {r}")
+
+    def copy_bw(self, nbytes: int = 2 << 30, reps: int = 10) -> float:
+        """Read + write bytes per second of cuMemcpyDtoD over nbytes."""
+        self._ck(self.cu.cuCtxSetCurrent(self.ctx))
+        a, b = ctypes.c_uint64(), ctypes.c_uint64()
+        self._ck(self.cu.cuMemAlloc_v2(ctypes.byref(a), ctypes.c_size_t(nbytes)))
+        self._ck(self.cu.cuMemAlloc_v2(ctypes.byref(b), ctypes.c_size_t(nbytes)))
+        self._ck(self.cu.cuMemsetD8_v2(a, ctypes.c_ubyte(7), ctypes.c_size_t(nbytes)))
+        self._ck(self.cu.cuMemcpyDtoD_v2(b, a, ctypes.c_size_t(nbytes)))
+        self._ck(self.cu.cuCtxSynchronize())
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            self._ck(self.cu.cuMemcpyDtoD_v2(b, a, ctypes.c_size_t(nbytes)))
+        self._ck(self.cu.cuCtxSynchronize())
+        dt = time.perf_counter() - t0
+        self.cu.cuMemFree_v2(a)
+        self.cu.cuMemFree_v2(b)
+        return 2.0 * nbytes * reps / dt
+
+
+def dense_bytes(model_dir: Path) -> int:
+    """model_weights.bin bytes of every tensor but the embedding table."""
+    man = json.loads((model_dir / "model_weights.json").read_text())
+    tensors = man["tensors"] if "tensors" in man else man
+    total = 0
+    for name, t in tensors.items():
+        if "embed_tokens" not in name:
+            total += int(t.get("size", t.get("nbytes", 0)))
+    return total
+
+
+def decode_tps(m: moeflux.Model, n: int) -> float:
+    m.reset()
+    m.eval(list(range(1, 17)))
+    toks = [int(t) for t in np.random.default_rng(0).integers(1, 1000, n)]
+    t0 = time.perf_counter()
+    for t in toks:
+        m.eval(t)
+    return n / (time.perf_counter() - t0)
+
+
+def prefill_tps(m: moeflux.Model, n: int = 512) -> float:
+    m.reset()
+    toks = [int(t) for t in np.random.default_rng(1).integers(1, 1000, n)]
+    t0 = time.perf_counter()
+    m.eval(toks)
+    return n / (time.perf_counter() - t0)
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3g} ({min(xs):.3g}..{max(xs):.3g})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--dir", default="/tmp/moeflux-bench-cuda")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--mode", default="resident", choices=["resident", "stream"])
+    args = ap.parse_args()
+    cuda = Cuda()
+    model_dir = build(Path(args.dir), args.layers)
+    t0 = time.time()
+    m = moeflux.Model(model_dir, backend="cuda", gpu_experts=args.mode)
+    print(f"open ({args.mode}): {time.time() - t0:.1f} s; stats io_mode "
+          f"{m.stats()['io_mode']}", flush=True)
+    per_tok = m.expert_bytes_per_token + dense_bytes(model_dir)
+    all_bytes = (model_dir / "model_weights.bin").stat().st_size + sum(
+        f.stat().st_size for f in (model_dir / "packed_experts").glob("layer_*.bin"))
+    decode_tps(m, 8)   # warm-up: kernels, scratch, caches
+    prefill_tps(m, 64)
+    m.stats_reset()
+    decode_tps(m, args.tokens)
+    d = m.stats()
+    n = d["n_tokens_evaluated"]
+    print("decode phases, host ms per token (a GPU phase counts until its work is "
+          "queued; head includes waiting for the logits): " + ", ".join(
+              f"{k[:-2]} {d[k] * 1e3 / n:.3f}" for k in
+              ("attention_s", "routing_s", "experts_s", "shared_s", "head_s",
+               "compute_s")), flush=True)
+    bw, dec, pre = [], [], []
+    for _ in range(args.repeat):
+        bw.append(cuda.copy_bw())
+        dec.append(decode_tps(m, args.tokens))
+        bw.append(cuda.copy_bw())
+        pre.append(prefill_tps(m))
+    bwm = statistics.median(bw)
+    dec_bound = bwm / per_tok
+    pre_bound = bwm / all_bytes * 512
+    st = m.stats()
+    m.close()
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout
+    print(f"device {cuda.name}; driver API {cuda.driver}; nvidia-smi: {smi.strip()}")
+    print(f"model: qwen3_moe A3B shapes, {args.layers} layers, {args.mode}; "
+          f"bytes per decode token {per_tok / 1e6:.1f} MB, all weights "
+          f"{all_bytes / 1e9:.2f} GB")
+    print(f"copy bandwidth (read+write) GB/s: {spread([b / 1e9 for b in bw])}")
+    print(f"decode tok/s: {spread(dec)}; bound {dec_bound:.0f}; ratio "
+          f"{spread([d / dec_bound for d in dec])}")
+    print(f"prefill-512 tok/s: {spread(pre)}; byte bound {pre_bound:.0f}; ratio "
+          f"{spread([p / pre_bound for p in pre])}")
+    scale = args.layers / 48
+    print(f"scaled to 48 layers (time x 48/{args.layers}, head counted each time: a "
+          f"lower bound): decode {statistics.median(dec) * scale:.0f} tok/s, prefill "
+          f"{statistics.median(pre) * scale:.0f} tok/s")
+    print(f"stats: routing {st['routing_s']:.3f} s, experts {st['experts_s']:.3f} s, "
+          f"attention {st['attention_s']:.3f} s, head {st['head_s']:.3f} s, "
+          f"compute {st['compute_s']:.3f} s")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
