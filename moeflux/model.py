@@ -183,9 +183,10 @@ class Model(ModelFeatures):
             all_logits: return the logits of every position instead of the last.
             progress: called as ``progress(done, total)`` (token counts) while a
                 long prompt is evaluated: the tokens then go in pieces of
-                ``PROGRESS_CHUNK`` (a multiple of the engine's own 64-token chunk,
-                so the result is the same as in one call; at most 4 larger pieces
-                when the sequence is not empty), and once more at the end.
+                ``PROGRESS_CHUNK`` (the engine's 512-token prefill group, so each
+                piece reads every expert once and the result is bitwise the same as
+                in one call; at most 4 larger pieces, multiples of it, when the
+                sequence is not empty), and once more at the end.
                 True draws a ``tqdm.auto`` bar (a widget in Jupyter) instead.
 
         Returns:
@@ -368,7 +369,11 @@ class Model(ModelFeatures):
 
 # ---- argument checks and helpers
 
-PROGRESS_CHUNK = 256   # tokens per eval when a progress callback is given
+# Tokens per eval when a progress callback is given: the engine's prefill group
+# (MF_PREFILL_GROUP_TOK in csrc/models/decoder.h). An eval runs layer-major over groups
+# of that many tokens, each MoE layer once per group; pieces cut at group boundaries
+# see the same groups as one call (the same logits, bit for bit, and no expert re-read).
+PROGRESS_CHUNK = 512
 _ENDS_KEPT = 8         # eval end points remembered (the engine's default checkpoints)
 
 # Every Model alive in this process, so that a fork() child can disown them (below).
@@ -382,12 +387,13 @@ _MAX_PIECES_AFTER_START = 4
 
 def _piece_size(n: int, start: int) -> int:
     """Tokens per piece of a chunked eval: PROGRESS_CHUNK, or after a start > 0 as
-    many as keep the piece count at _MAX_PIECES_AFTER_START (multiples of 64, the
-    engine's own chunk, so the logits are the same as in one call)."""
+    many as keep the piece count at _MAX_PIECES_AFTER_START (multiples of
+    PROGRESS_CHUNK, the engine's prefill group, so the logits are the same as in one
+    call)."""
     if start == 0:
         return PROGRESS_CHUNK
     per = -(-n // _MAX_PIECES_AFTER_START)
-    return max(PROGRESS_CHUNK, -(-per // 64) * 64)
+    return -(-per // PROGRESS_CHUNK) * PROGRESS_CHUNK
 
 
 def _after_fork_in_child() -> None:

@@ -10,6 +10,7 @@ backend, logits of a prompt and of decode steps.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -121,7 +122,10 @@ def test_nvcc_ptx_no_warnings(tmp_path: Path) -> None:
     src.write_text('#include "mf_kernels.h"\n')
     cmd = [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "--fmad=false", f"-I{SHADERS}",
            "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "k.ptx")]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # Without a sanitizer preload (make asan-pytest sets LD_PRELOAD): nvcc is not ours,
+    # and it crashes with libasan loaded into it.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     ptx = (tmp_path / "k.ptx").read_text()
     for name, _, _, _ in manifest():
