@@ -215,13 +215,13 @@ class Model(ModelFeatures):
         if ids is None:   # not plain ints: the core's checks and messages decide
             out = ctx.eval(tokens, all_logits)
             ids = _token_list_any(tokens)
+            self._record(ids)
         else:
             if all_logits:
                 _check_logits_fit(len(ids), ctx.n_vocab, ctx.n_past, ctx.n_ctx)
             if progress is not None and len(ids) > PROGRESS_CHUNK:
                 return self._eval_chunked(ids, all_logits, progress)
-            out = ctx.eval(ids, all_logits)
-        self._record(ids)
+            out = self._eval_recorded(ctx, ids, all_logits)
         if progress is not None:
             progress(len(ids), len(ids))
         return out
@@ -241,8 +241,7 @@ class Model(ModelFeatures):
         try:
             for i in range(0, len(ids), step):
                 piece = ids[i:i + step]
-                out = ctx.eval(piece, all_logits)
-                self._record(piece)
+                out = self._eval_recorded(ctx, piece, all_logits)
                 rows.append(out)
                 progress(i + len(piece), len(ids))
         except BaseException:
@@ -250,6 +249,20 @@ class Model(ModelFeatures):
                 self.truncate(start)
             raise
         return np.concatenate(rows, axis=0) if all_logits else rows[-1]
+
+    def _eval_recorded(self, ctx: Any, ids: list[int], all_logits: bool) -> np.ndarray:
+        """ctx.eval, with self.tokens kept equal to the engine's sequence even when an
+        exception comes after the engine committed (a signal handler run as the eval
+        returns, whose eval could not be taken back)."""
+        start = ctx.n_past
+        try:
+            out = ctx.eval(ids, all_logits)
+        except BaseException:
+            if ctx.n_past == start + len(ids):
+                self._record(ids)
+            raise
+        self._record(ids)
+        return out
 
     def _record(self, ids: list[int]) -> None:
         self._tokens.extend(ids)

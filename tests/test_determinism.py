@@ -5,11 +5,13 @@
   so 1, 2, 3 and 8 threads give bitwise the same logits, prefill and decode.
 - Expert I/O modes (where expert bytes come from) combined with thread counts: bitwise
   the same (test_io_modes.py covers each mode alone at 2 threads).
-- Chunked vs one-shot prefill: a prompt longer than the forward's 64-token scratch is
-  run in internal chunks of 64; fed by the caller in pieces cut at those same
-  boundaries, every op sees the same token counts, so the logits are bitwise equal.
-  Cut elsewhere, they are not (measured: 6e-6..3e-5 absolute on these models): a
-  matmul, and each expert of the MoE, then sees other token counts, and a matmul over
+- Chunked vs one-shot prefill: a prompt longer than the forward's 64-token scratch runs
+  layer-major in prefill groups of 512 tokens (the mixer in chunks of 64 inside a
+  group, each MoE layer once over the group); fed by the caller in pieces cut at the
+  group boundaries, every op sees the same token counts, so the logits are bitwise
+  equal. Cut elsewhere, even at the 64-token chunk boundaries, they are not
+  (measured: 6e-6..3e-5 absolute on these models): each expert of the MoE, and some
+  matmuls, then see other token counts, and a matmul over
   quantized weights of at most 4 tokens (the kernel set's qdot_max_tok) dots rows
   straight from the codes where one of more tokens dequantizes tiles for a gemm, the
   two summing in another order; those runs are held to the CPU tier against mlx-lm.
@@ -29,6 +31,8 @@ from _helpers import ARCHS, assert_close, continuation, converted  # noqa: F401
 from reference import reference_logits
 
 LONG = continuation(512, 150, seed=21)      # internal chunks of 64, 64, 22
+GROUP = 512                                 # MF_PREFILL_GROUP_TOK (decoder.h)
+LONGER = continuation(512, GROUP + 90, seed=23)   # two prefill groups
 DECODE = continuation(512, 6, seed=22)
 
 
@@ -77,11 +81,17 @@ def test_io_modes_at_thread_counts_bitwise(arch: str,
 def test_chunked_at_internal_boundaries_bitwise(arch: str,
                                                 converted: Callable[..., tuple[Path, Path]]
                                                 ) -> None:
+    """A prompt of two prefill groups, fed in one call and in pieces cut at the group
+    boundary: bitwise the same logits at every position."""
     _, path = converted(arch)
-    base = _run(path, threads=2)
-    got = _run(path, pieces=[64, 128], threads=2)
+    runs = []
+    for bounds in ([0, len(LONGER)], [0, GROUP, len(LONGER)]):
+        with moeflux.Model(path, n_ctx=1024, threads=2) as m:
+            runs.append(np.concatenate([m.eval(LONGER[a:b], all_logits=True)
+                                        for a, b in zip(bounds, bounds[1:])]))
+    base, got = runs
     assert np.array_equal(got, base), (
-        f"{arch}: pieces at the internal chunk boundaries differ from one shot by up "
+        f"{arch}: pieces at the prefill group boundary differ from one shot by up "
         f"to {float(np.abs(got - base).max()):.3e}")
 
 
@@ -93,6 +103,8 @@ def test_chunked_elsewhere_within_tier(arch: str,
     used the gemm) agree with mlx-lm within the CPU tier at every position."""
     ckpt, path = converted(arch)
     got = _run(path, pieces=[3, 4, 6, 70], threads=2)
+    assert_close(got[:len(LONG)], reference_logits(ckpt, LONG), f"{arch} cut prefill")
+    got = _run(path, pieces=[64, 128], threads=2)   # the mixer's chunk boundaries
     assert_close(got[:len(LONG)], reference_logits(ckpt, LONG), f"{arch} cut prefill")
 
 

@@ -481,6 +481,24 @@ PyDoc_STRVAR(context_eval_doc,
 "buffer, a sequence of ints, or one int. On error the sequence is\n"
 "unchanged. Ctrl-C stops it at the next layer (KeyboardInterrupt).");
 
+// A signal that arrived during an eval too short for a rate-limited poll (or after
+// its last poll) would otherwise raise in Python after the eval committed: run the
+// handlers now and, when one raises, take the eval back (exact: n_past0 is the
+// previous eval's end, whose checkpoint a hybrid model keeps), so the exception
+// leaves the sequence as it was. Returns MF_ABORTED with the exception pending (the
+// eval taken back, or, where truncate refuses, standing: Model.eval then records it
+// before the exception propagates), else MF_OK.
+static int late_signal(mf_py_context *self, int n_past0) {
+    if (PyErr_CheckSignals() == 0)
+        return MF_OK;
+    self->signal_polls++;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);   // truncate needs no Python, but keep it apart
+    (void)mf_ctx_truncate(self->ctx, n_past0);
+    PyErr_Restore(type, value, tb);
+    return MF_ABORTED;
+}
+
 static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"tokens", "all_logits", NULL};
     mf_py_context *self = (mf_py_context *)obj;
@@ -525,10 +543,13 @@ static PyObject *context_eval(PyObject *obj, PyObject *args, PyObject *kw) {
     }
     atomic_store(&self->abort_requested, 0);
     poll_begin(self, st);
+    const int n_past0 = mf_ctx_n_past(self->ctx);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = mf_ctx_eval(self->ctx, t.ids, (int)t.n, out.buf, all_logits);
     Py_END_ALLOW_THREADS
+    if (rc == MF_OK && self->poll_signals)
+        rc = late_signal(self, n_past0);
     self->poll_signals = 0;   // other calls that poll (none today) start quiet
     PyBuffer_Release(&out);
     tokens_release(&t);
