@@ -128,6 +128,10 @@ static int resolve_bits(struct mf_expert_layout *L, const mf_json *root, const c
         mf_json_get_int(root, "group_size", &gs) < 0)
         return mf_err(err, errlen, MF_ERR_FORMAT, "%s: bits/group_size must be integers",
                       name);
+    // Before any arithmetic with it: a huge group_size overflowed hid below.
+    if (!(gs == 32 || gs == 64 || gs == 128))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: group_size %lld: expected 32, 64 or 128", name, (long long)gs);
     const struct mf_expert_component *w = NULL, *s = NULL;
     for (int i = 0; i < L->n_components; i++) {
         if (!strcmp(L->components[i].name, "gate_proj.weight"))
