@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "check.h"
+#include "core/config.h"
 #include "io/expert_store.h"
 
 static char dir[256];
@@ -60,9 +61,46 @@ static void test_layout_huge_group_size(void) {
     mf_expert_store_close(st);
 }
 
+// qwen3_moe config text with the given num_hidden_layers and mlp_only_layers.
+static int parse_qwen3_moe(struct mf_config *c, const char *layers, const char *mlp_only,
+                           char *err, size_t errlen) {
+    char text[1024];
+    snprintf(text, sizeof text,
+             "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 64, "
+             "\"num_hidden_layers\": %s, \"num_attention_heads\": 2, "
+             "\"num_key_value_heads\": 1, \"vocab_size\": 300, "
+             "\"max_position_embeddings\": 64, \"rms_norm_eps\": 1e-6, "
+             "\"intermediate_size\": 128, \"num_experts\": 4, "
+             "\"num_experts_per_tok\": 2, \"moe_intermediate_size\": 32, "
+             "\"mlp_only_layers\": %s}", layers, mlp_only);
+    return mf_config_parse(c, text, strlen(text), "config.json", err, errlen);
+}
+
+// fuzz_config: num_hidden_layers 2^31 - 1 made the parser allocate two 2 GiB
+// per-layer tables and walk them (the input timed out); now refused at once.
+// mlp_only_layers, searched once per layer before, are marked in one pass: the layer
+// kinds must stay what the list says.
+static void test_config_layer_count(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse_qwen3_moe(&c, "2147483647", "[]", err, sizeof err);
+    CHECK(rc == MF_ERR_FORMAT && strstr(err, "num_hidden_layers is 2147483647, more than"),
+          "2^31-1 layers: status %d, message \"%s\"", rc, err);
+    rc = parse_qwen3_moe(&c, "5", "[3, 1]", err, sizeof err);
+    CHECK(rc == MF_OK, "5 layers: %s", err);
+    if (rc == MF_OK) {
+        static const uint8_t want[5] = {1, 0, 1, 0, 1};
+        CHECK(memcmp(c.layer_is_moe, want, 5) == 0 && c.n_moe_layers == 3,
+              "mlp_only_layers [3, 1]: layer kinds %d%d%d%d%d", c.layer_is_moe[0],
+              c.layer_is_moe[1], c.layer_is_moe[2], c.layer_is_moe[3], c.layer_is_moe[4]);
+        mf_config_free(&c);
+    }
+}
+
 int main(void) {
     if (check_make_tmpdir(dir, sizeof dir, "mf_fuzz_regress") != 0) return 1;
     test_layout_huge_group_size();
+    test_config_layer_count();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     (void)!system(cmd);
