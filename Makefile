@@ -16,7 +16,8 @@ SHADERS_C := build/gen/mf_shaders.c
 CORE_SRC := $(shell find csrc -name '*.c' -not -path 'csrc/python/*' | sort) $(SHADERS_C)
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
-.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda
+.PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
+	fuzz-build fuzz-replay-build fuzz-smoke fuzz-replay fuzz-replay-c fuzz-py
 
 all: install
 
@@ -52,7 +53,7 @@ ctest: $(CTESTS)
 pytest: install
 	$(VENV)/bin/pytest -q tests
 
-test: ctest pytest
+test: ctest pytest fuzz-smoke
 
 # The C unit tests under AddressSanitizer and UBSan.
 asan:
@@ -104,6 +105,77 @@ tap: venv
 	MOEFLUX_TAP=1 $(PY) setup.py -q build_ext -b $(TAP_SITE) -t build/tap-tmp
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(TAP_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(TAP_SITE)/moeflux/prep
+
+# Coverage-guided fuzzing (tests/fuzz/README.md): one libFuzzer harness per input read
+# from disk, built with clang -fsanitize=fuzzer,address,undefined against the core
+# compiled once with the same sanitizers (build/fuzz/obj). fuzz-smoke runs each for
+# FUZZ_SECONDS on a scratch corpus seeded from the committed one (never written to)
+# and is part of `test`; without a working libFuzzer (tools/ensure_fuzz_deps.sh tries
+# to install it) it falls back to fuzz-replay: the committed corpora through
+# tests/fuzz/driver.c, built with $(CC) and ASan + UBSan. Crashing inputs land in
+# build/fuzz/artifacts/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 15
+FUZZ_NAMES   := json config manifest layout snapshot
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	-fno-omit-frame-pointer
+FUZZ_CFLAGS  := -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc \
+	-DFUZZ_MODELS_DIR='"$(CURDIR)/tests/fuzz/models"'
+FUZZ_HDRS    := $(shell find csrc -name '*.h')
+FUZZ_OBJ     := $(patsubst %.c,build/fuzz/obj/%.o,$(CORE_SRC))
+REPLAY_OBJ   := $(patsubst %.c,build/fuzz/replay-obj/%.o,$(CORE_SRC))
+FUZZ_BINS    := $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_NAMES))
+REPLAY_BINS  := $(patsubst %,build/fuzz/replay_%,$(FUZZ_NAMES))
+
+# Objects are kept between builds (not make's intermediates, which it would delete).
+.SECONDARY: $(FUZZ_OBJ) $(REPLAY_OBJ)
+
+build/fuzz/obj/%.o: %.c $(FUZZ_HDRS)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ) $(FUZZ_HDRS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $< $(FUZZ_OBJ) \
+		-lpthread -lm -ldl
+
+build/fuzz/replay-obj/%.o: %.c $(FUZZ_HDRS)
+	@mkdir -p $(@D)
+	$(CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -c -o $@ $<
+
+build/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h tests/fuzz/driver.c \
+		$(REPLAY_OBJ) $(FUZZ_HDRS)
+	$(CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -o $@ $< tests/fuzz/driver.c $(REPLAY_OBJ) \
+		-lpthread -lm -ldl
+
+fuzz-build: $(FUZZ_BINS)
+fuzz-replay-build: $(REPLAY_BINS)
+
+fuzz-smoke: $(SHADERS_C)
+	@if tools/ensure_fuzz_deps.sh; then \
+		$(MAKE) --no-print-directory fuzz-build && \
+		tests/fuzz/run.sh build/fuzz/smoke $(FUZZ_SECONDS) 1 $(FUZZ_NAMES); \
+	else \
+		echo "fuzz-smoke: no libFuzzer here, replaying the corpora through driver.c"; \
+		$(MAKE) --no-print-directory fuzz-replay-c; \
+	fi
+	$(MAKE) --no-print-directory fuzz-py
+
+# The C corpora through driver.c (no libFuzzer needed).
+fuzz-replay-c: fuzz-replay-build
+	@set -e; for n in $(FUZZ_NAMES); do ./build/fuzz/replay_$$n tests/fuzz/corpus/fuzz_$$n; done
+
+fuzz-replay: fuzz-replay-c venv
+	$(PY) tests/fuzz/fuzz_safetensors.py tests/fuzz/corpus/fuzz_safetensors
+
+# prep's safetensors header parser under atheris (installed from PyPI into .venv on
+# first use); where atheris cannot be had, its corpus is replayed instead.
+fuzz-py: venv
+	@if $(PY) -c 'import atheris' 2>/dev/null || $(PIP) install -q atheris; then \
+		PY=$(PY) tests/fuzz/run.sh build/fuzz/smoke $(FUZZ_SECONDS) 1 safetensors; \
+	else \
+		echo "fuzz-py: atheris unavailable, replaying the safetensors corpus"; \
+		$(PY) tests/fuzz/fuzz_safetensors.py tests/fuzz/corpus/fuzz_safetensors; \
+	fi
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info
