@@ -27,7 +27,7 @@
 #define CAP_EXPERTS 512
 
 static struct {
-    char dir[600];
+    char dir[FUZZ_DIR_MAX];
 } F;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {

@@ -17,7 +17,7 @@
 #include "io/expert_store.h"
 
 static struct {
-    char dir[600];
+    char dir[FUZZ_SUBDIR_MAX];   // the packed_experts directory
     uint8_t *buf;   // [FUZZ_LAYER_BYTES]
 } F;
 
@@ -25,7 +25,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
     const char *root = fuzz_tmpdir();
-    char model[600];
+    char model[FUZZ_DIR_MAX];
     if (!root || fuzz_model_dir(root, "layout", model, sizeof model) != 0)
         fuzz_die("cannot make the expert directory under %s", root ? root : "(none)");
     snprintf(F.dir, sizeof F.dir, "%s/packed_experts", model);

@@ -17,7 +17,7 @@
 #include "core/manifest.h"
 
 static struct {
-    char dir[FUZZ_N_FAMILIES][600];
+    char dir[FUZZ_N_FAMILIES][FUZZ_DIR_MAX];
 } F;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
@@ -68,7 +68,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (man.n_tensors <= 512) check_table(&man);   // quadratic: small tables only
     mf_manifest_free(&man);
-    char path[700];
+    char path[FUZZ_PATH_MAX];
     snprintf(path, sizeof path, "%s/model_weights.json", dir);
     if (fuzz_write(dir, "model_weights.json", text, size - 1) != 0)
         fuzz_die("cannot write %s", path);

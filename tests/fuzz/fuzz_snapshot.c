@@ -85,7 +85,7 @@ static size_t save(int f) {
 }
 
 static void init_family(int f, const char *seed_dir) {
-    char dir[600], err[1024];
+    char dir[FUZZ_DIR_MAX], err[1024];
     size_t n;
     free(fuzz_fixture(f, dir, sizeof dir, &n));
     if (mf_model_load(&F.model[f], dir, NULL, err, sizeof err) != MF_OK)

@@ -36,6 +36,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
         abort();                                                          \
     } while (0)
 
+// Buffer sizes: directories under the scratch root, and paths of files in them.
+#define FUZZ_DIR_MAX 384
+#define FUZZ_SUBDIR_MAX 512   // a directory inside one of those
+#define FUZZ_PATH_MAX 1024
+
 // Scratch directory removed at exit (libFuzzer exits through exit() after a run).
 static char fuzz_tmp_root[256];
 
@@ -65,7 +70,7 @@ static inline const char *fuzz_tmpdir(void) {
 
 // dir/name := bytes (created or replaced). Returns 0 or -1.
 static inline int fuzz_write(const char *dir, const char *name, const void *p, size_t n) {
-    char path[512];
+    char path[FUZZ_PATH_MAX];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) return -1;
@@ -84,7 +89,7 @@ static inline int fuzz_write(const char *dir, const char *name, const void *p, s
 
 // dir/name as a sparse file of `size` bytes (reads give zeros). Returns 0 or -1.
 static inline int fuzz_sparse(const char *dir, const char *name, off_t size) {
-    char path[512];
+    char path[FUZZ_PATH_MAX];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) return -1;
@@ -153,7 +158,7 @@ static inline int fuzz_part(const uint8_t *data, size_t size, int k, const uint8
 // Make dir/<sub> holding the sparse bin and expert files. Returns 0 or -1.
 static inline int fuzz_model_dir(const char *root, const char *sub, char *out, size_t outlen) {
     snprintf(out, outlen, "%s/%s", root, sub);
-    char pe[600];
+    char pe[FUZZ_SUBDIR_MAX];
     snprintf(pe, sizeof pe, "%s/packed_experts", out);
     if (mkdir(out, 0700) != 0 || mkdir(pe, 0700) != 0) return -1;
     if (fuzz_sparse(out, "model_weights.bin", FUZZ_BIN_BYTES) != 0) return -1;
@@ -174,7 +179,7 @@ static inline void fuzz_put_model(const char *dir, const uint8_t *cfg, size_t nc
     const uint8_t *parts[3] = {cfg, man, lay};
     size_t lens[3] = {ncfg, nman, nlay};
     for (int i = 0; i < 3; i++) {
-        char path[700];
+        char path[FUZZ_PATH_MAX];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
         if (!parts[i]) {
             unlink(path);
@@ -186,7 +191,8 @@ static inline void fuzz_put_model(const char *dir, const uint8_t *cfg, size_t nc
 
 // The fixture models (tests/fuzz/models/<family>.model, each the three files joined
 // by NUL as in the config harness's input), for the harnesses that fuzz one file of a
-// model against the others held fixed. FUZZ_MODELS_DIR is set by the Makefile.
+// model against the others held fixed. FUZZ_MODELS_DIR is set by the Makefile; the
+// environment variable of that name overrides it (binaries run on another machine).
 #ifndef FUZZ_MODELS_DIR
 #define FUZZ_MODELS_DIR "tests/fuzz/models"
 #endif
@@ -197,8 +203,10 @@ static const char *const fuzz_families[FUZZ_N_FAMILIES] = {"qwen3_5_moe", "qwen3
 // The fixture of family f: its bytes (caller frees) and a model directory made for it
 // under the scratch root holding all three files. Dies when the fixture is missing.
 static inline uint8_t *fuzz_fixture(int f, char *dir, size_t dirlen, size_t *n) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s.model", FUZZ_MODELS_DIR, fuzz_families[f]);
+    char path[FUZZ_PATH_MAX];
+    const char *models = getenv("FUZZ_MODELS_DIR");
+    snprintf(path, sizeof path, "%s/%s.model", models && *models ? models : FUZZ_MODELS_DIR,
+             fuzz_families[f]);
     uint8_t *text = fuzz_slurp(path, n);
     const char *root = fuzz_tmpdir();
     if (!text || !root || fuzz_model_dir(root, fuzz_families[f], dir, dirlen) != 0)
