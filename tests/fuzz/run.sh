@@ -21,18 +21,37 @@ for name in "$@"; do
     opts=(-timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -max_total_time="$secs"
           -artifact_prefix="$out/artifacts/$name-")
     [ -f "$here/$name.dict" ] && opts+=(-dict="$here/$name.dict")
-    # Fork mode ignores timeouts and OOMs unless told not to: both are failures here.
-    [ "$jobs" -gt 1 ] && opts+=(-fork="$jobs" -ignore_timeouts=0 -ignore_ooms=0)
-    # The safetensors harness is Python (atheris): $PY runs it, default python3.
-    cmd=("$bin/fuzz_$name")
-    [ "$name" = safetensors ] && cmd=("${PY:-python3}" "$here/fuzz_safetensors.py")
     start=$(date +%s)
-    "${cmd[@]}" "${opts[@]}" "$out/$name" "$here/corpus/fuzz_$name" >"$out/$name.log" 2>&1
-    rc=$?
+    if [ "$name" = safetensors ]; then
+        # Python (atheris, run by $PY, default python3). libFuzzer's fork mode would
+        # exec the script itself, so JOBS independent processes (seeds 1..JOBS) share
+        # the output corpus instead; their executions are summed.
+        rc=0 execs=0
+        pids=()
+        for i in $(seq 1 "$jobs"); do
+            "${PY:-python3}" "$here/fuzz_safetensors.py" "${opts[@]}" -seed="$i" "$out/$name" \
+                "$here/corpus/fuzz_$name" >"$out/$name.$i.log" 2>&1 &
+            pids+=($!)
+        done
+        for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+        for i in $(seq 1 "$jobs"); do
+            n=$(grep -aE '^#[0-9]+' "$out/$name.$i.log" | tail -n 1 | sed -nE 's/^#([0-9]+).*/\1/p')
+            execs=$((execs + ${n:-0}))
+        done
+        cat "$out/$name".*.log >"$out/$name.log"
+        last=$(grep -aE '^#[0-9]+' "$out/$name.1.log" | tail -n 1)
+    else
+        # Fork mode ignores timeouts and OOMs unless told not to: both are failures here.
+        fork=()
+        [ "$jobs" -gt 1 ] && fork=(-fork="$jobs" -ignore_timeouts=0 -ignore_ooms=0)
+        "$bin/fuzz_$name" "${opts[@]}" "${fork[@]}" "$out/$name" "$here/corpus/fuzz_$name" \
+            >"$out/$name.log" 2>&1
+        rc=$?
+        # The last status line: "#<execs> <event> cov: <n> ft: <n> ... exec/s: <n> ...".
+        last=$(grep -aE '^#[0-9]+' "$out/$name.log" | tail -n 1)
+        execs=$(printf '%s' "$last" | sed -nE 's/^#([0-9]+).*/\1/p')
+    fi
     took=$(( $(date +%s) - start ))
-    # The last status line: "#<execs> <event> cov: <n> ft: <n> ... exec/s: <n> ...".
-    last=$(grep -aE '^#[0-9]+' "$out/$name.log" | tail -n 1)
-    execs=$(printf '%s' "$last" | sed -nE 's/^#([0-9]+).*/\1/p')
     cov=$(printf '%s' "$last" | sed -nE 's/.*cov: ([0-9]+).*/\1/p')
     ft=$(printf '%s' "$last" | sed -nE 's/.*ft: ([0-9]+).*/\1/p')
     status=ok
