@@ -24,6 +24,7 @@
 #include "core/json.h"
 
 #define LAYOUT_VERSION 1
+#define MAX_LAYER_FILE_BYTES ((uint64_t)1 << 46)
 
 struct mf_expert_store {
     struct mf_expert_layout layout;
@@ -183,6 +184,14 @@ static int parse_layout(struct mf_expert_layout *L, const mf_json *root, int n_l
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: needs positive integers expert_size, num_layers, num_experts",
                       name);
+    // The file check multiplies them (a wrapped product let a tiny file pass), and so
+    // does the model's bytes-per-token figure: at most 64 TiB per layer file, four
+    // orders of magnitude above the largest real one.
+    if ((uint64_t)es > MAX_LAYER_FILE_BYTES / (uint64_t)ne)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: num_experts %lld x expert_size %lld is beyond the %llu bytes a "
+                      "layer file may hold", name, (long long)ne, (long long)es,
+                      (unsigned long long)MAX_LAYER_FILE_BYTES);
     if (nl != n_layers)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: num_layers is %lld but config.json has %d layers", name,

@@ -17,15 +17,16 @@
 static char dir[256];
 
 // A layout whose gate_proj.scales has 2 columns (so hid = 2 * group_size) and the
-// given group_size: 9 components of a tiny 2-row expert, 1 expert, 1 layer.
-static void put_layout(const char *group_size) {
+// given group_size: 9 components of a tiny 2-row expert, 1 layer.
+static void put_layout_n(const char *group_size, const char *num_experts,
+                         const char *expert_size) {
     static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
     static const char *const part[3] = {"weight", "scales", "biases"};
     char buf[4096];
     size_t n = (size_t)snprintf(buf, sizeof buf,
-                                "{\"num_layers\": 1, \"num_experts\": 1, "
-                                "\"expert_size\": 4096, \"group_size\": %s, "
-                                "\"components\": [", group_size);
+                                "{\"num_layers\": 1, \"num_experts\": %s, "
+                                "\"expert_size\": %s, \"group_size\": %s, "
+                                "\"components\": [", num_experts, expert_size, group_size);
     unsigned off = 0;
     for (int p = 0; p < 3; p++)
         for (int k = 0; k < 3; k++) {
@@ -40,6 +41,8 @@ static void put_layout(const char *group_size) {
     snprintf(buf + n, sizeof buf - n, "]}");
     check_write_file(dir, "layout.json", buf, strlen(buf));
 }
+
+static void put_layout(const char *group_size) { put_layout_n(group_size, "1", "4096"); }
 
 // fuzz_layout: group_size 2^62 made resolve_bits compute hid = 2 * 2^62 (signed
 // overflow) before checking the group size.
@@ -58,6 +61,22 @@ static void test_layout_huge_group_size(void) {
     check_write_file(dir, "layer_00.bin", zeros, sizeof zeros);
     rc = mf_expert_store_open(&st, dir, 1, is_moe, err, sizeof err);
     CHECK(rc == MF_OK, "group_size 32: %s", err);
+    mf_expert_store_close(st);
+}
+
+// fuzz_layout: num_experts 4 x expert_size 2^62 wrapped to 0 in the file-size check,
+// so a 4 KiB layer file "held" four 4-EiB experts (reads then failed, and the model's
+// bytes per token overflowed int64).
+static void test_layout_wrapped_file_size(void) {
+    put_layout_n("32", "4", "4611686018427387904");
+    static const uint8_t zeros[4096];
+    check_write_file(dir, "layer_00.bin", zeros, sizeof zeros);
+    uint8_t is_moe[1] = {1};
+    mf_expert_store *st = NULL;
+    char err[512] = "";
+    int rc = mf_expert_store_open(&st, dir, 1, is_moe, err, sizeof err);
+    CHECK(rc == MF_ERR_FORMAT && st == NULL && strstr(err, "beyond the"),
+          "4 x 2^62-byte experts: status %d, message \"%s\"", rc, err);
     mf_expert_store_close(st);
 }
 
@@ -101,6 +120,7 @@ int main(void) {
     if (check_make_tmpdir(dir, sizeof dir, "mf_fuzz_regress") != 0) return 1;
     test_layout_huge_group_size();
     test_config_layer_count();
+    test_layout_wrapped_file_size();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     (void)!system(cmd);
