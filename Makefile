@@ -53,7 +53,7 @@ ctest: $(CTESTS)
 pytest: install
 	$(VENV)/bin/pytest -q tests
 
-test: ctest pytest fuzz-smoke
+test: ctest fuzz-smoke pytest
 
 # The C unit tests under AddressSanitizer and UBSan.
 asan:
@@ -110,7 +110,8 @@ tap: venv
 # from disk, built with clang -fsanitize=fuzzer,address,undefined against the core
 # compiled once with the same sanitizers (build/fuzz/obj). fuzz-smoke runs each for
 # FUZZ_SECONDS on a scratch corpus seeded from the committed one (never written to)
-# and is part of `test`; without a working libFuzzer (tools/ensure_fuzz_deps.sh tries
+# and is part of `test` (before pytest, whose summary line stays the last one CI
+# prints); without a working libFuzzer (tools/ensure_fuzz_deps.sh tries
 # to install it) it falls back to fuzz-replay: the committed corpora through
 # tests/fuzz/driver.c, built with $(CC) and ASan + UBSan. Crashing inputs land in
 # build/fuzz/artifacts/.
