@@ -86,6 +86,15 @@ static int parse_component(struct mf_expert_component *c, const mf_json *e, size
                       "%s: component %s: size %llu bytes but shape x %s needs %llu", name,
                       c->name, (unsigned long long)c->size, mf_dtype_name(c->dtype),
                       (unsigned long long)(count * mf_dtype_size(c->dtype)));
+    // Kernels read components through typed pointers, at blob + offset, and in mmap
+    // mode blobs start at e * expert_size: both must keep the element alignment.
+    size_t esz = mf_dtype_size(c->dtype);
+    if (c->offset % esz != 0 || expert_size % esz != 0)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: component %s: offset %llu and expert_size %llu must be "
+                      "multiples of its %s element size %zu", name, c->name,
+                      (unsigned long long)c->offset, (unsigned long long)expert_size,
+                      mf_dtype_name(c->dtype), esz);
     if (c->offset > expert_size || c->size > expert_size - c->offset)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: component %s [%llu, %llu) lies outside the %llu-byte expert",

@@ -12,14 +12,15 @@
 
 #include "check.h"
 #include "core/config.h"
+#include "core/manifest.h"
 #include "io/expert_store.h"
 
 static char dir[256];
 
 // A layout whose gate_proj.scales has 2 columns (so hid = 2 * group_size) and the
 // given group_size: 9 components of a tiny 2-row expert, 1 layer.
-static void put_layout_n(const char *group_size, const char *num_experts,
-                         const char *expert_size) {
+static void put_layout_at(const char *group_size, const char *num_experts,
+                          const char *expert_size, unsigned first_offset) {
     static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
     static const char *const part[3] = {"weight", "scales", "biases"};
     char buf[4096];
@@ -27,7 +28,7 @@ static void put_layout_n(const char *group_size, const char *num_experts,
                                 "{\"num_layers\": 1, \"num_experts\": %s, "
                                 "\"expert_size\": %s, \"group_size\": %s, "
                                 "\"components\": [", num_experts, expert_size, group_size);
-    unsigned off = 0;
+    unsigned off = first_offset;
     for (int p = 0; p < 3; p++)
         for (int k = 0; k < 3; k++) {
             unsigned size = k ? 2 * 2 * 2 : 2 * 4 * 4;   // BF16 [2, 2] or U32 [2, 4]
@@ -40,6 +41,11 @@ static void put_layout_n(const char *group_size, const char *num_experts,
         }
     snprintf(buf + n, sizeof buf - n, "]}");
     check_write_file(dir, "layout.json", buf, strlen(buf));
+}
+
+static void put_layout_n(const char *group_size, const char *num_experts,
+                         const char *expert_size) {
+    put_layout_at(group_size, num_experts, expert_size, 0);
 }
 
 static void put_layout(const char *group_size) { put_layout_n(group_size, "1", "4096"); }
@@ -78,6 +84,60 @@ static void test_layout_wrapped_file_size(void) {
     CHECK(rc == MF_ERR_FORMAT && st == NULL && strstr(err, "beyond the"),
           "4 x 2^62-byte experts: status %d, message \"%s\"", rc, err);
     mf_expert_store_close(st);
+}
+
+static int open_layout(char *err, size_t errlen) {
+    uint8_t is_moe[1] = {1};
+    mf_expert_store *st = NULL;
+    int rc = mf_expert_store_open(&st, dir, 1, is_moe, err, errlen);
+    mf_expert_store_close(st);
+    return rc;
+}
+
+// fuzz_config: components (and, in mmap mode, experts e * expert_size) at offsets that
+// are not multiples of their element size were accepted, and the expert kernels then
+// loaded floats and codes from misaligned addresses (UBSan).
+static void test_layout_misaligned(void) {
+    static const uint8_t zeros[8192];
+    check_write_file(dir, "layer_00.bin", zeros, sizeof zeros);
+    char err[512] = "";
+    put_layout_at("32", "1", "4096", 1);
+    int rc = open_layout(err, sizeof err);
+    CHECK(rc == MF_ERR_FORMAT && strstr(err, "must be multiples of its U32 element size 4"),
+          "components at odd offsets: status %d, message \"%s\"", rc, err);
+    put_layout_at("32", "1", "4098", 0);
+    rc = open_layout(err, sizeof err);
+    CHECK(rc == MF_ERR_FORMAT && strstr(err, "expert_size 4098 must be multiples"),
+          "expert_size 4098: status %d, message \"%s\"", rc, err);
+    put_layout_at("32", "1", "4096", 4);   // aligned, shifted: accepted
+    rc = open_layout(err, sizeof err);
+    CHECK(rc == MF_OK, "components at offset 4: %s", err);
+}
+
+// fuzz_manifest: a tensor at an offset that is not a multiple of its element size was
+// accepted and read through misaligned pointers (the first find: a BF16 vector at an
+// odd offset, converted by mf_load_f32; UBSan).
+static void test_manifest_misaligned(void) {
+    static const char *const text[3] = {
+        "{\"tensors\": {\"a\": {\"offset\": 66, \"size\": 8, \"shape\": [2], "
+        "\"dtype\": \"F32\"}}}",
+        "{\"tensors\": {\"a\": {\"offset\": 65, \"size\": 4, \"shape\": [2], "
+        "\"dtype\": \"BF16\"}}}",
+        "{\"tensors\": {\"a\": {\"offset\": 65, \"size\": 2, \"shape\": [2], "
+        "\"dtype\": \"U8\"}}}",   // one-byte elements: any offset is aligned
+    };
+    for (int i = 0; i < 3; i++) {
+        struct mf_manifest m;
+        char err[512] = "";
+        int rc = mf_manifest_parse(&m, text[i], strlen(text[i]), "model_weights.json", 4096,
+                                   err, sizeof err);
+        if (i < 2)
+            CHECK(rc == MF_ERR_FORMAT && strstr(err, "is not a multiple of its"),
+                  "manifest %d: status %d, message \"%s\"", i, rc, err);
+        else
+            CHECK(rc == MF_OK, "U8 at an odd offset: %s", err);
+        if (rc == MF_OK) mf_manifest_free(&m);
+    }
 }
 
 // qwen3_moe config text with the given num_hidden_layers and mlp_only_layers.
@@ -121,6 +181,8 @@ int main(void) {
     test_layout_huge_group_size();
     test_config_layer_count();
     test_layout_wrapped_file_size();
+    test_layout_misaligned();
+    test_manifest_misaligned();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     (void)!system(cmd);
