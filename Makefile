@@ -114,7 +114,7 @@ tap: venv
 # prints); without a working libFuzzer (tools/ensure_fuzz_deps.sh tries
 # to install it) it falls back to fuzz-replay: the committed corpora through
 # tests/fuzz/driver.c, built with $(CC) and ASan + UBSan. Crashing inputs land in
-# build/fuzz/artifacts/.
+# build/fuzz/smoke/artifacts/.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 15
 FUZZ_NAMES   := json config manifest layout snapshot
