@@ -34,7 +34,8 @@ DIAG     := MOEFLUX_BUILD_DIAG=1
 CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
-	test-neon neon-deps test-metal fault-site bench-cuda
+	test-neon neon-deps test-metal fault-site bench-cuda \
+	fuzz-build fuzz-replay-build fuzz-smoke fuzz-replay fuzz-replay-c fuzz-py
 
 all: install
 
@@ -113,7 +114,7 @@ ctest: $(CTESTS) build/kernel_sets
 pytest: install build/kernel_sets
 	export $(REQUIRE_KERNELS_ENV); $(VENV)/bin/pytest -q tests
 
-test: ctest test-neon pytest
+test: ctest test-neon fuzz-smoke pytest
 
 # The C kernel tests for aarch64 (the NEON set), cross-compiled and run under
 # qemu-user: CI machines are x86-64, and NEON must not go untested there. The core is
@@ -219,6 +220,78 @@ $(FAULT_SITE)/.built: $(CORE_SRC) $(shell find csrc -name '*.[ch]') setup.py
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(FAULT_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(FAULT_SITE)/moeflux/prep
 	touch $@
+
+# Coverage-guided fuzzing (tests/fuzz/README.md): one libFuzzer harness per input read
+# from disk, built with clang -fsanitize=fuzzer,address,undefined against the core
+# compiled once with the same sanitizers (build/fuzz/obj). fuzz-smoke runs each for
+# FUZZ_SECONDS on a scratch corpus seeded from the committed one (never written to)
+# and is part of `test` (before pytest, whose summary line stays the last one CI
+# prints); without a working libFuzzer (tools/ensure_fuzz_deps.sh tries
+# to install it) it falls back to fuzz-replay: the committed corpora through
+# tests/fuzz/driver.c, built with $(CC) and ASan + UBSan. Crashing inputs land in
+# build/fuzz/smoke/artifacts/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 15
+FUZZ_NAMES   := json config manifest layout snapshot
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	-fno-omit-frame-pointer
+FUZZ_CFLAGS  := -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc \
+	-DFUZZ_MODELS_DIR='"$(CURDIR)/tests/fuzz/models"'
+FUZZ_HDRS    := $(shell find csrc -name '*.h')
+FUZZ_OBJ     := $(patsubst %.c,build/fuzz/obj/%.o,$(CORE_SRC))
+REPLAY_OBJ   := $(patsubst %.c,build/fuzz/replay-obj/%.o,$(CORE_SRC))
+FUZZ_BINS    := $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_NAMES))
+REPLAY_BINS  := $(patsubst %,build/fuzz/replay_%,$(FUZZ_NAMES))
+
+# Objects are kept between builds (not make's intermediates, which it would delete).
+.SECONDARY: $(FUZZ_OBJ) $(REPLAY_OBJ)
+
+build/fuzz/obj/%.o: %.c $(FUZZ_HDRS)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ) $(FUZZ_HDRS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $< $(FUZZ_OBJ) \
+		-lpthread -lm -ldl
+
+build/fuzz/replay-obj/%.o: %.c $(FUZZ_HDRS)
+	@mkdir -p $(@D)
+	$(CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -c -o $@ $<
+
+build/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h tests/fuzz/driver.c \
+		$(REPLAY_OBJ) $(FUZZ_HDRS)
+	$(CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -o $@ $< tests/fuzz/driver.c $(REPLAY_OBJ) \
+		-lpthread -lm -ldl
+
+fuzz-build: $(FUZZ_BINS)
+fuzz-replay-build: $(REPLAY_BINS)
+
+fuzz-smoke: $(SHADERS_C)
+	@if tools/ensure_fuzz_deps.sh; then \
+		$(MAKE) --no-print-directory fuzz-build && \
+		tests/fuzz/run.sh build/fuzz/smoke $(FUZZ_SECONDS) 1 $(FUZZ_NAMES); \
+	else \
+		echo "fuzz-smoke: no libFuzzer here, replaying the corpora through driver.c"; \
+		$(MAKE) --no-print-directory fuzz-replay-c; \
+	fi
+	$(MAKE) --no-print-directory fuzz-py
+
+# The C corpora through driver.c (no libFuzzer needed).
+fuzz-replay-c: fuzz-replay-build
+	@set -e; for n in $(FUZZ_NAMES); do ./build/fuzz/replay_$$n tests/fuzz/corpus/fuzz_$$n; done
+
+fuzz-replay: fuzz-replay-c venv
+	$(PY) tests/fuzz/fuzz_safetensors.py tests/fuzz/corpus/fuzz_safetensors
+
+# prep's safetensors header parser under atheris (installed from PyPI into .venv on
+# first use); where atheris cannot be had, its corpus is replayed instead.
+fuzz-py: venv
+	@if $(PY) -c 'import atheris' 2>/dev/null || $(PIP) install -q atheris; then \
+		PY=$(PY) tests/fuzz/run.sh build/fuzz/smoke $(FUZZ_SECONDS) 1 safetensors; \
+	else \
+		echo "fuzz-py: atheris unavailable, replaying the safetensors corpus"; \
+		$(PY) tests/fuzz/fuzz_safetensors.py tests/fuzz/corpus/fuzz_safetensors; \
+	fi
 
 clean:
 	rm -rf build tests/c/build moeflux/*.so *.egg-info

@@ -56,6 +56,26 @@ class TensorInfo:
         return n
 
 
+def _header_entry(path: Path, name: str, ent: object) -> tuple[str, tuple[int, ...],
+                                                              int, int]:
+    """dtype, shape and data offsets of one header entry, checked to be what the format
+    says: a string and non-negative integers (JSON floats, Infinity, negative offsets
+    before the data section or negative dimensions are refused, not coerced)."""
+    def count(v: object) -> bool:
+        return type(v) is int and v >= 0
+
+    if (not isinstance(ent, dict) or not isinstance(ent.get("dtype"), str)
+            or not isinstance(ent.get("shape"), list)
+            or not isinstance(ent.get("data_offsets"), list)
+            or len(ent["data_offsets"]) != 2
+            or not all(map(count, ent["shape"] + ent["data_offsets"]))):
+        raise SafetensorsError(f"{path}: tensor {name!r}: malformed header entry "
+                               f"{repr(ent)[:200]} (needs a dtype string, a shape and two "
+                               "data_offsets of non-negative integers)")
+    b, e = ent["data_offsets"]
+    return ent["dtype"], tuple(ent["shape"]), b, e
+
+
 class SafetensorsFile:
     """One .safetensors file opened for ranged reads (no mapping of the data)."""
 
@@ -80,7 +100,7 @@ class SafetensorsFile:
         raw = os.pread(self._fd, hlen, 8)
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise SafetensorsError(f"{self.path}: header is not JSON: {exc}") from None
         if not isinstance(header, dict):
             raise SafetensorsError(f"{self.path}: header is not a JSON object")
@@ -88,13 +108,7 @@ class SafetensorsFile:
         metadata = header.pop("__metadata__", {}) or {}
         tensors: dict[str, TensorInfo] = {}
         for name, ent in header.items():
-            try:
-                dtype = ent["dtype"]
-                shape = tuple(int(d) for d in ent["shape"])
-                b, e = (int(x) for x in ent["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: tensor {name!r}: malformed header "
-                                       f"entry {ent!r}") from None
+            dtype, shape, b, e = _header_entry(self.path, name, ent)
             if dtype not in DTYPE_SIZES:
                 raise SafetensorsError(f"{self.path}: tensor {name!r}: unknown dtype "
                                        f"{dtype!r}")

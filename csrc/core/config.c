@@ -33,6 +33,10 @@ static const struct {
     {"kimi_k2", MF_ARCH_DEEPSEEK_V3},
 };
 
+// Far above any real model (the largest have under 100 layers); a config claiming
+// billions made the loader allocate and walk gigabytes of per-layer tables.
+#define MF_CONFIG_MAX_LAYERS 65536
+
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 #define SUPPORTED "qwen3_5_moe, qwen3_next, deepseek_v3 (and kimi_k2), qwen3_moe"
 
@@ -431,13 +435,6 @@ static int read_deepseek(struct mf_config *cfg, const struct reader *r) {
 
 /* ==== Layer kinds ==== */
 
-static int in_list(const int *v, int n, int x) {
-    for (int i = 0; i < n; i++)
-        if (v[i] == x)
-            return 1;
-    return 0;
-}
-
 static int derive_layers(struct mf_config *cfg, const struct reader *r) {
     int L = cfg->num_hidden_layers;
     cfg->layer_is_linear = calloc((size_t)L, 1);
@@ -446,7 +443,13 @@ static int derive_layers(struct mf_config *cfg, const struct reader *r) {
         return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
     int hybrid = cfg->arch == MF_ARCH_QWEN3_5_MOE || cfg->arch == MF_ARCH_QWEN3_NEXT;
     int n_dense = 0;
+    // mlp_only_layers marked in layer_is_moe first (entries were checked to be layer
+    // indices): one pass over the list, not a search of it per layer, which took
+    // layers x entries steps.
+    for (int i = 0; i < cfg->n_mlp_only_layers; i++)
+        cfg->layer_is_moe[cfg->mlp_only_layers[i]] = 2;
     for (int i = 0; i < L; i++) {
+        int mlp_only = cfg->layer_is_moe[i] == 2;
         if (hybrid)
             cfg->layer_is_linear[i] = (i + 1) % cfg->full_attention_interval != 0;
         int moe = 0;
@@ -456,7 +459,7 @@ static int derive_layers(struct mf_config *cfg, const struct reader *r) {
             break;
         case MF_ARCH_QWEN3_NEXT:
         case MF_ARCH_QWEN3_MOE:
-            moe = !in_list(cfg->mlp_only_layers, cfg->n_mlp_only_layers, i) &&
+            moe = !mlp_only &&
                   cfg->num_experts > 0 && (i + 1) % cfg->decoder_sparse_step == 0;
             break;
         case MF_ARCH_DEEPSEEK_V3:
@@ -527,6 +530,11 @@ static int parse_root(struct mf_config *cfg, const mf_json *root, const char *na
         (rc = rd_token(&r, "bos_token_id", &cfg->bos_token_id)) ||
         (rc = rd_token(&r, "eos_token_id", &cfg->eos_token_id)))
         return rc;
+    // Every per-layer table is sized by it before any tensor is looked at.
+    if (cfg->num_hidden_layers > MF_CONFIG_MAX_LAYERS)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: num_hidden_layers is %d, more than the %d this build supports",
+                      name, cfg->num_hidden_layers, MF_CONFIG_MAX_LAYERS);
     if (!(eps > 0 && eps < 1))
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: rms_norm_eps must be in (0, 1), got %g", name, eps);

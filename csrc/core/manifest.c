@@ -84,6 +84,14 @@ static int parse_entry(struct mf_tensor_info *t, const mf_json *e, const char *n
                       name, t->name, (unsigned long long)t->offset,
                       (unsigned long long)(t->offset + t->size),
                       (unsigned long long)bin_size);
+    // Kernels read elements through typed pointers: an offset that is not a multiple
+    // of the element size would make every such load a misaligned one (undefined
+    // behaviour; a fault on some targets). prep aligns every tensor to 64 bytes.
+    if (t->offset % mf_dtype_size(t->dtype) != 0)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: tensor \"%s\": offset %llu is not a multiple of its %s element "
+                      "size %zu", name, t->name, (unsigned long long)t->offset,
+                      mf_dtype_name(t->dtype), mf_dtype_size(t->dtype));
     return 0;
 }
 

@@ -25,6 +25,7 @@
 #include "core/json.h"
 
 #define LAYOUT_VERSION 1
+#define MAX_LAYER_FILE_BYTES ((uint64_t)1 << 46)
 
 struct mf_expert_store {
     struct mf_expert_layout layout;
@@ -86,6 +87,15 @@ static int parse_component(struct mf_expert_component *c, const mf_json *e, size
                       "%s: component %s: size %llu bytes but shape x %s needs %llu", name,
                       c->name, (unsigned long long)c->size, mf_dtype_name(c->dtype),
                       (unsigned long long)(count * mf_dtype_size(c->dtype)));
+    // Kernels read components through typed pointers, at blob + offset, and in mmap
+    // mode blobs start at e * expert_size: both must keep the element alignment.
+    size_t esz = mf_dtype_size(c->dtype);
+    if (c->offset % esz != 0 || expert_size % esz != 0)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: component %s: offset %llu and expert_size %llu must be "
+                      "multiples of its %s element size %zu", name, c->name,
+                      (unsigned long long)c->offset, (unsigned long long)expert_size,
+                      mf_dtype_name(c->dtype), esz);
     if (c->offset > expert_size || c->size > expert_size - c->offset)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: component %s [%llu, %llu) lies outside the %llu-byte expert",
@@ -129,6 +139,10 @@ static int resolve_bits(struct mf_expert_layout *L, const mf_json *root, const c
         mf_json_get_int(root, "group_size", &gs) < 0)
         return mf_err(err, errlen, MF_ERR_FORMAT, "%s: bits/group_size must be integers",
                       name);
+    // Before any arithmetic with it: a huge group_size overflowed hid below.
+    if (!(gs == 32 || gs == 64 || gs == 128))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: group_size %lld: expected 32, 64 or 128", name, (long long)gs);
     const struct mf_expert_component *w = NULL, *s = NULL;
     for (int i = 0; i < L->n_components; i++) {
         if (!strcmp(L->components[i].name, "gate_proj.weight"))
@@ -180,6 +194,14 @@ static int parse_layout(struct mf_expert_layout *L, const mf_json *root, int n_l
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: needs positive integers expert_size, num_layers, num_experts",
                       name);
+    // The file check multiplies them (a wrapped product let a tiny file pass), and so
+    // does the model's bytes-per-token figure: at most 64 TiB per layer file, four
+    // orders of magnitude above the largest real one.
+    if ((uint64_t)es > MAX_LAYER_FILE_BYTES / (uint64_t)ne)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: num_experts %lld x expert_size %lld is beyond the %llu bytes a "
+                      "layer file may hold", name, (long long)ne, (long long)es,
+                      (unsigned long long)MAX_LAYER_FILE_BYTES);
     if (nl != n_layers)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: num_layers is %lld but config.json has %d layers", name,
