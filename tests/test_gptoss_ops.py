@@ -214,6 +214,17 @@ def test_attention_sinks_window(n_tok: int, pos0: int, window: int, with_sinks: 
         np.testing.assert_array_equal(other, got)
 
 
+def test_attention_diag_rejects_a_ring_too_small() -> None:
+    # The op's precondition (backend.h, struct mf_attn_ext), enforced by the diag entry.
+    q = np.zeros((3, 2, 8), np.float32)
+    cache = np.zeros((16, 2 * 8), np.float32)
+    for window, ring in ((8, 9), (0, 12)):   # needs 8 + 3 - 1 = 10; pos0 + n_tok = 13
+        with pytest.raises(ValueError):
+            run_attention(q, cache, 1, 8, 10, 0.5, "scalar", window=window, ring=ring)
+    run_attention(q, cache, 1, 8, 10, 0.5, "scalar", window=8, ring=10)
+    _kernsets.note("scalar")
+
+
 def test_attention_bf16_sinks() -> None:
     # Sinks as a checkpoint stores them (bf16), widened exactly.
     n_head, n_kv, d, n_tok, pos0 = 4, 4, 16, 3, 20

@@ -88,7 +88,8 @@ struct mf_attn_ext {
     int window;
     // > 0: the cache is a ring of `ring` rows, position p in row p % ring; 0: position p
     // in row p. A ring must hold every position the call's queries see while the
-    // call's own tokens are in it: ring >= window + n_tok - 1 (window > 0).
+    // call's own tokens are in it: ring >= window + n_tok - 1 (window > 0), else
+    // ring >= pos0 + n_tok. The forward keeps its chunks that short (nothing checks).
     int ring;
 };
 

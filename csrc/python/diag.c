@@ -427,7 +427,7 @@ static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     if (n_tok < 1 || n_head < 1 || n_kv_head < 1 || n_head % n_kv_head || dk < 1 || dv < 1 ||
         pos0 < 0 || k_off < 0 || v_off < 0 || n_threads < 1 || window < 0 || ring < 0 ||
-        (ring > 0 && window > 0 && ring < window + n_tok - 1))
+        (ring > 0 && ring < (window > 0 ? window + n_tok - 1 : pos0 + n_tok)))
         return PyErr_Format(PyExc_ValueError, "bad attention sizes");
     int n_pos = ring > 0 && ring < pos0 + n_tok ? ring : pos0 + n_tok;   // cache rows
     struct bufset s = {.n = 0};
