@@ -1,6 +1,7 @@
 /*
- * gptoss.h — the kernels gpt-oss adds (written for CUDA and Metal alike; compiled by
- * NVRTC and syntax-checked for Metal, not yet run on a GPU nor called by a driver):
+ * gptoss.h — the kernels gpt-oss adds, for CUDA and Metal alike (called by both drivers'
+ * matmul and swiglu_clamped; compiled by NVRTC and syntax-checked for Metal here, not
+ * yet run on a GPU: make test-cuda's test_backend_ops has their cases):
  *   mf_mv_mxfp4: y[t, r] = x[t] . W[r] for an MXFP4 weight (MLX mode "mxfp4": 4-bit
  *     E2M1 codes packed LSB-first, one E8M0 scale byte per 32 columns, no biases), a
  *     warp per row, each lane taking whole words of eight codes; the decode matvec of

@@ -32,7 +32,8 @@ static void swiglu_clamped_task(void *arg, int task, int tid) {
     int r0 = task * j->rows_per_task;
     int r1 = r0 + j->rows_per_task < j->n_rows ? r0 + j->rows_per_task : j->n_rows;
     for (int r = r0; r < r1; r++) {
-        const float *g = j->gate + (int64_t)r * j->stride, *u = j->up + (int64_t)r * j->stride;
+        const float *g = j->gate + (int64_t)r * j->stride;
+        const float *u = j->up + (int64_t)r * j->stride;
         float *y = j->y + (int64_t)r * j->n_cols;
         for (int c = 0; c < j->n_cols; c++)
             y[c] = swiglu_clamped_1(g[c], u[c], j->alpha, j->limit);
@@ -40,13 +41,16 @@ static void swiglu_clamped_task(void *arg, int task, int tid) {
 }
 
 void mf_cpu_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate, const float *up,
-                           int n_rows, int n_cols, int in_stride, float alpha, float limit) {
+                           int n_rows, int n_cols, int in_stride, float alpha,
+                           float limit) {
     if (n_rows <= 0 || n_cols <= 0)
         return;
     struct swiglu_clamped_job j = {.y = y, .gate = gate, .up = up, .n_rows = n_rows,
                                    .n_cols = n_cols, .stride = in_stride, .alpha = alpha,
                                    .limit = limit};
-    j.rows_per_task = GPTOSS_ELEMS_PER_TASK / n_cols > 0 ? GPTOSS_ELEMS_PER_TASK / n_cols : 1;
+    j.rows_per_task = GPTOSS_ELEMS_PER_TASK / n_cols;
+    if (j.rows_per_task < 1)
+        j.rows_per_task = 1;
     mf_pool_run(ex->pool, swiglu_clamped_task, &j,
                 (n_rows + j.rows_per_task - 1) / j.rows_per_task);
 }
