@@ -126,7 +126,7 @@ test: ctest test-neon fuzz-smoke pytest
 AARCH64_CC      ?= aarch64-linux-gnu-gcc
 AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
 QEMU_AARCH64    ?= qemu-aarch64
-NEON_TESTS      := test_cpu_matmul test_state test_config test_json test_model test_reader \
+NEON_TESTS      := test_cpu_matmul test_cpu_gptoss test_state test_config test_json test_model test_reader \
                    test_store test_cache
 NEON_OBJS       := $(patsubst %.c,build/aarch64/obj/%.o,$(CORE_SRC))
 NEON_RUN         = $(QEMU_AARCH64) -L $(AARCH64_SYSROOT)

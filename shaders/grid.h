@@ -139,4 +139,18 @@ static inline void mf_grid_moe_combine(const struct mf_p_moe_dev *p, unsigned g[
     mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_THREADS), (unsigned)p->n_tok, 1, MF_THREADS);
 }
 
+// gpt-oss: a warp per MXFP4 row, MF_MV_TT tokens per threadgroup row; a thread per
+// element of the clamped SwiGLU.
+static inline void mf_grid_mv_mxfp4(const struct mf_p_mxfp4 *p, unsigned g[3],
+                                    unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_MV_ROWS), mf_cdiv(p->n_tok, MF_MV_TT), 1,
+                32 * MF_MV_ROWS);
+}
+
+static inline void mf_grid_swiglu_clamped(const struct mf_p_swiglu_clamped *p, unsigned g[3],
+                                          unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv((long long)p->n_rows * p->n_cols, MF_THREADS), 1, 1,
+                MF_THREADS);
+}
+
 #endif /* MF_GRID_H */

@@ -16,5 +16,6 @@
 #include "gdn.h"
 #include "elementwise.h"
 #include "moe.h"
+#include "gptoss.h"
 
 #endif /* MF_KERNELS_H */

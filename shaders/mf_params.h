@@ -126,4 +126,15 @@ struct mf_p_moe_dev {
     int n_tok, k, n_embd, stride_lo, stride_hi;
 };
 
+// gpt-oss (gptoss.h): an MXFP4 matvec y[t, r] = x[t] . W[r] over n_tok tokens (rows of x
+// and y at their strides), and the clamped SwiGLU over n_rows x n_cols.
+struct mf_p_mxfp4 {
+    int n_in, n_out, n_tok, x_stride, y_stride;
+};
+
+struct mf_p_swiglu_clamped {
+    int n_rows, n_cols, stride;
+    float alpha, limit;
+};
+
 #endif /* MF_PARAMS_H */

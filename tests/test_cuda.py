@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHADERS = ROOT / "shaders"
 HAVE_CUDA = "cuda" in moeflux.backends()
 KERNEL_FILES = ["quant.h", "matmul.h", "norm.h", "rope.h", "attn.h", "gdn.h",
-                "elementwise.h", "moe.h", "mf_kernels.h"]
+                "elementwise.h", "moe.h", "gptoss.h", "mf_kernels.h"]
 
 
 def manifest() -> list[tuple[str, str, int, str]]:

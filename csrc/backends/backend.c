@@ -35,10 +35,10 @@ struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base) {
     struct mf_weight w = *v;
     const char *b = base;
     w.w = b + (uintptr_t)v->w;
-    if (v->scales) {
+    if (v->scales)
         w.scales = b + (uintptr_t)v->scales;
+    if (v->biases)
         w.biases = b + (uintptr_t)v->biases;
-    }
     return w;
 }
 

@@ -38,17 +38,27 @@
 
 #define MF_BACKEND_API_VERSION 2
 
+// How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
+// zeroed by its initializer is affine). The names are MLX's quantization modes.
+enum mf_qmode {
+    MF_QMODE_AFFINE = 0,   // w = s*q + b per group
+    MF_QMODE_MXFP4 = 1,    // w = e2m1(q) * 2^(s - 127): 4-bit FP4 E2M1 codes (sign bit
+                           // 3), group size 32, one E8M0 exponent byte per group as the
+                           // scale (sdtype U8), no biases
+};
+
 // A weight matrix [n_out, n_in] (or a vector when n_out == 1 and used by norms), either
-// float (dtype F32/F16/BF16) or MLX affine-quantized (dtype U32: codes
-// [n_out, n_in*bits/32], scales/biases [n_out, n_in/group_size] of sdtype).
+// float (dtype F32/F16/BF16) or MLX-quantized (dtype U32: codes [n_out, n_in*bits/32],
+// scales (and biases when affine) [n_out, n_in/group_size] of sdtype).
 struct mf_weight {
     const void *w;          // device pointer
     const void *scales;     // device pointer, NULL when float
-    const void *biases;     // device pointer, NULL when float
+    const void *biases;     // device pointer, NULL when float or MXFP4
     enum mf_dtype dtype;    // MF_DTYPE_U32 when quantized
     enum mf_dtype sdtype;   // dtype of scales and biases
     int bits;               // 2, 3, 4, 5, 6, 8 when quantized
     int group_size;         // 32, 64, 128 when quantized
+    enum mf_qmode qmode;    // when quantized
     int64_t n_out;
     int64_t n_in;
 };
@@ -66,6 +76,22 @@ struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base);
 struct mf_backend;
 struct mf_exec;
 struct mf_fence;
+
+// What attention_ext adds to attention (gpt-oss's attention).
+struct mf_attn_ext {
+    // Float weight [n_head] (F32/F16/BF16) or NULL: head h's learned logit sinks[h]
+    // joins the softmax as one more score whose value row is zero, so it only adds
+    // exp(sinks[h] - max) to the denominator (mlx's scaled_dot_product_attention sinks).
+    const struct mf_weight *sinks;
+    // > 0: the query at position p sees positions p - window + 1 .. p (those >= 0), the
+    // mask of mlx-lm's sliding-window layers; 0: all positions 0 .. p.
+    int window;
+    // > 0: the cache is a ring of `ring` rows, position p in row p % ring; 0: position p
+    // in row p. A ring must hold every position the call's queries see while the
+    // call's own tokens are in it: ring >= window + n_tok - 1 (window > 0), else
+    // ring >= pos0 + n_tok. The forward keeps its chunks that short (nothing checks).
+    int ring;
+};
 
 // Routers of the MoE layers (moe_route). Top-k is a repeated arg-max with strict '>',
 // so ties go to the lower expert index, on every backend.
@@ -240,6 +266,13 @@ struct mf_backend_ops {
     void (*attention)(struct mf_exec *ex, float *out, const float *q, const float *k,
                       const float *v, int n_tok, int n_head, int n_kv_head, int dk,
                       int dv, int k_stride, int v_stride, int pos0, float scale);
+    // attention with attention sinks, a sliding window and a ring-buffer cache (struct
+    // mf_attn_ext, host memory; its sinks weight is device memory). ext all zero is
+    // attention itself. Optional (API v2 addition): NULL = the backend lacks it.
+    void (*attention_ext)(struct mf_exec *ex, float *out, const float *q, const float *k,
+                          const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                          int dv, int k_stride, int v_stride, int pos0, float scale,
+                          const struct mf_attn_ext *ext_host);
 
     // ---- GatedDeltaNet pieces
     // Depthwise causal conv over channels C with kernel K and SiLU:
@@ -280,6 +313,13 @@ struct mf_backend_ops {
     // (gate and up may be halves of one buffer): n_rows rows of n_cols.
     void (*swiglu)(struct mf_exec *ex, float *y, const float *gate, const float *up,
                    int n_rows, int n_cols, int in_stride);
+    // gpt-oss's clamped SwiGLU (mlx-lm swiglu_oai), laid out as swiglu: with
+    // g = min(gate, limit) and u = clip(up, -limit, limit),
+    // y = (u + 1) * g * sigmoid(alpha * g). Optional (API v2 addition): NULL = the
+    // backend lacks it.
+    void (*swiglu_clamped)(struct mf_exec *ex, float *y, const float *gate,
+                           const float *up, int n_rows, int n_cols, int in_stride,
+                           float alpha, float limit);
     // y[r, c] *= sigmoid(g[r * g_stride + (g_cols == 1 ? 0 : c)]), n_rows x n_cols.
     void (*mul_sigmoid)(struct mf_exec *ex, float *y, const float *g, int n_rows,
                         int n_cols, int g_stride, int g_cols);

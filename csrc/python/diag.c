@@ -147,10 +147,26 @@ static int float_weight(struct bufset *s, PyObject *o, const char *dtype, int64_
 
 /* ==== Linear algebra ==== */
 
+// An MXFP4 weight (wdtype "MXFP4"): U32 codes of 4 bits, groups of 32, U8 scales.
+static int mxfp4_format(struct mf_weight *w) {
+    if (w->n_in % 32 != 0) {
+        PyErr_Format(PyExc_ValueError, "MXFP4: n_in %lld is not a multiple of 32",
+                     (long long)w->n_in);
+        return -1;
+    }
+    *w = (struct mf_weight){.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_U8, .bits = 4,
+                            .group_size = 32, .qmode = MF_QMODE_MXFP4, .n_out = w->n_out,
+                            .n_in = w->n_in};
+    return 0;
+}
+
 // The format of a w->n_out x w->n_in weight from the Python arguments: dtype names, and
-// bits / group size when the codes are packed (U32). -1 with an exception set.
+// bits / group size when the codes are packed (U32); wdtype "MXFP4" for MLX's mxfp4
+// (bits, group size and sdtype are then implied). -1 with an exception set.
 static int weight_format(struct mf_weight *w, const char *wdtype, const char *sdtype,
                          int bits, int gs) {
+    if (strcmp(wdtype, "MXFP4") == 0)
+        return mxfp4_format(w);
     if (parse_dtype(wdtype, &w->dtype) < 0 || parse_dtype(sdtype, &w->sdtype) < 0)
         return -1;
     if (w->dtype == MF_DTYPE_U32) {
@@ -178,7 +194,8 @@ static void weight_pin(struct bufset *s, struct mf_weight *w, const struct mf_we
     if (w->dtype == MF_DTYPE_U32) {
         Py_ssize_t sb = (Py_ssize_t)(mf_weight_s_bytes(unit) * count);
         w->scales = bufs_get(s, o_s, sb, 0, 0, "scales");
-        w->biases = bufs_get(s, o_b, sb, 0, 0, "biases");
+        if (w->qmode == MF_QMODE_AFFINE)
+            w->biases = bufs_get(s, o_b, sb, 0, 0, "biases");
     }
 }
 
@@ -385,28 +402,34 @@ static PyObject *diag_rope(PyObject *self, PyObject *args, PyObject *kw) {
 
 PyDoc_STRVAR(diag_attention_doc,
 "attention(out, q, kv, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, "
-"pos0, scale, k_off=0, v=None, v_off=0, n_threads=1, kernels=None)\n--\n\n"
-"Causal attention; keys at kv + k_off (elements), values at (v or kv) + v_off.");
+"pos0, scale, k_off=0, v=None, v_off=0, n_threads=1, kernels=None, sinks=None, "
+"sinks_dtype='F32', window=0, ring=0)\n--\n\n"
+"Causal attention; keys at kv + k_off (elements), values at (v or kv) + v_off. With "
+"sinks [n_head] (raw, of sinks_dtype), window > 0 or ring > 0: attention_ext (the "
+"cache then holds min(ring, pos0 + n_tok) rows when ring > 0).");
 
 static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"out", "q", "kv", "n_tok", "n_head", "n_kv_head", "dk", "dv",
                              "k_stride", "v_stride", "pos0", "scale", "k_off", "v",
-                             "v_off", "n_threads", "kernels", NULL};
-    const char *kernels = NULL;
-    PyObject *o_out, *o_q, *o_k, *o_v = Py_None;
+                             "v_off", "n_threads", "kernels", "sinks", "sinks_dtype",
+                             "window", "ring", NULL};
+    const char *kernels = NULL, *sinks_dtype = "F32";
+    PyObject *o_out, *o_q, *o_k, *o_v = Py_None, *o_sinks = Py_None;
     int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, k_off = 0, v_off = 0,
-        n_threads = 1;
+        n_threads = 1, window = 0, ring = 0;
     float scale;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiiiiif|iOiiz", kwlist, &o_out, &o_q,
-                                     &o_k, &n_tok, &n_head, &n_kv_head, &dk, &dv, &k_stride,
-                                     &v_stride, &pos0, &scale, &k_off, &o_v, &v_off,
-                                     &n_threads, &kernels))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiiiiiiiif|iOiizOsii", kwlist, &o_out,
+                                     &o_q, &o_k, &n_tok, &n_head, &n_kv_head, &dk, &dv,
+                                     &k_stride, &v_stride, &pos0, &scale, &k_off, &o_v,
+                                     &v_off, &n_threads, &kernels, &o_sinks, &sinks_dtype,
+                                     &window, &ring))
         return NULL;
     if (n_tok < 1 || n_head < 1 || n_kv_head < 1 || n_head % n_kv_head || dk < 1 || dv < 1 ||
-        pos0 < 0 || k_off < 0 || v_off < 0 || n_threads < 1)
+        pos0 < 0 || k_off < 0 || v_off < 0 || n_threads < 1 || window < 0 || ring < 0 ||
+        (ring > 0 && ring < (window > 0 ? window + n_tok - 1 : pos0 + n_tok)))
         return PyErr_Format(PyExc_ValueError, "bad attention sizes");
-    int n_pos = pos0 + n_tok;
+    int n_pos = ring > 0 && ring < pos0 + n_tok ? ring : pos0 + n_tok;   // cache rows
     struct bufset s = {.n = 0};
     float *out = bufs_get(&s, o_out, (Py_ssize_t)n_tok * n_head * dv * 4, 1, 0, "out");
     const float *q = bufs_get(&s, o_q, (Py_ssize_t)n_tok * n_head * dk * 4, 0, 0, "q");
@@ -418,14 +441,22 @@ static PyObject *diag_attention(PyObject *self, PyObject *args, PyObject *kw) {
     Py_ssize_t kv_need = o_v == Py_None && v_need > k_need ? v_need : k_need;
     const float *k = bufs_get(&s, o_k, kv_need, 0, 0, "kv");
     const float *v = o_v == Py_None ? k : bufs_get(&s, o_v, v_need, 0, 0, "v");
-    if (!k || !v)
+    struct mf_weight sinks;
+    int no_sinks = float_weight(&s, o_sinks, sinks_dtype, n_head, 1, "sinks", &sinks);
+    if (!k || !v || no_sinks < 0)
         return bufs_fail(&s);
+    struct mf_attn_ext ext = {.sinks = no_sinks ? NULL : &sinks, .window = window,
+                              .ring = ring};
     struct env e;
     if (env_begin(&e, &s, n_threads, kernels) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    e.be->ops->attention(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head, n_kv_head, dk,
-                         dv, k_stride, v_stride, pos0, scale);
+    if (ext.sinks || window || ring)
+        e.be->ops->attention_ext(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head,
+                                 n_kv_head, dk, dv, k_stride, v_stride, pos0, scale, &ext);
+    else
+        e.be->ops->attention(e.ex, out, q, k + k_off, v + v_off, n_tok, n_head, n_kv_head,
+                             dk, dv, k_stride, v_stride, pos0, scale);
     Py_END_ALLOW_THREADS
     return env_end(&e, &s);
 }
@@ -607,22 +638,26 @@ static PyObject *diag_gdn_recurrence_from(PyObject *self, PyObject *args, PyObje
 /* ==== Elementwise and rows ==== */
 
 PyDoc_STRVAR(diag_elementwise_doc,
-"elementwise(op, y, a, n_rows, n_cols, stride, b_off=0, g_cols=0, alpha=1.0)\n--\n\n"
+"elementwise(op, y, a, n_rows, n_cols, stride, b_off=0, g_cols=0, alpha=1.0, "
+"limit=0.0)\n--\n\n"
 "op 'swiglu': y[r,c] = silu(a[r*stride+c]) * a[r*stride+b_off+c]; 'mul_sigmoid': "
-"y[r,c] *= sigmoid(a[r*stride + (g_cols==1 ? 0 : c)]); 'axpy': y += alpha*a (n_cols).");
+"y[r,c] *= sigmoid(a[r*stride + (g_cols==1 ? 0 : c)]); 'axpy': y += alpha*a (n_cols); "
+"'swiglu_clamped': as swiglu, gpt-oss's form with alpha and limit.");
 
 static PyObject *diag_elementwise(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"op", "y", "a", "n_rows", "n_cols", "stride", "b_off",
-                             "g_cols", "alpha", NULL};
+                             "g_cols", "alpha", "limit", NULL};
     const char *op;
     PyObject *o_y, *o_a;
     int n_rows, n_cols, stride, b_off = 0, g_cols = 0;
-    float alpha = 1.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOiii|iif", kwlist, &op, &o_y, &o_a,
-                                     &n_rows, &n_cols, &stride, &b_off, &g_cols, &alpha))
+    float alpha = 1.0f, limit = 0.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sOOiii|iiff", kwlist, &op, &o_y, &o_a,
+                                     &n_rows, &n_cols, &stride, &b_off, &g_cols, &alpha,
+                                     &limit))
         return NULL;
-    int which = strcmp(op, "swiglu") == 0 ? 0 : strcmp(op, "mul_sigmoid") == 0 ? 1
+    int clamped = strcmp(op, "swiglu_clamped") == 0;
+    int which = strcmp(op, "swiglu") == 0 || clamped ? 0 : strcmp(op, "mul_sigmoid") == 0 ? 1
                 : strcmp(op, "axpy") == 0 ? 2 : -1;
     if (which < 0 || n_rows < 1 || n_cols < 1 || stride < 0 || b_off < 0)
         return PyErr_Format(PyExc_ValueError, "bad op or sizes");
@@ -637,7 +672,10 @@ static PyObject *diag_elementwise(PyObject *self, PyObject *args, PyObject *kw) 
     struct env e;
     if (env_begin(&e, &s, 1, NULL) < 0)
         return NULL;
-    if (which == 0)
+    if (clamped)
+        e.be->ops->swiglu_clamped(e.ex, y, a, a + b_off, n_rows, n_cols, stride, alpha,
+                                  limit);
+    else if (which == 0)
         e.be->ops->swiglu(e.ex, y, a, a + b_off, n_rows, n_cols, stride);
     else if (which == 1)
         e.be->ops->mul_sigmoid(e.ex, y, a, n_rows, n_cols, stride, g_cols);

@@ -1378,6 +1378,55 @@ static void bench(const char *label, int bits) {
     status_ok("bench");
 }
 
+/* ==== gpt-oss: MXFP4 matmul, clamped SwiGLU ==== */
+
+// An MXFP4 weight on both backends: random codes, scale bytes 120..131 (2^-7 .. 2^4).
+static void tw_mxfp4(struct tw *t, int64_t n_out, int64_t n_in) {
+    memset(t, 0, sizeof *t);
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_U8, .bits = 4,
+                          .group_size = 32, .qmode = MF_QMODE_MXFP4, .n_out = n_out,
+                          .n_in = n_in};
+    size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
+    t->hw = xmalloc(wb);
+    t->hs = xmalloc(sb);
+    for (size_t i = 0; i < wb; i++)
+        ((uint8_t *)t->hw)[i] = (uint8_t)(check_rand(&E.rng) >> 56);
+    for (size_t i = 0; i < sb; i++)
+        ((uint8_t *)t->hs)[i] = (uint8_t)(120 + check_rand(&E.rng) % 12);
+    w.w = t->hw;
+    w.scales = t->hs;
+    t->c = w;
+    t->deq = xmalloc((size_t)(n_out * n_in) * sizeof(float));
+    for (int64_t r = 0; r < n_out; r++)
+        mf_cpu_dequant_ref(t->deq + r * n_in, &w, r, 0, n_in);
+    t->g = w;
+    t->g.w = gput(t->hw, wb);
+    t->g.scales = gput(t->hs, sb);
+}
+
+static void test_gptoss(void) {
+    struct tw t;
+    tw_mxfp4(&t, 77, 2880);   // gpt-oss's hidden size
+    const int nts[] = {1, 3, 4, 9};
+    for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
+        test_matmul(&t, nts[i]);
+    gfree((void *)t.g.w);
+    gfree((void *)t.g.scales);
+    free(t.hw), free(t.hs), free(t.deq);
+    CHECK(E.go->swiglu_clamped != NULL, "the device backend has no swiglu_clamped");
+    if (E.go->swiglu_clamped) {
+        const int R = 7, C = 1000;
+        float *gu = frand((size_t)R * 2 * C, -12, 12), *yc = fpoison((size_t)R * C);
+        E.co->swiglu_clamped(E.cx, yc, gu, gu + C, R, C, 2 * C, 1.702f, 7.0f);
+        float *ggu = gput(gu, (size_t)R * 2 * C * 4), *gy = gpoison((size_t)R * C * 4);
+        E.go->swiglu_clamped(E.gx, gy, ggu, ggu + C, R, C, 2 * C, 1.702f, 7.0f);
+        float *yg = gget(gy, (size_t)R * C);
+        cmp_rel("swiglu_clamped strided", yc, yg, (size_t)R * C, RTOL);
+        free(gu), free(yc), free(yg), gfree(ggu), gfree(gy);
+    }
+    status_ok("gptoss");
+}
+
 /* ==== main ==== */
 
 static int open_backends(int against_cpu) {
@@ -1438,6 +1487,7 @@ int main(void) {
         test_gdn();
         test_attention();
         test_products();
+        test_gptoss();
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
                now_s() - t0);
         if (!against_cpu)

@@ -79,7 +79,8 @@ static void test_program(const char *out_path) {
     }
     // Every file mf_kernels.h includes is expanded exactly once (its first line mark).
     const char *files[] = {"mf_prelude.h", "mf_params.h", "quant.h", "matmul.h", "norm.h",
-                           "rope.h", "attn.h", "gdn.h", "elementwise.h", "moe.h"};
+                           "rope.h", "attn.h", "gdn.h", "elementwise.h", "moe.h",
+                           "gptoss.h"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         char mark[64];
         snprintf(mark, sizeof mark, "#line 1 \"%s\"\n", files[i]);

@@ -331,6 +331,17 @@ static void test_products(void) {
     const int32_t tok[5] = {3, 1, 4, 1, 5};
     struct mf_weight e = quant(4, 64, MF_DTYPE_F32, 1000, 256);
     BOTH(embed, y, &e, tok, 5);
+    // gpt-oss's MXFP4 experts: the matvec for any token count; matmul_t, heads and
+    // embed refused alike (as are the affine kernels: check_weight).
+    struct mf_weight m = {.w = P(0x30000000), .scales = P(0x31000000),
+                          .dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_U8, .bits = 4,
+                          .group_size = 32, .qmode = MF_QMODE_MXFP4, .n_out = 300,
+                          .n_in = 2880};
+    for (size_t t = 0; t < sizeof toks / sizeof toks[0]; t++)
+        BOTH(matmul, y, &m, x, toks[t]);
+    BOTH(matmul_t, y, &m, x, 2);
+    BOTH(matmul_heads, y, 96, 32, &m, 40, 0, x, 700, 64, 1, 3);
+    BOTH(embed, y, &m, tok, 5);
 }
 
 static void test_norms_rope_attention(void) {
@@ -363,6 +374,7 @@ static void test_gdn_and_elementwise(void) {
     BOTH(gdn_recurrence_from, y, s, si, u, si, P(0x14000000), 8192, P(0x15000000),
          P(0x16000000), 2, 16, 32, 512, 128);
     BOTH(swiglu, y, s, u, 3, 512, 1024);
+    BOTH(swiglu_clamped, y, s, u, 3, 512, 1024, 1.702f, 7.0f);
     BOTH(mul_sigmoid, y, s, 4, 2048, 1, 1);
     BOTH(mul_sigmoid, y, s, 4, 64, 4096, 64);
     BOTH(axpy, y, 0.5f, s, 5000);

@@ -54,6 +54,13 @@ struct mf_cpu_kernels {
     // each loaded x and w value feeds several FMAs.
     void (*gemm_tile)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                       int n_tok, const float *w, int64_t w_stride, int n_row, int64_t n);
+    // qdot_rows and dequant for MXFP4 weights (qmode MF_QMODE_MXFP4, cpu_mxfp4*.c):
+    // each weight e2m1(q) * 2^(s-127) is exact in f32, so dequant is bitwise
+    // mx.dequantize's and qdot_rows differs from x @ W only in summation order.
+    void (*qdot_rows_mxfp4)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                            int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
+    void (*dequant_mxfp4)(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                          int64_t n);
     // dst[i] = bf16 src[i] widened to f32 (exact), for float weights stored as BF16.
     void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
     // The delta-rule row update in two passes over S_i (gdn_recurrence):
@@ -107,6 +114,28 @@ int mf_cpu_exec_set_kernels(struct mf_exec *ex, const char *name, char *err,
 // C tests compare them with it).
 void mf_cpu_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
                         int64_t n);
+// MXFP4 (cpu_mxfp4.c): the scale of an E8M0 byte as MLX decodes it, the value by value
+// reference decoder (mf_cpu_dequant_ref's MXFP4 case), and the kernel entries of each
+// set (the sets' tables in cpu_matmul.c, cpu_kernels_x86.c, cpu_kernels_neon.c).
+extern const float mf_mxfp4_e2m1[16];   // the E2M1 value of each code
+float mf_mxfp4_scale(uint8_t e);
+void mf_mxfp4_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
+                          int64_t n);
+#define MF_MXFP4_DECL(set)                                                               \
+    void mf_mxfp4_qdot_rows_##set(float *y, int64_t y_stride, const float *x,             \
+                                  int64_t x_stride, int n_tok, const struct mf_weight *w, \
+                                  int64_t r0, int n_row);                                 \
+    void mf_mxfp4_dequant_##set(float *dst, const struct mf_weight *w, int64_t r,         \
+                                int64_t c0, int64_t n);
+MF_MXFP4_DECL(scalar)
+#if defined(MF_HAVE_NEON_KERNELS)
+MF_MXFP4_DECL(neon)
+#endif
+#if defined(MF_HAVE_X86_KERNELS)
+MF_MXFP4_DECL(avx2)
+MF_MXFP4_DECL(avx512)
+#endif
+
 // Row r, columns [c0, c0 + n) of a float or quantized weight as f32, using ex's kernels.
 void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
                        int64_t r, int64_t c0, int64_t n);
@@ -134,6 +163,10 @@ void mf_cpu_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_s
 void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
                       const float *v, int n_tok, int n_head, int n_kv_head, int dk,
                       int dv, int k_stride, int v_stride, int pos0, float scale);
+void mf_cpu_attention_ext(struct mf_exec *ex, float *out, const float *q, const float *k,
+                          const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                          int dv, int k_stride, int v_stride, int pos0, float scale,
+                          const struct mf_attn_ext *ext_host);
 void mf_cpu_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
                         const struct mf_weight *w, int n_tok, int C, int K);
 void mf_cpu_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
@@ -163,6 +196,10 @@ void mf_cpu_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
                           const struct mf_weight *g, int n_tok, int tok_stride, int n_head,
                           int head_stride, int n, float eps, float scale);
 void mf_cpu_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, int64_t n);
+
+// ---- ops (cpu_gptoss.c)
+void mf_cpu_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate, const float *up,
+                           int n_rows, int n_cols, int in_stride, float alpha, float limit);
 
 // ---- ops (cpu_moe.c)
 // Routing scratch is ex->scratch[0]: E floats and E bytes (E <= MF_CPU_MAX_EXPERTS).

@@ -165,6 +165,8 @@ const struct mf_cpu_kernels mf_cpu_kernels_scalar = {
     .qdot_rows = scalar_qdot_rows,
     .qdot_max_tok = 1,
     .dequant = scalar_dequant,
+    .qdot_rows_mxfp4 = mf_mxfp4_qdot_rows_scalar,
+    .dequant_mxfp4 = mf_mxfp4_dequant_scalar,
     .gemm_tile = scalar_gemm_tile,
     .bf16_to_f32 = scalar_bf16_to_f32,
     .scale_dot = scalar_scale_dot,
@@ -237,6 +239,10 @@ void mf_cpu_kernels_list(char *buf, size_t cap) {
 
 void mf_cpu_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_t c0,
                         int64_t n) {
+    if (w->qmode == MF_QMODE_MXFP4) {
+        mf_mxfp4_dequant_ref(dst, w, r, c0, n);
+        return;
+    }
     // Value by value, straight from the definition (model-math §1.2): value c occupies
     // stream bits [c*bits, (c+1)*bits) of the row, LSB first, within two bytes.
     const int bits = w->bits, gs = w->group_size;
@@ -258,7 +264,10 @@ void mf_cpu_dequant_ref(float *dst, const struct mf_weight *w, int64_t r, int64_
 void mf_cpu_weight_row(const struct mf_exec *ex, float *dst, const struct mf_weight *w,
                        int64_t r, int64_t c0, int64_t n) {
     if (w->dtype == MF_DTYPE_U32) {
-        ex->k->dequant(dst, w, r, c0, n);
+        if (w->qmode == MF_QMODE_MXFP4)
+            ex->k->dequant_mxfp4(dst, w, r, c0, n);
+        else
+            ex->k->dequant(dst, w, r, c0, n);
         return;
     }
     size_t base = (size_t)(r * w->n_in + c0);
@@ -305,7 +314,10 @@ static void rows_dot(const struct mf_exec *ex, float *y, int64_t ys,
                      const struct mf_weight *w, int64_t r0, int64_t r1, const float *x,
                      int64_t xs, int n_tok) {
     if (w->dtype == MF_DTYPE_U32) {
-        ex->k->qdot_rows(y, ys, x, xs, n_tok, w, r0, (int)(r1 - r0));
+        if (w->qmode == MF_QMODE_MXFP4)
+            ex->k->qdot_rows_mxfp4(y, ys, x, xs, n_tok, w, r0, (int)(r1 - r0));
+        else
+            ex->k->qdot_rows(y, ys, x, xs, n_tok, w, r0, (int)(r1 - r0));
         return;
     }
     for (int64_t r = r0; r < r1; r++)

@@ -149,7 +149,9 @@ void mf_cpu_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_s
  * One task per (token, head). Keys are scored a chunk at a time into scratch with an
  * online softmax (running max, rescaled sum and accumulator), so the context length is
  * not bounded by scratch; with one chunk this is exactly max-subtracted softmax. The
- * output row itself is the accumulator. */
+ * output row itself is the accumulator. attention_ext narrows the keys to a sliding
+ * window, finds them in a ring, and folds a sink logit into the max and the sum last;
+ * without those it is attention, operation for operation. */
 
 struct attn_job {
     struct mf_exec *ex;
@@ -157,59 +159,91 @@ struct attn_job {
     const float *q, *k, *v;
     int n_head, group, dk, dv, k_stride, v_stride, pos0;
     float scale;
+    struct mf_attn_ext ext;
 };
+
+// Cache row of position p.
+static inline int64_t attn_row(const struct attn_job *j, int p) {
+    return j->ext.ring > 0 ? p % j->ext.ring : p;
+}
+
+// Scores of the np keys from position p0 on into score[]; returns their max.
+static float attn_scores(const struct attn_job *j, float *score, const float *qh, int kvh,
+                         int p0, int np) {
+    float cm = -INFINITY;
+    for (int p = 0; p < np; p++) {
+        const float *kp = j->k + attn_row(j, p0 + p) * j->k_stride + (int64_t)kvh * j->dk;
+        score[p] = j->ex->k->dot(qh, kp, j->dk) * j->scale;
+        cm = score[p] > cm ? score[p] : cm;
+    }
+    return cm;
+}
+
+// A new running max cm: what was accumulated under the old max m is rescaled.
+static void attn_rescale(float *o, int dv, float *m, float *l, float cm) {
+    if (cm > *m) {
+        // Nothing to rescale on the first chunk (f = 0, o and l are 0).
+        float f = expf(*m - cm);
+        for (int i = 0; i < dv; i++)
+            o[i] *= f;
+        *l *= f;
+        *m = cm;
+    }
+}
 
 static void attention_task(void *arg, int task, int tid) {
     const struct attn_job *j = arg;
-    const struct mf_cpu_kernels *kern = j->ex->k;
     float *score = j->ex->scratch[tid];   // [MF_CPU_ATTN_CHUNK]
     const int t = task / j->n_head, h = task % j->n_head;
-    const int kvh = h / j->group;
-    const int n_keys = j->pos0 + t + 1;   // causal: positions 0 .. pos0 + t
+    const int kvh = h / j->group, pos = j->pos0 + t;   // causal: positions lo .. pos
+    const int lo = j->ext.window > 0 && pos - j->ext.window + 1 > 0 ? pos - j->ext.window + 1
+                                                                    : 0;
     const float *qh = j->q + ((int64_t)t * j->n_head + h) * j->dk;
     float *o = j->out + ((int64_t)t * j->n_head + h) * j->dv;
     memset(o, 0, (size_t)j->dv * sizeof(float));
     float m = -INFINITY, l = 0.0f;
-    for (int p0 = 0; p0 < n_keys; p0 += MF_CPU_ATTN_CHUNK) {
-        int np = n_keys - p0 < MF_CPU_ATTN_CHUNK ? n_keys - p0 : MF_CPU_ATTN_CHUNK;
-        float cm = -INFINITY;
-        for (int p = 0; p < np; p++) {
-            const float *kp = j->k + (int64_t)(p0 + p) * j->k_stride + (int64_t)kvh * j->dk;
-            score[p] = kern->dot(qh, kp, j->dk) * j->scale;
-            cm = score[p] > cm ? score[p] : cm;
-        }
-        if (cm > m) {
-            // Rescale what was accumulated under the old max (nothing on the first chunk).
-            float f = expf(m - cm);
-            for (int i = 0; i < j->dv; i++)
-                o[i] *= f;
-            l *= f;
-            m = cm;
-        }
+    for (int p0 = lo; p0 <= pos; p0 += MF_CPU_ATTN_CHUNK) {
+        int np = pos + 1 - p0 < MF_CPU_ATTN_CHUNK ? pos + 1 - p0 : MF_CPU_ATTN_CHUNK;
+        attn_rescale(o, j->dv, &m, &l, attn_scores(j, score, qh, kvh, p0, np));
         for (int p = 0; p < np; p++) {
             float e = expf(score[p] - m);
             l += e;
-            kern->axpy(o, e, j->v + (int64_t)(p0 + p) * j->v_stride + (int64_t)kvh * j->dv,
-                       j->dv);
+            j->ex->k->axpy(o, e, j->v + attn_row(j, p0 + p) * j->v_stride +
+                                      (int64_t)kvh * j->dv, j->dv);
         }
+    }
+    if (j->ext.sinks) {
+        float sink = mf_load_f32(j->ext.sinks->w, j->ext.sinks->dtype, (size_t)h);
+        attn_rescale(o, j->dv, &m, &l, sink);
+        l += expf(sink - m);
     }
     float inv = 1.0f / l;
     for (int i = 0; i < j->dv; i++)
         o[i] *= inv;
 }
 
-void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
-                      const float *v, int n_tok, int n_head, int n_kv_head, int dk,
-                      int dv, int k_stride, int v_stride, int pos0, float scale) {
+void mf_cpu_attention_ext(struct mf_exec *ex, float *out, const float *q, const float *k,
+                          const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                          int dv, int k_stride, int v_stride, int pos0, float scale,
+                          const struct mf_attn_ext *ext_host) {
     if (n_tok <= 0 || n_head <= 0 || n_kv_head <= 0)
         return;
     struct attn_job j = {.ex = ex, .out = out, .q = q, .k = k, .v = v, .n_head = n_head,
                          .group = n_head / n_kv_head, .dk = dk, .dv = dv,
                          .k_stride = k_stride, .v_stride = v_stride, .pos0 = pos0,
                          .scale = scale};
+    if (ext_host)
+        j.ext = *ext_host;
     if (j.group < 1)
         j.group = 1;
     mf_pool_run(ex->pool, attention_task, &j, n_tok * n_head);
+}
+
+void mf_cpu_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                      const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                      int dv, int k_stride, int v_stride, int pos0, float scale) {
+    mf_cpu_attention_ext(ex, out, q, k, v, n_tok, n_head, n_kv_head, dk, dv, k_stride,
+                         v_stride, pos0, scale, NULL);
 }
 
 /* ==== GatedDeltaNet: causal depthwise conv + SiLU ====

@@ -637,6 +637,7 @@ static const struct mf_backend_ops cuda_ops = {
     .conv1d_silu_from = mf_cuda_conv1d_silu_from,
     .gdn_recurrence_from = mf_cuda_gdn_recurrence_from,
     .swiglu = mf_cuda_swiglu,
+    .swiglu_clamped = mf_cuda_swiglu_clamped,
     .mul_sigmoid = mf_cuda_mul_sigmoid,
     .axpy = mf_cuda_axpy,
     .scatter_add_rows = mf_cuda_scatter_add_rows,

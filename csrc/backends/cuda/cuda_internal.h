@@ -161,6 +161,9 @@ void mf_cuda_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S,
                                  int dv);
 void mf_cuda_swiglu(struct mf_exec *ex, float *y, const float *gate, const float *up,
                     int n_rows, int n_cols, int in_stride);
+void mf_cuda_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate,
+                            const float *up, int n_rows, int n_cols, int in_stride,
+                            float alpha, float limit);
 void mf_cuda_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
                          int n_cols, int g_stride, int g_cols);
 void mf_cuda_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n);

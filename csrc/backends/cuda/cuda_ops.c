@@ -22,13 +22,13 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
         return 1;
     int bits_ok = w->bits >= 2 && w->bits <= 8 && w->bits != 7;
     int gs_ok = w->group_size == 32 || w->group_size == 64 || w->group_size == 128;
-    if (w->dtype == MF_DTYPE_U32 && bits_ok && gs_ok && w->n_in % w->group_size == 0 &&
-        w->scales && w->biases)
+    if (w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE && bits_ok && gs_ok &&
+        w->n_in % w->group_size == 0 && w->scales && w->biases)
         return 1;
     mf_cuda_fail(ex, MF_ERR_ARG,
                  "cuda backend: %s: weight [%lld, %lld] dtype %s bits %d group %d: "
-                 "expected F32/F16/BF16 or U32 codes with bits 2-6/8, group 32/64/128 "
-                 "dividing n_in, scales and biases",
+                 "expected F32/F16/BF16 or affine U32 codes (MXFP4: matmul only) with "
+                 "bits 2-6/8, group 32/64/128 dividing n_in, scales and biases",
                  op, (long long)w->n_out, (long long)w->n_in, mf_dtype_name(w->dtype),
                  w->bits, w->group_size);
     return 0;
@@ -46,12 +46,37 @@ static struct mf_p_mv mv_params(const struct mf_weight *w) {
 
 /* ==== Linear algebra ==== */
 
+// gpt-oss's MXFP4 weights (shaders/gptoss.h, not yet run on a GPU): the plain product
+// x @ W^T of 4-bit codes in groups of 32 with U8 scales, one head; others are refused.
+static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
+                         const struct mf_weight *w, int transposed, const float *x,
+                         int x_stride, int n_tok, int n_head) {
+    if (transposed || n_head != 1 || w->dtype != MF_DTYPE_U32 || w->bits != 4 ||
+        w->group_size != 32 || w->sdtype != MF_DTYPE_U8 || !w->scales || w->n_in % 32) {
+        mf_cuda_fail(ex, MF_ERR_ARG,
+                     "cuda backend: matmul: MXFP4 weight [%lld, %lld] bits %d group %d: "
+                     "only x @ W^T of one head, 4-bit codes, groups of 32, U8 scales",
+                     (long long)w->n_out, (long long)w->n_in, w->bits, w->group_size);
+        return;
+    }
+    mf_cuda_enter(ex);
+    struct mf_p_mxfp4 p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_tok = n_tok,
+                           .x_stride = x_stride, .y_stride = y_stride};
+    const CUdeviceptr b[4] = {mf_dp(y), mf_dp(w->w), mf_dp(w->scales), mf_dp(x)};
+    launch_mf_mv_mxfp4(ex, &p, b, "matmul");
+}
+
 void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                           int y_head_stride, const struct mf_weight *w,
                           int64_t w_head_rows, int transposed, const float *x,
                           int x_tok_stride, int x_head_stride, int n_tok, int n_head) {
-    if (n_tok <= 0 || n_head <= 0 || w->n_out <= 0 || w->n_in <= 0 ||
-        !check_weight(ex, w, "matmul"))
+    if (n_tok <= 0 || n_head <= 0 || w->n_out <= 0 || w->n_in <= 0)
+        return;
+    if (w->qmode == MF_QMODE_MXFP4) {
+        matmul_mxfp4(ex, y, y_tok_stride, w, transposed, x, x_tok_stride, n_tok, n_head);
+        return;
+    }
+    if (!check_weight(ex, w, "matmul"))
         return;
     mf_cuda_enter(ex);
     struct mf_p_mv p = mv_params(w);
@@ -264,6 +289,18 @@ void mf_cuda_swiglu(struct mf_exec *ex, float *y, const float *gate, const float
     struct mf_p_ew p = {.n_rows = n_rows, .n_cols = n_cols, .stride = in_stride};
     const CUdeviceptr b[3] = {mf_dp(y), mf_dp(gate), mf_dp(up)};
     launch_mf_swiglu(ex, &p, b, "swiglu");
+}
+
+void mf_cuda_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate,
+                            const float *up, int n_rows, int n_cols, int in_stride,
+                            float alpha, float limit) {
+    if (n_rows <= 0 || n_cols <= 0)
+        return;
+    mf_cuda_enter(ex);
+    struct mf_p_swiglu_clamped p = {.n_rows = n_rows, .n_cols = n_cols, .stride = in_stride,
+                                    .alpha = alpha, .limit = limit};
+    const CUdeviceptr b[3] = {mf_dp(y), mf_dp(gate), mf_dp(up)};
+    launch_mf_swiglu_clamped(ex, &p, b, "swiglu_clamped");
 }
 
 void mf_cuda_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,

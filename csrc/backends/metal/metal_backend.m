@@ -938,6 +938,7 @@ static const struct mf_backend_ops metal_ops = {
     .conv1d_silu_from = mf_metal_conv1d_silu_from,
     .gdn_recurrence_from = mf_metal_gdn_recurrence_from,
     .swiglu = mf_metal_swiglu,
+    .swiglu_clamped = mf_metal_swiglu_clamped,
     .mul_sigmoid = mf_metal_mul_sigmoid,
     .axpy = mf_metal_axpy,
     .scatter_add_rows = mf_metal_scatter_add_rows,
