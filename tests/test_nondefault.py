@@ -303,14 +303,28 @@ def _values(key: str) -> list[Any]:
     return out
 
 
+def config_keys() -> set[str]:
+    """Every config key the engine reads: the strings of csrc/core/config.c (the
+    shared keys) and the key arguments of the getters in each family's reader
+    (csrc/models/*.c: mf_cfg_* and mf_json_get* calls, mf_arch.experts_key)."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    keys = set(re.findall(r'"([a-z][a-z0-9_]*)"', (csrc / "core/config.c").read_text()))
+    call = re.compile(r'(?:mf_cfg_\w+|mf_json_get\w*)\([^;"]*"([a-z][a-z0-9_]*)"', re.S)
+    for path in sorted((csrc / "models").glob("*.c")):
+        src = path.read_text()
+        keys |= set(call.findall(src))
+        keys |= set(re.findall(r'\.experts_key = "([a-z0-9_]+)"', src))
+    return keys
+
+
 def test_every_key_config_c_reads_is_non_default_somewhere() -> None:
-    """Every key csrc/core/config.c reads takes a non-default value in at least one
-    fixture (head_dim != hidden / heads, GQA, both values of the booleans). Parsed
-    from the C source, so a key added there without a fixture fails here."""
-    src = (Path(__file__).resolve().parent.parent / "csrc/core/config.c").read_text()
-    keys = set(re.findall(r'"([a-z][a-z0-9_]*)"', src)) - NOT_MATH
-    keys -= {"affine", "yarn", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-             "deepseek_v3", "qwen3_moe", "kimi_k2"}   # values, not keys
+    """Every key the config readers read (core/config.c and the families' readers in
+    models/) takes a non-default value in at least one fixture (head_dim != hidden /
+    heads, GQA, both values of the booleans). Parsed from the C source, so a key added
+    there without a fixture fails here."""
+    keys = config_keys() - NOT_MATH
+    keys -= {"affine", "yarn", "default", "qwen3_5_moe_text"}   # values, not keys
+    assert {"moe_layer_freq", "linear_conv_kernel_dim", "mscale_all_dim"} <= keys
     missing = []
     for key in sorted(keys):
         vals = _values(key)
