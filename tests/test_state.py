@@ -178,7 +178,7 @@ V1_PROMPT = [17, 301, 5, 88, 450]
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"])
 def test_version1_snapshot_loads(converted, arch: str) -> None:
     """A version-1 file of every first family loads, and decoding continues bit for bit
     as after re-evaluating its tokens; saving it again writes version 2."""

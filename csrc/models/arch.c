@@ -16,6 +16,7 @@ extern const struct mf_arch mf_arch_qwen3_5_moe;
 extern const struct mf_arch mf_arch_qwen3_next;
 extern const struct mf_arch mf_arch_deepseek_v3;
 extern const struct mf_arch mf_arch_qwen3_moe;
+extern const struct mf_arch mf_arch_glm4_moe;
 
 // NULL-terminated so the table may be empty before any arch lands.
 static const struct mf_arch *const arch_table[] = {
@@ -23,6 +24,7 @@ static const struct mf_arch *const arch_table[] = {
     &mf_arch_qwen3_next,
     &mf_arch_deepseek_v3,
     &mf_arch_qwen3_moe,
+    &mf_arch_glm4_moe,
     NULL,
 };
 

@@ -88,6 +88,21 @@ static const char *const QWEN3_MOE =
     " \"eos_token_id\": 151645,"
     " \"quantization\": {\"group_size\": 64, \"bits\": 4, \"mode\": \"affine\"}}";
 
+// GLM-4.5's shapes (its config.json keys, with the MTP layer count it also carries).
+static const char *const GLM45 =
+    "{\"model_type\": \"glm4_moe\", \"hidden_size\": 5120, \"num_hidden_layers\": 92,"
+    " \"num_attention_heads\": 96, \"num_key_value_heads\": 8, \"head_dim\": 128,"
+    " \"vocab_size\": 151552, \"max_position_embeddings\": 131072,"
+    " \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000, \"rope_scaling\": null,"
+    " \"partial_rotary_factor\": 0.5, \"intermediate_size\": 12288,"
+    " \"moe_intermediate_size\": 1536, \"n_routed_experts\": 160,"
+    " \"num_experts_per_tok\": 8, \"n_shared_experts\": 1, \"n_group\": 1,"
+    " \"topk_group\": 1, \"routed_scaling_factor\": 2.5, \"norm_topk_prob\": true,"
+    " \"first_k_dense_replace\": 3, \"use_qk_norm\": false, \"attention_bias\": true,"
+    " \"num_nextn_predict_layers\": 1, \"tie_word_embeddings\": false,"
+    " \"eos_token_id\": [151329, 151336, 151338], \"quantization\": {\"bits\": 4,"
+    " \"group_size\": 64}}";
+
 static int parse(struct mf_config *c, const char *text, char *err, size_t errlen) {
     return mf_config_parse(c, text, strlen(text), "cfg.json", err, errlen);
 }
@@ -276,6 +291,32 @@ static void expect_error(const char *base, const char *from, const char *to, int
     free(t);
 }
 
+// A family added after the registry (models/glm4_moe.c): its reader is reached by
+// model_type and derives its layer kinds; core's shared keys as for the others.
+static void test_glm4_moe(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, GLM45, err, sizeof err);
+    CHECK(rc == MF_OK, "glm4_moe: %s", err);
+    if (rc)
+        return;
+    CHECK(strcmp(c.model_type, "glm4_moe") == 0 && c.family && c.arch_cfg &&
+              c.num_experts == 160 && c.head_dim == 128 && c.num_key_value_heads == 8 &&
+              c.partial_rotary_factor == 0.5 && c.norm_topk_prob == 1,
+          "glm4_moe shared keys");
+    CHECK(c.n_moe_layers == 89 && !c.layer_is_moe[2] && c.layer_is_moe[3] &&
+              c.layer_is_moe[91] && !c.layer_is_linear[50],
+          "first 3 layers dense, no linear attention");
+    CHECK(c.eos_token_id == 151329, "eos list -> first id");
+    mf_config_free(&c);
+    expect_error(GLM45, "\"n_group\": 1", "\"n_group\": 3", MF_ERR_FORMAT,
+                 "multiple of n_group");
+    expect_error(GLM45, "\"use_qk_norm\": false", "\"use_qk_norm\": 2", MF_ERR_FORMAT,
+                 "use_qk_norm");
+    expect_error(GLM45, "\"partial_rotary_factor\": 0.5",
+                 "\"partial_rotary_factor\": 0.01", MF_ERR_FORMAT, "rotated dims");
+}
+
 static void test_errors(void) {
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "llama");
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "qwen3_next");
@@ -377,6 +418,7 @@ int main(void) {
     test_deepseek();
     test_kimi_alias();
     test_qwen3_moe();
+    test_glm4_moe();
     test_errors();
     test_fuzz();
     return check_finish("test_config");
