@@ -17,12 +17,13 @@ group sizes 32/64/128.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from _helpers import (check_failed_eval_recovers, check_long_prompt,
+from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
                       check_prefill_and_decode, check_prompt_in_pieces,
                       check_truncate_and_snapshot, converted, state_growth_of_7_tokens)
 from reference import reference_decode, reference_logits
@@ -114,3 +115,30 @@ def test_failed_eval_leaves_state_unchanged(tmp_path: Path,
     """An expert read failing in the last layer leaves the position unchanged, and
     decoding continues exactly once the file is whole again."""
     check_failed_eval_recovers(*converted(ARCH), tmp_path)
+
+
+def test_mtp_layer_dropped(tmp_path: Path, synth_checkpoint: Callable[..., Path]) -> None:
+    """GLM checkpoints carry a multi-token-prediction layer numbered
+    num_hidden_layers; mlx-lm's sanitize drops it and so does prep (prep/archs/
+    glm4_moe.py), and the model still matches mlx-lm."""
+    import mlx.core as mx
+
+    import moeflux
+    from moeflux.prep.convert import convert
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(synth_checkpoint(ARCH), ckpt)
+    n = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    extra = {f"model.layers.{n}.eh_proj.weight": mx.zeros((4, 8), dtype=mx.bfloat16),
+             f"model.layers.{n}.enorm.weight": mx.ones((8,), dtype=mx.bfloat16)}
+    mx.save_safetensors(str(ckpt / "model-mtp.safetensors"), extra,
+                        metadata={"format": "mlx"})
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in extra})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    dst = convert(ckpt, tmp_path / "model", progress=False)
+    names = json.loads((dst / "model_weights.json").read_text())["tensors"]
+    assert not [k for k in names if k.startswith(f"model.layers.{n}.")]
+    with moeflux.Model(dst, threads=2) as m:
+        ours = m.eval([1, 5, 77, 300], all_logits=True)
+    assert_close(ours, reference_logits(ckpt, [1, 5, 77, 300]), "with an MTP layer")

@@ -348,7 +348,7 @@ static void fill_hparams(struct ds_hparams *hp, const struct mf_config *c) {
     hp->softmax_scale = (float)scale;
 
     struct mf_moe_config *mc = &hp->moe;
-    mc->router = MF_ROUTER_NOAUX_TC;   // = mf_arch_deepseek_v3.router
+    mc->router = (enum mf_router_kind)c->family->router;   // declared in mf_arch
     mc->n_embd = c->hidden_size;
     mc->n_expert = c->num_experts;
     mc->n_expert_used = c->num_experts_per_tok;

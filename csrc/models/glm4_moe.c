@@ -144,7 +144,7 @@ static void fill_hparams(struct glm_hparams *hp, const struct mf_config *c) {
         .scale = (float)(1.0 / sqrt((double)c->head_dim)),
     };
     hp->moe = (struct mf_moe_config){
-        .router = MF_ROUTER_NOAUX_TC,   // = mf_arch_glm4_moe.router
+        .router = (enum mf_router_kind)c->family->router,   // declared in mf_arch
         .n_embd = c->hidden_size,
         .n_expert = c->num_experts,
         .n_expert_used = c->num_experts_per_tok,

@@ -116,7 +116,7 @@ static void fill_hparams(struct q3_hparams *hp, const struct mf_config *c) {
     mf_rope_inv_freq_plain(hp->inv_freq, c->head_dim, c->rope_theta);
 
     struct mf_moe_config *mc = &hp->moe;
-    mc->router = MF_ROUTER_SOFTMAX;   // = mf_arch_qwen3_moe.router
+    mc->router = (enum mf_router_kind)c->family->router;   // declared in mf_arch
     mc->n_embd = c->hidden_size;
     mc->n_expert = c->num_experts;
     mc->n_expert_used = c->num_experts_per_tok;

@@ -450,7 +450,7 @@ static int hy_bind(mf_model *m, char *err, size_t errlen) {
     if (rc != MF_OK)
         goto fail;
     hm->moe_cfg = (struct mf_moe_config){
-        .router = MF_ROUTER_SOFTMAX,   // = mf_arch_qwen3_next.router
+        .router = (enum mf_router_kind)c->family->router,   // declared in mf_arch
         .n_embd = c->hidden_size,
         .n_expert = c->num_experts,
         .n_expert_used = c->num_experts_per_tok,
