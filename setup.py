@@ -105,7 +105,7 @@ if os.environ.get("MOEFLUX_BUILD_DIAG") == "1":
     ))
 
 setup(
-    packages=["moeflux", "moeflux.prep"],
+    packages=["moeflux", "moeflux.prep", "moeflux.prep.archs"],
     package_dir={"moeflux": "moeflux", "moeflux.prep": "prep"},
     package_data={"moeflux": ["py.typed", "_core.pyi"]},
     ext_modules=extensions,

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from moeflux.errors import FormatError, MoefluxIOError, ShapeError
+from moeflux.prep.archs import Family, families
 from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
+# The families prep converts, one module each in prep/archs/ (by model_type).
+ARCHITECTURES = tuple(sorted(families()))
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 JOURNAL_NAME = ".moeflux-prep-journal.json"
 LOCK_NAME = ".moeflux-prep.lock"
@@ -105,6 +107,7 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise FormatError(f"{cfg_path}: not JSON ({exc})") from None
         self.arch = self._detect_arch()
+        self.family: Family = families()[self.arch]
         # qwen3_5_moe nests the LM keys in text_config (mlx-lm reads it the same way).
         self.text: dict[str, Any] = self.config.get("text_config") or self.config
         self.qblock: dict[str, Any] = (self.config.get("quantization")
@@ -144,20 +147,11 @@ class ModelConfig:
 
     @property
     def num_experts(self) -> int:
-        return self.cfg_int("num_experts", "n_routed_experts", default=0)
+        return self.cfg_int(self.family.experts_key, default=0)
 
     def moe_layers_expected(self) -> list[int]:
-        """Layers the config says are MoE (mlx-lm's rule per architecture)."""
-        n, ne = self.num_layers, self.num_experts
-        if ne <= 0:
-            return []
-        if self.arch == "deepseek_v3":
-            first = self.cfg_int("first_k_dense_replace", default=0)
-            freq = self.cfg_int("moe_layer_freq", default=1)
-            return [i for i in range(n) if i >= first and i % freq == 0]
-        step = self.cfg_int("decoder_sparse_step", default=1)
-        dense = set(self.text.get("mlp_only_layers") or [])
-        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+        """Layers the config says are MoE (mlx-lm's rule of the family, prep/archs)."""
+        return self.family.moe_layers(self.text, self.num_layers, self.num_experts)
 
 
 class Source(ModelConfig):

@@ -57,8 +57,9 @@ class WeightEntry:
 
 
 def is_skipped(src: Source, name: str) -> bool:
-    """Tensors the engine never reads: MTP heads, vision towers, and (DeepSeek) the
-    extra MTP layers numbered past num_hidden_layers, which mlx-lm drops too."""
+    """Tensors the engine never reads: MTP heads, vision towers, and (families whose
+    prep rules say so: DeepSeek, GLM) the extra MTP layers numbered past
+    num_hidden_layers, which mlx-lm drops too."""
     short = strip_name(name)
     if short.startswith(("mtp.", "model.mtp.")) or ".mtp." in short:
         return True
@@ -67,7 +68,7 @@ def is_skipped(src: Source, name: str) -> bool:
         return True
     il = layer_of(name)
     if il is not None and il >= src.num_layers:
-        if src.arch == "deepseek_v3":
+        if src.family.drops_extra_layers:
             return True
         raise ShapeError(f"{name}: layer {il} but config.json num_hidden_layers is "
                          f"{src.num_layers}")

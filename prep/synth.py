@@ -47,7 +47,7 @@ import numpy as np
 from moeflux.errors import SynthError
 from moeflux.prep.safetensors_io import DTYPE_SIZES, SafetensorsWriter, f32_to_bf16
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe")
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
 # Generation works on pieces of about this many bytes: large enough for numpy to be
@@ -165,6 +165,24 @@ def _base_qwen3_moe() -> dict[str, Any]:
     }
 
 
+def _base_glm4_moe() -> dict[str, Any]:
+    # GLM-4.5's choices at tiny size: q/k/v biases, no q/k norm, half the head dims
+    # rotated, one dense layer first, one shared expert, sigmoid noaux_tc routing.
+    return {
+        "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"],
+        "vocab_size": 512, "hidden_size": 256, "intermediate_size": 128,
+        "max_position_embeddings": 4096, "moe_intermediate_size": 64,
+        "norm_topk_prob": True, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+        "n_routed_experts": 8, "routed_scaling_factor": 2.5, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "num_hidden_layers": 3, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "rope_scaling": None, "use_qk_norm": False,
+        "tie_word_embeddings": False, "attention_bias": True,
+        "partial_rotary_factor": 0.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    }
+
+
 def tiny_config(arch: str, **overrides: Any) -> dict:
     """A complete config.json dict (quantization block included) for a tiny ``arch``.
 
@@ -181,7 +199,8 @@ def tiny_config(arch: str, **overrides: Any) -> dict:
     ov = dict(overrides)
     bits = int(ov.pop("bits", 4))
     group_size = int(ov.pop("group_size", 64))
-    gate_bits = ov.pop("gate_bits", None if arch == "deepseek_v3" else 8)
+    float_router = arch in ("deepseek_v3", "glm4_moe")   # MoEGate: a plain array
+    gate_bits = ov.pop("gate_bits", None if float_router else 8)
     gate_group_size = int(ov.pop("gate_group_size", 64))
     mla_form = ov.pop("mla_form", "embed_q")
     if bits not in VALID_BITS:
@@ -189,8 +208,8 @@ def tiny_config(arch: str, **overrides: Any) -> dict:
     if group_size not in VALID_GROUP_SIZES:
         raise SynthError(f"group_size={group_size}: allowed {VALID_GROUP_SIZES}")
     if gate_bits is not None:
-        if arch == "deepseek_v3":
-            raise SynthError("gate_bits: the deepseek_v3 router is a float tensor, "
+        if float_router:
+            raise SynthError(f"gate_bits: the {arch} router is a float tensor, "
                              "never quantized; pass gate_bits=None")
         if int(gate_bits) not in VALID_BITS:
             raise SynthError(f"gate_bits={gate_bits}: allowed {VALID_BITS}")
@@ -216,7 +235,7 @@ def tiny_config(arch: str, **overrides: Any) -> dict:
         }
     else:
         cfg = {"qwen3_next": _base_qwen3_next, "deepseek_v3": _base_deepseek_v3,
-               "qwen3_moe": _base_qwen3_moe}[arch]()
+               "qwen3_moe": _base_qwen3_moe, "glm4_moe": _base_glm4_moe}[arch]()
         explicit_types = "layer_types" in ov
         cfg.update(copy.deepcopy(ov))
         if arch == "qwen3_next" and not explicit_types:
@@ -279,7 +298,7 @@ def _modules(cfg: dict[str, Any]) -> list[_Linear | _Float]:
         raise SynthError(f"config model_type {arch!r} is not one of "
                          f"{', '.join(ARCHITECTURES)}")
     t = _text_config(cfg)
-    if t.get("attention_bias"):
+    if t.get("attention_bias") and arch != "glm4_moe":
         raise SynthError("attention_bias=true is not supported by synth")
     prefix = "language_model." if arch == "qwen3_5_moe" else ""
     hid, vocab = int(t["hidden_size"]), int(t["vocab_size"])
@@ -293,12 +312,17 @@ def _modules(cfg: dict[str, Any]) -> list[_Linear | _Float]:
             mods += _qwen_attention(t, lp, gated=False)
             mods += _norms(lp, hid)
             mods += _qwen_moe_mlp(arch, t, il, lp)
+        elif arch == "glm4_moe":
+            mods += _glm_attention(t, lp)
+            mods += _norms(lp, hid)
+            mods += _deepseek_mlp(t, il, lp, moe_layer_freq=False)
         else:
             mods += _mla_attention(cfg, lp)
             mods += _norms(lp, hid)
             mods += _deepseek_mlp(t, il, lp)
     mods.append(_Float(f"{prefix}model.norm.weight", (hid,), "norm"))
-    if arch == "deepseek_v3" or not t.get("tie_word_embeddings", False):
+    # mlx-lm's deepseek_v3 and glm4_moe always have their own lm_head.
+    if arch in ("deepseek_v3", "glm4_moe") or not t.get("tie_word_embeddings", False):
         mods.append(_Linear(f"{prefix}lm_head", vocab, hid, gain=GAIN_LM_HEAD))
     return mods
 
@@ -354,6 +378,25 @@ def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
             _Linear(f"{sa}.o_proj", hid, nh * hd, gain=GAIN_MIXER_OUT),
             _Float(f"{sa}.q_norm.weight", (hd,), "norm"),
             _Float(f"{sa}.k_norm.weight", (hd,), "norm")]
+
+
+def _glm_attention(t: dict, lp: str) -> list[_Linear | _Float]:
+    """GLM-4 MoE attention: q/k/v biases (attention_bias), q/k norms (use_qk_norm)."""
+    hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
+                                         "num_key_value_heads"))
+    hd = int(t.get("head_dim") or hid // nh)
+    sa = f"{lp}.self_attn"
+    mods: list[_Linear | _Float] = [
+        _Linear(f"{sa}.q_proj", nh * hd, hid), _Linear(f"{sa}.k_proj", nkv * hd, hid),
+        _Linear(f"{sa}.v_proj", nkv * hd, hid)]
+    if t.get("attention_bias"):
+        mods += [_Float(f"{sa}.{p}_proj.bias", (n,), "normal", std=0.5)
+                 for p, n in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd))]
+    mods.append(_Linear(f"{sa}.o_proj", hid, nh * hd, gain=GAIN_MIXER_OUT))
+    if t.get("use_qk_norm"):
+        mods += [_Float(f"{sa}.q_norm.weight", (hd,), "norm"),
+                 _Float(f"{sa}.k_norm.weight", (hd,), "norm")]
+    return mods
 
 
 def _dense_mlp(path: str, hid: int, inter: int) -> list[_Linear | _Float]:
@@ -417,11 +460,14 @@ def _mla_attention(cfg: dict, lp: str) -> list[_Linear | _Float]:
     return mods
 
 
-def _deepseek_mlp(t: dict, il: int, lp: str) -> list[_Linear | _Float]:
+def _deepseek_mlp(t: dict, il: int, lp: str,
+                  moe_layer_freq: bool = True) -> list[_Linear | _Float]:
+    """DeepSeek-V3's MoE layer (and GLM-4 MoE's, which has no moe_layer_freq)."""
     hid, n_exp = int(t["hidden_size"]), t.get("n_routed_experts")
     mp = f"{lp}.mlp"
+    freq = int(t.get("moe_layer_freq", 1)) if moe_layer_freq else 1
     if not (n_exp is not None and il >= int(t.get("first_k_dense_replace", 0))
-            and il % int(t.get("moe_layer_freq", 1)) == 0):
+            and il % freq == 0):
         return _dense_mlp(mp, hid, int(t["intermediate_size"]))
     inter = int(t["moe_intermediate_size"])
     mods = _switch_mlp(f"{mp}.switch_mlp", hid, inter, int(n_exp))

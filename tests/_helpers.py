@@ -19,7 +19,7 @@ from reference import reference_decode, reference_logits
 
 # Every architecture moeflux targets. A test over them runs each one: it passes or
 # fails (an UnsupportedError fails it), never skipped nor marked as expected to fail.
-ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"]
+ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe"]
 HYBRID = {"qwen3_5_moe", "qwen3_next"}
 
 # Logits agreement with mlx-lm: max |ours - ref| <= RTOL * max |ref| (the forward-pass

@@ -1,6 +1,6 @@
 """Whole models against mlx-lm float32 on every backend of this build, in both expert
 modes: the logits tests/make_cuda_goldens.py saved (mlx-lm cannot run on the CUDA
-test machine), prompt + 32 decode steps, for all four families. Acceptance as
+test machine), prompt + 32 decode steps, for every family (ARCHS). Acceptance as
 everywhere (tests/_helpers.assert_close): max |ours - ref| <= 1e-3 of the largest
 reference logit (the CPU backend: its 5e-5 regression tier) and the same argmax at
 every position. Skipped when the goldens were not generated (CI), failed then under

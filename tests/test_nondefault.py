@@ -7,7 +7,7 @@ RMSNorm eps, rope base, partial rotary, YaRN with mscale != mscale_all_dim, head
 != hidden / heads, group sizes 32/64/128 and 2/3/5/6/8-bit modules through
 per-module quantization entries (mlx-lm honours them on load as it does its own
 predicates), tied and untied heads, dense layers from each family's rule, router
-options, GatedDeltaNet head counts and conv width.
+options, GatedDeltaNet head counts and conv width, GLM's q/k norm and bias options.
 
 The prompt's activations are not unit-scale: the embedding rows of some prompt tokens
 are scaled by 0.05 / 0.02 (RMSNorm eps then matters: a norm's input mean square is
@@ -143,6 +143,29 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "model.layers.0.mlp.down_proj": _q(3, 128),
         "model.layers.2.mlp.shared_experts.gate_proj": _q(5, 32),
         "model.layers.3.self_attn.q_b_proj": False,
+    }),
+    # 5 layers, MoE from layer 2 (first_k_dense_replace 2); 16 experts in 4 groups
+    # keeping 2, k 3 unnormalised, scaled 1.7, 2 shared; head_dim 48 over 4 heads,
+    # GQA 4, 36 of 48 dims rotated; q/k norms on, projection biases off (GLM-4.5 has
+    # them the other way round: test_glm4_moe's base); tie_word_embeddings true, which
+    # mlx-lm's glm4_moe does not consult (its own lm_head); 3-bit gs 32 default.
+    "glm4_moe": ({
+        "num_hidden_layers": 5, "head_dim": 48, "num_key_value_heads": 1,
+        "rms_norm_eps": 3.5e-5, "rope_theta": 23456.0, "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 2048, "use_qk_norm": True, "attention_bias": False,
+        "n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+        "routed_scaling_factor": 1.7, "norm_topk_prob": False, "n_shared_experts": 2,
+        "first_k_dense_replace": 2, "intermediate_size": 320,
+        "moe_intermediate_size": 96, "tie_word_embeddings": True, "bits": 3,
+        "group_size": 32,
+    }, {
+        "model.embed_tokens": _q(6, 64),
+        "lm_head": _q(8, 128),
+        "model.layers.0.self_attn.q_proj": _q(5, 128),
+        "model.layers.1.mlp.down_proj": _q(2, 64),
+        "model.layers.2.self_attn.o_proj": _q(8, 32),
+        "model.layers.3.mlp.shared_experts.up_proj": _q(6, 64),
+        "model.layers.4.self_attn.k_proj": False,
     }),
 }
 
@@ -285,6 +308,7 @@ DEFAULTS: dict[str, list[Any]] = {
     "v_head_dim": [128, 64], "n_shared_experts": [None, 1], "factor": [40.0],
     "beta_fast": [32], "beta_slow": [1], "mscale": [1.0], "mscale_all_dim": [0.0, 1.0],
     "original_max_position_embeddings": [4096],
+    "use_qk_norm": [False], "attention_bias": [True],
 }
 BOTH_WAYS = ("tie_word_embeddings", "norm_topk_prob")
 
@@ -303,14 +327,29 @@ def _values(key: str) -> list[Any]:
     return out
 
 
+def config_keys() -> set[str]:
+    """Every config key the engine reads: the strings of csrc/core/config.c (the
+    shared keys) and the key arguments of the getters in each family's reader
+    (csrc/models/*.c: mf_cfg_* and mf_json_get* calls, mf_arch.experts_key)."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    keys = set(re.findall(r'"([a-z][a-z0-9_]*)"', (csrc / "core/config.c").read_text()))
+    call = re.compile(r'(?:mf_cfg_\w+|mf_json_get\w*)\([^;"]*"([a-z][a-z0-9_]*)"', re.S)
+    for path in sorted((csrc / "models").glob("*.c")):
+        src = path.read_text()
+        keys |= set(call.findall(src))
+        keys |= set(re.findall(r'\.experts_key = "([a-z0-9_]+)"', src))
+    return keys
+
+
 def test_every_key_config_c_reads_is_non_default_somewhere() -> None:
-    """Every key csrc/core/config.c reads takes a non-default value in at least one
-    fixture (head_dim != hidden / heads, GQA, both values of the booleans). Parsed
-    from the C source, so a key added there without a fixture fails here."""
-    src = (Path(__file__).resolve().parent.parent / "csrc/core/config.c").read_text()
-    keys = set(re.findall(r'"([a-z][a-z0-9_]*)"', src)) - NOT_MATH
-    keys -= {"affine", "yarn", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-             "deepseek_v3", "qwen3_moe", "kimi_k2"}   # values, not keys
+    """Every key the config readers read (core/config.c and the families' readers in
+    models/) takes a non-default value in at least one fixture (head_dim != hidden /
+    heads, GQA, both values of the booleans). Parsed from the C source, so a key added
+    there without a fixture fails here."""
+    keys = config_keys() - NOT_MATH
+    keys -= {"affine", "yarn", "default", "qwen3_5_moe_text"}   # values, not keys
+    assert {"moe_layer_freq", "linear_conv_kernel_dim", "mscale_all_dim",
+            "use_qk_norm", "attention_bias"} <= keys
     missing = []
     for key in sorted(keys):
         vals = _values(key)

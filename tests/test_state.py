@@ -28,25 +28,46 @@ from reference import reference_logits
 
 __all__ = ["converted"]  # the fixture is used by name
 
-# The snapshot format, version 1 (state.c): "MFLX" | u32 version | u32 n_ident |
+# The snapshot format, version 2 (state.c): "MFLX" | u32 version | u32 n_ident |
 # n_ident x i64 | u32 n_past | u32 n_seg | n_seg x (u32 kind, u32 layer, u64 row_bytes,
-# u64 fixed_bytes, u64 data_bytes) | data | u64 checksum of all before.
-IDENT = ["architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
-         "num_experts_per_tok", "moe_intermediate_size",
-         "shared_expert_intermediate_size", "intermediate_size",
-         "full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
-         "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
-         "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-         "v_head_dim", "first_k_dense_replace", "number of MoE layers",
-         "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
-         "tie_word_embeddings", "expert bytes per token", "manifest hash",
-         "rope/norm/scaling constants", "weights fingerprint"]
+# u64 fixed_bytes, u64 data_bytes) | data | u64 checksum of all before. The identity
+# fields: the shared ones, the family's own (mf_arch.ident), then the tail.
+IDENT_CORE = ["architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
+              "num_experts_per_tok", "moe_intermediate_size", "intermediate_size",
+              "number of MoE layers", "norm_topk_prob", "tie_word_embeddings"]
+_HYBRID_IDENT = ["shared_expert_intermediate_size", "full_attention_interval",
+                 "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                 "linear_value_head_dim", "linear_conv_kernel_dim"]
+IDENT_ARCH = {
+    "qwen3_5_moe": _HYBRID_IDENT, "qwen3_next": _HYBRID_IDENT, "qwen3_moe": [],
+    "deepseek_v3": ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace",
+                    "n_shared_experts", "n_group", "topk_group", "moe_layer_freq"],
+    "glm4_moe": ["first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
+                 "use_qk_norm", "attention_bias"],
+}
+IDENT_TAIL = ["expert bytes per token", "manifest hash", "rope/norm/scaling constants",
+              "weights fingerprint"]
 OFF_IDENT = 12
-OFF_N_PAST = OFF_IDENT + 8 * len(IDENT)
-OFF_N_SEG = OFF_N_PAST + 4
-OFF_TABLE = OFF_N_SEG + 4
 SEG_ROW = 32
+
+
+def ident_of(arch: str) -> list[str]:
+    """The identity field names of a version-2 snapshot of ``arch``, in order."""
+    return IDENT_CORE + IDENT_ARCH[arch] + IDENT_TAIL
+
+
+def off_n_past(snap: bytes) -> int:
+    return OFF_IDENT + 8 * struct.unpack_from("<I", snap, 8)[0]
+
+
+def off_n_seg(snap: bytes) -> int:
+    return off_n_past(snap) + 4
+
+
+def off_table(snap: bytes) -> int:
+    return off_n_past(snap) + 8
 
 
 FNV_OFFSET = 0xcbf29ce484222325
@@ -81,7 +102,7 @@ def reseal(body: bytes) -> bytes:
 
 
 def n_seg_of(snap: bytes) -> int:
-    return struct.unpack_from("<I", snap, OFF_N_SEG)[0]
+    return struct.unpack_from("<I", snap, off_n_seg(snap))[0]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -150,6 +171,39 @@ def test_load_into_other_context(arch_model, converted) -> None:
         short.close()
 
 
+# Snapshots in format version 1, written by moeflux before the identity list became
+# the family's (tests/data/snapshot_v1_<arch>.mflx): the default tiny_config(arch) of
+# seed 0, converted, one thread, after eval(V1_PROMPT).
+V1_PROMPT = [17, 301, 5, 88, 450]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe"])
+def test_version1_snapshot_loads(converted, arch: str) -> None:
+    """A version-1 file of every first family loads, and decoding continues bit for bit
+    as after re-evaluating its tokens; saving it again writes version 2."""
+    snap = (DATA / f"snapshot_v1_{arch}.mflx").read_bytes()
+    assert struct.unpack_from("<II", snap, 4) == (1, 34)
+    src, dst = converted(arch)
+    m = open_model(dst, threads=1)
+    try:
+        m.load_state(snap)
+        assert m.n_past == len(V1_PROMPT)
+        loaded = m.eval(CONT, all_logits=True)
+        m.reset()
+        m.eval(V1_PROMPT)
+        fresh = m.eval(CONT, all_logits=True)
+        assert np.array_equal(loaded, fresh), f"{arch}: logits after a v1 load differ"
+        m.load_state(snap)
+        again = m.save_state()
+        assert struct.unpack_from("<I", again, 4)[0] == 2
+        m.reset()
+        m.load_state(again)
+        assert np.array_equal(m.eval(CONT, all_logits=True), fresh)
+    finally:
+        m.close()
+
+
 def test_empty_sequence_snapshot(arch_model) -> None:
     arch, src, m = arch_model
     m.reset()
@@ -179,6 +233,9 @@ def test_header_fields_refused(arch_model) -> None:
     snap = m.save_state()
     body = snap[:-8]
     n_seg = n_seg_of(snap)
+    IDENT = ident_of(arch)
+    assert struct.unpack_from("<II", snap, 4) == (2, len(IDENT))
+    OFF_N_PAST, OFF_N_SEG, OFF_TABLE = off_n_past(snap), off_n_seg(snap), off_table(snap)
 
     def patched(off: int, fmt: str, value: int) -> bytes:
         b = bytearray(body)
@@ -189,8 +246,10 @@ def test_header_fields_refused(arch_model) -> None:
     bad = b"MFLY" + body[4:]
     _expect_refused(m, bad + snap[-8:], FormatError, snap, "magic")
     _expect_refused(m, reseal(bad), FormatError, snap, "magic resealed", "magic")
-    _expect_refused(m, reseal(patched(4, "<I", 2)), UnsupportedError, snap, "version 2",
+    _expect_refused(m, reseal(patched(4, "<I", 3)), UnsupportedError, snap, "version 3",
                     "newer")
+    # Read as version 1: its 34 fields are not this header's.
+    _expect_refused(m, reseal(patched(4, "<I", 1)), FormatError, snap, "version 1")
     _expect_refused(m, reseal(patched(4, "<I", 0)), FormatError, snap, "version 0")
     _expect_refused(m, reseal(patched(8, "<I", len(IDENT) + 1)), FormatError, snap,
                     "n_ident")
@@ -237,7 +296,8 @@ def test_truncated_and_flipped_refused(arch_model) -> None:
     m.eval(PROMPT)
     snap = m.save_state()
     n_seg = n_seg_of(snap)
-    cuts = {0, 1, 3, 4, 8, 11, 12, OFF_N_PAST, OFF_TABLE, OFF_TABLE + SEG_ROW * n_seg,
+    table = off_table(snap)
+    cuts = {0, 1, 3, 4, 8, 11, 12, off_n_past(snap), table, table + SEG_ROW * n_seg,
             len(snap) - 9, len(snap) - 8, len(snap) - 1}
     cuts.update(range(0, len(snap), max(1, len(snap) // 40)))
     for cut in sorted(c for c in cuts if 0 <= c < len(snap)):

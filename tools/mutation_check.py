@@ -57,8 +57,8 @@ MUTATIONS = (
          "    if (!(cfg->rope_theta > 0) || !isfinite(cfg->rope_theta))"),)),
     Mutation("attn-scale-x1.001", ALL, (
         ("csrc/models/qwen3_moe.c",
-         "hp->attn_scale = (float)(1.0 / sqrt((double)c->head_dim));",
-         "hp->attn_scale = (float)(1.001 / sqrt((double)c->head_dim));"),
+         ".scale = (float)(1.0 / sqrt((double)c->head_dim)),",
+         ".scale = (float)(1.001 / sqrt((double)c->head_dim)),"),
         ("csrc/models/qwen3_next.c", "d->attn_scale = 1.0f / sqrtf((float)c->head_dim);",
          "d->attn_scale = 1.001f / sqrtf((float)c->head_dim);"),
         ("csrc/models/deepseek_v3.c", "hp->softmax_scale = (float)scale;",
@@ -73,13 +73,13 @@ MUTATIONS = (
     # Keys written by a later call roped one position too far (the KV cache rows of
     # the first call are right, so only chunked prefill and decode see it).
     Mutation("kv-rope-position-off-by-one-across-calls", ("qwen3_moe",), (
-        ("csrc/models/qwen3_moe.c",
-         "op->rope(ex, k, n, Hkv, kv_row, D, D, s->inv_freq, pos0, 0, 1.0f);",
-         "op->rope(ex, k, n, Hkv, kv_row, D, D, s->inv_freq, pos0 ? pos0 + 1 : 0, 0, "
-         "1.0f);"),)),
+        ("csrc/models/attn_gqa.c",
+         "op->rope(ex, k, n, Hkv, kv_row, D, d->n_rot, s->inv_freq, pos0, 0, 1.0f);",
+         "op->rope(ex, k, n, Hkv, kv_row, D, d->n_rot, s->inv_freq, pos0 ? pos0 + 1 : 0, "
+         "0, 1.0f);"),)),
     Mutation("routed-scaling-factor-ignored", ("deepseek_v3",), (
         ("csrc/models/deepseek_v3.c",
-         "mc->routed_scaling_factor = (float)c->routed_scaling_factor;",
+         "mc->routed_scaling_factor = (float)d->noaux.routed_scaling_factor;",
          "mc->routed_scaling_factor = 1.0f;"),)),
     Mutation("yarn-rope-mscale-ignored", ("deepseek_v3",), (
         ("csrc/models/deepseek_v3.c", "    hp->softmax_scale = (float)scale;",

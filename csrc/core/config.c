@@ -1,13 +1,15 @@
 /*
- * config.c — config.json into struct mf_config, for every supported family.
+ * config.c — config.json into struct mf_config: the keys every family shares, then
+ * the family's own reader (mf_arch.read_config, in its models/<type>.c), found by
+ * model_type through the architecture table. No family is named here.
  *
  * Keys are read with mlx-lm's defaults (the oracle the forward passes are checked
- * against; model-math §2.1, §3.1, §4): qwen3_5_moe nests the language model in
- * "text_config" (top-level keys fill what it lacks) and puts rope settings in
- * "rope_parameters"; qwen3_next and qwen3_moe are flat; deepseek_v3 names its experts
- * n_routed_experts and may carry a YaRN "rope_scaling" block. Layer kinds are derived
- * here once. This file reads no weights: shapes are checked against the manifest by
- * the weight binder.
+ * against; model-math §2.1, §3.1, §4), the family-dependent ones (expert-count key,
+ * norm_topk_prob, rope defaults, MLA's missing head_dim) taken from the family's
+ * mf_arch. A nested "text_config" (qwen3_5_moe) is read as the language model, the
+ * top-level keys filling what it lacks; rope settings may sit in "rope_parameters".
+ * The getters are exported (config.h) for the family readers. This file reads no
+ * weights: shapes are checked against the manifest by the weight binder.
  */
 #include "core/config.h"
 
@@ -17,42 +19,19 @@
 #include <string.h>
 
 #include "core/common.h"
+#include "core/internal.h"
 #include "core/json.h"
-
-/* ==== Families ==== */
-
-static const struct {
-    const char *model_type;
-    enum mf_arch_id id;
-} families[] = {
-    {"qwen3_5_moe", MF_ARCH_QWEN3_5_MOE},
-    {"qwen3_next", MF_ARCH_QWEN3_NEXT},
-    {"deepseek_v3", MF_ARCH_DEEPSEEK_V3},
-    {"qwen3_moe", MF_ARCH_QWEN3_MOE},
-    // mlx-lm MODEL_REMAPPING runs Kimi-K2 checkpoints as deepseek_v3.
-    {"kimi_k2", MF_ARCH_DEEPSEEK_V3},
-};
 
 // Far above any real model (the largest have under 100 layers); a config claiming
 // billions made the loader allocate and walk gigabytes of per-layer tables.
 #define MF_CONFIG_MAX_LAYERS 65536
-
-#define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
-#define SUPPORTED "qwen3_5_moe, qwen3_next, deepseek_v3 (and kimi_k2), qwen3_moe"
 
 /* ==== Key readers ====
  * `lm` is the language-model object (text_config or the root), `root` the document
  * root; a key absent from lm is looked up in root. Each reader returns 0 or an
  * MF_ERR_FORMAT naming the file and key. */
 
-struct reader {
-    const mf_json *lm, *root;
-    const char *name;
-    char *err;
-    size_t errlen;
-};
-
-static const mf_json *rd_node(const struct reader *r, const char *key) {
+const mf_json *mf_cfg_node(const struct mf_cfg_reader *r, const char *key) {
     const mf_json *v = mf_json_get(r->lm, key);
     if (!v && r->lm != r->root)
         v = mf_json_get(r->root, key);
@@ -60,14 +39,14 @@ static const mf_json *rd_node(const struct reader *r, const char *key) {
 }
 
 // Object that holds `key` (lm first), for the typed getters of json.h.
-static const mf_json *rd_holder(const struct reader *r, const char *key) {
+static const mf_json *rd_holder(const struct mf_cfg_reader *r, const char *key) {
     if (mf_json_get(r->lm, key) || r->lm == r->root)
         return r->lm;
     return r->root;
 }
 
 // Integer key: *out untouched when absent or null and !required.
-static int rd_int(const struct reader *r, const char *key, int required, int *out) {
+int mf_cfg_int(const struct mf_cfg_reader *r, const char *key, int required, int *out) {
     int64_t v;
     int rc = mf_json_get_int(rd_holder(r, key), key, &v);
     if (rc < 0)
@@ -87,7 +66,7 @@ static int rd_int(const struct reader *r, const char *key, int required, int *ou
     return 0;
 }
 
-static int rd_num_in(const struct reader *r, const mf_json *obj, const char *key,
+int mf_cfg_num_in(const struct mf_cfg_reader *r, const mf_json *obj, const char *key,
                      double *out) {
     int rc = mf_json_get_num(obj, key, out);
     if (rc < 0)
@@ -96,7 +75,7 @@ static int rd_num_in(const struct reader *r, const mf_json *obj, const char *key
     return 0;
 }
 
-static int rd_num(const struct reader *r, const char *key, int required, double *out) {
+int mf_cfg_num(const struct mf_cfg_reader *r, const char *key, int required, double *out) {
     double v;
     int rc = mf_json_get_num(rd_holder(r, key), key, &v);
     if (rc < 0)
@@ -112,7 +91,7 @@ static int rd_num(const struct reader *r, const char *key, int required, double 
     return 0;
 }
 
-static int rd_bool(const struct reader *r, const char *key, int *out) {
+int mf_cfg_bool(const struct mf_cfg_reader *r, const char *key, int *out) {
     int rc = mf_json_get_bool(rd_holder(r, key), key, out);
     if (rc < 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -121,9 +100,9 @@ static int rd_bool(const struct reader *r, const char *key, int *out) {
 }
 
 // A token id given as an int or a list of ints (first one); -1 when absent or empty.
-static int rd_token(const struct reader *r, const char *key, int *out) {
+static int rd_token(const struct mf_cfg_reader *r, const char *key, int *out) {
     *out = -1;
-    const mf_json *v = rd_node(r, key);
+    const mf_json *v = mf_cfg_node(r, key);
     if (!v || v->type == MF_JSON_NULL)
         return 0;
     if (v->type == MF_JSON_ARRAY) {
@@ -141,8 +120,8 @@ static int rd_token(const struct reader *r, const char *key, int *out) {
 
 // v must be positive; when it is not because the key is absent (and no default
 // applies), the message says the key is missing rather than "got 0".
-static int positive(const struct reader *r, const char *key, long long v) {
-    const mf_json *node = rd_node(r, key);
+int mf_cfg_positive(const struct mf_cfg_reader *r, const char *key, long long v) {
+    const mf_json *node = mf_cfg_node(r, key);
     if (v <= 0 && (!node || node->type == MF_JSON_NULL))
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: required key \"%s\" is missing", r->name, key);
@@ -153,9 +132,9 @@ static int positive(const struct reader *r, const char *key, long long v) {
 }
 
 // rd_int, then the value (read, or the default already in *out) must be positive.
-static int rd_pos_int(const struct reader *r, const char *key, int required, int *out) {
-    int rc = rd_int(r, key, required, out);
-    return rc ? rc : positive(r, key, *out);
+int mf_cfg_pos_int(const struct mf_cfg_reader *r, const char *key, int required, int *out) {
+    int rc = mf_cfg_int(r, key, required, out);
+    return rc ? rc : mf_cfg_positive(r, key, *out);
 }
 
 /* ==== Quantization block ==== */
@@ -169,7 +148,7 @@ static int valid_gs(int g) {
 }
 
 // Checks the "mode" of a block or an override (absent = affine: older checkpoints).
-static int check_mode(const struct reader *r, const mf_json *obj, const char *where) {
+static int check_mode(const struct mf_cfg_reader *r, const mf_json *obj, const char *where) {
     const mf_json *m = mf_json_get(obj, "mode");
     if (!m || m->type == MF_JSON_NULL)
         return 0;
@@ -183,7 +162,7 @@ static int check_mode(const struct reader *r, const mf_json *obj, const char *wh
     return 0;
 }
 
-static int read_bits_gs(const struct reader *r, const mf_json *obj, const char *where,
+static int read_bits_gs(const struct mf_cfg_reader *r, const mf_json *obj, const char *where,
                         int *bits, int *gs) {
     int64_t b = 4, g = 64;   // mlx-lm / nn.quantize defaults
     if (mf_json_get_int(obj, "bits", &b) < 0 || mf_json_get_int(obj, "group_size", &g) < 0)
@@ -202,7 +181,7 @@ static int read_bits_gs(const struct reader *r, const mf_json *obj, const char *
     return 0;
 }
 
-static int read_quant(struct mf_config *cfg, const struct reader *r) {
+static int read_quant(struct mf_config *cfg, const struct mf_cfg_reader *r) {
     const mf_json *q = mf_json_get(r->root, "quantization");
     if (!q || q->type == MF_JSON_NULL)
         q = mf_json_get(r->root, "quantization_config");
@@ -279,20 +258,20 @@ int mf_config_quant_for(const struct mf_config *cfg, const char *path, int *bits
 /* ==== Family-specific keys ==== */
 
 // rope_theta / partial_rotary_factor: "rope_parameters" (qwen3_5_moe, newer HF
-// configs) first, then flat keys; defaults per family.
-static int read_rope(struct mf_config *cfg, const struct reader *r) {
-    int qwen35 = cfg->arch == MF_ARCH_QWEN3_5_MOE;
-    // mlx-lm qwen3_5 TextModelArgs defaults (rope_parameters absent): 1e5, 0.25.
-    cfg->rope_theta = qwen35 ? 100000.0 : 10000.0;
-    cfg->partial_rotary_factor = qwen35 ? 0.25 : 1.0;
+// configs) first, then flat keys; defaults per family (mf_arch).
+static int read_rope(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    const struct mf_arch *a = cfg->family;
+    cfg->rope_theta = a->rope_theta_default > 0 ? a->rope_theta_default : 10000.0;
+    cfg->partial_rotary_factor = a->partial_rotary_default > 0 ? a->partial_rotary_default
+                                                              : 1.0;
     int rc;
-    if ((rc = rd_num(r, "rope_theta", 0, &cfg->rope_theta)) ||
-        (rc = rd_num(r, "partial_rotary_factor", 0, &cfg->partial_rotary_factor)))
+    if ((rc = mf_cfg_num(r, "rope_theta", 0, &cfg->rope_theta)) ||
+        (rc = mf_cfg_num(r, "partial_rotary_factor", 0, &cfg->partial_rotary_factor)))
         return rc;
-    const mf_json *rp = rd_node(r, "rope_parameters");
+    const mf_json *rp = mf_cfg_node(r, "rope_parameters");
     if (rp && rp->type == MF_JSON_OBJECT) {
-        if ((rc = rd_num_in(r, rp, "rope_theta", &cfg->rope_theta)) ||
-            (rc = rd_num_in(r, rp, "partial_rotary_factor", &cfg->partial_rotary_factor)))
+        if ((rc = mf_cfg_num_in(r, rp, "rope_theta", &cfg->rope_theta)) ||
+            (rc = mf_cfg_num_in(r, rp, "partial_rotary_factor", &cfg->partial_rotary_factor)))
             return rc;
     } else if (rp && rp->type != MF_JSON_NULL) {
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -308,168 +287,41 @@ static int read_rope(struct mf_config *cfg, const struct reader *r) {
     return 0;
 }
 
-static int read_mlp_only(struct mf_config *cfg, const struct reader *r) {
-    const mf_json *v = rd_node(r, "mlp_only_layers");
+int mf_cfg_layer_list(const struct mf_cfg_reader *r, const char *key, int n_layers,
+                      int **out, int *n) {
+    *out = NULL;
+    *n = 0;
+    const mf_json *v = mf_cfg_node(r, key);
     if (!v || v->type == MF_JSON_NULL)
         return 0;
     if (v->type != MF_JSON_ARRAY)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: \"mlp_only_layers\" must be a list of layer indices", r->name);
+                      "%s: \"%s\" must be a list of layer indices", r->name, key);
     if (v->n == 0)
         return 0;
-    cfg->mlp_only_layers = calloc(v->n, sizeof *cfg->mlp_only_layers);
-    if (!cfg->mlp_only_layers)
+    *out = calloc(v->n, sizeof **out);
+    if (!*out)
         return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
     for (size_t i = 0; i < v->n; i++) {
         const mf_json *e = v->items[i];
         if (e->type != MF_JSON_NUMBER || !e->num_is_int || e->inum < 0 ||
-            e->inum >= cfg->num_hidden_layers)
+            e->inum >= n_layers)
             return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                          "%s: \"mlp_only_layers\"[%zu] is not a layer index in [0, %d)",
-                          r->name, i, cfg->num_hidden_layers);
-        cfg->mlp_only_layers[cfg->n_mlp_only_layers++] = (int)e->inum;
+                          "%s: \"%s\"[%zu] is not a layer index in [0, %d)", r->name,
+                          key, i, n_layers);
+        (*out)[(*n)++] = (int)e->inum;
     }
     return 0;
 }
 
-static int read_hybrid(struct mf_config *cfg, const struct reader *r) {
-    cfg->full_attention_interval = 4;
-    cfg->linear_conv_kernel_dim = 4;
-    int rc;
-    if ((rc = rd_pos_int(r, "full_attention_interval", 0, &cfg->full_attention_interval)) ||
-        (rc = rd_pos_int(r, "linear_num_key_heads", 1, &cfg->linear_num_key_heads)) ||
-        (rc = rd_pos_int(r, "linear_num_value_heads", 1, &cfg->linear_num_value_heads)) ||
-        (rc = rd_pos_int(r, "linear_key_head_dim", 1, &cfg->linear_key_head_dim)) ||
-        (rc = rd_pos_int(r, "linear_value_head_dim", 1, &cfg->linear_value_head_dim)) ||
-        (rc = rd_pos_int(r, "linear_conv_kernel_dim", 0, &cfg->linear_conv_kernel_dim)))
-        return rc;
-    if (cfg->linear_num_value_heads % cfg->linear_num_key_heads != 0)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: linear_num_value_heads (%d) must be a multiple of "
-                      "linear_num_key_heads (%d)", r->name, cfg->linear_num_value_heads,
-                      cfg->linear_num_key_heads);
-    return 0;
-}
-
-static int read_yarn(struct mf_config *cfg, const struct reader *r) {
-    const mf_json *rs = rd_node(r, "rope_scaling");
-    if (!rs || rs->type == MF_JSON_NULL)
-        return 0;
-    if (rs->type != MF_JSON_OBJECT)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: \"rope_scaling\" must be an object", r->name);
-    const char *type = NULL;
-    // HF wrote "type" in older configs and "rope_type" in newer ones.
-    if (mf_json_get_str(rs, "type", &type) < 0 ||
-        (!type && mf_json_get_str(rs, "rope_type", &type) < 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: rope_scaling type must be a string", r->name);
-    if (!type || strcmp(type, "yarn") != 0)
-        return 0;
-    cfg->has_yarn = 1;
-    cfg->yarn_beta_fast = 32;
-    cfg->yarn_beta_slow = 1;
-    cfg->yarn_mscale = 1;
-    cfg->yarn_mscale_all_dim = 0;
-    int64_t orig = 0;
-    int rc;
-    if ((rc = rd_num_in(r, rs, "factor", &cfg->yarn_factor)) ||
-        (rc = rd_num_in(r, rs, "beta_fast", &cfg->yarn_beta_fast)) ||
-        (rc = rd_num_in(r, rs, "beta_slow", &cfg->yarn_beta_slow)) ||
-        (rc = rd_num_in(r, rs, "mscale", &cfg->yarn_mscale)) ||
-        (rc = rd_num_in(r, rs, "mscale_all_dim", &cfg->yarn_mscale_all_dim)))
-        return rc;
-    if (mf_json_get_int(rs, "original_max_position_embeddings", &orig) != 1 || orig <= 0 ||
-        orig > INT32_MAX)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: yarn rope_scaling needs a positive "
-                      "\"original_max_position_embeddings\"", r->name);
-    cfg->yarn_original_max_position_embeddings = (int)orig;
-    if (!(cfg->yarn_factor > 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: yarn rope_scaling needs a positive \"factor\", got %g", r->name,
-                      cfg->yarn_factor);
-    return 0;
-}
-
-static int read_deepseek(struct mf_config *cfg, const struct reader *r) {
-    cfg->moe_layer_freq = 1;
-    cfg->n_group = 1;
-    cfg->topk_group = 1;
-    cfg->routed_scaling_factor = 1.0;
-    int rc;
-    if ((rc = rd_int(r, "n_routed_experts", 0, &cfg->num_experts)) ||
-        (rc = rd_int(r, "q_lora_rank", 0, &cfg->q_lora_rank)) ||
-        (rc = rd_pos_int(r, "kv_lora_rank", 1, &cfg->kv_lora_rank)) ||
-        (rc = rd_int(r, "qk_nope_head_dim", 1, &cfg->qk_nope_head_dim)) ||
-        (rc = rd_pos_int(r, "qk_rope_head_dim", 1, &cfg->qk_rope_head_dim)) ||
-        (rc = rd_pos_int(r, "v_head_dim", 1, &cfg->v_head_dim)) ||
-        (rc = rd_int(r, "n_shared_experts", 0, &cfg->n_shared_experts)) ||
-        (rc = rd_pos_int(r, "n_group", 0, &cfg->n_group)) ||
-        (rc = rd_pos_int(r, "topk_group", 0, &cfg->topk_group)) ||
-        (rc = rd_num(r, "routed_scaling_factor", 0, &cfg->routed_scaling_factor)) ||
-        (rc = rd_int(r, "first_k_dense_replace", 0, &cfg->first_k_dense_replace)) ||
-        (rc = rd_pos_int(r, "moe_layer_freq", 0, &cfg->moe_layer_freq)))
-        return rc;
-    if (cfg->q_lora_rank < 0 || cfg->qk_nope_head_dim < 0 || cfg->n_shared_experts < 0 ||
-        cfg->first_k_dense_replace < 0 || cfg->num_experts < 0)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: q_lora_rank, qk_nope_head_dim, n_shared_experts, "
-                      "first_k_dense_replace and n_routed_experts must not be negative",
-                      r->name);
-    if (cfg->qk_rope_head_dim % 2)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: qk_rope_head_dim must be even, got %d", r->name,
-                      cfg->qk_rope_head_dim);
-    if (cfg->num_experts > 0 && (cfg->num_experts % cfg->n_group != 0 ||
-                                 cfg->topk_group > cfg->n_group))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: n_routed_experts (%d) must be a multiple of n_group (%d) and "
-                      "topk_group (%d) at most n_group", r->name, cfg->num_experts,
-                      cfg->n_group, cfg->topk_group);
-    if (!(cfg->routed_scaling_factor > 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: routed_scaling_factor must be positive", r->name);
-    return read_yarn(cfg, r);
-}
-
 /* ==== Layer kinds ==== */
 
-static int derive_layers(struct mf_config *cfg, const struct reader *r) {
-    int L = cfg->num_hidden_layers;
-    cfg->layer_is_linear = calloc((size_t)L, 1);
-    cfg->layer_is_moe = calloc((size_t)L, 1);
-    if (!cfg->layer_is_linear || !cfg->layer_is_moe)
-        return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
-    int hybrid = cfg->arch == MF_ARCH_QWEN3_5_MOE || cfg->arch == MF_ARCH_QWEN3_NEXT;
+// The family's reader filled the tables; count them and check the dense width.
+static int count_layers(struct mf_config *cfg, const struct mf_cfg_reader *r) {
     int n_dense = 0;
-    // mlp_only_layers marked in layer_is_moe first (entries were checked to be layer
-    // indices): one pass over the list, not a search of it per layer, which took
-    // layers x entries steps.
-    for (int i = 0; i < cfg->n_mlp_only_layers; i++)
-        cfg->layer_is_moe[cfg->mlp_only_layers[i]] = 2;
-    for (int i = 0; i < L; i++) {
-        int mlp_only = cfg->layer_is_moe[i] == 2;
-        if (hybrid)
-            cfg->layer_is_linear[i] = (i + 1) % cfg->full_attention_interval != 0;
-        int moe = 0;
-        switch (cfg->arch) {
-        case MF_ARCH_QWEN3_5_MOE:
-            moe = cfg->num_experts > 0;
-            break;
-        case MF_ARCH_QWEN3_NEXT:
-        case MF_ARCH_QWEN3_MOE:
-            moe = !mlp_only &&
-                  cfg->num_experts > 0 && (i + 1) % cfg->decoder_sparse_step == 0;
-            break;
-        case MF_ARCH_DEEPSEEK_V3:
-            moe = cfg->num_experts > 0 && i >= cfg->first_k_dense_replace &&
-                  i % cfg->moe_layer_freq == 0;
-            break;
-        }
-        cfg->layer_is_moe[i] = (uint8_t)moe;
-        cfg->n_moe_layers += moe;
-        n_dense += !moe;
+    for (int i = 0; i < cfg->num_hidden_layers; i++) {
+        cfg->n_moe_layers += cfg->layer_is_moe[i] != 0;
+        n_dense += !cfg->layer_is_moe[i];
     }
     if (n_dense && cfg->intermediate_size <= 0)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
@@ -478,7 +330,121 @@ static int derive_layers(struct mf_config *cfg, const struct reader *r) {
     return 0;
 }
 
+// The family's keys, then its layer kinds (tables allocated here, zeroed).
+static int read_family(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    size_t L = (size_t)cfg->num_hidden_layers;
+    cfg->layer_is_linear = calloc(L, 1);
+    cfg->layer_is_moe = calloc(L, 1);
+    if (!cfg->layer_is_linear || !cfg->layer_is_moe)
+        return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
+    int rc = cfg->family->read_config ? cfg->family->read_config(cfg, r) : 0;
+    return rc ? rc : count_layers(cfg, r);
+}
+
 /* ==== Parse ==== */
+
+// model_type -> the family (models/arch.c). The top-level model_type names the
+// checkpoint family (text_config's is "qwen3_5_moe_text").
+static int find_family(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    const char *mt = NULL;
+    char names[256];
+    mf_arch_names(names, sizeof names);
+    if (mf_json_get_str(r->root, "model_type", &mt) < 0 ||
+        (!mt && mf_json_get_str(r->lm, "model_type", &mt) < 0))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: \"model_type\" must be a string", r->name);
+    if (!mt)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: required key \"model_type\" is missing (supported: %s)",
+                      r->name, names);
+    cfg->family = mf_arch_by_type(mt);
+    if (!cfg->family)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: model_type \"%.64s\" is not supported (supported: %s)",
+                      r->name, mt, names);
+    cfg->arch = cfg->family->id;
+    snprintf(cfg->model_type, sizeof cfg->model_type, "%s", mt);
+    return 0;
+}
+
+static int read_shape(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    double eps = 0;
+    int mla = cfg->family->no_head_dim;
+    int rc;
+    if ((rc = mf_cfg_pos_int(r, "hidden_size", 1, &cfg->hidden_size)) ||
+        (rc = mf_cfg_pos_int(r, "num_hidden_layers", 1, &cfg->num_hidden_layers)) ||
+        (rc = mf_cfg_pos_int(r, "num_attention_heads", 1, &cfg->num_attention_heads)) ||
+        (rc = mf_cfg_int(r, "num_key_value_heads", !mla, &cfg->num_key_value_heads)) ||
+        (rc = mf_cfg_int(r, "head_dim", 0, &cfg->head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "vocab_size", 1, &cfg->vocab_size)) ||
+        (rc = mf_cfg_pos_int(r, "max_position_embeddings", 1,
+                             &cfg->max_position_embeddings)) ||
+        (rc = mf_cfg_num(r, "rms_norm_eps", 1, &eps)) ||
+        (rc = mf_cfg_bool(r, "tie_word_embeddings", &cfg->tie_word_embeddings)) ||
+        (rc = rd_token(r, "bos_token_id", &cfg->bos_token_id)) ||
+        (rc = rd_token(r, "eos_token_id", &cfg->eos_token_id)))
+        return rc;
+    // Every per-layer table is sized by it before any tensor is looked at.
+    if (cfg->num_hidden_layers > MF_CONFIG_MAX_LAYERS)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: num_hidden_layers is %d, more than the %d this build supports",
+                      r->name, cfg->num_hidden_layers, MF_CONFIG_MAX_LAYERS);
+    if (!(eps > 0 && eps < 1))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: rms_norm_eps must be in (0, 1), got %g", r->name, eps);
+    cfg->rms_norm_eps = (float)eps;
+    return 0;
+}
+
+static int check_heads(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    int rc;
+    if (cfg->family->no_head_dim && !cfg->num_key_value_heads)
+        cfg->num_key_value_heads = cfg->num_attention_heads;
+    if ((rc = mf_cfg_positive(r, "num_key_value_heads", cfg->num_key_value_heads)))
+        return rc;
+    if (cfg->num_attention_heads % cfg->num_key_value_heads != 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: num_attention_heads (%d) must be a multiple of "
+                      "num_key_value_heads (%d)", r->name, cfg->num_attention_heads,
+                      cfg->num_key_value_heads);
+    if (cfg->family->no_head_dim)
+        return 0;
+    if (!cfg->head_dim) {
+        if (cfg->hidden_size % cfg->num_attention_heads != 0)
+            return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                          "%s: no head_dim and hidden_size (%d) is not a multiple of "
+                          "num_attention_heads (%d)", r->name, cfg->hidden_size,
+                          cfg->num_attention_heads);
+        cfg->head_dim = cfg->hidden_size / cfg->num_attention_heads;
+    }
+    return mf_cfg_positive(r, "head_dim", cfg->head_dim);
+}
+
+// The MoE keys every family has; the expert count under the family's key.
+static int read_moe(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    const struct mf_arch *a = cfg->family;
+    cfg->norm_topk_prob = a->norm_topk_default;
+    int rc;
+    if ((a->experts_key && (rc = mf_cfg_int(r, a->experts_key, 0, &cfg->num_experts))) ||
+        (rc = mf_cfg_int(r, "num_experts_per_tok", 0, &cfg->num_experts_per_tok)) ||
+        (rc = mf_cfg_int(r, "moe_intermediate_size", 0, &cfg->moe_intermediate_size)) ||
+        (rc = mf_cfg_int(r, "intermediate_size", 0, &cfg->intermediate_size)) ||
+        (rc = mf_cfg_bool(r, "norm_topk_prob", &cfg->norm_topk_prob)))
+        return rc;
+    if (cfg->intermediate_size < 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: intermediate sizes must not be negative", r->name);
+    if (cfg->num_experts < 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: %s must not be negative", r->name, a->experts_key);
+    if (cfg->num_experts == 0)
+        return 0;
+    if (cfg->num_experts_per_tok < 1 || cfg->num_experts_per_tok > cfg->num_experts)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: num_experts_per_tok (%d) must be in [1, num_experts = %d]",
+                      r->name, cfg->num_experts_per_tok, cfg->num_experts);
+    return mf_cfg_positive(r, "moe_intermediate_size", cfg->moe_intermediate_size);
+}
 
 static int parse_root(struct mf_config *cfg, const mf_json *root, const char *name,
                       char *err, size_t errlen) {
@@ -488,114 +454,14 @@ static int parse_root(struct mf_config *cfg, const mf_json *root, const char *na
     if (tc && tc->type != MF_JSON_OBJECT && tc->type != MF_JSON_NULL)
         return mf_err(err, errlen, MF_ERR_FORMAT, "%s: \"text_config\" must be an object",
                       name);
-    struct reader r = {.lm = tc && tc->type == MF_JSON_OBJECT ? tc : root, .root = root,
-                       .name = name, .err = err, .errlen = errlen};
-    // The top-level model_type names the checkpoint family (text_config's is
-    // "qwen3_5_moe_text").
-    const char *mt = NULL;
-    if (mf_json_get_str(root, "model_type", &mt) < 0 ||
-        (!mt && mf_json_get_str(r.lm, "model_type", &mt) < 0))
-        return mf_err(err, errlen, MF_ERR_FORMAT, "%s: \"model_type\" must be a string",
-                      name);
-    if (!mt)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: required key \"model_type\" is missing (supported: " SUPPORTED
-                      ")", name);
-    int found = 0;
-    for (int i = 0; i < N_FAMILIES; i++) {
-        if (strcmp(mt, families[i].model_type) == 0) {
-            cfg->arch = families[i].id;
-            found = 1;
-        }
-    }
-    if (!found)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: model_type \"%.64s\" is not supported (supported: " SUPPORTED ")",
-                      name, mt);
-    snprintf(cfg->model_type, sizeof cfg->model_type, "%s", mt);
-
+    struct mf_cfg_reader r = {.lm = tc && tc->type == MF_JSON_OBJECT ? tc : root,
+                              .root = root, .name = name, .err = err, .errlen = errlen};
     int rc;
-    double eps = 0;
-    int ds = cfg->arch == MF_ARCH_DEEPSEEK_V3;
-    int hybrid = cfg->arch == MF_ARCH_QWEN3_5_MOE || cfg->arch == MF_ARCH_QWEN3_NEXT;
-    if ((rc = rd_pos_int(&r, "hidden_size", 1, &cfg->hidden_size)) ||
-        (rc = rd_pos_int(&r, "num_hidden_layers", 1, &cfg->num_hidden_layers)) ||
-        (rc = rd_pos_int(&r, "num_attention_heads", 1, &cfg->num_attention_heads)) ||
-        (rc = rd_int(&r, "num_key_value_heads", !ds, &cfg->num_key_value_heads)) ||
-        (rc = rd_int(&r, "head_dim", 0, &cfg->head_dim)) ||
-        (rc = rd_pos_int(&r, "vocab_size", 1, &cfg->vocab_size)) ||
-        (rc = rd_pos_int(&r, "max_position_embeddings", 1, &cfg->max_position_embeddings)) ||
-        (rc = rd_num(&r, "rms_norm_eps", 1, &eps)) ||
-        (rc = rd_bool(&r, "tie_word_embeddings", &cfg->tie_word_embeddings)) ||
-        (rc = rd_token(&r, "bos_token_id", &cfg->bos_token_id)) ||
-        (rc = rd_token(&r, "eos_token_id", &cfg->eos_token_id)))
+    if ((rc = find_family(cfg, &r)) || (rc = read_shape(cfg, &r)) ||
+        (rc = check_heads(cfg, &r)) || (rc = read_moe(cfg, &r)) ||
+        (rc = read_rope(cfg, &r)) || (rc = read_quant(cfg, &r)))
         return rc;
-    // Every per-layer table is sized by it before any tensor is looked at.
-    if (cfg->num_hidden_layers > MF_CONFIG_MAX_LAYERS)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: num_hidden_layers is %d, more than the %d this build supports",
-                      name, cfg->num_hidden_layers, MF_CONFIG_MAX_LAYERS);
-    if (!(eps > 0 && eps < 1))
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: rms_norm_eps must be in (0, 1), got %g", name, eps);
-    cfg->rms_norm_eps = (float)eps;
-    if (ds && !cfg->num_key_value_heads)
-        cfg->num_key_value_heads = cfg->num_attention_heads;
-    if ((rc = positive(&r, "num_key_value_heads", cfg->num_key_value_heads)))
-        return rc;
-    if (cfg->num_attention_heads % cfg->num_key_value_heads != 0)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: num_attention_heads (%d) must be a multiple of "
-                      "num_key_value_heads (%d)", name, cfg->num_attention_heads,
-                      cfg->num_key_value_heads);
-    if (!ds) {
-        if (!cfg->head_dim) {
-            if (cfg->hidden_size % cfg->num_attention_heads != 0)
-                return mf_err(err, errlen, MF_ERR_FORMAT,
-                              "%s: no head_dim and hidden_size (%d) is not a multiple of "
-                              "num_attention_heads (%d)", name, cfg->hidden_size,
-                              cfg->num_attention_heads);
-            cfg->head_dim = cfg->hidden_size / cfg->num_attention_heads;
-        }
-        if ((rc = positive(&r, "head_dim", cfg->head_dim)))
-            return rc;
-    }
-
-    // MoE keys shared by the qwen families (deepseek reads n_routed_experts below).
-    cfg->decoder_sparse_step = 1;
-    cfg->norm_topk_prob = cfg->arch == MF_ARCH_QWEN3_5_MOE || ds;   // mlx-lm defaults
-    if ((!ds && (rc = rd_int(&r, "num_experts", 0, &cfg->num_experts))) ||
-        (rc = rd_int(&r, "num_experts_per_tok", 0, &cfg->num_experts_per_tok)) ||
-        (rc = rd_int(&r, "moe_intermediate_size", 0, &cfg->moe_intermediate_size)) ||
-        (rc = rd_int(&r, "shared_expert_intermediate_size", 0,
-                     &cfg->shared_expert_intermediate_size)) ||
-        (rc = rd_int(&r, "intermediate_size", 0, &cfg->intermediate_size)) ||
-        (rc = rd_bool(&r, "norm_topk_prob", &cfg->norm_topk_prob)) ||
-        (rc = rd_pos_int(&r, "decoder_sparse_step", 0, &cfg->decoder_sparse_step)))
-        return rc;
-    if (cfg->shared_expert_intermediate_size < 0 || cfg->intermediate_size < 0)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: intermediate sizes must not be negative", name);
-    if (!ds && (rc = read_mlp_only(cfg, &r)))
-        return rc;
-    if (hybrid && (rc = read_hybrid(cfg, &r)))
-        return rc;
-    if (ds && (rc = read_deepseek(cfg, &r)))
-        return rc;
-    if (cfg->num_experts < 0)
-        return mf_err(err, errlen, MF_ERR_FORMAT, "%s: num_experts must not be negative",
-                      name);
-    if (cfg->num_experts > 0) {
-        if (cfg->num_experts_per_tok < 1 || cfg->num_experts_per_tok > cfg->num_experts)
-            return mf_err(err, errlen, MF_ERR_FORMAT,
-                          "%s: num_experts_per_tok (%d) must be in [1, num_experts = %d]",
-                          name, cfg->num_experts_per_tok, cfg->num_experts);
-        if ((rc = positive(&r, "moe_intermediate_size", cfg->moe_intermediate_size)))
-            return rc;
-    }
-    if ((rc = read_rope(cfg, &r)) || (rc = read_quant(cfg, &r)))
-        return rc;
-    return derive_layers(cfg, &r);
+    return read_family(cfg, &r);
 }
 
 int mf_config_parse(struct mf_config *cfg, const char *text, size_t len,
@@ -640,7 +506,8 @@ int mf_config_load(struct mf_config *cfg, const char *path, char *err, size_t er
 void mf_config_free(struct mf_config *cfg) {
     if (!cfg)
         return;
-    free(cfg->mlp_only_layers);
+    if (cfg->arch_cfg && cfg->family && cfg->family->free_config)
+        cfg->family->free_config(cfg->arch_cfg);
     for (int i = 0; i < cfg->n_quant_overrides; i++)
         free(cfg->quant_overrides[i].path);
     free(cfg->quant_overrides);

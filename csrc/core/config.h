@@ -3,9 +3,10 @@
  * config.json (the checkpoint's own file, copied by prep).
  *
  * Field names are the config.json keys (mlx-lm ModelArgs habit) so that a reader can
- * grep a key from the file straight into the code. One struct serves every supported
- * family; keys a family does not use stay at their zero defaults. Layer kinds
- * (linear attention or not, MoE or dense) are derived here once, at load, so the
+ * grep a key from the file straight into the code. This struct holds the keys every
+ * family shares; a family's own keys are read by its file (models/<type>.c,
+ * mf_arch.read_config) into a private struct hung off arch_cfg. Layer kinds (linear
+ * attention or not, MoE or dense) are derived by that reader once, at load, so the
  * forward passes never re-derive them.
  */
 #ifndef MF_CONFIG_H
@@ -14,6 +15,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/json.h"
+
+// Ids of the first four families: fixed, as snapshots of format version 1 hold them.
+// A family added later picks its own number in its file (mf_arch.id).
 enum mf_arch_id {
     MF_ARCH_QWEN3_5_MOE = 1,   // "qwen3_5_moe" (Qwen3.5 / Qwen3.6 MoE), text_config nested
     MF_ARCH_QWEN3_NEXT = 2,    // "qwen3_next"
@@ -31,8 +36,23 @@ struct mf_quant_override {
     int group_size;
 };
 
+struct mf_arch;
+
+// The reader an architecture's config hook gets (mf_arch.read_config): `lm` is the
+// language-model object (text_config or the root), `root` the document root; a key
+// absent from lm is looked up in root. Every mf_cfg_* getter below returns 0 or an
+// MF_ERR_FORMAT naming the file (`name`) and the key.
+struct mf_cfg_reader {
+    const mf_json *lm, *root;
+    const char *name;
+    char *err;
+    size_t errlen;
+};
+
 struct mf_config {
-    enum mf_arch_id arch;
+    int arch;                      // enum mf_arch_id for the first four families; a
+                                   // new family's id is its own (mf_arch.id)
+    const struct mf_arch *family;  // the architecture read_config dispatched to
     char model_type[32];
 
     // ---- shared by every family
@@ -40,54 +60,24 @@ struct mf_config {
     int num_hidden_layers;
     int num_attention_heads;
     int num_key_value_heads;
-    int head_dim;                  // qwen: explicit or hidden/heads; deepseek: unused
+    int head_dim;                  // explicit or hidden/heads; 0 when the family has
+                                   // none (mf_arch.no_head_dim: deepseek's MLA)
     int vocab_size;
     int max_position_embeddings;
     float rms_norm_eps;
     double rope_theta;
-    double partial_rotary_factor;  // 1.0 when absent
+    double partial_rotary_factor;  // 1.0 when absent (family default otherwise)
     int tie_word_embeddings;
     int bos_token_id;              // -1 when absent
     int eos_token_id;              // -1 when absent (first id if config holds a list)
 
-    // ---- MoE (all families). num_experts = n_routed_experts for deepseek.
+    // ---- MoE basics every family has. num_experts is read from the family's key
+    // (mf_arch.experts_key: num_experts or n_routed_experts).
     int num_experts;
     int num_experts_per_tok;
     int moe_intermediate_size;
-    int shared_expert_intermediate_size;  // qwen3_5_moe / qwen3_next; 0 = none
     int intermediate_size;                // dense FFN width
-    int norm_topk_prob;                   // default 1 for qwen3_5_moe, config otherwise
-    int decoder_sparse_step;              // default 1
-    int n_mlp_only_layers;
-    int *mlp_only_layers;                 // owned, n_mlp_only_layers entries
-
-    // ---- hybrid (qwen3_5_moe / qwen3_next) linear attention
-    int full_attention_interval;   // default 4
-    int linear_num_key_heads;      // nk
-    int linear_num_value_heads;    // nv
-    int linear_key_head_dim;       // dk
-    int linear_value_head_dim;     // dv
-    int linear_conv_kernel_dim;    // K, default 4
-
-    // ---- deepseek_v3
-    int q_lora_rank;               // 0 when null (q_proj used instead)
-    int kv_lora_rank;
-    int qk_nope_head_dim;
-    int qk_rope_head_dim;
-    int v_head_dim;
-    int n_shared_experts;          // 0 when null
-    int n_group;
-    int topk_group;
-    double routed_scaling_factor;
-    int first_k_dense_replace;
-    int moe_layer_freq;            // default 1
-    int has_yarn;                  // rope_scaling.type (or rope_type) == "yarn"
-    double yarn_factor;
-    int yarn_original_max_position_embeddings;
-    double yarn_beta_fast;         // default 32
-    double yarn_beta_slow;         // default 1
-    double yarn_mscale;            // default 1
-    double yarn_mscale_all_dim;    // default 0
+    int norm_topk_prob;                   // family default (mf_arch), config otherwise
 
     // ---- quantization block
     int quant_bits;                // default bits, 0 = no quantization block
@@ -95,13 +85,40 @@ struct mf_config {
     int n_quant_overrides;
     struct mf_quant_override *quant_overrides;  // owned
 
-    // ---- derived per layer, [num_hidden_layers], owned
+    // ---- the family's own keys: a private struct of its file (models/<type>.h),
+    // made by mf_arch.read_config and released by mf_arch.free_config.
+    void *arch_cfg;
+
+    // ---- derived per layer, [num_hidden_layers], owned; filled by read_config
     uint8_t *layer_is_linear;      // hybrid: GatedDeltaNet mixer
     uint8_t *layer_is_moe;         // routed-expert FFN (else dense SwiGLU)
     int n_moe_layers;
 
     char *json_text;               // the file's text, owned (for mf_model_config_json)
 };
+
+/* ==== Key getters for architecture config readers ====
+ * Integer/number getters leave *out untouched when the key is absent or null and not
+ * required (so a default set before stays). */
+int mf_cfg_int(const struct mf_cfg_reader *r, const char *key, int required, int *out);
+// mf_cfg_int, then the value (read, or the default already in *out) must be positive.
+int mf_cfg_pos_int(const struct mf_cfg_reader *r, const char *key, int required,
+                   int *out);
+int mf_cfg_num(const struct mf_cfg_reader *r, const char *key, int required,
+               double *out);
+// A number key of object `obj` (a nested block such as rope_scaling).
+int mf_cfg_num_in(const struct mf_cfg_reader *r, const mf_json *obj, const char *key,
+                  double *out);
+int mf_cfg_bool(const struct mf_cfg_reader *r, const char *key, int *out);
+// The node of `key` (lm first, then root); NULL when absent.
+const mf_json *mf_cfg_node(const struct mf_cfg_reader *r, const char *key);
+// v must be positive; when it is not because the key is absent, the message says the
+// key is missing rather than "got 0".
+int mf_cfg_positive(const struct mf_cfg_reader *r, const char *key, long long v);
+// The list of layer indices under `key` (e.g. mlp_only_layers) into a malloc'd array
+// (*out NULL, *n 0 when absent or empty); entries must be in [0, num_hidden_layers).
+int mf_cfg_layer_list(const struct mf_cfg_reader *r, const char *key, int n_layers,
+                      int **out, int *n);
 
 // Parse config.json at `path` into *cfg (zeroed first). Nested "text_config" (Qwen3.5)
 // is read as the LM config; top-level keys fill what it lacks. Required keys missing,

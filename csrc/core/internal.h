@@ -44,10 +44,50 @@ enum mf_seg_kind {
     MF_SEG_RECURRENT = 5,      // GatedDeltaNet state [nv, dv, dk] f32
 };
 
-// One architecture family: how to bind its weights, size its state and run it.
+// One identity field of a snapshot (core/state.c): a config value that must agree
+// between the model that wrote a snapshot and the one that reads it.
+struct mf_ident_field {
+    const char *name;   // config.json key, so a refusal can be grepped into the config
+    int is_float;       // 1: a real constant (hashed with the others), 0: an integer
+    int64_t i;
+    double f;
+};
+
+// Most identity fields a family may add to the shared ones.
+#define MF_IDENT_ARCH_MAX 40
+
+// One architecture family, registered from its own file (models/<type>.c) through the
+// table in models/arch.c: its config keys, layer kinds, snapshot identity, weights,
+// state and forward pass.
 struct mf_arch {
     const char *model_type;     // config.json model_type
-    enum mf_arch_id id;
+    const char *alias;          // another model_type run as this family, or NULL
+    int id;                     // snapshot identity: enum mf_arch_id for the first four,
+                                // a new family's own unique number after them
+
+    /* ---- config (core/config.c reads the shared keys, then calls read_config) */
+    const char *experts_key;    // key of the routed expert count (num_experts,
+                                // n_routed_experts); NULL: the family has none
+    int no_head_dim;            // MLA: no head_dim, num_key_value_heads defaults to
+                                // num_attention_heads
+    int norm_topk_default;      // norm_topk_prob when the key is absent
+    double rope_theta_default;  // rope_theta when absent (0: 10000)
+    double partial_rotary_default;  // partial_rotary_factor when absent (0: 1)
+    // Reads the family's own keys into a private struct at cfg->arch_cfg and fills
+    // cfg->layer_is_linear / layer_is_moe (allocated, zeroed, by the caller). Returns 0
+    // or an MF_ERR_* with a message naming the file and key (through r).
+    int (*read_config)(struct mf_config *cfg, const struct mf_cfg_reader *r);
+    void (*free_config)(void *arch_cfg);   // releases what read_config made
+    // The family's snapshot identity fields after the shared ones (core/state.c):
+    // fills up to cap entries, returns the count. NULL: none.
+    int (*ident)(const struct mf_config *cfg, struct mf_ident_field *out, int cap);
+
+    /* ---- MoE */
+    int router;                 // enum mf_router_kind (models/moe.h) of routed layers
+    const char *const *expert_components;  // names of the expert FFN's projections in
+                                           // layout.json, NULL-terminated
+
+    /* ---- run */
     // Resolve and validate every tensor the forward needs into m->arch_weights.
     // Messages name the tensor, expected and actual shape/dtype.
     int (*bind)(mf_model *m, char *err, size_t errlen);
@@ -69,8 +109,12 @@ struct mf_arch {
     int (*state_segments)(const mf_ctx *ctx, struct mf_state_seg *segs, int cap);
 };
 
-// Find an architecture by config model_type; NULL if unsupported.
-const struct mf_arch *mf_arch_find(enum mf_arch_id id);
+// Find an architecture by its snapshot id / by a config model_type (or its alias);
+// NULL if unsupported.
+const struct mf_arch *mf_arch_find(int id);
+const struct mf_arch *mf_arch_by_type(const char *model_type);
+// The supported model_type names, comma-separated, into buf (for error messages).
+void mf_arch_names(char *buf, size_t n);
 
 struct mf_model {
     char *dir;                        // owned copy of the model directory path

@@ -10,10 +10,12 @@
  * device buffers and host memory through the backend's upload/download only, never by
  * dereferencing a device pointer, so it works unchanged on GPU backends.
  *
- * Snapshot format, version 1 (all integers little-endian):
+ * Snapshot format, version 2 (all integers little-endian; version 1 is read too):
  *   header    "MFLX" | u32 version | u32 n_ident | n_ident x i64 identity fields
- *             (architecture id, shape and routing constants, expert bytes per token,
- *             manifest hash, hash of the real-valued constants, weights fingerprint)
+ *             (architecture id, shared shape fields, the family's own fields as its
+ *             mf_arch.ident lists them, expert bytes per token, manifest hash, hash of
+ *             the real-valued constants, weights fingerprint; version 1: a fixed list
+ *             of 34, see Identity below)
  *             | u32 n_past | u32 n_seg
  *   table     n_seg x { u32 kind | i32 layer | u64 row_bytes | u64 fixed_bytes |
  *             u64 data_bytes }
@@ -31,7 +33,7 @@
 #include "core/internal.h"
 
 #define SNAP_MAGIC "MFLX"
-#define SNAP_VERSION 1u
+#define SNAP_VERSION 2u
 
 // Checkpoints kept for exact truncation of models with fixed-size state. Each holds a
 // copy of every fixed segment (for Qwen3.5-397B: 45 GatedDeltaNet layers x ~4.1 MiB =
@@ -49,81 +51,59 @@
  * reading it. Names are config.json keys so a refusal message can be grepped straight
  * into the config. The manifest hash tells apart models with equal shapes but other
  * tensors; the weights fingerprint tells apart equal layouts with other weights (two
- * synthetic checkpoints of different seeds, or a re-quantised upload). */
+ * synthetic checkpoints of different seeds, or a re-quantised upload).
+ *
+ * Version 2 (written): the shared fields below, then the family's own integer fields
+ * (mf_arch.ident, in its order), then the tail: expert bytes per token, manifest hash,
+ * the hash of the real constants (rope_theta, partial_rotary_factor, rms_norm_eps, then
+ * the family's real fields in its order, as f64 bits) and the weights fingerprint.
+ * Version 1 (read): the fixed list of 34 fields below; a field is looked up by its
+ * name among the shared and the family's fields, 0 where the family has none (as the
+ * union config of version 1 held it). */
 
-enum {
-    ID_ARCH,
-    ID_HIDDEN,
-    ID_LAYERS,
-    ID_HEADS,
-    ID_KV_HEADS,
-    ID_HEAD_DIM,
-    ID_VOCAB,
-    ID_EXPERTS,
-    ID_EXPERTS_PER_TOK,
-    ID_MOE_FF,
-    ID_SHARED_FF,
-    ID_FF,
-    ID_FULL_ATTN_INTERVAL,
-    ID_LIN_K_HEADS,
-    ID_LIN_V_HEADS,
-    ID_LIN_K_DIM,
-    ID_LIN_V_DIM,
-    ID_CONV_K,
-    ID_Q_LORA,
-    ID_KV_LORA,
-    ID_QK_NOPE,
-    ID_QK_ROPE,
-    ID_V_HEAD_DIM,
-    ID_FIRST_DENSE,
-    ID_MOE_LAYERS,
-    ID_SHARED_EXPERTS,
-    ID_N_GROUP,
-    ID_TOPK_GROUP,
-    ID_NORM_TOPK,
-    ID_TIED,
-    ID_EXPERT_BYTES,
-    ID_MANIFEST_HASH,     // this and the fields below are hashes, printed in hex
-    ID_FLOAT_CONSTS,
-    ID_WEIGHTS_FP,
-    N_IDENT
+static const char *const core_names[] = {
+    "architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "intermediate_size",
+    "number of MoE layers", "norm_topk_prob", "tie_word_embeddings",
+};
+#define N_CORE ((int)(sizeof core_names / sizeof core_names[0]))
+
+static const char *const tail_names[] = {
+    "expert bytes per token", "manifest hash", "rope/norm/scaling constants",
+    "weights fingerprint",
+};
+#define N_TAIL 4   // the last three are hashes, printed in hex
+
+static const char *const v1_names[] = {
+    "architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "num_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "intermediate_size", "full_attention_interval", "linear_num_key_heads",
+    "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_conv_kernel_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace", "number of MoE layers",
+    "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
+    "tie_word_embeddings", "expert bytes per token", "manifest hash",
+    "rope/norm/scaling constants", "weights fingerprint",
+};
+#define N_V1 ((int)(sizeof v1_names / sizeof v1_names[0]))
+
+// Real constants of version 1's hash, in its order (after the three shared ones).
+static const char *const v1_float_names[] = {
+    "routed_scaling_factor", "yarn factor", "yarn beta_fast", "yarn beta_slow",
+    "yarn mscale", "yarn mscale_all_dim", "yarn original_max_position_embeddings",
+    "rope_scaling yarn",
 };
 
-static const char *const ident_names[N_IDENT] = {
-    [ID_ARCH] = "architecture",
-    [ID_HIDDEN] = "hidden_size",
-    [ID_LAYERS] = "num_hidden_layers",
-    [ID_HEADS] = "num_attention_heads",
-    [ID_KV_HEADS] = "num_key_value_heads",
-    [ID_HEAD_DIM] = "head_dim",
-    [ID_VOCAB] = "vocab_size",
-    [ID_EXPERTS] = "num_experts",
-    [ID_EXPERTS_PER_TOK] = "num_experts_per_tok",
-    [ID_MOE_FF] = "moe_intermediate_size",
-    [ID_SHARED_FF] = "shared_expert_intermediate_size",
-    [ID_FF] = "intermediate_size",
-    [ID_FULL_ATTN_INTERVAL] = "full_attention_interval",
-    [ID_LIN_K_HEADS] = "linear_num_key_heads",
-    [ID_LIN_V_HEADS] = "linear_num_value_heads",
-    [ID_LIN_K_DIM] = "linear_key_head_dim",
-    [ID_LIN_V_DIM] = "linear_value_head_dim",
-    [ID_CONV_K] = "linear_conv_kernel_dim",
-    [ID_Q_LORA] = "q_lora_rank",
-    [ID_KV_LORA] = "kv_lora_rank",
-    [ID_QK_NOPE] = "qk_nope_head_dim",
-    [ID_QK_ROPE] = "qk_rope_head_dim",
-    [ID_V_HEAD_DIM] = "v_head_dim",
-    [ID_FIRST_DENSE] = "first_k_dense_replace",
-    [ID_MOE_LAYERS] = "number of MoE layers",
-    [ID_SHARED_EXPERTS] = "n_shared_experts",
-    [ID_N_GROUP] = "n_group",
-    [ID_TOPK_GROUP] = "topk_group",
-    [ID_NORM_TOPK] = "norm_topk_prob",
-    [ID_TIED] = "tie_word_embeddings",
-    [ID_EXPERT_BYTES] = "expert bytes per token",
-    [ID_MANIFEST_HASH] = "manifest hash",
-    [ID_FLOAT_CONSTS] = "rope/norm/scaling constants",
-    [ID_WEIGHTS_FP] = "weights fingerprint",
+#define MAX_IDENT (N_V1 > N_CORE + MF_IDENT_ARCH_MAX + N_TAIL ? N_V1 \
+                   : N_CORE + MF_IDENT_ARCH_MAX + N_TAIL)
+
+struct ident {
+    int n;
+    int n_hash_from;                 // fields from here on are hashes
+    const char *name[MAX_IDENT];
+    int64_t v[MAX_IDENT];
 };
 
 #define FNV_OFFSET 0xcbf29ce484222325ULL
@@ -156,63 +136,93 @@ static uint64_t weights_fingerprint(const mf_model *m) {
     return h;
 }
 
+// The family's identity fields (none without an ident hook).
+static int arch_fields(const mf_model *m, struct mf_ident_field *f) {
+    const struct mf_arch *a = m->arch;
+    if (!a || !a->ident) return 0;
+    int n = a->ident(&m->cfg, f, MF_IDENT_ARCH_MAX);
+    return n > MF_IDENT_ARCH_MAX ? MF_IDENT_ARCH_MAX : n;
+}
+
+static void core_values(const mf_model *m, int64_t v[N_CORE]) {
+    const struct mf_config *c = &m->cfg;
+    const int64_t x[N_CORE] = {
+        c->arch, c->hidden_size, c->num_hidden_layers, c->num_attention_heads,
+        c->num_key_value_heads, c->head_dim, c->vocab_size, c->num_experts,
+        c->num_experts_per_tok, c->moe_intermediate_size, c->intermediate_size,
+        c->n_moe_layers, c->norm_topk_prob, c->tie_word_embeddings,
+    };
+    memcpy(v, x, sizeof x);
+}
+
 // The real-valued config constants that change the state a token leaves (keys are
-// stored after RoPE; norms and scaling shape every activation), hashed by their bits.
-static uint64_t float_consts_hash(const struct mf_config *c) {
-    const double v[] = {c->rope_theta, c->partial_rotary_factor, (double)c->rms_norm_eps,
-                        c->routed_scaling_factor, c->yarn_factor, c->yarn_beta_fast,
-                        c->yarn_beta_slow, c->yarn_mscale, c->yarn_mscale_all_dim,
-                        (double)c->yarn_original_max_position_embeddings,
-                        (double)c->has_yarn};
-    return fnv1a(FNV_OFFSET, (const uint8_t *)v, sizeof v);
+// stored after RoPE; norms and scaling shape every activation), hashed by their bits:
+// the shared three, then (v2) the family's real fields in order, or (v1) version 1's
+// list by name, 0 where the family has none.
+static uint64_t float_consts_hash(const mf_model *m, uint32_t version,
+                                  const struct mf_ident_field *f, int nf) {
+    const struct mf_config *c = &m->cfg;
+    double v[3 + MF_IDENT_ARCH_MAX];
+    int n = 0;
+    v[n++] = c->rope_theta;
+    v[n++] = c->partial_rotary_factor;
+    v[n++] = (double)c->rms_norm_eps;
+    if (version == 1) {
+        for (size_t k = 0; k < sizeof v1_float_names / sizeof v1_float_names[0]; k++) {
+            v[n] = 0;
+            for (int i = 0; i < nf; i++)
+                if (f[i].is_float && strcmp(f[i].name, v1_float_names[k]) == 0)
+                    v[n] = f[i].f;
+            n++;
+        }
+    } else {
+        for (int i = 0; i < nf; i++)
+            if (f[i].is_float) v[n++] = f[i].f;
+    }
+    return fnv1a(FNV_OFFSET, (const uint8_t *)v, sizeof(double) * (size_t)n);
 }
 
 static const char *arch_name(int64_t id) {
-    switch (id) {
-    case MF_ARCH_QWEN3_5_MOE: return "qwen3_5_moe";
-    case MF_ARCH_QWEN3_NEXT: return "qwen3_next";
-    case MF_ARCH_DEEPSEEK_V3: return "deepseek_v3";
-    case MF_ARCH_QWEN3_MOE: return "qwen3_moe";
-    default: return "unknown";
-    }
+    const struct mf_arch *a = mf_arch_find((int)id);
+    return a ? a->model_type : "unknown";
 }
 
-static void ident_fill(const mf_model *m, int64_t id[N_IDENT]) {
-    const struct mf_config *c = &m->cfg;
-    id[ID_ARCH] = c->arch;
-    id[ID_HIDDEN] = c->hidden_size;
-    id[ID_LAYERS] = c->num_hidden_layers;
-    id[ID_HEADS] = c->num_attention_heads;
-    id[ID_KV_HEADS] = c->num_key_value_heads;
-    id[ID_HEAD_DIM] = c->head_dim;
-    id[ID_VOCAB] = c->vocab_size;
-    id[ID_EXPERTS] = c->num_experts;
-    id[ID_EXPERTS_PER_TOK] = c->num_experts_per_tok;
-    id[ID_MOE_FF] = c->moe_intermediate_size;
-    id[ID_SHARED_FF] = c->shared_expert_intermediate_size;
-    id[ID_FF] = c->intermediate_size;
-    id[ID_FULL_ATTN_INTERVAL] = c->full_attention_interval;
-    id[ID_LIN_K_HEADS] = c->linear_num_key_heads;
-    id[ID_LIN_V_HEADS] = c->linear_num_value_heads;
-    id[ID_LIN_K_DIM] = c->linear_key_head_dim;
-    id[ID_LIN_V_DIM] = c->linear_value_head_dim;
-    id[ID_CONV_K] = c->linear_conv_kernel_dim;
-    id[ID_Q_LORA] = c->q_lora_rank;
-    id[ID_KV_LORA] = c->kv_lora_rank;
-    id[ID_QK_NOPE] = c->qk_nope_head_dim;
-    id[ID_QK_ROPE] = c->qk_rope_head_dim;
-    id[ID_V_HEAD_DIM] = c->v_head_dim;
-    id[ID_FIRST_DENSE] = c->first_k_dense_replace;
-    id[ID_MOE_LAYERS] = c->n_moe_layers;
-    id[ID_SHARED_EXPERTS] = c->n_shared_experts;
-    id[ID_N_GROUP] = c->n_group;
-    id[ID_TOPK_GROUP] = c->topk_group;
-    id[ID_NORM_TOPK] = c->norm_topk_prob;
-    id[ID_TIED] = c->tie_word_embeddings;
-    id[ID_EXPERT_BYTES] = m->expert_bytes_per_token;
-    id[ID_MANIFEST_HASH] = (int64_t)m->manifest.hash;
-    id[ID_FLOAT_CONSTS] = (int64_t)float_consts_hash(c);
-    id[ID_WEIGHTS_FP] = (int64_t)weights_fingerprint(m);
+static void ident_add(struct ident *id, const char *name, int64_t v) {
+    id->name[id->n] = name;
+    id->v[id->n++] = v;
+}
+
+// Value of version 1's field `name`: shared, the family's integer field, or 0.
+static int64_t v1_lookup(const char *name, const int64_t core[N_CORE],
+                         const struct mf_ident_field *f, int nf) {
+    for (int i = 0; i < N_CORE; i++)
+        if (strcmp(core_names[i], name) == 0) return core[i];
+    for (int i = 0; i < nf; i++)
+        if (!f[i].is_float && strcmp(f[i].name, name) == 0) return f[i].i;
+    return 0;
+}
+
+// This model's identity as snapshot format `version` lists it.
+static void ident_fill(const mf_model *m, uint32_t version, struct ident *id) {
+    struct mf_ident_field f[MF_IDENT_ARCH_MAX];
+    int nf = arch_fields(m, f);
+    int64_t core[N_CORE];
+    core_values(m, core);
+    const int64_t tail[N_TAIL] = {
+        m->expert_bytes_per_token, (int64_t)m->manifest.hash,
+        (int64_t)float_consts_hash(m, version, f, nf), (int64_t)weights_fingerprint(m),
+    };
+    id->n = 0;
+    if (version == 1) {
+        for (int i = 0; i < N_V1 - N_TAIL; i++)
+            ident_add(id, v1_names[i], v1_lookup(v1_names[i], core, f, nf));
+    } else {
+        for (int i = 0; i < N_CORE; i++) ident_add(id, core_names[i], core[i]);
+        for (int i = 0; i < nf; i++)
+            if (!f[i].is_float) ident_add(id, f[i].name, f[i].i);
+    }
+    id->n_hash_from = id->n + 1;
+    for (int i = 0; i < N_TAIL; i++) ident_add(id, tail_names[i], tail[i]);
 }
 
 /* ==== Segments ====
@@ -327,8 +337,9 @@ static int rd_u64(struct reader *r, uint64_t *v) {
 
 #define SEG_TABLE_BYTES (4 + 4 + 8 + 8 + 8)
 
-static uint64_t header_bytes(int n_seg) {
-    return 4 + 4 + 4 + 8ull * N_IDENT + 4 + 4 + (uint64_t)SEG_TABLE_BYTES * n_seg;
+static uint64_t header_bytes(int n_ident, int n_seg) {
+    return 4 + 4 + 4 + 8ull * (uint64_t)n_ident + 4 + 4 +
+           (uint64_t)SEG_TABLE_BYTES * (uint64_t)n_seg;
 }
 
 /* ==== Save ==== */
@@ -337,7 +348,9 @@ size_t mf_ctx_state_size(const mf_ctx *ctx) {
     if (!ctx) return 0;
     struct segs s;
     if (segs_get(ctx, &s) != MF_OK) return 0;
-    uint64_t n = header_bytes(s.n) + 8;
+    struct ident id;
+    ident_fill(ctx->model, SNAP_VERSION, &id);
+    uint64_t n = header_bytes(id.n, s.n) + 8;
     for (int i = 0; i < s.n; i++) n += seg_data_bytes(&s.v[i], ctx->n_past);
     free(s.v);
     return (size_t)n;
@@ -350,7 +363,9 @@ int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
     struct segs s;
     if (segs_get(ctx, &s) != MF_OK)
         return mf_ctx_fail(ctx, MF_ERR_NOMEM, "state_save: out of memory");
-    uint64_t need = header_bytes(s.n) + 8;
+    struct ident id;
+    ident_fill(ctx->model, SNAP_VERSION, &id);
+    uint64_t need = header_bytes(id.n, s.n) + 8;
     for (int i = 0; i < s.n; i++) need += seg_data_bytes(&s.v[i], ctx->n_past);
     if (cap < need) {
         free(s.v);
@@ -359,13 +374,11 @@ int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
                            "needs %" PRIu64 " (ask mf_ctx_state_size first)",
                            cap, need);
     }
-    int64_t id[N_IDENT];
-    ident_fill(ctx->model, id);
     uint8_t *p = dst;
     memcpy(p, SNAP_MAGIC, 4);
     p = put_u32(p + 4, SNAP_VERSION);
-    p = put_u32(p, N_IDENT);
-    for (int i = 0; i < N_IDENT; i++) p = put_u64(p, (uint64_t)id[i]);
+    p = put_u32(p, (uint32_t)id.n);
+    for (int i = 0; i < id.n; i++) p = put_u64(p, (uint64_t)id.v[i]);
     p = put_u32(p, (uint32_t)ctx->n_past);
     p = put_u32(p, (uint32_t)s.n);
     for (int i = 0; i < s.n; i++) {
@@ -514,7 +527,7 @@ static int check_format(mf_ctx *ctx, const uint8_t *src, size_t size) {
                            version, SNAP_VERSION);
     if (version == 0)
         return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot format version 0 is invalid");
-    if (size < header_bytes(0) + 8)
+    if (size < header_bytes(0, 0) + 8)
         return mf_ctx_fail(ctx, MF_ERR_FORMAT,
                            "snapshot truncated: %zu bytes, shorter than its header", size);
     uint64_t want = get_le(src + size - 8, 8);
@@ -527,39 +540,46 @@ static int check_format(mf_ctx *ctx, const uint8_t *src, size_t size) {
     return MF_OK;
 }
 
-static int check_identity(mf_ctx *ctx, struct reader *r) {
+// Reads the identity fields (at most MAX_IDENT) into theirs; the architecture is
+// compared before the count, so a snapshot of another family is named as such.
+static int check_identity(mf_ctx *ctx, struct reader *r, uint32_t version) {
+    struct ident mine;
+    ident_fill(ctx->model, version, &mine);
     uint32_t n_ident = 0;
-    if (!rd_u32(r, &n_ident) || n_ident != N_IDENT)
+    if (!rd_u32(r, &n_ident) || n_ident < 1 || n_ident > MAX_IDENT)
         return mf_ctx_fail(ctx, MF_ERR_FORMAT,
-                           "snapshot header holds %u identity fields, format version 1 "
-                           "has %d",
-                           n_ident, N_IDENT);
-    int64_t mine[N_IDENT], theirs[N_IDENT];
-    ident_fill(ctx->model, mine);
-    for (int i = 0; i < N_IDENT; i++) {
+                           "snapshot header holds %u identity fields, format version %u "
+                           "of this %s model has %d",
+                           n_ident, version, arch_name(mine.v[0]), mine.n);
+    int64_t theirs[MAX_IDENT] = {0};
+    for (uint32_t i = 0; i < n_ident; i++) {
         uint64_t v = 0;
         if (!rd_u64(r, &v))
             return mf_ctx_fail(ctx, MF_ERR_FORMAT, "snapshot truncated in its header");
         theirs[i] = (int64_t)v;
     }
-    if (theirs[ID_ARCH] != mine[ID_ARCH])
+    if (theirs[0] != mine.v[0])
         return mf_ctx_fail(ctx, MF_ERR_STATE,
                            "snapshot is of model %s (architecture id %" PRId64
                            "), this ctx runs %s",
-                           arch_name(theirs[ID_ARCH]), theirs[ID_ARCH],
-                           arch_name(mine[ID_ARCH]));
-    for (int i = 0; i < N_IDENT; i++) {
-        if (theirs[i] == mine[i]) continue;
-        if (i >= ID_MANIFEST_HASH)
+                           arch_name(theirs[0]), theirs[0], arch_name(mine.v[0]));
+    if (n_ident != (uint32_t)mine.n)
+        return mf_ctx_fail(ctx, MF_ERR_FORMAT,
+                           "snapshot header holds %u identity fields, format version %u "
+                           "of this %s model has %d",
+                           n_ident, version, arch_name(mine.v[0]), mine.n);
+    for (int i = 0; i < mine.n; i++) {
+        if (theirs[i] == mine.v[i]) continue;
+        if (i >= mine.n_hash_from)
             return mf_ctx_fail(ctx, MF_ERR_STATE,
                                "snapshot is of another %s model (%s differs: expected "
                                "%016" PRIx64 ", got %016" PRIx64 ")",
-                               arch_name(mine[ID_ARCH]), ident_names[i],
-                               (uint64_t)mine[i], (uint64_t)theirs[i]);
+                               arch_name(mine.v[0]), mine.name[i], (uint64_t)mine.v[i],
+                               (uint64_t)theirs[i]);
         return mf_ctx_fail(ctx, MF_ERR_STATE,
                            "snapshot is of another %s model: shape field %s differs: "
                            "expected %" PRId64 ", got %" PRId64,
-                           arch_name(mine[ID_ARCH]), ident_names[i], mine[i], theirs[i]);
+                           arch_name(mine.v[0]), mine.name[i], mine.v[i], theirs[i]);
     }
     return MF_OK;
 }
@@ -612,7 +632,7 @@ int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size) {
     if (rc != MF_OK) return rc;
     // The reader sees what lies between the magic+version and the checksum trailer.
     struct reader r = {(const uint8_t *)src + 8, size - 16};
-    rc = check_identity(ctx, &r);
+    rc = check_identity(ctx, &r, (uint32_t)get_le((const uint8_t *)src + 4, 4));
     if (rc != MF_OK) return rc;
     uint32_t n_past = 0;
     if (!rd_u32(&r, &n_past))

@@ -27,7 +27,9 @@
 
 #include "core/internal.h"
 #include "core/json.h"
+#include "models/bind.h"
 #include "models/decoder.h"
+#include "models/deepseek_v3.h"
 #include "models/moe.h"
 
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
@@ -124,62 +126,171 @@ static float yarn_get_mscale(double scale, double mscale) {
     return scale <= 1.0 ? 1.0f : (float)(0.1 * mscale * log(scale) + 1.0);
 }
 
+/* ==== Config: the family's keys (mf_arch.read_config) ==== */
+
+static int read_yarn(struct deepseek_v3_config *d, const struct mf_cfg_reader *r) {
+    const mf_json *rs = mf_cfg_node(r, "rope_scaling");
+    if (!rs || rs->type == MF_JSON_NULL)
+        return 0;
+    if (rs->type != MF_JSON_OBJECT)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: \"rope_scaling\" must be an object", r->name);
+    const char *type = NULL;
+    // HF wrote "type" in older configs and "rope_type" in newer ones.
+    if (mf_json_get_str(rs, "type", &type) < 0 ||
+        (!type && mf_json_get_str(rs, "rope_type", &type) < 0))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: rope_scaling type must be a string", r->name);
+    if (!type || strcmp(type, "yarn") != 0)
+        return 0;
+    d->has_yarn = 1;
+    d->yarn_beta_fast = 32;
+    d->yarn_beta_slow = 1;
+    d->yarn_mscale = 1;
+    d->yarn_mscale_all_dim = 0;
+    int64_t orig = 0;
+    int rc;
+    if ((rc = mf_cfg_num_in(r, rs, "factor", &d->yarn_factor)) ||
+        (rc = mf_cfg_num_in(r, rs, "beta_fast", &d->yarn_beta_fast)) ||
+        (rc = mf_cfg_num_in(r, rs, "beta_slow", &d->yarn_beta_slow)) ||
+        (rc = mf_cfg_num_in(r, rs, "mscale", &d->yarn_mscale)) ||
+        (rc = mf_cfg_num_in(r, rs, "mscale_all_dim", &d->yarn_mscale_all_dim)))
+        return rc;
+    if (mf_json_get_int(rs, "original_max_position_embeddings", &orig) != 1 || orig <= 0 ||
+        orig > INT32_MAX)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: yarn rope_scaling needs a positive "
+                      "\"original_max_position_embeddings\"", r->name);
+    d->yarn_original_max_position_embeddings = (int)orig;
+    if (!(d->yarn_factor > 0))
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: yarn rope_scaling needs a positive \"factor\", got %g", r->name,
+                      d->yarn_factor);
+    return 0;
+}
+
+static int read_mla(struct deepseek_v3_config *d, const struct mf_cfg_reader *r) {
+    d->moe_layer_freq = 1;
+    int rc;
+    if ((rc = mf_cfg_int(r, "q_lora_rank", 0, &d->q_lora_rank)) ||
+        (rc = mf_cfg_pos_int(r, "kv_lora_rank", 1, &d->kv_lora_rank)) ||
+        (rc = mf_cfg_int(r, "qk_nope_head_dim", 1, &d->qk_nope_head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "qk_rope_head_dim", 1, &d->qk_rope_head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "v_head_dim", 1, &d->v_head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "moe_layer_freq", 0, &d->moe_layer_freq)))
+        return rc;
+    if (d->q_lora_rank < 0 || d->qk_nope_head_dim < 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: q_lora_rank and qk_nope_head_dim must not be negative",
+                      r->name);
+    if (d->qk_rope_head_dim % 2)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: qk_rope_head_dim must be even, got %d", r->name,
+                      d->qk_rope_head_dim);
+    return 0;
+}
+
+// Routed experts from first_k_dense_replace on, every moe_layer_freq-th layer.
+static int ds_read_config(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    struct deepseek_v3_config *d = calloc(1, sizeof *d);
+    if (!d) return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
+    cfg->arch_cfg = d;
+    int rc;
+    if ((rc = read_mla(d, r)) || (rc = mf_read_noaux(cfg, r, &d->noaux)) ||
+        (rc = read_yarn(d, r)))
+        return rc;
+    for (int i = 0; i < cfg->num_hidden_layers; i++)
+        cfg->layer_is_moe[i] = cfg->num_experts > 0 &&
+                               i >= d->noaux.first_k_dense_replace &&
+                               i % d->moe_layer_freq == 0;
+    return 0;
+}
+
+static int ds_ident(const struct mf_config *cfg, struct mf_ident_field *out, int cap) {
+    const struct deepseek_v3_config *d = cfg->arch_cfg;
+    int n = 0;
+    mf_ident_int(out, &n, cap, "q_lora_rank", d->q_lora_rank);
+    mf_ident_int(out, &n, cap, "kv_lora_rank", d->kv_lora_rank);
+    mf_ident_int(out, &n, cap, "qk_nope_head_dim", d->qk_nope_head_dim);
+    mf_ident_int(out, &n, cap, "qk_rope_head_dim", d->qk_rope_head_dim);
+    mf_ident_int(out, &n, cap, "v_head_dim", d->v_head_dim);
+    mf_ident_int(out, &n, cap, "first_k_dense_replace", d->noaux.first_k_dense_replace);
+    mf_ident_int(out, &n, cap, "n_shared_experts", d->noaux.n_shared_experts);
+    mf_ident_int(out, &n, cap, "n_group", d->noaux.n_group);
+    mf_ident_int(out, &n, cap, "topk_group", d->noaux.topk_group);
+    mf_ident_int(out, &n, cap, "moe_layer_freq", d->moe_layer_freq);
+    mf_ident_float(out, &n, cap, "routed_scaling_factor", d->noaux.routed_scaling_factor);
+    mf_ident_float(out, &n, cap, "yarn factor", d->yarn_factor);
+    mf_ident_float(out, &n, cap, "yarn beta_fast", d->yarn_beta_fast);
+    mf_ident_float(out, &n, cap, "yarn beta_slow", d->yarn_beta_slow);
+    mf_ident_float(out, &n, cap, "yarn mscale", d->yarn_mscale);
+    mf_ident_float(out, &n, cap, "yarn mscale_all_dim", d->yarn_mscale_all_dim);
+    mf_ident_float(out, &n, cap, "yarn original_max_position_embeddings",
+                   d->yarn_original_max_position_embeddings);
+    mf_ident_float(out, &n, cap, "rope_scaling yarn", d->has_yarn);
+    return n;
+}
+
+/* ==== Load: config checks ==== */
+
 static double yarn_correction_dim(double n_rot, int d, double base, double l0) {
     return d * log(l0 / (n_rot * 2.0 * M_PI)) / (2.0 * log(base));
 }
 
 // inv_freq[d/2]: plain base^(-2j/d), or with YaRN the blend of extrapolated and
 // interpolated frequencies along the linear ramp between the correction dims.
-static void rope_inv_freq(float *inv_freq, const struct mf_config *c, int d) {
+static void rope_inv_freq(float *inv_freq, const struct mf_config *c, int dim) {
+    const struct deepseek_v3_config *d = c->arch_cfg;
     double low = 0, high = 0;
-    if (c->has_yarn) {
-        double l0 = c->yarn_original_max_position_embeddings;
-        low = floor(yarn_correction_dim(c->yarn_beta_fast, d, c->rope_theta, l0));
-        high = ceil(yarn_correction_dim(c->yarn_beta_slow, d, c->rope_theta, l0));
+    if (d->has_yarn) {
+        double l0 = d->yarn_original_max_position_embeddings;
+        low = floor(yarn_correction_dim(d->yarn_beta_fast, dim, c->rope_theta, l0));
+        high = ceil(yarn_correction_dim(d->yarn_beta_slow, dim, c->rope_theta, l0));
         low = low < 0 ? 0 : low;
-        high = high > d - 1 ? d - 1 : high;
+        high = high > dim - 1 ? dim - 1 : high;
         if (low == high) high += 0.001;  // as mlx-lm: avoids a zero-width ramp
     }
-    for (int j = 0; j < d / 2; j++) {
-        double extra = pow(c->rope_theta, -2.0 * j / d);
-        if (!c->has_yarn) {
+    for (int j = 0; j < dim / 2; j++) {
+        double extra = pow(c->rope_theta, -2.0 * j / dim);
+        if (!d->has_yarn) {
             inv_freq[j] = (float)extra;
             continue;
         }
         double ramp = (j - low) / (high - low);
         ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
-        inv_freq[j] = (float)(extra / c->yarn_factor * ramp + extra * (1.0 - ramp));
+        inv_freq[j] = (float)(extra / d->yarn_factor * ramp + extra * (1.0 - ramp));
     }
 }
 
 static int check_config(const struct mf_config *c, char *err, size_t errlen) {
-    if (c->kv_lora_rank < 1 || c->qk_nope_head_dim < 1 || c->v_head_dim < 1 ||
-        c->qk_rope_head_dim < 2 || c->qk_rope_head_dim % 2 != 0)
+    const struct deepseek_v3_config *d = c->arch_cfg;
+    if (d->kv_lora_rank < 1 || d->qk_nope_head_dim < 1 || d->v_head_dim < 1 ||
+        d->qk_rope_head_dim < 2 || d->qk_rope_head_dim % 2 != 0)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "config.json: deepseek_v3 needs kv_lora_rank, qk_nope_head_dim, "
                       "v_head_dim >= 1 and an even qk_rope_head_dim >= 2 (got %d, %d, "
-                      "%d, %d)", c->kv_lora_rank, c->qk_nope_head_dim, c->v_head_dim,
-                      c->qk_rope_head_dim);
+                      "%d, %d)", d->kv_lora_rank, d->qk_nope_head_dim, d->v_head_dim,
+                      d->qk_rope_head_dim);
     if (c->hidden_size < 1 || c->num_attention_heads < 1 || c->vocab_size < 1 ||
         c->num_hidden_layers < 1)
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "config.json: hidden_size %d, num_attention_heads %d, vocab_size "
                       "%d, num_hidden_layers %d must all be >= 1", c->hidden_size,
                       c->num_attention_heads, c->vocab_size, c->num_hidden_layers);
-    if (c->has_yarn && (c->yarn_factor <= 0 || c->yarn_original_max_position_embeddings < 1))
+    if (d->has_yarn && (d->yarn_factor <= 0 || d->yarn_original_max_position_embeddings < 1))
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "config.json: rope_scaling yarn needs factor > 0 and "
                       "original_max_position_embeddings >= 1 (got %g, %d)",
-                      c->yarn_factor, c->yarn_original_max_position_embeddings);
+                      d->yarn_factor, d->yarn_original_max_position_embeddings);
     if (c->n_moe_layers > 0) {
-        int n_group = c->n_group > 0 ? c->n_group : 1;
-        if (c->num_experts % n_group != 0 || c->topk_group < 1 || c->topk_group > n_group ||
+        int n_group = d->noaux.n_group > 0 ? d->noaux.n_group : 1;
+        if (c->num_experts % n_group != 0 || d->noaux.topk_group < 1 || d->noaux.topk_group > n_group ||
             c->num_experts_per_tok < 1 ||
-            c->num_experts_per_tok > c->topk_group * (c->num_experts / n_group))
+            c->num_experts_per_tok > d->noaux.topk_group * (c->num_experts / n_group))
             return mf_err(err, errlen, MF_ERR_FORMAT,
                           "config.json: n_routed_experts %d, n_group %d, topk_group %d, "
                           "num_experts_per_tok %d do not form a valid noaux_tc router",
-                          c->num_experts, c->n_group, c->topk_group,
+                          c->num_experts, d->noaux.n_group, d->noaux.topk_group,
                           c->num_experts_per_tok);
     }
     return MF_OK;
@@ -208,44 +319,45 @@ static int check_rope_type(const mf_model *m, char *err, size_t errlen) {
 }
 
 static void fill_hparams(struct ds_hparams *hp, const struct mf_config *c) {
+    const struct deepseek_v3_config *d = c->arch_cfg;
     hp->hidden_size = c->hidden_size;
     hp->num_hidden_layers = c->num_hidden_layers;
     hp->num_attention_heads = c->num_attention_heads;
     hp->vocab_size = c->vocab_size;
     hp->intermediate_size = c->intermediate_size;
-    hp->q_lora_rank = c->q_lora_rank;
-    hp->kv_lora_rank = c->kv_lora_rank;
-    hp->qk_nope_head_dim = c->qk_nope_head_dim;
-    hp->qk_rope_head_dim = c->qk_rope_head_dim;
-    hp->v_head_dim = c->v_head_dim;
+    hp->q_lora_rank = d->q_lora_rank;
+    hp->kv_lora_rank = d->kv_lora_rank;
+    hp->qk_nope_head_dim = d->qk_nope_head_dim;
+    hp->qk_rope_head_dim = d->qk_rope_head_dim;
+    hp->v_head_dim = d->v_head_dim;
     hp->rms_norm_eps = c->rms_norm_eps;
-    hp->q_head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    hp->kv_row = c->kv_lora_rank + c->qk_rope_head_dim;
+    hp->q_head_dim = d->qk_nope_head_dim + d->qk_rope_head_dim;
+    hp->kv_row = d->kv_lora_rank + d->qk_rope_head_dim;
     // Softmax scale carries m^2 when mscale_all_dim is set (mlx-lm and HF alike);
     // the rotated dims carry mscale / mscale_all_dim's ratio (YarnRoPE.mscale).
     double scale = 1.0 / sqrt((double)hp->q_head_dim);
     hp->rope_mscale = 1.0f;
-    if (c->has_yarn) {
-        if (c->yarn_mscale_all_dim != 0 && c->yarn_factor > 1) {
-            double m = 0.1 * c->yarn_mscale_all_dim * log(c->yarn_factor) + 1.0;
+    if (d->has_yarn) {
+        if (d->yarn_mscale_all_dim != 0 && d->yarn_factor > 1) {
+            double m = 0.1 * d->yarn_mscale_all_dim * log(d->yarn_factor) + 1.0;
             scale *= m * m;
         }
-        hp->rope_mscale = yarn_get_mscale(c->yarn_factor, c->yarn_mscale) /
-                          yarn_get_mscale(c->yarn_factor, c->yarn_mscale_all_dim);
+        hp->rope_mscale = yarn_get_mscale(d->yarn_factor, d->yarn_mscale) /
+                          yarn_get_mscale(d->yarn_factor, d->yarn_mscale_all_dim);
     }
     hp->softmax_scale = (float)scale;
 
     struct mf_moe_config *mc = &hp->moe;
-    mc->router = MF_ROUTER_NOAUX_TC;
+    mc->router = (enum mf_router_kind)c->family->router;   // declared in mf_arch
     mc->n_embd = c->hidden_size;
     mc->n_expert = c->num_experts;
     mc->n_expert_used = c->num_experts_per_tok;
     mc->n_ff_exp = c->moe_intermediate_size;
-    mc->n_ff_shexp = c->moe_intermediate_size * c->n_shared_experts;
+    mc->n_ff_shexp = c->moe_intermediate_size * d->noaux.n_shared_experts;
     mc->norm_topk_prob = c->norm_topk_prob;
-    mc->n_group = c->n_group > 0 ? c->n_group : 1;
-    mc->topk_group = c->topk_group > 0 ? c->topk_group : 1;
-    mc->routed_scaling_factor = (float)c->routed_scaling_factor;
+    mc->n_group = d->noaux.n_group > 0 ? d->noaux.n_group : 1;
+    mc->topk_group = d->noaux.topk_group > 0 ? d->noaux.topk_group : 1;
+    mc->routed_scaling_factor = (float)d->noaux.routed_scaling_factor;
 }
 
 /* ==== Load: weight binding ==== */
@@ -257,21 +369,6 @@ static struct mf_weight rows_view(const struct mf_weight *w, int64_t row0, int64
     struct mf_weight v = mf_weight_slice(&row, row0);
     v.n_out = n_rows;
     return v;
-}
-
-static int bind_lin(const mf_model *m, struct mf_weight *out, int64_t n_stack,
-                    int64_t n_out, int64_t n_in, char *err, size_t errlen,
-                    const char *fmt, int il) {
-    char path[256];
-    snprintf(path, sizeof path, fmt, il);
-    return mf_bind_linear(m, out, path, n_stack, n_out, n_in, err, errlen);
-}
-
-static int bind_vec(const mf_model *m, struct mf_weight *out, int64_t n, char *err,
-                    size_t errlen, const char *fmt, int il) {
-    char name[256];
-    snprintf(name, sizeof name, fmt, il);
-    return mf_bind_vector(m, out, name, n, err, errlen);
 }
 
 // W_UK^h / W_UV^h per head from either checkpoint form (model-math §3.3): new files
@@ -287,18 +384,18 @@ static int bind_absorption(const mf_model *m, struct ds_layer *L, const struct d
     snprintf(name, sizeof name, "model.layers.%d.self_attn.kv_b_proj.weight", il);
     if (mf_has_tensor(m, name)) {
         struct mf_weight kvb;
-        int rc = bind_lin(m, &kvb, 0, (int64_t)H * (nope + vd), kvl, err, errlen,
-                          "model.layers.%d.self_attn.kv_b_proj", il);
+        int rc = mf_bind_lin_at(m, &kvb, 0, (int64_t)H * (nope + vd), kvl, err, errlen,
+                                "model.layers.%d.self_attn.kv_b_proj", il);
         if (rc) return rc;
         L->w_uk = (struct ds_heads){rows_view(&kvb, 0, nope), nope + vd, 1};
         L->w_uv = (struct ds_heads){rows_view(&kvb, nope, vd), nope + vd, 0};
         return MF_OK;
     }
     struct mf_weight eq, uo;
-    int rc = bind_lin(m, &eq, H, kvl, nope, err, errlen,
-                      "model.layers.%d.self_attn.embed_q", il);
-    if (!rc) rc = bind_lin(m, &uo, H, vd, kvl, err, errlen,
-                           "model.layers.%d.self_attn.unembed_out", il);
+    int rc = mf_bind_lin_at(m, &eq, H, kvl, nope, err, errlen,
+                            "model.layers.%d.self_attn.embed_q", il);
+    if (!rc) rc = mf_bind_lin_at(m, &uo, H, vd, kvl, err, errlen,
+                                 "model.layers.%d.self_attn.unembed_out", il);
     if (rc) return rc;
     L->w_uk = (struct ds_heads){eq, kvl, 0};
     L->w_uv = (struct ds_heads){uo, vd, 0};
@@ -329,15 +426,15 @@ static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds
     int rc = refuse_biases(m, il, err, errlen);
     if (rc) return rc;
     if (hp->q_lora_rank > 0) {
-        rc = bind_lin(m, &L->q_a_proj, 0, hp->q_lora_rank, hid, err, errlen,
-                      "model.layers.%d.self_attn.q_a_proj", il);
-        if (!rc) rc = bind_vec(m, &L->q_a_layernorm, hp->q_lora_rank, err, errlen,
-                               "model.layers.%d.self_attn.q_a_layernorm.weight", il);
-        if (!rc) rc = bind_lin(m, &q_b, 0, H * hp->q_head_dim, hp->q_lora_rank,
-                               err, errlen, "model.layers.%d.self_attn.q_b_proj", il);
+        rc = mf_bind_lin_at(m, &L->q_a_proj, 0, hp->q_lora_rank, hid, err, errlen,
+                            "model.layers.%d.self_attn.q_a_proj", il);
+        if (!rc) rc = mf_bind_vec_at(m, &L->q_a_layernorm, hp->q_lora_rank, err, errlen,
+                                     "model.layers.%d.self_attn.q_a_layernorm.weight", il);
+        if (!rc) rc = mf_bind_lin_at(m, &q_b, 0, H * hp->q_head_dim, hp->q_lora_rank,
+                                     err, errlen, "model.layers.%d.self_attn.q_b_proj", il);
     } else {
-        rc = bind_lin(m, &q_b, 0, H * hp->q_head_dim, hid, err, errlen,
-                      "model.layers.%d.self_attn.q_proj", il);
+        rc = mf_bind_lin_at(m, &q_b, 0, H * hp->q_head_dim, hid, err, errlen,
+                            "model.layers.%d.self_attn.q_proj", il);
     }
     if (rc) return rc;
     // Per head [nope | rope] rows: two per-head products put q_nope in its own buffer
@@ -346,12 +443,12 @@ static int bind_attention(const mf_model *m, struct ds_layer *L, const struct ds
                                   hp->q_head_dim, 0};
     L->q_pe = (struct ds_heads){rows_view(&q_b, hp->qk_nope_head_dim,
                                           hp->qk_rope_head_dim), hp->q_head_dim, 0};
-    if (!rc) rc = bind_lin(m, &L->kv_a_proj_with_mqa, 0, hp->kv_row, hid, err, errlen,
-                           "model.layers.%d.self_attn.kv_a_proj_with_mqa", il);
-    if (!rc) rc = bind_vec(m, &L->kv_a_layernorm, hp->kv_lora_rank, err, errlen,
-                           "model.layers.%d.self_attn.kv_a_layernorm.weight", il);
-    if (!rc) rc = bind_lin(m, &L->o_proj, 0, hid, H * hp->v_head_dim, err, errlen,
-                           "model.layers.%d.self_attn.o_proj", il);
+    if (!rc) rc = mf_bind_lin_at(m, &L->kv_a_proj_with_mqa, 0, hp->kv_row, hid, err, errlen,
+                                 "model.layers.%d.self_attn.kv_a_proj_with_mqa", il);
+    if (!rc) rc = mf_bind_vec_at(m, &L->kv_a_layernorm, hp->kv_lora_rank, err, errlen,
+                                 "model.layers.%d.self_attn.kv_a_layernorm.weight", il);
+    if (!rc) rc = mf_bind_lin_at(m, &L->o_proj, 0, hid, H * hp->v_head_dim, err, errlen,
+                                 "model.layers.%d.self_attn.o_proj", il);
     if (!rc) rc = bind_absorption(m, L, hp, il, err, errlen);
     return rc;
 }
@@ -364,26 +461,7 @@ static int bind_ffn(mf_model *m, struct ds_layer *L, const struct ds_hparams *hp
         snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", il);
         return mf_ffn_bind(m, &L->ffn, prefix, hid, hp->intermediate_size, err, errlen);
     }
-    struct mf_moe_layer *w = &L->moe;
-    w->il = il;
-    int rc = bind_lin(m, &w->router, 0, hp->moe.n_expert, hid, err, errlen,
-                      "model.layers.%d.mlp.gate", il);
-    if (!rc) {
-        // read by moe_route as f32: converted once here if stored as F16/BF16
-        char name[256];
-        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.e_score_correction_bias", il);
-        rc = mf_bind_vector_f32(m, &w->router_bias, name, hp->moe.n_expert, err, errlen);
-    }
-    if (rc || hp->moe.n_ff_shexp == 0) return rc;
-    struct mf_ffn_layer sh;
-    snprintf(prefix, sizeof prefix, "model.layers.%d.mlp.shared_experts", il);
-    rc = mf_ffn_bind(m, &sh, prefix, hid, hp->moe.n_ff_shexp, err, errlen);
-    if (rc) return rc;
-    w->has_shared = 1;  // DeepSeek's shared experts are added without a gate
-    w->shared_gate = sh.gate;
-    w->shared_up = sh.up;
-    w->shared_down = sh.down;
-    return MF_OK;
+    return mf_bind_noaux_moe(m, &L->moe, &hp->moe, il, err, errlen);
 }
 
 static void ds_unbind(mf_model *m) {
@@ -423,10 +501,10 @@ static int ds_bind(mf_model *m, char *err, size_t errlen) {
     for (int il = 0; !rc && il < hp->num_hidden_layers; il++) {
         struct ds_layer *L = &M->layers[il];
         L->is_moe = c->layer_is_moe[il];
-        rc = bind_vec(m, &L->input_layernorm, hp->hidden_size, err, errlen,
-                      "model.layers.%d.input_layernorm.weight", il);
-        if (!rc) rc = bind_vec(m, &L->post_attention_layernorm, hp->hidden_size, err,
-                               errlen, "model.layers.%d.post_attention_layernorm.weight", il);
+        rc = mf_bind_vec_at(m, &L->input_layernorm, hp->hidden_size, err, errlen,
+                            "model.layers.%d.input_layernorm.weight", il);
+        if (!rc) rc = mf_bind_vec_at(m, &L->post_attention_layernorm, hp->hidden_size, err,
+                                     errlen, "model.layers.%d.post_attention_layernorm.weight", il);
         if (!rc) rc = bind_attention(m, L, hp, il, err, errlen);
         if (!rc) rc = bind_ffn(m, L, hp, il, err, errlen);
     }
@@ -616,9 +694,22 @@ static int ds_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logi
 
 /* ==== Registration ==== */
 
+static const char *const ds_expert_components[] = {"gate_proj", "up_proj", "down_proj",
+                                                  NULL};
+
 const struct mf_arch mf_arch_deepseek_v3 = {
     .model_type = "deepseek_v3",
+    // mlx-lm MODEL_REMAPPING runs Kimi-K2 checkpoints as deepseek_v3.
+    .alias = "kimi_k2",
     .id = MF_ARCH_DEEPSEEK_V3,
+    .experts_key = "n_routed_experts",
+    .no_head_dim = 1,
+    .norm_topk_default = 1,
+    .read_config = ds_read_config,
+    .free_config = free,
+    .ident = ds_ident,
+    .router = MF_ROUTER_NOAUX_TC,
+    .expert_components = ds_expert_components,
     .bind = ds_bind,
     .unbind = ds_unbind,
     .state_new = ds_state_new,

@@ -20,6 +20,9 @@
 
 #include "core/internal.h"
 #include "models/decoder.h"
+#include "models/arch_config.h"
+#include "models/attn_gqa.h"
+#include "models/bind.h"
 #include "models/moe.h"
 
 // Tokens per forward chunk: scratch is sized for this many, longer prompts are run in
@@ -37,8 +40,8 @@ struct q3_hparams {
     int vocab_size;
     int intermediate_size;     // dense layers
     float rms_norm_eps;
-    float attn_scale;          // head_dim^-1/2
     float *inv_freq;           // [head_dim/2] host, owned: rope_theta^(-2j/head_dim)
+    struct mf_gqa_dims attn;   // models/attn_gqa.h
     struct mf_moe_config moe;
 };
 
@@ -47,12 +50,7 @@ struct q3_hparams {
 struct q3_layer {
     struct mf_weight input_layernorm;          // [hidden]
     struct mf_weight post_attention_layernorm; // [hidden]
-    struct mf_weight q_proj;                   // [H*D, hidden]
-    struct mf_weight k_proj;                   // [Hkv*D, hidden]
-    struct mf_weight v_proj;                   // [Hkv*D, hidden]
-    struct mf_weight o_proj;                   // [hidden, H*D]
-    struct mf_weight q_norm;                   // [D]
-    struct mf_weight k_norm;                   // [D]
+    struct mf_gqa_layer attn;                  // q/k/v/o, q/k norms
     int is_moe;
     struct mf_ffn_layer ffn;                   // dense layers
     struct mf_moe_layer moe;                   // MoE layers
@@ -72,11 +70,7 @@ struct q3_model {
 // residual stream, block output and logits live in dec (models/decoder.h).
 struct q3_state {
     struct mf_decoder dec;
-    float **k_cache;    // [n_layer] -> [n_ctx, Hkv, D] roped, normed keys
-    float **v_cache;    // [n_layer] -> [n_ctx, Hkv, D]
-    float *inv_freq;    // [D/2]
-    float *q;           // [T, H, D]
-    float *attn;        // [T, H, D] attention output
+    struct mf_gqa_state gqa;   // KV caches, q/attention scratch
 };
 
 /* ==== Load ==== */
@@ -111,14 +105,18 @@ static void fill_hparams(struct q3_hparams *hp, const struct mf_config *c) {
     hp->vocab_size = c->vocab_size;
     hp->intermediate_size = c->intermediate_size;
     hp->rms_norm_eps = c->rms_norm_eps;
-    hp->attn_scale = (float)(1.0 / sqrt((double)c->head_dim));
+    hp->attn = (struct mf_gqa_dims){
+        .n_layer = c->num_hidden_layers, .n_head = c->num_attention_heads,
+        .n_head_kv = c->num_key_value_heads, .head_dim = c->head_dim,
+        .n_rot = c->head_dim, .eps = c->rms_norm_eps,
+        .scale = (float)(1.0 / sqrt((double)c->head_dim)),
+    };
     // mlx-lm qwen3_moe uses plain nn.RoPE(head_dim, base=rope_theta) and ignores
     // rope_scaling.
-    for (int j = 0; j < c->head_dim / 2; j++)
-        hp->inv_freq[j] = (float)pow(c->rope_theta, -2.0 * j / c->head_dim);
+    mf_rope_inv_freq_plain(hp->inv_freq, c->head_dim, c->rope_theta);
 
     struct mf_moe_config *mc = &hp->moe;
-    mc->router = MF_ROUTER_SOFTMAX;
+    mc->router = (enum mf_router_kind)c->family->router;   // declared in mf_arch
     mc->n_embd = c->hidden_size;
     mc->n_expert = c->num_experts;
     mc->n_expert_used = c->num_experts_per_tok;
@@ -130,50 +128,26 @@ static void fill_hparams(struct q3_hparams *hp, const struct mf_config *c) {
     mc->routed_scaling_factor = 1.0f;
 }
 
-static int bind_lin(const mf_model *m, struct mf_weight *out, int64_t n_out, int64_t n_in,
-                    char *err, size_t errlen, const char *fmt, int il) {
-    char path[256];
-    snprintf(path, sizeof path, fmt, il);
-    return mf_bind_linear(m, out, path, 0, n_out, n_in, err, errlen);
-}
-
-static int bind_vec(const mf_model *m, struct mf_weight *out, int64_t n, char *err,
-                    size_t errlen, const char *fmt, int il) {
-    char name[256];
-    snprintf(name, sizeof name, fmt, il);
-    return mf_bind_vector(m, out, name, n, err, errlen);
-}
-
-static int bind_layer(const mf_model *m, struct q3_layer *L, const struct q3_hparams *hp,
+static int bind_layer(mf_model *m, struct q3_layer *L, const struct q3_hparams *hp,
                       int il, char *err, size_t errlen) {
-    int64_t hid = hp->hidden_size, D = hp->head_dim;
-    int64_t qd = hp->num_attention_heads * D, kvd = hp->num_key_value_heads * D;
-    int rc = bind_vec(m, &L->input_layernorm, hid, err, errlen,
-                      "model.layers.%d.input_layernorm.weight", il);
-    if (!rc) rc = bind_vec(m, &L->post_attention_layernorm, hid, err, errlen,
-                           "model.layers.%d.post_attention_layernorm.weight", il);
-    if (!rc) rc = bind_lin(m, &L->q_proj, qd, hid, err, errlen,
-                           "model.layers.%d.self_attn.q_proj", il);
-    if (!rc) rc = bind_lin(m, &L->k_proj, kvd, hid, err, errlen,
-                           "model.layers.%d.self_attn.k_proj", il);
-    if (!rc) rc = bind_lin(m, &L->v_proj, kvd, hid, err, errlen,
-                           "model.layers.%d.self_attn.v_proj", il);
-    if (!rc) rc = bind_lin(m, &L->o_proj, hid, qd, err, errlen,
-                           "model.layers.%d.self_attn.o_proj", il);
-    if (!rc) rc = bind_vec(m, &L->q_norm, D, err, errlen,
-                           "model.layers.%d.self_attn.q_norm.weight", il);
-    if (!rc) rc = bind_vec(m, &L->k_norm, D, err, errlen,
-                           "model.layers.%d.self_attn.k_norm.weight", il);
-    if (rc) return rc;
+    int hid = hp->hidden_size;
+    int rc = mf_bind_vec_at(m, &L->input_layernorm, hid, err, errlen,
+                            "model.layers.%d.input_layernorm.weight", il);
+    if (!rc) rc = mf_bind_vec_at(m, &L->post_attention_layernorm, hid, err, errlen,
+                                 "model.layers.%d.post_attention_layernorm.weight", il);
     char prefix[256];
+    snprintf(prefix, sizeof prefix, "model.layers.%d.self_attn", il);
+    // Qwen3 always has q/k norms and no projection biases.
+    if (!rc) rc = mf_gqa_bind(m, &L->attn, &hp->attn, hid, prefix, 1, 0, err, errlen);
+    if (rc) return rc;
     snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", il);
     if (!L->is_moe)
-        return mf_ffn_bind(m, &L->ffn, prefix, (int)hid, hp->intermediate_size, err, errlen);
+        return mf_ffn_bind(m, &L->ffn, prefix, hid, hp->intermediate_size, err, errlen);
     L->moe.il = il;
     // The router is 8-bit in conversions after mlx-lm #349, 4-bit before; the binder
     // reads bits from the file and the config's quantization block.
-    return bind_lin(m, &L->moe.router, hp->moe.n_expert, hid, err, errlen,
-                    "model.layers.%d.mlp.gate", il);
+    return mf_bind_lin_at(m, &L->moe.router, 0, hp->moe.n_expert, hid, err, errlen,
+                          "model.layers.%d.mlp.gate", il);
 }
 
 static void q3_unbind(mf_model *m) {
@@ -223,17 +197,8 @@ static void q3_state_free(mf_ctx *ctx) {
     struct q3_state *s = ctx->arch_state;
     if (!s) return;
     const struct q3_model *M = ctx->model->arch_weights;
-    const struct mf_backend_ops *op = ctx->be->ops;
-    for (int il = 0; il < M->hp.num_hidden_layers; il++) {
-        if (s->k_cache && s->k_cache[il]) op->dealloc(ctx->ex, s->k_cache[il]);
-        if (s->v_cache && s->v_cache[il]) op->dealloc(ctx->ex, s->v_cache[il]);
-    }
-    float *bufs[] = {s->inv_freq, s->q, s->attn};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-        if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
+    mf_gqa_state_free(ctx, &s->gqa, &M->hp.attn);
     mf_decoder_free(ctx, &s->dec);
-    free(s->k_cache);
-    free(s->v_cache);
     free(s);
     ctx->arch_state = NULL;
 }
@@ -246,97 +211,32 @@ static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     struct q3_state *s = calloc(1, sizeof *s);
     if (!s) return mf_err(err, errlen, MF_ERR_NOMEM, "qwen3_moe: out of memory");
     ctx->arch_state = s;
-    size_t T = (size_t)(ctx->n_ctx < Q3_MAX_CHUNK ? ctx->n_ctx : Q3_MAX_CHUNK);
-    size_t qd = (size_t)hp->num_attention_heads * hp->head_dim;
-    size_t kv_row = (size_t)hp->num_key_value_heads * hp->head_dim;
-    int fail = 0;
-    s->k_cache = calloc((size_t)hp->num_hidden_layers, sizeof *s->k_cache);
-    s->v_cache = calloc((size_t)hp->num_hidden_layers, sizeof *s->v_cache);
-    if (!s->k_cache || !s->v_cache) fail = 1;
-    for (int il = 0; !fail && il < hp->num_hidden_layers; il++) {
-        s->k_cache[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
-        s->v_cache[il] = mf_dev_floats(ctx, (size_t)ctx->n_ctx * kv_row, &fail);
-    }
-    s->inv_freq = mf_dev_floats(ctx, (size_t)hp->head_dim / 2, &fail);
-    s->q = mf_dev_floats(ctx, T * qd, &fail);
-    s->attn = mf_dev_floats(ctx, T * qd, &fail);
-    if (fail) {
+    int T = ctx->n_ctx < Q3_MAX_CHUNK ? ctx->n_ctx : Q3_MAX_CHUNK;
+    int rc = mf_gqa_state_new(ctx, &s->gqa, &hp->attn, T, hp->inv_freq, 0, "qwen3_moe",
+                              err, errlen);
+    if (rc) {
         q3_state_free(ctx);
-        return mf_err(err, errlen, MF_ERR_NOMEM,
-                      "qwen3_moe: out of memory for the KV cache of %d positions and "
-                      "scratch of %zu tokens", ctx->n_ctx, T);
+        return rc;
     }
-    ctx->be->ops->upload(ctx->ex, s->inv_freq, 0, hp->inv_freq,
-                         (size_t)hp->head_dim / 2 * sizeof(float));
     s->dec = (struct mf_decoder){
-        .max_tok = (int)T, .embed = &M->embed_tokens, .norm = &M->norm,
+        .max_tok = T, .embed = &M->embed_tokens, .norm = &M->norm,
         .head = &M->lm_head, .moe_cfg = &hp->moe, .layer = layer_forward,
     };
-    int rc = mf_decoder_alloc(ctx, &s->dec, "qwen3_moe", err, errlen);
+    rc = mf_decoder_alloc(ctx, &s->dec, "qwen3_moe", err, errlen);
     if (rc) q3_state_free(ctx);
     return rc;
 }
 
 static void q3_state_reset(mf_ctx *ctx) {
     struct q3_state *s = ctx->arch_state;
-    const struct q3_hparams *hp = &((const struct q3_model *)ctx->model->arch_weights)->hp;
-    size_t bytes = (size_t)ctx->n_ctx * hp->num_key_value_heads * hp->head_dim *
-                   sizeof(float);
-    for (int il = 0; il < hp->num_hidden_layers; il++) {
-        ctx->be->ops->zero(ctx->ex, s->k_cache[il], 0, bytes);
-        ctx->be->ops->zero(ctx->ex, s->v_cache[il], 0, bytes);
-    }
+    const struct q3_model *M = ctx->model->arch_weights;
+    mf_gqa_state_reset(ctx, &s->gqa, &M->hp.attn);
 }
 
-// A KEY and a VALUE segment per layer, Hkv*D f32 per position each; no fixed state,
-// so truncation is exact by construction.
 static int q3_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int cap) {
     const struct q3_state *s = ctx->arch_state;
-    const struct q3_hparams *hp = &((const struct q3_model *)ctx->model->arch_weights)->hp;
-    uint64_t row_bytes = (uint64_t)hp->num_key_value_heads * hp->head_dim * sizeof(float);
-    int n = 0;
-    for (int il = 0; il < hp->num_hidden_layers; il++) {
-        if (n < cap)
-            segs[n] = (struct mf_state_seg){.buf = s->k_cache[il], .row_bytes = row_bytes,
-                                            .layer = il, .kind = MF_SEG_KEY};
-        n++;
-        if (n < cap)
-            segs[n] = (struct mf_state_seg){.buf = s->v_cache[il], .row_bytes = row_bytes,
-                                            .layer = il, .kind = MF_SEG_VALUE};
-        n++;
-    }
-    return n;
-}
-
-/* ==== Blocks: attention ==== */
-
-// y[n, hidden] = Attn(xn[n, hidden]) for tokens at positions pos0 .. pos0+n-1; writes
-// their K/V cache rows of layer il.
-static void attn_forward(mf_ctx *ctx, struct q3_state *s, const struct q3_hparams *hp,
-                         const struct q3_layer *L, int il, int n, int pos0) {
-    const struct mf_backend_ops *op = ctx->be->ops;
-    struct mf_exec *ex = ctx->ex;
-    const int H = hp->num_attention_heads, Hkv = hp->num_key_value_heads, D = hp->head_dim;
-    const int kv_row = Hkv * D;
-    const float *xn = s->dec.xn;
-    // K and V are projected straight into their cache rows: [n, Hkv*D] is exactly
-    // rows pos0 .. pos0+n-1 of the [n_ctx, Hkv, D] cache.
-    float *k = s->k_cache[il] + (size_t)pos0 * kv_row;
-    float *v = s->v_cache[il] + (size_t)pos0 * kv_row;
-
-    op->matmul(ex, s->q, &L->q_proj, xn, n);   // [n, H, D]
-    op->matmul(ex, k, &L->k_proj, xn, n);      // [n, Hkv, D]
-    op->matmul(ex, v, &L->v_proj, xn, n);      // [n, Hkv, D]
-    // Per-head norms over D, before rotary (qwen3_moe.py Attention).
-    op->rmsnorm(ex, s->q, s->q, &L->q_norm, n * H, D, hp->rms_norm_eps, 1.0f);
-    op->rmsnorm(ex, k, k, &L->k_norm, n * Hkv, D, hp->rms_norm_eps, 1.0f);
-    // Full-dim rotary, rotate-half pairs (j, j + D/2): mlx traditional=False.
-    op->rope(ex, s->q, n, H, H * D, D, D, s->inv_freq, pos0, 0, 1.0f);
-    op->rope(ex, k, n, Hkv, kv_row, D, D, s->inv_freq, pos0, 0, 1.0f);
-    op->attention(ex, s->attn, s->q, s->k_cache[il], s->v_cache[il], n, H, Hkv, D, D,
-                  kv_row, kv_row, pos0, hp->attn_scale);
-    MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);
-    op->matmul(ex, s->dec.y, &L->o_proj, s->attn, n);
+    const struct q3_model *M = ctx->model->arch_weights;
+    return mf_gqa_state_segments(&s->gqa, &M->hp.attn, segs, cap);
 }
 
 /* ==== Forward ==== */
@@ -353,7 +253,7 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
 
     ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
                           hp->rms_norm_eps, 1.0f);
-    attn_forward(ctx, s, hp, L, il, n, pos0);
+    mf_gqa_forward(ctx, &s->gqa, &hp->attn, &L->attn, il, s->dec.y, s->dec.xn, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
     ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
     return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
@@ -366,11 +266,37 @@ static int q3_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logi
     return mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
 }
 
+/* ==== Config: the family's keys (mf_arch.read_config) ==== */
+
+static void q3_free_config(void *p) {
+    struct mf_sparse_step_cfg *q = p;
+    mf_sparse_step_free(q);
+    free(q);
+}
+
+// decoder_sparse_step and mlp_only_layers (a struct mf_sparse_step_cfg at arch_cfg).
+static int q3_read_config(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    struct mf_sparse_step_cfg *q = calloc(1, sizeof *q);
+    if (!q) return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
+    cfg->arch_cfg = q;
+    int rc = mf_read_sparse_step(cfg, r, q);
+    if (!rc) mf_sparse_step_layers(cfg, q);
+    return rc;
+}
+
 /* ==== Registration ==== */
+
+static const char *const q3_expert_components[] = {"gate_proj", "up_proj", "down_proj",
+                                                  NULL};
 
 const struct mf_arch mf_arch_qwen3_moe = {
     .model_type = "qwen3_moe",
     .id = MF_ARCH_QWEN3_MOE,
+    .experts_key = "num_experts",
+    .read_config = q3_read_config,
+    .free_config = q3_free_config,
+    .router = MF_ROUTER_SOFTMAX,
+    .expert_components = q3_expert_components,
     .bind = q3_bind,
     .unbind = q3_unbind,
     .state_new = q3_state_new,

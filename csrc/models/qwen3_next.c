@@ -28,6 +28,7 @@
 #include "core/json.h"
 #include "models/decoder.h"
 #include "models/moe.h"
+#include "models/qwen3_next.h"
 
 // Tokens per forward chunk: scratch is sized for this; longer evals run in chunks.
 // 64 keeps prefill scratch small while each chunk still reads every needed expert
@@ -159,11 +160,12 @@ static int dims_from_config(struct hy_dims *d, const struct mf_config *c, char *
     d->eps = c->rms_norm_eps;
     d->attn_scale = 1.0f / sqrtf((float)c->head_dim);
     d->rope_theta = c->rope_theta;
-    d->nk = c->linear_num_key_heads;
-    d->nv = c->linear_num_value_heads;
-    d->dk = c->linear_key_head_dim;
-    d->dv = c->linear_value_head_dim;
-    d->conv_K = c->linear_conv_kernel_dim;
+    const struct qwen3_next_config *qc = c->arch_cfg;
+    d->nk = qc->linear_num_key_heads;
+    d->nv = qc->linear_num_value_heads;
+    d->dk = qc->linear_key_head_dim;
+    d->dv = qc->linear_value_head_dim;
+    d->conv_K = qc->linear_conv_kernel_dim;
     d->key_dim = d->nk * d->dk;
     d->value_dim = d->nv * d->dv;
     d->conv_dim = 2 * d->key_dim + d->value_dim;
@@ -448,12 +450,13 @@ static int hy_bind(mf_model *m, char *err, size_t errlen) {
     if (rc != MF_OK)
         goto fail;
     hm->moe_cfg = (struct mf_moe_config){
-        .router = MF_ROUTER_SOFTMAX,
+        .router = (enum mf_router_kind)c->family->router,   // declared in mf_arch
         .n_embd = c->hidden_size,
         .n_expert = c->num_experts,
         .n_expert_used = c->num_experts_per_tok,
         .n_ff_exp = c->moe_intermediate_size,
-        .n_ff_shexp = c->shared_expert_intermediate_size,
+        .n_ff_shexp = ((const struct qwen3_next_config *)c->arch_cfg)
+                          ->shared_expert_intermediate_size,
         .norm_topk_prob = c->norm_topk_prob,
         .routed_scaling_factor = 1.0f,
     };
@@ -869,12 +872,90 @@ static int hy_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logi
     return rc;
 }
 
+/* ==== Config: the family's keys (mf_arch.read_config) ==== */
+
+static int read_hybrid(struct qwen3_next_config *q, const struct mf_cfg_reader *r) {
+    q->full_attention_interval = 4;
+    q->linear_conv_kernel_dim = 4;
+    int rc;
+    if ((rc = mf_cfg_pos_int(r, "full_attention_interval", 0, &q->full_attention_interval)) ||
+        (rc = mf_cfg_pos_int(r, "linear_num_key_heads", 1, &q->linear_num_key_heads)) ||
+        (rc = mf_cfg_pos_int(r, "linear_num_value_heads", 1, &q->linear_num_value_heads)) ||
+        (rc = mf_cfg_pos_int(r, "linear_key_head_dim", 1, &q->linear_key_head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "linear_value_head_dim", 1, &q->linear_value_head_dim)) ||
+        (rc = mf_cfg_pos_int(r, "linear_conv_kernel_dim", 0, &q->linear_conv_kernel_dim)) ||
+        (rc = mf_cfg_int(r, "shared_expert_intermediate_size", 0,
+                         &q->shared_expert_intermediate_size)))
+        return rc;
+    if (q->shared_expert_intermediate_size < 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: intermediate sizes must not be negative", r->name);
+    if (q->linear_num_value_heads % q->linear_num_key_heads != 0)
+        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
+                      "%s: linear_num_value_heads (%d) must be a multiple of "
+                      "linear_num_key_heads (%d)", r->name, q->linear_num_value_heads,
+                      q->linear_num_key_heads);
+    return 0;
+}
+
+static void hy_free_config(void *p) {
+    struct qwen3_next_config *q = p;
+    mf_sparse_step_free(&q->sparse);
+    free(q);
+}
+
+// Linear attention except every full_attention_interval-th layer; routed experts on
+// every layer (qwen3_5_moe) or by the sparse-step rule (qwen3_next).
+static int hy_read_config(struct mf_config *cfg, const struct mf_cfg_reader *r) {
+    struct qwen3_next_config *q = calloc(1, sizeof *q);
+    if (!q) return mf_err(r->err, r->errlen, MF_ERR_NOMEM, "%s: out of memory", r->name);
+    cfg->arch_cfg = q;
+    int rc;
+    if ((rc = mf_read_sparse_step(cfg, r, &q->sparse)) || (rc = read_hybrid(q, r)))
+        return rc;
+    int every_layer = cfg->family->id == MF_ARCH_QWEN3_5_MOE;
+    if (every_layer)
+        memset(cfg->layer_is_moe, cfg->num_experts > 0, (size_t)cfg->num_hidden_layers);
+    else
+        mf_sparse_step_layers(cfg, &q->sparse);
+    for (int i = 0; i < cfg->num_hidden_layers; i++)
+        cfg->layer_is_linear[i] = (i + 1) % q->full_attention_interval != 0;
+    return 0;
+}
+
+static int hy_ident(const struct mf_config *cfg, struct mf_ident_field *out, int cap) {
+    const struct qwen3_next_config *q = cfg->arch_cfg;
+    int n = 0;
+    mf_ident_int(out, &n, cap, "shared_expert_intermediate_size",
+                 q->shared_expert_intermediate_size);
+    mf_ident_int(out, &n, cap, "full_attention_interval", q->full_attention_interval);
+    mf_ident_int(out, &n, cap, "linear_num_key_heads", q->linear_num_key_heads);
+    mf_ident_int(out, &n, cap, "linear_num_value_heads", q->linear_num_value_heads);
+    mf_ident_int(out, &n, cap, "linear_key_head_dim", q->linear_key_head_dim);
+    mf_ident_int(out, &n, cap, "linear_value_head_dim", q->linear_value_head_dim);
+    mf_ident_int(out, &n, cap, "linear_conv_kernel_dim", q->linear_conv_kernel_dim);
+    return n;
+}
+
 /* ==== Registration ====
  * Same code for both families; bind decides the per-layer projection layout. */
+
+static const char *const hy_expert_components[] = {"gate_proj", "up_proj", "down_proj",
+                                                  NULL};
 
 const struct mf_arch mf_arch_qwen3_5_moe = {
     .model_type = "qwen3_5_moe",
     .id = MF_ARCH_QWEN3_5_MOE,
+    .experts_key = "num_experts",
+    .norm_topk_default = 1,
+    // mlx-lm qwen3_5 TextModelArgs defaults (rope_parameters absent).
+    .rope_theta_default = 100000.0,
+    .partial_rotary_default = 0.25,
+    .read_config = hy_read_config,
+    .free_config = hy_free_config,
+    .ident = hy_ident,
+    .router = MF_ROUTER_SOFTMAX,
+    .expert_components = hy_expert_components,
     .bind = hy_bind,
     .unbind = hy_unbind,
     .state_new = hy_state_new,
@@ -887,6 +968,12 @@ const struct mf_arch mf_arch_qwen3_5_moe = {
 const struct mf_arch mf_arch_qwen3_next = {
     .model_type = "qwen3_next",
     .id = MF_ARCH_QWEN3_NEXT,
+    .experts_key = "num_experts",
+    .read_config = hy_read_config,
+    .free_config = hy_free_config,
+    .ident = hy_ident,
+    .router = MF_ROUTER_SOFTMAX,
+    .expert_components = hy_expert_components,
     .bind = hy_bind,
     .unbind = hy_unbind,
     .state_new = hy_state_new,

@@ -13,6 +13,11 @@
 #include "check.h"
 #include "core/common.h"
 #include "core/config.h"
+#include "models/deepseek_v3.h"
+#include "models/qwen3_next.h"
+
+// The deepseek_v3 family's own keys (models/deepseek_v3.h).
+#define DS(c) ((const struct deepseek_v3_config *)(c).arch_cfg)
 
 // Qwen3.6-35B-A3B-4bit style: text_config nesting, rope_parameters, 8-bit routers.
 static const char *const QWEN35 =
@@ -83,6 +88,21 @@ static const char *const QWEN3_MOE =
     " \"eos_token_id\": 151645,"
     " \"quantization\": {\"group_size\": 64, \"bits\": 4, \"mode\": \"affine\"}}";
 
+// GLM-4.5's shapes (its config.json keys, with the MTP layer count it also carries).
+static const char *const GLM45 =
+    "{\"model_type\": \"glm4_moe\", \"hidden_size\": 5120, \"num_hidden_layers\": 92,"
+    " \"num_attention_heads\": 96, \"num_key_value_heads\": 8, \"head_dim\": 128,"
+    " \"vocab_size\": 151552, \"max_position_embeddings\": 131072,"
+    " \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000, \"rope_scaling\": null,"
+    " \"partial_rotary_factor\": 0.5, \"intermediate_size\": 12288,"
+    " \"moe_intermediate_size\": 1536, \"n_routed_experts\": 160,"
+    " \"num_experts_per_tok\": 8, \"n_shared_experts\": 1, \"n_group\": 1,"
+    " \"topk_group\": 1, \"routed_scaling_factor\": 2.5, \"norm_topk_prob\": true,"
+    " \"first_k_dense_replace\": 3, \"use_qk_norm\": false, \"attention_bias\": true,"
+    " \"num_nextn_predict_layers\": 1, \"tie_word_embeddings\": false,"
+    " \"eos_token_id\": [151329, 151336, 151338], \"quantization\": {\"bits\": 4,"
+    " \"group_size\": 64}}";
+
 static int parse(struct mf_config *c, const char *text, char *err, size_t errlen) {
     return mf_config_parse(c, text, strlen(text), "cfg.json", err, errlen);
 }
@@ -102,8 +122,9 @@ static void test_qwen35(void) {
     CHECK(c.rope_theta == 1e7 && c.partial_rotary_factor == 0.25,
           "rope_parameters read: %g %g", c.rope_theta, c.partial_rotary_factor);
     CHECK(c.norm_topk_prob == 1, "qwen3_5 default norm_topk_prob is true");
-    CHECK(c.linear_num_value_heads == 32 && c.linear_num_key_heads == 16 &&
-              c.linear_conv_kernel_dim == 4,
+    const struct qwen3_next_config *qc = c.arch_cfg;
+    CHECK(qc->linear_num_value_heads == 32 && qc->linear_num_key_heads == 16 &&
+              qc->linear_conv_kernel_dim == 4,
           "linear attention keys");
     CHECK(c.eos_token_id == 248044 && c.bos_token_id == -1, "eos from text_config, no bos");
     CHECK(c.n_moe_layers == 40, "every layer MoE (%d)", c.n_moe_layers);
@@ -167,15 +188,17 @@ static void test_deepseek(void) {
     CHECK(rc == MF_OK, "deepseek_v3: %s", err);
     if (rc)
         return;
-    CHECK(c.arch == MF_ARCH_DEEPSEEK_V3 && c.num_experts == 256 && c.q_lora_rank == 1536 &&
-              c.kv_lora_rank == 512 && c.qk_rope_head_dim == 64 && c.v_head_dim == 128,
+    const struct deepseek_v3_config *d = DS(c);
+    CHECK(c.arch == MF_ARCH_DEEPSEEK_V3 && c.num_experts == 256 && d->q_lora_rank == 1536 &&
+              d->kv_lora_rank == 512 && d->qk_rope_head_dim == 64 && d->v_head_dim == 128,
           "MLA keys");
-    CHECK(c.n_group == 8 && c.topk_group == 4 && c.routed_scaling_factor == 2.5 &&
-              c.n_shared_experts == 1 && c.norm_topk_prob == 1,
+    CHECK(d->noaux.n_group == 8 && d->noaux.topk_group == 4 &&
+              d->noaux.routed_scaling_factor == 2.5 && d->noaux.n_shared_experts == 1 &&
+              c.norm_topk_prob == 1,
           "router keys");
-    CHECK(c.has_yarn && c.yarn_factor == 40 && c.yarn_original_max_position_embeddings == 4096 &&
-              c.yarn_beta_fast == 32 && c.yarn_beta_slow == 1 && c.yarn_mscale == 1 &&
-              c.yarn_mscale_all_dim == 1,
+    CHECK(d->has_yarn && d->yarn_factor == 40 &&
+              d->yarn_original_max_position_embeddings == 4096 && d->yarn_beta_fast == 32 &&
+              d->yarn_beta_slow == 1 && d->yarn_mscale == 1 && d->yarn_mscale_all_dim == 1,
           "yarn block");
     CHECK(c.eos_token_id == 1 && c.bos_token_id == 0, "eos list -> first id");
     CHECK(c.n_moe_layers == 58 && !c.layer_is_moe[2] && c.layer_is_moe[3] && c.layer_is_moe[60],
@@ -196,8 +219,8 @@ static void test_deepseek(void) {
         rc = parse(&c, t, err, sizeof err);
         CHECK(rc == MF_OK, "deepseek variant: %s", err);
         if (!rc) {
-            CHECK(c.q_lora_rank == 0, "q_lora_rank null -> 0");
-            CHECK(c.has_yarn, "rope_type spelling accepted");
+            CHECK(DS(c)->q_lora_rank == 0, "q_lora_rank null -> 0");
+            CHECK(DS(c)->has_yarn, "rope_type spelling accepted");
             CHECK(c.layer_is_moe[3] == 0 && c.layer_is_moe[4] == 1 && c.layer_is_moe[5] == 0,
                   "moe_layer_freq 2: even layers from 3 on");
             mf_config_free(&c);
@@ -266,6 +289,32 @@ static void expect_error(const char *base, const char *from, const char *to, int
     if (rc == MF_OK)
         mf_config_free(&c);
     free(t);
+}
+
+// A family added after the registry (models/glm4_moe.c): its reader is reached by
+// model_type and derives its layer kinds; core's shared keys as for the others.
+static void test_glm4_moe(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, GLM45, err, sizeof err);
+    CHECK(rc == MF_OK, "glm4_moe: %s", err);
+    if (rc)
+        return;
+    CHECK(strcmp(c.model_type, "glm4_moe") == 0 && c.family && c.arch_cfg &&
+              c.num_experts == 160 && c.head_dim == 128 && c.num_key_value_heads == 8 &&
+              c.partial_rotary_factor == 0.5 && c.norm_topk_prob == 1,
+          "glm4_moe shared keys");
+    CHECK(c.n_moe_layers == 89 && !c.layer_is_moe[2] && c.layer_is_moe[3] &&
+              c.layer_is_moe[91] && !c.layer_is_linear[50],
+          "first 3 layers dense, no linear attention");
+    CHECK(c.eos_token_id == 151329, "eos list -> first id");
+    mf_config_free(&c);
+    expect_error(GLM45, "\"n_group\": 1", "\"n_group\": 3", MF_ERR_FORMAT,
+                 "multiple of n_group");
+    expect_error(GLM45, "\"use_qk_norm\": false", "\"use_qk_norm\": 2", MF_ERR_FORMAT,
+                 "use_qk_norm");
+    expect_error(GLM45, "\"partial_rotary_factor\": 0.5",
+                 "\"partial_rotary_factor\": 0.01", MF_ERR_FORMAT, "rotated dims");
 }
 
 static void test_errors(void) {
@@ -369,6 +418,7 @@ int main(void) {
     test_deepseek();
     test_kimi_alias();
     test_qwen3_moe();
+    test_glm4_moe();
     test_errors();
     test_fuzz();
     return check_finish("test_config");

@@ -22,8 +22,9 @@
 #define REC_BYTES 256
 #define ROW_BYTES 32
 #define N_CTX 40
-// Identity fields in a version-1 snapshot header (state.c).
-#define N_IDENT 34
+// Identity fields in a version-2 snapshot header of a family without fields of its own
+// (state.c: 14 shared + 4 tail).
+#define N_IDENT 18
 
 struct fake_state {
     uint8_t *conv;   // [CONV_BYTES] device (CPU) buffer
@@ -322,9 +323,12 @@ static void test_refusals(struct fixture *f) {
         expect_refused(a, buf, n, MF_ERR_STATE, "identity resealed");
     }
     memcpy(buf, snap, n);
-    buf[4] = 2;
+    buf[4] = 3;
     reseal(buf, n);
-    expect_refused(a, buf, n, MF_ERR_UNSUPPORTED, "version 2");
+    expect_refused(a, buf, n, MF_ERR_UNSUPPORTED, "version 3");
+    buf[4] = 1;   // read as version 1: its 34 fields are not this header's 18
+    reseal(buf, n);
+    expect_refused(a, buf, n, MF_ERR_FORMAT, "version 1 relabelled");
     buf[4] = 0;
     reseal(buf, n);
     expect_refused(a, buf, n, MF_ERR_FORMAT, "version 0");

@@ -22,6 +22,7 @@
 #include "fuzz_util.h"
 
 #include "core/config.h"
+#include "core/internal.h"
 
 #define CAP_DIM 4096
 #define CAP_EXPERTS 512
@@ -39,18 +40,19 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-// 1 when the described model is small enough to load (see the header comment).
+// 1 when the described model is small enough to load (see the header comment): the
+// shared dims, and the family's own integer fields as its snapshot identity lists them
+// (mf_arch.ident: shapes such as linear heads, MLA ranks, shared expert widths).
 static int within_cap(const struct mf_config *c) {
     const int dims[] = {c->hidden_size, c->num_attention_heads, c->num_key_value_heads,
                         c->head_dim, c->vocab_size, c->moe_intermediate_size,
-                        c->shared_expert_intermediate_size, c->intermediate_size,
-                        c->linear_num_key_heads, c->linear_num_value_heads,
-                        c->linear_key_head_dim, c->linear_value_head_dim,
-                        c->linear_conv_kernel_dim, c->q_lora_rank, c->kv_lora_rank,
-                        c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim,
-                        c->n_shared_experts};
+                        c->intermediate_size};
     for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
         if (dims[i] > CAP_DIM) return 0;
+    struct mf_ident_field f[MF_IDENT_ARCH_MAX];
+    int nf = c->family->ident ? c->family->ident(c, f, MF_IDENT_ARCH_MAX) : 0;
+    for (int i = 0; i < nf && i < MF_IDENT_ARCH_MAX; i++)
+        if (!f[i].is_float && f[i].i > CAP_DIM) return 0;
     return c->num_hidden_layers <= FUZZ_MAX_LAYERS && c->num_experts <= CAP_EXPERTS &&
            (int64_t)c->num_attention_heads * c->head_dim <= CAP_DIM;
 }

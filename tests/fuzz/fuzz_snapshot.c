@@ -29,9 +29,13 @@ static struct {
     size_t scratch_cap;
 } F;
 
-// Identity fields of a version-1 header (state.c's N_IDENT): n_past follows them.
-#define N_IDENT 34
-#define N_PAST_AT (12 + 8 * N_IDENT)
+// n_past follows the identity fields, whose count (u32 at offset 8) is per family in
+// version 2 and 34 in version 1.
+static size_t n_past_at(const uint8_t *snap) {
+    uint32_t n_ident = 0;
+    for (int i = 0; i < 4; i++) n_ident |= (uint32_t)snap[8 + i] << (8 * i);
+    return 12 + 8 * (size_t)n_ident;
+}
 
 #define FNV_OFFSET 0xcbf29ce484222325ULL
 #define FNV_PRIME 0x100000001b3ULL
@@ -140,8 +144,14 @@ static void try_load(int f, const uint8_t *snap, size_t n) {
                      mf_ctx_errmsg(ctx));
         return;
     }
-    uint32_t n_past = (uint32_t)(le64(snap + N_PAST_AT) & 0xffffffffu);
+    uint32_t n_past = (uint32_t)(le64(snap + n_past_at(snap)) & 0xffffffffu);
     if (mf_ctx_n_past(ctx) != (int)n_past) fuzz_die("loaded n_past differs from the header");
+    if (snap[4] == 1) {
+        // Version 1 is read, never written: it saves back as version 2.
+        if (mf_ctx_state_load(ctx, F.before[f], F.n_before[f]) != MF_OK)
+            fuzz_die("cannot restore the fixture state: %s", mf_ctx_errmsg(ctx));
+        return;
+    }
     uint8_t *copy = malloc(n);
     if (!copy) fuzz_die("out of memory");
     memcpy(copy, snap, n);   // snap may be F.scratch, which save() reuses

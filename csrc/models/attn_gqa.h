@@ -1,0 +1,67 @@
+/*
+ * attn_gqa.h — grouped-query attention with a KV cache, the block qwen3_moe and
+ * glm4_moe share (model-math §4): q/k/v projections (optional biases), optional
+ * per-head RMSNorm of q and k (plain gains), rotary with rotate-half pairs over the
+ * first n_rot dims of each head (partial rotary when n_rot < head_dim), causal
+ * attention over the cache, o_proj. Also the plain rope frequency table and the
+ * state boilerplate (a KEY and a VALUE segment per layer, chunk scratch).
+ */
+#ifndef MF_ATTN_GQA_H
+#define MF_ATTN_GQA_H
+
+#include "core/internal.h"
+
+struct mf_gqa_dims {
+    int n_layer;
+    int n_head;
+    int n_head_kv;
+    int head_dim;
+    int n_rot;          // rotated dims per head (even, <= head_dim)
+    float eps;          // q/k norm eps (rms_norm_eps)
+    float scale;        // head_dim^-1/2
+};
+
+struct mf_gqa_layer {
+    struct mf_weight q_proj, k_proj, v_proj, o_proj;
+    struct mf_weight q_norm, k_norm;      // [head_dim]; w NULL when the family has none
+    struct mf_weight q_bias, k_bias, v_bias;  // f32; w NULL without attention_bias
+};
+
+// Per ctx: every layer's KV cache and one chunk's scratch (device memory).
+struct mf_gqa_state {
+    float **k_cache;    // [n_layer] -> [n_ctx, Hkv, D] roped (normed) keys
+    float **v_cache;    // [n_layer] -> [n_ctx, Hkv, D]
+    float *inv_freq;    // [n_rot/2]
+    float *q;           // [T, H, D]
+    float *attn;        // [T, H, D] attention output
+    float *bias_rows;   // [T, H*D] a bias repeated per token; NULL without biases
+    int32_t *zero_idx;  // [T] host zeros (gather index of bias_rows)
+};
+
+// inv_freq[j] = theta^(-2j/n_rot), j < n_rot/2 (mlx nn.RoPE, traditional=False).
+void mf_rope_inv_freq_plain(float *inv_freq, int n_rot, double theta);
+
+// Binds <prefix>.{q,k,v,o}_proj, and <prefix>.{q,k}_norm.weight when qk_norm, and
+// <prefix>.{q,k,v}_proj.bias when bias (prefix e.g. "model.layers.3.self_attn").
+int mf_gqa_bind(mf_model *m, struct mf_gqa_layer *L, const struct mf_gqa_dims *d,
+                int n_embd, const char *prefix, int qk_norm, int bias, char *err,
+                size_t errlen);
+
+// KV caches for ctx->n_ctx positions and scratch for T tokens per chunk; uploads the
+// n_rot/2 host frequencies. `with_bias`: scratch for the projection biases.
+int mf_gqa_state_new(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d,
+                     int T, const float *inv_freq_host, int with_bias, const char *arch,
+                     char *err, size_t errlen);
+void mf_gqa_state_free(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d);
+void mf_gqa_state_reset(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d);
+// A KEY and a VALUE segment per layer (mf_arch.state_segments).
+int mf_gqa_state_segments(const struct mf_gqa_state *s, const struct mf_gqa_dims *d,
+                          struct mf_state_seg *segs, int cap);
+
+// y[n, n_embd] = Attn(xn[n, n_embd]) for tokens at positions pos0 .. pos0+n-1;
+// writes their K/V cache rows of layer il.
+void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d,
+                    const struct mf_gqa_layer *L, int il, float *y, const float *xn,
+                    int n, int pos0);
+
+#endif /* MF_ATTN_GQA_H */

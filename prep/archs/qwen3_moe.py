@@ -1,0 +1,4 @@
+"""Prep rules of qwen3_moe: the Qwen sparse-step rule."""
+from moeflux.prep.archs import Family, sparse_step_layers
+
+FAMILY = Family("qwen3_moe", moe_layers=sparse_step_layers)
