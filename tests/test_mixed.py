@@ -159,6 +159,26 @@ def test_snapshot_round_trip_and_verify(case_id: str, recipe_model: Any) -> None
     assert rep.ok, str(rep)
 
 
+@pytest.mark.parametrize("case_id", ["qwen3_moe-mixed_3_6",
+                                     "deepseek_v3-attn6-exp3-downfloat"])
+def test_resident_and_io_modes_bitwise(case_id: str, recipe_model: Any) -> None:
+    """Resident experts (moe_experts_dev and one grouped call per layer, the per-layer
+    views included) and the mmap reader give the streaming path's bits."""
+    import moeflux
+
+    _, model_dir = recipe_model(case_id)
+
+    def run(**kw: Any) -> np.ndarray:
+        with moeflux.Model(model_dir, threads=2, **kw) as m:
+            rows = [m.eval(FWD_PROMPT, all_logits=True)]
+            rows += [m.eval([t])[None] for t in CONT]
+        return np.concatenate(rows)
+
+    base = run()
+    for kw in ({"gpu_experts": "resident"}, {"io_mode": "mmap"}):
+        np.testing.assert_array_equal(run(**kw), base, err_msg=str(kw))
+
+
 def test_layouts_say_each_format(recipe_model: Any) -> None:
     """What the converted layouts hold, read from mlx-lm's config.json recipe: the
     float down_proj, the 3-bit experts, mixed_3_6's 6-bit down_proj in the layers its

@@ -2,12 +2,15 @@
  * expert_store.c — packed_experts/: layout.json and the per-layer expert files.
  *
  * The layout is validated once at open (every component inside the blob, sizes equal
- * to their shapes, the nine components present and disjoint, every MoE layer's file at
- * least num_experts * expert_size bytes), so a read is a single pread of one blob with
- * no further checks. Layouts written by the reference system lack "format",
- * "version", "moe_layers", "bits" and "group_size": the MoE layers then come from the
- * caller and bits from the component shapes. This file knows nothing of models or of
- * what the bytes mean; moe.c interprets the components.
+ * to their shapes, names unique, components disjoint; version 1: the nine components
+ * present; every projection's parts consistent with its weight's format; every MoE
+ * layer's file at least num_experts * expert_size bytes), so a read is a single pread
+ * of one blob with no further checks. Layouts written by the reference system lack
+ * "format", "version", "moe_layers", "bits" and "group_size": the MoE layers then
+ * come from the caller and bits from the component shapes. Version 2 adds per-weight
+ * "mode" / "bits" / "group_size", ".bias" parts and "layer_components" (a table per
+ * layer where the recipe changes with the layer). This file knows nothing of models
+ * or of what the bytes mean; moe.c interprets the projections.
  */
 #include "io/expert_store.h"
 
