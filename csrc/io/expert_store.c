@@ -33,6 +33,9 @@
 struct mf_expert_store {
     struct mf_expert_layout layout;
     struct mf_expert_table *tables;   // [n_layers] each layer's components
+    uint64_t *used;      // [n_layers] bytes of a blob its components reach (version 2:
+                         // a read stops there, a smaller layer's padding is not read;
+                         // version 1: expert_size)
     int n_layers;
     int *fds;            // [n_layers], -1 for layers without a file
     char *dir;           // for messages
@@ -482,6 +485,7 @@ void mf_expert_store_close(mf_expert_store *st) {
             close(st->dfds[l]);
     free(st->dfds);
     free(st->tables);
+    free(st->used);
     if (st->lock_ok)
         pthread_mutex_destroy(&st->lock);
     free(st->dir);
@@ -576,9 +580,10 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
     st->dfds = fd_array(n_layers);
     st->maps = calloc((size_t)n_layers, sizeof *st->maps);
     st->tables = calloc((size_t)n_layers, sizeof *st->tables);
+    st->used = calloc((size_t)n_layers, sizeof *st->used);
     long page = sysconf(_SC_PAGESIZE);
     st->page = page > 0 ? (size_t)page : 4096;
-    if (!st->dir || !st->fds || !st->dfds || !st->maps || !st->tables) {
+    if (!st->dir || !st->fds || !st->dfds || !st->maps || !st->tables || !st->used) {
         mf_expert_store_close(st);
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     }
@@ -602,9 +607,17 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
     mf_json_free(doc);
     free(text);
     free(lpath);
-    for (int l = 0; l < n_layers && !rc; l++)
+    for (int l = 0; l < n_layers && !rc; l++) {
+        // version 1 reads whole blobs, as the reference system does
+        const struct mf_expert_table *t = &st->tables[l];
+        if (st->layout.version == 1)
+            st->used[l] = st->layout.expert_size;
+        for (int i = 0; i < t->n_components; i++)
+            if (t->components[i].offset + t->components[i].size > st->used[l])
+                st->used[l] = t->components[i].offset + t->components[i].size;
         if (is_moe[l])
             rc = open_layer(st, l, err, errlen);
+    }
     if (rc) {
         mf_expert_store_close(st);
         return rc;
@@ -660,11 +673,13 @@ int mf_expert_store_check(const mf_expert_store *st, int il, int ie, char *err,
     return MF_OK;
 }
 
-// One expert blob from fd into dst, looping over short reads and EINTR. 64-bit
-// offsets: one layer file of a large model passes 4 GiB.
+// One expert blob from fd into dst (the bytes its layer's components reach, rounded
+// up to `align`; the rest of dst is left as it was), looping over short reads and
+// EINTR. 64-bit offsets: one layer file of a large model passes 4 GiB.
 static int read_blob(const mf_expert_store *st, int fd, int il, int ie, void *dst,
-                     const char *how, char *err, size_t errlen) {
-    size_t n = (size_t)st->layout.expert_size;
+                     uint64_t align, const char *how, char *err, size_t errlen) {
+    uint64_t want = (st->used[il] + align - 1) / align * align;
+    size_t n = (size_t)(want < st->layout.expert_size ? want : st->layout.expert_size);
     uint64_t off = (uint64_t)ie * st->layout.expert_size;
     size_t got = 0;
     while (got < n) {
@@ -691,7 +706,7 @@ int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
     if (dst_bytes < n)
         return mf_err(err, errlen, MF_ERR_ARG,
                       "expert read: buffer of %zu bytes, an expert needs %zu", dst_bytes, n);
-    return read_blob(st, st->fds[il], il, ie, dst, "", err, errlen);
+    return read_blob(st, st->fds[il], il, ie, dst, 1, "", err, errlen);
 }
 
 uint64_t mf_expert_store_total_bytes(const mf_expert_store *st) {
@@ -820,7 +835,8 @@ int mf_expert_store_read_direct(const mf_expert_store *st, int il, int ie, void 
         return mf_err(err, errlen, MF_ERR_ARG,
                       "expert read: direct read without mf_expert_store_open_direct or "
                       "into a buffer not %d-byte aligned", DIRECT_ALIGN);
-    return read_blob(st, st->dfds[il], il, ie, dst, "O_DIRECT ", err, errlen);
+    return read_blob(st, st->dfds[il], il, ie, dst, DIRECT_ALIGN, "O_DIRECT ", err,
+                     errlen);
 }
 
 /* ==== mmap ====

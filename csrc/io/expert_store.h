@@ -98,7 +98,9 @@ const struct mf_expert_component *mf_expert_store_component(const mf_expert_stor
 int mf_expert_store_proj(const mf_expert_store *st, int il, const char *proj,
                          struct mf_expert_proj *out);
 
-// Read expert `ie` of layer `il` (expert_size bytes) into dst. Thread-safe.
+// Read expert `ie` of layer `il` into dst (a buffer of expert_size bytes; only the
+// bytes the layer's components reach are read when its table is smaller than the
+// largest, the rest of dst is left as it was). Thread-safe.
 // MF_ERR_ARG for a layer without a file or ie out of range; MF_ERR_IO on a failed or
 // short read (message names the file and offset).
 int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,

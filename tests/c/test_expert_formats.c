@@ -221,6 +221,26 @@ static int open_mixed(const char *extra_top, mf_expert_store **st, char *err,
     return mf_expert_store_open(st, tmpdir, 3, is_moe, err, errlen);
 }
 
+// Layer 2's table ends at 3968 bytes of the 8192-byte stride: a read stops there.
+static void check_short_read(const mf_expert_store *st) {
+    char err[512] = "", path[512];
+    unsigned char *buf = malloc(ES_B), *file = malloc(ES_B);
+    memset(buf, 0xAA, ES_B);
+    snprintf(path, sizeof path, "%s/layer_02.bin", tmpdir);
+    FILE *f = fopen(path, "rb");
+    int ok = f && fseek(f, ES_B, SEEK_SET) == 0 && fread(file, 1, ES_B, f) == ES_B;
+    if (f)
+        fclose(f);
+    int rc = mf_expert_store_read(st, 2, 1, buf, ES_B, err, sizeof err);
+    int tail = 1;
+    for (unsigned i = 3968; i < ES_B; i++)
+        tail &= buf[i] == 0xAA;
+    CHECK(ok && rc == MF_OK && memcmp(buf, file, 3968) == 0 && tail,
+          "layer 2 read: %s (tail untouched %d)", err, tail);
+    free(buf);
+    free(file);
+}
+
 static void test_mixed_tables(void) {
     mf_expert_store *st = NULL;
     char err[512] = "";
@@ -252,6 +272,7 @@ static void test_mixed_tables(void) {
     b = mf_moe_views_batch(&v);
     CHECK(mf_moe_experts_uniform("cuda", &b, 1, err, sizeof err) == MF_OK, "uniform: %s",
           err);
+    check_short_read(st);
     mf_expert_store_close(st);
     // Top-level defaults contradicting a component's own bits: the component wins,
     // and a top-level value the kernels lack is refused.
