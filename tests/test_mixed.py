@@ -281,3 +281,51 @@ def test_two_bit_requant_of_a_mixed_recipe_refused(recipe_model: Any,
                                           "affine format"):
         convert(ckpt, tmp_path / "m2", expert_bits=2, progress=False)
     assert not (tmp_path / "m2").exists()
+
+
+# ==== per-expert output biases ====
+
+def test_per_expert_biases(synth_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """``switch_mlp.<proj>.bias`` tensors (what gpt-oss's SwitchGLU holds after
+    mlx-lm's sanitize) become ``.bias`` components of a version-2 layout that verify
+    accepts; all-zero biases give the plain model's logits bit for bit, nonzero ones
+    change them (no family of this build has biases, so no mlx-lm oracle here: the
+    values are checked against a plain loop in tests/c/test_expert_formats.c)."""
+    import moeflux
+    from moeflux.prep.convert import convert
+    from moeflux.prep.verify import verify
+    from test_prep import clone_checkpoint
+
+    src = synth_checkpoint("qwen3_moe")
+    cfg = json.loads((src / "config.json").read_text())
+    E, H, I = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    rows = {"gate_proj": I, "up_proj": I, "down_proj": H}
+
+    def with_bias(bits: int) -> Callable[[dict], dict]:
+        def edit(t: dict) -> dict:
+            for il in range(cfg["num_hidden_layers"]):
+                for proj, r in rows.items():
+                    data = np.full(E * r, bits, "<u2").tobytes()
+                    t[f"model.layers.{il}.mlp.switch_mlp.{proj}.bias"] = ("BF16", (E, r),
+                                                                         data)
+            return t
+        return edit
+
+    def logits(model_dir: Path) -> np.ndarray:
+        with moeflux.Model(model_dir, threads=2) as m:
+            return m.eval(FWD_PROMPT, all_logits=True)
+
+    plain = logits(convert(src, tmp_path / "plain", progress=False))
+    out = {}
+    for name, bits in (("zero", 0x0000), ("half", 0x3F00)):   # bf16 0.0 and 0.5
+        ck = clone_checkpoint(src, tmp_path / f"src-{name}", edit_tensors=with_bias(bits))
+        dst = convert(ck, tmp_path / name, progress=False)
+        lay = _layout(dst)
+        assert lay["version"] == 2 and {"gate_proj.bias", "up_proj.bias",
+                                        "down_proj.bias"} <= {c["name"] for c in
+                                                              lay["components"]}
+        rep = verify(dst, ck, full=True)
+        assert rep.ok, str(rep)
+        out[name] = logits(dst)
+    np.testing.assert_array_equal(out["zero"], plain)
+    assert np.abs(out["half"] - plain).max() > 1e-2 * np.abs(plain).max()
