@@ -12,6 +12,11 @@
  * resident-expert paths (all experts in device memory: routing left on the device for
  * a few tokens, one grouped call per layer for a prefill chunk).
  *
+ * The expert views are made per MoE layer from the store's validated layout (each
+ * projection at its own format, optional per-expert biases, a fused gate_up_proj as
+ * two row blocks, a table per layer where a recipe changes with the layer) and checked
+ * against config.json and the backend's moe_experts_check when the model opens.
+ *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
  * goes through the backend op table so the same code runs on every backend.
