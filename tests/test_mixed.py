@@ -48,6 +48,9 @@ CASES: list[tuple[str, str, dict[str, Any], Any]] = [
     ("deepseek_v3-mixed_3_6", "deepseek_v3", {}, "mixed_3_6"),
     ("deepseek_v3-attn6-exp3-downfloat", "deepseek_v3", {}, _attn_6_experts_3_down_float),
     ("qwen3_next-mixed_3_6", "qwen3_next", {}, "mixed_3_6"),
+    ("qwen3_5_moe-attn6-exp3-downfloat", "qwen3_5_moe", {},
+     _attn_6_experts_3_down_float),
+    ("qwen3_5_moe-mixed_3_6", "qwen3_5_moe", {}, "mixed_3_6"),
 ]
 IDS = [c[0] for c in CASES]
 
