@@ -247,6 +247,9 @@ DAMAGE = [
     ("layer-not-moe", lambda lay: lay.setdefault("layer_components", {}).update(
         {"7": lay["components"]}), "FormatError",
      r"layer_components key \"7\" is not a MoE layer"),
+    ("layer-key-not-canonical", lambda lay: lay.setdefault("layer_components", {}).update(
+        {"01": lay["components"]}), "FormatError",
+     r"layer_components key \"01\" is not a MoE layer"),
 ]
 
 

@@ -413,9 +413,12 @@ static int parse_layer_tables(struct mf_expert_table *tables, const mf_json *roo
                       "%s: \"layer_components\" must be an object (layout version 2)",
                       name);
     for (size_t i = 0; i < lc->n; i++) {
+        // canonical decimal only: "1" and "01" must not both name layer 1
+        const char *key = lc->items[i]->key;
         char *end = NULL;
-        long il = strtol(lc->items[i]->key, &end, 10);
-        if (!*lc->items[i]->key || *end || il < 0 || il >= L->num_layers || !is_moe[il])
+        long il = strtol(key, &end, 10);
+        if (!(key[0] >= '0' && key[0] <= '9') || (key[0] == '0' && key[1]) || *end ||
+            il >= L->num_layers || !is_moe[il])
             return mf_err(err, errlen, MF_ERR_FORMAT,
                           "%s: layer_components key \"%.16s\" is not a MoE layer", name,
                           lc->items[i]->key);
