@@ -6,7 +6,11 @@ MLX stores each projection of a layer's experts stacked ([E, rows, cols], expert
 contiguous slice). The engine wants the opposite grouping: everything one expert
 needs in one contiguous blob, so a routed expert costs ONE pread. Layer file = E blobs
 back to back, expert e at e * expert_size; blob = [gate W|S|B, up W|S|B, down W|S|B],
-bytes verbatim.
+bytes verbatim. Mixed recipes (per-module bits / group sizes from config.json's
+quantization block, projections mlx-lm left in float, per-expert ``.bias``) keep each
+projection's own format and get a version-2 layout.json: per-component mode / bits /
+group_size, components 16-byte aligned, and a table per layer where the recipe
+changes with the layer (expert_size is then the largest blob).
 
 Reading: for a batch of experts, each of the 9 stacked source tensors is read with one
 scatter-read (os.preadv) straight into its places in the output buffer, so the
