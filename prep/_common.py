@@ -35,7 +35,8 @@ FLOAT_DTYPES = ("F32", "BF16", "F16")
 JOURNAL_NAME = ".moeflux-prep-journal.json"
 LOCK_NAME = ".moeflux-prep.lock"
 JOURNAL_VERSION = 1
-# The 9 parts of an expert blob, in blob order (reference-system §2.2).
+# The 9 parts of an expert blob, in blob order (reference-system §2.2); a projection
+# may also carry a per-expert output ``bias`` (layout version 2).
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 COMPONENTS = tuple(f"{p}.{q}" for p in PROJECTIONS for q in PARTS)
@@ -47,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt")
 
 _EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\.switch_mlp\."
-                        r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+                        r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias)$")
 _LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
 _HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_proj|"
                            r"down_proj|gate_proj|up_proj)\b")

@@ -127,8 +127,9 @@ def _convert_locked(source: Source, dst: Path, expert_bits: int, progress: bool
         "architecture": source.arch,
         "created_by": f"moeflux.prep {moeflux.__version__}",
         "source": _source_info(source),
-        "expert_bits": expert_bits if expert_bits == 2 else plan_experts(
-            source, expert_bits).quant.bits,
+        # the experts' bits; 0 for a mixed recipe (packed_experts/layout.json says
+        # each projection's format)
+        "expert_bits": plan_experts(source, expert_bits).out_bits,
         "expert_dir": expert_dir_name(expert_bits),
         "checksums": {k: f"sha256:{v}" for k, v in sorted(files.items())},
     }

@@ -6,7 +6,11 @@ MLX stores each projection of a layer's experts stacked ([E, rows, cols], expert
 contiguous slice). The engine wants the opposite grouping: everything one expert
 needs in one contiguous blob, so a routed expert costs ONE pread. Layer file = E blobs
 back to back, expert e at e * expert_size; blob = [gate W|S|B, up W|S|B, down W|S|B],
-bytes verbatim.
+bytes verbatim. Mixed recipes (per-module bits / group sizes from config.json's
+quantization block, projections mlx-lm left in float, per-expert ``.bias``) keep each
+projection's own format and get a version-2 layout.json: per-component mode / bits /
+group_size, components 16-byte aligned, and a table per layer where the recipe
+changes with the layer (expert_size is then the largest blob).
 
 Reading: for a batch of experts, each of the 9 stacked source tensors is read with one
 scatter-read (os.preadv) straight into its places in the output buffer, so the
@@ -33,8 +37,8 @@ import numpy as np
 
 from moeflux.errors import ArgumentError, FormatError, MoefluxIOError, ShapeError
 from moeflux.prep import requant
-from moeflux.prep._common import (Command, add_src_dst_arguments, COMPONENTS, PARTS,
-                                  PROJECTIONS, BufferPool, CopyFile, DirLock,
+from moeflux.prep._common import (Command, add_src_dst_arguments, COMPONENTS,
+                                  FLOAT_DTYPES, PROJECTIONS, BufferPool, CopyFile, DirLock,
                                   HashedFile, SourceMaps, kernel_copy_works, Journal,
                                   Progress, Quant, Source, StepResult, check_disk,
                                   remove_stale_layers,
@@ -43,7 +47,14 @@ from moeflux.prep._common import (Command, add_src_dst_arguments, COMPONENTS, PA
 from moeflux.prep.safetensors_io import NUMPY_VIEWS, TensorInfo
 
 LAYOUT_FORMAT = "moeflux-experts"
+# Version 1: the reference system's nine components, one affine format for all.
+# Version 2: per-projection formats (mixed recipes, float components), per-expert
+# output biases, per-layer component tables; written only when version 1 cannot say it.
 LAYOUT_VERSION = 1
+LAYOUT_VERSION_MIXED = 2
+# Component offsets of a version-2 blob are aligned to this many bytes (the GPU
+# kernels read 16-byte vectors; every element type divides it).
+COMPONENT_ALIGN = 16
 # Output buffers hold this many bytes of whole experts (at least one expert).
 BATCH_BYTES = 32 << 20
 # 2-bit requantization works on f32 copies of this many bytes per projection and
@@ -61,40 +72,82 @@ def expert_dir_name(expert_bits: int) -> str:
 
 @dataclass(frozen=True)
 class Component:
-    """One part of an expert blob: per-expert shape and where it sits in the blob."""
+    """One part of an expert blob: per-expert shape and where it sits in the blob;
+    weight components also say how the projection is stored (mode "affine" with its
+    bits / group_size, or "float")."""
 
     name: str               # "gate_proj.weight", ...
     offset: int
     size: int
     dtype: str
-    shape: tuple[int, int]  # per expert
+    shape: tuple[int, ...]  # per expert
+    mode: str | None = None
+    bits: int = 0
+    group_size: int = 0
+
+    def as_json(self, version: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "offset": self.offset,
+                               "size": self.size, "dtype": self.dtype,
+                               "shape": list(self.shape)}
+        if version >= LAYOUT_VERSION_MIXED and self.mode is not None:
+            out["mode"] = self.mode
+            if self.mode == "affine":
+                out["bits"], out["group_size"] = self.bits, self.group_size
+        return out
+
+
+@dataclass(frozen=True)
+class ProjFormat:
+    """How one projection of a layer's experts is stored in the source."""
+
+    quant: Quant | None      # None: float weight
+    wdtype: str              # U32, or the float dtype
+    sdtype: str | None       # scales / biases dtype (affine)
+    bias_dtype: str | None   # per-expert output bias, None when absent
 
 
 @dataclass
 class ExpertPlan:
-    """Everything repacking needs: which layers, which source tensors, the layout."""
+    """Everything repacking needs: which layers, which source tensors, the layout
+    (each MoE layer's components; uniform recipes share one table)."""
 
     arch: str
     num_layers: int
     num_experts: int
     moe_layers: list[int]
-    quant: Quant                  # of the source experts
-    src_components: list[Component]
-    out_bits: int
-    out_components: list[Component]
+    quant: Quant | None            # of the source experts when uniform affine, else None
+    layer_src: dict[int, list[Component]]
+    out_bits: int                  # 2 when requantized, else quant.bits (0 when mixed)
+    layer_out: dict[int, list[Component]]
     expert_size: int
+    version: int = LAYOUT_VERSION
+    requantize: bool = False
     tensors: dict[tuple[int, str], TensorInfo] = field(default_factory=dict)
 
+    @property
+    def src_components(self) -> list[Component]:
+        return self.layer_src[self.moe_layers[0]]
+
+    @property
+    def out_components(self) -> list[Component]:
+        return self.layer_out[self.moe_layers[0]]
+
     def layout(self) -> dict[str, Any]:
+        first = self.out_components
         lay: dict[str, Any] = {
-            "format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
+            "format": LAYOUT_FORMAT, "version": self.version,
             "expert_size": self.expert_size, "num_layers": self.num_layers,
-            "num_experts": self.num_experts, "moe_layers": self.moe_layers,
-            "bits": self.out_bits, "group_size": self.quant.group_size,
-            "components": [{"name": c.name, "offset": c.offset, "size": c.size,
-                            "dtype": c.dtype, "shape": list(c.shape)}
-                           for c in self.out_components]}
-        if self.out_bits != self.quant.bits:
+            "num_experts": self.num_experts, "moe_layers": self.moe_layers}
+        gate = first[0]
+        if gate.mode == "affine":
+            lay["bits"], lay["group_size"] = gate.bits, gate.group_size
+        lay["components"] = [c.as_json(self.version) for c in first]
+        other = {str(il): [c.as_json(self.version) for c in comps]
+                 for il, comps in self.layer_out.items() if comps != first}
+        if other:
+            lay["layer_components"] = other
+        if self.requantize:
+            assert self.quant is not None
             lay["requantized_from"] = {"bits": self.quant.bits,
                                        "group_size": self.quant.group_size}
         return lay
@@ -104,29 +157,83 @@ class ExpertPlan:
         return self.expert_size * self.num_experts
 
 
-def _components(dims: dict[str, tuple[int, int]], bits: int, gs: int, sdtype: str
-                ) -> list[Component]:
-    """The 9 blob components for projections of (rows, n_in) at bits / gs."""
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _components(dims: dict[str, tuple[int, int]], fmts: dict[str, ProjFormat],
+                align: int) -> list[Component]:
+    """The blob components for projections of (rows, n_in) stored as ``fmts``, each
+    at an offset aligned to ``align`` (1: back to back, the version-1 blob)."""
     out, off = [], 0
+
+    def add(name: str, dtype: str, shape: tuple[int, ...], **fmt: Any) -> None:
+        nonlocal off
+        off = _align(off, align)
+        size = nbytes_of(dtype, shape)
+        out.append(Component(name, off, size, dtype, shape, **fmt))
+        off += size
+
     for proj in PROJECTIONS:
         rows, n_in = dims[proj]
-        for part in PARTS:
-            if part == "weight":
-                dtype, shape = "U32", (rows, n_in * bits // 32)
-            else:
-                dtype, shape = sdtype, (rows, n_in // gs)
-            size = nbytes_of(dtype, shape)
-            out.append(Component(f"{proj}.{part}", off, size, dtype, shape))
-            off += size
+        f = fmts[proj]
+        if f.quant is None:
+            add(f"{proj}.weight", f.wdtype, (rows, n_in), mode="float")
+        else:
+            q = f.quant
+            add(f"{proj}.weight", "U32", (rows, n_in * q.bits // 32), mode="affine",
+                bits=q.bits, group_size=q.group_size)
+            assert f.sdtype is not None
+            add(f"{proj}.scales", f.sdtype, (rows, n_in // q.group_size))
+            add(f"{proj}.biases", f.sdtype, (rows, n_in // q.group_size))
+        if f.bias_dtype is not None:
+            add(f"{proj}.bias", f.bias_dtype, (rows,))
     return out
 
 
-def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
-    """Find and check every routed-expert tensor against config.json; raises
-    FormatError / ShapeError naming the tensor and what was expected."""
-    if expert_bits not in (2, 4):
-        raise ArgumentError(f"expert_bits={expert_bits}: 4 (copy the source's experts "
-                          "as they are) or 2 (requantize to 2-bit) are supported")
+def _blob_size(comps: list[Component]) -> int:
+    return max(c.offset + c.size for c in comps)
+
+
+def _proj_format(src: Source, names: dict[str, str], il: int, proj: str,
+                 dims: tuple[int, int], E: int) -> ProjFormat:
+    """Check one projection's stacked source tensors against config.json and return
+    its format: affine (the config's entry or default for the module), or float (a
+    module mlx-lm left unquantized: no .scales, e.g. an input size that is not a
+    multiple of the group size)."""
+    rows, n_in = dims
+    key = f"{proj}.weight"
+    if key not in names:
+        raise FormatError(f"layer {il}: mlp.switch_mlp.{key} missing "
+                          f"(have {sorted(names)})")
+    module = names[key][:-len(".weight")]
+    q = src.quant_of(module)
+    w = src.ckpt.info(f"{module}.weight")
+    bias = src.ckpt.info(f"{module}.bias") if f"{module}.bias" in src.ckpt else None
+    if bias is not None and (bias.dtype not in FLOAT_DTYPES or bias.shape != (E, rows)):
+        raise ShapeError(f"{bias.name}: {bias.dtype}{list(bias.shape)}, expected a float "
+                         f"[{E}, {rows}] per-expert bias")
+    bdt = bias.dtype if bias is not None else None
+    if q is None:
+        if w.dtype not in FLOAT_DTYPES or w.shape != (E, rows, n_in):
+            raise ShapeError(f"{w.name}: {w.dtype}{list(w.shape)}, expected a float "
+                             f"[{E}, {rows}, {n_in}] (not quantized: no .scales) from "
+                             f"config num_experts={E}")
+        return ProjFormat(None, w.dtype, None, bdt)
+    s = src.ckpt.info(f"{module}.scales")
+    want_w = (E, rows, n_in * q.bits // 32)
+    want_s = (E, rows, n_in // q.group_size)
+    if w.shape != want_w:
+        raise ShapeError(f"{w.name}: shape {list(w.shape)}, expected {list(want_w)} from "
+                         f"config num_experts={E}, hidden_size / moe_intermediate_size "
+                         f"{rows}x{n_in} at {q.bits} bits")
+    if s.shape != want_s:
+        raise ShapeError(f"{s.name}: shape {list(s.shape)}, expected {list(want_s)} "
+                         f"(group_size {q.group_size})")
+    return ProjFormat(q, "U32", s.dtype, bdt)
+
+
+def _found_experts(src: Source) -> dict[int, dict[str, str]]:
     found: dict[int, dict[str, str]] = {}
     for name in src.ckpt.tensors:
         k = expert_key(name)
@@ -141,59 +248,64 @@ def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
             f"{sorted(found)} but config.json ({src.arch}) makes layers {expected} MoE"
             + (f"; missing in {missing}" if missing else "")
             + (f"; unexpected in {extra}" if extra else ""))
+    return found
+
+
+def _uniform_quant(fmts: dict[int, dict[str, ProjFormat]]) -> Quant | None:
+    """The one affine format of every projection of every layer (no biases), or
+    None when the recipe mixes formats: then layout version 2 describes it."""
+    all_f = [f for per in fmts.values() for f in per.values()]
+    f0 = all_f[0]
+    if f0.quant is None or any(f != f0 or f.bias_dtype is not None for f in all_f):
+        return None
+    return f0.quant
+
+
+def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
+    """Find and check every routed-expert tensor against config.json; raises
+    FormatError / ShapeError naming the tensor and what was expected. Each
+    projection keeps the format its source has (mixed recipes: per-module bits and
+    group sizes, float components); uniform affine experts give the version-1 layout
+    of the reference system."""
+    if expert_bits not in (2, 4):
+        raise ArgumentError(f"expert_bits={expert_bits}: 4 (copy the source's experts "
+                          "as they are) or 2 (requantize to 2-bit) are supported")
+    found = _found_experts(src)
+    expected = src.moe_layers_expected()
     E = src.num_experts
+    if not expected or E <= 0:
+        raise FormatError(f"{src.dir}: no routed experts (config.json gives "
+                          f"num_experts={E})")
     hid = src.cfg_int("hidden_size")
     inter = src.cfg_int("moe_intermediate_size")
     dims = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
-    quant: Quant | None = None
-    sdtype: str | None = None
+    fmts = {il: {p: _proj_format(src, found[il], il, p, dims[p], E) for p in PROJECTIONS}
+            for il in expected}
     tensors: dict[tuple[int, str], TensorInfo] = {}
     for il in expected:
-        names = found[il]
-        for comp in COMPONENTS:
-            if comp not in names:
-                raise FormatError(f"layer {il}: mlp.switch_mlp.{comp} missing "
-                                  f"(have {sorted(names)})")
-        for proj in PROJECTIONS:
-            module = names[f"{proj}.weight"][:-len(".weight")]
-            q = src.quant_of(module)
-            if q is None:
-                raise FormatError(f"{module}.weight: routed experts must be "
-                                  "affine-quantized (U32 + scales + biases); found "
-                                  f"{src.ckpt.info(module + '.weight').dtype}")
-            rows, n_in = dims[proj]
-            w = src.ckpt.info(f"{module}.weight")
-            s = src.ckpt.info(f"{module}.scales")
-            want_w = (E, rows, n_in * q.bits // 32)
-            want_s = (E, rows, n_in // q.group_size)
-            if w.shape != want_w:
-                raise ShapeError(f"{w.name}: shape {list(w.shape)}, expected "
-                                 f"{list(want_w)} from config num_experts={E}, "
-                                 f"hidden_size={hid}, moe_intermediate_size={inter} at "
-                                 f"{q.bits} bits")
-            if s.shape != want_s:
-                raise ShapeError(f"{s.name}: shape {list(s.shape)}, expected "
-                                 f"{list(want_s)} (group_size {q.group_size})")
-            if quant is None:
-                quant, sdtype = q, s.dtype
-            elif q != quant or s.dtype != sdtype:
-                raise FormatError(
-                    f"{module}: experts quantized {q.bits}-bit gs{q.group_size} "
-                    f"{s.dtype} but earlier ones {quant.bits}-bit gs{quant.group_size}"
-                    f" {sdtype}; one layout.json describes one quantization for all")
-            for part in PARTS:
-                tensors[(il, f"{proj}.{part}")] = src.ckpt.info(f"{module}.{part}")
-    if quant is None or sdtype is None:
-        raise FormatError(f"{src.dir}: no routed experts (config.json gives "
-                          f"num_experts={E})")
-    src_comps = _components(dims, quant.bits, quant.group_size, sdtype)
-    if expert_bits == 2:
-        out_comps = _components(dims, 2, quant.group_size, "BF16")
-    else:
-        out_comps = src_comps
-    return ExpertPlan(src.arch, src.num_layers, E, expected, quant, src_comps,
-                      expert_bits if expert_bits == 2 else quant.bits, out_comps,
-                      sum(c.size for c in out_comps), tensors)
+        for name in found[il].values():
+            k = expert_key(name)
+            assert k is not None
+            tensors[(il, f"{k[1]}.{k[2]}")] = src.ckpt.info(name)
+    quant = _uniform_quant(fmts)
+    version = LAYOUT_VERSION if quant is not None else LAYOUT_VERSION_MIXED
+    align = 1 if version == LAYOUT_VERSION else COMPONENT_ALIGN
+    layer_src = {il: _components(dims, fmts[il], align) for il in expected}
+    requantize = expert_bits == 2 and (quant is None or quant.bits != 2)
+    if requantize and quant is None:
+        raise FormatError(f"{src.dir}: expert_bits=2 requantizes experts of one affine "
+                          "format; this checkpoint's experts mix formats (a mixed recipe "
+                          "or float components): convert them as they are (4)")
+    layer_out = layer_src
+    if requantize:
+        assert quant is not None
+        f2 = ProjFormat(Quant(2, quant.group_size), "U32", "BF16", None)
+        layer_out = {il: _components(dims, {p: f2 for p in PROJECTIONS}, 1)
+                     for il in expected}
+    es = max(_align(_blob_size(c), align) for c in layer_out.values())
+    out_bits = 2 if requantize else (quant.bits if quant is not None else 0)
+    return ExpertPlan(src.arch, src.num_layers, E, expected, quant, layer_src, out_bits,
+                      layer_out, es, version, requantize, tensors)
 
 
 # ==== filling output buffers ====
@@ -203,7 +315,10 @@ def fill_verbatim(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int,
     """Experts [e0, e1) of layer ``il`` into ``view`` (blobs back to back): one
     scatter-read per source tensor."""
     es = plan.expert_size
-    for c in plan.src_components:
+    comps = plan.layer_src[il]
+    if plan.version != LAYOUT_VERSION:   # gaps between components stay zero
+        view[:] = bytes(len(view))
+    for c in comps:
         info = plan.tensors[(il, c.name)]
         parts = [view[(e - e0) * es + c.offset:(e - e0) * es + c.offset + c.size]
                  for e in range(e0, e1)]
@@ -225,7 +340,8 @@ def requant_experts(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int
     error vs the source's dequantized values, count)."""
     out: dict[str, np.ndarray] = {}
     err: dict[str, tuple[float, int]] = {}
-    srcc = {c.name: c for c in plan.src_components}
+    srcc = {c.name: c for c in plan.layer_src[il]}
+    assert plan.quant is not None
     gs, bits = plan.quant.group_size, plan.quant.bits
     for proj in PROJECTIONS:
         w = read_stacked(src, plan, il, srcc[f"{proj}.weight"], e0, e1)
@@ -251,7 +367,7 @@ def fill_requant(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int,
 
     def one(a: int, b: int) -> dict[str, tuple[float, int]]:
         parts, err = requant_experts(src, plan, il, a, b)
-        for c in plan.out_components:
+        for c in plan.layer_out[il]:
             data = np.ascontiguousarray(parts[c.name]).view(np.uint8).reshape(b - a, -1)
             arr[a - e0:b - e0, c.offset:c.offset + c.size] = data
         return err
@@ -270,12 +386,16 @@ def fill_requant(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int,
 def expected_blob(src: Source, plan: ExpertPlan, il: int, ie: int) -> bytes:
     """Expert ``ie`` of layer ``il`` as it must appear in the output, built from
     per-component source reads (a different path from the batched fill)."""
-    if plan.out_bits == plan.quant.bits:
-        return b"".join(src.ckpt.read(plan.tensors[(il, c.name)].name, ie * c.size,
-                                      c.size) for c in plan.src_components)
+    blob = bytearray(plan.expert_size)
+    if not plan.requantize:
+        for c in plan.layer_src[il]:
+            blob[c.offset:c.offset + c.size] = src.ckpt.read(
+                plan.tensors[(il, c.name)].name, ie * c.size, c.size)
+        return bytes(blob)
     parts, _ = requant_experts(src, plan, il, ie, ie + 1)
-    return b"".join(np.ascontiguousarray(parts[c.name]).tobytes()
-                    for c in plan.out_components)
+    for c in plan.layer_out[il]:
+        blob[c.offset:c.offset + c.size] = np.ascontiguousarray(parts[c.name]).tobytes()
+    return bytes(blob)
 
 
 def sample_experts(n: int) -> list[int]:
@@ -292,7 +412,8 @@ def _batch_experts(plan: ExpertPlan) -> int:
     """Experts per output buffer: ~BATCH_BYTES, and bounded f32 work when
     requantizing (a few f32 copies of each projection are alive at once)."""
     per = max(1, min(plan.num_experts, BATCH_BYTES // plan.expert_size, 256))
-    if plan.out_bits != plan.quant.bits:
+    if plan.requantize:
+        assert plan.quant is not None
         rows, cols = plan.src_components[0].shape
         n_in = cols * 32 // plan.quant.bits
         per_thread = max(1, REQUANT_F32_BYTES // (4 * rows * n_in))
@@ -311,7 +432,7 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
             e1 = min(E, e0 + per)
             buf = pool.get()
             view = memoryview(buf)[:(e1 - e0) * es]
-            if plan.out_bits == plan.quant.bits:
+            if not plan.requantize:
                 fill_verbatim(src, plan, il, e0, e1, view)
             else:
                 for p, (s, n) in fill_requant(src, plan, il, e0, e1, view,
@@ -327,7 +448,7 @@ def _write_layer(src: Source, plan: ExpertPlan, il: int, path: Path, bar: Progre
 def _prefetch(src: Source, plan: ExpertPlan, il: int, e0: int, e1: int) -> None:
     """Ask for experts [e0, e1) of every source tensor in one large read each
     (readahead alone would see 9 interleaved streams on one file and stay small)."""
-    for c in plan.src_components:
+    for c in plan.layer_src[il]:
         info = plan.tensors[(il, c.name)]
         os.posix_fadvise(tensor_fd(src, info), info.begin + e0 * c.size,
                          (e1 - e0) * c.size, os.POSIX_FADV_WILLNEED)
@@ -340,7 +461,8 @@ def _write_layer_kernel(src: Source, plan: ExpertPlan, il: int, path: Path,
     experts is prefetched while the current one is copied."""
     es, E = plan.expert_size, plan.num_experts
     per = max(1, min(E, BATCH_BYTES // es))
-    comps = [(plan.tensors[(il, c.name)], c.size) for c in plan.src_components]
+    # (source, offset in the blob, size); gaps between components written as zeros
+    comps = [(plan.tensors[(il, c.name)], c.offset, c.size) for c in plan.layer_src[il]]
     with CopyFile(path, maps) as out:
         _prefetch(src, plan, il, 0, min(E, per))
         for e0 in range(0, E, per):
@@ -348,9 +470,15 @@ def _write_layer_kernel(src: Source, plan: ExpertPlan, il: int, path: Path,
             if e1 < E:
                 _prefetch(src, plan, il, e1, min(E, e1 + per))
             for ie in range(e0, e1):
-                for info, size in comps:
+                pos = 0
+                for info, off, size in comps:
+                    if off > pos:
+                        out.write(bytes(off - pos))
                     out.copy(info.path, tensor_fd(src, info), info.begin + ie * size,
                              size)
+                    pos = off + size
+                if es > pos:
+                    out.write(bytes(es - pos))
             bar.update((e1 - e0) * es)
         return out.seal(lambda tmp: _check_layer(src, plan, il, tmp))
 
@@ -383,7 +511,7 @@ def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4
     if check_space:
         check_disk(dst, len(todo) * plan.file_bytes)
     bar = Progress(len(todo) * plan.file_bytes, sub, progress)
-    requantize = plan.out_bits != plan.quant.bits
+    requantize = plan.requantize
     workers = ThreadPoolExecutor(REQUANT_THREADS) if requantize and \
         REQUANT_THREADS > 1 else None
     first = plan.tensors[(plan.moe_layers[0], COMPONENTS[0])]
@@ -424,7 +552,7 @@ def run_repack(src: Source, dst: Path, journal: Journal, *, expert_bits: int = 4
     res.files[rel] = journal.files[rel]["sha256"]
     res.stats["expert_size"] = plan.expert_size
     res.stats["bytes"] = plan.file_bytes * len(plan.moe_layers)
-    if plan.out_bits != plan.quant.bits:
+    if plan.requantize:
         res.stats["rmse"] = _rmse(journal, sub, plan.moe_layers)
     return res
 

@@ -3,9 +3,11 @@
 Checks, each reporting exactly what differs:
 - model_weights.json vs model_weights.bin: every range inside the file, 64-byte
   aligned, non-overlapping, size = prod(shape) * dtype size, bits on packed tensors;
-- the expert layout vs config.json: components in blob order and contiguous,
-  expert_size, per-expert shapes from hidden_size / moe_intermediate_size / bits /
-  group_size, num_experts, MoE layers, and every layer file's size;
+- the expert layout vs config.json: version 1 components in blob order and
+  contiguous, version 2 (mixed recipes) components aligned, inside the blob and
+  disjoint, in every layer's table; expert_size, per-expert shapes from hidden_size /
+  moe_intermediate_size and each projection's format (bits / group_size, or float),
+  num_experts, MoE layers, and every layer file's size;
 - sha256 of every file listed in moeflux.json;
 - with a source: every tensor of model_weights.bin byte for byte, and expert blobs
   (experts {0, 1, mid, last} and a few more per layer by default, all with --full;
@@ -29,7 +31,8 @@ from moeflux.prep._common import (Command, COMPONENTS, ModelConfig, Source,
                                   layer_file_name, nbytes_of, CHUNK_BYTES)
 from moeflux.prep.extract_weights import (ALIGN, BIN_NAME, JSON_NAME, plan_weights,
                                           widen_to_f32)
-from moeflux.prep.repack_experts import expected_blob, plan_experts, sample_experts
+from moeflux.prep.repack_experts import (COMPONENT_ALIGN, expected_blob, plan_experts,
+                                         sample_experts)
 from moeflux.prep.safetensors_io import DTYPE_SIZES
 
 MANIFEST_NAME = checksums.MANIFEST_NAME
@@ -129,25 +132,22 @@ def _check_layout(dst: Path, sub: str, cfg: ModelConfig | None, rep: VerifyRepor
     lay = _load_json(dst / sub / "layout.json", rep)
     if lay is None:
         return None
-    comps = lay.get("components", [])
-    names = [c.get("name") for c in comps]
-    if names != list(COMPONENTS):
-        rep.add(f"{sub}/layout.json: components {names}, expected {list(COMPONENTS)}")
+    version = lay.get("version", 1)
+    if version not in (1, 2):
+        rep.add(f"{sub}/layout.json: version {version!r}; this prep writes 1 or 2")
         return None
-    off = 0
-    for c in comps:
-        if c["offset"] != off:
-            rep.add(f"{sub}/layout.json: {c['name']} at blob offset {c['offset']}, "
-                    f"expected {off} (components are back to back)")
-        if c["size"] != nbytes_of(c["dtype"], c["shape"]):
-            rep.add(f"{sub}/layout.json: {c['name']} size {c['size']} but shape "
-                    f"{c['shape']} {c['dtype']} is {nbytes_of(c['dtype'], c['shape'])}")
-        off = c["offset"] + c["size"]
-    if lay.get("expert_size") != off:
-        rep.add(f"{sub}/layout.json: expert_size {lay.get('expert_size')}, components "
-                f"add up to {off}")
+    tables = {"components": lay.get("components", [])}
+    if version == 1:
+        if not _check_v1_table(sub, tables["components"], lay, rep):
+            return None
+    else:
+        for il, comps in (lay.get("layer_components") or {}).items():
+            tables[f"layer_components[{il}]"] = comps
+        for where, comps in tables.items():
+            if not _check_v2_table(sub, where, comps, lay, rep):
+                return None
     if cfg is not None:
-        _check_layout_vs_config(sub, lay, cfg, rep)
+        _check_layout_vs_config(sub, lay, tables, cfg, rep)
     es, ne = lay.get("expert_size", 0), lay.get("num_experts", 0)
     # the reference system's layouts have no moe_layers: config.json decides
     layers = lay.get("moe_layers")
@@ -164,7 +164,83 @@ def _check_layout(dst: Path, sub: str, cfg: ModelConfig | None, rep: VerifyRepor
     return lay
 
 
-def _check_layout_vs_config(sub: str, lay: dict[str, Any], cfg: ModelConfig,
+def _check_v1_table(sub: str, comps: list[dict[str, Any]], lay: dict[str, Any],
+                    rep: VerifyReport) -> bool:
+    """The reference system's blob: the nine components back to back."""
+    names = [c.get("name") for c in comps]
+    if names != list(COMPONENTS):
+        rep.add(f"{sub}/layout.json: components {names}, expected {list(COMPONENTS)}")
+        return False
+    off = 0
+    for c in comps:
+        if c["offset"] != off:
+            rep.add(f"{sub}/layout.json: {c['name']} at blob offset {c['offset']}, "
+                    f"expected {off} (components are back to back)")
+        if c["size"] != nbytes_of(c["dtype"], c["shape"]):
+            rep.add(f"{sub}/layout.json: {c['name']} size {c['size']} but shape "
+                    f"{c['shape']} {c['dtype']} is {nbytes_of(c['dtype'], c['shape'])}")
+        off = c["offset"] + c["size"]
+    if lay.get("expert_size") != off:
+        rep.add(f"{sub}/layout.json: expert_size {lay.get('expert_size')}, components "
+                f"add up to {off}")
+    return True
+
+
+def _check_v2_table(sub: str, where: str, comps: Any, lay: dict[str, Any],
+                    rep: VerifyReport) -> bool:
+    """A version-2 component list: known dtypes, sizes equal to shapes, each inside
+    the blob at an aligned offset, none overlapping."""
+    es = lay.get("expert_size", 0)
+    if not isinstance(comps, list) or not comps:
+        rep.add(f"{sub}/layout.json: {where} must be a non-empty list")
+        return False
+    spans = []
+    for c in comps:
+        try:
+            name, off, size, dtype, shape = (c["name"], c["offset"], c["size"],
+                                             c["dtype"], c["shape"])
+        except (KeyError, TypeError) as exc:
+            rep.add(f"{sub}/layout.json: {where}: a component lacks {exc}")
+            return False
+        if dtype not in DTYPE_SIZES:
+            rep.add(f"{sub}/layout.json: {where}: {name}: unknown dtype {dtype!r}")
+            return False
+        if size != nbytes_of(dtype, shape):
+            rep.add(f"{sub}/layout.json: {where}: {name} size {size} but shape {shape} "
+                    f"{dtype} is {nbytes_of(dtype, shape)}")
+        if off % COMPONENT_ALIGN or off + size > es:
+            rep.add(f"{sub}/layout.json: {where}: {name} [{off}, {off + size}) not "
+                    f"{COMPONENT_ALIGN}-byte aligned inside the {es}-byte expert")
+        spans.append((off, off + size, name))
+    spans.sort()
+    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            rep.add(f"{sub}/layout.json: {where}: components {an} and {bn} overlap")
+    return True
+
+
+def _want_shapes(comps: list[dict[str, Any]], dims: dict[str, tuple[int, int]],
+                 bits: Any, gs: Any) -> dict[str, list[int]]:
+    """Per component, the shape config.json implies given each weight's format
+    (version 1: the layout's bits / group_size for every projection)."""
+    want: dict[str, list[int]] = {}
+    for c in comps:
+        proj, _, part = c["name"].rpartition(".")
+        if part != "weight" or proj not in dims:
+            continue
+        rows, n_in = dims[proj]
+        b, g = c.get("bits", bits), c.get("group_size", gs)
+        if c["dtype"] != "U32":
+            want[c["name"]] = [rows, n_in]
+        elif isinstance(b, int) and isinstance(g, int) and b > 0 and g > 0:
+            want[c["name"]] = [rows, n_in * b // 32]
+            want[f"{proj}.scales"] = want[f"{proj}.biases"] = [rows, n_in // g]
+        want[f"{proj}.bias"] = [rows]
+    return want
+
+
+def _check_layout_vs_config(sub: str, lay: dict[str, Any],
+                            tables: dict[str, list[dict[str, Any]]], cfg: ModelConfig,
                             rep: VerifyReport) -> None:
     try:
         hid, inter = cfg.cfg_int("hidden_size"), cfg.cfg_int("moe_intermediate_size")
@@ -172,18 +248,22 @@ def _check_layout_vs_config(sub: str, lay: dict[str, Any], cfg: ModelConfig,
         rep.add(str(exc))
         return
     bits, gs = lay.get("bits"), lay.get("group_size")
-    if not isinstance(bits, int) or not isinstance(gs, int) or bits <= 0 or gs <= 0:
+    if lay.get("version", 1) == 1 and (not isinstance(bits, int) or
+                                       not isinstance(gs, int) or bits <= 0 or gs <= 0):
         rep.add(f"{sub}/layout.json: bits {bits!r} / group_size {gs!r} invalid")
         return
     dims = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
-    for c in lay["components"]:
-        proj, part = c["name"].split(".")
-        rows, n_in = dims[proj]
-        want = [rows, n_in * bits // 32] if part == "weight" else [rows, n_in // gs]
-        if list(c["shape"]) != want:
-            rep.add(f"{sub}/layout.json: {c['name']} shape {c['shape']}, expected {want}"
-                    f" (hidden_size {hid}, moe_intermediate_size {inter}, {bits}-bit "
-                    f"gs{gs})")
+    for where, comps in tables.items():
+        want = _want_shapes(comps, dims, bits, gs)
+        for c in comps:
+            if c["name"] not in want:
+                rep.add(f"{sub}/layout.json: {where}: {c['name']} is not a part of an "
+                        "expert projection of this format")
+            elif list(c["shape"]) != want[c["name"]]:
+                rep.add(f"{sub}/layout.json: {where}: {c['name']} shape {c['shape']}, "
+                        f"expected {want[c['name']]} (hidden_size {hid}, "
+                        f"moe_intermediate_size {inter}, {c.get('bits', bits)}-bit "
+                        f"gs{c.get('group_size', gs)})")
     if lay.get("num_experts") != cfg.num_experts:
         rep.add(f"{sub}/layout.json: num_experts {lay.get('num_experts')}, config.json "
                 f"says {cfg.num_experts}")
@@ -278,6 +358,12 @@ def _compare_experts(dst: Path, sub: str, lay: dict[str, Any], src: Source,
         rep.add(f"{sub}/layout.json: expert_size/num_experts {lay.get('expert_size')}/"
                 f"{lay.get('num_experts')}, the source gives {es}/{ne}")
         return
+    want = plan.layout()
+    for key in ("components", "layer_components"):
+        if lay.get(key) != want.get(key):
+            rep.add(f"{sub}/layout.json: {key} differ from what the source's experts "
+                    "give (formats, offsets or shapes)")
+            return
     rng = random.Random(0)
     for il in plan.moe_layers:
         p = dst / sub / layer_file_name(il)
@@ -297,7 +383,7 @@ def _compare_experts(dst: Path, sub: str, lay: dict[str, Any], src: Source,
                 if got == want:
                     continue
                 i = _first_diff(got, want)
-                comp = next((c for c in plan.out_components
+                comp = next((c for c in plan.layer_out[il]
                              if c.offset <= i < c.offset + c.size), None)
                 where = (f"component {comp.name} byte {i - comp.offset}" if comp
                          else f"past the blob (file short: {len(got)} of {es} bytes)")

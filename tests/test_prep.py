@@ -841,17 +841,23 @@ def test_refuses_real_mxfp4_checkpoint(tmp_path):
                     FormatError, r"scales: dtype U8|biases: missing")
 
 
-def test_refuses_mixed_expert_bits(tmp_path):
-    """A mixed recipe (one layer's down_proj experts at 8 bits) cannot be described
-    by one layout.json; the error says which module and why."""
+def test_mixed_expert_bits_get_a_layer_table(tmp_path):
+    """A mixed recipe (one layer's down_proj experts at 8 bits) converts into a
+    version-2 layout: the default table at 4 bits, layer 1's own table with its 8-bit
+    down_proj, every byte as in the source (verify --full)."""
     def pred(path, module):
         if path.endswith("layers.1.mlp.switch_mlp.down_proj"):
             return {"group_size": 64, "bits": 8}
         return True
     src = mlx_checkpoint("qwen3_moe", tmp_path / "src", quant_predicate=pred)
-    with pytest.raises(FormatError, match=r"layers\.1\.mlp\.switch_mlp\.down_proj: "
-                                          r"experts quantized 8-bit gs64"):
-        convert(src, tmp_path / "model", progress=False)
+    dst = convert(src, tmp_path / "model", progress=False)
+    lay = json.loads((dst / "packed_experts" / "layout.json").read_text())
+    assert lay["version"] == 2 and list(lay["layer_components"]) == ["1"]
+    down = {c["name"]: c for c in lay["layer_components"]["1"]}["down_proj.weight"]
+    assert (down["mode"], down["bits"], down["group_size"]) == ("affine", 8, 64)
+    assert {c["name"]: c for c in lay["components"]}["down_proj.weight"]["bits"] == 4
+    rep = verify(dst, src, full=True)
+    assert rep.ok, str(rep)
 
 
 def test_verify_compares_large_tensors_in_chunks(synth_checkpoint, tmp_path,

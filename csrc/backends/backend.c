@@ -7,6 +7,7 @@
 #include "backends/cuda/cuda_backend.h"
 #include "backends/metal/metal_backend.h"
 
+#include <stdio.h>
 #include <string.h>
 
 int64_t mf_weight_w_bytes(const struct mf_weight *w) {
@@ -35,11 +36,55 @@ struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base) {
     struct mf_weight w = *v;
     const char *b = base;
     w.w = b + (uintptr_t)v->w;
-    if (v->scales)
+    // by dtype, not by a NULL test: a component may sit at blob offset 0. An MXFP4
+    // weight has scales (E8M0 exponents) and no biases.
+    if (v->dtype == MF_DTYPE_U32) {
         w.scales = b + (uintptr_t)v->scales;
-    if (v->biases)
-        w.biases = b + (uintptr_t)v->biases;
+        if (v->qmode == MF_QMODE_AFFINE)
+            w.biases = b + (uintptr_t)v->biases;
+    }
     return w;
+}
+
+const char *mf_weight_format(const struct mf_weight *w, char *buf, size_t n) {
+    if (w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_MXFP4)
+        snprintf(buf, n, "mxfp4 group %d", w->group_size);
+    else if (w->dtype == MF_DTYPE_U32)
+        snprintf(buf, n, "affine %d-bit group %d (%s scales)", w->bits, w->group_size,
+                 mf_dtype_name(w->sdtype));
+    else
+        snprintf(buf, n, "float %s", mf_dtype_name(w->dtype));
+    return buf;
+}
+
+static int same_format(const struct mf_weight *a, const struct mf_weight *b) {
+    return a->dtype == b->dtype &&
+           (a->dtype != MF_DTYPE_U32 ||
+            (a->qmode == b->qmode && a->sdtype == b->sdtype && a->bits == b->bits &&
+             a->group_size == b->group_size));
+}
+
+int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, int il,
+                           char *err, size_t errlen) {
+    const struct mf_weight *w[3] = {b->gate, b->up, b->down},
+                           *bias[3] = {b->gate_bias, b->up_bias, b->down_bias};
+    static const char *const names[3] = {"gate_proj", "up_proj", "down_proj"};
+    char f0[64], f1[64];
+    for (int p = 0; p < 3; p++) {
+        if (bias[p])
+            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                          "%s backend: layer %d experts: %s.bias (per-expert output "
+                          "biases) is not in its expert kernels; use backend 'cpu'",
+                          backend, il, names[p]);
+        if (!same_format(w[p], w[0]))
+            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                          "%s backend: layer %d experts: %s is %s but gate_proj %s; its "
+                          "expert kernels take one format for gate, up and down (mixed "
+                          "expert layouts run on backend 'cpu')", backend, il, names[p],
+                          mf_weight_format(w[p], f1, sizeof f1),
+                          mf_weight_format(w[0], f0, sizeof f0));
+    }
+    return MF_OK;
 }
 
 // Metal exists only in macOS builds (its driver is Objective-C); elsewhere the name

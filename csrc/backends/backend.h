@@ -72,10 +72,13 @@ struct mf_weight mf_weight_slice(const struct mf_weight *w, int64_t i);
 // A view whose pointers are byte offsets (expert components inside a blob) placed at
 // device address base.
 struct mf_weight mf_weight_at(const struct mf_weight *v, const void *base);
+// "affine 4-bit group 64 (BF16 scales)" or "float BF16" into buf (for messages).
+const char *mf_weight_format(const struct mf_weight *w, char *buf, size_t n);
 
 struct mf_backend;
 struct mf_exec;
 struct mf_fence;
+struct mf_moe_batch;
 
 // What attention_ext adds to attention (gpt-oss's attention).
 struct mf_attn_ext {
@@ -114,9 +117,12 @@ struct mf_route_params {
     float routed_scaling_factor; // noaux_tc (1 for softmax)
 };
 
-// A group of routed experts for moe_experts. Expert i's blob (gate W|S|B, up W|S|B,
-// down W|S|B) starts at device address blob_host[i]; the component views gate/up/down
-// hold byte offsets inside a blob (their pointers are offsets from address 0). Expert i
+// A group of routed experts for moe_experts. Expert i's blob starts at device address
+// blob_host[i]; the component views gate/up/down hold byte offsets inside a blob
+// (their pointers are offsets from address 0), each at its own format (affine bits /
+// group size, or float). Optional per-expert output biases (float vectors of n_out
+// elements, n_out = 1 / n_in = rows in the view; NULL = none) are added to the
+// projection's output before SwiGLU (gate, up) or as the last step (down). Expert i
 // owns rows row0_host[i] .. row0_host[i] + n_rows_host[i] - 1 of xg / gu / eo.
 struct mf_moe_batch {
     int n;
@@ -126,6 +132,9 @@ struct mf_moe_batch {
     const struct mf_weight *gate;    // [n_ff, n_embd]
     const struct mf_weight *up;      // [n_ff, n_embd]
     const struct mf_weight *down;    // [n_embd, n_ff]
+    const struct mf_weight *gate_bias;   // [n_ff] or NULL
+    const struct mf_weight *up_bias;     // [n_ff] or NULL
+    const struct mf_weight *down_bias;   // [n_embd] or NULL
 };
 
 // Routed experts whose blobs all lie in device memory (resident mode), with the routing
@@ -143,6 +152,9 @@ struct mf_moe_dev {
     const struct mf_weight *gate;
     const struct mf_weight *up;
     const struct mf_weight *down;
+    const struct mf_weight *gate_bias;   // as in mf_moe_batch (NULL = none)
+    const struct mf_weight *up_bias;
+    const struct mf_weight *down_bias;
     float *xg;
     float *gu;
     float *eo;
@@ -365,6 +377,12 @@ struct mf_backend_ops {
     // callers route on the host.
     void (*moe_experts_dev)(struct mf_exec *ex, float *y, const float *x,
                             const struct mf_moe_dev *d);
+    // Whether moe_experts / moe_experts_dev take the expert views of b (gate, up, down
+    // and biases; n and the arrays unused) of MoE layer il, asked once per layer at
+    // model open: MF_OK, or MF_ERR_UNSUPPORTED with err naming the projection and its
+    // format. Optional (API v2 addition): NULL = every format mf_weight describes.
+    int (*moe_experts_check)(struct mf_backend *be, const struct mf_moe_batch *b, int il,
+                             char *err, size_t errlen);
 
     // ---- parallel host work on the exec's threads (CPU: the pool). Optional: NULL
     // means the caller runs the tasks itself. Leaves the table once the expert store
@@ -378,6 +396,12 @@ struct mf_backend {
     const struct mf_backend_ops *ops;
     void *impl;
 };
+
+// moe_experts_check of the GPU backends, whose grouped expert kernels take one format
+// for gate, up and down and no biases: MF_ERR_UNSUPPORTED naming backend, layer,
+// projection and both formats otherwise.
+int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, int il,
+                           char *err, size_t errlen);
 
 // Constructors per backend. CPU always exists.
 int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen);

@@ -22,6 +22,7 @@
 
 #include "core/internal.h"
 #include "core/weights.h"
+#include "models/moe.h"
 
 #define STR2(x) #x
 #define STR(x) STR2(x)
@@ -111,7 +112,9 @@ static int is_dir(const char *path) {
 }
 
 // Cross-checks of the expert layout against config.json: a repack of another model
-// (or of another quantization) must fail here, not as garbage at run time.
+// (or of another quantization) must fail here, not as garbage at run time. Each MoE
+// layer's projections (each at its own format) are checked against hidden_size /
+// moe_intermediate_size, and the backend is asked whether its kernels take them.
 static int check_expert_layout(const mf_model *m, const char *dir, char *err,
                                size_t errlen) {
     const struct mf_expert_layout *L = mf_expert_store_layout(m->experts);
@@ -120,30 +123,7 @@ static int check_expert_layout(const mf_model *m, const char *dir, char *err,
         return mf_err(err, errlen, MF_ERR_SHAPE,
                       "%s/layout.json: num_experts is %d, config.json has %d", dir,
                       L->num_experts, c->num_experts);
-    static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
-    for (int p = 0; p < 3; p++) {
-        int64_t rows = p == 2 ? c->hidden_size : c->moe_intermediate_size;
-        int64_t cols = p == 2 ? c->moe_intermediate_size : c->hidden_size;
-        char name[32];
-        snprintf(name, sizeof name, "%s.weight", proj[p]);
-        const struct mf_expert_component *w = mf_expert_store_component(m->experts, name);
-        snprintf(name, sizeof name, "%s.scales", proj[p]);
-        const struct mf_expert_component *s = mf_expert_store_component(m->experts, name);
-        if (w->ndim != 2 || s->ndim != 2 || w->shape[0] != rows ||
-            w->shape[1] * 32 != cols * L->bits || s->shape[0] != rows ||
-            s->shape[1] * L->group_size != cols)
-            return mf_err(err, errlen, MF_ERR_SHAPE,
-                          "%s/layout.json: %s.weight / .scales of shape [%lld, %lld] / "
-                          "[%lld, %lld], expected [%lld, %lld] / [%lld, %lld] for %d-bit "
-                          "group %d (hidden_size %d, moe_intermediate_size %d)",
-                          dir, proj[p], (long long)w->shape[0],
-                          (long long)(w->ndim > 1 ? w->shape[1] : 0),
-                          (long long)s->shape[0], (long long)(s->ndim > 1 ? s->shape[1] : 0),
-                          (long long)rows, (long long)(cols * L->bits / 32),
-                          (long long)rows, (long long)(cols / L->group_size), L->bits,
-                          L->group_size, c->hidden_size, c->moe_intermediate_size);
-    }
-    return MF_OK;
+    return mf_moe_check_experts(m, c->hidden_size, c->moe_intermediate_size, err, errlen);
 }
 
 static int open_experts(mf_model *m, char *err, size_t errlen) {
@@ -166,7 +146,8 @@ static int open_experts(mf_model *m, char *err, size_t errlen) {
         if (!rc)
             rc = check_expert_layout(m, dir, err, errlen);
         if (!rc)
-            mf_log(m, MF_LOG_INFO, "experts: %s (%d-bit, %llu bytes each)", dir,
+            mf_log(m, MF_LOG_INFO, "experts: %s (layout v%d, gate %d-bit, %llu bytes "
+                   "each)", dir, mf_expert_store_layout(m->experts)->version,
                    mf_expert_store_layout(m->experts)->bits,
                    (unsigned long long)mf_expert_store_layout(m->experts)->expert_size);
     }

@@ -2,12 +2,15 @@
  * expert_store.c — packed_experts/: layout.json and the per-layer expert files.
  *
  * The layout is validated once at open (every component inside the blob, sizes equal
- * to their shapes, the nine components present and disjoint, every MoE layer's file at
- * least num_experts * expert_size bytes), so a read is a single pread of one blob with
- * no further checks. Layouts written by the reference system lack "format",
- * "version", "moe_layers", "bits" and "group_size": the MoE layers then come from the
- * caller and bits from the component shapes. This file knows nothing of models or of
- * what the bytes mean; moe.c interprets the components.
+ * to their shapes, names unique, components disjoint; version 1: the nine components
+ * present; every projection's parts consistent with its weight's format; every MoE
+ * layer's file at least num_experts * expert_size bytes), so a read is a single pread
+ * of one blob with no further checks. Layouts written by the reference system lack
+ * "format", "version", "moe_layers", "bits" and "group_size": the MoE layers then
+ * come from the caller and bits from the component shapes. Version 2 adds per-weight
+ * "mode" / "bits" / "group_size", ".bias" parts and "layer_components" (a table per
+ * layer where the recipe changes with the layer). This file knows nothing of models
+ * or of what the bytes mean; moe.c interprets the projections.
  */
 #include "io/expert_store.h"
 
@@ -24,11 +27,15 @@
 
 #include "core/json.h"
 
-#define LAYOUT_VERSION 1
+#define LAYOUT_VERSION 2
 #define MAX_LAYER_FILE_BYTES ((uint64_t)1 << 46)
 
 struct mf_expert_store {
     struct mf_expert_layout layout;
+    struct mf_expert_table *tables;   // [n_layers] each layer's components
+    uint64_t *used;      // [n_layers] bytes of a blob its components reach (version 2:
+                         // a read stops there, a smaller layer's padding is not read;
+                         // version 1: expert_size)
     int n_layers;
     int *fds;            // [n_layers], -1 for layers without a file
     char *dir;           // for messages
@@ -53,12 +60,49 @@ static const char *const component_names[9] = {
 
 /* ==== layout.json ==== */
 
+static int is_float(enum mf_dtype dt) {
+    return dt == MF_DTYPE_F32 || dt == MF_DTYPE_F16 || dt == MF_DTYPE_BF16;
+}
+
+// The optional per-component format fields of version 2: "mode" (affine, float),
+// "bits", "group_size". "interleaved" rows (gpt-oss's gate_up before mlx-lm's
+// sanitize) are refused: prep writes gate and up split, or fused in two row blocks.
+static int parse_format(struct mf_expert_component *c, const mf_json *e, const char *name,
+                        char *err, size_t errlen) {
+    const char *mode = NULL;
+    int64_t bits = 0, gs = 0;
+    int inter = 0;
+    if (mf_json_get_str(e, "mode", &mode) < 0 || mf_json_get_int(e, "bits", &bits) < 0 ||
+        mf_json_get_int(e, "group_size", &gs) < 0 ||
+        mf_json_get_bool(e, "interleaved", &inter) < 0 || bits < 0 || bits > 64 ||
+        gs < 0 || gs > 4096)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: component %s: mode must be a string, bits and group_size "
+                      "small integers, interleaved a boolean", name, c->name);
+    if (mode && strcmp(mode, "affine") != 0 && strcmp(mode, "float") != 0)
+        return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                      "%s: component %s: mode \"%.32s\" is not read by this build "
+                      "(affine, float)", name, c->name, mode);
+    if (inter)
+        return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                      "%s: component %s: interleaved gate/up rows are not read (prep "
+                      "writes gate_proj and up_proj split, or gate_up_proj as gate rows "
+                      "then up rows)", name, c->name);
+    c->mode = !mode ? MF_EXPERT_MODE_NONE
+                    : strcmp(mode, "affine") == 0 ? MF_EXPERT_MODE_AFFINE
+                                                  : MF_EXPERT_MODE_FLOAT;
+    c->bits = (int)bits;
+    c->group_size = (int)gs;
+    return MF_OK;
+}
+
 static int parse_component(struct mf_expert_component *c, const mf_json *e, size_t i,
                            const char *name, uint64_t expert_size, char *err,
                            size_t errlen) {
     const char *cname = NULL, *dt = NULL;
     int64_t off = -1, size = -1;
     const mf_json *sh = mf_json_get(e, "shape");
+    memset(c, 0, sizeof *c);
     if (e->type != MF_JSON_OBJECT || mf_json_get_str(e, "name", &cname) != 1 ||
         strlen(cname) >= sizeof c->name || mf_json_get_int(e, "offset", &off) != 1 ||
         mf_json_get_int(e, "size", &size) != 1 || off < 0 || size < 0 ||
@@ -102,24 +146,26 @@ static int parse_component(struct mf_expert_component *c, const mf_json *e, size
                       name, c->name, (unsigned long long)c->offset,
                       (unsigned long long)(c->offset + c->size),
                       (unsigned long long)expert_size);
-    return 0;
+    return parse_format(c, e, name, err, errlen);
 }
 
-// The nine components, each present once, pairwise disjoint.
-static int check_components(const struct mf_expert_layout *L, const char *name,
-                            char *err, size_t errlen) {
-    for (int k = 0; k < 9; k++) {
-        int found = 0;
-        for (int i = 0; i < L->n_components; i++)
-            found += strcmp(L->components[i].name, component_names[k]) == 0;
-        if (found != 1)
-            return mf_err(err, errlen, MF_ERR_FORMAT,
-                          "%s: component \"%s\" %s", name, component_names[k],
-                          found ? "listed more than once" : "missing");
-    }
-    for (int i = 0; i < L->n_components; i++) {
-        for (int j = i + 1; j < L->n_components; j++) {
-            const struct mf_expert_component *a = &L->components[i], *b = &L->components[j];
+static const struct mf_expert_component *table_find(const struct mf_expert_table *t,
+                                                    const char *name) {
+    for (int i = 0; i < t->n_components; i++)
+        if (strcmp(t->components[i].name, name) == 0)
+            return &t->components[i];
+    return NULL;
+}
+
+// Names unique, components pairwise disjoint.
+static int check_disjoint(const struct mf_expert_table *t, const char *name, char *err,
+                          size_t errlen) {
+    for (int i = 0; i < t->n_components; i++) {
+        for (int j = i + 1; j < t->n_components; j++) {
+            const struct mf_expert_component *a = &t->components[i], *b = &t->components[j];
+            if (strcmp(a->name, b->name) == 0)
+                return mf_err(err, errlen, MF_ERR_FORMAT,
+                              "%s: component \"%s\" listed more than once", name, a->name);
             if (a->offset < b->offset + b->size && b->offset < a->offset + a->size &&
                 a->size && b->size)
                 return mf_err(err, errlen, MF_ERR_FORMAT,
@@ -129,55 +175,169 @@ static int check_components(const struct mf_expert_layout *L, const char *name,
     return 0;
 }
 
-// bits / group_size: from the layout when given, else from the gate projection's
-// shapes with the reference system's fixed group size of 64 (hid = scale cols x 64,
-// bits = packed cols x 32 / hid).
-static int resolve_bits(struct mf_expert_layout *L, const mf_json *root, const char *name,
-                        char *err, size_t errlen) {
-    int64_t bits = 0, gs = 64;
-    if (mf_json_get_int(root, "bits", &bits) < 0 ||
-        mf_json_get_int(root, "group_size", &gs) < 0)
-        return mf_err(err, errlen, MF_ERR_FORMAT, "%s: bits/group_size must be integers",
-                      name);
-    // Before any arithmetic with it: a huge group_size overflowed hid below.
-    if (!(gs == 32 || gs == 64 || gs == 128))
+// Version 1 (the reference system's): the nine components, each present once.
+static int check_nine(const struct mf_expert_table *t, const char *name, char *err,
+                      size_t errlen) {
+    if (t->n_components != 9)
         return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: group_size %lld: expected 32, 64 or 128", name, (long long)gs);
-    const struct mf_expert_component *w = NULL, *s = NULL;
-    for (int i = 0; i < L->n_components; i++) {
-        if (!strcmp(L->components[i].name, "gate_proj.weight"))
-            w = &L->components[i];
-        if (!strcmp(L->components[i].name, "gate_proj.scales"))
-            s = &L->components[i];
-    }
-    if (w->ndim != 2 || s->ndim != 2 || w->dtype != MF_DTYPE_U32 || gs <= 0)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: gate_proj.weight must be U32 [I, hid*bits/32] and "
-                      "gate_proj.scales [I, hid/group_size]", name);
-    int64_t hid = s->shape[1] * gs;
-    int64_t derived = (w->shape[1] * 32) % hid == 0 ? w->shape[1] * 32 / hid : 0;
-    if (!bits)
-        bits = derived;
-    if (bits != derived || !(bits == 2 || bits == 3 || bits == 4 || bits == 5 ||
-                             bits == 6 || bits == 8) ||
-        !(gs == 32 || gs == 64 || gs == 128))
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: bits %lld / group_size %lld do not fit gate_proj shapes "
-                      "[%lld, %lld] / [%lld, %lld]", name, (long long)bits, (long long)gs,
-                      (long long)w->shape[0], (long long)w->shape[1],
-                      (long long)s->shape[0], (long long)s->shape[1]);
-    L->bits = (int)bits;
-    L->group_size = (int)gs;
+                      "%s: \"components\" must list the 9 expert components", name);
+    for (int k = 0; k < 9; k++)
+        if (!table_find(t, component_names[k]))
+            return mf_err(err, errlen, MF_ERR_FORMAT, "%s: component \"%s\" missing",
+                          name, component_names[k]);
     return 0;
 }
 
-static int parse_layout(struct mf_expert_layout *L, const mf_json *root, int n_layers,
-                        const uint8_t *is_moe, const char *name, char *err,
+// "<proj>.<part>" -> proj (into buf) and part; -1 when the name has no '.'.
+static int split_name(const char *full, char *buf, size_t n, const char **part) {
+    const char *dot = strrchr(full, '.');
+    if (!dot || dot == full || (size_t)(dot - full) >= n)
+        return -1;
+    memcpy(buf, full, (size_t)(dot - full));
+    buf[dot - full] = '\0';
+    *part = dot + 1;
+    return 0;
+}
+
+static const struct mf_expert_component *part_of(const struct mf_expert_table *t,
+                                                 const char *proj, const char *part) {
+    char full[64];
+    snprintf(full, sizeof full, "%s.%s", proj, part);
+    return table_find(t, full);
+}
+
+static int valid_bits(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8; }
+static int valid_gs(int64_t g) { return g == 32 || g == 64 || g == 128; }
+
+// An affine projection: U32 codes with float scales and biases of one shape; bits and
+// group size from the component, else the layout's defaults, else (bits) the shapes.
+static int check_affine(struct mf_expert_component *w, const struct mf_expert_table *t,
+                        const char *proj, int dbits, int dgs, const char *name, char *err,
                         size_t errlen) {
+    const struct mf_expert_component *s = part_of(t, proj, "scales"),
+                                     *b = part_of(t, proj, "biases");
+    if (!s || !b || !is_float(s->dtype) || b->dtype != s->dtype || s->ndim != 2 ||
+        b->ndim != 2 || w->ndim != 2 || s->shape[0] != w->shape[0] ||
+        b->shape[0] != s->shape[0] || b->shape[1] != s->shape[1])
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s: U32 codes need %s.scales and %s.biases, float, of one 2-D "
+                      "shape [rows, n_in/group_size] with the weight's rows", name,
+                      w->name, proj, proj);
+    int64_t gs = w->group_size ? w->group_size : dgs ? dgs : 64;
+    int64_t n_in = s->shape[1] * gs;
+    int64_t derived = (w->shape[1] * 32) % n_in == 0 ? w->shape[1] * 32 / n_in : 0;
+    int64_t bits = w->bits ? w->bits : dbits ? dbits : derived;
+    if (!valid_gs(gs) || !valid_bits(bits) || bits != derived)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s: bits %lld / group_size %lld do not fit its shapes [%lld, "
+                      "%lld] / scales [%lld, %lld] (bits 2-6 or 8, group 32/64/128)",
+                      name, w->name, (long long)bits, (long long)gs,
+                      (long long)w->shape[0], (long long)w->shape[1],
+                      (long long)s->shape[0], (long long)s->shape[1]);
+    w->mode = MF_EXPERT_MODE_AFFINE;
+    w->bits = (int)bits;
+    w->group_size = (int)gs;
+    return MF_OK;
+}
+
+// One projection: its weight's mode decides which other parts it must (not) have.
+static int check_projection(struct mf_expert_component *w, const struct mf_expert_table *t,
+                            const char *proj, int dbits, int dgs, const char *name,
+                            char *err, size_t errlen) {
+    const struct mf_expert_component *bias = part_of(t, proj, "bias");
+    if (bias && (!is_float(bias->dtype) || bias->ndim != 1 || w->ndim != 2 ||
+                 bias->shape[0] != w->shape[0]))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s.bias: expected float [%lld] (the weight's rows), got %s "
+                      "%d-D", name, proj, (long long)w->shape[0],
+                      mf_dtype_name(bias->dtype), bias->ndim);
+    if (w->dtype == MF_DTYPE_U32 && w->mode != MF_EXPERT_MODE_FLOAT)
+        return check_affine(w, t, proj, dbits, dgs, name, err, errlen);
+    if (!is_float(w->dtype) || w->mode == MF_EXPERT_MODE_AFFINE || w->ndim != 2 ||
+        part_of(t, proj, "scales") || part_of(t, proj, "biases"))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s: %s %d-D%s: expected U32 affine codes with scales and "
+                      "biases, or a float (F32/F16/BF16) [rows, n_in] matrix alone",
+                      name, w->name, mf_dtype_name(w->dtype), w->ndim,
+                      w->mode == MF_EXPERT_MODE_AFFINE ? " marked affine" : "");
+    w->mode = MF_EXPERT_MODE_FLOAT;
+    w->bits = w->group_size = 0;
+    return MF_OK;
+}
+
+// Every component is part of a projection whose weight is listed; each weight's
+// format is resolved (dbits / dgs: the layout's top-level defaults, 0 = none).
+static int check_projections(struct mf_expert_table *t, int dbits, int dgs,
+                             const char *name, char *err, size_t errlen) {
+    static const char *const parts[4] = {"weight", "scales", "biases", "bias"};
+    for (int i = 0; i < t->n_components; i++) {
+        struct mf_expert_component *c = &t->components[i];
+        char proj[32];
+        const char *part = NULL;
+        int known = 0;
+        if (split_name(c->name, proj, sizeof proj, &part) == 0)
+            for (int k = 0; k < 4; k++)
+                known |= strcmp(part, parts[k]) == 0;
+        if (!known)
+            return mf_err(err, errlen, MF_ERR_FORMAT,
+                          "%s: component %s: expected <projection>.weight, .scales, "
+                          ".biases or .bias", name, c->name);
+        if (strcmp(part, "weight") != 0) {
+            if (!part_of(t, proj, "weight"))
+                return mf_err(err, errlen, MF_ERR_FORMAT,
+                              "%s: component %s without %s.weight", name, c->name, proj);
+            continue;
+        }
+        int rc = check_projection(c, t, proj, dbits, dgs, name, err, errlen);
+        if (rc)
+            return rc;
+    }
+    return MF_OK;
+}
+
+static int parse_table(struct mf_expert_table *t, const mf_json *cs, uint64_t es,
+                       const char *name, char *err, size_t errlen) {
+    memset(t, 0, sizeof *t);
+    if (!cs || cs->type != MF_JSON_ARRAY || cs->n < 1 || cs->n > MF_EXPERT_MAX_COMPONENTS)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: a component list must hold 1 to %d components", name,
+                      MF_EXPERT_MAX_COMPONENTS);
+    for (size_t i = 0; i < cs->n; i++) {
+        int rc = parse_component(&t->components[i], cs->items[i], i, name, es, err, errlen);
+        if (rc)
+            return rc;
+        t->n_components++;
+    }
+    return check_disjoint(t, name, err, errlen);
+}
+
+// bits / group_size of the top level: defaults of the components that give none.
+// Version 1 without them: the reference system's fixed group of 64, bits from the
+// gate projection's shapes (check_affine derives them).
+static int top_bits(const mf_json *root, int64_t *bits, int64_t *gs, const char *name,
+                    char *err, size_t errlen) {
+    *bits = 0;
+    *gs = 0;
+    if (mf_json_get_int(root, "bits", bits) < 0 ||
+        mf_json_get_int(root, "group_size", gs) < 0)
+        return mf_err(err, errlen, MF_ERR_FORMAT, "%s: bits/group_size must be integers",
+                      name);
+    // Before any arithmetic with it: a huge group_size overflowed n_in.
+    if (*gs && !valid_gs(*gs))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: group_size %lld: expected 32, 64 or 128", name, (long long)*gs);
+    if (*bits && !valid_bits(*bits))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: bits %lld: expected 2, 3, 4, 5, 6 or 8", name, (long long)*bits);
+    return MF_OK;
+}
+
+static int parse_header(struct mf_expert_layout *L, const mf_json *root, int n_layers,
+                        const char *name, char *err, size_t errlen) {
     if (!root || root->type != MF_JSON_OBJECT)
         return mf_err(err, errlen, MF_ERR_FORMAT, "%s: top level must be an object", name);
     const char *fmt = NULL;
-    int64_t version = LAYOUT_VERSION, es = 0, nl = 0, ne = 0;
+    int64_t version = 1, es = 0, nl = 0, ne = 0;
     if (mf_json_get_str(root, "format", &fmt) < 0 ||
         (fmt && strcmp(fmt, "moeflux-experts") != 0))
         return mf_err(err, errlen, MF_ERR_FORMAT,
@@ -209,42 +369,99 @@ static int parse_layout(struct mf_expert_layout *L, const mf_json *root, int n_l
     L->expert_size = (uint64_t)es;
     L->num_layers = (int)nl;
     L->num_experts = (int)ne;
+    L->version = (int)version;
+    return MF_OK;
+}
+
+static int check_moe_layers(const mf_json *root, int n_layers, const uint8_t *is_moe,
+                            const char *name, char *err, size_t errlen) {
     const mf_json *ml = mf_json_get(root, "moe_layers");
-    if (ml && ml->type != MF_JSON_NULL) {
-        if (ml->type != MF_JSON_ARRAY)
-            return mf_err(err, errlen, MF_ERR_FORMAT, "%s: \"moe_layers\" must be a list",
-                          name);
-        // Must name exactly the layers config.json makes MoE.
-        int n_cfg = 0;
-        for (int l = 0; l < n_layers; l++)
-            n_cfg += is_moe[l] != 0;
-        for (size_t i = 0; i < ml->n; i++) {
-            const mf_json *v = ml->items[i];
-            if (v->type != MF_JSON_NUMBER || !v->num_is_int || v->inum < 0 ||
-                v->inum >= n_layers || !is_moe[v->inum])
-                return mf_err(err, errlen, MF_ERR_FORMAT,
-                              "%s: moe_layers[%zu] is not a MoE layer of config.json", name,
-                              i);
-        }
-        if ((int)ml->n != n_cfg)
+    if (!ml || ml->type == MF_JSON_NULL)
+        return MF_OK;
+    if (ml->type != MF_JSON_ARRAY)
+        return mf_err(err, errlen, MF_ERR_FORMAT, "%s: \"moe_layers\" must be a list",
+                      name);
+    // Must name exactly the layers config.json makes MoE.
+    int n_cfg = 0;
+    for (int l = 0; l < n_layers; l++)
+        n_cfg += is_moe[l] != 0;
+    for (size_t i = 0; i < ml->n; i++) {
+        const mf_json *v = ml->items[i];
+        if (v->type != MF_JSON_NUMBER || !v->num_is_int || v->inum < 0 ||
+            v->inum >= n_layers || !is_moe[v->inum])
             return mf_err(err, errlen, MF_ERR_FORMAT,
-                          "%s: moe_layers lists %zu layers, config.json has %d MoE layers",
-                          name, ml->n, n_cfg);
+                          "%s: moe_layers[%zu] is not a MoE layer of config.json", name, i);
     }
-    const mf_json *cs = mf_json_get(root, "components");
-    if (!cs || cs->type != MF_JSON_ARRAY || cs->n != 9)
+    if ((int)ml->n != n_cfg)
         return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "%s: \"components\" must list the 9 expert components", name);
-    int rc;
-    for (size_t i = 0; i < cs->n; i++) {
-        if ((rc = parse_component(&L->components[i], cs->items[i], i, name, L->expert_size,
-                                  err, errlen)))
+                      "%s: moe_layers lists %zu layers, config.json has %d MoE layers",
+                      name, ml->n, n_cfg);
+    return MF_OK;
+}
+
+// "layer_components" (version 2): {"<layer>": [components]} for the MoE layers whose
+// experts differ from the default table (a recipe whose bits change with the layer).
+static int parse_layer_tables(struct mf_expert_table *tables, const mf_json *root,
+                              const struct mf_expert_layout *L, const uint8_t *is_moe,
+                              int dbits, int dgs, const char *name, char *err,
+                              size_t errlen) {
+    const mf_json *lc = mf_json_get(root, "layer_components");
+    if (!lc || lc->type == MF_JSON_NULL)
+        return MF_OK;
+    if (lc->type != MF_JSON_OBJECT || L->version < 2)
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: \"layer_components\" must be an object (layout version 2)",
+                      name);
+    for (size_t i = 0; i < lc->n; i++) {
+        // canonical decimal only: "1" and "01" must not both name layer 1
+        const char *key = lc->items[i]->key;
+        char *end = NULL;
+        long il = strtol(key, &end, 10);
+        if (!(key[0] >= '0' && key[0] <= '9') || (key[0] == '0' && key[1]) || *end ||
+            il >= L->num_layers || !is_moe[il])
+            return mf_err(err, errlen, MF_ERR_FORMAT,
+                          "%s: layer_components key \"%.16s\" is not a MoE layer", name,
+                          lc->items[i]->key);
+        int rc = parse_table(&tables[il], lc->items[i], L->expert_size, name, err, errlen);
+        if (!rc)
+            rc = check_projections(&tables[il], dbits, dgs, name, err, errlen);
+        if (rc)
             return rc;
-        L->n_components++;
     }
-    if ((rc = check_components(L, name, err, errlen)))
+    return MF_OK;
+}
+
+// The default table into L (and L's informational bits), then every layer's table.
+static int parse_layout(struct mf_expert_layout *L, struct mf_expert_table *tables,
+                        const mf_json *root, int n_layers, const uint8_t *is_moe,
+                        const char *name, char *err, size_t errlen) {
+    int64_t dbits = 0, dgs = 0;
+    struct mf_expert_table def;
+    int rc = parse_header(L, root, n_layers, name, err, errlen);
+    if (!rc)
+        rc = check_moe_layers(root, n_layers, is_moe, name, err, errlen);
+    if (!rc)
+        rc = top_bits(root, &dbits, &dgs, name, err, errlen);
+    if (!rc)
+        rc = parse_table(&def, mf_json_get(root, "components"), L->expert_size, name,
+                         err, errlen);
+    if (!rc && L->version == 1)
+        rc = check_nine(&def, name, err, errlen);
+    if (!rc)
+        rc = check_projections(&def, (int)dbits, (int)dgs, name, err, errlen);
+    if (rc)
         return rc;
-    return resolve_bits(L, root, name, err, errlen);
+    L->n_components = def.n_components;
+    memcpy(L->components, def.components, sizeof def.components);
+    const struct mf_expert_component *g = table_find(&def, "gate_proj.weight");
+    if (g && g->mode == MF_EXPERT_MODE_AFFINE) {
+        L->bits = g->bits;
+        L->group_size = g->group_size;
+    }
+    for (int l = 0; l < n_layers; l++)
+        tables[l] = def;
+    return parse_layer_tables(tables, root, L, is_moe, (int)dbits, (int)dgs, name, err,
+                              errlen);
 }
 
 /* ==== Open / close ==== */
@@ -270,6 +487,8 @@ void mf_expert_store_close(mf_expert_store *st) {
         if (st->dfds[l] >= 0)
             close(st->dfds[l]);
     free(st->dfds);
+    free(st->tables);
+    free(st->used);
     if (st->lock_ok)
         pthread_mutex_destroy(&st->lock);
     free(st->dir);
@@ -363,9 +582,11 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
     st->fds = fd_array(n_layers);
     st->dfds = fd_array(n_layers);
     st->maps = calloc((size_t)n_layers, sizeof *st->maps);
+    st->tables = calloc((size_t)n_layers, sizeof *st->tables);
+    st->used = calloc((size_t)n_layers, sizeof *st->used);
     long page = sysconf(_SC_PAGESIZE);
     st->page = page > 0 ? (size_t)page : 4096;
-    if (!st->dir || !st->fds || !st->dfds || !st->maps) {
+    if (!st->dir || !st->fds || !st->dfds || !st->maps || !st->tables || !st->used) {
         mf_expert_store_close(st);
         return mf_err(err, errlen, MF_ERR_NOMEM, "expert store: out of memory");
     }
@@ -384,14 +605,22 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
     if (!rc)
         rc = mf_json_parse(&doc, text, len, lpath, err, errlen);
     if (!rc)
-        rc = parse_layout(&st->layout, mf_json_root(doc), n_layers, is_moe, lpath, err,
-                          errlen);
+        rc = parse_layout(&st->layout, st->tables, mf_json_root(doc), n_layers, is_moe,
+                          lpath, err, errlen);
     mf_json_free(doc);
     free(text);
     free(lpath);
-    for (int l = 0; l < n_layers && !rc; l++)
+    for (int l = 0; l < n_layers && !rc; l++) {
+        // version 1 reads whole blobs, as the reference system does
+        const struct mf_expert_table *t = &st->tables[l];
+        if (st->layout.version == 1)
+            st->used[l] = st->layout.expert_size;
+        for (int i = 0; i < t->n_components; i++)
+            if (t->components[i].offset + t->components[i].size > st->used[l])
+                st->used[l] = t->components[i].offset + t->components[i].size;
         if (is_moe[l])
             rc = open_layer(st, l, err, errlen);
+    }
     if (rc) {
         mf_expert_store_close(st);
         return rc;
@@ -412,6 +641,27 @@ const struct mf_expert_component *mf_expert_store_component(const mf_expert_stor
     return NULL;
 }
 
+int mf_expert_store_proj(const mf_expert_store *st, int il, const char *proj,
+                         struct mf_expert_proj *out) {
+    memset(out, 0, sizeof *out);
+    if (il < 0 || il >= st->n_layers)
+        return 0;
+    const struct mf_expert_table *t = &st->tables[il];
+    out->weight = part_of(t, proj, "weight");
+    if (!out->weight)
+        return 0;
+    out->scales = part_of(t, proj, "scales");
+    out->biases = part_of(t, proj, "biases");
+    out->bias = part_of(t, proj, "bias");
+    out->mode = out->weight->mode;
+    out->bits = out->weight->bits;
+    out->group_size = out->weight->group_size;
+    out->rows = out->weight->shape[0];
+    out->n_in = out->mode == MF_EXPERT_MODE_AFFINE
+                    ? out->scales->shape[1] * out->group_size : out->weight->shape[1];
+    return 1;
+}
+
 /* ==== Reads ==== */
 
 int mf_expert_store_check(const mf_expert_store *st, int il, int ie, char *err,
@@ -426,11 +676,13 @@ int mf_expert_store_check(const mf_expert_store *st, int il, int ie, char *err,
     return MF_OK;
 }
 
-// One expert blob from fd into dst, looping over short reads and EINTR. 64-bit
-// offsets: one layer file of a large model passes 4 GiB.
+// One expert blob from fd into dst (the bytes its layer's components reach, rounded
+// up to `align`; the rest of dst is left as it was), looping over short reads and
+// EINTR. 64-bit offsets: one layer file of a large model passes 4 GiB.
 static int read_blob(const mf_expert_store *st, int fd, int il, int ie, void *dst,
-                     const char *how, char *err, size_t errlen) {
-    size_t n = (size_t)st->layout.expert_size;
+                     uint64_t align, const char *how, char *err, size_t errlen) {
+    uint64_t want = (st->used[il] + align - 1) / align * align;
+    size_t n = (size_t)(want < st->layout.expert_size ? want : st->layout.expert_size);
     uint64_t off = (uint64_t)ie * st->layout.expert_size;
     size_t got = 0;
     while (got < n) {
@@ -457,7 +709,7 @@ int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,
     if (dst_bytes < n)
         return mf_err(err, errlen, MF_ERR_ARG,
                       "expert read: buffer of %zu bytes, an expert needs %zu", dst_bytes, n);
-    return read_blob(st, st->fds[il], il, ie, dst, "", err, errlen);
+    return read_blob(st, st->fds[il], il, ie, dst, 1, "", err, errlen);
 }
 
 uint64_t mf_expert_store_total_bytes(const mf_expert_store *st) {
@@ -586,7 +838,8 @@ int mf_expert_store_read_direct(const mf_expert_store *st, int il, int ie, void 
         return mf_err(err, errlen, MF_ERR_ARG,
                       "expert read: direct read without mf_expert_store_open_direct or "
                       "into a buffer not %d-byte aligned", DIRECT_ALIGN);
-    return read_blob(st, st->dfds[il], il, ie, dst, "O_DIRECT ", err, errlen);
+    return read_blob(st, st->dfds[il], il, ie, dst, DIRECT_ALIGN, "O_DIRECT ", err,
+                     errlen);
 }
 
 /* ==== mmap ====

@@ -4,8 +4,12 @@
  * models: it serves byte ranges "expert e of layer l" into caller buffers.
  *
  * File of a MoE layer = num_experts blobs back to back, expert e at e * expert_size.
- * Blob = [gate W|S|B, up W|S|B, down W|S|B]; layout.json names each component's
- * offset, size, dtype and per-expert shape. Files are opened once at open and read with
+ * Blob = named components; the reference system's (layout version 1) are the nine
+ * [gate W|S|B, up W|S|B, down W|S|B]. Version 2 adds per-projection formats (affine
+ * at its own bits / group size, or float), per-expert output biases, fused
+ * projections (gate_up_proj) and per-layer component tables for recipes whose
+ * precision changes with the layer. layout.json names each component's offset, size,
+ * dtype and per-expert shape. Files are opened once at open and read with
  * pread (thread-safe; the store is shared by every ctx of a model).
  *
  * The asynchronous reader (expert_reader.h) reads through the calls at the end of this
@@ -21,7 +25,21 @@
 
 #include "core/common.h"
 
-// One of the 9 components of an expert blob ("gate_proj.weight", ...).
+// Most components one expert blob may have (projections x their parts).
+#define MF_EXPERT_MAX_COMPONENTS 16
+
+// How the numbers of a projection's weight are stored. A new kind (its "mode" name in
+// layout.json, the parts it needs, the kernels that read it) joins this list and
+// check_projection in expert_store.c.
+enum mf_expert_mode {
+    MF_EXPERT_MODE_NONE = 0,    // not a weight component (scales, biases, bias)
+    MF_EXPERT_MODE_FLOAT = 1,   // plain F32/F16/BF16 [rows, n_in]
+    MF_EXPERT_MODE_AFFINE = 2,  // MLX affine: U32 codes [rows, n_in*bits/32] with
+                                // scales and biases [rows, n_in/group_size]
+};
+
+// One component of an expert blob, "<projection>.<part>": part weight, scales,
+// biases (affine) or bias (a per-expert float vector added to the output).
 struct mf_expert_component {
     char name[32];          // "gate_proj.weight", "gate_proj.scales", ...
     uint64_t offset;        // bytes inside the blob
@@ -29,16 +47,38 @@ struct mf_expert_component {
     enum mf_dtype dtype;
     int ndim;
     int64_t shape[2];       // per expert, e.g. [I, hid*bits/32]
+    // weight components only (resolved at open): how the projection is stored
+    enum mf_expert_mode mode;
+    int bits;               // affine
+    int group_size;         // affine
+};
+
+// The components of the experts of one layer.
+struct mf_expert_table {
+    int n_components;
+    struct mf_expert_component components[MF_EXPERT_MAX_COMPONENTS];
 };
 
 struct mf_expert_layout {
-    uint64_t expert_size;   // bytes per expert blob
+    uint64_t expert_size;   // bytes per expert blob (the stride in every layer file)
     int num_experts;
     int num_layers;         // model layers (not only MoE ones)
+    int version;            // of layout.json (1: the nine uniform components)
+    // The default table ("components"); layers listed in "layer_components" have their
+    // own (mf_expert_store_proj reads the right one).
     int n_components;
-    struct mf_expert_component components[9];
-    int bits;               // of the W components (4, or 2 for packed_experts_2bit)
-    int group_size;
+    struct mf_expert_component components[MF_EXPERT_MAX_COMPONENTS];
+    int bits;               // of gate_proj.weight in the default table when affine
+    int group_size;         // (informational for mixed layouts; 0 when float)
+};
+
+// One projection of a layer's experts: its weight and the parts that go with it
+// (NULL when absent), as validated at open.
+struct mf_expert_proj {
+    const struct mf_expert_component *weight, *scales, *biases, *bias;
+    enum mf_expert_mode mode;
+    int bits, group_size;   // affine
+    int64_t rows, n_in;
 };
 
 typedef struct mf_expert_store mf_expert_store;
@@ -50,11 +90,17 @@ int mf_expert_store_open(mf_expert_store **out, const char *dir, int n_layers,
                          const uint8_t *is_moe, char *err, size_t errlen);
 void mf_expert_store_close(mf_expert_store *st);
 const struct mf_expert_layout *mf_expert_store_layout(const mf_expert_store *st);
-// Component by name, NULL if absent.
+// Component of the default table by name, NULL if absent.
 const struct mf_expert_component *mf_expert_store_component(const mf_expert_store *st,
                                                             const char *name);
+// Projection `proj` ("gate_proj", "gate_up_proj", ...) of layer il's experts: 1 and
+// *out filled when its weight component exists, else 0.
+int mf_expert_store_proj(const mf_expert_store *st, int il, const char *proj,
+                         struct mf_expert_proj *out);
 
-// Read expert `ie` of layer `il` (expert_size bytes) into dst. Thread-safe.
+// Read expert `ie` of layer `il` into dst (a buffer of expert_size bytes; only the
+// bytes the layer's components reach are read when its table is smaller than the
+// largest, the rest of dst is left as it was). Thread-safe.
 // MF_ERR_ARG for a layer without a file or ie out of range; MF_ERR_IO on a failed or
 // short read (message names the file and offset).
 int mf_expert_store_read(const mf_expert_store *st, int il, int ie, void *dst,

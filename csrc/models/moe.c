@@ -12,6 +12,11 @@
  * resident-expert paths (all experts in device memory: routing left on the device for
  * a few tokens, one grouped call per layer for a prefill chunk).
  *
+ * The expert views are made per MoE layer from the store's validated layout (each
+ * projection at its own format, optional per-expert biases, a fused gate_up_proj as
+ * two row blocks, a table per layer where a recipe changes with the layer) and checked
+ * against config.json and the backend's moe_experts_check when the model opens.
+ *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
  * goes through the backend op table so the same code runs on every backend.
@@ -72,8 +77,9 @@ struct mf_moe_scratch {
     int32_t *idx_dev;        // [max_tok, k] routing left on the device (resident)
     float *w_dev;            // [max_tok, k]
     const void *const *resident;   // the model's experts_dev (NULL: streaming)
-    // expert weight views relative to a blob at address 0 (pointers are offsets)
-    struct mf_weight ex_gate, ex_up, ex_down;
+    // expert weight views of each MoE layer relative to a blob at address 0
+    // (pointers are offsets) [n_layer]
+    struct mf_moe_views *views;
     int has_store;
 };
 
@@ -86,61 +92,107 @@ static void dev_free(mf_ctx *ctx, void *p) {
         ctx->be->ops->dealloc(ctx->ex, p);
 }
 
-// One expert projection as a weight view whose pointers are byte offsets inside a
-// blob; forward adds the slot's base address. Bits and group size come from the
-// component shapes (the layout's own bits field is cross-checked by this).
-static int expert_view(const mf_expert_store *st, struct mf_weight *out, const char *proj,
-                       int64_t n_out, int64_t n_in, char *err, size_t errlen) {
-    char name[40];
-    snprintf(name, sizeof name, "%s.weight", proj);
-    const struct mf_expert_component *w = mf_expert_store_component(st, name);
-    snprintf(name, sizeof name, "%s.scales", proj);
-    const struct mf_expert_component *s = mf_expert_store_component(st, name);
-    snprintf(name, sizeof name, "%s.biases", proj);
-    const struct mf_expert_component *b = mf_expert_store_component(st, name);
-    if (!w)
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "packed_experts/layout.json: component %s.weight missing", proj);
+// Rows [row0, row0 + n_out) of projection p of layer il as a weight view whose
+// pointers are byte offsets inside a blob (forward adds the slot's base address);
+// the bias view (has_bias set) likewise. Format and shape from the validated layout
+// (io/expert_store.c), checked here against config.json's sizes.
+static int proj_view(const struct mf_expert_proj *p, int il, const char *proj,
+                     int64_t rows, int64_t row0, int64_t n_out, int64_t n_in,
+                     struct mf_weight *out, struct mf_weight *bias, int *has_bias,
+                     char *err, size_t errlen) {
+    if (p->rows != rows || p->n_in != n_in)
+        return mf_err(err, errlen, MF_ERR_SHAPE,
+                      "packed_experts/layout.json: layer %d %s is [%lld, %lld] (%s), "
+                      "config.json gives [%lld, %lld]", il, proj, (long long)p->rows,
+                      (long long)p->n_in, p->mode == MF_EXPERT_MODE_AFFINE ? "affine"
+                                                                           : "float",
+                      (long long)rows, (long long)n_in);
     memset(out, 0, sizeof *out);
     out->n_out = n_out;
     out->n_in = n_in;
-    out->w = (const void *)(uintptr_t)w->offset;
-    if (w->ndim != 2 || w->shape[0] != n_out)
-        return mf_err(err, errlen, MF_ERR_SHAPE,
-                      "packed_experts/layout.json: %s.weight rows: expected %lld, got "
-                      "%lld (ndim %d)", proj, (long long)n_out,
-                      (long long)(w->ndim >= 1 ? w->shape[0] : -1), w->ndim);
-    if (!s) {
-        // float experts: a plain [n_out, n_in] matrix
-        if (w->dtype == MF_DTYPE_U32 || w->shape[1] != n_in)
-            return mf_err(err, errlen, MF_ERR_SHAPE,
-                          "packed_experts/layout.json: %s.weight: expected float [%lld, "
-                          "%lld] without scales, got %s [%lld, %lld]", proj,
-                          (long long)n_out, (long long)n_in, mf_dtype_name(w->dtype),
-                          (long long)w->shape[0], (long long)w->shape[1]);
-        out->dtype = w->dtype;
-        return MF_OK;
+    out->dtype = p->weight->dtype;
+    uint64_t wrow = p->weight->size / (uint64_t)rows;
+    out->w = (const void *)(uintptr_t)(p->weight->offset + (uint64_t)row0 * wrow);
+    if (p->mode == MF_EXPERT_MODE_AFFINE) {
+        uint64_t srow = p->scales->size / (uint64_t)rows;
+        out->sdtype = p->scales->dtype;
+        out->scales = (const void *)(uintptr_t)(p->scales->offset + (uint64_t)row0 * srow);
+        out->biases = (const void *)(uintptr_t)(p->biases->offset + (uint64_t)row0 * srow);
+        out->bits = p->bits;
+        out->group_size = p->group_size;
     }
-    if (!b || w->dtype != MF_DTYPE_U32 || s->ndim != 2 || s->shape[0] != n_out ||
-        s->shape[1] < 1 || n_in % s->shape[1] != 0 || (w->shape[1] * 32) % n_in != 0)
-        return mf_err(err, errlen, MF_ERR_SHAPE,
-                      "packed_experts/layout.json: %s: expected U32 codes with scales "
-                      "and biases for [%lld, %lld], got weight %s [%lld, %lld]%s", proj,
-                      (long long)n_out, (long long)n_in, mf_dtype_name(w->dtype),
-                      (long long)w->shape[0], (long long)w->shape[1],
-                      b ? "" : " and no biases");
-    out->dtype = MF_DTYPE_U32;
-    out->sdtype = s->dtype;
-    out->scales = (const void *)(uintptr_t)s->offset;
-    out->biases = (const void *)(uintptr_t)b->offset;
-    out->bits = (int)(w->shape[1] * 32 / n_in);
-    out->group_size = (int)(n_in / s->shape[1]);
-    if (out->bits < 2 || out->bits > 8 || out->bits == 7 ||
-        (out->group_size != 32 && out->group_size != 64 && out->group_size != 128))
+    *has_bias = p->bias != NULL;
+    memset(bias, 0, sizeof *bias);
+    if (p->bias) {
+        size_t esz = mf_dtype_size(p->bias->dtype);
+        bias->dtype = p->bias->dtype;
+        bias->n_out = 1;
+        bias->n_in = n_out;
+        bias->w = (const void *)(uintptr_t)(p->bias->offset + (uint64_t)row0 * esz);
+    }
+    return MF_OK;
+}
+
+// gate and up of layer il: two projections, or one fused gate_up_proj whose rows are
+// the gate's then the up's (two row blocks of one matrix: views at two offsets).
+static int gate_up_views(const mf_expert_store *st, int il, int n_embd, int n_ff,
+                         struct mf_moe_views *v, char *err, size_t errlen) {
+    struct mf_expert_proj g, u, f;
+    int has_g = mf_expert_store_proj(st, il, "gate_proj", &g);
+    int has_u = mf_expert_store_proj(st, il, "up_proj", &u);
+    int has_f = mf_expert_store_proj(st, il, "gate_up_proj", &f);
+    if (has_f && !has_g && !has_u) {
+        int rc = proj_view(&f, il, "gate_up_proj", 2 * (int64_t)n_ff, 0, n_ff, n_embd,
+                           &v->gate, &v->bias[0], &v->has_bias[0], err, errlen);
+        return rc ? rc : proj_view(&f, il, "gate_up_proj", 2 * (int64_t)n_ff, n_ff, n_ff,
+                                   n_embd, &v->up, &v->bias[1], &v->has_bias[1], err,
+                                   errlen);
+    }
+    if (!has_g || !has_u || has_f)
         return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "packed_experts/layout.json: %s: inferred bits %d / group size %d "
-                      "unsupported (n_in %lld)", proj, out->bits, out->group_size,
-                      (long long)n_in);
+                      "packed_experts/layout.json: layer %d: experts need gate_proj and "
+                      "up_proj, or gate_up_proj alone (have gate %d, up %d, gate_up %d)",
+                      il, has_g, has_u, has_f);
+    int rc = proj_view(&g, il, "gate_proj", n_ff, 0, n_ff, n_embd, &v->gate, &v->bias[0],
+                       &v->has_bias[0], err, errlen);
+    return rc ? rc : proj_view(&u, il, "up_proj", n_ff, 0, n_ff, n_embd, &v->up,
+                               &v->bias[1], &v->has_bias[1], err, errlen);
+}
+
+int mf_moe_layer_views(const mf_expert_store *st, int il, int n_embd, int n_ff,
+                       struct mf_moe_views *v, char *err, size_t errlen) {
+    memset(v, 0, sizeof *v);
+    struct mf_expert_proj d;
+    if (!mf_expert_store_proj(st, il, "down_proj", &d))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "packed_experts/layout.json: layer %d: component down_proj.weight "
+                      "missing", il);
+    int rc = gate_up_views(st, il, n_embd, n_ff, v, err, errlen);
+    return rc ? rc : proj_view(&d, il, "down_proj", n_embd, 0, n_embd, n_ff, &v->down,
+                               &v->bias[2], &v->has_bias[2], err, errlen);
+}
+
+struct mf_moe_batch mf_moe_views_batch(const struct mf_moe_views *v) {
+    struct mf_moe_batch b = {.gate = &v->gate, .up = &v->up, .down = &v->down,
+                             .gate_bias = v->has_bias[0] ? &v->bias[0] : NULL,
+                             .up_bias = v->has_bias[1] ? &v->bias[1] : NULL,
+                             .down_bias = v->has_bias[2] ? &v->bias[2] : NULL};
+    return b;
+}
+
+int mf_moe_check_experts(const mf_model *m, int n_embd, int n_ff, char *err,
+                         size_t errlen) {
+    for (int il = 0; il < m->cfg.num_hidden_layers; il++) {
+        if (!m->cfg.layer_is_moe[il])
+            continue;
+        struct mf_moe_views v;
+        int rc = mf_moe_layer_views(m->experts, il, n_embd, n_ff, &v, err, errlen);
+        struct mf_moe_batch b = mf_moe_views_batch(&v);
+        if (rc == MF_OK && m->be->ops->moe_experts_check)
+            rc = m->be->ops->moe_experts_check(m->be, &b, il, err, errlen);
+        if (rc)
+            return rc;
+    }
     return MF_OK;
 }
 
@@ -169,12 +221,18 @@ static int bind_views(struct mf_moe_scratch *s, const mf_expert_store *st,
                       const struct mf_moe_config *c, char *err, size_t errlen) {
     s->has_store = 1;
     s->expert_bytes = mf_expert_store_layout(st)->expert_size;
-    int rc = expert_view(st, &s->ex_gate, "gate_proj", c->n_ff_exp, c->n_embd, err, errlen);
-    if (rc == MF_OK)
-        rc = expert_view(st, &s->ex_up, "up_proj", c->n_ff_exp, c->n_embd, err, errlen);
-    if (rc == MF_OK)
-        rc = expert_view(st, &s->ex_down, "down_proj", c->n_embd, c->n_ff_exp, err, errlen);
-    return rc;
+    s->views = calloc((size_t)s->n_layer, sizeof *s->views);
+    if (!s->views)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory");
+    for (int il = 0; il < s->n_layer; il++) {
+        if (!s->is_moe[il])
+            continue;
+        int rc = mf_moe_layer_views(st, il, c->n_embd, c->n_ff_exp, &s->views[il], err,
+                                    errlen);
+        if (rc)
+            return rc;
+    }
+    return MF_OK;
 }
 
 static int alloc_host_arrays(struct mf_moe_scratch *s, const struct mf_moe_config *c,
@@ -326,6 +384,7 @@ void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
                    s->dev_blob, s->idx_dev, s->w_dev};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dev_free(ctx, dev[i]);
+    free(s->views);
     free(s);
 }
 
@@ -421,7 +480,8 @@ static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_laye
  * mode, cache, prefetch or arrival order: results are bitwise the same. Prefill
  * chunks with more experts than slots compute arrived experts to free slots. */
 
-static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int ie, const void *data) {
+static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie,
+                       const void *data) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const void *blob = data;
     if (!op->host_is_device) {
@@ -429,9 +489,11 @@ static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int ie, const void
         blob = s->dev_blob;
     }
     int32_t row0 = s->start[ie], n_rows = s->start[ie + 1] - s->start[ie];
-    struct mf_moe_batch b = {.n = 1, .blob_host = &blob, .row0_host = &row0,
-                             .n_rows_host = &n_rows, .gate = &s->ex_gate,
-                             .up = &s->ex_up, .down = &s->ex_down};
+    struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
+    b.n = 1;
+    b.blob_host = &blob;
+    b.row0_host = &row0;
+    b.n_rows_host = &n_rows;
     op->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
 }
 
@@ -442,7 +504,7 @@ static int run_one_ready(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding
     int rc = mf_expert_reader_wait_any(s->reader, &tk, &data, s->err, sizeof s->err);
     mf_expert_reader_ticket_expert(s->reader, tk, &il, &ie);
     if (rc == MF_OK)
-        run_expert(ctx, s, ie, data);
+        run_expert(ctx, s, il, ie, data);
     mf_expert_reader_release(s->reader, tk);
     (*outstanding)--;
     if (rc != MF_OK)
@@ -589,9 +651,15 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
     double t2 = mf_now_s();
     struct mf_moe_dev d = {.n_tok = n_tok, .k = c->n_expert_used, .idx = s->idx_dev,
                            .w = s->w_dev, .base = s->resident[w->il],
-                           .stride = (int64_t)s->expert_bytes, .gate = &s->ex_gate,
-                           .up = &s->ex_up, .down = &s->ex_down, .xg = s->xg, .gu = s->gu,
+                           .stride = (int64_t)s->expert_bytes, .xg = s->xg, .gu = s->gu,
                            .eo = s->eo};
+    struct mf_moe_batch v = mf_moe_views_batch(&s->views[w->il]);
+    d.gate = v.gate;
+    d.up = v.up;
+    d.down = v.down;
+    d.gate_bias = v.gate_bias;
+    d.up_bias = v.up_bias;
+    d.down_bias = v.down_bias;
     op->moe_experts_dev(ctx->ex, y, x, &d);
     if (w->has_shared && c->n_ff_shexp > 0)
         op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
@@ -609,9 +677,11 @@ static void run_resident_experts(mf_ctx *ctx, struct mf_moe_scratch *s, int il, 
         s->res_row0[i] = s->start[e];
         s->res_rows[i] = s->start[e + 1] - s->start[e];
     }
-    struct mf_moe_batch b = {.n = n_used, .blob_host = s->res_blob, .row0_host = s->res_row0,
-                             .n_rows_host = s->res_rows, .gate = &s->ex_gate,
-                             .up = &s->ex_up, .down = &s->ex_down};
+    struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
+    b.n = n_used;
+    b.blob_host = s->res_blob;
+    b.row0_host = s->res_row0;
+    b.n_rows_host = s->res_rows;
     ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
 }
 

@@ -61,6 +61,27 @@ struct mf_ffn_layer {
 
 struct mf_moe_scratch;
 
+// The expert views of one MoE layer, pointers byte offsets inside a blob: gate, up,
+// down (each at its own format: affine at its bits / group size, or float) and the
+// per-expert output biases bias[0..2] of gate, up, down where has_bias is set.
+struct mf_moe_views {
+    struct mf_weight gate, up, down;
+    struct mf_weight bias[3];
+    int has_bias[3];
+};
+
+// Views of layer il's experts from the store's layout, checked against n_embd / n_ff
+// (MF_ERR_SHAPE naming the layer and projection; MF_ERR_FORMAT when the projections
+// are not gate_proj + up_proj or gate_up_proj, plus down_proj).
+int mf_moe_layer_views(const mf_expert_store *st, int il, int n_embd, int n_ff,
+                       struct mf_moe_views *v, char *err, size_t errlen);
+// A batch whose gate/up/down and biases point into v (n and the arrays left 0).
+struct mf_moe_batch mf_moe_views_batch(const struct mf_moe_views *v);
+// At model open: every MoE layer's views, and the backend's moe_experts_check on
+// them (a GPU backend refuses formats its kernels do not take: MF_ERR_UNSUPPORTED).
+int mf_moe_check_experts(const mf_model *m, int n_embd, int n_ff, char *err,
+                         size_t errlen);
+
 // Scratch for up to max_tok tokens per call, allocated through ctx->be/ctx->ex.
 int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
                        struct mf_moe_scratch **out, char *err, size_t errlen);

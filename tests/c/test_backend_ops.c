@@ -993,7 +993,9 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt) {
     }
     float *xg = frand((size_t)total * H, -1, 1), *eoc = fpoison((size_t)total * H);
     float *guc = fpoison((size_t)total * 2 * I);
-    struct mf_moe_batch b = {NE, bc, row0, nrows, &L.gate, &L.up, &L.down};
+    struct mf_moe_batch b = {.n = NE, .blob_host = bc, .row0_host = row0,
+                             .n_rows_host = nrows, .gate = &L.gate, .up = &L.up,
+                             .down = &L.down};
     E.co->moe_experts(E.cx, eoc, guc, xg, &b);
     float *gxg = gput(xg, (size_t)total * H * 4), *geo = gpoison((size_t)total * H * 4);
     float *ggu = gpoison((size_t)total * 2 * I * 4), *geo2 = gpoison((size_t)total * H * 4);
@@ -1079,7 +1081,9 @@ static void host_routed_one(float *gy, const float *gx, const int32_t *idx, cons
     float *xg = gpoison((size_t)K * H * 4), *gu = gpoison((size_t)K * 2 * L->gate.n_out * 4);
     float *eo = gpoison((size_t)K * H * 4);
     E.go->gather_rows(E.gx, xg, gx, tok, K, H);
-    struct mf_moe_batch b = {K, blob, row0, one, &L->gate, &L->up, &L->down};
+    struct mf_moe_batch b = {.n = K, .blob_host = blob, .row0_host = row0,
+                             .n_rows_host = one, .gate = &L->gate, .up = &L->up,
+                             .down = &L->down};
     E.go->moe_experts(E.gx, eo, gu, xg, &b);
     E.go->zero(E.gx, gy, 0, (size_t)H * 4);
     E.go->scatter_add_rows(E.gx, gy, eo, tok, wo, K, H);
@@ -1099,8 +1103,9 @@ static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok
     const size_t nr = (size_t)n_tok * K;
     float *x = frand((size_t)n_tok * H, -1, 1), *yc = fpoison((size_t)n_tok * H);
     float *xg = fpoison(nr * H), *gu = fpoison(nr * 2 * I), *eo = fpoison(nr * H);
-    struct mf_moe_dev d = {n_tok, K, idx, w, host, (int64_t)L.bytes, &L.gate, &L.up, &L.down,
-                           xg, gu, eo};
+    struct mf_moe_dev d = {.n_tok = n_tok, .k = K, .idx = idx, .w = w, .base = host,
+                           .stride = (int64_t)L.bytes, .gate = &L.gate, .up = &L.up,
+                           .down = &L.down, .xg = xg, .gu = gu, .eo = eo};
     E.co->moe_experts_dev(E.cx, yc, x, &d);
     float *gxx = gput(x, (size_t)n_tok * H * 4), *gy = gpoison((size_t)n_tok * H * 4);
     d.idx = gput(idx, nr * 4);

@@ -449,7 +449,7 @@ static void test_store(void) {
                 "\"dtype\": \"BF16\", \"shape\": [64, 2]}");
     store_expect(bad, MF_ERR_FORMAT, "size");
     layout_text(bad, sizeof bad,
-                "\"format\": \"moeflux-experts\", \"version\": 2, \"num_layers\": 3, "
+                "\"format\": \"moeflux-experts\", \"version\": 3, \"num_layers\": 3, "
                 "\"num_experts\": 4, ", NULL, NULL);
     store_expect(bad, MF_ERR_UNSUPPORTED, "version");
     layout_text(bad, sizeof bad, "\"format\": \"other\", \"num_layers\": 3, \"num_experts\": 4, ",

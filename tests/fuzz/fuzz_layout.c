@@ -35,10 +35,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 }
 
 static void check_layout(const struct mf_expert_layout *L) {
-    if (L->n_components != 9 || L->num_experts < 1 || L->expert_size < 1)
-        fuzz_die("accepted a layout of %d components, %d experts, %llu bytes",
-                 L->n_components, L->num_experts, (unsigned long long)L->expert_size);
-    for (int i = 0; i < 9; i++) {
+    if (L->n_components < 1 || L->n_components > MF_EXPERT_MAX_COMPONENTS ||
+        (L->version == 1 && L->n_components != 9) || L->num_experts < 1 ||
+        L->expert_size < 1)
+        fuzz_die("accepted a version %d layout of %d components, %d experts, %llu bytes",
+                 L->version, L->n_components, L->num_experts,
+                 (unsigned long long)L->expert_size);
+    for (int i = 0; i < L->n_components; i++) {
         const struct mf_expert_component *c = &L->components[i];
         if (c->offset > L->expert_size || c->size > L->expert_size - c->offset)
             fuzz_die("component %s lies outside the expert", c->name);

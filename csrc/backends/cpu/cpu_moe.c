@@ -115,7 +115,20 @@ void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
 
 /* ==== Grouped experts ====
  * Each expert's rows run as today's per-expert ops (the matmul of m rows, SwiGLU over
- * the up half, down): a row's result depends only on its expert and row count. */
+ * the up half, down), each projection at its own format (a mixed recipe's 3-bit gate
+ * and 6-bit down, a float down), then its bias when the layout has one: a row's
+ * result depends only on its expert and row count. */
+
+// y[r, :] += bias (the expert's float vector at blob + offset) for m rows of n.
+static void add_bias(float *y, const struct mf_weight *bias, const void *blob, int m,
+                     int64_t n) {
+    if (!bias)
+        return;
+    struct mf_weight v = mf_weight_at(bias, blob);
+    for (int r = 0; r < m; r++)
+        for (int64_t j = 0; j < n; j++)
+            y[r * n + j] += mf_load_f32(v.w, v.dtype, (size_t)j);
+}
 
 void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                         const struct mf_moe_batch *b) {
@@ -131,9 +144,12 @@ void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *x
         float *g = gu + r0 * 2 * I, *u = g + (int64_t)m * I;   // [m, I] each
         const float *x = xg + r0 * H;
         mf_cpu_matmul(ex, g, &wg, x, m);
+        add_bias(g, b->gate_bias, b->blob_host[i], m, I);
         mf_cpu_matmul(ex, u, &wu, x, m);
+        add_bias(u, b->up_bias, b->blob_host[i], m, I);
         mf_cpu_swiglu(ex, u, g, u, m, (int)I, (int)I);
         mf_cpu_matmul(ex, eo + r0 * H, &wd, u, m);
+        add_bias(eo + r0 * H, b->down_bias, b->blob_host[i], m, H);
     }
 }
 
@@ -180,7 +196,8 @@ void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
         if (++nb == DEV_CHUNK || next_expert(d->idx, n, e) < 0) {
             struct mf_moe_batch b = {.n = nb, .blob_host = blob, .row0_host = row0,
                                      .n_rows_host = rows, .gate = d->gate, .up = d->up,
-                                     .down = d->down};
+                                     .down = d->down, .gate_bias = d->gate_bias,
+                                     .up_bias = d->up_bias, .down_bias = d->down_bias};
             mf_cpu_moe_experts(ex, d->eo, d->gu, d->xg, &b);
             nb = 0;
         }

@@ -646,6 +646,7 @@ static const struct mf_backend_ops cuda_ops = {
     .flag_nonfinite = mf_cuda_flag_nonfinite,
     .moe_route = mf_cuda_moe_route,
     .moe_experts = mf_cuda_moe_experts,
+    .moe_experts_check = mf_cuda_moe_experts_check,
     .moe_experts_dev = mf_cuda_moe_experts_dev,
     .parallel_for = NULL,
 };

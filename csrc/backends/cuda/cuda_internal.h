@@ -178,6 +178,10 @@ void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, i
 void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                        const float *bias, const struct mf_route_params *p, int n_tok,
                        int32_t *idx_host, float *w_host);
+// The grouped kernels take one format for gate, up and down and no biases
+// (mf_moe_experts_uniform): refused at model open otherwise.
+int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
+                          char *err, size_t errlen);
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                          const struct mf_moe_batch *b);
 void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,

@@ -467,6 +467,12 @@ static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_wei
     return p;
 }
 
+int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
+                          char *err, size_t errlen) {
+    (void)be;
+    return mf_moe_experts_uniform("cuda", b, il, err, errlen);
+}
+
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                          const struct mf_moe_batch *b) {
     if (b->n <= 0 || !experts_ok(ex, b))

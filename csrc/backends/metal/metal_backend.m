@@ -947,5 +947,6 @@ static const struct mf_backend_ops metal_ops = {
     .flag_nonfinite = mf_metal_flag_nonfinite,
     .moe_route = mf_metal_moe_route,
     .moe_experts = mf_metal_moe_experts,
+    .moe_experts_check = mf_metal_moe_experts_check,
     .parallel_for = NULL,
 };

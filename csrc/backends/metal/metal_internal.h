@@ -140,6 +140,10 @@ void mf_metal_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, 
 void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                         const float *bias, const struct mf_route_params *p, int n_tok,
                         int32_t *idx_host, float *w_host);
+// The grouped kernels take one format for gate, up and down and no biases
+// (mf_moe_experts_uniform): refused at model open otherwise.
+int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
+                          char *err, size_t errlen);
 void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                           const struct mf_moe_batch *b);
 

@@ -533,6 +533,12 @@ static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const flo
 // slot must be done by then, so this op waits for its command buffer in that case.
 // Deferring the expert compute into the next layer's command buffer needs a fence
 // between compute and slot release in moe.c (see the README's Metal section).
+int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
+                          char *err, size_t errlen) {
+    (void)be;
+    return mf_moe_experts_uniform("metal", b, il, err, errlen);
+}
+
 void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                           const struct mf_moe_batch *b) {
     if (b->n <= 0 || mf_metal_failed(ex) || !experts_ok(ex, b))
