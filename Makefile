@@ -243,6 +243,7 @@ FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 FUZZ_CFLAGS  := -std=c11 -g -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc \
 	-DFUZZ_MODELS_DIR='"$(CURDIR)/tests/fuzz/models"'
 FUZZ_HDRS    := $(shell find csrc -name '*.h')
+# -fsanitize-coverage-ignorelist: clang 13 or later (tested with Debian 12's clang 14).
 FUZZ_COV     := -fsanitize-coverage-ignorelist=tests/fuzz/coverage_ignore.txt
 FUZZ_OBJ     := $(patsubst %.c,build/fuzz/obj/%.o,$(CORE_SRC))
 FUZZ_JSON_NOCMP := build/fuzz/obj-nocmp/csrc/core/json.o
