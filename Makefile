@@ -230,28 +230,48 @@ $(FAULT_SITE)/.built: $(CORE_SRC) $(shell find csrc -name '*.[ch]') setup.py
 # to install it) it falls back to fuzz-replay: the committed corpora through
 # tests/fuzz/driver.c, built with $(CC) and ASan + UBSan. Crashing inputs land in
 # build/fuzz/smoke/artifacts/.
+# Speed (bench/RESULTS.md, fuzzing): -O2; no coverage in the hash loops of
+# tests/fuzz/coverage_ignore.txt; and for the harnesses whose every input is parsed as
+# whole-model JSON (config, manifest), json.c without comparison tracing (edges still
+# counted): traced, its per-byte comparisons were half of their time. fuzz_json fuzzes
+# json.c with comparison tracing.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 15
 FUZZ_NAMES   := json config manifest layout snapshot
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	-fno-omit-frame-pointer
-FUZZ_CFLAGS  := -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc \
+FUZZ_CFLAGS  := -std=c11 -g -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -Icsrc/include -Icsrc \
 	-DFUZZ_MODELS_DIR='"$(CURDIR)/tests/fuzz/models"'
 FUZZ_HDRS    := $(shell find csrc -name '*.h')
+# -fsanitize-coverage-ignorelist: clang 13 or later (tested with Debian 12's clang 14).
+FUZZ_COV     := -fsanitize-coverage-ignorelist=tests/fuzz/coverage_ignore.txt
 FUZZ_OBJ     := $(patsubst %.c,build/fuzz/obj/%.o,$(CORE_SRC))
+FUZZ_JSON_NOCMP := build/fuzz/obj-nocmp/csrc/core/json.o
+FUZZ_OBJ_NOCMP  := $(filter-out build/fuzz/obj/csrc/core/json.o,$(FUZZ_OBJ)) $(FUZZ_JSON_NOCMP)
 REPLAY_OBJ   := $(patsubst %.c,build/fuzz/replay-obj/%.o,$(CORE_SRC))
 FUZZ_BINS    := $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_NAMES))
 REPLAY_BINS  := $(patsubst %,build/fuzz/replay_%,$(FUZZ_NAMES))
 
 # Objects are kept between builds (not make's intermediates, which it would delete).
-.SECONDARY: $(FUZZ_OBJ) $(REPLAY_OBJ)
+.SECONDARY: $(FUZZ_OBJ) $(FUZZ_JSON_NOCMP) $(REPLAY_OBJ)
 
-build/fuzz/obj/%.o: %.c $(FUZZ_HDRS)
+build/fuzz/obj/%.o: %.c $(FUZZ_HDRS) tests/fuzz/coverage_ignore.txt
 	@mkdir -p $(@D)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c -o $@ $<
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(FUZZ_COV) -c -o $@ $<
 
-build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ) $(FUZZ_HDRS)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $< $(FUZZ_OBJ) \
+build/fuzz/obj-nocmp/%.o: %.c $(FUZZ_HDRS) tests/fuzz/coverage_ignore.txt
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(FUZZ_COV) \
+		-fno-sanitize-coverage=trace-cmp -c -o $@ $<
+
+# The core objects each harness links (config and manifest: json.c untraced).
+FUZZ_LINK = $(FUZZ_OBJ)
+build/fuzz/fuzz_config build/fuzz/fuzz_manifest: FUZZ_LINK = $(FUZZ_OBJ_NOCMP)
+build/fuzz/fuzz_config build/fuzz/fuzz_manifest: $(FUZZ_JSON_NOCMP)
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ) $(FUZZ_HDRS) \
+		tests/fuzz/coverage_ignore.txt
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer $(FUZZ_COV) -o $@ $< $(FUZZ_LINK) \
 		-lpthread -lm -ldl
 
 build/fuzz/replay-obj/%.o: %.c $(FUZZ_HDRS)
