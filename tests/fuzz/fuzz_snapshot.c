@@ -1,7 +1,7 @@
 /*
  * fuzz_snapshot.c — sequence-state snapshots (core/state.c, mf_ctx_state_load).
  *
- * Init loads the four fixture models (zero weights; shapes of converted tiny models),
+ * Init loads the five fixture models (zero weights; shapes of converted tiny models),
  * makes a context of each and evaluates three tokens, so each holds a real state: the
  * hybrid families have fixed-size (GatedDeltaNet) and positional segments, deepseek_v3
  * an MLA latent cache. FUZZ_WRITE_SEEDS=dir makes init write their snapshots there (the
@@ -123,10 +123,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 // Family whose ctx gets this snapshot: the architecture id in its header (i64 after
 // magic, version and the identity count), mapped to fuzz_families' order.
 static int family_of(const uint8_t *data, size_t size) {
-    static const int by_arch[5] = {0, 0, 1, 2, 3};   // enum mf_arch_id -> index
+    // arch id (enum mf_arch_id 1-4, glm4_moe's 5) -> index
+    static const int by_arch[6] = {0, 0, 1, 2, 3, 4};
     if (size < 20) return 0;
     uint64_t id = le64(data + 12);
-    return id >= 1 && id <= 4 ? by_arch[id] : 0;
+    return id >= 1 && id <= 5 ? by_arch[id] : 0;
 }
 
 static void try_load(int f, const uint8_t *snap, size_t n) {
