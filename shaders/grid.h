@@ -127,12 +127,6 @@ static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
 }
 
-// A threadgroup per (token, expert) entry.
-static inline void mf_grid_moe_prep(const struct mf_p_moe_dev *p, unsigned g[3],
-                                    unsigned b[3]) {
-    mf_grid_set(g, b, (unsigned)(p->n_tok * p->k), 1, 1, MF_THREADS);
-}
-
 // A thread per column, tokens on y.
 static inline void mf_grid_moe_combine(const struct mf_p_moe_dev *p, unsigned g[3],
                                        unsigned b[3]) {

@@ -112,12 +112,17 @@ struct mf_p_route {
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
 // base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
 // vec: every blob and code offset is 16-byte aligned (wide loads); rpw: 1 (gate/up
-// one row of each per warp; down keeps MF_MV_RPW) or MF_MV_RPW.
+// one row of each per warp; down keeps MF_MV_RPW) or MF_MV_RPW. dev_k > 0: routing
+// left on the device (moe_experts_dev) and no table: the table buffer is the expert ids
+// idx[n_tok * dev_k], entry r is expert idx[r] at byte offset idx[r] * stride
+// (stride_hi * 2^32 + stride_lo) with one row, row r of gu / eo, whose input is row
+// r / dev_k of x (passed as xg).
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
     int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
     int vec, rpw;
+    int dev_k, stride_lo, stride_hi;
 };
 
 // Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes

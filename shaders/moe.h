@@ -5,9 +5,10 @@
  * experts of non-kept groups masked to 0.0 as moe.c does). mf_moe_gu / mf_moe_down:
  * grouped SwiGLU experts, grid.y = expert; gate and up rows of one output index are
  * dotted by the same warp, which writes silu(gate) * up into the first half of gu's
- * row, and down reads it back. Each row's result depends only on its own data.
- * mf_moe_prep / mf_moe_combine: the table and inputs of the same two kernels built from
- * routing left on the device, and the weighted sum back (resident experts).
+ * row, and down reads it back. Each row's result depends only on its own data. With
+ * the routing left on the device (resident experts) the same two kernels read the
+ * expert ids in place of the table (mf_p_moe.dev_k), and mf_moe_combine adds the
+ * weighted rows back.
  */
 #ifndef MF_MOE_H
 #define MF_MOE_H
@@ -131,11 +132,24 @@ MF_PARAMS(4, struct mf_p_route, p) {
     }
 }
 
-// Expert e's component at byte offset off of its blob; tab[4e], tab[4e+1] hold the
-// blob's byte offset from base (low, high word).
-MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, MF_G const int *tab, int e,
-                                    int off) {
-    const mf_i64 boff = (mf_i64)tab[4 * e + 1] * 4294967296 + (mf_i64)(mf_u32)tab[4 * e];
+// Entry e of the grouped kernels: its blob's byte offset from base (tab[4e], tab[4e+1]:
+// low, high word; or idx[e] * stride with the routing on the device), its first row
+// and its row count.
+MF_FN mf_i64 mf_ent_blob(MF_G const int *tab, const struct mf_p_moe p, int e) {
+    if (p.dev_k > 0)
+        return (mf_i64)((mf_u64)(mf_u32)tab[e] *
+                        ((mf_u64)(mf_u32)p.stride_hi * 4294967296ull + (mf_u32)p.stride_lo));
+    return (mf_i64)tab[4 * e + 1] * 4294967296 + (mf_i64)(mf_u32)tab[4 * e];
+}
+MF_FN int mf_ent_row0(MF_G const int *tab, const struct mf_p_moe p, int e) {
+    return p.dev_k > 0 ? e : tab[4 * e + 2];
+}
+MF_FN int mf_ent_rows(MF_G const int *tab, const struct mf_p_moe p, int e) {
+    return p.dev_k > 0 ? 1 : tab[4 * e + 3];
+}
+
+// The component at byte offset off of the blob at byte offset boff from base.
+MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, mf_i64 boff, int off) {
     return (MF_G const mf_u32 *)((MF_G const mf_u8 *)base + boff + off);
 }
 
@@ -147,6 +161,8 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
                       MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
                       int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
     const int half = R / 2, j0 = (tg_x * MF_MV_ROWS + warp) * half;
+    const mf_i64 bo = mf_ent_blob(tab, p, e);
+    const int xr0 = p.dev_k > 0 ? r0 / p.dev_k : r0;   // first input row (one with dev_k)
     const int nj = p.n_ff - j0 < 0 ? 0 : p.n_ff - j0 < half ? p.n_ff - j0 : half;
     // slots: gate j0, up j0, gate j0 + 1, up j0 + 1, ...: live slots are a prefix
     struct mf_rows rw;
@@ -155,11 +171,11 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
 #pragma unroll
     for (int i = 0; i < half; i++) {
         const mf_i64 j = j0 + (i < nj ? i : 0);
-        mf_rows_set(&rw, 2 * i, mf_blob_at(base, tab, e, p.gate_w),
-                    mf_blob_at(base, tab, e, p.gate_s), mf_blob_at(base, tab, e, p.gate_b),
+        mf_rows_set(&rw, 2 * i, mf_blob_at(base, bo, p.gate_w),
+                    mf_blob_at(base, bo, p.gate_s), mf_blob_at(base, bo, p.gate_b),
                     p.dtype, p.bits, p.group_size, p.n_embd, j);
-        mf_rows_set(&rw, 2 * i + 1, mf_blob_at(base, tab, e, p.up_w),
-                    mf_blob_at(base, tab, e, p.up_s), mf_blob_at(base, tab, e, p.up_b),
+        mf_rows_set(&rw, 2 * i + 1, mf_blob_at(base, bo, p.up_w),
+                    mf_blob_at(base, bo, p.up_s), mf_blob_at(base, bo, p.up_b),
                     p.dtype, p.bits, p.group_size, p.n_embd, j);
     }
     float acc[R * MF_MV_TT];
@@ -167,7 +183,7 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
     mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
-                   xg + (mf_i64)r0 * p.n_embd, p.n_embd, nt, lt, nthreads, lane);
+                   xg + (mf_i64)xr0 * p.n_embd, p.n_embd, nt, lt, nthreads, lane);
 #pragma unroll
     for (int i = 0; i < half; i++)
 #pragma unroll
@@ -186,10 +202,10 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
+    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = mf_ent_rows(tab, p, e);
     if (tile >= n_rows)   // the same for the whole threadgroup
         return;
-    const int r0 = tab[4 * e + 2] + tile;
+    const int r0 = mf_ent_row0(tab, p, e) + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     if (p.rpw == 1)
         mf_gu_rows<2>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT,
@@ -207,13 +223,14 @@ MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 
                         MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
                         int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
     const int j0 = (tg_x * MF_MV_ROWS + warp) * R;
+    const mf_i64 bo = mf_ent_blob(tab, p, e);
     struct mf_rows rw;
     rw.n = p.n_embd - j0 < 0 ? 0 : p.n_embd - j0 < R ? p.n_embd - j0 : R;
     rw.vec = p.vec;
 #pragma unroll
     for (int r = 0; r < R; r++)
-        mf_rows_set(&rw, r, mf_blob_at(base, tab, e, p.down_w),
-                    mf_blob_at(base, tab, e, p.down_s), mf_blob_at(base, tab, e, p.down_b),
+        mf_rows_set(&rw, r, mf_blob_at(base, bo, p.down_w),
+                    mf_blob_at(base, bo, p.down_s), mf_blob_at(base, bo, p.down_b),
                     p.dtype, p.bits, p.group_size, p.n_ff, j0 + (r < rw.n ? r : 0));
     float acc[R * MF_MV_TT];
 #pragma unroll
@@ -238,35 +255,13 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = tab[4 * e + 3];
+    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = mf_ent_rows(tab, p, e);
     if (tile >= n_rows)   // the same for the whole threadgroup
         return;
-    const int r0 = tab[4 * e + 2] + tile;
+    const int r0 = mf_ent_row0(tab, p, e) + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     mf_down_rows<MF_MV_RPW>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
                             MF_LT, MF_NT);
-}
-
-// Resident experts with the routing on the device (moe_experts_dev): entry r = t * K + j
-// of the table is expert idx[r] at base + idx[r] * stride for row r, whose input is row
-// t of x, copied to xg[r]. A threadgroup per entry.
-MF_KERNEL(mf_moe_prep)
-MF_BUF(0, int, tab)
-MF_BUF(1, float, xg)
-MF_BUF(2, const float, x)
-MF_BUF(3, const int, idx)
-MF_PARAMS(4, struct mf_p_moe_dev, p) {
-    const int r = MF_TG_X, t = r / p.k;
-    if (MF_LT == 0) {
-        const mf_u64 off = (mf_u64)(mf_u32)idx[r] *
-                           ((mf_u64)(mf_u32)p.stride_hi * 4294967296ull + (mf_u32)p.stride_lo);
-        tab[4 * r] = (int)(mf_u32)off;
-        tab[4 * r + 1] = (int)(mf_u32)(off >> 32);
-        tab[4 * r + 2] = r;
-        tab[4 * r + 3] = 1;
-    }
-    for (int c = MF_LT; c < p.n_embd; c += MF_NT)
-        xg[(mf_i64)r * p.n_embd + c] = x[(mf_i64)t * p.n_embd + c];
 }
 
 // y[t, c] = sum of w[t, j] * eo[t * K + j, c] over the token's experts in ascending

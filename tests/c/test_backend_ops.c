@@ -1383,6 +1383,133 @@ static void bench(const char *label, int bits) {
     status_ok("bench");
 }
 
+/* ==== Decode-shape timings (printed, never asserted) ====
+ * The products of one Qwen3-30B-A3B decode step (4-bit group 64, bf16 scales; the
+ * router 8-bit) and its grouped experts (8 of 128), each call on a different copy of
+ * the weight so that the data streams from HBM and not from the 60 MB L2, against a
+ * device-to-device copy of the same run. MOEFLUX_OPS_BENCH=decode runs only this. */
+
+#define DB_STREAM ((size_t)256 << 20)   // bytes rotated through per shape (> 4x L2)
+
+static double db_copy_gbs(void) {
+    void *c1 = E.go->alloc(E.gx, DB_STREAM), *c2 = E.go->alloc(E.gx, DB_STREAM);
+    E.go->copy(E.gx, c1, 0, c2, 0, DB_STREAM);
+    E.go->sync(E.gx);
+    double t0 = now_s();
+    for (int i = 0; i < 10; i++)
+        E.go->copy(E.gx, c1, 0, c2, 0, DB_STREAM);
+    E.go->sync(E.gx);
+    double gbs = 2.0 * (double)DB_STREAM * 10 / (now_s() - t0) / 1e9;
+    gfree(c1), gfree(c2);
+    return gbs;
+}
+
+// Microseconds per one-token matvec of [R x N], rotating over enough weight copies.
+static double db_mv_us(int64_t R, int64_t N, int bits, size_t *bytes) {
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16, .bits = bits,
+                          .group_size = 64, .n_out = R, .n_in = N};
+    const size_t wb = (size_t)mf_weight_w_bytes(&w), sb = (size_t)mf_weight_s_bytes(&w);
+    const size_t one = (wb + 2 * sb + 255) & ~(size_t)255;
+    const int nc = one >= DB_STREAM ? 1 : (int)(DB_STREAM / one), reps = nc < 50 ? 50 : nc;
+    uint8_t *h = xmalloc(one);
+    memset(h, 0, one);
+    for (size_t i = 0; i + 8 <= wb; i += 8) {
+        uint64_t r = check_rand(&E.rng);
+        memcpy(h + i, &r, 8);
+    }
+    void *hs = encode(MF_DTYPE_BF16, sb / 2, 0.004f, 0.012f);
+    void *hb = encode(MF_DTYPE_BF16, sb / 2, -0.1f, -0.03f);
+    memcpy(h + wb, hs, sb), memcpy(h + wb + sb, hb, sb);
+    uint8_t *g = E.go->alloc(E.gx, one * (size_t)nc);
+    for (int c = 0; c < nc; c++)
+        E.go->upload(E.gx, g, one * (size_t)c, h, one);
+    float *x = frand((size_t)N, -1, 1), *gx = gput(x, (size_t)N * 4);
+    float *gy = E.go->alloc(E.gx, (size_t)R * 4);
+    double t0 = 0;
+    for (int i = -nc; i < reps; i++) {   // one pass over every copy first
+        if (i == 0) {
+            E.go->sync(E.gx);
+            t0 = now_s();
+        }
+        const int c = (i + nc) % nc;
+        w.w = g + one * (size_t)c;
+        w.scales = g + one * (size_t)c + wb;
+        w.biases = g + one * (size_t)c + wb + sb;
+        E.go->matmul(E.gx, gy, &w, gx, 1);
+    }
+    E.go->sync(E.gx);
+    const double us = (now_s() - t0) / reps * 1e6;
+    *bytes = wb + 2 * sb;
+    gfree(g), gfree(gx), gfree(gy), free(h), free(hs), free(hb), free(x);
+    return us;
+}
+
+// Microseconds per decode call of moe_experts_dev: 8 of 128 A3B experts, 16 disjoint
+// expert sets in turn (the 128 blobs, 340 MB, stream from HBM).
+static double db_experts_us(size_t *bytes) {
+    enum { NE = 128, K = 8, H = 2048, I = 768, NS = NE / K, REPS = 160 };
+    struct blob_layout L = layout(H, I, 4, 64, MF_DTYPE_BF16);
+    uint8_t *blob = xmalloc(L.bytes), *g = E.go->alloc(E.gx, L.bytes * NE);
+    memset(blob, 0, L.bytes);   // the padding after the last component
+    fill_blob(blob, &L);
+    for (int e = 0; e < NE; e++)
+        E.go->upload(E.gx, g, L.bytes * (size_t)e, blob, L.bytes);
+    int32_t idx[NE];
+    float wt[NE];
+    for (int e = 0; e < NE; e++)
+        idx[e] = (e * 37) % NE, wt[e] = 0.1f + 0.01f * (float)(e % 8);
+    int32_t *gi = gput(idx, sizeof idx);
+    float *gw = gput(wt, sizeof wt), *x = frand(H, -1, 1), *gx = gput(x, H * 4);
+    float *gy = E.go->alloc(E.gx, H * 4);
+    struct mf_moe_dev d = {.n_tok = 1, .k = K, .base = g, .stride = (int64_t)L.bytes,
+                           .gate = &L.gate, .up = &L.up, .down = &L.down,
+                           .xg = E.go->alloc(E.gx, K * H * 4),
+                           .gu = E.go->alloc(E.gx, K * 2 * I * 4),
+                           .eo = E.go->alloc(E.gx, K * H * 4)};
+    double t0 = 0;
+    for (int i = -NS; i < REPS; i++) {
+        if (i == 0) {
+            E.go->sync(E.gx);
+            t0 = now_s();
+        }
+        const int s = (i + NS) % NS;
+        d.idx = gi + s * K;
+        d.w = gw + s * K;
+        E.go->moe_experts_dev(E.gx, gy, gx, &d);
+    }
+    E.go->sync(E.gx);
+    const double us = (now_s() - t0) / REPS * 1e6;
+    *bytes = K * (size_t)(mf_weight_w_bytes(&L.gate) + 2 * mf_weight_s_bytes(&L.gate)) * 3;
+    gfree(d.xg), gfree(d.gu), gfree(d.eo), gfree(gi), gfree(gw), gfree(gx), gfree(gy);
+    gfree(g), free(blob), free(x);
+    return us;
+}
+
+static void bench_decode(void) {
+    // per_layer: calls of the shape in one decoder layer (k_proj's shape is v_proj's too)
+    static const struct { const char *name; int64_t r, n; int bits, per_layer; } S[] = {
+        {"q_proj", 4096, 2048, 4, 1}, {"k_proj", 512, 2048, 4, 2},
+        {"o_proj", 2048, 4096, 4, 1}, {"router", 128, 2048, 8, 1},
+        {"lm_head", 151936, 2048, 4, 0}};
+    for (int round = 0; round < 3; round++) {
+        const double cp = db_copy_gbs();
+        double total = 0;
+        printf("decode-bench round %d: copy %.0f GB/s;", round, cp);
+        for (size_t i = 0; i < sizeof S / sizeof S[0]; i++) {
+            size_t b = 0;
+            const double us = db_mv_us(S[i].r, S[i].n, S[i].bits, &b);
+            printf(" %s %.1f us (%.2f)", S[i].name, us, (double)b / us / 1e3 / cp);
+            total += us * S[i].per_layer;
+        }
+        size_t b = 0;
+        const double us = db_experts_us(&b);
+        total += us;
+        printf(" experts %.1f us (%.2f); layer products %.1f us\n", us,
+               (double)b / us / 1e3 / cp, total);
+    }
+    status_ok("bench_decode");
+}
+
 /* ==== gpt-oss: MXFP4 matmul, clamped SwiGLU ==== */
 
 // An MXFP4 weight on both backends: random codes, scale bytes 120..131 (2^-7 .. 2^4).
@@ -1475,7 +1602,11 @@ int main(void) {
            against_cpu ? "cpu (harness check)" : "cuda");
     if (!against_cpu)
         test_cache();
-    if (open_backends(against_cpu) == MF_OK) {
+    const char *only = getenv("MOEFLUX_OPS_BENCH");
+    if (!against_cpu && only && strcmp(only, "decode") == 0) {
+        if (open_backends(0) == MF_OK)
+            bench_decode();
+    } else if (open_backends(against_cpu) == MF_OK) {
         double t0 = now_s();
         test_memory();
         test_weights_map();
@@ -1498,6 +1629,8 @@ int main(void) {
         if (!against_cpu)
             for (int b = 0; b < 3; b++)
                 bench("matvec", (int[]){4, 8, 2}[b]);
+        if (!against_cpu)
+            bench_decode();
     }
     if (E.gx)
         E.go->exec_free(E.gx);

@@ -518,34 +518,31 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
     }
 }
 
-// Resident experts routed on the device: a table of (token, expert) entries and the
-// gathered inputs built by one kernel from idx, the grouped kernels over it, and the
-// weighted sum in ascending expert order (the host-routed path's order). The table
-// lives in scratch of the exec (16 bytes per entry).
+// Resident experts routed on the device: the grouped kernels read the expert ids in
+// place of a table (entry r = t * K + j is expert idx[r] at base + idx[r] * stride,
+// row r of gu / eo, input row t of x: p.dev_k), then the weighted sum in ascending
+// expert order (the host-routed path's order). Three launches; d->xg is not used.
 void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
                              const struct mf_moe_dev *d) {
     const int n = d->n_tok * d->k;
     if (d->n_tok <= 0 || d->k <= 0 || !experts_ok_dev(ex, d))
         return;
     mf_cuda_enter(ex);
-    CUdeviceptr tab = mf_cuda_scratch(ex, &ex->dev_tab, &ex->dev_tab_bytes, (size_t)n * 16,
-                                      "moe_experts_dev");
-    if (!tab)
-        return;
     const uint64_t stride = (uint64_t)d->stride;
     struct mf_p_moe_dev pd = {.n_tok = d->n_tok, .k = d->k, .n_embd = (int)d->gate->n_in,
                               .stride_lo = (int)(uint32_t)stride,
                               .stride_hi = (int)(uint32_t)(stride >> 32)};
-    const CUdeviceptr b0[4] = {tab, mf_dp(d->xg), mf_dp(x), mf_dp(d->idx)};
-    launch_mf_moe_prep(ex, &pd, b0, "moe_experts_dev");
     struct mf_p_moe p = moe_params(d->gate, d->up, d->down);
     p.n_exp = n;
     p.max_rows = 1;
     p.rpw = 1;
     p.vec &= aligned16((uintptr_t)d->base) && aligned16((uintptr_t)stride);
-    const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(d->xg), mf_dp(d->base), tab};
+    p.dev_k = d->k;
+    p.stride_lo = pd.stride_lo;
+    p.stride_hi = pd.stride_hi;
+    const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
     launch_mf_moe_gu(ex, &p, b1, "moe_experts_dev");
-    const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), tab};
+    const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx)};
     launch_mf_moe_down(ex, &p, b2, "moe_experts_dev");
     const CUdeviceptr b3[4] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w)};
     launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
