@@ -55,6 +55,9 @@ static int make_fences(struct mf_dev_cache *c) {
         c->used[i] = c->op->fence_new(c->ex);
         if (!c->copied[i] || !c->used[i])
             return 0;
+        // The first copy into the slot comes after the alloc's zero-fill (queued on
+        // the compute queue), as every later one after the slot's last reader.
+        c->op->fence_record(c->ex, c->used[i]);
     }
     return 1;
 }
@@ -80,7 +83,7 @@ int mf_dev_cache_new(const struct mf_backend_ops *op, struct mf_exec *ex, int n_
                      : MF_OK;
     if (rc == MF_OK) {
         c->base = op->alloc(ex, (size_t)(c->stride * (uint64_t)c->n_slots));
-        if (!c->base || !make_fences(c))
+        if (!c->base || !make_fences(c))   // make_fences after alloc: see there
             rc = mf_err(err, errlen, MF_ERR_NOMEM, "device expert cache: no %s memory "
                         "for %d slots of %llu bytes", op->name, c->n_slots,
                         (unsigned long long)expert_bytes);

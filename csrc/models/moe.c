@@ -779,12 +779,12 @@ static void prefetch_next_group(struct mf_moe_scratch *s, const struct mf_moe_co
 
 // Every routed expert of the call: reads submitted at once, the shared expert while
 // they are in flight, each expert run as it lands (from the device cache where there
-// is one). Slots the queued work reads are released at the next call (release_kept).
+// is one). Slots the queued work reads are released after the next call's routing
+// (release_kept in mf_moe_forward).
 static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
                            const struct mf_moe_config *c, const struct mf_moe_layer *w,
                            const float *x, int n_tok, int n_used, double *shared_s) {
     int outstanding = 0, has_shared = w->has_shared && c->n_ff_shexp > 0;
-    release_kept(ctx, s);   // the routing just synchronised: their work is done
     int rc = s->dc ? submit_dev(ctx, s, w->il, n_used)
                    : submit_all(ctx, s, w->il, n_used, &outstanding);
     if (rc == MF_OK && s->prefetch && n_tok == 1)
@@ -911,6 +911,7 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s(), wait0 = st->io_wait_s, shared_s = 0.0;
     int n_used = route(ctx, s, w, c, x, n_tok);
+    release_kept(ctx, s);   // the routing just synchronised: the work on them is done
     double t1 = mf_now_s();
     st->routing_s += t1 - t0;
     int n_rows = n_tok * c->n_expert_used;
