@@ -132,6 +132,10 @@ void mf_dev_cache_fill(struct mf_dev_cache *c, int slot, const void *src_host,
     c->stats.bytes_uploaded += (int64_t)c->expert_bytes;
 }
 
+void mf_dev_cache_wait_copy(struct mf_dev_cache *c, int slot) {
+    c->op->fence_wait(c->ex, c->copied[slot]);
+}
+
 void mf_dev_cache_used(struct mf_dev_cache *c, int slot) {
     c->op->fence_record(c->ex, c->used[slot]);
 }

@@ -20,6 +20,7 @@
  *                       fence. The host memory must stay until a fence recorded after
  *                       that later work is reached. (Other host memory: see below.)
  *   used(slot)          after the expert's work is queued: records the slot's last use.
+ *   wait_copy(slot)     before the host memory of a fill is reused.
  * A slot may be reserved twice before its first fill (a later miss evicts an earlier
  * one of the same call): the fills and the work run in the order filled, each copy
  * after the previous user's work, so every expert reads its own bytes.
@@ -53,6 +54,10 @@ const void *mf_dev_cache_slot_blob(const struct mf_dev_cache *c, int slot);
 void mf_dev_cache_fill(struct mf_dev_cache *c, int slot, const void *src_host,
                        int staged);
 void mf_dev_cache_used(struct mf_dev_cache *c, int slot);
+// Blocks the host until the slot's last staged fill has been copied (its host memory
+// may then be reused; a later fill of the slot is queued after it, so waiting for the
+// fence re-recorded by it waits for both).
+void mf_dev_cache_wait_copy(struct mf_dev_cache *c, int slot);
 int mf_dev_cache_n_slots(const struct mf_dev_cache *c);   // retained slots (0: none)
 void mf_dev_cache_stats(const struct mf_dev_cache *c, struct mf_dev_cache_stats *out);
 

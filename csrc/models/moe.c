@@ -87,6 +87,7 @@ struct mf_moe_scratch {
     int defer;
     struct mf_fence *pend_fence;
     int32_t *pend;           // [reader tickets]
+    int32_t *pend_slot;      // [reader tickets] the device slot its copy filled, or -1
     int n_pend;
     int32_t *idx_dev;        // [max_tok, k] routing left on the device (resident)
     float *w_dev;            // [max_tok, k]
@@ -365,9 +366,11 @@ static int stream_setup(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_m
     int use_dc = !op->host_is_device || (hook && strcmp(hook, "1") == 0);
     s->defer = op->queues_work || use_dc;
     if (s->defer) {
-        s->pend = calloc((size_t)mf_expert_reader_n_tickets(s->reader), sizeof *s->pend);
+        size_t n_tk = (size_t)mf_expert_reader_n_tickets(s->reader);
+        s->pend = calloc(n_tk, sizeof *s->pend);
+        s->pend_slot = calloc(n_tk, sizeof *s->pend_slot);
         s->pend_fence = op->fence_new(ctx->ex);
-        if (!s->pend || !s->pend_fence)
+        if (!s->pend || !s->pend_slot || !s->pend_fence)
             return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory (release fence)");
     }
     if (!use_dc)
@@ -447,7 +450,7 @@ void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     mf_expert_reader_free(s->reader);   // before the slots' backend goes
     void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
                     s->prev, s->prev_ok, (void *)s->res_blob, s->res_row0, s->res_rows,
-                    s->fifo_tk, s->fifo_slot, s->pend};
+                    s->fifo_tk, s->fifo_slot, s->pend, s->pend_slot};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         free(host[i]);
     void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate,
@@ -561,15 +564,19 @@ static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie,
     ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
 }
 
-// Deferred release: a ticket whose slot queued work (a copy, an expert's kernels) may
-// still read is kept, not released; release_kept records a fence after the work queued
-// so far, waits for it (usually already reached: the routing that comes before each
-// call synchronises) and releases the kept tickets.
-static void keep_or_release(struct mf_moe_scratch *s, int tk) {
-    if (s->defer)
-        s->pend[s->n_pend++] = tk;
-    else
+// Deferred release: a ticket whose slot queued work may still read is kept, not
+// released. Its last reader is the copy into device slot `slot` where there is a
+// device cache (the copy's fence says when it is done), else the expert's kernels
+// (slot -1: a fence recorded after the work queued so far). release_kept waits for
+// those fences (usually reached already: the routing that comes before each call
+// synchronises) and releases the kept tickets.
+static void keep_or_release(struct mf_moe_scratch *s, int tk, int slot) {
+    if (!s->defer) {
         mf_expert_reader_release(s->reader, tk);
+        return;
+    }
+    s->pend_slot[s->n_pend] = slot;
+    s->pend[s->n_pend++] = tk;
 }
 
 static void release_kept(mf_ctx *ctx, struct mf_moe_scratch *s) {
@@ -577,8 +584,17 @@ static void release_kept(mf_ctx *ctx, struct mf_moe_scratch *s) {
         return;
     const struct mf_backend_ops *op = ctx->be->ops;
     double t = mf_now_s();
-    op->fence_record(ctx->ex, s->pend_fence);
-    op->fence_wait(ctx->ex, s->pend_fence);
+    int after_work = 0;
+    for (int i = 0; i < s->n_pend; i++) {
+        if (s->pend_slot[i] >= 0)
+            mf_dev_cache_wait_copy(s->dc, s->pend_slot[i]);
+        else
+            after_work = 1;
+    }
+    if (after_work) {
+        op->fence_record(ctx->ex, s->pend_fence);
+        op->fence_wait(ctx->ex, s->pend_fence);
+    }
     if (s->dc)
         ctx->stats.gpu_copy_wait_s += mf_now_s() - t;
     for (int i = 0; i < s->n_pend; i++)
@@ -598,7 +614,7 @@ static int run_one_ready(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding
         return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
     }
     run_expert(ctx, s, il, ie, data);
-    keep_or_release(s, tk);
+    keep_or_release(s, tk, -1);
     return MF_OK;
 }
 
@@ -650,10 +666,14 @@ static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
         mf_expert_reader_release(s->reader, tk);
         return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
     }
-    mf_dev_cache_fill(s->dc, slot, data, s->seen.mode != MF_IO_MMAP);
+    int staged = s->seen.mode != MF_IO_MMAP;   // else upload copied it already
+    mf_dev_cache_fill(s->dc, slot, data, staged);
     run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
     mf_dev_cache_used(s->dc, slot);
-    keep_or_release(s, tk);   // the copy reads the reader slot
+    if (staged)
+        keep_or_release(s, tk, slot);   // until the copy that reads it is done
+    else
+        mf_expert_reader_release(s->reader, tk);
     return MF_OK;
 }
 
