@@ -14,7 +14,9 @@ class ModelHandle:
     """A loaded model directory, shareable by several Contexts."""
 
     def __new__(cls, path: Union[str, bytes, Any], backend: str = "cpu",
-                use_2bit: int = 0, gpu_experts: Optional[str] = None) -> "ModelHandle": ...
+                use_2bit: int = 0, gpu_experts: Optional[str] = None,
+                gpu_cache_bytes: int = -1,
+                gpu_cache_fraction: float = -1.0) -> "ModelHandle": ...
     @property
     def n_vocab(self) -> int: ...
     @property

@@ -27,6 +27,22 @@ TokensLike = Union[int, Sequence[int], np.ndarray]
 PathLike = Union[str, os.PathLike]
 
 
+def _gpu_cache_kwargs(gpu_cache: Union[None, int, float]) -> dict:
+    """ModelHandle keywords of Model's gpu_cache (see Model.__init__)."""
+    if gpu_cache is None:
+        return {}
+    if isinstance(gpu_cache, bool) or not isinstance(gpu_cache, (int, float)):
+        raise ArgumentError(f"gpu_cache must be None, a fraction (float in [0, 1]) or "
+                            f"bytes (int >= 0), got {gpu_cache!r}")
+    if isinstance(gpu_cache, int):
+        if gpu_cache < 0:
+            raise ArgumentError(f"gpu_cache bytes must be >= 0, got {gpu_cache}")
+        return {"gpu_cache_bytes": gpu_cache}
+    if not 0.0 <= gpu_cache <= 1.0:
+        raise ArgumentError(f"gpu_cache fraction must be in [0, 1], got {gpu_cache}")
+    return {"gpu_cache_fraction": float(gpu_cache)}
+
+
 def _io_kwargs(io_mode: Optional[str], io_threads: Optional[int],
                expert_cache_bytes: int, prefetch: Optional[bool]) -> dict:
     """The expert I/O options as _core.Context keywords, checked."""
@@ -71,7 +87,8 @@ class Model(ModelFeatures):
                  io_mode: Optional[str] = None, io_threads: Optional[int] = None,
                  expert_cache_bytes: int = 0, prefetch: Optional[bool] = None,
                  verify: Union[bool, Callable[[int, int], None]] = False,
-                 gpu_experts: Optional[str] = None) -> None:
+                 gpu_experts: Optional[str] = None,
+                 gpu_cache: Union[None, int, float] = None) -> None:
         """Load `path` and create a sequence over it.
 
         Args:
@@ -106,6 +123,15 @@ class Model(ModelFeatures):
                 "resident" (copied into backend memory at load; decode routes on the
                 device) or "stream" (read per token). ``stats()["io_fallback"]`` says
                 "experts resident in ... memory" when they are.
+            gpu_cache: the device expert cache when experts stream to a backend with
+                its own memory (CUDA): routed experts kept in device memory (LFRU), so
+                a repeat is neither read nor copied. None (default) = as many experts
+                as fit in 85% of the device's free memory less 2 GiB; a float in
+                [0, 1] = that fraction of the model's routed experts; an int = bytes
+                (rounded down to whole experts); 0 = none (every expert copied).
+                Ignored on the CPU and Metal (their device reads the expert slots)
+                and when the experts are resident. ``stats()`` counts
+                ``gpu_cache_hits``, ``gpu_cache_misses``, ``gpu_bytes_uploaded``.
 
         Raises:
             ChecksumError: verify found a file that differs from its recorded sum
@@ -115,7 +141,7 @@ class Model(ModelFeatures):
             ShapeError: a tensor that does not fit config.json.
             UnsupportedError: an architecture this build does not implement.
             BackendError: an unknown or unavailable backend.
-            ArgumentError: bad threads / n_ctx / use_2bit.
+            ArgumentError: bad threads / n_ctx / use_2bit / gpu_cache.
         """
         self._ctx: Optional[_core.Context] = None
         self._handle: Any = None
@@ -130,11 +156,12 @@ class Model(ModelFeatures):
             if gpu_experts not in (None, "auto", "resident", "stream"):
                 raise ArgumentError(f"gpu_experts must be auto, resident, stream or None, "
                                     f"got {gpu_experts!r}")
+            cache_kw = _gpu_cache_kwargs(gpu_cache)
             which = _expert_choice(path, use_2bit)
             if verify is not False and verify is not None:
                 _verify_checksums(Path(os.fspath(path)), which, verify)
             handle = _core.ModelHandle(os.fspath(path), backend=backend, use_2bit=which,
-                                       gpu_experts=gpu_experts)
+                                       gpu_experts=gpu_experts, **cache_kw)
         self._handle = handle
         self._ctx = _core.Context(handle, n_threads=n_threads, n_ctx=n_ctx_c,
                                   **_io_kwargs(io_mode, io_threads, expert_cache_bytes,
@@ -292,7 +319,13 @@ class Model(ModelFeatures):
         O_DIRECT), ``expert_bytes_mapped`` (mmap mode), ``expert_bytes_cache`` (a slot
         that already held them: RAM cache or prefetch), ``cache_hits``,
         ``cache_misses``, ``prefetch_issued``, ``prefetch_hits``; ``io_mode`` (the mode
-        in effect) and ``io_fallback`` (how it was chosen, any fallback and why)."""
+        in effect) and ``io_fallback`` (how it was chosen, any fallback and why).
+        The device expert cache (streaming on CUDA, ``gpu_cache``):
+        ``gpu_cache_hits`` (experts a device slot held: no read, no copy),
+        ``gpu_cache_misses`` (experts read and copied), ``gpu_bytes_uploaded`` (bytes
+        copied host -> device, over PCIe on a discrete GPU) and ``gpu_copy_wait_s``
+        (host seconds blocked until staging slots of landed experts could be reused;
+        the device's own waits for copies are not host time); all 0 without it."""
         return self._live().stats()
 
     def stats_reset(self) -> None:

@@ -24,11 +24,17 @@ GOLDENS = Path(os.environ.get("MOEFLUX_CUDA_GOLDENS", DEFAULT_OUT))
 BACKENDS = ["cpu"] + (["cuda"] if "cuda" in moeflux.backends() else [])
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream"])
+# stream_cache25 / stream_cache0: streaming with the device expert cache at 25% of the
+# routed experts / none (on the CPU through MOEFLUX_TEST_DEV_CACHE=1).
+CACHE = {"stream_cache25": 0.25, "stream_cache0": 0}
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream", "stream_cache25", "stream_cache0"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_golden(arch: str, backend: str, mode: str,
-                converted: Callable[..., tuple[Path, Path]]) -> None:
+                converted: Callable[..., tuple[Path, Path]],
+                monkeypatch: pytest.MonkeyPatch) -> None:
     f = GOLDENS / f"{arch}.npz"
     if not f.exists():
         msg = f"no golden {f}: run tests/make_cuda_goldens.py where mlx-lm is"
@@ -40,7 +46,10 @@ def test_golden(arch: str, backend: str, mode: str,
     assert checkpoint_digest(ckpt) == str(g["digest"]), (
         f"{arch}: the synthetic checkpoint built here differs from the goldens' one "
         "(another moeflux.prep.synth or numpy?): regenerate the goldens")
-    m = open_model(model_dir, backend=backend, gpu_experts=mode, threads=2)
+    if mode in CACHE and backend == "cpu":
+        monkeypatch.setenv("MOEFLUX_TEST_DEV_CACHE", "1")
+    m = open_model(model_dir, backend=backend, gpu_experts=mode.split("_")[0], threads=2,
+                   gpu_cache=CACHE.get(mode))
     try:
         assert (m.stats()["io_mode"] == "resident") == (mode == "resident")
         what = f"{arch} {backend} {mode}"
@@ -49,5 +58,9 @@ def test_golden(arch: str, backend: str, mode: str,
         assert_close(prefill[-1], g["decode"][0], f"{what} prefill vs cached", backend)
         rows = np.stack([m.eval(int(t)) for t in g["cont"]])
         assert_close(rows, g["decode"][1:], f"{what} decode", backend)
+        st = m.stats()
+        if mode in CACHE or (mode == "stream" and backend != "cpu"):
+            assert st["gpu_cache_misses"] > 0, f"{what}: the device cache was not used"
+            assert (st["gpu_cache_hits"] == 0) == (mode == "stream_cache0"), st
     finally:
         m.close()

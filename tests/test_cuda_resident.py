@@ -19,13 +19,23 @@ from _helpers import ARCHS, FWD_PROMPT, continuation, converted, open_model  # n
 BACKENDS = ["cpu"] + (["cuda"] if "cuda" in moeflux.backends() else [])
 
 
+# gpu_cache of the streaming model: default (auto: every expert fits on the test
+# machines), 25% of the routed experts, none. On the CPU, MOEFLUX_TEST_DEV_CACHE=1 runs
+# the device-cache path there (tests/test_dev_cache.py).
+CACHES = [None, 0.25, 0]
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["cache_auto", "cache_25", "cache_0"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_resident_equals_stream(arch: str, backend: str,
-                                converted: Callable[..., tuple[Path, Path]]) -> None:
+def test_resident_equals_stream(arch: str, backend: str, cache: Any,
+                                converted: Callable[..., tuple[Path, Path]],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     _, model_dir = converted(arch)
     kw: dict[str, Any] = {"threads": 2, "backend": backend}
-    stream = open_model(model_dir, gpu_experts="stream", **kw)
+    if backend == "cpu" and cache is not None:
+        monkeypatch.setenv("MOEFLUX_TEST_DEV_CACHE", "1")
+    stream = open_model(model_dir, gpu_experts="stream", gpu_cache=cache, **kw)
     res = open_model(model_dir, gpu_experts="resident", **kw)
     try:
         assert res.stats()["io_mode"] == "resident"
@@ -42,6 +52,11 @@ def test_resident_equals_stream(arch: str, backend: str,
         assert np.array_equal(stream.eval(cont, all_logits=True),
                               res.eval(cont, all_logits=True))
         assert res.stats()["expert_reads"] == 0
+        st = stream.stats()
+        if backend != "cpu" or cache is not None:   # the device cache was in use
+            assert st["gpu_cache_misses"] > 0
+            assert st["gpu_bytes_uploaded"] % st["gpu_cache_misses"] == 0
+            assert (st["gpu_cache_hits"] == 0) == (cache == 0)
     finally:
         stream.close()
         res.close()

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 2
+#define MF_BACKEND_API_VERSION 3
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -203,9 +203,14 @@ struct mf_backend_ops {
     // failure. Freed only by dealloc_host.
     void *(*alloc_host)(struct mf_exec *ex, size_t bytes);
     void (*dealloc_host)(struct mf_exec *ex, void *p);
-    // Copy from alloc_host memory to device memory in the exec's order. src_host must
-    // stay unchanged until `done` is reached (done may be NULL: then the caller syncs
-    // before reusing src_host). The one exception to the host-argument rule.
+    // Copy from alloc_host memory to device memory. src_host must stay unchanged until
+    // `done` is reached (done may be NULL: then the caller syncs before reusing
+    // src_host). The one exception to the host-argument rule. API v3: the copy runs on
+    // the exec's copy queue (CUDA: a second stream), which may overtake compute queued
+    // before it: a caller that overwrites memory earlier work reads first makes the
+    // copy wait with fence_wait_device on a fence recorded after that work, and makes
+    // the work that reads dst wait with fence_wait_device(done). A backend with one
+    // queue (CPU, Metal) copies in the exec's order, where both waits are no-ops.
     void (*upload_async)(struct mf_exec *ex, void *dst, size_t dst_off,
                          const void *src_host, size_t bytes, struct mf_fence *done);
 
@@ -219,6 +224,15 @@ struct mf_backend_ops {
     void (*fence_record)(struct mf_exec *ex, struct mf_fence *f);
     void (*fence_wait)(struct mf_exec *ex, struct mf_fence *f);
     void (*fence_free)(struct mf_exec *ex, struct mf_fence *f);
+    // API v3: a device-side wait. Every queue of ex (compute and copy) starts the work
+    // queued after this call only once f is reached; the host does not wait. A fence
+    // never recorded is reached. CUDA: cuStreamWaitEvent on both streams; CPU and
+    // Metal (one in-order queue): nothing to do.
+    void (*fence_wait_device)(struct mf_exec *ex, struct mf_fence *f);
+    // API v3: 1 if ops may return before their work is done (GPU queues: a caller that
+    // hands host memory to an op keeps it until a fence recorded after the op is
+    // reached), 0 if every op has finished when it returns (CPU).
+    int queues_work;
 
     // ---- linear algebra
     // y[n_tok, n_out] = x[n_tok, n_in] @ W^T. W float or quantized.

@@ -52,7 +52,8 @@ const char *mf_strerror(int status) {
 
 struct mf_model_params mf_model_default_params(void) {
     struct mf_model_params p = {.backend = "cpu", .log_fn = NULL, .log_user = NULL,
-                                .use_2bit = 0, .gpu_experts = NULL};
+                                .use_2bit = 0, .gpu_experts = NULL,
+                                .gpu_cache_bytes = -1, .gpu_cache_fraction = -1.0};
     return p;
 }
 
@@ -284,6 +285,10 @@ int mf_model_load(mf_model **out, const char *dir, const struct mf_model_params 
     struct mf_model_params p = params ? *params : mf_model_default_params();
     if (p.use_2bit < -1 || p.use_2bit > 1)
         return mf_err(err, errlen, MF_ERR_ARG, "mf_model_load: use_2bit must be -1, 0 or 1");
+    if (!(p.gpu_cache_fraction <= 1.0) || p.gpu_cache_bytes < -1)   // NaN fails too
+        return mf_err(err, errlen, MF_ERR_ARG, "mf_model_load: gpu_cache_fraction %g "
+                      "must be <= 1 (< 0: unset), gpu_cache_bytes %lld >= -1",
+                      p.gpu_cache_fraction, (long long)p.gpu_cache_bytes);
     mf_model *m = calloc(1, sizeof *m);
     if (!m)
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");

@@ -117,6 +117,17 @@ struct mf_model_params {
                            // backend with its own memory (CUDA) when the experts fit in
                            // 85% of its free memory less 2 GiB, else stream. Borrowed for
                            // the mf_model_load call only. mf_ctx_stats.io_note says which.
+    // Device expert cache of each context when experts stream to a backend with its
+    // own memory (CUDA): routed experts kept in device memory (LFRU, the policy of the
+    // RAM cache), so a repeat needs no read and no copy. gpu_cache_fraction in [0, 1]
+    // sizes it as that fraction of the model's routed experts (rounded down); else
+    // gpu_cache_bytes >= 0 gives the bytes (rounded down to whole experts); both < 0
+    // (default): as many experts as fit in 85% of the device's free memory less
+    // 2 GiB, when the context is made. 0 keeps none (two staging slots, every expert
+    // copied). Ignored where the device reads host memory (CPU, Metal) and when the
+    // experts are resident.
+    int64_t gpu_cache_bytes;     // default -1
+    double gpu_cache_fraction;   // default -1
 };
 
 struct mf_ctx_params {
@@ -290,6 +301,16 @@ struct mf_ctx_stats {
     int64_t cache_misses;         // expert requests that needed the files
     int64_t prefetch_issued;      // experts a prefetch loaded ahead
     int64_t prefetch_hits;        // requests served by a prefetched slot
+    // Device expert cache (mf_model_params.gpu_cache_*; streaming on CUDA): requests a
+    // device slot already held (no read, no copy), requests that needed a read and a
+    // copy, bytes copied host -> device for them (over PCIe on a discrete GPU), and
+    // host seconds blocked until the staging slots of landed experts could be reused
+    // (a fence after their copies and compute; the device-side waits of the compute
+    // queue on a copy are not host time and are not counted). 0 without the cache.
+    int64_t gpu_cache_hits;
+    int64_t gpu_cache_misses;
+    int64_t gpu_bytes_uploaded;
+    double gpu_copy_wait_s;
     char io_mode[16];             // the expert I/O mode in effect ("" without experts)
     char io_note[320];            // how it was chosen, and any fallback with its reason
 };

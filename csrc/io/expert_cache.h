@@ -2,7 +2,8 @@
  * expert_cache.h — the policy of an expert cache, and nothing else: which slot holds
  * which (layer, expert), which slot a new expert evicts, which slots may not be
  * evicted. It owns no expert memory, so one policy serves the reader's RAM slots
- * (expert_reader.c) and, later, a GPU backend's VRAM slots.
+ * (expert_reader.c) and the device expert cache's slots in GPU memory
+ * (models/dev_cache.c: lookup, then insert on a miss; it never pins).
  *
  * Policy: LFRU, CUDA-FM's measured choice (it beat pure LRU by 34-63%; W from 1 to 50
  * made no difference). Each occupied slot has a use count and the logical time of its

@@ -23,7 +23,10 @@
  */
 #include "models/moe.h"
 
+#include "models/dev_cache.h"
+
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +39,7 @@
  * expert) pair in expert-grouped order. Expert bytes come from the ctx's expert reader
  * (io/expert_reader.h: its own I/O threads, slots from alloc_host, or pointers into
  * the mapping in mmap mode); a backend whose device cannot read host memory gets each
- * blob uploaded into dev_blob first. */
+ * blob copied into a slot of the device expert cache (models/dev_cache.h) first. */
 
 #define ERR_LEN 512
 #define MF_MOE_PREFETCH_MAX_K 32   // prefill-group prefetch: at most 2 x this experts
@@ -73,7 +76,19 @@ struct mf_moe_scratch {
     float *sh_tmp;           // [max_tok, 2 * n_ff_shexp]
     float *sh_out;           // [max_tok, n_embd]
     float *sh_gate;          // [max_tok, 1]
-    void *dev_blob;          // [expert_bytes] (!host_is_device)
+    // device expert cache (!host_is_device, or MOEFLUX_TEST_DEV_CACHE on the CPU)
+    struct mf_dev_cache *dc;
+    struct mf_dev_cache_stats dc_seen;   // its counters already added to ctx stats
+    int32_t *fifo_tk;        // [n_expert] the call's misses in submission order: ticket
+    int32_t *fifo_slot;      //   and device slot; [fifo_head, fifo_n) not yet run
+    int fifo_head, fifo_n;
+    // Deferred release (queues_work, or the cache): tickets whose slots queued work may
+    // still read, released once pend_fence, recorded after that work, is reached.
+    int defer;
+    struct mf_fence *pend_fence;
+    int32_t *pend;           // [reader tickets]
+    int32_t *pend_slot;      // [reader tickets] the device slot its copy filled, or -1
+    int n_pend;
     int32_t *idx_dev;        // [max_tok, k] routing left on the device (resident)
     float *w_dev;            // [max_tok, k]
     const void *const *resident;   // the model's experts_dev (NULL: streaming)
@@ -270,10 +285,6 @@ static int alloc_device(mf_ctx *ctx, struct mf_moe_scratch *s,
         s->sh_gate = dev_alloc(ctx, T * F);
         ok = ok && s->sh_tmp && s->sh_out && s->sh_gate;
     }
-    if (ok && s->has_store && !s->resident && !ctx->be->ops->host_is_device) {
-        s->dev_blob = dev_alloc(ctx, (size_t)s->expert_bytes);
-        ok = s->dev_blob != NULL;
-    }
     if (ok && s->resident) {
         s->idx_dev = dev_alloc(ctx, TK * sizeof(int32_t));
         s->w_dev = dev_alloc(ctx, TK * F);
@@ -322,6 +333,61 @@ static int reader_new(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe
     return MF_OK;
 }
 
+// Slots of the device expert cache (mf_model_params.gpu_cache_*), at most the model's
+// routed experts.
+static int dev_cache_slots(mf_ctx *ctx, const struct mf_moe_scratch *s,
+                           const struct mf_moe_config *c) {
+    const struct mf_model_params *p = &ctx->model->params;
+    int64_t total = 0, n = 0;
+    for (int il = 0; il < s->n_layer; il++)
+        total += s->is_moe[il] ? c->n_expert : 0;
+    if (p->gpu_cache_fraction >= 0.0) {
+        n = (int64_t)(p->gpu_cache_fraction * (double)total);
+    } else if (p->gpu_cache_bytes >= 0) {
+        n = p->gpu_cache_bytes / (int64_t)s->expert_bytes;
+    } else {   // auto: the resident rule's margin (core/model.c)
+        uint64_t free_b = 0, total_b = 0;
+        char e[256];
+        if (ctx->be->ops->mem_info(ctx->be, &free_b, &total_b, e, sizeof e) != MF_OK)
+            free_b = 0;
+        double usable = 0.85 * (double)free_b - 2.0 * (double)(1u << 30);
+        n = usable > 0.0 ? (int64_t)(usable / (double)s->expert_bytes) : 0;
+    }
+    n = n > total ? total : n;
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+// The deferred release of reader tickets and, where the device cannot read host memory
+// (or MOEFLUX_TEST_DEV_CACHE=1 asks for it on the CPU, for tests), the device cache.
+static int stream_setup(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
+                        char *err, size_t errlen) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    const char *hook = getenv("MOEFLUX_TEST_DEV_CACHE");
+    int use_dc = !op->host_is_device || (hook && strcmp(hook, "1") == 0);
+    s->defer = op->queues_work || use_dc;
+    if (s->defer) {
+        size_t n_tk = (size_t)mf_expert_reader_n_tickets(s->reader);
+        s->pend = calloc(n_tk, sizeof *s->pend);
+        s->pend_slot = calloc(n_tk, sizeof *s->pend_slot);
+        s->pend_fence = op->fence_new(ctx->ex);
+        if (!s->pend || !s->pend_slot || !s->pend_fence)
+            return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory (release fence)");
+    }
+    if (!use_dc)
+        return MF_OK;
+    s->fifo_tk = calloc((size_t)c->n_expert, sizeof *s->fifo_tk);
+    s->fifo_slot = calloc((size_t)c->n_expert, sizeof *s->fifo_slot);
+    if (!s->fifo_tk || !s->fifo_slot)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory (device cache)");
+    int n = dev_cache_slots(ctx, s, c);
+    int rc = mf_dev_cache_new(op, ctx->ex, s->n_layer, c->n_expert, s->expert_bytes, n,
+                              &s->dc, err, errlen);
+    if (rc == MF_OK)
+        mf_log(ctx->model, MF_LOG_INFO, "device expert cache: %d experts (%.3f GB) in %s "
+               "memory", n, (double)n * (double)s->expert_bytes / 1e9, op->name);
+    return rc;
+}
+
 int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
                        struct mf_moe_scratch **out, char *err, size_t errlen) {
     *out = NULL;
@@ -364,7 +430,8 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
         snprintf(ctx->io_note, sizeof ctx->io_note, "experts resident in %s memory",
                  ctx->be->ops->name);
     }
-    else if (st && (rc = reader_new(ctx, s, c, err, errlen)) != MF_OK) {
+    else if (st && ((rc = reader_new(ctx, s, c, err, errlen)) != MF_OK ||
+                    (rc = stream_setup(ctx, s, c, err, errlen)) != MF_OK)) {
         mf_moe_scratch_free(ctx, s);
         return rc;
     }
@@ -375,13 +442,19 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
 void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     if (!s)
         return;
+    if (s->defer)   // queued copies and experts may still read reader slots
+        ctx->be->ops->sync(ctx->ex);
+    mf_dev_cache_free(s->dc);
+    if (s->pend_fence)
+        ctx->be->ops->fence_free(ctx->ex, s->pend_fence);
     mf_expert_reader_free(s->reader);   // before the slots' backend goes
     void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
-                    s->prev, s->prev_ok, (void *)s->res_blob, s->res_row0, s->res_rows};
+                    s->prev, s->prev_ok, (void *)s->res_blob, s->res_row0, s->res_rows,
+                    s->fifo_tk, s->fifo_slot, s->pend, s->pend_slot};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         free(host[i]);
     void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate,
-                   s->dev_blob, s->idx_dev, s->w_dev};
+                   s->idx_dev, s->w_dev};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         dev_free(ctx, dev[i]);
     free(s->views);
@@ -408,7 +481,7 @@ int mf_moe_scratch_reserve(mf_ctx *ctx, struct mf_moe_scratch *s,
                            size_t errlen) {
     if (max_tok <= s->max_tok)
         return MF_OK;
-    struct mf_moe_scratch g = {.max_tok = max_tok};   // has_store 0: no dev_blob
+    struct mf_moe_scratch g = {.max_tok = max_tok};
     size_t TK = (size_t)max_tok * (size_t)c->n_expert_used;
     g.sel_idx = calloc(TK, sizeof(int32_t));
     g.sel_w = calloc(TK, sizeof(float));
@@ -481,38 +554,80 @@ static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_laye
  * chunks with more experts than slots compute arrived experts to free slots. */
 
 static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie,
-                       const void *data) {
-    const struct mf_backend_ops *op = ctx->be->ops;
-    const void *blob = data;
-    if (!op->host_is_device) {
-        op->upload(ctx->ex, s->dev_blob, 0, data, (size_t)s->expert_bytes);
-        blob = s->dev_blob;
-    }
+                       const void *blob) {
     int32_t row0 = s->start[ie], n_rows = s->start[ie + 1] - s->start[ie];
     struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
     b.n = 1;
     b.blob_host = &blob;
     b.row0_host = &row0;
     b.n_rows_host = &n_rows;
-    op->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+    ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
 }
 
-// Wait for whichever submitted expert lands first, run it, release its slot.
+// Deferred release: a ticket whose slot queued work may still read is kept, not
+// released. Its last reader is the copy into device slot `slot` where there is a
+// device cache (the copy's fence says when it is done), else the expert's kernels
+// (slot -1: a fence recorded after the work queued so far). release_kept waits for
+// those fences (usually reached already: the routing that comes before each call
+// synchronises) and releases the kept tickets.
+static void keep_or_release(struct mf_moe_scratch *s, int tk, int slot) {
+    if (!s->defer) {
+        mf_expert_reader_release(s->reader, tk);
+        return;
+    }
+    s->pend_slot[s->n_pend] = slot;
+    s->pend[s->n_pend++] = tk;
+}
+
+static void release_kept(mf_ctx *ctx, struct mf_moe_scratch *s) {
+    if (!s->n_pend)
+        return;
+    const struct mf_backend_ops *op = ctx->be->ops;
+    double t = mf_now_s();
+    int after_work = 0;
+    for (int i = 0; i < s->n_pend; i++) {
+        if (s->pend_slot[i] >= 0)
+            mf_dev_cache_wait_copy(s->dc, s->pend_slot[i]);
+        else
+            after_work = 1;
+    }
+    if (after_work) {
+        op->fence_record(ctx->ex, s->pend_fence);
+        op->fence_wait(ctx->ex, s->pend_fence);
+    }
+    if (s->dc)
+        ctx->stats.gpu_copy_wait_s += mf_now_s() - t;
+    for (int i = 0; i < s->n_pend; i++)
+        mf_expert_reader_release(s->reader, s->pend[i]);
+    s->n_pend = 0;
+}
+
+// Wait for whichever submitted expert lands first, run it, release (or keep) its slot.
 static int run_one_ready(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding) {
     const void *data = NULL;
     int tk = -1, il = -1, ie = -1;
     int rc = mf_expert_reader_wait_any(s->reader, &tk, &data, s->err, sizeof s->err);
     mf_expert_reader_ticket_expert(s->reader, tk, &il, &ie);
-    if (rc == MF_OK)
-        run_expert(ctx, s, il, ie, data);
-    mf_expert_reader_release(s->reader, tk);
     (*outstanding)--;
-    if (rc != MF_OK)
+    if (rc != MF_OK) {
+        mf_expert_reader_release(s->reader, tk);
         return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
+    }
+    run_expert(ctx, s, il, ie, data);
+    keep_or_release(s, tk, -1);
     return MF_OK;
 }
 
-// Submit every expert of the call (running landed ones while all slots are held).
+// The reader is full: release kept tickets, else run a landed expert.
+static int make_room(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding) {
+    if (s->n_pend) {
+        release_kept(ctx, s);
+        return MF_OK;
+    }
+    return run_one_ready(ctx, s, outstanding);
+}
+
+// Submit every expert of the call (making room while all slots are held).
 static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
                       int *outstanding) {
     for (int j = 0; j < n_used;) {
@@ -522,8 +637,8 @@ static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
         if (rc == MF_OK) {
             (*outstanding)++;
             j++;
-        } else if (rc == MF_EXPERT_READER_FULL && *outstanding > 0) {
-            if ((rc = run_one_ready(ctx, s, outstanding)) != MF_OK)
+        } else if (rc == MF_EXPERT_READER_FULL && (*outstanding > 0 || s->n_pend > 0)) {
+            if ((rc = make_room(ctx, s, outstanding)) != MF_OK)
                 return rc;
         } else {
             return mf_ctx_fail(ctx, rc < 0 ? rc : MF_ERR_STATE,
@@ -532,6 +647,84 @@ static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
         }
     }
     return MF_OK;
+}
+
+/* ==== Device expert cache ====
+ * Each expert of the call is looked up in the order of used[]: a hit runs from its
+ * device slot at once (no read, no copy); a miss gets its slot reserved at once (so
+ * the cache's choices depend only on the routing) and its read submitted. Misses then
+ * run in submission order: wait for the bytes, copy them into the slot on the copy
+ * queue (the copy of one expert overlaps the compute of the one before), run. */
+
+static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
+    int tk = s->fifo_tk[s->fifo_head], slot = s->fifo_slot[s->fifo_head], ie = -1;
+    s->fifo_head++;
+    const void *data = NULL;
+    int rc = mf_expert_reader_wait(s->reader, tk, &data, s->err, sizeof s->err);
+    mf_expert_reader_ticket_expert(s->reader, tk, NULL, &ie);
+    if (rc != MF_OK) {
+        mf_expert_reader_release(s->reader, tk);
+        return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
+    }
+    int staged = s->seen.mode != MF_IO_MMAP;   // else upload copied it already
+    mf_dev_cache_fill(s->dc, slot, data, staged);
+    run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
+    mf_dev_cache_used(s->dc, slot);
+    if (staged)
+        keep_or_release(s, tk, slot);   // until the copy that reads it is done
+    else
+        mf_expert_reader_release(s->reader, tk);
+    return MF_OK;
+}
+
+static int submit_miss(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie, int slot) {
+    for (;;) {
+        int tk;
+        int rc = mf_expert_reader_submit(s->reader, il, ie, &tk, s->err, sizeof s->err);
+        if (rc == MF_OK) {
+            s->fifo_tk[s->fifo_n] = tk;
+            s->fifo_slot[s->fifo_n++] = slot;
+            return MF_OK;
+        }
+        if (rc == MF_EXPERT_READER_FULL && s->n_pend > 0)
+            release_kept(ctx, s);
+        else if (rc == MF_EXPERT_READER_FULL && s->fifo_head < s->fifo_n)
+            rc = run_oldest(ctx, s, il);
+        else
+            return mf_ctx_fail(ctx, rc < 0 ? rc : MF_ERR_STATE,
+                               "layer %d: expert reader refused expert %d: %s", il, ie,
+                               s->err);
+        if (rc != MF_OK && rc != MF_EXPERT_READER_FULL)
+            return rc;
+    }
+}
+
+static int submit_dev(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used) {
+    s->fifo_head = s->fifo_n = 0;
+    for (int j = 0; j < n_used; j++) {
+        int ie = s->used[j], slot = mf_dev_cache_lookup(s->dc, il, ie);
+        if (slot >= 0) {
+            run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
+            mf_dev_cache_used(s->dc, slot);
+            continue;
+        }
+        if ((slot = mf_dev_cache_reserve(s->dc, il, ie)) < 0)
+            return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d expert %d: no device cache "
+                               "slot", il, ie);
+        int rc = submit_miss(ctx, s, il, ie, slot);
+        if (rc != MF_OK)
+            return rc;
+    }
+    return MF_OK;
+}
+
+static void take_dev_cache_stats(mf_ctx *ctx, struct mf_moe_scratch *s) {
+    struct mf_dev_cache_stats now, *was = &s->dc_seen;
+    mf_dev_cache_stats(s->dc, &now);
+    ctx->stats.gpu_cache_hits += now.hits - was->hits;
+    ctx->stats.gpu_cache_misses += now.misses - was->misses;
+    ctx->stats.gpu_bytes_uploaded += now.bytes_uploaded - was->bytes_uploaded;
+    *was = now;
 }
 
 // Decode: start reading the next MoE layer's previous-token experts, and remember
@@ -604,11 +797,16 @@ static void prefetch_next_group(struct mf_moe_scratch *s, const struct mf_moe_co
     mf_expert_reader_prefetch(s->reader, next, ids, n);
 }
 
+// Every routed expert of the call: reads submitted at once, the shared expert while
+// they are in flight, each expert run as it lands (from the device cache where there
+// is one). Slots the queued work reads are released after the next call's routing
+// (release_kept in mf_moe_forward).
 static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
                            const struct mf_moe_config *c, const struct mf_moe_layer *w,
                            const float *x, int n_tok, int n_used, double *shared_s) {
     int outstanding = 0, has_shared = w->has_shared && c->n_ff_shexp > 0;
-    int rc = submit_all(ctx, s, w->il, n_used, &outstanding);
+    int rc = s->dc ? submit_dev(ctx, s, w->il, n_used)
+                   : submit_all(ctx, s, w->il, n_used, &outstanding);
     if (rc == MF_OK && s->prefetch && n_tok == 1)
         prefetch_next(s, w->il, c->n_expert_used);
     double t = mf_now_s();
@@ -617,11 +815,18 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
     *shared_s = mf_now_s() - t;
     while (rc == MF_OK && outstanding > 0)
         rc = run_one_ready(ctx, s, &outstanding);
+    while (rc == MF_OK && s->dc && s->fifo_head < s->fifo_n)
+        rc = run_oldest(ctx, s, w->il);
     if (rc == MF_OK && n_tok > 1)
         prefetch_next_group(s, c, w->il, n_tok);
-    if (rc != MF_OK)
+    if (rc != MF_OK) {
+        ctx->be->ops->sync(ctx->ex);   // nothing queued may read a slot released below
+        s->n_pend = 0;
         mf_expert_reader_release_all(s->reader);
+    }
     take_reader_stats(ctx, s);
+    if (s->dc)
+        take_dev_cache_stats(ctx, s);
     return rc;
 }
 
@@ -726,6 +931,7 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s(), wait0 = st->io_wait_s, shared_s = 0.0;
     int n_used = route(ctx, s, w, c, x, n_tok);
+    release_kept(ctx, s);   // the routing just synchronised: the work on them is done
     double t1 = mf_now_s();
     st->routing_s += t1 - t0;
     int n_rows = n_tok * c->n_expert_used;

@@ -75,20 +75,27 @@ void mf_py_ctx_unlock(mf_py_context *self) {
 /* ==== ModelHandle ==== */
 
 PyDoc_STRVAR(handle_doc,
-"ModelHandle(path, backend='cpu', use_2bit=0, gpu_experts=None)\n--\n\n"
+"ModelHandle(path, backend='cpu', use_2bit=0, gpu_experts=None, gpu_cache_bytes=-1,\n"
+"            gpu_cache_fraction=-1.0)\n--\n\n"
 "A loaded model directory, shareable by several Contexts.\n\n"
 "use_2bit: 0 reads packed_experts/, 1 packed_experts_2bit/, -1 the 2-bit files only\n"
 "when the 4-bit ones are absent. gpu_experts: None/'auto', 'resident' or 'stream'\n"
-"(moeflux.h). Raises moeflux errors naming the bad file.");
+"(moeflux.h). gpu_cache_fraction in [0, 1], else gpu_cache_bytes >= 0, else (both\n"
+"< 0) auto: the device expert cache of streaming contexts (moeflux.h). Raises\n"
+"moeflux errors naming the bad file.");
 
 static PyObject *handle_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"path", "backend", "use_2bit", "gpu_experts", NULL};
+    static char *kwlist[] = {"path", "backend", "use_2bit", "gpu_experts",
+                             "gpu_cache_bytes", "gpu_cache_fraction", NULL};
     PyObject *path_bytes = NULL;
     const char *backend = "cpu", *gpu_experts = NULL;
     int use_2bit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|siz:ModelHandle", kwlist,
+    long long cache_bytes = -1;
+    double cache_fraction = -1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|sizLd:ModelHandle", kwlist,
                                      PyUnicode_FSConverter, &path_bytes, &backend,
-                                     &use_2bit, &gpu_experts))
+                                     &use_2bit, &gpu_experts, &cache_bytes,
+                                     &cache_fraction))
         return NULL;
     mf_py_state *st = mf_py_state_of_type(tp);
     mf_py_handle *self = (mf_py_handle *)tp->tp_alloc(tp, 0);
@@ -109,6 +116,8 @@ static PyObject *handle_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     p.backend = backend;
     p.use_2bit = use_2bit;
     p.gpu_experts = gpu_experts;
+    p.gpu_cache_bytes = (int64_t)cache_bytes;
+    p.gpu_cache_fraction = cache_fraction;
     char err[1024] = "";
     const char *path = PyBytes_AS_STRING(path_bytes);
     int rc;
@@ -641,6 +650,10 @@ static PyObject *context_stats(PyObject *obj, PyObject *unused) {
         dict_set(d, "cache_misses", PyLong_FromLongLong(s.cache_misses)) ||
         dict_set(d, "prefetch_issued", PyLong_FromLongLong(s.prefetch_issued)) ||
         dict_set(d, "prefetch_hits", PyLong_FromLongLong(s.prefetch_hits)) ||
+        dict_set(d, "gpu_cache_hits", PyLong_FromLongLong(s.gpu_cache_hits)) ||
+        dict_set(d, "gpu_cache_misses", PyLong_FromLongLong(s.gpu_cache_misses)) ||
+        dict_set(d, "gpu_bytes_uploaded", PyLong_FromLongLong(s.gpu_bytes_uploaded)) ||
+        dict_set(d, "gpu_copy_wait_s", PyFloat_FromDouble(s.gpu_copy_wait_s)) ||
         dict_set(d, "io_mode", PyUnicode_FromString(s.io_mode)) ||
         dict_set(d, "io_fallback", PyUnicode_FromString(s.io_note))) {
         Py_XDECREF(d);

@@ -1160,6 +1160,47 @@ static void test_experts_dev(void) {
 
 /* ==== Memory, copies, fences, weights, status ==== */
 
+// API v3: upload_async runs on the copy queue; fence_wait_device orders it both ways
+// against the compute queue (models/dev_cache.c's fill): work after the wait reads the
+// copied bytes, and a copy after a wait on a fence behind queued work overwrites only
+// after that work. h is the reference, pin holds n bytes of staging, d n device bytes.
+static void copy_queue_order(uint8_t *d, uint8_t *pin, const uint8_t *h, uint8_t *back,
+                             size_t n, struct mf_fence *f) {
+    uint8_t *d2 = E.go->alloc(E.gx, n);
+    struct mf_fence *u = E.go->fence_new(E.gx);
+    if (!d2 || !u || !E.go->fence_wait_device) {
+        CHECK(0, "copy queue: alloc / fence_new / fence_wait_device missing");
+        E.go->dealloc(E.gx, d2);
+        E.go->fence_free(E.gx, u);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        pin[i] = (uint8_t)(h[i] ^ 0x5a);
+    E.go->upload_async(E.gx, d, 0, pin, n, f);
+    E.go->fence_wait_device(E.gx, f);        // read after write
+    E.go->copy(E.gx, d2, 0, d, 0, n);
+    E.go->fence_record(E.gx, u);
+    E.go->fence_wait_device(E.gx, u);        // write after read: the copy below waits
+    E.go->download(E.gx, back, d2, 0, n);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += back[i] != (uint8_t)(h[i] ^ 0x5a);
+    CHECK(bad == 0, "copy queue: %zu bytes read before the copy landed", bad);
+    E.go->zero(E.gx, d, 0, n);               // queued compute writes d ...
+    E.go->fence_record(E.gx, u);
+    E.go->fence_wait_device(E.gx, u);
+    E.go->upload_async(E.gx, d, 0, pin, n, f);   // ... then the copy overwrites it
+    E.go->fence_wait(E.gx, f);
+    E.go->download(E.gx, back, d, 0, n);
+    bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += back[i] != pin[i];
+    CHECK(bad == 0, "copy queue: %zu bytes of a zero queued before the copy won", bad);
+    E.go->sync(E.gx);
+    E.go->fence_free(E.gx, u);
+    E.go->dealloc(E.gx, d2);
+}
+
 static void test_memory(void) {
     const size_t n = (size_t)7 << 19;   // 3.5 MiB: more than one argument-ring segment
     uint8_t *h = xmalloc(n), *back = xmalloc(n);
@@ -1209,6 +1250,7 @@ static void test_memory(void) {
         E.go->fence_wait(E.gx, f);
         E.go->download(E.gx, back, d, 0, n - 4096);
         CHECK(memcmp(back, h, n - 4096) == 0, "upload_async with a fence");
+        copy_queue_order(d, pin, h, back, n - 4096, f);
     }
     E.go->fence_free(E.gx, f);
     E.go->fence_free(E.gx, never);

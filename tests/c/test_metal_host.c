@@ -240,7 +240,8 @@ static int64_t tab_off(const int32_t *t, int i) {
 }
 
 // Three experts, two in a reader slot region and one in weights: two launch groups,
-// offsets from each region's start, and one wait because a slot was read.
+// offsets from each region's start, and no wait although a slot was read (API v3:
+// models/moe.c keeps the slot until a fence after the kernels is reached).
 static void test_experts_by_region(void) {
     enum { FF = 8, EMBD = 16, BLOB = 3 * FF * EMBD * 4 };
     static unsigned char a[4 * BLOB], b[4 * BLOB];
@@ -269,7 +270,7 @@ static void test_experts_by_region(void) {
           (long long)tab_off(ex.l[0].tab, 1), (long long)tab_off(ex.l[2].tab, 0));
     CHECK(ex.l[0].tab[2] == 0 && ex.l[0].tab[7] == 1 && ex.l[2].tab[3] == 2,
           "row tables differ from the batch");
-    CHECK(ex.n_wait == 1, "%d waits after reading reader slots (expected 1)", ex.n_wait);
+    CHECK(ex.n_wait == 0, "%d waits after reading reader slots (expected 0)", ex.n_wait);
     // The same experts all in weights: no wait.
     struct mf_exec ex2 = {.a = a, .b = b, .a_len = 0, .b_len = sizeof b};
     const void *wblobs[2] = {b, b + 3 * BLOB};

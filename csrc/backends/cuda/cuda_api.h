@@ -63,6 +63,8 @@ typedef struct _nvrtcProgram *nvrtcProgram;
     X(EventDestroy, "cuEventDestroy_v2", CUresult, (CUevent e))                         \
     X(EventRecord, "cuEventRecord", CUresult, (CUevent e, CUstream s))                  \
     X(EventSynchronize, "cuEventSynchronize", CUresult, (CUevent e))                    \
+    X(StreamWaitEvent, "cuStreamWaitEvent", CUresult,                                   \
+      (CUstream s, CUevent e, unsigned flags))                                          \
     X(EventElapsedTime, "cuEventElapsedTime", CUresult,                                 \
       (float *ms, CUevent a, CUevent b))                                                \
     X(ModuleLoadData, "cuModuleLoadData", CUresult, (CUmodule * m, const void *image))  \

@@ -277,6 +277,8 @@ static void cuda_exec_free(struct mf_exec *ex) {
         return;
     struct mf_cu_api *cu = &ex->cb->cu;
     cu->CtxSetCurrent(ex->cb->ctx);
+    if (ex->cst)   // copies into allocations freed below
+        cu->StreamSynchronize(ex->cst);
     if (ex->st)
         cu->StreamSynchronize(ex->st);
     free_blocks(ex, ex->live, ex->n_live);
@@ -296,6 +298,8 @@ static void cuda_exec_free(struct mf_exec *ex) {
         cu->MemFree(ex->ring_dev);
     if (ex->ring_host)
         cu->MemFreeHost(ex->ring_host);
+    if (ex->cst)
+        cu->StreamDestroy(ex->cst);
     if (ex->st)
         cu->StreamDestroy(ex->st);
     free(ex);
@@ -306,6 +310,7 @@ static int exec_setup(struct mf_exec *ex) {
     void *host = NULL;
     if (!CK(ex, "exec_new", CtxSetCurrent(ex->cb->ctx)) ||
         !CK(ex, "exec_new", StreamCreate(&ex->st, MF_CU_STREAM_NON_BLOCKING)) ||
+        !CK(ex, "exec_new", StreamCreate(&ex->cst, MF_CU_STREAM_NON_BLOCKING)) ||
         !CK(ex, "exec_new", MemHostAlloc(&host, ring, MF_CU_MEMHOSTALLOC_PORTABLE)))
         return ex->status;
     ex->ring_host = host;
@@ -510,7 +515,8 @@ static void cuda_dealloc_host(struct mf_exec *ex, void *p) {
     if (!p)
         return;
     mf_cuda_enter(ex);
-    CK(ex, "dealloc_host", StreamSynchronize(ex->st));   // async copies may still read it
+    CK(ex, "dealloc_host", StreamSynchronize(ex->cst));  // async copies may still read it
+    CK(ex, "dealloc_host", StreamSynchronize(ex->st));
     CK(ex, "dealloc_host", MemFreeHost(p));
 }
 
@@ -529,8 +535,9 @@ static void cuda_upload_async(struct mf_exec *ex, void *dst, size_t dst_off,
                               const void *src_host, size_t bytes, struct mf_fence *done) {
     mf_cuda_enter(ex);
     if (bytes)
-        CK(ex, "upload_async", MemcpyHtoDAsync(mf_dp(dst) + dst_off, src_host, bytes, ex->st));
-    if (done && CK(ex, "upload_async", EventRecord(done->ev, ex->st)))
+        CK(ex, "upload_async", MemcpyHtoDAsync(mf_dp(dst) + dst_off, src_host, bytes,
+                                               ex->cst));
+    if (done && CK(ex, "upload_async", EventRecord(done->ev, ex->cst)))
         done->recorded = 1;
 }
 
@@ -560,6 +567,7 @@ static void cuda_zero(struct mf_exec *ex, void *dst, size_t dst_off, size_t byte
 
 static void cuda_sync(struct mf_exec *ex) {
     mf_cuda_enter(ex);
+    CK(ex, "sync", StreamSynchronize(ex->cst));
     CK(ex, "sync", StreamSynchronize(ex->st));
 }
 
@@ -585,6 +593,14 @@ static void cuda_fence_wait(struct mf_exec *ex, struct mf_fence *f) {
     mf_cuda_enter(ex);
     if (f->recorded)
         CK(ex, "fence_wait", EventSynchronize(f->ev));
+}
+
+// Both streams wait on the device: the compute stream before kernels that read what a
+// copy wrote, the copy stream before overwriting what queued kernels read.
+static void cuda_fence_wait_device(struct mf_exec *ex, struct mf_fence *f) {
+    mf_cuda_enter(ex);
+    if (f->recorded && CK(ex, "fence_wait_device", StreamWaitEvent(ex->st, f->ev, 0)))
+        CK(ex, "fence_wait_device", StreamWaitEvent(ex->cst, f->ev, 0));
 }
 
 static void cuda_fence_free(struct mf_exec *ex, struct mf_fence *f) {
@@ -622,6 +638,8 @@ static const struct mf_backend_ops cuda_ops = {
     .fence_record = cuda_fence_record,
     .fence_wait = cuda_fence_wait,
     .fence_free = cuda_fence_free,
+    .fence_wait_device = cuda_fence_wait_device,
+    .queues_work = 1,
     .matmul = mf_cuda_matmul,
     .matmul_t = mf_cuda_matmul_t,
     .matmul_heads = mf_cuda_matmul_heads,

@@ -56,6 +56,7 @@ struct mf_cuda_block {
 struct mf_exec {
     struct mf_cuda_be *cb;
     CUstream st;
+    CUstream cst;                // copy stream of upload_async (API v3)
     int status;                  // first error (MF_OK while none)
     char err[1024];
     unsigned char *ring_host;

@@ -595,6 +595,13 @@ static void metal_fence_wait(struct mf_exec *ex, struct mf_fence *f) {
     }
 }
 
+// One command queue per exec, and upload_async encodes its copy into the same command
+// stream: work is already ordered after every fence, so there is nothing to wait on.
+static void metal_fence_wait_device(struct mf_exec *ex, struct mf_fence *f) {
+    (void)ex;
+    (void)f;
+}
+
 static void metal_fence_free(struct mf_exec *ex, struct mf_fence *f) {
     (void)ex;
     if (!f)
@@ -909,6 +916,7 @@ static const struct mf_backend_ops metal_ops = {
     .mem_info = metal_mem_info,
     .status = metal_status,
     .host_is_device = 1,
+    .queues_work = 1,
     .alloc = metal_alloc,
     .dealloc = metal_dealloc,
     .upload = metal_upload,
@@ -922,6 +930,7 @@ static const struct mf_backend_ops metal_ops = {
     .fence_new = metal_fence_new,
     .fence_record = metal_fence_record,
     .fence_wait = metal_fence_wait,
+    .fence_wait_device = metal_fence_wait_device,
     .fence_free = metal_fence_free,
     .matmul = mf_metal_matmul,
     .matmul_t = mf_metal_matmul_t,

@@ -4,7 +4,7 @@
  * Metal-specific code is the glue they call (metal_backend.m). Each op checks what
  * its kernels cannot, copies host arguments into shared buffers and encodes kernels
  * on the exec's command buffer. Plain C; nothing waits for the GPU except moe_route
- * with host outputs and moe_experts on reader slots (see there).
+ * with host outputs (moe_experts on reader slots does not: see there).
  */
 #include "backends/metal/metal_internal.h"
 
@@ -502,17 +502,15 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
 }
 
 // Groups b's experts by the buffer region their blobs lie in (each run of kernels
-// binds one buffer); *on_slot = 1 when any blob is in a reader slot.
+// binds one buffer).
 static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const float *xg,
-                             const struct mf_moe_batch *b, const void **region, int *at,
-                             int *on_slot) {
+                             const struct mf_moe_batch *b, const void **region, int *at) {
     const size_t need = blob_extent(b);
     for (int i = 0; i < b->n; i++) {
         int slot = 0;
         region[i] = mf_metal_region(ex, b->blob_host[i], need, &slot, "moe_experts");
         if (!region[i])
             return;
-        *on_slot |= slot;
     }
     for (int i = 0; i < b->n; i++) {
         if (!region[i])
@@ -528,11 +526,10 @@ static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const flo
     }
 }
 
-// Reader slots (alloc_host memory) are released to the expert reader, which may
-// refill them at once, as soon as this returns (models/moe.c): the kernels reading a
-// slot must be done by then, so this op waits for its command buffer in that case.
-// Deferring the expert compute into the next layer's command buffer needs a fence
-// between compute and slot release in moe.c (see the README's Metal section).
+// Reader slots (alloc_host memory) may be read by the queued kernels: this op does not
+// wait for them. models/moe.c (queues_work = 1) keeps each slot's ticket until a fence
+// recorded after the expert's kernels is reached, checked before the slot is reused,
+// so a layer's expert work stays in the command buffer the next host sync commits.
 int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen) {
     (void)be;
@@ -550,14 +547,11 @@ void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float 
     }
     const void **region = malloc((size_t)b->n * sizeof *region);
     int *at = malloc((size_t)b->n * sizeof *at);
-    int on_slot = 0;
     if (region && at)
-        launch_by_region(ex, eo, gu, xg, b, region, at, &on_slot);
+        launch_by_region(ex, eo, gu, xg, b, region, at);
     else
         mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: moe_experts: out of memory for "
                       "%d experts", b->n);
     free(region);
     free(at);
-    if (on_slot)
-        mf_metal_wait(ex, "moe_experts");
 }
