@@ -68,6 +68,8 @@ struct mf_arch {
     /* ---- config (core/config.c reads the shared keys, then calls read_config) */
     const char *experts_key;    // key of the routed expert count (num_experts,
                                 // n_routed_experts); NULL: the family has none
+    const char *expert_ff_key;  // key of the routed experts' width (gpt_oss:
+                                // intermediate_size); NULL: moe_intermediate_size
     int no_head_dim;            // MLA: no head_dim, num_key_value_heads defaults to
                                 // num_attention_heads
     int norm_topk_default;      // norm_topk_prob when the key is absent
