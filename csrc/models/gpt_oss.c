@@ -6,25 +6,29 @@
  * key and the "mxfp4" module mode); the rest is this file, its line in models/arch.c,
  * the MXFP4 expert mode (io/expert_store.c), the router kind and the experts'
  * activation (models/moe.c, backends/backend.h, backends/cpu/cpu_moe.c) and prep's
- * family module (prep/archs/gpt_oss.py).
+ * family module (prep/archs/gpt_oss.py); and core/state.c learned ring segments
+ * (below), which no earlier family had.
  *
  * Decoder layer:  h = x + Attn(RMSNorm_in(x));  out = h + MoE(RMSNorm_post(h)).
  * Attention: q/k/v/o projections with biases, rotary over the whole head (rotate-half
  * pairs; YaRN frequencies and the YaRN scale on q and k when rope_scaling says yarn,
  * as mlx-lm's YarnRoPE), GQA, scale head_dim^-1/2, and per head a learned sink logit
  * in the softmax (attention_ext). Layers of layer_types "sliding_attention" see the
- * last sliding_window positions only and keep them in a ring buffer of
- * sliding_window + GPTOSS_MAX_CHUNK - 1 rows; "full_attention" layers see every
- * position and keep a cache of n_ctx rows.
+ * last sliding_window positions only and keep them in a ring buffer of GPTOSS_RING_EXTRA
+ * rows more than the window; "full_attention" layers see every position and keep a
+ * cache of n_ctx rows.
  * MoE on every layer: logits = router(x) + its bias, the num_experts_per_tok largest,
  * weights softmax over those alone; experts in MXFP4 with per-expert biases and the
  * clamped SwiGLU (alpha 1.702, limit 7.0: mlx-lm's SwigluOAI() defaults, which
  * gpt_oss.py uses whatever swiglu_limit says).
  *
- * State: the full layers' caches are positional segments; each sliding layer's ring is
- * a fixed segment (the whole ring, so a snapshot round-trips bit-exactly and loads into
- * a ctx of any n_ctx); truncation then goes through core/state.c's checkpoints: exact
- * where one is held, refused with the reason otherwise.
+ * State: the full layers' caches are positional segments; each sliding layer's ring
+ * is a ring segment (core/state.c): a snapshot holds its last min(n_past,
+ * sliding_window) positions oldest first, and truncation by up to GPTOSS_RING_EXTRA -
+ * tokens (the ring rows beyond the window) is exact, deeper is refused with the reason.
+ * An eval overwrites ring rows of positions it does not own (the oldest ones): their
+ * bytes are copied aside first and put back when the eval fails, so a failed eval
+ * leaves the committed state as it was.
  */
 #include <math.h>
 #include <stdio.h>
@@ -40,6 +44,9 @@
 
 // Tokens per forward chunk (scratch rows); longer prompts run in chunks.
 #define GPTOSS_MAX_CHUNK 64
+// Ring rows beyond the window: at least GPTOSS_MAX_CHUNK - 1 (attention_ext: a chunk's
+// queries and the window before them), the rest the depth of exact truncation.
+#define GPTOSS_RING_EXTRA (2 * GPTOSS_MAX_CHUNK - 1)
 // Snapshot identity id: after glm4_moe (5).
 #define GPTOSS_ARCH_ID 6
 // mlx-lm activations.SwigluOAI() defaults (gpt_oss.py passes none).
@@ -240,7 +247,7 @@ static void fill_hparams(struct gptoss_hparams *hp, const struct mf_config *c) {
     hp->vocab_size = c->vocab_size;
     hp->rms_norm_eps = c->rms_norm_eps;
     hp->window = g->sliding_window;
-    hp->ring_rows = g->sliding_window + GPTOSS_MAX_CHUNK - 1;
+    hp->ring_rows = g->sliding_window + GPTOSS_RING_EXTRA;
     hp->rope_mscale = g->yarn.on ? yarn_get_mscale(g->yarn.factor, g->yarn.mscale) /
                                        yarn_get_mscale(g->yarn.factor, g->yarn.mscale_all_dim)
                                  : 1.0f;
@@ -361,6 +368,8 @@ static int gptoss_bind(mf_model *m, char *err, size_t errlen) {
 struct gptoss_state {
     struct mf_decoder dec;
     float **k_cache, **v_cache;   // [n_layer] -> [rows, Hkv, D]
+    float **k_save, **v_save;     // [n_layer] -> [ring_rows, Hkv, D] sliding layers'
+                                  // rows an eval overwrites (NULL for full layers)
     float *inv_freq;              // [D/2]
     float *q, *k, *v;             // [T, H*D], [T, Hkv*D], [T, Hkv*D]
     float *attn;                  // [T, H*D]
@@ -377,15 +386,17 @@ static void gptoss_state_free(mf_ctx *ctx) {
     if (!s) return;
     const struct gptoss_model *M = ctx->model->arch_weights;
     const struct mf_backend_ops *op = ctx->be->ops;
-    for (int il = 0; il < M->hp.num_hidden_layers; il++) {
-        if (s->k_cache && s->k_cache[il]) op->dealloc(ctx->ex, s->k_cache[il]);
-        if (s->v_cache && s->v_cache[il]) op->dealloc(ctx->ex, s->v_cache[il]);
-    }
+    float **lists[] = {s->k_cache, s->v_cache, s->k_save, s->v_save};
+    for (size_t j = 0; j < sizeof lists / sizeof lists[0]; j++)
+        for (int il = 0; lists[j] && il < M->hp.num_hidden_layers; il++)
+            if (lists[j][il]) op->dealloc(ctx->ex, lists[j][il]);
     float *bufs[] = {s->inv_freq, s->q, s->k, s->v, s->attn, s->bias_rows};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) op->dealloc(ctx->ex, bufs[i]);
     free(s->k_cache);
     free(s->v_cache);
+    free(s->k_save);
+    free(s->v_save);
     free(s->zero_idx);
     mf_decoder_free(ctx, &s->dec);
     free(s);
@@ -403,12 +414,17 @@ static int alloc_buffers(mf_ctx *ctx, struct gptoss_state *s, const struct gptos
     int fail = 0, L = hp->num_hidden_layers;
     s->k_cache = calloc((size_t)L, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)L, sizeof *s->v_cache);
+    s->k_save = calloc((size_t)L, sizeof *s->k_save);
+    s->v_save = calloc((size_t)L, sizeof *s->v_save);
     s->zero_idx = calloc((size_t)T, sizeof *s->zero_idx);
-    if (!s->k_cache || !s->v_cache || !s->zero_idx) return 0;
+    if (!s->k_cache || !s->v_cache || !s->k_save || !s->v_save || !s->zero_idx) return 0;
     for (int il = 0; !fail && il < L; il++) {
         size_t rows = (size_t)cache_rows(ctx, M, il);
         s->k_cache[il] = mf_dev_floats(ctx, rows * kvd, &fail);
         s->v_cache[il] = mf_dev_floats(ctx, rows * kvd, &fail);
+        if (!M->layers[il].sliding) continue;
+        s->k_save[il] = mf_dev_floats(ctx, rows * kvd, &fail);
+        s->v_save[il] = mf_dev_floats(ctx, rows * kvd, &fail);
     }
     s->inv_freq = mf_dev_floats(ctx, (size_t)hp->attn.head_dim / 2, &fail);
     s->q = mf_dev_floats(ctx, (size_t)T * qd, &fail);
@@ -457,12 +473,11 @@ static void gptoss_state_reset(mf_ctx *ctx) {
     }
 }
 
-// Full layers: a KEY and a VALUE positional segment. Sliding layers: their rings as
-// fixed segments of ring_rows rows (see the file comment).
+// A KEY and a VALUE segment per layer: positional on full layers, rings keeping the
+// last sliding_window positions on sliding layers.
 static int gptoss_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int cap) {
     const struct gptoss_state *s = ctx->arch_state;
     const struct gptoss_model *M = ctx->model->arch_weights;
-    uint64_t row = kv_row_bytes(&M->hp), ring = row * (uint64_t)M->hp.ring_rows;
     int n = 0;
     for (int il = 0; il < M->hp.num_hidden_layers; il++) {
         int sl = M->layers[il].sliding;
@@ -470,8 +485,10 @@ static int gptoss_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, i
         for (int kv = 0; kv < 2; kv++, n++)
             if (n < cap)
                 segs[n] = (struct mf_state_seg){
-                    .buf = bufs[kv], .row_bytes = sl ? 0 : row, .fixed_bytes = sl ? ring : 0,
-                    .layer = il, .kind = kv ? MF_SEG_VALUE : MF_SEG_KEY};
+                    .buf = bufs[kv], .row_bytes = kv_row_bytes(&M->hp), .layer = il,
+                    .kind = kv ? MF_SEG_VALUE : MF_SEG_KEY,
+                    .ring_rows = sl ? M->hp.ring_rows : 0,
+                    .ring_keep = sl ? M->hp.window : 0};
     }
     return n;
 }
@@ -486,16 +503,24 @@ static void add_bias(mf_ctx *ctx, struct gptoss_state *s, float *y,
     op->axpy(ctx->ex, y, 1.0f, s->bias_rows, n * dim);
 }
 
-// Rows src[0 .. n) of positions pos0 .. into a cache of `rows` rows (position p in
-// row p % rows: a ring wraps in at most two copies; a full cache never wraps).
-static void cache_put(mf_ctx *ctx, float *cache, int rows, const float *src, int n, int pos0,
+// Copies n rows between a dense buffer and the rows of positions pos0 .. pos0+n-1 of a
+// cache of `rows` rows (position p in row p % rows: a ring wraps in at most two
+// pieces; a full cache never wraps). to_cache: dense -> cache, else cache -> dense.
+static void cache_rows_copy(mf_ctx *ctx, float *cache, int rows, float *dense, int n,
+                            int pos0, uint64_t row_bytes, int to_cache) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    for (int done = 0; done < n;) {
+        int row = (pos0 + done) % rows, run = n - done < rows - row ? n - done : rows - row;
+        size_t c_off = (size_t)row * row_bytes, d_off = (size_t)done * row_bytes;
+        if (to_cache) op->copy(ctx->ex, cache, c_off, dense, d_off, (size_t)run * row_bytes);
+        else op->copy(ctx->ex, dense, d_off, cache, c_off, (size_t)run * row_bytes);
+        done += run;
+    }
+}
+
+static void cache_put(mf_ctx *ctx, float *cache, int rows, float *src, int n, int pos0,
                       uint64_t row_bytes) {
-    int first = pos0 % rows, n1 = n < rows - first ? n : rows - first;
-    ctx->be->ops->copy(ctx->ex, cache, (size_t)first * row_bytes, src, 0,
-                       (size_t)n1 * row_bytes);
-    if (n1 < n)
-        ctx->be->ops->copy(ctx->ex, cache, 0, src, (size_t)n1 * row_bytes,
-                           (size_t)(n - n1) * row_bytes);
+    cache_rows_copy(ctx, cache, rows, src, n, pos0, row_bytes, 1);
 }
 
 // y[n, hidden] = Attn(xn) for positions pos0 .. pos0+n-1; writes their cache rows.
@@ -543,10 +568,28 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
                           il, n);
 }
 
+// The ring rows the eval of n_tok tokens from n_past on will overwrite (those of its
+// own positions: at most the whole ring) into or out of the save buffers.
+static void rings_save(mf_ctx *ctx, struct gptoss_state *s, const struct gptoss_model *M,
+                       int n_tok, int restore) {
+    int R = M->hp.ring_rows, n = n_tok < R ? n_tok : R;
+    uint64_t row = kv_row_bytes(&M->hp);
+    for (int il = 0; il < M->hp.num_hidden_layers; il++) {
+        if (!M->layers[il].sliding) continue;
+        int from = ctx->n_past;   // rows of positions from, from+1, ... (mod R)
+        cache_rows_copy(ctx, s->k_cache[il], R, s->k_save[il], n, from, row, restore);
+        cache_rows_copy(ctx, s->v_cache[il], R, s->v_save[il], n, from, row, restore);
+    }
+}
+
 static int gptoss_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                           int all_logits) {
     struct gptoss_state *s = ctx->arch_state;
-    return mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
+    const struct gptoss_model *M = ctx->model->arch_weights;
+    rings_save(ctx, s, M, n_tok, 0);
+    int rc = mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
+    if (rc != MF_OK) rings_save(ctx, s, M, n_tok, 1);
+    return rc;
 }
 
 /* ==== Registration ==== */
