@@ -299,8 +299,9 @@ def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
     requantize = expert_bits == 2 and (quant is None or quant.bits != 2)
     if requantize and quant is None:
         raise FormatError(f"{src.dir}: expert_bits=2 requantizes experts of one affine "
-                          "format; this checkpoint's experts mix formats (a mixed recipe "
-                          "or float components): convert them as they are (4)")
+                          "format; this checkpoint's experts mix formats (a mixed recipe, "
+                          "float or mxfp4 components, per-expert biases): convert them as "
+                          "they are (4)")
     layer_out = layer_src
     if requantize:
         assert quant is not None

@@ -225,6 +225,55 @@ def test_failed_long_eval_keeps_the_wrapped_ring(fixture: tuple[Path, Path],
     assert_close(np.stack(rows), ref[1:], "decode after a failed 130-token eval")
 
 
+# ==== prep: what it refuses in a gpt-oss checkpoint ====
+
+def _prep_refuses(src: Path, dst: Path, match: str, **kw: Any) -> None:
+    from moeflux.errors import FormatError
+    from moeflux.prep.convert import convert
+
+    with pytest.raises(FormatError, match=match):
+        convert(src, dst, progress=False, **kw)
+
+
+def test_prep_refuses_raw_hf_experts(fixture: tuple[Path, Path], tmp_path: Path) -> None:
+    from test_prep import clone_checkpoint
+
+    def rename(t: dict[str, Any]) -> None:
+        t["model.layers.0.mlp.experts.gate_up_proj_blocks"] = t.pop(
+            "model.layers.0.mlp.experts.gate_proj.weight")
+
+    src = clone_checkpoint(fixture[0], tmp_path / "src", edit_tensors=rename)
+    _prep_refuses(src, tmp_path / "out", r"gate_up_proj_blocks: raw Hugging Face gpt_oss")
+
+
+def test_prep_refuses_mxfp4_outside_the_experts(fixture: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    from test_prep import clone_checkpoint
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["quantization"]["model.layers.0.self_attn.q_proj"]["mode"] = "mxfp4"
+
+    src = clone_checkpoint(fixture[0], tmp_path / "src", edit_config=edit)
+    _prep_refuses(src, tmp_path / "out", r"self_attn\.q_proj' uses mode 'mxfp4'")
+
+
+def test_prep_refuses_mxfp4_with_affine_biases(fixture: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    from test_prep import clone_checkpoint
+
+    def add(t: dict[str, Any]) -> None:
+        dt, shape, raw = t["model.layers.1.mlp.experts.down_proj.scales"]
+        t["model.layers.1.mlp.experts.down_proj.biases"] = ("BF16", shape, raw * 2)
+
+    src = clone_checkpoint(fixture[0], tmp_path / "src", edit_tensors=add)
+    _prep_refuses(src, tmp_path / "out", r"down_proj\.biases: present, but mode mxfp4")
+
+
+def test_prep_refuses_2bit_requant_of_mxfp4(fixture: tuple[Path, Path],
+                                           tmp_path: Path) -> None:
+    _prep_refuses(fixture[0], tmp_path / "out", r"expert_bits=2 .*mxfp4", expert_bits=2)
+
+
 def test_gpu_backends_refuse_it_at_open(fixture: tuple[Path, Path]) -> None:
     """backend='cuda' / 'metal' fail at open with a MoefluxError: the family's
     refusal where the backend exists, the backend's own absence elsewhere (no GPU
