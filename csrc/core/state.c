@@ -254,9 +254,11 @@ static int segs_get(const mf_ctx *ctx, struct segs *s) {
     return MF_OK;
 }
 
-// Positions of a positional segment a snapshot holds: [first, n_past).
+// Positions of a positional segment a snapshot holds: [first, n_past) (a ring: at
+// most ring_keep, and never more than it has rows).
 static int seg_first_pos(const struct mf_state_seg *sg, int n_past) {
-    return sg->ring_rows && n_past > sg->ring_keep ? n_past - sg->ring_keep : 0;
+    int keep = sg->ring_keep < sg->ring_rows ? sg->ring_keep : sg->ring_rows;
+    return sg->ring_rows && n_past > keep ? n_past - keep : 0;
 }
 
 static uint64_t seg_data_bytes(const struct mf_state_seg *sg, int n_past) {
