@@ -3,7 +3,7 @@
  * architecture (moe.h).
  *
  * Owns: routing through the backend's moe_route (softmax top-k for the Qwen families,
- * noaux_tc for deepseek_v3), grouping a call's tokens by expert so that each routed
+ * noaux_tc for deepseek_v3 and glm4_moe, top-k then softmax for gpt_oss), grouping a call's tokens by expert so that each routed
  * expert is read ONCE per call (prefill reads each needed expert once per chunk, not
  * once per token), the ctx's expert reader (its own I/O threads; reads overlap the
  * shared expert and the other experts' compute), the grouped SwiGLU experts on the
@@ -13,9 +13,11 @@
  * a few tokens, one grouped call per layer for a prefill chunk).
  *
  * The expert views are made per MoE layer from the store's validated layout (each
- * projection at its own format, optional per-expert biases, a fused gate_up_proj as
- * two row blocks, a table per layer where a recipe changes with the layer) and checked
- * against config.json and the backend's moe_experts_check when the model opens.
+ * projection at its own format: affine, float or MXFP4; optional per-expert biases, a
+ * fused gate_up_proj as two row blocks, a table per layer where a recipe changes with
+ * the layer) and checked against config.json and the backend's moe_experts_check when
+ * the model opens; the experts' activation (SwiGLU, or gpt_oss's clamped SwiGLU) comes
+ * from the family's mf_moe_config.
  *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
