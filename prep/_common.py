@@ -47,7 +47,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "vocab.json",
                    "merges.txt")
 
-_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\.switch_mlp\."
+# Stacked routed experts: mlx-lm's SwitchGLU under mlp.switch_mlp, or mlp.experts
+# (gpt_oss; other families' mlp.experts tensors are raw HF ones, refused by Source).
+_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\."
+                        r"(?:switch_mlp|experts)\."
                         r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias)$")
 _LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
 _HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_proj|"
@@ -84,11 +87,13 @@ def layer_file_name(il: int) -> str:
 
 @dataclass(frozen=True)
 class Quant:
-    """Affine quantization of one module: ``bits`` per code, ``group_size`` codes per
-    (scale, bias) pair."""
+    """Quantization of one module: ``bits`` per code, ``group_size`` codes per
+    (scale, bias) pair (affine), or mode ``mxfp4``: 4-bit E2M1 codes, one U8 E8M0
+    scale per 32 and no biases."""
 
     bits: int
     group_size: int
+    mode: str = "affine"
 
 
 class ModelConfig:
@@ -127,11 +132,17 @@ class ModelConfig:
         if mode != "affine":
             raise FormatError(f"{self.dir / 'config.json'}: quantization mode {mode!r}; "
                               "only 'affine' (scales + biases) is supported")
+        experts = f".mlp.{self.family.expert_module}."
         for key, val in self.qblock.items():
-            if isinstance(val, dict) and val.get("mode", "affine") != "affine":
-                raise FormatError(f"{self.dir / 'config.json'}: quantization of "
-                                  f"{key!r} uses mode {val['mode']!r}; only 'affine' "
-                                  "is supported")
+            if not isinstance(val, dict) or val.get("mode", "affine") == "affine":
+                continue
+            if val["mode"] in self.family.expert_modes and experts in f"{key}.":
+                continue
+            raise FormatError(f"{self.dir / 'config.json'}: quantization of {key!r} uses "
+                              f"mode {val['mode']!r}; only 'affine' is supported"
+                              + (f" (and {val['mode']!r} for the routed experts of "
+                                 f"{self.arch})" if val["mode"] in self.family.expert_modes
+                                 else ""))
 
     def cfg_int(self, *keys: str, default: int | None = None) -> int:
         for k in keys:
@@ -186,7 +197,16 @@ class Source(ModelConfig):
     def _refuse_raw_hf(self) -> None:
         """A raw HF checkpoint has per-expert or fused expert tensors and [C,1,K] conv
         weights; copying it would give the engine a layout it does not read."""
+        stacked = f".mlp.{self.family.expert_module}."
         for name, info in self.ckpt.tensors.items():
+            if stacked == ".mlp.experts." and stacked in name:
+                if expert_key(name) is None:
+                    raise FormatError(
+                        f"{name}: raw Hugging Face {self.arch} expert tensor; expected "
+                        "stacked '...mlp.experts.{gate,up,down}_proj.{weight,scales,bias}' "
+                        "tensors of an MLX checkpoint (convert it with mlx_lm.convert "
+                        "first)")
+                continue
             if _HF_EXPERT_RE.search(name):
                 raise FormatError(
                     f"{name}: raw Hugging Face expert tensor; expected stacked "
@@ -214,10 +234,16 @@ class Source(ModelConfig):
                                   "quantization marks module as float (no entry and no "
                                   ".scales)")
             return None
+        mode = "affine"
         if isinstance(entry, dict):
             bits, gs = entry.get("bits"), entry.get("group_size")
+            mode = entry.get("mode", "affine")
         else:
             bits, gs = self.qblock.get("bits"), self.qblock.get("group_size")
+        if mode == "mxfp4":
+            q = Quant(4, 32, "mxfp4")
+            self._check_mxfp4_shapes(module, bits, gs)
+            return q
         if bits is None or gs is None:
             defaults = {k: v for k, v in self.qblock.items() if not isinstance(v, dict)}
             raise FormatError(f"{module}: quantized (has .scales) but config.json has no "
@@ -225,6 +251,27 @@ class Source(ModelConfig):
         q = Quant(int(bits), int(gs))
         self._check_quant_shapes(module, q)
         return q
+
+    def _check_mxfp4_shapes(self, module: str, bits: Any, gs: Any) -> None:
+        """MXFP4: U32 codes [..., n_in/8], U8 scales [..., n_in/32], no biases."""
+        if (bits, gs) not in ((None, None), (4, 32)):
+            raise FormatError(f"{module}: mode mxfp4 with bits={bits} group_size={gs}; "
+                              "mxfp4 is 4 bits in groups of 32")
+        wn, sn = f"{module}.weight", f"{module}.scales"
+        for n in (wn, sn):
+            if n not in self.ckpt:
+                raise FormatError(f"{n}: missing; an mxfp4 module has weight and scales")
+        if f"{module}.biases" in self.ckpt:
+            raise FormatError(f"{module}.biases: present, but mode mxfp4 has no affine "
+                              "biases")
+        w, s = self.ckpt.info(wn), self.ckpt.info(sn)
+        if w.dtype != "U32" or s.dtype != "U8":
+            raise FormatError(f"{module}: mxfp4 needs U32 codes and U8 E8M0 scales, got "
+                              f"{w.dtype} / {s.dtype}")
+        if len(w.shape) < 2 or w.shape[:-1] != s.shape[:-1] or \
+                w.shape[-1] * 8 != s.shape[-1] * 32:
+            raise ShapeError(f"{wn}: shape {list(w.shape)} and {sn} {list(s.shape)} are "
+                             "not mxfp4 codes [..., n_in/8] with scales [..., n_in/32]")
 
     def _check_quant_shapes(self, module: str, q: Quant) -> None:
         names = {p: f"{module}.{p}" for p in PARTS}

@@ -91,7 +91,7 @@ class Component:
                                "shape": list(self.shape)}
         if version >= LAYOUT_VERSION_MIXED and self.mode is not None:
             out["mode"] = self.mode
-            if self.mode == "affine":
+            if self.mode in ("affine", "mxfp4"):
                 out["bits"], out["group_size"] = self.bits, self.group_size
         return out
 
@@ -179,6 +179,10 @@ def _components(dims: dict[str, tuple[int, int]], fmts: dict[str, ProjFormat],
         f = fmts[proj]
         if f.quant is None:
             add(f"{proj}.weight", f.wdtype, (rows, n_in), mode="float")
+        elif f.quant.mode == "mxfp4":   # E2M1 codes, U8 E8M0 scales, no biases
+            add(f"{proj}.weight", "U32", (rows, n_in // 8), mode="mxfp4", bits=4,
+                group_size=32)
+            add(f"{proj}.scales", "U8", (rows, n_in // 32))
         else:
             q = f.quant
             add(f"{proj}.weight", "U32", (rows, n_in * q.bits // 32), mode="affine",
@@ -204,7 +208,7 @@ def _proj_format(src: Source, names: dict[str, str], il: int, proj: str,
     rows, n_in = dims
     key = f"{proj}.weight"
     if key not in names:
-        raise FormatError(f"layer {il}: mlp.switch_mlp.{key} missing "
+        raise FormatError(f"layer {il}: mlp.{src.family.expert_module}.{key} missing "
                           f"(have {sorted(names)})")
     module = names[key][:-len(".weight")]
     q = src.quant_of(module)
@@ -225,7 +229,7 @@ def _proj_format(src: Source, names: dict[str, str], il: int, proj: str,
     want_s = (E, rows, n_in // q.group_size)
     if w.shape != want_w:
         raise ShapeError(f"{w.name}: shape {list(w.shape)}, expected {list(want_w)} from "
-                         f"config num_experts={E}, hidden_size / moe_intermediate_size "
+                         f"config num_experts={E}, hidden_size / {src.family.expert_ff_key} "
                          f"{rows}x{n_in} at {q.bits} bits")
     if s.shape != want_s:
         raise ShapeError(f"{s.name}: shape {list(s.shape)}, expected {list(want_s)} "
@@ -244,7 +248,7 @@ def _found_experts(src: Source) -> dict[int, dict[str, str]]:
         extra = sorted(set(found) - set(expected))
         missing = sorted(set(expected) - set(found))
         raise FormatError(
-            f"{src.dir}: routed experts (mlp.switch_mlp.*) found in layers "
+            f"{src.dir}: routed experts (mlp.{src.family.expert_module}.*) found in layers "
             f"{sorted(found)} but config.json ({src.arch}) makes layers {expected} MoE"
             + (f"; missing in {missing}" if missing else "")
             + (f"; unexpected in {extra}" if extra else ""))
@@ -256,7 +260,8 @@ def _uniform_quant(fmts: dict[int, dict[str, ProjFormat]]) -> Quant | None:
     None when the recipe mixes formats: then layout version 2 describes it."""
     all_f = [f for per in fmts.values() for f in per.values()]
     f0 = all_f[0]
-    if f0.quant is None or any(f != f0 or f.bias_dtype is not None for f in all_f):
+    if f0.quant is None or f0.quant.mode != "affine" or \
+            any(f != f0 or f.bias_dtype is not None for f in all_f):
         return None
     return f0.quant
 
@@ -277,7 +282,7 @@ def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
         raise FormatError(f"{src.dir}: no routed experts (config.json gives "
                           f"num_experts={E})")
     hid = src.cfg_int("hidden_size")
-    inter = src.cfg_int("moe_intermediate_size")
+    inter = src.cfg_int(src.family.expert_ff_key)
     dims = {"gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter)}
     fmts = {il: {p: _proj_format(src, found[il], il, p, dims[p], E) for p in PROJECTIONS}
             for il in expected}
@@ -294,8 +299,9 @@ def plan_experts(src: Source, expert_bits: int = 4) -> ExpertPlan:
     requantize = expert_bits == 2 and (quant is None or quant.bits != 2)
     if requantize and quant is None:
         raise FormatError(f"{src.dir}: expert_bits=2 requantizes experts of one affine "
-                          "format; this checkpoint's experts mix formats (a mixed recipe "
-                          "or float components): convert them as they are (4)")
+                          "format; this checkpoint's experts mix formats (a mixed recipe, "
+                          "float or mxfp4 components, per-expert biases): convert them as "
+                          "they are (4)")
     layer_out = layer_src
     if requantize:
         assert quant is not None

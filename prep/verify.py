@@ -232,6 +232,9 @@ def _want_shapes(comps: list[dict[str, Any]], dims: dict[str, tuple[int, int]],
         b, g = c.get("bits", bits), c.get("group_size", gs)
         if c["dtype"] != "U32":
             want[c["name"]] = [rows, n_in]
+        elif c.get("mode") == "mxfp4":   # no biases: their absence is checked here too
+            want[c["name"]] = [rows, n_in // 8]
+            want[f"{proj}.scales"] = [rows, n_in // 32]
         elif isinstance(b, int) and isinstance(g, int) and b > 0 and g > 0:
             want[c["name"]] = [rows, n_in * b // 32]
             want[f"{proj}.scales"] = want[f"{proj}.biases"] = [rows, n_in // g]
@@ -243,7 +246,7 @@ def _check_layout_vs_config(sub: str, lay: dict[str, Any],
                             tables: dict[str, list[dict[str, Any]]], cfg: ModelConfig,
                             rep: VerifyReport) -> None:
     try:
-        hid, inter = cfg.cfg_int("hidden_size"), cfg.cfg_int("moe_intermediate_size")
+        hid, inter = cfg.cfg_int("hidden_size"), cfg.cfg_int(cfg.family.expert_ff_key)
     except MoefluxError as exc:
         rep.add(str(exc))
         return
@@ -262,7 +265,7 @@ def _check_layout_vs_config(sub: str, lay: dict[str, Any],
             elif list(c["shape"]) != want[c["name"]]:
                 rep.add(f"{sub}/layout.json: {where}: {c['name']} shape {c['shape']}, "
                         f"expected {want[c['name']]} (hidden_size {hid}, "
-                        f"moe_intermediate_size {inter}, {c.get('bits', bits)}-bit "
+                        f"{cfg.family.expert_ff_key} {inter}, {c.get('bits', bits)}-bit "
                         f"gs{c.get('group_size', gs)})")
     if lay.get("num_experts") != cfg.num_experts:
         rep.add(f"{sub}/layout.json: num_experts {lay.get('num_experts')}, config.json "

@@ -46,8 +46,20 @@ def synth_checkpoint(synth_cache_dir: Path) -> Callable[..., Path]:
 
     ``overrides`` are tiny_config's (config keys and the pseudo-keys bits, group_size,
     gate_bits, gate_group_size, mla_form). The same request returns the same path.
+    ``gpt_oss`` comes from tests/gptoss_synth.py (its MXFP4-Q8 layout; overrides are
+    config keys), with a vocabulary of 512 unless overridden so that the shared
+    prompts (_helpers.PROMPT, FWD_PROMPT) fit.
     """
     from moeflux.prep.synth import tiny_config, write_checkpoint
+
+    def write(tmp: Path, arch: str, seed: int, overrides: dict[str, Any]) -> None:
+        if arch == "gpt_oss":
+            import gptoss_synth
+
+            gptoss_synth.write_gptoss_checkpoint(tmp, seed=seed,
+                                                 **{"vocab_size": 512, **overrides})
+        else:
+            write_checkpoint(tmp, tiny_config(arch, **overrides), seed=seed)
 
     def make(arch: str, seed: int = 0, **overrides: Any) -> Path:
         path = synth_cache_dir / synth_key(arch, seed, overrides)
@@ -55,7 +67,7 @@ def synth_checkpoint(synth_cache_dir: Path) -> Callable[..., Path]:
             return path
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp, tiny_config(arch, **overrides), seed=seed)
+        write(tmp, arch, seed, overrides)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         return path

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import moeflux
-from _helpers import ARCHS, assert_close, continuation, converted  # noqa: F401
+from _helpers import CPU_ARCHS, assert_close, continuation, converted  # noqa: F401
 from reference import reference_logits
 
 LONG = continuation(512, 150, seed=21)      # internal chunks of 64, 64, 22
@@ -45,7 +45,7 @@ def _run(path: Path, pieces: list[int] | None = None, **kw: Any) -> np.ndarray:
     return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_thread_counts_bitwise(arch: str,
                                converted: Callable[..., tuple[Path, Path]]) -> None:
     _, path = converted(arch)
@@ -66,7 +66,7 @@ MIXED: list[tuple[int, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_io_modes_at_thread_counts_bitwise(arch: str,
                                            converted: Callable[..., tuple[Path, Path]]
                                            ) -> None:
@@ -77,7 +77,7 @@ def test_io_modes_at_thread_counts_bitwise(arch: str,
         assert np.array_equal(got, base), f"{arch}: {threads} threads {kw} differ"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_chunked_at_internal_boundaries_bitwise(arch: str,
                                                 converted: Callable[..., tuple[Path, Path]]
                                                 ) -> None:
@@ -95,7 +95,7 @@ def test_chunked_at_internal_boundaries_bitwise(arch: str,
         f"to {float(np.abs(got - base).max()):.3e}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_chunked_elsewhere_within_tier(arch: str,
                                        converted: Callable[..., tuple[Path, Path]]
                                        ) -> None:
@@ -108,7 +108,7 @@ def test_chunked_elsewhere_within_tier(arch: str,
     assert_close(got[:len(LONG)], reference_logits(ckpt, LONG), f"{arch} cut prefill")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_snapshot_survives_load_bytewise(arch: str,
                                          converted: Callable[..., tuple[Path, Path]]
                                          ) -> None:

@@ -31,7 +31,7 @@ import pytest
 
 import moeflux
 from moeflux import MoefluxIOError
-from _helpers import ARCHS, CONT, PROMPT, converted  # noqa: F401 (fixture)
+from _helpers import CPU_ARCHS, CONT, PROMPT, converted  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = REPO / "build" / "fault-site"
@@ -157,7 +157,7 @@ def test_c_fault_test_every_arch(converted: Callable[..., tuple[Path, Path]]) ->
     when missing; after `make asan` the binary is the sanitized one, and this runs it
     under LeakSanitizer."""
     _make("tests/c/build/test_faults")
-    paths = {arch: str(converted(arch)[1]) for arch in ARCHS}
+    paths = {arch: str(converted(arch)[1]) for arch in CPU_ARCHS}
     env = dict(_plain_env(), MOEFLUX_FAULT_MODELS=":".join(paths.values()))
     r = subprocess.run([str(REPO / "tests" / "c" / "build" / "test_faults")], env=env,
                        capture_output=True, text=True, timeout=1200)
@@ -178,7 +178,7 @@ def _run_job(site: Path, job: dict[str, Any]) -> dict[str, Any]:
 
 def test_expert_read_faults(fault_site: Path,
                             converted: Callable[..., tuple[Path, Path]]) -> None:
-    paths = [str(converted(arch)[1]) for arch in ARCHS]
+    paths = [str(converted(arch)[1]) for arch in CPU_ARCHS]
     res = _run_job(fault_site, {"what": "read", "paths": paths, "prompt": PROMPT,
                                 "cont": CONT})
     for path, modes in res.items():
@@ -201,7 +201,7 @@ def test_expert_read_faults(fault_site: Path,
 def test_allocation_failures_every_arch(fault_site: Path,
                                         converted: Callable[..., tuple[Path, Path]]
                                         ) -> None:
-    paths = [str(converted(arch)[1]) for arch in ARCHS]
+    paths = [str(converted(arch)[1]) for arch in CPU_ARCHS]
     res = _run_job(fault_site, {"what": "alloc", "paths": paths, "prompt": PROMPT})
     for path, r in res.items():
         print(f"{Path(path).name}: {r}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import moeflux
-from _helpers import ARCHS, CONT, PROMPT, converted  # noqa: F401 (fixture)
+from _helpers import CPU_ARCHS, CONT, PROMPT, converted  # noqa: F401 (fixture)
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "pread": {"io_mode": "pread"},
@@ -34,7 +34,7 @@ def _run(path: Path, **kw: Any) -> tuple[np.ndarray, dict]:
         return np.concatenate(rows), m.stats()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_settings_bitwise_equal(arch: str,
                                 converted: Callable[..., tuple[Path, Path]]) -> None:
     _, path = converted(arch)

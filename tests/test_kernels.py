@@ -29,7 +29,7 @@ from mlx_lm.models.activations import swiglu as mlx_swiglu
 from mlx_lm.models.qwen3_next import Qwen3NextRMSNormGated
 
 import _kernsets
-from _helpers import ARCHS, FWD_PROMPT, continuation, converted
+from _helpers import CPU_ARCHS, FWD_PROMPT, continuation, converted
 from _helpers import assert_close as assert_logits_close
 from moeflux import _diag
 from reference import reference_decode, reference_logits
@@ -670,7 +670,7 @@ def test_forward_kernel_set_errors(converted: Callable[..., tuple[Path, Path]]) 
             moeflux.Model(model_dir, threads=1, backend=f"cpu:{bad}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CPU_ARCHS)
 def test_forward_emulated(arch: str, converted: Callable[..., tuple[Path, Path]],
                           tmp_path: Path) -> None:
     """A whole model through the C API in another process: $MOEFLUX_RUN_LOGITS is the

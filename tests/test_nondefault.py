@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import moeflux
-from _helpers import assert_close
+from _helpers import assert_close, converted  # noqa: F401 (fixture)
 from reference import reference_decode, reference_logits
 
 # Prompt with scaled-row tokens at the start, in the middle and at the end; the
@@ -253,6 +253,41 @@ def nondefault(tmp_path_factory: pytest.TempPathFactory
 
 ARCHS = list(FIXTURES)
 
+# gpt_oss comes from tests/gptoss_synth.py (conftest's synth_checkpoint dispatches to
+# it; overrides are config keys): a 4-layer plan that is not mlx-lm's alternation,
+# window 5, 12 experts k 3, GQA 4:1 with head_dim 32 over hidden 64, YaRN with every
+# field off its default (mscale != mscale_all_dim), eps and base off their defaults.
+GPTOSS: dict[str, Any] = {
+    "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                    "full_attention"],
+    "sliding_window": 5, "num_local_experts": 12, "num_experts_per_tok": 3,
+    "experts_per_token": 3, "head_dim": 32, "num_key_value_heads": 1,
+    "intermediate_size": 192, "rms_norm_eps": 3e-5, "rope_theta": 54321,
+    "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0,
+                     "beta_slow": 2.0, "mscale": 1.5, "mscale_all_dim": 0.5,
+                     "original_max_position_embeddings": 2048},
+}
+# mlx-lm's default layer plan of gpt_oss: sliding, full, sliding, full.
+GPTOSS_ALTERNATING = ["sliding_attention", "full_attention"] * 2
+
+
+def test_gpt_oss_prefill_and_decode(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """The gpt_oss fixture with every key off its default: every prompt position, in
+    one call and in three pieces, then single-token decode steps, within the CPU tier
+    (the prompt and decode run past its window of 5)."""
+    ckpt, model_dir = converted("gpt_oss", **GPTOSS)
+    with moeflux.Model(model_dir, threads=2) as m:
+        ours = m.eval(PROMPT, all_logits=True)
+        rows = [m.eval([t]) for t in DECODE]
+    with moeflux.Model(model_dir, threads=2) as m:
+        pieces = np.concatenate([m.eval(PROMPT[a:b], all_logits=True)
+                                 for a, b in ((0, 4), (4, 5), (5, len(PROMPT)))])
+    ref_prompt = reference_logits(ckpt, PROMPT)
+    assert_close(ours, ref_prompt, "gpt_oss prefill")
+    assert_close(pieces, ref_prompt, "gpt_oss chunked prefill")
+    ref = reference_decode(ckpt, PROMPT, DECODE)
+    assert_close(np.stack(rows), ref[1:], "gpt_oss decode")
+
 
 def test_fixtures_are_what_they_claim(nondefault) -> None:
     """The written files carry the non-default values (mlx-lm reads them, and the
@@ -309,17 +344,21 @@ DEFAULTS: dict[str, list[Any]] = {
     "beta_fast": [32], "beta_slow": [1], "mscale": [1.0], "mscale_all_dim": [0.0, 1.0],
     "original_max_position_embeddings": [4096],
     "use_qk_norm": [False], "attention_bias": [True],
+    "sliding_window": [128, 8], "num_local_experts": [128, 8],
 }
 BOTH_WAYS = ("tie_word_embeddings", "norm_topk_prob")
 
 
 def _values(key: str) -> list[Any]:
     """The value of ``key`` in each fixture's config (text_config, rope blocks)."""
+    import gptoss_synth
     from moeflux.prep.synth import tiny_config
 
     out = []
-    for arch, (overrides, _) in FIXTURES.items():
-        cfg = tiny_config(arch, **copy.deepcopy(overrides))
+    cfgs = [tiny_config(arch, **copy.deepcopy(overrides))
+            for arch, (overrides, _) in FIXTURES.items()]
+    cfgs.append(gptoss_synth.tiny_gptoss_config(**copy.deepcopy(GPTOSS)))
+    for cfg in cfgs:
         text = cfg.get("text_config", cfg)
         for block in (text, text.get("rope_parameters") or {}, text.get("rope_scaling") or {}):
             if key in block:
@@ -347,7 +386,7 @@ def test_every_key_config_c_reads_is_non_default_somewhere() -> None:
     heads, GQA, both values of the booleans). Parsed from the C source, so a key added
     there without a fixture fails here."""
     keys = config_keys() - NOT_MATH
-    keys -= {"affine", "yarn", "default", "qwen3_5_moe_text"}   # values, not keys
+    keys -= {"affine", "yarn", "default", "qwen3_5_moe_text", "mxfp4"}   # values
     assert {"moe_layer_freq", "linear_conv_kernel_dim", "mscale_all_dim",
             "use_qk_norm", "attention_bias"} <= keys
     missing = []
@@ -358,6 +397,8 @@ def test_every_key_config_c_reads_is_non_default_somewhere() -> None:
         elif key == "head_dim":
             ok = any(FIXTURES[a][0].get("head_dim", 0) * FIXTURES[a][0].get(
                 "num_attention_heads", 4) != 256 for a in FIXTURES)
+        elif key == "layer_types":   # read by gpt_oss alone
+            ok = GPTOSS["layer_types"] != GPTOSS_ALTERNATING
         elif key == "num_key_value_heads":
             ok = any(0 < FIXTURES[a][0].get("num_key_value_heads", 0) < 4
                      for a in FIXTURES)

@@ -70,6 +70,10 @@ int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, in
                            *bias[3] = {b->gate_bias, b->up_bias, b->down_bias};
     static const char *const names[3] = {"gate_proj", "up_proj", "down_proj"};
     char f0[64], f1[64];
+    if (b->act != MF_MOE_ACT_SWIGLU)
+        return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                      "%s backend: layer %d experts: the clamped SwiGLU (gpt-oss) is not "
+                      "in its expert kernels; use backend 'cpu'", backend, il);
     for (int p = 0; p < 3; p++) {
         if (bias[p])
             return mf_err(err, errlen, MF_ERR_UNSUPPORTED,

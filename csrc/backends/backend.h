@@ -105,6 +105,15 @@ enum mf_route_kind {
                               // sums; experts of all but topk_group groups masked to 0.0;
                               // unbiased weights renormalised (norm_topk_prob, k > 1)
                               // times routed_scaling_factor
+    MF_ROUTE_TOPK_SOFTMAX = 2,  // gpt-oss: logits plus bias (the router linear's own
+                                // bias, NULL = none); the k largest; weights = softmax
+                                // over those k alone
+};
+
+// The activation of the routed experts between gate/up and down (moe_experts).
+enum mf_moe_act {
+    MF_MOE_ACT_SWIGLU = 0,          // silu(gate) * up
+    MF_MOE_ACT_SWIGLU_CLAMPED = 1,  // gpt-oss: swiglu_clamped with act_alpha / act_limit
 };
 
 struct mf_route_params {
@@ -135,6 +144,8 @@ struct mf_moe_batch {
     const struct mf_weight *gate_bias;   // [n_ff] or NULL
     const struct mf_weight *up_bias;     // [n_ff] or NULL
     const struct mf_weight *down_bias;   // [n_embd] or NULL
+    enum mf_moe_act act;                 // zero-initialised: plain SwiGLU
+    float act_alpha, act_limit;          // MF_MOE_ACT_SWIGLU_CLAMPED
 };
 
 // Routed experts whose blobs all lie in device memory (resident mode), with the routing
@@ -155,6 +166,8 @@ struct mf_moe_dev {
     const struct mf_weight *gate_bias;   // as in mf_moe_batch (NULL = none)
     const struct mf_weight *up_bias;
     const struct mf_weight *down_bias;
+    enum mf_moe_act act;                 // as in mf_moe_batch
+    float act_alpha, act_limit;
     float *xg;
     float *gu;
     float *eo;
@@ -377,7 +390,8 @@ struct mf_backend_ops {
                       const float *bias, const struct mf_route_params *p, int n_tok,
                       int32_t *idx_host, float *w_host);
     // SwiGLU experts on gathered rows: for each expert i of b and each of its rows r,
-    // eo[r] = down(silu(gate xg[r]) * up xg[r]), gu [rows, 2 * n_ff] scratch. A row's
+    // eo[r] = down(silu(gate xg[r]) * up xg[r]) (b->act: or the clamped SwiGLU),
+    // gu [rows, 2 * n_ff] scratch. A row's
     // result does not depend on which other experts share the call, so experts may be
     // run as their bytes arrive, in any grouping, with bitwise the same eo.
     void (*moe_experts)(struct mf_exec *ex, float *eo, float *gu, const float *xg,

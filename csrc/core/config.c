@@ -148,14 +148,17 @@ static int valid_gs(int g) {
 }
 
 // Checks the "mode" of a block or an override (absent = affine: older checkpoints).
-static int check_mode(const struct mf_cfg_reader *r, const mf_json *obj, const char *where) {
+// A module override may say "mxfp4" (gpt-oss's routed experts, which the expert store
+// reads; a linear bound from model_weights.bin in that mode fails at bind, naming it).
+static int check_mode(const struct mf_cfg_reader *r, const mf_json *obj, const char *where,
+                      int allow_mxfp4) {
     const mf_json *m = mf_json_get(obj, "mode");
     if (!m || m->type == MF_JSON_NULL)
         return 0;
     if (m->type != MF_JSON_STRING)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: quantization mode of %s must be a string", r->name, where);
-    if (strcmp(m->str, "affine") != 0)
+    if (strcmp(m->str, "affine") != 0 && !(allow_mxfp4 && strcmp(m->str, "mxfp4") == 0))
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: quantization mode \"%s\" of %s is not supported (only "
                       "\"affine\")", r->name, m->str, where);
@@ -190,7 +193,7 @@ static int read_quant(struct mf_config *cfg, const struct mf_cfg_reader *r) {
     if (q->type != MF_JSON_OBJECT)
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: \"quantization\" must be an object", r->name);
-    int rc = check_mode(r, q, "the quantization block");
+    int rc = check_mode(r, q, "the quantization block", 0);
     if (rc)
         return rc;
     if ((rc = read_bits_gs(r, q, "the quantization block", &cfg->quant_bits,
@@ -218,7 +221,7 @@ static int read_quant(struct mf_config *cfg, const struct mf_cfg_reader *r) {
             continue;
         char where[160];
         snprintf(where, sizeof where, "module \"%s\"", e->key);
-        if ((rc = check_mode(r, e, where)))
+        if ((rc = check_mode(r, e, where, 1)))
             return rc;
         if ((rc = read_bits_gs(r, e, where, &o->bits, &o->group_size)))
             return rc;
@@ -423,11 +426,12 @@ static int check_heads(struct mf_config *cfg, const struct mf_cfg_reader *r) {
 // The MoE keys every family has; the expert count under the family's key.
 static int read_moe(struct mf_config *cfg, const struct mf_cfg_reader *r) {
     const struct mf_arch *a = cfg->family;
+    const char *ff_key = a->expert_ff_key ? a->expert_ff_key : "moe_intermediate_size";
     cfg->norm_topk_prob = a->norm_topk_default;
     int rc;
     if ((a->experts_key && (rc = mf_cfg_int(r, a->experts_key, 0, &cfg->num_experts))) ||
         (rc = mf_cfg_int(r, "num_experts_per_tok", 0, &cfg->num_experts_per_tok)) ||
-        (rc = mf_cfg_int(r, "moe_intermediate_size", 0, &cfg->moe_intermediate_size)) ||
+        (rc = mf_cfg_int(r, ff_key, 0, &cfg->moe_intermediate_size)) ||
         (rc = mf_cfg_int(r, "intermediate_size", 0, &cfg->intermediate_size)) ||
         (rc = mf_cfg_bool(r, "norm_topk_prob", &cfg->norm_topk_prob)))
         return rc;
@@ -443,7 +447,7 @@ static int read_moe(struct mf_config *cfg, const struct mf_cfg_reader *r) {
         return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
                       "%s: num_experts_per_tok (%d) must be in [1, num_experts = %d]",
                       r->name, cfg->num_experts_per_tok, cfg->num_experts);
-    return mf_cfg_positive(r, "moe_intermediate_size", cfg->moe_intermediate_size);
+    return mf_cfg_positive(r, ff_key, cfg->moe_intermediate_size);
 }
 
 static int parse_root(struct mf_config *cfg, const mf_json *root, const char *name,

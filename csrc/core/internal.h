@@ -28,12 +28,18 @@
 // (conv history, delta-rule recurrence) has row_bytes == 0 and fixed_bytes > 0; it
 // cannot be rewound by position, which is why truncation of hybrid models needs
 // checkpoints of it.
+// A positional segment may be a ring (sliding-window attention): ring_rows > 0 rows,
+// position p in row p % ring_rows, of which only the last ring_keep positions before
+// n_past matter; a snapshot holds those (min(n_past, ring_keep) rows, oldest first),
+// and truncation is exact while the ring still holds them.
 struct mf_state_seg {
     void *buf;                 // device pointer (owned by the arch state)
     uint64_t row_bytes;        // bytes per position, 0 for fixed state
     uint64_t fixed_bytes;      // bytes of fixed state, 0 for positional state
     int layer;                 // model layer index
     int kind;                  // MF_SEG_* below
+    int ring_rows;             // 0: position p in row p (not a ring)
+    int ring_keep;             // ring: live positions before n_past (<= ring_rows)
 };
 
 enum mf_seg_kind {
@@ -68,6 +74,8 @@ struct mf_arch {
     /* ---- config (core/config.c reads the shared keys, then calls read_config) */
     const char *experts_key;    // key of the routed expert count (num_experts,
                                 // n_routed_experts); NULL: the family has none
+    const char *expert_ff_key;  // key of the routed experts' width (gpt_oss:
+                                // intermediate_size); NULL: moe_intermediate_size
     int no_head_dim;            // MLA: no head_dim, num_key_value_heads defaults to
                                 // num_attention_heads
     int norm_topk_default;      // norm_topk_prob when the key is absent

@@ -20,7 +20,9 @@
  *   table     n_seg x { u32 kind | i32 layer | u64 row_bytes | u64 fixed_bytes |
  *             u64 data_bytes }
  *   data      each segment's bytes in table order: rows [0, n_past) of positional
- *             segments (row_bytes * n_past), or the whole fixed segment
+ *             segments (row_bytes * n_past), of a ring segment (sliding-window
+ *             attention, mf_state_seg.ring_rows) the last min(n_past, ring_keep)
+ *             positions oldest first, or the whole fixed segment
  *   trailer   u64 checksum of every byte before it (snap_checksum below)
  * n_ctx is deliberately not part of the identity: a snapshot of n_past tokens loads
  * into any ctx of the same model whose n_ctx >= n_past.
@@ -252,8 +254,38 @@ static int segs_get(const mf_ctx *ctx, struct segs *s) {
     return MF_OK;
 }
 
+// Positions of a positional segment a snapshot holds: [first, n_past) (a ring: at
+// most ring_keep, and never more than it has rows).
+static int seg_first_pos(const struct mf_state_seg *sg, int n_past) {
+    int keep = sg->ring_keep < sg->ring_rows ? sg->ring_keep : sg->ring_rows;
+    return sg->ring_rows && n_past > keep ? n_past - keep : 0;
+}
+
 static uint64_t seg_data_bytes(const struct mf_state_seg *sg, int n_past) {
-    return sg->row_bytes ? sg->row_bytes * (uint64_t)n_past : sg->fixed_bytes;
+    return sg->row_bytes ? sg->row_bytes * (uint64_t)(n_past - seg_first_pos(sg, n_past))
+                         : sg->fixed_bytes;
+}
+
+// Moves a segment's snapshot bytes between host and device: positions [first, n_past)
+// in order (a ring's rows wrap, so at most two pieces), or the fixed bytes.
+static void seg_move(mf_ctx *ctx, const struct mf_state_seg *sg, int n_past, uint8_t *host,
+                     int to_device) {
+    int first = seg_first_pos(sg, n_past), n = n_past - first;
+    uint64_t done = 0;
+    while (sg->row_bytes && n > 0) {
+        int row = sg->ring_rows ? first % sg->ring_rows : first;
+        int run = sg->ring_rows && n > sg->ring_rows - row ? sg->ring_rows - row : n;
+        size_t off = (size_t)row * sg->row_bytes, nb = (size_t)run * sg->row_bytes;
+        if (to_device) ctx->be->ops->upload(ctx->ex, sg->buf, off, host + done, nb);
+        else ctx->be->ops->download(ctx->ex, host + done, sg->buf, off, nb);
+        done += nb;
+        first += run;
+        n -= run;
+    }
+    if (!sg->row_bytes && sg->fixed_bytes) {
+        if (to_device) ctx->be->ops->upload(ctx->ex, sg->buf, 0, host, sg->fixed_bytes);
+        else ctx->be->ops->download(ctx->ex, host, sg->buf, 0, sg->fixed_bytes);
+    }
 }
 
 /* ==== Byte writer and reader ====
@@ -390,9 +422,8 @@ int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
         p = put_u64(p, seg_data_bytes(sg, ctx->n_past));
     }
     for (int i = 0; i < s.n; i++) {
-        uint64_t nb = seg_data_bytes(&s.v[i], ctx->n_past);
-        if (nb) ctx->be->ops->download(ctx->ex, p, s.v[i].buf, 0, (size_t)nb);
-        p += nb;
+        seg_move(ctx, &s.v[i], ctx->n_past, p, 0);
+        p += seg_data_bytes(&s.v[i], ctx->n_past);
     }
     uint64_t body = (uint64_t)(p - (uint8_t *)dst);
     put_u64(p, snap_checksum(dst, (size_t)body));
@@ -651,9 +682,8 @@ int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size) {
     }
     // Valid: from here on nothing can fail.
     for (int i = 0; i < s.n; i++) {
-        uint64_t nb = seg_data_bytes(&s.v[i], (int)n_past);
-        if (nb) ctx->be->ops->upload(ctx->ex, s.v[i].buf, 0, r.p, (size_t)nb);
-        r.p += nb;
+        seg_move(ctx, &s.v[i], (int)n_past, (uint8_t *)r.p, 1);
+        r.p += seg_data_bytes(&s.v[i], (int)n_past);
     }
     ctx->n_past = (int)n_past;
     // Old checkpoints belong to another sequence; the loaded state is the first of
@@ -665,6 +695,24 @@ int mf_ctx_state_load(mf_ctx *ctx, const void *src, size_t size) {
 }
 
 /* ==== Truncation ==== */
+
+// A ring holds positions [n_past - ring_rows, n_past): truncating to n is exact while
+// it still holds the ring_keep positions before n.
+static int ring_truncatable(mf_ctx *ctx, const struct segs *s, int n) {
+    for (int i = 0; i < s->n; i++) {
+        const struct mf_state_seg *sg = &s->v[i];
+        int need = n > sg->ring_keep ? n - sg->ring_keep : 0;
+        if (!sg->ring_rows || need >= ctx->n_past - sg->ring_rows) continue;
+        return mf_ctx_fail(ctx, MF_ERR_STATE,
+                           "truncate(%d) cannot be exact: layer %d keeps its last %d "
+                           "positions in a ring of %d rows, which no longer holds "
+                           "positions from %d on (truncate by at most %d tokens; 0 is "
+                           "always possible), or load a snapshot saved at %d",
+                           n, sg->layer, sg->ring_keep, sg->ring_rows, need,
+                           sg->ring_rows - sg->ring_keep, n);
+    }
+    return MF_OK;
+}
 
 int mf_ctx_truncate(mf_ctx *ctx, int n) {
     if (!ctx) return MF_ERR_ARG;
@@ -681,6 +729,11 @@ int mf_ctx_truncate(mf_ctx *ctx, int n) {
     struct segs s;
     if (segs_get(ctx, &s) != MF_OK)
         return mf_ctx_fail(ctx, MF_ERR_NOMEM, "truncate: out of memory");
+    int rc = ring_truncatable(ctx, &s, n);
+    if (rc != MF_OK) {
+        free(s.v);
+        return rc;
+    }
     if (s.fixed_bytes == 0) {
         // Attention-only: rows at n and beyond become dead; nothing else moves.
         free(s.v);

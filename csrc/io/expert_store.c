@@ -64,7 +64,7 @@ static int is_float(enum mf_dtype dt) {
     return dt == MF_DTYPE_F32 || dt == MF_DTYPE_F16 || dt == MF_DTYPE_BF16;
 }
 
-// The optional per-component format fields of version 2: "mode" (affine, float),
+// The optional per-component format fields of version 2: "mode" (affine, float, mxfp4),
 // "bits", "group_size". "interleaved" rows (gpt-oss's gate_up before mlx-lm's
 // sanitize) are refused: prep writes gate and up split, or fused in two row blocks.
 static int parse_format(struct mf_expert_component *c, const mf_json *e, const char *name,
@@ -79,18 +79,20 @@ static int parse_format(struct mf_expert_component *c, const mf_json *e, const c
         return mf_err(err, errlen, MF_ERR_FORMAT,
                       "%s: component %s: mode must be a string, bits and group_size "
                       "small integers, interleaved a boolean", name, c->name);
-    if (mode && strcmp(mode, "affine") != 0 && strcmp(mode, "float") != 0)
+    if (mode && strcmp(mode, "affine") != 0 && strcmp(mode, "float") != 0 &&
+        strcmp(mode, "mxfp4") != 0)
         return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
                       "%s: component %s: mode \"%.32s\" is not read by this build "
-                      "(affine, float)", name, c->name, mode);
+                      "(affine, float, mxfp4)", name, c->name, mode);
     if (inter)
         return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
                       "%s: component %s: interleaved gate/up rows are not read (prep "
                       "writes gate_proj and up_proj split, or gate_up_proj as gate rows "
                       "then up rows)", name, c->name);
     c->mode = !mode ? MF_EXPERT_MODE_NONE
-                    : strcmp(mode, "affine") == 0 ? MF_EXPERT_MODE_AFFINE
-                                                  : MF_EXPERT_MODE_FLOAT;
+              : strcmp(mode, "affine") == 0 ? MF_EXPERT_MODE_AFFINE
+              : strcmp(mode, "mxfp4") == 0 ? MF_EXPERT_MODE_MXFP4
+                                            : MF_EXPERT_MODE_FLOAT;
     c->bits = (int)bits;
     c->group_size = (int)gs;
     return MF_OK;
@@ -240,6 +242,31 @@ static int check_affine(struct mf_expert_component *w, const struct mf_expert_ta
     return MF_OK;
 }
 
+// An MXFP4 projection (marked "mxfp4": U32 codes are affine unless marked): U32 codes
+// [rows, n_in/8], U8 E8M0 scales [rows, n_in/32], no biases; bits 4 and group 32
+// when given.
+static int check_mxfp4(struct mf_expert_component *w, const struct mf_expert_table *t,
+                       const char *proj, const char *name, char *err, size_t errlen) {
+    const struct mf_expert_component *s = part_of(t, proj, "scales");
+    if (w->dtype != MF_DTYPE_U32 || w->ndim != 2 || !s || s->dtype != MF_DTYPE_U8 ||
+        s->ndim != 2 || s->shape[0] != w->shape[0] || part_of(t, proj, "biases"))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s marked mxfp4: expected U32 codes [rows, n_in/8] with "
+                      "%s.scales U8 [rows, n_in/32] and no %s.biases", name, w->name,
+                      proj, proj);
+    if (s->shape[1] * 32 != w->shape[1] * 8 || (w->bits && w->bits != 4) ||
+        (w->group_size && w->group_size != 32))
+        return mf_err(err, errlen, MF_ERR_FORMAT,
+                      "%s: %s marked mxfp4: shape [%lld, %lld] with scales [%lld, %lld], "
+                      "bits %d, group_size %d; mxfp4 is 4 bits in groups of 32",
+                      name, w->name, (long long)w->shape[0], (long long)w->shape[1],
+                      (long long)s->shape[0], (long long)s->shape[1], w->bits,
+                      w->group_size);
+    w->bits = 4;
+    w->group_size = 32;
+    return MF_OK;
+}
+
 // One projection: its weight's mode decides which other parts it must (not) have.
 static int check_projection(struct mf_expert_component *w, const struct mf_expert_table *t,
                             const char *proj, int dbits, int dgs, const char *name,
@@ -251,6 +278,8 @@ static int check_projection(struct mf_expert_component *w, const struct mf_exper
                       "%s: %s.bias: expected float [%lld] (the weight's rows), got %s "
                       "%d-D", name, proj, (long long)w->shape[0],
                       mf_dtype_name(bias->dtype), bias->ndim);
+    if (w->mode == MF_EXPERT_MODE_MXFP4)
+        return check_mxfp4(w, t, proj, name, err, errlen);
     if (w->dtype == MF_DTYPE_U32 && w->mode != MF_EXPERT_MODE_FLOAT)
         return check_affine(w, t, proj, dbits, dgs, name, err, errlen);
     if (!is_float(w->dtype) || w->mode == MF_EXPERT_MODE_AFFINE || w->ndim != 2 ||
@@ -657,8 +686,9 @@ int mf_expert_store_proj(const mf_expert_store *st, int il, const char *proj,
     out->bits = out->weight->bits;
     out->group_size = out->weight->group_size;
     out->rows = out->weight->shape[0];
-    out->n_in = out->mode == MF_EXPERT_MODE_AFFINE
-                    ? out->scales->shape[1] * out->group_size : out->weight->shape[1];
+    out->n_in = out->mode == MF_EXPERT_MODE_AFFINE ? out->scales->shape[1] * out->group_size
+                : out->mode == MF_EXPERT_MODE_MXFP4 ? out->weight->shape[1] * 8
+                                                     : out->weight->shape[1];
     return 1;
 }
 

@@ -36,6 +36,8 @@ enum mf_expert_mode {
     MF_EXPERT_MODE_FLOAT = 1,   // plain F32/F16/BF16 [rows, n_in]
     MF_EXPERT_MODE_AFFINE = 2,  // MLX affine: U32 codes [rows, n_in*bits/32] with
                                 // scales and biases [rows, n_in/group_size]
+    MF_EXPERT_MODE_MXFP4 = 3,   // MLX mxfp4 (gpt-oss): U32 codes [rows, n_in/8] of FP4
+                                // E2M1, U8 E8M0 scales [rows, n_in/32], no biases
 };
 
 // One component of an expert blob, "<projection>.<part>": part weight, scales,
@@ -49,8 +51,8 @@ struct mf_expert_component {
     int64_t shape[2];       // per expert, e.g. [I, hid*bits/32]
     // weight components only (resolved at open): how the projection is stored
     enum mf_expert_mode mode;
-    int bits;               // affine
-    int group_size;         // affine
+    int bits;               // affine (4 for mxfp4)
+    int group_size;         // affine (32 for mxfp4)
 };
 
 // The components of the experts of one layer.
@@ -77,7 +79,7 @@ struct mf_expert_layout {
 struct mf_expert_proj {
     const struct mf_expert_component *weight, *scales, *biases, *bias;
     enum mf_expert_mode mode;
-    int bits, group_size;   // affine
+    int bits, group_size;   // affine; mxfp4: 4 / 32
     int64_t rows, n_in;
 };
 

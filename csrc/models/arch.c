@@ -17,6 +17,7 @@ extern const struct mf_arch mf_arch_qwen3_next;
 extern const struct mf_arch mf_arch_deepseek_v3;
 extern const struct mf_arch mf_arch_qwen3_moe;
 extern const struct mf_arch mf_arch_glm4_moe;
+extern const struct mf_arch mf_arch_gpt_oss;
 
 // NULL-terminated so the table may be empty before any arch lands.
 static const struct mf_arch *const arch_table[] = {
@@ -25,6 +26,7 @@ static const struct mf_arch *const arch_table[] = {
     &mf_arch_deepseek_v3,
     &mf_arch_qwen3_moe,
     &mf_arch_glm4_moe,
+    &mf_arch_gpt_oss,
     NULL,
 };
 

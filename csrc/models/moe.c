@@ -3,7 +3,7 @@
  * architecture (moe.h).
  *
  * Owns: routing through the backend's moe_route (softmax top-k for the Qwen families,
- * noaux_tc for deepseek_v3), grouping a call's tokens by expert so that each routed
+ * noaux_tc for deepseek_v3 and glm4_moe, top-k then softmax for gpt_oss), grouping a call's tokens by expert so that each routed
  * expert is read ONCE per call (prefill reads each needed expert once per chunk, not
  * once per token), the ctx's expert reader (its own I/O threads; reads overlap the
  * shared expert and the other experts' compute), the grouped SwiGLU experts on the
@@ -13,9 +13,11 @@
  * a few tokens, one grouped call per layer for a prefill chunk).
  *
  * The expert views are made per MoE layer from the store's validated layout (each
- * projection at its own format, optional per-expert biases, a fused gate_up_proj as
- * two row blocks, a table per layer where a recipe changes with the layer) and checked
- * against config.json and the backend's moe_experts_check when the model opens.
+ * projection at its own format: affine, float or MXFP4; optional per-expert biases, a
+ * fused gate_up_proj as two row blocks, a table per layer where a recipe changes with
+ * the layer) and checked against config.json and the backend's moe_experts_check when
+ * the model opens; the experts' activation (SwiGLU, or gpt_oss's clamped SwiGLU) comes
+ * from the family's mf_moe_config.
  *
  * Does not own: the expert files (io/expert_store.c), the weights of the router and
  * shared expert (bound by each arch file), or any arithmetic on activations, which
@@ -119,8 +121,9 @@ static int proj_view(const struct mf_expert_proj *p, int il, const char *proj,
         return mf_err(err, errlen, MF_ERR_SHAPE,
                       "packed_experts/layout.json: layer %d %s is [%lld, %lld] (%s), "
                       "config.json gives [%lld, %lld]", il, proj, (long long)p->rows,
-                      (long long)p->n_in, p->mode == MF_EXPERT_MODE_AFFINE ? "affine"
-                                                                           : "float",
+                      (long long)p->n_in, p->mode == MF_EXPERT_MODE_AFFINE  ? "affine"
+                                          : p->mode == MF_EXPERT_MODE_MXFP4 ? "mxfp4"
+                                                                            : "float",
                       (long long)rows, (long long)n_in);
     memset(out, 0, sizeof *out);
     out->n_out = n_out;
@@ -128,13 +131,17 @@ static int proj_view(const struct mf_expert_proj *p, int il, const char *proj,
     out->dtype = p->weight->dtype;
     uint64_t wrow = p->weight->size / (uint64_t)rows;
     out->w = (const void *)(uintptr_t)(p->weight->offset + (uint64_t)row0 * wrow);
-    if (p->mode == MF_EXPERT_MODE_AFFINE) {
+    if (p->mode == MF_EXPERT_MODE_AFFINE || p->mode == MF_EXPERT_MODE_MXFP4) {
         uint64_t srow = p->scales->size / (uint64_t)rows;
         out->sdtype = p->scales->dtype;
         out->scales = (const void *)(uintptr_t)(p->scales->offset + (uint64_t)row0 * srow);
-        out->biases = (const void *)(uintptr_t)(p->biases->offset + (uint64_t)row0 * srow);
         out->bits = p->bits;
         out->group_size = p->group_size;
+        out->qmode = p->mode == MF_EXPERT_MODE_MXFP4 ? MF_QMODE_MXFP4 : MF_QMODE_AFFINE;
+    }
+    if (p->mode == MF_EXPERT_MODE_AFFINE) {
+        uint64_t srow = p->biases->size / (uint64_t)rows;
+        out->biases = (const void *)(uintptr_t)(p->biases->offset + (uint64_t)row0 * srow);
     }
     *has_bias = p->bias != NULL;
     memset(bias, 0, sizeof *bias);
@@ -191,7 +198,9 @@ struct mf_moe_batch mf_moe_views_batch(const struct mf_moe_views *v) {
     struct mf_moe_batch b = {.gate = &v->gate, .up = &v->up, .down = &v->down,
                              .gate_bias = v->has_bias[0] ? &v->bias[0] : NULL,
                              .up_bias = v->has_bias[1] ? &v->bias[1] : NULL,
-                             .down_bias = v->has_bias[2] ? &v->bias[2] : NULL};
+                             .down_bias = v->has_bias[2] ? &v->bias[2] : NULL,
+                             .act = v->act, .act_alpha = v->act_alpha,
+                             .act_limit = v->act_limit};
     return b;
 }
 
@@ -246,6 +255,9 @@ static int bind_views(struct mf_moe_scratch *s, const mf_expert_store *st,
                                     errlen);
         if (rc)
             return rc;
+        s->views[il].act = c->act;
+        s->views[il].act_alpha = c->act_alpha;
+        s->views[il].act_limit = c->act_limit;
     }
     return MF_OK;
 }
@@ -388,6 +400,12 @@ static int stream_setup(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_m
     return rc;
 }
 
+static enum mf_route_kind route_kind(enum mf_router_kind r) {
+    return r == MF_ROUTER_NOAUX_TC       ? MF_ROUTE_NOAUX_TC
+           : r == MF_ROUTER_TOPK_SOFTMAX ? MF_ROUTE_TOPK_SOFTMAX
+                                         : MF_ROUTE_SOFTMAX;
+}
+
 int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
                        struct mf_moe_scratch **out, char *err, size_t errlen) {
     *out = NULL;
@@ -400,7 +418,7 @@ int mf_moe_scratch_new(mf_ctx *ctx, const struct mf_moe_config *c, int max_tok,
     const mf_expert_store *st = ctx->model->experts;
     s->max_tok = max_tok;
     s->route = (struct mf_route_params){
-        .kind = c->router == MF_ROUTER_NOAUX_TC ? MF_ROUTE_NOAUX_TC : MF_ROUTE_SOFTMAX,
+        .kind = route_kind(c->router),
         .n_expert = c->n_expert, .n_used = c->n_expert_used,
         .norm_topk_prob = c->norm_topk_prob, .n_group = c->n_group,
         .topk_group = c->topk_group, .routed_scaling_factor = c->routed_scaling_factor};
@@ -538,7 +556,7 @@ static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_laye
                  const struct mf_moe_config *c, const float *x, int n_tok) {
     const struct mf_backend_ops *op = ctx->be->ops;
     op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
-    const float *bias = c->router == MF_ROUTER_NOAUX_TC ? w->router_bias.w : NULL;
+    const float *bias = c->router != MF_ROUTER_SOFTMAX ? w->router_bias.w : NULL;
     op->moe_route(ctx->ex, NULL, NULL, s->logits_dev, bias, &s->route, n_tok, s->sel_idx,
                   s->sel_w);
     return group_by_expert(s, c, n_tok);
@@ -847,7 +865,7 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s();
     op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
-    const float *bias = c->router == MF_ROUTER_NOAUX_TC ? w->router_bias.w : NULL;
+    const float *bias = c->router != MF_ROUTER_SOFTMAX ? w->router_bias.w : NULL;
     op->moe_route(ctx->ex, s->idx_dev, s->w_dev, s->logits_dev, bias, &s->route, n_tok,
                   NULL, NULL);
     double t1 = mf_now_s();
@@ -865,6 +883,9 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
     d.gate_bias = v.gate_bias;
     d.up_bias = v.up_bias;
     d.down_bias = v.down_bias;
+    d.act = v.act;
+    d.act_alpha = v.act_alpha;
+    d.act_limit = v.act_limit;
     op->moe_experts_dev(ctx->ex, y, x, &d);
     if (w->has_shared && c->n_ff_shexp > 0)
         op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);

@@ -21,6 +21,8 @@ enum mf_router_kind {
                               // choosing only, group top-2 sums, topk_group groups,
                               // unbiased weights renormalised x routed_scaling_factor
                               // (model-math §3.5)
+    MF_ROUTER_TOPK_SOFTMAX = 2,  // gpt_oss: logits + the router's linear bias; top-k;
+                                 // softmax over the k chosen
 };
 
 // Experts per MoE layer this build handles (the CPU router's scratch).
@@ -37,13 +39,16 @@ struct mf_moe_config {
     int n_group;              // noaux_tc
     int topk_group;           // noaux_tc
     float routed_scaling_factor;  // noaux_tc (1 for softmax routers)
+    enum mf_moe_act act;      // the experts' activation (0: SwiGLU)
+    float act_alpha, act_limit;   // MF_MOE_ACT_SWIGLU_CLAMPED (gpt_oss)
 };
 
 // Bound weights of one MoE FFN layer.
 struct mf_moe_layer {
     int il;                          // model layer index (selects the expert file)
     struct mf_weight router;         // mlp.gate [n_expert, n_embd], float or quantized
-    struct mf_weight router_bias;    // e_score_correction_bias [n_expert]; w NULL if none
+    struct mf_weight router_bias;    // [n_expert] f32: noaux_tc's e_score_correction_bias,
+                                     // topk_softmax's router linear bias; w NULL if none
     int has_shared;
     struct mf_weight shared_gate;    // [n_ff_shexp, n_embd]
     struct mf_weight shared_up;      // [n_ff_shexp, n_embd]
@@ -68,6 +73,8 @@ struct mf_moe_views {
     struct mf_weight gate, up, down;
     struct mf_weight bias[3];
     int has_bias[3];
+    enum mf_moe_act act;             // from mf_moe_config (mf_moe_scratch_new)
+    float act_alpha, act_limit;
 };
 
 // Views of layer il's experts from the store's layout, checked against n_embd / n_ff

@@ -735,15 +735,17 @@ static int hy_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int c
     for (int il = 0; il < hm->d.n_layer; il++) {
         struct mf_state_seg s[2];
         if (hm->layers[il].is_linear) {
-            s[0] = (struct mf_state_seg){st->conv[st->cur][il], 0, conv_bytes(&hm->d), il,
-                                         MF_SEG_CONV};
-            s[1] = (struct mf_state_seg){st->rec[st->cur][il], 0, rec_bytes(&hm->d), il,
-                                         MF_SEG_RECURRENT};
+            s[0] = (struct mf_state_seg){.buf = st->conv[st->cur][il],
+                                         .fixed_bytes = conv_bytes(&hm->d), .layer = il,
+                                         .kind = MF_SEG_CONV};
+            s[1] = (struct mf_state_seg){.buf = st->rec[st->cur][il],
+                                         .fixed_bytes = rec_bytes(&hm->d), .layer = il,
+                                         .kind = MF_SEG_RECURRENT};
         } else {
-            s[0] = (struct mf_state_seg){st->kc[il], kv_row_bytes(&hm->d), 0, il,
-                                         MF_SEG_KEY};
-            s[1] = (struct mf_state_seg){st->vc[il], kv_row_bytes(&hm->d), 0, il,
-                                         MF_SEG_VALUE};
+            s[0] = (struct mf_state_seg){.buf = st->kc[il], .row_bytes = kv_row_bytes(&hm->d),
+                                         .layer = il, .kind = MF_SEG_KEY};
+            s[1] = (struct mf_state_seg){.buf = st->vc[il], .row_bytes = kv_row_bytes(&hm->d),
+                                         .layer = il, .kind = MF_SEG_VALUE};
         }
         for (int k = 0; k < 2; k++, n++)
             if (n < cap)

@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Family", "families", "family"]
+__all__ = ["Family", "all_layers", "families", "family"]
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,12 @@ class Family:
 
     ``moe_layers(text, n_layers, n_experts)`` gives the indices of the layers whose
     FFN is routed experts (mlx-lm's rule), from the LM config keys ``text`` (the
-    nested text_config when there is one). ``experts_key`` names the expert count.
-    ``drops_extra_layers``: tensors of layers >= num_hidden_layers (multi-token
-    prediction layers) are skipped rather than refused.
+    nested text_config when there is one). ``experts_key`` names the expert count,
+    ``expert_ff_key`` the experts' width. ``drops_extra_layers``: tensors of layers >=
+    num_hidden_layers (multi-token prediction layers) are skipped rather than refused.
+    ``expert_module``: the module of the stacked experts under ``mlp`` (mlx-lm's
+    SwitchGLU attribute name). ``expert_modes``: the quantization modes its experts may
+    use (the rest of the model is affine or float whatever the family).
     """
 
     model_type: str
@@ -32,6 +35,9 @@ class Family:
     experts_key: str = "num_experts"
     drops_extra_layers: bool = False
     expert_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    expert_ff_key: str = "moe_intermediate_size"
+    expert_module: str = "switch_mlp"
+    expert_modes: tuple[str, ...] = ("affine",)
 
 
 def _cfg_int(text: dict[str, Any], key: str, default: int) -> int:
@@ -56,6 +62,11 @@ def first_dense_layers(text: dict[str, Any], n_layers: int, n_experts: int,
     first = _cfg_int(text, "first_k_dense_replace", 0)
     freq = _cfg_int(text, freq_key, 1) if freq_key else 1
     return [i for i in range(n_layers) if i >= first and i % freq == 0]
+
+
+def all_layers(text: dict[str, Any], n_layers: int, n_experts: int) -> list[int]:
+    """gpt-oss rule: every layer's FFN is routed experts."""
+    return list(range(n_layers)) if n_experts > 0 else []
 
 
 def families() -> dict[str, Family]:

@@ -13,6 +13,7 @@
 #include "check.h"
 #include "core/common.h"
 #include "core/config.h"
+#include "core/internal.h"
 #include "models/deepseek_v3.h"
 #include "models/qwen3_next.h"
 
@@ -102,6 +103,24 @@ static const char *const GLM45 =
     " \"num_nextn_predict_layers\": 1, \"tie_word_embeddings\": false,"
     " \"eos_token_id\": [151329, 151336, 151338], \"quantization\": {\"bits\": 4,"
     " \"group_size\": 64}}";
+
+// gpt-oss-120b's shapes (its config.json keys, mlx-community MXFP4-Q8 quantization
+// block), 4 of its 36 layers.
+static const char *const GPTOSS =
+    "{\"model_type\": \"gpt_oss\", \"architectures\": [\"GptOssForCausalLM\"],"
+    " \"hidden_size\": 2880, \"num_hidden_layers\": 4, \"num_attention_heads\": 64,"
+    " \"num_key_value_heads\": 8, \"head_dim\": 64, \"vocab_size\": 201088,"
+    " \"intermediate_size\": 2880, \"num_local_experts\": 128,"
+    " \"num_experts_per_tok\": 4, \"experts_per_token\": 4, \"rms_norm_eps\": 1e-05,"
+    " \"sliding_window\": 128, \"rope_theta\": 150000, \"swiglu_limit\": 7.0,"
+    " \"max_position_embeddings\": 131072,"
+    " \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 32.0, \"beta_fast\": 32.0,"
+    "   \"beta_slow\": 1.0, \"truncate\": false, \"original_max_position_embeddings\": 4096},"
+    " \"layer_types\": [\"sliding_attention\", \"full_attention\", \"sliding_attention\","
+    "   \"full_attention\"], \"tie_word_embeddings\": false, \"eos_token_id\": 200002,"
+    " \"quantization\": {\"group_size\": 64, \"bits\": 8, \"mode\": \"affine\","
+    "   \"model.layers.0.mlp.experts.gate_proj\": {\"group_size\": 32, \"bits\": 4,"
+    "     \"mode\": \"mxfp4\"}}}";
 
 static int parse(struct mf_config *c, const char *text, char *err, size_t errlen) {
     return mf_config_parse(c, text, strlen(text), "cfg.json", err, errlen);
@@ -317,6 +336,60 @@ static void test_glm4_moe(void) {
                  "\"partial_rotary_factor\": 0.01", MF_ERR_FORMAT, "rotated dims");
 }
 
+// At open, before any weight: a backend without attention_ext (or not the CPU) is
+// refused by the family with the reason (the GPU backends, tested without a GPU).
+static void gptoss_bind_refusal(const struct mf_config *c) {
+    struct mf_backend *cpu = NULL;
+    char err[512] = "";
+    if (mf_backend_cpu_new(&cpu, err, sizeof err) != MF_OK) {
+        CHECK(0, "cpu backend: %s", err);
+        return;
+    }
+    struct mf_backend_ops ops = *cpu->ops;
+    ops.name = "cuda";
+    ops.attention_ext = NULL;
+    struct mf_backend fake = {.ops = &ops, .impl = cpu->impl};
+    mf_model m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *c;
+    m.be = &fake;
+    int rc = c->family->bind(&m, err, sizeof err);
+    CHECK(rc == MF_ERR_UNSUPPORTED && strstr(err, "backend 'cuda'") &&
+              strstr(err, "attention_ext") && strstr(err, "MXFP4"),
+          "gpt_oss on a GPU backend: %d %s", rc, err);
+    CHECK(m.arch_weights == NULL, "nothing bound");
+    cpu->ops->free(cpu);
+}
+
+// gpt_oss (models/gpt_oss.c): expert count and width under its own keys, every layer
+// MoE, mxfp4 expert overrides taken; layer_types and rope_scaling checked.
+static void test_gpt_oss(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, GPTOSS, err, sizeof err);
+    CHECK(rc == MF_OK, "gpt_oss: %s", err);
+    if (rc)
+        return;
+    CHECK(c.num_experts == 128 && c.moe_intermediate_size == 2880 && c.n_moe_layers == 4 &&
+              c.num_experts_per_tok == 4 && c.head_dim == 64 && c.rope_theta == 150000,
+          "gpt_oss shared keys: experts %d width %d moe layers %d", c.num_experts,
+          c.moe_intermediate_size, c.n_moe_layers);
+    gptoss_bind_refusal(&c);
+    mf_config_free(&c);
+    expect_error(GPTOSS, "\"full_attention\"], ", "\"full_attention\", \"full_attention\"], ",
+                 MF_ERR_FORMAT, "layer_types must list num_hidden_layers (4)");
+    expect_error(GPTOSS, "\"full_attention\"], ", "\"local\"], ", MF_ERR_FORMAT,
+                 "layer_types[3]");
+    expect_error(GPTOSS, "\"rope_type\": \"yarn\"", "\"rope_type\": \"linear\"",
+                 MF_ERR_UNSUPPORTED, "linear");
+    expect_error(GPTOSS, "\"intermediate_size\": 2880", "\"intermediate_size\": 0",
+                 MF_ERR_FORMAT, "intermediate_size");
+    expect_error(GPTOSS, "\"sliding_window\": 128", "\"sliding_window\": 0", MF_ERR_FORMAT,
+                 "sliding_window");
+    expect_error(GPTOSS, "\"bits\": 8, \"mode\": \"affine\"", "\"bits\": 8, \"mode\": \"mxfp4\"",
+                 MF_ERR_FORMAT, "mxfp4");
+}
+
 static void test_errors(void) {
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "llama");
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "qwen3_next");
@@ -419,6 +492,7 @@ int main(void) {
     test_kimi_alias();
     test_qwen3_moe();
     test_glm4_moe();
+    test_gpt_oss();
     test_errors();
     test_fuzz();
     return check_finish("test_config");

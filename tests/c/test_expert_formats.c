@@ -2,8 +2,10 @@
  * test_expert_formats.c — layout version 2 (issue #15 part 2): per-projection formats
  * and per-layer tables read by the store, the expert views moe.c makes of them, the
  * CPU grouped expert op on a fused gate_up_proj with per-expert biases against a
- * plain loop over the same floats, and the GPU backends' refusal of formats their
- * kernels do not take (mf_moe_experts_uniform: runs without a GPU).
+ * plain loop over the same floats, MXFP4 experts with per-expert biases and the
+ * clamped SwiGLU (gpt-oss) against a plain loop decoding E2M1 / E8M0 in double, and
+ * the GPU backends' refusal of formats and activations their kernels do not take
+ * (mf_moe_experts_uniform: runs without a GPU).
  */
 #include <math.h>
 #include <stdio.h>
@@ -282,6 +284,186 @@ static void test_mixed_tables(void) {
     mf_expert_store_close(st);
 }
 
+/* ==== MXFP4 experts with biases and the clamped SwiGLU (gpt-oss) ==== */
+
+// Blob: per projection U32 E2M1 codes, U8 E8M0 scales (one per 32), BF16 bias.
+#define MX_GW 0u
+#define MX_GS (MX_GW + (unsigned)I * H / 2u)
+#define MX_GB (MX_GS + (unsigned)I * H / 32u)
+#define MX_UW (MX_GB + (unsigned)I * 2u)
+#define MX_US (MX_UW + (unsigned)I * H / 2u)
+#define MX_UB (MX_US + (unsigned)I * H / 32u)
+#define MX_DW (MX_UB + (unsigned)I * 2u)
+#define MX_DS (MX_DW + (unsigned)H * I / 2u)
+#define MX_DB (MX_DS + (unsigned)H * I / 32u)
+#define ES_MX (MX_DB + (unsigned)H * 2u)
+
+static size_t mx_proj(char *buf, size_t cap, const char *p, unsigned w, unsigned sc,
+                      unsigned b, int rows, int n_in, int with_biases) {
+    char name[32];
+    size_t n = 0;
+    snprintf(name, sizeof name, "%s.weight", p);
+    n += comp(buf + n, cap - n, name, w, (unsigned)(rows * n_in / 2), "U32", rows, n_in / 8,
+              ", \"mode\": \"mxfp4\", \"bits\": 4, \"group_size\": 32");
+    snprintf(name, sizeof name, "%s.scales", p);
+    n += (size_t)snprintf(buf + n, cap - n, ", ");
+    n += comp(buf + n, cap - n, name, sc, (unsigned)(rows * n_in / 32), "U8", rows,
+              n_in / 32, NULL);
+    snprintf(name, sizeof name, "%s.%s", p, with_biases ? "biases" : "bias");
+    n += (size_t)snprintf(buf + n, cap - n, ", ");
+    n += comp(buf + n, cap - n, name, b, (unsigned)rows * 2u, "BF16", rows,
+              with_biases ? 1 : 0, NULL);
+    return n;
+}
+
+// with_biases: the down projection carries affine .biases instead of .bias (refused).
+static void mxfp4_layout(char *buf, size_t cap, int with_biases) {
+    size_t n = (size_t)snprintf(buf, cap,
+                                "{\"format\": \"moeflux-experts\", \"version\": 2, "
+                                "\"num_layers\": 2, \"num_experts\": %d, \"expert_size\": "
+                                "%u, \"moe_layers\": [1], \"components\": [", NE, ES_MX);
+    n += mx_proj(buf + n, cap - n, "gate_proj", MX_GW, MX_GS, MX_GB, I, H, 0);
+    n += (size_t)snprintf(buf + n, cap - n, ", ");
+    n += mx_proj(buf + n, cap - n, "up_proj", MX_UW, MX_US, MX_UB, I, H, 0);
+    n += (size_t)snprintf(buf + n, cap - n, ", ");
+    n += mx_proj(buf + n, cap - n, "down_proj", MX_DW, MX_DS, MX_DB, H, I, with_biases);
+    snprintf(buf + n, cap - n, "]}");
+}
+
+// Random codes, exponents 2^-3 .. 2^1 and bf16 biases of about 0.1.
+static void mxfp4_fill(unsigned char *blob, uint64_t seed) {
+    for (unsigned i = 0; i < ES_MX; i++)
+        blob[i] = (unsigned char)check_rand(&seed);
+    const unsigned sc[3][2] = {{MX_GS, I * H / 32}, {MX_US, I * H / 32}, {MX_DS, H * I / 32}};
+    const unsigned bs[3][2] = {{MX_GB, I}, {MX_UB, I}, {MX_DB, H}};
+    for (int p = 0; p < 3; p++) {
+        for (unsigned i = 0; i < sc[p][1]; i++)
+            blob[sc[p][0] + i] = (unsigned char)(124 + check_rand(&seed) % 5);
+        uint16_t *b = (uint16_t *)(blob + bs[p][0]);
+        for (unsigned i = 0; i < bs[p][1]; i++)
+            b[i] = (uint16_t)(0x3dcc ^ (check_rand(&seed) & 0x807f));   // +-0.1 or so
+    }
+}
+
+// Element k of row r of an MXFP4 matrix [rows, n_in] (codes: 8 per U32, low first).
+static double mx_at(const unsigned char *blob, unsigned w, unsigned sc, int n_in, int r,
+                    int k) {
+    static const double e2m1[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+    const uint32_t *q = (const uint32_t *)(blob + w) + (size_t)r * n_in / 8;
+    unsigned code = (q[k / 8] >> (4 * (k % 8))) & 15u;
+    double v = e2m1[code & 7] * ((code & 8) ? -1.0 : 1.0);
+    return ldexp(v, (int)blob[sc + (size_t)r * n_in / 32 + k / 32] - 127);
+}
+
+static double mx_bias(const unsigned char *blob, unsigned b, int j) {
+    return mf_bf16_to_f32(((const uint16_t *)(blob + b))[j]);
+}
+
+// One row through the expert in double: clamped SwiGLU (alpha 1.702, limit 7).
+static void mx_ref(const unsigned char *blob, const float *x, double *y) {
+    double h[I];
+    for (int j = 0; j < I; j++) {
+        double g = mx_bias(blob, MX_GB, j), u = mx_bias(blob, MX_UB, j);
+        for (int k = 0; k < H; k++) {
+            g += mx_at(blob, MX_GW, MX_GS, H, j, k) * x[k];
+            u += mx_at(blob, MX_UW, MX_US, H, j, k) * x[k];
+        }
+        g = g < 7.0 ? g : 7.0;
+        u = u < -7.0 ? -7.0 : u > 7.0 ? 7.0 : u;
+        h[j] = (u + 1.0) * g / (1.0 + exp(-1.702 * g));
+    }
+    for (int o = 0; o < H; o++) {
+        double acc = mx_bias(blob, MX_DB, o);
+        for (int j = 0; j < I; j++)
+            acc += mx_at(blob, MX_DW, MX_DS, I, o, j) * h[j];
+        y[o] = acc;
+    }
+}
+
+static void run_mxfp4(const struct mf_moe_views *v, const unsigned char *blob) {
+    struct mf_backend *be = NULL;
+    struct mf_exec *ex = NULL;
+    char err[512] = "";
+    int rc = mf_backend_cpu_new(&be, err, sizeof err);
+    if (rc == MF_OK)
+        rc = be->ops->exec_new(be, 2, &ex, err, sizeof err);
+    CHECK(rc == MF_OK, "cpu backend: %s", err);
+    if (rc != MF_OK)
+        return;
+    enum { M = 3 };
+    float xg[M * H], gu[M * 2 * I], eo[M * H];
+    uint64_t seed = 11;
+    for (int i = 0; i < M * H; i++)
+        xg[i] = (float)((int)(check_rand(&seed) % 2001) - 1000) / 1000.0f;
+    const void *blobs[1] = {blob};
+    int32_t row0 = 0, rows = M;
+    struct mf_moe_batch b = mf_moe_views_batch(v);
+    b.n = 1, b.blob_host = blobs, b.row0_host = &row0, b.n_rows_host = &rows;
+    be->ops->moe_experts(ex, eo, gu, xg, &b);
+    double worst = 0.0, scale = 0.0;
+    for (int r = 0; r < M; r++) {
+        double y[H];
+        mx_ref(blob, xg + r * H, y);
+        for (int o = 0; o < H; o++) {
+            worst = fmax(worst, fabs(eo[r * H + o] - y[o]));
+            scale = fmax(scale, fabs(y[o]));
+        }
+    }
+    CHECK(scale > 0.01 && worst <= 1e-5 * scale,
+          "mxfp4 experts + biases + clamped SwiGLU: off by %g of %g", worst, scale);
+    be->ops->exec_free(ex);
+    be->ops->free(be);
+}
+
+static void check_mxfp4_views(const mf_expert_store *st, const unsigned char *blob) {
+    char err[512] = "";
+    struct mf_moe_views v;
+    int rc = mf_moe_layer_views(st, 1, H, I, &v, err, sizeof err);
+    CHECK(rc == MF_OK && v.gate.qmode == MF_QMODE_MXFP4 && v.down.qmode == MF_QMODE_MXFP4 &&
+              v.gate.sdtype == MF_DTYPE_U8 && v.gate.biases == NULL && v.gate.n_in == H &&
+              v.down.n_in == I && (uintptr_t)v.down.scales == MX_DS &&
+              v.has_bias[0] && v.has_bias[1] && v.has_bias[2], "mxfp4 views: %s", err);
+    if (rc != MF_OK)
+        return;
+    v.act = MF_MOE_ACT_SWIGLU_CLAMPED, v.act_alpha = 1.702f, v.act_limit = 7.0f;
+    struct mf_moe_batch b = mf_moe_views_batch(&v);
+    rc = mf_moe_experts_uniform("cuda", &b, 1, err, sizeof err);
+    CHECK(rc == MF_ERR_UNSUPPORTED && strstr(err, "clamped SwiGLU"),
+          "GPU refusal of the clamped SwiGLU: %d %s", rc, err);
+    run_mxfp4(&v, blob);
+}
+
+static void test_mxfp4(void) {
+    static const uint8_t is_moe[2] = {0, 1};
+    char layout[4096], err[512] = "";
+    unsigned char *data = malloc(NE * ES_MX);
+    for (int e = 0; e < NE; e++)
+        mxfp4_fill(data + e * ES_MX, 21 + (uint64_t)e);
+    check_write_file(tmpdir, "layer_01.bin", data, NE * ES_MX);
+    mxfp4_layout(layout, sizeof layout, 1);
+    check_write_file(tmpdir, "layout.json", layout, strlen(layout));
+    mf_expert_store *st = NULL;
+    int rc = mf_expert_store_open(&st, tmpdir, 2, is_moe, err, sizeof err);
+    CHECK(rc == MF_ERR_FORMAT && strstr(err, "down_proj.weight marked mxfp4") &&
+              strstr(err, "no down_proj.biases"), "mxfp4 with affine biases: %d %s", rc, err);
+    mf_expert_store_close(st);
+    st = NULL;
+    mxfp4_layout(layout, sizeof layout, 0);
+    check_write_file(tmpdir, "layout.json", layout, strlen(layout));
+    rc = mf_expert_store_open(&st, tmpdir, 2, is_moe, err, sizeof err);
+    CHECK(rc == MF_OK, "mxfp4 layout refused: %s", err);
+    if (rc == MF_OK)
+        check_mxfp4_views(st, data + ES_MX);   // expert 1, as read from the file below
+    unsigned char *blob = malloc(ES_MX);
+    if (rc == MF_OK) {
+        rc = mf_expert_store_read(st, 1, 1, blob, ES_MX, err, sizeof err);
+        CHECK(rc == MF_OK && memcmp(blob, data + ES_MX, ES_MX) == 0, "read: %s", err);
+    }
+    free(blob);
+    free(data);
+    mf_expert_store_close(st);
+}
+
 static void cleanup(void) {
     static const char *const names[] = {"layout.json", "layer_01.bin", "layer_02.bin"};
     char path[512];
@@ -297,6 +479,7 @@ int main(void) {
         return 1;
     test_fused_biases();
     test_mixed_tables();
+    test_mxfp4();
     cleanup();
     return check_finish("test_expert_formats");
 }

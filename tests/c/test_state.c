@@ -37,10 +37,10 @@ struct fake_state {
 static int fake_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int cap) {
     const struct fake_state *s = ctx->arch_state;
     struct mf_state_seg all[4] = {
-        {s->conv, 0, CONV_BYTES, 0, MF_SEG_CONV},
-        {s->rec, 0, REC_BYTES, 0, MF_SEG_RECURRENT},
-        {s->k, ROW_BYTES, 0, 1, MF_SEG_KEY},
-        {s->v, ROW_BYTES, 0, 1, MF_SEG_VALUE},
+        {s->conv, 0, CONV_BYTES, 0, MF_SEG_CONV, 0, 0},
+        {s->rec, 0, REC_BYTES, 0, MF_SEG_RECURRENT, 0, 0},
+        {s->k, ROW_BYTES, 0, 1, MF_SEG_KEY, 0, 0},
+        {s->v, ROW_BYTES, 0, 1, MF_SEG_VALUE, 0, 0},
     };
     for (int i = 0; i < 4 && i < cap; i++)
         segs[i] = all[i];

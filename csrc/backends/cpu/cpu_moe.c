@@ -91,6 +91,23 @@ static void route_noaux_tc(const struct mf_route_params *p, float *logit, const 
     pick_weights(w, idx, logit, K, K > 1 && p->norm_topk_prob, p->routed_scaling_factor);
 }
 
+// gpt-oss: the k largest biased logits, weighted by a softmax over those k alone.
+static void route_topk_softmax(const struct mf_route_params *p, float *logit,
+                               const float *bias, int32_t *idx, float *w, uint8_t *taken) {
+    int E = p->n_expert, K = p->n_used;
+    if (bias)
+        for (int e = 0; e < E; e++)
+            logit[e] += bias[e];
+    topk_desc(idx, logit, E, K, taken);
+    float mx = logit[idx[0]], sum = 0.0f;
+    for (int j = 0; j < K; j++) {
+        w[j] = expf(logit[idx[j]] - mx);
+        sum += w[j];
+    }
+    for (int j = 0; j < K; j++)
+        w[j] /= sum;
+}
+
 void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                       const float *bias, const struct mf_route_params *p, int n_tok,
                       int32_t *idx_host, float *w_host) {
@@ -104,6 +121,8 @@ void mf_cpu_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
         float *wt = w_host ? w_host + t * K : w + t * K;
         if (p->kind == MF_ROUTE_NOAUX_TC)
             route_noaux_tc(p, lg, bias, it, wt, taken, biased);
+        else if (p->kind == MF_ROUTE_TOPK_SOFTMAX)
+            route_topk_softmax(p, lg, bias, it, wt, taken);
         else
             route_softmax(p, lg, it, wt, taken);
         if (idx && idx_host)
@@ -147,7 +166,11 @@ void mf_cpu_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *x
         add_bias(g, b->gate_bias, b->blob_host[i], m, I);
         mf_cpu_matmul(ex, u, &wu, x, m);
         add_bias(u, b->up_bias, b->blob_host[i], m, I);
-        mf_cpu_swiglu(ex, u, g, u, m, (int)I, (int)I);
+        if (b->act == MF_MOE_ACT_SWIGLU_CLAMPED)
+            mf_cpu_swiglu_clamped(ex, u, g, u, m, (int)I, (int)I, b->act_alpha,
+                                  b->act_limit);
+        else
+            mf_cpu_swiglu(ex, u, g, u, m, (int)I, (int)I);
         mf_cpu_matmul(ex, eo + r0 * H, &wd, u, m);
         add_bias(eo + r0 * H, b->down_bias, b->blob_host[i], m, H);
     }
@@ -197,7 +220,9 @@ void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
             struct mf_moe_batch b = {.n = nb, .blob_host = blob, .row0_host = row0,
                                      .n_rows_host = rows, .gate = d->gate, .up = d->up,
                                      .down = d->down, .gate_bias = d->gate_bias,
-                                     .up_bias = d->up_bias, .down_bias = d->down_bias};
+                                     .up_bias = d->up_bias, .down_bias = d->down_bias,
+                                     .act = d->act, .act_alpha = d->act_alpha,
+                                     .act_limit = d->act_limit};
             mf_cpu_moe_experts(ex, d->eo, d->gu, d->xg, &b);
             nb = 0;
         }
