@@ -121,52 +121,13 @@ struct ds_state {
 
 /* ==== Load: config checks and YaRN ==== */
 
-// mlx-lm YarnRoPE / HF _compute_yarn_parameters (model-math §3.4).
-static float yarn_get_mscale(double scale, double mscale) {
-    return scale <= 1.0 ? 1.0f : (float)(0.1 * mscale * log(scale) + 1.0);
-}
-
 /* ==== Config: the family's keys (mf_arch.read_config) ==== */
 
+// original_max_position_embeddings is required (no default in DeepSeek's configs);
+// other rope_scaling types are refused at bind (check_rope_type).
 static int read_yarn(struct deepseek_v3_config *d, const struct mf_cfg_reader *r) {
-    const mf_json *rs = mf_cfg_node(r, "rope_scaling");
-    if (!rs || rs->type == MF_JSON_NULL)
-        return 0;
-    if (rs->type != MF_JSON_OBJECT)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: \"rope_scaling\" must be an object", r->name);
-    const char *type = NULL;
-    // HF wrote "type" in older configs and "rope_type" in newer ones.
-    if (mf_json_get_str(rs, "type", &type) < 0 ||
-        (!type && mf_json_get_str(rs, "rope_type", &type) < 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: rope_scaling type must be a string", r->name);
-    if (!type || strcmp(type, "yarn") != 0)
-        return 0;
-    d->has_yarn = 1;
-    d->yarn_beta_fast = 32;
-    d->yarn_beta_slow = 1;
-    d->yarn_mscale = 1;
-    d->yarn_mscale_all_dim = 0;
-    int64_t orig = 0;
-    int rc;
-    if ((rc = mf_cfg_num_in(r, rs, "factor", &d->yarn_factor)) ||
-        (rc = mf_cfg_num_in(r, rs, "beta_fast", &d->yarn_beta_fast)) ||
-        (rc = mf_cfg_num_in(r, rs, "beta_slow", &d->yarn_beta_slow)) ||
-        (rc = mf_cfg_num_in(r, rs, "mscale", &d->yarn_mscale)) ||
-        (rc = mf_cfg_num_in(r, rs, "mscale_all_dim", &d->yarn_mscale_all_dim)))
-        return rc;
-    if (mf_json_get_int(rs, "original_max_position_embeddings", &orig) != 1 || orig <= 0 ||
-        orig > INT32_MAX)
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: yarn rope_scaling needs a positive "
-                      "\"original_max_position_embeddings\"", r->name);
-    d->yarn_original_max_position_embeddings = (int)orig;
-    if (!(d->yarn_factor > 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: yarn rope_scaling needs a positive \"factor\", got %g", r->name,
-                      d->yarn_factor);
-    return 0;
+    const char *type;
+    return mf_yarn_read(&d->yarn, r, 0, &type);
 }
 
 static int read_mla(struct deepseek_v3_config *d, const struct mf_cfg_reader *r) {
@@ -220,45 +181,35 @@ static int ds_ident(const struct mf_config *cfg, struct mf_ident_field *out, int
     mf_ident_int(out, &n, cap, "topk_group", d->noaux.topk_group);
     mf_ident_int(out, &n, cap, "moe_layer_freq", d->moe_layer_freq);
     mf_ident_float(out, &n, cap, "routed_scaling_factor", d->noaux.routed_scaling_factor);
-    mf_ident_float(out, &n, cap, "yarn factor", d->yarn_factor);
-    mf_ident_float(out, &n, cap, "yarn beta_fast", d->yarn_beta_fast);
-    mf_ident_float(out, &n, cap, "yarn beta_slow", d->yarn_beta_slow);
-    mf_ident_float(out, &n, cap, "yarn mscale", d->yarn_mscale);
-    mf_ident_float(out, &n, cap, "yarn mscale_all_dim", d->yarn_mscale_all_dim);
+    mf_ident_float(out, &n, cap, "yarn factor", d->yarn.factor);
+    mf_ident_float(out, &n, cap, "yarn beta_fast", d->yarn.beta_fast);
+    mf_ident_float(out, &n, cap, "yarn beta_slow", d->yarn.beta_slow);
+    mf_ident_float(out, &n, cap, "yarn mscale", d->yarn.mscale);
+    mf_ident_float(out, &n, cap, "yarn mscale_all_dim", d->yarn.mscale_all_dim);
     mf_ident_float(out, &n, cap, "yarn original_max_position_embeddings",
-                   d->yarn_original_max_position_embeddings);
-    mf_ident_float(out, &n, cap, "rope_scaling yarn", d->has_yarn);
+                   d->yarn.orig_max_pos);
+    mf_ident_float(out, &n, cap, "rope_scaling yarn", d->yarn.on);
     return n;
 }
 
 /* ==== Load: config checks ==== */
-
-static double yarn_correction_dim(double n_rot, int d, double base, double l0) {
-    return d * log(l0 / (n_rot * 2.0 * M_PI)) / (2.0 * log(base));
-}
 
 // inv_freq[d/2]: plain base^(-2j/d), or with YaRN the blend of extrapolated and
 // interpolated frequencies along the linear ramp between the correction dims.
 static void rope_inv_freq(float *inv_freq, const struct mf_config *c, int dim) {
     const struct deepseek_v3_config *d = c->arch_cfg;
     double low = 0, high = 0;
-    if (d->has_yarn) {
-        double l0 = d->yarn_original_max_position_embeddings;
-        low = floor(yarn_correction_dim(d->yarn_beta_fast, dim, c->rope_theta, l0));
-        high = ceil(yarn_correction_dim(d->yarn_beta_slow, dim, c->rope_theta, l0));
-        low = low < 0 ? 0 : low;
-        high = high > dim - 1 ? dim - 1 : high;
-        if (low == high) high += 0.001;  // as mlx-lm: avoids a zero-width ramp
-    }
+    if (d->yarn.on)
+        mf_yarn_range(&d->yarn, dim, c->rope_theta, &low, &high);
     for (int j = 0; j < dim / 2; j++) {
         double extra = pow(c->rope_theta, -2.0 * j / dim);
-        if (!d->has_yarn) {
+        if (!d->yarn.on) {
             inv_freq[j] = (float)extra;
             continue;
         }
         double ramp = (j - low) / (high - low);
         ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
-        inv_freq[j] = (float)(extra / d->yarn_factor * ramp + extra * (1.0 - ramp));
+        inv_freq[j] = (float)(extra / d->yarn.factor * ramp + extra * (1.0 - ramp));
     }
 }
 
@@ -277,11 +228,6 @@ static int check_config(const struct mf_config *c, char *err, size_t errlen) {
                       "config.json: hidden_size %d, num_attention_heads %d, vocab_size "
                       "%d, num_hidden_layers %d must all be >= 1", c->hidden_size,
                       c->num_attention_heads, c->vocab_size, c->num_hidden_layers);
-    if (d->has_yarn && (d->yarn_factor <= 0 || d->yarn_original_max_position_embeddings < 1))
-        return mf_err(err, errlen, MF_ERR_FORMAT,
-                      "config.json: rope_scaling yarn needs factor > 0 and "
-                      "original_max_position_embeddings >= 1 (got %g, %d)",
-                      d->yarn_factor, d->yarn_original_max_position_embeddings);
     if (c->n_moe_layers > 0) {
         int n_group = d->noaux.n_group > 0 ? d->noaux.n_group : 1;
         if (c->num_experts % n_group != 0 || d->noaux.topk_group < 1 || d->noaux.topk_group > n_group ||
@@ -296,7 +242,7 @@ static int check_config(const struct mf_config *c, char *err, size_t errlen) {
     return MF_OK;
 }
 
-// core/config.c reads a "yarn" rope_scaling block and ignores other types. mlx-lm
+// read_yarn (models/yarn.c) reads a "yarn" rope_scaling block, not the others. mlx-lm
 // also knows "linear", "dynamic", "llama3", "longrope" and "deepseek_yarn" scaling;
 // no DeepSeek-V3 family checkpoint uses them, so they are refused here rather than
 // run with plain frequencies.
@@ -337,13 +283,13 @@ static void fill_hparams(struct ds_hparams *hp, const struct mf_config *c) {
     // the rotated dims carry mscale / mscale_all_dim's ratio (YarnRoPE.mscale).
     double scale = 1.0 / sqrt((double)hp->q_head_dim);
     hp->rope_mscale = 1.0f;
-    if (d->has_yarn) {
-        if (d->yarn_mscale_all_dim != 0 && d->yarn_factor > 1) {
-            double m = 0.1 * d->yarn_mscale_all_dim * log(d->yarn_factor) + 1.0;
+    if (d->yarn.on) {
+        if (d->yarn.mscale_all_dim != 0 && d->yarn.factor > 1) {
+            double m = 0.1 * d->yarn.mscale_all_dim * log(d->yarn.factor) + 1.0;
             scale *= m * m;
         }
-        hp->rope_mscale = yarn_get_mscale(d->yarn_factor, d->yarn_mscale) /
-                          yarn_get_mscale(d->yarn_factor, d->yarn_mscale_all_dim);
+        hp->rope_mscale = mf_yarn_get_mscale(d->yarn.factor, d->yarn.mscale) /
+                          mf_yarn_get_mscale(d->yarn.factor, d->yarn.mscale_all_dim);
     }
     hp->softmax_scale = (float)scale;
 

@@ -6,6 +6,7 @@
 #define MF_DEEPSEEK_V3_H
 
 #include "models/arch_config.h"
+#include "models/yarn.h"
 
 struct deepseek_v3_config {
     int q_lora_rank;               // 0 when null (q_proj used instead)
@@ -15,13 +16,7 @@ struct deepseek_v3_config {
     int v_head_dim;
     int moe_layer_freq;            // default 1
     struct mf_noaux_cfg noaux;     // routing, shared experts, first dense layers
-    int has_yarn;                  // rope_scaling.type (or rope_type) == "yarn"
-    double yarn_factor;
-    int yarn_original_max_position_embeddings;
-    double yarn_beta_fast;         // default 32
-    double yarn_beta_slow;         // default 1
-    double yarn_mscale;            // default 1
-    double yarn_mscale_all_dim;    // default 0
+    struct mf_yarn yarn;           // rope_scaling (models/yarn.h)
 };
 
 #endif /* MF_DEEPSEEK_V3_H */

@@ -41,6 +41,7 @@
 #include "models/bind.h"
 #include "models/decoder.h"
 #include "models/moe.h"
+#include "models/yarn.h"
 
 // Tokens per forward chunk (scratch rows); longer prompts run in chunks.
 #define GPTOSS_MAX_CHUNK 64
@@ -55,16 +56,11 @@
 
 /* ==== Config: the family's keys (mf_arch.read_config) ==== */
 
-struct gptoss_yarn {
-    int on;
-    double factor, beta_fast, beta_slow, mscale, mscale_all_dim, orig_max_pos;
-};
-
 struct gptoss_config {
     int sliding_window;       // default 128 (mlx-lm ModelArgs)
     uint8_t *is_sliding;      // [num_hidden_layers], owned
     int64_t layer_kinds_hash; // snapshot identity of the layer kinds
-    struct gptoss_yarn yarn;
+    struct mf_yarn yarn;
 };
 
 static void gptoss_free_config(void *p) {
@@ -103,35 +99,16 @@ static int read_layer_types(struct gptoss_config *g, const struct mf_config *cfg
     return 0;
 }
 
-static int read_yarn(struct gptoss_yarn *y, const struct mf_cfg_reader *r) {
-    const mf_json *rs = mf_cfg_node(r, "rope_scaling");
-    if (!rs || rs->type == MF_JSON_NULL) return 0;
-    const char *type = NULL;
-    if (rs->type != MF_JSON_OBJECT || mf_json_get_str(rs, "type", &type) < 0 ||
-        (!type && mf_json_get_str(rs, "rope_type", &type) < 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: rope_scaling must be an object with a string rope_type", r->name);
-    if (!type || strcmp(type, "default") == 0) return 0;
-    if (strcmp(type, "yarn") != 0)
+// original_max_position_embeddings defaults to mlx-lm YarnRoPE's 4096; rope_scaling
+// types other than yarn are refused (mlx-lm's gpt_oss builds a YarnRoPE or none).
+static int read_yarn(struct mf_yarn *y, const struct mf_cfg_reader *r) {
+    const char *type;
+    int rc = mf_yarn_read(y, r, 4096, &type);
+    if (rc == 0 && type && !y->on && strcmp(type, "default") != 0)
         return mf_err(r->err, r->errlen, MF_ERR_UNSUPPORTED,
                       "%s: rope_scaling type \"%s\" is not supported for gpt_oss (yarn or "
                       "none)", r->name, type);
-    *y = (struct gptoss_yarn){.on = 1, .beta_fast = 32, .beta_slow = 1, .mscale = 1,
-                              .orig_max_pos = 4096};   // mlx-lm YarnRoPE defaults
-    int rc;
-    if ((rc = mf_cfg_num_in(r, rs, "factor", &y->factor)) ||
-        (rc = mf_cfg_num_in(r, rs, "beta_fast", &y->beta_fast)) ||
-        (rc = mf_cfg_num_in(r, rs, "beta_slow", &y->beta_slow)) ||
-        (rc = mf_cfg_num_in(r, rs, "mscale", &y->mscale)) ||
-        (rc = mf_cfg_num_in(r, rs, "mscale_all_dim", &y->mscale_all_dim)) ||
-        (rc = mf_cfg_num_in(r, rs, "original_max_position_embeddings", &y->orig_max_pos)))
-        return rc;
-    if (!(y->factor > 0) || !(y->orig_max_pos > 0) || !(y->beta_fast > 0) ||
-        !(y->beta_slow > 0))
-        return mf_err(r->err, r->errlen, MF_ERR_FORMAT,
-                      "%s: yarn rope_scaling needs positive factor, beta_fast, beta_slow "
-                      "and original_max_position_embeddings", r->name);
-    return 0;
+    return rc;
 }
 
 static int64_t kinds_hash(const uint8_t *is_sliding, int n) {
@@ -179,23 +156,12 @@ static int gptoss_ident(const struct mf_config *cfg, struct mf_ident_field *out,
 
 /* ==== Rope: mlx-lm's YarnRoPE frequencies, in its f32 arithmetic ==== */
 
-static float yarn_get_mscale(double scale, double mscale) {
-    return scale <= 1.0 ? 1.0f : (float)(0.1 * mscale * log(scale) + 1.0);
-}
-
-static double yarn_correction_dim(double n_rot, int dims, double base, double l0) {
-    return dims * log(l0 / (n_rot * 2.0 * M_PI)) / (2.0 * log(base));
-}
-
 // inv_freq[j] = 1 / freqs[j] of YarnRoPE: the blend of base^(2j/d) and factor times
 // it over the ramp between the beta_fast and beta_slow correction dims.
-static void yarn_inv_freq(float *inv_freq, const struct gptoss_yarn *y, int dims,
+static void yarn_inv_freq(float *inv_freq, const struct mf_yarn *y, int dims,
                           double base) {
-    double low = floor(yarn_correction_dim(y->beta_fast, dims, base, y->orig_max_pos));
-    double high = ceil(yarn_correction_dim(y->beta_slow, dims, base, y->orig_max_pos));
-    low = low < 0 ? 0 : low;
-    high = high > dims - 1 ? dims - 1 : high;
-    if (low == high) high += 0.001;
+    double low, high;
+    mf_yarn_range(y, dims, base, &low, &high);
     for (int j = 0; j < dims / 2; j++) {
         float fe = powf((float)base, (float)(2 * j) / (float)dims);
         float fi = (float)y->factor * fe;
@@ -248,8 +214,8 @@ static void fill_hparams(struct gptoss_hparams *hp, const struct mf_config *c) {
     hp->rms_norm_eps = c->rms_norm_eps;
     hp->window = g->sliding_window;
     hp->ring_rows = g->sliding_window + GPTOSS_RING_EXTRA;
-    hp->rope_mscale = g->yarn.on ? yarn_get_mscale(g->yarn.factor, g->yarn.mscale) /
-                                       yarn_get_mscale(g->yarn.factor, g->yarn.mscale_all_dim)
+    hp->rope_mscale = g->yarn.on ? mf_yarn_get_mscale(g->yarn.factor, g->yarn.mscale) /
+                                       mf_yarn_get_mscale(g->yarn.factor, g->yarn.mscale_all_dim)
                                  : 1.0f;
     hp->attn = (struct mf_gqa_dims){
         .n_layer = c->num_hidden_layers, .n_head = c->num_attention_heads,

@@ -215,9 +215,9 @@ static void test_deepseek(void) {
               d->noaux.routed_scaling_factor == 2.5 && d->noaux.n_shared_experts == 1 &&
               c.norm_topk_prob == 1,
           "router keys");
-    CHECK(d->has_yarn && d->yarn_factor == 40 &&
-              d->yarn_original_max_position_embeddings == 4096 && d->yarn_beta_fast == 32 &&
-              d->yarn_beta_slow == 1 && d->yarn_mscale == 1 && d->yarn_mscale_all_dim == 1,
+    CHECK(d->yarn.on && d->yarn.factor == 40 && d->yarn.orig_max_pos == 4096 &&
+              d->yarn.beta_fast == 32 && d->yarn.beta_slow == 1 && d->yarn.mscale == 1 &&
+              d->yarn.mscale_all_dim == 1,
           "yarn block");
     CHECK(c.eos_token_id == 1 && c.bos_token_id == 0, "eos list -> first id");
     CHECK(c.n_moe_layers == 58 && !c.layer_is_moe[2] && c.layer_is_moe[3] && c.layer_is_moe[60],
@@ -239,7 +239,7 @@ static void test_deepseek(void) {
         CHECK(rc == MF_OK, "deepseek variant: %s", err);
         if (!rc) {
             CHECK(DS(c)->q_lora_rank == 0, "q_lora_rank null -> 0");
-            CHECK(DS(c)->has_yarn, "rope_type spelling accepted");
+            CHECK(DS(c)->yarn.on, "rope_type spelling accepted");
             CHECK(c.layer_is_moe[3] == 0 && c.layer_is_moe[4] == 1 && c.layer_is_moe[5] == 0,
                   "moe_layer_freq 2: even layers from 3 on");
             mf_config_free(&c);
