@@ -316,6 +316,10 @@ static int choose_mode(mf_expert_reader *r, const struct mf_expert_reader_params
     int rc = requested_mode(r, p->mode, &m, err, errlen);
     if (rc != MF_OK)
         return rc;
+    if (m == MF_IO_AUTO && p->to_device) {
+        m = MF_IO_PREAD;
+        note(r, "auto: pread (the experts are copied to the device from the slots); ");
+    }
     if (m == MF_IO_AUTO) {
         uint64_t ram = p->ram_bytes ? p->ram_bytes : mf_io_physical_ram();
         uint64_t tot = mf_expert_store_total_bytes(r->st);

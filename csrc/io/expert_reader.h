@@ -76,7 +76,8 @@
 #include "io/expert_store.h"
 
 enum mf_io_mode {
-    MF_IO_AUTO = 0,     // pread when expert bytes > 0.75 x RAM, else mmap
+    MF_IO_AUTO = 0,     // pread when expert bytes > 0.75 x RAM or params.to_device,
+                        // else mmap
     MF_IO_PREAD = 1,    // buffered pread into slots
     MF_IO_MMAP = 2,     // pointers into the store's mappings, pages pre-faulted
     MF_IO_DIRECT = 3,   // O_DIRECT / F_NOCACHE reads into slots (or pread, see note)
@@ -94,6 +95,11 @@ struct mf_expert_reader_params {
     uint64_t cache_bytes;   // extra slots kept as an LFRU RAM cache; default 0 (off)
     uint64_t ram_bytes;     // physical RAM for the auto rule; default 0 = ask the system
     enum mf_io_mode mode;   // default MF_IO_AUTO; MOEFLUX_IO overrides it when set
+    int to_device;          // the bytes go on to a device by copies (a GPU that cannot
+                            // read host memory): auto picks pread into the slots (pinned
+                            // there), whose copies are asynchronous, over mmap, whose
+                            // pageable pages are copied synchronously and measured 2-2.6x
+                            // slower on the H200 (bench/RESULTS.md "CUDA"); default 0
     // Slot memory, e.g. pinned host memory of a GPU backend: alloc(alloc_user, bytes)
     // returns a buffer of `bytes` (a multiple of 4096; direct mode needs it 4096-byte
     // aligned or falls back to pread), freed by free_fn(alloc_user, ptr). NULL (the

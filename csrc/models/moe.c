@@ -320,6 +320,7 @@ static int reader_new(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe
                       char *err, size_t errlen) {
     struct mf_expert_reader_params p = mf_expert_reader_default_params();
     p.mode = ctx->io_mode;
+    p.to_device = !ctx->be->ops->host_is_device;
     if (ctx->params.io_threads > 0)
         p.n_workers = ctx->params.io_threads;
     // a layer's K reads and the next layer's prefetch in flight together
