@@ -526,16 +526,21 @@ static void test_auto_env(mf_expert_store *st) {
     // The store holds 2 x 16 x 16 KiB = 512 KiB of experts.
     uint64_t total = mf_expert_store_total_bytes(st);
     CHECK(total == 2ull * NE * ES, "total bytes %llu", (unsigned long long)total);
-    for (int big = 0; big < 2; big++) {
+    // big: 0.75 x RAM above the experts (mmap) unless they go on to a device (pread).
+    for (int i = 0; i < 3; i++) {
+        int big = i > 0, to_device = i == 2;
         struct mf_expert_reader_params p = mf_expert_reader_default_params();
         p.ram_bytes = big ? total * 2 : total;   // 0.75 x RAM below / above the experts
+        p.to_device = to_device;
         mf_expert_reader *r = NULL;
         char err[512];
         CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_OK, "auto: %s", err);
         struct mf_expert_reader_stats s;
         if (r) {
             mf_expert_reader_stats(r, &s);
-            CHECK(s.mode == (big ? MF_IO_MMAP : MF_IO_PREAD) && strstr(s.mode_note, "auto"),
+            enum mf_io_mode want = big && !to_device ? MF_IO_MMAP : MF_IO_PREAD;
+            CHECK(s.mode == want && strstr(s.mode_note, "auto") &&
+                      (!to_device || strstr(s.mode_note, "device")),
                   "auto picks %s: %s", mf_io_mode_name(s.mode), s.mode_note);
             CHECK(run_random(r, 3, 30, 4) == 30, "auto bytes");
         }
