@@ -181,13 +181,7 @@ static int ds_ident(const struct mf_config *cfg, struct mf_ident_field *out, int
     mf_ident_int(out, &n, cap, "topk_group", d->noaux.topk_group);
     mf_ident_int(out, &n, cap, "moe_layer_freq", d->moe_layer_freq);
     mf_ident_float(out, &n, cap, "routed_scaling_factor", d->noaux.routed_scaling_factor);
-    mf_ident_float(out, &n, cap, "yarn factor", d->yarn.factor);
-    mf_ident_float(out, &n, cap, "yarn beta_fast", d->yarn.beta_fast);
-    mf_ident_float(out, &n, cap, "yarn beta_slow", d->yarn.beta_slow);
-    mf_ident_float(out, &n, cap, "yarn mscale", d->yarn.mscale);
-    mf_ident_float(out, &n, cap, "yarn mscale_all_dim", d->yarn.mscale_all_dim);
-    mf_ident_float(out, &n, cap, "yarn original_max_position_embeddings",
-                   d->yarn.orig_max_pos);
+    mf_yarn_ident(&d->yarn, out, &n, cap);
     mf_ident_float(out, &n, cap, "rope_scaling yarn", d->yarn.on);
     return n;
 }

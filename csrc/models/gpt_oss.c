@@ -144,13 +144,7 @@ static int gptoss_ident(const struct mf_config *cfg, struct mf_ident_field *out,
     mf_ident_int(out, &n, cap, "sliding_window", g->sliding_window);
     mf_ident_int(out, &n, cap, "layer_types", g->layer_kinds_hash);
     mf_ident_float(out, &n, cap, "rope_scaling yarn", g->yarn.on);
-    mf_ident_float(out, &n, cap, "yarn factor", g->yarn.factor);
-    mf_ident_float(out, &n, cap, "yarn beta_fast", g->yarn.beta_fast);
-    mf_ident_float(out, &n, cap, "yarn beta_slow", g->yarn.beta_slow);
-    mf_ident_float(out, &n, cap, "yarn mscale", g->yarn.mscale);
-    mf_ident_float(out, &n, cap, "yarn mscale_all_dim", g->yarn.mscale_all_dim);
-    mf_ident_float(out, &n, cap, "yarn original_max_position_embeddings",
-                   g->yarn.orig_max_pos);
+    mf_yarn_ident(&g->yarn, out, &n, cap);
     return n;
 }
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/common.h"
+#include "models/arch_config.h"
 
 static int read_orig(struct mf_yarn *y, const struct mf_cfg_reader *r, const mf_json *rs,
                      double orig_default) {
@@ -78,4 +79,13 @@ void mf_yarn_range(const struct mf_yarn *y, int dims, double base, double *low,
     *high = *high > dims - 1 ? dims - 1 : *high;
     if (*low == *high)
         *high += 0.001;   // as mlx-lm: no zero-width ramp
+}
+
+void mf_yarn_ident(const struct mf_yarn *y, struct mf_ident_field *out, int *n, int cap) {
+    mf_ident_float(out, n, cap, "yarn factor", y->factor);
+    mf_ident_float(out, n, cap, "yarn beta_fast", y->beta_fast);
+    mf_ident_float(out, n, cap, "yarn beta_slow", y->beta_slow);
+    mf_ident_float(out, n, cap, "yarn mscale", y->mscale);
+    mf_ident_float(out, n, cap, "yarn mscale_all_dim", y->mscale_all_dim);
+    mf_ident_float(out, n, cap, "yarn original_max_position_embeddings", y->orig_max_pos);
 }

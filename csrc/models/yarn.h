@@ -26,6 +26,12 @@ struct mf_yarn {
 int mf_yarn_read(struct mf_yarn *y, const struct mf_cfg_reader *r, double orig_default,
                  const char **type);
 
+struct mf_ident_field;
+// Appends the block's six numbers (factor, beta_fast, beta_slow, mscale,
+// mscale_all_dim, original_max_position_embeddings) to a family's snapshot identity
+// (models/arch_config.h); whether yarn is on is the family's own field.
+void mf_yarn_ident(const struct mf_yarn *y, struct mf_ident_field *out, int *n, int cap);
+
 // 0.1 * mscale * ln(scale) + 1 for scale > 1, else 1.
 float mf_yarn_get_mscale(double scale, double mscale);
 
