@@ -186,6 +186,10 @@ int mf_bind_vector_f32(mf_model *m, struct mf_weight *out, const char *name, int
                        char *err, size_t errlen);
 // Release what mf_bind_vector_f32 made (mf_model_free, before the backend).
 void mf_derived_free(mf_model *m);
+// Device memory that experts may take of free_b free bytes: 85% of it less 2 GiB kept
+// for the contexts' KV caches, state and scratch (may be negative). The one rule of
+// gpu_experts="auto" (resident when they fit) and the device expert cache's default.
+double mf_device_usable_bytes(uint64_t free_b);
 // 1 if the manifest has `name`.
 int mf_has_tensor(const mf_model *m, const char *name);
 

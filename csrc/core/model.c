@@ -162,6 +162,10 @@ static int open_experts(mf_model *m, char *err, size_t errlen) {
  * device view through map_weights (CUDA: copied into device memory through pinned
  * staging; CPU: the mapping itself). */
 
+double mf_device_usable_bytes(uint64_t free_b) {
+    return 0.85 * (double)free_b - (double)((uint64_t)2 << 30);
+}
+
 // 1 = resident, 0 = stream, for mode (NULL = auto); MF_ERR_ARG for an unknown mode.
 static int residency_choice(mf_model *m, const char *mode, int *resident, char *err,
                             size_t errlen) {
@@ -174,11 +178,10 @@ static int residency_choice(mf_model *m, const char *mode, int *resident, char *
     }
     *resident = 0;
     uint64_t free_b = 0, total_b = 0, need = mf_expert_store_total_bytes(m->experts);
-    const uint64_t reserve = (uint64_t)2 << 30;   // KV caches, state, scratch of contexts
     if (m->be->ops->host_is_device || !m->be->ops->mem_info ||
         m->be->ops->mem_info(m->be, &free_b, &total_b, err, errlen) != MF_OK)
         return MF_OK;
-    *resident = (double)need + (double)reserve <= 0.85 * (double)free_b;
+    *resident = (double)need <= mf_device_usable_bytes(free_b);
     mf_log(m, MF_LOG_INFO, "gpu_experts auto: %.2f GB of experts, %.2f GB free: %s",
            (double)need / 1e9, (double)free_b / 1e9, *resident ? "resident" : "stream");
     return MF_OK;

@@ -358,12 +358,12 @@ static int dev_cache_slots(mf_ctx *ctx, const struct mf_moe_scratch *s,
         n = (int64_t)(p->gpu_cache_fraction * (double)total);
     } else if (p->gpu_cache_bytes >= 0) {
         n = p->gpu_cache_bytes / (int64_t)s->expert_bytes;
-    } else {   // auto: the resident rule's margin (core/model.c)
+    } else {   // auto: what the resident rule leaves to experts
         uint64_t free_b = 0, total_b = 0;
         char e[256];
         if (ctx->be->ops->mem_info(ctx->be, &free_b, &total_b, e, sizeof e) != MF_OK)
             free_b = 0;
-        double usable = 0.85 * (double)free_b - 2.0 * (double)(1u << 30);
+        double usable = mf_device_usable_bytes(free_b);
         n = usable > 0.0 ? (int64_t)(usable / (double)s->expert_bytes) : 0;
     }
     n = n > total ? total : n;

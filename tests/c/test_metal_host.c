@@ -187,12 +187,10 @@ void *mf_metal_scratch(struct mf_exec *ex, int slot, size_t n, const char *op) {
     return NULL;
 }
 
-const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, int *is_slot,
-                            const char *op) {
+const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, const char *op) {
     (void)op;
     const unsigned char *q = p;
-    *is_slot = q >= ex->a && q + need <= ex->a + ex->a_len;
-    if (*is_slot)
+    if (q >= ex->a && q + need <= ex->a + ex->a_len)
         return ex->a;
     if (q >= ex->b && q + need <= ex->b + ex->b_len)
         return ex->b;

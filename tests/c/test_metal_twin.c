@@ -169,10 +169,8 @@ void *mf_metal_scratch(struct mf_exec *ex, int slot, size_t n, const char *op) {
     return (void *)(uintptr_t)(slot ? SCRATCH1 : SCRATCH0);
 }
 
-const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, int *is_slot,
-                            const char *op) {
+const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, const char *op) {
     (void)ex, (void)p, (void)need, (void)op;
-    *is_slot = 0;
     return (const void *)region_base;
 }
 

@@ -289,8 +289,6 @@ static void cuda_exec_free(struct mf_exec *ex) {
         cu->MemFree(ex->ws);
     if (ex->route_ws)
         cu->MemFree(ex->route_ws);
-    if (ex->dev_tab)
-        cu->MemFree(ex->dev_tab);
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (ex->ring_ev[i])
             cu->EventDestroy(ex->ring_ev[i]);

@@ -71,8 +71,6 @@ struct mf_exec {
     size_t ws_bytes;
     CUdeviceptr route_ws;        // moe_route outputs when the caller gives none
     size_t route_bytes;
-    CUdeviceptr dev_tab;         // moe_experts_dev's entry table
-    size_t dev_tab_bytes;
 };
 
 struct mf_fence {

@@ -449,16 +449,12 @@ static const void *wrap_unknown(struct mf_exec *ex, const void *p, size_t need,
     return (const void *)a0;
 }
 
-const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, int *is_slot,
-                            const char *op) {
-    *is_slot = 0;
+const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, const char *op) {
     if (ex->status != MF_OK)
         return NULL;
     int i = region_find(&ex->mem, (uintptr_t)p);
-    if (i >= 0 && (uintptr_t)p + need <= ex->mem.r[i].base + ex->mem.r[i].len) {
-        *is_slot = ex->mem.r[i].kind == R_HOST;
+    if (i >= 0 && (uintptr_t)p + need <= ex->mem.r[i].base + ex->mem.r[i].len)
         return (const void *)ex->mem.r[i].base;
-    }
     struct mf_metal_be *mb = ex->mb;
     pthread_mutex_lock(&mb->lock);
     i = region_find(&mb->weights, (uintptr_t)p);

@@ -60,10 +60,8 @@ void *mf_metal_scratch(struct mf_exec *ex, int slot, size_t n, const char *op);
 // The start of the buffer region holding address p, which ops may reach from p by
 // offsets: an allocation, a host slot, a weights window, or a page-aligned wrap made
 // now of memory the backend does not know (an expert file mapping), extending at least
-// `need` bytes past p. NULL after an error (recorded). *is_slot = 1 for alloc_host
-// memory, which the caller may overwrite as soon as the op returns.
-const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, int *is_slot,
-                            const char *op);
+// `need` bytes past p. NULL after an error (recorded).
+const void *mf_metal_region(struct mf_exec *ex, const void *p, size_t need, const char *op);
 // Commits the open command buffer and waits for everything queued (records errors).
 void mf_metal_wait(struct mf_exec *ex, const char *op);
 // The op table's copy and download (ordered after the queued work).

@@ -507,8 +507,7 @@ static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const flo
                              const struct mf_moe_batch *b, const void **region, int *at) {
     const size_t need = blob_extent(b);
     for (int i = 0; i < b->n; i++) {
-        int slot = 0;
-        region[i] = mf_metal_region(ex, b->blob_host[i], need, &slot, "moe_experts");
+        region[i] = mf_metal_region(ex, b->blob_host[i], need, "moe_experts");
         if (!region[i])
             return;
     }
