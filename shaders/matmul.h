@@ -16,8 +16,7 @@
 template <int R>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
-                      MF_TG float *xs, int tg_x, int tg_y, int h, int warp, int lane, int lt,
-                      int nthreads) {
+                      MF_TG float *xs, int tg_x, int tg_y, int h, int warp, int lane, int lt) {
     const int row0 = (tg_x * MF_MV_ROWS + warp) * R, t0 = tg_y * MF_MV_TT;
     const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
     struct mf_rows rw;
@@ -33,7 +32,7 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
         acc[i] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
     mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
-                   p.x_tok_stride, nt, lt, nthreads, lane);
+                   p.x_tok_stride, nt, lt, lane);
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -55,10 +54,10 @@ MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
     if (p.rpw == 1)
         mf_mv_rows<1>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP, MF_LANE,
-                      MF_LT, MF_NT);
+                      MF_LT);
     else
         mf_mv_rows<MF_MV_RPW>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
-                              MF_LANE, MF_LT, MF_NT);
+                              MF_LANE, MF_LT);
 }
 
 // A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs

@@ -159,7 +159,7 @@ MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, mf_i64 boff, int of
 template <int R>
 MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *base,
                       MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
-                      int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
+                      int tg_x, int r0, int nt, int warp, int lane, int lt) {
     const int half = R / 2, j0 = (tg_x * MF_MV_ROWS + warp) * half;
     const mf_i64 bo = mf_ent_blob(tab, p, e);
     const int xr0 = p.dev_k > 0 ? r0 / p.dev_k : r0;   // first input row (one with dev_k)
@@ -183,7 +183,7 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
     mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
-                   xg + (mf_i64)xr0 * p.n_embd, p.n_embd, nt, lt, nthreads, lane);
+                   xg + (mf_i64)xr0 * p.n_embd, p.n_embd, nt, lt, lane);
 #pragma unroll
     for (int i = 0; i < half; i++)
 #pragma unroll
@@ -208,11 +208,10 @@ MF_PARAMS(4, struct mf_p_moe, p) {
     const int r0 = mf_ent_row0(tab, p, e) + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     if (p.rpw == 1)
-        mf_gu_rows<2>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT,
-                      MF_NT);
+        mf_gu_rows<2>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT);
     else
         mf_gu_rows<MF_MV_RPW>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
-                              MF_LANE, MF_LT, MF_NT);
+                              MF_LANE, MF_LT);
 }
 
 // down rows of expert e, MF_MV_RPW per warp whatever p.rpw says: with a 768-column
@@ -221,7 +220,7 @@ MF_PARAMS(4, struct mf_p_moe, p) {
 template <int R>
 MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 *base,
                         MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
-                        int tg_x, int r0, int nt, int warp, int lane, int lt, int nthreads) {
+                        int tg_x, int r0, int nt, int warp, int lane, int lt) {
     const int j0 = (tg_x * MF_MV_ROWS + warp) * R;
     const mf_i64 bo = mf_ent_blob(tab, p, e);
     struct mf_rows rw;
@@ -237,7 +236,7 @@ MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
     mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,
-                   gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, lt, nthreads, lane);
+                   gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, lt, lane);
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -261,7 +260,7 @@ MF_PARAMS(4, struct mf_p_moe, p) {
     const int r0 = mf_ent_row0(tab, p, e) + tile;
     const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     mf_down_rows<MF_MV_RPW>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
-                            MF_LT, MF_NT);
+                            MF_LT);
 }
 
 // y[t, c] = sum of w[t, j] * eo[t * K + j, c] over the token's experts in ascending

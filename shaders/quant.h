@@ -62,6 +62,8 @@ MF_FN void mf_fdot_tile(MF_TH float *acc, MF_G const mf_u32 *w, int dtype, int n
 #define MF_XS_COLS 1024
 #define MF_XS_TOK (32 * 33)
 #define MF_XS_FLOATS (MF_MV_TT * MF_XS_TOK)
+// Threads of a row-dot threadgroup (the grids launch MF_MV_ROWS warps).
+#define MF_MV_THREADS (32 * MF_MV_ROWS)
 
 // The R weight rows one warp dots with the staged x: codes of row r start at word
 // w[r] (its chunk c at w[r] + c * BITS), its scales / biases at element s0[r] of sc /
@@ -160,59 +162,42 @@ MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
             acc[r * MF_MV_TT + t] += s[r] * dq[r * NT + t] + b[r] * sx[t];
 }
 
-// Quantized dots of R rows with NT tokens of x (NT = 1, or the register tile
-// MF_MV_TT with nt <= NT live): acc[r * MF_MV_TT + t] += W[r] . x[t] over this lane's
-// chunks. A lane takes 32-column chunks (BITS whole words, never split across groups
-// since groups are multiples of 32); each x value serves all R rows from a register.
-// x is staged through threadgroup memory (coalesced loads; each lane then reads its 32
-// values without bank conflicts), MF_MV_TT / NT sub-steps of MF_XS_COLS columns per
-// staging (one token fills the tile with 4096 columns), and in decode a lane's codes
-// for its next chunk are loaded while it computes the current one, so code loads stay
-// in flight, across the barriers too. Per chunk the lane sums x * q over its 32 codes
-// and once per row adds s * sum(x q) + b * sum(x): the group parameters are read once
-// per chunk and the per-code work is an extract, a subtraction and a fused
-// multiply-add. Every thread of the threadgroup calls it (barriers); a warp without
-// rows passes rw->n = 0.
+// Quantized dots of R rows with NT tokens of x (NT = 1 for decode, or the register
+// tile MF_MV_TT with nt <= NT live): acc[r * MF_MV_TT + t] += W[r] . x[t] over this
+// lane's chunks. A lane takes 32-column chunks (BITS whole words, never split across
+// groups since groups are multiples of 32); each x value serves all R rows from a
+// register. Per step of MF_XS_COLS columns: the lane's codes and group parameters of
+// the step are loaded first, then x of every token is staged through threadgroup
+// memory (coalesced loads, all of a thread's in flight before its stores; each lane
+// then reads its 32 values without bank conflicts), so the weight bytes travel while
+// x is staged and the barrier waits. Per chunk the lane sums x * q over its 32 codes
+// and once per row adds s * sum(x q) + b * sum(x). Every thread of the threadgroup
+// calls it (barriers); a warp without rows passes rw->n = 0. Measured on the H200 at
+// decode shapes: loading two steps' codes ahead, or four, was no faster.
 template <int BITS, int NT, int R>
 MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                         int sdtype, int gs, int n_in, MF_G const float *x, int x_stride,
-                        int nt, int lt, int nthreads, int lane) {
-    const int SUB = MF_MV_TT / NT, step = MF_XS_COLS * SUB, tok_stride = SUB * MF_XS_TOK;
-    // Loading ahead doubles the code registers: done where they stay few (decode at
-    // up to 4 bits); wider paths load each chunk as it comes.
-    const int PF = NT == 1 && BITS * R <= 16;
-    const int n_chunk = n_in >> 5, on = rw->n > 0;
-    mf_u32 wd[R][BITS], cw[R][BITS];
-    float s[R], b[R], cs[R], cb[R];
-    if (on && PF)
-        mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, lane, n_chunk);
-    for (int c0 = 0; c0 < n_in; c0 += step) {
-        for (int i = lt; i < nt * step; i += nthreads) {
-            const int t = i / step, k = i % step;
-            xs[t * tok_stride + (k >> 5) * 33 + (k & 31)] =
-                c0 + k < n_in ? x[(mf_i64)t * x_stride + c0 + k] : 0.0f;
+                        int nt, int lt, int lane) {
+    const int PER = MF_XS_COLS / MF_MV_THREADS, n_chunk = n_in >> 5, on = rw->n > 0;
+    mf_u32 wd[R][BITS];
+    float s[R], b[R], xr[NT * PER];
+    for (int c0 = 0; c0 < n_in; c0 += MF_XS_COLS) {
+        const int c = (c0 >> 5) + lane;
+        if (on)
+            mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, c, n_chunk);
+#pragma unroll
+        for (int i = 0; i < NT * PER; i++) {
+            const int t = i / PER, k = lt + (i % PER) * MF_MV_THREADS;
+            xr[i] = t < nt && c0 + k < n_in ? x[(mf_i64)t * x_stride + c0 + k] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < NT * PER; i++) {
+            const int t = i / PER, k = lt + (i % PER) * MF_MV_THREADS;
+            xs[t * MF_XS_TOK + (k >> 5) * 33 + (k & 31)] = xr[i];
         }
         MF_BARRIER();
-        for (int sub = 0; sub < SUB && on; sub++) {
-            const int c = (c0 >> 5) + sub * 32 + lane;
-            if (PF) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-#pragma unroll
-                    for (int i = 0; i < BITS; i++)
-                        cw[r][i] = wd[r][i];
-                    cs[r] = s[r];
-                    cb[r] = b[r];
-                }
-                if (c + 32 < n_chunk)   // the next chunk's codes, while this one computes
-                    mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, c + 32, n_chunk);
-            } else {
-                mf_load_rows<BITS, R>(cw, cs, cb, rw, sdtype, gs, c, n_chunk);
-            }
-            if (c < n_chunk)
-                mf_chunk_dot<BITS, NT, R>(acc, cw, cs, cb, xs + (sub * 32 + lane) * 33,
-                                          tok_stride, nt);
-        }
+        if (on && c < n_chunk)
+            mf_chunk_dot<BITS, NT, R>(acc, wd, s, b, xs + lane * 33, MF_XS_TOK, nt);
         MF_BARRIER();
     }
 }
@@ -224,8 +209,7 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 template <int R>
 MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                        int dtype, int sdtype, int bits, int gs, int n_in,
-                       MF_G const float *x, int x_stride, int nt, int lt, int nthreads,
-                       int lane) {
+                       MF_G const float *x, int x_stride, int nt, int lt, int lane) {
     if (dtype != MF_SH_U32) {
 #pragma unroll
         for (int r = 0; r < R; r++)
@@ -235,8 +219,7 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
         return;
     }
 #define MF_QROWS(B, T)                                                                 \
-    mf_qdot_rows<B, T, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, nthreads, \
-                          lane)
+    mf_qdot_rows<B, T, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, lane)
 #define MF_QBITS(B)                                                                    \
     if (nt == 1)                                                                       \
         MF_QROWS(B, 1);                                                                \
