@@ -194,6 +194,12 @@ def stream_bench(cuda: Cuda, model_dir: Path, args: argparse.Namespace) -> None:
     print(f"ratio to the bound (uploaded / pinned H2D + resident time) / measured: "
           f"{spread(ratio)}")
     print(f"copy wait (host) {s['gpu_copy_wait_s']:.3f} s over the last round")
+    n = max(1, s["n_tokens_evaluated"])
+    print("host ms per token, last round: " + ", ".join(
+        f"{k[:-2]} {s[k] / n * 1e3:.3f}" for k in
+        ("attention_s", "routing_s", "io_wait_s", "experts_s", "shared_s", "head_s")
+        if k in s))
+    print(f"io: {s['io_fallback']}")
     scale = args.layers / 48
     print(f"scaled to 48 layers (lower bound): streaming decode "
           f"{statistics.median([1 / t for t in t_st]) * scale:.0f} tok/s")

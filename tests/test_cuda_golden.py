@@ -25,11 +25,15 @@ BACKENDS = ["cpu"] + (["cuda"] if "cuda" in moeflux.backends() else [])
 
 
 # stream_cache25 / stream_cache0: streaming with the device expert cache at 25% of the
-# routed experts / none (on the CPU through MOEFLUX_TEST_DEV_CACHE=1).
-CACHE = {"stream_cache25": 0.25, "stream_cache0": 0}
+# routed experts / none (on the CPU through MOEFLUX_TEST_DEV_CACHE=1); on a GPU the
+# automatic I/O mode copies from the page-locked expert mappings. stream_pread: 25%,
+# copies from the reader's pinned slots instead.
+CACHE = {"stream_cache25": 0.25, "stream_cache0": 0, "stream_pread": 0.25}
+IO = {"stream_pread": "pread"}
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream", "stream_cache25", "stream_cache0"])
+@pytest.mark.parametrize("mode", ["resident", "stream", "stream_cache25", "stream_cache0",
+                                  "stream_pread"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_golden(arch: str, backend: str, mode: str,
@@ -48,8 +52,9 @@ def test_golden(arch: str, backend: str, mode: str,
         "(another moeflux.prep.synth or numpy?): regenerate the goldens")
     if mode in CACHE and backend == "cpu":
         monkeypatch.setenv("MOEFLUX_TEST_DEV_CACHE", "1")
+    io = {"io_mode": IO[mode]} if mode in IO else {}
     m = open_model(model_dir, backend=backend, gpu_experts=mode.split("_")[0], threads=2,
-                   gpu_cache=CACHE.get(mode))
+                   gpu_cache=CACHE.get(mode), **io)
     try:
         assert (m.stats()["io_mode"] == "resident") == (mode == "resident")
         what = f"{arch} {backend} {mode}"
@@ -62,5 +67,9 @@ def test_golden(arch: str, backend: str, mode: str,
         if mode in CACHE or (mode == "stream" and backend != "cpu"):
             assert st["gpu_cache_misses"] > 0, f"{what}: the device cache was not used"
             assert (st["gpu_cache_hits"] == 0) == (mode == "stream_cache0"), st
+        if backend == "cuda" and mode != "resident":   # which copy path ran
+            locked = mode not in IO
+            assert ("page-locked" in st["io_fallback"]) == locked, st["io_fallback"]
+            assert st["io_mode"] == ("mmap" if locked else "pread"), st["io_mode"]
     finally:
         m.close()

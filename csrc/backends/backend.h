@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 3
+#define MF_BACKEND_API_VERSION 4
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -192,6 +192,14 @@ struct mf_backend_ops {
     // RAM available / installed). MF_OK or an error code with err set.
     int (*mem_info)(struct mf_backend *be, uint64_t *free_bytes, uint64_t *total_bytes,
                     char *err, size_t errlen);
+    // Optional (API v4; NULL where host memory needs no locking, as on the CPU): page-lock
+    // [p, p + n) of host memory the host only reads, such as a read-only mapping of the
+    // expert files, so that upload_async from it is a direct device copy (CUDA:
+    // cuMemHostRegister, read-only). MF_OK or an error code with err set; unpin_host
+    // undoes it, before the memory is unmapped.
+    int (*pin_host)(struct mf_backend *be, const void *p, size_t n, char *err,
+                    size_t errlen);
+    void (*unpin_host)(struct mf_backend *be, const void *p);
     // The first error of queued work since the exec was made (sticky), MF_OK if none;
     // err gets its message. CPU: always MF_OK.
     int (*status)(struct mf_exec *ex, char *err, size_t errlen);

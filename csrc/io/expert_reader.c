@@ -65,6 +65,7 @@ struct queue {
 struct mf_expert_reader {
     mf_expert_store *st;
     enum mf_io_mode mode;
+    int pinned;                      // holds one mf_expert_store_pin count
     uint64_t expert_bytes;
     size_t slot_bytes;
     int n_slots, n_tickets, n_workers, n_started;
@@ -276,6 +277,8 @@ void mf_expert_reader_free(mf_expert_reader *r) {
     free(r->prefetch.items);
     free(r->threads);
     mf_expert_cache_free(r->cache);
+    if (r->pinned)
+        mf_expert_store_unpin(r->st);
     free(r);
 }
 
@@ -310,15 +313,37 @@ static void note(mf_expert_reader *r, const char *fmt, ...) {
     va_end(ap);
 }
 
+// mmap for a device: page-lock the mappings (counted in the store); where that fails,
+// pread into pinned slots for an automatic choice, plain mmap for an explicit one.
+static enum mf_io_mode pin_mappings(mf_expert_reader *r,
+                                    const struct mf_expert_reader_params *p, int automatic) {
+    char why[320];
+    if (mf_expert_store_pin(r->st, &p->pin, why, sizeof why) == MF_OK) {
+        r->pinned = 1;
+        r->stats.pinned = 1;
+        return MF_IO_MMAP;
+    }
+    note(r, "page-locking failed, %s: %s; ", automatic ? "using pread" : "plain mmap", why);
+    return automatic ? MF_IO_PREAD : MF_IO_MMAP;
+}
+
 static int choose_mode(mf_expert_reader *r, const struct mf_expert_reader_params *p,
                        char *err, size_t errlen) {
     enum mf_io_mode m;
     int rc = requested_mode(r, p->mode, &m, err, errlen);
     if (rc != MF_OK)
         return rc;
+    const int automatic = m == MF_IO_AUTO;
     if (m == MF_IO_AUTO && p->to_device) {
-        m = MF_IO_PREAD;
-        note(r, "auto: pread (the experts are copied to the device from the slots); ");
+        uint64_t ram = p->ram_bytes ? p->ram_bytes : mf_io_physical_ram();
+        uint64_t tot = mf_expert_store_total_bytes(r->st);
+        m = p->pin.pin && tot <= ram / 2 ? MF_IO_MMAP : MF_IO_PREAD;
+        if (m == MF_IO_MMAP)
+            note(r, "auto: mmap page-locked for the device's copies (experts %.2f GiB <= "
+                 "0.5 x RAM %.2f GiB); ", (double)tot / (1 << 30),
+                 (double)ram / (1 << 30) * 0.5);
+        else
+            note(r, "auto: pread (the experts are copied to the device from the slots); ");
     }
     if (m == MF_IO_AUTO) {
         uint64_t ram = p->ram_bytes ? p->ram_bytes : mf_io_physical_ram();
@@ -336,6 +361,8 @@ static int choose_mode(mf_expert_reader *r, const struct mf_expert_reader_params
     }
     if (m == MF_IO_MMAP && (rc = mf_expert_store_map(r->st, err, errlen)) != MF_OK)
         return rc;
+    if (m == MF_IO_MMAP && p->to_device && p->pin.pin)
+        m = pin_mappings(r, p, automatic);
     r->mode = m;
     note(r, "mode %s", mf_io_mode_name(m));
     return MF_OK;

@@ -96,10 +96,16 @@ struct mf_expert_reader_params {
     uint64_t ram_bytes;     // physical RAM for the auto rule; default 0 = ask the system
     enum mf_io_mode mode;   // default MF_IO_AUTO; MOEFLUX_IO overrides it when set
     int to_device;          // the bytes go on to a device by copies (a GPU that cannot
-                            // read host memory): auto picks pread into the slots (pinned
-                            // there), whose copies are asynchronous, over mmap, whose
-                            // pageable pages are copied synchronously and measured 2-2.6x
-                            // slower on the H200 (bench/RESULTS.md "CUDA"); default 0
+                            // read host memory): auto picks mmap with the mappings
+                            // page-locked through `pin` when `pin` is given and the
+                            // experts take at most half the RAM (the device's copies then
+                            // read the page cache directly), else pread into the slots
+                            // (pinned there), whose copies are asynchronous, over plain
+                            // mmap, whose pageable pages are copied synchronously and
+                            // measured 2-2.6x slower on the H200 (bench/RESULTS.md
+                            // "CUDA"); default 0
+    struct mf_expert_pin pin;   // page-locking for to_device (pin.pin NULL: none); an
+                                // explicit mmap is page-locked too where it can be
     // Slot memory, e.g. pinned host memory of a GPU backend: alloc(alloc_user, bytes)
     // returns a buffer of `bytes` (a multiple of 4096; direct mode needs it 4096-byte
     // aligned or falls back to pread), freed by free_fn(alloc_user, ptr). NULL (the
@@ -132,6 +138,7 @@ struct mf_expert_reader_stats {
     int64_t errors;            // waits that returned an error (bad ids, failed reads)
     double wait_s;             // time the consumer blocked in wait / wait_any / submit
     enum mf_io_mode mode;      // the mode in effect (never AUTO)
+    int pinned;                // mmap mode with the mappings page-locked (params.pin)
     int n_slots, n_workers;    // in effect
     char mode_note[320];       // how the mode was chosen; any fallback and its reason
 };

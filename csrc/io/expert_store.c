@@ -49,6 +49,8 @@ struct mf_expert_store {
     int direct;                  // 0 untried, 1 dfds[] open, -1 refused (why in direct_why)
     int *dfds;                   // [n_layers] O_DIRECT / F_NOCACHE fds, -1 without a file
     char direct_why[256];
+    int pins;                    // mf_expert_store_pin counts; maps[] locked while > 0
+    struct mf_expert_pin pin;    // the callbacks that locked them
     size_t page;                 // sysconf(_SC_PAGESIZE)
 };
 
@@ -918,6 +920,50 @@ int mf_expert_store_map(mf_expert_store *st, char *err, size_t errlen) {
         mf_err(err, errlen, MF_ERR_IO, "%s", st->map_err);
     pthread_mutex_unlock(&st->lock);
     return ok ? MF_OK : MF_ERR_IO;
+}
+
+static void unpin_layers(mf_expert_store *st, int n) {
+    for (int l = 0; l < n; l++)
+        if (st->maps[l])
+            st->pin.unpin(st->pin.user, st->maps[l]);
+}
+
+static int pin_layers(mf_expert_store *st, char *err, size_t errlen) {
+    char why[256];
+    for (int l = 0; l < st->n_layers; l++) {
+        if (!st->maps[l] || st->pin.pin(st->pin.user, st->maps[l], layer_bytes(st), why,
+                                        sizeof why) == MF_OK)
+            continue;
+        unpin_layers(st, l);
+        return mf_err(err, errlen, MF_ERR_BACKEND, "%s/layer_%02d.bin: cannot page-lock "
+                      "its %zu-byte mapping: %s", st->dir, l, layer_bytes(st), why);
+    }
+    return MF_OK;
+}
+
+int mf_expert_store_pin(mf_expert_store *st, const struct mf_expert_pin *how, char *err,
+                        size_t errlen) {
+    int rc = MF_OK;
+    pthread_mutex_lock(&st->lock);
+    if (st->mapped != 1) {
+        rc = mf_err(err, errlen, MF_ERR_ARG, "expert store: pin before a mapping");
+    } else if (st->pins == 0) {
+        st->pin = *how;
+        rc = pin_layers(st, err, errlen);
+    } else if (st->pin.pin != how->pin || st->pin.user != how->user) {
+        rc = mf_err(err, errlen, MF_ERR_ARG, "expert store: already page-locked for "
+                    "another device");
+    }
+    st->pins += rc == MF_OK;
+    pthread_mutex_unlock(&st->lock);
+    return rc;
+}
+
+void mf_expert_store_unpin(mf_expert_store *st) {
+    pthread_mutex_lock(&st->lock);
+    if (st->pins > 0 && --st->pins == 0)
+        unpin_layers(st, st->n_layers);
+    pthread_mutex_unlock(&st->lock);
 }
 
 int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *err,

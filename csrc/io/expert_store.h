@@ -133,6 +133,22 @@ int mf_expert_store_read_direct(const mf_expert_store *st, int il, int ie, void 
 // Map every layer file read-only (MAP_SHARED), once per store; later calls return the
 // first call's answer (MF_ERR_IO naming the file). Thread-safe.
 int mf_expert_store_map(mf_expert_store *st, char *err, size_t errlen);
+// Page-locking of the mappings for a device that copies from them (a GPU whose DMA then
+// reads the page cache directly, with no copy into staging memory). A pin callback
+// page-locks [p, p + n) (MF_OK, or an error code with err set); unpin undoes it.
+struct mf_expert_pin {
+    int (*pin)(void *user, const void *p, size_t n, char *err, size_t errlen);
+    void (*unpin)(void *user, const void *p);
+    void *user;
+};
+// After mf_expert_store_map: page-lock every layer's mapping through `how`, once per
+// store however many readers ask (counted); a second caller must pass the same
+// callbacks. On failure nothing stays locked and err names the file. Thread-safe.
+int mf_expert_store_pin(mf_expert_store *st, const struct mf_expert_pin *how, char *err,
+                        size_t errlen);
+// Drop one count of mf_expert_store_pin; the last unlocks every mapping. The callbacks
+// (and what their user pointer names) must live until then. Thread-safe.
+void mf_expert_store_unpin(mf_expert_store *st);
 // MF_OK when layer il's file (fstat now) still holds expert ie whole, else MF_ERR_IO
 // naming the file, layer, expert, offset and the file's size. ids must be valid
 // (mf_expert_store_check). Thread-safe.

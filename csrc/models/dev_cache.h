@@ -48,9 +48,10 @@ void mf_dev_cache_free(struct mf_dev_cache *c);   // NULL: no-op
 int mf_dev_cache_lookup(struct mf_dev_cache *c, int il, int ie);
 int mf_dev_cache_reserve(struct mf_dev_cache *c, int il, int ie);
 const void *mf_dev_cache_slot_blob(const struct mf_dev_cache *c, int slot);
-// staged = 1: src_host is alloc_host memory (a reader slot), copied by upload_async as
-// above; 0: any host memory (the expert file's mapping in mmap mode), copied by upload
-// in the exec's order (host-argument rule: src_host may go once this returns).
+// staged = 1: src_host is alloc_host memory (a reader slot) or page-locked memory that
+// stays (a mapping locked through pin_host), copied by upload_async as above; 0: any
+// host memory (a plain mapping in mmap mode), copied by upload in the exec's order
+// (host-argument rule: src_host may go once this returns).
 void mf_dev_cache_fill(struct mf_dev_cache *c, int slot, const void *src_host,
                        int staged);
 void mf_dev_cache_used(struct mf_dev_cache *c, int slot);

@@ -316,11 +316,24 @@ static void slot_free(void *user, void *p) {
     ctx->be->ops->dealloc_host(ctx->ex, p);
 }
 
+// Page-locking of the expert mappings by the model's backend (shared by its contexts).
+static int pin_cb(void *user, const void *p, size_t n, char *err, size_t errlen) {
+    struct mf_backend *be = user;
+    return be->ops->pin_host(be, p, n, err, errlen);
+}
+
+static void unpin_cb(void *user, const void *p) {
+    struct mf_backend *be = user;
+    be->ops->unpin_host(be, p);
+}
+
 static int reader_new(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
                       char *err, size_t errlen) {
     struct mf_expert_reader_params p = mf_expert_reader_default_params();
     p.mode = ctx->io_mode;
     p.to_device = !ctx->be->ops->host_is_device;
+    if (p.to_device && ctx->be->ops->pin_host && ctx->be->ops->unpin_host)
+        p.pin = (struct mf_expert_pin){.pin = pin_cb, .unpin = unpin_cb, .user = ctx->be};
     if (ctx->params.io_threads > 0)
         p.n_workers = ctx->params.io_threads;
     // a layer's K reads and the next layer's prefetch in flight together
@@ -685,11 +698,13 @@ static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
         mf_expert_reader_release(s->reader, tk);
         return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
     }
-    int staged = s->seen.mode != MF_IO_MMAP;   // else upload copied it already
-    mf_dev_cache_fill(s->dc, slot, data, staged);
+    // Asynchronous copy from a slot, or from a page-locked mapping (which outlives the
+    // ticket); a plain mapping's pages are copied by the time upload returns.
+    const int slot_copy = s->seen.mode != MF_IO_MMAP;
+    mf_dev_cache_fill(s->dc, slot, data, slot_copy || s->seen.pinned);
     run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
     mf_dev_cache_used(s->dc, slot);
-    if (staged)
+    if (slot_copy)
         keep_or_release(s, tk, slot);   // until the copy that reads it is done
     else
         mf_expert_reader_release(s->reader, tk);

@@ -746,6 +746,89 @@ static void test_many_readers(void) {
     mf_expert_store_close(st);
 }
 
+/* ==== Page-locking for a device (params.pin) ====
+ * Counting callbacks stand in for a GPU's cuMemHostRegister: auto with to_device picks
+ * mmap with every layer mapping locked once per store when the experts take at most
+ * half the RAM, pread above that; a lock that fails leaves nothing locked and falls
+ * back (pread for auto, plain mmap when mmap was asked for); two readers lock once and
+ * the last one freed unlocks. */
+
+struct pins {
+    int locked, calls, fail;   // fail > 0: calls from the fail-th on are refused
+};
+
+static int pin_count(void *user, const void *p, size_t n, char *err, size_t errlen) {
+    struct pins *c = user;
+    c->calls++;
+    if ((c->fail && c->calls >= c->fail) || !p || n != (size_t)NE * ES) {
+        snprintf(err, errlen, "refused");
+        return MF_ERR_BACKEND;
+    }
+    c->locked++;
+    return MF_OK;
+}
+
+static void unpin_count(void *user, const void *p) {
+    struct pins *c = user;
+    c->locked -= p != NULL;
+}
+
+static mf_expert_reader *pin_reader(mf_expert_store *st, struct pins *c,
+                                    enum mf_io_mode mode, uint64_t ram) {
+    struct mf_expert_reader_params p = mf_expert_reader_default_params();
+    p.mode = mode;
+    p.to_device = 1;
+    p.ram_bytes = ram;
+    p.pin = (struct mf_expert_pin){.pin = pin_count, .unpin = unpin_count, .user = c};
+    mf_expert_reader *r = NULL;
+    char err[512];
+    CHECK(mf_expert_reader_new(&r, st, &p, err, sizeof err) == MF_OK, "pin reader: %s", err);
+    return r;
+}
+
+static void expect_mode(mf_expert_reader *r, enum mf_io_mode mode, int pinned,
+                        const char *note, const char *what) {
+    struct mf_expert_reader_stats s;
+    if (!r)
+        return;
+    mf_expert_reader_stats(r, &s);
+    CHECK(s.mode == mode && s.pinned == pinned && strstr(s.mode_note, note),
+          "%s: mode %s pinned %d: %s", what, mf_io_mode_name(s.mode), s.pinned,
+          s.mode_note);
+    CHECK(run_random(r, 5, 20, 4) == 20, "%s: bytes", what);
+}
+
+static void test_pin(mf_expert_store *st) {
+    const uint64_t total = 2ull * NE * ES;
+    struct pins c = {0};
+    mf_expert_reader *a = pin_reader(st, &c, MF_IO_AUTO, total * 2);
+    expect_mode(a, MF_IO_MMAP, 1, "page-locked", "auto, half the RAM");
+    CHECK(c.locked == 2 && c.calls == 2, "two layer files locked: %d of %d calls",
+          c.locked, c.calls);
+    mf_expert_reader *b = pin_reader(st, &c, MF_IO_MMAP, total * 2);
+    expect_mode(b, MF_IO_MMAP, 1, "mmap", "second reader");
+    CHECK(c.calls == 2, "the second reader locks nothing again: %d calls", c.calls);
+    mf_expert_reader_free(a);
+    CHECK(c.locked == 2, "still locked while a reader uses them: %d", c.locked);
+    mf_expert_reader_free(b);
+    CHECK(c.locked == 0, "unlocked with the last reader: %d", c.locked);
+    c = (struct pins){0};
+    mf_expert_reader *r = pin_reader(st, &c, MF_IO_AUTO, total * 2 - 1);
+    expect_mode(r, MF_IO_PREAD, 0, "pread", "auto, more than half the RAM");
+    mf_expert_reader_free(r);
+    CHECK(c.calls == 0, "nothing locked for pread: %d calls", c.calls);
+    c = (struct pins){.fail = 2};   // the second file's lock fails: the first is undone
+    r = pin_reader(st, &c, MF_IO_AUTO, total * 4);
+    expect_mode(r, MF_IO_PREAD, 0, "page-locking failed, using pread", "auto, lock fails");
+    mf_expert_reader_free(r);
+    CHECK(c.calls == 2 && c.locked == 0, "a half-done lock is undone: %d locked", c.locked);
+    c = (struct pins){.fail = 1};
+    r = pin_reader(st, &c, MF_IO_MMAP, total * 4);
+    expect_mode(r, MF_IO_MMAP, 0, "page-locking failed, plain mmap", "mmap, lock fails");
+    mf_expert_reader_free(r);
+    CHECK(c.locked == 0, "a failed lock leaves nothing locked: %d", c.locked);
+}
+
 int main(void) {
     unsetenv("MOEFLUX_IO");
     if (check_make_tmpdir(dir_disk, sizeof dir_disk, "mf_reader") != 0)
@@ -759,6 +842,7 @@ int main(void) {
         test_auto_env(st);
         test_prefetch(st);
         test_free_in_flight(st);
+        test_pin(st);
     }
     mf_expert_store_close(st);
     test_many_readers();

@@ -23,6 +23,8 @@ typedef struct CUevent_st *CUevent;
 #define MF_CU_DEVICE_ATTRIBUTE_CC_MAJOR 75
 #define MF_CU_DEVICE_ATTRIBUTE_CC_MINOR 76
 #define MF_CU_MEMHOSTALLOC_PORTABLE 1
+#define MF_CU_MEMHOSTREGISTER_PORTABLE 1
+#define MF_CU_MEMHOSTREGISTER_READ_ONLY 8
 #define MF_CU_STREAM_NON_BLOCKING 1
 #define MF_CU_EVENT_DISABLE_TIMING 2
 
@@ -47,6 +49,9 @@ typedef struct _nvrtcProgram *nvrtcProgram;
     X(MemFree, "cuMemFree_v2", CUresult, (CUdeviceptr p))                               \
     X(MemHostAlloc, "cuMemHostAlloc", CUresult, (void **p, size_t n, unsigned flags))   \
     X(MemFreeHost, "cuMemFreeHost", CUresult, (void *p))                                \
+    X(MemHostRegister, "cuMemHostRegister_v2", CUresult,                                \
+      (void *p, size_t n, unsigned flags))                                              \
+    X(MemHostUnregister, "cuMemHostUnregister", CUresult, (void *p))                    \
     X(MemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2", CUresult,                                \
       (CUdeviceptr dst, const void *src, size_t n, CUstream s))                         \
     X(MemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2", CUresult,                                \

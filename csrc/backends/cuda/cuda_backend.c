@@ -265,6 +265,26 @@ static int cuda_mem_info(struct mf_backend *be, uint64_t *free_bytes, uint64_t *
     return rc;
 }
 
+// Expert file mappings the device's copies read directly (read-only registration: the
+// mappings are PROT_READ).
+static int cuda_pin_host(struct mf_backend *be, const void *p, size_t n, char *err,
+                         size_t errlen) {
+    struct mf_cuda_be *cb = be->impl;
+    int rc = be_ck(cb, cb->cu.CtxSetCurrent(cb->ctx), "cuCtxSetCurrent", err, errlen);
+    if (!rc)
+        rc = be_ck(cb, cb->cu.MemHostRegister((void *)(uintptr_t)p, n,
+                                              MF_CU_MEMHOSTREGISTER_PORTABLE |
+                                                  MF_CU_MEMHOSTREGISTER_READ_ONLY),
+                   "cuMemHostRegister (read-only)", err, errlen);
+    return rc;
+}
+
+static void cuda_unpin_host(struct mf_backend *be, const void *p) {
+    struct mf_cuda_be *cb = be->impl;
+    cb->cu.CtxSetCurrent(cb->ctx);
+    cb->cu.MemHostUnregister((void *)(uintptr_t)p);
+}
+
 /* ==== Exec ==== */
 
 static void free_blocks(struct mf_exec *ex, struct mf_cuda_block *b, int n) {
@@ -620,6 +640,8 @@ static const struct mf_backend_ops cuda_ops = {
     .exec_free = cuda_exec_free,
     .unmap_weights = cuda_unmap_weights,
     .mem_info = cuda_mem_info,
+    .pin_host = cuda_pin_host,
+    .unpin_host = cuda_unpin_host,
     .status = cuda_status,
     .host_is_device = 0,
     .alloc = cuda_alloc,
