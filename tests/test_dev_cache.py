@@ -7,7 +7,8 @@ before it runs, as on CUDA. Checked on every family:
     retention), 25% and 100% of the routed experts;
   - hits, misses and uploaded bytes equal to a model of the cache computed here from
     mlx-lm's routing of the same tokens (expert_cache.h's LFRU rules replayed on each
-    call's distinct experts in ascending order), not from the engine's counters.
+    call's distinct experts in ascending order: every lookup, then the misses'
+    inserts), not from the engine's counters.
 Under `make asan-pytest PYTEST_ARGS=tests/test_dev_cache.py` the same runs check that
 no slot is read after its release.
 """
@@ -115,13 +116,12 @@ def _model_counts(calls: list[tuple[int, list[int]]], n_slots: int) -> tuple[int
     if n_slots == 0:
         return 0, sum(len(e) for _, e in calls)
     c, hits, misses = _LFRU(n_slots), 0, 0
-    for il, experts in calls:
-        for e in experts:
-            if c.lookup((il, e)):
-                hits += 1
-            else:
-                misses += 1
-                c.insert((il, e))
+    for il, experts in calls:   # every lookup of a call first, then the misses' inserts
+        missed = [e for e in experts if not c.lookup((il, e))]
+        hits += len(experts) - len(missed)
+        misses += len(missed)
+        for e in missed:
+            c.insert((il, e))
     return hits, misses
 
 
@@ -175,3 +175,32 @@ def test_dev_cache_bytes_and_args(monkeypatch: pytest.MonkeyPatch,
     for bad in (-1, 1.5, -0.1, "half", True):
         with pytest.raises(moeflux.ArgumentError):
             moeflux.Model(model_dir, gpu_cache=bad)
+
+
+def test_dev_cache_failed_read_leaves_no_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               converted: Callable[..., tuple[Path, Path]]
+                                               ) -> None:
+    """A call whose reads fail part way (a layer file cut in half after open) must not
+    leave slots in the cache that were reserved but never filled: the same context,
+    once the file is whole again, gives the plain path's logits bit for bit. (With
+    those slots kept, the retry hits them and computes on bytes never copied.)"""
+    import shutil
+
+    import moeflux
+
+    _, src = converted("qwen3_moe")
+    model_dir = tmp_path / "model"
+    shutil.copytree(src, model_dir)
+    plain, _ = _run(model_dir, monkeypatch, None)
+    layer = sorted((model_dir / "packed_experts").glob("layer_*.bin"))[0]
+    whole = layer.read_bytes()
+    monkeypatch.setenv("MOEFLUX_TEST_DEV_CACHE", "1")
+    with moeflux.Model(model_dir, threads=2, io_mode="pread", gpu_cache=1.0) as m:
+        layer.write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(moeflux.MoefluxError, match=layer.name):
+            m.eval(PROMPT, all_logits=True)
+        layer.write_bytes(whole)
+        rows = [m.eval(PROMPT, all_logits=True)]
+        rows += [m.eval([t])[None, :] for t in CONT]
+        assert m.stats()["gpu_cache_hits"] > 0
+    assert np.array_equal(np.concatenate(rows), plain)

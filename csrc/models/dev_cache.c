@@ -140,6 +140,11 @@ void mf_dev_cache_used(struct mf_dev_cache *c, int slot) {
     c->op->fence_record(c->ex, c->used[slot]);
 }
 
+void mf_dev_cache_forget(struct mf_dev_cache *c, int slot) {
+    if (c->policy)
+        mf_expert_cache_remove(c->policy, slot);
+}
+
 int mf_dev_cache_n_slots(const struct mf_dev_cache *c) {
     return c->policy ? c->n_slots : 0;
 }

@@ -55,6 +55,8 @@ const void *mf_dev_cache_slot_blob(const struct mf_dev_cache *c, int slot);
 void mf_dev_cache_fill(struct mf_dev_cache *c, int slot, const void *src_host,
                        int staged);
 void mf_dev_cache_used(struct mf_dev_cache *c, int slot);
+// Drop the slot's expert from the cache (a reserved slot that was never filled).
+void mf_dev_cache_forget(struct mf_dev_cache *c, int slot);
 // Blocks the host until the slot's last staged fill has been copied (its host memory
 // may then be reused; a later fill of the slot is queued after it, so waiting for the
 // fence re-recorded by it waits for both).

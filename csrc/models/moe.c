@@ -82,8 +82,11 @@ struct mf_moe_scratch {
     struct mf_dev_cache *dc;
     struct mf_dev_cache_stats dc_seen;   // its counters already added to ctx stats
     int32_t *fifo_tk;        // [n_expert] the call's misses in submission order: ticket
-    int32_t *fifo_slot;      //   and device slot; [fifo_head, fifo_n) not yet run
+    int32_t *fifo_slot;      //   and device slot; [fifo_head, fifo_n) not yet landed
     int fifo_head, fifo_n;
+    int32_t *run_ie;         // [n_expert] experts to run from device slots run_slot
+    int32_t *run_slot;
+    int32_t *miss_ie;        // [n_expert] the call's misses before their slots
     // Deferred release (queues_work, or the cache): tickets whose slots queued work may
     // still read, released once pend_fence, recorded after that work, is reached.
     int defer;
@@ -403,7 +406,10 @@ static int stream_setup(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_m
         return MF_OK;
     s->fifo_tk = calloc((size_t)c->n_expert, sizeof *s->fifo_tk);
     s->fifo_slot = calloc((size_t)c->n_expert, sizeof *s->fifo_slot);
-    if (!s->fifo_tk || !s->fifo_slot)
+    s->run_ie = calloc((size_t)c->n_expert, sizeof *s->run_ie);
+    s->run_slot = calloc((size_t)c->n_expert, sizeof *s->run_slot);
+    s->miss_ie = calloc((size_t)c->n_expert, sizeof *s->miss_ie);
+    if (!s->fifo_tk || !s->fifo_slot || !s->run_ie || !s->run_slot || !s->miss_ie)
         return mf_err(err, errlen, MF_ERR_NOMEM, "moe: out of memory (device cache)");
     int n = dev_cache_slots(ctx, s, c);
     int rc = mf_dev_cache_new(op, ctx->ex, s->n_layer, c->n_expert, s->expert_bytes, n,
@@ -482,7 +488,8 @@ void mf_moe_scratch_free(mf_ctx *ctx, struct mf_moe_scratch *s) {
     mf_expert_reader_free(s->reader);   // before the slots' backend goes
     void *host[] = {s->sel_idx, s->sel_w, s->count, s->start, s->tok_of, s->w_of, s->used,
                     s->prev, s->prev_ok, (void *)s->res_blob, s->res_row0, s->res_rows,
-                    s->fifo_tk, s->fifo_slot, s->pend, s->pend_slot};
+                    s->fifo_tk, s->fifo_slot, s->run_ie, s->run_slot, s->miss_ie,
+                    s->pend, s->pend_slot};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
         free(host[i]);
     void *dev[] = {s->logits_dev, s->xg, s->gu, s->eo, s->sh_tmp, s->sh_out, s->sh_gate,
@@ -585,15 +592,28 @@ static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_laye
  * mode, cache, prefetch or arrival order: results are bitwise the same. Prefill
  * chunks with more experts than slots compute arrived experts to free slots. */
 
+// Experts ie[0..n) of layer il, whose blobs are at res_blob[0..n), in one moe_experts
+// call over their rows of the grouped scratch.
+static void run_batch(mf_ctx *ctx, struct mf_moe_scratch *s, int il, const int32_t *ie,
+                      int n) {
+    if (n <= 0)
+        return;
+    for (int i = 0; i < n; i++) {
+        s->res_row0[i] = s->start[ie[i]];
+        s->res_rows[i] = s->start[ie[i] + 1] - s->start[ie[i]];
+    }
+    struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
+    b.n = n;
+    b.blob_host = s->res_blob;
+    b.row0_host = s->res_row0;
+    b.n_rows_host = s->res_rows;
+    ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+}
+
 static void run_expert(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie,
                        const void *blob) {
-    int32_t row0 = s->start[ie], n_rows = s->start[ie + 1] - s->start[ie];
-    struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
-    b.n = 1;
-    b.blob_host = &blob;
-    b.row0_host = &row0;
-    b.n_rows_host = &n_rows;
-    ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+    s->res_blob[0] = blob;
+    run_batch(ctx, s, il, &ie, 1);
 }
 
 // Deferred release: a ticket whose slot queued work may still read is kept, not
@@ -682,13 +702,27 @@ static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
 }
 
 /* ==== Device expert cache ====
- * Each expert of the call is looked up in the order of used[]: a hit runs from its
- * device slot at once (no read, no copy); a miss gets its slot reserved at once (so
- * the cache's choices depend only on the routing) and its read submitted. Misses then
- * run in submission order: wait for the bytes, copy them into the slot on the copy
- * queue (the copy of one expert overlaps the compute of the one before), run. */
+ * Every expert of the call is looked up first, in the order of used[]; the hits then
+ * run from their device slots in one call (no read, no copy). Each miss then gets a
+ * slot (so the cache's choices depend only on the routing; a copy into a slot a hit
+ * of this call holds waits for that call, through the slot's `used` fence) and its
+ * read submitted. The misses land in submission order (wait for the bytes, queue the
+ * copy into the slot on the copy queue) and run together in one call. A miss that
+ * never landed (a failed read, an error before it) leaves the cache. */
 
-static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
+// The experts run_ie[0..n) from the device slots run_slot[], in one call; their slots
+// are then marked used (a later copy into one waits for this work).
+static void run_slots(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
+    for (int i = 0; i < n; i++)
+        s->res_blob[i] = mf_dev_cache_slot_blob(s->dc, s->run_slot[i]);
+    run_batch(ctx, s, il, s->run_ie, n);
+    for (int i = 0; i < n; i++)
+        mf_dev_cache_used(s->dc, s->run_slot[i]);
+}
+
+// The oldest submitted miss: wait for its bytes, queue their copy into its slot, and
+// add it to run_ie / run_slot at *n.
+static int land_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int *n) {
     int tk = s->fifo_tk[s->fifo_head], slot = s->fifo_slot[s->fifo_head], ie = -1;
     s->fifo_head++;
     const void *data = NULL;
@@ -696,19 +730,27 @@ static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
     mf_expert_reader_ticket_expert(s->reader, tk, NULL, &ie);
     if (rc != MF_OK) {
         mf_expert_reader_release(s->reader, tk);
+        mf_dev_cache_forget(s->dc, slot);
         return mf_ctx_fail(ctx, rc, "layer %d expert %d: %s", il, ie, s->err);
     }
     // Asynchronous copy from a slot, or from a page-locked mapping (which outlives the
     // ticket); a plain mapping's pages are copied by the time upload returns.
     const int slot_copy = s->seen.mode != MF_IO_MMAP;
     mf_dev_cache_fill(s->dc, slot, data, slot_copy || s->seen.pinned);
-    run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
-    mf_dev_cache_used(s->dc, slot);
     if (slot_copy)
         keep_or_release(s, tk, slot);   // until the copy that reads it is done
     else
         mf_expert_reader_release(s->reader, tk);
+    s->run_ie[*n] = ie;
+    s->run_slot[(*n)++] = slot;
     return MF_OK;
+}
+
+// The reader is full while misses are submitted: land and run the oldest one.
+static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
+    int n = 0, rc = land_oldest(ctx, s, il, &n);
+    run_slots(ctx, s, il, n);
+    return rc;
 }
 
 static int submit_miss(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie, int slot) {
@@ -725,27 +767,59 @@ static int submit_miss(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie, in
         else if (rc == MF_EXPERT_READER_FULL && s->fifo_head < s->fifo_n)
             rc = run_oldest(ctx, s, il);
         else
-            return mf_ctx_fail(ctx, rc < 0 ? rc : MF_ERR_STATE,
-                               "layer %d: expert reader refused expert %d: %s", il, ie,
-                               s->err);
-        if (rc != MF_OK && rc != MF_EXPERT_READER_FULL)
+            rc = mf_ctx_fail(ctx, rc < 0 ? rc : MF_ERR_STATE,
+                             "layer %d: expert reader refused expert %d: %s", il, ie,
+                             s->err);
+        if (rc != MF_OK && rc != MF_EXPERT_READER_FULL) {
+            mf_dev_cache_forget(s->dc, slot);
             return rc;
+        }
     }
 }
 
+// Land every submitted miss, then run them in one call.
+static int run_misses(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
+    int n = 0, rc = MF_OK;
+    while (rc == MF_OK && s->fifo_head < s->fifo_n)
+        rc = land_oldest(ctx, s, il, &n);
+    if (rc == MF_OK)
+        run_slots(ctx, s, il, n);
+    return rc;
+}
+
+// 1 if a submitted miss that has not run yet fills `slot` (the ring without retention
+// reuses its slots within a call; so can a cache smaller than a call's misses).
+static int slot_pending(const struct mf_moe_scratch *s, int slot) {
+    for (int i = s->fifo_head; i < s->fifo_n; i++)
+        if (s->fifo_slot[i] == slot)
+            return 1;
+    return 0;
+}
+
 static int submit_dev(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used) {
+    int n_hit = 0, n_miss = 0;
     s->fifo_head = s->fifo_n = 0;
     for (int j = 0; j < n_used; j++) {
         int ie = s->used[j], slot = mf_dev_cache_lookup(s->dc, il, ie);
         if (slot >= 0) {
-            run_expert(ctx, s, il, ie, mf_dev_cache_slot_blob(s->dc, slot));
-            mf_dev_cache_used(s->dc, slot);
-            continue;
+            s->run_ie[n_hit] = ie;
+            s->run_slot[n_hit++] = slot;
+        } else {
+            s->miss_ie[n_miss++] = ie;
         }
-        if ((slot = mf_dev_cache_reserve(s->dc, il, ie)) < 0)
+    }
+    run_slots(ctx, s, il, n_hit);
+    for (int j = 0; j < n_miss; j++) {
+        int ie = s->miss_ie[j], slot = mf_dev_cache_reserve(s->dc, il, ie), rc = MF_OK;
+        if (slot < 0)
             return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d expert %d: no device cache "
                                "slot", il, ie);
-        int rc = submit_miss(ctx, s, il, ie, slot);
+        if (slot_pending(s, slot))   // a small cache: its earlier miss runs first
+            rc = run_misses(ctx, s, il);
+        if (rc == MF_OK)
+            rc = submit_miss(ctx, s, il, ie, slot);
+        else
+            mf_dev_cache_forget(s->dc, slot);
         if (rc != MF_OK)
             return rc;
     }
@@ -849,11 +923,13 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
     *shared_s = mf_now_s() - t;
     while (rc == MF_OK && outstanding > 0)
         rc = run_one_ready(ctx, s, &outstanding);
-    while (rc == MF_OK && s->dc && s->fifo_head < s->fifo_n)
-        rc = run_oldest(ctx, s, w->il);
+    if (rc == MF_OK && s->dc)
+        rc = run_misses(ctx, s, w->il);
     if (rc == MF_OK && n_tok > 1)
         prefetch_next_group(s, c, w->il, n_tok);
     if (rc != MF_OK) {
+        while (s->dc && s->fifo_head < s->fifo_n)   // reserved, never filled
+            mf_dev_cache_forget(s->dc, s->fifo_slot[s->fifo_head++]);
         ctx->be->ops->sync(ctx->ex);   // nothing queued may read a slot released below
         s->n_pend = 0;
         mf_expert_reader_release_all(s->reader);
@@ -913,18 +989,9 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
 // The call's experts (used[], ascending) in one moe_experts call on their resident blobs.
 static void run_resident_experts(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used) {
     const uint8_t *base = s->resident[il];
-    for (int i = 0; i < n_used; i++) {
-        int e = s->used[i];
-        s->res_blob[i] = base + (uint64_t)e * s->expert_bytes;
-        s->res_row0[i] = s->start[e];
-        s->res_rows[i] = s->start[e + 1] - s->start[e];
-    }
-    struct mf_moe_batch b = mf_moe_views_batch(&s->views[il]);
-    b.n = n_used;
-    b.blob_host = s->res_blob;
-    b.row0_host = s->res_row0;
-    b.n_rows_host = s->res_rows;
-    ctx->be->ops->moe_experts(ctx->ex, s->eo, s->gu, s->xg, &b);
+    for (int i = 0; i < n_used; i++)
+        s->res_blob[i] = base + (uint64_t)s->used[i] * s->expert_bytes;
+    run_batch(ctx, s, il, s->used, n_used);
 }
 
 static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
