@@ -47,14 +47,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "vocab.json",
                    "merges.txt")
 
-# Stacked routed experts: mlx-lm's SwitchGLU under mlp.switch_mlp, or mlp.experts
-# (gpt_oss; other families' mlp.experts tensors are raw HF ones, refused by Source).
-_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\."
-                        r"(?:switch_mlp|experts)\."
+# Stacked routed experts: mlx-lm's SwitchGLU under the layer's FFN module (mlp, or a
+# family's own ffn_module such as minimax's block_sparse_moe) as switch_mlp, or
+# mlp.experts (gpt_oss; other families' mlp.experts tensors are raw HF ones, refused by
+# Source).
+_FFN_MODULES = "|".join(sorted({re.escape(f.ffn_module) for f in families().values()}))
+_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\."
+                        rf"(?:{_FFN_MODULES})\.(?:switch_mlp|experts)\."
                         r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias)$")
 _LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
+# Per-expert or fused expert tensors of a raw Hugging Face checkpoint (minimax's
+# per-expert w1 / w2 / w3 under block_sparse_moe.experts.N).
 _HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_proj|"
-                           r"down_proj|gate_proj|up_proj)\b")
+                           r"down_proj|gate_proj|up_proj)\b|"
+                           r"\.block_sparse_moe\.experts\.\d+\.w[123]\b")
 
 
 class PrepIOError(MoefluxIOError):
@@ -132,7 +138,7 @@ class ModelConfig:
         if mode != "affine":
             raise FormatError(f"{self.dir / 'config.json'}: quantization mode {mode!r}; "
                               "only 'affine' (scales + biases) is supported")
-        experts = f".mlp.{self.family.expert_module}."
+        experts = f".{self.family.ffn_module}.{self.family.expert_module}."
         for key, val in self.qblock.items():
             if not isinstance(val, dict) or val.get("mode", "affine") == "affine":
                 continue
@@ -197,7 +203,7 @@ class Source(ModelConfig):
     def _refuse_raw_hf(self) -> None:
         """A raw HF checkpoint has per-expert or fused expert tensors and [C,1,K] conv
         weights; copying it would give the engine a layout it does not read."""
-        stacked = f".mlp.{self.family.expert_module}."
+        stacked = f".{self.family.ffn_module}.{self.family.expert_module}."
         for name, info in self.ckpt.tensors.items():
             if stacked == ".mlp.experts." and stacked in name:
                 if expert_key(name) is None:
@@ -210,7 +216,8 @@ class Source(ModelConfig):
             if _HF_EXPERT_RE.search(name):
                 raise FormatError(
                     f"{name}: raw Hugging Face expert tensor; expected stacked "
-                    "'...mlp.switch_mlp.{gate,up,down}_proj.*' tensors of an MLX "
+                    f"'...{self.family.ffn_module}.switch_mlp.{{gate,up,down}}_proj.*' "
+                    "tensors of an MLX "
                     "checkpoint (convert it with mlx_lm.convert first)")
             if name.endswith("conv1d.weight") and len(info.shape) == 3 and \
                     info.shape[-1] != 1:

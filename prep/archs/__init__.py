@@ -25,9 +25,10 @@ class Family:
     nested text_config when there is one). ``experts_key`` names the expert count,
     ``expert_ff_key`` the experts' width. ``drops_extra_layers``: tensors of layers >=
     num_hidden_layers (multi-token prediction layers) are skipped rather than refused.
-    ``expert_module``: the module of the stacked experts under ``mlp`` (mlx-lm's
-    SwitchGLU attribute name). ``expert_modes``: the quantization modes its experts may
-    use (the rest of the model is affine or float whatever the family).
+    ``ffn_module``: a decoder layer's FFN module (``mlp``; minimax:
+    ``block_sparse_moe``). ``expert_module``: the module of the stacked experts under
+    it (mlx-lm's SwitchGLU attribute name). ``expert_modes``: the quantization modes its
+    experts may use (the rest of the model is affine or float whatever the family).
     """
 
     model_type: str
@@ -36,6 +37,7 @@ class Family:
     drops_extra_layers: bool = False
     expert_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     expert_ff_key: str = "moe_intermediate_size"
+    ffn_module: str = "mlp"
     expert_module: str = "switch_mlp"
     expert_modes: tuple[str, ...] = ("affine",)
 
@@ -65,7 +67,7 @@ def first_dense_layers(text: dict[str, Any], n_layers: int, n_experts: int,
 
 
 def all_layers(text: dict[str, Any], n_layers: int, n_experts: int) -> list[int]:
-    """gpt-oss rule: every layer's FFN is routed experts."""
+    """gpt-oss / minimax rule: every layer's FFN is routed experts."""
     return list(range(n_layers)) if n_experts > 0 else []
 
 
