@@ -304,6 +304,7 @@ class _Float:
     init: str  # "norm" | "normal" | "a_log" | "dt_bias" | "corr_bias"
     dtype: str = "BF16"
     std: float = 1.0
+    in_leaf: bool = True   # held by a leaf module (see _total_parameters)
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -448,7 +449,7 @@ def _minimax_moe(t: dict, lp: str) -> list[_Linear | _Float]:
         _Linear(f"{mp}.gate", n_exp, hid, gain=GAIN_ROUTER, is_gate=True)]
     mods += _switch_mlp(f"{mp}.switch_mlp", hid, int(t["intermediate_size"]), n_exp)
     mods.append(_Float(f"{mp}.e_score_correction_bias", (n_exp,), "corr_bias",
-                       dtype="F32"))
+                       dtype="F32", in_leaf=False))
     return mods
 
 
@@ -717,11 +718,12 @@ def _total_parameters(cfg: dict) -> int:
     """mlx-lm's get_total_parameters: quantized modules count their unpacked weight,
     scales and biases not included; float modules count every element. It sums over
     LEAF modules only, so A_log and dt_bias (held directly by the GatedDeltaNet, which
-    has children) are not counted."""
+    has children) are not counted, nor minimax's e_score_correction_bias (held by its
+    block_sparse_moe)."""
     n = 0
     for mod in _modules(cfg):
         if isinstance(mod, _Float):
-            if mod.init not in ("a_log", "dt_bias"):
+            if mod.init not in ("a_log", "dt_bias") and mod.in_leaf:
                 n += int(np.prod(mod.shape))
         else:
             n += max(1, mod.lead) * mod.n_out * mod.n_in
