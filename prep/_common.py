@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from moeflux.errors import FormatError, MoefluxIOError, ShapeError
-from moeflux.prep.archs import Family, families
+from moeflux.prep.archs import Family, families, family
 from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
 
 # The families prep converts, one module each in prep/archs/ (by model_type).
@@ -127,11 +127,13 @@ class ModelConfig:
         self._check_quant_mode()
 
     def _detect_arch(self) -> str:
+        """The family's model_type (an alias such as minimax_m2 names its family)."""
         mt = self.config.get("model_type")
-        if mt not in ARCHITECTURES:
+        fam = family(mt) if isinstance(mt, str) else None
+        if fam is None:
             raise FormatError(f"{self.dir / 'config.json'}: model_type {mt!r} is not "
                               f"supported; expected one of {', '.join(ARCHITECTURES)}")
-        return mt
+        return fam.model_type
 
     def _check_quant_mode(self) -> None:
         mode = self.qblock.get("mode", "affine")

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 
 import moeflux
-from _helpers import (assert_close, check_failed_eval_recovers, check_long_prompt,
-                      check_prefill_and_decode, check_prompt_in_pieces,
-                      check_truncate_and_snapshot, continuation, converted,
-                      state_growth_of_7_tokens)
+from _helpers import (FWD_PROMPT, assert_close, check_failed_eval_recovers,
+                      check_long_prompt, check_prefill_and_decode,
+                      check_prompt_in_pieces, check_truncate_and_snapshot, continuation,
+                      converted, state_growth_of_7_tokens)
 from reference import reference_decode, reference_logits
 
 __all__ = ["converted"]  # the fixture is used by name
@@ -156,6 +156,25 @@ def test_checkpoint_written_by_mlx_lm(tmp_path: Path) -> None:
     model_dir = convert(ckpt, tmp_path / "model", progress=False)
     check_prefill_and_decode(model_dir, ARCH, lambda t: reference_logits(ckpt, t),
                              lambda p, c: reference_decode(ckpt, p, c))
+
+
+def test_hugging_face_model_type_minimax_m2(tmp_path: Path,
+                                            converted: Callable[..., tuple[Path, Path]]
+                                            ) -> None:
+    """MiniMax-M2's own configs say model_type minimax_m2 (mlx-lm remaps it to
+    minimax): prep converts such a checkpoint as minimax and the engine runs it."""
+    from moeflux.prep.convert import convert
+    from test_prep import clone_checkpoint
+
+    def retype(cfg: dict[str, Any]) -> None:
+        cfg["model_type"] = "minimax_m2"
+
+    src = clone_checkpoint(converted(ARCH)[0], tmp_path / "src", edit_config=retype)
+    dst = convert(src, tmp_path / "model", progress=False)
+    assert json.loads((dst / "moeflux.json").read_text())["architecture"] == ARCH
+    with moeflux.Model(dst, threads=2) as m:
+        ours = m.eval(FWD_PROMPT, all_logits=True)
+    assert_close(ours, reference_logits(src, FWD_PROMPT), "model_type minimax_m2")
 
 
 # ==== the sequence: pieces, long prompts, cache size, truncate, snapshots ====

@@ -306,6 +306,7 @@ static const char *const minimax_expert_components[] = {"gate_proj", "up_proj",
 
 const struct mf_arch mf_arch_minimax = {
     .model_type = "minimax",
+    .alias = "minimax_m2",   // Hugging Face's model_type; mlx-lm remaps it to minimax
     .id = MINIMAX_ARCH_ID,
     .experts_key = "num_local_experts",
     .expert_ff_key = "intermediate_size",

@@ -29,6 +29,8 @@ class Family:
     ``block_sparse_moe``). ``expert_module``: the module of the stacked experts under
     it (mlx-lm's SwitchGLU attribute name). ``expert_modes``: the quantization modes its
     experts may use (the rest of the model is affine or float whatever the family).
+    ``aliases``: other config model_types mlx-lm runs as this family (its
+    MODEL_REMAPPING, e.g. minimax_m2).
     """
 
     model_type: str
@@ -40,6 +42,7 @@ class Family:
     ffn_module: str = "mlp"
     expert_module: str = "switch_mlp"
     expert_modes: tuple[str, ...] = ("affine",)
+    aliases: tuple[str, ...] = ()
 
 
 def _cfg_int(text: dict[str, Any], key: str, default: int) -> int:
@@ -83,5 +86,9 @@ def families() -> dict[str, Family]:
 
 
 def family(model_type: str) -> Family | None:
-    """The family of ``model_type``, or None when prep has no rules for it."""
-    return families().get(model_type)
+    """The family of ``model_type`` (or of one of its aliases), or None when prep has
+    no rules for it."""
+    for fam in families().values():
+        if model_type == fam.model_type or model_type in fam.aliases:
+            return fam
+    return None
