@@ -94,6 +94,35 @@ def test_cases_hold_what_they_claim(converted: Callable[..., tuple[Path, Path]])
     assert "down_proj.scales" not in comps and comps["gate_proj.weight"]["dtype"] == "U32"
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0][0], CASES[4][0]])
+def test_verify_full_against_the_source(case: tuple[str, dict[str, Any]],
+                                        converted: Callable[..., tuple[Path, Path]]
+                                        ) -> None:
+    """prep's verify passes every byte of the converted directory against the source
+    (experts under block_sparse_moe, layout versions 1 and 2)."""
+    from moeflux.prep.verify import verify
+
+    ckpt, model_dir = converted(ARCH, **case[1])
+    rep = verify(model_dir, ckpt, full=True)
+    assert rep.ok, str(rep)
+
+
+def test_verify_finds_a_changed_expert_byte(tmp_path: Path,
+                                            converted: Callable[..., tuple[Path, Path]]
+                                            ) -> None:
+    from moeflux.prep.verify import verify
+
+    ckpt, src = converted(ARCH)
+    model_dir = tmp_path / "model"
+    shutil.copytree(src, model_dir)
+    victim = model_dir / "packed_experts" / "layer_01.bin"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    victim.write_bytes(bytes(blob))
+    rep = verify(model_dir, ckpt, full=True)
+    assert not rep.ok and "layer_01" in str(rep), str(rep)
+
+
 # ==== a checkpoint written by mlx-lm itself ====
 
 # Standard deviations of the random weights, relative to 1/sqrt(fan_in) for matrices.
@@ -162,8 +191,10 @@ def test_hugging_face_model_type_minimax_m2(tmp_path: Path,
                                             converted: Callable[..., tuple[Path, Path]]
                                             ) -> None:
     """MiniMax-M2's own configs say model_type minimax_m2 (mlx-lm remaps it to
-    minimax): prep converts such a checkpoint as minimax and the engine runs it."""
+    minimax): prep converts and verifies such a checkpoint as minimax and the engine
+    runs it."""
     from moeflux.prep.convert import convert
+    from moeflux.prep.verify import verify
     from test_prep import clone_checkpoint
 
     def retype(cfg: dict[str, Any]) -> None:
@@ -172,6 +203,7 @@ def test_hugging_face_model_type_minimax_m2(tmp_path: Path,
     src = clone_checkpoint(converted(ARCH)[0], tmp_path / "src", edit_config=retype)
     dst = convert(src, tmp_path / "model", progress=False)
     assert json.loads((dst / "moeflux.json").read_text())["architecture"] == ARCH
+    assert verify(dst, src, full=True).ok
     with moeflux.Model(dst, threads=2) as m:
         ours = m.eval(FWD_PROMPT, all_logits=True)
     assert_close(ours, reference_logits(src, FWD_PROMPT), "model_type minimax_m2")
