@@ -209,6 +209,18 @@ def test_hugging_face_model_type_minimax_m2(tmp_path: Path,
     assert_close(ours, reference_logits(src, FWD_PROMPT), "model_type minimax_m2")
 
 
+def test_cli_info_names_the_experts(converted: Callable[..., tuple[Path, Path]]) -> None:
+    """`moeflux info` reads the expert count under minimax's key (num_local_experts)."""
+    from test_cli import run
+
+    ckpt, model_dir = converted(ARCH)
+    r = run("info", str(model_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["architecture"] == ARCH and facts["num_experts"] == 8
+    assert facts["num_experts_per_tok"] == 2 and facts["layout_ok"] is True
+
+
 # ==== the sequence: pieces, long prompts, cache size, truncate, snapshots ====
 
 @pytest.mark.parametrize("cuts", [[1], [4, 9]], ids=str)
