@@ -2,7 +2,8 @@
  * minimax.c — the MiniMax-M2 family (mlx-lm minimax): its config keys, layer kinds,
  * snapshot identity, weight binding, KV cache and forward pass. Adding it touched no
  * core/ file: this file, its line in models/arch.c, the full-width q/k norm option of
- * models/attn_gqa.c, and prep's family module (prep/archs/minimax.py).
+ * models/attn_gqa.c, and prep's family module (prep/archs/minimax.py, with the two
+ * Family fields it needed: ffn_module block_sparse_moe, alias minimax_m2).
  *
  * Decoder layer:  h = x + Attn(RMSNorm_in(x));  out = h + MoE(RMSNorm_post(h)).
  * Attention (models/attn_gqa.c): q/k/v/o projections without biases; when use_qk_norm
