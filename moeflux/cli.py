@@ -170,7 +170,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "num_hidden_layers": key("num_hidden_layers"),
             "hidden_size": key("hidden_size"),
             "vocab_size": model.vocab_size,
-            "num_experts": key("num_experts", key("n_routed_experts")),
+            # the expert count under each family's key (gpt_oss, minimax: local)
+            "num_experts": key("num_experts", key("n_routed_experts",
+                                                  key("num_local_experts"))),
             "num_experts_per_tok": key("num_experts_per_tok"),
             "max_position_embeddings": key("max_position_embeddings"),
             "n_ctx": model.n_ctx,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from moeflux.errors import FormatError, MoefluxIOError, ShapeError
-from moeflux.prep.archs import Family, families
+from moeflux.prep.archs import Family, families, family
 from moeflux.prep.safetensors_io import DTYPE_SIZES, Checkpoint, TensorInfo
 
 # The families prep converts, one module each in prep/archs/ (by model_type).
@@ -47,14 +47,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "vocab.json",
                    "merges.txt")
 
-# Stacked routed experts: mlx-lm's SwitchGLU under mlp.switch_mlp, or mlp.experts
-# (gpt_oss; other families' mlp.experts tensors are raw HF ones, refused by Source).
-_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.mlp\."
-                        r"(?:switch_mlp|experts)\."
+# Stacked routed experts: mlx-lm's SwitchGLU under the layer's FFN module (mlp, or a
+# family's own ffn_module such as minimax's block_sparse_moe) as switch_mlp, or
+# mlp.experts (gpt_oss; other families' mlp.experts tensors are raw HF ones, refused by
+# Source).
+_FFN_MODULES = "|".join(sorted({re.escape(f.ffn_module) for f in families().values()}))
+_EXPERT_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\."
+                        rf"(?:{_FFN_MODULES})\.(?:switch_mlp|experts)\."
                         r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias)$")
 _LAYER_RE = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
+# Per-expert or fused expert tensors of a raw Hugging Face checkpoint (minimax's
+# per-expert w1 / w2 / w3 under block_sparse_moe.experts.N).
 _HF_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj|gate_up_proj|"
-                           r"down_proj|gate_proj|up_proj)\b")
+                           r"down_proj|gate_proj|up_proj)\b|"
+                           r"\.block_sparse_moe\.experts\.\d+\.w[123]\b")
 
 
 class PrepIOError(MoefluxIOError):
@@ -121,18 +127,20 @@ class ModelConfig:
         self._check_quant_mode()
 
     def _detect_arch(self) -> str:
+        """The family's model_type (an alias such as minimax_m2 names its family)."""
         mt = self.config.get("model_type")
-        if mt not in ARCHITECTURES:
+        fam = family(mt) if isinstance(mt, str) else None
+        if fam is None:
             raise FormatError(f"{self.dir / 'config.json'}: model_type {mt!r} is not "
                               f"supported; expected one of {', '.join(ARCHITECTURES)}")
-        return mt
+        return fam.model_type
 
     def _check_quant_mode(self) -> None:
         mode = self.qblock.get("mode", "affine")
         if mode != "affine":
             raise FormatError(f"{self.dir / 'config.json'}: quantization mode {mode!r}; "
                               "only 'affine' (scales + biases) is supported")
-        experts = f".mlp.{self.family.expert_module}."
+        experts = f".{self.family.ffn_module}.{self.family.expert_module}."
         for key, val in self.qblock.items():
             if not isinstance(val, dict) or val.get("mode", "affine") == "affine":
                 continue
@@ -197,7 +205,7 @@ class Source(ModelConfig):
     def _refuse_raw_hf(self) -> None:
         """A raw HF checkpoint has per-expert or fused expert tensors and [C,1,K] conv
         weights; copying it would give the engine a layout it does not read."""
-        stacked = f".mlp.{self.family.expert_module}."
+        stacked = f".{self.family.ffn_module}.{self.family.expert_module}."
         for name, info in self.ckpt.tensors.items():
             if stacked == ".mlp.experts." and stacked in name:
                 if expert_key(name) is None:
@@ -210,7 +218,8 @@ class Source(ModelConfig):
             if _HF_EXPERT_RE.search(name):
                 raise FormatError(
                     f"{name}: raw Hugging Face expert tensor; expected stacked "
-                    "'...mlp.switch_mlp.{gate,up,down}_proj.*' tensors of an MLX "
+                    f"'...{self.family.ffn_module}.switch_mlp.{{gate,up,down}}_proj.*' "
+                    "tensors of an MLX "
                     "checkpoint (convert it with mlx_lm.convert first)")
             if name.endswith("conv1d.weight") and len(info.shape) == 3 and \
                     info.shape[-1] != 1:

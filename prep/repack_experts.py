@@ -208,7 +208,8 @@ def _proj_format(src: Source, names: dict[str, str], il: int, proj: str,
     rows, n_in = dims
     key = f"{proj}.weight"
     if key not in names:
-        raise FormatError(f"layer {il}: mlp.{src.family.expert_module}.{key} missing "
+        raise FormatError(f"layer {il}: {src.family.ffn_module}."
+                          f"{src.family.expert_module}.{key} missing "
                           f"(have {sorted(names)})")
     module = names[key][:-len(".weight")]
     q = src.quant_of(module)
@@ -248,7 +249,8 @@ def _found_experts(src: Source) -> dict[int, dict[str, str]]:
         extra = sorted(set(found) - set(expected))
         missing = sorted(set(expected) - set(found))
         raise FormatError(
-            f"{src.dir}: routed experts (mlp.{src.family.expert_module}.*) found in layers "
+            f"{src.dir}: routed experts ({src.family.ffn_module}."
+            f"{src.family.expert_module}.*) found in layers "
             f"{sorted(found)} but config.json ({src.arch}) makes layers {expected} MoE"
             + (f"; missing in {missing}" if missing else "")
             + (f"; unexpected in {extra}" if extra else ""))

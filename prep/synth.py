@@ -47,7 +47,8 @@ import numpy as np
 from moeflux.errors import SynthError
 from moeflux.prep.safetensors_io import DTYPE_SIZES, SafetensorsWriter, f32_to_bf16
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
+                 "minimax")
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
 # Generation works on pieces of about this many bytes: large enough for numpy to be
@@ -183,6 +184,23 @@ def _base_glm4_moe() -> dict[str, Any]:
     }
 
 
+def _base_minimax() -> dict[str, Any]:
+    # MiniMax-M2's choices at tiny size: q/k RMSNorms over all heads' dims, half of
+    # each head's dims rotated (rotary_dim), rope base 5e6, every layer routed experts
+    # (sigmoid scores, correction bias, k 2 renormalised, no shared expert), the
+    # router 8-bit as mlx-lm's quant_predicate makes it.
+    return {
+        "model_type": "minimax", "architectures": ["MiniMaxM2ForCausalLM"],
+        "vocab_size": 512, "hidden_size": 256, "intermediate_size": 64,
+        "max_position_embeddings": 4096, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "rotary_dim": 32,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
+        "num_hidden_layers": 3, "rms_norm_eps": 1e-6, "rope_theta": 5000000.0,
+        "use_qk_norm": True, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    }
+
+
 def tiny_config(arch: str, **overrides: Any) -> dict:
     """A complete config.json dict (quantization block included) for a tiny ``arch``.
 
@@ -235,7 +253,8 @@ def tiny_config(arch: str, **overrides: Any) -> dict:
         }
     else:
         cfg = {"qwen3_next": _base_qwen3_next, "deepseek_v3": _base_deepseek_v3,
-               "qwen3_moe": _base_qwen3_moe, "glm4_moe": _base_glm4_moe}[arch]()
+               "qwen3_moe": _base_qwen3_moe, "glm4_moe": _base_glm4_moe,
+               "minimax": _base_minimax}[arch]()
         explicit_types = "layer_types" in ov
         cfg.update(copy.deepcopy(ov))
         if arch == "qwen3_next" and not explicit_types:
@@ -285,6 +304,7 @@ class _Float:
     init: str  # "norm" | "normal" | "a_log" | "dt_bias" | "corr_bias"
     dtype: str = "BF16"
     std: float = 1.0
+    in_leaf: bool = True   # held by a leaf module (see _total_parameters)
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +336,10 @@ def _modules(cfg: dict[str, Any]) -> list[_Linear | _Float]:
             mods += _glm_attention(t, lp)
             mods += _norms(lp, hid)
             mods += _deepseek_mlp(t, il, lp, moe_layer_freq=False)
+        elif arch == "minimax":
+            mods += _minimax_attention(t, lp)
+            mods += _norms(lp, hid)
+            mods += _minimax_moe(t, lp)
         else:
             mods += _mla_attention(cfg, lp)
             mods += _norms(lp, hid)
@@ -396,6 +420,36 @@ def _glm_attention(t: dict, lp: str) -> list[_Linear | _Float]:
     if t.get("use_qk_norm"):
         mods += [_Float(f"{sa}.q_norm.weight", (hd,), "norm"),
                  _Float(f"{sa}.k_norm.weight", (hd,), "norm")]
+    return mods
+
+
+def _minimax_attention(t: dict, lp: str) -> list[_Linear | _Float]:
+    """MiniMax attention: no biases; q/k norms (use_qk_norm, default on) of all the
+    query / key heads' dims at once."""
+    hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
+                                         "num_key_value_heads"))
+    hd = int(t.get("head_dim") or hid // nh)
+    sa = f"{lp}.self_attn"
+    mods: list[_Linear | _Float] = [
+        _Linear(f"{sa}.q_proj", nh * hd, hid), _Linear(f"{sa}.k_proj", nkv * hd, hid),
+        _Linear(f"{sa}.v_proj", nkv * hd, hid),
+        _Linear(f"{sa}.o_proj", hid, nh * hd, gain=GAIN_MIXER_OUT)]
+    if t.get("use_qk_norm", True):
+        mods += [_Float(f"{sa}.q_norm.weight", (nh * hd,), "norm"),
+                 _Float(f"{sa}.k_norm.weight", (nkv * hd,), "norm")]
+    return mods
+
+
+def _minimax_moe(t: dict, lp: str) -> list[_Linear | _Float]:
+    """MiniMax's block_sparse_moe: a quantizable router, experts of width
+    intermediate_size, and the correction bias mlx-lm's cast_predicate keeps f32."""
+    hid, n_exp = int(t["hidden_size"]), int(t["num_local_experts"])
+    mp = f"{lp}.block_sparse_moe"
+    mods: list[_Linear | _Float] = [
+        _Linear(f"{mp}.gate", n_exp, hid, gain=GAIN_ROUTER, is_gate=True)]
+    mods += _switch_mlp(f"{mp}.switch_mlp", hid, int(t["intermediate_size"]), n_exp)
+    mods.append(_Float(f"{mp}.e_score_correction_bias", (n_exp,), "corr_bias",
+                       dtype="F32", in_leaf=False))
     return mods
 
 
@@ -664,11 +718,12 @@ def _total_parameters(cfg: dict) -> int:
     """mlx-lm's get_total_parameters: quantized modules count their unpacked weight,
     scales and biases not included; float modules count every element. It sums over
     LEAF modules only, so A_log and dt_bias (held directly by the GatedDeltaNet, which
-    has children) are not counted."""
+    has children) are not counted, nor minimax's e_score_correction_bias (held by its
+    block_sparse_moe)."""
     n = 0
     for mod in _modules(cfg):
         if isinstance(mod, _Float):
-            if mod.init not in ("a_log", "dt_bias"):
+            if mod.init not in ("a_log", "dt_bias") and mod.in_leaf:
                 n += int(np.prod(mod.shape))
         else:
             n += max(1, mod.lead) * mod.n_out * mod.n_in

@@ -19,7 +19,8 @@ from reference import reference_decode, reference_logits
 
 # Every architecture moeflux targets. A test over them runs each one: it passes or
 # fails (an UnsupportedError fails it), never skipped nor marked as expected to fail.
-ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe"]
+ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
+         "minimax"]
 # ARCHS and the families the GPU backends refuse at open (gpt_oss: no attention_ext,
 # router kind or MXFP4-with-biases expert kernels there yet): the CPU-only tests run
 # these; the CUDA / Metal tests keep to ARCHS.

@@ -146,7 +146,8 @@ def test_embed_is_deterministic(tmp_path: Path) -> None:
 
 # ---- on a CUDA machine: whole models against the CPU backend
 
-ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe"]
+ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
+         "minimax"]
 PROMPT = [17, 301, 5, 88, 450, 2, 199, 76, 333, 12, 401]
 CONT = [64, 9, 270, 3, 140]
 

@@ -60,7 +60,9 @@ def _routing(ckpt: Path) -> list[tuple[int, list[int]]]:
         if hasattr(mod, "switch_mlp") and hasattr(mod, "gate") and "layers" in parts:
             il = int(parts[parts.index("layers") + 1])
             k = getattr(mod, "top_k", None) or getattr(mod, "num_experts_per_tok", None)
-            mod.gate = _Recorder(mod.gate, il, k, calls)
+            # minimax's block holds the correction bias its sigmoid choice adds
+            bias = getattr(mod, "e_score_correction_bias", None)
+            mod.gate = _Recorder(mod.gate, il, k, calls, bias)
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([PROMPT], dtype=mx.int32), cache=cache))
     for t in CONT:
@@ -70,10 +72,13 @@ def _routing(ckpt: Path) -> list[tuple[int, list[int]]]:
 
 class _Recorder:
     """Calls the gate and records the experts chosen (a softmax router's top-k logits,
-    or the (inds, scores) a noaux_tc MoEGate returns)."""
+    the (inds, scores) a noaux_tc MoEGate returns, or, given the block's correction
+    bias (minimax), the top-k of sigmoid(logits) + bias)."""
 
-    def __init__(self, gate: Any, il: int, k: int | None, calls: list) -> None:
+    def __init__(self, gate: Any, il: int, k: int | None, calls: list,
+                 bias: Any = None) -> None:
         self.gate, self.il, self.k, self.calls = gate, il, k, calls
+        self.bias = None if bias is None else np.array(bias, np.float32)
 
     def __call__(self, x: Any) -> Any:
         out = self.gate(x)
@@ -81,6 +86,8 @@ class _Recorder:
             inds = np.array(out[0]).reshape(-1)
         else:
             logits = np.array(out).reshape(-1, out.shape[-1])
+            if self.bias is not None:
+                logits = 1.0 / (1.0 + np.exp(-logits)) + self.bias
             inds = np.argsort(-logits, axis=-1, kind="stable")[:, :self.k].reshape(-1)
         self.calls.append((self.il, sorted({int(e) for e in inds})))
         return out
@@ -137,7 +144,8 @@ def test_dev_cache_bitwise_and_counts(arch: str, monkeypatch: pytest.MonkeyPatch
     calls = _routing(ckpt)
     n_expert = max(max(e) for _, e in calls) + 1
     cfg = json.loads((model_dir / "config.json").read_text())
-    n_expert = cfg.get("num_experts") or cfg.get("n_routed_experts") or n_expert
+    n_expert = (cfg.get("num_experts") or cfg.get("n_routed_experts") or
+                cfg.get("num_local_experts") or n_expert)
     total = len({il for il, _ in calls}) * n_expert
     for frac in (0.0, 0.25, 1.0):
         got, st = _run(model_dir, monkeypatch, frac)

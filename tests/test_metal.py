@@ -227,7 +227,8 @@ def test_a_planted_leak_fails_the_static_analyzer(tmp_path: Path, drop: str) -> 
 
 # ---- on a Mac: whole models on Metal against the CPU backend
 
-ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe"]
+ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
+         "minimax"]
 PROMPT = [17, 301, 5, 88, 450, 2, 199, 76, 333, 12, 401]
 CONT = [64, 9, 270, 3, 140]
 

@@ -7,7 +7,8 @@ RMSNorm eps, rope base, partial rotary, YaRN with mscale != mscale_all_dim, head
 != hidden / heads, group sizes 32/64/128 and 2/3/5/6/8-bit modules through
 per-module quantization entries (mlx-lm honours them on load as it does its own
 predicates), tied and untied heads, dense layers from each family's rule, router
-options, GatedDeltaNet head counts and conv width, GLM's q/k norm and bias options.
+options, GatedDeltaNet head counts and conv width, GLM's q/k norm and bias options,
+MiniMax's rotary_dim and q/k norm option.
 
 The prompt's activations are not unit-scale: the embedding rows of some prompt tokens
 are scaled by 0.05 / 0.02 (RMSNorm eps then matters: a norm's input mean square is
@@ -166,6 +167,25 @@ FIXTURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "model.layers.2.self_attn.o_proj": _q(8, 32),
         "model.layers.3.mlp.shared_experts.up_proj": _q(6, 64),
         "model.layers.4.self_attn.k_proj": False,
+    }),
+    # 4 layers, all MoE; 12 experts k 3 (renormalised although norm_topk_prob is
+    # false: mlx-lm's minimax does not read it); head_dim 48 over 4 heads, GQA 4, 24
+    # of 48 dims rotated; no q/k norms (minimax's default has them: test_minimax's
+    # base); tied head; 5-bit gs 32 default, router 6-bit gs 128, and layer 2's
+    # experts' down_proj 2-bit (a mixed expert recipe).
+    "minimax": ({
+        "num_hidden_layers": 4, "head_dim": 48, "num_key_value_heads": 1,
+        "rms_norm_eps": 4.5e-5, "rope_theta": 34567.0, "rotary_dim": 24,
+        "max_position_embeddings": 2048, "use_qk_norm": False, "num_local_experts": 12,
+        "num_experts_per_tok": 3, "intermediate_size": 96, "norm_topk_prob": False,
+        "tie_word_embeddings": True, "bits": 5, "group_size": 32, "gate_bits": 6,
+        "gate_group_size": 128,
+    }, {
+        "model.embed_tokens": _q(3, 64),
+        "model.layers.0.self_attn.q_proj": _q(8, 128),
+        "model.layers.1.self_attn.o_proj": _q(6, 64),
+        "model.layers.2.block_sparse_moe.switch_mlp.down_proj": _q(2, 32),
+        "model.layers.3.self_attn.k_proj": False,
     }),
 }
 
@@ -344,7 +364,7 @@ DEFAULTS: dict[str, list[Any]] = {
     "beta_fast": [32], "beta_slow": [1], "mscale": [1.0], "mscale_all_dim": [0.0, 1.0],
     "original_max_position_embeddings": [4096],
     "use_qk_norm": [False], "attention_bias": [True],
-    "sliding_window": [128, 8], "num_local_experts": [128, 8],
+    "sliding_window": [128, 8], "num_local_experts": [128, 8], "rotary_dim": [32],
 }
 BOTH_WAYS = ("tie_word_embeddings", "norm_topk_prob")
 

@@ -48,6 +48,7 @@ IDENT_ARCH = {
     "glm4_moe": ["first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
                  "use_qk_norm", "attention_bias"],
     "gpt_oss": ["sliding_window", "layer_types"],
+    "minimax": ["rotary_dim", "use_qk_norm"],
 }
 IDENT_TAIL = ["expert bytes per token", "manifest hash", "rope/norm/scaling constants",
               "weights fingerprint"]

@@ -53,6 +53,10 @@ CASES = [
                    "tie_word_embeddings": True}),
     ("qwen3_moe", {"group_size": 32, "bits": 3, "mlp_only_layers": [0]}),
     ("qwen3_moe", {"bits": 6, "gate_bits": 4}),
+    # gs 128 leaves the experts' down_proj (in = intermediate_size 64) in float.
+    ("minimax", {}),
+    ("minimax", {"group_size": 128, "use_qk_norm": False, "tie_word_embeddings": True}),
+    ("minimax", {"group_size": 32, "bits": 3, "gate_bits": 6}),
 ]
 IDS = [f"{a}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "default")
        for a, o in CASES]
@@ -75,7 +79,9 @@ class _Recorder(nn.Module):
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    return [layer.mlp for layer in model.layers if hasattr(layer.mlp, "switch_mlp")]
+    ffn = [getattr(layer, "mlp", None) or layer.block_sparse_moe  # minimax's name
+           for layer in model.layers]
+    return [f for f in ffn if hasattr(f, "switch_mlp")]
 
 
 def _topk_and_margin(scores: np.ndarray, k: int) -> tuple[list[frozenset], np.ndarray]:
@@ -120,7 +126,7 @@ def test_loads_strictly_and_routes(synth_checkpoint, arch: str,
     recorders = []
     for blk in blocks:
         blk.gate = _Recorder(blk.gate)
-        recorders.append(blk.gate)
+        recorders.append((blk, blk.gate))
     logits = np.array(model(mx.array([TOKENS])))
     assert logits.shape == (1, len(TOKENS), config.get("text_config", config)
                             ["vocab_size"])
@@ -131,9 +137,14 @@ def test_loads_strictly_and_routes(synth_checkpoint, arch: str,
     k = int(t["num_experts_per_tok"])
     varied = False
     margins = []
-    for rec in recorders:
+    for blk, rec in recorders:
         (x, out), = rec.calls
-        if arch == "deepseek_v3":
+        if arch == "minimax":
+            # Chosen by sigmoid(logits) + e_score_correction_bias (minimax.py).
+            raw = np.array(out[0]).astype(np.float64)
+            sel = 1.0 / (1.0 + np.exp(-raw)) + np.array(blk.e_score_correction_bias)
+            sets, margin = _topk_and_margin(sel, k)
+        elif arch == "deepseek_v3":
             gate = rec.inner
             raw = np.array((x @ gate.weight.T)[0])
             scores = _deepseek_selection_scores(
@@ -184,8 +195,8 @@ def _mlx_lm_checkpoint(out: Path, arch: str, overrides: dict) -> Path:
     gate_bits = overrides.get("gate_bits")
 
     def custom_gates(path: str, _: nn.Module) -> Any:
-        if gate_bits is not None and (path.endswith("mlp.gate") or
-                                      path.endswith("shared_expert_gate")):
+        if gate_bits is not None and path.endswith(("mlp.gate", "block_sparse_moe.gate",
+                                                    "shared_expert_gate")):
             return {"group_size": 64, "bits": gate_bits}
         return True
 

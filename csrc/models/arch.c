@@ -18,6 +18,7 @@ extern const struct mf_arch mf_arch_deepseek_v3;
 extern const struct mf_arch mf_arch_qwen3_moe;
 extern const struct mf_arch mf_arch_glm4_moe;
 extern const struct mf_arch mf_arch_gpt_oss;
+extern const struct mf_arch mf_arch_minimax;
 
 // NULL-terminated so the table may be empty before any arch lands.
 static const struct mf_arch *const arch_table[] = {
@@ -27,6 +28,7 @@ static const struct mf_arch *const arch_table[] = {
     &mf_arch_qwen3_moe,
     &mf_arch_glm4_moe,
     &mf_arch_gpt_oss,
+    &mf_arch_minimax,
     NULL,
 };
 

@@ -49,8 +49,9 @@ int mf_gqa_bind(mf_model *m, struct mf_gqa_layer *L, const struct mf_gqa_dims *d
     if (!rc) rc = bind_proj(m, &L->o_proj, NULL, prefix, "o_proj", n_embd, qd, err,
                             errlen);
     if (rc || !qk_norm) return rc;
-    rc = bind_norm(m, &L->q_norm, prefix, "q_norm", D, err, errlen);
-    return rc ? rc : bind_norm(m, &L->k_norm, prefix, "k_norm", D, err, errlen);
+    rc = bind_norm(m, &L->q_norm, prefix, "q_norm", d->qk_norm_full ? qd : D, err, errlen);
+    return rc ? rc : bind_norm(m, &L->k_norm, prefix, "k_norm", d->qk_norm_full ? kvd : D,
+                               err, errlen);
 }
 
 /* ==== State ==== */
@@ -130,6 +131,15 @@ int mf_gqa_state_segments(const struct mf_gqa_state *s, const struct mf_gqa_dims
 
 /* ==== Forward ==== */
 
+// RMSNorm of q or k in place: per head over D, or (qk_norm_full) over each token's
+// heads x D at once.
+static void qk_norm(mf_ctx *ctx, float *x, const struct mf_weight *g, int n, int heads,
+                    const struct mf_gqa_dims *d) {
+    int full = d->qk_norm_full;
+    ctx->be->ops->rmsnorm(ctx->ex, x, x, g, full ? n : n * heads,
+                          full ? heads * d->head_dim : d->head_dim, d->eps, 1.0f);
+}
+
 // y[n, dim] += bias (a row repeated n times through the zero gather index).
 static void add_bias(mf_ctx *ctx, struct mf_gqa_state *s, float *y,
                      const struct mf_weight *bias, int n, int dim) {
@@ -157,9 +167,9 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
     add_bias(ctx, s, s->q, &L->q_bias, n, H * D);
     add_bias(ctx, s, k, &L->k_bias, n, kv_row);
     add_bias(ctx, s, v, &L->v_bias, n, kv_row);
-    // Per-head norms over D, before rotary.
-    if (L->q_norm.w) op->rmsnorm(ex, s->q, s->q, &L->q_norm, n * H, D, d->eps, 1.0f);
-    if (L->k_norm.w) op->rmsnorm(ex, k, k, &L->k_norm, n * Hkv, D, d->eps, 1.0f);
+    // q/k norms before rotary.
+    if (L->q_norm.w) qk_norm(ctx, s->q, &L->q_norm, n, H, d);
+    if (L->k_norm.w) qk_norm(ctx, k, &L->k_norm, n, Hkv, d);
     // Rotate-half pairs (j, j + n_rot/2) over the first n_rot dims: traditional=False.
     op->rope(ex, s->q, n, H, H * D, D, d->n_rot, s->inv_freq, pos0, 0, 1.0f);
     op->rope(ex, k, n, Hkv, kv_row, D, d->n_rot, s->inv_freq, pos0, 0, 1.0f);

@@ -1,7 +1,8 @@
 /*
  * attn_gqa.h — grouped-query attention with a KV cache, the block qwen3_moe and
- * glm4_moe share (model-math §4): q/k/v projections (optional biases), optional
- * per-head RMSNorm of q and k (plain gains), rotary with rotate-half pairs over the
+ * glm4_moe and minimax share (model-math §4): q/k/v projections (optional biases),
+ * optional RMSNorm of q and k (plain gains; per head, or over all of a token's heads
+ * at once as minimax's), rotary with rotate-half pairs over the
  * first n_rot dims of each head (partial rotary when n_rot < head_dim), causal
  * attention over the cache, o_proj. Also the plain rope frequency table and the
  * state boilerplate (a KEY and a VALUE segment per layer, chunk scratch).
@@ -18,6 +19,8 @@ struct mf_gqa_dims {
     int head_dim;
     int n_rot;          // rotated dims per head (even, <= head_dim)
     float eps;          // q/k norm eps (rms_norm_eps)
+    int qk_norm_full;   // q/k norms span each token's heads x head_dim (minimax's
+                        // q_norm [H*D], k_norm [Hkv*D]); 0: per head, [head_dim]
     float scale;        // head_dim^-1/2
 };
 
@@ -41,7 +44,8 @@ struct mf_gqa_state {
 // inv_freq[j] = theta^(-2j/n_rot), j < n_rot/2 (mlx nn.RoPE, traditional=False).
 void mf_rope_inv_freq_plain(float *inv_freq, int n_rot, double theta);
 
-// Binds <prefix>.{q,k,v,o}_proj, and <prefix>.{q,k}_norm.weight when qk_norm, and
+// Binds <prefix>.{q,k,v,o}_proj, and <prefix>.{q,k}_norm.weight when qk_norm (of
+// head_dim, or of every head's dims when d->qk_norm_full), and
 // <prefix>.{q,k,v}_proj.bias when bias (prefix e.g. "model.layers.3.self_attn").
 int mf_gqa_bind(mf_model *m, struct mf_gqa_layer *L, const struct mf_gqa_dims *d,
                 int n_embd, const char *prefix, int qk_norm, int bias, char *err,

@@ -25,9 +25,12 @@ class Family:
     nested text_config when there is one). ``experts_key`` names the expert count,
     ``expert_ff_key`` the experts' width. ``drops_extra_layers``: tensors of layers >=
     num_hidden_layers (multi-token prediction layers) are skipped rather than refused.
-    ``expert_module``: the module of the stacked experts under ``mlp`` (mlx-lm's
-    SwitchGLU attribute name). ``expert_modes``: the quantization modes its experts may
-    use (the rest of the model is affine or float whatever the family).
+    ``ffn_module``: a decoder layer's FFN module (``mlp``; minimax:
+    ``block_sparse_moe``). ``expert_module``: the module of the stacked experts under
+    it (mlx-lm's SwitchGLU attribute name). ``expert_modes``: the quantization modes its
+    experts may use (the rest of the model is affine or float whatever the family).
+    ``aliases``: other config model_types mlx-lm runs as this family (its
+    MODEL_REMAPPING, e.g. minimax_m2).
     """
 
     model_type: str
@@ -36,8 +39,10 @@ class Family:
     drops_extra_layers: bool = False
     expert_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     expert_ff_key: str = "moe_intermediate_size"
+    ffn_module: str = "mlp"
     expert_module: str = "switch_mlp"
     expert_modes: tuple[str, ...] = ("affine",)
+    aliases: tuple[str, ...] = ()
 
 
 def _cfg_int(text: dict[str, Any], key: str, default: int) -> int:
@@ -65,7 +70,7 @@ def first_dense_layers(text: dict[str, Any], n_layers: int, n_experts: int,
 
 
 def all_layers(text: dict[str, Any], n_layers: int, n_experts: int) -> list[int]:
-    """gpt-oss rule: every layer's FFN is routed experts."""
+    """gpt-oss / minimax rule: every layer's FFN is routed experts."""
     return list(range(n_layers)) if n_experts > 0 else []
 
 
@@ -81,5 +86,9 @@ def families() -> dict[str, Family]:
 
 
 def family(model_type: str) -> Family | None:
-    """The family of ``model_type``, or None when prep has no rules for it."""
-    return families().get(model_type)
+    """The family of ``model_type`` (or of one of its aliases), or None when prep has
+    no rules for it."""
+    for fam in families().values():
+        if model_type == fam.model_type or model_type in fam.aliases:
+            return fam
+    return None

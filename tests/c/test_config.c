@@ -122,6 +122,21 @@ static const char *const GPTOSS =
     "   \"model.layers.0.mlp.experts.gate_proj\": {\"group_size\": 32, \"bits\": 4,"
     "     \"mode\": \"mxfp4\"}}}";
 
+// MiniMax-M2's shapes (its config.json keys: Hugging Face's model_type minimax_m2,
+// which mlx-lm runs as minimax).
+static const char *const MINIMAX_M2 =
+    "{\"model_type\": \"minimax_m2\", \"architectures\": [\"MiniMaxM2ForCausalLM\"],"
+    " \"hidden_size\": 3072, \"num_hidden_layers\": 62, \"num_attention_heads\": 48,"
+    " \"num_key_value_heads\": 8, \"head_dim\": 128, \"rotary_dim\": 64,"
+    " \"partial_rotary_factor\": 0.5, \"vocab_size\": 200064,"
+    " \"max_position_embeddings\": 196608, \"rms_norm_eps\": 1e-06,"
+    " \"rope_theta\": 5000000, \"intermediate_size\": 1536,"
+    " \"num_local_experts\": 256, \"num_experts_per_tok\": 8,"
+    " \"shared_intermediate_size\": 0, \"scoring_func\": \"sigmoid\","
+    " \"use_routing_bias\": true, \"use_qk_norm\": true, \"qk_norm_type\": \"per_layer\","
+    " \"tie_word_embeddings\": false, \"quantization\": {\"group_size\": 64, \"bits\": 4,"
+    "   \"model.layers.0.block_sparse_moe.gate\": {\"group_size\": 64, \"bits\": 8}}}";
+
 static int parse(struct mf_config *c, const char *text, char *err, size_t errlen) {
     return mf_config_parse(c, text, strlen(text), "cfg.json", err, errlen);
 }
@@ -390,6 +405,32 @@ static void test_gpt_oss(void) {
                  MF_ERR_FORMAT, "mxfp4");
 }
 
+// minimax (models/minimax.c), reached through its alias: experts and their width under
+// its own keys, every layer MoE, renormalised routing; rotary_dim and top-1 checked.
+static void test_minimax(void) {
+    struct mf_config c;
+    char err[512] = "";
+    int rc = parse(&c, MINIMAX_M2, err, sizeof err);
+    CHECK(rc == MF_OK, "minimax: %s", err);
+    if (rc)
+        return;
+    CHECK(strcmp(c.family->model_type, "minimax") == 0 && c.num_experts == 256 &&
+              c.moe_intermediate_size == 1536 && c.n_moe_layers == 62 &&
+              c.num_experts_per_tok == 8 && c.head_dim == 128 && c.norm_topk_prob == 1,
+          "minimax shared keys: experts %d width %d moe layers %d", c.num_experts,
+          c.moe_intermediate_size, c.n_moe_layers);
+    mf_config_free(&c);
+    expect_error(MINIMAX_M2, "\"rotary_dim\": 64,", "", MF_ERR_FORMAT, "rotary_dim");
+    expect_error(MINIMAX_M2, "\"rotary_dim\": 64", "\"rotary_dim\": 130", MF_ERR_FORMAT,
+                 "rotary_dim must be even");
+    expect_error(MINIMAX_M2, "\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 1",
+                 MF_ERR_UNSUPPORTED, "num_experts_per_tok 1");
+    expect_error(MINIMAX_M2, "\"num_local_experts\": 256", "\"num_local_experts\": 0",
+                 MF_ERR_FORMAT, "num_local_experts");
+    expect_error(MINIMAX_M2, "\"use_qk_norm\": true", "\"use_qk_norm\": 2", MF_ERR_FORMAT,
+                 "use_qk_norm");
+}
+
 static void test_errors(void) {
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "llama");
     expect_error(QWEN3_MOE, "\"qwen3_moe\"", "\"llama\"", MF_ERR_FORMAT, "qwen3_next");
@@ -493,6 +534,7 @@ int main(void) {
     test_qwen3_moe();
     test_glm4_moe();
     test_gpt_oss();
+    test_minimax();
     test_errors();
     test_fuzz();
     return check_finish("test_config");

@@ -2,8 +2,9 @@
  * fuzz_manifest.c — the tensor manifest model_weights.json (core/manifest.c) and its
  * binding to a config (core/weights.c and each family's bind).
  *
- * Input: byte 0 picks the family (mod 5: qwen3_5_moe, qwen3_next, deepseek_v3,
- * qwen3_moe, glm4_moe) whose fixture config.json and layout.json are held fixed; the rest is
+ * Input: byte 0 picks the family (mod 6: qwen3_5_moe, qwen3_next, deepseek_v3,
+ * qwen3_moe, glm4_moe, minimax) whose fixture config.json and layout.json are held fixed;
+ * the rest is
  * model_weights.json. It is parsed in memory against a 1 MiB bin, and the accepted
  * table is checked: sorted by name and each name found by mf_manifest_find, every
  * tensor inside the bin, no two sharing a byte, size = element count x dtype size.

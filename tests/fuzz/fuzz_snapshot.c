@@ -123,11 +123,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 // Family whose ctx gets this snapshot: the architecture id in its header (i64 after
 // magic, version and the identity count), mapped to fuzz_families' order.
 static int family_of(const uint8_t *data, size_t size) {
-    // arch id (enum mf_arch_id 1-4, glm4_moe's 5) -> index
-    static const int by_arch[6] = {0, 0, 1, 2, 3, 4};
+    // arch id (enum mf_arch_id 1-4, glm4_moe's 5, gpt_oss's 6 (not fuzzed), minimax's
+    // 7) -> index
+    static const int by_arch[8] = {0, 0, 1, 2, 3, 4, 0, 5};
     if (size < 20) return 0;
     uint64_t id = le64(data + 12);
-    return id >= 1 && id <= 5 ? by_arch[id] : 0;
+    return id >= 1 && id <= 7 ? by_arch[id] : 0;
 }
 
 static void try_load(int f, const uint8_t *snap, size_t n) {

@@ -196,10 +196,10 @@ static inline void fuzz_put_model(const char *dir, const uint8_t *cfg, size_t nc
 #ifndef FUZZ_MODELS_DIR
 #define FUZZ_MODELS_DIR "tests/fuzz/models"
 #endif
-#define FUZZ_N_FAMILIES 5
+#define FUZZ_N_FAMILIES 6
 static const char *const fuzz_families[FUZZ_N_FAMILIES] = {"qwen3_5_moe", "qwen3_next",
                                                            "deepseek_v3", "qwen3_moe",
-                                                           "glm4_moe"};
+                                                           "glm4_moe", "minimax"};
 
 // The fixture of family f: its bytes (caller frees) and a model directory made for it
 // under the scratch root holding all three files. Dies when the fixture is missing.

@@ -20,7 +20,7 @@ from moeflux.prep.safetensors_io import SafetensorsFile
 from moeflux.prep.synth import tiny_config, write_checkpoint
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe"]
+FAMILIES = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe", "minimax"]
 # Small widths keep the fixtures (and so each execution) small.
 SMALL = {"hidden_size": 64, "vocab_size": 300, "num_hidden_layers": 2}
 # The hybrids' GatedDeltaNet state is most of a snapshot: one narrow head.
