@@ -706,9 +706,11 @@ static int submit_all(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used,
  * run from their device slots in one call (no read, no copy). Each miss then gets a
  * slot (so the cache's choices depend only on the routing; a copy into a slot a hit
  * of this call holds waits for that call, through the slot's `used` fence) and its
- * read submitted. The misses land in submission order (wait for the bytes, queue the
- * copy into the slot on the copy queue) and run together in one call. A miss that
- * never landed (a failed read, an error before it) leaves the cache. */
+ * read submitted. The misses run in submission order: wait for the bytes, queue the
+ * copy into the slot on the copy queue (the copy of one overlaps the compute of the one
+ * before; a slot reused within the call, as by the ring without retention, is copied
+ * after its earlier expert's kernels, through the same fence), run. A miss that never
+ * landed (a failed read, an error before it) leaves the cache. */
 
 // The experts run_ie[0..n) from the device slots run_slot[], in one call; their slots
 // are then marked used (a later copy into one waits for this work).
@@ -746,7 +748,7 @@ static int land_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int *n) {
     return MF_OK;
 }
 
-// The reader is full while misses are submitted: land and run the oldest one.
+// Land the oldest submitted miss and run it.
 static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
     int n = 0, rc = land_oldest(ctx, s, il, &n);
     run_slots(ctx, s, il, n);
@@ -777,23 +779,14 @@ static int submit_miss(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie, in
     }
 }
 
-// Land every submitted miss, then run them in one call.
+// Run every submitted miss as it lands: its kernels queue behind its own copy while the
+// next copy is in flight. (Landing them all and running them in one call measured
+// slower on the H200: 0.68 against 0.72 of the streaming bound, bench/RESULTS.md.)
 static int run_misses(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
-    int n = 0, rc = MF_OK;
+    int rc = MF_OK;
     while (rc == MF_OK && s->fifo_head < s->fifo_n)
-        rc = land_oldest(ctx, s, il, &n);
-    if (rc == MF_OK)
-        run_slots(ctx, s, il, n);
+        rc = run_oldest(ctx, s, il);
     return rc;
-}
-
-// 1 if a submitted miss that has not run yet fills `slot` (the ring without retention
-// reuses its slots within a call; so can a cache smaller than a call's misses).
-static int slot_pending(const struct mf_moe_scratch *s, int slot) {
-    for (int i = s->fifo_head; i < s->fifo_n; i++)
-        if (s->fifo_slot[i] == slot)
-            return 1;
-    return 0;
 }
 
 static int submit_dev(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used) {
@@ -810,16 +803,11 @@ static int submit_dev(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n_used)
     }
     run_slots(ctx, s, il, n_hit);
     for (int j = 0; j < n_miss; j++) {
-        int ie = s->miss_ie[j], slot = mf_dev_cache_reserve(s->dc, il, ie), rc = MF_OK;
+        int ie = s->miss_ie[j], slot = mf_dev_cache_reserve(s->dc, il, ie);
         if (slot < 0)
             return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d expert %d: no device cache "
                                "slot", il, ie);
-        if (slot_pending(s, slot))   // a small cache: its earlier miss runs first
-            rc = run_misses(ctx, s, il);
-        if (rc == MF_OK)
-            rc = submit_miss(ctx, s, il, ie, slot);
-        else
-            mf_dev_cache_forget(s->dc, slot);
+        int rc = submit_miss(ctx, s, il, ie, slot);
         if (rc != MF_OK)
             return rc;
     }
