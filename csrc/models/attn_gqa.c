@@ -178,3 +178,45 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);
     op->matmul(ex, y, &L->o_proj, s->attn, n);
 }
+
+/* ==== The state of an all-GQA decoder ==== */
+
+void mf_gqa_decoder_free(mf_ctx *ctx, const struct mf_gqa_dims *d) {
+    struct mf_gqa_decoder_state *s = ctx->arch_state;
+    if (!s)
+        return;
+    mf_gqa_state_free(ctx, &s->gqa, d);
+    mf_decoder_free(ctx, &s->dec);
+    free(s);
+    ctx->arch_state = NULL;
+}
+
+int mf_gqa_decoder_new(mf_ctx *ctx, const struct mf_gqa_dims *d, const float *inv_freq_host,
+                       int with_bias, struct mf_decoder dec, int max_chunk, const char *arch,
+                       char *err, size_t errlen) {
+    struct mf_gqa_decoder_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return mf_err(err, errlen, MF_ERR_NOMEM, "%s: out of memory", arch);
+    ctx->arch_state = s;
+    dec.max_tok = ctx->n_ctx < max_chunk ? ctx->n_ctx : max_chunk;
+    int rc = mf_gqa_state_new(ctx, &s->gqa, d, dec.max_tok, inv_freq_host, with_bias, arch,
+                              err, errlen);
+    if (rc == MF_OK) {
+        s->dec = dec;
+        rc = mf_decoder_alloc(ctx, &s->dec, arch, err, errlen);
+    }
+    if (rc != MF_OK)
+        mf_gqa_decoder_free(ctx, d);
+    return rc;
+}
+
+void mf_gqa_decoder_reset(mf_ctx *ctx, const struct mf_gqa_dims *d) {
+    struct mf_gqa_decoder_state *s = ctx->arch_state;
+    mf_gqa_state_reset(ctx, &s->gqa, d);
+}
+
+int mf_gqa_decoder_segments(const mf_ctx *ctx, const struct mf_gqa_dims *d,
+                            struct mf_state_seg *segs, int cap) {
+    const struct mf_gqa_decoder_state *s = ctx->arch_state;
+    return mf_gqa_state_segments(&s->gqa, d, segs, cap);
+}

@@ -5,12 +5,14 @@
  * at once as minimax's), rotary with rotate-half pairs over the
  * first n_rot dims of each head (partial rotary when n_rot < head_dim), causal
  * attention over the cache, o_proj. Also the plain rope frequency table and the
- * state boilerplate (a KEY and a VALUE segment per layer, chunk scratch).
+ * state boilerplate (a KEY and a VALUE segment per layer, chunk scratch), and the
+ * per-ctx state of a decoder made only of such layers.
  */
 #ifndef MF_ATTN_GQA_H
 #define MF_ATTN_GQA_H
 
 #include "core/internal.h"
+#include "models/decoder.h"
 
 struct mf_gqa_dims {
     int n_layer;
@@ -61,6 +63,23 @@ void mf_gqa_state_reset(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa
 // A KEY and a VALUE segment per layer (mf_arch.state_segments).
 int mf_gqa_state_segments(const struct mf_gqa_state *s, const struct mf_gqa_dims *d,
                           struct mf_state_seg *segs, int cap);
+
+// A decoder whose layers are all GQA attention + FFN (qwen3_moe, glm4_moe, minimax): the
+// per-ctx state (ctx->arch_state) is the decoder scratch and the KV caches, made, reset,
+// snapshotted and freed alike. The family gives the attention dims, its host rope
+// frequencies, whether q/k/v have biases, and its decoder (every field but max_tok,
+// which becomes min(n_ctx, max_chunk)).
+struct mf_gqa_decoder_state {
+    struct mf_decoder dec;
+    struct mf_gqa_state gqa;
+};
+int mf_gqa_decoder_new(mf_ctx *ctx, const struct mf_gqa_dims *d, const float *inv_freq_host,
+                       int with_bias, struct mf_decoder dec, int max_chunk, const char *arch,
+                       char *err, size_t errlen);
+void mf_gqa_decoder_free(mf_ctx *ctx, const struct mf_gqa_dims *d);   // none made: no-op
+void mf_gqa_decoder_reset(mf_ctx *ctx, const struct mf_gqa_dims *d);
+int mf_gqa_decoder_segments(const mf_ctx *ctx, const struct mf_gqa_dims *d,
+                            struct mf_state_seg *segs, int cap);
 
 // y[n, n_embd] = Attn(xn[n, n_embd]) for tokens at positions pos0 .. pos0+n-1;
 // writes their K/V cache rows of layer il.

@@ -64,15 +64,6 @@ struct q3_model {
     struct q3_layer *layers;         // [num_hidden_layers], owned
 };
 
-/* ==== State ==== */
-
-// Per ctx: the KV cache of every layer and the scratch of one chunk (device memory);
-// residual stream, block output and logits live in dec (models/decoder.h).
-struct q3_state {
-    struct mf_decoder dec;
-    struct mf_gqa_state gqa;   // KV caches, q/attention scratch
-};
-
 /* ==== Load ==== */
 
 static int check_config(const struct mf_config *c, char *err, size_t errlen) {
@@ -191,52 +182,31 @@ static int q3_bind(mf_model *m, char *err, size_t errlen) {
     return rc;
 }
 
-/* ==== State: KV cache and scratch ==== */
-
-static void q3_state_free(mf_ctx *ctx) {
-    struct q3_state *s = ctx->arch_state;
-    if (!s) return;
-    const struct q3_model *M = ctx->model->arch_weights;
-    mf_gqa_state_free(ctx, &s->gqa, &M->hp.attn);
-    mf_decoder_free(ctx, &s->dec);
-    free(s);
-    ctx->arch_state = NULL;
-}
+/* ==== State (models/attn_gqa.h's all-GQA decoder state) ==== */
 
 static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk);
+
+static const struct mf_gqa_dims *attn_dims(const mf_ctx *ctx) {
+    const struct q3_model *M = ctx->model->arch_weights;
+    return &M->hp.attn;
+}
+
+static void q3_state_free(mf_ctx *ctx) { mf_gqa_decoder_free(ctx, attn_dims(ctx)); }
 
 static int q3_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     const struct q3_model *M = ctx->model->arch_weights;
     const struct q3_hparams *hp = &M->hp;
-    struct q3_state *s = calloc(1, sizeof *s);
-    if (!s) return mf_err(err, errlen, MF_ERR_NOMEM, "qwen3_moe: out of memory");
-    ctx->arch_state = s;
-    int T = ctx->n_ctx < Q3_MAX_CHUNK ? ctx->n_ctx : Q3_MAX_CHUNK;
-    int rc = mf_gqa_state_new(ctx, &s->gqa, &hp->attn, T, hp->inv_freq, 0, "qwen3_moe",
-                              err, errlen);
-    if (rc) {
-        q3_state_free(ctx);
-        return rc;
-    }
-    s->dec = (struct mf_decoder){
-        .max_tok = T, .embed = &M->embed_tokens, .norm = &M->norm,
-        .head = &M->lm_head, .moe_cfg = &hp->moe, .layer = layer_forward,
-    };
-    rc = mf_decoder_alloc(ctx, &s->dec, "qwen3_moe", err, errlen);
-    if (rc) q3_state_free(ctx);
-    return rc;
+    const struct mf_decoder dec = {.embed = &M->embed_tokens, .norm = &M->norm,
+                                   .head = &M->lm_head, .moe_cfg = &hp->moe,
+                                   .layer = layer_forward};
+    return mf_gqa_decoder_new(ctx, &hp->attn, hp->inv_freq, 0, dec, Q3_MAX_CHUNK,
+                              "qwen3_moe", err, errlen);
 }
 
-static void q3_state_reset(mf_ctx *ctx) {
-    struct q3_state *s = ctx->arch_state;
-    const struct q3_model *M = ctx->model->arch_weights;
-    mf_gqa_state_reset(ctx, &s->gqa, &M->hp.attn);
-}
+static void q3_state_reset(mf_ctx *ctx) { mf_gqa_decoder_reset(ctx, attn_dims(ctx)); }
 
 static int q3_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int cap) {
-    const struct q3_state *s = ctx->arch_state;
-    const struct q3_model *M = ctx->model->arch_weights;
-    return mf_gqa_state_segments(&s->gqa, &M->hp.attn, segs, cap);
+    return mf_gqa_decoder_segments(ctx, attn_dims(ctx), segs, cap);
 }
 
 /* ==== Forward ==== */
@@ -244,7 +214,7 @@ static int q3_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int c
 // One decoder layer on the chunk in dec.x (updated in place): the attention half,
 // then the shared FFN half (models/decoder.c).
 static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) {
-    struct q3_state *s = ctx->arch_state;
+    struct mf_gqa_decoder_state *s = ctx->arch_state;
     const struct q3_model *M = ctx->model->arch_weights;
     const struct q3_hparams *hp = &M->hp;
     const struct q3_layer *L = &M->layers[il];
@@ -262,7 +232,7 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
 
 static int q3_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
                       int all_logits) {
-    struct q3_state *s = ctx->arch_state;
+    struct mf_gqa_decoder_state *s = ctx->arch_state;
     return mf_decoder_run(ctx, &s->dec, tokens, n_tok, logits, all_logits);
 }
 
