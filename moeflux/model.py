@@ -105,8 +105,9 @@ class Model(ModelFeatures):
                 packed_experts/ when present, else packed_experts_2bit/. True reads
                 packed_experts_2bit/, False packed_experts/ (-1 is the same as None).
             io_mode: how experts are read: None = "auto" (mmap when the experts fit
-                in 3/4 of RAM, else pread; pread when they stream to a GPU, whose
-                copies from pinned slots are asynchronous) unless $MOEFLUX_IO says
+                in 3/4 of RAM, else pread; when they stream to a GPU, mmap with the
+                mappings page-locked for the device's copies when they take at most
+                half the RAM, else pread into pinned slots) unless $MOEFLUX_IO says
                 otherwise;
                 "pread", "mmap" or "direct" (O_DIRECT; pread where refused). Every
                 mode gives bitwise the same logits; ``stats()`` names the mode in

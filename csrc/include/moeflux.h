@@ -142,8 +142,10 @@ struct mf_ctx_params {
     void *abort_user;      // passed to abort_fn
     // Expert I/O (every mode gives bitwise the same results):
     const char *io_mode;   // "auto" (NULL, default): mmap when the experts fit in 3/4
-                           // of RAM, else pread (always pread when they stream to a GPU:
-                           // pinned slots copy asynchronously); "pread" (buffered reads into aligned
+                           // of RAM, else pread; when they stream to a GPU: mmap with
+                           // the mappings page-locked for the device's copies when they
+                           // take at most half the RAM, else pread into pinned slots
+                           // (stats' io_note says which); "pread" (buffered reads into aligned
                            // slots), "mmap" (compute on the page-cache pages where they
                            // lie), "direct" (O_DIRECT / F_NOCACHE; pread if refused).
                            // The environment variable MOEFLUX_IO overrides it. Borrowed
