@@ -220,3 +220,13 @@ int mf_gqa_decoder_segments(const mf_ctx *ctx, const struct mf_gqa_dims *d,
     const struct mf_gqa_decoder_state *s = ctx->arch_state;
     return mf_gqa_state_segments(&s->gqa, d, segs, cap);
 }
+
+void mf_gqa_decoder_attn(mf_ctx *ctx, const struct mf_gqa_dims *d,
+                         const struct mf_gqa_layer *L, const struct mf_weight *norm,
+                         float eps, int hid, int il, int n, int pos0) {
+    struct mf_gqa_decoder_state *s = ctx->arch_state;
+    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, norm, n, hid, eps, 1.0f);
+    mf_gqa_forward(ctx, &s->gqa, d, L, il, s->dec.y, s->dec.xn, n, pos0);
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
+    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
+}

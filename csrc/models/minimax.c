@@ -254,14 +254,9 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
     const struct minimax_model *M = ctx->model->arch_weights;
     const struct minimax_hparams *hp = &M->hp;
     const struct minimax_layer *L = &M->layers[il];
-    const int hid = hp->hidden_size;
     (void)first_chunk;  // no recurrent state: every chunk starts alike
-
-    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
-                          hp->rms_norm_eps, 1.0f);
-    mf_gqa_forward(ctx, &s->gqa, &hp->attn, &L->attn, il, s->dec.y, s->dec.xn, n, pos0);
-    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
+    mf_gqa_decoder_attn(ctx, &hp->attn, &L->attn, &L->input_layernorm, hp->rms_norm_eps,
+                        hp->hidden_size, il, n, pos0);
     return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, 1, &L->moe, NULL,
                           il, n);
 }
