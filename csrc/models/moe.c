@@ -82,7 +82,7 @@ struct mf_moe_scratch {
     struct mf_dev_cache *dc;
     struct mf_dev_cache_stats dc_seen;   // its counters already added to ctx stats
     int32_t *fifo_tk;        // [n_expert] the call's misses in submission order: ticket
-    int32_t *fifo_slot;      //   and device slot; [fifo_head, fifo_n) not yet landed
+    int32_t *fifo_slot;      //   and device slot; [fifo_head, fifo_n) not yet run
     int fifo_head, fifo_n;
     int32_t *run_ie;         // [n_expert] experts to run from device slots run_slot
     int32_t *run_slot;
@@ -722,9 +722,8 @@ static void run_slots(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int n) {
         mf_dev_cache_used(s->dc, s->run_slot[i]);
 }
 
-// The oldest submitted miss: wait for its bytes, queue their copy into its slot, and
-// add it to run_ie / run_slot at *n.
-static int land_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int *n) {
+// The oldest submitted miss: wait for its bytes, queue their copy into its slot, run it.
+static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
     int tk = s->fifo_tk[s->fifo_head], slot = s->fifo_slot[s->fifo_head], ie = -1;
     s->fifo_head++;
     const void *data = NULL;
@@ -743,16 +742,10 @@ static int land_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int *n) {
         keep_or_release(s, tk, slot);   // until the copy that reads it is done
     else
         mf_expert_reader_release(s->reader, tk);
-    s->run_ie[*n] = ie;
-    s->run_slot[(*n)++] = slot;
+    s->run_ie[0] = ie;
+    s->run_slot[0] = slot;
+    run_slots(ctx, s, il, 1);
     return MF_OK;
-}
-
-// Land the oldest submitted miss and run it.
-static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
-    int n = 0, rc = land_oldest(ctx, s, il, &n);
-    run_slots(ctx, s, il, n);
-    return rc;
 }
 
 static int submit_miss(mf_ctx *ctx, struct mf_moe_scratch *s, int il, int ie, int slot) {
