@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from moeflux.errors import SynthError
+from moeflux.prep._common import check_disk
 from moeflux.prep.safetensors_io import DTYPE_SIZES, SafetensorsWriter, f32_to_bf16
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
@@ -732,6 +733,12 @@ def _total_parameters(cfg: dict) -> int:
 
 # ==== Writing ====
 
+def checkpoint_bytes(config: dict) -> int:
+    """Bytes of tensor data write_checkpoint writes for ``config`` (the shards'
+    headers and the small JSON files come on top: kilobytes)."""
+    return sum(t.nbytes for t in _tensor_plan(config, 0))
+
+
 def write_checkpoint(out_dir: str | os.PathLike, config: dict, *, seed: int = 0,
                      max_shard_bytes: int = 5 * 10**9,
                      progress: bool = False) -> Path:
@@ -754,6 +761,8 @@ def write_checkpoint(out_dir: str | os.PathLike, config: dict, *, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors"):
         old.unlink()  # a previous, differently sharded write must not be globbed
+    # Refuse before writing when the disk cannot hold it, not gigabytes later.
+    check_disk(out, sum(t.nbytes for t in plan))
 
     shards: list[list[_Tensor]] = []
     size = 0

@@ -317,6 +317,29 @@ def test_deterministic_by_seed(tmp_path: Path) -> None:
         assert len(diff) == len(ca.tensors)  # every tensor depends on the seed
 
 
+def test_refuses_a_checkpoint_larger_than_the_disk(tmp_path: Path) -> None:
+    """write_checkpoint checks the free space before it writes a byte (it used to
+    fail gigabytes in with ENOSPC, leaving a partial shard). The request is twice the
+    file system's whole size, so it is refused on any machine."""
+    import shutil
+
+    from moeflux.errors import MoefluxError
+    from moeflux.prep._common import PrepIOError
+
+    per_layer = synth.checkpoint_bytes(synth.tiny_config(
+        "qwen3_moe", num_hidden_layers=1, hidden_size=4096, num_experts=512,
+        moe_intermediate_size=4096))
+    layers = 2 * shutil.disk_usage(tmp_path).total // per_layer + 1
+    cfg = synth.tiny_config("qwen3_moe", num_hidden_layers=int(layers),
+                            hidden_size=4096, num_experts=512,
+                            moe_intermediate_size=4096)
+    assert synth.checkpoint_bytes(cfg) > 2 * shutil.disk_usage(tmp_path).total
+    with pytest.raises(PrepIOError, match="GB free") as exc:
+        synth.write_checkpoint(tmp_path / "big", cfg)
+    assert isinstance(exc.value, MoefluxError)
+    assert list((tmp_path / "big").iterdir()) == []
+
+
 def test_sharding_like_save_model(tmp_path: Path) -> None:
     cfg = synth.tiny_config("qwen3_5_moe")
     one = synth.write_checkpoint(tmp_path / "one", cfg, seed=3)
