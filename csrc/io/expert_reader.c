@@ -95,10 +95,10 @@ struct mf_expert_reader {
 // experts in the page cache, mmap decodes with no copy (warm decode 0.81 of the
 // memory bound against pread's 0.43 and direct's 0.32, which rereads the disk); cold,
 // direct beat pread (0.95 against 0.71 of the disk bound: a buffered miss also pays
-// the page-cache insertion), but a model larger than RAM still finds part of its
-// experts in the page cache, which only pread uses, and that regime could not be
-// measured here (holding the RAM would have starved the machine's other jobs), so
-// beyond 0.75 x RAM the rule keeps the reference system's pread.
+// the page-cache insertion). With the page cache holding only a quarter to a half of
+// the experts (RAM held by the bench, session 6), pread and mmap decode level and
+// direct 20-35 % slower, as the part still cached goes unused; so beyond 0.75 x RAM
+// the rule keeps the reference system's pread, one of the two best there.
 enum mf_io_mode mf_io_auto_mode(uint64_t expert_bytes, uint64_t ram_bytes) {
     // ram / 4 * 3 cannot overflow, unlike ram * 3 / 4.
     return ram_bytes == 0 || expert_bytes > ram_bytes / 4 * 3 ? MF_IO_PREAD : MF_IO_MMAP;
