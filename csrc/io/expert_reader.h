@@ -8,7 +8,9 @@
  *   pread   buffered pread into a slot (the page cache serves repeats).
  *   mmap    no copy: the bytes are a pointer into the store's mapping of the layer
  *           file; a worker pre-faults the expert's pages (madvise WILLNEED, then one
- *           read per page) so compute does not stall on page faults.
+ *           read per page) so compute does not stall on page faults, unless all of
+ *           them are in the page cache already (mincore at submit): then the ticket
+ *           is complete at once and no worker is woken.
  *   direct  uncached reads (O_DIRECT on Linux, F_NOCACHE on macOS) into a slot. Needs
  *           expert_size % 4096 == 0, 4096-aligned slots and a file system that accepts
  *           it; otherwise the reader uses pread and says why in stats.mode_note.
@@ -131,6 +133,8 @@ struct mf_expert_reader_stats {
     int64_t bytes_disk;        // bytes those reads moved
     int64_t bytes_cache;       // bytes handed out from a slot without I/O (hits)
     int64_t bytes_mmap;        // bytes handed out as pointers into a mapping
+    int64_t resident;          // mmap misses found wholly in the page cache, handed out
+                               // without an I/O thread's pre-fault
     int64_t hits, misses;      // submits that found / did not find their expert in a slot
     int64_t prefetch_issued;   // experts a prefetch started loading into a slot
     int64_t prefetch_hits;     // submits served by a slot a prefetch loaded

@@ -984,6 +984,28 @@ int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *
     return MF_OK;
 }
 
+int mf_expert_store_resident(const mf_expert_store *st, int il, int ie, const void **data) {
+    if (st->mapped != 1)
+        return 0;
+    const uint64_t off = (uint64_t)ie * st->layout.expert_size;
+    const uint8_t *p = st->maps[il] + off;
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(st->page - 1);
+    const uintptr_t end = (uintptr_t)p + st->layout.expert_size;
+    unsigned char vec[256];   // one byte per page, 256 pages per call
+    while (a < end) {
+        size_t n = (size_t)(end - a) < sizeof vec * st->page ? (size_t)(end - a)
+                                                            : sizeof vec * st->page;
+        if (mincore((void *)a, n, (void *)vec) != 0)
+            return 0;
+        for (size_t i = 0; i < (n + st->page - 1) / st->page; i++)
+            if (!(vec[i] & 1))
+                return 0;
+        a += n;
+    }
+    *data = p;
+    return 1;
+}
+
 int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
                              const void **data, char *err, size_t errlen) {
     *data = NULL;

@@ -161,5 +161,11 @@ int mf_expert_store_check_size(const mf_expert_store *st, int il, int ie, char *
 // pages are touched (here or by the consumer). Thread-safe.
 int mf_expert_store_prefault(const mf_expert_store *st, int il, int ie,
                              const void **data, char *err, size_t errlen);
+// After mf_expert_store_map, for ids that passed mf_expert_store_check and
+// mf_expert_store_check_size: 1 and *data = expert ie of layer il inside the mapping
+// when every page of it is in the page cache now (mincore; nothing is read), else 0
+// (*data untouched). Lets a warm expert skip the pre-fault's round trip through an I/O
+// thread. Thread-safe.
+int mf_expert_store_resident(const mf_expert_store *st, int il, int ie, const void **data);
 
 #endif /* MF_EXPERT_STORE_H */

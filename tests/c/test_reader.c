@@ -6,7 +6,8 @@
  * after open) come back at wait with a message naming the file, layer, expert and
  * offset; direct mode falls back to pread and says why; the auto rule and the
  * MOEFLUX_IO override; prefetch counters; free with reads in flight; offsets past
- * 4 GiB (a sparse file); several readers on one store in parallel threads.
+ * 4 GiB (a sparse file); several readers on one store in parallel threads; mmap
+ * experts already in the page cache handed out without a worker's pre-fault.
  *
  * The expected bytes are a hash of (layer, file offset), computed here independently
  * of the code under test, so a read from a wrong offset (e.g. truncated to 32 bits)
@@ -829,6 +830,67 @@ static void test_pin(mf_expert_store *st) {
     CHECK(c.locked == 0, "a failed lock leaves nothing locked: %d", c.locked);
 }
 
+/* ==== mmap: experts already in the page cache skip the pre-fault ==== */
+
+// 1 when posix_fadvise(DONTNEED) dropped layer l's pages from the page cache (files
+// nobody maps, on a disk file system); the store answers whether it did.
+static int evict_layer(const char *dir, int l) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/layer_%02d.bin", dir, l);
+    int fd = open(path, O_RDONLY);
+    CHECK(fd >= 0, "open %s", path);
+    if (fd < 0)
+        return 0;
+    int rc = fdatasync(fd) == 0 && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0;
+    close(fd);
+    return rc;
+}
+
+// Submits (l, e), waits, checks the bytes; returns the reader's `resident` count.
+static int64_t fetch(mf_expert_reader *r, int l, int e) {
+    char err[512] = "";
+    int t = -1;
+    const void *data = NULL;
+    int rc = mf_expert_reader_submit(r, l, e, &t, err, sizeof err);
+    if (rc == MF_OK)
+        rc = mf_expert_reader_wait(r, t, &data, err, sizeof err);
+    CHECK(rc == MF_OK && blob_ok(data, l, e, ES), "mmap %d/%d: %d %s", l, e, rc, err);
+    if (t >= 0)
+        mf_expert_reader_release(r, t);
+    struct mf_expert_reader_stats s;
+    mf_expert_reader_stats(r, &s);
+    return s.resident;
+}
+
+static void test_resident(void) {
+    char d[256];
+    if (check_make_tmpdir(d, sizeof d, "mf_reader_res") != 0)
+        return;
+    write_model(d, ES);   // just written: every page in the page cache
+    mf_expert_store *st = open_store(d);
+    const void *data = NULL;
+    CHECK(st && !mf_expert_store_resident(st, 1, 0, &data) && !data,
+          "resident before the store is mapped");
+    mf_expert_reader *r = st ? make_reader(st, MF_IO_MMAP, 2, 4, 0) : NULL;
+    if (r) {
+        CHECK(fetch(r, 1, 3) == 1, "a cached expert is handed out without a pre-fault");
+        CHECK(fetch(r, 1, 3) == 2, "and again once released (cache off: a new miss)");
+        if (evict_layer(d, 2) && !mf_expert_store_resident(st, 2, 5, &data)) {
+            CHECK(fetch(r, 2, 5) == 2, "an evicted expert goes through a worker");
+            CHECK(mf_expert_store_resident(st, 2, 5, &data) &&
+                      data != NULL && blob_ok(data, 2, 5, ES),
+                  "the worker's pre-fault brought it back");
+        } else {
+            printf("test_reader: layer 2 stayed in the page cache after DONTNEED; the "
+                   "evicted case was not run\n");
+        }
+        mf_expert_reader_free(r);
+    }
+    mf_expert_store_close(st);
+    remove_model(d);
+    rmdir(d);
+}
+
 int main(void) {
     unsetenv("MOEFLUX_IO");
     if (check_make_tmpdir(dir_disk, sizeof dir_disk, "mf_reader") != 0)
@@ -849,6 +911,7 @@ int main(void) {
     test_direct_fallback();
     test_direct_tmpfs();
     test_big_offsets();
+    test_resident();
     char d[256];
     if (check_make_tmpdir(d, sizeof d, "mf_reader_err") == 0) {
         test_errors(d);
