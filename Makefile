@@ -374,7 +374,8 @@ test-metal: venv tests/c/build/test_metal_host tests/c/build/test_metal_twin
 	echo "== test-metal summary"; printf '%b' "$$status"; exit $$fail
 
 # Resident decode / prefill on the GPU against the copy bandwidth of the same run
-# (bench/bench_cuda.py; BENCH_CUDA_ARGS e.g. "--layers 12 --repeat 5"). Builds the
+# (bench/bench_cuda.py; BENCH_CUDA_ARGS e.g. "--layers 12 --repeat 5", "--shape 35b
+# --layers 40", "--shape 397b --layers 6", "--mode stream"). Builds the
 # extension as test-cuda does (incrementally, after test-cuda).
 BENCH_CUDA_ARGS ?=
 bench-cuda:

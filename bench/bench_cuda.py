@@ -1,12 +1,19 @@
 """Resident-mode decode and prefill on the CUDA backend as ratios to the HBM bound
 measured in the same run.
 
-Model: a synthetic qwen3_moe with the Qwen3-30B-A3B shapes (hidden 2048, 32 query /
-4 KV heads of 128, 128 experts, 8 active, moe_intermediate 768, vocabulary 151936,
-4-bit group 64: the bytes of the llama.cpp peer's Q4_0), ``--layers`` layers (48 in
-the real model; fewer keep the build short on the test machine, and the per-token
-time is then scaled honestly: see below), built with moeflux.prep synth + convert in
-``--dir``.
+Models (``--shape``), synthetic, 4-bit group 64, built with moeflux.prep synth +
+convert in ``--dir``, ``--layers`` layers (fewer than the real model keep the build
+short on the test machine; the per-token time is then scaled honestly: see below):
+- ``a3b`` (default): qwen3_moe with the Qwen3-30B-A3B shapes (hidden 2048, 32 query /
+  4 KV heads of 128, 128 experts, 8 active, moe_intermediate 768, vocabulary 151936:
+  the bytes of the llama.cpp peer's Q4_0); 48 layers in the real model.
+- ``35b``: qwen3_5_moe with the Qwen3.6-35B-A3B shapes (python -m moeflux.bench's, the
+  demo's preset: hidden 2048, GatedDeltaNet and gated attention, 256 experts of width
+  512, 8 active, a shared expert), vocabulary ``--vocab`` (default the real 248320);
+  40 layers in the real model.
+- ``397b``: the Qwen3.5-397B-A17B per-layer shapes (hidden 4096, 512 experts of width
+  1024, 10 active, 3.6 GB of experts per layer), as many layers as the disk holds
+  twice while the checkpoint is converted; 60 layers in the real model.
 
 Bound: bytes a decode step must read (the K routed experts of every MoE layer plus
 every non-expert weight but the embedding table) over the device-to-device copy
@@ -16,9 +23,10 @@ is reading every weight once per 512 tokens (all experts are touched), which a
 compute-bound prefill is far from; the ratio is reported all the same.
 Each figure: median of --repeat interleaved rounds and its min..max.
 
-With fewer layers than 48, "scaled to 48 layers" is the measured tokens/s times
-layers / 48: the per-token time times 48 / layers, which counts the head (final norm,
-lm_head, logits download) 48 / layers times, so it is a lower bound for 48 layers.
+With fewer layers than the real model's L (48, 40, 60), "scaled to L layers" is the
+measured tokens/s times layers / L: the per-token time times L / layers, which counts
+the head (final norm, lm_head, logits download) L / layers times, so it is a lower
+bound for L layers.
 
 Streaming (``--mode stream``): the experts stay in the host page cache and reach the GPU
 through the device expert cache (``--gpu-cache``, a fraction of the experts; the
@@ -28,8 +36,9 @@ run (cuMemcpyHtoD from cuMemAllocHost memory), plus the GPU's compute time for t
 token, taken as the per-token time of the same model with every expert resident
 (measured in the same rounds). Ratio = bound time / measured time.
 
-Usage: python3 bench/bench_cuda.py [--layers 12] [--dir /tmp/mfb] [--repeat 5]
-       [--tokens 64] [--mode resident|stream] [--gpu-cache 0.25]
+Usage: python3 bench/bench_cuda.py [--shape a3b|35b|397b] [--layers 12] [--vocab V]
+       [--dir /tmp/mfb] [--repeat 5] [--tokens 64] [--mode resident|stream]
+       [--gpu-cache 0.25]
 """
 from __future__ import annotations
 
@@ -53,8 +62,18 @@ A3B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
        "max_position_embeddings": 40960}
 
 
-def build(dirpath: Path, layers: int) -> Path:
-    """The converted model (made once per --dir and layer count)."""
+# Layers of the real model of each --shape, and its label.
+SHAPES = {"a3b": (48, "qwen3_moe Qwen3-30B-A3B shapes"),
+          "35b": (40, "qwen3_5_moe Qwen3.6-35B-A3B shapes"),
+          "397b": (60, "qwen3_5_moe Qwen3.5-397B-A17B per-layer shapes")}
+
+
+def build(dirpath: Path, layers: int, shape: str = "a3b", vocab: int = 248320) -> Path:
+    """The converted model (made once per --dir, shape, layer count and vocabulary)."""
+    if shape != "a3b":
+        from moeflux import bench
+
+        return bench.ensure_model(dirpath, shape, layers, None, vocab)
     from moeflux.prep.convert import convert
     from moeflux.prep.synth import tiny_config, write_checkpoint
 
@@ -184,7 +203,7 @@ def stream_bench(cuda: Cuda, model_dir: Path, args: argparse.Namespace) -> None:
     s = st.stats()
     res.close()
     st.close()
-    print(f"model: qwen3_moe A3B shapes, {args.layers} layers, streaming, device cache "
+    print(f"model: {SHAPES[args.shape][1]}, {args.layers} layers, streaming, device cache "
           f"{args.gpu_cache:g} of the experts; io_mode {s['io_mode']}")
     print(f"pinned host-to-device GB/s: {spread([b / 1e9 for b in h2d])}")
     print(f"resident decode ms/token (the compute term): "
@@ -200,14 +219,18 @@ def stream_bench(cuda: Cuda, model_dir: Path, args: argparse.Namespace) -> None:
         ("attention_s", "routing_s", "io_wait_s", "experts_s", "shared_s", "head_s")
         if k in s))
     print(f"io: {s['io_fallback']}")
-    scale = args.layers / 48
-    print(f"scaled to 48 layers (lower bound): streaming decode "
-          f"{statistics.median([1 / t for t in t_st]) * scale:.0f} tok/s")
+    real = SHAPES[args.shape][0]
+    print(f"scaled to {real} layers (lower bound): streaming decode "
+          f"{statistics.median([1 / t for t in t_st]) * args.layers / real:.0f} tok/s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--shape", default="a3b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers to build (default 12; 4 for 397b)")
+    ap.add_argument("--vocab", type=int, default=248320,
+                    help="vocabulary of the 35b and 397b shapes (a3b: 151936)")
     ap.add_argument("--dir", default="/tmp/moeflux-bench-cuda")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
@@ -215,8 +238,10 @@ def main() -> None:
     ap.add_argument("--gpu-cache", type=float, default=0.25,
                     help="stream mode: device expert cache, fraction of the experts")
     args = ap.parse_args()
+    if args.layers is None:
+        args.layers = 4 if args.shape == "397b" else 12
     cuda = Cuda()
-    model_dir = build(Path(args.dir), args.layers)
+    model_dir = build(Path(args.dir), args.layers, args.shape, args.vocab)
     if args.mode == "stream":
         stream_bench(cuda, model_dir, args)
         return
@@ -252,7 +277,7 @@ def main() -> None:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout
     print(f"device {cuda.name}; driver API {cuda.driver}; nvidia-smi: {smi.strip()}")
-    print(f"model: qwen3_moe A3B shapes, {args.layers} layers, {args.mode}; "
+    print(f"model: {SHAPES[args.shape][1]}, {args.layers} layers, {args.mode}; "
           f"bytes per decode token {per_tok / 1e6:.1f} MB, all weights "
           f"{all_bytes / 1e9:.2f} GB")
     print(f"copy bandwidth (read+write) GB/s: {spread([b / 1e9 for b in bw])}")
@@ -260,10 +285,11 @@ def main() -> None:
           f"{spread([d / dec_bound for d in dec])}")
     print(f"prefill-512 tok/s: {spread(pre)}; byte bound {pre_bound:.0f}; ratio "
           f"{spread([p / pre_bound for p in pre])}")
-    scale = args.layers / 48
-    print(f"scaled to 48 layers (time x 48/{args.layers}, head counted each time: a "
-          f"lower bound): decode {statistics.median(dec) * scale:.0f} tok/s, prefill "
-          f"{statistics.median(pre) * scale:.0f} tok/s")
+    real = SHAPES[args.shape][0]
+    scale = args.layers / real
+    print(f"scaled to {real} layers (time x {real}/{args.layers}, head counted each "
+          f"time: a lower bound): decode {statistics.median(dec) * scale:.0f} tok/s, "
+          f"prefill {statistics.median(pre) * scale:.0f} tok/s")
     print(f"stats: routing {st['routing_s']:.3f} s, experts {st['experts_s']:.3f} s, "
           f"attention {st['attention_s']:.3f} s, head {st['head_s']:.3f} s, "
           f"compute {st['compute_s']:.3f} s")
