@@ -391,11 +391,15 @@ def _qwen_hybrid_layer(arch: str, t: dict, il: int, lp: str) -> list[_Linear | _
     return mods
 
 
-def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
+def _attn_dims(t: dict, lp: str) -> tuple[int, int, int, int, str]:
+    """(hidden, query heads, KV heads, head dim, module path) of a GQA attention."""
     hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
                                          "num_key_value_heads"))
-    hd = int(t.get("head_dim") or hid // nh)
-    sa = f"{lp}.self_attn"
+    return hid, nh, nkv, int(t.get("head_dim") or hid // nh), f"{lp}.self_attn"
+
+
+def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
+    hid, nh, nkv, hd, sa = _attn_dims(t, lp)
     # Gated attention: q_proj holds query and output gate per head ([h][q | gate]).
     return [_Linear(f"{sa}.q_proj", nh * hd * (2 if gated else 1), hid),
             _Linear(f"{sa}.k_proj", nkv * hd, hid),
@@ -407,10 +411,7 @@ def _qwen_attention(t: dict, lp: str, gated: bool) -> list[_Linear | _Float]:
 
 def _glm_attention(t: dict, lp: str) -> list[_Linear | _Float]:
     """GLM-4 MoE attention: q/k/v biases (attention_bias), q/k norms (use_qk_norm)."""
-    hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
-                                         "num_key_value_heads"))
-    hd = int(t.get("head_dim") or hid // nh)
-    sa = f"{lp}.self_attn"
+    hid, nh, nkv, hd, sa = _attn_dims(t, lp)
     mods: list[_Linear | _Float] = [
         _Linear(f"{sa}.q_proj", nh * hd, hid), _Linear(f"{sa}.k_proj", nkv * hd, hid),
         _Linear(f"{sa}.v_proj", nkv * hd, hid)]
@@ -427,10 +428,7 @@ def _glm_attention(t: dict, lp: str) -> list[_Linear | _Float]:
 def _minimax_attention(t: dict, lp: str) -> list[_Linear | _Float]:
     """MiniMax attention: no biases; q/k norms (use_qk_norm, default on) of all the
     query / key heads' dims at once."""
-    hid, nh, nkv = (int(t[k]) for k in ("hidden_size", "num_attention_heads",
-                                         "num_key_value_heads"))
-    hd = int(t.get("head_dim") or hid // nh)
-    sa = f"{lp}.self_attn"
+    hid, nh, nkv, hd, sa = _attn_dims(t, lp)
     mods: list[_Linear | _Float] = [
         _Linear(f"{sa}.q_proj", nh * hd, hid), _Linear(f"{sa}.k_proj", nkv * hd, hid),
         _Linear(f"{sa}.v_proj", nkv * hd, hid),
