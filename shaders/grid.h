@@ -28,6 +28,14 @@ static inline void mf_grid_mv(const struct mf_p_mv *p, unsigned g[3], unsigned b
                 (unsigned)p->n_head, 32 * MF_MV_ROWS);
 }
 
+// The segments' matvec threadgroups one after another along x (their token count is
+// the same).
+static inline void mf_grid_mv_multi(const struct mf_p_mv_multi *p, unsigned g[3],
+                                    unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->blk0[MF_MULTI_MAX], mf_cdiv(p->seg[0].n_tok, MF_MV_TT), 1,
+                32 * MF_MV_ROWS);
+}
+
 static inline void mf_grid_gemm(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(p->n_out, MF_GEMM_TILE), mf_cdiv(p->n_tok, MF_GEMM_TILE),
                 (unsigned)p->n_head, 256);

@@ -60,6 +60,38 @@ MF_PARAMS(5, struct mf_p_mv, p) {
                               MF_LANE, MF_LT);
 }
 
+// matmul_multi: threadgroup x of segment s (blk0[s] <= x < blk0[s + 1]) does what
+// mf_mv does for weight s alone, so each y is the same, bit for bit, as a matmul's.
+MF_KERNEL(mf_mv_multi)
+MF_BUF(0, float, y0)
+MF_BUF(1, float, y1)
+MF_BUF(2, float, y2)
+MF_BUF(3, const float, x)
+MF_BUF(4, const mf_u32, w0)
+MF_BUF(5, const mf_u32, sc0)
+MF_BUF(6, const mf_u32, bi0)
+MF_BUF(7, const mf_u32, w1)
+MF_BUF(8, const mf_u32, sc1)
+MF_BUF(9, const mf_u32, bi1)
+MF_BUF(10, const mf_u32, w2)
+MF_BUF(11, const mf_u32, sc2)
+MF_BUF(12, const mf_u32, bi2)
+MF_PARAMS(13, struct mf_p_mv_multi, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    const int bx = MF_TG_X, s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
+    MF_G float *y = s == 0 ? y0 : s == 1 ? y1 : y2;
+    MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
+    MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
+    MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
+    const struct mf_p_mv q = p.seg[s];
+    if (q.rpw == 1)
+        mf_mv_rows<1>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], MF_TG_Y, 0, MF_WARP, MF_LANE,
+                      MF_LT);
+    else
+        mf_mv_rows<MF_MV_RPW>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], MF_TG_Y, 0, MF_WARP,
+                              MF_LANE, MF_LT);
+}
+
 // A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs
 // (rows ty + 16i, tokens tx + 16j). W is dequantized into threadgroup memory once per
 // 32-column step and shared by the 64 tokens. Sums run over k in order.

@@ -51,6 +51,16 @@ struct mf_p_mv {
     int vec, rpw;
 };
 
+// Up to MF_MULTI_MAX products of one x in one launch (matmul_multi): segment s is the
+// matvec seg[s] (one head) on threadgroups blk0[s] .. blk0[s + 1] - 1 along x; unused
+// segments have no threadgroups (blk0[s + 1] == blk0[s]).
+#define MF_MULTI_MAX 3
+struct mf_p_mv_multi {
+    struct mf_p_mv seg[MF_MULTI_MAX];
+    int n_seg;
+    int blk0[MF_MULTI_MAX + 1];
+};
+
 struct mf_p_embed {
     int n_in, n_out, n_tok;
     int dtype, sdtype, bits, group_size;

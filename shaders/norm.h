@@ -32,4 +32,29 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     }
 }
 
+// x += r (stored), then y = rmsnorm(x) as mf_rmsnorm computes it: the same bits as
+// mf_axpy(x, 1, r) then mf_rmsnorm(y, x), in one launch. y must not alias x or r.
+MF_KERNEL(mf_add_rmsnorm)
+MF_BUF(0, float, y)
+MF_BUF(1, float, x)
+MF_BUF(2, const float, r)
+MF_BUF(3, const mf_u32, g)
+MF_PARAMS(4, struct mf_p_norm, p) {
+    MF_SHARED float red[MF_THREADS / 32];
+    const int lt = MF_LT, nt = MF_NT;
+    const mf_i64 off = (mf_i64)MF_TG_X * p.tok_stride;
+    float ss = 0.0f;
+    for (int i = lt; i < p.n; i += nt) {
+        const float v = x[off + i] + r[off + i];
+        x[off + i] = v;
+        ss += v * v;
+    }
+    ss = mf_block_sum(ss, red, lt);
+    const float inv = 1.0f / mf_sqrt(ss / (float)p.n + p.eps);
+    for (int i = lt; i < p.n; i += nt) {
+        const float gi = p.has_g ? mf_load(g, p.g_dtype, i) : 1.0f;
+        y[off + i] = x[off + i] * inv * gi * p.scale;
+    }
+}
+
 #endif /* MF_NORM_H */

@@ -68,6 +68,19 @@ def test_cuda_unavailable_is_a_clear_backend_error(model_dir: Path) -> None:
     assert "libcuda.so.1" in str(info.value)
 
 
+def assert_plain(params: str, structs: dict[str, list[str]]) -> None:
+    """32-bit ints and floats only, no pointers: scalars, arrays of them, or arrays of
+    params structs that are themselves plain (the same layout in C, CUDA and MSL)."""
+    for decl in structs[params]:
+        m = re.fullmatch(r"struct (\w+) \w+\[\w+\]", decl)
+        if m:
+            assert m.group(1) in structs, f"{params}: {decl!r}"
+            assert_plain(m.group(1), structs)
+            continue
+        assert re.fullmatch(r"(int|float) \w+(\[\w+( \+ \d+)?\])?(, \w+)*", decl), \
+            f"{params}: {decl!r}"
+
+
 def test_manifest_matches_params_kernels_and_grids() -> None:
     rows = manifest()
     structs = param_structs()
@@ -78,8 +91,7 @@ def test_manifest_matches_params_kernels_and_grids() -> None:
     for name, params, n_buf, grid_fn in rows:
         fields = structs.get(params)
         assert fields, f"{name}: params struct {params} not in mf_params.h"
-        for decl in fields:   # 32-bit ints and floats only, no pointers
-            assert re.fullmatch(r"(int|float) \w+(, \w+)*", decl), f"{params}: {decl!r}"
+        assert_plain(params, structs)
         assert re.search(rf"void {grid_fn}\(const struct {params} \*p,", grid), grid_fn
         defs = [f for f, s in sources.items() if f"MF_KERNEL({name})" in s]
         assert len(defs) == 1, f"{name} defined in {defs}"

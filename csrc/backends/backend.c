@@ -57,6 +57,29 @@ const char *mf_weight_format(const struct mf_weight *w, char *buf, size_t n) {
     return buf;
 }
 
+void mf_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
+                     float *const *y, const struct mf_weight *const *w, const float *x,
+                     int n_tok) {
+    if (op->matmul_multi && n > 1 && n <= MF_MATMUL_MULTI) {
+        op->matmul_multi(ex, n, y, w, x, n_tok);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        op->matmul(ex, y[i], w[i], x, n_tok);
+}
+
+void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *y, float *x,
+                    const float *r, const struct mf_weight *g, int n_rows, int n,
+                    float eps) {
+    if (r && op->add_rmsnorm) {
+        op->add_rmsnorm(ex, y, x, r, g, n_rows, n, eps);
+        return;
+    }
+    if (r)
+        op->axpy(ex, x, 1.0f, r, n_rows * n);
+    op->rmsnorm(ex, y, x, g, n_rows, n, eps, 1.0f);
+}
+
 static int same_format(const struct mf_weight *a, const struct mf_weight *b) {
     return a->dtype == b->dtype &&
            (a->dtype != MF_DTYPE_U32 ||

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 4
+#define MF_BACKEND_API_VERSION 5
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -64,6 +64,9 @@ struct mf_weight {
 };
 
 // Bytes of one [n_out, n_in] slice of each part (for stacked [E, out, in] tensors).
+// The most products one matmul_multi call takes (shaders/mf_params.h MF_MULTI_MAX).
+#define MF_MATMUL_MULTI 3
+
 int64_t mf_weight_w_bytes(const struct mf_weight *w);
 int64_t mf_weight_s_bytes(const struct mf_weight *w);
 // Slice i of a stacked weight whose leading dimension was folded away: returns a view
@@ -259,6 +262,12 @@ struct mf_backend_ops {
     // y[n_tok, n_out] = x[n_tok, n_in] @ W^T. W float or quantized.
     void (*matmul)(struct mf_exec *ex, float *y, const struct mf_weight *w,
                    const float *x, int n_tok);
+    // n (1 .. MF_MATMUL_MULTI) products of the same x in one call: y[i] = matmul of
+    // w[i] (the same n_in), each equal, bit for bit, to the matmul call it replaces
+    // (a GPU runs them as one launch). The arrays are host arguments. Optional (API v5
+    // addition): NULL = the backend has none; callers go through mf_matmul_multi.
+    void (*matmul_multi)(struct mf_exec *ex, int n, float *const *y,
+                         const struct mf_weight *const *w, const float *x, int n_tok);
     // y[n_tok, n_in] = x[n_tok, n_out] @ W: W [n_out, n_in] used transposed (MLA
     // absorption with an old-form kv_b_proj: q~ = W_UK^T q_nope). Float or quantized.
     void (*matmul_t)(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -286,6 +295,11 @@ struct mf_backend_ops {
     // weight of n elements. y may alias x.
     void (*rmsnorm)(struct mf_exec *ex, float *y, const float *x,
                     const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+    // x[n_rows, n] += r, then y = rmsnorm(x) (scale 1): the same bits as axpy(x, 1, r)
+    // then rmsnorm(y, x) (the residual add before a layer's next norm). y aliases
+    // neither. Optional (API v5 addition): NULL = callers go through mf_add_rmsnorm.
+    void (*add_rmsnorm)(struct mf_exec *ex, float *y, float *x, const float *r,
+                        const struct mf_weight *g, int n_rows, int n, float eps);
     // rmsnorm over heads inside tokens: row (t, h) of n values at x + t*tok_stride +
     // h*head_stride (the same offsets in y) for t < n_tok, h < n_head. y may alias x.
     // (GatedDeltaNet q/k heads inside conv rows, the MLA latent inside [latent | rope].)
@@ -440,6 +454,18 @@ int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, in
                            char *err, size_t errlen);
 
 // Constructors per backend. CPU always exists.
+// matmul of each w[i] into y[i] with the same x: the backend's matmul_multi where it
+// has one (n <= MF_MATMUL_MULTI), else one matmul per weight.
+void mf_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
+                     float *const *y, const struct mf_weight *const *w, const float *x,
+                     int n_tok);
+
+// y = rmsnorm(x) * g after x += r (r NULL: no add): the backend's add_rmsnorm where
+// it has one, else axpy then rmsnorm.
+void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *y, float *x,
+                    const float *r, const struct mf_weight *g, int n_rows, int n,
+                    float eps);
+
 int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen);
 // The CPU backend with every exec on one kernel set ("scalar", "avx2", "avx512",
 // "neon"; NULL: the best this CPU runs), for tests. MF_ERR_BACKEND if the set is

@@ -161,9 +161,9 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
     float *k = s->k_cache[il] + (size_t)pos0 * kv_row;
     float *v = s->v_cache[il] + (size_t)pos0 * kv_row;
 
-    op->matmul(ex, s->q, &L->q_proj, xn, n);   // [n, H, D]
-    op->matmul(ex, k, &L->k_proj, xn, n);      // [n, Hkv, D]
-    op->matmul(ex, v, &L->v_proj, xn, n);      // [n, Hkv, D]
+    float *const qkv[3] = {s->q, k, v};   // [n, H, D], [n, Hkv, D] twice
+    const struct mf_weight *const wqkv[3] = {&L->q_proj, &L->k_proj, &L->v_proj};
+    mf_matmul_multi(op, ex, 3, qkv, wqkv, xn, n);
     add_bias(ctx, s, s->q, &L->q_bias, n, H * D);
     add_bias(ctx, s, k, &L->k_bias, n, kv_row);
     add_bias(ctx, s, v, &L->v_bias, n, kv_row);
@@ -228,5 +228,4 @@ void mf_gqa_decoder_attn(mf_ctx *ctx, const struct mf_gqa_dims *d,
     ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, norm, n, hid, eps, 1.0f);
     mf_gqa_forward(ctx, &s->gqa, d, L, il, s->dec.y, s->dec.xn, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
 }

@@ -491,9 +491,10 @@ static void attention(mf_ctx *ctx, struct gptoss_state *s, const struct gptoss_m
     const struct gptoss_layer *L = &M->layers[il];
     const int H = hp->attn.n_head, Hkv = hp->attn.n_head_kv, D = hp->attn.head_dim;
     const int kvd = Hkv * D, rows = cache_rows(ctx, M, il);
-    op->matmul(ctx->ex, s->q, &L->attn.q_proj, xn, n);
-    op->matmul(ctx->ex, s->k, &L->attn.k_proj, xn, n);
-    op->matmul(ctx->ex, s->v, &L->attn.v_proj, xn, n);
+    float *const qkv[3] = {s->q, s->k, s->v};
+    const struct mf_weight *const wqkv[3] = {&L->attn.q_proj, &L->attn.k_proj,
+                                             &L->attn.v_proj};
+    mf_matmul_multi(op, ctx->ex, 3, qkv, wqkv, xn, n);
     add_bias(ctx, s, s->q, &L->attn.q_bias, n, H * D);
     add_bias(ctx, s, s->k, &L->attn.k_bias, n, kvd);
     add_bias(ctx, s, s->v, &L->attn.v_bias, n, kvd);
@@ -523,9 +524,8 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
                           M->hp.rms_norm_eps, 1.0f);
     attention(ctx, s, M, il, s->dec.y, s->dec.xn, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    ctx->be->ops->axpy(ctx->ex, s->dec.x, 1.0f, s->dec.y, n * hid);
-    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, 1, &L->moe, NULL,
-                          il, n);
+    return mf_decoder_ffn(ctx, &s->dec, s->dec.y, &L->post_attention_layernorm,
+                          1, &L->moe, NULL, il, n);
 }
 
 // The ring rows the eval of n_tok tokens from n_past on will overwrite (those of its

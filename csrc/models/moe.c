@@ -1039,8 +1039,9 @@ void mf_ffn_forward(mf_ctx *ctx, float *y, float *tmp, const struct mf_ffn_layer
                     const float *x, int n_tok, int n_ff) {
     const struct mf_backend_ops *op = ctx->be->ops;
     float *g = tmp, *u = tmp + (size_t)n_tok * n_ff;   // [n_tok, n_ff] each
-    op->matmul(ctx->ex, g, &w->gate, x, n_tok);
-    op->matmul(ctx->ex, u, &w->up, x, n_tok);
+    float *const gu[2] = {g, u};
+    const struct mf_weight *const wgu[2] = {&w->gate, &w->up};
+    mf_matmul_multi(op, ctx->ex, 2, gu, wgu, x, n_tok);
     op->swiglu(ctx->ex, u, g, u, n_tok, n_ff, n_ff);
     op->matmul(ctx->ex, y, &w->down, u, n_tok);
 }

@@ -767,10 +767,10 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
     size_t row = (size_t)Hkv * D;
     float *kc = st->kc[il] + (size_t)pos0 * row;   // [n, Hkv, D] rows of this call
     float *vc = st->vc[il] + (size_t)pos0 * row;
-    op->matmul(ex, st->qg, &L->wq, x, n);                 // [n, H, 2, D]
+    float *const qkv[3] = {st->qg, kc, vc};   // q: [n, H, 2, D]
+    const struct mf_weight *const wqkv[3] = {&L->wq, &L->wk, &L->wv};
+    mf_matmul_multi(op, ex, 3, qkv, wqkv, x, n);
     op->gather_rows_dev(ex, st->q, st->qg, st->q_rows_dev, n * H, D);   // -> [n, H, D]
-    op->matmul(ex, kc, &L->wk, x, n);
-    op->matmul(ex, vc, &L->wv, x, n);
     op->rmsnorm(ex, st->q, st->q, &L->q_norm, n * H, D, d->eps, 1.0f);
     op->rmsnorm(ex, kc, kc, &L->k_norm, n * Hkv, D, d->eps, 1.0f);
     op->rope(ex, st->q, n, H, H * D, D, d->n_rot, st->inv_freq, pos0, 0, 1.0f);
@@ -795,18 +795,25 @@ static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model 
     int width[N_DST], direct[N_DST] = {0}, segmented = 0;
     dst_widths(&hm->d, width);
     size_t raw_off = 0, T = (size_t)st->dec.max_tok;
+    float *y[4];
+    const struct mf_weight *w[4];
     for (int p = 0; p < L->n_proj; p++) {
         const struct gdn_proj *P = &L->proj[p];
+        w[p] = &P->w;
         if (P->dst >= 0) {
-            op->matmul(ctx->ex, st->buf[P->dst], &P->w, x, n);
+            y[p] = st->buf[P->dst];
             direct[P->dst] = 1;
             continue;
         }
         // [n, n_out] at a max_tok-based offset: the rows in seg_rows do not depend on n
-        op->matmul(ctx->ex, st->raw + raw_off, &P->w, x, n);
+        y[p] = st->raw + raw_off;
         raw_off += T * (size_t)P->w.n_out;
         segmented = 1;
     }
+    for (int p = 0; p < L->n_proj; p += MF_MATMUL_MULTI)
+        mf_matmul_multi(op, ctx->ex, L->n_proj - p < MF_MATMUL_MULTI ? L->n_proj - p
+                                                                      : MF_MATMUL_MULTI,
+                        y + p, w + p, x, n);
     // The segments of the whole chunk, one gather per buffer (make_seg_rows).
     for (int k = 0; segmented && k < N_DST; k++)
         if (st->seg_rows[k] && !direct[k])
@@ -861,8 +868,8 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
         gdn_block(ctx, st, hm, L, il, dec->y, dec->xn, n, first_chunk);
     else
         attn_block(ctx, st, &hm->d, L, il, dec->y, dec->xn, n, pos0);
-    op->axpy(ctx->ex, dec->x, 1.0f, dec->y, n * H);
-    return mf_decoder_ffn(ctx, dec, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il, n);
+    return mf_decoder_ffn(ctx, dec, dec->y, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il,
+                          n);
 }
 
 static int hy_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,

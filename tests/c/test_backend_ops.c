@@ -343,6 +343,61 @@ static void test_embed(const struct tw *t) {
     free(yc), free(yg), gfree(gy);
 }
 
+// matmul_multi of n weights against the CPU's matmul of each (the reordering bound),
+// and bit for bit against the backend's own matmul of each: one launch must compute
+// what separate launches compute.
+static void test_multi(struct tw *const *t, int n, int nt) {
+    const int64_t N = t[0]->c.n_in;
+    float *x = frand((size_t)(nt * N), -1, 1), *gxb = gput(x, (size_t)(nt * N) * 4);
+    float *gy[MF_MATMUL_MULTI], *gs[MF_MATMUL_MULTI];
+    const struct mf_weight *wg[MF_MATMUL_MULTI];
+    for (int i = 0; i < n; i++) {
+        gy[i] = gpoison((size_t)(nt * t[i]->c.n_out) * 4);
+        gs[i] = gpoison((size_t)(nt * t[i]->c.n_out) * 4);
+        wg[i] = &t[i]->g;
+        E.go->matmul(E.gx, gs[i], &t[i]->g, gxb, nt);
+    }
+    mf_matmul_multi(E.go, E.gx, n, gy, wg, gxb, nt);
+    for (int i = 0; i < n; i++) {
+        const int64_t R = t[i]->c.n_out;
+        float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
+        float *ys = gget(gs[i], (size_t)(nt * R));
+        E.co->matmul(E.cx, yc, &t[i]->c, x, nt);
+        double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
+        for (int tt = 0; tt < nt; tt++)
+            for (int64_t r = 0; r < R; r++) {
+                double s = 0;
+                for (int64_t c = 0; c < N; c++)
+                    s += fabs((double)x[tt * N + c] * t[i]->deq[r * N + c]);
+                ad[tt * R + r] = s;
+            }
+        char nm[128], what[200];
+        snprintf(what, sizeof what, "matmul_multi %d of %d %s n_tok %d", i, n,
+                 wname(t[i], nm, sizeof nm), nt);
+        cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
+        E.n_case++;
+        CHECK(memcmp(yg, ys, (size_t)(nt * R) * 4) == 0, "%s: differs from matmul", what);
+        free(yc), free(yg), free(ys), free(ad), gfree(gy[i]), gfree(gs[i]);
+    }
+    free(x), gfree(gxb);
+}
+
+static void test_multis(void) {
+    struct tw a, b, c;
+    tw_make(&a, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 4096, 2048);   // q_proj-like
+    tw_make(&b, MF_DTYPE_U32, MF_DTYPE_F16, 8, 32, 130, 2048);
+    tw_make(&c, MF_DTYPE_BF16, MF_DTYPE_F32, 0, 0, 77, 2048);
+    struct tw *const t[3] = {&a, &b, &c}, *const r[3] = {&c, &a, &b};
+    const int nts[] = {1, 3, 8, 9};
+    for (int n = 1; n <= 3; n++)
+        for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++) {
+            test_multi(t, n, nts[i]);
+            test_multi(r, n, nts[i]);
+        }
+    tw_free(&a), tw_free(&b), tw_free(&c);
+    status_ok("matmul_multi");
+}
+
 static void test_weight_ops(const struct tw *t) {
     const int nts[] = {1, 3, 8, 37};
     for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
@@ -376,6 +431,7 @@ static void test_products(void) {
         test_weight_ops(&t);
         tw_free(&t);
     }
+    test_multis();
     printf("products: %d cases\n", E.n_case);
 }
 
@@ -458,6 +514,29 @@ static void test_norms(void) {
         yg = gget(gy, (size_t)rows * n);
         cmp_rel("rmsnorm y aliasing x", yc, yg, (size_t)rows * n, RTOL);
         free(yg), free(yc), gfree(gy), vw_free(&g);
+    }
+    // The residual add and the norm in one op: x and y against the CPU's axpy +
+    // rmsnorm, and bit for bit against the backend's own axpy + rmsnorm.
+    for (int d = 0; d < 2; d++) {
+        struct vw g = vw_make(MF_DTYPE_BF16, n, 0.5f, 1.5f);
+        const struct mf_weight *gc = d ? &g.c : NULL, *gg = d ? &g.g : NULL;
+        const size_t rn = (size_t)rows * n;
+        float *xc = xmalloc(rn * 4), *yc = fpoison(rn), *gy = gpoison(rn * 4);
+        float *gy2 = gpoison(rn * 4), *gx1 = gput(x, rn * 4), *gx2 = gput(x, rn * 4);
+        memcpy(xc, x, rn * 4);
+        mf_add_rmsnorm(E.co, E.cx, yc, xc, z, gc, rows, n, 1e-6f);
+        E.go->add_rmsnorm(E.gx, gy, gx1, gz, gg, rows, n, 1e-6f);
+        E.go->axpy(E.gx, gx2, 1.0f, gz, rows * n);
+        E.go->rmsnorm(E.gx, gy2, gx2, gg, rows, n, 1e-6f, 1.0f);
+        float *yg = gget(gy, rn), *xg = gget(gx1, rn);
+        float *yg2 = gget(gy2, rn), *xg2 = gget(gx2, rn);
+        cmp_rel("add_rmsnorm x", xc, xg, rn, RTOL);
+        cmp_rel("add_rmsnorm y", yc, yg, rn, RTOL);
+        E.n_case++;
+        CHECK(memcmp(yg, yg2, rn * 4) == 0 && memcmp(xg, xg2, rn * 4) == 0,
+              "add_rmsnorm (g %s): differs from axpy + rmsnorm", d ? "bf16" : "none");
+        free(xc), free(yc), free(yg), free(xg), free(yg2), free(xg2);
+        gfree(gy), gfree(gy2), gfree(gx1), gfree(gx2), vw_free(&g);
     }
     // Heads inside tokens: 4 heads of 128 at stride 130 in rows of 590, in place.
     struct vw g = vw_make(MF_DTYPE_BF16, 128, 0.5f, 1.5f);

@@ -41,7 +41,7 @@ static const size_t params_size[] = {
 struct rec {
     int kid, n_buf;
     unsigned g[3], b[3];
-    unsigned char params[128];
+    unsigned char params[256];
     uint64_t bufs[16];
 };
 
@@ -340,6 +340,22 @@ static void test_products(void) {
     BOTH(matmul_t, y, &m, x, 2);
     BOTH(matmul_heads, y, 96, 32, &m, 40, 0, x, 700, 64, 1, 3);
     BOTH(embed, y, &m, tok, 5);
+    // matmul_multi: one mf_mv_multi launch (mixed formats, 1-3 products), or one
+    // matmul each beyond the matvec's token count, for MXFP4 or for unequal n_in.
+    float *ys[3] = {y, P(0x12000000), P(0x13000000)};
+    struct mf_weight q = quant(4, 64, MF_DTYPE_BF16, 4096, 1024);
+    struct mf_weight r = quant(8, 32, MF_DTYPE_F16, 128, 1024);
+    struct mf_weight fl = flt(MF_DTYPE_BF16, 77, 1024), other = flt(MF_DTYPE_F32, 5, 512);
+    const struct mf_weight *mix[3] = {&q, &r, &fl}, *odd[3] = {&q, &other, &fl},
+                           *mx[2] = {&q, &m};
+    for (int n = 1; n <= 3; n++)
+        for (size_t t = 0; t < sizeof toks / sizeof toks[0]; t++)
+            BOTH(matmul_multi, n, ys, mix, x, toks[t]);
+    BOTH(matmul_multi, 3, ys, odd, x, 1);
+    BOTH(matmul_multi, 2, ys, mx, x, 1);
+    struct mf_weight bad2 = quant(7, 64, MF_DTYPE_F16, 8, 1024);
+    const struct mf_weight *wbad[2] = {&q, &bad2};
+    BOTH(matmul_multi, 2, ys, wbad, x, 1);
 }
 
 static void test_norms_rope_attention(void) {
@@ -349,8 +365,11 @@ static void test_norms_rope_attention(void) {
     BOTH(rmsnorm, y, x, NULL, 7, 128, 1e-6f, 0.5f);
     BOTH(rmsnorm_heads, y, x, &g, 5, 1000, 4, 130, 128, 1e-5f, 1.0f);
     BOTH(rmsnorm_gated, y, x, z, &g, 3, 128, 1e-6f);
+    BOTH(add_rmsnorm, y, x, z, &g, 3, 2048, 1e-6f);
+    BOTH(add_rmsnorm, y, x, z, NULL, 1, 128, 1e-5f);
     struct mf_weight qg = quant(4, 64, MF_DTYPE_F16, 1, 128);
     BOTH(rmsnorm, y, x, &qg, 1, 128, 1e-6f, 1.0f);
+    BOTH(add_rmsnorm, y, x, z, &qg, 1, 128, 1e-6f);
     BOTH(rope, x, 6, 8, 1024, 128, 64, P(0x13000000), 17, 0, 1.0f);
     BOTH(rope, x, 1, 2, 576, 64, 64, P(0x13000000), 300, 1, 0.7f);
     BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);

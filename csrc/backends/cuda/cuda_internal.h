@@ -122,6 +122,8 @@ void mf_cuda_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
                     const float *x, int n_tok);
 void mf_cuda_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                       const float *x, int n_tok);
+void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                          const struct mf_weight *const *w, const float *x, int n_tok);
 void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                           int y_head_stride, const struct mf_weight *w,
                           int64_t w_head_rows, int transposed, const float *x,
@@ -130,6 +132,8 @@ void mf_cuda_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
                    const int32_t *tokens_host, int n_tok);
 void mf_cuda_rmsnorm(struct mf_exec *ex, float *y, const float *x,
                      const struct mf_weight *g, int n_rows, int n, float eps, float scale);
+void mf_cuda_add_rmsnorm(struct mf_exec *ex, float *y, float *x, const float *r,
+                         const struct mf_weight *g, int n_rows, int n, float eps);
 void mf_cuda_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
                            const struct mf_weight *g, int n_tok, int tok_stride,
                            int n_head, int head_stride, int n, float eps, float scale);

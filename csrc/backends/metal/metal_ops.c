@@ -13,6 +13,7 @@
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
                    MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
+_Static_assert(MF_MULTI_MAX == MF_MATMUL_MULTI, "matmul_multi limits must agree");
 
 // Tokens above which matmul uses the tiled GEMM (the CUDA driver's choice).
 #define MV_MAX_TOK 8
@@ -94,6 +95,13 @@ static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
     launch_mf_mv_mxfp4(ex, &p, b, "matmul");
 }
 
+// Rows per warp of a matvec (the CUDA driver's rule).
+static int mv_rpw(const struct mf_weight *w, int n_tok, int n_head) {
+    return n_tok == 1 && w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS * MF_MV_RPW
+               ? 1
+               : MF_MV_RPW;
+}
+
 void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                            int y_head_stride, const struct mf_weight *w,
                            int64_t w_head_rows, int transposed, const float *x,
@@ -115,10 +123,7 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_tok_stride = y_tok_stride;
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
-    p.rpw = n_tok == 1 && (int64_t)w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS *
-                                                             MF_MV_RPW
-                ? 1
-                : MF_MV_RPW;
+    p.rpw = mv_rpw(w, n_tok, n_head);
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MV_MAX_TOK)
@@ -130,6 +135,45 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
                      const float *x, int n_tok) {
     mf_metal_matmul_heads(ex, y, (int)w->n_out, 0, w, 0, 0, x, (int)w->n_in, 0, n_tok, 1);
+}
+
+// One mf_mv_multi dispatch, as the CUDA driver launches it.
+void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                           const struct mf_weight *const *w, const float *x, int n_tok) {
+    int fused = n >= 1 && n <= MF_MULTI_MAX && n_tok >= 1 && n_tok <= MV_MAX_TOK;
+    for (int i = 0; fused && i < n; i++)
+        fused = w[i]->qmode == MF_QMODE_AFFINE && w[i]->n_out > 0 &&
+                w[i]->n_in == w[0]->n_in && w[i]->n_in > 0;
+    if (!fused) {
+        for (int i = 0; i < n; i++)
+            mf_metal_matmul(ex, y[i], w[i], x, n_tok);
+        return;
+    }
+    if (mf_metal_failed(ex))
+        return;
+    for (int i = 0; i < n; i++)
+        if (!check_weight(ex, w[i], "matmul_multi"))
+            return;
+    struct mf_p_mv_multi p = {.n_seg = n};
+    const void *b[4 + 3 * MF_MULTI_MAX];
+    b[3] = x;
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        const struct mf_weight *ws = w[s < n ? s : 0];
+        struct mf_p_mv q = mv_params(ws);
+        q.n_tok = n_tok;
+        q.x_tok_stride = q.n_in;
+        q.y_tok_stride = q.n_out;
+        q.rpw = mv_rpw(ws, n_tok, 1);
+        p.seg[s] = q;
+        unsigned g[3], bl[3];
+        mf_grid_mv(&q, g, bl);
+        p.blk0[s + 1] = p.blk0[s] + (s < n ? (int)g[0] : 0);
+        b[s] = y[s < n ? s : 0];
+        b[4 + 3 * s] = ws->w;
+        b[5 + 3 * s] = ws->scales;
+        b[6 + 3 * s] = ws->biases;
+    }
+    launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
 
 void mf_metal_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -154,7 +198,8 @@ void mf_metal_embed(struct mf_exec *ex, float *y, const struct mf_weight *w,
 
 /* ==== Norms and rope ==== */
 
-static void norm(struct mf_exec *ex, float *y, const float *x, const float *z,
+// rmsnorm, gated by z; or (add) x += z first (kernel mf_add_rmsnorm).
+static void norm(struct mf_exec *ex, float *y, const float *x, const float *z, int add,
                  const struct mf_weight *g, struct mf_p_norm p, const char *op) {
     if (p.n_tok <= 0 || p.n_head <= 0 || p.n <= 0 || mf_metal_failed(ex))
         return;
@@ -164,16 +209,26 @@ static void norm(struct mf_exec *ex, float *y, const float *x, const float *z,
     }
     p.has_g = g != NULL;
     p.g_dtype = g ? (int)g->dtype : 0;
-    p.has_z = z != NULL;
+    p.has_z = z != NULL && !add;
     const void *const b[4] = {y, x, z, g ? g->w : NULL};
-    launch_mf_rmsnorm(ex, &p, b, op);
+    if (add)
+        launch_mf_add_rmsnorm(ex, &p, b, op);
+    else
+        launch_mf_rmsnorm(ex, &p, b, op);
 }
 
 void mf_metal_rmsnorm(struct mf_exec *ex, float *y, const float *x,
                       const struct mf_weight *g, int n_rows, int n, float eps, float scale) {
     struct mf_p_norm p = {.n_tok = n_rows, .tok_stride = n, .n_head = 1, .n = n,
                           .eps = eps, .scale = scale};
-    norm(ex, y, x, NULL, g, p, "rmsnorm");
+    norm(ex, y, x, NULL, 0, g, p, "rmsnorm");
+}
+
+void mf_metal_add_rmsnorm(struct mf_exec *ex, float *y, float *x, const float *r,
+                          const struct mf_weight *g, int n_rows, int n, float eps) {
+    struct mf_p_norm p = {.n_tok = n_rows, .tok_stride = n, .n_head = 1, .n = n,
+                          .eps = eps, .scale = 1.0f};
+    norm(ex, y, x, r, 1, g, p, "add_rmsnorm");
 }
 
 void mf_metal_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
@@ -181,14 +236,14 @@ void mf_metal_rmsnorm_heads(struct mf_exec *ex, float *y, const float *x,
                             int n_head, int head_stride, int n, float eps, float scale) {
     struct mf_p_norm p = {.n_tok = n_tok, .tok_stride = tok_stride, .n_head = n_head,
                           .head_stride = head_stride, .n = n, .eps = eps, .scale = scale};
-    norm(ex, y, x, NULL, g, p, "rmsnorm_heads");
+    norm(ex, y, x, NULL, 0, g, p, "rmsnorm_heads");
 }
 
 void mf_metal_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const float *z,
                             const struct mf_weight *g, int n_rows, int n, float eps) {
     struct mf_p_norm p = {.n_tok = n_rows, .tok_stride = n, .n_head = 1, .n = n,
                           .eps = eps, .scale = 1.0f};
-    norm(ex, y, x, z, g, p, "rmsnorm_gated");
+    norm(ex, y, x, z, 0, g, p, "rmsnorm_gated");
 }
 
 void mf_metal_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
