@@ -795,8 +795,8 @@ static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model 
     int width[N_DST], direct[N_DST] = {0}, segmented = 0;
     dst_widths(&hm->d, width);
     size_t raw_off = 0, T = (size_t)st->dec.max_tok;
-    float *y[4];
-    const struct mf_weight *w[4];
+    float *y[sizeof L->proj / sizeof L->proj[0]];
+    const struct mf_weight *w[sizeof L->proj / sizeof L->proj[0]];
     for (int p = 0; p < L->n_proj; p++) {
         const struct gdn_proj *P = &L->proj[p];
         w[p] = &P->w;
