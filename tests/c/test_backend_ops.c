@@ -250,23 +250,25 @@ static const char *wname(const struct tw *t, char *buf, size_t n) {
 
 /* ==== Products ==== */
 
-static void test_matmul(const struct tw *t, int nt) {
+// x on the device xoff floats into its buffer (1: x not 16-byte aligned).
+static void test_matmul(const struct tw *t, int nt, int xoff) {
     const int64_t N = t->c.n_in, R = t->c.n_out;
-    float *x = frand((size_t)(nt * N), -1, 1), *yc = fpoison((size_t)(nt * R));
-    E.co->matmul(E.cx, yc, &t->c, x, nt);
-    float *gxb = gput(x, (size_t)(nt * N) * 4), *gy = gpoison((size_t)(nt * R) * 4);
-    E.go->matmul(E.gx, gy, &t->g, gxb, nt);
+    float *x = frand((size_t)(nt * N + xoff), -1, 1), *yc = fpoison((size_t)(nt * R));
+    E.co->matmul(E.cx, yc, &t->c, x + xoff, nt);
+    float *gxb = gput(x, (size_t)(nt * N + xoff) * 4), *gy = gpoison((size_t)(nt * R) * 4);
+    E.go->matmul(E.gx, gy, &t->g, gxb + xoff, nt);
     float *yg = gget(gy, (size_t)(nt * R));
     double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
     for (int tt = 0; tt < nt; tt++)
         for (int64_t r = 0; r < R; r++) {
             double s = 0;
             for (int64_t c = 0; c < N; c++)
-                s += fabs((double)x[tt * N + c] * t->deq[r * N + c]);
+                s += fabs((double)x[xoff + tt * N + c] * t->deq[r * N + c]);
             ad[tt * R + r] = s;
         }
     char nm[128], what[200];
-    snprintf(what, sizeof what, "matmul %s n_tok %d", wname(t, nm, sizeof nm), nt);
+    snprintf(what, sizeof what, "matmul %s n_tok %d x offset %d", wname(t, nm, sizeof nm),
+             nt, xoff);
     cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
     free(x), free(yc), free(yg), free(ad), gfree(gxb), gfree(gy);
 }
@@ -401,7 +403,8 @@ static void test_multis(void) {
 static void test_weight_ops(const struct tw *t) {
     const int nts[] = {1, 3, 8, 37};
     for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
-        test_matmul(t, nts[i]);
+        test_matmul(t, nts[i], 0);
+    test_matmul(t, 1, 1);
     test_matmul_t(t, 1);
     test_matmul_t(t, 6);
     test_heads(t, 0, 0, 1);
@@ -1662,7 +1665,7 @@ static void test_gptoss(void) {
     tw_mxfp4(&t, 77, 2880);   // gpt-oss's hidden size
     const int nts[] = {1, 3, 4, 9};
     for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
-        test_matmul(&t, nts[i]);
+        test_matmul(&t, nts[i], 0);
     gfree((void *)t.g.w);
     gfree((void *)t.g.scales);
     free(t.hw), free(t.hs), free(t.deq);
