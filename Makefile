@@ -109,7 +109,9 @@ REQUIRE_KERNELS_ENV = MOEFLUX_REQUIRE_KERNELS="$${MOEFLUX_REQUIRE_KERNELS-$$(./b
 
 ctest: $(CTESTS) build/kernel_sets
 	@set -e; export $(REQUIRE_KERNELS_ENV); echo "kernel sets required: $$MOEFLUX_REQUIRE_KERNELS"; \
-	for t in $(CTESTS); do echo "== $$t"; ./$$t; done
+	for t in $(CTESTS); do echo "== $$t"; ./$$t; done; \
+	echo "== test_backend_ops, the CPU in the GPU's place (the harness itself)"; \
+	MOEFLUX_OPS_AGAINST=cpu ./tests/c/build/test_backend_ops
 
 pytest: install build/kernel_sets
 	export $(REQUIRE_KERNELS_ENV); $(VENV)/bin/pytest -q tests

@@ -528,7 +528,7 @@ static void test_norms(void) {
         float *gy2 = gpoison(rn * 4), *gx1 = gput(x, rn * 4), *gx2 = gput(x, rn * 4);
         memcpy(xc, x, rn * 4);
         mf_add_rmsnorm(E.co, E.cx, yc, xc, z, gc, rows, n, 1e-6f);
-        E.go->add_rmsnorm(E.gx, gy, gx1, gz, gg, rows, n, 1e-6f);
+        mf_add_rmsnorm(E.go, E.gx, gy, gx1, gz, gg, rows, n, 1e-6f);
         E.go->axpy(E.gx, gx2, 1.0f, gz, rows * n);
         E.go->rmsnorm(E.gx, gy2, gx2, gg, rows, n, 1e-6f, 1.0f);
         float *yg = gget(gy, rn), *xg = gget(gx1, rn);
