@@ -1,7 +1,8 @@
 /*
- * elementwise.h — swiglu, mul_sigmoid, axpy, row gathers (index table in device
- * memory), the non-finite flag, and row scatter-adds (a thread per column walks the rows in order, so a
- * repeated index accumulates in a fixed order, with no atomics).
+ * elementwise.h — swiglu, mul_sigmoid, axpy (also with the non-finite flag of its
+ * result), row gathers (index table in device memory), the non-finite flag, and row
+ * scatter-adds (a thread per column walks the rows in order, so a repeated index
+ * accumulates in a fixed order, with no atomics).
  */
 #ifndef MF_ELEMENTWISE_H
 #define MF_ELEMENTWISE_H
@@ -39,6 +40,21 @@ MF_PARAMS(2, struct mf_p_ew, p) {
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id < p.n)
         y[id] += p.alpha * x[id];
+}
+
+// mf_axpy, then flag[0] = 1 where the sum is NaN or infinite (as mf_flag_nonfinite).
+MF_KERNEL(mf_axpy_flag)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, x)
+MF_BUF(2, int, flag)
+MF_PARAMS(3, struct mf_p_ew, p) {
+    const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
+    if (id >= p.n)
+        return;
+    const float v = y[id] + p.alpha * x[id];
+    y[id] = v;
+    if ((mf_as_u32(v) & 0x7f800000u) == 0x7f800000u)
+        flag[0] = 1;
 }
 
 MF_KERNEL(mf_gather)

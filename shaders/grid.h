@@ -62,6 +62,12 @@ static inline void mf_grid_rope(const struct mf_p_rope *p, unsigned g[3], unsign
                 1, 1, MF_THREADS);
 }
 
+// A threadgroup per (tensor, token, head) row.
+static inline void mf_grid_rope_qk(const struct mf_p_rope_qk *p, unsigned g[3],
+                                   unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)(p->n_tok * (p->heads[0] + p->heads[1])), 1, 1, MF_THREADS);
+}
+
 static inline void mf_grid_attn_part(const struct mf_p_attn *p, unsigned g[3],
                                      unsigned b[3]) {
     mf_grid_set(g, b, (unsigned)p->n_split, (unsigned)p->n_head, (unsigned)p->n_tok,

@@ -79,6 +79,21 @@ struct mf_p_rope {
     float mscale;
 };
 
+// rope_qk: two tensors (0 = q, 1 = k) of heads[i] heads of head_dim floats (head h of
+// token t at t * tok_stride[i] + h * head_stride[i]), each with an optional per-head
+// RMSNorm (has_g[i]; g_dtype[i] its weight's dtype) before the rotation; a threadgroup
+// per (tensor, token, head), q's rows first. head_dim <= MF_ROPE_D_MAX with a norm.
+#define MF_ROPE_D_MAX 1024
+struct mf_p_rope_qk {
+    int n_tok, head_dim, n_rot, pos0, traditional;
+    int heads[2];
+    int tok_stride[2];
+    int head_stride[2];
+    int has_g[2];
+    int g_dtype[2];
+    float eps, mscale;
+};
+
 // Split attention: n_split partials of MF_ATTN_CHUNK keys per (token, head), then a
 // combine in split order.
 struct mf_p_attn {

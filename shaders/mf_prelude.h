@@ -50,6 +50,7 @@ typedef ulong mf_u64;
 typedef long mf_i64;
 
 MF_FN float mf_as_float(mf_u32 u) { return as_type<float>(u); }
+MF_FN mf_u32 mf_as_u32(float f) { return as_type<uint>(f); }
 MF_FN float mf_shfl_xor(float v, int o) { return simd_shuffle_xor(v, (ushort)o); }
 MF_FN int mf_shfl_xor_i(int v, int o) { return simd_shuffle_xor(v, (ushort)o); }
 MF_FN float mf_exp(float x) { return precise::exp(x); }
@@ -110,6 +111,7 @@ typedef unsigned long long mf_u64;
 typedef long long mf_i64;
 
 MF_FN float mf_as_float(mf_u32 u) { return __uint_as_float(u); }
+MF_FN mf_u32 mf_as_u32(float f) { return __float_as_uint(f); }
 MF_FN float mf_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MF_FN int mf_shfl_xor_i(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MF_FN float mf_exp(float x) { return expf(x); }

@@ -80,6 +80,37 @@ void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *
     op->rmsnorm(ex, y, x, g, n_rows, n, eps, 1.0f);
 }
 
+void mf_rope_qk(const struct mf_backend_ops *op, struct mf_exec *ex,
+                const struct mf_rope_qk *r) {
+    if (op->rope_qk) {
+        op->rope_qk(ex, r);
+        return;
+    }
+    for (int i = 0; i < 2; i++) {
+        const int hd = r->head_dim, dense = r->head_stride[i] == hd &&
+                                            r->tok_stride[i] == r->heads[i] * hd;
+        if (r->norm[i] && dense)
+            op->rmsnorm(ex, r->x[i], r->x[i], r->norm[i], r->n_tok * r->heads[i], hd,
+                        r->eps, 1.0f);
+        else if (r->norm[i])
+            op->rmsnorm_heads(ex, r->x[i], r->x[i], r->norm[i], r->n_tok, r->tok_stride[i],
+                              r->heads[i], r->head_stride[i], hd, r->eps, 1.0f);
+    }
+    for (int i = 0; i < 2; i++)
+        op->rope(ex, r->x[i], r->n_tok, r->heads[i], r->tok_stride[i], r->head_stride[i],
+                 r->n_rot, r->inv_freq, r->pos0, r->traditional, r->mscale);
+}
+
+void mf_axpy_flag(const struct mf_backend_ops *op, struct mf_exec *ex, float *y,
+                  float alpha, const float *x, int n, int32_t *flag) {
+    if (op->axpy_flag) {
+        op->axpy_flag(ex, y, alpha, x, n, flag);
+        return;
+    }
+    op->axpy(ex, y, alpha, x, n);
+    op->flag_nonfinite(ex, flag, y, n);
+}
+
 static int same_format(const struct mf_weight *a, const struct mf_weight *b) {
     return a->dtype == b->dtype &&
            (a->dtype != MF_DTYPE_U32 ||

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 5
+#define MF_BACKEND_API_VERSION 6
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -117,6 +117,22 @@ enum mf_route_kind {
 enum mf_moe_act {
     MF_MOE_ACT_SWIGLU = 0,          // silu(gate) * up
     MF_MOE_ACT_SWIGLU_CLAMPED = 1,  // gpt-oss: swiglu_clamped with act_alpha / act_limit
+};
+
+// q and k rotated in one call (rope_qk): tensor i (0 = q, 1 = k) has heads[i] heads of
+// head_dim floats, head h of token t at x[i] + t*tok_stride[i] + h*head_stride[i];
+// norm[i] (a float weight of head_dim elements; NULL = none) is a per-head RMSNorm
+// (eps, scale 1) applied first. The rotation is rope's: n_rot, inv_freq (device),
+// pos0, traditional and mscale shared by both.
+struct mf_rope_qk {
+    float *x[2];
+    int heads[2];
+    int tok_stride[2];
+    int head_stride[2];
+    const struct mf_weight *norm[2];
+    int n_tok, head_dim, n_rot, pos0, traditional;
+    float eps, mscale;
+    const float *inv_freq;
 };
 
 struct mf_route_params {
@@ -318,6 +334,11 @@ struct mf_backend_ops {
     void (*rope)(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
                  int head_stride, int n_rot, const float *inv_freq, int pos0,
                  int traditional, float mscale);
+    // q and k (each after its optional per-head RMSNorm) in one call: the same bits as
+    // the rmsnorm (rmsnorm_heads where a tensor's heads are not dense) and rope calls
+    // it replaces (struct mf_rope_qk; a host argument). Optional (API v6 addition):
+    // NULL = callers go through mf_rope_qk.
+    void (*rope_qk)(struct mf_exec *ex, const struct mf_rope_qk *r);
 
     // ---- attention for n_tok queries at positions pos0 .. pos0+n_tok-1 over a cache
     // holding positions 0 .. pos0+n_tok-1. q[n_tok, n_head, dk] (dense), out[n_tok,
@@ -386,6 +407,11 @@ struct mf_backend_ops {
                         int n_cols, int g_stride, int g_cols);
     // y[i] += alpha * x[i].
     void (*axpy)(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+    // axpy, then flag_nonfinite(flag, y, n): the same bits and flag as the two calls (a
+    // layer's residual add and its output check). Optional (API v6 addition): NULL =
+    // callers go through mf_axpy_flag.
+    void (*axpy_flag)(struct mf_exec *ex, float *y, float alpha, const float *x, int n,
+                      int32_t *flag);
     // Rows: dst[idx_host[i]] += w_host[i] * src[i] (row length n); w_host NULL = 1.
     void (*scatter_add_rows)(struct mf_exec *ex, float *dst, const float *src,
                              const int32_t *idx_host, const float *w_host, int n_rows,
@@ -465,6 +491,16 @@ void mf_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
 void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *y, float *x,
                     const float *r, const struct mf_weight *g, int n_rows, int n,
                     float eps);
+
+// rope_qk of the backend where it has one, else per tensor its rmsnorm (rmsnorm_heads
+// where its heads are not dense) and rope.
+void mf_rope_qk(const struct mf_backend_ops *op, struct mf_exec *ex,
+                const struct mf_rope_qk *r);
+
+// y += alpha * x, then flag[0] = 1 if any y is non-finite: the backend's axpy_flag
+// where it has one, else axpy then flag_nonfinite.
+void mf_axpy_flag(const struct mf_backend_ops *op, struct mf_exec *ex, float *y,
+                  float alpha, const float *x, int n, int32_t *flag);
 
 int mf_backend_cpu_new(struct mf_backend **out, char *err, size_t errlen);
 // The CPU backend with every exec on one kernel set ("scalar", "avx2", "avx512",

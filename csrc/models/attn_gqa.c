@@ -167,12 +167,20 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
     add_bias(ctx, s, s->q, &L->q_bias, n, H * D);
     add_bias(ctx, s, k, &L->k_bias, n, kv_row);
     add_bias(ctx, s, v, &L->v_bias, n, kv_row);
-    // q/k norms before rotary.
-    if (L->q_norm.w) qk_norm(ctx, s->q, &L->q_norm, n, H, d);
-    if (L->k_norm.w) qk_norm(ctx, k, &L->k_norm, n, Hkv, d);
-    // Rotate-half pairs (j, j + n_rot/2) over the first n_rot dims: traditional=False.
-    op->rope(ex, s->q, n, H, H * D, D, d->n_rot, s->inv_freq, pos0, 0, 1.0f);
-    op->rope(ex, k, n, Hkv, kv_row, D, d->n_rot, s->inv_freq, pos0, 0, 1.0f);
+    // q/k norms before rotary: per head inside the rope_qk call, or over all heads
+    // (qk_norm_full) before it. Rotate-half pairs (j, j + n_rot/2) over the first n_rot
+    // dims: traditional=False.
+    const int full = d->qk_norm_full;
+    if (full && L->q_norm.w) qk_norm(ctx, s->q, &L->q_norm, n, H, d);
+    if (full && L->k_norm.w) qk_norm(ctx, k, &L->k_norm, n, Hkv, d);
+    struct mf_rope_qk r = {
+        .x = {s->q, k}, .heads = {H, Hkv}, .tok_stride = {H * D, kv_row},
+        .head_stride = {D, D},
+        .norm = {!full && L->q_norm.w ? &L->q_norm : NULL,
+                 !full && L->k_norm.w ? &L->k_norm : NULL},
+        .n_tok = n, .head_dim = D, .n_rot = d->n_rot, .pos0 = pos0, .eps = d->eps,
+        .mscale = 1.0f, .inv_freq = s->inv_freq};
+    mf_rope_qk(op, ex, &r);
     op->attention(ex, s->attn, s->q, s->k_cache[il], s->v_cache[il], n, H, Hkv, D, D,
                   kv_row, kv_row, pos0, d->scale);
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);

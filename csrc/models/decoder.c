@@ -99,8 +99,8 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const float *resid
         ctx->stats.shared_s += mf_now_s() - t0;
     }
     MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
-    op->axpy(ctx->ex, dec->x, 1.0f, dec->y, n * hid);
-    (void)il;
+    // the residual add and the layer output's NaN/inf guard (check_finite)
+    mf_axpy_flag(op, ctx->ex, dec->x, 1.0f, dec->y, n * hid, dec->nonfinite + il);
     return MF_OK;
 }
 
@@ -162,9 +162,7 @@ static int run_chunks(mf_ctx *ctx, const struct mf_decoder *dec, const int32_t *
             int rc = dec->layer(ctx, il, n, pos0, t0 == 0);
             // the mixer is what the layer spent outside its FFN half
             ctx->stats.attention_s += (mf_now_s() - tl) - (ffn_seconds(&ctx->stats) - ffn0);
-            if (rc) return rc;
-            ctx->be->ops->flag_nonfinite(ctx->ex, dec->nonfinite + il, dec->x,
-                                         (int64_t)n * dec->n_embd);
+            if (rc) return rc;   // the layer flagged its output (mf_decoder_ffn)
             MF_TAP(ctx, "model.layers.%d", il, dec->x, n * dec->n_embd);
         }
         if (!logits) continue;

@@ -579,10 +579,13 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->dec.xn, n);
     op->rmsnorm_heads(ex, s->ckv, s->ckv, &L->kv_a_layernorm, n, kvr, 1, kvl, kvl,
                       DS_LORA_NORM_EPS, 1.0f);
-    // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike.
-    op->rope(ex, s->qfull + kvl, n, H, H * kvr, kvr, rope, s->inv_freq, pos0, 1,
-             hp->rope_mscale);
-    op->rope(ex, s->ckv + kvl, n, 1, kvr, kvr, rope, s->inv_freq, pos0, 1, hp->rope_mscale);
+    // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike, in one call.
+    struct mf_rope_qk r = {.x = {s->qfull + kvl, s->ckv + kvl}, .heads = {H, 1},
+                           .tok_stride = {H * kvr, kvr}, .head_stride = {kvr, kvr},
+                           .n_tok = n, .head_dim = rope, .n_rot = rope, .pos0 = pos0,
+                           .traditional = 1, .mscale = hp->rope_mscale,
+                           .inv_freq = s->inv_freq};
+    mf_rope_qk(op, ex, &r);
     MF_TAP(ctx, "model.layers.%d.self_attn.kv_latent", il, s->ckv, n * kvr);
     float *cache = s->latent[il];
     op->copy(ex, cache, (size_t)pos0 * kvr * sizeof(float), s->ckv, 0,

@@ -498,8 +498,11 @@ static void attention(mf_ctx *ctx, struct gptoss_state *s, const struct gptoss_m
     add_bias(ctx, s, s->q, &L->attn.q_bias, n, H * D);
     add_bias(ctx, s, s->k, &L->attn.k_bias, n, kvd);
     add_bias(ctx, s, s->v, &L->attn.v_bias, n, kvd);
-    op->rope(ctx->ex, s->q, n, H, H * D, D, D, s->inv_freq, pos0, 0, hp->rope_mscale);
-    op->rope(ctx->ex, s->k, n, Hkv, kvd, D, D, s->inv_freq, pos0, 0, hp->rope_mscale);
+    struct mf_rope_qk r = {.x = {s->q, s->k}, .heads = {H, Hkv}, .tok_stride = {H * D, kvd},
+                           .head_stride = {D, D}, .n_tok = n, .head_dim = D, .n_rot = D,
+                           .pos0 = pos0, .mscale = hp->rope_mscale,
+                           .inv_freq = s->inv_freq};
+    mf_rope_qk(op, ctx->ex, &r);
     cache_put(ctx, s->k_cache[il], rows, s->k, n, pos0, kv_row_bytes(hp));
     cache_put(ctx, s->v_cache[il], rows, s->v, n, pos0, kv_row_bytes(hp));
     struct mf_attn_ext ext = {.sinks = &L->sinks, .window = L->sliding ? hp->window : 0,

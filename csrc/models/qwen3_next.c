@@ -771,10 +771,12 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
     const struct mf_weight *const wqkv[3] = {&L->wq, &L->wk, &L->wv};
     mf_matmul_multi(op, ex, 3, qkv, wqkv, x, n);
     op->gather_rows_dev(ex, st->q, st->qg, st->q_rows_dev, n * H, D);   // -> [n, H, D]
-    op->rmsnorm(ex, st->q, st->q, &L->q_norm, n * H, D, d->eps, 1.0f);
-    op->rmsnorm(ex, kc, kc, &L->k_norm, n * Hkv, D, d->eps, 1.0f);
-    op->rope(ex, st->q, n, H, H * D, D, d->n_rot, st->inv_freq, pos0, 0, 1.0f);
-    op->rope(ex, kc, n, Hkv, Hkv * D, D, d->n_rot, st->inv_freq, pos0, 0, 1.0f);
+    struct mf_rope_qk r = {.x = {st->q, kc}, .heads = {H, Hkv},
+                           .tok_stride = {H * D, Hkv * D}, .head_stride = {D, D},
+                           .norm = {&L->q_norm, &L->k_norm}, .n_tok = n, .head_dim = D,
+                           .n_rot = d->n_rot, .pos0 = pos0, .eps = d->eps, .mscale = 1.0f,
+                           .inv_freq = st->inv_freq};
+    mf_rope_qk(op, ex, &r);   // per-head q/k norms, then rotate-half pairs
     op->attention(ex, st->att, st->q, st->kc[il], st->vc[il], n, H, Hkv, D, D,
                   (int)row, (int)row, pos0, d->attn_scale);
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, st->att, n * H * D);

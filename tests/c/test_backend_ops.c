@@ -583,6 +583,83 @@ static void test_rope(void) {
     status_ok("rope");
 }
 
+// rope_qk: q [n_tok, hq heads at stride hs] and k [n_tok, hk heads] of head_dim d
+// (rows ts apart), norms (bf16 weights) on the tensors of mask `norms` (bit 0 q, bit
+// 1 k): the fused call against the CPU's (its fallback: rmsnorm + rope), and bit for
+// bit against the device's own rmsnorm / rmsnorm_heads and rope launches.
+struct rqk_case {
+    int n_tok, hq, hk, hs, d, n_rot, norms, trad;
+    float mscale;
+};
+
+static void rqk_run(const struct mf_backend_ops *op, struct mf_exec *ex, float *q, float *k,
+                    const struct rqk_case *c, const struct mf_weight *gq,
+                    const struct mf_weight *gk, const float *inv, int fused) {
+    const int ts[2] = {c->hq * c->hs + 3, c->hk * c->hs + 1};
+    struct mf_rope_qk r = {.x = {q, k}, .heads = {c->hq, c->hk}, .tok_stride = {ts[0], ts[1]},
+                           .head_stride = {c->hs, c->hs},
+                           .norm = {c->norms & 1 ? gq : NULL, c->norms & 2 ? gk : NULL},
+                           .n_tok = c->n_tok, .head_dim = c->d, .n_rot = c->n_rot,
+                           .pos0 = 77, .traditional = c->trad, .eps = 1e-6f,
+                           .mscale = c->mscale, .inv_freq = inv};
+    if (fused) {
+        mf_rope_qk(op, ex, &r);
+        return;
+    }
+    for (int i = 0; i < 2; i++)
+        if (r.norm[i])
+            op->rmsnorm_heads(ex, r.x[i], r.x[i], r.norm[i], c->n_tok, ts[i], r.heads[i],
+                              c->hs, c->d, 1e-6f, 1.0f);
+    for (int i = 0; i < 2; i++)
+        op->rope(ex, r.x[i], c->n_tok, r.heads[i], ts[i], c->hs, c->n_rot, inv, 77, c->trad,
+                 c->mscale);
+}
+
+static void test_rope_qk_case(const struct rqk_case *c) {
+    const size_t nq = (size_t)c->n_tok * (c->hq * c->hs + 3);
+    const size_t nk = (size_t)c->n_tok * (c->hk * c->hs + 1);
+    float *inv = xmalloc((size_t)(c->n_rot / 2 + 1) * 4);
+    for (int i = 0; i < c->n_rot / 2; i++)
+        inv[i] = powf(10000.0f, -2.0f * (float)i / (float)c->n_rot);
+    float *ginv = gput(inv, (size_t)(c->n_rot / 2 + 1) * 4);
+    struct vw gq = vw_make(MF_DTYPE_BF16, c->d, 0.5f, 1.5f);
+    struct vw gk = vw_make(MF_DTYPE_F32, c->d, 0.5f, 1.5f);
+    float *q = frand(nq, -2, 2), *k = frand(nk, -2, 2);
+    float *qc = xmalloc(nq * 4), *kc = xmalloc(nk * 4);
+    memcpy(qc, q, nq * 4), memcpy(kc, k, nk * 4);
+    rqk_run(E.co, E.cx, qc, kc, c, &gq.c, &gk.c, inv, 1);
+    float *q1 = gput(q, nq * 4), *k1 = gput(k, nk * 4), *q2 = gput(q, nq * 4);
+    float *k2 = gput(k, nk * 4);
+    rqk_run(E.go, E.gx, q1, k1, c, &gq.g, &gk.g, ginv, 1);
+    rqk_run(E.go, E.gx, q2, k2, c, &gq.g, &gk.g, ginv, 0);
+    float *hq1 = gget(q1, nq), *hk1 = gget(k1, nk), *hq2 = gget(q2, nq), *hk2 = gget(k2, nk);
+    char what[160];
+    snprintf(what, sizeof what, "rope_qk q %dx%d k %dx%d (head stride %d) n_rot %d norms %d "
+             "traditional %d", c->hq, c->d, c->hk, c->d, c->hs, c->n_rot, c->norms, c->trad);
+    cmp_rel(what, qc, hq1, nq, RTOL);
+    cmp_rel(what, kc, hk1, nk, RTOL);
+    E.n_case++;
+    CHECK(memcmp(hq1, hq2, nq * 4) == 0 && memcmp(hk1, hk2, nk * 4) == 0,
+          "%s: differs from the separate rmsnorm and rope calls", what);
+    free(inv), free(q), free(k), free(qc), free(kc), free(hq1), free(hk1), free(hq2);
+    free(hk2), gfree(ginv), gfree(q1), gfree(k1), gfree(q2), gfree(k2);
+    vw_free(&gq), vw_free(&gk);
+}
+
+static void test_rope_qk(void) {
+    static const struct rqk_case cs[] = {
+        {3, 8, 2, 128, 128, 128, 3, 0, 1.0f},   // qwen3-style q/k norms, dense heads
+        {2, 6, 2, 128, 128, 64, 3, 0, 1.0f},    // partial rotary
+        {1, 5, 1, 64, 64, 64, 1, 1, 1.3f},      // q norm only, traditional, mscale
+        {4, 4, 4, 96, 64, 64, 0, 1, 1.0f},      // no norms; heads inside wider rows
+        {2, 3, 2, 70, 64, 32, 2, 0, 1.0f},      // k norm on strided heads
+        {2, 2, 1, 1040, 1040, 64, 3, 0, 1.0f},  // heads longer than the kernel's row
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
+        test_rope_qk_case(&cs[i]);
+    status_ok("rope_qk");
+}
+
 /* ==== Attention ==== */
 
 static void test_attention_case(int nt, int nh, int nkv, int dk, int dv, int pos0) {
@@ -821,6 +898,33 @@ static void test_flag(void) {
     }
     free(x), gfree(gxp), gfree(flag);
     status_ok("flag_nonfinite");
+}
+
+// axpy_flag: bit for bit the device's axpy, and flag_nonfinite's flag (set on an inf
+// made by the sum itself, left alone on finite sums).
+static void test_axpy_flag(void) {
+    const int n = 300007;
+    float *y = frand((size_t)n, -1, 1), *x = frand((size_t)n, -1, 1);
+    float *gy1 = gput(y, (size_t)n * 4), *gy2 = gput(y, (size_t)n * 4);
+    float *gxp = gput(x, (size_t)n * 4);
+    int32_t five = 5, zero = 0, got = -1;
+    int32_t *flag = gput(&five, 4);
+    mf_axpy_flag(E.go, E.gx, gy1, 0.75f, gxp, n, flag);
+    E.go->axpy(E.gx, gy2, 0.75f, gxp, n);
+    float *h1 = gget(gy1, (size_t)n), *h2 = gget(gy2, (size_t)n);
+    E.go->download(E.gx, &got, flag, 0, 4);
+    E.n_case++;
+    CHECK(memcmp(h1, h2, (size_t)n * 4) == 0, "axpy_flag: differs from axpy");
+    CHECK(got == 5, "axpy_flag on finite sums changed the flag: %d", got);
+    const float big = 3e38f;   // finite, but big + big overflows
+    E.go->upload(E.gx, flag, 0, &zero, 4);
+    E.go->upload(E.gx, gy1, (size_t)(n - 2) * 4, &big, 4);
+    E.go->upload(E.gx, gxp, (size_t)(n - 2) * 4, &big, 4);
+    mf_axpy_flag(E.go, E.gx, gy1, 1.0f, gxp, n, flag);
+    E.go->download(E.gx, &got, flag, 0, 4);
+    CHECK(got == 1, "axpy_flag misses a sum that overflowed: %d", got);
+    free(y), free(x), free(h1), free(h2), gfree(gy1), gfree(gy2), gfree(gxp), gfree(flag);
+    status_ok("axpy_flag");
 }
 
 /* ==== Routing ==== */
@@ -1738,9 +1842,11 @@ int main(void) {
             test_status();
         test_norms();
         test_rope();
+        test_rope_qk();
         test_elementwise();
         test_rows();
         test_flag();
+        test_axpy_flag();
         test_route();
         test_experts();
         test_experts_dev();

@@ -372,6 +372,23 @@ static void test_norms_rope_attention(void) {
     BOTH(add_rmsnorm, y, x, z, &qg, 1, 128, 1e-6f);
     BOTH(rope, x, 6, 8, 1024, 128, 64, P(0x13000000), 17, 0, 1.0f);
     BOTH(rope, x, 1, 2, 576, 64, 64, P(0x13000000), 300, 1, 0.7f);
+    // rope_qk: norms on both, on q only (quantized: refused), none; and heads longer
+    // than the kernel's row (rmsnorm_heads + rope launches)
+    struct mf_weight kg = flt(MF_DTYPE_F32, 1, 128), big = flt(MF_DTYPE_BF16, 1, 1100);
+    struct mf_rope_qk r = {.x = {x, z}, .heads = {8, 2}, .tok_stride = {1024, 256},
+                           .head_stride = {128, 128}, .norm = {&g, &kg}, .n_tok = 3,
+                           .head_dim = 128, .n_rot = 64, .pos0 = 40, .eps = 1e-6f,
+                           .mscale = 1.0f, .inv_freq = P(0x13000000)};
+    BOTH(rope_qk, &r);
+    r.norm[1] = NULL, r.traditional = 1, r.mscale = 0.7f;
+    BOTH(rope_qk, &r);
+    r.norm[0] = &qg;
+    BOTH(rope_qk, &r);
+    r.norm[0] = NULL;
+    BOTH(rope_qk, &r);
+    r.norm[0] = &big, r.head_dim = 1100, r.head_stride[0] = r.head_stride[1] = 1100;
+    r.tok_stride[0] = 8800, r.tok_stride[1] = 2200;
+    BOTH(rope_qk, &r);
     BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 16, 1, 576, 512, 576, 576, 3, 0.1f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 4, 1, 2048, 512, 2048, 2048, 0, 0.1f);
@@ -395,6 +412,7 @@ static void test_gdn_and_elementwise(void) {
     BOTH(mul_sigmoid, y, s, 4, 2048, 1, 1);
     BOTH(mul_sigmoid, y, s, 4, 64, 4096, 64);
     BOTH(axpy, y, 0.5f, s, 5000);
+    BOTH(axpy_flag, y, 1.0f, s, 5000, P(0x17000000));
     const int32_t idx[6] = {2, 0, 5, 5, 1, 3};
     const float wt[6] = {0.5f, 0.25f, 1.0f, -2.0f, 0.125f, 3.0f};
     BOTH(scatter_add_rows, y, s, idx, wt, 6, 2048);

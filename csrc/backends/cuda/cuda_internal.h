@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "backends/backend.h"
+#include "backends/gpu_args.h"
 #include "backends/cuda/cuda_api.h"
 #include "backends/cuda/cuda_backend.h"
 #include "../../../shaders/mf_params.h"
@@ -142,6 +143,7 @@ void mf_cuda_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const f
 void mf_cuda_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
                   int head_stride, int n_rot, const float *inv_freq, int pos0,
                   int traditional, float mscale);
+void mf_cuda_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r);
 void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
                        const float *v, int n_tok, int n_head, int n_kv_head, int dk,
                        int dv, int k_stride, int v_stride, int pos0, float scale);
@@ -170,6 +172,8 @@ void mf_cuda_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate,
 void mf_cuda_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
                          int n_cols, int g_stride, int g_cols);
 void mf_cuda_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+void mf_cuda_axpy_flag(struct mf_exec *ex, float *y, float alpha, const float *x, int n,
+                       int32_t *flag);
 void mf_cuda_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
                               const int32_t *idx_host, const float *w_host, int n_rows,
                               int n);

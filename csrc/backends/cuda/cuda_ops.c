@@ -239,6 +239,37 @@ void mf_cuda_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_
     launch_mf_rope(ex, &p, b, "rope");
 }
 
+// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk launch, or
+// the rmsnorm_heads and rope launches it replaces (gpu_args.h).
+void mf_cuda_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
+    struct mf_p_rope_qk p;
+    switch (mf_rope_qk_plan(r, &p)) {
+    case MF_ROPE_QK_NONE:
+        return;
+    case MF_ROPE_QK_QUANT:
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: rope_qk: a quantized norm weight");
+        return;
+    case MF_ROPE_QK_SPLIT:
+        for (int i = 0; i < 2; i++)
+            if (r->norm[i])
+                mf_cuda_rmsnorm_heads(ex, r->x[i], r->x[i], r->norm[i], r->n_tok,
+                                      r->tok_stride[i], r->heads[i], r->head_stride[i],
+                                      r->head_dim, r->eps, 1.0f);
+        for (int i = 0; i < 2; i++)
+            mf_cuda_rope(ex, r->x[i], r->n_tok, r->heads[i], r->tok_stride[i],
+                         r->head_stride[i], r->n_rot, r->inv_freq, r->pos0, r->traditional,
+                         r->mscale);
+        return;
+    case MF_ROPE_QK_FUSED:
+        break;
+    }
+    mf_cuda_enter(ex);
+    const CUdeviceptr b[5] = {mf_dp(r->x[0]), mf_dp(r->x[1]), mf_dp(r->inv_freq),
+                              r->norm[0] ? mf_dp(r->norm[0]->w) : 0,
+                              r->norm[1] ? mf_dp(r->norm[1]->w) : 0};
+    launch_mf_rope_qk(ex, &p, b, "rope_qk");
+}
+
 /* ==== Attention ==== */
 
 void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
@@ -377,6 +408,16 @@ void mf_cuda_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int
     struct mf_p_ew p = {.n = n, .alpha = alpha};
     const CUdeviceptr b[2] = {mf_dp(y), mf_dp(x)};
     launch_mf_axpy(ex, &p, b, "axpy");
+}
+
+void mf_cuda_axpy_flag(struct mf_exec *ex, float *y, float alpha, const float *x, int n,
+                       int32_t *flag) {
+    if (n <= 0)
+        return;
+    mf_cuda_enter(ex);
+    struct mf_p_ew p = {.n = n, .alpha = alpha};
+    const CUdeviceptr b[3] = {mf_dp(y), mf_dp(x), mf_dp(flag)};
+    launch_mf_axpy_flag(ex, &p, b, "axpy_flag");
 }
 
 void mf_cuda_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "backends/backend.h"
+#include "backends/gpu_args.h"
 #include "backends/metal/metal_backend.h"
 #include "../../../shaders/mf_params.h"
 #include "../../../shaders/grid.h"
@@ -103,6 +104,7 @@ void mf_metal_rmsnorm_gated(struct mf_exec *ex, float *y, const float *x, const 
 void mf_metal_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_stride,
                    int head_stride, int n_rot, const float *inv_freq, int pos0,
                    int traditional, float mscale);
+void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r);
 void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
                         const float *v, int n_tok, int n_head, int n_kv_head, int dk,
                         int dv, int k_stride, int v_stride, int pos0, float scale);
@@ -131,6 +133,8 @@ void mf_metal_swiglu_clamped(struct mf_exec *ex, float *y, const float *gate,
 void mf_metal_mul_sigmoid(struct mf_exec *ex, float *y, const float *g, int n_rows,
                           int n_cols, int g_stride, int g_cols);
 void mf_metal_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, int n);
+void mf_metal_axpy_flag(struct mf_exec *ex, float *y, float alpha, const float *x, int n,
+                        int32_t *flag);
 void mf_metal_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
                                const int32_t *idx_host, const float *w_host, int n_rows,
                                int n);

@@ -258,6 +258,38 @@ void mf_metal_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok
     launch_mf_rope(ex, &p, b, "rope");
 }
 
+// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk dispatch, or
+// the rmsnorm_heads and rope dispatches it replaces, as the CUDA driver launches them.
+void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
+    struct mf_p_rope_qk p;
+    if (mf_metal_failed(ex))
+        return;
+    switch (mf_rope_qk_plan(r, &p)) {
+    case MF_ROPE_QK_NONE:
+        return;
+    case MF_ROPE_QK_QUANT:
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: rope_qk: a quantized norm weight");
+        return;
+    case MF_ROPE_QK_SPLIT:
+        for (int i = 0; i < 2; i++)
+            if (r->norm[i])
+                mf_metal_rmsnorm_heads(ex, r->x[i], r->x[i], r->norm[i], r->n_tok,
+                                       r->tok_stride[i], r->heads[i], r->head_stride[i],
+                                       r->head_dim, r->eps, 1.0f);
+        for (int i = 0; i < 2; i++)
+            mf_metal_rope(ex, r->x[i], r->n_tok, r->heads[i], r->tok_stride[i],
+                          r->head_stride[i], r->n_rot, r->inv_freq, r->pos0, r->traditional,
+                          r->mscale);
+        return;
+    case MF_ROPE_QK_FUSED:
+        break;
+    }
+    const void *const b[5] = {r->x[0], r->x[1], r->inv_freq,
+                              r->norm[0] ? r->norm[0]->w : NULL,
+                              r->norm[1] ? r->norm[1]->w : NULL};
+    launch_mf_rope_qk(ex, &p, b, "rope_qk");
+}
+
 /* ==== Attention ==== */
 
 void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
@@ -383,6 +415,15 @@ void mf_metal_axpy(struct mf_exec *ex, float *y, float alpha, const float *x, in
     struct mf_p_ew p = {.n = n, .alpha = alpha};
     const void *const b[2] = {y, x};
     launch_mf_axpy(ex, &p, b, "axpy");
+}
+
+void mf_metal_axpy_flag(struct mf_exec *ex, float *y, float alpha, const float *x, int n,
+                        int32_t *flag) {
+    if (n <= 0 || mf_metal_failed(ex))
+        return;
+    struct mf_p_ew p = {.n = n, .alpha = alpha};
+    const void *const b[3] = {y, x, flag};
+    launch_mf_axpy_flag(ex, &p, b, "axpy_flag");
 }
 
 void mf_metal_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
