@@ -82,7 +82,7 @@ int mf_gqa_decoder_segments(const mf_ctx *ctx, const struct mf_gqa_dims *d,
                             struct mf_state_seg *segs, int cap);
 // The attention half of such a layer on the chunk in the decoder's x (n tokens at
 // positions pos0..): Attn(RMSNorm(x) * norm) over hid values per token into the
-// decoder's y, which the caller adds to x (mf_decoder_ffn's resid).
+// decoder's y, which mf_decoder_ffn adds to x.
 void mf_gqa_decoder_attn(mf_ctx *ctx, const struct mf_gqa_dims *d,
                          const struct mf_gqa_layer *L, const struct mf_weight *norm,
                          float eps, int hid, int il, int n, int pos0);

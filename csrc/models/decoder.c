@@ -74,8 +74,8 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
 
 /* ==== Blocks ==== */
 
-int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const float *resid,
-                   const struct mf_weight *norm, int is_moe, const struct mf_moe_layer *moe,
+int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_weight *norm,
+                   int is_moe, const struct mf_moe_layer *moe,
                    const struct mf_ffn_layer *ffn, int il, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const int hid = dec->n_embd;
@@ -83,13 +83,13 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const float *resid
     struct mf_prefill_group *g = dec->group;
     if (is_moe && g && g->active) {
         // prefill group: the MoE runs over the whole group after the layer's last chunk
-        mf_add_rmsnorm(op, ctx->ex, g->xn + (size_t)g->row0 * hid, dec->x, resid, norm, n,
+        mf_add_rmsnorm(op, ctx->ex, g->xn + (size_t)g->row0 * hid, dec->x, dec->y, norm, n,
                        hid, dec->norm_eps);
         g->moe = moe;
         ctx->stats.routing_s += mf_now_s() - t0;
         return MF_OK;
     }
-    mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, resid, norm, n, hid, dec->norm_eps);
+    mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, dec->y, norm, n, hid, dec->norm_eps);
     if (is_moe) {
         ctx->stats.routing_s += mf_now_s() - t0;   // the router's input norm
         int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, moe, dec->y, dec->xn, n);

@@ -624,8 +624,8 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
                           hp->rms_norm_eps, 1.0f);
     mla_forward(ctx, s, hp, L, il, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    return mf_decoder_ffn(ctx, &s->dec, s->dec.y, &L->post_attention_layernorm,
-                          L->is_moe, &L->moe, &L->ffn, il, n);
+    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
+                          &L->ffn, il, n);
 }
 
 static int ds_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,

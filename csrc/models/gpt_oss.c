@@ -527,8 +527,8 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
                           M->hp.rms_norm_eps, 1.0f);
     attention(ctx, s, M, il, s->dec.y, s->dec.xn, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    return mf_decoder_ffn(ctx, &s->dec, s->dec.y, &L->post_attention_layernorm,
-                          1, &L->moe, NULL, il, n);
+    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, 1, &L->moe, NULL,
+                          il, n);
 }
 
 // The ring rows the eval of n_tok tokens from n_past on will overwrite (those of its

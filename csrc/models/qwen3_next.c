@@ -870,8 +870,7 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
         gdn_block(ctx, st, hm, L, il, dec->y, dec->xn, n, first_chunk);
     else
         attn_block(ctx, st, &hm->d, L, il, dec->y, dec->xn, n, pos0);
-    return mf_decoder_ffn(ctx, dec, dec->y, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il,
-                          n);
+    return mf_decoder_ffn(ctx, dec, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il, n);
 }
 
 static int hy_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,
