@@ -20,8 +20,7 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     float ss = 0.0f;
     for (int i = lt; i < p.n; i += nt)
         ss += x[off + i] * x[off + i];
-    ss = mf_block_sum(ss, red, lt);
-    const float inv = 1.0f / mf_sqrt(ss / (float)p.n + p.eps);
+    const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
     // y may alias x: each element is read and written by the same thread only.
     for (int i = lt; i < p.n; i += nt) {
         const float gi = p.has_g ? mf_load(g, p.g_dtype, i) : 1.0f;
@@ -49,8 +48,7 @@ MF_PARAMS(4, struct mf_p_norm, p) {
         x[off + i] = v;
         ss += v * v;
     }
-    ss = mf_block_sum(ss, red, lt);
-    const float inv = 1.0f / mf_sqrt(ss / (float)p.n + p.eps);
+    const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
     for (int i = lt; i < p.n; i += nt) {
         const float gi = p.has_g ? mf_load(g, p.g_dtype, i) : 1.0f;
         y[off + i] = x[off + i] * inv * gi * p.scale;

@@ -263,6 +263,14 @@ MF_FN float mf_block_sum(float v, MF_TG float *red, int lt) {
     return s;
 }
 
+// 1 / sqrt(mean(x^2) + eps) of a row of n values from the threads' partial sums of
+// squares ss (RMSNorm's scale; every norm kernel takes it from here, so they agree bit
+// for bit). Ends with a barrier, as mf_block_sum.
+MF_FN float mf_rms_inv(float ss, MF_TG float *red, int lt, int n, float eps) {
+    ss = mf_block_sum(ss, red, lt);
+    return 1.0f / mf_sqrt(ss / (float)n + eps);
+}
+
 MF_FN float mf_block_max(float v, MF_TG float *red, int lt) {
     v = mf_warp_max(v);
     if ((lt & 31) == 0)

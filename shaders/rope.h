@@ -9,6 +9,30 @@
 
 #include "quant.h"
 
+// Pair i of a head with n_rot rotated dims: its indices i1, i2 ((2i, 2i+1)
+// traditional, else (i, i + n_rot/2)); the cosine and sine of its angle at position
+// pos, as mlx computes it (an f32 position times an f32 inverse frequency); and its
+// values a, b (before mscale) rotated by that angle. mf_rope and mf_rope_qk both use
+// these, so they rotate alike, bit for bit.
+MF_FN void mf_rope_idx(int i, int n_rot, int traditional, MF_TH int *i1, MF_TH int *i2) {
+    *i1 = traditional ? 2 * i : i;
+    *i2 = traditional ? 2 * i + 1 : i + n_rot / 2;
+}
+
+MF_FN void mf_rope_cs(int pos, float inv_freq, MF_TH float *c, MF_TH float *s) {
+    const float theta = (float)pos * inv_freq;
+    *c = mf_cos(theta);
+    *s = mf_sin(theta);
+}
+
+MF_FN void mf_rope_apply(float a, float b, float c, float s, float mscale,
+                         MF_TH float *o1, MF_TH float *o2) {
+    a = mscale * a;
+    b = mscale * b;
+    *o1 = a * c - b * s;
+    *o2 = a * s + b * c;
+}
+
 MF_KERNEL(mf_rope)
 MF_BUF(0, float, x)
 MF_BUF(1, const float, inv_freq)
@@ -20,20 +44,20 @@ MF_PARAMS(2, struct mf_p_rope, p) {
     const int i = (int)(id % half);
     const mf_i64 th = id / half;
     const int hh = (int)(th % p.n_heads), t = (int)(th / p.n_heads);
-    // f32 position times f32 inverse frequency, as mlx computes the angle.
-    const float theta = (float)(p.pos0 + t) * inv_freq[i];
-    const float c = mf_cos(theta), s = mf_sin(theta);
-    const int i1 = p.traditional ? 2 * i : i, i2 = p.traditional ? 2 * i + 1 : i + half;
+    float c, s, o1, o2;
+    mf_rope_cs(p.pos0 + t, inv_freq[i], &c, &s);
+    int i1, i2;
+    mf_rope_idx(i, p.n_rot, p.traditional, &i1, &i2);
     MF_G float *xh = x + (mf_i64)t * p.tok_stride + (mf_i64)hh * p.head_stride;
-    const float a = p.mscale * xh[i1], b = p.mscale * xh[i2];
-    xh[i1] = a * c - b * s;
-    xh[i2] = a * s + b * c;
+    mf_rope_apply(xh[i1], xh[i2], c, s, p.mscale, &o1, &o2);
+    xh[i1] = o1;
+    xh[i2] = o2;
 }
 
 // Row (tensor i, token t, head h) of rope_qk: with a norm, the row's RMSNorm as
-// mf_rmsnorm computes it (the same threadgroup size, sum order and products; scale 1)
-// into threadgroup memory, then the rotation as mf_rope computes it, reading the
-// normalised values: the same bits as rmsnorm then rope in two launches.
+// mf_rmsnorm computes it (the same threadgroup size, mf_rms_inv and products; scale 1)
+// into threadgroup memory, then mf_rope's rotation of the normalised values: the same
+// bits as rmsnorm then rope in two launches.
 MF_KERNEL(mf_rope_qk)
 MF_BUF(0, float, x0)
 MF_BUF(1, float, x1)
@@ -57,8 +81,7 @@ MF_PARAMS(5, struct mf_p_rope_qk, p) {
         float ss = 0.0f;
         for (int i = lt; i < n; i += nt)
             ss += xh[i] * xh[i];
-        ss = mf_block_sum(ss, red, lt);
-        const float inv = 1.0f / mf_sqrt(ss / (float)n + p.eps);
+        const float inv = mf_rms_inv(ss, red, lt, n, p.eps);
         for (int i = lt; i < n; i += nt)
             row[i] = xh[i] * inv * mf_load(g, gdt, i);
         MF_BARRIER();
@@ -67,13 +90,14 @@ MF_PARAMS(5, struct mf_p_rope_qk, p) {
     }
     const int half = p.n_rot / 2;
     for (int i = lt; i < half; i += nt) {
-        const float theta = (float)(p.pos0 + t) * inv_freq[i];
-        const float c = mf_cos(theta), s = mf_sin(theta);
-        const int i1 = p.traditional ? 2 * i : i, i2 = p.traditional ? 2 * i + 1 : i + half;
-        const float a = p.mscale * (norm ? row[i1] : xh[i1]);
-        const float b = p.mscale * (norm ? row[i2] : xh[i2]);
-        xh[i1] = a * c - b * s;
-        xh[i2] = a * s + b * c;
+        float c, s, o1, o2;
+        mf_rope_cs(p.pos0 + t, inv_freq[i], &c, &s);
+        int i1, i2;
+        mf_rope_idx(i, p.n_rot, p.traditional, &i1, &i2);
+        mf_rope_apply(norm ? row[i1] : xh[i1], norm ? row[i2] : xh[i2], c, s, p.mscale, &o1,
+                      &o2);
+        xh[i1] = o1;
+        xh[i2] = o2;
     }
 }
 

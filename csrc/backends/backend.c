@@ -82,7 +82,8 @@ void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *
 
 void mf_rope_qk(const struct mf_backend_ops *op, struct mf_exec *ex,
                 const struct mf_rope_qk *r) {
-    if (op->rope_qk) {
+    const int norm = r->norm[0] || r->norm[1];
+    if (op->rope_qk && (!norm || r->head_dim <= MF_ROPE_QK_NORM_MAX)) {
         op->rope_qk(ex, r);
         return;
     }

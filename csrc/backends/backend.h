@@ -123,7 +123,10 @@ enum mf_moe_act {
 // head_dim floats, head h of token t at x[i] + t*tok_stride[i] + h*head_stride[i];
 // norm[i] (a float weight of head_dim elements; NULL = none) is a per-head RMSNorm
 // (eps, scale 1) applied first. The rotation is rope's: n_rot, inv_freq (device),
-// pos0, traditional and mscale shared by both.
+// pos0, traditional and mscale shared by both. The op takes a norm on heads of at
+// most MF_ROPE_QK_NORM_MAX values (a GPU kernel holds the row); mf_rope_qk makes the
+// separate calls for longer ones.
+#define MF_ROPE_QK_NORM_MAX 1024
 struct mf_rope_qk {
     float *x[2];
     int heads[2];
@@ -336,8 +339,9 @@ struct mf_backend_ops {
                  int traditional, float mscale);
     // q and k (each after its optional per-head RMSNorm) in one call: the same bits as
     // the rmsnorm (rmsnorm_heads where a tensor's heads are not dense) and rope calls
-    // it replaces (struct mf_rope_qk; a host argument). Optional (API v6 addition):
-    // NULL = callers go through mf_rope_qk.
+    // it replaces (struct mf_rope_qk; a host argument; normalised heads of at most
+    // MF_ROPE_QK_NORM_MAX values). Optional (API v6 addition): NULL = callers go
+    // through mf_rope_qk.
     void (*rope_qk)(struct mf_exec *ex, const struct mf_rope_qk *r);
 
     // ---- attention for n_tok queries at positions pos0 .. pos0+n_tok-1 over a cache
@@ -492,8 +496,9 @@ void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *
                     const float *r, const struct mf_weight *g, int n_rows, int n,
                     float eps);
 
-// rope_qk of the backend where it has one, else per tensor its rmsnorm (rmsnorm_heads
-// where its heads are not dense) and rope.
+// rope_qk of the backend where it has one (and the heads to normalise are at most
+// MF_ROPE_QK_NORM_MAX long), else per tensor its rmsnorm (rmsnorm_heads where its heads
+// are not dense) and rope.
 void mf_rope_qk(const struct mf_backend_ops *op, struct mf_exec *ex,
                 const struct mf_rope_qk *r);
 

@@ -653,7 +653,7 @@ static void test_rope_qk(void) {
         {1, 5, 1, 64, 64, 64, 1, 1, 1.3f},      // q norm only, traditional, mscale
         {4, 4, 4, 96, 64, 64, 0, 1, 1.0f},      // no norms; heads inside wider rows
         {2, 3, 2, 70, 64, 32, 2, 0, 1.0f},      // k norm on strided heads
-        {2, 2, 1, 1040, 1040, 64, 3, 0, 1.0f},  // heads longer than the kernel's row
+        {2, 2, 1, 1040, 1040, 64, 3, 0, 1.0f},  // longer than MF_ROPE_QK_NORM_MAX: split
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
         test_rope_qk_case(&cs[i]);

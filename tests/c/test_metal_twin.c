@@ -372,8 +372,8 @@ static void test_norms_rope_attention(void) {
     BOTH(add_rmsnorm, y, x, z, &qg, 1, 128, 1e-6f);
     BOTH(rope, x, 6, 8, 1024, 128, 64, P(0x13000000), 17, 0, 1.0f);
     BOTH(rope, x, 1, 2, 576, 64, 64, P(0x13000000), 300, 1, 0.7f);
-    // rope_qk: norms on both, on q only (quantized: refused), none; and heads longer
-    // than the kernel's row (rmsnorm_heads + rope launches)
+    // rope_qk: norms on both, on q only (quantized: refused), none; and normalised
+    // heads longer than MF_ROPE_QK_NORM_MAX (refused: mf_rope_qk splits those)
     struct mf_weight kg = flt(MF_DTYPE_F32, 1, 128), big = flt(MF_DTYPE_BF16, 1, 1100);
     struct mf_rope_qk r = {.x = {x, z}, .heads = {8, 2}, .tok_stride = {1024, 256},
                            .head_stride = {128, 128}, .norm = {&g, &kg}, .n_tok = 3,

@@ -9,12 +9,6 @@
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
                    MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
-_Static_assert(MF_MULTI_MAX == MF_MATMUL_MULTI, "matmul_multi limits must agree");
-
-// Tokens above which matmul uses the tiled GEMM instead of the register-tiled matvec.
-#define MV_MAX_TOK 8
-// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp.
-#define MV_FEW_BLOCKS 512
 
 /* ==== Weights ==== */
 
@@ -33,25 +27,6 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
                  op, (long long)w->n_out, (long long)w->n_in, mf_dtype_name(w->dtype),
                  w->bits, w->group_size);
     return 0;
-}
-
-static int aligned16(uintptr_t a) { return (a & 15u) == 0; }
-
-// Rows per warp of a matvec: one for a decode product that 4-row warps would spread
-// over fewer than MV_FEW_BLOCKS threadgroups (the H200's 132 multiprocessors hold two
-// each).
-static int mv_rpw(const struct mf_weight *w, int n_tok, int n_head) {
-    return n_tok == 1 && w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS * MF_MV_RPW
-               ? 1
-               : MF_MV_RPW;
-}
-
-static struct mf_p_mv mv_params(const struct mf_weight *w) {
-    struct mf_p_mv p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_head = 1,
-                        .dtype = (int)w->dtype, .sdtype = (int)w->sdtype, .bits = w->bits,
-                        .group_size = w->group_size > 0 ? w->group_size : 32,
-                        .vec = aligned16((uintptr_t)w->w)};
-    return p;
 }
 
 /* ==== Linear algebra ==== */
@@ -89,7 +64,7 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     if (!check_weight(ex, w, "matmul"))
         return;
     mf_cuda_enter(ex);
-    struct mf_p_mv p = mv_params(w);
+    struct mf_p_mv p = mf_mv_params(w);
     p.n_tok = n_tok;
     p.n_head = n_head;
     p.w_head_rows = (int)w_head_rows;
@@ -99,10 +74,10 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
-    p.rpw = mv_rpw(w, n_tok, n_head);
+    p.rpw = mf_mv_rpw(w, n_tok, n_head);
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
-    else if (n_tok <= MV_MAX_TOK)
+    else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
     else
         launch_mf_gemm(ex, &p, b, "matmul");
@@ -114,15 +89,12 @@ void mf_cuda_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 }
 
 // One launch of mf_mv_multi when every product would be an mf_mv (affine or float
-// weights, n_tok <= MV_MAX_TOK), else one matmul each. Unused segments repeat the
+// weights, n_tok <= MF_MV_MAX_TOK), else one matmul each. Unused segments repeat the
 // buffers of the first (they have no threadgroups).
 void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                           const struct mf_weight *const *w, const float *x, int n_tok) {
-    int fused = n >= 1 && n <= MF_MULTI_MAX && n_tok >= 1 && n_tok <= MV_MAX_TOK;
-    for (int i = 0; fused && i < n; i++)
-        fused = w[i]->qmode == MF_QMODE_AFFINE && w[i]->n_out > 0 &&
-                w[i]->n_in == w[0]->n_in && w[i]->n_in > 0;
-    if (!fused) {
+    struct mf_p_mv_multi p;
+    if (!mf_mv_multi_params(n, w, n_tok, &p)) {
         for (int i = 0; i < n; i++)
             mf_cuda_matmul(ex, y[i], w[i], x, n_tok);
         return;
@@ -131,20 +103,10 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
         if (!check_weight(ex, w[i], "matmul_multi"))
             return;
     mf_cuda_enter(ex);
-    struct mf_p_mv_multi p = {.n_seg = n};
     CUdeviceptr b[4 + 3 * MF_MULTI_MAX];
     b[3] = mf_dp(x);
     for (int s = 0; s < MF_MULTI_MAX; s++) {
         const struct mf_weight *ws = w[s < n ? s : 0];
-        struct mf_p_mv q = mv_params(ws);
-        q.n_tok = n_tok;
-        q.x_tok_stride = q.n_in;
-        q.y_tok_stride = q.n_out;
-        q.rpw = mv_rpw(ws, n_tok, 1);
-        p.seg[s] = q;
-        unsigned g[3], bl[3];
-        mf_grid_mv(&q, g, bl);
-        p.blk0[s + 1] = p.blk0[s] + (s < n ? (int)g[0] : 0);
         b[s] = mf_dp(y[s < n ? s : 0]);
         b[4 + 3 * s] = mf_dp(ws->w);
         b[5 + 3 * s] = mf_dp(ws->scales);
@@ -239,26 +201,17 @@ void mf_cuda_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok_
     launch_mf_rope(ex, &p, b, "rope");
 }
 
-// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk launch, or
-// the rmsnorm_heads and rope launches it replaces (gpu_args.h).
+// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk launch
+// (gpu_args.h).
 void mf_cuda_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
     struct mf_p_rope_qk p;
     switch (mf_rope_qk_plan(r, &p)) {
     case MF_ROPE_QK_NONE:
         return;
-    case MF_ROPE_QK_QUANT:
-        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: rope_qk: a quantized norm weight");
-        return;
-    case MF_ROPE_QK_SPLIT:
-        for (int i = 0; i < 2; i++)
-            if (r->norm[i])
-                mf_cuda_rmsnorm_heads(ex, r->x[i], r->x[i], r->norm[i], r->n_tok,
-                                      r->tok_stride[i], r->heads[i], r->head_stride[i],
-                                      r->head_dim, r->eps, 1.0f);
-        for (int i = 0; i < 2; i++)
-            mf_cuda_rope(ex, r->x[i], r->n_tok, r->heads[i], r->tok_stride[i],
-                         r->head_stride[i], r->n_rot, r->inv_freq, r->pos0, r->traditional,
-                         r->mscale);
+    case MF_ROPE_QK_BAD:
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: rope_qk: a quantized norm weight, or "
+                     "normalised heads of %d values (at most %d)", r->head_dim,
+                     MF_ROPE_QK_NORM_MAX);
         return;
     case MF_ROPE_QK_FUSED:
         break;
@@ -559,8 +512,8 @@ static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_wei
         .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
         .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
         .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases),
-        .vec = aligned16((uintptr_t)g->w) && aligned16((uintptr_t)u->w) &&
-               aligned16((uintptr_t)d->w)};
+        .vec = mf_aligned16((uintptr_t)g->w) && mf_aligned16((uintptr_t)u->w) &&
+               mf_aligned16((uintptr_t)d->w)};
     return p;
 }
 
@@ -587,7 +540,7 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
     int32_t tab[4 * 256];
     int vec = 1;
     for (int i = 0; i < b->n; i++)
-        vec &= aligned16((uintptr_t)b->blob_host[i]);
+        vec &= mf_aligned16((uintptr_t)b->blob_host[i]);
     for (int i0 = 0; i0 < b->n; i0 += 256) {   // the table goes through the ring in parts
         int n = b->n - i0 < 256 ? b->n - i0 : 256;
         for (int i = 0; i < n; i++) {
@@ -633,7 +586,7 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     p.n_exp = n;
     p.max_rows = 1;
     p.rpw = 1;
-    p.vec &= aligned16((uintptr_t)d->base) && aligned16((uintptr_t)stride);
+    p.vec &= mf_aligned16((uintptr_t)d->base) && mf_aligned16((uintptr_t)stride);
     p.dev_k = d->k;
     p.stride_lo = pd.stride_lo;
     p.stride_hi = pd.stride_hi;

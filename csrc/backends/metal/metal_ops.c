@@ -13,13 +13,6 @@
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
                    MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
-_Static_assert(MF_MULTI_MAX == MF_MATMUL_MULTI, "matmul_multi limits must agree");
-
-// Tokens above which matmul uses the tiled GEMM (the CUDA driver's choice).
-#define MV_MAX_TOK 8
-// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp
-// (the CUDA driver's rule, kept identical so both ask the kernels for the same work).
-#define MV_FEW_BLOCKS 512
 
 const char *const mf_metal_kernel_names[MF_MKID_COUNT] = {
 #define K(name, params, n_buf, grid) #name,
@@ -63,17 +56,6 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
     return 0;
 }
 
-static int aligned16(uintptr_t a) { return (a & 15u) == 0; }
-
-// vec: the codes may be read 16 bytes at a time (shared storage keeps CPU alignment).
-static struct mf_p_mv mv_params(const struct mf_weight *w) {
-    struct mf_p_mv p = {.n_in = (int)w->n_in, .n_out = (int)w->n_out, .n_head = 1,
-                        .dtype = (int)w->dtype, .sdtype = (int)w->sdtype, .bits = w->bits,
-                        .group_size = w->group_size > 0 ? w->group_size : 32,
-                        .vec = aligned16((uintptr_t)w->w)};
-    return p;
-}
-
 /* ==== Linear algebra ==== */
 
 // gpt-oss's MXFP4 weights (shaders/gptoss.h, the CUDA driver's rule; never run): the
@@ -95,13 +77,6 @@ static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
     launch_mf_mv_mxfp4(ex, &p, b, "matmul");
 }
 
-// Rows per warp of a matvec (the CUDA driver's rule).
-static int mv_rpw(const struct mf_weight *w, int n_tok, int n_head) {
-    return n_tok == 1 && w->n_out * n_head < (int64_t)MV_FEW_BLOCKS * MF_MV_ROWS * MF_MV_RPW
-               ? 1
-               : MF_MV_RPW;
-}
-
 void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                            int y_head_stride, const struct mf_weight *w,
                            int64_t w_head_rows, int transposed, const float *x,
@@ -114,7 +89,7 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     }
     if (!check_weight(ex, w, "matmul"))
         return;
-    struct mf_p_mv p = mv_params(w);
+    struct mf_p_mv p = mf_mv_params(w);
     p.n_tok = n_tok;
     p.n_head = n_head;
     p.w_head_rows = (int)w_head_rows;
@@ -123,10 +98,10 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_tok_stride = y_tok_stride;
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
-    p.rpw = mv_rpw(w, n_tok, n_head);
+    p.rpw = mf_mv_rpw(w, n_tok, n_head);
     if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
-    else if (n_tok <= MV_MAX_TOK)
+    else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
     else
         launch_mf_gemm(ex, &p, b, "matmul");
@@ -140,11 +115,8 @@ void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 // One mf_mv_multi dispatch, as the CUDA driver launches it.
 void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                            const struct mf_weight *const *w, const float *x, int n_tok) {
-    int fused = n >= 1 && n <= MF_MULTI_MAX && n_tok >= 1 && n_tok <= MV_MAX_TOK;
-    for (int i = 0; fused && i < n; i++)
-        fused = w[i]->qmode == MF_QMODE_AFFINE && w[i]->n_out > 0 &&
-                w[i]->n_in == w[0]->n_in && w[i]->n_in > 0;
-    if (!fused) {
+    struct mf_p_mv_multi p;
+    if (!mf_mv_multi_params(n, w, n_tok, &p)) {
         for (int i = 0; i < n; i++)
             mf_metal_matmul(ex, y[i], w[i], x, n_tok);
         return;
@@ -154,20 +126,10 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
     for (int i = 0; i < n; i++)
         if (!check_weight(ex, w[i], "matmul_multi"))
             return;
-    struct mf_p_mv_multi p = {.n_seg = n};
     const void *b[4 + 3 * MF_MULTI_MAX];
     b[3] = x;
     for (int s = 0; s < MF_MULTI_MAX; s++) {
         const struct mf_weight *ws = w[s < n ? s : 0];
-        struct mf_p_mv q = mv_params(ws);
-        q.n_tok = n_tok;
-        q.x_tok_stride = q.n_in;
-        q.y_tok_stride = q.n_out;
-        q.rpw = mv_rpw(ws, n_tok, 1);
-        p.seg[s] = q;
-        unsigned g[3], bl[3];
-        mf_grid_mv(&q, g, bl);
-        p.blk0[s + 1] = p.blk0[s] + (s < n ? (int)g[0] : 0);
         b[s] = y[s < n ? s : 0];
         b[4 + 3 * s] = ws->w;
         b[5 + 3 * s] = ws->scales;
@@ -258,8 +220,8 @@ void mf_metal_rope(struct mf_exec *ex, float *x, int n_tok, int n_heads, int tok
     launch_mf_rope(ex, &p, b, "rope");
 }
 
-// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk dispatch, or
-// the rmsnorm_heads and rope dispatches it replaces, as the CUDA driver launches them.
+// q and k (each after its optional per-head RMSNorm) in one mf_rope_qk dispatch, as
+// the CUDA driver launches it (gpu_args.h).
 void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
     struct mf_p_rope_qk p;
     if (mf_metal_failed(ex))
@@ -267,19 +229,10 @@ void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
     switch (mf_rope_qk_plan(r, &p)) {
     case MF_ROPE_QK_NONE:
         return;
-    case MF_ROPE_QK_QUANT:
-        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: rope_qk: a quantized norm weight");
-        return;
-    case MF_ROPE_QK_SPLIT:
-        for (int i = 0; i < 2; i++)
-            if (r->norm[i])
-                mf_metal_rmsnorm_heads(ex, r->x[i], r->x[i], r->norm[i], r->n_tok,
-                                       r->tok_stride[i], r->heads[i], r->head_stride[i],
-                                       r->head_dim, r->eps, 1.0f);
-        for (int i = 0; i < 2; i++)
-            mf_metal_rope(ex, r->x[i], r->n_tok, r->heads[i], r->tok_stride[i],
-                          r->head_stride[i], r->n_rot, r->inv_freq, r->pos0, r->traditional,
-                          r->mscale);
+    case MF_ROPE_QK_BAD:
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: rope_qk: a quantized norm weight, or "
+                      "normalised heads of %d values (at most %d)", r->head_dim,
+                      MF_ROPE_QK_NORM_MAX);
         return;
     case MF_ROPE_QK_FUSED:
         break;
@@ -558,10 +511,10 @@ static struct mf_p_moe moe_params(const struct mf_moe_batch *b, int n) {
         .gate_w = off32(g->w), .gate_s = off32(g->scales), .gate_b = off32(g->biases),
         .up_w = off32(u->w), .up_s = off32(u->scales), .up_b = off32(u->biases),
         .down_w = off32(d->w), .down_s = off32(d->scales), .down_b = off32(d->biases),
-        .vec = aligned16((uintptr_t)g->w) && aligned16((uintptr_t)u->w) &&
-               aligned16((uintptr_t)d->w)};
+        .vec = mf_aligned16((uintptr_t)g->w) && mf_aligned16((uintptr_t)u->w) &&
+               mf_aligned16((uintptr_t)d->w)};
     for (int i = 0; i < b->n; i++)   // over the whole batch, as the CUDA driver
-        p.vec &= aligned16((uintptr_t)b->blob_host[i]);
+        p.vec &= mf_aligned16((uintptr_t)b->blob_host[i]);
     return p;
 }
 
