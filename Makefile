@@ -321,8 +321,11 @@ clean:
 # On a machine with an NVIDIA GPU (the CUDA test machine: no network, its own Python
 # with numpy and pytest): build the GPU tests and the extension, run the C op tests
 # (every op against the CPU backend), the NVRTC compile test and tests/test_cuda.py
-# (whole models on CUDA against the CPU), then print one line per step. The
-# extension goes to build/cuda-site as asan-pytest does, so no pip or venv is needed.
+# (whole models on CUDA against the CPU), meanwhile the op test's tensor-core products
+# with the portable form of their mma step (MF_TC_EMU, what Metal runs), then
+# print one line per step. The extension goes to build/cuda-site as asan-pytest does,
+# so no pip or venv is needed. The tensor-core kernels (MOEFLUX_GPU_TC=1, not yet the
+# default) get the op test and CUDA_TC_PYTESTS of their own.
 CUDA_PY   ?= python3
 CUDA_SITE := $(CURDIR)/build/cuda-site
 # The mlx-lm goldens (tests/test_cuda_golden.py) must have been made where mlx-lm is:
@@ -330,6 +333,9 @@ CUDA_SITE := $(CURDIR)/build/cuda-site
 # device call carries; here their absence fails instead of skipping.
 CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py \
                 tests/test_cuda_state.py
+# Run again with the tensor-core kernels on (MOEFLUX_GPU_TC=1), until they are the
+# default: the mlx-lm goldens, and resident against streamed bit for bit.
+CUDA_TC_PYTESTS := tests/test_cuda_golden.py tests/test_cuda_resident.py
 
 test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	rm -rf build/cuda-site build/cuda-tmp
@@ -337,8 +343,14 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 	ln -s $(CURDIR)/moeflux/*.py $(CURDIR)/moeflux/py.typed $(CUDA_SITE)/moeflux/
 	ln -s $(CURDIR)/prep $(CUDA_SITE)/moeflux/prep
 	@status=""; fail=0; \
-	for t in test_cuda_nvrtc test_backend_ops; do \
-		echo "== $$t"; ./tests/c/build/$$t 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
+	rm -rf build/shaders-emu && cp -r shaders build/shaders-emu && \
+	{ echo '#define MF_TC_EMU 1'; cat shaders/mf_prelude.h; } > build/shaders-emu/mf_prelude.h; \
+	{ MOEFLUX_GPU_TC=1 MOEFLUX_SHADERS_DIR=build/shaders-emu MOEFLUX_OPS_TC_ONLY=1 \
+		./tests/c/build/test_backend_ops > build/test_backend_ops_emu.log 2>&1; \
+		echo $$? > build/test_backend_ops_emu.rc; } & \
+	for t in test_cuda_nvrtc test_backend_ops test_backend_ops:tc; do \
+		echo "== $$t"; env $$([ $${t#*:} = tc ] && echo MOEFLUX_GPU_TC=1) \
+		./tests/c/build/$${t%:*} 2>&1 | tee build/$$t.log; rc=$${PIPESTATUS[0]}; \
 		[ $$rc -eq 0 ] || fail=1; \
 		status="$$status$$t: $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/$$t.log)\n"; \
 	done; \
@@ -348,6 +360,16 @@ test-cuda: tests/c/build/test_cuda_nvrtc tests/c/build/test_backend_ops
 		$(CUDA_PYTESTS) 2>&1 | tee build/pytest-cuda.log; rc=$${PIPESTATUS[0]}; \
 	[ $$rc -eq 0 ] || fail=1; \
 	status="$$status""pytest $(CUDA_PYTESTS): $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda.log)\n"; \
+	echo "== pytest $(CUDA_TC_PYTESTS) with MOEFLUX_GPU_TC=1"; \
+	MOEFLUX_GPU_TC=1 PYTHONPATH=$(CUDA_SITE) PYTHONSAFEPATH=1 MOEFLUX_CUDA_GOLDENS_REQUIRED=1 \
+		$(CUDA_PY) -m pytest -q -s -p no:cacheprovider \
+		$(CUDA_TC_PYTESTS) 2>&1 | tee build/pytest-cuda-tc.log; rc=$${PIPESTATUS[0]}; \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""pytest (MOEFLUX_GPU_TC=1) $(CUDA_TC_PYTESTS): $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/pytest-cuda-tc.log)\n"; \
+	wait; echo "== test_backend_ops, tensor-core products with the portable step (MF_TC_EMU)"; \
+	cat build/test_backend_ops_emu.log; rc=$$(cat build/test_backend_ops_emu.rc); \
+	[ $$rc -eq 0 ] || fail=1; \
+	status="$$status""test_backend_ops (MF_TC_EMU): $$([ $$rc -eq 0 ] && echo PASS || echo FAIL) $$(tail -n 1 build/test_backend_ops_emu.log)\n"; \
 	echo "== test-cuda summary"; printf '%b' "$$status"; exit $$fail
 
 # On a Mac with Apple Silicon (macOS 13 or later, Xcode command line tools): the

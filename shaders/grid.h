@@ -36,6 +36,13 @@ static inline void mf_grid_mv_multi(const struct mf_p_mv_multi *p, unsigned g[3]
                 32 * MF_MV_ROWS);
 }
 
+// The segments' 16-row-tile threadgroups one after another along x, heads on z.
+static inline void mf_grid_mv_tc(const struct mf_p_mv_multi *p, unsigned g[3],
+                                 unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->blk0[MF_MULTI_MAX], 1, (unsigned)p->seg[0].n_head,
+                32 * MF_MV_ROWS);
+}
+
 static inline void mf_grid_gemm(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(p->n_out, MF_GEMM_TILE), mf_cdiv(p->n_tok, MF_GEMM_TILE),
                 (unsigned)p->n_head, 256);
@@ -139,6 +146,19 @@ static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
                                     unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * MF_MV_RPW), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
+}
+
+// Tensor cores: p->rpw tiles (gate/up: 8 indices, down: 16 rows) per threadgroup
+// along x, experts on y, MF_TC_TOK tokens per threadgroup row z.
+static inline void mf_grid_moe_gu_tc(const struct mf_p_moe *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(mf_cdiv(p->n_ff, MF_TC_ROWS / 2), p->rpw), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_TC_TOK(p->n_embd)), 32 * MF_MV_ROWS);
+}
+
+static inline void mf_grid_moe_down_tc(const struct mf_p_moe *p, unsigned g[3],
+                                       unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(mf_cdiv(p->n_embd, MF_TC_ROWS), p->rpw), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_TC_TOK(p->n_ff)), 32 * MF_MV_ROWS);
 }
 
 // A thread per column, tokens on y.

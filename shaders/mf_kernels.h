@@ -16,6 +16,7 @@
 #include "gdn.h"
 #include "elementwise.h"
 #include "moe.h"
+#include "tc.h"
 #include "gptoss.h"
 
 #endif /* MF_KERNELS_H */

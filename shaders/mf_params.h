@@ -61,6 +61,15 @@ struct mf_p_mv_multi {
     int blk0[MF_MULTI_MAX + 1];
 };
 
+// Tensor-core matvec (tc.h, mf_mv_tc, mf_p_mv_multi): 16-row tiles of one token,
+// seg[s].rpw tiles per threadgroup (1, 2, 4 or 8) and MF_MV_ROWS / rpw warps per tile;
+// n_in <= MF_TC_MAX_IN (x is staged whole, as three bf16 parts of MF_TC_XP words).
+#define MF_TC_ROWS 16
+#define MF_TC_MAX_IN 4096
+#define MF_TC_XP (3 * (MF_TC_MAX_IN / 2 + 48))
+// Tokens a tensor-core threadgroup stages at once for n_in columns: two while both fit.
+#define MF_TC_TOK(n_in) (2 * (n_in) <= MF_TC_MAX_IN ? 2 : 1)
+
 struct mf_p_embed {
     int n_in, n_out, n_tok;
     int dtype, sdtype, bits, group_size;

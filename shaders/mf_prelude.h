@@ -53,6 +53,7 @@ MF_FN float mf_as_float(mf_u32 u) { return as_type<float>(u); }
 MF_FN mf_u32 mf_as_u32(float f) { return as_type<uint>(f); }
 MF_FN float mf_shfl_xor(float v, int o) { return simd_shuffle_xor(v, (ushort)o); }
 MF_FN int mf_shfl_xor_i(int v, int o) { return simd_shuffle_xor(v, (ushort)o); }
+MF_FN mf_u32 mf_shfl_u32(mf_u32 v, int src) { return simd_shuffle(v, (ushort)src); }
 MF_FN float mf_exp(float x) { return precise::exp(x); }
 MF_FN float mf_log(float x) { return precise::log(x); }
 MF_FN float mf_sqrt(float x) { return precise::sqrt(x); }
@@ -114,6 +115,7 @@ MF_FN float mf_as_float(mf_u32 u) { return __uint_as_float(u); }
 MF_FN mf_u32 mf_as_u32(float f) { return __float_as_uint(f); }
 MF_FN float mf_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MF_FN int mf_shfl_xor_i(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+MF_FN mf_u32 mf_shfl_u32(mf_u32 v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 MF_FN float mf_exp(float x) { return expf(x); }
 MF_FN float mf_log(float x) { return logf(x); }
 MF_FN float mf_sqrt(float x) { return sqrtf(x); }
@@ -139,6 +141,30 @@ MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
     d[1] = v.y;
 }
 #define MF_INF __int_as_float(0x7f800000)
+// The tensor-core step of the row-tile kernels (tc.h) is the mma instruction (sm_80 and
+// later), unless MF_TC_EMU is defined (then its portable form, which Metal and older
+// GPUs take; the op test runs it on CUDA too).
+#if !defined(MF_TC_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MF_TC_MMA 1
+// d += A b for a 16 x 16 bf16 tile A (four pair registers a) and a 16 x 8 bf16 tile b
+// (two pair registers), f32 d: one warp-wide mma.sync (sm_80 and later); the layout
+// is that of the portable form below.
+MF_FN void mf_mma_bf16(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32 *b,
+                       int lane) {
+    (void)lane;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Both bf16 halves of u less 128 (exact for the codes 128 + q of tc.h).
+MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) {
+    mf_u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(u), "r"(0x3f803f80u),
+        "r"(0xc300c300u));
+    return r;
+}
+#endif
 #endif
 
 /* ---- shared by both dialects ---- */
@@ -176,5 +202,34 @@ MF_FN float mf_f16_to_f32(mf_u32 h) {
 }
 
 MF_FN float mf_bf16_to_f32(mf_u32 h) { return mf_as_float(h << 16); }
+
+#ifndef MF_TC_MMA
+// The portable tensor-core step: what mma.sync m16n8k16 computes, by shuffles. Lane
+// (g = lane / 4, t = lane % 4) holds A rows g (a[0], a[2]) and g + 8 (a[1], a[3]) at
+// columns 2t, 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]), b column g at rows
+// 2t, 2t + 1 (b[0]) and 2t + 8, 2t + 9 (b[1]), d rows g (d[0], d[1]) and g + 8 (d[2],
+// d[3]) at columns 2t, 2t + 1; low half = lower index. Sums run over k in order.
+MF_FN float mf_bf_lo(mf_u32 u) { return mf_as_float(u << 16); }
+MF_FN float mf_bf_hi(mf_u32 u) { return mf_as_float(u & 0xffff0000u); }
+MF_FN void mf_mma_bf16(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32 *b,
+                       int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int kp = 0; kp < 8; kp++) {
+        const int q = kp & 3, hi = kp >> 2;
+        const mf_u32 ag = mf_shfl_u32(hi ? a[2] : a[0], g * 4 + q);
+        const mf_u32 ag8 = mf_shfl_u32(hi ? a[3] : a[1], g * 4 + q);
+        const mf_u32 b0 = mf_shfl_u32(hi ? b[1] : b[0], 2 * t * 4 + q);
+        const mf_u32 b1 = mf_shfl_u32(hi ? b[1] : b[0], (2 * t + 1) * 4 + q);
+        d[0] = mf_fma(mf_bf_hi(ag), mf_bf_hi(b0), mf_fma(mf_bf_lo(ag), mf_bf_lo(b0), d[0]));
+        d[1] = mf_fma(mf_bf_hi(ag), mf_bf_hi(b1), mf_fma(mf_bf_lo(ag), mf_bf_lo(b1), d[1]));
+        d[2] = mf_fma(mf_bf_hi(ag8), mf_bf_hi(b0), mf_fma(mf_bf_lo(ag8), mf_bf_lo(b0), d[2]));
+        d[3] = mf_fma(mf_bf_hi(ag8), mf_bf_hi(b1), mf_fma(mf_bf_lo(ag8), mf_bf_lo(b1), d[3]));
+    }
+}
+MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) {
+    const float lo = mf_bf_lo(u) - 128.0f, hi = mf_bf_hi(u) - 128.0f;
+    return (mf_as_u32(hi) & 0xffff0000u) | (mf_as_u32(lo) >> 16);
+}
+#endif
 
 #endif /* MF_PRELUDE_H */

@@ -8,6 +8,8 @@
 #define MF_GPU_ARGS_H
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "backends/backend.h"
 #include "../../shaders/mf_params.h"
@@ -22,6 +24,13 @@ _Static_assert(MF_ROPE_D_MAX == MF_ROPE_QK_NORM_MAX, "rope_qk head limits must a
 #define MF_MV_FEW_BLOCKS 512
 
 static inline int mf_aligned16(uintptr_t a) { return (a & 15u) == 0; }
+
+// The tensor-core kernels (shaders/tc.h) are taken only where MOEFLUX_GPU_TC=1: not
+// yet the default, as they have not run on a GPU (see the README's status table).
+static inline int mf_gpu_tc_env(void) {
+    const char *e = getenv("MOEFLUX_GPU_TC");
+    return e && strcmp(e, "1") == 0;
+}
 
 // A matvec's params for weight w (one head; tokens, strides and rpw are the caller's);
 // vec: the codes may be read 16 bytes at a time.
@@ -67,6 +76,116 @@ static inline int mf_mv_multi_params(int n, const struct mf_weight *const *w, in
         p->blk0[s + 1] = p->blk0[s] + (s < n ? (int)g[0] : 0);
     }
     return 1;
+}
+
+// Threadgroups below which mf_mv_tc gives each threadgroup fewer 16-row tiles.
+#define MF_TC_MIN_TG 256
+
+// The formats the tensor-core kernels take (shaders/tc.h): affine 2- or 4-bit codes
+// whose group quarters are whole words (4-bit: groups of 32, 64 or 128; 2-bit: 64 or
+// 128), n_in <= MF_TC_MAX_IN. Pointers are not looked at (expert views hold offsets).
+static inline int mf_tc_format(const struct mf_weight *w) {
+    const int gs = w->group_size;
+    return w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE &&
+           (w->bits == 4 || w->bits == 2) && (gs == 32 || gs == 64 || gs == 128) &&
+           gs * w->bits >= 128 && w->n_in > 0 && w->n_in % gs == 0 &&
+           w->n_in <= MF_TC_MAX_IN && w->n_out > 0;
+}
+
+// One-token products the tensor-core matvec takes: its formats, with scales, biases
+// and 16-byte aligned codes.
+static inline int mf_tc_ok(const struct mf_weight *w) {
+    return mf_tc_format(w) && w->scales && w->biases && mf_aligned16((uintptr_t)w->w);
+}
+
+// Row tiles per mf_mv_tc threadgroup: the most of 8, 4, 2 that still leaves
+// MF_TC_MIN_TG threadgroups for n_tiles tiles, else 1.
+static inline int mf_tc_rt(int64_t n_tiles) {
+    int rt = 8;
+    while (rt > 1 && n_tiles / rt < MF_TC_MIN_TG)
+        rt /= 2;
+    return rt;
+}
+
+// The products of one token with n weights of one n_in (n_head heads of one weight
+// when n is 1) as one mf_mv_tc launch: its params (head strides are the caller's) and
+// 1, or 0 when a weight is not for it. Unused segments repeat w[0] with no
+// threadgroups.
+static inline int mf_mv_tc_params(int n, const struct mf_weight *const *w, int n_tok,
+                                  int n_head, struct mf_p_mv_multi *p) {
+    int ok = n >= 1 && n <= MF_MULTI_MAX && n_tok == 1 && n_head >= 1 &&
+             (n == 1 || n_head == 1);
+    for (int i = 0; ok && i < n; i++)
+        ok = mf_tc_ok(w[i]) && w[i]->n_in == w[0]->n_in;
+    if (!ok)
+        return 0;
+    *p = (struct mf_p_mv_multi){.n_seg = n};
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        const struct mf_weight *ws = w[s < n ? s : 0];
+        struct mf_p_mv q = mf_mv_params(ws);
+        const int64_t tiles = (ws->n_out + MF_TC_ROWS - 1) / MF_TC_ROWS;
+        q.n_tok = 1;
+        q.n_head = n_head;
+        q.x_tok_stride = q.n_in;
+        q.y_tok_stride = q.n_out;
+        q.rpw = mf_tc_rt(tiles * n_head);
+        p->seg[s] = q;
+        p->blk0[s + 1] = p->blk0[s] + (s < n ? (int)mf_cdiv(tiles, q.rpw) : 0);
+    }
+    return 1;
+}
+
+// A matmul_heads call (p: its mf_mv params, heads and strides set) as one mf_mv_tc
+// launch: *t its params and 1, or 0 when it does not take the tensor cores (or tc, the
+// driver's switch for them, is 0).
+static inline int mf_mv_tc_heads(const struct mf_p_mv *p, const struct mf_weight *w,
+                                 int transposed, int tc, struct mf_p_mv_multi *t) {
+    if (!tc || transposed || !mf_mv_tc_params(1, &w, p->n_tok, p->n_head, t))
+        return 0;
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        t->seg[s].w_head_rows = p->w_head_rows;
+        t->seg[s].x_head_stride = p->x_head_stride;
+        t->seg[s].y_head_stride = p->y_head_stride;
+    }
+    return 1;
+}
+
+// How a matmul_multi call runs on a GPU: one mf_mv_tc launch, one mf_mv_multi launch
+// (*p its params either way), or one matmul each, also when only some of the products
+// would take the tensor cores (each then gives the bits of its own matmul); tc: the
+// driver's switch for them.
+enum mf_multi_plan { MF_MULTI_SEPARATE, MF_MULTI_MV, MF_MULTI_TC };
+
+static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_weight *const *w,
+                                                      int n_tok, int tc,
+                                                      struct mf_p_mv_multi *p) {
+    if (tc && mf_mv_tc_params(n, w, n_tok, 1, p))
+        return MF_MULTI_TC;
+    for (int i = 0; tc && i < n; i++)
+        if (n_tok == 1 && mf_tc_ok(w[i]))
+            return MF_MULTI_SEPARATE;
+    return mf_mv_multi_params(n, w, n_tok, p) ? MF_MULTI_MV : MF_MULTI_SEPARATE;
+}
+
+// The grouped expert launches for p (moe_params of gate g, up u, down d, with n_exp,
+// max_rows and vec set): gp for the gate/up kernel, dp for the down kernel; 1 when they
+// are the tensor-core pair (mf_moe_gu_tc, mf_moe_down_tc), 0 for mf_moe_gu /
+// mf_moe_down. Chosen from the formats (and tc, the driver's switch) alone, never
+// from the rows, so that an expert's row gets the same bits in every call (decode or
+// prefill, host- or device-routed).
+static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight *g,
+                                const struct mf_weight *u, const struct mf_weight *d, int tc,
+                                struct mf_p_moe *gp, struct mf_p_moe *dp) {
+    *gp = *dp = *p;
+    if (tc && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
+        const int64_t z_gu = mf_cdiv(p->max_rows, MF_TC_TOK(p->n_embd));
+        const int64_t z_down = mf_cdiv(p->max_rows, MF_TC_TOK(p->n_ff));
+        gp->rpw = mf_tc_rt(mf_cdiv(p->n_ff, MF_TC_ROWS / 2) * p->n_exp * z_gu);
+        dp->rpw = mf_tc_rt(mf_cdiv(p->n_embd, MF_TC_ROWS) * p->n_exp * z_down);
+        return 1;
+    }
+    gp->rpw = dp->rpw = p->max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
+    return 0;
 }
 
 // How a rope_qk call runs on a GPU.

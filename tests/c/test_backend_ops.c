@@ -40,6 +40,7 @@ struct env {
     const struct mf_backend_ops *co, *go;
     uint64_t rng;
     int n_case, n_skip;
+    int against_cpu;   // the harness check: the "device" is a second CPU backend
 };
 
 static struct env E;
@@ -385,19 +386,51 @@ static void test_multi(struct tw *const *t, int n, int nt) {
 }
 
 static void test_multis(void) {
-    struct tw a, b, c;
+    struct tw a, b, c, d, e;
     tw_make(&a, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 4096, 2048);   // q_proj-like
     tw_make(&b, MF_DTYPE_U32, MF_DTYPE_F16, 8, 32, 130, 2048);
     tw_make(&c, MF_DTYPE_BF16, MF_DTYPE_F32, 0, 0, 77, 2048);
+    // With a: three one-token products for the tensor cores (one mf_mv_tc launch).
+    tw_make(&d, MF_DTYPE_U32, MF_DTYPE_F32, 2, 128, 130, 2048);
+    tw_make(&e, MF_DTYPE_U32, MF_DTYPE_F16, 4, 32, 77, 2048);
     struct tw *const t[3] = {&a, &b, &c}, *const r[3] = {&c, &a, &b};
+    struct tw *const q[3] = {&e, &a, &d};
     const int nts[] = {1, 3, 8, 9};
-    for (int n = 1; n <= 3; n++)
+    for (int n = 1; n <= 3; n++) {
         for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++) {
             test_multi(t, n, nts[i]);
             test_multi(r, n, nts[i]);
         }
-    tw_free(&a), tw_free(&b), tw_free(&c);
+        test_multi(q, n, 1);
+        test_multi(q, n, 2);
+    }
+    tw_free(&a), tw_free(&b), tw_free(&c), tw_free(&d), tw_free(&e);
     status_ok("matmul_multi");
+}
+
+// The one-token products of the tensor-core kernel (2 and 4-bit codes, n_in <= 4096):
+// every group size and scale type, rows not a multiple of its 16-row tiles, fewer
+// groups than warps per tile (1152 = 9 groups of 128), an lm_head-like weight (8 tiles
+// per threadgroup), heads, and an x one float into its buffer.
+static void test_tc_products(void) {
+    const enum mf_dtype sdts[] = {MF_DTYPE_BF16, MF_DTYPE_F16, MF_DTYPE_F32};
+    const int bitsv[] = {2, 4}, gss[] = {32, 64, 128};
+    for (size_t b = 0; b < 2; b++)
+        for (size_t g = 0; g < 3; g++)
+            for (size_t s = 0; s < 3; s++) {
+                struct tw t;
+                tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, s == 1 ? 1152 : 4096);
+                test_matmul(&t, 1, 0);
+                test_matmul(&t, 1, 1);
+                test_heads(&t, 0, 0, 1);
+                test_heads(&t, 0, 1, 1);
+                tw_free(&t);
+            }
+    struct tw t;
+    tw_make(&t, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 40000, 2048);
+    test_matmul(&t, 1, 0);
+    tw_free(&t);
+    status_ok("tensor-core products");
 }
 
 static void test_weight_ops(const struct tw *t) {
@@ -434,6 +467,7 @@ static void test_products(void) {
         test_weight_ops(&t);
         tw_free(&t);
     }
+    test_tc_products();
     test_multis();
     printf("products: %d cases\n", E.n_case);
 }
@@ -1155,8 +1189,8 @@ static void expert_bounds(const struct blob_layout *L, const uint8_t *blob, cons
     free(tmp), free(act), free(da);
 }
 
-static void test_experts_case(int bits, int gs, enum mf_dtype sdt) {
-    enum { NE = 5, H = 256, I = 192 };
+static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I) {
+    enum { NE = 5 };
     const int rows[NE] = {1, 3, 0, 6, 2}, slot[NE] = {2, 0, 1, 3, 4};
     int32_t row0[NE], nrows[NE];
     int total = 0;
@@ -1196,7 +1230,25 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt) {
     b2.n_rows_host = nrows + 2;
     E.go->moe_experts(E.gx, geo2, ggu, gxg, &b1);
     E.go->moe_experts(E.gx, geo2, ggu, gxg, &b2);
+    // Each row as an entry of its own (as the device-routed path has them): on the GPU
+    // bitwise the rows of the grouped entries (the CPU's grouped kernels sum differently).
+    const void *b3blob[16];
+    int32_t b3row0[16], b3one[16];
+    struct mf_moe_batch b3 = b;
+    b3.n = 0;
+    for (int i = 0; i < NE; i++)
+        for (int r = 0; r < nrows[i]; r++, b3.n++) {
+            b3blob[b3.n] = bg[i];
+            b3row0[b3.n] = row0[i] + r;
+            b3one[b3.n] = 1;
+        }
+    b3.blob_host = b3blob;
+    b3.row0_host = b3row0;
+    b3.n_rows_host = b3one;
+    float *geo3 = gpoison((size_t)total * H * 4);
+    E.go->moe_experts(E.gx, geo3, ggu, gxg, &b3);
     float *eog = gget(geo, (size_t)total * H), *eog2 = gget(geo2, (size_t)total * H);
+    float *eog3 = gget(geo3, (size_t)total * H);
     double *absd = xmalloc((size_t)total * H * sizeof *absd);
     double *extra = xmalloc((size_t)total * H * sizeof *extra);
     for (int i = 0; i < NE; i++)
@@ -1204,19 +1256,34 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt) {
             expert_bounds(&L, host + i * L.bytes, xg + (size_t)(row0[i] + r) * H, H, I,
                           absd + (size_t)(row0[i] + r) * H, extra + (size_t)(row0[i] + r) * H);
     char what[96];
-    snprintf(what, sizeof what, "moe_experts q%d g%d %s", bits, gs, mf_dtype_name(sdt));
+    snprintf(what, sizeof what, "moe_experts q%d g%d %s %dx%d", bits, gs, mf_dtype_name(sdt),
+             H, I);
     cmp_dot(what, eoc, eog, absd, extra, (size_t)total * H, I);
     CHECK(memcmp(eog, eog2, (size_t)total * H * 4) == 0,
           "%s: experts split over two calls differ from one call", what);
+    CHECK(E.against_cpu || memcmp(eog, eog3, (size_t)total * H * 4) == 0,
+          "%s: rows as entries of their own differ from grouped rows", what);
     free(host), free(xg), free(eoc), free(guc), free(eog), free(eog2), free(absd), free(extra);
-    gfree(devA), gfree(devB), gfree(gxg), gfree(geo), gfree(ggu), gfree(geo2);
+    free(eog3);
+    gfree(devA), gfree(devB), gfree(gxg), gfree(geo), gfree(ggu), gfree(geo2), gfree(geo3);
     status_ok("moe_experts");
 }
 
+// The formats and widths of the tensor-core expert kernels: 4-bit gs64 (as the
+// others), the other group sizes and 2 bits, inputs above MF_TC_MAX_IN / 2 (one token
+// per pass: gate/up at 2304, down at 2112) and 3 groups a row for 8 warps a tile.
+static void test_tc_experts(void) {
+    test_experts_case(4, 64, MF_DTYPE_BF16, 256, 192);
+    test_experts_case(4, 32, MF_DTYPE_F32, 256, 192);
+    test_experts_case(2, 128, MF_DTYPE_F16, 256, 384);
+    test_experts_case(2, 64, MF_DTYPE_BF16, 2304, 192);
+    test_experts_case(4, 64, MF_DTYPE_BF16, 256, 2112);
+}
+
 static void test_experts(void) {
-    test_experts_case(4, 64, MF_DTYPE_BF16);
-    test_experts_case(3, 32, MF_DTYPE_F16);
-    test_experts_case(6, 64, MF_DTYPE_F32);
+    test_experts_case(3, 32, MF_DTYPE_F16, 256, 192);
+    test_experts_case(6, 64, MF_DTYPE_F32, 256, 192);
+    test_tc_experts();
 }
 
 /* ==== Device-routed resident experts ====
@@ -1804,6 +1871,8 @@ static int open_backends(int against_cpu) {
         return rc;
     E.co = E.cb->ops;
     E.go = E.gb->ops;
+    if (!against_cpu)
+        printf("tensor-core kernels: %s\n", mf_backend_cuda_tc(E.gb) ? "on" : "off");
     return MF_OK;
 }
 
@@ -1823,6 +1892,7 @@ int main(void) {
             return check_finish("test_backend_ops");
         }
     }
+    E.against_cpu = against_cpu;
     E.rng = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() ^ 0x5bd1e995u;
     if (!E.rng)
         E.rng = 1;
@@ -1834,7 +1904,20 @@ int main(void) {
     if (!against_cpu && only && strcmp(only, "decode") == 0) {
         if (open_backends(0) == MF_OK)
             bench_decode();
-    } else if (open_backends(against_cpu) == MF_OK) {
+    } else if (open_backends(against_cpu) != MF_OK) {
+        // reported by open_backends
+    } else if (getenv("MOEFLUX_OPS_TC_ONLY")) {
+        // make test-cuda's pass with the portable form of the tensor-core step: only
+        // meaningful with the tensor-core kernels on.
+        CHECK(against_cpu || mf_backend_cuda_tc(E.gb),
+              "MOEFLUX_OPS_TC_ONLY: the tensor-core kernels are off (MOEFLUX_GPU_TC=1 on "
+              "an sm_80 or later device turns them on)");
+        test_tc_products();
+        test_multis();
+        test_tc_experts();
+        test_experts_dev();
+        printf("%d comparisons (tensor-core products only)\n", E.n_case);
+    } else {
         double t0 = now_s();
         test_memory();
         test_weights_map();

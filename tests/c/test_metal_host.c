@@ -78,8 +78,8 @@ static void test_program(const char *out_path) {
         CHECK(count_of(src, k) == 1, "%s appears %d times", k, count_of(src, k));
     }
     // Every file mf_kernels.h includes is expanded exactly once (its first line mark).
-    const char *files[] = {"mf_prelude.h", "mf_params.h", "quant.h", "matmul.h", "norm.h",
-                           "rope.h", "attn.h", "gdn.h", "elementwise.h", "moe.h",
+    const char *files[] = {"mf_prelude.h", "mf_params.h", "quant.h", "matmul.h", "tc.h",
+                           "norm.h", "rope.h", "attn.h", "gdn.h", "elementwise.h", "moe.h",
                            "gptoss.h"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         char mark[64];

@@ -232,7 +232,7 @@ int mf_backend_metal_probe(char *err, size_t errlen) {
 
 static struct mf_cuda_be fake_be;
 static struct mf_exec E[2];   // [0] for the CUDA ops, [1] for the Metal ops
-static int n_cases, n_launches;
+static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core kernels
 
 static void reset(void) {
     memset(S, 0, sizeof S);
@@ -264,6 +264,9 @@ static void compare_buf(const char *what, int i, int j, uint64_t c, uint64_t m) 
 static void compare(const char *what) {
     n_cases++;
     n_launches += S[1].n;
+    for (int i = 0; i < S[0].n; i++)
+        n_tc += S[0].r[i].kid == MF_KID_mf_mv_tc || S[0].r[i].kid == MF_KID_mf_moe_gu_tc ||
+                S[0].r[i].kid == MF_KID_mf_moe_down_tc;
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
           S[0].n, S[1].n);
     CHECK(E[0].status == E[1].status, "%s: status cuda %d, metal %d", what, E[0].status,
@@ -478,6 +481,7 @@ static void test_experts(void) {
 }
 
 int main(void) {
+    CHECK(unsetenv("MOEFLUX_GPU_TC") == 0, "unsetenv");   // the default launches first
     fake_be.cu.MemcpyDtoDAsync = fake_dtod;
     fake_be.cu.MemcpyDtoHAsync = fake_dtoh;
     fake_be.cu.StreamSynchronize = fake_sync;
@@ -486,6 +490,14 @@ int main(void) {
     test_gdn_and_elementwise();
     test_route();
     test_experts();
+    // The tensor-core launches (MOEFLUX_GPU_TC=1 on an sm_80+ device; Metal's switch
+    // reads the same variable).
+    CHECK(n_tc == 0, "%d tensor-core launches while they are off", n_tc);
+    CHECK(setenv("MOEFLUX_GPU_TC", "1", 1) == 0, "setenv");
+    fake_be.tc = 1;
+    test_products();
+    test_experts();
+    CHECK(n_tc >= 10, "only %d tensor-core launches while they are on", n_tc);
     // Most cases launch kernels (a few are refused or do nothing on both sides): a
     // recorder that lost launches would pass the comparisons vacuously.
     CHECK(n_launches >= 100, "only %d launches in %d cases", n_launches, n_cases);

@@ -91,6 +91,7 @@ static int pick_device(struct mf_cuda_be *cb, char *err, size_t errlen) {
                     errlen)))
         return rc;
     cb->cc = 10 * maj + min;
+    cb->tc = cb->cc >= 80 && mf_gpu_tc_env();
     if (cb->cu.DeviceGetName(cb->name, (int)sizeof cb->name, cb->dev) != MF_CUDA_SUCCESS)
         snprintf(cb->name, sizeof cb->name, "CUDA device %d", ordinal);
     return MF_OK;
@@ -123,6 +124,11 @@ static int load_functions(struct mf_cuda_be *cb, char *err, size_t errlen) {
             return rc;
     }
     return MF_OK;
+}
+
+int mf_backend_cuda_tc(const struct mf_backend *be) {
+    const struct mf_cuda_be *cb = be->impl;
+    return cb->tc;
 }
 
 int mf_backend_cuda_probe(char *err, size_t errlen) {

@@ -18,4 +18,8 @@ int mf_backend_cuda_new(struct mf_backend **out, char *err, size_t errlen);
 // least one device), without compiling anything.
 int mf_backend_cuda_probe(char *err, size_t errlen);
 
+// Whether a CUDA backend from mf_backend_cuda_new takes the tensor-core kernels
+// (shaders/tc.h: an sm_80 or later device and MOEFLUX_GPU_TC=1 when it was made).
+int mf_backend_cuda_tc(const struct mf_backend *be);
+
 #endif /* MF_CUDA_BACKEND_H */

@@ -36,6 +36,8 @@ struct mf_cuda_be {
     CUdevice dev;
     CUcontext ctx;               // the device's primary context, retained
     int cc;                      // compute capability, 10 * major + minor
+    int tc;                      // tensor-core kernels (shaders/tc.h): sm_80 and later
+                                 // with MOEFLUX_GPU_TC=1 (gpu_args.h)
     int driver_version;
     char name[128];
     CUmodule mod;

@@ -51,6 +51,20 @@ static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
     launch_mf_mv_mxfp4(ex, &p, b, "matmul");
 }
 
+// The buffers of mf_mv_multi and mf_mv_tc: each segment's y, x, then each weight's
+// codes, scales and biases; unused segments repeat the first.
+static void multi_bufs(int n, float *const *y, const struct mf_weight *const *w,
+                       const float *x, CUdeviceptr *b) {
+    b[3] = mf_dp(x);
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        const struct mf_weight *ws = w[s < n ? s : 0];
+        b[s] = mf_dp(y[s < n ? s : 0]);
+        b[4 + 3 * s] = mf_dp(ws->w);
+        b[5 + 3 * s] = mf_dp(ws->scales);
+        b[6 + 3 * s] = mf_dp(ws->biases);
+    }
+}
+
 void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                           int y_head_stride, const struct mf_weight *w,
                           int64_t w_head_rows, int transposed, const float *x,
@@ -75,7 +89,12 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
     p.rpw = mf_mv_rpw(w, n_tok, n_head);
-    if (transposed)
+    struct mf_p_mv_multi t;
+    if (mf_mv_tc_heads(&p, w, transposed, ex->cb->tc, &t)) {
+        CUdeviceptr bt[4 + 3 * MF_MULTI_MAX];
+        multi_bufs(1, &y, &w, x, bt);
+        launch_mf_mv_tc(ex, &t, bt, "matmul");
+    } else if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
@@ -94,7 +113,8 @@ void mf_cuda_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                           const struct mf_weight *const *w, const float *x, int n_tok) {
     struct mf_p_mv_multi p;
-    if (!mf_mv_multi_params(n, w, n_tok, &p)) {
+    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, ex->cb->tc, &p);
+    if (plan == MF_MULTI_SEPARATE) {
         for (int i = 0; i < n; i++)
             mf_cuda_matmul(ex, y[i], w[i], x, n_tok);
         return;
@@ -104,15 +124,11 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
             return;
     mf_cuda_enter(ex);
     CUdeviceptr b[4 + 3 * MF_MULTI_MAX];
-    b[3] = mf_dp(x);
-    for (int s = 0; s < MF_MULTI_MAX; s++) {
-        const struct mf_weight *ws = w[s < n ? s : 0];
-        b[s] = mf_dp(y[s < n ? s : 0]);
-        b[4 + 3 * s] = mf_dp(ws->w);
-        b[5 + 3 * s] = mf_dp(ws->scales);
-        b[6 + 3 * s] = mf_dp(ws->biases);
-    }
-    launch_mf_mv_multi(ex, &p, b, "matmul_multi");
+    multi_bufs(n, y, w, x, b);
+    if (plan == MF_MULTI_TC)
+        launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else
+        launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
 
 void mf_cuda_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -517,6 +533,22 @@ static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_wei
     return p;
 }
 
+// The grouped expert kernels for p, as mf_moe_launch picks them: gate/up (buffers b1),
+// then down (b2).
+static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p,
+                           const struct mf_weight *g, const struct mf_weight *u,
+                           const struct mf_weight *d, const CUdeviceptr b1[4],
+                           const CUdeviceptr b2[4], const char *op) {
+    struct mf_p_moe gp, dp;
+    if (mf_moe_launch(p, g, u, d, ex->cb->tc, &gp, &dp)) {
+        launch_mf_moe_gu_tc(ex, &gp, b1, op);
+        launch_mf_moe_down_tc(ex, &dp, b2, op);
+    } else {
+        launch_mf_moe_gu(ex, &gp, b1, op);
+        launch_mf_moe_down(ex, &dp, b2, op);
+    }
+}
+
 int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen) {
     (void)be;
@@ -558,13 +590,11 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
         p.vec &= vec;
         for (int i = 0; i < n; i++)
             p.max_rows = tab[4 * i + 3] > p.max_rows ? tab[4 * i + 3] : p.max_rows;
-        p.rpw = p.max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
         if (p.max_rows <= 0)
             continue;
         const CUdeviceptr b1[4] = {mf_dp(gu), mf_dp(xg), (CUdeviceptr)base, t};
-        launch_mf_moe_gu(ex, &p, b1, "moe_experts");
         const CUdeviceptr b2[4] = {mf_dp(eo), mf_dp(gu), (CUdeviceptr)base, t};
-        launch_mf_moe_down(ex, &p, b2, "moe_experts");
+        launch_experts(ex, &p, b->gate, b->up, b->down, b1, b2, "moe_experts");
     }
 }
 
@@ -585,15 +615,13 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     struct mf_p_moe p = moe_params(d->gate, d->up, d->down);
     p.n_exp = n;
     p.max_rows = 1;
-    p.rpw = 1;
     p.vec &= mf_aligned16((uintptr_t)d->base) && mf_aligned16((uintptr_t)stride);
     p.dev_k = d->k;
     p.stride_lo = pd.stride_lo;
     p.stride_hi = pd.stride_hi;
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
-    launch_mf_moe_gu(ex, &p, b1, "moe_experts_dev");
     const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx)};
-    launch_mf_moe_down(ex, &p, b2, "moe_experts_dev");
+    launch_experts(ex, &p, d->gate, d->up, d->down, b1, b2, "moe_experts_dev");
     const CUdeviceptr b3[4] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w)};
     launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
 }

@@ -10,6 +10,10 @@
 
 #include <stdlib.h>
 
+// The tensor-core kernels (shaders/tc.h) run on Metal in their portable form (shuffles
+// in place of the mma step), switched as on CUDA so that both launch the same work.
+#define MF_METAL_TC mf_gpu_tc_env()
+
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
                    MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
@@ -77,6 +81,20 @@ static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
     launch_mf_mv_mxfp4(ex, &p, b, "matmul");
 }
 
+// The buffers of mf_mv_multi and mf_mv_tc: each segment's y, x, then each weight's
+// codes, scales and biases; unused segments repeat the first.
+static void multi_bufs(int n, float *const *y, const struct mf_weight *const *w,
+                       const float *x, const void **b) {
+    b[3] = x;
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        const struct mf_weight *ws = w[s < n ? s : 0];
+        b[s] = y[s < n ? s : 0];
+        b[4 + 3 * s] = ws->w;
+        b[5 + 3 * s] = ws->scales;
+        b[6 + 3 * s] = ws->biases;
+    }
+}
+
 void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                            int y_head_stride, const struct mf_weight *w,
                            int64_t w_head_rows, int transposed, const float *x,
@@ -99,7 +117,12 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
     p.rpw = mf_mv_rpw(w, n_tok, n_head);
-    if (transposed)
+    struct mf_p_mv_multi t;
+    if (mf_mv_tc_heads(&p, w, transposed, MF_METAL_TC, &t)) {
+        const void *bt[4 + 3 * MF_MULTI_MAX];
+        multi_bufs(1, &y, &w, x, bt);
+        launch_mf_mv_tc(ex, &t, bt, "matmul");
+    } else if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
@@ -116,7 +139,8 @@ void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                            const struct mf_weight *const *w, const float *x, int n_tok) {
     struct mf_p_mv_multi p;
-    if (!mf_mv_multi_params(n, w, n_tok, &p)) {
+    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, MF_METAL_TC, &p);
+    if (plan == MF_MULTI_SEPARATE) {
         for (int i = 0; i < n; i++)
             mf_metal_matmul(ex, y[i], w[i], x, n_tok);
         return;
@@ -127,15 +151,11 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
         if (!check_weight(ex, w[i], "matmul_multi"))
             return;
     const void *b[4 + 3 * MF_MULTI_MAX];
-    b[3] = x;
-    for (int s = 0; s < MF_MULTI_MAX; s++) {
-        const struct mf_weight *ws = w[s < n ? s : 0];
-        b[s] = y[s < n ? s : 0];
-        b[4 + 3 * s] = ws->w;
-        b[5 + 3 * s] = ws->scales;
-        b[6 + 3 * s] = ws->biases;
-    }
-    launch_mf_mv_multi(ex, &p, b, "matmul_multi");
+    multi_bufs(n, y, w, x, b);
+    if (plan == MF_MULTI_TC)
+        launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else
+        launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
 
 void mf_metal_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -537,16 +557,21 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
             tab[4 * i + 3] = b->n_rows_host[e];
             p.max_rows = b->n_rows_host[e] > p.max_rows ? b->n_rows_host[e] : p.max_rows;
         }
-        p.rpw = p.max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
         if (p.max_rows <= 0)
             continue;
         const void *t = mf_metal_host_arg(ex, tab, (size_t)n * 16, "moe_experts");
         if (!t)
             return;
         const void *const b1[4] = {gu, xg, (const void *)base, t};
-        launch_mf_moe_gu(ex, &p, b1, "moe_experts");
         const void *const b2[4] = {eo, gu, (const void *)base, t};
-        launch_mf_moe_down(ex, &p, b2, "moe_experts");
+        struct mf_p_moe gp, dp;
+        if (mf_moe_launch(&p, b->gate, b->up, b->down, MF_METAL_TC, &gp, &dp)) {
+            launch_mf_moe_gu_tc(ex, &gp, b1, "moe_experts");
+            launch_mf_moe_down_tc(ex, &dp, b2, "moe_experts");
+        } else {
+            launch_mf_moe_gu(ex, &gp, b1, "moe_experts");
+            launch_mf_moe_down(ex, &dp, b2, "moe_experts");
+        }
     }
 }
 
