@@ -6,10 +6,10 @@
 #
 #   bench/cuda_ab.sh BASE_TREE [steps]   steps: any of "ab test bench" (default: ab)
 #
-# BASE_TREE: a checkout whose shaders/ and csrc/backends/cuda/cuda_ops.c are the
-# "before" (the op-test file, with the decode timings, is this tree's). Variants:
-# comma-separated "name:sed-expression:file" entries in $AB_VARIANTS, applied to a
-# copy of shaders/.
+# BASE_TREE: a checkout whose shaders/, csrc/backends/cuda/cuda_ops.c and
+# csrc/backends/gpu_args.h are the "before" (the op-test file, with the decode timings,
+# is this tree's). Variants: comma-separated "name:sed-expression:file" entries in
+# $AB_VARIANTS, applied to a copy of shaders/.
 # Logs go to $OUT (default /tmp/ab-out).
 set -u
 BASE=${1:?usage: bench/cuda_ab.sh BASE_TREE [steps]}
@@ -31,6 +31,8 @@ if [[ " $STEPS " == *" ab "* ]]; then
         tar -xf - -C /tmp/ab-old
     cp -r "$BASE"/shaders/. /tmp/ab-old/shaders/
     cp "$BASE"/csrc/backends/cuda/cuda_ops.c /tmp/ab-old/csrc/backends/cuda/
+    [ -f "$BASE"/csrc/backends/gpu_args.h ] &&
+        cp "$BASE"/csrc/backends/gpu_args.h /tmp/ab-old/csrc/backends/
     make -s -C /tmp/ab-old -j"$J" tests/c/build/test_backend_ops >"$OUT/build-old.log" 2>&1 ||
         { tail -20 "$OUT/build-old.log"; exit 1; }
     names=(old new)
