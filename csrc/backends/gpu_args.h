@@ -80,6 +80,8 @@ static inline int mf_mv_multi_params(int n, const struct mf_weight *const *w, in
 
 // Threadgroups below which mf_mv_tc gives each threadgroup fewer 16-row tiles.
 #define MF_TC_MIN_TG 256
+// Experts per token the grouped tensor-core kernels size their threadgroups for.
+#define MF_TC_EXPERTS 8
 
 // The formats the tensor-core kernels take (shaders/tc.h): affine 2- or 4-bit codes
 // whose group quarters are whole words (4-bit: groups of 32, 64 or 128; 2-bit: 64 or
@@ -178,10 +180,11 @@ static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight
                                 struct mf_p_moe *gp, struct mf_p_moe *dp) {
     *gp = *dp = *p;
     if (tc && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
-        const int64_t z_gu = mf_cdiv(p->max_rows, MF_TC_TOK(p->n_embd));
-        const int64_t z_down = mf_cdiv(p->max_rows, MF_TC_TOK(p->n_ff));
-        gp->rpw = mf_tc_rt(mf_cdiv(p->n_ff, MF_TC_ROWS / 2) * p->n_exp * z_gu);
-        dp->rpw = mf_tc_rt(mf_cdiv(p->n_embd, MF_TC_ROWS) * p->n_exp * z_down);
+        // Tiles per threadgroup set how a tile's warps split its row's groups, and so
+        // the bits: from the shapes alone (those of a one-token call of MF_TC_EXPERTS
+        // experts), never from this call's experts or rows.
+        gp->rpw = mf_tc_rt(mf_cdiv(p->n_ff, MF_TC_ROWS / 2) * MF_TC_EXPERTS);
+        dp->rpw = mf_tc_rt(mf_cdiv(p->n_embd, MF_TC_ROWS) * MF_TC_EXPERTS);
         return 1;
     }
     gp->rpw = dp->rpw = p->max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
