@@ -324,8 +324,8 @@ clean:
 # (whole models on CUDA against the CPU), meanwhile the op test's tensor-core products
 # with the portable form of their mma step (MF_TC_EMU, what Metal runs), then
 # print one line per step. The extension goes to build/cuda-site as asan-pytest does,
-# so no pip or venv is needed. The tensor-core kernels (MOEFLUX_GPU_TC=1, not yet the
-# default) get the op test and CUDA_TC_PYTESTS of their own.
+# so no pip or venv is needed. The tensor-core kernels (MOEFLUX_GPU_TC=1, not the
+# default: slower at decode shapes) get the op test and CUDA_TC_PYTESTS of their own.
 CUDA_PY   ?= python3
 CUDA_SITE := $(CURDIR)/build/cuda-site
 # The mlx-lm goldens (tests/test_cuda_golden.py) must have been made where mlx-lm is:
@@ -333,7 +333,7 @@ CUDA_SITE := $(CURDIR)/build/cuda-site
 # device call carries; here their absence fails instead of skipping.
 CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py \
                 tests/test_cuda_state.py
-# Run again with the tensor-core kernels on (MOEFLUX_GPU_TC=1), until they are the
+# Run again with the tensor-core kernels on (MOEFLUX_GPU_TC=1) while they are not the
 # default: the mlx-lm goldens, and resident against streamed bit for bit.
 CUDA_TC_PYTESTS := tests/test_cuda_golden.py tests/test_cuda_resident.py
 

@@ -25,8 +25,9 @@ _Static_assert(MF_ROPE_D_MAX == MF_ROPE_QK_NORM_MAX, "rope_qk head limits must a
 
 static inline int mf_aligned16(uintptr_t a) { return (a & 15u) == 0; }
 
-// The tensor-core kernels (shaders/tc.h) are taken only where MOEFLUX_GPU_TC=1: not
-// yet the default, as they have not run on a GPU (see the README's status table).
+// The tensor-core kernels (shaders/tc.h) are taken only where MOEFLUX_GPU_TC=1: on the
+// H200 they were correct but slower than the SIMT row dots at decode shapes
+// (bench/RESULTS.md, "Session 9").
 static inline int mf_gpu_tc_env(void) {
     const char *e = getenv("MOEFLUX_GPU_TC");
     return e && strcmp(e, "1") == 0;
