@@ -64,6 +64,7 @@ struct mf_metal_be {
     pthread_mutex_t lock;    // guards weights (mapped at load, read by every exec)
     int lock_ok;
     struct regions weights;
+    int tc;                  // mf_metal_tc
 };
 
 struct mf_exec {
@@ -161,6 +162,8 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 }
 
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
+
+int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
 
 static const char *ns_text(NSError *e) {
     const char *s = e ? [[e localizedDescription] UTF8String] : NULL;
@@ -849,6 +852,7 @@ static int open_device(struct mf_metal_be *mb, char *err, size_t errlen) {
     long page = sysconf(_SC_PAGESIZE);
     mb->page = page > 0 ? (size_t)page : 16384;
     mb->max_len = (size_t)[mb->dev maxBufferLength] / mb->page * mb->page;
+    mb->tc = mf_gpu_tc_env();
     return MF_OK;
 }
 

@@ -78,6 +78,9 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...)
     ;
 // 1 once an error is recorded: ops then encode nothing.
 int mf_metal_failed(const struct mf_exec *ex);
+// 1 when the ops take the tensor-core kernels (shaders/tc.h, in their portable form
+// here): MOEFLUX_GPU_TC=1 when the backend was made, as on CUDA.
+int mf_metal_tc(const struct mf_exec *ex);
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,

@@ -10,10 +10,6 @@
 
 #include <stdlib.h>
 
-// The tensor-core kernels (shaders/tc.h) run on Metal in their portable form (shuffles
-// in place of the mma step), switched as on CUDA so that both launch the same work.
-#define MF_METAL_TC mf_gpu_tc_env()
-
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
                    MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
@@ -118,7 +114,7 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
     p.rpw = mf_mv_rpw(w, n_tok, n_head);
     struct mf_p_mv_multi t;
-    if (mf_mv_tc_heads(&p, w, transposed, MF_METAL_TC, &t)) {
+    if (mf_mv_tc_heads(&p, w, transposed, mf_metal_tc(ex), &t)) {
         const void *bt[4 + 3 * MF_MULTI_MAX];
         multi_bufs(1, &y, &w, x, bt);
         launch_mf_mv_tc(ex, &t, bt, "matmul");
@@ -139,7 +135,7 @@ void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                            const struct mf_weight *const *w, const float *x, int n_tok) {
     struct mf_p_mv_multi p;
-    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, MF_METAL_TC, &p);
+    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, mf_metal_tc(ex), &p);
     if (plan == MF_MULTI_SEPARATE) {
         for (int i = 0; i < n; i++)
             mf_metal_matmul(ex, y[i], w[i], x, n_tok);
@@ -565,7 +561,7 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
         const void *const b1[4] = {gu, xg, (const void *)base, t};
         const void *const b2[4] = {eo, gu, (const void *)base, t};
         struct mf_p_moe gp, dp;
-        if (mf_moe_launch(&p, b->gate, b->up, b->down, MF_METAL_TC, &gp, &dp)) {
+        if (mf_moe_launch(&p, b->gate, b->up, b->down, mf_metal_tc(ex), &gp, &dp)) {
             launch_mf_moe_gu_tc(ex, &gp, b1, "moe_experts");
             launch_mf_moe_down_tc(ex, &dp, b2, "moe_experts");
         } else {
