@@ -14,6 +14,7 @@
 #define MF_SH_F16 1
 #define MF_SH_BF16 2
 #define MF_SH_U32 3
+#define MF_SH_U8 4   // as a scale dtype: MXFP4 (E8M0 exponents, no biases)
 
 // Matvec: warps per threadgroup, output rows per warp (each staged x value serves
 // them all from a register; small decode products use 1 for more warps), tokens per
@@ -105,9 +106,13 @@ struct mf_p_rope_qk {
 
 // Split attention: n_split partials of MF_ATTN_CHUNK keys per (token, head), then a
 // combine in split order.
+// attention / attention_ext: split s covers positions base + s * MF_ATTN_CHUNK on;
+// window > 0: a query at p sees p - window + 1 .. p; ring > 0: position p in cache
+// row p % ring; sink_dtype: the dtype of the per-head sink logits, -1 for none.
 struct mf_p_attn {
     int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, n_split;
     float scale;
+    int window, ring, base, sink_dtype;
 };
 
 struct mf_p_conv {
@@ -150,13 +155,17 @@ struct mf_p_route {
 // left on the device (moe_experts_dev) and no table: the table buffer is the expert ids
 // idx[n_tok * dev_k], entry r is expert idx[r] at byte offset idx[r] * stride
 // (stride_hi * 2^32 + stride_lo) with one row, row r of gu / eo, whose input is row
-// r / dev_k of x (passed as xg).
+// r / dev_k of x (passed as xg). gpt-oss: per-expert output biases at blob offsets
+// gate_bias / up_bias / down_bias (-1 for none; floats of bias_dtype) and the clamped
+// SwiGLU (act 1, with alpha and limit).
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
     int gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b;
     int vec, rpw;
     int dev_k, stride_lo, stride_hi;
+    int gate_bias, up_bias, down_bias, bias_dtype, act;
+    float alpha, limit;
 };
 
 // Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes

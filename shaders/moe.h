@@ -1,8 +1,9 @@
 /*
  * moe.h — mixture-of-experts kernels. mf_route: a warp per token, top-k as repeated
- * arg-max where ties go to the lower expert index (csrc/models/moe.c's rule), softmax
- * or noaux_tc (sigmoid scores, bias steering only the choice, group top-2 sums, the
- * experts of non-kept groups masked to 0.0 as moe.c does). mf_moe_gu / mf_moe_down:
+ * arg-max where ties go to the lower expert index (csrc/models/moe.c's rule), softmax,
+ * noaux_tc (sigmoid scores, bias steering only the choice, group top-2 sums, the
+ * experts of non-kept groups masked to 0.0 as moe.c does) or gpt-oss's top-k of the
+ * biased logits weighted by a softmax over the k. mf_moe_gu / mf_moe_down:
  * grouped SwiGLU experts, grid.y = expert; gate and up rows of one output index are
  * dotted by the same warp, which writes silu(gate) * up into the first half of gu's
  * row, and down reads it back. Each row's result depends only on its own data. With
@@ -96,6 +97,14 @@ MF_PARAMS(4, struct mf_p_route, p) {
             lg[e] = pr;
             taken[e] = 0;
         }
+    } else if (p.kind == 2) {   // gpt-oss: biased logits; a softmax over the k chosen
+        for (int e = lane; e < E; e += 32) {
+            const float v = lg[e] + (p.has_bias ? bias[e] : 0.0f);
+            sc[e] = v;
+            bs[e] = v;
+            lg[e] = v;
+            taken[e] = 0;
+        }
     } else {
         for (int e = lane; e < E; e += 32) {
             const float s = mf_sigmoid(lg[e]);
@@ -118,6 +127,16 @@ MF_PARAMS(4, struct mf_p_route, p) {
     }
     if (lane != 0)
         return;
+    if (p.kind == 2) {   // the first choice holds the largest logit
+        float sum = 0.0f;
+        for (int j = 0; j < K; j++)
+            sum += mf_exp(sc[sel[j]] - sc[sel[0]]);
+        for (int j = 0; j < K; j++) {
+            idx[(mf_i64)t * K + j] = sel[j];
+            wout[(mf_i64)t * K + j] = mf_exp(sc[sel[j]] - sc[sel[0]]) / sum;
+        }
+        return;
+    }
     float wsum = 0.0f;
     for (int j = 0; j < K; j++)
         wsum += sc[sel[j]];
@@ -151,6 +170,26 @@ MF_FN int mf_ent_rows(MF_G const int *tab, const struct mf_p_moe p, int e) {
 // The component at byte offset off of the blob at byte offset boff from base.
 MF_FN MF_G const mf_u32 *mf_blob_at(MF_G const mf_u32 *base, mf_i64 boff, int off) {
     return (MF_G const mf_u32 *)((MF_G const mf_u8 *)base + boff + off);
+}
+
+// Element i of the expert's float bias vector at blob offset off (off >= 0).
+MF_FN float mf_moe_bias(MF_G const mf_u32 *base, mf_i64 bo, int off, int dt, int i) {
+    return mf_load(mf_blob_at(base, bo, off), dt, i);
+}
+
+// The activation written to gu: silu(g) * u, or gpt-oss's clamped SwiGLU
+// (mf_swiglu_clamped's formula), after the gate / up biases where the layout has them.
+MF_FN float mf_moe_act(float g, float u, const struct mf_p_moe p, MF_G const mf_u32 *base,
+                       mf_i64 bo, int j) {
+    if (p.gate_bias >= 0)
+        g += mf_moe_bias(base, bo, p.gate_bias, p.bias_dtype, j);
+    if (p.up_bias >= 0)
+        u += mf_moe_bias(base, bo, p.up_bias, p.bias_dtype, j);
+    if (p.act == 0)
+        return mf_silu(g) * u;
+    const float gc = g < p.limit ? g : p.limit;
+    const float uc = u < -p.limit ? -p.limit : u > p.limit ? p.limit : u;
+    return (uc + 1.0f) * (gc * mf_sigmoid(p.alpha * gc));
 }
 
 // gate/up rows of expert e for rows r0 .. r0 + nt - 1 of xg: R slots per warp (R / 2
@@ -191,7 +230,8 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
             const float gv = mf_warp_sum(acc[2 * i * MF_MV_TT + t]);
             const float uv = mf_warp_sum(acc[(2 * i + 1) * MF_MV_TT + t]);
             if (lane == 0 && i < nj && t < nt)
-                gu[(mf_i64)(r0 + t) * 2 * p.n_ff + j0 + i] = mf_silu(gv) * uv;
+                gu[(mf_i64)(r0 + t) * 2 * p.n_ff + j0 + i] = mf_moe_act(gv, uv, p, base, bo,
+                                                                          j0 + i);
         }
 }
 
@@ -243,7 +283,10 @@ MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 
         for (int t = 0; t < MF_MV_TT; t++) {
             const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
             if (lane == 0 && r < rw.n && t < nt)
-                eo[(mf_i64)(r0 + t) * p.n_embd + j0 + r] = v;
+                eo[(mf_i64)(r0 + t) * p.n_embd + j0 + r] =
+                    p.down_bias >= 0
+                        ? v + mf_moe_bias(base, bo, p.down_bias, p.bias_dtype, j0 + r)
+                        : v;
         }
 }
 

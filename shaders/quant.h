@@ -56,6 +56,42 @@ MF_FN void mf_fdot_tile(MF_TH float *acc, MF_G const mf_u32 *w, int dtype, int n
     }
 }
 
+// The E2M1 value of code q (bit 3 the sign, bits 2-1 the exponent, bit 0 the
+// mantissa), built as its f32 bit pattern: exponent 0 is 0 or 0.5, exponent e > 0 is
+// 2^(e-1) * (1 + m/2).
+MF_FN float mf_e2m1(mf_u32 q) {
+    const mf_u32 e = (q >> 1) & 3u, m = q & 1u;
+    const mf_u32 mag = e == 0u ? (m ? 0x3f000000u : 0u) : ((e + 126u) << 23) | (m << 22);
+    return mf_as_float(mag | ((q & 8u) << 28));
+}
+
+// The scale of an E8M0 byte as MLX decodes it: 2^(s - 127), s = 0 the subnormal
+// 2^-127, s = 255 +inf.
+MF_FN float mf_e8m0(mf_u32 s) {
+    if (s == 255u)
+        return MF_INF;
+    return mf_as_float(s ? s << 23 : 0x00400000u);
+}
+
+// acc[t] += x[t] . W[row] for t < nt (<= MF_MV_TT) over this lane's share of an MXFP4
+// row (codes wr, E8M0 scale bytes sr): lanes take whole words of eight codes, each
+// weight e2m1(q) * 2^(e - 127) formed exactly, as on the CPU.
+MF_FN void mf_mxfp4_tile(MF_TH float *acc, MF_G const mf_u32 *wr, MF_G const mf_u8 *sr,
+                         int n_in, MF_G const float *x, int x_stride, int nt, int lane) {
+    for (int i = lane; i < n_in / 8; i += 32) {
+        const mf_u32 word = wr[i];
+        const float s = mf_e8m0((mf_u32)sr[i / 4]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const float wv = mf_e2m1((word >> (4 * k)) & 15u) * s;
+#pragma unroll
+            for (int t = 0; t < MF_MV_TT; t++)
+                if (t < nt)
+                    acc[t] = mf_fma(x[(mf_i64)t * x_stride + i * 8 + k], wv, acc[t]);
+        }
+    }
+}
+
 // Columns of x staged per step by the row-dot kernels, and the padded threadgroup
 // tile they use: x[t] is held as 32 chunks of 32 values at stride 33, so lane l reading
 // value k of its chunk l hits bank (l + k) % 32 (no conflicts).
@@ -216,6 +252,15 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
             if (r < rw->n)
                 mf_fdot_tile(acc + r * MF_MV_TT, rw->w[r], dtype, n_in, rw->s0[r], x,
                              x_stride, nt, lane);
+        return;
+    }
+    if (sdtype == MF_SH_U8) {   // MXFP4 (bits 4, groups of 32: s0 counts scale bytes)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (r < rw->n)
+                mf_mxfp4_tile(acc + r * MF_MV_TT, rw->w[r],
+                              (MF_G const mf_u8 *)rw->sc[r] + rw->s0[r], n_in, x, x_stride,
+                              nt, lane);
         return;
     }
 #define MF_QROWS(B, T)                                                                 \

@@ -21,9 +21,9 @@ from reference import reference_decode, reference_logits
 # fails (an UnsupportedError fails it), never skipped nor marked as expected to fail.
 ARCHS = ["qwen3_5_moe", "qwen3_next", "deepseek_v3", "qwen3_moe", "glm4_moe",
          "minimax"]
-# ARCHS and the families the GPU backends refuse at open (gpt_oss: no attention_ext,
-# router kind or MXFP4-with-biases expert kernels there yet): the CPU-only tests run
-# these; the CUDA / Metal tests keep to ARCHS.
+# ARCHS and gpt_oss, whose checkpoint mlx-lm itself writes (tests/gptoss_synth.py): the
+# CPU-only tests run these; the CUDA / Metal tests keep to ARCHS, and run gpt_oss from
+# the checkpoint carried with the goldens (tests/test_cuda_golden.py).
 CPU_ARCHS = [*ARCHS, "gpt_oss"]
 HYBRID = {"qwen3_5_moe", "qwen3_next"}
 

@@ -7,7 +7,10 @@ makes (seed 0, no overrides), its all-position prefill logits of FWD_PROMPT and 
 logits of N_DECODE cached decode steps (tests/reference.py), and a SHA-256 of the
 checkpoint's files, so the GPU side can tell that it rebuilt the same checkpoint.
 Output: one .npz per family in the directory given (default .cache/cuda-goldens/, which
-git ignores and the device call carries).
+git ignores and the device call carries). Also, for each mixed-precision recipe of
+tests/test_mixed.py, the checkpoint mlx-lm itself writes (mixed/<case>/: the GPU side
+has no mlx-lm to write it) and its reference logits (mixed/<case>.npz), and the gpt-oss
+checkpoint of tests/gptoss_synth.py with its reference.npz (gpt_oss/).
 
     .venv/bin/python tests/make_cuda_goldens.py [OUT_DIR]
 """
@@ -54,11 +57,44 @@ def make(arch: str, out: Path) -> Path:
     return dst
 
 
+def make_mixed(case_id: str, out: Path) -> Path:
+    """The mlx-lm checkpoint of one test_mixed case and its reference logits."""
+    import shutil
+
+    from test_mixed import CASES, IDS, mlx_recipe_checkpoint
+
+    _, arch, overrides, recipe = CASES[IDS.index(case_id)]
+    ckpt = out / "mixed" / case_id
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    mlx_recipe_checkpoint(arch, ckpt, overrides, recipe)
+    prefill = reference_logits(ckpt, FWD_PROMPT)
+    cont = continuation(prefill.shape[-1], N_DECODE)
+    decode = reference_decode(ckpt, FWD_PROMPT, cont)
+    dst = out / "mixed" / f"{case_id}.npz"
+    np.savez_compressed(dst, prompt=np.array(FWD_PROMPT, np.int32),
+                        cont=np.array(cont, np.int32), prefill=prefill, decode=decode,
+                        digest=np.array(checkpoint_digest(ckpt)), arch=np.array(arch))
+    return dst
+
+
+def make_gptoss(out: Path) -> Path:
+    """tests/gptoss_synth.py's checkpoint, written by mlx-lm with its reference.npz."""
+    import gptoss_synth
+
+    return gptoss_synth.write_gptoss_checkpoint(out / "gpt_oss")
+
+
 def main() -> None:
+    from test_mixed import IDS
+
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "mixed").mkdir(parents=True, exist_ok=True)
     for arch in ARCHS:
         print(make(arch, out))
+    for case_id in IDS:
+        print(make_mixed(case_id, out))
+    print(make_gptoss(out))
 
 
 if __name__ == "__main__":

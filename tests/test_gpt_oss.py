@@ -274,14 +274,13 @@ def test_prep_refuses_2bit_requant_of_mxfp4(fixture: tuple[Path, Path],
     _prep_refuses(fixture[0], tmp_path / "out", r"expert_bits=2 .*mxfp4", expert_bits=2)
 
 
-def test_gpu_backends_refuse_it_at_open(fixture: tuple[Path, Path]) -> None:
-    """backend='cuda' / 'metal' fail at open with a MoefluxError: the family's
-    refusal where the backend exists, the backend's own absence elsewhere (no GPU
-    here); never a model that opens and computes something else."""
+def test_gpu_backends_absent_fail_at_open(fixture: tuple[Path, Path]) -> None:
+    """backend='cuda' / 'metal' where that backend has no device fail at open with a
+    BackendError, never a model that opens and computes something else (where one is
+    present, tests/test_cuda_golden.py runs the model against mlx-lm on it)."""
     _, model_dir = fixture
     for backend in ("cuda", "metal"):
-        with pytest.raises(moeflux.MoefluxError) as exc:
+        if backend in moeflux.backends():
+            continue
+        with pytest.raises(moeflux.BackendError):
             moeflux.Model(model_dir, backend=backend)
-        assert isinstance(exc.value, (moeflux.UnsupportedError, moeflux.BackendError))
-        if isinstance(exc.value, moeflux.UnsupportedError):
-            assert "cpu" in str(exc.value)

@@ -119,30 +119,26 @@ static int same_format(const struct mf_weight *a, const struct mf_weight *b) {
              a->group_size == b->group_size));
 }
 
-int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, int il,
-                           char *err, size_t errlen) {
-    const struct mf_weight *w[3] = {b->gate, b->up, b->down},
+int mf_moe_experts_gpu_check(const char *backend, const struct mf_moe_batch *b, int il,
+                             char *err, size_t errlen) {
+    const struct mf_weight *w[2] = {b->gate, b->up},
                            *bias[3] = {b->gate_bias, b->up_bias, b->down_bias};
     static const char *const names[3] = {"gate_proj", "up_proj", "down_proj"};
     char f0[64], f1[64];
-    if (b->act != MF_MOE_ACT_SWIGLU)
+    for (int p = 0; p < 3; p++)
+        if (bias[p] && bias[p]->dtype != MF_DTYPE_F32 && bias[p]->dtype != MF_DTYPE_F16 &&
+            bias[p]->dtype != MF_DTYPE_BF16)
+            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
+                          "%s backend: layer %d experts: %s.bias is %s; its expert kernels "
+                          "take float biases; use backend 'cpu'", backend, il, names[p],
+                          mf_dtype_name(bias[p]->dtype));
+    if (!same_format(w[1], w[0]))
         return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
-                      "%s backend: layer %d experts: the clamped SwiGLU (gpt-oss) is not "
-                      "in its expert kernels; use backend 'cpu'", backend, il);
-    for (int p = 0; p < 3; p++) {
-        if (bias[p])
-            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
-                          "%s backend: layer %d experts: %s.bias (per-expert output "
-                          "biases) is not in its expert kernels; use backend 'cpu'",
-                          backend, il, names[p]);
-        if (!same_format(w[p], w[0]))
-            return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
-                          "%s backend: layer %d experts: %s is %s but gate_proj %s; its "
-                          "expert kernels take one format for gate, up and down (mixed "
-                          "expert layouts run on backend 'cpu')", backend, il, names[p],
-                          mf_weight_format(w[p], f1, sizeof f1),
-                          mf_weight_format(w[0], f0, sizeof f0));
-    }
+                      "%s backend: layer %d experts: up_proj is %s but gate_proj %s; its "
+                      "expert kernels take gate and up in one format (down_proj may have "
+                      "its own; such layouts run on backend 'cpu')", backend, il,
+                      mf_weight_format(w[1], f1, sizeof f1),
+                      mf_weight_format(w[0], f0, sizeof f0));
     return MF_OK;
 }
 

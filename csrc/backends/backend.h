@@ -477,11 +477,12 @@ struct mf_backend {
     void *impl;
 };
 
-// moe_experts_check of the GPU backends, whose grouped expert kernels take one format
-// for gate, up and down and no biases: MF_ERR_UNSUPPORTED naming backend, layer,
-// projection and both formats otherwise.
-int mf_moe_experts_uniform(const char *backend, const struct mf_moe_batch *b, int il,
-                           char *err, size_t errlen);
+// moe_experts_check of the GPU backends, whose grouped expert kernels take gate and up
+// in one format and down in its own (float, affine or MXFP4 each), float biases and
+// either activation: MF_ERR_UNSUPPORTED naming backend, layer, projection and formats
+// otherwise.
+int mf_moe_experts_gpu_check(const char *backend, const struct mf_moe_batch *b, int il,
+                             char *err, size_t errlen);
 
 // Constructors per backend. CPU always exists.
 // matmul of each w[i] into y[i] with the same x: the backend's matmul_multi where it

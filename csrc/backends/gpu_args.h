@@ -8,6 +8,7 @@
 #define MF_GPU_ARGS_H
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -170,8 +171,71 @@ static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_wei
     return mf_mv_multi_params(n, w, n_tok, p) ? MF_MULTI_MV : MF_MULTI_SEPARATE;
 }
 
+// A weight the grouped expert kernels read: float, MLX affine codes (2-6/8 bits,
+// groups of 32/64/128) or MXFP4 (4-bit E2M1 codes, U8 E8M0 scales per 32 columns).
+static inline int mf_moe_weight_ok(const struct mf_weight *w) {
+    if (w->dtype == MF_DTYPE_F32 || w->dtype == MF_DTYPE_F16 || w->dtype == MF_DTYPE_BF16)
+        return 1;
+    if (w->dtype != MF_DTYPE_U32 || !w->scales || w->n_in <= 0)
+        return 0;
+    if (w->qmode == MF_QMODE_MXFP4)
+        return w->bits == 4 && w->group_size == 32 && w->sdtype == MF_DTYPE_U8 &&
+               w->n_in % 32 == 0;
+    const int gs = w->group_size;
+    return w->qmode == MF_QMODE_AFFINE && w->bits >= 2 && w->bits <= 8 && w->bits != 7 &&
+           (gs == 32 || gs == 64 || gs == 128) && w->n_in % gs == 0 && w->biases &&
+           w->sdtype != MF_DTYPE_U8;
+}
+
+static inline int mf_moe_bias_ok(const struct mf_weight *b, int64_t n) {
+    return !b || ((b->dtype == MF_DTYPE_F32 || b->dtype == MF_DTYPE_F16 ||
+                   b->dtype == MF_DTYPE_BF16) &&
+                  b->n_out * (b->n_in > 0 ? b->n_in : 1) >= n);
+}
+
+// Whether the grouped expert kernels take gate g, up u and down d: gate and up in one
+// format and shape [n_ff, n_embd], down [n_embd, n_ff] in a format of its own.
+static inline int mf_moe_formats_ok(const struct mf_weight *g, const struct mf_weight *u,
+                                    const struct mf_weight *d) {
+    return mf_moe_weight_ok(g) && mf_moe_weight_ok(d) && u->dtype == g->dtype && u->qmode == g->qmode && u->sdtype == g->sdtype &&
+           u->bits == g->bits && u->group_size == g->group_size && u->n_in == g->n_in &&
+           u->n_out == g->n_out && d->n_in == g->n_out && d->n_out == g->n_in;
+}
+
+// Whether the grouped kernels take batch b (mf_moe_formats_ok, and float biases of
+// the projections' rows); else 0 and why in buf.
+static inline int mf_moe_batch_ok(const struct mf_moe_batch *b, char *buf, size_t n) {
+    const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
+    if (mf_moe_formats_ok(g, u, d) && mf_moe_bias_ok(b->gate_bias, g->n_out) &&
+        mf_moe_bias_ok(b->up_bias, g->n_out) && mf_moe_bias_ok(b->down_bias, d->n_out))
+        return 1;
+    char f0[64], f1[64], f2[64];
+    snprintf(buf, n, "gate %s [%lld, %lld], up %s, down %s [%lld, %lld]: expected gate and "
+             "up alike, each projection float, affine (bits 2-6/8, group 32/64/128 "
+             "dividing n_in) or MXFP4, and float biases", mf_weight_format(g, f0, sizeof f0),
+             (long long)g->n_out, (long long)g->n_in, mf_weight_format(u, f1, sizeof f1),
+             mf_weight_format(d, f2, sizeof f2), (long long)d->n_out, (long long)d->n_in);
+    return 0;
+}
+
+// Sets p's per-expert biases (blob offsets of gb, ub, db; -1 where NULL) and its
+// activation (act, alpha, limit: enum mf_moe_act's).
+static inline void mf_moe_extras(struct mf_p_moe *p, const struct mf_weight *gb,
+                                 const struct mf_weight *ub, const struct mf_weight *db,
+                                 int act, float alpha, float limit) {
+    const struct mf_weight *any = gb ? gb : ub ? ub : db;
+    p->gate_bias = gb ? (int)(uintptr_t)gb->w : -1;
+    p->up_bias = ub ? (int)(uintptr_t)ub->w : -1;
+    p->down_bias = db ? (int)(uintptr_t)db->w : -1;
+    p->bias_dtype = any ? (int)any->dtype : 0;
+    p->act = act;
+    p->alpha = alpha;
+    p->limit = limit;
+}
+
 // The grouped expert launches for p (moe_params of gate g, up u, down d, with n_exp,
-// max_rows and vec set): gp for the gate/up kernel, dp for the down kernel; 1 when they
+// max_rows and vec set; its format is the gate's): gp for the gate/up kernel, dp, in
+// down's format, for the down kernel; 1 when they
 // are the tensor-core pair (mf_moe_gu_tc, mf_moe_down_tc), 0 for mf_moe_gu /
 // mf_moe_down. Chosen from the formats (and tc, the driver's switch) alone, never
 // from the rows, so that an expert's row gets the same bits in every call (decode or
@@ -180,7 +244,12 @@ static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight
                                 const struct mf_weight *u, const struct mf_weight *d, int tc,
                                 struct mf_p_moe *gp, struct mf_p_moe *dp) {
     *gp = *dp = *p;
-    if (tc && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
+    dp->dtype = (int)d->dtype;   // down in its own format (mixed expert recipes)
+    dp->sdtype = (int)d->sdtype;
+    dp->bits = d->bits;
+    dp->group_size = d->group_size > 0 ? d->group_size : 32;
+    const int plain = p->gate_bias < 0 && p->up_bias < 0 && p->down_bias < 0 && p->act == 0;
+    if (tc && plain && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
         // Tiles per threadgroup set how a tile's warps split its row's groups, and so
         // the bits: from the shapes alone (those of a one-token call of MF_TC_EXPERTS
         // experts), never from this call's experts or rows.
@@ -190,6 +259,35 @@ static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight
     }
     gp->rpw = dp->rpw = p->max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
     return 0;
+}
+
+// The attention pair's params (ext NULL: plain causal attention, base 0): the splits
+// start at the first position the call's first query sees, so a sliding window over
+// a long context launches only the splits it reads. 0 and *why set when the call is
+// refused.
+static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int n_kv_head,
+                                 int dk, int dv, int k_stride, int v_stride, int pos0,
+                                 float scale, const struct mf_attn_ext *ext,
+                                 const char **why) {
+    const int window = ext ? ext->window : 0, ring = ext ? ext->ring : 0;
+    const struct mf_weight *sk = ext ? ext->sinks : NULL;
+    const int base = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
+    *why = dk > MF_ATTN_DK_MAX || n_tok > 65535 || n_head > 65535 ? "sizes"
+           : window < 0 || ring < 0 || (ring > 0 && window > 0 && ring < window + n_tok - 1) ||
+                   (ring > 0 && window == 0 && ring < pos0 + n_tok)
+               ? "window / ring"
+           : sk && (sk->dtype == MF_DTYPE_U32 || sk->n_out * (sk->n_in > 0 ? sk->n_in : 1) <
+                                                     n_head)
+               ? "sinks"
+               : NULL;
+    *p = (struct mf_p_attn){.n_tok = n_tok, .n_head = n_head, .n_kv_head = n_kv_head,
+                            .dk = dk, .dv = dv, .k_stride = k_stride, .v_stride = v_stride,
+                            .pos0 = pos0, .scale = scale,
+                            .n_split = (pos0 + n_tok - base + MF_ATTN_CHUNK - 1) /
+                                       MF_ATTN_CHUNK,
+                            .window = window, .ring = ring, .base = base,
+                            .sink_dtype = sk ? (int)sk->dtype : -1};
+    return *why == NULL;
 }
 
 // How a rope_qk call runs on a GPU.

@@ -280,17 +280,16 @@ static int bind_model(mf_model *m, struct gptoss_model *M, char *err, size_t err
     return rc;
 }
 
-// The GPU backends have no attention_ext, no top-k-then-softmax router and no expert
-// kernels for MXFP4 with per-expert biases and the clamped SwiGLU.
+// The optional op the family needs (attention sinks and the sliding window over a
+// ring cache); its experts (MXFP4 with biases, clamped SwiGLU) are checked per layer
+// by the backend's moe_experts_check.
 static int check_backend(const mf_model *m, char *err, size_t errlen) {
     const struct mf_backend_ops *op = m->be->ops;
-    if (strcmp(op->name, "cpu") == 0 && op->attention_ext && op->swiglu_clamped)
+    if (op->attention_ext)
         return MF_OK;
     return mf_err(err, errlen, MF_ERR_UNSUPPORTED,
-                  "gpt_oss: backend '%s' cannot run it: attention_ext (attention sinks, "
-                  "sliding window) and MXFP4 experts with biases, clamped SwiGLU and "
-                  "top-k-then-softmax routing are implemented on backend 'cpu' only",
-                  op->name);
+                  "gpt_oss: backend '%s' cannot run it: it has no attention_ext (attention "
+                  "sinks, sliding window)", op->name);
 }
 
 static int gptoss_bind(mf_model *m, char *err, size_t errlen) {

@@ -714,6 +714,58 @@ static void test_attention_case(int nt, int nh, int nkv, int dk, int dv, int pos
     gfree(gq), gfree(gk), gfree(gv), gfree(go);
 }
 
+// attention_ext (gpt-oss): a sliding window over a ring cache of `ring` rows (0: a
+// plain cache of pos0 + nt rows) and per-head sinks of dtype sdt (MF_DTYPE_U32: none).
+// With every extension off it must give attention's bits on the device.
+static void test_attention_ext_case(int nt, int nh, int nkv, int d, int pos0, int window,
+                                    int ring, enum mf_dtype sdt) {
+    const int rows = ring > 0 ? ring : pos0 + nt, kvd = nkv * d;
+    float *q = frand((size_t)nt * nh * d, -1, 1), *k = frand((size_t)rows * kvd, -1, 1);
+    float *v = frand((size_t)rows * kvd, -1, 1), *oc = fpoison((size_t)nt * nh * d);
+    const float scale = 1.0f / sqrtf((float)d);
+    void *sk = sdt == MF_DTYPE_U32 ? NULL : encode(sdt, (size_t)nh, -2.0f, 3.0f);
+    struct mf_weight sw = {.w = sk, .dtype = sdt, .n_out = nh, .n_in = 1};
+    struct mf_attn_ext ext = {.sinks = sk ? &sw : NULL, .window = window, .ring = ring};
+    E.co->attention_ext(E.cx, oc, q, k, v, nt, nh, nkv, d, d, kvd, kvd, pos0, scale, &ext);
+    float *gq = gput(q, (size_t)nt * nh * d * 4), *gk = gput(k, (size_t)rows * kvd * 4);
+    float *gv = gput(v, (size_t)rows * kvd * 4), *go = gpoison((size_t)nt * nh * d * 4);
+    void *gs = sk ? gput(sk, (size_t)nh * mf_dtype_size(sdt)) : NULL;
+    struct mf_weight gw = sw;
+    gw.w = gs;
+    ext.sinks = sk ? &gw : NULL;
+    E.go->attention_ext(E.gx, go, gq, gk, gv, nt, nh, nkv, d, d, kvd, kvd, pos0, scale, &ext);
+    float *og = gget(go, (size_t)nt * nh * d);
+    char what[256];
+    snprintf(what, sizeof what, "attention_ext n_tok %d heads %d/%d d %d pos0 %d window %d "
+             "ring %d sinks %s", nt, nh, nkv, d, pos0, window, ring,
+             sk ? mf_dtype_name(sdt) : "none");
+    cmp_rel(what, oc, og, (size_t)nt * nh * d, RTOL_LONG);
+    if (!sk && window == 0 && ring == 0) {
+        float *go2 = gpoison((size_t)nt * nh * d * 4);
+        E.go->attention(E.gx, go2, gq, gk, gv, nt, nh, nkv, d, d, kvd, kvd, pos0, scale);
+        float *og2 = gget(go2, (size_t)nt * nh * d);
+        CHECK(memcmp(og, og2, (size_t)nt * nh * d * 4) == 0,
+              "%s: differs from attention", what);
+        free(og2), gfree(go2);
+    }
+    free(q), free(k), free(v), free(oc), free(og), free(sk);
+    gfree(gq), gfree(gk), gfree(gv), gfree(go);
+    if (gs)
+        gfree(gs);
+}
+
+static void test_attention_ext(void) {
+    if (!E.go->attention_ext)
+        return;
+    test_attention_ext_case(3, 8, 2, 64, 500, 0, 0, MF_DTYPE_U32);      // = attention
+    test_attention_ext_case(1, 8, 2, 64, 500, 0, 0, MF_DTYPE_BF16);     // sinks only
+    test_attention_ext_case(1, 8, 2, 64, 3000, 128, 131, MF_DTYPE_F32); // decode, wrapped
+    test_attention_ext_case(17, 4, 4, 64, 250, 128, 144, MF_DTYPE_BF16);  // chunk in a ring
+    test_attention_ext_case(40, 4, 1, 64, 0, 16, 0, MF_DTYPE_F16);     // window, no ring
+    test_attention_ext_case(5, 4, 2, 64, 90, 0, 128, MF_DTYPE_U32);    // ring, full view
+    status_ok("attention_ext");
+}
+
 static void test_attention(void) {
     test_attention_case(1, 8, 2, 128, 128, 3000);
     test_attention_case(19, 8, 2, 64, 96, 300);
@@ -1099,6 +1151,12 @@ static void test_route(void) {
     test_route_case(nt, 0, 7);
     nt.n_used = 1;   // K = 1: no renormalisation
     test_route_case(nt, 1, 5);
+    struct mf_route_params ts = {.kind = MF_ROUTE_TOPK_SOFTMAX, .n_expert = 128,
+                                 .n_used = 4, .n_group = 1, .topk_group = 1,
+                                 .routed_scaling_factor = 1.0f};   // gpt-oss
+    test_route_case(ts, 1, 9);
+    ts.n_expert = 32;
+    test_route_case(ts, 0, 17);
     status_ok("moe_route");
 }
 
@@ -1107,37 +1165,100 @@ static void test_route(void) {
 // Component views inside a blob (pointers are byte offsets) and the blob size.
 struct blob_layout {
     struct mf_weight gate, up, down;
+    struct mf_weight bias[3];   // gpt-oss: float biases of gate, up, down (has_bias)
+    int has_bias;
+    enum mf_moe_act act;        // and its clamped SwiGLU
+    float alpha, limit;
     size_t bytes;
 };
 
-static struct blob_layout layout(int H, int I, int bits, int gs, enum mf_dtype sdt) {
+// The batch of n experts at blobs (host or device) with L's views.
+static struct mf_moe_batch layout_batch(const struct blob_layout *L, int n,
+                                        const void *const *blobs, const int32_t *row0,
+                                        const int32_t *rows) {
+    struct mf_moe_batch b = {.n = n, .blob_host = blobs, .row0_host = row0,
+                             .n_rows_host = rows, .gate = &L->gate, .up = &L->up,
+                             .down = &L->down, .act = L->act, .act_alpha = L->alpha,
+                             .act_limit = L->limit};
+    if (L->has_bias) {
+        b.gate_bias = &L->bias[0];
+        b.up_bias = &L->bias[1];
+        b.down_bias = &L->bias[2];
+    }
+    return b;
+}
+
+// gate and up in format f, down in format fd (affine codes, or a float dtype with no
+// scales), each component 16-byte aligned.
+static struct blob_layout layout_fmt(int H, int I, const struct mf_weight *f,
+                                     const struct mf_weight *fd) {
     struct blob_layout L;
-    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = sdt, .bits = bits,
-                          .group_size = gs};
+    memset(&L, 0, sizeof L);
     struct mf_weight *v[3] = {&L.gate, &L.up, &L.down};
     size_t off = 0;
     for (int i = 0; i < 3; i++) {
-        *v[i] = w;
+        *v[i] = i < 2 ? *f : *fd;
         v[i]->n_out = i < 2 ? I : H;
         v[i]->n_in = i < 2 ? H : I;
         size_t wb = (size_t)mf_weight_w_bytes(v[i]), sb = (size_t)mf_weight_s_bytes(v[i]);
+        const int q = v[i]->dtype == MF_DTYPE_U32;
         v[i]->w = (const void *)(uintptr_t)off;
-        v[i]->scales = (const void *)(uintptr_t)(off + wb);
-        v[i]->biases = (const void *)(uintptr_t)(off + wb + sb);
-        off += wb + 2 * sb;
+        const int nb = q && v[i]->qmode == MF_QMODE_AFFINE;   // MXFP4: no biases
+        v[i]->scales = q ? (const void *)(uintptr_t)(off + wb) : NULL;
+        v[i]->biases = nb ? (const void *)(uintptr_t)(off + wb + sb) : NULL;
+        off = (off + wb + (nb ? 2 : 1) * sb + 15) & ~(size_t)15;
     }
     L.bytes = (off + 255) & ~(size_t)255;
     return L;
+}
+
+// gpt-oss's experts: MXFP4 gate, up and down, BF16 biases after them, the clamped
+// SwiGLU.
+static struct blob_layout layout_gptoss(int H, int I) {
+    const struct mf_weight f = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_U8, .bits = 4,
+                                .group_size = 32, .qmode = MF_QMODE_MXFP4};
+    struct blob_layout L = layout_fmt(H, I, &f, &f);
+    size_t off = L.bytes;
+    for (int i = 0; i < 3; i++) {
+        const int n = i < 2 ? I : H;
+        L.bias[i] = (struct mf_weight){.w = (const void *)(uintptr_t)off,
+                                       .dtype = MF_DTYPE_BF16, .n_out = 1, .n_in = n};
+        off += ((size_t)n * 2 + 15) & ~(size_t)15;
+    }
+    L.has_bias = 1;
+    L.act = MF_MOE_ACT_SWIGLU_CLAMPED;
+    L.alpha = 1.702f;
+    L.limit = 7.0f;
+    L.bytes = (off + 255) & ~(size_t)255;
+    return L;
+}
+
+static struct blob_layout layout(int H, int I, int bits, int gs, enum mf_dtype sdt) {
+    struct mf_weight w = {.dtype = MF_DTYPE_U32, .sdtype = sdt, .bits = bits,
+                          .group_size = gs};
+    return layout_fmt(H, I, &w, &w);
 }
 
 static void fill_blob(uint8_t *blob, const struct blob_layout *L) {
     const struct mf_weight *v[3] = {&L->gate, &L->up, &L->down};
     for (int i = 0; i < 3; i++) {
         size_t wb = (size_t)mf_weight_w_bytes(v[i]), sb = (size_t)mf_weight_s_bytes(v[i]);
-        size_t ns = sb / mf_dtype_size(v[i]->sdtype);
         uint8_t *w = blob + (uintptr_t)v[i]->w;
+        if (v[i]->dtype != MF_DTYPE_U32) {   // float: values of a 4-bit weight's range
+            void *f = encode(v[i]->dtype, wb / mf_dtype_size(v[i]->dtype), -0.1f, 0.1f);
+            memcpy(w, f, wb);
+            free(f);
+            continue;
+        }
+        size_t ns = sb / mf_dtype_size(v[i]->sdtype);
         for (size_t j = 0; j < wb; j++)
             w[j] = (uint8_t)(check_rand(&E.rng) >> 56);
+        if (v[i]->qmode == MF_QMODE_MXFP4) {   // E8M0 bytes 118..125: 2^-9 .. 2^-2
+            uint8_t *sc = blob + (uintptr_t)v[i]->scales;
+            for (size_t j = 0; j < sb; j++)
+                sc[j] = (uint8_t)(118 + check_rand(&E.rng) % 8);
+            continue;
+        }
         float half = (float)(1 << (v[i]->bits - 1));
         void *s = encode(v[i]->sdtype, ns, 0.004f, 0.012f);
         void *b = encode(v[i]->sdtype, ns, -0.012f * half, -0.004f * half);
@@ -1145,13 +1266,29 @@ static void fill_blob(uint8_t *blob, const struct blob_layout *L) {
         memcpy(blob + (uintptr_t)v[i]->biases, b, sb);
         free(s), free(b);
     }
+    for (int i = 0; L->has_bias && i < 3; i++) {
+        const size_t n = (size_t)L->bias[i].n_in;
+        void *f = encode(MF_DTYPE_BF16, n, -0.5f, 0.5f);
+        memcpy(blob + (uintptr_t)L->bias[i].w, f, n * 2);
+        free(f);
+    }
+}
+
+// Row r of a weight (affine codes or float) as f32, straight from its definition.
+static void row_values(float *dst, const struct mf_weight *w, int64_t r) {
+    if (w->dtype == MF_DTYPE_U32) {
+        mf_cpu_dequant_ref(dst, w, r, 0, w->n_in);
+        return;
+    }
+    for (int64_t c = 0; c < w->n_in; c++)
+        dst[c] = mf_load_f32(w->w, w->dtype, (size_t)(r * w->n_in + c));
 }
 
 // y[r] = W x as double, and sum |w x|, for one row of a weight at a host blob.
 static void ref_row(const struct mf_weight *v, const uint8_t *blob, int64_t r, const float *x,
                     float *tmp, double *y, double *ad) {
     struct mf_weight w = mf_weight_at(v, blob);
-    mf_cpu_dequant_ref(tmp, &w, r, 0, w.n_in);
+    row_values(tmp, &w, r);
     *y = 0;
     *ad = 0;
     for (int64_t c = 0; c < w.n_in; c++) {
@@ -1160,9 +1297,28 @@ static void ref_row(const struct mf_weight *v, const uint8_t *blob, int64_t r, c
     }
 }
 
+// The experts' activation of gate g and up u in double (silu(g) * u, or the clamped
+// SwiGLU).
+static double act_ref(const struct blob_layout *L, double g, double u) {
+    if (L->act != MF_MOE_ACT_SWIGLU_CLAMPED)
+        return g / (1.0 + exp(-g)) * u;
+    const double gc = g < L->limit ? g : L->limit;
+    const double uc = u < -L->limit ? -L->limit : u > L->limit ? L->limit : u;
+    return (uc + 1.0) * gc / (1.0 + exp(-(double)L->alpha * gc));
+}
+
+// Element i of bias p of a host blob (0 without biases).
+static double bias_ref(const struct blob_layout *L, const uint8_t *blob, int p, int64_t i) {
+    if (!L->has_bias)
+        return 0.0;
+    struct mf_weight w = mf_weight_at(&L->bias[p], blob);
+    return mf_load_f32(w.w, w.dtype, (size_t)i);
+}
+
 // Bounds for eo of one row: the down product's reordering bound plus what the error
-// of each activation (gate/up bounds through silu(g)*u, |silu'| <= 1.1, and a few
-// roundings of the activation itself) can move it.
+// of each activation can move it: the gate/up bounds (and their bias additions) pushed
+// through the activation by evaluating it at the corners of the error box, plus a
+// few roundings of the activation itself, and the down bias addition.
 static void expert_bounds(const struct blob_layout *L, const uint8_t *blob, const float *x,
                           int H, int I, double *absd, double *extra) {
     float *tmp = xmalloc((size_t)(H > I ? H : I) * 4), *act = xmalloc((size_t)I * 4);
@@ -1172,25 +1328,48 @@ static void expert_bounds(const struct blob_layout *L, const uint8_t *blob, cons
         double g, ag, u, au;
         ref_row(&L->gate, blob, j, x, tmp, &g, &ag);
         ref_row(&L->up, blob, j, x, tmp, &u, &au);
-        double s = 1.0 / (1.0 + exp(-g)), silu = g * s;
-        act[j] = (float)(silu * u);
-        da[j] = 1.1 * cg * ag * fabs(u) + fabs(silu) * cg * au + 8 * EPS * fabs(silu * u);
+        g += bias_ref(L, blob, 0, j);
+        u += bias_ref(L, blob, 1, j);
+        const double eg = cg * ag + 2 * EPS * fabs(g), eu = cg * au + 2 * EPS * fabs(u);
+        const double a = act_ref(L, g, u);
+        double worst = 0;
+        for (int c = 0; c < 4; c++) {
+            const double d = fabs(act_ref(L, g + (c & 1 ? eg : -eg), u + (c & 2 ? eu : -eu)) - a);
+            worst = d > worst ? d : worst;
+        }
+        act[j] = (float)a;
+        da[j] = 1.1 * worst + 8 * EPS * fabs(a);
     }
     for (int r = 0; r < H; r++) {
         double y;
         ref_row(&L->down, blob, r, act, tmp, &y, &absd[r]);
         struct mf_weight w = mf_weight_at(&L->down, blob);
-        mf_cpu_dequant_ref(tmp, &w, r, 0, I);
+        row_values(tmp, &w, r);
         double e = 0;
         for (int j = 0; j < I; j++)
             e += fabs((double)tmp[j]) * da[j];
-        extra[r] = e;
+        const double b = bias_ref(L, blob, 2, r);
+        extra[r] = e + (L->has_bias ? 2 * EPS * (fabs(y) + fabs(b)) : 0.0);
     }
     free(tmp), free(act), free(da);
 }
 
-static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I) {
+// "q4 g64 BF16" for a uniform layout, else both formats, for messages.
+static void layout_name(char *buf, size_t n, const struct blob_layout *L) {
+    const struct mf_weight *g = &L->gate, *d = &L->down;
+    char a[64], b[64];
+    if (g->dtype == d->dtype && g->bits == d->bits && g->group_size == d->group_size &&
+        g->sdtype == d->sdtype && g->dtype == MF_DTYPE_U32 && g->qmode == MF_QMODE_AFFINE)
+        snprintf(buf, n, "q%d g%d %s", g->bits, g->group_size, mf_dtype_name(g->sdtype));
+    else
+        snprintf(buf, n, "gate/up %s, down %s%s", mf_weight_format(g, a, sizeof a),
+                 mf_weight_format(d, b, sizeof b),
+                 L->has_bias ? ", biases, clamped SwiGLU" : "");
+}
+
+static void test_experts_run(const struct blob_layout *lay, int H, int I) {
     enum { NE = 5 };
+    const struct blob_layout L = *lay;
     const int rows[NE] = {1, 3, 0, 6, 2}, slot[NE] = {2, 0, 1, 3, 4};
     int32_t row0[NE], nrows[NE];
     int total = 0;
@@ -1199,7 +1378,6 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I)
         nrows[i] = rows[i];
         total += rows[i];
     }
-    struct blob_layout L = layout(H, I, bits, gs, sdt);
     uint8_t *host = xmalloc(NE * L.bytes);
     for (int i = 0; i < NE; i++)
         fill_blob(host + i * L.bytes, &L);
@@ -1213,9 +1391,7 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I)
     }
     float *xg = frand((size_t)total * H, -1, 1), *eoc = fpoison((size_t)total * H);
     float *guc = fpoison((size_t)total * 2 * I);
-    struct mf_moe_batch b = {.n = NE, .blob_host = bc, .row0_host = row0,
-                             .n_rows_host = nrows, .gate = &L.gate, .up = &L.up,
-                             .down = &L.down};
+    struct mf_moe_batch b = layout_batch(&L, NE, bc, row0, nrows);
     E.co->moe_experts(E.cx, eoc, guc, xg, &b);
     float *gxg = gput(xg, (size_t)total * H * 4), *geo = gpoison((size_t)total * H * 4);
     float *ggu = gpoison((size_t)total * 2 * I * 4), *geo2 = gpoison((size_t)total * H * 4);
@@ -1255,9 +1431,9 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I)
         for (int r = 0; r < nrows[i]; r++)
             expert_bounds(&L, host + i * L.bytes, xg + (size_t)(row0[i] + r) * H, H, I,
                           absd + (size_t)(row0[i] + r) * H, extra + (size_t)(row0[i] + r) * H);
-    char what[96];
-    snprintf(what, sizeof what, "moe_experts q%d g%d %s %dx%d", bits, gs, mf_dtype_name(sdt),
-             H, I);
+    char what[320], fmt[192];
+    layout_name(fmt, sizeof fmt, &L);
+    snprintf(what, sizeof what, "moe_experts %s %dx%d", fmt, H, I);
     cmp_dot(what, eoc, eog, absd, extra, (size_t)total * H, I);
     CHECK(memcmp(eog, eog2, (size_t)total * H * 4) == 0,
           "%s: experts split over two calls differ from one call", what);
@@ -1267,6 +1443,44 @@ static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I)
     free(eog3);
     gfree(devA), gfree(devB), gfree(gxg), gfree(geo), gfree(ggu), gfree(geo2), gfree(geo3);
     status_ok("moe_experts");
+}
+
+static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I) {
+    const struct blob_layout L = layout(H, I, bits, gs, sdt);
+    test_experts_run(&L, H, I);
+}
+
+// Mixed recipes: gate and up in one format, down in another (affine or float).
+static struct blob_layout layout_mixed(int H, int I, int bits, int gs, int dbits, int dgs,
+                                       enum mf_dtype ddt) {
+    const struct mf_weight f = {.dtype = MF_DTYPE_U32, .sdtype = MF_DTYPE_BF16,
+                                .bits = bits, .group_size = gs};
+    const struct mf_weight fd = {.dtype = ddt, .sdtype = MF_DTYPE_BF16, .bits = dbits,
+                                 .group_size = dgs};
+    return layout_fmt(H, I, &f, &fd);
+}
+
+// gpt-oss's experts: MXFP4 codes, per-expert biases, the clamped SwiGLU (gate/up
+// rows of 2880 = 90 words of codes: lanes take uneven shares).
+static void test_gptoss_experts(void) {
+    struct blob_layout L = layout_gptoss(256, 192);
+    test_experts_run(&L, 256, 192);
+    L = layout_gptoss(2880, 64);
+    test_experts_run(&L, 2880, 64);
+}
+
+static void test_mixed_experts(void) {
+    static const struct { int bits, gs, dbits, dgs; enum mf_dtype ddt; int I; } C[] = {
+        {3, 64, 6, 64, MF_DTYPE_U32, 192},    // mlx-lm's mixed_3_6: 6-bit down
+        {3, 64, 0, 0, MF_DTYPE_BF16, 192},    // 3-bit gate/up, float down
+        {4, 64, 0, 0, MF_DTYPE_F16, 96},      // the group-size rule: a 96-wide down in float
+        {4, 64, 2, 32, MF_DTYPE_U32, 192},    // tensor-core formats of different widths
+        {2, 128, 8, 64, MF_DTYPE_U32, 192}};
+    for (size_t i = 0; i < sizeof C / sizeof C[0]; i++) {
+        const struct blob_layout L = layout_mixed(256, C[i].I, C[i].bits, C[i].gs,
+                                                  C[i].dbits, C[i].dgs, C[i].ddt);
+        test_experts_run(&L, 256, C[i].I);
+    }
 }
 
 // The formats and widths of the tensor-core expert kernels: 4-bit gs64 (as the
@@ -1284,6 +1498,8 @@ static void test_experts(void) {
     test_experts_case(3, 32, MF_DTYPE_F16, 256, 192);
     test_experts_case(6, 64, MF_DTYPE_F32, 256, 192);
     test_tc_experts();
+    test_mixed_experts();
+    test_gptoss_experts();
 }
 
 /* ==== Device-routed resident experts ====
@@ -1334,18 +1550,17 @@ static void host_routed_one(float *gy, const float *gx, const int32_t *idx, cons
     float *xg = gpoison((size_t)K * H * 4), *gu = gpoison((size_t)K * 2 * L->gate.n_out * 4);
     float *eo = gpoison((size_t)K * H * 4);
     E.go->gather_rows(E.gx, xg, gx, tok, K, H);
-    struct mf_moe_batch b = {.n = K, .blob_host = blob, .row0_host = row0,
-                             .n_rows_host = one, .gate = &L->gate, .up = &L->up,
-                             .down = &L->down};
+    struct mf_moe_batch b = layout_batch(L, K, blob, row0, one);
     E.go->moe_experts(E.gx, eo, gu, xg, &b);
     E.go->zero(E.gx, gy, 0, (size_t)H * 4);
     E.go->scatter_add_rows(E.gx, gy, eo, tok, wo, K, H);
     gfree(xg), gfree(gu), gfree(eo);
 }
 
-static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok) {
-    enum { NE = 12, K = 4, H = 256, I = 192 };
-    struct blob_layout L = layout(H, I, bits, gs, sdt);
+static void test_experts_dev_run(const struct blob_layout *lay, int n_tok) {
+    enum { NE = 12, K = 4, H = 256 };
+    const struct blob_layout L = *lay;
+    const int I = (int)L.gate.n_out;
     uint8_t *host = xmalloc(NE * L.bytes);
     for (int i = 0; i < NE; i++)
         fill_blob(host + i * L.bytes, &L);
@@ -1356,9 +1571,12 @@ static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok
     const size_t nr = (size_t)n_tok * K;
     float *x = frand((size_t)n_tok * H, -1, 1), *yc = fpoison((size_t)n_tok * H);
     float *xg = fpoison(nr * H), *gu = fpoison(nr * 2 * I), *eo = fpoison(nr * H);
+    const struct mf_moe_batch lb = layout_batch(&L, 0, NULL, NULL, NULL);
     struct mf_moe_dev d = {.n_tok = n_tok, .k = K, .idx = idx, .w = w, .base = host,
                            .stride = (int64_t)L.bytes, .gate = &L.gate, .up = &L.up,
-                           .down = &L.down, .xg = xg, .gu = gu, .eo = eo};
+                           .down = &L.down, .gate_bias = lb.gate_bias, .up_bias = lb.up_bias,
+                           .down_bias = lb.down_bias, .act = L.act, .act_alpha = L.alpha,
+                           .act_limit = L.limit, .xg = xg, .gu = gu, .eo = eo};
     E.co->moe_experts_dev(E.cx, yc, x, &d);
     float *gxx = gput(x, (size_t)n_tok * H * 4), *gy = gpoison((size_t)n_tok * H * 4);
     d.idx = gput(idx, nr * 4);
@@ -1384,9 +1602,9 @@ static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok
                 ex[(size_t)t * H + r] += aw * extra[r] + 2.0 * K * EPS * aw * fabs((double)e[r]);
             }
         }
-    char what[112];
-    snprintf(what, sizeof what, "moe_experts_dev q%d g%d %s n_tok %d", bits, gs,
-             mf_dtype_name(sdt), n_tok);
+    char what[320], fmt[192];
+    layout_name(fmt, sizeof fmt, &L);
+    snprintf(what, sizeof what, "moe_experts_dev %s n_tok %d", fmt, n_tok);
     cmp_dot(what, yc, yg, ab, ex, (size_t)n_tok * H, I);
     if (n_tok == 1) {
         float *gy2 = gpoison((size_t)H * 4);
@@ -1403,12 +1621,24 @@ static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok
     status_ok("moe_experts_dev");
 }
 
+static void test_experts_dev_case(int bits, int gs, enum mf_dtype sdt, int n_tok) {
+    const struct blob_layout L = layout(256, 192, bits, gs, sdt);
+    test_experts_dev_run(&L, n_tok);
+}
+
 static void test_experts_dev(void) {
     test_experts_dev_case(4, 64, MF_DTYPE_BF16, 1);
     test_experts_dev_case(4, 64, MF_DTYPE_BF16, 3);
     test_experts_dev_case(3, 32, MF_DTYPE_F16, 1);
     test_experts_dev_case(8, 64, MF_DTYPE_F32, 2);
     test_experts_dev_case(2, 64, MF_DTYPE_BF16, 1);
+    struct blob_layout L = layout_mixed(256, 192, 3, 64, 6, 64, MF_DTYPE_U32);
+    test_experts_dev_run(&L, 1);
+    L = layout_mixed(256, 192, 4, 64, 0, 0, MF_DTYPE_BF16);
+    test_experts_dev_run(&L, 2);
+    L = layout_gptoss(256, 192);
+    test_experts_dev_run(&L, 1);
+    test_experts_dev_run(&L, 3);
 }
 
 /* ==== Memory, copies, fences, weights, status ==== */
@@ -1935,6 +2165,7 @@ int main(void) {
         test_experts_dev();
         test_gdn();
         test_attention();
+        test_attention_ext();
         test_products();
         test_gptoss();
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,

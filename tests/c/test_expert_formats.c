@@ -4,8 +4,8 @@
  * CPU grouped expert op on a fused gate_up_proj with per-expert biases against a
  * plain loop over the same floats, MXFP4 experts with per-expert biases and the
  * clamped SwiGLU (gpt-oss) against a plain loop decoding E2M1 / E8M0 in double, and
- * the GPU backends' refusal of formats and activations their kernels do not take
- * (mf_moe_experts_uniform: runs without a GPU).
+ * what the GPU backends' expert kernels take and refuse at model open
+ * (mf_moe_experts_gpu_check: runs without a GPU).
  */
 #include <math.h>
 #include <stdio.h>
@@ -158,9 +158,15 @@ static void test_fused_biases(void) {
               (uintptr_t)v.bias[1].w == GU_B + (uintptr_t)I * 4 && v.down.dtype == MF_DTYPE_F32,
           "fused views: %s", err);
     struct mf_moe_batch b = mf_moe_views_batch(&v);
-    rc = mf_moe_experts_uniform("cuda", &b, 1, err, sizeof err);
+    rc = mf_moe_experts_gpu_check("cuda", &b, 1, err, sizeof err);
+    CHECK(rc == MF_OK, "GPU check of float biases and a fused gate_up: %d %s", rc, err);
+    struct mf_weight ib = v.bias[2];   // a bias the kernels cannot read
+    ib.dtype = MF_DTYPE_I32;
+    b.down_bias = &ib;
+    rc = mf_moe_experts_gpu_check("cuda", &b, 1, err, sizeof err);
     CHECK(rc == MF_ERR_UNSUPPORTED && strstr(err, "cuda backend: layer 1") &&
-              strstr(err, "gate_proj.bias"), "GPU refusal of biases: %d %s", rc, err);
+              strstr(err, "down_proj.bias is I32"), "GPU refusal of an I32 bias: %d %s", rc,
+          err);
     if (vrc == MF_OK)
         run_fused(st, &v);
     rc = mf_moe_layer_views(st, 1, H, 2 * I, &v, err, sizeof err);
@@ -266,14 +272,21 @@ static void test_mixed_tables(void) {
     CHECK(rc == MF_OK && v.gate.bits == 3 && v.up.bits == 6 && v.up.group_size == 32 &&
               v.down.dtype == MF_DTYPE_BF16 && !v.has_bias[2], "views: %s", err);
     struct mf_moe_batch b = mf_moe_views_batch(&v);
-    rc = mf_moe_experts_uniform("metal", &b, 1, err, sizeof err);
+    rc = mf_moe_experts_gpu_check("metal", &b, 1, err, sizeof err);
     CHECK(rc == MF_ERR_UNSUPPORTED && strstr(err, "up_proj is affine 6-bit group 32") &&
               strstr(err, "gate_proj affine 3-bit group 64"), "GPU refusal: %s", err);
-    v.up = v.gate;
-    v.down = v.gate;
+    v.up = v.gate;   // gate and up alike; down in float (layer 1) or 4-bit g32 (layer 2)
     b = mf_moe_views_batch(&v);
-    CHECK(mf_moe_experts_uniform("cuda", &b, 1, err, sizeof err) == MF_OK, "uniform: %s",
-          err);
+    CHECK(mf_moe_experts_gpu_check("cuda", &b, 1, err, sizeof err) == MF_OK,
+          "3-bit gate/up, float down: %s", err);
+    struct mf_moe_views v2;
+    rc = mf_moe_layer_views(st, 2, H, I, &v2, err, sizeof err);
+    CHECK(rc == MF_OK, "layer 2 views: %s", err);
+    v2.up = v2.gate;
+    b = mf_moe_views_batch(&v2);
+    CHECK(rc != MF_OK || (mf_moe_experts_gpu_check("metal", &b, 1, err, sizeof err) ==
+                          MF_OK && v2.down.bits == 4),
+          "gate/up and a 4-bit down: %s", err);
     check_short_read(st);
     mf_expert_store_close(st);
     // Top-level defaults contradicting a component's own bits: the component wins,
@@ -427,9 +440,8 @@ static void check_mxfp4_views(const mf_expert_store *st, const unsigned char *bl
         return;
     v.act = MF_MOE_ACT_SWIGLU_CLAMPED, v.act_alpha = 1.702f, v.act_limit = 7.0f;
     struct mf_moe_batch b = mf_moe_views_batch(&v);
-    rc = mf_moe_experts_uniform("cuda", &b, 1, err, sizeof err);
-    CHECK(rc == MF_ERR_UNSUPPORTED && strstr(err, "clamped SwiGLU"),
-          "GPU refusal of the clamped SwiGLU: %d %s", rc, err);
+    rc = mf_moe_experts_gpu_check("cuda", &b, 1, err, sizeof err);
+    CHECK(rc == MF_OK, "GPU check of MXFP4 experts, biases, clamped SwiGLU: %d %s", rc, err);
     run_mxfp4(&v, blob);
 }
 

@@ -475,9 +475,29 @@ static void test_experts(void) {
     BOTH(moe_experts, eo, gu, xg, &b);
     b.n = 300;
     BOTH(moe_experts, eo, gu, xg, &b);
-    struct mf_weight bad = v[2];
-    bad.bits = 8;
-    b.down = &bad;
+    struct mf_weight down8 = v[2], up8 = v[1];   // a down of its own format: launched
+    down8.bits = 8;
+    b.down = &down8;
+    BOTH(moe_experts, eo, gu, xg, &b);
+    up8.bits = 8;   // up unlike gate: refused on both
+    b.up = &up8;
+    BOTH(moe_experts, eo, gu, xg, &b);
+    // gpt-oss: MXFP4 codes, float biases where the affine biases were, clamped SwiGLU
+    struct mf_weight mx[3], bias[3];
+    for (int i = 0; i < 3; i++) {
+        mx[i] = v[i];
+        mx[i].qmode = MF_QMODE_MXFP4;
+        mx[i].sdtype = MF_DTYPE_U8;
+        mx[i].group_size = 32;
+        mx[i].biases = NULL;
+        bias[i] = (struct mf_weight){.w = v[i].biases, .dtype = MF_DTYPE_BF16, .n_out = 1,
+                                     .n_in = v[i].n_out};
+    }
+    b = (struct mf_moe_batch){.n = 300, .blob_host = blobs, .row0_host = row0,
+                              .n_rows_host = rows, .gate = &mx[0], .up = &mx[1],
+                              .down = &mx[2], .gate_bias = &bias[0], .up_bias = &bias[1],
+                              .down_bias = &bias[2], .act = MF_MOE_ACT_SWIGLU_CLAMPED,
+                              .act_alpha = 1.702f, .act_limit = 7.0f};
     BOTH(moe_experts, eo, gu, xg, &b);
 }
 

@@ -678,6 +678,7 @@ static const struct mf_backend_ops cuda_ops = {
     .rope = mf_cuda_rope,
     .rope_qk = mf_cuda_rope_qk,
     .attention = mf_cuda_attention,
+    .attention_ext = mf_cuda_attention_ext,
     .conv1d_silu = mf_cuda_conv1d_silu,
     .gdn_gates = mf_cuda_gdn_gates,
     .gdn_recurrence = mf_cuda_gdn_recurrence,

@@ -7,7 +7,8 @@
 #include "backends/cuda/cuda_internal.h"
 
 _Static_assert(MF_SH_F32 == MF_DTYPE_F32 && MF_SH_F16 == MF_DTYPE_F16 &&
-                   MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32,
+                   MF_SH_BF16 == MF_DTYPE_BF16 && MF_SH_U32 == MF_DTYPE_U32 &&
+                   MF_SH_U8 == MF_DTYPE_U8,
                "shaders/mf_params.h dtype codes must equal enum mf_dtype");
 
 /* ==== Weights ==== */
@@ -31,7 +32,7 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
 
 /* ==== Linear algebra ==== */
 
-// gpt-oss's MXFP4 weights (shaders/gptoss.h, not yet run on a GPU): the plain product
+// gpt-oss's MXFP4 weights (shaders/gptoss.h, tested against the CPU): the plain product
 // x @ W^T of 4-bit codes in groups of 32 with U8 scales, one head; others are refused.
 static void matmul_mxfp4(struct mf_exec *ex, float *y, int y_stride,
                          const struct mf_weight *w, int transposed, const float *x,
@@ -241,29 +242,37 @@ void mf_cuda_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
 
 /* ==== Attention ==== */
 
-void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
-                       const float *v, int n_tok, int n_head, int n_kv_head, int dk,
-                       int dv, int k_stride, int v_stride, int pos0, float scale) {
+void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const float *k,
+                           const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                           int dv, int k_stride, int v_stride, int pos0, float scale,
+                           const struct mf_attn_ext *ext) {
     if (n_tok <= 0 || n_head <= 0 || n_kv_head <= 0)
         return;
-    if (dk > MF_ATTN_DK_MAX || n_tok > 65535 || n_head > 65535) {
-        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: attention: dk %d (at most %d), n_tok "
-                     "%d, n_head %d (at most 65535)", dk, MF_ATTN_DK_MAX, n_tok, n_head);
+    struct mf_p_attn p;
+    const char *why;
+    if (!mf_attn_params(&p, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0,
+                        scale, ext, &why)) {
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: attention: bad %s: dk %d (at most %d), "
+                     "n_tok %d, n_head %d (at most 65535), window %d, ring %d, pos0 %d",
+                     why, dk, MF_ATTN_DK_MAX, n_tok, n_head, p.window, p.ring, pos0);
         return;
     }
     mf_cuda_enter(ex);
-    struct mf_p_attn p = {.n_tok = n_tok, .n_head = n_head, .n_kv_head = n_kv_head,
-                          .dk = dk, .dv = dv, .k_stride = k_stride, .v_stride = v_stride,
-                          .pos0 = pos0, .scale = scale,
-                          .n_split = (pos0 + n_tok + MF_ATTN_CHUNK - 1) / MF_ATTN_CHUNK};
     size_t bytes = (size_t)n_tok * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     CUdeviceptr ws = mf_cuda_scratch(ex, &ex->ws, &ex->ws_bytes, bytes, "attention");
     if (!ws)
         return;
     const CUdeviceptr b1[4] = {ws, mf_dp(q), mf_dp(k), mf_dp(v)};
     launch_mf_attn_part(ex, &p, b1, "attention");
-    const CUdeviceptr b2[2] = {mf_dp(out), ws};
+    const CUdeviceptr b2[3] = {mf_dp(out), ws, ext && ext->sinks ? mf_dp(ext->sinks->w) : 0};
     launch_mf_attn_comb(ex, &p, b2, "attention");
+}
+
+void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                       const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                       int dv, int k_stride, int v_stride, int pos0, float scale) {
+    mf_cuda_attention_ext(ex, out, q, k, v, n_tok, n_head, n_kv_head, dk, dv, k_stride,
+                          v_stride, pos0, scale, NULL);
 }
 
 /* ==== GatedDeltaNet ==== */
@@ -485,26 +494,20 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
                    "cuStreamSynchronize");
 }
 
-// Quantization of the three projections must agree: the kernels take one set.
+// Gate and up must share a format (one kernel dots both); down may have its own;
+// biases are float vectors of the projection's rows.
 static int experts_ok(struct mf_exec *ex, const struct mf_moe_batch *b) {
-    const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
-    if (!check_weight(ex, g, "moe_experts") || !check_weight(ex, d, "moe_experts"))
-        return 0;
-    if (u->dtype == g->dtype && d->dtype == g->dtype && u->sdtype == g->sdtype &&
-        d->sdtype == g->sdtype && u->bits == g->bits && d->bits == g->bits &&
-        u->group_size == g->group_size && d->group_size == g->group_size &&
-        u->n_in == g->n_in && u->n_out == g->n_out && d->n_in == g->n_out &&
-        d->n_out == g->n_in)
+    char why[512];
+    if (mf_moe_batch_ok(b, why, sizeof why))
         return 1;
-    mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: moe_experts: gate/up/down differ in "
-                 "dtype, bits, group size or shape (gate [%lld, %lld], down [%lld, %lld])",
-                 (long long)g->n_out, (long long)g->n_in, (long long)d->n_out,
-                 (long long)d->n_in);
+    mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: moe_experts: %s", why);
     return 0;
 }
 
 static int experts_ok_dev(struct mf_exec *ex, const struct mf_moe_dev *d) {
-    struct mf_moe_batch b = {.gate = d->gate, .up = d->up, .down = d->down};
+    struct mf_moe_batch b = {.gate = d->gate, .up = d->up, .down = d->down,
+                             .gate_bias = d->gate_bias, .up_bias = d->up_bias,
+                             .down_bias = d->down_bias};
     if (!experts_ok(ex, &b))
         return 0;
     if (d->n_tok <= 65535 / d->k && d->stride > 0)
@@ -552,7 +555,7 @@ static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p,
 int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen) {
     (void)be;
-    return mf_moe_experts_uniform("cuda", b, il, err, errlen);
+    return mf_moe_experts_gpu_check("cuda", b, il, err, errlen);
 }
 
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
@@ -586,6 +589,8 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
         if (!t)
             return;
         struct mf_p_moe p = moe_params(b->gate, b->up, b->down);
+        mf_moe_extras(&p, b->gate_bias, b->up_bias, b->down_bias, (int)b->act, b->act_alpha,
+                      b->act_limit);
         p.n_exp = n;
         p.vec &= vec;
         for (int i = 0; i < n; i++)
@@ -613,6 +618,8 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
                               .stride_lo = (int)(uint32_t)stride,
                               .stride_hi = (int)(uint32_t)(stride >> 32)};
     struct mf_p_moe p = moe_params(d->gate, d->up, d->down);
+    mf_moe_extras(&p, d->gate_bias, d->up_bias, d->down_bias, (int)d->act, d->act_alpha,
+                  d->act_limit);
     p.n_exp = n;
     p.max_rows = 1;
     p.vec &= mf_aligned16((uintptr_t)d->base) && mf_aligned16((uintptr_t)stride);

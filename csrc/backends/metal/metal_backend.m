@@ -944,6 +944,7 @@ static const struct mf_backend_ops metal_ops = {
     .rope = mf_metal_rope,
     .rope_qk = mf_metal_rope_qk,
     .attention = mf_metal_attention,
+    .attention_ext = mf_metal_attention_ext,
     .conv1d_silu = mf_metal_conv1d_silu,
     .gdn_gates = mf_metal_gdn_gates,
     .gdn_recurrence = mf_metal_gdn_recurrence,

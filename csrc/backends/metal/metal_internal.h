@@ -111,6 +111,10 @@ void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r);
 void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
                         const float *v, int n_tok, int n_head, int n_kv_head, int dk,
                         int dv, int k_stride, int v_stride, int pos0, float scale);
+void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, const float *k,
+                        const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                        int dv, int k_stride, int v_stride, int pos0, float scale,
+                        const struct mf_attn_ext *ext);
 void mf_metal_conv1d_silu(struct mf_exec *ex, float *y, float *state, const float *u,
                           const struct mf_weight *w, int n_tok, int C, int K);
 void mf_metal_conv1d_silu_from(struct mf_exec *ex, float *y, float *state,
@@ -149,8 +153,8 @@ void mf_metal_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, 
 void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                         const float *bias, const struct mf_route_params *p, int n_tok,
                         int32_t *idx_host, float *w_host);
-// The grouped kernels take one format for gate, up and down and no biases
-// (mf_moe_experts_uniform): refused at model open otherwise.
+// The grouped kernels take gate and up in one format, down in its own, and no biases
+// (mf_moe_experts_gpu_check): refused at model open otherwise.
 int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen);
 void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,

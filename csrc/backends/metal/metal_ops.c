@@ -261,29 +261,36 @@ void mf_metal_rope_qk(struct mf_exec *ex, const struct mf_rope_qk *r) {
 
 /* ==== Attention ==== */
 
-void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
-                        const float *v, int n_tok, int n_head, int n_kv_head, int dk,
-                        int dv, int k_stride, int v_stride, int pos0, float scale) {
+void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, const float *k,
+                            const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                            int dv, int k_stride, int v_stride, int pos0, float scale,
+                            const struct mf_attn_ext *ext) {
     if (n_tok <= 0 || n_head <= 0 || n_kv_head <= 0 || mf_metal_failed(ex))
         return;
-    if (dk > MF_ATTN_DK_MAX || n_tok > 65535 || n_head > 65535) {
-        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: attention: dk %d (at most %d), "
-                      "n_tok %d, n_head %d (at most 65535)", dk, MF_ATTN_DK_MAX, n_tok,
-                      n_head);
+    struct mf_p_attn p;
+    const char *why;
+    if (!mf_attn_params(&p, n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0,
+                        scale, ext, &why)) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: attention: bad %s: dk %d (at most "
+                      "%d), n_tok %d, n_head %d (at most 65535), window %d, ring %d, pos0 "
+                      "%d", why, dk, MF_ATTN_DK_MAX, n_tok, n_head, p.window, p.ring, pos0);
         return;
     }
-    struct mf_p_attn p = {.n_tok = n_tok, .n_head = n_head, .n_kv_head = n_kv_head,
-                          .dk = dk, .dv = dv, .k_stride = k_stride, .v_stride = v_stride,
-                          .pos0 = pos0, .scale = scale,
-                          .n_split = (pos0 + n_tok + MF_ATTN_CHUNK - 1) / MF_ATTN_CHUNK};
     size_t bytes = (size_t)n_tok * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     void *ws = mf_metal_scratch(ex, 0, bytes, "attention");
     if (!ws)
         return;
     const void *const b1[4] = {ws, q, k, v};
     launch_mf_attn_part(ex, &p, b1, "attention");
-    const void *const b2[2] = {out, ws};
+    const void *const b2[3] = {out, ws, ext && ext->sinks ? ext->sinks->w : NULL};
     launch_mf_attn_comb(ex, &p, b2, "attention");
+}
+
+void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
+                        const float *v, int n_tok, int n_head, int n_kv_head, int dk,
+                        int dv, int k_stride, int v_stride, int pos0, float scale) {
+    mf_metal_attention_ext(ex, out, q, k, v, n_tok, n_head, n_kv_head, dk, dv, k_stride,
+                           v_stride, pos0, scale, NULL);
 }
 
 /* ==== GatedDeltaNet ==== */
@@ -480,21 +487,13 @@ void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logit
         mf_metal_download(ex, w_host, d_w, 0, n);
 }
 
-// Quantization of the three projections must agree: the kernels take one set.
+// Gate and up must share a format (one kernel dots both); down may have its own;
+// biases are float vectors of the projection's rows.
 static int experts_ok(struct mf_exec *ex, const struct mf_moe_batch *b) {
-    const struct mf_weight *g = b->gate, *u = b->up, *d = b->down;
-    if (!check_weight(ex, g, "moe_experts") || !check_weight(ex, d, "moe_experts"))
-        return 0;
-    if (u->dtype == g->dtype && d->dtype == g->dtype && u->sdtype == g->sdtype &&
-        d->sdtype == g->sdtype && u->bits == g->bits && d->bits == g->bits &&
-        u->group_size == g->group_size && d->group_size == g->group_size &&
-        u->n_in == g->n_in && u->n_out == g->n_out && d->n_in == g->n_out &&
-        d->n_out == g->n_in)
+    char why[512];
+    if (mf_moe_batch_ok(b, why, sizeof why))
         return 1;
-    mf_metal_fail(ex, MF_ERR_ARG, "metal backend: moe_experts: gate/up/down differ in "
-                  "dtype, bits, group size or shape (gate [%lld, %lld], down [%lld, %lld])",
-                  (long long)g->n_out, (long long)g->n_in, (long long)d->n_out,
-                  (long long)d->n_in);
+    mf_metal_fail(ex, MF_ERR_ARG, "metal backend: moe_experts: %s", why);
     return 0;
 }
 
@@ -502,15 +501,21 @@ static int32_t off32(const void *p) { return (int32_t)(uintptr_t)p; }
 
 // Bytes of a blob the kernels read: the end of its last component.
 static size_t blob_extent(const struct mf_moe_batch *b) {
-    const struct mf_weight *v[3] = {b->gate, b->up, b->down};
+    const struct mf_weight *v[6] = {b->gate, b->up, b->down,
+                                    b->gate_bias, b->up_bias, b->down_bias};
     uint64_t end = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 6; i++) {
+        if (!v[i])
+            continue;
         uint64_t e = (uint64_t)(uintptr_t)v[i]->w + (uint64_t)mf_weight_w_bytes(v[i]);
         end = e > end ? e : end;
         if (v[i]->scales) {
             uint64_t s = (uint64_t)mf_weight_s_bytes(v[i]);
             e = (uint64_t)(uintptr_t)v[i]->scales + s;
             end = e > end ? e : end;
+        }
+        if (v[i]->biases) {
+            uint64_t s = (uint64_t)mf_weight_s_bytes(v[i]);
             e = (uint64_t)(uintptr_t)v[i]->biases + s;
             end = e > end ? e : end;
         }
@@ -531,6 +536,8 @@ static struct mf_p_moe moe_params(const struct mf_moe_batch *b, int n) {
                mf_aligned16((uintptr_t)d->w)};
     for (int i = 0; i < b->n; i++)   // over the whole batch, as the CUDA driver
         p.vec &= mf_aligned16((uintptr_t)b->blob_host[i]);
+    mf_moe_extras(&p, b->gate_bias, b->up_bias, b->down_bias, (int)b->act, b->act_alpha,
+                  b->act_limit);
     return p;
 }
 
@@ -602,7 +609,7 @@ static void launch_by_region(struct mf_exec *ex, float *eo, float *gu, const flo
 int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen) {
     (void)be;
-    return mf_moe_experts_uniform("metal", b, il, err, errlen);
+    return mf_moe_experts_gpu_check("metal", b, il, err, errlen);
 }
 
 void mf_metal_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,
