@@ -4,11 +4,12 @@
  * (mf_arch.state_segments).
  *
  * It owns the snapshot byte format ("MFLX", version 1, below), the validation of a
- * snapshot before anything in the ctx changes, and the host-RAM ring of checkpoints of
+ * snapshot before anything in the ctx changes, and the ring of checkpoints of
  * fixed-size state (GatedDeltaNet conv history and recurrence) that makes truncation of
- * hybrid models exact. It does not know what a segment holds: it moves bytes between
- * device buffers and host memory through the backend's upload/download only, never by
- * dereferencing a device pointer, so it works unchanged on GPU backends.
+ * hybrid models exact, kept in the backend's memory. It does not know what a segment
+ * holds: it moves bytes between device buffers and host memory through the backend's
+ * upload/download/copy only, never by dereferencing a device pointer, so it works
+ * unchanged on GPU backends.
  *
  * Snapshot format, version 2 (all integers little-endian; version 1 is read too):
  *   header    "MFLX" | u32 version | u32 n_ident | n_ident x i64 identity fields
@@ -42,8 +43,10 @@
 // ~190 MiB), so by default the ring is bounded both by count and by bytes: at most
 // DEFAULT_CHECKPOINTS, and no more than fit in CHECKPOINT_BUDGET_BYTES (but at least
 // one). mf_ctx_params.n_checkpoints overrides the count (no byte cap then: the caller
-// chose), up to MAX_CHECKPOINTS; -1 turns them off. Taking one costs a device-to-host
-// copy of the fixed state after every eval (~190 MiB per token at 397B scale).
+// chose), up to MAX_CHECKPOINTS; -1 turns them off. They live in the backend's memory
+// (alloc): taking one is a copy queued behind the eval (~190 MiB per token at 397B
+// scale), no host round trip; on a GPU a download of that size after every token took
+// more time than the token's kernels.
 #define DEFAULT_CHECKPOINTS 8
 #define MAX_CHECKPOINTS 64
 #define CHECKPOINT_BUDGET_BYTES ((uint64_t)1 << 30)
@@ -440,7 +443,7 @@ int64_t mf_ctx_state_save(mf_ctx *ctx, void *dst, size_t cap) {
 
 struct ckpt {
     int n_past;          // -1 when empty
-    uint8_t *data;       // [fixed_bytes] host copy of every fixed segment, in order
+    uint8_t *data;       // [fixed_bytes] every fixed segment in order (backend memory)
 };
 
 struct ckpt_set {
@@ -490,16 +493,17 @@ static void ckpt_take(mf_ctx *ctx, const struct segs *s) {
         for (int i = 1; i < cs->n_slots; i++)
             if (cs->slot[i].n_past < use->n_past) use = &cs->slot[i];
     }
-    if (!use->data) use->data = malloc((size_t)s->fixed_bytes);
+    if (!use->data) use->data = ctx->be->ops->alloc(ctx->ex, (size_t)s->fixed_bytes);
     if (!use->data) {
         use->n_past = -1;
         return;
     }
-    uint8_t *p = use->data;
+    size_t off = 0;
     for (int i = 0; i < s->n; i++) {
         if (s->v[i].row_bytes) continue;
-        ctx->be->ops->download(ctx->ex, p, s->v[i].buf, 0, (size_t)s->v[i].fixed_bytes);
-        p += s->v[i].fixed_bytes;
+        ctx->be->ops->copy(ctx->ex, use->data, off, s->v[i].buf, 0,
+                           (size_t)s->v[i].fixed_bytes);
+        off += s->v[i].fixed_bytes;
     }
     use->n_past = ctx->n_past;
 }
@@ -533,7 +537,8 @@ int mf_ctx_checkpoints_set(mf_ctx *ctx, int n) {
 void mf_state_on_reset(mf_ctx *ctx) {
     struct ckpt_set *cs = ctx->checkpoints;
     if (!cs) return;
-    for (int i = 0; i < MAX_CHECKPOINTS; i++) free(cs->slot[i].data);
+    for (int i = 0; i < MAX_CHECKPOINTS; i++)
+        if (cs->slot[i].data) ctx->be->ops->dealloc(ctx->ex, cs->slot[i].data);
     free(cs);
     ctx->checkpoints = NULL;
 }
@@ -766,11 +771,12 @@ int mf_ctx_truncate(mf_ctx *ctx, int n) {
                                                             : ", checkpoints are off",
                            n);
     }
-    const uint8_t *p = hit->data;
+    size_t off = 0;
     for (int i = 0; i < s.n; i++) {
         if (s.v[i].row_bytes) continue;
-        ctx->be->ops->upload(ctx->ex, s.v[i].buf, 0, p, (size_t)s.v[i].fixed_bytes);
-        p += s.v[i].fixed_bytes;
+        ctx->be->ops->copy(ctx->ex, s.v[i].buf, 0, hit->data, off,
+                           (size_t)s.v[i].fixed_bytes);
+        off += s.v[i].fixed_bytes;
     }
     free(s.v);
     ctx->n_past = n;
