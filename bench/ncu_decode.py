@@ -3,7 +3,7 @@ that Nsight Compute profiles just its kernels:
 
     ncu --profile-from-start off --clock-control none --csv --print-units base \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum \\
-        python3 bench/ncu_decode.py --layers 8
+        python3 bench/ncu_decode.py --layers 8 [--shape 35b]
 
 (the model is bench/bench_cuda.py's, built in the same --dir if missing).
 ``--summarize CSV`` prints per kernel: launches, total and mean time, DRAM bytes read
@@ -45,6 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--summarize", metavar="CSV")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shape", default="a3b", choices=["a3b", "35b", "397b"],
+                    help="bench_cuda.py's model shapes")
     ap.add_argument("--dir", default="/tmp/moeflux-bench-cuda")
     ap.add_argument("--steps", type=int, default=1)
     args = ap.parse_args()
@@ -52,7 +54,7 @@ def main() -> None:
         summarize(args.summarize)
         return
     cu = ctypes.CDLL("libcuda.so.1")
-    m = moeflux.Model(build(Path(args.dir), args.layers), backend="cuda",
+    m = moeflux.Model(build(Path(args.dir), args.layers, args.shape), backend="cuda",
                       gpu_experts="resident")
     m.eval(list(range(1, 17)))
     for t in (5, 6, 7):
