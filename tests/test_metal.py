@@ -13,7 +13,8 @@ leak; the driver's pipeline table agrees with kernels.def. The syntax checks cat
 mistakes, not Metal semantics (shaders/metal_stub says what they cannot see).
 
 On a Mac with Apple Silicon: whole models on Metal against the CPU backend, logits of
-a prompt and of decode steps, in the pread and mmap expert modes.
+a prompt and of decode steps, in the pread and mmap expert modes; and checkpoints
+mlx-lm writes there (gpt-oss, two mixed expert recipes).
 """
 from __future__ import annotations
 
@@ -268,3 +269,37 @@ def test_metal_model_matches_cpu(arch: str, io_mode: str,
     print(f"{arch} ({io_mode}): Metal vs CPU max relative logit error {max(errs):.3g}")
     for m in opened:
         m.close()
+
+
+# Checkpoints mlx-lm itself writes (a Mac has mlx): gpt-oss (tests/gptoss_synth.py:
+# MXFP4 experts with biases, clamped SwiGLU, sinks, sliding window) and two mixed
+# expert recipes of tests/test_mixed.py (a 6-bit down_proj in some layers; a float one).
+MLX_WRITTEN = ["gpt_oss", "qwen3_moe-mixed_3_6", "qwen3_moe-attn6-exp3-downfloat"]
+
+
+@pytest.mark.skipif(not HAVE_METAL, reason="no Metal device (macOS on Apple Silicon)")
+@pytest.mark.parametrize("case", MLX_WRITTEN)
+def test_metal_mlx_written_models_match_cpu(case: str,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    import json
+
+    from moeflux.prep.convert import convert
+    root = tmp_path_factory.mktemp("metal-" + case)
+    if case == "gpt_oss":
+        import gptoss_synth
+        ckpt = gptoss_synth.write_gptoss_checkpoint(root / "src")
+    else:
+        from test_mixed import CASES, IDS, mlx_recipe_checkpoint
+        _, arch, overrides, recipe = CASES[IDS.index(case)]
+        ckpt = mlx_recipe_checkpoint(arch, root / "src", overrides, recipe)
+    dst = convert(ckpt, root / "model", progress=False)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    vocab = int(cfg.get("text_config", cfg)["vocab_size"])
+    prompt, cont = [t % vocab for t in PROMPT], [t % vocab for t in CONT]
+    with moeflux.Model(dst, backend="cpu") as cpu, \
+            moeflux.Model(dst, backend="metal") as gpu:
+        errs = [_close(gpu.eval(prompt, all_logits=True), cpu.eval(prompt, all_logits=True),
+                       f"{case} prompt")]
+        for i, tok in enumerate(cont):
+            errs.append(_close(gpu.eval(tok), cpu.eval(tok), f"{case} decode step {i}"))
+    print(f"{case}: Metal vs CPU max relative logit error {max(errs):.3g}")
