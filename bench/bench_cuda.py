@@ -21,7 +21,9 @@ bandwidth (bytes read + written / time, cuMemcpyDtoD through ctypes) measured in
 same run, interleaved with the model runs. Prefill of a 512-token prompt: the bound
 is reading every weight once per 512 tokens (all experts are touched), which a
 compute-bound prefill is far from; the ratio is reported all the same.
-Each figure: median of --repeat interleaved rounds and its min..max.
+Each figure: median of --repeat interleaved rounds and its min..max. For the hybrid
+shapes (35b, 397b) each round also decodes with the truncation checkpoints off
+(``set_checkpoints(-1)``), the share of decode that taking them costs.
 
 With fewer layers than the real model's L (48, 40, 60), "scaled to L layers" is the
 measured tokens/s times layers / L: the per-token time times L / layers, which counts
@@ -263,10 +265,14 @@ def main() -> None:
               f"{k[:-2]} {d[k] * 1e3 / n:.3f}" for k in
               ("attention_s", "routing_s", "experts_s", "shared_s", "head_s",
                "compute_s")), flush=True)
-    bw, dec, pre = [], [], []
+    bw, dec, pre, dec_nock = [], [], [], []
     for _ in range(args.repeat):
         bw.append(cuda.copy_bw())
         dec.append(decode_tps(m, args.tokens))
+        if args.shape != "a3b":   # hybrid: the truncation checkpoints' share of decode
+            m.set_checkpoints(-1)
+            dec_nock.append(decode_tps(m, args.tokens))
+            m.set_checkpoints(0)
         bw.append(cuda.copy_bw())
         pre.append(prefill_tps(m))
     bwm = statistics.median(bw)
@@ -283,6 +289,9 @@ def main() -> None:
     print(f"copy bandwidth (read+write) GB/s: {spread([b / 1e9 for b in bw])}")
     print(f"decode tok/s: {spread(dec)}; bound {dec_bound:.0f}; ratio "
           f"{spread([d / dec_bound for d in dec])}")
+    if dec_nock:
+        print(f"decode tok/s with checkpoints off (set_checkpoints(-1)), interleaved: "
+              f"{spread(dec_nock)}")
     print(f"prefill-512 tok/s: {spread(pre)}; byte bound {pre_bound:.0f}; ratio "
           f"{spread([p / pre_bound for p in pre])}")
     real = SHAPES[args.shape][0]
