@@ -184,7 +184,8 @@ static inline int mf_moe_weight_ok(const struct mf_weight *w) {
     const int gs = w->group_size;
     return w->qmode == MF_QMODE_AFFINE && w->bits >= 2 && w->bits <= 8 && w->bits != 7 &&
            (gs == 32 || gs == 64 || gs == 128) && w->n_in % gs == 0 && w->biases &&
-           w->sdtype != MF_DTYPE_U8;
+           (w->sdtype == MF_DTYPE_F32 || w->sdtype == MF_DTYPE_F16 ||
+            w->sdtype == MF_DTYPE_BF16);
 }
 
 static inline int mf_moe_bias_ok(const struct mf_weight *b, int64_t n) {

@@ -330,6 +330,10 @@ static void test_products(void) {
     BOTH(matmul, y, &f, x, 2);
     struct mf_weight bad = quant(7, 64, MF_DTYPE_F16, 8, 128);
     BOTH(matmul, y, &bad, x, 1);
+    bad = quant(4, 64, MF_DTYPE_U8, 8, 128);   // affine codes with U8 scales: refused
+    BOTH(matmul, y, &bad, x, 1);
+    CHECK(E[0].status == MF_ERR_ARG && S[0].n == 0, "affine weight with U8 scales: "
+          "status %d, %d launches", E[0].status, S[0].n);
     const int32_t tok[5] = {3, 1, 4, 1, 5};
     struct mf_weight e = quant(4, 64, MF_DTYPE_F32, 1000, 256);
     BOTH(embed, y, &e, tok, 5);

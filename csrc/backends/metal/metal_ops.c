@@ -44,13 +44,15 @@ static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const cha
         return 1;
     int bits_ok = w->bits >= 2 && w->bits <= 8 && w->bits != 7;
     int gs_ok = w->group_size == 32 || w->group_size == 64 || w->group_size == 128;
+    int sd_ok = w->sdtype == MF_DTYPE_F32 || w->sdtype == MF_DTYPE_F16 ||
+                w->sdtype == MF_DTYPE_BF16;   // (U8 scales mark MXFP4 in the kernels)
     if (w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE && bits_ok && gs_ok &&
-        w->n_in % w->group_size == 0 && w->scales && w->biases)
+        sd_ok && w->n_in % w->group_size == 0 && w->scales && w->biases)
         return 1;
     mf_metal_fail(ex, MF_ERR_ARG,
                   "metal backend: %s: weight [%lld, %lld] dtype %s bits %d group %d: "
                   "expected F32/F16/BF16 or affine U32 codes (MXFP4: matmul only) "
-                  "with bits 2-6/8, group 32/64/128 dividing n_in, scales and biases",
+                  "with bits 2-6/8, group 32/64/128 dividing n_in, float scales and biases",
                   op, (long long)w->n_out, (long long)w->n_in, mf_dtype_name(w->dtype),
                   w->bits, w->group_size);
     return 0;
