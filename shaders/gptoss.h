@@ -5,9 +5,10 @@
  *   mf_mv_mxfp4: y[t, r] = x[t] . W[r] for an MXFP4 weight (MLX mode "mxfp4": 4-bit
  *     E2M1 codes packed LSB-first, one E8M0 scale byte per 32 columns, no biases), a
  *     warp per row, each lane taking whole words of eight codes (mf_mxfp4_tile of
- *     quant.h, which the grouped expert kernels use too). Every weight e2m1(q) * 2^(e - 127) is
- *     formed exactly (as on the CPU, csrc/backends/cpu/cpu_mxfp4.c), so only the
- *     summation order differs from the CPU backend.
+ *     quant.h, which the grouped expert kernels use too). Every weight
+ *     e2m1(q) * 2^(e - 127) is formed exactly (as on the CPU,
+ *     csrc/backends/cpu/cpu_mxfp4.c), so only the summation order differs from the CPU
+ *     backend.
  *   mf_swiglu_clamped: (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
  *     g = min(gate, limit) (mlx-lm swiglu_oai), laid out as mf_swiglu.
  */

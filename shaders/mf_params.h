@@ -105,8 +105,7 @@ struct mf_p_rope_qk {
 };
 
 // Split attention: n_split partials of MF_ATTN_CHUNK keys per (token, head), then a
-// combine in split order.
-// attention / attention_ext: split s covers positions base + s * MF_ATTN_CHUNK on;
+// combine in split order. Split s covers positions base + s * MF_ATTN_CHUNK on;
 // window > 0: a query at p sees p - window + 1 .. p; ring > 0: position p in cache
 // row p % ring; sink_dtype: the dtype of the per-head sink logits, -1 for none.
 struct mf_p_attn {

@@ -171,21 +171,27 @@ static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_wei
     return mf_mv_multi_params(n, w, n_tok, p) ? MF_MULTI_MV : MF_MULTI_SEPARATE;
 }
 
-// A weight the grouped expert kernels read: float, MLX affine codes (2-6/8 bits,
-// groups of 32/64/128) or MXFP4 (4-bit E2M1 codes, U8 E8M0 scales per 32 columns).
-static inline int mf_moe_weight_ok(const struct mf_weight *w) {
+// A weight the GPU products read: float, or MLX affine codes (2-6/8 bits, groups of
+// 32/64/128 dividing n_in, float scales and biases: U8 scales mark MXFP4 in the
+// kernels). The drivers' check_weight and the grouped expert check share it.
+static inline int mf_gpu_weight_ok(const struct mf_weight *w) {
     if (w->dtype == MF_DTYPE_F32 || w->dtype == MF_DTYPE_F16 || w->dtype == MF_DTYPE_BF16)
         return 1;
-    if (w->dtype != MF_DTYPE_U32 || !w->scales || w->n_in <= 0)
-        return 0;
-    if (w->qmode == MF_QMODE_MXFP4)
-        return w->bits == 4 && w->group_size == 32 && w->sdtype == MF_DTYPE_U8 &&
-               w->n_in % 32 == 0;
     const int gs = w->group_size;
-    return w->qmode == MF_QMODE_AFFINE && w->bits >= 2 && w->bits <= 8 && w->bits != 7 &&
-           (gs == 32 || gs == 64 || gs == 128) && w->n_in % gs == 0 && w->biases &&
+    return w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE && w->bits >= 2 &&
+           w->bits <= 8 && w->bits != 7 && (gs == 32 || gs == 64 || gs == 128) &&
+           w->n_in % gs == 0 && w->scales && w->biases &&
            (w->sdtype == MF_DTYPE_F32 || w->sdtype == MF_DTYPE_F16 ||
             w->sdtype == MF_DTYPE_BF16);
+}
+
+// A weight the grouped expert kernels read: mf_gpu_weight_ok's, or MXFP4 (4-bit E2M1
+// codes, U8 E8M0 scales per 32 columns).
+static inline int mf_moe_weight_ok(const struct mf_weight *w) {
+    if (w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_MXFP4)
+        return w->bits == 4 && w->group_size == 32 && w->sdtype == MF_DTYPE_U8 &&
+               w->scales && w->n_in > 0 && w->n_in % 32 == 0;
+    return mf_gpu_weight_ok(w);
 }
 
 static inline int mf_moe_bias_ok(const struct mf_weight *b, int64_t n) {
@@ -198,9 +204,10 @@ static inline int mf_moe_bias_ok(const struct mf_weight *b, int64_t n) {
 // format and shape [n_ff, n_embd], down [n_embd, n_ff] in a format of its own.
 static inline int mf_moe_formats_ok(const struct mf_weight *g, const struct mf_weight *u,
                                     const struct mf_weight *d) {
-    return mf_moe_weight_ok(g) && mf_moe_weight_ok(d) && u->dtype == g->dtype && u->qmode == g->qmode && u->sdtype == g->sdtype &&
-           u->bits == g->bits && u->group_size == g->group_size && u->n_in == g->n_in &&
-           u->n_out == g->n_out && d->n_in == g->n_out && d->n_out == g->n_in;
+    return mf_moe_weight_ok(g) && mf_moe_weight_ok(d) && u->dtype == g->dtype &&
+           u->qmode == g->qmode && u->sdtype == g->sdtype && u->bits == g->bits &&
+           u->group_size == g->group_size && u->n_in == g->n_in && u->n_out == g->n_out &&
+           d->n_in == g->n_out && d->n_out == g->n_in;
 }
 
 // Whether the grouped kernels take batch b (mf_moe_formats_ok, and float biases of

@@ -191,8 +191,8 @@ void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, i
 void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                        const float *bias, const struct mf_route_params *p, int n_tok,
                        int32_t *idx_host, float *w_host);
-// The grouped kernels take gate and up in one format, down in its own, and no biases
-// (mf_moe_experts_gpu_check): refused at model open otherwise.
+// The grouped kernels take gate and up in one format, down in its own, and float
+// biases (mf_moe_experts_gpu_check): refused at model open otherwise.
 int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
                           char *err, size_t errlen);
 void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *xg,

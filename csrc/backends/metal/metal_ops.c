@@ -40,14 +40,7 @@ const int mf_metal_kernel_n_buf[MF_MKID_COUNT] = {
 /* ==== Weights ==== */
 
 static int check_weight(struct mf_exec *ex, const struct mf_weight *w, const char *op) {
-    if (w->dtype == MF_DTYPE_F32 || w->dtype == MF_DTYPE_F16 || w->dtype == MF_DTYPE_BF16)
-        return 1;
-    int bits_ok = w->bits >= 2 && w->bits <= 8 && w->bits != 7;
-    int gs_ok = w->group_size == 32 || w->group_size == 64 || w->group_size == 128;
-    int sd_ok = w->sdtype == MF_DTYPE_F32 || w->sdtype == MF_DTYPE_F16 ||
-                w->sdtype == MF_DTYPE_BF16;   // (U8 scales mark MXFP4 in the kernels)
-    if (w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE && bits_ok && gs_ok &&
-        sd_ok && w->n_in % w->group_size == 0 && w->scales && w->biases)
+    if (mf_gpu_weight_ok(w))
         return 1;
     mf_metal_fail(ex, MF_ERR_ARG,
                   "metal backend: %s: weight [%lld, %lld] dtype %s bits %d group %d: "
