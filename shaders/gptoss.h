@@ -32,8 +32,8 @@ MF_PARAMS(4, struct mf_p_mxfp4, p) {
 #pragma unroll
     for (int t = 0; t < MF_MV_TT; t++)
         acc[t] = 0.0f;
-    mf_mxfp4_tile(acc, wr, sr, p.n_in, x + (mf_i64)t0 * p.x_stride, p.x_stride, p.n_tok - t0,
-                  MF_LANE);
+    mf_mxfp4_tile<MF_MV_TT>(acc, wr, sr, p.n_in, x + (mf_i64)t0 * p.x_stride, p.x_stride,
+                            p.n_tok - t0, MF_LANE);
 #pragma unroll
     for (int t = 0; t < MF_MV_TT; t++) {
         float v = acc[t];

@@ -142,9 +142,11 @@ static inline void mf_grid_moe_gu(const struct mf_p_moe *p, unsigned g[3], unsig
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
 }
 
+// rpw 1: the one-token kernel (mf_moe_down1) and its rows per warp.
 static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
                                     unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * MF_MV_RPW), (unsigned)p->n_exp,
+    const int rows = p->rpw == 1 ? MF_DOWN1_RPW : MF_MV_RPW;
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MV_ROWS * rows), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_MV_TT), 32 * MF_MV_ROWS);
 }
 

@@ -10,10 +10,10 @@
 
 #include "quant.h"
 
-// R rows per warp: 4 (each staged x value serves four rows), or 1 for a small
-// decode matvec, whose few threadgroups of 4-row warps would leave most of the GPU idle
-// (the driver picks: p.rpw).
-template <int R>
+// R rows per warp: 4 (each staged x value serves four rows), or 1 for one token, where
+// more, shorter warps hide memory latency better (the driver picks: p.rpw). ONE: one
+// token, one-token paths only (mf_dot_rows).
+template <int R, int ONE>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
                       MF_TG float *xs, int tg_x, int tg_y, int h, int warp, int lane, int lt) {
@@ -31,13 +31,13 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
-    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
-                   p.x_tok_stride, nt, lt, lane);
+    mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
+                        p.x_tok_stride, nt, lt, lane);
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int t = 0; t < MF_MV_TT; t++) {
+        for (int t = 0; t < (ONE ? 1 : MF_MV_TT); t++) {
             const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
             if (lane == 0 && r < rw.n && t < nt)
                 yt[(mf_i64)t * p.y_tok_stride + r] = v;
@@ -53,15 +53,50 @@ MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
     if (p.rpw == 1)
-        mf_mv_rows<1>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP, MF_LANE,
-                      MF_LT);
+        mf_mv_rows<1, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP, MF_LANE,
+                         MF_LT);
     else
-        mf_mv_rows<MF_MV_RPW>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
-                              MF_LANE, MF_LT);
+        mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
+                                 MF_LANE, MF_LT);
+}
+
+// mf_mv for one token (p.n_tok 1, p.rpw 1): the same rows, the same bits, in a kernel
+// of its own whose registers are those of the one-token path (the tile paths' would
+// halve the warps in flight).
+MF_KERNEL(mf_mv1)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, x)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, sc)
+MF_BUF(4, const mf_u32, bi)
+MF_PARAMS(5, struct mf_p_mv, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    mf_mv_rows<1, 1>(y, x, w, sc, bi, p, xs, MF_TG_X, 0, MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
 }
 
 // matmul_multi: threadgroup x of segment s (blk0[s] <= x < blk0[s + 1]) does what
 // mf_mv does for weight s alone, so each y is the same, bit for bit, as a matmul's.
+template <int ONE>
+MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G const float *x,
+                          MF_G const mf_u32 *w0, MF_G const mf_u32 *sc0,
+                          MF_G const mf_u32 *bi0, MF_G const mf_u32 *w1,
+                          MF_G const mf_u32 *sc1, MF_G const mf_u32 *bi1,
+                          MF_G const mf_u32 *w2, MF_G const mf_u32 *sc2,
+                          MF_G const mf_u32 *bi2, const struct mf_p_mv_multi p, MF_TG float *xs,
+                          int bx, int by, int warp, int lane, int lt) {
+    const int s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
+    MF_G float *y = s == 0 ? y0 : s == 1 ? y1 : y2;
+    MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
+    MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
+    MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
+    const struct mf_p_mv q = p.seg[s];
+    if (ONE || q.rpw == 1)
+        mf_mv_rows<1, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
+    else
+        mf_mv_rows<MF_MV_RPW, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane,
+                                   lt);
+}
+
 MF_KERNEL(mf_mv_multi)
 MF_BUF(0, float, y0)
 MF_BUF(1, float, y1)
@@ -78,18 +113,29 @@ MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int bx = MF_TG_X, s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
-    MF_G float *y = s == 0 ? y0 : s == 1 ? y1 : y2;
-    MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
-    MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
-    MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
-    const struct mf_p_mv q = p.seg[s];
-    if (q.rpw == 1)
-        mf_mv_rows<1>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], MF_TG_Y, 0, MF_WARP, MF_LANE,
-                      MF_LT);
-    else
-        mf_mv_rows<MF_MV_RPW>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], MF_TG_Y, 0, MF_WARP,
-                              MF_LANE, MF_LT);
+    mf_mv_multi_tg<0>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
+                      MF_TG_Y, MF_WARP, MF_LANE, MF_LT);
+}
+
+// mf_mv_multi for one token (every segment's rpw 1), as mf_mv1 is to mf_mv.
+MF_KERNEL(mf_mv_multi1)
+MF_BUF(0, float, y0)
+MF_BUF(1, float, y1)
+MF_BUF(2, float, y2)
+MF_BUF(3, const float, x)
+MF_BUF(4, const mf_u32, w0)
+MF_BUF(5, const mf_u32, sc0)
+MF_BUF(6, const mf_u32, bi0)
+MF_BUF(7, const mf_u32, w1)
+MF_BUF(8, const mf_u32, sc1)
+MF_BUF(9, const mf_u32, bi1)
+MF_BUF(10, const mf_u32, w2)
+MF_BUF(11, const mf_u32, sc2)
+MF_BUF(12, const mf_u32, bi2)
+MF_PARAMS(13, struct mf_p_mv_multi, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    mf_mv_multi_tg<1>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
+                      0, MF_WARP, MF_LANE, MF_LT);
 }
 
 // A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs

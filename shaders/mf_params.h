@@ -23,6 +23,8 @@
 #define MF_MV_ROWS 8
 #define MF_MV_RPW 4
 #define MF_MV_TT 4
+// Rows per warp of the one-token grouped down kernel (mf_moe_down1).
+#define MF_DOWN1_RPW 2
 // Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
 #define MF_GEMM_TILE 64
 #define MF_GEMM_K 32

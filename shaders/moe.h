@@ -4,7 +4,8 @@
  * noaux_tc (sigmoid scores, bias steering only the choice, group top-2 sums, the
  * experts of non-kept groups masked to 0.0 as moe.c does) or gpt-oss's top-k of the
  * biased logits weighted by a softmax over the k. mf_moe_gu / mf_moe_down:
- * grouped SwiGLU experts, grid.y = expert; gate and up rows of one output index are
+ * grouped SwiGLU experts, grid.y = expert (mf_moe_gu1 / mf_moe_down1 the same when
+ * every expert has one row); gate and up rows of one output index are
  * dotted by the same warp, which writes silu(gate) * up into the first half of gu's
  * row, and down reads it back. Each row's result depends only on its own data. With
  * the routing left on the device (resident experts) the same two kernels read the
@@ -194,8 +195,8 @@ MF_FN float mf_moe_act(float g, float u, const struct mf_p_moe p, MF_G const mf_
 
 // gate/up rows of expert e for rows r0 .. r0 + nt - 1 of xg: R slots per warp (R / 2
 // output indices, gate and up each), R = 4 or 2 (the driver picks by p.rpw as for
-// mf_mv: 2 when every expert has one row, i.e. decode).
-template <int R>
+// mf_mv: 2 when every expert has one row, i.e. decode). ONE: one row (mf_dot_rows).
+template <int R, int ONE>
 MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *base,
                       MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
                       int tg_x, int r0, int nt, int warp, int lane, int lt) {
@@ -221,18 +222,27 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
 #pragma unroll
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
-    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
-                   xg + (mf_i64)xr0 * p.n_embd, p.n_embd, nt, lt, lane);
+    mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_embd,
+                        xg + (mf_i64)xr0 * p.n_embd, p.n_embd, nt, lt, lane);
 #pragma unroll
     for (int i = 0; i < half; i++)
 #pragma unroll
-        for (int t = 0; t < MF_MV_TT; t++) {
+        for (int t = 0; t < (ONE ? 1 : MF_MV_TT); t++) {
             const float gv = mf_warp_sum(acc[2 * i * MF_MV_TT + t]);
             const float uv = mf_warp_sum(acc[(2 * i + 1) * MF_MV_TT + t]);
             if (lane == 0 && i < nj && t < nt)
                 gu[(mf_i64)(r0 + t) * 2 * p.n_ff + j0 + i] = mf_moe_act(gv, uv, p, base, bo,
                                                                           j0 + i);
         }
+}
+
+// The first row and the row count of threadgroup (e, tile) of the grouped kernels; 0
+// when the tile is past the expert's rows (the same for the whole threadgroup).
+MF_FN int mf_moe_tile(MF_G const int *tab, const struct mf_p_moe p, int e, int tile,
+                      MF_TH int *r0) {
+    const int n_rows = mf_ent_rows(tab, p, e);
+    *r0 = mf_ent_row0(tab, p, e) + tile;
+    return tile >= n_rows ? 0 : n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
 }
 
 MF_KERNEL(mf_moe_gu)
@@ -242,22 +252,40 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = mf_ent_rows(tab, p, e);
-    if (tile >= n_rows)   // the same for the whole threadgroup
+    int r0;
+    const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
+    if (nt == 0)
         return;
-    const int r0 = mf_ent_row0(tab, p, e) + tile;
-    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
     if (p.rpw == 1)
-        mf_gu_rows<2>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE, MF_LT);
+        mf_gu_rows<2, 0>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
+                         MF_LT);
     else
-        mf_gu_rows<MF_MV_RPW>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
-                              MF_LANE, MF_LT);
+        mf_gu_rows<MF_MV_RPW, 0>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
+                                 MF_LANE, MF_LT);
 }
 
-// down rows of expert e, MF_MV_RPW per warp whatever p.rpw says: with a 768-column
-// down projection a lane has one chunk, and one row per warp measured slower on the
-// H200 (decode, 8 experts x [2048 x 768]: 38.9 us against 24.5 us with 4 rows).
-template <int R>
+// mf_moe_gu where every entry has one row (p.max_rows 1, p.rpw 1: decode), with the
+// one-token paths' registers (mf_mv1); the same bits.
+MF_KERNEL(mf_moe_gu1)
+MF_BUF(0, float, gu)
+MF_BUF(1, const float, xg)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, tab)
+MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    int r0;
+    const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
+    if (nt == 0)
+        return;
+    mf_gu_rows<2, 1>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, 1, MF_WARP, MF_LANE, MF_LT);
+}
+
+// down rows of expert e, R per warp: MF_MV_RPW, or MF_DOWN1_RPW in the one-token
+// kernel (ONE; mf_dot_rows). With a 768-column down projection a lane has one chunk,
+// and one row per warp measured slower than 4 in the shared kernel (H200, decode, 8
+// experts x [2048 x 768]: 38.9 us against 24.5 us) and than 2 in the one-token kernel
+// (H100: 15.1 us against 13.7 us; 4 rows 14.7 us).
+template <int R, int ONE>
 MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 *base,
                         MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
                         int tg_x, int r0, int nt, int warp, int lane, int lt) {
@@ -275,12 +303,12 @@ MF_FN void mf_down_rows(MF_G float *eo, MF_G const float *gu, MF_G const mf_u32 
 #pragma unroll
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
-    mf_dot_rows<R>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,
-                   gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, lt, lane);
+    mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_ff,
+                        gu + (mf_i64)r0 * 2 * p.n_ff, 2 * p.n_ff, nt, lt, lane);
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int t = 0; t < MF_MV_TT; t++) {
+        for (int t = 0; t < (ONE ? 1 : MF_MV_TT); t++) {
             const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
             if (lane == 0 && r < rw.n && t < nt)
                 eo[(mf_i64)(r0 + t) * p.n_embd + j0 + r] =
@@ -297,13 +325,28 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    const int e = MF_TG_Y, tile = MF_TG_Z * MF_MV_TT, n_rows = mf_ent_rows(tab, p, e);
-    if (tile >= n_rows)   // the same for the whole threadgroup
+    int r0;
+    const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
+    if (nt == 0)
         return;
-    const int r0 = mf_ent_row0(tab, p, e) + tile;
-    const int nt = n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
-    mf_down_rows<MF_MV_RPW>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
-                            MF_LT);
+    mf_down_rows<MF_MV_RPW, 0>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
+                               MF_LT);
+}
+
+// mf_moe_down where every entry has one row (as mf_moe_gu1).
+MF_KERNEL(mf_moe_down1)
+MF_BUF(0, float, eo)
+MF_BUF(1, const float, gu)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, tab)
+MF_PARAMS(4, struct mf_p_moe, p) {
+    MF_SHARED float xs[MF_XS_FLOATS];
+    int r0;
+    const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
+    if (nt == 0)
+        return;
+    mf_down_rows<MF_DOWN1_RPW, 1>(eo, gu, base, tab, p, xs, e, MF_TG_X, r0, 1, MF_WARP,
+                                  MF_LANE, MF_LT);
 }
 
 // y[t, c] = sum of w[t, j] * eo[t * K + j, c] over the token's experts in ascending

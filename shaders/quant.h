@@ -44,13 +44,14 @@ MF_FN float mf_w_at(MF_G const mf_u32 *w, MF_G const mf_u32 *sc, MF_G const mf_u
 }
 
 // acc[t] += sum_c x[t*x_stride + c] * W[row, c] over this lane's share of the row, for
-// t < nt (<= MF_MV_TT), for a float weight: lanes stride over columns.
+// t < nt (<= NT, the register tile), for a float weight: lanes stride over columns.
+template <int NT>
 MF_FN void mf_fdot_tile(MF_TH float *acc, MF_G const mf_u32 *w, int dtype, int n_in,
                         mf_i64 row, MF_G const float *x, int x_stride, int nt, int lane) {
     for (int i = lane; i < n_in; i += 32) {
         const float wv = mf_load(w, dtype, row * n_in + i);
 #pragma unroll
-        for (int t = 0; t < MF_MV_TT; t++)
+        for (int t = 0; t < NT; t++)
             if (t < nt)
                 acc[t] += x[(mf_i64)t * x_stride + i] * wv;
     }
@@ -73,9 +74,10 @@ MF_FN float mf_e8m0(mf_u32 s) {
     return mf_as_float(s ? s << 23 : 0x00400000u);
 }
 
-// acc[t] += x[t] . W[row] for t < nt (<= MF_MV_TT) over this lane's share of an MXFP4
-// row (codes wr, E8M0 scale bytes sr): lanes take whole words of eight codes, each
-// weight e2m1(q) * 2^(e - 127) formed exactly, as on the CPU.
+// acc[t] += x[t] . W[row] for t < nt (<= NT) over this lane's share of an MXFP4 row
+// (codes wr, E8M0 scale bytes sr): lanes take whole words of eight codes, each weight
+// e2m1(q) * 2^(e - 127) formed exactly, as on the CPU.
+template <int NT>
 MF_FN void mf_mxfp4_tile(MF_TH float *acc, MF_G const mf_u32 *wr, MF_G const mf_u8 *sr,
                          int n_in, MF_G const float *x, int x_stride, int nt, int lane) {
     for (int i = lane; i < n_in / 8; i += 32) {
@@ -85,7 +87,7 @@ MF_FN void mf_mxfp4_tile(MF_TH float *acc, MF_G const mf_u32 *wr, MF_G const mf_
         for (int k = 0; k < 8; k++) {
             const float wv = mf_e2m1((word >> (4 * k)) & 15u) * s;
 #pragma unroll
-            for (int t = 0; t < MF_MV_TT; t++)
+            for (int t = 0; t < NT; t++)
                 if (t < nt)
                     acc[t] = mf_fma(x[(mf_i64)t * x_stride + i * 8 + k], wv, acc[t]);
         }
@@ -241,8 +243,10 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 // Row dots of a warp's R rows for nt tokens: quantized through the staged tile
 // (templated on the width, and on one token or a tile), float straight from device
 // memory (lanes stride over columns, coalesced). The dtype is the same for the whole
-// threadgroup, so the barriers are uniform.
-template <int R>
+// threadgroup, so the barriers are uniform. ONE: nt is 1 and only the one-token paths
+// are compiled (the one-token kernels, whose fewer registers let more warps in flight
+// hide memory latency); a row's operations, and so its bits, are the same either way.
+template <int R, int ONE>
 MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                        int dtype, int sdtype, int bits, int gs, int n_in,
                        MF_G const float *x, int x_stride, int nt, int lt, int lane) {
@@ -250,23 +254,23 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
 #pragma unroll
         for (int r = 0; r < R; r++)
             if (r < rw->n)
-                mf_fdot_tile(acc + r * MF_MV_TT, rw->w[r], dtype, n_in, rw->s0[r], x,
-                             x_stride, nt, lane);
+                mf_fdot_tile<ONE ? 1 : MF_MV_TT>(acc + r * MF_MV_TT, rw->w[r], dtype, n_in,
+                                                 rw->s0[r], x, x_stride, nt, lane);
         return;
     }
     if (sdtype == MF_SH_U8) {   // MXFP4 (bits 4, groups of 32: s0 counts scale bytes)
 #pragma unroll
         for (int r = 0; r < R; r++)
             if (r < rw->n)
-                mf_mxfp4_tile(acc + r * MF_MV_TT, rw->w[r],
-                              (MF_G const mf_u8 *)rw->sc[r] + rw->s0[r], n_in, x, x_stride,
-                              nt, lane);
+                mf_mxfp4_tile<ONE ? 1 : MF_MV_TT>(acc + r * MF_MV_TT, rw->w[r],
+                                                  (MF_G const mf_u8 *)rw->sc[r] + rw->s0[r],
+                                                  n_in, x, x_stride, nt, lane);
         return;
     }
 #define MF_QROWS(B, T)                                                                 \
     mf_qdot_rows<B, T, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, lane)
 #define MF_QBITS(B)                                                                    \
-    if (nt == 1)                                                                       \
+    if (ONE || nt == 1)                                                                \
         MF_QROWS(B, 1);                                                                \
     else                                                                               \
         MF_QROWS(B, MF_MV_TT);

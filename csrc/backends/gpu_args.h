@@ -21,8 +21,6 @@ _Static_assert(MF_ROPE_D_MAX == MF_ROPE_QK_NORM_MAX, "rope_qk head limits must a
 
 // Tokens above which matmul uses the tiled GEMM instead of the register-tiled matvec.
 #define MF_MV_MAX_TOK 8
-// Threadgroups of 4-row warps below which a one-token matvec takes one row per warp.
-#define MF_MV_FEW_BLOCKS 512
 
 static inline int mf_aligned16(uintptr_t a) { return (a & 15u) == 0; }
 
@@ -44,13 +42,11 @@ static inline struct mf_p_mv mf_mv_params(const struct mf_weight *w) {
     return p;
 }
 
-// Rows per warp of a matvec: one for a decode product that 4-row warps would spread
-// over fewer than MF_MV_FEW_BLOCKS threadgroups (the H200's 132 multiprocessors hold
-// two each).
-static inline int mf_mv_rpw(const struct mf_weight *w, int n_tok, int n_head) {
-    const int64_t few = (int64_t)MF_MV_FEW_BLOCKS * MF_MV_ROWS * MF_MV_RPW;
-    return n_tok == 1 && w->n_out * n_head < few ? 1 : MF_MV_RPW;
-}
+// Rows per warp of a matvec: one for one token (the one-token kernels mf_mv1 and
+// mf_mv_multi1, which run more warps at once: on an H100 one row per warp was faster
+// at every decode shape measured, the 151936-row lm_head included; bench/RESULTS.md
+// "Session 11"), else MF_MV_RPW.
+static inline int mf_mv_rpw(int n_tok) { return n_tok == 1 ? 1 : MF_MV_RPW; }
 
 // matmul_multi as one mf_mv_multi launch: when every product would be an mf_mv (affine
 // or float weights of one n_in, n_tok <= MF_MV_MAX_TOK), its params (segment s the
@@ -71,7 +67,7 @@ static inline int mf_mv_multi_params(int n, const struct mf_weight *const *w, in
         q.n_tok = n_tok;
         q.x_tok_stride = q.n_in;
         q.y_tok_stride = q.n_out;
-        q.rpw = mf_mv_rpw(ws, n_tok, 1);
+        q.rpw = mf_mv_rpw(n_tok);
         p->seg[s] = q;
         unsigned g[3], bl[3];
         mf_grid_mv(&q, g, bl);
@@ -155,10 +151,10 @@ static inline int mf_mv_tc_heads(const struct mf_p_mv *p, const struct mf_weight
 }
 
 // How a matmul_multi call runs on a GPU: one mf_mv_tc launch, one mf_mv_multi launch
-// (*p its params either way), or one matmul each, also when only some of the products
-// would take the tensor cores (each then gives the bits of its own matmul); tc: the
-// driver's switch for them.
-enum mf_multi_plan { MF_MULTI_SEPARATE, MF_MULTI_MV, MF_MULTI_TC };
+// (mf_mv_multi1 for one token; *p its params either way), or one matmul each, also
+// when only some of the products would take the tensor cores (each then gives the bits
+// of its own matmul); tc: the driver's switch for them.
+enum mf_multi_plan { MF_MULTI_SEPARATE, MF_MULTI_MV, MF_MULTI_MV1, MF_MULTI_TC };
 
 static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_weight *const *w,
                                                       int n_tok, int tc,
@@ -168,7 +164,9 @@ static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_wei
     for (int i = 0; tc && i < n; i++)
         if (n_tok == 1 && mf_tc_ok(w[i]))
             return MF_MULTI_SEPARATE;
-    return mf_mv_multi_params(n, w, n_tok, p) ? MF_MULTI_MV : MF_MULTI_SEPARATE;
+    if (!mf_mv_multi_params(n, w, n_tok, p))
+        return MF_MULTI_SEPARATE;
+    return n_tok == 1 ? MF_MULTI_MV1 : MF_MULTI_MV;
 }
 
 // A weight the GPU products read: float, or MLX affine codes (2-6/8 bits, groups of
@@ -241,16 +239,22 @@ static inline void mf_moe_extras(struct mf_p_moe *p, const struct mf_weight *gb,
     p->limit = limit;
 }
 
+// Which pair of grouped expert kernels runs: the tensor-core pair (mf_moe_gu_tc,
+// mf_moe_down_tc), mf_moe_gu / mf_moe_down, or their one-row forms (mf_moe_gu1 /
+// mf_moe_down1, the same bits).
+enum mf_moe_kernels { MF_MOE_SIMT, MF_MOE_SIMT1, MF_MOE_TC };
+
 // The grouped expert launches for p (moe_params of gate g, up u, down d, with n_exp,
 // max_rows and vec set; its format is the gate's): gp for the gate/up kernel, dp, in
-// down's format, for the down kernel; 1 when they
-// are the tensor-core pair (mf_moe_gu_tc, mf_moe_down_tc), 0 for mf_moe_gu /
-// mf_moe_down. Chosen from the formats (and tc, the driver's switch) alone, never
-// from the rows, so that an expert's row gets the same bits in every call (decode or
-// prefill, host- or device-routed).
-static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight *g,
-                                const struct mf_weight *u, const struct mf_weight *d, int tc,
-                                struct mf_p_moe *gp, struct mf_p_moe *dp) {
+// down's format, for the down kernel, and which pair. The tensor cores or not is
+// chosen from the formats (and tc, the driver's switch) alone, never from the rows, so
+// that an expert's row gets the same bits in every call (decode or prefill, host- or
+// device-routed); the SIMT kernels give a row the same bits whatever its call.
+static inline enum mf_moe_kernels mf_moe_launch(const struct mf_p_moe *p,
+                                                const struct mf_weight *g,
+                                                const struct mf_weight *u,
+                                                const struct mf_weight *d, int tc,
+                                                struct mf_p_moe *gp, struct mf_p_moe *dp) {
     *gp = *dp = *p;
     dp->dtype = (int)d->dtype;   // down in its own format (mixed expert recipes)
     dp->sdtype = (int)d->sdtype;
@@ -263,10 +267,10 @@ static inline int mf_moe_launch(const struct mf_p_moe *p, const struct mf_weight
         // experts), never from this call's experts or rows.
         gp->rpw = mf_tc_rt(mf_cdiv(p->n_ff, MF_TC_ROWS / 2) * MF_TC_EXPERTS);
         dp->rpw = mf_tc_rt(mf_cdiv(p->n_embd, MF_TC_ROWS) * MF_TC_EXPERTS);
-        return 1;
+        return MF_MOE_TC;
     }
     gp->rpw = dp->rpw = p->max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
-    return 0;
+    return p->max_rows == 1 ? MF_MOE_SIMT1 : MF_MOE_SIMT;
 }
 
 // The attention pair's params (ext NULL: plain causal attention, base 0): the splits

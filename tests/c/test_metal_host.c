@@ -258,8 +258,10 @@ static void test_experts_by_region(void) {
           ex.status, ex.n_launch);
     if (ex.n_launch != 4)
         return;
-    CHECK(ex.l[0].kid == MF_MKID_mf_moe_gu && ex.l[1].kid == MF_MKID_mf_moe_down,
-          "kernels %d %d", ex.l[0].kid, ex.l[1].kid);
+    // the first group's experts have one row each: the one-row kernels
+    CHECK(ex.l[0].kid == MF_MKID_mf_moe_gu1 && ex.l[1].kid == MF_MKID_mf_moe_down1 &&
+              ex.l[2].kid == MF_MKID_mf_moe_gu && ex.l[3].kid == MF_MKID_mf_moe_down,
+          "kernels %d %d %d %d", ex.l[0].kid, ex.l[1].kid, ex.l[2].kid, ex.l[3].kid);
     CHECK(ex.l[0].bufs[2] == a && ex.l[2].bufs[2] == b, "bases are not the regions");
     CHECK(ex.l[0].g[1] == 2 && ex.l[2].g[1] == 1, "experts per group %u %u", ex.l[0].g[1],
           ex.l[2].g[1]);
@@ -294,10 +296,10 @@ static void test_dispatch(void) {
     CHECK(ex.n_launch == 4, "%d launches", ex.n_launch);
     if (ex.n_launch != 4)
         return;
-    CHECK(ex.l[0].kid == MF_MKID_mf_mv && ex.l[1].kid == MF_MKID_mf_gemm &&
+    CHECK(ex.l[0].kid == MF_MKID_mf_mv1 && ex.l[1].kid == MF_MKID_mf_gemm &&
               ex.l[2].kid == MF_MKID_mf_mt && ex.l[3].kid == MF_MKID_mf_embed,
           "kernels %d %d %d %d", ex.l[0].kid, ex.l[1].kid, ex.l[2].kid, ex.l[3].kid);
-    // One token over 100 rows: one row per warp (rpw 1, a small decode product).
+    // One token over 100 rows: the one-token matvec, one row per warp (rpw 1).
     CHECK(ex.l[0].g[0] == (100 + MF_MV_ROWS - 1) / MF_MV_ROWS && ex.l[0].b[0] == 32 * MF_MV_ROWS &&
               ex.l[0].g[1] == 1,
           "matvec grid %u x %u", ex.l[0].g[0], ex.l[0].b[0]);

@@ -84,7 +84,7 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
-    p.rpw = mf_mv_rpw(w, n_tok, n_head);
+    p.rpw = mf_mv_rpw(n_tok);
     struct mf_p_mv_multi t;
     if (mf_mv_tc_heads(&p, w, transposed, ex->cb->tc, &t)) {
         CUdeviceptr bt[4 + 3 * MF_MULTI_MAX];
@@ -92,6 +92,8 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         launch_mf_mv_tc(ex, &t, bt, "matmul");
     } else if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
+    else if (n_tok == 1)
+        launch_mf_mv1(ex, &p, b, "matmul");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
     else
@@ -123,6 +125,8 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
     multi_bufs(n, y, w, x, b);
     if (plan == MF_MULTI_TC)
         launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else if (plan == MF_MULTI_MV1)
+        launch_mf_mv_multi1(ex, &p, b, "matmul_multi");
     else
         launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
@@ -538,10 +542,16 @@ static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p,
                            const struct mf_weight *d, const CUdeviceptr b1[4],
                            const CUdeviceptr b2[4], const char *op) {
     struct mf_p_moe gp, dp;
-    if (mf_moe_launch(p, g, u, d, ex->cb->tc, &gp, &dp)) {
+    switch (mf_moe_launch(p, g, u, d, ex->cb->tc, &gp, &dp)) {
+    case MF_MOE_TC:
         launch_mf_moe_gu_tc(ex, &gp, b1, op);
         launch_mf_moe_down_tc(ex, &dp, b2, op);
-    } else {
+        break;
+    case MF_MOE_SIMT1:
+        launch_mf_moe_gu1(ex, &gp, b1, op);
+        launch_mf_moe_down1(ex, &dp, b2, op);
+        break;
+    default:
         launch_mf_moe_gu(ex, &gp, b1, op);
         launch_mf_moe_down(ex, &dp, b2, op);
     }

@@ -107,7 +107,7 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_tok_stride = y_tok_stride;
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
-    p.rpw = mf_mv_rpw(w, n_tok, n_head);
+    p.rpw = mf_mv_rpw(n_tok);
     struct mf_p_mv_multi t;
     if (mf_mv_tc_heads(&p, w, transposed, mf_metal_tc(ex), &t)) {
         const void *bt[4 + 3 * MF_MULTI_MAX];
@@ -115,6 +115,8 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         launch_mf_mv_tc(ex, &t, bt, "matmul");
     } else if (transposed)
         launch_mf_mt(ex, &p, b, "matmul_t");
+    else if (n_tok == 1)
+        launch_mf_mv1(ex, &p, b, "matmul");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
     else
@@ -145,6 +147,8 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
     multi_bufs(n, y, w, x, b);
     if (plan == MF_MULTI_TC)
         launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else if (plan == MF_MULTI_MV1)
+        launch_mf_mv_multi1(ex, &p, b, "matmul_multi");
     else
         launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
@@ -563,10 +567,16 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
         const void *const b1[4] = {gu, xg, (const void *)base, t};
         const void *const b2[4] = {eo, gu, (const void *)base, t};
         struct mf_p_moe gp, dp;
-        if (mf_moe_launch(&p, b->gate, b->up, b->down, mf_metal_tc(ex), &gp, &dp)) {
+        switch (mf_moe_launch(&p, b->gate, b->up, b->down, mf_metal_tc(ex), &gp, &dp)) {
+        case MF_MOE_TC:
             launch_mf_moe_gu_tc(ex, &gp, b1, "moe_experts");
             launch_mf_moe_down_tc(ex, &dp, b2, "moe_experts");
-        } else {
+            break;
+        case MF_MOE_SIMT1:
+            launch_mf_moe_gu1(ex, &gp, b1, "moe_experts");
+            launch_mf_moe_down1(ex, &dp, b2, "moe_experts");
+            break;
+        default:
             launch_mf_moe_gu(ex, &gp, b1, "moe_experts");
             launch_mf_moe_down(ex, &dp, b2, "moe_experts");
         }
