@@ -295,13 +295,13 @@ static void test_matmul_t(const struct tw *t, int nt) {
     free(x), free(yc), free(yg), free(ad), gfree(gxb), gfree(gy);
 }
 
-// Three heads of 25 rows each inside the weight, strided x and y (x_head_stride 0:
-// every head reads the same row).
-static void test_heads(const struct tw *t, int transposed, int shared_x, int nt) {
-    const int H = 3, RH = 25;
+// H heads of RH rows each inside the weight, strided x and y (x_head_stride 0: every
+// head reads the same row).
+static void test_heads_of(const struct tw *t, int transposed, int shared_x, int nt, int H,
+                          int RH) {
     const int N = (int)t->c.n_in;
     const int in = transposed ? RH : N, out = transposed ? N : RH;
-    const int xts = H * in + 5, xhs = shared_x ? 0 : in, yts = H * out + 3, yhs = out + 1;
+    const int xts = H * in + 5, xhs = shared_x ? 0 : in, yts = H * (out + 1), yhs = out + 1;
     struct mf_weight wc = t->c, wg = t->g;
     wc.n_out = wg.n_out = RH;
     float *x = frand((size_t)nt * xts, -1, 1), *yc = fpoison((size_t)nt * yts);
@@ -329,6 +329,10 @@ static void test_heads(const struct tw *t, int transposed, int shared_x, int nt)
              shared_x ? " shared x" : "", wname(t, nm, sizeof nm), nt);
     cmp_dot(what, rc, rg, ad, NULL, n, in);
     free(x), free(yc), free(yg), free(rc), free(rg), free(ad), gfree(gxb), gfree(gy);
+}
+
+static void test_heads(const struct tw *t, int transposed, int shared_x, int nt) {
+    test_heads_of(t, transposed, shared_x, nt, 3, 25);
 }
 
 static void test_embed(const struct tw *t) {
@@ -448,6 +452,28 @@ static void test_weight_ops(const struct tw *t) {
     status_ok("products");
 }
 
+// One-token products large enough that the GPU matvec's warps walk 2, 4 and 8 rows
+// each (gpu_args.h mf_mv_rpw), one with a row count no multiple of anything, and 16
+// heads of 4096 rows (4 rows per warp).
+static void test_rows_per_warp(void) {
+    const int64_t rows[] = {40000, 70000, 140000, 140001};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        struct tw t;
+        const int odd = rows[i] & 1;
+        tw_make(&t, MF_DTYPE_U32, odd ? MF_DTYPE_F16 : MF_DTYPE_BF16, odd ? 8 : 4,
+                odd ? 32 : 64, rows[i], 256);
+        test_matmul(&t, 1, 0);
+        test_matmul(&t, 1, 1);
+        tw_free(&t);
+    }
+    struct tw t;
+    tw_make(&t, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 16 * 4096, 128);
+    test_heads_of(&t, 0, 0, 1, 16, 4096);
+    test_heads_of(&t, 0, 1, 1, 16, 4096);
+    tw_free(&t);
+    status_ok("rows per warp");
+}
+
 static void test_products(void) {
     const enum mf_dtype sdts[] = {MF_DTYPE_BF16, MF_DTYPE_F16, MF_DTYPE_F32};
     const int bitsv[] = {2, 3, 4, 5, 6, 8}, gss[] = {32, 64, 128};
@@ -459,6 +485,13 @@ static void test_products(void) {
                 tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, 4224);
                 test_weight_ops(&t);
                 tw_free(&t);
+                // 3968 = 31 * 128 <= 4096: the one-token matvec stages x whole
+                tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, 3968);
+                test_matmul(&t, 1, 0);
+                test_matmul(&t, 1, 1);
+                test_heads(&t, 0, 0, 1);
+                test_heads(&t, 0, 1, 1);
+                tw_free(&t);
             }
     const enum mf_dtype fdts[] = {MF_DTYPE_F32, MF_DTYPE_F16, MF_DTYPE_BF16};
     for (size_t d = 0; d < 3; d++) {
@@ -469,6 +502,7 @@ static void test_products(void) {
     }
     test_tc_products();
     test_multis();
+    test_rows_per_warp();
     printf("products: %d cases\n", E.n_case);
 }
 
