@@ -60,44 +60,9 @@ MF_PARAMS(5, struct mf_p_mv, p) {
                                  MF_LANE, MF_LT);
 }
 
-// The one-token matvec's threadgroup tg_x of n_tg (head h): with MF_MV1_WHOLE, x is
-// staged whole once and each warp walks rows tg_x * MF_MV_ROWS + warp, then n_tg *
-// MF_MV_ROWS further each time (p.rpw of them: no barrier between rows, and the x
-// staging serves them all); else p.rpw is 1 and the rows go through mf_mv_rows. Either
-// way a row gets mf_mv's bits.
-MF_FN void mf_mv1_tg(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
-                     MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
-                     MF_TG float *xs, int tg_x, int h, int warp, int lane, int lt) {
-    if (!MF_MV1_WHOLE(p.dtype, p.sdtype, p.n_in)) {
-        mf_mv_rows<1, 1>(y, x, w, sc, bi, p, xs, tg_x, 0, h, warp, lane, lt);
-        return;
-    }
-    const int n_tg = (p.n_out + MF_MV_ROWS * p.rpw - 1) / (MF_MV_ROWS * p.rpw);
-    mf_stage_x_whole(xs, x + (mf_i64)h * p.x_head_stride, p.n_in, lt);
-    for (int row = tg_x * MF_MV_ROWS + warp; row < p.n_out; row += n_tg * MF_MV_ROWS) {
-        struct mf_rows rw;
-        rw.n = 1;
-        rw.vec = p.vec;
-        mf_rows_set(&rw, 0, w, sc, bi, p.dtype, p.bits, p.group_size, p.n_in,
-                    (mf_i64)h * p.w_head_rows + row);
-        float v;
-        switch (p.bits) {
-        case 2: v = mf_qdot_row_whole<2>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane); break;
-        case 3: v = mf_qdot_row_whole<3>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane); break;
-        case 4: v = mf_qdot_row_whole<4>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane); break;
-        case 5: v = mf_qdot_row_whole<5>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane); break;
-        case 6: v = mf_qdot_row_whole<6>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane); break;
-        default: v = mf_qdot_row_whole<8>(xs, &rw, p.sdtype, p.group_size, p.n_in, lane);
-        }
-        v = mf_warp_sum(v);
-        if (lane == 0)
-            y[(mf_i64)h * p.y_head_stride + row] = v;
-    }
-}
-
-// mf_mv for one token (p.n_tok 1): the same rows, the same bits, in a kernel of its own
-// whose registers are those of the one-token paths (the tile paths' would halve the
-// warps in flight), x staged once per threadgroup (mf_mv1_tg).
+// mf_mv for one token (p.n_tok 1, p.rpw 1): the same rows, the same bits, in a kernel
+// of its own whose registers are those of the one-token path (the tile paths' would
+// halve the warps in flight).
 MF_KERNEL(mf_mv1)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
@@ -106,7 +71,7 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv1_tg(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
+    mf_mv_rows<1, 1>(y, x, w, sc, bi, p, xs, MF_TG_X, 0, MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
 }
 
 // matmul_multi: threadgroup x of segment s (blk0[s] <= x < blk0[s + 1]) does what
@@ -125,10 +90,8 @@ MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G c
     MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
     MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
     const struct mf_p_mv q = p.seg[s];
-    if (ONE)
-        mf_mv1_tg(y, x, w, sc, bi, q, xs, bx - p.blk0[s], 0, warp, lane, lt);
-    else if (q.rpw == 1)
-        mf_mv_rows<1, 0>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
+    if (ONE || q.rpw == 1)
+        mf_mv_rows<1, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
     else
         mf_mv_rows<MF_MV_RPW, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane,
                                    lt);
@@ -154,7 +117,7 @@ MF_PARAMS(13, struct mf_p_mv_multi, p) {
                       MF_TG_Y, MF_WARP, MF_LANE, MF_LT);
 }
 
-// mf_mv_multi for one token, as mf_mv1 is to mf_mv (a segment's rpw as mf_mv1's).
+// mf_mv_multi for one token (every segment's rpw 1), as mf_mv1 is to mf_mv.
 MF_KERNEL(mf_mv_multi1)
 MF_BUF(0, float, y0)
 MF_BUF(1, float, y1)

@@ -25,11 +25,6 @@
 #define MF_MV_TT 4
 // Rows per warp of the one-token grouped down kernel (mf_moe_down1).
 #define MF_DOWN1_RPW 2
-// The one-token matvec (mf_mv1, mf_mv_multi1) stages x whole, once per threadgroup,
-// for affine codes of at most MF_XS1_COLS columns; its warps then walk rpw rows each.
-#define MF_XS1_COLS (MF_MV_TT * 1024)
-#define MF_MV1_WHOLE(dtype, sdtype, n_in)                                              \
-    ((dtype) == MF_SH_U32 && (sdtype) != MF_SH_U8 && (n_in) <= MF_XS1_COLS)
 // Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
 #define MF_GEMM_TILE 64
 #define MF_GEMM_K 32

@@ -240,40 +240,6 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
     }
 }
 
-// x (n values) staged whole into xs for the one-token matvec: chunk c of 32 values at
-// c * 33, the layout mf_qdot_rows gives one token's steps. Ends with a barrier.
-MF_FN void mf_stage_x_whole(MF_TG float *xs, MF_G const float *x, int n, int lt) {
-    for (int k = lt; k < n; k += MF_MV_THREADS)
-        xs[(k >> 5) * 33 + (k & 31)] = x[k];
-    MF_BARRIER();
-}
-
-// W[row] . x over this lane's chunks lane, lane + 32, ... of one row (rw holds it),
-// x staged whole (n_in <= MF_XS1_COLS), summed in mf_qdot_rows's order, so the row
-// gets the same bits as there. Codes of up to 4 bits: every chunk's codes and group
-// parameters are loaded before the first is dotted; wider codes one chunk at a time
-// (their registers would cost the kernel warps in flight).
-template <int BITS>
-MF_FN float mf_qdot_row_whole(MF_TG const float *xs, MF_TH const struct mf_rows *rw,
-                              int sdtype, int gs, int n_in, int lane) {
-    const int n_chunk = n_in >> 5, J = MF_XS1_COLS / MF_XS_COLS, A = BITS <= 4 ? J : 1;
-    mf_u32 wd[A][1][BITS];
-    float s[A], b[A], acc[1] = {0.0f};
-    for (int j0 = 0; j0 < J; j0 += A) {
-#pragma unroll
-        for (int j = 0; j < A; j++)
-            mf_load_rows<BITS, 1>(wd[j], s + j, b + j, rw, sdtype, gs, lane + 32 * (j0 + j),
-                                  n_chunk);
-#pragma unroll
-        for (int j = 0; j < A; j++) {
-            const int c = lane + 32 * (j0 + j);
-            if (c < n_chunk)
-                mf_chunk_dot<BITS, 1, 1>(acc, wd[j], s + j, b + j, xs + c * 33, MF_XS_TOK, 1);
-        }
-    }
-    return acc[0];
-}
-
 // Row dots of a warp's R rows for nt tokens: quantized through the staged tile
 // (templated on the width, and on one token or a tile), float straight from device
 // memory (lanes stride over columns, coalesced). The dtype is the same for the whole

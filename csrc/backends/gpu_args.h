@@ -42,25 +42,11 @@ static inline struct mf_p_mv mf_mv_params(const struct mf_weight *w) {
     return p;
 }
 
-// Threadgroups a one-token matvec keeps while its warps take more rows each.
-#define MF_MV1_MIN_TG 2048
-
-// Rows per warp of a matvec of p (sizes, format, tokens and heads set): MF_MV_RPW for
-// a tile of tokens; for one token (the kernels mf_mv1 and mf_mv_multi1, whose warps
-// hold one row at a time) the rows each warp walks: 1, or for a product large enough
-// to keep MF_MV1_MIN_TG threadgroups up to 8, so that the staged x serves more rows
-// (on an H100: the 151936 x 2048 lm_head 165 us at one row per warp, 124 us at 8; the
-// attention products fastest at 1; bench/RESULTS.md "Session 11").
-static inline int mf_mv_rpw(const struct mf_p_mv *p) {
-    if (p->n_tok != 1)
-        return MF_MV_RPW;
-    if (!MF_MV1_WHOLE(p->dtype, p->sdtype, p->n_in))
-        return 1;
-    int r = 8;
-    while (r > 1 && (int64_t)mf_cdiv(p->n_out, MF_MV_ROWS * r) * p->n_head < MF_MV1_MIN_TG)
-        r /= 2;
-    return r;
-}
+// Rows per warp of a matvec: one for one token (the one-token kernels mf_mv1 and
+// mf_mv_multi1, which run more warps at once: on an H100 one row per warp was faster
+// at every decode shape measured, the 151936-row lm_head included; bench/RESULTS.md
+// "Session 11"), else MF_MV_RPW.
+static inline int mf_mv_rpw(int n_tok) { return n_tok == 1 ? 1 : MF_MV_RPW; }
 
 // matmul_multi as one mf_mv_multi launch: when every product would be an mf_mv (affine
 // or float weights of one n_in, n_tok <= MF_MV_MAX_TOK), its params (segment s the
@@ -81,7 +67,7 @@ static inline int mf_mv_multi_params(int n, const struct mf_weight *const *w, in
         q.n_tok = n_tok;
         q.x_tok_stride = q.n_in;
         q.y_tok_stride = q.n_out;
-        q.rpw = mf_mv_rpw(&q);
+        q.rpw = mf_mv_rpw(n_tok);
         p->seg[s] = q;
         unsigned g[3], bl[3];
         mf_grid_mv(&q, g, bl);

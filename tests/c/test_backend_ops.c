@@ -452,10 +452,9 @@ static void test_weight_ops(const struct tw *t) {
     status_ok("products");
 }
 
-// One-token products large enough that the GPU matvec's warps walk 2, 4 and 8 rows
-// each (gpu_args.h mf_mv_rpw), one with a row count no multiple of anything, and 16
-// heads of 4096 rows (4 rows per warp).
-static void test_rows_per_warp(void) {
+// Large one-token products (thousands of threadgroups, as an lm_head), one with a row
+// count no multiple of anything, and 16 heads of 4096 rows.
+static void test_large_one_token(void) {
     const int64_t rows[] = {40000, 70000, 140000, 140001};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         struct tw t;
@@ -471,7 +470,7 @@ static void test_rows_per_warp(void) {
     test_heads_of(&t, 0, 0, 1, 16, 4096);
     test_heads_of(&t, 0, 1, 1, 16, 4096);
     tw_free(&t);
-    status_ok("rows per warp");
+    status_ok("large one-token products");
 }
 
 static void test_products(void) {
@@ -485,7 +484,7 @@ static void test_products(void) {
                 tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, 4224);
                 test_weight_ops(&t);
                 tw_free(&t);
-                // 3968 = 31 * 128 <= 4096: the one-token matvec stages x whole
+                // 3968 = 31 * 128: the last 1024-column step of x partly filled
                 tw_make(&t, MF_DTYPE_U32, sdts[s], bitsv[b], gss[g], 77, 3968);
                 test_matmul(&t, 1, 0);
                 test_matmul(&t, 1, 1);
@@ -502,7 +501,7 @@ static void test_products(void) {
     }
     test_tc_products();
     test_multis();
-    test_rows_per_warp();
+    test_large_one_token();
     printf("products: %d cases\n", E.n_case);
 }
 

@@ -84,7 +84,7 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_head_stride = y_head_stride;
     const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
                               mf_dp(w->biases)};
-    p.rpw = mf_mv_rpw(&p);
+    p.rpw = mf_mv_rpw(n_tok);
     struct mf_p_mv_multi t;
     if (mf_mv_tc_heads(&p, w, transposed, ex->cb->tc, &t)) {
         CUdeviceptr bt[4 + 3 * MF_MULTI_MAX];

@@ -107,7 +107,7 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
     p.y_tok_stride = y_tok_stride;
     p.y_head_stride = y_head_stride;
     const void *const b[5] = {y, x, w->w, w->scales, w->biases};
-    p.rpw = mf_mv_rpw(&p);
+    p.rpw = mf_mv_rpw(n_tok);
     struct mf_p_mv_multi t;
     if (mf_mv_tc_heads(&p, w, transposed, mf_metal_tc(ex), &t)) {
         const void *bt[4 + 3 * MF_MULTI_MAX];
