@@ -2,14 +2,18 @@
 # On the CUDA test machine: the decode-shape timings of tests/c/test_backend_ops.c
 # (MOEFLUX_OPS_BENCH=decode) for the kernels of a base tree against this tree's, and
 # against variants of this tree's shaders (MOEFLUX_SHADERS_DIR, no rebuild), in
-# interleaved passes, then optionally `make test-cuda` and `make bench-cuda`.
+# interleaved passes, then optionally `make test-cuda`, `make bench-cuda`, and the
+# whole-model bench of BASE_TREE and of this tree interleaved.
 #
-#   bench/cuda_ab.sh BASE_TREE [steps]   steps: any of "ab test bench" (default: ab)
+#   bench/cuda_ab.sh BASE_TREE [steps]   steps: any of "ab test bench model" (default: ab)
 #
 # BASE_TREE: a checkout whose shaders/, csrc/backends/cuda/cuda_ops.c and
 # csrc/backends/gpu_args.h are the "before" (the op-test file, with the decode timings,
 # is this tree's). Variants: comma-separated "name:sed-expression:file" entries in
-# $AB_VARIANTS, applied to a copy of shaders/.
+# $AB_VARIANTS, applied to a copy of shaders/. The model step needs BASE_TREE whole
+# (e.g. `git archive REV | tar -x -C DIR`, carried to the GPU machine): this tree,
+# then the base, twice, `make bench-cuda` in each with $BENCH_CUDA_ARGS, one model
+# directory for both.
 # Logs go to $OUT (default /tmp/ab-out).
 set -u
 BASE=${1:?usage: bench/cuda_ab.sh BASE_TREE [steps]}
@@ -68,5 +72,18 @@ if [[ " $STEPS " == *" bench "* ]]; then
         BENCH_CUDA_ARGS="${BENCH_CUDA_ARGS:---layers 12 --repeat 2}" >"$OUT/bench-cuda.log" 2>&1
     echo "bench-cuda rc $?"
     tail -25 "$OUT/bench-cuda.log"
+fi
+if [[ " $STEPS " == *" model "* ]]; then
+    for pass in 0 1; do
+        for tree in . "$BASE"; do
+            step "model bench $tree pass $pass"
+            timeout "${BENCH_TIMEOUT:-300}" make -C "$tree" bench-cuda CUDA_PY=python3 \
+                BENCH_CUDA_ARGS="${BENCH_CUDA_ARGS:---layers 12 --repeat 2} --dir /tmp/ab-model" \
+                >"$OUT/model.log" 2>&1
+            echo "rc $?"
+            grep -E "^decode|^prefill" "$OUT/model.log" | sed "s|^|$tree: |" |
+                tee -a "$OUT/ab.log"
+        done
+    done
 fi
 step done
