@@ -111,12 +111,14 @@ static int open_libraries(struct mf_cuda_be *cb, char *err, size_t errlen) {
     return rc;
 }
 
-static int load_functions(struct mf_cuda_be *cb, char *err, size_t errlen) {
-    static const char *const names[] = {
+const char *const mf_cuda_kernel_names[MF_KID_COUNT] = {
 #define K(name, params, n_buf, grid) #name,
 #include "../../../shaders/kernels.def"
 #undef K
-    };
+};
+
+static int load_functions(struct mf_cuda_be *cb, char *err, size_t errlen) {
+    const char *const *names = mf_cuda_kernel_names;
     for (int i = 0; i < MF_KID_COUNT; i++) {
         int rc = be_ck(cb, cb->cu.ModuleGetFunction(&cb->fn[i], cb->mod, names[i]),
                        names[i], err, errlen);
@@ -307,6 +309,7 @@ static void cuda_exec_free(struct mf_exec *ex) {
         cu->StreamSynchronize(ex->cst);
     if (ex->st)
         cu->StreamSynchronize(ex->st);
+    mf_cuda_prof_free(ex);
     free_blocks(ex, ex->live, ex->n_live);
     free_blocks(ex, ex->pool, ex->n_pool);
     free(ex->live);
@@ -343,7 +346,7 @@ static int exec_setup(struct mf_exec *ex) {
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))
             return ex->status;
-    return MF_OK;
+    return mf_cuda_prof_init(ex);
 }
 
 static int cuda_exec_new(struct mf_backend *be, int n_threads, struct mf_exec **out,
@@ -431,8 +434,9 @@ void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsi
         args[i] = &local[i];
     }
     args[n_buf] = (void *)params;
-    CK(ex, op, LaunchKernel(ex->cb->fn[kid], g[0], g[1], g[2], b[0], b[1], b[2], 0, ex->st,
-                            args, NULL));
+    if (CK(ex, op, LaunchKernel(ex->cb->fn[kid], g[0], g[1], g[2], b[0], b[1], b[2], 0,
+                                ex->st, args, NULL)))
+        mf_cuda_prof_launched(ex, kid);
 }
 
 /* ==== Memory ====
@@ -571,6 +575,7 @@ static void cuda_download(struct mf_exec *ex, void *dst_host, const void *src,
     if (bytes)
         CK(ex, "download", MemcpyDtoHAsync(dst_host, mf_dp(src) + src_off, bytes, ex->st));
     CK(ex, "download", StreamSynchronize(ex->st));
+    mf_cuda_prof_flush(ex);
 }
 
 static void cuda_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void *src,
@@ -593,6 +598,7 @@ static void cuda_sync(struct mf_exec *ex) {
     mf_cuda_enter(ex);
     CK(ex, "sync", StreamSynchronize(ex->cst));
     CK(ex, "sync", StreamSynchronize(ex->st));
+    mf_cuda_prof_flush(ex);
 }
 
 static struct mf_fence *cuda_fence_new(struct mf_exec *ex) {

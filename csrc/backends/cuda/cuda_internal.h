@@ -1,8 +1,9 @@
 /*
  * cuda_internal.h — what the CUDA backend's files share: the backend (driver and NVRTC
  * tables, device, primary context, the kernel module), the exec (a stream, the pinned
- * argument ring, the allocation pool, scratch, the sticky first error), the kernel
- * manifest as an enum and typed launchers, and the op entry points.
+ * argument ring, the allocation pool, scratch, the sticky first error, the optional
+ * per-kernel profile), the kernel manifest as an enum and typed launchers, and the op
+ * entry points.
  */
 #ifndef MF_CUDA_INTERNAL_H
 #define MF_CUDA_INTERNAL_H
@@ -30,6 +31,9 @@ enum mf_cuda_kernel {
     MF_KID_COUNT
 };
 
+// Kernel names, in manifest order.
+extern const char *const mf_cuda_kernel_names[MF_KID_COUNT];
+
 struct mf_cuda_be {
     struct mf_cu_api cu;
     struct mf_nvrtc_api nv;
@@ -50,6 +54,18 @@ struct mf_cuda_be {
 // exec last left it has been reached (its copies and the kernels that read them done).
 #define MF_RING_SEGS 4
 #define MF_RING_SEG_BYTES ((size_t)1 << 20)
+
+// Per-kernel stream time (cuda_profile.c, MOEFLUX_GPU_PROFILE=1): events of one run
+// (ev[0] a mark, ev[i] after a launch of kernel kid[i]) and the totals so far.
+#define MF_PROF_EVENTS 1024
+
+struct mf_cuda_prof {
+    CUevent ev[MF_PROF_EVENTS];
+    int kid[MF_PROF_EVENTS];
+    int n;
+    double ms[MF_KID_COUNT];
+    long long calls[MF_KID_COUNT];
+};
 
 struct mf_cuda_block {
     CUdeviceptr p;
@@ -74,6 +90,7 @@ struct mf_exec {
     size_t ws_bytes;
     CUdeviceptr route_ws;        // moe_route outputs when the caller gives none
     size_t route_bytes;
+    struct mf_cuda_prof *prof;   // NULL unless MOEFLUX_GPU_PROFILE=1
 };
 
 struct mf_fence {
@@ -104,6 +121,13 @@ CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, 
 void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
                     const void *params, const CUdeviceptr *bufs, int n_buf,
                     const char *op);
+
+// ---- cuda_profile.c: the profile's setup (MF_OK when off), its event after each
+// launch, the end of a run at a host wait on the stream, and the table at exec free.
+int mf_cuda_prof_init(struct mf_exec *ex);
+void mf_cuda_prof_launched(struct mf_exec *ex, int kid);
+void mf_cuda_prof_flush(struct mf_exec *ex);
+void mf_cuda_prof_free(struct mf_exec *ex);
 
 // Typed launchers: launch_<kernel>(ex, &params, bufs, op), geometry from grid.h.
 #define K(name, params, n_buf, grid)                                                   \

@@ -488,9 +488,11 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
     if (w_host)
         mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoHAsync(w_host, d_w, n, ex->st), "moe_route",
                    "cuMemcpyDtoHAsync");
-    if (idx_host || w_host)
+    if (idx_host || w_host) {
         mf_cuda_ck(ex, ex->cb->cu.StreamSynchronize(ex->st), "moe_route",
                    "cuStreamSynchronize");
+        mf_cuda_prof_flush(ex);
+    }
 }
 
 // Gate and up must share a format (one kernel dots both); down may have its own;
