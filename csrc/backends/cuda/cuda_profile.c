@@ -110,7 +110,7 @@ void mf_cuda_prof_free(struct mf_exec *ex) {
             const int k = order[i];
             fprintf(stderr, "%-22s %9lld %11.3f %9.2f %5.1f%%\n", mf_cuda_kernel_names[k],
                     pr->calls[k], pr->ms[k], 1e3 * pr->ms[k] / (double)pr->calls[k],
-                    100.0 * pr->ms[k] / total);
+                    total > 0.0 ? 100.0 * pr->ms[k] / total : 0.0);
         }
     }
     for (int i = 0; i < MF_PROF_EVENTS; i++)
