@@ -10,9 +10,10 @@
 
 #include "quant.h"
 
-// R rows per warp: 4 (each staged x value serves four rows), or 1 for one token, where
-// more, shorter warps hide memory latency better (the driver picks: p.rpw). ONE: one
-// token, one-token paths only (mf_dot_rows).
+// R rows per warp: MF_MV_RPW in the tile kernels (each staged x value serves four
+// rows), 1 in the one-token kernels, where more, shorter warps hide memory latency
+// better (p.rpw says which to grid.h). ONE: one token, one-token paths only
+// (mf_dot_rows).
 template <int R, int ONE>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
@@ -52,12 +53,8 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    if (p.rpw == 1)
-        mf_mv_rows<1, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP, MF_LANE,
-                         MF_LT);
-    else
-        mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
-                                 MF_LANE, MF_LT);
+    mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
+                             MF_LANE, MF_LT);
 }
 
 // mf_mv for one token (p.n_tok 1, p.rpw 1): the same rows, the same bits, in a kernel
@@ -90,11 +87,10 @@ MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G c
     MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
     MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
     const struct mf_p_mv q = p.seg[s];
-    if (ONE || q.rpw == 1)
-        mf_mv_rows<1, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
+    if (ONE)
+        mf_mv_rows<1, 1>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], 0, 0, warp, lane, lt);
     else
-        mf_mv_rows<MF_MV_RPW, ONE>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane,
-                                   lt);
+        mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
 }
 
 MF_KERNEL(mf_mv_multi)

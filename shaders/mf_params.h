@@ -44,7 +44,7 @@
 // A weight matrix W [n_out, n_in] (per head: rows h*w_head_rows ..), float or MLX
 // affine-quantized; shared by matvec, GEMM, transposed matvec and embed. vec: the codes
 // are 16-byte aligned (the row dots then use wide loads); rpw: matvec rows per warp, 1
-// or MF_MV_RPW (grid.h and the kernel agree through it).
+// (the one-token kernels) or MF_MV_RPW (grid.h and the kernel agree through it).
 // y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head.
 struct mf_p_mv {
     int n_in, n_out, n_tok, n_head;
@@ -151,8 +151,9 @@ struct mf_p_route {
 
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the
 // base buffer (lo, hi), row0, n_rows}; component weights at byte offsets in a blob.
-// vec: every blob and code offset is 16-byte aligned (wide loads); rpw: 1 (gate/up
-// one row of each per warp; down keeps MF_MV_RPW) or MF_MV_RPW. dev_k > 0: routing
+// vec: every blob and code offset is 16-byte aligned (wide loads); rpw: 1 for the
+// one-row kernels (gate/up one row of each per warp, down MF_DOWN1_RPW rows) or
+// MF_MV_RPW. dev_k > 0: routing
 // left on the device (moe_experts_dev) and no table: the table buffer is the expert ids
 // idx[n_tok * dev_k], entry r is expert idx[r] at byte offset idx[r] * stride
 // (stride_hi * 2^32 + stride_lo) with one row, row r of gu / eo, whose input is row

@@ -194,8 +194,8 @@ MF_FN float mf_moe_act(float g, float u, const struct mf_p_moe p, MF_G const mf_
 }
 
 // gate/up rows of expert e for rows r0 .. r0 + nt - 1 of xg: R slots per warp (R / 2
-// output indices, gate and up each), R = 4 or 2 (the driver picks by p.rpw as for
-// mf_mv: 2 when every expert has one row, i.e. decode). ONE: one row (mf_dot_rows).
+// output indices, gate and up each), R = MF_MV_RPW, or 2 in the one-row kernel (ONE,
+// every expert one row, i.e. decode; mf_dot_rows).
 template <int R, int ONE>
 MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *base,
                       MF_G const int *tab, const struct mf_p_moe p, MF_TG float *xs, int e,
@@ -256,12 +256,8 @@ MF_PARAMS(4, struct mf_p_moe, p) {
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
     if (nt == 0)
         return;
-    if (p.rpw == 1)
-        mf_gu_rows<2, 0>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
-                         MF_LT);
-    else
-        mf_gu_rows<MF_MV_RPW, 0>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP,
-                                 MF_LANE, MF_LT);
+    mf_gu_rows<MF_MV_RPW, 0>(gu, xg, base, tab, p, xs, e, MF_TG_X, r0, nt, MF_WARP, MF_LANE,
+                             MF_LT);
 }
 
 // mf_moe_gu where every entry has one row (p.max_rows 1, p.rpw 1: decode), with the
