@@ -332,7 +332,7 @@ CUDA_SITE := $(CURDIR)/build/cuda-site
 # `.venv/bin/python tests/make_cuda_goldens.py` writes .cache/cuda-goldens/, which the
 # device call carries; here their absence fails instead of skipping.
 CUDA_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_golden.py \
-                tests/test_cuda_state.py
+                tests/test_cuda_state.py tests/test_cuda_graphs.py
 # Run again with the tensor-core kernels on (MOEFLUX_GPU_TC=1) while they are not the
 # default: the mlx-lm goldens, and resident against streamed bit for bit.
 CUDA_TC_PYTESTS := tests/test_cuda_golden.py tests/test_cuda_resident.py

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 6
+#define MF_BACKEND_API_VERSION 7
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -260,6 +260,12 @@ struct mf_backend_ops {
     // ---- synchronisation
     // Wait until all work queued on ex has finished.
     void (*sync)(struct mf_exec *ex);
+    // API v7: start the work queued so far without waiting for it. A GPU backend may
+    // hold queued work back to submit it in larger pieces (CUDA: launches replayed as
+    // graphs; Metal: the open command buffer) until the host waits on the exec; a
+    // caller about to block on something else (expert reads) calls this first, so the
+    // device works meanwhile. Optional: NULL = nothing is held back (CPU).
+    void (*submit)(struct mf_exec *ex);
     // A fence marks a point in the exec's queue: record places it after the work queued
     // so far; wait blocks the host until that work is done (a fence never recorded is
     // reached at once). CPU: work is done when an op returns, so both are no-ops.

@@ -654,10 +654,18 @@ static void release_kept(mf_ctx *ctx, struct mf_moe_scratch *s) {
     s->n_pend = 0;
 }
 
+// Before the host blocks on expert reads: the device starts what is queued (the shared
+// expert, experts already run), so it computes while the host waits.
+static void submit_queued(mf_ctx *ctx) {
+    if (ctx->be->ops->submit)
+        ctx->be->ops->submit(ctx->ex);
+}
+
 // Wait for whichever submitted expert lands first, run it, release (or keep) its slot.
 static int run_one_ready(mf_ctx *ctx, struct mf_moe_scratch *s, int *outstanding) {
     const void *data = NULL;
     int tk = -1, il = -1, ie = -1;
+    submit_queued(ctx);
     int rc = mf_expert_reader_wait_any(s->reader, &tk, &data, s->err, sizeof s->err);
     mf_expert_reader_ticket_expert(s->reader, tk, &il, &ie);
     (*outstanding)--;
@@ -727,6 +735,7 @@ static int run_oldest(mf_ctx *ctx, struct mf_moe_scratch *s, int il) {
     int tk = s->fifo_tk[s->fifo_head], slot = s->fifo_slot[s->fifo_head], ie = -1;
     s->fifo_head++;
     const void *data = NULL;
+    submit_queued(ctx);
     int rc = mf_expert_reader_wait(s->reader, tk, &data, s->err, sizeof s->err);
     mf_expert_reader_ticket_expert(s->reader, tk, NULL, &ie);
     if (rc != MF_OK) {

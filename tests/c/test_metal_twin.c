@@ -91,6 +91,7 @@ static void fail_first(struct mf_exec *ex, int status) {
 
 void mf_cuda_enter(struct mf_exec *ex) { (void)ex; }
 void mf_cuda_prof_flush(struct mf_exec *ex) { (void)ex; }
+CUstream mf_cuda_stream(struct mf_exec *ex) { return ex->st; }
 
 void mf_cuda_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
     (void)fmt;
@@ -105,9 +106,9 @@ int mf_cuda_ck(struct mf_exec *ex, CUresult r, const char *op, const char *call)
 }
 
 void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
-                    const void *params, const CUdeviceptr *bufs, int n_buf,
-                    const char *op) {
-    (void)ex, (void)op;
+                    const void *params, size_t params_bytes, const CUdeviceptr *bufs,
+                    int n_buf, const char *op) {
+    (void)ex, (void)op, (void)params_bytes;
     uint64_t u[16] = {0};
     for (int i = 0; i < n_buf && i < 16; i++)
         u[i] = (uint64_t)bufs[i];

@@ -17,6 +17,21 @@ typedef struct CUmod_st *CUmodule;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUgraph_st *CUgraph;
+typedef struct CUgraphNode_st *CUgraphNode;
+typedef struct CUgraphExec_st *CUgraphExec;
+
+// A kernel node of a graph: the driver's CUDA_KERNEL_NODE_PARAMS (the v2 layout of
+// CUDA 12 and 13, with cuGraphAddKernelNode_v2 and cuGraphExecKernelNodeSetParams_v2).
+struct mf_cu_kernel_node {
+    CUfunction func;
+    unsigned grid[3], block[3];
+    unsigned shared_bytes;
+    void **params;
+    void **extra;
+    void *kern;              // a CUkernel, used only when func is NULL
+    CUcontext ctx;
+};
 
 #define MF_CUDA_SUCCESS 0
 #define MF_CUDA_ERROR_OUT_OF_MEMORY 2
@@ -79,6 +94,17 @@ typedef struct _nvrtcProgram *nvrtcProgram;
     X(LaunchKernel, "cuLaunchKernel", CUresult,                                         \
       (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,   \
        unsigned bz, unsigned shared_bytes, CUstream s, void **params, void **extra))    \
+    X(GraphCreate, "cuGraphCreate", CUresult, (CUgraph * g, unsigned flags))            \
+    X(GraphDestroy, "cuGraphDestroy", CUresult, (CUgraph g))                            \
+    X(GraphAddKernelNode, "cuGraphAddKernelNode_v2", CUresult,                          \
+      (CUgraphNode * n, CUgraph g, const CUgraphNode *deps, size_t n_deps,             \
+       const struct mf_cu_kernel_node *p))                                              \
+    X(GraphInstantiate, "cuGraphInstantiateWithFlags", CUresult,                        \
+      (CUgraphExec * x, CUgraph g, unsigned long long flags))                           \
+    X(GraphExecKernelNodeSetParams, "cuGraphExecKernelNodeSetParams_v2", CUresult,      \
+      (CUgraphExec x, CUgraphNode n, const struct mf_cu_kernel_node *p))                \
+    X(GraphLaunch, "cuGraphLaunch", CUresult, (CUgraphExec x, CUstream s))              \
+    X(GraphExecDestroy, "cuGraphExecDestroy", CUresult, (CUgraphExec x))                \
     X(GetErrorString, "cuGetErrorString", CUresult, (CUresult r, const char **s))       \
     X(GetErrorName, "cuGetErrorName", CUresult, (CUresult r, const char **s))
 

@@ -308,7 +308,8 @@ static void cuda_exec_free(struct mf_exec *ex) {
     if (ex->cst)   // copies into allocations freed below
         cu->StreamSynchronize(ex->cst);
     if (ex->st)
-        cu->StreamSynchronize(ex->st);
+        cu->StreamSynchronize(mf_cuda_stream(ex));
+    mf_cuda_graphs_free(ex);
     mf_cuda_prof_free(ex);
     free_blocks(ex, ex->live, ex->n_live);
     free_blocks(ex, ex->pool, ex->n_pool);
@@ -346,7 +347,8 @@ static int exec_setup(struct mf_exec *ex) {
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))
             return ex->status;
-    return mf_cuda_prof_init(ex);
+    int rc = mf_cuda_prof_init(ex);
+    return rc ? rc : mf_cuda_graphs_init(ex);
 }
 
 static int cuda_exec_new(struct mf_backend *be, int n_threads, struct mf_exec **out,
@@ -386,7 +388,7 @@ CUdeviceptr mf_cuda_ring_put(struct mf_exec *ex, const void *src, size_t n, cons
     }
     if (ex->ring_off + need > MF_RING_SEG_BYTES) {
         // Leave this segment (its last use is queued) and wait until the next one's is done.
-        if (!CK(ex, op, EventRecord(ex->ring_ev[ex->ring_seg], ex->st)))
+        if (!CK(ex, op, EventRecord(ex->ring_ev[ex->ring_seg], mf_cuda_stream(ex))))
             return 0;
         ex->ring_recorded[ex->ring_seg] = 1;
         ex->ring_seg = (ex->ring_seg + 1) % MF_RING_SEGS;
@@ -399,7 +401,8 @@ CUdeviceptr mf_cuda_ring_put(struct mf_exec *ex, const void *src, size_t n, cons
     ex->ring_off += need;
     if (n)
         memcpy(ex->ring_host + off, src, n);
-    if (n && !CK(ex, op, MemcpyHtoDAsync(ex->ring_dev + off, ex->ring_host + off, n, ex->st)))
+    if (n && !CK(ex, op, MemcpyHtoDAsync(ex->ring_dev + off, ex->ring_host + off, n,
+                                         mf_cuda_stream(ex))))
         return 0;
     return ex->ring_dev + off;
 }
@@ -409,7 +412,7 @@ CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, 
     if (*buf && *have >= n)
         return *buf;
     if (*buf) {   // queued kernels may still use the old one
-        if (!CK(ex, op, StreamSynchronize(ex->st)))
+        if (!CK(ex, op, StreamSynchronize(mf_cuda_stream(ex))))
             return 0;
         ex->cb->cu.MemFree(*buf);
         *buf = 0;
@@ -422,21 +425,33 @@ CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, 
     return *buf;
 }
 
-void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
-                    const void *params, const CUdeviceptr *bufs, int n_buf,
-                    const char *op) {
+int mf_cuda_launch_now(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                       void *params, const CUdeviceptr *bufs, int n_buf, const char *op) {
     void *args[16];
     CUdeviceptr local[15];
-    if (g[0] == 0 || g[1] == 0 || g[2] == 0 || n_buf > 15)
-        return;
     for (int i = 0; i < n_buf; i++) {
         local[i] = bufs[i];
         args[i] = &local[i];
     }
-    args[n_buf] = (void *)params;
-    if (CK(ex, op, LaunchKernel(ex->cb->fn[kid], g[0], g[1], g[2], b[0], b[1], b[2], 0,
-                                ex->st, args, NULL)))
+    args[n_buf] = params;
+    return CK(ex, op, LaunchKernel(ex->cb->fn[kid], g[0], g[1], g[2], b[0], b[1], b[2], 0,
+                                   ex->st, args, NULL));
+}
+
+void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                    const void *params, size_t params_bytes, const CUdeviceptr *bufs,
+                    int n_buf, const char *op) {
+    if (g[0] == 0 || g[1] == 0 || g[2] == 0 || n_buf > 15)
+        return;
+    if (mf_cuda_graph_record(ex, kid, g, b, params, params_bytes, bufs, n_buf))
+        return;
+    if (mf_cuda_launch_now(ex, kid, g, b, (void *)params, bufs, n_buf, op))
         mf_cuda_prof_launched(ex, kid);
+}
+
+CUstream mf_cuda_stream(struct mf_exec *ex) {
+    mf_cuda_graph_flush(ex);
+    return ex->st;
 }
 
 /* ==== Memory ====
@@ -479,7 +494,7 @@ static CUdeviceptr fresh_block(struct mf_exec *ex, size_t bytes) {
     CUdeviceptr p = 0;
     CUresult r = ex->cb->cu.MemAlloc(&p, bytes);
     if (r == MF_CUDA_ERROR_OUT_OF_MEMORY && ex->n_pool) {
-        ex->cb->cu.StreamSynchronize(ex->st);
+        ex->cb->cu.StreamSynchronize(mf_cuda_stream(ex));
         free_blocks(ex, ex->pool, ex->n_pool);
         ex->n_pool = 0;
         r = ex->cb->cu.MemAlloc(&p, bytes);
@@ -500,7 +515,7 @@ static void *cuda_alloc(struct mf_exec *ex, size_t bytes) {
         p = fresh_block(ex, sz);
     if (!p)
         return NULL;
-    if (!CK(ex, "alloc", MemsetD8Async(p, 0, sz, ex->st)))
+    if (!CK(ex, "alloc", MemsetD8Async(p, 0, sz, mf_cuda_stream(ex))))
         return NULL;
     ex->live[ex->n_live].p = p;
     ex->live[ex->n_live].bytes = have;
@@ -520,7 +535,7 @@ static void cuda_dealloc(struct mf_exec *ex, void *ptr) {
             ex->pool[ex->n_pool++] = b;
         } else {   // no room to remember it: give it back to the driver
             mf_cuda_enter(ex);
-            CK(ex, "dealloc", StreamSynchronize(ex->st));
+            CK(ex, "dealloc", StreamSynchronize(mf_cuda_stream(ex)));
             ex->cb->cu.MemFree(b.p);
         }
         return;
@@ -544,7 +559,7 @@ static void cuda_dealloc_host(struct mf_exec *ex, void *p) {
         return;
     mf_cuda_enter(ex);
     CK(ex, "dealloc_host", StreamSynchronize(ex->cst));  // async copies may still read it
-    CK(ex, "dealloc_host", StreamSynchronize(ex->st));
+    CK(ex, "dealloc_host", StreamSynchronize(mf_cuda_stream(ex)));
     CK(ex, "dealloc_host", MemFreeHost(p));
 }
 
@@ -555,13 +570,15 @@ static void cuda_upload(struct mf_exec *ex, void *dst, size_t dst_off, const voi
         size_t n = bytes - off < MF_RING_SEG_BYTES ? bytes - off : MF_RING_SEG_BYTES;
         CUdeviceptr staged = mf_cuda_ring_put(ex, (const char *)src_host + off, n, "upload");
         if (staged)
-            CK(ex, "upload", MemcpyDtoDAsync(mf_dp(dst) + dst_off + off, staged, n, ex->st));
+            CK(ex, "upload", MemcpyDtoDAsync(mf_dp(dst) + dst_off + off, staged, n,
+                                             mf_cuda_stream(ex)));
     }
 }
 
 static void cuda_upload_async(struct mf_exec *ex, void *dst, size_t dst_off,
                               const void *src_host, size_t bytes, struct mf_fence *done) {
     mf_cuda_enter(ex);
+    mf_cuda_graph_flush(ex);   // the compute queued so far starts before this copy
     if (bytes)
         CK(ex, "upload_async", MemcpyHtoDAsync(mf_dp(dst) + dst_off, src_host, bytes,
                                                ex->cst));
@@ -573,9 +590,11 @@ static void cuda_download(struct mf_exec *ex, void *dst_host, const void *src,
                           size_t src_off, size_t bytes) {
     mf_cuda_enter(ex);
     if (bytes)
-        CK(ex, "download", MemcpyDtoHAsync(dst_host, mf_dp(src) + src_off, bytes, ex->st));
-    CK(ex, "download", StreamSynchronize(ex->st));
+        CK(ex, "download", MemcpyDtoHAsync(dst_host, mf_dp(src) + src_off, bytes,
+                                           mf_cuda_stream(ex)));
+    CK(ex, "download", StreamSynchronize(mf_cuda_stream(ex)));
     mf_cuda_prof_flush(ex);
+    mf_cuda_graph_step(ex);
 }
 
 static void cuda_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void *src,
@@ -583,13 +602,13 @@ static void cuda_copy(struct mf_exec *ex, void *dst, size_t dst_off, const void 
     mf_cuda_enter(ex);
     if (bytes)
         CK(ex, "copy", MemcpyDtoDAsync(mf_dp(dst) + dst_off, mf_dp(src) + src_off, bytes,
-                                       ex->st));
+                                       mf_cuda_stream(ex)));
 }
 
 static void cuda_zero(struct mf_exec *ex, void *dst, size_t dst_off, size_t bytes) {
     mf_cuda_enter(ex);
     if (bytes)
-        CK(ex, "zero", MemsetD8Async(mf_dp(dst) + dst_off, 0, bytes, ex->st));
+        CK(ex, "zero", MemsetD8Async(mf_dp(dst) + dst_off, 0, bytes, mf_cuda_stream(ex)));
 }
 
 /* ==== Synchronisation ==== */
@@ -597,8 +616,14 @@ static void cuda_zero(struct mf_exec *ex, void *dst, size_t dst_off, size_t byte
 static void cuda_sync(struct mf_exec *ex) {
     mf_cuda_enter(ex);
     CK(ex, "sync", StreamSynchronize(ex->cst));
-    CK(ex, "sync", StreamSynchronize(ex->st));
+    CK(ex, "sync", StreamSynchronize(mf_cuda_stream(ex)));
     mf_cuda_prof_flush(ex);
+    mf_cuda_graph_step(ex);
+}
+
+static void cuda_submit(struct mf_exec *ex) {
+    mf_cuda_enter(ex);
+    mf_cuda_graph_flush(ex);
 }
 
 static struct mf_fence *cuda_fence_new(struct mf_exec *ex) {
@@ -615,12 +640,13 @@ static struct mf_fence *cuda_fence_new(struct mf_exec *ex) {
 
 static void cuda_fence_record(struct mf_exec *ex, struct mf_fence *f) {
     mf_cuda_enter(ex);
-    if (CK(ex, "fence_record", EventRecord(f->ev, ex->st)))
+    if (CK(ex, "fence_record", EventRecord(f->ev, mf_cuda_stream(ex))))
         f->recorded = 1;
 }
 
 static void cuda_fence_wait(struct mf_exec *ex, struct mf_fence *f) {
     mf_cuda_enter(ex);
+    mf_cuda_graph_flush(ex);   // the host waits: what is held back starts now
     if (f->recorded)
         CK(ex, "fence_wait", EventSynchronize(f->ev));
 }
@@ -629,7 +655,8 @@ static void cuda_fence_wait(struct mf_exec *ex, struct mf_fence *f) {
 // copy wrote, the copy stream before overwriting what queued kernels read.
 static void cuda_fence_wait_device(struct mf_exec *ex, struct mf_fence *f) {
     mf_cuda_enter(ex);
-    if (f->recorded && CK(ex, "fence_wait_device", StreamWaitEvent(ex->st, f->ev, 0)))
+    if (f->recorded &&
+        CK(ex, "fence_wait_device", StreamWaitEvent(mf_cuda_stream(ex), f->ev, 0)))
         CK(ex, "fence_wait_device", StreamWaitEvent(ex->cst, f->ev, 0));
 }
 
@@ -666,6 +693,7 @@ static const struct mf_backend_ops cuda_ops = {
     .dealloc_host = cuda_dealloc_host,
     .upload_async = cuda_upload_async,
     .sync = cuda_sync,
+    .submit = cuda_submit,
     .fence_new = cuda_fence_new,
     .fence_record = cuda_fence_record,
     .fence_wait = cuda_fence_wait,

@@ -91,6 +91,8 @@ struct mf_exec {
     CUdeviceptr route_ws;        // moe_route outputs when the caller gives none
     size_t route_bytes;
     struct mf_cuda_prof *prof;   // NULL unless MOEFLUX_GPU_PROFILE=1
+    struct mf_cuda_graphs *gr;   // launches held back and replayed as graphs
+                                 // (cuda_graph.c); NULL when off
 };
 
 struct mf_fence {
@@ -118,9 +120,35 @@ CUdeviceptr mf_cuda_ring_put(struct mf_exec *ex, const void *src, size_t n, cons
 // Scratch of at least n bytes (grown after a stream sync); 0 after an error.
 CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, size_t n,
                             const char *op);
+// A kernel launch on the exec's stream (held back while graphs are on, see below).
 void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
-                    const void *params, const CUdeviceptr *bufs, int n_buf,
-                    const char *op);
+                    const void *params, size_t params_bytes, const CUdeviceptr *bufs,
+                    int n_buf, const char *op);
+// cuLaunchKernel of one kernel now; 1 on success.
+int mf_cuda_launch_now(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                       void *params, const CUdeviceptr *bufs, int n_buf, const char *op);
+// The exec's compute stream for anything but a kernel launch (a copy, a memset, an
+// event, a wait): the launches held back so far are submitted first, so stream order
+// is the order of the calls.
+CUstream mf_cuda_stream(struct mf_exec *ex);
+
+// ---- cuda_graph.c: kernel launches recorded in segments of up to MF_GRAPH_SEG and
+// submitted at the end of each (segment full, or any other use of the stream). A
+// segment seen before at the same place since the last host wait, with the same
+// kernels, is replayed as an executable graph, only the changed nodes' parameters
+// updated; so a decode step costs a few graph launches instead of one launch per
+// kernel. MOEFLUX_GPU_GRAPHS=0 (read when an exec is made) launches every kernel at
+// once; so does MOEFLUX_GPU_PROFILE=1.
+int mf_cuda_graphs_init(struct mf_exec *ex);
+void mf_cuda_graphs_free(struct mf_exec *ex);
+// Holds one launch back (1), or 0 when graphs are off (the caller launches it).
+int mf_cuda_graph_record(struct mf_exec *ex, int kid, const unsigned g[3],
+                         const unsigned b[3], const void *params, size_t params_bytes,
+                         const CUdeviceptr *bufs, int n_buf);
+// Submits the launches held back (as a graph or one by one).
+void mf_cuda_graph_flush(struct mf_exec *ex);
+// After a host wait for the whole stream: the next segment is the first of a step.
+void mf_cuda_graph_step(struct mf_exec *ex);
 
 // ---- cuda_profile.c: the profile's setup (MF_OK when off), its event after each
 // launch, the end of a run at a host wait on the stream, and the table at exec free.
@@ -135,7 +163,7 @@ void mf_cuda_prof_free(struct mf_exec *ex);
                                      const CUdeviceptr bufs[n_buf], const char *op) {  \
         unsigned g[3], b[3];                                                           \
         grid(p, g, b);                                                                 \
-        mf_cuda_launch(ex, MF_KID_##name, g, b, p, bufs, n_buf, op);                   \
+        mf_cuda_launch(ex, MF_KID_##name, g, b, p, sizeof *p, bufs, n_buf, op);        \
     }
 #include "../../../shaders/kernels.def"
 #undef K

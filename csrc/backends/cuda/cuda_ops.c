@@ -319,7 +319,7 @@ void mf_cuda_gdn_recurrence_from(struct mf_exec *ex, float *o, float *S,
         if (S != S_in)
             mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoDAsync(mf_dp(S), mf_dp(S_in),
                                                       (size_t)nv * dv * dk * sizeof(float),
-                                                      ex->st),
+                                                      mf_cuda_stream(ex)),
                        "gdn_recurrence", "cuMemcpyDtoDAsync");
         return;
     }
@@ -483,13 +483,13 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
     const CUdeviceptr b[4] = {d_idx, d_w, mf_dp(logits), mf_dp(bias)};
     launch_mf_route(ex, &p, b, "moe_route");
     if (idx_host)
-        mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoHAsync(idx_host, d_idx, n, ex->st), "moe_route",
-                   "cuMemcpyDtoHAsync");
+        mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoHAsync(idx_host, d_idx, n, mf_cuda_stream(ex)),
+                   "moe_route", "cuMemcpyDtoHAsync");
     if (w_host)
-        mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoHAsync(w_host, d_w, n, ex->st), "moe_route",
-                   "cuMemcpyDtoHAsync");
+        mf_cuda_ck(ex, ex->cb->cu.MemcpyDtoHAsync(w_host, d_w, n, mf_cuda_stream(ex)),
+                   "moe_route", "cuMemcpyDtoHAsync");
     if (idx_host || w_host) {
-        mf_cuda_ck(ex, ex->cb->cu.StreamSynchronize(ex->st), "moe_route",
+        mf_cuda_ck(ex, ex->cb->cu.StreamSynchronize(mf_cuda_stream(ex)), "moe_route",
                    "cuStreamSynchronize");
         mf_cuda_prof_flush(ex);
     }

@@ -565,6 +565,12 @@ static void metal_zero(struct mf_exec *ex, void *dst, size_t dst_off, size_t byt
 
 static void metal_sync(struct mf_exec *ex) { mf_metal_wait(ex, "sync"); }
 
+static void metal_submit(struct mf_exec *ex) {
+    @autoreleasepool {
+        commit(ex, "submit");
+    }
+}
+
 static struct mf_fence *metal_fence_new(struct mf_exec *ex) {
     (void)ex;
     return calloc(1, sizeof(struct mf_fence));
@@ -927,6 +933,7 @@ static const struct mf_backend_ops metal_ops = {
     .dealloc_host = metal_dealloc_host,
     .upload_async = metal_upload_async,
     .sync = metal_sync,
+    .submit = metal_submit,
     .fence_new = metal_fence_new,
     .fence_record = metal_fence_record,
     .fence_wait = metal_fence_wait,

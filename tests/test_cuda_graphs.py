@@ -1,0 +1,82 @@
+"""CUDA graphs (csrc/backends/cuda/cuda_graph.c): the CUDA backend holds kernel
+launches back in segments and replays a segment it has met before as a graph, only the
+nodes whose arguments changed updated. The replay must run exactly what launching one
+by one runs: every family, both expert modes, prefill, decode steps (whose positions
+change the attention and rope nodes), a few tokens at once and a truncate give the
+logits of MOEFLUX_GPU_GRAPHS=0 bit for bit. And graphs must really be replayed in a
+decode loop (counted by MOEFLUX_GPU_GRAPHS=verbose). The mlx-lm goldens of the GPU
+families run with graphs on, the default (test_cuda_golden.py). Skipped without a
+CUDA device.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import moeflux
+from _helpers import ARCHS, FWD_PROMPT, continuation, converted  # noqa: F401
+
+pytestmark = pytest.mark.skipif("cuda" not in moeflux.backends(), reason="no CUDA device")
+
+
+def _run(m: moeflux.Model) -> list[np.ndarray]:
+    out = [m.eval(FWD_PROMPT, all_logits=True)]
+    out += [m.eval(t) for t in continuation(m.n_vocab, 12)]
+    out.append(m.eval(continuation(m.n_vocab, 3, seed=11), all_logits=True))
+    m.truncate(len(FWD_PROMPT) + 5)
+    out += [m.eval(t) for t in continuation(m.n_vocab, 6, seed=5)]
+    return out
+
+
+@pytest.mark.parametrize("experts", ["resident", "stream"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graphs_equal_launches(arch: str, experts: str,
+                               converted: Callable[..., tuple[Path, Path]],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _, model_dir = converted(arch)
+    kw = {"threads": 2, "backend": "cuda", "gpu_experts": experts}
+    if experts == "stream":
+        kw["gpu_cache"] = 0.25
+    monkeypatch.setenv("MOEFLUX_GPU_GRAPHS", "0")   # read when the context is made
+    with moeflux.Model(model_dir, **kw) as m:
+        ref = _run(m)
+    monkeypatch.delenv("MOEFLUX_GPU_GRAPHS")
+    with moeflux.Model(model_dir, **kw) as m:
+        got = _run(m)
+    assert np.isfinite(ref[0]).all()
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert np.array_equal(a, b), f"{arch} {experts}: eval {i} differs with graphs"
+
+
+_DECODE = """
+import sys, moeflux
+with moeflux.Model(sys.argv[1], threads=2, backend="cuda", gpu_experts="resident") as m:
+    m.eval([1, 5, 77, 300, 12])
+    for t in range(24):
+        m.eval([(7 * t + 3) % m.n_vocab])
+"""
+
+
+def test_decode_replays_graphs(converted: Callable[..., tuple[Path, Path]]) -> None:
+    _, model_dir = converted("qwen3_moe")
+    env = dict(os.environ, MOEFLUX_GPU_GRAPHS="verbose")
+    r = subprocess.run([sys.executable, "-c", _DECODE, str(model_dir)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"(\d+) graph launches, (\d+) kernels launched one by one, (\d+) "
+                  r"graphs made, (\d+) nodes updated", r.stderr)
+    assert m, r.stderr
+    graphs, direct, made, updated = map(int, m.groups())
+    # 24 decode steps: each segment of a step is met again in the next one, so from
+    # the third step on every segment of at least MF_GRAPH_MIN launches is one graph
+    # launch (made once), and the positions change nodes in every step
+    assert made >= 1 and graphs >= 20 * made, r.stderr
+    assert updated >= 20, r.stderr
+    assert direct > 0, r.stderr   # the prompt and the first two steps
