@@ -30,7 +30,7 @@ def _run(m: moeflux.Model) -> list[np.ndarray]:
     out = [m.eval(FWD_PROMPT, all_logits=True)]
     out += [m.eval(t) for t in continuation(m.n_vocab, 12)]
     out.append(m.eval(continuation(m.n_vocab, 3, seed=11), all_logits=True))
-    m.truncate(len(FWD_PROMPT) + 5)
+    m.truncate(m.n_past - 4)   # back to a decode step's end (held by hybrid models)
     out += [m.eval(t) for t in continuation(m.n_vocab, 6, seed=5)]
     return out
 
