@@ -1,6 +1,6 @@
 /*
  * attn.h — causal GQA attention, f32 softmax, split over key positions: mf_attn_part
- * scores one chunk of MF_ATTN_CHUNK keys per (token, head, split) and writes its max
+ * scores one chunk of p.chunk keys per (token, head, split) and writes its max
  * m, sum l of exp(s - m) and unnormalised output; mf_attn_comb merges the splits in
  * split order. Long decode contexts then use many threadgroups, and the result does
  * not depend on scheduling. Partials: ws[((t*n_head + h)*n_split + s)*(dv + 2)] =
@@ -26,10 +26,10 @@ MF_PARAMS(4, struct mf_p_attn, p) {
     const int lane = MF_LANE, n_warp = nt / 32;
     const int group = p.n_head / p.n_kv_head > 0 ? p.n_head / p.n_kv_head : 1;
     const int kvh = h / group;
-    const int n_keys = p.pos0 + t + 1, c0 = p.base + s * MF_ATTN_CHUNK;
+    const int n_keys = p.pos0 + t + 1, c0 = p.base + s * p.chunk;
     const int lo = p.window > 0 && n_keys - p.window > 0 ? n_keys - p.window : 0;
     const int p0 = c0 > lo ? c0 : lo;   // this split's first position the query sees
-    const int p1 = c0 + MF_ATTN_CHUNK < n_keys ? c0 + MF_ATTN_CHUNK : n_keys;
+    const int p1 = c0 + p.chunk < n_keys ? c0 + p.chunk : n_keys;
     MF_G float *part = ws + (((mf_i64)t * p.n_head + h) * p.n_split + s) * (p.dv + 2);
     if (p0 >= p1) {   // outside this token's causal horizon or window: an empty partial
         if (lt == 0) {

@@ -106,12 +106,12 @@ struct mf_p_rope_qk {
     float eps, mscale;
 };
 
-// Split attention: n_split partials of MF_ATTN_CHUNK keys per (token, head), then a
-// combine in split order. Split s covers positions base + s * MF_ATTN_CHUNK on;
+// Split attention: n_split partials of `chunk` keys (at most MF_ATTN_CHUNK) per (token,
+// head), then a combine in split order. Split s covers positions base + s * chunk on;
 // window > 0: a query at p sees p - window + 1 .. p; ring > 0: position p in cache
 // row p % ring; sink_dtype: the dtype of the per-head sink logits, -1 for none.
 struct mf_p_attn {
-    int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, n_split;
+    int n_tok, n_head, n_kv_head, dk, dv, k_stride, v_stride, pos0, n_split, chunk;
     float scale;
     int window, ring, base, sink_dtype;
 };

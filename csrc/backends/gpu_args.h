@@ -273,6 +273,17 @@ static inline enum mf_moe_kernels mf_moe_launch(const struct mf_p_moe *p,
     return p->max_rows == 1 ? MF_MOE_SIMT1 : MF_MOE_SIMT;
 }
 
+// Keys per attention split for n_tok queries over span positions: a decode step's few
+// queries alone fill too few threadgroups with the long serial loops of 256-key
+// chunks (32 heads: 32 threadgroups up to 256 positions), so they take chunks of 64
+// keys while that makes at most 32 splits, 128 to 64 splits; prefill chunks and long
+// contexts keep MF_ATTN_CHUNK (the combine walks the splits in order).
+static inline int mf_attn_chunk(int n_tok, int span) {
+    if (n_tok > 4)
+        return MF_ATTN_CHUNK;
+    return span <= 32 * 64 ? 64 : span <= 64 * 128 ? 128 : MF_ATTN_CHUNK;
+}
+
 // The attention pair's params (ext NULL: plain causal attention, base 0): the splits
 // start at the first position the call's first query sees, so a sliding window over
 // a long context launches only the splits it reads. 0 and *why set when the call is
@@ -284,6 +295,7 @@ static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int
     const int window = ext ? ext->window : 0, ring = ext ? ext->ring : 0;
     const struct mf_weight *sk = ext ? ext->sinks : NULL;
     const int base = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
+    const int chunk = mf_attn_chunk(n_tok, pos0 + n_tok - base);
     *why = dk > MF_ATTN_DK_MAX || n_tok > 65535 || n_head > 65535 ? "sizes"
            : window < 0 || ring < 0 || (ring > 0 && window > 0 && ring < window + n_tok - 1) ||
                    (ring > 0 && window == 0 && ring < pos0 + n_tok)
@@ -295,8 +307,8 @@ static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int
     *p = (struct mf_p_attn){.n_tok = n_tok, .n_head = n_head, .n_kv_head = n_kv_head,
                             .dk = dk, .dv = dv, .k_stride = k_stride, .v_stride = v_stride,
                             .pos0 = pos0, .scale = scale,
-                            .n_split = (pos0 + n_tok - base + MF_ATTN_CHUNK - 1) /
-                                       MF_ATTN_CHUNK,
+                            .chunk = chunk,
+                            .n_split = (pos0 + n_tok - base + chunk - 1) / chunk,
                             .window = window, .ring = ring, .base = base,
                             .sink_dtype = sk ? (int)sk->dtype : -1};
     return *why == NULL;

@@ -805,6 +805,8 @@ static void test_attention(void) {
     test_attention_case(70, 4, 4, 128, 128, 0);
     test_attention_case(2, 16, 1, 576, 512, 700);   // MLA latent shape
     test_attention_case(1, 6, 3, 80, 80, 40000);    // long context: 157 splits
+    test_attention_case(1, 32, 4, 128, 128, 200);   // decode: 64-key splits, 4
+    test_attention_case(4, 8, 2, 128, 128, 2045);   // 128-key splits from 2049 keys on
     status_ok("attention");
 }
 
