@@ -347,28 +347,56 @@ MF_PARAMS(4, struct mf_p_moe, p) {
 
 // y[t, c] = sum of w[t, j] * eo[t * K + j, c] over the token's experts in ascending
 // expert order, each added to a running sum from 0: the order, and so the bits, of
-// zero + scatter_add_rows over expert-grouped rows (the host-routed path).
+// zero + scatter_add_rows over expert-grouped rows (the host-routed path). A slot
+// counts when its id is >= 0 and no earlier slot holds the same id. The threadgroup
+// first puts the slots in that order (ord, m of them: a slot's place is the number of
+// counted slots with a smaller id), then each thread loads MF_VB rows' values at a
+// time and adds them in order.
 MF_KERNEL(mf_moe_combine)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, eo)
 MF_BUF(2, const int, idx)
 MF_BUF(3, const float, w)
 MF_PARAMS(4, struct mf_p_moe_dev, p) {
-    const int t = MF_TG_Y, c = MF_TG_X * MF_NT + MF_LT;
+    MF_SHARED int sid[MF_ROUTE_K_MAX];
+    MF_SHARED int use[MF_ROUTE_K_MAX];
+    MF_SHARED int ord[MF_ROUTE_K_MAX];
+    const int t = MF_TG_Y, lt = MF_LT, c = MF_TG_X * MF_NT + lt, K = p.k;
+    if (lt < K)
+        sid[lt] = idx[(mf_i64)t * K + lt];
+    MF_BARRIER();
+    if (lt < K) {
+        int u = sid[lt] >= 0;
+        for (int i = 0; i < lt; i++)
+            u = u && sid[i] != sid[lt];
+        use[lt] = u;
+    }
+    MF_BARRIER();
+    int m = 0, pos = 0;
+    for (int i = 0; i < K; i++) {
+        m += use[i];
+        pos += lt < K && use[i] && sid[i] < sid[lt];
+    }
+    if (lt < K && use[lt])
+        ord[pos] = lt;
+    MF_BARRIER();
     if (c >= p.n_embd)
         return;
-    MF_G const int *id = idx + (mf_i64)t * p.k;
+    MF_G const float *wt = w + (mf_i64)t * K;
+    MF_G const float *et = eo + (mf_i64)t * K * p.n_embd + c;
     float acc = 0.0f;
-    int last = -1;
-    for (int n = 0; n < p.k; n++) {
-        int j = -1;   // the slot of the smallest expert id above last
-        for (int i = 0; i < p.k; i++)
-            if (id[i] > last && (j < 0 || id[i] < id[j]))
-                j = i;
-        if (j < 0)
-            break;
-        last = id[j];
-        acc += w[(mf_i64)t * p.k + j] * eo[((mf_i64)t * p.k + j) * p.n_embd + c];
+    for (int n0 = 0; n0 < m; n0 += MF_VB) {
+        float wv[MF_VB], ev[MF_VB];
+#pragma unroll
+        for (int q = 0; q < MF_VB; q++) {
+            const int j = n0 + q < m ? ord[n0 + q] : 0;
+            wv[q] = n0 + q < m ? wt[j] : 0.0f;
+            ev[q] = n0 + q < m ? et[(mf_i64)j * p.n_embd] : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < MF_VB; q++)
+            if (n0 + q < m)
+                acc += wv[q] * ev[q];
     }
     y[(mf_i64)t * p.n_embd + c] = acc;
 }

@@ -7,6 +7,42 @@
 
 #include "quant.h"
 
+// A row of at most MF_VB * MF_THREADS values is one block (quant.h's MF_VB), and its
+// values stay in registers between the sum of squares and the scaling. Thread lt's
+// elements and the order of its sum are those of a plain loop i = lt, lt + MF_THREADS, ...
+
+// v[k] = p[i0 + lt + k * nt] where that is below n (0 elsewhere).
+MF_FN void mf_row_load(MF_TH float *v, MF_G const float *p, int i0, int lt, int nt, int n) {
+#pragma unroll
+    for (int k = 0; k < MF_VB; k++) {
+        const int i = i0 + lt + k * nt;
+        v[k] = i < n ? p[i] : 0.0f;
+    }
+}
+
+// y = x * inv * g * scale (then * silu(z[zoff + i]) where p.has_z) over a block of row
+// elements; xv the block's x.
+MF_FN void mf_norm_block(MF_G float *y, MF_TH const float *xv, MF_G const float *z,
+                         mf_i64 zoff, MF_G const mf_u32 *g, const struct mf_p_norm p,
+                         float inv, int i0, int lt, int nt) {
+    float gv[MF_VB], zv[MF_VB];
+#pragma unroll
+    for (int k = 0; k < MF_VB; k++) {
+        const int i = i0 + lt + k * nt;
+        gv[k] = p.has_g && i < p.n ? mf_load(g, p.g_dtype, i) : 1.0f;
+        zv[k] = p.has_z && i < p.n ? z[zoff + i] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < MF_VB; k++) {
+        const int i = i0 + lt + k * nt;
+        float v = xv[k] * inv * gv[k] * p.scale;
+        if (p.has_z)
+            v = mf_silu(zv[k]) * v;
+        if (i < p.n)
+            y[i] = v;
+    }
+}
+
 MF_KERNEL(mf_rmsnorm)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
@@ -15,19 +51,22 @@ MF_BUF(3, const mf_u32, g)
 MF_PARAMS(4, struct mf_p_norm, p) {
     MF_SHARED float red[MF_THREADS / 32];
     const int row = MF_TG_X, lt = MF_LT, nt = MF_NT;
-    const int t = row / p.n_head, hh = row % p.n_head;
+    const int t = row / p.n_head, hh = row % p.n_head, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)t * p.tok_stride + (mf_i64)hh * p.head_stride;
-    float ss = 0.0f;
-    for (int i = lt; i < p.n; i += nt)
-        ss += x[off + i] * x[off + i];
+    float ss = 0.0f, xv[MF_VB];
+    for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
+        mf_row_load(xv, x + off, i0, lt, nt, p.n);
+#pragma unroll
+        for (int k = 0; k < MF_VB; k++)
+            if (i0 + lt + k * nt < p.n)
+                ss += xv[k] * xv[k];
+    }
     const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
     // y may alias x: each element is read and written by the same thread only.
-    for (int i = lt; i < p.n; i += nt) {
-        const float gi = p.has_g ? mf_load(g, p.g_dtype, i) : 1.0f;
-        float v = x[off + i] * inv * gi * p.scale;
-        if (p.has_z)
-            v = mf_silu(z[(mf_i64)row * p.n + i]) * v;
-        y[off + i] = v;
+    for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
+        if (!one)
+            mf_row_load(xv, x + off, i0, lt, nt, p.n);
+        mf_norm_block(y + off, xv, z, (mf_i64)row * p.n, g, p, inv, i0, lt, nt);
     }
 }
 
@@ -40,18 +79,27 @@ MF_BUF(2, const float, r)
 MF_BUF(3, const mf_u32, g)
 MF_PARAMS(4, struct mf_p_norm, p) {
     MF_SHARED float red[MF_THREADS / 32];
-    const int lt = MF_LT, nt = MF_NT;
+    const int lt = MF_LT, nt = MF_NT, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)MF_TG_X * p.tok_stride;
-    float ss = 0.0f;
-    for (int i = lt; i < p.n; i += nt) {
-        const float v = x[off + i] + r[off + i];
-        x[off + i] = v;
-        ss += v * v;
+    float ss = 0.0f, xv[MF_VB], rv[MF_VB];
+    for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
+        mf_row_load(xv, x + off, i0, lt, nt, p.n);
+        mf_row_load(rv, r + off, i0, lt, nt, p.n);
+#pragma unroll
+        for (int k = 0; k < MF_VB; k++) {
+            const int i = i0 + lt + k * nt;
+            xv[k] = xv[k] + rv[k];
+            if (i < p.n) {
+                x[off + i] = xv[k];
+                ss += xv[k] * xv[k];
+            }
+        }
     }
     const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
-    for (int i = lt; i < p.n; i += nt) {
-        const float gi = p.has_g ? mf_load(g, p.g_dtype, i) : 1.0f;
-        y[off + i] = x[off + i] * inv * gi * p.scale;
+    for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
+        if (!one)
+            mf_row_load(xv, x + off, i0, lt, nt, p.n);
+        mf_norm_block(y + off, xv, r, 0, g, p, inv, i0, lt, nt);   // has_z is 0
     }
 }
 

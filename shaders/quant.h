@@ -297,6 +297,11 @@ MF_FN void mf_rows_set(MF_TH struct mf_rows *rw, int i, MF_G const mf_u32 *w,
     rw->s0[i] = q ? row * (n_in / gs) : row;   // float rows: the row itself
 }
 
+// Values a thread of the row and combine kernels loads at once: the loads of a block
+// are issued together, so one memory latency covers them, where a loop whose stores
+// may alias its loads (or whose addresses come from loads) pays one per element.
+#define MF_VB 8
+
 // Sum / max over a threadgroup of MF_THREADS threads: warp butterflies, then the
 // warps' results in warp order, so every thread gets the same value in a fixed order.
 // red holds MF_THREADS / 32 floats; both end with a barrier so red can be reused.
