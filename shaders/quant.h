@@ -200,9 +200,9 @@ MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
             acc[r * MF_MV_TT + t] += s[r] * dq[r * NT + t] + b[r] * sx[t];
 }
 
-// Quantized dots of R rows with NT tokens of x (NT = 1 for decode, or the register
-// tile MF_MV_TT with nt <= NT live): acc[r * MF_MV_TT + t] += W[r] . x[t] over this
-// lane's chunks. A lane takes 32-column chunks (BITS whole words, never split across
+// Quantized dots of R rows with NT tokens of x (the register tile MF_MV_TT with nt <=
+// NT live; one token takes mf_qdot_rows1 below): acc[r * MF_MV_TT + t] += W[r] . x[t]
+// over this lane's chunks. A lane takes 32-column chunks (BITS whole words, never split across
 // groups since groups are multiples of 32); each x value serves all R rows from a
 // register. Per step of MF_XS_COLS columns: the lane's codes and group parameters of
 // the step are loaded first, then x of every token is staged through threadgroup
@@ -240,6 +240,58 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
     }
 }
 
+// Chunks a lane of a one-token row dot takes per step: two where the R rows' codes of
+// a chunk are at most four words (one row of 4-bit codes or narrower), else one. More
+// (four chunks, or two at eight words) raised the one-token kernels' registers past
+// what keeps a decode product's warps in one wave, and measured slower (H100, session
+// 13: q_proj 6.5 -> 9.3 us, the experts 35 -> 44.5 us at four).
+#define MF_CH1(BITS, R) ((R) * (BITS) <= 4 ? 2 : 1)
+
+// mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
+// step's codes and group parameters of every chunk are loaded first, then CH tiles of
+// x are staged (xs holds a tile per token in the tile path, a tile of the step's
+// columns here) behind one barrier, then the chunks are dotted in column order, the
+// second one's codes arriving while the first is dotted. A lane's chunks, and the
+// operations on each, are those of mf_qdot_rows with NT = 1 in the same order (the
+// same bits); a 2048-column row of 4-bit codes is then one DRAM round trip and one
+// barrier pair instead of two.
+template <int BITS, int R>
+MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
+                         int sdtype, int gs, int n_in, MF_G const float *x, int lt,
+                         int lane) {
+    const int CH = MF_CH1(BITS, R), PER = MF_XS_COLS / MF_MV_THREADS;
+    const int n_chunk = n_in >> 5, on = rw->n > 0;
+    mf_u32 wd[CH][R][BITS];
+    float s[CH][R], b[CH][R], xr[CH * PER];
+    for (int c0 = 0; c0 < n_in; c0 += CH * MF_XS_COLS) {
+        if (on) {
+#pragma unroll
+            for (int j = 0; j < CH; j++)
+                mf_load_rows<BITS, R>(wd[j], s[j], b[j], rw, sdtype, gs,
+                                      (c0 >> 5) + 32 * j + lane, n_chunk);
+        }
+#pragma unroll
+        for (int i = 0; i < CH * PER; i++) {
+            const int k = lt + i * MF_MV_THREADS;
+            xr[i] = c0 + k < n_in ? x[c0 + k] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < CH * PER; i++) {
+            const int k = lt + i * MF_MV_THREADS;
+            xs[(k >> 10) * MF_XS_TOK + ((k >> 5) & 31) * 33 + (k & 31)] = xr[i];
+        }
+        MF_BARRIER();
+        if (on) {
+#pragma unroll
+            for (int j = 0; j < CH; j++)
+                if ((c0 >> 5) + 32 * j + lane < n_chunk)
+                    mf_chunk_dot<BITS, 1, R>(acc, wd[j], s[j], b[j],
+                                             xs + j * MF_XS_TOK + lane * 33, MF_XS_TOK, 1);
+        }
+        MF_BARRIER();
+    }
+}
+
 // Row dots of a warp's R rows for nt tokens: quantized through the staged tile
 // (templated on the width, and on one token or a tile), float straight from device
 // memory (lanes stride over columns, coalesced). The dtype is the same for the whole
@@ -267,13 +319,12 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
                                                   n_in, x, x_stride, nt, lane);
         return;
     }
-#define MF_QROWS(B, T)                                                                 \
-    mf_qdot_rows<B, T, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, lane)
 #define MF_QBITS(B)                                                                    \
     if (ONE || nt == 1)                                                                \
-        MF_QROWS(B, 1);                                                                \
+        mf_qdot_rows1<B, R>(acc, xs, rw, sdtype, gs, n_in, x, lt, lane);                \
     else                                                                               \
-        MF_QROWS(B, MF_MV_TT);
+        mf_qdot_rows<B, MF_MV_TT, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, \
+                                     lane);
     switch (bits) {
     case 2: MF_QBITS(2); break;
     case 3: MF_QBITS(3); break;
@@ -283,7 +334,6 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
     default: MF_QBITS(8); break;
     }
 #undef MF_QBITS
-#undef MF_QROWS
 }
 
 // Row r of a weight [n_out, n_in] (quantized or float) into slot i of rw.
