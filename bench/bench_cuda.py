@@ -162,9 +162,10 @@ def dense_bytes(model_dir: Path) -> int:
     return total
 
 
-def decode_tps(m: moeflux.Model, n: int) -> float:
+def decode_tps(m: moeflux.Model, n: int, context: int = 16) -> float:
+    """Tokens/s of n one-token evals after a prompt of `context` tokens."""
     m.reset()
-    m.eval(list(range(1, 17)))
+    m.eval([1 + i % 1000 for i in range(context)])
     toks = [int(t) for t in np.random.default_rng(0).integers(1, min(1000, m.n_vocab), n)]
     t0 = time.perf_counter()
     for t in toks:
@@ -236,6 +237,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/moeflux-bench-cuda")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--context", type=int, default=16,
+                    help="resident decode: prompt tokens before the timed steps")
     ap.add_argument("--mode", default="resident", choices=["resident", "stream"])
     ap.add_argument("--gpu-cache", type=float, default=0.25,
                     help="stream mode: device expert cache, fraction of the experts")
@@ -257,7 +260,7 @@ def main() -> None:
     decode_tps(m, 8)   # warm-up: kernels, scratch, caches
     prefill_tps(m, 64)
     m.stats_reset()
-    decode_tps(m, args.tokens)
+    decode_tps(m, args.tokens, args.context)
     d = m.stats()
     n = d["n_tokens_evaluated"]
     print("decode phases, host ms per token (a GPU phase counts until its work is "
@@ -268,10 +271,10 @@ def main() -> None:
     bw, dec, pre, dec_nock = [], [], [], []
     for _ in range(args.repeat):
         bw.append(cuda.copy_bw())
-        dec.append(decode_tps(m, args.tokens))
+        dec.append(decode_tps(m, args.tokens, args.context))
         if args.shape != "a3b":   # hybrid: the truncation checkpoints' share of decode
             m.set_checkpoints(-1)
-            dec_nock.append(decode_tps(m, args.tokens))
+            dec_nock.append(decode_tps(m, args.tokens, args.context))
             m.set_checkpoints(0)
         bw.append(cuda.copy_bw())
         pre.append(prefill_tps(m))
@@ -287,7 +290,7 @@ def main() -> None:
           f"bytes per decode token {per_tok / 1e6:.1f} MB, all weights "
           f"{all_bytes / 1e9:.2f} GB")
     print(f"copy bandwidth (read+write) GB/s: {spread([b / 1e9 for b in bw])}")
-    print(f"decode tok/s: {spread(dec)}; bound {dec_bound:.0f}; ratio "
+    print(f"decode tok/s (context {args.context}): {spread(dec)}; bound {dec_bound:.0f}; ratio "
           f"{spread([d / dec_bound for d in dec])}")
     if dec_nock:
         print(f"decode tok/s with checkpoints off (set_checkpoints(-1)), interleaved: "
