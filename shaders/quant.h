@@ -240,21 +240,21 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
     }
 }
 
-// Chunks a lane of a one-token row dot takes per step: two where the R rows' codes of
-// a chunk are at most four words (one row of 4-bit codes or narrower), else one. More
-// (four chunks, or two at eight words) raised the one-token kernels' registers past
-// what keeps a decode product's warps in one wave, and measured slower (H100, session
-// 13: q_proj 6.5 -> 9.3 us, the experts 35 -> 44.5 us at four).
-#define MF_CH1(BITS, R) ((R) * (BITS) <= 4 ? 2 : 1)
+// Chunks a lane of a one-token row dot takes per step. One: loading two or four
+// chunks a step before dotting them measured slower where the registers it takes cost
+// warps in flight (H100, session 13: four chunks, q_proj 6.5 -> 9.3 us and the experts
+// 35 -> 44.5 us; two, on rows of 4-bit codes only, the lm_head 147 -> 168 us and the
+// whole decode step 733 -> 714 tok/s). Kept as a parameter for other GPUs.
+#define MF_CH1(BITS, R) 1
 
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
 // step's codes and group parameters of every chunk are loaded first, then CH tiles of
 // x are staged (xs holds a tile per token in the tile path, a tile of the step's
-// columns here) behind one barrier, then the chunks are dotted in column order, the
-// second one's codes arriving while the first is dotted. A lane's chunks, and the
-// operations on each, are those of mf_qdot_rows with NT = 1 in the same order (the
-// same bits); a 2048-column row of 4-bit codes is then one DRAM round trip and one
-// barrier pair instead of two.
+// columns here) behind one barrier, then the chunks are dotted in column order. A
+// lane's chunks, and the operations on each, are those of mf_qdot_rows with NT = 1 in
+// the same order (the same bits). With CH = 1 it is that path without the token
+// tile's loop and bounds, for which ptxas makes shorter code (the 151936-row lm_head
+// 160 -> 147 us on the H100).
 template <int BITS, int R>
 MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                          int sdtype, int gs, int n_in, MF_G const float *x, int lt,
