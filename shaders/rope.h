@@ -77,21 +77,31 @@ MF_PARAMS(5, struct mf_p_rope_qk, p) {
     const int t = r / heads, hh = r % heads;
     MF_G float *xh = (k ? x1 : x0) + (mf_i64)t * ts + (mf_i64)hh * hs;
     MF_G const mf_u32 *g = k ? g1 : g0;
+    // Ahead of the norm's reduction: this thread's first element and its gain, and its
+    // first pair's angle (the loads and sin / cos off the path after the barriers).
+    const int half = p.n_rot / 2;
+    const float xf = lt < n ? xh[lt] : 0.0f;
+    const float gf = norm && lt < n ? mf_load(g, gdt, lt) : 1.0f;
+    float cf = 0.0f, sf = 0.0f;
+    if (lt < half)
+        mf_rope_cs(p.pos0 + t, inv_freq[lt], &cf, &sf);
     if (norm) {
         float ss = 0.0f;
-        for (int i = lt; i < n; i += nt)
-            ss += xh[i] * xh[i];
+        for (int i = lt; i < n; i += nt) {
+            const float v = i == lt ? xf : xh[i];
+            ss += v * v;
+        }
         const float inv = mf_rms_inv(ss, red, lt, n, p.eps);
         for (int i = lt; i < n; i += nt)
-            row[i] = xh[i] * inv * mf_load(g, gdt, i);
+            row[i] = (i == lt ? xf : xh[i]) * inv * (i == lt ? gf : mf_load(g, gdt, i));
         MF_BARRIER();
         for (int i = p.n_rot + lt; i < n; i += nt)   // the dims rope leaves alone
             xh[i] = row[i];
     }
-    const int half = p.n_rot / 2;
     for (int i = lt; i < half; i += nt) {
-        float c, s, o1, o2;
-        mf_rope_cs(p.pos0 + t, inv_freq[i], &c, &s);
+        float c = cf, s = sf, o1, o2;
+        if (i != lt)
+            mf_rope_cs(p.pos0 + t, inv_freq[i], &c, &s);
         int i1, i2;
         mf_rope_idx(i, p.n_rot, p.traditional, &i1, &i2);
         mf_rope_apply(norm ? row[i1] : xh[i1], norm ? row[i2] : xh[i2], c, s, p.mscale, &o1,
