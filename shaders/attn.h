@@ -45,34 +45,15 @@ MF_PARAMS(4, struct mf_p_attn, p) {
     for (int i = lt; i < p.dk; i += nt)
         qs[i] = qh[i];
     MF_BARRIER();
-    // a warp scores MF_VB keys at once (their loads in flight together); each key's
-    // lane sums and warp sum are those of one key at a time
-    for (int j0 = MF_WARP; j0 < np; j0 += n_warp * MF_VB) {
-        MF_G const float *kp[MF_VB];
-        float d[MF_VB];
-#pragma unroll
-        for (int q = 0; q < MF_VB; q++) {
-            const int j = j0 + q * n_warp < np ? j0 + q * n_warp : j0;
-            const int row = p.ring > 0 ? (p0 + j) % p.ring : p0 + j;
-            kp[q] = k + (mf_i64)row * p.k_stride + (mf_i64)kvh * p.dk;
-            d[q] = 0.0f;
-        }
-#pragma unroll 2   // two steps' loads in flight: 80 registers (unrolled whole: 110)
-        for (int i = lane; i < p.dk; i += 32) {
-            float kv[MF_VB];
-#pragma unroll
-            for (int q = 0; q < MF_VB; q++)
-                kv[q] = kp[q][i];
-#pragma unroll
-            for (int q = 0; q < MF_VB; q++)
-                d[q] += qs[i] * kv[q];
-        }
-#pragma unroll
-        for (int q = 0; q < MF_VB; q++) {
-            const float dq = mf_warp_sum(d[q]);
-            if (lane == 0 && j0 + q * n_warp < np)
-                sc[j0 + q * n_warp] = dq * p.scale;
-        }
+    for (int j = MF_WARP; j < np; j += n_warp) {
+        const int row = p.ring > 0 ? (p0 + j) % p.ring : p0 + j;
+        MF_G const float *kp = k + (mf_i64)row * p.k_stride + (mf_i64)kvh * p.dk;
+        float d = 0.0f;
+        for (int i = lane; i < p.dk; i += 32)
+            d += qs[i] * kp[i];
+        d = mf_warp_sum(d);
+        if (lane == 0)
+            sc[j] = d * p.scale;
     }
     MF_BARRIER();
     float m = -MF_INF;
@@ -89,18 +70,9 @@ MF_PARAMS(4, struct mf_p_attn, p) {
     for (int i = lt; i < p.dv; i += nt) {
         MF_G const float *vp = v + (mf_i64)kvh * p.dv + i;
         float a = 0.0f;
-        for (int j0 = 0; j0 < np; j0 += MF_VB) {   // MF_VB rows' values in flight
-            float vv[MF_VB];
-#pragma unroll
-            for (int q = 0; q < MF_VB; q++) {
-                const int j = j0 + q < np ? j0 + q : j0;
-                const int row = p.ring > 0 ? (p0 + j) % p.ring : p0 + j;
-                vv[q] = vp[(mf_i64)row * p.v_stride];
-            }
-#pragma unroll
-            for (int q = 0; q < MF_VB; q++)
-                if (j0 + q < np)
-                    a += sc[j0 + q] * vv[q];
+        for (int j = 0; j < np; j++) {
+            const int row = p.ring > 0 ? (p0 + j) % p.ring : p0 + j;
+            a += sc[j] * vp[(mf_i64)row * p.v_stride];
         }
         part[2 + i] = a;
     }
