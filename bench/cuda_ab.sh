@@ -10,7 +10,8 @@
 # BASE_TREE: a checkout whose shaders/, csrc/backends/cuda/cuda_ops.c and
 # csrc/backends/gpu_args.h are the "before" (the op-test file, with the decode timings,
 # is this tree's). Variants: comma-separated "name:sed-expression:file" entries in
-# $AB_VARIANTS, applied to a copy of shaders/. The model step needs BASE_TREE whole
+# $AB_VARIANTS, applied to a copy of shaders/ (the expression can hold neither ':'
+# nor ','). The model step needs BASE_TREE whole
 # (e.g. `git archive REV | tar -x -C DIR`, carried to the GPU machine): this tree,
 # then the base, twice, `make bench-cuda` in each with $BENCH_CUDA_ARGS, one model
 # directory for both.

@@ -17,9 +17,6 @@ import ctypes
 from collections import defaultdict
 from pathlib import Path
 
-import moeflux
-from bench_cuda import build
-
 
 def summarize(path: str) -> None:
     rows = [r for r in csv.reader(open(path)) if len(r) > 10]
@@ -53,6 +50,9 @@ def main() -> None:
     if args.summarize:
         summarize(args.summarize)
         return
+    import moeflux   # here, so that --summarize runs where moeflux is not importable
+    from bench_cuda import build
+
     cu = ctypes.CDLL("libcuda.so.1")
     m = moeflux.Model(build(Path(args.dir), args.layers, args.shape), backend="cuda",
                       gpu_experts="resident")
