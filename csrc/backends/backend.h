@@ -458,7 +458,8 @@ struct mf_backend_ops {
     // sum over token t's experts, in ascending expert order, of w * expert(x[t]),
     // summed from 0. Bitwise what the host-routed path gives: the pairs grouped by
     // expert (ascending, tokens in order) through moe_experts, then zero +
-    // scatter_add_rows in that order. Nothing here waits for the device.
+    // scatter_add_rows in that order. Nothing here waits for the device. The CUDA
+    // backend refuses d->k above 64, its moe_route's limit (an argument error).
     // Optional (API v2 addition): NULL = the backend has no device-routed path and
     // callers route on the host.
     void (*moe_experts_dev)(struct mf_exec *ex, float *y, const float *x,

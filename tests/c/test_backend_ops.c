@@ -28,6 +28,7 @@
 #include "backends/backend.h"
 #include "backends/cpu/cpu_internal.h"
 #include "backends/cuda/cuda_backend.h"
+#include "../../shaders/mf_params.h"
 #include "check.h"
 
 #define EPS (1.0 / 8388608.0)   // 2^-23
@@ -1817,6 +1818,24 @@ static void test_status(void) {
     rc = E.go->status(ex, err, sizeof err);
     CHECK(rc != MF_OK && strstr(err, "moe_route"), "sticky status names the op: %d %s", rc,
           err);
+    E.go->exec_free(ex);
+    // More experts a token than the combine orders in threadgroup memory: refused before
+    // anything is launched (no buffer is touched).
+    rc = E.gb->ops->exec_new(E.gb, 1, &ex, err, sizeof err);
+    CHECK(rc == MF_OK, "exec_new: %s", err);
+    if (rc)
+        return;
+    const struct blob_layout L = layout(256, 192, 4, 64, MF_DTYPE_BF16);
+    const struct mf_moe_batch lb = layout_batch(&L, 0, NULL, NULL, NULL);
+    struct mf_moe_dev d = {.n_tok = 1, .k = MF_ROUTE_K_MAX + 1, .stride = (int64_t)L.bytes,
+                           .gate = &L.gate, .up = &L.up, .down = &L.down,
+                           .gate_bias = lb.gate_bias, .up_bias = lb.up_bias,
+                           .down_bias = lb.down_bias, .act = L.act, .act_alpha = L.alpha,
+                           .act_limit = L.limit};
+    E.go->moe_experts_dev(ex, NULL, NULL, &d);
+    rc = E.go->status(ex, err, sizeof err);
+    CHECK(rc != MF_OK && strstr(err, "moe_experts_dev"), "%d experts a token: %d %s", d.k,
+          rc, err);
     E.go->exec_free(ex);
 }
 

@@ -511,11 +511,11 @@ static int experts_ok_dev(struct mf_exec *ex, const struct mf_moe_dev *d) {
                              .down_bias = d->down_bias};
     if (!experts_ok(ex, &b))
         return 0;
-    if (d->n_tok <= 65535 / d->k && d->stride > 0)
-        return 1;
+    if (d->n_tok <= 65535 / d->k && d->k <= MF_ROUTE_K_MAX && d->stride > 0)
+        return 1;   // the combine orders a token's k slots in threadgroup memory
     mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: moe_experts_dev: %d tokens x %d experts "
-                 "(at most 65535 entries), blob stride %lld", d->n_tok, d->k,
-                 (long long)d->stride);
+                 "(at most 65535 entries, %d experts a token), blob stride %lld", d->n_tok,
+                 d->k, MF_ROUTE_K_MAX, (long long)d->stride);
     return 0;
 }
 
