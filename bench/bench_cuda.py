@@ -290,8 +290,8 @@ def main() -> None:
           f"bytes per decode token {per_tok / 1e6:.1f} MB, all weights "
           f"{all_bytes / 1e9:.2f} GB")
     print(f"copy bandwidth (read+write) GB/s: {spread([b / 1e9 for b in bw])}")
-    print(f"decode tok/s (context {args.context}): {spread(dec)}; bound {dec_bound:.0f}; ratio "
-          f"{spread([d / dec_bound for d in dec])}")
+    print(f"decode tok/s (context {args.context}): {spread(dec)}; bound "
+          f"{dec_bound:.0f}; ratio {spread([d / dec_bound for d in dec])}")
     if dec_nock:
         print(f"decode tok/s with checkpoints off (set_checkpoints(-1)), interleaved: "
               f"{spread(dec_nock)}")

@@ -202,9 +202,9 @@ MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
 
 // Quantized dots of R rows with NT tokens of x (the register tile MF_MV_TT with nt <=
 // NT live; one token takes mf_qdot_rows1 below): acc[r * MF_MV_TT + t] += W[r] . x[t]
-// over this lane's chunks. A lane takes 32-column chunks (BITS whole words, never split across
-// groups since groups are multiples of 32); each x value serves all R rows from a
-// register. Per step of MF_XS_COLS columns: the lane's codes and group parameters of
+// over this lane's chunks. A lane takes 32-column chunks (BITS whole words, never
+// split across groups since groups are multiples of 32); each x value serves all R
+// rows from a register. Per step of MF_XS_COLS columns: the lane's codes and group parameters of
 // the step are loaded first, then x of every token is staged through threadgroup
 // memory (coalesced loads, all of a thread's in flight before its stores; each lane
 // then reads its 32 values without bank conflicts), so the weight bytes travel while
