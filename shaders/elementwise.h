@@ -1,8 +1,8 @@
 /*
  * elementwise.h — swiglu, mul_sigmoid, axpy (also with the non-finite flag of its
  * result), row gathers (index table in device memory), the non-finite flag, and row
- * scatter-adds (a thread per column walks the rows in order, so a repeated index
- * accumulates in a fixed order, with no atomics).
+ * scatter-adds (a thread per destination element adds that row's sources in their
+ * order, so a repeated index accumulates in a fixed order, with no atomics).
  */
 #ifndef MF_ELEMENTWISE_H
 #define MF_ELEMENTWISE_H
@@ -67,17 +67,27 @@ MF_PARAMS(3, struct mf_p_rows, p) {
         dst[(mf_i64)r * p.n + c] = src[(mf_i64)idx[r] * p.n + c];
 }
 
+// dst[d] += w[i] * src[i] for the rows i with idx[i] = d, in ascending i: the order, and
+// so the bits, of adding the rows one after another. tab (the driver's, gpu_args.h
+// mf_scatter_tab): the destinations d[m], the offsets off[m + 1] of their sources in
+// rows[n_rows].
 MF_KERNEL(mf_scatter_add)
 MF_BUF(0, float, dst)
 MF_BUF(1, const float, src)
-MF_BUF(2, const int, idx)
+MF_BUF(2, const int, tab)
 MF_BUF(3, const float, w)
 MF_PARAMS(4, struct mf_p_rows, p) {
-    const int c = MF_TG_X * MF_NT + MF_LT;
+    const int d = MF_TG_X, c = MF_TG_Y * MF_NT + MF_LT;
     if (c >= p.n)
         return;
-    for (int i = 0; i < p.n_rows; i++)
-        dst[(mf_i64)idx[i] * p.n + c] += (p.has_w ? w[i] : 1.0f) * src[(mf_i64)i * p.n + c];
+    MF_G const int *off = tab + p.n_dst, *rows = off + p.n_dst + 1;
+    MF_G float *yd = dst + (mf_i64)tab[d] * p.n + c;
+    float acc = *yd;
+    for (int j = off[d]; j < off[d + 1]; j++) {
+        const int i = rows[j];
+        acc += (p.has_w ? w[i] : 1.0f) * src[(mf_i64)i * p.n + c];
+    }
+    *yd = acc;
 }
 
 // flag[0] = 1 when any x[i] is NaN or infinite (all-ones exponent); every writer

@@ -115,10 +115,10 @@ static inline void mf_grid_gather(const struct mf_p_rows *p, unsigned g[3],
     mf_grid_set(g, b, (unsigned)p->n_rows, mf_cdiv(p->n, MF_THREADS), 1, MF_THREADS);
 }
 
-// A thread per column walks every row in order (indices may repeat).
+// A destination row per grid column x, column blocks on y.
 static inline void mf_grid_scatter(const struct mf_p_rows *p, unsigned g[3],
                                    unsigned b[3]) {
-    mf_grid_set(g, b, mf_cdiv(p->n, MF_THREADS), 1, 1, MF_THREADS);
+    mf_grid_set(g, b, (unsigned)p->n_dst, mf_cdiv(p->n, MF_THREADS), 1, MF_THREADS);
 }
 
 // Grid-stride: at most 4096 threadgroups.

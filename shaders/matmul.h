@@ -134,9 +134,72 @@ MF_PARAMS(13, struct mf_p_mv_multi, p) {
                       0, MF_WARP, MF_LANE, MF_LT);
 }
 
+// One thread's share of a k-step of mf_gemm as loaded from device memory: 8 columns of
+// one W row (an affine row's codes in w0 / w1 with the group's scale and bias, or float
+// values in f) and of one x row. Loaded a step ahead, converted after that step's sums.
+struct mf_gemm_ld {
+    mf_u32 w0, w1;
+    float s, b;
+    float f[8];
+    float x[8];
+};
+
+// Columns c0 .. c0 + 7 of W's row `row` (counted over the tensor; rok: inside the tile's
+// rows) and of x's row t. Out-of-range values load as the 0.0f that mf_gemm_put stores
+// (an affine row's 8 columns share one group: c0 is a multiple of 8, n_in of 32).
+MF_FN void mf_gemm_fetch(MF_TH struct mf_gemm_ld *q, MF_G const float *xh,
+                         MF_G const mf_u32 *w, MF_G const mf_u32 *sc, MF_G const mf_u32 *bi,
+                         const struct mf_p_mv p, mf_i64 row, int rok, int t, int c0) {
+    q->w0 = 0u;
+    q->w1 = 0u;
+    q->s = 0.0f;
+    q->b = 0.0f;
+    if (p.dtype == MF_SH_U32) {
+        if (rok && c0 < p.n_in) {
+            const mf_i64 bit = (mf_i64)c0 * p.bits;
+            MF_G const mf_u32 *pw = w + row * (p.n_in / 32) * p.bits + (bit >> 5);
+            q->w0 = pw[0];
+            if ((int)(bit & 31) + 8 * p.bits > 32)
+                q->w1 = pw[1];
+            const mf_i64 sg = row * (p.n_in / p.group_size) + c0 / p.group_size;
+            q->s = mf_load(sc, p.sdtype, sg);
+            q->b = mf_load(bi, p.sdtype, sg);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            q->f[i] = rok && c0 + i < p.n_in ? mf_load(w, p.dtype, row * p.n_in + c0 + i)
+                                             : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        q->x[i] = t < p.n_tok && c0 + i < p.n_in ? xh[(mf_i64)t * p.x_tok_stride + c0 + i]
+                                                 : 0.0f;
+}
+
+// q's 8 columns into the k-major tiles (column lc + i of the step at [lc + i][lr]): W
+// values as mf_w_at makes them (s * q + b), x as loaded. The 8 codes of c0 lie in the
+// 64 bits w0 | w1 << 32 from bit (c0 * bits) % 32 on (at most 24 + 8 * 5 bits).
+MF_FN void mf_gemm_put(MF_TG float *ws, MF_TG float *xs, MF_TH const struct mf_gemm_ld *q,
+                       const struct mf_p_mv p, int lr, int lc, int c0) {
+    const int sh = (int)(((mf_i64)c0 * p.bits) & 31);
+    const mf_u64 v = (((mf_u64)q->w1 << 32) | q->w0) >> sh;
+    const mf_u32 mask = (1u << p.bits) - 1u;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const mf_u32 code = (mf_u32)(v >> (i * p.bits)) & mask;
+        ws[(lc + i) * MF_GEMM_TILE + lr] =
+            p.dtype == MF_SH_U32 ? q->s * (float)code + q->b : q->f[i];
+        xs[(lc + i) * MF_GEMM_TILE + lr] = q->x[i];
+    }
+}
+
 // A 64-row x 64-token output tile per threadgroup; each thread owns 4 x 4 outputs
-// (rows ty + 16i, tokens tx + 16j). W is dequantized into threadgroup memory once per
-// 32-column step and shared by the 64 tokens. Sums run over k in order.
+// (rows 4 ty + i, tokens 4 tx + j). W is dequantized into threadgroup memory once per
+// 32-column step and shared by the 64 tokens; the tiles are k-major, so a thread reads
+// its 4 rows and 4 tokens of a column in two 16-byte loads. Each thread loads the next
+// step's 8 columns of one W row and one x row while the current step is summed. Sums
+// run over k in order.
 MF_KERNEL(mf_gemm)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
@@ -144,36 +207,32 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
-    MF_SHARED float ws[MF_GEMM_TILE][MF_GEMM_K + 1];
-    MF_SHARED float xs[MF_GEMM_TILE][MF_GEMM_K + 1];
+    MF_SHARED mf_f4 ws4[MF_GEMM_K][MF_GEMM_TILE / 4];
+    MF_SHARED mf_f4 xs4[MF_GEMM_K][MF_GEMM_TILE / 4];
+    MF_TG float *ws = (MF_TG float *)&ws4[0][0];
+    MF_TG float *xs = (MF_TG float *)&xs4[0][0];
     const int lt = MF_LT, tx = lt & 15, ty = lt >> 4;
     const int r0 = MF_TG_X * MF_GEMM_TILE, t0 = MF_TG_Y * MF_GEMM_TILE, h = MF_TG_Z;
-    const int lr = lt >> 2, lc = (lt & 3) * 8;   // loader: row / token lr, 8 columns
+    const int lr = lt & 63, lc = (lt >> 6) * 8;   // loader: row / token lr, 8 columns
     MF_G const float *xh = x + (mf_i64)h * p.x_head_stride;
-    const mf_i64 wrow0 = (mf_i64)h * p.w_head_rows;
+    const mf_i64 wrow = (mf_i64)h * p.w_head_rows + r0 + lr;
+    const int rok = r0 + lr < p.n_out;
     float acc[4][4];
+#pragma unroll
     for (int i = 0; i < 4; i++)
+#pragma unroll
         for (int j = 0; j < 4; j++)
             acc[i][j] = 0.0f;
+    struct mf_gemm_ld q;
+    mf_gemm_fetch(&q, xh, w, sc, bi, p, wrow, rok, t0 + lr, lc);
     for (int k0 = 0; k0 < p.n_in; k0 += MF_GEMM_K) {
-        for (int i = 0; i < 8; i++) {
-            const int c = k0 + lc + i, r = r0 + lr, t = t0 + lr;
-            ws[lr][lc + i] = (r < p.n_out && c < p.n_in)
-                                 ? mf_w_at(w, sc, bi, p.dtype, p.sdtype, p.bits,
-                                           p.group_size, p.n_in, wrow0 + r, c)
-                                 : 0.0f;
-            xs[lr][lc + i] = (t < p.n_tok && c < p.n_in)
-                                 ? xh[(mf_i64)t * p.x_tok_stride + c]
-                                 : 0.0f;
-        }
+        mf_gemm_put(ws, xs, &q, p, lr, lc, k0 + lc);
         MF_BARRIER();
+        if (k0 + MF_GEMM_K < p.n_in)
+            mf_gemm_fetch(&q, xh, w, sc, bi, p, wrow, rok, t0 + lr, k0 + MF_GEMM_K + lc);
         for (int k = 0; k < MF_GEMM_K; k++) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                a[i] = ws[ty + 16 * i][k];
-                b[i] = xs[tx + 16 * i][k];
-            }
+            const mf_f4 a4 = ws4[k][ty], b4 = xs4[k][tx];
+            const float a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
             for (int i = 0; i < 4; i++)
 #pragma unroll
@@ -183,9 +242,11 @@ MF_PARAMS(5, struct mf_p_mv, p) {
         MF_BARRIER();
     }
     MF_G float *yh = y + (mf_i64)h * p.y_head_stride;
+#pragma unroll
     for (int i = 0; i < 4; i++)
+#pragma unroll
         for (int j = 0; j < 4; j++) {
-            const int r = r0 + ty + 16 * i, t = t0 + tx + 16 * j;
+            const int r = r0 + 4 * ty + i, t = t0 + 4 * tx + j;
             if (r < p.n_out && t < p.n_tok)
                 yh[(mf_i64)t * p.y_tok_stride + r] = acc[i][j];
         }

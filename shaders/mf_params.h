@@ -136,7 +136,7 @@ struct mf_p_ew {
 
 // Row gathers and scatter-adds: n_rows rows of n floats.
 struct mf_p_rows {
-    int n_rows, n, has_w;
+    int n_rows, n, has_w, n_dst;
 };
 
 // Non-finite check over n = n_hi * 2^32 + n_lo floats (grid-stride).

@@ -48,6 +48,7 @@ typedef ushort mf_u16;
 typedef uchar mf_u8;
 typedef ulong mf_u64;
 typedef long mf_i64;
+typedef float4 mf_f4;   // four floats, 16-byte aligned (.x .y .z .w)
 
 MF_FN float mf_as_float(mf_u32 u) { return as_type<float>(u); }
 MF_FN mf_u32 mf_as_u32(float f) { return as_type<uint>(f); }
@@ -110,6 +111,7 @@ typedef unsigned short mf_u16;
 typedef unsigned char mf_u8;
 typedef unsigned long long mf_u64;
 typedef long long mf_i64;
+typedef float4 mf_f4;   // four floats, 16-byte aligned (.x .y .z .w)
 
 MF_FN float mf_as_float(mf_u32 u) { return __uint_as_float(u); }
 MF_FN mf_u32 mf_as_u32(float f) { return __float_as_uint(f); }

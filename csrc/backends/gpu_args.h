@@ -347,4 +347,37 @@ static inline enum mf_rope_qk_plan mf_rope_qk_plan(const struct mf_rope_qk *r,
     return MF_ROPE_QK_FUSED;
 }
 
+// Source rows of one scatter_add_rows launch: its table (3 x this + 1 ints) stays well
+// inside a CUDA argument-ring segment. Larger calls are launched in parts, in order.
+#define MF_SCATTER_PART 16384
+
+static inline int mf_cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+// mf_scatter_add's table for the n_rows (<= MF_SCATTER_PART) rows idx: the distinct
+// destinations d[m], the offsets off[m + 1] of their sources in rows[n_rows], each
+// destination's sources ascending. tab holds 3 * n_rows + 1 ints; key is scratch of
+// n_rows. Returns m.
+static inline int mf_scatter_tab(const int32_t *idx, int n_rows, int32_t *tab, int64_t *key) {
+    for (int i = 0; i < n_rows; i++)
+        key[i] = (int64_t)idx[i] * 4294967296 + i;   // by destination, then source
+    qsort(key, (size_t)n_rows, sizeof *key, mf_cmp_i64);
+    int m = 0;
+    for (int i = 0; i < n_rows; i++)
+        m += i == 0 || idx[key[i] & 0xffffffff] != idx[key[i - 1] & 0xffffffff];
+    int32_t *off = tab + m, *rows = off + m + 1;
+    for (int i = 0, d = -1; i < n_rows; i++) {
+        const int32_t src = (int32_t)(key[i] & 0xffffffff);
+        if (i == 0 || idx[src] != tab[d]) {
+            tab[++d] = idx[src];
+            off[d] = i;
+        }
+        rows[i] = src;
+    }
+    off[m] = n_rows;
+    return m;
+}
+
 #endif /* MF_GPU_ARGS_H */

@@ -443,6 +443,8 @@ static void test_weight_ops(const struct tw *t) {
     for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++)
         test_matmul(t, nts[i], 0);
     test_matmul(t, 1, 1);
+    if (t->c.bits == 0 || t->c.bits == 3 || t->c.bits == 4)   // GEMM token tiles, x unaligned
+        test_matmul(t, 130, 1);
     test_matmul_t(t, 1);
     test_matmul_t(t, 6);
     test_heads(t, 0, 0, 1);
@@ -961,6 +963,23 @@ static void test_elementwise(void) {
     status_ok("elementwise");
 }
 
+// scatter_add_rows over more rows than one GPU launch takes (gpu_args.h
+// MF_SCATTER_PART, 16384): the parts must add in order, each destination's sources too.
+static void test_scatter_parts(void) {
+    const int nd = 37, ns = 40000, n = 5;
+    int32_t *idx = xmalloc((size_t)ns * sizeof *idx);
+    for (int i = 0; i < ns; i++)
+        idx[i] = (int32_t)(check_rand(&E.rng) % nd);
+    float *w = frand((size_t)ns, -1, 1), *src = frand((size_t)ns * n, -1, 1);
+    float *gsrc = gput(src, (size_t)ns * n * 4);
+    float *dst = frand((size_t)nd * n, -1, 1), *gdst = gput(dst, (size_t)nd * n * 4);
+    E.co->scatter_add_rows(E.cx, dst, src, idx, w, ns, n);
+    E.go->scatter_add_rows(E.gx, gdst, gsrc, idx, w, ns, n);
+    float *r = gget(gdst, (size_t)nd * n);
+    cmp_rel("scatter_add_rows in parts", dst, r, (size_t)nd * n, RTOL);
+    free(r), free(dst), free(src), free(w), free(idx), gfree(gdst), gfree(gsrc);
+}
+
 static void test_rows(void) {
     const int nd = 10, ns = 23, n = 777;
     int32_t idx[23];
@@ -978,6 +997,7 @@ static void test_rows(void) {
         cmp_rel(v ? "scatter_add_rows weighted" : "scatter_add_rows", dst, r, (size_t)nd * n, RTOL);
         free(dst), free(r), gfree(gdst);
     }
+    test_scatter_parts();
     float *dc = fpoison((size_t)ns * n), *gd = gpoison((size_t)ns * n * 4);
     int32_t gidx[23];
     for (int i = 0; i < ns; i++)
