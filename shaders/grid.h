@@ -128,10 +128,10 @@ static inline void mf_grid_flag(const struct mf_p_flag *p, unsigned g[3], unsign
     mf_grid_set(g, b, gx < 4096 ? gx : 4096, 1, 1, MF_THREADS);
 }
 
-// A warp per token.
+// A threadgroup per token.
 static inline void mf_grid_route(const struct mf_p_route *p, unsigned g[3],
                                  unsigned b[3]) {
-    mf_grid_set(g, b, (unsigned)p->n_tok, 1, 1, 32);
+    mf_grid_set(g, b, (unsigned)p->n_tok, 1, 1, MF_THREADS);
 }
 
 // Warps over output rows (gate/up: one row of each when p->rpw == 1, else MF_MV_RPW /

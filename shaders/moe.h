@@ -1,6 +1,6 @@
 /*
- * moe.h — mixture-of-experts kernels. mf_route: a warp per token, top-k as repeated
- * arg-max where ties go to the lower expert index (csrc/models/moe.c's rule), softmax,
+ * moe.h — mixture-of-experts kernels. mf_route: a threadgroup per token, top-k by
+ * rank where ties go to the lower expert index (csrc/models/moe.c's rule), softmax,
  * noaux_tc (sigmoid scores, bias steering only the choice, group top-2 sums, the
  * experts of non-kept groups masked to 0.0 as moe.c does) or gpt-oss's top-k of the
  * biased logits weighted by a softmax over the k. mf_moe_gu / mf_moe_down:
@@ -37,12 +37,13 @@ MF_FN int mf_warp_argmax(MF_TG const float *v, MF_TG const int *taken, int n, in
     return bi;
 }
 
-// noaux_tc groups: score each group by its two best biased scores (serial per lane,
-// moe.c's order), keep the topk_group best, mask the rest to 0.0.
+// noaux_tc groups: score each group by its two best biased scores (serial per thread,
+// moe.c's order), keep the topk_group best (warp 0, repeated arg-max), mask the rest to
+// 0.0. Every thread of the threadgroup calls it (barriers).
 MF_FN void mf_route_groups(MF_TG float *bs, MF_TG float *gsc, MF_TG int *gtaken,
-                           int E, int G, int topk_group, int lane) {
-    const int per = E / G;
-    for (int gi = lane; gi < G; gi += 32) {
+                           int E, int G, int topk_group, int lt, int nt) {
+    const int per = E / G, lane = lt & 31;
+    for (int gi = lt; gi < G; gi += nt) {
         int b1 = -1, b2 = -1;
         for (int e = gi * per; e < (gi + 1) * per; e++)
             if (b1 < 0 || bs[e] > bs[b1])
@@ -55,31 +56,46 @@ MF_FN void mf_route_groups(MF_TG float *bs, MF_TG float *gsc, MF_TG int *gtaken,
     }
     MF_BARRIER();
     for (int j = 0; j < topk_group; j++) {
-        const int b = mf_warp_argmax(gsc, gtaken, G, lane);
-        if (lane == 0)
-            gtaken[b] = 1;
+        if (lt < 32) {
+            const int b = mf_warp_argmax(gsc, gtaken, G, lane);
+            if (lane == 0)
+                gtaken[b] = 1;
+        }
         MF_BARRIER();
     }
-    for (int e = lane; e < E; e += 32)
+    for (int e = lt; e < E; e += nt)
         if (!gtaken[e / per])
             bs[e] = 0.0f;
     MF_BARRIER();
 }
 
-MF_KERNEL(mf_route)
-MF_BUF(0, int, idx)
-MF_BUF(1, float, wout)
-MF_BUF(2, float, logits)
-MF_BUF(3, const float, bias)
-MF_PARAMS(4, struct mf_p_route, p) {
-    MF_SHARED float sc[MF_ROUTE_E_MAX];
-    MF_SHARED float bs[MF_ROUTE_E_MAX];
-    MF_SHARED float gsc[MF_ROUTE_G_MAX];
-    MF_SHARED int taken[MF_ROUTE_E_MAX];
-    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
-    MF_SHARED int sel[MF_ROUTE_K_MAX];
-    const int t = MF_TG_X, lane = MF_LANE, E = p.n_expert, K = p.n_used;
-    MF_G float *lg = logits + (mf_i64)t * E;
+// The order key of a selection value: NaN sorts as -inf, so the ranks of any E values
+// are a permutation (NaN routing logits are flagged by the layer's NaN guard; which
+// experts they pick only has to stay in range).
+MF_FN float mf_rank_key(float v) { return v != v ? -MF_INF : v; }
+
+// sel[r] = the expert of rank r < K among bs[0 .. E) (larger first, the lower index
+// first among equals: the order of K rounds of arg-max), each thread ranking its experts
+// against all E at once instead of K rounds one after another.
+MF_FN void mf_route_rank(MF_TG int *sel, MF_TG const float *bs, int E, int K, int lt, int nt) {
+    for (int e = lt; e < E; e += nt) {
+        const float me = mf_rank_key(bs[e]);
+        int r = 0;
+        for (int o = 0; o < E; o++) {
+            const float v = mf_rank_key(bs[o]);
+            r += v > me || (v == me && o < e);
+        }
+        if (r < K)
+            sel[r] = e;
+    }
+}
+
+// The scores of a token's E router logits lg (rewritten in place as moe.c keeps them):
+// sc the weights' source, bs the selection values. One warp, lanes striding (the sums'
+// order of the CPU-checked form).
+MF_FN void mf_route_scores(MF_TG float *sc, MF_TG float *bs, MF_G float *lg,
+                           MF_G const float *bias, const struct mf_p_route p, int E,
+                           int lane) {
     if (p.kind == 0) {
         float mx = -MF_INF;
         for (int e = lane; e < E; e += 32)
@@ -96,7 +112,6 @@ MF_PARAMS(4, struct mf_p_route, p) {
             sc[e] = pr;
             bs[e] = pr;
             lg[e] = pr;
-            taken[e] = 0;
         }
     } else if (p.kind == 2) {   // gpt-oss: biased logits; a softmax over the k chosen
         for (int e = lane; e < E; e += 32) {
@@ -104,7 +119,6 @@ MF_PARAMS(4, struct mf_p_route, p) {
             sc[e] = v;
             bs[e] = v;
             lg[e] = v;
-            taken[e] = 0;
         }
     } else {
         for (int e = lane; e < E; e += 32) {
@@ -112,21 +126,32 @@ MF_PARAMS(4, struct mf_p_route, p) {
             sc[e] = s;
             lg[e] = s;
             bs[e] = s + (p.has_bias ? bias[e] : 0.0f);
-            taken[e] = 0;
         }
     }
+}
+
+MF_KERNEL(mf_route)
+MF_BUF(0, int, idx)
+MF_BUF(1, float, wout)
+MF_BUF(2, float, logits)
+MF_BUF(3, const float, bias)
+MF_PARAMS(4, struct mf_p_route, p) {
+    MF_SHARED float sc[MF_ROUTE_E_MAX];
+    MF_SHARED float bs[MF_ROUTE_E_MAX];
+    MF_SHARED float gsc[MF_ROUTE_G_MAX];
+    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
+    MF_SHARED int sel[MF_ROUTE_K_MAX];
+    const int t = MF_TG_X, lane = MF_LANE, lt = MF_LT, nt = MF_NT;
+    const int E = p.n_expert, K = p.n_used;
+    MF_G float *lg = logits + (mf_i64)t * E;
+    if (lt < 32)   // warp 0 makes the scores
+        mf_route_scores(sc, bs, lg, bias, p, E, lane);
     MF_BARRIER();
     if (p.kind == 1 && p.n_group > 1)
-        mf_route_groups(bs, gsc, gtaken, E, p.n_group, p.topk_group, lane);
-    for (int j = 0; j < K; j++) {
-        const int b = mf_warp_argmax(bs, taken, E, lane);
-        if (lane == 0) {
-            sel[j] = b;
-            taken[b] = 1;
-        }
-        MF_BARRIER();
-    }
-    if (lane != 0)
+        mf_route_groups(bs, gsc, gtaken, E, p.n_group, p.topk_group, lt, nt);
+    mf_route_rank(sel, bs, E, K, lt, nt);
+    MF_BARRIER();
+    if (lt != 0)
         return;
     if (p.kind == 2) {   // the first choice holds the largest logit
         float sum = 0.0f;
