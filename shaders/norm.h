@@ -20,18 +20,22 @@ MF_FN void mf_row_load(MF_TH float *v, MF_G const float *p, int i0, int lt, int 
     }
 }
 
-// y = x * inv * g * scale (then * silu(z[zoff + i]) where p.has_z) over a block of row
-// elements; xv the block's x.
-MF_FN void mf_norm_block(MF_G float *y, MF_TH const float *xv, MF_G const float *z,
-                         mf_i64 zoff, MF_G const mf_u32 *g, const struct mf_p_norm p,
-                         float inv, int i0, int lt, int nt) {
-    float gv[MF_VB], zv[MF_VB];
+// A block's gains gv (1 without g) and gates zv (z[zoff + i] where p.has_z).
+MF_FN void mf_norm_load(MF_TH float *gv, MF_TH float *zv, MF_G const float *z, mf_i64 zoff,
+                        MF_G const mf_u32 *g, const struct mf_p_norm p, int i0, int lt,
+                        int nt) {
 #pragma unroll
     for (int k = 0; k < MF_VB; k++) {
         const int i = i0 + lt + k * nt;
         gv[k] = p.has_g && i < p.n ? mf_load(g, p.g_dtype, i) : 1.0f;
         zv[k] = p.has_z && i < p.n ? z[zoff + i] : 0.0f;
     }
+}
+
+// y = x * inv * g * scale (then * silu(z) where p.has_z) over a block of row elements.
+MF_FN void mf_norm_store(MF_G float *y, MF_TH const float *xv, MF_TH const float *gv,
+                         MF_TH const float *zv, const struct mf_p_norm p, float inv, int i0,
+                         int lt, int nt) {
 #pragma unroll
     for (int k = 0; k < MF_VB; k++) {
         const int i = i0 + lt + k * nt;
@@ -53,9 +57,12 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     const int row = MF_TG_X, lt = MF_LT, nt = MF_NT;
     const int t = row / p.n_head, hh = row % p.n_head, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)t * p.tok_stride + (mf_i64)hh * p.head_stride;
-    float ss = 0.0f, xv[MF_VB];
+    const mf_i64 zoff = (mf_i64)row * p.n;
+    float ss = 0.0f, xv[MF_VB], gv[MF_VB], zv[MF_VB];
     for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
         mf_row_load(xv, x + off, i0, lt, nt, p.n);
+        if (one)   // the gains and gates too, in flight with x
+            mf_norm_load(gv, zv, z, zoff, g, p, i0, lt, nt);
 #pragma unroll
         for (int k = 0; k < MF_VB; k++)
             if (i0 + lt + k * nt < p.n)
@@ -64,9 +71,11 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
     // y may alias x: each element is read and written by the same thread only.
     for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
-        if (!one)
+        if (!one) {
             mf_row_load(xv, x + off, i0, lt, nt, p.n);
-        mf_norm_block(y + off, xv, z, (mf_i64)row * p.n, g, p, inv, i0, lt, nt);
+            mf_norm_load(gv, zv, z, zoff, g, p, i0, lt, nt);
+        }
+        mf_norm_store(y + off, xv, gv, zv, p, inv, i0, lt, nt);
     }
 }
 
@@ -81,10 +90,12 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     MF_SHARED float red[MF_THREADS / 32];
     const int lt = MF_LT, nt = MF_NT, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)MF_TG_X * p.tok_stride;
-    float ss = 0.0f, xv[MF_VB], rv[MF_VB];
+    float ss = 0.0f, xv[MF_VB], rv[MF_VB], gv[MF_VB], zv[MF_VB];
     for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
         mf_row_load(xv, x + off, i0, lt, nt, p.n);
         mf_row_load(rv, r + off, i0, lt, nt, p.n);
+        if (one)   // the gains too, in flight with x and r (has_z is 0: r is not read)
+            mf_norm_load(gv, zv, r, 0, g, p, i0, lt, nt);
 #pragma unroll
         for (int k = 0; k < MF_VB; k++) {
             const int i = i0 + lt + k * nt;
@@ -97,9 +108,11 @@ MF_PARAMS(4, struct mf_p_norm, p) {
     }
     const float inv = mf_rms_inv(ss, red, lt, p.n, p.eps);
     for (int i0 = 0; i0 < p.n; i0 += MF_VB * nt) {
-        if (!one)
+        if (!one) {
             mf_row_load(xv, x + off, i0, lt, nt, p.n);
-        mf_norm_block(y + off, xv, r, 0, g, p, inv, i0, lt, nt);   // has_z is 0
+            mf_norm_load(gv, zv, r, 0, g, p, i0, lt, nt);
+        }
+        mf_norm_store(y + off, xv, gv, zv, p, inv, i0, lt, nt);
     }
 }
 
