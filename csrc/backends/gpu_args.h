@@ -380,4 +380,38 @@ static inline int mf_scatter_tab(const int32_t *idx, int n_rows, int32_t *tab, i
     return m;
 }
 
+// Host scratch of one scatter_add_rows call, launched in parts of `part` source rows.
+struct mf_scatter_buf {
+    int part;
+    int32_t *tab;
+    int64_t *key;
+};
+
+// The scratch for a call of n_rows (> 0) rows; 0 when out of memory (nothing held).
+static inline int mf_scatter_buf_new(struct mf_scatter_buf *sb, int n_rows) {
+    sb->part = n_rows < MF_SCATTER_PART ? n_rows : MF_SCATTER_PART;
+    sb->tab = malloc((3 * (size_t)sb->part + 1) * sizeof *sb->tab);
+    sb->key = malloc((size_t)sb->part * sizeof *sb->key);
+    if (sb->tab && sb->key)
+        return 1;
+    free(sb->tab);
+    free(sb->key);
+    return 0;
+}
+
+static inline void mf_scatter_buf_free(struct mf_scatter_buf *sb) {
+    free(sb->tab);
+    free(sb->key);
+}
+
+// The part of the call starting at row i0 of n_rows: its rows (*nr), its table in
+// sb->tab (*bytes long). Returns its destination count.
+static inline int mf_scatter_part(struct mf_scatter_buf *sb, const int32_t *idx, int i0,
+                                  int n_rows, int *nr, size_t *bytes) {
+    *nr = n_rows - i0 < sb->part ? n_rows - i0 : sb->part;
+    const int m = mf_scatter_tab(idx + i0, *nr, sb->tab, sb->key);
+    *bytes = (2 * (size_t)m + 1 + (size_t)*nr) * sizeof *sb->tab;
+    return m;
+}
+
 #endif /* MF_GPU_ARGS_H */

@@ -507,6 +507,47 @@ static void test_experts(void) {
     BOTH(moe_experts, eo, gu, xg, &b);
 }
 
+// The scatter table both drivers send (gpu_args.h): walked as mf_scatter_add walks it,
+// every destination once, its sources in ascending order, all rows once; parts cover
+// the call's rows in order. Host code only, so it is checked here, without a GPU.
+static void test_scatter_tab(void) {
+    enum { N = 40000, ND = 97 };
+    int32_t *idx = malloc(N * sizeof *idx);
+    CHECK(idx != NULL, "out of memory");
+    if (!idx)
+        return;
+    uint32_t r = 12345;
+    for (int i = 0; i < N; i++) {
+        r = r * 1664525u + 1013904223u;
+        idx[i] = (int32_t)((r >> 8) % ND) - (i % 7 == 0 ? ND : 0);   // some negative
+    }
+    struct mf_scatter_buf sb;
+    CHECK(mf_scatter_buf_new(&sb, N), "mf_scatter_buf_new failed");
+    int covered = 0, bad = 0;
+    for (int i0 = 0; i0 < N; i0 += sb.part) {
+        int nr;
+        size_t bytes;
+        const int m = mf_scatter_part(&sb, idx, i0, N, &nr, &bytes);
+        const int32_t *off = sb.tab + m, *rows = off + m + 1;
+        bad += i0 != covered || bytes != (size_t)(2 * m + 1 + nr) * 4 || off[0] != 0 ||
+               off[m] != nr;
+        for (int d = 0; d < m; d++) {
+            for (int j = off[d]; j < off[d + 1]; j++) {
+                bad += idx[i0 + rows[j]] != sb.tab[d];                  // its destination
+                bad += j > off[d] && rows[j] <= rows[j - 1];            // ascending
+            }
+            bad += off[d + 1] <= off[d];                                // not empty
+            bad += d > 0 && sb.tab[d] <= sb.tab[d - 1];                 // each once
+        }
+        covered += nr;
+    }
+    CHECK(sb.part == MF_SCATTER_PART && covered == N && bad == 0,
+          "scatter table: part %d, %d of %d rows covered, %d faults", sb.part, covered, N,
+          bad);
+    mf_scatter_buf_free(&sb);
+    free(idx);
+}
+
 int main(void) {
     fake_be.cu.MemcpyDtoDAsync = fake_dtod;
     fake_be.cu.MemcpyDtoHAsync = fake_dtoh;
@@ -516,6 +557,7 @@ int main(void) {
     test_gdn_and_elementwise();
     test_route();
     test_experts();
+    test_scatter_tab();
     // The tensor-core launches (MOEFLUX_GPU_TC=1 on an sm_80+ device, or on Metal).
     CHECK(n_tc == 0, "%d tensor-core launches while they are off", n_tc);
     fake_be.tc = 1;

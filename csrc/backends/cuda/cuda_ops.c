@@ -403,17 +403,17 @@ void mf_cuda_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
     if (n_rows <= 0 || n <= 0)
         return;
     mf_cuda_enter(ex);
-    const int part = n_rows < MF_SCATTER_PART ? n_rows : MF_SCATTER_PART;
-    int32_t *tab = malloc((3 * (size_t)part + 1) * sizeof *tab);
-    int64_t *key = malloc((size_t)part * sizeof *key);
-    if (!tab || !key)
-        mf_cuda_fail(ex, MF_ERR_NOMEM, "cuda backend: scatter_add_rows: out of memory "
-                     "for the table of %d rows", part);
-    for (int i0 = 0; i0 < n_rows && ex->status == MF_OK; i0 += part) {
-        const int nr = n_rows - i0 < part ? n_rows - i0 : part;
-        const int m = mf_scatter_tab(idx_host + i0, nr, tab, key);
-        CUdeviceptr t = mf_cuda_ring_put(ex, tab, (2 * (size_t)m + 1 + (size_t)nr) * 4,
-                                         "scatter_add_rows");
+    struct mf_scatter_buf sb;
+    if (!mf_scatter_buf_new(&sb, n_rows)) {
+        mf_cuda_fail(ex, MF_ERR_NOMEM, "cuda backend: scatter_add_rows: out of memory for "
+                     "the table of %d rows", n_rows);
+        return;
+    }
+    for (int i0 = 0; i0 < n_rows && ex->status == MF_OK; i0 += sb.part) {
+        int nr;
+        size_t bytes;
+        const int m = mf_scatter_part(&sb, idx_host, i0, n_rows, &nr, &bytes);
+        CUdeviceptr t = mf_cuda_ring_put(ex, sb.tab, bytes, "scatter_add_rows");
         CUdeviceptr w = w_host && t ? mf_cuda_ring_put(ex, w_host + i0, (size_t)nr * 4,
                                                        "scatter_add_rows")
                                     : 0;
@@ -423,8 +423,7 @@ void mf_cuda_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
         const CUdeviceptr b[4] = {mf_dp(dst), mf_dp(src) + (CUdeviceptr)i0 * n * 4, t, w};
         launch_mf_scatter_add(ex, &p, b, "scatter_add_rows");
     }
-    free(tab);
-    free(key);
+    mf_scatter_buf_free(&sb);
 }
 
 void mf_cuda_gather_rows_dev(struct mf_exec *ex, float *dst, const float *src,

@@ -406,17 +406,17 @@ void mf_metal_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
                                int n) {
     if (n_rows <= 0 || n <= 0 || mf_metal_failed(ex))
         return;
-    const int part = n_rows < MF_SCATTER_PART ? n_rows : MF_SCATTER_PART;
-    int32_t *tab = malloc((3 * (size_t)part + 1) * sizeof *tab);
-    int64_t *key = malloc((size_t)part * sizeof *key);
-    if (!tab || !key)
-        mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: scatter_add_rows: out of memory "
-                      "for the table of %d rows", part);
-    for (int i0 = 0; i0 < n_rows && !mf_metal_failed(ex); i0 += part) {
-        const int nr = n_rows - i0 < part ? n_rows - i0 : part;
-        const int m = mf_scatter_tab(idx_host + i0, nr, tab, key);
-        const void *t = mf_metal_host_arg(ex, tab, (2 * (size_t)m + 1 + (size_t)nr) * 4,
-                                          "scatter_add_rows");
+    struct mf_scatter_buf sb;
+    if (!mf_scatter_buf_new(&sb, n_rows)) {
+        mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: scatter_add_rows: out of memory for "
+                      "the table of %d rows", n_rows);
+        return;
+    }
+    for (int i0 = 0; i0 < n_rows && !mf_metal_failed(ex); i0 += sb.part) {
+        int nr;
+        size_t bytes;
+        const int m = mf_scatter_part(&sb, idx_host, i0, n_rows, &nr, &bytes);
+        const void *t = mf_metal_host_arg(ex, sb.tab, bytes, "scatter_add_rows");
         const void *w = w_host && t ? mf_metal_host_arg(ex, w_host + i0, (size_t)nr * 4,
                                                         "scatter_add_rows")
                                     : NULL;
@@ -426,8 +426,7 @@ void mf_metal_scatter_add_rows(struct mf_exec *ex, float *dst, const float *src,
         const void *const b[4] = {dst, src + (size_t)i0 * n, t, w};
         launch_mf_scatter_add(ex, &p, b, "scatter_add_rows");
     }
-    free(tab);
-    free(key);
+    mf_scatter_buf_free(&sb);
 }
 
 void mf_metal_gather_rows_dev(struct mf_exec *ex, float *dst, const float *src,
