@@ -380,16 +380,28 @@ static inline int mf_scatter_tab(const int32_t *idx, int n_rows, int32_t *tab, i
     return m;
 }
 
-// Host scratch of one scatter_add_rows call, launched in parts of `part` source rows.
+// Rows up to which a scatter_add_rows call's table lives in its mf_scatter_buf (a
+// streamed decode step's k rows per layer: no allocation per token).
+#define MF_SCATTER_SMALL 64
+
+// Host scratch of one scatter_add_rows call, launched in parts of `part` source rows;
+// tab / key point into the struct itself for small calls (do not copy it).
 struct mf_scatter_buf {
     int part;
     int32_t *tab;
     int64_t *key;
+    int32_t tab_small[3 * MF_SCATTER_SMALL + 1];
+    int64_t key_small[MF_SCATTER_SMALL];
 };
 
 // The scratch for a call of n_rows (> 0) rows; 0 when out of memory (nothing held).
 static inline int mf_scatter_buf_new(struct mf_scatter_buf *sb, int n_rows) {
     sb->part = n_rows < MF_SCATTER_PART ? n_rows : MF_SCATTER_PART;
+    if (sb->part <= MF_SCATTER_SMALL) {
+        sb->tab = sb->tab_small;
+        sb->key = sb->key_small;
+        return 1;
+    }
     sb->tab = malloc((3 * (size_t)sb->part + 1) * sizeof *sb->tab);
     sb->key = malloc((size_t)sb->part * sizeof *sb->key);
     if (sb->tab && sb->key)
@@ -400,6 +412,8 @@ static inline int mf_scatter_buf_new(struct mf_scatter_buf *sb, int n_rows) {
 }
 
 static inline void mf_scatter_buf_free(struct mf_scatter_buf *sb) {
+    if (sb->tab == sb->tab_small)
+        return;
     free(sb->tab);
     free(sb->key);
 }
