@@ -22,6 +22,7 @@ MF_PARAMS(4, struct mf_p_attn, p) {
     MF_SHARED float qs[MF_ATTN_DK_MAX];
     MF_SHARED float sc[MF_ATTN_CHUNK];
     MF_SHARED float red[MF_THREADS / 32];
+    mf_dep_wait();
     const int s = MF_TG_X, h = MF_TG_Y, t = MF_TG_Z, lt = MF_LT, nt = MF_NT;
     const int lane = MF_LANE, n_warp = nt / 32;
     const int group = p.n_head / p.n_kv_head > 0 ? p.n_head / p.n_kv_head : 1;
@@ -89,6 +90,7 @@ MF_BUF(0, float, out)
 MF_BUF(1, const float, ws)
 MF_BUF(2, const mf_u32, sinks)
 MF_PARAMS(3, struct mf_p_attn, p) {
+    mf_dep_wait();
     const int h = MF_TG_X, t = MF_TG_Y, lt = MF_LT, nt = MF_NT, stride = p.dv + 2;
     MF_G const float *base = ws + ((mf_i64)t * p.n_head + h) * p.n_split * stride;
     const float sk = p.sink_dtype >= 0 ? mf_load(sinks, p.sink_dtype, h) : -MF_INF;

@@ -15,6 +15,7 @@ MF_BUF(0, float, y)
 MF_BUF(1, const float, gate)
 MF_BUF(2, const float, up)
 MF_PARAMS(3, struct mf_p_ew, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id >= (mf_i64)p.n_rows * p.n_cols)
         return;
@@ -26,6 +27,7 @@ MF_KERNEL(mf_mul_sigmoid)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, g)
 MF_PARAMS(2, struct mf_p_ew, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id >= (mf_i64)p.n_rows * p.n_cols)
         return;
@@ -37,6 +39,7 @@ MF_KERNEL(mf_axpy)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
 MF_PARAMS(2, struct mf_p_ew, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id < p.n)
         y[id] += p.alpha * x[id];
@@ -48,6 +51,7 @@ MF_BUF(0, float, y)
 MF_BUF(1, const float, x)
 MF_BUF(2, int, flag)
 MF_PARAMS(3, struct mf_p_ew, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id >= p.n)
         return;
@@ -62,6 +66,7 @@ MF_BUF(0, float, dst)
 MF_BUF(1, const float, src)
 MF_BUF(2, const int, idx)
 MF_PARAMS(3, struct mf_p_rows, p) {
+    mf_dep_wait();
     const int r = MF_TG_X, c = MF_TG_Y * MF_NT + MF_LT;
     if (c < p.n)
         dst[(mf_i64)r * p.n + c] = src[(mf_i64)idx[r] * p.n + c];
@@ -77,6 +82,7 @@ MF_BUF(1, const float, src)
 MF_BUF(2, const int, tab)
 MF_BUF(3, const float, w)
 MF_PARAMS(4, struct mf_p_rows, p) {
+    mf_dep_wait();
     const int d = MF_TG_X, c = MF_TG_Y * MF_NT + MF_LT;
     if (c >= p.n)
         return;
@@ -96,6 +102,7 @@ MF_KERNEL(mf_flag_nonfinite)
 MF_BUF(0, int, flag)
 MF_BUF(1, const mf_u32, x)
 MF_PARAMS(2, struct mf_p_flag, p) {
+    mf_dep_wait();
     const mf_i64 n = (mf_i64)p.n_hi * 4294967296 + (mf_i64)(mf_u32)p.n_lo;
     const mf_i64 step = (mf_i64)MF_NT * 4096;
     int bad = 0;

@@ -16,6 +16,7 @@ MF_BUF(2, const float, state_in)
 MF_BUF(3, const float, u)
 MF_BUF(4, const mf_u32, w)
 MF_PARAMS(5, struct mf_p_conv, p) {
+    mf_dep_wait();
     const int c = MF_TG_X * MF_NT + MF_LT, C = p.C, K = p.K;
     if (c >= C)
         return;
@@ -45,6 +46,7 @@ MF_BUF(3, const float, b)
 MF_BUF(4, const mf_u32, A_log)
 MF_BUF(5, const mf_u32, dt_bias)
 MF_PARAMS(6, struct mf_p_gates, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id >= (mf_i64)p.n_tok * p.nv)
         return;
@@ -68,6 +70,7 @@ MF_BUF(5, const float, v)
 MF_BUF(6, const float, g)
 MF_BUF(7, const float, beta)
 MF_PARAMS(8, struct mf_p_gdn, p) {
+    mf_dep_wait();
     const int NPER = MF_GDN_DK_MAX / 32;
     const int h = MF_TG_Y, i = MF_TG_X * MF_GDN_ROWS + MF_WARP, lane = MF_LANE;
     if (i >= p.dv)

@@ -23,6 +23,7 @@ MF_BUF(1, const mf_u32, w)
 MF_BUF(2, const mf_u8, sc)
 MF_BUF(3, const float, x)
 MF_PARAMS(4, struct mf_p_mxfp4, p) {
+    mf_dep_wait();
     const int row = MF_TG_X * MF_MV_ROWS + MF_WARP, t0 = MF_TG_Y * MF_MV_TT;
     if (row >= p.n_out)
         return;
@@ -49,6 +50,7 @@ MF_BUF(0, float, y)
 MF_BUF(1, const float, gate)
 MF_BUF(2, const float, up)
 MF_PARAMS(3, struct mf_p_swiglu_clamped, p) {
+    mf_dep_wait();
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (id >= (mf_i64)p.n_rows * p.n_cols)
         return;

@@ -34,6 +34,7 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
     mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
                         p.x_tok_stride, nt, lt, lane);
+    mf_dep_wait();   // done in the row dot (after its first weights); here for n_in 0
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -209,6 +210,7 @@ MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     MF_SHARED mf_f4 ws4[MF_GEMM_K][MF_GEMM_TILE / 4];
     MF_SHARED mf_f4 xs4[MF_GEMM_K][MF_GEMM_TILE / 4];
+    mf_dep_wait();
     MF_TG float *ws = (MF_TG float *)&ws4[0][0];
     MF_TG float *xs = (MF_TG float *)&xs4[0][0];
     const int lt = MF_LT, tx = lt & 15, ty = lt >> 4;
@@ -260,6 +262,7 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
+    mf_dep_wait();
     const int c = MF_TG_X * MF_NT + MF_LT;
     if (c >= p.n_in)
         return;
@@ -290,6 +293,7 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_embed, p) {
+    mf_dep_wait();
     const int c = MF_TG_X * MF_NT + MF_LT, t = MF_TG_Y;
     if (c >= p.n_in)
         return;

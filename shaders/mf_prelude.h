@@ -81,6 +81,8 @@ MF_FN float mf_log1p(float x) {
     return u == 1.0f ? x : mf_log(u) * (x / (u - 1.0f));
 }
 #define MF_INF INFINITY
+// Metal runs a command buffer's kernels one after another: nothing to wait for.
+MF_FN void mf_dep_wait() {}
 
 #else
 /* ---- CUDA C++ (NVRTC or nvcc) ---- */
@@ -143,6 +145,20 @@ MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
     d[1] = v.y;
 }
 #define MF_INF __int_as_float(0x7f800000)
+// Programmatic dependent launch (sm_90 and later; the driver launches with it where the
+// GPU has it, csrc/backends/cuda): a kernel's threadgroups may start while the kernel
+// before it on the stream is still running. mf_dep_wait returns once that kernel has
+// finished and its writes are visible (at once after an ordinary launch), and then lets
+// the next kernel's threadgroups start. Every kernel calls it before it touches memory
+// that another kernel writes or reads; only immutable weights may be read before it.
+// Since each kernel waits before it lets the next one start, at most two kernels of a
+// stream are resident at a time, and each finds all earlier kernels' writes visible.
+MF_FN void mf_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 // The tensor-core step of the row-tile kernels (tc.h) is the mma instruction (sm_80 and
 // later), unless MF_TC_EMU is defined (then its portable form, which Metal and older
 // GPUs take; the op test runs it on CUDA too).

@@ -141,6 +141,7 @@ MF_PARAMS(4, struct mf_p_route, p) {
     MF_SHARED float gsc[MF_ROUTE_G_MAX];
     MF_SHARED int gtaken[MF_ROUTE_G_MAX];
     MF_SHARED int sel[MF_ROUTE_K_MAX];
+    mf_dep_wait();
     const int t = MF_TG_X, lane = MF_LANE, lt = MF_LT, nt = MF_NT;
     const int E = p.n_expert, K = p.n_used;
     MF_G float *lg = logits + (mf_i64)t * E;
@@ -277,6 +278,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
+    mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
     if (nt == 0)
@@ -294,6 +296,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
+    mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
     if (nt == 0)
@@ -346,6 +349,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
+    mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
     if (nt == 0)
@@ -362,6 +366,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
+    mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
     if (nt == 0)
@@ -386,6 +391,7 @@ MF_PARAMS(4, struct mf_p_moe_dev, p) {
     MF_SHARED int sid[MF_ROUTE_K_MAX];
     MF_SHARED int use[MF_ROUTE_K_MAX];
     MF_SHARED int ord[MF_ROUTE_K_MAX];
+    mf_dep_wait();
     const int t = MF_TG_Y, lt = MF_LT, c = MF_TG_X * MF_NT + lt, K = p.k;
     if (lt < K)
         sid[lt] = idx[(mf_i64)t * K + lt];

@@ -54,6 +54,7 @@ MF_BUF(2, const float, z)
 MF_BUF(3, const mf_u32, g)
 MF_PARAMS(4, struct mf_p_norm, p) {
     MF_SHARED float red[MF_THREADS / 32];
+    mf_dep_wait();
     const int row = MF_TG_X, lt = MF_LT, nt = MF_NT;
     const int t = row / p.n_head, hh = row % p.n_head, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)t * p.tok_stride + (mf_i64)hh * p.head_stride;
@@ -88,6 +89,7 @@ MF_BUF(2, const float, r)
 MF_BUF(3, const mf_u32, g)
 MF_PARAMS(4, struct mf_p_norm, p) {
     MF_SHARED float red[MF_THREADS / 32];
+    mf_dep_wait();
     const int lt = MF_LT, nt = MF_NT, one = p.n <= MF_VB * nt;
     const mf_i64 off = (mf_i64)MF_TG_X * p.tok_stride;
     float ss = 0.0f, xv[MF_VB], rv[MF_VB], gv[MF_VB], zv[MF_VB];

@@ -223,6 +223,8 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
         const int c = (c0 >> 5) + lane;
         if (on)
             mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, c, n_chunk);
+        if (c0 == 0)
+            mf_dep_wait();   // the first step's codes load while the kernel before ends
 #pragma unroll
         for (int i = 0; i < NT * PER; i++) {
             const int t = i / PER, k = lt + (i % PER) * MF_MV_THREADS;
@@ -270,6 +272,8 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                 mf_load_rows<BITS, R>(wd[j], s[j], b[j], rw, sdtype, gs,
                                       (c0 >> 5) + 32 * j + lane, n_chunk);
         }
+        if (c0 == 0)
+            mf_dep_wait();
 #pragma unroll
         for (int i = 0; i < CH * PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
@@ -302,6 +306,8 @@ template <int R, int ONE>
 MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                        int dtype, int sdtype, int bits, int gs, int n_in,
                        MF_G const float *x, int x_stride, int nt, int lt, int lane) {
+    if (dtype != MF_SH_U32 || sdtype == MF_SH_U8)
+        mf_dep_wait();
     if (dtype != MF_SH_U32) {
 #pragma unroll
         for (int r = 0; r < R; r++)

@@ -37,6 +37,7 @@ MF_KERNEL(mf_rope)
 MF_BUF(0, float, x)
 MF_BUF(1, const float, inv_freq)
 MF_PARAMS(2, struct mf_p_rope, p) {
+    mf_dep_wait();
     const int half = p.n_rot / 2;
     const mf_i64 id = (mf_i64)MF_TG_X * MF_NT + MF_LT;
     if (half <= 0 || id >= (mf_i64)p.n_tok * p.n_heads * half)
@@ -67,6 +68,7 @@ MF_BUF(4, const mf_u32, g1)
 MF_PARAMS(5, struct mf_p_rope_qk, p) {
     MF_SHARED float row[MF_ROPE_D_MAX];
     MF_SHARED float red[MF_THREADS / 32];
+    mf_dep_wait();
     const int lt = MF_LT, nt = MF_NT, n0 = p.n_tok * p.heads[0];
     const int k = MF_TG_X >= n0 ? 1 : 0, r = MF_TG_X - (k ? n0 : 0);
     // tensor k's fields (selected, not indexed: the params stay in registers)

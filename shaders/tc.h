@@ -266,6 +266,7 @@ MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
     MF_SHARED struct mf_tc_smem sm;
+    mf_dep_wait();
     const int bx = MF_TG_X, s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
     MF_G float *y = s == 0 ? y0 : s == 1 ? y1 : y2;
     MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
@@ -361,6 +362,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED struct mf_tc_smem sm;
+    mf_dep_wait();
     if (p.bits == 2)
         mf_gu_tc<2>(gu, xg, base, tab, p, &sm, MF_TG_Y, MF_TG_X, MF_TG_Z, MF_WARP, MF_LANE,
                     MF_LT);
@@ -376,6 +378,7 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED struct mf_tc_smem sm;
+    mf_dep_wait();
     if (p.bits == 2)
         mf_down_tc<2>(eo, gu, base, tab, p, &sm, MF_TG_Y, MF_TG_X, MF_TG_Z, MF_WARP, MF_LANE,
                       MF_LT);

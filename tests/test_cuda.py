@@ -111,6 +111,38 @@ def test_every_kernel_in_the_manifest() -> None:
     assert defined == named
 
 
+def test_every_kernel_waits_for_the_one_before() -> None:
+    """With programmatic dependent launch a kernel may start while the one before it
+    ends, so each must call mf_dep_wait() (shaders/mf_prelude.h) itself or through a
+    helper that does (the matvec kernels' row dots load their first weights before it);
+    a kernel without it would race. A planted kernel without it fails."""
+    text = "\n".join((SHADERS / f).read_text() for f in KERNEL_FILES)
+
+    def missing(text: str) -> list[str]:
+        # function bodies, roughly: from each MF_FN / MF_KERNEL to the next one
+        parts = re.split(r"(?=^MF_FN |^template <|^MF_KERNEL\()", text, flags=re.M)
+        bodies = {}
+        for part in parts:
+            m = re.match(r"MF_KERNEL\((\w+)\)", part) or \
+                re.search(r"^MF_FN [^(]*?(\w+)\(", part, re.M)
+            if m:
+                bodies[m.group(1)] = part
+        waits = {n for n, b in bodies.items() if "mf_dep_wait();" in b}
+        grown = True
+        while grown:   # helpers that call a waiting helper wait too
+            grown = False
+            for n, b in bodies.items():
+                if n not in waits and any(re.search(rf"\b{w}\s*[<(]", b) for w in waits):
+                    waits.add(n)
+                    grown = True
+        return [r[0] for r in manifest() if r[0] not in waits]
+
+    assert missing(text) == []
+    planted = text.replace("MF_PARAMS(3, struct mf_p_attn, p) {\n    mf_dep_wait();",
+                           "MF_PARAMS(3, struct mf_p_attn, p) {", 1)
+    assert planted != text and missing(planted) == ["mf_attn_comb"]
+
+
 @pytest.mark.parametrize("name", KERNEL_FILES)
 def test_metal_syntax(name: str) -> None:
     clang = shutil.which("clang++")

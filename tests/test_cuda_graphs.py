@@ -7,6 +7,12 @@ logits of MOEFLUX_GPU_GRAPHS=0 bit for bit. And graphs must really be replayed i
 decode loop (counted by MOEFLUX_GPU_GRAPHS=verbose). The mlx-lm goldens of the GPU
 families run with graphs on, the default (test_cuda_golden.py). Skipped without a
 CUDA device.
+
+Programmatic dependent launch (sm_90 and later): each kernel may start while the one
+before it ends, and waits for it (mf_dep_wait in shaders/mf_prelude.h). A kernel that
+read or wrote too early would race; the same runs must give the logits of
+MOEFLUX_GPU_PDL=0 bit for bit, and on such a GPU it must really be on, in streams and
+as graph edges.
 """
 from __future__ import annotations
 
@@ -35,24 +41,49 @@ def _run(m: moeflux.Model) -> list[np.ndarray]:
     return out
 
 
+def _equal_without(env: str, arch: str, experts: str,
+                   converted: Callable[..., tuple[Path, Path]],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """_run with env=0, then with the default: the same logits bit for bit."""
+    _, model_dir = converted(arch)
+    kw = {"threads": 2, "backend": "cuda", "gpu_experts": experts}
+    if experts == "stream":
+        kw["gpu_cache"] = 0.25
+    monkeypatch.setenv(env, "0")   # read when the context is made
+    with moeflux.Model(model_dir, **kw) as m:
+        ref = _run(m)
+    monkeypatch.delenv(env)
+    with moeflux.Model(model_dir, **kw) as m:
+        got = _run(m)
+    assert np.isfinite(ref[0]).all()
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert np.array_equal(a, b), f"{arch} {experts}: eval {i} differs without {env}=0"
+
+
 @pytest.mark.parametrize("experts", ["resident", "stream"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_graphs_equal_launches(arch: str, experts: str,
                                converted: Callable[..., tuple[Path, Path]],
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    _, model_dir = converted(arch)
-    kw = {"threads": 2, "backend": "cuda", "gpu_experts": experts}
-    if experts == "stream":
-        kw["gpu_cache"] = 0.25
-    monkeypatch.setenv("MOEFLUX_GPU_GRAPHS", "0")   # read when the context is made
-    with moeflux.Model(model_dir, **kw) as m:
-        ref = _run(m)
-    monkeypatch.delenv("MOEFLUX_GPU_GRAPHS")
-    with moeflux.Model(model_dir, **kw) as m:
-        got = _run(m)
-    assert np.isfinite(ref[0]).all()
-    for i, (a, b) in enumerate(zip(ref, got)):
-        assert np.array_equal(a, b), f"{arch} {experts}: eval {i} differs with graphs"
+    _equal_without("MOEFLUX_GPU_GRAPHS", arch, experts, converted, monkeypatch)
+
+
+@pytest.mark.parametrize("experts", ["resident", "stream"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_programmatic_launch_equals_plain(arch: str, experts: str,
+                                          converted: Callable[..., tuple[Path, Path]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _equal_without("MOEFLUX_GPU_PDL", arch, experts, converted, monkeypatch)
+
+
+def _compute_capability() -> float | None:
+    """The first GPU's compute capability from nvidia-smi, None where it cannot say."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=60)
+        return float(r.stdout.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
 
 
 _DECODE = """
@@ -71,9 +102,13 @@ def test_decode_replays_graphs(converted: Callable[..., tuple[Path, Path]]) -> N
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     m = re.search(r"(\d+) graph launches, (\d+) kernels launched one by one, (\d+) "
-                  r"graphs made, (\d+) nodes updated", r.stderr)
+                  r"graphs made, (\d+) nodes updated; programmatic launch (on|off), "
+                  r"edges (on|off)", r.stderr)
     assert m, r.stderr
-    graphs, direct, made, updated = map(int, m.groups())
+    graphs, direct, made, updated = map(int, m.groups()[:4])
+    cc = _compute_capability()
+    if cc is not None and cc >= 9.0:   # the driver of CUDA 12.3 or later has the edges
+        assert m.group(5) == "on" and m.group(6) == "on", r.stderr
     # 24 decode steps: each segment of a step is met again in the next one, so from
     # the third step on every segment of at least MF_GRAPH_MIN launches is one graph
     # launch (made once), and the positions change nodes in every step

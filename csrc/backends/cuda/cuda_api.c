@@ -13,6 +13,16 @@
 
 #include "core/common.h"
 
+// The driver's layouts of the launch structs (cuda.h of CUDA 12 and 13, 64-bit).
+_Static_assert(offsetof(struct mf_cu_launch_attr, value) == 8 &&
+                   sizeof(struct mf_cu_launch_attr) == 72,
+               "CUlaunchAttribute layout");
+_Static_assert(sizeof(void *) != 8 || (offsetof(struct mf_cu_launch_config, stream) == 32 &&
+                                       offsetof(struct mf_cu_launch_config, n_attrs) == 48 &&
+                                       sizeof(struct mf_cu_launch_config) == 56),
+               "CUlaunchConfig layout");
+_Static_assert(sizeof(struct mf_cu_edge) == 8, "CUgraphEdgeData layout");
+
 // Resolve the symbols of a table whose first member is the library handle. The
 // function pointers are copied from dlsym's void * with memcpy (C has no cast
 // between object and function pointers).
@@ -25,6 +35,7 @@ struct sym_entry {
 #define MF_SYM_ENTRY_NV(m, sym, ret, args) {sym, offsetof(struct mf_nvrtc_api, m)},
 
 static const struct sym_entry cu_syms[] = {MF_CU_SYMBOLS(MF_SYM_ENTRY_CU)};
+static const struct sym_entry cu_optional[] = {MF_CU_OPTIONAL_SYMBOLS(MF_SYM_ENTRY_CU)};
 static const struct sym_entry nv_syms[] = {MF_NVRTC_SYMBOLS(MF_SYM_ENTRY_NV)};
 
 static int resolve(void *lib, void *table, const struct sym_entry *syms, size_t n,
@@ -38,6 +49,15 @@ static int resolve(void *lib, void *table, const struct sym_entry *syms, size_t 
         memcpy((char *)table + syms[i].offset, &p, sizeof p);
     }
     return MF_OK;
+}
+
+// The optional symbols of a table: NULL where the library lacks one.
+static void resolve_optional(void *lib, void *table, const struct sym_entry *syms,
+                             size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        void *p = dlsym(lib, syms[i].name);
+        memcpy((char *)table + syms[i].offset, &p, sizeof p);
+    }
 }
 
 // Append "name: dlerror" to the list of tries (truncated quietly when long).
@@ -74,6 +94,9 @@ int mf_cu_api_load(struct mf_cu_api *api, char *err, size_t errlen) {
                      "libcuda", err, errlen);
     if (rc)
         mf_cu_api_unload(api);
+    else
+        resolve_optional(api->lib, api, cu_optional,
+                         sizeof cu_optional / sizeof cu_optional[0]);
     return rc;
 }
 

@@ -33,6 +33,35 @@ struct mf_cu_kernel_node {
     CUcontext ctx;
 };
 
+// A launch attribute (CUlaunchAttribute: an id, then a 64-byte value at offset 8) and
+// the configuration of cuLaunchKernelEx (CUlaunchConfig).
+struct mf_cu_launch_attr {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        int i;
+        void *align;
+    } value;
+};
+
+struct mf_cu_launch_config {
+    unsigned grid[3], block[3];
+    unsigned shared_bytes;
+    CUstream stream;
+    struct mf_cu_launch_attr *attrs;
+    unsigned n_attrs;
+};
+
+// The annotation of a graph edge (CUgraphEdgeData).
+struct mf_cu_edge {
+    unsigned char from_port, to_port, type, reserved[5];
+};
+
+#define MF_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION 6
+#define MF_CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC 1
+#define MF_CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC 1
+
 #define MF_CUDA_SUCCESS 0
 #define MF_CUDA_ERROR_OUT_OF_MEMORY 2
 #define MF_CU_DEVICE_ATTRIBUTE_CC_MAJOR 75
@@ -108,6 +137,16 @@ typedef struct _nvrtcProgram *nvrtcProgram;
     X(GetErrorString, "cuGetErrorString", CUresult, (CUresult r, const char **s))       \
     X(GetErrorName, "cuGetErrorName", CUresult, (CUresult r, const char **s))
 
+// Entry points taken where the driver has them and left NULL otherwise: programmatic
+// dependent launch, in streams (cuLaunchKernelEx, CUDA 11.8) and as graph edges
+// (cuGraphAddDependencies with edge data, CUDA 12.3).
+#define MF_CU_OPTIONAL_SYMBOLS(X)                                                       \
+    X(LaunchKernelEx, "cuLaunchKernelEx", CUresult,                                     \
+      (const struct mf_cu_launch_config *c, CUfunction f, void **params, void **extra)) \
+    X(GraphAddDependencies, "cuGraphAddDependencies_v2", CUresult,                      \
+      (CUgraph g, const CUgraphNode *from, const CUgraphNode *to,                       \
+       const struct mf_cu_edge *data, size_t n))
+
 #define MF_NVRTC_SYMBOLS(X)                                                             \
     X(Version, "nvrtcVersion", nvrtcResult, (int *major, int *minor))                   \
     X(GetErrorString, "nvrtcGetErrorString", const char *, (nvrtcResult r))             \
@@ -132,6 +171,7 @@ typedef struct _nvrtcProgram *nvrtcProgram;
 struct mf_cu_api {
     void *lib;
     MF_CU_SYMBOLS(MF_API_MEMBER)
+    MF_CU_OPTIONAL_SYMBOLS(MF_API_MEMBER)
 };
 
 struct mf_nvrtc_api {

@@ -333,6 +333,13 @@ static void cuda_exec_free(struct mf_exec *ex) {
     free(ex);
 }
 
+// Programmatic dependent launch where the GPU and the driver have it, unless
+// MOEFLUX_GPU_PDL=0 (read when an exec is made).
+static void pdl_init(struct mf_exec *ex) {
+    const char *e = getenv("MOEFLUX_GPU_PDL");
+    ex->pdl = ex->cb->cc >= 90 && ex->cb->cu.LaunchKernelEx && !(e && strcmp(e, "0") == 0);
+}
+
 static int exec_setup(struct mf_exec *ex) {
     const size_t ring = MF_RING_SEGS * MF_RING_SEG_BYTES;
     void *host = NULL;
@@ -347,6 +354,7 @@ static int exec_setup(struct mf_exec *ex) {
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))
             return ex->status;
+    pdl_init(ex);
     int rc = mf_cuda_prof_init(ex);
     return rc ? rc : mf_cuda_graphs_init(ex);
 }
@@ -425,6 +433,23 @@ CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, 
     return *buf;
 }
 
+// One launch with the programmatic-serialization attribute (cuLaunchKernelEx).
+static int launch_pdl(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
+                      void **args, const char *op) {
+    struct mf_cu_launch_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.id = MF_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.i = 1;
+    const struct mf_cu_launch_config c = {
+        .grid = {g[0], g[1], g[2]},
+        .block = {b[0], b[1], b[2]},
+        .stream = ex->st,
+        .attrs = &attr,
+        .n_attrs = 1,
+    };
+    return CK(ex, op, LaunchKernelEx(&c, ex->cb->fn[kid], args, NULL));
+}
+
 int mf_cuda_launch_now(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
                        void *params, const CUdeviceptr *bufs, int n_buf, const char *op) {
     void *args[16];
@@ -434,6 +459,8 @@ int mf_cuda_launch_now(struct mf_exec *ex, int kid, const unsigned g[3], const u
         args[i] = &local[i];
     }
     args[n_buf] = params;
+    if (ex->pdl)
+        return launch_pdl(ex, kid, g, b, args, op);
     return CK(ex, op, LaunchKernel(ex->cb->fn[kid], g[0], g[1], g[2], b[0], b[1], b[2], 0,
                                    ex->st, args, NULL));
 }

@@ -65,6 +65,7 @@ struct mf_cuda_graphs {
     int n_seg;
     struct seg *seg[MF_GRAPH_CACHE];
     int off;                   // a graph was refused: launch one by one
+    int prog;                  // programmatic edges between nodes (the exec's pdl)
     int verbose;               // MOEFLUX_GPU_GRAPHS=verbose: counts at exec free
     long long n_graph, n_direct, n_built, n_updated;
 };
@@ -79,6 +80,7 @@ int mf_cuda_graphs_init(struct mf_exec *ex) {
         return ex->status;
     }
     ex->gr->verbose = e && strcmp(e, "verbose") == 0;
+    ex->gr->prog = ex->pdl && ex->cb->cu.GraphAddDependencies;
     return MF_OK;
 }
 
@@ -98,8 +100,9 @@ void mf_cuda_graphs_free(struct mf_exec *ex) {
         return;
     if (gr->verbose)
         fprintf(stderr, "moeflux GPU graphs: %lld graph launches, %lld kernels launched "
-                "one by one, %lld graphs made, %lld nodes updated\n", gr->n_graph,
-                gr->n_direct, gr->n_built, gr->n_updated);
+                "one by one, %lld graphs made, %lld nodes updated; programmatic "
+                "launch %s, edges %s\n", gr->n_graph, gr->n_direct, gr->n_built,
+                gr->n_updated, ex->pdl ? "on" : "off", gr->prog ? "on" : "off");
     for (int i = 0; i < gr->n_seg; i++) {
         drop_graph(ex, gr->seg[i]);
         free(gr->seg[i]);
@@ -188,8 +191,18 @@ static struct mf_cu_kernel_node node_of(struct mf_exec *ex, struct launch *l,
     };
 }
 
-// A chain of the n launches as s's executable graph; 0 if the driver refuses.
-static int build(struct mf_exec *ex, struct seg *s, struct launch *l, int n) {
+// Node i after node i - 1 by a programmatic edge: node i may start when every
+// threadgroup of i - 1 has let it (mf_dep_wait), as a launch with ex->pdl does.
+static int link_programmatic(const struct mf_cu_api *cu, struct seg *s, int i) {
+    const struct mf_cu_edge e = {.from_port = MF_CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC,
+                                 .type = MF_CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC};
+    return cu->GraphAddDependencies(s->graph, &s->node[i - 1], &s->node[i], &e, 1) ==
+           MF_CUDA_SUCCESS;
+}
+
+// A chain of the n launches as s's executable graph, with programmatic edges (prog) or
+// plain ones; 0 if the driver refuses.
+static int build(struct mf_exec *ex, struct seg *s, struct launch *l, int n, int prog) {
     const struct mf_cu_api *cu = &ex->cb->cu;
     if (cu->GraphCreate(&s->graph, 0) != MF_CUDA_SUCCESS) {
         s->graph = NULL;
@@ -198,8 +211,10 @@ static int build(struct mf_exec *ex, struct seg *s, struct launch *l, int n) {
     for (int i = 0; i < n; i++) {
         void *args[MF_GRAPH_BUFS + 1];
         struct mf_cu_kernel_node kn = node_of(ex, &l[i], args);
-        if (cu->GraphAddKernelNode(&s->node[i], s->graph, i ? &s->node[i - 1] : NULL,
-                                   i ? 1 : 0, &kn) != MF_CUDA_SUCCESS) {
+        const int plain = i && !prog;
+        if (cu->GraphAddKernelNode(&s->node[i], s->graph, plain ? &s->node[i - 1] : NULL,
+                                   plain ? 1 : 0, &kn) != MF_CUDA_SUCCESS ||
+            (i && prog && !link_programmatic(cu, s, i))) {
             drop_graph(ex, s);
             return 0;
         }
@@ -210,6 +225,15 @@ static int build(struct mf_exec *ex, struct seg *s, struct launch *l, int n) {
         return 0;
     }
     return 1;
+}
+
+// build with the exec's kind of edges; where the driver refuses programmatic edges,
+// plain ones from then on.
+static int build_any(struct mf_exec *ex, struct seg *s, struct launch *l, int n) {
+    if (ex->gr->prog && build(ex, s, l, n, 1))
+        return 1;
+    ex->gr->prog = 0;
+    return build(ex, s, l, n, 0);
 }
 
 // The nodes whose launch differs from the last use take the new one; 0 if refused.
@@ -246,7 +270,7 @@ void mf_cuda_graph_flush(struct mf_exec *ex) {
     if (s && s->exec && !update(ex, s, l, n, &gr->n_updated))
         drop_graph(ex, s);   // made again when next met
     else if (s && !s->exec && ++s->seen >= 2 && n >= MF_GRAPH_MIN && !gr->off) {
-        if (build(ex, s, l, n))
+        if (build_any(ex, s, l, n))
             gr->n_built++;
         else
             gr->off = 1;

@@ -93,6 +93,10 @@ struct mf_exec {
     struct mf_cuda_prof *prof;   // NULL unless MOEFLUX_GPU_PROFILE=1
     struct mf_cuda_graphs *gr;   // launches held back and replayed as graphs
                                  // (cuda_graph.c); NULL when off
+    int pdl;                     // programmatic dependent launch: each kernel may start
+                                 // while the one before it finishes (mf_dep_wait in
+                                 // shaders/mf_prelude.h); sm_90 and later with
+                                 // cuLaunchKernelEx, unless MOEFLUX_GPU_PDL=0
 };
 
 struct mf_fence {
@@ -124,7 +128,7 @@ CUdeviceptr mf_cuda_scratch(struct mf_exec *ex, CUdeviceptr *buf, size_t *have, 
 void mf_cuda_launch(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
                     const void *params, size_t params_bytes, const CUdeviceptr *bufs,
                     int n_buf, const char *op);
-// cuLaunchKernel of one kernel now; 1 on success.
+// cuLaunchKernel of one kernel now (cuLaunchKernelEx with ex->pdl); 1 on success.
 int mf_cuda_launch_now(struct mf_exec *ex, int kid, const unsigned g[3], const unsigned b[3],
                        void *params, const CUdeviceptr *bufs, int n_buf, const char *op);
 // The exec's compute stream for anything but a kernel launch (a copy, a memset, an
