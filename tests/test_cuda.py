@@ -227,3 +227,27 @@ def test_cuda_model_matches_cpu(arch: str, synth_checkpoint: Callable[..., Path]
     print(f"{arch}: CUDA vs CPU max relative logit error {max(errs):.3g}")
     for m in opened:
         m.close()
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_long_prompt_matches_cpu(arch: str, synth_checkpoint: Callable[..., Path],
+                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A 300-token prompt, every row's logits, then decode steps: on CUDA the attention
+    families take it as one chunk (the backend's prefill_chunk: attention in 64-query
+    blocks, the head in 64-row blocks), the others in prefill groups; on the CPU it runs
+    in groups of 64-token chunks."""
+    from moeflux.prep.convert import convert
+    dst = convert(synth_checkpoint(arch), tmp_path_factory.mktemp("cuda-long") / arch,
+                  progress=False)
+    try:
+        gpu = moeflux.Model(dst, backend="cuda")
+    except moeflux.UnsupportedError as exc:
+        pytest.xfail(f"{arch}: {exc}")
+    with gpu, moeflux.Model(dst, backend="cpu") as cpu:
+        prompt = [int(t) for t in np.random.default_rng(3).integers(1, cpu.n_vocab, 300)]
+        errs = [_close(gpu.eval(prompt, all_logits=True), cpu.eval(prompt, all_logits=True),
+                       f"{arch} 300-token prompt")]
+        for i, tok in enumerate(CONT):
+            errs.append(_close(gpu.eval(tok), cpu.eval(tok), f"{arch} decode step {i}"))
+    print(f"{arch}: 300-token prompt, CUDA vs CPU max relative logit error {max(errs):.3g}")

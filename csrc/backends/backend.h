@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 7
+#define MF_BACKEND_API_VERSION 8
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -198,6 +198,10 @@ struct mf_moe_dev {
 struct mf_backend_ops {
     int api_version;         // MF_BACKEND_API_VERSION
     const char *name;        // "cpu", "cuda", "metal"
+    // API v8: the most tokens a prefill chunk of the attention families should take on
+    // this backend, or 0 for the family's own (64: what the CPU's caches like). A GPU
+    // needs more tokens per product to fill its multiprocessors.
+    int prefill_chunk;
 
     // ---- lifecycle
     void (*free)(struct mf_backend *be);

@@ -314,6 +314,23 @@ static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int
     return *why == NULL;
 }
 
+// Queries per attention launch pair: the partials' scratch holds queries x heads x
+// splits, so a long prefill chunk runs in blocks of this many queries, and the scratch
+// stays what 64-token chunks needed.
+#define MF_ATTN_QBLOCK 64
+
+// The params of queries t0 .. t0 + nb - 1 (nb at most qblock) of the call p: the same
+// chunk and base, so each query has the splits of the whole call in the same order
+// (those past its last position, empty, are dropped: the combine skips empty ones), and
+// so the same bits.
+static inline struct mf_p_attn mf_attn_block(const struct mf_p_attn *p, int t0, int qblock) {
+    struct mf_p_attn b = *p;
+    b.n_tok = p->n_tok - t0 < qblock ? p->n_tok - t0 : qblock;
+    b.pos0 = p->pos0 + t0;
+    b.n_split = (b.pos0 + b.n_tok - p->base + p->chunk - 1) / p->chunk;
+    return b;
+}
+
 // How a rope_qk call runs on a GPU.
 enum mf_rope_qk_plan {
     MF_ROPE_QK_NONE,    // nothing to rotate or normalise

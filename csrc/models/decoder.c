@@ -53,7 +53,8 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
     dec->y = mf_dev_floats(ctx, T * hid, &fail);
     if (dec->n_ff_dense > 0)
         dec->ffn_tmp = mf_dev_floats(ctx, T * 2 * (size_t)dec->n_ff_dense, &fail);
-    dec->logits = mf_dev_floats(ctx, T * (size_t)dec->n_vocab, &fail);
+    size_t TH = T < MF_HEAD_ROWS ? T : MF_HEAD_ROWS;
+    dec->logits = mf_dev_floats(ctx, TH * (size_t)dec->n_vocab, &fail);
     dec->nonfinite = (int32_t *)mf_dev_floats(ctx, (size_t)dec->n_layer + 1, &fail);
     dec->nonfinite_host = calloc((size_t)dec->n_layer + 1, sizeof(int32_t));
     if (fail || !dec->nonfinite_host) {
@@ -111,18 +112,23 @@ static double ffn_seconds(const struct mf_ctx_stats *s) {
     return s->routing_s + s->io_wait_s + s->experts_s + s->shared_s;
 }
 
-// Final norm and head on the n_rows rows of residual stream at x (at most max_tok);
-// downloads the logits into dst [n_rows, n_vocab] (host).
+// Final norm and head on the n_rows rows of residual stream at x (at most max_tok), in
+// blocks of MF_HEAD_ROWS (the logits' scratch); downloads the logits into dst [n_rows,
+// n_vocab] (host).
 static void head_forward(mf_ctx *ctx, const struct mf_decoder *dec, const float *x,
                          int n_rows, float *dst) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const int hid = dec->n_embd;
-    op->rmsnorm(ctx->ex, dec->xn, x, dec->norm, n_rows, hid, dec->norm_eps, 1.0f);
-    op->matmul(ctx->ex, dec->logits, dec->head, dec->xn, n_rows);
-    op->flag_nonfinite(ctx->ex, dec->nonfinite + dec->n_layer, dec->logits,
-                       (int64_t)n_rows * dec->n_vocab);
-    op->download(ctx->ex, dst, dec->logits, 0,
-                 (size_t)n_rows * dec->n_vocab * sizeof(float));
+    for (int r0 = 0; r0 < n_rows; r0 += MF_HEAD_ROWS) {
+        const int n = n_rows - r0 < MF_HEAD_ROWS ? n_rows - r0 : MF_HEAD_ROWS;
+        op->rmsnorm(ctx->ex, dec->xn, x + (size_t)r0 * hid, dec->norm, n, hid,
+                    dec->norm_eps, 1.0f);
+        op->matmul(ctx->ex, dec->logits, dec->head, dec->xn, n);
+        op->flag_nonfinite(ctx->ex, dec->nonfinite + dec->n_layer, dec->logits,
+                           (int64_t)n * dec->n_vocab);
+        op->download(ctx->ex, dst + (size_t)r0 * dec->n_vocab, dec->logits, 0,
+                     (size_t)n * dec->n_vocab * sizeof(float));
+    }
 }
 
 // NaN/inf guard: the first layer whose output was flagged, or the head (flag n_layer)

@@ -37,6 +37,11 @@
 // tier (max |diff| 1.4e-5 on logits of scale 10, 600 tokens, tiny qwen3_5_moe).
 #define MF_PREFILL_GROUP_TOK 512
 
+// Rows of the final norm and head per block: the logits' scratch is [rows, n_vocab],
+// which a GPU backend's 512-token chunks (backend.h prefill_chunk) would make 311 MB
+// at a 151936-token vocabulary.
+#define MF_HEAD_ROWS 64
+
 // The residual stream of a prefill group and the deferred MoE of the layer in
 // progress (decoder.c). Owned by the decoder; buffers grow on first use.
 struct mf_prefill_group {
@@ -71,7 +76,7 @@ struct mf_decoder {
     float *xn;         // [max_tok, n_embd] normed input of a block
     float *y;          // [max_tok, n_embd] block output
     float *ffn_tmp;    // [max_tok, 2*n_ff_dense] (NULL when n_ff_dense == 0)
-    float *logits;     // [max_tok, n_vocab]
+    float *logits;     // [min(max_tok, MF_HEAD_ROWS), n_vocab]
     int32_t *nonfinite;       // [n_layer + 1] device flags: layer output (or, last,
                               // the logits) had NaN/inf
     int32_t *nonfinite_host;  // [n_layer + 1] host copy, read once per eval

@@ -798,6 +798,7 @@ static void test_attention_ext(void) {
     test_attention_ext_case(1, 8, 2, 64, 3000, 128, 131, MF_DTYPE_F32); // decode, wrapped
     test_attention_ext_case(17, 4, 4, 64, 250, 128, 144, MF_DTYPE_BF16);  // chunk in a ring
     test_attention_ext_case(40, 4, 1, 64, 0, 16, 0, MF_DTYPE_F16);     // window, no ring
+    test_attention_ext_case(130, 4, 2, 64, 250, 128, 260, MF_DTYPE_F32); // blocks in a ring
     test_attention_ext_case(5, 4, 2, 64, 90, 0, 128, MF_DTYPE_U32);    // ring, full view
     status_ok("attention_ext");
 }
@@ -806,6 +807,7 @@ static void test_attention(void) {
     test_attention_case(1, 8, 2, 128, 128, 3000);
     test_attention_case(19, 8, 2, 64, 96, 300);
     test_attention_case(70, 4, 4, 128, 128, 0);
+    test_attention_case(200, 8, 2, 64, 64, 700);    // 64-query blocks at an offset
     test_attention_case(2, 16, 1, 576, 512, 700);   // MLA latent shape
     test_attention_case(1, 6, 3, 80, 80, 40000);    // long context: 157 splits
     test_attention_case(1, 32, 4, 128, 128, 200);   // decode: 64-key splits, 4

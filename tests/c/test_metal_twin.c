@@ -400,6 +400,8 @@ static void test_norms_rope_attention(void) {
     r.tok_stride[0] = 8800, r.tok_stride[1] = 2200;
     BOTH(rope_qk, &r);
     BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
+    // a 150-token chunk: three blocks of queries, each pointing into q and out
+    BOTH(attention, y, x, z, P(0x14000000), 150, 8, 2, 64, 64, 128, 128, 700, 0.125f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 16, 1, 576, 512, 576, 576, 3, 0.1f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 4, 1, 2048, 512, 2048, 2048, 0, 0.1f);
 }

@@ -700,6 +700,7 @@ static void cuda_fence_free(struct mf_exec *ex, struct mf_fence *f) {
 static const struct mf_backend_ops cuda_ops = {
     .api_version = MF_BACKEND_API_VERSION,
     .name = "cuda",
+    .prefill_chunk = 512,   // a prefill's products in one chunk (bench/RESULTS.md)
     .free = cuda_free,
     .map_weights = cuda_map_weights,
     .exec_new = cuda_exec_new,

@@ -257,14 +257,20 @@ void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const
         return;
     }
     mf_cuda_enter(ex);
-    size_t bytes = (size_t)n_tok * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
+    const int nb = n_tok < MF_ATTN_QBLOCK ? n_tok : MF_ATTN_QBLOCK;
+    size_t bytes = (size_t)nb * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     CUdeviceptr ws = mf_cuda_scratch(ex, &ex->ws, &ex->ws_bytes, bytes, "attention");
     if (!ws)
         return;
-    const CUdeviceptr b1[4] = {ws, mf_dp(q), mf_dp(k), mf_dp(v)};
-    launch_mf_attn_part(ex, &p, b1, "attention");
-    const CUdeviceptr b2[3] = {mf_dp(out), ws, ext && ext->sinks ? mf_dp(ext->sinks->w) : 0};
-    launch_mf_attn_comb(ex, &p, b2, "attention");
+    for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
+        struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
+        const float *qb = q + (size_t)t0 * n_head * dk;
+        const CUdeviceptr b1[4] = {ws, mf_dp(qb), mf_dp(k), mf_dp(v)};
+        launch_mf_attn_part(ex, &pb, b1, "attention");
+        const CUdeviceptr b2[3] = {mf_dp(out + (size_t)t0 * n_head * dv), ws,
+                                   ext && ext->sinks ? mf_dp(ext->sinks->w) : 0};
+        launch_mf_attn_comb(ex, &pb, b2, "attention");
+    }
 }
 
 void mf_cuda_attention(struct mf_exec *ex, float *out, const float *q, const float *k,

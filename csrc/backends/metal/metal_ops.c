@@ -275,14 +275,19 @@ void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, cons
                       "%d", why, dk, MF_ATTN_DK_MAX, n_tok, n_head, p.window, p.ring, pos0);
         return;
     }
-    size_t bytes = (size_t)n_tok * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
+    const int nb = n_tok < MF_ATTN_QBLOCK ? n_tok : MF_ATTN_QBLOCK;
+    size_t bytes = (size_t)nb * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     void *ws = mf_metal_scratch(ex, 0, bytes, "attention");
     if (!ws)
         return;
-    const void *const b1[4] = {ws, q, k, v};
-    launch_mf_attn_part(ex, &p, b1, "attention");
-    const void *const b2[3] = {out, ws, ext && ext->sinks ? ext->sinks->w : NULL};
-    launch_mf_attn_comb(ex, &p, b2, "attention");
+    for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
+        struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
+        const void *const b1[4] = {ws, q + (size_t)t0 * n_head * dk, k, v};
+        launch_mf_attn_part(ex, &pb, b1, "attention");
+        const void *const b2[3] = {out + (size_t)t0 * n_head * dv, ws,
+                                   ext && ext->sinks ? ext->sinks->w : NULL};
+        launch_mf_attn_comb(ex, &pb, b2, "attention");
+    }
 }
 
 void mf_metal_attention(struct mf_exec *ex, float *out, const float *q, const float *k,
