@@ -233,10 +233,10 @@ def test_cuda_model_matches_cpu(arch: str, synth_checkpoint: Callable[..., Path]
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_long_prompt_matches_cpu(arch: str, synth_checkpoint: Callable[..., Path],
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A 300-token prompt, every row's logits, then decode steps: on CUDA the attention
-    families take it as one chunk (the backend's prefill_chunk: attention in 64-query
-    blocks, the head in 64-row blocks), the others in prefill groups; on the CPU it runs
-    in groups of 64-token chunks."""
+    """A 300-token prompt, every row's logits, then decode steps: on CUDA every family
+    here takes it as one chunk (the backend's prefill_chunk: attention in 64-query
+    blocks, the head in 64-row blocks, the hybrids' recurrences over all 300 tokens);
+    on the CPU it runs in groups of 64-token chunks."""
     from moeflux.prep.convert import convert
     dst = convert(synth_checkpoint(arch), tmp_path_factory.mktemp("cuda-long") / arch,
                   progress=False)

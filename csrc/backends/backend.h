@@ -198,9 +198,10 @@ struct mf_moe_dev {
 struct mf_backend_ops {
     int api_version;         // MF_BACKEND_API_VERSION
     const char *name;        // "cpu", "cuda", "metal"
-    // API v8: the most tokens a prefill chunk of the attention families should take on
-    // this backend, or 0 for the family's own (64: what the CPU's caches like). A GPU
-    // needs more tokens per product to fill its multiprocessors.
+    // API v8: the most tokens a prefill chunk should take on this backend, or 0 for
+    // each family's own (64: what the CPU's caches like; gpt_oss keeps its own, which
+    // sizes its sliding-window ring). A GPU needs more tokens per product to fill its
+    // multiprocessors (models/decoder.h mf_decoder_chunk).
     int prefill_chunk;
 
     // ---- lifecycle

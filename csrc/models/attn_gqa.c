@@ -206,8 +206,7 @@ int mf_gqa_decoder_new(mf_ctx *ctx, const struct mf_gqa_dims *d, const float *in
     if (!s)
         return mf_err(err, errlen, MF_ERR_NOMEM, "%s: out of memory", arch);
     ctx->arch_state = s;
-    if (ctx->be->ops->prefill_chunk > max_chunk)
-        max_chunk = ctx->be->ops->prefill_chunk;
+    max_chunk = mf_decoder_chunk(ctx, max_chunk);
     dec.max_tok = ctx->n_ctx < max_chunk ? ctx->n_ctx : max_chunk;
     int rc = mf_gqa_state_new(ctx, &s->gqa, d, dec.max_tok, inv_freq_host, with_bias, arch,
                               err, errlen);

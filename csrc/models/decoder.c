@@ -38,6 +38,12 @@ void mf_decoder_free(mf_ctx *ctx, struct mf_decoder *dec) {
     dec->moe = NULL;
 }
 
+int mf_decoder_chunk(const mf_ctx *ctx, int family_max) {
+    int c = ctx->be->ops->prefill_chunk;
+    c = c < ctx->n_ctx ? c : ctx->n_ctx;
+    return c > family_max ? c : family_max;
+}
+
 int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char *err,
                      size_t errlen) {
     const struct mf_config *c = &ctx->model->cfg;

@@ -88,6 +88,11 @@ struct mf_decoder {
 // returns NULL, so a constructor can make many and check once.
 float *mf_dev_floats(mf_ctx *ctx, size_t n, int *fail);
 
+// Tokens per chunk for a family whose own chunk is family_max (what the CPU's caches
+// like): the backend's prefill_chunk where it asks more (a GPU: a prompt's products
+// in one launch per layer), at most n_ctx, never below family_max.
+int mf_decoder_chunk(const mf_ctx *ctx, int family_max);
+
 // Fill dec's sizes from the model's config and allocate its scratch (MoE scratch only
 // when some layer is MoE). On error dec holds only what mf_decoder_free releases, and
 // the message names the arch.

@@ -480,7 +480,8 @@ static int ds_state_new(mf_ctx *ctx, char *err, size_t errlen) {
     struct ds_state *s = calloc(1, sizeof *s);
     if (!s) return mf_err(err, errlen, MF_ERR_NOMEM, "deepseek_v3: out of memory");
     ctx->arch_state = s;
-    size_t T = (size_t)(ctx->n_ctx < DS_MAX_CHUNK ? ctx->n_ctx : DS_MAX_CHUNK);
+    const int chunk = mf_decoder_chunk(ctx, DS_MAX_CHUNK);
+    size_t T = (size_t)(ctx->n_ctx < chunk ? ctx->n_ctx : chunk);
     size_t H = (size_t)hp->num_attention_heads, kvl = (size_t)hp->kv_lora_rank;
     int fail = 0;
     s->latent = calloc((size_t)hp->num_hidden_layers, sizeof *s->latent);

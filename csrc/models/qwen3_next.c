@@ -691,7 +691,7 @@ static int hy_state_new(mf_ctx *ctx, char *err, size_t errlen) {
         return mf_err(err, errlen, MF_ERR_NOMEM, "out of memory");
     ctx->arch_state = st;
     st->dec = (struct mf_decoder){
-        .max_tok = HY_MAX_TOK, .embed = &hm->embed, .norm = &hm->norm, .head = &hm->head,
+        .max_tok = mf_decoder_chunk(ctx, HY_MAX_TOK), .embed = &hm->embed, .norm = &hm->norm, .head = &hm->head,
         .moe_cfg = &hm->moe_cfg, .layer = layer_forward,
     };
     if (!alloc_layer_state(ctx, st, hm) || !alloc_scratch(ctx, st, hm)) {
