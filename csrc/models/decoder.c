@@ -118,15 +118,16 @@ static double ffn_seconds(const struct mf_ctx_stats *s) {
     return s->routing_s + s->io_wait_s + s->experts_s + s->shared_s;
 }
 
-// Final norm and head on the n_rows rows of residual stream at x (at most max_tok), in
-// blocks of MF_HEAD_ROWS (the logits' scratch); downloads the logits into dst [n_rows,
-// n_vocab] (host).
+// Final norm and head on the n_rows rows of residual stream at x, in blocks of the
+// logits' scratch rows (MF_HEAD_ROWS, or max_tok when fewer); downloads the logits into
+// dst [n_rows, n_vocab] (host).
 static void head_forward(mf_ctx *ctx, const struct mf_decoder *dec, const float *x,
                          int n_rows, float *dst) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const int hid = dec->n_embd;
-    for (int r0 = 0; r0 < n_rows; r0 += MF_HEAD_ROWS) {
-        const int n = n_rows - r0 < MF_HEAD_ROWS ? n_rows - r0 : MF_HEAD_ROWS;
+    const int blk = dec->max_tok < MF_HEAD_ROWS ? dec->max_tok : MF_HEAD_ROWS;
+    for (int r0 = 0; r0 < n_rows; r0 += blk) {
+        const int n = n_rows - r0 < blk ? n_rows - r0 : blk;
         op->rmsnorm(ctx->ex, dec->xn, x + (size_t)r0 * hid, dec->norm, n, hid,
                     dec->norm_eps, 1.0f);
         op->matmul(ctx->ex, dec->logits, dec->head, dec->xn, n);
@@ -243,17 +244,14 @@ static int group_layer(mf_ctx *ctx, const struct mf_decoder *dec, int il, int t0
     return MF_OK;
 }
 
-// Head of a group: every row in chunks of max_tok (all_logits), or the call's last.
+// Head of a group: every row (all_logits), or the call's last.
 static void group_head(mf_ctx *ctx, const struct mf_decoder *dec, int t0, int ng,
                        int n_tok, float *logits, int all_logits) {
     const size_t hid = (size_t)dec->n_embd;
     const float *x = dec->group->x;
     double th = mf_now_s();
-    for (int c0 = 0; all_logits && c0 < ng; c0 += dec->max_tok) {
-        int n = ng - c0 < dec->max_tok ? ng - c0 : dec->max_tok;
-        head_forward(ctx, dec, x + (size_t)c0 * hid, n,
-                     logits + (size_t)(t0 + c0) * dec->n_vocab);
-    }
+    if (all_logits)
+        head_forward(ctx, dec, x, ng, logits + (size_t)t0 * dec->n_vocab);
     if (!all_logits && t0 + ng == n_tok)
         head_forward(ctx, dec, x + (size_t)(ng - 1) * hid, 1, logits);
     ctx->stats.head_s += mf_now_s() - th;
