@@ -48,6 +48,12 @@ static inline void mf_grid_gemm(const struct mf_p_mv *p, unsigned g[3], unsigned
                 (unsigned)p->n_head, 256);
 }
 
+// mf_gemm on tensor cores (mma.h): MF_MMA_ROWS rows, MF_MMA_TOK tokens, heads on z.
+static inline void mf_grid_gemm_mma(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_out, MF_MMA_ROWS), mf_cdiv(p->n_tok, MF_MMA_TOK),
+                (unsigned)p->n_head, MF_THREADS);
+}
+
 // A thread per input column, MF_MV_TT tokens each.
 static inline void mf_grid_mt(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(p->n_in, MF_THREADS), mf_cdiv(p->n_tok, MF_MV_TT),
@@ -155,6 +161,20 @@ static inline void mf_grid_moe_down(const struct mf_p_moe *p, unsigned g[3],
 static inline void mf_grid_moe_gu_tc(const struct mf_p_moe *p, unsigned g[3], unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(mf_cdiv(p->n_ff, MF_TC_ROWS / 2), p->rpw), (unsigned)p->n_exp,
                 mf_cdiv(p->max_rows, MF_TC_TOK(p->n_embd)), 32 * MF_MV_ROWS);
+}
+
+// Prefill experts on tensor cores (mma.h): MF_MMA_ROWS rows (gate/up: half as many
+// output indices) along x, experts on y, MF_MMA_TOK tokens on z.
+static inline void mf_grid_moe_gu_mma(const struct mf_p_moe *p, unsigned g[3],
+                                      unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_ff, MF_MMA_ROWS / 2), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_MMA_TOK), MF_THREADS);
+}
+
+static inline void mf_grid_moe_down_mma(const struct mf_p_moe *p, unsigned g[3],
+                                        unsigned b[3]) {
+    mf_grid_set(g, b, mf_cdiv(p->n_embd, MF_MMA_ROWS), (unsigned)p->n_exp,
+                mf_cdiv(p->max_rows, MF_MMA_TOK), MF_THREADS);
 }
 
 static inline void mf_grid_moe_down_tc(const struct mf_p_moe *p, unsigned g[3],

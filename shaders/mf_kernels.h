@@ -17,6 +17,7 @@
 #include "elementwise.h"
 #include "moe.h"
 #include "tc.h"
+#include "mma.h"
 #include "gptoss.h"
 
 #endif /* MF_KERNELS_H */

@@ -28,6 +28,9 @@
 // Tiled GEMM: a 64-row x 64-token output tile, 256 threads, k steps of 32 columns.
 #define MF_GEMM_TILE 64
 #define MF_GEMM_K 32
+// Output tiles below which a product of many tokens takes mf_mv's row dots instead (a
+// router's 128 rows make 16 tiles of a 512-token chunk: 16 of an H100's 132 SMs).
+#define MF_GEMM_MIN_TG 32
 // Threads of the one-dimensional and row kernels.
 #define MF_THREADS 256
 // Attention: keys per split (one threadgroup), the longest head dimension.
@@ -72,6 +75,17 @@ struct mf_p_mv_multi {
 #define MF_TC_XP (3 * (MF_TC_MAX_IN / 2 + 48))
 // Tokens a tensor-core threadgroup stages at once for n_in columns: two while both fit.
 #define MF_TC_TOK(n_in) (2 * (n_in) <= MF_TC_MAX_IN ? 2 : 1)
+
+// Prefill experts on tensor cores (mma.h): the entries of a grouped call with at least
+// MF_MMA_MIN_ROWS rows (more than the few tokens that route on the device, whose rows
+// must get the one-row kernels' bits) go in threadgroups of MF_MMA_ROWS rows (gate/up:
+// half gate, half up) x MF_MMA_TOK tokens, which stage x MF_MMA_KB columns at a time,
+// MF_MMA_XS words a token and part.
+#define MF_MMA_MIN_ROWS 8
+#define MF_MMA_ROWS 128
+#define MF_MMA_TOK 32
+#define MF_MMA_KB 128
+#define MF_MMA_XS (MF_MMA_KB / 2 + 2)
 
 struct mf_p_embed {
     int n_in, n_out, n_tok;
@@ -159,7 +173,8 @@ struct mf_p_route {
 // (stride_hi * 2^32 + stride_lo) with one row, row r of gu / eo, whose input is row
 // r / dev_k of x (passed as xg). gpt-oss: per-expert output biases at blob offsets
 // gate_bias / up_bias / down_bias (-1 for none; floats of bias_dtype) and the clamped
-// SwiGLU (act 1, with alpha and limit).
+// SwiGLU (act 1, with alpha and limit). mma_rows > 0: the entries of at least that
+// many rows are the tensor-core pair's (mma.h) and mf_moe_gu / mf_moe_down skip them.
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
@@ -168,6 +183,7 @@ struct mf_p_moe {
     int dev_k, stride_lo, stride_hi;
     int gate_bias, up_bias, down_bias, bias_dtype, act;
     float alpha, limit;
+    int mma_rows;
 };
 
 // Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes

@@ -175,11 +175,20 @@ MF_FN void mf_mma_bf16(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-// Both bf16 halves of u less 128 (exact for the codes 128 + q of tc.h).
-MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) {
+// d = A b (no addend): mf_mma_bf16 from zero.
+MF_FN void mf_mma_bf16_0(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32 *b,
+                         int lane) {
+    (void)lane;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
+}
+// Both bf16 halves of u plus those of c (exact for the codes 128 + q of tc.h and mma.h
+// less 128 or 128 + a centre).
+MF_FN mf_u32 mf_bf2_add(mf_u32 u, mf_u32 c) {
     mf_u32 r;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(u), "r"(0x3f803f80u),
-        "r"(0xc300c300u));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(u), "r"(0x3f803f80u), "r"(c));
     return r;
 }
 #endif
@@ -244,10 +253,19 @@ MF_FN void mf_mma_bf16(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32
         d[3] = mf_fma(mf_bf_hi(ag8), mf_bf_hi(b1), mf_fma(mf_bf_lo(ag8), mf_bf_lo(b1), d[3]));
     }
 }
-MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) {
-    const float lo = mf_bf_lo(u) - 128.0f, hi = mf_bf_hi(u) - 128.0f;
+MF_FN void mf_mma_bf16_0(MF_TH float *d, MF_TH const mf_u32 *a, MF_TH const mf_u32 *b,
+                         int lane) {
+    for (int i = 0; i < 4; i++)
+        d[i] = 0.0f;
+    mf_mma_bf16(d, a, b, lane);
+}
+MF_FN mf_u32 mf_bf2_add(mf_u32 u, mf_u32 c) {
+    const float lo = mf_bf_lo(u) + mf_bf_lo(c), hi = mf_bf_hi(u) + mf_bf_hi(c);
     return (mf_as_u32(hi) & 0xffff0000u) | (mf_as_u32(lo) >> 16);
 }
 #endif
+
+// Both bf16 halves of u less 128 (exact for the codes 128 + q of tc.h).
+MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) { return mf_bf2_add(u, 0xc300c300u); }
 
 #endif /* MF_PRELUDE_H */

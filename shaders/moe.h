@@ -263,11 +263,14 @@ MF_FN void mf_gu_rows(MF_G float *gu, MF_G const float *xg, MF_G const mf_u32 *b
 }
 
 // The first row and the row count of threadgroup (e, tile) of the grouped kernels; 0
-// when the tile is past the expert's rows (the same for the whole threadgroup).
+// when the tile is past the expert's rows or the entry is the tensor-core pair's
+// (p.mma_rows; the same for the whole threadgroup).
 MF_FN int mf_moe_tile(MF_G const int *tab, const struct mf_p_moe p, int e, int tile,
                       MF_TH int *r0) {
     const int n_rows = mf_ent_rows(tab, p, e);
     *r0 = mf_ent_row0(tab, p, e) + tile;
+    if (p.mma_rows > 0 && n_rows >= p.mma_rows)
+        return 0;
     return tile >= n_rows ? 0 : n_rows - tile < MF_MV_TT ? n_rows - tile : MF_MV_TT;
 }
 

@@ -282,11 +282,14 @@ MF_PARAMS(13, struct mf_p_mv_multi, p) {
 }
 
 // The tokens of entry e that threadgroup row z takes: the first (row of gu / eo) in
-// *r0, the count (0 when none) returned; n_in: the product's input width.
+// *r0, the count (0 when none, or when the entry is mma.h's: p.mma_rows) returned;
+// n_in: the product's input width.
 MF_FN int mf_tc_ent(MF_G const int *tab, const struct mf_p_moe p, int e, int z, int n_in,
                     MF_TH int *r0) {
     const int T = MF_TC_TOK(n_in), n_rows = mf_ent_rows(tab, p, e), u0 = z * T;
     *r0 = mf_ent_row0(tab, p, e) + u0;
+    if (p.mma_rows > 0 && n_rows >= p.mma_rows)
+        return 0;
     return n_rows - u0 <= 0 ? 0 : n_rows - u0 < T ? n_rows - u0 : T;
 }
 

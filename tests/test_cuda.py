@@ -26,7 +26,7 @@ import moeflux
 ROOT = Path(__file__).resolve().parent.parent
 SHADERS = ROOT / "shaders"
 HAVE_CUDA = "cuda" in moeflux.backends()
-KERNEL_FILES = ["quant.h", "matmul.h", "tc.h", "norm.h", "rope.h", "attn.h", "gdn.h",
+KERNEL_FILES = ["quant.h", "matmul.h", "tc.h", "mma.h", "norm.h", "rope.h", "attn.h", "gdn.h",
                 "elementwise.h", "moe.h", "gptoss.h", "mf_kernels.h"]
 
 

@@ -456,7 +456,11 @@ struct mf_backend_ops {
     // eo[r] = down(silu(gate xg[r]) * up xg[r]) (b->act: or the clamped SwiGLU),
     // gu [rows, 2 * n_ff] scratch. A row's
     // result does not depend on which other experts share the call, so experts may be
-    // run as their bytes arrive, in any grouping, with bitwise the same eo.
+    // run as their bytes arrive, in any grouping, with bitwise the same eo. It may
+    // depend on how many rows its expert's entry has: an entry of at least 8 rows may
+    // run in tiles of rows (the GPUs' prefill kernels on tensor cores, each row's bits
+    // still its own), one of fewer rows gives each row the bits it has as an entry of
+    // one row (moe_experts_dev's).
     void (*moe_experts)(struct mf_exec *ex, float *eo, float *gu, const float *xg,
                         const struct mf_moe_batch *b);
     // The same experts without the host seeing the routing (struct mf_moe_dev): y[t] =

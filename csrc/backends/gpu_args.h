@@ -241,8 +241,24 @@ static inline void mf_moe_extras(struct mf_p_moe *p, const struct mf_weight *gb,
 
 // Which pair of grouped expert kernels runs: the tensor-core pair (mf_moe_gu_tc,
 // mf_moe_down_tc), mf_moe_gu / mf_moe_down, or their one-row forms (mf_moe_gu1 /
-// mf_moe_down1, the same bits).
-enum mf_moe_kernels { MF_MOE_SIMT, MF_MOE_SIMT1, MF_MOE_TC };
+// mf_moe_down1, the same bits), or the prefill pair on tensor cores (mf_moe_gu_mma,
+// mf_moe_down_mma) for the entries of many rows.
+enum mf_moe_kernels { MF_MOE_SIMT, MF_MOE_SIMT1, MF_MOE_TC, MF_MOE_MMA };
+
+// Whether p has neither per-expert biases nor the clamped SwiGLU.
+static inline int mf_moe_plain(const struct mf_p_moe *p) {
+    return p->gate_bias < 0 && p->up_bias < 0 && p->down_bias < 0 && p->act == 0;
+}
+
+// The formats of the prefill tensor-core pair (shaders/mma.h): affine 2- or 4-bit
+// codes whose group quarters are whole words (4-bit: groups of 32, 64 or 128; 2-bit:
+// 64 or 128), any width.
+static inline int mf_mma_format(const struct mf_weight *w) {
+    const int gs = w->group_size;
+    return w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE &&
+           (w->bits == 4 || w->bits == 2) && (gs == 32 || gs == 64 || gs == 128) &&
+           gs * w->bits >= 128 && w->n_in > 0 && w->n_in % gs == 0 && w->n_out > 0;
+}
 
 // The grouped expert launches for p (moe_params of gate g, up u, down d, with n_exp,
 // max_rows and vec set; its format is the gate's): gp for the gate/up kernel, dp, in
@@ -250,6 +266,7 @@ enum mf_moe_kernels { MF_MOE_SIMT, MF_MOE_SIMT1, MF_MOE_TC };
 // chosen from the formats (and tc, the driver's switch) alone, never from the rows, so
 // that an expert's row gets the same bits in every call (decode or prefill, host- or
 // device-routed); the SIMT kernels give a row the same bits whatever its call.
+// mf_moe_plan decides, from each entry's rows, which entries leave this pair.
 static inline enum mf_moe_kernels mf_moe_launch(const struct mf_p_moe *p,
                                                 const struct mf_weight *g,
                                                 const struct mf_weight *u,
@@ -260,17 +277,87 @@ static inline enum mf_moe_kernels mf_moe_launch(const struct mf_p_moe *p,
     dp->sdtype = (int)d->sdtype;
     dp->bits = d->bits;
     dp->group_size = d->group_size > 0 ? d->group_size : 32;
-    const int plain = p->gate_bias < 0 && p->up_bias < 0 && p->down_bias < 0 && p->act == 0;
-    if (tc && plain && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
+    if (tc && mf_moe_plain(p) && p->vec && mf_tc_format(g) && mf_tc_format(u) && mf_tc_format(d)) {
         // Tiles per threadgroup set how a tile's warps split its row's groups, and so
         // the bits: from the shapes alone (those of a one-token call of MF_TC_EXPERTS
-        // experts), never from this call's experts or rows.
+        // experts), never from this call's experts or rows (mf_moe_plan may still move
+        // the entries of many rows to the prefill pair).
         gp->rpw = mf_tc_rt(mf_cdiv(p->n_ff, MF_TC_ROWS / 2) * MF_TC_EXPERTS);
         dp->rpw = mf_tc_rt(mf_cdiv(p->n_embd, MF_TC_ROWS) * MF_TC_EXPERTS);
         return MF_MOE_TC;
     }
     gp->rpw = dp->rpw = p->max_rows == 1 ? 1 : MF_MV_RPW;   // decode: more, shorter warps
     return p->max_rows == 1 ? MF_MOE_SIMT1 : MF_MOE_SIMT;
+}
+
+// Whether a product p of more than MF_MV_MAX_TOK tokens outside mf_gemm_mma is better
+// as mf_mv's row dots than as mf_gemm's tiles: when those are too few to fill a GPU.
+static inline int mf_gemm_few(const struct mf_p_mv *p) {
+    return mf_cdiv(p->n_out, MF_GEMM_TILE) * mf_cdiv(p->n_tok, MF_GEMM_TILE) * p->n_head <
+           MF_GEMM_MIN_TG;
+}
+
+// Whether mf_gemm_mma takes the product p (more than MF_MV_MAX_TOK tokens) of w at x:
+// the driver's switch (mma: the device has the matrix step), w in mf_mma_format with
+// 16-byte aligned codes, x and its strides 16-byte aligned.
+static inline int mf_gemm_mma_ok(const struct mf_p_mv *p, const struct mf_weight *w,
+                                 uintptr_t x, int mma) {
+    return mma && mf_mma_format(w) && p->vec && mf_aligned16(x) &&
+           p->x_tok_stride % 4 == 0 && p->x_head_stride % 4 == 0;
+}
+
+// The kernel pairs of one grouped call, run in order.
+struct mf_moe_plan {
+    int n;
+    enum mf_moe_kernels kind[2];
+    struct mf_p_moe gp[2], dp[2];
+};
+
+// The pairs for p (as mf_moe_launch takes it) over the n entries of tab ({blob lo, hi,
+// row0, n_rows} each; mma_ok: the driver's switch of the prefill pair, on where the
+// device has its matrix step). Where mf_moe_launch picks the SIMT or the tensor-core
+// pair for more than one row an entry, mma_ok holds, every projection has a
+// format of the prefill tensor-core pair, the codes are 16-byte aligned and so are x
+// and gu (xvec), the entries of at least MF_MMA_MIN_ROWS rows go to that pair and the
+// rest stay with the first, each pair's max_rows from its own entries. An entry's
+// kernels so depend on the formats and its own row count alone: in every call, grouped
+// or not, an expert of fewer rows gets the bits of the one-row kernels (those of the
+// device-routed path, which models/moe.c takes for at most 4 tokens).
+static inline void mf_moe_plan(const struct mf_p_moe *p, const int32_t *tab, int n,
+                               const struct mf_weight *g, const struct mf_weight *u,
+                               const struct mf_weight *d, int tc, int mma_ok, int xvec,
+                               struct mf_moe_plan *pl) {
+    struct mf_p_moe gp, dp;
+    const enum mf_moe_kernels k = mf_moe_launch(p, g, u, d, tc, &gp, &dp);
+    int big = 0, small = 0;
+    const int mma = mma_ok && (k == MF_MOE_SIMT || k == MF_MOE_TC) && p->max_rows > 1 &&
+                    mf_moe_plain(p) && p->vec && xvec && mf_mma_format(g) &&
+                    mf_mma_format(u) && mf_mma_format(d);
+    for (int i = 0; mma && i < n; i++) {
+        const int r = tab[4 * i + 3];
+        if (r >= MF_MMA_MIN_ROWS)
+            big = r > big ? r : big;
+        else
+            small = r > small ? r : small;
+    }
+    pl->n = 0;
+    if (!mma || small > 0) {
+        pl->kind[0] = k;
+        pl->gp[0] = gp;
+        pl->dp[0] = dp;
+        if (mma)
+            pl->gp[0].max_rows = pl->dp[0].max_rows = small;
+        pl->n = 1;
+    }
+    if (big > 0) {
+        pl->kind[pl->n] = MF_MOE_MMA;
+        pl->gp[pl->n] = gp;
+        pl->dp[pl->n] = dp;
+        pl->gp[pl->n].max_rows = pl->dp[pl->n].max_rows = big;
+        pl->n++;
+    }
+    for (int i = 0; mma && i < pl->n; i++)
+        pl->gp[i].mma_rows = pl->dp[i].mma_rows = MF_MMA_MIN_ROWS;
 }
 
 // Keys per attention split for n_tok queries over span positions: a decode step's few

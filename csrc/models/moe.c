@@ -938,7 +938,9 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
  * and runs every expert in one moe_experts call. Both give the bits of the streaming
  * path (moe_experts_dev's contract, and the same per-expert rows and combine order). */
 
-// Tokens up to which a resident layer routes on the device.
+// Tokens up to which a resident layer routes on the device. Below the rows from which
+// a GPU's grouped call may take an expert's rows in tiles (MF_MMA_MIN_ROWS, 8, in
+// shaders/mf_params.h), so that both paths give those rows the one-row kernels' bits.
 #define MOE_DEV_MAX_TOK 4
 
 static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,

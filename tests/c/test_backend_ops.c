@@ -299,10 +299,10 @@ static void test_matmul_t(const struct tw *t, int nt) {
 // H heads of RH rows each inside the weight, strided x and y (x_head_stride 0: every
 // head reads the same row).
 static void test_heads_of(const struct tw *t, int transposed, int shared_x, int nt, int H,
-                          int RH) {
+                          int RH, int xpad) {
     const int N = (int)t->c.n_in;
     const int in = transposed ? RH : N, out = transposed ? N : RH;
-    const int xts = H * in + 5, xhs = shared_x ? 0 : in, yts = H * (out + 1), yhs = out + 1;
+    const int xts = H * in + xpad, xhs = shared_x ? 0 : in, yts = H * (out + 1), yhs = out + 1;
     struct mf_weight wc = t->c, wg = t->g;
     wc.n_out = wg.n_out = RH;
     float *x = frand((size_t)nt * xts, -1, 1), *yc = fpoison((size_t)nt * yts);
@@ -333,7 +333,7 @@ static void test_heads_of(const struct tw *t, int transposed, int shared_x, int 
 }
 
 static void test_heads(const struct tw *t, int transposed, int shared_x, int nt) {
-    test_heads_of(t, transposed, shared_x, nt, 3, 25);
+    test_heads_of(t, transposed, shared_x, nt, 3, 25, 5);
 }
 
 static void test_embed(const struct tw *t) {
@@ -429,6 +429,11 @@ static void test_tc_products(void) {
                 test_matmul(&t, 1, 1);
                 test_heads(&t, 0, 0, 1);
                 test_heads(&t, 0, 1, 1);
+                if (s == 0) {   // the prefill GEMM on tensor cores (mma.h): 3 token tiles;
+                    test_matmul(&t, 70, 0);   // heads of x at 16-byte strides
+                    test_heads_of(&t, 0, 0, 40, 3, 25, 4);
+                    test_heads_of(&t, 0, 1, 40, 3, 25, 4);
+                }
                 tw_free(&t);
             }
     struct tw t;
@@ -455,6 +460,21 @@ static void test_weight_ops(const struct tw *t) {
     status_ok("products");
 }
 
+// Products of many tokens in formats outside mf_gemm_mma with enough rows for mf_gemm's
+// tiles (MF_GEMM_MIN_TG; the 77-row products above take mf_mv's row dots), a partial
+// row and token tile, x aligned and not.
+static void test_gemm_tiles(void) {
+    const int bitsv[] = {3, 8};
+    for (size_t b = 0; b < 2; b++) {
+        struct tw t;
+        tw_make(&t, MF_DTYPE_U32, MF_DTYPE_BF16, bitsv[b], 64, 2050, 640);
+        test_matmul(&t, 70, 0);
+        test_matmul(&t, 70, 1);
+        tw_free(&t);
+    }
+    status_ok("gemm tiles");
+}
+
 // Large one-token products (thousands of threadgroups, as an lm_head), one with a row
 // count no multiple of anything, and 16 heads of 4096 rows.
 static void test_large_one_token(void) {
@@ -470,8 +490,8 @@ static void test_large_one_token(void) {
     }
     struct tw t;
     tw_make(&t, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 16 * 4096, 128);
-    test_heads_of(&t, 0, 0, 1, 16, 4096);
-    test_heads_of(&t, 0, 1, 1, 16, 4096);
+    test_heads_of(&t, 0, 0, 1, 16, 4096, 5);
+    test_heads_of(&t, 0, 1, 1, 16, 4096, 5);
     tw_free(&t);
     status_ok("large one-token products");
 }
@@ -505,6 +525,7 @@ static void test_products(void) {
     test_tc_products();
     test_multis();
     test_large_one_token();
+    test_gemm_tiles();
     printf("products: %d cases\n", E.n_case);
 }
 
@@ -1425,31 +1446,56 @@ static void layout_name(char *buf, size_t n, const struct blob_layout *L) {
                  L->has_bias ? ", biases, clamped SwiGLU" : "");
 }
 
-static void test_experts_run(const struct blob_layout *lay, int H, int I) {
-    enum { NE = 5 };
+// Entries of an expert's rows: each expert of at least 2 * MF_MMA_MIN_ROWS rows split
+// in two of at least MF_MMA_MIN_ROWS (one = 0), or every row an entry (one = 1) of the
+// experts below MF_MMA_MIN_ROWS rows (the others kept whole). Returns the entry count.
+static int regroup(const void *const *bg, const int32_t *row0, const int32_t *nrows, int ne,
+                   int one, const void **eb, int32_t *er0, int32_t *ern) {
+    int n = 0;
+    for (int i = 0; i < ne; i++) {
+        const int r = nrows[i], parts = one ? (r < MF_MMA_MIN_ROWS ? r : 1)
+                                            : (r >= 2 * MF_MMA_MIN_ROWS ? 2 : 1);
+        for (int k = 0, done = 0; k < parts; k++, n++) {
+            const int take = k == parts - 1 ? r - done : one ? 1 : MF_MMA_MIN_ROWS + 3;
+            eb[n] = bg[i];
+            er0[n] = row0[i] + done;
+            ern[n] = take;
+            done += take;
+        }
+    }
+    return n;
+}
+
+// ne experts of rows[i] rows each through moe_experts on both backends. On the GPU, a
+// row's bits must not depend on the call: experts split over two calls, experts of
+// fewer than MF_MMA_MIN_ROWS rows as one-row entries (the device-routed path's form;
+// the prefill tensor-core pair takes the others), the others' rows regrouped.
+static void test_experts_run(const struct blob_layout *lay, int H, int I, const int *rows,
+                             int ne) {
+    enum { NE_MAX = 8, ENT_MAX = 128 };
     const struct blob_layout L = *lay;
-    const int rows[NE] = {1, 3, 0, 6, 2}, slot[NE] = {2, 0, 1, 3, 4};
-    int32_t row0[NE], nrows[NE];
+    const int nA = ne - 2;   // slots 0 .. nA - 1 in one allocation, the rest in another
+    int32_t row0[NE_MAX], nrows[NE_MAX];
     int total = 0;
-    for (int i = 0; i < NE; i++) {
+    for (int i = 0; i < ne; i++) {
         row0[i] = total;
         nrows[i] = rows[i];
         total += rows[i];
     }
-    uint8_t *host = xmalloc(NE * L.bytes);
-    for (int i = 0; i < NE; i++)
+    uint8_t *host = xmalloc(ne * L.bytes);
+    for (int i = 0; i < ne; i++)
         fill_blob(host + i * L.bytes, &L);
-    // Device: slots 0-2 in one allocation, 3-4 in another; expert i in slot[i].
-    uint8_t *devA = E.go->alloc(E.gx, 3 * L.bytes), *devB = E.go->alloc(E.gx, 2 * L.bytes);
-    const void *bc[NE], *bg[NE];
-    for (int i = 0; i < NE; i++) {
+    // Device: expert i in slot (i + nA - 1) % nA of the first allocation, or i.
+    uint8_t *devA = E.go->alloc(E.gx, nA * L.bytes), *devB = E.go->alloc(E.gx, 2 * L.bytes);
+    const void *bc[NE_MAX], *bg[NE_MAX];
+    for (int i = 0; i < ne; i++) {
         bc[i] = host + i * L.bytes;
-        bg[i] = slot[i] < 3 ? devA + slot[i] * L.bytes : devB + (slot[i] - 3) * L.bytes;
+        bg[i] = i < nA ? devA + (i + nA - 1) % nA * L.bytes : devB + (i - nA) * L.bytes;
         E.go->upload(E.gx, (void *)bg[i], 0, bc[i], L.bytes);
     }
     float *xg = frand((size_t)total * H, -1, 1), *eoc = fpoison((size_t)total * H);
     float *guc = fpoison((size_t)total * 2 * I);
-    struct mf_moe_batch b = layout_batch(&L, NE, bc, row0, nrows);
+    struct mf_moe_batch b = layout_batch(&L, ne, bc, row0, nrows);
     E.co->moe_experts(E.cx, eoc, guc, xg, &b);
     float *gxg = gput(xg, (size_t)total * H * 4), *geo = gpoison((size_t)total * H * 4);
     float *ggu = gpoison((size_t)total * 2 * I * 4), *geo2 = gpoison((size_t)total * H * 4);
@@ -1458,54 +1504,71 @@ static void test_experts_run(const struct blob_layout *lay, int H, int I) {
     // The same experts in two calls: bitwise the same rows.
     struct mf_moe_batch b1 = b, b2 = b;
     b1.n = 2;
-    b2.n = NE - 2;
+    b2.n = ne - 2;
     b2.blob_host = bg + 2;
     b2.row0_host = row0 + 2;
     b2.n_rows_host = nrows + 2;
     E.go->moe_experts(E.gx, geo2, ggu, gxg, &b1);
     E.go->moe_experts(E.gx, geo2, ggu, gxg, &b2);
-    // Each row as an entry of its own (as the device-routed path has them): on the GPU
-    // bitwise the rows of the grouped entries (the CPU's grouped kernels sum differently).
-    const void *b3blob[16];
-    int32_t b3row0[16], b3one[16];
-    struct mf_moe_batch b3 = b;
-    b3.n = 0;
-    for (int i = 0; i < NE; i++)
-        for (int r = 0; r < nrows[i]; r++, b3.n++) {
-            b3blob[b3.n] = bg[i];
-            b3row0[b3.n] = row0[i] + r;
-            b3one[b3.n] = 1;
-        }
-    b3.blob_host = b3blob;
-    b3.row0_host = b3row0;
-    b3.n_rows_host = b3one;
-    float *geo3 = gpoison((size_t)total * H * 4);
+    // The rows regrouped, each way (the CPU's grouped kernels sum differently).
+    const void *eb[ENT_MAX];
+    int32_t er0[ENT_MAX], ern[ENT_MAX];
+    float *geo3 = gpoison((size_t)total * H * 4), *geo4 = gpoison((size_t)total * H * 4);
+    struct mf_moe_batch b3 = b, b4 = b;
+    b3.n = regroup(bg, row0, nrows, ne, 1, eb, er0, ern);
+    b3.blob_host = eb;
+    b3.row0_host = er0;
+    b3.n_rows_host = ern;
     E.go->moe_experts(E.gx, geo3, ggu, gxg, &b3);
+    const void *eb4[ENT_MAX];
+    int32_t er04[ENT_MAX], ern4[ENT_MAX];
+    b4.n = regroup(bg, row0, nrows, ne, 0, eb4, er04, ern4);
+    b4.blob_host = eb4;
+    b4.row0_host = er04;
+    b4.n_rows_host = ern4;
+    E.go->moe_experts(E.gx, geo4, ggu, gxg, &b4);
     float *eog = gget(geo, (size_t)total * H), *eog2 = gget(geo2, (size_t)total * H);
-    float *eog3 = gget(geo3, (size_t)total * H);
+    float *eog3 = gget(geo3, (size_t)total * H), *eog4 = gget(geo4, (size_t)total * H);
     double *absd = xmalloc((size_t)total * H * sizeof *absd);
     double *extra = xmalloc((size_t)total * H * sizeof *extra);
-    for (int i = 0; i < NE; i++)
+    for (int i = 0; i < ne; i++)
         for (int r = 0; r < nrows[i]; r++)
             expert_bounds(&L, host + i * L.bytes, xg + (size_t)(row0[i] + r) * H, H, I,
                           absd + (size_t)(row0[i] + r) * H, extra + (size_t)(row0[i] + r) * H);
     char what[320], fmt[192];
     layout_name(fmt, sizeof fmt, &L);
-    snprintf(what, sizeof what, "moe_experts %s %dx%d", fmt, H, I);
+    snprintf(what, sizeof what, "moe_experts %s %dx%d, %d rows", fmt, H, I, total);
     cmp_dot(what, eoc, eog, absd, extra, (size_t)total * H, I);
     CHECK(memcmp(eog, eog2, (size_t)total * H * 4) == 0,
           "%s: experts split over two calls differ from one call", what);
     CHECK(E.against_cpu || memcmp(eog, eog3, (size_t)total * H * 4) == 0,
           "%s: rows as entries of their own differ from grouped rows", what);
+    CHECK(E.against_cpu || memcmp(eog, eog4, (size_t)total * H * 4) == 0,
+          "%s: experts split into entries of many rows differ from whole ones", what);
     free(host), free(xg), free(eoc), free(guc), free(eog), free(eog2), free(absd), free(extra);
-    free(eog3);
+    free(eog3), free(eog4);
     gfree(devA), gfree(devB), gfree(gxg), gfree(geo), gfree(ggu), gfree(geo2), gfree(geo3);
+    gfree(geo4);
     status_ok("moe_experts");
 }
 
+// The rows of the expert tests: a few each (the one-row kernels' bits), and experts of
+// many (the prefill tensor-core pair's where the format is one of its: one token tile
+// of 32, a partial second one, the least rows it takes, a tile of 9 whose second warp
+// row has no tokens) beside a few.
+static const int FEW_ROWS[] = {1, 3, 0, 6, 2};
+static const int MANY_ROWS[] = {1, 9, 0, 37, MF_MMA_MIN_ROWS, 3};
+#define N_OF(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
 static void test_experts_case(int bits, int gs, enum mf_dtype sdt, int H, int I) {
     const struct blob_layout L = layout(H, I, bits, gs, sdt);
-    test_experts_run(&L, H, I);
+    test_experts_run(&L, H, I, FEW_ROWS, N_OF(FEW_ROWS));
+}
+
+// The same with experts of many rows.
+static void test_experts_many(int bits, int gs, enum mf_dtype sdt, int H, int I) {
+    const struct blob_layout L = layout(H, I, bits, gs, sdt);
+    test_experts_run(&L, H, I, MANY_ROWS, N_OF(MANY_ROWS));
 }
 
 // Mixed recipes: gate and up in one format, down in another (affine or float).
@@ -1522,9 +1585,9 @@ static struct blob_layout layout_mixed(int H, int I, int bits, int gs, int dbits
 // rows of 2880 = 90 words of codes: lanes take uneven shares).
 static void test_gptoss_experts(void) {
     struct blob_layout L = layout_gptoss(256, 192);
-    test_experts_run(&L, 256, 192);
+    test_experts_run(&L, 256, 192, FEW_ROWS, N_OF(FEW_ROWS));
     L = layout_gptoss(2880, 64);
-    test_experts_run(&L, 2880, 64);
+    test_experts_run(&L, 2880, 64, MANY_ROWS, N_OF(MANY_ROWS));
 }
 
 static void test_mixed_experts(void) {
@@ -1537,7 +1600,8 @@ static void test_mixed_experts(void) {
     for (size_t i = 0; i < sizeof C / sizeof C[0]; i++) {
         const struct blob_layout L = layout_mixed(256, C[i].I, C[i].bits, C[i].gs,
                                                   C[i].dbits, C[i].dgs, C[i].ddt);
-        test_experts_run(&L, 256, C[i].I);
+        test_experts_run(&L, 256, C[i].I, i % 2 ? MANY_ROWS : FEW_ROWS,
+                         i % 2 ? N_OF(MANY_ROWS) : N_OF(FEW_ROWS));
     }
 }
 
@@ -1552,10 +1616,26 @@ static void test_tc_experts(void) {
     test_experts_case(4, 64, MF_DTYPE_BF16, 256, 2112);
 }
 
+// The formats and edges of the prefill tensor-core pair (mma.h): each group size and
+// width, x staged in blocks of MF_MMA_KB with a partial last one (192, 96, 2112, 320
+// columns), gate/up indices and down rows past a full threadgroup (96 and 2112 of 64;
+// 320 of MF_MMA_ROWS), inputs wider than the other tensor-core kernels take.
+static void test_mma_experts(void) {
+    test_experts_many(4, 64, MF_DTYPE_BF16, 256, 192);
+    test_experts_many(4, 32, MF_DTYPE_F32, 320, 96);
+    test_experts_many(4, 128, MF_DTYPE_F16, 256, 384);
+    test_experts_many(2, 128, MF_DTYPE_F16, 256, 384);
+    test_experts_many(2, 64, MF_DTYPE_BF16, 2304, 192);
+    test_experts_many(4, 64, MF_DTYPE_BF16, 320, 2112);
+    test_experts_many(4, 64, MF_DTYPE_BF16, 8192, 128);
+    test_experts_many(3, 64, MF_DTYPE_BF16, 256, 192);   // not its format: SIMT alone
+}
+
 static void test_experts(void) {
     test_experts_case(3, 32, MF_DTYPE_F16, 256, 192);
     test_experts_case(6, 64, MF_DTYPE_F32, 256, 192);
     test_tc_experts();
+    test_mma_experts();
     test_mixed_experts();
     test_gptoss_experts();
 }
@@ -2221,6 +2301,7 @@ int main(void) {
         test_tc_products();
         test_multis();
         test_tc_experts();
+        test_mma_experts();
         test_experts_dev();
         printf("%d comparisons (tensor-core products only)\n", E.n_case);
     } else {

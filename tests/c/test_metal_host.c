@@ -221,6 +221,7 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { (void)ex; return 0; }
+int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 
 // A float expert of n_ff x n_embd: gate, up, down back to back from offset 0.
 static void float_views(struct mf_weight v[3], int n_ff, int n_embd) {
@@ -287,18 +288,23 @@ static void test_experts_by_region(void) {
 static void test_dispatch(void) {
     struct mf_exec ex = {0};
     struct mf_weight w = {.w = (void *)64, .dtype = MF_DTYPE_F32, .n_out = 100, .n_in = 40};
+    struct mf_weight wide = w;   // 64 GEMM tiles of 9 tokens (at least MF_GEMM_MIN_TG)
+    wide.n_out = 4096;
     float y[4] = {0}, x[4] = {0};
     mf_metal_matmul(&ex, y, &w, x, 1);
-    mf_metal_matmul(&ex, y, &w, x, 9);
+    mf_metal_matmul(&ex, y, &wide, x, 9);
     mf_metal_matmul_t(&ex, y, &w, x, 3);
     const int32_t tok[3] = {7, 1, 5};
     mf_metal_embed(&ex, y, &w, tok, 3);
-    CHECK(ex.n_launch == 4, "%d launches", ex.n_launch);
-    if (ex.n_launch != 4)
+    mf_metal_matmul(&ex, y, &w, x, 9);   // 2 tiles, too few: the row dots
+    CHECK(ex.n_launch == 5, "%d launches", ex.n_launch);
+    if (ex.n_launch != 5)
         return;
     CHECK(ex.l[0].kid == MF_MKID_mf_mv1 && ex.l[1].kid == MF_MKID_mf_gemm &&
-              ex.l[2].kid == MF_MKID_mf_mt && ex.l[3].kid == MF_MKID_mf_embed,
-          "kernels %d %d %d %d", ex.l[0].kid, ex.l[1].kid, ex.l[2].kid, ex.l[3].kid);
+              ex.l[2].kid == MF_MKID_mf_mt && ex.l[3].kid == MF_MKID_mf_embed &&
+              ex.l[4].kid == MF_MKID_mf_mv,
+          "kernels %d %d %d %d %d", ex.l[0].kid, ex.l[1].kid, ex.l[2].kid, ex.l[3].kid,
+          ex.l[4].kid);
     // One token over 100 rows: the one-token matvec, one row per warp (rpw 1).
     CHECK(ex.l[0].g[0] == (100 + MF_MV_ROWS - 1) / MF_MV_ROWS && ex.l[0].b[0] == 32 * MF_MV_ROWS &&
               ex.l[0].g[1] == 1,
@@ -311,7 +317,7 @@ static void test_dispatch(void) {
     bad.bits = 7;
     mf_metal_matmul(&ex, y, &bad, x, 1);
     mf_metal_matmul(&ex, y, &w, x, 1);
-    CHECK(ex.status == MF_ERR_ARG && ex.n_launch == 4, "status %d, %d launches", ex.status,
+    CHECK(ex.status == MF_ERR_ARG && ex.n_launch == 5, "status %d, %d launches", ex.status,
           ex.n_launch);
 }
 #endif

@@ -199,6 +199,7 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->cb->tc; }
+int mf_metal_mma(const struct mf_exec *ex) { return ex->cb->mma; }
 
 /* ---- what backend.c refers to, not linked here */
 
@@ -236,6 +237,7 @@ int mf_backend_metal_probe(char *err, size_t errlen) {
 static struct mf_cuda_be fake_be;
 static struct mf_exec E[2];   // [0] for the CUDA ops, [1] for the Metal ops
 static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core kernels
+static int n_mma;                       // of the prefill kernels of mma.h
 
 static void reset(void) {
     memset(S, 0, sizeof S);
@@ -267,9 +269,12 @@ static void compare_buf(const char *what, int i, int j, uint64_t c, uint64_t m) 
 static void compare(const char *what) {
     n_cases++;
     n_launches += S[1].n;
-    for (int i = 0; i < S[0].n; i++)
-        n_tc += S[0].r[i].kid == MF_KID_mf_mv_tc || S[0].r[i].kid == MF_KID_mf_moe_gu_tc ||
-                S[0].r[i].kid == MF_KID_mf_moe_down_tc;
+    for (int i = 0; i < S[0].n; i++) {
+        const int k = S[0].r[i].kid;
+        n_mma += k == MF_KID_mf_moe_gu_mma || k == MF_KID_mf_moe_down_mma ||
+                 k == MF_KID_mf_gemm_mma;
+        n_tc += k == MF_KID_mf_mv_tc || k == MF_KID_mf_moe_gu_tc || k == MF_KID_mf_moe_down_tc;
+    }
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
           S[0].n, S[1].n);
     CHECK(E[0].status == E[1].status, "%s: status cuda %d, metal %d", what, E[0].status,
@@ -483,6 +488,15 @@ static void test_experts(void) {
     BOTH(moe_experts, eo, gu, xg, &b);
     b.n = 300;
     BOTH(moe_experts, eo, gu, xg, &b);
+    int32_t many[300];   // entries of many rows too: the prefill tensor-core pair
+    for (int i = 0; i < 300; i++)
+        many[i] = i % 4 == 1 ? MF_MMA_MIN_ROWS + i % 40 : rows[i];
+    b.n_rows_host = many;
+    BOTH(moe_experts, eo, gu, xg, &b);
+    for (int i = 0; i < 300; i++)
+        many[i] = MF_MMA_MIN_ROWS + i % 3;   // and of many rows alone
+    BOTH(moe_experts, eo, gu, xg, &b);
+    b.n_rows_host = rows;
     struct mf_weight down8 = v[2], up8 = v[1];   // a down of its own format: launched
     down8.bits = 8;
     b.down = &down8;
@@ -562,6 +576,7 @@ static void test_scatter_tab(void) {
 
 int main(void) {
     fake_be.cu.MemcpyDtoDAsync = fake_dtod;
+    fake_be.mma = 1;   // the prefill tensor-core kernels, as on an sm_80+ device
     fake_be.cu.MemcpyDtoHAsync = fake_dtoh;
     fake_be.cu.StreamSynchronize = fake_sync;
     test_products();
@@ -576,6 +591,7 @@ int main(void) {
     test_products();
     test_experts();
     CHECK(n_tc >= 10, "only %d tensor-core launches while they are on", n_tc);
+    CHECK(n_mma >= 4, "only %d launches of the prefill tensor-core kernels", n_mma);
     // Most cases launch kernels (a few are refused or do nothing on both sides): a
     // recorder that lost launches would pass the comparisons vacuously.
     CHECK(n_launches >= 100, "only %d launches in %d cases", n_launches, n_cases);

@@ -92,6 +92,7 @@ static int pick_device(struct mf_cuda_be *cb, char *err, size_t errlen) {
         return rc;
     cb->cc = 10 * maj + min;
     cb->tc = cb->cc >= 80 && mf_gpu_tc_env();
+    cb->mma = cb->cc >= 80;
     if (cb->cu.DeviceGetName(cb->name, (int)sizeof cb->name, cb->dev) != MF_CUDA_SUCCESS)
         snprintf(cb->name, sizeof cb->name, "CUDA device %d", ordinal);
     return MF_OK;

@@ -42,6 +42,8 @@ struct mf_cuda_be {
     int cc;                      // compute capability, 10 * major + minor
     int tc;                      // tensor-core kernels (shaders/tc.h): sm_80 and later
                                  // with MOEFLUX_GPU_TC=1 (gpu_args.h)
+    int mma;                     // the prefill kernels of shaders/mma.h: sm_80 and later,
+                                 // where their matrix step is mma.sync
     int driver_version;
     char name[128];
     CUmodule mod;

@@ -96,6 +96,10 @@ void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         launch_mf_mv1(ex, &p, b, "matmul");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
+    else if (mf_gemm_mma_ok(&p, w, (uintptr_t)x, ex->cb->mma))
+        launch_mf_gemm_mma(ex, &p, b, "matmul");
+    else if (mf_gemm_few(&p))
+        launch_mf_mv(ex, &p, b, "matmul");
     else
         launch_mf_gemm(ex, &p, b, "matmul");
 }
@@ -555,25 +559,34 @@ static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_wei
     return p;
 }
 
-// The grouped expert kernels for p, as mf_moe_launch picks them: gate/up (buffers b1),
-// then down (b2).
-static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p,
-                           const struct mf_weight *g, const struct mf_weight *u,
+// The grouped expert kernels of p over the n entries of tab, as mf_moe_plan picks
+// them: each pair's gate/up (buffers b1: gu, x, ...), then its down (b2).
+static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p, const int32_t *tab,
+                           int n, const struct mf_weight *g, const struct mf_weight *u,
                            const struct mf_weight *d, const CUdeviceptr b1[4],
                            const CUdeviceptr b2[4], const char *op) {
-    struct mf_p_moe gp, dp;
-    switch (mf_moe_launch(p, g, u, d, ex->cb->tc, &gp, &dp)) {
-    case MF_MOE_TC:
-        launch_mf_moe_gu_tc(ex, &gp, b1, op);
-        launch_mf_moe_down_tc(ex, &dp, b2, op);
-        break;
-    case MF_MOE_SIMT1:
-        launch_mf_moe_gu1(ex, &gp, b1, op);
-        launch_mf_moe_down1(ex, &dp, b2, op);
-        break;
-    default:
-        launch_mf_moe_gu(ex, &gp, b1, op);
-        launch_mf_moe_down(ex, &dp, b2, op);
+    struct mf_moe_plan pl;
+    mf_moe_plan(p, tab, n, g, u, d, ex->cb->tc, ex->cb->mma,
+                mf_aligned16(b1[0]) && mf_aligned16(b1[1]), &pl);
+    for (int i = 0; i < pl.n; i++) {
+        const struct mf_p_moe *gp = &pl.gp[i], *dp = &pl.dp[i];
+        switch (pl.kind[i]) {
+        case MF_MOE_TC:
+            launch_mf_moe_gu_tc(ex, gp, b1, op);
+            launch_mf_moe_down_tc(ex, dp, b2, op);
+            break;
+        case MF_MOE_MMA:
+            launch_mf_moe_gu_mma(ex, gp, b1, op);
+            launch_mf_moe_down_mma(ex, dp, b2, op);
+            break;
+        case MF_MOE_SIMT1:
+            launch_mf_moe_gu1(ex, gp, b1, op);
+            launch_mf_moe_down1(ex, dp, b2, op);
+            break;
+        default:
+            launch_mf_moe_gu(ex, gp, b1, op);
+            launch_mf_moe_down(ex, dp, b2, op);
+        }
     }
 }
 
@@ -624,7 +637,7 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
             continue;
         const CUdeviceptr b1[4] = {mf_dp(gu), mf_dp(xg), (CUdeviceptr)base, t};
         const CUdeviceptr b2[4] = {mf_dp(eo), mf_dp(gu), (CUdeviceptr)base, t};
-        launch_experts(ex, &p, b->gate, b->up, b->down, b1, b2, "moe_experts");
+        launch_experts(ex, &p, tab, n, b->gate, b->up, b->down, b1, b2, "moe_experts");
     }
 }
 
@@ -653,7 +666,7 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     p.stride_hi = pd.stride_hi;
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
     const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx)};
-    launch_experts(ex, &p, d->gate, d->up, d->down, b1, b2, "moe_experts_dev");
+    launch_experts(ex, &p, NULL, 0, d->gate, d->up, d->down, b1, b2, "moe_experts_dev");
     const CUdeviceptr b3[4] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w)};
     launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
 }

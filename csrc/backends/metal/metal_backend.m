@@ -164,6 +164,7 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 
 int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
+int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 
 static const char *ns_text(NSError *e) {
     const char *s = e ? [[e localizedDescription] UTF8String] : NULL;

@@ -81,6 +81,10 @@ int mf_metal_failed(const struct mf_exec *ex);
 // 1 when the ops take the tensor-core kernels (shaders/tc.h, in their portable form
 // here): MOEFLUX_GPU_TC=1 when the backend was made, as on CUDA.
 int mf_metal_tc(const struct mf_exec *ex);
+// 1 when a prefill's products take the kernels of shaders/mma.h: 0 here for now, as
+// their matrix step would run by shuffles (the portable form), which the SIMT kernels
+// are expected to beat; the twin test turns it on to compare the launches.
+int mf_metal_mma(const struct mf_exec *ex);
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,

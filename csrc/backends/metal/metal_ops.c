@@ -119,6 +119,10 @@ void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
         launch_mf_mv1(ex, &p, b, "matmul");
     else if (n_tok <= MF_MV_MAX_TOK)
         launch_mf_mv(ex, &p, b, "matmul");
+    else if (mf_gemm_mma_ok(&p, w, (uintptr_t)x, mf_metal_mma(ex)))
+        launch_mf_gemm_mma(ex, &p, b, "matmul");
+    else if (mf_gemm_few(&p))
+        launch_mf_mv(ex, &p, b, "matmul");
     else
         launch_mf_gemm(ex, &p, b, "matmul");
 }
@@ -557,6 +561,29 @@ static struct mf_p_moe moe_params(const struct mf_moe_batch *b, int n) {
     return p;
 }
 
+// One pair of grouped expert kernels (mf_moe_plan's): gate/up, then down.
+static void launch_pair(struct mf_exec *ex, enum mf_moe_kernels kind,
+                        const struct mf_p_moe *gp, const struct mf_p_moe *dp,
+                        const void *const b1[4], const void *const b2[4]) {
+    switch (kind) {
+    case MF_MOE_TC:
+        launch_mf_moe_gu_tc(ex, gp, b1, "moe_experts");
+        launch_mf_moe_down_tc(ex, dp, b2, "moe_experts");
+        break;
+    case MF_MOE_MMA:
+        launch_mf_moe_gu_mma(ex, gp, b1, "moe_experts");
+        launch_mf_moe_down_mma(ex, dp, b2, "moe_experts");
+        break;
+    case MF_MOE_SIMT1:
+        launch_mf_moe_gu1(ex, gp, b1, "moe_experts");
+        launch_mf_moe_down1(ex, dp, b2, "moe_experts");
+        break;
+    default:
+        launch_mf_moe_gu(ex, gp, b1, "moe_experts");
+        launch_mf_moe_down(ex, dp, b2, "moe_experts");
+    }
+}
+
 // Experts at[0 .. m) of b, whose blobs lie in the buffer region starting at base:
 // launched with that region as the base buffer and the blobs as offsets into it (the
 // CUDA driver's table, which there spans all of device memory).
@@ -583,20 +610,11 @@ static void launch_group(struct mf_exec *ex, float *eo, float *gu, const float *
             return;
         const void *const b1[4] = {gu, xg, (const void *)base, t};
         const void *const b2[4] = {eo, gu, (const void *)base, t};
-        struct mf_p_moe gp, dp;
-        switch (mf_moe_launch(&p, b->gate, b->up, b->down, mf_metal_tc(ex), &gp, &dp)) {
-        case MF_MOE_TC:
-            launch_mf_moe_gu_tc(ex, &gp, b1, "moe_experts");
-            launch_mf_moe_down_tc(ex, &dp, b2, "moe_experts");
-            break;
-        case MF_MOE_SIMT1:
-            launch_mf_moe_gu1(ex, &gp, b1, "moe_experts");
-            launch_mf_moe_down1(ex, &dp, b2, "moe_experts");
-            break;
-        default:
-            launch_mf_moe_gu(ex, &gp, b1, "moe_experts");
-            launch_mf_moe_down(ex, &dp, b2, "moe_experts");
-        }
+        struct mf_moe_plan pl;
+        mf_moe_plan(&p, tab, n, b->gate, b->up, b->down, mf_metal_tc(ex), mf_metal_mma(ex),
+                    mf_aligned16((uintptr_t)gu) && mf_aligned16((uintptr_t)xg), &pl);
+        for (int k = 0; k < pl.n; k++)
+            launch_pair(ex, pl.kind[k], &pl.gp[k], &pl.dp[k], b1, b2);
     }
 }
 
