@@ -31,7 +31,8 @@ endif
 # Every build made here also builds moeflux._diag, the test-only module of single
 # backend ops (tests/test_kernels.py, bench/); a plain `pip install` leaves it out.
 DIAG     := MOEFLUX_BUILD_DIAG=1
-CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
+CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c)) \
+            tests/c/build/test_kernel_sim
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
 	test-neon neon-deps test-metal fault-site bench-cuda \
@@ -88,6 +89,15 @@ $(FAULT_OBJ)/.built: $(CORE_SRC) $(shell find csrc -name '*.h')
 
 tests/c/build/test_faults: tests/c/test_faults.c tests/c/check.h $(FAULT_OBJ)/.built
 	$(CC) $(CFLAGS_C) $(CTEST_FLAGS) -DMF_FAULT_INJECTION -o $@ $< $(FAULT_OBJ)/*.o -lpthread -lm -ldl
+
+# The kernels of shaders/ run on the CPU by the executor of tests/c/sim (barriers,
+# shuffles and threadgroup memory as on a GPU): the kernel source as host C++.
+SIM_FLAGS := -std=c++17 -O1 -g -Wall -Wextra -Werror -Wno-unknown-pragmas \
+	-ffp-contract=off -DMF_SIM -Itests/c/sim
+tests/c/build/test_kernel_sim: tests/c/test_kernel_sim.cc tests/c/sim/mf_sim.cc \
+		tests/c/sim/mf_sim.h $(wildcard shaders/*.h shaders/*.def)
+	@mkdir -p tests/c/build
+	$(CXX) $(SIM_FLAGS) -o $@ tests/c/test_kernel_sim.cc tests/c/sim/mf_sim.cc
 
 # The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
 # in place of their launch layers, so only these sources are linked.

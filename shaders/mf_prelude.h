@@ -1,7 +1,8 @@
 /*
  * mf_prelude.h — the dialect prelude every kernel file includes first. It maps one
- * kernel source to CUDA C++ (NVRTC, or nvcc) and to the Metal Shading Language
- * (__METAL_VERSION__): pointer address spaces, kernel signatures, thread indices,
+ * kernel source to CUDA C++ (NVRTC, or nvcc), to the Metal Shading Language
+ * (__METAL_VERSION__), and for the tests to host C++ run by a CPU executor (MF_SIM,
+ * tests/c/sim): pointer address spaces, kernel signatures, thread indices,
  * barriers, warp shuffles, integer types and the math functions kernels may use.
  * No CUDA or Metal header beyond <metal_stdlib> is needed, so NVRTC compiles it with
  * no include path. Pointer qualifiers (MF_G device memory, MF_C constant, MF_TG
@@ -84,6 +85,56 @@ MF_FN float mf_log1p(float x) {
 // Metal runs a command buffer's kernels one after another: nothing to wait for.
 MF_FN void mf_dep_wait() {}
 
+#elif defined(MF_SIM)
+/* ---- host C++ under the tests' CPU executor (tests/c/sim/mf_sim.h), which the test
+ * includes first, with <cmath> and <cstring>: the kernel files include nothing else */
+#define MF_G
+#define MF_C
+#define MF_TG
+#define MF_TH
+#define MF_SHARED static   // one threadgroup runs at a time
+#define MF_FN static inline
+#define MF_BARRIER() mf_sim_barrier()
+#define MF_KERNEL(name) void name(
+#define MF_BUF(i, T, n) T *n,
+#define MF_PARAMS(i, T, p) const T p)
+#define MF_TG_X (mf_sim_self()->tg[0])
+#define MF_TG_Y (mf_sim_self()->tg[1])
+#define MF_TG_Z (mf_sim_self()->tg[2])
+#define MF_LT (mf_sim_self()->lt)
+#define MF_NT (mf_sim_self()->nt)
+#define MF_LANE (MF_LT & 31)
+#define MF_WARP (MF_LT >> 5)
+
+typedef uint32_t mf_u32;
+typedef uint16_t mf_u16;
+typedef uint8_t mf_u8;
+typedef uint64_t mf_u64;
+typedef int64_t mf_i64;
+struct alignas(16) mf_f4 {
+    float x, y, z, w;
+};
+
+MF_FN float mf_as_float(mf_u32 u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+MF_FN mf_u32 mf_as_u32(float f) {
+    mf_u32 u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+MF_FN float mf_shfl_xor(float v, int o) {
+    return mf_as_float(mf_sim_shfl(mf_as_u32(v), MF_LANE ^ o));
+}
+MF_FN int mf_shfl_xor_i(int v, int o) { return (int)mf_sim_shfl((mf_u32)v, MF_LANE ^ o); }
+MF_FN mf_u32 mf_shfl_u32(mf_u32 v, int src) { return mf_sim_shfl(v, src); }
+MF_FN void mf_ld4(MF_TH mf_u32 *d, MF_G const mf_u32 *p) { memcpy(d, p, 16); }
+MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) { memcpy(d, p, 8); }
+#define MF_INF INFINITY
+MF_FN void mf_dep_wait() {}
+
 #else
 /* ---- CUDA C++ (NVRTC or nvcc) ---- */
 #define MF_CUDA 1
@@ -120,16 +171,6 @@ MF_FN mf_u32 mf_as_u32(float f) { return __float_as_uint(f); }
 MF_FN float mf_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MF_FN int mf_shfl_xor_i(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MF_FN mf_u32 mf_shfl_u32(mf_u32 v, int src) { return __shfl_sync(0xffffffffu, v, src); }
-MF_FN float mf_exp(float x) { return expf(x); }
-MF_FN float mf_log(float x) { return logf(x); }
-MF_FN float mf_sqrt(float x) { return sqrtf(x); }
-MF_FN float mf_cos(float x) { return cosf(x); }
-MF_FN float mf_sin(float x) { return sinf(x); }
-MF_FN float mf_fabs(float x) { return fabsf(x); }
-MF_FN float mf_log1p(float x) { return log1pf(x); }
-// An explicit fused multiply-add: one rounding, also under --fmad=false (which only
-// stops the compiler from contracting a * b + c written out).
-MF_FN float mf_fma(float a, float b, float c) { return fmaf(a, b, c); }
 // Four / two consecutive words in one 128 / 64-bit load (the caller guarantees 16 /
 // 8-byte alignment).
 MF_FN void mf_ld4(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
@@ -194,7 +235,21 @@ MF_FN mf_u32 mf_bf2_add(mf_u32 u, mf_u32 c) {
 #endif
 #endif
 
-/* ---- shared by both dialects ---- */
+#if !defined(__METAL_VERSION__)
+// C's float functions: CUDA's device library, or the host's C library under MF_SIM.
+MF_FN float mf_exp(float x) { return expf(x); }
+MF_FN float mf_log(float x) { return logf(x); }
+MF_FN float mf_sqrt(float x) { return sqrtf(x); }
+MF_FN float mf_cos(float x) { return cosf(x); }
+MF_FN float mf_sin(float x) { return sinf(x); }
+MF_FN float mf_fabs(float x) { return fabsf(x); }
+MF_FN float mf_log1p(float x) { return log1pf(x); }
+// An explicit fused multiply-add: one rounding, also under --fmad=false (which only
+// stops the compiler from contracting a * b + c written out).
+MF_FN float mf_fma(float a, float b, float c) { return fmaf(a, b, c); }
+#endif
+
+/* ---- shared by all dialects ---- */
 
 // Sum over the 32 lanes of a warp (simdgroup) by a butterfly: every lane gets the sum,
 // and the order of additions is the same on both APIs.
