@@ -87,6 +87,15 @@ static inline void mf_grid_attn_part(const struct mf_p_attn *p, unsigned g[3],
                 MF_THREADS);
 }
 
+// Splits on x, kv heads on y, tiles of MF_ATTN_TILE_ROWS (token, head) rows on z.
+static inline void mf_grid_attn_tile(const struct mf_p_attn *p, unsigned g[3],
+                                     unsigned b[3]) {
+    const int group = p->n_head / p->n_kv_head > 0 ? p->n_head / p->n_kv_head : 1;
+    mf_grid_set(g, b, (unsigned)p->n_split, (unsigned)p->n_kv_head,
+                mf_cdiv((long long)p->n_tok * group, MF_ATTN_TILE_ROWS(p->dk, p->dv)),
+                MF_THREADS);
+}
+
 static inline void mf_grid_attn_comb(const struct mf_p_attn *p, unsigned g[3],
                                      unsigned b[3]) {
     mf_grid_set(g, b, (unsigned)p->n_head, (unsigned)p->n_tok, 1, MF_THREADS);

@@ -36,6 +36,11 @@
 // Attention: keys per split (one threadgroup), the longest head dimension.
 #define MF_ATTN_CHUNK 256
 #define MF_ATTN_DK_MAX 1024
+// Prefill attention in tiles (mf_attn_tile): query values per tile, and query rows per
+// tile for head dimensions dk, dv (16 up to 128, 8 up to MF_ATTN_TILE_DMAX).
+#define MF_ATTN_TILE_Q 2048
+#define MF_ATTN_TILE_DMAX 256
+#define MF_ATTN_TILE_ROWS(dk, dv) ((dk) <= 128 && (dv) <= 128 ? 16 : 8)
 // GatedDeltaNet recurrence: state rows (warps) per threadgroup, the longest dk.
 #define MF_GDN_ROWS 4
 #define MF_GDN_DK_MAX 256

@@ -406,6 +406,18 @@ static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int
 // stays what 64-token chunks needed.
 #define MF_ATTN_QBLOCK 64
 
+// 1 when a block of queries takes mf_attn_tile for its partials (the same bits as
+// mf_attn_part, each split's keys and values read once per tile of query rows): the
+// driver's switch on (MOEFLUX_GPU_ATTN_TILE), more than 4 queries (a decode step's few
+// keep a threadgroup per query and head), whole groups of heads per kv head, head
+// dimensions the tile holds.
+static inline int mf_attn_tile_ok(const struct mf_p_attn *p, int on) {
+    return on && p->n_tok > 4 && p->n_head % p->n_kv_head == 0 &&
+           p->dk <= MF_ATTN_TILE_DMAX &&
+           p->dv <= MF_ATTN_TILE_DMAX && MF_THREADS % p->dv == 0 &&
+           p->chunk <= MF_ATTN_CHUNK;
+}
+
 // The params of queries t0 .. t0 + nb - 1 (nb at most qblock) of the call p: the same
 // chunk and base, so each query has the splits of the whole call in the same order
 // (those past its last position, empty, are dropped: the combine skips empty ones), and

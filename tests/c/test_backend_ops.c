@@ -38,6 +38,7 @@
 struct env {
     struct mf_backend *cb, *gb;
     struct mf_exec *cx, *gx;
+    struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 (NULL against the CPU)
     const struct mf_backend_ops *co, *go;
     uint64_t rng;
     int n_case, n_skip;
@@ -753,6 +754,29 @@ static void test_rope_qk(void) {
 
 /* ==== Attention ==== */
 
+// A prefill's attention again on the exec made with MOEFLUX_GPU_ATTN_TILE=0, whose
+// query blocks take mf_attn_part: the same bits as mf_attn_tile's (og) are required.
+static void check_untiled(const char *what, const float *og, const float *gq,
+                          const float *gk, const float *gv, int nt, int nh, int nkv, int dk,
+                          int dv, int ks, int vs, int pos0, float scale,
+                          const struct mf_attn_ext *ext) {
+    if (!E.gx_untiled || nt <= 4)
+        return;
+    const size_t n = (size_t)nt * nh * dv;
+    float *go = gpoison(n * 4), *oh = xmalloc(n * 4);
+    E.go->sync(E.gx);   // the inputs and the poison are in place
+    E.go->attention_ext(E.gx_untiled, go, gq, gk, gv, nt, nh, nkv, dk, dv, ks, vs, pos0,
+                        scale, ext);
+    E.go->download(E.gx_untiled, oh, go, 0, n * 4);
+    char err[512] = "";
+    const int rc = E.go->status(E.gx_untiled, err, sizeof err);
+    CHECK(rc == MF_OK, "%s untiled: %s", what, err);
+    CHECK(memcmp(og, oh, n * 4) == 0, "%s: the tiled partials differ from mf_attn_part's",
+          what);
+    E.n_case++;
+    free(oh), gfree(go);
+}
+
 static void test_attention_case(int nt, int nh, int nkv, int dk, int dv, int pos0) {
     const int P = pos0 + nt, ks = nkv * dk + 16, vs = nkv * dv + 8;
     float *q = frand((size_t)nt * nh * dk, -1, 1), *k = frand((size_t)P * ks, -1, 1);
@@ -767,6 +791,7 @@ static void test_attention_case(int nt, int nh, int nkv, int dk, int dv, int pos
     snprintf(what, sizeof what, "attention n_tok %d heads %d/%d dk %d dv %d pos0 %d", nt, nh,
              nkv, dk, dv, pos0);
     cmp_rel(what, oc, og, (size_t)nt * nh * dv, RTOL_LONG);
+    check_untiled(what, og, gq, gk, gv, nt, nh, nkv, dk, dv, ks, vs, pos0, scale, NULL);
     free(q), free(k), free(v), free(oc), free(og);
     gfree(gq), gfree(gk), gfree(gv), gfree(go);
 }
@@ -797,6 +822,7 @@ static void test_attention_ext_case(int nt, int nh, int nkv, int d, int pos0, in
              "ring %d sinks %s", nt, nh, nkv, d, pos0, window, ring,
              sk ? mf_dtype_name(sdt) : "none");
     cmp_rel(what, oc, og, (size_t)nt * nh * d, RTOL_LONG);
+    check_untiled(what, og, gq, gk, gv, nt, nh, nkv, d, d, kvd, kvd, pos0, scale, &ext);
     if (!sk && window == 0 && ring == 0) {
         float *go2 = gpoison((size_t)nt * nh * d * 4);
         E.go->attention(E.gx, go2, gq, gk, gv, nt, nh, nkv, d, d, kvd, kvd, pos0, scale);
@@ -829,6 +855,8 @@ static void test_attention(void) {
     test_attention_case(19, 8, 2, 64, 96, 300);
     test_attention_case(70, 4, 4, 128, 128, 0);
     test_attention_case(200, 8, 2, 64, 64, 700);    // 64-query blocks at an offset
+    test_attention_case(33, 16, 2, 256, 256, 290);  // head dim 256: 8-row tiles
+    test_attention_case(21, 6, 6, 80, 64, 3);       // one head per kv head, dk 80
     test_attention_case(2, 16, 1, 576, 512, 700);   // MLA latent shape
     test_attention_case(1, 6, 3, 80, 80, 40000);    // long context: 157 splits
     test_attention_case(1, 32, 4, 128, 128, 200);   // decode: 64-key splits, 4
@@ -2252,6 +2280,11 @@ static int open_backends(int against_cpu) {
         rc = E.cb->ops->exec_new(E.cb, 2, &E.cx, err, sizeof err);
     if (!rc)
         rc = E.gb->ops->exec_new(E.gb, 2, &E.gx, err, sizeof err);
+    if (!rc && !against_cpu) {
+        setenv("MOEFLUX_GPU_ATTN_TILE", "0", 1);
+        rc = E.gb->ops->exec_new(E.gb, 2, &E.gx_untiled, err, sizeof err);
+        unsetenv("MOEFLUX_GPU_ATTN_TILE");
+    }
     CHECK(rc == MF_OK, "backends: %s", err);
     if (rc)
         return rc;
@@ -2335,6 +2368,8 @@ int main(void) {
     }
     if (E.gx)
         E.go->exec_free(E.gx);
+    if (E.gx_untiled)
+        E.go->exec_free(E.gx_untiled);
     if (E.cx)
         E.co->exec_free(E.cx);
     if (E.gb)

@@ -1,7 +1,8 @@
 /*
  * test_kernel_sim.cc — kernels of shaders/ run on the CPU by the executor of
  * tests/c/sim (barriers, shuffles and threadgroup memory as on a GPU; each thread a
- * coroutine), against a float64 reference. This checks a kernel's indexing, synchronisation and
+ * coroutine), against a float64 reference, and kernels that must agree bit for bit
+ * with each other compared so. This checks a kernel's indexing, synchronisation and
  * order of operations on a machine without a GPU; make test-cuda runs the same kernels
  * on one. Each case runs under three thread orders (forward, reverse, shuffled): a
  * threadgroup read that lacks its barrier gives a different result under one of them.
@@ -102,9 +103,11 @@ static double attn_ref(const attn_case &c, const attn_data &d, int t, int h, int
     return o / l;
 }
 
-// The launches of the GPU drivers' attention (blocks of 64 queries, the partials, then
-// the combine).
-static std::vector<float> attn_run(const attn_case &c, const attn_data &d, unsigned seed) {
+// The launches of the GPU drivers' attention (blocks of 64 queries, the partials by
+// mf_attn_part or, tile set, by mf_attn_tile, then the combine); every block's
+// partials are appended to *parts.
+static std::vector<float> attn_run(const attn_case &c, const attn_data &d, unsigned seed,
+                                   bool tile, std::vector<float> *parts) {
     const int base = c.window > 0 && c.pos0 - c.window + 1 > 0 ? c.pos0 - c.window + 1 : 0;
     const int span = c.pos0 + c.n_tok - base;
     const int chunk = c.n_tok > 4 ? MF_ATTN_CHUNK : span <= 32 * 64 ? 64 : 128;
@@ -121,8 +124,15 @@ static std::vector<float> attn_run(const attn_case &c, const attn_data &d, unsig
         pb.n_split = (pb.pos0 + pb.n_tok - base + chunk - 1) / chunk;
         std::vector<float> ws((size_t)pb.n_tok * c.n_head * pb.n_split * (c.dv + 2), NAN);
         const float *qp = d.q.data() + (size_t)t0 * c.n_head * c.dk;
-        launch(mf_grid_attn_part, pb, seed,
-               [&] { mf_attn_part(ws.data(), qp, d.k.data(), d.v.data(), pb); }, "attn_part");
+        if (tile)
+            launch(mf_grid_attn_tile, pb, seed,
+                   [&] { mf_attn_tile(ws.data(), qp, d.k.data(), d.v.data(), pb); },
+                   "attn_tile");
+        else
+            launch(mf_grid_attn_part, pb, seed,
+                   [&] { mf_attn_part(ws.data(), qp, d.k.data(), d.v.data(), pb); },
+                   "attn_part");
+        parts->insert(parts->end(), ws.begin(), ws.end());
         float *o = out.data() + (size_t)t0 * c.n_head * c.dv;
         launch(mf_grid_attn_comb, pb, seed,
                [&] { mf_attn_comb(o, ws.data(), d.sinks.data(), pb); }, "attn_comb");
@@ -130,20 +140,28 @@ static std::vector<float> attn_run(const attn_case &c, const attn_data &d, unsig
     return out;
 }
 
-// mf_attn_part and the combine against the float64 reference, the same bits under
-// three thread orders.
+// mf_attn_part's partials and outputs against the float64 reference; mf_attn_tile's
+// (where the drivers may launch it) equal to them bit for bit, NaN fill included;
+// both under three thread orders.
 static void test_attention(const attn_case &c) {
     attn_data d = attn_make(c);
     double worst = 0;
-    std::vector<float> first;
-    for (unsigned seed = 0; seed < 3; seed++) {
-        std::vector<float> o = attn_run(c, d, seed);
-        if (seed == 0)
-            first = o;
-        CHECK(memcmp(o.data(), first.data(), o.size() * 4) == 0,
-              "attention n_tok %d pos0 %d: thread order %u: other bits", c.n_tok, c.pos0,
-              seed);
-    }
+    std::vector<float> first, first_parts;
+    const bool tile_ok = c.dk <= MF_ATTN_TILE_DMAX && c.dv <= MF_ATTN_TILE_DMAX &&
+                         MF_THREADS % c.dv == 0 && c.n_head % c.n_kv == 0;
+    for (unsigned seed = 0; seed < 3; seed++)
+        for (int tile = 0; tile <= (int)tile_ok; tile++) {
+            std::vector<float> parts;
+            std::vector<float> o = attn_run(c, d, seed, tile, &parts);
+            if (seed == 0 && !tile) {
+                first = o;
+                first_parts = parts;
+            }
+            CHECK(memcmp(o.data(), first.data(), o.size() * 4) == 0 &&
+                      memcmp(parts.data(), first_parts.data(), parts.size() * 4) == 0,
+                  "attention n_tok %d pos0 %d: %s, thread order %u: other bits", c.n_tok,
+                  c.pos0, tile ? "mf_attn_tile" : "mf_attn_part", seed);
+        }
     for (int t = 0; t < c.n_tok; t++)
         for (int h = 0; h < c.n_head; h++)
             for (int i = 0; i < c.dv; i++) {
@@ -162,13 +180,13 @@ int main() {
     const attn_case cases[] = {
         // n_tok, n_head, n_kv, dk, dv, pos0, window, ring, sinks
         {3, 4, 2, 64, 64, 5, 0, 0, 0},
-        {70, 8, 2, 128, 128, 0, 0, 0, 0},      // two query blocks
-        {9, 16, 2, 256, 256, 290, 0, 0, 0},    // three splits
+        {70, 8, 2, 128, 128, 0, 0, 0, 0},      // two query blocks, 16-row tiles
+        {9, 16, 2, 256, 256, 290, 0, 0, 0},    // 8-row tiles, three splits
         {21, 6, 6, 80, 64, 3, 0, 0, 0},        // one head per kv head, dk not 32 k
-        {12, 4, 1, 128, 32, 250, 0, 0, 0},     // across a split boundary
+        {12, 4, 1, 128, 32, 250, 0, 0, 0},     // a tile across tokens and splits
         {40, 8, 2, 64, 64, 100, 24, 64, 1},    // window, ring and sinks (gpt-oss)
         {20, 8, 4, 64, 64, 0, 8, 0, 1},        // window within the chunk
-        {7, 4, 2, 576, 512, 10, 0, 0, 0},      // MLA's latent heads
+        {7, 4, 2, 576, 512, 10, 0, 0, 0},      // MLA's latent heads: mf_attn_part only
     };
     for (const attn_case &c : cases)
         test_attention(c);

@@ -222,6 +222,7 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
+int mf_metal_attn_tile(const struct mf_exec *ex) { (void)ex; return 1; }
 
 // A float expert of n_ff x n_embd: gate, up, down back to back from offset 0.
 static void float_views(struct mf_weight v[3], int n_ff, int n_embd) {

@@ -200,6 +200,7 @@ void mf_metal_fail(struct mf_exec *ex, int status, const char *fmt, ...) {
 int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->cb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { return ex->cb->mma; }
+int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
 
 /* ---- what backend.c refers to, not linked here */
 
@@ -238,12 +239,15 @@ static struct mf_cuda_be fake_be;
 static struct mf_exec E[2];   // [0] for the CUDA ops, [1] for the Metal ops
 static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core kernels
 static int n_mma;                       // of the prefill kernels of mma.h
+static int n_tile;                      // of mf_attn_tile
+static int attn_tile = 1;               // each exec's switch, as exec_new sets it
 
 static void reset(void) {
     memset(S, 0, sizeof S);
     for (int i = 0; i < 2; i++) {
         memset(&E[i], 0, sizeof E[i]);
         E[i].cb = &fake_be;
+        E[i].attn_tile = attn_tile;
     }
 }
 
@@ -273,6 +277,7 @@ static void compare(const char *what) {
         const int k = S[0].r[i].kid;
         n_mma += k == MF_KID_mf_moe_gu_mma || k == MF_KID_mf_moe_down_mma ||
                  k == MF_KID_mf_gemm_mma;
+        n_tile += k == MF_KID_mf_attn_tile;
         n_tc += k == MF_KID_mf_mv_tc || k == MF_KID_mf_moe_gu_tc || k == MF_KID_mf_moe_down_tc;
     }
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
@@ -409,6 +414,12 @@ static void test_norms_rope_attention(void) {
     BOTH(attention, y, x, z, P(0x14000000), 150, 8, 2, 64, 64, 128, 128, 700, 0.125f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 16, 1, 576, 512, 576, 576, 3, 0.1f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 4, 1, 2048, 512, 2048, 2048, 0, 0.1f);
+    // prefill shapes with tiled attention off (MOEFLUX_GPU_ATTN_TILE=0) on both sides
+    attn_tile = 0;
+    BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
+    BOTH(attention, y, x, z, P(0x14000000), 70, 8, 8, 256, 128, 2048, 1024, 60, 0.06f);
+    attn_tile = 1;
+    BOTH(attention, y, x, z, P(0x14000000), 70, 8, 8, 256, 128, 2048, 1024, 60, 0.06f);
 }
 
 static void test_gdn_and_elementwise(void) {
@@ -592,6 +603,7 @@ int main(void) {
     test_experts();
     CHECK(n_tc >= 10, "only %d tensor-core launches while they are on", n_tc);
     CHECK(n_mma >= 4, "only %d launches of the prefill tensor-core kernels", n_mma);
+    CHECK(n_tile == 6, "%d launches of mf_attn_tile, expected 6", n_tile);
     // Most cases launch kernels (a few are refused or do nothing on both sides): a
     // recorder that lost launches would pass the comparisons vacuously.
     CHECK(n_launches >= 100, "only %d launches in %d cases", n_launches, n_cases);

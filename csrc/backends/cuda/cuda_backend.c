@@ -335,10 +335,12 @@ static void cuda_exec_free(struct mf_exec *ex) {
 }
 
 // Programmatic dependent launch where the GPU and the driver have it, unless
-// MOEFLUX_GPU_PDL=0 (read when an exec is made).
+// MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0 (both read
+// when an exec is made).
 static void pdl_init(struct mf_exec *ex) {
-    const char *e = getenv("MOEFLUX_GPU_PDL");
+    const char *e = getenv("MOEFLUX_GPU_PDL"), *a = getenv("MOEFLUX_GPU_ATTN_TILE");
     ex->pdl = ex->cb->cc >= 90 && ex->cb->cu.LaunchKernelEx && !(e && strcmp(e, "0") == 0);
+    ex->attn_tile = !(a && strcmp(a, "0") == 0);
 }
 
 static int exec_setup(struct mf_exec *ex) {

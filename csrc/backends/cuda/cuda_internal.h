@@ -99,6 +99,9 @@ struct mf_exec {
                                  // while the one before it finishes (mf_dep_wait in
                                  // shaders/mf_prelude.h); sm_90 and later with
                                  // cuLaunchKernelEx, unless MOEFLUX_GPU_PDL=0
+    int attn_tile;               // prefill attention's partials by mf_attn_tile (the
+                                 // same bits as mf_attn_part), unless
+                                 // MOEFLUX_GPU_ATTN_TILE=0
 };
 
 struct mf_fence {

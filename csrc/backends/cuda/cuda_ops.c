@@ -270,7 +270,10 @@ void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const
         struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
         const float *qb = q + (size_t)t0 * n_head * dk;
         const CUdeviceptr b1[4] = {ws, mf_dp(qb), mf_dp(k), mf_dp(v)};
-        launch_mf_attn_part(ex, &pb, b1, "attention");
+        if (mf_attn_tile_ok(&pb, ex->attn_tile))
+            launch_mf_attn_tile(ex, &pb, b1, "attention");
+        else
+            launch_mf_attn_part(ex, &pb, b1, "attention");
         const CUdeviceptr b2[3] = {mf_dp(out + (size_t)t0 * n_head * dv), ws,
                                    ext && ext->sinks ? mf_dp(ext->sinks->w) : 0};
         launch_mf_attn_comb(ex, &pb, b2, "attention");

@@ -82,6 +82,7 @@ struct mf_exec {
     void *scratch[2];
     size_t scratch_bytes[2];
     int status;                             // first error (MF_OK while none)
+    int attn_tile;                          // mf_metal_attn_tile
     char err[1024];
 };
 
@@ -165,6 +166,7 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 
 int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
+int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
 
 static const char *ns_text(NSError *e) {
     const char *s = e ? [[e localizedDescription] UTF8String] : NULL;
@@ -661,6 +663,8 @@ static int metal_exec_new(struct mf_backend *be, int n_threads, struct mf_exec *
                       "metal backend: no command queue or buffer for a new context");
     }
     memset([ex->zero contents], 0, 256);
+    const char *tile = getenv("MOEFLUX_GPU_ATTN_TILE");
+    ex->attn_tile = !(tile && strcmp(tile, "0") == 0);
     *out = ex;
     return MF_OK;
 }

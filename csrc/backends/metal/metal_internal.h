@@ -85,6 +85,9 @@ int mf_metal_tc(const struct mf_exec *ex);
 // their matrix step would run by shuffles (the portable form), which the SIMT kernels
 // are expected to beat; the twin test turns it on to compare the launches.
 int mf_metal_mma(const struct mf_exec *ex);
+// 1 when prefill attention's partials take mf_attn_tile: unless MOEFLUX_GPU_ATTN_TILE=0
+// when the exec was made, as on CUDA.
+int mf_metal_attn_tile(const struct mf_exec *ex);
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,

@@ -287,7 +287,10 @@ void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, cons
     for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
         struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
         const void *const b1[4] = {ws, q + (size_t)t0 * n_head * dk, k, v};
-        launch_mf_attn_part(ex, &pb, b1, "attention");
+        if (mf_attn_tile_ok(&pb, mf_metal_attn_tile(ex)))
+            launch_mf_attn_tile(ex, &pb, b1, "attention");
+        else
+            launch_mf_attn_part(ex, &pb, b1, "attention");
         const void *const b2[3] = {out + (size_t)t0 * n_head * dv, ws,
                                    ext && ext->sinks ? ext->sinks->w : NULL};
         launch_mf_attn_comb(ex, &pb, b2, "attention");
