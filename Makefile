@@ -35,7 +35,7 @@ CTESTS   := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/test_*.c))
             tests/c/build/test_kernel_sim
 
 .PHONY: all venv install demo test ctest pytest asan asan-pytest tap clean test-cuda \
-	test-neon neon-deps test-metal fault-site bench-cuda \
+	test-neon neon-deps test-metal test-sim fault-site bench-cuda \
 	fuzz-build fuzz-replay-build fuzz-smoke fuzz-replay fuzz-replay-c fuzz-py
 
 all: install
@@ -99,6 +99,23 @@ tests/c/build/test_kernel_sim: tests/c/test_kernel_sim.cc tests/c/sim/mf_sim.cc 
 	@mkdir -p tests/c/build
 	$(CXX) $(SIM_FLAGS) -o $@ tests/c/test_kernel_sim.cc tests/c/sim/mf_sim.cc
 
+# The real CUDA backend on that executor: a stand-in driver and NVRTC
+# (tests/c/sim/sim_cuda.cc, one device of compute capability 9.0 whose memory is host
+# memory) loaded through MOEFLUX_LIBCUDA / MOEFLUX_LIBNVRTC, so test_backend_ops holds
+# every CUDA op against the CPU backend on a machine without a GPU (about 8 minutes on
+# 2 cores: every shuffle is a coroutine switch per lane). Part of make test.
+SIM_CUDA := tests/c/build/libmf_sim_cuda.so
+$(SIM_CUDA): tests/c/sim/sim_cuda.cc tests/c/sim/mf_sim.cc tests/c/sim/mf_sim.h \
+		csrc/backends/cuda/cuda_api.h $(wildcard shaders/*.h shaders/*.def)
+	@mkdir -p tests/c/build
+	$(CXX) $(SIM_FLAGS) -Icsrc -fPIC -shared -o $@ tests/c/sim/sim_cuda.cc tests/c/sim/mf_sim.cc
+
+test-sim: tests/c/build/test_backend_ops $(SIM_CUDA)
+	@d=$$(mktemp -d) && \
+	MOEFLUX_LIBCUDA=$(CURDIR)/$(SIM_CUDA) MOEFLUX_LIBNVRTC=$(CURDIR)/$(SIM_CUDA) \
+	MOEFLUX_CACHE_DIR=$$d MOEFLUX_OPS_NO_BENCH=1 MOEFLUX_OPS_PROGRESS=1 \
+		./tests/c/build/test_backend_ops; rc=$$?; rm -rf $$d; exit $$rc
+
 # The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
 # in place of their launch layers, so only these sources are linked.
 TWIN_SRC := csrc/backends/cuda/cuda_ops.c csrc/backends/metal/metal_ops.c \
@@ -126,7 +143,7 @@ ctest: $(CTESTS) build/kernel_sets
 pytest: install build/kernel_sets
 	export $(REQUIRE_KERNELS_ENV); $(VENV)/bin/pytest -q tests
 
-test: ctest test-neon fuzz-smoke pytest
+test: ctest test-sim test-neon fuzz-smoke pytest
 
 # The C kernel tests for aarch64 (the NEON set), cross-compiled and run under
 # qemu-user: CI machines are x86-64, and NEON must not go untested there. The core is

@@ -39,6 +39,8 @@ struct env {
     struct mf_backend *cb, *gb;
     struct mf_exec *cx, *gx;
     struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 (NULL against the CPU)
+    int progress;                 // MOEFLUX_OPS_PROGRESS: each group's time as it ends
+    double t_start;
     const struct mf_backend_ops *co, *go;
     uint64_t rng;
     int n_case, n_skip;
@@ -139,6 +141,8 @@ static void status_ok(const char *what) {
     char err[1024] = "";
     int rc = E.go->status ? E.go->status(E.gx, err, sizeof err) : MF_OK;
     CHECK(rc == MF_OK, "%s: backend status %d: %s", what, rc, err);
+    if (E.progress)
+        printf("%s: done at %.1f s\n", what, now_s() - E.t_start);
 }
 
 /* ==== Comparisons ==== */
@@ -2312,6 +2316,13 @@ int main(void) {
         }
     }
     E.against_cpu = against_cpu;
+    E.progress = getenv("MOEFLUX_OPS_PROGRESS") != NULL;
+    if (E.progress)
+        setvbuf(stdout, NULL, _IOLBF, 0);   // each line as it is printed
+    E.t_start = now_s();
+    // MOEFLUX_OPS_NO_BENCH: the comparisons only (the CPU executor's device, where
+    // timings mean nothing)
+    const int bench_too = !against_cpu && !getenv("MOEFLUX_OPS_NO_BENCH");
     E.rng = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() ^ 0x5bd1e995u;
     if (!E.rng)
         E.rng = 1;
@@ -2360,10 +2371,10 @@ int main(void) {
         test_gptoss();
         printf("%d comparisons, %d near-tie tokens skipped, %.1f s\n", E.n_case, E.n_skip,
                now_s() - t0);
-        if (!against_cpu)
+        if (bench_too)
             for (int b = 0; b < 3; b++)
                 bench("matvec", (int[]){4, 8, 2}[b]);
-        if (!against_cpu)
+        if (bench_too)
             bench_decode();
     }
     if (E.gx)

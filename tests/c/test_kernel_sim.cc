@@ -78,7 +78,8 @@ static attn_data attn_make(const attn_case &c) {
     return d;
 }
 
-static double attn_ref(const attn_case &c, const attn_data &d, int t, int h, int i) {
+// The float64 reference of query t, head h: all dv outputs into o.
+static void attn_ref(const attn_case &c, const attn_data &d, int t, int h, double *o) {
     const int kvh = h / (c.n_head / c.n_kv), n_keys = c.pos0 + t + 1;
     const int lo = c.window > 0 && n_keys - c.window > 0 ? n_keys - c.window : 0;
     std::vector<double> s;
@@ -93,14 +94,18 @@ static double attn_ref(const attn_case &c, const attn_data &d, int t, int h, int
         s.push_back(a);
         m = a > m ? a : m;
     }
-    double l = c.sinks ? std::exp((double)mf_as_float(d.sinks[h]) - m) : 0, o = 0;
+    double l = c.sinks ? std::exp((double)mf_as_float(d.sinks[h]) - m) : 0;
+    for (int i = 0; i < c.dv; i++)
+        o[i] = 0;
     for (int p = lo; p < n_keys; p++) {
         const int row = c.ring > 0 ? p % c.ring : p;
         const double e = std::exp(s[p - lo] - m);
         l += e;
-        o += e * d.v[(size_t)row * d.v_stride + kvh * c.dv + i];
+        for (int i = 0; i < c.dv; i++)
+            o[i] += e * d.v[(size_t)row * d.v_stride + kvh * c.dv + i];
     }
-    return o / l;
+    for (int i = 0; i < c.dv; i++)
+        o[i] /= l;
 }
 
 // The launches of the GPU drivers' attention (blocks of 64 queries, the partials by
@@ -162,13 +167,16 @@ static void test_attention(const attn_case &c) {
                   "attention n_tok %d pos0 %d: %s, thread order %u: other bits", c.n_tok,
                   c.pos0, tile ? "mf_attn_tile" : "mf_attn_part", seed);
         }
+    std::vector<double> r(c.dv);
     for (int t = 0; t < c.n_tok; t++)
-        for (int h = 0; h < c.n_head; h++)
+        for (int h = 0; h < c.n_head; h++) {
+            attn_ref(c, d, t, h, r.data());
             for (int i = 0; i < c.dv; i++) {
-                const double r = attn_ref(c, d, t, h, i);
-                const double e = std::fabs(first[((size_t)t * c.n_head + h) * c.dv + i] - r);
+                const double e =
+                    std::fabs(first[((size_t)t * c.n_head + h) * c.dv + i] - r[i]);
                 worst = e > worst ? e : worst;
             }
+        }
     CHECK(worst < 2e-6, "attention n_tok %d heads %d/%d dk %d pos0 %d window %d ring %d: "
           "max error %.3g", c.n_tok, c.n_head, c.n_kv, c.dk, c.pos0, c.window, c.ring, worst);
     printf("attention n_tok %3d heads %2d/%d dk %3d dv %3d pos0 %3d window %3d ring %3d "

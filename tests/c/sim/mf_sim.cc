@@ -2,6 +2,9 @@
  * mf_sim.cc — the CPU executor of mf_sim.h: a threadgroup's threads as coroutines,
  * run one at a time until each reaches a barrier, a shuffle or its end; then the
  * barriers whose threads have all arrived are released, and the next round begins.
+ * On x86-64 a coroutine switch saves the callee-saved registers and the stack pointer
+ * (a few instructions: a warp's shuffle switches 32 times); elsewhere ucontext, whose
+ * switches also save the signal mask (a system call each).
  */
 #include "mf_sim.h"
 
@@ -12,38 +15,121 @@
 
 namespace {
 
+void entry();
+
+#if defined(__x86_64__)
+// mf_sim_switch(from, to): pushes the callee-saved registers, stores the stack pointer
+// in *from, loads to, pops that context's registers and returns into it.
+extern "C" void mf_sim_switch(void **from, void *to);
+asm(".text\n"
+    ".globl mf_sim_switch\n"
+    ".type mf_sim_switch, @function\n"
+    "mf_sim_switch:\n"
+    "    pushq %rbp\n"
+    "    pushq %rbx\n"
+    "    pushq %r12\n"
+    "    pushq %r13\n"
+    "    pushq %r14\n"
+    "    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n"
+    "    popq %r14\n"
+    "    popq %r13\n"
+    "    popq %r12\n"
+    "    popq %rbx\n"
+    "    popq %rbp\n"
+    "    ret\n"
+    ".size mf_sim_switch, .-mf_sim_switch\n");
+
+struct context {
+    void *sp;
+};
+
+// A context that starts entry() on the stack [base, base + size): six zero registers,
+// then entry's address as the return address, with the stack as after a call.
+void ctx_make(context *c, char *base, size_t size, context *) {
+    uintptr_t top = ((uintptr_t)base + size) & ~(uintptr_t)15;
+    void **sp = (void **)top;
+    *--sp = nullptr;              // entry's own return address: it never returns
+    *--sp = (void *)&entry;
+    for (int i = 0; i < 6; i++)
+        *--sp = nullptr;
+    c->sp = sp;
+}
+
+void ctx_switch(context *from, context *to) { mf_sim_switch(&from->sp, to->sp); }
+#else
+struct context {
+    ucontext_t uc;
+};
+
+void ctx_make(context *c, char *base, size_t size, context *back) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = base;
+    c->uc.uc_stack.ss_size = size;
+    c->uc.uc_link = &back->uc;
+    makecontext(&c->uc, entry, 0);
+}
+
+void ctx_switch(context *from, context *to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
 enum state { READY, AT_BARRIER, AT_WARP, DONE };
 
 struct sim_thread {
-    ucontext_t ctx;
+    context ctx;
     mf_sim_pos pos;
     state st;
 };
 
 struct sim {
-    ucontext_t main;
+    context main;
     std::vector<sim_thread> th;
-    std::vector<char> stacks;
+    char *stacks;   // the calling OS thread's (stacks_of)
     std::vector<uint32_t> slot;   // two shuffles' values, one per thread each
     std::vector<unsigned char> gen;   // the half of slot each thread's next shuffle uses
-    std::vector<int> order;
+    std::vector<int> order;           // the threads in the order they run each round
+    std::vector<int> warp_wait, warp_live;   // per warp: lanes at a shuffle, not done
+    int bar_wait, live;                // threads at the barrier, not done
     const std::function<void()> *body;
     int cur;
     unsigned rng;
 };
 
 constexpr size_t STACK = 128 * 1024;
-thread_local sim *g_sim;
+thread_local sim *g_sim __attribute__((tls_model("initial-exec")));
+
+// Coroutine stacks for n threads, kept for the OS thread's later runs (a fresh
+// allocation per launch would fault in its pages every time). NULL when out of memory.
+char *stacks_of(int n) {
+    static thread_local std::vector<char *> kept;
+    while ((int)kept.size() < n) {
+        char *p = (char *)malloc(STACK);
+        if (!p)
+            return nullptr;
+        kept.push_back(p);
+    }
+    return (char *)kept.data();
+}
 
 void yield(state st) {
-    sim_thread &t = g_sim->th[g_sim->cur];
+    sim *s = g_sim;
+    sim_thread &t = s->th[s->cur];
+    const int w = s->cur >> 5;
     t.st = st;
-    swapcontext(&t.ctx, &g_sim->main);
+    if (st == AT_WARP)
+        s->warp_wait[w]++;
+    else if (st == AT_BARRIER)
+        s->bar_wait++;
+    else
+        s->warp_live[w]--, s->live--;
+    ctx_switch(&t.ctx, &s->main);
 }
 
 void entry() {
     (*g_sim->body)();
-    g_sim->th[g_sim->cur].st = DONE;   // uc_link returns to main
+    yield(DONE);   // never resumed
 }
 
 unsigned next_rand(unsigned *s) {
@@ -51,7 +137,8 @@ unsigned next_rand(unsigned *s) {
     return *s >> 8;
 }
 
-// The order of this round: by index, reversed, or a fresh shuffle.
+// A threadgroup's order: by index, reversed, or shuffled (then each round walks it
+// forward or backward in turn).
 void make_order(sim *s, unsigned seed) {
     const int n = (int)s->th.size();
     for (int i = 0; i < n; i++)
@@ -70,32 +157,34 @@ void make_order(sim *s, unsigned seed) {
 // barrier when every live thread waits at it. 1 when some thread became ready.
 int release(sim *s) {
     const int n = (int)s->th.size();
-    int any = 0, live = 0, at_bar = 0;
-    for (int w = 0; w < n; w += 32) {
-        int wl = 0, wa = 0;
-        for (int i = w; i < n && i < w + 32; i++) {
-            wl += s->th[i].st != DONE;
-            wa += s->th[i].st == AT_WARP;
-        }
-        if (wa > 0 && wa == wl) {
-            for (int i = w; i < n && i < w + 32; i++)
-                if (s->th[i].st == AT_WARP)
-                    s->th[i].st = READY;
-            any = 1;
-        }
+    int any = 0;
+    for (int w = 0; w * 32 < n; w++) {
+        if (s->warp_wait[w] == 0 || s->warp_wait[w] != s->warp_live[w])
+            continue;
+        for (int i = w * 32; i < n && i < w * 32 + 32; i++)
+            if (s->th[i].st == AT_WARP)
+                s->th[i].st = READY;
+        s->warp_wait[w] = 0;
+        any = 1;
     }
-    if (any)
-        return 1;
-    for (int i = 0; i < n; i++) {
-        live += s->th[i].st != DONE;
-        at_bar += s->th[i].st == AT_BARRIER;
-    }
-    if (at_bar == 0 || at_bar != live)
-        return 0;
+    if (any || s->bar_wait == 0 || s->bar_wait != s->live)
+        return any;
     for (int i = 0; i < n; i++)
         if (s->th[i].st == AT_BARRIER)
             s->th[i].st = READY;
+    s->bar_wait = 0;
     return 1;
+}
+
+void run_round(sim *s, int backward) {
+    const int n = (int)s->th.size();
+    for (int k = 0; k < n; k++) {
+        const int i = s->order[backward ? n - 1 - k : k];
+        if (s->th[i].st != READY)
+            continue;
+        s->cur = i;
+        ctx_switch(&s->main, &s->th[i].ctx);
+    }
 }
 
 int run_group(sim *s, const int tg[3], unsigned seed, const char **err) {
@@ -105,25 +194,18 @@ int run_group(sim *s, const int tg[3], unsigned seed, const char **err) {
         t.pos = mf_sim_pos{{tg[0], tg[1], tg[2]}, i, n};
         t.st = READY;
         s->gen[i] = 0;
-        getcontext(&t.ctx);
-        t.ctx.uc_stack.ss_sp = &s->stacks[(size_t)i * STACK];
-        t.ctx.uc_stack.ss_size = STACK;
-        t.ctx.uc_link = &s->main;
-        makecontext(&t.ctx, entry, 0);
+        ctx_make(&t.ctx, ((char **)s->stacks)[i], STACK, &s->main);
     }
-    for (;;) {
-        make_order(s, seed);
-        for (int k = 0; k < n; k++) {
-            const int i = s->order[k];
-            if (s->th[i].st != READY)
-                continue;
-            s->cur = i;
-            swapcontext(&s->main, &s->th[i].ctx);
-        }
-        int done = 1;
-        for (int i = 0; i < n; i++)
-            done &= s->th[i].st == DONE;
-        if (done)
+    for (int w = 0; w * 32 < n; w++) {
+        s->warp_wait[w] = 0;
+        s->warp_live[w] = n - w * 32 < 32 ? n - w * 32 : 32;
+    }
+    s->bar_wait = 0;
+    s->live = n;
+    make_order(s, seed);
+    for (int round = 0;; round++) {
+        run_round(s, seed >= 2 && (round & 1));
+        if (s->live == 0)
             return 0;
         if (!release(s)) {
             *err = "deadlock: threads wait at a barrier or shuffle others never reach";
@@ -159,10 +241,16 @@ int mf_sim_run(const unsigned grid[3], const unsigned block[3],
     }
     sim s;
     s.th.resize(n);
-    s.stacks.resize((size_t)n * STACK);
+    s.stacks = stacks_of(n);
+    if (!s.stacks) {
+        *err = "out of memory for coroutine stacks";
+        return -1;
+    }
     s.slot.resize(2 * (size_t)n);
     s.gen.resize(n);
     s.order.resize(n);
+    s.warp_wait.resize((n + 31) / 32);
+    s.warp_live.resize((n + 31) / 32);
     s.body = &body;
     s.rng = seed;
     sim *outer = g_sim;
