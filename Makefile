@@ -102,19 +102,23 @@ tests/c/build/test_kernel_sim: tests/c/test_kernel_sim.cc tests/c/sim/mf_sim.cc 
 # The real CUDA backend on that executor: a stand-in driver and NVRTC
 # (tests/c/sim/sim_cuda.cc, one device of compute capability 9.0 whose memory is host
 # memory) loaded through MOEFLUX_LIBCUDA / MOEFLUX_LIBNVRTC, so test_backend_ops holds
-# every CUDA op against the CPU backend on a machine without a GPU (about 8 minutes on
-# 2 cores: every shuffle is a coroutine switch per lane). Part of make test.
+# every CUDA op against the CPU backend, and the CUDA pytest files (SIM_PYTESTS) run
+# whole models on it against the CPU, on a machine without a GPU (about 8 + 7 minutes
+# on 2 cores: every shuffle is a coroutine switch per lane). Part of make test.
 SIM_CUDA := tests/c/build/libmf_sim_cuda.so
 $(SIM_CUDA): tests/c/sim/sim_cuda.cc tests/c/sim/mf_sim.cc tests/c/sim/mf_sim.h \
 		csrc/backends/cuda/cuda_api.h $(wildcard shaders/*.h shaders/*.def)
 	@mkdir -p tests/c/build
 	$(CXX) $(SIM_FLAGS) -Icsrc -fPIC -shared -o $@ tests/c/sim/sim_cuda.cc tests/c/sim/mf_sim.cc
 
-test-sim: tests/c/build/test_backend_ops $(SIM_CUDA)
+SIM_PYTESTS := tests/test_cuda.py tests/test_cuda_resident.py tests/test_cuda_state.py \
+	tests/test_cuda_graphs.py
+test-sim: tests/c/build/test_backend_ops $(SIM_CUDA) install
 	@d=$$(mktemp -d) && \
-	MOEFLUX_LIBCUDA=$(CURDIR)/$(SIM_CUDA) MOEFLUX_LIBNVRTC=$(CURDIR)/$(SIM_CUDA) \
-	MOEFLUX_CACHE_DIR=$$d MOEFLUX_OPS_NO_BENCH=1 MOEFLUX_OPS_PROGRESS=1 \
-		./tests/c/build/test_backend_ops; rc=$$?; rm -rf $$d; exit $$rc
+	export MOEFLUX_LIBCUDA=$(CURDIR)/$(SIM_CUDA) MOEFLUX_LIBNVRTC=$(CURDIR)/$(SIM_CUDA) \
+		MOEFLUX_CACHE_DIR=$$d && \
+	MOEFLUX_OPS_NO_BENCH=1 MOEFLUX_OPS_PROGRESS=1 ./tests/c/build/test_backend_ops && \
+	$(VENV)/bin/pytest -q $(SIM_PYTESTS); rc=$$?; rm -rf $$d; exit $$rc
 
 # The Metal ops against the CUDA ops they mirror: both drivers' plain C with recorders
 # in place of their launch layers, so only these sources are linked.
