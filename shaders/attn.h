@@ -95,9 +95,12 @@ MF_PARAMS(4, struct mf_p_attn, p) {
 // shuffles for 32 scores), so lane l ends with score l. Then each row's max, its exps,
 // their sum as mf_block_sum adds them (eight 32-position warp sums, in order), and
 // each output the sum over positions in ascending order.
+// Row r's scores at r * MF_ATTN_TSC: one word more than a chunk, so the 16 rows a
+// warp's lanes store to at once fall in 16 banks.
+#define MF_ATTN_TSC (MF_ATTN_CHUNK + 1)
 struct mf_attn_tsmem {
     float qs[MF_ATTN_TILE_Q];         // row r's query at r * dk
-    float sc[16 * MF_ATTN_CHUNK];     // row r's scores, then exps, at r * MF_ATTN_CHUNK
+    float sc[16 * MF_ATTN_TSC];       // row r's scores, then exps
     float m[16], l[16];
     int p0[16], np[16];               // row r's first position, count (-1: no row)
 };
@@ -160,13 +163,13 @@ MF_FN void mf_attn_tile_scores(MF_TG struct mf_attn_tsmem *sm, MF_G const float 
     mf_attn_halve<1>(P, lane);
     const int r = lane % R, j = P0 + kb0 + lane / R - sm->p0[r];
     if (j >= 0 && j < sm->np[r])
-        sm->sc[r * MF_ATTN_CHUNK + j] = P[0] * p.scale;
+        sm->sc[r * MF_ATTN_TSC + j] = P[0] * p.scale;
 }
 
 // Row r's max, exps (in place) and their sum, by one warp.
 MF_FN void mf_attn_tile_softmax(MF_TG struct mf_attn_tsmem *sm, int r, int lane) {
     const int np = sm->np[r];
-    MF_TG float *sc = sm->sc + r * MF_ATTN_CHUNK;
+    MF_TG float *sc = sm->sc + r * MF_ATTN_TSC;
     float m = -MF_INF;
     for (int j = lane; j < np; j += 32)
         m = sc[j] > m ? sc[j] : m;
@@ -207,7 +210,7 @@ MF_FN void mf_attn_tile_out(MF_G float *ws, MF_TG struct mf_attn_tsmem *sm,
         for (int a = 0; a < NA; a++) {
             const int j = pos - r0[a];
             if (j >= 0 && j < n0[a])
-                acc[a] += sm->sc[(lt / p.dv + a * step) * MF_ATTN_CHUNK + j] * x;
+                acc[a] += sm->sc[(lt / p.dv + a * step) * MF_ATTN_TSC + j] * x;
         }
     }
 #pragma unroll
