@@ -195,6 +195,7 @@ struct mf_p_moe {
 // apart (stride_hi * 2^32 + stride_lo).
 struct mf_p_moe_dev {
     int n_tok, k, n_embd, stride_lo, stride_hi;
+    int has_shared, has_resid, has_flag;
 };
 
 // gpt-oss (gptoss.h): an MXFP4 matvec y[t, r] = x[t] . W[r] over n_tok tokens (rows of x

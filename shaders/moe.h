@@ -384,13 +384,18 @@ MF_PARAMS(4, struct mf_p_moe, p) {
 // counts when its id is >= 0 and no earlier slot holds the same id. The threadgroup
 // first puts the slots in that order (ord, m of them: a slot's place is the number of
 // counted slots with a smaller id), then each thread loads MF_VB rows' values at a
-// time and adds them in order.
+// time and adds them in order. Then, where p asks (mf_moe_dev's shared and resid), the
+// shared expert's row and the residual add with its NaN/inf flag: the bits of mf_axpy
+// then mf_axpy_flag on the row (their alpha is 1, and 1 * v is v exactly).
 MF_KERNEL(mf_moe_combine)
 MF_BUF(0, float, y)
 MF_BUF(1, const float, eo)
 MF_BUF(2, const int, idx)
 MF_BUF(3, const float, w)
-MF_PARAMS(4, struct mf_p_moe_dev, p) {
+MF_BUF(4, const float, shared)
+MF_BUF(5, float, resid)
+MF_BUF(6, int, flag)
+MF_PARAMS(7, struct mf_p_moe_dev, p) {
     MF_SHARED int sid[MF_ROUTE_K_MAX];
     MF_SHARED int use[MF_ROUTE_K_MAX];
     MF_SHARED int ord[MF_ROUTE_K_MAX];
@@ -432,7 +437,16 @@ MF_PARAMS(4, struct mf_p_moe_dev, p) {
             if (n0 + q < m)
                 acc += wv[q] * ev[q];
     }
-    y[(mf_i64)t * p.n_embd + c] = acc;
+    const mf_i64 o = (mf_i64)t * p.n_embd + c;
+    if (p.has_shared)
+        acc += shared[o];
+    y[o] = acc;
+    if (p.has_resid) {
+        const float v = resid[o] + acc;
+        resid[o] = v;
+        if (p.has_flag && (mf_as_u32(v) & 0x7f800000u) == 0x7f800000u)
+            flag[0] = 1;
+    }
 }
 
 #endif /* MF_MOE_H */

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 8
+#define MF_BACKEND_API_VERSION 9
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -193,6 +193,12 @@ struct mf_moe_dev {
     float *xg;
     float *gu;
     float *eo;
+    // API v9, optional (NULL: none): after y, y[t] += shared[t] (the shared expert's
+    // output), then resid[t] += y[t] with flag[0] = 1 where a sum is NaN or infinite:
+    // bitwise axpy(y, 1, shared) then axpy_flag(resid, 1, y, flag), in fewer launches.
+    const float *shared;   // [n_tok, n_embd] device
+    float *resid;          // [n_tok, n_embd] device
+    int32_t *flag;         // one int32 of device memory (NULL: no flag)
 };
 
 struct mf_backend_ops {
@@ -467,7 +473,8 @@ struct mf_backend_ops {
     // sum over token t's experts, in ascending expert order, of w * expert(x[t]),
     // summed from 0. Bitwise what the host-routed path gives: the pairs grouped by
     // expert (ascending, tokens in order) through moe_experts, then zero +
-    // scatter_add_rows in that order. Nothing here waits for the device. The CUDA
+    // scatter_add_rows in that order; then the shared expert's and residual adds where
+    // d sets them. Nothing here waits for the device. The CUDA
     // backend refuses d->k above 64, its moe_route's limit (an argument error).
     // Optional (API v2 addition): NULL = the backend has no device-routed path and
     // callers route on the host.

@@ -99,14 +99,16 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_we
     mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, dec->y, norm, n, hid, dec->norm_eps);
     if (is_moe) {
         ctx->stats.routing_s += mf_now_s() - t0;   // the router's input norm
-        int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, moe, dec->y, dec->xn, n);
+        // with the residual add and the layer output's NaN/inf guard (check_finite)
+        int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, moe, dec->y, dec->xn, n,
+                                dec->x, dec->nonfinite + il);
         if (rc) return rc;   // its phases are counted inside
-    } else {
-        mf_ffn_forward(ctx, dec->y, dec->ffn_tmp, ffn, dec->xn, n, dec->n_ff_dense);
-        ctx->stats.shared_s += mf_now_s() - t0;
+        MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
+        return MF_OK;
     }
+    mf_ffn_forward(ctx, dec->y, dec->ffn_tmp, ffn, dec->xn, n, dec->n_ff_dense);
+    ctx->stats.shared_s += mf_now_s() - t0;
     MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
-    // the residual add and the layer output's NaN/inf guard (check_finite)
     mf_axpy_flag(op, ctx->ex, dec->x, 1.0f, dec->y, n * hid, dec->nonfinite + il);
     return MF_OK;
 }
@@ -234,7 +236,8 @@ static int group_layer(mf_ctx *ctx, const struct mf_decoder *dec, int il, int t0
         op->copy(ctx->ex, g->x, (size_t)c0 * hid * F, dec->x, 0, (size_t)n * hid * F);
     }
     if (g->moe) {
-        int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, g->moe, g->y, g->xn, ng);
+        int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, g->moe, g->y, g->xn, ng, NULL,
+                                NULL);
         if (rc) return rc;
         MF_TAP(ctx, "model.layers.%d.mlp", il, g->y, (size_t)ng * hid);
         op->axpy(ctx->ex, g->x, 1.0f, g->y, (int)((size_t)ng * hid));

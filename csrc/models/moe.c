@@ -944,7 +944,8 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
 #define MOE_DEV_MAX_TOK 4
 
 static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                         const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+                         const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
+                         float *resid, int32_t *flag) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s();
@@ -970,9 +971,10 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
     d.act = v.act;
     d.act_alpha = v.act_alpha;
     d.act_limit = v.act_limit;
+    d.shared = w->has_shared && c->n_ff_shexp > 0 ? s->sh_out : NULL;
+    d.resid = resid;
+    d.flag = flag;
     op->moe_experts_dev(ctx->ex, y, x, &d);
-    if (w->has_shared && c->n_ff_shexp > 0)
-        op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
     st->routing_s += t1 - t0;
     st->shared_s += t2 - t1;
     st->experts_s += mf_now_s() - t2;
@@ -1008,8 +1010,20 @@ static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf
     st->experts_s += (t2 - t1) + (mf_now_s() - t3);
 }
 
+// mf_moe_forward's residual add, where the caller asks for it.
+static void add_resid(const struct mf_backend_ops *op, struct mf_exec *ex, float *resid,
+                      int32_t *flag, const float *y, int n) {
+    if (!resid)
+        return;
+    if (flag)
+        mf_axpy_flag(op, ex, resid, 1.0f, y, n, flag);
+    else
+        op->axpy(ex, resid, 1.0f, y, n);
+}
+
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                   const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+                   const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
+                   float *resid, int32_t *flag) {
     const struct mf_backend_ops *op = ctx->be->ops;
     if (n_tok > s->max_tok)
         return mf_ctx_fail(ctx, MF_ERR_ARG, "moe: %d tokens exceed the scratch size %d",
@@ -1018,10 +1032,12 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
     if (s->resident && s->resident[w->il]) {
-        if (op->moe_experts_dev && n_tok <= MOE_DEV_MAX_TOK)
-            resident_dev(ctx, s, c, w, y, x, n_tok);
-        else
-            resident_host(ctx, s, c, w, y, x, n_tok);
+        if (op->moe_experts_dev && n_tok <= MOE_DEV_MAX_TOK) {
+            resident_dev(ctx, s, c, w, y, x, n_tok, resid, flag);
+            return MF_OK;
+        }
+        resident_host(ctx, s, c, w, y, x, n_tok);
+        add_resid(op, ctx->ex, resid, flag, y, n_tok * c->n_embd);
         return MF_OK;
     }
     struct mf_ctx_stats *st = &ctx->stats;
@@ -1038,6 +1054,7 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
         op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
         if (w->has_shared && c->n_ff_shexp > 0)
             op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
+        add_resid(op, ctx->ex, resid, flag, y, n_tok * c->n_embd);
     }
     st->shared_s += shared_s;
     st->experts_s += (mf_now_s() - t1) - shared_s - (st->io_wait_s - wait0);

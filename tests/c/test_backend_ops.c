@@ -1727,6 +1727,40 @@ static void host_routed_one(float *gy, const float *gx, const int32_t *idx, cons
     gfree(xg), gfree(gu), gfree(eo);
 }
 
+// moe_experts_dev with the shared expert's and the residual adds (d's shared, resid,
+// flag) against the same call without them, then axpy and mf_axpy_flag, on the device
+// backend: y, the residual and the flag bit for bit; inf: one residual value is
+// infinite, so the flag must go up (and stay down otherwise).
+static void experts_dev_adds(const struct mf_moe_dev *d0, const float *gxx, int n_tok, int H,
+                             int inf, const char *what) {
+    const size_t n = (size_t)n_tok * H;
+    float *sh = frand(n, -1, 1), *rs = frand(n, -4, 4);
+    if (inf)
+        rs[n / 2] = INFINITY;
+    int32_t zero = 0, f1 = -1, f2 = -1;
+    float *gsh = gput(sh, n * 4), *gr1 = gput(rs, n * 4), *gr2 = gput(rs, n * 4);
+    float *gy1 = gpoison(n * 4), *gy2 = gpoison(n * 4);
+    int32_t *gf1 = gput(&zero, 4), *gf2 = gput(&zero, 4);
+    struct mf_moe_dev d = *d0;
+    d.shared = gsh;
+    d.resid = gr1;
+    d.flag = gf1;
+    E.go->moe_experts_dev(E.gx, gy1, gxx, &d);
+    E.go->moe_experts_dev(E.gx, gy2, gxx, d0);
+    E.go->axpy(E.gx, gy2, 1.0f, gsh, (int)n);
+    mf_axpy_flag(E.go, E.gx, gr2, 1.0f, gy2, (int)n, gf2);
+    float *y1 = gget(gy1, n), *y2 = gget(gy2, n), *r1 = gget(gr1, n), *r2 = gget(gr2, n);
+    E.go->download(E.gx, &f1, gf1, 0, 4);
+    E.go->download(E.gx, &f2, gf2, 0, 4);
+    E.n_case++;
+    CHECK(memcmp(y1, y2, n * 4) == 0, "%s: y with the shared add differs from axpy's", what);
+    CHECK(memcmp(r1, r2, n * 4) == 0, "%s: the residual add differs from axpy_flag's", what);
+    CHECK(f1 == inf && f2 == inf, "%s: flag %d (axpy_flag %d), expected %d", what, f1, f2,
+          inf);
+    free(sh), free(rs), free(y1), free(y2), free(r1), free(r2);
+    gfree(gsh), gfree(gr1), gfree(gr2), gfree(gy1), gfree(gy2), gfree(gf1), gfree(gf2);
+}
+
 static void test_experts_dev_run(const struct blob_layout *lay, int n_tok) {
     enum { NE = 12, K = 4, H = 256 };
     const struct blob_layout L = *lay;
@@ -1776,6 +1810,7 @@ static void test_experts_dev_run(const struct blob_layout *lay, int n_tok) {
     layout_name(fmt, sizeof fmt, &L);
     snprintf(what, sizeof what, "moe_experts_dev %s n_tok %d", fmt, n_tok);
     cmp_dot(what, yc, yg, ab, ex, (size_t)n_tok * H, I);
+    experts_dev_adds(&d, gxx, n_tok, H, n_tok == 2, what);
     if (n_tok == 1) {
         float *gy2 = gpoison((size_t)H * 4);
         host_routed_one(gy2, gxx, idx, w, K, gbase, &L, H);

@@ -235,4 +235,11 @@ void mf_cpu_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
                 int32_t t = i / d->k;
                 mf_cpu_scatter_add_rows(ex, y, d->eo + (int64_t)r++ * H, &t, d->w + i, 1, H);
             }
+    if (d->shared)
+        mf_cpu_axpy(ex, y, 1.0f, d->shared, d->n_tok * H);
+    if (d->resid) {
+        mf_cpu_axpy(ex, d->resid, 1.0f, y, d->n_tok * H);
+        if (d->flag)
+            mf_cpu_flag_nonfinite(ex, d->flag, d->resid, (int64_t)d->n_tok * H);
+    }
 }

@@ -647,7 +647,8 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
 // Resident experts routed on the device: the grouped kernels read the expert ids in
 // place of a table (entry r = t * K + j is expert idx[r] at base + idx[r] * stride,
 // row r of gu / eo, input row t of x: p.dev_k), then the weighted sum in ascending
-// expert order (the host-routed path's order). Three launches; d->xg is not used.
+// expert order (the host-routed path's order), with the shared expert's and the
+// residual adds where d asks. Three launches; d->xg is not used.
 void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
                              const struct mf_moe_dev *d) {
     const int n = d->n_tok * d->k;
@@ -670,6 +671,10 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
     const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx)};
     launch_experts(ex, &p, NULL, 0, d->gate, d->up, d->down, b1, b2, "moe_experts_dev");
-    const CUdeviceptr b3[4] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w)};
+    pd.has_shared = d->shared != NULL;
+    pd.has_resid = d->resid != NULL;
+    pd.has_flag = d->resid && d->flag;
+    const CUdeviceptr b3[7] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w),
+                               mf_dp(d->shared), mf_dp(d->resid), mf_dp(d->flag)};
     launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
 }
