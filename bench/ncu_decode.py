@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def main() -> None:
         summarize(args.summarize)
         return
     import moeflux   # here, so that --summarize runs where moeflux is not importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))   # also under PYTHONSAFEPATH
     from bench_cuda import build
 
     cu = ctypes.CDLL("libcuda.so.1")

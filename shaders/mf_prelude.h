@@ -145,10 +145,45 @@ MF_FN void mf_dep_wait() {}
 #define MF_SHARED __shared__
 #define MF_FN static __device__ __forceinline__
 #define MF_BARRIER() __syncthreads()
-// At most MF_THREADS threads per threadgroup, and registers for two threadgroups per
-// multiprocessor (<= 128 per thread): the row-dot kernels' widest paths would take
-// ~170 and halve the warps in flight that hide memory latency.
-#define MF_KERNEL(name) extern "C" __global__ void __launch_bounds__(256, 2) name(
+// At most MF_THREADS threads per threadgroup, and registers for mf_occ(name)
+// threadgroups per multiprocessor (__launch_bounds__'s second argument: ptxas keeps a
+// thread within 65536 / (256 n) registers). 2 (<= 128 registers) by default: the
+// row-dot kernels' widest paths would take ~170 and halve the warps in flight that
+// hide memory latency. The one-token products have no other cover for their loads than
+// warps in flight, so they ask for more (H100, A3B shapes, 48 layers: decode 248-251 ->
+// 263-275 tok/s; the decode experts 31.0 -> 26.2-27.4 us): gate/up 6 (40 registers,
+// a few bytes spilled, measured faster than 5 without spills), down 4 (60, no spills;
+// 6 measured no faster), the one-token matvecs 5 (47-48). A compile-time choice per
+// kernel; the operations, so the bits, are the same for any.
+#ifndef MF_OCC_GU1
+#define MF_OCC_GU1 6
+#endif
+#ifndef MF_OCC_DOWN1
+#define MF_OCC_DOWN1 4
+#endif
+#ifndef MF_OCC_MV1
+#define MF_OCC_MV1 5
+#endif
+__device__ constexpr bool mf_occ_is(const char *a, const char *b) {
+    return *a == *b && (*a == '\0' || mf_occ_is(a + 1, b + 1));
+}
+// At most what an SM holds of 256-thread threadgroups: 1536 threads on sm_86 / sm_89,
+// 1024 on sm_75 (ptxas ignores more, with a warning).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+#define MF_OCC_CAP 4
+#else
+#define MF_OCC_CAP 6
+#endif
+__device__ constexpr int mf_occ_n(const char *k) {
+    return mf_occ_is(k, "mf_moe_gu1")     ? MF_OCC_GU1
+           : mf_occ_is(k, "mf_moe_down1") ? MF_OCC_DOWN1
+           : mf_occ_is(k, "mf_mv_multi1") || mf_occ_is(k, "mf_mv1") ? MF_OCC_MV1
+                                                                     : 2;
+}
+__device__ constexpr int mf_occ(const char *k) {
+    return mf_occ_n(k) < MF_OCC_CAP ? mf_occ_n(k) : MF_OCC_CAP;
+}
+#define MF_KERNEL(name) extern "C" __global__ void __launch_bounds__(256, mf_occ(#name)) name(
 #define MF_BUF(i, T, n) T *n,
 #define MF_PARAMS(i, T, p) const T p)
 #define MF_TG_X ((int)blockIdx.x)
