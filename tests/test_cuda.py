@@ -111,6 +111,17 @@ def test_every_kernel_in_the_manifest() -> None:
     assert defined == named
 
 
+def test_register_budgets_name_kernels() -> None:
+    """mf_occ (shaders/mf_prelude.h) picks a kernel's threadgroups per SM by its name:
+    each name it lists must be a kernel of the manifest, or a renamed kernel would fall
+    back to the default budget without a word."""
+    prelude = (SHADERS / "mf_prelude.h").read_text()
+    table = prelude.split("constexpr int mf_occ_n(", 1)[1].split("\n}", 1)[0]
+    listed = re.findall(r'mf_occ_is\(k, "(\w+)"\)', table)
+    assert len(listed) >= 4, table
+    assert sorted(set(listed) - {r[0] for r in manifest()}) == []
+
+
 def test_every_kernel_waits_for_the_one_before() -> None:
     """With programmatic dependent launch a kernel may start while the one before it
     ends, so each must call mf_dep_wait() (shaders/mf_prelude.h) itself or through a
