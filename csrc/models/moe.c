@@ -1010,17 +1010,6 @@ static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf
     st->experts_s += (t2 - t1) + (mf_now_s() - t3);
 }
 
-// mf_moe_forward's residual add, where the caller asks for it.
-static void add_resid(const struct mf_backend_ops *op, struct mf_exec *ex, float *resid,
-                      int32_t *flag, const float *y, int n) {
-    if (!resid)
-        return;
-    if (flag)
-        mf_axpy_flag(op, ex, resid, 1.0f, y, n, flag);
-    else
-        op->axpy(ex, resid, 1.0f, y, n);
-}
-
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
                    const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
                    float *resid, int32_t *flag) {
@@ -1037,7 +1026,8 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
             return MF_OK;
         }
         resident_host(ctx, s, c, w, y, x, n_tok);
-        add_resid(op, ctx->ex, resid, flag, y, n_tok * c->n_embd);
+        if (resid)
+            mf_axpy_flag(op, ctx->ex, resid, 1.0f, y, n_tok * c->n_embd, flag);
         return MF_OK;
     }
     struct mf_ctx_stats *st = &ctx->stats;
@@ -1054,7 +1044,8 @@ int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_co
         op->scatter_add_rows(ctx->ex, y, s->eo, s->tok_of, s->w_of, n_rows, c->n_embd);
         if (w->has_shared && c->n_ff_shexp > 0)
             op->axpy(ctx->ex, y, 1.0f, s->sh_out, n_tok * c->n_embd);
-        add_resid(op, ctx->ex, resid, flag, y, n_tok * c->n_embd);
+        if (resid)
+            mf_axpy_flag(op, ctx->ex, resid, 1.0f, y, n_tok * c->n_embd, flag);
     }
     st->shared_s += shared_s;
     st->experts_s += (mf_now_s() - t1) - shared_s - (st->io_wait_s - wait0);
