@@ -226,9 +226,11 @@ MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
 // before it on the stream is still running. mf_dep_wait returns once that kernel has
 // finished and its writes are visible (at once after an ordinary launch), and then lets
 // the next kernel's threadgroups start. Every kernel calls it before it touches memory
-// that another kernel writes or reads; only immutable weights may be read before it.
-// Since each kernel waits before it lets the next one start, at most two kernels of a
-// stream are resident at a time, and each finds all earlier kernels' writes visible.
+// that another kernel writes or reads; only immutable weights may be read before it,
+// and what a kernel two or more back wrote: since each kernel waits before it lets the
+// next one start, a kernel starts only once the kernel two back has finished, at most
+// two kernels of a stream are resident at a time, and each finds all earlier kernels'
+// writes visible after its wait.
 MF_FN void mf_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

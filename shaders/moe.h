@@ -361,7 +361,13 @@ MF_PARAMS(4, struct mf_p_moe, p) {
                                MF_LT);
 }
 
-// mf_moe_down where every entry has one row (as mf_moe_gu1).
+// mf_moe_down where every entry has one row (as mf_moe_gu1). With the routing on the
+// device (dev_k > 0: resident experts, immutable) the ids are mf_route's, written two
+// kernels back (mf_moe_gu1 lies between; mf_prelude.h's mf_dep_wait says why those are
+// visible before the wait): the row dot reads them and loads its first weights while
+// mf_moe_gu1 ends, and waits only before it reads gu (H100, 48 layers of A3B shapes:
+// decode 274-277 -> 278-283 tok/s). The host's table and the cache's slots are written
+// just before mf_moe_gu1, so the host-routed path waits first.
 MF_KERNEL(mf_moe_down1)
 MF_BUF(0, float, eo)
 MF_BUF(1, const float, gu)
@@ -369,7 +375,8 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    mf_dep_wait();
+    if (p.dev_k == 0)
+        mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
     if (nt == 0)
