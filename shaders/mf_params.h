@@ -180,6 +180,8 @@ struct mf_p_route {
 // gate_bias / up_bias / down_bias (-1 for none; floats of bias_dtype) and the clamped
 // SwiGLU (act 1, with alpha and limit). mma_rows > 0: the entries of at least that
 // many rows are the tensor-core pair's (mma.h) and mf_moe_gu / mf_moe_down skip them.
+// route_ahead (with dev_k): the ids and x were written two or more kernels before
+// mf_moe_gu1 (mf_moe_dev's route_ahead).
 struct mf_p_moe {
     int n_exp, n_embd, n_ff, max_rows;
     int dtype, sdtype, bits, group_size;
@@ -189,6 +191,7 @@ struct mf_p_moe {
     int gate_bias, up_bias, down_bias, bias_dtype, act;
     float alpha, limit;
     int mma_rows;
+    int route_ahead;
 };
 
 // Resident experts routed on the device: n_tok tokens x k experts, blobs stride bytes

@@ -291,7 +291,10 @@ MF_PARAMS(4, struct mf_p_moe, p) {
 }
 
 // mf_moe_gu where every entry has one row (p.max_rows 1, p.rpw 1: decode), with the
-// one-token paths' registers (mf_mv1); the same bits.
+// one-token paths' registers (mf_mv1); the same bits. With p.route_ahead (device
+// routing, the shared expert's kernels queued between mf_route and this one) the ids
+// and x were written two or more kernels back: as mf_moe_down1, the row dot reads them
+// and loads its first weights before it waits.
 MF_KERNEL(mf_moe_gu1)
 MF_BUF(0, float, gu)
 MF_BUF(1, const float, xg)
@@ -299,7 +302,8 @@ MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
     MF_SHARED float xs[MF_XS_FLOATS];
-    mf_dep_wait();
+    if (p.dev_k == 0 || !p.route_ahead)
+        mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, 0, &r0);
     if (nt == 0)

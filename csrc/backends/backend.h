@@ -199,6 +199,10 @@ struct mf_moe_dev {
     const float *shared;   // [n_tok, n_embd] device
     float *resid;          // [n_tok, n_embd] device
     int32_t *flag;         // one int32 of device memory (NULL: no flag)
+    // Optional (0: not known): idx and x were written before the op queued just ahead
+    // of this call began, e.g. the shared expert's ops were queued between moe_route and
+    // this call. A GPU backend may then read them, and the weights, while that op ends.
+    int route_ahead;
 };
 
 struct mf_backend_ops {

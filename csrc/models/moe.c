@@ -972,6 +972,7 @@ static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_
     d.act_alpha = v.act_alpha;
     d.act_limit = v.act_limit;
     d.shared = w->has_shared && c->n_ff_shexp > 0 ? s->sh_out : NULL;
+    d.route_ahead = d.shared != NULL;   // the shared expert's ops ran after moe_route
     d.resid = resid;
     d.flag = flag;
     op->moe_experts_dev(ctx->ex, y, x, &d);

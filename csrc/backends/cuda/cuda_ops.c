@@ -666,6 +666,7 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     p.max_rows = 1;
     p.vec &= mf_aligned16((uintptr_t)d->base) && mf_aligned16((uintptr_t)stride);
     p.dev_k = d->k;
+    p.route_ahead = d->route_ahead != 0;
     p.stride_lo = pd.stride_lo;
     p.stride_hi = pd.stride_hi;
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
