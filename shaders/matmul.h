@@ -53,7 +53,7 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
                              MF_LANE, MF_LT);
 }
@@ -68,7 +68,7 @@ MF_BUF(2, const mf_u32, w)
 MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_mv_rows<1, 1>(y, x, w, sc, bi, p, xs, MF_TG_X, 0, MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
 }
 
@@ -109,7 +109,7 @@ MF_BUF(10, const mf_u32, w2)
 MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_mv_multi_tg<0>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
                       MF_TG_Y, MF_WARP, MF_LANE, MF_LT);
 }
@@ -130,7 +130,7 @@ MF_BUF(10, const mf_u32, w2)
 MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_mv_multi_tg<1>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
                       0, MF_WARP, MF_LANE, MF_LT);
 }

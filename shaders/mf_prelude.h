@@ -76,6 +76,18 @@ MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
     d[0] = v.x;
     d[1] = v.y;
 }
+// Four consecutive floats of threadgroup memory (16-byte aligned), or zeros when !on.
+MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
+    if (on) {
+        const float4 v = *((MF_TG const float4 *)p);
+        d[0] = v.x;
+        d[1] = v.y;
+        d[2] = v.z;
+        d[3] = v.w;
+    } else {
+        d[0] = d[1] = d[2] = d[3] = 0.0f;
+    }
+}
 // MSL has no log1p: log(u) * x / (u - 1) with u = 1 + x corrects u's rounding.
 MF_FN float mf_log1p(float x) {
     float u = 1.0f + x;
@@ -132,6 +144,12 @@ MF_FN int mf_shfl_xor_i(int v, int o) { return (int)mf_sim_shfl((mf_u32)v, MF_LA
 MF_FN mf_u32 mf_shfl_u32(mf_u32 v, int src) { return mf_sim_shfl(v, src); }
 MF_FN void mf_ld4(MF_TH mf_u32 *d, MF_G const mf_u32 *p) { memcpy(d, p, 16); }
 MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) { memcpy(d, p, 8); }
+MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
+    if (on)
+        memcpy(d, p, 16);
+    else
+        d[0] = d[1] = d[2] = d[3] = 0.0f;
+}
 #define MF_INF INFINITY
 MF_FN void mf_dep_wait() {}
 
@@ -219,6 +237,17 @@ MF_FN void mf_ld2(MF_TH mf_u32 *d, MF_G const mf_u32 *p) {
     const uint2 v = *reinterpret_cast<const uint2 *>(p);
     d[0] = v.x;
     d[1] = v.y;
+}
+// Four consecutive floats of shared memory in one 128-bit load (16-byte aligned), or
+// zeros when !on.
+MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
+    float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (on)
+        v = *reinterpret_cast<const float4 *>(p);
+    d[0] = v.x;
+    d[1] = v.y;
+    d[2] = v.z;
+    d[3] = v.w;
 }
 #define MF_INF __int_as_float(0x7f800000)
 // Programmatic dependent launch (sm_90 and later; the driver launches with it where the
@@ -321,6 +350,17 @@ MF_FN float mf_f16_to_f32(mf_u32 h) {
 }
 
 MF_FN float mf_bf16_to_f32(mf_u32 h) { return mf_as_float(h << 16); }
+
+// Byte b (0..3) of w as an exact float: the byte put into the mantissa of 2^23 (one
+// byte permute on CUDA), then 2^23 taken off.
+MF_FN float mf_byte_f(mf_u32 w, int b) {
+#if defined(MF_CUDA)
+    const mf_u32 u = __byte_perm(w, 0x4b000000u, 0x7540u | (mf_u32)b);
+#else
+    const mf_u32 u = ((w >> (8 * b)) & 0xffu) | 0x4b000000u;
+#endif
+    return mf_as_float(u) - 8388608.0f;
+}
 
 #ifndef MF_TC_MMA
 // The portable tensor-core step: what mma.sync m16n8k16 computes, by shuffles. Lane

@@ -280,7 +280,7 @@ MF_BUF(1, const float, xg)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
@@ -301,7 +301,7 @@ MF_BUF(1, const float, xg)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     if (p.dev_k == 0 || !p.route_ahead)
         mf_dep_wait();
     int r0;
@@ -355,7 +355,7 @@ MF_BUF(1, const float, gu)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     mf_dep_wait();
     int r0;
     const int e = MF_TG_Y, nt = mf_moe_tile(tab, p, e, MF_TG_Z * MF_MV_TT, &r0);
@@ -378,7 +378,7 @@ MF_BUF(1, const float, gu)
 MF_BUF(2, const mf_u32, base)
 MF_BUF(3, const int, tab)
 MF_PARAMS(4, struct mf_p_moe, p) {
-    MF_SHARED float xs[MF_XS_FLOATS];
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
     if (p.dev_k == 0)
         mf_dep_wait();
     int r0;

@@ -95,10 +95,15 @@ MF_FN void mf_mxfp4_tile(MF_TH float *acc, MF_G const mf_u32 *wr, MF_G const mf_
 }
 
 // Columns of x staged per step by the row-dot kernels, and the padded threadgroup
-// tile they use: x[t] is held as 32 chunks of 32 values at stride 33, so lane l reading
-// value k of its chunk l hits bank (l + k) % 32 (no conflicts).
+// tile they use: x[t] is held as 32 chunks of 32 values at stride MF_XS_PAD (36), so
+// lane l reads values k .. k + 3 of its chunk l in one 16-byte load, and the eight
+// lanes of each quarter warp hit banks 4l + k .. 4l + k + 3 (no conflicts).
 #define MF_XS_COLS 1024
-#define MF_XS_TOK (32 * 33)
+#ifndef MF_XS_VEC
+#define MF_XS_VEC 1
+#endif
+#define MF_XS_PAD (MF_XS_VEC ? 36 : 33)
+#define MF_XS_TOK (32 * MF_XS_PAD)
 #define MF_XS_FLOATS (MF_MV_TT * MF_XS_TOK)
 // Threads of a row-dot threadgroup (the grids launch MF_MV_ROWS warps).
 #define MF_MV_THREADS (32 * MF_MV_ROWS)
@@ -133,8 +138,20 @@ MF_FN void mf_load_chunk(MF_TH mf_u32 *wd, MF_G const mf_u32 *p, int vec) {
 // Code k (0..31) of a lane's chunk as an exact f32: the code goes into the mantissa of
 // 2^23 and 2^23 is taken off again (integer-to-float conversion runs at a quarter of
 // the rate of these two operations on current NVIDIA GPUs).
+#ifndef MF_CODE_PRMT
+#define MF_CODE_PRMT 1
+#endif
+// Widths of 2, 4 and 8 bits: the word's codes split into BITS byte planes (plane p:
+// bits p*BITS .. of every byte), each code a byte of its plane put into that mantissa
+// by one byte permute (mf_byte_f; the same value).
 template <int BITS>
 MF_FN float mf_code_f(MF_TH const mf_u32 *wd, int k) {
+    if (MF_CODE_PRMT && (BITS == 2 || BITS == 4 || BITS == 8)) {
+        const int per = 32 / BITS, n = k % per, planes = 8 / BITS;
+        const mf_u32 w = wd[k / per];
+        const mf_u32 m = BITS == 8 ? 0xffffffffu : BITS == 4 ? 0x0f0f0f0fu : 0x03030303u;
+        return mf_byte_f((w >> ((n % planes) * BITS)) & m, n / planes);
+    }
     const int bit = k * BITS, wi = bit >> 5, sh = bit & 31;
     mf_u32 v = wd[wi] >> sh;
     if (sh + BITS > 32)
@@ -177,12 +194,15 @@ MF_FN void mf_chunk_dot(MF_TH float *acc, MF_TH const mf_u32 (*wd)[BITS],
 #pragma unroll
     for (int t = 0; t < NT; t++)
         sx[t] = 0.0f;
+    float x4[NT][4];
 #pragma unroll
     for (int k = 0; k < 32; k++) {
         float xv[NT];
 #pragma unroll
         for (int t = 0; t < NT; t++) {
-            xv[t] = t < nt ? xt[t * tok_stride + k] : 0.0f;
+            if (MF_XS_VEC && k % 4 == 0)
+                mf_lds4(x4[t], xt + t * tok_stride + k, t < nt);
+            xv[t] = MF_XS_VEC ? x4[t][k % 4] : t < nt ? xt[t * tok_stride + k] : 0.0f;
             sx[t] += xv[t];
         }
 #pragma unroll
@@ -233,11 +253,11 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 #pragma unroll
         for (int i = 0; i < NT * PER; i++) {
             const int t = i / PER, k = lt + (i % PER) * MF_MV_THREADS;
-            xs[t * MF_XS_TOK + (k >> 5) * 33 + (k & 31)] = xr[i];
+            xs[t * MF_XS_TOK + (k >> 5) * MF_XS_PAD + (k & 31)] = xr[i];
         }
         MF_BARRIER();
         if (on && c < n_chunk)
-            mf_chunk_dot<BITS, NT, R>(acc, wd, s, b, xs + lane * 33, MF_XS_TOK, nt);
+            mf_chunk_dot<BITS, NT, R>(acc, wd, s, b, xs + lane * MF_XS_PAD, MF_XS_TOK, nt);
         MF_BARRIER();
     }
 }
@@ -282,7 +302,7 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 #pragma unroll
         for (int i = 0; i < CH * PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
-            xs[(k >> 10) * MF_XS_TOK + ((k >> 5) & 31) * 33 + (k & 31)] = xr[i];
+            xs[(k >> 10) * MF_XS_TOK + ((k >> 5) & 31) * MF_XS_PAD + (k & 31)] = xr[i];
         }
         MF_BARRIER();
         if (on) {
@@ -290,7 +310,7 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
             for (int j = 0; j < CH; j++)
                 if ((c0 >> 5) + 32 * j + lane < n_chunk)
                     mf_chunk_dot<BITS, 1, R>(acc, wd[j], s[j], b[j],
-                                             xs + j * MF_XS_TOK + lane * 33, MF_XS_TOK, 1);
+                                             xs + j * MF_XS_TOK + lane * MF_XS_PAD, MF_XS_TOK, 1);
         }
         MF_BARRIER();
     }
