@@ -220,3 +220,46 @@ def test_397b_shapes_and_io_mode_all(tmp_path: Path) -> None:
     assert set(res["engine"]) == want
     assert ("io_mode" in res["settings"]["unsupported_options"]) == \
         ("io_mode" not in params)
+
+
+def _cuda_variants():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_variants",
+                                                  ROOT / "bench" / "cuda_variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cuda_variants", mod)   # for its dataclass
+    spec.loader.exec_module(sys.modules["cuda_variants"])
+    return sys.modules["cuda_variants"]
+
+
+def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> None:
+    """bench/cuda_variants.py (needs a GPU to measure): a variant is the kernel
+    directory copied whole, its macros defined ahead of mf_prelude.h's own text."""
+    cv = _cuda_variants()
+    src = ROOT / "shaders"
+    v = cv.parse_variant(f"occ-5={src}:MF_CODE_PRMT=0,MF_OCC_GU1=5")
+    assert (v.name, v.defines) == ("occ-5", [("MF_CODE_PRMT", "0"), ("MF_OCC_GU1", "5")])
+    d = cv.materialise(v, tmp_path)
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert (d / "mf_prelude.h").read_text() == (
+        "#define MF_CODE_PRMT 0\n#define MF_OCC_GU1 5\n" + (src / "mf_prelude.h").read_text())
+    assert (d / "moe.h").read_bytes() == (src / "moe.h").read_bytes()
+    assert cv.parse_variant(f"base={src}").defines == []
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("noequals", "expected NAME=DIR"),
+    ("a b={src}", "expected NAME=DIR"),
+    ("a={tmp}", "holds no mf_prelude.h"),
+    ("a={src}:MF_X", "is not MACRO=VALUE"),
+    ("a={src}:1X=2", "is not MACRO=VALUE"),
+])
+def test_cuda_variants_bad_specs_are_one_line_errors(tmp_path: Path, spec: str,
+                                                      says: str) -> None:
+    spec = spec.format(src=ROOT / "shaders", tmp=tmp_path)
+    with pytest.raises(ValueError, match=says):
+        _cuda_variants().parse_variant(spec)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_variants.py"), spec],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr and r.stdout == "", r.stderr
