@@ -242,8 +242,8 @@ def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> 
     assert (v.name, v.defines) == ("occ-5", [("MF_CODE_PRMT", "0"), ("MF_OCC_GU1", "5")])
     d = cv.materialise(v, tmp_path)
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in src.iterdir())
-    assert (d / "mf_prelude.h").read_text() == (
-        "#define MF_CODE_PRMT 0\n#define MF_OCC_GU1 5\n" + (src / "mf_prelude.h").read_text())
+    head = "#define MF_CODE_PRMT 0\n#define MF_OCC_GU1 5\n"
+    assert (d / "mf_prelude.h").read_text() == head + (src / "mf_prelude.h").read_text()
     assert (d / "moe.h").read_bytes() == (src / "moe.h").read_bytes()
     assert cv.parse_variant(f"base={src}").defines == []
 

@@ -102,8 +102,9 @@ int mf_moe_scratch_reserve(mf_ctx *ctx, struct mf_moe_scratch *s,
 // y[n_tok, n_embd] = MoE(x[n_tok, n_embd]) (y is overwritten, must not alias x); then,
 // when resid is not NULL, resid += y with flag[0] = 1 where a sum is NaN or infinite
 // (flag is required with resid; mf_axpy_flag's bits; the resident device-routed path
-// does it in the experts' last launch). Returns MF_OK, or MF_ERR_IO with ctx->errmsg set when an expert read fails
-// (resid then untouched). Adds to ctx->stats (expert reads, bytes, read seconds).
+// does it in the experts' last launch). Returns MF_OK, or MF_ERR_IO with ctx->errmsg
+// set when an expert read fails (resid then untouched). Adds to ctx->stats (expert
+// reads, bytes, read seconds).
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
                    const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
                    float *resid, int32_t *flag);
