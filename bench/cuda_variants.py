@@ -2,10 +2,12 @@
 interleaved, on the CUDA backend.
 
 A variant is a copy of a kernel directory (this tree's ``shaders/``, or another
-tree's), optionally with macros defined at the top of its ``mf_prelude.h``; each runs
+tree's), optionally with macros defined at the top of its ``mf_prelude.h`` and with
+``MOEFLUX_*`` switches of the host code set in its processes' environment; each runs
 through ``MOEFLUX_SHADERS_DIR`` with the same build of the extension, so only the
-kernels differ. Every measurement is a fresh process (the spread between processes is
-part of what a result must beat), the variants in turn, round after round. First every
+kernels and the named switches differ. Every measurement is a fresh process (the
+spread between processes is part of what a result must beat), the variants in turn,
+round after round. First every
 variant compiles at once in parallel processes (NVRTC, cached under
 ``MOEFLUX_CACHE_DIR``, default /tmp/moeflux-variants-cache), so no round pays for it.
 
@@ -16,9 +18,11 @@ round's decode range, the median over every decode and prefill, and the median's
 ratio to the first variant's.
 
   python3 bench/cuda_variants.py --shape a3b --layers 48 --rounds 3 \\
-      base=/tmp/base/shaders new=shaders nope=shaders:MF_CODE_PRMT=0,MF_OCC_GU1=5
+      base=/tmp/base/shaders new=shaders nope=shaders:MF_CODE_PRMT=0,MF_OCC_GU1=5 \\
+      apart=shaders@MOEFLUX_GPU_FUSE=0
 
-Variant: NAME=DIR[:MACRO=VALUE,...] (NAME of letters, digits, '_' and '-').
+Variant: NAME=DIR[:MACRO=VALUE,...][@MOEFLUX_VAR=VALUE,...] (NAME of letters, digits,
+'_' and '-').
 """
 from __future__ import annotations
 
@@ -42,24 +46,32 @@ class Variant:
     name: str
     src: Path
     defines: list[tuple[str, str]]
+    env: list[tuple[str, str]]
 
 
 def parse_variant(spec: str) -> Variant:
-    """NAME=DIR[:MACRO=VALUE,...] -> Variant; ValueError naming what is wrong."""
-    m = re.fullmatch(r"([A-Za-z0-9_-]+)=([^:]+)(?::(.*))?", spec)
+    """NAME=DIR[:MACRO=VALUE,...][@MOEFLUX_VAR=VALUE,...] -> Variant; ValueError naming
+    what is wrong."""
+    m = re.fullmatch(r"([A-Za-z0-9_-]+)=([^:@]+)(?::([^@]*))?(?:@(.*))?", spec)
     if not m:
-        raise ValueError(f"variant {spec!r}: expected NAME=DIR[:MACRO=VALUE,...]")
-    defines = []
+        raise ValueError(f"variant {spec!r}: expected NAME=DIR[:MACRO=VALUE,...]"
+                         "[@MOEFLUX_VAR=VALUE,...]")
+    defines, env = [], []
     for d in filter(None, (m.group(3) or "").split(",")):
         dm = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", d)
         if not dm:
             raise ValueError(f"variant {spec!r}: define {d!r} is not MACRO=VALUE")
         defines.append((dm.group(1), dm.group(2)))
+    for e in filter(None, (m.group(4) or "").split(",")):
+        em = re.fullmatch(r"(MOEFLUX_[A-Z0-9_]+)=(\S*)", e)
+        if not em:
+            raise ValueError(f"variant {spec!r}: setting {e!r} is not MOEFLUX_VAR=VALUE")
+        env.append((em.group(1), em.group(2)))
     src = Path(m.group(2))
     if not (src / "mf_prelude.h").is_file():
         raise ValueError(f"variant {spec!r}: {src} holds no mf_prelude.h (not a kernel "
                          "directory)")
-    return Variant(m.group(1), src, defines)
+    return Variant(m.group(1), src, defines, env)
 
 
 def materialise(v: Variant, work: Path) -> Path:
@@ -97,14 +109,15 @@ def child_cmd(args: argparse.Namespace, reps: int) -> list[str]:
             str(args.tokens), "--context", str(args.context), "--reps", str(reps)]
 
 
-def child_env(kdir: Path) -> dict[str, str]:
+def child_env(kdir: Path, v: Variant) -> dict[str, str]:
     env = dict(os.environ, MOEFLUX_SHADERS_DIR=str(kdir))
     env.setdefault("MOEFLUX_CACHE_DIR", "/tmp/moeflux-variants-cache")
+    env.update(v.env)
     return env
 
 
-def run_one(args: argparse.Namespace, kdir: Path, reps: int) -> dict:
-    r = subprocess.run(child_cmd(args, reps), env=child_env(kdir), capture_output=True,
+def run_one(args: argparse.Namespace, kdir: Path, v: Variant, reps: int) -> dict:
+    r = subprocess.run(child_cmd(args, reps), env=child_env(kdir, v), capture_output=True,
                        text=True, timeout=args.timeout)
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
@@ -129,7 +142,8 @@ def report(names: list[str], res: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variants", nargs="*", help="NAME=DIR[:MACRO=VALUE,...]")
+    ap.add_argument("variants", nargs="*",
+                    help="NAME=DIR[:MACRO=VALUE,...][@MOEFLUX_VAR=VALUE,...]")
     ap.add_argument("--shape", default="a3b", choices=["a3b", "35b", "397b"])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--dir", default="/tmp/moeflux-bench-cuda", help="model cache")
@@ -162,17 +176,18 @@ def main() -> None:
         import bench_cuda as bc
 
         print(f"model: {bc.build(Path(args.dir), args.layers, args.shape)}", flush=True)
-        procs = [subprocess.Popen(child_cmd(args, 0), env=child_env(d),
+        procs = [subprocess.Popen(child_cmd(args, 0), env=child_env(dirs[v.name], v),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for d in dirs.values()]
+                                  text=True) for v in vs]
         for n, p in zip(dirs, procs):   # compile every variant at once
             _, err = p.communicate(timeout=args.timeout)
             if p.returncode != 0:
                 sys.exit(f"variant {n}: warm-up failed: {err.strip()[-2000:]}")
         res: dict[str, list[dict]] = {n: [] for n in dirs}
         for r in range(args.rounds):
-            for n, d in dirs.items():
-                res[n].append(run_one(args, d, args.reps))
+            for v in vs:
+                n = v.name
+                res[n].append(run_one(args, dirs[n], v, args.reps))
                 print(f"round {r} {n}: " + ", ".join(
                     f"{x:.1f}" for x in res[n][-1]["decode"]) +
                     f"; prefill {res[n][-1]['prefill'][0]:.0f}", flush=True)

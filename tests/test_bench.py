@@ -246,6 +246,12 @@ def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> 
     assert (d / "mf_prelude.h").read_text() == head + (src / "mf_prelude.h").read_text()
     assert (d / "moe.h").read_bytes() == (src / "moe.h").read_bytes()
     assert cv.parse_variant(f"base={src}").defines == []
+    e = cv.parse_variant(f"apart={src}:MF_OCC_GU1=5@MOEFLUX_GPU_FUSE=0,MOEFLUX_X=")
+    assert (e.defines, e.env) == ([("MF_OCC_GU1", "5")],
+                                  [("MOEFLUX_GPU_FUSE", "0"), ("MOEFLUX_X", "")])
+    env = cv.child_env(tmp_path, e)
+    assert env["MOEFLUX_GPU_FUSE"] == "0" and env["MOEFLUX_SHADERS_DIR"] == str(tmp_path)
+    assert cv.parse_variant(f"b={src}@MOEFLUX_GPU_PDL=0").env == [("MOEFLUX_GPU_PDL", "0")]
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -254,6 +260,8 @@ def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> 
     ("a={tmp}", "holds no mf_prelude.h"),
     ("a={src}:MF_X", "is not MACRO=VALUE"),
     ("a={src}:1X=2", "is not MACRO=VALUE"),
+    ("a={src}@PATH=/x", "is not MOEFLUX_VAR=VALUE"),
+    ("a={src}:MF_X=1@MOEFLUX_Y", "is not MOEFLUX_VAR=VALUE"),
 ])
 def test_cuda_variants_bad_specs_are_one_line_errors(tmp_path: Path, spec: str,
                                                       says: str) -> None:
