@@ -36,6 +36,18 @@ static inline void mf_grid_mv_multi(const struct mf_p_mv_multi *p, unsigned g[3]
                 32 * MF_MV_ROWS);
 }
 
+// mf_mv_multi1n: mf_mv_multi1's grid.
+static inline void mf_grid_mv_norm(const struct mf_p_mv_norm *p, unsigned g[3],
+                                   unsigned b[3]) {
+    mf_grid_mv_multi(&p->mv, g, b);
+}
+
+// mf_route1n: its router rows' grid (mf_mv_multi1n's).
+static inline void mf_grid_route1n(const struct mf_p_route1n *p, unsigned g[3],
+                                   unsigned b[3]) {
+    mf_grid_mv_norm(&p->mv, g, b);
+}
+
 // The segments' 16-row-tile threadgroups one after another along x, heads on z.
 static inline void mf_grid_mv_tc(const struct mf_p_mv_multi *p, unsigned g[3],
                                  unsigned b[3]) {

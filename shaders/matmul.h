@@ -13,11 +13,12 @@
 // R rows per warp: MF_MV_RPW in the tile kernels (each staged x value serves four
 // rows), 1 in the one-token kernels, where more, shorter warps hide memory latency
 // better (p.rpw says which to grid.h). ONE: one token, one-token paths only
-// (mf_dot_rows).
-template <int R, int ONE>
+// (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n).
+template <int R, int ONE, int NORM>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
-                      MF_TG float *xs, int tg_x, int tg_y, int h, int warp, int lane, int lt) {
+                      MF_TG float *xs, struct mf_xnorm nm, int tg_x, int tg_y, int h,
+                      int warp, int lane, int lt) {
     const int row0 = (tg_x * MF_MV_ROWS + warp) * R, t0 = tg_y * MF_MV_TT;
     const int nt = p.n_tok - t0 < MF_MV_TT ? p.n_tok - t0 : MF_MV_TT;
     struct mf_rows rw;
@@ -32,8 +33,12 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
     for (int i = 0; i < R * MF_MV_TT; i++)
         acc[i] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
-    mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in, xt,
-                        p.x_tok_stride, nt, lt, lane);
+    if (NORM)
+        mf_dot_rows1n<R>(acc, xs, &rw, p.bits, p.sdtype, p.group_size, p.n_in, xt, nm, lt,
+                         lane);
+    else
+        mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
+                            xt, p.x_tok_stride, nt, lt, lane);
     mf_dep_wait();   // done in the row dot (after its first weights); here for n_in 0
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
@@ -41,8 +46,10 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
 #pragma unroll
         for (int t = 0; t < (ONE ? 1 : MF_MV_TT); t++) {
             const float v = mf_warp_sum(acc[r * MF_MV_TT + t]);
-            if (lane == 0 && r < rw.n && t < nt)
-                yt[(mf_i64)t * p.y_tok_stride + r] = v;
+            if (lane == 0 && r < rw.n && t < nt) {
+                MF_G float *yo = yt + (mf_i64)t * p.y_tok_stride + r;
+                *yo = p.acc ? *yo + v : v;   // y + v: the bits of matmul, then axpy
+            }
         }
 }
 
@@ -54,8 +61,8 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, p, xs, MF_TG_X, MF_TG_Y, MF_TG_Z, MF_WARP,
-                             MF_LANE, MF_LT);
+    mf_mv_rows<MF_MV_RPW, 0, 0>(y, x, w, sc, bi, p, xs, mf_xnorm_none(), MF_TG_X, MF_TG_Y,
+                                MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
 }
 
 // mf_mv for one token (p.n_tok 1, p.rpw 1): the same rows, the same bits, in a kernel
@@ -69,19 +76,21 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv_rows<1, 1>(y, x, w, sc, bi, p, xs, MF_TG_X, 0, MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
+    mf_mv_rows<1, 1, 0>(y, x, w, sc, bi, p, xs, mf_xnorm_none(), MF_TG_X, 0, MF_TG_Z, MF_WARP,
+                        MF_LANE, MF_LT);
 }
 
 // matmul_multi: threadgroup x of segment s (blk0[s] <= x < blk0[s + 1]) does what
 // mf_mv does for weight s alone, so each y is the same, bit for bit, as a matmul's.
-template <int ONE>
+// NORM (with ONE): of rmsnorm(x), nm.
+template <int ONE, int NORM>
 MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G const float *x,
                           MF_G const mf_u32 *w0, MF_G const mf_u32 *sc0,
                           MF_G const mf_u32 *bi0, MF_G const mf_u32 *w1,
                           MF_G const mf_u32 *sc1, MF_G const mf_u32 *bi1,
                           MF_G const mf_u32 *w2, MF_G const mf_u32 *sc2,
                           MF_G const mf_u32 *bi2, const struct mf_p_mv_multi p, MF_TG float *xs,
-                          int bx, int by, int warp, int lane, int lt) {
+                          struct mf_xnorm nm, int bx, int by, int warp, int lane, int lt) {
     const int s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
     MF_G float *y = s == 0 ? y0 : s == 1 ? y1 : y2;
     MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
@@ -89,9 +98,11 @@ MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G c
     MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
     const struct mf_p_mv q = p.seg[s];
     if (ONE)
-        mf_mv_rows<1, 1>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], 0, 0, warp, lane, lt);
+        mf_mv_rows<1, 1, NORM>(y, x, w, sc, bi, q, xs, nm, bx - p.blk0[s], 0, 0, warp, lane,
+                               lt);
     else
-        mf_mv_rows<MF_MV_RPW, 0>(y, x, w, sc, bi, q, xs, bx - p.blk0[s], by, 0, warp, lane, lt);
+        mf_mv_rows<MF_MV_RPW, 0, 0>(y, x, w, sc, bi, q, xs, nm, bx - p.blk0[s], by, 0, warp,
+                                    lane, lt);
 }
 
 MF_KERNEL(mf_mv_multi)
@@ -110,8 +121,8 @@ MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
     alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv_multi_tg<0>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
-                      MF_TG_Y, MF_WARP, MF_LANE, MF_LT);
+    mf_mv_multi_tg<0, 0>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs,
+                         mf_xnorm_none(), MF_TG_X, MF_TG_Y, MF_WARP, MF_LANE, MF_LT);
 }
 
 // mf_mv_multi for one token (every segment's rpw 1), as mf_mv1 is to mf_mv.
@@ -131,8 +142,40 @@ MF_BUF(11, const mf_u32, sc2)
 MF_BUF(12, const mf_u32, bi2)
 MF_PARAMS(13, struct mf_p_mv_multi, p) {
     alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv_multi_tg<1>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs, MF_TG_X,
-                      0, MF_WARP, MF_LANE, MF_LT);
+    mf_mv_multi_tg<1, 0>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p, xs,
+                         mf_xnorm_none(), MF_TG_X, 0, MF_WARP, MF_LANE, MF_LT);
+}
+
+// mf_mv_multi1 of xn = rmsnorm(x) (a layer's input norm, gains g, scale 1), every
+// threadgroup taking the norm of the whole x as it stages it, the first also writing
+// xn: xn and each y the same bits as mf_rmsnorm then mf_mv_multi1, one launch and one
+// device round trip fewer. Affine codes only (the host's choice,
+// mf_rms_multi_params); MF_THREADS must be the row dots' thread count, so the sum of
+// squares is reduced as mf_rmsnorm reduces it.
+#if MF_THREADS != MF_MV_THREADS
+#error "mf_mv_multi1n reduces its norm as mf_rmsnorm does: MF_THREADS threads"
+#endif
+MF_KERNEL(mf_mv_multi1n)
+MF_BUF(0, float, y0)
+MF_BUF(1, float, y1)
+MF_BUF(2, float, y2)
+MF_BUF(3, const float, x)
+MF_BUF(4, const mf_u32, w0)
+MF_BUF(5, const mf_u32, sc0)
+MF_BUF(6, const mf_u32, bi0)
+MF_BUF(7, const mf_u32, w1)
+MF_BUF(8, const mf_u32, sc1)
+MF_BUF(9, const mf_u32, bi1)
+MF_BUF(10, const mf_u32, w2)
+MF_BUF(11, const mf_u32, sc2)
+MF_BUF(12, const mf_u32, bi2)
+MF_BUF(13, const mf_u32, g)
+MF_BUF(14, float, xn)
+MF_PARAMS(15, struct mf_p_mv_norm, p) {
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
+    struct mf_xnorm nm = {g, MF_TG_X == 0 ? xn : 0, p.g_dtype, p.has_g, p.eps, 0.0f};
+    mf_mv_multi_tg<1, 1>(y0, y1, y2, x, w0, sc0, bi0, w1, sc1, bi1, w2, sc2, bi2, p.mv, xs, nm,
+                         MF_TG_X, 0, MF_WARP, MF_LANE, MF_LT);
 }
 
 // One thread's share of a k-step of mf_gemm as loaded from device memory: 8 columns of

@@ -53,13 +53,14 @@
 // affine-quantized; shared by matvec, GEMM, transposed matvec and embed. vec: the codes
 // are 16-byte aligned (the row dots then use wide loads); rpw: matvec rows per warp, 1
 // (the one-token kernels) or MF_MV_RPW (grid.h and the kernel agree through it).
-// y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head.
+// y[t, h, r] (or y[t, h, c] transposed) for t < n_tok, h < n_head; acc (the matvec
+// kernels): y[t, h, r] += the product instead (matmul_add).
 struct mf_p_mv {
     int n_in, n_out, n_tok, n_head;
     int w_head_rows;
     int x_tok_stride, x_head_stride, y_tok_stride, y_head_stride;
     int dtype, sdtype, bits, group_size;
-    int vec, rpw;
+    int vec, rpw, acc;
 };
 
 // Up to MF_MULTI_MAX products of one x in one launch (matmul_multi): segment s is the
@@ -70,6 +71,14 @@ struct mf_p_mv_multi {
     struct mf_p_mv seg[MF_MULTI_MAX];
     int n_seg;
     int blk0[MF_MULTI_MAX + 1];
+};
+
+// mf_mv_multi1n: the one-token mv of rmsnorm(x) (x / sqrt(mean(x^2) + eps) * g, g
+// where has_g, of dtype g_dtype; n = mv.seg[0].n_in).
+struct mf_p_mv_norm {
+    struct mf_p_mv_multi mv;
+    int has_g, g_dtype;
+    float eps;
 };
 
 // Tensor-core matvec (tc.h, mf_mv_tc, mf_p_mv_multi): 16-row tiles of one token,
@@ -166,6 +175,13 @@ struct mf_p_flag {
 struct mf_p_route {
     int n_tok, n_expert, n_used, kind, norm_topk_prob, n_group, topk_group, has_bias;
     float scaling;
+};
+
+// mf_route1n: one token's router rows with its input norm (mv, one segment), then the
+// routing r of its logits.
+struct mf_p_route1n {
+    struct mf_p_mv_norm mv;
+    struct mf_p_route r;
 };
 
 // Grouped experts: n_exp experts, each with a table entry {blob byte offset from the

@@ -96,6 +96,15 @@ MF_FN float mf_log1p(float x) {
 #define MF_INF INFINITY
 // Metal runs a command buffer's kernels one after another: nothing to wait for.
 MF_FN void mf_dep_wait() {}
+// The last threadgroup of a kernel to finish (mf_route1n): a thread's device writes
+// before mf_fence_device are seen by a threadgroup that reads them after seeing its
+// mf_atomic_add (device-scope fence: Metal 3.2).
+MF_FN void mf_fence_device() {
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+}
+MF_FN int mf_atomic_add(MF_G int *p, int v) {
+    return atomic_fetch_add_explicit((device atomic_int *)p, v, memory_order_relaxed);
+}
 
 #elif defined(MF_SIM)
 /* ---- host C++ under the tests' CPU executor (tests/c/sim/mf_sim.h), which the test
@@ -152,6 +161,12 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
 }
 #define MF_INF INFINITY
 MF_FN void mf_dep_wait() {}
+MF_FN void mf_fence_device() {}   // threadgroups run one after another
+MF_FN int mf_atomic_add(MF_G int *p, int v) {
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
 
 #else
 /* ---- CUDA C++ (NVRTC or nvcc) ---- */
@@ -171,8 +186,9 @@ MF_FN void mf_dep_wait() {}
 // warps in flight, so they ask for more (H100, A3B shapes, 48 layers: decode 248-251 ->
 // 263-275 tok/s; the decode experts 31.0 -> 26.2-27.4 us): gate/up 6 (40 registers,
 // a few bytes spilled, measured faster than 5 without spills), down 4 (60, no spills;
-// 6 measured no faster), the one-token matvecs 5 (47-48). A compile-time choice per
-// kernel; the operations, so the bits, are the same for any.
+// 6 measured no faster), the one-token matvecs 5 (47-48; with the input norm too, a
+// few bytes spilled). A compile-time choice per kernel; the operations, so the bits,
+// are the same for any.
 #ifndef MF_OCC_GU1
 #define MF_OCC_GU1 6
 #endif
@@ -181,6 +197,9 @@ MF_FN void mf_dep_wait() {}
 #endif
 #ifndef MF_OCC_MV1
 #define MF_OCC_MV1 5
+#endif
+#ifndef MF_OCC_MV1N   // the one-token matvec with its input norm (mf_mv_multi1n)
+#define MF_OCC_MV1N MF_OCC_MV1
 #endif
 __device__ constexpr bool mf_occ_is(const char *a, const char *b) {
     return *a == *b && (*a == '\0' || mf_occ_is(a + 1, b + 1));
@@ -195,8 +214,9 @@ __device__ constexpr bool mf_occ_is(const char *a, const char *b) {
 __device__ constexpr int mf_occ_n(const char *k) {
     return mf_occ_is(k, "mf_moe_gu1")     ? MF_OCC_GU1
            : mf_occ_is(k, "mf_moe_down1") ? MF_OCC_DOWN1
-           : mf_occ_is(k, "mf_mv_multi1") || mf_occ_is(k, "mf_mv1") ? MF_OCC_MV1
-                                                                     : 2;
+           : mf_occ_is(k, "mf_mv_multi1") || mf_occ_is(k, "mf_mv1")        ? MF_OCC_MV1
+           : mf_occ_is(k, "mf_mv_multi1n") || mf_occ_is(k, "mf_route1n") ? MF_OCC_MV1N
+                                                                           : 2;
 }
 __device__ constexpr int mf_occ(const char *k) {
     return mf_occ_n(k) < MF_OCC_CAP ? mf_occ_n(k) : MF_OCC_CAP;
@@ -249,6 +269,11 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
     d[2] = v.z;
     d[3] = v.w;
 }
+// The last threadgroup of a kernel to finish (mf_route1n): a thread's device writes
+// before mf_fence_device are seen by a threadgroup that reads them after seeing its
+// mf_atomic_add.
+MF_FN void mf_fence_device() { __threadfence(); }
+MF_FN int mf_atomic_add(MF_G int *p, int v) { return atomicAdd(p, v); }
 #define MF_INF __int_as_float(0x7f800000)
 // Programmatic dependent launch (sm_90 and later; the driver launches with it where the
 // GPU has it, csrc/backends/cuda): a kernel's threadgroups may start while the kernel

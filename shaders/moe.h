@@ -15,7 +15,7 @@
 #ifndef MF_MOE_H
 #define MF_MOE_H
 
-#include "quant.h"
+#include "matmul.h"
 
 // Index of the largest v[e] not taken, e < n; the lowest index among equals.
 MF_FN int mf_warp_argmax(MF_TG const float *v, MF_TG const int *taken, int n, int lane) {
@@ -130,20 +130,14 @@ MF_FN void mf_route_scores(MF_TG float *sc, MF_TG float *bs, MF_G float *lg,
     }
 }
 
-MF_KERNEL(mf_route)
-MF_BUF(0, int, idx)
-MF_BUF(1, float, wout)
-MF_BUF(2, float, logits)
-MF_BUF(3, const float, bias)
-MF_PARAMS(4, struct mf_p_route, p) {
-    MF_SHARED float sc[MF_ROUTE_E_MAX];
-    MF_SHARED float bs[MF_ROUTE_E_MAX];
-    MF_SHARED float gsc[MF_ROUTE_G_MAX];
-    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
-    MF_SHARED int sel[MF_ROUTE_K_MAX];
-    mf_dep_wait();
-    const int t = MF_TG_X, lane = MF_LANE, lt = MF_LT, nt = MF_NT;
-    const int E = p.n_expert, K = p.n_used;
+// Token t's routing from its logits (the threadgroup's every thread; sc, bs, gsc,
+// gtaken, sel: its threadgroup arrays of MF_ROUTE_E_MAX, _E_MAX, _G_MAX, _G_MAX and
+// _K_MAX entries).
+MF_FN void mf_route_tok(MF_G int *idx, MF_G float *wout, MF_G float *logits,
+                        MF_G const float *bias, const struct mf_p_route p, int t,
+                        MF_TG float *sc, MF_TG float *bs, MF_TG float *gsc, MF_TG int *gtaken,
+                        MF_TG int *sel, int lt, int nt) {
+    const int E = p.n_expert, K = p.n_used, lane = lt & 31;
     MF_G float *lg = logits + (mf_i64)t * E;
     if (lt < 32)   // warp 0 makes the scores
         mf_route_scores(sc, bs, lg, bias, p, E, lane);
@@ -176,6 +170,63 @@ MF_PARAMS(4, struct mf_p_route, p) {
         idx[(mf_i64)t * K + j] = sel[j];
         wout[(mf_i64)t * K + j] = w;
     }
+}
+
+MF_KERNEL(mf_route)
+MF_BUF(0, int, idx)
+MF_BUF(1, float, wout)
+MF_BUF(2, float, logits)
+MF_BUF(3, const float, bias)
+MF_PARAMS(4, struct mf_p_route, p) {
+    MF_SHARED float sc[MF_ROUTE_E_MAX];
+    MF_SHARED float bs[MF_ROUTE_E_MAX];
+    MF_SHARED float gsc[MF_ROUTE_G_MAX];
+    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
+    MF_SHARED int sel[MF_ROUTE_K_MAX];
+    mf_dep_wait();
+    mf_route_tok(idx, wout, logits, bias, p, MF_TG_X, sc, bs, gsc, gtaken, sel, MF_LT, MF_NT);
+}
+
+// One token's router logits of xn = rmsnorm(x) (mf_mv_multi1n's first segment: its
+// threadgroups, the first writing xn), then its routing by whichever threadgroup
+// finishes last (each publishes its logits, then counts itself on count[0], which the
+// last sets back to 0 for the next launch): logits, xn, idx and wout the bits of
+// mf_mv_multi1n then mf_route, in one launch. MF_THREADS threads, as mf_route's.
+MF_KERNEL(mf_route1n)
+MF_BUF(0, float, logits)
+MF_BUF(1, const float, x)
+MF_BUF(2, const mf_u32, w)
+MF_BUF(3, const mf_u32, wsc)
+MF_BUF(4, const mf_u32, wbi)
+MF_BUF(5, const mf_u32, g)
+MF_BUF(6, float, xn)
+MF_BUF(7, int, idx)
+MF_BUF(8, float, wout)
+MF_BUF(9, const float, bias)
+MF_BUF(10, int, count)
+MF_PARAMS(11, struct mf_p_route1n, p) {
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
+    MF_SHARED float sc[MF_ROUTE_E_MAX];
+    MF_SHARED float bs[MF_ROUTE_E_MAX];
+    MF_SHARED float gsc[MF_ROUTE_G_MAX];
+    MF_SHARED int gtaken[MF_ROUTE_G_MAX];
+    MF_SHARED int sel[MF_ROUTE_K_MAX];
+    MF_SHARED int last[1];
+    const int lt = MF_LT;
+    struct mf_xnorm nm = {g, MF_TG_X == 0 ? xn : 0, p.mv.g_dtype, p.mv.has_g, p.mv.eps, 0.0f};
+    mf_mv_rows<1, 1, 1>(logits, x, w, wsc, wbi, p.mv.mv.seg[0], xs, nm, MF_TG_X, 0, 0, MF_WARP,
+                        MF_LANE, lt);
+    mf_fence_device();
+    MF_BARRIER();
+    if (lt == 0)
+        last[0] = mf_atomic_add(count, 1) == p.mv.mv.blk0[1] - 1;
+    MF_BARRIER();
+    if (!last[0])
+        return;
+    mf_fence_device();
+    mf_route_tok(idx, wout, logits, bias, p.r, 0, sc, bs, gsc, gtaken, sel, lt, MF_NT);
+    if (lt == 0)
+        count[0] = 0;
 }
 
 // Entry e of the grouped kernels: its blob's byte offset from base (tab[4e], tab[4e+1]:

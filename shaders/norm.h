@@ -11,15 +11,6 @@
 // values stay in registers between the sum of squares and the scaling. Thread lt's
 // elements and the order of its sum are those of a plain loop i = lt, lt + MF_THREADS, ...
 
-// v[k] = p[i0 + lt + k * nt] where that is below n (0 elsewhere).
-MF_FN void mf_row_load(MF_TH float *v, MF_G const float *p, int i0, int lt, int nt, int n) {
-#pragma unroll
-    for (int k = 0; k < MF_VB; k++) {
-        const int i = i0 + lt + k * nt;
-        v[k] = i < n ? p[i] : 0.0f;
-    }
-}
-
 // A block's gains gv (1 without g) and gates zv (z[zoff + i] where p.has_z).
 MF_FN void mf_norm_load(MF_TH float *gv, MF_TH float *zv, MF_G const float *z, mf_i64 zoff,
                         MF_G const mf_u32 *g, const struct mf_p_norm p, int i0, int lt,

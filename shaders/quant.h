@@ -94,6 +94,93 @@ MF_FN void mf_mxfp4_tile(MF_TH float *acc, MF_G const mf_u32 *wr, MF_G const mf_
     }
 }
 
+// Values a thread of the row and combine kernels loads at once: the loads of a block
+// are issued together, so one memory latency covers them, where a loop whose stores
+// may alias its loads (or whose addresses come from loads) pays one per element.
+#define MF_VB 8
+
+// v[k] = p[i0 + lt + k * nt] where that is below n (0 elsewhere).
+MF_FN void mf_row_load(MF_TH float *v, MF_G const float *p, int i0, int lt, int nt, int n) {
+#pragma unroll
+    for (int k = 0; k < MF_VB; k++) {
+        const int i = i0 + lt + k * nt;
+        v[k] = i < n ? p[i] : 0.0f;
+    }
+}
+
+// Sum / max over a threadgroup of MF_THREADS threads: warp butterflies, then the
+// warps' results in warp order, so every thread gets the same value in a fixed order.
+// red holds MF_THREADS / 32 floats; both end with a barrier so red can be reused.
+MF_FN float mf_block_sum(float v, MF_TG float *red, int lt) {
+    v = mf_warp_sum(v);
+    if ((lt & 31) == 0)
+        red[lt >> 5] = v;
+    MF_BARRIER();
+    float s = 0.0f;
+    for (int i = 0; i < MF_THREADS / 32; i++)
+        s += red[i];
+    MF_BARRIER();
+    return s;
+}
+
+// 1 / sqrt(mean(x^2) + eps) of a row of n values from the threads' partial sums of
+// squares ss (RMSNorm's scale; every norm kernel takes it from here, so they agree bit
+// for bit). Ends with a barrier, as mf_block_sum.
+MF_FN float mf_rms_inv(float ss, MF_TG float *red, int lt, int n, float eps) {
+    ss = mf_block_sum(ss, red, lt);
+    return 1.0f / mf_sqrt(ss / (float)n + eps);
+}
+
+MF_FN float mf_block_max(float v, MF_TG float *red, int lt) {
+    v = mf_warp_max(v);
+    if ((lt & 31) == 0)
+        red[lt >> 5] = v;
+    MF_BARRIER();
+    float m = red[0];
+    for (int i = 1; i < MF_THREADS / 32; i++)
+        m = red[i] > m ? red[i] : m;
+    MF_BARRIER();
+    return m;
+}
+
+// The input RMSNorm a one-token row dot takes of x as it stages it (mf_mv_multi1n):
+// x[i] * inv * g[i] (g where has_g), inv from mf_xnorm_inv. mf_rmsnorm writes
+// x * inv * g * scale with the same sum of squares, and at scale 1 (times 1 is exact)
+// that is the same value, so the staged x is, bit for bit, what staging its output held.
+// out: where the normalised x goes too (one threadgroup's, 0 in the others).
+struct mf_xnorm {
+    MF_G const mf_u32 *g;
+    MF_G float *out;
+    int g_dtype, has_g;
+    float eps, inv;
+};
+
+MF_FN struct mf_xnorm mf_xnorm_none() {
+    struct mf_xnorm nm = {0, 0, 0, 0, 0.0f, 0.0f};
+    return nm;
+}
+
+// mf_rms_inv of x[0 .. n) over MF_THREADS threads: thread lt sums x[lt], x[lt +
+// MF_THREADS], ... in that order, as mf_rmsnorm's threads do (red: MF_THREADS / 32
+// floats of threadgroup memory; ends with a barrier).
+MF_FN float mf_xnorm_inv(MF_G const float *x, int n, float eps, MF_TG float *red, int lt) {
+    float ss = 0.0f, xv[MF_VB];
+    for (int i0 = 0; i0 < n; i0 += MF_VB * MF_THREADS) {
+        mf_row_load(xv, x, i0, lt, MF_THREADS, n);
+#pragma unroll
+        for (int k = 0; k < MF_VB; k++)
+            if (i0 + lt + k * MF_THREADS < n)
+                ss += xv[k] * xv[k];
+    }
+    return mf_rms_inv(ss, red, lt, n, eps);
+}
+
+// Element i of the normalised x, given v = x[i].
+MF_FN float mf_xnorm_at(MF_TH const struct mf_xnorm *nm, float v, int i) {
+    v = v * nm->inv;
+    return nm->has_g ? v * mf_load(nm->g, nm->g_dtype, i) : v;
+}
+
 // Columns of x staged per step by the row-dot kernels, and the padded threadgroup
 // tile they use: x[t] is held as 32 chunks of 32 values at stride MF_XS_PAD (36), so
 // lane l reads values k .. k + 3 of its chunk l in one 16-byte load, and the eight
@@ -277,10 +364,10 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 // the same order (the same bits). With CH = 1 it is that path without the token
 // tile's loop and bounds, for which ptxas makes shorter code (the 151936-row lm_head
 // 160 -> 147 us on the H100).
-template <int BITS, int R>
+template <int BITS, int R, int NORM>
 MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
-                         int sdtype, int gs, int n_in, MF_G const float *x, int lt,
-                         int lane) {
+                         int sdtype, int gs, int n_in, MF_G const float *x,
+                         struct mf_xnorm nm, int lt, int lane) {
     const int CH = MF_CH1(BITS, R), PER = MF_XS_COLS / MF_MV_THREADS;
     const int n_chunk = n_in >> 5, on = rw->n > 0;
     mf_u32 wd[CH][R][BITS];
@@ -292,12 +379,20 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                 mf_load_rows<BITS, R>(wd[j], s[j], b[j], rw, sdtype, gs,
                                       (c0 >> 5) + 32 * j + lane, n_chunk);
         }
-        if (c0 == 0)
+        if (c0 == 0) {
             mf_dep_wait();
+            if (NORM)   // xs is free: the first staging comes after mf_rms_inv's barrier
+                nm.inv = mf_xnorm_inv(x, n_in, nm.eps, xs, lt);
+        }
 #pragma unroll
         for (int i = 0; i < CH * PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
             xr[i] = c0 + k < n_in ? x[c0 + k] : 0.0f;
+            if (NORM && c0 + k < n_in) {
+                xr[i] = mf_xnorm_at(&nm, xr[i], c0 + k);
+                if (nm.out)
+                    nm.out[c0 + k] = xr[i];
+            }
         }
 #pragma unroll
         for (int i = 0; i < CH * PER; i++) {
@@ -347,7 +442,8 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
     }
 #define MF_QBITS(B)                                                                    \
     if (ONE || nt == 1)                                                                \
-        mf_qdot_rows1<B, R>(acc, xs, rw, sdtype, gs, n_in, x, lt, lane);                \
+        mf_qdot_rows1<B, R, 0>(acc, xs, rw, sdtype, gs, n_in, x, mf_xnorm_none(), lt,   \
+              lane);                                                                   \
     else                                                                               \
         mf_qdot_rows<B, MF_MV_TT, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, \
                                      lane);
@@ -362,6 +458,23 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
 #undef MF_QBITS
 }
 
+// mf_dot_rows of one token of rmsnorm(x) (nm; mf_mv_multi1n): affine codes only,
+// the host's choice (mf_rms_multi_params), every other format takes rmsnorm then the
+// plain products.
+template <int R>
+MF_FN void mf_dot_rows1n(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
+                         int bits, int sdtype, int gs, int n_in, MF_G const float *x,
+                         struct mf_xnorm nm, int lt, int lane) {
+    switch (bits) {
+    case 2: mf_qdot_rows1<2, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    case 3: mf_qdot_rows1<3, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    case 4: mf_qdot_rows1<4, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    case 5: mf_qdot_rows1<5, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    case 6: mf_qdot_rows1<6, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    default: mf_qdot_rows1<8, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    }
+}
+
 // Row r of a weight [n_out, n_in] (quantized or float) into slot i of rw.
 MF_FN void mf_rows_set(MF_TH struct mf_rows *rw, int i, MF_G const mf_u32 *w,
                        MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, int dtype, int bits,
@@ -371,46 +484,6 @@ MF_FN void mf_rows_set(MF_TH struct mf_rows *rw, int i, MF_G const mf_u32 *w,
     rw->sc[i] = sc;
     rw->bi[i] = bi;
     rw->s0[i] = q ? row * (n_in / gs) : row;   // float rows: the row itself
-}
-
-// Values a thread of the row and combine kernels loads at once: the loads of a block
-// are issued together, so one memory latency covers them, where a loop whose stores
-// may alias its loads (or whose addresses come from loads) pays one per element.
-#define MF_VB 8
-
-// Sum / max over a threadgroup of MF_THREADS threads: warp butterflies, then the
-// warps' results in warp order, so every thread gets the same value in a fixed order.
-// red holds MF_THREADS / 32 floats; both end with a barrier so red can be reused.
-MF_FN float mf_block_sum(float v, MF_TG float *red, int lt) {
-    v = mf_warp_sum(v);
-    if ((lt & 31) == 0)
-        red[lt >> 5] = v;
-    MF_BARRIER();
-    float s = 0.0f;
-    for (int i = 0; i < MF_THREADS / 32; i++)
-        s += red[i];
-    MF_BARRIER();
-    return s;
-}
-
-// 1 / sqrt(mean(x^2) + eps) of a row of n values from the threads' partial sums of
-// squares ss (RMSNorm's scale; every norm kernel takes it from here, so they agree bit
-// for bit). Ends with a barrier, as mf_block_sum.
-MF_FN float mf_rms_inv(float ss, MF_TG float *red, int lt, int n, float eps) {
-    ss = mf_block_sum(ss, red, lt);
-    return 1.0f / mf_sqrt(ss / (float)n + eps);
-}
-
-MF_FN float mf_block_max(float v, MF_TG float *red, int lt) {
-    v = mf_warp_max(v);
-    if ((lt & 31) == 0)
-        red[lt >> 5] = v;
-    MF_BARRIER();
-    float m = red[0];
-    for (int i = 1; i < MF_THREADS / 32; i++)
-        m = red[i] > m ? red[i] : m;
-    MF_BARRIER();
-    return m;
 }
 
 #endif /* MF_QUANT_H */

@@ -69,10 +69,11 @@ def test_cuda_unavailable_is_a_clear_backend_error(model_dir: Path) -> None:
 
 
 def assert_plain(params: str, structs: dict[str, list[str]]) -> None:
-    """32-bit ints and floats only, no pointers: scalars, arrays of them, or arrays of
-    params structs that are themselves plain (the same layout in C, CUDA and MSL)."""
+    """32-bit ints and floats only, no pointers: scalars, arrays of them, or params
+    structs (or arrays of them) that are themselves plain (the same layout in C, CUDA
+    and MSL)."""
     for decl in structs[params]:
-        m = re.fullmatch(r"struct (\w+) \w+\[\w+\]", decl)
+        m = re.fullmatch(r"struct (\w+) \w+(\[\w+\])?", decl)
         if m:
             assert m.group(1) in structs, f"{params}: {decl!r}"
             assert_plain(m.group(1), structs)

@@ -68,6 +68,41 @@ void mf_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
         op->matmul(ex, y[i], w[i], x, n_tok);
 }
 
+void mf_matmul_add(const struct mf_backend_ops *op, struct mf_exec *ex, float *y,
+                   const struct mf_weight *w, const float *x, int n_tok, float *tmp) {
+    if (op->matmul_add) {
+        op->matmul_add(ex, y, w, x, n_tok, tmp);
+        return;
+    }
+    op->matmul(ex, tmp, w, x, n_tok);
+    op->axpy(ex, y, 1.0f, tmp, n_tok * (int)w->n_out);
+}
+
+void mf_rms_route(const struct mf_backend_ops *op, struct mf_exec *ex, int32_t *idx, float *w,
+                  float *logits, const float *bias, const struct mf_route_params *r,
+                  int n_tok, const struct mf_weight *router, float *xn, const float *x,
+                  const struct mf_weight *g, float eps) {
+    if (op->rms_route) {
+        op->rms_route(ex, idx, w, logits, bias, r, n_tok, router, xn, x, g, eps);
+        return;
+    }
+    float *const y[1] = {logits};
+    const struct mf_weight *const wr[1] = {router};
+    mf_rms_matmul_multi(op, ex, 1, y, wr, xn, x, g, eps, n_tok);
+    op->moe_route(ex, idx, w, logits, bias, r, n_tok, NULL, NULL);
+}
+
+void mf_rms_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
+                         float *const *y, const struct mf_weight *const *w, float *xn,
+                         const float *x, const struct mf_weight *g, float eps, int n_tok) {
+    if (op->rms_matmul_multi && n >= 1 && n <= MF_MATMUL_MULTI) {
+        op->rms_matmul_multi(ex, n, y, w, xn, x, g, eps, n_tok);
+        return;
+    }
+    op->rmsnorm(ex, xn, x, g, n_tok, (int)w[0]->n_in, eps, 1.0f);
+    mf_matmul_multi(op, ex, n, y, w, xn, n_tok);
+}
+
 void mf_add_rmsnorm(const struct mf_backend_ops *op, struct mf_exec *ex, float *y, float *x,
                     const float *r, const struct mf_weight *g, int n_rows, int n,
                     float eps) {

@@ -36,7 +36,7 @@
 
 #include "core/common.h"
 
-#define MF_BACKEND_API_VERSION 9
+#define MF_BACKEND_API_VERSION 10
 
 // How the U32 codes of a quantized weight decode (struct mf_weight.qmode; a weight
 // zeroed by its initializer is affine). The names are MLX's quantization modes.
@@ -308,6 +308,19 @@ struct mf_backend_ops {
     // addition): NULL = the backend has none; callers go through mf_matmul_multi.
     void (*matmul_multi)(struct mf_exec *ex, int n, float *const *y,
                          const struct mf_weight *const *w, const float *x, int n_tok);
+    // xn = rmsnorm(x) (a layer's input norm: gains g, NULL for none, scale 1; n_in of
+    // every w), then matmul_multi of xn: xn and each y the same bits as those two calls
+    // (a GPU takes the norm inside its one-token products). Optional (API v10
+    // addition): NULL = callers go through mf_rms_matmul_multi.
+    void (*rms_matmul_multi)(struct mf_exec *ex, int n, float *const *y,
+                             const struct mf_weight *const *w, float *xn, const float *x,
+                             const struct mf_weight *g, float eps, int n_tok);
+    // y[n_tok, n_out] += x @ W^T (a layer's output projection added to the residual
+    // stream): the same bits as matmul into tmp then axpy(y, 1, tmp). tmp [n_tok,
+    // n_out] is scratch the call may leave unwritten (a GPU adds in its one-token
+    // matvec). Optional (API v10 addition): NULL = callers go through mf_matmul_add.
+    void (*matmul_add)(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                       const float *x, int n_tok, float *tmp);
     // y[n_tok, n_in] = x[n_tok, n_out] @ W: W [n_out, n_in] used transposed (MLA
     // absorption with an old-form kv_b_proj: q~ = W_UK^T q_nope). Float or quantized.
     void (*matmul_t)(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -462,6 +475,15 @@ struct mf_backend_ops {
     void (*moe_route)(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                       const float *bias, const struct mf_route_params *p, int n_tok,
                       int32_t *idx_host, float *w_host);
+    // A MoE layer's input norm, router and routing with device outputs: xn =
+    // rmsnorm(x) (gains g, scale 1; n = router->n_in), logits = router product of xn,
+    // then moe_route(idx, w, logits, bias, r, n_tok): xn, logits, idx and w the same
+    // bits as rms_matmul_multi of the router alone then moe_route. Optional (API v10
+    // addition): NULL = callers go through mf_rms_route.
+    void (*rms_route)(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                      const float *bias, const struct mf_route_params *r, int n_tok,
+                      const struct mf_weight *router, float *xn, const float *x,
+                      const struct mf_weight *g, float eps);
     // SwiGLU experts on gathered rows: for each expert i of b and each of its rows r,
     // eo[r] = down(silu(gate xg[r]) * up xg[r]) (b->act: or the clamped SwiGLU),
     // gu [rows, 2 * n_ff] scratch. A row's
@@ -517,6 +539,24 @@ int mf_moe_experts_gpu_check(const char *backend, const struct mf_moe_batch *b, 
 void mf_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
                      float *const *y, const struct mf_weight *const *w, const float *x,
                      int n_tok);
+
+// y += x @ W^T: the backend's matmul_add where it has one, else matmul into tmp, then
+// axpy (tmp: scratch of n_tok x n_out floats).
+void mf_matmul_add(const struct mf_backend_ops *op, struct mf_exec *ex, float *y,
+                   const struct mf_weight *w, const float *x, int n_tok, float *tmp);
+
+// A MoE layer's input norm, router and routing into device outputs: the backend's
+// rms_route where it has one, else mf_rms_matmul_multi of the router, then moe_route.
+void mf_rms_route(const struct mf_backend_ops *op, struct mf_exec *ex, int32_t *idx, float *w,
+                  float *logits, const float *bias, const struct mf_route_params *r,
+                  int n_tok, const struct mf_weight *router, float *xn, const float *x,
+                  const struct mf_weight *g, float eps);
+
+// xn = rmsnorm(x) * g (scale 1, n = w[0]->n_in), then y[i] = w[i] applied to xn: the
+// backend's rms_matmul_multi where it has one, else rmsnorm then mf_matmul_multi.
+void mf_rms_matmul_multi(const struct mf_backend_ops *op, struct mf_exec *ex, int n,
+                         float *const *y, const struct mf_weight *const *w, float *xn,
+                         const float *x, const struct mf_weight *g, float eps, int n_tok);
 
 // y = rmsnorm(x) * g after x += r (r NULL: no add): the backend's add_rmsnorm where
 // it has one, else axpy then rmsnorm.

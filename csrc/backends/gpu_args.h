@@ -169,6 +169,52 @@ static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_wei
     return n_tok == 1 ? MF_MULTI_MV1 : MF_MULTI_MV;
 }
 
+// mf_route's params for n_tok tokens of r (bias: whether a correction bias is given).
+static inline struct mf_p_route mf_route_p(const struct mf_route_params *r, int n_tok,
+                                           int bias) {
+    struct mf_p_route p = {.n_tok = n_tok, .n_expert = r->n_expert, .n_used = r->n_used,
+                           .kind = (int)r->kind, .norm_topk_prob = r->norm_topk_prob,
+                           .n_group = r->n_group, .topk_group = r->topk_group,
+                           .has_bias = bias, .scaling = r->routed_scaling_factor};
+    return p;
+}
+
+// matmul_add in one mf_mv1 launch (*p its params, the product added to y in its
+// epilogue): the driver's switch on (MOEFLUX_GPU_FUSE), one token of an affine or
+// float weight, unless the tensor-core kernels are on and take it; 0: matmul into tmp,
+// then axpy.
+static inline int mf_matmul_add_params(const struct mf_weight *w, int n_tok, int tc, int on,
+                                       struct mf_p_mv *p) {
+    if (!on || n_tok != 1 || w->qmode != MF_QMODE_AFFINE || (tc && mf_tc_ok(w)))
+        return 0;
+    *p = mf_mv_params(w);
+    p->n_tok = 1;
+    p->x_tok_stride = p->n_in;
+    p->y_tok_stride = p->n_out;
+    p->rpw = 1;
+    p->acc = 1;
+    return 1;
+}
+
+// rms_matmul_multi of one token in one mf_mv_multi1n launch (*p its params): the
+// driver's switch on (MOEFLUX_GPU_FUSE), mf_mv_multi1's plan with affine codes in
+// every product (float and MXFP4 rows read x from device memory, not through the
+// staged tile where the norm is taken); 0: rmsnorm, then matmul_multi. The drivers
+// refuse quantized gains first, as their rmsnorm does.
+static inline int mf_rms_multi_params(int n, const struct mf_weight *const *w, int n_tok,
+                                      int tc, const struct mf_weight *g, float eps, int on,
+                                      struct mf_p_mv_norm *p) {
+    if (!on || mf_matmul_multi_plan(n, w, n_tok, tc, &p->mv) != MF_MULTI_MV1)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (w[i]->dtype != MF_DTYPE_U32)
+            return 0;
+    p->has_g = g != NULL;
+    p->g_dtype = g ? (int)g->dtype : 0;
+    p->eps = eps;
+    return 1;
+}
+
 // A weight the GPU products read: float, or MLX affine codes (2-6/8 bits, groups of
 // 32/64/128 dividing n_in, float scales and biases: U8 scales mark MXFP4 in the
 // kernels). The drivers' check_weight and the grouped expert check share it.

@@ -150,8 +150,8 @@ static void add_bias(mf_ctx *ctx, struct mf_gqa_state *s, float *y,
 }
 
 void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d,
-                    const struct mf_gqa_layer *L, int il, float *y, const float *xn,
-                    int n, int pos0) {
+                    const struct mf_gqa_layer *L, int il, float *y, float *xn, float *x,
+                    const struct mf_weight *norm, float eps, int n, int pos0) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_exec *ex = ctx->ex;
     const int H = d->n_head, Hkv = d->n_head_kv, D = d->head_dim;
@@ -163,7 +163,7 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
 
     float *const qkv[3] = {s->q, k, v};   // [n, H, D], [n, Hkv, D] twice
     const struct mf_weight *const wqkv[3] = {&L->q_proj, &L->k_proj, &L->v_proj};
-    mf_matmul_multi(op, ex, 3, qkv, wqkv, xn, n);
+    mf_rms_matmul_multi(op, ex, 3, qkv, wqkv, xn, x, norm, eps, n);
     add_bias(ctx, s, s->q, &L->q_bias, n, H * D);
     add_bias(ctx, s, k, &L->k_bias, n, kv_row);
     add_bias(ctx, s, v, &L->v_bias, n, kv_row);
@@ -184,7 +184,7 @@ void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dim
     op->attention(ex, s->attn, s->q, s->k_cache[il], s->v_cache[il], n, H, Hkv, D, D,
                   kv_row, kv_row, pos0, d->scale);
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, s->attn, n * H * D);
-    op->matmul(ex, y, &L->o_proj, s->attn, n);
+    mf_matmul_add(op, ex, x, &L->o_proj, s->attn, n, y);
 }
 
 /* ==== The state of an all-GQA decoder ==== */
@@ -234,7 +234,7 @@ void mf_gqa_decoder_attn(mf_ctx *ctx, const struct mf_gqa_dims *d,
                          const struct mf_gqa_layer *L, const struct mf_weight *norm,
                          float eps, int hid, int il, int n, int pos0) {
     struct mf_gqa_decoder_state *s = ctx->arch_state;
-    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, norm, n, hid, eps, 1.0f);
-    mf_gqa_forward(ctx, &s->gqa, d, L, il, s->dec.y, s->dec.xn, n, pos0);
+    (void)hid;   // read by MF_TAP only (the q/k/v weights give the norm its length)
+    mf_gqa_forward(ctx, &s->gqa, d, L, il, s->dec.y, s->dec.xn, s->dec.x, norm, eps, n, pos0);
     MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
 }

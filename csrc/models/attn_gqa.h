@@ -81,16 +81,17 @@ void mf_gqa_decoder_reset(mf_ctx *ctx, const struct mf_gqa_dims *d);
 int mf_gqa_decoder_segments(const mf_ctx *ctx, const struct mf_gqa_dims *d,
                             struct mf_state_seg *segs, int cap);
 // The attention half of such a layer on the chunk in the decoder's x (n tokens at
-// positions pos0..): Attn(RMSNorm(x) * norm) over hid values per token into the
-// decoder's y, which mf_decoder_ffn adds to x.
+// positions pos0..): x += Attn(RMSNorm(x) * norm) over hid values per token (the
+// decoder's y the output projection's scratch; mf_decoder_ffn's r is then NULL).
 void mf_gqa_decoder_attn(mf_ctx *ctx, const struct mf_gqa_dims *d,
                          const struct mf_gqa_layer *L, const struct mf_weight *norm,
                          float eps, int hid, int il, int n, int pos0);
 
-// y[n, n_embd] = Attn(xn[n, n_embd]) for tokens at positions pos0 .. pos0+n-1;
-// writes their K/V cache rows of layer il.
+// x[n, n_embd] += Attn(xn), xn = RMSNorm(x) * norm (written by the q/k/v products'
+// call), for tokens at positions pos0 .. pos0+n-1 (y: the output projection's scratch,
+// mf_matmul_add); writes their K/V cache rows of layer il.
 void mf_gqa_forward(mf_ctx *ctx, struct mf_gqa_state *s, const struct mf_gqa_dims *d,
-                    const struct mf_gqa_layer *L, int il, float *y, const float *xn,
-                    int n, int pos0);
+                    const struct mf_gqa_layer *L, int il, float *y, float *xn, float *x,
+                    const struct mf_weight *norm, float eps, int n, int pos0);
 
 #endif /* MF_ATTN_GQA_H */

@@ -81,8 +81,8 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
 
 /* ==== Blocks ==== */
 
-int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_weight *norm,
-                   int is_moe, const struct mf_moe_layer *moe,
+int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const float *r,
+                   const struct mf_weight *norm, int is_moe, const struct mf_moe_layer *moe,
                    const struct mf_ffn_layer *ffn, int il, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const int hid = dec->n_embd;
@@ -90,22 +90,25 @@ int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_we
     struct mf_prefill_group *g = dec->group;
     if (is_moe && g && g->active) {
         // prefill group: the MoE runs over the whole group after the layer's last chunk
-        mf_add_rmsnorm(op, ctx->ex, g->xn + (size_t)g->row0 * hid, dec->x, dec->y, norm, n,
-                       hid, dec->norm_eps);
+        mf_add_rmsnorm(op, ctx->ex, g->xn + (size_t)g->row0 * hid, dec->x, r, norm, n, hid,
+                       dec->norm_eps);
         g->moe = moe;
         ctx->stats.routing_s += mf_now_s() - t0;
         return MF_OK;
     }
-    mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, dec->y, norm, n, hid, dec->norm_eps);
     if (is_moe) {
+        if (r)   // else the router's call takes the norm (the add is done)
+            mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, r, norm, n, hid, dec->norm_eps);
         ctx->stats.routing_s += mf_now_s() - t0;   // the router's input norm
         // with the residual add and the layer output's NaN/inf guard (check_finite)
+        struct mf_moe_norm in = {r ? NULL : norm, dec->norm_eps};
         int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, moe, dec->y, dec->xn, n,
-                                dec->x, dec->nonfinite + il);
+                                dec->x, dec->nonfinite + il, &in);
         if (rc) return rc;   // its phases are counted inside
         MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
         return MF_OK;
     }
+    mf_add_rmsnorm(op, ctx->ex, dec->xn, dec->x, r, norm, n, hid, dec->norm_eps);
     mf_ffn_forward(ctx, dec->y, dec->ffn_tmp, ffn, dec->xn, n, dec->n_ff_dense);
     ctx->stats.shared_s += mf_now_s() - t0;
     MF_TAP(ctx, "model.layers.%d.mlp", il, dec->y, n * hid);
@@ -237,7 +240,7 @@ static int group_layer(mf_ctx *ctx, const struct mf_decoder *dec, int il, int t0
     }
     if (g->moe) {
         int rc = mf_moe_forward(ctx, dec->moe, dec->moe_cfg, g->moe, g->y, g->xn, ng, NULL,
-                                NULL);
+                                NULL, NULL);
         if (rc) return rc;
         MF_TAP(ctx, "model.layers.%d.mlp", il, g->y, (size_t)ng * hid);
         op->axpy(ctx->ex, g->x, 1.0f, g->y, (int)((size_t)ng * hid));

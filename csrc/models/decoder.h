@@ -101,17 +101,18 @@ int mf_decoder_alloc(mf_ctx *ctx, struct mf_decoder *dec, const char *arch, char
 // Release dec's scratch; safe on a half-made or zeroed decoder.
 void mf_decoder_free(mf_ctx *ctx, struct mf_decoder *dec);
 
-// The FFN half of layer il on n rows: x += y first (dec->y holds the mixer's output;
-// added with the norm in one op), then x += FFN(rmsnorm(x) * norm), FFN the routed
-// MoE block (is_moe) or the dense SwiGLU, with the NaN/inf flag of layer il set from
-// the sum (one op). Uses dec->xn and dec->y (the mixer's output is added before the
-// FFN writes there). Inside a prefill group a MoE layer only writes the normed
-// rows into the group (the decoder runs the MoE over the whole group after the
-// layer's last chunk). It must be the layer's last step, as it is in every arch: the
-// decoder relies on it for the layer's flag. Returns MF_OK or the MoE block's error
-// (ctx->errmsg set).
-int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const struct mf_weight *norm,
-                   int is_moe, const struct mf_moe_layer *moe,
+// The FFN half of layer il on n rows: x += r first (r: the mixer's output, dec->y; added
+// with the norm in one op; NULL where the mixer added it into x itself, mf_matmul_add),
+// then x += FFN(rmsnorm(x) * norm), FFN the routed MoE block (is_moe; its router's call
+// takes the norm where the add is done) or the dense SwiGLU, with the NaN/inf flag of
+// layer il set from the sum (one op). Uses dec->xn and dec->y (the mixer's output is
+// added before the FFN writes there). Inside a prefill group a MoE layer only writes
+// the normed rows into the group (the decoder runs the MoE over the whole group after
+// the layer's last chunk). It must be the layer's last step, as it is in every arch:
+// the decoder relies on it for the layer's flag. Returns MF_OK or the MoE block's
+// error (ctx->errmsg set).
+int mf_decoder_ffn(mf_ctx *ctx, const struct mf_decoder *dec, const float *r,
+                   const struct mf_weight *norm, int is_moe, const struct mf_moe_layer *moe,
                    const struct mf_ffn_layer *ffn, int il, int n);
 
 // The forward of an eval call: chunks of at most max_tok tokens, each embedded, run

@@ -549,10 +549,11 @@ static void heads_mul(mf_ctx *ctx, float *y, int y_tok_stride, int y_head_stride
                                x_head_stride, n, H);
 }
 
-// y[n, hidden] = MLA(xn[n, hidden]) for tokens at positions pos0 .. pos0+n-1; writes
-// their cache rows of layer il. Each per-head step is one matmul_heads call over all
-// heads (a per-head loop of small ops costs a pool hand-off each: ~50k per token at
-// 128 heads x 61 layers).
+// x[n, hidden] += MLA(RMSNorm(x) * input_layernorm), x the decoder's (its y the output
+// projection's scratch), for tokens at positions pos0 .. pos0+n-1; writes their cache
+// rows of layer il. Each
+// per-head step is one matmul_heads call over all heads (a per-head loop of small ops
+// costs a pool hand-off each: ~50k per token at 128 heads x 61 layers).
 static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams *hp,
                         const struct ds_layer *L, int il, int n, int pos0) {
     const struct mf_backend_ops *op = ctx->be->ops;
@@ -563,21 +564,30 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     const float *xq = s->dec.xn;   // input of the per-head query projections
     int xq_width = hp->hidden_size;
 
-    // Queries: [n, hidden] (-> [n, q_lora]) -> q_nope [n, H, nope] and q_pe, which is
-    // written straight into its place in qfull [n, H, kv_lora | rope].
+    // The input norm, then [n, hidden] -> [n, q_lora] and the compressed kv [n, kv_lora
+    // | rope] in one call, which may take the norm inside its products; without a
+    // q_lora the query heads read the normalised x.
     if (hp->q_lora_rank > 0) {
-        op->matmul(ex, s->qa, &L->q_a_proj, xq, n);
+        float *const ya[2] = {s->qa, s->ckv};
+        const struct mf_weight *const wa[2] = {&L->q_a_proj, &L->kv_a_proj_with_mqa};
+        mf_rms_matmul_multi(op, ex, 2, ya, wa, s->dec.xn, s->dec.x, &L->input_layernorm,
+                            hp->rms_norm_eps, n);
         op->rmsnorm(ex, s->qa, s->qa, &L->q_a_layernorm, n, hp->q_lora_rank,
                     DS_LORA_NORM_EPS, 1.0f);
         xq = s->qa;
         xq_width = hp->q_lora_rank;
+    } else {
+        op->rmsnorm(ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hp->hidden_size,
+                    hp->rms_norm_eps, 1.0f);
+        op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->dec.xn, n);
     }
+    // Queries -> q_nope [n, H, nope] and q_pe, which is written straight into its place
+    // in qfull [n, H, kv_lora | rope].
     heads_mul(ctx, s->q_nope, H * nope, nope, &L->q_nope, xq, xq_width, 0, n, H);
     heads_mul(ctx, s->qfull + kvl, H * kvr, kvr, &L->q_pe, xq, xq_width, 0, n, H);
 
-    // Compressed kv: [n, hidden] -> [n, kv_lora | rope]; the latent is normalised, the
-    // shared rope key roped, and both rows go to the cache as they are.
-    op->matmul(ex, s->ckv, &L->kv_a_proj_with_mqa, s->dec.xn, n);
+    // The latent is normalised, the shared rope key roped, and both rows go to the
+    // cache as they are.
     op->rmsnorm_heads(ex, s->ckv, s->ckv, &L->kv_a_layernorm, n, kvr, 1, kvl, kvl,
                       DS_LORA_NORM_EPS, 1.0f);
     // Interleaved pairs (mlx traditional=True) for q_pe and k_pe alike, in one call.
@@ -606,7 +616,8 @@ static void mla_forward(mf_ctx *ctx, struct ds_state *s, const struct ds_hparams
     // (named for what it is, not mlx-lm's unembed_out module, whose output is this only
     // on its absorbed L == 1 path: prefill applies it to the latent keys' values)
     MF_TAP(ctx, "model.layers.%d.self_attn.o_proj_input", il, s->o_in, n * H * vd);
-    op->matmul(ex, s->dec.y, &L->o_proj, s->o_in, n);
+    // x += o_proj(o_in), dec.y the product's scratch
+    mf_matmul_add(op, ex, s->dec.x, &L->o_proj, s->o_in, n, s->dec.y);
 }
 
 /* ==== Forward ==== */
@@ -618,15 +629,12 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
     const struct ds_model *M = ctx->model->arch_weights;
     const struct ds_hparams *hp = &M->hp;
     const struct ds_layer *L = &M->layers[il];
-    const int hid = hp->hidden_size;
     (void)first_chunk;  // no recurrent state: every chunk starts alike
 
-    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
-                          hp->rms_norm_eps, 1.0f);
     mla_forward(ctx, s, hp, L, il, n, pos0);
-    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
-                          &L->ffn, il, n);
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hp->hidden_size);
+    return mf_decoder_ffn(ctx, &s->dec, NULL, &L->post_attention_layernorm, L->is_moe,
+                          &L->moe, &L->ffn, il, n);
 }
 
 static int ds_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,

@@ -254,7 +254,7 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
     (void)first_chunk;  // no recurrent state: every chunk starts alike
     mf_gqa_decoder_attn(ctx, &hp->attn, &L->attn, &L->input_layernorm, hp->rms_norm_eps,
                         hp->hidden_size, il, n, pos0);
-    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, L->is_moe, &L->moe,
+    return mf_decoder_ffn(ctx, &s->dec, NULL, &L->post_attention_layernorm, L->is_moe, &L->moe,
                           &L->ffn, il, n);
 }
 

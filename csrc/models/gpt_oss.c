@@ -482,9 +482,10 @@ static void cache_put(mf_ctx *ctx, float *cache, int rows, float *src, int n, in
     cache_rows_copy(ctx, cache, rows, src, n, pos0, row_bytes, 1);
 }
 
-// y[n, hidden] = Attn(xn) for positions pos0 .. pos0+n-1; writes their cache rows.
+// y[n, hidden] = Attn(xn), xn = RMSNorm(x) * input_layernorm (written by the q/k/v
+// products' call), for positions pos0 .. pos0+n-1; writes their cache rows.
 static void attention(mf_ctx *ctx, struct gptoss_state *s, const struct gptoss_model *M,
-                      int il, float *y, const float *xn, int n, int pos0) {
+                      int il, float *y, float *xn, const float *x, int n, int pos0) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const struct gptoss_hparams *hp = &M->hp;
     const struct gptoss_layer *L = &M->layers[il];
@@ -493,7 +494,8 @@ static void attention(mf_ctx *ctx, struct gptoss_state *s, const struct gptoss_m
     float *const qkv[3] = {s->q, s->k, s->v};
     const struct mf_weight *const wqkv[3] = {&L->attn.q_proj, &L->attn.k_proj,
                                              &L->attn.v_proj};
-    mf_matmul_multi(op, ctx->ex, 3, qkv, wqkv, xn, n);
+    mf_rms_matmul_multi(op, ctx->ex, 3, qkv, wqkv, xn, x, &L->input_layernorm,
+                        hp->rms_norm_eps, n);
     add_bias(ctx, s, s->q, &L->attn.q_bias, n, H * D);
     add_bias(ctx, s, s->k, &L->attn.k_bias, n, kvd);
     add_bias(ctx, s, s->v, &L->attn.v_bias, n, kvd);
@@ -519,15 +521,12 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
     struct gptoss_state *s = ctx->arch_state;
     const struct gptoss_model *M = ctx->model->arch_weights;
     const struct gptoss_layer *L = &M->layers[il];
-    const int hid = M->hp.hidden_size;
     (void)first_chunk;  // no recurrent state: every chunk starts alike
 
-    ctx->be->ops->rmsnorm(ctx->ex, s->dec.xn, s->dec.x, &L->input_layernorm, n, hid,
-                          M->hp.rms_norm_eps, 1.0f);
-    attention(ctx, s, M, il, s->dec.y, s->dec.xn, n, pos0);
-    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * hid);
-    return mf_decoder_ffn(ctx, &s->dec, &L->post_attention_layernorm, 1, &L->moe, NULL,
-                          il, n);
+    attention(ctx, s, M, il, s->dec.y, s->dec.xn, s->dec.x, n, pos0);
+    MF_TAP(ctx, "model.layers.%d.self_attn", il, s->dec.y, n * M->hp.hidden_size);
+    return mf_decoder_ffn(ctx, &s->dec, s->dec.y, &L->post_attention_layernorm, 1, &L->moe,
+                          NULL, il, n);
 }
 
 // The ring rows the eval of n_tok tokens from n_past on will overwrite (those of its

@@ -573,10 +573,26 @@ static int group_by_expert(struct mf_moe_scratch *s, const struct mf_moe_config 
     return n_used;
 }
 
-static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_layer *w,
-                 const struct mf_moe_config *c, const float *x, int n_tok) {
+// The router's logits of x; with in->g, of x = rmsnorm(resid) * g, which the same call
+// writes (mf_rms_matmul_multi).
+static void router_logits(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_layer *w,
+                          float *x, const float *resid, const struct mf_moe_norm *in,
+                          int n_tok) {
     const struct mf_backend_ops *op = ctx->be->ops;
-    op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
+    if (!in || !in->g) {
+        op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
+        return;
+    }
+    float *const y[1] = {s->logits_dev};
+    const struct mf_weight *const wr[1] = {&w->router};
+    mf_rms_matmul_multi(op, ctx->ex, 1, y, wr, x, resid, in->g, in->eps, n_tok);
+}
+
+static int route(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_layer *w,
+                 const struct mf_moe_config *c, float *x, const float *resid,
+                 const struct mf_moe_norm *in, int n_tok) {
+    const struct mf_backend_ops *op = ctx->be->ops;
+    router_logits(ctx, s, w, x, resid, in, n_tok);
     const float *bias = c->router != MF_ROUTER_SOFTMAX ? w->router_bias.w : NULL;
     op->moe_route(ctx->ex, NULL, NULL, s->logits_dev, bias, &s->route, n_tok, s->sel_idx,
                   s->sel_w);
@@ -944,15 +960,20 @@ static int experts_forward(mf_ctx *ctx, struct mf_moe_scratch *s,
 #define MOE_DEV_MAX_TOK 4
 
 static void resident_dev(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                         const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
-                         float *resid, int32_t *flag) {
+                         const struct mf_moe_layer *w, float *y, float *x, int n_tok,
+                         float *resid, int32_t *flag, const struct mf_moe_norm *in) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s();
-    op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
     const float *bias = c->router != MF_ROUTER_SOFTMAX ? w->router_bias.w : NULL;
-    op->moe_route(ctx->ex, s->idx_dev, s->w_dev, s->logits_dev, bias, &s->route, n_tok,
-                  NULL, NULL);
+    if (in && in->g) {   // the input norm, router and routing in one call
+        mf_rms_route(op, ctx->ex, s->idx_dev, s->w_dev, s->logits_dev, bias, &s->route,
+                     n_tok, &w->router, x, resid, in->g, in->eps);
+    } else {
+        op->matmul(ctx->ex, s->logits_dev, &w->router, x, n_tok);
+        op->moe_route(ctx->ex, s->idx_dev, s->w_dev, s->logits_dev, bias, &s->route, n_tok,
+                      NULL, NULL);
+    }
     double t1 = mf_now_s();
     if (w->has_shared && c->n_ff_shexp > 0)
         shared_compute(ctx, s, c, w, x, n_tok);
@@ -990,11 +1011,13 @@ static void run_resident_experts(mf_ctx *ctx, struct mf_moe_scratch *s, int il, 
 }
 
 static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                          const struct mf_moe_layer *w, float *y, const float *x, int n_tok) {
+                          const struct mf_moe_layer *w, float *y, float *x, int n_tok,
+                          const float *resid, const struct mf_moe_norm *in) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s();
-    int n_used = route(ctx, s, w, c, x, n_tok), n_rows = n_tok * c->n_expert_used;
+    int n_used = route(ctx, s, w, c, x, resid, in, n_tok);
+    int n_rows = n_tok * c->n_expert_used;
     double t1 = mf_now_s();
     op->gather_rows(ctx->ex, s->xg, x, s->tok_of, n_rows, c->n_embd);
     double t2 = mf_now_s();
@@ -1012,28 +1035,30 @@ static void resident_host(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf
 }
 
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                   const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
-                   float *resid, int32_t *flag) {
+                   const struct mf_moe_layer *w, float *y, float *x, int n_tok,
+                   float *resid, int32_t *flag, const struct mf_moe_norm *in) {
     const struct mf_backend_ops *op = ctx->be->ops;
     if (n_tok > s->max_tok)
         return mf_ctx_fail(ctx, MF_ERR_ARG, "moe: %d tokens exceed the scratch size %d",
                            n_tok, s->max_tok);
+    if (in && in->g && !resid)
+        return mf_ctx_fail(ctx, MF_ERR_ARG, "moe: the input norm needs the residual rows");
     if (!s->has_store)
         return mf_ctx_fail(ctx, MF_ERR_STATE, "layer %d: MoE layer but no expert store",
                            w->il);
     if (s->resident && s->resident[w->il]) {
         if (op->moe_experts_dev && n_tok <= MOE_DEV_MAX_TOK) {
-            resident_dev(ctx, s, c, w, y, x, n_tok, resid, flag);
+            resident_dev(ctx, s, c, w, y, x, n_tok, resid, flag, in);
             return MF_OK;
         }
-        resident_host(ctx, s, c, w, y, x, n_tok);
+        resident_host(ctx, s, c, w, y, x, n_tok, resid, in);
         if (resid)
             mf_axpy_flag(op, ctx->ex, resid, 1.0f, y, n_tok * c->n_embd, flag);
         return MF_OK;
     }
     struct mf_ctx_stats *st = &ctx->stats;
     double t0 = mf_now_s(), wait0 = st->io_wait_s, shared_s = 0.0;
-    int n_used = route(ctx, s, w, c, x, n_tok);
+    int n_used = route(ctx, s, w, c, x, resid, in, n_tok);
     release_kept(ctx, s);   // the routing just synchronised: the work on them is done
     double t1 = mf_now_s();
     st->routing_s += t1 - t0;

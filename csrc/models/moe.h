@@ -99,15 +99,23 @@ int mf_moe_scratch_reserve(mf_ctx *ctx, struct mf_moe_scratch *s,
                            const struct mf_moe_config *c, int max_tok, char *err,
                            size_t errlen);
 
+// The block's input norm when the router's call takes it: x = rmsnorm(resid) * g (eps)
+// is written by that call (mf_rms_matmul_multi). g NULL (or no struct): x is given.
+struct mf_moe_norm {
+    const struct mf_weight *g;
+    float eps;
+};
+
 // y[n_tok, n_embd] = MoE(x[n_tok, n_embd]) (y is overwritten, must not alias x); then,
 // when resid is not NULL, resid += y with flag[0] = 1 where a sum is NaN or infinite
 // (flag is required with resid; mf_axpy_flag's bits; the resident device-routed path
-// does it in the experts' last launch). Returns MF_OK, or MF_ERR_IO with ctx->errmsg
-// set when an expert read fails (resid then untouched). Adds to ctx->stats (expert
-// reads, bytes, read seconds).
+// does it in the experts' last launch). With in->g, x is written first (struct
+// mf_moe_norm; resid required). Returns MF_OK, or MF_ERR_IO with ctx->errmsg set when
+// an expert read fails (resid then untouched). Adds to ctx->stats (expert reads, bytes,
+// read seconds).
 int mf_moe_forward(mf_ctx *ctx, struct mf_moe_scratch *s, const struct mf_moe_config *c,
-                   const struct mf_moe_layer *w, float *y, const float *x, int n_tok,
-                   float *resid, int32_t *flag);
+                   const struct mf_moe_layer *w, float *y, float *x, int n_tok,
+                   float *resid, int32_t *flag, const struct mf_moe_norm *in);
 
 // y[n_tok, n_embd] = dense SwiGLU FFN of x; tmp holds [n_tok, 2 * n_ff] floats.
 void mf_ffn_forward(mf_ctx *ctx, float *y, float *tmp, const struct mf_ffn_layer *w,

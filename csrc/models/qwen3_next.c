@@ -755,11 +755,13 @@ static int hy_state_segments(const mf_ctx *ctx, struct mf_state_seg *segs, int c
 }
 
 /* ==== Gated full attention (§2.4) ====
- * q_proj gives per head [q(D) | gate(D)]; q goes through q_norm and partial rope,
- * k/v are projected straight into the cache rows of their positions. */
+ * The layer's input norm taken with the q/k/v products (mf_rms_matmul_multi, into
+ * xn). q_proj gives per head [q(D) | gate(D)]; q goes through q_norm and partial
+ * rope, k/v are projected straight into the cache rows of their positions; the output
+ * projection is added into the residual stream x (mf_matmul_add, out its scratch). */
 
 static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d,
-                       const struct hy_layer *L, int il, float *out, const float *x,
+                       const struct hy_layer *L, int il, float *out, float *xn, float *x,
                        int n, int pos0) {
     const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_exec *ex = ctx->ex;
@@ -769,7 +771,7 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
     float *vc = st->vc[il] + (size_t)pos0 * row;
     float *const qkv[3] = {st->qg, kc, vc};   // q: [n, H, 2, D]
     const struct mf_weight *const wqkv[3] = {&L->wq, &L->wk, &L->wv};
-    mf_matmul_multi(op, ex, 3, qkv, wqkv, x, n);
+    mf_rms_matmul_multi(op, ex, 3, qkv, wqkv, xn, x, &L->attn_norm, d->eps, n);
     op->gather_rows_dev(ex, st->q, st->qg, st->q_rows_dev, n * H, D);   // -> [n, H, D]
     struct mf_rope_qk r = {.x = {st->q, kc}, .heads = {H, Hkv},
                            .tok_stride = {H * D, Hkv * D}, .head_stride = {D, D},
@@ -782,17 +784,19 @@ static void attn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_dims *d
     MF_TAP(ctx, "model.layers.%d.self_attn.sdpa", il, st->att, n * H * D);
     // output gate: [n, H, D] *= sigmoid(gate half of each head's q_proj row)
     op->mul_sigmoid(ex, st->att, st->qg + D, n * H, D, 2 * D, D);
-    op->matmul(ex, out, &L->wo, st->att, n);
+    mf_matmul_add(op, ex, x, &L->wo, st->att, n, out);
 }
 
 /* ==== GatedDeltaNet (§2.5) ====
- * Projections into canonical buffers; causal conv + SiLU over [q|k|v] with the K-1
- * previous pre-conv inputs; q/k RMS-normalised without weight (mlx-lm normalize_qk:
- * eps 1e-6 on the L2 sum becomes 1e-6/dk on the mean, q scaled 1/dk, k dk^-1/2);
- * gates; the delta-rule recurrence; gated RMSNorm with SiLU(z); out_proj. */
+ * Projections of the normalised input (each group of products takes the layer's
+ * input norm itself, mf_rms_matmul_multi, into xn) into canonical buffers; causal
+ * conv + SiLU over [q|k|v] with the K-1 previous pre-conv inputs; q/k RMS-normalised
+ * without weight (mlx-lm normalize_qk: eps 1e-6 on the L2 sum becomes 1e-6/dk on the
+ * mean, q scaled 1/dk, k dk^-1/2); gates; the delta-rule recurrence; gated RMSNorm
+ * with SiLU(z); out_proj added into the residual stream (mf_matmul_add). */
 
 static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm,
-                        const struct hy_layer *L, const float *x, int n) {
+                        const struct hy_layer *L, float *xn, const float *x, int n) {
     const struct mf_backend_ops *op = ctx->be->ops;
     int width[N_DST], direct[N_DST] = {0}, segmented = 0;
     dst_widths(&hm->d, width);
@@ -813,9 +817,9 @@ static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model 
         segmented = 1;
     }
     for (int p = 0; p < L->n_proj; p += MF_MATMUL_MULTI)
-        mf_matmul_multi(op, ctx->ex, L->n_proj - p < MF_MATMUL_MULTI ? L->n_proj - p
-                                                                      : MF_MATMUL_MULTI,
-                        y + p, w + p, x, n);
+        mf_rms_matmul_multi(op, ctx->ex, L->n_proj - p < MF_MATMUL_MULTI ? L->n_proj - p
+                                                                          : MF_MATMUL_MULTI,
+                            y + p, w + p, xn, x, &L->attn_norm, hm->d.eps, n);
     // The segments of the whole chunk, one gather per buffer (make_seg_rows).
     for (int k = 0; segmented && k < N_DST; k++)
         if (st->seg_rows[k] && !direct[k])
@@ -824,13 +828,13 @@ static void gdn_project(mf_ctx *ctx, struct hy_state *st, const struct hy_model 
 }
 
 static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *hm,
-                      const struct hy_layer *L, int il, float *out, const float *x, int n,
-                      int first_chunk) {
+                      const struct hy_layer *L, int il, float *out, float *xn, float *x,
+                      int n, int first_chunk) {
     const struct mf_backend_ops *op = ctx->be->ops;
     const struct hy_dims *d = &hm->d;
     struct mf_exec *ex = ctx->ex;
     int C = d->conv_dim, dk = d->dk;
-    gdn_project(ctx, st, hm, L, x, n);
+    gdn_project(ctx, st, hm, L, xn, x, n);
     // The first chunk reads the committed state and writes the working buffers (the
     // out-of-place ops: no copy of the committed state); later chunks of the same call
     // go on in place in the working buffers (see "Sequence state" above).
@@ -851,7 +855,7 @@ static void gdn_block(mf_ctx *ctx, struct hy_state *st, const struct hy_model *h
     MF_TAP(ctx, "model.layers.%d.linear_attn.gated_delta", il, st->o, n * d->value_dim);
     op->rmsnorm_gated(ex, st->o, st->o, st->buf[DST_Z], &L->gdn_norm, n * d->nv, d->dv,
                       d->eps);
-    op->matmul(ex, out, &L->out_proj, st->o, n);
+    mf_matmul_add(op, ex, x, &L->out_proj, st->o, n, out);
 }
 
 /* ==== Forward ====
@@ -862,15 +866,12 @@ static int layer_forward(mf_ctx *ctx, int il, int n, int pos0, int first_chunk) 
     struct hy_state *st = ctx->arch_state;
     const struct hy_model *hm = ctx->model->arch_weights;
     const struct hy_layer *L = &hm->layers[il];
-    const struct mf_backend_ops *op = ctx->be->ops;
     struct mf_decoder *dec = &st->dec;
-    int H = hm->d.n_embd;
-    op->rmsnorm(ctx->ex, dec->xn, dec->x, &L->attn_norm, n, H, hm->d.eps, 1.0f);
     if (L->is_linear)
-        gdn_block(ctx, st, hm, L, il, dec->y, dec->xn, n, first_chunk);
+        gdn_block(ctx, st, hm, L, il, dec->y, dec->xn, dec->x, n, first_chunk);
     else
-        attn_block(ctx, st, &hm->d, L, il, dec->y, dec->xn, n, pos0);
-    return mf_decoder_ffn(ctx, dec, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il, n);
+        attn_block(ctx, st, &hm->d, L, il, dec->y, dec->xn, dec->x, n, pos0);
+    return mf_decoder_ffn(ctx, dec, NULL, &L->ffn_norm, L->is_moe, &L->moe, &L->ffn, il, n);
 }
 
 static int hy_forward(mf_ctx *ctx, const int32_t *tokens, int n_tok, float *logits,

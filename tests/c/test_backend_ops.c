@@ -584,6 +584,123 @@ static void heads_fn(const struct mf_backend_ops *op, struct mf_exec *ex, float 
                       a->ts, a->nh, a->hs, a->n, 1e-6f, 1.0f);
 }
 
+// rms_matmul_multi (a layer's input norm with its products): xn and y bit for bit
+// against the backend's own rmsnorm then matmul_multi (one token of affine products
+// takes the norm inside the row dots), and y against the CPU's rmsnorm then matmul of
+// each weight (the reordering bound, on the CPU's normalised x).
+static void test_rms_multi(struct tw *const *t, int n, int nt, const struct vw *g) {
+    const int64_t N = t[0]->c.n_in;
+    const size_t xs = (size_t)(nt * N);
+    const struct mf_weight *gg = g ? &g->g : NULL, *gc = g ? &g->c : NULL;
+    float *x = frand(xs, -2, 2), *gxb = gput(x, xs * 4), *xnc = fpoison(xs);
+    float *gxn = gpoison(xs * 4), *gxs = gpoison(xs * 4);
+    float *gy[MF_MATMUL_MULTI], *gs[MF_MATMUL_MULTI];
+    const struct mf_weight *wg[MF_MATMUL_MULTI];
+    for (int i = 0; i < n; i++) {
+        gy[i] = gpoison((size_t)(nt * t[i]->c.n_out) * 4);
+        gs[i] = gpoison((size_t)(nt * t[i]->c.n_out) * 4);
+        wg[i] = &t[i]->g;
+    }
+    mf_rms_matmul_multi(E.go, E.gx, n, gy, wg, gxn, gxb, gg, 1e-5f, nt);
+    E.go->rmsnorm(E.gx, gxs, gxb, gg, nt, (int)N, 1e-5f, 1.0f);
+    mf_matmul_multi(E.go, E.gx, n, gs, wg, gxs, nt);
+    E.co->rmsnorm(E.cx, xnc, x, gc, nt, (int)N, 1e-5f, 1.0f);
+    float *xng = gget(gxn, xs), *xns = gget(gxs, xs);
+    E.n_case++;
+    CHECK(memcmp(xng, xns, xs * 4) == 0, "rms_matmul_multi %d products n_tok %d g %s: xn "
+          "differs from rmsnorm", n, nt, g ? mf_dtype_name(g->c.dtype) : "none");
+    free(xng), free(xns);
+    for (int i = 0; i < n; i++) {
+        const int64_t R = t[i]->c.n_out;
+        float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
+        float *ys = gget(gs[i], (size_t)(nt * R));
+        E.co->matmul(E.cx, yc, &t[i]->c, xnc, nt);
+        double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
+        for (int tt = 0; tt < nt; tt++)
+            for (int64_t r = 0; r < R; r++) {
+                double s = 0;
+                for (int64_t c = 0; c < N; c++)
+                    s += fabs((double)xnc[tt * N + c] * t[i]->deq[r * N + c]);
+                ad[tt * R + r] = s;
+            }
+        char nm[128], what[220];
+        snprintf(what, sizeof what, "rms_matmul_multi %d of %d %s n_tok %d g %s", i, n,
+                 wname(t[i], nm, sizeof nm), nt, g ? mf_dtype_name(g->c.dtype) : "none");
+        cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
+        E.n_case++;
+        CHECK(memcmp(yg, ys, (size_t)(nt * R) * 4) == 0,
+              "%s: differs from rmsnorm + matmul_multi", what);
+        free(yc), free(yg), free(ys), free(ad), gfree(gy[i]), gfree(gs[i]);
+    }
+    free(x), free(xnc), gfree(gxb), gfree(gxn), gfree(gxs);
+}
+
+// matmul_add (an output projection added to the residual stream): bit for bit against
+// the backend's own matmul then axpy (one token takes the add in the matvec), and
+// against the CPU's (the reordering bound, |y| added to the dot's absolute sum).
+static void test_matmul_add(const struct tw *t, int nt) {
+    const int64_t N = t->c.n_in, R = t->c.n_out;
+    const size_t xs = (size_t)(nt * N), ys = (size_t)(nt * R);
+    float *x = frand(xs, -1, 1), *y0 = frand(ys, -3, 3), *yc = xmalloc(ys * 4);
+    float *gxb = gput(x, xs * 4), *gy = gput(y0, ys * 4), *gy2 = gput(y0, ys * 4);
+    float *gt = gpoison(ys * 4), *gt2 = gpoison(ys * 4), *tc = fpoison(ys);
+    mf_matmul_add(E.go, E.gx, gy, &t->g, gxb, nt, gt);
+    E.go->matmul(E.gx, gt2, &t->g, gxb, nt);
+    E.go->axpy(E.gx, gy2, 1.0f, gt2, (int)ys);
+    memcpy(yc, y0, ys * 4);
+    mf_matmul_add(E.co, E.cx, yc, &t->c, x, nt, tc);
+    float *yg = gget(gy, ys), *yg2 = gget(gy2, ys);
+    double *ad = xmalloc(ys * sizeof *ad);
+    for (int tt = 0; tt < nt; tt++)
+        for (int64_t r = 0; r < R; r++) {
+            double s = fabs((double)y0[tt * R + r]);
+            for (int64_t c = 0; c < N; c++)
+                s += fabs((double)x[tt * N + c] * t->deq[r * N + c]);
+            ad[tt * R + r] = s;
+        }
+    char nm[128], what[200];
+    snprintf(what, sizeof what, "matmul_add %s n_tok %d", wname(t, nm, sizeof nm), nt);
+    cmp_dot(what, yc, yg, ad, NULL, ys, N);
+    E.n_case++;
+    CHECK(memcmp(yg, yg2, ys * 4) == 0, "%s: differs from matmul + axpy", what);
+    free(x), free(y0), free(yc), free(tc), free(yg), free(yg2), free(ad);
+    gfree(gxb), gfree(gy), gfree(gy2), gfree(gt), gfree(gt2);
+}
+
+static void test_rms_multis(void) {
+    struct tw a, b, c, e, h, k;
+    tw_make(&a, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 4096, 2048);   // q_proj-like
+    tw_make(&b, MF_DTYPE_U32, MF_DTYPE_F16, 8, 32, 130, 2048);
+    tw_make(&c, MF_DTYPE_BF16, MF_DTYPE_F32, 0, 0, 77, 2048);      // float: norm apart
+    tw_make(&e, MF_DTYPE_U32, MF_DTYPE_F32, 3, 32, 77, 2048);
+    // 2880 columns: the norm over two blocks of a thread's values, a short last step
+    tw_make(&h, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 300, 2880);
+    tw_make(&k, MF_DTYPE_U32, MF_DTYPE_F32, 6, 64, 40, 2880);
+    struct vw g16 = vw_make(MF_DTYPE_BF16, 2048, 0.5f, 1.5f);
+    struct vw g32 = vw_make(MF_DTYPE_F32, 2048, 0.5f, 1.5f);
+    struct vw g28 = vw_make(MF_DTYPE_F16, 2880, 0.5f, 1.5f);
+    struct tw *const q[3] = {&a, &b, &e}, *const f[3] = {&b, &c, &a};
+    struct tw *const w[2] = {&h, &k};
+    for (int n = 1; n <= 3; n++) {
+        test_rms_multi(q, n, 1, &g16);
+        test_rms_multi(f, n, 1, &g16);
+    }
+    test_rms_multi(q, 3, 1, &g32);
+    test_rms_multi(q, 3, 1, NULL);
+    test_rms_multi(q, 2, 3, &g16);
+    test_rms_multi(w, 2, 1, &g28);
+    test_rms_multi(w, 1, 1, NULL);
+    test_rms_multi(w, 2, 2, &g28);
+    const struct tw *const ma[4] = {&a, &c, &e, &h};
+    for (int i = 0; i < 4; i++) {
+        test_matmul_add(ma[i], 1);
+        test_matmul_add(ma[i], i == 0 ? 5 : 2);
+    }
+    tw_free(&a), tw_free(&b), tw_free(&c), tw_free(&e), tw_free(&h), tw_free(&k);
+    vw_free(&g16), vw_free(&g32), vw_free(&g28);
+    status_ok("rms_matmul_multi, matmul_add");
+}
+
 static void test_norms(void) {
     const int rows = 7, n = 4133;
     const enum mf_dtype dts[] = {MF_DTYPE_F32, MF_DTYPE_BF16, MF_DTYPE_F16};
@@ -1241,6 +1358,89 @@ static void test_route_case(struct mf_route_params p, int with_bias, int nt) {
     }
     free(lg), free(bias), free(lc), free(ic), free(ig), free(wc), free(wg);
     gfree(glg), gfree(gbias), gfree(gidx), gfree(gw);
+}
+
+// rms_route (a MoE layer's input norm, router and routing in one call): xn, the
+// scores, ids and weights bit for bit against the backend's own rms_matmul_multi of the
+// router then moe_route (both tested against the CPU above), twice in a row (the fused
+// kernel's last threadgroup resets its counter for the next launch).
+static void test_rms_route_case(struct mf_route_params p, const struct tw *rt, int with_bias,
+                                int nt) {
+    const int64_t N = rt->c.n_in;
+    const int E_ = p.n_expert, K = p.n_used;
+    const size_t xs = (size_t)nt * N, ls = (size_t)nt * E_, ks = (size_t)nt * K;
+    struct vw g = vw_make(MF_DTYPE_BF16, (int)N, 0.5f, 1.5f);
+    float *x = frand(xs, -2, 2), *bias = frand((size_t)E_, -0.05f, 0.05f);
+    float *gx = gput(x, xs * 4), *gb = with_bias ? gput(bias, (size_t)E_ * 4) : NULL;
+    float *xn[2], *lg[2], *wt[2];
+    int32_t *id[2];
+    for (int v = 0; v < 2; v++) {
+        xn[v] = gpoison(xs * 4), lg[v] = gpoison(ls * 4), wt[v] = gpoison(ks * 4);
+        id[v] = gpoison(ks * 4);
+    }
+    float *const y1[1] = {lg[1]};
+    const struct mf_weight *const w1[1] = {&rt->g};
+    mf_rms_matmul_multi(E.go, E.gx, 1, y1, w1, xn[1], gx, &g.g, 1e-6f, nt);
+    E.go->moe_route(E.gx, id[1], wt[1], lg[1], gb, &p, nt, NULL, NULL);
+    float *want[3] = {gget(xn[1], xs), gget(lg[1], ls), gget(wt[1], ks)};
+    int32_t *want_id = (int32_t *)gget(id[1], ks);
+    for (int rep = 0; rep < 2; rep++) {
+        if (rep) {   // poison the outputs again: the second call must write them all
+            float *pz = fpoison(xs > ls ? xs : ls);
+            E.go->upload(E.gx, xn[0], 0, pz, xs * 4);
+            E.go->upload(E.gx, lg[0], 0, pz, ls * 4);
+            E.go->upload(E.gx, wt[0], 0, pz, ks * 4);
+            E.go->upload(E.gx, id[0], 0, pz, ks * 4);
+            free(pz);
+        }
+        mf_rms_route(E.go, E.gx, id[0], wt[0], lg[0], gb, &p, nt, &rt->g, xn[0], gx, &g.g,
+                     1e-6f);
+        float *got[3] = {gget(xn[0], xs), gget(lg[0], ls), gget(wt[0], ks)};
+        int32_t *got_id = (int32_t *)gget(id[0], ks);
+        const size_t sz[3] = {xs, ls, ks};
+        const char *what[3] = {"xn", "scores", "weights"};
+        for (int k = 0; k < 3; k++) {
+            E.n_case++;
+            CHECK(memcmp(got[k], want[k], sz[k] * 4) == 0, "rms_route kind %d E %d n_in %lld "
+                  "n_tok %d call %d: %s differ from rms_matmul_multi + moe_route", p.kind, E_,
+                  (long long)N, nt, rep + 1, what[k]);
+            free(got[k]);
+        }
+        E.n_case++;
+        CHECK(memcmp(got_id, want_id, ks * 4) == 0, "rms_route kind %d E %d n_tok %d call %d: "
+              "ids differ from rms_matmul_multi + moe_route", p.kind, E_, nt, rep + 1);
+        free(got_id);
+    }
+    for (int k = 0; k < 3; k++)
+        free(want[k]);
+    for (int v = 0; v < 2; v++)
+        gfree(xn[v]), gfree(lg[v]), gfree(wt[v]), gfree(id[v]);
+    free(want_id), free(x), free(bias), gfree(gx), gfree(gb), vw_free(&g);
+}
+
+static void test_rms_route(void) {
+    struct tw r128, r256, r32, f64;
+    tw_make(&r128, MF_DTYPE_U32, MF_DTYPE_BF16, 8, 64, 128, 2048);
+    tw_make(&r256, MF_DTYPE_U32, MF_DTYPE_F16, 4, 32, 256, 1024);
+    tw_make(&r32, MF_DTYPE_U32, MF_DTYPE_F32, 6, 64, 32, 2880);
+    tw_make(&f64, MF_DTYPE_BF16, MF_DTYPE_F32, 0, 0, 64, 1024);   // float: apart
+    struct mf_route_params soft = {.kind = MF_ROUTE_SOFTMAX, .n_expert = 128, .n_used = 8,
+                                   .norm_topk_prob = 1, .n_group = 1, .topk_group = 1,
+                                   .routed_scaling_factor = 1.0f};
+    struct mf_route_params noaux = {.kind = MF_ROUTE_NOAUX_TC, .n_expert = 256, .n_used = 8,
+                                    .norm_topk_prob = 1, .n_group = 8, .topk_group = 4,
+                                    .routed_scaling_factor = 2.5f};
+    struct mf_route_params gpt = {.kind = MF_ROUTE_TOPK_SOFTMAX, .n_expert = 32, .n_used = 4,
+                                  .n_group = 1, .topk_group = 1,
+                                  .routed_scaling_factor = 1.0f};
+    test_rms_route_case(soft, &r128, 0, 1);
+    test_rms_route_case(soft, &r128, 0, 3);   // more tokens: apart
+    test_rms_route_case(noaux, &r256, 1, 1);
+    test_rms_route_case(gpt, &r32, 1, 1);
+    soft.n_expert = 64;
+    test_rms_route_case(soft, &f64, 0, 1);
+    tw_free(&r128), tw_free(&r256), tw_free(&r32), tw_free(&f64);
+    status_ok("rms_route");
 }
 
 static void test_route(void) {
@@ -2387,6 +2587,12 @@ int main(void) {
         test_mma_experts();
         test_experts_dev();
         printf("%d comparisons (tensor-core products only)\n", E.n_case);
+    } else if (getenv("MOEFLUX_OPS_ONLY") && strcmp(getenv("MOEFLUX_OPS_ONLY"), "fused") == 0) {
+        // the products that take a neighbour's work (a quick pass on the CPU executor)
+        test_rms_multis();
+        test_rms_route();
+        test_multis();
+        printf("%d comparisons (fused products only)\n", E.n_case);
     } else {
         double t0 = now_s();
         test_memory();
@@ -2394,6 +2600,7 @@ int main(void) {
         if (!against_cpu)
             test_status();
         test_norms();
+        test_rms_multis();
         test_rope();
         test_rope_qk();
         test_elementwise();
@@ -2401,6 +2608,7 @@ int main(void) {
         test_flag();
         test_axpy_flag();
         test_route();
+        test_rms_route();
         test_experts();
         test_experts_dev();
         test_gdn();

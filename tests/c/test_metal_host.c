@@ -223,6 +223,13 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { (void)ex; return 1; }
+int mf_metal_fuse(const struct mf_exec *ex) { (void)ex; return 1; }
+int mf_metal_fuse_route(const struct mf_exec *ex) { (void)ex; return 1; }
+int *mf_metal_counter(struct mf_exec *ex, const char *op) {
+    (void)ex, (void)op;
+    static int c;   // this test's single-threaded stand-in
+    return &c;
+}
 
 // A float expert of n_ff x n_embd: gate, up, down back to back from offset 0.
 static void float_views(struct mf_weight v[3], int n_ff, int n_embd) {

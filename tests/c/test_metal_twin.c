@@ -201,6 +201,12 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->cb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { return ex->cb->mma; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
+int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
+int mf_metal_fuse_route(const struct mf_exec *ex) { return ex->fuse_route; }
+int *mf_metal_counter(struct mf_exec *ex, const char *op) {
+    (void)op;
+    return (int *)(uintptr_t)ex->count_dev;
+}
 
 /* ---- what backend.c refers to, not linked here */
 
@@ -241,6 +247,9 @@ static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core ker
 static int n_mma;                       // of the prefill kernels of mma.h
 static int n_tile;                      // of mf_attn_tile
 static int attn_tile = 1;               // each exec's switch, as exec_new sets it
+static int fuse = 1;                    // likewise (MOEFLUX_GPU_FUSE)
+static int n_norm;                      // launches of mf_mv_multi1n
+static int n_route1n;                   // of mf_route1n
 
 static void reset(void) {
     memset(S, 0, sizeof S);
@@ -248,6 +257,9 @@ static void reset(void) {
         memset(&E[i], 0, sizeof E[i]);
         E[i].cb = &fake_be;
         E[i].attn_tile = attn_tile;
+        E[i].fuse = fuse;
+        E[i].fuse_route = fuse;
+        E[i].count_dev = 0x7000000;
     }
 }
 
@@ -278,6 +290,8 @@ static void compare(const char *what) {
         n_mma += k == MF_KID_mf_moe_gu_mma || k == MF_KID_mf_moe_down_mma ||
                  k == MF_KID_mf_gemm_mma;
         n_tile += k == MF_KID_mf_attn_tile;
+        n_norm += k == MF_KID_mf_mv_multi1n;
+        n_route1n += k == MF_KID_mf_route1n;
         n_tc += k == MF_KID_mf_mv_tc || k == MF_KID_mf_moe_gu_tc || k == MF_KID_mf_moe_down_tc;
     }
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
@@ -376,6 +390,34 @@ static void test_products(void) {
     struct mf_weight bad2 = quant(7, 64, MF_DTYPE_F16, 8, 1024);
     const struct mf_weight *wbad[2] = {&q, &bad2};
     BOTH(matmul_multi, 2, ys, wbad, x, 1);
+    // rms_matmul_multi: one mf_mv_multi1n launch for one token of affine products (with
+    // or without gains), else rmsnorm then matmul_multi (a float weight, more tokens,
+    // the switch off, a quantized gain refused).
+    float *xn = P(0x15000000);
+    struct mf_weight g = flt(MF_DTYPE_BF16, 1, 1024), qg = quant(4, 64, MF_DTYPE_F16, 1, 1024);
+    const struct mf_weight *qr[3] = {&q, &r, &q};
+    for (int n = 1; n <= 3; n++) {
+        BOTH(rms_matmul_multi, n, ys, qr, xn, x, &g, 1e-6f, 1);
+        BOTH(rms_matmul_multi, n, ys, mix, xn, x, &g, 1e-6f, 1);
+        BOTH(rms_matmul_multi, n, ys, qr, xn, x, NULL, 1e-5f, 3);
+    }
+    BOTH(rms_matmul_multi, 2, ys, qr, xn, x, NULL, 1e-5f, 1);
+    BOTH(rms_matmul_multi, 2, ys, qr, xn, x, &qg, 1e-5f, 1);
+    fuse = 0;
+    BOTH(rms_matmul_multi, 3, ys, qr, xn, x, &g, 1e-6f, 1);
+    fuse = 1;
+    // matmul_add: mf_mv1 adding into y for one token (affine or float), else matmul
+    // into tmp and axpy (more tokens, MXFP4, the tensor-core formats while they are on)
+    float *tmp = P(0x16000000);
+    for (size_t t = 0; t < sizeof toks / sizeof toks[0]; t++) {
+        BOTH(matmul_add, y, &q, x, toks[t], tmp);
+        BOTH(matmul_add, y, &fl, x, toks[t], tmp);
+    }
+    BOTH(matmul_add, y, &r, x, 1, tmp);
+    BOTH(matmul_add, y, &m, x, 1, tmp);
+    fuse = 0;
+    BOTH(matmul_add, y, &r, x, 1, tmp);
+    fuse = 1;
 }
 
 static void test_norms_rope_attention(void) {
@@ -465,6 +507,28 @@ static void test_route(void) {
     BOTH(moe_route, P(0x19000000), NULL, logits, P(0x1b000000), &tc, 2, idx_host, NULL);
     tc.topk_group = 9;   // refused on both
     BOTH(moe_route, NULL, NULL, logits, NULL, &tc, 1, idx_host, w_host);
+    // rms_route: one mf_route1n launch for one token of an affine router with device
+    // outputs, else rms_matmul_multi and moe_route (more tokens, a float router, no
+    // device outputs, the switch off, a bad routing refused alike)
+    tc.topk_group = 4;
+    float *xn = P(0x15000000), *x = P(0x11000000);
+    struct mf_weight rq = quant(8, 64, MF_DTYPE_BF16, 256, 2048), rf = flt(MF_DTYPE_BF16,
+                                                                           256, 2048);
+    struct mf_weight g = flt(MF_DTYPE_BF16, 1, 2048);
+    int32_t *di = P(0x19000000);
+    float *dw = P(0x1a000000), *db = P(0x1b000000);
+    BOTH(rms_route, di, dw, logits, NULL, &sm, 1, &rq, xn, x, &g, 1e-6f);
+    BOTH(rms_route, di, dw, logits, db, &tc, 1, &rq, xn, x, &g, 1e-6f);
+    BOTH(rms_route, di, dw, logits, db, &tc, 1, &rq, xn, x, NULL, 1e-6f);
+    BOTH(rms_route, di, dw, logits, NULL, &sm, 3, &rq, xn, x, &g, 1e-6f);
+    BOTH(rms_route, di, dw, logits, NULL, &sm, 1, &rf, xn, x, &g, 1e-6f);
+    BOTH(rms_route, NULL, dw, logits, NULL, &sm, 1, &rq, xn, x, &g, 1e-6f);
+    fuse = 0;
+    BOTH(rms_route, di, dw, logits, NULL, &sm, 1, &rq, xn, x, &g, 1e-6f);
+    fuse = 1;
+    tc.topk_group = 9;
+    BOTH(rms_route, di, dw, logits, db, &tc, 1, &rq, xn, x, &g, 1e-6f);
+    CHECK(n_route1n == 3, "%d launches of mf_route1n, expected 3", n_route1n);
 }
 
 // Expert views of a quantized blob [gate W S B, up W S B, down W S B] at offsets.
@@ -604,6 +668,7 @@ int main(void) {
     CHECK(n_tc >= 10, "only %d tensor-core launches while they are on", n_tc);
     CHECK(n_mma >= 4, "only %d launches of the prefill tensor-core kernels", n_mma);
     CHECK(n_tile == 6, "%d launches of mf_attn_tile, expected 6", n_tile);
+    CHECK(n_norm == 7, "%d launches of mf_mv_multi1n, expected 7", n_norm);
     // Most cases launch kernels (a few are refused or do nothing on both sides): a
     // recorder that lost launches would pass the comparisons vacuously.
     CHECK(n_launches >= 100, "only %d launches in %d cases", n_launches, n_cases);

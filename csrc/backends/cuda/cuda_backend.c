@@ -325,6 +325,8 @@ static void cuda_exec_free(struct mf_exec *ex) {
             cu->EventDestroy(ex->ring_ev[i]);
     if (ex->ring_dev)
         cu->MemFree(ex->ring_dev);
+    if (ex->count_dev)
+        cu->MemFree(ex->count_dev);
     if (ex->ring_host)
         cu->MemFreeHost(ex->ring_host);
     if (ex->cst)
@@ -335,12 +337,16 @@ static void cuda_exec_free(struct mf_exec *ex) {
 }
 
 // Programmatic dependent launch where the GPU and the driver have it, unless
-// MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0 (both read
-// when an exec is made).
+// MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0; input
+// norms and residual adds inside the one-token products unless MOEFLUX_GPU_FUSE=0, the
+// routing too unless that or MOEFLUX_GPU_FUSE_ROUTE=0 (all read when an exec is made).
 static void pdl_init(struct mf_exec *ex) {
     const char *e = getenv("MOEFLUX_GPU_PDL"), *a = getenv("MOEFLUX_GPU_ATTN_TILE");
+    const char *f = getenv("MOEFLUX_GPU_FUSE"), *fr = getenv("MOEFLUX_GPU_FUSE_ROUTE");
     ex->pdl = ex->cb->cc >= 90 && ex->cb->cu.LaunchKernelEx && !(e && strcmp(e, "0") == 0);
     ex->attn_tile = !(a && strcmp(a, "0") == 0);
+    ex->fuse = !(f && strcmp(f, "0") == 0);
+    ex->fuse_route = ex->fuse && !(fr && strcmp(fr, "0") == 0);
 }
 
 static int exec_setup(struct mf_exec *ex) {
@@ -352,7 +358,9 @@ static int exec_setup(struct mf_exec *ex) {
         !CK(ex, "exec_new", MemHostAlloc(&host, ring, MF_CU_MEMHOSTALLOC_PORTABLE)))
         return ex->status;
     ex->ring_host = host;
-    if (!CK(ex, "exec_new", MemAlloc(&ex->ring_dev, ring)))
+    if (!CK(ex, "exec_new", MemAlloc(&ex->ring_dev, ring)) ||
+        !CK(ex, "exec_new", MemAlloc(&ex->count_dev, 256)) ||
+        !CK(ex, "exec_new", MemsetD8Async(ex->count_dev, 0, 256, ex->st)))
         return ex->status;
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))
@@ -734,6 +742,9 @@ static const struct mf_backend_ops cuda_ops = {
     .matmul = mf_cuda_matmul,
     .matmul_t = mf_cuda_matmul_t,
     .matmul_multi = mf_cuda_matmul_multi,
+    .rms_matmul_multi = mf_cuda_rms_matmul_multi,
+    .matmul_add = mf_cuda_matmul_add,
+    .rms_route = mf_cuda_rms_route,
     .matmul_heads = mf_cuda_matmul_heads,
     .embed = mf_cuda_embed,
     .rmsnorm = mf_cuda_rmsnorm,

@@ -82,6 +82,8 @@ struct mf_exec {
     char err[1024];
     unsigned char *ring_host;
     CUdeviceptr ring_dev;
+    CUdeviceptr count_dev;       // an int the last threadgroup of mf_route1n sets
+                                 // back to 0 (zeroed when the exec is made)
     CUevent ring_ev[MF_RING_SEGS];
     int ring_recorded[MF_RING_SEGS];
     int ring_seg;
@@ -102,6 +104,12 @@ struct mf_exec {
     int attn_tile;               // prefill attention's partials by mf_attn_tile (the
                                  // same bits as mf_attn_part), unless
                                  // MOEFLUX_GPU_ATTN_TILE=0
+    int fuse;                    // one-token rms_matmul_multi and matmul_add in one
+                                 // launch each (mf_mv_multi1n; mf_mv1 adding into
+                                 // y): the bits of the ops apart, unless
+                                 // MOEFLUX_GPU_FUSE=0
+    int fuse_route;              // a one-token rms_route as one mf_route1n, unless
+                                 // MOEFLUX_GPU_FUSE or MOEFLUX_GPU_FUSE_ROUTE is 0
 };
 
 struct mf_fence {
@@ -188,6 +196,11 @@ void mf_cuda_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                       const float *x, int n_tok);
 void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                           const struct mf_weight *const *w, const float *x, int n_tok);
+void mf_cuda_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                        const float *x, int n_tok, float *tmp);
+void mf_cuda_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                              const struct mf_weight *const *w, float *xn, const float *x,
+                              const struct mf_weight *g, float eps, int n_tok);
 void mf_cuda_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                           int y_head_stride, const struct mf_weight *w,
                           int64_t w_head_rows, int transposed, const float *x,
@@ -252,6 +265,10 @@ void mf_cuda_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, i
 void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                        const float *bias, const struct mf_route_params *p, int n_tok,
                        int32_t *idx_host, float *w_host);
+void mf_cuda_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                       const float *bias, const struct mf_route_params *r, int n_tok,
+                       const struct mf_weight *router, float *xn, const float *x,
+                       const struct mf_weight *g, float eps);
 // The grouped kernels take gate and up in one format, down in its own, and float
 // biases (mf_moe_experts_gpu_check): refused at model open otherwise.
 int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,

@@ -135,6 +135,51 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
         launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
 
+// One mf_mv1 launch adding into y where mf_matmul_add_params takes the call, else
+// matmul into tmp and axpy.
+void mf_cuda_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                        const float *x, int n_tok, float *tmp) {
+    struct mf_p_mv p;
+    if (!mf_matmul_add_params(w, n_tok, ex->cb->tc, ex->fuse, &p)) {
+        mf_cuda_matmul(ex, tmp, w, x, n_tok);
+        mf_cuda_axpy(ex, y, 1.0f, tmp, n_tok * (int)w->n_out);
+        return;
+    }
+    if (!check_weight(ex, w, "matmul_add"))
+        return;
+    mf_cuda_enter(ex);
+    const CUdeviceptr b[5] = {mf_dp(y), mf_dp(x), mf_dp(w->w), mf_dp(w->scales),
+                              mf_dp(w->biases)};
+    launch_mf_mv1(ex, &p, b, "matmul_add");
+}
+
+// One mf_mv_multi1n launch where mf_rms_multi_params takes the call, else rmsnorm
+// into xn and matmul_multi of xn.
+void mf_cuda_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                              const struct mf_weight *const *w, float *xn, const float *x,
+                              const struct mf_weight *g, float eps, int n_tok) {
+    struct mf_p_mv_norm p;
+    if (g && g->dtype == MF_DTYPE_U32) {
+        mf_cuda_fail(ex, MF_ERR_ARG,
+                     "cuda backend: rms_matmul_multi: a quantized norm weight");
+        return;
+    }
+    if (!mf_rms_multi_params(n, w, n_tok, ex->cb->tc, g, eps, ex->fuse, &p)) {
+        mf_cuda_rmsnorm(ex, xn, x, g, n_tok, (int)w[0]->n_in, eps, 1.0f);
+        mf_cuda_matmul_multi(ex, n, y, w, xn, n_tok);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        if (!check_weight(ex, w[i], "rms_matmul_multi"))
+            return;
+    mf_cuda_enter(ex);
+    CUdeviceptr b[6 + 3 * MF_MULTI_MAX];
+    multi_bufs(n, y, w, x, b);
+    b[4 + 3 * MF_MULTI_MAX] = g ? mf_dp(g->w) : 0;
+    b[5 + 3 * MF_MULTI_MAX] = mf_dp(xn);
+    launch_mf_mv_multi1n(ex, &p, b, "rms_matmul_multi");
+}
+
 void mf_cuda_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                       const float *x, int n_tok) {
     mf_cuda_matmul_heads(ex, y, (int)w->n_in, 0, w, 0, 1, x, (int)w->n_out, 0, n_tok, 1);
@@ -501,10 +546,7 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
         d_idx = idx ? d_idx : s;
         d_w = w ? d_w : s + n;
     }
-    struct mf_p_route p = {.n_tok = n_tok, .n_expert = r->n_expert, .n_used = r->n_used,
-                           .kind = (int)r->kind, .norm_topk_prob = r->norm_topk_prob,
-                           .n_group = r->n_group, .topk_group = r->topk_group,
-                           .has_bias = bias != NULL, .scaling = r->routed_scaling_factor};
+    const struct mf_p_route p = mf_route_p(r, n_tok, bias != NULL);
     const CUdeviceptr b[4] = {d_idx, d_w, mf_dp(logits), mf_dp(bias)};
     launch_mf_route(ex, &p, b, "moe_route");
     if (idx_host)
@@ -518,6 +560,35 @@ void mf_cuda_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
                    "cuStreamSynchronize");
         mf_cuda_prof_flush(ex);
     }
+}
+
+// One mf_route1n launch (the router's threadgroups, the last routing) where the
+// router takes mf_mv_multi1n for one token and the outputs are the caller's, else
+// rms_matmul_multi of the router, then moe_route.
+void mf_cuda_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                       const float *bias, const struct mf_route_params *r, int n_tok,
+                       const struct mf_weight *router, float *xn, const float *x,
+                       const struct mf_weight *g, float eps) {
+    struct mf_p_route1n p;
+    if (g && g->dtype == MF_DTYPE_U32) {
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: rms_route: a quantized norm weight");
+        return;
+    }
+    if (!idx || !w || !ex->fuse_route ||
+        !mf_rms_multi_params(1, &router, n_tok, ex->cb->tc, g, eps, ex->fuse, &p.mv)) {
+        mf_cuda_rms_matmul_multi(ex, 1, &logits, &router, xn, x, g, eps, n_tok);
+        mf_cuda_moe_route(ex, idx, w, logits, bias, r, n_tok, NULL, NULL);
+        return;
+    }
+    if (!route_ok(ex, r) || !check_weight(ex, router, "rms_route"))
+        return;
+    mf_cuda_enter(ex);
+    p.r = mf_route_p(r, n_tok, bias != NULL);
+    const CUdeviceptr b[11] = {mf_dp(logits), mf_dp(x), mf_dp(router->w),
+                               mf_dp(router->scales), mf_dp(router->biases),
+                               g ? mf_dp(g->w) : 0, mf_dp(xn), mf_dp(idx), mf_dp(w),
+                               mf_dp(bias), ex->count_dev};
+    launch_mf_route1n(ex, &p, b, "rms_route");
 }
 
 // Gate and up must share a format (one kernel dots both); down may have its own;

@@ -83,6 +83,9 @@ struct mf_exec {
     size_t scratch_bytes[2];
     int status;                             // first error (MF_OK while none)
     int attn_tile;                          // mf_metal_attn_tile
+    int fuse;                               // mf_metal_fuse
+    int fuse_route;                         // mf_metal_fuse_route
+    int *counter;                           // mf_metal_counter (a host slot)
     char err[1024];
 };
 
@@ -167,6 +170,8 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
+int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
+int mf_metal_fuse_route(const struct mf_exec *ex) { return ex->fuse_route; }
 
 static const char *ns_text(NSError *e) {
     const char *s = e ? [[e localizedDescription] UTF8String] : NULL;
@@ -398,6 +403,16 @@ void *mf_metal_scratch(struct mf_exec *ex, int slot, size_t n, const char *op) {
         mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: %s: no scratch of %zu bytes", op,
                       want);
     return ex->scratch[slot];
+}
+
+static void *metal_alloc_host(struct mf_exec *ex, size_t bytes);
+
+int *mf_metal_counter(struct mf_exec *ex, const char *op) {
+    if (!ex->counter)
+        ex->counter = metal_alloc_host(ex, sizeof(int));   // zeroed; freed with the regions
+    if (!ex->counter)
+        mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: %s: no counter", op);
+    return ex->counter;
 }
 
 // Page-aligned host memory wrapped without a copy: expert slots (filled by pread in
@@ -665,6 +680,10 @@ static int metal_exec_new(struct mf_backend *be, int n_threads, struct mf_exec *
     memset([ex->zero contents], 0, 256);
     const char *tile = getenv("MOEFLUX_GPU_ATTN_TILE");
     ex->attn_tile = !(tile && strcmp(tile, "0") == 0);
+    const char *fuse = getenv("MOEFLUX_GPU_FUSE");
+    ex->fuse = !(fuse && strcmp(fuse, "0") == 0);
+    const char *fuse_route = getenv("MOEFLUX_GPU_FUSE_ROUTE");
+    ex->fuse_route = ex->fuse && !(fuse_route && strcmp(fuse_route, "0") == 0);
     *out = ex;
     return MF_OK;
 }
@@ -947,6 +966,9 @@ static const struct mf_backend_ops metal_ops = {
     .matmul = mf_metal_matmul,
     .matmul_t = mf_metal_matmul_t,
     .matmul_multi = mf_metal_matmul_multi,
+    .rms_matmul_multi = mf_metal_rms_matmul_multi,
+    .matmul_add = mf_metal_matmul_add,
+    .rms_route = mf_metal_rms_route,
     .matmul_heads = mf_metal_matmul_heads,
     .embed = mf_metal_embed,
     .rmsnorm = mf_metal_rmsnorm,

@@ -88,6 +88,15 @@ int mf_metal_mma(const struct mf_exec *ex);
 // 1 when prefill attention's partials take mf_attn_tile: unless MOEFLUX_GPU_ATTN_TILE=0
 // when the exec was made, as on CUDA.
 int mf_metal_attn_tile(const struct mf_exec *ex);
+// 1 when one-token rms_matmul_multi and matmul_add take one launch each: unless
+// MOEFLUX_GPU_FUSE=0 when the exec was made, as on CUDA.
+int mf_metal_fuse(const struct mf_exec *ex);
+// 1 when a one-token rms_route takes mf_route1n: mf_metal_fuse, unless
+// MOEFLUX_GPU_FUSE_ROUTE=0 when the exec was made, as on CUDA.
+int mf_metal_fuse_route(const struct mf_exec *ex);
+// The exec's int that mf_route1n's last threadgroup sets back to 0 (zeroed when first
+// made); NULL after an error (recorded).
+int *mf_metal_counter(struct mf_exec *ex, const char *op);
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)
 void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
@@ -96,6 +105,11 @@ void mf_metal_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                        const float *x, int n_tok);
 void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                            const struct mf_weight *const *w, const float *x, int n_tok);
+void mf_metal_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                         const float *x, int n_tok, float *tmp);
+void mf_metal_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                               const struct mf_weight *const *w, float *xn, const float *x,
+                               const struct mf_weight *g, float eps, int n_tok);
 void mf_metal_matmul_heads(struct mf_exec *ex, float *y, int y_tok_stride,
                            int y_head_stride, const struct mf_weight *w,
                            int64_t w_head_rows, int transposed, const float *x,
@@ -160,6 +174,10 @@ void mf_metal_flag_nonfinite(struct mf_exec *ex, int32_t *flag, const float *x, 
 void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
                         const float *bias, const struct mf_route_params *p, int n_tok,
                         int32_t *idx_host, float *w_host);
+void mf_metal_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                        const float *bias, const struct mf_route_params *r, int n_tok,
+                        const struct mf_weight *router, float *xn, const float *x,
+                        const struct mf_weight *g, float eps);
 // The grouped kernels take gate and up in one format, down in its own, and float
 // biases (mf_moe_experts_gpu_check): refused at model open otherwise.
 int mf_metal_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,

@@ -157,6 +157,49 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
         launch_mf_mv_multi(ex, &p, b, "matmul_multi");
 }
 
+// One mf_mv1 dispatch adding into y, as the CUDA driver launches it.
+void mf_metal_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
+                         const float *x, int n_tok, float *tmp) {
+    struct mf_p_mv p;
+    if (!mf_matmul_add_params(w, n_tok, mf_metal_tc(ex), mf_metal_fuse(ex), &p)) {
+        mf_metal_matmul(ex, tmp, w, x, n_tok);
+        mf_metal_axpy(ex, y, 1.0f, tmp, n_tok * (int)w->n_out);
+        return;
+    }
+    if (mf_metal_failed(ex) || !check_weight(ex, w, "matmul_add"))
+        return;
+    const void *const b[5] = {y, x, w->w, w->scales, w->biases};
+    launch_mf_mv1(ex, &p, b, "matmul_add");
+}
+
+// One mf_mv_multi1n dispatch, as the CUDA driver launches it.
+void mf_metal_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
+                               const struct mf_weight *const *w, float *xn, const float *x,
+                               const struct mf_weight *g, float eps, int n_tok) {
+    struct mf_p_mv_norm p;
+    if (g && g->dtype == MF_DTYPE_U32) {
+        mf_metal_fail(ex, MF_ERR_ARG,
+                      "metal backend: rms_matmul_multi: a quantized norm weight");
+        return;
+    }
+    if (!mf_rms_multi_params(n, w, n_tok, mf_metal_tc(ex), g, eps, mf_metal_fuse(ex),
+                             &p)) {
+        mf_metal_rmsnorm(ex, xn, x, g, n_tok, (int)w[0]->n_in, eps, 1.0f);
+        mf_metal_matmul_multi(ex, n, y, w, xn, n_tok);
+        return;
+    }
+    if (mf_metal_failed(ex))
+        return;
+    for (int i = 0; i < n; i++)
+        if (!check_weight(ex, w[i], "rms_matmul_multi"))
+            return;
+    const void *b[6 + 3 * MF_MULTI_MAX];
+    multi_bufs(n, y, w, x, b);
+    b[4 + 3 * MF_MULTI_MAX] = g ? g->w : NULL;
+    b[5 + 3 * MF_MULTI_MAX] = xn;
+    launch_mf_mv_multi1n(ex, &p, b, "rms_matmul_multi");
+}
+
 void mf_metal_matmul_t(struct mf_exec *ex, float *y, const struct mf_weight *w,
                        const float *x, int n_tok) {
     mf_metal_matmul_heads(ex, y, (int)w->n_in, 0, w, 0, 1, x, (int)w->n_out, 0, n_tok, 1);
@@ -498,16 +541,41 @@ void mf_metal_moe_route(struct mf_exec *ex, int32_t *idx, float *w, float *logit
         d_idx = idx ? d_idx : s;
         d_w = w ? d_w : s + n;
     }
-    struct mf_p_route p = {.n_tok = n_tok, .n_expert = r->n_expert, .n_used = r->n_used,
-                           .kind = (int)r->kind, .norm_topk_prob = r->norm_topk_prob,
-                           .n_group = r->n_group, .topk_group = r->topk_group,
-                           .has_bias = bias != NULL, .scaling = r->routed_scaling_factor};
+    const struct mf_p_route p = mf_route_p(r, n_tok, bias != NULL);
     const void *const b[4] = {d_idx, d_w, logits, bias};
     launch_mf_route(ex, &p, b, "moe_route");
     if (idx_host)
         mf_metal_download(ex, idx_host, d_idx, 0, n);
     if (w_host)
         mf_metal_download(ex, w_host, d_w, 0, n);
+}
+
+// One mf_route1n dispatch, as the CUDA driver launches it.
+void mf_metal_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits,
+                        const float *bias, const struct mf_route_params *r, int n_tok,
+                        const struct mf_weight *router, float *xn, const float *x,
+                        const struct mf_weight *g, float eps) {
+    struct mf_p_route1n p;
+    if (g && g->dtype == MF_DTYPE_U32) {
+        mf_metal_fail(ex, MF_ERR_ARG, "metal backend: rms_route: a quantized norm weight");
+        return;
+    }
+    if (!idx || !w || !mf_metal_fuse_route(ex) ||
+        !mf_rms_multi_params(1, &router, n_tok, mf_metal_tc(ex), g, eps, mf_metal_fuse(ex),
+                             &p.mv)) {
+        mf_metal_rms_matmul_multi(ex, 1, &logits, &router, xn, x, g, eps, n_tok);
+        mf_metal_moe_route(ex, idx, w, logits, bias, r, n_tok, NULL, NULL);
+        return;
+    }
+    if (mf_metal_failed(ex) || !route_ok(ex, r) || !check_weight(ex, router, "rms_route"))
+        return;
+    int *count = mf_metal_counter(ex, "rms_route");
+    if (!count)
+        return;
+    p.r = mf_route_p(r, n_tok, bias != NULL);
+    const void *const b[11] = {logits, x, router->w, router->scales, router->biases,
+                               g ? g->w : NULL, xn, idx, w, bias, count};
+    launch_mf_route1n(ex, &p, b, "rms_route");
 }
 
 // Gate and up must share a format (one kernel dots both); down may have its own;
