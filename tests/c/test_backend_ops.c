@@ -258,6 +258,21 @@ static const char *wname(const struct tw *t, char *buf, size_t n) {
 /* ==== Products ==== */
 
 // x on the device xoff floats into its buffer (1: x not 16-byte aligned).
+// Per output of x[nt, N] @ W^T: sum |x * w| (the dot's absolute sum, the reordering
+// bound's scale), plus |y0| where y0 (the values added to) is given.
+static double *abs_dots(const struct tw *t, const float *x, int nt, const float *y0) {
+    const int64_t N = t->c.n_in, R = t->c.n_out;
+    double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
+    for (int tt = 0; tt < nt; tt++)
+        for (int64_t r = 0; r < R; r++) {
+            double s = y0 ? fabs((double)y0[tt * R + r]) : 0.0;
+            for (int64_t c = 0; c < N; c++)
+                s += fabs((double)x[tt * N + c] * t->deq[r * N + c]);
+            ad[tt * R + r] = s;
+        }
+    return ad;
+}
+
 static void test_matmul(const struct tw *t, int nt, int xoff) {
     const int64_t N = t->c.n_in, R = t->c.n_out;
     float *x = frand((size_t)(nt * N + xoff), -1, 1), *yc = fpoison((size_t)(nt * R));
@@ -265,14 +280,7 @@ static void test_matmul(const struct tw *t, int nt, int xoff) {
     float *gxb = gput(x, (size_t)(nt * N + xoff) * 4), *gy = gpoison((size_t)(nt * R) * 4);
     E.go->matmul(E.gx, gy, &t->g, gxb + xoff, nt);
     float *yg = gget(gy, (size_t)(nt * R));
-    double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
-    for (int tt = 0; tt < nt; tt++)
-        for (int64_t r = 0; r < R; r++) {
-            double s = 0;
-            for (int64_t c = 0; c < N; c++)
-                s += fabs((double)x[xoff + tt * N + c] * t->deq[r * N + c]);
-            ad[tt * R + r] = s;
-        }
+    double *ad = abs_dots(t, x + xoff, nt, NULL);
     char nm[128], what[200];
     snprintf(what, sizeof what, "matmul %s n_tok %d x offset %d", wname(t, nm, sizeof nm),
              nt, xoff);
@@ -376,14 +384,7 @@ static void test_multi(struct tw *const *t, int n, int nt) {
         float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
         float *ys = gget(gs[i], (size_t)(nt * R));
         E.co->matmul(E.cx, yc, &t[i]->c, x, nt);
-        double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
-        for (int tt = 0; tt < nt; tt++)
-            for (int64_t r = 0; r < R; r++) {
-                double s = 0;
-                for (int64_t c = 0; c < N; c++)
-                    s += fabs((double)x[tt * N + c] * t[i]->deq[r * N + c]);
-                ad[tt * R + r] = s;
-            }
+        double *ad = abs_dots(t[i], x, nt, NULL);
         char nm[128], what[200];
         snprintf(what, sizeof what, "matmul_multi %d of %d %s n_tok %d", i, n,
                  wname(t[i], nm, sizeof nm), nt);
@@ -615,14 +616,7 @@ static void test_rms_multi(struct tw *const *t, int n, int nt, const struct vw *
         float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
         float *ys = gget(gs[i], (size_t)(nt * R));
         E.co->matmul(E.cx, yc, &t[i]->c, xnc, nt);
-        double *ad = xmalloc((size_t)(nt * R) * sizeof *ad);
-        for (int tt = 0; tt < nt; tt++)
-            for (int64_t r = 0; r < R; r++) {
-                double s = 0;
-                for (int64_t c = 0; c < N; c++)
-                    s += fabs((double)xnc[tt * N + c] * t[i]->deq[r * N + c]);
-                ad[tt * R + r] = s;
-            }
+        double *ad = abs_dots(t[i], xnc, nt, NULL);
         char nm[128], what[220];
         snprintf(what, sizeof what, "rms_matmul_multi %d of %d %s n_tok %d g %s", i, n,
                  wname(t[i], nm, sizeof nm), nt, g ? mf_dtype_name(g->c.dtype) : "none");
@@ -650,14 +644,7 @@ static void test_matmul_add(const struct tw *t, int nt) {
     memcpy(yc, y0, ys * 4);
     mf_matmul_add(E.co, E.cx, yc, &t->c, x, nt, tc);
     float *yg = gget(gy, ys), *yg2 = gget(gy2, ys);
-    double *ad = xmalloc(ys * sizeof *ad);
-    for (int tt = 0; tt < nt; tt++)
-        for (int64_t r = 0; r < R; r++) {
-            double s = fabs((double)y0[tt * R + r]);
-            for (int64_t c = 0; c < N; c++)
-                s += fabs((double)x[tt * N + c] * t->deq[r * N + c]);
-            ad[tt * R + r] = s;
-        }
+    double *ad = abs_dots(t, x, nt, y0);
     char nm[128], what[200];
     snprintf(what, sizeof what, "matmul_add %s n_tok %d", wname(t, nm, sizeof nm), nt);
     cmp_dot(what, yc, yg, ad, NULL, ys, N);
