@@ -13,25 +13,18 @@
 
 #include "quant.h"
 
-MF_KERNEL(mf_attn_part)
-MF_BUF(0, float, ws)
-MF_BUF(1, const float, q)
-MF_BUF(2, const float, k)
-MF_BUF(3, const float, v)
-MF_PARAMS(4, struct mf_p_attn, p) {
-    MF_SHARED float qs[MF_ATTN_DK_MAX];
-    MF_SHARED float sc[MF_ATTN_CHUNK];
-    MF_SHARED float red[MF_THREADS / 32];
-    mf_dep_wait();
-    const int s = MF_TG_X, h = MF_TG_Y, t = MF_TG_Z, lt = MF_LT, nt = MF_NT;
-    const int lane = MF_LANE, n_warp = nt / 32;
+// Split s of query (t, h)'s keys: its partial {max, sum of exps, values' weighted sum}
+// at part (the threadgroup's every thread; qs, sc, red its threadgroup arrays).
+MF_FN void mf_attn_split(MF_G float *part, MF_G const float *q, MF_G const float *k,
+                         MF_G const float *v, const struct mf_p_attn p, int s, int h, int t,
+                         MF_TG float *qs, MF_TG float *sc, MF_TG float *red, int lt, int nt) {
+    const int lane = lt & 31, n_warp = nt / 32;
     const int group = p.n_head / p.n_kv_head > 0 ? p.n_head / p.n_kv_head : 1;
     const int kvh = h / group;
     const int n_keys = p.pos0 + t + 1, c0 = p.base + s * p.chunk;
     const int lo = p.window > 0 && n_keys - p.window > 0 ? n_keys - p.window : 0;
     const int p0 = c0 > lo ? c0 : lo;   // this split's first position the query sees
     const int p1 = c0 + p.chunk < n_keys ? c0 + p.chunk : n_keys;
-    MF_G float *part = ws + (((mf_i64)t * p.n_head + h) * p.n_split + s) * (p.dv + 2);
     if (p0 >= p1) {   // outside this token's causal horizon or window: an empty partial
         if (lt == 0) {
             part[0] = -MF_INF;
@@ -46,7 +39,7 @@ MF_PARAMS(4, struct mf_p_attn, p) {
     for (int i = lt; i < p.dk; i += nt)
         qs[i] = qh[i];
     MF_BARRIER();
-    for (int j = MF_WARP; j < np; j += n_warp) {
+    for (int j = lt >> 5; j < np; j += n_warp) {
         const int row = p.ring > 0 ? (p0 + j) % p.ring : p0 + j;
         MF_G const float *kp = k + (mf_i64)row * p.k_stride + (mf_i64)kvh * p.dk;
         float d = 0.0f;
@@ -81,6 +74,21 @@ MF_PARAMS(4, struct mf_p_attn, p) {
         part[0] = m;
         part[1] = l;
     }
+}
+
+MF_KERNEL(mf_attn_part)
+MF_BUF(0, float, ws)
+MF_BUF(1, const float, q)
+MF_BUF(2, const float, k)
+MF_BUF(3, const float, v)
+MF_PARAMS(4, struct mf_p_attn, p) {
+    MF_SHARED float qs[MF_ATTN_DK_MAX];
+    MF_SHARED float sc[MF_ATTN_CHUNK];
+    MF_SHARED float red[MF_THREADS / 32];
+    mf_dep_wait();
+    const int s = MF_TG_X, h = MF_TG_Y, t = MF_TG_Z;
+    MF_G float *part = ws + (((mf_i64)t * p.n_head + h) * p.n_split + s) * (p.dv + 2);
+    mf_attn_split(part, q, k, v, p, s, h, t, qs, sc, red, MF_LT, MF_NT);
 }
 
 // ---- mf_attn_tile: mf_attn_part's partials, R query rows per threadgroup ----
@@ -279,13 +287,11 @@ MF_PARAMS(4, struct mf_p_attn, p) {
 
 // The splits merged in split order; a sink logit (sinks, p.sink_dtype >= 0) joins the
 // max first and the sum last, as a score whose value row is zero.
-MF_KERNEL(mf_attn_comb)
-MF_BUF(0, float, out)
-MF_BUF(1, const float, ws)
-MF_BUF(2, const mf_u32, sinks)
-MF_PARAMS(3, struct mf_p_attn, p) {
-    mf_dep_wait();
-    const int h = MF_TG_X, t = MF_TG_Y, lt = MF_LT, nt = MF_NT, stride = p.dv + 2;
+// Query (t, h)'s output from its n_split partials (and its sink, sinks' head h where
+// p.sink_dtype >= 0): the threadgroup's every thread.
+MF_FN void mf_attn_merge(MF_G float *out, MF_G const float *ws, MF_G const mf_u32 *sinks,
+                         const struct mf_p_attn p, int h, int t, int lt, int nt) {
+    const int stride = p.dv + 2;
     MF_G const float *base = ws + ((mf_i64)t * p.n_head + h) * p.n_split * stride;
     const float sk = p.sink_dtype >= 0 ? mf_load(sinks, p.sink_dtype, h) : -MF_INF;
     float M = sk;
@@ -306,6 +312,49 @@ MF_PARAMS(3, struct mf_p_attn, p) {
                 a += base[s * stride + 2 + i] * mf_exp(base[s * stride] - M);
         o[i] = a * inv;
     }
+}
+
+MF_KERNEL(mf_attn_comb)
+MF_BUF(0, float, out)
+MF_BUF(1, const float, ws)
+MF_BUF(2, const mf_u32, sinks)
+MF_PARAMS(3, struct mf_p_attn, p) {
+    mf_dep_wait();
+    mf_attn_merge(out, ws, sinks, p, MF_TG_X, MF_TG_Y, MF_LT, MF_NT);
+}
+
+// mf_attn_part, then each query's mf_attn_comb by the last of its splits to end (each
+// publishes its partial and counts itself on count[t * n_head + h], which the last sets
+// back to 0 for the next launch): out the bits of the pair, in one launch.
+MF_KERNEL(mf_attn_part1)
+MF_BUF(0, float, ws)
+MF_BUF(1, const float, q)
+MF_BUF(2, const float, k)
+MF_BUF(3, const float, v)
+MF_BUF(4, float, out)
+MF_BUF(5, const mf_u32, sinks)
+MF_BUF(6, int, count)
+MF_PARAMS(7, struct mf_p_attn, p) {
+    MF_SHARED float qs[MF_ATTN_DK_MAX];
+    MF_SHARED float sc[MF_ATTN_CHUNK];
+    MF_SHARED float red[MF_THREADS / 32];
+    MF_SHARED int last[1];
+    mf_dep_wait();
+    const int s = MF_TG_X, h = MF_TG_Y, t = MF_TG_Z, lt = MF_LT;
+    MF_G float *part = ws + (((mf_i64)t * p.n_head + h) * p.n_split + s) * (p.dv + 2);
+    mf_attn_split(part, q, k, v, p, s, h, t, qs, sc, red, lt, MF_NT);
+    mf_fence_device();
+    MF_BARRIER();
+    MF_G int *c = count + (mf_i64)t * p.n_head + h;
+    if (lt == 0)
+        last[0] = mf_atomic_add(c, 1) == p.n_split - 1;
+    MF_BARRIER();
+    if (!last[0])
+        return;
+    mf_fence_device();
+    mf_attn_merge(out, ws, sinks, p, h, t, lt, MF_NT);
+    if (lt == 0)
+        c[0] = 0;
 }
 
 #endif /* MF_ATTN_H */

@@ -476,6 +476,20 @@ static inline struct mf_p_attn mf_attn_block(const struct mf_p_attn *p, int t0, 
     return b;
 }
 
+// The ints of a context the last-threadgroup kernels count on (each left at 0 by its
+// last threadgroup): mf_route1n's at 0, mf_attn_part1's from MF_COUNT_ATTN (one per
+// query and head of a block of queries).
+#define MF_COUNT_ATTN 64
+#define MF_COUNT_INTS 2048
+
+// 1 when a block of queries takes mf_attn_part1 (the partials and, by each query's last
+// split, the combine, in one launch; the bits of mf_attn_part then mf_attn_comb): the
+// driver's switch on (MOEFLUX_GPU_FUSE), not a tiled block, a counter per query and
+// head.
+static inline int mf_attn_fuse_ok(const struct mf_p_attn *p, int on, int tile) {
+    return on && !tile && (long long)p->n_tok * p->n_head <= MF_COUNT_INTS - MF_COUNT_ATTN;
+}
+
 // How a rope_qk call runs on a GPU.
 enum mf_rope_qk_plan {
     MF_ROPE_QK_NONE,    // nothing to rotate or normalise

@@ -38,7 +38,8 @@
 struct env {
     struct mf_backend *cb, *gb;
     struct mf_exec *cx, *gx;
-    struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 (NULL against the CPU)
+    struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 and
+                                  // MOEFLUX_GPU_FUSE=0 (NULL against the CPU)
     int progress;                 // MOEFLUX_OPS_PROGRESS: each group's time as it ends
     double t_start;
     const struct mf_backend_ops *co, *go;
@@ -862,13 +863,14 @@ static void test_rope_qk(void) {
 
 /* ==== Attention ==== */
 
-// A prefill's attention again on the exec made with MOEFLUX_GPU_ATTN_TILE=0, whose
-// query blocks take mf_attn_part: the same bits as mf_attn_tile's (og) are required.
+// The attention again on the exec made with MOEFLUX_GPU_ATTN_TILE=0 and
+// MOEFLUX_GPU_FUSE=0, whose query blocks take mf_attn_part then mf_attn_comb: the same
+// bits as mf_attn_tile's (a prefill's blocks) or mf_attn_part1's (og) are required.
 static void check_untiled(const char *what, const float *og, const float *gq,
                           const float *gk, const float *gv, int nt, int nh, int nkv, int dk,
                           int dv, int ks, int vs, int pos0, float scale,
                           const struct mf_attn_ext *ext) {
-    if (!E.gx_untiled || nt <= 4)
+    if (!E.gx_untiled)
         return;
     const size_t n = (size_t)nt * nh * dv;
     float *go = gpoison(n * 4), *oh = xmalloc(n * 4);
@@ -879,7 +881,7 @@ static void check_untiled(const char *what, const float *og, const float *gq,
     char err[512] = "";
     const int rc = E.go->status(E.gx_untiled, err, sizeof err);
     CHECK(rc == MF_OK, "%s untiled: %s", what, err);
-    CHECK(memcmp(og, oh, n * 4) == 0, "%s: the tiled partials differ from mf_attn_part's",
+    CHECK(memcmp(og, oh, n * 4) == 0, "%s: differs from mf_attn_part + mf_attn_comb",
           what);
     E.n_case++;
     free(oh), gfree(go);
@@ -2512,8 +2514,10 @@ static int open_backends(int against_cpu) {
         rc = E.gb->ops->exec_new(E.gb, 2, &E.gx, err, sizeof err);
     if (!rc && !against_cpu) {
         setenv("MOEFLUX_GPU_ATTN_TILE", "0", 1);
+        setenv("MOEFLUX_GPU_FUSE", "0", 1);
         rc = E.gb->ops->exec_new(E.gb, 2, &E.gx_untiled, err, sizeof err);
         unsetenv("MOEFLUX_GPU_ATTN_TILE");
+        unsetenv("MOEFLUX_GPU_FUSE");
     }
     CHECK(rc == MF_OK, "backends: %s", err);
     if (rc)
@@ -2578,6 +2582,7 @@ int main(void) {
         // the products that take a neighbour's work (a quick pass on the CPU executor)
         test_rms_multis();
         test_rms_route();
+        test_attention();
         test_multis();
         printf("%d comparisons (fused products only)\n", E.n_case);
     } else {

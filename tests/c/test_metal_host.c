@@ -227,8 +227,8 @@ int mf_metal_fuse(const struct mf_exec *ex) { (void)ex; return 1; }
 int mf_metal_fuse_route(const struct mf_exec *ex) { (void)ex; return 1; }
 int *mf_metal_counter(struct mf_exec *ex, const char *op) {
     (void)ex, (void)op;
-    static int c;   // this test's single-threaded stand-in
-    return &c;
+    static int c[MF_COUNT_INTS];   // this test's single-threaded stand-in
+    return c;
 }
 
 // A float expert of n_ff x n_embd: gate, up, down back to back from offset 0.

@@ -250,6 +250,7 @@ static int attn_tile = 1;               // each exec's switch, as exec_new sets 
 static int fuse = 1;                    // likewise (MOEFLUX_GPU_FUSE)
 static int n_norm;                      // launches of mf_mv_multi1n
 static int n_route1n;                   // of mf_route1n
+static int n_part1;                     // of mf_attn_part1
 
 static void reset(void) {
     memset(S, 0, sizeof S);
@@ -292,6 +293,7 @@ static void compare(const char *what) {
         n_tile += k == MF_KID_mf_attn_tile;
         n_norm += k == MF_KID_mf_mv_multi1n;
         n_route1n += k == MF_KID_mf_route1n;
+        n_part1 += k == MF_KID_mf_attn_part1;
         n_tc += k == MF_KID_mf_mv_tc || k == MF_KID_mf_moe_gu_tc || k == MF_KID_mf_moe_down_tc;
     }
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
@@ -461,6 +463,16 @@ static void test_norms_rope_attention(void) {
     BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
     BOTH(attention, y, x, z, P(0x14000000), 70, 8, 8, 256, 128, 2048, 1024, 60, 0.06f);
     attn_tile = 1;
+    // mf_attn_part1 (the partials and the combine in one launch) where a block is not
+    // tiled; the pair apart with the fusions off
+    const int part1 = n_part1;
+    BOTH(attention, y, x, z, P(0x14000000), 1, 32, 4, 128, 128, 512, 512, 3000, 0.088f);
+    CHECK(n_part1 == part1 + 1, "decode attention: %d launches of mf_attn_part1, expected 1",
+          n_part1 - part1);
+    fuse = 0;
+    BOTH(attention, y, x, z, P(0x14000000), 1, 32, 4, 128, 128, 512, 512, 3000, 0.088f);
+    fuse = 1;
+    CHECK(n_part1 == part1 + 1, "attention with the fusions off launched mf_attn_part1");
     BOTH(attention, y, x, z, P(0x14000000), 70, 8, 8, 256, 128, 2048, 1024, 60, 0.06f);
 }
 

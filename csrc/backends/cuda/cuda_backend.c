@@ -359,8 +359,9 @@ static int exec_setup(struct mf_exec *ex) {
         return ex->status;
     ex->ring_host = host;
     if (!CK(ex, "exec_new", MemAlloc(&ex->ring_dev, ring)) ||
-        !CK(ex, "exec_new", MemAlloc(&ex->count_dev, 256)) ||
-        !CK(ex, "exec_new", MemsetD8Async(ex->count_dev, 0, 256, ex->st)))
+        !CK(ex, "exec_new", MemAlloc(&ex->count_dev, MF_COUNT_INTS * sizeof(int))) ||
+        !CK(ex, "exec_new", MemsetD8Async(ex->count_dev, 0, MF_COUNT_INTS * sizeof(int),
+                                          ex->st)))
         return ex->status;
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))

@@ -82,8 +82,9 @@ struct mf_exec {
     char err[1024];
     unsigned char *ring_host;
     CUdeviceptr ring_dev;
-    CUdeviceptr count_dev;       // an int the last threadgroup of mf_route1n sets
-                                 // back to 0 (zeroed when the exec is made)
+    CUdeviceptr count_dev;       // MF_COUNT_INTS ints the last-threadgroup kernels
+                                 // count on and leave at 0 (zeroed when the exec is
+                                 // made; gpu_args.h)
     CUevent ring_ev[MF_RING_SEGS];
     int ring_recorded[MF_RING_SEGS];
     int ring_seg;

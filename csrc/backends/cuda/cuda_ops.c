@@ -314,13 +314,21 @@ void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const
     for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
         struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
         const float *qb = q + (size_t)t0 * n_head * dk;
+        const CUdeviceptr o = mf_dp(out + (size_t)t0 * n_head * dv);
+        const CUdeviceptr sk = ext && ext->sinks ? mf_dp(ext->sinks->w) : 0;
+        const int tile = mf_attn_tile_ok(&pb, ex->attn_tile);
+        if (mf_attn_fuse_ok(&pb, ex->fuse, tile)) {
+            const CUdeviceptr b[7] = {ws, mf_dp(qb), mf_dp(k), mf_dp(v), o, sk,
+                                      ex->count_dev + MF_COUNT_ATTN * sizeof(int)};
+            launch_mf_attn_part1(ex, &pb, b, "attention");
+            continue;
+        }
         const CUdeviceptr b1[4] = {ws, mf_dp(qb), mf_dp(k), mf_dp(v)};
-        if (mf_attn_tile_ok(&pb, ex->attn_tile))
+        if (tile)
             launch_mf_attn_tile(ex, &pb, b1, "attention");
         else
             launch_mf_attn_part(ex, &pb, b1, "attention");
-        const CUdeviceptr b2[3] = {mf_dp(out + (size_t)t0 * n_head * dv), ws,
-                                   ext && ext->sinks ? mf_dp(ext->sinks->w) : 0};
+        const CUdeviceptr b2[3] = {o, ws, sk};
         launch_mf_attn_comb(ex, &pb, b2, "attention");
     }
 }

@@ -409,7 +409,7 @@ static void *metal_alloc_host(struct mf_exec *ex, size_t bytes);
 
 int *mf_metal_counter(struct mf_exec *ex, const char *op) {
     if (!ex->counter)
-        ex->counter = metal_alloc_host(ex, sizeof(int));   // zeroed; freed with the regions
+        ex->counter = metal_alloc_host(ex, MF_COUNT_INTS * sizeof(int));   // zeroed
     if (!ex->counter)
         mf_metal_fail(ex, MF_ERR_NOMEM, "metal backend: %s: no counter", op);
     return ex->counter;

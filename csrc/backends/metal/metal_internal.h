@@ -94,8 +94,8 @@ int mf_metal_fuse(const struct mf_exec *ex);
 // 1 when a one-token rms_route takes mf_route1n: mf_metal_fuse, unless
 // MOEFLUX_GPU_FUSE_ROUTE=0 when the exec was made, as on CUDA.
 int mf_metal_fuse_route(const struct mf_exec *ex);
-// The exec's int that mf_route1n's last threadgroup sets back to 0 (zeroed when first
-// made); NULL after an error (recorded).
+// The exec's MF_COUNT_INTS ints the last-threadgroup kernels count on and leave at 0
+// (zeroed when first made, freed with the exec); NULL after an error (recorded).
 int *mf_metal_counter(struct mf_exec *ex, const char *op);
 
 // ---- metal_ops.c: the compute ops of the table (the CUDA ops' twins)

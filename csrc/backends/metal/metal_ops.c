@@ -329,13 +329,24 @@ void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, cons
         return;
     for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
         struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
-        const void *const b1[4] = {ws, q + (size_t)t0 * n_head * dk, k, v};
-        if (mf_attn_tile_ok(&pb, mf_metal_attn_tile(ex)))
+        const float *qb = q + (size_t)t0 * n_head * dk;
+        float *o = out + (size_t)t0 * n_head * dv;
+        const void *sk = ext && ext->sinks ? ext->sinks->w : NULL;
+        const int tile = mf_attn_tile_ok(&pb, mf_metal_attn_tile(ex));
+        if (mf_attn_fuse_ok(&pb, mf_metal_fuse(ex), tile)) {
+            int *count = mf_metal_counter(ex, "attention");
+            if (!count)
+                return;
+            const void *const b[7] = {ws, qb, k, v, o, sk, count + MF_COUNT_ATTN};
+            launch_mf_attn_part1(ex, &pb, b, "attention");
+            continue;
+        }
+        const void *const b1[4] = {ws, qb, k, v};
+        if (tile)
             launch_mf_attn_tile(ex, &pb, b1, "attention");
         else
             launch_mf_attn_part(ex, &pb, b1, "attention");
-        const void *const b2[3] = {out + (size_t)t0 * n_head * dv, ws,
-                                   ext && ext->sinks ? ext->sinks->w : NULL};
+        const void *const b2[3] = {o, ws, sk};
         launch_mf_attn_comb(ex, &pb, b2, "attention");
     }
 }
