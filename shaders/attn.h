@@ -288,19 +288,22 @@ MF_PARAMS(4, struct mf_p_attn, p) {
 // The splits merged in split order; a sink logit (sinks, p.sink_dtype >= 0) joins the
 // max first and the sum last, as a score whose value row is zero.
 // Query (t, h)'s output from its n_split partials (and its sink, sinks' head h where
-// p.sink_dtype >= 0): the threadgroup's every thread.
+// p.sink_dtype >= 0; the partials read through mf_ldcg, as mf_attn_part1's last split
+// must): the threadgroup's every thread.
 MF_FN void mf_attn_merge(MF_G float *out, MF_G const float *ws, MF_G const mf_u32 *sinks,
                          const struct mf_p_attn p, int h, int t, int lt, int nt) {
     const int stride = p.dv + 2;
     MF_G const float *base = ws + ((mf_i64)t * p.n_head + h) * p.n_split * stride;
     const float sk = p.sink_dtype >= 0 ? mf_load(sinks, p.sink_dtype, h) : -MF_INF;
     float M = sk;
-    for (int s = 0; s < p.n_split; s++)
-        M = base[s * stride] > M ? base[s * stride] : M;
+    for (int s = 0; s < p.n_split; s++) {
+        const float ms = mf_ldcg(base + s * stride);
+        M = ms > M ? ms : M;
+    }
     float L = 0.0f;
     for (int s = 0; s < p.n_split; s++)
-        if (base[s * stride + 1] > 0.0f)
-            L += base[s * stride + 1] * mf_exp(base[s * stride] - M);
+        if (mf_ldcg(base + s * stride + 1) > 0.0f)
+            L += mf_ldcg(base + s * stride + 1) * mf_exp(mf_ldcg(base + s * stride) - M);
     if (p.sink_dtype >= 0)
         L += mf_exp(sk - M);
     const float inv = 1.0f / L;
@@ -308,8 +311,9 @@ MF_FN void mf_attn_merge(MF_G float *out, MF_G const float *ws, MF_G const mf_u3
     for (int i = lt; i < p.dv; i += nt) {
         float a = 0.0f;
         for (int s = 0; s < p.n_split; s++)
-            if (base[s * stride + 1] > 0.0f)
-                a += base[s * stride + 2 + i] * mf_exp(base[s * stride] - M);
+            if (mf_ldcg(base + s * stride + 1) > 0.0f)
+                a += mf_ldcg(base + s * stride + 2 + i) *
+                     mf_exp(mf_ldcg(base + s * stride) - M);
         o[i] = a * inv;
     }
 }

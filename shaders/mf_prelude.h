@@ -96,15 +96,16 @@ MF_FN float mf_log1p(float x) {
 #define MF_INF INFINITY
 // Metal runs a command buffer's kernels one after another: nothing to wait for.
 MF_FN void mf_dep_wait() {}
-// The last threadgroup of a kernel to finish (mf_route1n): a thread's device writes
-// before mf_fence_device are seen by a threadgroup that reads them after seeing its
-// mf_atomic_add (device-scope fence: Metal 3.2).
+// The last threadgroup of a kernel to finish (mf_route1n, mf_attn_part1): a thread's
+// device writes before mf_fence_device are seen by a threadgroup that reads them after
+// seeing its mf_atomic_add, through mf_ldcg (device-scope fence: Metal 3.2).
 MF_FN void mf_fence_device() {
     atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
 }
 MF_FN int mf_atomic_add(MF_G int *p, int v) {
     return atomic_fetch_add_explicit((device atomic_int *)p, v, memory_order_relaxed);
 }
+MF_FN float mf_ldcg(MF_G const float *p) { return *p; }
 
 #elif defined(MF_SIM)
 /* ---- host C++ under the tests' CPU executor (tests/c/sim/mf_sim.h), which the test
@@ -167,6 +168,7 @@ MF_FN int mf_atomic_add(MF_G int *p, int v) {
     *p = old + v;
     return old;
 }
+MF_FN float mf_ldcg(MF_G const float *p) { return *p; }
 
 #else
 /* ---- CUDA C++ (NVRTC or nvcc) ---- */
@@ -269,11 +271,12 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
     d[2] = v.z;
     d[3] = v.w;
 }
-// The last threadgroup of a kernel to finish (mf_route1n): a thread's device writes
-// before mf_fence_device are seen by a threadgroup that reads them after seeing its
-// mf_atomic_add.
+// The last threadgroup of a kernel to finish (mf_route1n, mf_attn_part1): a thread's
+// device writes before mf_fence_device are seen by a threadgroup that reads them after
+// seeing its mf_atomic_add, through mf_ldcg (from L2: an L1 may hold an older copy).
 MF_FN void mf_fence_device() { __threadfence(); }
 MF_FN int mf_atomic_add(MF_G int *p, int v) { return atomicAdd(p, v); }
+MF_FN float mf_ldcg(MF_G const float *p) { return __ldcg(p); }
 #define MF_INF __int_as_float(0x7f800000)
 // Programmatic dependent launch (sm_90 and later; the driver launches with it where the
 // GPU has it, csrc/backends/cuda): a kernel's threadgroups may start while the kernel

@@ -90,20 +90,21 @@ MF_FN void mf_route_rank(MF_TG int *sel, MF_TG const float *bs, int E, int K, in
     }
 }
 
-// The scores of a token's E router logits lg (rewritten in place as moe.c keeps them):
-// sc the weights' source, bs the selection values. One warp, lanes striding (the sums'
-// order of the CPU-checked form).
+// The scores of a token's E router logits lg (rewritten in place as moe.c keeps them;
+// read through mf_ldcg, as mf_route1n's last threadgroup must): sc the weights'
+// source, bs the selection values. One warp, lanes striding (the sums' order of the
+// CPU-checked form).
 MF_FN void mf_route_scores(MF_TG float *sc, MF_TG float *bs, MF_G float *lg,
                            MF_G const float *bias, const struct mf_p_route p, int E,
                            int lane) {
     if (p.kind == 0) {
         float mx = -MF_INF;
         for (int e = lane; e < E; e += 32)
-            mx = lg[e] > mx ? lg[e] : mx;
+            mx = mf_ldcg(lg + e) > mx ? mf_ldcg(lg + e) : mx;
         mx = mf_warp_max(mx);
         float sum = 0.0f;
         for (int e = lane; e < E; e += 32) {
-            sc[e] = mf_exp(lg[e] - mx);
+            sc[e] = mf_exp(mf_ldcg(lg + e) - mx);
             sum += sc[e];
         }
         sum = mf_warp_sum(sum);
@@ -115,14 +116,14 @@ MF_FN void mf_route_scores(MF_TG float *sc, MF_TG float *bs, MF_G float *lg,
         }
     } else if (p.kind == 2) {   // gpt-oss: biased logits; a softmax over the k chosen
         for (int e = lane; e < E; e += 32) {
-            const float v = lg[e] + (p.has_bias ? bias[e] : 0.0f);
+            const float v = mf_ldcg(lg + e) + (p.has_bias ? bias[e] : 0.0f);
             sc[e] = v;
             bs[e] = v;
             lg[e] = v;
         }
     } else {
         for (int e = lane; e < E; e += 32) {
-            const float s = mf_sigmoid(lg[e]);
+            const float s = mf_sigmoid(mf_ldcg(lg + e));
             sc[e] = s;
             lg[e] = s;
             bs[e] = s + (p.has_bias ? bias[e] : 0.0f);
