@@ -365,6 +365,28 @@ static void test_embed(const struct tw *t) {
     free(yc), free(yg), gfree(gy);
 }
 
+// Products gy[i] of the device (i < n, x [nt, n_in] on the host) against the CPU's matmul
+// of each (the reordering bound) and bit for bit against gs[i], the same products made
+// the other way (`apart`); frees gy and gs.
+static void check_products(const char *op, const char *tag, const char *apart,
+                           struct tw *const *t, int n, int nt, const float *x,
+                           float *const *gy, float *const *gs) {
+    for (int i = 0; i < n; i++) {
+        const int64_t R = t[i]->c.n_out;
+        float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
+        float *ys = gget(gs[i], (size_t)(nt * R));
+        E.co->matmul(E.cx, yc, &t[i]->c, x, nt);
+        double *ad = abs_dots(t[i], x, nt, NULL);
+        char nm[128], what[256];
+        snprintf(what, sizeof what, "%s %d of %d %s n_tok %d%s", op, i, n,
+                 wname(t[i], nm, sizeof nm), nt, tag);
+        cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), t[i]->c.n_in);
+        E.n_case++;
+        CHECK(memcmp(yg, ys, (size_t)(nt * R) * 4) == 0, "%s: differs from %s", what, apart);
+        free(yc), free(yg), free(ys), free(ad), gfree(gy[i]), gfree(gs[i]);
+    }
+}
+
 // matmul_multi of n weights against the CPU's matmul of each (the reordering bound),
 // and bit for bit against the backend's own matmul of each: one launch must compute
 // what separate launches compute.
@@ -380,20 +402,7 @@ static void test_multi(struct tw *const *t, int n, int nt) {
         E.go->matmul(E.gx, gs[i], &t[i]->g, gxb, nt);
     }
     mf_matmul_multi(E.go, E.gx, n, gy, wg, gxb, nt);
-    for (int i = 0; i < n; i++) {
-        const int64_t R = t[i]->c.n_out;
-        float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
-        float *ys = gget(gs[i], (size_t)(nt * R));
-        E.co->matmul(E.cx, yc, &t[i]->c, x, nt);
-        double *ad = abs_dots(t[i], x, nt, NULL);
-        char nm[128], what[200];
-        snprintf(what, sizeof what, "matmul_multi %d of %d %s n_tok %d", i, n,
-                 wname(t[i], nm, sizeof nm), nt);
-        cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
-        E.n_case++;
-        CHECK(memcmp(yg, ys, (size_t)(nt * R) * 4) == 0, "%s: differs from matmul", what);
-        free(yc), free(yg), free(ys), free(ad), gfree(gy[i]), gfree(gs[i]);
-    }
+    check_products("matmul_multi", "", "matmul", t, n, nt, x, gy, gs);
     free(x), gfree(gxb);
 }
 
@@ -612,21 +621,9 @@ static void test_rms_multi(struct tw *const *t, int n, int nt, const struct vw *
     CHECK(memcmp(xng, xns, xs * 4) == 0, "rms_matmul_multi %d products n_tok %d g %s: xn "
           "differs from rmsnorm", n, nt, g ? mf_dtype_name(g->c.dtype) : "none");
     free(xng), free(xns);
-    for (int i = 0; i < n; i++) {
-        const int64_t R = t[i]->c.n_out;
-        float *yc = fpoison((size_t)(nt * R)), *yg = gget(gy[i], (size_t)(nt * R));
-        float *ys = gget(gs[i], (size_t)(nt * R));
-        E.co->matmul(E.cx, yc, &t[i]->c, xnc, nt);
-        double *ad = abs_dots(t[i], xnc, nt, NULL);
-        char nm[128], what[220];
-        snprintf(what, sizeof what, "rms_matmul_multi %d of %d %s n_tok %d g %s", i, n,
-                 wname(t[i], nm, sizeof nm), nt, g ? mf_dtype_name(g->c.dtype) : "none");
-        cmp_dot(what, yc, yg, ad, NULL, (size_t)(nt * R), N);
-        E.n_case++;
-        CHECK(memcmp(yg, ys, (size_t)(nt * R) * 4) == 0,
-              "%s: differs from rmsnorm + matmul_multi", what);
-        free(yc), free(yg), free(ys), free(ad), gfree(gy[i]), gfree(gs[i]);
-    }
+    char tag[64];
+    snprintf(tag, sizeof tag, " g %s", g ? mf_dtype_name(g->c.dtype) : "none");
+    check_products("rms_matmul_multi", tag, "rmsnorm + matmul_multi", t, n, nt, xnc, gy, gs);
     free(x), free(xnc), gfree(gxb), gfree(gxn), gfree(gxs);
 }
 
