@@ -175,10 +175,10 @@ MF_FN float mf_xnorm_inv(MF_G const float *x, int n, float eps, MF_TG float *red
     return mf_rms_inv(ss, red, lt, n, eps);
 }
 
-// Element i of the normalised x, given v = x[i].
-MF_FN float mf_xnorm_at(MF_TH const struct mf_xnorm *nm, float v, int i) {
+// Element i of the normalised x, given v = x[i] and gi = g[i] (read where has_g).
+MF_FN float mf_xnorm_at(MF_TH const struct mf_xnorm *nm, float v, float gi) {
     v = v * nm->inv;
-    return nm->has_g ? v * mf_load(nm->g, nm->g_dtype, i) : v;
+    return nm->has_g ? v * gi : v;
 }
 
 // Columns of x staged per step by the row-dot kernels, and the padded threadgroup
@@ -356,6 +356,36 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 // whole decode step 733 -> 714 tok/s). Kept as a parameter for other GPUs.
 #define MF_CH1(BITS, R) 1
 
+// The N staged values xr[i] of columns c0 + lt + i * MF_MV_THREADS normalised in place
+// (and written to nm->out where set). Every load (x before, the gains here) comes
+// ahead of the first store to nm->out: for all the compiler knows it may alias x or g,
+// so a load placed after it waits for the stored value, which waits for its own load:
+// one device round trip per value in turn (the first form, loads and stores
+// interleaved, made the fused q/k/v product of 5120 rows 31.5 us on an H100 against
+// 9.3 + 8.5 for mf_rmsnorm and the product apart).
+template <int N>
+MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int c0, int n_in,
+                          int lt) {
+    float gv[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const int c = c0 + lt + i * MF_MV_THREADS;
+        gv[i] = nm->has_g && c < n_in ? mf_load(nm->g, nm->g_dtype, c) : 1.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        if (c0 + lt + i * MF_MV_THREADS < n_in)
+            xr[i] = mf_xnorm_at(nm, xr[i], gv[i]);
+    if (nm->out) {
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const int c = c0 + lt + i * MF_MV_THREADS;
+            if (c < n_in)
+                nm->out[c] = xr[i];
+        }
+    }
+}
+
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
 // step's codes and group parameters of every chunk are loaded first, then CH tiles of
 // x are staged (xs holds a tile per token in the tile path, a tile of the step's
@@ -388,12 +418,9 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
         for (int i = 0; i < CH * PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
             xr[i] = c0 + k < n_in ? x[c0 + k] : 0.0f;
-            if (NORM && c0 + k < n_in) {
-                xr[i] = mf_xnorm_at(&nm, xr[i], c0 + k);
-                if (nm.out)
-                    nm.out[c0 + k] = xr[i];
-            }
         }
+        if (NORM)
+            mf_xnorm_stage<CH * PER>(xr, &nm, c0, n_in, lt);
 #pragma unroll
         for (int i = 0; i < CH * PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
