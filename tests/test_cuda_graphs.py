@@ -13,6 +13,10 @@ before it ends, and waits for it (mf_dep_wait in shaders/mf_prelude.h). A kernel
 read or wrote too early would race; the same runs must give the logits of
 MOEFLUX_GPU_PDL=0 bit for bit, and on such a GPU it must really be on, in streams and
 as graph edges.
+
+The one-token fusions (MOEFLUX_GPU_FUSE): every one on gives the logits of none, bit for
+bit, in every family (test_backend_ops checks each fused op alone), and a switch the
+backend cannot read fails the open.
 """
 from __future__ import annotations
 
@@ -43,8 +47,9 @@ def _run(m: moeflux.Model) -> list[np.ndarray]:
 
 def _equal_without(env: str, arch: str, experts: str,
                    converted: Callable[..., tuple[Path, Path]],
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """_run with env=0, then with the default: the same logits bit for bit."""
+                   monkeypatch: pytest.MonkeyPatch, value: str | None = None) -> None:
+    """_run with env=0, then with env=value (None: the default): the same logits bit for
+    bit."""
     _, model_dir = converted(arch)
     kw = {"threads": 2, "backend": "cuda", "gpu_experts": experts}
     if experts == "stream":
@@ -52,12 +57,15 @@ def _equal_without(env: str, arch: str, experts: str,
     monkeypatch.setenv(env, "0")   # read when the context is made
     with moeflux.Model(model_dir, **kw) as m:
         ref = _run(m)
-    monkeypatch.delenv(env)
+    if value is None:
+        monkeypatch.delenv(env)
+    else:
+        monkeypatch.setenv(env, value)
     with moeflux.Model(model_dir, **kw) as m:
         got = _run(m)
     assert np.isfinite(ref[0]).all()
     for i, (a, b) in enumerate(zip(ref, got)):
-        assert np.array_equal(a, b), f"{arch} {experts}: eval {i} differs without {env}=0"
+        assert np.array_equal(a, b), f"{arch} {experts}: eval {i} differs: {env}=0, {value}"
 
 
 @pytest.mark.parametrize("experts", ["resident", "stream"])
@@ -74,6 +82,26 @@ def test_programmatic_launch_equals_plain(arch: str, experts: str,
                                           converted: Callable[..., tuple[Path, Path]],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     _equal_without("MOEFLUX_GPU_PDL", arch, experts, converted, monkeypatch)
+
+
+@pytest.mark.parametrize("experts", ["resident", "stream"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fusions_equal_ops_apart(arch: str, experts: str,
+                                 converted: Callable[..., tuple[Path, Path]],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every one-token fusion on (MOEFLUX_GPU_FUSE=all: the input norms inside the
+    products, the residual adds, the attention combine, the routing; not all on by
+    default) against none: whole models give the same logits bit for bit."""
+    _equal_without("MOEFLUX_GPU_FUSE", arch, experts, converted, monkeypatch, "all")
+
+
+def test_fusion_switch_refused(converted: Callable[..., tuple[Path, Path]],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MOEFLUX_GPU_FUSE the backend cannot read fails the model's open, naming it."""
+    _, model_dir = converted("qwen3_moe")
+    monkeypatch.setenv("MOEFLUX_GPU_FUSE", "norm,rope")
+    with pytest.raises(moeflux.MoefluxError, match="MOEFLUX_GPU_FUSE=norm,rope"):
+        moeflux.Model(model_dir, threads=2, backend="cuda", gpu_experts="resident")
 
 
 def _compute_capability() -> float | None:

@@ -32,6 +32,49 @@ static inline int mf_gpu_tc_env(void) {
     return e && strcmp(e, "1") == 0;
 }
 
+// The one-token fusions a GPU exec takes, bits of its fuse field (MOEFLUX_GPU_FUSE, read
+// when the exec is made; each gives the bits of the ops it replaces):
+// norm: a layer's input RMSNorm inside its first products (mf_mv_multi1n); add: the
+// output projection added into the residual stream (mf_mv1 adding); attn: a query's
+// combine by the last of its key splits (mf_attn_part1); route: the MoE input norm,
+// router and routing in one launch (mf_route1n).
+enum {
+    MF_FUSE_NORM = 1,
+    MF_FUSE_ADD = 2,
+    MF_FUSE_ATTN = 4,
+    MF_FUSE_ROUTE = 8,
+    MF_FUSE_ALL = 15,
+    // On unless named otherwise: those measured faster than the ops apart (bench/RESULTS.md
+    // "Session 22": norm and route were slower on an H100 in their first form).
+    MF_FUSE_DEFAULT = MF_FUSE_ADD | MF_FUSE_ATTN,
+};
+
+// The fusions MOEFLUX_GPU_FUSE names: unset or empty the default, "0" none, "1" or "all"
+// every one, else a comma list of norm, add, attn, route; -1 for anything else.
+static inline int mf_gpu_fuse_env(void) {
+    static const char *const names[] = {"norm", "add", "attn", "route"};
+    const char *e = getenv("MOEFLUX_GPU_FUSE");
+    if (!e || !*e)
+        return MF_FUSE_DEFAULT;
+    if (strcmp(e, "0") == 0)
+        return 0;
+    if (strcmp(e, "1") == 0 || strcmp(e, "all") == 0)
+        return MF_FUSE_ALL;
+    int bits = 0;
+    for (const char *p = e; *p;) {
+        const size_t n = strcspn(p, ",");
+        int bit = 0;
+        for (int i = 0; i < 4 && !bit; i++)
+            if (n == strlen(names[i]) && strncmp(p, names[i], n) == 0)
+                bit = 1 << i;
+        if (!bit)
+            return -1;
+        bits |= bit;
+        p += n + (p[n] == ',');
+    }
+    return bits;
+}
+
 // A matvec's params for weight w (one head; tokens, strides and rpw are the caller's);
 // vec: the codes may be read 16 bytes at a time.
 static inline struct mf_p_mv mf_mv_params(const struct mf_weight *w) {

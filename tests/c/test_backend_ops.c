@@ -37,7 +37,7 @@
 
 struct env {
     struct mf_backend *cb, *gb;
-    struct mf_exec *cx, *gx;
+    struct mf_exec *cx, *gx;      // gx made with MOEFLUX_GPU_FUSE=all
     struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 and
                                   // MOEFLUX_GPU_FUSE=0 (NULL against the CPU)
     int progress;                 // MOEFLUX_OPS_PROGRESS: each group's time as it ends
@@ -2507,6 +2507,8 @@ static int open_backends(int against_cpu) {
                          : mf_backend_new(&E.gb, "cuda", err, sizeof err);
     if (!rc)
         rc = E.cb->ops->exec_new(E.cb, 2, &E.cx, err, sizeof err);
+    if (!rc && !against_cpu)   // every fusion on, whatever the default (the ops under test)
+        setenv("MOEFLUX_GPU_FUSE", "all", 1);
     if (!rc)
         rc = E.gb->ops->exec_new(E.gb, 2, &E.gx, err, sizeof err);
     if (!rc && !against_cpu) {

@@ -202,7 +202,6 @@ int mf_metal_tc(const struct mf_exec *ex) { return ex->cb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { return ex->cb->mma; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
 int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
-int mf_metal_fuse_route(const struct mf_exec *ex) { return ex->fuse_route; }
 int *mf_metal_counter(struct mf_exec *ex, const char *op) {
     (void)op;
     return (int *)(uintptr_t)ex->count_dev;
@@ -247,7 +246,7 @@ static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core ker
 static int n_mma;                       // of the prefill kernels of mma.h
 static int n_tile;                      // of mf_attn_tile
 static int attn_tile = 1;               // each exec's switch, as exec_new sets it
-static int fuse = 1;                    // likewise (MOEFLUX_GPU_FUSE)
+static int fuse = MF_FUSE_ALL;          // likewise (MOEFLUX_GPU_FUSE)
 static int n_norm;                      // launches of mf_mv_multi1n
 static int n_route1n;                   // of mf_route1n
 static int n_part1;                     // of mf_attn_part1
@@ -259,7 +258,6 @@ static void reset(void) {
         E[i].cb = &fake_be;
         E[i].attn_tile = attn_tile;
         E[i].fuse = fuse;
-        E[i].fuse_route = fuse;
         E[i].count_dev = 0x7000000;
     }
 }
@@ -407,7 +405,7 @@ static void test_products(void) {
     BOTH(rms_matmul_multi, 2, ys, qr, xn, x, &qg, 1e-5f, 1);
     fuse = 0;
     BOTH(rms_matmul_multi, 3, ys, qr, xn, x, &g, 1e-6f, 1);
-    fuse = 1;
+    fuse = MF_FUSE_ALL;
     // matmul_add: mf_mv1 adding into y for one token (affine or float), else matmul
     // into tmp and axpy (more tokens, MXFP4, the tensor-core formats while they are on)
     float *tmp = P(0x16000000);
@@ -419,7 +417,7 @@ static void test_products(void) {
     BOTH(matmul_add, y, &m, x, 1, tmp);
     fuse = 0;
     BOTH(matmul_add, y, &r, x, 1, tmp);
-    fuse = 1;
+    fuse = MF_FUSE_ALL;
 }
 
 static void test_norms_rope_attention(void) {
@@ -471,7 +469,7 @@ static void test_norms_rope_attention(void) {
           n_part1 - part1);
     fuse = 0;
     BOTH(attention, y, x, z, P(0x14000000), 1, 32, 4, 128, 128, 512, 512, 3000, 0.088f);
-    fuse = 1;
+    fuse = MF_FUSE_ALL;
     CHECK(n_part1 == part1 + 1, "attention with the fusions off launched mf_attn_part1");
     BOTH(attention, y, x, z, P(0x14000000), 70, 8, 8, 256, 128, 2048, 1024, 60, 0.06f);
 }
@@ -537,7 +535,7 @@ static void test_route(void) {
     BOTH(rms_route, NULL, dw, logits, NULL, &sm, 1, &rq, xn, x, &g, 1e-6f);
     fuse = 0;
     BOTH(rms_route, di, dw, logits, NULL, &sm, 1, &rq, xn, x, &g, 1e-6f);
-    fuse = 1;
+    fuse = MF_FUSE_ALL;
     tc.topk_group = 9;
     BOTH(rms_route, di, dw, logits, db, &tc, 1, &rq, xn, x, &g, 1e-6f);
     CHECK(n_route1n == 3, "%d launches of mf_route1n, expected 3", n_route1n);

@@ -337,16 +337,19 @@ static void cuda_exec_free(struct mf_exec *ex) {
 }
 
 // Programmatic dependent launch where the GPU and the driver have it, unless
-// MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0; input
-// norms and residual adds inside the one-token products unless MOEFLUX_GPU_FUSE=0, the
-// routing too unless that or MOEFLUX_GPU_FUSE_ROUTE=0 (all read when an exec is made).
-static void pdl_init(struct mf_exec *ex) {
+// MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0; the
+// one-token fusions MOEFLUX_GPU_FUSE names (mf_gpu_fuse_env), all read when an exec is
+// made. A switch it cannot read fails the exec.
+static int pdl_init(struct mf_exec *ex) {
     const char *e = getenv("MOEFLUX_GPU_PDL"), *a = getenv("MOEFLUX_GPU_ATTN_TILE");
-    const char *f = getenv("MOEFLUX_GPU_FUSE"), *fr = getenv("MOEFLUX_GPU_FUSE_ROUTE");
     ex->pdl = ex->cb->cc >= 90 && ex->cb->cu.LaunchKernelEx && !(e && strcmp(e, "0") == 0);
     ex->attn_tile = !(a && strcmp(a, "0") == 0);
-    ex->fuse = !(f && strcmp(f, "0") == 0);
-    ex->fuse_route = ex->fuse && !(fr && strcmp(fr, "0") == 0);
+    ex->fuse = mf_gpu_fuse_env();
+    if (ex->fuse < 0)
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_FUSE=%s: expected 0, 1, "
+                     "all or a comma list of norm, add, attn, route",
+                     getenv("MOEFLUX_GPU_FUSE"));
+    return ex->status;
 }
 
 static int exec_setup(struct mf_exec *ex) {
@@ -366,8 +369,8 @@ static int exec_setup(struct mf_exec *ex) {
     for (int i = 0; i < MF_RING_SEGS; i++)
         if (!CK(ex, "exec_new", EventCreate(&ex->ring_ev[i], MF_CU_EVENT_DISABLE_TIMING)))
             return ex->status;
-    pdl_init(ex);
-    int rc = mf_cuda_prof_init(ex);
+    int rc = pdl_init(ex);
+    rc = rc ? rc : mf_cuda_prof_init(ex);
     return rc ? rc : mf_cuda_graphs_init(ex);
 }
 

@@ -105,12 +105,8 @@ struct mf_exec {
     int attn_tile;               // prefill attention's partials by mf_attn_tile (the
                                  // same bits as mf_attn_part), unless
                                  // MOEFLUX_GPU_ATTN_TILE=0
-    int fuse;                    // one-token rms_matmul_multi and matmul_add in one
-                                 // launch each (mf_mv_multi1n; mf_mv1 adding into
-                                 // y): the bits of the ops apart, unless
-                                 // MOEFLUX_GPU_FUSE=0
-    int fuse_route;              // a one-token rms_route as one mf_route1n, unless
-                                 // MOEFLUX_GPU_FUSE or MOEFLUX_GPU_FUSE_ROUTE is 0
+    int fuse;                    // the one-token fusions taken, MF_FUSE_* bits
+                                 // (gpu_args.h; MOEFLUX_GPU_FUSE)
 };
 
 struct mf_fence {

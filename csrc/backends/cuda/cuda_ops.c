@@ -140,7 +140,7 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
 void mf_cuda_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
                         const float *x, int n_tok, float *tmp) {
     struct mf_p_mv p;
-    if (!mf_matmul_add_params(w, n_tok, ex->cb->tc, ex->fuse, &p)) {
+    if (!mf_matmul_add_params(w, n_tok, ex->cb->tc, ex->fuse & MF_FUSE_ADD, &p)) {
         mf_cuda_matmul(ex, tmp, w, x, n_tok);
         mf_cuda_axpy(ex, y, 1.0f, tmp, n_tok * (int)w->n_out);
         return;
@@ -164,7 +164,7 @@ void mf_cuda_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                      "cuda backend: rms_matmul_multi: a quantized norm weight");
         return;
     }
-    if (!mf_rms_multi_params(n, w, n_tok, ex->cb->tc, g, eps, ex->fuse, &p)) {
+    if (!mf_rms_multi_params(n, w, n_tok, ex->cb->tc, g, eps, ex->fuse & MF_FUSE_NORM, &p)) {
         mf_cuda_rmsnorm(ex, xn, x, g, n_tok, (int)w[0]->n_in, eps, 1.0f);
         mf_cuda_matmul_multi(ex, n, y, w, xn, n_tok);
         return;
@@ -317,7 +317,7 @@ void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const
         const CUdeviceptr o = mf_dp(out + (size_t)t0 * n_head * dv);
         const CUdeviceptr sk = ext && ext->sinks ? mf_dp(ext->sinks->w) : 0;
         const int tile = mf_attn_tile_ok(&pb, ex->attn_tile);
-        if (mf_attn_fuse_ok(&pb, ex->fuse, tile)) {
+        if (mf_attn_fuse_ok(&pb, ex->fuse & MF_FUSE_ATTN, tile)) {
             const CUdeviceptr b[7] = {ws, mf_dp(qb), mf_dp(k), mf_dp(v), o, sk,
                                       ex->count_dev + MF_COUNT_ATTN * sizeof(int)};
             launch_mf_attn_part1(ex, &pb, b, "attention");
@@ -582,8 +582,8 @@ void mf_cuda_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logits
         mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: rms_route: a quantized norm weight");
         return;
     }
-    if (!idx || !w || !ex->fuse_route ||
-        !mf_rms_multi_params(1, &router, n_tok, ex->cb->tc, g, eps, ex->fuse, &p.mv)) {
+    if (!idx || !w || !(ex->fuse & MF_FUSE_ROUTE) ||
+        !mf_rms_multi_params(1, &router, n_tok, ex->cb->tc, g, eps, 1, &p.mv)) {
         mf_cuda_rms_matmul_multi(ex, 1, &logits, &router, xn, x, g, eps, n_tok);
         mf_cuda_moe_route(ex, idx, w, logits, bias, r, n_tok, NULL, NULL);
         return;

@@ -84,7 +84,6 @@ struct mf_exec {
     int status;                             // first error (MF_OK while none)
     int attn_tile;                          // mf_metal_attn_tile
     int fuse;                               // mf_metal_fuse
-    int fuse_route;                         // mf_metal_fuse_route
     int *counter;                           // mf_metal_counter (a host slot)
     char err[1024];
 };
@@ -171,7 +170,6 @@ int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
 int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
-int mf_metal_fuse_route(const struct mf_exec *ex) { return ex->fuse_route; }
 
 static const char *ns_text(NSError *e) {
     const char *s = e ? [[e localizedDescription] UTF8String] : NULL;
@@ -680,10 +678,13 @@ static int metal_exec_new(struct mf_backend *be, int n_threads, struct mf_exec *
     memset([ex->zero contents], 0, 256);
     const char *tile = getenv("MOEFLUX_GPU_ATTN_TILE");
     ex->attn_tile = !(tile && strcmp(tile, "0") == 0);
-    const char *fuse = getenv("MOEFLUX_GPU_FUSE");
-    ex->fuse = !(fuse && strcmp(fuse, "0") == 0);
-    const char *fuse_route = getenv("MOEFLUX_GPU_FUSE_ROUTE");
-    ex->fuse_route = ex->fuse && !(fuse_route && strcmp(fuse_route, "0") == 0);
+    ex->fuse = mf_gpu_fuse_env();
+    if (ex->fuse < 0) {
+        metal_exec_free(ex);
+        return mf_err(err, errlen, MF_ERR_ARG, "metal backend: MOEFLUX_GPU_FUSE=%s: expected "
+                      "0, 1, all or a comma list of norm, add, attn, route",
+                      getenv("MOEFLUX_GPU_FUSE"));
+    }
     *out = ex;
     return MF_OK;
 }

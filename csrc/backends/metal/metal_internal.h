@@ -88,12 +88,9 @@ int mf_metal_mma(const struct mf_exec *ex);
 // 1 when prefill attention's partials take mf_attn_tile: unless MOEFLUX_GPU_ATTN_TILE=0
 // when the exec was made, as on CUDA.
 int mf_metal_attn_tile(const struct mf_exec *ex);
-// 1 when one-token rms_matmul_multi and matmul_add take one launch each: unless
-// MOEFLUX_GPU_FUSE=0 when the exec was made, as on CUDA.
+// The one-token fusions the exec takes, MF_FUSE_* bits (gpu_args.h): those
+// MOEFLUX_GPU_FUSE named when the exec was made, as on CUDA.
 int mf_metal_fuse(const struct mf_exec *ex);
-// 1 when a one-token rms_route takes mf_route1n: mf_metal_fuse, unless
-// MOEFLUX_GPU_FUSE_ROUTE=0 when the exec was made, as on CUDA.
-int mf_metal_fuse_route(const struct mf_exec *ex);
 // The exec's MF_COUNT_INTS ints the last-threadgroup kernels count on and leave at 0
 // (zeroed when first made, freed with the exec); NULL after an error (recorded).
 int *mf_metal_counter(struct mf_exec *ex, const char *op);

@@ -161,7 +161,7 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
 void mf_metal_matmul_add(struct mf_exec *ex, float *y, const struct mf_weight *w,
                          const float *x, int n_tok, float *tmp) {
     struct mf_p_mv p;
-    if (!mf_matmul_add_params(w, n_tok, mf_metal_tc(ex), mf_metal_fuse(ex), &p)) {
+    if (!mf_matmul_add_params(w, n_tok, mf_metal_tc(ex), mf_metal_fuse(ex) & MF_FUSE_ADD, &p)) {
         mf_metal_matmul(ex, tmp, w, x, n_tok);
         mf_metal_axpy(ex, y, 1.0f, tmp, n_tok * (int)w->n_out);
         return;
@@ -182,8 +182,8 @@ void mf_metal_rms_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                       "metal backend: rms_matmul_multi: a quantized norm weight");
         return;
     }
-    if (!mf_rms_multi_params(n, w, n_tok, mf_metal_tc(ex), g, eps, mf_metal_fuse(ex),
-                             &p)) {
+    if (!mf_rms_multi_params(n, w, n_tok, mf_metal_tc(ex), g, eps,
+                             mf_metal_fuse(ex) & MF_FUSE_NORM, &p)) {
         mf_metal_rmsnorm(ex, xn, x, g, n_tok, (int)w[0]->n_in, eps, 1.0f);
         mf_metal_matmul_multi(ex, n, y, w, xn, n_tok);
         return;
@@ -333,7 +333,7 @@ void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, cons
         float *o = out + (size_t)t0 * n_head * dv;
         const void *sk = ext && ext->sinks ? ext->sinks->w : NULL;
         const int tile = mf_attn_tile_ok(&pb, mf_metal_attn_tile(ex));
-        if (mf_attn_fuse_ok(&pb, mf_metal_fuse(ex), tile)) {
+        if (mf_attn_fuse_ok(&pb, mf_metal_fuse(ex) & MF_FUSE_ATTN, tile)) {
             int *count = mf_metal_counter(ex, "attention");
             if (!count)
                 return;
@@ -571,9 +571,8 @@ void mf_metal_rms_route(struct mf_exec *ex, int32_t *idx, float *w, float *logit
         mf_metal_fail(ex, MF_ERR_ARG, "metal backend: rms_route: a quantized norm weight");
         return;
     }
-    if (!idx || !w || !mf_metal_fuse_route(ex) ||
-        !mf_rms_multi_params(1, &router, n_tok, mf_metal_tc(ex), g, eps, mf_metal_fuse(ex),
-                             &p.mv)) {
+    if (!idx || !w || !(mf_metal_fuse(ex) & MF_FUSE_ROUTE) ||
+        !mf_rms_multi_params(1, &router, n_tok, mf_metal_tc(ex), g, eps, 1, &p.mv)) {
         mf_metal_rms_matmul_multi(ex, 1, &logits, &router, xn, x, g, eps, n_tok);
         mf_metal_moe_route(ex, idx, w, logits, bias, r, n_tok, NULL, NULL);
         return;
