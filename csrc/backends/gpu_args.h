@@ -50,7 +50,9 @@ enum {
 };
 
 // The fusions MOEFLUX_GPU_FUSE names: unset or empty the default, "0" none, "1" or "all"
-// every one, else a comma list of norm, add, attn, route; -1 for anything else.
+// every one, else a comma list of norm, add, attn, route; -1 for anything else (the
+// drivers fail the exec with MF_FUSE_EXPECTED in their message).
+#define MF_FUSE_EXPECTED "expected 0, 1, all or a comma list of norm, add, attn, route"
 static inline int mf_gpu_fuse_env(void) {
     static const char *const names[] = {"norm", "add", "attn", "route"};
     const char *e = getenv("MOEFLUX_GPU_FUSE");
@@ -64,7 +66,7 @@ static inline int mf_gpu_fuse_env(void) {
     for (const char *p = e; *p;) {
         const size_t n = strcspn(p, ",");
         int bit = 0;
-        for (int i = 0; i < 4 && !bit; i++)
+        for (int i = 0; i < (int)(sizeof names / sizeof names[0]) && !bit; i++)
             if (n == strlen(names[i]) && strncmp(p, names[i], n) == 0)
                 bit = 1 << i;
         if (!bit)

@@ -346,8 +346,7 @@ static int pdl_init(struct mf_exec *ex) {
     ex->attn_tile = !(a && strcmp(a, "0") == 0);
     ex->fuse = mf_gpu_fuse_env();
     if (ex->fuse < 0)
-        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_FUSE=%s: expected 0, 1, "
-                     "all or a comma list of norm, add, attn, route",
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_FUSE=%s: " MF_FUSE_EXPECTED,
                      getenv("MOEFLUX_GPU_FUSE"));
     return ex->status;
 }

@@ -681,9 +681,8 @@ static int metal_exec_new(struct mf_backend *be, int n_threads, struct mf_exec *
     ex->fuse = mf_gpu_fuse_env();
     if (ex->fuse < 0) {
         metal_exec_free(ex);
-        return mf_err(err, errlen, MF_ERR_ARG, "metal backend: MOEFLUX_GPU_FUSE=%s: expected "
-                      "0, 1, all or a comma list of norm, add, attn, route",
-                      getenv("MOEFLUX_GPU_FUSE"));
+        return mf_err(err, errlen, MF_ERR_ARG, "metal backend: MOEFLUX_GPU_FUSE=%s: "
+                      MF_FUSE_EXPECTED, getenv("MOEFLUX_GPU_FUSE"));
     }
     *out = ex;
     return MF_OK;
