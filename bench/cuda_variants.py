@@ -8,7 +8,7 @@ through ``MOEFLUX_SHADERS_DIR`` with the same build of the extension, so only th
 kernels and the named switches differ. Every measurement is a fresh process (the
 spread between processes is part of what a result must beat), the variants in turn,
 round after round. First every
-variant compiles at once in parallel processes (NVRTC, cached under
+distinct kernel source compiles, ``--jobs`` processes at a time (NVRTC, cached under
 ``MOEFLUX_CACHE_DIR``, default /tmp/moeflux-variants-cache), so no round pays for it.
 
 Per process: open the model resident, a warm-up (8 decode steps, a 64-token prefill),
@@ -22,7 +22,9 @@ ratio to the first variant's.
       apart=shaders@MOEFLUX_GPU_FUSE=0
 
 Variant: NAME=DIR[:MACRO=VALUE,...][@MOEFLUX_VAR=VALUE,...] (NAME of letters, digits,
-'_' and '-').
+'_' and '-'). A setting's value may be a comma list of lower-case words
+(``@MOEFLUX_GPU_FUSE=add,attn,norm``): a word after a comma with no '=' continues the
+value before it.
 """
 from __future__ import annotations
 
@@ -64,9 +66,12 @@ def parse_variant(spec: str) -> Variant:
         defines.append((dm.group(1), dm.group(2)))
     for e in filter(None, (m.group(4) or "").split(",")):
         em = re.fullmatch(r"(MOEFLUX_[A-Z0-9_]+)=(\S*)", e)
-        if not em:
+        if em:
+            env.append((em.group(1), em.group(2)))
+        elif env and re.fullmatch(r"[a-z0-9_]+", e):  # a list value: FUSE=add,attn
+            env[-1] = (env[-1][0], f"{env[-1][1]},{e}")
+        else:
             raise ValueError(f"variant {spec!r}: setting {e!r} is not MOEFLUX_VAR=VALUE")
-        env.append((em.group(1), em.group(2)))
     src = Path(m.group(2))
     if not (src / "mf_prelude.h").is_file():
         raise ValueError(f"variant {spec!r}: {src} holds no mf_prelude.h (not a kernel "
@@ -125,6 +130,25 @@ def run_one(args: argparse.Namespace, kdir: Path, v: Variant, reps: int) -> dict
     return json.loads(lines[-1])
 
 
+def warm_up(args: argparse.Namespace, vs: list[Variant], dirs: dict[str, Path]) -> None:
+    """Compile every distinct kernel source once (variants that differ only in their
+    MOEFLUX_* settings share one), --jobs processes at a time: each holds the model
+    resident, so as many at once as GPU memory holds the model."""
+    first = {}
+    for v in vs:
+        first.setdefault((v.src.resolve(), tuple(v.defines)), v)
+    todo = list(first.values())
+    for i in range(0, len(todo), args.jobs):
+        batch = todo[i:i + args.jobs]
+        procs = [subprocess.Popen(child_cmd(args, 0), env=child_env(dirs[v.name], v),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for v in batch]
+        for v, p in zip(batch, procs):
+            _, err = p.communicate(timeout=args.timeout)
+            if p.returncode != 0:
+                sys.exit(f"variant {v.name}: warm-up failed: {err.strip()[-2000:]}")
+
+
 def report(names: list[str], res: dict[str, list[dict]]) -> None:
     base = None
     print(f"{'variant':<16} {'decode tok/s, each round':<44} {'median':>8} {'ratio':>6} "
@@ -154,13 +178,15 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where the variant copies go "
                     "(default: a temporary directory, removed at the end)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
+    ap.add_argument("--jobs", type=int, default=2, help="warm-ups (kernel compiles) at "
+                    "once, each with the model resident in GPU memory")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
-    if len(args.variants) < 1 or args.rounds < 1 or args.reps < 1:
-        ap.error("give at least one variant, --rounds >= 1 and --reps >= 1")
+    if len(args.variants) < 1 or args.rounds < 1 or args.reps < 1 or args.jobs < 1:
+        ap.error("give at least one variant, --rounds, --reps and --jobs >= 1")
     try:
         vs = [parse_variant(s) for s in args.variants]
     except ValueError as e:
@@ -176,13 +202,7 @@ def main() -> None:
         import bench_cuda as bc
 
         print(f"model: {bc.build(Path(args.dir), args.layers, args.shape)}", flush=True)
-        procs = [subprocess.Popen(child_cmd(args, 0), env=child_env(dirs[v.name], v),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for v in vs]
-        for n, p in zip(dirs, procs):   # compile every variant at once
-            _, err = p.communicate(timeout=args.timeout)
-            if p.returncode != 0:
-                sys.exit(f"variant {n}: warm-up failed: {err.strip()[-2000:]}")
+        warm_up(args, vs, dirs)
         res: dict[str, list[dict]] = {n: [] for n in dirs}
         for r in range(args.rounds):
             for v in vs:

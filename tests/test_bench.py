@@ -252,6 +252,8 @@ def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> 
     env = cv.child_env(tmp_path, e)
     assert env["MOEFLUX_GPU_FUSE"] == "0" and env["MOEFLUX_SHADERS_DIR"] == str(tmp_path)
     assert cv.parse_variant(f"b={src}@MOEFLUX_GPU_PDL=0").env == [("MOEFLUX_GPU_PDL", "0")]
+    assert cv.parse_variant(f"n={src}@MOEFLUX_GPU_FUSE=add,attn,norm,MOEFLUX_X=1").env == [
+        ("MOEFLUX_GPU_FUSE", "add,attn,norm"), ("MOEFLUX_X", "1")]
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -262,6 +264,8 @@ def test_cuda_variants_copies_the_kernels_with_their_defines(tmp_path: Path) -> 
     ("a={src}:1X=2", "is not MACRO=VALUE"),
     ("a={src}@PATH=/x", "is not MOEFLUX_VAR=VALUE"),
     ("a={src}:MF_X=1@MOEFLUX_Y", "is not MOEFLUX_VAR=VALUE"),
+    ("a={src}@MOEFLUX_X=1,MOEFLUX_Y", "is not MOEFLUX_VAR=VALUE"),
+    ("a={src}@MOEFLUX_X=1,b c", "is not MOEFLUX_VAR=VALUE"),
 ])
 def test_cuda_variants_bad_specs_are_one_line_errors(tmp_path: Path, spec: str,
                                                       says: str) -> None:
