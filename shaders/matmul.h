@@ -80,6 +80,18 @@ MF_PARAMS(5, struct mf_p_mv, p) {
                         MF_LANE, MF_LT);
 }
 
+// Segment s of p (s < MF_MULTI_MAX) and its first threadgroup, by selects: indexed by
+// a value the compiler cannot know, a struct held by value is copied whole to local
+// memory first (mf_mv_multi1n's parameters, 53 words per thread, each thread's first
+// loads waiting on them).
+MF_FN struct mf_p_mv mf_multi_seg(const struct mf_p_mv_multi p, int s) {
+    return s == 0 ? p.seg[0] : s == 1 ? p.seg[1] : p.seg[2];
+}
+
+MF_FN int mf_multi_blk0(const struct mf_p_mv_multi p, int s) {
+    return s == 0 ? p.blk0[0] : s == 1 ? p.blk0[1] : p.blk0[2];
+}
+
 // matmul_multi: threadgroup x of segment s (blk0[s] <= x < blk0[s + 1]) does what
 // mf_mv does for weight s alone, so each y is the same, bit for bit, as a matmul's.
 // NORM (with ONE): of rmsnorm(x), nm.
@@ -96,12 +108,13 @@ MF_FN void mf_mv_multi_tg(MF_G float *y0, MF_G float *y1, MF_G float *y2, MF_G c
     MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
     MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
     MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
-    const struct mf_p_mv q = p.seg[s];
+    const struct mf_p_mv q = mf_multi_seg(p, s);
+    const int b0 = mf_multi_blk0(p, s);
     if (ONE)
-        mf_mv_rows<1, 1, NORM>(y, x, w, sc, bi, q, xs, nm, bx - p.blk0[s], 0, 0, warp, lane,
+        mf_mv_rows<1, 1, NORM>(y, x, w, sc, bi, q, xs, nm, bx - b0, 0, 0, warp, lane,
                                lt);
     else
-        mf_mv_rows<MF_MV_RPW, 0, 0>(y, x, w, sc, bi, q, xs, nm, bx - p.blk0[s], by, 0, warp,
+        mf_mv_rows<MF_MV_RPW, 0, 0>(y, x, w, sc, bi, q, xs, nm, bx - b0, by, 0, warp,
                                     lane, lt);
 }
 

@@ -272,12 +272,13 @@ MF_PARAMS(13, struct mf_p_mv_multi, p) {
     MF_G const mf_u32 *w = s == 0 ? w0 : s == 1 ? w1 : w2;
     MF_G const mf_u32 *sc = s == 0 ? sc0 : s == 1 ? sc1 : sc2;
     MF_G const mf_u32 *bi = s == 0 ? bi0 : s == 1 ? bi1 : bi2;
-    const struct mf_p_mv q = p.seg[s];
+    const struct mf_p_mv q = mf_multi_seg(p, s);
+    const int b0 = mf_multi_blk0(p, s);
     if (q.bits == 2)
-        mf_mv_tc_rows<2>(y, x, w, sc, bi, q, &sm, bx - p.blk0[s], MF_TG_Z, MF_WARP, MF_LANE,
+        mf_mv_tc_rows<2>(y, x, w, sc, bi, q, &sm, bx - b0, MF_TG_Z, MF_WARP, MF_LANE,
                          MF_LT);
     else
-        mf_mv_tc_rows<4>(y, x, w, sc, bi, q, &sm, bx - p.blk0[s], MF_TG_Z, MF_WARP, MF_LANE,
+        mf_mv_tc_rows<4>(y, x, w, sc, bi, q, &sm, bx - b0, MF_TG_Z, MF_WARP, MF_LANE,
                          MF_LT);
 }
 

@@ -45,8 +45,8 @@ enum {
     MF_FUSE_ROUTE = 8,
     MF_FUSE_ALL = 15,
     // On unless named otherwise: those measured faster than the ops apart (bench/RESULTS.md
-    // "Session 22": norm and route were slower on an H100 in their first form).
-    MF_FUSE_DEFAULT = MF_FUSE_ADD | MF_FUSE_ATTN,
+    // "Session 23": route was slower on an H100, norm too until session 23's fix).
+    MF_FUSE_DEFAULT = MF_FUSE_NORM | MF_FUSE_ADD | MF_FUSE_ATTN,
 };
 
 // The fusions MOEFLUX_GPU_FUSE names: unset or empty the default, "0" none, "1" or "all"
