@@ -356,22 +356,14 @@ MF_FN void mf_qdot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf
 // whole decode step 733 -> 714 tok/s). Kept as a parameter for other GPUs.
 #define MF_CH1(BITS, R) 1
 
-// The N staged values xr[i] of columns c0 + lt + i * MF_MV_THREADS normalised in place
-// (and written to nm->out where set). Every load (x before, the gains here) comes
-// ahead of the first store to nm->out: for all the compiler knows it may alias x or g,
-// so a load placed after it waits for the stored value, which waits for its own load:
-// one device round trip per value in turn (the first form, loads and stores
-// interleaved, made the fused q/k/v product of 5120 rows 31.5 us on an H100 against
-// 9.3 + 8.5 for mf_rmsnorm and the product apart).
+// The N staged values xr[i] of columns c0 + lt + i * MF_MV_THREADS normalised in place,
+// given their gains gv (and written to nm->out where set). The loads (x, the gains) all
+// come before the first store to nm->out, which may alias them for all the compiler
+// knows (session 22 thought that order the cost of the fused q/k/v product; session 23
+// found the cost elsewhere, a copy of its parameters to local memory: mf_multi_seg).
 template <int N>
-MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int c0, int n_in,
-                          int lt) {
-    float gv[N];
-#pragma unroll
-    for (int i = 0; i < N; i++) {
-        const int c = c0 + lt + i * MF_MV_THREADS;
-        gv[i] = nm->has_g && c < n_in ? mf_load(nm->g, nm->g_dtype, c) : 1.0f;
-    }
+MF_FN void mf_xnorm_apply(MF_TH float *xr, MF_TH const float *gv,
+                          MF_TH const struct mf_xnorm *nm, int c0, int n_in, int lt) {
 #pragma unroll
     for (int i = 0; i < N; i++)
         if (c0 + lt + i * MF_MV_THREADS < n_in)
@@ -384,6 +376,25 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
                 nm->out[c] = xr[i];
         }
     }
+}
+
+// The gains of those N columns (1 past n_in or without gains).
+template <int N>
+MF_FN void mf_xnorm_gains(MF_TH float *gv, MF_TH const struct mf_xnorm *nm, int c0, int n_in,
+                          int lt) {
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const int c = c0 + lt + i * MF_MV_THREADS;
+        gv[i] = nm->has_g && c < n_in ? mf_load(nm->g, nm->g_dtype, c) : 1.0f;
+    }
+}
+
+template <int N>
+MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int c0, int n_in,
+                          int lt) {
+    float gv[N];
+    mf_xnorm_gains<N>(gv, nm, c0, n_in, lt);
+    mf_xnorm_apply<N>(xr, gv, nm, c0, n_in, lt);
 }
 
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
@@ -434,6 +445,61 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                     mf_chunk_dot<BITS, 1, R>(acc, wd[j], s[j], b[j],
                                              xs + j * MF_XS_TOK + lane * MF_XS_PAD, MF_XS_TOK, 1);
         }
+        MF_BARRIER();
+    }
+}
+
+// Columns of x a thread of mf_qdot_rows1h holds: that path takes n_in up to
+// MF_XN_HOLD * MF_MV_THREADS (2048 at 8), the general one the rest.
+#ifndef MF_XN_HOLD
+#define MF_XN_HOLD 8
+#endif
+
+// mf_qdot_rows1 with its norm (CH 1) where x fits in MF_XN_HOLD values a thread: the
+// gains are loaded before the wait (weights), x once after it and held in registers,
+// its sum of squares taken in mf_xnorm_inv's order, each step staging held values
+// normalised. The same values staged, so the same bits, with one load round trip after
+// the wait where the general path takes two or more (x for the sum, then x and the
+// gains at each step).
+template <int BITS, int R>
+MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
+                          int sdtype, int gs, int n_in, MF_G const float *x,
+                          struct mf_xnorm nm, int lt, int lane) {
+    const int PER = MF_XS_COLS / MF_MV_THREADS;
+    const int n_chunk = n_in >> 5, on = rw->n > 0;
+    mf_u32 wd[R][BITS];
+    float s[R], b[R], xh[MF_XN_HOLD], gh[MF_XN_HOLD];
+    if (on)
+        mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, lane, n_chunk);
+    mf_xnorm_gains<MF_XN_HOLD>(gh, &nm, 0, n_in, lt);
+    mf_dep_wait();
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MF_XN_HOLD; i++) {
+        const int c = lt + i * MF_MV_THREADS;
+        xh[i] = c < n_in ? x[c] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < MF_XN_HOLD; i++)
+        if (lt + i * MF_MV_THREADS < n_in)
+            ss += xh[i] * xh[i];
+    nm.inv = mf_rms_inv(ss, xs, lt, n_in, nm.eps);   // ends with a barrier: xs is free
+    mf_xnorm_apply<MF_XN_HOLD>(xh, gh, &nm, 0, n_in, lt);
+#pragma unroll
+    for (int st = 0; st < MF_XN_HOLD / PER; st++) {
+        const int c0 = st * MF_XS_COLS;
+        if (c0 >= n_in)
+            break;
+        if (st > 0 && on)
+            mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, (c0 >> 5) + lane, n_chunk);
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int k = lt + i * MF_MV_THREADS;
+            xs[((k >> 5) & 31) * MF_XS_PAD + (k & 31)] = xh[st * PER + i];
+        }
+        MF_BARRIER();
+        if (on && (c0 >> 5) + lane < n_chunk)
+            mf_chunk_dot<BITS, 1, R>(acc, wd, s, b, xs + lane * MF_XS_PAD, MF_XS_TOK, 1);
         MF_BARRIER();
     }
 }
@@ -492,14 +558,20 @@ template <int R>
 MF_FN void mf_dot_rows1n(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                          int bits, int sdtype, int gs, int n_in, MF_G const float *x,
                          struct mf_xnorm nm, int lt, int lane) {
+#define MF_QBITS1N(B)                                                                  \
+    if (n_in <= MF_XN_HOLD * MF_MV_THREADS && MF_CH1(B, R) == 1)                       \
+        mf_qdot_rows1h<B, R>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);          \
+    else                                                                               \
+        mf_qdot_rows1<B, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);
     switch (bits) {
-    case 2: mf_qdot_rows1<2, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
-    case 3: mf_qdot_rows1<3, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
-    case 4: mf_qdot_rows1<4, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
-    case 5: mf_qdot_rows1<5, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
-    case 6: mf_qdot_rows1<6, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
-    default: mf_qdot_rows1<8, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane); break;
+    case 2: MF_QBITS1N(2); break;
+    case 3: MF_QBITS1N(3); break;
+    case 4: MF_QBITS1N(4); break;
+    case 5: MF_QBITS1N(5); break;
+    case 6: MF_QBITS1N(6); break;
+    default: MF_QBITS1N(8); break;
     }
+#undef MF_QBITS1N
 }
 
 // Row r of a weight [n_out, n_in] (quantized or float) into slot i of rw.
