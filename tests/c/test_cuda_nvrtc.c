@@ -3,7 +3,8 @@
  * source compiles with NVRTC for sm_80, sm_90 and sm_100 with no error and no warning
  * (skipped where libnvrtc is absent), the embedded sources are those of shaders/
  * (byte for byte), MOEFLUX_SHADERS_DIR replaces them, and without a CUDA driver mf_backend_new("cuda") fails with
- * MF_ERR_BACKEND naming the libraries it tried.
+ * MF_ERR_BACKEND naming the libraries it tried. The PTX (compute_90) shows no kernel
+ * keeping an array or struct in local memory beyond sinf / cosf's own.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -67,9 +68,60 @@ struct compiled {
     int rc;
     size_t size;
     int log_blank;      // NVRTC's log is empty or whitespace: a clean compile
+    int n_local;        // PTX: functions with a local array over MF_PTX_LOCAL_MAX bytes
     double secs;
     char msg[1536];     // err, or the start of a non-empty log
+    char local[1024];   // PTX: those functions, "name (bytes)" each
 };
+
+// The most local memory a kernel's PTX may declare: the 7 words sinf / cosf keep for
+// their slow argument reduction (mf_rope, mf_rope_qk). More means an array or struct
+// indexed by a value known only at run time, which the compiler copies to local memory
+// on every thread (mf_mv_multi1n's 212-byte parameters, session 23: 29.8 us where 12.3
+// without).
+#define MF_PTX_LOCAL_MAX 28
+
+// Line [*p, end) of text, *p moved past it; 0 at the end.
+static int next_line(const char **p, const char *end, const char **line, size_t *n) {
+    if (*p >= end || **p == '\0')
+        return 0;
+    const char *nl = memchr(*p, '\n', (size_t)(end - *p));
+    *line = *p;
+    *n = nl ? (size_t)(nl - *p) : (size_t)(end - *p);
+    *p = nl ? nl + 1 : end;
+    return 1;
+}
+
+// The functions of PTX text whose __local_depot is over MF_PTX_LOCAL_MAX bytes, into c.
+static void ptx_locals(const char *ptx, size_t size, struct compiled *c) {
+    const char *p = ptx, *end = ptx + size, *line;
+    char fn[128] = "?";
+    size_t n, used = 0;
+    while (next_line(&p, end, &line, &n)) {
+        const char *e = memmem(line, n, ".entry ", 7), *f = memmem(line, n, ".func ", 6);
+        const char *name = e ? e + 7 : f ? f + 6 : NULL;
+        if (name && *name == '(') {   // .func (.param ... retval) name(
+            const char *r = memchr(name, ')', (size_t)(line + n - name));
+            name = r ? r + 1 + strspn(r + 1, " ") : name;
+        }
+        if (name) {
+            size_t k = strcspn(name, "( \n");
+            snprintf(fn, sizeof fn, "%.*s", (int)(k < 127 ? k : 127), name);
+        }
+        const char *d = memmem(line, n, "__local_depot", 13);
+        const char *b = d ? memchr(d, '[', (size_t)(line + n - d)) : NULL;
+        if (!b || !memmem(line, n, ".local", 6))
+            continue;
+        const long bytes = strtol(b + 1, NULL, 10);
+        if (bytes <= MF_PTX_LOCAL_MAX)
+            continue;
+        c->n_local++;
+        int w = snprintf(c->local + used, sizeof c->local - used, "%s%s (%ld)",
+                         used ? ", " : "", fn, bytes);
+        if (w > 0 && (size_t)w < sizeof c->local - used)
+            used += (size_t)w;
+    }
+}
 
 static void compile_child(const struct mf_nvrtc_api *nv, const char *arch, int fd) {
     struct compiled c = {0};
@@ -81,6 +133,8 @@ static void compile_child(const struct mf_nvrtc_api *nv, const char *arch, int f
     clock_gettime(CLOCK_MONOTONIC, &t1);
     c.secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     c.log_blank = !log || strspn(log, " \n") == strlen(log);
+    if (c.rc == MF_OK && strncmp(arch, "compute_", 8) == 0)
+        ptx_locals(image, c.size, &c);
     if (!c.log_blank)
         snprintf(c.msg, sizeof c.msg, "%s", log);
     ssize_t w = write(fd, &c, sizeof c);
@@ -95,8 +149,8 @@ static void test_compile(void) {
         return;
     }
     printf("NVRTC %d.%d from %s\n", nv.major, nv.minor, nv.path);
-    enum { N_ARCH = 3 };
-    const char *archs[N_ARCH] = {"sm_80", "sm_90", "sm_100"};
+    enum { N_ARCH = 4 };
+    const char *archs[N_ARCH] = {"sm_80", "sm_90", "sm_100", "compute_90"};
     int fds[N_ARCH];
     pid_t pids[N_ARCH];
     fflush(stdout);
@@ -130,9 +184,12 @@ static void test_compile(void) {
         if (got != (ssize_t)sizeof c)
             continue;
         CHECK(c.rc == MF_OK, "compile for %s: %s", archs[i], c.msg);
-        CHECK(c.rc != MF_OK || c.size > 1000, "%s: a %zu-byte cubin", archs[i], c.size);
+        CHECK(c.rc != MF_OK || c.size > 1000, "%s: a %zu-byte image", archs[i], c.size);
         // NVRTC's log is empty on a clean compile; any text (a warning) fails.
         CHECK(c.log_blank, "NVRTC log for %s is not empty:\n%s", archs[i], c.msg);
+        CHECK(c.n_local == 0, "%s: %d functions keep more than %d bytes in local memory "
+              "(an array or struct indexed by a run-time value?): %s", archs[i], c.n_local,
+              MF_PTX_LOCAL_MAX, c.local);
         printf("compiled for %s: %zu bytes in %.2f s\n", archs[i], c.size, c.secs);
     }
     test_shaders_dir(&nv);
