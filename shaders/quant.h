@@ -455,6 +455,13 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 #define MF_XN_HOLD 8
 #endif
 
+// Whether mf_qdot_rows1h loads every step's codes before its wait (1: the weights of a
+// whole row in flight while the kernel before still runs, at the cost of registers) or
+// each step's in turn (0). Not yet timed on a GPU: 0 until it is.
+#ifndef MF_XN_PRELOAD
+#define MF_XN_PRELOAD 0
+#endif
+
 // mf_qdot_rows1 with its norm (CH 1) where x fits in MF_XN_HOLD values a thread: the
 // gains are loaded before the wait (weights), x once after it and held in registers,
 // its sum of squares taken in mf_xnorm_inv's order, each step staging held values
@@ -465,12 +472,18 @@ template <int BITS, int R>
 MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                           int sdtype, int gs, int n_in, MF_G const float *x,
                           struct mf_xnorm nm, int lt, int lane) {
-    const int PER = MF_XS_COLS / MF_MV_THREADS;
+    const int PER = MF_XS_COLS / MF_MV_THREADS, NS = MF_XN_HOLD / PER;
+    const int NW = MF_XN_PRELOAD ? NS : 1;
     const int n_chunk = n_in >> 5, on = rw->n > 0;
-    mf_u32 wd[R][BITS];
-    float s[R], b[R], xh[MF_XN_HOLD], gh[MF_XN_HOLD];
-    if (on)
-        mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, lane, n_chunk);
+    mf_u32 wd[NW][R][BITS];
+    float s[NW][R], b[NW][R], xh[MF_XN_HOLD], gh[MF_XN_HOLD];
+    if (on) {
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+            if (j * MF_XS_COLS < n_in)
+                mf_load_rows<BITS, R>(wd[j], s[j], b[j], rw, sdtype, gs, 32 * j + lane,
+                                      n_chunk);
+    }
     mf_xnorm_gains<MF_XN_HOLD>(gh, &nm, 0, n_in, lt);
     mf_dep_wait();
     float ss = 0.0f;
@@ -486,12 +499,13 @@ MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
     nm.inv = mf_rms_inv(ss, xs, lt, n_in, nm.eps);   // ends with a barrier: xs is free
     mf_xnorm_apply<MF_XN_HOLD>(xh, gh, &nm, 0, n_in, lt);
 #pragma unroll
-    for (int st = 0; st < MF_XN_HOLD / PER; st++) {
-        const int c0 = st * MF_XS_COLS;
+    for (int st = 0; st < NS; st++) {
+        const int c0 = st * MF_XS_COLS, j = MF_XN_PRELOAD ? st : 0;
         if (c0 >= n_in)
             break;
-        if (st > 0 && on)
-            mf_load_rows<BITS, R>(wd, s, b, rw, sdtype, gs, (c0 >> 5) + lane, n_chunk);
+        if (!MF_XN_PRELOAD && st > 0 && on)
+            mf_load_rows<BITS, R>(wd[0], s[0], b[0], rw, sdtype, gs, (c0 >> 5) + lane,
+                                  n_chunk);
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             const int k = lt + i * MF_MV_THREADS;
@@ -499,7 +513,8 @@ MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
         }
         MF_BARRIER();
         if (on && (c0 >> 5) + lane < n_chunk)
-            mf_chunk_dot<BITS, 1, R>(acc, wd, s, b, xs + lane * MF_XS_PAD, MF_XS_TOK, 1);
+            mf_chunk_dot<BITS, 1, R>(acc, wd[j], s[j], b[j], xs + lane * MF_XS_PAD,
+                                     MF_XS_TOK, 1);
         MF_BARRIER();
     }
 }
