@@ -13,7 +13,8 @@
 // R rows per warp: MF_MV_RPW in the tile kernels (each staged x value serves four
 // rows), 1 in the one-token kernels, where more, shorter warps hide memory latency
 // better (p.rpw says which to grid.h). ONE: one token, one-token paths only
-// (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n).
+// (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n;
+// 2: its wait alone, mf_rows_wait).
 template <int R, int ONE, int NORM>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
@@ -34,12 +35,15 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
         acc[i] = 0.0f;
     MF_G const float *xt = x + (mf_i64)h * p.x_head_stride + (mf_i64)t0 * p.x_tok_stride;
     if (NORM)
-        mf_dot_rows1n<R>(acc, xs, &rw, p.bits, p.sdtype, p.group_size, p.n_in, xt, nm, lt,
-                         lane);
+        mf_dot_rows1n<R, NORM>(acc, xs, &rw, p.bits, p.sdtype, p.group_size, p.n_in, xt, nm,
+                               lt, lane);
     else
         mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
                             xt, p.x_tok_stride, nt, lt, lane);
-    mf_dep_wait();   // done in the row dot (after its first weights); here for n_in 0
+    if (NORM)   // done in the row dot (after its first weights); here for n_in 0
+        mf_rows_wait<NORM>();
+    else
+        mf_dep_wait();
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)

@@ -96,6 +96,8 @@ MF_FN float mf_log1p(float x) {
 #define MF_INF INFINITY
 // Metal runs a command buffer's kernels one after another: nothing to wait for.
 MF_FN void mf_dep_wait() {}
+MF_FN void mf_dep_wait_only() {}
+MF_FN void mf_dep_launch() {}
 // The last threadgroup of a kernel to finish (mf_route1n, mf_attn_part1): a thread's
 // device writes before mf_fence_device are seen by a threadgroup that reads them after
 // seeing its mf_atomic_add, through mf_ldcg (device-scope fence: Metal 3.2).
@@ -162,6 +164,8 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
 }
 #define MF_INF INFINITY
 MF_FN void mf_dep_wait() {}
+MF_FN void mf_dep_wait_only() {}
+MF_FN void mf_dep_launch() {}
 MF_FN void mf_fence_device() {}   // threadgroups run one after another
 MF_FN int mf_atomic_add(MF_G int *p, int v) {
     const int old = *p;
@@ -291,6 +295,19 @@ MF_FN float mf_ldcg(MF_G const float *p) { return __ldcg(p); }
 MF_FN void mf_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Its two halves, for a kernel that lets the next one start later than its wait
+// (mf_route1n with MF_ROUTE1N_LATE): the wait, and the next kernel's start (at the
+// latest when the kernel's last threadgroup ends).
+MF_FN void mf_dep_wait_only() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+MF_FN void mf_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }

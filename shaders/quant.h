@@ -397,6 +397,16 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
     mf_xnorm_apply<N>(xr, gv, nm, c0, n_in, lt);
 }
 
+// A norm-taking row dot's wait (NORM 1), or with NORM 2 (mf_route1n with
+// MF_ROUTE1N_LATE) the wait alone: that kernel lets the next one start later.
+template <int NORM>
+MF_FN void mf_rows_wait() {
+    if (NORM == 2)
+        mf_dep_wait_only();
+    else
+        mf_dep_wait();
+}
+
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
 // step's codes and group parameters of every chunk are loaded first, then CH tiles of
 // x are staged (xs holds a tile per token in the tile path, a tile of the step's
@@ -421,7 +431,7 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                                       (c0 >> 5) + 32 * j + lane, n_chunk);
         }
         if (c0 == 0) {
-            mf_dep_wait();
+            mf_rows_wait<NORM>();
             if (NORM)   // xs is free: the first staging comes after mf_rms_inv's barrier
                 nm.inv = mf_xnorm_inv(x, n_in, nm.eps, xs, lt);
         }
@@ -468,7 +478,7 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 // normalised. The same values staged, so the same bits, with one load round trip after
 // the wait where the general path takes two or more (x for the sum, then x and the
 // gains at each step).
-template <int BITS, int R>
+template <int BITS, int R, int NORM>
 MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                           int sdtype, int gs, int n_in, MF_G const float *x,
                           struct mf_xnorm nm, int lt, int lane) {
@@ -485,7 +495,7 @@ MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
                                       n_chunk);
     }
     mf_xnorm_gains<MF_XN_HOLD>(gh, &nm, 0, n_in, lt);
-    mf_dep_wait();
+    mf_rows_wait<NORM>();
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < MF_XN_HOLD; i++) {
@@ -569,15 +579,15 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
 // mf_dot_rows of one token of rmsnorm(x) (nm; mf_mv_multi1n): affine codes only,
 // the host's choice (mf_rms_multi_params), every other format takes rmsnorm then the
 // plain products.
-template <int R>
+template <int R, int NORM>
 MF_FN void mf_dot_rows1n(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                          int bits, int sdtype, int gs, int n_in, MF_G const float *x,
                          struct mf_xnorm nm, int lt, int lane) {
 #define MF_QBITS1N(B)                                                                  \
     if (n_in <= MF_XN_HOLD * MF_MV_THREADS && MF_CH1(B, R) == 1)                       \
-        mf_qdot_rows1h<B, R>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);          \
+        mf_qdot_rows1h<B, R, NORM>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);    \
     else                                                                               \
-        mf_qdot_rows1<B, R, 1>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);
+        mf_qdot_rows1<B, R, NORM>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);
     switch (bits) {
     case 2: MF_QBITS1N(2); break;
     case 3: MF_QBITS1N(3); break;
