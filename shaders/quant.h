@@ -464,6 +464,9 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 #ifndef MF_XN_HOLD
 #define MF_XN_HOLD 8
 #endif
+#if MF_XN_HOLD % (MF_XS_COLS / MF_MV_THREADS) != 0
+#error "MF_XN_HOLD must be a whole number of staging steps (MF_XS_COLS / MF_MV_THREADS)"
+#endif
 
 // Whether mf_qdot_rows1h loads every step's codes before its wait (1: the weights of a
 // whole row in flight while the kernel before still runs, at the cost of registers) or
