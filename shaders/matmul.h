@@ -40,10 +40,7 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
     else
         mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
                             xt, p.x_tok_stride, nt, lt, lane);
-    if (NORM)   // done in the row dot (after its first weights); here for n_in 0
-        mf_rows_wait<NORM>();
-    else
-        mf_dep_wait();
+    mf_rows_wait<NORM>();   // done in the row dot (after its first weights); here for n_in 0
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)

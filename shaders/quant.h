@@ -397,8 +397,8 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
     mf_xnorm_apply<N>(xr, gv, nm, c0, n_in, lt);
 }
 
-// A norm-taking row dot's wait (NORM 1), or with NORM 2 (mf_route1n with
-// MF_ROUTE1N_LATE) the wait alone: that kernel lets the next one start later.
+// A row dot's wait (mf_dep_wait), or with NORM 2 (mf_route1n with MF_ROUTE1N_LATE) the
+// wait alone: that kernel lets the next one start later.
 template <int NORM>
 MF_FN void mf_rows_wait() {
     if (NORM == 2)
