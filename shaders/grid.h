@@ -204,6 +204,12 @@ static inline void mf_grid_moe_down_tc(const struct mf_p_moe *p, unsigned g[3],
                 mf_cdiv(p->max_rows, MF_TC_TOK(p->n_ff)), 32 * MF_MV_ROWS);
 }
 
+// mf_moe_down1's grid: the combine rides on it.
+static inline void mf_grid_moe_down1c(const struct mf_p_moe_dc *p, unsigned g[3],
+                                      unsigned b[3]) {
+    mf_grid_moe_down(&p->m, g, b);
+}
+
 // A thread per column, tokens on y.
 static inline void mf_grid_moe_combine(const struct mf_p_moe_dev *p, unsigned g[3],
                                        unsigned b[3]) {

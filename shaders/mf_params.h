@@ -217,6 +217,12 @@ struct mf_p_moe_dev {
     int has_shared, has_resid, has_flag;
 };
 
+// mf_moe_down1c: mf_moe_down1's params (m) and the combine's (c) for one launch.
+struct mf_p_moe_dc {
+    struct mf_p_moe m;
+    struct mf_p_moe_dev c;
+};
+
 // gpt-oss (gptoss.h): an MXFP4 matvec y[t, r] = x[t] . W[r] over n_tok tokens (rows of x
 // and y at their strides), and the clamped SwiGLU over n_rows x n_cols.
 struct mf_p_mxfp4 {

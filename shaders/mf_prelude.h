@@ -219,7 +219,7 @@ __device__ constexpr bool mf_occ_is(const char *a, const char *b) {
 #endif
 __device__ constexpr int mf_occ_n(const char *k) {
     return mf_occ_is(k, "mf_moe_gu1")     ? MF_OCC_GU1
-           : mf_occ_is(k, "mf_moe_down1") ? MF_OCC_DOWN1
+           : mf_occ_is(k, "mf_moe_down1") || mf_occ_is(k, "mf_moe_down1c") ? MF_OCC_DOWN1
            : mf_occ_is(k, "mf_mv_multi1") || mf_occ_is(k, "mf_mv1")        ? MF_OCC_MV1
            : mf_occ_is(k, "mf_mv_multi1n") || mf_occ_is(k, "mf_route1n") ? MF_OCC_MV1N
                                                                            : 2;

@@ -453,25 +453,17 @@ MF_PARAMS(4, struct mf_p_moe, p) {
 // expert order, each added to a running sum from 0: the order, and so the bits, of
 // zero + scatter_add_rows over expert-grouped rows (the host-routed path). A slot
 // counts when its id is >= 0 and no earlier slot holds the same id. The threadgroup
-// first puts the slots in that order (ord, m of them: a slot's place is the number of
-// counted slots with a smaller id), then each thread loads MF_VB rows' values at a
-// time and adds them in order. Then, where p asks (mf_moe_dev's shared and resid), the
-// shared expert's row and the residual add with its NaN/inf flag: the bits of mf_axpy
-// then mf_axpy_flag on the row (their alpha is 1, and 1 * v is v exactly).
-MF_KERNEL(mf_moe_combine)
-MF_BUF(0, float, y)
-MF_BUF(1, const float, eo)
-MF_BUF(2, const int, idx)
-MF_BUF(3, const float, w)
-MF_BUF(4, const float, shared)
-MF_BUF(5, float, resid)
-MF_BUF(6, int, flag)
-MF_PARAMS(7, struct mf_p_moe_dev, p) {
-    MF_SHARED int sid[MF_ROUTE_K_MAX];
-    MF_SHARED int use[MF_ROUTE_K_MAX];
-    MF_SHARED int ord[MF_ROUTE_K_MAX];
-    mf_dep_wait();
-    const int t = MF_TG_Y, lt = MF_LT, c = MF_TG_X * MF_NT + lt, K = p.k;
+// first puts the slots in that order (mf_comb_order), then each thread loads MF_VB
+// rows' values at a time and adds them in order (mf_comb_col). Then, where p asks
+// (mf_moe_dev's shared and resid), the shared expert's row and the residual add with
+// its NaN/inf flag: the bits of mf_axpy then mf_axpy_flag on the row (their alpha is 1,
+// and 1 * v is v exactly).
+
+// Token t's counted slots in ascending expert order: ord, m of them (returned; a slot's
+// place is the number of counted slots with a smaller id). Every thread of the
+// threadgroup calls it.
+MF_FN int mf_comb_order(MF_TG int *sid, MF_TG int *use, MF_TG int *ord, MF_G const int *idx,
+                        int t, int K, int lt) {
     if (lt < K)
         sid[lt] = idx[(mf_i64)t * K + lt];
     MF_BARRIER();
@@ -490,8 +482,16 @@ MF_PARAMS(7, struct mf_p_moe_dev, p) {
     if (lt < K && use[lt])
         ord[pos] = lt;
     MF_BARRIER();
-    if (c >= p.n_embd)
-        return;
+    return m;
+}
+
+// Column c of token t, its m slots in order ord. eo is read through mf_ldcg:
+// mf_moe_down1c's last threadgroup reads what the others wrote.
+MF_FN void mf_comb_col(MF_G float *y, MF_G const float *eo, MF_G const float *w,
+                       MF_G const float *shared, MF_G float *resid, MF_G int *flag,
+                       const struct mf_p_moe_dev p, MF_TG const int *ord, int m, int t,
+                       int c) {
+    const int K = p.k;
     MF_G const float *wt = w + (mf_i64)t * K;
     MF_G const float *et = eo + (mf_i64)t * K * p.n_embd + c;
     float acc = 0.0f;
@@ -501,7 +501,7 @@ MF_PARAMS(7, struct mf_p_moe_dev, p) {
         for (int q = 0; q < MF_VB; q++) {
             const int j = n0 + q < m ? ord[n0 + q] : 0;
             wv[q] = n0 + q < m ? wt[j] : 0.0f;
-            ev[q] = n0 + q < m ? et[(mf_i64)j * p.n_embd] : 0.0f;
+            ev[q] = n0 + q < m ? mf_ldcg(et + (mf_i64)j * p.n_embd) : 0.0f;
         }
 #pragma unroll
         for (int q = 0; q < MF_VB; q++)
@@ -518,6 +518,72 @@ MF_PARAMS(7, struct mf_p_moe_dev, p) {
         if (p.has_flag && (mf_as_u32(v) & 0x7f800000u) == 0x7f800000u)
             flag[0] = 1;
     }
+}
+
+MF_KERNEL(mf_moe_combine)
+MF_BUF(0, float, y)
+MF_BUF(1, const float, eo)
+MF_BUF(2, const int, idx)
+MF_BUF(3, const float, w)
+MF_BUF(4, const float, shared)
+MF_BUF(5, float, resid)
+MF_BUF(6, int, flag)
+MF_PARAMS(7, struct mf_p_moe_dev, p) {
+    MF_SHARED int sid[MF_ROUTE_K_MAX];
+    MF_SHARED int use[MF_ROUTE_K_MAX];
+    MF_SHARED int ord[MF_ROUTE_K_MAX];
+    mf_dep_wait();
+    const int t = MF_TG_Y, c = MF_TG_X * MF_NT + MF_LT;
+    const int m = mf_comb_order(sid, use, ord, idx, t, p.k, MF_LT);
+    if (c < p.n_embd)
+        mf_comb_col(y, eo, w, shared, resid, flag, p, ord, m, t, c);
+}
+
+// mf_moe_down1 (device routing: p.m.dev_k = p.c.k) then mf_moe_combine in one launch:
+// each threadgroup writes its down rows of entry e = t * K + j and counts itself on
+// count[t * nblk + tg_x] (nblk threadgroups along x); the last of token t's K to end
+// (mf_attn_part1's pattern, which it leaves at 0 for the next launch) combines those
+// rows' columns, a thread each. The bits of the pair: the same rows, then the same sums
+// in the same order.
+MF_KERNEL(mf_moe_down1c)
+MF_BUF(0, float, eo)
+MF_BUF(1, const float, gu)
+MF_BUF(2, const mf_u32, base)
+MF_BUF(3, const int, idx)
+MF_BUF(4, float, y)
+MF_BUF(5, const float, w)
+MF_BUF(6, const float, shared)
+MF_BUF(7, float, resid)
+MF_BUF(8, int, flag)
+MF_BUF(9, int, count)
+MF_PARAMS(10, struct mf_p_moe_dc, p) {
+    alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
+    MF_SHARED int sid[MF_ROUTE_K_MAX];
+    MF_SHARED int use[MF_ROUTE_K_MAX];
+    MF_SHARED int ord[MF_ROUTE_K_MAX];
+    MF_SHARED int last[1];
+    const int rows = MF_MV_ROWS * MF_DOWN1_RPW, lt = MF_LT;
+    const int e = MF_TG_Y, t = e / p.c.k, nblk = (p.m.n_embd + rows - 1) / rows;
+    int r0;
+    if (mf_moe_tile(idx, p.m, e, 0, &r0) > 0)
+        mf_down_rows<MF_DOWN1_RPW, 1>(eo, gu, base, idx, p.m, xs, e, MF_TG_X, r0, 1, MF_WARP,
+                                      MF_LANE, lt);
+    mf_fence_device();
+    MF_BARRIER();
+    MF_G int *cnt = count + (mf_i64)t * nblk + MF_TG_X;
+    if (lt == 0)
+        last[0] = mf_atomic_add(cnt, 1) == p.c.k - 1;
+    MF_BARRIER();
+    if (!last[0])
+        return;
+    mf_dep_wait();   // a threadgroup with no row never waited
+    mf_fence_device();
+    const int m = mf_comb_order(sid, use, ord, idx, t, p.c.k, lt);
+    const int c = MF_TG_X * rows + lt;
+    if (lt < rows && c < p.c.n_embd)
+        mf_comb_col(y, eo, w, shared, resid, flag, p.c, ord, m, t, c);
+    if (lt == 0)
+        cnt[0] = 0;
 }
 
 #endif /* MF_MOE_H */

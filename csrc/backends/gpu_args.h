@@ -37,24 +37,28 @@ static inline int mf_gpu_tc_env(void) {
 // norm: a layer's input RMSNorm inside its first products (mf_mv_multi1n); add: the
 // output projection added into the residual stream (mf_mv1 adding); attn: a query's
 // combine by the last of its key splits (mf_attn_part1); route: the MoE input norm,
-// router and routing in one launch (mf_route1n).
+// router and routing in one launch (mf_route1n); comb: the device-routed experts'
+// combine (with the shared expert's and the residual adds) by the down kernel's last
+// threadgroups (mf_moe_down1c).
 enum {
     MF_FUSE_NORM = 1,
     MF_FUSE_ADD = 2,
     MF_FUSE_ATTN = 4,
     MF_FUSE_ROUTE = 8,
-    MF_FUSE_ALL = 15,
+    MF_FUSE_COMB = 16,
+    MF_FUSE_ALL = 31,
     // On unless named otherwise: those measured faster than the ops apart (bench/RESULTS.md
     // "Session 23": route was slower on an H100, norm too until session 23's fix).
     MF_FUSE_DEFAULT = MF_FUSE_NORM | MF_FUSE_ADD | MF_FUSE_ATTN,
 };
 
 // The fusions MOEFLUX_GPU_FUSE names: unset or empty the default, "0" none, "1" or "all"
-// every one, else a comma list of norm, add, attn, route; -1 for anything else (the
-// drivers fail the exec with MF_FUSE_EXPECTED in their message).
-#define MF_FUSE_EXPECTED "expected 0, 1, all or a comma list of norm, add, attn, route"
+// every one, else a comma list of norm, add, attn, route, comb; -1 for anything else
+// (the drivers fail the exec with MF_FUSE_EXPECTED in their message).
+#define MF_FUSE_EXPECTED \
+    "expected 0, 1, all or a comma list of norm, add, attn, route, comb"
 static inline int mf_gpu_fuse_env(void) {
-    static const char *const names[] = {"norm", "add", "attn", "route"};
+    static const char *const names[] = {"norm", "add", "attn", "route", "comb"};
     const char *e = getenv("MOEFLUX_GPU_FUSE");
     if (!e || !*e)
         return MF_FUSE_DEFAULT;
@@ -523,16 +527,29 @@ static inline struct mf_p_attn mf_attn_block(const struct mf_p_attn *p, int t0, 
 
 // The ints of a context the last-threadgroup kernels count on (each left at 0 by its
 // last threadgroup): mf_route1n's at 0, mf_attn_part1's from MF_COUNT_ATTN (one per
-// query and head of a block of queries).
+// query and head of a block of queries), mf_moe_down1c's from MF_COUNT_COMB (one per
+// token and threadgroup column).
 #define MF_COUNT_ATTN 64
-#define MF_COUNT_INTS 2048
+#define MF_COUNT_COMB 2048
+#define MF_COUNT_INTS 4096
 
 // 1 when a block of queries takes mf_attn_part1 (the partials and, by each query's last
 // split, the combine, in one launch; the bits of mf_attn_part then mf_attn_comb): the
 // driver's switch on (MOEFLUX_GPU_FUSE), not a tiled block, a counter per query and
 // head.
 static inline int mf_attn_fuse_ok(const struct mf_p_attn *p, int on, int tile) {
-    return on && !tile && (long long)p->n_tok * p->n_head <= MF_COUNT_INTS - MF_COUNT_ATTN;
+    return on && !tile && (long long)p->n_tok * p->n_head <= MF_COUNT_COMB - MF_COUNT_ATTN;
+}
+
+// 1 when a device-routed experts call takes mf_moe_down1c (the down rows and the
+// combine in one launch; the bits of mf_moe_down1 then mf_moe_combine): the driver's
+// switch on (MOEFLUX_GPU_FUSE), the one-row pair planned (pl), a counter per token and
+// threadgroup column of dp.
+static inline int mf_comb_fuse_ok(const struct mf_moe_plan *pl, int n_tok, int on) {
+    if (!on || pl->n != 1 || pl->kind[0] != MF_MOE_SIMT1)
+        return 0;
+    const long long nblk = mf_cdiv(pl->dp[0].n_embd, MF_MV_ROWS * MF_DOWN1_RPW);
+    return (long long)n_tok * nblk <= MF_COUNT_INTS - MF_COUNT_COMB;
 }
 
 // How a rope_qk call runs on a GPU.

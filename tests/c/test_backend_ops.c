@@ -1925,6 +1925,39 @@ static void host_routed_one(float *gy, const float *gx, const int32_t *idx, cons
     gfree(xg), gfree(gu), gfree(eo);
 }
 
+// d (with the shared expert's and the residual adds, the residual starting at rs) again
+// on the exec made with MOEFLUX_GPU_FUSE=0, whose down kernel and combine are two
+// launches (mf_moe_down1, mf_moe_combine): y (y1), the residual (r1) and the flag (f1)
+// of E.gx's (every fusion on: mf_moe_down1c) bit for bit.
+static void experts_dev_apart(const struct mf_moe_dev *d0, const float *gxx, const float *y1,
+                              const float *r1, int f1, const float *rs, size_t n,
+                              const char *what) {
+    if (!E.gx_untiled)
+        return;
+    int32_t zero = 0, f = -1;
+    float *gy = gpoison(n * 4), *gr = gput(rs, n * 4);
+    int32_t *gf = gput(&zero, 4);
+    struct mf_moe_dev d = *d0;
+    d.resid = gr;
+    d.flag = gf;
+    E.go->sync(E.gx);   // the inputs and the poison are in place
+    E.go->moe_experts_dev(E.gx_untiled, gy, gxx, &d);
+    float *y = xmalloc(n * 4), *r = xmalloc(n * 4);
+    E.go->download(E.gx_untiled, y, gy, 0, n * 4);
+    E.go->download(E.gx_untiled, r, gr, 0, n * 4);
+    E.go->download(E.gx_untiled, &f, gf, 0, 4);
+    char err[512] = "";
+    const int rc = E.go->status(E.gx_untiled, err, sizeof err);
+    E.n_case++;
+    CHECK(rc == MF_OK, "%s apart: %s", what, err);
+    CHECK(memcmp(y, y1, n * 4) == 0, "%s: y differs from mf_moe_down1 + mf_moe_combine's",
+          what);
+    CHECK(memcmp(r, r1, n * 4) == 0,
+          "%s: the residual differs from mf_moe_down1 + mf_moe_combine's", what);
+    CHECK(f == f1, "%s: flag %d, apart %d", what, f1, f);
+    free(y), free(r), gfree(gy), gfree(gr), gfree(gf);
+}
+
 // moe_experts_dev with the shared expert's and the residual adds (d's shared, resid,
 // flag; and route_ahead, as moe.c passes it with the shared expert) against the same
 // call without them, then axpy and mf_axpy_flag, on the device backend: y, the residual
@@ -1957,6 +1990,7 @@ static void experts_dev_adds(const struct mf_moe_dev *d0, const float *gxx, int 
     CHECK(memcmp(r1, r2, n * 4) == 0, "%s: the residual add differs from axpy_flag's", what);
     CHECK(f1 == inf && f2 == inf, "%s: flag %d (axpy_flag %d), expected %d", what, f1, f2,
           inf);
+    experts_dev_apart(&d, gxx, y1, r1, f1, rs, n, what);
     free(sh), free(rs), free(y1), free(y2), free(r1), free(r2);
     gfree(gsh), gfree(gr1), gfree(gr2), gfree(gy1), gfree(gy2), gfree(gf1), gfree(gf2);
 }
@@ -2598,6 +2632,7 @@ int main(void) {
         test_rms_route();
         test_attention();
         test_multis();
+        test_experts_dev();
         printf("%d comparisons (fused products only)\n", E.n_case);
     } else {
         double t0 = now_s();

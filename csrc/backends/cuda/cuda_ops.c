@@ -641,18 +641,13 @@ static struct mf_p_moe moe_params(const struct mf_weight *g, const struct mf_wei
     return p;
 }
 
-// The grouped expert kernels of p over the n entries of tab, as mf_moe_plan picks
-// them: each pair's gate/up (buffers b1: gu, x, ...), then its down (b2).
-static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p, const int32_t *tab,
-                           int n, const struct mf_weight *g, const struct mf_weight *u,
-                           const struct mf_weight *d, const CUdeviceptr b1[4],
-                           const CUdeviceptr b2[4], const char *op) {
-    struct mf_moe_plan pl;
-    mf_moe_plan(p, tab, n, g, u, d, ex->cb->tc, ex->cb->mma,
-                mf_aligned16(b1[0]) && mf_aligned16(b1[1]), &pl);
-    for (int i = 0; i < pl.n; i++) {
-        const struct mf_p_moe *gp = &pl.gp[i], *dp = &pl.dp[i];
-        switch (pl.kind[i]) {
+// The grouped expert kernels of plan pl: each pair's gate/up (buffers b1: gu, x, ...),
+// then its down (b2).
+static void launch_plan(struct mf_exec *ex, const struct mf_moe_plan *pl,
+                        const CUdeviceptr b1[4], const CUdeviceptr b2[4], const char *op) {
+    for (int i = 0; i < pl->n; i++) {
+        const struct mf_p_moe *gp = &pl->gp[i], *dp = &pl->dp[i];
+        switch (pl->kind[i]) {
         case MF_MOE_TC:
             launch_mf_moe_gu_tc(ex, gp, b1, op);
             launch_mf_moe_down_tc(ex, dp, b2, op);
@@ -670,6 +665,15 @@ static void launch_experts(struct mf_exec *ex, const struct mf_p_moe *p, const i
             launch_mf_moe_down(ex, dp, b2, op);
         }
     }
+}
+
+// The plan of p over the n entries of tab (mf_moe_plan) for gu and x at b1.
+static void plan_experts(struct mf_exec *ex, const struct mf_p_moe *p, const int32_t *tab,
+                         int n, const struct mf_weight *g, const struct mf_weight *u,
+                         const struct mf_weight *d, const CUdeviceptr b1[4],
+                         struct mf_moe_plan *pl) {
+    mf_moe_plan(p, tab, n, g, u, d, ex->cb->tc, ex->cb->mma,
+                mf_aligned16(b1[0]) && mf_aligned16(b1[1]), pl);
 }
 
 int mf_cuda_moe_experts_check(struct mf_backend *be, const struct mf_moe_batch *b, int il,
@@ -719,7 +723,9 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
             continue;
         const CUdeviceptr b1[4] = {mf_dp(gu), mf_dp(xg), (CUdeviceptr)base, t};
         const CUdeviceptr b2[4] = {mf_dp(eo), mf_dp(gu), (CUdeviceptr)base, t};
-        launch_experts(ex, &p, tab, n, b->gate, b->up, b->down, b1, b2, "moe_experts");
+        struct mf_moe_plan pl;
+        plan_experts(ex, &p, tab, n, b->gate, b->up, b->down, b1, &pl);
+        launch_plan(ex, &pl, b1, b2, "moe_experts");
     }
 }
 
@@ -727,7 +733,8 @@ void mf_cuda_moe_experts(struct mf_exec *ex, float *eo, float *gu, const float *
 // place of a table (entry r = t * K + j is expert idx[r] at base + idx[r] * stride,
 // row r of gu / eo, input row t of x: p.dev_k), then the weighted sum in ascending
 // expert order (the host-routed path's order), with the shared expert's and the
-// residual adds where d asks. Three launches; d->xg is not used.
+// residual adds where d asks. Three launches, or two with the combine inside the down
+// kernel (mf_comb_fuse_ok); d->xg is not used.
 void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
                              const struct mf_moe_dev *d) {
     const int n = d->n_tok * d->k;
@@ -750,10 +757,21 @@ void mf_cuda_moe_experts_dev(struct mf_exec *ex, float *y, const float *x,
     p.stride_hi = pd.stride_hi;
     const CUdeviceptr b1[4] = {mf_dp(d->gu), mf_dp(x), mf_dp(d->base), mf_dp(d->idx)};
     const CUdeviceptr b2[4] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx)};
-    launch_experts(ex, &p, NULL, 0, d->gate, d->up, d->down, b1, b2, "moe_experts_dev");
     pd.has_shared = d->shared != NULL;
     pd.has_resid = d->resid != NULL;
     pd.has_flag = d->resid && d->flag;
+    struct mf_moe_plan pl;
+    plan_experts(ex, &p, NULL, 0, d->gate, d->up, d->down, b1, &pl);
+    if (mf_comb_fuse_ok(&pl, d->n_tok, ex->fuse & MF_FUSE_COMB)) {
+        const struct mf_p_moe_dc pc = {.m = pl.dp[0], .c = pd};
+        const CUdeviceptr b[10] = {mf_dp(d->eo), mf_dp(d->gu), mf_dp(d->base), mf_dp(d->idx),
+                                   mf_dp(y), mf_dp(d->w), mf_dp(d->shared), mf_dp(d->resid),
+                                   mf_dp(d->flag), ex->count_dev + MF_COUNT_COMB * sizeof(int)};
+        launch_mf_moe_gu1(ex, &pl.gp[0], b1, "moe_experts_dev");
+        launch_mf_moe_down1c(ex, &pc, b, "moe_experts_dev");
+        return;
+    }
+    launch_plan(ex, &pl, b1, b2, "moe_experts_dev");
     const CUdeviceptr b3[7] = {mf_dp(y), mf_dp(d->eo), mf_dp(d->idx), mf_dp(d->w),
                                mf_dp(d->shared), mf_dp(d->resid), mf_dp(d->flag)};
     launch_mf_moe_combine(ex, &pd, b3, "moe_experts_dev");
