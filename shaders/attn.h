@@ -347,15 +347,9 @@ MF_PARAMS(7, struct mf_p_attn, p) {
     const int s = MF_TG_X, h = MF_TG_Y, t = MF_TG_Z, lt = MF_LT;
     MF_G float *part = ws + (((mf_i64)t * p.n_head + h) * p.n_split + s) * (p.dv + 2);
     mf_attn_split(part, q, k, v, p, s, h, t, qs, sc, red, lt, MF_NT);
-    mf_fence_device();
-    MF_BARRIER();
     MF_G int *c = count + (mf_i64)t * p.n_head + h;
-    if (lt == 0)
-        last[0] = mf_atomic_add(c, 1) == p.n_split - 1;
-    MF_BARRIER();
-    if (!last[0])
+    if (!mf_last_tg(c, p.n_split, last, lt))
         return;
-    mf_fence_device();
     mf_attn_merge(out, ws, sinks, p, h, t, lt, MF_NT);
     if (lt == 0)
         c[0] = 0;

@@ -13,8 +13,7 @@
 // R rows per warp: MF_MV_RPW in the tile kernels (each staged x value serves four
 // rows), 1 in the one-token kernels, where more, shorter warps hide memory latency
 // better (p.rpw says which to grid.h). ONE: one token, one-token paths only
-// (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n;
-// 2: its wait alone, mf_rows_wait).
+// (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n).
 template <int R, int ONE, int NORM>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
@@ -40,7 +39,7 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
     else
         mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
                             xt, p.x_tok_stride, nt, lt, lane);
-    mf_rows_wait<NORM>();   // done in the row dot (after its first weights); here for n_in 0
+    mf_dep_wait();   // done in the row dot (after its first weights); here for n_in 0
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
     for (int r = 0; r < R; r++)

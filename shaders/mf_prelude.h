@@ -96,8 +96,6 @@ MF_FN float mf_log1p(float x) {
 #define MF_INF INFINITY
 // Metal runs a command buffer's kernels one after another: nothing to wait for.
 MF_FN void mf_dep_wait() {}
-MF_FN void mf_dep_wait_only() {}
-MF_FN void mf_dep_launch() {}
 // The last threadgroup of a kernel to finish (mf_route1n, mf_attn_part1): a thread's
 // device writes before mf_fence_device are seen by a threadgroup that reads them after
 // seeing its mf_atomic_add, through mf_ldcg (device-scope fence: Metal 3.2).
@@ -164,8 +162,6 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
 }
 #define MF_INF INFINITY
 MF_FN void mf_dep_wait() {}
-MF_FN void mf_dep_wait_only() {}
-MF_FN void mf_dep_launch() {}
 MF_FN void mf_fence_device() {}   // threadgroups run one after another
 MF_FN int mf_atomic_add(MF_G int *p, int v) {
     const int old = *p;
@@ -295,19 +291,6 @@ MF_FN float mf_ldcg(MF_G const float *p) { return __ldcg(p); }
 MF_FN void mf_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// Its two halves, for a kernel that lets the next one start later than its wait
-// (mf_route1n with MF_ROUTE1N_LATE): the wait, and the next kernel's start (at the
-// latest when the kernel's last threadgroup ends).
-MF_FN void mf_dep_wait_only() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-MF_FN void mf_dep_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -444,5 +427,21 @@ MF_FN mf_u32 mf_bf2_add(mf_u32 u, mf_u32 c) {
 
 // Both bf16 halves of u less 128 (exact for the codes 128 + q of tc.h).
 MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) { return mf_bf2_add(u, 0xc300c300u); }
+
+// Whether this threadgroup is the last of the n that count on *cnt to get here (every
+// thread calls it, after the threadgroup's device writes; last: a threadgroup word).
+// The last may then read the others' writes through mf_ldcg, and sets *cnt back to 0
+// for the next launch (mf_route1n, mf_attn_part1, mf_moe_down1c).
+MF_FN int mf_last_tg(MF_G int *cnt, int n, MF_TG int *last, int lt) {
+    mf_fence_device();
+    MF_BARRIER();
+    if (lt == 0)
+        last[0] = mf_atomic_add(cnt, 1) == n - 1;
+    MF_BARRIER();
+    if (!last[0])
+        return 0;
+    mf_fence_device();
+    return 1;
+}
 
 #endif /* MF_PRELUDE_H */

@@ -193,12 +193,6 @@ MF_PARAMS(4, struct mf_p_route, p) {
 // finishes last (each publishes its logits, then counts itself on count[0], which the
 // last sets back to 0 for the next launch): logits, xn, idx and wout the bits of
 // mf_mv_multi1n then mf_route, in one launch. MF_THREADS threads, as mf_route's.
-// 1: mf_route1n lets the next kernel start when its last threadgroup begins the routing
-// (the others end first), not at its wait, so the next kernel's threadgroups do not sit
-// beside its products. Not yet timed on a GPU: 0 until it is.
-#ifndef MF_ROUTE1N_LATE
-#define MF_ROUTE1N_LATE 0
-#endif
 MF_KERNEL(mf_route1n)
 MF_BUF(0, float, logits)
 MF_BUF(1, const float, x)
@@ -221,18 +215,10 @@ MF_PARAMS(11, struct mf_p_route1n, p) {
     MF_SHARED int last[1];
     const int lt = MF_LT;
     struct mf_xnorm nm = {g, MF_TG_X == 0 ? xn : 0, p.mv.g_dtype, p.mv.has_g, p.mv.eps, 0.0f};
-    mf_mv_rows<1, 1, MF_ROUTE1N_LATE ? 2 : 1>(logits, x, w, wsc, wbi, p.mv.mv.seg[0], xs, nm,
-                                              MF_TG_X, 0, 0, MF_WARP, MF_LANE, lt);
-    mf_fence_device();
-    MF_BARRIER();
-    if (lt == 0)
-        last[0] = mf_atomic_add(count, 1) == p.mv.mv.blk0[1] - 1;
-    MF_BARRIER();
-    if (!last[0])
+    mf_mv_rows<1, 1, 1>(logits, x, w, wsc, wbi, p.mv.mv.seg[0], xs, nm, MF_TG_X, 0, 0, MF_WARP,
+                        MF_LANE, lt);
+    if (!mf_last_tg(count, p.mv.mv.blk0[1], last, lt))
         return;
-    if (MF_ROUTE1N_LATE)
-        mf_dep_launch();
-    mf_fence_device();
     mf_route_tok(idx, wout, logits, bias, p.r, 0, sc, bs, gsc, gtaken, sel, lt, MF_NT);
     if (lt == 0)
         count[0] = 0;
@@ -568,16 +554,10 @@ MF_PARAMS(10, struct mf_p_moe_dc, p) {
     if (mf_moe_tile(idx, p.m, e, 0, &r0) > 0)
         mf_down_rows<MF_DOWN1_RPW, 1>(eo, gu, base, idx, p.m, xs, e, MF_TG_X, r0, 1, MF_WARP,
                                       MF_LANE, lt);
-    mf_fence_device();
-    MF_BARRIER();
     MF_G int *cnt = count + (mf_i64)t * nblk + MF_TG_X;
-    if (lt == 0)
-        last[0] = mf_atomic_add(cnt, 1) == p.c.k - 1;
-    MF_BARRIER();
-    if (!last[0])
+    if (!mf_last_tg(cnt, p.c.k, last, lt))
         return;
     mf_dep_wait();   // a threadgroup with no row never waited
-    mf_fence_device();
     const int m = mf_comb_order(sid, use, ord, idx, t, p.c.k, lt);
     const int c = MF_TG_X * rows + lt;
     if (lt < rows && c < p.c.n_embd)

@@ -397,16 +397,6 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
     mf_xnorm_apply<N>(xr, gv, nm, c0, n_in, lt);
 }
 
-// A row dot's wait (mf_dep_wait), or with NORM 2 (mf_route1n with MF_ROUTE1N_LATE) the
-// wait alone: that kernel lets the next one start later.
-template <int NORM>
-MF_FN void mf_rows_wait() {
-    if (NORM == 2)
-        mf_dep_wait_only();
-    else
-        mf_dep_wait();
-}
-
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
 // step's codes and group parameters of every chunk are loaded first, then CH tiles of
 // x are staged (xs holds a tile per token in the tile path, a tile of the step's
@@ -431,7 +421,7 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                                       (c0 >> 5) + 32 * j + lane, n_chunk);
         }
         if (c0 == 0) {
-            mf_rows_wait<NORM>();
+            mf_dep_wait();
             if (NORM)   // xs is free: the first staging comes after mf_rms_inv's barrier
                 nm.inv = mf_xnorm_inv(x, n_in, nm.eps, xs, lt);
         }
@@ -470,7 +460,8 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 
 // Whether mf_qdot_rows1h loads every step's codes before its wait (1: the weights of a
 // whole row in flight while the kernel before still runs, at the cost of registers) or
-// each step's in turn (0). Not yet timed on a GPU: 0 until it is.
+// each step's in turn (0). 1 was +0.8-1.0% in whole-model decode on an H100 (bench/
+// RESULTS.md "Session 24"); 0 until the whole GPU suite (make test-cuda) has run with it.
 #ifndef MF_XN_PRELOAD
 #define MF_XN_PRELOAD 0
 #endif
@@ -498,7 +489,7 @@ MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
                                       n_chunk);
     }
     mf_xnorm_gains<MF_XN_HOLD>(gh, &nm, 0, n_in, lt);
-    mf_rows_wait<NORM>();
+    mf_dep_wait();
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < MF_XN_HOLD; i++) {
