@@ -48,7 +48,8 @@ enum {
     MF_FUSE_COMB = 16,
     MF_FUSE_ALL = 31,
     // On unless named otherwise: those measured faster than the ops apart (bench/RESULTS.md
-    // "Session 23": route was slower on an H100, norm too until session 23's fix).
+    // "Session 23": route was slower on an H100, norm too until session 23's fix;
+    // "Session 24": comb no faster).
     MF_FUSE_DEFAULT = MF_FUSE_NORM | MF_FUSE_ADD | MF_FUSE_ATTN,
 };
 
