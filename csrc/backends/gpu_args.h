@@ -82,6 +82,27 @@ static inline int mf_gpu_fuse_env(void) {
     return bits;
 }
 
+// The shared memory carveout every kernel asks for, in percent of the most an SM has
+// (MOEFLUX_GPU_CARVEOUT, read when a CUDA backend is made): unset or empty -1 (no
+// preference: the driver picks per kernel), else a whole number 0 .. 100; -2 for
+// anything else (the backend fails, with MF_CARVEOUT_EXPECTED in its message). One value
+// for all lets an SM hold the threadgroups of consecutive kernels together, which
+// programmatic dependent launch needs, where kernels of different shared memory sizes
+// could be given different carveouts.
+#define MF_CARVEOUT_EXPECTED "expected a whole percent 0 .. 100 (unset: the driver's choice)"
+static inline int mf_gpu_carveout_env(void) {
+    const char *e = getenv("MOEFLUX_GPU_CARVEOUT");
+    if (!e || !*e)
+        return -1;
+    int v = 0;
+    for (const char *p = e; *p; p++) {
+        if (*p < '0' || *p > '9' || p - e >= 3)
+            return -2;
+        v = 10 * v + (*p - '0');
+    }
+    return v <= 100 ? v : -2;
+}
+
 // A matvec's params for weight w (one head; tokens, strides and rpw are the caller's);
 // vec: the codes may be read 16 bytes at a time.
 static inline struct mf_p_mv mf_mv_params(const struct mf_weight *w) {

@@ -2242,6 +2242,34 @@ static void test_status(void) {
     E.go->exec_free(ex);
 }
 
+// A backend made with MOEFLUX_GPU_CARVEOUT=v: MF_OK and every kernel given the carveout,
+// or the backend refused with the variable and its value named.
+static void carveout_case(const char *v, int ok) {
+    struct mf_backend *be = NULL;
+    char err[1024] = "", want[64];
+    setenv("MOEFLUX_GPU_CARVEOUT", v, 1);
+    const int rc = mf_backend_new(&be, "cuda", err, sizeof err);
+    unsetenv("MOEFLUX_GPU_CARVEOUT");
+    snprintf(want, sizeof want, "MOEFLUX_GPU_CARVEOUT=%s:", v);
+    E.n_case++;
+    if (ok)
+        CHECK(rc == MF_OK, "MOEFLUX_GPU_CARVEOUT=%s: %s", v, err);
+    else
+        CHECK(rc == MF_ERR_ARG && strstr(err, want), "MOEFLUX_GPU_CARVEOUT=%s: %d %s", v, rc,
+              err);
+    if (be)
+        be->ops->free(be);
+}
+
+static void test_carveout(void) {
+    carveout_case("100", 1);
+    carveout_case("0", 1);
+    carveout_case("101", 0);
+    carveout_case("-1", 0);
+    carveout_case("5x", 0);
+    carveout_case("0100", 0);
+}
+
 /* ==== The cubin cache ==== */
 
 static int cache_files(const char *dir, char *first, size_t n) {
@@ -2638,8 +2666,10 @@ int main(void) {
         double t0 = now_s();
         test_memory();
         test_weights_map();
-        if (!against_cpu)
+        if (!against_cpu) {
             test_status();
+            test_carveout();
+        }
         test_norms();
         test_rms_multis();
         test_rope();

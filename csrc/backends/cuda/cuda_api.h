@@ -71,6 +71,7 @@ struct mf_cu_edge {
 #define MF_CU_MEMHOSTREGISTER_READ_ONLY 8
 #define MF_CU_STREAM_NON_BLOCKING 1
 #define MF_CU_EVENT_DISABLE_TIMING 2
+#define MF_CU_FUNC_CARVEOUT 9   // CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 typedef int nvrtcResult;
 typedef struct _nvrtcProgram *nvrtcProgram;
@@ -139,8 +140,10 @@ typedef struct _nvrtcProgram *nvrtcProgram;
 
 // Entry points taken where the driver has them and left NULL otherwise: programmatic
 // dependent launch, in streams (cuLaunchKernelEx, CUDA 11.8) and as graph edges
-// (cuGraphAddDependencies with edge data, CUDA 12.3).
+// (cuGraphAddDependencies with edge data, CUDA 12.3); a kernel's shared memory
+// carveout (cuFuncSetAttribute, MOEFLUX_GPU_CARVEOUT).
 #define MF_CU_OPTIONAL_SYMBOLS(X)                                                       \
+    X(FuncSetAttribute, "cuFuncSetAttribute", CUresult, (CUfunction f, int attr, int v)) \
     X(LaunchKernelEx, "cuLaunchKernelEx", CUresult,                                     \
       (const struct mf_cu_launch_config *c, CUfunction f, void **params, void **extra)) \
     X(GraphAddDependencies, "cuGraphAddDependencies_v2", CUresult,                      \

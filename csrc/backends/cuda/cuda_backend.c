@@ -118,11 +118,22 @@ const char *const mf_cuda_kernel_names[MF_KID_COUNT] = {
 #undef K
 };
 
+// The kernels of the module, each with the carveout MOEFLUX_GPU_CARVEOUT asks for.
 static int load_functions(struct mf_cuda_be *cb, char *err, size_t errlen) {
     const char *const *names = mf_cuda_kernel_names;
+    const int carve = mf_gpu_carveout_env();
+    if (carve == -2)
+        return mf_err(err, errlen, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_CARVEOUT=%s: "
+                      MF_CARVEOUT_EXPECTED, getenv("MOEFLUX_GPU_CARVEOUT"));
+    if (carve >= 0 && !cb->cu.FuncSetAttribute)
+        return mf_err(err, errlen, MF_ERR_UNSUPPORTED, "cuda backend: MOEFLUX_GPU_CARVEOUT: "
+                      "the driver has no cuFuncSetAttribute");
     for (int i = 0; i < MF_KID_COUNT; i++) {
         int rc = be_ck(cb, cb->cu.ModuleGetFunction(&cb->fn[i], cb->mod, names[i]),
                        names[i], err, errlen);
+        if (!rc && carve >= 0)
+            rc = be_ck(cb, cb->cu.FuncSetAttribute(cb->fn[i], MF_CU_FUNC_CARVEOUT, carve),
+                       "MOEFLUX_GPU_CARVEOUT (cuFuncSetAttribute)", err, errlen);
         if (rc)
             return rc;
     }
