@@ -430,8 +430,8 @@ MF_FN mf_u32 mf_bf2_sub128(mf_u32 u) { return mf_bf2_add(u, 0xc300c300u); }
 
 // Whether this threadgroup is the last of the n that count on *cnt to get here (every
 // thread calls it, after the threadgroup's device writes; last: a threadgroup word).
-// The last may then read the others' writes through mf_ldcg, and sets *cnt back to 0
-// for the next launch (mf_route1n, mf_attn_part1, mf_moe_down1c).
+// The last may then read the others' writes through mf_ldcg, and must itself set *cnt
+// back to 0 for the next launch (mf_route1n, mf_attn_part1, mf_moe_down1c).
 MF_FN int mf_last_tg(MF_G int *cnt, int n, MF_TG int *last, int lt) {
     mf_fence_device();
     MF_BARRIER();

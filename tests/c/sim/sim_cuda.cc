@@ -208,7 +208,7 @@ CUresult cuModuleGetFunction(CUfunction *f, CUmodule, const char *name) {
 
 // Only the carveout, a percent (MOEFLUX_GPU_CARVEOUT); nothing to change here.
 CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
-    return f && attr == 9 && v >= 0 && v <= 100 ? 0 : ERR_INVALID_VALUE;
+    return f && attr == MF_CU_FUNC_CARVEOUT && v >= 0 && v <= 100 ? 0 : ERR_INVALID_VALUE;
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned, CUstream, void **params,
