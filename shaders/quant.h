@@ -460,10 +460,11 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
 
 // Whether mf_qdot_rows1h loads every step's codes before its wait (1: the weights of a
 // whole row in flight while the kernel before still runs, at the cost of registers) or
-// each step's in turn (0). 1 was +0.8-1.0% in whole-model decode on an H100 (bench/
-// RESULTS.md "Session 24"); 0 until the whole GPU suite (make test-cuda) has run with it.
+// each step's in turn (0). 1 was +0.8-1.0% in whole-model decode on an H100 in every
+// round of two runs (bench/RESULTS.md "Session 24"), level in session 25's one round;
+// make test-cuda passed with it (session 25).
 #ifndef MF_XN_PRELOAD
-#define MF_XN_PRELOAD 0
+#define MF_XN_PRELOAD 1
 #endif
 
 // mf_qdot_rows1 with its norm (CH 1) where x fits in MF_XN_HOLD values a thread: the
