@@ -398,14 +398,14 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
 }
 
 // One step of mf_qdot_rows1a: the next step's codes into (wn, sn, bn) where there is
-// one, this step's x staged (normalised with NORM), then this step's chunk (wc, sc,
-// bc) dotted, as mf_qdot_rows1 does with CH = 1.
-template <int BITS, int R, int NORM>
+// one, this step's x staged, then this step's chunk (wc, sc, bc) dotted, as
+// mf_qdot_rows1 does with CH = 1.
+template <int BITS, int R>
 MF_FN void mf_rows1_step(MF_TH float *acc, MF_TG float *xs, MF_TH mf_u32 (*wc)[BITS],
                          MF_TH float *sc, MF_TH float *bc, MF_TH mf_u32 (*wn)[BITS],
                          MF_TH float *sn, MF_TH float *bn, MF_TH const struct mf_rows *rw,
-                         int sdtype, int gs, int n_in, MF_G const float *x,
-                         MF_TH const struct mf_xnorm *nm, int c0, int lt, int lane) {
+                         int sdtype, int gs, int n_in, MF_G const float *x, int c0, int lt,
+                         int lane) {
     const int PER = MF_XS_COLS / MF_MV_THREADS, n_chunk = n_in >> 5, on = rw->n > 0;
     if (on && c0 + MF_XS_COLS < n_in)
         mf_load_rows<BITS, R>(wn, sn, bn, rw, sdtype, gs, ((c0 + MF_XS_COLS) >> 5) + lane,
@@ -416,8 +416,6 @@ MF_FN void mf_rows1_step(MF_TH float *acc, MF_TG float *xs, MF_TH mf_u32 (*wc)[B
         const int k = lt + i * MF_MV_THREADS;
         xr[i] = c0 + k < n_in ? x[c0 + k] : 0.0f;
     }
-    if (NORM)
-        mf_xnorm_stage<PER>(xr, nm, c0, n_in, lt);
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         const int k = lt + i * MF_MV_THREADS;
@@ -429,29 +427,27 @@ MF_FN void mf_rows1_step(MF_TH float *acc, MF_TG float *xs, MF_TH mf_u32 (*wc)[B
     MF_BARRIER();
 }
 
-// mf_qdot_rows1 (CH = 1) with each step's codes loaded during the step before (its
-// AHEAD): two sets of code registers taken in turn, the loop unrolled by two so that
+// mf_qdot_rows1 (CH = 1, no norm) with each step's codes loaded during the step before
+// (its AHEAD): two sets of code registers taken in turn, the loop unrolled by two so that
 // each set stays a set of registers. Each step's loads then overlap the step before
 // instead of starting after its barrier; the same chunks, values and operations in the
 // same order, so the same bits.
-template <int BITS, int R, int NORM>
+template <int BITS, int R>
 MF_FN void mf_qdot_rows1a(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
-                          int sdtype, int gs, int n_in, MF_G const float *x,
-                          struct mf_xnorm nm, int lt, int lane) {
+                          int sdtype, int gs, int n_in, MF_G const float *x, int lt,
+                          int lane) {
     const int n_chunk = n_in >> 5;
     mf_u32 wa[R][BITS], wb[R][BITS];
     float sa[R], ba[R], sb[R], bb[R];
     if (rw->n > 0)
         mf_load_rows<BITS, R>(wa, sa, ba, rw, sdtype, gs, lane, n_chunk);
     mf_dep_wait();
-    if (NORM)   // xs is free: the first staging comes after mf_rms_inv's barrier
-        nm.inv = mf_xnorm_inv(x, n_in, nm.eps, xs, lt);
     for (int c0 = 0; c0 < n_in; c0 += 2 * MF_XS_COLS) {
-        mf_rows1_step<BITS, R, NORM>(acc, xs, wa, sa, ba, wb, sb, bb, rw, sdtype, gs, n_in, x,
-                                     &nm, c0, lt, lane);
+        mf_rows1_step<BITS, R>(acc, xs, wa, sa, ba, wb, sb, bb, rw, sdtype, gs, n_in, x, c0,
+                               lt, lane);
         if (c0 + MF_XS_COLS < n_in)
-            mf_rows1_step<BITS, R, NORM>(acc, xs, wb, sb, bb, wa, sa, ba, rw, sdtype, gs,
-                                         n_in, x, &nm, c0 + MF_XS_COLS, lt, lane);
+            mf_rows1_step<BITS, R>(acc, xs, wb, sb, bb, wa, sa, ba, rw, sdtype, gs, n_in, x,
+                                   c0 + MF_XS_COLS, lt, lane);
     }
 }
 
@@ -468,8 +464,8 @@ MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct m
                          int sdtype, int gs, int n_in, MF_G const float *x,
                          struct mf_xnorm nm, int lt, int lane) {
     const int CH = MF_CH1(BITS, R), PER = MF_XS_COLS / MF_MV_THREADS;
-    if (AHEAD && CH == 1) {
-        mf_qdot_rows1a<BITS, R, NORM>(acc, xs, rw, sdtype, gs, n_in, x, nm, lt, lane);
+    if (AHEAD && CH == 1 && !NORM) {   // AHEAD comes only with NORM 0 (mf_dot_rows)
+        mf_qdot_rows1a<BITS, R>(acc, xs, rw, sdtype, gs, n_in, x, lt, lane);
         return;
     }
     const int n_chunk = n_in >> 5, on = rw->n > 0;
