@@ -14,9 +14,7 @@
 // rows), 1 in the one-token kernels, where more, shorter warps hide memory latency
 // better (p.rpw says which to grid.h). ONE: one token, one-token paths only
 // (mf_dot_rows). NORM: one token of rmsnorm(x) (nm; affine codes only, mf_dot_rows1n).
-// AHEAD: the one-token row dots load each step's codes during the step before
-// (mf_qdot_rows1a).
-template <int R, int ONE, int NORM, int AHEAD = 0>
+template <int R, int ONE, int NORM>
 MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
                       MF_G const mf_u32 *sc, MF_G const mf_u32 *bi, const struct mf_p_mv p,
                       MF_TG float *xs, struct mf_xnorm nm, int tg_x, int tg_y, int h,
@@ -39,8 +37,8 @@ MF_FN void mf_mv_rows(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
         mf_dot_rows1n<R, NORM>(acc, xs, &rw, p.bits, p.sdtype, p.group_size, p.n_in, xt, nm,
                                lt, lane);
     else
-        mf_dot_rows<R, ONE, AHEAD>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size,
-                                   p.n_in, xt, p.x_tok_stride, nt, lt, lane);
+        mf_dot_rows<R, ONE>(acc, xs, &rw, p.dtype, p.sdtype, p.bits, p.group_size, p.n_in,
+                            xt, p.x_tok_stride, nt, lt, lane);
     mf_dep_wait();   // done in the row dot (after its first weights); here for n_in 0
     MF_G float *yt = y + (mf_i64)h * p.y_head_stride + (mf_i64)t0 * p.y_tok_stride + row0;
 #pragma unroll
@@ -67,15 +65,6 @@ MF_PARAMS(5, struct mf_p_mv, p) {
                                 MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
 }
 
-// Whether mf_mv1 (the one-token matvecs: output projections, routers, the lm_head)
-// loads each step's codes during the step before (1; a second set of code registers,
-// no spills at its register budget) or at the step's start (0). The same bits either
-// way. Not yet timed on a GPU: 0 until a run says otherwise. (The experts' kernels,
-// at their tighter budgets, would spill: mf_moe_gu1 60 -> 1640 bytes.)
-#ifndef MF_MV1_AHEAD
-#define MF_MV1_AHEAD 0
-#endif
-
 // mf_mv for one token (p.n_tok 1, p.rpw 1): the same rows, the same bits, in a kernel
 // of its own whose registers are those of the one-token path (the tile paths' would
 // halve the warps in flight).
@@ -87,8 +76,8 @@ MF_BUF(3, const mf_u32, sc)
 MF_BUF(4, const mf_u32, bi)
 MF_PARAMS(5, struct mf_p_mv, p) {
     alignas(16) MF_SHARED float xs[MF_XS_FLOATS];
-    mf_mv_rows<1, 1, 0, MF_MV1_AHEAD>(y, x, w, sc, bi, p, xs, mf_xnorm_none(), MF_TG_X, 0,
-                                      MF_TG_Z, MF_WARP, MF_LANE, MF_LT);
+    mf_mv_rows<1, 1, 0>(y, x, w, sc, bi, p, xs, mf_xnorm_none(), MF_TG_X, 0, MF_TG_Z, MF_WARP,
+                        MF_LANE, MF_LT);
 }
 
 // Segment s of p (s < MF_MULTI_MAX) and its first threadgroup, by selects: indexed by

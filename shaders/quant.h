@@ -397,60 +397,6 @@ MF_FN void mf_xnorm_stage(MF_TH float *xr, MF_TH const struct mf_xnorm *nm, int 
     mf_xnorm_apply<N>(xr, gv, nm, c0, n_in, lt);
 }
 
-// One step of mf_qdot_rows1a: the next step's codes into (wn, sn, bn) where there is
-// one, this step's x staged, then this step's chunk (wc, sc, bc) dotted, as
-// mf_qdot_rows1 does with CH = 1.
-template <int BITS, int R>
-MF_FN void mf_rows1_step(MF_TH float *acc, MF_TG float *xs, MF_TH mf_u32 (*wc)[BITS],
-                         MF_TH float *sc, MF_TH float *bc, MF_TH mf_u32 (*wn)[BITS],
-                         MF_TH float *sn, MF_TH float *bn, MF_TH const struct mf_rows *rw,
-                         int sdtype, int gs, int n_in, MF_G const float *x, int c0, int lt,
-                         int lane) {
-    const int PER = MF_XS_COLS / MF_MV_THREADS, n_chunk = n_in >> 5, on = rw->n > 0;
-    if (on && c0 + MF_XS_COLS < n_in)
-        mf_load_rows<BITS, R>(wn, sn, bn, rw, sdtype, gs, ((c0 + MF_XS_COLS) >> 5) + lane,
-                              n_chunk);
-    float xr[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        const int k = lt + i * MF_MV_THREADS;
-        xr[i] = c0 + k < n_in ? x[c0 + k] : 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        const int k = lt + i * MF_MV_THREADS;
-        xs[((k >> 5) & 31) * MF_XS_PAD + (k & 31)] = xr[i];
-    }
-    MF_BARRIER();
-    if (on && (c0 >> 5) + lane < n_chunk)
-        mf_chunk_dot<BITS, 1, R>(acc, wc, sc, bc, xs + lane * MF_XS_PAD, MF_XS_TOK, 1);
-    MF_BARRIER();
-}
-
-// mf_qdot_rows1 (CH = 1, no norm) with each step's codes loaded during the step before
-// (its AHEAD): two sets of code registers taken in turn, the loop unrolled by two so that
-// each set stays a set of registers. Each step's loads then overlap the step before
-// instead of starting after its barrier; the same chunks, values and operations in the
-// same order, so the same bits.
-template <int BITS, int R>
-MF_FN void mf_qdot_rows1a(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
-                          int sdtype, int gs, int n_in, MF_G const float *x, int lt,
-                          int lane) {
-    const int n_chunk = n_in >> 5;
-    mf_u32 wa[R][BITS], wb[R][BITS];
-    float sa[R], ba[R], sb[R], bb[R];
-    if (rw->n > 0)
-        mf_load_rows<BITS, R>(wa, sa, ba, rw, sdtype, gs, lane, n_chunk);
-    mf_dep_wait();
-    for (int c0 = 0; c0 < n_in; c0 += 2 * MF_XS_COLS) {
-        mf_rows1_step<BITS, R>(acc, xs, wa, sa, ba, wb, sb, bb, rw, sdtype, gs, n_in, x, c0,
-                               lt, lane);
-        if (c0 + MF_XS_COLS < n_in)
-            mf_rows1_step<BITS, R>(acc, xs, wb, sb, bb, wa, sa, ba, rw, sdtype, gs, n_in, x,
-                                   c0 + MF_XS_COLS, lt, lane);
-    }
-}
-
 // mf_qdot_rows for one token, with CH = MF_CH1(BITS, R) chunks per lane per step: the
 // step's codes and group parameters of every chunk are loaded first, then CH tiles of
 // x are staged (xs holds a tile per token in the tile path, a tile of the step's
@@ -459,15 +405,11 @@ MF_FN void mf_qdot_rows1a(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
 // the same order (the same bits). With CH = 1 it is that path without the token
 // tile's loop and bounds, for which ptxas makes shorter code (the 151936-row lm_head
 // 160 -> 147 us on the H100).
-template <int BITS, int R, int NORM, int AHEAD = 0>
+template <int BITS, int R, int NORM>
 MF_FN void mf_qdot_rows1(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                          int sdtype, int gs, int n_in, MF_G const float *x,
                          struct mf_xnorm nm, int lt, int lane) {
     const int CH = MF_CH1(BITS, R), PER = MF_XS_COLS / MF_MV_THREADS;
-    if (AHEAD && CH == 1 && !NORM) {   // AHEAD comes only with NORM 0 (mf_dot_rows)
-        mf_qdot_rows1a<BITS, R>(acc, xs, rw, sdtype, gs, n_in, x, lt, lane);
-        return;
-    }
     const int n_chunk = n_in >> 5, on = rw->n > 0;
     mf_u32 wd[CH][R][BITS];
     float s[CH][R], b[CH][R], xr[CH * PER];
@@ -588,7 +530,7 @@ MF_FN void mf_qdot_rows1h(MF_TH float *acc, MF_TG float *xs, MF_TH const struct 
 // threadgroup, so the barriers are uniform. ONE: nt is 1 and only the one-token paths
 // are compiled (the one-token kernels, whose fewer registers let more warps in flight
 // hide memory latency); a row's operations, and so its bits, are the same either way.
-template <int R, int ONE, int AHEAD = 0>
+template <int R, int ONE>
 MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_rows *rw,
                        int dtype, int sdtype, int bits, int gs, int n_in,
                        MF_G const float *x, int x_stride, int nt, int lt, int lane) {
@@ -613,8 +555,8 @@ MF_FN void mf_dot_rows(MF_TH float *acc, MF_TG float *xs, MF_TH const struct mf_
     }
 #define MF_QBITS(B)                                                                    \
     if (ONE || nt == 1)                                                                \
-        mf_qdot_rows1<B, R, 0, AHEAD>(acc, xs, rw, sdtype, gs, n_in, x, mf_xnorm_none(), \
-                                      lt, lane);                                       \
+        mf_qdot_rows1<B, R, 0>(acc, xs, rw, sdtype, gs, n_in, x, mf_xnorm_none(), lt,   \
+              lane);                                                                   \
     else                                                                               \
         mf_qdot_rows<B, MF_MV_TT, R>(acc, xs, rw, sdtype, gs, n_in, x, x_stride, nt, lt, \
                                      lane);
