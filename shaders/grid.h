@@ -66,6 +66,13 @@ static inline void mf_grid_gemm_mma(const struct mf_p_mv *p, unsigned g[3], unsi
                 (unsigned)p->n_head, MF_THREADS);
 }
 
+// mf_gemm_mma_multi: every segment's row tiles on x (blk0), token tiles on y.
+static inline void mf_grid_gemm_mma_multi(const struct mf_p_mv_multi *p, unsigned g[3],
+                                          unsigned b[3]) {
+    mf_grid_set(g, b, (unsigned)p->blk0[MF_MULTI_MAX], mf_cdiv(p->seg[0].n_tok, MF_MMA_TOK),
+                1, MF_THREADS);
+}
+
 // A thread per input column, MF_MV_TT tokens each.
 static inline void mf_grid_mt(const struct mf_p_mv *p, unsigned g[3], unsigned b[3]) {
     mf_grid_set(g, b, mf_cdiv(p->n_in, MF_THREADS), mf_cdiv(p->n_tok, MF_MV_TT),

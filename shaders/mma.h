@@ -392,4 +392,42 @@ MF_PARAMS(5, struct mf_p_mv, p) {
                 MF_LANE, MF_LT);
 }
 
+// mf_gemm_mma's rows of segment p alone (tg its row tile, tz its token tile).
+MF_FN void mf_gemm_mma_seg(MF_G float *y, MF_G const float *x, MF_G const mf_u32 *w,
+                           MF_G const mf_u32 *sc, MF_G const mf_u32 *bi,
+                           const struct mf_p_mv p, MF_TG struct mf_mma_smem *sm, int tg,
+                           int tz, int warp, int lane, int lt) {
+    MF_MMA_CALL(mf_gemm_mma_rows, y, x, w, sc, bi, p, sm, tg, tz, 0, warp, lane, lt);
+}
+
+// matmul_multi of more than MF_MV_MAX_TOK tokens on tensor cores (one x, the formats of
+// mf_gemm_mma in every product): threadgroup x of segment s (blk0[s] <= x < blk0[s + 1],
+// row tiles of MF_MMA_ROWS) does what mf_gemm_mma does for weight s alone, so each y is
+// that matmul's, bit for bit. A prefill chunk's k and v products have few row tiles
+// (A3B shapes: 4 each, 64 threadgroups of 512 tokens, on 132 SMs); beside q's they share
+// the GPU instead of each holding it for one threadgroup's time.
+MF_KERNEL(mf_gemm_mma_multi)
+MF_BUF(0, float, y0)
+MF_BUF(1, float, y1)
+MF_BUF(2, float, y2)
+MF_BUF(3, const float, x)
+MF_BUF(4, const mf_u32, w0)
+MF_BUF(5, const mf_u32, sc0)
+MF_BUF(6, const mf_u32, bi0)
+MF_BUF(7, const mf_u32, w1)
+MF_BUF(8, const mf_u32, sc1)
+MF_BUF(9, const mf_u32, bi1)
+MF_BUF(10, const mf_u32, w2)
+MF_BUF(11, const mf_u32, sc2)
+MF_BUF(12, const mf_u32, bi2)
+MF_PARAMS(13, struct mf_p_mv_multi, p) {
+    MF_SHARED struct mf_mma_smem sm;
+    mf_dep_wait();
+    const int bx = MF_TG_X, s = bx >= p.blk0[2] ? 2 : bx >= p.blk0[1] ? 1 : 0;
+    mf_gemm_mma_seg(s == 0 ? y0 : s == 1 ? y1 : y2, x, s == 0 ? w0 : s == 1 ? w1 : w2,
+                    s == 0 ? sc0 : s == 1 ? sc1 : sc2, s == 0 ? bi0 : s == 1 ? bi1 : bi2,
+                    mf_multi_seg(p, s), &sm, bx - mf_multi_blk0(p, s), MF_TG_Y, MF_WARP,
+                    MF_LANE, MF_LT);
+}
+
 #endif /* MF_MMA_H */

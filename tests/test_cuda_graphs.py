@@ -14,9 +14,10 @@ read or wrote too early would race; the same runs must give the logits of
 MOEFLUX_GPU_PDL=0 bit for bit, and on such a GPU it must really be on, in streams and
 as graph edges.
 
-The one-token fusions (MOEFLUX_GPU_FUSE): every one on gives the logits of none, bit for
-bit, in every family (test_backend_ops checks each fused op alone), and a switch the
-backend cannot read fails the open.
+The fusions (MOEFLUX_GPU_FUSE): every one on gives the logits of none, bit for bit, in
+every family (test_backend_ops checks each fused op alone), and a switch the backend
+cannot read fails the open. So do a prompt's attention blocks (MOEFLUX_GPU_ATTN_BLOCK):
+blocks of a few queries give the logits of the blocks by size.
 """
 from __future__ import annotations
 
@@ -89,10 +90,39 @@ def test_programmatic_launch_equals_plain(arch: str, experts: str,
 def test_fusions_equal_ops_apart(arch: str, experts: str,
                                  converted: Callable[..., tuple[Path, Path]],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every one-token fusion on (MOEFLUX_GPU_FUSE=all: the input norms inside the
-    products, the residual adds, the attention combine, the routing; not all on by
-    default) against none: whole models give the same logits bit for bit."""
+    """Every fusion on (MOEFLUX_GPU_FUSE=all: the input norms inside the products, the
+    residual adds, the attention combine, the routing, the experts' combine, a prompt's
+    q, k and v in one launch; not all on by default) against none: whole models give
+    the same logits bit for bit."""
     _equal_without("MOEFLUX_GPU_FUSE", arch, experts, converted, monkeypatch, "all")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_blocks_equal(arch: str, converted: Callable[..., tuple[Path, Path]],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt's attention in blocks of 3 queries (MOEFLUX_GPU_ATTN_BLOCK=3, many
+    launch pairs) and in blocks by size (one pair): the same logits bit for bit."""
+    _, model_dir = converted(arch)
+    got = []
+    for block in ("3", None):
+        if block is None:
+            monkeypatch.delenv("MOEFLUX_GPU_ATTN_BLOCK")
+        else:
+            monkeypatch.setenv("MOEFLUX_GPU_ATTN_BLOCK", block)
+        with moeflux.Model(model_dir, threads=2, backend="cuda",
+                           gpu_experts="resident") as m:
+            got.append(_run(m))
+    for i, (a, b) in enumerate(zip(*got)):
+        assert np.array_equal(a, b), f"{arch}: eval {i} differs with 3-query blocks"
+
+
+def test_attention_block_refused(converted: Callable[..., tuple[Path, Path]],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MOEFLUX_GPU_ATTN_BLOCK the backend cannot read fails the model's open."""
+    _, model_dir = converted("qwen3_moe")
+    monkeypatch.setenv("MOEFLUX_GPU_ATTN_BLOCK", "0")
+    with pytest.raises(moeflux.MoefluxError, match="MOEFLUX_GPU_ATTN_BLOCK=0"):
+        moeflux.Model(model_dir, threads=2, backend="cuda", gpu_experts="resident")
 
 
 def test_fusion_switch_refused(converted: Callable[..., tuple[Path, Path]],

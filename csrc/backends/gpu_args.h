@@ -32,34 +32,36 @@ static inline int mf_gpu_tc_env(void) {
     return e && strcmp(e, "1") == 0;
 }
 
-// The one-token fusions a GPU exec takes, bits of its fuse field (MOEFLUX_GPU_FUSE, read
-// when the exec is made; each gives the bits of the ops it replaces):
+// The fusions a GPU exec takes, bits of its fuse field (MOEFLUX_GPU_FUSE, read
+// when the exec is made; each gives the bits of the ops it replaces), of one token:
 // norm: a layer's input RMSNorm inside its first products (mf_mv_multi1n); add: the
 // output projection added into the residual stream (mf_mv1 adding); attn: a query's
 // combine by the last of its key splits (mf_attn_part1); route: the MoE input norm,
 // router and routing in one launch (mf_route1n); comb: the device-routed experts'
 // combine (with the shared expert's and the residual adds) by the down kernel's last
-// threadgroups (mf_moe_down1c).
+// threadgroups (mf_moe_down1c). And one for prefill chunks: gemm: the tensor-core
+// products of one input (a layer's q, k and v) in one launch (mf_gemm_mma_multi).
 enum {
     MF_FUSE_NORM = 1,
     MF_FUSE_ADD = 2,
     MF_FUSE_ATTN = 4,
     MF_FUSE_ROUTE = 8,
     MF_FUSE_COMB = 16,
-    MF_FUSE_ALL = 31,
+    MF_FUSE_GEMM = 32,
+    MF_FUSE_ALL = 63,
     // On unless named otherwise: those measured faster than the ops apart (bench/RESULTS.md
     // "Session 23": route was slower on an H100, norm too until session 23's fix;
-    // "Session 24": comb no faster).
-    MF_FUSE_DEFAULT = MF_FUSE_NORM | MF_FUSE_ADD | MF_FUSE_ATTN,
+    // "Session 24": comb no faster; "Session 26": gemm +2.5% prefill-512).
+    MF_FUSE_DEFAULT = MF_FUSE_NORM | MF_FUSE_ADD | MF_FUSE_ATTN | MF_FUSE_GEMM,
 };
 
 // The fusions MOEFLUX_GPU_FUSE names: unset or empty the default, "0" none, "1" or "all"
-// every one, else a comma list of norm, add, attn, route, comb; -1 for anything else
+// every one, else a comma list of norm, add, attn, route, comb, gemm; -1 for anything else
 // (the drivers fail the exec with MF_FUSE_EXPECTED in their message).
 #define MF_FUSE_EXPECTED \
-    "expected 0, 1, all or a comma list of norm, add, attn, route, comb"
+    "expected 0, 1, all or a comma list of norm, add, attn, route, comb, gemm"
 static inline int mf_gpu_fuse_env(void) {
-    static const char *const names[] = {"norm", "add", "attn", "route", "comb"};
+    static const char *const names[] = {"norm", "add", "attn", "route", "comb", "gemm"};
     const char *e = getenv("MOEFLUX_GPU_FUSE");
     if (!e || !*e)
         return MF_FUSE_DEFAULT;
@@ -221,17 +223,65 @@ static inline int mf_mv_tc_heads(const struct mf_p_mv *p, const struct mf_weight
     return 1;
 }
 
+// The formats of the prefill tensor-core pair (shaders/mma.h): affine 2- or 4-bit
+// codes whose group quarters are whole words (4-bit: groups of 32, 64 or 128; 2-bit:
+// 64 or 128), any width.
+static inline int mf_mma_format(const struct mf_weight *w) {
+    const int gs = w->group_size;
+    return w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE &&
+           (w->bits == 4 || w->bits == 2) && (gs == 32 || gs == 64 || gs == 128) &&
+           gs * w->bits >= 128 && w->n_in > 0 && w->n_in % gs == 0 && w->n_out > 0;
+}
+
+// Whether mf_gemm_mma takes the product p (more than MF_MV_MAX_TOK tokens) of w at x:
+// the driver's switch (mma: the device has the matrix step), w in mf_mma_format with
+// 16-byte aligned codes, x and its strides 16-byte aligned.
+static inline int mf_gemm_mma_ok(const struct mf_p_mv *p, const struct mf_weight *w,
+                                 uintptr_t x, int mma) {
+    return mma && mf_mma_format(w) && p->vec && mf_aligned16(x) &&
+           p->x_tok_stride % 4 == 0 && p->x_head_stride % 4 == 0;
+}
+
+// matmul_multi of more than MF_MV_MAX_TOK tokens as one mf_gemm_mma_multi launch: when
+// mf_gemm_mma would take each product alone (mma: the driver's switch; x the shared
+// input), its params (segment s the product of w[s] as a matmul gives it to mf_gemm_mma;
+// blk0 in row tiles of MF_MMA_ROWS, unused segments repeat w[0] with none) and 1; else
+// 0.
+static inline int mf_gemm_mma_multi_params(int n, const struct mf_weight *const *w,
+                                           int n_tok, uintptr_t x, int mma,
+                                           struct mf_p_mv_multi *p) {
+    if (n < 1 || n > MF_MULTI_MAX || n_tok <= MF_MV_MAX_TOK)
+        return 0;
+    *p = (struct mf_p_mv_multi){.n_seg = n};
+    for (int s = 0; s < MF_MULTI_MAX; s++) {
+        const struct mf_weight *ws = w[s < n ? s : 0];
+        struct mf_p_mv q = mf_mv_params(ws);
+        q.n_tok = n_tok;
+        q.x_tok_stride = q.n_in;
+        q.y_tok_stride = q.n_out;
+        q.rpw = mf_mv_rpw(n_tok);
+        if (ws->n_in != w[0]->n_in || !mf_gemm_mma_ok(&q, ws, x, mma))
+            return 0;
+        p->seg[s] = q;
+        p->blk0[s + 1] = p->blk0[s] + (s < n ? (int)mf_cdiv(q.n_out, MF_MMA_ROWS) : 0);
+    }
+    return 1;
+}
+
 // How a matmul_multi call runs on a GPU: one mf_mv_tc launch, one mf_mv_multi launch
-// (mf_mv_multi1 for one token; *p its params either way), or one matmul each, also
-// when only some of the products would take the tensor cores (each then gives the bits
-// of its own matmul); tc: the driver's switch for them.
-enum mf_multi_plan { MF_MULTI_SEPARATE, MF_MULTI_MV, MF_MULTI_MV1, MF_MULTI_TC };
+// (mf_mv_multi1 for one token), one mf_gemm_mma_multi launch (*p their params), or one
+// matmul each, also when only some of the products would take the tensor cores (each
+// then gives the bits of its own matmul); tc: the driver's switch for the one-token
+// tensor-core kernels, mma for the prefill ones; x the input.
+enum mf_multi_plan { MF_MULTI_SEPARATE, MF_MULTI_MV, MF_MULTI_MV1, MF_MULTI_TC, MF_MULTI_MMA };
 
 static inline enum mf_multi_plan mf_matmul_multi_plan(int n, const struct mf_weight *const *w,
-                                                      int n_tok, int tc,
+                                                      int n_tok, int tc, int mma, uintptr_t x,
                                                       struct mf_p_mv_multi *p) {
     if (tc && mf_mv_tc_params(n, w, n_tok, 1, p))
         return MF_MULTI_TC;
+    if (mf_gemm_mma_multi_params(n, w, n_tok, x, mma, p))
+        return MF_MULTI_MMA;
     for (int i = 0; tc && i < n; i++)
         if (n_tok == 1 && mf_tc_ok(w[i]))
             return MF_MULTI_SEPARATE;
@@ -275,7 +325,7 @@ static inline int mf_matmul_add_params(const struct mf_weight *w, int n_tok, int
 static inline int mf_rms_multi_params(int n, const struct mf_weight *const *w, int n_tok,
                                       int tc, const struct mf_weight *g, float eps, int on,
                                       struct mf_p_mv_norm *p) {
-    if (!on || mf_matmul_multi_plan(n, w, n_tok, tc, &p->mv) != MF_MULTI_MV1)
+    if (!on || mf_matmul_multi_plan(n, w, n_tok, tc, 0, 0, &p->mv) != MF_MULTI_MV1)
         return 0;
     for (int i = 0; i < n; i++)
         if (w[i]->dtype != MF_DTYPE_U32)
@@ -367,16 +417,6 @@ static inline int mf_moe_plain(const struct mf_p_moe *p) {
     return p->gate_bias < 0 && p->up_bias < 0 && p->down_bias < 0 && p->act == 0;
 }
 
-// The formats of the prefill tensor-core pair (shaders/mma.h): affine 2- or 4-bit
-// codes whose group quarters are whole words (4-bit: groups of 32, 64 or 128; 2-bit:
-// 64 or 128), any width.
-static inline int mf_mma_format(const struct mf_weight *w) {
-    const int gs = w->group_size;
-    return w->dtype == MF_DTYPE_U32 && w->qmode == MF_QMODE_AFFINE &&
-           (w->bits == 4 || w->bits == 2) && (gs == 32 || gs == 64 || gs == 128) &&
-           gs * w->bits >= 128 && w->n_in > 0 && w->n_in % gs == 0 && w->n_out > 0;
-}
-
 // The grouped expert launches for p (moe_params of gate g, up u, down d, with n_exp,
 // max_rows and vec set; its format is the gate's): gp for the gate/up kernel, dp, in
 // down's format, for the down kernel, and which pair. The tensor cores or not is
@@ -412,15 +452,6 @@ static inline enum mf_moe_kernels mf_moe_launch(const struct mf_p_moe *p,
 static inline int mf_gemm_few(const struct mf_p_mv *p) {
     return mf_cdiv(p->n_out, MF_GEMM_TILE) * mf_cdiv(p->n_tok, MF_GEMM_TILE) * p->n_head <
            MF_GEMM_MIN_TG;
-}
-
-// Whether mf_gemm_mma takes the product p (more than MF_MV_MAX_TOK tokens) of w at x:
-// the driver's switch (mma: the device has the matrix step), w in mf_mma_format with
-// 16-byte aligned codes, x and its strides 16-byte aligned.
-static inline int mf_gemm_mma_ok(const struct mf_p_mv *p, const struct mf_weight *w,
-                                 uintptr_t x, int mma) {
-    return mma && mf_mma_format(w) && p->vec && mf_aligned16(x) &&
-           p->x_tok_stride % 4 == 0 && p->x_head_stride % 4 == 0;
 }
 
 // The kernel pairs of one grouped call, run in order.
@@ -518,10 +549,42 @@ static inline int mf_attn_params(struct mf_p_attn *p, int n_tok, int n_head, int
     return *why == NULL;
 }
 
-// Queries per attention launch pair: the partials' scratch holds queries x heads x
-// splits, so a long prefill chunk runs in blocks of this many queries, and the scratch
-// stays what 64-token chunks needed.
+// Queries per attention launch pair. A block's partials take queries x heads x splits
+// x (dv + 2) floats of scratch, so a prefill chunk runs in blocks of as many queries as
+// MF_ATTN_WS_BYTES holds (a 512-token prompt of A3B shapes: one block, 17 MB), never
+// fewer than MF_ATTN_QBLOCK (the blocks of every chunk before session 26: 64 queries of
+// 32 heads at 32k positions take 136 MB); block > 0 (MOEFLUX_GPU_ATTN_BLOCK) sets the
+// size. One launch pair of several waves in place of eight pairs of at most one wave
+// each (A3B shapes: 128-256 threadgroups a block), each waiting for the one before; a
+// query's bits do not depend on its block (mf_attn_block).
 #define MF_ATTN_QBLOCK 64
+#define MF_ATTN_WS_BYTES (32ll << 20)
+
+static inline int mf_attn_qblock(const struct mf_p_attn *p, int block) {
+    long long nb = block;
+    if (nb <= 0) {
+        nb = MF_ATTN_WS_BYTES / ((long long)p->n_head * p->n_split * (p->dv + 2) * 4);
+        nb = nb < MF_ATTN_QBLOCK ? MF_ATTN_QBLOCK : nb;
+    }
+    return nb < p->n_tok ? (int)nb : p->n_tok;
+}
+
+// Queries per attention launch pair MOEFLUX_GPU_ATTN_BLOCK asks for (read when an exec
+// is made): unset or empty 0 (mf_attn_qblock's choice), else a whole number 1 .. 65535;
+// -1 for anything else (the drivers fail the exec with MF_ATTN_BLOCK_EXPECTED).
+#define MF_ATTN_BLOCK_EXPECTED "expected a whole number of queries 1 .. 65535 (unset: by size)"
+static inline int mf_gpu_attn_block_env(void) {
+    const char *e = getenv("MOEFLUX_GPU_ATTN_BLOCK");
+    if (!e || !*e)
+        return 0;
+    int v = 0;
+    for (const char *c = e; *c; c++) {
+        if (*c < '0' || *c > '9' || c - e >= 5)
+            return -1;
+        v = 10 * v + (*c - '0');
+    }
+    return v >= 1 && v <= 65535 ? v : -1;
+}
 
 // 1 when a block of queries takes mf_attn_tile for its partials (the same bits as
 // mf_attn_part, each split's keys and values read once per tile of query rows): the

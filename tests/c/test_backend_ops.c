@@ -38,8 +38,9 @@
 struct env {
     struct mf_backend *cb, *gb;
     struct mf_exec *cx, *gx;      // gx made with MOEFLUX_GPU_FUSE=all
-    struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0 and
-                                  // MOEFLUX_GPU_FUSE=0 (NULL against the CPU)
+    struct mf_exec *gx_untiled;   // made with MOEFLUX_GPU_ATTN_TILE=0,
+                                  // MOEFLUX_GPU_FUSE=0 and MOEFLUX_GPU_ATTN_BLOCK=64
+                                  // (NULL against the CPU)
     int progress;                 // MOEFLUX_OPS_PROGRESS: each group's time as it ends
     double t_start;
     const struct mf_backend_ops *co, *go;
@@ -407,15 +408,17 @@ static void test_multi(struct tw *const *t, int n, int nt) {
 }
 
 static void test_multis(void) {
-    struct tw a, b, c, d, e;
+    struct tw a, b, c, d, e, f;
     tw_make(&a, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 4096, 2048);   // q_proj-like
     tw_make(&b, MF_DTYPE_U32, MF_DTYPE_F16, 8, 32, 130, 2048);
     tw_make(&c, MF_DTYPE_BF16, MF_DTYPE_F32, 0, 0, 77, 2048);
     // With a: three one-token products for the tensor cores (one mf_mv_tc launch).
     tw_make(&d, MF_DTYPE_U32, MF_DTYPE_F32, 2, 128, 130, 2048);
     tw_make(&e, MF_DTYPE_U32, MF_DTYPE_F16, 4, 32, 77, 2048);
+    // Prefill chunks in the formats of mf_gemm_mma: one mf_gemm_mma_multi launch.
+    tw_make(&f, MF_DTYPE_U32, MF_DTYPE_BF16, 4, 64, 300, 2048);
     struct tw *const t[3] = {&a, &b, &c}, *const r[3] = {&c, &a, &b};
-    struct tw *const q[3] = {&e, &a, &d};
+    struct tw *const q[3] = {&e, &a, &d}, *const m[3] = {&e, &f, &d}, *const m2[2] = {&d, &e};
     const int nts[] = {1, 3, 8, 9};
     for (int n = 1; n <= 3; n++) {
         for (size_t i = 0; i < sizeof nts / sizeof nts[0]; i++) {
@@ -424,8 +427,10 @@ static void test_multis(void) {
         }
         test_multi(q, n, 1);
         test_multi(q, n, 2);
+        test_multi(m, n, 40);
     }
-    tw_free(&a), tw_free(&b), tw_free(&c), tw_free(&d), tw_free(&e);
+    test_multi(m2, 2, 33);
+    tw_free(&a), tw_free(&b), tw_free(&c), tw_free(&d), tw_free(&e), tw_free(&f);
     status_ok("matmul_multi");
 }
 
@@ -860,9 +865,10 @@ static void test_rope_qk(void) {
 
 /* ==== Attention ==== */
 
-// The attention again on the exec made with MOEFLUX_GPU_ATTN_TILE=0 and
-// MOEFLUX_GPU_FUSE=0, whose query blocks take mf_attn_part then mf_attn_comb: the same
-// bits as mf_attn_tile's (a prefill's blocks) or mf_attn_part1's (og) are required.
+// The attention again on the exec made with MOEFLUX_GPU_ATTN_TILE=0,
+// MOEFLUX_GPU_FUSE=0 and MOEFLUX_GPU_ATTN_BLOCK=64, whose query blocks of 64 take
+// mf_attn_part then mf_attn_comb: the same bits as mf_attn_tile's (a prefill's blocks,
+// as large as their scratch allows on E.gx) or mf_attn_part1's (og) are required.
 static void check_untiled(const char *what, const float *og, const float *gq,
                           const float *gk, const float *gv, int nt, int nh, int nkv, int dk,
                           int dv, int ks, int vs, int pos0, float scale,
@@ -2588,9 +2594,11 @@ static int open_backends(int against_cpu) {
     if (!rc && !against_cpu) {
         setenv("MOEFLUX_GPU_ATTN_TILE", "0", 1);
         setenv("MOEFLUX_GPU_FUSE", "0", 1);
+        setenv("MOEFLUX_GPU_ATTN_BLOCK", "64", 1);   // gx's blocks go by size
         rc = E.gb->ops->exec_new(E.gb, 2, &E.gx_untiled, err, sizeof err);
         unsetenv("MOEFLUX_GPU_ATTN_TILE");
         unsetenv("MOEFLUX_GPU_FUSE");
+        unsetenv("MOEFLUX_GPU_ATTN_BLOCK");
     }
     CHECK(rc == MF_OK, "backends: %s", err);
     if (rc)

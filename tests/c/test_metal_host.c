@@ -223,6 +223,7 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { (void)ex; return 1; }
+int mf_metal_attn_block(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_fuse(const struct mf_exec *ex) { (void)ex; return 1; }
 int mf_metal_fuse_route(const struct mf_exec *ex) { (void)ex; return 1; }
 int *mf_metal_counter(struct mf_exec *ex, const char *op) {

@@ -25,7 +25,7 @@
 
 /* ==== Recorders ==== */
 
-#define MAX_REC 16
+#define MAX_REC 32
 #define MAX_ARG 8
 #define ARG_BYTES 4096
 #define SCRATCH0 0x50000000ull   // attention partials on both sides
@@ -201,6 +201,7 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->cb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { return ex->cb->mma; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
+int mf_metal_attn_block(const struct mf_exec *ex) { return ex->attn_block; }
 int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
 int *mf_metal_counter(struct mf_exec *ex, const char *op) {
     (void)op;
@@ -246,10 +247,12 @@ static int n_cases, n_launches, n_tc;   // n_tc: launches of the tensor-core ker
 static int n_mma;                       // of the prefill kernels of mma.h
 static int n_tile;                      // of mf_attn_tile
 static int attn_tile = 1;               // each exec's switch, as exec_new sets it
+static int attn_block;                  // likewise (MOEFLUX_GPU_ATTN_BLOCK)
 static int fuse = MF_FUSE_ALL;          // likewise (MOEFLUX_GPU_FUSE)
 static int n_norm;                      // launches of mf_mv_multi1n
 static int n_route1n;                   // of mf_route1n
 static int n_part1;                     // of mf_attn_part1
+static int n_gmulti;                    // of mf_gemm_mma_multi
 
 static void reset(void) {
     memset(S, 0, sizeof S);
@@ -257,6 +260,7 @@ static void reset(void) {
         memset(&E[i], 0, sizeof E[i]);
         E[i].cb = &fake_be;
         E[i].attn_tile = attn_tile;
+        E[i].attn_block = attn_block;
         E[i].fuse = fuse;
         E[i].count_dev = 0x7000000;
     }
@@ -287,11 +291,12 @@ static void compare(const char *what) {
     for (int i = 0; i < S[0].n; i++) {
         const int k = S[0].r[i].kid;
         n_mma += k == MF_KID_mf_moe_gu_mma || k == MF_KID_mf_moe_down_mma ||
-                 k == MF_KID_mf_gemm_mma;
+                 k == MF_KID_mf_gemm_mma || k == MF_KID_mf_gemm_mma_multi;
         n_tile += k == MF_KID_mf_attn_tile;
         n_norm += k == MF_KID_mf_mv_multi1n;
         n_route1n += k == MF_KID_mf_route1n;
         n_part1 += k == MF_KID_mf_attn_part1;
+        n_gmulti += k == MF_KID_mf_gemm_mma_multi;
         n_tc += k == MF_KID_mf_mv_tc || k == MF_KID_mf_moe_gu_tc || k == MF_KID_mf_moe_down_tc;
     }
     CHECK(S[0].n == S[1].n && S[0].n < MAX_REC, "%s: cuda %d launches, metal %d", what,
@@ -390,6 +395,20 @@ static void test_products(void) {
     struct mf_weight bad2 = quant(7, 64, MF_DTYPE_F16, 8, 1024);
     const struct mf_weight *wbad[2] = {&q, &bad2};
     BOTH(matmul_multi, 2, ys, wbad, x, 1);
+    // a prefill's q, k and v in the prefill tensor-core formats: one mf_gemm_mma_multi
+    // launch (the gemm fusion on), else one mf_gemm_mma each
+    struct mf_weight kq = quant(4, 64, MF_DTYPE_BF16, 512, 1024);
+    struct mf_weight vq = quant(2, 128, MF_DTYPE_F16, 130, 1024);
+    const struct mf_weight *qkv[3] = {&q, &kq, &vq};
+    const int gm = n_gmulti, mma0 = n_mma;
+    BOTH(matmul_multi, 3, ys, qkv, x, 70);
+    BOTH(matmul_multi, 2, ys, qkv + 1, x, 9);
+    fuse = 0;
+    BOTH(matmul_multi, 3, ys, qkv, x, 70);
+    fuse = MF_FUSE_ALL;
+    CHECK(fake_be.mma == 0 || (n_gmulti == gm + 2 && n_mma == mma0 + 5),
+          "q, k, v of many tokens: %d mf_gemm_mma_multi launches (expected 2), %d of the "
+          "prefill kernels (expected 5)", n_gmulti - gm, n_mma - mma0);
     // rms_matmul_multi: one mf_mv_multi1n launch for one token of affine products (with
     // or without gains), else rmsnorm then matmul_multi (a float weight, more tokens,
     // the switch off, a quantized gain refused).
@@ -452,8 +471,19 @@ static void test_norms_rope_attention(void) {
     r.tok_stride[0] = 8800, r.tok_stride[1] = 2200;
     BOTH(rope_qk, &r);
     BOTH(attention, y, x, z, P(0x14000000), 9, 16, 2, 128, 128, 256, 256, 500, 0.088f);
-    // a 150-token chunk: three blocks of queries, each pointing into q and out
+    // a 150-token chunk: one block of queries by size, three of 64 (each pointing into q
+    // and out) with MOEFLUX_GPU_ATTN_BLOCK=64; a 512-token chunk at 30000 positions
+    // (120 splits of 32 heads: 2 MB of partials a query) in blocks of 64 by size
+    const int tile0 = n_tile;
     BOTH(attention, y, x, z, P(0x14000000), 150, 8, 2, 64, 64, 128, 128, 700, 0.125f);
+    CHECK(n_tile == tile0 + 1, "150 queries: %d blocks, expected 1", n_tile - tile0);
+    attn_block = 64;
+    BOTH(attention, y, x, z, P(0x14000000), 150, 8, 2, 64, 64, 128, 128, 700, 0.125f);
+    CHECK(n_tile == tile0 + 4, "150 queries: %d blocks of 64, expected 3", n_tile - tile0 - 1);
+    attn_block = 0;
+    BOTH(attention, y, x, z, P(0x14000000), 512, 32, 4, 128, 128, 512, 512, 30000, 0.088f);
+    CHECK(n_tile == tile0 + 12, "512 queries at 30000: %d blocks, expected 8",
+          n_tile - tile0 - 4);
     BOTH(attention, y, x, z, P(0x14000000), 1, 16, 1, 576, 512, 576, 576, 3, 0.1f);
     BOTH(attention, y, x, z, P(0x14000000), 1, 4, 1, 2048, 512, 2048, 2048, 0, 0.1f);
     // prefill shapes with tiled attention off (MOEFLUX_GPU_ATTN_TILE=0) on both sides
@@ -677,7 +707,7 @@ int main(void) {
     test_experts();
     CHECK(n_tc >= 10, "only %d tensor-core launches while they are on", n_tc);
     CHECK(n_mma >= 4, "only %d launches of the prefill tensor-core kernels", n_mma);
-    CHECK(n_tile == 6, "%d launches of mf_attn_tile, expected 6", n_tile);
+    CHECK(n_tile == 14, "%d launches of mf_attn_tile, expected 14", n_tile);
     CHECK(n_norm == 7, "%d launches of mf_mv_multi1n, expected 7", n_norm);
     // Most cases launch kernels (a few are refused or do nothing on both sides): a
     // recorder that lost launches would pass the comparisons vacuously.

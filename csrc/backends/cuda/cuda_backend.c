@@ -349,16 +349,21 @@ static void cuda_exec_free(struct mf_exec *ex) {
 
 // Programmatic dependent launch where the GPU and the driver have it, unless
 // MOEFLUX_GPU_PDL=0; tiled prefill attention unless MOEFLUX_GPU_ATTN_TILE=0; the
-// one-token fusions MOEFLUX_GPU_FUSE names (mf_gpu_fuse_env), all read when an exec is
-// made. A switch it cannot read fails the exec.
+// attention's query blocks (MOEFLUX_GPU_ATTN_BLOCK); the fusions MOEFLUX_GPU_FUSE names
+// (mf_gpu_fuse_env), all read when an exec is made. A switch it cannot read fails the
+// exec.
 static int pdl_init(struct mf_exec *ex) {
     const char *e = getenv("MOEFLUX_GPU_PDL"), *a = getenv("MOEFLUX_GPU_ATTN_TILE");
     ex->pdl = ex->cb->cc >= 90 && ex->cb->cu.LaunchKernelEx && !(e && strcmp(e, "0") == 0);
     ex->attn_tile = !(a && strcmp(a, "0") == 0);
+    ex->attn_block = mf_gpu_attn_block_env();
     ex->fuse = mf_gpu_fuse_env();
     if (ex->fuse < 0)
         mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_FUSE=%s: " MF_FUSE_EXPECTED,
                      getenv("MOEFLUX_GPU_FUSE"));
+    else if (ex->attn_block < 0)
+        mf_cuda_fail(ex, MF_ERR_ARG, "cuda backend: MOEFLUX_GPU_ATTN_BLOCK=%s: "
+                     MF_ATTN_BLOCK_EXPECTED, getenv("MOEFLUX_GPU_ATTN_BLOCK"));
     return ex->status;
 }
 

@@ -105,7 +105,9 @@ struct mf_exec {
     int attn_tile;               // prefill attention's partials by mf_attn_tile (the
                                  // same bits as mf_attn_part), unless
                                  // MOEFLUX_GPU_ATTN_TILE=0
-    int fuse;                    // the one-token fusions taken, MF_FUSE_* bits
+    int attn_block;              // queries per attention launch pair, 0: by size
+                                 // (mf_attn_qblock; MOEFLUX_GPU_ATTN_BLOCK)
+    int fuse;                    // the fusions taken, MF_FUSE_* bits
                                  // (gpu_args.h; MOEFLUX_GPU_FUSE)
 };
 

@@ -115,7 +115,9 @@ void mf_cuda_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                           const struct mf_weight *const *w, const float *x, int n_tok) {
     struct mf_p_mv_multi p;
-    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, ex->cb->tc, &p);
+    const int mma = ex->cb->mma && (ex->fuse & MF_FUSE_GEMM);
+    const enum mf_multi_plan plan =
+        mf_matmul_multi_plan(n, w, n_tok, ex->cb->tc, mma, (uintptr_t)x, &p);
     if (plan == MF_MULTI_SEPARATE) {
         for (int i = 0; i < n; i++)
             mf_cuda_matmul(ex, y[i], w[i], x, n_tok);
@@ -129,6 +131,8 @@ void mf_cuda_matmul_multi(struct mf_exec *ex, int n, float *const *y,
     multi_bufs(n, y, w, x, b);
     if (plan == MF_MULTI_TC)
         launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else if (plan == MF_MULTI_MMA)
+        launch_mf_gemm_mma_multi(ex, &p, b, "matmul_multi");
     else if (plan == MF_MULTI_MV1)
         launch_mf_mv_multi1(ex, &p, b, "matmul_multi");
     else
@@ -306,13 +310,13 @@ void mf_cuda_attention_ext(struct mf_exec *ex, float *out, const float *q, const
         return;
     }
     mf_cuda_enter(ex);
-    const int nb = n_tok < MF_ATTN_QBLOCK ? n_tok : MF_ATTN_QBLOCK;
+    const int nb = mf_attn_qblock(&p, ex->attn_block);
     size_t bytes = (size_t)nb * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     CUdeviceptr ws = mf_cuda_scratch(ex, &ex->ws, &ex->ws_bytes, bytes, "attention");
     if (!ws)
         return;
-    for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
-        struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
+    for (int t0 = 0; t0 < n_tok; t0 += nb) {
+        struct mf_p_attn pb = mf_attn_block(&p, t0, nb);
         const float *qb = q + (size_t)t0 * n_head * dk;
         const CUdeviceptr o = mf_dp(out + (size_t)t0 * n_head * dv);
         const CUdeviceptr sk = ext && ext->sinks ? mf_dp(ext->sinks->w) : 0;

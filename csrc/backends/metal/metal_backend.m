@@ -83,6 +83,7 @@ struct mf_exec {
     size_t scratch_bytes[2];
     int status;                             // first error (MF_OK while none)
     int attn_tile;                          // mf_metal_attn_tile
+    int attn_block;                         // mf_metal_attn_block
     int fuse;                               // mf_metal_fuse
     int *counter;                           // mf_metal_counter (a host slot)
     char err[1024];
@@ -169,6 +170,7 @@ int mf_metal_failed(const struct mf_exec *ex) { return ex->status != MF_OK; }
 int mf_metal_tc(const struct mf_exec *ex) { return ex->mb->tc; }
 int mf_metal_mma(const struct mf_exec *ex) { (void)ex; return 0; }
 int mf_metal_attn_tile(const struct mf_exec *ex) { return ex->attn_tile; }
+int mf_metal_attn_block(const struct mf_exec *ex) { return ex->attn_block; }
 int mf_metal_fuse(const struct mf_exec *ex) { return ex->fuse; }
 
 static const char *ns_text(NSError *e) {
@@ -683,6 +685,12 @@ static int metal_exec_new(struct mf_backend *be, int n_threads, struct mf_exec *
         metal_exec_free(ex);
         return mf_err(err, errlen, MF_ERR_ARG, "metal backend: MOEFLUX_GPU_FUSE=%s: "
                       MF_FUSE_EXPECTED, getenv("MOEFLUX_GPU_FUSE"));
+    }
+    ex->attn_block = mf_gpu_attn_block_env();
+    if (ex->attn_block < 0) {
+        metal_exec_free(ex);
+        return mf_err(err, errlen, MF_ERR_ARG, "metal backend: MOEFLUX_GPU_ATTN_BLOCK=%s: "
+                      MF_ATTN_BLOCK_EXPECTED, getenv("MOEFLUX_GPU_ATTN_BLOCK"));
     }
     *out = ex;
     return MF_OK;

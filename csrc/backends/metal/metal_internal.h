@@ -88,7 +88,10 @@ int mf_metal_mma(const struct mf_exec *ex);
 // 1 when prefill attention's partials take mf_attn_tile: unless MOEFLUX_GPU_ATTN_TILE=0
 // when the exec was made, as on CUDA.
 int mf_metal_attn_tile(const struct mf_exec *ex);
-// The one-token fusions the exec takes, MF_FUSE_* bits (gpu_args.h): those
+// Queries per attention launch pair: MOEFLUX_GPU_ATTN_BLOCK when the exec was made, 0
+// (by size, mf_attn_qblock) unset, as on CUDA.
+int mf_metal_attn_block(const struct mf_exec *ex);
+// The fusions the exec takes, MF_FUSE_* bits (gpu_args.h): those
 // MOEFLUX_GPU_FUSE named when the exec was made, as on CUDA.
 int mf_metal_fuse(const struct mf_exec *ex);
 // The exec's MF_COUNT_INTS ints the last-threadgroup kernels count on and leave at 0

@@ -136,7 +136,9 @@ void mf_metal_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
 void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
                            const struct mf_weight *const *w, const float *x, int n_tok) {
     struct mf_p_mv_multi p;
-    const enum mf_multi_plan plan = mf_matmul_multi_plan(n, w, n_tok, mf_metal_tc(ex), &p);
+    const int mma = mf_metal_mma(ex) && (mf_metal_fuse(ex) & MF_FUSE_GEMM);
+    const enum mf_multi_plan plan =
+        mf_matmul_multi_plan(n, w, n_tok, mf_metal_tc(ex), mma, (uintptr_t)x, &p);
     if (plan == MF_MULTI_SEPARATE) {
         for (int i = 0; i < n; i++)
             mf_metal_matmul(ex, y[i], w[i], x, n_tok);
@@ -151,6 +153,8 @@ void mf_metal_matmul_multi(struct mf_exec *ex, int n, float *const *y,
     multi_bufs(n, y, w, x, b);
     if (plan == MF_MULTI_TC)
         launch_mf_mv_tc(ex, &p, b, "matmul_multi");
+    else if (plan == MF_MULTI_MMA)
+        launch_mf_gemm_mma_multi(ex, &p, b, "matmul_multi");
     else if (plan == MF_MULTI_MV1)
         launch_mf_mv_multi1(ex, &p, b, "matmul_multi");
     else
@@ -322,13 +326,13 @@ void mf_metal_attention_ext(struct mf_exec *ex, float *out, const float *q, cons
                       "%d", why, dk, MF_ATTN_DK_MAX, n_tok, n_head, p.window, p.ring, pos0);
         return;
     }
-    const int nb = n_tok < MF_ATTN_QBLOCK ? n_tok : MF_ATTN_QBLOCK;
+    const int nb = mf_attn_qblock(&p, mf_metal_attn_block(ex));
     size_t bytes = (size_t)nb * n_head * p.n_split * (size_t)(dv + 2) * sizeof(float);
     void *ws = mf_metal_scratch(ex, 0, bytes, "attention");
     if (!ws)
         return;
-    for (int t0 = 0; t0 < n_tok; t0 += MF_ATTN_QBLOCK) {
-        struct mf_p_attn pb = mf_attn_block(&p, t0, MF_ATTN_QBLOCK);
+    for (int t0 = 0; t0 < n_tok; t0 += nb) {
+        struct mf_p_attn pb = mf_attn_block(&p, t0, nb);
         const float *qb = q + (size_t)t0 * n_head * dk;
         float *o = out + (size_t)t0 * n_head * dv;
         const void *sk = ext && ext->sinks ? ext->sinks->w : NULL;
