@@ -116,21 +116,15 @@ def test_attention_blocks_equal(arch: str, converted: Callable[..., tuple[Path, 
         assert np.array_equal(a, b), f"{arch}: eval {i} differs with 3-query blocks"
 
 
-def test_attention_block_refused(converted: Callable[..., tuple[Path, Path]],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MOEFLUX_GPU_ATTN_BLOCK the backend cannot read fails the model's open."""
+@pytest.mark.parametrize("env, value", [("MOEFLUX_GPU_FUSE", "norm,rope"),
+                                        ("MOEFLUX_GPU_ATTN_BLOCK", "0")])
+def test_switch_refused(env: str, value: str, converted: Callable[..., tuple[Path, Path]],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MOEFLUX_GPU_FUSE or MOEFLUX_GPU_ATTN_BLOCK the backend cannot read fails the
+    model's open, naming it."""
     _, model_dir = converted("qwen3_moe")
-    monkeypatch.setenv("MOEFLUX_GPU_ATTN_BLOCK", "0")
-    with pytest.raises(moeflux.MoefluxError, match="MOEFLUX_GPU_ATTN_BLOCK=0"):
-        moeflux.Model(model_dir, threads=2, backend="cuda", gpu_experts="resident")
-
-
-def test_fusion_switch_refused(converted: Callable[..., tuple[Path, Path]],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MOEFLUX_GPU_FUSE the backend cannot read fails the model's open, naming it."""
-    _, model_dir = converted("qwen3_moe")
-    monkeypatch.setenv("MOEFLUX_GPU_FUSE", "norm,rope")
-    with pytest.raises(moeflux.MoefluxError, match="MOEFLUX_GPU_FUSE=norm,rope"):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(moeflux.MoefluxError, match=f"{env}={value}"):
         moeflux.Model(model_dir, threads=2, backend="cuda", gpu_experts="resident")
 
 

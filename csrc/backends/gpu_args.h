@@ -121,6 +121,17 @@ static inline struct mf_p_mv mf_mv_params(const struct mf_weight *w) {
 // "Session 11"), else MF_MV_RPW.
 static inline int mf_mv_rpw(int n_tok) { return n_tok == 1 ? 1 : MF_MV_RPW; }
 
+// A segment of a matmul_multi launch: the product of w over n_tok tokens of its own x
+// rows, as a matmul gives it to its kernel.
+static inline struct mf_p_mv mf_multi_seg_params(const struct mf_weight *w, int n_tok) {
+    struct mf_p_mv q = mf_mv_params(w);
+    q.n_tok = n_tok;
+    q.x_tok_stride = q.n_in;
+    q.y_tok_stride = q.n_out;
+    q.rpw = mf_mv_rpw(n_tok);
+    return q;
+}
+
 // matmul_multi as one mf_mv_multi launch: when every product would be an mf_mv (affine
 // or float weights of one n_in, n_tok <= MF_MV_MAX_TOK), its params (segment s the
 // matvec of w[s]; unused segments repeat w[0] with no threadgroups) and 1; else 0
@@ -136,11 +147,7 @@ static inline int mf_mv_multi_params(int n, const struct mf_weight *const *w, in
     *p = (struct mf_p_mv_multi){.n_seg = n};
     for (int s = 0; s < MF_MULTI_MAX; s++) {
         const struct mf_weight *ws = w[s < n ? s : 0];
-        struct mf_p_mv q = mf_mv_params(ws);
-        q.n_tok = n_tok;
-        q.x_tok_stride = q.n_in;
-        q.y_tok_stride = q.n_out;
-        q.rpw = mf_mv_rpw(n_tok);
+        const struct mf_p_mv q = mf_multi_seg_params(ws, n_tok);
         p->seg[s] = q;
         unsigned g[3], bl[3];
         mf_grid_mv(&q, g, bl);
@@ -255,11 +262,7 @@ static inline int mf_gemm_mma_multi_params(int n, const struct mf_weight *const 
     *p = (struct mf_p_mv_multi){.n_seg = n};
     for (int s = 0; s < MF_MULTI_MAX; s++) {
         const struct mf_weight *ws = w[s < n ? s : 0];
-        struct mf_p_mv q = mf_mv_params(ws);
-        q.n_tok = n_tok;
-        q.x_tok_stride = q.n_in;
-        q.y_tok_stride = q.n_out;
-        q.rpw = mf_mv_rpw(n_tok);
+        const struct mf_p_mv q = mf_multi_seg_params(ws, n_tok);
         if (ws->n_in != w[0]->n_in || !mf_gemm_mma_ok(&q, ws, x, mma))
             return 0;
         p->seg[s] = q;
