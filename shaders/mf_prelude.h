@@ -114,7 +114,7 @@ MF_FN float mf_ldcg(MF_G const float *p) { return *p; }
 #define MF_C
 #define MF_TG
 #define MF_TH
-#define MF_SHARED static   // one threadgroup runs at a time
+#define MF_SHARED static thread_local   // each OS thread runs its own threadgroups
 #define MF_FN static inline
 #define MF_BARRIER() mf_sim_barrier()
 #define MF_KERNEL(name) void name(
@@ -162,13 +162,14 @@ MF_FN void mf_lds4(MF_TH float *d, MF_TG const float *p, int on) {
 }
 #define MF_INF INFINITY
 MF_FN void mf_dep_wait() {}
-MF_FN void mf_fence_device() {}   // threadgroups run one after another
-MF_FN int mf_atomic_add(MF_G int *p, int v) {
-    const int old = *p;
-    *p = old + v;
-    return old;
+// threadgroups run on several OS threads (tests/c/sim/mf_sim.cc)
+MF_FN void mf_fence_device() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+MF_FN int mf_atomic_add(MF_G int *p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+MF_FN float mf_ldcg(MF_G const float *p) {
+    float v;
+    __atomic_load(p, &v, __ATOMIC_RELAXED);
+    return v;
 }
-MF_FN float mf_ldcg(MF_G const float *p) { return *p; }
 
 #else
 /* ---- CUDA C++ (NVRTC or nvcc) ---- */

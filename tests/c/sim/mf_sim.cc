@@ -5,12 +5,24 @@
  * On x86-64 a coroutine switch saves the callee-saved registers and the stack pointer
  * (a few instructions: a warp's shuffle switches 32 times); elsewhere ucontext, whose
  * switches also save the signal mask (a system call each).
+ *
+ * A grid's threadgroups are shared out over OS threads (the caller and a pool kept
+ * for the process; MF_SIM_THREADS of them, by default one per CPU), each taking the
+ * next from a counter, as a GPU's multiprocessors do: threadgroup memory is
+ * thread_local (the prelude), and threadgroups that meet through device memory do so
+ * through real atomics and fences. Each threadgroup's thread order comes from the
+ * seed and its own index, so it does not depend on which OS thread runs it.
  */
 #include "mf_sim.h"
 
 #include <ucontext.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -98,7 +110,7 @@ struct sim {
 };
 
 constexpr size_t STACK = 128 * 1024;
-thread_local sim *g_sim __attribute__((tls_model("initial-exec")));
+thread_local sim *g_sim;
 
 // Coroutine stacks for n threads, kept for the OS thread's later runs (a fresh
 // allocation per launch would fault in its pages every time). NULL when out of memory.
@@ -232,6 +244,133 @@ uint32_t mf_sim_shfl(uint32_t v, int src) {
     return g_sim->slot[half + (me & ~31) + (src & 31)];
 }
 
+namespace {
+
+// One launch: its grid, the next threadgroup to take and the first error.
+struct job {
+    unsigned grid[3];
+    int n;
+    const std::function<void()> *body;
+    unsigned seed;
+    unsigned total;
+    std::atomic<unsigned> next{0};
+    std::atomic<const char *> err{nullptr};
+};
+
+// A seed's own order for threadgroup idx (seeds 0 and 1: index order, reversed).
+unsigned group_rng(unsigned seed, unsigned idx) {
+    unsigned h = seed * 0x9e3779b9u ^ (idx + 1) * 0x85ebca6bu;
+    h ^= h >> 15;
+    return h * 0x2c1b3c6du;
+}
+
+// Runs threadgroups of j until none is left or one has failed.
+void run_groups(job *j) {
+    sim s;
+    s.th.resize(j->n);
+    s.stacks = stacks_of(j->n);
+    if (!s.stacks) {
+        const char *none = nullptr;
+        j->err.compare_exchange_strong(none, "out of memory for coroutine stacks");
+        return;
+    }
+    s.slot.resize(2 * (size_t)j->n);
+    s.gen.resize(j->n);
+    s.order.resize(j->n);
+    s.warp_wait.resize((j->n + 31) / 32);
+    s.warp_live.resize((j->n + 31) / 32);
+    s.body = j->body;
+    sim *outer = g_sim;
+    g_sim = &s;
+    for (;;) {
+        const unsigned idx = j->next.fetch_add(1);
+        if (idx >= j->total || j->err.load())
+            break;
+        const int tg[3] = {(int)(idx % j->grid[0]), (int)(idx / j->grid[0] % j->grid[1]),
+                           (int)(idx / j->grid[0] / j->grid[1])};
+        s.rng = group_rng(j->seed, idx);
+        const char *e = nullptr;
+        if (run_group(&s, tg, j->seed, &e) != 0) {
+            const char *none = nullptr;
+            j->err.compare_exchange_strong(none, e);
+        }
+    }
+    g_sim = outer;
+}
+
+// The OS threads beside the caller, kept for the process: each waits for a launch,
+// runs its share and reports back.
+struct pool {
+    std::mutex m;
+    std::condition_variable go, done;
+    std::mutex use;   // one launch at a time (others run on their caller alone)
+    std::vector<std::thread> th;
+    const pid_t pid = getpid();   // a forked child has none of the threads
+    job *cur = nullptr;
+    unsigned gen = 0;
+    int busy = 0;
+    bool stop = false;
+
+    explicit pool(int n) {
+        for (int i = 0; i < n; i++)
+            th.emplace_back([this] { work(); });
+    }
+    ~pool() {
+        {
+            std::lock_guard<std::mutex> l(m);
+            stop = true;
+        }
+        go.notify_all();
+        for (std::thread &t : th)
+            t.join();
+    }
+    void work() {
+        unsigned seen = 0;
+        for (;;) {
+            job *j;
+            {
+                std::unique_lock<std::mutex> l(m);
+                go.wait(l, [&] { return stop || gen != seen; });
+                if (stop)
+                    return;
+                seen = gen;
+                j = cur;
+            }
+            run_groups(j);
+            std::lock_guard<std::mutex> l(m);
+            if (--busy == 0)
+                done.notify_all();
+        }
+    }
+    // Runs j on the caller and every pool thread; returns when all are done with it.
+    void run(job *j) {
+        {
+            std::lock_guard<std::mutex> l(m);
+            cur = j;
+            busy = (int)th.size();
+            gen++;
+        }
+        go.notify_all();
+        run_groups(j);
+        std::unique_lock<std::mutex> l(m);
+        done.wait(l, [&] { return busy == 0; });
+    }
+};
+
+int threads_wanted() {
+    const char *e = getenv("MF_SIM_THREADS");
+    const int n = e && *e ? atoi(e) : (int)std::thread::hardware_concurrency();
+    return n < 1 ? 1 : n > 64 ? 64 : n;
+}
+
+// The process's pool (threads_wanted() - 1 threads), made at its first use.
+pool &the_pool() {
+    static pool p(threads_wanted() - 1);
+    return p;
+}
+
+}  // namespace
+
 int mf_sim_run(const unsigned grid[3], const unsigned block[3],
                const std::function<void()> &body, unsigned seed, const char **err) {
     const int n = (int)block[0];
@@ -239,29 +378,27 @@ int mf_sim_run(const unsigned grid[3], const unsigned block[3],
         *err = "bad threadgroup size";
         return -1;
     }
-    sim s;
-    s.th.resize(n);
-    s.stacks = stacks_of(n);
-    if (!s.stacks) {
-        *err = "out of memory for coroutine stacks";
+    job j;
+    for (int i = 0; i < 3; i++)
+        j.grid[i] = grid[i];
+    j.n = n;
+    j.body = &body;
+    j.seed = seed;
+    j.total = grid[0] * grid[1] * grid[2];
+    if (j.total == 0)
+        return 0;
+    // One threadgroup, a launch from inside a kernel's run, from a forked child or
+    // beside another launch: this thread alone.
+    pool &p = the_pool();
+    if (j.total > 1 && !g_sim && !p.th.empty() && p.pid == getpid() && p.use.try_lock()) {
+        p.run(&j);
+        p.use.unlock();
+    } else {
+        run_groups(&j);
+    }
+    if (j.err.load()) {
+        *err = j.err.load();
         return -1;
     }
-    s.slot.resize(2 * (size_t)n);
-    s.gen.resize(n);
-    s.order.resize(n);
-    s.warp_wait.resize((n + 31) / 32);
-    s.warp_live.resize((n + 31) / 32);
-    s.body = &body;
-    s.rng = seed;
-    sim *outer = g_sim;
-    g_sim = &s;
-    int rc = 0;
-    for (unsigned z = 0; z < grid[2] && rc == 0; z++)
-        for (unsigned y = 0; y < grid[1] && rc == 0; y++)
-            for (unsigned x = 0; x < grid[0] && rc == 0; x++) {
-                const int tg[3] = {(int)x, (int)y, (int)z};
-                rc = run_group(&s, tg, seed, err);
-            }
-    g_sim = outer;
-    return rc;
+    return 0;
 }

@@ -2,12 +2,13 @@
  * mf_sim.h — a CPU executor for the kernels of shaders/ (tests only).
  *
  * shaders/mf_prelude.h maps the kernel dialect to host C++ when MF_SIM is defined:
- * kernels become plain functions, threadgroup arrays become static storage, and the
- * thread indices, barriers and warp shuffles call into this executor. mf_sim_run runs
- * a grid one threadgroup at a time; each thread of the group is a coroutine (ucontext)
+ * kernels become plain functions, threadgroup arrays become thread_local storage, and
+ * the thread indices, barriers and warp shuffles call into this executor. mf_sim_run
+ * shares a grid's threadgroups out over OS threads (MF_SIM_THREADS, by default one per
+ * CPU), each running one at a time; each thread of a group is a coroutine
  * that runs until its next barrier or shuffle, so barriers and shuffles mean what they
  * mean on a GPU, and the order in which the threads run between two of them is chosen
- * by a seed (forward, reverse, shuffled): a read of threadgroup memory that lacks its
+ * by a seed (forward, reverse, shuffled; per threadgroup): a read of threadgroup memory that lacks its
  * barrier sees a different value under another order. A barrier or shuffle no thread
  * can pass (divergent barrier, a shuffle with an exited lane) is reported as an error.
  *
