@@ -59,9 +59,10 @@ def non_expert_touched(model_dir: Path) -> tuple[int, int]:
     return 0, total - embed
 
 
-def decode_time(model_dir: Path, n_tokens: int, threads: int) -> tuple[float, float]:
+def decode_time(model_dir: Path, n_tokens: int, threads: int,
+                backend: str = "cpu") -> tuple[float, float]:
     """(seconds per decoded token, expert bytes read per token), warm."""
-    with moeflux.Model(model_dir, threads=threads) as m:
+    with moeflux.Model(model_dir, threads=threads, backend=backend) as m:
         logits = m.eval([1, 2, 3, 4, 5, 6, 7, 8])
         for _ in range(4):                       # warm the weights mapping and pools
             logits = m.eval([int(logits.argmax())])
@@ -123,18 +124,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--backend", default="cpu",
+                    help='"cpu", or "cpu:<set>" for one CPU kernel set (avx512, ...)')
     args = ap.parse_args()
     cache = Path(args.cache) if args.cache else default_cache()
     model_dir = ensure_model(cache, args.layers, DEFAULT_VOCAB)
     warm_files(sorted((model_dir / "packed_experts").glob("layer_*.bin")) +
                [model_dir / "model_weights.bin"])
-    s_tok, exp_bytes = decode_time(model_dir, args.tokens, args.threads)
+    s_tok, exp_bytes = decode_time(model_dir, args.tokens, args.threads, args.backend)
     t_exp, t_dense = stream_time(model_dir, exp_bytes, args.threads, args.tokens)
     _, dense_bytes = non_expert_touched(model_dir)
     MiB = 1 << 20
     base = t_exp + t_dense
     print(f"machine     {platform.machine()} {platform.processor() or ''} "
-          f"{os.cpu_count()} cores, threads {args.threads}")
+          f"{os.cpu_count()} cores, threads {args.threads}, backend {args.backend}")
     print(f"model       {args.layers} layers at Qwen3.6-35B-A3B shapes, vocab "
           f"{DEFAULT_VOCAB}; experts {exp_bytes / MiB:.1f} MiB/token, non-expert "
           f"{dense_bytes / MiB:.1f} MiB/token")

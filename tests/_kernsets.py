@@ -1,5 +1,5 @@
 """Kernel-set accounting of a pytest run: which CPU kernel sets ("scalar", "avx2",
-"avx512", "neon") the tests really ran, printed at the end of the run, and the
+"avx512", "avx512vnni", "neon") the tests really ran, printed at the end of the run, and the
 MOEFLUX_REQUIRE_KERNELS check (conftest.py's session hooks). The tests skip a set this
 CPU lacks; without the check, a build or dispatch bug that hides a set, or a CI
 machine without it, would pass silently. `make test` sets the variable to every set
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-KNOWN = ("scalar", "avx2", "avx512", "neon")
+KNOWN = ("scalar", "avx2", "avx512", "avx512vnni", "neon")
 
 # Set name -> number of runs that used it, in this process.
 EXERCISED: dict[str, int] = {}

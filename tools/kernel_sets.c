@@ -1,6 +1,6 @@
 /*
  * kernel_sets.c — prints the CPU kernel sets a moeflux build made by this compiler
- * contains and this CPU runs, comma-separated ("scalar,avx2,avx512"). `make test`
+ * contains and this CPU runs, comma-separated ("scalar,avx2,avx512,avx512vnni"). `make test`
  * passes it as MOEFLUX_REQUIRE_KERNELS, so a test run that did not exercise one of
  * them fails. Deliberately built apart from the core, from the compiler's target
  * macros and the CPU's own feature bits: a dispatch bug that hid a set from the tests
@@ -20,6 +20,10 @@ int main(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma"))
         printf(",avx512");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        printf(",avx512vnni");
 #elif defined(__aarch64__) && defined(__ARM_NEON)
     printf(",neon");
 #endif

@@ -806,7 +806,7 @@ PyDoc_STRVAR(diag_kernels_doc,
 static PyObject *diag_kernels(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    static const char *const names[] = {"avx512", "avx2", "neon", "scalar"};
+    static const char *const names[] = {"avx512vnni", "avx512", "avx2", "neon", "scalar"};
     PyObject *list = PyList_New(0);
     if (!list)
         return NULL;

@@ -1,6 +1,6 @@
 /*
  * kernsets.h — kernel-set accounting for the C tests of the CPU backend: which sets
- * (scalar, avx2, avx512, neon) a program really ran, printed at the end, and the
+ * (scalar, avx2, avx512, avx512vnni, neon) a program really ran, printed at the end, and the
  * MOEFLUX_REQUIRE_KERNELS check. A set the CPU lacks is skipped by the tests; without
  * this check a build or dispatch bug that hides a set (or a CI machine without it)
  * would pass silently. `make test` sets the variable to every set the build contains
@@ -17,8 +17,8 @@
 #include "backends/cpu/cpu_internal.h"
 
 // Every set name the CPU backend knows, in the order the tests try them.
-static const char *const kernel_names[] = {"scalar", "avx2", "avx512", "neon"};
-#define KS_N_SETS 4
+static const char *const kernel_names[] = {"scalar", "avx2", "avx512", "avx512vnni", "neon"};
+#define KS_N_SETS 5
 
 // Sets exercised so far: ran[i] counts the runs of kernel_names[i].
 struct kernsets {
@@ -80,7 +80,7 @@ static inline void ks_finish(const struct kernsets *ks, const char *prog) {
         if (len) {
             int i = ks_index(p, len);
             CHECK(i >= 0, "MOEFLUX_REQUIRE_KERNELS names '%.*s', not a kernel set "
-                  "(scalar, avx2, avx512, neon)", (int)len, p);
+                  "(scalar, avx2, avx512, avx512vnni, neon)", (int)len, p);
             CHECK(i < 0 || ks->ran[i] > 0, "kernel set '%s' is required "
                   "(MOEFLUX_REQUIRE_KERNELS=%s) but was not exercised: this build or "
                   "CPU does not run it", i >= 0 ? kernel_names[i] : "?", req);

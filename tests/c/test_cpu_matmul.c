@@ -180,7 +180,7 @@ static void test_matmul_paths(struct mf_backend *be, struct kernsets *ks) {
                         x[i] = rndf(&s);
                     ref_matmul(yr, mag, &q.w, x, n_tok);
                     double scale = max_abs(yr, n_tok * n_out);
-                    for (size_t ki = 0; ki < 4; ki++) {
+                    for (size_t ki = 0; ki < KS_N_SETS; ki++) {
                         if (!ks_force(ks, ex, ki))
                             continue;   // CPU lacks it
                         be->ops->matmul(ex, y, &q.w, x, n_tok);
@@ -228,7 +228,7 @@ static void test_qdot_rows(struct kernsets *ks) {
         for (int64_t i = 0; i < N_TOK * N_IN; i++)
             x[i] = rndf(&s);
         ref_matmul(yr, mag, &q.w, x, N_TOK);
-        for (size_t ki = 0; ki < 4; ki++) {
+        for (size_t ki = 0; ki < KS_N_SETS; ki++) {
             const struct mf_cpu_kernels *k = ks_find(ks, ki);
             if (!k)
                 continue;
@@ -241,6 +241,73 @@ static void test_qdot_rows(struct kernsets *ks) {
             CHECK(v <= 1.0, "qdot_rows %s bits %d: error %g x the bound", k->name,
                   bits_list[bi], v);
         }
+        qw_free(&q);
+    }
+}
+
+// The one-token integer path of sets that have one (xsplit + qdot_rows_xs), 4 bits,
+// groups of 64 and 128, rows past a chunk of converted scales (70 groups): within the
+// bound against the reference for x whose groups span 1e-20 to 1e10 (and a group of
+// zeros); rows in one call equal rows one at a time; the backend's matmul of one token
+// is this path, bit for bit. x with a NaN, an infinity, or a group below 2^-96 is
+// refused by xsplit, and matmul then gives qdot_rows's result.
+static void test_xsplit(struct mf_backend *be, struct kernsets *ks) {
+    enum { N_OUT = 13 };
+    static const float mags[] = {1.0f, 1e-20f, 1e10f, 0.0f, 3e-3f, 7.5f};
+    for (int gs = 64; gs <= 128; gs *= 2) {
+        const int64_t n_in = 64 * 70;
+        struct qw q;
+        qw_make(&q, N_OUT, n_in, 4, gs, gs == 64 ? MF_DTYPE_BF16 : MF_DTYPE_F16,
+                (uint32_t)(11 + gs));
+        float *x = malloc((size_t)n_in * sizeof(float)), yr[N_OUT], y[N_OUT], y1[N_OUT];
+        double mag[N_OUT];
+        uint32_t s = 5;
+        for (int64_t i = 0; i < n_in; i++)
+            x[i] = rndf(&s) * mags[(i / gs) % 6];
+        ref_matmul(yr, mag, &q.w, x, 1);
+        const int64_t n_group = n_in / gs;
+        struct mf_xsplit xs = {.parts = malloc((size_t)n_in * 4),
+                               .unit = malloc((size_t)n_group * sizeof(float)),
+                               .sum = malloc((size_t)n_group * sizeof(float)),
+                               .n_in = n_in, .gs = gs};
+        for (size_t ki = 0; ki < KS_N_SETS; ki++) {
+            const struct mf_cpu_kernels *k = ks_find(ks, ki);
+            if (!k || !k->xsplit)
+                continue;
+            CHECK(k->xsplit(&xs, x) == 1, "xsplit %s gs %d refused finite x", k->name, gs);
+            k->qdot_rows_xs(y, &xs, &q.w, 0, N_OUT);
+            for (int r = 0; r < N_OUT; r++)
+                k->qdot_rows_xs(y1 + r, &xs, &q.w, r, 1);
+            CHECK(memcmp(y, y1, sizeof y) == 0, "qdot_rows_xs %s gs %d: rows differ when "
+                  "done one by one", k->name, gs);
+            double v = worst_vs_bound(y, yr, mag, n_in, N_OUT);
+            CHECK(v <= 1.0, "qdot_rows_xs %s gs %d: error %g x the bound", k->name, gs, v);
+            struct mf_exec *ex = exec_or_fail(be, 2);
+            if (!ex || !ks_force(ks, ex, ki))
+                continue;
+            be->ops->matmul(ex, y1, &q.w, x, 1);
+            CHECK(memcmp(y, y1, sizeof y) == 0, "matmul %s gs %d, one token: not the "
+                  "integer path", k->name, gs);
+            // Refused inputs: matmul gives qdot_rows's result.
+            static const float odd[] = {NAN, INFINITY, 1e-29f};
+            float *x2 = malloc((size_t)n_in * sizeof(float));
+            for (int o = 0; o < 3; o++) {
+                memcpy(x2, x, (size_t)n_in * sizeof(float));
+                for (int64_t c = gs; c < 2 * gs; c++)   // group 1: 1e-20 -> 1e-29
+                    x2[c] *= o == 2 ? 1e-9f : 1.0f;
+                if (o < 2)
+                    x2[gs + 5] = odd[o];
+                CHECK(k->xsplit(&xs, x2) == 0, "xsplit %s gs %d took x with %g", k->name,
+                      gs, (double)odd[o]);
+                be->ops->matmul(ex, y1, &q.w, x2, 1);
+                k->qdot_rows(y, N_OUT, x2, n_in, 1, &q.w, 0, N_OUT);
+                CHECK(memcmp(y, y1, sizeof y) == 0, "matmul %s gs %d with %g in x: not "
+                      "qdot_rows's result", k->name, gs, (double)odd[o]);
+            }
+            free(x2);
+            be->ops->exec_free(ex);
+        }
+        free(xs.parts), free(xs.unit), free(xs.sum), free(x);
         qw_free(&q);
     }
 }
@@ -271,7 +338,7 @@ static void test_matmul_float(struct mf_backend *be, struct kernsets *ks) {
         }
     struct mf_weight wt = {.w = w, .dtype = MF_DTYPE_F32, .n_out = n_out, .n_in = n_in};
     double scale = max_abs(yr, n_tok * n_out);
-    for (size_t ki = 0; ki < 4; ki++) {
+    for (size_t ki = 0; ki < KS_N_SETS; ki++) {
         if (!ks_force(ks, ex, ki))
             continue;
         for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
@@ -297,7 +364,7 @@ static void test_matmul_float(struct mf_backend *be, struct kernsets *ks) {
         }
     struct mf_weight wt16 = {.w = wb, .dtype = MF_DTYPE_BF16, .n_out = n_out, .n_in = n_in};
     scale = max_abs(yr, n_tok * n_out);
-    for (size_t ki = 0; ki < 4; ki++) {
+    for (size_t ki = 0; ki < KS_N_SETS; ki++) {
         if (!ks_force(ks, ex, ki))
             continue;
         for (int nt = 1; nt <= n_tok; nt += n_tok - 1) {
@@ -332,7 +399,7 @@ static void test_dequant_bitwise(struct mf_backend *be, struct kernsets *ks) {
             qw_make(&q, 3, n_in, bits_list[bi], gs, MF_DTYPE_BF16, (uint32_t)(7 + gs));
             float *a = malloc((size_t)n_in * sizeof(float));
             float *b = malloc((size_t)n_in * sizeof(float));
-            for (size_t ki = 0; ki < 4; ki++) {
+            for (size_t ki = 0; ki < KS_N_SETS; ki++) {
                 if (!ks_force(ks, ex, ki))
                     continue;
                 for (int64_t r = 0; r < 3; r++) {
@@ -358,7 +425,7 @@ static void test_dot_axpy(struct kernsets *ks) {
         a[i] = rndf(&s);
         b[i] = rndf(&s);
     }
-    for (size_t ki = 1; ki < 4; ki++) {
+    for (size_t ki = 1; ki < KS_N_SETS; ki++) {
         const struct mf_cpu_kernels *k = ks_find(ks, ki);
         if (!k)
             continue;
@@ -633,6 +700,7 @@ int main(void) {
     test_dequant_bitwise(be, &ks);
     test_matmul_paths(be, &ks);
     test_qdot_rows(&ks);
+    test_xsplit(be, &ks);
     test_matmul_float(be, &ks);
     test_thread_independence(be, &ks);
     test_pool_lifecycle(be);

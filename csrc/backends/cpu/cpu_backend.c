@@ -73,6 +73,7 @@ static void cpu_exec_free(struct mf_exec *ex) {
         for (int t = 0; t < ex->n_threads; t++)
             free(ex->scratch[t]);
     free(ex->scratch);
+    free(ex->xs_buf);
     free(ex);
 }
 
@@ -101,6 +102,11 @@ static int cpu_exec_new(struct mf_backend *be, int n_threads, struct mf_exec **o
             return mf_err(err, errlen, MF_ERR_NOMEM,
                           "cpu backend: out of memory for %d threads' scratch", n_threads);
         }
+    }
+    if (posix_memalign(&ex->xs_buf, 64, MF_CPU_XSPLIT_BYTES) != 0) {
+        ex->xs_buf = NULL;
+        cpu_exec_free(ex);
+        return mf_err(err, errlen, MF_ERR_NOMEM, "cpu backend: out of memory");
     }
     int rc = mf_pool_new(&ex->pool, n_threads, err, errlen);
     if (rc != MF_OK) {

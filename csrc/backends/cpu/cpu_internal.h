@@ -20,13 +20,29 @@
 #define MF_CPU_ROW_BLOCK 16
 #define MF_CPU_COL_CHUNK 1024
 #define MF_CPU_SCRATCH_FLOATS (MF_CPU_ROW_BLOCK * MF_CPU_COL_CHUNK + 1024)
+// Columns of x the exec's split buffer holds (mf_xsplit; wider products take
+// qdot_rows): parts, then a unit and a sum per group of at least 64.
+#define MF_CPU_XSPLIT_COLS 32768
+#define MF_CPU_XSPLIT_BYTES (MF_CPU_XSPLIT_COLS * 4 + 2 * (MF_CPU_XSPLIT_COLS / 64) * 4)
 // Keys scored per chunk of the online softmax.
 #define MF_CPU_ATTN_CHUNK 512
+
+// A token's x split for qdot_rows_xs: group g's values are unit[g] times integers of
+// four base-128 digits (the top one signed), stored per 64 columns as four runs of 64
+// bytes (top digit first), even columns then odd ones in each run; sum[g] is the sum
+// of the group's x. Buffers sized by mf_xsplit_bytes, owned by the exec.
+struct mf_xsplit {
+    int8_t *parts;   // [n_in / 64][4][64]
+    float *unit;     // [n_in / gs]
+    float *sum;      // [n_in / gs]
+    int64_t n_in;
+    int gs;
+};
 
 // Kernels for one instruction set. Every entry gives the same result as the scalar one
 // up to summation order (and, in qdot_rows, the one rounding of a fused s*q + b).
 struct mf_cpu_kernels {
-    const char *name;   // "scalar", "avx2", "avx512", "neon"
+    const char *name;   // "scalar", "avx2", "avx512", "avx512vnni", "neon"
     // sum_i a[i] * b[i]
     float (*dot)(const float *a, const float *b, int64_t n);
     // y[i] += alpha * x[i]
@@ -40,6 +56,15 @@ struct mf_cpu_kernels {
     // small-batch matvec.
     void (*qdot_rows)(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                       int n_tok, const struct mf_weight *w, int64_t r0, int n_row);
+    // Optional (NULL in sets without them): one token against 4-bit affine weights of
+    // group size 64 or 128 on integer dot products. xsplit writes s's parts, unit and
+    // sum from x[0, s->n_in) (s->gs set; see mf_xsplit) and returns 1, or 0 when x
+    // holds a non-finite value or a group too small for the split (the caller then
+    // takes qdot_rows). qdot_rows_xs: y[i] = row r0 + i . x for i < n_row, as qdot_rows
+    // up to rounding (x is exact to 2^-27 of each group's largest |x|).
+    int (*xsplit)(struct mf_xsplit *s, const float *x);
+    void (*qdot_rows_xs)(float *y, const struct mf_xsplit *s, const struct mf_weight *w,
+                         int64_t r0, int n_row);
     // Up to this many tokens a quantized matmul goes through qdot_rows rather than
     // dequant + gemm_tile with this set (measured on AVX-512: faster up to 3 tokens, a
     // tie at 4; the NEON set takes the x86 value, unmeasured).
@@ -87,6 +112,7 @@ extern const struct mf_cpu_kernels mf_cpu_kernels_neon;
 #if defined(MF_HAVE_X86_KERNELS)
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx2;
 extern const struct mf_cpu_kernels mf_cpu_kernels_avx512;
+extern const struct mf_cpu_kernels mf_cpu_kernels_avx512vnni;
 #endif
 
 // The best kernel set this CPU runs ("scalar" everywhere else), or the one named
@@ -102,6 +128,8 @@ struct mf_exec {
     int n_threads;
     float **scratch;                    // [n_threads][MF_CPU_SCRATCH_FLOATS]
     const struct mf_cpu_kernels *k;     // chosen at exec_new
+    void *xs_buf;                       // mf_cpu_matmul's split x (k->xsplit): up to
+                                        // MF_CPU_XSPLIT_COLS columns (MF_CPU_XSPLIT_BYTES)
 };
 
 // Force a kernel set on an exec (tests, benchmarks). MF_ERR_ARG if the name is unknown

@@ -1,5 +1,6 @@
 /*
- * cpu_kernels_x86.c — the AVX2+FMA and AVX-512 kernel sets (see struct mf_cpu_kernels).
+ * cpu_kernels_x86.c — the AVX2+FMA, AVX-512 and AVX-512 VNNI kernel sets (see struct
+ * mf_cpu_kernels).
  * Compiled for every x86-64 build with per-function target attributes and chosen at run
  * time by CPU feature (cpu_matmul.c), so the extension needs no -march flag.
  *
@@ -17,6 +18,8 @@
  * x times such a weight; only the summation order differs from the scalar set.
  * Functions taking `const int bits` are always inlined into a switch, so every width
  * gets its own constant-folded loop.
+ * The AVX-512 VNNI set is the AVX-512 one plus a one-token 4-bit product on integer
+ * dot products (xsplit, qdot_rows_xs; see its section).
  * On other ISAs this file compiles to nothing (aarch64 uses cpu_kernels_neon.c).
  */
 #include "backends/cpu/cpu_internal.h"
@@ -24,6 +27,7 @@
 #if defined(MF_HAVE_X86_KERNELS)
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 /* ==== AVX2 + FMA ==== */
@@ -934,19 +938,215 @@ static AVX512 float avx512_axpy_dot(float *row, float d, const float *k, const f
     return _mm512_reduce_add_ps(s0);
 }
 
-const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {
-    .name = "avx512",
-    .dot = avx512_dot,
-    .axpy = avx512_axpy,
-    .qdot_rows = avx512_qdot_rows,
-    .qdot_max_tok = 4,
-    .dequant = avx512_dequant,
-    .qdot_rows_mxfp4 = mf_mxfp4_qdot_rows_avx512,
-    .dequant_mxfp4 = mf_mxfp4_dequant_avx512,
-    .gemm_tile = avx512_gemm_tile,
-    .bf16_to_f32 = avx512_bf16_to_f32,
-    .scale_dot = avx512_scale_dot,
-    .axpy_dot = avx512_axpy_dot,
+// The AVX-512 entries, shared by the VNNI set below.
+#define AVX512_ENTRIES                                                                 \
+    .dot = avx512_dot, .axpy = avx512_axpy, .qdot_rows = avx512_qdot_rows,            \
+    .qdot_max_tok = 4, .dequant = avx512_dequant,                                      \
+    .qdot_rows_mxfp4 = mf_mxfp4_qdot_rows_avx512,                                      \
+    .dequant_mxfp4 = mf_mxfp4_dequant_avx512, .gemm_tile = avx512_gemm_tile,           \
+    .bf16_to_f32 = avx512_bf16_to_f32, .scale_dot = avx512_scale_dot,                  \
+    .axpy_dot = avx512_axpy_dot
+
+const struct mf_cpu_kernels mf_cpu_kernels_avx512 = {.name = "avx512", AVX512_ENTRIES};
+
+/* ==== AVX-512 VNNI: the one-token 4-bit product on integer dot products ====
+ * x is split once per call (avx512vnni_xsplit, called by mf_cpu_matmul before the row
+ * tasks): group g's values are integers Y times unit_g = 2^(k - 26), where 2^k <= the
+ * group's largest |x| < 2^(k+1), so |Y| <= 2^27 and Y = round(x / unit_g) is within
+ * 2^-27 of that largest value (below the rounding of a float product with it), and Y
+ * is four base-128 digits (the top one signed), each a byte. vpdpbusd multiplies 64
+ * codes (unsigned bytes) by 64 digits and adds four products a lane; two digits
+ * chained with a shift make a 21-bit exact integer, two of those one float with one
+ * rounding. Per group: sum_c w_c x_c = s_g unit_g sum_c q_c Y_c + b_g sum_c x_c. About
+ * 0.6 of the vector instructions of avx512_rows per weight (bench/RESULTS.md). */
+
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#define INLINE_VNNI \
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+// Digits of 16 values x (floats) scaled by 2^e into bytes d[0], d[64], d[128], d[192].
+INLINE_VNNI void xsplit16(int8_t *d, __m512 x, __m512 e) {
+    const __m512i y = _mm512_cvtps_epi32(_mm512_scalef_ps(x, e));   // nearest, |y| <= 2^27
+    const __m512i m7 = _mm512_set1_epi32(127);
+    _mm_storeu_si128((__m128i *)d, _mm512_cvtepi32_epi8(_mm512_srai_epi32(y, 21)));
+    _mm_storeu_si128((__m128i *)(d + 64),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srai_epi32(y, 14), m7)));
+    _mm_storeu_si128((__m128i *)(d + 128),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srai_epi32(y, 7), m7)));
+    _mm_storeu_si128((__m128i *)(d + 192), _mm512_cvtepi32_epi8(_mm512_and_si512(y, m7)));
+}
+
+// One 64-column chunk: even columns to lanes 0..31, odd ones to 32..63 (the order in
+// which avx512vnni_codes64 unpacks a row's codes).
+INLINE_VNNI void xsplit_chunk(int8_t *d, const float *x, __m512 e) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                         28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int h = 0; h < 2; h++) {
+        const __m512 a = _mm512_loadu_ps(x + 32 * h), b = _mm512_loadu_ps(x + 32 * h + 16);
+        xsplit16(d + 16 * h, _mm512_permutex2var_ps(a, ev, b), e);
+        xsplit16(d + 32 + 16 * h, _mm512_permutex2var_ps(a, od, b), e);
+    }
+}
+
+// The group's largest |x|, or -1 when it holds a non-finite value.
+INLINE_VNNI float xsplit_max(const float *x, int gs) {
+    const __m512i ex = _mm512_set1_epi32(0x7f800000);
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int c = 0; c < gs; c += 16) {
+        const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + c),
+                                           _mm512_set1_epi32(0x7fffffff));
+        bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, ex), ex);
+        mx = _mm512_max_ps(mx, _mm512_castsi512_ps(v));
+    }
+    return bad ? -1.0f : _mm512_reduce_max_ps(mx);
+}
+
+static AVX512VNNI int avx512vnni_xsplit(struct mf_xsplit *s, const float *x) {
+    const int gs = s->gs;
+    for (int64_t g = 0; g < s->n_in / gs; g++) {
+        const float *xg = x + g * gs;
+        const float mx = xsplit_max(xg, gs);
+        // Non-finite, or so small that unit_g would not be a normal float: the caller
+        // takes qdot_rows instead.
+        if (mx < 0.0f || (mx != 0.0f && mx < 0x1p-96f))
+            return 0;
+        int k = 0;
+        if (mx != 0.0f)
+            frexpf(mx, &k), k--;   // 2^k <= mx < 2^(k+1)
+        s->unit[g] = ldexpf(1.0f, k - 26);
+        const __m512 e = _mm512_set1_ps((float)(26 - k));
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < gs; c += 64) {
+            xsplit_chunk(s->parts + (g * gs + c) * 4, xg + c, e);
+            for (int j = 0; j < 64; j += 16)
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(xg + c + j));
+        }
+        s->sum[g] = _mm512_reduce_add_ps(sum);
+    }
+    return 1;
+}
+
+// 64 codes of a row from column c (a multiple of 64) as bytes: the 32 low nibbles
+// (even columns), then the 32 high ones.
+INLINE_VNNI __m512i avx512vnni_codes64(const uint8_t *row, int64_t c) {
+    const __m512i sh = _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL,
+                                         0x0004000400040004LL, 0x0004000400040004LL,
+                                         0x0004000400040004LL);
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + c / 2)));
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0f));
+}
+
+// Columns [c, c + 64) of the pass's rows: the digit products into hi, lo (set when
+// `first`, else added).
+INLINE_VNNI void vnni_chunk(__m512i *hi, __m512i *lo, const uint8_t *const *row,
+                            const struct mf_xsplit *xs, int64_t c, uintptr_t next,
+                            const int nr, const int first) {
+    rows_prefetch(next + (uintptr_t)(c / 2 * nr), 32 * nr);
+    const int8_t *d = xs->parts + c * 4;
+    const __m512i d3 = _mm512_loadu_si512(d), d2 = _mm512_loadu_si512(d + 64);
+    const __m512i d1 = _mm512_loadu_si512(d + 128), d0 = _mm512_loadu_si512(d + 192);
+    const __m512i z = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        const __m512i q = avx512vnni_codes64(row[i], c);
+        const __m512i h =
+            _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, q, d3), 7), q, d2);
+        const __m512i l =
+            _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, q, d1), 7), q, d0);
+        hi[i] = first ? h : _mm512_add_epi32(hi[i], h);
+        lo[i] = first ? l : _mm512_add_epi32(lo[i], l);
+    }
+}
+
+// For the pass's converted scales and biases of groups [g, g + min(n, SB_CHUNK)): each
+// scale times the group's unit (exact: a power of two), and the rows' bias terms
+// b_g sum_g x added into bsum.
+INLINE_VNNI void vnni_pass_terms(float *bsum, float *sf, const float *bf,
+                                 const struct mf_xsplit *xs, int64_t g, int64_t n,
+                                 int64_t stride, const int nr) {
+    n = n < SB_CHUNK ? n : SB_CHUNK;
+    for (int i = 0; i < nr; i++)
+        bsum[i] += avx512_dot(bf + i * stride, xs->sum + g, n);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        const __m512 u = _mm512_maskz_loadu_ps(m, xs->unit + g + j);
+        for (int i = 0; i < nr; i++) {
+            float *p = sf + i * stride + j;
+            _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p), u));
+        }
+    }
+}
+
+// Rows [r0, r0 + nr) of a 4-bit weight (gs 64 or 128) against the split x.
+INLINE_VNNI void avx512vnni_rows(float *y, const struct mf_xsplit *xs,
+                                 const struct mf_weight *w, int64_t r0, const int nr,
+                                 const int gs) {
+    const int64_t n_group = w->n_in / gs, rbytes = w->n_in / 2;
+    const uint8_t *row[QROWS];
+    __m512 fa[QROWS];
+    float bsum[QROWS], sf[QROWS * SB_CHUNK], bf[QROWS * SB_CHUNK];
+    const int whole = n_group <= SB_CHUNK;
+    const int64_t sb_stride = whole ? n_group : SB_CHUNK;
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; i++) {
+        row[i] = (const uint8_t *)w->w + (r0 + i) * rbytes;
+        fa[i] = _mm512_setzero_ps();
+        bsum[i] = 0.0f;
+    }
+    const uintptr_t next = (uintptr_t)row[0] + (uintptr_t)(nr * rbytes);
+    rows_prefetch_sb(w, r0 + nr, nr);
+    for (int64_t g = 0; g < n_group; g++) {
+        const int64_t gi = g % SB_CHUNK;
+        if (gi == 0 && (g == 0 || !whole)) {
+            avx512_pass_sb(sf, bf, w, r0, nr, g, whole);
+            vnni_pass_terms(bsum, sf, bf, xs, g, whole ? n_group : n_group - g, sb_stride, nr);
+        }
+        // Per 64 columns: (sum q d3) 2^7 + sum q d2 and the same of d1, d0 (each under
+        // 2^20; a group of 128 adds two chunks').
+        __m512i hi[QROWS], lo[QROWS];
+        vnni_chunk(hi, lo, row, xs, g * gs, next, nr, 1);
+        for (int64_t c = g * gs + 64; c < (g + 1) * gs; c += 64)
+            vnni_chunk(hi, lo, row, xs, c, next, nr, 0);
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; i++) {
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[i]), _mm512_set1_ps(0x1p14f),
+                                             _mm512_cvtepi32_ps(lo[i]));
+            fa[i] = _mm512_fmadd_ps(f, _mm512_set1_ps(sf[i * sb_stride + gi]), fa[i]);
+        }
+    }
+    avx512_store_sums(y, 0, fa, fa, nr, 1);
+    for (int i = 0; i < nr; i++)
+        y[i] += bsum[i];
+}
+
+// Rows [r0, r0 + n_row): four a pass, then one at a time. (Eight a pass measured
+// faster in cache and slower from DRAM: bench/RESULTS.md, session 27.)
+INLINE_VNNI void vnni_rows_gs(float *y, const struct mf_xsplit *xs,
+                              const struct mf_weight *w, int64_t r0, int n_row,
+                              const int gs) {
+    int i = 0;
+    for (; i + QROWS <= n_row; i += QROWS)
+        avx512vnni_rows(y + i, xs, w, r0 + i, QROWS, gs);
+    for (; i < n_row; i++)
+        avx512vnni_rows(y + i, xs, w, r0 + i, 1, gs);
+}
+
+static AVX512VNNI void avx512vnni_qdot_rows_xs(float *y, const struct mf_xsplit *xs,
+                                               const struct mf_weight *w, int64_t r0,
+                                               int n_row) {
+    if (w->group_size == 64)
+        vnni_rows_gs(y, xs, w, r0, n_row, 64);
+    else
+        vnni_rows_gs(y, xs, w, r0, n_row, 128);
+}
+
+const struct mf_cpu_kernels mf_cpu_kernels_avx512vnni = {
+    .name = "avx512vnni",
+    AVX512_ENTRIES,
+    .xsplit = avx512vnni_xsplit,
+    .qdot_rows_xs = avx512vnni_qdot_rows_xs,
 };
 
 #endif /* MF_HAVE_X86_KERNELS */

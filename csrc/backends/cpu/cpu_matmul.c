@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "backends/cpu/cpu_internal.h"
+#include "core/common.h"
 
 /* ==== Scalar kernels ====
  * The portable reference: every other kernel set is tested against these. */
@@ -189,9 +190,10 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
     // made, and calling it here would write shared state from concurrent exec_new calls.
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (k == &mf_cpu_kernels_avx512)
+    if (k == &mf_cpu_kernels_avx512 || k == &mf_cpu_kernels_avx512vnni)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl");
+               __builtin_cpu_supports("avx512vl") &&
+               (k == &mf_cpu_kernels_avx512 || __builtin_cpu_supports("avx512vnni"));
 #endif
     return 0;
 }
@@ -202,6 +204,7 @@ static const struct mf_cpu_kernels *const all_kernels[] = {
     &mf_cpu_kernels_neon,
 #endif
 #if defined(MF_HAVE_X86_KERNELS)
+    &mf_cpu_kernels_avx512vnni,
     &mf_cpu_kernels_avx512,
     &mf_cpu_kernels_avx2,
 #endif
@@ -336,6 +339,7 @@ struct matmul_job {
     float *y;
     const struct mf_weight *w;
     const float *x;
+    const struct mf_xsplit *xs;   // one token on the set's integer products, or NULL
     int n_tok;
     int64_t rows_per_task;
 };
@@ -345,7 +349,29 @@ static void matvec_task(void *arg, int task, int tid) {
     const struct matmul_job *j = arg;
     int64_t r0 = task * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->w->n_out ? r0 + j->rows_per_task : j->w->n_out;
-    rows_dot(j->ex, j->y + r0, j->w->n_out, j->w, r0, r1, j->x, j->w->n_in, j->n_tok);
+    if (j->xs)
+        j->ex->k->qdot_rows_xs(j->y + r0, j->xs, j->w, r0, (int)(r1 - r0));
+    else
+        rows_dot(j->ex, j->y + r0, j->w->n_out, j->w, r0, r1, j->x, j->w->n_in, j->n_tok);
+}
+
+// x split for the set's one-token integer products (mf_xsplit) where the set has them
+// and w is 4-bit affine with groups of 64 or 128, at most MF_CPU_XSPLIT_COLS wide;
+// NULL otherwise, or where x holds a value the split does not take (qdot_rows then:
+// the same product up to rounding).
+static const struct mf_xsplit *split_x(struct mf_exec *ex, struct mf_xsplit *s,
+                                       const struct mf_weight *w, const float *x) {
+    if (!ex->k->xsplit || w->dtype != MF_DTYPE_U32 || w->qmode != MF_QMODE_AFFINE ||
+        w->bits != 4 || (w->group_size != 64 && w->group_size != 128) ||
+        w->n_in % w->group_size != 0 || w->n_in > MF_CPU_XSPLIT_COLS)
+        return NULL;
+    const int64_t n_group = w->n_in / w->group_size;
+    s->parts = ex->xs_buf;
+    s->unit = (float *)(s->parts + w->n_in * 4);
+    s->sum = s->unit + n_group;
+    s->n_in = w->n_in;
+    s->gs = w->group_size;
+    return ex->k->xsplit(s, x) ? s : NULL;
 }
 
 static void matmat_task(void *arg, int task, int tid) {
@@ -372,6 +398,9 @@ void mf_cpu_matmul(struct mf_exec *ex, float *y, const struct mf_weight *w,
         return;
     struct matmul_job j = {.ex = ex, .y = y, .w = w, .x = x, .n_tok = n_tok};
     if (use_rows_dot(ex, w, n_tok)) {
+        struct mf_xsplit s;
+        if (n_tok == 1)
+            j.xs = split_x(ex, &s, w, x);
         // Enough tasks to balance the threads, few enough to keep the hand-out cheap.
         j.rows_per_task = 32;
         int64_t n_task = (w->n_out + j.rows_per_task - 1) / j.rows_per_task;

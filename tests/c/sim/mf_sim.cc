@@ -252,14 +252,14 @@ struct job {
     int n;
     const std::function<void()> *body;
     unsigned seed;
-    unsigned total;
-    std::atomic<unsigned> next{0};
+    uint64_t total;
+    std::atomic<uint64_t> next{0};
     std::atomic<const char *> err{nullptr};
 };
 
 // A seed's own order for threadgroup idx (seeds 0 and 1: index order, reversed).
-unsigned group_rng(unsigned seed, unsigned idx) {
-    unsigned h = seed * 0x9e3779b9u ^ (idx + 1) * 0x85ebca6bu;
+unsigned group_rng(unsigned seed, uint64_t idx) {
+    unsigned h = seed * 0x9e3779b9u ^ (unsigned)(idx + 1) * 0x85ebca6bu;
     h ^= h >> 15;
     return h * 0x2c1b3c6du;
 }
@@ -283,7 +283,7 @@ void run_groups(job *j) {
     sim *outer = g_sim;
     g_sim = &s;
     for (;;) {
-        const unsigned idx = j->next.fetch_add(1);
+        const uint64_t idx = j->next.fetch_add(1);
         if (idx >= j->total || j->err.load())
             break;
         const int tg[3] = {(int)(idx % j->grid[0]), (int)(idx / j->grid[0] % j->grid[1]),
@@ -384,7 +384,7 @@ int mf_sim_run(const unsigned grid[3], const unsigned block[3],
     j.n = n;
     j.body = &body;
     j.seed = seed;
-    j.total = grid[0] * grid[1] * grid[2];
+    j.total = (uint64_t)grid[0] * grid[1] * grid[2];
     if (j.total == 0)
         return 0;
     // One threadgroup, a launch from inside a kernel's run, from a forked child or
