@@ -283,8 +283,9 @@ static void test_xsplit(struct mf_backend *be, struct kernsets *ks) {
             double v = worst_vs_bound(y, yr, mag, n_in, N_OUT);
             CHECK(v <= 1.0, "qdot_rows_xs %s gs %d: error %g x the bound", k->name, gs, v);
             struct mf_exec *ex = exec_or_fail(be, 2);
-            if (!ex || !ks_force(ks, ex, ki))
+            if (!ex)
                 continue;
+            CHECK(ks_force(ks, ex, ki), "%s found but not installed on an exec", k->name);
             be->ops->matmul(ex, y1, &q.w, x, 1);
             CHECK(memcmp(y, y1, sizeof y) == 0, "matmul %s gs %d, one token: not the "
                   "integer path", k->name, gs);

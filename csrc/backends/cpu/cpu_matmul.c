@@ -190,10 +190,12 @@ static int kernels_supported(const struct mf_cpu_kernels *k) {
     // made, and calling it here would write shared state from concurrent exec_new calls.
     if (k == &mf_cpu_kernels_avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (k == &mf_cpu_kernels_avx512 || k == &mf_cpu_kernels_avx512vnni)
+    if (k == &mf_cpu_kernels_avx512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") &&
-               (k == &mf_cpu_kernels_avx512 || __builtin_cpu_supports("avx512vnni"));
+               __builtin_cpu_supports("avx512vl");
+    if (k == &mf_cpu_kernels_avx512vnni)
+        return kernels_supported(&mf_cpu_kernels_avx512) &&
+               __builtin_cpu_supports("avx512vnni");
 #endif
     return 0;
 }
